@@ -1,0 +1,454 @@
+"""The broker: one queue, one ROUTER socket, one thread.
+
+:class:`BrokerCore` is the loop and knows nothing of Dask (tests and fuzzers drive it directly);
+:class:`Broker` is the Dask actor that places it on a worker, binds it on the worker's own address
+and reports the endpoint. Actor methods are control plane only: start, stop, statistics, dead
+letters. Tasks never pass through them.
+
+One round of the loop drains the socket (up to ``_ROUND`` messages), writes every PUT of the round
+in one storage transaction (group commit), confirms them, acknowledges every DONE of the round in one
+transaction, routes the results to their drivers, then hands ready chunks to consumers with credit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import zmq
+
+from zdq.config import PoolSettings
+from zdq.errors import ClosedError, ProtocolError, StorageError, StorageFull
+from zdq.stats import BrokerStats
+from zdq.storage.base import ChunkMeta, DeadLetter, Storage
+from zdq.storage.memory import MemoryStorage
+from zdq.transport import protocol as p
+from zdq.transport.sockets import bind_router, close_socket, worker_host
+
+__all__ = ["BrokerCore", "Broker"]
+
+logger = logging.getLogger(__name__)
+
+_ROUND = 1024  # messages drained per round: bounds a group commit and keeps timers responsive
+
+
+@dataclass
+class _Consumer:
+    name: bytes = b""
+    credit: int = 0
+    last_seen: float = 0.0
+    leases: set[int] = field(default_factory=set)
+
+
+class BrokerCore:
+    """The broker loop over a bound ROUTER socket and a storage backend.
+
+    Parameters
+    ----------
+    socket : zmq.Socket
+        A bound ROUTER; the core owns it from :meth:`start` on and closes it on :meth:`stop`.
+    storage : Storage
+        An opened backend; closed on :meth:`stop`.
+    settings : PoolSettings
+        Heartbeat interval and timeout.
+    """
+
+    def __init__(self, name: str, socket: zmq.Socket, storage: Storage, settings: PoolSettings) -> None:
+        self.name = name
+        self._sock = socket
+        self._storage = storage
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._consumers: dict[bytes, _Consumer] = {}
+        self._drivers: dict[bytes, float] = {}
+        self._lease_owner: dict[int, bytes] = {}
+        # Chunks acknowledged early (at most once): removed from storage, results still to come.
+        self._early: dict[int, ChunkMeta] = {}
+        self._with_credit: deque[bytes] = deque()
+        self._error: BaseException | None = None
+        self._counters = dict.fromkeys(
+            (
+                "chunks_stored",
+                "tasks_stored",
+                "chunks_acked",
+                "tasks_acked",
+                "chunks_redelivered",
+                "duplicate_dones",
+                "bad_messages",
+                "orphan_results",
+                "dropped_results",
+            ),
+            0,
+        )
+        self._routed: dict[bytes, int] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name=f"zdq-broker-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop, close the socket and the storage. Idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.warning("broker %s loop did not stop within %.1fs", self.name, timeout)
+        else:
+            close_socket(self._sock)
+            self._storage.close()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- control plane --------------------------------------------------------------------------
+    def statistics(self, endpoint: str = "") -> BrokerStats:
+        with self._lock:
+            c = self._storage.counts()
+            return BrokerStats(
+                name=self.name,
+                endpoint=endpoint,
+                durable=self._storage.durable,
+                ready_chunks=c.ready_chunks,
+                ready_tasks=c.ready_tasks,
+                leased_chunks=c.leased_chunks,
+                leased_tasks=c.leased_tasks,
+                dead_chunks=c.dead_chunks,
+                dead_tasks=c.dead_tasks,
+                consumers=len(self._consumers),
+                drivers=len(self._drivers),
+                routed_tasks=dict(self._routed),
+                **self._counters,
+            )
+
+    def dead_letters(self) -> list[DeadLetter]:
+        with self._lock:
+            return self._storage.dead_letters()
+
+    def requeue_dead(self, chunk_ids: list[int] | None = None) -> int:
+        with self._lock:
+            return self._storage.requeue_dead(chunk_ids)
+
+    def purge_dead(self, chunk_ids: list[int] | None = None) -> int:
+        with self._lock:
+            return self._storage.purge_dead(chunk_ids)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        beat = self._settings.heartbeat_interval
+        next_beat = time.monotonic() + beat
+        try:
+            while not self._stop.is_set():
+                wait_ms = max(0, min(100, int((next_beat - time.monotonic()) * 1000)))
+                if poller.poll(wait_ms):
+                    with self._lock:
+                        self._round()
+                now = time.monotonic()
+                if now >= next_beat:
+                    with self._lock:
+                        self._housekeeping(now)
+                    next_beat = now + beat
+        except BaseException as e:  # the loop must never die silently
+            self._error = e
+            logger.exception("broker %s loop failed", self.name)
+        finally:
+            with self._lock:
+                self._farewell()
+                close_socket(self._sock)
+                self._storage.close()
+
+    def _round(self) -> None:
+        puts: list[tuple[bytes, p.Put]] = []
+        dones: list[tuple[bytes, p.Done]] = []
+        now = time.monotonic()
+        for _ in range(_ROUND):
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            ident = frames[0].bytes
+            try:
+                msg = p.decode(frames[1:])
+            except ProtocolError as e:
+                self._bad(ident, e)
+                continue
+            if isinstance(msg, p.Put):
+                puts.append((ident, msg))
+                self._drivers[ident] = now
+            elif isinstance(msg, p.Done):
+                dones.append((ident, msg))
+                self._seen_consumer(ident, now)
+            elif isinstance(msg, p.Fetch):
+                self._credit(ident, msg.credit, now)
+            elif isinstance(msg, p.Heartbeat):
+                if ident in self._consumers:
+                    self._consumers[ident].last_seen = now
+                elif ident in self._drivers:
+                    self._drivers[ident] = now
+            elif isinstance(msg, p.Hello):
+                if msg.role is p.Role.DRIVER:
+                    self._drivers[ident] = now
+                else:
+                    self._seen_consumer(ident, now).name = msg.name
+                self._send(ident, p.Heartbeat())
+            elif isinstance(msg, p.Return):
+                if self._lease_owner.get(msg.chunk_id) == ident:
+                    self._unlease(msg.chunk_id)
+                    self._storage.release(msg.chunk_id, count_attempt=False)
+            elif isinstance(msg, p.Ack):
+                self._early_ack(ident, msg.chunk_id)
+            elif isinstance(msg, p.Bye):
+                self._drivers.pop(ident, None)
+                self._drop_consumer(ident)
+            else:  # a broker-to-peer command sent to the broker
+                self._bad(ident, ProtocolError(f"{type(msg).__name__} is not accepted by a broker"))
+        if puts:
+            self._store(puts)
+        if dones:
+            self._ack(dones)
+        self._dispatch()
+
+    def _bad(self, ident: bytes, error: Exception) -> None:
+        self._counters["bad_messages"] += 1
+        logger.debug("broker %s dropped a message from %s: %s", self.name, ident.hex(), error)
+
+    def _seen_consumer(self, ident: bytes, now: float) -> _Consumer:
+        consumer = self._consumers.get(ident)
+        if consumer is None:
+            consumer = self._consumers[ident] = _Consumer()
+        consumer.last_seen = now
+        return consumer
+
+    def _credit(self, ident: bytes, credit: int, now: float) -> None:
+        consumer = self._seen_consumer(ident, now)
+        had = consumer.credit
+        # Credit is capped: a consumer cannot make the broker lease the whole queue to it.
+        consumer.credit = min(consumer.credit + credit, 1024)
+        if had == 0 and consumer.credit > 0:
+            self._with_credit.append(ident)
+
+    def _send(self, ident: bytes, msg: p.Message) -> bool:
+        try:
+            self._sock.send_multipart([ident, *p.encode(msg)], copy=False)
+            return True
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
+
+    def _store(self, puts: list[tuple[bytes, p.Put]]) -> None:
+        entries = [(ChunkMeta(ident, put.seq, put.n_tasks), put.chunk) for ident, put in puts]
+        status, detail = p.Status.STORED, b""
+        try:
+            ids = self._storage.put_many(entries)
+        except StorageFull as e:
+            status, detail = p.Status.FULL, str(e).encode()[:1024]
+            logger.warning("broker %s storage is full: %s", self.name, e)
+        except StorageError as e:
+            status, detail = p.Status.ERROR, str(e).encode()[:1024]
+            logger.error("broker %s could not store %d chunks: %s", self.name, len(puts), e)
+        if status is p.Status.STORED:
+            self._counters["chunks_stored"] += len(puts)
+            self._counters["tasks_stored"] += sum(put.n_tasks for _, put in puts)
+            for (ident, put), chunk_id in zip(puts, ids):
+                self._send(ident, p.Confirm(put.seq, chunk_id, status))
+        else:
+            for ident, put in puts:
+                self._send(ident, p.Confirm(put.seq, 0, status, detail))
+
+    def _early_ack(self, ident: bytes, chunk_id: int) -> None:
+        if self._lease_owner.get(chunk_id) != ident:
+            self._bad(ident, ProtocolError(f"ACK of chunk {chunk_id} that is not leased to this peer"))
+            return
+        (meta,) = self._storage.ack_many([chunk_id])
+        if meta is not None:
+            self._early[chunk_id] = meta
+
+    def _ack(self, dones: list[tuple[bytes, p.Done]]) -> None:
+        early = [self._early.pop(done.chunk_id, None) for _, done in dones]
+        stored = self._storage.ack_many(done.chunk_id for (_, done), e in zip(dones, early) if e is None)
+        it = iter(stored)
+        metas = [e if e is not None else next(it) for e in early]
+        for (ident, done), meta in zip(dones, metas):
+            self._unlease(done.chunk_id)
+            if meta is None:
+                self._counters["duplicate_dones"] += 1
+                continue
+            self._counters["chunks_acked"] += 1
+            self._counters["tasks_acked"] += meta.n_tasks
+            self._route(meta, done.chunk_id, ident, done.results, done.n_tasks)
+
+    def _route(self, meta: ChunkMeta, chunk_id: int, consumer: bytes, results: object, n_tasks: int) -> None:
+        consumer_id = consumer[: p.ID_SIZE].ljust(p.ID_SIZE, b"\0")
+        if self._send(meta.owner, p.Results(meta.seq, chunk_id, consumer_id, results)):
+            self._routed[meta.owner] = self._routed.get(meta.owner, 0) + n_tasks
+            return
+        # The submitter is gone (a restarted driver, a recovered durable queue): hand the results
+        # to the pool's most recently seen driver, marked foreign by seq 0.
+        for driver in sorted(self._drivers, key=self._drivers.__getitem__, reverse=True):
+            if driver != meta.owner and self._send(driver, p.Results(0, chunk_id, consumer_id, results)):
+                self._counters["orphan_results"] += 1
+                self._routed[driver] = self._routed.get(driver, 0) + n_tasks
+                return
+            self._drivers.pop(driver, None)
+        self._counters["dropped_results"] += 1
+
+    def _unlease(self, chunk_id: int) -> None:
+        owner = self._lease_owner.pop(chunk_id, None)
+        if owner is not None and owner in self._consumers:
+            self._consumers[owner].leases.discard(chunk_id)
+
+    def _dispatch(self) -> None:
+        while self._with_credit:
+            ident = self._with_credit[0]
+            consumer = self._consumers.get(ident)
+            if consumer is None or consumer.credit <= 0:
+                self._with_credit.popleft()
+                continue
+            leased = self._storage.lease()
+            if leased is None:
+                return
+            if not self._send(ident, p.Deliver(leased.chunk_id, leased.meta.n_tasks, leased.attempt, leased.payload)):
+                self._storage.release(leased.chunk_id, count_attempt=False)
+                self._drop_consumer(ident)
+                continue
+            if leased.attempt > 1:
+                self._counters["chunks_redelivered"] += 1
+            consumer.credit -= 1
+            consumer.leases.add(leased.chunk_id)
+            self._lease_owner[leased.chunk_id] = ident
+            self._with_credit.popleft()
+            if consumer.credit > 0:
+                self._with_credit.append(ident)
+
+    def _drop_consumer(self, ident: bytes) -> None:
+        consumer = self._consumers.pop(ident, None)
+        if consumer is None:
+            return
+        for chunk_id in sorted(consumer.leases, reverse=True):
+            self._lease_owner.pop(chunk_id, None)
+            meta = self._early.pop(chunk_id, None)
+            if meta is not None:  # acknowledged early: at most once, so it is not run again
+                self._send(meta.owner, p.Lost(meta.seq, chunk_id))
+            else:
+                self._storage.release(chunk_id)
+        if consumer.leases:
+            logger.info(
+                "broker %s: consumer %s left, %d leased chunks return to the queue",
+                self.name,
+                consumer.name.decode(errors="replace") or ident.hex(),
+                len(consumer.leases),
+            )
+
+    def _housekeeping(self, now: float) -> None:
+        deadline = now - self._settings.heartbeat_timeout
+        for ident in [i for i, c in self._consumers.items() if c.last_seen < deadline]:
+            logger.warning("broker %s: consumer %s missed its heartbeats", self.name, ident.hex())
+            self._drop_consumer(ident)
+        for ident in [i for i, seen in self._drivers.items() if seen < deadline]:
+            del self._drivers[ident]
+        for ident in list(self._consumers) + list(self._drivers):
+            self._send(ident, p.Heartbeat())
+        self._dispatch()
+
+    def _farewell(self) -> None:
+        for ident in list(self._consumers) + list(self._drivers):
+            try:
+                self._send(ident, p.Bye())
+            except zmq.ZMQError:
+                break
+
+
+class Broker:
+    """Dask actor that runs one queue on the worker it is placed on.
+
+    Parameters
+    ----------
+    name : str
+        Queue name, shown in reprs and statistics.
+    settings : PoolSettings
+        The pool's resolved settings.
+    dirpath : str, optional
+        Queue directory of a durable queue; ``None`` for a transient (in-memory) queue.
+    """
+
+    def __init__(self, name: str, settings: PoolSettings, dirpath: str | None = None) -> None:
+        self.name = name
+        self._settings = settings
+        self._dirpath = dirpath
+        self._ctx: zmq.Context | None = None
+        self._core: BrokerCore | None = None
+        self.endpoint = ""
+
+    def start(self) -> str:
+        """Open storage, bind on this worker's host and start the loop; return the endpoint."""
+        if self._core is not None:
+            return self.endpoint
+        from distributed import get_worker
+
+        try:
+            address = get_worker().address
+        except ValueError:
+            address = None
+        host = worker_host(address, self._settings.default_host)
+        storage = self._open_storage()
+        self._ctx = zmq.Context()
+        try:
+            sock, self.endpoint = bind_router(self._ctx, host, max_message_size=self._settings.max_message_size)
+        except Exception:
+            storage.close()
+            self._ctx.term()
+            raise
+        self._core = BrokerCore(self.name, sock, storage, self._settings)
+        self._core.start()
+        logger.info("broker %s serving on %s (pid %d)", self.name, self.endpoint, os.getpid())
+        return self.endpoint
+
+    def _open_storage(self) -> Storage:
+        if self._dirpath is None:
+            storage: Storage = MemoryStorage()
+        else:
+            from zdq.storage.lmdb import LMDBStorage
+
+            storage = LMDBStorage(self._dirpath, map_size=self._settings.map_size, sync=self._settings.durable_sync)
+        storage.open()
+        return storage
+
+    def stop(self) -> None:
+        """Stop serving and release the socket and the storage. Idempotent."""
+        if self._core is not None:
+            self._core.stop()
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _running_core(self) -> BrokerCore:
+        if self._core is None:
+            raise ClosedError(f"broker {self.name} is not started")
+        return self._core
+
+    def statistics(self) -> BrokerStats:
+        return self._running_core().statistics(self.endpoint)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return self._running_core().dead_letters()
+
+    def requeue_dead(self, chunk_ids: list[int] | None = None) -> int:
+        return self._running_core().requeue_dead(chunk_ids)
+
+    def purge_dead(self, chunk_ids: list[int] | None = None) -> int:
+        return self._running_core().purge_dead(chunk_ids)

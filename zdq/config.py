@@ -1,0 +1,89 @@
+"""Configuration through ``dask.config`` under the ``zdq`` namespace.
+
+Defaults live in ``zdq.yaml`` beside this module; users override them as with any Dask setting
+(``dask.config.set({"zdq.chunk-size": 500})``, a YAML file, or ``DASK_ZDQ__CHUNK_SIZE``), and every
+public constructor takes keyword-only overrides on top.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import dask.config
+import yaml
+from dask.utils import parse_bytes, parse_timedelta
+
+__all__ = ["PoolSettings", "settings"]
+
+_defaults_path = os.path.join(os.path.dirname(__file__), "zdq.yaml")
+with open(_defaults_path, encoding="utf-8") as _f:
+    dask.config.update_defaults(yaml.safe_load(_f))
+
+
+def _seconds(value: Any) -> float:
+    seconds = parse_timedelta(value, default="seconds")
+    if seconds is None:
+        raise ValueError("a duration is required, got None")
+    return float(seconds)
+
+
+def _bytes(value: Any) -> int:
+    return int(parse_bytes(value)) if isinstance(value, str) else int(value)
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """The knobs of one pool, resolved from ``dask.config`` plus explicit overrides."""
+
+    chunk_size: int
+    chunk_bytes: int
+    window: int
+    prefetch: int
+    heartbeat_interval: float
+    heartbeat_timeout: float
+    max_message_size: int
+    default_host: str
+    durable_sync: bool
+    map_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "chunk_bytes", "window", "prefetch", "max_message_size", "map_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"zdq setting {name} must be at least 1, got {getattr(self, name)!r}")
+        if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ValueError(
+                "zdq heartbeat-timeout must be longer than heartbeat-interval "
+                f"(got {self.heartbeat_timeout}s and {self.heartbeat_interval}s)"
+            )
+
+    def with_overrides(self, **overrides: Any) -> PoolSettings:
+        """Return a copy with the given fields replaced; ``None`` values are ignored."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "heartbeat_interval" in given:
+            given["heartbeat_interval"] = _seconds(given["heartbeat_interval"])
+        if "heartbeat_timeout" in given:
+            given["heartbeat_timeout"] = _seconds(given["heartbeat_timeout"])
+        for key in ("chunk_bytes", "max_message_size", "map_size"):
+            if key in given:
+                given[key] = _bytes(given[key])
+        return replace(self, **given)
+
+
+def settings(**overrides: Any) -> PoolSettings:
+    """Read the current ``zdq.*`` settings from ``dask.config`` and apply ``overrides``."""
+    get = dask.config.get
+    base = PoolSettings(
+        chunk_size=int(get("zdq.chunk-size")),
+        chunk_bytes=_bytes(get("zdq.chunk-bytes")),
+        window=int(get("zdq.window")),
+        prefetch=int(get("zdq.prefetch")),
+        heartbeat_interval=_seconds(get("zdq.heartbeat-interval")),
+        heartbeat_timeout=_seconds(get("zdq.heartbeat-timeout")),
+        max_message_size=_bytes(get("zdq.max-message-size")),
+        default_host=str(get("zdq.default-host")),
+        durable_sync=bool(get("zdq.durable.sync")),
+        map_size=_bytes(get("zdq.durable.map-size")),
+    )
+    return base.with_overrides(**overrides)

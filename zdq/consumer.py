@@ -1,0 +1,364 @@
+"""Consumers: the Dask actor that executes tasks, and the classes users subclass.
+
+A :class:`Consumer` actor connects a DEALER to every broker of its pool, so no consumer idles while
+another queue has work. Its I/O thread pulls chunks with credit (it keeps ``prefetch`` chunks in
+hand so the next one is already there when one finishes), answers heartbeats, and sends results and
+acknowledgements. Chunks are unpickled and run on an execution thread (fanned out to
+``max_concurrency`` threads for I/O-bound work), never on the I/O thread, so a long task does not
+stop heartbeats, and never on the Dask worker's event loop or executor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import zmq
+
+from zdq.config import PoolSettings
+from zdq.serialization import ErrorInfo, dumps_results, loads_chunk
+from zdq.stats import ConsumerStats
+from zdq.transport import protocol as p
+from zdq.transport.sockets import Waker, close_socket, connect_dealer
+
+__all__ = ["ConsumerBaseClass", "GeneralConsumer", "Consumer"]
+
+logger = logging.getLogger(__name__)
+
+
+class ConsumerBaseClass:
+    """Base of user-defined consumers (the daskqueue API).
+
+    Functions submitted with ``QueuePool.submit``/``batch_submit`` are called directly. Raw items
+    sent with ``QueuePool.put``/``put_many`` are handed to :meth:`process_item`; what it returns is
+    the item's result, what it raises is the item's error.
+
+    >>> class Upper(ConsumerBaseClass):
+    ...     def process_item(self, item):
+    ...         return item.upper()
+    >>> Upper(name="upper-0").process_item("a")
+    'A'
+    """
+
+    def __init__(self, name: str = "", **kwargs: Any) -> None:
+        self.name = name
+
+    def process_item(self, item: Any) -> Any:
+        raise NotImplementedError(
+            f"{type(self).__name__} received a raw item; override process_item() to handle items put with put()"
+        )
+
+
+class GeneralConsumer(ConsumerBaseClass):
+    """The default consumer: runs submitted functions; a raw item ``(fn, *args)`` is called too."""
+
+    def process_item(self, item: Any) -> Any:
+        if isinstance(item, tuple) and item and callable(item[0]):
+            return item[0](*item[1:])
+        raise TypeError(
+            "GeneralConsumer runs functions: put() a tuple (fn, *args), use submit(), "
+            "or give ConsumerPool a ConsumerClass whose process_item() handles this item"
+        )
+
+
+def _error_info(exc: BaseException) -> ErrorInfo:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    exc.__traceback__ = None  # frames do not pickle; the text above keeps them
+    kind = type(exc)
+    return ErrorInfo(exc, f"{kind.__module__}.{kind.__qualname__}", str(exc), tb)
+
+
+class _ChunkRun:
+    """One delivered chunk being executed; thread-safe completion for the fan-out path."""
+
+    __slots__ = ("broker", "chunk_id", "base", "values", "errors", "remaining", "lock")
+
+    def __init__(self, broker: int, chunk_id: int, base: int, n: int) -> None:
+        self.broker = broker
+        self.chunk_id = chunk_id
+        self.base = base
+        self.values: list[Any] = [None] * n
+        self.errors: dict[int, ErrorInfo] = {}
+        self.remaining = n
+        self.lock = threading.Lock()
+
+
+class Consumer:
+    """Dask actor that pulls chunks from every broker of a pool and executes them.
+
+    Parameters
+    ----------
+    name : str
+        Display name (``GeneralConsumer-0``).
+    identity : bytes
+        16-byte routing identity, chosen by the pool so results can be attributed to it.
+    consumer_class : type
+        A :class:`ConsumerBaseClass` subclass, instantiated on the worker.
+    settings : PoolSettings
+        Prefetch and heartbeat settings.
+    max_concurrency : int
+        Threads that run tasks; 1 runs each chunk in one tight loop (fastest for CPU-bound tasks).
+    early_ack : bool
+        Acknowledge a chunk when it is received (at most once) instead of after its results.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        identity: bytes,
+        consumer_class: type[ConsumerBaseClass],
+        settings: PoolSettings,
+        max_concurrency: int = 1,
+        early_ack: bool = False,
+    ) -> None:
+        self.name = name
+        self._identity = identity
+        self._class = consumer_class
+        self._settings = settings
+        self._max_concurrency = max_concurrency
+        self._early_ack = early_ack
+        self._handler: ConsumerBaseClass | None = None
+        self._ctx: zmq.Context | None = None
+        self._io: threading.Thread | None = None
+        self._exec: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
+        self._fetching = threading.Event()
+        self._chunks: queue.SimpleQueue[tuple[int, p.Deliver] | None] = queue.SimpleQueue()
+        self._outbox: deque[tuple[int, p.Message]] = deque()
+        self._waker: Waker | None = None
+        self._endpoints: list[str] = []
+        self._worker = ""
+        self._counts = {"chunks_received": 0, "tasks_done": 0, "tasks_failed": 0, "bad_chunks": 0}
+        self._count_lock = threading.Lock()
+        self._in_flight = 0
+
+    # -- control plane --------------------------------------------------------------------------
+    def start(self, endpoints: list[str]) -> None:
+        """Connect to the brokers at ``endpoints`` and start consuming. Idempotent."""
+        if self._io is not None and self._io.is_alive():
+            self._fetching.set()
+            return
+        from distributed import get_worker
+
+        try:
+            self._worker = get_worker().address
+        except ValueError:
+            self._worker = ""
+        self._handler = self._class(name=self.name)
+        self._endpoints = list(endpoints)
+        self._ctx = zmq.Context()
+        self._stop.clear()
+        self._fetching.set()
+        if self._max_concurrency > 1:
+            self._pool = ThreadPoolExecutor(self._max_concurrency, thread_name_prefix=f"zdq-task-{self.name}")
+        self._exec = threading.Thread(target=self._exec_loop, name=f"zdq-exec-{self.name}", daemon=True)
+        self._exec.start()
+        ready = threading.Event()
+        self._io = threading.Thread(target=self._io_loop, args=(ready,), name=f"zdq-consumer-{self.name}", daemon=True)
+        self._io.start()
+        ready.wait(10)
+
+    def cancel(self) -> None:
+        """Stop asking for work; chunks already received still run and report. ``start()`` resumes."""
+        self._fetching.clear()
+        self._poke()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop consuming and close every thread and socket. Unstarted chunks go back. Idempotent."""
+        self._fetching.clear()
+        self._stop.set()
+        self._poke()
+        if self._io is not None:
+            self._io.join(timeout)
+        self._chunks.put(None)
+        if self._exec is not None:
+            self._exec.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    def statistics(self) -> ConsumerStats:
+        return ConsumerStats(
+            name=self.name,
+            worker=self._worker,
+            running=self._io is not None and self._io.is_alive() and self._fetching.is_set(),
+            tasks_in_flight=self._in_flight,
+            **self._counts,
+        )
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # -- the I/O thread -------------------------------------------------------------------------
+    def _poke(self) -> None:
+        waker = self._waker
+        if waker is not None:
+            waker.wake()
+
+    def _post(self, broker: int, msg: p.Message) -> None:
+        """Hand a message to the I/O thread (called from execution threads)."""
+        self._outbox.append((broker, msg))
+        self._poke()
+
+    def _io_loop(self, ready: threading.Event) -> None:
+        assert self._ctx is not None
+        socks: list[zmq.Socket] = []
+        waker = self._waker = Waker(self._ctx)
+        try:
+            for endpoint in self._endpoints:
+                sock = connect_dealer(self._ctx, endpoint, self._identity)
+                sock.send_multipart(p.encode(p.Hello(p.Role.CONSUMER, self.name.encode()[:256])))
+                socks.append(sock)
+            ready.set()
+            self._serve(socks, waker)
+        except Exception:
+            logger.exception("consumer %s I/O loop failed", self.name)
+        finally:
+            ready.set()
+            for sock in socks:
+                try:
+                    sock.send_multipart(p.encode(p.Bye()), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+                close_socket(sock)
+            self._waker = None
+            waker.close()
+
+    def _serve(self, socks: list[zmq.Socket], waker: Waker) -> None:
+        poller = zmq.Poller()
+        index = {}
+        for i, sock in enumerate(socks):
+            poller.register(sock, zmq.POLLIN)
+            index[sock] = i
+        poller.register(waker.socket, zmq.POLLIN)
+        credit = [0] * len(socks)
+        held: list[set[int]] = [set() for _ in socks]  # chunks received and not yet done, per broker
+        beat = self._settings.heartbeat_interval
+        next_beat = time.monotonic() + beat
+        prefetch = self._settings.prefetch
+        while not self._stop.is_set():
+            # Credit: one outstanding FETCH per broker while fewer than `prefetch` chunks are held.
+            if self._fetching.is_set():
+                for i, sock in enumerate(socks):
+                    if credit[i] == 0 and self._in_flight < prefetch:
+                        sock.send_multipart(p.encode(p.Fetch(1)))
+                        credit[i] = 1
+            timeout = max(0, int((next_beat - time.monotonic()) * 1000))
+            for sock, _ in poller.poll(timeout):
+                if sock is waker.socket:
+                    waker.drain()
+                    continue
+                i = index[sock]
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        msg = p.decode(frames)
+                    except Exception as e:
+                        self._counts["bad_chunks"] += 1
+                        logger.warning("consumer %s dropped a malformed message: %s", self.name, e)
+                        continue
+                    if isinstance(msg, p.Deliver):
+                        credit[i] = max(0, credit[i] - 1)
+                        self._counts["chunks_received"] += 1
+                        self._in_flight += 1
+                        held[i].add(msg.chunk_id)
+                        if self._early_ack:
+                            sock.send_multipart(p.encode(p.Ack(msg.chunk_id)))
+                        self._chunks.put((i, msg))
+                    elif isinstance(msg, p.Bye):
+                        credit[i] = 0  # the broker is going away; ask again if it comes back
+            while self._outbox:
+                i, out = self._outbox.popleft()
+                if isinstance(out, (p.Done, p.Return)):
+                    if out.chunk_id in held[i]:
+                        held[i].discard(out.chunk_id)
+                        self._in_flight -= 1
+                socks[i].send_multipart(p.encode(out), copy=False)
+            now = time.monotonic()
+            if now >= next_beat:
+                for sock in socks:
+                    sock.send_multipart(p.encode(p.Heartbeat()))
+                next_beat = now + beat
+
+    # -- execution ------------------------------------------------------------------------------
+    def _exec_loop(self) -> None:
+        while True:
+            item = self._chunks.get()
+            if item is None:
+                return
+            broker, deliver = item
+            if self._stop.is_set() or not self._fetching.is_set():
+                # Not started: give it back so another consumer runs it, without using an attempt.
+                self._post(broker, p.Return(deliver.chunk_id))
+                continue
+            try:
+                base, tasks = loads_chunk(deliver.chunk)
+                if len(tasks) != deliver.n_tasks:
+                    raise ValueError(f"chunk holds {len(tasks)} tasks, its header says {deliver.n_tasks}")
+            except Exception as e:
+                self._counts["bad_chunks"] += 1
+                logger.error("consumer %s cannot decode chunk %d: %s", self.name, deliver.chunk_id, e)
+                info = ErrorInfo(None, "zdq.errors.ProtocolError", f"chunk {deliver.chunk_id} does not decode: {e}", "")
+                self._finish(_ChunkRun(broker, deliver.chunk_id, 0, deliver.n_tasks), {i: info for i in range(deliver.n_tasks)})
+                continue
+            run = _ChunkRun(broker, deliver.chunk_id, base, len(tasks))
+            if self._pool is None:
+                self._run_inline(run, tasks)
+            else:
+                for i, task in enumerate(tasks):
+                    self._pool.submit(self._run_one, run, i, task)
+
+    def _call(self, task: tuple[Any, ...]) -> Any:
+        fn = task[0]
+        if fn is None:
+            assert self._handler is not None
+            return self._handler.process_item(task[1])
+        if len(task) == 2:
+            return fn(*task[1])
+        return fn(*task[1], **task[2])
+
+    def _run_inline(self, run: _ChunkRun, tasks: list[tuple[Any, ...]]) -> None:
+        values = run.values
+        errors = run.errors
+        call = self._call
+        for i, task in enumerate(tasks):
+            try:
+                values[i] = call(task)
+            except BaseException as e:  # a task's failure is its result, whatever it raised
+                errors[i] = _error_info(e)
+        self._finish(run, errors)
+
+    def _run_one(self, run: _ChunkRun, i: int, task: tuple[Any, ...]) -> None:
+        try:
+            run.values[i] = self._call(task)
+        except BaseException as e:
+            with run.lock:
+                run.errors[i] = _error_info(e)
+        with run.lock:
+            run.remaining -= 1
+            last = run.remaining == 0
+        if last:
+            self._finish(run, run.errors)
+
+    def _finish(self, run: _ChunkRun, errors: dict[int, ErrorInfo]) -> None:
+        n = len(run.values)
+        with self._count_lock:
+            self._counts["tasks_failed"] += len(errors)
+            self._counts["tasks_done"] += n - len(errors)
+        payload = dumps_results(run.base, run.values, errors)
+        self._post(run.broker, p.Done(run.chunk_id, n, payload))
+

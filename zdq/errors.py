@@ -1,0 +1,126 @@
+"""The one exception hierarchy of zdq.
+
+Every error zdq raises derives from :class:`ZdqError`. The subtrees tell causes apart: something
+*you* closed, a peer that broke (a broker that was lost), a message that broke the protocol, storage
+that is full or corrupt, a wait that ran out of time, and a task that failed remotely. Where a builtin
+fits, the error subclasses it too, so ``except TimeoutError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ZdqError",
+    "ClosedError",
+    "SerializationError",
+    "ProtocolError",
+    "PlacementError",
+    "BrokerLost",
+    "StorageError",
+    "StorageFull",
+    "StorageCorrupt",
+    "QueueLocked",
+    "ZdqTimeoutError",
+    "SubmitTimeout",
+    "TaskTimeout",
+    "RemoteTaskError",
+    "DeadLettered",
+    "TaskLost",
+    "BatchError",
+]
+
+
+class ZdqError(Exception):
+    """Root of every error raised by zdq."""
+
+
+class ClosedError(ZdqError, RuntimeError):
+    """The pool (or one of its parts) was closed by its owner and cannot be used any more."""
+
+
+class SerializationError(ZdqError, TypeError):
+    """A function, argument or result could not be pickled; the message names the culprit."""
+
+
+class ProtocolError(ZdqError, ValueError):
+    """A message does not follow the zdq wire protocol (wrong version, command, size or shape)."""
+
+
+class PlacementError(ZdqError):
+    """Dask could not place or start a broker or consumer actor."""
+
+
+class BrokerLost(ZdqError, ConnectionError):
+    """The broker that held a task is gone, and the task was held only in its memory."""
+
+
+class StorageError(ZdqError, OSError):
+    """The storage backend of a queue failed."""
+
+
+class StorageFull(StorageError):
+    """The queue's storage (LMDB map or disk) is full: the chunk was *not* stored."""
+
+
+class StorageCorrupt(StorageError):
+    """A directory is not a zdq queue, or its data cannot be read; it is left untouched."""
+
+
+class QueueLocked(StorageError):
+    """Another live broker owns this queue directory."""
+
+
+class ZdqTimeoutError(ZdqError, TimeoutError):
+    """A wait ran out of time."""
+
+
+class SubmitTimeout(ZdqTimeoutError):
+    """Submitting blocked on a full window for longer than the timeout allowed."""
+
+
+class TaskTimeout(ZdqTimeoutError):
+    """A task ran longer than its time limit."""
+
+
+class RemoteTaskError(ZdqError):
+    """A task failed remotely with an exception that could not be sent back as itself.
+
+    Attributes
+    ----------
+    type_name : str
+        Qualified name of the original exception type.
+    remote_traceback : str
+        The traceback formatted on the consumer.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.remote_traceback = remote_traceback
+
+
+class DeadLettered(ZdqError):
+    """A task failed all of its attempts and was moved to the dead-letter queue."""
+
+
+class TaskLost(ZdqError):
+    """A task acknowledged early (at most once) whose consumer died before reporting its result."""
+
+
+class BatchError(ZdqError):
+    """Some tasks of a batch failed.
+
+    Attributes
+    ----------
+    errors : dict[int, BaseException]
+        The exception of each failed task, by its position in the batch.
+    values : list
+        Every result, ``None`` where the task failed.
+    """
+
+    def __init__(self, errors: dict[int, BaseException], values: list[object]) -> None:
+        first = min(errors)
+        super().__init__(
+            f"{len(errors)} of {len(values)} tasks failed; first, task {first}: {errors[first]!r}"
+        )
+        self.errors = errors
+        self.values = values

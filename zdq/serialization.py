@@ -1,0 +1,143 @@
+"""Pickling of chunks and results: the only place where zdq turns user objects into bytes.
+
+A chunk is ``(base_task_id, tasks)`` pickled in one go (protocol 5), so a function shared by a
+thousand tasks is written once and the per-task cost is a few microseconds. A task is
+``(fn, args)``, ``(fn, args, kwargs)`` or ``(fn, args, kwargs, options)``: empty kwargs are left out
+because an empty dict per task nearly doubles the cost. A raw item (``put``) is ``(None, item)``.
+cloudpickle is used because it pickles by reference whatever plain pickle can, and by value what
+workers cannot import (functions and classes of ``__main__``, lambdas, closures).
+
+Results travel as ``(base_task_id, values, errors)`` where ``errors`` maps an index in ``values`` to
+an :class:`ErrorInfo`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from zdq.errors import RemoteTaskError, SerializationError
+
+__all__ = [
+    "Task",
+    "ErrorInfo",
+    "dumps_chunk",
+    "loads_chunk",
+    "dumps_results",
+    "loads_results",
+    "check_picklable",
+    "error_to_exception",
+]
+
+Task = tuple[Any, ...]
+PROTOCOL = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """A task's failure as sent back: the exception itself when it pickles, and always its text."""
+
+    exception: BaseException | None
+    type_name: str
+    message: str
+    traceback: str
+
+
+def _describe(obj: object) -> str:
+    text = repr(obj)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_picklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> None:
+    """Raise :class:`SerializationError` naming the part of a call that cannot be pickled."""
+    parts: list[tuple[str, Any]] = [("function", fn)]
+    parts += [(f"argument {i}", a) for i, a in enumerate(args)]
+    parts += [(f"keyword argument {k!r}", v) for k, v in (kwargs or {}).items()]
+    for label, obj in parts:
+        try:
+            cloudpickle.dumps(obj, protocol=PROTOCOL)
+        except Exception as e:  # pickling raises many types: TypeError, PicklingError, AttributeError...
+            fname = getattr(fn, "__qualname__", None) or _describe(fn)
+            raise SerializationError(
+                f"cannot submit {fname}: its {label} ({_describe(obj)}) cannot be pickled: {e}"
+            ) from e
+
+
+def dumps_chunk(base_task_id: int, tasks: list[Task]) -> bytes:
+    """Pickle a chunk; on failure, name the first task part that cannot be pickled."""
+    try:
+        return cloudpickle.dumps((base_task_id, tasks), protocol=PROTOCOL)
+    except Exception as e:
+        for task in tasks:
+            fn, args, kwargs = task[0], task[1], (task[2] if len(task) > 2 else None)
+            if fn is None:
+                check_picklable(None, (args,), None)
+            else:
+                check_picklable(fn, args, kwargs)
+        raise SerializationError(f"a chunk of {len(tasks)} tasks cannot be pickled: {e}") from e
+
+
+def loads_chunk(payload: Any) -> tuple[int, list[Task]]:
+    """Unpickle a chunk received from an authenticated broker; raise ValueError if malformed."""
+    obj = pickle.loads(payload)
+    if (
+        not isinstance(obj, tuple)
+        or len(obj) != 2
+        or not isinstance(obj[0], int)
+        or not isinstance(obj[1], list)
+    ):
+        raise ValueError(f"a chunk must be (int, list), got {type(obj).__name__}")
+    return obj[0], obj[1]
+
+
+def dumps_results(base_task_id: int, values: list[Any], errors: dict[int, ErrorInfo]) -> bytes:
+    """Pickle a chunk's results; a value that cannot be pickled becomes that task's error."""
+    try:
+        return cloudpickle.dumps((base_task_id, values, errors), protocol=PROTOCOL)
+    except Exception:
+        pass
+    values = list(values)
+    errors = dict(errors)
+    for i, value in enumerate(values):
+        try:
+            cloudpickle.dumps(value, protocol=PROTOCOL)
+        except Exception as e:
+            values[i] = None
+            errors[i] = ErrorInfo(
+                None, "zdq.errors.SerializationError", f"the result {_describe(value)} cannot be pickled: {e}", ""
+            )
+    for i, info in list(errors.items()):
+        try:
+            cloudpickle.dumps(info, protocol=PROTOCOL)
+        except Exception:
+            errors[i] = ErrorInfo(None, info.type_name, info.message, info.traceback)
+    return cloudpickle.dumps((base_task_id, values, errors), protocol=PROTOCOL)
+
+
+def loads_results(payload: Any) -> tuple[int, list[Any], dict[int, ErrorInfo]]:
+    """Unpickle results received from an authenticated broker; raise ValueError if malformed."""
+    obj = pickle.loads(payload)
+    if (
+        not isinstance(obj, tuple)
+        or len(obj) != 3
+        or not isinstance(obj[0], int)
+        or not isinstance(obj[1], list)
+        or not isinstance(obj[2], dict)
+    ):
+        raise ValueError(f"results must be (int, list, dict), got {type(obj).__name__}")
+    return obj
+
+
+def error_to_exception(info: ErrorInfo) -> BaseException:
+    """The exception to raise on the driver for a failed task, with its remote traceback."""
+    exc = info.exception
+    if exc is None:
+        exc = RemoteTaskError(info.type_name, info.message, info.traceback)
+    if info.traceback and hasattr(exc, "add_note"):
+        note = "remote traceback (zdq consumer):\n" + info.traceback.rstrip()
+        if note not in getattr(exc, "__notes__", ()):
+            exc.add_note(note)
+    return exc

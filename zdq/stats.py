@@ -1,0 +1,71 @@
+"""Typed statistics: what ``pool.statistics()`` returns, never printed, always inspectable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["BrokerStats", "ConsumerStats", "DriverStats", "PoolStats"]
+
+
+@dataclass(frozen=True)
+class BrokerStats:
+    """A broker's counters, taken in one actor call."""
+
+    name: str
+    endpoint: str
+    durable: bool
+    ready_chunks: int
+    ready_tasks: int
+    leased_chunks: int
+    leased_tasks: int
+    dead_chunks: int
+    dead_tasks: int
+    chunks_stored: int
+    tasks_stored: int
+    chunks_acked: int
+    tasks_acked: int
+    chunks_redelivered: int
+    duplicate_dones: int
+    bad_messages: int
+    orphan_results: int
+    dropped_results: int
+    consumers: int
+    drivers: int
+    routed_tasks: dict[bytes, int] = field(default_factory=dict)
+
+    @property
+    def pending_tasks(self) -> int:
+        """Tasks stored and not yet acknowledged (ready or leased)."""
+        return self.ready_tasks + self.leased_tasks
+
+
+@dataclass(frozen=True)
+class ConsumerStats:
+    name: str
+    worker: str
+    running: bool
+    chunks_received: int
+    tasks_done: int
+    tasks_failed: int
+    tasks_in_flight: int
+    bad_chunks: int
+
+
+@dataclass(frozen=True)
+class DriverStats:
+    """What the driver (the client side of a QueuePool) knows without asking anyone."""
+
+    tasks_submitted: int
+    tasks_completed: int
+    tasks_failed: int
+    foreign_tasks: int
+    duplicate_results: int
+    chunks_unconfirmed: int
+    chunks_outstanding: int
+    bad_messages: int
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    driver: DriverStats
+    brokers: list[BrokerStats]

@@ -1,0 +1,262 @@
+"""The storage contract of a queue.
+
+A queue holds *chunks*: opaque payloads (pickled by the driver, never unpickled here) with a small
+:class:`ChunkMeta`. A chunk is ``ready`` (waiting, FIFO), ``leased`` (handed to a consumer, not yet
+acknowledged) or ``dead`` (dead-lettered). Only an acknowledgement removes a chunk.
+
+The index (which chunks are ready, in what order, which are leased, how often each was tried) is the
+same for every backend and lives here, in memory; backends only make payloads durable
+(:meth:`Storage._write`, :meth:`Storage._read`, :meth:`Storage._delete`, ...). A durable backend
+rebuilds the index on open from what it stored, which is why a leased chunk is never written as
+"leased": after a crash, everything not acknowledged is ready again.
+"""
+
+from __future__ import annotations
+
+import struct
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["ChunkMeta", "Leased", "DeadLetter", "StorageCounts", "Storage"]
+
+_META = struct.Struct(">16sQI")
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkMeta:
+    """What the broker knows of a chunk without reading it.
+
+    Attributes
+    ----------
+    owner : bytes
+        Identity of the driver that submitted it: its results are routed there.
+    seq : int
+        The driver's own number for the chunk.
+    n_tasks : int
+        How many tasks it holds.
+    """
+
+    owner: bytes
+    seq: int
+    n_tasks: int
+
+    def pack(self) -> bytes:
+        return _META.pack(self.owner, self.seq, self.n_tasks)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> ChunkMeta:
+        owner, seq, n_tasks = _META.unpack(raw)
+        return cls(owner, seq, n_tasks)
+
+    SIZE = _META.size
+
+
+@dataclass(frozen=True, slots=True)
+class Leased:
+    chunk_id: int
+    meta: ChunkMeta
+    payload: object
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    chunk_id: int
+    meta: ChunkMeta
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StorageCounts:
+    ready_chunks: int
+    ready_tasks: int
+    leased_chunks: int
+    leased_tasks: int
+    dead_chunks: int
+    dead_tasks: int
+
+
+class Storage(ABC):
+    """Base of every backend: the shared index over a backend's durable primitives.
+
+    Not thread-safe: one broker thread owns it.
+    """
+
+    durable: bool = False
+
+    def __init__(self) -> None:
+        self._meta: dict[int, ChunkMeta] = {}
+        self._ready: deque[int] = deque()
+        self._leased: set[int] = set()
+        self._dead: dict[int, str] = {}
+        self._attempts: dict[int, int] = {}
+        self._ready_tasks = 0
+        self._leased_tasks = 0
+        self._next_id = 1
+        self._closed = False
+
+    # -- the contract -------------------------------------------------------------------------
+    def open(self) -> None:
+        """Open the backend and rebuild the index from what it holds."""
+        for chunk_id, meta, dead_reason in self._scan():
+            self._meta[chunk_id] = meta
+            if dead_reason is None:
+                self._ready.append(chunk_id)
+                self._ready_tasks += meta.n_tasks
+            else:
+                self._dead[chunk_id] = dead_reason
+            self._next_id = max(self._next_id, chunk_id + 1)
+
+    def put_many(self, entries: Sequence[tuple[ChunkMeta, object]]) -> list[int]:
+        """Store chunks at the tail, all or none; return their ids once they are stored.
+
+        Raises
+        ------
+        StorageFull
+            Nothing of ``entries`` was stored.
+        """
+        ids = list(range(self._next_id, self._next_id + len(entries)))
+        self._write([(i, meta, payload) for i, (meta, payload) in zip(ids, entries)])
+        self._next_id += len(entries)
+        for chunk_id, (meta, _) in zip(ids, entries):
+            self._meta[chunk_id] = meta
+            self._ready.append(chunk_id)
+            self._ready_tasks += meta.n_tasks
+        return ids
+
+    def lease(self) -> Leased | None:
+        """Take the chunk at the head of the queue, or ``None`` when none is ready."""
+        if not self._ready:
+            return None
+        chunk_id = self._ready.popleft()
+        meta = self._meta[chunk_id]
+        self._ready_tasks -= meta.n_tasks
+        self._leased.add(chunk_id)
+        self._leased_tasks += meta.n_tasks
+        attempt = self._attempts.get(chunk_id, 0) + 1
+        self._attempts[chunk_id] = attempt
+        return Leased(chunk_id, meta, self._read(chunk_id), attempt)
+
+    def ack_many(self, chunk_ids: Iterable[int]) -> list[ChunkMeta | None]:
+        """Remove chunks for good; ``None`` for an id that is no longer stored (a duplicate)."""
+        out: list[ChunkMeta | None] = []
+        gone: list[int] = []
+        for chunk_id in chunk_ids:
+            if chunk_id in self._leased:
+                self._leased.discard(chunk_id)
+                self._leased_tasks -= self._meta[chunk_id].n_tasks
+            elif chunk_id in self._meta and chunk_id not in self._dead:
+                # A late DONE for a chunk whose lease expired: the work is done, do not run it again.
+                try:
+                    self._ready.remove(chunk_id)
+                except ValueError:
+                    out.append(None)
+                    continue
+                self._ready_tasks -= self._meta[chunk_id].n_tasks
+            else:
+                out.append(None)
+                continue
+            meta = self._meta.pop(chunk_id)
+            self._attempts.pop(chunk_id, None)
+            gone.append(chunk_id)
+            out.append(meta)
+        if gone:
+            self._delete(gone)
+        return out
+
+    def release(self, chunk_id: int, *, count_attempt: bool = True) -> bool:
+        """Put a leased chunk back at the head of the queue.
+
+        ``count_attempt=False`` is for a chunk given back unstarted: it does not use up an attempt.
+        """
+        if chunk_id not in self._leased:
+            return False
+        self._leased.discard(chunk_id)
+        meta = self._meta[chunk_id]
+        self._leased_tasks -= meta.n_tasks
+        self._ready.appendleft(chunk_id)
+        self._ready_tasks += meta.n_tasks
+        if not count_attempt:
+            self._attempts[chunk_id] = max(0, self._attempts.get(chunk_id, 1) - 1)
+        return True
+
+    def attempts(self, chunk_id: int) -> int:
+        return self._attempts.get(chunk_id, 0)
+
+    def dead_letter(self, chunk_id: int, reason: str) -> bool:
+        """Move a leased chunk to the dead letters, with why."""
+        if chunk_id not in self._leased:
+            return False
+        self._mark_dead(chunk_id, reason)
+        self._leased.discard(chunk_id)
+        self._leased_tasks -= self._meta[chunk_id].n_tasks
+        self._dead[chunk_id] = reason
+        return True
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return [DeadLetter(i, self._meta[i], r) for i, r in self._dead.items()]
+
+    def requeue_dead(self, chunk_ids: Iterable[int] | None = None) -> int:
+        """Put dead letters back at the tail of the queue with fresh attempts; return how many."""
+        ids = list(self._dead) if chunk_ids is None else [i for i in chunk_ids if i in self._dead]
+        if ids:
+            self._unmark_dead(ids)
+        for chunk_id in ids:
+            del self._dead[chunk_id]
+            self._attempts.pop(chunk_id, None)
+            self._ready.append(chunk_id)
+            self._ready_tasks += self._meta[chunk_id].n_tasks
+        return len(ids)
+
+    def purge_dead(self, chunk_ids: Iterable[int] | None = None) -> int:
+        """Delete dead letters; return how many."""
+        ids = list(self._dead) if chunk_ids is None else [i for i in chunk_ids if i in self._dead]
+        if ids:
+            self._delete(ids)
+        for chunk_id in ids:
+            del self._dead[chunk_id]
+            del self._meta[chunk_id]
+            self._attempts.pop(chunk_id, None)
+        return len(ids)
+
+    def counts(self) -> StorageCounts:
+        dead_tasks = sum(self._meta[i].n_tasks for i in self._dead)
+        return StorageCounts(
+            len(self._ready), self._ready_tasks, len(self._leased), self._leased_tasks, len(self._dead), dead_tasks
+        )
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    # -- what a backend implements ------------------------------------------------------------
+    @abstractmethod
+    def _scan(self) -> Iterable[tuple[int, ChunkMeta, str | None]]:
+        """Every stored chunk in FIFO order, with its dead-letter reason or ``None``."""
+
+    @abstractmethod
+    def _write(self, records: list[tuple[int, ChunkMeta, object]]) -> None:
+        """Store new chunks atomically (all or none)."""
+
+    @abstractmethod
+    def _read(self, chunk_id: int) -> object:
+        """The payload of a stored chunk."""
+
+    @abstractmethod
+    def _delete(self, chunk_ids: list[int]) -> None:
+        """Remove chunks for good."""
+
+    @abstractmethod
+    def _mark_dead(self, chunk_id: int, reason: str) -> None:
+        """Record that a chunk is dead-lettered."""
+
+    @abstractmethod
+    def _unmark_dead(self, chunk_ids: list[int]) -> None:
+        """Record that chunks are no longer dead-lettered."""
+
+    @abstractmethod
+    def _close(self) -> None:
+        """Release the backend's resources."""

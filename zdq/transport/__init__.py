@@ -1,0 +1,1 @@
+"""Sockets, addressing and the wire protocol of zdq."""

@@ -1,0 +1,134 @@
+"""Socket set-up and addressing: every zdq socket is made here.
+
+Brokers bind a ROUTER on their worker's own host (as Dask reports it, never a wildcard unless
+configured) on a free port, and report the endpoint; drivers and consumers connect DEALERs to it.
+zdq does its own flow control (driver windows, consumer credit), so ZeroMQ's high-water marks are
+lifted rather than left to silently drop messages on a ROUTER.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket as pysocket
+import threading
+from urllib.parse import urlsplit
+
+import zmq
+
+__all__ = ["new_identity", "worker_host", "bind_router", "connect_dealer", "close_socket", "Waker"]
+
+logger = logging.getLogger(__name__)
+
+
+def new_identity() -> bytes:
+    """A random 16-byte routing identity for a driver or consumer."""
+    return os.urandom(16)
+
+
+def worker_host(address: str | None, default: str) -> str:
+    """The host part of a Dask worker address such as ``tcp://10.0.0.5:40123``.
+
+    Workers that have no network address (``inproc://``) bind on ``default``.
+    """
+    if not address:
+        return default
+    parts = urlsplit(address)
+    if parts.scheme not in ("tcp", "tls", "ws", "wss") or not parts.hostname:
+        return default
+    host = parts.hostname
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        # A host name: ZeroMQ binds to interfaces by address, so resolve it once here.
+        host = pysocket.gethostbyname(host)
+    return host
+
+
+def _tune(sock: zmq.Socket, max_message_size: int | None) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    if max_message_size is not None:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+
+
+def bind_router(ctx: zmq.Context, host: str, *, max_message_size: int) -> tuple[zmq.Socket, str]:
+    """Bind a ROUTER on ``host`` at a free port; return it and its connectable endpoint."""
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        _tune(sock, max_message_size)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        bind_host = f"[{host}]" if ":" in host else host
+        if ":" in host:
+            sock.setsockopt(zmq.IPV6, 1)
+        port = sock.bind_to_random_port(f"tcp://{bind_host}")
+    except Exception:
+        sock.close(linger=0)
+        raise
+    return sock, f"tcp://{bind_host}:{port}"
+
+
+def connect_dealer(
+    ctx: zmq.Context, endpoint: str, identity: bytes, *, max_message_size: int | None = None
+) -> zmq.Socket:
+    """A DEALER with ``identity`` connected to ``endpoint``."""
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        _tune(sock, max_message_size)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        if endpoint.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.connect(endpoint)
+    except Exception:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def close_socket(sock: zmq.Socket | None) -> None:
+    """Close ``sock`` at once, dropping unsent messages."""
+    if sock is not None and not sock.closed:
+        sock.close(linger=0)
+
+
+class Waker:
+    """Wakes a thread blocked in a :class:`zmq.Poller` from any other thread.
+
+    The I/O thread registers :attr:`socket` in its poller; other threads call :meth:`wake`. Wakes
+    that arrive while one is pending are merged, so a burst of submissions costs one wake-up.
+    """
+
+    def __init__(self, ctx: zmq.Context) -> None:
+        address = f"inproc://zdq-waker-{new_identity().hex()}"
+        self.socket = ctx.socket(zmq.PAIR)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(address)
+        self._out = ctx.socket(zmq.PAIR)
+        self._out.setsockopt(zmq.LINGER, 0)
+        self._out.setsockopt(zmq.SNDHWM, 4)
+        self._out.connect(address)
+        self._lock = threading.Lock()
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._out.closed:
+                return
+            try:
+                self._out.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # a wake is already pending
+
+    def drain(self) -> None:
+        while True:
+            try:
+                self.socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    def close(self) -> None:
+        with self._lock:
+            close_socket(self._out)
+        close_socket(self.socket)
