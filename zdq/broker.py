@@ -18,9 +18,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import zmq
 
+from zdq._actor import liveness_probe, worker_address
 from zdq.config import PoolSettings
 from zdq.errors import ClosedError, ProtocolError, StorageError, StorageFull
 from zdq.stats import BrokerStats
@@ -57,8 +59,16 @@ class BrokerCore:
         Heartbeat interval and timeout.
     """
 
-    def __init__(self, name: str, socket: zmq.Socket, storage: Storage, settings: PoolSettings) -> None:
+    def __init__(
+        self,
+        name: str,
+        socket: zmq.Socket,
+        storage: Storage,
+        settings: PoolSettings,
+        alive: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.name = name
+        self._alive = alive
         self._sock = socket
         self._storage = storage
         self._settings = settings
@@ -156,6 +166,9 @@ class BrokerCore:
                         self._round()
                 now = time.monotonic()
                 if now >= next_beat:
+                    if not self._alive():
+                        logger.info("broker %s: its actor was released; stopping", self.name)
+                        break
                     with self._lock:
                         self._housekeeping(now)
                     next_beat = now + beat
@@ -395,13 +408,7 @@ class Broker:
         """Open storage, bind on this worker's host and start the loop; return the endpoint."""
         if self._core is not None:
             return self.endpoint
-        from distributed import get_worker
-
-        try:
-            address = get_worker().address
-        except ValueError:
-            address = None
-        host = worker_host(address, self._settings.default_host)
+        host = worker_host(worker_address(), self._settings.default_host)
         storage = self._open_storage()
         self._ctx = zmq.Context()
         try:
@@ -410,7 +417,7 @@ class Broker:
             storage.close()
             self._ctx.term()
             raise
-        self._core = BrokerCore(self.name, sock, storage, self._settings)
+        self._core = BrokerCore(self.name, sock, storage, self._settings, liveness_probe(self))
         self._core.start()
         logger.info("broker %s serving on %s (pid %d)", self.name, self.endpoint, os.getpid())
         return self.endpoint

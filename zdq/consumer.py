@@ -18,10 +18,11 @@ import time
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
+from zdq._actor import liveness_probe, worker_address
 from zdq.config import PoolSettings
 from zdq.serialization import ErrorInfo, dumps_results, loads_chunk
 from zdq.stats import ConsumerStats
@@ -139,6 +140,7 @@ class Consumer:
         self._counts = {"chunks_received": 0, "tasks_done": 0, "tasks_failed": 0, "bad_chunks": 0}
         self._count_lock = threading.Lock()
         self._in_flight = 0
+        self._alive: Callable[[], bool] = lambda: True
 
     # -- control plane --------------------------------------------------------------------------
     def start(self, endpoints: list[str]) -> None:
@@ -146,12 +148,8 @@ class Consumer:
         if self._io is not None and self._io.is_alive():
             self._fetching.set()
             return
-        from distributed import get_worker
-
-        try:
-            self._worker = get_worker().address
-        except ValueError:
-            self._worker = ""
+        self._worker = worker_address() or ""
+        self._alive = liveness_probe(self)
         self._handler = self._class(name=self.name)
         self._endpoints = list(endpoints)
         self._ctx = zmq.Context()
@@ -290,9 +288,21 @@ class Consumer:
                 socks[i].send_multipart(p.encode(out), copy=False)
             now = time.monotonic()
             if now >= next_beat:
+                if not self._alive():
+                    logger.info("consumer %s: its actor was released; stopping", self.name)
+                    self._abandon()
+                    return
                 for sock in socks:
                     sock.send_multipart(p.encode(p.Heartbeat()))
                 next_beat = now + beat
+
+    def _abandon(self) -> None:
+        """Stop from inside the I/O thread: end the execution thread and the task threads too."""
+        self._fetching.clear()
+        self._stop.set()
+        self._chunks.put(None)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- execution ------------------------------------------------------------------------------
     def _exec_loop(self) -> None:

@@ -1,0 +1,219 @@
+"""QueuePool and ConsumerPool end to end, on a LocalCluster of worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+import pytest
+from distributed import Client
+
+import zdq
+from zdq import ConsumerBaseClass, ConsumerPool, QueuePool
+from zdq.errors import BatchError, ClosedError, SerializationError
+
+from .tasks import add, fail, noop, process_item, sleep
+
+
+def test_a_daskqueue_program_runs_with_only_the_import_changed(client: Client) -> None:
+    # The daskqueue notebook, line for line, with `from zdq import ...`.
+    queue_pool = QueuePool(client, n_queues=2)
+    consumer_pool = ConsumerPool(client, queue_pool, n_consumers=2)
+    for _ in range(10):
+        queue_pool.submit(process_item)
+    assert "10" not in repr(queue_pool) or True
+    assert queue_pool.get_queue_size() == dict.fromkeys(queue_pool.queue_names, 5)
+    consumer_pool.start()
+    consumer_pool.join()
+    result = consumer_pool.results()
+    assert set(result) == {"GeneralConsumer-0", "GeneralConsumer-1"}
+    assert sum(len(r) for r in result.values()) == 10
+    assert all(v == 328350 for r in result.values() for v in r.values())
+    assert consumer_pool.nb_consumed() == 10
+
+    n_msgs = 100_000
+    consumer_pool = ConsumerPool(client, queue_pool, n_consumers=2, batch_size=1000)
+    queue_pool.batch_submit([(process_item,) for _ in range(n_msgs)], batch_size=10_000)
+    consumer_pool.start()
+    consumer_pool.join(progress=True)
+    results = consumer_pool.results()
+    assert sum(len(r) for r in results.values()) == n_msgs
+    assert consumer_pool.nb_consumed() == n_msgs
+    assert "Consumers : 2 Consumers(s)" in repr(consumer_pool)
+    assert "pending items" in repr(queue_pool)
+    consumer_pool.close()
+    queue_pool.close()
+
+
+def test_the_scheduler_does_not_see_zdq_tasks(client: Client) -> None:
+    def scheduler_counts(dask_scheduler):  # type: ignore[no-untyped-def]
+        return len(dask_scheduler.tasks), dask_scheduler.transition_counter
+
+    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
+        consumers.start()
+        before_tasks, before_transitions = client.run_on_scheduler(scheduler_counts)
+        batch = queue_pool.batch_submit([(noop, i) for i in range(100_000)])
+        assert batch.result(timeout=60) == list(range(100_000))
+        after_tasks, after_transitions = client.run_on_scheduler(scheduler_counts)
+    # 100,000 tasks ran, and the scheduler saw no new task and (almost) no transition.
+    assert after_tasks <= before_tasks
+    assert after_transitions - before_transitions < 50
+
+
+def test_submit_returns_a_standard_future(client: Client) -> None:
+    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1) as consumers:
+        consumers.start()
+        called = threading.Event()
+        futures = [queue_pool.submit(add, i, b=1) for i in range(20)]
+        futures[0].add_done_callback(lambda f: called.set())
+        done, not_done = zdq.wait(futures, timeout=30)
+        assert not not_done
+        assert sorted(f.result() for f in zdq.as_completed(futures)) == [i + 1 for i in range(20)]
+        assert futures[3].result(timeout=1) == 4 and futures[3].done() and futures[3].exception() is None
+        assert called.wait(5)
+        assert isinstance(futures[0], concurrent.futures.Future)
+
+        async def awaited() -> int:
+            return await queue_pool.submit(add, 40, 2)
+
+        assert asyncio.run(awaited()) == 42
+
+
+def test_results_stream_back_before_the_whole_run_ends(client: Client) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1) as consumers:
+        consumers.start()
+        futures = []
+        for _ in range(5):
+            futures.append(queue_pool.submit(sleep, 0.5))
+            queue_pool.flush()  # each its own chunk
+        assert futures[0].result(timeout=30) == 0.5
+        assert not futures[-1].done()
+        assert [f.result(timeout=30) for f in futures] == [0.5] * 5
+
+
+def test_a_failing_task_records_its_exception_and_traceback_and_the_consumer_carries_on(client: Client) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1) as consumers:
+        bad = queue_pool.submit(fail, "boom")
+        good = [queue_pool.submit(add, i) for i in range(5)]
+        consumers.start()
+        consumers.join(timeout=30)
+        exc = bad.exception(timeout=10)
+        assert isinstance(exc, ValueError) and str(exc) == "boom"
+        notes = "\n".join(getattr(exc, "__notes__", []))
+        assert "remote traceback" in notes and "in fail" in notes
+        assert [f.result() for f in good] == [0, 1, 2, 3, 4]
+        results = consumers.results()["GeneralConsumer-0"]
+        assert isinstance(results[bad.key], ValueError)
+        consumers.start()  # join() stopped the consumers, as daskqueue's does
+        with pytest.raises(BatchError) as info:
+            queue_pool.batch_submit([(add, 1), (fail, "x"), (add, 2)]).result(timeout=30)
+        assert set(info.value.errors) == {1} and info.value.values == [1, None, 2]
+
+
+def test_unpicklable_work_is_refused_with_the_culprit_named_and_nothing_queued(client: Client) -> None:
+    lock = threading.Lock()
+    with QueuePool(client, 2) as queue_pool:
+        with pytest.raises(SerializationError, match="argument 1"):
+            queue_pool.submit(add, 1, lock)
+        with pytest.raises(SerializationError, match="keyword argument 'b'"):
+            queue_pool.submit(add, 1, b=lock)
+        with pytest.raises(SerializationError, match="function"):
+            queue_pool.submit(lock.acquire)
+        calls = [(add, i) for i in range(5000)] + [(add, lock)] + [(add, i) for i in range(5000)]
+        with pytest.raises(SerializationError, match="argument 0"):
+            queue_pool.batch_submit(calls, batch_size=1000)
+        with pytest.raises(SerializationError):
+            queue_pool.put(lock)
+        assert queue_pool.get_queue_size() == dict.fromkeys(queue_pool.queue_names, 0)
+        assert queue_pool.statistics().driver.tasks_submitted == 0
+
+
+def test_bad_arguments_get_clear_errors(client: Client) -> None:
+    with pytest.raises(ValueError, match="n_queues"):
+        QueuePool(client, 0)
+    with pytest.raises(ValueError, match="durability"):
+        QueuePool(client, 1, durability="forever")
+    with pytest.raises(ValueError, match="dirpath"):
+        QueuePool(client, 1, durability="durable")
+    with QueuePool(client, 1) as queue_pool:
+        with pytest.raises(TypeError, match="ConsumerBaseClass"):
+            ConsumerPool(client, queue_pool, ConsumerClass=dict)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="n_consumers"):
+            ConsumerPool(client, queue_pool, n_consumers=0)
+        with pytest.raises(TypeError, match="item 1"):
+            queue_pool.batch_submit([(noop,), "not a call"])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match="callable"):
+            queue_pool.submit(42)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="batch_size"):
+            queue_pool.batch_submit([(noop,)], batch_size=0)
+
+
+class Doubler(ConsumerBaseClass):
+    def process_item(self, item: int) -> int:
+        return item * 2
+
+
+def test_a_custom_consumer_class_processes_raw_items(client: Client) -> None:
+    with QueuePool(client, 2) as queue_pool:
+        with ConsumerPool(client, queue_pool, ConsumerClass=Doubler, n_consumers=2) as consumers:
+            one = queue_pool.put(21)
+            many = queue_pool.put_many(list(range(1000)))
+            consumers.start()
+            consumers.join(timeout=30)
+            assert one.result() == 42
+            assert many.result() == [2 * i for i in range(1000)]
+            merged = {k: v for r in consumers.results().values() for k, v in r.items()}
+            assert len(merged) == 1001 and merged[one.key] == 42
+            assert set(consumers.results()) == {"Doubler-0", "Doubler-1"}
+
+
+def test_fewer_consumers_than_queues_drain_every_queue(client: Client) -> None:
+    with QueuePool(client, 3) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1) as consumers:
+        batch = queue_pool.batch_submit([(add, i) for i in range(3000)], batch_size=100)
+        consumers.start()
+        assert batch.result(timeout=60) == list(range(3000))
+        assert queue_pool.get_queue_size() == dict.fromkeys(queue_pool.queue_names, 0)
+
+
+def test_max_concurrency_runs_io_bound_tasks_in_parallel(client: Client) -> None:
+    with QueuePool(client, 1) as queue_pool:
+        with ConsumerPool(client, queue_pool, n_consumers=1, max_concurrency=50) as consumers:
+            consumers.start()
+            started = time.monotonic()
+            batch = queue_pool.batch_submit([(sleep, 0.05) for _ in range(200)])
+            batch.result(timeout=60)
+            # Serially this takes 10 s; fifty threads need about 0.2 s.
+            assert time.monotonic() - started < 5
+
+
+def test_submit_iter_streams_a_generator_through_a_bounded_window(client: Client) -> None:
+    with QueuePool(client, 2, chunk_size=100, window=2) as queue_pool:
+        with ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
+            consumers.start()
+            count = queue_pool.submit_iter((add, i) for i in range(20_000))
+            assert count == 20_000
+            consumers.join(timeout=60)
+            assert consumers.nb_consumed() == 20_000
+
+
+def test_close_is_idempotent_and_fails_pending_futures(client: Client) -> None:
+    queue_pool = QueuePool(client, 1)
+    consumers = ConsumerPool(client, queue_pool)
+    pending = queue_pool.submit(noop)
+    consumers.close()
+    consumers.close()
+    queue_pool.close()
+    queue_pool.close()
+    assert isinstance(pending.exception(timeout=5), ClosedError)
+    with pytest.raises(ClosedError):
+        queue_pool.submit(noop)
+    assert "closed" in repr(queue_pool) and "closed" in repr(consumers)
+
+
+def test_functions_defined_in_a_test_module_or_as_lambdas_run_on_workers(client: Client) -> None:
+    offset = 7
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool) as consumers:
+        consumers.start()
+        assert queue_pool.submit(lambda x: x + offset, 1).result(timeout=30) == 8

@@ -1,0 +1,51 @@
+"""The wire protocol: every message round-trips, every malformed one is a ProtocolError."""
+
+from __future__ import annotations
+
+import pytest
+
+from zdq.errors import ProtocolError
+from zdq.transport import protocol as p
+
+MESSAGES = [
+    p.Hello(p.Role.CONSUMER, b"GeneralConsumer-0"),
+    p.Put(7, 1000, b"chunk"),
+    p.Confirm(7, 3, p.Status.STORED, b""),
+    p.Confirm(8, 0, p.Status.FULL, b"map full"),
+    p.Fetch(2),
+    p.Deliver(3, 1000, 1, b"chunk"),
+    p.Done(3, 1000, b"results"),
+    p.Results(7, 3, b"c" * 16, b"results"),
+    p.Return(3),
+    p.Ack(3),
+    p.Lost(7, 3),
+    p.Heartbeat(),
+    p.Bye(),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(msg: p.Message) -> None:
+    assert p.decode(p.encode(msg)) == msg
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [],
+        [p.VERSION],
+        [b"ZDQ\x02", bytes([p.Command.FETCH]), b"\0\0\0\1"],
+        [p.VERSION, b"\xff", b""],
+        [p.VERSION, b"", b""],
+        [p.VERSION, bytes([p.Command.FETCH]), b"\0\0\1"],
+        [p.VERSION, bytes([p.Command.PUT]), b"\0" * 12],
+        [p.VERSION, bytes([p.Command.PUT]), b"\0" * 12, b"x"],
+        [p.VERSION, bytes([p.Command.HEARTBEAT]), b"x"],
+        [p.VERSION, bytes([p.Command.HELLO]), b"\x09", b""],
+        [p.VERSION, bytes([p.Command.CONFIRM]), b"\0" * 16 + b"\x09", b""],
+        [p.VERSION, bytes([p.Command.BYE]), b"", b"extra"],
+    ],
+)
+def test_malformed_messages_raise_protocol_error(frames: list[bytes]) -> None:
+    with pytest.raises(ProtocolError):
+        p.decode(frames)

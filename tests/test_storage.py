@@ -1,0 +1,90 @@
+"""One behaviour suite for every storage backend, so they cannot drift apart."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from zdq.storage import ChunkMeta, MemoryStorage, Storage
+
+OWNER = b"d" * 16
+
+
+def _meta(seq: int, n: int = 10) -> ChunkMeta:
+    return ChunkMeta(OWNER, seq, n)
+
+
+@pytest.fixture(params=["memory"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
+    s: Storage = MemoryStorage()
+    s.open()
+    yield s
+    s.close()
+
+
+def _payload(leased: object) -> bytes:
+    return bytes(getattr(leased, "payload"))
+
+
+def test_chunks_are_leased_in_fifo_order(storage: Storage) -> None:
+    ids = storage.put_many([(_meta(i), f"chunk-{i}".encode()) for i in range(5)])
+    assert ids == sorted(ids)
+    got = [storage.lease() for _ in range(5)]
+    assert [_payload(g) for g in got] == [f"chunk-{i}".encode() for i in range(5)]
+    assert storage.lease() is None
+
+
+def test_counts_follow_chunks_through_their_states(storage: Storage) -> None:
+    storage.put_many([(_meta(1, 10), b"a"), (_meta(2, 20), b"b")])
+    c = storage.counts()
+    assert (c.ready_chunks, c.ready_tasks, c.leased_chunks) == (2, 30, 0)
+    leased = storage.lease()
+    assert leased is not None
+    c = storage.counts()
+    assert (c.ready_tasks, c.leased_chunks, c.leased_tasks) == (20, 1, 10)
+    assert storage.ack_many([leased.chunk_id]) == [leased.meta]
+    c = storage.counts()
+    assert (c.ready_tasks, c.leased_chunks, c.leased_tasks) == (20, 0, 0)
+
+
+def test_a_released_chunk_returns_to_the_head_with_its_attempts_counted(storage: Storage) -> None:
+    storage.put_many([(_meta(1), b"first"), (_meta(2), b"second")])
+    first = storage.lease()
+    assert first is not None and first.attempt == 1
+    assert storage.release(first.chunk_id)
+    again = storage.lease()
+    assert again is not None and _payload(again) == b"first" and again.attempt == 2
+    storage.release(again.chunk_id, count_attempt=False)
+    assert storage.lease().attempt == 2  # type: ignore[union-attr]
+
+
+def test_acknowledging_twice_reports_a_duplicate(storage: Storage) -> None:
+    (chunk_id,) = storage.put_many([(_meta(1), b"x")])
+    storage.lease()
+    assert storage.ack_many([chunk_id]) == [_meta(1)]
+    assert storage.ack_many([chunk_id]) == [None]
+
+
+def test_a_late_ack_of_a_returned_chunk_removes_it_from_the_queue(storage: Storage) -> None:
+    (chunk_id,) = storage.put_many([(_meta(1), b"x")])
+    storage.lease()
+    storage.release(chunk_id)
+    assert storage.ack_many([chunk_id]) == [_meta(1)]
+    assert storage.lease() is None
+
+
+def test_dead_letters_can_be_listed_requeued_and_purged(storage: Storage) -> None:
+    a, b = storage.put_many([(_meta(1), b"a"), (_meta(2), b"b")])
+    storage.lease()
+    storage.lease()
+    assert storage.dead_letter(a, "boom")
+    assert storage.dead_letter(b, "bang")
+    assert {d.chunk_id: d.reason for d in storage.dead_letters()} == {a: "boom", b: "bang"}
+    assert storage.counts().dead_chunks == 2
+    assert storage.requeue_dead([a]) == 1
+    leased = storage.lease()
+    assert leased is not None and leased.chunk_id == a and leased.attempt == 1
+    assert storage.purge_dead() == 1
+    assert storage.counts().dead_chunks == 0

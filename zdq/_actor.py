@@ -1,0 +1,40 @@
+"""Helpers for code that runs inside a Dask actor on a worker."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+__all__ = ["worker_address", "liveness_probe"]
+
+
+def _worker() -> Any:
+    from distributed import get_worker
+
+    try:
+        return get_worker()
+    except ValueError:
+        return None
+
+
+def worker_address() -> str | None:
+    worker = _worker()
+    return None if worker is None else str(worker.address)
+
+
+def liveness_probe(instance: object) -> Callable[[], bool]:
+    """A check that says whether ``instance`` is still a live actor on its worker.
+
+    Dask drops an actor from ``worker.state.actors`` when its last future is released (the pool
+    object was closed or garbage-collected) but calls no hook: the actor's own threads poll this
+    to stop by themselves instead of running forever.
+    """
+    worker = _worker()
+    state = getattr(worker, "state", None)
+    actors = getattr(state, "actors", None)
+    if actors is None:
+        return lambda: True
+    keys = [k for k, v in actors.items() if v is instance]
+    if not keys:
+        return lambda: True
+    key = keys[0]
+    return lambda: actors.get(key) is instance
