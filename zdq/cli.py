@@ -1,0 +1,65 @@
+"""The ``zdq`` command. The only place where zdq configures logging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from zdq.bench import BenchConfig, format_table, run
+
+    config = BenchConfig(
+        tasks=args.tasks,
+        dask_tasks=args.dask_tasks,
+        queues=args.queues,
+        consumers=args.consumers,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        repeat=args.repeat,
+    )
+    report = run(config)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zdq", description="zdq: a ZeroMQ task queue on Dask")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="no-op throughput of zdq and of Dask futures, same cluster, same run")
+    bench.add_argument("--tasks", type=int, default=200_000, help="zdq tasks per run (default 200000)")
+    bench.add_argument("--dask-tasks", type=int, default=None, help="Dask futures per run (default min(tasks, 5000))")
+    bench.add_argument("--queues", type=int, default=2, help="queues (brokers), default 2")
+    bench.add_argument("--consumers", type=int, default=2, help="consumers, default 2")
+    bench.add_argument("--batch-size", type=int, default=1000, help="tasks per chunk, default 1000")
+    bench.add_argument("--workers", type=int, default=2, help="workers of the embedded cluster, default 2")
+    bench.add_argument("--scheduler", metavar="ADDRESS", default=None, help="use this cluster instead of an embedded one")
+    bench.add_argument("--repeat", type=int, default=3, help="runs per case; medians are reported (default 3)")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose == 0:
+        logging.getLogger("distributed").setLevel(logging.ERROR)
+    try:
+        return int(args.func(args))
+    except ValueError as e:
+        parser.error(str(e))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
