@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from zdq.storage import ChunkMeta, MemoryStorage, Storage
+from zdq.storage import ChunkMeta, LMDBStorage, MemoryStorage, Storage
 
 OWNER = b"d" * 16
 
@@ -16,9 +16,9 @@ def _meta(seq: int, n: int = 10) -> ChunkMeta:
     return ChunkMeta(OWNER, seq, n)
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(params=["memory", "lmdb"])
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
-    s: Storage = MemoryStorage()
+    s: Storage = MemoryStorage() if request.param == "memory" else LMDBStorage(str(tmp_path / "q"), map_size=1 << 20)
     s.open()
     yield s
     s.close()

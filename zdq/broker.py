@@ -231,6 +231,7 @@ class BrokerCore:
         if dones:
             self._ack(dones)
         self._dispatch()
+        self._storage.flush_marks()
 
     def _bad(self, ident: bytes, error: Exception) -> None:
         self._counters["bad_messages"] += 1
@@ -374,6 +375,7 @@ class BrokerCore:
         for ident in list(self._consumers) + list(self._drivers):
             self._send(ident, p.Heartbeat())
         self._dispatch()
+        self._storage.flush_marks()
 
     def _farewell(self) -> None:
         for ident in list(self._consumers) + list(self._drivers):

@@ -29,6 +29,45 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import os
+
+    from zdq.errors import StorageCorrupt
+    from zdq.storage.lmdb import inspect_queue, is_queue_dir
+
+    root = args.dirpath
+    if not os.path.isdir(root):
+        print(f"zdq inspect: {root} is not a directory", file=sys.stderr)
+        return 2
+    paths = [root] if is_queue_dir(root) else sorted(
+        os.path.join(root, n) for n in os.listdir(root) if is_queue_dir(os.path.join(root, n))
+    )
+    if not paths:
+        print(f"zdq inspect: no zdq queue in {root}", file=sys.stderr)
+        return 1
+    reports, status = [], 0
+    for path in paths:
+        try:
+            reports.append(inspect_queue(path))
+        except StorageCorrupt as e:
+            reports.append({"path": path, "error": str(e)})
+            status = 1
+    if args.json:
+        print(json.dumps(reports, indent=2))
+        return status
+    print(f"{'queue':<40} {'ready':>10} {'leased':>10} {'dead':>8} {'size':>12}")
+    for r in reports:
+        name = os.path.basename(str(r["path"]))
+        if "error" in r:
+            print(f"{name:<40} error: {r['error']}")
+        else:
+            print(
+                f"{name:<40} {r['ready_tasks']:>10} {r['leased_tasks']:>10} {r['dead_tasks']:>8} "
+                f"{int(r['size_bytes']) / 2**20:>10.1f}MiB"
+            )
+    return status
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zdq", description="zdq: a ZeroMQ task queue on Dask")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -44,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=3, help="runs per case; medians are reported (default 3)")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.set_defaults(func=_bench)
+    inspect = sub.add_parser("inspect", help="ready, leased and dead tasks of durable queues, read-only, no cluster")
+    inspect.add_argument("dirpath", help="a QueuePool's dirpath, or one queue directory in it")
+    inspect.add_argument("--json", action="store_true", help="print the counts as JSON")
+    inspect.set_defaults(func=_inspect)
     return parser
 
 

@@ -356,11 +356,10 @@ class Driver:
             with self._cond:
                 if not self._queued:
                     return
-                for k in range(n):
-                    b = (self._rr + k) % n
-                    if self._unconfirmed[b] < window:
-                        break
-                else:
+                # Strict round robin keeps queues even (the daskqueue behaviour: 100 chunks over
+                # 2 queues is 50 and 50); a full window on the next broker waits for its confirms.
+                b = self._rr
+                if self._unconfirmed[b] >= window:
                     return
                 rec = self._queued.popleft()
                 self._rr = (b + 1) % n

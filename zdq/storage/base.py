@@ -227,6 +227,9 @@ class Storage(ABC):
             len(self._ready), self._ready_tasks, len(self._leased), self._leased_tasks, len(self._dead), dead_tasks
         )
 
+    def flush_marks(self) -> None:
+        """Write bookkeeping that may lag (lease marks); the broker calls it after every round."""
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -1,0 +1,56 @@
+"""Durable pools on LMDB, with real worker processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from distributed import Client
+
+from zdq import ConsumerPool, Durability, QueuePool
+from zdq.errors import QueueLocked
+
+from .tasks import add, process_item
+
+
+def test_the_daskqueue_durable_restart_flow_loses_nothing(client: Client, tmp_path: Path) -> None:
+    dirpath = str(tmp_path / "queue_dir")
+    queue_pool = QueuePool(client, 2, durability="durable", dirpath=dirpath)
+    queue_pool.batch_submit([(process_item,) for _ in range(100_000)], batch_size=10_000)
+    assert queue_pool.get_queue_size() == {"default-queue-0": 50_000, "default-queue-1": 50_000}
+    assert sorted(p.name for p in Path(dirpath).iterdir()) == ["default-queue-0", "default-queue-1"]
+
+    client.restart()  # a sudden cluster shutdown: the brokers die with their workers
+
+    queue_pool.close()
+    queue_pool = QueuePool(client, 2, durability="durable", dirpath=dirpath)
+    assert queue_pool.get_queue_size() == {"default-queue-0": 50_000, "default-queue-1": 50_000}
+    assert "DurableQueue-default-queue-0: 50000 pending items" in repr(queue_pool)
+    consumer_pool = ConsumerPool(client, queue_pool, n_consumers=4, batch_size=1000)
+    consumer_pool.start()
+    consumer_pool.join(progress=True, timeout=120)
+    results = consumer_pool.results()
+    assert sum(len(r) for r in results.values()) == 100_000
+    assert all(v == 328350 for r in results.values() for v in r.values())
+    assert queue_pool.get_queue_size() == {"default-queue-0": 0, "default-queue-1": 0}
+    consumer_pool.close()
+    queue_pool.close()
+
+
+def test_a_second_pool_on_a_live_queue_directory_is_refused(client: Client, tmp_path: Path) -> None:
+    with QueuePool(client, 1, durability=Durability.DURABLE, dirpath=tmp_path, name="jobs") as first:
+        first.batch_submit([(add, i) for i in range(10)])
+        first.flush()
+        with pytest.raises(QueueLocked):
+            QueuePool(client, 1, durability=Durability.DURABLE, dirpath=tmp_path, name="jobs")
+        assert first.get_queue_size() == {"jobs-queue-0": 10}
+
+
+def test_durable_results_come_back_like_transient_ones(client: Client, tmp_path: Path) -> None:
+    with QueuePool(client, 2, durability="durable", dirpath=tmp_path) as queue_pool:
+        with ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
+            consumers.start()
+            assert queue_pool.batch_submit([(add, i, 1) for i in range(5000)]).result(timeout=60) == [
+                i + 1 for i in range(5000)
+            ]
+            assert queue_pool.submit(add, 2, b=3).result(timeout=30) == 5
