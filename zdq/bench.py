@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,7 @@ class BenchConfig:
     workers: int = 2
     scheduler: str | None = None
     repeat: int = 3
+    durable: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tasks", "queues", "consumers", "batch_size", "workers", "repeat"):
@@ -110,15 +112,25 @@ def _zdq_case(client: Client, config: BenchConfig, name: str, **pool_options: An
 
 def run(config: BenchConfig) -> dict[str, Any]:
     """Run the no-op cases; return a JSON-ready report with the ratios taken in this run."""
+    ratios: dict[str, float] = {}
     with _client(config) as client:
         workers = len(client.scheduler_info(n_workers=-1)["workers"])
         dask = _dask_case(client, config.n_dask, config.repeat)
         zdq = _zdq_case(client, config, "zdq end to end (batch_submit -> results)")
+        cases = [dask, zdq]
+        ratios["zdq / dask futures"] = zdq.rate / dask.rate
+        if config.durable:
+            with tempfile.TemporaryDirectory(prefix="zdq-bench-") as dirpath:
+                durable = _zdq_case(
+                    client, config, "zdq durable (LMDB, synced)", durability="durable", dirpath=dirpath
+                )
+            cases.append(durable)
+            ratios["durable / transient"] = durable.rate / zdq.rate
     return {
         "config": asdict(config),
         "workers": workers,
-        "cases": [dask.as_dict(), zdq.as_dict()],
-        "ratio_zdq_over_dask": zdq.rate / dask.rate,
+        "cases": [c.as_dict() for c in cases],
+        "ratios": ratios,
     }
 
 
@@ -128,5 +140,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{case['name']:<45} {case['tasks']:>9} {case['median_seconds']:>9.3f} {case['tasks_per_second']:>12,.0f}"
         )
-    lines.append(f"zdq / dask futures: {report['ratio_zdq_over_dask']:,.1f}x  (medians of {report['config']['repeat']} runs)")
+    for name, ratio in report["ratios"].items():
+        lines.append(f"{name}: {ratio:,.2f}x")
+    lines.append(f"(medians of {report['config']['repeat']} runs, ratios between medians of this run)")
     return "\n".join(lines)

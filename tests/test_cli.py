@@ -1,0 +1,35 @@
+"""The zdq command, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _zdq(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "zdq.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_path: Path) -> None:
+    proc = _zdq("bench", "--tasks", "5000", "--dask-tasks", "100", "--repeat", "1", "--durable", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    names = [c["name"] for c in report["cases"]]
+    assert names[0].startswith("dask futures") and names[1].startswith("zdq") and "durable" in names[2]
+    assert all(c["tasks_per_second"] > 0 for c in report["cases"])
+    assert report["ratios"]["zdq / dask futures"] > 0 and report["ratios"]["durable / transient"] > 0
+    assert report["workers"] == 2
+
+
+def test_bench_rejects_nonsense_options() -> None:
+    proc = _zdq("bench", "--tasks", "0")
+    assert proc.returncode == 2 and "--tasks must be at least 1" in proc.stderr
+
+
+def test_inspect_reports_a_directory_without_queues_as_an_error(tmp_path: Path) -> None:
+    proc = _zdq("inspect", str(tmp_path))
+    assert proc.returncode == 1 and "no zdq queue" in proc.stderr
+    proc = _zdq("inspect", str(tmp_path / "missing"))
+    assert proc.returncode == 2
