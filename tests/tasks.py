@@ -29,3 +29,8 @@ def sleep(seconds: float) -> float:
 
 def pid() -> int:
     return os.getpid()
+
+
+def slow_add(a: int, b: int = 0) -> int:
+    time.sleep(0.0005)
+    return a + b
