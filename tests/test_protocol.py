@@ -19,6 +19,9 @@ MESSAGES = [
     p.Return(3),
     p.Ack(3),
     p.Lost(7, 3),
+    p.Dead(3, 1005, b"task", b"ValueError: boom"),
+    p.Split(3, [b"a", b"b", b"c"]),
+    p.Rack((3, 4, 5)),
     p.Heartbeat(),
     p.Bye(),
 ]
@@ -44,6 +47,10 @@ def test_every_message_round_trips(msg: p.Message) -> None:
         [p.VERSION, bytes([p.Command.HELLO]), b"\x09", b""],
         [p.VERSION, bytes([p.Command.CONFIRM]), b"\0" * 16 + b"\x09", b""],
         [p.VERSION, bytes([p.Command.BYE]), b"", b"extra"],
+        [p.VERSION, bytes([p.Command.SPLIT]), b"\0" * 8 + b"\0\0\0\3", b"a", b"b"],
+        [p.VERSION, bytes([p.Command.SPLIT]), b"\0" * 12],
+        [p.VERSION, bytes([p.Command.DEAD]), b"\0" * 16, b"x"],
+        [p.VERSION, bytes([p.Command.RACK]), b"\0\0\0\2", b"\0" * 8],
     ],
 )
 def test_malformed_messages_raise_protocol_error(frames: list[bytes]) -> None:

@@ -88,3 +88,25 @@ def test_dead_letters_can_be_listed_requeued_and_purged(storage: Storage) -> Non
     assert leased is not None and leased.chunk_id == a and leased.attempt == 1
     assert storage.purge_dead() == 1
     assert storage.counts().dead_chunks == 0
+
+
+def test_a_split_chunk_is_replaced_by_its_parts_at_the_head(storage: Storage) -> None:
+    first, second = storage.put_many([(_meta(1, 3), b"abc"), (_meta(2), b"next")])
+    leased = storage.lease()
+    assert leased is not None and leased.chunk_id == first
+    parts = storage.split(first, [(ChunkMeta(OWNER, 1, 1), p) for p in (b"a", b"b", b"c")])
+    assert len(parts) == 3
+    got = [storage.lease() for _ in range(4)]
+    assert [_payload(g) for g in got] == [b"a", b"b", b"c", b"next"]
+    assert all(g.attempt == 1 for g in got if g)
+    assert storage.counts().leased_tasks == 13
+    assert storage.ack_many([first]) == [None]
+
+
+def test_a_task_can_be_stored_straight_into_the_dead_letters(storage: Storage) -> None:
+    (dead,) = storage.put_dead([(ChunkMeta(OWNER, 0, 1), b"poison", "ValueError: boom")])
+    assert storage.lease() is None
+    assert [(d.chunk_id, d.reason) for d in storage.dead_letters()] == [(dead, "ValueError: boom")]
+    assert storage.requeue_dead() == 1
+    leased = storage.lease()
+    assert leased is not None and _payload(leased) == b"poison"

@@ -25,8 +25,9 @@ from zdq.errors import (
     ZdqError,
     ZdqTimeoutError,
 )
+from zdq.serialization import TaskOptions
 from zdq.futures import BatchFuture, TaskFuture, as_completed, wait
-from zdq.queue_pool import Durability, QueuePool
+from zdq.queue_pool import DeadLetterInfo, Durability, QueuePool
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,8 @@ __all__ = [
     "QueuePool",
     "ConsumerPool",
     "Durability",
+    "DeadLetterInfo",
+    "TaskOptions",
     "ConsumerBaseClass",
     "GeneralConsumer",
     # futures

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-__all__ = ["worker_address", "liveness_probe"]
+__all__ = ["worker_address", "liveness_probe", "candidate_workers"]
 
 
 def _worker() -> Any:
@@ -38,3 +38,17 @@ def liveness_probe(instance: object) -> Callable[[], bool]:
         return lambda: True
     key = keys[0]
     return lambda: actors.get(key) is instance
+
+
+def candidate_workers(client: Any, allowed: list[str] | None) -> list[str]:
+    """Addresses of the live workers an actor may be placed on, in a stable order.
+
+    ``allowed`` holds worker addresses or names; names survive a worker's restart by its nanny,
+    so a pool restricted by name keeps placing replacements where it should.
+    """
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    addresses = sorted(workers)
+    if allowed is None:
+        return addresses
+    wanted = {str(a) for a in allowed}
+    return [a for a in addresses if a in wanted or str(workers[a].get("name")) in wanted]

@@ -80,6 +80,9 @@ class BrokerCore:
         self._lease_owner: dict[int, bytes] = {}
         # Chunks acknowledged early (at most once): removed from storage, results still to come.
         self._early: dict[int, ChunkMeta] = {}
+        # Chunks whose results were sent to a driver that has not yet said it holds them: they stay
+        # stored (so a broker that dies now re-runs them) and are not redelivered meanwhile.
+        self._awaiting: dict[int, tuple[bytes, float]] = {}
         self._with_credit: deque[bytes] = deque()
         self._error: BaseException | None = None
         self._counters = dict.fromkeys(
@@ -93,6 +96,8 @@ class BrokerCore:
                 "bad_messages",
                 "orphan_results",
                 "dropped_results",
+                "chunks_split",
+                "tasks_dead_lettered",
             ),
             0,
         )
@@ -184,6 +189,7 @@ class BrokerCore:
     def _round(self) -> None:
         puts: list[tuple[bytes, p.Put]] = []
         dones: list[tuple[bytes, p.Done]] = []
+        racks: list[int] = []
         now = time.monotonic()
         for _ in range(_ROUND):
             try:
@@ -221,6 +227,13 @@ class BrokerCore:
                     self._storage.release(msg.chunk_id, count_attempt=False)
             elif isinstance(msg, p.Ack):
                 self._early_ack(ident, msg.chunk_id)
+            elif isinstance(msg, p.Dead):
+                self._dead(ident, msg)
+            elif isinstance(msg, p.Split):
+                self._split(ident, msg)
+            elif isinstance(msg, p.Rack):
+                racks.extend(i for i in msg.chunk_ids if self._awaiting.get(i, (b"",))[0] == ident)
+                self._drivers[ident] = now
             elif isinstance(msg, p.Bye):
                 self._drivers.pop(ident, None)
                 self._drop_consumer(ident)
@@ -229,7 +242,9 @@ class BrokerCore:
         if puts:
             self._store(puts)
         if dones:
-            self._ack(dones)
+            self._ack(dones, now)
+        if racks:
+            self._forget(racks)
         self._dispatch()
         self._storage.flush_marks()
 
@@ -281,6 +296,39 @@ class BrokerCore:
             for ident, put in puts:
                 self._send(ident, p.Confirm(put.seq, 0, status, detail))
 
+    def _leased_meta(self, ident: bytes, chunk_id: int, what: str) -> ChunkMeta | None:
+        meta = self._early.get(chunk_id) or self._storage.meta(chunk_id)
+        if self._lease_owner.get(chunk_id) != ident or meta is None:
+            self._bad(ident, ProtocolError(f"{what} of chunk {chunk_id} that is not leased to this peer"))
+            return None
+        return meta
+
+    def _dead(self, ident: bytes, msg: p.Dead) -> None:
+        meta = self._leased_meta(ident, msg.chunk_id, "DEAD")
+        if meta is None:
+            return
+        # seq 0: if the dead letter is requeued, its result goes to the pool's driver as a new one.
+        reason = msg.reason.decode(errors="replace")
+        try:
+            self._storage.put_dead([(ChunkMeta(meta.owner, 0, 1), msg.chunk, reason)])
+            self._counters["tasks_dead_lettered"] += 1
+        except StorageError as e:
+            logger.error("broker %s could not store a dead letter: %s", self.name, e)
+
+    def _split(self, ident: bytes, msg: p.Split) -> None:
+        meta = self._leased_meta(ident, msg.chunk_id, "SPLIT")
+        if meta is None or msg.chunk_id in self._early or len(msg.parts) != meta.n_tasks:
+            if meta is not None:
+                self._bad(ident, ProtocolError(f"SPLIT of chunk {msg.chunk_id} into {len(msg.parts)} parts"))
+            return
+        try:
+            self._storage.split(msg.chunk_id, [(ChunkMeta(meta.owner, meta.seq, 1), part) for part in msg.parts])
+        except StorageError as e:
+            logger.error("broker %s could not split chunk %d: %s", self.name, msg.chunk_id, e)
+            return
+        self._unlease(msg.chunk_id)
+        self._counters["chunks_split"] += 1
+
     def _early_ack(self, ident: bytes, chunk_id: int) -> None:
         if self._lease_owner.get(chunk_id) != ident:
             self._bad(ident, ProtocolError(f"ACK of chunk {chunk_id} that is not leased to this peer"))
@@ -289,34 +337,50 @@ class BrokerCore:
         if meta is not None:
             self._early[chunk_id] = meta
 
-    def _ack(self, dones: list[tuple[bytes, p.Done]]) -> None:
-        early = [self._early.pop(done.chunk_id, None) for _, done in dones]
-        stored = self._storage.ack_many(done.chunk_id for (_, done), e in zip(dones, early) if e is None)
-        it = iter(stored)
-        metas = [e if e is not None else next(it) for e in early]
-        for (ident, done), meta in zip(dones, metas):
-            self._unlease(done.chunk_id)
-            if meta is None:
+    def _ack(self, dones: list[tuple[bytes, p.Done]], now: float) -> None:
+        forget: list[int] = []
+        for ident, done in dones:
+            chunk_id = done.chunk_id
+            early = self._early.pop(chunk_id, None)
+            self._unlease(chunk_id)
+            meta = early or self._storage.meta(chunk_id)
+            if meta is None or chunk_id in self._awaiting or self._storage.is_dead(chunk_id):
                 self._counters["duplicate_dones"] += 1
                 continue
+            if not self._storage.is_leased(chunk_id) and early is None:
+                self._storage.take_back(chunk_id)  # a late DONE of a chunk whose lease expired
             self._counters["chunks_acked"] += 1
             self._counters["tasks_acked"] += meta.n_tasks
-            self._route(meta, done.chunk_id, ident, done.results, done.n_tasks)
+            driver = self._route(meta, chunk_id, ident, done.results, done.n_tasks)
+            if driver is None or early is not None:
+                forget.append(chunk_id)
+            else:
+                self._awaiting[chunk_id] = (driver, now)
+        if forget:
+            self._forget(forget)
 
-    def _route(self, meta: ChunkMeta, chunk_id: int, consumer: bytes, results: object, n_tasks: int) -> None:
+    def _forget(self, chunk_ids: list[int]) -> None:
+        """The results of these chunks are safe with a driver: remove the chunks for good."""
+        for chunk_id in chunk_ids:
+            self._awaiting.pop(chunk_id, None)
+        self._storage.ack_many(chunk_ids)
+
+    def _route(self, meta: ChunkMeta, chunk_id: int, consumer: bytes, results: object, n_tasks: int) -> bytes | None:
+        """Send a chunk's results to its driver (or, if it is gone, the pool's newest one)."""
         consumer_id = consumer[: p.ID_SIZE].ljust(p.ID_SIZE, b"\0")
-        if self._send(meta.owner, p.Results(meta.seq, chunk_id, consumer_id, results)):
+        if meta.owner in self._drivers and self._send(meta.owner, p.Results(meta.seq, chunk_id, consumer_id, results)):
             self._routed[meta.owner] = self._routed.get(meta.owner, 0) + n_tasks
-            return
+            return meta.owner
         # The submitter is gone (a restarted driver, a recovered durable queue): hand the results
         # to the pool's most recently seen driver, marked foreign by seq 0.
         for driver in sorted(self._drivers, key=self._drivers.__getitem__, reverse=True):
             if driver != meta.owner and self._send(driver, p.Results(0, chunk_id, consumer_id, results)):
                 self._counters["orphan_results"] += 1
                 self._routed[driver] = self._routed.get(driver, 0) + n_tasks
-                return
+                return driver
             self._drivers.pop(driver, None)
         self._counters["dropped_results"] += 1
+        return None
 
     def _unlease(self, chunk_id: int) -> None:
         owner = self._lease_owner.pop(chunk_id, None)
@@ -372,6 +436,11 @@ class BrokerCore:
             self._drop_consumer(ident)
         for ident in [i for i, seen in self._drivers.items() if seen < deadline]:
             del self._drivers[ident]
+        # Results sent to a driver that has since vanished cannot be confirmed: forget those chunks
+        # (their results are lost with that driver; the tasks did run).
+        stale = [c for c, (d, sent) in self._awaiting.items() if d not in self._drivers and sent < deadline]
+        if stale:
+            self._forget(stale)
         for ident in list(self._consumers) + list(self._drivers):
             self._send(ident, p.Heartbeat())
         self._dispatch()

@@ -44,12 +44,13 @@ class PoolSettings:
     heartbeat_interval: float
     heartbeat_timeout: float
     max_message_size: int
+    crash_attempts: int
     default_host: str
     durable_sync: bool
     map_size: int
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "chunk_bytes", "window", "prefetch", "max_message_size", "map_size"):
+        for name in ("chunk_size", "chunk_bytes", "window", "prefetch", "max_message_size", "map_size", "crash_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"zdq setting {name} must be at least 1, got {getattr(self, name)!r}")
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
@@ -82,6 +83,7 @@ def settings(**overrides: Any) -> PoolSettings:
         heartbeat_interval=_seconds(get("zdq.heartbeat-interval")),
         heartbeat_timeout=_seconds(get("zdq.heartbeat-timeout")),
         max_message_size=_bytes(get("zdq.max-message-size")),
+        crash_attempts=int(get("zdq.crash-attempts")),
         default_host=str(get("zdq.default-host")),
         durable_sync=bool(get("zdq.durable.sync")),
         map_size=_bytes(get("zdq.durable.map-size")),

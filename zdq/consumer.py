@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import random
 import threading
 import time
 import traceback
@@ -24,7 +25,8 @@ import zmq
 
 from zdq._actor import liveness_probe, worker_address
 from zdq.config import PoolSettings
-from zdq.serialization import ErrorInfo, dumps_results, loads_chunk
+from zdq.errors import DeadLettered, TaskTimeout
+from zdq.serialization import ErrorInfo, TaskOptions, dumps_chunk, dumps_results, loads_chunk
 from zdq.stats import ConsumerStats
 from zdq.transport import protocol as p
 from zdq.transport.sockets import Waker, close_socket, connect_dealer
@@ -79,10 +81,12 @@ def _error_info(exc: BaseException) -> ErrorInfo:
 class _ChunkRun:
     """One delivered chunk being executed; thread-safe completion for the fan-out path."""
 
-    __slots__ = ("broker", "chunk_id", "base", "values", "errors", "remaining", "lock")
+    __slots__ = ("broker", "chunk_id", "base", "values", "errors", "remaining", "lock", "dead", "crashes")
 
-    def __init__(self, broker: int, chunk_id: int, base: int, n: int) -> None:
+    def __init__(self, broker: int, chunk_id: int, base: int, n: int, crashes: int = 0) -> None:
         self.broker = broker
+        self.crashes = crashes  # deliveries of this chunk that ended with their consumer's death
+        self.dead: list[p.Dead] = []
         self.chunk_id = chunk_id
         self.base = base
         self.values: list[Any] = [None] * n
@@ -108,6 +112,8 @@ class Consumer:
         Threads that run tasks; 1 runs each chunk in one tight loop (fastest for CPU-bound tasks).
     early_ack : bool
         Acknowledge a chunk when it is received (at most once) instead of after its results.
+    retries : int
+        Retries of tasks that carry no options of their own.
     """
 
     def __init__(
@@ -118,8 +124,10 @@ class Consumer:
         settings: PoolSettings,
         max_concurrency: int = 1,
         early_ack: bool = False,
+        retries: int = 0,
     ) -> None:
         self.name = name
+        self._defaults = TaskOptions(retries=retries)
         self._identity = identity
         self._class = consumer_class
         self._settings = settings
@@ -135,6 +143,7 @@ class Consumer:
         self._chunks: queue.SimpleQueue[tuple[int, p.Deliver] | None] = queue.SimpleQueue()
         self._outbox: deque[tuple[int, p.Message]] = deque()
         self._waker: Waker | None = None
+        self._control: deque[tuple[int, str]] = deque()
         self._endpoints: list[str] = []
         self._worker = ""
         self._counts = {"chunks_received": 0, "tasks_done": 0, "tasks_failed": 0, "bad_chunks": 0}
@@ -163,6 +172,12 @@ class Consumer:
         self._io = threading.Thread(target=self._io_loop, args=(ready,), name=f"zdq-consumer-{self.name}", daemon=True)
         self._io.start()
         ready.wait(10)
+
+    def set_endpoint(self, broker: int, endpoint: str) -> None:
+        """Broker ``broker`` was replaced: reconnect to its new endpoint."""
+        self._endpoints[broker] = endpoint
+        self._control.append((broker, endpoint))
+        self._poke()
 
     def cancel(self) -> None:
         """Stop asking for work; chunks already received still run and report. ``start()`` resumes."""
@@ -246,6 +261,21 @@ class Consumer:
         next_beat = time.monotonic() + beat
         prefetch = self._settings.prefetch
         while not self._stop.is_set():
+            while self._control:
+                i, endpoint = self._control.popleft()
+                poller.unregister(socks[i])
+                del index[socks[i]]
+                close_socket(socks[i])
+                assert self._ctx is not None
+                socks[i] = connect_dealer(self._ctx, endpoint, self._identity)
+                socks[i].send_multipart(p.encode(p.Hello(p.Role.CONSUMER, self.name.encode()[:256])))
+                poller.register(socks[i], zmq.POLLIN)
+                index[socks[i]] = i
+                credit[i] = 0
+                # Chunks held from the lost broker still run; their DONE goes to the replacement,
+                # which acknowledges those it recovered from disk and counts the others as duplicates.
+                self._in_flight -= len(held[i])
+                held[i].clear()
             # Credit: one outstanding FETCH per broker while fewer than `prefetch` chunks are held.
             if self._fetching.is_set():
                 for i, sock in enumerate(socks):
@@ -281,7 +311,7 @@ class Consumer:
                         credit[i] = 0  # the broker is going away; ask again if it comes back
             while self._outbox:
                 i, out = self._outbox.popleft()
-                if isinstance(out, (p.Done, p.Return)):
+                if isinstance(out, (p.Done, p.Return, p.Split)):
                     if out.chunk_id in held[i]:
                         held[i].discard(out.chunk_id)
                         self._in_flight -= 1
@@ -323,9 +353,16 @@ class Consumer:
                 self._counts["bad_chunks"] += 1
                 logger.error("consumer %s cannot decode chunk %d: %s", self.name, deliver.chunk_id, e)
                 info = ErrorInfo(None, "zdq.errors.ProtocolError", f"chunk {deliver.chunk_id} does not decode: {e}", "")
-                self._finish(_ChunkRun(broker, deliver.chunk_id, 0, deliver.n_tasks), {i: info for i in range(deliver.n_tasks)})
+                bad = _ChunkRun(broker, deliver.chunk_id, 0, deliver.n_tasks)
+                self._finish(bad, dict.fromkeys(range(deliver.n_tasks), info))
                 continue
-            run = _ChunkRun(broker, deliver.chunk_id, base, len(tasks))
+            if deliver.attempt > 1 and len(tasks) > 1:
+                # A consumer died holding this chunk. Split it so that a task that kills its
+                # consumer is tried alone, and the others are not dragged down with it.
+                parts = [dumps_chunk(base + i, [task]) for i, task in enumerate(tasks)]
+                self._post(broker, p.Split(deliver.chunk_id, parts))
+                continue
+            run = _ChunkRun(broker, deliver.chunk_id, base, len(tasks), deliver.attempt - 1)
             if self._pool is None:
                 self._run_inline(run, tasks)
             else:
@@ -339,36 +376,118 @@ class Consumer:
             return self._handler.process_item(task[1])
         if len(task) == 2:
             return fn(*task[1])
-        return fn(*task[1], **task[2])
+        return fn(*task[1], **(task[2] or {}))
 
     def _run_inline(self, run: _ChunkRun, tasks: list[tuple[Any, ...]]) -> None:
         values = run.values
-        errors = run.errors
         call = self._call
         for i, task in enumerate(tasks):
+            if len(task) > 3 or run.crashes:
+                self._run_careful(run, i, task)
+                continue
             try:
                 values[i] = call(task)
             except BaseException as e:  # a task's failure is its result, whatever it raised
-                errors[i] = _error_info(e)
-        self._finish(run, errors)
+                self._run_careful(run, i, task, failed=e)
+        self._finish(run)
 
     def _run_one(self, run: _ChunkRun, i: int, task: tuple[Any, ...]) -> None:
-        try:
-            run.values[i] = self._call(task)
-        except BaseException as e:
-            with run.lock:
-                run.errors[i] = _error_info(e)
+        self._run_careful(run, i, task)
         with run.lock:
             run.remaining -= 1
             last = run.remaining == 0
         if last:
-            self._finish(run, run.errors)
+            self._finish(run)
 
-    def _finish(self, run: _ChunkRun, errors: dict[int, ErrorInfo]) -> None:
+    def _options(self, task: tuple[Any, ...]) -> TaskOptions:
+        options = task[3] if len(task) > 3 else None
+        return options if isinstance(options, TaskOptions) else self._defaults
+
+    def _run_careful(
+        self, run: _ChunkRun, i: int, task: tuple[Any, ...], failed: BaseException | None = None
+    ) -> None:
+        """Run a task with its options: time limit, retries, and the count of earlier crashes.
+
+        ``failed`` is the error of a first attempt already made on the fast path.
+        """
+        options = self._options(task)
+        allowed = options.retries + 1
+        if run.crashes:
+            allowed = max(allowed, self._settings.crash_attempts)
+            if run.crashes >= allowed:
+                tid = run.base + i
+                exc = DeadLettered(f"task {tid} killed its consumer {run.crashes} times; it was dead-lettered")
+                self._dead_letter(run, i, task, _error_info(exc))
+                return
+        attempt = run.crashes
+        error = failed
+        while True:
+            if error is None:
+                attempt += 1
+                try:
+                    run.values[i] = self._call_limited(task, options.time_limit, run.base + i)
+                    return
+                except BaseException as e:
+                    error = e
+            else:  # the first attempt ran on the fast path
+                attempt += 1
+            if attempt < allowed and isinstance(error, options.retry_on) and not self._stop.is_set():
+                delay = min(options.retry_backoff * 2 ** (attempt - 1), options.retry_backoff_max)
+                time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: retries do not stampede
+                error = None
+                continue
+            info = _error_info(error)
+            if options.retries > 0 or run.crashes:
+                self._dead_letter(run, i, task, info, attempt)
+            else:
+                with run.lock:
+                    run.errors[i] = info
+            return
+
+    def _dead_letter(self, run: _ChunkRun, i: int, task: tuple[Any, ...], info: ErrorInfo, attempts: int = 0) -> None:
+        tid = run.base + i
+        if attempts and info.exception is not None and hasattr(info.exception, "add_note"):
+            info.exception.add_note(f"zdq: task {tid} failed {attempts} attempts and was dead-lettered")
+        reason = f"task {tid} ({attempts or run.crashes} attempts): {info.type_name}: {info.message}\n{info.traceback}"
+        try:
+            payload = dumps_chunk(tid, [task])
+        except Exception as e:  # it was unpickled from a chunk, so this is unexpected: keep the error
+            logger.error("consumer %s cannot dead-letter task %d: %s", self.name, tid, e)
+        else:
+            with run.lock:
+                run.dead.append(p.Dead(run.chunk_id, tid, payload, reason.encode()))
+        with run.lock:
+            run.errors[i] = info
+
+    def _call_limited(self, task: tuple[Any, ...], limit: float | None, tid: int) -> Any:
+        if limit is None:
+            return self._call(task)
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = self._call(task)
+            except BaseException as e:
+                box["error"] = e
+
+        # Python cannot kill a thread: a task past its limit is abandoned to finish on its own
+        # (a daemon thread), and the consumer moves on.
+        thread = threading.Thread(target=target, name=f"zdq-timed-{self.name}-{tid}", daemon=True)
+        thread.start()
+        thread.join(limit)
+        if thread.is_alive():
+            raise TaskTimeout(f"task {tid} ran longer than its time limit of {limit}s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _finish(self, run: _ChunkRun, errors: dict[int, ErrorInfo] | None = None) -> None:
+        errors = run.errors if errors is None else errors
         n = len(run.values)
         with self._count_lock:
             self._counts["tasks_failed"] += len(errors)
             self._counts["tasks_done"] += n - len(errors)
+        for dead in run.dead:  # before DONE, so the broker still knows the chunk they come from
+            self._post(run.broker, dead)
         payload = dumps_results(run.base, run.values, errors)
         self._post(run.broker, p.Done(run.chunk_id, n, payload))
-

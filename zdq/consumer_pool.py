@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 from distributed import Client
 
+from zdq._actor import candidate_workers
 from zdq.consumer import Consumer, ConsumerBaseClass, GeneralConsumer
 from zdq.errors import ClosedError, PlacementError, ZdqTimeoutError
 from zdq.queue_pool import QueuePool
@@ -41,8 +45,15 @@ class ConsumerPool:
     early_ack : bool
         ``False`` (default): a chunk is acknowledged after its results, so a consumer that dies
         mid-chunk loses nothing (at least once). ``True``: acknowledged on receipt (at most once).
+    retries : int, optional
+        Retries for tasks submitted without their own ``retries=``.
     prefetch : int, optional
         Chunks a consumer keeps in hand (default from ``zdq.prefetch``).
+    workers : list of str, optional
+        Addresses or names of the workers to place consumers on (default: all workers).
+
+    A supervisor thread replaces a consumer whose worker dies, so ``n_consumers`` stay alive;
+    the dead one's chunks return to their queues when its heartbeats stop.
 
     Examples
     --------
@@ -65,6 +76,7 @@ class ConsumerPool:
         retries: int | None = None,
         *,
         prefetch: int | None = None,
+        workers: Sequence[str] | None = None,
     ) -> None:
         if not (isinstance(ConsumerClass, type) and issubclass(ConsumerClass, ConsumerBaseClass)):
             raise TypeError(f"ConsumerClass must be a subclass of ConsumerBaseClass, got {ConsumerClass!r}")
@@ -84,38 +96,98 @@ class ConsumerPool:
         self.retries = retries
         self.settings = queue_pool.settings.with_overrides(prefetch=prefetch)
         self.names = [f"{ConsumerClass.__name__}-{i}" for i in range(n_consumers)]
-        self._identities = [new_identity() for _ in range(n_consumers)]
-        self._actor_futures: list[Any] = []
-        self._consumers: list[Any] = []
+        self._allowed_workers = list(workers) if workers is not None else None
+        # Every identity each consumer slot had: a replacement gets a new one, results keep all.
+        self._identities: list[list[bytes]] = [[] for _ in range(n_consumers)]
+        self._actor_futures: list[Any] = [None] * n_consumers
+        self._consumers: list[Any] = [None] * n_consumers
+        self._lock = threading.RLock()
+        self._running = False
         self._closed = False
-        self._place()
-
-    def _place(self) -> None:
-        workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
-        if not workers:
-            raise PlacementError("the Dask cluster has no workers to place consumers on")
+        self._stop_supervisor = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self.replacements = 0
+        queue_pool._listeners.add(self)
         try:
-            for i, (name, ident) in enumerate(zip(self.names, self._identities)):
-                self._actor_futures.append(
-                    self.client.submit(
-                        Consumer,
-                        name,
-                        ident,
-                        self.consumer_class,
-                        self.settings,
-                        self.max_concurrency,
-                        self.early_ack,
-                        actor=True,
-                        workers=[workers[i % len(workers)]],
-                        allow_other_workers=False,
-                        pure=False,
-                        key=f"zdq-consumer-{name}-{uuid.uuid4().hex[:8]}",
-                    )
-                )
-            self._consumers = [f.result() for f in self._actor_futures]
+            for i in range(n_consumers):
+                self._place(i)
         except Exception as e:
             self.close()
             raise PlacementError(f"could not place consumers: {e}") from e
+
+    def _place(self, i: int) -> None:
+        workers = candidate_workers(self.client, self._allowed_workers)
+        if not workers:
+            raise PlacementError("no worker is available to place a consumer on")
+        ident = new_identity()
+        name = self.names[i]
+        fut = self.client.submit(  # released below if the actor cannot be created
+            Consumer,
+            name,
+            ident,
+            self.consumer_class,
+            self.settings,
+            self.max_concurrency,
+            self.early_ack,
+            self.retries or 0,
+            actor=True,
+            workers=[workers[i % len(workers)]],
+            allow_other_workers=False,
+            pure=False,
+            key=f"zdq-consumer-{name}-{uuid.uuid4().hex[:8]}",
+        )
+        try:
+            actor = fut.result(timeout=60)
+        except BaseException:
+            fut.release()
+            raise
+        with self._lock:
+            self._identities[i].append(ident)
+            self._actor_futures[i] = fut
+            self._consumers[i] = actor
+
+    # -- supervision ----------------------------------------------------------------------------
+    def _supervise_once(self) -> None:
+        if self._closed or self.client.status != "running":
+            return
+        if any(fut is not None and fut.status == "cancelled" for fut in self._actor_futures):
+            logger.info("the consumers were cancelled (client.restart?); supervision stops")
+            self._stop_supervisor.set()
+            return
+        for i, fut in enumerate(list(self._actor_futures)):
+            if fut is None or fut.status == "finished" or self._closed:
+                continue
+            logger.warning("consumer %s was lost (%s); placing a replacement", self.names[i], fut.status)
+            try:
+                self._replace(i)
+            except Exception as e:  # keep supervising: the next round tries again
+                logger.warning("replacing consumer %s failed: %s", self.names[i], e)
+
+    def _replace(self, i: int) -> None:
+        old = self._actor_futures[i]
+        self._place(i)
+        if old is not None:
+            old.release()
+        self.replacements += 1
+        if self._running and not self._closed:
+            self._consumers[i].start(self.queue_pool.endpoints).result(timeout=30)
+
+    def _broker_moved(self, broker: int, endpoint: str) -> None:
+        """Called by the QueuePool when it placed a lost broker again."""
+        with self._lock:
+            calls = [c.set_endpoint(broker, endpoint) for c in self._consumers if c is not None]
+        for call in calls:
+            try:
+                call.result(timeout=30)
+            except Exception as e:  # a lost consumer is replaced with the new endpoints anyway
+                logger.debug("pointing a consumer at the new broker failed: %s", e)
+
+    def _ensure_supervisor(self) -> None:
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(
+                target=_supervise, args=(weakref.ref(self), self._stop_supervisor), name="zdq-supervisor-consumers", daemon=True
+            )
+            self._supervisor.start()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -126,16 +198,26 @@ class ConsumerPool:
         """Start every consumer: each connects to every queue and pulls work."""
         self._check_open()
         logger.info("Starting %d consumers", self.n_consumers)
+        self._running = True
         endpoints = self.queue_pool.endpoints
-        for call in [c.start(endpoints) for c in self._consumers]:
+        with self._lock:
+            calls = [c.start(endpoints) for c in self._consumers]
+        for call in calls:
             call.result()
+        self._ensure_supervisor()
 
     def cancel(self) -> None:
         """Stop pulling work; chunks already received finish and report. ``start()`` resumes."""
         if self._closed:
             return
-        for call in [c.cancel() for c in self._consumers]:
-            call.result()
+        self._running = False
+        with self._lock:
+            calls = [c.cancel() for c in self._consumers]
+        for call in calls:
+            try:
+                call.result(timeout=30)
+            except Exception as e:  # a lost consumer has nothing to cancel
+                logger.debug("cancelling a consumer failed: %s", e)
 
     def join(self, timestep: float = 0.2, print_timestep: float = 2.0, progress: bool = False, timeout: float | None = None) -> None:
         """Wait until every queue is drained and every result has reached this process.
@@ -196,15 +278,22 @@ class ConsumerPool:
         if not self.queue_pool.keep_results:
             raise ClosedError("the QueuePool was made with keep_results=False: read results from futures")
         store = self.queue_pool.driver.results
-        return {name: dict(store.get(ident, {})) for name, ident in zip(self.names, self._identities)}
+        out: dict[str, dict[int, Any]] = {}
+        for name, idents in zip(self.names, self._identities):
+            merged: dict[int, Any] = {}
+            for ident in idents:
+                merged.update(store.get(ident, {}))
+            out[name] = merged
+        return out
 
     def nb_consumed(self) -> int:
         """Tasks whose results reached this process from this pool's consumers."""
         done_by = self.queue_pool.driver.done_by
-        return sum(done_by.get(ident, 0) for ident in self._identities)
+        return sum(done_by.get(ident, 0) for idents in self._identities for ident in idents)
 
     def statistics(self, timeout: float = 10.0) -> list[ConsumerStats]:
-        calls = [c.statistics() for c in self._consumers]
+        with self._lock:
+            calls = [c.statistics() for c in self._consumers]
         return [c.result(timeout=timeout) for c in calls]
 
     def __len__(self) -> int:
@@ -219,7 +308,8 @@ class ConsumerPool:
         try:
             done_by = self.queue_pool.driver.done_by
             lines = [
-                f"\n\t{name}: {done_by.get(ident, 0)} processed" for name, ident in zip(self.names, self._identities)
+                f"\n\t{name}: {sum(done_by.get(i, 0) for i in idents)} processed"
+                for name, idents in zip(self.names, self._identities)
             ]
         except ClosedError:
             lines = []
@@ -231,8 +321,12 @@ class ConsumerPool:
         if self._closed:
             return
         self._closed = True
+        self._running = False
+        self._stop_supervisor.set()
+        if self._supervisor is not None:
+            self._supervisor.join(10)
         stops = []
-        for consumer in self._consumers:
+        for consumer in [c for c in self._consumers if c is not None]:
             try:
                 stops.append(consumer.stop())
             except Exception as e:
@@ -243,12 +337,24 @@ class ConsumerPool:
             except Exception as e:
                 logger.debug("stopping a consumer failed: %s", e)
         for fut in self._actor_futures:
-            fut.release()
-        self._actor_futures.clear()
-        self._consumers.clear()
+            if fut is not None:
+                fut.release()
+        self._actor_futures = [None] * self.n_consumers
+        self._consumers = [None] * self.n_consumers
 
     def __enter__(self) -> ConsumerPool:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _supervise(ref: weakref.ref[ConsumerPool], stop: threading.Event) -> None:
+    # A weak reference: a pool that its program dropped (daskqueue programs never close theirs)
+    # is collected, its actors released, and this thread ends.
+    while not stop.wait(0.25):
+        pool = ref()
+        if pool is None:
+            return
+        pool._supervise_once()
+        del pool

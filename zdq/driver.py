@@ -21,6 +21,7 @@ import zmq
 
 from zdq.config import PoolSettings
 from zdq.errors import (
+    BrokerLost,
     ClosedError,
     ProtocolError,
     StorageFull,
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 class _Record:
     """A chunk from submission to its last result."""
 
-    __slots__ = ("seq", "broker", "base", "n", "payload", "sink", "offset", "remaining", "confirmed")
+    __slots__ = ("seq", "broker", "base", "n", "payload", "sink", "offset", "remaining", "confirmed", "got")
 
     def __init__(self, seq: int, base: int, n: int, payload: bytes | None, sink: Any, offset: int) -> None:
         self.seq = seq
@@ -55,6 +56,7 @@ class _Record:
         self.offset = offset
         self.remaining = n
         self.confirmed = False
+        self.got = bytearray(n)  # which tasks have a result: a task run twice is recorded once
 
     def fail(self, exc: BaseException) -> None:
         if isinstance(self.sink, BatchFuture):
@@ -89,7 +91,7 @@ class Driver:
         self._records: dict[int, _Record] = {}
         self._unconfirmed = [0] * len(endpoints)
         self._received_from = [0] * len(endpoints)
-        self._broker_seen = [0.0] * len(endpoints)
+        self._broker_seen = [time.monotonic()] * len(endpoints)
         self._rr = 0
         self._next_task = 1
         self._next_seq = 1
@@ -98,6 +100,7 @@ class Driver:
         self._ctx: zmq.Context | None = None
         self._waker: Waker | None = None
         self._error: BaseException | None = None
+        self._control: deque[tuple[int, str]] = deque()  # broker reconnections, run by the I/O thread
         self.results: defaultdict[bytes, dict[int, Any]] = defaultdict(dict)
         self.done_by: defaultdict[bytes, int] = defaultdict(int)
         self._submitted = 0
@@ -243,6 +246,41 @@ class Driver:
         """Tasks with a result (own and foreign)."""
         return self._completed + self._foreign
 
+    def broker_silence(self, broker: int) -> float:
+        """Seconds since broker ``broker`` was last heard from."""
+        return time.monotonic() - self._broker_seen[broker]
+
+    def broker_lost(self, broker: int, *, memory_lost: bool) -> int:
+        """A broker died. Its unconfirmed chunks will be resent to its replacement; if its tasks
+        lived only in its memory, the confirmed ones fail now with :class:`BrokerLost`.
+        Return how many tasks failed."""
+        failed: list[_Record] = []
+        with self._cond:
+            for rec in list(self._records.values()):
+                if rec.broker != broker:
+                    continue
+                if not rec.confirmed:
+                    rec.broker = -1
+                    self._queued.appendleft(rec)
+                elif memory_lost:
+                    del self._records[rec.seq]
+                    failed.append(rec)
+            self._unconfirmed[broker] = 0
+            n = sum(r.remaining for r in failed)
+            self._completed += n
+            self._failed += n
+            self._cond.notify_all()
+        for rec in failed:
+            rec.fail(BrokerLost(f"queue {broker} was lost with its worker; this task lived only in its memory"))
+        return n
+
+    def reconnect(self, broker: int, endpoint: str) -> None:
+        """Point broker ``broker`` at a new endpoint (its replacement) and resend what is unconfirmed."""
+        self._endpoints[broker] = endpoint
+        self._control.append((broker, endpoint))
+        if self._waker is not None:
+            self._waker.wake()
+
     def received_from(self, broker: int) -> int:
         return self._received_from[broker]
 
@@ -294,6 +332,16 @@ class Driver:
         beat = self._settings.heartbeat_interval
         next_beat = time.monotonic() + beat
         while not self._stop.is_set():
+            while self._control:
+                i, endpoint = self._control.popleft()
+                poller.unregister(socks[i])
+                del index[socks[i]]
+                close_socket(socks[i])
+                socks[i] = connect_dealer(self._ctx, endpoint, self.identity)  # type: ignore[arg-type]
+                socks[i].send_multipart(p.encode(p.Hello(p.Role.DRIVER, self.name.encode()[:256])))
+                poller.register(socks[i], zmq.POLLIN)
+                index[socks[i]] = i
+                self._broker_seen[i] = time.monotonic()
             self._coalesce()
             self._send_queued(socks)
             timeout = max(0, int((next_beat - time.monotonic()) * 1000))
@@ -302,12 +350,17 @@ class Driver:
                     waker.drain()
                     continue
                 i = index[sock]
+                racks: list[int] = []
                 for _ in range(4096):
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._handle(i, frames)
+                    chunk_id = self._handle(i, frames)
+                    if chunk_id is not None:
+                        racks.append(chunk_id)
+                if racks:  # the results are here: the broker may forget those chunks
+                    sock.send_multipart(p.encode(p.Rack(tuple(racks))))
             now = time.monotonic()
             if now >= next_beat:
                 for sock in socks:
@@ -367,11 +420,13 @@ class Driver:
             rec.broker = b
             socks[b].send_multipart(p.encode(p.Put(rec.seq, rec.n, rec.payload)), copy=False)
 
-    def _handle(self, broker: int, frames: list[Any]) -> None:
+    def _handle(self, broker: int, frames: list[Any]) -> int | None:
+        """Handle one message; return the chunk id to acknowledge if it carried results."""
         try:
             msg = p.decode(frames)
             if isinstance(msg, p.Results):
                 self._on_results(broker, msg)
+                return msg.chunk_id
             elif isinstance(msg, p.Confirm):
                 self._on_confirm(broker, msg)
             elif isinstance(msg, p.Heartbeat):
@@ -385,6 +440,7 @@ class Driver:
         except (ProtocolError, ValueError) as e:
             self._bad += 1
             logger.warning("driver %s dropped a message from broker %d: %s", self.name, broker, e)
+        return None
 
     def _on_confirm(self, broker: int, msg: p.Confirm) -> None:
         with self._cond:
@@ -413,13 +469,19 @@ class Driver:
         if any(not isinstance(i, int) or not 0 <= i < n for i in errors):
             raise ValueError("results name an error outside the chunk")
         with self._cond:
+            self._received_from[broker] += n
             rec = self._records.get(msg.seq) if msg.seq else None
-            if msg.seq and rec is None:
+            if rec is not None:
+                offset = base - rec.base
+                if not (0 <= offset and offset + n <= rec.n):
+                    raise ValueError(f"results for tasks {base}..{base + n} are outside chunk {msg.seq}")
+                if any(rec.got[offset : offset + n]):  # executed twice (a broker re-ran it): record once
+                    self._duplicates += n
+                    return
+                rec.got[offset : offset + n] = b"\1" * n
+            elif msg.seq:
                 self._duplicates += n
-                self._received_from[broker] += n
                 return
-            if rec is not None and not (rec.base <= base and base + n <= rec.base + rec.n):
-                raise ValueError(f"results for tasks {base}..{base + n} are outside chunk {msg.seq}")
         exceptions = {i: error_to_exception(info) for i, info in errors.items()}
         if self._keep_results:
             store = self.results[msg.consumer]
@@ -427,17 +489,14 @@ class Driver:
             for i, exc in exceptions.items():
                 store[base + i] = exc
         if rec is not None:
-            offset = base - rec.base
             if isinstance(rec.sink, BatchFuture):
                 rec.sink._fill(rec.offset + offset, values, exceptions)
             elif rec.sink is not None:
                 futures = rec.sink
                 for i, value in enumerate(values):
-                    exc = exceptions.get(i)
-                    _settle(futures[offset + i], value, exc)
+                    _settle(futures[offset + i], value, exceptions.get(i))
         with self._cond:
             self.done_by[msg.consumer] += n
-            self._received_from[broker] += n
             self._failed += len(errors)
             if rec is None:
                 self._foreign += n

@@ -9,23 +9,37 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import threading
 import uuid
+import weakref
+from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
 from distributed import Client
 
+from zdq._actor import candidate_workers
 from zdq.broker import Broker
 from zdq.config import PoolSettings, settings
 from zdq.driver import Driver
 from zdq.errors import ClosedError, PlacementError, SerializationError, ZdqError
 from zdq.futures import BatchFuture, TaskFuture
-from zdq.serialization import Task, check_picklable, dumps_chunk
+from zdq.serialization import Task, TaskOptions, check_picklable, dumps_chunk
 from zdq.stats import BrokerStats, PoolStats
 
-__all__ = ["Durability", "QueuePool"]
+__all__ = ["Durability", "QueuePool", "DeadLetterInfo"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeadLetterInfo:
+    """A dead-lettered task: its queue, its id there, and why (with the traceback)."""
+
+    queue: str
+    chunk_id: int
+    n_tasks: int
+    reason: str
 
 
 class Durability(str, enum.Enum):
@@ -67,6 +81,10 @@ class QueuePool:
     keep_results : bool
         Keep every result for :meth:`ConsumerPool.results` (the daskqueue behaviour). Turn it off
         for huge runs that read results from futures only, so driver memory stays flat.
+    retries, retry_backoff, retry_on, time_limit
+        Default task options (see :meth:`submit`).
+    workers : list of str, optional
+        Addresses or names of the workers to place brokers on (default: all workers).
     start : bool
         Place the brokers at once (the daskqueue behaviour). With ``False``, call :meth:`start`.
     **overrides
@@ -92,6 +110,11 @@ class QueuePool:
         *,
         name: str | None = None,
         keep_results: bool = True,
+        retries: int = 0,
+        retry_backoff: float = 0.1,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        time_limit: float | None = None,
+        workers: Sequence[str] | None = None,
         start: bool = True,
         **overrides: Any,
     ) -> None:
@@ -106,12 +129,21 @@ class QueuePool:
         self.name = name or ("default" if self.durability is Durability.DURABLE else f"zdq-{uuid.uuid4().hex[:8]}")
         self.settings: PoolSettings = settings(**overrides)
         self.keep_results = keep_results
+        self.default_options = TaskOptions(
+            retries=retries, retry_backoff=retry_backoff, retry_on=tuple(retry_on), time_limit=time_limit
+        )
         self.queue_names = [f"{self.name}-queue-{i}" for i in range(n_queues)]
+        self._allowed_workers = list(workers) if workers is not None else None
         self._actor_futures: list[Any] = []
         self._brokers: list[Any] = []
         self.endpoints: list[str] = []
         self._driver: Driver | None = None
         self._closed = False
+        self._stop_supervisor = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._lost = [False] * n_queues
+        self._listeners: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.recoveries = 0
         if start:
             self.start()
 
@@ -122,24 +154,9 @@ class QueuePool:
             raise ClosedError(f"queue pool {self.name} is closed")
         if self._driver is not None:
             return self
-        workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
-        if not workers:
-            raise PlacementError("the Dask cluster has no workers to place queues on")
         try:
-            for i, queue_name in enumerate(self.queue_names):
-                dirpath = None if self.dirpath is None else os.path.join(self.dirpath, queue_name)
-                fut = self.client.submit(
-                    Broker,
-                    queue_name,
-                    self.settings,
-                    dirpath,
-                    actor=True,
-                    workers=[workers[i % len(workers)]],
-                    allow_other_workers=False,
-                    pure=False,
-                    key=f"zdq-broker-{queue_name}-{uuid.uuid4().hex[:8]}",
-                )
-                self._actor_futures.append(fut)
+            for i in range(self.n_queues):
+                self._actor_futures.append(self._place_broker(i))
             self._brokers = [fut.result() for fut in self._actor_futures]
             self.endpoints = [b.start().result() for b in self._brokers]
         except ZdqError:
@@ -150,14 +167,92 @@ class QueuePool:
             raise PlacementError(f"could not place the queues of pool {self.name}: {e}") from e
         self._driver = Driver(self.name, self.endpoints, self.settings, keep_results=self.keep_results)
         self._driver.start()
+        # A pool dropped without close() (daskqueue programs never close theirs) still stops its driver.
+        weakref.finalize(self, self._driver.close)
+        self._supervisor = threading.Thread(
+            target=_supervise, args=(weakref.ref(self), self._stop_supervisor), name="zdq-supervisor-queues", daemon=True
+        )
+        self._supervisor.start()
         logger.info("Created %d queues in the cluster (pool %s).", self.n_queues, self.name)
         return self
+
+    def _place_broker(self, i: int) -> Any:
+        workers = candidate_workers(self.client, self._allowed_workers)
+        if not workers:
+            raise PlacementError("no worker is available to place queues on")
+        queue_name = self.queue_names[i]
+        dirpath = None if self.dirpath is None else os.path.join(self.dirpath, queue_name)
+        return self.client.submit(
+            Broker,
+            queue_name,
+            self.settings,
+            dirpath,
+            actor=True,
+            workers=[workers[i % len(workers)]],
+            allow_other_workers=False,
+            pure=False,
+            key=f"zdq-broker-{queue_name}-{uuid.uuid4().hex[:8]}",
+        )
+
+    # -- supervision ----------------------------------------------------------------------------
+    def _supervise_once(self) -> None:
+        if self._closed or self._driver is None or self.client.status != "running":
+            return
+        if any(fut.status == "cancelled" for fut in self._actor_futures):
+            # client.restart() (or a cancel) took the actors: the cluster was reset on purpose, and a
+            # new pool may reopen the same queues. Recovering here would race it for the directories.
+            logger.info("the brokers of pool %s were cancelled (client.restart?); supervision stops", self.name)
+            self._stop_supervisor.set()
+            return
+        for i, fut in enumerate(list(self._actor_futures)):
+            lost = fut.status != "finished"
+            if not lost and self._driver.broker_silence(i) > self.settings.heartbeat_timeout:
+                try:
+                    self._brokers[i].pid().result(timeout=self.settings.heartbeat_interval * 2)
+                except Exception:
+                    lost = True
+            if lost and not self._closed:
+                try:
+                    self._recover(i)
+                except Exception as e:  # the next round tries again
+                    logger.warning("recovering queue %s failed: %s", self.queue_names[i], e)
+
+    def _recover(self, i: int) -> None:
+        assert self._driver is not None
+        transient = self.durability is Durability.TRANSIENT
+        if not self._lost[i]:
+            self._lost[i] = True
+            failed = self._driver.broker_lost(i, memory_lost=transient)
+            logger.warning(
+                "queue %s was lost with its worker%s; placing it again",
+                self.queue_names[i],
+                f" ({failed} tasks that lived only in its memory failed with BrokerLost)" if transient else "",
+            )
+        fut = self._place_broker(i)
+        try:
+            broker = fut.result(timeout=30)
+            endpoint = broker.start().result(timeout=30)
+        except BaseException:
+            fut.release()
+            raise
+        old = self._actor_futures[i]
+        self._actor_futures[i], self._brokers[i] = fut, broker
+        old.release()
+        self.endpoints[i] = endpoint
+        self._lost[i] = False
+        self.recoveries += 1
+        self._driver.reconnect(i, endpoint)
+        for listener in list(self._listeners):
+            listener._broker_moved(i, endpoint)
 
     def close(self) -> None:
         """Stop the driver and every broker; pending futures fail with ClosedError. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        self._stop_supervisor.set()
+        if self._supervisor is not None:
+            self._supervisor.join(10)
         if self._driver is not None:
             self._driver.close()
         self._release_actors()
@@ -194,18 +289,70 @@ class QueuePool:
         return self._driver
 
     # -- submission -----------------------------------------------------------------------------
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
+    def _options(self, given: dict[str, Any]) -> TaskOptions | None:
+        """Task options from call keywords over the pool's defaults; ``None`` if all are default."""
+        if not given:
+            return None if self.default_options == TaskOptions() else self.default_options
+        fields = {
+            "retries": self.default_options.retries,
+            "retry_backoff": self.default_options.retry_backoff,
+            "retry_on": self.default_options.retry_on,
+            "time_limit": self.default_options.time_limit,
+        }
+        fields.update({k: v for k, v in given.items() if v is not None})
+        if isinstance(fields["retry_on"], type):
+            fields["retry_on"] = (fields["retry_on"],)
+        options = TaskOptions(**fields)
+        return None if options == TaskOptions() else options
+
+    @staticmethod
+    def _with_options(task: Task, options: TaskOptions | None) -> Task:
+        if options is None:
+            return task
+        return (task[0], task[1], task[2] if len(task) > 2 else None, options)
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        retries: int | None = None,
+        retry_backoff: float | None = None,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> TaskFuture:
         """Queue ``fn(*args, **kwargs)``; return a future of its result.
+
+        Parameters
+        ----------
+        retries : int, optional
+            Extra attempts after a failure (exponential backoff with jitter, starting at
+            ``retry_backoff`` seconds); after the last one the task is dead-lettered.
+        retry_on : exception type or tuple of them, optional
+            Only these are retried (default: any ``Exception``).
+        timeout : float, optional
+            Time limit of one attempt: an attempt running longer fails with ``TaskTimeout``.
+
+        These four keywords are zdq's own: to pass keyword arguments of those names to ``fn``,
+        use :meth:`submit_call`.
 
         Raises
         ------
         SerializationError
             ``fn`` or an argument cannot be pickled; nothing was queued.
         """
+        options = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": timeout}
+        return self.submit_call(fn, args, kwargs, **{k: v for k, v in options.items() if v is not None})
+
+    def submit_call(
+        self, fn: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, **options: Any
+    ) -> TaskFuture:
+        """Like :meth:`submit` with explicit ``args``/``kwargs``; ``options`` as in :class:`TaskOptions`."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
-        check_picklable(fn, args, kwargs)
-        return self.driver.submit_task((fn, args, kwargs) if kwargs else (fn, args))
+        check_picklable(fn, tuple(args), kwargs)
+        task: Task = (fn, tuple(args), kwargs) if kwargs else (fn, tuple(args))
+        return self.driver.submit_task(self._with_options(task, self._options(options)))
 
     def put(self, item: Any) -> TaskFuture:
         """Queue a raw item for the consumers' ``process_item``; return a future of its result."""
@@ -217,6 +364,11 @@ class QueuePool:
         list_calls: Sequence[tuple[Any, ...]],
         batch_size: int | None = None,
         timeout: float | None = None,
+        *,
+        retries: int | None = None,
+        retry_backoff: float | None = None,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        time_limit: float | None = None,
         **_compat: Any,
     ) -> BatchFuture:
         """Queue many calls ``(fn, *args)`` at once; return one future of all their results.
@@ -224,9 +376,12 @@ class QueuePool:
         The calls are pickled into chunks of at most ``batch_size`` (and ``chunk-size``) tasks
         before anything is sent: if one of them cannot be pickled, :class:`SerializationError`
         names it and nothing of the batch is queued. ``timeout`` bounds how long this call may
-        block on a full submission window.
+        block on a full submission window (``time_limit`` is the tasks' own time limit);
+        ``retries``, ``retry_backoff`` and ``retry_on`` are as in :meth:`submit`.
         """
-        tasks = [_split_call(call, i) for i, call in enumerate(list_calls)]
+        given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
+        options = self._options({k: v for k, v in given.items() if v is not None})
+        tasks = [self._with_options(_split_call(call, i), options) for i, call in enumerate(list_calls)]
         return self._submit_tasks(tasks, batch_size, timeout)
 
     def put_many(self, items: Sequence[Any], batch_size: int | None = None, timeout: float | None = None) -> BatchFuture:
@@ -281,8 +436,9 @@ class QueuePool:
             count += len(part)
             part.clear()
 
+        options = self._options({})
         for i, call in enumerate(calls):
-            part.append(_split_call(call, i))
+            part.append(self._with_options(_split_call(call, i), options))
             if len(part) >= size:
                 flush()
         if part:
@@ -292,6 +448,39 @@ class QueuePool:
     def flush(self, timeout: float | None = None) -> None:
         """Block until every chunk submitted so far is stored by its broker."""
         self.driver.flush(timeout)
+
+    # -- dead letters -------------------------------------------------------------------------
+    def dead_letters(self) -> list[DeadLetterInfo]:
+        """Tasks that used up their attempts, in every queue, with the reason and traceback."""
+        calls = [(i, b.dead_letters()) for i, b in enumerate(self._brokers)]
+        return [
+            DeadLetterInfo(self.queue_names[i], d.chunk_id, d.meta.n_tasks, d.reason)
+            for i, call in calls
+            for d in call.result(timeout=30)
+        ]
+
+    def requeue_dead_letters(self, letters: Iterable[DeadLetterInfo] | None = None) -> int:
+        """Put dead letters (all, or those given) back at the tail of their queues; return how many.
+
+        Their results arrive like those of new tasks: in ``ConsumerPool.results()``.
+        """
+        return self._on_dead(letters, "requeue_dead")
+
+    def purge_dead_letters(self, letters: Iterable[DeadLetterInfo] | None = None) -> int:
+        """Delete dead letters (all, or those given); return how many."""
+        return self._on_dead(letters, "purge_dead")
+
+    def _on_dead(self, letters: Iterable[DeadLetterInfo] | None, method: str) -> int:
+        by_queue: dict[int, list[int] | None] = {}
+        if letters is None:
+            by_queue = dict.fromkeys(range(self.n_queues))
+        else:
+            for letter in letters:
+                ids = by_queue.setdefault(self.queue_names.index(letter.queue), [])
+                assert ids is not None
+                ids.append(letter.chunk_id)
+        calls = [getattr(self._brokers[i], method)(ids) for i, ids in by_queue.items()]
+        return sum(int(c.result(timeout=30)) for c in calls)
 
     # -- introspection --------------------------------------------------------------------------
     def broker_statistics(self, timeout: float = 10.0) -> list[BrokerStats]:
@@ -327,3 +516,13 @@ class QueuePool:
             lines = [f"\n\t(statistics unavailable: {e!r:.80})"]
         return f"QueuePool : {self.n_queues} queue(s)" + "".join(lines)
 
+
+
+def _supervise(ref: weakref.ref[QueuePool], stop: threading.Event) -> None:
+    # Weak: a pool its program dropped is collected, and this thread ends with it.
+    while not stop.wait(0.25):
+        pool = ref()
+        if pool is None:
+            return
+        pool._supervise_once()
+        del pool

@@ -4,7 +4,7 @@ A chunk is ``(base_task_id, tasks)`` pickled in one go (protocol 5), so a functi
 thousand tasks is written once and the per-task cost is a few microseconds. A task is
 ``(fn, args)``, ``(fn, args, kwargs)`` or ``(fn, args, kwargs, options)``: empty kwargs are left out
 because an empty dict per task nearly doubles the cost. A raw item (``put``) is ``(None, item)``.
-cloudpickle is used because it pickles by reference whatever plain pickle can, and by value what
+Options (:class:`TaskOptions`) make a task ``(fn, args, kwargs, options)``. cloudpickle is used because it pickles by reference whatever plain pickle can, and by value what
 workers cannot import (functions and classes of ``__main__``, lambdas, closures).
 
 Results travel as ``(base_task_id, values, errors)`` where ``errors`` maps an index in ``values`` to
@@ -23,6 +23,7 @@ from zdq.errors import RemoteTaskError, SerializationError
 
 __all__ = [
     "Task",
+    "TaskOptions",
     "ErrorInfo",
     "dumps_chunk",
     "loads_chunk",
@@ -34,6 +35,41 @@ __all__ = [
 
 Task = tuple[Any, ...]
 PROTOCOL = 5
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """Per-task execution options, carried as the fourth element of a task.
+
+    Attributes
+    ----------
+    retries : int
+        Extra attempts after a failure (``0``: one attempt).
+    retry_backoff : float
+        First delay before a retry, in seconds; doubled at each retry, with jitter.
+    retry_backoff_max : float
+        Largest delay between two attempts.
+    retry_on : tuple of exception types
+        Only these exceptions are retried.
+    time_limit : float or None
+        Seconds an attempt may run before it fails with :class:`~zdq.errors.TaskTimeout`.
+    """
+
+    retries: int = 0
+    retry_backoff: float = 0.1
+    retry_backoff_max: float = 30.0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    time_limit: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be a non-negative integer, got {self.retries!r}")
+        if self.retry_backoff < 0 or self.retry_backoff_max < 0:
+            raise ValueError("retry_backoff and retry_backoff_max must not be negative")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ValueError(f"a time limit must be positive, got {self.time_limit!r}")
+        if not self.retry_on or not all(isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on):
+            raise TypeError(f"retry_on must be exception types, got {self.retry_on!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,8 @@ class BrokerStats:
     bad_messages: int
     orphan_results: int
     dropped_results: int
+    chunks_split: int
+    tasks_dead_lettered: int
     consumers: int
     drivers: int
     routed_tasks: dict[bytes, int] = field(default_factory=dict)

@@ -14,6 +14,7 @@ rebuilds the index on open from what it stored, which is why a leased chunk is n
 from __future__ import annotations
 
 import struct
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -94,7 +95,9 @@ class Storage(ABC):
         self._attempts: dict[int, int] = {}
         self._ready_tasks = 0
         self._leased_tasks = 0
-        self._next_id = 1
+        # Chunk ids must never repeat across broker incarnations of a queue: a consumer may still
+        # report a chunk of the previous one. A durable queue continues after its largest stored id.
+        self._next_id = (time.time_ns() // 1000) << 8 if not self.durable else 1
         self._closed = False
 
     # -- the contract -------------------------------------------------------------------------
@@ -123,6 +126,39 @@ class Storage(ABC):
         for chunk_id, (meta, _) in zip(ids, entries):
             self._meta[chunk_id] = meta
             self._ready.append(chunk_id)
+            self._ready_tasks += meta.n_tasks
+        return ids
+
+    def put_dead(self, entries: Sequence[tuple[ChunkMeta, object, str]]) -> list[int]:
+        """Store chunks directly as dead letters (a task that used up its attempts)."""
+        ids = list(range(self._next_id, self._next_id + len(entries)))
+        records = [(i, meta, payload) for i, (meta, payload, _) in zip(ids, entries)]
+        self._write(records, {i: reason for i, (_, _, reason) in zip(ids, entries)})
+        self._next_id += len(entries)
+        for chunk_id, (meta, _, reason) in zip(ids, entries):
+            self._meta[chunk_id] = meta
+            self._dead[chunk_id] = reason
+        return ids
+
+    def split(self, chunk_id: int, parts: Sequence[tuple[ChunkMeta, object]]) -> list[int]:
+        """Replace a leased chunk by ``parts``, placed at the head of the queue with fresh attempts.
+
+        A redelivered chunk is split so that a task that kills its consumer is tried alone and
+        the others are not held hostage. Parts are stored before the chunk is deleted: a crash in
+        between duplicates work, never loses it.
+        """
+        if chunk_id not in self._leased or not parts:
+            return []
+        ids = list(range(self._next_id, self._next_id + len(parts)))
+        self._write([(i, meta, payload) for i, (meta, payload) in zip(ids, parts)])
+        self._next_id += len(parts)
+        self._leased.discard(chunk_id)
+        self._leased_tasks -= self._meta.pop(chunk_id).n_tasks
+        self._attempts.pop(chunk_id, None)
+        self._delete([chunk_id])
+        for new_id, (meta, _) in zip(reversed(ids), reversed(parts)):
+            self._meta[new_id] = meta
+            self._ready.appendleft(new_id)
             self._ready_tasks += meta.n_tasks
         return ids
 
@@ -180,6 +216,27 @@ class Storage(ABC):
         self._ready_tasks += meta.n_tasks
         if not count_attempt:
             self._attempts[chunk_id] = max(0, self._attempts.get(chunk_id, 1) - 1)
+        return True
+
+    def meta(self, chunk_id: int) -> ChunkMeta | None:
+        return self._meta.get(chunk_id)
+
+    def is_leased(self, chunk_id: int) -> bool:
+        return chunk_id in self._leased
+
+    def is_dead(self, chunk_id: int) -> bool:
+        return chunk_id in self._dead
+
+    def take_back(self, chunk_id: int) -> bool:
+        """Move a ready chunk to leased without delivering it (its results came in late)."""
+        try:
+            self._ready.remove(chunk_id)
+        except ValueError:
+            return False
+        n = self._meta[chunk_id].n_tasks
+        self._ready_tasks -= n
+        self._leased.add(chunk_id)
+        self._leased_tasks += n
         return True
 
     def attempts(self, chunk_id: int) -> int:
@@ -241,8 +298,8 @@ class Storage(ABC):
         """Every stored chunk in FIFO order, with its dead-letter reason or ``None``."""
 
     @abstractmethod
-    def _write(self, records: list[tuple[int, ChunkMeta, object]]) -> None:
-        """Store new chunks atomically (all or none)."""
+    def _write(self, records: list[tuple[int, ChunkMeta, object]], dead: dict[int, str] | None = None) -> None:
+        """Store new chunks atomically (all or none); those in ``dead`` as dead letters."""
 
     @abstractmethod
     def _read(self, chunk_id: int) -> object:

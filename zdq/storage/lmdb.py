@@ -175,9 +175,9 @@ class LMDBStorage(Storage):
                 out.append((chunk_id, meta, dead.get(chunk_id)))
         return out
 
-    def _write(self, records: list[tuple[int, ChunkMeta, object]]) -> None:
+    def _write(self, records: list[tuple[int, ChunkMeta, object]], dead: dict[int, str] | None = None) -> None:
         assert self._env is not None
-        chunks, heads = self._dbs[b"chunks"], self._dbs[b"heads"]
+        chunks, heads, dead_db = self._dbs[b"chunks"], self._dbs[b"heads"], self._dbs[b"dead"]
         for _ in range(32):
             try:
                 with self._env.begin(write=True) as txn:
@@ -185,6 +185,8 @@ class LMDBStorage(Storage):
                         key = _key(chunk_id)
                         txn.put(key, getattr(payload, "buffer", payload), db=chunks, append=True)
                         txn.put(key, meta.pack(), db=heads, append=True)
+                        if dead and chunk_id in dead:
+                            txn.put(key, dead[chunk_id].encode()[:65536], db=dead_db)
                 if self._sync:
                     self._env.sync(True)
                 return

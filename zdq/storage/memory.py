@@ -30,7 +30,7 @@ class MemoryStorage(Storage):
     def _scan(self) -> Iterable[tuple[int, ChunkMeta, str | None]]:
         return ()
 
-    def _write(self, records: list[tuple[int, ChunkMeta, object]]) -> None:
+    def _write(self, records: list[tuple[int, ChunkMeta, object]], dead: dict[int, str] | None = None) -> None:
         for chunk_id, _, payload in records:
             self._payloads[chunk_id] = payload
 

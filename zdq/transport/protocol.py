@@ -20,6 +20,10 @@ RESULTS    broker→driver           seq, chunk id, consumer id; payload: the re
 RETURN     consumer→broker         chunk id; gives an unstarted leased chunk back
 ACK        consumer→broker         chunk id; early acknowledgement (at most once): results follow
 LOST       broker→driver           seq, chunk id; an early-acked chunk's consumer died before DONE
+DEAD       consumer→broker         origin chunk id, task id; payload: the task as a chunk, reason
+SPLIT      consumer→broker         chunk id, n; payload: n one-task chunks replacing a redelivered one
+RACK       driver→broker           n; payload: ids of chunks whose RESULTS arrived (the broker may
+                                   now forget them: until then a broker restart re-runs them)
 HEARTBEAT  both ways               liveness; a consumer's heartbeat renews its leases
 BYE        peer→broker             the peer leaves; its leases return at once
 =========  ======================  ==========================================================
@@ -49,6 +53,9 @@ __all__ = [
     "Return",
     "Ack",
     "Lost",
+    "Dead",
+    "Split",
+    "Rack",
     "Heartbeat",
     "Bye",
     "Message",
@@ -76,6 +83,9 @@ class Command(enum.IntEnum):
     BYE = 10
     ACK = 11
     LOST = 12
+    DEAD = 13
+    SPLIT = 14
+    RACK = 15
 
 
 class Role(enum.IntEnum):
@@ -158,6 +168,25 @@ class Lost:
 
 
 @dataclass(frozen=True, slots=True)
+class Dead:
+    chunk_id: int
+    task_id: int
+    chunk: object
+    reason: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    chunk_id: int
+    parts: list[object]
+
+
+@dataclass(frozen=True, slots=True)
+class Rack:
+    chunk_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Heartbeat:
     pass
 
@@ -167,7 +196,7 @@ class Bye:
     pass
 
 
-Message = Union[Hello, Put, Confirm, Fetch, Deliver, Done, Results, Return, Ack, Lost, Heartbeat, Bye]
+Message = Union[Hello, Put, Confirm, Fetch, Deliver, Done, Results, Return, Ack, Lost, Dead, Split, Rack, Heartbeat, Bye]
 
 _HELLO = struct.Struct(">B")
 _PUT = struct.Struct(">QI")
@@ -178,6 +207,9 @@ _DONE = struct.Struct(">QI")
 _RESULTS = struct.Struct(">QQ16s")
 _RETURN = struct.Struct(">Q")
 _LOST = struct.Struct(">QQ")
+_SPLIT = struct.Struct(">QI")
+#: Most parts a SPLIT may carry (a chunk never holds more tasks than this).
+MAX_SPLIT = 100_000
 _EMPTY = b""
 
 _CMD = {c: bytes([c]) for c in Command}
@@ -205,6 +237,13 @@ def encode(msg: Message) -> list[object]:
         return [VERSION, _CMD[Command.ACK], _RETURN.pack(msg.chunk_id)]
     if isinstance(msg, Lost):
         return [VERSION, _CMD[Command.LOST], _LOST.pack(msg.seq, msg.chunk_id)]
+    if isinstance(msg, Dead):
+        return [VERSION, _CMD[Command.DEAD], _LOST.pack(msg.chunk_id, msg.task_id), msg.chunk, msg.reason]
+    if isinstance(msg, Split):
+        return [VERSION, _CMD[Command.SPLIT], _SPLIT.pack(msg.chunk_id, len(msg.parts)), *msg.parts]
+    if isinstance(msg, Rack):
+        ids = msg.chunk_ids
+        return [VERSION, _CMD[Command.RACK], _FETCH.pack(len(ids)), struct.pack(f">{len(ids)}Q", *ids)]
     if isinstance(msg, Hello):
         return [VERSION, _CMD[Command.HELLO], _HELLO.pack(msg.role), msg.name]
     if isinstance(msg, Heartbeat):
@@ -249,8 +288,13 @@ def decode(frames: list[object]) -> Message:
         command = Command(raw_cmd[0])
     except ValueError:
         raise ProtocolError(f"unknown command {raw_cmd[0]}") from None
+    if command is Command.SPLIT:
+        chunk_id, n_parts = _unpack(_SPLIT, frames[2], command)
+        if not 1 <= n_parts <= MAX_SPLIT or len(frames) != 3 + n_parts:
+            raise ProtocolError(f"SPLIT announces {n_parts} parts and carries {len(frames) - 3}")
+        return Split(chunk_id, list(frames[3:]))
     short = (Command.FETCH, Command.RETURN, Command.ACK, Command.LOST, Command.HEARTBEAT, Command.BYE)
-    expected = 3 if command in short else 4
+    expected = 3 if command in short else 5 if command is Command.DEAD else 4
     if len(frames) != expected:
         raise ProtocolError(f"{command.name} has {len(frames)} frames, expected {expected}")
     header = frames[2]
@@ -289,6 +333,15 @@ def decode(frames: list[object]) -> Message:
     if command is Command.LOST:
         seq, chunk_id = _unpack(_LOST, header, command)
         return Lost(seq, chunk_id)
+    if command is Command.RACK:
+        (count,) = _unpack(_FETCH, header, command)
+        raw = _bytes(frames[3])
+        if count > MAX_SPLIT or len(raw) != 8 * count:
+            raise ProtocolError(f"RACK announces {count} ids and carries {len(raw)} bytes")
+        return Rack(struct.unpack(f">{count}Q", raw))
+    if command is Command.DEAD:
+        chunk_id, task_id = _unpack(_LOST, header, command)
+        return Dead(chunk_id, task_id, frames[3], _bytes(frames[4])[:65536])
     if command is Command.HELLO:
         (role,) = _unpack(_HELLO, header, command)
         try:

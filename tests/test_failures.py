@@ -1,0 +1,178 @@
+"""At least once under failure: worker processes killed with SIGKILL by pid, poison tasks, retries.
+
+These tests run on their own cluster of three worker processes named a, b and c, so that brokers
+and consumers can be kept apart (by worker name, which survives a nanny's restart).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from distributed import Client, LocalCluster
+
+from zdq import BrokerLost, ConsumerPool, DeadLettered, QueuePool, TaskTimeout
+from zdq.errors import BatchError
+
+from .conftest import wait_until
+from .tasks import add, flaky, poison, raise_key_error, sleep, slow_add, tiny_sleep
+
+FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
+
+
+@pytest.fixture(scope="module")
+def cluster3() -> Iterator[LocalCluster]:
+    with LocalCluster(
+        n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None
+    ) as cluster:
+        (template,) = cluster.new_worker_spec().values()
+        for name in "abc":
+            cluster.worker_spec[name] = {"cls": template["cls"], "options": {**template["options"], "name": name}}
+        cluster.sync(cluster._correct_state)
+        yield cluster
+
+
+@pytest.fixture
+def client3(cluster3: LocalCluster) -> Iterator[Client]:
+    with Client(cluster3) as client:
+        client.wait_for_workers(3, timeout=60)
+        yield client
+        client.wait_for_workers(3, timeout=60)
+
+
+def _pid_of(client: Client, name: str) -> int:
+    pids = client.run(os.getpid)
+    (address,) = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["name"] == name]
+    return int(pids[address])
+
+
+def test_killing_a_worker_that_holds_consumers_loses_no_task(client3: Client) -> None:
+    n = 100_000
+    with QueuePool(client3, 2, workers=["a"], **FAST) as queue_pool:
+        with ConsumerPool(client3, queue_pool, n_consumers=4, workers=["b", "c"]) as consumers:
+            consumers.start()
+            batch = queue_pool.batch_submit([(tiny_sleep, i) for i in range(n)])
+            wait_until(lambda: batch.completed > n // 10, timeout=60)
+            os.kill(_pid_of(client3, "b"), signal.SIGKILL)
+            assert batch.result(timeout=180) == list(range(n))  # every task has its result: lost = 0
+            assert batch.completed == n
+            stats = queue_pool.statistics()
+            redelivered = sum(b.chunks_redelivered + b.chunks_split for b in stats.brokers)
+            assert redelivered > 0  # the dead consumers' chunks came back and ran elsewhere
+            assert stats.driver.duplicate_results >= 0  # counted and reported
+            wait_until(lambda: consumers.replacements >= 2, timeout=60)
+
+
+def test_a_poison_task_is_dead_lettered_after_its_attempts_and_the_queue_carries_on(
+    client3: Client, tmp_path: Path
+) -> None:
+    marker = str(tmp_path / "attempts")
+    with QueuePool(client3, 1, workers=["a"], **FAST) as queue_pool:
+        with ConsumerPool(client3, queue_pool, n_consumers=2, workers=["b", "c"]) as consumers:
+            consumers.start()
+            bad = queue_pool.submit(poison, marker, retries=2)
+            queue_pool.flush()
+            good = queue_pool.batch_submit([(slow_add, i) for i in range(10_000)], batch_size=100)
+            exc = bad.exception(timeout=180)
+            assert isinstance(exc, DeadLettered)
+            assert open(marker).read().count("attempt") == 3
+            assert good.result(timeout=180) == list(range(10_000))
+            (letter,) = queue_pool.dead_letters()
+            assert "killed its consumer 3 times" in letter.reason
+            assert queue_pool.purge_dead_letters() == 1
+            assert queue_pool.dead_letters() == []
+
+
+def test_killing_the_worker_of_a_durable_broker_mid_run_recovers_every_confirmed_task(
+    client3: Client, tmp_path: Path
+) -> None:
+    n = 20_000
+    with QueuePool(client3, 1, durability="durable", dirpath=tmp_path, workers=["a"], chunk_size=100, **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=2, workers=["b", "c"]) as consumers:
+            consumers.start()
+            batch = qp.batch_submit([(slow_add, i) for i in range(n)])
+            qp.flush()  # confirmed: none of these may be lost
+            wait_until(lambda: batch.completed > 2000, timeout=60)
+            os.kill(_pid_of(client3, "a"), signal.SIGKILL)
+            assert batch.result(timeout=180) == list(range(n))  # lost = 0, recovered by the pool itself
+            assert qp.recoveries >= 1
+
+
+def test_killing_the_worker_of_a_transient_broker_fails_its_tasks_with_broker_lost(client3: Client) -> None:
+    with QueuePool(client3, 2, workers=["a", "b"], **FAST) as queue_pool:
+        with ConsumerPool(client3, queue_pool, n_consumers=2, workers=["c"]) as consumers:
+            batch = queue_pool.batch_submit([(add, i) for i in range(2000)], batch_size=100)
+            queue_pool.flush()
+            victim = queue_pool[0].pid().result()
+            killed = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda: batch.completed >= 1000, timeout=30)
+            assert time.monotonic() - killed < 2 + 3  # within the heartbeat timeout (and some slack)
+            consumers.start()
+            with pytest.raises(BatchError) as info:
+                batch.result(timeout=120)
+            errors = info.value.errors
+            assert len(errors) == 1000 and all(isinstance(e, BrokerLost) for e in errors.values())
+            assert [v for i, v in enumerate(info.value.values) if i not in errors] == [
+                i for i in range(2000) if i not in errors
+            ]
+            # The lost queue was placed again, empty, and takes new work.
+            wait_until(lambda: queue_pool.recoveries >= 1, timeout=60)
+            assert queue_pool.batch_submit([(add, i) for i in range(1000)], batch_size=10).result(timeout=60) == list(
+                range(1000)
+            )
+
+
+def test_retries_with_backoff_then_success(client3: Client, tmp_path: Path) -> None:
+    counter = str(tmp_path / "count")
+    with QueuePool(client3, 1) as queue_pool, ConsumerPool(client3, queue_pool) as consumers:
+        consumers.start()
+        assert queue_pool.submit(flaky, counter, 2, retries=3, retry_backoff=0.01).result(timeout=60) == 3
+        assert queue_pool.dead_letters() == []
+
+
+def test_exhausted_retries_dead_letter_the_task_which_can_be_requeued(client3: Client, tmp_path: Path) -> None:
+    counter = str(tmp_path / "count")
+    with QueuePool(client3, 1) as queue_pool, ConsumerPool(client3, queue_pool) as consumers:
+        consumers.start()
+        future = queue_pool.submit(flaky, counter, 3, retries=2, retry_backoff=0.01)
+        exc = future.exception(timeout=60)
+        assert isinstance(exc, ValueError) and "attempt 3 fails" in str(exc)
+        assert any("dead-lettered" in note for note in getattr(exc, "__notes__", []))
+        (letter,) = queue_pool.dead_letters()
+        assert "ValueError: attempt 3 fails" in letter.reason and "Traceback" in letter.reason
+        assert queue_pool.requeue_dead_letters() == 1  # the fourth attempt succeeds
+        consumers.join(timeout=60)
+        merged = {k: v for r in consumers.results().values() for k, v in r.items()}
+        assert merged[future.key] == 4
+        assert queue_pool.dead_letters() == []
+
+
+def test_only_the_chosen_exceptions_are_retried(client3: Client) -> None:
+    with QueuePool(client3, 1) as queue_pool, ConsumerPool(client3, queue_pool) as consumers:
+        consumers.start()
+        future = queue_pool.submit(raise_key_error, retries=5, retry_on=ValueError, retry_backoff=0.01)
+        assert isinstance(future.exception(timeout=30), KeyError)
+        assert "(1 attempts)" in queue_pool.dead_letters()[0].reason
+
+
+def test_a_task_past_its_time_limit_fails_and_its_consumer_recovers(client3: Client) -> None:
+    with QueuePool(client3, 1) as queue_pool, ConsumerPool(client3, queue_pool) as consumers:
+        consumers.start()
+        slow = queue_pool.submit(sleep, 3.0, timeout=0.3)
+        queue_pool.flush()
+        after = queue_pool.submit(add, 1, 2)
+        assert isinstance(slow.exception(timeout=30), TaskTimeout)
+        assert after.result(timeout=2) == 3
+
+
+def test_early_ack_consumers_run_everything_once(client3: Client) -> None:
+    with QueuePool(client3, 2) as queue_pool:
+        with ConsumerPool(client3, queue_pool, n_consumers=2, early_ack=True) as consumers:
+            consumers.start()
+            assert queue_pool.batch_submit([(add, i) for i in range(5000)]).result(timeout=60) == list(range(5000))
+            assert queue_pool.get_queue_size() == dict.fromkeys(queue_pool.queue_names, 0)
