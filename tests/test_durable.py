@@ -55,38 +55,3 @@ def test_durable_results_come_back_like_transient_ones(client: Client, tmp_path:
             ]
             assert queue_pool.submit(add, 2, b=3).result(timeout=30) == 5
 
-
-def test_killing_the_worker_of_a_durable_broker_loses_no_confirmed_task(client: Client, tmp_path: Path) -> None:
-    import os
-    import signal
-
-    from .conftest import wait_until
-    from .tasks import slow_add
-
-    n = 20_000
-    dirpath = str(tmp_path)
-    queue_pool = QueuePool(client, 1, durability="durable", dirpath=dirpath, chunk_size=100)
-    consumers = ConsumerPool(client, queue_pool, n_consumers=2)
-    consumers.start()
-    batch = queue_pool.batch_submit([(slow_add, i) for i in range(n)])
-    queue_pool.flush()  # every chunk is confirmed: from here on none may be lost
-    wait_until(lambda: batch.completed > 1000, timeout=60)
-    broker_pid = queue_pool[0].pid().result()
-    os.kill(broker_pid, signal.SIGKILL)
-    wait_until(lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 2 and batch.completed < n, timeout=60)
-    before = {k for r in consumers.results().values() for k in r}
-    assert 0 < len(before) < n
-
-    # A new pool on the same directory serves what the dead broker had not seen acknowledged.
-    client.wait_for_workers(2, timeout=60)
-    consumers.close()
-    queue_pool.close()
-    recovered = QueuePool(client, 1, durability="durable", dirpath=dirpath)
-    assert 0 < recovered.get_queue_size()["default-queue-0"] <= n - len(before) + 1000
-    after_consumers = ConsumerPool(client, recovered, n_consumers=2)
-    after_consumers.start()
-    after_consumers.join(timeout=120)
-    after = {k for r in after_consumers.results().values() for k in r}
-    assert before | after == set(batch.keys)  # lost = 0
-    after_consumers.close()
-    recovered.close()

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import zmq
 
@@ -29,6 +29,7 @@ from zdq.stats import BrokerStats
 from zdq.storage.base import ChunkMeta, DeadLetter, Storage
 from zdq.storage.memory import MemoryStorage
 from zdq.transport import protocol as p
+from zdq.transport.security import ServerKeys
 from zdq.transport.sockets import bind_router, close_socket, worker_host
 
 __all__ = ["BrokerCore", "Broker"]
@@ -83,6 +84,8 @@ class BrokerCore:
         # Chunks whose results were sent to a driver that has not yet said it holds them: they stay
         # stored (so a broker that dies now re-runs them) and are not redelivered meanwhile.
         self._awaiting: dict[int, tuple[bytes, float]] = {}
+        # Who held a chunk whose lease expired: its late DONE is still accepted.
+        self._previous_owner: dict[int, bytes] = {}
         self._with_credit: deque[bytes] = deque()
         self._error: BaseException | None = None
         self._counters = dict.fromkeys(
@@ -269,8 +272,10 @@ class BrokerCore:
 
     def _send(self, ident: bytes, msg: p.Message) -> bool:
         try:
-            self._sock.send_multipart([ident, *p.encode(msg)], copy=False)
+            self._sock.send_multipart([ident, *p.encode(msg)], zmq.NOBLOCK, copy=False)
             return True
+        except zmq.Again:
+            return False  # that peer cannot take more now; leases and resends recover
         except zmq.ZMQError as e:
             if e.errno == zmq.EHOSTUNREACH:
                 return False
@@ -327,6 +332,7 @@ class BrokerCore:
             logger.error("broker %s could not split chunk %d: %s", self.name, msg.chunk_id, e)
             return
         self._unlease(msg.chunk_id)
+        self._previous_owner.pop(msg.chunk_id, None)
         self._counters["chunks_split"] += 1
 
     def _early_ack(self, ident: bytes, chunk_id: int) -> None:
@@ -341,6 +347,15 @@ class BrokerCore:
         forget: list[int] = []
         for ident, done in dones:
             chunk_id = done.chunk_id
+            if self._lease_owner.get(chunk_id) != ident and self._previous_owner.get(chunk_id) != ident:
+                # Only the consumer that holds (or held, before its lease expired) a chunk may
+                # report it: an authenticated peer still cannot forge another's results.
+                if chunk_id in self._awaiting or self._storage.meta(chunk_id) is None:
+                    self._counters["duplicate_dones"] += 1
+                else:
+                    self._bad(ident, ProtocolError(f"DONE of chunk {chunk_id} that this peer never held"))
+                continue
+            self._previous_owner.pop(chunk_id, None)
             early = self._early.pop(chunk_id, None)
             self._unlease(chunk_id)
             meta = early or self._storage.meta(chunk_id)
@@ -363,6 +378,7 @@ class BrokerCore:
         """The results of these chunks are safe with a driver: remove the chunks for good."""
         for chunk_id in chunk_ids:
             self._awaiting.pop(chunk_id, None)
+            self._previous_owner.pop(chunk_id, None)
         self._storage.ack_many(chunk_ids)
 
     def _route(self, meta: ChunkMeta, chunk_id: int, consumer: bytes, results: object, n_tasks: int) -> bytes | None:
@@ -421,6 +437,7 @@ class BrokerCore:
                 self._send(meta.owner, p.Lost(meta.seq, chunk_id))
             else:
                 self._storage.release(chunk_id)
+                self._previous_owner[chunk_id] = ident
         if consumer.leases:
             logger.info(
                 "broker %s: consumer %s left, %d leased chunks return to the queue",
@@ -465,12 +482,18 @@ class Broker:
         The pool's resolved settings.
     dirpath : str, optional
         Queue directory of a durable queue; ``None`` for a transient (in-memory) queue.
+    keys : ServerKeys, optional
+        The pool's CURVE server keys; ``None`` runs the socket unauthenticated.
     """
 
-    def __init__(self, name: str, settings: PoolSettings, dirpath: str | None = None) -> None:
+    def __init__(
+        self, name: str, settings: PoolSettings, dirpath: str | None = None, keys: ServerKeys | None = None
+    ) -> None:
         self.name = name
         self._settings = settings
         self._dirpath = dirpath
+        self._keys = keys
+        self._auth: Any = None
         self._ctx: zmq.Context | None = None
         self._core: BrokerCore | None = None
         self.endpoint = ""
@@ -483,7 +506,9 @@ class Broker:
         storage = self._open_storage()
         self._ctx = zmq.Context()
         try:
-            sock, self.endpoint = bind_router(self._ctx, host, max_message_size=self._settings.max_message_size)
+            sock, self.endpoint, self._auth = bind_router(
+                self._ctx, host, max_message_size=self._settings.max_message_size, keys=self._keys
+            )
         except Exception:
             storage.close()
             self._ctx.term()
@@ -507,6 +532,9 @@ class Broker:
         """Stop serving and release the socket and the storage. Idempotent."""
         if self._core is not None:
             self._core.stop()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None

@@ -29,7 +29,8 @@ from zdq.errors import DeadLettered, TaskTimeout
 from zdq.serialization import ErrorInfo, TaskOptions, dumps_chunk, dumps_results, loads_chunk
 from zdq.stats import ConsumerStats
 from zdq.transport import protocol as p
-from zdq.transport.sockets import Waker, close_socket, connect_dealer
+from zdq.transport.security import ClientKeys
+from zdq.transport.sockets import BrokerLinks, Waker, try_send
 
 __all__ = ["ConsumerBaseClass", "GeneralConsumer", "Consumer"]
 
@@ -114,6 +115,8 @@ class Consumer:
         Acknowledge a chunk when it is received (at most once) instead of after its results.
     retries : int
         Retries of tasks that carry no options of their own.
+    keys : ClientKeys, optional
+        The pool's CURVE client keys (``None``: unauthenticated sockets).
     """
 
     def __init__(
@@ -125,8 +128,10 @@ class Consumer:
         max_concurrency: int = 1,
         early_ack: bool = False,
         retries: int = 0,
+        keys: ClientKeys | None = None,
     ) -> None:
         self.name = name
+        self._keys = keys
         self._defaults = TaskOptions(retries=retries)
         self._identity = identity
         self._class = consumer_class
@@ -226,34 +231,26 @@ class Consumer:
 
     def _io_loop(self, ready: threading.Event) -> None:
         assert self._ctx is not None
-        socks: list[zmq.Socket] = []
         waker = self._waker = Waker(self._ctx)
+        hello = p.encode(p.Hello(p.Role.CONSUMER, self.name.encode()[:256]))
+        links = BrokerLinks(
+            self._ctx, self._identity, hello, keys=self._keys, max_message_size=self._settings.max_message_size
+        )
         try:
             for endpoint in self._endpoints:
-                sock = connect_dealer(self._ctx, endpoint, self._identity)
-                sock.send_multipart(p.encode(p.Hello(p.Role.CONSUMER, self.name.encode()[:256])))
-                socks.append(sock)
+                links.add(endpoint)
             ready.set()
-            self._serve(socks, waker)
+            self._serve(links, waker)
         except Exception:
             logger.exception("consumer %s I/O loop failed", self.name)
         finally:
             ready.set()
-            for sock in socks:
-                try:
-                    sock.send_multipart(p.encode(p.Bye()), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-                close_socket(sock)
+            links.close(farewell=p.encode(p.Bye()))
             self._waker = None
             waker.close()
 
-    def _serve(self, socks: list[zmq.Socket], waker: Waker) -> None:
-        poller = zmq.Poller()
-        index = {}
-        for i, sock in enumerate(socks):
-            poller.register(sock, zmq.POLLIN)
-            index[sock] = i
+    def _serve(self, links: BrokerLinks, waker: Waker) -> None:
+        poller, socks = links.poller, links.socks
         poller.register(waker.socket, zmq.POLLIN)
         credit = [0] * len(socks)
         held: list[set[int]] = [set() for _ in socks]  # chunks received and not yet done, per broker
@@ -263,14 +260,7 @@ class Consumer:
         while not self._stop.is_set():
             while self._control:
                 i, endpoint = self._control.popleft()
-                poller.unregister(socks[i])
-                del index[socks[i]]
-                close_socket(socks[i])
-                assert self._ctx is not None
-                socks[i] = connect_dealer(self._ctx, endpoint, self._identity)
-                socks[i].send_multipart(p.encode(p.Hello(p.Role.CONSUMER, self.name.encode()[:256])))
-                poller.register(socks[i], zmq.POLLIN)
-                index[socks[i]] = i
+                links.replace(i, endpoint)
                 credit[i] = 0
                 # Chunks held from the lost broker still run; their DONE goes to the replacement,
                 # which acknowledges those it recovered from disk and counts the others as duplicates.
@@ -280,14 +270,14 @@ class Consumer:
             if self._fetching.is_set():
                 for i, sock in enumerate(socks):
                     if credit[i] == 0 and self._in_flight < prefetch:
-                        sock.send_multipart(p.encode(p.Fetch(1)))
-                        credit[i] = 1
+                        if try_send(sock, p.encode(p.Fetch(1))):
+                            credit[i] = 1
             timeout = max(0, int((next_beat - time.monotonic()) * 1000))
             for sock, _ in poller.poll(timeout):
-                if sock is waker.socket:
+                i = links.index(sock)
+                if i is None:
                     waker.drain()
                     continue
-                i = index[sock]
                 while True:
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -305,7 +295,7 @@ class Consumer:
                         self._in_flight += 1
                         held[i].add(msg.chunk_id)
                         if self._early_ack:
-                            sock.send_multipart(p.encode(p.Ack(msg.chunk_id)))
+                            try_send(sock, p.encode(p.Ack(msg.chunk_id)))
                         self._chunks.put((i, msg))
                     elif isinstance(msg, p.Bye):
                         credit[i] = 0  # the broker is going away; ask again if it comes back
@@ -315,7 +305,7 @@ class Consumer:
                     if out.chunk_id in held[i]:
                         held[i].discard(out.chunk_id)
                         self._in_flight -= 1
-                socks[i].send_multipart(p.encode(out), copy=False)
+                try_send(socks[i], p.encode(out))
             now = time.monotonic()
             if now >= next_beat:
                 if not self._alive():
@@ -323,7 +313,7 @@ class Consumer:
                     self._abandon()
                     return
                 for sock in socks:
-                    sock.send_multipart(p.encode(p.Heartbeat()))
+                    try_send(sock, p.encode(p.Heartbeat()))
                 next_beat = now + beat
 
     def _abandon(self) -> None:

@@ -97,6 +97,7 @@ class ConsumerPool:
         self.settings = queue_pool.settings.with_overrides(prefetch=prefetch)
         self.names = [f"{ConsumerClass.__name__}-{i}" for i in range(n_consumers)]
         self._allowed_workers = list(workers) if workers is not None else None
+        self._placed_on: dict[int, str] = {}
         # Every identity each consumer slot had: a replacement gets a new one, results keep all.
         self._identities: list[list[bytes]] = [[] for _ in range(n_consumers)]
         self._actor_futures: list[Any] = [None] * n_consumers
@@ -117,8 +118,13 @@ class ConsumerPool:
 
     def _place(self, i: int) -> None:
         workers = candidate_workers(self.client, self._allowed_workers)
+        lost = self._placed_on.get(i)
+        if lost is not None and len(workers) > 1 and lost in workers:
+            workers.remove(lost)  # the scheduler may not have noticed yet that it died
         if not workers:
             raise PlacementError("no worker is available to place a consumer on")
+        address = workers[i % len(workers)]
+        self._placed_on[i] = address
         ident = new_identity()
         name = self.names[i]
         fut = self.client.submit(  # released below if the actor cannot be created
@@ -130,8 +136,9 @@ class ConsumerPool:
             self.max_concurrency,
             self.early_ack,
             self.retries or 0,
+            self.queue_pool.client_keys,
             actor=True,
-            workers=[workers[i % len(workers)]],
+            workers=[address],
             allow_other_workers=False,
             pure=False,
             key=f"zdq-consumer-{name}-{uuid.uuid4().hex[:8]}",

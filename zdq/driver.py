@@ -34,7 +34,8 @@ from zdq.futures import BatchFuture, TaskFuture
 from zdq.serialization import Task, dumps_chunk, error_to_exception, loads_results
 from zdq.stats import DriverStats
 from zdq.transport import protocol as p
-from zdq.transport.sockets import Waker, close_socket, connect_dealer, new_identity
+from zdq.transport.security import ClientKeys
+from zdq.transport.sockets import BrokerLinks, Waker, new_identity, try_send
 
 __all__ = ["Driver"]
 
@@ -79,8 +80,17 @@ def _settle(fut: TaskFuture, value: Any = None, exc: BaseException | None = None
 class Driver:
     """Data-plane client of one QueuePool. Thread-safe for callers; one I/O thread inside."""
 
-    def __init__(self, name: str, endpoints: list[str], settings: PoolSettings, *, keep_results: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        endpoints: list[str],
+        settings: PoolSettings,
+        *,
+        keep_results: bool = True,
+        keys: ClientKeys | None = None,
+    ) -> None:
         self.name = name
+        self._keys = keys
         self.identity = new_identity()
         self._endpoints = list(endpoints)
         self._settings = settings
@@ -300,56 +310,42 @@ class Driver:
     # -- I/O thread -----------------------------------------------------------------------------
     def _run(self, ready: threading.Event) -> None:
         assert self._ctx is not None and self._waker is not None
-        socks: list[zmq.Socket] = []
+        hello = p.encode(p.Hello(p.Role.DRIVER, self.name.encode()[:256]))
+        links = BrokerLinks(
+            self._ctx, self.identity, hello, keys=self._keys, max_message_size=self._settings.max_message_size
+        )
         try:
             for endpoint in self._endpoints:
-                sock = connect_dealer(self._ctx, endpoint, self.identity)
-                sock.send_multipart(p.encode(p.Hello(p.Role.DRIVER, self.name.encode()[:256])))
-                socks.append(sock)
+                links.add(endpoint)
             ready.set()
-            self._serve(socks, self._waker)
+            self._serve(links, self._waker)
         except BaseException as e:
             self._error = e
             logger.exception("driver of %s failed", self.name)
         finally:
             ready.set()
-            for sock in socks:
-                try:
-                    sock.send_multipart(p.encode(p.Bye()), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-                close_socket(sock)
+            links.close(farewell=p.encode(p.Bye()))
             with self._cond:
                 self._cond.notify_all()
 
-    def _serve(self, socks: list[zmq.Socket], waker: Waker) -> None:
-        poller = zmq.Poller()
-        index = {}
-        for i, sock in enumerate(socks):
-            poller.register(sock, zmq.POLLIN)
-            index[sock] = i
+    def _serve(self, links: BrokerLinks, waker: Waker) -> None:
+        poller, socks = links.poller, links.socks
         poller.register(waker.socket, zmq.POLLIN)
         beat = self._settings.heartbeat_interval
         next_beat = time.monotonic() + beat
         while not self._stop.is_set():
             while self._control:
                 i, endpoint = self._control.popleft()
-                poller.unregister(socks[i])
-                del index[socks[i]]
-                close_socket(socks[i])
-                socks[i] = connect_dealer(self._ctx, endpoint, self.identity)  # type: ignore[arg-type]
-                socks[i].send_multipart(p.encode(p.Hello(p.Role.DRIVER, self.name.encode()[:256])))
-                poller.register(socks[i], zmq.POLLIN)
-                index[socks[i]] = i
+                links.replace(i, endpoint)
                 self._broker_seen[i] = time.monotonic()
             self._coalesce()
             self._send_queued(socks)
             timeout = max(0, int((next_beat - time.monotonic()) * 1000))
             for sock, _ in poller.poll(timeout):
-                if sock is waker.socket:
+                i = links.index(sock)
+                if i is None:
                     waker.drain()
                     continue
-                i = index[sock]
                 racks: list[int] = []
                 for _ in range(4096):
                     try:
@@ -360,11 +356,11 @@ class Driver:
                     if chunk_id is not None:
                         racks.append(chunk_id)
                 if racks:  # the results are here: the broker may forget those chunks
-                    sock.send_multipart(p.encode(p.Rack(tuple(racks))))
+                    try_send(sock, p.encode(p.Rack(tuple(racks))))
             now = time.monotonic()
             if now >= next_beat:
                 for sock in socks:
-                    sock.send_multipart(p.encode(p.Heartbeat()))
+                    try_send(sock, p.encode(p.Heartbeat()))
                 next_beat = now + beat
 
     def _coalesce(self) -> None:
@@ -418,7 +414,13 @@ class Driver:
                 self._rr = (b + 1) % n
                 self._unconfirmed[b] += 1
             rec.broker = b
-            socks[b].send_multipart(p.encode(p.Put(rec.seq, rec.n, rec.payload)), copy=False)
+            if not try_send(socks[b], p.encode(p.Put(rec.seq, rec.n, rec.payload))):
+                with self._cond:  # the broker cannot take it now: keep it first in line
+                    self._unconfirmed[b] -= 1
+                    rec.broker = -1
+                    self._queued.appendleft(rec)
+                    self._rr = b
+                return
 
     def _handle(self, broker: int, frames: list[Any]) -> int | None:
         """Handle one message; return the chunk id to acknowledge if it carried results."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
+import dask.config
 from distributed import Client
 
 from zdq._actor import candidate_workers
@@ -26,6 +27,7 @@ from zdq.errors import ClosedError, PlacementError, SerializationError, ZdqError
 from zdq.futures import BatchFuture, TaskFuture
 from zdq.serialization import Task, TaskOptions, check_picklable, dumps_chunk
 from zdq.stats import BrokerStats, PoolStats
+from zdq.transport.security import ClientKeys, PoolKeys
 
 __all__ = ["Durability", "QueuePool", "DeadLetterInfo"]
 
@@ -85,6 +87,10 @@ class QueuePool:
         Default task options (see :meth:`submit`).
     workers : list of str, optional
         Addresses or names of the workers to place brokers on (default: all workers).
+    auth : bool, optional
+        CurveZMQ on every socket (default ``zdq.auth``, true). ``False`` is for trusted networks
+        and benchmarks only: anyone who can reach a broker's port can then run code on the
+        workers. It is refused when the Dask cluster itself uses TLS.
     start : bool
         Place the brokers at once (the daskqueue behaviour). With ``False``, call :meth:`start`.
     **overrides
@@ -115,6 +121,7 @@ class QueuePool:
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         time_limit: float | None = None,
         workers: Sequence[str] | None = None,
+        auth: bool | None = None,
         start: bool = True,
         **overrides: Any,
     ) -> None:
@@ -134,6 +141,8 @@ class QueuePool:
         )
         self.queue_names = [f"{self.name}-queue-{i}" for i in range(n_queues)]
         self._allowed_workers = list(workers) if workers is not None else None
+        self.auth = bool(dask.config.get("zdq.auth")) if auth is None else bool(auth)
+        self._keys: PoolKeys | None = None
         self._actor_futures: list[Any] = []
         self._brokers: list[Any] = []
         self.endpoints: list[str] = []
@@ -142,6 +151,7 @@ class QueuePool:
         self._stop_supervisor = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._lost = [False] * n_queues
+        self._placed_on: dict[int, str] = {}
         self._listeners: weakref.WeakSet[Any] = weakref.WeakSet()
         self.recoveries = 0
         if start:
@@ -154,6 +164,7 @@ class QueuePool:
             raise ClosedError(f"queue pool {self.name} is closed")
         if self._driver is not None:
             return self
+        self._keys = self._make_keys()
         try:
             for i in range(self.n_queues):
                 self._actor_futures.append(self._place_broker(i))
@@ -165,7 +176,9 @@ class QueuePool:
         except Exception as e:
             self._release_actors()
             raise PlacementError(f"could not place the queues of pool {self.name}: {e}") from e
-        self._driver = Driver(self.name, self.endpoints, self.settings, keep_results=self.keep_results)
+        self._driver = Driver(
+            self.name, self.endpoints, self.settings, keep_results=self.keep_results, keys=self.client_keys
+        )
         self._driver.start()
         # A pool dropped without close() (daskqueue programs never close theirs) still stops its driver.
         weakref.finalize(self, self._driver.close)
@@ -176,19 +189,46 @@ class QueuePool:
         logger.info("Created %d queues in the cluster (pool %s).", self.n_queues, self.name)
         return self
 
+    def _make_keys(self) -> PoolKeys | None:
+        if self.auth:
+            return PoolKeys.generate()
+        security = getattr(self.client, "security", None)
+        if security is not None and getattr(security, "require_encryption", False):
+            raise ZdqError(
+                "this Dask cluster is secured with TLS: zdq will not run its sockets unauthenticated (auth=False)"
+            )
+        logger.warning(
+            "zdq pool %s runs WITHOUT authentication (auth=False): anyone who can reach its brokers' "
+            "ports can submit tasks, which means running code on your workers. Use this on trusted "
+            "networks only.",
+            self.name,
+        )
+        return None
+
+    @property
+    def client_keys(self) -> ClientKeys | None:
+        """The CURVE keys of this pool's drivers and consumers (``None`` without authentication)."""
+        return None if self._keys is None else self._keys.client
+
     def _place_broker(self, i: int) -> Any:
         workers = candidate_workers(self.client, self._allowed_workers)
+        lost = self._placed_on.get(i)
+        if lost is not None and len(workers) > 1 and lost in workers:
+            workers.remove(lost)  # the scheduler may not have noticed yet that it died
         if not workers:
             raise PlacementError("no worker is available to place queues on")
         queue_name = self.queue_names[i]
         dirpath = None if self.dirpath is None else os.path.join(self.dirpath, queue_name)
+        address = workers[i % len(workers)]
+        self._placed_on[i] = address
         return self.client.submit(
             Broker,
             queue_name,
             self.settings,
             dirpath,
+            None if self._keys is None else self._keys.server,
             actor=True,
-            workers=[workers[i % len(workers)]],
+            workers=[address],
             allow_other_workers=False,
             pure=False,
             key=f"zdq-broker-{queue_name}-{uuid.uuid4().hex[:8]}",

@@ -13,11 +13,24 @@ import logging
 import os
 import socket as pysocket
 import threading
+from typing import Any
 from urllib.parse import urlsplit
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
-__all__ = ["new_identity", "worker_host", "bind_router", "connect_dealer", "close_socket", "Waker"]
+from zdq.transport.security import ClientKeys, ServerKeys, secure_client, secure_server
+
+__all__ = [
+    "new_identity",
+    "worker_host",
+    "bind_router",
+    "connect_dealer",
+    "close_socket",
+    "try_send",
+    "Waker",
+    "BrokerLinks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +67,19 @@ def _tune(sock: zmq.Socket, max_message_size: int | None) -> None:
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
 
 
-def bind_router(ctx: zmq.Context, host: str, *, max_message_size: int) -> tuple[zmq.Socket, str]:
-    """Bind a ROUTER on ``host`` at a free port; return it and its connectable endpoint."""
+def bind_router(
+    ctx: zmq.Context, host: str, *, max_message_size: int, keys: ServerKeys | None = None
+) -> tuple[zmq.Socket, str, ThreadAuthenticator | None]:
+    """Bind a ROUTER on ``host`` at a free port (a CURVE server if ``keys`` are given).
+
+    Returns the socket, its connectable endpoint, and the authenticator to stop after it closes.
+    """
     sock = ctx.socket(zmq.ROUTER)
+    auth = None
     try:
         _tune(sock, max_message_size)
+        if keys is not None:
+            auth = secure_server(ctx, sock, keys)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         bind_host = f"[{host}]" if ":" in host else host
@@ -67,17 +88,26 @@ def bind_router(ctx: zmq.Context, host: str, *, max_message_size: int) -> tuple[
         port = sock.bind_to_random_port(f"tcp://{bind_host}")
     except Exception:
         sock.close(linger=0)
+        if auth is not None:
+            auth.stop()
         raise
-    return sock, f"tcp://{bind_host}:{port}"
+    return sock, f"tcp://{bind_host}:{port}", auth
 
 
 def connect_dealer(
-    ctx: zmq.Context, endpoint: str, identity: bytes, *, max_message_size: int | None = None
+    ctx: zmq.Context,
+    endpoint: str,
+    identity: bytes,
+    *,
+    max_message_size: int | None = None,
+    keys: ClientKeys | None = None,
 ) -> zmq.Socket:
-    """A DEALER with ``identity`` connected to ``endpoint``."""
+    """A DEALER with ``identity`` connected to ``endpoint`` (a CURVE client if ``keys`` are given)."""
     sock = ctx.socket(zmq.DEALER)
     try:
         _tune(sock, max_message_size)
+        if keys is not None:
+            secure_client(sock, keys)
         sock.setsockopt(zmq.IDENTITY, identity)
         if endpoint.startswith("tcp://["):
             sock.setsockopt(zmq.IPV6, 1)
@@ -86,6 +116,20 @@ def connect_dealer(
         sock.close(linger=0)
         raise
     return sock
+
+
+def try_send(sock: zmq.Socket, frames: list[Any]) -> bool:
+    """Send without ever blocking an I/O thread; False if the peer cannot take it now.
+
+    A DEALER whose broker is unreachable (gone, or refusing our handshake) would block a plain
+    send forever. What is not sent is recovered by the protocol: unconfirmed chunks are resent,
+    unacknowledged leases expire.
+    """
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        return True
+    except zmq.Again:
+        return False
 
 
 def close_socket(sock: zmq.Socket | None) -> None:
@@ -132,3 +176,62 @@ class Waker:
         with self._lock:
             close_socket(self._out)
         close_socket(self.socket)
+
+
+class BrokerLinks:
+    """The DEALERs of a driver or consumer I/O thread, one per broker, in one poller.
+
+    Each new link introduces itself with ``hello`` (so the broker knows the peer at once); a link
+    can be replaced when its broker is placed again elsewhere.
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        identity: bytes,
+        hello: list[Any],
+        *,
+        keys: ClientKeys | None,
+        max_message_size: int | None,
+    ) -> None:
+        self._ctx = ctx
+        self._identity = identity
+        self._hello = hello
+        self._keys = keys
+        self._max = max_message_size
+        self.poller = zmq.Poller()
+        self.socks: list[zmq.Socket] = []
+        self._index: dict[zmq.Socket, int] = {}
+
+    def _open(self, endpoint: str) -> zmq.Socket:
+        sock = connect_dealer(self._ctx, endpoint, self._identity, keys=self._keys, max_message_size=self._max)
+        sock.send_multipart(self._hello)
+        self.poller.register(sock, zmq.POLLIN)
+        return sock
+
+    def add(self, endpoint: str) -> None:
+        sock = self._open(endpoint)
+        self._index[sock] = len(self.socks)
+        self.socks.append(sock)
+
+    def replace(self, i: int, endpoint: str) -> None:
+        old = self.socks[i]
+        self.poller.unregister(old)
+        del self._index[old]
+        close_socket(old)
+        self.socks[i] = self._open(endpoint)
+        self._index[self.socks[i]] = i
+
+    def index(self, sock: Any) -> int | None:
+        return self._index.get(sock)
+
+    def close(self, farewell: list[Any] | None = None) -> None:
+        for sock in self.socks:
+            if farewell is not None:
+                try:
+                    sock.send_multipart(farewell, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            close_socket(sock)
+        self.socks.clear()
+        self._index.clear()

@@ -1,0 +1,93 @@
+"""CurveZMQ for every zdq socket: keys, server and client set-up, and who may connect.
+
+A pool makes two key pairs when it starts: one for its brokers (servers) and one for its drivers
+and consumers (clients). They travel only over Dask's own channel, as arguments of the actors that
+need them. A broker runs a ZAP authenticator that admits exactly the pool's client public key: a
+peer without it is refused during the handshake, before any of its bytes is read as a message.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+__all__ = ["PoolKeys", "ClientKeys", "ServerKeys", "secure_server", "secure_client"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    """What a driver or consumer holds: its key pair and the brokers' public key (z85)."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+    def __repr__(self) -> str:  # never print a secret
+        return f"ClientKeys(public={self.public!r}, secret=<hidden>)"
+
+
+@dataclass(frozen=True)
+class ServerKeys:
+    """What a broker holds: its key pair and the one client public key it admits (z85)."""
+
+    public: bytes
+    secret: bytes
+    client_public: bytes
+
+    def __repr__(self) -> str:
+        return f"ServerKeys(public={self.public!r}, secret=<hidden>)"
+
+
+@dataclass(frozen=True)
+class PoolKeys:
+    server: ServerKeys
+    client: ClientKeys
+
+    @classmethod
+    def generate(cls) -> PoolKeys:
+        if not zmq.has("curve"):
+            raise RuntimeError("this libzmq has no CURVE support")
+        server_public, server_secret = zmq.curve_keypair()
+        client_public, client_secret = zmq.curve_keypair()
+        return cls(
+            ServerKeys(server_public, server_secret, client_public),
+            ClientKeys(client_public, client_secret, server_public),
+        )
+
+
+class _OnlyPoolClients:
+    def __init__(self, allowed: bytes) -> None:
+        self._allowed = allowed
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        ok = key == self._allowed
+        if not ok:
+            logger.warning("zdq broker refused a peer with an unknown CURVE key %r", key[:8])
+        return ok
+
+
+def secure_server(ctx: zmq.Context, sock: zmq.Socket, keys: ServerKeys) -> ThreadAuthenticator:
+    """Make ``sock`` (not yet bound) a CURVE server that admits only the pool's clients.
+
+    Returns the authenticator of ``ctx``; stop it when the socket is closed.
+    """
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger("zdq.transport.zap"))
+    auth.start()
+    auth.configure_curve_callback(domain="zdq", credentials_provider=_OnlyPoolClients(keys.client_public))
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+    sock.setsockopt(zmq.ZAP_DOMAIN, b"zdq")
+    return auth
+
+
+def secure_client(sock: zmq.Socket, keys: ClientKeys) -> None:
+    """Make ``sock`` (not yet connected) a CURVE client of the pool's brokers."""
+    sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_public)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
