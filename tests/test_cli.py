@@ -13,13 +13,16 @@ def _zdq(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
 
 
 def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_path: Path) -> None:
-    proc = _zdq("bench", "--tasks", "5000", "--dask-tasks", "100", "--repeat", "1", "--durable", "--json")
+    proc = _zdq(
+        "bench", "--tasks", "5000", "--dask-tasks", "100", "--repeat", "1", "--durable", "--compare-auth", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     names = [c["name"] for c in report["cases"]]
     assert names[0].startswith("dask futures") and names[1].startswith("zdq") and "durable" in names[2]
     assert all(c["tasks_per_second"] > 0 for c in report["cases"])
-    assert report["ratios"]["zdq / dask futures"] > 0 and report["ratios"]["durable / transient"] > 0
+    assert set(report["ratios"]) == {"zdq / dask futures", "durable / transient", "with auth / without auth"}
+    assert all(r > 0 for r in report["ratios"].values())
     assert report["workers"] == 2
 
 

@@ -51,6 +51,8 @@ def test_every_message_round_trips(msg: p.Message) -> None:
         [p.VERSION, bytes([p.Command.SPLIT]), b"\0" * 12],
         [p.VERSION, bytes([p.Command.DEAD]), b"\0" * 16, b"x"],
         [p.VERSION, bytes([p.Command.RACK]), b"\0\0\0\2", b"\0" * 8],
+        [p.VERSION, bytes([p.Command.PUT]), b"\0" * 8 + b"\xff\xff\xff\xff", b"x"],
+        [p.VERSION, bytes([p.Command.DELIVER]), b"\0" * 8 + b"\0\0\0\0" + b"\0\0\0\1", b"x"],
     ],
 )
 def test_malformed_messages_raise_protocol_error(frames: list[bytes]) -> None:

@@ -34,6 +34,7 @@ class BenchConfig:
     scheduler: str | None = None
     repeat: int = 3
     durable: bool = False
+    compare_auth: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tasks", "queues", "consumers", "batch_size", "workers", "repeat"):
@@ -116,7 +117,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
     with _client(config) as client:
         workers = len(client.scheduler_info(n_workers=-1)["workers"])
         dask = _dask_case(client, config.n_dask, config.repeat)
-        zdq = _zdq_case(client, config, "zdq end to end (batch_submit -> results)")
+        zdq = _zdq_case(client, config, "zdq end to end (CurveZMQ, batch_submit -> results)")
         cases = [dask, zdq]
         ratios["zdq / dask futures"] = zdq.rate / dask.rate
         if config.durable:
@@ -126,6 +127,10 @@ def run(config: BenchConfig) -> dict[str, Any]:
                 )
             cases.append(durable)
             ratios["durable / transient"] = durable.rate / zdq.rate
+        if config.compare_auth:
+            plain = _zdq_case(client, config, "zdq without authentication (auth=False)", auth=False)
+            cases.append(plain)
+            ratios["with auth / without auth"] = zdq.rate / plain.rate
     return {
         "config": asdict(config),
         "workers": workers,
@@ -135,10 +140,10 @@ def run(config: BenchConfig) -> dict[str, Any]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"{'case':<45} {'tasks':>9} {'median s':>9} {'tasks/s':>12}"]
+    lines = [f"{'case':<52} {'tasks':>9} {'median s':>9} {'tasks/s':>12}"]
     for case in report["cases"]:
         lines.append(
-            f"{case['name']:<45} {case['tasks']:>9} {case['median_seconds']:>9.3f} {case['tasks_per_second']:>12,.0f}"
+            f"{case['name']:<52} {case['tasks']:>9} {case['median_seconds']:>9.3f} {case['tasks_per_second']:>12,.0f}"
         )
     for name, ratio in report["ratios"].items():
         lines.append(f"{name}: {ratio:,.2f}x")

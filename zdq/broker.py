@@ -542,6 +542,12 @@ class Broker:
     def pid(self) -> int:
         return os.getpid()
 
+    def payload_key(self, proposed: bytes | None) -> bytes | None:
+        """The queue's payload key: the one it stored (durable), else ``proposed`` (kept if durable)."""
+        core = self._running_core()
+        with core._lock:
+            return core._storage.setting(b"payload-key", proposed)
+
     def _running_core(self) -> BrokerCore:
         if self._core is None:
             raise ClosedError(f"broker {self.name} is not started")

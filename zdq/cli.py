@@ -24,6 +24,7 @@ def _bench(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         repeat=args.repeat,
         durable=args.durable,
+        compare_auth=args.compare_auth,
     )
     report = run(config)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
@@ -83,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--scheduler", metavar="ADDRESS", default=None, help="use this cluster instead of an embedded one")
     bench.add_argument("--repeat", type=int, default=3, help="runs per case; medians are reported (default 3)")
     bench.add_argument("--durable", action="store_true", help="also run zdq on durable (LMDB) queues")
+    bench.add_argument("--compare-auth", action="store_true", help="also run zdq without authentication")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.set_defaults(func=_bench)
     inspect = sub.add_parser("inspect", help="ready, leased and dead tasks of durable queues, read-only, no cluster")

@@ -53,6 +53,8 @@ class PoolSettings:
         for name in ("chunk_size", "chunk_bytes", "window", "prefetch", "max_message_size", "map_size", "crash_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"zdq setting {name} must be at least 1, got {getattr(self, name)!r}")
+        if self.chunk_size > 100_000:
+            raise ValueError(f"zdq setting chunk_size is at most 100000, got {self.chunk_size}")
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
             raise ValueError(
                 "zdq heartbeat-timeout must be longer than heartbeat-interval "

@@ -117,6 +117,8 @@ class Consumer:
         Retries of tasks that carry no options of their own.
     keys : ClientKeys, optional
         The pool's CURVE client keys (``None``: unauthenticated sockets).
+    payload_key : bytes, optional
+        The key that seals chunks and results (``None``: unsealed).
     """
 
     def __init__(
@@ -129,9 +131,11 @@ class Consumer:
         early_ack: bool = False,
         retries: int = 0,
         keys: ClientKeys | None = None,
+        payload_key: bytes | None = None,
     ) -> None:
         self.name = name
         self._keys = keys
+        self._payload_key = payload_key
         self._defaults = TaskOptions(retries=retries)
         self._identity = identity
         self._class = consumer_class
@@ -336,7 +340,7 @@ class Consumer:
                 self._post(broker, p.Return(deliver.chunk_id))
                 continue
             try:
-                base, tasks = loads_chunk(deliver.chunk)
+                base, tasks = loads_chunk(deliver.chunk, self._payload_key)
                 if len(tasks) != deliver.n_tasks:
                     raise ValueError(f"chunk holds {len(tasks)} tasks, its header says {deliver.n_tasks}")
             except Exception as e:
@@ -349,7 +353,7 @@ class Consumer:
             if deliver.attempt > 1 and len(tasks) > 1:
                 # A consumer died holding this chunk. Split it so that a task that kills its
                 # consumer is tried alone, and the others are not dragged down with it.
-                parts = [dumps_chunk(base + i, [task]) for i, task in enumerate(tasks)]
+                parts = [dumps_chunk(base + i, [task], self._payload_key) for i, task in enumerate(tasks)]
                 self._post(broker, p.Split(deliver.chunk_id, parts))
                 continue
             run = _ChunkRun(broker, deliver.chunk_id, base, len(tasks), deliver.attempt - 1)
@@ -440,7 +444,7 @@ class Consumer:
             info.exception.add_note(f"zdq: task {tid} failed {attempts} attempts and was dead-lettered")
         reason = f"task {tid} ({attempts or run.crashes} attempts): {info.type_name}: {info.message}\n{info.traceback}"
         try:
-            payload = dumps_chunk(tid, [task])
+            payload = dumps_chunk(tid, [task], self._payload_key)
         except Exception as e:  # it was unpickled from a chunk, so this is unexpected: keep the error
             logger.error("consumer %s cannot dead-letter task %d: %s", self.name, tid, e)
         else:
@@ -479,5 +483,5 @@ class Consumer:
             self._counts["tasks_done"] += n - len(errors)
         for dead in run.dead:  # before DONE, so the broker still knows the chunk they come from
             self._post(run.broker, dead)
-        payload = dumps_results(run.base, run.values, errors)
+        payload = dumps_results(run.base, run.values, errors, self._payload_key)
         self._post(run.broker, p.Done(run.chunk_id, n, payload))

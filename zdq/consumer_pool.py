@@ -137,6 +137,7 @@ class ConsumerPool:
             self.early_ack,
             self.retries or 0,
             self.queue_pool.client_keys,
+            self.queue_pool.payload_key,
             actor=True,
             workers=[address],
             allow_other_workers=False,

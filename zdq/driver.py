@@ -88,9 +88,11 @@ class Driver:
         *,
         keep_results: bool = True,
         keys: ClientKeys | None = None,
+        payload_key: bytes | None = None,
     ) -> None:
         self.name = name
         self._keys = keys
+        self.payload_key = payload_key
         self.identity = new_identity()
         self._endpoints = list(endpoints)
         self._settings = settings
@@ -386,7 +388,7 @@ class Driver:
             part = loose[start:end]
             futures = [fut for _, _, fut in part]
             try:
-                payload = dumps_chunk(first, [task for _, task, _ in part])
+                payload = dumps_chunk(first, [task for _, task, _ in part], self.payload_key)
             except ZdqError as e:
                 for fut in futures:
                     _settle(fut, exc=e)
@@ -466,7 +468,7 @@ class Driver:
             rec.fail(exc)
 
     def _on_results(self, broker: int, msg: p.Results) -> None:
-        base, values, errors = loads_results(msg.results)
+        base, values, errors = loads_results(msg.results, self.payload_key)
         n = len(values)
         if any(not isinstance(i, int) or not 0 <= i < n for i in errors):
             raise ValueError("results name an error outside the chunk")

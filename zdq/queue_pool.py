@@ -23,7 +23,7 @@ from zdq._actor import candidate_workers
 from zdq.broker import Broker
 from zdq.config import PoolSettings, settings
 from zdq.driver import Driver
-from zdq.errors import ClosedError, PlacementError, SerializationError, ZdqError
+from zdq.errors import ClosedError, PlacementError, SerializationError, StorageCorrupt, ZdqError
 from zdq.futures import BatchFuture, TaskFuture
 from zdq.serialization import Task, TaskOptions, check_picklable, dumps_chunk
 from zdq.stats import BrokerStats, PoolStats
@@ -143,6 +143,7 @@ class QueuePool:
         self._allowed_workers = list(workers) if workers is not None else None
         self.auth = bool(dask.config.get("zdq.auth")) if auth is None else bool(auth)
         self._keys: PoolKeys | None = None
+        self.payload_key: bytes | None = None
         self._actor_futures: list[Any] = []
         self._brokers: list[Any] = []
         self.endpoints: list[str] = []
@@ -170,6 +171,7 @@ class QueuePool:
                 self._actor_futures.append(self._place_broker(i))
             self._brokers = [fut.result() for fut in self._actor_futures]
             self.endpoints = [b.start().result() for b in self._brokers]
+            self.payload_key = self._agree_payload_key()
         except ZdqError:
             self._release_actors()
             raise
@@ -177,7 +179,12 @@ class QueuePool:
             self._release_actors()
             raise PlacementError(f"could not place the queues of pool {self.name}: {e}") from e
         self._driver = Driver(
-            self.name, self.endpoints, self.settings, keep_results=self.keep_results, keys=self.client_keys
+            self.name,
+            self.endpoints,
+            self.settings,
+            keep_results=self.keep_results,
+            keys=self.client_keys,
+            payload_key=self.payload_key,
         )
         self._driver.start()
         # A pool dropped without close() (daskqueue programs never close theirs) still stops its driver.
@@ -204,6 +211,19 @@ class QueuePool:
             self.name,
         )
         return None
+
+    def _agree_payload_key(self) -> bytes | None:
+        """The key that seals this pool's payloads.
+
+        A durable queue keeps the key of the pool that created it, so that a pool reopened after
+        a restart can read what was stored; the queues of one dirpath must agree on it.
+        """
+        proposed = os.urandom(32) if self.auth else None
+        calls = [b.payload_key(proposed) for b in self._brokers]
+        keys = {c.result(timeout=30) for c in calls}
+        if len(keys) > 1:
+            raise StorageCorrupt(f"the queues under {self.dirpath} were written by different pools (their keys differ)")
+        return keys.pop()
 
     @property
     def client_keys(self) -> ClientKeys | None:
@@ -272,6 +292,8 @@ class QueuePool:
         try:
             broker = fut.result(timeout=30)
             endpoint = broker.start().result(timeout=30)
+            if broker.payload_key(self.payload_key).result(timeout=30) != self.payload_key:
+                raise StorageCorrupt(f"queue {self.queue_names[i]} was reopened with another pool's key")
         except BaseException:
             fut.release()
             raise
@@ -440,7 +462,7 @@ class QueuePool:
         # Pickle everything before sending anything: a task that cannot be pickled leaves nothing
         # queued (its reserved ids are simply never used).
         chunks = [(base + i, tasks[i : i + size]) for i in range(0, len(tasks), size)]
-        payloads = [dumps_chunk(first, part) for first, part in chunks]
+        payloads = [dumps_chunk(first, part, driver.payload_key) for first, part in chunks]
         batch = BatchFuture(base, len(tasks))
         for (first, part), payload in zip(chunks, payloads):
             driver.submit_chunk(first, len(part), payload, batch, first - base, timeout=timeout)
@@ -469,7 +491,7 @@ class QueuePool:
             nonlocal count
             base = driver.reserve(len(part))
             try:
-                payload = dumps_chunk(base, part)
+                payload = dumps_chunk(base, part, driver.payload_key)
             except SerializationError as e:
                 raise SerializationError(f"{e} ({count} tasks before this chunk were queued)") from e
             driver.submit_chunk(base, len(part), payload, None, 0, timeout=timeout)

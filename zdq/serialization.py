@@ -7,12 +7,19 @@ because an empty dict per task nearly doubles the cost. A raw item (``put``) is 
 Options (:class:`TaskOptions`) make a task ``(fn, args, kwargs, options)``. cloudpickle is used because it pickles by reference whatever plain pickle can, and by value what
 workers cannot import (functions and classes of ``__main__``, lambdas, closures).
 
+When the pool is authenticated, every payload is sealed with a keyed BLAKE2b tag of the pool's
+payload key, set by its author (driver or consumer) and checked by its reader *before* unpickling:
+the broker in between cannot forge a payload, and bytes from any other peer (or a fuzzer) are
+rejected without being unpickled (random bytes can be a pickle that allocates gigabytes).
+
 Results travel as ``(base_task_id, values, errors)`` where ``errors`` maps an index in ``values`` to
 an :class:`ErrorInfo`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import pickle
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +37,8 @@ __all__ = [
     "dumps_results",
     "loads_results",
     "check_picklable",
+    "seal",
+    "unseal",
     "error_to_exception",
 ]
 
@@ -102,10 +111,33 @@ def check_picklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | Non
             ) from e
 
 
-def dumps_chunk(base_task_id: int, tasks: list[Task]) -> bytes:
-    """Pickle a chunk; on failure, name the first task part that cannot be pickled."""
+_TAG = 16
+
+
+def seal(key: bytes | None, data: bytes) -> bytes:
+    """``data`` prefixed with its keyed tag (``data`` itself without a key)."""
+    if key is None:
+        return data
+    return hashlib.blake2b(data, key=key, digest_size=_TAG).digest() + data
+
+
+def unseal(key: bytes | None, payload: Any) -> memoryview:
+    """The data of a sealed payload; ``ValueError`` if its tag does not match."""
+    view = memoryview(payload)
+    if key is None:
+        return view
+    if len(view) < _TAG:
+        raise ValueError("payload too short to carry its tag")
+    data = view[_TAG:]
+    if not hmac.compare_digest(hashlib.blake2b(data, key=key, digest_size=_TAG).digest(), view[:_TAG]):
+        raise ValueError("payload tag does not match: not written by a member of this pool")
+    return data
+
+
+def dumps_chunk(base_task_id: int, tasks: list[Task], key: bytes | None = None) -> bytes:
+    """Pickle (and seal) a chunk; on failure, name the first task part that cannot be pickled."""
     try:
-        return cloudpickle.dumps((base_task_id, tasks), protocol=PROTOCOL)
+        return seal(key, cloudpickle.dumps((base_task_id, tasks), protocol=PROTOCOL))
     except Exception as e:
         for task in tasks:
             fn, args, kwargs = task[0], task[1], (task[2] if len(task) > 2 else None)
@@ -116,9 +148,9 @@ def dumps_chunk(base_task_id: int, tasks: list[Task]) -> bytes:
         raise SerializationError(f"a chunk of {len(tasks)} tasks cannot be pickled: {e}") from e
 
 
-def loads_chunk(payload: Any) -> tuple[int, list[Task]]:
-    """Unpickle a chunk received from an authenticated broker; raise ValueError if malformed."""
-    obj = pickle.loads(payload)
+def loads_chunk(payload: Any, key: bytes | None = None) -> tuple[int, list[Task]]:
+    """Check and unpickle a chunk; raise ValueError if it is forged or malformed."""
+    obj = pickle.loads(unseal(key, payload))
     if (
         not isinstance(obj, tuple)
         or len(obj) != 2
@@ -129,10 +161,12 @@ def loads_chunk(payload: Any) -> tuple[int, list[Task]]:
     return obj[0], obj[1]
 
 
-def dumps_results(base_task_id: int, values: list[Any], errors: dict[int, ErrorInfo]) -> bytes:
-    """Pickle a chunk's results; a value that cannot be pickled becomes that task's error."""
+def dumps_results(
+    base_task_id: int, values: list[Any], errors: dict[int, ErrorInfo], key: bytes | None = None
+) -> bytes:
+    """Pickle (and seal) a chunk's results; a value that cannot be pickled becomes that task's error."""
     try:
-        return cloudpickle.dumps((base_task_id, values, errors), protocol=PROTOCOL)
+        return seal(key, cloudpickle.dumps((base_task_id, values, errors), protocol=PROTOCOL))
     except Exception:
         pass
     values = list(values)
@@ -150,12 +184,12 @@ def dumps_results(base_task_id: int, values: list[Any], errors: dict[int, ErrorI
             cloudpickle.dumps(info, protocol=PROTOCOL)
         except Exception:
             errors[i] = ErrorInfo(None, info.type_name, info.message, info.traceback)
-    return cloudpickle.dumps((base_task_id, values, errors), protocol=PROTOCOL)
+    return seal(key, cloudpickle.dumps((base_task_id, values, errors), protocol=PROTOCOL))
 
 
-def loads_results(payload: Any) -> tuple[int, list[Any], dict[int, ErrorInfo]]:
-    """Unpickle results received from an authenticated broker; raise ValueError if malformed."""
-    obj = pickle.loads(payload)
+def loads_results(payload: Any, key: bytes | None = None) -> tuple[int, list[Any], dict[int, ErrorInfo]]:
+    """Check and unpickle results; raise ValueError if they are forged or malformed."""
+    obj = pickle.loads(unseal(key, payload))
     if (
         not isinstance(obj, tuple)
         or len(obj) != 3

@@ -284,6 +284,10 @@ class Storage(ABC):
             len(self._ready), self._ready_tasks, len(self._leased), self._leased_tasks, len(self._dead), dead_tasks
         )
 
+    def setting(self, name: bytes, default: bytes | None) -> bytes | None:
+        """A value kept with the queue: the stored one, else ``default`` (stored if not None)."""
+        return default
+
     def flush_marks(self) -> None:
         """Write bookkeeping that may lag (lease marks); the broker calls it after every round."""
 

@@ -233,6 +233,18 @@ class LMDBStorage(Storage):
             self._marks[chunk_id] = False
         return released
 
+    def setting(self, name: bytes, default: bytes | None) -> bytes | None:
+        assert self._env is not None
+        meta = self._dbs[b"meta"]
+        with self._env.begin(write=default is not None) as txn:
+            value = txn.get(name, db=meta)
+            if value is None and default is not None:
+                txn.put(name, default, db=meta)
+                value = default
+        if default is not None:
+            self._env.sync(True)
+        return value
+
     def flush_marks(self) -> None:
         if not self._marks or self._env is None:
             return

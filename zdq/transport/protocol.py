@@ -62,6 +62,7 @@ __all__ = [
     "encode",
     "decode",
     "ID_SIZE",
+    "MAX_CHUNK_TASKS",
 ]
 
 #: First frame of every message; the last byte is the protocol version.
@@ -208,8 +209,8 @@ _RESULTS = struct.Struct(">QQ16s")
 _RETURN = struct.Struct(">Q")
 _LOST = struct.Struct(">QQ")
 _SPLIT = struct.Struct(">QI")
-#: Most parts a SPLIT may carry (a chunk never holds more tasks than this).
-MAX_SPLIT = 100_000
+#: Most tasks a chunk may hold (and parts a SPLIT may carry): a peer's claim is never trusted beyond.
+MAX_SPLIT = MAX_CHUNK_TASKS = 100_000
 _EMPTY = b""
 
 _CMD = {c: bytes([c]) for c in Command}
@@ -268,6 +269,12 @@ def _unpack(layout: struct.Struct, frame: object, command: Command) -> tuple[int
     return layout.unpack(raw)
 
 
+def _n_tasks(n: int, command: Command) -> int:
+    if not 1 <= n <= MAX_CHUNK_TASKS:
+        raise ProtocolError(f"{command.name} claims {n} tasks; a chunk holds 1 to {MAX_CHUNK_TASKS}")
+    return n
+
+
 def decode(frames: list[object]) -> Message:
     """Parse the frames of one message (routing identity already removed).
 
@@ -300,15 +307,13 @@ def decode(frames: list[object]) -> Message:
     header = frames[2]
     if command is Command.DELIVER:
         chunk_id, n_tasks, attempt = _unpack(_DELIVER, header, command)
-        return Deliver(chunk_id, n_tasks, attempt, frames[3])
+        return Deliver(chunk_id, _n_tasks(n_tasks, command), attempt, frames[3])
     if command is Command.DONE:
         chunk_id, n_tasks = _unpack(_DONE, header, command)
-        return Done(chunk_id, n_tasks, frames[3])
+        return Done(chunk_id, _n_tasks(n_tasks, command), frames[3])
     if command is Command.PUT:
         seq, n_tasks = _unpack(_PUT, header, command)
-        if n_tasks == 0:
-            raise ProtocolError("PUT of an empty chunk")
-        return Put(seq, n_tasks, frames[3])
+        return Put(seq, _n_tasks(n_tasks, command), frames[3])
     if command is Command.RESULTS:
         raw = _bytes(header)
         if len(raw) != _RESULTS.size:

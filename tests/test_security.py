@@ -1,0 +1,198 @@
+"""Only the pool's own peers get in, and what they send is bounded and checked."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import struct
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import zmq
+from distributed import Client, LocalCluster, Security
+
+from zdq import ConsumerPool, QueuePool, ZdqError
+from zdq.serialization import loads_results
+from zdq.transport import protocol as p
+from zdq.transport.security import ClientKeys
+from zdq.transport.sockets import connect_dealer
+
+from .tasks import add
+
+
+class _CreatesFile:
+    """Unpickling this creates a file: what an attacker would send to run code on a worker."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (self.path, "w"))
+
+
+def _evil_chunk(path: str) -> bytes:
+    return pickle.dumps((1, [(print, (_CreatesFile(path),))]))
+
+
+def _drain(sock: zmq.Socket, seconds: float) -> list[list[bytes]]:
+    got = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if sock.poll(int(left * 1000)):
+            got.append(sock.recv_multipart())
+    return got
+
+
+def test_a_peer_without_the_keys_is_refused_and_nothing_it_sends_is_unpickled(
+    client: Client, tmp_path: Path, zmq_ctx: zmq.Context
+) -> None:
+    target = str(tmp_path / "pwned")
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool) as consumers:
+        consumers.start()
+        endpoint = queue_pool.endpoints[0]
+        plain = connect_dealer(zmq_ctx, endpoint, os.urandom(16))
+        stranger_public, stranger_secret = zmq.curve_keypair()
+        assert queue_pool.client_keys is not None
+        stranger = connect_dealer(
+            zmq_ctx, endpoint, os.urandom(16),
+            keys=ClientKeys(stranger_public, stranger_secret, queue_pool.client_keys.server_public),
+        )
+        for sock in (plain, stranger):
+            for frames in (
+                p.encode(p.Hello(p.Role.DRIVER, b"evil")),
+                p.encode(p.Put(1, 1, _evil_chunk(target))),
+                p.encode(p.Fetch(5)),
+            ):
+                sock.send_multipart(frames, zmq.NOBLOCK)
+        assert _drain(plain, 1.0) == [] and _drain(stranger, 0.5) == []
+        assert queue_pool.submit(add, 2, 3).result(timeout=30) == 5
+        time.sleep(0.5)
+        assert not os.path.exists(target)
+        stats = queue_pool.broker_statistics()[0]
+        assert stats.chunks_stored == 1 and stats.drivers == 1  # only the pool's own chunk and driver
+        plain.close(linger=0)
+        stranger.close(linger=0)
+
+
+def _mutations(rng: random.Random, valid: list[list[bytes]]) -> list[bytes]:
+    frames = [bytes(f) for f in rng.choice(valid)]
+    kind = rng.randrange(8)
+    if kind == 0:  # random frames
+        return [rng.randbytes(rng.randrange(0, 40)) for _ in range(rng.randrange(1, 6))]
+    if kind == 1:  # wrong version
+        frames[0] = rng.randbytes(4)
+    elif kind == 2:  # unknown or broker-to-peer command
+        frames[1] = bytes([rng.choice([0, 3, 5, 7, 12, 200, 255])])
+    elif kind == 3 and len(frames) > 2:  # truncated header
+        frames[2] = frames[2][: rng.randrange(len(frames[2]) + 1)]
+    elif kind == 4:  # extra or missing frames
+        frames = frames + [rng.randbytes(8)] if rng.random() < 0.5 else frames[:-1]
+    elif kind == 5 and len(frames) > 2:  # flipped bits in the header
+        header = bytearray(frames[2])
+        for _ in range(3):
+            if header:
+                header[rng.randrange(len(header))] ^= 1 << rng.randrange(8)
+        frames[2] = bytes(header)
+    elif kind == 6:  # a well-formed message with a garbage payload
+        frames[-1] = rng.randbytes(rng.randrange(1, 64))
+    return frames
+
+
+def test_a_broker_survives_ten_thousand_random_and_mutated_messages_from_an_authenticated_peer(
+    client: Client, zmq_ctx: zmq.Context
+) -> None:
+    rng = random.Random(1234)
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
+        consumers.start()
+        assert queue_pool.batch_submit([(add, i) for i in range(1000)]).result(timeout=30) == list(range(1000))
+        peer = connect_dealer(zmq_ctx, queue_pool.endpoints[0], os.urandom(16), keys=queue_pool.client_keys)
+        ids = struct.pack(">3Q", 1, 2, 3)
+        valid = [
+            p.encode(p.Hello(p.Role.DRIVER, b"fuzz")),
+            p.encode(p.Put(1, 3, b"\x80\x05garbage")),
+            p.encode(p.Fetch(1000)),
+            p.encode(p.Done(12345, 3, b"results")),
+            p.encode(p.Return(1)),
+            p.encode(p.Ack(1)),
+            p.encode(p.Dead(1, 2, b"x", b"why")),
+            p.encode(p.Split(1, [b"a", b"b"])),
+            [p.VERSION, bytes([p.Command.RACK]), struct.pack(">I", 3), ids],
+            p.encode(p.Heartbeat()),
+            p.encode(p.Bye()),
+        ]
+        for i in range(10_000):
+            peer.send_multipart(_mutations(rng, valid))
+            if i % 500 == 0:
+                _drain(peer, 0.01)
+        _drain(peer, 1.0)
+        stats = queue_pool.broker_statistics()[0]
+        assert stats.bad_messages > 1000
+        # The broker still serves the pool: a normal run completes.
+        assert queue_pool.batch_submit([(add, i, 1) for i in range(5000)]).result(timeout=60) == [
+            i + 1 for i in range(5000)
+        ]
+        peer.close(linger=0)
+
+
+def test_a_chunk_that_does_not_decode_fails_its_tasks_not_the_consumer(client: Client, zmq_ctx: zmq.Context) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool) as consumers:
+        consumers.start()
+        peer = connect_dealer(zmq_ctx, queue_pool.endpoints[0], os.urandom(16), keys=queue_pool.client_keys)
+        peer.send_multipart(p.encode(p.Hello(p.Role.DRIVER, b"sloppy")))
+        peer.send_multipart(p.encode(p.Put(7, 3, b"definitely not a pickle")))
+        results = [m for m in _drain(peer, 5.0) if m[1] == bytes([p.Command.RESULTS])]
+        assert len(results) == 1
+        base, values, errors = loads_results(results[0][3], queue_pool.payload_key)
+        assert values == [None] * 3 and set(errors) == {0, 1, 2}
+        assert "does not decode" in errors[0].message
+        assert queue_pool.submit(add, 1, 1).result(timeout=30) == 2  # the consumer carries on
+        assert consumers.statistics()[0].bad_chunks == 1
+        peer.close(linger=0)
+
+
+def test_an_oversized_message_is_dropped_and_the_broker_carries_on(client: Client, zmq_ctx: zmq.Context) -> None:
+    with QueuePool(client, 1, max_message_size="1MiB") as queue_pool, ConsumerPool(client, queue_pool) as consumers:
+        consumers.start()
+        peer = connect_dealer(zmq_ctx, queue_pool.endpoints[0], os.urandom(16), keys=queue_pool.client_keys)
+        peer.send_multipart(p.encode(p.Put(1, 1, os.urandom(2 << 20))))
+        _drain(peer, 1.0)
+        assert queue_pool.broker_statistics()[0].chunks_stored == 0
+        assert queue_pool.submit(add, 20, 22).result(timeout=30) == 42
+        peer.close(linger=0)
+
+
+def test_brokers_listen_on_their_workers_own_address_only(client: Client) -> None:
+    with QueuePool(client, 2) as queue_pool:
+        for endpoint in queue_pool.endpoints:
+            assert endpoint.startswith("tcp://127.0.0.1:")
+        ports = {int(e.rsplit(":", 1)[1]) for e in queue_pool.endpoints}
+
+        def listening(ports: set[int]) -> list[str]:
+            return [c.laddr.ip for c in psutil.Process().net_connections("tcp") if c.laddr.port in ports and c.status == "LISTEN"]
+
+        bound = [ip for ips in client.run(listening, ports).values() for ip in ips]
+        assert sorted(bound) == ["127.0.0.1", "127.0.0.1"]
+
+
+def test_unauthenticated_sockets_are_refused_on_a_tls_secured_cluster() -> None:
+    security = Security.temporary()
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, security=security,
+        dashboard_address=None, worker_dashboard_address=None,
+    ) as cluster, Client(cluster, security=security) as client:
+        with pytest.raises(ZdqError, match="will not run its sockets unauthenticated"):
+            QueuePool(client, 1, auth=False)
+        with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool) as consumers:
+            consumers.start()
+            assert queue_pool.submit(add, 1, 2).result(timeout=30) == 3
+
+
+def test_the_opt_out_is_loud(client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="zdq"):
+        with QueuePool(client, 1, auth=False) as queue_pool, ConsumerPool(client, queue_pool) as consumers:
+            consumers.start()
+            assert queue_pool.submit(add, 1, 2).result(timeout=30) == 3
+    assert any("WITHOUT authentication" in r.getMessage() for r in caplog.records)
