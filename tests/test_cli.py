@@ -18,10 +18,16 @@ def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_pat
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    names = [c["name"] for c in report["cases"]]
-    assert names[0].startswith("dask futures") and names[1].startswith("zdq") and "durable" in names[2]
+    systems = [c["system"] for c in report["cases"]]
+    assert systems[0].startswith("dask futures") and systems[1].startswith("zdq") and "pipeline" in systems[2]
+    assert "durable" in systems[3] and "without authentication" in systems[4]
     assert all(c["tasks_per_second"] > 0 for c in report["cases"])
-    assert set(report["ratios"]) == {"zdq / dask futures", "durable / transient", "with auth / without auth"}
+    assert set(report["ratios"]) == {
+        "no-op: zdq / dask futures",
+        "no-op: zdq / bare pipeline",
+        "no-op: durable / transient",
+        "no-op: with auth / without auth",
+    }
     assert all(r > 0 for r in report["ratios"].values())
     assert report["workers"] == 2
 

@@ -12,7 +12,7 @@ __all__ = ["main"]
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from zdq.bench import BenchConfig, format_table, run
+    from zdq.benchmark import BenchConfig, format_table, run
 
     config = BenchConfig(
         tasks=args.tasks,
@@ -25,8 +25,14 @@ def _bench(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         durable=args.durable,
         compare_auth=args.compare_auth,
+        suite=args.suite,
+        generator_tasks=args.generator_tasks,
     )
     report = run(config)
+    if args.plots:
+        from zdq.benchmark.plots import sweep_and_plot
+
+        report["sweeps"] = sweep_and_plot(config, args.plots)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0
 
@@ -85,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=3, help="runs per case; medians are reported (default 3)")
     bench.add_argument("--durable", action="store_true", help="also run zdq on durable (LMDB) queues")
     bench.add_argument("--compare-auth", action="store_true", help="also run zdq without authentication")
+    bench.add_argument("--suite", choices=("quick", "full"), default="quick",
+                       help="quick: no-op throughput; full: every case (latency, I/O, CPU, durable, auth, generator)")
+    bench.add_argument("--generator-tasks", type=int, default=10_000_000, help="tasks of the generator case")
+    bench.add_argument("--plots", metavar="DIR", default=None, help="also sweep batch size and consumers; write PNGs")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.set_defaults(func=_bench)
     inspect = sub.add_parser("inspect", help="ready, leased and dead tasks of durable queues, read-only, no cluster")

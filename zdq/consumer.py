@@ -26,7 +26,7 @@ import zmq
 from zdq._actor import liveness_probe, worker_address
 from zdq.config import PoolSettings
 from zdq.errors import DeadLettered, TaskTimeout
-from zdq.serialization import ErrorInfo, TaskOptions, dumps_chunk, dumps_results, loads_chunk
+from zdq.serialization import CALLS, ITEMS, ErrorInfo, TaskOptions, dumps_chunk, dumps_results, loads_chunk
 from zdq.stats import ConsumerStats
 from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
@@ -82,10 +82,23 @@ def _error_info(exc: BaseException) -> ErrorInfo:
 class _ChunkRun:
     """One delivered chunk being executed; thread-safe completion for the fan-out path."""
 
-    __slots__ = ("broker", "chunk_id", "base", "values", "errors", "remaining", "lock", "dead", "crashes")
+    __slots__ = (
+        "broker", "chunk_id", "base", "values", "errors", "remaining", "lock", "dead", "crashes", "kind", "options"
+    )
 
-    def __init__(self, broker: int, chunk_id: int, base: int, n: int, crashes: int = 0) -> None:
+    def __init__(
+        self,
+        broker: int,
+        chunk_id: int,
+        base: int,
+        n: int,
+        crashes: int = 0,
+        kind: int = 0,
+        options: TaskOptions | None = None,
+    ) -> None:
         self.broker = broker
+        self.kind = kind
+        self.options = options
         self.crashes = crashes  # deliveries of this chunk that ended with their consumer's death
         self.dead: list[p.Dead] = []
         self.chunk_id = chunk_id
@@ -340,7 +353,7 @@ class Consumer:
                 self._post(broker, p.Return(deliver.chunk_id))
                 continue
             try:
-                base, tasks = loads_chunk(deliver.chunk, self._payload_key)
+                base, kind, tasks, options = loads_chunk(deliver.chunk, self._payload_key)
                 if len(tasks) != deliver.n_tasks:
                     raise ValueError(f"chunk holds {len(tasks)} tasks, its header says {deliver.n_tasks}")
             except Exception as e:
@@ -353,36 +366,47 @@ class Consumer:
             if deliver.attempt > 1 and len(tasks) > 1:
                 # A consumer died holding this chunk. Split it so that a task that kills its
                 # consumer is tried alone, and the others are not dragged down with it.
-                parts = [dumps_chunk(base + i, [task], self._payload_key) for i, task in enumerate(tasks)]
+                key = self._payload_key
+                parts = [dumps_chunk(base + i, [task], key, kind, options) for i, task in enumerate(tasks)]
                 self._post(broker, p.Split(deliver.chunk_id, parts))
                 continue
-            run = _ChunkRun(broker, deliver.chunk_id, base, len(tasks), deliver.attempt - 1)
+            run = _ChunkRun(broker, deliver.chunk_id, base, len(tasks), deliver.attempt - 1, kind, options)
             if self._pool is None:
                 self._run_inline(run, tasks)
             else:
                 for i, task in enumerate(tasks):
                     self._pool.submit(self._run_one, run, i, task)
 
-    def _call(self, task: tuple[Any, ...]) -> Any:
-        fn = task[0]
-        if fn is None:
+    def _call(self, run: _ChunkRun, entry: Any) -> Any:
+        if run.kind == CALLS:
+            return entry[0](*entry[1:])
+        if run.kind == ITEMS or entry[0] is None:
             assert self._handler is not None
-            return self._handler.process_item(task[1])
-        if len(task) == 2:
-            return fn(*task[1])
-        return fn(*task[1], **(task[2] or {}))
+            return self._handler.process_item(entry if run.kind == ITEMS else entry[1])
+        if len(entry) == 2:
+            return entry[0](*entry[1])
+        return entry[0](*entry[1], **(entry[2] or {}))
 
-    def _run_inline(self, run: _ChunkRun, tasks: list[tuple[Any, ...]]) -> None:
+    def _run_inline(self, run: _ChunkRun, tasks: list[Any]) -> None:
         values = run.values
-        call = self._call
-        for i, task in enumerate(tasks):
-            if len(task) > 3 or run.crashes:
-                self._run_careful(run, i, task)
-                continue
-            try:
-                values[i] = call(task)
-            except BaseException as e:  # a task's failure is its result, whatever it raised
-                self._run_careful(run, i, task, failed=e)
+        careful = run.options is not None or run.crashes > 0
+        if run.kind == CALLS and not careful:
+            # The hot loop of no-op benchmarks: nothing but the call, per task.
+            for i, c in enumerate(tasks):
+                try:
+                    values[i] = c[0](*c[1:])
+                except BaseException as e:  # a task's failure is its result, whatever it raised
+                    self._run_careful(run, i, c, failed=e)
+        else:
+            call = self._call
+            for i, task in enumerate(tasks):
+                if careful or (run.kind == 0 and len(task) > 3):
+                    self._run_careful(run, i, task)
+                    continue
+                try:
+                    values[i] = call(run, task)
+                except BaseException as e:
+                    self._run_careful(run, i, task, failed=e)
         self._finish(run)
 
     def _run_one(self, run: _ChunkRun, i: int, task: tuple[Any, ...]) -> None:
@@ -393,9 +417,10 @@ class Consumer:
         if last:
             self._finish(run)
 
-    def _options(self, task: tuple[Any, ...]) -> TaskOptions:
-        options = task[3] if len(task) > 3 else None
-        return options if isinstance(options, TaskOptions) else self._defaults
+    def _options(self, run: _ChunkRun, task: Any) -> TaskOptions:
+        if run.kind == 0 and len(task) > 3 and isinstance(task[3], TaskOptions):
+            return task[3]
+        return run.options or self._defaults
 
     def _run_careful(
         self, run: _ChunkRun, i: int, task: tuple[Any, ...], failed: BaseException | None = None
@@ -404,7 +429,7 @@ class Consumer:
 
         ``failed`` is the error of a first attempt already made on the fast path.
         """
-        options = self._options(task)
+        options = self._options(run, task)
         allowed = options.retries + 1
         if run.crashes:
             allowed = max(allowed, self._settings.crash_attempts)
@@ -419,7 +444,7 @@ class Consumer:
             if error is None:
                 attempt += 1
                 try:
-                    run.values[i] = self._call_limited(task, options.time_limit, run.base + i)
+                    run.values[i] = self._call_limited(run, task, options.time_limit, run.base + i)
                     return
                 except BaseException as e:
                     error = e
@@ -444,7 +469,7 @@ class Consumer:
             info.exception.add_note(f"zdq: task {tid} failed {attempts} attempts and was dead-lettered")
         reason = f"task {tid} ({attempts or run.crashes} attempts): {info.type_name}: {info.message}\n{info.traceback}"
         try:
-            payload = dumps_chunk(tid, [task], self._payload_key)
+            payload = dumps_chunk(tid, [task], self._payload_key, run.kind, run.options)
         except Exception as e:  # it was unpickled from a chunk, so this is unexpected: keep the error
             logger.error("consumer %s cannot dead-letter task %d: %s", self.name, tid, e)
         else:
@@ -453,14 +478,14 @@ class Consumer:
         with run.lock:
             run.errors[i] = info
 
-    def _call_limited(self, task: tuple[Any, ...], limit: float | None, tid: int) -> Any:
+    def _call_limited(self, run: _ChunkRun, task: Any, limit: float | None, tid: int) -> Any:
         if limit is None:
-            return self._call(task)
+            return self._call(run, task)
         box: dict[str, Any] = {}
 
         def target() -> None:
             try:
-                box["value"] = self._call(task)
+                box["value"] = self._call(run, task)
             except BaseException as e:
                 box["error"] = e
 

@@ -25,7 +25,7 @@ from zdq.config import PoolSettings, settings
 from zdq.driver import Driver
 from zdq.errors import ClosedError, PlacementError, SerializationError, StorageCorrupt, ZdqError
 from zdq.futures import BatchFuture, TaskFuture
-from zdq.serialization import Task, TaskOptions, check_picklable, dumps_chunk
+from zdq.serialization import CALLS, ITEMS, Task, TaskOptions, check_picklable, dumps_chunk
 from zdq.stats import BrokerStats, PoolStats
 from zdq.transport.security import ClientKeys, PoolKeys
 
@@ -58,10 +58,10 @@ def _durability(value: Durability | str) -> Durability:
         raise ValueError(f"durability must be 'transient' or 'durable', got {value!r}") from None
 
 
-def _split_call(call: Any, position: int) -> Task:
-    if not isinstance(call, tuple) or not call or not callable(call[0]):
-        raise TypeError(f"batch_submit item {position} must be a tuple (fn, *args), got {call!r:.80}")
-    return (call[0], call[1:])
+def _check_calls(calls: Sequence[Any], first: int = 0) -> None:
+    for i, call in enumerate(calls):
+        if type(call) is not tuple or not call or not callable(call[0]):
+            raise TypeError(f"batch_submit item {first + i} must be a tuple (fn, *args), got {call!r:.80}")
 
 
 class QueuePool:
@@ -443,27 +443,35 @@ class QueuePool:
         """
         given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
         options = self._options({k: v for k, v in given.items() if v is not None})
-        tasks = [self._with_options(_split_call(call, i), options) for i, call in enumerate(list_calls)]
-        return self._submit_tasks(tasks, batch_size, timeout)
+        calls = list_calls if isinstance(list_calls, list) else list(list_calls)
+        _check_calls(calls)
+        return self._submit_entries(calls, CALLS, options, batch_size, timeout)
 
     def put_many(self, items: Sequence[Any], batch_size: int | None = None, timeout: float | None = None) -> BatchFuture:
         """Queue many raw items at once; same guarantees as :meth:`batch_submit`."""
-        return self._submit_tasks([(None, item) for item in items], batch_size, timeout)
+        return self._submit_entries(list(items), ITEMS, self._options({}), batch_size, timeout)
 
     def _chunk_size(self, batch_size: int | None) -> int:
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         return min(batch_size or self.settings.chunk_size, self.settings.chunk_size)
 
-    def _submit_tasks(self, tasks: list[Task], batch_size: int | None, timeout: float | None) -> BatchFuture:
+    def _submit_entries(
+        self,
+        entries: list[Any],
+        kind: int,
+        options: TaskOptions | None,
+        batch_size: int | None,
+        timeout: float | None,
+    ) -> BatchFuture:
         driver = self.driver
         size = self._chunk_size(batch_size)
-        base = driver.reserve(len(tasks))
+        base = driver.reserve(len(entries))
         # Pickle everything before sending anything: a task that cannot be pickled leaves nothing
         # queued (its reserved ids are simply never used).
-        chunks = [(base + i, tasks[i : i + size]) for i in range(0, len(tasks), size)]
-        payloads = [dumps_chunk(first, part, driver.payload_key) for first, part in chunks]
-        batch = BatchFuture(base, len(tasks))
+        chunks = [(base + i, entries[i : i + size]) for i in range(0, len(entries), size)]
+        payloads = [dumps_chunk(first, part, driver.payload_key, kind, options) for first, part in chunks]
+        batch = BatchFuture(base, len(entries))
         for (first, part), payload in zip(chunks, payloads):
             driver.submit_chunk(first, len(part), payload, batch, first - base, timeout=timeout)
         return batch
@@ -484,26 +492,28 @@ class QueuePool:
         """
         driver = self.driver
         size = self._chunk_size(batch_size)
+        options = self._options({})
         count = 0
-        part: list[Task] = []
+        part: list[Any] = []
 
         def flush() -> None:
             nonlocal count
             base = driver.reserve(len(part))
             try:
-                payload = dumps_chunk(base, part, driver.payload_key)
+                payload = dumps_chunk(base, part, driver.payload_key, CALLS, options)
             except SerializationError as e:
                 raise SerializationError(f"{e} ({count} tasks before this chunk were queued)") from e
             driver.submit_chunk(base, len(part), payload, None, 0, timeout=timeout)
             count += len(part)
             part.clear()
 
-        options = self._options({})
-        for i, call in enumerate(calls):
-            part.append(self._with_options(_split_call(call, i), options))
+        for call in calls:
+            part.append(call)
             if len(part) >= size:
+                _check_calls(part, count)
                 flush()
         if part:
+            _check_calls(part, count)
             flush()
         return count
 

@@ -1,9 +1,10 @@
 """Pickling of chunks and results: the only place where zdq turns user objects into bytes.
 
-A chunk is ``(base_task_id, tasks)`` pickled in one go (protocol 5), so a function shared by a
-thousand tasks is written once and the per-task cost is a few microseconds. A task is
-``(fn, args)``, ``(fn, args, kwargs)`` or ``(fn, args, kwargs, options)``: empty kwargs are left out
-because an empty dict per task nearly doubles the cost. A raw item (``put``) is ``(None, item)``.
+A chunk is ``(base_task_id, kind, entries, options)`` pickled in one go (protocol 5), so a function
+shared by a thousand tasks is written once and the per-task cost is a few microseconds. Batches
+ship the caller's own ``(fn, *args)`` tuples untouched (kind CALLS); single submissions are
+``(fn, args)``, ``(fn, args, kwargs)`` or ``(fn, args, kwargs, options)`` (kind TASKS): empty kwargs
+are left out because an empty dict per task nearly doubles the cost.
 Options (:class:`TaskOptions`) make a task ``(fn, args, kwargs, options)``. cloudpickle is used because it pickles by reference whatever plain pickle can, and by value what
 workers cannot import (functions and classes of ``__main__``, lambdas, closures).
 
@@ -31,6 +32,9 @@ from zdq.errors import RemoteTaskError, SerializationError
 __all__ = [
     "Task",
     "TaskOptions",
+    "TASKS",
+    "CALLS",
+    "ITEMS",
     "ErrorInfo",
     "dumps_chunk",
     "loads_chunk",
@@ -44,6 +48,11 @@ __all__ = [
 
 Task = tuple[Any, ...]
 PROTOCOL = 5
+
+#: Chunk kinds. TASKS entries are ``(fn, args[, kwargs[, options]])`` or ``(None, item)``;
+#: CALLS entries are the caller's own ``(fn, *args)`` tuples (nothing is rebuilt per task);
+#: ITEMS entries are raw items for ``process_item``.
+TASKS, CALLS, ITEMS = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,31 +143,50 @@ def unseal(key: bytes | None, payload: Any) -> memoryview:
     return data
 
 
-def dumps_chunk(base_task_id: int, tasks: list[Task], key: bytes | None = None) -> bytes:
-    """Pickle (and seal) a chunk; on failure, name the first task part that cannot be pickled."""
+def _culprit(entries: list[Any], kind: int) -> None:
+    """Raise :class:`SerializationError` naming the first entry part that cannot be pickled."""
+    for entry in entries:
+        if kind == ITEMS:
+            check_picklable(None, (entry,), None)
+        elif kind == CALLS:
+            check_picklable(entry[0], entry[1:], None)
+        elif entry[0] is None:
+            check_picklable(None, (entry[1],), None)
+        else:
+            check_picklable(entry[0], entry[1], entry[2] if len(entry) > 2 else None)
+
+
+def dumps_chunk(
+    base_task_id: int,
+    entries: list[Any],
+    key: bytes | None = None,
+    kind: int = TASKS,
+    options: TaskOptions | None = None,
+) -> bytes:
+    """Pickle (and seal) a chunk; on failure, name the first part that cannot be pickled."""
     try:
-        return seal(key, cloudpickle.dumps((base_task_id, tasks), protocol=PROTOCOL))
+        return seal(key, cloudpickle.dumps((base_task_id, kind, entries, options), protocol=PROTOCOL))
     except Exception as e:
-        for task in tasks:
-            fn, args, kwargs = task[0], task[1], (task[2] if len(task) > 2 else None)
-            if fn is None:
-                check_picklable(None, (args,), None)
-            else:
-                check_picklable(fn, args, kwargs)
-        raise SerializationError(f"a chunk of {len(tasks)} tasks cannot be pickled: {e}") from e
+        _culprit(entries, kind)
+        raise SerializationError(f"a chunk of {len(entries)} tasks cannot be pickled: {e}") from e
 
 
-def loads_chunk(payload: Any, key: bytes | None = None) -> tuple[int, list[Task]]:
-    """Check and unpickle a chunk; raise ValueError if it is forged or malformed."""
+def loads_chunk(payload: Any, key: bytes | None = None) -> tuple[int, int, list[Any], TaskOptions | None]:
+    """Check and unpickle a chunk: ``(base task id, kind, entries, options)``.
+
+    Raises ``ValueError`` if it is forged or malformed.
+    """
     obj = pickle.loads(unseal(key, payload))
     if (
         not isinstance(obj, tuple)
-        or len(obj) != 2
+        or len(obj) != 4
         or not isinstance(obj[0], int)
-        or not isinstance(obj[1], list)
+        or obj[1] not in (TASKS, CALLS, ITEMS)
+        or not isinstance(obj[2], list)
+        or not (obj[3] is None or isinstance(obj[3], TaskOptions))
     ):
-        raise ValueError(f"a chunk must be (int, list), got {type(obj).__name__}")
-    return obj[0], obj[1]
+        raise ValueError(f"a chunk must be (int, kind, list, options), got {type(obj).__name__}")
+    return obj
 
 
 def dumps_results(

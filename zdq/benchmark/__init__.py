@@ -1,0 +1,6 @@
+"""The benchmark runner behind ``zdq bench`` (see ``benchmarks/README.md``)."""
+
+from zdq.benchmark.cases import BenchConfig, CaseResult, format_table, run
+from zdq.benchmark.tasks import noop
+
+__all__ = ["BenchConfig", "CaseResult", "format_table", "run", "noop"]

@@ -1,0 +1,302 @@
+"""The benchmark cases behind ``zdq bench``: zdq beside its comparisons, same cluster, same run.
+
+Every case is timed end to end in the driver: from the first submission to the last result.
+Comparisons: Dask futures always (``client.map`` + ``gather``, or ``submit().result()`` for
+latency), daskqueue 0.2.0 when it is installed, and a bare ZeroMQ pipeline as the ceiling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.util
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+from distributed import Client, LocalCluster
+
+from zdq.benchmark.pipeline import run_pipeline
+from zdq.benchmark.tasks import noop, sleep_ms, spin
+
+__all__ = ["BenchConfig", "CaseResult", "run", "format_table", "noop"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    tasks: int = 200_000
+    dask_tasks: int | None = None
+    queues: int = 2
+    consumers: int = 2
+    batch_size: int = 1000
+    workers: int = 2
+    scheduler: str | None = None
+    repeat: int = 3
+    durable: bool = False
+    compare_auth: bool = False
+    suite: str = "quick"  # "quick": no-op throughput; "full": every case
+    generator_tasks: int = 10_000_000
+
+    def __post_init__(self) -> None:
+        for name in ("tasks", "queues", "consumers", "batch_size", "workers", "repeat", "generator_tasks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.suite not in ("quick", "full"):
+            raise ValueError("--suite must be 'quick' or 'full'")
+
+    @property
+    def n_dask(self) -> int:
+        # Dask runs about 500 no-op tasks/s here: a few thousand measure its rate without taking minutes.
+        return self.dask_tasks if self.dask_tasks is not None else min(self.tasks, 5000)
+
+
+@dataclass
+class CaseResult:
+    case: str
+    system: str
+    tasks: int
+    seconds: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def rate(self) -> float:
+        return self.tasks / self.median_seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "median_seconds": self.median_seconds, "tasks_per_second": self.rate}
+
+
+@contextlib.contextmanager
+def _client(config: BenchConfig) -> Iterator[Client]:
+    if config.scheduler:
+        with Client(config.scheduler) as client:
+            yield client
+        return
+    with LocalCluster(
+        n_workers=config.workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        worker_dashboard_address=None,
+    ) as cluster, Client(cluster) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def _pools(client: Client, config: BenchConfig, *, max_concurrency: int = 1, **options: Any) -> Iterator[Any]:
+    from zdq import ConsumerPool, QueuePool
+
+    options.setdefault("chunk_size", config.batch_size)
+    consumers = options.pop("consumers", config.consumers)
+    with QueuePool(client, options.pop("queues", config.queues), keep_results=False, **options) as qp:
+        with ConsumerPool(client, qp, n_consumers=consumers, max_concurrency=max_concurrency) as cp:
+            cp.start()
+            qp.batch_submit([(noop, i) for i in range(1000)]).result(timeout=120)  # warm up
+            yield qp
+
+
+def _time_batches(qp: Any, calls_of: Any, n: int, repeat: int, result: CaseResult) -> CaseResult:
+    for _ in range(repeat):
+        calls = calls_of(n)
+        start = time.perf_counter()
+        values = qp.batch_submit(calls).result()
+        result.seconds.append(time.perf_counter() - start)
+        if len(values) != n:
+            raise RuntimeError("benchmark results are incomplete")
+    return result
+
+
+def _noop_calls(n: int) -> list[tuple[Any, ...]]:
+    return [(noop, i) for i in range(n)]
+
+
+# -- cases ------------------------------------------------------------------------------------------
+def dask_map(client: Client, fn: Any, args: list[Any], repeat: int, case: str) -> CaseResult:
+    result = CaseResult(case, "dask futures (client.map + gather)", len(args))
+    client.gather(client.map(fn, args[:20], pure=False))  # warm up
+    for _ in range(repeat):
+        start = time.perf_counter()
+        client.gather(client.map(fn, args, pure=False))
+        result.seconds.append(time.perf_counter() - start)
+    return result
+
+
+def zdq_noop(client: Client, config: BenchConfig, system: str = "zdq", **options: Any) -> CaseResult:
+    with _pools(client, config, **options) as qp:
+        return _time_batches(qp, _noop_calls, config.tasks, config.repeat, CaseResult("no-op", system, config.tasks))
+
+
+def pipeline_noop(config: BenchConfig) -> CaseResult:
+    n = max(config.tasks, 200_000)
+    return CaseResult("no-op", "bare ZeroMQ pipeline (ceiling)", n, run_pipeline(n, config.batch_size, config.repeat))
+
+
+def daskqueue_noop(client: Client, config: BenchConfig, n: int) -> CaseResult | None:
+    if importlib.util.find_spec("daskqueue") is None:
+        return None
+    from daskqueue import ConsumerPool as DQConsumerPool
+    from daskqueue import QueuePool as DQQueuePool
+
+    result = CaseResult("no-op", "daskqueue 0.2.0", n)
+    for _ in range(config.repeat):
+        qp = DQQueuePool(client, config.queues)
+        cp = DQConsumerPool(client, qp, n_consumers=config.consumers, batch_size=config.batch_size)
+        cp.start()
+        start = time.perf_counter()
+        qp.batch_submit([(noop, i) for i in range(n)], batch_size=config.batch_size)
+        while cp.nb_consumed() < n:  # daskqueue's join() polls every 2 s: watch the count instead
+            time.sleep(0.01)
+        result.seconds.append(time.perf_counter() - start)
+        cp.cancel()
+        del cp, qp
+    return result
+
+
+def latency(client: Client, config: BenchConfig) -> list[CaseResult]:
+    """Single-task round trip, one at a time: p50 and p99."""
+    out = []
+    with _pools(client, config) as qp:
+        samples = []
+        for i in range(300):
+            start = time.perf_counter()
+            qp.submit(noop, i).result()
+            samples.append(time.perf_counter() - start)
+        out.append(_latency_result("zdq submit().result()", samples))
+    samples = []
+    client.submit(noop, -1, pure=False).result()
+    for i in range(100):
+        start = time.perf_counter()
+        client.submit(noop, i, pure=False).result()
+        samples.append(time.perf_counter() - start)
+    out.append(_latency_result("dask futures submit().result()", samples))
+    return out
+
+
+def _latency_result(system: str, samples: list[float]) -> CaseResult:
+    ordered = sorted(samples)
+    p50 = ordered[len(ordered) // 2]
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return CaseResult("round trip", system, 1, [p50], {"p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "samples": len(samples)})
+
+
+def io_bound(client: Client, config: BenchConfig) -> list[CaseResult]:
+    """10,000 tasks sleeping 5 ms; 2 consumers with 100 threads each; ideal 0.25 s."""
+    n, ms, threads = 10_000, 5.0, 100
+    ideal = n * ms / 1000 / (threads * config.consumers)
+    with _pools(client, config, max_concurrency=threads, chunk_size=100) as qp:
+        zdq = _time_batches(qp, lambda k: [(sleep_ms, ms)] * k, n, config.repeat, CaseResult("io 5ms", "zdq", n))
+    zdq.extra = {"ideal_seconds": ideal, "over_ideal": zdq.median_seconds / ideal}
+    dask = dask_map(client, sleep_ms, [ms] * 500, config.repeat, "io 5ms")
+    return [zdq, dask]
+
+
+def cpu_bound(client: Client, config: BenchConfig) -> list[CaseResult]:
+    n = 4000
+    with _pools(client, config, chunk_size=50) as qp:
+        zdq = _time_batches(qp, lambda k: [(spin,)] * k, n, config.repeat, CaseResult("cpu ~1ms", "zdq", n))
+    return [zdq, dask_map(client, spin, [20_000] * 1000, config.repeat, "cpu ~1ms")]
+
+
+def generator(client: Client, config: BenchConfig) -> CaseResult:
+    """Ten million tasks from a generator: how much the driver's resident memory grows."""
+    n = config.generator_tasks
+    proc = psutil.Process()
+    with _pools(client, config) as qp:
+        gc.collect()
+        baseline = proc.memory_info().rss
+        peak = [baseline]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.05):
+                peak[0] = max(peak[0], proc.memory_info().rss)
+
+        sampler = threading.Thread(target=sample, name="bench-rss", daemon=True)
+        sampler.start()
+        start = time.perf_counter()
+        qp.submit_iter((noop, i) for i in range(n))
+        qp.flush()
+        submitted = time.perf_counter() - start
+        deadline = time.monotonic() + 3600
+        while qp.driver.completed < n + 1000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - start
+        done.set()
+        sampler.join()
+    growth = (peak[0] - baseline) / 2**20
+    return CaseResult(
+        "generator", "zdq submit_iter", n, [elapsed], {"rss_growth_mib": growth, "submit_seconds": submitted}
+    )
+
+
+def run(config: BenchConfig) -> dict[str, Any]:
+    """Run the cases of ``config.suite``; return a JSON-ready report with ratios taken in this run."""
+    cases: list[CaseResult] = []
+    ratios: dict[str, float] = {}
+    with _client(config) as client:
+        workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        dask = dask_map(client, noop, list(range(config.n_dask)), config.repeat, "no-op")
+        zdq = zdq_noop(client, config, "zdq (CurveZMQ)")
+        ceiling = pipeline_noop(config)
+        cases += [dask, zdq, ceiling]
+        ratios["no-op: zdq / dask futures"] = zdq.rate / dask.rate
+        ratios["no-op: zdq / bare pipeline"] = zdq.rate / ceiling.rate
+        full = config.suite == "full"
+        if full:
+            dq = daskqueue_noop(client, config, min(config.tasks, 5000))
+            if dq is not None:
+                cases.append(dq)
+                ratios["no-op: zdq / daskqueue"] = zdq.rate / dq.rate
+        if config.durable or full:
+            with tempfile.TemporaryDirectory(prefix="zdq-bench-") as dirpath:
+                durable = zdq_noop(client, config, "zdq durable (LMDB, synced)", durability="durable", dirpath=dirpath)
+            cases.append(durable)
+            ratios["no-op: durable / transient"] = durable.rate / zdq.rate
+        if config.compare_auth or full:
+            plain = zdq_noop(client, config, "zdq without authentication", auth=False)
+            cases.append(plain)
+            ratios["no-op: with auth / without auth"] = zdq.rate / plain.rate
+        if full:
+            zl, dl = latency(client, config)
+            cases += [zl, dl]
+            ratios["round trip p50: dask / zdq"] = dl.extra["p50_ms"] / zl.extra["p50_ms"]
+            zi, di = io_bound(client, config)
+            cases += [zi, di]
+            ratios["io 5ms: zdq time / ideal"] = zi.extra["over_ideal"]
+            ratios["io 5ms: zdq / dask futures"] = zi.rate / di.rate
+            zc, dc = cpu_bound(client, config)
+            cases += [zc, dc]
+            ratios["cpu ~1ms: zdq / dask futures"] = zc.rate / dc.rate
+            cases.append(generator(client, config))
+    return {
+        "config": asdict(config),
+        "workers": workers,
+        "cases": [c.as_dict() for c in cases],
+        "ratios": ratios,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"{'case':<11} {'system':<36} {'tasks':>10} {'median s':>9} {'tasks/s':>12}  notes"]
+    for case in report["cases"]:
+        notes = ", ".join(
+            f"{k}={v:,.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in case["extra"].items()
+        )
+        lines.append(
+            f"{case['case']:<11} {case['system']:<36} {case['tasks']:>10} {case['median_seconds']:>9.3f} "
+            f"{case['tasks_per_second']:>12,.0f}  {notes}"
+        )
+    lines.append("")
+    for name, ratio in report["ratios"].items():
+        lines.append(f"{name}: {ratio:,.2f}")
+    lines.append(f"(medians of {report['config']['repeat']} runs; ratios between cases of this run)")
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""Sweeps of the no-op case, drawn with matplotlib (the ``bench`` extra)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any
+
+from zdq.benchmark.cases import BenchConfig, _client, zdq_noop
+
+__all__ = ["sweep_and_plot"]
+
+BATCH_SIZES = (10, 100, 500, 1000, 2000, 5000)
+CONSUMERS = (1, 2, 4, 8)
+
+
+def sweep_and_plot(config: BenchConfig, directory: str) -> dict[str, Any]:
+    """Tasks/s against batch (chunk) size and against consumers; PNGs written to ``directory``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    small = replace(config, repeat=max(1, min(config.repeat, 3)))
+    sweeps: dict[str, Any] = {"batch_size": {}, "consumers": {}}
+    with _client(config) as client:
+        for size in BATCH_SIZES:
+            sweeps["batch_size"][size] = zdq_noop(client, replace(small, batch_size=size)).rate
+        for n in CONSUMERS:
+            sweeps["consumers"][n] = zdq_noop(client, replace(small, consumers=n)).rate
+    for key, label, name in (
+        ("batch_size", "tasks per chunk (batch size)", "tasks_per_s_vs_batch_size.png"),
+        ("consumers", "consumers", "tasks_per_s_vs_consumers.png"),
+    ):
+        xs = list(sweeps[key])
+        ys = [sweeps[key][x] for x in xs]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(xs, ys, marker="o")
+        if key == "batch_size":
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("no-op tasks/s, end to end")
+        ax.set_title(f"zdq, {config.workers} workers, {config.tasks:,} tasks")
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, name), dpi=100)
+        plt.close(fig)
+    return sweeps
