@@ -189,10 +189,10 @@ def _latency_result(system: str, samples: list[float]) -> CaseResult:
 
 
 def io_bound(client: Client, config: BenchConfig) -> list[CaseResult]:
-    """10,000 tasks sleeping 5 ms; 2 consumers with 100 threads each; ideal 0.25 s."""
+    """10,000 tasks sleeping 5 ms; 2 consumers with 100 threads each (default chunks); ideal 0.25 s."""
     n, ms, threads = 10_000, 5.0, 100
     ideal = n * ms / 1000 / (threads * config.consumers)
-    with _pools(client, config, max_concurrency=threads, chunk_size=100) as qp:
+    with _pools(client, config, max_concurrency=threads) as qp:
         zdq = _time_batches(qp, lambda k: [(sleep_ms, ms)] * k, n, config.repeat, CaseResult("io 5ms", "zdq", n))
     zdq.extra = {"ideal_seconds": ideal, "over_ideal": zdq.median_seconds / ideal}
     dask = dask_map(client, sleep_ms, [ms] * 500, config.repeat, "io 5ms")
