@@ -217,3 +217,20 @@ def test_functions_defined_in_a_test_module_or_as_lambdas_run_on_workers(client:
     with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool) as consumers:
         consumers.start()
         assert queue_pool.submit(lambda x: x + offset, 1).result(timeout=30) == 8
+
+
+def test_a_task_larger_than_brokers_accept_is_refused_on_the_driver(client: Client) -> None:
+    big = b"x" * (2 << 20)
+    with QueuePool(client, 1, max_message_size="1MiB", chunk_bytes="256KiB") as queue_pool:
+        with ConsumerPool(client, queue_pool) as consumers:
+            consumers.start()
+            with pytest.raises(SerializationError, match="max-message-size"):
+                queue_pool.batch_submit([(len, b"small"), (len, big)])
+            too_big = queue_pool.submit(len, big)
+            fine = queue_pool.submit(len, b"abc")
+            assert isinstance(too_big.exception(timeout=30), SerializationError)
+            assert fine.result(timeout=30) == 3
+            # Chunks past chunk-bytes are split, not refused.
+            assert queue_pool.batch_submit([(len, b"y" * 100_000) for _ in range(20)]).result(timeout=30) == [
+                100_000
+            ] * 20

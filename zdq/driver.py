@@ -31,7 +31,7 @@ from zdq.errors import (
     ZdqTimeoutError,
 )
 from zdq.futures import BatchFuture, TaskFuture
-from zdq.serialization import Task, dumps_chunk, error_to_exception, loads_results
+from zdq.serialization import TASKS, Task, error_to_exception, loads_results, pack_chunks
 from zdq.stats import DriverStats
 from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
@@ -387,18 +387,37 @@ class Driver:
                     break
             part = loose[start:end]
             futures = [fut for _, _, fut in part]
+            tasks = [task for _, task, _ in part]
             try:
-                payload = dumps_chunk(first, [task for _, task, _ in part], self.payload_key)
-            except ZdqError as e:
-                for fut in futures:
-                    _settle(fut, exc=e)
-            else:
-                with self._cond:
-                    rec = _Record(self._next_seq, first, len(part), payload, futures, 0)
+                packed = self._pack(first, tasks)
+            except ZdqError:
+                # One task of the slice is refused (too large): pack them one by one, so that only
+                # the culprit fails.
+                packed = []
+                for j, task in enumerate(tasks):
+                    try:
+                        packed += self._pack(first + j, [task])
+                    except ZdqError as e:
+                        _settle(futures[j], exc=e)
+            with self._cond:
+                for sub_first, n, payload in packed:
+                    offset = sub_first - first
+                    rec = _Record(self._next_seq, sub_first, n, payload, futures[offset : offset + n], 0)
                     self._next_seq += 1
                     self._records[rec.seq] = rec
                     self._queued.append(rec)
             start = end
+
+    def _pack(self, first: int, tasks: list[Task]) -> list[tuple[int, int, bytes]]:
+        return pack_chunks(
+            first,
+            tasks,
+            self.payload_key,
+            TASKS,
+            None,
+            chunk_bytes=self._settings.chunk_bytes,
+            max_bytes=self._settings.max_message_size,
+        )
 
     def _send_queued(self, socks: list[zmq.Socket]) -> None:
         window = self._settings.window

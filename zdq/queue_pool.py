@@ -25,7 +25,7 @@ from zdq.config import PoolSettings, settings
 from zdq.driver import Driver
 from zdq.errors import ClosedError, PlacementError, SerializationError, StorageCorrupt, ZdqError
 from zdq.futures import BatchFuture, TaskFuture
-from zdq.serialization import CALLS, ITEMS, Task, TaskOptions, check_picklable, dumps_chunk
+from zdq.serialization import CALLS, ITEMS, Task, TaskOptions, check_picklable, pack_chunks
 from zdq.stats import BrokerStats, PoolStats
 from zdq.transport.security import ClientKeys, PoolKeys
 
@@ -469,12 +469,26 @@ class QueuePool:
         base = driver.reserve(len(entries))
         # Pickle everything before sending anything: a task that cannot be pickled leaves nothing
         # queued (its reserved ids are simply never used).
-        chunks = [(base + i, entries[i : i + size]) for i in range(0, len(entries), size)]
-        payloads = [dumps_chunk(first, part, driver.payload_key, kind, options) for first, part in chunks]
+        packed = [
+            chunk
+            for i in range(0, len(entries), size)
+            for chunk in self._pack(base + i, entries[i : i + size], kind, options)
+        ]
         batch = BatchFuture(base, len(entries))
-        for (first, part), payload in zip(chunks, payloads):
-            driver.submit_chunk(first, len(part), payload, batch, first - base, timeout=timeout)
+        for first, n, payload in packed:
+            driver.submit_chunk(first, n, payload, batch, first - base, timeout=timeout)
         return batch
+
+    def _pack(self, first: int, entries: list[Any], kind: int, options: TaskOptions | None) -> list[tuple[int, int, bytes]]:
+        return pack_chunks(
+            first,
+            entries,
+            self.driver.payload_key,
+            kind,
+            options,
+            chunk_bytes=self.settings.chunk_bytes,
+            max_bytes=self.settings.max_message_size,
+        )
 
     def submit_iter(
         self,
@@ -500,10 +514,11 @@ class QueuePool:
             nonlocal count
             base = driver.reserve(len(part))
             try:
-                payload = dumps_chunk(base, part, driver.payload_key, CALLS, options)
+                packed = self._pack(base, part, CALLS, options)
             except SerializationError as e:
                 raise SerializationError(f"{e} ({count} tasks before this chunk were queued)") from e
-            driver.submit_chunk(base, len(part), payload, None, 0, timeout=timeout)
+            for first, n, payload in packed:
+                driver.submit_chunk(first, n, payload, None, 0, timeout=timeout)
             count += len(part)
             part.clear()
 
