@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any, Callable
 
-__all__ = ["worker_address", "liveness_probe", "candidate_workers"]
+__all__ = ["worker_address", "liveness_probe", "candidate_workers", "start_supervisor"]
 
 
 def _worker() -> Any:
@@ -52,3 +54,23 @@ def candidate_workers(client: Any, allowed: list[str] | None) -> list[str]:
         return addresses
     wanted = {str(a) for a in allowed}
     return [a for a in addresses if a in wanted or str(workers[a].get("name")) in wanted]
+
+
+def _supervise(ref: weakref.ref[Any], stop: threading.Event, interval: float) -> None:
+    while not stop.wait(interval):
+        pool = ref()
+        if pool is None:
+            return
+        pool._supervise_once()
+        del pool
+
+
+def start_supervisor(pool: Any, stop: threading.Event, name: str, interval: float = 0.25) -> threading.Thread:
+    """A thread that calls ``pool._supervise_once()`` every ``interval`` seconds until ``stop``.
+
+    It holds the pool only weakly: a pool that its program dropped without closing it (daskqueue
+    programs never close theirs) is collected, its actors are released, and the thread ends.
+    """
+    thread = threading.Thread(target=_supervise, args=(weakref.ref(pool), stop, interval), name=name, daemon=True)
+    thread.start()
+    return thread

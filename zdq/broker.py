@@ -52,7 +52,7 @@ class BrokerCore:
 
     Parameters
     ----------
-    socket : zmq.Socket
+    socket : zmq.Socket[Any]
         A bound ROUTER; the core owns it from :meth:`start` on and closes it on :meth:`stop`.
     storage : Storage
         An opened backend; closed on :meth:`stop`.
@@ -63,7 +63,7 @@ class BrokerCore:
     def __init__(
         self,
         name: str,
-        socket: zmq.Socket,
+        socket: zmq.Socket[Any],
         storage: Storage,
         settings: PoolSettings,
         alive: Callable[[], bool] = lambda: True,
@@ -132,14 +132,18 @@ class BrokerCore:
     def statistics(self, endpoint: str = "") -> BrokerStats:
         with self._lock:
             c = self._storage.counts()
+            # Chunks whose results reached their driver, waiting only for its receipt, are done.
+            metas = (self._storage.meta(chunk_id) for chunk_id in self._awaiting)
+            awaiting = sum(m.n_tasks for m in metas if m is not None)
             return BrokerStats(
                 name=self.name,
                 endpoint=endpoint,
                 durable=self._storage.durable,
                 ready_chunks=c.ready_chunks,
                 ready_tasks=c.ready_tasks,
-                leased_chunks=c.leased_chunks,
-                leased_tasks=c.leased_tasks,
+                leased_chunks=c.leased_chunks - len(self._awaiting),
+                leased_tasks=c.leased_tasks - awaiting,
+                awaiting_tasks=awaiting,
                 dead_chunks=c.dead_chunks,
                 dead_tasks=c.dead_tasks,
                 consumers=len(self._consumers),
@@ -494,7 +498,7 @@ class Broker:
         self._dirpath = dirpath
         self._keys = keys
         self._auth: Any = None
-        self._ctx: zmq.Context | None = None
+        self._ctx: zmq.Context[Any] | None = None
         self._core: BrokerCore | None = None
         self.endpoint = ""
 

@@ -156,7 +156,7 @@ class Consumer:
         self._max_concurrency = max_concurrency
         self._early_ack = early_ack
         self._handler: ConsumerBaseClass | None = None
-        self._ctx: zmq.Context | None = None
+        self._ctx: zmq.Context[Any] | None = None
         self._io: threading.Thread | None = None
         self._exec: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -291,10 +291,11 @@ class Consumer:
                             credit[i] = 1
             timeout = max(0, int((next_beat - time.monotonic()) * 1000))
             for sock, _ in poller.poll(timeout):
-                i = links.index(sock)
-                if i is None:
+                index = links.index(sock)
+                if index is None:
                     waker.drain()
                     continue
+                i = index
                 while True:
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)

@@ -6,13 +6,12 @@ import logging
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from distributed import Client
 
-from zdq._actor import candidate_workers
+from zdq._actor import candidate_workers, start_supervisor
 from zdq.consumer import Consumer, ConsumerBaseClass, GeneralConsumer
 from zdq.errors import ClosedError, PlacementError, ZdqTimeoutError
 from zdq.queue_pool import QueuePool
@@ -192,10 +191,7 @@ class ConsumerPool:
 
     def _ensure_supervisor(self) -> None:
         if self._supervisor is None:
-            self._supervisor = threading.Thread(
-                target=_supervise, args=(weakref.ref(self), self._stop_supervisor), name="zdq-supervisor-consumers", daemon=True
-            )
-            self._supervisor.start()
+            self._supervisor = start_supervisor(self, self._stop_supervisor, "zdq-supervisor-consumers")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -355,14 +351,3 @@ class ConsumerPool:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _supervise(ref: weakref.ref[ConsumerPool], stop: threading.Event) -> None:
-    # A weak reference: a pool that its program dropped (daskqueue programs never close theirs)
-    # is collected, its actors released, and this thread ends.
-    while not stop.wait(0.25):
-        pool = ref()
-        if pool is None:
-            return
-        pool._supervise_once()
-        del pool

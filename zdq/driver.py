@@ -109,7 +109,7 @@ class Driver:
         self._next_seq = 1
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ctx: zmq.Context | None = None
+        self._ctx: zmq.Context[Any] | None = None
         self._waker: Waker | None = None
         self._error: BaseException | None = None
         self._control: deque[tuple[int, str]] = deque()  # broker reconnections, run by the I/O thread
@@ -344,10 +344,11 @@ class Driver:
             self._send_queued(socks)
             timeout = max(0, int((next_beat - time.monotonic()) * 1000))
             for sock, _ in poller.poll(timeout):
-                i = links.index(sock)
-                if i is None:
+                index = links.index(sock)
+                if index is None:
                     waker.drain()
                     continue
+                i = index
                 racks: list[int] = []
                 for _ in range(4096):
                     try:
@@ -419,7 +420,7 @@ class Driver:
             max_bytes=self._settings.max_message_size,
         )
 
-    def _send_queued(self, socks: list[zmq.Socket]) -> None:
+    def _send_queued(self, socks: list[zmq.Socket[Any]]) -> None:
         window = self._settings.window
         n = len(socks)
         while True:

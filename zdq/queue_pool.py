@@ -19,7 +19,7 @@ from typing import Any, Callable
 import dask.config
 from distributed import Client
 
-from zdq._actor import candidate_workers
+from zdq._actor import candidate_workers, start_supervisor
 from zdq.broker import Broker
 from zdq.config import PoolSettings, settings
 from zdq.driver import Driver
@@ -189,10 +189,7 @@ class QueuePool:
         self._driver.start()
         # A pool dropped without close() (daskqueue programs never close theirs) still stops its driver.
         weakref.finalize(self, self._driver.close)
-        self._supervisor = threading.Thread(
-            target=_supervise, args=(weakref.ref(self), self._stop_supervisor), name="zdq-supervisor-queues", daemon=True
-        )
-        self._supervisor.start()
+        self._supervisor = start_supervisor(self, self._stop_supervisor, "zdq-supervisor-queues")
         logger.info("Created %d queues in the cluster (pool %s).", self.n_queues, self.name)
         return self
 
@@ -355,7 +352,7 @@ class QueuePool:
         """Task options from call keywords over the pool's defaults; ``None`` if all are default."""
         if not given:
             return None if self.default_options == TaskOptions() else self.default_options
-        fields = {
+        fields: dict[str, Any] = {
             "retries": self.default_options.retries,
             "retry_backoff": self.default_options.retry_backoff,
             "retry_on": self.default_options.retry_on,
@@ -602,14 +599,3 @@ class QueuePool:
         except Exception as e:  # a repr must not raise
             lines = [f"\n\t(statistics unavailable: {e!r:.80})"]
         return f"QueuePool : {self.n_queues} queue(s)" + "".join(lines)
-
-
-
-def _supervise(ref: weakref.ref[QueuePool], stop: threading.Event) -> None:
-    # Weak: a pool its program dropped is collected, and this thread ends with it.
-    while not stop.wait(0.25):
-        pool = ref()
-        if pool is None:
-            return
-        pool._supervise_once()
-        del pool

@@ -18,6 +18,7 @@ class BrokerStats:
     ready_tasks: int
     leased_chunks: int
     leased_tasks: int
+    awaiting_tasks: int  # results delivered, the driver's receipt still on its way
     dead_chunks: int
     dead_tasks: int
     chunks_stored: int

@@ -28,6 +28,7 @@ import os
 import shutil
 import struct
 from collections.abc import Iterable
+from typing import Any
 
 import lmdb
 
@@ -91,7 +92,7 @@ class LMDBStorage(Storage):
         self._map_size = map_size
         self._sync = sync
         self._env: lmdb.Environment | None = None
-        self._dbs: dict[bytes, object] = {}
+        self._dbs: dict[bytes, Any] = {}
         self._lock_fd: int | None = None
         self._marks: dict[int, bool] = {}  # lease marks to write at the next flush_marks()
 
@@ -183,7 +184,7 @@ class LMDBStorage(Storage):
                 with self._env.begin(write=True) as txn:
                     for chunk_id, meta, payload in records:
                         key = _key(chunk_id)
-                        txn.put(key, getattr(payload, "buffer", payload), db=chunks, append=True)
+                        txn.put(key, getattr(payload, "buffer", payload), db=chunks, append=True)  # type: ignore[arg-type]
                         txn.put(key, meta.pack(), db=heads, append=True)
                         if dead and chunk_id in dead:
                             txn.put(key, dead[chunk_id].encode()[:65536], db=dead_db)
@@ -237,7 +238,7 @@ class LMDBStorage(Storage):
         assert self._env is not None
         meta = self._dbs[b"meta"]
         with self._env.begin(write=default is not None) as txn:
-            value = txn.get(name, db=meta)
+            value: bytes | None = txn.get(name, db=meta)
             if value is None and default is not None:
                 txn.put(name, default, db=meta)
                 value = default

@@ -34,7 +34,8 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Union
+from collections.abc import Sequence
+from typing import Any, Union
 
 from zdq.errors import ProtocolError
 
@@ -179,7 +180,7 @@ class Dead:
 @dataclass(frozen=True, slots=True)
 class Split:
     chunk_id: int
-    parts: list[object]
+    parts: Sequence[object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +217,7 @@ _EMPTY = b""
 _CMD = {c: bytes([c]) for c in Command}
 
 
-def encode(msg: Message) -> list[object]:
+def encode(msg: Message) -> list[Any]:
     """Frames for ``msg`` (without any routing identity)."""
     if isinstance(msg, Deliver):
         return [VERSION, _CMD[Command.DELIVER], _DELIVER.pack(msg.chunk_id, msg.n_tasks, msg.attempt), msg.chunk]
@@ -275,7 +276,7 @@ def _n_tasks(n: int, command: Command) -> int:
     return n
 
 
-def decode(frames: list[object]) -> Message:
+def decode(frames: Sequence[Any]) -> Message:
     """Parse the frames of one message (routing identity already removed).
 
     Raises

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from typing import Any
+
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
@@ -72,7 +74,7 @@ class _OnlyPoolClients:
         return ok
 
 
-def secure_server(ctx: zmq.Context, sock: zmq.Socket, keys: ServerKeys) -> ThreadAuthenticator:
+def secure_server(ctx: zmq.Context[Any], sock: zmq.Socket[Any], keys: ServerKeys) -> ThreadAuthenticator:
     """Make ``sock`` (not yet bound) a CURVE server that admits only the pool's clients.
 
     Returns the authenticator of ``ctx``; stop it when the socket is closed.
@@ -87,7 +89,7 @@ def secure_server(ctx: zmq.Context, sock: zmq.Socket, keys: ServerKeys) -> Threa
     return auth
 
 
-def secure_client(sock: zmq.Socket, keys: ClientKeys) -> None:
+def secure_client(sock: zmq.Socket[Any], keys: ClientKeys) -> None:
     """Make ``sock`` (not yet connected) a CURVE client of the pool's brokers."""
     sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_public)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)

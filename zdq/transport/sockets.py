@@ -59,7 +59,7 @@ def worker_host(address: str | None, default: str) -> str:
     return host
 
 
-def _tune(sock: zmq.Socket, max_message_size: int | None) -> None:
+def _tune(sock: zmq.Socket[Any], max_message_size: int | None) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
@@ -68,8 +68,8 @@ def _tune(sock: zmq.Socket, max_message_size: int | None) -> None:
 
 
 def bind_router(
-    ctx: zmq.Context, host: str, *, max_message_size: int, keys: ServerKeys | None = None
-) -> tuple[zmq.Socket, str, ThreadAuthenticator | None]:
+    ctx: zmq.Context[Any], host: str, *, max_message_size: int, keys: ServerKeys | None = None
+) -> tuple[zmq.Socket[Any], str, ThreadAuthenticator | None]:
     """Bind a ROUTER on ``host`` at a free port (a CURVE server if ``keys`` are given).
 
     Returns the socket, its connectable endpoint, and the authenticator to stop after it closes.
@@ -95,13 +95,13 @@ def bind_router(
 
 
 def connect_dealer(
-    ctx: zmq.Context,
+    ctx: zmq.Context[Any],
     endpoint: str,
     identity: bytes,
     *,
     max_message_size: int | None = None,
     keys: ClientKeys | None = None,
-) -> zmq.Socket:
+) -> zmq.Socket[Any]:
     """A DEALER with ``identity`` connected to ``endpoint`` (a CURVE client if ``keys`` are given)."""
     sock = ctx.socket(zmq.DEALER)
     try:
@@ -118,7 +118,7 @@ def connect_dealer(
     return sock
 
 
-def try_send(sock: zmq.Socket, frames: list[Any]) -> bool:
+def try_send(sock: zmq.Socket[Any], frames: list[Any]) -> bool:
     """Send without ever blocking an I/O thread; False if the peer cannot take it now.
 
     A DEALER whose broker is unreachable (gone, or refusing our handshake) would block a plain
@@ -132,7 +132,7 @@ def try_send(sock: zmq.Socket, frames: list[Any]) -> bool:
         return False
 
 
-def close_socket(sock: zmq.Socket | None) -> None:
+def close_socket(sock: zmq.Socket[Any] | None) -> None:
     """Close ``sock`` at once, dropping unsent messages."""
     if sock is not None and not sock.closed:
         sock.close(linger=0)
@@ -145,7 +145,7 @@ class Waker:
     that arrive while one is pending are merged, so a burst of submissions costs one wake-up.
     """
 
-    def __init__(self, ctx: zmq.Context) -> None:
+    def __init__(self, ctx: zmq.Context[Any]) -> None:
         address = f"inproc://zdq-waker-{new_identity().hex()}"
         self.socket = ctx.socket(zmq.PAIR)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -187,7 +187,7 @@ class BrokerLinks:
 
     def __init__(
         self,
-        ctx: zmq.Context,
+        ctx: zmq.Context[Any],
         identity: bytes,
         hello: list[Any],
         *,
@@ -200,10 +200,10 @@ class BrokerLinks:
         self._keys = keys
         self._max = max_message_size
         self.poller = zmq.Poller()
-        self.socks: list[zmq.Socket] = []
-        self._index: dict[zmq.Socket, int] = {}
+        self.socks: list[zmq.Socket[Any]] = []
+        self._index: dict[zmq.Socket[Any], int] = {}
 
-    def _open(self, endpoint: str) -> zmq.Socket:
+    def _open(self, endpoint: str) -> zmq.Socket[Any]:
         sock = connect_dealer(self._ctx, endpoint, self._identity, keys=self._keys, max_message_size=self._max)
         sock.send_multipart(self._hello)
         self.poller.register(sock, zmq.POLLIN)
