@@ -176,3 +176,12 @@ def test_early_ack_consumers_run_everything_once(client3: Client) -> None:
             consumers.start()
             assert queue_pool.batch_submit([(add, i) for i in range(5000)]).result(timeout=60) == list(range(5000))
             assert queue_pool.get_queue_size() == dict.fromkeys(queue_pool.queue_names, 0)
+
+
+def test_a_task_longer_than_the_heartbeat_timeout_keeps_its_lease(client3: Client) -> None:
+    with QueuePool(client3, 1, workers=["a"], **FAST) as queue_pool:
+        with ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"]) as consumers:
+            consumers.start()
+            assert queue_pool.submit(sleep, 5.0).result(timeout=60) == 5.0  # 2.5× the timeout
+            stats = queue_pool.broker_statistics()[0]
+            assert stats.chunks_redelivered == 0 and stats.chunks_split == 0
