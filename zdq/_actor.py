@@ -6,7 +6,7 @@ import threading
 import weakref
 from typing import Any, Callable
 
-__all__ = ["worker_address", "liveness_probe", "candidate_workers", "start_supervisor"]
+__all__ = ["worker_address", "liveness_probe", "candidate_workers", "pick_worker", "start_supervisor"]
 
 
 def _worker() -> Any:
@@ -54,6 +54,25 @@ def candidate_workers(client: Any, allowed: list[str] | None) -> list[str]:
         return addresses
     wanted = {str(a) for a in allowed}
     return [a for a in addresses if a in wanted or str(workers[a].get("name")) in wanted]
+
+
+def pick_worker(client: Any, allowed: list[str] | None, slot: int, placed_on: dict[int, str]) -> str:
+    """The worker for actor ``slot`` of a pool: spread by slot, never where it was just lost.
+
+    ``placed_on`` remembers each slot's worker; a slot placed again avoids its previous worker,
+    which the scheduler may not yet know is dead.
+    """
+    from zdq.errors import PlacementError
+
+    workers = candidate_workers(client, allowed)
+    lost = placed_on.get(slot)
+    if lost is not None and len(workers) > 1 and lost in workers:
+        workers.remove(lost)
+    if not workers:
+        raise PlacementError("no worker is available to place zdq actors on")
+    address = workers[slot % len(workers)]
+    placed_on[slot] = address
+    return address
 
 
 def _supervise(ref: weakref.ref[Any], stop: threading.Event, interval: float) -> None:

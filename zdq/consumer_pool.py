@@ -11,7 +11,7 @@ from typing import Any
 
 from distributed import Client
 
-from zdq._actor import candidate_workers, start_supervisor
+from zdq._actor import pick_worker, start_supervisor
 from zdq.consumer import Consumer, ConsumerBaseClass, GeneralConsumer
 from zdq.errors import ClosedError, PlacementError, ZdqTimeoutError
 from zdq.queue_pool import QueuePool
@@ -116,14 +116,7 @@ class ConsumerPool:
             raise PlacementError(f"could not place consumers: {e}") from e
 
     def _place(self, i: int) -> None:
-        workers = candidate_workers(self.client, self._allowed_workers)
-        lost = self._placed_on.get(i)
-        if lost is not None and len(workers) > 1 and lost in workers:
-            workers.remove(lost)  # the scheduler may not have noticed yet that it died
-        if not workers:
-            raise PlacementError("no worker is available to place a consumer on")
-        address = workers[i % len(workers)]
-        self._placed_on[i] = address
+        address = pick_worker(self.client, self._allowed_workers, i, self._placed_on)
         ident = new_identity()
         name = self.names[i]
         fut = self.client.submit(  # released below if the actor cannot be created

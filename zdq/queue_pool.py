@@ -19,7 +19,7 @@ from typing import Any, Callable
 import dask.config
 from distributed import Client
 
-from zdq._actor import candidate_workers, start_supervisor
+from zdq._actor import pick_worker, start_supervisor
 from zdq.broker import Broker
 from zdq.config import PoolSettings, settings
 from zdq.driver import Driver
@@ -228,16 +228,9 @@ class QueuePool:
         return None if self._keys is None else self._keys.client
 
     def _place_broker(self, i: int) -> Any:
-        workers = candidate_workers(self.client, self._allowed_workers)
-        lost = self._placed_on.get(i)
-        if lost is not None and len(workers) > 1 and lost in workers:
-            workers.remove(lost)  # the scheduler may not have noticed yet that it died
-        if not workers:
-            raise PlacementError("no worker is available to place queues on")
+        address = pick_worker(self.client, self._allowed_workers, i, self._placed_on)
         queue_name = self.queue_names[i]
         dirpath = None if self.dirpath is None else os.path.join(self.dirpath, queue_name)
-        address = workers[i % len(workers)]
-        self._placed_on[i] = address
         return self.client.submit(
             Broker,
             queue_name,
