@@ -1,6 +1,6 @@
 """At least once under failure: worker processes killed with SIGKILL by pid, poison tasks, retries.
 
-These tests run on their own cluster of three worker processes named a, b and c, so that brokers
+Each test runs on its own cluster of three worker processes named a, b and c, so that brokers
 and consumers can be kept apart (by worker name, which survives a nanny's restart).
 """
 
@@ -24,8 +24,10 @@ from .tasks import add, flaky, poison, raise_key_error, sleep, slow_add, tiny_sl
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cluster3() -> Iterator[LocalCluster]:
+    # One cluster per test: these tests kill workers, and a nanny's restart must not decide
+    # whether the next test starts with three workers.
     with LocalCluster(
         n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None
     ) as cluster:
@@ -41,7 +43,6 @@ def client3(cluster3: LocalCluster) -> Iterator[Client]:
     with Client(cluster3) as client:
         client.wait_for_workers(3, timeout=60)
         yield client
-        client.wait_for_workers(3, timeout=60)
 
 
 def _pid_of(client: Client, name: str) -> int:
