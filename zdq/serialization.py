@@ -108,6 +108,12 @@ def _describe(obj: object) -> str:
 
 def check_picklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> None:
     """Raise :class:`SerializationError` naming the part of a call that cannot be pickled."""
+    try:
+        cloudpickle.dumps((fn, args, kwargs), protocol=PROTOCOL)  # one pass when all is well
+        return
+    except Exception as e:
+        whole = e
+    fname = getattr(fn, "__qualname__", None) or _describe(fn)
     parts: list[tuple[str, Any]] = [("function", fn)]
     parts += [(f"argument {i}", a) for i, a in enumerate(args)]
     parts += [(f"keyword argument {k!r}", v) for k, v in (kwargs or {}).items()]
@@ -115,10 +121,10 @@ def check_picklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | Non
         try:
             cloudpickle.dumps(obj, protocol=PROTOCOL)
         except Exception as e:  # pickling raises many types: TypeError, PicklingError, AttributeError...
-            fname = getattr(fn, "__qualname__", None) or _describe(fn)
             raise SerializationError(
                 f"cannot submit {fname}: its {label} ({_describe(obj)}) cannot be pickled: {e}"
             ) from e
+    raise SerializationError(f"cannot submit {fname}: the call cannot be pickled: {whole}") from whole
 
 
 _TAG = 16
