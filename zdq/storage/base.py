@@ -239,9 +239,6 @@ class Storage(ABC):
         self._leased_tasks += n
         return True
 
-    def attempts(self, chunk_id: int) -> int:
-        return self._attempts.get(chunk_id, 0)
-
     def dead_letter(self, chunk_id: int, reason: str) -> bool:
         """Move a leased chunk to the dead letters, with why."""
         if chunk_id not in self._leased:
