@@ -234,3 +234,18 @@ def test_a_task_larger_than_brokers_accept_is_refused_on_the_driver(client: Clie
             assert queue_pool.batch_submit([(len, b"y" * 100_000) for _ in range(20)]).result(timeout=30) == [
                 100_000
             ] * 20
+
+
+def test_daskqueue_positional_arguments_and_submit_keywords_keep_their_meaning(client: Client) -> None:
+    from zdq import GeneralConsumer
+
+    with QueuePool(client, 1) as queue_pool:
+        # daskqueue 0.2.0: ConsumerPool(client, queue_pool, ConsumerClass, n_consumers, batch_size,
+        # retries, early_ack, max_concurrency)
+        with ConsumerPool(client, queue_pool, GeneralConsumer, 2, 10, 0, False, 4) as consumers:
+            assert (consumers.n_consumers, consumers.batch_size, consumers.retries) == (2, 10, 0)
+            assert consumers.early_ack is False and consumers.max_concurrency == 4
+            consumers.start()
+            assert queue_pool.submit(add, 1, 2, worker_class=GeneralConsumer).result(timeout=30) == 3
+            with pytest.raises(TypeError, match="worker_class"):
+                queue_pool.submit(add, 1, 2, worker_class=Doubler)

@@ -39,17 +39,20 @@ class ConsumerPool:
     batch_size : int, optional
         Accepted for daskqueue compatibility. zdq consumers fetch whole chunks, whose size the
         submitter sets (``batch_size`` of ``batch_submit``, capped by ``chunk-size``).
+    retries : int, optional
+        Retries for tasks submitted without their own ``retries=``.
     max_concurrency : int
         Threads per consumer that run tasks (raise it for I/O-bound tasks).
     early_ack : bool
         ``False`` (default): a chunk is acknowledged after its results, so a consumer that dies
         mid-chunk loses nothing (at least once). ``True``: acknowledged on receipt (at most once).
-    retries : int, optional
-        Retries for tasks submitted without their own ``retries=``.
     prefetch : int, optional
         Chunks a consumer keeps in hand (default from ``zdq.prefetch``).
     workers : list of str, optional
         Addresses or names of the workers to place consumers on (default: all workers).
+
+    The positional order is daskqueue 0.2.0's. zdq's defaults differ on purpose: at least once
+    (``early_ack=False``), no retries, one execution thread (fastest for short tasks).
 
     A supervisor thread replaces a consumer whose worker dies, so ``n_consumers`` stay alive;
     the dead one's chunks return to their queues when its heartbeats stop.
@@ -70,9 +73,9 @@ class ConsumerPool:
         ConsumerClass: type[ConsumerBaseClass] = GeneralConsumer,
         n_consumers: int = 1,
         batch_size: int | None = None,
-        max_concurrency: int = 1,
-        early_ack: bool = False,
         retries: int | None = None,
+        early_ack: bool = False,
+        max_concurrency: int = 1,
         *,
         prefetch: int | None = None,
         workers: Sequence[str] | None = None,

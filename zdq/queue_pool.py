@@ -21,6 +21,7 @@ from distributed import Client
 
 from zdq._actor import pick_worker, start_supervisor
 from zdq.broker import Broker
+from zdq.consumer import GeneralConsumer
 from zdq.config import PoolSettings, settings
 from zdq.driver import Driver
 from zdq.errors import ClosedError, PlacementError, SerializationError, StorageCorrupt, ZdqError
@@ -371,6 +372,7 @@ class QueuePool:
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         timeout: float | None = None,
+        worker_class: type | None = None,
         **kwargs: Any,
     ) -> TaskFuture:
         """Queue ``fn(*args, **kwargs)``; return a future of its result.
@@ -385,7 +387,11 @@ class QueuePool:
         timeout : float, optional
             Time limit of one attempt: an attempt running longer fails with ``TaskTimeout``.
 
-        These four keywords are zdq's own: to pass keyword arguments of those names to ``fn``,
+        worker_class : type, optional
+            Accepted for daskqueue compatibility: submitted functions run on any consumer, so it
+            must be a :class:`GeneralConsumer` subclass, as daskqueue required.
+
+        These keywords are zdq's own: to pass keyword arguments of those names to ``fn``,
         use :meth:`submit_call`.
 
         Raises
@@ -393,6 +399,8 @@ class QueuePool:
         SerializationError
             ``fn`` or an argument cannot be pickled; nothing was queued.
         """
+        if worker_class is not None and not (isinstance(worker_class, type) and issubclass(worker_class, GeneralConsumer)):
+            raise TypeError("submit() runs functions: worker_class must be GeneralConsumer or a subclass of it")
         options = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": timeout}
         return self.submit_call(fn, args, kwargs, **{k: v for k, v in options.items() if v is not None})
 
