@@ -7,9 +7,11 @@ scheduler and no zdq thread in the driver or in any worker.
 from __future__ import annotations
 
 import gc
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import zmq
@@ -43,14 +45,7 @@ def _assert_eventually_empty(probe, what: str, timeout: float = 15.0) -> None:  
         if not found:
             return
         if time.monotonic() > deadline:
-            import gc
-            from distributed.actor import Actor
-            gc.collect()
-            holders = []
-            for o in gc.get_objects():
-                if isinstance(o, Actor):
-                    holders.append((o.key, [type(r).__name__ for r in gc.get_referrers(o)][:6]))
-            pytest.fail(f"leak: {what} still present after {timeout}s: {found!r} {holders}")
+            pytest.fail(f"leak: {what} still present after {timeout}s: {found!r}")
         time.sleep(0.1)
 
 
@@ -78,3 +73,17 @@ def zmq_ctx() -> Iterator[zmq.Context]:
     ctx = zmq.Context()
     yield ctx
     ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MiB filesystem (tmpfs) that fills up; unmounted by the test. Needs root."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

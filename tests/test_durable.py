@@ -57,30 +57,20 @@ def test_durable_results_come_back_like_transient_ones(client: Client, tmp_path:
 
 
 
-def test_a_full_disk_fails_the_chunks_it_could_not_store_and_nothing_else(client: Client, tmp_path: Path) -> None:
-    import subprocess
-
+def test_a_full_disk_fails_the_chunks_it_could_not_store_and_nothing_else(client: Client, small_disk: Path) -> None:
     from zdq.errors import BatchError, StorageFull
 
-    mount = tmp_path / "small"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.decode().strip()}")
-    try:
-        with QueuePool(client, 1, durability="durable", dirpath=mount, map_size="1MiB") as queue_pool:
-            blob = b"z" * 200_000
-            batch = queue_pool.batch_submit([(len, blob) for _ in range(40)], batch_size=1)  # 8 MB > 4 MB
-            queue_pool.flush(timeout=60)  # every chunk is either confirmed or refused by now
-            refused = batch.completed
-            stored = queue_pool.get_queue_size()["default-queue-0"]
-            assert refused > 0 and stored > 0 and stored + refused == 40  # confirmed = stored, no more
-            with ConsumerPool(client, queue_pool) as consumers:
-                consumers.start()
-                with pytest.raises(BatchError) as info:
-                    batch.result(timeout=60)
-            errors = info.value.errors
-            assert len(errors) == refused and all(isinstance(e, StorageFull) for e in errors.values())
-            assert [v for i, v in enumerate(info.value.values) if i not in errors] == [200_000] * stored
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+    with QueuePool(client, 1, durability="durable", dirpath=small_disk, map_size="1MiB") as queue_pool:
+        blob = b"z" * 200_000
+        batch = queue_pool.batch_submit([(len, blob) for _ in range(40)], batch_size=1)  # 8 MB > 4 MB
+        queue_pool.flush(timeout=60)  # every chunk is either confirmed or refused by now
+        refused = batch.completed
+        stored = queue_pool.get_queue_size()["default-queue-0"]
+        assert refused > 0 and stored > 0 and stored + refused == 40  # confirmed = stored, no more
+        with ConsumerPool(client, queue_pool) as consumers:
+            consumers.start()
+            with pytest.raises(BatchError) as info:
+                batch.result(timeout=60)
+        errors = info.value.errors
+        assert len(errors) == refused and all(isinstance(e, StorageFull) for e in errors.values())
+        assert [v for i, v in enumerate(info.value.values) if i not in errors] == [200_000] * stored

@@ -24,7 +24,7 @@ import zmq
 
 from zdq._actor import liveness_probe, worker_address
 from zdq.config import PoolSettings
-from zdq.errors import ClosedError, ProtocolError, StorageError, StorageFull
+from zdq.errors import ClosedError, ProtocolError, StorageError, StorageFull, ZdqError
 from zdq.stats import BrokerStats
 from zdq.storage.base import ChunkMeta, DeadLetter, Storage
 from zdq.storage.memory import MemoryStorage
@@ -555,6 +555,8 @@ class Broker:
     def _running_core(self) -> BrokerCore:
         if self._core is None:
             raise ClosedError(f"broker {self.name} is not started")
+        if self._core._error is not None:
+            raise ZdqError(f"broker {self.name} loop failed: {self._core._error!r}") from self._core._error
         return self._core
 
     def statistics(self) -> BrokerStats:
