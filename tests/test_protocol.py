@@ -32,29 +32,41 @@ def test_every_message_round_trips(msg: p.Message) -> None:
     assert p.decode(p.encode(msg)) == msg
 
 
+def _head(command: int, header: bytes = b"") -> bytes:
+    return p.VERSION + bytes([command]) + header
+
+
 @pytest.mark.parametrize(
     "frames",
     [
         [],
         [p.VERSION],
-        [b"ZDQ\x02", bytes([p.Command.FETCH]), b"\0\0\0\1"],
-        [p.VERSION, b"\xff", b""],
-        [p.VERSION, b"", b""],
-        [p.VERSION, bytes([p.Command.FETCH]), b"\0\0\1"],
-        [p.VERSION, bytes([p.Command.PUT]), b"\0" * 12],
-        [p.VERSION, bytes([p.Command.PUT]), b"\0" * 12, b"x"],
-        [p.VERSION, bytes([p.Command.HEARTBEAT]), b"x"],
-        [p.VERSION, bytes([p.Command.HELLO]), b"\x09", b""],
-        [p.VERSION, bytes([p.Command.CONFIRM]), b"\0" * 16 + b"\x09", b""],
-        [p.VERSION, bytes([p.Command.BYE]), b"", b"extra"],
-        [p.VERSION, bytes([p.Command.SPLIT]), b"\0" * 8 + b"\0\0\0\3", b"a", b"b"],
-        [p.VERSION, bytes([p.Command.SPLIT]), b"\0" * 12],
-        [p.VERSION, bytes([p.Command.DEAD]), b"\0" * 16, b"x"],
-        [p.VERSION, bytes([p.Command.RACK]), b"\0\0\0\2", b"\0" * 8],
-        [p.VERSION, bytes([p.Command.PUT]), b"\0" * 8 + b"\xff\xff\xff\xff", b"x"],
-        [p.VERSION, bytes([p.Command.DELIVER]), b"\0" * 8 + b"\0\0\0\0" + b"\0\0\0\1", b"x"],
+        [b"ZDQ\x01" + bytes([p.Command.FETCH]) + b"\0\0\0\1"],
+        [_head(0xFF)],
+        [_head(p.Command.FETCH, b"\0\0\1")],
+        [_head(p.Command.FETCH, b"\0\0\0\1"), b"extra"],
+        [_head(p.Command.PUT, b"\0" * 12)],
+        [_head(p.Command.PUT, b"\0" * 11), b"x"],
+        [_head(p.Command.HEARTBEAT, b"x")],
+        [_head(p.Command.HELLO, b"\x09"), b""],
+        [_head(p.Command.CONFIRM, b"\0" * 16 + b"\x09"), b""],
+        [_head(p.Command.BYE), b"extra"],
+        [_head(p.Command.SPLIT, b"\0" * 8 + b"\0\0\0\3"), b"a", b"b"],
+        [_head(p.Command.SPLIT, b"\0" * 12)],
+        [_head(p.Command.DEAD, b"\0" * 16), b"x"],
+        [_head(p.Command.RACK, b"\0\0\0\2" + b"\0" * 8)],
+        [_head(p.Command.RACK, b"\0\0\0\1" + b"\0" * 8), b"extra"],
+        [_head(p.Command.PUT, b"\0" * 8 + b"\xff\xff\xff\xff"), b"x"],
+        [_head(p.Command.DELIVER, b"\0" * 8 + b"\0\0\0\0" + b"\0\0\0\1"), b"x"],
+        [object()],
     ],
 )
 def test_malformed_messages_raise_protocol_error(frames: list[bytes]) -> None:
     with pytest.raises(ProtocolError):
         p.decode(frames)
+
+
+def test_version_command_and_header_share_one_frame() -> None:
+    frames = p.encode(p.Put(7, 1000, b"chunk"))
+    assert len(frames) == 2 and frames[0].startswith(p.VERSION) and frames[0][len(p.VERSION)] == p.Command.PUT
+    assert p.encode(p.Heartbeat()) == [p.VERSION + bytes([p.Command.HEARTBEAT])]

@@ -30,7 +30,7 @@ from zdq.storage.base import ChunkMeta, DeadLetter, Storage
 from zdq.storage.memory import MemoryStorage
 from zdq.transport import protocol as p
 from zdq.transport.security import ServerKeys
-from zdq.transport.sockets import bind_router, close_socket, worker_host
+from zdq.transport.sockets import bind_router, close_socket, recv_ready, try_send, worker_host
 
 __all__ = ["BrokerCore", "Broker"]
 
@@ -198,11 +198,7 @@ class BrokerCore:
         dones: list[tuple[bytes, p.Done]] = []
         racks: list[int] = []
         now = time.monotonic()
-        for _ in range(_ROUND):
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
+        for frames in recv_ready(self._sock, _ROUND):
             ident = frames[0].bytes
             try:
                 msg = p.decode(frames[1:])
@@ -276,10 +272,8 @@ class BrokerCore:
 
     def _send(self, ident: bytes, msg: p.Message) -> bool:
         try:
-            self._sock.send_multipart([ident, *p.encode(msg)], zmq.NOBLOCK, copy=False)
-            return True
-        except zmq.Again:
-            return False  # that peer cannot take more now; leases and resends recover
+            # False: that peer cannot take more now; leases and resends recover.
+            return try_send(self._sock, [ident, *p.encode(msg)])
         except zmq.ZMQError as e:
             if e.errno == zmq.EHOSTUNREACH:
                 return False

@@ -30,7 +30,7 @@ from zdq.serialization import CALLS, ITEMS, ErrorInfo, TaskOptions, dumps_chunk,
 from zdq.stats import ConsumerStats
 from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
-from zdq.transport.sockets import BrokerLinks, Waker, try_send
+from zdq.transport.sockets import BrokerLinks, Waker, recv_ready, try_send
 
 __all__ = ["ConsumerBaseClass", "GeneralConsumer", "Consumer"]
 
@@ -296,11 +296,7 @@ class Consumer:
                     waker.drain()
                     continue
                 i = index
-                while True:
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+                for frames in recv_ready(sock, 1 << 30):
                     try:
                         msg = p.decode(frames)
                     except Exception as e:

@@ -35,7 +35,7 @@ from zdq.serialization import TASKS, Task, error_to_exception, loads_results, pa
 from zdq.stats import DriverStats
 from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
-from zdq.transport.sockets import BrokerLinks, Waker, new_identity, try_send
+from zdq.transport.sockets import BrokerLinks, Waker, new_identity, recv_ready, try_send
 
 __all__ = ["Driver"]
 
@@ -350,11 +350,7 @@ class Driver:
                     continue
                 i = index
                 racks: list[int] = []
-                for _ in range(4096):
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
+                for frames in recv_ready(sock, 4096):
                     chunk_id = self._handle(i, frames)
                     if chunk_id is not None:
                         racks.append(chunk_id)

@@ -1,11 +1,13 @@
 """The zdq wire protocol: every frame layout in one place.
 
-A message is a ZeroMQ multipart message::
+A message is a ZeroMQ multipart message of one *head* frame and the command's payload frames::
 
-    [VERSION, command (1 byte), header (fixed struct per command), payload frames...]
+    [VERSION + command (1 byte) + header (fixed struct per command), payload frames...]
 
 On a ROUTER socket the peer's routing identity precedes these frames. Payloads (chunks of tasks and
 their results) are opaque bytes to the broker: it stores and forwards them, and never unpickles them.
+Version, command and header share one frame because every frame costs a system-level send and
+receive on both ends: on the single-task round trip, frames were most of the protocol's cost.
 
 Commands
 --------
@@ -22,8 +24,9 @@ ACK        consumer→broker         chunk id; early acknowledgement (at most on
 LOST       broker→driver           seq, chunk id; an early-acked chunk's consumer died before DONE
 DEAD       consumer→broker         origin chunk id, task id; payload: the task as a chunk, reason
 SPLIT      consumer→broker         chunk id, n; payload: n one-task chunks replacing a redelivered one
-RACK       driver→broker           n; payload: ids of chunks whose RESULTS arrived (the broker may
-                                   now forget them: until then a broker restart re-runs them)
+RACK       driver→broker           n, then n ids (in the head) of chunks whose RESULTS arrived: the
+                                   broker may now forget them (until then a broker restart re-runs
+                                   them); drivers batch these receipts
 HEARTBEAT  both ways               liveness; a consumer's heartbeat renews its leases
 BYE        peer→broker             the peer leaves; its leases return at once
 =========  ======================  ==========================================================
@@ -33,9 +36,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
-from collections.abc import Sequence
-from typing import Any, Union
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Union
 
 from zdq.errors import ProtocolError
 
@@ -66,8 +68,8 @@ __all__ = [
     "MAX_CHUNK_TASKS",
 ]
 
-#: First frame of every message; the last byte is the protocol version.
-VERSION = b"ZDQ\x01"
+#: First bytes of every message; the last byte is the protocol version.
+VERSION = b"ZDQ\x02"
 #: Size of the random identities of drivers and consumers.
 ID_SIZE = 16
 
@@ -104,155 +106,144 @@ class Status(enum.IntEnum):
     ERROR = 3  # any other storage failure: the chunk was not stored
 
 
-@dataclass(frozen=True, slots=True)
-class Hello:
+# Messages are named tuples: built and unpacked on every hop, they must be cheap to make.
+class Hello(NamedTuple):
     role: Role
     name: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
-class Put:
+class Put(NamedTuple):
     seq: int
     n_tasks: int
     chunk: object  # bytes or zmq.Frame: opaque
 
 
-@dataclass(frozen=True, slots=True)
-class Confirm:
+class Confirm(NamedTuple):
     seq: int
     chunk_id: int
     status: Status
     detail: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
-class Fetch:
+class Fetch(NamedTuple):
     credit: int
 
 
-@dataclass(frozen=True, slots=True)
-class Deliver:
+class Deliver(NamedTuple):
     chunk_id: int
     n_tasks: int
     attempt: int
     chunk: object
 
 
-@dataclass(frozen=True, slots=True)
-class Done:
+class Done(NamedTuple):
     chunk_id: int
     n_tasks: int
     results: object
 
 
-@dataclass(frozen=True, slots=True)
-class Results:
+class Results(NamedTuple):
     seq: int
     chunk_id: int
     consumer: bytes
     results: object
 
 
-@dataclass(frozen=True, slots=True)
-class Return:
+class Return(NamedTuple):
     chunk_id: int
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
+class Ack(NamedTuple):
     chunk_id: int
 
 
-@dataclass(frozen=True, slots=True)
-class Lost:
+class Lost(NamedTuple):
     seq: int
     chunk_id: int
 
 
-@dataclass(frozen=True, slots=True)
-class Dead:
+class Dead(NamedTuple):
     chunk_id: int
     task_id: int
     chunk: object
     reason: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Split:
+class Split(NamedTuple):
     chunk_id: int
     parts: Sequence[object]
 
 
-@dataclass(frozen=True, slots=True)
-class Rack:
+class Rack(NamedTuple):
     chunk_ids: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
+class Heartbeat(NamedTuple):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Bye:
+class Bye(NamedTuple):
     pass
 
 
 Message = Union[Hello, Put, Confirm, Fetch, Deliver, Done, Results, Return, Ack, Lost, Dead, Split, Rack, Heartbeat, Bye]
 
-_HELLO = struct.Struct(">B")
-_PUT = struct.Struct(">QI")
-_CONFIRM = struct.Struct(">QQB")
-_FETCH = struct.Struct(">I")
-_DELIVER = struct.Struct(">QII")
-_DONE = struct.Struct(">QI")
-_RESULTS = struct.Struct(">QQ16s")
-_RETURN = struct.Struct(">Q")
-_LOST = struct.Struct(">QQ")
-_SPLIT = struct.Struct(">QI")
 #: Most tasks a chunk may hold (and parts a SPLIT may carry): a peer's claim is never trusted beyond.
 MAX_SPLIT = MAX_CHUNK_TASKS = 100_000
-_EMPTY = b""
 
-_CMD = {c: bytes([c]) for c in Command}
+
+def _layout(command: Command, fmt: str) -> struct.Struct:
+    # VERSION, the command byte, then the command's fixed header, all in the head frame.
+    return struct.Struct(">4sB" + fmt)
+
+
+_HELLO = _layout(Command.HELLO, "B")
+_PUT = _layout(Command.PUT, "QI")
+_CONFIRM = _layout(Command.CONFIRM, "QQB")
+_FETCH = _layout(Command.FETCH, "I")
+_DELIVER = _layout(Command.DELIVER, "QII")
+_DONE = _layout(Command.DONE, "QI")
+_RESULTS = _layout(Command.RESULTS, "QQ16s")
+_ID = _layout(Command.RETURN, "Q")  # RETURN and ACK
+_LOST = _layout(Command.LOST, "QQ")  # LOST and DEAD
+_SPLIT = _layout(Command.SPLIT, "QI")
+_RACK = _layout(Command.RACK, "I")  # followed by the ids, 8 bytes each, in the same frame
+_HEAD = {c: VERSION + bytes([c]) for c in Command}  # the head of a message without a header
+_ROLES = {r.value: r for r in Role}
+_STATUSES = {s.value: s for s in Status}
+_V = VERSION
+
+
+def _encode_rack(m: Rack) -> list[Any]:
+    ids = m.chunk_ids
+    return [_RACK.pack(_V, Command.RACK, len(ids)) + struct.pack(f">{len(ids)}Q", *ids)]
+
+
+_ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
+    Deliver: lambda m: [_DELIVER.pack(_V, Command.DELIVER, m.chunk_id, m.n_tasks, m.attempt), m.chunk],
+    Done: lambda m: [_DONE.pack(_V, Command.DONE, m.chunk_id, m.n_tasks), m.results],
+    Put: lambda m: [_PUT.pack(_V, Command.PUT, m.seq, m.n_tasks), m.chunk],
+    Results: lambda m: [_RESULTS.pack(_V, Command.RESULTS, m.seq, m.chunk_id, m.consumer), m.results],
+    Confirm: lambda m: [_CONFIRM.pack(_V, Command.CONFIRM, m.seq, m.chunk_id, m.status), m.detail],
+    Fetch: lambda m: [_FETCH.pack(_V, Command.FETCH, m.credit)],
+    Return: lambda m: [_ID.pack(_V, Command.RETURN, m.chunk_id)],
+    Ack: lambda m: [_ID.pack(_V, Command.ACK, m.chunk_id)],
+    Lost: lambda m: [_LOST.pack(_V, Command.LOST, m.seq, m.chunk_id)],
+    Dead: lambda m: [_LOST.pack(_V, Command.DEAD, m.chunk_id, m.task_id), m.chunk, m.reason],
+    Split: lambda m: [_SPLIT.pack(_V, Command.SPLIT, m.chunk_id, len(m.parts)), *m.parts],
+    Rack: _encode_rack,
+    Hello: lambda m: [_HELLO.pack(_V, Command.HELLO, m.role), m.name],
+    Heartbeat: lambda m: [_HEAD[Command.HEARTBEAT]],
+    Bye: lambda m: [_HEAD[Command.BYE]],
+}
 
 
 def encode(msg: Message) -> list[Any]:
     """Frames for ``msg`` (without any routing identity)."""
-    if isinstance(msg, Deliver):
-        return [VERSION, _CMD[Command.DELIVER], _DELIVER.pack(msg.chunk_id, msg.n_tasks, msg.attempt), msg.chunk]
-    if isinstance(msg, Done):
-        return [VERSION, _CMD[Command.DONE], _DONE.pack(msg.chunk_id, msg.n_tasks), msg.results]
-    if isinstance(msg, Put):
-        return [VERSION, _CMD[Command.PUT], _PUT.pack(msg.seq, msg.n_tasks), msg.chunk]
-    if isinstance(msg, Results):
-        header = _RESULTS.pack(msg.seq, msg.chunk_id, msg.consumer)
-        return [VERSION, _CMD[Command.RESULTS], header, msg.results]
-    if isinstance(msg, Confirm):
-        header = _CONFIRM.pack(msg.seq, msg.chunk_id, msg.status)
-        return [VERSION, _CMD[Command.CONFIRM], header, msg.detail]
-    if isinstance(msg, Fetch):
-        return [VERSION, _CMD[Command.FETCH], _FETCH.pack(msg.credit)]
-    if isinstance(msg, Return):
-        return [VERSION, _CMD[Command.RETURN], _RETURN.pack(msg.chunk_id)]
-    if isinstance(msg, Ack):
-        return [VERSION, _CMD[Command.ACK], _RETURN.pack(msg.chunk_id)]
-    if isinstance(msg, Lost):
-        return [VERSION, _CMD[Command.LOST], _LOST.pack(msg.seq, msg.chunk_id)]
-    if isinstance(msg, Dead):
-        return [VERSION, _CMD[Command.DEAD], _LOST.pack(msg.chunk_id, msg.task_id), msg.chunk, msg.reason]
-    if isinstance(msg, Split):
-        return [VERSION, _CMD[Command.SPLIT], _SPLIT.pack(msg.chunk_id, len(msg.parts)), *msg.parts]
-    if isinstance(msg, Rack):
-        ids = msg.chunk_ids
-        return [VERSION, _CMD[Command.RACK], _FETCH.pack(len(ids)), struct.pack(f">{len(ids)}Q", *ids)]
-    if isinstance(msg, Hello):
-        return [VERSION, _CMD[Command.HELLO], _HELLO.pack(msg.role), msg.name]
-    if isinstance(msg, Heartbeat):
-        return [VERSION, _CMD[Command.HEARTBEAT], _EMPTY]
-    if isinstance(msg, Bye):
-        return [VERSION, _CMD[Command.BYE], _EMPTY]
-    raise ProtocolError(f"cannot encode {type(msg).__name__}")
+    encoder = _ENCODERS.get(type(msg))
+    if encoder is None:
+        raise ProtocolError(f"cannot encode {type(msg).__name__}")
+    return encoder(msg)
 
 
 def _bytes(frame: object) -> bytes:
@@ -263,17 +254,105 @@ def _bytes(frame: object) -> bytes:
     return data
 
 
-def _unpack(layout: struct.Struct, frame: object, command: Command) -> tuple[int, ...]:
-    raw = _bytes(frame)
-    if len(raw) != layout.size:
-        raise ProtocolError(f"{command.name} header has {len(raw)} bytes, expected {layout.size}")
-    return layout.unpack(raw)
+def _unpack(layout: struct.Struct, head: bytes, frames: Sequence[Any], n_frames: int) -> tuple[Any, ...]:
+    if len(head) != layout.size:
+        raise ProtocolError(f"{Command(head[4]).name} head has {len(head)} bytes, expected {layout.size}")
+    if len(frames) != n_frames:
+        raise ProtocolError(f"{Command(head[4]).name} has {len(frames)} frames, expected {n_frames}")
+    return layout.unpack(head)
 
 
-def _n_tasks(n: int, command: Command) -> int:
+def _n_tasks(n: int, head: bytes) -> int:
     if not 1 <= n <= MAX_CHUNK_TASKS:
-        raise ProtocolError(f"{command.name} claims {n} tasks; a chunk holds 1 to {MAX_CHUNK_TASKS}")
+        raise ProtocolError(f"{Command(head[4]).name} claims {n} tasks; a chunk holds 1 to {MAX_CHUNK_TASKS}")
     return n
+
+
+def _put(head: bytes, f: Sequence[Any]) -> Message:
+    _, _, seq, n = _unpack(_PUT, head, f, 2)
+    return Put(seq, _n_tasks(n, head), f[1])
+
+
+def _deliver(head: bytes, f: Sequence[Any]) -> Message:
+    _, _, chunk_id, n, attempt = _unpack(_DELIVER, head, f, 2)
+    return Deliver(chunk_id, _n_tasks(n, head), attempt, f[1])
+
+
+def _done(head: bytes, f: Sequence[Any]) -> Message:
+    _, _, chunk_id, n = _unpack(_DONE, head, f, 2)
+    return Done(chunk_id, _n_tasks(n, head), f[1])
+
+
+def _results(head: bytes, f: Sequence[Any]) -> Message:
+    _, _, seq, chunk_id, consumer = _unpack(_RESULTS, head, f, 2)
+    return Results(seq, chunk_id, consumer, f[1])
+
+
+def _confirm(head: bytes, f: Sequence[Any]) -> Message:
+    _, _, seq, chunk_id, status = _unpack(_CONFIRM, head, f, 2)
+    known = _STATUSES.get(status)
+    if known is None:
+        raise ProtocolError(f"unknown CONFIRM status {status}")
+    return Confirm(seq, chunk_id, known, _bytes(f[1]))
+
+
+def _hello(head: bytes, f: Sequence[Any]) -> Message:
+    _, _, role = _unpack(_HELLO, head, f, 2)
+    known = _ROLES.get(role)
+    if known is None:
+        raise ProtocolError(f"unknown role {role}")
+    return Hello(known, _bytes(f[1])[:256])
+
+
+def _split(head: bytes, f: Sequence[Any]) -> Message:
+    if len(head) != _SPLIT.size:
+        raise ProtocolError(f"SPLIT head has {len(head)} bytes, expected {_SPLIT.size}")
+    _, _, chunk_id, n_parts = _SPLIT.unpack(head)
+    if not 1 <= n_parts <= MAX_SPLIT or len(f) != 1 + n_parts:
+        raise ProtocolError(f"SPLIT announces {n_parts} parts and carries {len(f) - 1}")
+    return Split(chunk_id, list(f[1:]))
+
+
+def _rack(head: bytes, f: Sequence[Any]) -> Message:
+    if len(f) != 1 or len(head) < _RACK.size:
+        raise ProtocolError("RACK is one frame: a count and the ids")
+    _, _, count = _RACK.unpack_from(head)
+    if count > MAX_SPLIT or len(head) != _RACK.size + 8 * count:
+        raise ProtocolError(f"RACK announces {count} ids and carries {len(head) - _RACK.size} bytes")
+    return Rack(struct.unpack_from(f">{count}Q", head, _RACK.size))
+
+
+def _dead(head: bytes, f: Sequence[Any]) -> Message:
+    _, _, chunk_id, task_id = _unpack(_LOST, head, f, 3)
+    return Dead(chunk_id, task_id, f[1], _bytes(f[2])[:65536])
+
+
+def _bare(msg: Message) -> Callable[[bytes, Sequence[Any]], Message]:
+    def decode_bare(head: bytes, f: Sequence[Any]) -> Message:
+        if len(head) != len(VERSION) + 1 or len(f) != 1:
+            raise ProtocolError(f"{type(msg).__name__.upper()} carries a header or frames, none expected")
+        return msg
+
+    return decode_bare
+
+
+_DECODERS: dict[int, Callable[[bytes, Sequence[Any]], Message]] = {
+    Command.PUT: _put,
+    Command.DELIVER: _deliver,
+    Command.DONE: _done,
+    Command.RESULTS: _results,
+    Command.CONFIRM: _confirm,
+    Command.FETCH: lambda h, f: Fetch(_unpack(_FETCH, h, f, 1)[2]),
+    Command.RETURN: lambda h, f: Return(_unpack(_ID, h, f, 1)[2]),
+    Command.ACK: lambda h, f: Ack(_unpack(_ID, h, f, 1)[2]),
+    Command.LOST: lambda h, f: Lost(*_unpack(_LOST, h, f, 1)[2:]),
+    Command.DEAD: _dead,
+    Command.SPLIT: _split,
+    Command.RACK: _rack,
+    Command.HELLO: _hello,
+    Command.HEARTBEAT: _bare(Heartbeat()),
+    Command.BYE: _bare(Bye()),
+}
 
 
 def decode(frames: Sequence[Any]) -> Message:
@@ -284,76 +363,12 @@ def decode(frames: Sequence[Any]) -> Message:
     ProtocolError
         On a wrong version, an unknown command, a header of the wrong size or a wrong frame count.
     """
-    if len(frames) < 3:
-        raise ProtocolError(f"message has {len(frames)} frames, at least 3 expected")
-    version = _bytes(frames[0])
-    if version != VERSION:
-        raise ProtocolError(f"unsupported protocol version frame {version[:8]!r}")
-    raw_cmd = _bytes(frames[1])
-    if len(raw_cmd) != 1:
-        raise ProtocolError("command frame must be exactly one byte")
-    try:
-        command = Command(raw_cmd[0])
-    except ValueError:
-        raise ProtocolError(f"unknown command {raw_cmd[0]}") from None
-    if command is Command.SPLIT:
-        chunk_id, n_parts = _unpack(_SPLIT, frames[2], command)
-        if not 1 <= n_parts <= MAX_SPLIT or len(frames) != 3 + n_parts:
-            raise ProtocolError(f"SPLIT announces {n_parts} parts and carries {len(frames) - 3}")
-        return Split(chunk_id, list(frames[3:]))
-    short = (Command.FETCH, Command.RETURN, Command.ACK, Command.LOST, Command.HEARTBEAT, Command.BYE)
-    expected = 3 if command in short else 5 if command is Command.DEAD else 4
-    if len(frames) != expected:
-        raise ProtocolError(f"{command.name} has {len(frames)} frames, expected {expected}")
-    header = frames[2]
-    if command is Command.DELIVER:
-        chunk_id, n_tasks, attempt = _unpack(_DELIVER, header, command)
-        return Deliver(chunk_id, _n_tasks(n_tasks, command), attempt, frames[3])
-    if command is Command.DONE:
-        chunk_id, n_tasks = _unpack(_DONE, header, command)
-        return Done(chunk_id, _n_tasks(n_tasks, command), frames[3])
-    if command is Command.PUT:
-        seq, n_tasks = _unpack(_PUT, header, command)
-        return Put(seq, _n_tasks(n_tasks, command), frames[3])
-    if command is Command.RESULTS:
-        raw = _bytes(header)
-        if len(raw) != _RESULTS.size:
-            raise ProtocolError(f"RESULTS header has {len(raw)} bytes, expected {_RESULTS.size}")
-        seq, chunk_id, consumer = _RESULTS.unpack(raw)
-        return Results(seq, chunk_id, consumer, frames[3])
-    if command is Command.CONFIRM:
-        seq, chunk_id, status = _unpack(_CONFIRM, header, command)
-        try:
-            return Confirm(seq, chunk_id, Status(status), _bytes(frames[3]))
-        except ValueError:
-            raise ProtocolError(f"unknown CONFIRM status {status}") from None
-    if command is Command.FETCH:
-        (credit,) = _unpack(_FETCH, header, command)
-        return Fetch(credit)
-    if command is Command.RETURN:
-        (chunk_id,) = _unpack(_RETURN, header, command)
-        return Return(chunk_id)
-    if command is Command.ACK:
-        (chunk_id,) = _unpack(_RETURN, header, command)
-        return Ack(chunk_id)
-    if command is Command.LOST:
-        seq, chunk_id = _unpack(_LOST, header, command)
-        return Lost(seq, chunk_id)
-    if command is Command.RACK:
-        (count,) = _unpack(_FETCH, header, command)
-        raw = _bytes(frames[3])
-        if count > MAX_SPLIT or len(raw) != 8 * count:
-            raise ProtocolError(f"RACK announces {count} ids and carries {len(raw)} bytes")
-        return Rack(struct.unpack(f">{count}Q", raw))
-    if command is Command.DEAD:
-        chunk_id, task_id = _unpack(_LOST, header, command)
-        return Dead(chunk_id, task_id, frames[3], _bytes(frames[4])[:65536])
-    if command is Command.HELLO:
-        (role,) = _unpack(_HELLO, header, command)
-        try:
-            return Hello(Role(role), _bytes(frames[3])[:256])
-        except ValueError:
-            raise ProtocolError(f"unknown role {role}") from None
-    if _bytes(header):
-        raise ProtocolError(f"{command.name} carries a header, none expected")
-    return Heartbeat() if command is Command.HEARTBEAT else Bye()
+    if not frames:
+        raise ProtocolError("empty message")
+    head = _bytes(frames[0])
+    if len(head) < 5 or not head.startswith(VERSION):
+        raise ProtocolError(f"unsupported protocol version in head {head[:8]!r}")
+    decoder = _DECODERS.get(head[4])
+    if decoder is None:
+        raise ProtocolError(f"unknown command {head[4]}")
+    return decoder(head, frames)

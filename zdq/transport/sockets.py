@@ -13,7 +13,8 @@ import logging
 import os
 import socket as pysocket
 import threading
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import zmq
@@ -28,6 +29,7 @@ __all__ = [
     "connect_dealer",
     "close_socket",
     "try_send",
+    "recv_ready",
     "Waker",
     "BrokerLinks",
 ]
@@ -118,18 +120,54 @@ def connect_dealer(
     return sock
 
 
+# The hot path calls pyzmq's compiled socket methods directly, with plain int flags: the Python layer
+# above them (argument checks, enum flag arithmetic, RCVMORE lookups, exceptions as the end of a
+# drain) cost more than the sends and receives themselves on the single-task round trip.
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_get = zmq.backend.Socket.get
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
+
 def try_send(sock: zmq.Socket[Any], frames: list[Any]) -> bool:
     """Send without ever blocking an I/O thread; False if the peer cannot take it now.
 
     A DEALER whose broker is unreachable (gone, or refusing our handshake) would block a plain
     send forever. What is not sent is recovered by the protocol: unconfirmed chunks are resent,
-    unacknowledged leases expire.
+    unacknowledged leases expire. (High-water marks are lifted, so a refusal can only come at the
+    first frame: a message is never sent in part.)
     """
+    last = len(frames) - 1
     try:
-        sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        for i in range(last):
+            _send(sock, frames[i], _NOBLOCK_MORE, copy=False)
+        _send(sock, frames[last], _NOBLOCK, copy=False)
         return True
     except zmq.Again:
         return False
+
+
+def recv_ready(sock: zmq.Socket[Any], limit: int) -> Iterator[list[Any]]:
+    """The messages waiting on ``sock`` (at most ``limit``), as lists of frames; never blocks.
+
+    Meant for right after a poll reported ``sock`` readable: the first receive is tried at once,
+    and the socket's event flags (not an exception) tell when it has nothing more.
+    """
+    for _ in range(limit):
+        try:
+            frame = _recv(sock, _NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        frames = [frame]
+        while frame.more:
+            frame = _recv(sock, _NOBLOCK, copy=False)
+            frames.append(frame)
+        yield frames
+        if not cast(int, _get(sock, _EVENTS)) & _POLLIN:
+            return
 
 
 def close_socket(sock: zmq.Socket[Any] | None) -> None:
@@ -161,16 +199,13 @@ class Waker:
             if self._out.closed:
                 return
             try:
-                self._out.send(b"", zmq.NOBLOCK)
+                _send(self._out, b"", _NOBLOCK)
             except zmq.Again:
                 pass  # a wake is already pending
 
     def drain(self) -> None:
-        while True:
-            try:
-                self.socket.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for _ in recv_ready(self.socket, 1 << 30):
+            pass
 
     def close(self) -> None:
         with self._lock:
