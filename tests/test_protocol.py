@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from zdq.errors import ProtocolError
@@ -15,6 +17,7 @@ MESSAGES = [
     p.Fetch(2),
     p.Deliver(3, 1000, 1, b"chunk"),
     p.Done(3, 1000, b"results"),
+    p.Done(3, 1000, b"results", 1),
     p.Results(7, 3, b"c" * 16, b"results"),
     p.Return(3),
     p.Ack(3),
@@ -70,3 +73,14 @@ def test_version_command_and_header_share_one_frame() -> None:
     frames = p.encode(p.Put(7, 1000, b"chunk"))
     assert len(frames) == 2 and frames[0].startswith(p.VERSION) and frames[0][len(p.VERSION)] == p.Command.PUT
     assert p.encode(p.Heartbeat()) == [p.VERSION + bytes([p.Command.HEARTBEAT])]
+
+
+def test_a_chunk_of_pickled_tasks_must_hold_pickled_task_tuples() -> None:
+    from zdq.serialization import PICKLED, TASKS, dumps_chunk, dumps_task, loads_chunk
+
+    good = dumps_chunk(5, [dumps_task((print, (1,))), dumps_task((None, "item"))], None, PICKLED)
+    assert loads_chunk(good) == (5, TASKS, [(print, (1,)), (None, "item")], None)
+    with pytest.raises(ValueError, match="other than bytes"):
+        loads_chunk(dumps_chunk(5, [(print, (1,))], None, PICKLED))
+    with pytest.raises(ValueError, match="not a task tuple"):
+        loads_chunk(dumps_chunk(5, [pickle.dumps(42)], None, PICKLED))

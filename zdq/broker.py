@@ -210,7 +210,10 @@ class BrokerCore:
                 self._drivers[ident] = now
             elif isinstance(msg, p.Done):
                 dones.append((ident, msg))
-                self._seen_consumer(ident, now)
+                if msg.credit:
+                    self._credit(ident, msg.credit, now)
+                else:
+                    self._seen_consumer(ident, now)
             elif isinstance(msg, p.Fetch):
                 self._credit(ident, msg.credit, now)
             elif isinstance(msg, p.Heartbeat):

@@ -11,6 +11,7 @@ stop heartbeats, and never on the Dask worker's event loop or executor.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import random
@@ -35,6 +36,11 @@ from zdq.transport.sockets import BrokerLinks, Waker, recv_ready, try_send
 __all__ = ["ConsumerBaseClass", "GeneralConsumer", "Consumer"]
 
 logger = logging.getLogger(__name__)
+
+#: How long a busy consumer holds back its request for the next chunk of a broker, waiting for a
+#: DONE to that broker to carry it: one message and one broker round fewer per chunk when chunks
+#: are short (a single task's round trip), and a prefetch that is still on time when they are long.
+_FETCH_DELAY = 0.001
 
 
 class ConsumerBaseClass:
@@ -274,22 +280,43 @@ class Consumer:
         beat = self._settings.heartbeat_interval
         next_beat = time.monotonic() + beat
         prefetch = self._settings.prefetch
+        # When a busy consumer's FETCH to each broker goes out on its own (see _FETCH_DELAY).
+        fetch_at = [0.0] * len(socks)
         while not self._stop.is_set():
             while self._control:
                 i, endpoint = self._control.popleft()
                 links.replace(i, endpoint)
                 credit[i] = 0
+                fetch_at[i] = 0.0
                 # Chunks held from the lost broker still run; their DONE goes to the replacement,
                 # which acknowledges those it recovered from disk and counts the others as duplicates.
                 self._in_flight -= len(held[i])
                 held[i].clear()
-            # Credit: one outstanding FETCH per broker while fewer than `prefetch` chunks are held.
+            while self._outbox:
+                i, out = self._outbox.popleft()
+                if isinstance(out, (p.Done, p.Return, p.Split)) and out.chunk_id in held[i]:
+                    held[i].discard(out.chunk_id)
+                    self._in_flight -= 1
+                ask = credit[i] == 0 and self._in_flight < prefetch and self._fetching.is_set()
+                if isinstance(out, p.Done) and ask:
+                    out = out._replace(credit=1)
+                    credit[i] = int(try_send(socks[i], p.encode(out)))
+                else:
+                    try_send(socks[i], p.encode(out))
+            # Credit: one outstanding request per broker while fewer than `prefetch` chunks are
+            # held. A consumer with nothing in hand asks at once; a busy one lets its next DONE to
+            # that broker carry the request, unless that takes longer than _FETCH_DELAY.
+            now = time.monotonic()
+            wake_at = next_beat
             if self._fetching.is_set():
                 for i, sock in enumerate(socks):
                     if credit[i] == 0 and self._in_flight < prefetch:
-                        if try_send(sock, p.encode(p.Fetch(1))):
-                            credit[i] = 1
-            timeout = max(0, int((next_beat - time.monotonic()) * 1000))
+                        if self._in_flight == 0 or now >= fetch_at[i]:
+                            if try_send(sock, p.encode(p.Fetch(1))):
+                                credit[i] = 1
+                        else:
+                            wake_at = min(wake_at, fetch_at[i])
+            timeout = max(0, math.ceil((wake_at - now) * 1000))
             for sock, _ in poller.poll(timeout):
                 index = links.index(sock)
                 if index is None:
@@ -305,6 +332,7 @@ class Consumer:
                         continue
                     if isinstance(msg, p.Deliver):
                         credit[i] = max(0, credit[i] - 1)
+                        fetch_at[i] = time.monotonic() + _FETCH_DELAY
                         self._counts["chunks_received"] += 1
                         self._in_flight += 1
                         held[i].add(msg.chunk_id)
@@ -313,13 +341,6 @@ class Consumer:
                         self._chunks.put((i, msg))
                     elif isinstance(msg, p.Bye):
                         credit[i] = 0  # the broker is going away; ask again if it comes back
-            while self._outbox:
-                i, out = self._outbox.popleft()
-                if isinstance(out, (p.Done, p.Return, p.Split)):
-                    if out.chunk_id in held[i]:
-                        held[i].discard(out.chunk_id)
-                        self._in_flight -= 1
-                try_send(socks[i], p.encode(out))
             now = time.monotonic()
             if now >= next_beat:
                 if not self._alive():

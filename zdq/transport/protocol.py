@@ -17,7 +17,8 @@ PUT        driver→broker           seq, n_tasks; payload: one chunk
 CONFIRM    broker→driver           seq, chunk id, status; sent once the chunk is stored
 FETCH      consumer→broker         credit: how many more chunks the consumer accepts
 DELIVER    broker→consumer         chunk id, n_tasks, attempt; payload: the leased chunk
-DONE       consumer→broker         chunk id, n_tasks; payload: the results of the chunk
+DONE       consumer→broker         chunk id, n_tasks, credit (a FETCH riding along); payload: the
+                                   results of the chunk
 RESULTS    broker→driver           seq, chunk id, consumer id; payload: the results
 RETURN     consumer→broker         chunk id; gives an unstarted leased chunk back
 ACK        consumer→broker         chunk id; early acknowledgement (at most once): results follow
@@ -140,6 +141,7 @@ class Done(NamedTuple):
     chunk_id: int
     n_tasks: int
     results: object
+    credit: int = 0  # more chunks the consumer accepts: saves a FETCH message and a broker round
 
 
 class Results(NamedTuple):
@@ -202,7 +204,7 @@ _PUT = _layout(Command.PUT, "QI")
 _CONFIRM = _layout(Command.CONFIRM, "QQB")
 _FETCH = _layout(Command.FETCH, "I")
 _DELIVER = _layout(Command.DELIVER, "QII")
-_DONE = _layout(Command.DONE, "QI")
+_DONE = _layout(Command.DONE, "QII")
 _RESULTS = _layout(Command.RESULTS, "QQ16s")
 _ID = _layout(Command.RETURN, "Q")  # RETURN and ACK
 _LOST = _layout(Command.LOST, "QQ")  # LOST and DEAD
@@ -221,7 +223,7 @@ def _encode_rack(m: Rack) -> list[Any]:
 
 _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Deliver: lambda m: [_DELIVER.pack(_V, Command.DELIVER, m.chunk_id, m.n_tasks, m.attempt), m.chunk],
-    Done: lambda m: [_DONE.pack(_V, Command.DONE, m.chunk_id, m.n_tasks), m.results],
+    Done: lambda m: [_DONE.pack(_V, Command.DONE, m.chunk_id, m.n_tasks, m.credit), m.results],
     Put: lambda m: [_PUT.pack(_V, Command.PUT, m.seq, m.n_tasks), m.chunk],
     Results: lambda m: [_RESULTS.pack(_V, Command.RESULTS, m.seq, m.chunk_id, m.consumer), m.results],
     Confirm: lambda m: [_CONFIRM.pack(_V, Command.CONFIRM, m.seq, m.chunk_id, m.status), m.detail],
@@ -279,8 +281,8 @@ def _deliver(head: bytes, f: Sequence[Any]) -> Message:
 
 
 def _done(head: bytes, f: Sequence[Any]) -> Message:
-    _, _, chunk_id, n = _unpack(_DONE, head, f, 2)
-    return Done(chunk_id, _n_tasks(n, head), f[1])
+    _, _, chunk_id, n, credit = _unpack(_DONE, head, f, 2)
+    return Done(chunk_id, _n_tasks(n, head), f[1], credit)
 
 
 def _results(head: bytes, f: Sequence[Any]) -> Message:

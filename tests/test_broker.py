@@ -1,0 +1,91 @@
+"""The broker loop on its own: a real BrokerCore on a real ROUTER, driven by raw DEALER peers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from zdq.broker import BrokerCore
+from zdq.config import settings
+from zdq.storage.memory import MemoryStorage
+from zdq.transport import protocol as p
+from zdq.transport.sockets import bind_router, connect_dealer
+
+from .conftest import wait_until
+
+
+@pytest.fixture
+def broker(zmq_ctx: zmq.Context) -> Iterator[tuple[BrokerCore, str]]:
+    sock, endpoint, _ = bind_router(zmq_ctx, "127.0.0.1", max_message_size=1 << 20)
+    storage = MemoryStorage()
+    storage.open()
+    core = BrokerCore("test", sock, storage, settings())
+    core.start()
+    yield core, endpoint
+    core.stop()
+
+
+def _recv(sock: zmq.Socket, timeout: float = 5.0) -> p.Message | None:
+    if not sock.poll(int(timeout * 1000)):
+        return None
+    return p.decode(sock.recv_multipart())
+
+
+def _peer(ctx: zmq.Context, endpoint: str, role: p.Role) -> zmq.Socket:
+    sock = connect_dealer(ctx, endpoint, os.urandom(16))
+    sock.send_multipart(p.encode(p.Hello(role, role.name.encode())))
+    assert isinstance(_recv(sock), p.Heartbeat)  # the broker greets every peer
+    return sock
+
+
+@pytest.fixture
+def peers(broker: tuple[BrokerCore, str], zmq_ctx: zmq.Context) -> Iterator[tuple[zmq.Socket, zmq.Socket]]:
+    """A driver and a consumer, introduced to the broker."""
+    driver = _peer(zmq_ctx, broker[1], p.Role.DRIVER)
+    consumer = _peer(zmq_ctx, broker[1], p.Role.CONSUMER)
+    yield driver, consumer
+    driver.close(linger=0)
+    consumer.close(linger=0)
+
+
+def test_a_done_carrying_credit_brings_the_next_chunk_without_a_fetch(
+    broker: tuple[BrokerCore, str], peers: tuple[zmq.Socket, zmq.Socket]
+) -> None:
+    core, driver, consumer = broker[0], *peers
+    for seq in (1, 2, 3):
+        driver.send_multipart(p.encode(p.Put(seq, 1, f"chunk-{seq}".encode())))
+        assert isinstance(_recv(driver), p.Confirm)
+    consumer.send_multipart(p.encode(p.Fetch(1)))
+    first = _recv(consumer)
+    assert isinstance(first, p.Deliver) and bytes(first.chunk) == b"chunk-1"  # type: ignore[arg-type]
+    assert _recv(consumer, 0.3) is None  # one credit, one chunk
+    consumer.send_multipart(p.encode(p.Done(first.chunk_id, 1, b"results-1", credit=1)))
+    second = _recv(consumer)
+    assert isinstance(second, p.Deliver) and bytes(second.chunk) == b"chunk-2"  # type: ignore[arg-type]
+    results = _recv(driver)
+    assert isinstance(results, p.Results) and results.seq == 1 and bytes(results.results) == b"results-1"  # type: ignore[arg-type]
+    # Without credit, a DONE brings nothing more.
+    consumer.send_multipart(p.encode(p.Done(second.chunk_id, 1, b"results-2")))
+    assert _recv(consumer, 0.3) is None
+    assert core.statistics().ready_chunks == 1
+
+
+def test_results_stay_stored_until_the_driver_acknowledges_them(
+    broker: tuple[BrokerCore, str], peers: tuple[zmq.Socket, zmq.Socket]
+) -> None:
+    core, driver, consumer = broker[0], *peers
+    driver.send_multipart(p.encode(p.Put(1, 4, b"chunk")))
+    assert isinstance(_recv(driver), p.Confirm)
+    consumer.send_multipart(p.encode(p.Fetch(1)))
+    deliver = _recv(consumer)
+    assert isinstance(deliver, p.Deliver)
+    consumer.send_multipart(p.encode(p.Done(deliver.chunk_id, 4, b"results")))
+    assert isinstance(_recv(driver), p.Results)
+    wait_until(lambda: core.statistics().awaiting_tasks == 4)
+    driver.send_multipart(p.encode(p.Rack((deliver.chunk_id,))))
+    wait_until(lambda: core.statistics().awaiting_tasks == 0)
+    stats = core.statistics()
+    assert stats.leased_chunks == 0 and stats.ready_chunks == 0 and stats.chunks_acked == 1
