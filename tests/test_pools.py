@@ -14,6 +14,7 @@ import zdq
 from zdq import ConsumerBaseClass, ConsumerPool, QueuePool
 from zdq.errors import BatchError, ClosedError, SerializationError
 
+from .conftest import wait_until
 from .tasks import add, fail, noop, process_item, sleep
 
 
@@ -249,3 +250,23 @@ def test_daskqueue_positional_arguments_and_submit_keywords_keep_their_meaning(c
             assert queue_pool.submit(add, 1, 2, worker_class=GeneralConsumer).result(timeout=30) == 3
             with pytest.raises(TypeError, match="worker_class"):
                 queue_pool.submit(add, 1, 2, worker_class=Doubler)
+
+
+def test_a_busy_consumer_still_fetches_its_next_chunk_while_one_runs(client: Client) -> None:
+    # A busy consumer holds back its request for more, hoping a DONE can carry it; a long task must
+    # not hold it back for long: the next chunk is prefetched while the first still runs.
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1, prefetch=2) as consumers:
+        consumers.start()
+        batch = queue_pool.batch_submit([(sleep, 2.0) for _ in range(3)], batch_size=1)
+        stats = wait_until(lambda: [s for s in consumers.statistics() if s.chunks_received == 2], timeout=1.8)
+        assert stats[0].tasks_in_flight == 2 and not batch.done()
+        assert batch.result(timeout=30) == [2.0] * 3
+
+
+def test_the_driver_acknowledges_results_so_brokers_forget_them(client: Client) -> None:
+    # Receipts are batched, but go out on their own shortly after the last results arrive.
+    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool) as consumers:
+        consumers.start()
+        assert [queue_pool.submit(add, i, 1).result(timeout=30) for i in range(5)] == [1, 2, 3, 4, 5]
+        wait_until(lambda: all(s.awaiting_tasks == 0 for s in queue_pool.broker_statistics()), timeout=5)
+        assert sum(s.chunks_acked for s in queue_pool.broker_statistics()) == 5

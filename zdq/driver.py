@@ -11,6 +11,7 @@ as they arrive.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import defaultdict, deque
@@ -31,7 +32,7 @@ from zdq.errors import (
     ZdqTimeoutError,
 )
 from zdq.futures import BatchFuture, TaskFuture
-from zdq.serialization import TASKS, Task, error_to_exception, loads_results, pack_chunks
+from zdq.serialization import PICKLED, error_to_exception, loads_results, pack_chunks
 from zdq.stats import DriverStats
 from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
@@ -40,6 +41,13 @@ from zdq.transport.sockets import BrokerLinks, Waker, new_identity, recv_ready, 
 __all__ = ["Driver"]
 
 logger = logging.getLogger(__name__)
+
+#: Receipts for results (RACK) are batched: sent when this many are owed to a broker, or when the
+#: oldest has waited this long. Until then the broker keeps those chunks, so a broker that restarts
+#: in that window runs them again (at least once, as ever); one RACK per result would cost a
+#: message and a broker round per chunk, which on a single-task round trip is a fifth of the work.
+_RACK_BATCH = 256
+_RACK_DELAY = 0.02
 
 
 class _Record:
@@ -98,7 +106,7 @@ class Driver:
         self._settings = settings
         self._keep_results = keep_results
         self._cond = threading.Condition()
-        self._loose: list[tuple[int, Task, TaskFuture]] = []
+        self._loose: list[tuple[int, bytes, TaskFuture]] = []
         self._queued: deque[_Record] = deque()
         self._records: dict[int, _Record] = {}
         self._unconfirmed = [0] * len(endpoints)
@@ -177,8 +185,9 @@ class Driver:
             self._next_task += n
             return first
 
-    def submit_task(self, task: Task, *, timeout: float | None = None) -> TaskFuture:
-        """Queue one task for coalescing into a chunk; return its future."""
+    def submit_task(self, task: bytes, *, timeout: float | None = None) -> TaskFuture:
+        """Queue one pickled task (:func:`~zdq.serialization.dumps_task`) for coalescing into a
+        chunk; return its future."""
         self._check_open()
         cap = self._settings.chunk_size * self._settings.window
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -335,32 +344,50 @@ class Driver:
         poller.register(waker.socket, zmq.POLLIN)
         beat = self._settings.heartbeat_interval
         next_beat = time.monotonic() + beat
+        # Receipts (RACK) owed to each broker, and when the oldest of them must go out.
+        racks: list[list[int]] = [[] for _ in socks]
+        rack_due = math.inf
         while not self._stop.is_set():
             while self._control:
                 i, endpoint = self._control.popleft()
                 links.replace(i, endpoint)
+                racks[i].clear()  # the replacement does not know those chunks
                 self._broker_seen[i] = time.monotonic()
-            self._coalesce()
-            self._send_queued(socks)
-            timeout = max(0, int((next_beat - time.monotonic()) * 1000))
+            if self._loose:  # read without the lock: a stale answer only delays to the next wake
+                self._coalesce()
+            if self._queued:
+                self._send_queued(socks)
+            now = time.monotonic()
+            timeout = max(0, math.ceil((min(next_beat, rack_due) - now) * 1000))
             for sock, _ in poller.poll(timeout):
                 index = links.index(sock)
                 if index is None:
                     waker.drain()
                     continue
-                i = index
-                racks: list[int] = []
+                owed = racks[index]
                 for frames in recv_ready(sock, 4096):
-                    chunk_id = self._handle(i, frames)
+                    chunk_id = self._handle(index, frames)
                     if chunk_id is not None:
-                        racks.append(chunk_id)
-                if racks:  # the results are here: the broker may forget those chunks
-                    try_send(sock, p.encode(p.Rack(tuple(racks))))
+                        if not owed and rack_due == math.inf:
+                            rack_due = time.monotonic() + _RACK_DELAY
+                        owed.append(chunk_id)
             now = time.monotonic()
+            if now >= rack_due or any(len(owed) >= _RACK_BATCH for owed in racks):
+                self._send_racks(socks, racks)
+                rack_due = math.inf
             if now >= next_beat:
                 for sock in socks:
                     try_send(sock, p.encode(p.Heartbeat()))
                 next_beat = now + beat
+        self._send_racks(socks, racks)
+
+    @staticmethod
+    def _send_racks(socks: list[zmq.Socket[Any]], racks: list[list[int]]) -> None:
+        """Tell each broker which chunks' results arrived: it may forget them now."""
+        for sock, owed in zip(socks, racks):
+            if owed:
+                try_send(sock, p.encode(p.Rack(tuple(owed))))
+                owed.clear()
 
     def _coalesce(self) -> None:
         """Turn single submissions into chunks, spread over the brokers."""
@@ -405,12 +432,12 @@ class Driver:
                     self._queued.append(rec)
             start = end
 
-    def _pack(self, first: int, tasks: list[Task]) -> list[tuple[int, int, bytes]]:
+    def _pack(self, first: int, tasks: list[bytes]) -> list[tuple[int, int, bytes]]:
         return pack_chunks(
             first,
             tasks,
             self.payload_key,
-            TASKS,
+            PICKLED,
             None,
             chunk_bytes=self._settings.chunk_bytes,
             max_bytes=self._settings.max_message_size,

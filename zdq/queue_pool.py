@@ -26,7 +26,7 @@ from zdq.config import PoolSettings, settings
 from zdq.driver import Driver
 from zdq.errors import ClosedError, PlacementError, SerializationError, StorageCorrupt, ZdqError
 from zdq.futures import BatchFuture, TaskFuture
-from zdq.serialization import CALLS, ITEMS, Task, TaskOptions, check_picklable, pack_chunks
+from zdq.serialization import CALLS, ITEMS, Task, TaskOptions, dumps_task, pack_chunks
 from zdq.stats import BrokerStats, PoolStats
 from zdq.transport.security import ClientKeys, PoolKeys
 
@@ -410,14 +410,12 @@ class QueuePool:
         """Like :meth:`submit` with explicit ``args``/``kwargs``; ``options`` as in :class:`TaskOptions`."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
-        check_picklable(fn, tuple(args), kwargs)
         task: Task = (fn, tuple(args), kwargs) if kwargs else (fn, tuple(args))
-        return self.driver.submit_task(self._with_options(task, self._options(options)))
+        return self.driver.submit_task(dumps_task(self._with_options(task, self._options(options))))
 
     def put(self, item: Any) -> TaskFuture:
         """Queue a raw item for the consumers' ``process_item``; return a future of its result."""
-        check_picklable(None, (item,), None)
-        return self.driver.submit_task((None, item))
+        return self.driver.submit_task(dumps_task((None, item)))
 
     def batch_submit(
         self,
