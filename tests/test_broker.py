@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -28,16 +29,20 @@ def broker(zmq_ctx: zmq.Context) -> Iterator[tuple[BrokerCore, str]]:
     core.stop()
 
 
-def _recv(sock: zmq.Socket, timeout: float = 5.0) -> p.Message | None:
-    if not sock.poll(int(timeout * 1000)):
-        return None
-    return p.decode(sock.recv_multipart())
+def _recv(sock: zmq.Socket, timeout: float = 5.0, *, heartbeats: bool = False) -> p.Message | None:
+    """The next message within ``timeout`` (heartbeats skipped unless asked for), or None."""
+    deadline = time.monotonic() + timeout
+    while sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+        msg = p.decode(sock.recv_multipart())
+        if heartbeats or not isinstance(msg, p.Heartbeat):
+            return msg
+    return None
 
 
 def _peer(ctx: zmq.Context, endpoint: str, role: p.Role) -> zmq.Socket:
     sock = connect_dealer(ctx, endpoint, os.urandom(16))
     sock.send_multipart(p.encode(p.Hello(role, role.name.encode())))
-    assert isinstance(_recv(sock), p.Heartbeat)  # the broker greets every peer
+    assert isinstance(_recv(sock, heartbeats=True), p.Heartbeat)  # the broker greets every peer
     return sock
 
 
@@ -89,3 +94,25 @@ def test_results_stay_stored_until_the_driver_acknowledges_them(
     wait_until(lambda: core.statistics().awaiting_tasks == 0)
     stats = core.statistics()
     assert stats.leased_chunks == 0 and stats.ready_chunks == 0 and stats.chunks_acked == 1
+
+
+def test_results_that_come_before_the_held_back_confirm_replace_it(
+    broker: tuple[BrokerCore, str], peers: tuple[zmq.Socket, zmq.Socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zdq.broker
+
+    monkeypatch.setattr(zdq.broker, "_CONFIRM_DELAY", 3.0)  # a slow consumer is not what this tests
+    driver, consumer = peers
+    consumer.send_multipart(p.encode(p.Fetch(1)))
+    driver.send_multipart(p.encode(p.Put(1, 1, b"chunk")))
+    deliver = _recv(consumer)
+    assert isinstance(deliver, p.Deliver)
+    consumer.send_multipart(p.encode(p.Done(deliver.chunk_id, 1, b"results")))
+    results = _recv(driver, 2.0)
+    assert isinstance(results, p.Results) and results.seq == 1
+    assert _recv(driver, 4.0) is None  # and no CONFIRM follows
+    # A burst of chunks is confirmed at once, without waiting for the delay.
+    for seq in range(2, 2 + zdq.broker._CONFIRM_BATCH):
+        driver.send_multipart(p.encode(p.Put(seq, 1, b"chunk")))
+    confirmed = [_recv(driver, 1.0) for _ in range(zdq.broker._CONFIRM_BATCH)]
+    assert all(isinstance(m, p.Confirm) and m.status is p.Status.STORED for m in confirmed)

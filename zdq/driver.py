@@ -518,6 +518,12 @@ class Driver:
         with self._cond:
             self._received_from[broker] += n
             rec = self._records.get(msg.seq) if msg.seq else None
+            if rec is not None and not rec.confirmed and rec.broker == broker:
+                # The broker held its CONFIRM back and the results came first: they confirm it.
+                rec.confirmed = True
+                rec.payload = None
+                self._unconfirmed[broker] -= 1
+                self._cond.notify_all()
             if rec is not None:
                 offset = base - rec.base
                 if not (0 <= offset and offset + n <= rec.n):

@@ -14,7 +14,8 @@ Commands
 =========  ======================  ==========================================================
 HELLO      driver/consumer→broker  role; announces a peer (payload: its display name)
 PUT        driver→broker           seq, n_tasks; payload: one chunk
-CONFIRM    broker→driver           seq, chunk id, status; sent once the chunk is stored
+CONFIRM    broker→driver           seq, chunk id, status; once the chunk is stored (a stored chunk's
+                                   CONFIRM is held back a moment: RESULTS sent first confirm it)
 FETCH      consumer→broker         credit: how many more chunks the consumer accepts
 DELIVER    broker→consumer         chunk id, n_tasks, attempt; payload: the leased chunk
 DONE       consumer→broker         chunk id, n_tasks, credit (a FETCH riding along); payload: the
