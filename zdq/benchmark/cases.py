@@ -14,7 +14,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -161,31 +161,44 @@ def daskqueue_noop(client: Client, config: BenchConfig, n: int) -> CaseResult | 
     return result
 
 
-def latency(client: Client, config: BenchConfig) -> list[CaseResult]:
-    """Single-task round trip, one at a time: p50 and p99."""
-    out = []
+def latency(client: Client, config: BenchConfig) -> tuple[CaseResult, CaseResult, float]:
+    """Single-task round trip, one at a time, ``config.repeat`` runs of zdq then Dask.
+
+    Each run takes 300 zdq and 100 Dask round trips and yields each side's p50 and p99; the case
+    reports the medians over runs, and the ratio is the median of the per-run ratios (each taken
+    from one run, on the same cluster, moments apart).
+    """
+    zdq_runs: list[tuple[float, float]] = []
+    dask_runs: list[tuple[float, float]] = []
     with _pools(client, config) as qp:
-        samples = []
-        for i in range(300):
-            start = time.perf_counter()
-            qp.submit(noop, i).result()
-            samples.append(time.perf_counter() - start)
-        out.append(_latency_result("zdq submit().result()", samples))
+        qp.submit(noop, -1).result()
+        client.submit(noop, -1, pure=False).result()
+        for _ in range(config.repeat):
+            zdq_runs.append(_percentiles(_round_trips(lambda i: qp.submit(noop, i).result(), 300)))
+            dask_runs.append(_percentiles(_round_trips(lambda i: client.submit(noop, i, pure=False).result(), 100)))
+    ratio = statistics.median(d[0] / z[0] for z, d in zip(zdq_runs, dask_runs))
+    return _latency_result("zdq submit().result()", zdq_runs), _latency_result("dask futures submit().result()", dask_runs), ratio
+
+
+def _round_trips(call: Callable[[int], Any], n: int) -> list[float]:
     samples = []
-    client.submit(noop, -1, pure=False).result()
-    for i in range(100):
+    for i in range(n):
         start = time.perf_counter()
-        client.submit(noop, i, pure=False).result()
+        call(i)
         samples.append(time.perf_counter() - start)
-    out.append(_latency_result("dask futures submit().result()", samples))
-    return out
+    return samples
 
 
-def _latency_result(system: str, samples: list[float]) -> CaseResult:
+def _percentiles(samples: list[float]) -> tuple[float, float]:
     ordered = sorted(samples)
-    p50 = ordered[len(ordered) // 2]
-    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    return CaseResult("round trip", system, 1, [p50], {"p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "samples": len(samples)})
+    return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def _latency_result(system: str, runs: list[tuple[float, float]]) -> CaseResult:
+    p50 = statistics.median(r[0] for r in runs)
+    p99 = statistics.median(r[1] for r in runs)
+    extra = {"p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "p50_ms_per_run": [round(r[0] * 1e3, 3) for r in runs]}
+    return CaseResult("round trip", system, 1, [r[0] for r in runs], extra)
 
 
 def io_bound(client: Client, config: BenchConfig) -> list[CaseResult]:
@@ -266,9 +279,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
             cases.append(plain)
             ratios["no-op: with auth / without auth"] = zdq.rate / plain.rate
         if full:
-            zl, dl = latency(client, config)
+            zl, dl, ratio = latency(client, config)
             cases += [zl, dl]
-            ratios["round trip p50: dask / zdq"] = dl.extra["p50_ms"] / zl.extra["p50_ms"]
+            ratios["round trip p50: dask / zdq"] = ratio
             zi, di = io_bound(client, config)
             cases += [zi, di]
             ratios["io 5ms: zdq time / ideal"] = zi.extra["over_ideal"]
