@@ -32,6 +32,17 @@ def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_pat
     assert report["workers"] == 2
 
 
+def test_bench_latency_suite_reports_both_round_trips_and_their_same_run_ratio() -> None:
+    proc = _zdq("bench", "--suite", "latency", "--repeat", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    zdq, dask = report["cases"]
+    assert zdq["system"].startswith("zdq") and dask["system"].startswith("dask futures")
+    assert len(zdq["extra"]["p50_ms_per_run"]) == 2 and 0 < zdq["extra"]["p50_ms"] <= zdq["extra"]["p99_ms"]
+    per_run = [d / z for z, d in zip(zdq["extra"]["p50_ms_per_run"], dask["extra"]["p50_ms_per_run"])]
+    assert abs(report["ratios"]["round trip p50: dask / zdq"] - sum(per_run) / 2) < 0.05
+
+
 def test_bench_rejects_nonsense_options() -> None:
     proc = _zdq("bench", "--tasks", "0")
     assert proc.returncode == 2 and "--tasks must be at least 1" in proc.stderr

@@ -39,15 +39,15 @@ class BenchConfig:
     repeat: int = 3
     durable: bool = False
     compare_auth: bool = False
-    suite: str = "quick"  # "quick": no-op throughput; "full": every case
+    suite: str = "quick"  # "quick": no-op throughput; "latency": the round trip alone; "full": every case
     generator_tasks: int = 10_000_000
 
     def __post_init__(self) -> None:
         for name in ("tasks", "queues", "consumers", "batch_size", "workers", "repeat", "generator_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.suite not in ("quick", "full"):
-            raise ValueError("--suite must be 'quick' or 'full'")
+        if self.suite not in ("quick", "latency", "full"):
+            raise ValueError("--suite must be 'quick', 'latency' or 'full'")
 
     @property
     def n_dask(self) -> int:
@@ -257,6 +257,10 @@ def run(config: BenchConfig) -> dict[str, Any]:
     ratios: dict[str, float] = {}
     with _client(config) as client:
         workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        if config.suite == "latency":
+            zl, dl, ratio = latency(client, config)
+            report = {"config": asdict(config), "workers": workers, "cases": [zl.as_dict(), dl.as_dict()]}
+            return report | {"ratios": {"round trip p50: dask / zdq": ratio}}
         dask = dask_map(client, noop, list(range(config.n_dask)), config.repeat, "no-op")
         zdq = zdq_noop(client, config, "zdq (CurveZMQ)")
         ceiling = pipeline_noop(config)
