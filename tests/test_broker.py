@@ -13,7 +13,16 @@ from zdq.broker import BrokerCore
 from zdq.config import settings
 from zdq.storage.memory import MemoryStorage
 from zdq.transport import protocol as p
-from zdq.transport.sockets import bind_router, connect_dealer
+from zdq.transport.security import PoolKeys
+from zdq.transport.sockets import (
+    BrokerLinks,
+    bind_router,
+    connect_dealer,
+    local_endpoint,
+    process_context,
+    serve_locally,
+    stop_serving_locally,
+)
 
 from .conftest import wait_until
 
@@ -116,3 +125,66 @@ def test_results_that_come_before_the_held_back_confirm_replace_it(
         driver.send_multipart(p.encode(p.Put(seq, 1, b"chunk")))
     confirmed = [_recv(driver, 1.0) for _ in range(zdq.broker._CONFIRM_BATCH)]
     assert all(isinstance(m, p.Confirm) and m.status is p.Status.STORED for m in confirmed)
+
+
+def test_a_consumer_in_the_brokers_process_is_reached_over_inproc_and_served_first(zmq_ctx: zmq.Context) -> None:
+    """Brokers and consumers share the process's context: a consumer placed on its broker's worker
+    connects over inproc (no keys: ZeroMQ applies no security mechanism to inproc, and only the
+    process reaches it) and takes the chunks a remote consumer with credit would otherwise get."""
+    keys = PoolKeys.generate()
+    ctx = process_context()
+    sock, endpoint, admission = bind_router(ctx, "127.0.0.1", max_message_size=1 << 20, keys=keys.server)
+    serve_locally(sock, endpoint)
+    storage = MemoryStorage()
+    storage.open()
+    core = BrokerCore("local", sock, storage, settings())
+    core.start()
+    hello = p.encode(p.Hello(p.Role.CONSUMER, b"local"))
+    links = BrokerLinks(ctx, os.urandom(16), hello, keys=keys.client, max_message_size=1 << 20)
+    remote = driver = unauthenticated = None
+    try:
+        assert local_endpoint(zmq_ctx, endpoint) is None  # another context cannot reach inproc
+        remote = connect_dealer(zmq_ctx, endpoint, os.urandom(16), keys=keys.client)
+        remote.send_multipart(p.encode(p.Hello(p.Role.CONSUMER, b"remote")))
+        assert isinstance(_recv(remote, heartbeats=True), p.Heartbeat)
+        remote.send_multipart(p.encode(p.Fetch(1)))  # the remote consumer asks first
+        wait_until(lambda: len(core._with_credit) == 1)
+        links.add(endpoint)
+        local = links.socks[0]
+        assert local.get(zmq.LAST_ENDPOINT).startswith(b"inproc://")
+        assert isinstance(_recv(local, heartbeats=True), p.Heartbeat)
+        local.send_multipart(p.encode(p.Fetch(1)))
+        wait_until(lambda: len(core._with_credit) == 2)
+        driver = _peer_with(zmq_ctx, endpoint, keys)
+        driver.send_multipart(p.encode(p.Put(1, 1, b"first")))
+        first = _recv(local)
+        assert isinstance(first, p.Deliver) and bytes(first.chunk) == b"first"  # type: ignore[arg-type]
+        driver.send_multipart(p.encode(p.Put(2, 1, b"second")))
+        second = _recv(remote)
+        assert isinstance(second, p.Deliver) and bytes(second.chunk) == b"second"  # type: ignore[arg-type]
+        # Results of a chunk done over inproc reach a driver over TCP as ever.
+        local.send_multipart(p.encode(p.Done(first.chunk_id, 1, b"results")))
+        results = _recv(driver)
+        while isinstance(results, p.Confirm):
+            results = _recv(driver)
+        assert isinstance(results, p.Results) and results.seq == 1
+        # Over TCP the keys are still required.
+        unauthenticated = connect_dealer(zmq_ctx, endpoint, os.urandom(16))
+        unauthenticated.send_multipart(p.encode(p.Hello(p.Role.CONSUMER, b"intruder")))
+        assert _recv(unauthenticated, 1.0, heartbeats=True) is None
+        assert len(core._consumers) == 2
+    finally:
+        for s in (remote, driver, unauthenticated):
+            if s is not None:
+                s.close(linger=0)
+        links.close()
+        stop_serving_locally(endpoint)
+        core.stop()
+        admission.stop()
+
+
+def _peer_with(ctx: zmq.Context, endpoint: str, keys: PoolKeys) -> zmq.Socket:
+    sock = connect_dealer(ctx, endpoint, os.urandom(16), keys=keys.client)
+    sock.send_multipart(p.encode(p.Hello(p.Role.DRIVER, b"driver")))
+    assert isinstance(_recv(sock, heartbeats=True), p.Heartbeat)
+    return sock

@@ -194,3 +194,38 @@ def test_the_opt_out_is_loud(client: Client, caplog: pytest.LogCaptureFixture) -
             consumers.start()
             assert queue_pool.submit(add, 1, 2).result(timeout=30) == 3
     assert any("WITHOUT authentication" in r.getMessage() for r in caplog.records)
+
+
+def test_brokers_of_two_pools_in_one_process_admit_only_their_own_clients(zmq_ctx: zmq.Context) -> None:
+    """A process's brokers share its context's one ZAP handler, each under its own domain."""
+    from zdq.transport import security
+    from zdq.transport.security import PoolKeys
+    from zdq.transport.sockets import bind_router
+
+    pools = [PoolKeys.generate(), PoolKeys.generate()]
+    bound = [bind_router(zmq_ctx, "127.0.0.1", max_message_size=1 << 20, keys=k.server) for k in pools]
+    clients = zmq.Context()
+    opened: list[zmq.Socket] = []
+
+    def reaches(keys: PoolKeys, target: int) -> bool:
+        sock = connect_dealer(clients, bound[target][1], os.urandom(16), keys=keys.client)
+        opened.append(sock)
+        sock.send(b"ping")
+        router = bound[target][0]
+        return bool(router.poll(1000)) and router.recv_multipart()[1] == b"ping"
+
+    try:
+        assert reaches(pools[0], 0) and reaches(pools[1], 1)
+        assert not reaches(pools[0], 1) and not reaches(pools[1], 0)
+        bound[0][2].stop()  # the first pool's broker closes: the second is still guarded
+        bound[0][0].close(linger=0)
+        assert reaches(pools[1], 1) and not reaches(pools[0], 1)
+        bound[1][2].stop()
+        assert id(zmq_ctx) not in security._authenticators  # stopped with its last domain
+    finally:
+        for sock in opened:
+            sock.close(linger=0)
+        for router, _, admission in bound:
+            router.close(linger=0)
+            admission.stop()
+        clients.term()

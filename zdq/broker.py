@@ -30,8 +30,18 @@ from zdq.stats import BrokerStats
 from zdq.storage.base import ChunkMeta, DeadLetter, Storage
 from zdq.storage.memory import MemoryStorage
 from zdq.transport import protocol as p
-from zdq.transport.security import ServerKeys
-from zdq.transport.sockets import bind_router, close_socket, recv_ready, try_send, worker_host
+from zdq.transport.security import Admission, ServerKeys
+from zdq.transport.sockets import (
+    bind_router,
+    close_socket,
+    is_local_peer,
+    process_context,
+    recv_ready,
+    serve_locally,
+    stop_serving_locally,
+    try_send,
+    worker_host,
+)
 
 __all__ = ["BrokerCore", "Broker"]
 
@@ -50,6 +60,7 @@ _CONFIRM_BATCH = 8
 class _Consumer:
     name: bytes = b""
     credit: int = 0
+    local: bool = False  # in the broker's own process (connected over inproc): served first
     last_seen: float = 0.0
     leases: set[int] = field(default_factory=set)
 
@@ -239,7 +250,9 @@ class BrokerCore:
                 if msg.role is p.Role.DRIVER:
                     self._drivers[ident] = now
                 else:
-                    self._seen_consumer(ident, now).name = msg.name
+                    consumer = self._seen_consumer(ident, now)
+                    consumer.name = msg.name
+                    consumer.local = is_local_peer(frames[1])
                 self._send(ident, p.Heartbeat())
             elif isinstance(msg, p.Return):
                 if self._lease_owner.get(msg.chunk_id) == ident:
@@ -285,7 +298,12 @@ class BrokerCore:
         # Credit is capped: a consumer cannot make the broker lease the whole queue to it.
         consumer.credit = min(consumer.credit + credit, 1024)
         if had == 0 and consumer.credit > 0:
-            self._with_credit.append(ident)
+            # A consumer in this process is served first: its chunks and results cross no socket
+            # thread and no network (see zdq.transport.sockets.process_context).
+            if consumer.local:
+                self._with_credit.appendleft(ident)
+            else:
+                self._with_credit.append(ident)
 
     def _send(self, ident: bytes, msg: p.Message) -> bool:
         try:
@@ -518,8 +536,7 @@ class Broker:
         self._settings = settings
         self._dirpath = dirpath
         self._keys = keys
-        self._auth: Any = None
-        self._ctx: zmq.Context[Any] | None = None
+        self._auth: Admission | None = None
         self._core: BrokerCore | None = None
         self.endpoint = ""
 
@@ -529,14 +546,21 @@ class Broker:
             return self.endpoint
         host = worker_host(worker_address(), self._settings.default_host)
         storage = self._open_storage()
-        self._ctx = zmq.Context()
+        ctx = process_context()
         try:
             sock, self.endpoint, self._auth = bind_router(
-                self._ctx, host, max_message_size=self._settings.max_message_size, keys=self._keys
+                ctx, host, max_message_size=self._settings.max_message_size, keys=self._keys
             )
         except Exception:
             storage.close()
-            self._ctx.term()
+            raise
+        try:
+            serve_locally(sock, self.endpoint)
+        except Exception:
+            close_socket(sock)
+            if self._auth is not None:
+                self._auth.stop()
+            storage.close()
             raise
         self._core = BrokerCore(self.name, sock, storage, self._settings, liveness_probe(self))
         self._core.start()
@@ -555,14 +579,13 @@ class Broker:
 
     def stop(self) -> None:
         """Stop serving and release the socket and the storage. Idempotent."""
+        if self.endpoint:
+            stop_serving_locally(self.endpoint)
         if self._core is not None:
             self._core.stop()
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
 
     def pid(self) -> int:
         return os.getpid()

@@ -30,7 +30,7 @@ from zdq.serialization import CALLS, ITEMS, ErrorInfo, TaskOptions, dumps_chunk,
 from zdq.stats import ConsumerStats
 from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
-from zdq.transport.sockets import BrokerLinks, Waker, recv_ready, try_send
+from zdq.transport.sockets import BrokerLinks, Waker, process_context, recv_ready, try_send
 
 __all__ = ["ConsumerBaseClass", "GeneralConsumer", "Consumer"]
 
@@ -228,7 +228,7 @@ class Consumer:
         self._alive = liveness_probe(self)
         self._handler = self._class(name=self.name)
         self._endpoints = list(endpoints)
-        self._ctx = zmq.Context()
+        self._ctx = process_context()
         self._stop.clear()
         self._fetching.set()
         if self._max_concurrency > 1:
@@ -264,9 +264,7 @@ class Consumer:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        self._ctx = None  # the process's context: its sockets were closed by the I/O thread
 
     def statistics(self) -> ConsumerStats:
         return ConsumerStats(

@@ -36,7 +36,7 @@ from zdq.serialization import PICKLED, error_to_exception, loads_results, pack_c
 from zdq.stats import DriverStats
 from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
-from zdq.transport.sockets import BrokerLinks, Waker, new_identity, recv_ready, try_send
+from zdq.transport.sockets import BrokerLinks, Waker, new_identity, process_context, recv_ready, try_send
 
 __all__ = ["Driver"]
 
@@ -134,7 +134,7 @@ class Driver:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._ctx = zmq.Context()
+        self._ctx = process_context()
         self._waker = Waker(self._ctx)
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ready,), name=f"zdq-driver-{self.name}", daemon=True)
@@ -167,9 +167,7 @@ class Driver:
         if self._waker is not None:
             self._waker.close()
             self._waker = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        self._ctx = None  # the process's context: the I/O thread closed its sockets
 
     def _check_open(self) -> None:
         if self._stop.is_set():

@@ -18,12 +18,16 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
-from zdq.transport.security import ClientKeys, ServerKeys, secure_client, secure_server
+from zdq.transport.security import Admission, ClientKeys, ServerKeys, secure_client, secure_server
 
 __all__ = [
     "new_identity",
+    "process_context",
+    "serve_locally",
+    "stop_serving_locally",
+    "local_endpoint",
+    "is_local_peer",
     "worker_host",
     "bind_router",
     "connect_dealer",
@@ -61,6 +65,62 @@ def worker_host(address: str | None, default: str) -> str:
     return host
 
 
+# -- one context per process, and the brokers it serves in-process ------------------------------
+# Every zdq socket of a process (brokers, consumers, drivers) lives in one ZeroMQ context: one
+# socket I/O thread per process instead of one per actor, and a consumer placed on a broker's own
+# worker reaches that broker over inproc. An inproc message is handed from one thread to the other:
+# no TCP, no socket I/O thread on either side, no CurveZMQ (ZeroMQ gives inproc connections no
+# security mechanism, and only code inside the process can reach one). On a single task's round
+# trip the broker-consumer hops were half of the socket I/O threads' work and of the encryption.
+_process_lock = threading.Lock()
+_process_pid = 0
+_process_ctx: zmq.Context[Any] | None = None
+_local: dict[str, str] = {}  # a broker's TCP endpoint -> its inproc endpoint in _process_ctx
+
+
+def process_context() -> zmq.Context[Any]:
+    """This process's zdq context (a forked child makes its own, and forgets its parent's brokers)."""
+    global _process_pid, _process_ctx
+    with _process_lock:
+        if _process_ctx is None or _process_pid != os.getpid():
+            _process_ctx = zmq.Context()
+            _process_pid = os.getpid()
+            _local.clear()
+        return _process_ctx
+
+
+def serve_locally(sock: zmq.Socket[Any], endpoint: str) -> None:
+    """Bind broker socket ``sock`` (of :func:`process_context`) on inproc too, for this process's
+    consumers and drivers that connect to ``endpoint``."""
+    address = f"inproc://zdq-broker-{new_identity().hex()}"
+    sock.bind(address)
+    with _process_lock:
+        _local[endpoint] = address
+
+
+def stop_serving_locally(endpoint: str) -> None:
+    with _process_lock:
+        _local.pop(endpoint, None)
+
+
+def local_endpoint(ctx: zmq.Context[Any], endpoint: str) -> str | None:
+    """The inproc endpoint of the broker at ``endpoint`` if it runs in this process and ``ctx``
+    reaches it; else None."""
+    with _process_lock:
+        if ctx is not _process_ctx or _process_pid != os.getpid():
+            return None
+        return _local.get(endpoint)
+
+
+def is_local_peer(frame: zmq.Frame) -> bool:
+    """Whether a received frame came over inproc (from this process): only TCP peers have an address."""
+    try:
+        frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return True
+    return False
+
+
 def _tune(sock: zmq.Socket[Any], max_message_size: int | None) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
@@ -71,10 +131,10 @@ def _tune(sock: zmq.Socket[Any], max_message_size: int | None) -> None:
 
 def bind_router(
     ctx: zmq.Context[Any], host: str, *, max_message_size: int, keys: ServerKeys | None = None
-) -> tuple[zmq.Socket[Any], str, ThreadAuthenticator | None]:
+) -> tuple[zmq.Socket[Any], str, Admission | None]:
     """Bind a ROUTER on ``host`` at a free port (a CURVE server if ``keys`` are given).
 
-    Returns the socket, its connectable endpoint, and the authenticator to stop after it closes.
+    Returns the socket, its connectable endpoint, and its admission to stop after it closes.
     """
     sock = ctx.socket(zmq.ROUTER)
     auth = None
@@ -217,7 +277,8 @@ class BrokerLinks:
     """The DEALERs of a driver or consumer I/O thread, one per broker, in one poller.
 
     Each new link introduces itself with ``hello`` (so the broker knows the peer at once); a link
-    can be replaced when its broker is placed again elsewhere.
+    can be replaced when its broker is placed again elsewhere. A link to a broker of this process
+    goes over inproc when ``ctx`` is :func:`process_context`.
     """
 
     def __init__(
@@ -239,7 +300,11 @@ class BrokerLinks:
         self._index: dict[zmq.Socket[Any], int] = {}
 
     def _open(self, endpoint: str) -> zmq.Socket[Any]:
-        sock = connect_dealer(self._ctx, endpoint, self._identity, keys=self._keys, max_message_size=self._max)
+        local = local_endpoint(self._ctx, endpoint)
+        if local is not None:  # the broker is in this process: inproc, which needs no keys
+            sock = connect_dealer(self._ctx, local, self._identity, max_message_size=self._max)
+        else:
+            sock = connect_dealer(self._ctx, endpoint, self._identity, keys=self._keys, max_message_size=self._max)
         sock.send_multipart(self._hello)
         self.poller.register(sock, zmq.POLLIN)
         return sock
