@@ -270,3 +270,24 @@ def test_the_driver_acknowledges_results_so_brokers_forget_them(client: Client) 
         assert [queue_pool.submit(add, i, 1).result(timeout=30) for i in range(5)] == [1, 2, 3, 4, 5]
         wait_until(lambda: all(s.awaiting_tasks == 0 for s in queue_pool.broker_statistics()), timeout=5)
         assert sum(s.chunks_acked for s in queue_pool.broker_statistics()) == 5
+
+
+def test_a_threaded_cluster_runs_every_link_over_inproc() -> None:
+    """``Client(processes=False)``, the laptop default: driver, brokers and consumers share one
+    process and one context, so every link is inproc; it works the same and leaves nothing behind."""
+    from distributed import LocalCluster
+
+    from zdq.transport import sockets
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster, Client(cluster) as client:
+        with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
+            consumers.start()
+            assert all(sockets._local.get(e, "").startswith("inproc://") for e in queue_pool.endpoints)
+            assert [queue_pool.submit(add, i, 1).result(timeout=30) for i in range(20)] == list(range(1, 21))
+            assert queue_pool.batch_submit([(add, i, i) for i in range(5000)]).result(timeout=60) == [
+                2 * i for i in range(5000)
+            ]
+            assert not any(stats.bad_messages for stats in queue_pool.broker_statistics())
+        assert not any(e in sockets._local for e in queue_pool.endpoints)  # brokers stopped serving
