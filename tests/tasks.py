@@ -62,3 +62,12 @@ def flaky(counter: str, failures: int) -> int:
 
 def raise_key_error() -> None:
     raise KeyError("no retry for me")
+
+
+def span(seconds: float) -> tuple[float, float, str]:
+    """Sleeps; returns when it ran (wall clock, comparable across processes) and on which thread."""
+    import threading
+
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time(), threading.current_thread().name

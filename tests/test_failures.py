@@ -19,7 +19,7 @@ from zdq import BrokerLost, ConsumerPool, DeadLettered, QueuePool, TaskTimeout
 from zdq.errors import BatchError
 
 from .conftest import wait_until
-from .tasks import add, flaky, poison, raise_key_error, sleep, slow_add, tiny_sleep
+from .tasks import add, flaky, poison, raise_key_error, sleep, slow_add, span, tiny_sleep
 
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
 
@@ -43,6 +43,30 @@ def client3(cluster3: LocalCluster) -> Iterator[Client]:
     with Client(cluster3) as client:
         client.wait_for_workers(3, timeout=60)
         yield client
+
+
+def test_a_long_task_run_on_the_io_thread_hands_the_sockets_over_and_runs_alone(client3: Client) -> None:
+    """With max_concurrency 1 a consumer runs chunks on the thread that owns its sockets; when one
+    runs long, the standby thread takes the sockets over: heartbeats go on (the task outlives the
+    heartbeat timeout without losing its lease), and the chunks that arrive meanwhile wait for it
+    (one task at a time), then run on the new owner."""
+    with QueuePool(client3, 1, workers=["a"], **FAST) as queue_pool:
+        with ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"]) as consumers:
+            consumers.start()
+            assert queue_pool.submit(span, 0.0).result(timeout=60)[2].startswith("zdq-consumer-")
+            long = queue_pool.submit(span, 3.0)  # 1.5x the heartbeat timeout
+            time.sleep(0.5)
+            quick = [queue_pool.submit(span, 0.0) for _ in range(3)]
+            spans = [long.result(timeout=60)] + [f.result(timeout=60) for f in quick]
+            ordered = sorted(spans)
+            assert all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:])), spans  # never two at once
+            assert spans[0][2].startswith("zdq-consumer-")
+            assert all(s[2].startswith("zdq-standby-") for s in spans[1:]), spans  # the sockets moved
+            stats = queue_pool.broker_statistics()[0]
+            assert stats.chunks_redelivered == 0 and stats.consumers == 1
+            # The roles swap back as often as needed.
+            assert queue_pool.submit(span, 0.3).result(timeout=60)[2].startswith("zdq-standby-")
+            assert queue_pool.submit(span, 0.0).result(timeout=60)[2].startswith("zdq-consumer-")
 
 
 def _pid_of(client: Client, name: str) -> int:

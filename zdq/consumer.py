@@ -3,9 +3,14 @@
 A :class:`Consumer` actor connects a DEALER to every broker of its pool, so no consumer idles while
 another queue has work. Its I/O thread pulls chunks with credit (it keeps ``prefetch`` chunks in
 hand so the next one is already there when one finishes), answers heartbeats, and sends results and
-acknowledgements. Chunks are unpickled and run on an execution thread (fanned out to
-``max_concurrency`` threads for I/O-bound work), never on the I/O thread, so a long task does not
-stop heartbeats, and never on the Dask worker's event loop or executor.
+acknowledgements. Tasks never run on the Dask worker's event loop or executor.
+
+With ``max_concurrency`` 1 (the default), the thread that owns the sockets runs each chunk itself:
+handing it to another thread and back cost two thread wake-ups per chunk, a tenth of a single
+task's round trip. A second thread stands by; when a chunk has run for ``_TAKEOVER`` (50 ms), it
+takes the sockets over, so heartbeats, credit and control go on, and the first thread stands by in
+turn once its chunk is done. Chunks still run one at a time. With ``max_concurrency`` > 1, an
+execution thread unpickles chunks and fans their tasks out to that many task threads.
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ logger = logging.getLogger(__name__)
 #: DONE to that broker to carry it: one message and one broker round fewer per chunk when chunks
 #: are short (a single task's round trip), and a prefetch that is still on time when they are long.
 _FETCH_DELAY = 0.001
+#: Chunks that take at least this long to run (on average) make a consumer ask for the next ones as
+#: soon as it starts one: the request's broker round is hidden behind the run.
+_EAGER_FETCH = 0.00025
+#: A chunk run on the thread that owns the sockets leaves heartbeats and credit unattended; after
+#: this long, the standby thread takes the sockets over (see Consumer._take_turns).
+_TAKEOVER = 0.05
 
 
 class ConsumerBaseClass:
@@ -210,6 +221,19 @@ class Consumer:
         self._chunks: queue.SimpleQueue[tuple[int, p.Deliver] | None] = queue.SimpleQueue()
         self._outbox: deque[tuple[int, p.Message]] = deque()
         self._waker: Waker | None = None
+        self._links: BrokerLinks | None = None
+        # Which thread owns the sockets, and since when it has been running a chunk itself (see
+        # _take_turns); both change under _role.
+        self._role = threading.Lock()
+        self._owner = 0
+        self._inline_since: float | None = None
+        self._busy = False  # a chunk is running (max_concurrency 1): the next one waits for it
+        self._ready: deque[tuple[int, p.Deliver]] = deque()  # chunks to run on the owning thread
+        self._chunk_seconds = 0.0  # how long chunks take to run (moving average)
+        self._credit: list[int] = []
+        self._held: list[set[int]] = []
+        self._fetch_at: list[float] = []
+        self._next_beat = 0.0
         self._control: deque[tuple[int, str]] = deque()
         self._endpoints: list[str] = []
         self._worker = ""
@@ -231,14 +255,18 @@ class Consumer:
         self._ctx = process_context()
         self._stop.clear()
         self._fetching.set()
+        self._outbox.clear()
+        self._ready.clear()
         if self._max_concurrency > 1:
             self._pool = _TaskThreads(self._max_concurrency, f"zdq-task-{self.name}")
-        self._exec = threading.Thread(target=self._exec_loop, name=f"zdq-exec-{self.name}", daemon=True)
-        self._exec.start()
+            self._exec = threading.Thread(target=self._exec_loop, name=f"zdq-exec-{self.name}", daemon=True)
+        else:  # chunks run on the thread that owns the sockets; this one stands by (_take_turns)
+            self._exec = threading.Thread(target=self._take_turns, name=f"zdq-standby-{self.name}", daemon=True)
         ready = threading.Event()
         self._io = threading.Thread(target=self._io_loop, args=(ready,), name=f"zdq-consumer-{self.name}", daemon=True)
         self._io.start()
         ready.wait(10)
+        self._exec.start()  # after the I/O thread took the sockets (and set itself as their owner)
 
     def set_endpoint(self, broker: int, endpoint: str) -> None:
         """Broker ``broker`` was replaced: reconnect to its new endpoint."""
@@ -285,40 +313,119 @@ class Consumer:
             waker.wake()
 
     def _post(self, broker: int, msg: p.Message) -> None:
-        """Hand a message to the I/O thread (called from execution threads)."""
+        """Hand a message to the thread that owns the sockets (from any thread)."""
         self._outbox.append((broker, msg))
-        self._poke()
+        if self._owner != threading.get_ident():
+            self._poke()  # the owner sleeps in poll; the owner itself sends it on its next turn
 
     def _io_loop(self, ready: threading.Event) -> None:
         assert self._ctx is not None
+        self._owner = threading.get_ident()
+        self._inline_since = None
         waker = self._waker = Waker(self._ctx)
         hello = p.encode(p.Hello(p.Role.CONSUMER, self.name.encode()[:256]))
-        links = BrokerLinks(
+        links = self._links = BrokerLinks(
             self._ctx, self._identity, hello, keys=self._keys, max_message_size=self._settings.max_message_size
         )
+        links.poller.register(waker.socket, zmq.POLLIN)
+        n = len(self._endpoints)
+        self._credit = [0] * n
+        self._held = [set() for _ in range(n)]  # chunks received and not yet done, per broker
+        self._fetch_at = [0.0] * n  # when a busy consumer's FETCH goes out on its own (_FETCH_DELAY)
+        self._next_beat = time.monotonic() + self._settings.heartbeat_interval
+        self._in_flight = 0
         try:
             for endpoint in self._endpoints:
                 links.add(endpoint)
-            ready.set()
-            self._serve(links, waker)
         except Exception:
-            logger.exception("consumer %s I/O loop failed", self.name)
+            logger.exception("consumer %s could not connect to its brokers", self.name)
+            self._abandon()
+            self._close_links()
+            return
         finally:
             ready.set()
+        self._take_turns()
+
+    def _close_links(self) -> None:
+        links, waker = self._links, self._waker
+        self._links = self._waker = None
+        if links is not None:
             links.close(farewell=p.encode(p.Bye()))
-            self._waker = None
+        if waker is not None:
             waker.close()
 
-    def _serve(self, links: BrokerLinks, waker: Waker) -> None:
+    def _take_turns(self) -> None:
+        """Serve the sockets while this thread owns them, stand by while the other thread does.
+
+        With ``max_concurrency`` 1 the thread that owns the sockets runs each chunk itself: no
+        hand-off to another thread and back (two thread wake-ups per chunk fewer). While it runs
+        one, the other thread stands by; if the chunk runs longer than ``_TAKEOVER``, it takes the
+        sockets over (heartbeats, credit, control keep going), and the first becomes the standby
+        when its chunk is done. The last owner closes the sockets.
+        """
+        me = threading.get_ident()
+        while True:
+            if self._owner == me:
+                try:
+                    stopped = self._serve()
+                except Exception:
+                    logger.exception("consumer %s I/O loop failed", self.name)
+                    self._abandon()
+                    stopped = True
+                if stopped:
+                    self._close_links()
+                    return
+            elif not self._stand_by():
+                return
+
+    def _stand_by(self) -> bool:
+        """Wait for the owner's chunk to run long, then take the sockets over; False once stopped
+        (the owner, serving, closes them)."""
+        me = threading.get_ident()
+        while True:
+            stopping = self._stop.wait(_TAKEOVER)
+            with self._role:
+                since = self._inline_since
+                if since is not None and (stopping or time.monotonic() - since >= _TAKEOVER):
+                    self._owner = me
+                    self._inline_since = None
+                    return True
+            if stopping:
+                return False
+
+    def _run_here(self, broker: int, deliver: p.Deliver) -> bool:
+        """Run a chunk on the owning thread; False if the standby took the sockets meanwhile."""
+        me = threading.get_ident()
+        start = time.monotonic()
+        with self._role:
+            self._inline_since = start
+            self._busy = True
+        try:
+            self._execute(broker, deliver)
+        except Exception:  # a task's own failure is caught inside; this would be zdq's
+            logger.exception("consumer %s failed to run chunk %d", self.name, deliver.chunk_id)
+        with self._role:
+            self._busy = False
+            kept = self._owner == me
+            if kept:
+                self._inline_since = None
+        self._chunk_seconds = 0.8 * self._chunk_seconds + 0.2 * (time.monotonic() - start)
+        if not kept:
+            # This chunk's DONE waits in the outbox, and the next chunk waits for this one to end:
+            # wake the new owner, asleep in poll.
+            self._poke()
+        return kept
+
+    def _serve(self) -> bool:
+        """The I/O loop; True when the consumer stops, False when the sockets were taken over."""
+        links, waker = self._links, self._waker
+        assert links is not None and waker is not None
         poller, socks = links.poller, links.socks
-        poller.register(waker.socket, zmq.POLLIN)
-        credit = [0] * len(socks)
-        held: list[set[int]] = [set() for _ in socks]  # chunks received and not yet done, per broker
+        credit, held, fetch_at = self._credit, self._held, self._fetch_at
         beat = self._settings.heartbeat_interval
-        next_beat = time.monotonic() + beat
         prefetch = self._settings.prefetch
-        # When a busy consumer's FETCH to each broker goes out on its own (see _FETCH_DELAY).
-        fetch_at = [0.0] * len(socks)
+        inline = self._pool is None
+        ready = self._ready
         while not self._stop.is_set():
             while self._control:
                 i, endpoint = self._control.popleft()
@@ -344,7 +451,7 @@ class Consumer:
             # held. A consumer with nothing in hand asks at once; a busy one lets its next DONE to
             # that broker carry the request, unless that takes longer than _FETCH_DELAY.
             now = time.monotonic()
-            wake_at = next_beat
+            wake_at = self._next_beat
             if self._fetching.is_set():
                 for i, sock in enumerate(socks):
                     if credit[i] == 0 and self._in_flight < prefetch:
@@ -353,14 +460,15 @@ class Consumer:
                                 credit[i] = 1
                         else:
                             wake_at = min(wake_at, fetch_at[i])
-            timeout = max(0, math.ceil((wake_at - now) * 1000))
+            run_next = bool(ready) and not self._busy  # busy: the thread it runs on pokes when done
+            timeout = 0 if run_next else max(0, math.ceil((wake_at - now) * 1000))
             for sock, _ in poller.poll(timeout):
                 index = links.index(sock)
                 if index is None:
                     waker.drain()
                     continue
                 i = index
-                for frames in recv_ready(sock, 1 << 30):
+                for frames in recv_ready(sock, 1):
                     try:
                         msg = p.decode(frames)
                     except Exception as e:
@@ -375,18 +483,31 @@ class Consumer:
                         held[i].add(msg.chunk_id)
                         if self._early_ack:
                             try_send(sock, p.encode(p.Ack(msg.chunk_id)))
-                        self._chunks.put((i, msg))
+                        if inline:
+                            ready.append((i, msg))
+                        else:
+                            self._chunks.put((i, msg))
                     elif isinstance(msg, p.Bye):
                         credit[i] = 0  # the broker is going away; ask again if it comes back
             now = time.monotonic()
-            if now >= next_beat:
+            if now >= self._next_beat:
                 if not self._alive():
                     logger.info("consumer %s: its actor was released; stopping", self.name)
                     self._abandon()
-                    return
+                    return True
                 for sock in socks:
                     try_send(sock, p.encode(p.Heartbeat()))
-                next_beat = now + beat
+                self._next_beat = now + beat
+            if ready and not self._busy and not self._stop.is_set():
+                if self._chunk_seconds >= _EAGER_FETCH and self._fetching.is_set():
+                    # Chunks take a while: ask for the next ones now, so that they arrive while
+                    # this one runs (the sockets are not read until it is done).
+                    for i, sock in enumerate(socks):
+                        if credit[i] == 0 and self._in_flight < prefetch and try_send(sock, p.encode(p.Fetch(1))):
+                            credit[i] = 1
+                if not self._run_here(*ready.popleft()):
+                    return False
+        return True
 
     def _abandon(self) -> None:
         """Stop from inside the I/O thread: end the execution thread and the task threads too."""
@@ -398,39 +519,46 @@ class Consumer:
 
     # -- execution ------------------------------------------------------------------------------
     def _exec_loop(self) -> None:
+        """The execution thread of ``max_concurrency`` > 1: unpickle chunks, fan their tasks out."""
         while True:
             item = self._chunks.get()
             if item is None:
                 return
-            broker, deliver = item
-            if self._stop.is_set() or not self._fetching.is_set():
-                # Not started: give it back so another consumer runs it, without using an attempt.
-                self._post(broker, p.Return(deliver.chunk_id))
-                continue
             try:
-                base, kind, tasks, options = loads_chunk(deliver.chunk, self._payload_key)
-                if len(tasks) != deliver.n_tasks:
-                    raise ValueError(f"chunk holds {len(tasks)} tasks, its header says {deliver.n_tasks}")
-            except Exception as e:
-                self._counts["bad_chunks"] += 1
-                logger.error("consumer %s cannot decode chunk %d: %s", self.name, deliver.chunk_id, e)
-                info = ErrorInfo(None, "zdq.errors.ProtocolError", f"chunk {deliver.chunk_id} does not decode: {e}", "")
-                bad = _ChunkRun(broker, deliver.chunk_id, 0, deliver.n_tasks)
-                self._finish(bad, dict.fromkeys(range(deliver.n_tasks), info))
-                continue
-            if deliver.attempt > 1 and len(tasks) > 1:
-                # A consumer died holding this chunk. Split it so that a task that kills its
-                # consumer is tried alone, and the others are not dragged down with it.
-                key = self._payload_key
-                parts = [dumps_chunk(base + i, [task], key, kind, options) for i, task in enumerate(tasks)]
-                self._post(broker, p.Split(deliver.chunk_id, parts))
-                continue
-            run = _ChunkRun(broker, deliver.chunk_id, base, len(tasks), deliver.attempt - 1, kind, options)
-            if self._pool is None:
-                self._run_inline(run, tasks)
-            else:
-                for i, task in enumerate(tasks):
-                    self._pool.submit(self._run_one, run, i, task)
+                self._execute(*item)
+            except Exception:
+                logger.exception("consumer %s failed to run chunk %d", self.name, item[1].chunk_id)
+
+    def _execute(self, broker: int, deliver: p.Deliver) -> None:
+        """Unpickle a chunk and run it (inline), or hand its tasks to the task threads."""
+        if self._stop.is_set() or not self._fetching.is_set():
+            # Not started: give it back so another consumer runs it, without using an attempt.
+            self._post(broker, p.Return(deliver.chunk_id))
+            return
+        try:
+            base, kind, tasks, options = loads_chunk(deliver.chunk, self._payload_key)
+            if len(tasks) != deliver.n_tasks:
+                raise ValueError(f"chunk holds {len(tasks)} tasks, its header says {deliver.n_tasks}")
+        except Exception as e:
+            self._counts["bad_chunks"] += 1
+            logger.error("consumer %s cannot decode chunk %d: %s", self.name, deliver.chunk_id, e)
+            info = ErrorInfo(None, "zdq.errors.ProtocolError", f"chunk {deliver.chunk_id} does not decode: {e}", "")
+            bad = _ChunkRun(broker, deliver.chunk_id, 0, deliver.n_tasks)
+            self._finish(bad, dict.fromkeys(range(deliver.n_tasks), info))
+            return
+        if deliver.attempt > 1 and len(tasks) > 1:
+            # A consumer died holding this chunk. Split it so that a task that kills its
+            # consumer is tried alone, and the others are not dragged down with it.
+            key = self._payload_key
+            parts = [dumps_chunk(base + i, [task], key, kind, options) for i, task in enumerate(tasks)]
+            self._post(broker, p.Split(deliver.chunk_id, parts))
+            return
+        run = _ChunkRun(broker, deliver.chunk_id, base, len(tasks), deliver.attempt - 1, kind, options)
+        if self._pool is None:
+            self._run_inline(run, tasks)
+        else:
+            for i, task in enumerate(tasks):
+                self._pool.submit(self._run_one, run, i, task)
 
     def _call(self, run: _ChunkRun, entry: Any) -> Any:
         if run.kind == CALLS:
