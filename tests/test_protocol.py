@@ -84,3 +84,34 @@ def test_a_chunk_of_pickled_tasks_must_hold_pickled_task_tuples() -> None:
         loads_chunk(dumps_chunk(5, [(print, (1,))], None, PICKLED))
     with pytest.raises(ValueError, match="not a task tuple"):
         loads_chunk(dumps_chunk(5, [pickle.dumps(42)], None, PICKLED))
+
+
+def test_plain_tasks_skip_cloudpickle_and_still_pickle_to_the_same_bytes() -> None:
+    import math
+    import types
+
+    import cloudpickle
+
+    from zdq.serialization import TaskOptions, _plainly_picklable, dumps_task
+
+    from . import tasks
+
+    for task in [(tasks.add, (1, 2)), (math.sqrt, (4.0,)), (tasks.add, (1,), {"b": 2}), (print, ("x", None, b"y"))]:
+        assert _plainly_picklable(task), task
+        assert dumps_task(task) == cloudpickle.dumps(task, protocol=5)
+    in_main = types.FunctionType(tasks.add.__code__, {}, "in_main")
+    in_main.__module__ = "__main__"
+    for task in [
+        (lambda x: x, (1,)),  # not importable
+        (in_main, (1,)),  # a notebook's function: workers cannot import __main__
+        (tasks.add, ([1], [2])),  # containers may hold anything
+        (tasks.add, (1, 2), None, TaskOptions(retries=1)),
+        (None, "item"),
+    ]:
+        assert not _plainly_picklable(task), task
+        assert pickle.loads(dumps_task(task))[1] == task[1]
+    cloudpickle.register_pickle_by_value(tasks)
+    try:  # a module registered to travel by value goes through cloudpickle again
+        assert not _plainly_picklable((tasks.add, (1, 2)))
+    finally:
+        cloudpickle.unregister_pickle_by_value(tasks)

@@ -223,8 +223,8 @@ class BrokerCore:
         dones: list[tuple[bytes, p.Done]] = []
         racks: list[int] = []
         now = time.monotonic()
-        for frames in recv_ready(self._sock, _ROUND):
-            ident = frames[0].bytes
+        for frames in recv_ready(self._sock, _ROUND, router=True):
+            ident = frames[0]
             try:
                 msg = p.decode(frames[1:])
             except ProtocolError as e:

@@ -121,6 +121,8 @@ class Driver:
         self._waker: Waker | None = None
         self._error: BaseException | None = None
         self._control: deque[tuple[int, str]] = deque()  # broker reconnections, run by the I/O thread
+        # Results received in this round of the I/O thread, handed to their futures before it sleeps.
+        self._settlements: list[tuple[_Record | None, int, int, bytes, list[Any], dict[int, Any]]] = []
         self.results: defaultdict[bytes, dict[int, Any]] = defaultdict(dict)
         self.done_by: defaultdict[bytes, int] = defaultdict(int)
         self._submitted = 0
@@ -345,6 +347,7 @@ class Driver:
         # Receipts (RACK) owed to each broker, and when the oldest of them must go out.
         racks: list[list[int]] = [[] for _ in socks]
         rack_due = math.inf
+        rack_full = False
         while not self._stop.is_set():
             while self._control:
                 i, endpoint = self._control.popleft()
@@ -357,26 +360,33 @@ class Driver:
                 self._send_queued(socks)
             now = time.monotonic()
             timeout = max(0, math.ceil((min(next_beat, rack_due) - now) * 1000))
+            if self._settlements:
+                # Last thing before sleeping: a caller woken by its result gets this process's
+                # interpreter at once, instead of waiting for this thread to finish its round.
+                self._settle_all()
             for sock, _ in poller.poll(timeout):
                 index = links.index(sock)
                 if index is None:
                     waker.drain()
                     continue
                 owed = racks[index]
-                for frames in recv_ready(sock, 4096):
+                for frames in recv_ready(sock, 1):
                     chunk_id = self._handle(index, frames)
                     if chunk_id is not None:
                         if not owed and rack_due == math.inf:
                             rack_due = time.monotonic() + _RACK_DELAY
                         owed.append(chunk_id)
+                        rack_full = rack_full or len(owed) >= _RACK_BATCH
             now = time.monotonic()
-            if now >= rack_due or any(len(owed) >= _RACK_BATCH for owed in racks):
+            if now >= rack_due or rack_full:
                 self._send_racks(socks, racks)
                 rack_due = math.inf
+                rack_full = False
             if now >= next_beat:
                 for sock in socks:
                     try_send(sock, p.encode(p.Heartbeat()))
                 next_beat = now + beat
+        self._settle_all()
         self._send_racks(socks, racks)
 
     @staticmethod
@@ -533,9 +543,21 @@ class Driver:
             elif msg.seq:
                 self._duplicates += n
                 return
+        self._settlements.append((rec, offset if rec is not None else 0, base, msg.consumer, values, errors))
+
+    def _settle_all(self) -> None:
+        """Hand the results received in this round to their futures (and ``results``)."""
+        settlements, self._settlements = self._settlements, []
+        for settlement in settlements:
+            self._settle_results(*settlement)
+
+    def _settle_results(
+        self, rec: _Record | None, offset: int, base: int, consumer: bytes, values: list[Any], errors: dict[int, Any]
+    ) -> None:
+        n = len(values)
         exceptions = {i: error_to_exception(info) for i, info in errors.items()}
         if self._keep_results:
-            store = self.results[msg.consumer]
+            store = self.results[consumer]
             store.update(zip(range(base, base + n), values))
             for i, exc in exceptions.items():
                 store[base + i] = exc
@@ -547,7 +569,7 @@ class Driver:
                 for i, value in enumerate(values):
                     _settle(futures[offset + i], value, exceptions.get(i))
         with self._cond:
-            self.done_by[msg.consumer] += n
+            self.done_by[consumer] += n
             self._failed += len(errors)
             if rec is None:
                 self._foreign += n

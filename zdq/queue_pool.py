@@ -34,6 +34,8 @@ __all__ = ["Durability", "QueuePool", "DeadLetterInfo"]
 
 logger = logging.getLogger(__name__)
 
+_NO_OPTIONS = TaskOptions()
+
 
 @dataclass(frozen=True)
 class DeadLetterInfo:
@@ -345,7 +347,7 @@ class QueuePool:
     def _options(self, given: dict[str, Any]) -> TaskOptions | None:
         """Task options from call keywords over the pool's defaults; ``None`` if all are default."""
         if not given:
-            return None if self.default_options == TaskOptions() else self.default_options
+            return None if self.default_options == _NO_OPTIONS else self.default_options
         fields: dict[str, Any] = {
             "retries": self.default_options.retries,
             "retry_backoff": self.default_options.retry_backoff,
@@ -356,7 +358,7 @@ class QueuePool:
         if isinstance(fields["retry_on"], type):
             fields["retry_on"] = (fields["retry_on"],)
         options = TaskOptions(**fields)
-        return None if options == TaskOptions() else options
+        return None if options == _NO_OPTIONS else options
 
     @staticmethod
     def _with_options(task: Task, options: TaskOptions | None) -> Task:
