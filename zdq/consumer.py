@@ -400,10 +400,7 @@ class Consumer:
         with self._role:
             self._inline_since = start
             self._busy = True
-        try:
-            self._execute(broker, deliver)
-        except Exception:  # a task's own failure is caught inside; this would be zdq's
-            logger.exception("consumer %s failed to run chunk %d", self.name, deliver.chunk_id)
+        self._execute(broker, deliver)
         with self._role:
             self._busy = False
             kept = self._owner == me
@@ -447,19 +444,8 @@ class Consumer:
                     credit[i] = int(try_send(socks[i], p.encode(out)))
                 else:
                     try_send(socks[i], p.encode(out))
-            # Credit: one outstanding request per broker while fewer than `prefetch` chunks are
-            # held. A consumer with nothing in hand asks at once; a busy one lets its next DONE to
-            # that broker carry the request, unless that takes longer than _FETCH_DELAY.
             now = time.monotonic()
-            wake_at = self._next_beat
-            if self._fetching.is_set():
-                for i, sock in enumerate(socks):
-                    if credit[i] == 0 and self._in_flight < prefetch:
-                        if self._in_flight == 0 or now >= fetch_at[i]:
-                            if try_send(sock, p.encode(p.Fetch(1))):
-                                credit[i] = 1
-                        else:
-                            wake_at = min(wake_at, fetch_at[i])
+            wake_at = min(self._next_beat, self._ask_for_chunks(socks, now, eager=False))
             run_next = bool(ready) and not self._busy  # busy: the thread it runs on pokes when done
             timeout = 0 if run_next else max(0, math.ceil((wake_at - now) * 1000))
             for sock, _ in poller.poll(timeout):
@@ -499,15 +485,33 @@ class Consumer:
                     try_send(sock, p.encode(p.Heartbeat()))
                 self._next_beat = now + beat
             if ready and not self._busy and not self._stop.is_set():
-                if self._chunk_seconds >= _EAGER_FETCH and self._fetching.is_set():
+                if self._chunk_seconds >= _EAGER_FETCH:
                     # Chunks take a while: ask for the next ones now, so that they arrive while
                     # this one runs (the sockets are not read until it is done).
-                    for i, sock in enumerate(socks):
-                        if credit[i] == 0 and self._in_flight < prefetch and try_send(sock, p.encode(p.Fetch(1))):
-                            credit[i] = 1
+                    self._ask_for_chunks(socks, now, eager=True)
                 if not self._run_here(*ready.popleft()):
                     return False
         return True
+
+    def _ask_for_chunks(self, socks: list[zmq.Socket[Any]], now: float, *, eager: bool) -> float:
+        """Send the FETCHes due; return when the next one held back falls due.
+
+        One outstanding request per broker while fewer than ``prefetch`` chunks are held. A
+        consumer with nothing in hand asks at once (so does an ``eager`` one); a busy one lets its
+        next DONE to that broker carry the request, unless that takes longer than _FETCH_DELAY.
+        """
+        due = math.inf
+        if not self._fetching.is_set():
+            return due
+        credit, fetch_at, prefetch = self._credit, self._fetch_at, self._settings.prefetch
+        for i, sock in enumerate(socks):
+            if credit[i] == 0 and self._in_flight < prefetch:
+                if eager or self._in_flight == 0 or now >= fetch_at[i]:
+                    if try_send(sock, p.encode(p.Fetch(1))):
+                        credit[i] = 1
+                else:
+                    due = min(due, fetch_at[i])
+        return due
 
     def _abandon(self) -> None:
         """Stop from inside the I/O thread: end the execution thread and the task threads too."""
@@ -524,12 +528,15 @@ class Consumer:
             item = self._chunks.get()
             if item is None:
                 return
-            try:
-                self._execute(*item)
-            except Exception:
-                logger.exception("consumer %s failed to run chunk %d", self.name, item[1].chunk_id)
+            self._execute(*item)
 
     def _execute(self, broker: int, deliver: p.Deliver) -> None:
+        try:
+            self._start_chunk(broker, deliver)
+        except Exception:  # a task's own failure is caught inside; this would be zdq's
+            logger.exception("consumer %s failed to run chunk %d", self.name, deliver.chunk_id)
+
+    def _start_chunk(self, broker: int, deliver: p.Deliver) -> None:
         """Unpickle a chunk and run it (inline), or hand its tasks to the task threads."""
         if self._stop.is_set() or not self._fetching.is_set():
             # Not started: give it back so another consumer runs it, without using an attempt.

@@ -138,6 +138,10 @@ _PLAIN_ARGS = frozenset({int, float, complex, str, bytes, bool, type(None)})
 _PLAIN_RESULTS = 16
 
 
+def _scalars(values: Any) -> bool:
+    return all(type(v) in _PLAIN_ARGS for v in values)
+
+
 def _plainly_picklable(task: Task) -> bool:
     """Whether plain pickle writes ``task`` byte for byte as cloudpickle would, five times faster:
     a top-level function of an importable module (not ``__main__``, not registered to be pickled
@@ -148,9 +152,9 @@ def _plainly_picklable(task: Task) -> bool:
     module = fn.__module__
     if module is None or module == "__main__" or getattr(sys.modules.get(module), fn.__qualname__, None) is not fn:
         return False
-    if len(task) > 3 or not all(type(a) in _PLAIN_ARGS for a in task[1]):
+    if len(task) > 3 or not _scalars(task[1]):
         return False
-    if len(task) == 3 and task[2] and not all(type(v) in _PLAIN_ARGS for v in task[2].values()):
+    if len(task) == 3 and task[2] and not _scalars(task[2].values()):
         return False
     return not cloudpickle.list_registry_pickle_by_value()
 
@@ -279,7 +283,7 @@ def dumps_results(
 ) -> bytes:
     """Pickle (and seal) a chunk's results; a value that cannot be pickled becomes that task's error."""
     try:
-        if len(values) <= _PLAIN_RESULTS and not errors and all(type(v) in _PLAIN_ARGS for v in values):
+        if len(values) <= _PLAIN_RESULTS and not errors and _scalars(values):
             # A few scalars (a single task's result): the standard pickler is much cheaper to start.
             return seal(key, pickle.dumps((base_task_id, values, errors), protocol=PROTOCOL))
         return seal(key, cloudpickle.dumps((base_task_id, values, errors), protocol=PROTOCOL))
