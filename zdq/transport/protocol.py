@@ -16,7 +16,10 @@ HELLO      driver/consumer→broker  role; announces a peer (payload: its displa
 PUT        driver→broker           seq, n_tasks; payload: one chunk
 CONFIRM    broker→driver           seq, chunk id, status; once the chunk is stored (a stored chunk's
                                    CONFIRM is held back a moment: RESULTS sent first confirm it)
-FETCH      consumer→broker         credit: how many more chunks the consumer accepts
+FETCH      consumer→broker         credit: how many more chunks the consumer accepts; 0 withdraws
+                                   every credit it gave (a DELIVER already on its way may still come)
+READY      broker→consumer         chunks are ready here and this consumer holds no credit: ask if
+                                   you can (sent when work arrives, and again with each heartbeat)
 DELIVER    broker→consumer         chunk id, n_tasks, attempt; payload: the leased chunk
 DONE       consumer→broker         chunk id, n_tasks, credit (a FETCH riding along); payload: the
                                    results of the chunk
@@ -29,6 +32,12 @@ SPLIT      consumer→broker         chunk id, n; payload: n one-task chunks rep
 RACK       driver→broker           n, then n ids (in the head) of chunks whose RESULTS arrived: the
                                    broker may now forget them (until then a broker restart re-runs
                                    them); drivers batch these receipts
+SYNC       driver→broker           token, n, then n seqs (in the head) of chunks the driver still
+                                   awaits results for: asks for the queue's counts and which of
+                                   those chunks the broker does not hold (after a recovery)
+STATUS     broker→driver           token, ready/leased/dead tasks, done tasks whose results wait
+                                   for a driver, tasks routed to this
+                                   driver so far, n, then the n seqs of the SYNC that it does not hold
 HEARTBEAT  both ways               liveness; a consumer's heartbeat renews its leases
 BYE        peer→broker             the peer leaves; its leases return at once
 =========  ======================  ==========================================================
@@ -61,6 +70,9 @@ __all__ = [
     "Dead",
     "Split",
     "Rack",
+    "Ready",
+    "Sync",
+    "QueueStatus",
     "Heartbeat",
     "Bye",
     "Message",
@@ -92,6 +104,9 @@ class Command(enum.IntEnum):
     DEAD = 13
     SPLIT = 14
     RACK = 15
+    READY = 16
+    SYNC = 17
+    STATUS = 18
 
 
 class Role(enum.IntEnum):
@@ -181,6 +196,25 @@ class Rack(NamedTuple):
     chunk_ids: tuple[int, ...]
 
 
+class Ready(NamedTuple):
+    pass
+
+
+class Sync(NamedTuple):
+    token: int
+    seqs: tuple[int, ...] = ()
+
+
+class QueueStatus(NamedTuple):
+    token: int
+    ready_tasks: int
+    leased_tasks: int
+    dead_tasks: int
+    waiting_tasks: int  # done, their results not yet sent to any driver
+    routed_tasks: int  # tasks whose results this broker sent to the asking driver, ever
+    missing: tuple[int, ...] = ()
+
+
 class Heartbeat(NamedTuple):
     pass
 
@@ -189,7 +223,10 @@ class Bye(NamedTuple):
     pass
 
 
-Message = Union[Hello, Put, Confirm, Fetch, Deliver, Done, Results, Return, Ack, Lost, Dead, Split, Rack, Heartbeat, Bye]
+Message = Union[
+    Hello, Put, Confirm, Fetch, Deliver, Done, Results, Return, Ack, Lost, Dead, Split, Rack, Ready, Sync, QueueStatus,
+    Heartbeat, Bye,
+]
 
 #: Most tasks a chunk may hold (and parts a SPLIT may carry): a peer's claim is never trusted beyond.
 MAX_SPLIT = MAX_CHUNK_TASKS = 100_000
@@ -211,6 +248,8 @@ _ID = _layout(Command.RETURN, "Q")  # RETURN and ACK
 _LOST = _layout(Command.LOST, "QQ")  # LOST and DEAD
 _SPLIT = _layout(Command.SPLIT, "QI")
 _RACK = _layout(Command.RACK, "I")  # followed by the ids, 8 bytes each, in the same frame
+_SYNC = _layout(Command.SYNC, "QI")  # token, count; followed by the seqs, 8 bytes each
+_STATUS = _layout(Command.STATUS, "QQQQQQI")  # token, counts, routed, count; then the seqs
 _HEAD = {c: VERSION + bytes([c]) for c in Command}  # the head of a message without a header
 _ROLES = {r.value: r for r in Role}
 _STATUSES = {s.value: s for s in Status}
@@ -220,6 +259,20 @@ _V = VERSION
 def _encode_rack(m: Rack) -> list[Any]:
     ids = m.chunk_ids
     return [_RACK.pack(_V, Command.RACK, len(ids)) + struct.pack(f">{len(ids)}Q", *ids)]
+
+
+def _encode_sync(m: Sync) -> list[Any]:
+    seqs = m.seqs
+    return [_SYNC.pack(_V, Command.SYNC, m.token, len(seqs)) + struct.pack(f">{len(seqs)}Q", *seqs)]
+
+
+def _encode_status(m: QueueStatus) -> list[Any]:
+    missing = m.missing
+    head = _STATUS.pack(
+        _V, Command.STATUS, m.token, m.ready_tasks, m.leased_tasks, m.dead_tasks, m.waiting_tasks,
+        m.routed_tasks, len(missing),
+    )
+    return [head + struct.pack(f">{len(missing)}Q", *missing)]
 
 
 _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
@@ -235,6 +288,9 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Dead: lambda m: [_LOST.pack(_V, Command.DEAD, m.chunk_id, m.task_id), m.chunk, m.reason],
     Split: lambda m: [_SPLIT.pack(_V, Command.SPLIT, m.chunk_id, len(m.parts)), *m.parts],
     Rack: _encode_rack,
+    Sync: _encode_sync,
+    QueueStatus: _encode_status,
+    Ready: lambda m: [_HEAD[Command.READY]],
     Hello: lambda m: [_HELLO.pack(_V, Command.HELLO, m.role), m.name],
     Heartbeat: lambda m: [_HEAD[Command.HEARTBEAT]],
     Bye: lambda m: [_HEAD[Command.BYE]],
@@ -317,12 +373,30 @@ def _split(head: bytes, f: Sequence[Any]) -> Message:
 
 
 def _rack(head: bytes, f: Sequence[Any]) -> Message:
-    if len(f) != 1 or len(head) < _RACK.size:
-        raise ProtocolError("RACK is one frame: a count and the ids")
-    _, _, count = _RACK.unpack_from(head)
-    if count > MAX_SPLIT or len(head) != _RACK.size + 8 * count:
-        raise ProtocolError(f"RACK announces {count} ids and carries {len(head) - _RACK.size} bytes")
-    return Rack(struct.unpack_from(f">{count}Q", head, _RACK.size))
+    return Rack(_ids_after(_RACK, head, f)[1])
+
+
+def _ids_after(layout: struct.Struct, head: bytes, f: Sequence[Any]) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    """A fixed header whose last field counts the 8-byte ids that follow it in the head frame."""
+    name = Command(head[4]).name
+    if len(f) != 1 or len(head) < layout.size:
+        raise ProtocolError(f"{name} is one frame: a header and the ids")
+    fields = layout.unpack_from(head)
+    count = fields[-1]
+    if count > MAX_SPLIT or len(head) != layout.size + 8 * count:
+        raise ProtocolError(f"{name} announces {count} ids and carries {len(head) - layout.size} bytes")
+    return fields, struct.unpack_from(f">{count}Q", head, layout.size)
+
+
+def _sync(head: bytes, f: Sequence[Any]) -> Message:
+    fields, seqs = _ids_after(_SYNC, head, f)
+    return Sync(fields[2], seqs)
+
+
+def _status(head: bytes, f: Sequence[Any]) -> Message:
+    fields, missing = _ids_after(_STATUS, head, f)
+    token, ready, leased, dead, waiting, routed = fields[2:8]
+    return QueueStatus(token, ready, leased, dead, waiting, routed, missing)
 
 
 def _dead(head: bytes, f: Sequence[Any]) -> Message:
@@ -352,6 +426,9 @@ _DECODERS: dict[int, Callable[[bytes, Sequence[Any]], Message]] = {
     Command.DEAD: _dead,
     Command.SPLIT: _split,
     Command.RACK: _rack,
+    Command.SYNC: _sync,
+    Command.STATUS: _status,
+    Command.READY: _bare(Ready()),
     Command.HELLO: _hello,
     Command.HEARTBEAT: _bare(Heartbeat()),
     Command.BYE: _bare(Bye()),
