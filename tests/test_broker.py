@@ -39,11 +39,11 @@ def broker(zmq_ctx: zmq.Context) -> Iterator[tuple[BrokerCore, str]]:
 
 
 def _recv(sock: zmq.Socket, timeout: float = 5.0, *, heartbeats: bool = False) -> p.Message | None:
-    """The next message within ``timeout`` (heartbeats skipped unless asked for), or None."""
+    """The next message within ``timeout`` (heartbeats and READY notices skipped unless asked for), or None."""
     deadline = time.monotonic() + timeout
     while sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
         msg = p.decode(sock.recv_multipart())
-        if heartbeats or not isinstance(msg, p.Heartbeat):
+        if heartbeats or not isinstance(msg, (p.Heartbeat, p.Ready)):
             return msg
     return None
 
@@ -108,9 +108,9 @@ def test_results_stay_stored_until_the_driver_acknowledges_them(
 def test_results_that_come_before_the_held_back_confirm_replace_it(
     broker: tuple[BrokerCore, str], peers: tuple[zmq.Socket, zmq.Socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import zdq.broker
+    import zdq.broker.core
 
-    monkeypatch.setattr(zdq.broker, "_CONFIRM_DELAY", 3.0)  # a slow consumer is not what this tests
+    monkeypatch.setattr(zdq.broker.core, "_CONFIRM_DELAY", 3.0)  # a slow consumer is not what this tests
     driver, consumer = peers
     consumer.send_multipart(p.encode(p.Fetch(1)))
     driver.send_multipart(p.encode(p.Put(1, 1, b"chunk")))
@@ -121,9 +121,9 @@ def test_results_that_come_before_the_held_back_confirm_replace_it(
     assert isinstance(results, p.Results) and results.seq == 1
     assert _recv(driver, 4.0) is None  # and no CONFIRM follows
     # A burst of chunks is confirmed at once, without waiting for the delay.
-    for seq in range(2, 2 + zdq.broker._CONFIRM_BATCH):
+    for seq in range(2, 2 + zdq.broker.core._CONFIRM_BATCH):
         driver.send_multipart(p.encode(p.Put(seq, 1, b"chunk")))
-    confirmed = [_recv(driver, 1.0) for _ in range(zdq.broker._CONFIRM_BATCH)]
+    confirmed = [_recv(driver, 1.0) for _ in range(zdq.broker.core._CONFIRM_BATCH)]
     assert all(isinstance(m, p.Confirm) and m.status is p.Status.STORED for m in confirmed)
 
 
@@ -172,7 +172,7 @@ def test_a_consumer_in_the_brokers_process_is_reached_over_inproc_and_served_fir
         unauthenticated = connect_dealer(zmq_ctx, endpoint, os.urandom(16))
         unauthenticated.send_multipart(p.encode(p.Hello(p.Role.CONSUMER, b"intruder")))
         assert _recv(unauthenticated, 1.0, heartbeats=True) is None
-        assert len(core._consumers) == 2
+        assert core.statistics().consumers == 2
     finally:
         for s in (remote, driver, unauthenticated):
             if s is not None:
@@ -188,3 +188,51 @@ def _peer_with(ctx: zmq.Context, endpoint: str, keys: PoolKeys) -> zmq.Socket:
     sock.send_multipart(p.encode(p.Hello(p.Role.DRIVER, b"driver")))
     assert isinstance(_recv(sock, heartbeats=True), p.Heartbeat)
     return sock
+
+
+def test_results_wait_for_their_driver_while_it_is_away_and_reach_it_when_it_speaks_again(
+    broker: tuple[BrokerCore, str], zmq_ctx: zmq.Context
+) -> None:
+    """A driver that went quiet (paused, GIL-starved, reconnecting) loses nothing: its results
+    are kept, not acknowledged away, and sent when it is heard from again."""
+    core, endpoint = broker
+    identity = os.urandom(16)
+    driver = connect_dealer(zmq_ctx, endpoint, identity)
+    driver.send_multipart(p.encode(p.Hello(p.Role.DRIVER, b"driver")))
+    assert isinstance(_recv(driver, heartbeats=True), p.Heartbeat)
+    driver.send_multipart(p.encode(p.Put(1, 3, b"chunk")))
+    assert isinstance(_recv(driver), p.Confirm)
+    driver.close(linger=0)  # gone for now, without a word
+    consumer = _peer(zmq_ctx, endpoint, p.Role.CONSUMER)
+    consumer.send_multipart(p.encode(p.Fetch(1)))
+    deliver = _recv(consumer)
+    assert isinstance(deliver, p.Deliver)
+    time.sleep(0.3)  # the TCP disconnection is noticed by the broker's socket
+    consumer.send_multipart(p.encode(p.Done(deliver.chunk_id, 3, b"results")))
+    wait_until(lambda: core.statistics().awaiting_tasks == 3)
+    time.sleep(1.0)
+    stats = core.statistics()
+    assert stats.dropped_results == 0 and stats.awaiting_tasks == 3  # kept, not acknowledged away
+    back = connect_dealer(zmq_ctx, endpoint, identity)  # the same driver, reconnected
+    back.send_multipart(p.encode(p.Heartbeat()))
+    results = _recv(back, 5.0)
+    assert isinstance(results, p.Results) and results.seq == 1 and bytes(results.results) == b"results"  # type: ignore[arg-type]
+    back.send_multipart(p.encode(p.Rack((deliver.chunk_id,))))
+    wait_until(lambda: core.statistics().awaiting_tasks == 0)
+    back.close(linger=0)
+    consumer.close(linger=0)
+
+
+def test_a_sync_reports_the_queue_and_which_of_the_drivers_chunks_it_does_not_hold(
+    broker: tuple[BrokerCore, str], peers: tuple[zmq.Socket, zmq.Socket]
+) -> None:
+    driver, consumer = peers
+    for seq in (1, 2):
+        driver.send_multipart(p.encode(p.Put(seq, 5, b"chunk")))
+        assert isinstance(_recv(driver), p.Confirm)
+    consumer.send_multipart(p.encode(p.Fetch(1)))
+    assert isinstance(_recv(consumer), p.Deliver)
+    driver.send_multipart(p.encode(p.Sync(7, (1, 2, 3))))
+    status = _recv(driver)
+    assert isinstance(status, p.QueueStatus) and status.token == 7
+    assert (status.ready_tasks, status.leased_tasks, status.missing) == (5, 5, (3,))

@@ -28,7 +28,7 @@ def test_a_reopened_queue_serves_every_unacknowledged_chunk_including_leased_one
     first, second = s.lease(), s.lease()
     assert first is not None and second is not None
     s.ack_many([first.chunk_id])
-    s.flush_marks()
+    s.commit(force=True)
     # `zdq inspect` reads the live queue from another process, read-only.
     proc = subprocess.run(
         [sys.executable, "-m", "zdq.cli", "inspect", str(tmp_path), "--json"], capture_output=True, text=True, timeout=60

@@ -19,6 +19,7 @@ __all__ = [
     "StorageFull",
     "StorageCorrupt",
     "QueueLocked",
+    "QueueMissing",
     "ZdqTimeoutError",
     "SubmitTimeout",
     "TaskTimeout",
@@ -67,6 +68,11 @@ class StorageCorrupt(StorageError):
 
 class QueueLocked(StorageError):
     """Another live broker owns this queue directory."""
+
+
+class QueueMissing(StorageError):
+    """A durable queue that was to be opened again is not where its broker was placed (another
+    host, or the directory was removed): zdq never creates it anew, empty, during recovery."""
 
 
 class ZdqTimeoutError(ZdqError, TimeoutError):

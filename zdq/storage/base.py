@@ -96,16 +96,26 @@ class Storage(ABC):
         self._ready_tasks = 0
         self._leased_tasks = 0
         # Chunk ids must never repeat across broker incarnations of a queue: a consumer may still
-        # report a chunk of the previous one. A durable queue continues after its largest stored id.
-        self._next_id = (time.time_ns() // 1000) << 8 if not self.durable else 1
+        # report a chunk of the previous one. So they start from the clock (microseconds, shifted
+        # to leave room for 256 chunks per microsecond), and a durable queue after its largest
+        # stored id too: the largest id it ever gave may belong to a chunk acknowledged since.
+        self._next_id = (time.time_ns() // 1000) << 8
         self._closed = False
+        #: Results a durable queue kept for chunks whose driver had not taken them when it stopped:
+        #: chunk id -> (consumer id, results). Those chunks are leased (done), not ready.
+        self.recovered_results: dict[int, tuple[bytes, object]] = {}
 
     # -- the contract -------------------------------------------------------------------------
     def open(self) -> None:
         """Open the backend and rebuild the index from what it holds."""
+        kept = dict(self._scan_results())
         for chunk_id, meta, dead_reason in self._scan():
             self._meta[chunk_id] = meta
-            if dead_reason is None:
+            if chunk_id in kept and dead_reason is None:
+                self._leased.add(chunk_id)
+                self._leased_tasks += meta.n_tasks
+                self.recovered_results[chunk_id] = kept[chunk_id]
+            elif dead_reason is None:
                 self._ready.append(chunk_id)
                 self._ready_tasks += meta.n_tasks
             else:
@@ -221,6 +231,17 @@ class Storage(ABC):
     def meta(self, chunk_id: int) -> ChunkMeta | None:
         return self._meta.get(chunk_id)
 
+    def keep_results(self, chunk_id: int, consumer: bytes, results: object) -> None:
+        """Keep the results of a leased chunk that no driver has taken yet (durable backends write
+        them down, so that a restarted broker serves them instead of running the chunk again)."""
+
+    def metas(self) -> Iterable[ChunkMeta]:
+        """The header of every stored chunk (ready, leased or dead)."""
+        return self._meta.values()
+
+    def has_ready(self) -> bool:
+        return bool(self._ready)
+
     def is_leased(self, chunk_id: int) -> bool:
         return chunk_id in self._leased
 
@@ -285,8 +306,14 @@ class Storage(ABC):
         """A value kept with the queue: the stored one, else ``default`` (stored if not None)."""
         return default
 
-    def flush_marks(self) -> None:
-        """Write bookkeeping that may lag (lease marks); the broker calls it after every round."""
+    def commit(self, *, force: bool = False) -> None:
+        """Write the bookkeeping that may lag (acknowledgements, lease and dead-letter marks).
+
+        The broker calls it after every round. New chunks never wait for it: :meth:`put_many`
+        returns only once they are stored. A backend may hold these writes back a little to
+        write them together (``force`` writes them now); losing them in a crash only re-runs
+        acknowledged work (at least once), it never loses a chunk.
+        """
 
     def close(self) -> None:
         if not self._closed:
@@ -297,6 +324,10 @@ class Storage(ABC):
     @abstractmethod
     def _scan(self) -> Iterable[tuple[int, ChunkMeta, str | None]]:
         """Every stored chunk in FIFO order, with its dead-letter reason or ``None``."""
+
+    def _scan_results(self) -> Iterable[tuple[int, tuple[bytes, object]]]:
+        """Results kept by :meth:`keep_results` before the queue was last closed."""
+        return ()
 
     @abstractmethod
     def _write(self, records: list[tuple[int, ChunkMeta, object]], dead: dict[int, str] | None = None) -> None:

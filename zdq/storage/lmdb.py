@@ -7,12 +7,18 @@ Layout (named sub-databases, big-endian 8-byte keys so a cursor walks in FIFO or
     heads   id -> ChunkMeta (owner, seq, n_tasks)
     leased  id -> b""          marks only, rewritten freely: recovery makes every chunk ready
     dead    id -> reason (utf-8)
+    results id -> consumer id (16 bytes) + results: a done chunk whose driver had not taken them
 
-Durability: :meth:`LMDBStorage._write` commits every chunk of a broker round in one transaction and,
-with ``sync=True``, flushes it to disk before returning, so the broker confirms only what is on disk.
-Other writes (lease marks, acknowledgements) are committed without an explicit flush: a process
-that dies loses nothing committed (the data is in the OS page cache), and an OS crash can at worst
-undo them, which re-runs a task (at least once) but never loses one. Freed pages are reused, so
+Durability: the environment runs with LMDB's own crash-safe flags (``sync`` and ``metasync``:
+every commit flushes its data pages, then its meta page, to disk), so an operating-system crash or
+a power loss leaves it consistent and keeps every committed transaction.
+:meth:`LMDBStorage._write` commits every chunk of a broker round in one transaction before it
+returns, so the broker confirms only what is on disk. The other writes (acknowledgements, lease and
+dead-letter marks) are held back and written together: with the next chunks, or by
+:meth:`LMDBStorage.commit` once the oldest has waited ``_PENDING_DELAY``. Losing them in a crash
+only re-runs acknowledged work (at least once); it never loses a chunk. With ``sync=False`` LMDB
+does not flush at all: a killed process loses nothing (the data is in the OS page cache), but an
+OS crash may lose recent chunks or leave the environment corrupt. Freed pages are reused, so
 draining a queue does not grow its file.
 
 A queue directory is owned by one broker at a time through an exclusive ``flock`` on
@@ -27,6 +33,7 @@ import logging
 import os
 import shutil
 import struct
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,9 +48,13 @@ logger = logging.getLogger(__name__)
 
 FORMAT = b"zdq-queue-1"
 _KEY = struct.Struct(">Q")
-_DBS = (b"meta", b"chunks", b"heads", b"leased", b"dead")
+_DBS = (b"meta", b"chunks", b"heads", b"leased", b"dead", b"results")
 _LOCK = "zdq.lock"
 _MAX_GROWTH = 64 << 30
+#: Bookkeeping writes (acknowledgements, marks) wait at most this long, or until this many are
+#: pending, to be written in one synced transaction: a flush costs the same for one or a thousand.
+_PENDING_DELAY = 0.05
+_PENDING_MAX = 4096
 
 
 def _key(chunk_id: int) -> bytes:
@@ -94,7 +105,10 @@ class LMDBStorage(Storage):
         self._env: lmdb.Environment | None = None
         self._dbs: dict[bytes, Any] = {}
         self._lock_fd: int | None = None
-        self._marks: dict[int, bool] = {}  # lease marks to write at the next flush_marks()
+        self._marks: dict[int, bool] = {}  # lease marks to write at the next commit
+        # Bookkeeping held back for the next transaction: (op, chunk id, reason or kept results).
+        self._pending: list[tuple[str, int, Any]] = []
+        self._pending_since = 0.0
 
     # -- opening --------------------------------------------------------------------------------
     def open(self) -> None:
@@ -108,8 +122,8 @@ class LMDBStorage(Storage):
                 max_dbs=len(_DBS),
                 subdir=True,
                 create=not existed,
-                sync=False,  # flushed explicitly after group commits (see module docstring)
-                metasync=False,
+                sync=self._sync,  # crash-safe commits (see the module docstring)
+                metasync=self._sync,
                 readahead=False,
                 lock=True,
             )
@@ -120,7 +134,6 @@ class LMDBStorage(Storage):
                 if not existed:
                     txn.put(b"format", FORMAT, db=self._dbs[b"meta"])
                 txn.drop(self._dbs[b"leased"], delete=False)  # a new owner: every lease is void
-            self._env.sync(True)
         except lmdb.Error as e:
             self._release()
             raise StorageCorrupt(f"{self.path} cannot be opened as a zdq queue: {e}") from e
@@ -182,14 +195,16 @@ class LMDBStorage(Storage):
         for _ in range(32):
             try:
                 with self._env.begin(write=True) as txn:
+                    # The bookkeeping held back rides along: one flush for all of it.
+                    self._apply_pending(txn)
                     for chunk_id, meta, payload in records:
                         key = _key(chunk_id)
                         txn.put(key, getattr(payload, "buffer", payload), db=chunks, append=True)  # type: ignore[arg-type]
                         txn.put(key, meta.pack(), db=heads, append=True)
                         if dead and chunk_id in dead:
                             txn.put(key, dead[chunk_id].encode()[:65536], db=dead_db)
-                if self._sync:
-                    self._env.sync(True)
+                self._pending.clear()
+                self._pending_since = 0.0
                 return
             except lmdb.MapFullError:
                 self._grow()
@@ -242,53 +257,82 @@ class LMDBStorage(Storage):
             if value is None and default is not None:
                 txn.put(name, default, db=meta)
                 value = default
-        if default is not None:
-            self._env.sync(True)
         return value
 
-    def flush_marks(self) -> None:
-        if not self._marks or self._env is None:
+    # -- bookkeeping, held back and written together ---------------------------------------------
+    def _hold(self, op: str, chunk_id: int, reason: Any = "") -> None:
+        if not self._pending_since:
+            self._pending_since = time.monotonic()
+        self._pending.append((op, chunk_id, reason))
+
+    def _apply_pending(self, txn: lmdb.Transaction) -> None:
+        dbs = self._dbs
+        leased = dbs[b"leased"]
+        for op, chunk_id, reason in self._pending:
+            key = _key(chunk_id)
+            if op == "delete":
+                for name in (b"chunks", b"heads", b"leased", b"dead", b"results"):
+                    txn.delete(key, db=dbs[name])
+            elif op == "results":
+                txn.put(key, reason, db=dbs[b"results"])
+            elif op == "dead":
+                txn.put(key, reason.encode()[:65536], db=dbs[b"dead"])
+                txn.delete(key, db=leased)
+            elif op == "undead":
+                txn.delete(key, db=dbs[b"dead"])
+        for chunk_id, on in self._marks.items():
+            if on and chunk_id in self._leased:
+                txn.put(_key(chunk_id), b"", db=leased)
+            else:
+                txn.delete(_key(chunk_id), db=leased)
+        self._marks.clear()
+
+    def commit(self, *, force: bool = False) -> None:
+        if self._env is None or not (self._pending or self._marks):
             return
-        marks, self._marks = self._marks, {}
-        leased = self._dbs[b"leased"]
+        now = time.monotonic()
+        if not self._pending_since:
+            self._pending_since = now
+        if not force and len(self._pending) + len(self._marks) < _PENDING_MAX and now - self._pending_since < _PENDING_DELAY:
+            return
         try:
             with self._env.begin(write=True) as txn:
-                for chunk_id, on in marks.items():
-                    if on and chunk_id in self._leased:
-                        txn.put(_key(chunk_id), b"", db=leased)
-                    else:
-                        txn.delete(_key(chunk_id), db=leased)
-        except lmdb.Error as e:  # marks are informational: never fail the queue for them
-            logger.warning("queue %s: lease marks not written: %s", self.path, e)
+                self._apply_pending(txn)
+        except lmdb.Error as e:  # kept for the next try; nothing is lost but time
+            logger.warning("queue %s: acknowledgements not written yet: %s", self.path, e)
+            return
+        self._pending.clear()
+        self._pending_since = 0.0
+
+    def keep_results(self, chunk_id: int, consumer: bytes, results: object) -> None:
+        data = getattr(results, "bytes", results)
+        if isinstance(data, (bytes, memoryview)):
+            self._hold("results", chunk_id, consumer[:16].ljust(16, b"\0") + bytes(data))
+
+    def _scan_results(self) -> Iterable[tuple[int, tuple[bytes, object]]]:
+        assert self._env is not None
+        with self._env.begin() as txn:
+            return [
+                (_KEY.unpack(k)[0], (bytes(v[:16]), bytes(v[16:])))
+                for k, v in txn.cursor(db=self._dbs[b"results"])
+            ]
 
     def _delete(self, chunk_ids: list[int]) -> None:
-        assert self._env is not None
-        try:
-            with self._env.begin(write=True) as txn:
-                for chunk_id in chunk_ids:
-                    key = _key(chunk_id)
-                    for name in (b"chunks", b"heads", b"leased", b"dead"):
-                        txn.delete(key, db=self._dbs[name])
-                    self._marks.pop(chunk_id, None)
-        except lmdb.Error as e:
-            raise StorageError(f"queue {self.path}: acknowledgement not written: {e}") from e
+        for chunk_id in chunk_ids:
+            self._marks.pop(chunk_id, None)
+            self._hold("delete", chunk_id)
 
     def _mark_dead(self, chunk_id: int, reason: str) -> None:
-        assert self._env is not None
-        with self._env.begin(write=True) as txn:
-            txn.put(_key(chunk_id), reason.encode()[:65536], db=self._dbs[b"dead"])
-            txn.delete(_key(chunk_id), db=self._dbs[b"leased"])
         self._marks.pop(chunk_id, None)
+        self._hold("dead", chunk_id, reason)
 
     def _unmark_dead(self, chunk_ids: list[int]) -> None:
-        assert self._env is not None
-        with self._env.begin(write=True) as txn:
-            for chunk_id in chunk_ids:
-                txn.delete(_key(chunk_id), db=self._dbs[b"dead"])
+        for chunk_id in chunk_ids:
+            self._hold("undead", chunk_id)
 
     def _close(self) -> None:
         if self._env is not None:
-            self.flush_marks()
+            self.commit(force=True)
             self._env.sync(True)
         self._release()
 
@@ -303,7 +347,7 @@ def inspect_queue(path: str) -> dict[str, int | str]:
         raise StorageCorrupt(f"{path} cannot be read: {e}") from e
     try:
         try:
-            dbs = {name: env.open_db(name, create=False) for name in _DBS}
+            dbs = {name: env.open_db(name, create=False) for name in _DBS if name != b"results"}
         except lmdb.Error as e:
             raise StorageCorrupt(f"{path} is not a zdq queue: {e}") from e
         with env.begin() as txn:

@@ -15,8 +15,7 @@ class MemoryStorage(Storage):
     >>> from zdq.storage import MemoryStorage, ChunkMeta
     >>> s = MemoryStorage()
     >>> s.open()
-    >>> s.put_many([(ChunkMeta(b"d" * 16, 1, 10), b"payload")])
-    [1]
+    >>> [chunk_id] = s.put_many([(ChunkMeta(b"d" * 16, 1, 10), b"payload")])
     >>> s.lease().payload
     b'payload'
     """

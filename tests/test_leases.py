@@ -1,0 +1,129 @@
+"""The lease table on its own (no sockets, no cluster): every chunk has one state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zdq.broker.leases import LeaseTable
+from zdq.storage import ChunkMeta, LMDBStorage, MemoryStorage, Storage
+
+OWNER = b"d" * 16
+A, B = b"a" * 16, b"b" * 16
+
+
+@pytest.fixture(params=["memory", "lmdb"])
+def table(request: pytest.FixtureRequest, tmp_path: Path) -> LeaseTable:
+    storage: Storage = MemoryStorage() if request.param == "memory" else LMDBStorage(str(tmp_path / "q"))
+    storage.open()
+    request.addfinalizer(storage.close)
+    return LeaseTable(storage)
+
+
+def _put(table: LeaseTable, n: int) -> list[int]:
+    return table.put([(ChunkMeta(OWNER, seq, 10), f"chunk-{seq}".encode()) for seq in range(1, n + 1)])
+
+
+def test_a_chunk_goes_ready_leased_done_and_is_gone_only_after_its_drivers_receipt(table: LeaseTable) -> None:
+    (chunk_id,) = _put(table, 1)
+    leased = table.lease(A)
+    assert leased is not None and leased.chunk_id == chunk_id
+    assert table.counts().leased_tasks == 10
+    held = table.finish(chunk_id, A, b"results")
+    assert held is not None and held.done
+    counts = table.counts()
+    assert (counts.ready_tasks, counts.leased_tasks, counts.done_tasks) == (0, 0, 10)
+    table.sent(held, OWNER)
+    assert table.forget([chunk_id], B) == 0  # only the driver it was sent to may acknowledge it
+    assert table.storage.meta(chunk_id) is not None  # still stored: a broker restart re-runs it
+    assert table.forget([chunk_id], OWNER) == 1
+    assert table.storage.meta(chunk_id) is None
+    assert table.counts().done_tasks == 0
+
+
+def test_a_second_done_of_the_same_chunk_is_a_duplicate(table: LeaseTable) -> None:
+    (chunk_id,) = _put(table, 1)
+    table.lease(A)
+    assert table.finish(chunk_id, A, b"first") is not None
+    assert table.finish(chunk_id, A, b"second") is None
+
+
+def test_an_expired_lease_returns_the_chunk_first_and_a_late_done_of_its_holder_still_counts(
+    table: LeaseTable,
+) -> None:
+    first, second = _put(table, 2)
+    table.lease(A)
+    returned, lost = table.expire(A)
+    assert returned == [first] and lost == []
+    assert table.counts().ready_tasks == 20
+    assert table.held_by(A, first) is not None  # the previous holder may still report it
+    held = table.finish(first, A, b"late results")
+    assert held is not None and held.done
+    # It was taken back from the queue: the next lease is the other chunk, not a second run.
+    again = table.lease(B)
+    assert again is not None and again.chunk_id == second
+
+
+def test_a_chunk_acknowledged_early_is_lost_with_its_consumer_and_never_runs_again(table: LeaseTable) -> None:
+    (chunk_id,) = _put(table, 1)
+    table.lease(A)
+    assert table.ack_early(chunk_id)
+    assert table.storage.meta(chunk_id) is None  # at most once: it left storage on receipt
+    assert table.counts().leased_tasks == 10  # still running, and counted so
+    returned, lost = table.expire(A)
+    assert returned == [] and [i for i, _ in lost] == [chunk_id]
+    assert table.lease(B) is None
+
+
+def test_the_seqs_of_a_drivers_chunks_are_known_in_every_state(table: LeaseTable) -> None:
+    ids = _put(table, 3)
+    table.lease(A)
+    table.finish(ids[0], A, b"results")
+    assert table.seqs_of(OWNER) == {1, 2, 3}
+    assert table.seqs_of(B) == set()
+
+
+def test_a_split_replaces_a_leased_chunk_by_parts_first_in_line(table: LeaseTable) -> None:
+    first, _ = _put(table, 2)
+    table.lease(A)
+    parts = table.split(first, [(ChunkMeta(OWNER, 1, 1), b"p1"), (ChunkMeta(OWNER, 1, 1), b"p2")])
+    assert len(parts) == 2
+    nxt = table.lease(B)
+    assert nxt is not None and nxt.chunk_id == parts[0] and bytes(nxt.payload) == b"p1"  # type: ignore[arg-type]
+    assert table.get(first) is None
+
+
+def test_results_no_driver_took_survive_a_restart_of_a_durable_queue_and_the_chunk_does_not_run_again(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "q")
+    storage = LMDBStorage(path)
+    storage.open()
+    table = LeaseTable(storage)
+    first, second = _put(table, 2)
+    table.lease(A)
+    held = table.finish(first, A, b"results of the first")
+    assert held is not None
+    table.keep(first, held)  # no driver to take them
+    storage.close()
+
+    storage = LMDBStorage(path)
+    storage.open()
+    try:
+        table = LeaseTable(storage)
+        (done,) = list(table.done_entries())
+        assert done[0] == first and done[1].results == b"results of the first" and done[1].consumer == A
+        nxt = table.lease(B)  # the kept chunk is not ready: only the other one runs
+        assert nxt is not None and nxt.chunk_id == second and table.lease(B) is None
+        table.sent(done[1], OWNER)
+        assert table.forget([first], OWNER) == 1
+        storage.commit(force=True)
+    finally:
+        storage.close()
+    storage = LMDBStorage(path)
+    storage.open()
+    try:
+        assert storage.recovered_results == {} and storage.meta(first) is None
+    finally:
+        storage.close()

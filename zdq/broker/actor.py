@@ -1,0 +1,159 @@
+"""The Broker actor: places a :class:`~zdq.broker.core.BrokerCore` on a Dask worker.
+
+Actor methods are control plane only: start, stop, statistics, dead letters, where the queue lives.
+Tasks never pass through them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+from zdq._actor import liveness_probe, worker_address
+from zdq.broker.core import BrokerCore
+from zdq.config import PoolSettings
+from zdq.errors import ClosedError, QueueMissing, ZdqError
+from zdq.stats import BrokerStats
+from zdq.storage.base import DeadLetter, Storage
+from zdq.storage.memory import MemoryStorage
+from zdq.transport.security import Admission, ServerKeys
+from zdq.transport.sockets import (
+    bind_router,
+    close_socket,
+    process_context,
+    serve_locally,
+    stop_serving_locally,
+    worker_host,
+)
+
+__all__ = ["Broker"]
+
+logger = logging.getLogger(__name__)
+
+
+class Broker:
+    """Dask actor that runs one queue on the worker it is placed on.
+
+    Parameters
+    ----------
+    name : str
+        Queue name, shown in reprs and statistics.
+    settings : PoolSettings
+        The pool's resolved settings.
+    dirpath : str, optional
+        Queue directory of a durable queue; ``None`` for a transient (in-memory) queue.
+    keys : ServerKeys, optional
+        The pool's CURVE server keys; ``None`` runs the socket unauthenticated.
+    must_exist : bool
+        Recovery of a durable queue: open the directory only if it already holds this queue;
+        never create a new, empty one (it would not hold the chunks that were confirmed).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        settings: PoolSettings,
+        dirpath: str | None = None,
+        keys: ServerKeys | None = None,
+        must_exist: bool = False,
+    ) -> None:
+        self.name = name
+        self._settings = settings
+        self._dirpath = dirpath
+        self._keys = keys
+        self._must_exist = must_exist
+        self._auth: Admission | None = None
+        self._core: BrokerCore | None = None
+        self.endpoint = ""
+        self.host = ""
+
+    def start(self, creator: bytes = b"") -> str:
+        """Open storage, bind on this worker's host and start the loop; return the endpoint.
+
+        ``creator`` is the identity of the driver of the pool that placed this broker.
+        """
+        if self._core is not None:
+            return self.endpoint
+        address = worker_address()
+        self.host = worker_host(address, self._settings.default_host)
+        storage = self._open_storage(address)
+        ctx = process_context()
+        try:
+            sock, self.endpoint, self._auth = bind_router(
+                ctx, self.host, max_message_size=self._settings.max_message_size, keys=self._keys
+            )
+        except Exception:
+            storage.close()
+            raise
+        try:
+            serve_locally(sock, self.endpoint)
+        except Exception:
+            close_socket(sock)
+            if self._auth is not None:
+                self._auth.stop()
+            storage.close()
+            raise
+        self._core = BrokerCore(self.name, sock, storage, self._settings, liveness_probe(self), creator=creator)
+        self._core.start()
+        logger.info("broker %s serving on %s (pid %d)", self.name, self.endpoint, os.getpid())
+        return self.endpoint
+
+    def _open_storage(self, address: str | None) -> Storage:
+        if self._dirpath is None:
+            storage: Storage = MemoryStorage()
+        else:
+            from zdq.storage.lmdb import LMDBStorage, is_queue_dir
+
+            if self._must_exist and not is_queue_dir(self._dirpath):
+                raise QueueMissing(
+                    f"durable queue {self.name}: its directory {self._dirpath} does not hold the queue on host "
+                    f"{self.host} (worker {address}); it was not created anew, since an empty queue would not "
+                    "hold the tasks that were confirmed. Bring back a worker on the host that has the directory."
+                )
+            storage = LMDBStorage(self._dirpath, map_size=self._settings.map_size, sync=self._settings.durable_sync)
+        storage.open()
+        return storage
+
+    def stop(self) -> None:
+        """Stop serving and release the socket and the storage. Idempotent."""
+        if self.endpoint:
+            stop_serving_locally(self.endpoint)
+        if self._core is not None:
+            self._core.stop()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def where(self) -> tuple[str, str]:
+        """``(host, queue id)``: where the queue lives, and the id stored with a durable queue (a
+        queue placed again must find the same id, or it is not the same queue)."""
+        core = self._running_core()
+        queue_id = core.setting(b"queue-id", uuid.uuid4().hex.encode()) or b""
+        return self.host, queue_id.decode()
+
+    def payload_key(self, proposed: bytes | None) -> bytes | None:
+        """The queue's payload key: the one it stored (durable), else ``proposed`` (kept if durable)."""
+        return self._running_core().setting(b"payload-key", proposed)
+
+    def _running_core(self) -> BrokerCore:
+        if self._core is None:
+            raise ClosedError(f"broker {self.name} is not started")
+        if self._core._error is not None:
+            raise ZdqError(f"broker {self.name} loop failed: {self._core._error!r}") from self._core._error
+        return self._core
+
+    def statistics(self) -> BrokerStats:
+        return self._running_core().statistics(self.endpoint)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return self._running_core().dead_letters()
+
+    def requeue_dead(self, chunk_ids: list[int] | None = None) -> int:
+        return self._running_core().requeue_dead(chunk_ids)
+
+    def purge_dead(self, chunk_ids: list[int] | None = None) -> int:
+        return self._running_core().purge_dead(chunk_ids)

@@ -1,0 +1,230 @@
+"""The lease table: the one place that knows where each chunk of a queue stands.
+
+::
+
+    PUT ──> ready ──lease──> leased ──DONE──> done ──RACK──> gone
+              ^                │  │              (results kept until a driver of the pool
+              └──expired/RETURN┘  └─ACK (early)─> leased, not stored    says it holds them)
+
+A chunk is *ready* (in the storage's FIFO), *leased* to one consumer, *done* (its results are held
+here until a driver acknowledges them with RACK), or *dead* (dead-lettered, in storage). The
+storage backend keeps what must survive the broker (every chunk not yet acknowledged, dead letters);
+this table adds what lives only as long as the broker: who holds a lease, which chunks were
+acknowledged early, whose lease expired (a late DONE from that consumer still counts), and the
+results waiting for a driver's receipt. Nothing is deleted from storage before that receipt.
+
+Owned by the broker's loop thread; control-plane readers take the broker's lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from zdq.storage.base import ChunkMeta, Leased, Storage
+
+__all__ = ["Held", "LeaseTable", "QueueCounts"]
+
+
+@dataclass(slots=True)
+class Held:
+    """A chunk out of the ready queue: leased to a consumer, or done and awaiting a receipt."""
+
+    meta: ChunkMeta
+    holder: bytes | None  # the consumer holding the lease; None once done
+    early: bool = False  # acknowledged on receipt (at most once): no longer in storage
+    results: object | None = None  # once done: the results, until a driver acknowledges them
+    consumer: bytes = b""  # who produced the results
+    driver: bytes | None = None  # the driver the results were last sent to (None: not sent)
+    sent_at: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.results is not None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    """Tasks in each state (the STATUS a driver asks for, and the broker's statistics)."""
+
+    ready_chunks: int
+    ready_tasks: int
+    leased_chunks: int
+    leased_tasks: int
+    done_chunks: int
+    done_tasks: int
+    dead_chunks: int
+    dead_tasks: int
+
+
+class LeaseTable:
+    """Every chunk's state over ``storage`` (which the table owns from now on)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self._held: dict[int, Held] = {}
+        # Consumers whose lease on a chunk expired (the chunk went back to the queue): a DONE from
+        # them still counts, so work that finished late is not thrown away.
+        self._previous: dict[int, bytes] = {}
+        for chunk_id, (consumer, results) in storage.recovered_results.items():
+            meta = storage.meta(chunk_id)
+            if meta is not None:  # done before the last stop; no driver had taken the results
+                self._held[chunk_id] = Held(meta, None, results=results, consumer=consumer)
+
+    # -- reading --------------------------------------------------------------------------------
+    def get(self, chunk_id: int) -> Held | None:
+        return self._held.get(chunk_id)
+
+    def meta(self, chunk_id: int) -> ChunkMeta | None:
+        held = self._held.get(chunk_id)
+        return held.meta if held is not None else self.storage.meta(chunk_id)
+
+    def held_by(self, consumer: bytes, chunk_id: int) -> Held | None:
+        """The chunk if ``consumer`` holds its lease (or held it before it expired)."""
+        held = self._held.get(chunk_id)
+        if held is not None and held.holder == consumer:
+            return held
+        if self._previous.get(chunk_id) == consumer:
+            return held or _RETURNED
+        return None
+
+    def leases_of(self, consumer: bytes) -> list[int]:
+        return [chunk_id for chunk_id, held in self._held.items() if held.holder == consumer]
+
+    def done_entries(self) -> Iterator[tuple[int, Held]]:
+        return ((i, h) for i, h in self._held.items() if h.results is not None)
+
+    def counts(self) -> QueueCounts:
+        c = self.storage.counts()
+        done = [h for h in self._held.values() if h.results is not None]
+        done_tasks = sum(h.meta.n_tasks for h in done)
+        early = [h for h in self._held.values() if h.early and h.results is None]
+        early_tasks = sum(h.meta.n_tasks for h in early)
+        stored_done = [h for h in done if not h.early]
+        return QueueCounts(
+            ready_chunks=c.ready_chunks,
+            ready_tasks=c.ready_tasks,
+            # Stored chunks that are done are leased to the storage (kept until the receipt);
+            # early-acknowledged ones still running are not stored but are leased all the same.
+            leased_chunks=c.leased_chunks - len(stored_done) + len(early),
+            leased_tasks=c.leased_tasks - sum(h.meta.n_tasks for h in stored_done) + early_tasks,
+            done_chunks=len(done),
+            done_tasks=done_tasks,
+            dead_chunks=c.dead_chunks,
+            dead_tasks=c.dead_tasks,
+        )
+
+    def seqs_of(self, owner: bytes) -> set[int]:
+        """The driver seqs of every chunk this queue holds for ``owner``, in any state."""
+        seqs = {h.meta.seq for h in self._held.values() if h.meta.owner == owner}
+        seqs.update(m.seq for m in self.storage.metas() if m.owner == owner)
+        return seqs
+
+    # -- transitions ----------------------------------------------------------------------------
+    def put(self, entries: Sequence[tuple[ChunkMeta, object]]) -> list[int]:
+        """Store new chunks at the tail (raises StorageFull/StorageError: nothing stored)."""
+        return self.storage.put_many(entries)
+
+    def lease(self, consumer: bytes) -> Leased | None:
+        leased = self.storage.lease()
+        if leased is not None:
+            self._held[leased.chunk_id] = Held(leased.meta, consumer)
+            self._previous.pop(leased.chunk_id, None)
+        return leased
+
+    def give_back(self, chunk_id: int, *, count_attempt: bool) -> None:
+        """A leased chunk goes back to the head of the queue (unstarted, or its delivery failed)."""
+        held = self._held.get(chunk_id)
+        if held is not None and held.results is None and not held.early:
+            del self._held[chunk_id]
+            self.storage.release(chunk_id, count_attempt=count_attempt)
+
+    def ack_early(self, chunk_id: int) -> bool:
+        """Acknowledge a leased chunk on receipt: it leaves storage now (at most once)."""
+        held = self._held.get(chunk_id)
+        if held is None or held.early or held.results is not None:
+            return False
+        self.storage.ack_many([chunk_id])
+        held.early = True
+        return True
+
+    def expire(self, consumer: bytes) -> tuple[list[int], list[tuple[int, Held]]]:
+        """``consumer`` is gone: its leased chunks go back to the head of the queue (remembering
+        who held them). Return the ids returned and the early-acknowledged chunks that are lost."""
+        returned: list[int] = []
+        lost: list[tuple[int, Held]] = []
+        for chunk_id in sorted(self.leases_of(consumer), reverse=True):
+            held = self._held[chunk_id]
+            if held.results is not None:
+                continue
+            del self._held[chunk_id]
+            if held.early:
+                lost.append((chunk_id, held))
+            else:
+                self.storage.release(chunk_id)
+                self._previous[chunk_id] = consumer
+                returned.append(chunk_id)
+        return returned, lost
+
+    def finish(self, chunk_id: int, consumer: bytes, results: object) -> Held | None:
+        """A DONE from the chunk's holder (or its holder before its lease expired): the chunk is
+        done, its results held until a receipt. ``None`` if it was done already (a duplicate)."""
+        self._previous.pop(chunk_id, None)
+        held = self._held.get(chunk_id)
+        if held is None:
+            # A late DONE of a chunk whose lease expired: it went back to the queue (or was
+            # leased again); take it back so that it does not run once more.
+            meta = self.storage.meta(chunk_id)
+            if meta is None or self.storage.is_dead(chunk_id):
+                return None
+            if not self.storage.is_leased(chunk_id):
+                self.storage.take_back(chunk_id)
+            held = self._held[chunk_id] = Held(meta, None)
+        elif held.results is not None:
+            return None
+        held.holder = None
+        held.results = results
+        held.consumer = consumer
+        return held
+
+    def keep(self, chunk_id: int, held: Held) -> None:
+        """No driver takes these results now: a durable queue writes them down, so that a broker
+        started again serves them instead of running the chunk once more."""
+        if not held.early and held.results is not None:
+            self.storage.keep_results(chunk_id, held.consumer, held.results)
+
+    def sent(self, held: Held, driver: bytes | None) -> None:
+        held.driver = driver
+        held.sent_at = time.monotonic()
+
+    def forget(self, chunk_ids: Iterable[int], driver: bytes) -> int:
+        """``driver`` holds the results of these chunks: remove them for good. Return how many."""
+        gone = []
+        for chunk_id in chunk_ids:
+            held = self._held.get(chunk_id)
+            if held is not None and held.results is not None and held.driver == driver:
+                del self._held[chunk_id]
+                if not held.early:
+                    gone.append(chunk_id)
+        if gone:
+            self.storage.ack_many(gone)
+        return len(gone)
+
+    def forget_now(self, chunk_id: int) -> None:
+        """Remove a done chunk whose results nobody can take (they were dropped, and counted)."""
+        held = self._held.pop(chunk_id, None)
+        if held is not None and not held.early:
+            self.storage.ack_many([chunk_id])
+
+    def split(self, chunk_id: int, parts: Sequence[tuple[ChunkMeta, object]]) -> list[int]:
+        """Replace a leased chunk by one-task parts at the head of the queue."""
+        ids = self.storage.split(chunk_id, parts)
+        if ids:
+            self._held.pop(chunk_id, None)
+            self._previous.pop(chunk_id, None)
+        return ids
+
+
+# A chunk whose previous holder reports it after its lease expired and before anyone leased it again.
+_RETURNED = Held(ChunkMeta(b"\0" * 16, 0, 1), None)
