@@ -15,11 +15,29 @@ import dask.config
 import yaml
 from dask.utils import parse_bytes, parse_timedelta
 
-__all__ = ["PoolSettings", "settings"]
+__all__ = ["PoolSettings", "settings", "get"]
 
 _defaults_path = os.path.join(os.path.dirname(__file__), "zdq.yaml")
 with open(_defaults_path, encoding="utf-8") as _f:
-    dask.config.update_defaults(yaml.safe_load(_f))
+    _DEFAULTS: dict[str, Any] = yaml.safe_load(_f)
+dask.config.update_defaults(_DEFAULTS)
+
+
+def _shipped(key: str) -> Any:
+    """The default zdq ships for ``zdq.<key>`` (``durable.sync`` style keys for nested ones)."""
+    value: Any = _DEFAULTS["zdq"]
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def get(key: str) -> Any:
+    """``dask.config.get("zdq." + key)``, falling back to zdq's shipped default.
+
+    Test harnesses (``distributed.utils_test``, for one) snapshot ``dask.config`` before zdq is
+    imported and restore that snapshot later, which drops the defaults zdq registered at import.
+    """
+    return dask.config.get(f"zdq.{key}", default=_shipped(key))
 
 
 def _seconds(value: Any) -> float:
@@ -40,6 +58,7 @@ class PoolSettings:
     chunk_size: int
     chunk_bytes: int
     window: int
+    buffer_bytes: int
     prefetch: int
     heartbeat_interval: float
     heartbeat_timeout: float
@@ -50,7 +69,10 @@ class PoolSettings:
     map_size: int
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "chunk_bytes", "window", "prefetch", "max_message_size", "map_size", "crash_attempts"):
+        for name in (
+            "chunk_size", "chunk_bytes", "window", "buffer_bytes", "prefetch", "max_message_size", "map_size",
+            "crash_attempts",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"zdq setting {name} must be at least 1, got {getattr(self, name)!r}")
         if self.chunk_size > 100_000:
@@ -68,7 +90,7 @@ class PoolSettings:
             given["heartbeat_interval"] = _seconds(given["heartbeat_interval"])
         if "heartbeat_timeout" in given:
             given["heartbeat_timeout"] = _seconds(given["heartbeat_timeout"])
-        for key in ("chunk_bytes", "max_message_size", "map_size"):
+        for key in ("chunk_bytes", "buffer_bytes", "max_message_size", "map_size"):
             if key in given:
                 given[key] = _bytes(given[key])
         return replace(self, **given)
@@ -76,18 +98,18 @@ class PoolSettings:
 
 def settings(**overrides: Any) -> PoolSettings:
     """Read the current ``zdq.*`` settings from ``dask.config`` and apply ``overrides``."""
-    get = dask.config.get
     base = PoolSettings(
-        chunk_size=int(get("zdq.chunk-size")),
-        chunk_bytes=_bytes(get("zdq.chunk-bytes")),
-        window=int(get("zdq.window")),
-        prefetch=int(get("zdq.prefetch")),
-        heartbeat_interval=_seconds(get("zdq.heartbeat-interval")),
-        heartbeat_timeout=_seconds(get("zdq.heartbeat-timeout")),
-        max_message_size=_bytes(get("zdq.max-message-size")),
-        crash_attempts=int(get("zdq.crash-attempts")),
-        default_host=str(get("zdq.default-host")),
-        durable_sync=bool(get("zdq.durable.sync")),
-        map_size=_bytes(get("zdq.durable.map-size")),
+        chunk_size=int(get("chunk-size")),
+        chunk_bytes=_bytes(get("chunk-bytes")),
+        window=int(get("window")),
+        buffer_bytes=_bytes(get("buffer-bytes")),
+        prefetch=int(get("prefetch")),
+        heartbeat_interval=_seconds(get("heartbeat-interval")),
+        heartbeat_timeout=_seconds(get("heartbeat-timeout")),
+        max_message_size=_bytes(get("max-message-size")),
+        crash_attempts=int(get("crash-attempts")),
+        default_host=str(get("default-host")),
+        durable_sync=bool(get("durable.sync")),
+        map_size=_bytes(get("durable.map-size")),
     )
     return base.with_overrides(**overrides)

@@ -2,19 +2,41 @@
 
 One I/O thread owns a DEALER per broker. Callers hand it work in two shapes: single tasks
 (``submit``), which it coalesces into chunks on the fly, and prepared chunks (``batch_submit``),
-pickled by the caller. Every chunk is kept until its broker confirms it; at most ``window``
-unconfirmed chunks per broker are in flight, and callers block when that is full, so submitting
-from a generator runs in flat memory. Results stream back as RESULTS messages and resolve futures
-as they arrive.
+pickled by the caller. Every chunk is kept until its broker confirms it, and its tasks until their
+results arrive. Results stream back as RESULTS messages and resolve futures as they arrive.
+
+Who owns what
+-------------
+=======================================  ==================================================
+state                                    owner
+=======================================  ==================================================
+sockets, links (up / down, endpoint,     the I/O thread, alone. Other threads (the pool's
+per-broker window, receipts owed,        supervisor) post commands (:meth:`broker_lost`,
+syncs in flight)                         :meth:`reconnect`, :meth:`fail_all`), which the I/O
+                                         thread carries out in its next round
+buffers (loose tasks, queued chunks),    shared under ``_cond``: callers add, the I/O thread
+records, counters, ``results``           takes; callers block on ``_cond`` when a bound is hit
+futures                                  settled by the I/O thread; their done-callbacks run on
+                                         the driver's callback thread, never on the I/O thread
+=======================================  ==================================================
+
+Bounds: at most ``window`` unconfirmed chunks per broker; at most ``window`` × brokers chunks
+waiting or unconfirmed in all, ``chunk-size`` × brokers loose tasks, and ``buffer-bytes`` of
+pickled work held by the driver. A caller that would pass one blocks (``timeout=`` turns the wait
+into :class:`~zdq.errors.SubmitTimeout`), so submitting from a generator runs in flat memory and a
+stalled broker makes submitters wait instead of filling memory.
 """
 
 from __future__ import annotations
 
+import enum
+import itertools
 import logging
 import math
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import InvalidStateError
 from typing import Any
 
@@ -25,20 +47,21 @@ from zdq.errors import (
     BrokerLost,
     ClosedError,
     ProtocolError,
+    SerializationError,
     StorageFull,
     SubmitTimeout,
     TaskLost,
     ZdqError,
     ZdqTimeoutError,
 )
-from zdq.futures import BatchFuture, TaskFuture
+from zdq.futures import BatchFuture, CallbackRunner, TaskFuture
 from zdq.serialization import PICKLED, error_to_exception, loads_results, pack_chunks
 from zdq.stats import DriverStats
 from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import BrokerLinks, Waker, new_identity, process_context, recv_ready, try_send
 
-__all__ = ["Driver"]
+__all__ = ["Driver", "LinkState", "first_task_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,30 +72,80 @@ logger = logging.getLogger(__name__)
 _RACK_BATCH = 256
 _RACK_DELAY = 0.02
 
+_first_ids_lock = threading.Lock()
+_last_first_id = 0
+
+
+def first_task_id() -> int:
+    """The first task id of a new driver: ids never repeat across pools, so results of an earlier
+    pool (served by a durable queue after a restart) never overwrite a new pool's in ``results()``.
+
+    Milliseconds since the epoch, shifted left by 20 bits: a pool may submit a million tasks per
+    millisecond of its age before it reaches the ids of a pool made after it, and the values stay
+    below 2**63 for the next hundred thousand years.
+    """
+    global _last_first_id
+    with _first_ids_lock:
+        first = max((time.time_ns() // 1_000_000) << 20, _last_first_id + (1 << 20))
+        _last_first_id = first
+        return first
+
+
+class LinkState(enum.Enum):
+    """The driver's view of one broker."""
+
+    UP = "up"  # connected (or connecting): chunks are sent to it
+    DOWN = "down"  # lost with its worker: nothing is sent until the pool places it again
+
+
+class _Link:
+    """The I/O thread's link to one broker."""
+
+    __slots__ = ("index", "endpoint", "state", "unconfirmed", "seen", "racks", "since")
+
+    def __init__(self, index: int, endpoint: str) -> None:
+        self.index = index
+        self.endpoint = endpoint
+        self.state = LinkState.UP
+        self.unconfirmed = 0  # chunks sent to it and not yet confirmed
+        self.seen = time.monotonic()  # when it was last heard from
+        self.racks: list[int] = []  # receipts owed to it
+        self.since = time.monotonic()  # when it entered its state
+
 
 class _Record:
     """A chunk from submission to its last result."""
 
-    __slots__ = ("seq", "broker", "base", "n", "payload", "sink", "offset", "remaining", "confirmed", "got")
+    __slots__ = (
+        "seq", "broker", "base", "n", "payload", "nbytes", "sink", "offset", "remaining", "confirmed", "got"
+    )
 
-    def __init__(self, seq: int, base: int, n: int, payload: bytes | None, sink: Any, offset: int) -> None:
+    def __init__(self, seq: int, base: int, n: int, payload: bytes, sink: Any, offset: int) -> None:
         self.seq = seq
         self.broker = -1
         self.base = base
         self.n = n
-        self.payload = payload  # kept until CONFIRM so it can be resent
+        self.payload: bytes | None = payload  # kept until CONFIRM so it can be resent
+        self.nbytes = len(payload)
         self.sink = sink  # list[TaskFuture] | BatchFuture | None
         self.offset = offset
         self.remaining = n
         self.confirmed = False
-        self.got = bytearray(n)  # which tasks have a result: a task run twice is recorded once
+        self.got = bytearray(n)  # which tasks have an outcome: a task run twice is recorded once
 
-    def fail(self, exc: BaseException) -> None:
+    def fail_missing(self, exc: BaseException) -> int:
+        """Fail every task of this chunk without an outcome; return how many."""
+        missing = [i for i in range(self.n) if not self.got[i]]
+        for i in missing:
+            self.got[i] = 1
         if isinstance(self.sink, BatchFuture):
-            self.sink._fail(self.offset, self.n, exc)
+            for i in missing:
+                self.sink._fail(self.offset + i, 1, exc)
         elif self.sink is not None:
-            for fut in self.sink:
-                _settle(fut, exc=exc)
+            for i in missing:
+                _settle(self.sink[i], exc=exc)
+        self.remaining = 0
+        return len(missing)
 
 
 def _settle(fut: TaskFuture, value: Any = None, exc: BaseException | None = None) -> None:
@@ -97,32 +170,29 @@ class Driver:
         keep_results: bool = True,
         keys: ClientKeys | None = None,
         payload_key: bytes | None = None,
+        queue_names: list[str] | None = None,
+        identity: bytes | None = None,
     ) -> None:
         self.name = name
         self._keys = keys
         self.payload_key = payload_key
-        self.identity = new_identity()
-        self._endpoints = list(endpoints)
+        self.identity = identity or new_identity()
+        self._queue_names = queue_names or [f"{name}-queue-{i}" for i in range(len(endpoints))]
         self._settings = settings
         self._keep_results = keep_results
         self._cond = threading.Condition()
+        # -- shared under _cond ------------------------------------------------------------------
         self._loose: list[tuple[int, bytes, TaskFuture]] = []
         self._queued: deque[_Record] = deque()
         self._records: dict[int, _Record] = {}
-        self._unconfirmed = [0] * len(endpoints)
-        self._received_from = [0] * len(endpoints)
-        self._broker_seen = [time.monotonic()] * len(endpoints)
-        self._rr = 0
-        self._next_task = 1
+        self._buffered_chunks = 0  # queued + unconfirmed
+        self._buffered_bytes = 0  # loose tasks + queued and unconfirmed payloads
+        self._next_task = first_task_id()
         self._next_seq = 1
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._ctx: zmq.Context[Any] | None = None
-        self._waker: Waker | None = None
         self._error: BaseException | None = None
-        self._control: deque[tuple[int, str]] = deque()  # broker reconnections, run by the I/O thread
-        # Results received in this round of the I/O thread, handed to their futures before it sleeps.
-        self._settlements: list[tuple[_Record | None, int, int, bytes, list[Any], dict[int, Any]]] = []
+        self._closed_by: BaseException | None = None  # why the driver stopped taking work
+        self._statuses: dict[int, dict[int, p.QueueStatus]] = {}  # token -> broker -> reply
+        self._links_up = [True] * len(endpoints)  # a copy of the links' states, for callers
         self.results: defaultdict[bytes, dict[int, Any]] = defaultdict(dict)
         self.done_by: defaultdict[bytes, int] = defaultdict(int)
         self._submitted = 0
@@ -131,6 +201,19 @@ class Driver:
         self._foreign = 0
         self._duplicates = 0
         self._bad = 0
+        # -- the I/O thread's, once started ------------------------------------------------------
+        self._links = [_Link(i, e) for i, e in enumerate(endpoints)]
+        self._rr = 0
+        self._control: deque[Callable[[BrokerLinks], None]] = deque()
+        self._tokens = itertools.count(1)
+        self._reconciling: dict[int, int] = {}  # SYNC token -> broker, after a recovery
+        # Results received in this round of the I/O thread, handed to their futures before it sleeps.
+        self._settlements: list[tuple[_Record | None, int, int, bytes, list[Any], dict[int, Any]]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ctx: zmq.Context[Any] | None = None
+        self._waker: Waker | None = None
+        self._callbacks = CallbackRunner(name)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -138,41 +221,60 @@ class Driver:
             return
         self._ctx = process_context()
         self._waker = Waker(self._ctx)
+        self._callbacks.start()
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ready,), name=f"zdq-driver-{self.name}", daemon=True)
         self._thread.start()
-        ready.wait(10)
+        if not ready.wait(30):
+            raise ZdqError(f"the driver of pool {self.name} did not start within 30 s")
+        if self._error is not None:
+            raise ZdqError(f"the driver of pool {self.name} could not start: {self._error!r}") from self._error
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop the I/O thread; futures still pending fail with :class:`ClosedError`. Idempotent."""
+    def close(self, timeout: float = 10.0, *, reason: BaseException | None = None) -> None:
+        """Stop the I/O thread; futures still pending fail with ``reason`` (default
+        :class:`ClosedError`). Idempotent."""
         if self._stop.is_set():
             return
+        exc = reason or ClosedError(f"queue pool {self.name} was closed before this task finished")
+        with self._cond:
+            self._closed_by = self._closed_by or exc
         self._stop.set()
         if self._waker is not None:
             self._waker.wake()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        closed = ClosedError(f"queue pool {self.name} was closed before this task finished")
-        with self._cond:
-            loose, self._loose = self._loose, []
-            records = list(self._queued) + list(self._records.values())
-            self._queued.clear()
-            self._records.clear()
-            self._cond.notify_all()
-        for _, _, fut in loose:
-            _settle(fut, exc=closed)
-        seen: set[int] = set()
-        for rec in records:
-            if id(rec) not in seen:
-                seen.add(id(rec))
-                rec.fail(closed)
+        self._fail_everything(exc)
         if self._waker is not None:
             self._waker.close()
             self._waker = None
+        self._callbacks.stop(timeout)
         self._ctx = None  # the process's context: the I/O thread closed its sockets
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        with self._cond:
+            loose, self._loose = self._loose, []
+            records = list(self._records.values())
+            self._queued.clear()
+            self._records.clear()
+            self._buffered_chunks = 0
+            self._buffered_bytes = 0
+            self._cond.notify_all()
+        for _, _, fut in loose:
+            _settle(fut, exc=exc)
+        n = sum(rec.fail_missing(exc) for rec in records)
+        with self._cond:
+            self._completed += n + len(loose)
+            self._failed += n + len(loose)
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Stop taking work and fail every pending future with ``exc`` (the cluster was reset)."""
+        self.close(reason=exc)
 
     def _check_open(self) -> None:
         if self._stop.is_set():
+            reason = self._closed_by
+            if reason is not None and not isinstance(reason, ClosedError):
+                raise ClosedError(f"queue pool {self.name} stopped: {reason}") from reason
             raise ClosedError(f"queue pool {self.name} is closed")
         if self._error is not None:
             raise ZdqError(f"queue pool {self.name} driver failed: {self._error!r}") from self._error
@@ -185,20 +287,25 @@ class Driver:
             self._next_task += n
             return first
 
+    def _room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit in the byte budget (an empty buffer takes anything)."""
+        return self._buffered_bytes == 0 or self._buffered_bytes + nbytes <= self._settings.buffer_bytes
+
     def submit_task(self, task: bytes, *, timeout: float | None = None) -> TaskFuture:
         """Queue one pickled task (:func:`~zdq.serialization.dumps_task`) for coalescing into a
-        chunk; return its future."""
+        chunk; return its future. Blocks while the driver's buffers are full."""
         self._check_open()
-        cap = self._settings.chunk_size * self._settings.window
+        cap = self._settings.chunk_size * len(self._links)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while len(self._loose) >= cap:
+            while len(self._loose) >= cap or not self._room(len(task)):
                 self._wait(deadline)
             tid = self._next_task
             self._next_task += 1
             fut = TaskFuture(tid)
             wake = not self._loose
             self._loose.append((tid, task, fut))
+            self._buffered_bytes += len(task)
             self._submitted += 1
         if wake and self._waker is not None:
             self._waker.wake()
@@ -207,17 +314,19 @@ class Driver:
     def submit_chunk(
         self, base: int, n: int, payload: bytes, sink: Any, offset: int, *, timeout: float | None = None
     ) -> None:
-        """Queue a chunk pickled by the caller; block while the window is full."""
+        """Queue a chunk pickled by the caller; block while the driver's buffers are full."""
         self._check_open()
-        cap = self._settings.window * len(self._endpoints)
+        cap = self._settings.window * len(self._links)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while len(self._queued) + sum(self._unconfirmed) >= cap:
+            while self._buffered_chunks >= cap or not self._room(len(payload)):
                 self._wait(deadline)
             rec = _Record(self._next_seq, base, n, payload, sink, offset)
             self._next_seq += 1
             self._records[rec.seq] = rec
             self._queued.append(rec)
+            self._buffered_chunks += 1
+            self._buffered_bytes += rec.nbytes
             self._submitted += n
         if self._waker is not None:
             self._waker.wake()
@@ -230,19 +339,29 @@ class Driver:
         else:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise SubmitTimeout("the submission window stayed full until the timeout")
+                raise SubmitTimeout(self._why_full())
             self._cond.wait(min(left, 1.0))
         self._check_open()
+
+    def _why_full(self) -> str:
+        down = [self._queue_names[i] for i, up in enumerate(self._links_up) if not up]
+        why = (
+            f"the driver of pool {self.name} holds {self._buffered_chunks} chunks and "
+            f"{self._buffered_bytes} bytes that its brokers have not confirmed"
+        )
+        if down:
+            why += f"; queues {', '.join(down)} are down (their workers were lost) and being placed again"
+        return why + ": the submission timed out waiting for room"
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until every chunk submitted so far is confirmed by its broker."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._loose or self._queued or any(self._unconfirmed):
+            while self._loose or self._buffered_chunks:
                 try:
                     self._wait(deadline)
-                except SubmitTimeout:
-                    raise ZdqTimeoutError("chunks were still unconfirmed at the timeout") from None
+                except SubmitTimeout as e:
+                    raise ZdqTimeoutError(f"flush: {e}") from None
 
     def wait_results(self, timeout: float | None = None) -> bool:
         """Block until every task submitted so far has its result; False on timeout."""
@@ -267,43 +386,73 @@ class Driver:
         """Tasks with a result (own and foreign)."""
         return self._completed + self._foreign
 
+    def results_for(self, producers: Iterable[bytes]) -> dict[int, Any]:
+        """The results kept from these consumers (by identity), by task id: a copy."""
+        with self._cond:
+            merged: dict[int, Any] = {}
+            for ident in producers:
+                merged.update(self.results.get(ident, {}))
+            return merged
+
+    def done_count(self, producers: Iterable[bytes]) -> int:
+        """Tasks whose results came from these consumers."""
+        with self._cond:
+            return sum(self.done_by.get(ident, 0) for ident in producers)
+
+    def producers(self) -> set[bytes]:
+        """Every consumer identity that results came from."""
+        with self._cond:
+            return set(self.done_by)
+
+    def links_up(self) -> list[bool]:
+        """Which brokers the driver can reach now (a copy of the I/O thread's link states)."""
+        with self._cond:
+            return list(self._links_up)
+
     def broker_silence(self, broker: int) -> float:
         """Seconds since broker ``broker`` was last heard from."""
-        return time.monotonic() - self._broker_seen[broker]
+        return time.monotonic() - self._links[broker].seen
 
-    def broker_lost(self, broker: int, *, memory_lost: bool) -> int:
-        """A broker died. Its unconfirmed chunks will be resent to its replacement; if its tasks
-        lived only in its memory, the confirmed ones fail now with :class:`BrokerLost`.
-        Return how many tasks failed."""
-        failed: list[_Record] = []
+    def queue_status(self, timeout: float = 10.0) -> list[p.QueueStatus | None]:
+        """Each broker's counts, asked over the data plane (no Dask actor call).
+
+        A reply also says that every result the broker routed here before it has arrived (one
+        socket keeps order). ``None`` for a broker that is down or did not answer in time.
+        """
+        token = next(self._tokens)
         with self._cond:
-            for rec in list(self._records.values()):
-                if rec.broker != broker:
-                    continue
-                if not rec.confirmed:
-                    rec.broker = -1
-                    self._queued.appendleft(rec)
-                elif memory_lost:
-                    del self._records[rec.seq]
-                    failed.append(rec)
-            self._unconfirmed[broker] = 0
-            n = sum(r.remaining for r in failed)
-            self._completed += n
-            self._failed += n
-            self._cond.notify_all()
-        for rec in failed:
-            rec.fail(BrokerLost(f"queue {broker} was lost with its worker; this task lived only in its memory"))
-        return n
+            self._statuses[token] = {}
+        self._post(lambda links: self._ask_status(links, token))
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            try:
+                while len(self._statuses[token]) < sum(self._links_up):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._check_open()
+                    self._cond.wait(min(left, 0.5))
+                replies = self._statuses[token]
+            finally:
+                self._statuses.pop(token, None)
+            return [replies.get(i) for i in range(len(self._links))]
+
+    def broker_lost(self, broker: int, *, memory_lost: bool) -> None:
+        """A broker died. Its unconfirmed chunks go to the other brokers (or its replacement); if
+        its tasks lived only in its memory, its confirmed chunks fail with :class:`BrokerLost`."""
+        self._post(lambda links: self._on_broker_lost(links, broker, memory_lost))
 
     def reconnect(self, broker: int, endpoint: str) -> None:
-        """Point broker ``broker`` at a new endpoint (its replacement) and resend what is unconfirmed."""
-        self._endpoints[broker] = endpoint
-        self._control.append((broker, endpoint))
-        if self._waker is not None:
-            self._waker.wake()
+        """Broker ``broker`` was placed again at ``endpoint``: connect there, resend what it never
+        confirmed, and ask it which confirmed chunks it does not hold (they fail with TaskLost)."""
+        self._post(lambda links: self._on_reconnect(links, broker, endpoint))
 
-    def received_from(self, broker: int) -> int:
-        return self._received_from[broker]
+    def fail_chunks_of(self, broker: int, exc: BaseException) -> None:
+        """Fail every task confirmed by ``broker`` that has no result yet (its queue is gone for good)."""
+        def fail(links: BrokerLinks) -> None:
+            self._fail_confirmed(broker, exc)
+
+        self._post(fail)
 
     def statistics(self) -> DriverStats:
         with self._cond:
@@ -313,21 +462,28 @@ class Driver:
                 tasks_failed=self._failed,
                 foreign_tasks=self._foreign,
                 duplicate_results=self._duplicates,
-                chunks_unconfirmed=len(self._queued) + sum(self._unconfirmed),
+                chunks_unconfirmed=self._buffered_chunks,
                 chunks_outstanding=len(self._records),
                 bad_messages=self._bad,
+                links_down=self._links_up.count(False),
             )
+
+    def _post(self, command: Callable[[BrokerLinks], None]) -> None:
+        self._control.append(command)
+        if self._waker is not None:
+            self._waker.wake()
 
     # -- I/O thread -----------------------------------------------------------------------------
     def _run(self, ready: threading.Event) -> None:
         assert self._ctx is not None and self._waker is not None
+        self._callbacks.adopt_current_thread()
         hello = p.encode(p.Hello(p.Role.DRIVER, self.name.encode()[:256]))
         links = BrokerLinks(
             self._ctx, self.identity, hello, keys=self._keys, max_message_size=self._settings.max_message_size
         )
         try:
-            for endpoint in self._endpoints:
-                links.add(endpoint)
+            for link in self._links:
+                links.add(link.endpoint)
             ready.set()
             self._serve(links, self._waker)
         except BaseException as e:
@@ -344,16 +500,12 @@ class Driver:
         poller.register(waker.socket, zmq.POLLIN)
         beat = self._settings.heartbeat_interval
         next_beat = time.monotonic() + beat
-        # Receipts (RACK) owed to each broker, and when the oldest of them must go out.
-        racks: list[list[int]] = [[] for _ in socks]
         rack_due = math.inf
         rack_full = False
+        link_of = self._links
         while not self._stop.is_set():
             while self._control:
-                i, endpoint = self._control.popleft()
-                links.replace(i, endpoint)
-                racks[i].clear()  # the replacement does not know those chunks
-                self._broker_seen[i] = time.monotonic()
+                self._control.popleft()(links)
             if self._loose:  # read without the lock: a stale answer only delays to the next wake
                 self._coalesce()
             if self._queued:
@@ -369,9 +521,10 @@ class Driver:
                 if index is None:
                     waker.drain()
                     continue
-                owed = racks[index]
+                link = link_of[index]
+                owed = link.racks
                 for frames in recv_ready(sock, 1):
-                    chunk_id = self._handle(index, frames)
+                    chunk_id = self._handle(link, frames)
                     if chunk_id is not None:
                         if not owed and rack_due == math.inf:
                             rack_due = time.monotonic() + _RACK_DELAY
@@ -379,33 +532,106 @@ class Driver:
                         rack_full = rack_full or len(owed) >= _RACK_BATCH
             now = time.monotonic()
             if now >= rack_due or rack_full:
-                self._send_racks(socks, racks)
+                self._send_racks(socks)
                 rack_due = math.inf
                 rack_full = False
             if now >= next_beat:
-                for sock in socks:
-                    try_send(sock, p.encode(p.Heartbeat()))
+                for link in link_of:
+                    if link.state is LinkState.UP:
+                        try_send(socks[link.index], p.encode(p.Heartbeat()))
                 next_beat = now + beat
         self._settle_all()
-        self._send_racks(socks, racks)
+        self._send_racks(socks)
 
-    @staticmethod
-    def _send_racks(socks: list[zmq.Socket[Any]], racks: list[list[int]]) -> None:
+    def _send_racks(self, socks: list[zmq.Socket[Any]]) -> None:
         """Tell each broker which chunks' results arrived: it may forget them now."""
-        for sock, owed in zip(socks, racks):
-            if owed:
-                try_send(sock, p.encode(p.Rack(tuple(owed))))
-                owed.clear()
+        for link in self._links:
+            if link.racks:
+                if link.state is LinkState.UP:
+                    try_send(socks[link.index], p.encode(p.Rack(tuple(link.racks))))
+                link.racks.clear()
+
+    def _set_state(self, link: _Link, state: LinkState) -> None:
+        link.state = state
+        link.since = time.monotonic()
+        with self._cond:
+            self._links_up[link.index] = state is LinkState.UP
+            self._cond.notify_all()
+
+    def _on_broker_lost(self, links: BrokerLinks, broker: int, memory_lost: bool) -> None:
+        link = self._links[broker]
+        if link.state is LinkState.DOWN:
+            return
+        self._set_state(link, LinkState.DOWN)
+        link.racks.clear()  # the broker that owed them is gone
+        links.disconnect(broker)  # nothing more is queued for a dead peer
+        self._requeue_unconfirmed(broker)
+        if memory_lost:
+            n = self._fail_confirmed(
+                broker, BrokerLost(f"queue {self._queue_names[broker]} was lost with its worker; this task lived only in its memory")
+            )
+            logger.warning("driver %s: %d tasks of lost queue %s failed with BrokerLost", self.name, n, self._queue_names[broker])
+
+    def _requeue_unconfirmed(self, broker: int) -> None:
+        """Chunks sent to ``broker`` and not confirmed go first in line again, for any broker."""
+        link = self._links[broker]
+        with self._cond:
+            again = [r for r in self._records.values() if r.broker == broker and not r.confirmed]
+            again.sort(key=lambda r: r.seq, reverse=True)
+            for rec in again:
+                rec.broker = -1
+                self._queued.appendleft(rec)
+            link.unconfirmed = 0
+            self._cond.notify_all()
+        if again:
+            logger.info("driver %s: %d unconfirmed chunks of queue %s will be sent again", self.name, len(again), self._queue_names[broker])
+
+    def _fail_confirmed(self, broker: int, exc: BaseException) -> int:
+        with self._cond:
+            failed = [r for r in self._records.values() if r.broker == broker and r.confirmed]
+            for rec in failed:
+                del self._records[rec.seq]
+        n = sum(rec.fail_missing(exc) for rec in failed)
+        with self._cond:
+            self._completed += n
+            self._failed += n
+            self._cond.notify_all()
+        return n
+
+    def _on_reconnect(self, links: BrokerLinks, broker: int, endpoint: str) -> None:
+        link = self._links[broker]
+        links.replace(broker, endpoint)
+        link.endpoint = endpoint
+        link.seen = time.monotonic()
+        link.racks.clear()  # the replacement does not know those chunks
+        self._requeue_unconfirmed(broker)
+        self._set_state(link, LinkState.UP)
+        # Which confirmed chunks did the queue keep? A durable queue serves every chunk it stored,
+        # except those acknowledged early (at most once) whose results never came: they are lost.
+        with self._cond:
+            seqs = sorted(r.seq for r in self._records.values() if r.broker == broker and r.confirmed)
+        for start in range(0, max(len(seqs), 1), p.MAX_CHUNK_TASKS):
+            token = next(self._tokens)
+            self._reconciling[token] = broker
+            try_send(links.socks[broker], p.encode(p.Sync(token, tuple(seqs[start : start + p.MAX_CHUNK_TASKS]))))
+
+    def _ask_status(self, links: BrokerLinks, token: int) -> None:
+        for link in self._links:
+            if link.state is LinkState.UP:
+                try_send(links.socks[link.index], p.encode(p.Sync(token)))
 
     def _coalesce(self) -> None:
-        """Turn single submissions into chunks, spread over the brokers."""
-        with self._cond:
-            if not self._loose:
-                return
-            loose, self._loose = self._loose, []
-            self._cond.notify_all()
-        n_brokers = len(self._endpoints)
+        """Turn single submissions into chunks, spread over the brokers, while there is room."""
+        n_brokers = len(self._links)
         size = self._settings.chunk_size
+        with self._cond:
+            room = self._settings.window * n_brokers - self._buffered_chunks
+            if not self._loose or room <= 0:
+                return
+            # No more chunks than there is room for: the rest waits, loose, for confirms.
+            take = room * size
+            loose, self._loose = self._loose[:take], self._loose[take:]
+            self._cond.notify_all()
         if len(loose) < size * n_brokers:  # few tasks: one slice per broker, as evenly as possible
             size = max(1, -(-len(loose) // n_brokers))
         start = 0
@@ -420,6 +646,7 @@ class Driver:
             part = loose[start:end]
             futures = [fut for _, _, fut in part]
             tasks = [task for _, task, _ in part]
+            loose_bytes = sum(len(t) for t in tasks)
             try:
                 packed = self._pack(first, tasks)
             except ZdqError:
@@ -432,12 +659,15 @@ class Driver:
                     except ZdqError as e:
                         _settle(futures[j], exc=e)
             with self._cond:
+                self._buffered_bytes -= loose_bytes
                 for sub_first, n, payload in packed:
                     offset = sub_first - first
                     rec = _Record(self._next_seq, sub_first, n, payload, futures[offset : offset + n], 0)
                     self._next_seq += 1
                     self._records[rec.seq] = rec
                     self._queued.append(rec)
+                    self._buffered_chunks += 1
+                    self._buffered_bytes += rec.nbytes
             start = end
 
     def _pack(self, first: int, tasks: list[bytes]) -> list[tuple[int, int, bytes]]:
@@ -453,56 +683,77 @@ class Driver:
 
     def _send_queued(self, socks: list[zmq.Socket[Any]]) -> None:
         window = self._settings.window
-        n = len(socks)
+        links = self._links
+        n = len(links)
         while True:
             with self._cond:
                 if not self._queued:
                     return
-                # Strict round robin keeps queues even (the daskqueue behaviour: 100 chunks over
-                # 2 queues is 50 and 50); a full window on the next broker waits for its confirms.
+                # Round robin over the brokers that are up keeps queues even (the daskqueue
+                # behaviour: 100 chunks over 2 queues is 50 and 50); a full window on the next one
+                # waits for its confirms. A broker that is down is skipped until it is back.
+                for _ in range(n):
+                    if links[self._rr].state is LinkState.UP:
+                        break
+                    self._rr = (self._rr + 1) % n
+                else:
+                    return  # every broker is down: chunks wait (bounded) for one to come back
                 b = self._rr
-                if self._unconfirmed[b] >= window:
+                link = links[b]
+                if link.unconfirmed >= window:
                     return
                 rec = self._queued.popleft()
                 self._rr = (b + 1) % n
-                self._unconfirmed[b] += 1
-            rec.broker = b
-            if not try_send(socks[b], p.encode(p.Put(rec.seq, rec.n, rec.payload))):
+                link.unconfirmed += 1
+                rec.broker = b
+            payload = rec.payload
+            assert payload is not None
+            if not try_send(socks[b], p.encode(p.Put(rec.seq, rec.n, payload))):
                 with self._cond:  # the broker cannot take it now: keep it first in line
-                    self._unconfirmed[b] -= 1
+                    link.unconfirmed -= 1
                     rec.broker = -1
                     self._queued.appendleft(rec)
                     self._rr = b
                 return
 
-    def _handle(self, broker: int, frames: list[Any]) -> int | None:
-        """Handle one message; return the chunk id to acknowledge if it carried results."""
+    def _handle(self, link: _Link, frames: list[Any]) -> int | None:
+        """Handle one message; return the chunk id to acknowledge if it carried results.
+
+        A message that breaks anything is counted and dropped, and fails only its own tasks: the
+        loop that carries every other message of the pool goes on.
+        """
+        if link.state is not LinkState.UP:
+            return None  # a late message from a broker declared lost
+        link.seen = time.monotonic()
         try:
             msg = p.decode(frames)
-            if isinstance(msg, p.Results):
-                self._on_results(broker, msg)
-                return msg.chunk_id
-            elif isinstance(msg, p.Confirm):
-                self._on_confirm(broker, msg)
-            elif isinstance(msg, p.Heartbeat):
-                self._broker_seen[broker] = time.monotonic()
-            elif isinstance(msg, p.Lost):
+            if type(msg) is p.Results:
+                return self._on_results(link, msg)
+            if type(msg) is p.Confirm:
+                self._on_confirm(link, msg)
+            elif type(msg) is p.Heartbeat:
+                pass
+            elif type(msg) is p.QueueStatus:
+                self._on_status(link, msg)
+            elif type(msg) is p.Lost:
                 self._on_lost(msg)
-            elif isinstance(msg, p.Bye):
-                logger.info("driver %s: broker %d is shutting down", self.name, broker)
+            elif type(msg) is p.Bye:
+                logger.info("driver %s: queue %s is shutting down", self.name, self._queue_names[link.index])
             else:
                 raise ProtocolError(f"{type(msg).__name__} is not accepted by a driver")
-        except (ProtocolError, ValueError) as e:
+        except Exception as e:
             self._bad += 1
-            logger.warning("driver %s dropped a message from broker %d: %s", self.name, broker, e)
+            logger.warning("driver %s dropped a message from queue %s: %s", self.name, self._queue_names[link.index], e)
         return None
 
-    def _on_confirm(self, broker: int, msg: p.Confirm) -> None:
+    def _on_confirm(self, link: _Link, msg: p.Confirm) -> None:
         with self._cond:
             rec = self._records.get(msg.seq)
-            if rec is None or rec.confirmed or rec.broker != broker:
+            if rec is None or rec.confirmed or rec.broker != link.index:
                 raise ProtocolError(f"CONFIRM of unknown chunk {msg.seq}")
-            self._unconfirmed[broker] -= 1
+            link.unconfirmed -= 1
+            self._buffered_chunks -= 1
+            self._buffered_bytes -= rec.nbytes
             if msg.status is p.Status.STORED:
                 rec.confirmed = True
                 rec.payload = None
@@ -511,56 +762,95 @@ class Driver:
             self._cond.notify_all()
         if msg.status is not p.Status.STORED:
             detail = msg.detail.decode(errors="replace")
+            name = self._queue_names[link.index]
             exc: ZdqError = (
-                StorageFull(f"queue {broker} is full; the chunk was not stored: {detail}")
+                StorageFull(f"queue {name} is full; the chunk was not stored: {detail}")
                 if msg.status is p.Status.FULL
-                else ZdqError(f"queue {broker} refused a chunk ({msg.status.name}): {detail}")
+                else ZdqError(f"queue {name} refused a chunk ({msg.status.name}): {detail}")
             )
-            rec.fail(exc)
+            n = rec.fail_missing(exc)
+            with self._cond:
+                self._completed += n
+                self._failed += n
 
-    def _on_results(self, broker: int, msg: p.Results) -> None:
-        base, values, errors = loads_results(msg.results, self.payload_key)
-        n = len(values)
-        if any(not isinstance(i, int) or not 0 <= i < n for i in errors):
-            raise ValueError("results name an error outside the chunk")
+    def _on_results(self, link: _Link, msg: p.Results) -> int:
+        broker = link.index
+        try:
+            base, values, errors = loads_results(msg.results, self.payload_key)
+        except Exception as e:
+            # Results that do not decode (forged, or an object that pickles but does not unpickle
+            # here) fail their own tasks; the broker may forget the chunk: running it again would
+            # give the same bytes.
+            self._bad += 1
+            logger.warning("driver %s: results of chunk %d do not decode: %r", self.name, msg.chunk_id, e)
+            failure: BaseException | None = e
+        else:
+            failure = None
+            n = len(values)
+            if any(not isinstance(i, int) or not 0 <= i < n for i in errors):
+                raise ProtocolError("results name an error outside the chunk")
+        offset = 0
         with self._cond:
-            self._received_from[broker] += n
             rec = self._records.get(msg.seq) if msg.seq else None
             if rec is not None and not rec.confirmed and rec.broker == broker:
                 # The broker held its CONFIRM back and the results came first: they confirm it.
                 rec.confirmed = True
                 rec.payload = None
-                self._unconfirmed[broker] -= 1
+                link.unconfirmed -= 1
+                self._buffered_chunks -= 1
+                self._buffered_bytes -= rec.nbytes
                 self._cond.notify_all()
-            if rec is not None:
-                offset = base - rec.base
-                if not (0 <= offset and offset + n <= rec.n):
-                    raise ValueError(f"results for tasks {base}..{base + n} are outside chunk {msg.seq}")
-                if any(rec.got[offset : offset + n]):  # executed twice (a broker re-ran it): record once
+            if failure is None:
+                if rec is not None:
+                    offset = base - rec.base
+                    if not (0 <= offset and offset + n <= rec.n):
+                        raise ProtocolError(f"results for tasks {base}..{base + n} are outside chunk {msg.seq}")
+                    if any(rec.got[offset : offset + n]):  # executed twice (a broker re-ran it): record once
+                        self._duplicates += n
+                        return msg.chunk_id
+                    rec.got[offset : offset + n] = b"\1" * n
+                elif msg.seq:
                     self._duplicates += n
-                    return
-                rec.got[offset : offset + n] = b"\1" * n
-            elif msg.seq:
-                self._duplicates += n
-                return
-        self._settlements.append((rec, offset if rec is not None else 0, base, msg.consumer, values, errors))
+                    return msg.chunk_id
+        if failure is not None:
+            if rec is not None:
+                exc = SerializationError(
+                    f"the results of {rec.n} tasks from queue {self._queue_names[broker]} cannot be unpickled "
+                    f"in this process: {type(failure).__name__}: {failure}"
+                )
+                exc.__cause__ = failure
+                self._settlements.append((rec, -1, 0, msg.consumer, [], {0: exc}))
+            return msg.chunk_id
+        self._settlements.append((rec, offset, base, msg.consumer, values, errors))
+        return msg.chunk_id
 
     def _settle_all(self) -> None:
         """Hand the results received in this round to their futures (and ``results``)."""
         settlements, self._settlements = self._settlements, []
         for settlement in settlements:
-            self._settle_results(*settlement)
+            try:
+                self._settle_results(*settlement)
+            except Exception:  # never the loop: this chunk's futures are settled by fail_missing
+                logger.exception("driver %s could not settle the results of a chunk", self.name)
+                rec = settlement[0]
+                if rec is not None:
+                    self._finish_record(rec, rec.fail_missing(ZdqError("zdq could not settle this task's result")), 0)
 
     def _settle_results(
         self, rec: _Record | None, offset: int, base: int, consumer: bytes, values: list[Any], errors: dict[int, Any]
     ) -> None:
+        if offset < 0:  # the whole chunk's results did not decode: errors[0] is why
+            assert rec is not None
+            self._finish_record(rec, rec.fail_missing(errors[0]), 0)
+            return
         n = len(values)
         exceptions = {i: error_to_exception(info) for i, info in errors.items()}
         if self._keep_results:
-            store = self.results[consumer]
-            store.update(zip(range(base, base + n), values))
-            for i, exc in exceptions.items():
-                store[base + i] = exc
+            with self._cond:
+                store = self.results[consumer]
+                store.update(zip(range(base, base + n), values))
+                for i, exc in exceptions.items():
+                    store[base + i] = exc
         if rec is not None:
             if isinstance(rec.sink, BatchFuture):
                 rec.sink._fill(rec.offset + offset, values, exceptions)
@@ -580,12 +870,53 @@ class Driver:
                     self._records.pop(rec.seq, None)
             self._cond.notify_all()
 
+    def _finish_record(self, rec: _Record, failed: int, done: int) -> None:
+        with self._cond:
+            self._completed += failed + done
+            self._failed += failed
+            if rec.remaining <= 0:
+                self._records.pop(rec.seq, None)
+            self._cond.notify_all()
+
+    def _on_status(self, link: _Link, msg: p.QueueStatus) -> None:
+        broker = self._reconciling.pop(msg.token, None)
+        if broker is not None:
+            if msg.missing:
+                self._lost_in_recovery(broker, set(msg.missing))
+            return
+        with self._cond:
+            replies = self._statuses.get(msg.token)
+            if replies is not None:
+                replies[link.index] = msg
+                self._cond.notify_all()
+
+    def _lost_in_recovery(self, broker: int, missing: set[int]) -> None:
+        """The recovered queue does not hold these chunks: acknowledged early (at most once), their
+        results never came, and they are not stored any more."""
+        with self._cond:
+            lost = [r for seq, r in self._records.items() if seq in missing and r.broker == broker and r.confirmed]
+            for rec in lost:
+                del self._records[rec.seq]
+        exc = TaskLost(
+            f"queue {self._queue_names[broker]} was lost while this task ran; it had been acknowledged on "
+            "receipt (early_ack, at most once), so it was not kept to run again"
+        )
+        n = sum(rec.fail_missing(exc) for rec in lost)
+        with self._cond:
+            self._completed += n
+            self._failed += n
+            self._cond.notify_all()
+        if n:
+            logger.warning("driver %s: %d tasks acknowledged early were lost with queue %s", self.name, n, self._queue_names[broker])
+
     def _on_lost(self, msg: p.Lost) -> None:
         with self._cond:
             rec = self._records.pop(msg.seq, None)
-            if rec is not None:
-                self._completed += rec.remaining
-                self._failed += rec.remaining
-            self._cond.notify_all()
         if rec is not None:
-            rec.fail(TaskLost(f"the consumer of chunk {msg.chunk_id} died after acknowledging it early"))
+            n = rec.fail_missing(
+                TaskLost(f"the consumer of chunk {msg.chunk_id} died after acknowledging it early (at most once)")
+            )
+            with self._cond:
+                self._completed += n
+                self._failed += n
+                self._cond.notify_all()

@@ -2,29 +2,93 @@
 
 Both kinds are :class:`concurrent.futures.Future` subclasses, so ``result(timeout)``,
 ``exception()``, ``done()``, ``add_done_callback()``, :func:`concurrent.futures.wait` and
-:func:`concurrent.futures.as_completed` work as usual; both are also awaitable. Done-callbacks run
-on zdq's driver I/O thread: keep them short.
+:func:`concurrent.futures.as_completed` work as usual; both are also awaitable.
+
+Done-callbacks never run on zdq's I/O thread: a future settled there hands its callbacks to its
+driver's callback thread (:class:`CallbackRunner`), so a slow callback delays only other
+callbacks, never results, and a callback may itself submit and wait on zdq. Futures without
+callbacks (the common case) pay nothing for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import queue
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from zdq.errors import BatchError
 
-__all__ = ["TaskFuture", "BatchFuture", "wait", "as_completed"]
+__all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "wait", "as_completed"]
+
+logger = logging.getLogger(__name__)
 
 wait = concurrent.futures.wait
 as_completed = concurrent.futures.as_completed
+
+# Set on a driver's I/O thread: the runner its futures' callbacks go to.
+_io_thread = threading.local()
+
+
+class CallbackRunner:
+    """One thread that runs the done-callbacks of futures settled on a driver's I/O thread.
+
+    Started with its driver, stopped after it (running every callback queued before).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._queue: queue.SimpleQueue[tuple[Callable[[Any], object], Any] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"zdq-callbacks-{self._name}", daemon=True)
+            self._thread.start()
+
+    def adopt_current_thread(self) -> None:
+        """Mark the calling thread (a driver's I/O thread) as one whose callbacks go here."""
+        _io_thread.runner = self
+
+    def submit(self, fn: Callable[[Any], object], future: Any) -> None:
+        self._queue.put((fn, future))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, future = item
+            try:
+                fn(future)
+            except Exception:  # as concurrent.futures does: a failing callback is logged, not raised
+                logger.exception("exception calling callback for %r", future)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            if self._thread is not threading.current_thread():
+                self._thread.join(timeout)
+            self._thread = None
 
 
 class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
     def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.wrap_future(self).__await__()
+
+    _done_callbacks: list[Callable[[Any], object]]
+
+    def _invoke_callbacks(self) -> None:
+        runner: CallbackRunner | None = getattr(_io_thread, "runner", None)
+        if runner is None or not self._done_callbacks:
+            super()._invoke_callbacks()  # type: ignore[misc]
+            return
+        callbacks, self._done_callbacks = self._done_callbacks, []
+        for fn in callbacks:
+            runner.submit(fn, self)
 
 
 class TaskFuture(_Awaitable):
@@ -63,6 +127,9 @@ class BatchFuture(_Awaitable):
         self.keys = range(first_key, first_key + n)
         self._values: list[Any] = [None] * n
         self._errors: dict[int, BaseException] = {}
+        # Which tasks have an outcome: a task is counted once, and a value once set is never
+        # overwritten (a chunk reported in part, then failed, fails only the tasks without one).
+        self._settled = bytearray(n)
         self._remaining = n
         self._fill_lock = threading.Lock()
         if n == 0:
@@ -74,13 +141,26 @@ class BatchFuture(_Awaitable):
 
     def _fill(self, offset: int, values: list[Any], errors: dict[int, BaseException]) -> None:
         """Record results of tasks ``offset .. offset+len(values)``; resolve when all are in."""
+        n = len(values)
         with self._fill_lock:
             if self.done():
                 return
-            self._values[offset : offset + len(values)] = values
-            for i, exc in errors.items():
-                self._errors[offset + i] = exc
-            self._remaining -= len(values)
+            settled = self._settled
+            if not any(settled[offset : offset + n]):  # the usual case: a whole fresh slice
+                self._values[offset : offset + n] = values
+                for i, exc in errors.items():
+                    self._errors[offset + i] = exc
+                settled[offset : offset + n] = b"\1" * n
+                self._remaining -= n
+            else:
+                for i, value in enumerate(values):
+                    if not settled[offset + i]:
+                        settled[offset + i] = 1
+                        self._remaining -= 1
+                        if i in errors:
+                            self._errors[offset + i] = errors[i]
+                        else:
+                            self._values[offset + i] = value
             finished = self._remaining <= 0
         if finished:
             if self._errors:
@@ -89,6 +169,7 @@ class BatchFuture(_Awaitable):
                 self.set_result(self._values)
 
     def _fail(self, offset: int, n: int, exc: BaseException) -> None:
+        """Fail tasks ``offset .. offset+n`` that have no outcome yet."""
         self._fill(offset, [None] * n, dict.fromkeys(range(n), exc))
 
     def __repr__(self) -> str:

@@ -66,6 +66,7 @@ class DriverStats:
     chunks_unconfirmed: int
     chunks_outstanding: int
     bad_messages: int
+    links_down: int = 0  # brokers lost and not yet placed again
 
 
 @dataclass(frozen=True)

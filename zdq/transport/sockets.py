@@ -79,11 +79,32 @@ _local: dict[str, str] = {}  # a broker's TCP endpoint -> its inproc endpoint in
 
 
 def process_context() -> zmq.Context[Any]:
-    """This process's zdq context (a forked child makes its own, and forgets its parent's brokers)."""
+    """This process's zdq context (a forked child makes its own, and forgets its parent's brokers).
+
+    One context holds every zdq socket of the process, and ZeroMQ's default allows 1,023: a worker
+    with a few hundred consumers of many queues ran out (every consumer has a socket per broker).
+    So the context allows 65,535 (ZeroMQ's own limit), and the process's soft limit on open files
+    is raised to its hard limit (best effort, once per process): each socket needs a descriptor,
+    each TCP connection another.
+    """
     global _process_pid, _process_ctx
     with _process_lock:
         if _process_ctx is None or _process_pid != os.getpid():
-            _process_ctx = zmq.Context()
+            try:
+                import resource
+
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+                if soft != resource.RLIM_INFINITY and soft < target:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (ImportError, ValueError, OSError) as e:  # no resource module (Windows), or not allowed
+                logger.debug("could not raise the limit on open files: %s", e)
+            ctx = zmq.Context()
+            try:
+                ctx.MAX_SOCKETS = min(65536, ctx.get(zmq.SOCKET_LIMIT))
+            except zmq.ZMQError as e:
+                logger.warning("zdq sockets of this process are limited to %d: %s", ctx.MAX_SOCKETS, e)
+            _process_ctx = ctx
             _process_pid = os.getpid()
             _local.clear()
         return _process_ctx
@@ -326,11 +347,19 @@ class BrokerLinks:
         self._index[sock] = len(self.socks)
         self.socks.append(sock)
 
-    def replace(self, i: int, endpoint: str) -> None:
+    def disconnect(self, i: int) -> None:
+        """Close link ``i`` (its broker is gone): nothing more is queued for it. Until
+        :meth:`replace`, its slot holds a closed socket, which sends nothing."""
         old = self.socks[i]
+        if old.closed:
+            return
         self.poller.unregister(old)
         del self._index[old]
         close_socket(old)
+
+    def replace(self, i: int, endpoint: str) -> None:
+        """Point link ``i`` at ``endpoint`` (its broker was placed again), with a new socket."""
+        self.disconnect(i)
         self.socks[i] = self._open(endpoint)
         self._index[self.socks[i]] = i
 
@@ -339,6 +368,8 @@ class BrokerLinks:
 
     def close(self, farewell: list[Any] | None = None) -> None:
         for sock in self.socks:
+            if sock.closed:
+                continue
             if farewell is not None:
                 try:
                     sock.send_multipart(farewell, zmq.NOBLOCK)

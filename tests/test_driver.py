@@ -1,0 +1,239 @@
+"""The driver's links on their own: a real Driver, real BrokerCores and raw consumer peers over TCP
+on 127.0.0.1, in this process (no Dask). The pool's supervisor is played by the test: it tells the
+driver when a broker was lost and where it was placed again."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import zmq
+
+from zdq.broker import BrokerCore
+from zdq.config import settings
+from zdq.driver import Driver
+from zdq.errors import BrokerLost, SerializationError, SubmitTimeout, TaskLost
+from zdq.serialization import dumps_results, dumps_task, loads_chunk
+from zdq.storage.memory import MemoryStorage
+from zdq.transport import protocol as p
+from zdq.transport.sockets import bind_router, connect_dealer, new_identity
+
+from .conftest import wait_until
+from .tasks import add
+
+FAST = settings(heartbeat_interval="100ms", heartbeat_timeout="1s", window=2, chunk_size=10)
+
+
+class _Broker:
+    """A real BrokerCore on 127.0.0.1 (``silent``: a bare ROUTER that reads and never answers)."""
+
+    def __init__(self, ctx: zmq.Context[Any], *, silent: bool = False, creator: bytes = b"") -> None:
+        self.sock, self.endpoint, _ = bind_router(ctx, "127.0.0.1", max_message_size=1 << 24)
+        self.core: BrokerCore | None = None
+        if not silent:
+            storage = MemoryStorage()
+            storage.open()
+            self.core = BrokerCore("test", self.sock, storage, FAST, creator=creator)
+            self.core.start()
+
+    def stop(self) -> None:
+        if self.core is not None:
+            self.core.stop()
+        elif not self.sock.closed:
+            self.sock.close(linger=0)
+
+
+class _Consumer(threading.Thread):
+    """A raw consumer peer: runs each chunk it is delivered and reports it (``early_ack``: it
+    acknowledges on receipt and never reports; ``garbage``: it reports results that do not decode)."""
+
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, *, early_ack: bool = False, garbage: bool = False) -> None:
+        super().__init__(daemon=True)
+        self.sock = connect_dealer(ctx, endpoint, new_identity())
+        self.early_ack = early_ack
+        self.garbage = garbage
+        self.received = 0
+        self._halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        sock = self.sock
+        sock.send_multipart(p.encode(p.Hello(p.Role.CONSUMER, b"raw")))
+        sock.send_multipart(p.encode(p.Fetch(1)))
+        while not self._halt.is_set():
+            if not sock.poll(50):
+                continue
+            msg = p.decode(sock.recv_multipart(copy=False))
+            if type(msg) is p.Ready:
+                sock.send_multipart(p.encode(p.Fetch(1)))
+            if type(msg) is not p.Deliver:
+                continue
+            self.received += 1
+            if self.early_ack:
+                sock.send_multipart(p.encode(p.Ack(msg.chunk_id)))
+                continue
+            base, _, tasks, _ = loads_chunk(msg.chunk)
+            values = [task[0](*task[1]) for task in tasks]
+            results = b"not a pickle" if self.garbage else dumps_results(base, values, {})
+            sock.send_multipart(p.encode(p.Done(msg.chunk_id, msg.n_tasks, results, credit=1)))
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+        self.sock.close(linger=0)
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[Any]]:
+    context: zmq.Context[Any] = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+def parts() -> Iterator[list[Any]]:
+    """Whatever a test starts, stopped at its end, last first."""
+    started: list[Any] = []
+    yield started
+    for part in reversed(started):
+        part.stop() if not isinstance(part, Driver) else part.close()
+
+
+def _driver(parts: list[Any], endpoints: list[str], **overrides: Any) -> Driver:
+    driver = Driver("test", endpoints, FAST.with_overrides(**overrides))
+    driver.start()
+    parts.append(driver)
+    return driver
+
+
+def _submit(driver: Driver, n: int) -> list[Any]:
+    return [driver.submit_task(dumps_task((add, (i, 1))), timeout=10) for i in range(n)]
+
+
+def test_chunks_a_lost_broker_never_confirmed_go_to_the_brokers_still_up(ctx: zmq.Context[Any], parts: list[Any]) -> None:
+    silent, real = _Broker(ctx, silent=True), _Broker(ctx)
+    parts += [silent, real]
+    parts.append(_Consumer(ctx, real.endpoint))
+    driver = _driver(parts, [silent.endpoint, real.endpoint])
+    futures = _submit(driver, 40)
+    wait_until(lambda: driver.statistics().chunks_unconfirmed > 0, timeout=10)
+    assert not all(f.done() for f in futures)  # those sent to the silent broker wait
+    driver.broker_lost(0, memory_lost=True)
+    assert [f.result(timeout=10) for f in futures] == [i + 1 for i in range(40)]
+    assert driver.statistics().links_down == 1
+    # New work skips the broker that is down.
+    assert [f.result(timeout=10) for f in _submit(driver, 10)] == [i + 1 for i in range(10)]
+
+
+def test_a_broker_placed_again_receives_every_chunk_its_predecessor_never_confirmed(
+    ctx: zmq.Context[Any], parts: list[Any]
+) -> None:
+    silent = _Broker(ctx, silent=True)
+    parts.append(silent)
+    driver = _driver(parts, [silent.endpoint])
+    futures: list[Any] = []
+    # More than the driver holds while nothing is confirmed: the submitter blocks until recovery.
+    submitter = threading.Thread(target=lambda: futures.extend(_submit(driver, 40)))
+    submitter.start()
+    wait_until(lambda: driver.statistics().chunks_unconfirmed == 2, timeout=10)  # the window is full
+    time.sleep(0.3)
+    assert submitter.is_alive()
+    driver.broker_lost(0, memory_lost=False)
+    replacement = _Broker(ctx, creator=driver.identity)
+    parts.append(replacement)
+    parts.append(_Consumer(ctx, replacement.endpoint))
+    driver.reconnect(0, replacement.endpoint)
+    submitter.join(10)
+    assert [f.result(timeout=10) for f in futures] == [i + 1 for i in range(40)]
+    assert driver.statistics().links_down == 0
+
+
+def test_submitting_blocks_at_the_drivers_bound_and_times_out_when_nothing_is_confirmed(
+    ctx: zmq.Context[Any], parts: list[Any]
+) -> None:
+    silent = _Broker(ctx, silent=True)
+    parts.append(silent)
+    driver = _driver(parts, [silent.endpoint])
+    start = time.monotonic()
+    with pytest.raises(SubmitTimeout, match="not confirmed"):
+        for _ in range(100_000):
+            driver.submit_task(dumps_task((add, (1, 1))), timeout=0.5)
+    assert time.monotonic() - start < 5
+    stats = driver.statistics()
+    # window (2) chunks unconfirmed, and at most chunk-size loose tasks waiting for room.
+    assert stats.chunks_unconfirmed <= 2
+    assert stats.tasks_submitted <= 2 * 10 + 10
+
+
+def test_results_that_do_not_unpickle_fail_their_own_tasks_and_the_driver_goes_on(
+    ctx: zmq.Context[Any], parts: list[Any]
+) -> None:
+    broker = _Broker(ctx)
+    parts.append(broker)
+    driver = _driver(parts, [broker.endpoint])
+    bad = _Consumer(ctx, broker.endpoint, garbage=True)
+    parts.append(bad)
+    futures = _submit(driver, 5)
+    for f in futures:
+        assert isinstance(f.exception(timeout=10), SerializationError)
+    bad.stop()
+    parts.remove(bad)
+    parts.append(_Consumer(ctx, broker.endpoint))
+    assert [f.result(timeout=10) for f in _submit(driver, 5)] == [1, 2, 3, 4, 5]
+    assert driver.statistics().bad_messages >= 1
+
+
+def test_done_callbacks_run_off_the_io_thread_and_may_wait_on_the_driver(ctx: zmq.Context[Any], parts: list[Any]) -> None:
+    broker = _Broker(ctx)
+    parts.append(broker)
+    parts.append(_Consumer(ctx, broker.endpoint))
+    driver = _driver(parts, [broker.endpoint])
+    seen: list[Any] = []
+
+    def callback(fut: Any) -> None:
+        # A callback that submits and waits would deadlock on the I/O thread.
+        seen.append((threading.current_thread().name, driver.submit_task(dumps_task((add, (41, 1)))).result(timeout=10)))
+
+    (first,) = _submit(driver, 1)
+    first.add_done_callback(callback)
+    slow = _submit(driver, 1)[0]
+    slow.add_done_callback(lambda f: time.sleep(2))
+    quick = _submit(driver, 20)
+    start = time.monotonic()
+    assert [f.result(timeout=10) for f in quick] == [i + 1 for i in range(20)]
+    assert time.monotonic() - start < 1.5  # the sleeping callback does not hold results back
+    wait_until(lambda: seen, timeout=10)
+    assert seen[0][0].startswith("zdq-callbacks-") and seen[0][1] == 42
+
+
+def test_a_recovered_queue_that_no_longer_holds_an_early_acknowledged_chunk_fails_it_with_task_lost(
+    ctx: zmq.Context[Any], parts: list[Any]
+) -> None:
+    broker = _Broker(ctx)
+    parts.append(broker)
+    consumer = _Consumer(ctx, broker.endpoint, early_ack=True)
+    parts.append(consumer)
+    driver = _driver(parts, [broker.endpoint])
+    (future,) = _submit(driver, 1)
+    wait_until(lambda: consumer.received == 1, timeout=10)
+    time.sleep(0.2)  # the ACK reaches the broker
+    broker.stop()
+    driver.broker_lost(0, memory_lost=False)  # a durable queue: what it confirmed is kept...
+    replacement = _Broker(ctx, creator=driver.identity)  # ...except what was acknowledged early
+    parts.append(replacement)
+    driver.reconnect(0, replacement.endpoint)
+    assert isinstance(future.exception(timeout=10), TaskLost)
+
+
+def test_a_transient_broker_lost_fails_its_confirmed_tasks_with_broker_lost(ctx: zmq.Context[Any], parts: list[Any]) -> None:
+    broker = _Broker(ctx)
+    parts.append(broker)
+    driver = _driver(parts, [broker.endpoint])
+    futures = _submit(driver, 10)
+    driver.flush(timeout=10)
+    driver.broker_lost(0, memory_lost=True)
+    for f in futures:
+        assert isinstance(f.exception(timeout=10), BrokerLost)
