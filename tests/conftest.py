@@ -7,6 +7,7 @@ scheduler and no zdq thread in the driver or in any worker.
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import threading
 import time
@@ -16,6 +17,17 @@ from pathlib import Path
 import pytest
 import zmq
 from distributed import Client, LocalCluster
+
+
+_CLUSTER_FIXTURES = {"cluster", "client", "cluster3", "client3"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A test that starts a cluster is marked `cluster` by the fixtures it uses, so that
+    # `pytest -m "not cluster"` is the quick run without anyone having to remember the marker.
+    for item in items:
+        if _CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
 
 
 def _zdq_threads() -> list[str]:
@@ -66,6 +78,34 @@ def client(cluster: LocalCluster) -> Iterator[Client]:
         _assert_eventually_empty(lambda: c.run_on_scheduler(_zdq_actor_keys), "zdq actors on the scheduler")
         _assert_eventually_empty(_zdq_threads, "zdq threads in the driver")
         _assert_eventually_empty(lambda: {w: t for w, t in c.run(_zdq_threads).items() if t}, "zdq threads in workers")
+
+
+@pytest.fixture
+def cluster3() -> Iterator[LocalCluster]:
+    # One cluster per test: these tests kill workers, and a nanny's restart must not decide
+    # whether the next test starts with three workers.
+    with LocalCluster(
+        n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None
+    ) as cluster:
+        (template,) = cluster.new_worker_spec().values()
+        for name in "abc":
+            cluster.worker_spec[name] = {"cls": template["cls"], "options": {**template["options"], "name": name}}
+        cluster.sync(cluster._correct_state)
+        yield cluster
+
+
+@pytest.fixture
+def client3(cluster3: LocalCluster) -> Iterator[Client]:
+    with Client(cluster3) as client:
+        client.wait_for_workers(3, timeout=60)
+        yield client
+
+
+def pid_of(client: Client, name: str) -> int:
+    """The pid of the worker process named ``name``."""
+    pids = client.run(os.getpid)
+    (address,) = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["name"] == name]
+    return int(pids[address])
 
 
 @pytest.fixture

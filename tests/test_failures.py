@@ -9,40 +9,18 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from zdq import BrokerLost, ConsumerPool, DeadLettered, QueuePool, TaskTimeout
 from zdq.errors import BatchError
 
-from .conftest import wait_until
+from .conftest import pid_of as _pid_of, wait_until
 from .tasks import add, flaky, poison, raise_key_error, sleep, slow_add, span, tiny_sleep
 
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
-
-
-@pytest.fixture
-def cluster3() -> Iterator[LocalCluster]:
-    # One cluster per test: these tests kill workers, and a nanny's restart must not decide
-    # whether the next test starts with three workers.
-    with LocalCluster(
-        n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None
-    ) as cluster:
-        (template,) = cluster.new_worker_spec().values()
-        for name in "abc":
-            cluster.worker_spec[name] = {"cls": template["cls"], "options": {**template["options"], "name": name}}
-        cluster.sync(cluster._correct_state)
-        yield cluster
-
-
-@pytest.fixture
-def client3(cluster3: LocalCluster) -> Iterator[Client]:
-    with Client(cluster3) as client:
-        client.wait_for_workers(3, timeout=60)
-        yield client
 
 
 def test_a_long_task_run_on_the_io_thread_hands_the_sockets_over_and_runs_alone(client3: Client) -> None:
@@ -69,12 +47,6 @@ def test_a_long_task_run_on_the_io_thread_hands_the_sockets_over_and_runs_alone(
             assert queue_pool.submit(span, 0.0).result(timeout=60)[2].startswith("zdq-consumer-")
 
 
-def _pid_of(client: Client, name: str) -> int:
-    pids = client.run(os.getpid)
-    (address,) = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["name"] == name]
-    return int(pids[address])
-
-
 def test_killing_a_worker_that_holds_consumers_loses_no_task(client3: Client) -> None:
     n = 100_000
     with QueuePool(client3, 2, workers=["a"], **FAST) as queue_pool:
@@ -88,7 +60,6 @@ def test_killing_a_worker_that_holds_consumers_loses_no_task(client3: Client) ->
             stats = queue_pool.statistics()
             redelivered = sum(b.chunks_redelivered + b.chunks_split for b in stats.brokers)
             assert redelivered > 0  # the dead consumers' chunks came back and ran elsewhere
-            assert stats.driver.duplicate_results >= 0  # counted and reported
             wait_until(lambda: consumers.replacements >= 2, timeout=60)
 
 
@@ -188,7 +159,7 @@ def test_only_the_chosen_exceptions_are_retried(client3: Client) -> None:
 def test_a_task_past_its_time_limit_fails_and_its_consumer_recovers(client3: Client) -> None:
     with QueuePool(client3, 1) as queue_pool, ConsumerPool(client3, queue_pool) as consumers:
         consumers.start()
-        slow = queue_pool.submit(sleep, 3.0, timeout=0.3)
+        slow = queue_pool.submit(sleep, 3.0, time_limit=0.3)
         queue_pool.flush()
         after = queue_pool.submit(add, 1, 2)
         assert isinstance(slow.exception(timeout=30), TaskTimeout)

@@ -175,6 +175,7 @@ def test_brokers_listen_on_their_workers_own_address_only(client: Client) -> Non
         assert sorted(bound) == ["127.0.0.1", "127.0.0.1"]
 
 
+@pytest.mark.cluster
 def test_unauthenticated_sockets_are_refused_on_a_tls_secured_cluster() -> None:
     security = Security.temporary()
     with LocalCluster(

@@ -18,7 +18,10 @@ from zdq.queue_pool import QueuePool
 from zdq.stats import ConsumerStats
 from zdq.transport.sockets import new_identity
 
-__all__ = ["ConsumerPool"]
+__all__ = ["ConsumerPool", "EARLIER"]
+
+#: The key in :meth:`ConsumerPool.results` of results produced by consumers of an earlier run.
+EARLIER = "earlier-consumers"
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,9 @@ class ConsumerPool:
             raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(queue_pool, QueuePool):
+            raise TypeError(f"ConsumerPool needs a QueuePool, got {queue_pool!r:.80}")
+        queue_pool.driver  # a pool that is not started or is closed raises ClosedError here
         self.client = client
         self.queue_pool = queue_pool
         self.consumer_class = ConsumerClass
@@ -110,7 +116,8 @@ class ConsumerPool:
         self._stop_supervisor = threading.Event()
         self._supervisor: threading.Thread | None = None
         self.replacements = 0
-        queue_pool._listeners.add(self)
+        self._health_due = 0.0
+        queue_pool.subscribe(self)
         try:
             for i in range(n_consumers):
                 self._place(i)
@@ -144,6 +151,7 @@ class ConsumerPool:
         except BaseException:
             fut.release()
             raise
+        self.queue_pool.consumer_identities.add(ident)
         with self._lock:
             self._identities[i].append(ident)
             self._actor_futures[i] = fut
@@ -157,14 +165,42 @@ class ConsumerPool:
             logger.info("the consumers were cancelled (client.restart?); supervision stops")
             self._stop_supervisor.set()
             return
+        unhealthy = self._unhealthy() if self._running else {}
         for i, fut in enumerate(list(self._actor_futures)):
-            if fut is None or fut.status == "finished" or self._closed:
+            if fut is None or self._closed:
                 continue
-            logger.warning("consumer %s was lost (%s); placing a replacement", self.names[i], fut.status)
+            if fut.status == "finished" and i not in unhealthy:
+                continue
+            why = unhealthy.get(i) or f"its worker was lost ({fut.status})"
+            logger.warning("consumer %s cannot work: %s; placing a replacement", self.names[i], why)
             try:
                 self._replace(i)
             except Exception as e:  # keep supervising: the next round tries again
-                logger.warning("replacing consumer %s failed: %s", self.names[i], e)
+                logger.warning("replacing consumer %s failed (will retry): %s", self.names[i], e)
+
+    def _unhealthy(self) -> dict[int, str]:
+        """Consumers alive to Dask that cannot work (their sockets failed): asked every few seconds."""
+        now = time.monotonic()
+        if now < self._health_due:
+            return {}
+        self._health_due = now + max(2.0, self.settings.heartbeat_interval * 2)
+        calls = []
+        with self._lock:
+            for i, (fut, consumer) in enumerate(zip(self._actor_futures, self._consumers)):
+                if fut is not None and fut.status == "finished" and hasattr(Consumer, "health"):
+                    try:
+                        calls.append((i, consumer.health()))
+                    except Exception:  # the worker is going: the next round sees its future lost
+                        continue
+        out: dict[int, str] = {}
+        for i, call in calls:
+            try:
+                healthy, reason = call.result(timeout=10)
+            except Exception:
+                continue
+            if not healthy:
+                out[i] = reason
+        return out
 
     def _replace(self, i: int) -> None:
         old = self._actor_futures[i]
@@ -175,10 +211,20 @@ class ConsumerPool:
         if self._running and not self._closed:
             self._consumers[i].start(self.queue_pool.endpoints).result(timeout=30)
 
-    def _broker_moved(self, broker: int, endpoint: str) -> None:
-        """Called by the QueuePool when it placed a lost broker again."""
+    def on_broker_moved(self, broker: int, endpoint: str) -> None:
+        """Called by the QueuePool when it placed a lost broker again: every consumer reconnects.
+
+        Each consumer is told on its own: one on a dead worker (replaced, with the current
+        endpoints, by the supervisor) never keeps the others uninformed.
+        """
         with self._lock:
-            calls = [c.set_endpoint(broker, endpoint) for c in self._consumers if c is not None]
+            consumers = [c for c in self._consumers if c is not None]
+        calls = []
+        for consumer in consumers:
+            try:
+                calls.append(consumer.set_endpoint(broker, endpoint))
+            except Exception as e:
+                logger.debug("pointing a consumer at the new broker failed: %s", e)
         for call in calls:
             try:
                 call.result(timeout=30)
@@ -199,11 +245,7 @@ class ConsumerPool:
         self._check_open()
         logger.info("Starting %d consumers", self.n_consumers)
         self._running = True
-        endpoints = self.queue_pool.endpoints
-        with self._lock:
-            calls = [c.start(endpoints) for c in self._consumers]
-        for call in calls:
-            call.result()
+        self._each("start", list(self.queue_pool.endpoints), timeout=60)
         self._ensure_supervisor()
 
     def cancel(self) -> None:
@@ -211,13 +253,24 @@ class ConsumerPool:
         if self._closed:
             return
         self._running = False
+        self._each("cancel")
+
+    def _each(self, method: str, *args: Any, timeout: float = 30.0) -> None:
+        """Call ``method`` on every consumer at once; a lost one is skipped (and replaced)."""
         with self._lock:
-            calls = [c.cancel() for c in self._consumers]
+            consumers = [c for c in self._consumers if c is not None]
+        calls = []
+        for consumer in consumers:
+            try:
+                calls.append(getattr(consumer, method)(*args))
+            except Exception as e:  # its worker is gone
+                logger.debug("%s on a consumer failed: %s", method, e)
         for call in calls:
             try:
-                call.result(timeout=30)
-            except Exception as e:  # a lost consumer has nothing to cancel
-                logger.debug("cancelling a consumer failed: %s", e)
+                call.result(timeout=timeout)
+            except Exception as e:
+                # Lost or unhealthy consumers are replaced by the supervisor, with what they missed.
+                (logger.warning if method == "start" else logger.debug)("%s on a consumer failed: %s", method, e)
 
     def join(self, timestep: float = 0.2, print_timestep: float = 2.0, progress: bool = False, timeout: float | None = None) -> None:
         """Wait until every queue is drained and every result has reached this process.
@@ -243,27 +296,35 @@ class ConsumerPool:
 
             bar = tqdm(total=0, unit="task", desc="zdq", dynamic_ncols=True)
         start_done = driver.completed
+        pending = outstanding = 0
         try:
             while True:
-                driver.flush(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-                stats = self.queue_pool.broker_statistics()
-                pending = sum(s.pending_tasks for s in stats)
-                me = driver.identity
-                behind = sum(
-                    max(0, s.routed_tasks.get(me, 0) - driver.received_from(i)) for i, s in enumerate(stats)
-                )
+                # The queues' counts come over the data plane: no actor call, so a broker that is
+                # being placed again (its worker died) only makes join wait, never fail.
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    driver.flush(timeout=left)
+                except ZdqTimeoutError:
+                    pass  # the deadline is checked below
+                statuses = driver.queue_status(timeout=10 if left is None else min(10.0, max(left, 0.1)))
+                known = [s for s in statuses if s is not None]
+                pending = sum(s.ready_tasks + s.leased_tasks + s.waiting_tasks for s in known)
                 outstanding = driver.outstanding
                 if bar is not None:
                     done = driver.completed - start_done
-                    bar.total = done + max(pending + behind, outstanding)
+                    bar.total = done + max(pending, outstanding)
                     bar.update(done - bar.n)
-                if pending == 0 and behind == 0 and outstanding == 0:
+                # A STATUS reply comes after every result its broker routed here before it (one
+                # socket keeps order): when every queue answers "nothing pending", those are in.
+                if len(known) == len(statuses) and pending == 0 and outstanding == 0:
                     break
                 if deadline is not None and time.monotonic() > deadline:
-                    raise ZdqTimeoutError(f"join: {max(pending, outstanding)} tasks were still pending at the timeout")
+                    down = len(statuses) - len(known)
+                    raise ZdqTimeoutError(
+                        f"join: {max(pending, outstanding)} tasks were still pending at the timeout"
+                        + (f" ({down} queues were down, being placed again)" if down else "")
+                    )
                 driver.wait_results(timeout=timestep)
-                if pending == 0 and outstanding == 0:
-                    time.sleep(min(timestep, 0.05))  # results routed but still on the wire
         finally:
             if bar is not None:
                 bar.close()
@@ -274,22 +335,33 @@ class ConsumerPool:
         """Every result this pool's consumers produced, per consumer: ``{name: {task key: result}}``.
 
         A failed task's value is its exception. Needs ``keep_results=True`` on the QueuePool.
+        Results that a durable queue kept from consumers of an earlier run (done, but never taken
+        by their driver before a restart) appear under ``"earlier-consumers"`` in the results of
+        the newest ConsumerPool of the queue pool.
         """
         if not self.queue_pool.keep_results:
             raise ClosedError("the QueuePool was made with keep_results=False: read results from futures")
-        store = self.queue_pool.driver.results
-        out: dict[str, dict[int, Any]] = {}
-        for name, idents in zip(self.names, self._identities):
-            merged: dict[int, Any] = {}
-            for ident in idents:
-                merged.update(store.get(ident, {}))
-            out[name] = merged
+        driver = self.queue_pool.driver
+        out = {name: driver.results_for(idents) for name, idents in zip(self.names, self._identities)}
+        earlier = self._earlier_producers()
+        if earlier:
+            out[EARLIER] = driver.results_for(earlier)
         return out
 
+    def _earlier_producers(self) -> set[bytes]:
+        """Consumers that no ConsumerPool of this process placed (a durable queue kept their
+        results from before a restart): the newest ConsumerPool of the queue pool reports them."""
+        pools = self.queue_pool.consumer_pools()
+        if not pools or pools[-1] is not self:
+            return set()
+        return self.queue_pool.driver.producers() - self.queue_pool.consumer_identities
+
     def nb_consumed(self) -> int:
-        """Tasks whose results reached this process from this pool's consumers."""
-        done_by = self.queue_pool.driver.done_by
-        return sum(done_by.get(ident, 0) for idents in self._identities for ident in idents)
+        """Tasks whose results reached this process from this pool's consumers (and, for the
+        newest ConsumerPool, from consumers of an earlier run: see :meth:`results`)."""
+        driver = self.queue_pool.driver
+        own = driver.done_count(ident for idents in self._identities for ident in idents)
+        return own + driver.done_count(self._earlier_producers())
 
     def statistics(self, timeout: float = 10.0) -> list[ConsumerStats]:
         with self._lock:
@@ -306,10 +378,9 @@ class ConsumerPool:
         if self._closed:
             return f"Consumers : {self.n_consumers} Consumers(s), closed"
         try:
-            done_by = self.queue_pool.driver.done_by
+            driver = self.queue_pool.driver
             lines = [
-                f"\n\t{name}: {sum(done_by.get(i, 0) for i in idents)} processed"
-                for name, idents in zip(self.names, self._identities)
+                f"\n\t{name}: {driver.done_count(idents)} processed" for name, idents in zip(self.names, self._identities)
             ]
         except ClosedError:
             lines = []

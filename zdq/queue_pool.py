@@ -16,15 +16,27 @@ from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
-import dask.config
+import time
+
 from distributed import Client
 
-from zdq._actor import pick_worker, start_supervisor
+from zdq import config
+from zdq._actor import candidate_workers, pick_worker, start_supervisor
 from zdq.broker import Broker
 from zdq.consumer import GeneralConsumer
 from zdq.config import PoolSettings, settings
 from zdq.driver import Driver
-from zdq.errors import ClosedError, PlacementError, SerializationError, StorageCorrupt, ZdqError
+from zdq.errors import (
+    BrokerLost,
+    ClosedError,
+    PlacementError,
+    QueueMissing,
+    SerializationError,
+    StorageCorrupt,
+    ZdqError,
+)
+from zdq.transport import protocol as p
+from zdq.transport.sockets import new_identity
 from zdq.futures import BatchFuture, TaskFuture
 from zdq.serialization import CALLS, ITEMS, Task, TaskOptions, dumps_task, pack_chunks
 from zdq.stats import BrokerStats, PoolStats
@@ -59,6 +71,12 @@ def _durability(value: Durability | str) -> Durability:
         return Durability(value.value if isinstance(value, Durability) else str(value).lower())
     except ValueError:
         raise ValueError(f"durability must be 'transient' or 'durable', got {value!r}") from None
+
+
+def _host_of(address: str) -> str:
+    from zdq.transport.sockets import worker_host
+
+    return worker_host(address, "127.0.0.1")
 
 
 def _check_calls(calls: Sequence[Any], first: int = 0) -> None:
@@ -144,7 +162,7 @@ class QueuePool:
         )
         self.queue_names = [f"{self.name}-queue-{i}" for i in range(n_queues)]
         self._allowed_workers = list(workers) if workers is not None else None
-        self.auth = bool(dask.config.get("zdq.auth")) if auth is None else bool(auth)
+        self.auth = bool(config.get("auth")) if auth is None else bool(auth)
         self._keys: PoolKeys | None = None
         self.payload_key: bytes | None = None
         self._actor_futures: list[Any] = []
@@ -154,10 +172,21 @@ class QueuePool:
         self._closed = False
         self._stop_supervisor = threading.Event()
         self._supervisor: threading.Thread | None = None
-        self._lost = [False] * n_queues
+        self._lost_since: dict[int, float] = {}  # queues lost and not yet placed again
+        self._gone: set[int] = set()  # durable queues that cannot be placed again (their futures failed)
+        self._silent_logged: set[int] = set()
         self._placed_on: dict[int, str] = {}
+        self._where: list[tuple[str, str]] = []  # (host, queue id) of each queue
+        self._identity = new_identity()  # the driver's: brokers hand it the results nobody else takes
         self._listeners: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._subscribed: list[weakref.ref[Any]] = []
+        #: Every consumer identity that a ConsumerPool of this process placed for this pool.
+        self.consumer_identities: set[bytes] = set()
         self.recoveries = 0
+        self.reset_by_restart = False
+        # How long a lost queue may take to be placed again (a nanny restarting its worker takes
+        # seconds) before what it held fails: every future settles within a bound.
+        self._recovery_timeout = max(60.0, 4 * self.settings.heartbeat_timeout)
         if start:
             self.start()
 
@@ -170,10 +199,15 @@ class QueuePool:
             return self
         self._keys = self._make_keys()
         try:
+            # Every step runs for all queues at once: placing a pool costs about the same per queue
+            # whatever its size.
             for i in range(self.n_queues):
                 self._actor_futures.append(self._place_broker(i))
-            self._brokers = [fut.result() for fut in self._actor_futures]
-            self.endpoints = [b.start().result() for b in self._brokers]
+            self._brokers = [fut.result(timeout=60) for fut in self._actor_futures]
+            starts = [b.start(self._identity) for b in self._brokers]
+            self.endpoints = [call.result(timeout=60) for call in starts]
+            wheres = [b.where() for b in self._brokers]
+            self._where = [(str(h), str(q)) for h, q in (call.result(timeout=60) for call in wheres)]
             self.payload_key = self._agree_payload_key()
         except ZdqError:
             self._release_actors()
@@ -188,6 +222,8 @@ class QueuePool:
             keep_results=self.keep_results,
             keys=self.client_keys,
             payload_key=self.payload_key,
+            queue_names=self.queue_names,
+            identity=self._identity,
         )
         self._driver.start()
         # A pool dropped without close() (daskqueue programs never close theirs) still stops its driver.
@@ -230,16 +266,27 @@ class QueuePool:
         """The CURVE keys of this pool's drivers and consumers (``None`` without authentication)."""
         return None if self._keys is None else self._keys.client
 
-    def _place_broker(self, i: int) -> Any:
-        address = pick_worker(self.client, self._allowed_workers, i, self._placed_on)
+    def _place_broker(self, i: int, *, host: str | None = None) -> Any:
+        """Place the broker of queue ``i``; ``host``: only on a worker of that host (recovery of a
+        durable queue, whose directory is on that host's disk), and never creating a new queue."""
+        allowed = self._allowed_workers
+        if host is not None:
+            here = [a for a in candidate_workers(self.client, allowed) if _host_of(a) == host]
+            if not here:
+                raise PlacementError(
+                    f"durable queue {self.queue_names[i]} lives in {self._queue_dir(i)} on host {host}, "
+                    "and no worker of that host is available to serve it"
+                )
+            allowed = here
+        address = pick_worker(self.client, allowed, i, self._placed_on)
         queue_name = self.queue_names[i]
-        dirpath = None if self.dirpath is None else os.path.join(self.dirpath, queue_name)
         return self.client.submit(
             Broker,
             queue_name,
             self.settings,
-            dirpath,
+            self._queue_dir(i),
             None if self._keys is None else self._keys.server,
+            host is not None,
             actor=True,
             workers=[address],
             allow_other_workers=False,
@@ -247,58 +294,123 @@ class QueuePool:
             key=f"zdq-broker-{queue_name}-{uuid.uuid4().hex[:8]}",
         )
 
+    def subscribe(self, listener: Any) -> None:
+        """Tell ``listener`` (held weakly) when a lost queue is served again: the pool calls
+        ``listener.on_broker_moved(queue index, new endpoint)``. ConsumerPools subscribe."""
+        self._listeners.add(listener)
+        self._subscribed.append(weakref.ref(listener))
+
+    def consumer_pools(self) -> list[Any]:
+        """The live ConsumerPools of this pool, oldest first."""
+        from zdq.consumer_pool import ConsumerPool
+
+        alive = [ref() for ref in self._subscribed]
+        return [pool for pool in alive if isinstance(pool, ConsumerPool) and not pool._closed]
+
+    def _queue_dir(self, i: int) -> str | None:
+        return None if self.dirpath is None else os.path.join(self.dirpath, self.queue_names[i])
+
     # -- supervision ----------------------------------------------------------------------------
     def _supervise_once(self) -> None:
-        if self._closed or self._driver is None or self.client.status != "running":
+        driver = self._driver
+        if self._closed or driver is None or self.client.status != "running":
             return
         if any(fut.status == "cancelled" for fut in self._actor_futures):
             # client.restart() (or a cancel) took the actors: the cluster was reset on purpose, and a
-            # new pool may reopen the same queues. Recovering here would race it for the directories.
-            logger.info("the brokers of pool %s were cancelled (client.restart?); supervision stops", self.name)
+            # new pool may reopen the same queues. Recovering here would race it for the directories;
+            # what this pool's futures wait for will not come, so they fail now.
+            logger.warning("the brokers of pool %s were cancelled (client.restart?): its pending tasks fail", self.name)
             self._stop_supervisor.set()
+            self.reset_by_restart = True
+            kept = " (a durable queue kept them: a new pool on the same dirpath runs them)" if self.dirpath else ""
+            driver.fail_all(
+                BrokerLost(
+                    f"the cluster was restarted (client.restart()) while this task of pool {self.name} was "
+                    f"pending{kept}; make a new QueuePool"
+                )
+            )
             return
         for i, fut in enumerate(list(self._actor_futures)):
-            lost = fut.status != "finished"
-            if not lost and self._driver.broker_silence(i) > self.settings.heartbeat_timeout:
-                try:
-                    self._brokers[i].pid().result(timeout=self.settings.heartbeat_interval * 2)
-                except Exception:
-                    lost = True
-            if lost and not self._closed:
-                try:
-                    self._recover(i)
-                except Exception as e:  # the next round tries again
-                    logger.warning("recovering queue %s failed: %s", self.queue_names[i], e)
+            if i in self._gone or self._closed:
+                continue
+            if fut.status == "finished" and i not in self._lost_since:
+                # Silence alone is not a loss: a task holding the GIL beside the broker, or a
+                # paused worker, keeps it quiet. Dask says when its worker is really gone.
+                silence = driver.broker_silence(i)
+                if silence > self.settings.heartbeat_timeout and i not in self._silent_logged:
+                    self._silent_logged.add(i)
+                    logger.warning(
+                        "queue %s has been silent for %.0f s; its worker is alive (busy, or holding the GIL)",
+                        self.queue_names[i], silence,
+                    )
+                elif silence < self.settings.heartbeat_timeout:
+                    self._silent_logged.discard(i)
+                continue
+            self._recover(i)
 
     def _recover(self, i: int) -> None:
-        assert self._driver is not None
+        driver = self.driver
         transient = self.durability is Durability.TRANSIENT
-        if not self._lost[i]:
-            self._lost[i] = True
-            failed = self._driver.broker_lost(i, memory_lost=transient)
+        name = self.queue_names[i]
+        if i not in self._lost_since:
+            self._lost_since[i] = time.monotonic()
+            driver.broker_lost(i, memory_lost=transient)
             logger.warning(
                 "queue %s was lost with its worker%s; placing it again",
-                self.queue_names[i],
-                f" ({failed} tasks that lived only in its memory failed with BrokerLost)" if transient else "",
+                name,
+                " (the tasks that lived only in its memory fail with BrokerLost)" if transient else "",
             )
-        fut = self._place_broker(i)
+        host = None if transient else self._where[i][0]
         try:
-            broker = fut.result(timeout=30)
-            endpoint = broker.start().result(timeout=30)
-            if broker.payload_key(self.payload_key).result(timeout=30) != self.payload_key:
-                raise StorageCorrupt(f"queue {self.queue_names[i]} was reopened with another pool's key")
-        except BaseException:
+            fut = self._place_broker(i, host=host)
+        except Exception as e:  # the next round tries again, within the recovery bound
+            if time.monotonic() - self._lost_since[i] > self._recovery_timeout:
+                return self._unrecoverable(i, e)
+            logger.debug("placing queue %s again failed (will retry): %s", name, e)
+            return None
+        try:
+            broker = fut.result(timeout=60)
+            endpoint = broker.start(self._identity).result(timeout=60)
+            host_found, id_found = broker.where().result(timeout=60)
+            where = (str(host_found), str(id_found))
+            if not transient and where != self._where[i]:
+                raise QueueMissing(
+                    f"durable queue {name} placed again on host {where[0]} found queue id {where[1]} in "
+                    f"{self._queue_dir(i)}, not {self._where[i][1]} on host {self._where[i][0]}: not the same queue"
+                )
+            if broker.payload_key(self.payload_key).result(timeout=60) != self.payload_key:
+                raise StorageCorrupt(f"queue {name} was reopened with another pool's key")
+        except QueueMissing as e:
             fut.release()
-            raise
+            return self._unrecoverable(i, e)
+        except Exception as e:
+            fut.release()
+            if time.monotonic() - self._lost_since[i] > self._recovery_timeout:
+                return self._unrecoverable(i, e)
+            logger.warning("placing queue %s again failed (will retry): %s", name, e)
+            return None
         old = self._actor_futures[i]
         self._actor_futures[i], self._brokers[i] = fut, broker
         old.release()
         self.endpoints[i] = endpoint
-        self._lost[i] = False
+        del self._lost_since[i]
         self.recoveries += 1
-        self._driver.reconnect(i, endpoint)
+        driver.reconnect(i, endpoint)
+        logger.info("queue %s is served again at %s", name, endpoint)
         for listener in list(self._listeners):
-            listener._broker_moved(i, endpoint)
+            try:
+                listener.on_broker_moved(i, endpoint)
+            except Exception as e:  # one listener's failure never keeps the others uninformed
+                logger.warning("telling %r that queue %s moved failed: %s", listener, name, e)
+        return None
+
+    def _unrecoverable(self, i: int, error: Exception) -> None:
+        """A queue cannot be placed again (a durable one: not where its directory is): fail what
+        it held; the other queues take what it never confirmed."""
+        self._gone.add(i)
+        self._lost_since.pop(i, None)
+        logger.error("queue %s cannot be served again: %s", self.queue_names[i], error)
+        self.driver.fail_chunks_of(i, BrokerLost(str(error)))
 
     def close(self) -> None:
         """Stop the driver and every broker; pending futures fail with ClosedError. Idempotent."""
@@ -373,6 +485,7 @@ class QueuePool:
         retries: int | None = None,
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        time_limit: float | None = None,
         timeout: float | None = None,
         worker_class: type | None = None,
         **kwargs: Any,
@@ -386,9 +499,11 @@ class QueuePool:
             ``retry_backoff`` seconds); after the last one the task is dead-lettered.
         retry_on : exception type or tuple of them, optional
             Only these are retried (default: any ``Exception``).
-        timeout : float, optional
+        time_limit : float, optional
             Time limit of one attempt: an attempt running longer fails with ``TaskTimeout``.
-
+        timeout : float, optional
+            How long this call may block while the driver's buffers are full (a stalled or lost
+            broker); past it, :class:`~zdq.errors.SubmitTimeout` and nothing is queued.
         worker_class : type, optional
             Accepted for daskqueue compatibility: submitted functions run on any consumer, so it
             must be a :class:`GeneralConsumer` subclass, as daskqueue required.
@@ -403,17 +518,23 @@ class QueuePool:
         """
         if worker_class is not None and not (isinstance(worker_class, type) and issubclass(worker_class, GeneralConsumer)):
             raise TypeError("submit() runs functions: worker_class must be GeneralConsumer or a subclass of it")
-        options = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": timeout}
-        return self.submit_call(fn, args, kwargs, **{k: v for k, v in options.items() if v is not None})
+        options = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
+        return self.submit_call(fn, args, kwargs, timeout=timeout, **{k: v for k, v in options.items() if v is not None})
 
     def submit_call(
-        self, fn: Callable[..., Any], args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, **options: Any
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        **options: Any,
     ) -> TaskFuture:
         """Like :meth:`submit` with explicit ``args``/``kwargs``; ``options`` as in :class:`TaskOptions`."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
         task: Task = (fn, tuple(args), kwargs) if kwargs else (fn, tuple(args))
-        return self.driver.submit_task(dumps_task(self._with_options(task, self._options(options))))
+        return self.driver.submit_task(dumps_task(self._with_options(task, self._options(options))), timeout=timeout)
 
     def put(self, item: Any) -> TaskFuture:
         """Queue a raw item for the consumers' ``process_item``; return a future of its result."""
@@ -576,10 +697,20 @@ class QueuePool:
     def statistics(self) -> PoolStats:
         return PoolStats(self.driver.statistics(), self.broker_statistics())
 
-    def get_queue_size(self) -> dict[str, int]:
-        """Tasks pending (stored, not yet acknowledged) in each queue, by queue name."""
-        self.flush()
-        return {s.name: s.pending_tasks for s in self.broker_statistics()}
+    def queue_status(self, timeout: float = 10.0) -> list[p.QueueStatus | None]:
+        """Each queue's counts, asked over the data plane (``None`` for a queue that is down)."""
+        return self.driver.queue_status(timeout)
+
+    def get_queue_size(self, timeout: float = 30.0) -> dict[str, int]:
+        """Tasks pending (stored, not yet acknowledged) in each queue, by queue name.
+
+        A queue that is down (lost with its worker, being placed again) is left out.
+        """
+        self.flush(timeout)
+        statuses = self.queue_status(timeout)
+        return {
+            name: s.ready_tasks + s.leased_tasks for name, s in zip(self.queue_names, statuses) if s is not None
+        }
 
     def __len__(self) -> int:
         return self.n_queues
@@ -595,8 +726,12 @@ class QueuePool:
             return f"QueuePool : {self.n_queues} queue(s), {state}"
         try:
             self.flush(timeout=2)
-            stats = self.broker_statistics(timeout=2)
-            lines = [f"\n\t{kind}Queue-{s.name}: {s.pending_tasks} pending items" for s in stats]
+            statuses = self.queue_status(timeout=2)
+            lines = [
+                f"\n\t{kind}Queue-{name}: "
+                + ("down, being placed again" if s is None else f"{s.ready_tasks + s.leased_tasks} pending items")
+                for name, s in zip(self.queue_names, statuses)
+            ]
         except Exception as e:  # a repr must not raise
             lines = [f"\n\t(statistics unavailable: {e!r:.80})"]
         return f"QueuePool : {self.n_queues} queue(s)" + "".join(lines)
