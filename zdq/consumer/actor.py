@@ -1,0 +1,216 @@
+"""The Consumer actor: the control plane of one consumer (start, stop, statistics, health).
+
+Its methods run on the Dask worker's threads and only start, steer and stop what
+:mod:`zdq.consumer.link` (the sockets) and :mod:`zdq.consumer.runner` (the chunks) do on zdq's own
+threads; no task, result or acknowledgement ever passes through them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from zdq._actor import liveness_probe, worker_address
+from zdq.config import PoolSettings
+from zdq.consumer.base import ConsumerBaseClass
+from zdq.consumer.link import Link
+from zdq.consumer.runner import Counters, Runner
+from zdq.errors import PlacementError
+from zdq.serialization import TaskOptions
+from zdq.stats import ConsumerStats
+from zdq.transport.security import ClientKeys
+
+__all__ = ["Consumer"]
+
+#: How long ``start()`` waits for the I/O thread to open its sockets (connecting does not wait for
+#: the brokers: ZeroMQ connects in the background, so this is only ever reached by a stuck worker).
+_OPEN_TIMEOUT = 10.0
+
+
+class Consumer:
+    """Dask actor that pulls chunks from every broker of a pool and executes them.
+
+    Parameters
+    ----------
+    name : str
+        Display name (``GeneralConsumer-0``).
+    identity : bytes
+        16-byte routing identity, chosen by the pool so results can be attributed to it.
+    consumer_class : type
+        A :class:`ConsumerBaseClass` subclass, instantiated on the worker.
+    settings : PoolSettings
+        Prefetch and heartbeat settings.
+    max_concurrency : int
+        Threads that run tasks; 1 runs each chunk in one tight loop (fastest for CPU-bound tasks).
+    early_ack : bool
+        Acknowledge a chunk when it is received (at most once) instead of after its results.
+    retries : int
+        Retries of tasks that carry no options of their own.
+    keys : ClientKeys, optional
+        The pool's CURVE client keys (``None``: unauthenticated sockets).
+    payload_key : bytes, optional
+        The key that seals chunks and results (``None``: unsealed).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        identity: bytes,
+        consumer_class: type[ConsumerBaseClass],
+        settings: PoolSettings,
+        max_concurrency: int = 1,
+        early_ack: bool = False,
+        retries: int = 0,
+        keys: ClientKeys | None = None,
+        payload_key: bytes | None = None,
+    ) -> None:
+        self.name = name
+        self._identity = identity
+        self._class = consumer_class
+        self._settings = settings
+        self._max_concurrency = max_concurrency
+        self._early_ack = early_ack
+        self._defaults = TaskOptions(retries=retries)
+        self._keys = keys
+        self._payload_key = payload_key
+        self._endpoints: list[str] = []
+        self._worker = ""
+        self._stop = threading.Event()
+        self._fetching = threading.Event()
+        self._counters = Counters()
+        self._link: Link | None = None
+        self._runner: Runner | None = None
+        self._io: threading.Thread | None = None
+        self._exec: threading.Thread | None = None
+        self._started = False  # start() succeeded and stop() was not called since: it should run
+        self._start_error: str | None = None
+
+    def start(self, endpoints: list[str]) -> None:
+        """Connect to the brokers at ``endpoints`` and start consuming. Idempotent; resumes a
+        cancelled consumer.
+
+        Raises
+        ------
+        PlacementError
+            If the consumer cannot open its sockets (too many open files or sockets in its worker's
+            process, an endpoint that does not parse); the message names the cause.
+        TypeError
+            If the consumer class cannot be instantiated (an abstract ``process_item``).
+        """
+        if self._io is not None and self._io.is_alive() and not self._stop.is_set():
+            self._fetching.set()
+            if self._link is not None:
+                self._link.poke()  # it sleeps in poll until its next heartbeat otherwise
+            return
+        handler = self._class(name=self.name)
+        self._worker = worker_address() or ""
+        self._endpoints = list(endpoints)
+        # A new event per start: threads of an earlier start that are still winding down keep the
+        # one that told them to stop.
+        self._stop = threading.Event()
+        self._fetching.set()
+        link = Link(
+            self.name,
+            self._identity,
+            self._endpoints,
+            self._settings,
+            self._stop,
+            self._fetching,
+            self._counters,
+            keys=self._keys,
+            early_ack=self._early_ack,
+            alive=liveness_probe(self),
+        )
+        runner = Runner(
+            self.name,
+            handler,
+            link.post,
+            self._stop,
+            self._fetching,
+            self._counters,
+            max_concurrency=self._max_concurrency,
+            defaults=self._defaults,
+            crash_attempts=self._settings.crash_attempts,
+            payload_key=self._payload_key,
+        )
+        link.attach(runner)
+        self._link, self._runner = link, runner
+        runner.start_threads()
+        if runner.inline:  # chunks run on the thread that owns the sockets; this one stands by
+            self._exec = threading.Thread(target=link.take_turns, name=f"zdq-standby-{self.name}", daemon=True)
+        else:
+            self._exec = threading.Thread(target=runner.exec_loop, name=f"zdq-exec-{self.name}", daemon=True)
+        opened = threading.Event()
+        self._io = threading.Thread(target=link.io_main, args=(opened,), name=f"zdq-consumer-{self.name}", daemon=True)
+        self._io.start()
+        if not opened.wait(_OPEN_TIMEOUT) or link.open_error is not None:
+            cause = link.open_error
+            why = f"{cause}" if cause is not None else f"its I/O thread did not start within {_OPEN_TIMEOUT:g}s"
+            self.stop()
+            self._start_error = (
+                f"consumer {self.name} on {self._worker or 'this process'} could not open its sockets "
+                f"to {len(self._endpoints)} brokers: {why}"
+            )
+            raise PlacementError(self._start_error) from cause
+        self._exec.start()  # after the I/O thread took the sockets (and set itself as their owner)
+        self._started = True
+        self._start_error = None
+
+    def set_endpoint(self, broker: int, endpoint: str) -> None:
+        """Broker ``broker`` was replaced: reconnect to its new endpoint."""
+        self._endpoints[broker] = endpoint
+        if self._link is not None:
+            self._link.set_endpoint(broker, endpoint)
+
+    def cancel(self) -> None:
+        """Stop asking for work; chunks already received still run and report. ``start()`` resumes."""
+        self._fetching.clear()
+        if self._link is not None:
+            self._link.poke()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop consuming and close every thread and socket. Unstarted chunks go back. Idempotent."""
+        self._started = False
+        self._fetching.clear()
+        self._stop.set()
+        if self._link is not None:
+            self._link.poke()
+        if self._io is not None:
+            self._io.join(timeout)
+        if self._runner is not None:
+            self._runner.shutdown()
+        if self._exec is not None and self._exec.ident is not None:
+            self._exec.join(timeout)
+
+    def statistics(self) -> ConsumerStats:
+        counters, link = self._counters, self._link
+        return ConsumerStats(
+            name=self.name,
+            worker=self._worker,
+            running=self._io is not None and self._io.is_alive() and self._fetching.is_set(),
+            chunks_received=counters.chunks_received,
+            tasks_done=counters.tasks_done,
+            tasks_failed=counters.tasks_failed,
+            tasks_in_flight=0 if link is None else link.in_flight,
+            bad_chunks=counters.bad_chunks,
+        )
+
+    def health(self) -> tuple[bool, str]:
+        """``(True, state)``, or ``(False, why)`` when the consumer is not running although it
+        should (its I/O thread died, it could not open its sockets). Cheap: no socket is touched.
+        A cancelled or stopped consumer is healthy: it is not meant to run."""
+        if self._start_error is not None:
+            return False, self._start_error
+        if not self._started:
+            return True, "not started" if self._io is None else "stopped"
+        link = self._link
+        if link is not None and link.failure is not None:
+            return False, f"consumer {self.name} stopped on its own: {link.failure}"
+        threads: list[Any] = [self._io, self._exec]
+        if self._stop.is_set() or not all(t is not None and t.is_alive() for t in threads):
+            return False, f"consumer {self.name}: its I/O thread ended"
+        return True, "running" if self._fetching.is_set() else "cancelled"
+
+    def pid(self) -> int:
+        return os.getpid()
