@@ -71,3 +71,55 @@ def span(seconds: float) -> tuple[float, float, str]:
     start = time.time()
     time.sleep(seconds)
     return start, time.time(), threading.current_thread().name
+
+
+# -- for tests/test_faults.py ------------------------------------------------------------------
+
+
+class TwoArgError(Exception):
+    """Pickles (as ``TwoArgError(message)``) but cannot be unpickled: ``__init__`` takes two arguments."""
+
+    def __init__(self, code: int, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+
+
+def raise_two_arg_error(code: int = 7, detail: str = "bad") -> None:
+    raise TwoArgError(code, detail)
+
+
+def sleep_return(x: object, seconds: float) -> object:
+    time.sleep(seconds)
+    return x
+
+
+def mark_and_sleep(marker: str, seconds: float) -> float:
+    """Writes ``marker`` (so the test knows the task started), then sleeps."""
+    with open(marker, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return seconds
+
+
+def hold_gil(seconds: float, report: str | None = None) -> float:
+    """Hold the GIL for at least ``seconds`` in ONE C call that never releases it; return how long
+    that call held it (also written to the file ``report``, if given, as soon as it is known).
+
+    ``re`` does not release the GIL, and a catastrophically backtracking match runs for a time
+    that roughly doubles with each extra character: grow the input until one match takes long
+    enough (the shorter attempts before it hold the GIL for less than the target in total).
+    """
+    import re
+
+    pattern = re.compile(r"(a+)+$")
+    n = 16
+    while True:
+        start = time.perf_counter()
+        pattern.match("a" * n + "b")
+        took = time.perf_counter() - start
+        if took >= seconds:
+            if report is not None:
+                with open(report + ".tmp", "w") as f:
+                    f.write(repr(took))
+                os.replace(report + ".tmp", report)
+            return took
+        n += 1 if took * 3 >= seconds else 2

@@ -193,8 +193,8 @@ class Driver:
         self._closed_by: BaseException | None = None  # why the driver stopped taking work
         self._statuses: dict[int, dict[int, p.QueueStatus]] = {}  # token -> broker -> reply
         self._links_up = [True] * len(endpoints)  # a copy of the links' states, for callers
-        self.results: defaultdict[bytes, dict[int, Any]] = defaultdict(dict)
-        self.done_by: defaultdict[bytes, int] = defaultdict(int)
+        self._results: defaultdict[bytes, dict[int, Any]] = defaultdict(dict)
+        self._done_by: defaultdict[bytes, int] = defaultdict(int)
         self._submitted = 0
         self._completed = 0
         self._failed = 0
@@ -391,18 +391,18 @@ class Driver:
         with self._cond:
             merged: dict[int, Any] = {}
             for ident in producers:
-                merged.update(self.results.get(ident, {}))
+                merged.update(self._results.get(ident, {}))
             return merged
 
     def done_count(self, producers: Iterable[bytes]) -> int:
         """Tasks whose results came from these consumers."""
         with self._cond:
-            return sum(self.done_by.get(ident, 0) for ident in producers)
+            return sum(self._done_by.get(ident, 0) for ident in producers)
 
     def producers(self) -> set[bytes]:
         """Every consumer identity that results came from."""
         with self._cond:
-            return set(self.done_by)
+            return set(self._done_by)
 
     def links_up(self) -> list[bool]:
         """Which brokers the driver can reach now (a copy of the I/O thread's link states)."""
@@ -847,7 +847,7 @@ class Driver:
         exceptions = {i: error_to_exception(info) for i, info in errors.items()}
         if self._keep_results:
             with self._cond:
-                store = self.results[consumer]
+                store = self._results[consumer]
                 store.update(zip(range(base, base + n), values))
                 for i, exc in exceptions.items():
                     store[base + i] = exc
@@ -859,7 +859,7 @@ class Driver:
                 for i, value in enumerate(values):
                     _settle(futures[offset + i], value, exceptions.get(i))
         with self._cond:
-            self.done_by[consumer] += n
+            self._done_by[consumer] += n
             self._failed += len(errors)
             if rec is None:
                 self._foreign += n

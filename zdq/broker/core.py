@@ -88,6 +88,7 @@ class _Round:
     racks: list[tuple[bytes, tuple[int, ...]]] = field(default_factory=list)
     syncs: list[tuple[bytes, p.Sync]] = field(default_factory=list)
     drivers_heard: set[bytes] = field(default_factory=set)
+    early_acks: bool = False
 
 
 class BrokerCore:
@@ -255,7 +256,9 @@ class BrokerCore:
         for ident, sync in work.syncs:
             self._answer(ident, sync)
         self._dispatch(now)
-        self._storage.commit()
+        # An early acknowledgement (at most once) is written at once: held back, a broker that
+        # died in the meantime would serve the chunk again after a restart.
+        self._storage.commit(force=work.early_acks)
 
     def _on_message(self, ident: bytes, head: Any, msg: p.Message, work: _Round, now: float) -> None:
         kind = type(msg)
@@ -293,6 +296,7 @@ class BrokerCore:
                 self._leases.give_back(msg.chunk_id, count_attempt=False)  # type: ignore[union-attr]
         elif kind is p.Ack:
             self._early_ack(ident, msg.chunk_id)  # type: ignore[union-attr]
+            work.early_acks = True
         elif kind is p.Dead:
             self._dead(ident, msg)  # type: ignore[arg-type]
         elif kind is p.Split:

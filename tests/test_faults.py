@@ -1,0 +1,694 @@
+"""Fault injection: the findings of issue 13, one test each, as a specification.
+
+Every test runs real parts: a LocalCluster of three worker processes named a, b and c (a fresh
+one per test, ``client3``), workers killed with SIGKILL or stalled with SIGSTOP by pid, real LMDB
+directories under ``tmp_path``, and processes starved of the GIL by a C call that never releases
+it. Every wait is bounded: a hang is reported as a failure naming what hung, never a stuck test.
+
+"Settled" means a future's ``result(timeout)`` returns or raises a ``ZdqError`` (or the task's
+own exception); never that waiting for it ran out of time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+from distributed import Client
+
+from zdq import (
+    BatchFuture,
+    BrokerLost,
+    ClosedError,
+    ConsumerPool,
+    QueueLocked,
+    QueuePool,
+    SubmitTimeout,
+    TaskLost,
+    ZdqError,
+)
+from zdq.errors import BatchError
+
+from .conftest import pid_of, wait_until
+from .tasks import (
+    add,
+    hold_gil,
+    mark_and_sleep,
+    raise_two_arg_error,
+    sleep,
+    sleep_return,
+)
+
+pytestmark = pytest.mark.faults
+
+FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
+HEARTBEAT_TIMEOUT = 2.0
+ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def assert_settled(futures: Iterable[concurrent.futures.Future], timeout: float, what: str = "futures") -> None:  # type: ignore[type-arg]
+    """Fail unless every future is done (value or exception) within ``timeout`` seconds."""
+    futures = list(futures)
+    _, not_done = concurrent.futures.wait(futures, timeout=timeout)
+    if not_done:
+        pytest.fail(f"{len(not_done)} of {len(futures)} {what} never settled within {timeout}s")
+
+
+class Background:
+    """Run ``fn`` on a thread; ``result(timeout)`` fails the test if it has not returned by then."""
+
+    def __init__(self, fn: Callable[[], Any], name: str) -> None:
+        self._box: dict[str, Any] = {}
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=f"test-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._box["value"] = fn()
+        except BaseException as e:
+            self._box["error"] = e
+
+    def result(self, timeout: float, what: str) -> Any:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            pytest.fail(f"{what} did not return within {timeout}s")
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box.get("value")
+
+
+def call_bounded(fn: Callable[[], Any], timeout: float, what: str) -> Any:
+    return Background(fn, "bounded").result(timeout, what)
+
+
+def broker_pid(queue_pool: QueuePool, i: int) -> int:
+    return int(queue_pool[i].pid().result(timeout=10))
+
+
+def merged_results(consumers: ConsumerPool) -> dict[int, Any]:
+    return {k: v for per_consumer in consumers.results().values() for k, v in per_consumer.items()}
+
+
+# -- 1. a broker lost while a batch is submitted ---------------------------------------------------
+
+
+def test_batch_submit_during_durable_broker_recovery_returns_and_every_task_completes(
+    client3: Client, tmp_path: Path
+) -> None:
+    with QueuePool(client3, 2, durability="durable", dirpath=tmp_path, workers=["a", "b"], **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=2, workers=["c"]) as consumers:
+            before = qp.batch_submit([(add, i) for i in range(2000)], batch_size=50)
+            qp.flush(timeout=30)
+            consumers.start()
+            os.kill(broker_pid(qp, 0), signal.SIGKILL)
+            # 300 chunks over two windows of 16: this blocks until the lost queue is back.
+            during = call_bounded(
+                lambda: qp.batch_submit([(add, i) for i in range(3000)], batch_size=10),
+                60,
+                "batch_submit() of 3,000 tasks while the pool recovers a lost broker",
+            )
+            qp.flush(timeout=60)
+            wait_until(lambda: qp.recoveries >= 1, timeout=30)
+            after = qp.submit(add, 1, 2, timeout=30)
+            assert_settled([after], 30, "submit() after the recovery")
+            assert after.result(0) == 3
+            assert_settled([before, during], 90, "batches of a durable pool that lost a broker")
+            assert before.result(0) == list(range(2000))  # durable: lost = 0
+            assert during.result(0) == list(range(3000))
+
+
+def test_batch_submit_during_transient_broker_recovery_returns_and_only_tasks_confirmed_by_the_dead_broker_fail(
+    client3: Client,
+) -> None:
+    with QueuePool(client3, 2, workers=["a", "b"], **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=2, workers=["c"]) as consumers:
+            before = qp.batch_submit([(add, i) for i in range(2000)], batch_size=50)
+            qp.flush(timeout=30)  # confirmed, and nothing has run: the dead broker's share is lost
+            os.kill(broker_pid(qp, 0), signal.SIGKILL)
+            during = call_bounded(
+                lambda: qp.batch_submit([(add, i) for i in range(3000)], batch_size=10),
+                60,
+                "batch_submit() of 3,000 tasks while the pool recovers a lost broker",
+            )
+            qp.flush(timeout=60)
+            consumers.start()
+            wait_until(lambda: qp.recoveries >= 1, timeout=30)
+            after = qp.submit(add, 1, 2, timeout=30)
+            assert_settled([after], 30, "submit() after the recovery")
+            assert after.result(0) == 3
+            assert_settled([before, during], 90, "batches of a transient pool that lost a broker")
+            # Submitted after the death: nothing of it was confirmed by the dead broker.
+            assert during.result(0) == list(range(3000))
+            exc = before.exception(0)
+            assert isinstance(exc, BatchError), repr(exc)
+            assert 0 < len(exc.errors) < 2000
+            assert all(isinstance(e, BrokerLost) for e in exc.errors.values()), exc
+            assert all(exc.values[i] == i for i in range(2000) if i not in exc.errors)
+
+
+# -- 2. results must not be dropped when the broker does not know their driver (now) ---------------
+
+
+def test_results_that_arrive_while_the_driver_is_starved_of_the_gil_past_the_heartbeat_timeout_all_reach_their_futures(
+    client3: Client,
+) -> None:
+    with QueuePool(client3, 1, workers=["a"], **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
+            futures = []
+            for i in range(100):
+                futures.append(qp.submit(sleep_return, i, 0.1))
+                qp.flush(timeout=30)  # one chunk per task: results come back one by one
+            consumers.start()
+            wait_until(lambda: any(f.done() for f in futures), timeout=30)
+            # This process (the driver) says nothing for twice the heartbeat timeout while results
+            # keep arriving at the broker: a paused or GIL-starved client, or a slow callback.
+            held = hold_gil(2 * HEARTBEAT_TIMEOUT + 0.5)
+            assert held > 2 * HEARTBEAT_TIMEOUT
+            assert_settled(futures, 60, "futures whose results arrived while their driver was silent")
+            assert [f.result(0) for f in futures] == list(range(100))
+
+
+_CRASHING_DRIVER = """
+import os, sys, time
+from distributed import Client
+from zdq import ConsumerPool, QueuePool
+from tests.tasks import sleep_return
+
+address, dirpath, progress = sys.argv[1:4]
+client = Client(address, timeout=60)
+pool = QueuePool(client, 1, durability="durable", dirpath=dirpath, workers=["a"],
+                 heartbeat_interval="250ms", heartbeat_timeout="2s")
+consumers = ConsumerPool(client, pool, n_consumers=1, workers=["b"])
+batch = pool.batch_submit([(sleep_return, 1000 + i, 0.02) for i in range(200)], batch_size=20)
+pool.flush(timeout=60)
+consumers.start()
+while True:  # the test freezes this process (SIGSTOP), then kills it (SIGKILL)
+    with open(progress + ".tmp", "w") as f:
+        f.write(str(batch.completed))
+    os.replace(progress + ".tmp", progress)
+    time.sleep(0.005)
+"""
+
+
+def test_a_new_pool_on_the_dirpath_of_a_crashed_driver_receives_every_result_that_driver_never_received(
+    client3: Client, tmp_path: Path
+) -> None:
+    """A driver process (its own Dask client, durable queue on a, consumer on b) freezes, then
+    crashes while its consumer keeps producing results. Results it never acknowledged must not be
+    dropped: a new pool on the same dirpath gets them (``results()`` entries)."""
+    dirpath = tmp_path / "queues"
+    progress = tmp_path / "progress"
+    log = tmp_path / "crashing-driver.log"
+
+    def received() -> int:
+        return int(progress.read_text()) if progress.exists() else 0
+
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CRASHING_DRIVER, client3.scheduler.address, str(dirpath), str(progress)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")},
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        wait_until(lambda: received() >= 20 or proc.poll() is not None, timeout=90)
+        assert proc.poll() is None, f"the driver process failed: {log.read_text()[-2000:]}"
+        os.kill(proc.pid, signal.SIGSTOP)  # frozen: it receives and acknowledges nothing from now on
+        got = received()  # what it had received (up to one chunk of 20 more may have arrived)
+        time.sleep(2 * HEARTBEAT_TIMEOUT + 0.5)  # its consumer keeps going: ~3 s of results arrive
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def reopen() -> QueuePool | None:
+        try:  # the crashed client's broker lets go of the directory once Dask releases it
+            return QueuePool(client3, 1, durability="durable", dirpath=dirpath, workers=["a"], **FAST)
+        except QueueLocked:
+            return None
+
+    with wait_until(reopen, timeout=60, interval=0.5) as qp:
+        with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
+            consumers.start()
+            consumers.join(timeout=60)
+            try:
+                wait_until(lambda: len(merged_results(consumers)) >= 200 - got - 20, timeout=20)
+            except pytest.fail.Exception:
+                pass
+            results = merged_results(consumers)
+            assert set(results.values()) <= set(range(1000, 1200))
+            assert len(results) >= 200 - got - 20, (
+                f"the crashed driver had received {got} of its 200 results; the new pool got {len(results)}: "
+                f"{200 - got - len(results)} results were dropped (brokers: {qp.broker_statistics()})"
+            )
+
+
+# -- 3. a result the driver cannot unpickle ------------------------------------------------------------
+
+
+def test_a_task_exception_that_cannot_be_unpickled_fails_its_future_with_a_zdq_error_and_the_pool_keeps_working(
+    client3: Client,
+) -> None:
+    with QueuePool(client3, 1, workers=["a"]) as qp:
+        with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
+            consumers.start()
+            earlier = qp.submit(sleep_return, "earlier", 0.5)
+            qp.flush(timeout=30)
+            bad = qp.submit(raise_two_arg_error, 7, "bad")
+            qp.flush(timeout=30)
+            pending = qp.submit(sleep_return, "pending", 0.5)  # its result comes after the bad one
+            assert_settled([earlier, bad, pending], 30, "futures around an undecodable exception")
+            exc = bad.exception(0)
+            assert isinstance(exc, ZdqError), repr(exc)
+            assert "TwoArgError" in f"{exc} {getattr(exc, 'type_name', '')}", repr(exc)
+            assert earlier.result(0) == "earlier"
+            assert pending.result(0) == "pending"
+            later = [qp.submit(add, i, 1) for i in range(20)]
+            assert_settled(later, 30, "futures submitted after the undecodable exception")
+            assert [f.result(0) for f in later] == list(range(1, 21))
+
+
+# -- 4. join() while the pool recovers ------------------------------------------------------------
+
+
+def test_join_returns_without_raising_while_the_pool_recovers_a_durable_broker_whose_worker_also_held_a_consumer(
+    client3: Client, tmp_path: Path
+) -> None:
+    n = 3000
+    with QueuePool(client3, 2, durability="durable", dirpath=tmp_path, workers=["a", "b"], **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=3, workers=["a", "b", "c"]) as consumers:
+            victim = pid_of(client3, "a")
+            assert victim in {broker_pid(qp, 0), broker_pid(qp, 1)}  # a holds a broker...
+            assert victim in {int(consumers[i].pid().result(timeout=10)) for i in range(3)}  # ...and a consumer
+            batch = qp.batch_submit([(sleep_return, i, 0.003) for i in range(n)], batch_size=20)
+            qp.flush(timeout=30)
+            consumers.start()
+            joiner = Background(lambda: consumers.join(timeout=90), "join")
+            wait_until(lambda: batch.completed > 300, timeout=30)
+            os.kill(victim, signal.SIGKILL)
+            joiner.result(100, "ConsumerPool.join() while the pool recovers")
+            assert_settled([batch], 10, "batch after join() returned")
+            assert batch.result(0) == list(range(n))  # every consumer reached the replaced broker
+
+
+# -- 5. a durable queue must never be re-created empty ---------------------------------------------
+
+
+def test_a_durable_queue_whose_directory_is_gone_at_recovery_fails_its_futures_with_broker_lost_and_is_never_recreated_empty(
+    client3: Client, tmp_path: Path
+) -> None:
+    n = 1000
+    with QueuePool(client3, 2, durability="durable", dirpath=tmp_path, workers=["a", "b"], **FAST) as qp:
+        assert qp.dirpath is not None
+        qdir = os.path.join(qp.dirpath, qp.queue_names[0])
+        assert os.path.isdir(qdir)
+        host = urlparse(qp.endpoints[0]).hostname
+        assert host
+        with ConsumerPool(client3, qp, n_consumers=1, workers=["c"]) as consumers:
+            batch = qp.batch_submit([(add, i) for i in range(n)], batch_size=50)
+            qp.flush(timeout=30)  # confirmed by both queues; nothing has run
+            os.kill(broker_pid(qp, 0), signal.SIGKILL)
+            shutil.rmtree(qdir)  # as if the queue could only be placed again on another host
+            consumers.start()
+            assert_settled([batch], 45, "batch of a durable queue whose directory is gone")
+            exc = batch.exception(0)
+            assert isinstance(exc, BatchError), repr(exc)
+            assert 0 < len(exc.errors) < n
+            assert all(isinstance(e, BrokerLost) for e in exc.errors.values()), exc
+            message = str(next(iter(exc.errors.values())))
+            assert qdir in message and host in message, message
+            assert all(exc.values[i] == i for i in range(n) if i not in exc.errors)
+            time.sleep(2 * HEARTBEAT_TIMEOUT)  # recovery had every chance to (wrongly) make one
+            assert not os.path.exists(qdir), "the lost durable queue was re-created as an empty queue"
+
+
+# -- 6. backpressure on submit() --------------------------------------------------------------------
+
+
+def test_submit_keeps_at_most_window_chunks_per_queue_in_the_driver_and_times_out_on_a_stalled_broker(
+    client3: Client,
+) -> None:
+    window, n_queues = 4, 2
+    with QueuePool(client3, n_queues, workers=["a", "b"], window=window, chunk_size=10) as qp:
+        peak = 0
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, qp.statistics().driver.chunks_unconfirmed)
+                time.sleep(0.002)
+
+        sampler = threading.Thread(target=sample, name="test-sampler", daemon=True)
+        sampler.start()
+        try:
+            flooded = call_bounded(lambda: len([qp.submit(add, i) for i in range(20_000)]), 90, "20,000 submit() calls")
+        finally:
+            stop.set()
+            sampler.join(10)
+        assert flooded == 20_000
+
+        victim = broker_pid(qp, 0)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            raised: SubmitTimeout | None = None
+            count = 0
+            while time.monotonic() - started < 10 and count < 200_000:
+                try:
+                    qp.submit(add, count, timeout=1)
+                except SubmitTimeout as e:
+                    raised = e
+                    break
+                count += 1
+            elapsed = time.monotonic() - started
+            unconfirmed = qp.driver.statistics().chunks_unconfirmed
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        assert peak <= window * n_queues + 2, (
+            f"{peak} chunks waited in the driver or unconfirmed during the flood (window {window} × {n_queues} queues)"
+        )
+        assert raised is not None, (
+            f"{count} submit(timeout=1) calls returned in {elapsed:.1f}s against a stalled broker "
+            f"({unconfirmed} chunks buffered): no SubmitTimeout"
+        )
+        assert elapsed < 10
+
+
+# -- 7. batch accounting ------------------------------------------------------------------------------
+
+
+def test_a_batch_counts_each_task_once_and_never_overwrites_a_value_with_a_later_failure() -> None:
+    batch = BatchFuture(1, 200)
+    lost = BrokerLost("queue 0 was lost with its worker")
+    # Chunk A (tasks 0..99) was split when its consumer died: 60 of its tasks reported one by one.
+    for i in range(60):
+        batch._fill(i, [i], {})
+    assert batch.completed == 60
+    # Then chunk A fails as a whole (its transient broker was lost): only its 40 unreported tasks fail.
+    batch._fail(0, 100, lost)
+    assert batch.completed == 100, f"completed reads {batch.completed} after 60 results and 40 failures"
+    # Chunk B (tasks 100..199): 60 report, 40 still run.
+    batch._fill(100, list(range(100, 160)), {})
+    assert batch.completed == 160, f"completed reads {batch.completed} while 40 tasks still run"
+    assert not batch.done(), "the batch resolved while 40 of its tasks still run"
+    batch._fill(160, list(range(160, 200)), {})
+    assert batch.done() and batch.completed == 200
+    exc = batch.exception(0)
+    assert isinstance(exc, BatchError), repr(exc)
+    assert sorted(exc.errors) == list(range(60, 100))
+    assert exc.values[:60] == list(range(60)), "good values were overwritten by the chunk's later failure"
+    assert exc.values[100:] == list(range(100, 200))
+    # A task reported twice (it ran twice: at least once) counts once.
+    again = BatchFuture(1, 3)
+    again._fill(0, [0], {})
+    again._fill(0, [0], {})
+    assert again.completed == 1 and not again.done()
+
+
+def test_a_split_chunk_partly_reported_then_lost_with_its_transient_broker_keeps_its_values_and_counts_each_task_once(
+    client3: Client,
+) -> None:
+    n = 200
+    with QueuePool(client3, 1, workers=["a"], **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=1, workers=["b", "c"]) as consumers:
+            batch = qp.batch_submit([(sleep_return, i, 0.05) for i in range(n)], batch_size=100)
+            qp.flush(timeout=30)
+            consumers.start()
+            first = int(consumers[0].pid().result(timeout=10))
+            wait_until(lambda: qp.broker_statistics()[0].leased_chunks >= 1, timeout=30)
+            time.sleep(0.5)
+            os.kill(first, signal.SIGKILL)  # its chunks come back split: each task runs alone
+            wait_until(lambda: qp.broker_statistics()[0].chunks_split >= 1, timeout=30)
+            wait_until(lambda: batch.completed >= 20, timeout=60)
+            reported = batch.completed
+            os.kill(pid_of(client3, "a"), signal.SIGKILL)  # transient: the rest is lost
+            assert_settled([batch], 60, "batch whose split chunk lost its broker")
+            assert batch.completed == n, f"completed reads {batch.completed} for a batch of {n} tasks"
+            exc = batch.exception(0)
+            assert isinstance(exc, BatchError), repr(exc)
+            assert all(isinstance(e, BrokerLost) for e in exc.errors.values()), exc
+            good = [i for i in range(n) if i not in exc.errors]
+            assert len(good) >= reported, (
+                f"{reported} tasks had reported before the broker was lost, {len(good)} values survived"
+            )
+            assert all(exc.values[i] == i for i in good)
+
+
+# -- 8. early ack on a durable queue whose broker dies ------------------------------------------------
+
+
+def test_an_early_acked_task_of_a_durable_queue_whose_broker_dies_while_it_runs_fails_with_task_lost(
+    client3: Client, tmp_path: Path
+) -> None:
+    marker = str(tmp_path / "started")
+    with QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=1, early_ack=True, workers=["b"]) as consumers:
+            consumers.start()
+            fut = qp.submit(mark_and_sleep, marker, 4.0)
+            wait_until(lambda: os.path.exists(marker), timeout=30)
+            os.kill(pid_of(client3, "a"), signal.SIGKILL)
+            assert_settled([fut], 30, "early-acked task whose durable broker died")
+            exc = fut.exception(0)
+            assert isinstance(exc, TaskLost), repr(exc)
+            wait_until(lambda: qp.recoveries >= 1, timeout=60)
+            after = qp.submit(add, 1, 2)
+            assert_settled([after], 60, "task submitted after the recovery")
+            assert after.result(0) == 3
+
+
+# -- 9. task ids across pools on one durable dirpath ---------------------------------------------------
+
+
+def test_task_ids_never_repeat_across_pools_on_the_same_durable_dirpath_so_results_never_collide(
+    client3: Client, tmp_path: Path
+) -> None:
+    options: dict[str, Any] = dict(durability="durable", dirpath=tmp_path, workers=["a"], **FAST)
+    with QueuePool(client3, 1, **options) as first:
+        old = [first.submit(add, i, 0) for i in range(100)]
+        first.flush(timeout=30)
+    old_keys = {f.key for f in old}  # closed: its 100 tasks stay queued on disk
+    with QueuePool(client3, 1, **options) as second:
+        new = [second.submit(add, i, 1000) for i in range(100)]
+        second.flush(timeout=30)
+        new_keys = {f.key for f in new}
+        with ConsumerPool(client3, second, n_consumers=1, workers=["b"]) as consumers:
+            consumers.start()
+            assert_settled(new, 60, "futures of the second pool")
+            consumers.join(timeout=60)
+            try:
+                wait_until(lambda: len(merged_results(consumers)) >= 200, timeout=20)
+            except pytest.fail.Exception:
+                pass
+            results = merged_results(consumers)
+        assert not old_keys & new_keys, f"{len(old_keys & new_keys)} task ids of the first pool were reused"
+        assert len(results) == 200, f"200 tasks ran, results() holds {len(results)} entries"
+        assert sorted(results.values()) == list(range(100)) + list(range(1000, 1100))
+        assert all(results[f.key] == f.result(0) for f in new)
+
+
+# -- 10. prefetch bounds what a consumer holds over all its queues -------------------------------------
+
+
+def test_a_consumer_with_prefetch_1_holds_at_most_one_chunk_over_all_its_queues(client3: Client) -> None:
+    with QueuePool(client3, 4, **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=1, prefetch=1, workers=["c"]) as consumers:
+            # Chunks go round robin: each queue gets one long task, then ten short ones.
+            calls = [(sleep_return, -q, 1.5) for q in range(4)] + [(add, i) for i in range(40)]
+            batch = qp.batch_submit(calls, batch_size=1)
+            qp.flush(timeout=30)
+            consumers.start()
+            wait_until(lambda: sum(s.leased_chunks for s in qp.broker_statistics()) >= 1, timeout=30)
+            samples = []
+            end = time.monotonic() + 3.0
+            while time.monotonic() < end:
+                samples.append(sum(s.leased_chunks for s in qp.broker_statistics()))
+                time.sleep(0.02)
+            assert_settled([batch], 60, "batch of long and short tasks")
+            assert batch.result(0) == [0, -1, -2, -3] + list(range(40))
+    # The brokers are asked one after another: a sample may straddle the instant one chunk is
+    # handed back and the next handed out, so an isolated 2 is tolerated; two in a row are not.
+    over = [i for i, held in enumerate(samples) if held > 1]
+    persistent = [i for i in over if i + 1 in over]
+    assert max(samples) <= 2 and not persistent, f"chunks held with prefetch=1 (one sample every ~20 ms): {samples}"
+
+
+# -- 11. a lost consumer is replaced and works ------------------------------------------------------
+
+
+def test_a_consumer_killed_with_its_worker_is_replaced_and_statistics_show_every_consumer_running(
+    client3: Client,
+) -> None:
+    with QueuePool(client3, 1, workers=["a"], **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=2, workers=["b", "c"]) as consumers:
+            consumers.start()
+            assert qp.submit(add, 1, 2).result(timeout=30) == 3
+            os.kill(int(consumers[0].pid().result(timeout=10)), signal.SIGKILL)
+            wait_until(lambda: consumers.replacements >= 1, timeout=60)
+
+            def all_running() -> bool:
+                try:
+                    stats = consumers.statistics(timeout=5)
+                except Exception:  # the dead one may still be listed for a moment
+                    return False
+                return len(stats) == 2 and all(s.running for s in stats)
+
+            wait_until(all_running, timeout=30)
+            batch = qp.batch_submit([(add, i) for i in range(2000)], batch_size=50)
+            assert_settled([batch], 60, "batch after a consumer was replaced")
+            assert batch.result(0) == list(range(2000))
+
+
+# -- 13. client.restart() -----------------------------------------------------------------------------
+
+
+def test_client_restart_fails_every_pending_future_promptly_with_an_error_that_names_the_restart(
+    client3: Client,
+) -> None:
+    qp = QueuePool(client3, 1, workers=["a"], **FAST)
+    consumers = ConsumerPool(client3, qp, n_consumers=1, workers=["b"])
+    try:
+        consumers.start()
+        running = qp.submit(sleep, 60.0)
+        qp.flush(timeout=30)
+        queued = [qp.submit(add, i) for i in range(10)]
+        qp.flush(timeout=30)
+        time.sleep(0.5)
+        client3.restart(timeout=90)
+        pending = [running, *queued]
+        assert_settled(pending, 12, "futures pending at client.restart()")
+        for fut in pending:
+            exc = fut.exception(0)
+            assert isinstance(exc, ZdqError), repr(exc)
+            assert "restart" in str(exc).lower(), str(exc)
+    finally:
+        call_bounded(consumers.close, 60, "ConsumerPool.close() after client.restart()")
+        call_bounded(qp.close, 60, "QueuePool.close() after client.restart()")
+
+
+# -- 14. a GIL-holding task beside its broker ----------------------------------------------------------
+
+
+def test_a_task_holding_the_gil_beside_its_transient_broker_does_not_make_the_pool_fail_its_tasks_with_broker_lost(
+    client3: Client, tmp_path: Path
+) -> None:
+    report = str(tmp_path / "gil-held")
+    with QueuePool(client3, 1, workers=["a"], **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=1, workers=["a"]) as consumers:
+            consumers.start()
+            assert qp.submit(add, 0, 0).result(timeout=30) == 0  # the consumer is connected
+            # Broker, consumer and worker all freeze for 2x the heartbeat timeout.
+            gil = qp.submit(hold_gil, 2 * HEARTBEAT_TIMEOUT + 0.5, report)
+            qp.flush(timeout=30)
+            other = qp.submit(add, 1, 2)  # confirmed: it lives only in the broker's memory meanwhile
+            qp.flush(timeout=30)
+            wait_until(lambda: os.path.exists(report), timeout=60)
+            held = float(open(report).read())
+            assert held > 2 * HEARTBEAT_TIMEOUT  # the test is honest: the GIL was held that long
+            assert_settled([other], 60, "task queued behind a GIL-holding task")
+            assert other.exception(0) is None, f"a live broker's task failed: {other.exception(0)!r}"
+            assert other.result(0) == 3
+            assert qp.recoveries == 0, "the pool re-placed a broker that was alive"
+            if gil.done():
+                assert not isinstance(gil.exception(0), BrokerLost), repr(gil.exception(0))
+
+
+# -- 15. done-callbacks ---------------------------------------------------------------------------------
+
+
+def test_a_slow_done_callback_does_not_delay_other_futures_of_the_pool(client3: Client) -> None:
+    with QueuePool(client3, 1, workers=["a"]) as qp:
+        with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
+            slow = qp.submit(add, 1, 1)
+            slow.add_done_callback(lambda f: time.sleep(4))
+            consumers.start()
+            assert slow.result(timeout=30) == 2  # returns as its callbacks start to run
+            started = time.monotonic()
+            other = qp.submit(add, 2, 2)
+            assert_settled([other], 30, "future submitted while a done-callback sleeps")
+            took = time.monotonic() - started
+            assert other.result(0) == 4
+            assert took < 1.5, f"a future took {took:.1f}s while another's done-callback slept 4 s"
+
+
+def test_a_done_callback_that_waits_on_the_pool_does_not_deadlock(client3: Client) -> None:
+    with QueuePool(client3, 1, workers=["a"]) as qp:
+        with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
+            box: dict[str, Any] = {}
+            called = threading.Event()
+
+            def callback(_: Any) -> None:
+                try:
+                    box["value"] = qp.submit(add, 10, 5).result(timeout=10)
+                except BaseException as e:
+                    box["error"] = e
+                called.set()
+
+            first = qp.submit(add, 1, 1)
+            first.add_done_callback(callback)
+            consumers.start()
+            assert first.result(timeout=30) == 2
+            assert called.wait(30), "the done-callback never finished"
+            assert "error" not in box, f"submit().result() inside a done-callback failed: {box['error']!r}"
+            assert box["value"] == 15
+
+
+# -- 16. a ConsumerPool over a pool that does not run ---------------------------------------------------
+
+
+def test_a_consumer_pool_over_an_unstarted_or_closed_queue_pool_raises_closed_error_at_once(client3: Client) -> None:
+    def expect_closed(queue_pool: QueuePool, what: str) -> None:
+        started = time.monotonic()
+        try:
+            consumers = ConsumerPool(client3, queue_pool, n_consumers=1)
+        except ClosedError:
+            assert time.monotonic() - started < 5
+            return
+        consumers.close()
+        pytest.fail(f"ConsumerPool over {what} QueuePool was created; it can never work")
+
+    unstarted = QueuePool(client3, 1, start=False)
+    expect_closed(unstarted, "an unstarted")
+    closed = QueuePool(client3, 1)
+    closed.close()
+    expect_closed(closed, "a closed")
+
+
+# -- both kinds of kill in one run ----------------------------------------------------------------------
+
+
+def test_killing_a_consumers_worker_then_a_durable_brokers_worker_mid_run_loses_nothing_and_join_returns(
+    client3: Client, tmp_path: Path
+) -> None:
+    n = 4000
+    with QueuePool(client3, 1, durability="durable", dirpath=tmp_path, workers=["a"], **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=2, workers=["b", "c"]) as consumers:
+            batch = qp.batch_submit([(sleep_return, i, 0.002) for i in range(n)], batch_size=20)
+            qp.flush(timeout=30)  # confirmed: none of these may be lost
+            consumers.start()
+            joiner = Background(lambda: consumers.join(timeout=100), "join")
+            wait_until(lambda: batch.completed > n // 10, timeout=30)
+            os.kill(int(consumers[0].pid().result(timeout=10)), signal.SIGKILL)
+            wait_until(lambda: batch.completed > n // 3, timeout=60)
+            os.kill(pid_of(client3, "a"), signal.SIGKILL)
+            joiner.result(110, "ConsumerPool.join() through a consumer's and a broker's death")
+            assert_settled([batch], 10, "batch after join() returned")
+            assert batch.result(0) == list(range(n))  # lost = 0
+            assert qp.recoveries >= 1 and consumers.replacements >= 1
