@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def _zdq(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "zdq.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.cluster  # `zdq bench` starts an embedded LocalCluster
 def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_path: Path) -> None:
     proc = _zdq(
         "bench", "--tasks", "5000", "--dask-tasks", "100", "--repeat", "1", "--durable", "--compare-auth", "--json"
@@ -32,6 +35,7 @@ def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_pat
     assert report["workers"] == 2
 
 
+@pytest.mark.cluster  # `zdq bench` starts an embedded LocalCluster
 def test_bench_latency_suite_reports_both_round_trips_and_their_same_run_ratio() -> None:
     proc = _zdq("bench", "--suite", "latency", "--repeat", "2", "--json")
     assert proc.returncode == 0, proc.stderr

@@ -94,8 +94,9 @@ def first_task_id() -> int:
 class LinkState(enum.Enum):
     """The driver's view of one broker."""
 
-    UP = "up"  # connected (or connecting): chunks are sent to it
+    UP = "up"  # connected (or connecting, at the start): chunks are sent to it
     DOWN = "down"  # lost with its worker: nothing is sent until the pool places it again
+    RECOVERING = "recovering"  # placed again: resends and a SYNC go out; new chunks once it answers
 
 
 class _Link:
@@ -537,7 +538,7 @@ class Driver:
                 rack_full = False
             if now >= next_beat:
                 for link in link_of:
-                    if link.state is LinkState.UP:
+                    if link.state is not LinkState.DOWN:
                         try_send(socks[link.index], p.encode(p.Heartbeat()))
                 next_beat = now + beat
         self._settle_all()
@@ -604,8 +605,10 @@ class Driver:
         link.endpoint = endpoint
         link.seen = time.monotonic()
         link.racks.clear()  # the replacement does not know those chunks
+        if link.state is LinkState.UP:  # placed again without being reported lost first
+            self._set_state(link, LinkState.DOWN)
         self._requeue_unconfirmed(broker)
-        self._set_state(link, LinkState.UP)
+        self._set_state(link, LinkState.RECOVERING)
         # Which confirmed chunks did the queue keep? A durable queue serves every chunk it stored,
         # except those acknowledged early (at most once) whose results never came: they are lost.
         with self._cond:
@@ -617,7 +620,7 @@ class Driver:
 
     def _ask_status(self, links: BrokerLinks, token: int) -> None:
         for link in self._links:
-            if link.state is LinkState.UP:
+            if link.state is not LinkState.DOWN:
                 try_send(links.socks[link.index], p.encode(p.Sync(token)))
 
     def _coalesce(self) -> None:
@@ -630,7 +633,10 @@ class Driver:
                 return
             # No more chunks than there is room for: the rest waits, loose, for confirms.
             take = room * size
-            loose, self._loose = self._loose[:take], self._loose[take:]
+            if len(self._loose) <= take:
+                loose, self._loose = self._loose, []
+            else:
+                loose, self._loose = self._loose[:take], self._loose[take:]
             self._cond.notify_all()
         if len(loose) < size * n_brokers:  # few tasks: one slice per broker, as evenly as possible
             size = max(1, -(-len(loose) // n_brokers))
@@ -692,12 +698,13 @@ class Driver:
                 # Round robin over the brokers that are up keeps queues even (the daskqueue
                 # behaviour: 100 chunks over 2 queues is 50 and 50); a full window on the next one
                 # waits for its confirms. A broker that is down is skipped until it is back.
-                for _ in range(n):
-                    if links[self._rr].state is LinkState.UP:
-                        break
-                    self._rr = (self._rr + 1) % n
-                else:
-                    return  # every broker is down: chunks wait (bounded) for one to come back
+                if links[self._rr].state is not LinkState.UP:
+                    for _ in range(n):
+                        self._rr = (self._rr + 1) % n
+                        if links[self._rr].state is LinkState.UP:
+                            break
+                    else:
+                        return  # every broker is down: chunks wait (bounded) for one to come back
                 b = self._rr
                 link = links[b]
                 if link.unconfirmed >= window:
@@ -723,7 +730,9 @@ class Driver:
         loop that carries every other message of the pool goes on.
         """
         if link.state is not LinkState.UP:
-            return None  # a late message from a broker declared lost
+            if link.state is LinkState.DOWN:
+                return None  # a late message from a broker declared lost
+            self._set_state(link, LinkState.UP)  # the broker placed again answers: it takes work
         link.seen = time.monotonic()
         try:
             msg = p.decode(frames)
@@ -844,13 +853,7 @@ class Driver:
             self._finish_record(rec, rec.fail_missing(errors[0]), 0)
             return
         n = len(values)
-        exceptions = {i: error_to_exception(info) for i, info in errors.items()}
-        if self._keep_results:
-            with self._cond:
-                store = self._results[consumer]
-                store.update(zip(range(base, base + n), values))
-                for i, exc in exceptions.items():
-                    store[base + i] = exc
+        exceptions = {i: error_to_exception(info) for i, info in errors.items()} if errors else {}
         if rec is not None:
             if isinstance(rec.sink, BatchFuture):
                 rec.sink._fill(rec.offset + offset, values, exceptions)
@@ -859,6 +862,11 @@ class Driver:
                 for i, value in enumerate(values):
                     _settle(futures[offset + i], value, exceptions.get(i))
         with self._cond:
+            if self._keep_results:
+                store = self._results[consumer]
+                store.update(zip(range(base, base + n), values))
+                for i, exc in exceptions.items():
+                    store[base + i] = exc
             self._done_by[consumer] += n
             self._failed += len(errors)
             if rec is None:

@@ -82,11 +82,14 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
     _done_callbacks: list[Callable[[Any], object]]
 
     def _invoke_callbacks(self) -> None:
+        callbacks = self._done_callbacks
+        if not callbacks:  # most futures: nothing to hand over, nothing to look up
+            return
         runner: CallbackRunner | None = getattr(_io_thread, "runner", None)
-        if runner is None or not self._done_callbacks:
+        if runner is None:
             super()._invoke_callbacks()  # type: ignore[misc]
             return
-        callbacks, self._done_callbacks = self._done_callbacks, []
+        self._done_callbacks = []
         for fn in callbacks:
             runner.submit(fn, self)
 

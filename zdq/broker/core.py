@@ -121,6 +121,7 @@ class BrokerCore:
         self._sock = socket
         self._leases = LeaseTable(storage)
         self._storage = storage
+        self._durable = storage.durable
         self._settings = settings
         self._creator = creator
         # A driver silent this long is taken for gone: its results go to the creator.
@@ -224,7 +225,7 @@ class BrokerCore:
                     with self._lock:
                         self._housekeeping(now)
                     next_beat = now + beat
-                else:
+                elif self._durable:
                     self._storage.commit()
         except BaseException as e:  # the loop must never die silently
             self._error = e
@@ -256,15 +257,22 @@ class BrokerCore:
         for ident, sync in work.syncs:
             self._answer(ident, sync)
         self._dispatch(now)
-        # An early acknowledgement (at most once) is written at once: held back, a broker that
-        # died in the meantime would serve the chunk again after a restart.
-        self._storage.commit(force=work.early_acks)
+        if self._durable:
+            # An early acknowledgement (at most once) is written at once: held back, a broker
+            # that died in the meantime would serve the chunk again after a restart.
+            self._storage.commit(force=work.early_acks)
 
     def _on_message(self, ident: bytes, head: Any, msg: p.Message, work: _Round, now: float) -> None:
         kind = type(msg)
         if kind is p.Put:
             work.puts.append((ident, msg))  # type: ignore[arg-type]
-            self._driver_heard(ident, now, work)
+            peer = self._peers.get(ident)
+            if peer is not None and peer.role is p.Role.DRIVER and not peer.gone:
+                peer.last_seen = now  # the common case, kept short: a known driver
+                if self._waiting:
+                    work.drivers_heard.add(ident)
+            else:
+                self._driver_heard(ident, now, work)
         elif kind is p.Done:
             work.dones.append((ident, msg))  # type: ignore[arg-type]
             self._credit(ident, msg.credit, now)  # type: ignore[union-attr]
@@ -278,7 +286,13 @@ class BrokerCore:
                     self._driver_heard(ident, now, work)
         elif kind is p.Rack:
             work.racks.append((ident, msg.chunk_ids))  # type: ignore[union-attr]
-            self._driver_heard(ident, now, work)
+            peer = self._peers.get(ident)
+            if peer is not None and peer.role is p.Role.DRIVER and not peer.gone:
+                peer.last_seen = now
+                if self._waiting:
+                    work.drivers_heard.add(ident)
+            else:
+                self._driver_heard(ident, now, work)
         elif kind is p.Sync:
             work.syncs.append((ident, msg))  # type: ignore[arg-type]
             self._driver_heard(ident, now, work)
@@ -518,10 +532,10 @@ class BrokerCore:
         if target is None:
             return False
         driver, seq = target
-        assert held.results is not None
         if not self._send(driver, p.Results(seq, chunk_id, held.consumer, held.results)):
             return False
-        self._leases.sent(held, driver)
+        held.driver = driver
+        held.sent_at = now
         peer = self._peers[driver]
         peer.routed += held.meta.n_tasks
         if seq:
