@@ -8,14 +8,14 @@ public constructor takes keyword-only overrides on top.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import dask.config
 import yaml
 from dask.utils import parse_bytes, parse_timedelta
 
-__all__ = ["PoolSettings", "settings", "get"]
+__all__ = ["PoolSettings", "settings", "get", "seconds_or_none"]
 
 _defaults_path = os.path.join(os.path.dirname(__file__), "zdq.yaml")
 with open(_defaults_path, encoding="utf-8") as _f:
@@ -44,6 +44,20 @@ def _seconds(value: Any) -> float:
     seconds = parse_timedelta(value, default="seconds")
     if seconds is None:
         raise ValueError("a duration is required, got None")
+    return float(seconds)
+
+
+def seconds_or_none(value: Any, name: str) -> float | None:
+    """A positive duration in seconds from a number or a Dask time string (``"5s"``, ``"2min"``);
+    ``None`` stays ``None``. A bad value raises ``ValueError`` naming ``name``."""
+    if value is None:
+        return None
+    try:
+        seconds = parse_timedelta(value, default="seconds")
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"{name} must be a number of seconds or a time string like '5s', got {value!r}") from e
+    if seconds is None or isinstance(value, bool) or seconds <= 0:
+        raise ValueError(f"{name} must be a positive duration, got {value!r}")
     return float(seconds)
 
 
@@ -86,13 +100,31 @@ class PoolSettings:
     def with_overrides(self, **overrides: Any) -> PoolSettings:
         """Return a copy with the given fields replaced; ``None`` values are ignored."""
         given = {k: v for k, v in overrides.items() if v is not None}
-        if "heartbeat_interval" in given:
-            given["heartbeat_interval"] = _seconds(given["heartbeat_interval"])
-        if "heartbeat_timeout" in given:
-            given["heartbeat_timeout"] = _seconds(given["heartbeat_timeout"])
-        for key in ("chunk_bytes", "buffer_bytes", "max_message_size", "map_size"):
-            if key in given:
-                given[key] = _bytes(given[key])
+        unknown = sorted(set(given) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(
+                f"unknown zdq setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; the settings are "
+                + ", ".join(f.name for f in fields(self))
+            )
+        for key, value in given.items():
+            try:
+                if key in ("heartbeat_interval", "heartbeat_timeout"):
+                    given[key] = _seconds(value)
+                elif key in ("chunk_bytes", "buffer_bytes", "max_message_size", "map_size"):
+                    given[key] = _bytes(value)
+                elif key in ("chunk_size", "window", "prefetch", "crash_attempts"):
+                    if isinstance(value, bool) or not isinstance(value, int):
+                        raise TypeError("not an integer")
+                elif key == "durable_sync" and not isinstance(value, bool):
+                    raise TypeError("not a bool")
+            except (TypeError, ValueError, KeyError) as e:
+                expected = {
+                    "heartbeat_interval": "a duration (seconds, or a string like '30s')",
+                    "heartbeat_timeout": "a duration (seconds, or a string like '30s')",
+                    "durable_sync": "True or False",
+                    "default_host": "a host name or address",
+                }.get(key, "a size in bytes (or a string like '64MiB')" if "bytes" in key or "size" in key and key != "chunk_size" else "a positive integer")
+                raise ValueError(f"zdq setting {key} must be {expected}, got {value!r}") from e
         return replace(self, **given)
 
 

@@ -12,8 +12,9 @@ from typing import Any
 from distributed import Client
 
 from zdq._actor import pick_worker, start_supervisor
+from zdq.config import seconds_or_none
 from zdq.consumer import Consumer, ConsumerBaseClass, GeneralConsumer
-from zdq.errors import ClosedError, PlacementError, ZdqTimeoutError
+from zdq.errors import ClosedError, NoConsumers, PlacementError, ZdqTimeoutError
 from zdq.queue_pool import QueuePool
 from zdq.stats import ConsumerStats
 from zdq.transport.sockets import new_identity
@@ -24,6 +25,17 @@ __all__ = ["ConsumerPool", "EARLIER"]
 EARLIER = "earlier-consumers"
 
 logger = logging.getLogger(__name__)
+
+
+def _progress_bar() -> Any:
+    from tqdm.auto import tqdm
+
+    class Bar(tqdm):  # type: ignore[misc]
+        # tqdm's monitor thread would outlive the bar (and the program's own checks for threads);
+        # the bar is refreshed by join's loop anyway.
+        monitor_interval = 0
+
+    return Bar(total=0, unit="task", desc="zdq", dynamic_ncols=True)
 
 
 class ConsumerPool:
@@ -82,6 +94,9 @@ class ConsumerPool:
         *,
         prefetch: int | None = None,
         workers: Sequence[str] | None = None,
+        time_limit: float | str | None = None,
+        start: bool = False,
+        **overrides: Any,
     ) -> None:
         if not (isinstance(ConsumerClass, type) and issubclass(ConsumerClass, ConsumerBaseClass)):
             raise TypeError(f"ConsumerClass must be a subclass of ConsumerBaseClass, got {ConsumerClass!r}")
@@ -102,7 +117,15 @@ class ConsumerPool:
         self.max_concurrency = max_concurrency
         self.early_ack = early_ack
         self.retries = retries
-        self.settings = queue_pool.settings.with_overrides(prefetch=prefetch)
+        self.time_limit = seconds_or_none(time_limit, "time_limit")
+        # Every keyword a QueuePool takes for its settings is taken here too (heartbeat_interval,
+        # ...): it applies to these consumers.
+        self.settings = queue_pool.settings.with_overrides(prefetch=prefetch, **overrides)
+        if batch_size is not None:
+            # daskqueue's batch_size was how many items a consumer takes at once: in zdq, what a
+            # consumer takes is a chunk, cut by the submitter; so this caps the chunks of what is
+            # submitted from now on.
+            queue_pool.consumer_batch_size = batch_size
         self.names = [f"{ConsumerClass.__name__}-{i}" for i in range(n_consumers)]
         self._allowed_workers = list(workers) if workers is not None else None
         self._placed_on: dict[int, str] = {}
@@ -124,6 +147,8 @@ class ConsumerPool:
         except Exception as e:
             self.close()
             raise PlacementError(f"could not place consumers: {e}") from e
+        if start:
+            self.start()
 
     def _place(self, i: int) -> None:
         address = pick_worker(self.client, self._allowed_workers, i, self._placed_on)
@@ -140,6 +165,7 @@ class ConsumerPool:
             self.retries or 0,
             self.queue_pool.client_keys,
             self.queue_pool.payload_key,
+            self.time_limit,
             actor=True,
             workers=[address],
             allow_other_workers=False,
@@ -272,10 +298,25 @@ class ConsumerPool:
                 # Lost or unhealthy consumers are replaced by the supervisor, with what they missed.
                 (logger.warning if method == "start" else logger.debug)("%s on a consumer failed: %s", method, e)
 
-    def join(self, timestep: float = 0.2, print_timestep: float = 2.0, progress: bool = False, timeout: float | None = None) -> None:
+    def join(
+        self,
+        timestep: float = 0.2,
+        print_timestep: float = 2.0,
+        progress: bool = False,
+        timeout: float | None = None,
+        *,
+        stop: bool = True,
+    ) -> None:
         """Wait until every queue is drained and every result has reached this process.
 
-        Then the consumers stop pulling (as in daskqueue); ``start()`` resumes them.
+        Then the consumers stop pulling (as in daskqueue; ``start()`` resumes them), unless
+        ``stop=False``: they go on serving what producers submit next.
+
+        Raises
+        ------
+        NoConsumers
+            Tasks are pending and no consumer of the pool is running (call :meth:`start`): said at
+            once, instead of waiting for work that nothing would do.
 
         Parameters
         ----------
@@ -283,6 +324,8 @@ class ConsumerPool:
             Seconds between two looks at the brokers' counters.
         progress : bool
             Show a progress bar (tqdm), advanced by results as they arrive, with the rate.
+        print_timestep : float
+            Accepted for daskqueue compatibility and ignored: the bar refreshes as results come.
         timeout : float, optional
             Raise :class:`ZdqTimeoutError` if the work is not done by then.
         """
@@ -292,10 +335,7 @@ class ConsumerPool:
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=0, unit="task", desc="zdq", dynamic_ncols=True)
-        start_done = driver.completed
+            bar = _progress_bar()
         pending = outstanding = 0
         try:
             while True:
@@ -311,13 +351,21 @@ class ConsumerPool:
                 pending = sum(s.ready_tasks + s.leased_tasks + s.waiting_tasks for s in known)
                 outstanding = driver.outstanding
                 if bar is not None:
-                    done = driver.completed - start_done
-                    bar.total = done + max(pending, outstanding)
+                    # Every result of the pool's tasks counts, those in before join() began too,
+                    # against every task this driver submitted plus what the queues hold for others.
+                    stats = driver.statistics()
+                    done = stats.tasks_completed + stats.foreign_tasks
+                    bar.total = max(stats.tasks_submitted + stats.foreign_tasks, done + pending)
                     bar.update(done - bar.n)
                 # A STATUS reply comes after every result its broker routed here before it (one
                 # socket keeps order): when every queue answers "nothing pending", those are in.
                 if len(known) == len(statuses) and pending == 0 and outstanding == 0:
                     break
+                if (pending or outstanding) and not any(pool._running for pool in self.queue_pool.consumer_pools()):
+                    raise NoConsumers(
+                        f"join: {max(pending, outstanding)} tasks are pending and no consumer is running: "
+                        "call consumer_pool.start() first"
+                    )
                 if deadline is not None and time.monotonic() > deadline:
                     down = len(statuses) - len(known)
                     raise ZdqTimeoutError(
@@ -328,8 +376,22 @@ class ConsumerPool:
         finally:
             if bar is not None:
                 bar.close()
+        self._report(statuses)
+        if stop:
+            self.cancel()
+
+    def _report(self, statuses: list[Any]) -> None:
+        """The end of a join: how much ran, and what failed, said where it shows."""
+        stats = self.queue_pool.driver.statistics()
+        dead = sum(s.dead_tasks for s in statuses if s is not None)
         logger.info("All consumers are done ! %d items processed.", self.nb_consumed())
-        self.cancel()
+        if stats.tasks_failed or dead:
+            logger.warning(
+                "join: %d tasks failed (their futures and results() hold the errors); %d are dead-lettered "
+                "(queue_pool.dead_letters())",
+                stats.tasks_failed,
+                dead,
+            )
 
     def results(self) -> dict[str, dict[int, Any]]:
         """Every result this pool's consumers produced, per consumer: ``{name: {task key: result}}``.

@@ -55,6 +55,7 @@ from zdq.errors import (
     ZdqTimeoutError,
 )
 from zdq.futures import BatchFuture, CallbackRunner, TaskFuture
+from zdq.reporting import FailureLog
 from zdq.serialization import PICKLED, error_to_exception, loads_results, pack_chunks
 from zdq.stats import DriverStats
 from zdq.transport import protocol as p
@@ -173,6 +174,7 @@ class Driver:
         payload_key: bytes | None = None,
         queue_names: list[str] | None = None,
         identity: bytes | None = None,
+        hint: Callable[[], str] | None = None,
     ) -> None:
         self.name = name
         self._keys = keys
@@ -215,6 +217,8 @@ class Driver:
         self._ctx: zmq.Context[Any] | None = None
         self._waker: Waker | None = None
         self._callbacks = CallbackRunner(name)
+        self._hint = hint  # why a result may not come: told by a future's result(timeout)
+        self._failures = FailureLog(name)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -304,6 +308,7 @@ class Driver:
             tid = self._next_task
             self._next_task += 1
             fut = TaskFuture(tid)
+            fut._hint = self._hint
             wake = not self._loose
             self._loose.append((tid, task, fut))
             self._buffered_bytes += len(task)
@@ -543,6 +548,7 @@ class Driver:
                 next_beat = now + beat
         self._settle_all()
         self._send_racks(socks)
+        self._failures.flush()
 
     def _send_racks(self, socks: list[zmq.Socket[Any]]) -> None:
         """Tell each broker which chunks' results arrived: it may forget them now."""
@@ -853,7 +859,10 @@ class Driver:
             self._finish_record(rec, rec.fail_missing(errors[0]), 0)
             return
         n = len(values)
-        exceptions = {i: error_to_exception(info) for i, info in errors.items()} if errors else {}
+        exceptions: dict[int, BaseException] = {}
+        if errors:
+            self._failures.note(base, errors)
+            exceptions = {i: error_to_exception(info) for i, info in errors.items()}
         if rec is not None:
             if isinstance(rec.sink, BatchFuture):
                 rec.sink._fill(rec.offset + offset, values, exceptions)

@@ -27,6 +27,8 @@ __all__ = [
     "DeadLettered",
     "TaskLost",
     "BatchError",
+    "NoConsumers",
+    "WrongConsumerClass",
 ]
 
 
@@ -110,6 +112,15 @@ class DeadLettered(ZdqError):
 
 class TaskLost(ZdqError):
     """A task acknowledged early (at most once) whose consumer died before reporting its result."""
+
+
+class NoConsumers(ZdqError, RuntimeError):
+    """Tasks are pending and no consumer of the pool is running: nothing would ever run them."""
+
+
+class WrongConsumerClass(ZdqError, TypeError, RuntimeError):
+    """``submit(..., worker_class=...)`` names a class that does not run submitted functions (a
+    RuntimeError too, as daskqueue raised)."""
 
 
 class BatchError(ZdqError):

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Generator
 from typing import Any
 
-from zdq.errors import BatchError
+from zdq.errors import BatchError, ZdqTimeoutError
 
 __all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "wait", "as_completed"]
 
@@ -76,8 +76,28 @@ class CallbackRunner:
 
 
 class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
+    #: Says why a result may be slow to come (no consumer running, a queue being placed again);
+    #: set by the pool that made the future.
+    _hint: Callable[[], str] | None = None
+
     def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.wrap_future(self).__await__()
+
+    def _timed_out(self, timeout: float | None, what: str) -> ZdqTimeoutError:
+        hint = self._hint() if self._hint is not None else ""
+        return ZdqTimeoutError(f"{what} had no result within {timeout}s" + (f": {hint}" if hint else ""))
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return super().result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise self._timed_out(timeout, repr(self)) from None
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            return super().exception(timeout)
+        except concurrent.futures.TimeoutError:
+            raise self._timed_out(timeout, repr(self)) from None
 
     _done_callbacks: list[Callable[[Any], object]]
 

@@ -24,9 +24,11 @@ from zdq import config
 from zdq._actor import candidate_workers, pick_worker, start_supervisor
 from zdq.broker import Broker
 from zdq.consumer import GeneralConsumer
-from zdq.config import PoolSettings, settings
+from zdq.config import PoolSettings, seconds_or_none, settings
+from zdq.handles import QueueHandle
 from zdq.driver import Driver
 from zdq.errors import (
+    WrongConsumerClass,
     BrokerLost,
     ClosedError,
     PlacementError,
@@ -77,6 +79,14 @@ def _host_of(address: str) -> str:
     from zdq.transport.sockets import worker_host
 
     return worker_host(address, "127.0.0.1")
+
+
+def _check_worker_class(worker_class: type | None) -> None:
+    if worker_class is not None and not (isinstance(worker_class, type) and issubclass(worker_class, GeneralConsumer)):
+        raise WrongConsumerClass(
+            f"submitted functions run on GeneralConsumer and its subclasses only: worker_class="
+            f"{worker_class!r:.80} cannot run them (put() items for a ConsumerBaseClass's process_item)"
+        )
 
 
 def _check_calls(calls: Sequence[Any], first: int = 0) -> None:
@@ -130,7 +140,7 @@ class QueuePool:
 
     def __init__(
         self,
-        client: Client,
+        client: Client | None,
         n_queues: int = 1,
         durability: Durability | str = Durability.TRANSIENT,
         dirpath: str | os.PathLike[str] | None = None,
@@ -140,17 +150,31 @@ class QueuePool:
         retries: int = 0,
         retry_backoff: float = 0.1,
         retry_on: tuple[type[BaseException], ...] = (Exception,),
-        time_limit: float | None = None,
+        time_limit: float | str | None = None,
         workers: Sequence[str] | None = None,
         auth: bool | None = None,
         start: bool = True,
         **overrides: Any,
     ) -> None:
-        if not isinstance(n_queues, int) or n_queues < 1:
+        if not isinstance(n_queues, int) or isinstance(n_queues, bool) or n_queues < 1:
             raise ValueError(f"n_queues must be a positive integer, got {n_queues!r}")
         self.durability = _durability(durability)
         if self.durability is Durability.DURABLE and dirpath is None:
             raise ValueError("a durable QueuePool needs dirpath=...")
+        if self.durability is Durability.TRANSIENT and dirpath is not None:
+            raise ValueError(
+                f"dirpath={dirpath!r} is for durable queues: pass durability='durable' too (a transient "
+                "queue keeps its tasks in memory)"
+            )
+        if client is None:  # as Dask's own APIs do: the client made last in this process
+            from distributed import default_client
+
+            try:
+                client = default_client()
+            except ValueError as e:
+                raise ValueError("QueuePool(None, ...) needs a Dask Client made first in this process") from e
+        elif not isinstance(client, Client):
+            raise TypeError(f"QueuePool needs a distributed.Client (or None for the default one), got {client!r:.80}")
         self.client = client
         self.n_queues = n_queues
         self.dirpath = None if dirpath is None else os.path.abspath(os.fspath(dirpath))
@@ -158,8 +182,14 @@ class QueuePool:
         self.settings: PoolSettings = settings(**overrides)
         self.keep_results = keep_results
         self.default_options = TaskOptions(
-            retries=retries, retry_backoff=retry_backoff, retry_on=tuple(retry_on), time_limit=time_limit
+            retries=retries,
+            retry_backoff=retry_backoff,
+            retry_on=tuple(retry_on),
+            time_limit=seconds_or_none(time_limit, "time_limit"),
         )
+        #: The batch size of this pool's ConsumerPool (daskqueue's batch_size): caps the chunks
+        #: submitted from then on, so that a consumer takes at most that many tasks at once.
+        self.consumer_batch_size: int | None = None
         self.queue_names = [f"{self.name}-queue-{i}" for i in range(n_queues)]
         self._allowed_workers = list(workers) if workers is not None else None
         self.auth = bool(config.get("auth")) if auth is None else bool(auth)
@@ -224,6 +254,7 @@ class QueuePool:
             payload_key=self.payload_key,
             queue_names=self.queue_names,
             identity=self._identity,
+            hint=self._why_waiting,
         )
         self._driver.start()
         # A pool dropped without close() (daskqueue programs never close theirs) still stops its driver.
@@ -467,6 +498,8 @@ class QueuePool:
             "time_limit": self.default_options.time_limit,
         }
         fields.update({k: v for k, v in given.items() if v is not None})
+        if "time_limit" in given:
+            fields["time_limit"] = seconds_or_none(given["time_limit"], "time_limit")
         if isinstance(fields["retry_on"], type):
             fields["retry_on"] = (fields["retry_on"],)
         options = TaskOptions(**fields)
@@ -485,7 +518,7 @@ class QueuePool:
         retries: int | None = None,
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
-        time_limit: float | None = None,
+        time_limit: float | str | None = None,
         timeout: float | None = None,
         worker_class: type | None = None,
         **kwargs: Any,
@@ -516,8 +549,7 @@ class QueuePool:
         SerializationError
             ``fn`` or an argument cannot be pickled; nothing was queued.
         """
-        if worker_class is not None and not (isinstance(worker_class, type) and issubclass(worker_class, GeneralConsumer)):
-            raise TypeError("submit() runs functions: worker_class must be GeneralConsumer or a subclass of it")
+        _check_worker_class(worker_class)
         options = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
         return self.submit_call(fn, args, kwargs, timeout=timeout, **{k: v for k, v in options.items() if v is not None})
 
@@ -549,8 +581,9 @@ class QueuePool:
         retries: int | None = None,
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
-        time_limit: float | None = None,
-        **_compat: Any,
+        time_limit: float | str | None = None,
+        worker_class: type | None = None,
+        sync_mode: bool = True,
     ) -> BatchFuture:
         """Queue many calls ``(fn, *args)`` at once; return one future of all their results.
 
@@ -558,8 +591,11 @@ class QueuePool:
         before anything is sent: if one of them cannot be pickled, :class:`SerializationError`
         names it and nothing of the batch is queued. ``timeout`` bounds how long this call may
         block on a full submission window (``time_limit`` is the tasks' own time limit);
-        ``retries``, ``retry_backoff`` and ``retry_on`` are as in :meth:`submit`.
+        ``retries``, ``retry_backoff`` and ``retry_on`` are as in :meth:`submit`. ``worker_class``
+        and ``sync_mode`` are daskqueue's (the first is checked as in :meth:`submit`, the second
+        has no effect: a batch is always sent from this process).
         """
+        _check_worker_class(worker_class)
         given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
         options = self._options({k: v for k, v in given.items() if v is not None})
         calls = list_calls if isinstance(list_calls, list) else list(list_calls)
@@ -570,10 +606,21 @@ class QueuePool:
         """Queue many raw items at once; same guarantees as :meth:`batch_submit`."""
         return self._submit_entries(list(items), ITEMS, self._options({}), batch_size, timeout)
 
-    def _chunk_size(self, batch_size: int | None) -> int:
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    def _chunk_size(self, batch_size: int | None, n_tasks: int | None = None) -> int:
+        """Tasks per chunk: ``batch_size`` capped by ``chunk-size`` and the ConsumerPool's batch
+        size; and, for a batch of ``n_tasks`` that would make too few chunks for every consumer to
+        get some, smaller (a thousand 5 ms tasks in one chunk ran on one consumer of two)."""
+        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        return min(batch_size or self.settings.chunk_size, self.settings.chunk_size)
+        size = min(batch_size or self.settings.chunk_size, self.settings.chunk_size)
+        if self.consumer_batch_size is not None:
+            size = min(size, self.consumer_batch_size)
+        if n_tasks is not None:
+            consumers = sum(pool.n_consumers for pool in self.consumer_pools()) or self.n_queues
+            # Enough chunks that each consumer can hold its prefetch and each queue gets some.
+            spread = max(self.n_queues, consumers * self.settings.prefetch)
+            size = min(size, max(1, -(-n_tasks // spread)))
+        return size
 
     def _submit_entries(
         self,
@@ -584,7 +631,7 @@ class QueuePool:
         timeout: float | None,
     ) -> BatchFuture:
         driver = self.driver
-        size = self._chunk_size(batch_size)
+        size = self._chunk_size(batch_size, len(entries))
         base = driver.reserve(len(entries))
         # Pickle everything before sending anything: a task that cannot be pickled leaves nothing
         # queued (its reserved ids are simply never used).
@@ -594,6 +641,7 @@ class QueuePool:
             for chunk in self._pack(base + i, entries[i : i + size], kind, options)
         ]
         batch = BatchFuture(base, len(entries))
+        batch._hint = self._why_waiting
         for first, n, payload in packed:
             driver.submit_chunk(first, n, payload, batch, first - base, timeout=timeout)
         return batch
@@ -615,17 +663,23 @@ class QueuePool:
         *,
         batch_size: int | None = None,
         timeout: float | None = None,
+        retries: int | None = None,
+        retry_backoff: float | None = None,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        time_limit: float | str | None = None,
     ) -> int:
         """Queue calls ``(fn, *args)`` from any iterable, lazily, in flat memory; return the count.
 
         Memory stays flat because at most ``window`` chunks per broker are waiting for
         confirmation. Unlike :meth:`batch_submit` this does not hold the whole submission: if
         item ``k`` cannot be pickled, the chunks before it are already queued and the
-        :class:`SerializationError` says how many tasks were.
+        :class:`SerializationError` says how many tasks were. ``timeout`` bounds each wait for
+        room (:class:`~zdq.errors.SubmitTimeout`); the task options are as in :meth:`submit`.
         """
         driver = self.driver
         size = self._chunk_size(batch_size)
-        options = self._options({})
+        given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
+        options = self._options({k: v for k, v in given.items() if v is not None})
         count = 0
         part: list[Any] = []
 
@@ -715,9 +769,27 @@ class QueuePool:
     def __len__(self) -> int:
         return self.n_queues
 
-    def __getitem__(self, index: int) -> Any:
-        """The broker actor of queue ``index`` (``statistics()``, ``dead_letters()``...)."""
-        return self._brokers[index]
+    def __getitem__(self, index: int) -> QueueHandle:
+        """Queue ``index``: ``qsize()``, ``empty()``, ``pid()``, ``statistics()``... (daskqueue's
+        queue methods), each returning something with ``.result()``."""
+        if not isinstance(index, int) or not -self.n_queues <= index < self.n_queues:
+            raise IndexError(f"queue index {index!r} out of range: the pool has {self.n_queues} queues")
+        return QueueHandle(self, index % self.n_queues)
+
+    def _why_waiting(self) -> str:
+        """Why results may not come: said in the error of a future's result(timeout)."""
+        reasons = []
+        if self._closed or self._driver is None:
+            return ""
+        down = [name for name, up in zip(self.queue_names, self._driver.links_up()) if not up]
+        if down:
+            reasons.append(f"queues {', '.join(down)} are down and being placed again")
+        pools = self.consumer_pools()
+        if not pools:
+            reasons.append(f"no ConsumerPool consumes queue pool {self.name}: make one and call its start()")
+        elif not any(pool._running for pool in pools):
+            reasons.append("no consumer is running: call consumer_pool.start()")
+        return "; ".join(reasons)
 
     def __repr__(self) -> str:
         kind = "Durable" if self.durability is Durability.DURABLE else "Transient"

@@ -51,6 +51,8 @@ class Consumer:
         The pool's CURVE client keys (``None``: unauthenticated sockets).
     payload_key : bytes, optional
         The key that seals chunks and results (``None``: unsealed).
+    time_limit : float, optional
+        Time limit of tasks that carry no options of their own.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class Consumer:
         retries: int = 0,
         keys: ClientKeys | None = None,
         payload_key: bytes | None = None,
+        time_limit: float | None = None,
     ) -> None:
         self.name = name
         self._identity = identity
@@ -71,7 +74,7 @@ class Consumer:
         self._settings = settings
         self._max_concurrency = max_concurrency
         self._early_ack = early_ack
-        self._defaults = TaskOptions(retries=retries)
+        self._defaults = TaskOptions(retries=retries, time_limit=time_limit)
         self._keys = keys
         self._payload_key = payload_key
         self._endpoints: list[str] = []

@@ -14,11 +14,13 @@ do after a failure (retry after which delay, fail, dead-letter) is decided by
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import queue
 import threading
 import time
 import traceback
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,13 +64,25 @@ class Counters:
             self.bad_chunks += 1
 
 
+_ZDQ_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _user_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """The traceback from the first frame outside zdq: a task's traceback starts at the user's
+    code, not at the runner that called it."""
+    first = tb
+    while first is not None and os.path.abspath(first.tb_frame.f_code.co_filename).startswith(_ZDQ_DIR):
+        first = first.tb_next
+    return first if first is not None else tb
+
+
 def _error_info(exc: BaseException) -> ErrorInfo:
     """A task's failure as it travels. The exception itself goes only if the driver can rebuild
     it: one whose ``__init__`` wants other arguments than its ``args`` pickles, but unpickling it
     raises, which would fail the whole chunk's results on the driver. Such an exception travels as
     its type name, message and traceback, and the driver raises a RemoteTaskError of them. Only
     failed tasks pay for the check."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
     exc.__traceback__ = None  # frames do not pickle; the text above keeps them
     kind = type(exc)
     try:

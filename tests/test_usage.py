@@ -1,0 +1,134 @@
+"""What daskqueue and Dask users expect, without traps, on a real LocalCluster."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+from distributed import Client
+
+from zdq import ConsumerBaseClass, ConsumerPool, QueuePool, ZdqError
+from zdq.errors import NoConsumers, ZdqTimeoutError
+
+from .conftest import wait_until
+from .tasks import add, fail, noop, sleep
+
+
+class Upper(ConsumerBaseClass):
+    def process_item(self, item: str) -> str:
+        return item.upper()
+
+
+def test_a_queue_handle_answers_daskqueues_queue_methods_with_futures(client: Client) -> None:
+    with QueuePool(client, 2) as queue_pool:
+        for _ in range(10):
+            queue_pool.submit(noop)
+        assert [queue_pool[i].qsize().result(timeout=30) for i in range(2)] == [5, 5]
+        assert queue_pool[1].empty().result(timeout=30) is False
+        assert queue_pool[0].full().result() is False
+        assert queue_pool[-1].name == queue_pool.queue_names[1]
+        assert isinstance(queue_pool[0].pid().result(timeout=30), int)
+        with pytest.raises(IndexError, match="2 queues"):
+            queue_pool[2]
+
+
+def test_submitting_to_a_consumer_class_that_does_not_run_functions_is_also_a_runtime_error(client: Client) -> None:
+    with QueuePool(client, 1) as queue_pool:
+        for call in (
+            lambda: queue_pool.submit(add, 1, 2, worker_class=Upper),
+            lambda: queue_pool.batch_submit([(add, 1, 2)], worker_class=Upper),
+        ):
+            with pytest.raises(RuntimeError) as info:
+                call()
+            assert isinstance(info.value, (ZdqError, TypeError))
+        assert queue_pool.statistics().driver.tasks_submitted == 0
+
+
+def test_join_with_pending_tasks_and_no_running_consumer_says_so_at_once(client: Client) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool) as consumers:
+        future = queue_pool.submit(add, 1, 2)
+        start = time.monotonic()
+        with pytest.raises(NoConsumers, match=r"start\(\)"):
+            consumers.join(timeout=60)
+        assert time.monotonic() - start < 10
+        with pytest.raises(ZdqTimeoutError, match="no consumer is running") as info:
+            future.result(timeout=0.5)
+        assert isinstance(info.value, TimeoutError)
+        consumers.start()
+        assert future.result(timeout=30) == 3
+
+
+def test_a_consumer_pool_made_with_start_true_runs_at_once_and_join_stop_false_leaves_it_running(
+    client: Client,
+) -> None:
+    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2, start=True) as consumers:
+        batch = queue_pool.batch_submit([(add, i, 1) for i in range(100)])
+        consumers.join(timeout=60, stop=False)
+        assert batch.result(timeout=5) == list(range(1, 101))
+        # Still consuming: no start() needed for what comes next.
+        assert queue_pool.submit(add, 2, 2).result(timeout=30) == 4
+        consumers.join(timeout=60)  # the daskqueue default: stops them
+        late = queue_pool.submit(add, 3, 3)
+        with pytest.raises(TimeoutError):
+            late.result(timeout=1.0)
+        consumers.start()
+        assert late.result(timeout=30) == 6
+
+
+def test_a_small_batch_of_long_tasks_runs_on_every_consumer(client: Client) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
+        consumers.start()
+        start = time.monotonic()
+        batch = queue_pool.batch_submit([(sleep, 0.005) for _ in range(1000)])
+        assert batch.result(timeout=60) == [0.005] * 1000
+        elapsed = time.monotonic() - start
+        per_consumer = [len(r) for r in consumers.results().values()]
+        assert len(per_consumer) == 2 and min(per_consumer) >= 200, per_consumer
+        assert elapsed < 4.5, elapsed  # 5.2 s on one consumer; about 2.6 s on two
+
+
+def test_failed_tasks_are_logged_from_the_users_frame_and_join_reports_them(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="zdq"):
+        with QueuePool(client, 1, keep_results=False) as queue_pool:
+            with ConsumerPool(client, queue_pool, start=True) as consumers:
+                queue_pool.submit_iter((fail, f"boom {i}") for i in range(20))
+                consumers.join(timeout=60)
+    failures = [r for r in caplog.records if r.name == "zdq.tasks" and "failed:" in r.getMessage()]
+    assert len(failures) == 5, [r.getMessage()[:80] for r in caplog.records]  # the first in full...
+    text = failures[0].getMessage()
+    assert "ValueError: boom" in text and "tests/tasks.py" in text
+    frames = [line for line in text.splitlines() if line.strip().startswith("File ")]
+    assert frames and "zdq" not in frames[0].split("/")[-2:][0], frames  # the user's frame comes first
+    assert any("15 more tasks failed" in r.getMessage() for r in caplog.records)  # ...then counted
+    assert any("join: 20 tasks failed" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_arguments_fail_at_the_call_naming_the_argument(client: Client, tmp_path: object) -> None:
+    with pytest.raises(ValueError, match="chunk_size"):
+        QueuePool(client, 1, chunk_size="big")
+    with pytest.raises(ValueError, match="heartbeat_timeout"):
+        QueuePool(client, 1, heartbeat_timeout=-1)
+    with pytest.raises(TypeError, match="nonsense"):
+        QueuePool(client, 1, nonsense=3)
+    with pytest.raises(ValueError, match="durable"):
+        QueuePool(client, 1, dirpath=str(tmp_path))
+    with pytest.raises(TypeError, match="QueuePool"):
+        ConsumerPool(client, "not a pool")  # type: ignore[arg-type]
+    with QueuePool(None, 1) as queue_pool:  # the default client, as Dask's APIs take it
+        with pytest.raises(ValueError, match="time_limit"):
+            queue_pool.submit(add, 1, 2, time_limit="soon")
+        with ConsumerPool(client, queue_pool, heartbeat_timeout="30s", start=True) as consumers:
+            assert consumers.settings.heartbeat_timeout == 30.0
+            assert queue_pool.submit(add, 1, 2, time_limit="5s").result(timeout=30) == 3
+
+
+def test_join_with_a_progress_bar_leaves_no_thread_behind(client: Client) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, start=True) as consumers:
+        queue_pool.batch_submit([(add, i, 1) for i in range(1000)])
+        consumers.join(progress=True, timeout=60)
+    wait_until(lambda: not [t for t in threading.enumerate() if t.ident not in before], timeout=10)
