@@ -123,3 +123,22 @@ def hold_gil(seconds: float, report: str | None = None) -> float:
                 os.replace(report + ".tmp", report)
             return took
         n += 1 if took * 3 >= seconds else 2
+
+
+def dask_idioms(x: int) -> tuple[str, str, int, int]:
+    """What Dask tasks do, from inside a zdq task: find their worker, reach the cluster, secede
+    while waiting on other work, rejoin, and use a worker client."""
+    import operator
+    import threading
+
+    from distributed import get_client, get_worker, rejoin, secede, worker_client
+
+    worker = get_worker()
+    client = get_client()
+    future = client.submit(operator.add, x, 1, pure=False)
+    secede()
+    first = future.result(timeout=60)
+    rejoin()
+    with worker_client() as inner:
+        second = inner.submit(operator.mul, x, 2, pure=False).result(timeout=60)
+    return str(worker.address), threading.current_thread().name, first, second

@@ -132,3 +132,19 @@ def test_join_with_a_progress_bar_leaves_no_thread_behind(client: Client) -> Non
         queue_pool.batch_submit([(add, i, 1) for i in range(1000)])
         consumers.join(progress=True, timeout=60)
     wait_until(lambda: not [t for t in threading.enumerate() if t.ident not in before], timeout=10)
+
+
+@pytest.mark.parametrize("max_concurrency", [1, 4])
+def test_dask_idioms_work_inside_zdq_tasks_and_exceptions_keep_their_type(client: Client, max_concurrency: int) -> None:
+    from .tasks import dask_idioms
+
+    workers = set(client.scheduler_info()["workers"])
+    with QueuePool(client, 1) as queue_pool:
+        with ConsumerPool(client, queue_pool, max_concurrency=max_concurrency, start=True):
+            address, thread, first, second = queue_pool.submit(dask_idioms, 20).result(timeout=120)
+            assert address in workers and thread.startswith("zdq-")
+            assert (first, second) == (21, 40)
+            timed = queue_pool.submit(dask_idioms, 1, time_limit=60).result(timeout=120)  # on its own thread
+            assert timed[1].startswith("zdq-timed-") and timed[2:] == (2, 2)
+            with pytest.raises(ValueError, match="typed"):
+                queue_pool.submit(fail, "typed").result(timeout=60)

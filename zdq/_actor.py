@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
+import time
 import weakref
 from typing import Any, Callable
 
-__all__ = ["worker_address", "liveness_probe", "candidate_workers", "pick_worker", "start_supervisor"]
+__all__ = [
+    "worker_address",
+    "liveness_probe",
+    "candidate_workers",
+    "pick_worker",
+    "start_supervisor",
+    "as_dask_task",
+]
 
 
 def _worker() -> Any:
@@ -93,3 +102,58 @@ def start_supervisor(pool: Any, stop: threading.Event, name: str, interval: floa
     thread = threading.Thread(target=_supervise, args=(weakref.ref(pool), stop, interval), name=name, daemon=True)
     thread.start()
     return thread
+
+
+# -- Dask idioms inside zdq tasks ------------------------------------------------------------------
+# A zdq task runs on a consumer's own threads, not in Dask's thread pool. Dask finds "the worker
+# running this task" through a context variable that its pool sets, and secede()/rejoin() through
+# the thread's pool state. Our threads get the same: the context of the actor call that started
+# them (where get_worker() works), and a pool state in which leaving and rejoining are no-ops, since
+# a zdq thread holds no slot of Dask's pool.
+
+
+class _NoSlots:
+    """What ``distributed.secede``/``rejoin`` see as the thread pool of a zdq thread."""
+
+    class _Threads:
+        def remove(self, thread: Any) -> None:
+            pass
+
+    def __init__(self) -> None:
+        self._threads = self._Threads()
+        self._rejoin_lock = threading.Lock()
+        self._rejoin_list: list[tuple[Any, threading.Event]] = []
+
+    def _adjust_thread_count(self) -> None:
+        pass
+
+    def submit(self, fn: Callable[[], object]) -> None:  # rejoin() waits for this to wake it
+        with self._rejoin_lock:
+            waiting, self._rejoin_list = self._rejoin_list, []
+        for _, event in waiting:
+            event.set()
+
+
+_NO_SLOTS = _NoSlots()
+
+
+def as_dask_task(target: Callable[..., Any]) -> Callable[..., Any]:
+    """``target`` wrapped so that the zdq tasks it runs may call ``get_worker()``, ``get_client()``,
+    ``worker_client()``, ``secede()`` and ``rejoin()`` as Dask tasks do.
+
+    Call it where the thread is made (in the actor's call, or in a thread already wrapped): it
+    takes a copy of that context; each thread needs its own copy.
+    """
+    context = contextvars.copy_context()
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from distributed.threadpoolexecutor import thread_state as pool_state
+        from distributed.utils import thread_state as task_state
+
+        pool_state.executor = _NO_SLOTS  # what secede() leaves and rejoin() comes back to
+        pool_state.proceed = True
+        task_state.start_time = time.time()
+        task_state.key = "zdq-task"  # no Dask task: the worker ignores a secede of it
+        return context.run(target, *args, **kwargs)
+
+    return run

@@ -11,7 +11,7 @@ import os
 import threading
 from typing import Any
 
-from zdq._actor import liveness_probe, worker_address
+from zdq._actor import as_dask_task, liveness_probe, worker_address
 from zdq.config import PoolSettings
 from zdq.consumer.base import ConsumerBaseClass
 from zdq.consumer.link import Link
@@ -141,11 +141,17 @@ class Consumer:
         self._link, self._runner = link, runner
         runner.start_threads()
         if runner.inline:  # chunks run on the thread that owns the sockets; this one stands by
-            self._exec = threading.Thread(target=link.take_turns, name=f"zdq-standby-{self.name}", daemon=True)
+            self._exec = threading.Thread(
+                target=as_dask_task(link.take_turns), name=f"zdq-standby-{self.name}", daemon=True
+            )
         else:
-            self._exec = threading.Thread(target=runner.exec_loop, name=f"zdq-exec-{self.name}", daemon=True)
+            self._exec = threading.Thread(
+                target=as_dask_task(runner.exec_loop), name=f"zdq-exec-{self.name}", daemon=True
+            )
         opened = threading.Event()
-        self._io = threading.Thread(target=link.io_main, args=(opened,), name=f"zdq-consumer-{self.name}", daemon=True)
+        self._io = threading.Thread(
+            target=as_dask_task(link.io_main), args=(opened,), name=f"zdq-consumer-{self.name}", daemon=True
+        )
         self._io.start()
         if not opened.wait(_OPEN_TIMEOUT) or link.open_error is not None:
             cause = link.open_error

@@ -27,6 +27,7 @@ from typing import Any
 
 import cloudpickle
 
+from zdq._actor import as_dask_task
 from zdq.consumer.base import ConsumerBaseClass
 from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
 from zdq.errors import DeadLettered, TaskTimeout
@@ -143,7 +144,9 @@ class _TaskThreads:
 
     def __init__(self, n: int, name: str) -> None:
         self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(n)]
+        self._threads = [
+            threading.Thread(target=as_dask_task(self._work), name=f"{name}-{i}", daemon=True) for i in range(n)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -398,7 +401,7 @@ class Runner:
 
         # Python cannot kill a thread: a task past its limit is abandoned to finish on its own
         # (a daemon thread), and the consumer moves on.
-        thread = threading.Thread(target=target, name=f"zdq-timed-{self.name}-{tid}", daemon=True)
+        thread = threading.Thread(target=as_dask_task(target), name=f"zdq-timed-{self.name}-{tid}", daemon=True)
         thread.start()
         thread.join(limit)
         if thread.is_alive():
