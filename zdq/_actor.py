@@ -148,7 +148,7 @@ def as_dask_task(target: Callable[..., Any]) -> Callable[..., Any]:
 
     def run(*args: Any, **kwargs: Any) -> Any:
         from distributed.threadpoolexecutor import thread_state as pool_state
-        from distributed.utils import thread_state as task_state
+        from dask.context import thread_state as task_state  # what distributed.worker reads
 
         pool_state.executor = _NO_SLOTS  # what secede() leaves and rejoin() comes back to
         pool_state.proceed = True

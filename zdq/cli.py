@@ -91,9 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=3, help="runs per case; medians are reported (default 3)")
     bench.add_argument("--durable", action="store_true", help="also run zdq on durable (LMDB) queues")
     bench.add_argument("--compare-auth", action="store_true", help="also run zdq without authentication")
-    bench.add_argument("--suite", choices=("quick", "latency", "full"), default="quick",
+    bench.add_argument("--suite", choices=("quick", "latency", "asyncio", "full"), default="quick",
                        help="quick: no-op throughput; latency: the single-task round trip alone; "
-                       "full: every case (latency, I/O, CPU, durable, auth, generator)")
+                       "asyncio: the event loop's lag while 1,000 tasks are awaited; "
+                       "full: every case (latency, I/O, CPU, durable, auth, generator, asyncio)")
     bench.add_argument("--generator-tasks", type=int, default=10_000_000, help="tasks of the generator case")
     bench.add_argument("--plots", metavar="DIR", default=None, help="also sweep batch size and consumers; write PNGs")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")

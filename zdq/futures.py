@@ -17,7 +17,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from typing import Any
 
 from zdq.errors import BatchError, ZdqTimeoutError
@@ -27,7 +27,43 @@ __all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "wait", "as_completed"
 logger = logging.getLogger(__name__)
 
 wait = concurrent.futures.wait
-as_completed = concurrent.futures.as_completed
+
+
+class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, which it extends
+    """The futures ``fs`` as they complete: ``for f in as_completed(fs)`` (as
+    :func:`concurrent.futures.as_completed`) or, in a coroutine, ``async for f in as_completed(fs)``
+    (the event loop is never blocked). ``timeout`` bounds the whole wait; past it, a
+    :class:`~zdq.errors.ZdqTimeoutError` (a TimeoutError) says how many never completed.
+    """
+
+    def __init__(self, fs: Iterable[concurrent.futures.Future[Any]], timeout: float | None = None) -> None:
+        self._fs = list(dict.fromkeys(fs))
+        self._timeout = timeout
+
+    def __iter__(self) -> Iterator[concurrent.futures.Future[Any]]:
+        try:
+            yield from concurrent.futures.as_completed(self._fs, self._timeout)
+        except concurrent.futures.TimeoutError:
+            left = sum(not f.done() for f in self._fs)
+            raise ZdqTimeoutError(f"{left} of {len(self._fs)} futures did not complete within {self._timeout}s") from None
+
+    async def _completed(self) -> AsyncIterator[concurrent.futures.Future[Any]]:
+        loop = asyncio.get_running_loop()
+        deadline = None if self._timeout is None else loop.time() + self._timeout
+        waiting = {asyncio.wrap_future(f, loop=loop): f for f in self._fs}
+        pending = set(waiting)
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            done, pending = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                for future in pending:
+                    future.cancel()  # the asyncio wrapper only: the zdq future is left as it is
+                raise ZdqTimeoutError(f"{len(pending)} of {len(self._fs)} futures did not complete within {self._timeout}s")
+            for future in done:
+                yield waiting[future]
+
+    def __aiter__(self) -> AsyncIterator[concurrent.futures.Future[Any]]:
+        return self._completed()
 
 # Set on a driver's I/O thread: the runner its futures' callbacks go to.
 _io_thread = threading.local()

@@ -6,7 +6,9 @@ from this process to the brokers over ZeroMQ, through the pool's :class:`~zdq.dr
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import functools
 import logging
 import os
 import threading
@@ -35,6 +37,7 @@ from zdq.errors import (
     QueueMissing,
     SerializationError,
     StorageCorrupt,
+    SubmitTimeout,
     ZdqError,
 )
 from zdq.transport import protocol as p
@@ -567,6 +570,22 @@ class QueuePool:
             raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
         task: Task = (fn, tuple(args), kwargs) if kwargs else (fn, tuple(args))
         return self.driver.submit_task(dumps_task(self._with_options(task, self._options(options))), timeout=timeout)
+
+    # -- asyncio ------------------------------------------------------------------------------
+    async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
+        """:meth:`submit` for coroutines: never blocks the event loop. A full submission window
+        is awaited on a helper thread instead of waited for on the loop; the returned future can
+        be awaited (``await (await queue_pool.asubmit(f, x))``)."""
+        try:
+            return self.submit(fn, *args, **{**kwargs, "timeout": 0})
+        except SubmitTimeout:  # the window is full: wait for room off the loop
+            timeout = kwargs.pop("timeout", None)
+            return await asyncio.to_thread(functools.partial(self.submit, fn, *args, timeout=timeout, **kwargs))
+
+    async def abatch_submit(self, list_calls: Sequence[tuple[Any, ...]], **kwargs: Any) -> BatchFuture:
+        """:meth:`batch_submit` for coroutines: the batch is pickled and queued on a helper thread,
+        so the event loop goes on meanwhile; the returned future can be awaited."""
+        return await asyncio.to_thread(functools.partial(self.batch_submit, list_calls, **kwargs))
 
     def put(self, item: Any) -> TaskFuture:
         """Queue a raw item for the consumers' ``process_item``; return a future of its result."""

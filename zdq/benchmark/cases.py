@@ -39,15 +39,17 @@ class BenchConfig:
     repeat: int = 3
     durable: bool = False
     compare_auth: bool = False
-    suite: str = "quick"  # "quick": no-op throughput; "latency": the round trip alone; "full": every case
+    # "quick": no-op throughput; "latency": the round trip alone; "asyncio": the event loop's lag
+    # while tasks are awaited; "full": every case
+    suite: str = "quick"
     generator_tasks: int = 10_000_000
 
     def __post_init__(self) -> None:
         for name in ("tasks", "queues", "consumers", "batch_size", "workers", "repeat", "generator_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.suite not in ("quick", "latency", "full"):
-            raise ValueError("--suite must be 'quick', 'latency' or 'full'")
+        if self.suite not in ("quick", "latency", "asyncio", "full"):
+            raise ValueError("--suite must be 'quick', 'latency', 'asyncio' or 'full'")
 
     @property
     def n_dask(self) -> int:
@@ -251,6 +253,46 @@ def generator(client: Client, config: BenchConfig) -> CaseResult:
     )
 
 
+def loop_lag(client: Client, config: BenchConfig, n: int = 1000) -> CaseResult:
+    """asyncio: how late the event loop runs a 1 ms timer while ``n`` tasks are submitted with
+    ``asubmit`` (one at a time, as a coroutine would) and awaited. p50 and p99 of the lag."""
+    import asyncio
+
+    async def one_run(qp: Any) -> tuple[float, list[float]]:
+        lags: list[float] = []
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            loop = asyncio.get_running_loop()
+            while not stop.is_set():
+                before = loop.time()
+                await asyncio.sleep(0.001)
+                lags.append(loop.time() - before - 0.001)
+
+        tick = asyncio.create_task(ticker())
+        start = time.perf_counter()
+        futures = [await qp.asubmit(noop, i) for i in range(n)]
+        for future in futures:
+            await future
+        elapsed = time.perf_counter() - start
+        stop.set()
+        await tick
+        return elapsed, lags
+
+    result = CaseResult("loop lag", f"zdq asubmit + await ({n} tasks)", n)
+    p50s, p99s = [], []
+    with _pools(client, config) as qp:
+        qp.submit(noop, -1).result()
+        for _ in range(config.repeat):
+            elapsed, lags = asyncio.run(one_run(qp))
+            result.seconds.append(elapsed)
+            p50, p99 = _percentiles(lags)
+            p50s.append(p50 * 1000)
+            p99s.append(p99 * 1000)
+    result.extra = {"lag_p50_ms": statistics.median(p50s), "lag_p99_ms": statistics.median(p99s)}
+    return result
+
+
 def run(config: BenchConfig) -> dict[str, Any]:
     """Run the cases of ``config.suite``; return a JSON-ready report with ratios taken in this run."""
     cases: list[CaseResult] = []
@@ -261,6 +303,10 @@ def run(config: BenchConfig) -> dict[str, Any]:
             zl, dl, ratio = latency(client, config)
             report = {"config": asdict(config), "workers": workers, "cases": [zl.as_dict(), dl.as_dict()]}
             return report | {"ratios": {"round trip p50: dask / zdq": ratio}}
+        if config.suite == "asyncio":
+            lag = loop_lag(client, config)
+            report = {"config": asdict(config), "workers": workers, "cases": [lag.as_dict()]}
+            return report | {"ratios": {"asyncio: loop lag p99 ms (1,000 tasks awaited)": lag.extra["lag_p99_ms"]}}
         dask = dask_map(client, noop, list(range(config.n_dask)), config.repeat, "no-op")
         zdq = zdq_noop(client, config, "zdq (CurveZMQ)")
         ceiling = pipeline_noop(config)
@@ -294,6 +340,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
             cases += [zc, dc]
             ratios["cpu ~1ms: zdq / dask futures"] = zc.rate / dc.rate
             cases.append(generator(client, config))
+            lag = loop_lag(client, config)
+            cases.append(lag)
+            ratios["asyncio: loop lag p99 ms (1,000 tasks awaited)"] = lag.extra["lag_p99_ms"]
     return {
         "config": asdict(config),
         "workers": workers,
