@@ -185,3 +185,48 @@ def test_asyncio_submission_never_blocks_the_event_loop_and_as_completed_iterate
     assert values == list(range(1, 1001))
     assert tail == [2, 3, 4, 11]
     assert p99 < 0.05, p99  # the loop stays responsive (the benchmark case measures it closely)
+
+
+_EXITING_DRIVER = """
+import sys
+from distributed import Client
+from zdq import ConsumerPool, QueuePool
+from tests.tasks import add
+
+client = Client(sys.argv[1], timeout=60)
+queue_pool = QueuePool(client, 2)
+consumers = ConsumerPool(client, queue_pool, n_consumers=2, start=True)
+assert queue_pool.batch_submit([(add, i, 1) for i in range(100)]).result(timeout=60)[-1] == 100
+print("ran", flush=True)
+# exits without close(), as daskqueue programs do
+"""
+
+
+def test_a_driver_that_exits_without_close_leaves_nothing_running_on_the_workers(client: Client) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXITING_DRIVER, client.scheduler.address],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "ran" in proc.stdout, proc.stderr[-2000:]
+
+    def leftovers() -> dict[str, list[str]]:
+        def threads() -> list[str]:
+            return [
+                f"{t.name} ({type(t).__name__})"
+                for t in threading.enumerate()
+                if t.name.startswith("zdq-") or "Authenticat" in type(t).__name__
+            ]
+
+        return {worker: names for worker, names in client.run(threads).items() if names}
+
+    wait_until(lambda: not leftovers(), timeout=30)

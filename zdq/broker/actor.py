@@ -94,7 +94,9 @@ class Broker:
                 self._auth.stop()
             storage.close()
             raise
-        self._core = BrokerCore(self.name, sock, storage, self._settings, liveness_probe(self), creator=creator)
+        self._core = BrokerCore(
+            self.name, sock, storage, self._settings, liveness_probe(self), creator=creator, on_stop=self._release
+        )
         self._core.start()
         logger.info("broker %s serving on %s (pid %d)", self.name, self.endpoint, os.getpid())
         return self.endpoint
@@ -117,13 +119,18 @@ class Broker:
 
     def stop(self) -> None:
         """Stop serving and release the socket and the storage. Idempotent."""
-        if self.endpoint:
-            stop_serving_locally(self.endpoint)
         if self._core is not None:
             self._core.stop()
-        if self._auth is not None:
-            self._auth.stop()
-            self._auth = None
+        self._release()
+
+    def _release(self) -> None:
+        """Withdraw the inproc name and the ZAP domain (from the loop's thread when it stops by
+        itself, or from stop()); idempotent."""
+        if self.endpoint:
+            stop_serving_locally(self.endpoint)
+        auth, self._auth = self._auth, None
+        if auth is not None:
+            auth.stop()
 
     def pid(self) -> int:
         return os.getpid()

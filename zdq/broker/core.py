@@ -115,6 +115,7 @@ class BrokerCore:
         settings: PoolSettings,
         alive: Callable[[], bool] = lambda: True,
         creator: bytes = b"",
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self._alive = alive
@@ -124,6 +125,7 @@ class BrokerCore:
         self._durable = storage.durable
         self._settings = settings
         self._creator = creator
+        self._on_stop = on_stop  # releases what the actor set up around the loop (ZAP domain, inproc name)
         # A driver silent this long is taken for gone: its results go to the creator.
         self._orphaned_after = max(60.0, 4 * settings.heartbeat_timeout)
         self._lock = threading.Lock()
@@ -235,6 +237,13 @@ class BrokerCore:
                 self._farewell()
                 close_socket(self._sock)
                 self._storage.close()
+            if self._on_stop is not None:
+                # Also when the loop stops by itself (its pool was dropped without close()): the
+                # ZAP handler thread and the inproc name must not outlive the broker.
+                try:
+                    self._on_stop()
+                except Exception:
+                    logger.exception("broker %s: releasing its socket's admission failed", self.name)
 
     def _round(self) -> None:
         work = _Round()
@@ -586,7 +595,11 @@ class BrokerCore:
         deadline = now - self._settings.heartbeat_timeout
         for ident, peer in list(self._peers.items()):
             if peer.role is p.Role.CONSUMER and peer.last_seen < deadline:
-                logger.warning("broker %s: consumer %s missed its heartbeats", self.name, ident.hex())
+                logger.warning(
+                    "broker %s: consumer %s missed its heartbeats",
+                    self.name,
+                    peer.name.decode(errors="replace") or ident.hex(),
+                )
                 del self._peers[ident]
                 self._expire(ident, peer)
         # Results sent to a driver that has been silent since: send them again when it (or, if it
