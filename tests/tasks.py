@@ -142,3 +142,26 @@ def dask_idioms(x: int) -> tuple[str, str, int, int]:
     with worker_client() as inner:
         second = inner.submit(operator.mul, x, 2, pure=False).result(timeout=60)
     return str(worker.address), threading.current_thread().name, first, second
+
+
+def page(path: str, doc: int, number: int) -> int:
+    """A page of a document: noted in ``path`` (one line), so that a test sees it ran."""
+    with open(path, "a") as f:
+        f.write(f"{doc}-{number}\n")
+    return number
+
+
+def document(path: str, doc: int, pages: int) -> int:
+    """A document task that fans out into its pages, submitted to its own pool from inside the task."""
+    import zdq
+
+    zdq.current_pool().batch_submit([(page, path, doc, i) for i in range(pages)])
+    return pages
+
+
+def blob(n_bytes: int) -> bytes:
+    return b"x" * n_bytes
+
+
+def raise_timeout() -> None:
+    raise TimeoutError("the task's own timeout")

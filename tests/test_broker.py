@@ -236,3 +236,31 @@ def test_a_sync_reports_the_queue_and_which_of_the_drivers_chunks_it_does_not_ho
     status = _recv(driver)
     assert isinstance(status, p.QueueStatus) and status.token == 7
     assert (status.ready_tasks, status.leased_tasks, status.missing) == (5, 5, (3,))
+
+
+def test_chunks_leased_to_a_consumer_that_reconnects_go_back_to_the_queue_without_an_attempt(
+    broker: tuple[BrokerCore, str], zmq_ctx: zmq.Context
+) -> None:
+    """A second connection of one identity takes the first one's pipe over, dropping what was
+    queued on it: a DELIVER may have vanished. The consumer's HELLO on its new connection returns
+    its leases (a DONE from it for them still counts)."""
+    core, endpoint = broker
+    driver = _peer(zmq_ctx, endpoint, p.Role.DRIVER)
+    identity = os.urandom(16)
+    first = connect_dealer(zmq_ctx, endpoint, identity)
+    first.send_multipart(p.encode(p.Hello(p.Role.CONSUMER, b"c")))
+    driver.send_multipart(p.encode(p.Put(1, 2, b"chunk")))
+    assert isinstance(_recv(driver), p.Confirm)
+    first.send_multipart(p.encode(p.Fetch(1)))
+    deliver = _recv(first)
+    assert isinstance(deliver, p.Deliver) and deliver.attempt == 1
+    first.close(linger=0)
+    again = connect_dealer(zmq_ctx, endpoint, identity)
+    again.send_multipart(p.encode(p.Hello(p.Role.CONSUMER, b"c")))
+    wait_until(lambda: core.statistics().ready_chunks == 1)
+    again.send_multipart(p.encode(p.Fetch(1)))
+    redelivered = _recv(again)
+    assert isinstance(redelivered, p.Deliver) and redelivered.chunk_id == deliver.chunk_id
+    assert redelivered.attempt == 1  # not counted as a crash: no split, no poison count
+    driver.close(linger=0)
+    again.close(linger=0)

@@ -37,13 +37,22 @@ def test_the_daskqueue_durable_restart_flow_loses_nothing(client: Client, tmp_pa
     queue_pool.close()
 
 
-def test_a_second_pool_on_a_live_queue_directory_is_refused(client: Client, tmp_path: Path) -> None:
+def test_a_second_pool_on_a_live_queue_directory_attaches_and_its_broker_stays_the_only_owner(
+    client: Client, tmp_path: Path
+) -> None:
     with QueuePool(client, 1, durability=Durability.DURABLE, dirpath=tmp_path, name="jobs") as first:
         first.batch_submit([(add, i) for i in range(10)])
         first.flush()
+        with QueuePool(client, 1, durability=Durability.DURABLE, dirpath=tmp_path, name="jobs") as second:
+            assert second.attached and second.endpoints == first.endpoints
+            second.batch_submit([(add, i) for i in range(5)])
+            second.flush()
+            assert second.get_queue_size() == first.get_queue_size() == {"jobs-queue-0": 15}
+        # The directory itself stays locked by its one broker: a broker placed on it is refused.
+        from zdq.storage.lmdb import LMDBStorage
+
         with pytest.raises(QueueLocked):
-            QueuePool(client, 1, durability=Durability.DURABLE, dirpath=tmp_path, name="jobs")
-        assert first.get_queue_size() == {"jobs-queue-0": 10}
+            LMDBStorage(str(tmp_path / "jobs-queue-0")).open()
 
 
 def test_durable_results_come_back_like_transient_ones(client: Client, tmp_path: Path) -> None:

@@ -692,3 +692,77 @@ def test_killing_a_consumers_worker_then_a_durable_brokers_worker_mid_run_loses_
             assert_settled([batch], 10, "batch after join() returned")
             assert batch.result(0) == list(range(n))  # lost = 0
             assert qp.recoveries >= 1 and consumers.replacements >= 1
+
+
+# -- found by review: results too large, a stopped broker, errors kept as they are ---------------------
+
+
+def test_a_result_larger_than_the_sockets_accept_fails_its_task_and_the_queue_keeps_serving(client3: Client) -> None:
+    from .tasks import blob
+
+    with QueuePool(client3, 1, max_message_size="2MiB", **FAST) as qp:
+        with ConsumerPool(client3, qp, workers=["c"], start=True):
+            big = qp.submit(blob, 3 * 2**20)
+            small = qp.submit(blob, 10)
+            assert_settled([big, small], 30, "a too-large result and the task after it")
+            exc = big.exception(0)
+            assert isinstance(exc, ZdqError) and "max-message-size" in str(exc), repr(exc)
+            assert small.result(0) == b"x" * 10
+            assert qp.submit(add, 1, 2).result(timeout=30) == 3
+
+
+def test_a_stopped_broker_does_not_hold_up_submissions_to_the_other_queues(client3: Client) -> None:
+    with QueuePool(client3, 2, workers=["a", "b"], **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=2, workers=["c"], start=True):
+            assert qp.batch_submit([(add, i) for i in range(100)]).result(timeout=30) == list(range(100))
+            stopped = broker_pid(qp, 0)
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                start = time.monotonic()
+                futures = [qp.submit(add, i, 1, timeout=5) for i in range(3000)]  # never SubmitTimeout
+                # What went to the stopped queue before it was seen stalled waits for it (it is
+                # not lost: it was never confirmed, and runs once it resumes); the rest runs now.
+                wait_until(lambda: sum(f.done() for f in futures) >= 1000, timeout=30)
+                assert time.monotonic() - start < 35
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+            assert_settled(futures, 60, "futures of a pool whose broker was stopped, then resumed")
+            assert [f.result(0) for f in futures] == [i + 1 for i in range(3000)]
+
+
+def test_a_tasks_own_timeout_errors_reach_result_as_they_are(client3: Client) -> None:
+    from zdq import TaskTimeout
+
+    from .tasks import raise_timeout
+
+    with QueuePool(client3, 1) as qp, ConsumerPool(client3, qp, start=True):
+        with pytest.raises(TaskTimeout):
+            qp.submit(sleep, 5, time_limit=0.5).result(timeout=30)
+        with pytest.raises(TimeoutError, match="own timeout"):
+            qp.submit(raise_timeout).result(timeout=30)
+
+
+def test_tasks_lost_with_a_transient_broker_are_in_results_under_not_run(client3: Client) -> None:
+    with QueuePool(client3, 2, workers=["a", "b"], **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=2, workers=["c"]) as consumers:
+            qp.submit_iter((add, i, 1) for i in range(2000))
+            qp.flush(timeout=30)
+            os.kill(broker_pid(qp, 0), signal.SIGKILL)
+            wait_until(lambda: qp.statistics().driver.tasks_failed > 0, timeout=30)
+            consumers.start()
+            consumers.join(timeout=60)
+            results = consumers.results()
+            lost = results.get("not-run", {})
+            ran = {k: v for name, r in results.items() if name != "not-run" for k, v in r.items()}
+            assert lost and all(isinstance(e, BrokerLost) for e in lost.values())
+            assert len(lost) + len(ran) == 2000 and not set(lost) & set(ran)
+
+
+def test_closing_a_durable_pool_right_after_its_results_leaves_nothing_stored(client3: Client, tmp_path: Path) -> None:
+    from zdq.storage.lmdb import inspect_queue
+
+    with QueuePool(client3, 1, durability="durable", dirpath=tmp_path) as qp:
+        with ConsumerPool(client3, qp, start=True):
+            assert qp.batch_submit([(add, i) for i in range(50)]).result(timeout=30) == list(range(50))
+    report = inspect_queue(str(tmp_path / "default-queue-0"))
+    assert (report["ready_tasks"], report["leased_tasks"]) == (0, 0), report

@@ -27,7 +27,7 @@ from zdq.errors import (
 )
 from zdq.serialization import TaskOptions
 from zdq.futures import BatchFuture, TaskFuture, as_completed, wait
-from zdq.queue_pool import DeadLetterInfo, Durability, QueuePool
+from zdq.queue_pool import DeadLetterInfo, Durability, QueuePool, current_pool
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "ConsumerPool",
     "Durability",
     "DeadLetterInfo",
+    "current_pool",
     "TaskOptions",
     "ConsumerBaseClass",
     "GeneralConsumer",

@@ -15,6 +15,10 @@ __all__ = [
     "pick_worker",
     "start_supervisor",
     "as_dask_task",
+    "CURRENT_POOL",
+    "pool_in_use",
+    "pool_done",
+    "when_pool_done",
 ]
 
 
@@ -157,3 +161,39 @@ def as_dask_task(target: Callable[..., Any]) -> Callable[..., Any]:
         return context.run(target, *args, **kwargs)
 
     return run
+
+
+# -- the pool of the task that runs ------------------------------------------------------------------
+#: (name, dirpath) of the pool whose consumer runs the current task (set by the consumer actor on
+#: the threads it starts); ``zdq.current_pool()`` attaches to that pool from inside the task.
+CURRENT_POOL: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
+    "zdq_current_pool", default=None
+)
+_users_lock = threading.Lock()
+_users: dict[tuple[str, str | None], int] = {}
+_closers: dict[tuple[str, str | None], Callable[[], None]] = {}
+
+
+def pool_in_use(pool: tuple[str, str | None]) -> None:
+    """A consumer of ``pool`` started in this process."""
+    with _users_lock:
+        _users[pool] = _users.get(pool, 0) + 1
+
+
+def pool_done(pool: tuple[str, str | None]) -> None:
+    """A consumer of ``pool`` stopped: with the last one, what tasks attached to it is closed."""
+    with _users_lock:
+        left = _users.get(pool, 0) - 1
+        if left > 0:
+            _users[pool] = left
+            return
+        _users.pop(pool, None)
+        closer = _closers.pop(pool, None)
+    if closer is not None:
+        closer()
+
+
+def when_pool_done(pool: tuple[str, str | None], closer: Callable[[], None]) -> None:
+    """Run ``closer`` when the last consumer of ``pool`` in this process stops."""
+    with _users_lock:
+        _closers[pool] = closer

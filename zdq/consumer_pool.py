@@ -14,15 +14,19 @@ from distributed import Client
 from zdq._actor import pick_worker, start_supervisor
 from zdq.config import seconds_or_none
 from zdq.consumer import Consumer, ConsumerBaseClass, GeneralConsumer
+from zdq.driver import NO_CONSUMER
 from zdq.errors import ClosedError, NoConsumers, PlacementError, ZdqTimeoutError
 from zdq.queue_pool import QueuePool
 from zdq.stats import ConsumerStats
 from zdq.transport.sockets import new_identity
 
-__all__ = ["ConsumerPool", "EARLIER"]
+__all__ = ["ConsumerPool", "EARLIER", "NOT_RUN"]
 
 #: The key in :meth:`ConsumerPool.results` of results produced by consumers of an earlier run.
 EARLIER = "earlier-consumers"
+#: The key in :meth:`ConsumerPool.results` of tasks that failed without running (their queue was
+#: lost with its worker, a chunk could not be stored...): their value is the error.
+NOT_RUN = "not-run"
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +170,7 @@ class ConsumerPool:
             self.queue_pool.client_keys,
             self.queue_pool.payload_key,
             self.time_limit,
+            (self.queue_pool.name, self.queue_pool.dirpath),
             actor=True,
             workers=[address],
             allow_other_workers=False,
@@ -387,8 +392,8 @@ class ConsumerPool:
         logger.info("All consumers are done ! %d items processed.", self.nb_consumed())
         if stats.tasks_failed or dead:
             logger.warning(
-                "join: %d tasks failed (their futures and results() hold the errors); %d are dead-lettered "
-                "(queue_pool.dead_letters())",
+                "join: %d tasks failed (their futures and results() hold the errors, those that never ran "
+                "under 'not-run'); %d are dead-lettered (queue_pool.dead_letters())",
                 stats.tasks_failed,
                 dead,
             )
@@ -398,8 +403,9 @@ class ConsumerPool:
 
         A failed task's value is its exception. Needs ``keep_results=True`` on the QueuePool.
         Results that a durable queue kept from consumers of an earlier run (done, but never taken
-        by their driver before a restart) appear under ``"earlier-consumers"`` in the results of
-        the newest ConsumerPool of the queue pool.
+        by their driver before a restart) appear under ``"earlier-consumers"``, and tasks that
+        failed without running (``BrokerLost``, ``StorageFull``...) under ``"not-run"``, in the
+        results of the newest ConsumerPool of the queue pool.
         """
         if not self.queue_pool.keep_results:
             raise ClosedError("the QueuePool was made with keep_results=False: read results from futures")
@@ -408,6 +414,11 @@ class ConsumerPool:
         earlier = self._earlier_producers()
         if earlier:
             out[EARLIER] = driver.results_for(earlier)
+        pools = self.queue_pool.consumer_pools()
+        if pools and pools[-1] is self:
+            not_run = driver.results_for([NO_CONSUMER])
+            if not_run:
+                out[NOT_RUN] = not_run
         return out
 
     def _earlier_producers(self) -> set[bytes]:

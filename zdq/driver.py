@@ -62,7 +62,11 @@ from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import BrokerLinks, Waker, new_identity, process_context, recv_ready, try_send
 
-__all__ = ["Driver", "LinkState", "first_task_id"]
+__all__ = ["Driver", "LinkState", "first_task_id", "NO_CONSUMER"]
+
+#: The producer of the results of tasks that failed without running (their queue was lost, the
+#: pool closed, ...): ``ConsumerPool.results()`` shows them under ``"not-run"``.
+NO_CONSUMER = b""
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +76,11 @@ logger = logging.getLogger(__name__)
 #: message and a broker round per chunk, which on a single-task round trip is a fifth of the work.
 _RACK_BATCH = 256
 _RACK_DELAY = 0.02
+
+#: A broker whose window stays full this long without a confirm is stalled (stopped, starved):
+#: round robin passes it over so the other queues take the work. Healthy brokers confirm within
+#: milliseconds, so the daskqueue evenness (100 chunks over 2 queues: 50 and 50) holds otherwise.
+_STALLED = 0.5
 
 _first_ids_lock = threading.Lock()
 _last_first_id = 0
@@ -103,7 +112,7 @@ class LinkState(enum.Enum):
 class _Link:
     """The I/O thread's link to one broker."""
 
-    __slots__ = ("index", "endpoint", "state", "unconfirmed", "seen", "racks", "since")
+    __slots__ = ("index", "endpoint", "state", "unconfirmed", "seen", "racks", "since", "confirmed_at")
 
     def __init__(self, index: int, endpoint: str) -> None:
         self.index = index
@@ -113,6 +122,7 @@ class _Link:
         self.seen = time.monotonic()  # when it was last heard from
         self.racks: list[int] = []  # receipts owed to it
         self.since = time.monotonic()  # when it entered its state
+        self.confirmed_at = time.monotonic()  # when it last confirmed a chunk
 
 
 class _Record:
@@ -135,8 +145,8 @@ class _Record:
         self.confirmed = False
         self.got = bytearray(n)  # which tasks have an outcome: a task run twice is recorded once
 
-    def fail_missing(self, exc: BaseException) -> int:
-        """Fail every task of this chunk without an outcome; return how many."""
+    def fail_missing(self, exc: BaseException) -> list[int]:
+        """Fail every task of this chunk without an outcome; return their task ids."""
         missing = [i for i in range(self.n) if not self.got[i]]
         for i in missing:
             self.got[i] = 1
@@ -147,7 +157,7 @@ class _Record:
             for i in missing:
                 _settle(self.sink[i], exc=exc)
         self.remaining = 0
-        return len(missing)
+        return [self.base + i for i in missing]
 
 
 def _settle(fut: TaskFuture, value: Any = None, exc: BaseException | None = None) -> None:
@@ -266,7 +276,7 @@ class Driver:
             self._cond.notify_all()
         for _, _, fut in loose:
             _settle(fut, exc=exc)
-        n = sum(rec.fail_missing(exc) for rec in records)
+        n = sum(self._fail(rec, exc) for rec in records)
         with self._cond:
             self._completed += n + len(loose)
             self._failed += n + len(loose)
@@ -598,7 +608,7 @@ class Driver:
             failed = [r for r in self._records.values() if r.broker == broker and r.confirmed]
             for rec in failed:
                 del self._records[rec.seq]
-        n = sum(rec.fail_missing(exc) for rec in failed)
+        n = sum(self._fail(rec, exc) for rec in failed)
         with self._cond:
             self._completed += n
             self._failed += n
@@ -625,6 +635,9 @@ class Driver:
             try_send(links.socks[broker], p.encode(p.Sync(token, tuple(seqs[start : start + p.MAX_CHUNK_TASKS]))))
 
     def _ask_status(self, links: BrokerLinks, token: int) -> None:
+        # Receipts owed go first: when the reply comes, the broker has taken them (one socket
+        # keeps order), so a pool closed right after its results came leaves nothing to re-run.
+        self._send_racks(links.socks)
         for link in self._links:
             if link.state is not LinkState.DOWN:
                 try_send(links.socks[link.index], p.encode(p.Sync(token)))
@@ -697,24 +710,27 @@ class Driver:
         window = self._settings.window
         links = self._links
         n = len(links)
+        up = LinkState.UP
         while True:
             with self._cond:
                 if not self._queued:
                     return
-                # Round robin over the brokers that are up keeps queues even (the daskqueue
-                # behaviour: 100 chunks over 2 queues is 50 and 50); a full window on the next one
-                # waits for its confirms. A broker that is down is skipped until it is back.
-                if links[self._rr].state is not LinkState.UP:
-                    for _ in range(n):
-                        self._rr = (self._rr + 1) % n
-                        if links[self._rr].state is LinkState.UP:
-                            break
-                    else:
-                        return  # every broker is down: chunks wait (bounded) for one to come back
+                # Strict round robin keeps queues even (the daskqueue behaviour: 100 chunks over 2
+                # queues is 50 and 50): a full window on the next broker waits for its confirms.
+                # But a broker that is down, or stalled (its window full and no confirm for
+                # _STALLED), is passed over: one queue never holds up a pool's submissions.
                 b = self._rr
                 link = links[b]
-                if link.unconfirmed >= window:
-                    return
+                if link.state is not up or link.unconfirmed >= window:
+                    if link.state is up and time.monotonic() - link.confirmed_at < _STALLED:
+                        return  # full, and confirming: wait for it
+                    for _ in range(n - 1):
+                        b = (b + 1) % n
+                        link = links[b]
+                        if link.state is up and link.unconfirmed < window:
+                            break
+                    else:
+                        return  # every broker is down or full: chunks wait (bounded) for room
                 rec = self._queued.popleft()
                 self._rr = (b + 1) % n
                 link.unconfirmed += 1
@@ -726,7 +742,7 @@ class Driver:
                     link.unconfirmed -= 1
                     rec.broker = -1
                     self._queued.appendleft(rec)
-                    self._rr = b
+                    self._rr = (b + 1) % n
                 return
 
     def _handle(self, link: _Link, frames: list[Any]) -> int | None:
@@ -767,6 +783,7 @@ class Driver:
             if rec is None or rec.confirmed or rec.broker != link.index:
                 raise ProtocolError(f"CONFIRM of unknown chunk {msg.seq}")
             link.unconfirmed -= 1
+            link.confirmed_at = time.monotonic()
             self._buffered_chunks -= 1
             self._buffered_bytes -= rec.nbytes
             if msg.status is p.Status.STORED:
@@ -783,7 +800,7 @@ class Driver:
                 if msg.status is p.Status.FULL
                 else ZdqError(f"queue {name} refused a chunk ({msg.status.name}): {detail}")
             )
-            n = rec.fail_missing(exc)
+            n = self._fail(rec, exc)
             with self._cond:
                 self._completed += n
                 self._failed += n
@@ -812,6 +829,7 @@ class Driver:
                 rec.confirmed = True
                 rec.payload = None
                 link.unconfirmed -= 1
+                link.confirmed_at = time.monotonic()
                 self._buffered_chunks -= 1
                 self._buffered_bytes -= rec.nbytes
                 self._cond.notify_all()
@@ -849,14 +867,14 @@ class Driver:
                 logger.exception("driver %s could not settle the results of a chunk", self.name)
                 rec = settlement[0]
                 if rec is not None:
-                    self._finish_record(rec, rec.fail_missing(ZdqError("zdq could not settle this task's result")), 0)
+                    self._finish_record(rec, self._fail(rec, ZdqError("zdq could not settle this task's result")), 0)
 
     def _settle_results(
         self, rec: _Record | None, offset: int, base: int, consumer: bytes, values: list[Any], errors: dict[int, Any]
     ) -> None:
         if offset < 0:  # the whole chunk's results did not decode: errors[0] is why
             assert rec is not None
-            self._finish_record(rec, rec.fail_missing(errors[0]), 0)
+            self._finish_record(rec, self._fail(rec, errors[0]), 0)
             return
         n = len(values)
         exceptions: dict[int, BaseException] = {}
@@ -886,6 +904,17 @@ class Driver:
                 if rec.remaining <= 0:
                     self._records.pop(rec.seq, None)
             self._cond.notify_all()
+
+    def _fail(self, rec: _Record, exc: BaseException) -> int:
+        """Fail the tasks of ``rec`` that have no outcome with ``exc``; keep ``exc`` as their value in
+        ``results()`` too (under no consumer: none ran them). Return how many."""
+        ids = rec.fail_missing(exc)
+        if ids and self._keep_results:
+            with self._cond:
+                store = self._results[NO_CONSUMER]
+                for tid in ids:
+                    store[tid] = exc
+        return len(ids)
 
     def _finish_record(self, rec: _Record, failed: int, done: int) -> None:
         with self._cond:
@@ -918,7 +947,7 @@ class Driver:
             f"queue {self._queue_names[broker]} was lost while this task ran; it had been acknowledged on "
             "receipt (early_ack, at most once), so it was not kept to run again"
         )
-        n = sum(rec.fail_missing(exc) for rec in lost)
+        n = sum(self._fail(rec, exc) for rec in lost)
         with self._cond:
             self._completed += n
             self._failed += n
@@ -930,7 +959,8 @@ class Driver:
         with self._cond:
             rec = self._records.pop(msg.seq, None)
         if rec is not None:
-            n = rec.fail_missing(
+            n = self._fail(
+                rec,
                 TaskLost(f"the consumer of chunk {msg.chunk_id} died after acknowledging it early (at most once)")
             )
             with self._cond:

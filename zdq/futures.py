@@ -127,6 +127,8 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
         try:
             return super().result(timeout)
         except concurrent.futures.TimeoutError:
+            if self.done():
+                raise  # the task's own error (a TaskTimeout, a TimeoutError it raised), as it is
             raise self._timed_out(timeout, repr(self)) from None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:

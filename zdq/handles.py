@@ -73,6 +73,7 @@ class QueueHandle:
 
     # -- control plane: the queue's broker actor ------------------------------------------------
     def _broker(self) -> Any:
+        self._pool._owned("calls to a queue's broker")
         return self._pool._brokers[self.index]
 
     def pid(self) -> Any:

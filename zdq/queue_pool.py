@@ -34,12 +34,14 @@ from zdq.errors import (
     BrokerLost,
     ClosedError,
     PlacementError,
+    QueueLocked,
     QueueMissing,
     SerializationError,
     StorageCorrupt,
     SubmitTimeout,
     ZdqError,
 )
+from zdq import registry
 from zdq.transport import protocol as p
 from zdq.transport.sockets import new_identity
 from zdq.futures import BatchFuture, TaskFuture
@@ -47,7 +49,7 @@ from zdq.serialization import CALLS, ITEMS, Task, TaskOptions, dumps_task, pack_
 from zdq.stats import BrokerStats, PoolStats
 from zdq.transport.security import ClientKeys, PoolKeys
 
-__all__ = ["Durability", "QueuePool", "DeadLetterInfo"]
+__all__ = ["Durability", "QueuePool", "DeadLetterInfo", "current_pool"]
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +219,11 @@ class QueuePool:
         self.consumer_identities: set[bytes] = set()
         self.recoveries = 0
         self.reset_by_restart = False
+        # Attaching: a durable pool always may (one name and directory is one pool); a transient
+        # one when it was given the name of a live pool.
+        self._may_attach = self.durability is Durability.DURABLE or name is not None
+        self._record: registry.PoolRecord | None = None  # set when attached to another's pool
+        self._attached_keys: ClientKeys | None = None
         # How long a lost queue may take to be placed again (a nanny restarting its worker takes
         # seconds) before what it held fails: every future settles within a bound.
         self._recovery_timeout = max(60.0, 4 * self.settings.heartbeat_timeout)
@@ -225,11 +232,72 @@ class QueuePool:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> QueuePool:
-        """Place one broker per queue on the workers and connect to them. Idempotent."""
+        """Place one broker per queue on the workers and connect to them; or, if a live pool of
+        this name (and directory) runs on the cluster, attach to it. Idempotent."""
         if self._closed:
             raise ClosedError(f"queue pool {self.name} is closed")
         if self._driver is not None:
             return self
+        if self._may_attach:
+            record = registry.lookup(self.client, self.name, self.dirpath)
+            if record is not None:
+                return self._attach(record)
+        try:
+            return self._place()
+        except QueueLocked:
+            # Another producer placed this durable pool a moment ago: attach to it once it is
+            # published (within a bound).
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                record = registry.lookup(self.client, self.name, self.dirpath) if self._may_attach else None
+                if record is not None:
+                    return self._attach(record)
+                time.sleep(0.2)
+            raise
+
+    @classmethod
+    def attach(cls, client: Client | None, name: str, *, dirpath: str | os.PathLike[str] | None = None, **kwargs: Any) -> QueuePool:
+        """Attach to the live pool ``name`` (a durable one: with its ``dirpath``), placed by another
+        QueuePool in this or any other process of the cluster, a task of the pool included. It
+        submits to the same queues; its futures and ``results()`` hold its own tasks' results.
+
+        Raises
+        ------
+        ClosedError
+            No live pool of that name runs on the cluster.
+        """
+        pool = cls(client, 1, "durable" if dirpath is not None else "transient", dirpath, name=name, start=False, **kwargs)
+        record = registry.lookup(pool.client, name, pool.dirpath)
+        if record is None:
+            where = f" with dirpath {pool.dirpath}" if pool.dirpath else ""
+            raise ClosedError(f"no live zdq pool named {name!r}{where} on this cluster")
+        return pool._attach(record)
+
+    def _attach(self, record: registry.PoolRecord) -> QueuePool:
+        if record.durable != (self.durability is Durability.DURABLE):
+            raise ZdqError(f"pool {self.name} is live on the cluster as a {'durable' if record.durable else 'transient'} pool")
+        if self.n_queues != len(record.queue_names):
+            logger.info("attaching to pool %s: it has %d queues", self.name, len(record.queue_names))
+        if self._allowed_workers is not None:
+            logger.info("pool %s is live on the cluster: attached to it (workers= applies to its owner only)", self.name)
+        self._record = record
+        self.n_queues = len(record.queue_names)
+        self.queue_names = list(record.queue_names)
+        self.endpoints = list(record.endpoints)
+        self._attached_keys = record.client_keys
+        self.payload_key = record.payload_key
+        self.settings = record.settings.with_overrides(window=self.settings.window, buffer_bytes=self.settings.buffer_bytes)
+        self._start_driver()
+        self._supervisor = start_supervisor(self, self._stop_supervisor, "zdq-supervisor-queues", interval=1.0)
+        logger.info("Attached to the %d queues of pool %s.", self.n_queues, self.name)
+        return self
+
+    @property
+    def attached(self) -> bool:
+        """Whether this pool feeds queues placed by another QueuePool (see :meth:`attach`)."""
+        return self._record is not None
+
+    def _place(self) -> QueuePool:
         self._keys = self._make_keys()
         try:
             # Every step runs for all queues at once: placing a pool costs about the same per queue
@@ -248,6 +316,34 @@ class QueuePool:
         except Exception as e:
             self._release_actors()
             raise PlacementError(f"could not place the queues of pool {self.name}: {e}") from e
+        self._start_driver()
+        self._supervisor = start_supervisor(self, self._stop_supervisor, "zdq-supervisor-queues")
+        self._publish()
+        logger.info("Created %d queues in the cluster (pool %s).", self.n_queues, self.name)
+        return self
+
+    def _publish(self) -> None:
+        """Tell the cluster where this pool's queues are (other producers attach by name)."""
+        try:
+            registry.publish(
+                self.client,
+                registry.PoolRecord(
+                    name=self.name,
+                    durable=self.durability is Durability.DURABLE,
+                    dirpath=self.dirpath,
+                    queue_names=tuple(self.queue_names),
+                    endpoints=tuple(self.endpoints),
+                    client_keys=self.client_keys,
+                    payload_key=self.payload_key,
+                    settings=self.settings,
+                    owner_client=str(self.client.id),
+                    owner_identity=self._identity,
+                ),
+            )
+        except Exception as e:  # the pool works without it; only attaching does not
+            logger.warning("pool %s could not be published on the cluster: %s", self.name, e)
+
+    def _start_driver(self) -> None:
         self._driver = Driver(
             self.name,
             self.endpoints,
@@ -262,9 +358,6 @@ class QueuePool:
         self._driver.start()
         # A pool dropped without close() (daskqueue programs never close theirs) still stops its driver.
         weakref.finalize(self, self._driver.close)
-        self._supervisor = start_supervisor(self, self._stop_supervisor, "zdq-supervisor-queues")
-        logger.info("Created %d queues in the cluster (pool %s).", self.n_queues, self.name)
-        return self
 
     def _make_keys(self) -> PoolKeys | None:
         if self.auth:
@@ -298,6 +391,8 @@ class QueuePool:
     @property
     def client_keys(self) -> ClientKeys | None:
         """The CURVE keys of this pool's drivers and consumers (``None`` without authentication)."""
+        if self._record is not None:
+            return self._attached_keys
         return None if self._keys is None else self._keys.client
 
     def _place_broker(self, i: int, *, host: str | None = None) -> Any:
@@ -349,6 +444,8 @@ class QueuePool:
         driver = self._driver
         if self._closed or driver is None or self.client.status != "running":
             return
+        if self._record is not None:
+            return self._follow_owner(driver)
         if any(fut.status == "cancelled" for fut in self._actor_futures):
             # client.restart() (or a cancel) took the actors: the cluster was reset on purpose, and a
             # new pool may reopen the same queues. Recovering here would race it for the directories;
@@ -356,6 +453,7 @@ class QueuePool:
             logger.warning("the brokers of pool %s were cancelled (client.restart?): its pending tasks fail", self.name)
             self._stop_supervisor.set()
             self.reset_by_restart = True
+            self._withdraw()  # a new pool on the same name must not attach to these dead queues
             kept = " (a durable queue kept them: a new pool on the same dirpath runs them)" if self.dirpath else ""
             driver.fail_all(
                 BrokerLost(
@@ -430,6 +528,7 @@ class QueuePool:
         del self._lost_since[i]
         self.recoveries += 1
         driver.reconnect(i, endpoint)
+        self._publish()
         logger.info("queue %s is served again at %s", name, endpoint)
         for listener in list(self._listeners):
             try:
@@ -437,6 +536,31 @@ class QueuePool:
             except Exception as e:  # one listener's failure never keeps the others uninformed
                 logger.warning("telling %r that queue %s moved failed: %s", listener, name, e)
         return None
+
+    def _follow_owner(self, driver: Driver) -> None:
+        """An attached pool follows its owner: queues placed again, and the pool's end."""
+        assert self._record is not None
+        try:
+            record = registry.lookup(self.client, self.name, self.dirpath)
+        except Exception as e:  # the scheduler is busy or going: try again next round
+            logger.debug("attached pool %s could not read its record: %s", self.name, e)
+            return
+        if record is None or record.owner_identity != self._record.owner_identity:
+            logger.warning("pool %s was closed by its owner: the tasks this producer still waits for fail", self.name)
+            self._stop_supervisor.set()
+            driver.fail_all(ClosedError(f"pool {self.name} was closed by the process that placed it"))
+            return
+        for i, (old, new) in enumerate(zip(self._record.endpoints, record.endpoints)):
+            if old != new:
+                driver.broker_lost(i, memory_lost=not record.durable)
+                driver.reconnect(i, new)
+                self.endpoints[i] = new
+                for listener in list(self._listeners):
+                    try:
+                        listener.on_broker_moved(i, new)
+                    except Exception as e:
+                        logger.warning("telling %r that queue %s moved failed: %s", listener, self.queue_names[i], e)
+        self._record = record
 
     def _unrecoverable(self, i: int, error: Exception) -> None:
         """A queue cannot be placed again (a durable one: not where its directory is): fail what
@@ -455,8 +579,20 @@ class QueuePool:
         if self._supervisor is not None:
             self._supervisor.join(10)
         if self._driver is not None:
+            try:  # the receipts for results already here reach the brokers before they stop
+                self._driver.queue_status(timeout=2)
+            except ZdqError as e:
+                logger.debug("pool %s: receipts not confirmed before closing: %s", self.name, e)
             self._driver.close()
+        self._withdraw()
         self._release_actors()
+
+    def _withdraw(self) -> None:
+        if self._record is None and self._driver is not None:
+            registry.withdraw(
+                self.client,
+                registry.PoolRecord(self.name, False, self.dirpath, (), (), None, None, self.settings, "", self._identity),
+            )
 
     def _release_actors(self) -> None:
         stops = []
@@ -729,8 +865,16 @@ class QueuePool:
         self.driver.flush(timeout)
 
     # -- dead letters -------------------------------------------------------------------------
+    def _owned(self, what: str) -> None:
+        if self._record is not None:
+            raise ZdqError(
+                f"{what} go to the queues' brokers through the QueuePool that placed them: this one is "
+                f"attached to pool {self.name}"
+            )
+
     def dead_letters(self) -> list[DeadLetterInfo]:
         """Tasks that used up their attempts, in every queue, with the reason and traceback."""
+        self._owned("dead letters")
         calls = [(i, b.dead_letters()) for i, b in enumerate(self._brokers)]
         return [
             DeadLetterInfo(self.queue_names[i], d.chunk_id, d.meta.n_tasks, d.reason)
@@ -750,6 +894,7 @@ class QueuePool:
         return self._on_dead(letters, "purge_dead")
 
     def _on_dead(self, letters: Iterable[DeadLetterInfo] | None, method: str) -> int:
+        self._owned("dead letters")
         by_queue: dict[int, list[int] | None] = {}
         if letters is None:
             by_queue = dict.fromkeys(range(self.n_queues))
@@ -764,11 +909,34 @@ class QueuePool:
     # -- introspection --------------------------------------------------------------------------
     def broker_statistics(self, timeout: float = 10.0) -> list[BrokerStats]:
         """Every broker's statistics, asked in parallel (one actor call each)."""
-        calls = [b.statistics() for b in self._brokers]
-        return [c.result(timeout=timeout) for c in calls]
+        self._owned("broker statistics")
+        out = self._broker_statistics(timeout)
+        down = [name for name, stats in zip(self.queue_names, out) if isinstance(stats, BaseException)]
+        if down:
+            first = next(s for s in out if isinstance(s, BaseException))
+            raise BrokerLost(f"queues {', '.join(down)} did not answer (lost, being placed again, or stalled)") from first
+        return out  # type: ignore[return-value]
 
-    def statistics(self) -> PoolStats:
-        return PoolStats(self.driver.statistics(), self.broker_statistics())
+    def _broker_statistics(self, timeout: float) -> list[BrokerStats | BaseException]:
+        calls: list[Any] = []
+        for broker in self._brokers:
+            try:
+                calls.append(broker.statistics())
+            except Exception as e:  # its worker is gone
+                calls.append(e)
+        out: list[BrokerStats | BaseException] = []
+        for call in calls:
+            try:
+                out.append(call if isinstance(call, BaseException) else call.result(timeout=timeout))
+            except Exception as e:
+                out.append(e)
+        return out
+
+    def statistics(self, timeout: float = 10.0) -> PoolStats:
+        """The driver's counters, and the statistics of every queue that answers (a queue that is
+        down is left out of ``brokers``; ``driver.links_down`` counts it)."""
+        brokers = [] if self._record is not None else self._broker_statistics(timeout)
+        return PoolStats(self.driver.statistics(), [b for b in brokers if isinstance(b, BrokerStats)])
 
     def queue_status(self, timeout: float = 10.0) -> list[p.QueueStatus | None]:
         """Each queue's counts, asked over the data plane (``None`` for a queue that is down)."""
@@ -777,13 +945,17 @@ class QueuePool:
     def get_queue_size(self, timeout: float = 30.0) -> dict[str, int]:
         """Tasks pending (stored, not yet acknowledged) in each queue, by queue name.
 
-        A queue that is down (lost with its worker, being placed again) is left out.
+        Raises
+        ------
+        BrokerLost
+            A queue is down (lost with its worker, being placed again): its size is not known.
         """
         self.flush(timeout)
         statuses = self.queue_status(timeout)
-        return {
-            name: s.ready_tasks + s.leased_tasks for name, s in zip(self.queue_names, statuses) if s is not None
-        }
+        down = [name for name, s in zip(self.queue_names, statuses) if s is None]
+        if down:
+            raise BrokerLost(f"queues {', '.join(down)} are down (being placed again): their sizes are not known now")
+        return {name: s.ready_tasks + s.leased_tasks for name, s in zip(self.queue_names, statuses) if s is not None}
 
     def __len__(self) -> int:
         return self.n_queues
@@ -826,3 +998,45 @@ class QueuePool:
         except Exception as e:  # a repr must not raise
             lines = [f"\n\t(statistics unavailable: {e!r:.80})"]
         return f"QueuePool : {self.n_queues} queue(s)" + "".join(lines)
+
+
+_attached_lock = threading.Lock()
+_attached_here: dict[tuple[str, str | None], QueuePool] = {}
+
+
+def current_pool(timeout: float = 60.0) -> QueuePool:
+    """Inside a zdq task: the pool whose consumer runs it, attached from this worker, to submit
+    more work (a document task submitting its pages). Submitting never waits on consumers;
+    waiting on the new tasks' results from inside a task holds that consumer meanwhile.
+
+    >>> def document(path):                                   # doctest: +SKIP
+    ...     pool = zdq.current_pool()
+    ...     pool.batch_submit([(page, path, i) for i in range(n_pages(path))])
+
+    Raises
+    ------
+    ZdqError
+        Called outside a zdq task.
+    """
+    from zdq._actor import CURRENT_POOL, when_pool_done
+
+    key = CURRENT_POOL.get()
+    if key is None:
+        raise ZdqError("current_pool() is for code that runs in a zdq task; elsewhere use QueuePool.attach()")
+    with _attached_lock:
+        pool = _attached_here.get(key)
+        if pool is None or pool._closed:
+            from distributed import get_client
+
+            name, dirpath = key
+            pool = QueuePool.attach(get_client(timeout=timeout), name, dirpath=dirpath)
+            _attached_here[key] = pool
+
+            def close(pool: QueuePool = pool) -> None:
+                with _attached_lock:
+                    if _attached_here.get(key) is pool:
+                        del _attached_here[key]
+                pool.close()
+
+            when_pool_done(key, close)
+        return pool

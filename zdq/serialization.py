@@ -279,9 +279,50 @@ def loads_chunk(payload: Any, key: bytes | None = None) -> tuple[int, int, list[
 
 
 def dumps_results(
-    base_task_id: int, values: list[Any], errors: dict[int, ErrorInfo], key: bytes | None = None
+    base_task_id: int,
+    values: list[Any],
+    errors: dict[int, ErrorInfo],
+    key: bytes | None = None,
+    max_bytes: int | None = None,
 ) -> bytes:
-    """Pickle (and seal) a chunk's results; a value that cannot be pickled becomes that task's error."""
+    """Pickle (and seal) a chunk's results; a value that cannot be pickled becomes that task's error.
+
+    Results larger than ``max_bytes`` (what the sockets accept) would be dropped on the wire, and
+    their futures would never settle: the largest values become :class:`SerializationError`\ s
+    until the rest fits.
+    """
+    payload = _dumps_results(base_task_id, values, errors, key)
+    if max_bytes is None or len(payload) <= max_bytes:
+        return payload
+    values, errors = list(values), dict(errors)
+    sizes = sorted(
+        ((len(cloudpickle.dumps(v, protocol=PROTOCOL)), i) for i, v in enumerate(values) if i not in errors),
+        reverse=True,
+    )
+    total = len(payload)
+    for size, i in sizes:
+        if total <= max_bytes:
+            break
+        values[i] = None
+        errors[i] = _error(
+            f"the result of task {base_task_id + i} pickles to {size} bytes, more than max-message-size "
+            f"({max_bytes}): return large data by reference (a path, a URL, a Dask future)"
+        )
+        total -= size
+    payload = _dumps_results(base_task_id, values, errors, key)
+    if len(payload) > max_bytes:  # the errors themselves are too large (huge tracebacks)
+        why = f"the results of these {len(values)} tasks pickle to more than max-message-size ({max_bytes})"
+        payload = _dumps_results(base_task_id, [None] * len(values), dict.fromkeys(range(len(values)), _error(why)), key)
+    return payload
+
+
+def _error(message: str) -> ErrorInfo:
+    from zdq.errors import SerializationError
+
+    return ErrorInfo(SerializationError(message), "zdq.errors.SerializationError", message, "")
+
+
+def _dumps_results(base_task_id: int, values: list[Any], errors: dict[int, ErrorInfo], key: bytes | None) -> bytes:
     try:
         if len(values) <= _PLAIN_RESULTS and not errors and _scalars(values):
             # A few scalars (a single task's result): the standard pickler is much cheaper to start.

@@ -312,6 +312,16 @@ class BrokerCore:
                 consumer = self._consumer(ident, now)
                 consumer.name = msg.name  # type: ignore[union-attr]
                 consumer.local = is_local_peer(head)
+                # A consumer says HELLO on each new connection. Chunks leased to it before may have
+                # been lost with its previous connection (ZeroMQ drops what was queued on a pipe
+                # that a new connection of the same identity takes over): they go back to the
+                # queue, without using an attempt; a DONE for them from this consumer still counts.
+                returned = self._leases.reclaim(ident)
+                if returned:
+                    logger.info(
+                        "broker %s: consumer %s reconnected; %d chunks leased to it go back to the queue",
+                        self.name, msg.name.decode(errors="replace"), len(returned),  # type: ignore[union-attr]
+                    )
             self._send(ident, p.Heartbeat())
         elif kind is p.Return:
             held = self._leases.get(msg.chunk_id)  # type: ignore[union-attr]

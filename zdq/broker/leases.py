@@ -149,7 +149,20 @@ class LeaseTable:
         held.early = True
         return True
 
-    def expire(self, consumer: bytes) -> tuple[list[int], list[tuple[int, Held]]]:
+    def reclaim(self, consumer: bytes) -> list[int]:
+        """``consumer`` reconnected: chunks leased to it that it may never have received go back
+        to the head of the queue, using no attempt (those it acknowledged early, it had)."""
+        returned = []
+        for chunk_id in sorted(self.leases_of(consumer), reverse=True):
+            held = self._held[chunk_id]
+            if held.results is None and not held.early:
+                del self._held[chunk_id]
+                self.storage.release(chunk_id, count_attempt=False)
+                self._previous[chunk_id] = consumer
+                returned.append(chunk_id)
+        return returned
+
+    def expire(self, consumer: bytes, *, count_attempt: bool = True) -> tuple[list[int], list[tuple[int, Held]]]:
         """``consumer`` is gone: its leased chunks go back to the head of the queue (remembering
         who held them). Return the ids returned and the early-acknowledged chunks that are lost."""
         returned: list[int] = []
@@ -162,7 +175,7 @@ class LeaseTable:
             if held.early:
                 lost.append((chunk_id, held))
             else:
-                self.storage.release(chunk_id)
+                self.storage.release(chunk_id, count_attempt=count_attempt)
                 self._previous[chunk_id] = consumer
                 returned.append(chunk_id)
         return returned, lost

@@ -11,7 +11,7 @@ import os
 import threading
 from typing import Any
 
-from zdq._actor import as_dask_task, liveness_probe, worker_address
+from zdq._actor import CURRENT_POOL, as_dask_task, liveness_probe, pool_done, pool_in_use, worker_address
 from zdq.config import PoolSettings
 from zdq.consumer.base import ConsumerBaseClass
 from zdq.consumer.link import Link
@@ -53,6 +53,9 @@ class Consumer:
         The key that seals chunks and results (``None``: unsealed).
     time_limit : float, optional
         Time limit of tasks that carry no options of their own.
+    pool : tuple, optional
+        ``(name, dirpath)`` of the QueuePool it consumes: tasks reach it with
+        :func:`zdq.current_pool`.
     """
 
     def __init__(
@@ -67,8 +70,10 @@ class Consumer:
         keys: ClientKeys | None = None,
         payload_key: bytes | None = None,
         time_limit: float | None = None,
+        pool: tuple[str, str | None] | None = None,
     ) -> None:
         self.name = name
+        self._pool = pool  # (name, dirpath) of its QueuePool: what zdq.current_pool() attaches to
         self._identity = identity
         self._class = consumer_class
         self._settings = settings
@@ -107,6 +112,8 @@ class Consumer:
                 self._link.poke()  # it sleeps in poll until its next heartbeat otherwise
             return
         handler = self._class(name=self.name)
+        if self._pool is not None:
+            CURRENT_POOL.set(self._pool)  # copied into every thread it starts (as_dask_task)
         self._worker = worker_address() or ""
         self._endpoints = list(endpoints)
         # A new event per start: threads of an earlier start that are still winding down keep the
@@ -136,6 +143,8 @@ class Consumer:
             defaults=self._defaults,
             crash_attempts=self._settings.crash_attempts,
             payload_key=self._payload_key,
+            # Room for the frames around the results, and for the seal.
+            max_bytes=max(self._settings.max_message_size // 2, self._settings.max_message_size - 65536),
         )
         link.attach(runner)
         self._link, self._runner = link, runner
@@ -163,6 +172,8 @@ class Consumer:
             )
             raise PlacementError(self._start_error) from cause
         self._exec.start()  # after the I/O thread took the sockets (and set itself as their owner)
+        if self._pool is not None:
+            pool_in_use(self._pool)
         self._started = True
         self._start_error = None
 
@@ -180,6 +191,8 @@ class Consumer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop consuming and close every thread and socket. Unstarted chunks go back. Idempotent."""
+        if self._started and self._pool is not None:
+            pool_done(self._pool)
         self._started = False
         self._fetching.clear()
         self._stop.set()

@@ -429,6 +429,11 @@ class Link:
         while not stop.is_set():
             while control:
                 i, endpoint = control.popleft()
+                if endpoint == self._endpoints[i]:
+                    # Started with it already (the pool told it twice): a second socket of the same
+                    # identity would take over the first's pipe, and drop a DELIVER on its way.
+                    continue
+                self._endpoints[i] = endpoint
                 links.replace(i, endpoint)
                 cr.forget(i)
             while outbox:

@@ -207,6 +207,7 @@ class Runner:
         defaults: TaskOptions,
         crash_attempts: int,
         payload_key: bytes | None,
+        max_bytes: int | None = None,
     ) -> None:
         self.name = name
         self._handler = handler
@@ -218,6 +219,7 @@ class Runner:
         self._defaults = defaults
         self._crash_attempts = crash_attempts
         self._payload_key = payload_key
+        self._max_bytes = max_bytes  # most bytes of results a DONE may carry (the sockets drop more)
         self._pool: _TaskThreads | None = None
         #: Chunks for the execution thread (``max_concurrency`` > 1); ``None`` ends it.
         self.chunks: queue.SimpleQueue[tuple[int, p.Deliver] | None] = queue.SimpleQueue()
@@ -419,5 +421,5 @@ class Runner:
             counters.tasks_done += n - len(errors)
         for dead in run.dead:  # before DONE, so the broker still knows the chunk they come from
             self._post(run.broker, dead)
-        payload = dumps_results(run.base, run.values, errors, self._payload_key)
+        payload = dumps_results(run.base, run.values, errors, self._payload_key, self._max_bytes)
         self._post(run.broker, p.Done(run.chunk_id, n, payload))
