@@ -342,7 +342,7 @@ def test_a_durable_queue_whose_directory_is_gone_at_recovery_fails_its_futures_w
 # -- 6. backpressure on submit() --------------------------------------------------------------------
 
 
-def test_submit_keeps_at_most_window_chunks_per_queue_in_the_driver_and_times_out_on_a_stalled_broker(
+def test_submit_keeps_at_most_window_chunks_per_queue_in_the_driver_and_times_out_when_every_broker_stalls(
     client3: Client,
 ) -> None:
     window, n_queues = 4, 2
@@ -365,8 +365,11 @@ def test_submit_keeps_at_most_window_chunks_per_queue_in_the_driver_and_times_ou
             sampler.join(10)
         assert flooded == 20_000
 
-        victim = broker_pid(qp, 0)
-        os.kill(victim, signal.SIGSTOP)
+        # One stalled broker is passed over (the other queue takes the work); with every broker
+        # stalled, the driver's bounded buffers fill and submit(timeout=) says so.
+        victims = [broker_pid(qp, i) for i in range(n_queues)]
+        for victim in victims:
+            os.kill(victim, signal.SIGSTOP)
         try:
             started = time.monotonic()
             raised: SubmitTimeout | None = None
@@ -381,12 +384,13 @@ def test_submit_keeps_at_most_window_chunks_per_queue_in_the_driver_and_times_ou
             elapsed = time.monotonic() - started
             unconfirmed = qp.driver.statistics().chunks_unconfirmed
         finally:
-            os.kill(victim, signal.SIGCONT)
+            for victim in victims:
+                os.kill(victim, signal.SIGCONT)
         assert peak <= window * n_queues + 2, (
             f"{peak} chunks waited in the driver or unconfirmed during the flood (window {window} × {n_queues} queues)"
         )
         assert raised is not None, (
-            f"{count} submit(timeout=1) calls returned in {elapsed:.1f}s against a stalled broker "
+            f"{count} submit(timeout=1) calls returned in {elapsed:.1f}s against stalled brokers "
             f"({unconfirmed} chunks buffered): no SubmitTimeout"
         )
         assert elapsed < 10

@@ -311,10 +311,12 @@ class Driver:
         chunk; return its future. Blocks while the driver's buffers are full."""
         self._check_open()
         cap = self._settings.chunk_size * len(self._links)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        budget = self._settings.buffer_bytes - len(task)
         with self._cond:
-            while len(self._loose) >= cap or not self._room(len(task)):
-                self._wait(deadline)
+            if len(self._loose) >= cap or (self._buffered_bytes > budget and self._buffered_bytes):
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while len(self._loose) >= cap or not self._room(len(task)):
+                    self._wait(deadline)
             tid = self._next_task
             self._next_task += 1
             fut = TaskFuture(tid)

@@ -24,7 +24,7 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import zmq
@@ -50,6 +50,7 @@ _CONFIRM_DELAY = 0.002
 _CONFIRM_BATCH = 8
 #: A consumer without credit is told READY at most this often while chunks wait for it.
 _READY_EVERY = 0.1
+_DRIVER = p.Role.DRIVER
 
 
 @dataclass
@@ -81,14 +82,18 @@ class _Peer:
     gone: bool = False  # said BYE
 
 
-@dataclass
 class _Round:
-    puts: list[tuple[bytes, p.Put]] = field(default_factory=list)
-    dones: list[tuple[bytes, p.Done]] = field(default_factory=list)
-    racks: list[tuple[bytes, tuple[int, ...]]] = field(default_factory=list)
-    syncs: list[tuple[bytes, p.Sync]] = field(default_factory=list)
-    drivers_heard: set[bytes] = field(default_factory=set)
-    early_acks: bool = False
+    """What one round of the loop gathered, to handle together (a plain class: made every round)."""
+
+    __slots__ = ("dones", "drivers_heard", "early_acks", "puts", "racks", "syncs")
+
+    def __init__(self) -> None:
+        self.puts: list[tuple[bytes, p.Put]] = []
+        self.dones: list[tuple[bytes, p.Done]] = []
+        self.racks: list[tuple[bytes, tuple[int, ...]]] = []
+        self.syncs: list[tuple[bytes, p.Sync]] = []
+        self.drivers_heard: set[bytes] = set()
+        self.early_acks = False
 
 
 class BrokerCore:
@@ -248,17 +253,35 @@ class BrokerCore:
     def _round(self) -> None:
         work = _Round()
         now = time.monotonic()
+        puts, dones = work.puts, work.dones
+        peers = self._peers
+        decode = p.decode
         for frames in recv_ready(self._sock, _ROUND, router=True):
             ident = frames[0]
             try:
-                msg = p.decode(frames[1:])
-                self._on_message(ident, frames[1], msg, work, now)
+                msg = decode(frames[1:])
+                kind = type(msg)
+                # The two messages of every task, handled here; the others by _on_message.
+                if kind is p.Done:
+                    dones.append((ident, msg))  # type: ignore[arg-type]
+                    self._credit(ident, msg.credit, now)  # type: ignore[union-attr]
+                elif kind is p.Put:
+                    puts.append((ident, msg))  # type: ignore[arg-type]
+                    peer = peers.get(ident)
+                    if peer is not None and peer.role is _DRIVER and not peer.gone:
+                        peer.last_seen = now  # a known driver: the common case, kept short
+                        if self._waiting:
+                            work.drivers_heard.add(ident)
+                    else:
+                        self._driver_heard(ident, now, work)
+                else:
+                    self._on_message(ident, frames[1], msg, work, now)
             except ProtocolError as e:
                 self._bad(ident, e)
-        if work.puts:
-            self._store(work.puts)
-        if work.dones:
-            self._finish(work.dones, now)
+        if puts:
+            self._store(puts)
+        if dones:
+            self._finish(dones, now)
         for ident, chunk_ids in work.racks:
             self._leases.forget(chunk_ids, ident)
         if self._waiting and work.drivers_heard:
@@ -273,19 +296,7 @@ class BrokerCore:
 
     def _on_message(self, ident: bytes, head: Any, msg: p.Message, work: _Round, now: float) -> None:
         kind = type(msg)
-        if kind is p.Put:
-            work.puts.append((ident, msg))  # type: ignore[arg-type]
-            peer = self._peers.get(ident)
-            if peer is not None and peer.role is p.Role.DRIVER and not peer.gone:
-                peer.last_seen = now  # the common case, kept short: a known driver
-                if self._waiting:
-                    work.drivers_heard.add(ident)
-            else:
-                self._driver_heard(ident, now, work)
-        elif kind is p.Done:
-            work.dones.append((ident, msg))  # type: ignore[arg-type]
-            self._credit(ident, msg.credit, now)  # type: ignore[union-attr]
-        elif kind is p.Fetch:
+        if kind is p.Fetch:
             self._credit(ident, msg.credit, now, revoke=msg.credit == 0)  # type: ignore[union-attr]
         elif kind is p.Heartbeat:
             peer = self._peers.get(ident)
@@ -361,7 +372,11 @@ class BrokerCore:
         return peer
 
     def _credit(self, ident: bytes, credit: int, now: float, *, revoke: bool = False) -> None:
-        consumer = self._consumer(ident, now)
+        consumer = self._peers.get(ident)
+        if consumer is None or consumer.role is _DRIVER:
+            consumer = self._consumer(ident, now)
+        else:
+            consumer.last_seen = now
         if revoke:
             consumer.credit = 0  # a DELIVER already sent may still reach it: it gives it back
             return
@@ -513,7 +528,8 @@ class BrokerCore:
         leases = self._leases
         for ident, done in dones:
             chunk_id = done.chunk_id
-            if leases.held_by(ident, chunk_id) is None:
+            current = leases.get(chunk_id)
+            if (current is None or current.holder != ident) and leases.held_by(ident, chunk_id) is None:
                 # Only the consumer that holds (or held, before its lease expired) a chunk may
                 # report it: an authenticated peer still cannot forge another's results.
                 held = leases.get(chunk_id)
@@ -522,7 +538,8 @@ class BrokerCore:
                 else:
                     self._bad(ident, ProtocolError(f"DONE of chunk {chunk_id} that this peer never held"))
                 continue
-            held = leases.finish(chunk_id, ident[: p.ID_SIZE].ljust(p.ID_SIZE, b"\0"), done.results)
+            producer = ident if len(ident) == p.ID_SIZE else ident[: p.ID_SIZE].ljust(p.ID_SIZE, b"\0")
+            held = leases.finish(chunk_id, producer, done.results)
             if held is None:
                 self.counters.duplicate_dones += 1
                 continue

@@ -183,7 +183,8 @@ class LeaseTable:
     def finish(self, chunk_id: int, consumer: bytes, results: object) -> Held | None:
         """A DONE from the chunk's holder (or its holder before its lease expired): the chunk is
         done, its results held until a receipt. ``None`` if it was done already (a duplicate)."""
-        self._previous.pop(chunk_id, None)
+        if self._previous:
+            self._previous.pop(chunk_id, None)
         held = self._held.get(chunk_id)
         if held is None:
             # A late DONE of a chunk whose lease expired: it went back to the queue (or was
