@@ -230,3 +230,13 @@ def test_a_driver_that_exits_without_close_leaves_nothing_running_on_the_workers
         return {worker: names for worker, names in client.run(threads).items() if names}
 
     wait_until(lambda: not leftovers(), timeout=30)
+
+
+def test_submit_iter_shows_an_insertion_bar_against_its_total(client: Client, capsys: pytest.CaptureFixture[str]) -> None:
+    with QueuePool(client, 1) as queue_pool:
+        n = queue_pool.submit_iter(((add, i, 1) for i in range(2500)), total=2500, progress=True, batch_size=500)
+        assert n == 2500
+        err = capsys.readouterr().err
+        assert "zdq insert" in err and "2500/2500" in err
+        with pytest.raises(ValueError, match="total"):
+            queue_pool.submit_iter([(add, 1, 1)], total=-1)

@@ -86,6 +86,15 @@ def _host_of(address: str) -> str:
     return worker_host(address, "127.0.0.1")
 
 
+def _insert_bar(total: int | None) -> Any:
+    from tqdm.auto import tqdm
+
+    class Bar(tqdm):  # type: ignore[misc]
+        monitor_interval = 0  # no monitor thread left behind (the bar is updated as chunks go)
+
+    return Bar(total=total, unit="task", desc="zdq insert", dynamic_ncols=True)
+
+
 def _check_worker_class(worker_class: type | None) -> None:
     if worker_class is not None and not (isinstance(worker_class, type) and issubclass(worker_class, GeneralConsumer)):
         raise WrongConsumerClass(
@@ -822,8 +831,13 @@ class QueuePool:
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         time_limit: float | str | None = None,
+        total: int | None = None,
+        progress: bool = False,
     ) -> int:
         """Queue calls ``(fn, *args)`` from any iterable, lazily, in flat memory; return the count.
+
+        ``progress=True`` shows a bar of the tasks inserted (python-task-queue's
+        ``insert(..., total=)``), against ``total`` when given (or ``len(calls)`` when it has one).
 
         Memory stays flat because at most ``window`` chunks per broker are waiting for
         confirmation. Unlike :meth:`batch_submit` this does not hold the whole submission: if
@@ -835,8 +849,13 @@ class QueuePool:
         size = self._chunk_size(batch_size)
         given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
         options = self._options({k: v for k, v in given.items() if v is not None})
+        if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total < 0):
+            raise ValueError(f"total must be a non-negative integer, got {total!r}")
+        if total is None and hasattr(calls, "__len__"):
+            total = len(calls)  # type: ignore[arg-type]
         count = 0
         part: list[Any] = []
+        bar = _insert_bar(total) if progress else None
 
         def flush() -> None:
             nonlocal count
@@ -848,16 +867,22 @@ class QueuePool:
             for first, n, payload in packed:
                 driver.submit_chunk(first, n, payload, None, 0, timeout=timeout)
             count += len(part)
+            if bar is not None:
+                bar.update(len(part))
             part.clear()
 
-        for call in calls:
-            part.append(call)
-            if len(part) >= size:
+        try:
+            for call in calls:
+                part.append(call)
+                if len(part) >= size:
+                    _check_calls(part, count)
+                    flush()
+            if part:
                 _check_calls(part, count)
                 flush()
-        if part:
-            _check_calls(part, count)
-            flush()
+        finally:
+            if bar is not None:
+                bar.close()
         return count
 
     def flush(self, timeout: float | None = None) -> None:
