@@ -107,25 +107,44 @@ class PoolSettings:
                 + ", ".join(f.name for f in fields(self))
             )
         for key, value in given.items():
+            convert, expected = _KINDS[key]
             try:
-                if key in ("heartbeat_interval", "heartbeat_timeout"):
-                    given[key] = _seconds(value)
-                elif key in ("chunk_bytes", "buffer_bytes", "max_message_size", "map_size"):
-                    given[key] = _bytes(value)
-                elif key in ("chunk_size", "window", "prefetch", "crash_attempts"):
-                    if isinstance(value, bool) or not isinstance(value, int):
-                        raise TypeError("not an integer")
-                elif key == "durable_sync" and not isinstance(value, bool):
-                    raise TypeError("not a bool")
+                given[key] = convert(value)
             except (TypeError, ValueError, KeyError) as e:
-                expected = {
-                    "heartbeat_interval": "a duration (seconds, or a string like '30s')",
-                    "heartbeat_timeout": "a duration (seconds, or a string like '30s')",
-                    "durable_sync": "True or False",
-                    "default_host": "a host name or address",
-                }.get(key, "a size in bytes (or a string like '64MiB')" if "bytes" in key or "size" in key and key != "chunk_size" else "a positive integer")
                 raise ValueError(f"zdq setting {key} must be {expected}, got {value!r}") from e
         return replace(self, **given)
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("not an integer")
+    return value
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("not True or False")
+    return value
+
+
+_DURATION = (_seconds, "a duration (seconds, or a string like '30s')")
+_SIZE = (_bytes, "a size in bytes (or a string like '64MiB')")
+_INTEGER = (_integer, "a positive integer")
+#: How each setting given as a keyword is read, and what it must be.
+_KINDS: dict[str, tuple[Any, str]] = {
+    "chunk_size": _INTEGER,
+    "chunk_bytes": _SIZE,
+    "window": _INTEGER,
+    "buffer_bytes": _SIZE,
+    "prefetch": _INTEGER,
+    "heartbeat_interval": _DURATION,
+    "heartbeat_timeout": _DURATION,
+    "max_message_size": _SIZE,
+    "crash_attempts": _INTEGER,
+    "default_host": (str, "a host name or address"),
+    "durable_sync": (_flag, "True or False"),
+    "map_size": _SIZE,
+}
 
 
 def settings(**overrides: Any) -> PoolSettings:

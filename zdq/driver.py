@@ -112,7 +112,7 @@ class LinkState(enum.Enum):
 class _Link:
     """The I/O thread's link to one broker."""
 
-    __slots__ = ("index", "endpoint", "state", "unconfirmed", "seen", "racks", "since", "confirmed_at")
+    __slots__ = ("index", "endpoint", "state", "unconfirmed", "seen", "racks", "confirmed_at")
 
     def __init__(self, index: int, endpoint: str) -> None:
         self.index = index
@@ -121,7 +121,6 @@ class _Link:
         self.unconfirmed = 0  # chunks sent to it and not yet confirmed
         self.seen = time.monotonic()  # when it was last heard from
         self.racks: list[int] = []  # receipts owed to it
-        self.since = time.monotonic()  # when it entered its state
         self.confirmed_at = time.monotonic()  # when it last confirmed a chunk
 
 
@@ -572,7 +571,6 @@ class Driver:
 
     def _set_state(self, link: _Link, state: LinkState) -> None:
         link.state = state
-        link.since = time.monotonic()
         with self._cond:
             self._links_up[link.index] = state is LinkState.UP
             self._cond.notify_all()

@@ -570,8 +570,7 @@ class BrokerCore:
         driver, seq = target
         if not self._send(driver, p.Results(seq, chunk_id, held.consumer, held.results)):
             return False
-        held.driver = driver
-        held.sent_at = now
+        self._leases.sent(held, driver, now)
         peer = self._peers[driver]
         peer.routed += held.meta.n_tasks
         if seq:

@@ -208,9 +208,10 @@ class LeaseTable:
         if not held.early and held.results is not None:
             self.storage.keep_results(chunk_id, held.consumer, held.results)
 
-    def sent(self, held: Held, driver: bytes | None) -> None:
+    def sent(self, held: Held, driver: bytes | None, now: float | None = None) -> None:
+        """The results of ``held`` went to ``driver`` (at ``now``): it alone may acknowledge them."""
         held.driver = driver
-        held.sent_at = time.monotonic()
+        held.sent_at = time.monotonic() if now is None else now
 
     def forget(self, chunk_ids: Iterable[int], driver: bytes) -> int:
         """``driver`` holds the results of these chunks: remove them for good. Return how many."""
