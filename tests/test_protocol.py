@@ -31,6 +31,9 @@ MESSAGES = [
     p.Sync(9, (1, 2, 3)),
     p.QueueStatus(9, 100, 20, 3, 7, 1000),
     p.QueueStatus(9, 0, 0, 0, 0, 0, (4, 5)),
+    p.Cancel(7, 12, 3, (0, 5, 99_999)),
+    p.Cancel(0, 12, 0, ()),
+    p.Cancelled(7, (5,)),
     p.Heartbeat(),
     p.Bye(),
 ]
@@ -71,6 +74,9 @@ def _head(command: int, header: bytes = b"") -> bytes:
         [_head(p.Command.RACK, b"\0\0\0\1" + b"\0" * 8), b"extra"],
         [_head(p.Command.PUT, b"\0" * 8 + b"\xff\xff\xff\xff"), b"x"],
         [_head(p.Command.DELIVER, b"\0" * 8 + b"\0\0\0\0" + b"\0\0\0\1"), b"x"],
+        [_head(p.Command.CANCEL, b"\0" * 24 + b"\0\0\0\2" + b"\0" * 8)],
+        [_head(p.Command.CANCEL, b"\0" * 24 + b"\0\0\0\1" + b"\0\0\0\0\xff\xff\xff\xff")],
+        [_head(p.Command.CANCELLED, b"\0" * 8 + b"\0\0\0\1")],
         [object()],
     ],
 )

@@ -110,3 +110,36 @@ def test_a_task_can_be_stored_straight_into_the_dead_letters(storage: Storage) -
     assert storage.requeue_dead() == 1
     leased = storage.lease()
     assert leased is not None and _payload(leased) == b"poison"
+
+
+def test_cancelled_tasks_are_kept_with_their_chunk_and_follow_it_into_a_split(storage: Storage) -> None:
+    a, b = storage.put_many([(_meta(1, 3), b"a"), (_meta(2, 3), b"b")])
+    assert storage.find(OWNER, 2) == [b] and storage.find(OWNER, 9) == []
+    assert storage.is_ready(a)
+    assert storage.cancel(a, [0, 2, 7]) is True  # an index beyond the chunk is ignored
+    assert storage.cancelled(a) == {0, 2} and storage.cancelled(b) == frozenset()
+    storage.lease()
+    assert not storage.is_ready(a)
+    parts = storage.split(a, [(_meta(1, 1), b"a0"), (_meta(1, 1), b"a1"), (_meta(1, 1), b"a2")])
+    assert [storage.cancelled(p) for p in parts] == [{0}, frozenset(), {0}]
+    assert storage.cancelled(a) == frozenset()
+    storage.ack_many(parts[:1])
+    assert storage.cancelled(parts[0]) == frozenset()
+    assert storage.cancel(12345, [0]) is False
+
+
+def test_cancellations_survive_a_restart_of_a_durable_queue(tmp_path: Path) -> None:
+    first = LMDBStorage(str(tmp_path / "q"), map_size=1 << 20)
+    first.open()
+    a, b = first.put_many([(_meta(1, 4), b"a"), (_meta(2, 4), b"b")])
+    first.cancel(a, [1, 3])
+    first.cancel(b, [0])
+    first.ack_many([b])
+    first.close()
+    again = LMDBStorage(str(tmp_path / "q"), map_size=1 << 20)
+    again.open()
+    try:
+        assert again.cancelled(a) == {1, 3}
+        assert again.cancelled(b) == frozenset()
+    finally:
+        again.close()

@@ -397,6 +397,8 @@ class ConsumerPool:
                 stats.tasks_failed,
                 dead,
             )
+        if stats.tasks_cancelled:
+            logger.info("join: %d tasks were cancelled before they started (they never ran)", stats.tasks_cancelled)
 
     def results(self) -> dict[str, dict[int, Any]]:
         """Every result this pool's consumers produced, per consumer: ``{name: {task key: result}}``.

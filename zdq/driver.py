@@ -29,7 +29,9 @@ stalled broker makes submitters wait instead of filling memory.
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
+import functools
 import itertools
 import logging
 import math
@@ -50,13 +52,14 @@ from zdq.errors import (
     SerializationError,
     StorageFull,
     SubmitTimeout,
+    TaskCancelled,
     TaskLost,
     ZdqError,
     ZdqTimeoutError,
 )
 from zdq.futures import BatchFuture, CallbackRunner, TaskFuture
 from zdq.reporting import FailureLog
-from zdq.serialization import PICKLED, error_to_exception, loads_results, pack_chunks
+from zdq.serialization import CANCELLED, PICKLED, cancel_in_chunk, error_to_exception, loads_results, pack_chunks
 from zdq.stats import DriverStats
 from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
@@ -128,7 +131,8 @@ class _Record:
     """A chunk from submission to its last result."""
 
     __slots__ = (
-        "seq", "broker", "base", "n", "payload", "nbytes", "sink", "offset", "remaining", "confirmed", "got"
+        "seq", "broker", "base", "n", "payload", "nbytes", "sink", "offset", "remaining", "confirmed", "got",
+        "chunk_id", "cancelled", "rewrite",
     )
 
     def __init__(self, seq: int, base: int, n: int, payload: bytes, sink: Any, offset: int) -> None:
@@ -143,6 +147,33 @@ class _Record:
         self.remaining = n
         self.confirmed = False
         self.got = bytearray(n)  # which tasks have an outcome: a task run twice is recorded once
+        self.chunk_id = 0  # the broker's id for it, once confirmed
+        self.cancelled: set[int] | None = None  # tasks cancelled (indexes): they never run
+        self.rewrite = False  # cancelled tasks not yet replaced in the payload (before it is sent)
+
+    def cancel(self, indexes: Iterable[int]) -> list[int]:
+        """(Under the driver's ``_cond``.) Record that these tasks will never run; return the
+        indexes newly cancelled, for :meth:`settle_cancelled` once the lock is released."""
+        fresh = [i for i in indexes if not self.got[i] and (self.cancelled is None or i not in self.cancelled)]
+        if not fresh:
+            return []
+        if self.cancelled is None:
+            self.cancelled = set()
+        self.cancelled.update(fresh)
+        if self.payload is not None:
+            self.rewrite = True  # unconfirmed: a resend carries the placeholders
+        return fresh
+
+    def settle_cancelled(self, fresh: list[int]) -> list[int]:
+        """Settle the futures of tasks cancelled by :meth:`cancel` (their callbacks may run here:
+        never under a lock). Return their task ids."""
+        if isinstance(self.sink, BatchFuture):
+            for i in fresh:
+                self.sink._fill(self.offset + i, [None], {0: _cancellation(self.base + i)})
+        elif self.sink is not None:
+            for i in fresh:
+                _cancel_future(self.sink[i])
+        return [self.base + i for i in fresh]
 
     def fail_missing(self, exc: BaseException) -> list[int]:
         """Fail every task of this chunk without an outcome; return their task ids."""
@@ -157,6 +188,15 @@ class _Record:
                 _settle(self.sink[i], exc=exc)
         self.remaining = 0
         return [self.base + i for i in missing]
+
+
+def _cancellation(task_id: int) -> TaskCancelled:
+    return TaskCancelled(f"task {task_id} was cancelled before it started")
+
+
+def _cancel_future(fut: TaskFuture) -> None:
+    # The base class's cancel: the future's own asks its driver first (see TaskFuture.cancel).
+    concurrent.futures.Future.cancel(fut)
 
 
 def _settle(fut: TaskFuture, value: Any = None, exc: BaseException | None = None) -> None:
@@ -210,6 +250,11 @@ class Driver:
         self._submitted = 0
         self._completed = 0
         self._failed = 0
+        self._cancelled = 0
+        # CANCELs sent and not answered: token -> (record, indexes asked); and the answers awaited
+        # by a caller (token -> task ids cancelled, None until the answer comes).
+        self._cancel_asks: dict[int, tuple[_Record, tuple[int, ...]]] = {}
+        self._cancel_answers: dict[int, list[int] | None] = {}
         self._foreign = 0
         self._duplicates = 0
         self._bad = 0
@@ -320,6 +365,7 @@ class Driver:
             self._next_task += 1
             fut = TaskFuture(tid)
             fut._hint = self._hint
+            fut._driver = self
             wake = not self._loose
             self._loose.append((tid, task, fut))
             self._buffered_bytes += len(task)
@@ -347,6 +393,82 @@ class Driver:
             self._submitted += n
         if self._waker is not None:
             self._waker.wake()
+
+    def cancel(self, first: int, n: int, timeout: float | None = None) -> set[int]:
+        """Cancel the tasks ``first .. first+n`` that have not started; return the ids of those
+        that never will run (their futures are cancelled; a batch's hold TaskCancelled).
+
+        A task not yet sent is cancelled here. For a task with a broker, the broker answers: a
+        ready chunk's tasks are marked and skipped when it is delivered; a leased chunk's consumer
+        says which have not started. The wait is bounded by ``timeout`` (default: the heartbeat
+        timeout and a few seconds, within which a broker always answers); a task whose queue
+        does not answer in time counts as started. An answer that comes later still cancels.
+        """
+        if timeout is None:
+            timeout = self._settings.heartbeat_timeout + 5.0
+        last = first + n
+        cancelled: set[int] = set()
+        asks: list[tuple[_Record, tuple[int, ...]]] = []
+        with self._cond:
+            loose = [entry for entry in self._loose if first <= entry[0] < last]
+            if loose:
+                gone = {id(entry) for entry in loose}
+                self._loose = [entry for entry in self._loose if id(entry) not in gone]
+                self._buffered_bytes -= sum(len(task) for _, task, _ in loose)
+                self._note_cancelled_unsent([tid for tid, _, _ in loose])
+                self._cond.notify_all()
+            unsent: list[tuple[_Record, list[int]]] = []
+            for rec in list(self._records.values()):
+                lo, hi = max(first, rec.base), min(last, rec.base + rec.n)
+                if lo >= hi:
+                    continue
+                indexes = tuple(t - rec.base for t in range(lo, hi))
+                if rec.broker < 0:  # not sent: its payload is rewritten before it is
+                    unsent.append((rec, rec.cancel(indexes)))
+                else:
+                    asks.append((rec, indexes))
+            self._cancelled += sum(len(fresh) for _, fresh in unsent)
+        for _, _, fut in loose:
+            _cancel_future(fut)
+        for rec, fresh in unsent:
+            cancelled.update(rec.settle_cancelled(fresh))
+        cancelled.update(tid for tid, _, _ in loose)
+        if not asks:
+            return cancelled
+        tokens = [next(self._tokens) for _ in asks]
+        with self._cond:
+            for token in tokens:
+                self._cancel_answers[token] = None
+        for token, (rec, indexes) in zip(tokens, asks):
+            self._post(functools.partial(self._ask_cancel, token=token, rec=rec, indexes=indexes))
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            try:
+                while any(self._cancel_answers[t] is None for t in tokens):
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._stop.is_set():
+                        logger.warning(
+                            "driver %s: a queue did not answer a cancellation within %.1fs; its tasks count as "
+                            "started (they are cancelled still if the answer comes later)", self.name, timeout,
+                        )
+                        break
+                    self._cond.wait(min(left, 0.5))
+                for token in tokens:
+                    cancelled.update(self._cancel_answers[token] or ())
+            finally:
+                for token in tokens:
+                    self._cancel_answers.pop(token, None)
+        return cancelled
+
+    def _note_cancelled_unsent(self, ids: list[int]) -> None:
+        """Tasks cancelled before they left this process: done, under no consumer (``_cond`` held)."""
+        self._completed += len(ids)
+        self._cancelled += len(ids)
+        self._done_by[NO_CONSUMER] += len(ids)
+        if self._keep_results:
+            store = self._results[NO_CONSUMER]
+            for tid in ids:
+                store[tid] = _cancellation(tid)
 
     def _wait(self, deadline: float | None) -> None:
         """Wait on the condition (held) for progress; raise on close or timeout."""
@@ -477,6 +599,7 @@ class Driver:
                 tasks_submitted=self._submitted,
                 tasks_completed=self._completed,
                 tasks_failed=self._failed,
+                tasks_cancelled=self._cancelled,
                 foreign_tasks=self._foreign,
                 duplicate_results=self._duplicates,
                 chunks_unconfirmed=self._buffered_chunks,
@@ -634,6 +757,36 @@ class Driver:
             self._reconciling[token] = broker
             try_send(links.socks[broker], p.encode(p.Sync(token, tuple(seqs[start : start + p.MAX_CHUNK_TASKS]))))
 
+    def _ask_cancel(self, links: BrokerLinks, *, token: int, rec: _Record, indexes: tuple[int, ...]) -> None:
+        if rec.broker < 0:  # sent back to the queue meanwhile (its broker was lost): not sent yet
+            with self._cond:
+                fresh = rec.cancel(indexes)
+            self._answer_cancel(token, rec.settle_cancelled(fresh))
+            return
+        link = self._links[rec.broker]
+        if link.state is not LinkState.UP:  # its queue is down: nobody can say what started
+            self._answer_cancel(token, [])
+            return
+        self._cancel_asks[token] = (rec, indexes)
+        try_send(links.socks[rec.broker], p.encode(p.Cancel(token, rec.chunk_id, rec.seq, indexes)))
+
+    def _on_cancelled(self, msg: p.Cancelled) -> None:
+        asked = self._cancel_asks.pop(msg.token, None)
+        if asked is None:
+            raise ProtocolError(f"CANCELLED answers no question ({msg.token})")
+        rec, indexes = asked
+        with self._cond:
+            fresh = rec.cancel(i for i in msg.indexes if i in indexes)
+        self._answer_cancel(msg.token, rec.settle_cancelled(fresh))
+
+    def _answer_cancel(self, token: int, ids: list[int]) -> None:
+        """Count tasks newly cancelled; hand the answer to a caller waiting."""
+        with self._cond:
+            self._cancelled += len(ids)
+            if token in self._cancel_answers:
+                self._cancel_answers[token] = ids
+            self._cond.notify_all()
+
     def _ask_status(self, links: BrokerLinks, token: int) -> None:
         # Receipts owed go first: when the reply comes, the broker has taken them (one socket
         # keeps order), so a pool closed right after its results came leaves nothing to re-run.
@@ -735,6 +888,8 @@ class Driver:
                 self._rr = (b + 1) % n
                 link.unconfirmed += 1
                 rec.broker = b
+                if rec.rewrite:
+                    self._rewrite(rec)
             payload = rec.payload
             assert payload is not None
             if not try_send(socks[b], p.encode(p.Put(rec.seq, rec.n, payload))):
@@ -744,6 +899,14 @@ class Driver:
                     self._queued.appendleft(rec)
                     self._rr = (b + 1) % n
                 return
+
+    def _rewrite(self, rec: _Record) -> None:
+        """(``_cond`` held.) Put placeholders in place of the record's cancelled tasks before it is
+        sent: they report TaskCancelled and never run."""
+        assert rec.payload is not None and rec.cancelled is not None
+        payload = cancel_in_chunk(rec.payload, self.payload_key, rec.cancelled)
+        self._buffered_bytes += len(payload) - rec.nbytes
+        rec.payload, rec.nbytes, rec.rewrite = payload, len(payload), False
 
     def _handle(self, link: _Link, frames: list[Any]) -> int | None:
         """Handle one message; return the chunk id to acknowledge if it carried results.
@@ -768,6 +931,8 @@ class Driver:
                 self._on_status(link, msg)
             elif type(msg) is p.Lost:
                 self._on_lost(msg)
+            elif type(msg) is p.Cancelled:
+                self._on_cancelled(msg)
             elif type(msg) is p.Bye:
                 logger.info("driver %s: queue %s is shutting down", self.name, self._queue_names[link.index])
             else:
@@ -789,6 +954,7 @@ class Driver:
             if msg.status is p.Status.STORED:
                 rec.confirmed = True
                 rec.payload = None
+                rec.chunk_id = msg.chunk_id
             else:
                 del self._records[msg.seq]
             self._cond.notify_all()
@@ -828,6 +994,7 @@ class Driver:
                 # The broker held its CONFIRM back and the results came first: they confirm it.
                 rec.confirmed = True
                 rec.payload = None
+                rec.chunk_id = msg.chunk_id
                 link.unconfirmed -= 1
                 link.confirmed_at = time.monotonic()
                 self._buffered_chunks -= 1
@@ -878,8 +1045,11 @@ class Driver:
             return
         n = len(values)
         exceptions: dict[int, BaseException] = {}
+        failed = len(errors)
         if errors:
-            self._failures.note(base, errors)
+            skipped = [i for i, info in errors.items() if info.type_name == CANCELLED]
+            failed -= len(skipped)
+            self._failures.note(base, {i: info for i, info in errors.items() if i not in skipped} if skipped else errors)
             exceptions = {i: error_to_exception(info) for i, info in errors.items()}
         if rec is not None:
             if isinstance(rec.sink, BatchFuture):
@@ -895,7 +1065,7 @@ class Driver:
                 for i, exc in exceptions.items():
                     store[base + i] = exc
             self._done_by[consumer] += n
-            self._failed += len(errors)
+            self._failed += failed
             if rec is None:
                 self._foreign += n
             else:

@@ -8,6 +8,8 @@ fits, the error subclasses it too, so ``except TimeoutError`` keeps working.
 
 from __future__ import annotations
 
+import concurrent.futures
+
 __all__ = [
     "ZdqError",
     "ClosedError",
@@ -26,6 +28,7 @@ __all__ = [
     "RemoteTaskError",
     "DeadLettered",
     "TaskLost",
+    "TaskCancelled",
     "BatchError",
     "NoConsumers",
     "WrongConsumerClass",
@@ -112,6 +115,11 @@ class DeadLettered(ZdqError):
 
 class TaskLost(ZdqError):
     """A task acknowledged early (at most once) whose consumer died before reporting its result."""
+
+
+class TaskCancelled(ZdqError, concurrent.futures.CancelledError):
+    """A task that ``future.cancel()`` removed before it started: it never ran. In a batch's
+    :class:`BatchError` and in ``ConsumerPool.results()`` this is the value of each cancelled task."""
 
 
 class NoConsumers(ZdqError, RuntimeError):

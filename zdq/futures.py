@@ -20,7 +20,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from typing import Any
 
-from zdq.errors import BatchError, ZdqTimeoutError
+from zdq.errors import BatchError, TaskCancelled, ZdqTimeoutError
 
 __all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "wait", "as_completed"]
 
@@ -50,20 +50,54 @@ class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, wh
     async def _completed(self) -> AsyncIterator[concurrent.futures.Future[Any]]:
         loop = asyncio.get_running_loop()
         deadline = None if self._timeout is None else loop.time() + self._timeout
-        waiting = {asyncio.wrap_future(f, loop=loop): f for f in self._fs}
+        waiting = {_on_loop(f, loop, cancel_source=False): f for f in self._fs}
         pending = set(waiting)
         while pending:
             left = None if deadline is None else max(0.0, deadline - loop.time())
             done, pending = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
             if not done:
                 for future in pending:
-                    future.cancel()  # the asyncio wrapper only: the zdq future is left as it is
+                    future.cancel()  # the asyncio future only: the zdq future and its task are left as they are
                 raise ZdqTimeoutError(f"{len(pending)} of {len(self._fs)} futures did not complete within {self._timeout}s")
             for future in done:
                 yield waiting[future]
 
     def __aiter__(self) -> AsyncIterator[concurrent.futures.Future[Any]]:
         return self._completed()
+
+def _on_loop(
+    fut: concurrent.futures.Future[Any], loop: asyncio.AbstractEventLoop, *, cancel_source: bool
+) -> asyncio.Future[Any]:
+    """An asyncio future of ``loop`` that follows ``fut``. With ``cancel_source``, cancelling it
+    (a cancelled coroutine awaiting it) cancels ``fut``'s task too, on a helper thread: the
+    cancellation asks the task's queue, and the event loop never waits for that."""
+    waiter: asyncio.Future[Any] = loop.create_future()
+
+    def copy(source: concurrent.futures.Future[Any]) -> None:
+        if waiter.done():
+            return
+        if source.cancelled():
+            waiter.cancel()
+        elif source.exception() is not None:
+            waiter.set_exception(source.exception())  # type: ignore[arg-type]
+        else:
+            waiter.set_result(source.result())
+
+    def done(source: concurrent.futures.Future[Any]) -> None:
+        try:
+            loop.call_soon_threadsafe(copy, source)
+        except RuntimeError:  # the loop is closed: nobody awaits any more
+            pass
+
+    if cancel_source:
+        def cancelled(w: asyncio.Future[Any]) -> None:
+            if w.cancelled() and not fut.done():
+                loop.run_in_executor(None, fut.cancel)
+
+        waiter.add_done_callback(cancelled)
+    fut.add_done_callback(done)
+    return waiter
+
 
 # Set on a driver's I/O thread: the runner its futures' callbacks go to.
 _io_thread = threading.local()
@@ -115,9 +149,18 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
     #: Says why a result may be slow to come (no consumer running, a queue being placed again);
     #: set by the pool that made the future.
     _hint: Callable[[], str] | None = None
+    #: The driver that can cancel the future's tasks (set by the driver or pool that made it).
+    _driver: Any = None
+
+    def _cancel_tasks(self, first: int, n: int) -> bool:
+        if self.done():
+            return self.cancelled()
+        if self._driver is not None:
+            self._driver.cancel(first, n)
+        return self.cancelled()
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return asyncio.wrap_future(self).__await__()
+        return _on_loop(self, asyncio.get_running_loop(), cancel_source=True).__await__()
 
     def _timed_out(self, timeout: float | None, what: str) -> ZdqTimeoutError:
         hint = self._hint() if self._hint is not None else ""
@@ -165,8 +208,16 @@ class TaskFuture(_Awaitable):
         super().__init__()
         self.key = key
 
+    def cancel(self) -> bool:
+        """Cancel the task if it has not started: it never runs, and this returns True (also
+        when it was cancelled before). False if it is running or finished, as for
+        :meth:`concurrent.futures.Future.cancel`. Blocks until the task's queue answers (a
+        round trip; at most the heartbeat timeout and a few seconds, after which the task
+        counts as started)."""
+        return self._cancel_tasks(self.key, 1)
+
     def __repr__(self) -> str:
-        state = "finished" if self.done() else "pending"
+        state = "cancelled" if self.cancelled() else "finished" if self.done() else "pending"
         return f"<TaskFuture key={self.key} {state}>"
 
 
@@ -224,7 +275,9 @@ class BatchFuture(_Awaitable):
                             self._values[offset + i] = value
             finished = self._remaining <= 0
         if finished:
-            if self._errors:
+            if len(self._errors) == len(self._values) and all(type(e) is TaskCancelled for e in self._errors.values()):
+                concurrent.futures.Future.cancel(self)  # every task was cancelled: so is the batch
+            elif self._errors:
                 self.set_exception(BatchError(self._errors, self._values))
             else:
                 self.set_result(self._values)
@@ -233,5 +286,13 @@ class BatchFuture(_Awaitable):
         """Fail tasks ``offset .. offset+n`` that have no outcome yet."""
         self._fill(offset, [None] * n, dict.fromkeys(range(n), exc))
 
+    def cancel(self) -> bool:
+        """Cancel every task of the batch that has not started. True if none had (the batch is
+        cancelled); otherwise False, and the batch ends with a :class:`~zdq.errors.BatchError`
+        whose cancelled tasks hold :class:`~zdq.errors.TaskCancelled`."""
+        return self._cancel_tasks(self.keys.start, len(self.keys))
+
     def __repr__(self) -> str:
+        if self.cancelled():
+            return f"<BatchFuture {len(self.keys)} tasks, cancelled>"
         return f"<BatchFuture {len(self.keys)} tasks, {self.completed} done>"

@@ -806,6 +806,7 @@ class QueuePool:
         ]
         batch = BatchFuture(base, len(entries))
         batch._hint = self._why_waiting
+        batch._driver = driver
         for first, n, payload in packed:
             driver.submit_chunk(first, n, payload, batch, first - base, timeout=timeout)
         return batch

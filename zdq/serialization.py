@@ -25,11 +25,12 @@ import pickle
 import sys
 import types
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 import cloudpickle
 
-from zdq.errors import RemoteTaskError, SerializationError
+from zdq.errors import RemoteTaskError, SerializationError, TaskCancelled
 
 __all__ = [
     "Task",
@@ -49,6 +50,10 @@ __all__ = [
     "seal",
     "unseal",
     "error_to_exception",
+    "CANCELLED",
+    "cancelled_entry",
+    "is_cancelled",
+    "cancel_in_chunk",
 ]
 
 Task = tuple[Any, ...]
@@ -250,6 +255,48 @@ def pack_chunks(
     return pack_chunks(
         first, entries[:half], key, kind, options, chunk_bytes=chunk_bytes, max_bytes=max_bytes
     ) + pack_chunks(first + half, entries[half:], key, kind, options, chunk_bytes=chunk_bytes, max_bytes=max_bytes)
+
+
+def _cancelled(*_: Any, **__: Any) -> Any:
+    """What a cancelled task calls instead of its function: it never runs."""
+    raise TaskCancelled("this task was cancelled before it started")
+
+
+#: The type name a cancelled task's ErrorInfo carries.
+CANCELLED = "zdq.errors.TaskCancelled"
+_CANCELLED_CALL = (_cancelled,)
+_CANCELLED_TASK = (_cancelled, ())
+
+
+def cancelled_entry(kind: int) -> tuple[Any, ...]:
+    """The entry that takes a cancelled task's place in a chunk of ``kind`` (TASKS, CALLS or
+    ITEMS; PICKLED chunks are TASKS once loaded)."""
+    return _CANCELLED_CALL if kind == CALLS else _CANCELLED_TASK
+
+
+def is_cancelled(entry: Any) -> bool:
+    """Whether ``entry`` is a cancelled task's placeholder (of any kind)."""
+    return type(entry) is tuple and bool(entry) and entry[0] is _cancelled
+
+
+def cancel_in_chunk(payload: Any, key: bytes | None, indexes: Iterable[int]) -> bytes:
+    """A chunk's payload with the tasks ``indexes`` replaced by placeholders that only report
+    :class:`TaskCancelled` (a driver rewrites a chunk it has not sent yet). The kind becomes TASKS
+    (items and calls keep their meaning as TASKS entries); PICKLED stays PICKLED."""
+    obj = pickle.loads(unseal(key, payload))
+    base, kind, entries, options = obj
+    entries = list(entries)
+    cancelled = set(indexes)
+    if kind == PICKLED:
+        placeholder = pickle.dumps(_CANCELLED_TASK, protocol=PROTOCOL)
+        entries = [placeholder if i in cancelled else e for i, e in enumerate(entries)]
+        return seal(key, pickle.dumps((base, PICKLED, entries, options), protocol=PROTOCOL))
+    if kind == CALLS:
+        entries = [(e[0], tuple(e[1:])) for e in entries]
+    elif kind == ITEMS:
+        entries = [(None, e) for e in entries]
+    entries = [_CANCELLED_TASK if i in cancelled else e for i, e in enumerate(entries)]
+    return seal(key, cloudpickle.dumps((base, TASKS, entries, options), protocol=PROTOCOL))
 
 
 def loads_chunk(payload: Any, key: bytes | None = None) -> tuple[int, int, list[Any], TaskOptions | None]:

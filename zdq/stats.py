@@ -52,6 +52,7 @@ class ConsumerStats:
     tasks_failed: int
     tasks_in_flight: int
     bad_chunks: int
+    tasks_cancelled: int = 0  # cancelled before they started: skipped, never run
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class DriverStats:
     chunks_outstanding: int
     bad_messages: int
     links_down: int = 0  # brokers lost and not yet placed again
+    tasks_cancelled: int = 0  # cancelled before they started (they never ran)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ Nothing is dropped: a chunk leaves the queue only when a driver acknowledges its
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -82,12 +83,26 @@ class _Peer:
     gone: bool = False  # said BYE
 
 
+class _Question:
+    """A driver's CANCEL being answered: the tasks found cancelled so far, and how many consumers
+    holding some of them have still to answer."""
+
+    __slots__ = ("driver", "token", "cancelled", "waiting")
+
+    def __init__(self, driver: bytes, token: int) -> None:
+        self.driver = driver
+        self.token = token
+        self.cancelled: set[int] = set()
+        self.waiting = 0
+
+
 class _Round:
     """What one round of the loop gathered, to handle together (a plain class: made every round)."""
 
-    __slots__ = ("dones", "drivers_heard", "early_acks", "puts", "racks", "syncs")
+    __slots__ = ("cancels", "dones", "drivers_heard", "early_acks", "puts", "racks", "syncs")
 
     def __init__(self) -> None:
+        self.cancels: list[tuple[bytes, p.Cancel]] = []
         self.puts: list[tuple[bytes, p.Put]] = []
         self.dones: list[tuple[bytes, p.Done]] = []
         self.racks: list[tuple[bytes, tuple[int, ...]]] = []
@@ -147,6 +162,10 @@ class BrokerCore:
         # CONFIRMs held back, by (driver, seq): the chunk id to confirm.
         self._confirms: dict[tuple[bytes, int], int] = {}
         self._confirm_due = math.inf
+        # CANCELs passed on to the consumers holding the chunks, by the token they were given:
+        # (the driver's question, the consumer, chunk id, chunk index -> driver index, deadline).
+        self._asked: dict[int, tuple[_Question, bytes, int, dict[int, int], float]] = {}
+        self._tokens = itertools.count(1)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -282,6 +301,8 @@ class BrokerCore:
             self._store(puts)
         if dones:
             self._finish(dones, now)
+        for ident, cancel in work.cancels:  # after the round's PUTs are stored and DONEs recorded
+            self._cancel(ident, cancel, now)
         for ident, chunk_ids in work.racks:
             self._leases.forget(chunk_ids, ident)
         if self._waiting and work.drivers_heard:
@@ -345,6 +366,11 @@ class BrokerCore:
             self._dead(ident, msg)  # type: ignore[arg-type]
         elif kind is p.Split:
             self._split(ident, msg)  # type: ignore[arg-type]
+        elif kind is p.Cancel:
+            work.cancels.append((ident, msg))  # type: ignore[arg-type]
+            self._driver_heard(ident, now, work)
+        elif kind is p.Cancelled:
+            self._on_cancelled(ident, msg)  # type: ignore[arg-type]
         elif kind is p.Bye:
             self._peer_left(ident)
         else:  # a broker-to-peer command sent to the broker
@@ -409,6 +435,8 @@ class BrokerCore:
                 self._route_waiting(set())
 
     def _expire(self, ident: bytes, consumer: _Peer) -> None:
+        if self._asked:
+            self._forget_questions(lambda holder, deadline: holder == ident)
         returned, lost = self._leases.expire(ident)
         for chunk_id, held in lost:  # acknowledged early: at most once, so it is not run again
             self._send(held.meta.owner, p.Lost(held.meta.seq, chunk_id))
@@ -471,6 +499,9 @@ class BrokerCore:
             leased = leases.lease(ident)
             if leased is None:
                 return
+            cancelled = self._storage.cancelled(leased.chunk_id)
+            if cancelled:  # told first (one pipe keeps order): the consumer skips these tasks
+                self._send(ident, p.Cancel(0, leased.chunk_id, 0, tuple(sorted(cancelled))))
             if not self._send(ident, p.Deliver(leased.chunk_id, leased.meta.n_tasks, leased.attempt, leased.payload)):
                 leases.give_back(leased.chunk_id, count_attempt=False)
                 del self._peers[ident]
@@ -522,6 +553,67 @@ class BrokerCore:
             logger.error("broker %s could not split chunk %d: %s", self.name, msg.chunk_id, e)
             return
         self.counters.chunks_split += 1
+
+    # -- cancellations --------------------------------------------------------------------------
+    def _cancel(self, ident: bytes, msg: p.Cancel, now: float) -> None:
+        """A driver cancels tasks of one of its chunks. Tasks of a ready chunk are marked (and
+        skipped when it is delivered); a leased chunk's consumer is asked, for it alone knows
+        which tasks have started. The driver is answered once every consumer asked has answered
+        (or left, or let its heartbeat timeout pass)."""
+        question = _Question(ident, msg.token)
+        leases = self._leases
+        for chunk_id, indexes in leases.locate(ident, msg.seq, msg.chunk_id, msg.indexes).items():
+            held = leases.get(chunk_id)
+            if held is None:
+                if self._storage.is_ready(chunk_id):
+                    try:
+                        self._storage.cancel(chunk_id, indexes)
+                    except StorageError as e:
+                        logger.error("broker %s could not write a cancellation: %s", self.name, e)
+                        continue
+                    question.cancelled.update(indexes.values())
+            elif not held.done and held.holder is not None and held.holder in self._peers:
+                token = next(self._tokens)
+                self._asked[token] = (question, held.holder, chunk_id, indexes, now + self._settings.heartbeat_timeout)
+                question.waiting += 1
+                self._send(held.holder, p.Cancel(token, chunk_id, 0, tuple(indexes)))
+        if not question.waiting:
+            self._answer_question(question)
+
+    def _on_cancelled(self, ident: bytes, msg: p.Cancelled) -> None:
+        asked = self._asked.get(msg.token)
+        if asked is None or asked[1] != ident:
+            if asked is not None:
+                self._bad(ident, ProtocolError(f"CANCELLED {msg.token} from a consumer that was not asked"))
+            return  # late: its question was answered without it
+        del self._asked[msg.token]
+        question, _, chunk_id, indexes, _ = asked
+        mine = [i for i in msg.indexes if i in indexes]
+        if mine:
+            held = self._leases.get(chunk_id)
+            if held is not None and not held.done and not held.early:
+                try:  # stored with the chunk: should it be delivered again, they are still skipped
+                    self._storage.cancel(chunk_id, mine)
+                except StorageError as e:
+                    logger.error("broker %s could not write a cancellation: %s", self.name, e)
+            question.cancelled.update(indexes[i] for i in mine)
+        question.waiting -= 1
+        if not question.waiting:
+            self._answer_question(question)
+
+    def _forget_questions(self, dropped: Callable[[bytes, float], bool]) -> None:
+        """Stop waiting for consumers that will not answer (gone, or past their timeout): what
+        they hold counts as started."""
+        for token, (question, holder, _, _, deadline) in list(self._asked.items()):
+            if dropped(holder, deadline):
+                del self._asked[token]
+                question.waiting -= 1
+                if not question.waiting:
+                    self._answer_question(question)
+
+    def _answer_question(self, question: _Question) -> None:
+        if question.token:
+            self._send(question.driver, p.Cancelled(question.token, tuple(sorted(question.cancelled))))
 
     # -- results --------------------------------------------------------------------------------
     def _finish(self, dones: list[tuple[bytes, p.Done]], now: float) -> None:
@@ -618,6 +710,8 @@ class BrokerCore:
 
     # -- time -----------------------------------------------------------------------------------
     def _housekeeping(self, now: float) -> None:
+        if self._asked:
+            self._forget_questions(lambda holder, deadline: deadline <= now)
         deadline = now - self._settings.heartbeat_timeout
         for ident, peer in list(self._peers.items()):
             if peer.role is p.Role.CONSUMER and peer.last_seen < deadline:

@@ -67,6 +67,8 @@ class LeaseTable:
         # Consumers whose lease on a chunk expired (the chunk went back to the queue): a DONE from
         # them still counts, so work that finished late is not thrown away.
         self._previous: dict[int, bytes] = {}
+        # Chunks split into one-task parts (after a consumer died holding them): their part ids.
+        self._parts: dict[int, list[int]] = {}
         for chunk_id, (consumer, results) in storage.recovered_results.items():
             meta = storage.meta(chunk_id)
             if meta is not None:  # done before the last stop; no driver had taken the results
@@ -114,6 +116,23 @@ class LeaseTable:
             dead_chunks=c.dead_chunks,
             dead_tasks=c.dead_tasks,
         )
+
+    def locate(self, owner: bytes, seq: int, chunk_id: int, indexes: Iterable[int]) -> dict[int, dict[int, int]]:
+        """Where the tasks ``indexes`` of a driver's chunk ``seq`` are now: chunk id -> {index in
+        that chunk: index in the driver's chunk}. ``chunk_id`` 0: the driver has no confirm yet
+        (the chunk is looked up by its seq). A chunk split after a crash is one part per task."""
+        if not chunk_id:
+            found = self.storage.find(owner, seq)
+            if len(found) != 1:
+                return {}
+            chunk_id = found[0]
+        parts = self._parts.get(chunk_id)
+        if parts is not None:
+            return {parts[i]: {0: i} for i in indexes if i < len(parts)}
+        meta = self.meta(chunk_id)
+        if meta is None or meta.owner != owner or meta.seq != seq:
+            return {}
+        return {chunk_id: {i: i for i in indexes if i < meta.n_tasks}}
 
     def seqs_of(self, owner: bytes) -> set[int]:
         """The driver seqs of every chunk this queue holds for ``owner``, in any state."""
@@ -238,8 +257,14 @@ class LeaseTable:
         if ids:
             self._held.pop(chunk_id, None)
             self._previous.pop(chunk_id, None)
+            self._parts[chunk_id] = ids  # a driver cancels by the original chunk's id
+            if len(self._parts) > _MAX_SPLITS_KEPT:
+                del self._parts[next(iter(self._parts))]
         return ids
 
+
+#: Split chunks whose parts are remembered (for cancellations by the original chunk's id).
+_MAX_SPLITS_KEPT = 10_000
 
 # A chunk whose previous holder reports it after its lease expired and before anyone leased it again.
 _RETURNED = Held(ChunkMeta(b"\0" * 16, 0, 1), None)

@@ -216,6 +216,7 @@ class Consumer:
             tasks_failed=counters.tasks_failed,
             tasks_in_flight=0 if link is None else link.in_flight,
             bad_chunks=counters.bad_chunks,
+            tasks_cancelled=counters.tasks_cancelled,
         )
 
     def health(self) -> tuple[bool, str]:

@@ -486,6 +486,7 @@ class Link:
                         counters.chunks_received += 1
                         cr.in_flight += 1
                         held[i].add(msg.chunk_id)
+                        runner.received(msg.chunk_id)
                         if self._early_ack:
                             try_send(sock, p.encode(p.Ack(msg.chunk_id)))
                         if inline:
@@ -494,6 +495,10 @@ class Link:
                             chunks.put((i, msg))
                     elif isinstance(msg, p.Ready):
                         cr.on_ready(i, time.monotonic())
+                    elif isinstance(msg, p.Cancel):
+                        cancelled = runner.cancel(msg.chunk_id, msg.indexes, announced=not msg.token)
+                        if msg.token:
+                            try_send(sock, p.encode(p.Cancelled(msg.token, tuple(cancelled))))
                     elif isinstance(msg, p.Bye):
                         cr.on_bye(i)
             now = time.monotonic()

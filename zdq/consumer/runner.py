@@ -30,14 +30,17 @@ import cloudpickle
 from zdq._actor import as_dask_task
 from zdq.consumer.base import ConsumerBaseClass
 from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
-from zdq.errors import DeadLettered, TaskTimeout
+from zdq.errors import DeadLettered, TaskCancelled, TaskTimeout
 from zdq.serialization import (
     CALLS,
+    CANCELLED,
     ITEMS,
     ErrorInfo,
     TaskOptions,
+    cancelled_entry,
     dumps_chunk,
     dumps_results,
+    is_cancelled,
     loads_chunk,
 )
 from zdq.transport import protocol as p
@@ -47,6 +50,8 @@ __all__ = ["Counters", "Runner"]
 logger = logging.getLogger(__name__)
 
 _PROTOCOL = 5
+#: Cancellations held for chunks not (yet) delivered here, at most.
+_MAX_CANCELS_HELD = 10_000
 
 
 @dataclass(slots=True)
@@ -57,6 +62,7 @@ class Counters:
     chunks_received: int = 0
     tasks_done: int = 0
     tasks_failed: int = 0
+    tasks_cancelled: int = 0
     bad_chunks: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -102,13 +108,16 @@ class _ChunkRun:
         "broker",
         "chunk_id",
         "crashes",
+        "cursor",
         "dead",
         "errors",
         "kind",
         "lock",
         "options",
         "remaining",
-        "values"
+        "started",
+        "tasks",
+        "values",
     )
 
     def __init__(
@@ -132,6 +141,39 @@ class _ChunkRun:
         self.errors: dict[int, ErrorInfo] = {}
         self.remaining = n
         self.lock = threading.Lock()
+        # Which tasks have started, for cancellations: run inline, those the loop's iterator has
+        # handed out (``cursor``); on task threads, ``started`` (0 waiting, 1 started, 2 cancelled).
+        self.tasks: list[Any] = []
+        self.cursor: enumerate[Any] | None = None
+        self.started: bytearray | None = None
+
+    def cancel(self, i: int) -> bool:
+        """Cancel task ``i`` unless it has started (the runner's cancel lock held)."""
+        started = self.started
+        if started is not None:
+            with self.lock:
+                if started[i]:
+                    return started[i] == 2
+                started[i] = 2
+                return True
+        tasks = self.tasks
+        if is_cancelled(tasks[i]):
+            return True
+        # The placeholder goes in first, then the loop's position is read: if the loop had not
+        # reached the task, it will take the placeholder (taking an item and moving on is one
+        # step under the GIL); if it had, the task is put back and counts as started.
+        original, tasks[i] = tasks[i], cancelled_entry(self.kind)
+        cursor = self.cursor
+        if cursor is not None and _position(cursor) > i:
+            tasks[i] = original
+            return False
+        return True
+
+
+def _position(cursor: enumerate[Any]) -> int:
+    """How many items an ``enumerate`` has handed out (its pickled state: no other way to read it)."""
+    state: Any = cursor.__reduce__()
+    return int(state[1][1])
 
 
 class _TaskThreads:
@@ -221,6 +263,11 @@ class Runner:
         self._payload_key = payload_key
         self._max_bytes = max_bytes  # most bytes of results a DONE may carry (the sockets drop more)
         self._pool: _TaskThreads | None = None
+        # Chunks received and not finished: None until started, then their run (for cancellations).
+        self._chunks: dict[int, _ChunkRun | None] = {}
+        # Tasks cancelled of chunks not started yet: chunk id -> indexes.
+        self._cancels: dict[int, set[int]] = {}
+        self._cancel_lock = threading.Lock()
         #: Chunks for the execution thread (``max_concurrency`` > 1); ``None`` ends it.
         self.chunks: queue.SimpleQueue[tuple[int, p.Deliver] | None] = queue.SimpleQueue()
 
@@ -240,6 +287,45 @@ class Runner:
         if pool is not None:
             pool.shutdown()
 
+    # -- cancellations (called by the thread that owns the sockets) -------------------------------
+    def received(self, chunk_id: int) -> None:
+        """A chunk was delivered; it waits to be started."""
+        self._chunks[chunk_id] = None
+
+    def cancel(self, chunk_id: int, indexes: tuple[int, ...], *, announced: bool = False) -> list[int]:
+        """Cancel tasks of a chunk that have not started; return those cancelled. ``announced``:
+        the broker says these were cancelled before the chunk, delivered next, was leased."""
+        with self._cancel_lock:
+            if announced or self._chunks.get(chunk_id, False) is None:
+                if len(self._cancels) >= _MAX_CANCELS_HELD:
+                    del self._cancels[next(iter(self._cancels))]
+                self._cancels.setdefault(chunk_id, set()).update(indexes)
+                return list(indexes)
+            run = self._chunks.get(chunk_id)
+            if run is None:
+                return []  # finished (its DONE is on its way), or never here
+            return [i for i in indexes if 0 <= i < len(run.values) and run.cancel(i)]
+
+    def _forget(self, chunk_id: int) -> None:
+        self._chunks.pop(chunk_id, None)
+        if self._cancels:
+            with self._cancel_lock:
+                self._cancels.pop(chunk_id, None)
+
+    def _register(self, run: _ChunkRun, tasks: list[Any]) -> None:
+        """A chunk starts: the cancellations that came before it take effect now."""
+        run.tasks = tasks
+        if self._pool is not None:
+            run.started = bytearray(len(tasks))
+        with self._cancel_lock:
+            cancels = self._cancels.pop(run.chunk_id, None) if self._cancels else None
+            self._chunks[run.chunk_id] = run
+        if cancels:
+            placeholder = cancelled_entry(run.kind)
+            for i in cancels:
+                if 0 <= i < len(tasks):
+                    tasks[i] = placeholder
+
     def exec_loop(self) -> None:
         """The execution thread of ``max_concurrency`` > 1: unpickle chunks, fan their tasks out."""
         while True:
@@ -258,6 +344,7 @@ class Runner:
         """Unpickle a chunk and run it (inline), or hand its tasks to the task threads."""
         if self._stop.is_set() or not self._fetching.is_set():
             # Not started: give it back so another consumer runs it, without using an attempt.
+            self._forget(deliver.chunk_id)
             self._post(broker, p.Return(deliver.chunk_id))
             return
         try:
@@ -269,27 +356,33 @@ class Runner:
             logger.error("consumer %s cannot decode chunk %d: %s", self.name, deliver.chunk_id, e)
             info = ErrorInfo(None, "zdq.errors.ProtocolError", f"chunk {deliver.chunk_id} does not decode: {e}", "")
             bad = _ChunkRun(broker, deliver.chunk_id, 0, deliver.n_tasks)
+            self._forget(deliver.chunk_id)
             self._finish(bad, dict.fromkeys(range(deliver.n_tasks), info))
             return
         if deliver.attempt > 1 and len(tasks) > 1:
             # A consumer died holding this chunk. Split it so that a task that kills its
             # consumer is tried alone, and the others are not dragged down with it.
             key = self._payload_key
+            # (The broker carries the chunk's cancellations over to its parts.)
             parts = [dumps_chunk(base + i, [task], key, kind, options) for i, task in enumerate(tasks)]
+            self._forget(deliver.chunk_id)
             self._post(broker, p.Split(deliver.chunk_id, parts))
             return
         run = _ChunkRun(broker, deliver.chunk_id, base, len(tasks), deliver.attempt - 1, kind, options)
+        self._register(run, tasks)
         pool = self._pool
         if pool is None:
             self._run_inline(run, tasks)
         else:
-            for i, task in enumerate(tasks):
-                pool.submit(self._run_one, run, i, task)
+            for i in range(len(tasks)):
+                pool.submit(self._run_one, run, i)
 
     def _call(self, run: _ChunkRun, entry: Any) -> Any:
         if run.kind == CALLS:
             return entry[0](*entry[1:])
         if run.kind == ITEMS or entry[0] is None:
+            if run.kind == ITEMS and is_cancelled(entry):
+                raise TaskCancelled("this task was cancelled before it started")
             return self._handler.process_item(entry if run.kind == ITEMS else entry[1])
         if len(entry) == 2:
             return entry[0](*entry[1])
@@ -298,16 +391,18 @@ class Runner:
     def _run_inline(self, run: _ChunkRun, tasks: list[Any]) -> None:
         values = run.values
         careful = run.options is not None or run.crashes > 0
+        # The loop's iterator tells a cancellation which tasks have started (Runner.cancel).
+        run.cursor = tasks_left = enumerate(tasks)
         if run.kind == CALLS and not careful:
             # The hot loop of no-op benchmarks: nothing but the call, per task.
-            for i, c in enumerate(tasks):
+            for i, c in tasks_left:
                 try:
                     values[i] = c[0](*c[1:])
                 except BaseException as e:  # noqa: BLE001 - a task's failure is its result, whatever it raised
                     self._run_careful(run, i, c, failed=e)
         else:
             call = self._call
-            for i, task in enumerate(tasks):
+            for i, task in tasks_left:
                 if careful or (run.kind == 0 and len(task) > 3):
                     self._run_careful(run, i, task)
                     continue
@@ -317,7 +412,14 @@ class Runner:
                     self._run_careful(run, i, task, failed=e)
         self._finish(run)
 
-    def _run_one(self, run: _ChunkRun, i: int, task: tuple[Any, ...]) -> None:
+    def _run_one(self, run: _ChunkRun, i: int) -> None:
+        task = run.tasks[i]
+        started = run.started
+        if started is not None:
+            with run.lock:
+                if started[i] == 2:
+                    task = cancelled_entry(run.kind)
+                started[i] = 1
         if run.options is not None or run.crashes or (run.kind == 0 and len(task) > 3):
             self._run_careful(run, i, task)
         else:
@@ -343,8 +445,13 @@ class Runner:
 
         ``failed`` is the error of a first attempt already made on the fast path.
         """
-        options = self._options(run, task)
         tid = run.base + i
+        if is_cancelled(task):  # never run, never retried: it reports its cancellation
+            message = f"task {tid} was cancelled before it started"
+            with run.lock:
+                run.errors[i] = ErrorInfo(TaskCancelled(message), CANCELLED, message, "")
+            return
+        options = self._options(run, task)
         if run.crashes:
             killed = on_redelivery(options, run.crashes, self._crash_attempts)
             if killed is not None:
@@ -415,9 +522,12 @@ class Runner:
     def _finish(self, run: _ChunkRun, errors: dict[int, ErrorInfo] | None = None) -> None:
         errors = run.errors if errors is None else errors
         n = len(run.values)
+        self._chunks.pop(run.chunk_id, None)
         counters = self._counters
+        cancelled = sum(1 for info in errors.values() if info.type_name == CANCELLED) if errors else 0
         with counters.lock:
-            counters.tasks_failed += len(errors)
+            counters.tasks_failed += len(errors) - cancelled
+            counters.tasks_cancelled += cancelled
             counters.tasks_done += n - len(errors)
         for dead in run.dead:  # before DONE, so the broker still knows the chunk they come from
             self._post(run.broker, dead)

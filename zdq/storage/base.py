@@ -104,6 +104,9 @@ class Storage(ABC):
         #: Results a durable queue kept for chunks whose driver had not taken them when it stopped:
         #: chunk id -> (consumer id, results). Those chunks are leased (done), not ready.
         self.recovered_results: dict[int, tuple[bytes, object]] = {}
+        #: Tasks cancelled before they started, by chunk: chunk id -> their indexes in the chunk.
+        #: Consumers are told before the chunk is delivered, and skip them.
+        self._cancels: dict[int, frozenset[int]] = {}
 
     # -- the contract -------------------------------------------------------------------------
     def open(self) -> None:
@@ -121,6 +124,9 @@ class Storage(ABC):
             else:
                 self._dead[chunk_id] = dead_reason
             self._next_id = max(self._next_id, chunk_id + 1)
+        for chunk_id, indexes in self._scan_cancels():
+            if chunk_id in self._meta:
+                self._cancels[chunk_id] = indexes
 
     def put_many(self, entries: Sequence[tuple[ChunkMeta, object]]) -> list[int]:
         """Store chunks at the tail, all or none; return their ids once they are stored.
@@ -165,12 +171,41 @@ class Storage(ABC):
         self._leased.discard(chunk_id)
         self._leased_tasks -= self._meta.pop(chunk_id).n_tasks
         self._attempts.pop(chunk_id, None)
+        cancelled = self._cancels.pop(chunk_id, frozenset())
         self._delete([chunk_id])
         for new_id, (meta, _) in zip(reversed(ids), reversed(parts)):
             self._meta[new_id] = meta
             self._ready.appendleft(new_id)
             self._ready_tasks += meta.n_tasks
+        if len(parts) > 1:  # one task per part, in order: a cancelled task stays cancelled
+            for index in cancelled:
+                if index < len(ids):
+                    self.cancel(ids[index], (0,))
         return ids
+
+    def cancel(self, chunk_id: int, indexes: Iterable[int]) -> bool:
+        """Mark tasks of a stored chunk as cancelled (durable backends write it at once); False if
+        the chunk is not stored, or is a dead letter."""
+        if chunk_id not in self._meta or chunk_id in self._dead:
+            return False
+        n = self._meta[chunk_id].n_tasks
+        marks = self._cancels.get(chunk_id, frozenset()) | {i for i in indexes if 0 <= i < n}
+        if marks != self._cancels.get(chunk_id):
+            self._write_cancels(chunk_id, marks)  # raises StorageError: nothing is marked
+            self._cancels[chunk_id] = marks
+        return True
+
+    def cancelled(self, chunk_id: int) -> frozenset[int]:
+        """The indexes of the tasks of this chunk that were cancelled (usually none)."""
+        return self._cancels.get(chunk_id, frozenset()) if self._cancels else frozenset()
+
+    def find(self, owner: bytes, seq: int) -> list[int]:
+        """The ids of the stored chunks a driver numbered ``seq`` (several once split), in order.
+        A scan: for rare requests (cancellations) only."""
+        return sorted(i for i, m in self._meta.items() if m.seq == seq and m.owner == owner)
+
+    def is_ready(self, chunk_id: int) -> bool:
+        return chunk_id in self._meta and chunk_id not in self._leased and chunk_id not in self._dead
 
     def lease(self) -> Leased | None:
         """Take the chunk at the head of the queue, or ``None`` when none is ready."""
@@ -206,6 +241,8 @@ class Storage(ABC):
                 continue
             meta = self._meta.pop(chunk_id)
             self._attempts.pop(chunk_id, None)
+            if self._cancels:
+                self._cancels.pop(chunk_id, None)
             gone.append(chunk_id)
             out.append(meta)
         if gone:
@@ -294,6 +331,7 @@ class Storage(ABC):
             del self._dead[chunk_id]
             del self._meta[chunk_id]
             self._attempts.pop(chunk_id, None)
+            self._cancels.pop(chunk_id, None)
         return len(ids)
 
     def counts(self) -> StorageCounts:
@@ -328,6 +366,14 @@ class Storage(ABC):
     def _scan_results(self) -> Iterable[tuple[int, tuple[bytes, object]]]:
         """Results kept by :meth:`keep_results` before the queue was last closed."""
         return ()
+
+    def _scan_cancels(self) -> Iterable[tuple[int, frozenset[int]]]:
+        """Cancellations written by :meth:`_write_cancels` before the queue was last closed."""
+        return ()
+
+    def _write_cancels(self, chunk_id: int, indexes: frozenset[int]) -> None:
+        """Durable backends write a chunk's cancelled tasks before this returns (a broker answers
+        a driver that they will never run only then)."""
 
     @abstractmethod
     def _write(self, records: list[tuple[int, ChunkMeta, object]], dead: dict[int, str] | None = None) -> None:

@@ -8,6 +8,7 @@ Layout (named sub-databases, big-endian 8-byte keys so a cursor walks in FIFO or
     leased  id -> b""          marks only, rewritten freely: recovery makes every chunk ready
     dead    id -> reason (utf-8)
     results id -> consumer id (16 bytes) + results: a done chunk whose driver had not taken them
+    cancels id -> the indexes (4 bytes each) of the chunk's tasks cancelled before they started
 
 Durability: the environment runs with LMDB's own crash-safe flags (``sync`` and ``metasync``:
 every commit flushes its data pages, then its meta page, to disk), so an operating-system crash or
@@ -48,7 +49,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT = b"zdq-queue-1"
 _KEY = struct.Struct(">Q")
-_DBS = (b"meta", b"chunks", b"heads", b"leased", b"dead", b"results")
+_DBS = (b"meta", b"chunks", b"heads", b"leased", b"dead", b"results", b"cancels")
+#: Sub-databases a queue written by an older zdq may lack (opened read-only, they are skipped).
+_LATER_DBS = (b"results", b"cancels")
 _LOCK = "zdq.lock"
 _MAX_GROWTH = 64 << 30
 #: Bookkeeping writes (acknowledgements, marks) wait at most this long, or until this many are
@@ -271,10 +274,12 @@ class LMDBStorage(Storage):
         for op, chunk_id, reason in self._pending:
             key = _key(chunk_id)
             if op == "delete":
-                for name in (b"chunks", b"heads", b"leased", b"dead", b"results"):
+                for name in (b"chunks", b"heads", b"leased", b"dead", b"results", b"cancels"):
                     txn.delete(key, db=dbs[name])
             elif op == "results":
                 txn.put(key, reason, db=dbs[b"results"])
+            elif op == "cancels":
+                txn.put(key, reason, db=dbs[b"cancels"])
             elif op == "dead":
                 txn.put(key, reason.encode()[:65536], db=dbs[b"dead"])
                 txn.delete(key, db=leased)
@@ -317,6 +322,20 @@ class LMDBStorage(Storage):
                 for k, v in txn.cursor(db=self._dbs[b"results"])
             ]
 
+    def _write_cancels(self, chunk_id: int, indexes: frozenset[int]) -> None:
+        self._hold("cancels", chunk_id, struct.pack(f">{len(indexes)}I", *sorted(indexes)))
+        self.commit(force=True)
+        if self._pending:
+            raise StorageError(f"{self.path}: the cancellation of tasks of chunk {chunk_id} was not written")
+
+    def _scan_cancels(self) -> Iterable[tuple[int, frozenset[int]]]:
+        assert self._env is not None
+        with self._env.begin() as txn:
+            return [
+                (_KEY.unpack(k)[0], frozenset(struct.unpack(f">{len(v) // 4}I", v)))
+                for k, v in txn.cursor(db=self._dbs[b"cancels"])
+            ]
+
     def _delete(self, chunk_ids: list[int]) -> None:
         for chunk_id in chunk_ids:
             self._marks.pop(chunk_id, None)
@@ -347,7 +366,7 @@ def inspect_queue(path: str) -> dict[str, int | str]:
         raise StorageCorrupt(f"{path} cannot be read: {e}") from e
     try:
         try:
-            dbs = {name: env.open_db(name, create=False) for name in _DBS if name != b"results"}
+            dbs = {name: env.open_db(name, create=False) for name in _DBS if name not in _LATER_DBS}
         except lmdb.Error as e:
             raise StorageCorrupt(f"{path} is not a zdq queue: {e}") from e
         with env.begin() as txn:

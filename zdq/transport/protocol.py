@@ -38,6 +38,13 @@ SYNC       driver→broker           token, n, then n seqs (in the head) of chun
 STATUS     broker→driver           token, ready/leased/dead tasks, done tasks whose results wait
                                    for a driver, tasks routed to this
                                    driver so far, n, then the n seqs of the SYNC that it does not hold
+CANCEL     driver→broker           token, chunk id (0 if not known yet), seq, n, then n task
+                                   indexes within the chunk: cancel those tasks if none has started
+           broker→consumer         token, chunk id, 0, n, indexes: the same question for a chunk
+                                   leased to it; token 0 announces tasks already cancelled of the
+                                   chunk DELIVERed next (no answer)
+CANCELLED  broker→driver,          token, n, then the n indexes that will never run (the others had
+           consumer→broker         started, or finished, or are not held here)
 HEARTBEAT  both ways               liveness; a consumer's heartbeat renews its leases
 BYE        peer→broker             the peer leaves; its leases return at once
 =========  ======================  ==========================================================
@@ -73,6 +80,8 @@ __all__ = [
     "Ready",
     "Sync",
     "QueueStatus",
+    "Cancel",
+    "Cancelled",
     "Heartbeat",
     "Bye",
     "Message",
@@ -107,6 +116,8 @@ class Command(enum.IntEnum):
     READY = 16
     SYNC = 17
     STATUS = 18
+    CANCEL = 19
+    CANCELLED = 20
 
 
 class Role(enum.IntEnum):
@@ -215,6 +226,18 @@ class QueueStatus(NamedTuple):
     missing: tuple[int, ...] = ()
 
 
+class Cancel(NamedTuple):
+    token: int  # the asker's number for the question; 0: no answer wanted
+    chunk_id: int  # the broker's id for the chunk; 0 when a driver does not know it yet
+    seq: int  # the driver's number for the chunk (driver to broker only)
+    indexes: tuple[int, ...]  # tasks of the chunk, counted from its first
+
+
+class Cancelled(NamedTuple):
+    token: int
+    indexes: tuple[int, ...]  # those of the question's tasks that will never run
+
+
 class Heartbeat(NamedTuple):
     pass
 
@@ -225,7 +248,7 @@ class Bye(NamedTuple):
 
 Message = Union[
     Hello, Put, Confirm, Fetch, Deliver, Done, Results, Return, Ack, Lost, Dead, Split, Rack, Ready, Sync, QueueStatus,
-    Heartbeat, Bye,
+    Cancel, Cancelled, Heartbeat, Bye,
 ]
 
 #: Most tasks a chunk may hold (and parts a SPLIT may carry): a peer's claim is never trusted beyond.
@@ -250,6 +273,8 @@ _SPLIT = _layout(Command.SPLIT, "QI")
 _RACK = _layout(Command.RACK, "I")  # followed by the ids, 8 bytes each, in the same frame
 _SYNC = _layout(Command.SYNC, "QI")  # token, count; followed by the seqs, 8 bytes each
 _STATUS = _layout(Command.STATUS, "QQQQQQI")  # token, counts, routed, count; then the seqs
+_CANCEL = _layout(Command.CANCEL, "QQQI")  # token, chunk id, seq, count; then the indexes
+_CANCELLED = _layout(Command.CANCELLED, "QI")  # token, count; then the indexes
 _HEAD = {c: VERSION + bytes([c]) for c in Command}  # the head of a message without a header
 _ROLES = {r.value: r for r in Role}
 _STATUSES = {s.value: s for s in Status}
@@ -275,6 +300,16 @@ def _encode_status(m: QueueStatus) -> list[Any]:
     return [head + struct.pack(f">{len(missing)}Q", *missing)]
 
 
+def _encode_cancel(m: Cancel) -> list[Any]:
+    ids = m.indexes
+    return [_CANCEL.pack(_V, Command.CANCEL, m.token, m.chunk_id, m.seq, len(ids)) + struct.pack(f">{len(ids)}Q", *ids)]
+
+
+def _encode_cancelled(m: Cancelled) -> list[Any]:
+    ids = m.indexes
+    return [_CANCELLED.pack(_V, Command.CANCELLED, m.token, len(ids)) + struct.pack(f">{len(ids)}Q", *ids)]
+
+
 _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Deliver: lambda m: [_DELIVER.pack(_V, Command.DELIVER, m.chunk_id, m.n_tasks, m.attempt), m.chunk],
     Done: lambda m: [_DONE.pack(_V, Command.DONE, m.chunk_id, m.n_tasks, m.credit), m.results],
@@ -290,6 +325,8 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Rack: _encode_rack,
     Sync: _encode_sync,
     QueueStatus: _encode_status,
+    Cancel: _encode_cancel,
+    Cancelled: _encode_cancelled,
     Ready: lambda m: [_HEAD[Command.READY]],
     Hello: lambda m: [_HELLO.pack(_V, Command.HELLO, m.role), m.name],
     Heartbeat: lambda m: [_HEAD[Command.HEARTBEAT]],
@@ -399,6 +436,18 @@ def _status(head: bytes, f: Sequence[Any]) -> Message:
     return QueueStatus(token, ready, leased, dead, waiting, routed, missing)
 
 
+def _cancel(head: bytes, f: Sequence[Any]) -> Message:
+    fields, indexes = _ids_after(_CANCEL, head, f)
+    if any(i >= MAX_CHUNK_TASKS for i in indexes):
+        raise ProtocolError(f"CANCEL names a task index beyond {MAX_CHUNK_TASKS}")
+    return Cancel(fields[2], fields[3], fields[4], indexes)
+
+
+def _cancelled(head: bytes, f: Sequence[Any]) -> Message:
+    fields, indexes = _ids_after(_CANCELLED, head, f)
+    return Cancelled(fields[2], indexes)
+
+
 def _dead(head: bytes, f: Sequence[Any]) -> Message:
     _, _, chunk_id, task_id = _unpack(_LOST, head, f, 3)
     return Dead(chunk_id, task_id, f[1], _bytes(f[2])[:65536])
@@ -428,6 +477,8 @@ _DECODERS: dict[int, Callable[[bytes, Sequence[Any]], Message]] = {
     Command.RACK: _rack,
     Command.SYNC: _sync,
     Command.STATUS: _status,
+    Command.CANCEL: _cancel,
+    Command.CANCELLED: _cancelled,
     Command.READY: _bare(Ready()),
     Command.HELLO: _hello,
     Command.HEARTBEAT: _bare(Heartbeat()),

@@ -1,0 +1,132 @@
+"""``future.cancel()``: a task that has not started never runs and the call returns True; a task
+that started (or finished) is left alone and the call returns False. Real cluster, real sockets;
+the side effect of a task (a file it writes) is what proves whether it ran."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import time
+from pathlib import Path
+
+import pytest
+from distributed import Client
+
+from zdq import ConsumerPool, QueuePool
+from zdq.errors import BatchError, TaskCancelled
+
+from .conftest import wait_until
+
+
+def touch(folder: str, name: str, seconds: float = 0.0) -> str:
+    """A task with a side effect: it writes ``folder/name`` (then sleeps)."""
+    Path(folder, name).write_text("ran")
+    time.sleep(seconds)
+    return name
+
+
+def ran(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_cancelling_tasks_a_consumer_holds_but_has_not_started(client: Client, tmp_path: Path) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, start=True) as consumers:
+        long = queue_pool.submit(touch, str(tmp_path), "long", 3.0)
+        wait_until(lambda: (tmp_path / "long").exists(), timeout=30)
+        later = [queue_pool.submit(touch, str(tmp_path), f"t{i}") for i in range(6)]
+        queue_pool.flush(timeout=30)
+        time.sleep(0.3)  # the consumer takes them (prefetch) while the long task runs
+        assert long.cancel() is False  # running
+        assert [later[i].cancel() for i in (1, 3, 5)] == [True, True, True]
+        assert all(later[i].cancelled() for i in (1, 3, 5))
+        assert later[1].cancel() is True  # cancelling again says it is cancelled
+        with pytest.raises(concurrent.futures.CancelledError):
+            later[3].result(timeout=1)
+        assert long.result(timeout=30) == "long"
+        assert [later[i].result(timeout=30) for i in (0, 2, 4)] == ["t0", "t2", "t4"]
+        consumers.join(timeout=30)
+        assert ran(tmp_path) == {"long", "t0", "t2", "t4"}
+        assert later[0].cancel() is False  # finished
+        assert queue_pool.statistics().driver.tasks_cancelled == 3
+        results = {k: v for per_consumer in consumers.results().values() for k, v in per_consumer.items()}
+        assert sum(isinstance(v, TaskCancelled) for v in results.values()) == 3
+        assert sum(s.tasks_cancelled for s in consumers.statistics()) == 3
+        assert sum(s.tasks_failed for s in consumers.statistics()) == 0
+
+
+def test_cancelling_tasks_waiting_in_a_queue_with_no_consumer(client: Client, tmp_path: Path) -> None:
+    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool) as consumers:
+        futures = [queue_pool.submit(touch, str(tmp_path), f"t{i}") for i in range(20)]
+        batch = queue_pool.batch_submit([(touch, str(tmp_path), f"b{i}") for i in range(30)])
+        queue_pool.flush(timeout=30)
+        assert all(futures[i].cancel() for i in range(0, 20, 2))
+        assert batch.cancel() is True
+        assert batch.cancelled()
+        consumers.start()
+        for i in range(1, 20, 2):
+            assert futures[i].result(timeout=30) == f"t{i}"
+        consumers.join(timeout=30)
+        assert ran(tmp_path) == {f"t{i}" for i in range(1, 20, 2)}
+
+
+def test_a_batch_partly_started_cancels_the_rest_and_reports_them(client: Client, tmp_path: Path) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, start=True) as consumers:
+        batch = queue_pool.batch_submit([(touch, str(tmp_path), f"b{i}", 0.5) for i in range(8)], batch_size=8)
+        wait_until(lambda: (tmp_path / "b0").exists(), timeout=30)
+        assert batch.cancel() is False  # b0 runs
+        with pytest.raises(BatchError) as info:
+            batch.result(timeout=30)
+        errors = info.value.errors
+        assert errors and all(isinstance(e, TaskCancelled) for e in errors.values())
+        started = ran(tmp_path)
+        assert {f"b{i - batch.keys.start}" for i in errors} .isdisjoint(started)
+        assert len(started) + len(errors) == 8
+        consumers.join(timeout=30)
+
+
+def test_cancel_right_after_submit_is_exact_whatever_the_task_reached(client: Client, tmp_path: Path) -> None:
+    """Loose in the driver, in a chunk not sent, sent and unconfirmed, ready, held by a consumer:
+    whichever it reached, True means it never runs and False means it runs."""
+    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2, start=True) as consumers:
+        futures = [queue_pool.submit(touch, str(tmp_path), f"t{i}", 0.01) for i in range(120)]
+        answers = {i: futures[i].cancel() for i in range(0, 120, 3)}
+        consumers.join(timeout=60)
+        for i, fut in enumerate(futures):
+            assert fut.done()
+        cancelled = {f"t{i}" for i, yes in answers.items() if yes}
+        assert ran(tmp_path) == {f"t{i}" for i in range(120)} - cancelled
+        for i, yes in answers.items():
+            assert futures[i].cancelled() is yes
+
+
+def test_tasks_on_task_threads_are_cancelled_until_they_start(client: Client, tmp_path: Path) -> None:
+    with (
+        QueuePool(client, 1) as queue_pool,
+        ConsumerPool(client, queue_pool, max_concurrency=2, start=True) as consumers,
+    ):
+        batch = queue_pool.batch_submit([(touch, str(tmp_path), f"b{i}", 1.0) for i in range(6)], batch_size=6)
+        wait_until(lambda: len(ran(tmp_path)) == 2, timeout=30)
+        assert batch.cancel() is False  # two are running
+        with pytest.raises(BatchError) as info:
+            batch.result(timeout=30)
+        assert len(info.value.errors) == 4
+        consumers.join(timeout=30)
+        assert len(ran(tmp_path)) == 2
+
+
+def test_a_cancelled_coroutine_cancels_the_task_it_awaited(client: Client, tmp_path: Path) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool) as consumers:
+        future = queue_pool.submit(touch, str(tmp_path), "t")
+        queue_pool.flush(timeout=30)
+
+        async def main() -> None:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(future, 0.2)
+            await asyncio.sleep(0)
+
+        asyncio.run(main())
+        wait_until(future.cancelled, timeout=30)
+        consumers.start()
+        consumers.join(timeout=30)
+        assert not os.path.exists(tmp_path / "t")
