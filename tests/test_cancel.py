@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from distributed import Client
 from zdq import ConsumerPool, QueuePool
 from zdq.errors import BatchError, TaskCancelled
 
-from .conftest import wait_until
+from .conftest import pid_of, wait_until
 
 
 def touch(folder: str, name: str, seconds: float = 0.0) -> str:
@@ -130,3 +131,23 @@ def test_a_cancelled_coroutine_cancels_the_task_it_awaited(client: Client, tmp_p
         consumers.start()
         consumers.join(timeout=30)
         assert not os.path.exists(tmp_path / "t")
+
+
+def test_tasks_cancelled_in_a_durable_queue_stay_cancelled_after_its_worker_is_killed(
+    client3: Client, tmp_path: Path
+) -> None:
+    side = tmp_path / "ran"
+    side.mkdir()
+    fast = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
+    with QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **fast) as queue_pool:
+        with ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"]) as consumers:
+            futures = [queue_pool.submit(touch, str(side), f"t{i}") for i in range(10)]
+            queue_pool.flush(timeout=30)
+            assert all(futures[i].cancel() for i in range(0, 10, 2))
+            os.kill(pid_of(client3, "a"), signal.SIGKILL)
+            wait_until(lambda: queue_pool.recoveries >= 1, timeout=120)
+            consumers.start()
+            for i in range(1, 10, 2):
+                assert futures[i].result(timeout=120) == f"t{i}"
+            consumers.join(timeout=60)
+        assert ran(side) == {f"t{i}" for i in range(1, 10, 2)}
