@@ -45,7 +45,8 @@ from zdq import registry
 from zdq.transport import protocol as p
 from zdq.transport.sockets import new_identity
 from zdq.futures import BatchFuture, TaskFuture
-from zdq.serialization import CALLS, ITEMS, Task, TaskOptions, dumps_task, pack_chunks
+from zdq.chunking import Chunking
+from zdq.serialization import CALLS, ITEMS, Task, TaskOptions, dumps_task
 from zdq.stats import BrokerStats, PoolStats
 from zdq.transport.security import ClientKeys, PoolKeys
 
@@ -770,21 +771,16 @@ class QueuePool:
         """Queue many raw items at once; same guarantees as :meth:`batch_submit`."""
         return self._submit_entries(list(items), ITEMS, self._options({}), batch_size, timeout)
 
-    def _chunk_size(self, batch_size: int | None, n_tasks: int | None = None) -> int:
-        """Tasks per chunk: ``batch_size`` capped by ``chunk-size`` and the ConsumerPool's batch
-        size; and, for a batch of ``n_tasks`` that would make too few chunks for every consumer to
-        get some, smaller (a thousand 5 ms tasks in one chunk ran on one consumer of two)."""
-        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        size = min(batch_size or self.settings.chunk_size, self.settings.chunk_size)
-        if self.consumer_batch_size is not None:
-            size = min(size, self.consumer_batch_size)
-        if n_tasks is not None:
-            consumers = sum(pool.n_consumers for pool in self.consumer_pools()) or self.n_queues
-            # Enough chunks that each consumer can hold its prefetch and each queue gets some.
-            spread = max(self.n_queues, consumers * self.settings.prefetch)
-            size = min(size, max(1, -(-n_tasks // spread)))
-        return size
+    def _chunk_size(self, chunking: Chunking, batch_size: int | None, n_tasks: int | None = None) -> int:
+        """Tasks per chunk of a batch of ``n_tasks`` (see :meth:`Chunking.batch_size`)."""
+        consumers = sum(pool.n_consumers for pool in self.consumer_pools()) if n_tasks is not None else 0
+        return chunking.batch_size(
+            batch_size,
+            n_tasks,
+            consumer_batch_size=self.consumer_batch_size,
+            consumers=consumers,
+            queues=self.n_queues,
+        )
 
     def _submit_entries(
         self,
@@ -795,31 +791,17 @@ class QueuePool:
         timeout: float | None,
     ) -> BatchFuture:
         driver = self.driver
-        size = self._chunk_size(batch_size, len(entries))
+        chunking = Chunking.of(self.settings)
+        size = self._chunk_size(chunking, batch_size, len(entries))
         base = driver.reserve(len(entries))
         # Pickle everything before sending anything: a task that cannot be pickled leaves nothing
         # queued (its reserved ids are simply never used).
-        packed = [
-            chunk
-            for i in range(0, len(entries), size)
-            for chunk in self._pack(base + i, entries[i : i + size], kind, options)
-        ]
+        packed = chunking.pack_batch(base, entries, size, driver.payload_key, kind, options)
         batch = BatchFuture(base, len(entries))
         batch._hint = self._why_waiting
         for first, n, payload in packed:
             driver.submit_chunk(first, n, payload, batch, first - base, timeout=timeout)
         return batch
-
-    def _pack(self, first: int, entries: list[Any], kind: int, options: TaskOptions | None) -> list[tuple[int, int, bytes]]:
-        return pack_chunks(
-            first,
-            entries,
-            self.driver.payload_key,
-            kind,
-            options,
-            chunk_bytes=self.settings.chunk_bytes,
-            max_bytes=self.settings.max_message_size,
-        )
 
     def submit_iter(
         self,
@@ -846,7 +828,8 @@ class QueuePool:
         room (:class:`~zdq.errors.SubmitTimeout`); the task options are as in :meth:`submit`.
         """
         driver = self.driver
-        size = self._chunk_size(batch_size)
+        chunking = Chunking.of(self.settings)
+        size = self._chunk_size(chunking, batch_size)
         given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
         options = self._options({k: v for k, v in given.items() if v is not None})
         if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total < 0):
@@ -854,32 +837,20 @@ class QueuePool:
         if total is None and hasattr(calls, "__len__"):
             total = len(calls)  # type: ignore[arg-type]
         count = 0
-        part: list[Any] = []
         bar = _insert_bar(total) if progress else None
-
-        def flush() -> None:
-            nonlocal count
-            base = driver.reserve(len(part))
-            try:
-                packed = self._pack(base, part, CALLS, options)
-            except SerializationError as e:
-                raise SerializationError(f"{e} ({count} tasks before this chunk were queued)") from e
-            for first, n, payload in packed:
-                driver.submit_chunk(first, n, payload, None, 0, timeout=timeout)
-            count += len(part)
-            if bar is not None:
-                bar.update(len(part))
-            part.clear()
-
         try:
-            for call in calls:
-                part.append(call)
-                if len(part) >= size:
-                    _check_calls(part, count)
-                    flush()
-            if part:
+            for part in chunking.batches(calls, size):
                 _check_calls(part, count)
-                flush()
+                base = driver.reserve(len(part))
+                try:
+                    packed = chunking.pack(base, part, driver.payload_key, CALLS, options)
+                except SerializationError as e:
+                    raise SerializationError(f"{e} ({count} tasks before this chunk were queued)") from e
+                for first, n, payload in packed:
+                    driver.submit_chunk(first, n, payload, None, 0, timeout=timeout)
+                count += len(part)
+                if bar is not None:
+                    bar.update(len(part))
         finally:
             if bar is not None:
                 bar.close()

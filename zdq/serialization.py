@@ -45,7 +45,6 @@ __all__ = [
     "check_picklable",
     "dumps_task",
     "PICKLED",
-    "pack_chunks",
     "seal",
     "unseal",
     "error_to_exception",
@@ -221,35 +220,6 @@ def dumps_chunk(
     except Exception as e:
         _culprit(entries, kind)
         raise SerializationError(f"a chunk of {len(entries)} tasks cannot be pickled: {e}") from e
-
-
-def pack_chunks(
-    first: int,
-    entries: list[Any],
-    key: bytes | None,
-    kind: int,
-    options: TaskOptions | None,
-    *,
-    chunk_bytes: int,
-    max_bytes: int,
-) -> list[tuple[int, int, bytes]]:
-    """Pickle ``entries`` as one chunk, or as several if it is larger than ``chunk_bytes``.
-
-    Returns ``(first task id, number of tasks, payload)`` per chunk. A single task larger than
-    ``max_bytes`` (what brokers accept) is refused here, rather than silently dropped on the wire.
-    """
-    payload = dumps_chunk(first, entries, key, kind, options)
-    if len(payload) <= chunk_bytes or (len(entries) == 1 and len(payload) <= max_bytes):
-        return [(first, len(entries), payload)]
-    if len(entries) == 1:
-        raise SerializationError(
-            f"task {first} pickles to {len(payload)} bytes, more than max-message-size ({max_bytes}): "
-            "pass large data by reference (a path, a URL, a Dask future) instead"
-        )
-    half = len(entries) // 2
-    return pack_chunks(
-        first, entries[:half], key, kind, options, chunk_bytes=chunk_bytes, max_bytes=max_bytes
-    ) + pack_chunks(first + half, entries[half:], key, kind, options, chunk_bytes=chunk_bytes, max_bytes=max_bytes)
 
 
 def loads_chunk(payload: Any, key: bytes | None = None) -> tuple[int, int, list[Any], TaskOptions | None]:
