@@ -1,7 +1,8 @@
 """QueuePool: the client-side facade that places brokers and submits work to them.
 
 Dask places the brokers (one actor per queue, spread over the workers) and nothing else: tasks go
-from this process to the brokers over ZeroMQ, through the pool's :class:`~zdq.driver.Driver`.
+from this process to the brokers over ZeroMQ, through the pool's :class:`~zdq.driver.Driver`. Tasks
+are built and pickled by :mod:`zdq.tasks`; batches are cut into chunks by :mod:`zdq.chunking`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from zdq.transport import protocol as p
 from zdq.transport.sockets import new_identity
 from zdq.futures import BatchFuture, TaskFuture
 from zdq.chunking import Chunking
-from zdq.serialization import CALLS, ITEMS, Task, TaskOptions, dumps_task
+from zdq.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
 from zdq.stats import BrokerStats, PoolStats
 from zdq.transport.security import ClientKeys, PoolKeys
 
@@ -102,12 +103,6 @@ def _check_worker_class(worker_class: type | None) -> None:
             f"submitted functions run on GeneralConsumer and its subclasses only: worker_class="
             f"{worker_class!r:.80} cannot run them (put() items for a ConsumerBaseClass's process_item)"
         )
-
-
-def _check_calls(calls: Sequence[Any], first: int = 0) -> None:
-    for i, call in enumerate(calls):
-        if type(call) is not tuple or not call or not callable(call[0]):
-            raise TypeError(f"batch_submit item {first + i} must be a tuple (fn, *args), got {call!r:.80}")
 
 
 class QueuePool:
@@ -654,12 +649,6 @@ class QueuePool:
         options = TaskOptions(**fields)
         return None if options == _NO_OPTIONS else options
 
-    @staticmethod
-    def _with_options(task: Task, options: TaskOptions | None) -> Task:
-        if options is None:
-            return task
-        return (task[0], task[1], task[2] if len(task) > 2 else None, options)
-
     def submit(
         self,
         fn: Callable[..., Any],
@@ -714,8 +703,8 @@ class QueuePool:
         """Like :meth:`submit` with explicit ``args``/``kwargs``; ``options`` as in :class:`TaskOptions`."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
-        task: Task = (fn, tuple(args), kwargs) if kwargs else (fn, tuple(args))
-        return self.driver.submit_task(dumps_task(self._with_options(task, self._options(options))), timeout=timeout)
+        task = call_task(fn, args, kwargs, self._options(options))
+        return self.driver.submit_task(dumps_task(task), timeout=timeout)
 
     # -- asyncio ------------------------------------------------------------------------------
     async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
@@ -735,7 +724,7 @@ class QueuePool:
 
     def put(self, item: Any) -> TaskFuture:
         """Queue a raw item for the consumers' ``process_item``; return a future of its result."""
-        return self.driver.submit_task(dumps_task((None, item)))
+        return self.driver.submit_task(dumps_task(item_task(item)))
 
     def batch_submit(
         self,
@@ -764,7 +753,7 @@ class QueuePool:
         given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
         options = self._options({k: v for k, v in given.items() if v is not None})
         calls = list_calls if isinstance(list_calls, list) else list(list_calls)
-        _check_calls(calls)
+        check_calls(calls)
         return self._submit_entries(calls, CALLS, options, batch_size, timeout)
 
     def put_many(self, items: Sequence[Any], batch_size: int | None = None, timeout: float | None = None) -> BatchFuture:
@@ -840,7 +829,7 @@ class QueuePool:
         bar = _insert_bar(total) if progress else None
         try:
             for part in chunking.batches(calls, size):
-                _check_calls(part, count)
+                check_calls(part, count)
                 base = driver.reserve(len(part))
                 try:
                     packed = chunking.pack(base, part, driver.payload_key, CALLS, options)
