@@ -20,7 +20,8 @@ from zdq.config import settings
 from zdq.consumer import Consumer, GeneralConsumer
 from zdq.consumer.link import _PARKED, Credit
 from zdq.errors import PlacementError
-from zdq.serialization import TASKS, dumps_chunk, loads_results
+from zdq.serialization import loads_results
+from zdq.tasks import TASKS, dumps_chunk
 from zdq.transport import protocol as p
 
 from .conftest import wait_until

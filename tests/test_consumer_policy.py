@@ -24,11 +24,11 @@ from zdq.consumer.runner import _error_info
 from zdq.errors import RemoteTaskError
 from zdq.serialization import (
     ErrorInfo,
-    TaskOptions,
     dumps_results,
     error_to_exception,
     loads_results,
 )
+from zdq.tasks import TaskOptions
 
 CRASH_ATTEMPTS = 2  # the default of zdq.crash-attempts
 

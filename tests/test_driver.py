@@ -16,7 +16,8 @@ from zdq.broker import BrokerCore
 from zdq.config import settings
 from zdq.driver import Driver
 from zdq.errors import BrokerLost, SerializationError, SubmitTimeout, TaskLost
-from zdq.serialization import dumps_results, dumps_task, loads_chunk
+from zdq.serialization import dumps_results
+from zdq.tasks import dumps_task, loads_chunk
 from zdq.storage.memory import MemoryStorage
 from zdq.transport import protocol as p
 from zdq.transport.sockets import bind_router, connect_dealer, new_identity

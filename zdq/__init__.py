@@ -25,7 +25,7 @@ from zdq.errors import (
     ZdqError,
     ZdqTimeoutError,
 )
-from zdq.serialization import TaskOptions
+from zdq.tasks import TaskOptions
 from zdq.futures import BatchFuture, TaskFuture, as_completed, wait
 from zdq.queue_pool import DeadLetterInfo, Durability, QueuePool, current_pool
 

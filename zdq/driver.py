@@ -1,8 +1,8 @@
 """The driver: the client-side end of a QueuePool's data plane.
 
 One I/O thread owns a DEALER per broker. Callers hand it work in two shapes: single tasks
-(``submit``), which it coalesces into chunks on the fly, and prepared chunks (``batch_submit``),
-pickled by the caller. Every chunk is kept until its broker confirms it, and its tasks until their
+(``submit``), which it coalesces into chunks on the fly (cut where :mod:`zdq.chunking` says), and
+prepared chunks (``batch_submit``), pickled by the caller. Every chunk is kept until its broker confirms it, and its tasks until their
 results arrive. Results stream back as RESULTS messages and resolve futures as they arrive.
 
 Who owns what
@@ -44,6 +44,7 @@ from typing import Any
 
 import zmq
 
+from zdq.chunking import Chunking
 from zdq.config import PoolSettings
 from zdq.errors import (
     BrokerLost,
@@ -59,8 +60,9 @@ from zdq.errors import (
 )
 from zdq.futures import BatchFuture, CallbackRunner, TaskFuture
 from zdq.reporting import FailureLog
-from zdq.serialization import CANCELLED, PICKLED, cancel_in_chunk, error_to_exception, loads_results, pack_chunks
+from zdq.serialization import error_to_exception, loads_results
 from zdq.stats import DriverStats
+from zdq.tasks import CANCELLED, cancel_in_chunk
 from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import BrokerLinks, Waker, new_identity, process_context, recv_ready, try_send
@@ -231,6 +233,7 @@ class Driver:
         self.identity = identity or new_identity()
         self._queue_names = queue_names or [f"{name}-queue-{i}" for i in range(len(endpoints))]
         self._settings = settings
+        self._chunking = Chunking.of(settings)
         self._keep_results = keep_results
         self._cond = threading.Condition()
         # -- shared under _cond ------------------------------------------------------------------
@@ -351,7 +354,7 @@ class Driver:
         return self._buffered_bytes == 0 or self._buffered_bytes + nbytes <= self._settings.buffer_bytes
 
     def submit_task(self, task: bytes, *, timeout: float | None = None) -> TaskFuture:
-        """Queue one pickled task (:func:`~zdq.serialization.dumps_task`) for coalescing into a
+        """Queue one pickled task (:func:`~zdq.tasks.dumps_task`) for coalescing into a
         chunk; return its future. Blocks while the driver's buffers are full."""
         self._check_open()
         cap = self._settings.chunk_size * len(self._links)
@@ -796,46 +799,29 @@ class Driver:
                 try_send(links.socks[link.index], p.encode(p.Sync(token)))
 
     def _coalesce(self) -> None:
-        """Turn single submissions into chunks, spread over the brokers, while there is room."""
+        """Turn single submissions into chunks, spread over the brokers, while there is room
+        (:class:`~zdq.chunking.Chunking` says where they are cut)."""
         n_brokers = len(self._links)
-        size = self._settings.chunk_size
+        chunking = self._chunking
         with self._cond:
             room = self._settings.window * n_brokers - self._buffered_chunks
             if not self._loose or room <= 0:
                 return
-            # No more chunks than there is room for: the rest waits, loose, for confirms.
-            take = room * size
+            take = chunking.loose_take(room)
             if len(self._loose) <= take:
                 loose, self._loose = self._loose, []
             else:
                 loose, self._loose = self._loose[:take], self._loose[take:]
             self._cond.notify_all()
-        if len(loose) < size * n_brokers:  # few tasks: one slice per broker, as evenly as possible
-            size = max(1, -(-len(loose) // n_brokers))
-        start = 0
-        while start < len(loose):
-            end = min(start + size, len(loose))
-            # Task ids of a chunk must be consecutive; batches may have taken ids in between.
-            first = loose[start][0]
-            for j in range(start + 1, end):
-                if loose[j][0] != first + (j - start):
-                    end = j
-                    break
+        for start, end in chunking.loose_runs(loose, n_brokers):
             part = loose[start:end]
+            first = part[0][0]
             futures = [fut for _, _, fut in part]
             tasks = [task for _, task, _ in part]
             loose_bytes = sum(len(t) for t in tasks)
-            try:
-                packed = self._pack(first, tasks)
-            except ZdqError:
-                # One task of the slice is refused (too large): pack them one by one, so that only
-                # the culprit fails.
-                packed = []
-                for j, task in enumerate(tasks):
-                    try:
-                        packed += self._pack(first + j, [task])
-                    except ZdqError as e:
-                        _settle(futures[j], exc=e)
+            packed, refused = chunking.pack_loose(first, tasks, self.payload_key)
+            for j, exc in refused:  # too large: only that task fails
+                _settle(futures[j], exc=exc)
             with self._cond:
                 self._buffered_bytes -= loose_bytes
                 for sub_first, n, payload in packed:
@@ -846,18 +832,6 @@ class Driver:
                     self._queued.append(rec)
                     self._buffered_chunks += 1
                     self._buffered_bytes += rec.nbytes
-            start = end
-
-    def _pack(self, first: int, tasks: list[bytes]) -> list[tuple[int, int, bytes]]:
-        return pack_chunks(
-            first,
-            tasks,
-            self.payload_key,
-            PICKLED,
-            None,
-            chunk_bytes=self._settings.chunk_bytes,
-            max_bytes=self._settings.max_message_size,
-        )
 
     def _send_queued(self, socks: list[zmq.Socket[Any]]) -> None:
         window = self._settings.window

@@ -1,7 +1,8 @@
 """QueuePool: the client-side facade that places brokers and submits work to them.
 
 Dask places the brokers (one actor per queue, spread over the workers) and nothing else: tasks go
-from this process to the brokers over ZeroMQ, through the pool's :class:`~zdq.driver.Driver`.
+from this process to the brokers over ZeroMQ, through the pool's :class:`~zdq.driver.Driver`. Tasks
+are built and pickled by :mod:`zdq.tasks`; batches are cut into chunks by :mod:`zdq.chunking`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from zdq import registry
 from zdq.transport import protocol as p
 from zdq.transport.sockets import new_identity
 from zdq.futures import BatchFuture, TaskFuture
-from zdq.serialization import CALLS, ITEMS, Task, TaskOptions, dumps_task, pack_chunks
+from zdq.chunking import Chunking
+from zdq.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
 from zdq.stats import BrokerStats, PoolStats
 from zdq.transport.security import ClientKeys, PoolKeys
 
@@ -101,12 +103,6 @@ def _check_worker_class(worker_class: type | None) -> None:
             f"submitted functions run on GeneralConsumer and its subclasses only: worker_class="
             f"{worker_class!r:.80} cannot run them (put() items for a ConsumerBaseClass's process_item)"
         )
-
-
-def _check_calls(calls: Sequence[Any], first: int = 0) -> None:
-    for i, call in enumerate(calls):
-        if type(call) is not tuple or not call or not callable(call[0]):
-            raise TypeError(f"batch_submit item {first + i} must be a tuple (fn, *args), got {call!r:.80}")
 
 
 class QueuePool:
@@ -653,12 +649,6 @@ class QueuePool:
         options = TaskOptions(**fields)
         return None if options == _NO_OPTIONS else options
 
-    @staticmethod
-    def _with_options(task: Task, options: TaskOptions | None) -> Task:
-        if options is None:
-            return task
-        return (task[0], task[1], task[2] if len(task) > 2 else None, options)
-
     def submit(
         self,
         fn: Callable[..., Any],
@@ -713,8 +703,8 @@ class QueuePool:
         """Like :meth:`submit` with explicit ``args``/``kwargs``; ``options`` as in :class:`TaskOptions`."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
-        task: Task = (fn, tuple(args), kwargs) if kwargs else (fn, tuple(args))
-        return self.driver.submit_task(dumps_task(self._with_options(task, self._options(options))), timeout=timeout)
+        task = call_task(fn, args, kwargs, self._options(options))
+        return self.driver.submit_task(dumps_task(task), timeout=timeout)
 
     # -- asyncio ------------------------------------------------------------------------------
     async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
@@ -734,7 +724,7 @@ class QueuePool:
 
     def put(self, item: Any) -> TaskFuture:
         """Queue a raw item for the consumers' ``process_item``; return a future of its result."""
-        return self.driver.submit_task(dumps_task((None, item)))
+        return self.driver.submit_task(dumps_task(item_task(item)))
 
     def batch_submit(
         self,
@@ -763,28 +753,23 @@ class QueuePool:
         given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
         options = self._options({k: v for k, v in given.items() if v is not None})
         calls = list_calls if isinstance(list_calls, list) else list(list_calls)
-        _check_calls(calls)
+        check_calls(calls)
         return self._submit_entries(calls, CALLS, options, batch_size, timeout)
 
     def put_many(self, items: Sequence[Any], batch_size: int | None = None, timeout: float | None = None) -> BatchFuture:
         """Queue many raw items at once; same guarantees as :meth:`batch_submit`."""
         return self._submit_entries(list(items), ITEMS, self._options({}), batch_size, timeout)
 
-    def _chunk_size(self, batch_size: int | None, n_tasks: int | None = None) -> int:
-        """Tasks per chunk: ``batch_size`` capped by ``chunk-size`` and the ConsumerPool's batch
-        size; and, for a batch of ``n_tasks`` that would make too few chunks for every consumer to
-        get some, smaller (a thousand 5 ms tasks in one chunk ran on one consumer of two)."""
-        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        size = min(batch_size or self.settings.chunk_size, self.settings.chunk_size)
-        if self.consumer_batch_size is not None:
-            size = min(size, self.consumer_batch_size)
-        if n_tasks is not None:
-            consumers = sum(pool.n_consumers for pool in self.consumer_pools()) or self.n_queues
-            # Enough chunks that each consumer can hold its prefetch and each queue gets some.
-            spread = max(self.n_queues, consumers * self.settings.prefetch)
-            size = min(size, max(1, -(-n_tasks // spread)))
-        return size
+    def _chunk_size(self, chunking: Chunking, batch_size: int | None, n_tasks: int | None = None) -> int:
+        """Tasks per chunk of a batch of ``n_tasks`` (see :meth:`Chunking.batch_size`)."""
+        consumers = sum(pool.n_consumers for pool in self.consumer_pools()) if n_tasks is not None else 0
+        return chunking.batch_size(
+            batch_size,
+            n_tasks,
+            consumer_batch_size=self.consumer_batch_size,
+            consumers=consumers,
+            queues=self.n_queues,
+        )
 
     def _submit_entries(
         self,
@@ -795,32 +780,18 @@ class QueuePool:
         timeout: float | None,
     ) -> BatchFuture:
         driver = self.driver
-        size = self._chunk_size(batch_size, len(entries))
+        chunking = Chunking.of(self.settings)
+        size = self._chunk_size(chunking, batch_size, len(entries))
         base = driver.reserve(len(entries))
         # Pickle everything before sending anything: a task that cannot be pickled leaves nothing
         # queued (its reserved ids are simply never used).
-        packed = [
-            chunk
-            for i in range(0, len(entries), size)
-            for chunk in self._pack(base + i, entries[i : i + size], kind, options)
-        ]
+        packed = chunking.pack_batch(base, entries, size, driver.payload_key, kind, options)
         batch = BatchFuture(base, len(entries))
         batch._hint = self._why_waiting
         batch._driver = driver
         for first, n, payload in packed:
             driver.submit_chunk(first, n, payload, batch, first - base, timeout=timeout)
         return batch
-
-    def _pack(self, first: int, entries: list[Any], kind: int, options: TaskOptions | None) -> list[tuple[int, int, bytes]]:
-        return pack_chunks(
-            first,
-            entries,
-            self.driver.payload_key,
-            kind,
-            options,
-            chunk_bytes=self.settings.chunk_bytes,
-            max_bytes=self.settings.max_message_size,
-        )
 
     def submit_iter(
         self,
@@ -847,7 +818,8 @@ class QueuePool:
         room (:class:`~zdq.errors.SubmitTimeout`); the task options are as in :meth:`submit`.
         """
         driver = self.driver
-        size = self._chunk_size(batch_size)
+        chunking = Chunking.of(self.settings)
+        size = self._chunk_size(chunking, batch_size)
         given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
         options = self._options({k: v for k, v in given.items() if v is not None})
         if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total < 0):
@@ -855,32 +827,20 @@ class QueuePool:
         if total is None and hasattr(calls, "__len__"):
             total = len(calls)  # type: ignore[arg-type]
         count = 0
-        part: list[Any] = []
         bar = _insert_bar(total) if progress else None
-
-        def flush() -> None:
-            nonlocal count
-            base = driver.reserve(len(part))
-            try:
-                packed = self._pack(base, part, CALLS, options)
-            except SerializationError as e:
-                raise SerializationError(f"{e} ({count} tasks before this chunk were queued)") from e
-            for first, n, payload in packed:
-                driver.submit_chunk(first, n, payload, None, 0, timeout=timeout)
-            count += len(part)
-            if bar is not None:
-                bar.update(len(part))
-            part.clear()
-
         try:
-            for call in calls:
-                part.append(call)
-                if len(part) >= size:
-                    _check_calls(part, count)
-                    flush()
-            if part:
-                _check_calls(part, count)
-                flush()
+            for part in chunking.batches(calls, size):
+                check_calls(part, count)
+                base = driver.reserve(len(part))
+                try:
+                    packed = chunking.pack(base, part, driver.payload_key, CALLS, options)
+                except SerializationError as e:
+                    raise SerializationError(f"{e} ({count} tasks before this chunk were queued)") from e
+                for first, n, payload in packed:
+                    driver.submit_chunk(first, n, payload, None, 0, timeout=timeout)
+                count += len(part)
+                if bar is not None:
+                    bar.update(len(part))
         finally:
             if bar is not None:
                 bar.close()

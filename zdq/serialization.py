@@ -1,12 +1,7 @@
-"""Pickling of chunks and results: the only place where zdq turns user objects into bytes.
+"""Bytes: pickling results, sealing payloads, and naming what cannot be pickled.
 
-A chunk is ``(base_task_id, kind, entries, options)`` pickled in one go (protocol 5), so a function
-shared by a thousand tasks is written once and the per-task cost is a few microseconds. Batches
-ship the caller's own ``(fn, *args)`` tuples untouched (kind CALLS); single submissions are
-``(fn, args)``, ``(fn, args, kwargs)`` or ``(fn, args, kwargs, options)`` (kind TASKS): empty kwargs
-are left out because an empty dict per task nearly doubles the cost.
-Options (:class:`TaskOptions`) make a task ``(fn, args, kwargs, options)``. cloudpickle is used because it pickles by reference whatever plain pickle can, and by value what
-workers cannot import (functions and classes of ``__main__``, lambdas, closures).
+What a task and a chunk are, and how they are pickled, is :mod:`zdq.tasks`'s; this module is
+beneath it and knows nothing of their shape.
 
 When the pool is authenticated, every payload is sealed with a keyed BLAKE2b tag of the pool's
 payload key, set by its author (driver or consumer) and checked by its reader *before* unpickling:
@@ -14,7 +9,7 @@ the broker in between cannot forge a payload, and bytes from any other peer (or 
 rejected without being unpickled (random bytes can be a pickle that allocates gigabytes).
 
 Results travel as ``(base_task_id, values, errors)`` where ``errors`` maps an index in ``values`` to
-an :class:`ErrorInfo`.
+an :class:`ErrorInfo`. Everything is pickled with protocol 5 (:data:`PROTOCOL`).
 """
 
 from __future__ import annotations
@@ -22,84 +17,29 @@ from __future__ import annotations
 import hashlib
 import hmac
 import pickle
-import sys
-import types
 from dataclasses import dataclass
-from collections.abc import Iterable
 from typing import Any
 
 import cloudpickle
 
-from zdq.errors import RemoteTaskError, SerializationError, TaskCancelled
+from zdq.errors import RemoteTaskError, SerializationError
 
-__all__ = [
-    "Task",
-    "TaskOptions",
-    "TASKS",
-    "CALLS",
-    "ITEMS",
+__all__ = [  # noqa: RUF022 - grouped by role
+    "PROTOCOL",
+    # results
     "ErrorInfo",
-    "dumps_chunk",
-    "loads_chunk",
     "dumps_results",
     "loads_results",
-    "check_picklable",
-    "dumps_task",
-    "PICKLED",
-    "pack_chunks",
+    "error_to_exception",
+    # sealing
     "seal",
     "unseal",
-    "error_to_exception",
-    "CANCELLED",
-    "cancelled_entry",
-    "is_cancelled",
-    "cancel_in_chunk",
+    # what cannot be pickled
+    "check_picklable",
+    "all_scalars",
 ]
 
-Task = tuple[Any, ...]
 PROTOCOL = 5
-
-#: Chunk kinds. TASKS entries are ``(fn, args[, kwargs[, options]])`` or ``(None, item)``;
-#: CALLS entries are the caller's own ``(fn, *args)`` tuples (nothing is rebuilt per task);
-#: ITEMS entries are raw items for ``process_item``; PICKLED entries are TASKS entries pickled one
-#: by one (single submissions: the caller pickles its task once, to check it, and that pickle is
-#: what travels, instead of pickling it again into its chunk).
-TASKS, CALLS, ITEMS, PICKLED = 0, 1, 2, 3
-
-
-@dataclass(frozen=True, slots=True)
-class TaskOptions:
-    """Per-task execution options, carried as the fourth element of a task.
-
-    Attributes
-    ----------
-    retries : int
-        Extra attempts after a failure (``0``: one attempt).
-    retry_backoff : float
-        First delay before a retry, in seconds; doubled at each retry, with jitter.
-    retry_backoff_max : float
-        Largest delay between two attempts.
-    retry_on : tuple of exception types
-        Only these exceptions are retried.
-    time_limit : float or None
-        Seconds an attempt may run before it fails with :class:`~zdq.errors.TaskTimeout`.
-    """
-
-    retries: int = 0
-    retry_backoff: float = 0.1
-    retry_backoff_max: float = 30.0
-    retry_on: tuple[type[BaseException], ...] = (Exception,)
-    time_limit: float | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.retries, int) or self.retries < 0:
-            raise ValueError(f"retries must be a non-negative integer, got {self.retries!r}")
-        if self.retry_backoff < 0 or self.retry_backoff_max < 0:
-            raise ValueError("retry_backoff and retry_backoff_max must not be negative")
-        if self.time_limit is not None and self.time_limit <= 0:
-            raise ValueError(f"a time limit must be positive, got {self.time_limit!r}")
-        if not self.retry_on or not all(isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on):
-            raise TypeError(f"retry_on must be exception types, got {self.retry_on!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,36 +83,9 @@ _PLAIN_ARGS = frozenset({int, float, complex, str, bytes, bool, type(None)})
 _PLAIN_RESULTS = 16
 
 
-def _scalars(values: Any) -> bool:
+def all_scalars(values: Any) -> bool:
+    """Whether every one of ``values`` is of a builtin scalar type (plain pickle writes those)."""
     return all(type(v) in _PLAIN_ARGS for v in values)
-
-
-def _plainly_picklable(task: Task) -> bool:
-    """Whether plain pickle writes ``task`` byte for byte as cloudpickle would, five times faster:
-    a top-level function of an importable module (not ``__main__``, not registered to be pickled
-    by value) called with arguments of builtin scalar types, and no options."""
-    fn = task[0]
-    if type(fn) is not types.FunctionType and type(fn) is not types.BuiltinFunctionType:
-        return False
-    module = fn.__module__
-    if module is None or module == "__main__" or getattr(sys.modules.get(module), fn.__qualname__, None) is not fn:
-        return False
-    if len(task) > 3 or not _scalars(task[1]):
-        return False
-    if len(task) == 3 and task[2] and not _scalars(task[2].values()):
-        return False
-    return not cloudpickle.list_registry_pickle_by_value()
-
-
-def dumps_task(task: Task) -> bytes:
-    """Pickle one TASKS entry for a PICKLED chunk; on failure, name the part that cannot be pickled."""
-    try:
-        if _plainly_picklable(task):
-            return pickle.dumps(task, protocol=PROTOCOL)
-        return cloudpickle.dumps(task, protocol=PROTOCOL)
-    except Exception as e:
-        _culprit([task], TASKS)
-        raise SerializationError(f"the task cannot be pickled: {e}") from e
 
 
 _TAG = 16
@@ -196,133 +109,6 @@ def unseal(key: bytes | None, payload: Any) -> memoryview:
     if not hmac.compare_digest(hashlib.blake2b(data, key=key, digest_size=_TAG).digest(), view[:_TAG]):
         raise ValueError("payload tag does not match: not written by a member of this pool")
     return data
-
-
-def _culprit(entries: list[Any], kind: int) -> None:
-    """Raise :class:`SerializationError` naming the first entry part that cannot be pickled."""
-    for entry in entries:
-        if kind == ITEMS:
-            check_picklable(None, (entry,), None)
-        elif kind == CALLS:
-            check_picklable(entry[0], entry[1:], None)
-        elif entry[0] is None:
-            check_picklable(None, (entry[1],), None)
-        else:
-            check_picklable(entry[0], entry[1], entry[2] if len(entry) > 2 else None)
-
-
-def dumps_chunk(
-    base_task_id: int,
-    entries: list[Any],
-    key: bytes | None = None,
-    kind: int = TASKS,
-    options: TaskOptions | None = None,
-) -> bytes:
-    """Pickle (and seal) a chunk; on failure, name the first part that cannot be pickled."""
-    try:
-        # Entries already pickled are bytes: the standard pickler (much cheaper to start) suffices.
-        dumps = pickle.dumps if kind == PICKLED else cloudpickle.dumps
-        return seal(key, dumps((base_task_id, kind, entries, options), protocol=PROTOCOL))
-    except Exception as e:
-        _culprit(entries, kind)
-        raise SerializationError(f"a chunk of {len(entries)} tasks cannot be pickled: {e}") from e
-
-
-def pack_chunks(
-    first: int,
-    entries: list[Any],
-    key: bytes | None,
-    kind: int,
-    options: TaskOptions | None,
-    *,
-    chunk_bytes: int,
-    max_bytes: int,
-) -> list[tuple[int, int, bytes]]:
-    """Pickle ``entries`` as one chunk, or as several if it is larger than ``chunk_bytes``.
-
-    Returns ``(first task id, number of tasks, payload)`` per chunk. A single task larger than
-    ``max_bytes`` (what brokers accept) is refused here, rather than silently dropped on the wire.
-    """
-    payload = dumps_chunk(first, entries, key, kind, options)
-    if len(payload) <= chunk_bytes or (len(entries) == 1 and len(payload) <= max_bytes):
-        return [(first, len(entries), payload)]
-    if len(entries) == 1:
-        raise SerializationError(
-            f"task {first} pickles to {len(payload)} bytes, more than max-message-size ({max_bytes}): "
-            "pass large data by reference (a path, a URL, a Dask future) instead"
-        )
-    half = len(entries) // 2
-    return pack_chunks(
-        first, entries[:half], key, kind, options, chunk_bytes=chunk_bytes, max_bytes=max_bytes
-    ) + pack_chunks(first + half, entries[half:], key, kind, options, chunk_bytes=chunk_bytes, max_bytes=max_bytes)
-
-
-def _cancelled(*_: Any, **__: Any) -> Any:
-    """What a cancelled task calls instead of its function: it never runs."""
-    raise TaskCancelled("this task was cancelled before it started")
-
-
-#: The type name a cancelled task's ErrorInfo carries.
-CANCELLED = "zdq.errors.TaskCancelled"
-_CANCELLED_CALL = (_cancelled,)
-_CANCELLED_TASK = (_cancelled, ())
-
-
-def cancelled_entry(kind: int) -> tuple[Any, ...]:
-    """The entry that takes a cancelled task's place in a chunk of ``kind`` (TASKS, CALLS or
-    ITEMS; PICKLED chunks are TASKS once loaded)."""
-    return _CANCELLED_CALL if kind == CALLS else _CANCELLED_TASK
-
-
-def is_cancelled(entry: Any) -> bool:
-    """Whether ``entry`` is a cancelled task's placeholder (of any kind)."""
-    return type(entry) is tuple and bool(entry) and entry[0] is _cancelled
-
-
-def cancel_in_chunk(payload: Any, key: bytes | None, indexes: Iterable[int]) -> bytes:
-    """A chunk's payload with the tasks ``indexes`` replaced by placeholders that only report
-    :class:`TaskCancelled` (a driver rewrites a chunk it has not sent yet). The kind becomes TASKS
-    (items and calls keep their meaning as TASKS entries); PICKLED stays PICKLED."""
-    obj = pickle.loads(unseal(key, payload))
-    base, kind, entries, options = obj
-    entries = list(entries)
-    cancelled = set(indexes)
-    if kind == PICKLED:
-        placeholder = pickle.dumps(_CANCELLED_TASK, protocol=PROTOCOL)
-        entries = [placeholder if i in cancelled else e for i, e in enumerate(entries)]
-        return seal(key, pickle.dumps((base, PICKLED, entries, options), protocol=PROTOCOL))
-    if kind == CALLS:
-        entries = [(e[0], tuple(e[1:])) for e in entries]
-    elif kind == ITEMS:
-        entries = [(None, e) for e in entries]
-    entries = [_CANCELLED_TASK if i in cancelled else e for i, e in enumerate(entries)]
-    return seal(key, cloudpickle.dumps((base, TASKS, entries, options), protocol=PROTOCOL))
-
-
-def loads_chunk(payload: Any, key: bytes | None = None) -> tuple[int, int, list[Any], TaskOptions | None]:
-    """Check and unpickle a chunk: ``(base task id, kind, entries, options)``.
-
-    Raises ``ValueError`` if it is forged or malformed.
-    """
-    obj = pickle.loads(unseal(key, payload))
-    if (
-        not isinstance(obj, tuple)
-        or len(obj) != 4
-        or not isinstance(obj[0], int)
-        or obj[1] not in (TASKS, CALLS, ITEMS, PICKLED)
-        or not isinstance(obj[2], list)
-        or not (obj[3] is None or isinstance(obj[3], TaskOptions))
-    ):
-        raise ValueError(f"a chunk must be (int, kind, list, options), got {type(obj).__name__}")
-    base, kind, entries, options = obj
-    if kind == PICKLED:
-        if not all(isinstance(e, bytes) for e in entries):
-            raise ValueError("a chunk of pickled tasks holds something other than bytes")
-        entries = [pickle.loads(e) for e in entries]
-        if not all(isinstance(e, tuple) and len(e) >= 2 for e in entries):
-            raise ValueError("a pickled task is not a task tuple")
-        return base, TASKS, entries, options
-    return obj
 
 
 def dumps_results(
@@ -371,7 +157,7 @@ def _error(message: str) -> ErrorInfo:
 
 def _dumps_results(base_task_id: int, values: list[Any], errors: dict[int, ErrorInfo], key: bytes | None) -> bytes:
     try:
-        if len(values) <= _PLAIN_RESULTS and not errors and _scalars(values):
+        if len(values) <= _PLAIN_RESULTS and not errors and all_scalars(values):
             # A few scalars (a single task's result): the standard pickler is much cheaper to start.
             return seal(key, pickle.dumps((base_task_id, values, errors), protocol=PROTOCOL))
         return seal(key, cloudpickle.dumps((base_task_id, values, errors), protocol=PROTOCOL))

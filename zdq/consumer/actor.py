@@ -17,7 +17,7 @@ from zdq.consumer.base import ConsumerBaseClass
 from zdq.consumer.link import Link
 from zdq.consumer.runner import Counters, Runner
 from zdq.errors import PlacementError
-from zdq.serialization import TaskOptions
+from zdq.tasks import TaskOptions
 from zdq.stats import ConsumerStats
 from zdq.transport.security import ClientKeys
 

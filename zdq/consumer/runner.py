@@ -2,9 +2,11 @@
 
 A chunk runs in one of two ways. With ``max_concurrency`` 1 :meth:`Runner.execute` is called on the
 thread that owns the sockets (:mod:`zdq.consumer.link`), and :meth:`Runner._run_inline` runs the
-tasks in one tight loop: for a chunk of plain calls, nothing but the call per task. With
-``max_concurrency`` > 1 the execution thread (:meth:`Runner.exec_loop`) unpickles each chunk and
-fans its tasks out to :class:`_TaskThreads`; the last task of a chunk to end reports it.
+tasks in one tight loop, the one :func:`zdq.tasks.run_entries` gives for the chunk's kind: for a
+chunk of plain calls, nothing but the call per task. With ``max_concurrency`` > 1 the execution
+thread (:meth:`Runner.exec_loop`) unpickles each chunk and fans its tasks out to
+:class:`_TaskThreads`; the last task of a chunk to end reports it. The runner never looks inside a
+task: what a task is and how it is called is :mod:`zdq.tasks`'s.
 
 Whatever thread finishes a chunk hands its messages to the socket owner through ``post``. What to
 do after a failure (retry after which delay, fail, dead-letter) is decided by
@@ -31,17 +33,18 @@ from zdq._actor import as_dask_task
 from zdq.consumer.base import ConsumerBaseClass
 from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
 from zdq.errors import DeadLettered, TaskCancelled, TaskTimeout
-from zdq.serialization import (
-    CALLS,
+from zdq.serialization import PROTOCOL, ErrorInfo, dumps_results
+from zdq.tasks import (
     CANCELLED,
-    ITEMS,
-    ErrorInfo,
     TaskOptions,
+    callers,
     cancelled_entry,
-    dumps_chunk,
-    dumps_results,
     is_cancelled,
+    dumps_chunk,
     loads_chunk,
+    own_options,
+    run_entries,
+    split_chunk,
 )
 from zdq.transport import protocol as p
 
@@ -49,7 +52,6 @@ __all__ = ["Counters", "Runner"]
 
 logger = logging.getLogger(__name__)
 
-_PROTOCOL = 5
 #: Cancellations held for chunks not (yet) delivered here, at most.
 _MAX_CANCELS_HELD = 10_000
 
@@ -93,7 +95,7 @@ def _error_info(exc: BaseException) -> ErrorInfo:
     exc.__traceback__ = None  # frames do not pickle; the text above keeps them
     kind = type(exc)
     try:
-        pickle.loads(cloudpickle.dumps(exc, protocol=_PROTOCOL))
+        pickle.loads(cloudpickle.dumps(exc, protocol=PROTOCOL))
         sent: BaseException | None = exc
     except Exception:  # noqa: BLE001 - pickling and unpickling raise anything, from the user's own code too
         sent = None
@@ -253,6 +255,9 @@ class Runner:
     ) -> None:
         self.name = name
         self._handler = handler
+        self._process_item = handler.process_item
+        self._calls = callers(handler.process_item)  # how an entry of each kind is called
+        self._careful = self._run_careful  # bound once: chunk loops call it on failures
         self._post = post
         self._stop = stop
         self._fetching = fetching
@@ -348,7 +353,8 @@ class Runner:
             self._post(broker, p.Return(deliver.chunk_id))
             return
         try:
-            base, kind, tasks, options = loads_chunk(deliver.chunk, self._payload_key)
+            chunk = loads_chunk(deliver.chunk, self._payload_key)
+            base, kind, tasks, options = chunk
             if len(tasks) != deliver.n_tasks:
                 raise ValueError(f"chunk holds {len(tasks)} tasks, its header says {deliver.n_tasks}")
         except Exception as e:  # noqa: BLE001 - whatever a forged or broken chunk raises, it fails only its tasks
@@ -361,12 +367,10 @@ class Runner:
             return
         if deliver.attempt > 1 and len(tasks) > 1:
             # A consumer died holding this chunk. Split it so that a task that kills its
-            # consumer is tried alone, and the others are not dragged down with it.
-            key = self._payload_key
-            # (The broker carries the chunk's cancellations over to its parts.)
-            parts = [dumps_chunk(base + i, [task], key, kind, options) for i, task in enumerate(tasks)]
+            # consumer is tried alone, and the others are not dragged down with it. (The broker
+            # carries the chunk's cancellations over to its parts.)
             self._forget(deliver.chunk_id)
-            self._post(broker, p.Split(deliver.chunk_id, parts))
+            self._post(broker, p.Split(deliver.chunk_id, split_chunk(chunk, self._payload_key)))
             return
         run = _ChunkRun(broker, deliver.chunk_id, base, len(tasks), deliver.attempt - 1, kind, options)
         self._register(run, tasks)
@@ -377,39 +381,15 @@ class Runner:
             for i in range(len(tasks)):
                 pool.submit(self._run_one, run, i)
 
-    def _call(self, run: _ChunkRun, entry: Any) -> Any:
-        if run.kind == CALLS:
-            return entry[0](*entry[1:])
-        if run.kind == ITEMS or entry[0] is None:
-            if run.kind == ITEMS and is_cancelled(entry):
-                raise TaskCancelled("this task was cancelled before it started")
-            return self._handler.process_item(entry if run.kind == ITEMS else entry[1])
-        if len(entry) == 2:
-            return entry[0](*entry[1])
-        return entry[0](*entry[1], **(entry[2] or {}))
-
     def _run_inline(self, run: _ChunkRun, tasks: list[Any]) -> None:
-        values = run.values
-        careful = run.options is not None or run.crashes > 0
-        # The loop's iterator tells a cancellation which tasks have started (Runner.cancel).
-        run.cursor = tasks_left = enumerate(tasks)
-        if run.kind == CALLS and not careful:
-            # The hot loop of no-op benchmarks: nothing but the call, per task.
-            for i, c in tasks_left:
-                try:
-                    values[i] = c[0](*c[1:])
-                except BaseException as e:  # noqa: BLE001 - a task's failure is its result, whatever it raised
-                    self._run_careful(run, i, c, failed=e)
+        # The loop's iterator tells a cancellation which tasks have started (_ChunkRun.cancel).
+        run.cursor = numbered = enumerate(tasks)
+        if run.options is not None or run.crashes > 0:
+            for i, task in numbered:
+                self._run_careful(run, i, task)
         else:
-            call = self._call
-            for i, task in tasks_left:
-                if careful or (run.kind == 0 and len(task) > 3):
-                    self._run_careful(run, i, task)
-                    continue
-                try:
-                    values[i] = call(run, task)
-                except BaseException as e:  # noqa: BLE001 - the same
-                    self._run_careful(run, i, task, failed=e)
+            # The kind's own loop: for a chunk of plain calls, nothing but the call per task.
+            run_entries(run.kind)(numbered, run.values, self._process_item, self._careful, run)
         self._finish(run)
 
     def _run_one(self, run: _ChunkRun, i: int) -> None:
@@ -420,12 +400,12 @@ class Runner:
                 if started[i] == 2:
                     task = cancelled_entry(run.kind)
                 started[i] = 1
-        if run.options is not None or run.crashes or (run.kind == 0 and len(task) > 3):
+        if run.options is not None or run.crashes or own_options(run.kind, task) is not None:
             self._run_careful(run, i, task)
         else:
             try:
-                run.values[i] = self._call(run, task)
-            except BaseException as e:  # noqa: BLE001 - the same
+                run.values[i] = self._calls[run.kind](task)
+            except BaseException as e:  # noqa: BLE001 - a task's failure is its result, whatever it raised
                 self._run_careful(run, i, task, failed=e)
         with run.lock:
             run.remaining -= 1
@@ -434,9 +414,8 @@ class Runner:
             self._finish(run)
 
     def _options(self, run: _ChunkRun, task: Any) -> TaskOptions:
-        if run.kind == 0 and len(task) > 3 and isinstance(task[3], TaskOptions):
-            return task[3]
-        return run.options or self._defaults
+        options = own_options(run.kind, task)
+        return options if options is not None else run.options or self._defaults
 
     def _run_careful(
         self, run: _ChunkRun, i: int, task: tuple[Any, ...], failed: BaseException | None = None
@@ -498,13 +477,14 @@ class Runner:
             run.errors[i] = info
 
     def _call_limited(self, run: _ChunkRun, task: Any, limit: float | None, tid: int) -> Any:
+        call = self._calls[run.kind]
         if limit is None:
-            return self._call(run, task)
+            return call(task)
         box: dict[str, Any] = {}
 
         def target() -> None:
             try:
-                box["value"] = self._call(run, task)
+                box["value"] = call(task)
             except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
                 box["error"] = e
 
