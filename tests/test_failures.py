@@ -166,6 +166,22 @@ def test_a_task_past_its_time_limit_fails_and_its_consumer_recovers(client3: Cli
         assert after.result(timeout=2) == 3
 
 
+@pytest.mark.parametrize("max_concurrency", [1, 3])
+def test_a_consumer_pools_time_limit_applies_to_every_task_without_its_own(client3: Client, max_concurrency: int) -> None:
+    with (
+        QueuePool(client3, 1) as queue_pool,
+        ConsumerPool(client3, queue_pool, max_concurrency=max_concurrency, time_limit="300ms", start=True),
+    ):
+        single = queue_pool.submit(sleep, 3.0)
+        batch = queue_pool.batch_submit([(sleep, 3.0), (add, 1, 2)])
+        own = queue_pool.submit(sleep, 0.6, time_limit=5)  # its own limit wins
+        assert isinstance(single.exception(timeout=30), TaskTimeout)
+        with pytest.raises(BatchError) as info:
+            batch.result(timeout=30)
+        assert isinstance(info.value.errors[0], TaskTimeout) and info.value.values[1] == 3
+        assert own.result(timeout=30) == 0.6
+
+
 def test_early_ack_consumers_run_everything_once(client3: Client) -> None:
     with QueuePool(client3, 2) as queue_pool:
         with ConsumerPool(client3, queue_pool, n_consumers=2, early_ack=True) as consumers:

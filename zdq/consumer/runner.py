@@ -264,6 +264,8 @@ class Runner:
         self._counters = counters
         self._max_concurrency = max_concurrency
         self._defaults = defaults
+        # A time limit for every task (the ConsumerPool's): no task may take the fast path.
+        self._limited = defaults.time_limit is not None
         self._crash_attempts = crash_attempts
         self._payload_key = payload_key
         self._max_bytes = max_bytes  # most bytes of results a DONE may carry (the sockets drop more)
@@ -384,7 +386,7 @@ class Runner:
     def _run_inline(self, run: _ChunkRun, tasks: list[Any]) -> None:
         # The loop's iterator tells a cancellation which tasks have started (_ChunkRun.cancel).
         run.cursor = numbered = enumerate(tasks)
-        if run.options is not None or run.crashes > 0:
+        if run.options is not None or run.crashes > 0 or self._limited:
             for i, task in numbered:
                 self._run_careful(run, i, task)
         else:
@@ -400,7 +402,7 @@ class Runner:
                 if started[i] == 2:
                     task = cancelled_entry(run.kind)
                 started[i] = 1
-        if run.options is not None or run.crashes or own_options(run.kind, task) is not None:
+        if run.options is not None or run.crashes or self._limited or own_options(run.kind, task) is not None:
             self._run_careful(run, i, task)
         else:
             try:
