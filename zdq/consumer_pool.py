@@ -16,6 +16,7 @@ from zdq.config import seconds_or_none
 from zdq.consumer import Consumer, ConsumerBaseClass, GeneralConsumer
 from zdq.driver import NO_CONSUMER
 from zdq.errors import ClosedError, NoConsumers, PlacementError, ZdqTimeoutError
+from zdq.names import consumer_names
 from zdq.queue_pool import QueuePool
 from zdq.stats import ConsumerStats
 from zdq.transport.sockets import new_identity
@@ -130,7 +131,7 @@ class ConsumerPool:
             # consumer takes is a chunk, cut by the submitter; so this caps the chunks of what is
             # submitted from now on.
             queue_pool.consumer_batch_size = batch_size
-        self.names = [f"{ConsumerClass.__name__}-{i}" for i in range(n_consumers)]
+        self.names = consumer_names(ConsumerClass.__name__, n_consumers)
         self._allowed_workers = list(workers) if workers is not None else None
         self._placed_on: dict[int, str] = {}
         # Every identity each consumer slot had: a replacement gets a new one, results keep all.
@@ -248,19 +249,23 @@ class ConsumerPool:
         Each consumer is told on its own: one on a dead worker (replaced, with the current
         endpoints, by the supervisor) never keeps the others uninformed.
         """
-        with self._lock:
-            consumers = [c for c in self._consumers if c is not None]
+        queue = self.queue_pool.queue_names[broker]
         calls = []
-        for consumer in consumers:
+        for name, consumer in self._live():
             try:
-                calls.append(consumer.set_endpoint(broker, endpoint))
+                calls.append((name, consumer.set_endpoint(broker, endpoint)))
             except Exception as e:
-                logger.debug("pointing a consumer at the new broker failed: %s", e)
-        for call in calls:
+                logger.debug("pointing consumer %s at queue %s failed: %s", name, queue, e)
+        for name, call in calls:
             try:
                 call.result(timeout=30)
             except Exception as e:  # a lost consumer is replaced with the new endpoints anyway
-                logger.debug("pointing a consumer at the new broker failed: %s", e)
+                logger.debug("pointing consumer %s at queue %s failed: %s", name, queue, e)
+
+    def _live(self) -> list[tuple[str, Any]]:
+        """``(name, actor)`` of every consumer placed now."""
+        with self._lock:
+            return [(name, c) for name, c in zip(self.names, self._consumers) if c is not None]
 
     def _ensure_supervisor(self) -> None:
         if self._supervisor is None:
@@ -268,7 +273,7 @@ class ConsumerPool:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ClosedError("consumer pool is closed")
+            raise ClosedError(f"the consumer pool of queue pool {self.queue_pool.name} is closed")
 
     # -- daskqueue API --------------------------------------------------------------------------
     def start(self) -> None:
@@ -288,20 +293,18 @@ class ConsumerPool:
 
     def _each(self, method: str, *args: Any, timeout: float = 30.0) -> None:
         """Call ``method`` on every consumer at once; a lost one is skipped (and replaced)."""
-        with self._lock:
-            consumers = [c for c in self._consumers if c is not None]
         calls = []
-        for consumer in consumers:
+        for name, consumer in self._live():
             try:
-                calls.append(getattr(consumer, method)(*args))
+                calls.append((name, getattr(consumer, method)(*args)))
             except Exception as e:  # its worker is gone
-                logger.debug("%s on a consumer failed: %s", method, e)
-        for call in calls:
+                logger.debug("%s on consumer %s failed: %s", method, name, e)
+        for name, call in calls:
             try:
                 call.result(timeout=timeout)
             except Exception as e:
                 # Lost or unhealthy consumers are replaced by the supervisor, with what they missed.
-                (logger.warning if method == "start" else logger.debug)("%s on a consumer failed: %s", method, e)
+                (logger.warning if method == "start" else logger.debug)("%s on consumer %s failed: %s", method, name, e)
 
     def join(
         self,
@@ -470,16 +473,16 @@ class ConsumerPool:
         if self._supervisor is not None:
             self._supervisor.join(10)
         stops = []
-        for consumer in [c for c in self._consumers if c is not None]:
+        for name, consumer in self._live():
             try:
-                stops.append(consumer.stop())
+                stops.append((name, consumer.stop()))
             except Exception as e:
-                logger.debug("stopping a consumer failed: %s", e)
-        for call in stops:
+                logger.debug("stopping consumer %s failed: %s", name, e)
+        for name, call in stops:
             try:
                 call.result(timeout=15)
             except Exception as e:
-                logger.debug("stopping a consumer failed: %s", e)
+                logger.debug("stopping consumer %s failed: %s", name, e)
         for fut in self._actor_futures:
             if fut is not None:
                 fut.release()

@@ -55,6 +55,7 @@ from zdq.errors import (
     ZdqTimeoutError,
 )
 from zdq.futures import BatchFuture, CallbackRunner, TaskFuture
+from zdq.names import driver_name, queue_name
 from zdq.reporting import FailureLog
 from zdq.serialization import PICKLED, error_to_exception, loads_results, pack_chunks
 from zdq.stats import DriverStats
@@ -185,11 +186,14 @@ class Driver:
         identity: bytes | None = None,
         hint: Callable[[], str] | None = None,
     ) -> None:
-        self.name = name
+        self.name = name  # the pool's
+        #: The name this driver announces to the brokers (their statistics show it, not the
+        #: driver's identity bytes): unique to this driver, for a pool may have several producers.
+        self.driver_name = driver_name(name)
         self._keys = keys
         self.payload_key = payload_key
         self.identity = identity or new_identity()
-        self._queue_names = queue_names or [f"{name}-queue-{i}" for i in range(len(endpoints))]
+        self._queue_names = queue_names or [queue_name(name, i) for i in range(len(endpoints))]
         self._settings = settings
         self._keep_results = keep_results
         self._cond = threading.Condition()
@@ -494,7 +498,7 @@ class Driver:
     def _run(self, ready: threading.Event) -> None:
         assert self._ctx is not None and self._waker is not None
         self._callbacks.adopt_current_thread()
-        hello = p.encode(p.Hello(p.Role.DRIVER, self.name.encode()[:256]))
+        hello = p.encode(p.Hello(p.Role.DRIVER, self.driver_name.encode()[:256]))
         links = BrokerLinks(
             self._ctx, self.identity, hello, keys=self._keys, max_message_size=self._settings.max_message_size
         )
@@ -505,7 +509,7 @@ class Driver:
             self._serve(links, self._waker)
         except BaseException as e:
             self._error = e
-            logger.exception("driver of %s failed", self.name)
+            logger.exception("%s failed", self.driver_name)
         finally:
             ready.set()
             links.close(farewell=p.encode(p.Bye()))
@@ -587,7 +591,7 @@ class Driver:
             n = self._fail_confirmed(
                 broker, BrokerLost(f"queue {self._queue_names[broker]} was lost with its worker; this task lived only in its memory")
             )
-            logger.warning("driver %s: %d tasks of lost queue %s failed with BrokerLost", self.name, n, self._queue_names[broker])
+            logger.warning("%s: %d tasks of lost queue %s failed with BrokerLost", self.driver_name, n, self._queue_names[broker])
 
     def _requeue_unconfirmed(self, broker: int) -> None:
         """Chunks sent to ``broker`` and not confirmed go first in line again, for any broker."""
@@ -601,7 +605,7 @@ class Driver:
             link.unconfirmed = 0
             self._cond.notify_all()
         if again:
-            logger.info("driver %s: %d unconfirmed chunks of queue %s will be sent again", self.name, len(again), self._queue_names[broker])
+            logger.info("%s: %d unconfirmed chunks of queue %s will be sent again", self.driver_name, len(again), self._queue_names[broker])
 
     def _fail_confirmed(self, broker: int, exc: BaseException) -> int:
         with self._cond:
@@ -769,12 +773,12 @@ class Driver:
             elif type(msg) is p.Lost:
                 self._on_lost(msg)
             elif type(msg) is p.Bye:
-                logger.info("driver %s: queue %s is shutting down", self.name, self._queue_names[link.index])
+                logger.info("%s: queue %s is shutting down", self.driver_name, self._queue_names[link.index])
             else:
                 raise ProtocolError(f"{type(msg).__name__} is not accepted by a driver")
         except Exception as e:
             self._bad += 1
-            logger.warning("driver %s dropped a message from queue %s: %s", self.name, self._queue_names[link.index], e)
+            logger.warning("%s dropped a message from queue %s: %s", self.driver_name, self._queue_names[link.index], e)
         return None
 
     def _on_confirm(self, link: _Link, msg: p.Confirm) -> None:
@@ -814,7 +818,10 @@ class Driver:
             # here) fail their own tasks; the broker may forget the chunk: running it again would
             # give the same bytes.
             self._bad += 1
-            logger.warning("driver %s: results of chunk %d do not decode: %r", self.name, msg.chunk_id, e)
+            logger.warning(
+                "%s: results of chunk %d from queue %s do not decode: %r",
+                self.driver_name, msg.chunk_id, self._queue_names[broker], e,
+            )
             failure: BaseException | None = e
         else:
             failure = None
@@ -864,7 +871,7 @@ class Driver:
             try:
                 self._settle_results(*settlement)
             except Exception:  # never the loop: this chunk's futures are settled by fail_missing
-                logger.exception("driver %s could not settle the results of a chunk", self.name)
+                logger.exception("%s could not settle the results of a chunk", self.driver_name)
                 rec = settlement[0]
                 if rec is not None:
                     self._finish_record(rec, self._fail(rec, ZdqError("zdq could not settle this task's result")), 0)
@@ -953,7 +960,7 @@ class Driver:
             self._failed += n
             self._cond.notify_all()
         if n:
-            logger.warning("driver %s: %d tasks acknowledged early were lost with queue %s", self.name, n, self._queue_names[broker])
+            logger.warning("%s: %d tasks acknowledged early were lost with queue %s", self.driver_name, n, self._queue_names[broker])
 
     def _on_lost(self, msg: p.Lost) -> None:
         with self._cond:

@@ -45,6 +45,7 @@ from zdq import registry
 from zdq.transport import protocol as p
 from zdq.transport.sockets import new_identity
 from zdq.futures import BatchFuture, TaskFuture
+from zdq.names import queue_name
 from zdq.serialization import CALLS, ITEMS, Task, TaskOptions, dumps_task, pack_chunks
 from zdq.stats import BrokerStats, PoolStats
 from zdq.transport.security import ClientKeys, PoolKeys
@@ -204,7 +205,8 @@ class QueuePool:
         #: The batch size of this pool's ConsumerPool (daskqueue's batch_size): caps the chunks
         #: submitted from then on, so that a consumer takes at most that many tasks at once.
         self.consumer_batch_size: int | None = None
-        self.queue_names = [f"{self.name}-queue-{i}" for i in range(n_queues)]
+        #: Each queue's name (see :func:`zdq.names.queue_name`): the keys of get_queue_size().
+        self.queue_names = [queue_name(self.name, i) for i in range(n_queues)]
         self._allowed_workers = list(workers) if workers is not None else None
         self.auth = bool(config.get("auth")) if auth is None else bool(auth)
         self._keys: PoolKeys | None = None
@@ -543,7 +545,7 @@ class QueuePool:
             try:
                 listener.on_broker_moved(i, endpoint)
             except Exception as e:  # one listener's failure never keeps the others uninformed
-                logger.warning("telling %r that queue %s moved failed: %s", listener, name, e)
+                logger.warning("telling %s that queue %s moved failed: %s", type(listener).__name__, name, e)
         return None
 
     def _follow_owner(self, driver: Driver) -> None:
@@ -568,7 +570,9 @@ class QueuePool:
                     try:
                         listener.on_broker_moved(i, new)
                     except Exception as e:
-                        logger.warning("telling %r that queue %s moved failed: %s", listener, self.queue_names[i], e)
+                        logger.warning(
+                            "telling %s that queue %s moved failed: %s", type(listener).__name__, self.queue_names[i], e
+                        )
         self._record = record
 
     def _unrecoverable(self, i: int, error: Exception) -> None:
@@ -605,16 +609,16 @@ class QueuePool:
 
     def _release_actors(self) -> None:
         stops = []
-        for broker in self._brokers:
+        for name, broker in zip(self.queue_names, self._brokers):
             try:
-                stops.append(broker.stop())
+                stops.append((name, broker.stop()))
             except Exception as e:  # the worker may be gone already
-                logger.debug("stopping a broker of %s failed: %s", self.name, e)
-        for fut in stops:
+                logger.debug("stopping the broker of queue %s failed: %s", name, e)
+        for name, fut in stops:
             try:
                 fut.result(timeout=10)
             except Exception as e:
-                logger.debug("stopping a broker of %s failed: %s", self.name, e)
+                logger.debug("stopping the broker of queue %s failed: %s", name, e)
         for fut in self._actor_futures:
             fut.release()
         self._actor_futures.clear()
@@ -961,14 +965,18 @@ class QueuePool:
         """The driver's counters, and the statistics of every queue that answers (a queue that is
         down is left out of ``brokers``; ``driver.links_down`` counts it)."""
         brokers = [] if self._record is not None else self._broker_statistics(timeout)
-        return PoolStats(self.driver.statistics(), [b for b in brokers if isinstance(b, BrokerStats)])
+        return PoolStats(self.driver.statistics(), [b for b in brokers if isinstance(b, BrokerStats)], self.name)
 
     def queue_status(self, timeout: float = 10.0) -> list[p.QueueStatus | None]:
         """Each queue's counts, asked over the data plane (``None`` for a queue that is down)."""
         return self.driver.queue_status(timeout)
 
     def get_queue_size(self, timeout: float = 30.0) -> dict[str, int]:
-        """Tasks pending (stored, not yet acknowledged) in each queue, by queue name.
+        """Tasks pending (stored, not yet acknowledged) in each queue, by queue name
+        (``<pool name>-queue-<i>``, as in :attr:`queue_names`, reprs, statistics and logs).
+
+        daskqueue keyed this by its queue actors (whose repr was their Dask key); zdq's queues are
+        not actors a user holds, and a name reads the same in every process and after a restart.
 
         Raises
         ------

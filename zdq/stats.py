@@ -9,7 +9,12 @@ __all__ = ["BrokerStats", "ConsumerStats", "DriverStats", "PoolStats"]
 
 @dataclass(frozen=True)
 class BrokerStats:
-    """A broker's counters, taken in one actor call."""
+    """A broker's counters, taken in one actor call.
+
+    ``name`` is the queue's name; ``routed_tasks`` counts the tasks whose results went to each
+    driver, by the name the driver announced (``queue_pool.driver.driver_name``);
+    ``consumer_names`` are the consumers connected now, by the names their ConsumerPool gave them.
+    """
 
     name: str
     endpoint: str
@@ -34,7 +39,8 @@ class BrokerStats:
     tasks_dead_lettered: int
     consumers: int
     drivers: int
-    routed_tasks: dict[bytes, int] = field(default_factory=dict)
+    routed_tasks: dict[str, int] = field(default_factory=dict)
+    consumer_names: tuple[str, ...] = ()
 
     @property
     def pending_tasks(self) -> int:
@@ -73,3 +79,4 @@ class DriverStats:
 class PoolStats:
     driver: DriverStats
     brokers: list[BrokerStats]
+    name: str = ""  # the pool's
