@@ -16,7 +16,7 @@ from zdq.config import seconds_or_none
 from zdq.consumer import Consumer, ConsumerBaseClass, GeneralConsumer
 from zdq.driver import NO_CONSUMER
 from zdq.errors import ClosedError, NoConsumers, PlacementError, ZdqTimeoutError
-from zdq.names import consumer_names
+from zdq.names import consumer_names, counted
 from zdq.queue_pool import QueuePool
 from zdq.stats import ConsumerStats
 from zdq.transport.sockets import new_identity
@@ -450,17 +450,28 @@ class ConsumerPool:
     def __getitem__(self, index: int) -> Any:
         return self._consumers[index]
 
+    #: Past this many consumers, a repr shows their total instead of one line each.
+    _REPR_CONSUMERS = 8
+
     def __repr__(self) -> str:
+        """What this process knows, asking no consumer: the results that reached it from each
+        (a repr never waits on the cluster; ``statistics()`` asks the consumers)."""
+        consumers = counted(self.n_consumers, f"{self.consumer_class.__name__} consumer")
+        head = f"ConsumerPool of {self.queue_pool.name}: {consumers}"
         if self._closed:
-            return f"Consumers : {self.n_consumers} Consumers(s), closed"
-        try:
-            driver = self.queue_pool.driver
-            lines = [
-                f"\n\t{name}: {driver.done_count(idents)} processed" for name, idents in zip(self.names, self._identities)
-            ]
-        except ClosedError:
-            lines = []
-        return f"Consumers : {self.n_consumers} Consumers(s)" + "".join(lines)
+            return f"{head}, closed"
+        state = "running" if self._running else "idle (call start())"
+        if self.replacements:
+            state += f", {self.replacements} replaced"
+        driver = self.queue_pool._driver
+        if self.queue_pool._closed or driver is None:
+            return f"{head}, {state}; its queue pool is closed"
+        done = [driver.done_count(idents) for idents in self._identities]
+        if self.n_consumers > self._REPR_CONSUMERS:
+            lines = [f"{sum(done)} tasks processed"]
+        else:
+            lines = [f"{name}: {n} processed" for name, n in zip(self.names, done)]
+        return f"{head}, {state}" + "".join(f"\n\t{line}" for line in lines)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:

@@ -58,7 +58,7 @@ from zdq.futures import BatchFuture, CallbackRunner, TaskFuture
 from zdq.names import driver_name, queue_name
 from zdq.reporting import FailureLog
 from zdq.serialization import PICKLED, error_to_exception, loads_results, pack_chunks
-from zdq.stats import DriverStats
+from zdq.stats import DriverStats, QueueState
 from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import BrokerLinks, Waker, new_identity, process_context, recv_ready, try_send
@@ -208,7 +208,9 @@ class Driver:
         self._error: BaseException | None = None
         self._closed_by: BaseException | None = None  # why the driver stopped taking work
         self._statuses: dict[int, dict[int, p.QueueStatus]] = {}  # token -> broker -> reply
-        self._links_up = [True] * len(endpoints)  # a copy of the links' states, for callers
+        self._link_states = [LinkState.UP] * len(endpoints)  # a copy of the links' states, for callers
+        # Each queue's last answer to a count (a STATUS), and when: reprs show it, never ask.
+        self._last_counts: list[tuple[p.QueueStatus, float] | None] = [None] * len(endpoints)
         self._results: defaultdict[bytes, dict[int, Any]] = defaultdict(dict)
         self._done_by: defaultdict[bytes, int] = defaultdict(int)
         self._submitted = 0
@@ -283,6 +285,11 @@ class Driver:
         with self._cond:
             self._completed += n + len(loose)
             self._failed += n + len(loose)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the driver takes no more work (closed, or stopped by :meth:`fail_all`)."""
+        return self._stop.is_set()
 
     def fail_all(self, exc: BaseException) -> None:
         """Stop taking work and fail every pending future with ``exc`` (the cluster was reset)."""
@@ -365,7 +372,7 @@ class Driver:
         self._check_open()
 
     def _why_full(self) -> str:
-        down = [self._queue_names[i] for i, up in enumerate(self._links_up) if not up]
+        down = self._queues_down()
         why = (
             f"the driver of pool {self.name} holds {self._buffered_chunks} chunks and "
             f"{self._buffered_bytes} bytes that its brokers have not confirmed"
@@ -428,7 +435,34 @@ class Driver:
     def links_up(self) -> list[bool]:
         """Which brokers the driver can reach now (a copy of the I/O thread's link states)."""
         with self._cond:
-            return list(self._links_up)
+            return [state is LinkState.UP for state in self._link_states]
+
+    def _queues_down(self) -> list[str]:
+        """The names of the queues not up (``_cond`` held)."""
+        return [name for name, state in zip(self._queue_names, self._link_states) if state is not LinkState.UP]
+
+    def queue_states(self) -> list[QueueState]:
+        """What this driver knows of each queue, asking none: its link's state, its tasks there
+        awaiting results, and the queue's last count. Cheap, and never blocks on a broker (reprs
+        use it); walks the chunks in flight, so it is not for a per-task path."""
+        now = time.monotonic()
+        with self._cond:
+            awaiting = [0] * len(self._links)
+            for rec in self._records.values():
+                if rec.broker >= 0:
+                    awaiting[rec.broker] += rec.remaining
+            out = []
+            for i, (name, state, last) in enumerate(zip(self._queue_names, self._link_states, self._last_counts)):
+                pending = None if last is None else last[0].ready_tasks + last[0].leased_tasks
+                ago = None if last is None else now - last[1]
+                out.append(QueueState(name, state.value, awaiting[i], pending, ago))
+            return out
+
+    @property
+    def unsent(self) -> int:
+        """Tasks submitted that no queue has been handed yet (coalescing, or waiting for room)."""
+        with self._cond:
+            return len(self._loose) + sum(r.remaining for r in self._queued)
 
     def broker_silence(self, broker: int) -> float:
         """Seconds since broker ``broker`` was last heard from."""
@@ -447,7 +481,7 @@ class Driver:
         deadline = time.monotonic() + timeout
         with self._cond:
             try:
-                while len(self._statuses[token]) < sum(self._links_up):
+                while len(self._statuses[token]) < self._link_states.count(LinkState.UP):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -486,7 +520,9 @@ class Driver:
                 chunks_unconfirmed=self._buffered_chunks,
                 chunks_outstanding=len(self._records),
                 bad_messages=self._bad,
-                links_down=self._links_up.count(False),
+                links_down=len(self._link_states) - self._link_states.count(LinkState.UP),
+                name=self.driver_name,
+                queues_down=tuple(self._queues_down()),
             )
 
     def _post(self, command: Callable[[BrokerLinks], None]) -> None:
@@ -576,7 +612,7 @@ class Driver:
     def _set_state(self, link: _Link, state: LinkState) -> None:
         link.state = state
         with self._cond:
-            self._links_up[link.index] = state is LinkState.UP
+            self._link_states[link.index] = state
             self._cond.notify_all()
 
     def _on_broker_lost(self, links: BrokerLinks, broker: int, memory_lost: bool) -> None:
@@ -933,15 +969,14 @@ class Driver:
 
     def _on_status(self, link: _Link, msg: p.QueueStatus) -> None:
         broker = self._reconciling.pop(msg.token, None)
-        if broker is not None:
-            if msg.missing:
-                self._lost_in_recovery(broker, set(msg.missing))
-            return
         with self._cond:
-            replies = self._statuses.get(msg.token)
+            self._last_counts[link.index] = (msg, time.monotonic())
+            replies = self._statuses.get(msg.token) if broker is None else None
             if replies is not None:
                 replies[link.index] = msg
                 self._cond.notify_all()
+        if broker is not None and msg.missing:
+            self._lost_in_recovery(broker, set(msg.missing))
 
     def _lost_in_recovery(self, broker: int, missing: set[int]) -> None:
         """The recovered queue does not hold these chunks: acknowledged early (at most once), their

@@ -137,6 +137,15 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
         except concurrent.futures.TimeoutError:
             raise self._timed_out(timeout, repr(self)) from None
 
+    def _state_text(self) -> str:
+        """``pending``, ``finished``, ``cancelled`` or ``failed: <error type>``: local, never waits."""
+        if not self.done():
+            return "pending"
+        if self.cancelled():
+            return "cancelled"
+        exc = concurrent.futures.Future.exception(self, 0)  # done: it does not wait (nor hint)
+        return "finished" if exc is None else f"failed: {type(exc).__name__}"
+
     _done_callbacks: list[Callable[[Any], object]]
 
     def _invoke_callbacks(self) -> None:
@@ -166,8 +175,7 @@ class TaskFuture(_Awaitable):
         self.key = key
 
     def __repr__(self) -> str:
-        state = "finished" if self.done() else "pending"
-        return f"<TaskFuture key={self.key} {state}>"
+        return f"<TaskFuture key={self.key} {self._state_text()}>"
 
 
 class BatchFuture(_Awaitable):
@@ -234,4 +242,10 @@ class BatchFuture(_Awaitable):
         self._fill(offset, [None] * n, dict.fromkeys(range(n), exc))
 
     def __repr__(self) -> str:
-        return f"<BatchFuture {len(self.keys)} tasks, {self.completed} done>"
+        n, failed = len(self.keys), len(self._errors)
+        span = f"keys={self.keys.start}..{self.keys.stop - 1}" if n else "no keys"
+        if not self.done():
+            return f"<BatchFuture {span} pending: {self.completed} of {n} done, {failed} failed>"
+        if failed:
+            return f"<BatchFuture {span} failed: {failed} of {n} tasks>"
+        return f"<BatchFuture {span} {self._state_text()}: {n} tasks>"

@@ -16,7 +16,7 @@ import socket
 import threading
 from collections.abc import Iterable
 
-__all__ = ["consumer_names", "driver_name", "queue_name", "queue_name_of", "sorted_by_name", "unnamed_peer"]
+__all__ = ["consumer_names", "counted", "driver_name", "queue_name", "queue_name_of", "sorted_by_name", "unnamed_peer"]
 
 _drivers_lock = threading.Lock()
 _drivers: collections.Counter[str] = collections.Counter()
@@ -76,3 +76,7 @@ def unnamed_peer(identity: bytes) -> str:
     connection: in practice, a peer that is not zdq's)."""
     return f"unnamed peer {identity[:4].hex()}"
 
+
+def counted(n: int, noun: str) -> str:
+    """``1 queue``, ``2 queues``: for reprs people read."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -45,7 +45,7 @@ from zdq import registry
 from zdq.transport import protocol as p
 from zdq.transport.sockets import new_identity
 from zdq.futures import BatchFuture, TaskFuture
-from zdq.names import queue_name
+from zdq.names import counted, queue_name
 from zdq.serialization import CALLS, ITEMS, Task, TaskOptions, dumps_task, pack_chunks
 from zdq.stats import BrokerStats, PoolStats
 from zdq.transport.security import ClientKeys, PoolKeys
@@ -1015,22 +1015,40 @@ class QueuePool:
             reasons.append("no consumer is running: call consumer_pool.start()")
         return "; ".join(reasons)
 
+    #: Past this many queues, a repr shows the queues that are not up, and a summary of the rest.
+    _REPR_QUEUES = 8
+
     def __repr__(self) -> str:
-        kind = "Durable" if self.durability is Durability.DURABLE else "Transient"
-        if self._closed or self._driver is None:
-            state = "closed" if self._closed else "not started"
-            return f"QueuePool : {self.n_queues} queue(s), {state}"
-        try:
-            self.flush(timeout=2)
-            statuses = self.queue_status(timeout=2)
-            lines = [
-                f"\n\t{kind}Queue-{name}: "
-                + ("down, being placed again" if s is None else f"{s.ready_tasks + s.leased_tasks} pending items")
-                for name, s in zip(self.queue_names, statuses)
-            ]
-        except Exception as e:  # a repr must not raise
-            lines = [f"\n\t(statistics unavailable: {e!r:.80})"]
-        return f"QueuePool : {self.n_queues} queue(s)" + "".join(lines)
+        """What this process knows, asking no broker: a repr never waits on the cluster (a stopped
+        or lost worker, a busy scheduler). ``get_queue_size()`` asks the queues."""
+        head = f"QueuePool {self.name}: {counted(self.n_queues, self.durability.value + ' queue')}"
+        driver = self._driver
+        if self._closed or driver is None:
+            return f"{head}, {'closed' if self._closed else 'not started'}"
+        if self.reset_by_restart:
+            state = "stopped (the cluster was restarted)"
+        elif driver.stopped:
+            state = "stopped (its owner closed the pool)" if self.attached else "stopped"
+        else:
+            state = "attached to its owner's queues" if self.attached else "running"
+        consumers = sum(pool.n_consumers for pool in self.consumer_pools())
+        head += f", {state}, {counted(consumers, 'consumer')} in this process"
+        stats = driver.statistics()
+        unsent = driver.unsent
+        lines = [
+            f"tasks: {stats.tasks_submitted} submitted"
+            + (f" ({unsent} not sent yet)" if unsent else "")
+            + f", {stats.tasks_completed} done, {stats.tasks_failed} failed"
+            + (f", and {stats.foreign_tasks} results of others' tasks" if stats.foreign_tasks else "")
+        ]
+        queues = driver.queue_states()
+        if len(queues) <= self._REPR_QUEUES:
+            lines += [q.describe() for q in queues]
+        else:
+            lines += [q.describe() for q in queues if q.state != "up"]
+            up = [q for q in queues if q.state == "up"]
+            lines.append(f"{len(up)} queues up, {sum(q.awaiting for q in up)} tasks awaiting results")
+        return head + "".join(f"\n\t{line}" for line in lines)
 
 
 _attached_lock = threading.Lock()
