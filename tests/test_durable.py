@@ -25,7 +25,7 @@ def test_the_daskqueue_durable_restart_flow_loses_nothing(client: Client, tmp_pa
     queue_pool.close()
     queue_pool = QueuePool(client, 2, durability="durable", dirpath=dirpath)
     assert queue_pool.get_queue_size() == {"default-queue-0": 50_000, "default-queue-1": 50_000}
-    assert "DurableQueue-default-queue-0: 50000 pending items" in repr(queue_pool)
+    assert "default-queue-0: up, 50000 pending (counted" in repr(queue_pool)
     consumer_pool = ConsumerPool(client, queue_pool, n_consumers=4, batch_size=1000)
     consumer_pool.start()
     consumer_pool.join(progress=True, timeout=120)

@@ -41,13 +41,14 @@ def _inspect(args: argparse.Namespace) -> int:
     import os
 
     from zdq.errors import StorageCorrupt
+    from zdq.names import queue_name_of, sorted_by_name
     from zdq.storage.lmdb import inspect_queue, is_queue_dir
 
     root = args.dirpath
     if not os.path.isdir(root):
         print(f"zdq inspect: {root} is not a directory", file=sys.stderr)
         return 2
-    paths = [root] if is_queue_dir(root) else sorted(
+    paths = [root] if is_queue_dir(root) else sorted_by_name(
         os.path.join(root, n) for n in os.listdir(root) if is_queue_dir(os.path.join(root, n))
     )
     if not paths:
@@ -58,14 +59,14 @@ def _inspect(args: argparse.Namespace) -> int:
         try:
             reports.append(inspect_queue(path))
         except StorageCorrupt as e:
-            reports.append({"path": path, "error": str(e)})
+            reports.append({"name": queue_name_of(path), "path": path, "error": str(e)})
             status = 1
     if args.json:
         print(json.dumps(reports, indent=2))
         return status
     print(f"{'queue':<40} {'ready':>10} {'leased':>10} {'dead':>8} {'size':>12}")
     for r in reports:
-        name = os.path.basename(str(r["path"]))
+        name = r["name"]  # as its pool shows it (repr, get_queue_size(), statistics)
         if "error" in r:
             print(f"{name:<40} error: {r['error']}")
         else:

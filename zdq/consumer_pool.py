@@ -16,6 +16,7 @@ from zdq.config import seconds_or_none
 from zdq.consumer import Consumer, ConsumerBaseClass, GeneralConsumer
 from zdq.driver import NO_CONSUMER
 from zdq.errors import ClosedError, NoConsumers, PlacementError, ZdqTimeoutError
+from zdq.names import consumer_names, counted
 from zdq.queue_pool import QueuePool
 from zdq.stats import ConsumerStats
 from zdq.transport.sockets import new_identity
@@ -130,7 +131,7 @@ class ConsumerPool:
             # consumer takes is a chunk, cut by the submitter; so this caps the chunks of what is
             # submitted from now on.
             queue_pool.consumer_batch_size = batch_size
-        self.names = [f"{ConsumerClass.__name__}-{i}" for i in range(n_consumers)]
+        self.names = consumer_names(ConsumerClass.__name__, n_consumers)
         self._allowed_workers = list(workers) if workers is not None else None
         self._placed_on: dict[int, str] = {}
         # Every identity each consumer slot had: a replacement gets a new one, results keep all.
@@ -248,19 +249,23 @@ class ConsumerPool:
         Each consumer is told on its own: one on a dead worker (replaced, with the current
         endpoints, by the supervisor) never keeps the others uninformed.
         """
-        with self._lock:
-            consumers = [c for c in self._consumers if c is not None]
+        queue = self.queue_pool.queue_names[broker]
         calls = []
-        for consumer in consumers:
+        for name, consumer in self._live():
             try:
-                calls.append(consumer.set_endpoint(broker, endpoint))
+                calls.append((name, consumer.set_endpoint(broker, endpoint)))
             except Exception as e:
-                logger.debug("pointing a consumer at the new broker failed: %s", e)
-        for call in calls:
+                logger.debug("pointing consumer %s at queue %s failed: %s", name, queue, e)
+        for name, call in calls:
             try:
                 call.result(timeout=30)
             except Exception as e:  # a lost consumer is replaced with the new endpoints anyway
-                logger.debug("pointing a consumer at the new broker failed: %s", e)
+                logger.debug("pointing consumer %s at queue %s failed: %s", name, queue, e)
+
+    def _live(self) -> list[tuple[str, Any]]:
+        """``(name, actor)`` of every consumer placed now."""
+        with self._lock:
+            return [(name, c) for name, c in zip(self.names, self._consumers) if c is not None]
 
     def _ensure_supervisor(self) -> None:
         if self._supervisor is None:
@@ -268,7 +273,7 @@ class ConsumerPool:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ClosedError("consumer pool is closed")
+            raise ClosedError(f"the consumer pool of queue pool {self.queue_pool.name} is closed")
 
     # -- daskqueue API --------------------------------------------------------------------------
     def start(self) -> None:
@@ -288,20 +293,18 @@ class ConsumerPool:
 
     def _each(self, method: str, *args: Any, timeout: float = 30.0) -> None:
         """Call ``method`` on every consumer at once; a lost one is skipped (and replaced)."""
-        with self._lock:
-            consumers = [c for c in self._consumers if c is not None]
         calls = []
-        for consumer in consumers:
+        for name, consumer in self._live():
             try:
-                calls.append(getattr(consumer, method)(*args))
+                calls.append((name, getattr(consumer, method)(*args)))
             except Exception as e:  # its worker is gone
-                logger.debug("%s on a consumer failed: %s", method, e)
-        for call in calls:
+                logger.debug("%s on consumer %s failed: %s", method, name, e)
+        for name, call in calls:
             try:
                 call.result(timeout=timeout)
             except Exception as e:
                 # Lost or unhealthy consumers are replaced by the supervisor, with what they missed.
-                (logger.warning if method == "start" else logger.debug)("%s on a consumer failed: %s", method, e)
+                (logger.warning if method == "start" else logger.debug)("%s on consumer %s failed: %s", method, name, e)
 
     def join(
         self,
@@ -449,17 +452,28 @@ class ConsumerPool:
     def __getitem__(self, index: int) -> Any:
         return self._consumers[index]
 
+    #: Past this many consumers, a repr shows their total instead of one line each.
+    _REPR_CONSUMERS = 8
+
     def __repr__(self) -> str:
+        """What this process knows, asking no consumer: the results that reached it from each
+        (a repr never waits on the cluster; ``statistics()`` asks the consumers)."""
+        consumers = counted(self.n_consumers, f"{self.consumer_class.__name__} consumer")
+        head = f"ConsumerPool of {self.queue_pool.name}: {consumers}"
         if self._closed:
-            return f"Consumers : {self.n_consumers} Consumers(s), closed"
-        try:
-            driver = self.queue_pool.driver
-            lines = [
-                f"\n\t{name}: {driver.done_count(idents)} processed" for name, idents in zip(self.names, self._identities)
-            ]
-        except ClosedError:
-            lines = []
-        return f"Consumers : {self.n_consumers} Consumers(s)" + "".join(lines)
+            return f"{head}, closed"
+        state = "running" if self._running else "idle (call start())"
+        if self.replacements:
+            state += f", {self.replacements} replaced"
+        driver = self.queue_pool._driver
+        if self.queue_pool._closed or driver is None:
+            return f"{head}, {state}; its queue pool is closed"
+        done = [driver.done_count(idents) for idents in self._identities]
+        if self.n_consumers > self._REPR_CONSUMERS:
+            lines = [f"{sum(done)} tasks processed"]
+        else:
+            lines = [f"{name}: {n} processed" for name, n in zip(self.names, done)]
+        return f"{head}, {state}" + "".join(f"\n\t{line}" for line in lines)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -472,16 +486,16 @@ class ConsumerPool:
         if self._supervisor is not None:
             self._supervisor.join(10)
         stops = []
-        for consumer in [c for c in self._consumers if c is not None]:
+        for name, consumer in self._live():
             try:
-                stops.append(consumer.stop())
+                stops.append((name, consumer.stop()))
             except Exception as e:
-                logger.debug("stopping a consumer failed: %s", e)
-        for call in stops:
+                logger.debug("stopping consumer %s failed: %s", name, e)
+        for name, call in stops:
             try:
                 call.result(timeout=15)
             except Exception as e:
-                logger.debug("stopping a consumer failed: %s", e)
+                logger.debug("stopping consumer %s failed: %s", name, e)
         for fut in self._actor_futures:
             if fut is not None:
                 fut.release()

@@ -59,9 +59,10 @@ from zdq.errors import (
     ZdqTimeoutError,
 )
 from zdq.futures import BatchFuture, CallbackRunner, TaskFuture
+from zdq.names import driver_name, queue_name
 from zdq.reporting import FailureLog
 from zdq.serialization import error_to_exception, loads_results
-from zdq.stats import DriverStats
+from zdq.stats import DriverStats, QueueState
 from zdq.tasks import CANCELLED, cancel_in_chunk
 from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
@@ -227,11 +228,14 @@ class Driver:
         identity: bytes | None = None,
         hint: Callable[[], str] | None = None,
     ) -> None:
-        self.name = name
+        self.name = name  # the pool's
+        #: The name this driver announces to the brokers (their statistics show it, not the
+        #: driver's identity bytes): unique to this driver, for a pool may have several producers.
+        self.driver_name = driver_name(name)
         self._keys = keys
         self.payload_key = payload_key
         self.identity = identity or new_identity()
-        self._queue_names = queue_names or [f"{name}-queue-{i}" for i in range(len(endpoints))]
+        self._queue_names = queue_names or [queue_name(name, i) for i in range(len(endpoints))]
         self._settings = settings
         self._chunking = Chunking.of(settings)
         self._keep_results = keep_results
@@ -247,7 +251,9 @@ class Driver:
         self._error: BaseException | None = None
         self._closed_by: BaseException | None = None  # why the driver stopped taking work
         self._statuses: dict[int, dict[int, p.QueueStatus]] = {}  # token -> broker -> reply
-        self._links_up = [True] * len(endpoints)  # a copy of the links' states, for callers
+        self._link_states = [LinkState.UP] * len(endpoints)  # a copy of the links' states, for callers
+        # Each queue's last answer to a count (a STATUS), and when: reprs show it, never ask.
+        self._last_counts: list[tuple[p.QueueStatus, float] | None] = [None] * len(endpoints)
         self._results: defaultdict[bytes, dict[int, Any]] = defaultdict(dict)
         self._done_by: defaultdict[bytes, int] = defaultdict(int)
         self._submitted = 0
@@ -327,6 +333,11 @@ class Driver:
         with self._cond:
             self._completed += n + len(loose)
             self._failed += n + len(loose)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the driver takes no more work (closed, or stopped by :meth:`fail_all`)."""
+        return self._stop.is_set()
 
     def fail_all(self, exc: BaseException) -> None:
         """Stop taking work and fail every pending future with ``exc`` (the cluster was reset)."""
@@ -486,7 +497,7 @@ class Driver:
         self._check_open()
 
     def _why_full(self) -> str:
-        down = [self._queue_names[i] for i, up in enumerate(self._links_up) if not up]
+        down = self._queues_down()
         why = (
             f"the driver of pool {self.name} holds {self._buffered_chunks} chunks and "
             f"{self._buffered_bytes} bytes that its brokers have not confirmed"
@@ -549,7 +560,34 @@ class Driver:
     def links_up(self) -> list[bool]:
         """Which brokers the driver can reach now (a copy of the I/O thread's link states)."""
         with self._cond:
-            return list(self._links_up)
+            return [state is LinkState.UP for state in self._link_states]
+
+    def _queues_down(self) -> list[str]:
+        """The names of the queues not up (``_cond`` held)."""
+        return [name for name, state in zip(self._queue_names, self._link_states) if state is not LinkState.UP]
+
+    def queue_states(self) -> list[QueueState]:
+        """What this driver knows of each queue, asking none: its link's state, its tasks there
+        awaiting results, and the queue's last count. Cheap, and never blocks on a broker (reprs
+        use it); walks the chunks in flight, so it is not for a per-task path."""
+        now = time.monotonic()
+        with self._cond:
+            awaiting = [0] * len(self._links)
+            for rec in self._records.values():
+                if rec.broker >= 0:
+                    awaiting[rec.broker] += rec.remaining
+            out = []
+            for i, (name, state, last) in enumerate(zip(self._queue_names, self._link_states, self._last_counts)):
+                pending = None if last is None else last[0].ready_tasks + last[0].leased_tasks
+                ago = None if last is None else now - last[1]
+                out.append(QueueState(name, state.value, awaiting[i], pending, ago))
+            return out
+
+    @property
+    def unsent(self) -> int:
+        """Tasks submitted that no queue has been handed yet (coalescing, or waiting for room)."""
+        with self._cond:
+            return len(self._loose) + sum(r.remaining for r in self._queued)
 
     def broker_silence(self, broker: int) -> float:
         """Seconds since broker ``broker`` was last heard from."""
@@ -568,7 +606,7 @@ class Driver:
         deadline = time.monotonic() + timeout
         with self._cond:
             try:
-                while len(self._statuses[token]) < sum(self._links_up):
+                while len(self._statuses[token]) < self._link_states.count(LinkState.UP):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -608,7 +646,9 @@ class Driver:
                 chunks_unconfirmed=self._buffered_chunks,
                 chunks_outstanding=len(self._records),
                 bad_messages=self._bad,
-                links_down=self._links_up.count(False),
+                links_down=len(self._link_states) - self._link_states.count(LinkState.UP),
+                name=self.driver_name,
+                queues_down=tuple(self._queues_down()),
             )
 
     def _post(self, command: Callable[[BrokerLinks], None]) -> None:
@@ -620,7 +660,7 @@ class Driver:
     def _run(self, ready: threading.Event) -> None:
         assert self._ctx is not None and self._waker is not None
         self._callbacks.adopt_current_thread()
-        hello = p.encode(p.Hello(p.Role.DRIVER, self.name.encode()[:256]))
+        hello = p.encode(p.Hello(p.Role.DRIVER, self.driver_name.encode()[:256]))
         links = BrokerLinks(
             self._ctx, self.identity, hello, keys=self._keys, max_message_size=self._settings.max_message_size
         )
@@ -631,7 +671,7 @@ class Driver:
             self._serve(links, self._waker)
         except BaseException as e:
             self._error = e
-            logger.exception("driver of %s failed", self.name)
+            logger.exception("%s failed", self.driver_name)
         finally:
             ready.set()
             links.close(farewell=p.encode(p.Bye()))
@@ -698,7 +738,7 @@ class Driver:
     def _set_state(self, link: _Link, state: LinkState) -> None:
         link.state = state
         with self._cond:
-            self._links_up[link.index] = state is LinkState.UP
+            self._link_states[link.index] = state
             self._cond.notify_all()
 
     def _on_broker_lost(self, links: BrokerLinks, broker: int, memory_lost: bool) -> None:
@@ -713,7 +753,7 @@ class Driver:
             n = self._fail_confirmed(
                 broker, BrokerLost(f"queue {self._queue_names[broker]} was lost with its worker; this task lived only in its memory")
             )
-            logger.warning("driver %s: %d tasks of lost queue %s failed with BrokerLost", self.name, n, self._queue_names[broker])
+            logger.warning("%s: %d tasks of lost queue %s failed with BrokerLost", self.driver_name, n, self._queue_names[broker])
 
     def _requeue_unconfirmed(self, broker: int) -> None:
         """Chunks sent to ``broker`` and not confirmed go first in line again, for any broker."""
@@ -727,7 +767,7 @@ class Driver:
             link.unconfirmed = 0
             self._cond.notify_all()
         if again:
-            logger.info("driver %s: %d unconfirmed chunks of queue %s will be sent again", self.name, len(again), self._queue_names[broker])
+            logger.info("%s: %d unconfirmed chunks of queue %s will be sent again", self.driver_name, len(again), self._queue_names[broker])
 
     def _fail_confirmed(self, broker: int, exc: BaseException) -> int:
         with self._cond:
@@ -908,12 +948,12 @@ class Driver:
             elif type(msg) is p.Cancelled:
                 self._on_cancelled(msg)
             elif type(msg) is p.Bye:
-                logger.info("driver %s: queue %s is shutting down", self.name, self._queue_names[link.index])
+                logger.info("%s: queue %s is shutting down", self.driver_name, self._queue_names[link.index])
             else:
                 raise ProtocolError(f"{type(msg).__name__} is not accepted by a driver")
         except Exception as e:
             self._bad += 1
-            logger.warning("driver %s dropped a message from queue %s: %s", self.name, self._queue_names[link.index], e)
+            logger.warning("%s dropped a message from queue %s: %s", self.driver_name, self._queue_names[link.index], e)
         return None
 
     def _on_confirm(self, link: _Link, msg: p.Confirm) -> None:
@@ -954,7 +994,10 @@ class Driver:
             # here) fail their own tasks; the broker may forget the chunk: running it again would
             # give the same bytes.
             self._bad += 1
-            logger.warning("driver %s: results of chunk %d do not decode: %r", self.name, msg.chunk_id, e)
+            logger.warning(
+                "%s: results of chunk %d from queue %s do not decode: %r",
+                self.driver_name, msg.chunk_id, self._queue_names[broker], e,
+            )
             failure: BaseException | None = e
         else:
             failure = None
@@ -1005,7 +1048,7 @@ class Driver:
             try:
                 self._settle_results(*settlement)
             except Exception:  # never the loop: this chunk's futures are settled by fail_missing
-                logger.exception("driver %s could not settle the results of a chunk", self.name)
+                logger.exception("%s could not settle the results of a chunk", self.driver_name)
                 rec = settlement[0]
                 if rec is not None:
                     self._finish_record(rec, self._fail(rec, ZdqError("zdq could not settle this task's result")), 0)
@@ -1070,15 +1113,14 @@ class Driver:
 
     def _on_status(self, link: _Link, msg: p.QueueStatus) -> None:
         broker = self._reconciling.pop(msg.token, None)
-        if broker is not None:
-            if msg.missing:
-                self._lost_in_recovery(broker, set(msg.missing))
-            return
         with self._cond:
-            replies = self._statuses.get(msg.token)
+            self._last_counts[link.index] = (msg, time.monotonic())
+            replies = self._statuses.get(msg.token) if broker is None else None
             if replies is not None:
                 replies[link.index] = msg
                 self._cond.notify_all()
+        if broker is not None and msg.missing:
+            self._lost_in_recovery(broker, set(msg.missing))
 
     def _lost_in_recovery(self, broker: int, missing: set[int]) -> None:
         """The recovered queue does not hold these chunks: acknowledged early (at most once), their
@@ -1097,7 +1139,7 @@ class Driver:
             self._failed += n
             self._cond.notify_all()
         if n:
-            logger.warning("driver %s: %d tasks acknowledged early were lost with queue %s", self.name, n, self._queue_names[broker])
+            logger.warning("%s: %d tasks acknowledged early were lost with queue %s", self.driver_name, n, self._queue_names[broker])
 
     def _on_lost(self, msg: p.Lost) -> None:
         with self._cond:

@@ -180,6 +180,15 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
         except concurrent.futures.TimeoutError:
             raise self._timed_out(timeout, repr(self)) from None
 
+    def _state_text(self) -> str:
+        """``pending``, ``finished``, ``cancelled`` or ``failed: <error type>``: local, never waits."""
+        if not self.done():
+            return "pending"
+        if self.cancelled():
+            return "cancelled"
+        exc = concurrent.futures.Future.exception(self, 0)  # done: it does not wait (nor hint)
+        return "finished" if exc is None else f"failed: {type(exc).__name__}"
+
     _done_callbacks: list[Callable[[Any], object]]
 
     def _invoke_callbacks(self) -> None:
@@ -217,8 +226,7 @@ class TaskFuture(_Awaitable):
         return self._cancel_tasks(self.key, 1)
 
     def __repr__(self) -> str:
-        state = "cancelled" if self.cancelled() else "finished" if self.done() else "pending"
-        return f"<TaskFuture key={self.key} {state}>"
+        return f"<TaskFuture key={self.key} {self._state_text()}>"
 
 
 class BatchFuture(_Awaitable):
@@ -293,6 +301,10 @@ class BatchFuture(_Awaitable):
         return self._cancel_tasks(self.keys.start, len(self.keys))
 
     def __repr__(self) -> str:
-        if self.cancelled():
-            return f"<BatchFuture {len(self.keys)} tasks, cancelled>"
-        return f"<BatchFuture {len(self.keys)} tasks, {self.completed} done>"
+        n, failed = len(self.keys), len(self._errors)
+        span = f"keys={self.keys.start}..{self.keys.stop - 1}" if n else "no keys"
+        if not self.done():
+            return f"<BatchFuture {span} pending: {self.completed} of {n} done, {failed} failed>"
+        if failed and not self.cancelled():
+            return f"<BatchFuture {span} failed: {failed} of {n} tasks>"
+        return f"<BatchFuture {span} {self._state_text()}: {n} tasks>"

@@ -88,4 +88,8 @@ class QueueHandle:
         return self._broker().dead_letters()
 
     def __repr__(self) -> str:
-        return f"<QueueHandle {self.name}>"
+        """The queue's state as this process knows it, asking nothing (see ``QueuePool.__repr__``)."""
+        driver = self._pool._driver
+        if self._pool._closed or driver is None:
+            return f"<QueueHandle {self.name}: pool {'closed' if self._pool._closed else 'not started'}>"
+        return f"<QueueHandle {driver.queue_states()[self.index].describe()}>"

@@ -47,6 +47,7 @@ from zdq.transport import protocol as p
 from zdq.transport.sockets import new_identity
 from zdq.futures import BatchFuture, TaskFuture
 from zdq.chunking import Chunking
+from zdq.names import counted, queue_name
 from zdq.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
 from zdq.stats import BrokerStats, PoolStats
 from zdq.transport.security import ClientKeys, PoolKeys
@@ -200,7 +201,8 @@ class QueuePool:
         #: The batch size of this pool's ConsumerPool (daskqueue's batch_size): caps the chunks
         #: submitted from then on, so that a consumer takes at most that many tasks at once.
         self.consumer_batch_size: int | None = None
-        self.queue_names = [f"{self.name}-queue-{i}" for i in range(n_queues)]
+        #: Each queue's name (see :func:`zdq.names.queue_name`): the keys of get_queue_size().
+        self.queue_names = [queue_name(self.name, i) for i in range(n_queues)]
         self._allowed_workers = list(workers) if workers is not None else None
         self.auth = bool(config.get("auth")) if auth is None else bool(auth)
         self._keys: PoolKeys | None = None
@@ -539,7 +541,7 @@ class QueuePool:
             try:
                 listener.on_broker_moved(i, endpoint)
             except Exception as e:  # one listener's failure never keeps the others uninformed
-                logger.warning("telling %r that queue %s moved failed: %s", listener, name, e)
+                logger.warning("telling %s that queue %s moved failed: %s", type(listener).__name__, name, e)
         return None
 
     def _follow_owner(self, driver: Driver) -> None:
@@ -564,7 +566,9 @@ class QueuePool:
                     try:
                         listener.on_broker_moved(i, new)
                     except Exception as e:
-                        logger.warning("telling %r that queue %s moved failed: %s", listener, self.queue_names[i], e)
+                        logger.warning(
+                            "telling %s that queue %s moved failed: %s", type(listener).__name__, self.queue_names[i], e
+                        )
         self._record = record
 
     def _unrecoverable(self, i: int, error: Exception) -> None:
@@ -601,16 +605,16 @@ class QueuePool:
 
     def _release_actors(self) -> None:
         stops = []
-        for broker in self._brokers:
+        for name, broker in zip(self.queue_names, self._brokers):
             try:
-                stops.append(broker.stop())
+                stops.append((name, broker.stop()))
             except Exception as e:  # the worker may be gone already
-                logger.debug("stopping a broker of %s failed: %s", self.name, e)
-        for fut in stops:
+                logger.debug("stopping the broker of queue %s failed: %s", name, e)
+        for name, fut in stops:
             try:
                 fut.result(timeout=10)
             except Exception as e:
-                logger.debug("stopping a broker of %s failed: %s", self.name, e)
+                logger.debug("stopping the broker of queue %s failed: %s", name, e)
         for fut in self._actor_futures:
             fut.release()
         self._actor_futures.clear()
@@ -922,14 +926,18 @@ class QueuePool:
         """The driver's counters, and the statistics of every queue that answers (a queue that is
         down is left out of ``brokers``; ``driver.links_down`` counts it)."""
         brokers = [] if self._record is not None else self._broker_statistics(timeout)
-        return PoolStats(self.driver.statistics(), [b for b in brokers if isinstance(b, BrokerStats)])
+        return PoolStats(self.driver.statistics(), [b for b in brokers if isinstance(b, BrokerStats)], self.name)
 
     def queue_status(self, timeout: float = 10.0) -> list[p.QueueStatus | None]:
         """Each queue's counts, asked over the data plane (``None`` for a queue that is down)."""
         return self.driver.queue_status(timeout)
 
     def get_queue_size(self, timeout: float = 30.0) -> dict[str, int]:
-        """Tasks pending (stored, not yet acknowledged) in each queue, by queue name.
+        """Tasks pending (stored, not yet acknowledged) in each queue, by queue name
+        (``<pool name>-queue-<i>``, as in :attr:`queue_names`, reprs, statistics and logs).
+
+        daskqueue keyed this by its queue actors (whose repr was their Dask key); zdq's queues are
+        not actors a user holds, and a name reads the same in every process and after a restart.
 
         Raises
         ------
@@ -968,22 +976,40 @@ class QueuePool:
             reasons.append("no consumer is running: call consumer_pool.start()")
         return "; ".join(reasons)
 
+    #: Past this many queues, a repr shows the queues that are not up, and a summary of the rest.
+    _REPR_QUEUES = 8
+
     def __repr__(self) -> str:
-        kind = "Durable" if self.durability is Durability.DURABLE else "Transient"
-        if self._closed or self._driver is None:
-            state = "closed" if self._closed else "not started"
-            return f"QueuePool : {self.n_queues} queue(s), {state}"
-        try:
-            self.flush(timeout=2)
-            statuses = self.queue_status(timeout=2)
-            lines = [
-                f"\n\t{kind}Queue-{name}: "
-                + ("down, being placed again" if s is None else f"{s.ready_tasks + s.leased_tasks} pending items")
-                for name, s in zip(self.queue_names, statuses)
-            ]
-        except Exception as e:  # a repr must not raise
-            lines = [f"\n\t(statistics unavailable: {e!r:.80})"]
-        return f"QueuePool : {self.n_queues} queue(s)" + "".join(lines)
+        """What this process knows, asking no broker: a repr never waits on the cluster (a stopped
+        or lost worker, a busy scheduler). ``get_queue_size()`` asks the queues."""
+        head = f"QueuePool {self.name}: {counted(self.n_queues, self.durability.value + ' queue')}"
+        driver = self._driver
+        if self._closed or driver is None:
+            return f"{head}, {'closed' if self._closed else 'not started'}"
+        if self.reset_by_restart:
+            state = "stopped (the cluster was restarted)"
+        elif driver.stopped:
+            state = "stopped (its owner closed the pool)" if self.attached else "stopped"
+        else:
+            state = "attached to its owner's queues" if self.attached else "running"
+        consumers = sum(pool.n_consumers for pool in self.consumer_pools())
+        head += f", {state}, {counted(consumers, 'consumer')} in this process"
+        stats = driver.statistics()
+        unsent = driver.unsent
+        lines = [
+            f"tasks: {stats.tasks_submitted} submitted"
+            + (f" ({unsent} not sent yet)" if unsent else "")
+            + f", {stats.tasks_completed} done, {stats.tasks_failed} failed"
+            + (f", and {stats.foreign_tasks} results of others' tasks" if stats.foreign_tasks else "")
+        ]
+        queues = driver.queue_states()
+        if len(queues) <= self._REPR_QUEUES:
+            lines += [q.describe() for q in queues]
+        else:
+            lines += [q.describe() for q in queues if q.state != "up"]
+            up = [q for q in queues if q.state == "up"]
+            lines.append(f"{len(up)} queues up, {sum(q.awaiting for q in up)} tasks awaiting results")
+        return head + "".join(f"\n\t{line}" for line in lines)
 
 
 _attached_lock = threading.Lock()

@@ -1,15 +1,38 @@
-"""Typed statistics: what ``pool.statistics()`` returns, never printed, always inspectable."""
+"""Typed statistics: what ``pool.statistics()`` returns, never printed, always inspectable.
+
+Their reprs fit on a screen: a counter at zero is left out (the attribute is still there), and
+peers are shown by name (see :mod:`zdq.names`), never by their identity bytes.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-__all__ = ["BrokerStats", "ConsumerStats", "DriverStats", "PoolStats"]
+__all__ = ["BrokerStats", "ConsumerStats", "DriverStats", "PoolStats", "QueueState"]
 
 
-@dataclass(frozen=True)
-class BrokerStats:
-    """A broker's counters, taken in one actor call."""
+def _shown(value: Any) -> bool:
+    # Names, endpoints and flags always; numbers and collections when not zero or empty.
+    return isinstance(value, (str, bool)) or bool(value)
+
+
+class _Compact:
+    """``Name(field=value, ...)`` without the counters at zero and the empty collections."""
+
+    def __repr__(self) -> str:
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if _shown(getattr(self, f.name))]  # type: ignore[arg-type]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+@dataclass(frozen=True, repr=False)
+class BrokerStats(_Compact):
+    """A broker's counters, taken in one actor call.
+
+    ``name`` is the queue's name; ``routed_tasks`` counts the tasks whose results went to each
+    driver, by the driver's name (``DriverStats.name``); ``consumer_names`` are the consumers
+    connected now, by the names their ConsumerPool gave them.
+    """
 
     name: str
     endpoint: str
@@ -34,7 +57,8 @@ class BrokerStats:
     tasks_dead_lettered: int
     consumers: int
     drivers: int
-    routed_tasks: dict[bytes, int] = field(default_factory=dict)
+    routed_tasks: dict[str, int] = field(default_factory=dict)
+    consumer_names: tuple[str, ...] = ()
 
     @property
     def pending_tasks(self) -> int:
@@ -42,8 +66,8 @@ class BrokerStats:
         return self.ready_tasks + self.leased_tasks
 
 
-@dataclass(frozen=True)
-class ConsumerStats:
+@dataclass(frozen=True, repr=False)
+class ConsumerStats(_Compact):
     name: str
     worker: str
     running: bool
@@ -55,9 +79,13 @@ class ConsumerStats:
     tasks_cancelled: int = 0  # cancelled before they started: skipped, never run
 
 
-@dataclass(frozen=True)
-class DriverStats:
-    """What the driver (the client side of a QueuePool) knows without asking anyone."""
+@dataclass(frozen=True, repr=False)
+class DriverStats(_Compact):
+    """What the driver (the client side of a QueuePool) knows without asking anyone.
+
+    ``name`` is the name it announces to the brokers (their ``routed_tasks`` keys);
+    ``queues_down`` names the queues lost and not yet placed again.
+    """
 
     tasks_submitted: int
     tasks_completed: int
@@ -69,9 +97,57 @@ class DriverStats:
     bad_messages: int
     links_down: int = 0  # brokers lost and not yet placed again
     tasks_cancelled: int = 0  # cancelled before they started (they never ran)
+    name: str = ""
+    queues_down: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PoolStats:
     driver: DriverStats
     brokers: list[BrokerStats]
+    name: str = ""  # the pool's
+
+    def __repr__(self) -> str:
+        brokers = "".join(f"\n    {b!r}," for b in self.brokers)
+        return f"PoolStats(name={self.name!r},\n  driver={self.driver!r},\n  brokers=[{brokers}\n  ])"
+
+
+_STATES = {
+    "down": "down (lost with its worker, being placed again)",
+    "recovering": "recovering (placed again, catching up)",
+}
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """What a driver knows of one queue without asking it: for reprs, which never block.
+
+    Attributes
+    ----------
+    name : str
+        The queue's name.
+    state : str
+        ``"up"``, ``"down"`` (lost with its worker, being placed again) or ``"recovering"``.
+    awaiting : int
+        Tasks this driver sent to the queue whose results have not arrived.
+    pending : int or None
+        Tasks ready or leased in the queue when it last answered a count (``get_queue_size()``,
+        ``join()``...), from every producer; ``None`` if it never did.
+    counted_ago : float or None
+        Seconds since that count.
+    """
+
+    name: str
+    state: str
+    awaiting: int
+    pending: int | None = None
+    counted_ago: float | None = None
+
+    def describe(self) -> str:
+        """``<name>: up, 3 awaiting results, 5 pending (counted 0.2 s ago)``."""
+        parts = [_STATES.get(self.state, self.state)]
+        if self.awaiting:
+            parts.append(f"{self.awaiting} awaiting results")
+        if self.pending is not None and self.counted_ago is not None:
+            parts.append(f"{self.pending} pending (counted {self.counted_ago:.1f} s ago)")
+        return f"{self.name}: {', '.join(parts)}"

@@ -32,6 +32,7 @@ import zmq
 
 from zdq.config import PoolSettings
 from zdq.errors import ProtocolError, StorageError, StorageFull
+from zdq.names import unnamed_peer
 from zdq.stats import BrokerStats
 from zdq.broker.leases import Held, LeaseTable
 from zdq.storage.base import ChunkMeta, DeadLetter, Storage
@@ -74,7 +75,7 @@ class BrokerCounters:
 @dataclass
 class _Peer:
     role: p.Role
-    name: bytes = b""
+    name: str = ""  # announced in its HELLO: what statistics and logs show
     credit: int = 0
     local: bool = False  # in the broker's own process (connected over inproc): served first
     last_seen: float = 0.0
@@ -194,6 +195,11 @@ class BrokerCore:
         with self._lock:
             c = self._leases.counts()
             drivers = {i: peer for i, peer in self._peers.items() if peer.role is p.Role.DRIVER}
+            routed: dict[str, int] = {}
+            for ident, peer in drivers.items():
+                name = self._name_of(ident)
+                routed[name] = routed.get(name, 0) + peer.routed
+            consumers = sorted(self._name_of(i) for i, peer in self._peers.items() if peer.role is p.Role.CONSUMER)
             return BrokerStats(
                 name=self.name,
                 endpoint=endpoint,
@@ -205,11 +211,17 @@ class BrokerCore:
                 awaiting_tasks=c.done_tasks,
                 dead_chunks=c.dead_chunks,
                 dead_tasks=c.dead_tasks,
-                consumers=sum(1 for peer in self._peers.values() if peer.role is p.Role.CONSUMER),
+                consumers=len(consumers),
                 drivers=sum(1 for peer in drivers.values() if not peer.gone),
-                routed_tasks={i: peer.routed for i, peer in drivers.items()},
+                routed_tasks=routed,
+                consumer_names=tuple(consumers),
                 **asdict(self.counters),
             )
+
+    def _name_of(self, ident: bytes) -> str:
+        """A peer as people see it: the name it announced, never its identity bytes."""
+        peer = self._peers.get(ident)
+        return peer.name if peer is not None and peer.name else unnamed_peer(ident)
 
     def dead_letters(self) -> list[DeadLetter]:
         with self._lock:
@@ -338,11 +350,12 @@ class BrokerCore:
             work.syncs.append((ident, msg))  # type: ignore[arg-type]
             self._driver_heard(ident, now, work)
         elif kind is p.Hello:
+            name = msg.name.decode(errors="replace")  # type: ignore[union-attr]
             if msg.role is p.Role.DRIVER:  # type: ignore[union-attr]
-                self._driver_heard(ident, now, work).name = msg.name  # type: ignore[union-attr]
+                self._driver_heard(ident, now, work).name = name
             else:
                 consumer = self._consumer(ident, now)
-                consumer.name = msg.name  # type: ignore[union-attr]
+                consumer.name = name
                 consumer.local = is_local_peer(head)
                 # A consumer says HELLO on each new connection. Chunks leased to it before may have
                 # been lost with its previous connection (ZeroMQ drops what was queued on a pipe
@@ -352,7 +365,7 @@ class BrokerCore:
                 if returned:
                     logger.info(
                         "broker %s: consumer %s reconnected; %d chunks leased to it go back to the queue",
-                        self.name, msg.name.decode(errors="replace"), len(returned),  # type: ignore[union-attr]
+                        self.name, name, len(returned),
                     )
             self._send(ident, p.Heartbeat())
         elif kind is p.Return:
@@ -378,7 +391,7 @@ class BrokerCore:
 
     def _bad(self, ident: bytes, error: Exception) -> None:
         self.counters.bad_messages += 1
-        logger.debug("broker %s dropped a message from %s: %s", self.name, ident.hex(), error)
+        logger.debug("broker %s dropped a message from %s: %s", self.name, self._name_of(ident), error)
 
     # -- peers ----------------------------------------------------------------------------------
     def _driver_heard(self, ident: bytes, now: float, work: _Round) -> _Peer:
@@ -444,7 +457,7 @@ class BrokerCore:
             logger.info(
                 "broker %s: consumer %s left, %d leased chunks return to the queue",
                 self.name,
-                consumer.name.decode(errors="replace") or ident.hex(),
+                consumer.name or unnamed_peer(ident),
                 len(returned),
             )
 
@@ -716,9 +729,7 @@ class BrokerCore:
         for ident, peer in list(self._peers.items()):
             if peer.role is p.Role.CONSUMER and peer.last_seen < deadline:
                 logger.warning(
-                    "broker %s: consumer %s missed its heartbeats",
-                    self.name,
-                    peer.name.decode(errors="replace") or ident.hex(),
+                    "broker %s: consumer %s missed its heartbeats", self.name, peer.name or unnamed_peer(ident)
                 )
                 del self._peers[ident]
                 self._expire(ident, peer)

@@ -17,6 +17,7 @@ from zdq.consumer.base import ConsumerBaseClass
 from zdq.consumer.link import Link
 from zdq.consumer.runner import Counters, Runner
 from zdq.errors import PlacementError
+from zdq.names import queue_name
 from zdq.tasks import TaskOptions
 from zdq.stats import ConsumerStats
 from zdq.transport.security import ClientKeys
@@ -116,6 +117,8 @@ class Consumer:
             CURRENT_POOL.set(self._pool)  # copied into every thread it starts (as_dask_task)
         self._worker = worker_address() or ""
         self._endpoints = list(endpoints)
+        # The queues by name, for the logs (a consumer made outside a pool knows their endpoints).
+        queues = [queue_name(self._pool[0], i) for i in range(len(endpoints))] if self._pool else list(endpoints)
         # A new event per start: threads of an earlier start that are still winding down keep the
         # one that told them to stop.
         self._stop = threading.Event()
@@ -131,6 +134,7 @@ class Consumer:
             keys=self._keys,
             early_ack=self._early_ack,
             alive=liveness_probe(self),
+            queues=queues,
         )
         runner = Runner(
             self.name,
@@ -143,6 +147,7 @@ class Consumer:
             defaults=self._defaults,
             crash_attempts=self._settings.crash_attempts,
             payload_key=self._payload_key,
+            queues=queues,
             # Room for the frames around the results, and for the seal.
             max_bytes=max(self._settings.max_message_size // 2, self._settings.max_message_size - 65536),
         )

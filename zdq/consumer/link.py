@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -298,8 +298,10 @@ class Link:
         keys: ClientKeys | None,
         early_ack: bool,
         alive: Callable[[], bool],
+        queues: Sequence[str],
     ) -> None:
         self.name = name
+        self._queues = queues  # the brokers' queue names, for the logs
         self._identity = identity
         self._endpoints = list(endpoints)
         self._settings = settings
@@ -470,7 +472,9 @@ class Link:
                         msg = p.decode(frames)
                     except Exception as e:  # noqa: BLE001 - a malformed message is counted and dropped, never fatal
                         counters.bad_chunk()
-                        logger.warning("consumer %s dropped a malformed message: %s", self.name, e)
+                        logger.warning(
+                            "consumer %s dropped a malformed message from queue %s: %s", self.name, self._queues[i], e
+                        )
                         continue
                     if isinstance(msg, p.Deliver):
                         if credit[i]:

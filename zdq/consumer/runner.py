@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,6 +236,8 @@ class Runner:
         The consumer's: a chunk that arrives while it stops, or no longer fetches, is given back.
     max_concurrency : int
         Above 1, tasks run on that many task threads fed by the execution thread.
+    queues : sequence of str
+        The name of each broker's queue, by index (for the logs).
     """
 
     def __init__(
@@ -251,9 +253,11 @@ class Runner:
         defaults: TaskOptions,
         crash_attempts: int,
         payload_key: bytes | None,
+        queues: Sequence[str],
         max_bytes: int | None = None,
     ) -> None:
         self.name = name
+        self._queues = queues  # the brokers' queue names, for the logs
         self._handler = handler
         self._process_item = handler.process_item
         self._calls = callers(handler.process_item)  # how an entry of each kind is called
@@ -361,7 +365,9 @@ class Runner:
                 raise ValueError(f"chunk holds {len(tasks)} tasks, its header says {deliver.n_tasks}")
         except Exception as e:  # noqa: BLE001 - whatever a forged or broken chunk raises, it fails only its tasks
             self._counters.bad_chunk()
-            logger.error("consumer %s cannot decode chunk %d: %s", self.name, deliver.chunk_id, e)
+            logger.error(
+                "consumer %s cannot decode chunk %d of queue %s: %s", self.name, deliver.chunk_id, self._queues[broker], e
+            )
             info = ErrorInfo(None, "zdq.errors.ProtocolError", f"chunk {deliver.chunk_id} does not decode: {e}", "")
             bad = _ChunkRun(broker, deliver.chunk_id, 0, deliver.n_tasks)
             self._forget(deliver.chunk_id)

@@ -41,6 +41,7 @@ from typing import Any
 import lmdb
 
 from zdq.errors import QueueLocked, StorageCorrupt, StorageError, StorageFull
+from zdq.names import queue_name_of
 from zdq.storage.base import ChunkMeta, Storage
 
 __all__ = ["LMDBStorage", "FORMAT", "inspect_queue", "is_queue_dir"]
@@ -103,6 +104,8 @@ class LMDBStorage(Storage):
     def __init__(self, path: str, *, map_size: int = 1 << 30, sync: bool = True) -> None:
         super().__init__()
         self.path = path
+        #: The queue's name: its directory is named after it (see :func:`zdq.names.queue_name`).
+        self.name = queue_name_of(path)
         self._map_size = map_size
         self._sync = sync
         self._env: lmdb.Environment | None = None
@@ -145,7 +148,9 @@ class LMDBStorage(Storage):
             raise
         super().open()
         if self._meta:
-            logger.info("queue %s recovered %d chunks (%d tasks)", self.path, len(self._meta), self._ready_tasks)
+            logger.info(
+                "queue %s recovered %d chunks (%d tasks) from %s", self.name, len(self._meta), self._ready_tasks, self.path
+            )
 
     def _check_format(self) -> None:
         assert self._env is not None
@@ -234,7 +239,7 @@ class LMDBStorage(Storage):
                 f"queue {self.path}: the LMDB map ({current} bytes) is full and cannot grow "
                 f"({free} bytes free on disk)"
             )
-        logger.info("queue %s: growing the LMDB map to %d bytes", self.path, wanted)
+        logger.info("queue %s: growing the LMDB map to %d bytes", self.name, wanted)
         self._env.set_mapsize(wanted)
 
     def _read(self, chunk_id: int) -> object:
@@ -304,7 +309,7 @@ class LMDBStorage(Storage):
             with self._env.begin(write=True) as txn:
                 self._apply_pending(txn)
         except lmdb.Error as e:  # kept for the next try; nothing is lost but time
-            logger.warning("queue %s: acknowledgements not written yet: %s", self.path, e)
+            logger.warning("queue %s: acknowledgements not written yet: %s", self.name, e)
             return
         self._pending.clear()
         self._pending_since = 0.0
@@ -383,4 +388,4 @@ def inspect_queue(path: str) -> dict[str, int | str]:
     finally:
         env.close()
     size = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
-    return {"path": path, **counts, "size_bytes": size}
+    return {"name": queue_name_of(path), "path": path, **counts, "size_bytes": size}

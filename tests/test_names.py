@@ -1,0 +1,259 @@
+"""Names and reprs: one name per queue everywhere, peers by name, reprs that never wait."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import zmq
+from distributed import Client, LocalCluster
+
+from zdq import ConsumerPool, QueuePool
+from zdq.errors import BrokerLost
+from zdq.futures import BatchFuture, TaskFuture
+from zdq.names import (
+    consumer_names,
+    driver_name,
+    queue_name,
+    queue_name_of,
+    sorted_by_name,
+)
+from zdq.stats import BrokerStats, DriverStats, PoolStats, QueueState
+from zdq.storage import ChunkMeta, LMDBStorage
+from zdq.transport import protocol as p
+from zdq.transport.sockets import connect_dealer
+
+from . import test_broker
+from .conftest import wait_until
+from .tasks import add
+from .test_broker import _recv
+
+broker = test_broker.broker  # its fixture: a BrokerCore on a real ROUTER
+
+#: A repr is local: well under this, whatever the cluster does.
+FAST_REPR = 0.05
+
+
+def _timed(fn: Callable[[], str]) -> tuple[str, float]:
+    start = time.perf_counter()
+    text = fn()
+    return text, time.perf_counter() - start
+
+
+# -- the naming functions ------------------------------------------------------------------------
+def test_a_queue_is_named_after_its_pool_and_index_and_its_directory_gives_the_name_back() -> None:
+    assert queue_name("jobs", 3) == "jobs-queue-3"
+    assert queue_name_of(os.path.join("/data", queue_name("jobs", 3)) + "/") == "jobs-queue-3"
+    assert sorted_by_name(["jobs-queue-10", "jobs-queue-2", "jobs-queue-1"]) == [
+        "jobs-queue-1", "jobs-queue-2", "jobs-queue-10",
+    ]
+
+
+def test_every_driver_of_a_pool_gets_a_name_of_its_own_that_says_where_it_runs() -> None:
+    first, second = driver_name("names-unit"), driver_name("names-unit")
+    assert first != second and first.startswith("names-unit-driver@") and f":{os.getpid()}" in first
+    assert second.startswith(first) and second.endswith("#2")
+
+
+def test_consumers_keep_daskqueues_names() -> None:
+    assert consumer_names("GeneralConsumer", 2) == ["GeneralConsumer-0", "GeneralConsumer-1"]
+
+
+# -- statistics that read well ----------------------------------------------------------------
+def _broker_stats(**changes: object) -> BrokerStats:
+    counts = dict.fromkeys(
+        [f for f in BrokerStats.__dataclass_fields__ if f not in {"name", "endpoint", "durable", "routed_tasks", "consumer_names"}],
+        0,
+    )
+    counts.update(changes)
+    return BrokerStats(name="jobs-queue-0", endpoint="tcp://10.0.0.1:4000", durable=True, **counts)  # type: ignore[arg-type]
+
+
+def test_statistics_reprs_leave_out_zero_counters_and_show_peers_by_name() -> None:
+    stats = _broker_stats(
+        ready_tasks=5, ready_chunks=1, consumers=1, consumer_names=("GeneralConsumer-0",),
+        routed_tasks={"jobs-driver@host:1": 7},
+    )
+    text = repr(stats)
+    assert text == (
+        "BrokerStats(name='jobs-queue-0', endpoint='tcp://10.0.0.1:4000', durable=True, ready_chunks=1, "
+        "ready_tasks=5, consumers=1, routed_tasks={'jobs-driver@host:1': 7}, consumer_names=('GeneralConsumer-0',))"
+    )
+    assert stats.leased_tasks == 0 and stats.pending_tasks == 5  # left out of the repr, still there
+    driver = DriverStats(3, 2, 0, 0, 0, 0, 1, 0, name="jobs-driver@host:1")
+    assert repr(driver) == "DriverStats(tasks_submitted=3, tasks_completed=2, chunks_outstanding=1, name='jobs-driver@host:1')"
+    pool = repr(PoolStats(driver, [stats, _broker_stats()], "jobs"))
+    assert pool.splitlines()[0] == "PoolStats(name='jobs',"
+    assert len(pool.splitlines()) == 6 and max(len(line) for line in pool.splitlines()) < 240
+
+
+def test_a_queue_state_says_what_is_known_and_how_old_the_count_is() -> None:
+    assert QueueState("jobs-queue-0", "up", 0).describe() == "jobs-queue-0: up"
+    assert (
+        QueueState("jobs-queue-1", "down", 3, 5, 1.25).describe()
+        == "jobs-queue-1: down (lost with its worker, being placed again), 3 awaiting results, 5 pending (counted 1.2 s ago)"
+    )
+
+
+def test_future_reprs_say_their_state_without_waiting() -> None:
+    fut = TaskFuture(7)
+    assert repr(fut) == "<TaskFuture key=7 pending>"
+    fut.set_result(1)
+    assert repr(fut) == "<TaskFuture key=7 finished>"
+    failed = TaskFuture(8)
+    failed.set_exception(BrokerLost("jobs-queue-0 was lost"))
+    assert repr(failed) == "<TaskFuture key=8 failed: BrokerLost>"
+    batch = BatchFuture(10, 3)
+    batch._fill(0, [1], {})
+    assert repr(batch) == "<BatchFuture keys=10..12 pending: 1 of 3 done, 0 failed>"
+    batch._fail(1, 2, BrokerLost("gone"))
+    assert repr(batch) == "<BatchFuture keys=10..12 failed: 2 of 3 tasks>"
+    assert repr(BatchFuture(5, 0)) == "<BatchFuture no keys finished: 0 tasks>"
+
+
+# -- the broker shows peers by name ---------------------------------------------------------
+def _hello(ctx: zmq.Context, endpoint: str, role: p.Role, name: bytes) -> zmq.Socket:
+    sock = connect_dealer(ctx, endpoint, os.urandom(16))
+    if name:
+        sock.send_multipart(p.encode(p.Hello(role, name)))
+        assert isinstance(_recv(sock, heartbeats=True), p.Heartbeat)
+    return sock
+
+
+def test_a_broker_counts_routed_results_by_driver_name_and_lists_consumers_by_name(
+    request: pytest.FixtureRequest, zmq_ctx: zmq.Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    core, endpoint = request.getfixturevalue("broker")
+    driver = _hello(zmq_ctx, endpoint, p.Role.DRIVER, b"jobs-driver@host:1")
+    stranger = _hello(zmq_ctx, endpoint, p.Role.DRIVER, b"")  # never says HELLO
+    consumer = _hello(zmq_ctx, endpoint, p.Role.CONSUMER, b"GeneralConsumer-3")
+    for seq, sender in ((1, driver), (2, stranger)):
+        sender.send_multipart(p.encode(p.Put(seq, 2, b"chunk")))
+        assert isinstance(_recv(sender), p.Confirm)
+    for _ in range(2):
+        consumer.send_multipart(p.encode(p.Fetch(1)))
+        deliver = _recv(consumer)
+        assert isinstance(deliver, p.Deliver)
+        consumer.send_multipart(p.encode(p.Done(deliver.chunk_id, 2, b"results")))
+    assert isinstance(_recv(driver), p.Results) and isinstance(_recv(stranger), p.Results)
+    stats = core.statistics()
+    (unnamed,) = [name for name in stats.routed_tasks if name != "jobs-driver@host:1"]
+    assert stats.routed_tasks == {"jobs-driver@host:1": 2, unnamed: 2} and unnamed.startswith("unnamed peer ")
+    assert stats.consumer_names == ("GeneralConsumer-3",)
+    assert "b'" not in repr(stats) and "\\x" not in repr(stats)
+    # A consumer that leaves holding a lease is named in the broker's log.
+    driver.send_multipart(p.encode(p.Put(3, 1, b"chunk")))
+    consumer.send_multipart(p.encode(p.Fetch(1)))
+    assert isinstance(_recv(consumer), p.Deliver)
+    with caplog.at_level("INFO", logger="zdq.broker.core"):
+        consumer.send_multipart(p.encode(p.Bye()))
+        wait_until(lambda: "consumer GeneralConsumer-3 left, 1 leased chunks return" in caplog.text, timeout=5)
+    for sock in (driver, stranger, consumer):
+        sock.close(linger=0)
+
+
+def test_zdq_inspect_shows_the_queues_by_their_pools_names_in_counting_order(tmp_path: Path) -> None:
+    for i in (0, 2, 10):
+        storage = LMDBStorage(str(tmp_path / queue_name("jobs", i)))
+        storage.open()
+        storage.put_many([(ChunkMeta(b"o" * 16, 1, 4), b"chunk")])
+        storage.close()
+    proc = subprocess.run(
+        [sys.executable, "-m", "zdq.cli", "inspect", str(tmp_path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split()[0] for line in proc.stdout.splitlines()[1:]]
+    assert rows == ["jobs-queue-0", "jobs-queue-2", "jobs-queue-10"]
+
+
+# -- on a cluster ---------------------------------------------------------------------------
+def test_a_queue_has_one_name_in_reprs_sizes_statistics_and_handles(client: Client) -> None:
+    with QueuePool(client, 2, name="names-one") as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
+        names = [queue_name("names-one", i) for i in range(2)]
+        assert queue_pool.queue_names == names
+        queue_pool.batch_submit([(add, i) for i in range(10)])  # queued, no consumer running yet
+        sizes = queue_pool.get_queue_size()
+        assert list(sizes) == names and sum(sizes.values()) == 10
+        assert [s.name for s in queue_pool.broker_statistics()] == names
+        assert [queue_pool[i].name for i in range(2)] == names
+        text = repr(queue_pool)
+        assert text.splitlines()[0] == (
+            "QueuePool names-one: 2 transient queues, running, 2 consumers in this process"
+        ), text
+        assert "tasks: 10 submitted, 0 done, 0 failed" in text
+        for name in names:
+            assert f"\t{name}: up, {sizes[name]} awaiting results, {sizes[name]} pending (counted" in text, text
+            assert repr(queue_pool[names.index(name)]).startswith(f"<QueueHandle {name}: up, {sizes[name]} awaiting")
+        consumers.start()
+        consumers.join(timeout=60)
+        stats = queue_pool.statistics()
+        driver = stats.driver.name
+        assert driver == queue_pool.driver.driver_name and driver.startswith("names-one-driver@")
+        assert stats.name == "names-one"
+        assert sum(b.routed_tasks[driver] for b in stats.brokers) == 10
+        assert all(b.consumer_names == ("GeneralConsumer-0", "GeneralConsumer-1") for b in stats.brokers)
+        assert "b'" not in repr(stats)
+        processed = "".join(f"\n\t{name}: {len(r)} processed" for name, r in consumers.results().items())
+        assert repr(consumers) == "ConsumerPool of names-one: 2 GeneralConsumer consumers, idle (call start())" + processed
+
+
+def test_each_producer_of_a_pool_is_counted_under_its_own_name(client: Client) -> None:
+    with (
+        QueuePool(client, 1, name="names-two") as owner,
+        ConsumerPool(client, owner, start=True),
+        QueuePool.attach(client, "names-two") as producer,
+    ):
+        assert producer.driver.driver_name != owner.driver.driver_name
+        assert owner.batch_submit([(add, i) for i in range(3)]).result(timeout=30) == [0, 1, 2]
+        assert producer.batch_submit([(add, i) for i in range(5)]).result(timeout=30) == list(range(5))
+        assert repr(producer).splitlines()[0].endswith("attached to its owner's queues, 0 consumers in this process")
+        routed = wait_until(
+            lambda: (r := owner.broker_statistics()[0].routed_tasks) and sum(r.values()) == 8 and r, timeout=10
+        )
+        assert routed == {owner.driver.driver_name: 3, producer.driver.driver_name: 5}
+
+
+def test_reprs_return_at_once_while_a_broker_is_stopped(client: Client) -> None:
+    with QueuePool(client, 2, name="names-stop") as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
+        future = queue_pool.submit(add, 1)
+        batch = queue_pool.batch_submit([(add, i) for i in range(4)])
+        queue_pool.flush(timeout=30)
+        pid = int(queue_pool[0].pid().result(timeout=10))
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for obj in (queue_pool, queue_pool[0], queue_pool[1], consumers, future, batch):
+                text, took = _timed(lambda obj=obj: repr(obj))
+                assert took < FAST_REPR, f"repr took {took * 1000:.0f} ms: {text}"
+            assert "names-stop-queue-0: up" in repr(queue_pool)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.cluster
+def test_reprs_return_at_once_when_the_cluster_is_gone() -> None:
+    cluster = LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", worker_dashboard_address=None
+    )
+    client = Client(cluster)
+    queue_pool = QueuePool(client, 1, name="names-gone")
+    consumers = ConsumerPool(client, queue_pool)
+    future = queue_pool.submit(add, 1)
+    try:
+        client.close()
+        cluster.close()
+        for obj in (queue_pool, queue_pool[0], consumers, future):
+            text, took = _timed(lambda obj=obj: repr(obj))
+            assert took < FAST_REPR, f"repr took {took * 1000:.0f} ms: {text}"
+        assert repr(queue_pool).startswith("QueuePool names-gone: 1 transient queue, running")
+    finally:
+        consumers.close()
+        queue_pool.close()
+    assert repr(queue_pool) == "QueuePool names-gone: 1 transient queue, closed"
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("zdq-")], timeout=15)
