@@ -6,6 +6,7 @@ import contextvars
 import threading
 import time
 import weakref
+from collections.abc import Mapping
 from typing import Any, Callable
 
 __all__ = [
@@ -55,21 +56,64 @@ def liveness_probe(instance: object) -> Callable[[], bool]:
     return lambda: actors.get(key) is instance
 
 
-def candidate_workers(client: Any, allowed: list[str] | None) -> list[str]:
+def check_resources(resources: Any) -> dict[str, float] | None:
+    """``resources=`` of a pool, checked: a mapping of resource names to positive amounts."""
+    if resources is None:
+        return None
+    if not isinstance(resources, Mapping) or not resources or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        for k, v in resources.items()
+    ):
+        raise ValueError(
+            f"resources must map resource names to positive amounts, like {{'GPU': 1}}, got {resources!r:.80}"
+        )
+    return {k: float(v) for k, v in resources.items()}
+
+
+def candidate_workers(client: Any, allowed: list[str] | None, resources: dict[str, float] | None = None) -> list[str]:
     """Addresses of the live workers an actor may be placed on, in a stable order.
 
     ``allowed`` holds worker addresses or names; names survive a worker's restart by its nanny,
-    so a pool restricted by name keeps placing replacements where it should.
+    so a pool restricted by name keeps placing replacements where it should. ``resources``: only
+    workers that declare at least those amounts (``dask worker --resources "GPU=1"``).
     """
     workers = client.scheduler_info(n_workers=-1)["workers"]
     addresses = sorted(workers)
-    if allowed is None:
-        return addresses
-    wanted = {str(a) for a in allowed}
-    return [a for a in addresses if a in wanted or str(workers[a].get("name")) in wanted]
+    if allowed is not None:
+        wanted = {str(a) for a in allowed}
+        addresses = [a for a in addresses if a in wanted or str(workers[a].get("name")) in wanted]
+    if resources:
+        addresses = [
+            a for a in addresses
+            if all((workers[a].get("resources") or {}).get(k, 0) >= v for k, v in resources.items())
+        ]
+    return addresses
 
 
-def pick_worker(client: Any, allowed: list[str] | None, slot: int, placed_on: dict[int, str]) -> str:
+def _no_worker(client: Any, allowed: list[str] | None, resources: dict[str, float] | None) -> str:
+    """Why no worker can take an actor, in words a user can act on."""
+    if resources:
+        declared = sorted(
+            {k for w in client.scheduler_info(n_workers=-1)["workers"].values() for k in (w.get("resources") or {})}
+        )
+        wanted = ",".join(f"{k}={v:g}" for k, v in resources.items())
+        return (
+            f"no worker{' of ' + str(allowed) if allowed else ''} declares the resources {resources} "
+            f"(the workers declare {declared or 'none'}): start workers with "
+            f'`dask worker --resources "{wanted}"`, or place the pool without resources='
+        )
+    if allowed is not None:
+        return f"no live worker matches workers={allowed}"
+    return "no worker is available to place zdq actors on"
+
+
+def pick_worker(
+    client: Any,
+    allowed: list[str] | None,
+    slot: int,
+    placed_on: dict[int, str],
+    resources: dict[str, float] | None = None,
+) -> str:
     """The worker for actor ``slot`` of a pool: spread by slot, never where it was just lost.
 
     ``placed_on`` remembers each slot's worker; a slot placed again avoids its previous worker,
@@ -77,12 +121,12 @@ def pick_worker(client: Any, allowed: list[str] | None, slot: int, placed_on: di
     """
     from zdq.errors import PlacementError
 
-    workers = candidate_workers(client, allowed)
+    workers = candidate_workers(client, allowed, resources)
     lost = placed_on.get(slot)
     if lost is not None and len(workers) > 1 and lost in workers:
         workers.remove(lost)
     if not workers:
-        raise PlacementError("no worker is available to place zdq actors on")
+        raise PlacementError(_no_worker(client, allowed, resources))
     address = workers[slot % len(workers)]
     placed_on[slot] = address
     return address

@@ -74,6 +74,7 @@ class PoolSettings:
     window: int
     buffer_bytes: int
     prefetch: int
+    fan_out: int
     heartbeat_interval: float
     heartbeat_timeout: float
     max_message_size: int
@@ -85,7 +86,7 @@ class PoolSettings:
     def __post_init__(self) -> None:
         for name in (
             "chunk_size", "chunk_bytes", "window", "buffer_bytes", "prefetch", "max_message_size", "map_size",
-            "crash_attempts",
+            "crash_attempts", "fan_out",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"zdq setting {name} must be at least 1, got {getattr(self, name)!r}")
@@ -137,6 +138,7 @@ _KINDS: dict[str, tuple[Any, str]] = {
     "window": _INTEGER,
     "buffer_bytes": _SIZE,
     "prefetch": _INTEGER,
+    "fan_out": _INTEGER,
     "heartbeat_interval": _DURATION,
     "heartbeat_timeout": _DURATION,
     "max_message_size": _SIZE,
@@ -155,6 +157,7 @@ def settings(**overrides: Any) -> PoolSettings:
         window=int(get("window")),
         buffer_bytes=_bytes(get("buffer-bytes")),
         prefetch=int(get("prefetch")),
+        fan_out=int(get("fan-out")),
         heartbeat_interval=_seconds(get("heartbeat-interval")),
         heartbeat_timeout=_seconds(get("heartbeat-timeout")),
         max_message_size=_bytes(get("max-message-size")),

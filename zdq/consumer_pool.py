@@ -6,16 +6,17 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from distributed import Client
 
-from zdq._actor import pick_worker, start_supervisor
+from zdq._actor import check_resources, pick_worker, start_supervisor
 from zdq.config import seconds_or_none
 from zdq.consumer import Consumer, ConsumerBaseClass, GeneralConsumer
 from zdq.driver import NO_CONSUMER
 from zdq.errors import ClosedError, NoConsumers, PlacementError, ZdqTimeoutError
+from zdq.fanout import served_queues
 from zdq.names import consumer_names, counted
 from zdq.queue_pool import QueuePool
 from zdq.stats import ConsumerStats
@@ -70,6 +71,12 @@ class ConsumerPool:
         Chunks a consumer keeps in hand (default from ``zdq.prefetch``).
     workers : list of str, optional
         Addresses or names of the workers to place consumers on (default: all workers).
+    resources : dict, optional
+        Place consumers only on workers that declare these Dask resources (``{"GPU": 1}``): the
+        tasks of this pool then run there. :class:`PlacementError` if no worker does.
+    fan_out : int, optional (a keyword of the settings)
+        Queues each consumer connects to, at most (default ``zdq.fan-out``); every queue is still
+        served. See :attr:`served`.
 
     The positional order is daskqueue 0.2.0's. zdq's defaults differ on purpose: at least once
     (``early_ack=False``), no retries, one execution thread (fastest for short tasks).
@@ -99,6 +106,7 @@ class ConsumerPool:
         *,
         prefetch: int | None = None,
         workers: Sequence[str] | None = None,
+        resources: Mapping[str, float] | None = None,
         time_limit: float | str | None = None,
         start: bool = False,
         **overrides: Any,
@@ -132,7 +140,13 @@ class ConsumerPool:
             # submitted from now on.
             queue_pool.consumer_batch_size = batch_size
         self.names = consumer_names(ConsumerClass.__name__, n_consumers)
+        # The queues each consumer slot serves: at most fan-out of them, every queue by someone.
+        self.served = [
+            served_queues(i, n_consumers, queue_pool.n_queues, fan_out=self.settings.fan_out)
+            for i in range(n_consumers)
+        ]
         self._allowed_workers = list(workers) if workers is not None else None
+        self.resources = check_resources(resources)
         self._placed_on: dict[int, str] = {}
         # Every identity each consumer slot had: a replacement gets a new one, results keep all.
         self._identities: list[list[bytes]] = [[] for _ in range(n_consumers)]
@@ -156,7 +170,7 @@ class ConsumerPool:
             self.start()
 
     def _place(self, i: int) -> None:
-        address = pick_worker(self.client, self._allowed_workers, i, self._placed_on)
+        address = pick_worker(self.client, self._allowed_workers, i, self._placed_on, self.resources)
         ident = new_identity()
         name = self.names[i]
         fut = self.client.submit(  # released below if the actor cannot be created
@@ -241,17 +255,23 @@ class ConsumerPool:
             old.release()
         self.replacements += 1
         if self._running and not self._closed:
-            self._consumers[i].start(self.queue_pool.endpoints).result(timeout=30)
+            self._consumers[i].start(*self._start_args(i)).result(timeout=30)
+
+    def _start_args(self, i: int) -> tuple[list[str], list[int]]:
+        """What consumer ``i`` starts with: the endpoints of the queues it serves, and which."""
+        endpoints = self.queue_pool.endpoints
+        return [endpoints[q] for q in self.served[i]], self.served[i]
 
     def on_broker_moved(self, broker: int, endpoint: str) -> None:
-        """Called by the QueuePool when it placed a lost broker again: every consumer reconnects.
+        """Called by the QueuePool when it placed a lost broker again: every consumer serving it
+        reconnects.
 
         Each consumer is told on its own: one on a dead worker (replaced, with the current
         endpoints, by the supervisor) never keeps the others uninformed.
         """
         queue = self.queue_pool.queue_names[broker]
         calls = []
-        for name, consumer in self._live():
+        for name, consumer in self._live(serving=broker):
             try:
                 calls.append((name, consumer.set_endpoint(broker, endpoint)))
             except Exception as e:
@@ -262,10 +282,14 @@ class ConsumerPool:
             except Exception as e:  # a lost consumer is replaced with the new endpoints anyway
                 logger.debug("pointing consumer %s at queue %s failed: %s", name, queue, e)
 
-    def _live(self) -> list[tuple[str, Any]]:
-        """``(name, actor)`` of every consumer placed now."""
+    def _live(self, serving: int | None = None) -> list[tuple[str, Any]]:
+        """``(name, actor)`` of every consumer placed now (that serves queue ``serving``)."""
         with self._lock:
-            return [(name, c) for name, c in zip(self.names, self._consumers) if c is not None]
+            return [
+                (name, c)
+                for name, c, queues in zip(self.names, self._consumers, self.served)
+                if c is not None and (serving is None or serving in queues)
+            ]
 
     def _ensure_supervisor(self) -> None:
         if self._supervisor is None:
@@ -281,7 +305,7 @@ class ConsumerPool:
         self._check_open()
         logger.info("Starting %d consumers", self.n_consumers)
         self._running = True
-        self._each("start", list(self.queue_pool.endpoints), timeout=60)
+        self._each("start", timeout=60, args_of=self._start_args)
         self._ensure_supervisor()
 
     def cancel(self) -> None:
@@ -291,12 +315,17 @@ class ConsumerPool:
         self._running = False
         self._each("cancel")
 
-    def _each(self, method: str, *args: Any, timeout: float = 30.0) -> None:
-        """Call ``method`` on every consumer at once; a lost one is skipped (and replaced)."""
+    def _each(
+        self, method: str, *args: Any, timeout: float = 30.0, args_of: Callable[[int], tuple[Any, ...]] | None = None
+    ) -> None:
+        """Call ``method`` on every consumer at once (with ``args``, or ``args_of(slot)``); a lost
+        one is skipped (and replaced)."""
         calls = []
-        for name, consumer in self._live():
+        with self._lock:
+            live = [(i, name, c) for i, (name, c) in enumerate(zip(self.names, self._consumers)) if c is not None]
+        for i, name, consumer in live:
             try:
-                calls.append((name, getattr(consumer, method)(*args)))
+                calls.append((name, getattr(consumer, method)(*(args_of(i) if args_of else args))))
             except Exception as e:  # its worker is gone
                 logger.debug("%s on consumer %s failed: %s", method, name, e)
         for name, call in calls:

@@ -16,7 +16,7 @@ import threading
 import uuid
 import weakref
 from dataclasses import dataclass
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable
 
 import time
@@ -24,7 +24,7 @@ import time
 from distributed import Client
 
 from zdq import config
-from zdq._actor import candidate_workers, pick_worker, start_supervisor
+from zdq._actor import candidate_workers, check_resources, pick_worker, start_supervisor
 from zdq.broker import Broker
 from zdq.consumer import GeneralConsumer
 from zdq.config import PoolSettings, seconds_or_none, settings
@@ -129,6 +129,9 @@ class QueuePool:
         Default task options (see :meth:`submit`).
     workers : list of str, optional
         Addresses or names of the workers to place brokers on (default: all workers).
+    resources : dict, optional
+        Place brokers only on workers that declare these Dask resources (``{"GPU": 1}`` for workers
+        started with ``dask worker --resources "GPU=1"``); :class:`PlacementError` if none does.
     auth : bool, optional
         CurveZMQ on every socket (default ``zdq.auth``, true). ``False`` is for trusted networks
         and benchmarks only: anyone who can reach a broker's port can then run code on the
@@ -163,6 +166,7 @@ class QueuePool:
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         time_limit: float | str | None = None,
         workers: Sequence[str] | None = None,
+        resources: Mapping[str, float] | None = None,
         auth: bool | None = None,
         start: bool = True,
         **overrides: Any,
@@ -204,6 +208,7 @@ class QueuePool:
         #: Each queue's name (see :func:`zdq.names.queue_name`): the keys of get_queue_size().
         self.queue_names = [queue_name(self.name, i) for i in range(n_queues)]
         self._allowed_workers = list(workers) if workers is not None else None
+        self.resources = check_resources(resources)
         self.auth = bool(config.get("auth")) if auth is None else bool(auth)
         self._keys: PoolKeys | None = None
         self.payload_key: bytes | None = None
@@ -407,14 +412,14 @@ class QueuePool:
         durable queue, whose directory is on that host's disk), and never creating a new queue."""
         allowed = self._allowed_workers
         if host is not None:
-            here = [a for a in candidate_workers(self.client, allowed) if _host_of(a) == host]
+            here = [a for a in candidate_workers(self.client, allowed, self.resources) if _host_of(a) == host]
             if not here:
                 raise PlacementError(
                     f"durable queue {self.queue_names[i]} lives in {self._queue_dir(i)} on host {host}, "
                     "and no worker of that host is available to serve it"
                 )
             allowed = here
-        address = pick_worker(self.client, allowed, i, self._placed_on)
+        address = pick_worker(self.client, allowed, i, self._placed_on, self.resources)
         queue_name = self.queue_names[i]
         return self.client.submit(
             Broker,

@@ -84,6 +84,7 @@ class Consumer:
         self._keys = keys
         self._payload_key = payload_key
         self._endpoints: list[str] = []
+        self._queues: list[int] = []  # the pool's index of each queue in _endpoints
         self._worker = ""
         self._stop = threading.Event()
         self._fetching = threading.Event()
@@ -95,9 +96,10 @@ class Consumer:
         self._started = False  # start() succeeded and stop() was not called since: it should run
         self._start_error: str | None = None
 
-    def start(self, endpoints: list[str]) -> None:
+    def start(self, endpoints: list[str], queues: list[int] | None = None) -> None:
         """Connect to the brokers at ``endpoints`` and start consuming. Idempotent; resumes a
-        cancelled consumer.
+        cancelled consumer. ``queues``: the pool's index of each of those queues (default: they
+        are the pool's queues 0, 1, ...; a consumer serves at most ``fan-out`` of them).
 
         Raises
         ------
@@ -117,8 +119,11 @@ class Consumer:
             CURRENT_POOL.set(self._pool)  # copied into every thread it starts (as_dask_task)
         self._worker = worker_address() or ""
         self._endpoints = list(endpoints)
+        self._queues = list(queues) if queues is not None else list(range(len(endpoints)))
+        if len(self._queues) != len(self._endpoints):
+            raise ValueError(f"consumer {self.name}: {len(endpoints)} endpoints for {len(self._queues)} queues")
         # The queues by name, for the logs (a consumer made outside a pool knows their endpoints).
-        queues = [queue_name(self._pool[0], i) for i in range(len(endpoints))] if self._pool else list(endpoints)
+        names = [queue_name(self._pool[0], i) for i in self._queues] if self._pool else list(endpoints)
         # A new event per start: threads of an earlier start that are still winding down keep the
         # one that told them to stop.
         self._stop = threading.Event()
@@ -134,7 +139,7 @@ class Consumer:
             keys=self._keys,
             early_ack=self._early_ack,
             alive=liveness_probe(self),
-            queues=queues,
+            queues=names,
         )
         runner = Runner(
             self.name,
@@ -147,7 +152,7 @@ class Consumer:
             defaults=self._defaults,
             crash_attempts=self._settings.crash_attempts,
             payload_key=self._payload_key,
-            queues=queues,
+            queues=names,
             # Room for the frames around the results, and for the seal.
             max_bytes=max(self._settings.max_message_size // 2, self._settings.max_message_size - 65536),
         )
@@ -183,10 +188,14 @@ class Consumer:
         self._start_error = None
 
     def set_endpoint(self, broker: int, endpoint: str) -> None:
-        """Broker ``broker`` was replaced: reconnect to its new endpoint."""
-        self._endpoints[broker] = endpoint
+        """The pool's queue ``broker`` was placed again: reconnect to its new endpoint (if this
+        consumer serves it)."""
+        if broker not in self._queues:
+            return
+        local = self._queues.index(broker)
+        self._endpoints[local] = endpoint
         if self._link is not None:
-            self._link.set_endpoint(broker, endpoint)
+            self._link.set_endpoint(local, endpoint)
 
     def cancel(self) -> None:
         """Stop asking for work; chunks already received still run and report. ``start()`` resumes."""
