@@ -47,6 +47,18 @@ def test_bench_latency_suite_reports_both_round_trips_and_their_same_run_ratio()
     assert abs(report["ratios"]["round trip p50: dask / zdq"] - sum(per_run) / 2) < 0.05
 
 
+@pytest.mark.cluster  # `zdq bench --suite scale` starts embedded LocalClusters
+def test_bench_scale_suite_places_pools_of_growing_clusters_and_draws_them(tmp_path: Path) -> None:
+    proc = _zdq("bench", "--suite", "scale", "--scale-workers", "2,4", "--tasks", "2000", "--plots", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert [(r["workers"], r["queues"], r["consumers"]) for r in report["scales"]] == [(2, 1, 4), (4, 2, 8)]
+    for r in report["scales"]:
+        assert r["placement_seconds"] > 0 and r["tasks_per_second"] > 0 and r["fds_per_worker"] > 0
+        assert 0 <= r["idle_cpu_per_consumer"] < 1
+    assert (tmp_path / "scale.png").stat().st_size > 1000
+
+
 def test_bench_rejects_nonsense_options() -> None:
     proc = _zdq("bench", "--tasks", "0")
     assert proc.returncode == 2 and "--tasks must be at least 1" in proc.stderr

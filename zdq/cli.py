@@ -14,6 +14,9 @@ __all__ = ["main"]
 def _bench(args: argparse.Namespace) -> int:
     from zdq.benchmark import BenchConfig, format_table, run
 
+    if args.suite == "scale":
+        return _bench_scale(args)
+
     config = BenchConfig(
         tasks=args.tasks,
         dask_tasks=args.dask_tasks,
@@ -34,6 +37,19 @@ def _bench(args: argparse.Namespace) -> int:
 
         report["sweeps"] = sweep_and_plot(config, args.plots)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
+def _bench_scale(args: argparse.Namespace) -> int:
+    from zdq.benchmark.scale import SCALES, format_scale, plot_scale, run_scale
+
+    scales = tuple(int(w) for w in args.scale_workers.split(",")) if args.scale_workers else SCALES
+    if not scales or min(scales) < 1:
+        raise ValueError("--scale-workers takes worker counts, like 2,8,16,32")
+    report = run_scale(args.tasks, scales, args.fan_out)
+    if args.plots:
+        report["plot"] = plot_scale(report, args.plots)
+    print(json.dumps(report, indent=2) if args.json else format_scale(report))
     return 0
 
 
@@ -92,12 +108,18 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=3, help="runs per case; medians are reported (default 3)")
     bench.add_argument("--durable", action="store_true", help="also run zdq on durable (LMDB) queues")
     bench.add_argument("--compare-auth", action="store_true", help="also run zdq without authentication")
-    bench.add_argument("--suite", choices=("quick", "latency", "asyncio", "full"), default="quick",
+    bench.add_argument("--suite", choices=("quick", "latency", "asyncio", "full", "scale"), default="quick",
                        help="quick: no-op throughput; latency: the single-task round trip alone; "
                        "asyncio: the event loop's lag while 1,000 tasks are awaited; "
-                       "full: every case (latency, I/O, CPU, durable, auth, generator, asyncio)")
+                       "full: every case (latency, I/O, CPU, durable, auth, generator, asyncio); "
+                       "scale: placement, throughput, file descriptors and idle CPU on clusters of "
+                       "2 to 32 workers (queues = workers / 2, consumers = 2 x workers)")
+    bench.add_argument("--scale-workers", metavar="LIST", default=None,
+                       help="worker counts of the scale suite, default 2,8,16,32")
+    bench.add_argument("--fan-out", type=int, default=None, help="the scale suite's zdq.fan-out (default: the setting)")
     bench.add_argument("--generator-tasks", type=int, default=10_000_000, help="tasks of the generator case")
-    bench.add_argument("--plots", metavar="DIR", default=None, help="also sweep batch size and consumers; write PNGs")
+    bench.add_argument("--plots", metavar="DIR", default=None,
+                       help="also sweep batch size and consumers (scale suite: its plot); write PNGs")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     bench.set_defaults(func=_bench)
     inspect = sub.add_parser("inspect", help="ready, leased and dead tasks of durable queues, read-only, no cluster")

@@ -1,0 +1,157 @@
+"""``zdq bench --suite scale``: what a pool costs as the cluster grows, on one machine.
+
+For each cluster size (2, 8, 16 and 32 workers by default) a fresh LocalCluster is started and a
+pool of ``workers / 2`` queues and ``2 × workers`` consumers is placed on it (64 consumers over 16
+queues on 32 workers at the top). Measured there:
+
+- **placement**: seconds from ``QueuePool(...)`` to consumers started, and per actor placed;
+- **throughput**: no-op tasks per second, end to end (``batch_submit`` of ``--tasks`` calls);
+- **file descriptors** per worker process, after placement (sockets count);
+- **idle CPU** per consumer: the CPU time the workers burn in a quiet interval with the pool
+  placed and started, minus what the same workers burn without it, per consumer, as a share of a
+  core (bare Dask's own idle cost is measured first, on the same cluster).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psutil
+from distributed import Client, LocalCluster
+
+from zdq.benchmark.tasks import noop
+
+__all__ = ["SCALES", "ScaleResult", "run_scale", "plot_scale"]
+
+#: Worker counts of the default sweep.
+SCALES = (2, 8, 16, 32)
+#: Seconds of quiet over which idle CPU is measured.
+_IDLE_SECONDS = 5.0
+
+
+@dataclass
+class ScaleResult:
+    workers: int
+    queues: int
+    consumers: int
+    placement_seconds: float
+    per_actor_seconds: float
+    tasks: int
+    tasks_per_second: float
+    fds_per_worker: float
+    idle_cpu_per_consumer: float  # share of one core, the pool's own (bare Dask's removed)
+    dask_idle_cpu_per_worker: float
+
+
+def _fds() -> int:
+    return psutil.Process().num_fds()
+
+
+def _cpu_seconds() -> float:
+    times = psutil.Process().cpu_times()
+    return float(times.user + times.system)
+
+
+def _idle_cpu(client: Client, seconds: float) -> float:
+    """CPU seconds all workers spend over ``seconds`` of quiet (summed)."""
+    before = client.run(_cpu_seconds)
+    time.sleep(seconds)
+    after = client.run(_cpu_seconds)
+    return sum(after[w] - before[w] for w in after if w in before)
+
+
+def one_scale(workers: int, tasks: int, fan_out: int | None = None) -> ScaleResult:
+    from zdq import ConsumerPool, QueuePool
+
+    queues, consumers = max(1, workers // 2), 2 * workers
+    overrides: dict[str, Any] = {} if fan_out is None else {"fan_out": fan_out}
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            worker_dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        client.wait_for_workers(workers, timeout=300)
+        time.sleep(1.0)  # workers settle after start
+        dask_idle = _idle_cpu(client, _IDLE_SECONDS) / _IDLE_SECONDS / workers
+        start = time.perf_counter()
+        with QueuePool(client, queues, keep_results=False, **overrides) as qp:
+            with ConsumerPool(client, qp, n_consumers=consumers, start=True, **overrides):
+                placement = time.perf_counter() - start
+                fds = client.run(_fds)
+                qp.batch_submit([(noop, i) for i in range(1000)]).result(timeout=300)  # warm up
+                t0 = time.perf_counter()
+                qp.batch_submit([(noop, i) for i in range(tasks)]).result(timeout=600)
+                rate = tasks / (time.perf_counter() - t0)
+                time.sleep(1.0)
+                idle = _idle_cpu(client, _IDLE_SECONDS) / _IDLE_SECONDS
+    own = max(0.0, idle - dask_idle * workers) / consumers
+    return ScaleResult(
+        workers=workers,
+        queues=queues,
+        consumers=consumers,
+        placement_seconds=placement,
+        per_actor_seconds=placement / (queues + consumers),
+        tasks=tasks,
+        tasks_per_second=rate,
+        fds_per_worker=sum(fds.values()) / len(fds),
+        idle_cpu_per_consumer=own,
+        dask_idle_cpu_per_worker=dask_idle,
+    )
+
+
+def run_scale(tasks: int, scales: tuple[int, ...] = SCALES, fan_out: int | None = None) -> dict[str, Any]:
+    results = [one_scale(w, tasks, fan_out) for w in scales]
+    report: dict[str, Any] = {"scales": [asdict(r) for r in results]}
+    by_size = {r.workers: r for r in results}
+    if 16 in by_size and 32 in by_size:
+        report["per actor: 32 workers / 16 workers"] = by_size[32].per_actor_seconds / by_size[16].per_actor_seconds
+    return report
+
+
+def format_scale(report: dict[str, Any]) -> str:
+    lines = [
+        f"{'workers':>7} {'queues':>6} {'consumers':>9} {'placement s':>11} {'per actor s':>11} "
+        f"{'tasks/s':>11} {'fds/worker':>10} {'idle CPU/consumer':>17}"
+    ]
+    for r in report["scales"]:
+        lines.append(
+            f"{r['workers']:>7} {r['queues']:>6} {r['consumers']:>9} {r['placement_seconds']:>11.2f} "
+            f"{r['per_actor_seconds']:>11.3f} {r['tasks_per_second']:>11,.0f} {r['fds_per_worker']:>10.0f} "
+            f"{r['idle_cpu_per_consumer'] * 100:>16.2f}%"
+        )
+    for key, value in report.items():
+        if key != "scales":
+            lines.append(f"{key}: {value:.2f}")
+    return "\n".join(lines)
+
+
+def plot_scale(report: dict[str, Any], directory: str) -> str:
+    """Placement per actor and throughput against workers; the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    rows = report["scales"]
+    xs = [r["workers"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(xs, [r["per_actor_seconds"] * 1000 for r in rows], marker="o")
+    left.set_xlabel("workers (queues = workers / 2, consumers = 2 × workers)")
+    left.set_ylabel("placement, ms per actor")
+    left.grid(True, alpha=0.3)
+    right.plot(xs, [r["tasks_per_second"] for r in rows], marker="o")
+    right.set_xlabel("workers")
+    right.set_ylabel("no-op tasks/s, end to end")
+    right.grid(True, alpha=0.3)
+    fig.suptitle("zdq on one machine as the cluster grows")
+    fig.tight_layout()
+    path = os.path.join(directory, "scale.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
