@@ -32,6 +32,9 @@ NOT_RUN = "not-run"
 
 logger = logging.getLogger(__name__)
 
+#: Consumers whose health() is asked per supervision round (every 2 s or two heartbeats).
+_HEALTH_PER_ROUND = 8
+
 
 def _progress_bar() -> Any:
     from tqdm.auto import tqdm
@@ -159,6 +162,7 @@ class ConsumerPool:
         self._supervisor: threading.Thread | None = None
         self.replacements = 0
         self._health_due = 0.0
+        self._health_next = 0  # the consumer whose health is asked next
         queue_pool.subscribe(self)
         try:
             for i in range(n_consumers):
@@ -225,14 +229,19 @@ class ConsumerPool:
                 logger.warning("replacing consumer %s failed (will retry): %s", self.names[i], e)
 
     def _unhealthy(self) -> dict[int, str]:
-        """Consumers alive to Dask that cannot work (their sockets failed): asked every few seconds."""
+        """Consumers alive to Dask that cannot work (their sockets failed): a few of them asked
+        every few seconds, in turn, so that a large pool adds a bounded number of actor calls."""
         now = time.monotonic()
         if now < self._health_due:
             return {}
         self._health_due = now + max(2.0, self.settings.heartbeat_interval * 2)
         calls = []
         with self._lock:
-            for i, (fut, consumer) in enumerate(zip(self._actor_futures, self._consumers)):
+            first = self._health_next
+            turn = [(first + k) % self.n_consumers for k in range(min(self.n_consumers, _HEALTH_PER_ROUND))]
+            self._health_next = (first + len(turn)) % self.n_consumers
+            for i in turn:
+                fut, consumer = self._actor_futures[i], self._consumers[i]
                 if fut is not None and fut.status == "finished" and hasattr(Consumer, "health"):
                     try:
                         calls.append((i, consumer.health()))
