@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from distributed import Client
 
-from zdq import ConsumerPool, QueuePool
+from zdq import ConsumerBaseClass, ConsumerPool, QueuePool
 from zdq.errors import BatchError, TaskCancelled
 
 from .conftest import pid_of, wait_until
@@ -50,8 +50,9 @@ def test_cancelling_tasks_a_consumer_holds_but_has_not_started(client: Client, t
         assert ran(tmp_path) == {"long", "t0", "t2", "t4"}
         assert later[0].cancel() is False  # finished
         assert queue_pool.statistics().driver.tasks_cancelled == 3
-        results = {k: v for per_consumer in consumers.results().values() for k, v in per_consumer.items()}
-        assert sum(isinstance(v, TaskCancelled) for v in results.values()) == 3
+        by_producer = consumers.results()
+        assert sorted(by_producer["not-run"]) == sorted(later[i].key for i in (1, 3, 5)), by_producer
+        assert all(isinstance(v, TaskCancelled) for v in by_producer["not-run"].values())
         assert sum(s.tasks_cancelled for s in consumers.statistics()) == 3
         assert sum(s.tasks_failed for s in consumers.statistics()) == 0
 
@@ -151,3 +152,91 @@ def test_tasks_cancelled_in_a_durable_queue_stay_cancelled_after_its_worker_is_k
                 assert futures[i].result(timeout=120) == f"t{i}"
             consumers.join(timeout=60)
         assert ran(side) == {f"t{i}" for i in range(1, 10, 2)}
+
+
+class Echo(ConsumerBaseClass):
+    def process_item(self, item: object) -> object:
+        return ("processed", item)
+
+
+def test_cancelled_items_never_reach_process_item_on_task_threads(client: Client) -> None:
+    with (
+        QueuePool(client, 1) as queue_pool,
+        ConsumerPool(client, queue_pool, Echo, n_consumers=1, max_concurrency=2) as consumers,
+    ):
+        batch = queue_pool.put_many(["a", "b", "c"])
+        kept = queue_pool.put("d")
+        queue_pool.flush(timeout=30)
+        assert batch.cancel() is True
+        consumers.start()
+        assert kept.result(timeout=30) == ("processed", "d")
+        consumers.join(timeout=30)
+        values = [v for per in consumers.results().values() for v in per.values()]
+        assert ("processed", "d") in values and not any(isinstance(v, tuple) and v[1] != "d" for v in values)
+        assert sum(isinstance(v, TaskCancelled) for v in values) == 3
+
+
+def test_cancel_is_exact_while_the_driver_turns_single_tasks_into_chunks(client: Client) -> None:
+    blob = os.urandom(3000)  # pickling takes a while: a cancel lands while tasks are being packed
+    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
+        futures = [queue_pool.submit(len, blob) for _ in range(900)]
+        answers = [f.cancel() for f in futures[::3]]
+        assert all(answers), f"{answers.count(False)} of {len(answers)} cancels said started, no consumer ran"
+        consumers.start()
+        consumers.join(timeout=60)
+        assert all(f.cancelled() for f in futures[::3])
+        assert all(f.result(timeout=1) == 3000 for i, f in enumerate(futures) if i % 3)
+
+
+def test_cancelling_everything_leaves_nothing_pending_and_counts_nothing_as_consumed(client: Client) -> None:
+    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool) as consumers:
+        loose = queue_pool.submit(len, "x")
+        assert loose.cancel() is True  # still in the driver
+        batch = queue_pool.batch_submit([(len, "ab")] * 1000)
+        queue_pool.flush(timeout=30)
+        assert batch.cancel() is True
+        consumers.join(timeout=10)  # nothing pending: no consumer needed
+        assert set(queue_pool.get_queue_size().values()) == {0}
+        assert consumers.nb_consumed() == 0
+        results = consumers.results()
+        assert set(results) <= {"GeneralConsumer-0", "not-run"}  # never "earlier-consumers"
+        assert len(results.get("not-run", {})) == 1001
+        assert queue_pool.statistics().driver.tasks_cancelled == 1001
+
+
+def test_a_cancel_that_a_stopped_queue_cannot_answer_returns_false_in_seconds(client3: Client) -> None:
+    fast = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
+    with QueuePool(client3, 1, workers=["a"], **fast) as queue_pool:
+        future = queue_pool.submit(len, "abc")
+        queue_pool.flush(timeout=30)
+        pid = pid_of(client3, "a")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            assert future.cancel() is False
+            assert time.monotonic() - start < 8
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_a_durable_queue_placed_again_never_runs_tasks_cancelled_in_the_consumer_that_held_them(
+    client3: Client, tmp_path: Path
+) -> None:
+    side = tmp_path / "ran"
+    side.mkdir()
+    fast = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
+    with (
+        QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **fast) as queue_pool,
+        ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"], start=True, **fast) as consumers,
+    ):
+        long = queue_pool.submit(touch, str(side), "long", 4.0)
+        wait_until(lambda: (side / "long").exists(), timeout=30)
+        batch = queue_pool.batch_submit([(touch, str(side), f"t{i}") for i in range(6)])
+        queue_pool.flush(timeout=30)
+        time.sleep(0.3)  # prefetched by the busy consumer
+        assert batch.cancel() is True
+        os.kill(pid_of(client3, "a"), signal.SIGKILL)
+        wait_until(lambda: queue_pool.recoveries >= 1, timeout=120)
+        assert long.result(timeout=120) == "long"
+        consumers.join(timeout=120)
+    assert ran(side) == {"long"}

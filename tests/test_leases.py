@@ -94,6 +94,19 @@ def test_a_split_replaces_a_leased_chunk_by_parts_first_in_line(table: LeaseTabl
     assert table.get(first) is None
 
 
+def test_a_driver_finds_its_chunk_and_the_parts_it_was_split_into_and_no_one_elses(table: LeaseTable) -> None:
+    first, second = _put(table, 2)
+    assert table.locate(OWNER, 1, first, [0, 3, 42]) == {first: {0: 0, 3: 3}}  # past the chunk: ignored
+    assert table.locate(OWNER, 2, 0, [1]) == {second: {1: 1}}  # not confirmed yet: found by its seq
+    assert table.locate(A, 1, first, [0]) == {}  # another driver
+    assert table.locate(OWNER, 2, first, [0]) == {}  # the wrong seq for that id
+    table.lease(A)
+    parts = table.split(first, [(ChunkMeta(OWNER, 1, 1), f"p{i}".encode()) for i in range(10)])
+    assert table.locate(OWNER, 1, first, [2, 7]) == {parts[2]: {0: 2}, parts[7]: {0: 7}}
+    assert table.locate(A, 1, first, [2]) == {}  # a forged CANCEL by another peer finds nothing
+    assert table.locate(A, 12345, first, [2]) == {}
+
+
 def test_results_no_driver_took_survive_a_restart_of_a_durable_queue_and_the_chunk_does_not_run_again(
     tmp_path: Path,
 ) -> None:

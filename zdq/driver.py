@@ -88,6 +88,10 @@ _RACK_DELAY = 0.02
 #: milliseconds, so the daskqueue evenness (100 chunks over 2 queues: 50 and 50) holds otherwise.
 _STALLED = 0.5
 
+#: How long ``cancel()`` waits, by default, for the queues to say what has started: a healthy
+#: queue answers in a round trip; one stopped or cut off makes its tasks count as started.
+_CANCEL_WAIT = 5.0
+
 _first_ids_lock = threading.Lock()
 _last_first_id = 0
 
@@ -157,12 +161,15 @@ class _Record:
     def cancel(self, indexes: Iterable[int]) -> list[int]:
         """(Under the driver's ``_cond``.) Record that these tasks will never run; return the
         indexes newly cancelled, for :meth:`settle_cancelled` once the lock is released."""
-        fresh = [i for i in indexes if not self.got[i] and (self.cancelled is None or i not in self.cancelled)]
+        fresh = [i for i in indexes if not self.got[i]]
         if not fresh:
             return []
         if self.cancelled is None:
             self.cancelled = set()
         self.cancelled.update(fresh)
+        for i in fresh:  # their outcome is known now: a placeholder's result, if one comes, is not counted
+            self.got[i] = 1
+        self.remaining -= len(fresh)
         if self.payload is not None:
             self.rewrite = True  # unconfirmed: a resend carries the placeholders
         return fresh
@@ -264,6 +271,8 @@ class Driver:
         # by a caller (token -> task ids cancelled, None until the answer comes).
         self._cancel_asks: dict[int, tuple[_Record, tuple[int, ...]]] = {}
         self._cancel_answers: dict[int, list[int] | None] = {}
+        # Task ids the I/O thread is turning from loose tasks into records (neither, meanwhile).
+        self._packing: tuple[int, int] | None = None
         self._foreign = 0
         self._duplicates = 0
         self._bad = 0
@@ -274,7 +283,7 @@ class Driver:
         self._tokens = itertools.count(1)
         self._reconciling: dict[int, int] = {}  # SYNC token -> broker, after a recovery
         # Results received in this round of the I/O thread, handed to their futures before it sleeps.
-        self._settlements: list[tuple[_Record | None, int, int, bytes, list[Any], dict[int, Any]]] = []
+        self._settlements: list[tuple[_Record | None, int, int, bytes, list[Any], dict[int, Any], bytes | None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context[Any] | None = None
@@ -419,11 +428,17 @@ class Driver:
         does not answer in time counts as started. An answer that comes later still cancels.
         """
         if timeout is None:
-            timeout = self._settings.heartbeat_timeout + 5.0
+            timeout = _CANCEL_WAIT
         last = first + n
         cancelled: set[int] = set()
         asks: list[tuple[_Record, tuple[int, ...]]] = []
         with self._cond:
+            packing_until = time.monotonic() + 10.0
+            while self._packing is not None and self._packing[0] < last and first < self._packing[1]:
+                # The I/O thread is turning these loose tasks into chunks: in neither place now.
+                if time.monotonic() > packing_until or self._stop.is_set():
+                    break
+                self._cond.wait(0.05)
             loose = [entry for entry in self._loose if first <= entry[0] < last]
             if loose:
                 gone = {id(entry) for entry in loose}
@@ -438,10 +453,11 @@ class Driver:
                     continue
                 indexes = tuple(t - rec.base for t in range(lo, hi))
                 if rec.broker < 0:  # not sent: its payload is rewritten before it is
-                    unsent.append((rec, rec.cancel(indexes)))
+                    fresh = rec.cancel(indexes)
+                    self._count_cancelled(rec, fresh)
+                    unsent.append((rec, fresh))
                 else:
                     asks.append((rec, indexes))
-            self._cancelled += sum(len(fresh) for _, fresh in unsent)
         for _, _, fut in loose:
             _cancel_future(fut)
         for rec, fresh in unsent:
@@ -461,9 +477,11 @@ class Driver:
                 while any(self._cancel_answers[t] is None for t in tokens):
                     left = deadline - time.monotonic()
                     if left <= 0 or self._stop.is_set():
+                        queues = sorted({self._queue_names[rec.broker] for rec, _ in asks if rec.broker >= 0})
                         logger.warning(
-                            "driver %s: a queue did not answer a cancellation within %.1fs; its tasks count as "
-                            "started (they are cancelled still if the answer comes later)", self.name, timeout,
+                            "%s: queue %s did not answer a cancellation within %.1fs; its tasks count as started "
+                            "(they are cancelled still if the answer comes later)",
+                            self.driver_name, ", ".join(queues) or "?", timeout,
                         )
                         break
                     self._cond.wait(min(left, 0.5))
@@ -475,14 +493,35 @@ class Driver:
         return cancelled
 
     def _note_cancelled_unsent(self, ids: list[int]) -> None:
-        """Tasks cancelled before they left this process: done, under no consumer (``_cond`` held)."""
+        """Tasks cancelled before they left this process: done; in ``results()`` under "not-run"
+        (``_cond`` held)."""
         self._completed += len(ids)
         self._cancelled += len(ids)
-        self._done_by[NO_CONSUMER] += len(ids)
         if self._keep_results:
             store = self._results[NO_CONSUMER]
             for tid in ids:
                 store[tid] = _cancellation(tid)
+
+    def _count_cancelled(self, rec: _Record, fresh: list[int]) -> None:
+        """(``_cond`` held.) Tasks of ``rec`` just cancelled are done: counted, kept in ``results()``
+        under "not-run", and the record goes once nothing of it is awaited (a chunk not sent yet
+        is not sent at all; one sent waits for its confirm, which frees its window slot)."""
+        if not fresh:
+            return
+        self._note_cancelled_unsent([rec.base + i for i in fresh])
+        if rec.remaining <= 0:
+            if rec.broker < 0 and rec.seq in self._records:
+                try:
+                    self._queued.remove(rec)
+                except ValueError:
+                    pass
+                else:
+                    self._buffered_chunks -= 1
+                    self._buffered_bytes -= rec.nbytes
+                del self._records[rec.seq]
+            elif rec.confirmed:
+                self._records.pop(rec.seq, None)
+        self._cond.notify_all()
 
     def _wait(self, deadline: float | None) -> None:
         """Wait on the condition (held) for progress; raise on close or timeout."""
@@ -748,6 +787,7 @@ class Driver:
         self._set_state(link, LinkState.DOWN)
         link.racks.clear()  # the broker that owed them is gone
         links.disconnect(broker)  # nothing more is queued for a dead peer
+        self._unask_cancels(broker)
         self._requeue_unconfirmed(broker)
         if memory_lost:
             n = self._fail_confirmed(
@@ -789,6 +829,7 @@ class Driver:
         link.racks.clear()  # the replacement does not know those chunks
         if link.state is LinkState.UP:  # placed again without being reported lost first
             self._set_state(link, LinkState.DOWN)
+        self._unask_cancels(broker)
         self._requeue_unconfirmed(broker)
         self._set_state(link, LinkState.RECOVERING)
         # Which confirmed chunks did the queue keep? A durable queue serves every chunk it stored,
@@ -804,6 +845,7 @@ class Driver:
         if rec.broker < 0:  # sent back to the queue meanwhile (its broker was lost): not sent yet
             with self._cond:
                 fresh = rec.cancel(indexes)
+                self._count_cancelled(rec, fresh)
             self._answer_cancel(token, rec.settle_cancelled(fresh))
             return
         link = self._links[rec.broker]
@@ -820,12 +862,20 @@ class Driver:
         rec, indexes = asked
         with self._cond:
             fresh = rec.cancel(i for i in msg.indexes if i in indexes)
+            self._count_cancelled(rec, fresh)
         self._answer_cancel(msg.token, rec.settle_cancelled(fresh))
 
+    def _unask_cancels(self, broker: int) -> None:
+        """Broker ``broker`` is gone: the cancellations it was asked will not be answered, and
+        their callers need not wait (what it held counts as started)."""
+        for token, (rec, _) in list(self._cancel_asks.items()):
+            if rec.broker == broker:
+                del self._cancel_asks[token]
+                self._answer_cancel(token, [])
+
     def _answer_cancel(self, token: int, ids: list[int]) -> None:
-        """Count tasks newly cancelled; hand the answer to a caller waiting."""
+        """Hand the answer to a caller waiting."""
         with self._cond:
-            self._cancelled += len(ids)
             if token in self._cancel_answers:
                 self._cancel_answers[token] = ids
             self._cond.notify_all()
@@ -852,7 +902,17 @@ class Driver:
                 loose, self._loose = self._loose, []
             else:
                 loose, self._loose = self._loose[:take], self._loose[take:]
+            self._packing = (loose[0][0], loose[-1][0] + 1)  # a cancel() of these waits for the records
             self._cond.notify_all()
+        try:
+            self._pack_loose(loose, n_brokers)
+        finally:
+            with self._cond:
+                self._packing = None
+                self._cond.notify_all()
+
+    def _pack_loose(self, loose: list[tuple[int, bytes, TaskFuture]], n_brokers: int) -> None:
+        chunking = self._chunking
         for start, end in chunking.loose_runs(loose, n_brokers):
             part = loose[start:end]
             first = part[0][0]
@@ -969,6 +1029,8 @@ class Driver:
                 rec.confirmed = True
                 rec.payload = None
                 rec.chunk_id = msg.chunk_id
+                if rec.remaining <= 0:  # every task of it was cancelled meanwhile
+                    del self._records[msg.seq]
             else:
                 del self._records[msg.seq]
             self._cond.notify_all()
@@ -1022,8 +1084,17 @@ class Driver:
                     offset = base - rec.base
                     if not (0 <= offset and offset + n <= rec.n):
                         raise ProtocolError(f"results for tasks {base}..{base + n} are outside chunk {msg.seq}")
-                    if any(rec.got[offset : offset + n]):  # executed twice (a broker re-ran it): record once
-                        self._duplicates += n
+                    seen = rec.got[offset : offset + n]
+                    if any(seen):
+                        if all(seen) or not rec.cancelled:  # executed twice (a broker re-ran it): record once
+                            self._duplicates += n
+                            if rec.remaining <= 0 and rec.confirmed:
+                                self._records.pop(rec.seq, None)
+                            return msg.chunk_id
+                        # Some of these tasks were cancelled (their placeholders report here):
+                        # only the others are recorded.
+                        self._settlements.append((rec, offset, base, msg.consumer, values, errors, bytes(seen)))
+                        rec.got[offset : offset + n] = b"\1" * n
                         return msg.chunk_id
                     rec.got[offset : offset + n] = b"\1" * n
                 elif msg.seq:
@@ -1036,9 +1107,9 @@ class Driver:
                     f"in this process: {type(failure).__name__}: {failure}"
                 )
                 exc.__cause__ = failure
-                self._settlements.append((rec, -1, 0, msg.consumer, [], {0: exc}))
+                self._settlements.append((rec, -1, 0, msg.consumer, [], {0: exc}, None))
             return msg.chunk_id
-        self._settlements.append((rec, offset, base, msg.consumer, values, errors))
+        self._settlements.append((rec, offset, base, msg.consumer, values, errors, None))
         return msg.chunk_id
 
     def _settle_all(self) -> None:
@@ -1054,11 +1125,22 @@ class Driver:
                     self._finish_record(rec, self._fail(rec, ZdqError("zdq could not settle this task's result")), 0)
 
     def _settle_results(
-        self, rec: _Record | None, offset: int, base: int, consumer: bytes, values: list[Any], errors: dict[int, Any]
+        self,
+        rec: _Record | None,
+        offset: int,
+        base: int,
+        consumer: bytes,
+        values: list[Any],
+        errors: dict[int, Any],
+        seen: bytes | None = None,
     ) -> None:
         if offset < 0:  # the whole chunk's results did not decode: errors[0] is why
             assert rec is not None
             self._finish_record(rec, self._fail(rec, errors[0]), 0)
+            return
+        if seen is not None:  # some were cancelled and counted then: the others only
+            keep = [i for i in range(len(values)) if not seen[i]]
+            self._settle_some(rec, offset, base, consumer, values, errors, keep)
             return
         n = len(values)
         exceptions: dict[int, BaseException] = {}
@@ -1091,6 +1173,21 @@ class Driver:
                 if rec.remaining <= 0:
                     self._records.pop(rec.seq, None)
             self._cond.notify_all()
+
+    def _settle_some(
+        self,
+        rec: _Record | None,
+        offset: int,
+        base: int,
+        consumer: bytes,
+        values: list[Any],
+        errors: dict[int, Any],
+        keep: list[int],
+    ) -> None:
+        """Results of a chunk of which only the tasks ``keep`` were still awaited (the slow path:
+        the others were cancelled); one task at a time through the common path."""
+        for i in keep:
+            self._settle_results(rec, offset + i, base + i, consumer, [values[i]], {0: errors[i]} if i in errors else {})
 
     def _fail(self, rec: _Record, exc: BaseException) -> int:
         """Fail the tasks of ``rec`` that have no outcome with ``exc``; keep ``exc`` as their value in

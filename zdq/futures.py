@@ -92,7 +92,8 @@ def _on_loop(
     if cancel_source:
         def cancelled(w: asyncio.Future[Any]) -> None:
             if w.cancelled() and not fut.done():
-                loop.run_in_executor(None, fut.cancel)
+                # A daemon thread, not the loop's executor: asyncio.run() would wait for it on exit.
+                threading.Thread(target=fut.cancel, name="zdq-cancel", daemon=True).start()
 
         waiter.add_done_callback(cancelled)
     fut.add_done_callback(done)

@@ -585,6 +585,10 @@ class BrokerCore:
                         logger.error("broker %s could not write a cancellation: %s", self.name, e)
                         continue
                     question.cancelled.update(indexes.values())
+                    meta = self._storage.meta(chunk_id)
+                    if meta is not None and len(self._storage.cancelled(chunk_id)) >= meta.n_tasks:
+                        # Nothing of it would run, and its driver counts it done: it leaves now.
+                        self._storage.ack_many([chunk_id])
             elif not held.done and held.holder is not None and held.holder in self._peers:
                 token = next(self._tokens)
                 self._asked[token] = (question, held.holder, chunk_id, indexes, now + self._settings.heartbeat_timeout)

@@ -68,7 +68,7 @@ class LeaseTable:
         # them still counts, so work that finished late is not thrown away.
         self._previous: dict[int, bytes] = {}
         # Chunks split into one-task parts (after a consumer died holding them): their part ids.
-        self._parts: dict[int, list[int]] = {}
+        self._parts: dict[int, tuple[bytes, int, list[int]]] = {}
         for chunk_id, (consumer, results) in storage.recovered_results.items():
             meta = storage.meta(chunk_id)
             if meta is not None:  # done before the last stop; no driver had taken the results
@@ -126,8 +126,11 @@ class LeaseTable:
             if len(found) != 1:
                 return {}
             chunk_id = found[0]
-        parts = self._parts.get(chunk_id)
-        if parts is not None:
+        split = self._parts.get(chunk_id)
+        if split is not None:  # only its own driver may cancel what it submitted
+            part_owner, part_seq, parts = split
+            if part_owner != owner or part_seq != seq:
+                return {}
             return {parts[i]: {0: i} for i in indexes if i < len(parts)}
         meta = self.meta(chunk_id)
         if meta is None or meta.owner != owner or meta.seq != seq:
@@ -253,11 +256,13 @@ class LeaseTable:
 
     def split(self, chunk_id: int, parts: Sequence[tuple[ChunkMeta, object]]) -> list[int]:
         """Replace a leased chunk by one-task parts at the head of the queue."""
+        meta = self.meta(chunk_id)
         ids = self.storage.split(chunk_id, parts)
         if ids:
             self._held.pop(chunk_id, None)
             self._previous.pop(chunk_id, None)
-            self._parts[chunk_id] = ids  # a driver cancels by the original chunk's id
+            if meta is not None:
+                self._parts[chunk_id] = (meta.owner, meta.seq, ids)  # a driver cancels by the original's id
             if len(self._parts) > _MAX_SPLITS_KEPT:
                 del self._parts[next(iter(self._parts))]
         return ids

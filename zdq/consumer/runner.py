@@ -308,20 +308,22 @@ class Runner:
         the broker says these were cancelled before the chunk, delivered next, was leased."""
         with self._cancel_lock:
             if announced or self._chunks.get(chunk_id, False) is None:
-                if len(self._cancels) >= _MAX_CANCELS_HELD:
+                cancelled = list(indexes)
+            else:
+                run = self._chunks.get(chunk_id)
+                if run is None:
+                    return []  # finished (its DONE is on its way), or never here
+                cancelled = [i for i in indexes if 0 <= i < len(run.values) and run.cancel(i)]
+            if cancelled:
+                if chunk_id not in self._cancels and len(self._cancels) >= _MAX_CANCELS_HELD:
                     del self._cancels[next(iter(self._cancels))]
-                self._cancels.setdefault(chunk_id, set()).update(indexes)
-                return list(indexes)
-            run = self._chunks.get(chunk_id)
-            if run is None:
-                return []  # finished (its DONE is on its way), or never here
-            return [i for i in indexes if 0 <= i < len(run.values) and run.cancel(i)]
+                self._cancels.setdefault(chunk_id, set()).update(cancelled)
+            return cancelled
 
     def _forget(self, chunk_id: int) -> None:
+        # Its cancellations are kept (a bounded number): the same chunk may come again (given
+        # back, or delivered by its queue placed again while this consumer still held it).
         self._chunks.pop(chunk_id, None)
-        if self._cancels:
-            with self._cancel_lock:
-                self._cancels.pop(chunk_id, None)
 
     def _register(self, run: _ChunkRun, tasks: list[Any]) -> None:
         """A chunk starts: the cancellations that came before it take effect now."""
@@ -329,7 +331,7 @@ class Runner:
         if self._pool is not None:
             run.started = bytearray(len(tasks))
         with self._cancel_lock:
-            cancels = self._cancels.pop(run.chunk_id, None) if self._cancels else None
+            cancels = self._cancels.get(run.chunk_id) if self._cancels else None
             self._chunks[run.chunk_id] = run
         if cancels:
             placeholder = cancelled_entry(run.kind)
@@ -408,7 +410,13 @@ class Runner:
                 if started[i] == 2:
                     task = cancelled_entry(run.kind)
                 started[i] = 1
-        if run.options is not None or run.crashes or self._limited or own_options(run.kind, task) is not None:
+        if (
+            run.options is not None
+            or run.crashes
+            or self._limited
+            or is_cancelled(task)  # a raw item's placeholder must never reach process_item
+            or own_options(run.kind, task) is not None
+        ):
             self._run_careful(run, i, task)
         else:
             try:
