@@ -675,6 +675,23 @@ def test_a_consumer_pool_over_an_unstarted_or_closed_queue_pool_raises_closed_er
     expect_closed(closed, "a closed")
 
 
+def test_closing_a_queue_pool_closes_the_consumer_pools_made_on_it(client3: Client) -> None:
+    queue_pool = QueuePool(client3, 1)
+    consumers = ConsumerPool(client3, queue_pool, n_consumers=2, start=True)
+    assert queue_pool.submit(len, "ab").result(timeout=30) == 2
+    queue_pool.close()
+    assert consumers._closed
+    with pytest.raises(ClosedError):
+        consumers.start()
+    wait_until(lambda: not any(client3.run(_zdq_threads).values()), timeout=30)
+
+
+def _zdq_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("zdq-")]
+
+
 # -- both kinds of kill in one run ----------------------------------------------------------------------
 
 

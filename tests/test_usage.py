@@ -121,9 +121,29 @@ def test_bad_arguments_fail_at_the_call_naming_the_argument(client: Client, tmp_
     with QueuePool(None, 1) as queue_pool:  # the default client, as Dask's APIs take it
         with pytest.raises(ValueError, match="time_limit"):
             queue_pool.submit(add, 1, 2, time_limit="soon")
-        with ConsumerPool(client, queue_pool, heartbeat_timeout="30s", start=True) as consumers:
+        for call, match in (
+            (lambda: queue_pool.submit(add, 1, 2, timeout=-1), "timeout must not be negative"),
+            (lambda: queue_pool.submit(add, 1, 2, timeout="soon"), "timeout must be a number"),
+            (lambda: queue_pool.batch_submit([(add, 1, 2)], timeout="x"), "timeout"),
+            (lambda: queue_pool.submit_iter([(add, 1, 2)], timeout=[]), "timeout"),
+            (lambda: queue_pool.submit(add, 1, 2, retry_backoff="x"), "retry_backoff"),
+            (lambda: queue_pool.flush(timeout=-2), "timeout"),
+            (lambda: ConsumerPool(client, queue_pool, retries="x"), "retries"),
+            (lambda: ConsumerPool(client, queue_pool, max_concurrency=True), "max_concurrency"),
+        ):
+            with pytest.raises(ValueError, match=match):
+                call()
+        with pytest.raises(TypeError, match="early_ack"):
+            ConsumerPool(client, queue_pool, early_ack="yes")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="integers"):
+            queue_pool["a"]  # type: ignore[index]
+        assert queue_pool.statistics().driver.tasks_submitted == 0  # nothing was queued by any of these
+        with ConsumerPool(None, queue_pool, heartbeat_timeout="30s", start=True) as consumers:
+            assert consumers.client is queue_pool.client
             assert consumers.settings.heartbeat_timeout == 30.0
-            assert queue_pool.submit(add, 1, 2, time_limit="5s").result(timeout=30) == 3
+            assert queue_pool.submit(add, 1, 2, time_limit="5s", timeout="10s").result(timeout=30) == 3
+            with pytest.raises(ValueError, match="join's timeout"):
+                consumers.join(timeout="x")
 
 
 def test_join_with_a_progress_bar_leaves_no_thread_behind(client: Client) -> None:

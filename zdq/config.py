@@ -61,6 +61,22 @@ def seconds_or_none(value: Any, name: str) -> float | None:
     return float(seconds)
 
 
+def timeout_or_none(value: Any, name: str = "timeout") -> float | None:
+    """How long a call may wait: ``None`` (no bound), or seconds as a non-negative number or a
+    Dask time string (``"5s"``). A bad value raises ``ValueError`` naming ``name``, at the call."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number of seconds, a time string like '5s', or None; got {value!r}")
+    try:
+        seconds = float(value) if isinstance(value, (int, float)) else parse_timedelta(value, default="seconds")
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"{name} must be a number of seconds, a time string like '5s', or None; got {value!r}") from e
+    if seconds is None or seconds < 0:
+        raise ValueError(f"{name} must not be negative, got {value!r}")
+    return float(seconds)
+
+
 def _bytes(value: Any) -> int:
     return int(parse_bytes(value)) if isinstance(value, str) else int(value)
 

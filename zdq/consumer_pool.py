@@ -12,7 +12,7 @@ from typing import Any
 from distributed import Client
 
 from zdq._actor import check_resources, pick_worker, start_supervisor
-from zdq.config import seconds_or_none
+from zdq.config import seconds_or_none, timeout_or_none
 from zdq.consumer import Consumer, ConsumerBaseClass, GeneralConsumer
 from zdq.driver import NO_CONSUMER
 from zdq.errors import ClosedError, NoConsumers, PlacementError, ZdqTimeoutError
@@ -31,6 +31,10 @@ EARLIER = "earlier-consumers"
 NOT_RUN = "not-run"
 
 logger = logging.getLogger(__name__)
+
+
+def _integer(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 #: Consumers whose health() is asked per supervision round (every 2 s or two heartbeats).
 _HEALTH_PER_ROUND = 8
@@ -98,7 +102,7 @@ class ConsumerPool:
 
     def __init__(
         self,
-        client: Client,
+        client: Client | None,
         queue_pool: QueuePool,
         ConsumerClass: type[ConsumerBaseClass] = GeneralConsumer,
         n_consumers: int = 1,
@@ -116,15 +120,22 @@ class ConsumerPool:
     ) -> None:
         if not (isinstance(ConsumerClass, type) and issubclass(ConsumerClass, ConsumerBaseClass)):
             raise TypeError(f"ConsumerClass must be a subclass of ConsumerBaseClass, got {ConsumerClass!r}")
-        if not isinstance(n_consumers, int) or n_consumers < 1:
-            raise ValueError(f"n_consumers must be a positive integer, got {n_consumers!r}")
-        if not isinstance(max_concurrency, int) or max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be a positive integer, got {max_concurrency!r}")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        for label, value, least in (("n_consumers", n_consumers, 1), ("max_concurrency", max_concurrency, 1)):
+            if not _integer(value, least):
+                raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        if batch_size is not None and not _integer(batch_size, 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if retries is not None and not _integer(retries, 0):
+            raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
+        if not isinstance(early_ack, bool):
+            raise TypeError(f"early_ack must be True or False, got {early_ack!r}")
         if not isinstance(queue_pool, QueuePool):
             raise TypeError(f"ConsumerPool needs a QueuePool, got {queue_pool!r:.80}")
         queue_pool.driver  # a pool that is not started or is closed raises ClosedError here
+        if client is None:  # as QueuePool(None, ...): the queue pool's own client
+            client = queue_pool.client
+        elif not isinstance(client, Client):
+            raise TypeError(f"ConsumerPool needs a distributed.Client (or None), got {client!r:.80}")
         self.client = client
         self.queue_pool = queue_pool
         self.consumer_class = ConsumerClass
@@ -310,8 +321,9 @@ class ConsumerPool:
 
     # -- daskqueue API --------------------------------------------------------------------------
     def start(self) -> None:
-        """Start every consumer: each connects to every queue and pulls work."""
+        """Start every consumer: each connects to the queues it serves and pulls work."""
         self._check_open()
+        self.queue_pool.driver  # a QueuePool closed meanwhile raises ClosedError here
         logger.info("Starting %d consumers", self.n_consumers)
         self._running = True
         self._each("start", timeout=60, args_of=self._start_args)
@@ -376,6 +388,7 @@ class ConsumerPool:
             Raise :class:`ZdqTimeoutError` if the work is not done by then.
         """
         self._check_open()
+        timeout = timeout_or_none(timeout, "join's timeout")
         driver = self.queue_pool.driver
         logger.info("Waiting for the %d consumers to process all items in queue_pool...", self.n_consumers)
         deadline = None if timeout is None else time.monotonic() + timeout

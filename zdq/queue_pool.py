@@ -27,7 +27,7 @@ from zdq import config
 from zdq._actor import candidate_workers, check_resources, pick_worker, start_supervisor
 from zdq.broker import Broker
 from zdq.consumer import GeneralConsumer
-from zdq.config import PoolSettings, seconds_or_none, settings
+from zdq.config import PoolSettings, seconds_or_none, settings, timeout_or_none
 from zdq.handles import QueueHandle
 from zdq.driver import Driver
 from zdq.errors import (
@@ -585,9 +585,13 @@ class QueuePool:
         self.driver.fail_chunks_of(i, BrokerLost(str(error)))
 
     def close(self) -> None:
-        """Stop the driver and every broker; pending futures fail with ClosedError. Idempotent."""
+        """Stop the driver and every broker; pending futures fail with ClosedError. The
+        ConsumerPools made on this pool are closed first (their consumers would serve nothing).
+        Idempotent."""
         if self._closed:
             return
+        for consumers in self.consumer_pools():
+            consumers.close()
         self._closed = True
         self._stop_supervisor.set()
         if self._supervisor is not None:
@@ -712,6 +716,7 @@ class QueuePool:
         """Like :meth:`submit` with explicit ``args``/``kwargs``; ``options`` as in :class:`TaskOptions`."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
+        timeout = timeout_or_none(timeout)
         task = call_task(fn, args, kwargs, self._options(options))
         return self.driver.submit_task(dumps_task(task), timeout=timeout)
 
@@ -789,6 +794,7 @@ class QueuePool:
         timeout: float | None,
     ) -> BatchFuture:
         driver = self.driver
+        timeout = timeout_or_none(timeout)
         chunking = Chunking.of(self.settings)
         size = self._chunk_size(chunking, batch_size, len(entries))
         base = driver.reserve(len(entries))
@@ -827,6 +833,7 @@ class QueuePool:
         room (:class:`~zdq.errors.SubmitTimeout`); the task options are as in :meth:`submit`.
         """
         driver = self.driver
+        timeout = timeout_or_none(timeout)
         chunking = Chunking.of(self.settings)
         size = self._chunk_size(chunking, batch_size)
         given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
@@ -857,7 +864,7 @@ class QueuePool:
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until every chunk submitted so far is stored by its broker."""
-        self.driver.flush(timeout)
+        self.driver.flush(timeout_or_none(timeout))
 
     # -- dead letters -------------------------------------------------------------------------
     def _owned(self, what: str) -> None:
@@ -962,7 +969,9 @@ class QueuePool:
     def __getitem__(self, index: int) -> QueueHandle:
         """Queue ``index``: ``qsize()``, ``empty()``, ``pid()``, ``statistics()``... (daskqueue's
         queue methods), each returning something with ``.result()``."""
-        if not isinstance(index, int) or not -self.n_queues <= index < self.n_queues:
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise TypeError(f"queue indices are integers, got {index!r:.80}")
+        if not -self.n_queues <= index < self.n_queues:
             raise IndexError(f"queue index {index!r} out of range: the pool has {self.n_queues} queues")
         return QueueHandle(self, index % self.n_queues)
 

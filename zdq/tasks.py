@@ -120,10 +120,12 @@ class TaskOptions:
     time_limit: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.retries, int) or self.retries < 0:
+        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
             raise ValueError(f"retries must be a non-negative integer, got {self.retries!r}")
-        if self.retry_backoff < 0 or self.retry_backoff_max < 0:
-            raise ValueError("retry_backoff and retry_backoff_max must not be negative")
+        for name in ("retry_backoff", "retry_backoff_max"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
         if self.time_limit is not None and self.time_limit <= 0:
             raise ValueError(f"a time limit must be positive, got {self.time_limit!r}")
         if not self.retry_on or not all(isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on):
