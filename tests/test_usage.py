@@ -77,12 +77,20 @@ def test_a_consumer_pool_made_with_start_true_runs_at_once_and_join_stop_false_l
         assert late.result(timeout=30) == 6
 
 
-def test_a_small_batch_of_long_tasks_runs_on_every_consumer(client: Client) -> None:
+@pytest.mark.parametrize("how", ["batch_submit", "submit_iter", "submit_iter of a generator with total", "submit"])
+def test_a_small_batch_of_long_tasks_runs_on_every_consumer(client: Client, how: str) -> None:
     with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
         consumers.start()
+        calls = [(sleep, 0.005) for _ in range(1000)]
         start = time.monotonic()
-        batch = queue_pool.batch_submit([(sleep, 0.005) for _ in range(1000)])
-        assert batch.result(timeout=60) == [0.005] * 1000
+        if how == "batch_submit":
+            assert queue_pool.batch_submit(calls).result(timeout=60) == [0.005] * 1000
+        elif how == "submit":
+            futures = [queue_pool.submit(*call) for call in calls]
+            assert [f.result(timeout=60) for f in futures] == [0.005] * 1000
+        else:
+            queue_pool.submit_iter(calls if how == "submit_iter" else iter(calls), total=1000)
+            consumers.join(timeout=60)
         elapsed = time.monotonic() - start
         per_consumer = [len(r) for r in consumers.results().values()]
         assert len(per_consumer) == 2 and min(per_consumer) >= 200, per_consumer

@@ -118,13 +118,17 @@ class Chunking:
         that; the rest waits, loose, for confirms."""
         return room * self.chunk_size
 
-    def loose_runs(self, loose: Sequence[tuple[Any, ...]], n_brokers: int) -> Iterator[tuple[int, int]]:
+    def loose_runs(
+        self, loose: Sequence[tuple[Any, ...]], n_brokers: int, consumers: int = 0
+    ) -> Iterator[tuple[int, int]]:
         """The ``(start, end)`` slices of ``loose`` tasks (tuples whose first element is the task
         id, in order) that make one chunk each: at most ``chunk-size`` tasks of consecutive ids,
-        and when they are few, one slice per broker, as even as possible."""
+        and when they are few, enough slices for each broker and for each of ``consumers`` to
+        hold its prefetch, as even as possible."""
         size = self.chunk_size
-        if len(loose) < size * n_brokers:
-            size = max(1, -(-len(loose) // n_brokers))
+        parts = max(n_brokers, consumers * self.prefetch)
+        if len(loose) < size * parts:
+            size = max(1, -(-len(loose) // parts))
         start = 0
         while start < len(loose):
             end = min(start + size, len(loose))

@@ -175,6 +175,7 @@ class ConsumerPool:
         self._health_due = 0.0
         self._health_next = 0  # the consumer whose health is asked next
         queue_pool.subscribe(self)
+        queue_pool.consumers_changed()
         try:
             for i in range(n_consumers):
                 self._place(i)
@@ -552,6 +553,7 @@ class ConsumerPool:
                 fut.release()
         self._actor_futures = [None] * self.n_consumers
         self._consumers = [None] * self.n_consumers
+        self.queue_pool.consumers_changed()
 
     def __enter__(self) -> ConsumerPool:
         return self

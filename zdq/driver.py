@@ -271,6 +271,8 @@ class Driver:
         # by a caller (token -> task ids cancelled, None until the answer comes).
         self._cancel_asks: dict[int, tuple[_Record, tuple[int, ...]]] = {}
         self._cancel_answers: dict[int, list[int] | None] = {}
+        #: Consumers serving this pool (set by the pool): single tasks are cut so all get some.
+        self.consumers = 0
         # Task ids the I/O thread is turning from loose tasks into records (neither, meanwhile).
         self._packing: tuple[int, int] | None = None
         self._foreign = 0
@@ -913,7 +915,7 @@ class Driver:
 
     def _pack_loose(self, loose: list[tuple[int, bytes, TaskFuture]], n_brokers: int) -> None:
         chunking = self._chunking
-        for start, end in chunking.loose_runs(loose, n_brokers):
+        for start, end in chunking.loose_runs(loose, n_brokers, self.consumers):
             part = loose[start:end]
             first = part[0][0]
             futures = [fut for _, _, fut in part]

@@ -441,6 +441,11 @@ class QueuePool:
         self._listeners.add(listener)
         self._subscribed.append(weakref.ref(listener))
 
+    def consumers_changed(self) -> None:
+        """A ConsumerPool of this pool was made or closed: single tasks are cut for the new count."""
+        if self._driver is not None:
+            self._driver.consumers = sum(pool.n_consumers for pool in self.consumer_pools())
+
     def consumer_pools(self) -> list[Any]:
         """The live ConsumerPools of this pool, oldest first."""
         from zdq.consumer_pool import ConsumerPool
@@ -835,13 +840,14 @@ class QueuePool:
         driver = self.driver
         timeout = timeout_or_none(timeout)
         chunking = Chunking.of(self.settings)
-        size = self._chunk_size(chunking, batch_size)
         given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
         options = self._options({k: v for k, v in given.items() if v is not None})
         if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total < 0):
             raise ValueError(f"total must be a non-negative integer, got {total!r}")
         if total is None and hasattr(calls, "__len__"):
             total = len(calls)  # type: ignore[arg-type]
+        # A known total is spread over every consumer, as a batch is; an endless stream is not.
+        size = self._chunk_size(chunking, batch_size, total or None)
         count = 0
         bar = _insert_bar(total) if progress else None
         try:
