@@ -787,3 +787,27 @@ def test_closing_a_durable_pool_right_after_its_results_leaves_nothing_stored(cl
             assert qp.batch_submit([(add, i) for i in range(50)]).result(timeout=30) == list(range(50))
     report = inspect_queue(str(tmp_path / "default-queue-0"))
     assert (report["ready_tasks"], report["leased_tasks"]) == (0, 0), report
+
+
+def test_a_batch_cut_off_by_its_timeout_says_what_was_queued_and_every_task_settles(client3: Client) -> None:
+    fast = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s", "window": 2}
+    with (
+        QueuePool(client3, 1, workers=["a"], **fast) as queue_pool,
+        ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"]) as consumers,
+    ):
+        pid = pid_of(client3, "a")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(SubmitTimeout) as info:
+                queue_pool.batch_submit([(len, "abc")] * 100, batch_size=10, timeout=2)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        error = info.value
+        assert error.queued == 20 and "20 of the batch's 100 tasks were queued" in str(error)
+        assert "confirmed nothing" in str(error) and queue_pool.queue_names[0] in str(error)
+        consumers.start()
+        with pytest.raises(BatchError) as failed:
+            error.future.result(timeout=60)  # type: ignore[attr-defined]
+        assert failed.value.values[:20] == [3] * 20
+        assert sorted(failed.value.errors) == list(range(20, 100))
+        assert all(isinstance(e, SubmitTimeout) for e in failed.value.errors.values())

@@ -545,6 +545,19 @@ class Driver:
         )
         if down:
             why += f"; queues {', '.join(down)} are down (their workers were lost) and being placed again"
+        now = time.monotonic()
+        stalled = [
+            self._queue_names[link.index]
+            for link in self._links
+            if link.state is LinkState.UP
+            and link.unconfirmed >= self._settings.window
+            and now - link.confirmed_at >= _STALLED
+        ]
+        if stalled:
+            why += (
+                f"; queues {', '.join(stalled)} have confirmed nothing for a while (their workers are stopped, "
+                "or too busy to serve them)"
+            )
         return why + ": the submission timed out waiting for room"
 
     def flush(self, timeout: float | None = None) -> None:

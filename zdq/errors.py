@@ -85,7 +85,19 @@ class ZdqTimeoutError(ZdqError, TimeoutError):
 
 
 class SubmitTimeout(ZdqTimeoutError):
-    """Submitting blocked on a full window for longer than the timeout allowed."""
+    """Submitting blocked on a full window for longer than the timeout allowed.
+
+    Attributes
+    ----------
+    future : BatchFuture or None
+        For a batch cut off part-way: the batch's future. The tasks queued before the timeout
+        run and report there; the others hold this error.
+    queued : int
+        How many tasks of that batch were queued (0 for a single submission).
+    """
+
+    future: object = None
+    queued: int = 0
 
 
 class TaskTimeout(ZdqTimeoutError):

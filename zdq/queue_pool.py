@@ -810,7 +810,21 @@ class QueuePool:
         batch._hint = self._why_waiting
         batch._driver = driver
         for first, n, payload in packed:
-            driver.submit_chunk(first, n, payload, batch, first - base, timeout=timeout)
+            try:
+                driver.submit_chunk(first, n, payload, batch, first - base, timeout=timeout)
+            except SubmitTimeout as e:
+                queued = first - base
+                if not queued:
+                    raise
+                # Part of the batch is queued and will run: its future must still settle.
+                error = SubmitTimeout(
+                    f"{e} ({queued} of the batch's {len(entries)} tasks were queued before the timeout: "
+                    "they run and report on this error's .future, where the others hold this error; "
+                    "error.future.cancel() cancels those that have not started)"
+                )
+                error.future, error.queued = batch, queued
+                batch._fail(queued, len(entries) - queued, error)
+                raise error from None
         return batch
 
     def submit_iter(
