@@ -811,3 +811,20 @@ def test_a_batch_cut_off_by_its_timeout_says_what_was_queued_and_every_task_sett
         assert failed.value.values[:20] == [3] * 20
         assert sorted(failed.value.errors) == list(range(20, 100))
         assert all(isinstance(e, SubmitTimeout) for e in failed.value.errors.values())
+
+
+def test_a_queue_handle_answers_at_once_with_a_future_even_when_its_queue_is_stopped(client3: Client) -> None:
+    with QueuePool(client3, 1, workers=["a"], heartbeat_interval="250ms", heartbeat_timeout="2s") as queue_pool:
+        queue_pool.submit(len, "abc")
+        queue_pool.flush(timeout=30)
+        pid = pid_of(client3, "a")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            size = queue_pool[0].qsize(timeout=1)
+            assert time.monotonic() - start < 0.5 and not size.done()
+            with pytest.raises(ZdqError):
+                size.result(timeout=30)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert queue_pool[0].qsize().result(timeout=30) == 1

@@ -9,9 +9,11 @@ dead letters) go to the queue's broker actor, whichever worker it lives on now.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from zdq.errors import BrokerLost
+from zdq.errors import BrokerLost, ZdqTimeoutError
 
 if TYPE_CHECKING:
     from zdq.queue_pool import QueuePool
@@ -28,6 +30,21 @@ def _done(value: Any = None, exc: BaseException | None = None) -> concurrent.fut
     return fut
 
 
+def _in_background(fn: Callable[[], Any], name: str) -> concurrent.futures.Future[Any]:
+    """A future of ``fn()``, run on a thread of its own: the caller gets it at once, as daskqueue's
+    actor futures were, even when the queue is slow to answer."""
+    fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - the future carries it, as an actor future would
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
+
+
 class QueueHandle:
     """Queue ``index`` of a :class:`~zdq.queue_pool.QueuePool`.
 
@@ -40,23 +57,23 @@ class QueueHandle:
         self.index = index
         self.name = pool.queue_names[index]
 
-    def _pending(self, timeout: float) -> concurrent.futures.Future[Any]:
+    def _pending(self, timeout: float) -> int:
         try:
             self._pool.flush(timeout)
-            status = self._pool.queue_status(timeout)[self.index]
-        except Exception as e:  # the future carries it, as an actor future would
-            return _done(exc=e)
+        except ZdqTimeoutError as e:
+            raise ZdqTimeoutError(f"queue {self.name}: its size is not known within {timeout}s ({e})") from None
+        status = self._pool.queue_status(timeout)[self.index]
         if status is None:
-            return _done(exc=BrokerLost(f"queue {self.name} is down: its worker was lost and it is being placed again"))
-        return _done(status.ready_tasks + status.leased_tasks)
+            raise BrokerLost(f"queue {self.name} is down: its worker was lost and it is being placed again")
+        return status.ready_tasks + status.leased_tasks
 
     def qsize(self, timeout: float = 30.0) -> concurrent.futures.Future[Any]:
-        """Tasks pending in this queue (stored, not yet acknowledged)."""
-        return self._pending(timeout)
+        """Tasks pending in this queue (stored, not yet acknowledged): a future, returned at once."""
+        return _in_background(lambda: self._pending(timeout), f"zdq-qsize-{self.name}")
 
     def empty(self, timeout: float = 30.0) -> concurrent.futures.Future[Any]:
-        fut = self._pending(timeout)
-        return fut if fut.exception() is not None else _done(fut.result() == 0)
+        """Whether this queue holds nothing pending: a future, returned at once."""
+        return _in_background(lambda: self._pending(timeout) == 0, f"zdq-qsize-{self.name}")
 
     def full(self) -> concurrent.futures.Future[Any]:
         """Always False: a zdq queue is bounded by its storage, not by a count (submitting blocks

@@ -41,6 +41,7 @@ from zdq.errors import (
     StorageCorrupt,
     SubmitTimeout,
     ZdqError,
+    ZdqTimeoutError,
 )
 from zdq import registry
 from zdq.transport import protocol as p
@@ -976,7 +977,10 @@ class QueuePool:
         BrokerLost
             A queue is down (lost with its worker, being placed again): its size is not known.
         """
-        self.flush(timeout)
+        try:
+            self.flush(timeout)
+        except ZdqTimeoutError as e:
+            raise ZdqTimeoutError(f"the queues' sizes are not known within {timeout}s ({e})") from None
         statuses = self.queue_status(timeout)
         down = [name for name, s in zip(self.queue_names, statuses) if s is None]
         if down:
