@@ -124,12 +124,17 @@ def test_unpicklable_work_is_refused_with_the_culprit_named_and_nothing_queued(c
         with pytest.raises(SerializationError, match="function"):
             queue_pool.submit(lock.acquire)
         calls = [(add, i) for i in range(5000)] + [(add, lock)] + [(add, i) for i in range(5000)]
-        with pytest.raises(SerializationError, match="argument 0"):
+        with pytest.raises(SerializationError, match="item 5000 of the batch: .*argument 0"):
             queue_pool.batch_submit(calls, batch_size=1000)
-        with pytest.raises(SerializationError):
+        with pytest.raises(SerializationError, match="item 5000: .*argument 0"):
+            queue_pool.submit_iter(iter(calls[:5001]), batch_size=1000)
+        with pytest.raises(SerializationError, match="cannot put the item"):
             queue_pool.put(lock)
-        assert queue_pool.get_queue_size() == dict.fromkeys(queue_pool.queue_names, 0)
-        assert queue_pool.statistics().driver.tasks_submitted == 0
+        with pytest.raises(SerializationError, match="cannot put the item"):
+            queue_pool.put_many(["a", lock])
+        sizes = queue_pool.get_queue_size()
+        assert sum(sizes.values()) == 5000  # only the submit_iter chunks before the culprit
+        assert queue_pool.statistics().driver.tasks_submitted == 5000
 
 
 def test_bad_arguments_get_clear_errors(client: Client) -> None:

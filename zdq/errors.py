@@ -44,7 +44,11 @@ class ClosedError(ZdqError, RuntimeError):
 
 
 class SerializationError(ZdqError, TypeError):
-    """A function, argument or result could not be pickled; the message names the culprit."""
+    """A function, argument or result could not be pickled; the message names the culprit.
+
+    ``task_id``: the id of the task at fault, when it is known (a batch names its position)."""
+
+    task_id: int | None = None
 
 
 class ProtocolError(ZdqError, ValueError):

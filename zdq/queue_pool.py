@@ -806,7 +806,12 @@ class QueuePool:
         base = driver.reserve(len(entries))
         # Pickle everything before sending anything: a task that cannot be pickled leaves nothing
         # queued (its reserved ids are simply never used).
-        packed = chunking.pack_batch(base, entries, size, driver.payload_key, kind, options)
+        try:
+            packed = chunking.pack_batch(base, entries, size, driver.payload_key, kind, options)
+        except SerializationError as e:
+            if e.task_id is None:
+                raise
+            raise SerializationError(f"item {e.task_id - base} of the batch: {e}; nothing of the batch was queued") from e
         batch = BatchFuture(base, len(entries))
         batch._hint = self._why_waiting
         batch._driver = driver
@@ -872,7 +877,8 @@ class QueuePool:
                 try:
                     packed = chunking.pack(base, part, driver.payload_key, CALLS, options)
                 except SerializationError as e:
-                    raise SerializationError(f"{e} ({count} tasks before this chunk were queued)") from e
+                    at = f"item {count + e.task_id - base}: " if e.task_id is not None else ""
+                    raise SerializationError(f"{at}{e} ({count} tasks before this chunk were queued)") from e
                 for first, n, payload in packed:
                     driver.submit_chunk(first, n, payload, None, 0, timeout=timeout)
                 count += len(part)

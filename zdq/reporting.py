@@ -54,7 +54,7 @@ class FailureLog:
     def flush(self) -> None:
         if self._unlogged:
             logger.warning(
-                "pool %s: %d more tasks failed in the last %.0f s (the last: %s)",
+                "pool %s: %d more tasks failed in the last %.1f s (the last: %s)",
                 self._pool,
                 self._unlogged,
                 time.monotonic() - self._since,

@@ -64,6 +64,8 @@ def check_picklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | Non
         return
     except Exception as e:
         whole = e
+    if fn is None:  # a raw item, for process_item
+        raise SerializationError(f"cannot put the item {_describe(args[0] if args else None)}: it cannot be pickled: {whole}") from whole
     fname = getattr(fn, "__qualname__", None) or _describe(fn)
     parts: list[tuple[str, Any]] = [("function", fn)]
     parts += [(f"argument {i}", a) for i, a in enumerate(args)]

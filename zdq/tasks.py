@@ -195,12 +195,18 @@ _PARTS: dict[int, Callable[[Any], tuple[Any, tuple[Any, ...], dict[str, Any] | N
 }
 
 
-def _culprit(entries: list[Any], kind: int) -> None:
-    """Raise :class:`SerializationError` naming the first entry part that cannot be pickled."""
+def _culprit(entries: list[Any], kind: int, base_task_id: int | None = None) -> None:
+    """Raise :class:`SerializationError` naming the first entry part that cannot be pickled (and
+    setting its ``task_id``, when the chunk's ``base_task_id`` is known)."""
     parts = _PARTS.get(kind)  # PICKLED entries are bytes: they always pickle
     if parts is not None:
-        for entry in entries:
-            check_picklable(*parts(entry))
+        for i, entry in enumerate(entries):
+            try:
+                check_picklable(*parts(entry))
+            except SerializationError as e:
+                if base_task_id is not None:
+                    e.task_id = base_task_id + i
+                raise
 
 
 def dumps_chunk(
@@ -216,7 +222,7 @@ def dumps_chunk(
         dumps = pickle.dumps if kind == PICKLED else cloudpickle.dumps
         return seal(key, dumps((base_task_id, kind, entries, options), protocol=PROTOCOL))
     except Exception as e:
-        _culprit(entries, kind)
+        _culprit(entries, kind, base_task_id)
         raise SerializationError(f"a chunk of {len(entries)} tasks cannot be pickled: {e}") from e
 
 
