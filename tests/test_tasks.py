@@ -162,11 +162,12 @@ def test_the_part_that_cannot_be_pickled_is_named_for_every_kind() -> None:
         dumps_chunk(0, [(add, 1, 2), (add, 1, lock)], None, CALLS)
     with pytest.raises(SerializationError, match="keyword argument 'b'"):
         dumps_chunk(0, [call_task(add, (1,), {"b": lock})], None, TASKS)
-    with pytest.raises(SerializationError, match="argument 0"):
-        dumps_chunk(0, ["fine", lock], None, ITEMS)
+    with pytest.raises(SerializationError, match="cannot put the item") as info:
+        dumps_chunk(7, ["fine", lock], None, ITEMS)
+    assert info.value.task_id == 8
     with pytest.raises(SerializationError, match="add: its argument 0"):
         dumps_task(call_task(add, (lock,)))
-    with pytest.raises(SerializationError, match="argument 0"):
+    with pytest.raises(SerializationError, match="cannot put the item"):
         dumps_task(item_task(lock))
 
 
