@@ -197,3 +197,15 @@ def test_a_task_longer_than_the_heartbeat_timeout_keeps_its_lease(client3: Clien
             assert queue_pool.submit(sleep, 5.0).result(timeout=60) == 5.0  # 2.5× the timeout
             stats = queue_pool.broker_statistics()[0]
             assert stats.chunks_redelivered == 0 and stats.chunks_split == 0
+
+
+def test_a_durable_queue_placed_by_worker_address_recovers_on_the_restarted_worker(client3: Client, tmp_path: Path) -> None:
+    (address,) = [a for a, w in client3.scheduler_info()["workers"].items() if w["name"] == "a"]
+    with QueuePool(client3, 1, durability="durable", dirpath=tmp_path, workers=[address], **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=1, workers=["b"], start=True):
+            qp.flush()
+            first = qp.submit(add, 1, 2)
+            assert first.result(timeout=60) == 3
+            os.kill(_pid_of(client3, "a"), signal.SIGKILL)
+            wait_until(lambda: qp.recoveries >= 1, timeout=120)  # at the nanny's new address for "a"
+            assert qp.submit(add, 2, 3).result(timeout=120) == 5

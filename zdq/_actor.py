@@ -70,6 +70,23 @@ def check_resources(resources: Any) -> dict[str, float] | None:
     return {k: float(v) for k, v in resources.items()}
 
 
+def allowed_workers(client: Any, workers: Any) -> list[str] | None:
+    """``workers=`` of a pool: addresses or names, as given, plus the name of each worker given
+    by address (a nanny restarts a killed worker at a new address under the same name, and a
+    durable queue must be placed again there)."""
+    if workers is None:
+        return None
+    if isinstance(workers, str) or not all(isinstance(w, str) for w in workers):
+        raise TypeError(f"workers must be a list of worker addresses or names, got {workers!r:.80}")
+    allowed = list(workers)
+    known = client.scheduler_info(n_workers=-1)["workers"]
+    for address in workers:
+        name = known.get(address, {}).get("name")
+        if name is not None and str(name) not in allowed:
+            allowed.append(str(name))
+    return allowed
+
+
 def candidate_workers(client: Any, allowed: list[str] | None, resources: dict[str, float] | None = None) -> list[str]:
     """Addresses of the live workers an actor may be placed on, in a stable order.
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from distributed import Client
 
-from zdq._actor import check_resources, pick_worker, start_supervisor
+from zdq._actor import allowed_workers, check_resources, pick_worker, start_supervisor
 from zdq.config import seconds_or_none, timeout_or_none
 from zdq.consumer import Consumer, ConsumerBaseClass, GeneralConsumer
 from zdq.driver import NO_CONSUMER
@@ -159,7 +159,7 @@ class ConsumerPool:
             served_queues(i, n_consumers, queue_pool.n_queues, fan_out=self.settings.fan_out)
             for i in range(n_consumers)
         ]
-        self._allowed_workers = list(workers) if workers is not None else None
+        self._allowed_workers = allowed_workers(client, workers)
         self.resources = check_resources(resources)
         self._placed_on: dict[int, str] = {}
         # Every identity each consumer slot had: a replacement gets a new one, results keep all.
@@ -406,6 +406,7 @@ class ConsumerPool:
                     driver.flush(timeout=left)
                 except ZdqTimeoutError:
                     pass  # the deadline is checked below
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 statuses = driver.queue_status(timeout=10 if left is None else min(10.0, max(left, 0.1)))
                 known = [s for s in statuses if s is not None]
                 pending = sum(s.ready_tasks + s.leased_tasks + s.waiting_tasks for s in known)

@@ -24,7 +24,7 @@ import time
 from distributed import Client
 
 from zdq import config
-from zdq._actor import candidate_workers, check_resources, pick_worker, start_supervisor
+from zdq._actor import allowed_workers, candidate_workers, check_resources, pick_worker, start_supervisor
 from zdq.broker import Broker
 from zdq.consumer import GeneralConsumer
 from zdq.config import PoolSettings, seconds_or_none, settings, timeout_or_none
@@ -208,7 +208,7 @@ class QueuePool:
         self.consumer_batch_size: int | None = None
         #: Each queue's name (see :func:`zdq.names.queue_name`): the keys of get_queue_size().
         self.queue_names = [queue_name(self.name, i) for i in range(n_queues)]
-        self._allowed_workers = list(workers) if workers is not None else None
+        self._allowed_workers = allowed_workers(client, workers)
         self.resources = check_resources(resources)
         self.auth = bool(config.get("auth")) if auth is None else bool(auth)
         self._keys: PoolKeys | None = None
