@@ -124,14 +124,21 @@ class Chunking:
         """The ``(start, end)`` slices of ``loose`` tasks (tuples whose first element is the task
         id, in order) that make one chunk each: at most ``chunk-size`` tasks of consecutive ids,
         and when they are few, enough slices for each broker and for each of ``consumers`` to
-        hold its prefetch, as even as possible."""
-        size = self.chunk_size
+        hold its prefetch. Slices go to the brokers in turn: each round of ``n_brokers`` slices
+        is even, so each broker gets an even share (10 tasks over 2 queues: 5 and 5, as in
+        daskqueue), in as many pieces as the consumers need."""
         parts = max(n_brokers, consumers * self.prefetch)
-        if len(loose) < size * parts:
-            size = max(1, -(-len(loose) // parts))
+        sizes: Iterator[int]
+        if len(loose) < self.chunk_size * parts:
+            rounds = -(-parts // n_brokers)  # pieces per broker
+            shares = _even(len(loose), n_brokers)
+            pieces = [_even(share, rounds) for share in shares]
+            sizes = iter([p[r] for r in range(rounds) for p in pieces if p[r]])
+        else:
+            sizes = itertools.repeat(self.chunk_size)
         start = 0
         while start < len(loose):
-            end = min(start + size, len(loose))
+            end = min(start + next(sizes, self.chunk_size), len(loose))
             first = loose[start][0]
             for j in range(start + 1, end):
                 if loose[j][0] != first + (j - start):
@@ -178,3 +185,8 @@ class Chunking:
         return self.pack(first, entries[:half], key, kind, options) + self.pack(
             first + half, entries[half:], key, kind, options
         )
+
+
+def _even(n: int, k: int) -> list[int]:
+    """``n`` split into ``k`` sizes that differ by one at most, the larger first."""
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
