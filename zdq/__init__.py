@@ -7,6 +7,7 @@ from zdq.config import PoolSettings, settings
 from zdq.consumer import ConsumerBaseClass, GeneralConsumer
 from zdq.consumer_pool import ConsumerPool
 from zdq.errors import (
+    AddressError,
     BatchError,
     BrokerLost,
     ClosedError,
@@ -55,6 +56,7 @@ __all__ = [
     "SerializationError",
     "ProtocolError",
     "PlacementError",
+    "AddressError",
     "BrokerLost",
     "StorageError",
     "StorageFull",

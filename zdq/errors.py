@@ -16,6 +16,7 @@ __all__ = [
     "SerializationError",
     "ProtocolError",
     "PlacementError",
+    "AddressError",
     "BrokerLost",
     "StorageError",
     "StorageFull",
@@ -53,6 +54,12 @@ class ProtocolError(ZdqError, ValueError):
 
 class PlacementError(ZdqError):
     """Dask could not place or start a broker or consumer actor."""
+
+
+class AddressError(PlacementError):
+    """A broker cannot bind where it should: its worker's address has a scheme zdq cannot serve
+    (``ucx://``...), ``zdq.bind-host`` is no address of the worker's host, or ``zdq.ports`` has no
+    free port left. The message names the setting to change."""
 
 
 class BrokerLost(ZdqError, ConnectionError):

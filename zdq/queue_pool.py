@@ -44,6 +44,7 @@ from zdq.errors import (
 )
 from zdq import registry
 from zdq.transport import protocol as p
+from zdq.transport.addresses import host_of
 from zdq.transport.sockets import new_identity
 from zdq.futures import BatchFuture, TaskFuture
 from zdq.chunking import Chunking
@@ -81,12 +82,6 @@ def _durability(value: Durability | str) -> Durability:
         return Durability(value.value if isinstance(value, Durability) else str(value).lower())
     except ValueError:
         raise ValueError(f"durability must be 'transient' or 'durable', got {value!r}") from None
-
-
-def _host_of(address: str) -> str:
-    from zdq.transport.sockets import worker_host
-
-    return worker_host(address, "127.0.0.1")
 
 
 def _insert_bar(total: int | None) -> Any:
@@ -315,7 +310,11 @@ class QueuePool:
             starts = [b.start(self._identity) for b in self._brokers]
             self.endpoints = [call.result(timeout=60) for call in starts]
             wheres = [b.where() for b in self._brokers]
-            self._where = [(str(h), str(q)) for h, q in (call.result(timeout=60) for call in wheres)]
+            # A queue's host is its worker's as the scheduler names it, the name recovery places
+            # by (the broker's own view may be another name of the same machine).
+            self._where = [
+                (host_of(self._placed_on[i]), str(q)) for i, (_, q) in enumerate(call.result(timeout=60) for call in wheres)
+            ]
             self.payload_key = self._agree_payload_key()
         except ZdqError:
             self._release_actors()
@@ -407,7 +406,7 @@ class QueuePool:
         durable queue, whose directory is on that host's disk), and never creating a new queue."""
         allowed = self._allowed_workers
         if host is not None:
-            here = [a for a in candidate_workers(self.client, allowed) if _host_of(a) == host]
+            here = [a for a in candidate_workers(self.client, allowed) if host_of(a) == host]
             if not here:
                 raise PlacementError(
                     f"durable queue {self.queue_names[i]} lives in {self._queue_dir(i)} on host {host}, "
@@ -510,8 +509,8 @@ class QueuePool:
         try:
             broker = fut.result(timeout=60)
             endpoint = broker.start(self._identity).result(timeout=60)
-            host_found, id_found = broker.where().result(timeout=60)
-            where = (str(host_found), str(id_found))
+            _, id_found = broker.where().result(timeout=60)
+            where = (host_of(self._placed_on[i]), str(id_found))
             if not transient and where != self._where[i]:
                 raise QueueMissing(
                     f"durable queue {name} placed again on host {where[0]} found queue id {where[1]} in "
