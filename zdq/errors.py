@@ -18,6 +18,7 @@ __all__ = [
     "PlacementError",
     "AddressError",
     "BrokerLost",
+    "BrokerUnreachable",
     "StorageError",
     "StorageFull",
     "StorageCorrupt",
@@ -64,6 +65,13 @@ class AddressError(PlacementError):
 
 class BrokerLost(ZdqError, ConnectionError):
     """The broker that held a task is gone, and the task was held only in its memory."""
+
+
+class BrokerUnreachable(ZdqError, ConnectionError):
+    """A broker did not answer a driver's or a consumer's first message within
+    ``zdq.connect-timeout``: the network between them does not carry zdq's TCP connections (a
+    firewall, a route, a client outside the workers' network). The message names each broker's
+    queue, endpoint and worker, why the connection failed, and what to do."""
 
 
 class StorageError(ZdqError, OSError):

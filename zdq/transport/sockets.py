@@ -21,6 +21,7 @@ import zmq
 
 from zdq.errors import AddressError
 from zdq.transport.addresses import tcp_endpoint
+from zdq.transport.reach import Watch
 from zdq.transport.security import Admission, ClientKeys, ServerKeys, secure_client, secure_server
 
 __all__ = [
@@ -214,12 +215,26 @@ def connect_dealer(
     keys: ClientKeys | None = None,
 ) -> zmq.Socket[Any]:
     """A DEALER with ``identity`` connected to ``endpoint`` (a CURVE client if ``keys`` are given)."""
+    return _connect(_dealer(ctx, identity, max_message_size, keys), endpoint)
+
+
+def _dealer(
+    ctx: zmq.Context[Any], identity: bytes, max_message_size: int | None, keys: ClientKeys | None
+) -> zmq.Socket[Any]:
     sock = ctx.socket(zmq.DEALER)
     try:
         _tune(sock, max_message_size)
         if keys is not None:
             secure_client(sock, keys)
         sock.setsockopt(zmq.IDENTITY, identity)
+    except Exception:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def _connect(sock: zmq.Socket[Any], endpoint: str) -> zmq.Socket[Any]:
+    try:
         if endpoint.startswith("tcp://["):
             sock.setsockopt(zmq.IPV6, 1)
         sock.connect(endpoint)
@@ -339,7 +354,9 @@ class BrokerLinks:
 
     Each new link introduces itself with ``hello`` (so the broker knows the peer at once); a link
     can be replaced when its broker is placed again elsewhere. A link to a broker of this process
-    goes over inproc when ``ctx`` is :func:`process_context`.
+    goes over inproc when ``ctx`` is :func:`process_context`. A TCP link is watched (a
+    :class:`~zdq.transport.reach.Watch`) until its owner :meth:`settle`\ s it, having heard from
+    the broker: :meth:`why` says what its connection went through meanwhile.
     """
 
     def __init__(
@@ -359,25 +376,34 @@ class BrokerLinks:
         self.poller = zmq.Poller()
         self.socks: list[zmq.Socket[Any]] = []
         self._index: dict[zmq.Socket[Any], int] = {}
+        self._watches: dict[int, Watch] = {}
 
-    def _open(self, endpoint: str) -> zmq.Socket[Any]:
+    def _open(self, i: int, endpoint: str) -> zmq.Socket[Any]:
         local = local_endpoint(self._ctx, endpoint)
         if local is not None:  # the broker is in this process: inproc, which needs no keys
             sock = connect_dealer(self._ctx, local, self._identity, max_message_size=self._max)
         else:
-            sock = connect_dealer(self._ctx, endpoint, self._identity, keys=self._keys, max_message_size=self._max)
+            sock = _dealer(self._ctx, self._identity, self._max, self._keys)
+            try:
+                self._watches[i] = Watch(sock)  # before connecting: it sees the first attempt
+                _connect(sock, endpoint)
+            except Exception:
+                self.settle(i)
+                close_socket(sock)
+                raise
         sock.send_multipart(self._hello)
         self.poller.register(sock, zmq.POLLIN)
         return sock
 
     def add(self, endpoint: str) -> None:
-        sock = self._open(endpoint)
+        sock = self._open(len(self.socks), endpoint)
         self._index[sock] = len(self.socks)
         self.socks.append(sock)
 
     def disconnect(self, i: int) -> None:
         """Close link ``i`` (its broker is gone): nothing more is queued for it. Until
         :meth:`replace`, its slot holds a closed socket, which sends nothing."""
+        self.settle(i)
         old = self.socks[i]
         if old.closed:
             return
@@ -388,13 +414,26 @@ class BrokerLinks:
     def replace(self, i: int, endpoint: str) -> None:
         """Point link ``i`` at ``endpoint`` (its broker was placed again), with a new socket."""
         self.disconnect(i)
-        self.socks[i] = self._open(endpoint)
+        self.socks[i] = self._open(i, endpoint)
         self._index[self.socks[i]] = i
 
     def index(self, sock: Any) -> int | None:
         return self._index.get(sock)
 
+    def why(self, i: int) -> str:
+        """Why the broker of link ``i`` has not been heard from, as far as its connection tells."""
+        watch = self._watches.get(i)
+        return watch.why() if watch is not None else "the broker, in this process, did not answer"
+
+    def settle(self, i: int) -> None:
+        """Link ``i``'s broker was heard from: stop watching its connection. Idempotent."""
+        watch = self._watches.pop(i, None)
+        if watch is not None:
+            watch.close()
+
     def close(self, farewell: list[Any] | None = None) -> None:
+        for i in list(self._watches):
+            self.settle(i)
         for sock in self.socks:
             if sock.closed:
                 continue
