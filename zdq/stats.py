@@ -77,6 +77,8 @@ class ConsumerStats(_Compact):
     tasks_in_flight: int
     bad_chunks: int
     tasks_cancelled: int = 0  # cancelled before they started: skipped, never run
+    #: The queues this consumer cannot reach, each ``"<queue> at <endpoint>: <why>"``.
+    unreachable: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, repr=False)

@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-__all__ = ["Watch", "describe", "CLIENT_OUTSIDE", "OPEN_TO_CLIENT"]
+__all__ = ["Watch", "Heard", "describe", "CLIENT_OUTSIDE", "OPEN_TO_CLIENT", "OPEN_BETWEEN_WORKERS"]
 
 _EVENTS = (
     zmq.EVENT_CONNECTED
@@ -44,6 +44,13 @@ OPEN_TO_CLIENT = (
     "Open TCP from this process to those workers on the brokers' ports (zdq.ports fixes their range, "
     "zdq.bind-host the address they bind), or place the queues on workers it reaches (workers=)."
 )
+#: What to do when consumers cannot reach brokers.
+OPEN_BETWEEN_WORKERS = (
+    "Consumers connect to their brokers over TCP: open the brokers' ports (zdq.ports fixes their range) "
+    "between the workers, or place consumers and queues on workers that reach each other (workers=)."
+)
+
+
 class Watch:
     """What ZeroMQ's monitor saw of one DEALER's connection, until the broker is heard from.
 
@@ -84,6 +91,34 @@ class Watch:
         except zmq.ZMQError:
             pass  # the socket is closed already, and its monitor with it
         self._monitor.close(linger=0)
+
+
+class Heard:
+    """Which brokers a consumer has heard from since it connected to each, and why not, for
+    those past the timeout. Owned by the consumer's socket owner; other threads read copies."""
+
+    __slots__ = ("heard", "since", "why")
+
+    def __init__(self, n: int, now: float) -> None:
+        self.heard = [False] * n
+        self.since = [now] * n  # when each connection was made
+        self.why: dict[int, str] = {}  # brokers reported unreachable, and why
+
+    def restart(self, i: int, now: float) -> None:
+        """Broker ``i`` has a new connection (it was placed again)."""
+        self.heard[i] = False
+        self.since[i] = now
+        self.why.pop(i, None)
+
+    def overdue(self, now: float, timeout: float) -> list[int]:
+        """Brokers not heard from ``timeout`` after connecting, and not reported yet."""
+        return [
+            i for i, heard in enumerate(self.heard) if not heard and i not in self.why and now - self.since[i] >= timeout
+        ]
+
+    def settled(self) -> bool:
+        """Whether every broker was heard from or reported."""
+        return all(heard or i in self.why for i, heard in enumerate(self.heard))
 
 
 def describe(subject: str, brokers: Iterable[tuple[str, str, str, str]], advice: str) -> str:
