@@ -144,3 +144,21 @@ def test_network_settings_are_read_from_dask_config_and_bad_values_name_the_sett
         zdq.settings()
     with pytest.raises(ValueError, match="connect_timeout must be a positive duration"):
         zdq.settings(connect_timeout=0)
+
+
+@pytest.mark.cluster
+def test_a_cluster_on_ipv6_runs_its_pools_over_ipv6() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    from distributed import Client, LocalCluster
+
+    from .tasks import add
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, host="[::1]", processes=True,
+        dashboard_address=None, worker_dashboard_address=None,
+    ) as cluster, Client(cluster) as client:
+        with zdq.QueuePool(client, 1) as queue_pool, zdq.ConsumerPool(client, queue_pool) as consumers:
+            assert queue_pool.endpoints[0].startswith("tcp://[::1]:")
+            consumers.start()
+            assert queue_pool.submit(add, 1, 2).result(timeout=30) == 3
