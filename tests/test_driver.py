@@ -298,5 +298,6 @@ def test_when_no_queue_can_be_reached_new_tasks_fail_instead_of_waiting(ctx: zmq
     driver.reconnect(0, _refused_endpoint())
     wait_until(lambda: driver.queue_states()[0].state == "unreachable", timeout=5)
     future = _submit(driver, 1)[0]
-    with pytest.raises(BrokerUnreachable, match="(?s)pool test has no queue this process .* can reach.*none of the brokers' zdq ports"):
+    match = "(?s)pool test has no queue this process .* can reach.*none of the brokers' zdq ports"
+    with pytest.raises(BrokerUnreachable, match=match):
         future.result(timeout=5)

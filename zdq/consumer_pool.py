@@ -344,10 +344,8 @@ class ConsumerPool:
                     OPEN_BETWEEN_WORKERS,
                 )
             )
-        logger.warning(
-            "%s",
-            describe(f"some consumers of pool {qp.name} cannot reach some of its queues (other consumers serve them)", lines, OPEN_BETWEEN_WORKERS),
-        )
+        subject = f"some consumers of pool {qp.name} cannot reach some of its queues (other consumers serve them)"
+        logger.warning("%s", describe(subject, lines, OPEN_BETWEEN_WORKERS))
 
     def _queues_up(self) -> list[str]:
         qp = self.queue_pool

@@ -121,7 +121,9 @@ class LinkState(enum.Enum):
 class _Link:
     """The I/O thread's link to one broker."""
 
-    __slots__ = ("index", "endpoint", "worker", "state", "unconfirmed", "seen", "connected_at", "racks", "confirmed_at")
+    __slots__ = (
+        "index", "endpoint", "worker", "state", "unconfirmed", "seen", "connected_at", "racks", "confirmed_at",
+    )
 
     def __init__(self, index: int, endpoint: str, worker: str) -> None:
         self.index = index
@@ -355,7 +357,9 @@ class Driver:
             self._cond.notify_all()
         self._fail_taken(loose, records, exc)
 
-    def _fail_taken(self, loose: list[tuple[int, bytes, TaskFuture]], records: list[_Record], exc: BaseException) -> None:
+    def _fail_taken(
+        self, loose: list[tuple[int, bytes, TaskFuture]], records: list[_Record], exc: BaseException
+    ) -> None:
         """Fail loose tasks and records already taken out of the buffers."""
         for _, _, fut in loose:
             _settle(fut, exc=exc)
@@ -1040,7 +1044,8 @@ class Driver:
             if link.state is LinkState.DOWN:
                 return None  # a late message from a broker declared lost
             if link.state is LinkState.UNREACHABLE:
-                logger.warning("%s: queue %s at %s answers now", self.driver_name, self._queue_names[link.index], link.endpoint)
+                name = self._queue_names[link.index]
+                logger.warning("%s: queue %s at %s answers now", self.driver_name, name, link.endpoint)
             self._set_state(link, LinkState.UP)  # the broker placed again answers: it takes work
         link.seen = time.monotonic()
         try:

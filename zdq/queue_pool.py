@@ -317,9 +317,8 @@ class QueuePool:
             wheres = [b.where() for b in self._brokers]
             # A queue's host is its worker's as the scheduler names it, the name recovery places
             # by (the broker's own view may be another name of the same machine).
-            self._where = [
-                (host_of(self._placed_on[i]), str(q)) for i, (_, q) in enumerate(call.result(timeout=60) for call in wheres)
-            ]
+            ids = [str(call.result(timeout=60)[1]) for call in wheres]
+            self._where = [(host_of(self._placed_on[i]), queue_id) for i, queue_id in enumerate(ids)]
             self.payload_key = self._agree_payload_key()
         except ZdqError:
             self._release_actors()

@@ -260,7 +260,8 @@ class Consumer:
             reached, unreached, pending = link.reach()
             if unreached and not reached and not pending:
                 where = "; ".join(f"{q} at {e}: {why}" for q, e, why in unreached)
-                return False, f"consumer {self.name} on {self._worker or 'this process'} reaches none of its queues ({where})"
+                here = self._worker or "this process"
+                return False, f"consumer {self.name} on {here} reaches none of its queues ({where})"
         threads: list[Any] = [self._io, self._exec]
         if self._stop.is_set() or not all(t is not None and t.is_alive() for t in threads):
             return False, f"consumer {self.name}: its I/O thread ended"
