@@ -190,8 +190,9 @@ def _bind_port(sock: zmq.Socket[Any], host: str, ports: tuple[int, int] | None) 
             "an interface or address of the worker's host"
         ) from e
     raise AddressError(
-        f"no free port for a broker on {host} in zdq.ports {low}-{high}: all {count} are in use (by other "
-        "brokers or programs); widen the range"
+        f"no free port for a broker on {host} in zdq.ports {low}-{high}: "
+        + ("it is" if count == 1 else f"all {count} are")
+        + " in use (by other brokers or programs); widen the range"
     )
 
 
