@@ -15,7 +15,7 @@ import zmq
 from zdq.broker import BrokerCore
 from zdq.config import settings
 from zdq.driver import Driver
-from zdq.errors import BrokerLost, SerializationError, SubmitTimeout, TaskLost
+from zdq.errors import BrokerLost, BrokerUnreachable, SerializationError, SubmitTimeout, TaskLost
 from zdq.serialization import dumps_results
 from zdq.tasks import dumps_task, loads_chunk
 from zdq.storage.memory import MemoryStorage
@@ -238,3 +238,66 @@ def test_a_transient_broker_lost_fails_its_confirmed_tasks_with_broker_lost(ctx:
     driver.broker_lost(0, memory_lost=True)
     for f in futures:
         assert isinstance(f.exception(timeout=10), BrokerLost)
+
+
+def _refused_endpoint() -> str:
+    """A TCP endpoint on 127.0.0.1 where nothing listens."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_a_driver_says_which_brokers_never_answered_its_hello_and_why(ctx: zmq.Context[Any], parts: list[Any]) -> None:
+    real, silent = _Broker(ctx), _Broker(ctx, silent=True)
+    parts += [real, silent]
+    driver = _driver(parts, [real.endpoint, silent.endpoint, _refused_endpoint()])
+    started = time.monotonic()
+    why = driver.unreached(time.monotonic() + 1.0)
+    assert time.monotonic() - started < 3
+    assert sorted(why) == [1, 2]
+    assert "the broker sent nothing" in why[1]
+    assert "refused" in why[2]
+    assert driver.unreached(time.monotonic() + 1.0).keys() == {1, 2}
+    only_real = _driver(parts, [real.endpoint])
+    assert only_real.unreached(time.monotonic() + 5.0) == {}
+
+
+def test_a_queue_placed_again_where_the_driver_cannot_reach_fails_its_tasks_and_the_others_take_new_work(
+    ctx: zmq.Context[Any], parts: list[Any]
+) -> None:
+    first, second = _Broker(ctx), _Broker(ctx)
+    parts += [first, second]
+    driver = _driver(parts, [first.endpoint, second.endpoint], connect_timeout=0.5)
+    futures = _submit(driver, 40)  # no consumer yet: they wait, confirmed, in both queues
+    driver.flush(10)
+    on_first = driver.queue_states()[0].awaiting
+    assert on_first > 0
+    driver.broker_lost(0, memory_lost=False)  # a durable queue: its tasks wait for it
+    refused = _refused_endpoint()
+    driver.reconnect(0, refused, "tcp://10.9.9.9:4242")
+    wait_until(lambda: driver.queue_states()[0].state == "unreachable", timeout=5)
+    failed = [f for f in futures if f.done()]
+    assert len(failed) == on_first
+    error = failed[0].exception()
+    assert isinstance(error, BrokerUnreachable)
+    message = str(error)
+    assert f"test-queue-0 at {refused} (worker tcp://10.9.9.9:4242)" in message and "placed again" in message
+    assert "refused" in message and "Open TCP from this process" in message
+    parts.append(_Consumer(ctx, second.endpoint))
+    assert all(f.result(timeout=10) == i + 1 for i, f in enumerate(futures) if f not in failed)
+    assert [f.result(timeout=10) for f in _submit(driver, 10)] == [i + 1 for i in range(10)]
+
+
+def test_when_no_queue_can_be_reached_new_tasks_fail_instead_of_waiting(ctx: zmq.Context[Any], parts: list[Any]) -> None:
+    broker = _Broker(ctx)
+    parts.append(broker)
+    driver = _driver(parts, [broker.endpoint], connect_timeout=0.5)
+    driver.broker_lost(0, memory_lost=True)
+    driver.reconnect(0, _refused_endpoint())
+    wait_until(lambda: driver.queue_states()[0].state == "unreachable", timeout=5)
+    future = _submit(driver, 1)[0]
+    match = "(?s)pool test has no queue this process .* can reach.*none of the brokers' zdq ports"
+    with pytest.raises(BrokerUnreachable, match=match):
+        future.result(timeout=5)

@@ -7,8 +7,10 @@ from zdq.config import PoolSettings, settings
 from zdq.consumer import ConsumerBaseClass, GeneralConsumer
 from zdq.consumer_pool import ConsumerPool
 from zdq.errors import (
+    AddressError,
     BatchError,
     BrokerLost,
+    BrokerUnreachable,
     ClosedError,
     DeadLettered,
     PlacementError,
@@ -55,7 +57,9 @@ __all__ = [
     "SerializationError",
     "ProtocolError",
     "PlacementError",
+    "AddressError",
     "BrokerLost",
+    "BrokerUnreachable",
     "StorageError",
     "StorageFull",
     "StorageCorrupt",

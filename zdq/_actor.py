@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 __all__ = [
     "worker_address",
+    "scheduler_address",
     "liveness_probe",
     "candidate_workers",
     "pick_worker",
@@ -35,6 +36,14 @@ def _worker() -> Any:
 def worker_address() -> str | None:
     worker = _worker()
     return None if worker is None else str(worker.address)
+
+
+def scheduler_address() -> str | None:
+    """The address this worker reaches its scheduler at (None outside a worker)."""
+    worker = _worker()
+    scheduler = getattr(worker, "scheduler", None)
+    address = getattr(scheduler, "address", None)
+    return None if address is None else str(address)
 
 
 def liveness_probe(instance: object) -> Callable[[], bool]:

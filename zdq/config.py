@@ -98,6 +98,9 @@ class PoolSettings:
     default_host: str
     durable_sync: bool
     map_size: int
+    connect_timeout: float = 10.0
+    bind_host: str | None = None
+    ports: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -113,6 +116,10 @@ class PoolSettings:
                 "zdq heartbeat-timeout must be longer than heartbeat-interval "
                 f"(got {self.heartbeat_timeout}s and {self.heartbeat_interval}s)"
             )
+        if self.connect_timeout <= 0:
+            raise ValueError(f"zdq setting connect_timeout must be a positive duration, got {self.connect_timeout!r}")
+        if self.ports is not None:
+            _port_range(self.ports)
 
     def with_overrides(self, **overrides: Any) -> PoolSettings:
         """Return a copy with the given fields replaced; ``None`` values are ignored."""
@@ -124,12 +131,22 @@ class PoolSettings:
                 + ", ".join(f.name for f in fields(self))
             )
         for key, value in given.items():
-            convert, expected = _KINDS[key]
-            try:
-                given[key] = convert(value)
-            except (TypeError, ValueError, KeyError) as e:
-                raise ValueError(f"zdq setting {key} must be {expected}, got {value!r}") from e
+            given[key] = _read(key, value, key)
         return replace(self, **given)
+
+
+def _read(name: str, value: Any, label: str) -> Any:
+    """``value`` of setting ``name`` read as its kind says; a bad one raises naming ``label``."""
+    convert, expected = _KINDS[name]
+    try:
+        return convert(value)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"zdq setting {label} must be {expected}, got {value!r}") from e
+
+
+def _configured(name: str, key: str) -> Any:
+    """Setting ``name`` as ``zdq.<key>`` in ``dask.config`` holds it (errors name ``zdq.<key>``)."""
+    return _read(name, get(key), f"zdq.{key}")
 
 
 def _integer(value: Any) -> int:
@@ -142,6 +159,36 @@ def _flag(value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError("not True or False")
     return value
+
+
+def _host_or_none(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return value.strip()
+
+
+def _port_range(value: Any) -> tuple[int, int] | None:
+    """``"40000-40999"`` (both ends included), one port, or a pair; ``None`` for any free port."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise TypeError("not a port range")
+    if isinstance(value, int):
+        low = high = value
+    elif isinstance(value, str):
+        parts = value.replace(" ", "").split("-")
+        if len(parts) > 2:
+            raise ValueError("not a port range")
+        low, high = int(parts[0]), int(parts[-1])
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(type(v) is int for v in value):
+        low, high = value
+    else:
+        raise TypeError("not a port range")
+    if not 1 <= low <= high <= 65535:
+        raise ValueError("ports run from 1 to 65535, the first no higher than the last")
+    return low, high
 
 
 _DURATION = (_seconds, "a duration (seconds, or a string like '30s')")
@@ -162,6 +209,9 @@ _KINDS: dict[str, tuple[Any, str]] = {
     "default_host": (str, "a host name or address"),
     "durable_sync": (_flag, "True or False"),
     "map_size": _SIZE,
+    "connect_timeout": _DURATION,
+    "bind_host": (_host_or_none, "an interface name (eth0), or an address or name of the worker's host, or None"),
+    "ports": (_port_range, "a port range like '40000-40999' (both ends included), or None for any free port"),
 }
 
 
@@ -181,5 +231,8 @@ def settings(**overrides: Any) -> PoolSettings:
         default_host=str(get("default-host")),
         durable_sync=bool(get("durable.sync")),
         map_size=_bytes(get("durable.map-size")),
+        connect_timeout=_configured("connect_timeout", "connect-timeout"),
+        bind_host=_configured("bind_host", "bind-host"),
+        ports=_configured("ports", "ports"),
     )
     return base.with_overrides(**overrides)

@@ -15,11 +15,12 @@ from zdq._actor import allowed_workers, check_resources, pick_worker, start_supe
 from zdq.config import seconds_or_none, timeout_or_none
 from zdq.consumer import Consumer, ConsumerBaseClass, GeneralConsumer
 from zdq.driver import NO_CONSUMER
-from zdq.errors import ClosedError, NoConsumers, PlacementError, ZdqTimeoutError
+from zdq.errors import BrokerUnreachable, ClosedError, NoConsumers, PlacementError, ZdqTimeoutError
 from zdq.fanout import served_queues
 from zdq.names import consumer_names, counted
 from zdq.queue_pool import QueuePool
 from zdq.stats import ConsumerStats
+from zdq.transport.reach import OPEN_BETWEEN_WORKERS, describe
 from zdq.transport.sockets import new_identity
 
 __all__ = ["ConsumerPool", "EARLIER", "NOT_RUN"]
@@ -322,13 +323,79 @@ class ConsumerPool:
 
     # -- daskqueue API --------------------------------------------------------------------------
     def start(self) -> None:
-        """Start every consumer: each connects to the queues it serves and pulls work."""
+        """Start every consumer: each connects to the queues it serves and pulls work.
+
+        It returns once every consumer has heard from its brokers. A consumer that hears nothing
+        from a broker for ``connect-timeout`` reports it (a warning here, in its worker's log, and
+        in ``statistics()``).
+
+        Raises
+        ------
+        BrokerUnreachable
+            A queue that no consumer reaches: its tasks would never run. The consumers keep
+            running (and connecting); the message names each queue, its worker, the consumers
+            that tried, and why they failed.
+        """
         self._check_open()
         self.queue_pool.driver  # a QueuePool closed meanwhile raises ClosedError here
         logger.info("Starting %d consumers", self.n_consumers)
         self._running = True
         self._each("start", timeout=60, args_of=self._start_args)
         self._ensure_supervisor()
+        self._check_reach()
+
+    def _check_reach(self) -> None:
+        """Wait until every consumer heard from its brokers or reported them unreachable; raise if
+        some queue is reached by none (its tasks would never run), warn if some consumers miss
+        queues that others serve. Queues that are down (being placed again) are not waited for:
+        the consumers are told where they went when they are placed again."""
+        qp = self.queue_pool
+        up = self._queues_up()
+        calls = []
+        for name, consumer in self._live():
+            try:
+                calls.append((name, consumer.reach(up)))
+            except Exception as e:  # its worker is gone: the supervisor replaces it
+                logger.debug("reach on consumer %s failed: %s", name, e)
+        wait = self.settings.connect_timeout + 2 * self.settings.heartbeat_interval + 10
+        reached: set[str] = set()
+        missed: dict[str, list[tuple[str, str, str]]] = {}  # queue -> (consumer, endpoint, why)
+        for name, call in calls:
+            try:
+                ok, failed = call.result(timeout=wait)
+            except Exception as e:
+                logger.debug("reach on consumer %s failed: %s", name, e)
+                continue
+            reached.update(ok)
+            for queue, endpoint, why in failed:
+                missed.setdefault(queue, []).append((name, endpoint, why))
+        up = self._queues_up()  # a queue lost meanwhile is the supervisor's, not unreachable
+        missed = {queue: tries for queue, tries in missed.items() if queue in up}
+        if not missed:
+            return
+        workers = dict(zip(qp.queue_names, qp._workers()))
+        where = {name: self._placed_on.get(i, "?") for i, name in enumerate(self.names)}
+        lines = [
+            (queue, endpoint, workers.get(queue, ""), f"{consumer} on {where.get(consumer, '?')}: {why}")
+            for queue, tries in missed.items()
+            for consumer, endpoint, why in tries
+        ]
+        orphans = [queue for queue in missed if queue not in reached]
+        if orphans:
+            raise BrokerUnreachable(
+                describe(
+                    f"no consumer of pool {qp.name} reaches {', '.join(orphans)}: their tasks would never run "
+                    "(the consumers keep running and connecting)",
+                    lines,
+                    OPEN_BETWEEN_WORKERS,
+                )
+            )
+        subject = f"some consumers of pool {qp.name} cannot reach some of its queues (other consumers serve them)"
+        logger.warning("%s", describe(subject, lines, OPEN_BETWEEN_WORKERS))
+
+    def _queues_up(self) -> list[str]:
+        qp = self.queue_pool
+        return [name for name, up in zip(qp.queue_names, qp.driver.links_up()) if up]
 
     def cancel(self) -> None:
         """Stop pulling work; chunks already received finish and report. ``start()`` resumes."""

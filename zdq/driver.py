@@ -48,6 +48,7 @@ from zdq.chunking import Chunking
 from zdq.config import PoolSettings
 from zdq.errors import (
     BrokerLost,
+    BrokerUnreachable,
     ClosedError,
     ProtocolError,
     SerializationError,
@@ -65,6 +66,7 @@ from zdq.serialization import error_to_exception, loads_results
 from zdq.stats import DriverStats, QueueState
 from zdq.tasks import CANCELLED, cancel_in_chunk
 from zdq.transport import protocol as p
+from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
 from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import BrokerLinks, Waker, new_identity, process_context, recv_ready, try_send
 
@@ -117,21 +119,32 @@ class LinkState(enum.Enum):
     UP = "up"  # connected (or connecting, at the start): chunks are sent to it
     DOWN = "down"  # lost with its worker: nothing is sent until the pool places it again
     RECOVERING = "recovering"  # placed again: resends and a SYNC go out; new chunks once it answers
+    UNREACHABLE = "unreachable"  # placed again, and silent for connect-timeout: its tasks failed
 
 
 class _Link:
     """The I/O thread's link to one broker."""
 
-    __slots__ = ("index", "endpoint", "state", "unconfirmed", "seen", "racks", "confirmed_at")
+    __slots__ = (
+        "index", "endpoint", "worker", "state", "unconfirmed", "seen", "connected_at", "racks", "confirmed_at",
+    )
 
-    def __init__(self, index: int, endpoint: str) -> None:
+    def __init__(self, index: int, endpoint: str, worker: str) -> None:
         self.index = index
         self.endpoint = endpoint
+        self.worker = worker  # the Dask worker it runs on, for errors ("" if unknown)
         self.state = LinkState.UP
         self.unconfirmed = 0  # chunks sent to it and not yet confirmed
         self.seen = time.monotonic()  # when it was last heard from
+        # When this connection was made: the broker has answered it once seen is later.
+        self.connected_at = self.seen
         self.racks: list[int] = []  # receipts owed to it
         self.confirmed_at = time.monotonic()  # when it last confirmed a chunk
+
+    @property
+    def heard(self) -> bool:
+        """Whether its broker answered since this connection was made (its answer to our HELLO)."""
+        return self.seen > self.connected_at
 
 
 class _Record:
@@ -234,6 +247,7 @@ class Driver:
         queue_names: list[str] | None = None,
         identity: bytes | None = None,
         hint: Callable[[], str] | None = None,
+        workers: list[str] | None = None,
     ) -> None:
         self.name = name  # the pool's
         #: The name this driver announces to the brokers (their statistics show it, not the
@@ -279,11 +293,12 @@ class Driver:
         self._duplicates = 0
         self._bad = 0
         # -- the I/O thread's, once started ------------------------------------------------------
-        self._links = [_Link(i, e) for i, e in enumerate(endpoints)]
+        self._links = [_Link(i, e, w) for i, (e, w) in enumerate(zip(endpoints, workers or [""] * len(endpoints)))]
         self._rr = 0
         self._control: deque[Callable[[BrokerLinks], None]] = deque()
         self._tokens = itertools.count(1)
         self._reconciling: dict[int, int] = {}  # SYNC token -> broker, after a recovery
+        self._whys: dict[int, dict[int, str]] = {}  # token -> why each unheard broker is silent
         # Results received in this round of the I/O thread, handed to their futures before it sleeps.
         self._settlements: list[tuple[_Record | None, int, int, bytes, list[Any], dict[int, Any], bytes | None]] = []
         self._stop = threading.Event()
@@ -338,6 +353,25 @@ class Driver:
             self._buffered_chunks = 0
             self._buffered_bytes = 0
             self._cond.notify_all()
+        self._fail_taken(loose, records, exc)
+
+    def _fail_unsent(self, exc: BaseException) -> None:
+        """Fail every task no broker has been handed (no broker can take it)."""
+        with self._cond:
+            loose, self._loose = self._loose, []
+            records = list(self._queued)
+            self._queued.clear()
+            for rec in records:
+                del self._records[rec.seq]
+            self._buffered_chunks -= len(records)
+            self._buffered_bytes -= sum(len(task) for _, task, _ in loose) + sum(rec.nbytes for rec in records)
+            self._cond.notify_all()
+        self._fail_taken(loose, records, exc)
+
+    def _fail_taken(
+        self, loose: list[tuple[int, bytes, TaskFuture]], records: list[_Record], exc: BaseException
+    ) -> None:
+        """Fail loose tasks and records already taken out of the buffers."""
         for _, _, fut in loose:
             _settle(fut, exc=exc)
         n = sum(self._fail(rec, exc) for rec in records)
@@ -616,6 +650,36 @@ class Driver:
         with self._cond:
             return [state is LinkState.UP for state in self._link_states]
 
+    def unreached(self, deadline: float) -> dict[int, str]:
+        """Wait until every broker has answered since its link was made, or ``deadline``
+        (monotonic); return why each broker that did not is silent, by index.
+
+        The answer is the broker's reply to our HELLO: the data plane itself, no actor call.
+        """
+        while not self._stop.is_set():
+            silent = [link.index for link in self._links if not link.heard]
+            if not silent or time.monotonic() >= deadline:
+                break
+            time.sleep(0.005)  # a handshake takes milliseconds; this runs once per placement
+        else:
+            return {}
+        if not silent:
+            return {}
+        token = next(self._tokens)
+        self._post(lambda links: self._tell_why(links, token, silent))
+        give_up = time.monotonic() + 5.0
+        with self._cond:
+            while token not in self._whys and time.monotonic() < give_up and not self._stop.is_set():
+                self._cond.wait(0.1)
+            whys = self._whys.pop(token, {})
+        return {i: whys.get(i, "no answer") for i in silent}
+
+    def _tell_why(self, links: BrokerLinks, token: int, silent: list[int]) -> None:
+        whys = {i: links.why(i) for i in silent}
+        with self._cond:
+            self._whys[token] = whys
+            self._cond.notify_all()
+
     def _queues_down(self) -> list[str]:
         """The names of the queues not up (``_cond`` held)."""
         return [name for name, state in zip(self._queue_names, self._link_states) if state is not LinkState.UP]
@@ -676,10 +740,12 @@ class Driver:
         its tasks lived only in its memory, its confirmed chunks fail with :class:`BrokerLost`."""
         self._post(lambda links: self._on_broker_lost(links, broker, memory_lost))
 
-    def reconnect(self, broker: int, endpoint: str) -> None:
-        """Broker ``broker`` was placed again at ``endpoint``: connect there, resend what it never
-        confirmed, and ask it which confirmed chunks it does not hold (they fail with TaskLost)."""
-        self._post(lambda links: self._on_reconnect(links, broker, endpoint))
+    def reconnect(self, broker: int, endpoint: str, worker: str = "") -> None:
+        """Broker ``broker`` was placed again at ``endpoint`` (on ``worker``): connect there, resend
+        what it never confirmed, and ask it which confirmed chunks it does not hold (they fail with
+        TaskLost). If it does not answer within ``connect-timeout``, the tasks it holds fail with
+        :class:`~zdq.errors.BrokerUnreachable`."""
+        self._post(lambda links: self._on_reconnect(links, broker, endpoint, worker))
 
     def fail_chunks_of(self, broker: int, exc: BaseException) -> None:
         """Fail every task confirmed by ``broker`` that has no result yet (its queue is gone for good)."""
@@ -773,13 +839,58 @@ class Driver:
                 rack_due = math.inf
                 rack_full = False
             if now >= next_beat:
-                for link in link_of:
-                    if link.state is not LinkState.DOWN:
-                        try_send(socks[link.index], p.encode(p.Heartbeat()))
+                self._tick(links, now)
                 next_beat = now + beat
         self._settle_all()
         self._send_racks(socks)
         self._failures.flush()
+
+    def _tick(self, links: BrokerLinks, now: float) -> None:
+        """Every heartbeat interval: heartbeats, and the links that were never answered."""
+        socks = links.socks
+        beat = p.encode(p.Heartbeat())
+        for link in self._links:
+            if link.state is LinkState.UP or link.state is LinkState.RECOVERING:
+                try_send(socks[link.index], beat)
+            if link.heard:
+                links.settle(link.index)  # its connection needs no watching any more
+            elif link.state is LinkState.RECOVERING and now - link.connected_at >= self._settings.connect_timeout:
+                self._unreachable(links, link)
+        if (self._queued or self._loose) and all(link.state is LinkState.UNREACHABLE for link in self._links):
+            exc = BrokerUnreachable(
+                self._describe_unreachable(
+                    links,
+                    self._links,
+                    f"pool {self.name} has no queue this process ({self.driver_name}) can reach: its brokers were "
+                    f"placed again and did not answer within {self._settings.connect_timeout:g} s",
+                )
+            )
+            self._fail_unsent(exc)
+
+    def _unreachable(self, links: BrokerLinks, link: _Link) -> None:
+        """A broker placed again never answered: what it never confirmed goes to the others, what
+        it holds fails (this process cannot reach it to get the results)."""
+        self._set_state(link, LinkState.UNREACHABLE)
+        self._requeue_unconfirmed(link.index)
+        name = self._queue_names[link.index]
+        exc = BrokerUnreachable(
+            self._describe_unreachable(
+                links,
+                [link],
+                f"queue {name} was placed again, and this process ({self.driver_name}) heard nothing from it within "
+                f"{self._settings.connect_timeout:g} s; its tasks failed",
+            )
+        )
+        n = self._fail_confirmed(link.index, exc)
+        logger.error("%s: %s (%d tasks failed)", self.driver_name, exc, n)
+
+    def _describe_unreachable(self, links: BrokerLinks, unheard: list[_Link], subject: str) -> str:
+        every = all(k in unheard or k.state is LinkState.UNREACHABLE for k in self._links)
+        return describe(
+            subject,
+            [(self._queue_names[k.index], k.endpoint, k.worker, links.why(k.index)) for k in unheard],
+            CLIENT_OUTSIDE if every else OPEN_TO_CLIENT,
+        )
 
     def _send_racks(self, socks: list[zmq.Socket[Any]]) -> None:
         """Tell each broker which chunks' results arrived: it may forget them now."""
@@ -836,11 +947,12 @@ class Driver:
             self._cond.notify_all()
         return n
 
-    def _on_reconnect(self, links: BrokerLinks, broker: int, endpoint: str) -> None:
+    def _on_reconnect(self, links: BrokerLinks, broker: int, endpoint: str, worker: str) -> None:
         link = self._links[broker]
         links.replace(broker, endpoint)
         link.endpoint = endpoint
-        link.seen = time.monotonic()
+        link.worker = worker
+        link.seen = link.connected_at = time.monotonic()
         link.racks.clear()  # the replacement does not know those chunks
         if link.state is LinkState.UP:  # placed again without being reported lost first
             self._set_state(link, LinkState.DOWN)
@@ -1006,6 +1118,9 @@ class Driver:
         if link.state is not LinkState.UP:
             if link.state is LinkState.DOWN:
                 return None  # a late message from a broker declared lost
+            if link.state is LinkState.UNREACHABLE:
+                name = self._queue_names[link.index]
+                logger.warning("%s: queue %s at %s answers now", self.driver_name, name, link.endpoint)
             self._set_state(link, LinkState.UP)  # the broker placed again answers: it takes work
         link.seen = time.monotonic()
         try:

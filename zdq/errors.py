@@ -16,7 +16,9 @@ __all__ = [
     "SerializationError",
     "ProtocolError",
     "PlacementError",
+    "AddressError",
     "BrokerLost",
+    "BrokerUnreachable",
     "StorageError",
     "StorageFull",
     "StorageCorrupt",
@@ -59,8 +61,21 @@ class PlacementError(ZdqError):
     """Dask could not place or start a broker or consumer actor."""
 
 
+class AddressError(PlacementError):
+    """A broker cannot bind where it should: its worker's address has a scheme zdq cannot serve
+    (``ucx://``...), ``zdq.bind-host`` is no address of the worker's host, or ``zdq.ports`` has no
+    free port left. The message names the setting to change."""
+
+
 class BrokerLost(ZdqError, ConnectionError):
     """The broker that held a task is gone, and the task was held only in its memory."""
+
+
+class BrokerUnreachable(ZdqError, ConnectionError):
+    """A broker did not answer a driver's or a consumer's first message within
+    ``zdq.connect-timeout``: the network between them does not carry zdq's TCP connections (a
+    firewall, a route, a client outside the workers' network). The message names each broker's
+    queue, endpoint and worker, why the connection failed, and what to do."""
 
 
 class StorageError(ZdqError, OSError):

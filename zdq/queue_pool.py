@@ -33,6 +33,7 @@ from zdq.driver import Driver
 from zdq.errors import (
     WrongConsumerClass,
     BrokerLost,
+    BrokerUnreachable,
     ClosedError,
     PlacementError,
     QueueLocked,
@@ -45,6 +46,8 @@ from zdq.errors import (
 )
 from zdq import registry
 from zdq.transport import protocol as p
+from zdq.transport.addresses import host_of
+from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
 from zdq.transport.sockets import new_identity
 from zdq.futures import BatchFuture, TaskFuture
 from zdq.chunking import Chunking
@@ -82,12 +85,6 @@ def _durability(value: Durability | str) -> Durability:
         return Durability(value.value if isinstance(value, Durability) else str(value).lower())
     except ValueError:
         raise ValueError(f"durability must be 'transient' or 'durable', got {value!r}") from None
-
-
-def _host_of(address: str) -> str:
-    from zdq.transport.sockets import worker_host
-
-    return worker_host(address, "127.0.0.1")
 
 
 def _insert_bar(total: int | None) -> Any:
@@ -300,7 +297,9 @@ class QueuePool:
         self._attached_keys = record.client_keys
         self.payload_key = record.payload_key
         self.settings = record.settings.with_overrides(window=self.settings.window, buffer_bytes=self.settings.buffer_bytes)
+        started = time.monotonic()
         self._start_driver()
+        self._check_reach(started)
         self._supervisor = start_supervisor(self, self._stop_supervisor, "zdq-supervisor-queues", interval=1.0)
         logger.info("Attached to the %d queues of pool %s.", self.n_queues, self.name)
         return self
@@ -311,6 +310,7 @@ class QueuePool:
         return self._record is not None
 
     def _place(self) -> QueuePool:
+        started = time.monotonic()
         self._keys = self._make_keys()
         try:
             # Every step runs for all queues at once: placing a pool costs about the same per queue
@@ -321,7 +321,10 @@ class QueuePool:
             starts = [b.start(self._identity) for b in self._brokers]
             self.endpoints = [call.result(timeout=60) for call in starts]
             wheres = [b.where() for b in self._brokers]
-            self._where = [(str(h), str(q)) for h, q in (call.result(timeout=60) for call in wheres)]
+            # A queue's host is its worker's as the scheduler names it, the name recovery places
+            # by (the broker's own view may be another name of the same machine).
+            ids = [str(call.result(timeout=60)[1]) for call in wheres]
+            self._where = [(host_of(self._placed_on[i]), queue_id) for i, queue_id in enumerate(ids)]
             self.payload_key = self._agree_payload_key()
         except ZdqError:
             self._release_actors()
@@ -330,6 +333,7 @@ class QueuePool:
             self._release_actors()
             raise PlacementError(f"could not place the queues of pool {self.name}: {e}") from e
         self._start_driver()
+        self._check_reach(started)
         self._supervisor = start_supervisor(self, self._stop_supervisor, "zdq-supervisor-queues")
         self._publish()
         logger.info("Created %d queues in the cluster (pool %s).", self.n_queues, self.name)
@@ -351,6 +355,7 @@ class QueuePool:
                     settings=self.settings,
                     owner_client=str(self.client.id),
                     owner_identity=self._identity,
+                    workers=tuple(self._workers()),
                 ),
             )
         except Exception as e:  # the pool works without it; only attaching does not
@@ -367,10 +372,47 @@ class QueuePool:
             queue_names=self.queue_names,
             identity=self._identity,
             hint=self._why_waiting,
+            workers=self._workers(),
         )
         self._driver.start()
         # A pool dropped without close() (daskqueue programs never close theirs) still stops its driver.
         weakref.finalize(self, self._driver.close)
+
+    def _workers(self) -> list[str]:
+        """The worker of each queue ("" where unknown)."""
+        if self._record is not None:
+            known = list(self._record.workers)
+            return known + [""] * (self.n_queues - len(known))
+        return [self._placed_on.get(i, "") for i in range(self.n_queues)]
+
+    def _check_reach(self, started: float) -> None:
+        """Raise :class:`BrokerUnreachable` if this process hears nothing from some broker within
+        ``connect-timeout`` of ``started`` (the handshakes get at least 2 s however long placing
+        took), after stopping what was started: an error, where a silent pool would hang."""
+        driver = self.driver
+        timeout = self.settings.connect_timeout
+        silent = driver.unreached(max(started + timeout, time.monotonic() + min(2.0, timeout)))
+        if not silent:
+            return
+        workers = self._workers()
+        subject = (
+            f"pool {self.name}: this process ({driver.driver_name}) reaches the Dask scheduler at "
+            f"{getattr(self.client.scheduler, 'address', '?')}, but heard nothing within {timeout:g} s from {len(silent)} of its "
+            f"{self.n_queues} brokers"
+        )
+        exc = BrokerUnreachable(
+            describe(
+                subject,
+                [(self.queue_names[i], self.endpoints[i], workers[i], why) for i, why in sorted(silent.items())],
+                CLIENT_OUTSIDE if len(silent) == self.n_queues else OPEN_TO_CLIENT,
+            )
+        )
+        self._driver = None
+        driver.close(reason=exc)
+        if self._record is None:
+            self._release_actors()
+        self._record = None
+        raise exc
 
     def _make_keys(self) -> PoolKeys | None:
         if self.auth:
@@ -413,7 +455,7 @@ class QueuePool:
         durable queue, whose directory is on that host's disk), and never creating a new queue."""
         allowed = self._allowed_workers
         if host is not None:
-            here = [a for a in candidate_workers(self.client, allowed, self.resources) if _host_of(a) == host]
+            here = [a for a in candidate_workers(self.client, allowed, self.resources) if host_of(a) == host]
             if not here:
                 raise PlacementError(
                     f"durable queue {self.queue_names[i]} lives in {self._queue_dir(i)} on host {host}, "
@@ -521,8 +563,8 @@ class QueuePool:
         try:
             broker = fut.result(timeout=60)
             endpoint = broker.start(self._identity).result(timeout=60)
-            host_found, id_found = broker.where().result(timeout=60)
-            where = (str(host_found), str(id_found))
+            _, id_found = broker.where().result(timeout=60)
+            where = (host_of(self._placed_on[i]), str(id_found))
             if not transient and where != self._where[i]:
                 raise QueueMissing(
                     f"durable queue {name} placed again on host {where[0]} found queue id {where[1]} in "
@@ -545,7 +587,7 @@ class QueuePool:
         self.endpoints[i] = endpoint
         del self._lost_since[i]
         self.recoveries += 1
-        driver.reconnect(i, endpoint)
+        driver.reconnect(i, endpoint, self._placed_on.get(i, ""))
         self._publish()
         logger.info("queue %s is served again at %s", name, endpoint)
         for listener in list(self._listeners):
@@ -571,7 +613,7 @@ class QueuePool:
         for i, (old, new) in enumerate(zip(self._record.endpoints, record.endpoints)):
             if old != new:
                 driver.broker_lost(i, memory_lost=not record.durable)
-                driver.reconnect(i, new)
+                driver.reconnect(i, new, record.workers[i] if i < len(record.workers) else "")
                 self.endpoints[i] = new
                 for listener in list(self._listeners):
                     try:
@@ -1010,9 +1052,13 @@ class QueuePool:
         reasons = []
         if self._closed or self._driver is None:
             return ""
-        down = [name for name, up in zip(self.queue_names, self._driver.links_up()) if not up]
+        states = self._driver.queue_states()
+        down = [q.name for q in states if q.state in ("down", "recovering")]
         if down:
             reasons.append(f"queues {', '.join(down)} are down and being placed again")
+        unreachable = [q.name for q in states if q.state == "unreachable"]
+        if unreachable:
+            reasons.append(f"queues {', '.join(unreachable)} were placed again where this process cannot reach them")
         pools = self.consumer_pools()
         if not pools:
             reasons.append(f"no ConsumerPool consumes queue pool {self.name}: make one and call its start()")

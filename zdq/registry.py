@@ -36,6 +36,7 @@ class PoolRecord:
     settings: PoolSettings
     owner_client: str  # the Dask client id of the owner: gone with it, the record is stale
     owner_identity: bytes  # its driver's identity
+    workers: tuple[str, ...] = ()  # the worker of each queue, for errors
 
 
 def registry_key(name: str, dirpath: str | None) -> str:

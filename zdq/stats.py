@@ -77,6 +77,8 @@ class ConsumerStats(_Compact):
     tasks_in_flight: int
     bad_chunks: int
     tasks_cancelled: int = 0  # cancelled before they started: skipped, never run
+    #: The queues this consumer cannot reach, each ``"<queue> at <endpoint>: <why>"``.
+    unreachable: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, repr=False)
@@ -115,6 +117,7 @@ class PoolStats:
 _STATES = {
     "down": "down (lost with its worker, being placed again)",
     "recovering": "recovering (placed again, catching up)",
+    "unreachable": "unreachable (placed again where this process cannot reach it; its tasks failed)",
 }
 
 
@@ -127,7 +130,8 @@ class QueueState:
     name : str
         The queue's name.
     state : str
-        ``"up"``, ``"down"`` (lost with its worker, being placed again) or ``"recovering"``.
+        ``"up"``, ``"down"`` (lost with its worker, being placed again), ``"recovering"`` or
+        ``"unreachable"`` (placed again, and this process cannot reach it).
     awaiting : int
         Tasks this driver sent to the queue whose results have not arrived.
     pending : int or None

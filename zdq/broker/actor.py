@@ -10,13 +10,14 @@ import logging
 import os
 import uuid
 
-from zdq._actor import liveness_probe, worker_address
+from zdq._actor import liveness_probe, scheduler_address, worker_address
 from zdq.broker.core import BrokerCore
-from zdq.config import PoolSettings
+from zdq.config import PoolSettings, settings
 from zdq.errors import ClosedError, QueueMissing, ZdqError
 from zdq.stats import BrokerStats
 from zdq.storage.base import DeadLetter, Storage
 from zdq.storage.memory import MemoryStorage
+from zdq.transport.addresses import bind_address
 from zdq.transport.security import Admission, ServerKeys
 from zdq.transport.sockets import (
     bind_router,
@@ -24,7 +25,6 @@ from zdq.transport.sockets import (
     process_context,
     serve_locally,
     stop_serving_locally,
-    worker_host,
 )
 
 __all__ = ["Broker"]
@@ -76,12 +76,24 @@ class Broker:
         if self._core is not None:
             return self.endpoint
         address = worker_address()
-        self.host = worker_host(address, self._settings.default_host)
+        # Where to bind: the pool's settings, else this worker's own configuration (a bind-host
+        # or a port range set for the machine it runs on).
+        here = settings()
+        self.host = bind_address(
+            address,
+            scheduler_address(),
+            bind_host=self._settings.bind_host or here.bind_host,
+            default=self._settings.default_host,
+        )
         storage = self._open_storage(address)
         ctx = process_context()
         try:
             sock, self.endpoint, self._auth = bind_router(
-                ctx, self.host, max_message_size=self._settings.max_message_size, keys=self._keys
+                ctx,
+                self.host,
+                max_message_size=self._settings.max_message_size,
+                keys=self._keys,
+                ports=self._settings.ports or here.ports,
             )
         except Exception:
             storage.close()

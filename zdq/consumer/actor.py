@@ -7,8 +7,10 @@ threads; no task, result or acknowledgement ever passes through them.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
+import time
 from typing import Any
 
 from zdq._actor import CURRENT_POOL, as_dask_task, liveness_probe, pool_done, pool_in_use, worker_address
@@ -231,7 +233,26 @@ class Consumer:
             tasks_in_flight=0 if link is None else link.in_flight,
             bad_chunks=counters.bad_chunks,
             tasks_cancelled=counters.tasks_cancelled,
+            unreachable=() if link is None else tuple(f"{q} at {e}: {why}" for q, e, why in link.reach()[1]),
         )
+
+    async def reach(self, queues: list[str] | None = None) -> tuple[list[str], list[tuple[str, str, str]]]:
+        """Wait (on the worker's event loop, holding no thread) until this consumer has heard from
+        each of its brokers of ``queues`` (default: all), or reported it unreachable
+        (``connect-timeout`` after connecting); return the queues it reaches, and ``(queue,
+        endpoint, why)`` of those of ``queues`` it cannot."""
+        settings = self._settings
+        wanted = None if queues is None else set(queues)
+        give_up = time.monotonic() + settings.connect_timeout + 2 * settings.heartbeat_interval + 1.0
+        while True:
+            link = self._link
+            if link is None:
+                return [], []
+            reached, unreached, pending = link.reach()
+            waiting = pending if wanted is None else [q for q in pending if q in wanted]
+            if not waiting or time.monotonic() > give_up or self._stop.is_set():
+                return reached, [u for u in unreached if wanted is None or u[0] in wanted]
+            await asyncio.sleep(0.01)
 
     def health(self) -> tuple[bool, str]:
         """``(True, state)``, or ``(False, why)`` when the consumer is not running although it
@@ -244,6 +265,12 @@ class Consumer:
         link = self._link
         if link is not None and link.failure is not None:
             return False, f"consumer {self.name} stopped on its own: {link.failure}"
+        if link is not None:
+            reached, unreached, pending = link.reach()
+            if unreached and not reached and not pending:
+                where = "; ".join(f"{q} at {e}: {why}" for q, e, why in unreached)
+                here = self._worker or "this process"
+                return False, f"consumer {self.name} on {here} reaches none of its queues ({where})"
         threads: list[Any] = [self._io, self._exec]
         if self._stop.is_set() or not all(t is not None and t.is_alive() for t in threads):
             return False, f"consumer {self.name}: its I/O thread ended"

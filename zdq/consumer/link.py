@@ -31,6 +31,7 @@ import zmq
 from zdq.config import PoolSettings
 from zdq.consumer.runner import Counters, Runner
 from zdq.transport import protocol as p
+from zdq.transport.reach import Heard
 from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import (
     BrokerLinks,
@@ -319,6 +320,7 @@ class Link:
         self._waker: Waker | None = None
         self._links: BrokerLinks | None = None
         self._credit: Credit | None = None
+        self._heard: Heard | None = None
         self._next_beat = 0.0
         #: Why the link stopped on its own (None while it runs or after a requested stop).
         self.failure: str | None = None
@@ -349,6 +351,17 @@ class Link:
     def set_endpoint(self, broker: int, endpoint: str) -> None:
         self._control.append((broker, endpoint))
         self.poke()
+
+    def reach(self) -> tuple[list[str], list[tuple[str, str, str]], list[str]]:
+        """(From any thread.) The queues heard from; ``(queue, endpoint, why)`` of those reported
+        unreachable; and the queues neither heard from nor reported yet."""
+        heard = self._heard
+        if heard is None:
+            return [], [], list(self._queues)
+        why = dict(heard.why)
+        reached = [self._queues[i] for i, h in enumerate(heard.heard) if h]
+        pending = [self._queues[i] for i, h in enumerate(heard.heard) if not h and i not in why]
+        return reached, [(self._queues[i], self._endpoints[i], w) for i, w in sorted(why.items())], pending
 
     # -- the socket owner -------------------------------------------------------------------------
     def io_main(self, ready: threading.Event) -> None:
@@ -381,6 +394,25 @@ class Link:
         self._next_beat = time.monotonic() + self._settings.heartbeat_interval
         for endpoint in self._endpoints:
             links.add(endpoint)
+        self._heard = Heard(n, time.monotonic())
+
+    def _on_heard(self, i: int) -> None:
+        assert self._heard is not None and self._links is not None
+        self._heard.heard[i] = True
+        self._links.settle(i)
+        if self._heard.why.pop(i, None) is not None:
+            logger.warning("consumer %s reaches queue %s at %s now", self.name, self._queues[i], self._endpoints[i])
+
+    def _check_reach(self, now: float) -> None:
+        """Report the brokers not heard from ``connect-timeout`` after connecting: never silently idle."""
+        assert self._heard is not None and self._links is not None
+        for i in self._heard.overdue(now, self._settings.connect_timeout):
+            why = self._links.why(i)
+            self._heard.why[i] = why
+            logger.warning(
+                "consumer %s cannot reach queue %s at %s: no answer within %g s: %s",
+                self.name, self._queues[i], self._endpoints[i], self._settings.connect_timeout, why,
+            )
 
     def _close(self) -> None:
         links, waker = self._links, self._waker
@@ -418,8 +450,9 @@ class Link:
 
     def _serve(self) -> bool:
         """The I/O loop; True when the consumer stops, False when the sockets were taken over."""
-        links, waker, cr, runner = self._links, self._waker, self._credit, self._runner
-        assert links is not None and waker is not None and cr is not None and runner is not None
+        links, waker, cr, runner, reach = self._links, self._waker, self._credit, self._runner, self._heard
+        assert links is not None and waker is not None and cr is not None and runner is not None and reach is not None
+        heard = reach.heard
         poller, socks = links.poller, links.socks
         credit, held, fetch_at, asked_at, wanted = cr.credit, cr.held, cr.fetch_at, cr.asked_at, cr.wanted
         beat = self._settings.heartbeat_interval
@@ -437,6 +470,7 @@ class Link:
                     continue
                 self._endpoints[i] = endpoint
                 links.replace(i, endpoint)
+                reach.restart(i, time.monotonic())
                 cr.forget(i)
             while outbox:
                 i, out = outbox.popleft()
@@ -505,6 +539,8 @@ class Link:
                             try_send(sock, p.encode(p.Cancelled(msg.token, tuple(cancelled))))
                     elif isinstance(msg, p.Bye):
                         cr.on_bye(i)
+                    elif not heard[i] and isinstance(msg, p.Heartbeat):  # its answer to our HELLO
+                        self._on_heard(i)
             now = time.monotonic()
             if now >= self._next_beat:
                 if not self._alive():
@@ -514,6 +550,8 @@ class Link:
                 for sock in socks:
                     try_send(sock, _HEARTBEAT)
                 self._next_beat = now + beat
+                if not reach.settled():
+                    self._check_reach(now)
             if ready and not turn.busy and not stop.is_set():
                 if turn.chunk_seconds >= _EAGER_FETCH:
                     # Chunks take a while: ask for the next ones now, so that they arrive while

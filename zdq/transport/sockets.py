@@ -1,24 +1,27 @@
 """Socket set-up and addressing: every zdq socket is made here.
 
-Brokers bind a ROUTER on their worker's own host (as Dask reports it, never a wildcard unless
-configured) on a free port, and report the endpoint; drivers and consumers connect DEALERs to it.
+Brokers bind a ROUTER on their worker's own host (the address :mod:`zdq.transport.addresses`
+chooses, never a wildcard) on a free port (in ``zdq.ports`` when it is set), and report the
+endpoint; drivers and consumers connect DEALERs to it.
 zdq does its own flow control (driver windows, consumer credit), so ZeroMQ's high-water marks are
 lifted rather than left to silently drop messages on a ROUTER.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import errno
 import logging
 import os
-import socket as pysocket
+import random
 import threading
 from collections.abc import Iterator
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import zmq
 
+from zdq.errors import AddressError
+from zdq.transport.addresses import tcp_endpoint
+from zdq.transport.reach import Watch
 from zdq.transport.security import Admission, ClientKeys, ServerKeys, secure_client, secure_server
 
 __all__ = [
@@ -28,7 +31,6 @@ __all__ = [
     "stop_serving_locally",
     "local_endpoint",
     "is_local_peer",
-    "worker_host",
     "bind_router",
     "connect_dealer",
     "close_socket",
@@ -44,25 +46,6 @@ logger = logging.getLogger(__name__)
 def new_identity() -> bytes:
     """A random 16-byte routing identity for a driver or consumer."""
     return os.urandom(16)
-
-
-def worker_host(address: str | None, default: str) -> str:
-    """The host part of a Dask worker address such as ``tcp://10.0.0.5:40123``.
-
-    Workers that have no network address (``inproc://``) bind on ``default``.
-    """
-    if not address:
-        return default
-    parts = urlsplit(address)
-    if parts.scheme not in ("tcp", "tls", "ws", "wss") or not parts.hostname:
-        return default
-    host = parts.hostname
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        # A host name: ZeroMQ binds to interfaces by address, so resolve it once here.
-        host = pysocket.gethostbyname(host)
-    return host
 
 
 # -- one context per process, and the brokers it serves in-process ------------------------------
@@ -151,11 +134,22 @@ def _tune(sock: zmq.Socket[Any], max_message_size: int | None) -> None:
 
 
 def bind_router(
-    ctx: zmq.Context[Any], host: str, *, max_message_size: int, keys: ServerKeys | None = None
+    ctx: zmq.Context[Any],
+    host: str,
+    *,
+    max_message_size: int,
+    keys: ServerKeys | None = None,
+    ports: tuple[int, int] | None = None,
 ) -> tuple[zmq.Socket[Any], str, Admission | None]:
-    """Bind a ROUTER on ``host`` at a free port (a CURVE server if ``keys`` are given).
+    """Bind a ROUTER on address ``host`` at a free port, of ``ports`` (both ends included) if
+    given (a CURVE server if ``keys`` are given).
 
     Returns the socket, its connectable endpoint, and its admission to stop after it closes.
+
+    Raises
+    ------
+    AddressError
+        ``host`` is no address of this host, or every port of ``ports`` is taken.
     """
     sock = ctx.socket(zmq.ROUTER)
     auth = None
@@ -165,16 +159,52 @@ def bind_router(
             auth = secure_server(ctx, sock, keys)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        bind_host = f"[{host}]" if ":" in host else host
         if ":" in host:
             sock.setsockopt(zmq.IPV6, 1)
-        port = sock.bind_to_random_port(f"tcp://{bind_host}")
+        port = _bind_port(sock, host, ports)
     except Exception:
         sock.close(linger=0)
         if auth is not None:
             auth.stop()
         raise
-    return sock, f"tcp://{bind_host}:{port}", auth
+    return sock, tcp_endpoint(host, port), auth
+
+
+def _bind_port(sock: zmq.Socket[Any], host: str, ports: tuple[int, int] | None) -> int:
+    bind_host = f"[{host}]" if ":" in host else host
+    try:
+        if ports is None:
+            return sock.bind_to_random_port(f"tcp://{bind_host}")
+        low, high = ports
+        count = high - low + 1
+        start = random.randrange(count)  # brokers placed at once on one host rarely try the same port
+        for k in range(count):
+            port = low + (start + k) % count
+            if _bind_if_free(sock, f"tcp://{bind_host}:{port}"):
+                return port
+    except zmq.ZMQError as e:
+        if e.errno != errno.EADDRNOTAVAIL:
+            raise
+        raise AddressError(
+            f"cannot bind a broker on {host}: it is no address of this host ({e}); set zdq.bind-host to "
+            "an interface or address of the worker's host"
+        ) from e
+    raise AddressError(
+        f"no free port for a broker on {host} in zdq.ports {low}-{high}: "
+        + ("it is" if count == 1 else f"all {count} are")
+        + " in use (by other brokers or programs); widen the range"
+    )
+
+
+def _bind_if_free(sock: zmq.Socket[Any], address: str) -> bool:
+    """Bind ``sock`` at ``address``; False if its port is taken."""
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as e:
+        if e.errno == errno.EADDRINUSE:
+            return False
+        raise
+    return True
 
 
 def connect_dealer(
@@ -186,12 +216,26 @@ def connect_dealer(
     keys: ClientKeys | None = None,
 ) -> zmq.Socket[Any]:
     """A DEALER with ``identity`` connected to ``endpoint`` (a CURVE client if ``keys`` are given)."""
+    return _connect(_dealer(ctx, identity, max_message_size, keys), endpoint)
+
+
+def _dealer(
+    ctx: zmq.Context[Any], identity: bytes, max_message_size: int | None, keys: ClientKeys | None
+) -> zmq.Socket[Any]:
     sock = ctx.socket(zmq.DEALER)
     try:
         _tune(sock, max_message_size)
         if keys is not None:
             secure_client(sock, keys)
         sock.setsockopt(zmq.IDENTITY, identity)
+    except Exception:
+        sock.close(linger=0)
+        raise
+    return sock
+
+
+def _connect(sock: zmq.Socket[Any], endpoint: str) -> zmq.Socket[Any]:
+    try:
         if endpoint.startswith("tcp://["):
             sock.setsockopt(zmq.IPV6, 1)
         sock.connect(endpoint)
@@ -311,7 +355,9 @@ class BrokerLinks:
 
     Each new link introduces itself with ``hello`` (so the broker knows the peer at once); a link
     can be replaced when its broker is placed again elsewhere. A link to a broker of this process
-    goes over inproc when ``ctx`` is :func:`process_context`.
+    goes over inproc when ``ctx`` is :func:`process_context`. A TCP link is watched (a
+    :class:`~zdq.transport.reach.Watch`) until its owner :meth:`settle`\ s it, having heard from
+    the broker: :meth:`why` says what its connection went through meanwhile.
     """
 
     def __init__(
@@ -331,25 +377,34 @@ class BrokerLinks:
         self.poller = zmq.Poller()
         self.socks: list[zmq.Socket[Any]] = []
         self._index: dict[zmq.Socket[Any], int] = {}
+        self._watches: dict[int, Watch] = {}
 
-    def _open(self, endpoint: str) -> zmq.Socket[Any]:
+    def _open(self, i: int, endpoint: str) -> zmq.Socket[Any]:
         local = local_endpoint(self._ctx, endpoint)
         if local is not None:  # the broker is in this process: inproc, which needs no keys
             sock = connect_dealer(self._ctx, local, self._identity, max_message_size=self._max)
         else:
-            sock = connect_dealer(self._ctx, endpoint, self._identity, keys=self._keys, max_message_size=self._max)
+            sock = _dealer(self._ctx, self._identity, self._max, self._keys)
+            try:
+                self._watches[i] = Watch(sock)  # before connecting: it sees the first attempt
+                _connect(sock, endpoint)
+            except Exception:
+                self.settle(i)
+                close_socket(sock)
+                raise
         sock.send_multipart(self._hello)
         self.poller.register(sock, zmq.POLLIN)
         return sock
 
     def add(self, endpoint: str) -> None:
-        sock = self._open(endpoint)
+        sock = self._open(len(self.socks), endpoint)
         self._index[sock] = len(self.socks)
         self.socks.append(sock)
 
     def disconnect(self, i: int) -> None:
         """Close link ``i`` (its broker is gone): nothing more is queued for it. Until
         :meth:`replace`, its slot holds a closed socket, which sends nothing."""
+        self.settle(i)
         old = self.socks[i]
         if old.closed:
             return
@@ -360,13 +415,26 @@ class BrokerLinks:
     def replace(self, i: int, endpoint: str) -> None:
         """Point link ``i`` at ``endpoint`` (its broker was placed again), with a new socket."""
         self.disconnect(i)
-        self.socks[i] = self._open(endpoint)
+        self.socks[i] = self._open(i, endpoint)
         self._index[self.socks[i]] = i
 
     def index(self, sock: Any) -> int | None:
         return self._index.get(sock)
 
+    def why(self, i: int) -> str:
+        """Why the broker of link ``i`` has not been heard from, as far as its connection tells."""
+        watch = self._watches.get(i)
+        return watch.why() if watch is not None else "the broker, in this process, did not answer"
+
+    def settle(self, i: int) -> None:
+        """Link ``i``'s broker was heard from: stop watching its connection. Idempotent."""
+        watch = self._watches.pop(i, None)
+        if watch is not None:
+            watch.close()
+
     def close(self, farewell: list[Any] | None = None) -> None:
+        for i in list(self._watches):
+            self.settle(i)
         for sock in self.socks:
             if sock.closed:
                 continue

@@ -1,0 +1,79 @@
+"""A consumer that cannot reach a broker says so: in its log, its statistics and its health (no
+cluster: a whole Consumer in this process, against fake brokers the test answers by hand)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import zmq
+
+from zdq.config import settings
+from zdq.consumer import Consumer, GeneralConsumer
+from zdq.transport import protocol as p
+
+from .conftest import wait_until
+from .test_consumer_link import FakeBroker
+
+
+@pytest.fixture
+def broker(zmq_ctx: zmq.Context[Any]) -> Iterator[FakeBroker]:
+    fake = FakeBroker(zmq_ctx)
+    yield fake
+    fake.sock.close(linger=0)
+
+
+def _refused_endpoint() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def a_consumer() -> Consumer:
+    pool = settings(heartbeat_interval="100ms", heartbeat_timeout="2s", connect_timeout="500ms")
+    return Consumer("test-consumer", b"c" * 16, GeneralConsumer, pool)
+
+
+def test_a_consumer_reports_the_brokers_it_cannot_reach_and_goes_on_with_the_others(
+    broker: FakeBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    refused = _refused_endpoint()
+    consumer = a_consumer()
+    with caplog.at_level(logging.WARNING, logger="zdq"):
+        consumer.start([broker.endpoint, refused])
+        try:
+            wait_until(lambda: broker.recv() is not None and broker.peer, timeout=5)  # its HELLO
+            broker.send(p.Heartbeat())  # what a broker answers to a HELLO
+            reached, unreached = asyncio.run(consumer.reach())
+            assert reached == [broker.endpoint]
+            assert [(q, e) for q, e, _ in unreached] == [(refused, refused)]
+            assert "refused" in unreached[0][2]
+            assert consumer.statistics().unreachable == (f"{refused} at {refused}: {unreached[0][2]}",)
+            assert consumer.health() == (True, "running")  # it serves the broker it reaches
+        finally:
+            consumer.stop()
+    assert any(
+        "consumer test-consumer cannot reach queue" in r.getMessage() and refused in r.getMessage() for r in caplog.records
+    )
+
+
+def test_a_consumer_that_reaches_none_of_its_brokers_is_unhealthy(broker: FakeBroker) -> None:
+    consumer = a_consumer()
+    consumer.start([broker.endpoint])  # the fake broker never answers the HELLO
+    try:
+        reached, unreached = asyncio.run(consumer.reach())
+        assert reached == [] and len(unreached) == 1
+        assert "the broker sent nothing" in unreached[0][2]
+        healthy, why = consumer.health()
+        assert not healthy and "reaches none of its queues" in why and broker.endpoint in why
+        # The broker answers after all: the consumer reaches it, and is healthy again.
+        wait_until(lambda: broker.recv() is not None and broker.peer, timeout=5)
+        broker.send(p.Heartbeat())
+        wait_until(lambda: consumer.health() == (True, "running"), timeout=5)
+        assert consumer.statistics().unreachable == ()
+    finally:
+        consumer.stop()

@@ -1,0 +1,182 @@
+"""zdq across hosts: network namespaces as machines, real ``dask scheduler`` / ``dask worker``
+processes in them (see ``tests/hosts.py``), this process as the client on their network.
+
+Host b's worker is known by a name that resolves to 127.0.1.1 on b itself (Debian's /etc/hosts
+habit): its brokers must bind b's interface toward the scheduler, or no other host reaches them.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from distributed import Client
+
+from zdq import BrokerUnreachable, ConsumerPool, QueuePool
+
+from .conftest import wait_until
+from .hosts import Hosts, skip_reason
+from .tasks import add
+
+pytestmark = [pytest.mark.cluster, pytest.mark.hosts, pytest.mark.timeout(180)]
+
+#: Short, so that unreachable brokers are reported quickly.
+FAST = {"connect_timeout": 3, "heartbeat_interval": "200ms", "heartbeat_timeout": "3s"}
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
+    why = skip_reason()
+    if why is not None:
+        pytest.skip(why)
+    made = Hosts(tmp_path_factory.mktemp("hosts"))
+    try:
+        made.start()
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
+def client(hosts: Hosts) -> Iterator[Client]:
+    with Client(hosts.scheduler, timeout=30) as client:
+        try:
+            client.wait_for_workers(2, timeout=60)
+        except TimeoutError:
+            pytest.fail(f"the workers did not join: {hosts.log_tail('a')}\n{hosts.log_tail('b')}")
+        yield client
+        # Every pool a test made is gone from the cluster (its actor handles collected).
+        gc.collect()
+        def left() -> list[str]:
+            return client.run_on_scheduler(_zdq_keys)  # type: ignore[no-any-return]
+
+        try:
+            wait_until(lambda: not left(), timeout=15)
+        except pytest.fail.Exception:
+            pytest.fail(f"zdq actors left on the scheduler: {left()}")
+
+
+def _zdq_keys(dask_scheduler) -> list[str]:  # type: ignore[no-untyped-def]
+    return [f"{k}: {ts.state} {ts.who_wants}" for k, ts in dask_scheduler.tasks.items() if str(k).startswith("zdq-")]
+
+
+def _workers(client: Client) -> dict[str, str]:
+    """Worker name -> address, as the scheduler knows them."""
+    return {str(w["name"]): a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+
+
+def test_a_transient_and_a_durable_pool_across_hosts_return_every_result(
+    hosts: Hosts, client: Client, tmp_path: Path
+) -> None:
+    for durability, dirpath in (("transient", None), ("durable", tmp_path / "queues")):
+        with QueuePool(client, 2, durability, dirpath, **FAST) as queue_pool, ConsumerPool(
+            client, queue_pool, n_consumers=2
+        ) as consumers:
+            # One broker per host; b's binds b's address although b's name resolves to 127.0.1.1 there.
+            assert sorted(e.rsplit(":", 1)[0] for e in queue_pool.endpoints) == [
+                f"tcp://{hosts.a_ip}", f"tcp://{hosts.b_ip}",
+            ]
+            batch = queue_pool.batch_submit([(add, i, 1) for i in range(300)], batch_size=10)
+            consumers.start()
+            assert batch.result(timeout=60) == [i + 1 for i in range(300)]
+            stats = consumers.statistics()
+            assert sorted(s.worker.split("//")[1].split(":")[0] for s in stats) == sorted([hosts.a_ip, hosts.b_name])
+            assert all(s.tasks_done for s in stats), stats  # both hosts' consumers worked
+            assert not any(s.unreachable for s in stats)
+
+
+def test_a_durable_queue_whose_worker_is_killed_comes_back_on_its_host_with_every_confirmed_task(
+    hosts: Hosts, client: Client, tmp_path: Path
+) -> None:
+    with QueuePool(client, 2, "durable", tmp_path / "queues", **FAST) as queue_pool:
+        batch = queue_pool.batch_submit([(add, i, 1) for i in range(400)], batch_size=10)
+        queue_pool.flush(timeout=30)  # every chunk is confirmed: stored on disk
+        victim = next(i for i, e in enumerate(queue_pool.endpoints) if hosts.b_ip in e)
+        before = queue_pool.endpoints[victim]
+        os.kill(queue_pool[victim].pid().result(timeout=30), signal.SIGKILL)
+        # The nanny starts the worker again; the queue is placed again on the same host, same directory.
+        wait_until(lambda: queue_pool.recoveries >= 1, timeout=90)
+        after = queue_pool.endpoints[victim]
+        assert after != before and hosts.b_ip in after
+        with ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
+            consumers.start()
+            assert batch.result(timeout=90) == [i + 1 for i in range(400)]
+
+
+_OUTSIDE_CLIENT = """
+import json, sys, time
+from distributed import Client
+import zdq
+
+with Client(sys.argv[1], timeout=30) as client:
+    started = time.monotonic()
+    try:
+        zdq.QueuePool(client, 2)
+        out = {"error": None}
+    except Exception as e:
+        out = {"error": type(e).__name__, "message": str(e)}
+    out["seconds"] = time.monotonic() - started
+print(json.dumps(out))
+"""
+
+
+def test_a_client_that_reaches_only_the_scheduler_gets_a_clear_error_instead_of_a_hang(
+    hosts: Hosts, client: Client
+) -> None:
+    hosts.outside()
+    log = hosts.logs / "outside.log"
+    proc = hosts.popen("out", [sys.executable, "-c", _OUTSIDE_CLIENT, hosts.scheduler], log)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the client outside the workers' network hung")
+    lines = log.read_text(errors="replace").splitlines()
+    out = json.loads(next(line for line in reversed(lines) if line.startswith("{")))
+    assert out["error"] == "BrokerUnreachable", out
+    assert out["seconds"] < 60, out
+    message = out["message"]
+    assert f"reaches the Dask scheduler at {hosts.scheduler}" in message
+    assert "none of the brokers' zdq ports" in message and "relay" in message
+    for address in (hosts.a_ip, hosts.b_ip):
+        assert f"{address}:" in message  # each broker's endpoint, and its worker
+    assert "unanswered" in message  # the packets were dropped, not refused
+    print(f"after {out['seconds']:.1f} s: {message}")
+
+
+def test_consumers_that_cannot_reach_a_broker_are_reported_and_a_queue_none_reaches_is_an_error(
+    hosts: Hosts, client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    hosts.block("a", hosts.b_ip)  # a and b no longer reach each other; both reach the scheduler
+    try:
+        with QueuePool(client, 2, **FAST) as queue_pool:
+            on_a = next(i for i, e in enumerate(queue_pool.endpoints) if hosts.a_ip in e)
+            with caplog.at_level(logging.WARNING, logger="zdq"):
+                with ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
+                    consumers.start()  # each consumer reaches the queue on its own host: a warning
+                    warning = "\n".join(r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage())
+                    assert "some consumers of pool" in warning, caplog.text
+                    stats = consumers.statistics()
+                    assert all(len(s.unreachable) == 1 for s in stats), stats
+                    futures = [queue_pool.submit(add, i, 1) for i in range(50)]
+                    assert [f.result(timeout=60) for f in futures] == [i + 1 for i in range(50)]
+            workers = _workers(client)
+            with ConsumerPool(client, queue_pool, n_consumers=1, workers=[workers["b"]]) as lonely:
+                started = time.monotonic()
+                with pytest.raises(BrokerUnreachable) as info:
+                    lonely.start()
+                assert time.monotonic() - started < 15
+                message = str(info.value)
+                assert f"reaches {queue_pool.queue_names[on_a]}" in message and hosts.a_ip in message
+                assert "GeneralConsumer-0" in message
+                print(message)
+    finally:
+        hosts.unblock("a", hosts.b_ip)

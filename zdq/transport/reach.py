@@ -1,0 +1,130 @@
+"""Reachability: whether a driver or consumer hears from the brokers it connects to, and why not.
+
+zdq's data plane goes straight from drivers and consumers to the brokers' ports on the workers.
+ZeroMQ connects in the background and retries for ever, so a broker behind a firewall, or a client
+outside the workers' network, would only ever look silent. A broker answers the HELLO of every new
+connection (with a HEARTBEAT): a peer that hears nothing for ``connect-timeout`` after connecting
+reports the broker unreachable (:class:`~zdq.errors.BrokerUnreachable`), and says why from what
+ZeroMQ's socket monitor saw of that connection (a :class:`Watch`, kept only until the broker is
+heard from): refused, unanswered, the CurveZMQ handshake refused, or connected and silent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+__all__ = ["Watch", "Heard", "describe", "CLIENT_OUTSIDE", "OPEN_TO_CLIENT", "OPEN_BETWEEN_WORKERS"]
+
+_EVENTS = (
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_CONNECT_DELAYED
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+#: What to do, said after the brokers a driver cannot reach, when it reaches none of them.
+CLIENT_OUTSIDE = (
+    "This process reaches the Dask scheduler but none of the brokers' zdq ports on the workers: zdq's "
+    "tasks and results go straight between this process and the workers, not through the scheduler. If "
+    "this client is outside the workers' network (Dask Gateway, Kubernetes, a laptop on a cloud cluster), "
+    "run it inside that network (a notebook, job or pod on the cluster); otherwise open TCP from here to "
+    "the workers on the brokers' ports (zdq.ports fixes their range, zdq.bind-host the address they bind). "
+    "A relay through the scheduler is not built."
+)
+#: What to do when a driver reaches some brokers and not others.
+OPEN_TO_CLIENT = (
+    "Open TCP from this process to those workers on the brokers' ports (zdq.ports fixes their range, "
+    "zdq.bind-host the address they bind), or place the queues on workers it reaches (workers=)."
+)
+#: What to do when consumers cannot reach brokers.
+OPEN_BETWEEN_WORKERS = (
+    "Consumers connect to their brokers over TCP: open the brokers' ports (zdq.ports fixes their range) "
+    "between the workers, or place consumers and queues on workers that reach each other (workers=)."
+)
+
+
+class Watch:
+    """What ZeroMQ's monitor saw of one DEALER's connection, until the broker is heard from.
+
+    Made before the socket connects (so that it sees the first attempt) and closed by
+    :meth:`close`; owned by the thread that owns the socket.
+    """
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        self._sock = sock
+        self._monitor = sock.get_monitor_socket(_EVENTS, addr=f"inproc://zdq-watch-{os.urandom(8).hex()}")
+        self._seen: set[int] = set()
+
+    def why(self) -> str:
+        """Why the broker was not heard from, as far as the connection tells."""
+        while self._monitor.poll(0):
+            self._seen.add(int(recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]))
+        seen = self._seen
+        if zmq.EVENT_HANDSHAKE_FAILED_AUTH in seen:
+            return "the broker refused this peer's CurveZMQ keys (they are another pool's?)"
+        if seen & {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}:
+            return "a TCP connection was made, but the CurveZMQ handshake failed (is a zdq broker listening there?)"
+        if zmq.EVENT_HANDSHAKE_SUCCEEDED in seen:
+            return "connected (the handshake succeeded), but the broker sent nothing (its worker is stalled?)"
+        if zmq.EVENT_CONNECTED in seen:
+            return "a TCP connection was made, but the handshake never completed"
+        if zmq.EVENT_CONNECT_RETRIED in seen:
+            return (
+                "every TCP connection attempt failed at once: refused (nothing listens on that port) "
+                "or no route to that host"
+            )
+        if zmq.EVENT_CONNECT_DELAYED in seen:
+            return "TCP connection attempts went unanswered (packets dropped: a firewall, or a host outside this network)"
+        return "no connection attempt was reported"
+
+    def close(self) -> None:
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass  # the socket is closed already, and its monitor with it
+        self._monitor.close(linger=0)
+
+
+class Heard:
+    """Which brokers a consumer has heard from since it connected to each, and why not, for
+    those past the timeout. Owned by the consumer's socket owner; other threads read copies."""
+
+    __slots__ = ("heard", "since", "why")
+
+    def __init__(self, n: int, now: float) -> None:
+        self.heard = [False] * n
+        self.since = [now] * n  # when each connection was made
+        self.why: dict[int, str] = {}  # brokers reported unreachable, and why
+
+    def restart(self, i: int, now: float) -> None:
+        """Broker ``i`` has a new connection (it was placed again)."""
+        self.heard[i] = False
+        self.since[i] = now
+        self.why.pop(i, None)
+
+    def overdue(self, now: float, timeout: float) -> list[int]:
+        """Brokers not heard from ``timeout`` after connecting, and not reported yet."""
+        return [
+            i for i, heard in enumerate(self.heard) if not heard and i not in self.why and now - self.since[i] >= timeout
+        ]
+
+    def settled(self) -> bool:
+        """Whether every broker was heard from or reported."""
+        return all(heard or i in self.why for i, heard in enumerate(self.heard))
+
+
+def describe(subject: str, brokers: Iterable[tuple[str, str, str, str]], advice: str) -> str:
+    """The message of a :class:`~zdq.errors.BrokerUnreachable`: ``subject``, a line per broker
+    ``(queue, endpoint, worker, why)``, and what to do."""
+    lines = [
+        f"  {queue} at {endpoint} (worker {worker or 'unknown'}): {why}" for queue, endpoint, worker, why in brokers
+    ]
+    return "\n".join([f"{subject}:", *lines, advice])
