@@ -96,14 +96,19 @@ def allowed_workers(client: Any, workers: Any) -> list[str] | None:
     return allowed
 
 
-def candidate_workers(client: Any, allowed: list[str] | None, resources: dict[str, float] | None = None) -> list[str]:
+def candidate_workers(
+    client: Any,
+    allowed: list[str] | None,
+    resources: dict[str, float] | None = None,
+    known: dict[str, Any] | None = None,
+) -> list[str]:
     """Addresses of the live workers an actor may be placed on, in a stable order.
 
     ``allowed`` holds worker addresses or names; names survive a worker's restart by its nanny,
     so a pool restricted by name keeps placing replacements where it should. ``resources``: only
     workers that declare at least those amounts (``dask worker --resources "GPU=1"``).
     """
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+    workers = known if known is not None else client.scheduler_info(n_workers=-1)["workers"]
     addresses = sorted(workers)
     if allowed is not None:
         wanted = {str(a) for a in allowed}
@@ -139,15 +144,17 @@ def pick_worker(
     slot: int,
     placed_on: dict[int, str],
     resources: dict[str, float] | None = None,
+    known: dict[str, Any] | None = None,
 ) -> str:
     """The worker for actor ``slot`` of a pool: spread by slot, never where it was just lost.
 
     ``placed_on`` remembers each slot's worker; a slot placed again avoids its previous worker,
-    which the scheduler may not yet know is dead.
+    which the scheduler may not yet know is dead. ``known``: the scheduler's workers, when the
+    caller places many actors at once (asking the scheduler once, not per actor).
     """
     from zdq.errors import PlacementError
 
-    workers = candidate_workers(client, allowed, resources)
+    workers = candidate_workers(client, allowed, resources, known)
     lost = placed_on.get(slot)
     if lost is not None and len(workers) > 1 and lost in workers:
         workers.remove(lost)

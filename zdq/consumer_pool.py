@@ -178,16 +178,39 @@ class ConsumerPool:
         queue_pool.subscribe(self)
         queue_pool.consumers_changed()
         try:
-            for i in range(n_consumers):
-                self._place(i)
+            self._place_all()
         except Exception as e:
             self.close()
             raise PlacementError(f"could not place consumers: {e}") from e
         if start:
             self.start()
 
+    def _place_all(self) -> None:
+        """Place every consumer at once: the actors are created in parallel, so a pool of 64 costs
+        about what one does, plus the scheduler's work per actor."""
+        known = self.client.scheduler_info(n_workers=-1)["workers"]
+        submitted = []
+        try:
+            for i in range(self.n_consumers):
+                submitted.append((i, *self._submit(i, known)))
+            for i, fut, ident in submitted:
+                self._adopt(i, fut, ident, fut.result(timeout=60))
+        except BaseException:
+            for _, fut, _ in submitted:
+                fut.release()
+            raise
+
     def _place(self, i: int) -> None:
-        address = pick_worker(self.client, self._allowed_workers, i, self._placed_on, self.resources)
+        fut, ident = self._submit(i)
+        try:
+            actor = fut.result(timeout=60)
+        except BaseException:
+            fut.release()
+            raise
+        self._adopt(i, fut, ident, actor)
+
+    def _submit(self, i: int, known: dict[str, Any] | None = None) -> tuple[Any, bytes]:
+        address = pick_worker(self.client, self._allowed_workers, i, self._placed_on, self.resources, known)
         ident = new_identity()
         name = self.names[i]
         fut = self.client.submit(  # released below if the actor cannot be created
@@ -209,11 +232,9 @@ class ConsumerPool:
             pure=False,
             key=f"zdq-consumer-{name}-{uuid.uuid4().hex[:8]}",
         )
-        try:
-            actor = fut.result(timeout=60)
-        except BaseException:
-            fut.release()
-            raise
+        return fut, ident
+
+    def _adopt(self, i: int, fut: Any, ident: bytes, actor: Any) -> None:
         self.queue_pool.consumer_identities.add(ident)
         with self._lock:
             self._identities[i].append(ident)

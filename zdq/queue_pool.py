@@ -315,8 +315,9 @@ class QueuePool:
         try:
             # Every step runs for all queues at once: placing a pool costs about the same per queue
             # whatever its size.
+            known = self.client.scheduler_info(n_workers=-1)["workers"]  # asked once, not per queue
             for i in range(self.n_queues):
-                self._actor_futures.append(self._place_broker(i))
+                self._actor_futures.append(self._place_broker(i, known=known))
             self._brokers = [fut.result(timeout=60) for fut in self._actor_futures]
             starts = [b.start(self._identity) for b in self._brokers]
             self.endpoints = [call.result(timeout=60) for call in starts]
@@ -450,7 +451,7 @@ class QueuePool:
             return self._attached_keys
         return None if self._keys is None else self._keys.client
 
-    def _place_broker(self, i: int, *, host: str | None = None) -> Any:
+    def _place_broker(self, i: int, *, host: str | None = None, known: dict[str, Any] | None = None) -> Any:
         """Place the broker of queue ``i``; ``host``: only on a worker of that host (recovery of a
         durable queue, whose directory is on that host's disk), and never creating a new queue."""
         allowed = self._allowed_workers
@@ -462,7 +463,7 @@ class QueuePool:
                     "and no worker of that host is available to serve it"
                 )
             allowed = here
-        address = pick_worker(self.client, allowed, i, self._placed_on, self.resources)
+        address = pick_worker(self.client, allowed, i, self._placed_on, self.resources, known)
         queue_name = self.queue_names[i]
         return self.client.submit(
             Broker,

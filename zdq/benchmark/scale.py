@@ -126,7 +126,7 @@ def format_scale(report: dict[str, Any]) -> str:
         )
     for key, value in report.items():
         if key != "scales":
-            lines.append(f"{key}: {value:.2f}")
+            lines.append(f"{key}: {value:.2f}" if isinstance(value, float) else f"{key}: {value}")
     return "\n".join(lines)
 
 
