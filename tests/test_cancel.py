@@ -31,6 +31,16 @@ def ran(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
 
+def _side_effects(tmp_path: Path) -> Path:
+    """A folder for the files tasks write (beside the queue's own directory)."""
+    side = tmp_path / "ran"
+    side.mkdir()
+    return side
+
+
+FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
+
+
 def test_cancelling_tasks_a_consumer_holds_but_has_not_started(client: Client, tmp_path: Path) -> None:
     with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, start=True) as consumers:
         long = queue_pool.submit(touch, str(tmp_path), "long", 3.0)
@@ -137,10 +147,8 @@ def test_a_cancelled_coroutine_cancels_the_task_it_awaited(client: Client, tmp_p
 def test_tasks_cancelled_in_a_durable_queue_stay_cancelled_after_its_worker_is_killed(
     client3: Client, tmp_path: Path
 ) -> None:
-    side = tmp_path / "ran"
-    side.mkdir()
-    fast = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
-    with QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **fast) as queue_pool:
+    side = _side_effects(tmp_path)
+    with QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **FAST) as queue_pool:
         with ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"]) as consumers:
             futures = [queue_pool.submit(touch, str(side), f"t{i}") for i in range(10)]
             queue_pool.flush(timeout=30)
@@ -205,8 +213,7 @@ def test_cancelling_everything_leaves_nothing_pending_and_counts_nothing_as_cons
 
 
 def test_a_cancel_that_a_stopped_queue_cannot_answer_returns_false_in_seconds(client3: Client) -> None:
-    fast = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
-    with QueuePool(client3, 1, workers=["a"], **fast) as queue_pool:
+    with QueuePool(client3, 1, workers=["a"], **FAST) as queue_pool:
         future = queue_pool.submit(len, "abc")
         queue_pool.flush(timeout=30)
         pid = pid_of(client3, "a")
@@ -222,12 +229,10 @@ def test_a_cancel_that_a_stopped_queue_cannot_answer_returns_false_in_seconds(cl
 def test_a_durable_queue_placed_again_never_runs_tasks_cancelled_in_the_consumer_that_held_them(
     client3: Client, tmp_path: Path
 ) -> None:
-    side = tmp_path / "ran"
-    side.mkdir()
-    fast = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
+    side = _side_effects(tmp_path)
     with (
-        QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **fast) as queue_pool,
-        ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"], start=True, **fast) as consumers,
+        QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **FAST) as queue_pool,
+        ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"], start=True, **FAST) as consumers,
     ):
         long = queue_pool.submit(touch, str(side), "long", 4.0)
         wait_until(lambda: (side / "long").exists(), timeout=30)

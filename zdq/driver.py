@@ -1268,9 +1268,12 @@ class Driver:
             assert rec is not None
             self._finish_record(rec, self._fail(rec, errors[0]), 0)
             return
-        if seen is not None:  # some were cancelled and counted then: the others only
-            keep = [i for i in range(len(values)) if not seen[i]]
-            self._settle_some(rec, offset, base, consumer, values, errors, keep)
+        if seen is not None:
+            # Some of these tasks were cancelled and counted then: the others only, one at a time
+            # through the common path (rare: cancellations during a chunk's run).
+            for i in (i for i in range(len(values)) if not seen[i]):
+                one = {0: errors[i]} if i in errors else {}
+                self._settle_results(rec, offset + i, base + i, consumer, [values[i]], one)
             return
         n = len(values)
         exceptions: dict[int, BaseException] = {}
@@ -1303,21 +1306,6 @@ class Driver:
                 if rec.remaining <= 0:
                     self._records.pop(rec.seq, None)
             self._cond.notify_all()
-
-    def _settle_some(
-        self,
-        rec: _Record | None,
-        offset: int,
-        base: int,
-        consumer: bytes,
-        values: list[Any],
-        errors: dict[int, Any],
-        keep: list[int],
-    ) -> None:
-        """Results of a chunk of which only the tasks ``keep`` were still awaited (the slow path:
-        the others were cancelled); one task at a time through the common path."""
-        for i in keep:
-            self._settle_results(rec, offset + i, base + i, consumer, [values[i]], {0: errors[i]} if i in errors else {})
 
     def _fail(self, rec: _Record, exc: BaseException) -> int:
         """Fail the tasks of ``rec`` that have no outcome with ``exc``; keep ``exc`` as their value in
