@@ -135,12 +135,16 @@ def test_bad_arguments_fail_at_the_call_naming_the_argument(client: Client, tmp_
             (lambda: queue_pool.batch_submit([(add, 1, 2)], timeout="x"), "timeout"),
             (lambda: queue_pool.submit_iter([(add, 1, 2)], timeout=[]), "timeout"),
             (lambda: queue_pool.submit(add, 1, 2, retry_backoff="x"), "retry_backoff"),
+            (lambda: queue_pool.submit(add, 1, 2, retries=1, retry_backoff=float("nan")), "retry_backoff"),
+            (lambda: queue_pool.submit(add, 1, 2, timeout=float("nan")), "timeout"),
             (lambda: queue_pool.flush(timeout=-2), "timeout"),
             (lambda: ConsumerPool(client, queue_pool, retries="x"), "retries"),
             (lambda: ConsumerPool(client, queue_pool, max_concurrency=True), "max_concurrency"),
         ):
             with pytest.raises(ValueError, match=match):
                 call()
+        with pytest.raises(TypeError, match="retry_on"):
+            queue_pool.submit(add, 1, 2, retry_on=5)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="early_ack"):
             ConsumerPool(client, queue_pool, early_ack="yes")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="integers"):

@@ -56,8 +56,8 @@ def seconds_or_none(value: Any, name: str) -> float | None:
         seconds = parse_timedelta(value, default="seconds")
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise ValueError(f"{name} must be a number of seconds or a time string like '5s', got {value!r}") from e
-    if seconds is None or isinstance(value, bool) or seconds <= 0:
-        raise ValueError(f"{name} must be a positive duration, got {value!r}")
+    if seconds is None or isinstance(value, bool) or not 0 < seconds < float("inf"):
+        raise ValueError(f"{name} must be a positive, finite duration, got {value!r}")
     return float(seconds)
 
 
@@ -72,9 +72,9 @@ def timeout_or_none(value: Any, name: str = "timeout") -> float | None:
         seconds = float(value) if isinstance(value, (int, float)) else parse_timedelta(value, default="seconds")
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise ValueError(f"{name} must be a number of seconds, a time string like '5s', or None; got {value!r}") from e
-    if seconds is None or seconds < 0:
+    if seconds is None or not seconds >= 0:  # NaN too
         raise ValueError(f"{name} must not be negative, got {value!r}")
-    return float(seconds)
+    return None if seconds == float("inf") else float(seconds)
 
 
 def _bytes(value: Any) -> int:

@@ -711,8 +711,9 @@ class Driver:
         """Seconds since broker ``broker`` was last heard from."""
         return time.monotonic() - self._links[broker].seen
 
-    def queue_status(self, timeout: float = 10.0) -> list[p.QueueStatus | None]:
-        """Each broker's counts, asked over the data plane (no Dask actor call).
+    def queue_status(self, timeout: float = 10.0, only: int | None = None) -> list[p.QueueStatus | None]:
+        """Each broker's counts, asked over the data plane (no Dask actor call); ``only``: wait for
+        that broker's answer alone (another, stalled, does not hold it up).
 
         A reply also says that every result the broker routed here before it has arrived (one
         socket keeps order). ``None`` for a broker that is down or did not answer in time.
@@ -724,7 +725,11 @@ class Driver:
         deadline = time.monotonic() + timeout
         with self._cond:
             try:
-                while len(self._statuses[token]) < self._link_states.count(LinkState.UP):
+                while (
+                    len(self._statuses[token]) < self._link_states.count(LinkState.UP)
+                    if only is None
+                    else only not in self._statuses[token] and self._link_states[only] is LinkState.UP
+                ):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break

@@ -197,7 +197,7 @@ class QueuePool:
         self.default_options = TaskOptions(
             retries=retries,
             retry_backoff=retry_backoff,
-            retry_on=tuple(retry_on),
+            retry_on=tuple(retry_on) if isinstance(retry_on, (tuple, list)) else retry_on,
             time_limit=seconds_or_none(time_limit, "time_limit"),
         )
         #: The batch size of this pool's ConsumerPool (daskqueue's batch_size): caps the chunks
@@ -223,6 +223,7 @@ class QueuePool:
         self._placed_on: dict[int, str] = {}
         self._where: list[tuple[str, str]] = []  # (host, queue id) of each queue
         self._identity = new_identity()  # the driver's: brokers hand it the results nobody else takes
+        self._owner_token = os.urandom(16)  # names this owner in the registry (never the identity)
         self._listeners: weakref.WeakSet[Any] = weakref.WeakSet()
         self._subscribed: list[weakref.ref[Any]] = []
         #: Every consumer identity that a ConsumerPool of this process placed for this pool.
@@ -355,7 +356,7 @@ class QueuePool:
                     payload_key=self.payload_key,
                     settings=self.settings,
                     owner_client=str(self.client.id),
-                    owner_identity=self._identity,
+                    owner_token=self._owner_token,
                     workers=tuple(self._workers()),
                 ),
             )
@@ -606,7 +607,7 @@ class QueuePool:
         except Exception as e:  # the scheduler is busy or going: try again next round
             logger.debug("attached pool %s could not read its record: %s", self.name, e)
             return
-        if record is None or record.owner_identity != self._record.owner_identity:
+        if record is None or record.owner_token != self._record.owner_token:
             logger.warning("pool %s was closed by its owner: the tasks this producer still waits for fail", self.name)
             self._stop_supervisor.set()
             driver.fail_all(ClosedError(f"pool {self.name} was closed by the process that placed it"))
@@ -658,7 +659,7 @@ class QueuePool:
         if self._record is None and self._driver is not None:
             registry.withdraw(
                 self.client,
-                registry.PoolRecord(self.name, False, self.dirpath, (), (), None, None, self.settings, "", self._identity),
+                registry.PoolRecord(self.name, False, self.dirpath, (), (), None, None, self.settings, "", self._owner_token),
             )
 
     def _release_actors(self) -> None:

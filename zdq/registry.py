@@ -35,7 +35,9 @@ class PoolRecord:
     payload_key: bytes | None
     settings: PoolSettings
     owner_client: str  # the Dask client id of the owner: gone with it, the record is stale
-    owner_identity: bytes  # its driver's identity
+    # A random token of the owner, to tell its record from a later owner's: never its driver's
+    # ZeroMQ identity, which a peer could take over its connections with.
+    owner_token: bytes
     workers: tuple[str, ...] = ()  # the worker of each queue, for errors
 
 
@@ -77,7 +79,7 @@ def lookup(client: Any, name: str, dirpath: str | None) -> PoolRecord | None:
 def withdraw(client: Any, record: PoolRecord) -> None:
     try:
         current = client.get_dataset(registry_key(record.name, record.dirpath), default=None)
-        if isinstance(current, PoolRecord) and current.owner_identity == record.owner_identity:
+        if isinstance(current, PoolRecord) and current.owner_token == record.owner_token:
             client.unpublish_dataset(registry_key(record.name, record.dirpath))
     except Exception as e:  # the scheduler may be going away with the cluster
         logger.debug("could not withdraw pool %s: %s", record.name, e)

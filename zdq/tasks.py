@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import pickle
 import sys
 import types
@@ -124,11 +125,15 @@ class TaskOptions:
             raise ValueError(f"retries must be a non-negative integer, got {self.retries!r}")
         for name in ("retry_backoff", "retry_backoff_max"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
-        if self.time_limit is not None and self.time_limit <= 0:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a non-negative, finite number of seconds, got {value!r}")
+        if self.time_limit is not None and not 0 < self.time_limit < math.inf:
             raise ValueError(f"a time limit must be positive, got {self.time_limit!r}")
-        if not self.retry_on or not all(isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on):
+        if (
+            not isinstance(self.retry_on, tuple)
+            or not self.retry_on
+            or not all(isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on)
+        ):
             raise TypeError(f"retry_on must be exception types, got {self.retry_on!r}")
 
 

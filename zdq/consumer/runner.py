@@ -16,6 +16,7 @@ do after a failure (retry after which delay, fail, dead-letter) is decided by
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import queue
@@ -350,8 +351,17 @@ class Runner:
     def execute(self, broker: int, deliver: p.Deliver) -> None:
         try:
             self._start_chunk(broker, deliver)
-        except Exception:  # a task's own failure is caught inside; this would be zdq's
+        except Exception as e:  # a task's own failure is caught inside; this would be zdq's
             logger.exception("consumer %s failed to run chunk %d", self.name, deliver.chunk_id)
+            run = self._chunks.get(deliver.chunk_id)
+            if run is not None and run.remaining > 0:
+                # Every future settles: the tasks of the chunk without an error report this one.
+                why = f"consumer {self.name} failed to run this task's chunk: {e!r}"
+                info = ErrorInfo(None, "zdq.errors.ZdqError", why, "")
+                for i in range(len(run.values)):
+                    run.errors.setdefault(i, info)
+                run.remaining = 0
+                self._finish(run)
 
     def _start_chunk(self, broker: int, deliver: p.Deliver) -> None:
         """Unpickle a chunk and run it (inline), or hand its tasks to the task threads."""
@@ -466,7 +476,7 @@ class Runner:
                 options, run.crashes, self._crash_attempts, attempt, error, stopping=self._stop.is_set()
             )
             if isinstance(decision, Retry):
-                time.sleep(decision.delay)
+                time.sleep(decision.delay if 0 <= decision.delay < math.inf else 0.0)
                 error = None
                 continue
             info = _error_info(error)
