@@ -34,6 +34,7 @@ from zdq import (
     ConsumerPool,
     QueueLocked,
     QueuePool,
+    SerializationError,
     SubmitTimeout,
     TaskLost,
     ZdqError,
@@ -828,3 +829,21 @@ def test_a_queue_handle_answers_at_once_with_a_future_even_when_its_queue_is_sto
         finally:
             os.kill(pid, signal.SIGCONT)
         assert queue_pool[0].qsize().result(timeout=30) == 1
+
+
+def test_a_function_the_workers_cannot_import_fails_its_tasks_with_a_clear_error(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "only_on_the_driver.py").write_text("def f(x):\n    return x + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the driver's path only: the workers started before
+    import only_on_the_driver  # type: ignore[import-not-found]
+
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, start=True):
+        single = queue_pool.submit(only_on_the_driver.f, 1)
+        batch = queue_pool.batch_submit([(only_on_the_driver.f, i) for i in range(3)])
+        with pytest.raises(SerializationError, match="importable on the workers"):
+            single.result(timeout=30)
+        with pytest.raises(BatchError) as info:
+            batch.result(timeout=30)
+        assert len(info.value.errors) == 3
+        assert queue_pool.submit(len, "ab").result(timeout=30) == 2  # the pool carries on

@@ -62,7 +62,7 @@ from zdq.errors import (
 from zdq.futures import BatchFuture, CallbackRunner, TaskFuture
 from zdq.names import driver_name, queue_name
 from zdq.reporting import FailureLog
-from zdq.serialization import error_to_exception, loads_results
+from zdq.serialization import UNKNOWN_BASE, error_to_exception, loads_results
 from zdq.stats import DriverStats, QueueState
 from zdq.tasks import CANCELLED, cancel_in_chunk
 from zdq.transport import protocol as p
@@ -1216,6 +1216,8 @@ class Driver:
                 self._cond.notify_all()
             if failure is None:
                 if rec is not None:
+                    if base == UNKNOWN_BASE and n == rec.n:  # the chunk did not decode: all of it
+                        base = rec.base
                     offset = base - rec.base
                     if not (0 <= offset and offset + n <= rec.n):
                         raise ProtocolError(f"results for tasks {base}..{base + n} are outside chunk {msg.seq}")

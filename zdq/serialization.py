@@ -26,6 +26,7 @@ from zdq.errors import RemoteTaskError, SerializationError
 
 __all__ = [  # noqa: RUF022 - grouped by role
     "PROTOCOL",
+    "UNKNOWN_BASE",
     # results
     "ErrorInfo",
     "dumps_results",
@@ -40,6 +41,9 @@ __all__ = [  # noqa: RUF022 - grouped by role
 ]
 
 PROTOCOL = 5
+#: The first task id of results for a chunk that did not decode (its ids were inside it): they
+#: are the results of every task of the chunk they answer.
+UNKNOWN_BASE = -1
 
 
 @dataclass(frozen=True, slots=True)

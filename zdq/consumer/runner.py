@@ -33,8 +33,8 @@ import cloudpickle
 from zdq._actor import as_dask_task
 from zdq.consumer.base import ConsumerBaseClass
 from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
-from zdq.errors import DeadLettered, TaskCancelled, TaskTimeout
-from zdq.serialization import PROTOCOL, ErrorInfo, dumps_results
+from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskTimeout
+from zdq.serialization import PROTOCOL, UNKNOWN_BASE, ErrorInfo, dumps_results
 from zdq.tasks import (
     CANCELLED,
     TaskOptions,
@@ -380,8 +380,14 @@ class Runner:
             logger.error(
                 "consumer %s cannot decode chunk %d of queue %s: %s", self.name, deliver.chunk_id, self._queues[broker], e
             )
-            info = ErrorInfo(None, "zdq.errors.ProtocolError", f"chunk {deliver.chunk_id} does not decode: {e}", "")
-            bad = _ChunkRun(broker, deliver.chunk_id, 0, deliver.n_tasks)
+            why = (
+                f"consumer {self.name} cannot unpickle the tasks of chunk {deliver.chunk_id}: {type(e).__name__}: {e} "
+                "(a function or class pickled by reference must be importable on the workers: install its "
+                "module there, or define it in __main__ so that it is pickled by value)"
+            )
+            info = ErrorInfo(SerializationError(why), "zdq.errors.SerializationError", why, "")
+            # Its task ids are in what did not decode: ``UNKNOWN_BASE`` says "every task of the chunk".
+            bad = _ChunkRun(broker, deliver.chunk_id, UNKNOWN_BASE, deliver.n_tasks)
             self._forget(deliver.chunk_id)
             self._finish(bad, dict.fromkeys(range(deliver.n_tasks), info))
             return
