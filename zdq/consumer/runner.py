@@ -380,11 +380,12 @@ class Runner:
             logger.error(
                 "consumer %s cannot decode chunk %d of queue %s: %s", self.name, deliver.chunk_id, self._queues[broker], e
             )
-            why = (
-                f"consumer {self.name} cannot unpickle the tasks of chunk {deliver.chunk_id}: {type(e).__name__}: {e} "
-                "(a function or class pickled by reference must be importable on the workers: install its "
-                "module there, or define it in __main__ so that it is pickled by value)"
-            )
+            why = f"chunk {deliver.chunk_id} does not decode on consumer {self.name}: {type(e).__name__}: {e}"
+            if isinstance(e, (ImportError, AttributeError)):
+                why += (
+                    " (a function or class pickled by reference must be importable on the workers: install "
+                    "its module there, or define it in __main__ so that it is pickled by value)"
+                )
             info = ErrorInfo(SerializationError(why), "zdq.errors.SerializationError", why, "")
             # Its task ids are in what did not decode: ``UNKNOWN_BASE`` says "every task of the chunk".
             bad = _ChunkRun(broker, deliver.chunk_id, UNKNOWN_BASE, deliver.n_tasks)
