@@ -47,18 +47,29 @@ def _seconds(value: Any) -> float:
     return float(seconds)
 
 
+def _to_seconds(value: Any, name: str, accepted: str) -> float:
+    """Seconds from a number or a Dask time string; ``ValueError`` naming ``name`` and what is
+    ``accepted`` otherwise (booleans included, which Python counts as numbers)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError("a boolean is not a duration")
+        seconds = float(value) if isinstance(value, (int, float)) else parse_timedelta(value, default="seconds")
+        if seconds is None:
+            raise TypeError("no duration")
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"{name} must be {accepted}, got {value!r}") from e
+    return float(seconds)
+
+
 def seconds_or_none(value: Any, name: str) -> float | None:
     """A positive duration in seconds from a number or a Dask time string (``"5s"``, ``"2min"``);
     ``None`` stays ``None``. A bad value raises ``ValueError`` naming ``name``."""
     if value is None:
         return None
-    try:
-        seconds = parse_timedelta(value, default="seconds")
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise ValueError(f"{name} must be a number of seconds or a time string like '5s', got {value!r}") from e
-    if seconds is None or isinstance(value, bool) or not 0 < seconds < float("inf"):
+    seconds = _to_seconds(value, name, "a number of seconds or a time string like '5s'")
+    if not 0 < seconds < float("inf"):
         raise ValueError(f"{name} must be a positive, finite duration, got {value!r}")
-    return float(seconds)
+    return seconds
 
 
 def timeout_or_none(value: Any, name: str = "timeout") -> float | None:
@@ -66,15 +77,10 @@ def timeout_or_none(value: Any, name: str = "timeout") -> float | None:
     Dask time string (``"5s"``). A bad value raises ``ValueError`` naming ``name``, at the call."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number of seconds, a time string like '5s', or None; got {value!r}")
-    try:
-        seconds = float(value) if isinstance(value, (int, float)) else parse_timedelta(value, default="seconds")
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise ValueError(f"{name} must be a number of seconds, a time string like '5s', or None; got {value!r}") from e
-    if seconds is None or not seconds >= 0:  # NaN too
+    seconds = _to_seconds(value, name, "a number of seconds, a time string like '5s', or None")
+    if not seconds >= 0:  # NaN too
         raise ValueError(f"{name} must not be negative, got {value!r}")
-    return None if seconds == float("inf") else float(seconds)
+    return None if seconds == float("inf") else seconds
 
 
 def _bytes(value: Any) -> int:
