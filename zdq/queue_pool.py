@@ -52,6 +52,7 @@ from zdq.transport.sockets import new_identity
 from zdq.futures import BatchFuture, TaskFuture
 from zdq.chunking import Chunking
 from zdq.names import counted, queue_name
+from zdq.observe.monitor import ensure_installed
 from zdq.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
 from zdq.stats import BrokerStats, PoolStats
 from zdq.transport.security import ClientKeys, PoolKeys
@@ -313,6 +314,7 @@ class QueuePool:
     def _place(self) -> QueuePool:
         started = time.monotonic()
         self._keys = self._make_keys()
+        ensure_installed(self.client)  # once per cluster: what /zdq, /metrics and `zdq status` read
         try:
             # Every step runs for all queues at once: placing a pool costs about the same per queue
             # whatever its size.

@@ -77,6 +77,7 @@ class ConsumerStats(_Compact):
     tasks_in_flight: int
     bad_chunks: int
     tasks_cancelled: int = 0  # cancelled before they started: skipped, never run
+    tasks_retried: int = 0  # failed attempts that were retried
     #: The queues this consumer cannot reach, each ``"<queue> at <endpoint>: <why>"``.
     unreachable: tuple[str, ...] = ()
 
