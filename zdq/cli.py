@@ -93,9 +93,21 @@ def _inspect(args: argparse.Namespace) -> int:
     return status
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("zdq")
+    except PackageNotFoundError:  # run from a checkout
+        from zdq import __version__
+
+        return __version__
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zdq", description="zdq: a ZeroMQ task queue on Dask")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    parser.add_argument("--version", action="version", version=f"zdq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="no-op throughput of zdq and of Dask futures, same cluster, same run")
     bench.add_argument("--tasks", type=int, default=200_000, help="zdq tasks per run (default 200000)")
@@ -126,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("dirpath", help="a QueuePool's dirpath, or one queue directory in it")
     inspect.add_argument("--json", action="store_true", help="print the counts as JSON")
     inspect.set_defaults(func=_inspect)
+    from zdq.observe.commands import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

@@ -187,3 +187,6 @@ class Broker:
 
     def purge_dead(self, chunk_ids: list[int] | None = None) -> int:
         return self._running_core().purge_dead(chunk_ids)
+
+    def purge_ready(self) -> int:
+        return self._running_core().purge_ready()

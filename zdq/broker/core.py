@@ -19,13 +19,14 @@ Nothing is dropped: a chunk leaves the queue only when a driver acknowledges its
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import math
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import zmq
@@ -33,7 +34,7 @@ import zmq
 from zdq.config import PoolSettings
 from zdq.errors import ProtocolError, StorageError, StorageFull
 from zdq.names import unnamed_peer
-from zdq.stats import BrokerStats
+from zdq.stats import ROUND_TRIP_BOUNDS, BrokerStats
 from zdq.broker.leases import Held, LeaseTable
 from zdq.storage.base import ChunkMeta, DeadLetter, Storage
 from zdq.transport import protocol as p
@@ -70,6 +71,10 @@ class BrokerCounters:
     dropped_results: int = 0
     chunks_split: int = 0
     tasks_dead_lettered: int = 0
+    #: Chunks by the time from their DELIVER to their DONE: one count per bound of
+    #: ``ROUND_TRIP_BOUNDS``, and a last one above them (the Prometheus histogram).
+    round_trips: list[int] = field(default_factory=lambda: [0] * (len(ROUND_TRIP_BOUNDS) + 1))
+    round_trip_sum: float = 0.0
 
 
 @dataclass
@@ -215,7 +220,7 @@ class BrokerCore:
                 drivers=sum(1 for peer in drivers.values() if not peer.gone),
                 routed_tasks=routed,
                 consumer_names=tuple(consumers),
-                **asdict(self.counters),
+                **{**asdict(self.counters), "round_trips": tuple(self.counters.round_trips)},
             )
 
     def _name_of(self, ident: bytes) -> str:
@@ -234,6 +239,25 @@ class BrokerCore:
     def purge_dead(self, chunk_ids: list[int] | None = None) -> int:
         with self._lock:
             return self._storage.purge_dead(chunk_ids)
+
+    def purge_ready(self) -> int:
+        """Cancel every task of every ready chunk (``zdq purge``); return how many were cancelled.
+
+        The chunks are not deleted: their drivers wait for their futures. A consumer that gets one
+        skips its cancelled tasks (as for ``future.cancel()``) and reports them ``TaskCancelled``,
+        so every future settles and every count and receipt stays as for any task.
+        """
+        n = 0
+        with self._lock:
+            for chunk_id in self._storage.ready_ids():
+                meta = self._storage.meta(chunk_id)
+                if meta is None:
+                    continue
+                before = len(self._storage.cancelled(chunk_id))
+                if self._storage.cancel(chunk_id, range(meta.n_tasks)):
+                    n += meta.n_tasks - before
+            self._storage.commit(force=True)
+        return n
 
     def setting(self, name: bytes, proposed: bytes | None) -> bytes | None:
         with self._lock:
@@ -509,7 +533,7 @@ class BrokerCore:
             if consumer is None or consumer.credit <= 0:
                 self._with_credit.popleft()
                 continue
-            leased = leases.lease(ident)
+            leased = leases.lease(ident, now)
             if leased is None:
                 return
             cancelled = self._storage.cancelled(leased.chunk_id)
@@ -652,8 +676,13 @@ class BrokerCore:
             if held is None:
                 self.counters.duplicate_dones += 1
                 continue
-            self.counters.chunks_acked += 1
-            self.counters.tasks_acked += held.meta.n_tasks
+            counters = self.counters
+            counters.chunks_acked += 1
+            counters.tasks_acked += held.meta.n_tasks
+            if held.leased_at:  # per chunk, not per task: a bisect of ten bounds
+                took = now - held.leased_at
+                counters.round_trips[bisect.bisect_left(ROUND_TRIP_BOUNDS, took)] += 1
+                counters.round_trip_sum += took
             if not self._route(chunk_id, held, now):
                 self._waiting[chunk_id] = None
                 self._leases.keep(chunk_id, held)

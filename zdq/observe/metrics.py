@@ -13,6 +13,8 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+from zdq.stats import ROUND_TRIP_BOUNDS
+
 __all__ = ["register", "COUNTERS", "GAUGES"]
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ class _Collector:
                     families[name].add_metric(labels, float(q.get(field, 0)))
                 buckets = q.get("round_trips")
                 if buckets:
-                    bounds = [*(f"{b:g}" for b in q["round_trip_bounds"]), "+Inf"]
+                    bounds = [*(f"{b:g}" for b in ROUND_TRIP_BOUNDS), "+Inf"]
                     cumulative, acc = [], 0
                     for bound, count in zip(bounds, buckets):
                         acc += int(count)

@@ -279,6 +279,10 @@ class Storage(ABC):
     def has_ready(self) -> bool:
         return bool(self._ready)
 
+    def ready_ids(self) -> list[int]:
+        """The ids of the ready chunks, in queue order (a copy: for rare requests, a purge)."""
+        return list(self._ready)
+
     def is_leased(self, chunk_id: int) -> bool:
         return chunk_id in self._leased
 
