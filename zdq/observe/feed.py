@@ -150,6 +150,9 @@ def _report(sources: list[Source], interval: float) -> dict[str, Any]:
             logger.debug("zdq feed: statistics of %s %s failed: %s", s.kind, s.name, e)
             continue
         stats["pool"] = s.pool
+        # Counts travel, not lists that grow with the pool (names of consumers and drivers).
+        stats.pop("consumer_names", None)
+        stats.pop("routed_tasks", None)
         if s.kind == "queue":
             stats["host"] = s.host
             queues.append(stats)

@@ -71,6 +71,7 @@ class Monitor:
         self._pools: dict[str, _PoolView] = {}
         self._interval = 1.0
         self.reports = 0  # zdq-report messages received: the load this adds to the scheduler
+        self.entries = 0  # queues and consumers in them
         self.started = time.monotonic()
 
     # -- handlers (the scheduler's event loop) ---------------------------------------------------
@@ -84,6 +85,7 @@ class Monitor:
         **_: Any,
     ) -> None:
         self.reports += 1
+        self.entries += len(queues or ()) + len(consumers or ())
         self._interval = float(interval) or self._interval
         now = time.monotonic()
         for stats in queues or ():
