@@ -47,6 +47,10 @@ def test_monitor_sums_a_pools_queues_and_consumers_and_forgets_what_its_workers_
     t = pool["totals"]
     assert (t["submitted"], t["ready"], t["completed"], t["failed"], t["consumers"]) == (17, 5, 15, 1, 2)
     assert monitor.reports == 2 and monitor.entries == 4
+    moved = _queue("jobs-queue-1", tasks_stored=0)
+    moved["endpoint"] = "tcp://127.0.0.1:2"  # placed again after its worker was lost
+    monitor.on_report(worker="tcp://c", queues=[moved])
+    assert monitor.status()["pools"]["jobs"]["totals"]["recoveries"] == 1
     monitor.on_report(worker="tcp://b", gone=[("consumer", "jobs", "C-1")])
     assert [c["name"] for c in monitor.status()["pools"]["jobs"]["consumers"]] == ["C-0"]
     monitor._expire(time.monotonic() + 60)  # nothing reported for a minute: the pool is gone

@@ -30,13 +30,15 @@ _STALE_MIN = 10.0
 
 
 class _PoolView:
-    __slots__ = ("queues", "consumers", "history")
+    __slots__ = ("queues", "consumers", "history", "recoveries")
 
     def __init__(self) -> None:
         self.queues: dict[str, tuple[float, dict[str, Any]]] = {}
         self.consumers: dict[str, tuple[float, dict[str, Any]]] = {}
         # (time, submitted, completed, failed): the pool's totals
         self.history: deque[tuple[float, int, int, int]] = deque(maxlen=_HISTORY)
+        # Times each queue was seen at a new endpoint: placed again after its worker was lost.
+        self.recoveries: dict[str, int] = {}
 
 
 def totals(queues: list[dict[str, Any]], consumers: list[dict[str, Any]]) -> dict[str, int]:
@@ -56,6 +58,7 @@ def totals(queues: list[dict[str, Any]], consumers: list[dict[str, Any]]) -> dic
         "dead": q("dead_tasks"),
         "awaiting": q("awaiting_tasks"),
         "consumers": len(consumers),  # live: reported by their workers (running or idle)
+        "recoveries": q("recoveries"),
     }
 
 
@@ -90,7 +93,12 @@ class Monitor:
         now = time.monotonic()
         for stats in queues or ():
             stats["worker"] = worker
-            self._pool(str(stats.get("pool", ""))).queues[str(stats["name"])] = (now, stats)
+            view, name = self._pool(str(stats.get("pool", ""))), str(stats["name"])
+            before = view.queues.get(name)
+            if before is not None and before[1].get("endpoint") != stats.get("endpoint"):
+                view.recoveries[name] = view.recoveries.get(name, 0) + 1
+            stats["recoveries"] = view.recoveries.get(name, 0)
+            view.queues[name] = (now, stats)
         for stats in consumers or ():
             self._pool(str(stats.get("pool", ""))).consumers[str(stats["name"])] = (now, stats)
         for kind, pool, name in gone or ():

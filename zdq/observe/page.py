@@ -57,7 +57,7 @@ body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;background:#fafafa
 h1{font-size:1.3em;margin:0 0 .3em} h2{font-size:1.1em;margin:1.2em 0 .3em}
 table{border-collapse:collapse;margin:.3em 0 .8em;font-size:.9em;background:#fff}
 th,td{border:1px solid #ddd;padding:.2em .6em;text-align:right} th{background:#eef}
-td.n{text-align:left} .pool{border:1px solid #ccd;padding:.4em 1em;margin:.8em 0;background:#fff}
+td.n{text-align:left;white-space:nowrap} .pool{border:1px solid #ccd;padding:.4em 1em;margin:.8em 0;background:#fff;width:fit-content}
 .muted{color:#777;font-size:.85em} svg{background:#fff;border:1px solid #ddd}
 .legend span{margin-right:1em} .sub{color:#1f77b4} .com{color:#2ca02c} .fail{color:#d62728}
 </style></head>
@@ -69,11 +69,11 @@ td.n{text-align:left} .pool{border:1px solid #ccd;padding:.4em 1em;margin:.8em 0
 "use strict";
 const QCOLS=[["name","queue"],["host","host"],["durable","durable"],["ready_tasks","ready"],["leased_tasks","leased"],
  ["awaiting_tasks","awaiting receipt"],["dead_tasks","dead-lettered"],["tasks_stored","submitted"],["tasks_acked","acked"],
- ["chunks_redelivered","redelivered chunks"],["bad_messages","bad messages"],["consumers","consumers"]];
+ ["chunks_redelivered","redelivered chunks"],["recoveries","recoveries"],["bad_messages","bad messages"],["consumers","consumers"]];
 const CCOLS=[["name","consumer"],["worker","where"],["state","state"],["tasks_done","done"],["tasks_failed","failed"],
  ["tasks_retried","retried"],["tasks_in_flight","in flight"],["rate","tasks/s"]];
 const TCOLS=[["submitted","submitted"],["completed","completed"],["failed","failed"],["retried","retried"],
- ["dead_lettered","dead-lettered"],["redelivered","redelivered chunks"],["bad_messages","bad messages"],["consumers","live consumers"]];
+ ["dead_lettered","dead-lettered"],["redelivered","redelivered chunks"],["recoveries","recoveries"],["bad_messages","bad messages"],["consumers","live consumers"]];
 let last={};
 function esc(s){return String(s).replace(/[&<>"]/g,c=>({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;"}[c]));}
 function cell(key,v,attrs){const n=typeof v==="number";return `<td class="${n?"":"n"}" ${attrs} data-field="${key}">${esc(v)}</td>`;}
