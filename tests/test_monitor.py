@@ -69,6 +69,7 @@ def test_monitor_rates_are_per_second_between_samples_and_never_negative() -> No
 
 
 def test_the_metrics_collector_names_every_family_zdq_and_labels_by_pool_and_queue_only() -> None:
+    pytest.importorskip("prometheus_client", reason="prometheus_client is not installed")
     monitor = Monitor(None)
     queue = _queue("jobs-queue-0", ready_tasks=4, tasks_stored=9)
     queue["round_trips"] = [1] + [0] * (len(ROUND_TRIP_BOUNDS) - 1) + [2]

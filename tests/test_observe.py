@@ -99,8 +99,8 @@ def _matches(http: str, queue_pool: QueuePool, consumer_pool: ConsumerPool) -> b
 def test_metrics_endpoint_serves_zdq_counters_and_gauges_that_match_statistics(
     dash_cluster: LocalCluster, dash_client: Client
 ) -> None:
-    from prometheus_client.parser import text_string_to_metric_families
-
+    parser = pytest.importorskip("prometheus_client.parser", reason="prometheus_client is not installed: Dask serves no /metrics")
+    text_string_to_metric_families = parser.text_string_to_metric_families
     http = _http(dash_cluster)
     queue_pool, consumer_pool = _busy_pool(dash_client, "metered")
     with queue_pool, consumer_pool:
