@@ -109,5 +109,5 @@ def register(dask_scheduler: Any) -> None:
     _monitors.add(dask_scheduler.extensions["zdq"])
     with _lock:
         if not _registered:
-            prometheus_client.REGISTRY.register(_Collector())  # type: ignore[arg-type]
+            prometheus_client.REGISTRY.register(_Collector())
             _registered = True

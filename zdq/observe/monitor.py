@@ -102,9 +102,9 @@ class Monitor:
         for stats in consumers or ():
             self._pool(str(stats.get("pool", ""))).consumers[str(stats["name"])] = (now, stats)
         for kind, pool, name in gone or ():
-            view = self._pools.get(pool)
-            if view is not None:
-                (view.queues if kind == "queue" else view.consumers).pop(name, None)
+            left = self._pools.get(pool)
+            if left is not None:
+                (left.queues if kind == "queue" else left.consumers).pop(name, None)
         self._expire(now)
 
     def _pool(self, name: str) -> _PoolView:

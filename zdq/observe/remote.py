@@ -62,7 +62,7 @@ def status(client: Any, timeout: float) -> dict[str, Any]:
 async def _status(client: Any, timeout: float) -> dict[str, Any]:
     import asyncio
 
-    return await asyncio.wait_for(client.scheduler.zdq_status(), timeout)  # type: ignore[no-any-return]
+    return await asyncio.wait_for(client.scheduler.zdq_status(), timeout)
 
 
 def queues_of(state: dict[str, Any], pool: str, queue: str | None = None) -> list[dict[str, Any]]:
