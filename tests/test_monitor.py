@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 import zmq
 
 from tests.conftest import wait_until
-from tests.test_broker import _peer, _recv
+from tests.test_broker import _peer, _recv, broker  # noqa: F401 - broker is a fixture
 from zdq.broker.core import BrokerCore
-from zdq.config import settings
 from zdq.names import pool_of_queue
 from zdq.observe import metrics
 from zdq.observe.monitor import Monitor
 from zdq.stats import ROUND_TRIP_BOUNDS
-from zdq.storage.memory import MemoryStorage
 from zdq.transport import protocol as p
-from zdq.transport.sockets import bind_router
 
 
 def _queue(name: str, **counts: int) -> dict[str, object]:
@@ -90,37 +86,26 @@ def test_the_metrics_collector_names_every_family_zdq_and_labels_by_pool_and_que
     assert rtt["zdq_chunk_round_trip_seconds_count"] == 3 and rtt["zdq_chunk_round_trip_seconds_sum"] == 120.5
 
 
-@pytest.fixture
-def core(zmq_ctx: zmq.Context) -> Iterator[tuple[BrokerCore, str]]:
-    sock, endpoint, _ = bind_router(zmq_ctx, "127.0.0.1", max_message_size=1 << 20)
-    storage = MemoryStorage()
-    storage.open()
-    broker = BrokerCore("jobs-queue-0", sock, storage, settings())
-    broker.start()
-    yield broker, endpoint
-    broker.stop()
-
-
 def test_purge_marks_every_ready_task_cancelled_and_keeps_the_chunks_for_their_drivers(
-    core: tuple[BrokerCore, str], zmq_ctx: zmq.Context
+    broker: tuple[BrokerCore, str], zmq_ctx: zmq.Context
 ) -> None:
-    broker, endpoint = core
+    core, endpoint = broker
     driver = _peer(zmq_ctx, endpoint, p.Role.DRIVER)
     consumer = _peer(zmq_ctx, endpoint, p.Role.CONSUMER)
     try:
         for seq in (1, 2):
             driver.send_multipart(p.encode(p.Put(seq, 3, f"chunk-{seq}".encode())))
             assert isinstance(_recv(driver), p.Confirm)
-        assert broker.purge_ready() == 6
-        assert broker.purge_ready() == 0  # already cancelled: nothing counted twice
-        assert broker.statistics().ready_tasks == 6  # kept: their drivers' futures settle through them
+        assert core.purge_ready() == 6
+        assert core.purge_ready() == 0  # already cancelled: nothing counted twice
+        assert core.statistics().ready_tasks == 6  # kept: their drivers' futures settle through them
         consumer.send_multipart(p.encode(p.Fetch(1)))
         told = _recv(consumer)
         assert isinstance(told, p.Cancel) and told.indexes == (0, 1, 2)  # the consumer skips them all
         deliver = _recv(consumer)
         assert isinstance(deliver, p.Deliver)
         consumer.send_multipart(p.encode(p.Done(deliver.chunk_id, 3, b"results")))
-        stats = wait_until(lambda: (s := broker.statistics()).chunks_acked == 1 and s, timeout=10)
+        stats = wait_until(lambda: (s := core.statistics()).chunks_acked == 1 and s, timeout=10)
         assert sum(stats.round_trips) == 1 and 0 <= stats.round_trip_sum < 5
         assert "round_trips" not in repr(stats)  # kept out of the one-screen repr
     finally:

@@ -6,7 +6,7 @@ the metrics live on); the CLI runs as a subprocess, as a user runs it.
 
 from __future__ import annotations
 
-import gc
+import contextlib
 import json
 import subprocess
 import sys
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from distributed import Client, LocalCluster
 
-from tests.conftest import _assert_eventually_empty, _zdq_actor_keys, _zdq_threads, wait_until
+from tests.conftest import assert_no_zdq_leaks, wait_until
 from tests.tasks import add, fail
 from zdq import ConsumerPool, QueuePool
 
@@ -43,10 +43,7 @@ def dash_cluster() -> Iterator[LocalCluster]:
 def dash_client(dash_cluster: LocalCluster) -> Iterator[Client]:
     with Client(dash_cluster) as c:
         yield c
-        gc.collect()
-        _assert_eventually_empty(lambda: c.run_on_scheduler(_zdq_actor_keys), "zdq actors on the scheduler")
-        _assert_eventually_empty(_zdq_threads, "zdq threads in the driver")
-        _assert_eventually_empty(lambda: {w: t for w, t in c.run(_zdq_threads).items() if t}, "zdq threads in workers")
+        assert_no_zdq_leaks(c)
 
 
 def _http(cluster: LocalCluster) -> str:
@@ -64,17 +61,22 @@ def _zdq(*args: str, timeout: float = 60, stdin: str | None = None) -> subproces
     )
 
 
-def _busy_pool(client: Client, name: str) -> tuple[QueuePool, ConsumerPool]:
-    """A pool that ran 300 tasks, 3 of them failing for good (dead-lettered after a retry), now idle."""
+@contextlib.contextmanager
+def _shown_pool(cluster: LocalCluster, client: Client, name: str) -> Iterator[tuple[QueuePool, ConsumerPool]]:
+    """A pool that ran 300 tasks, 3 of them failing for good (dead-lettered after a retry), now idle,
+    and shown by the monitor as its statistics() say. Closed (its dead letters purged) after."""
     queue_pool = QueuePool(client, 2, name=name)
     consumer_pool = ConsumerPool(client, queue_pool, n_consumers=2)
-    ok = queue_pool.batch_submit([(add, i, 1) for i in range(300)], batch_size=50)
-    bad = [queue_pool.submit(fail, f"boom {i}", retries=1, retry_backoff=0.01) for i in range(3)]
-    consumer_pool.start()
-    assert ok.result(timeout=60) == [i + 1 for i in range(300)]
-    for future in bad:
-        assert future.exception(timeout=60) is not None
-    return queue_pool, consumer_pool
+    with queue_pool, consumer_pool:
+        ok = queue_pool.batch_submit([(add, i, 1) for i in range(300)], batch_size=50)
+        bad = [queue_pool.submit(fail, f"boom {i}", retries=1, retry_backoff=0.01) for i in range(3)]
+        consumer_pool.start()
+        assert ok.result(timeout=60) == [i + 1 for i in range(300)]
+        for future in bad:
+            assert future.exception(timeout=60) is not None
+        wait_until(lambda: _matches(_http(cluster), queue_pool, consumer_pool), timeout=20, interval=0.3)
+        yield queue_pool, consumer_pool
+        queue_pool.purge_dead_letters()
 
 
 def _matches(http: str, queue_pool: QueuePool, consumer_pool: ConsumerPool) -> bool:
@@ -102,9 +104,7 @@ def test_metrics_endpoint_serves_zdq_counters_and_gauges_that_match_statistics(
     parser = pytest.importorskip("prometheus_client.parser", reason="prometheus_client is not installed: Dask serves no /metrics")
     text_string_to_metric_families = parser.text_string_to_metric_families
     http = _http(dash_cluster)
-    queue_pool, consumer_pool = _busy_pool(dash_client, "metered")
-    with queue_pool, consumer_pool:
-        wait_until(lambda: _matches(http, queue_pool, consumer_pool), timeout=20, interval=0.3)
+    with _shown_pool(dash_cluster, dash_client, "metered") as (queue_pool, consumer_pool):
         brokers = {b.name: b for b in queue_pool.statistics().brokers}
         consumers = consumer_pool.statistics()
         samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
@@ -136,16 +136,12 @@ def test_metrics_endpoint_serves_zdq_counters_and_gauges_that_match_statistics(
         assert value("zdq_consumers_live") == 2
         # Bounded labels: pool, queue and the histogram's buckets, never a task.
         assert {k for _, labels in samples for k, _ in labels} <= {"pool", "queue", "le"}
-        queue_pool.purge_dead_letters()
 
 
 def test_status_command_lists_a_live_pool_with_the_counts_of_statistics(
     dash_cluster: LocalCluster, dash_client: Client
 ) -> None:
-    http = _http(dash_cluster)
-    queue_pool, consumer_pool = _busy_pool(dash_client, "watched")
-    with queue_pool, consumer_pool:
-        wait_until(lambda: _matches(http, queue_pool, consumer_pool), timeout=20, interval=0.3)
+    with _shown_pool(dash_cluster, dash_client, "watched") as (queue_pool, consumer_pool):
         address = dash_cluster.scheduler_address
         proc = _zdq("status", "--scheduler", address, "--json")
         assert proc.returncode == 0, proc.stderr
@@ -172,16 +168,12 @@ def test_status_command_lists_a_live_pool_with_the_counts_of_statistics(
         finally:
             watch.kill()
             watch.wait(timeout=10)
-        queue_pool.purge_dead_letters()
 
 
 def test_dead_letters_commands_list_requeue_and_purge_a_live_pools_dead_letters(
     dash_cluster: LocalCluster, dash_client: Client
 ) -> None:
-    http = _http(dash_cluster)
-    queue_pool, consumer_pool = _busy_pool(dash_client, "lettered")
-    with queue_pool, consumer_pool:
-        wait_until(lambda: _matches(http, queue_pool, consumer_pool), timeout=20, interval=0.3)
+    with _shown_pool(dash_cluster, dash_client, "lettered") as (queue_pool, consumer_pool):
         address = dash_cluster.scheduler_address
         listed = _zdq("dead-letters", "list", "--scheduler", address, "lettered", "--json")
         assert listed.returncode == 0, listed.stderr
@@ -278,13 +270,11 @@ def test_dashboard_page_shows_the_live_pool_with_the_numbers_of_statistics_in_he
     http = _http(dash_cluster)
     listing = json.loads(_get(f"{http}/sitemap.json"))["paths"]
     assert "/zdq" in {p.rstrip("/?") for p in listing}, listing
-    queue_pool, consumer_pool = _busy_pool(dash_client, "shown")
-    with queue_pool, consumer_pool, sync_playwright() as pw:
+    with _shown_pool(dash_cluster, dash_client, "shown") as (queue_pool, consumer_pool), sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(f"{http}/zdq", timeout=30_000)
-            wait_until(lambda: _matches(http, queue_pool, consumer_pool), timeout=20, interval=0.3)
             brokers = queue_pool.statistics().brokers
             consumers = consumer_pool.statistics()
 
@@ -315,4 +305,3 @@ def test_dashboard_page_shows_the_live_pool_with_the_numbers_of_statistics_in_he
             assert shot.stat().st_size > 10_000
         finally:
             browser.close()
-        queue_pool.purge_dead_letters()
