@@ -305,3 +305,25 @@ def test_dashboard_page_shows_the_live_pool_with_the_numbers_of_statistics_in_he
             assert shot.stat().st_size > 10_000
         finally:
             browser.close()
+
+
+def _reports(dask_scheduler: Any = None) -> tuple[int, int]:
+    monitor = dask_scheduler.extensions["zdq"]
+    return monitor.reports, monitor.entries
+
+
+def test_the_scheduler_hears_one_report_per_worker_a_second_whatever_the_number_of_queues(
+    dash_cluster: LocalCluster, dash_client: Client
+) -> None:
+    import time
+
+    with QueuePool(dash_client, 12, name="many"), QueuePool(dash_client, 2, name="few"):
+        http = _http(dash_cluster)
+        wait_until(lambda: {"many", "few"} <= set(json.loads(_get(f"{http}/zdq/status.json"))["pools"]), timeout=20)
+        before, t0 = dash_client.run_on_scheduler(_reports), time.monotonic()
+        time.sleep(3.0)
+        after, elapsed = dash_client.run_on_scheduler(_reports), time.monotonic() - t0
+        workers = len(dash_client.scheduler_info()["workers"])
+        # One message per worker process and interval (1 s), carrying all 14 queues between them.
+        assert after[0] - before[0] <= workers * (elapsed + 1)
+        assert after[1] - before[1] >= 14 * (elapsed - 1)
