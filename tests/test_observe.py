@@ -327,3 +327,47 @@ def test_the_scheduler_hears_one_report_per_worker_a_second_whatever_the_number_
         # One message per worker process and interval (1 s), carrying all 14 queues between them.
         assert after[0] - before[0] <= workers * (elapsed + 1)
         assert after[1] - before[1] >= 14 * (elapsed - 1)
+
+
+def test_status_reaches_a_tls_cluster_with_the_security_settings_of_dask_config_and_fails_in_one_line_without(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    pytest.importorskip("cryptography", reason="Security.temporary() needs cryptography")
+    from distributed.security import Security
+
+    security = Security.temporary()
+    files = {}
+    for field in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        path = tmp_path / f"{field}.pem"
+        path.write_text(getattr(security, field))
+        files[field] = str(path)
+    env = {
+        **os.environ,
+        "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": files["tls_ca_file"],
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": files["tls_client_cert"],
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": files["tls_client_key"],
+        "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
+    }
+    with (
+        LocalCluster(
+            n_workers=1, processes=False, protocol="tls://", security=security, dashboard_address=None,
+            worker_dashboard_address=None,
+        ) as tls,
+        Client(tls, security=security) as client,
+        QueuePool(client, 1, name="secured"),
+    ):
+        address = tls.scheduler_address
+        assert address.startswith("tls://")
+        command = [sys.executable, "-m", "zdq.cli", "status", "--scheduler", address, "--json"]
+        wait_until(
+            lambda: "secured" in json.loads(
+                subprocess.run(command, capture_output=True, text=True, timeout=60, env=env).stdout or '{"pools": {}}'
+            )["pools"],
+            timeout=30,
+            interval=0.5,
+        )
+        plain = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert plain.returncode == 1 and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
+        assert plain.stderr.startswith(f"zdq status: cannot reach a Dask scheduler at {address}")

@@ -35,11 +35,21 @@ def connect(address: str, timeout: float) -> Any:
     be reached within ``timeout`` seconds."""
     from distributed import Client
 
+    from distributed.security import Security
+
     if address.startswith("inproc://"):
         raise OSError(f"cannot reach a Dask scheduler at {address}: an inproc address works only inside its own process")
+    security = Security()  # dask.config's distributed.comm.tls.* and require-encryption, as any client
+    if address.startswith("tls://") and security.get_connection_args("client").get("ssl_context") is None:
+        # Checked here: Dask would fail deep in its comm layer, and leave a client that takes
+        # seconds to give up at exit.
+        raise OSError(
+            f"cannot reach a Dask scheduler at {address}: a tls:// address needs TLS settings in dask.config "
+            "(distributed.comm.tls.ca-file, .client.cert, .client.key)"
+        )
     try:
-        return Client(address, timeout=timeout, set_as_default=False)
-    except (OSError, TimeoutError, ValueError) as e:  # ValueError: an address that does not parse
+        return Client(address, timeout=timeout, set_as_default=False, security=security)
+    except (OSError, TimeoutError, ValueError, TypeError) as e:  # ValueError: an address that does not parse
         raise OSError(f"cannot reach a Dask scheduler at {address} within {timeout:g} s: {e}") from e
 
 
