@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Timing", "timing_of", "MIN_PRIORITY", "MAX_PRIORITY"]
+__all__ = ["MAX_PRIORITY", "MIN_PRIORITY", "Timing", "timing_of"]
 
 #: Priorities travel as signed 32-bit integers.
 MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1

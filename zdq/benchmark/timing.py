@@ -25,7 +25,7 @@ from zdq.benchmark.tasks import noop, now
 if TYPE_CHECKING:
     from zdq.benchmark.cases import BenchConfig, CaseResult
 
-__all__ = ["release_lateness", "delayed_memory"]
+__all__ = ["delayed_memory", "release_lateness"]
 
 _SPACING = 0.02  # seconds between two releases: each finds the consumer idle
 _LEAD = 0.2  # the first release, after the submissions are stored

@@ -28,13 +28,13 @@ import heapq
 import math
 from collections import deque
 
-__all__ = ["ReadyQueue", "Delayed"]
+__all__ = ["Delayed", "ReadyQueue"]
 
 
 class ReadyQueue:
     """Ready chunk ids: a FIFO per priority, the highest priority served first."""
 
-    __slots__ = ("_fifos", "_order", "_n")
+    __slots__ = ("_fifos", "_n", "_order")
 
     def __init__(self) -> None:
         self._fifos: dict[int, deque[int]] = {0: deque()}
@@ -97,7 +97,7 @@ class ReadyQueue:
 class Delayed:
     """Chunk ids held until a wall-clock time, with their task count."""
 
-    __slots__ = ("_heap", "_at", "tasks", "next_at")
+    __slots__ = ("_at", "_heap", "next_at", "tasks")
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int]] = []
@@ -110,8 +110,7 @@ class Delayed:
         self._at[chunk_id] = at
         heapq.heappush(self._heap, (at, chunk_id))
         self.tasks += n_tasks
-        if at < self.next_at:
-            self.next_at = at
+        self.next_at = min(self.next_at, at)
 
     def discard(self, chunk_id: int, n_tasks: int) -> bool:
         """Take a chunk out before its time (cancelled, acknowledged); False if it is not delayed."""
