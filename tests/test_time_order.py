@@ -118,13 +118,15 @@ def test_a_delayed_task_on_a_durable_queue_survives_its_broker_worker_being_kill
     client3: Client, tmp_path: Path
 ) -> None:
     fast = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
-    with QueuePool(client3, 1, durability="durable", dirpath=tmp_path, workers=["a"], **fast) as queue_pool:
-        with ConsumerPool(client3, queue_pool, n_consumers=1, workers=["c"]) as consumers:
-            consumers.start()
-            release = time.time() + 6.0
-            delayed = queue_pool.submit(started_at, eta=datetime.datetime.fromtimestamp(release, UTC))
-            queue_pool.flush(timeout=10)  # confirmed: on disk
-            os.kill(int(queue_pool[0].pid().result(timeout=10)), signal.SIGKILL)
-            assert wait_until(lambda: queue_pool.recoveries >= 1, timeout=30)
-            started = delayed.result(timeout=60) / 1e9
-            assert release <= started < release + 3.0
+    with (
+        QueuePool(client3, 1, durability="durable", dirpath=tmp_path, workers=["a"], **fast) as queue_pool,
+        ConsumerPool(client3, queue_pool, n_consumers=1, workers=["c"]) as consumers,
+    ):
+        consumers.start()
+        release = time.time() + 6.0
+        delayed = queue_pool.submit(started_at, eta=datetime.datetime.fromtimestamp(release, UTC))
+        queue_pool.flush(timeout=10)  # confirmed: on disk
+        os.kill(int(queue_pool[0].pid().result(timeout=10)), signal.SIGKILL)
+        assert wait_until(lambda: queue_pool.recoveries >= 1, timeout=30)
+        started = delayed.result(timeout=60) / 1e9
+        assert release <= started < release + 3.0
