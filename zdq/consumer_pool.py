@@ -534,6 +534,9 @@ class ConsumerPool:
     ) -> None:
         """Wait until every queue is drained and every result has reached this process.
 
+        Delayed tasks (``submit(..., delay=)``) count as queued: join waits until their time has
+        come and their results are in.
+
         Then the consumers stop pulling (as in daskqueue; ``start()`` resumes them), unless
         ``stop=False``: they go on serving what producers submit next.
 
