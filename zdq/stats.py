@@ -63,6 +63,8 @@ class BrokerStats(_Compact):
     drivers: int
     routed_tasks: dict[str, int] = field(default_factory=dict)
     consumer_names: tuple[str, ...] = ()
+    delayed_chunks: int = 0  # stored, their release time not come yet (not counted as ready)
+    delayed_tasks: int = 0
     #: Chunks by round trip (DELIVER to DONE): a count per bound of ``ROUND_TRIP_BOUNDS``, then
     #: one above them; ``round_trip_sum`` is their total time in seconds.
     round_trips: tuple[int, ...] = field(default=(), repr=False)
@@ -70,8 +72,8 @@ class BrokerStats(_Compact):
 
     @property
     def pending_tasks(self) -> int:
-        """Tasks stored and not yet acknowledged (ready or leased)."""
-        return self.ready_tasks + self.leased_tasks
+        """Tasks stored and not yet acknowledged (delayed, ready or leased)."""
+        return self.ready_tasks + self.delayed_tasks + self.leased_tasks
 
 
 @dataclass(frozen=True, repr=False)

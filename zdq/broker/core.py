@@ -220,6 +220,8 @@ class BrokerCore:
                 drivers=sum(1 for peer in drivers.values() if not peer.gone),
                 routed_tasks=routed,
                 consumer_names=tuple(consumers),
+                delayed_chunks=c.delayed_chunks,
+                delayed_tasks=c.delayed_tasks,
                 **{**asdict(self.counters), "round_trips": tuple(self.counters.round_trips)},
             )
 
@@ -241,15 +243,17 @@ class BrokerCore:
             return self._storage.purge_dead(chunk_ids)
 
     def purge_ready(self) -> int:
-        """Cancel every task of every ready chunk (``zdq purge``); return how many were cancelled.
+        """Cancel every task of every chunk not yet delivered, ready or delayed (``zdq purge``);
+        return how many were cancelled.
 
         The chunks are not deleted: their drivers wait for their futures. A consumer that gets one
-        skips its cancelled tasks (as for ``future.cancel()``) and reports them ``TaskCancelled``,
-        so every future settles and every count and receipt stays as for any task.
+        (a delayed one at its time) skips its cancelled tasks (as for ``future.cancel()``) and
+        reports them ``TaskCancelled``, so every future settles and every count and receipt stays
+        as for any task.
         """
         n = 0
         with self._lock:
-            for chunk_id in self._storage.ready_ids():
+            for chunk_id in self._storage.waiting_ids():
                 meta = self._storage.meta(chunk_id)
                 if meta is None:
                     continue
@@ -269,14 +273,23 @@ class BrokerCore:
         poller.register(self._sock, zmq.POLLIN)
         beat = self._settings.heartbeat_interval
         next_beat = time.monotonic() + beat
+        storage = self._storage
         try:
             while not self._stop.is_set():
                 due = min(next_beat, self._confirm_due) if self._confirms else next_beat
+                release = storage.next_release  # wall clock; inf when no chunk is delayed
+                if release < math.inf:
+                    # The poll ends when the next delayed chunk is due: nothing polls while they wait.
+                    due = min(due, time.monotonic() + (release - time.time()))
                 wait_ms = max(0, min(100, math.ceil((due - time.monotonic()) * 1000)))
                 if poller.poll(wait_ms):
                     with self._lock:
                         self._round()
                 now = time.monotonic()
+                release = storage.next_release
+                if release < math.inf and release <= time.time():
+                    with self._lock:
+                        self._release_due(now)
                 if self._confirms and (now >= self._confirm_due or len(self._confirms) >= _CONFIRM_BATCH):
                     with self._lock:
                         self._send_confirms()
@@ -496,7 +509,7 @@ class BrokerCore:
 
     # -- chunks in ------------------------------------------------------------------------------
     def _store(self, puts: list[tuple[bytes, p.Put]]) -> None:
-        entries = [(ChunkMeta(ident, put.seq, put.n_tasks), put.chunk) for ident, put in puts]
+        entries = [(ChunkMeta(ident, put.seq, put.n_tasks, put.not_before, put.priority), put.chunk) for ident, put in puts]
         status, detail = p.Status.STORED, b""
         try:
             ids = self._leases.put(entries)
@@ -525,6 +538,13 @@ class BrokerCore:
         self._confirm_due = math.inf
 
     # -- chunks out -----------------------------------------------------------------------------
+    def _release_due(self, now: float) -> None:
+        """Delayed chunks whose time has come join the ready FIFO of their priority, and go at
+        once to consumers with credit (those without are told READY now, not at the next scan)."""
+        if self._storage.release_due(time.time()):
+            self._ready_scan = 0.0
+            self._dispatch(now)
+
     def _dispatch(self, now: float) -> None:
         leases = self._leases
         while self._with_credit:
@@ -573,7 +593,7 @@ class BrokerCore:
         # seq 0: if the dead letter is requeued, its result goes to the pool's driver as a new one.
         reason = msg.reason.decode(errors="replace")
         try:
-            self._storage.put_dead([(ChunkMeta(meta.owner, 0, 1), msg.chunk, reason)])
+            self._storage.put_dead([(ChunkMeta(meta.owner, 0, 1, priority=meta.priority), msg.chunk, reason)])
             self.counters.tasks_dead_lettered += 1
         except StorageError as e:
             logger.error("broker %s could not store a dead letter: %s", self.name, e)
@@ -585,7 +605,8 @@ class BrokerCore:
             return
         meta = held.meta
         try:
-            self._leases.split(msg.chunk_id, [(ChunkMeta(meta.owner, meta.seq, 1), part) for part in msg.parts])
+            parts = [(ChunkMeta(meta.owner, meta.seq, 1, priority=meta.priority), part) for part in msg.parts]
+            self._leases.split(msg.chunk_id, parts)
         except StorageError as e:
             logger.error("broker %s could not split chunk %d: %s", self.name, msg.chunk_id, e)
             return
@@ -737,7 +758,7 @@ class BrokerCore:
             ident,
             p.QueueStatus(
                 sync.token,
-                c.ready_tasks,
+                c.ready_tasks + c.delayed_tasks,  # a delayed task is queued: join() waits for it
                 c.leased_tasks,
                 c.dead_tasks,
                 self._waiting_tasks(),
