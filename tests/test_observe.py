@@ -203,12 +203,13 @@ def test_purge_command_cancels_the_ready_tasks_so_that_they_never_run_and_their_
     from zdq.errors import TaskCancelled
 
     with QueuePool(dash_client, 2, name="purged") as queue_pool:
-        futures = [queue_pool.submit(add, i, 1) for i in range(40)]
+        futures = [queue_pool.submit(add, i, 1) for i in range(38)]
+        futures += [queue_pool.submit(add, i, 1, delay=3600) for i in range(2)]  # not ready for an hour
         queue_pool.flush(timeout=30)
         wait_until(lambda: sum(queue_pool.get_queue_size().values()) == 40, timeout=30)
         http = _http(dash_cluster)
         wait_until(
-            lambda: sum(q["ready_tasks"] for q in json.loads(_get(f"{http}/zdq/status.json"))["pools"]
+            lambda: sum(q["ready_tasks"] + q["delayed_tasks"] for q in json.loads(_get(f"{http}/zdq/status.json"))["pools"]
                         .get("purged", {"queues": []})["queues"]) == 40,
             timeout=20,
             interval=0.3,

@@ -246,8 +246,8 @@ class BrokerCore:
         """Cancel every task of every chunk not yet delivered, ready or delayed (``zdq purge``);
         return how many were cancelled.
 
-        The chunks are not deleted: their drivers wait for their futures. A consumer that gets one
-        (a delayed one at its time) skips its cancelled tasks (as for ``future.cancel()``) and
+        The chunks are not deleted: their drivers wait for their futures. Delayed ones are made
+        ready at once. A consumer that gets one skips its cancelled tasks (as for ``future.cancel()``) and
         reports them ``TaskCancelled``, so every future settles and every count and receipt stays
         as for any task.
         """
@@ -260,7 +260,10 @@ class BrokerCore:
                 before = len(self._storage.cancelled(chunk_id))
                 if self._storage.cancel(chunk_id, range(meta.n_tasks)):
                     n += meta.n_tasks - before
+                    # Nothing of it will run: its futures need not wait for its release time.
+                    self._storage.release_now(chunk_id)
             self._storage.commit(force=True)
+            self._ready_scan = 0.0  # consumers without credit hear READY at the next round
         return n
 
     def setting(self, name: bytes, proposed: bytes | None) -> bytes | None:

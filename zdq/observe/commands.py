@@ -85,12 +85,13 @@ def format_status(state: dict[str, Any]) -> str:
             f"dead-lettered {t['dead_lettered']}; {rate} tasks/s completed"
         )
         lines.append(
-            f"  {'queue':<28} {'host':<16} {'durable':<7} {'ready':>9} {'leased':>9} {'awaiting':>9} "
+            f"  {'queue':<28} {'host':<16} {'durable':<7} {'ready':>9} {'delayed':>9} {'leased':>9} {'awaiting':>9} "
             f"{'dead':>7} {'consumers':>9} {'bad msgs':>8}"
         )
         for q in pool["queues"]:
             lines.append(
                 f"  {q['name']:<28} {q.get('host', ''):<16} {'yes' if q['durable'] else 'no':<7} {q['ready_tasks']:>9} "
+                f"{q.get('delayed_tasks', 0):>9} "
                 f"{q['leased_tasks']:>9} {q['awaiting_tasks']:>9} {q['dead_tasks']:>7} {q['consumers']:>9} "
                 f"{q['bad_messages']:>8}"
             )

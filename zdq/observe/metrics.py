@@ -35,7 +35,8 @@ _POOL_COUNTERS = {
 }
 #: Gauges per queue: metric name -> (BrokerStats field, help).
 _QUEUE_GAUGES = {
-    "zdq_queue_ready": ("ready_tasks", "Tasks waiting in the queue."),
+    "zdq_queue_ready": ("ready_tasks", "Tasks waiting in the queue, ready to run."),
+    "zdq_queue_delayed": ("delayed_tasks", "Tasks stored whose release time (delay=, eta=) has not come."),
     "zdq_queue_leased": ("leased_tasks", "Tasks leased to consumers."),
     "zdq_queue_dead": ("dead_tasks", "Dead-lettered tasks kept in the queue."),
     "zdq_queue_awaiting": ("awaiting_tasks", "Tasks done whose results await the driver's receipt."),

@@ -54,6 +54,7 @@ def totals(queues: list[dict[str, Any]], consumers: list[dict[str, Any]]) -> dic
         "redelivered": q("chunks_redelivered"),
         "bad_messages": q("bad_messages"),
         "ready": q("ready_tasks"),
+        "delayed": q("delayed_tasks"),
         "leased": q("leased_tasks"),
         "dead": q("dead_tasks"),
         "awaiting": q("awaiting_tasks"),
