@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
+
+from zdq import Task
 
 
 def process_item() -> int:
@@ -165,3 +168,34 @@ def blob(n_bytes: int) -> bytes:
 
 def raise_timeout() -> None:
     raise TimeoutError("the task's own timeout")
+
+
+# -- tasks as objects (zdq.Task) ------------------------------------------------------------------
+@dataclass
+class Square(Task):
+    x: int
+
+    def execute(self) -> int:
+        return self.x * self.x
+
+
+@dataclass
+class FlakyTask(Task):
+    counter: str
+    failures: int
+
+    def execute(self) -> int:
+        return flaky(self.counter, self.failures)
+
+
+@dataclass
+class Stamp(Task):
+    """Appends the time it ran to ``path`` (one line per execution); returns that time."""
+
+    path: str
+
+    def execute(self) -> float:
+        now = time.time()
+        with open(self.path, "a") as f:
+            f.write(f"{now}\n")
+        return now

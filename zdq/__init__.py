@@ -28,6 +28,7 @@ from zdq.errors import (
     ZdqTimeoutError,
 )
 from zdq.tasks import TaskOptions
+from zdq.objects import Task
 from zdq.futures import BatchFuture, TaskFuture, as_completed, wait
 from zdq.queue_pool import DeadLetterInfo, Durability, QueuePool, current_pool
 
@@ -41,6 +42,7 @@ __all__ = [
     "DeadLetterInfo",
     "current_pool",
     "TaskOptions",
+    "Task",
     "ConsumerBaseClass",
     "GeneralConsumer",
     # futures

@@ -52,6 +52,7 @@ from zdq.transport.sockets import new_identity
 from zdq.futures import BatchFuture, TaskFuture
 from zdq.chunking import Chunking
 from zdq.names import counted, queue_name
+from zdq.objects import as_calls
 from zdq.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
 from zdq.stats import BrokerStats, PoolStats
 from zdq.transport.security import ClientKeys, PoolKeys
@@ -931,6 +932,20 @@ class QueuePool:
         finally:
             if bar is not None:
                 bar.close()
+        return count
+
+    def insert(self, tasks: Any, total: int | None = None, progress: bool = True, **kwargs: Any) -> int:
+        """Queue :class:`~zdq.Task` objects (or callables of no argument), one or an iterable of
+        them, lazily and in flat memory (python-task-queue's ``insert``); return the count.
+
+        A thin layer over :meth:`submit_iter` (same bounds, keywords and errors), with a bar on
+        by default against ``total`` (or the iterable's ``len``). An item that is neither a Task
+        nor a callable raises ``TypeError`` naming its position, after every item before it is
+        queued; the iterable is not read past it.
+        """
+        calls, known = as_calls(tasks)
+        count = self.submit_iter(calls, total=known if total is None else total, progress=progress, **kwargs)
+        calls.check()
         return count
 
     def flush(self, timeout: float | None = None) -> None:
