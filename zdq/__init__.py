@@ -29,6 +29,7 @@ from zdq.errors import (
 )
 from zdq.tasks import TaskOptions
 from zdq.objects import Task
+from zdq.embedded import local
 from zdq.futures import BatchFuture, TaskFuture, as_completed, wait
 from zdq.queue_pool import DeadLetterInfo, Durability, QueuePool, current_pool
 
@@ -41,6 +42,7 @@ __all__ = [
     "Durability",
     "DeadLetterInfo",
     "current_pool",
+    "local",
     "TaskOptions",
     "Task",
     "ConsumerBaseClass",

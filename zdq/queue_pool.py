@@ -30,6 +30,7 @@ from zdq.consumer import GeneralConsumer
 from zdq.config import PoolSettings, seconds_or_none, settings, timeout_or_none
 from zdq.handles import QueueHandle
 from zdq.driver import Driver
+from zdq.embedded import OwnedCluster, cluster_for
 from zdq.errors import (
     WrongConsumerClass,
     BrokerLost,
@@ -110,8 +111,11 @@ class QueuePool:
 
     Parameters
     ----------
-    client : distributed.Client
-        The cluster's client; used only to place and supervise the brokers.
+    client : distributed.Client or None
+        The cluster's client; used only to place and supervise the brokers. ``None``: the
+        default client (the one made last in this process) if there is one, else **embedded
+        mode**: the pool starts a local cluster of ``parallel`` worker processes (default one
+        per CPU) and closes it, every process of it, on :meth:`close` (see :func:`zdq.local`).
     n_queues : int
         Number of queues (brokers), spread over the workers.
     durability : Durability or str
@@ -135,6 +139,9 @@ class QueuePool:
         CurveZMQ on every socket (default ``zdq.auth``, true). ``False`` is for trusted networks
         and benchmarks only: anyone who can reach a broker's port can then run code on the
         workers. It is refused when the Dask cluster itself uses TLS.
+    parallel : int, optional
+        Worker processes of the local cluster started in embedded mode (``client=None`` and no
+        default client).
     start : bool
         Place the brokers at once (the daskqueue behaviour). With ``False``, call :meth:`start`.
     **overrides
@@ -168,6 +175,7 @@ class QueuePool:
         resources: Mapping[str, float] | None = None,
         auth: bool | None = None,
         start: bool = True,
+        parallel: int | None = None,
         **overrides: Any,
     ) -> None:
         if not isinstance(n_queues, int) or isinstance(n_queues, bool) or n_queues < 1:
@@ -180,16 +188,10 @@ class QueuePool:
                 f"dirpath={dirpath!r} is for durable queues: pass durability='durable' too (a transient "
                 "queue keeps its tasks in memory)"
             )
-        if client is None:  # as Dask's own APIs do: the client made last in this process
-            from distributed import default_client
-
-            try:
-                client = default_client()
-            except ValueError as e:
-                raise ValueError("QueuePool(None, ...) needs a Dask Client made first in this process") from e
-        elif not isinstance(client, Client):
+        if client is not None and not isinstance(client, Client):
             raise TypeError(f"QueuePool needs a distributed.Client (or None for the default one), got {client!r:.80}")
-        self.client = client
+        if client is not None and parallel is not None:
+            raise ValueError("parallel= sizes the local cluster of QueuePool(None, ...): pass client=None, or no parallel")
         self.n_queues = n_queues
         self.dirpath = None if dirpath is None else os.path.abspath(os.fspath(dirpath))
         self.name = name or ("default" if self.durability is Durability.DURABLE else f"zdq-{uuid.uuid4().hex[:8]}")
@@ -206,8 +208,20 @@ class QueuePool:
         self.consumer_batch_size: int | None = None
         #: Each queue's name (see :func:`zdq.names.queue_name`): the keys of get_queue_size().
         self.queue_names = [queue_name(self.name, i) for i in range(n_queues)]
-        self._allowed_workers = allowed_workers(client, workers)
         self.resources = check_resources(resources)
+        #: The local cluster this pool started (embedded mode), closed with it.
+        self._owned_cluster: OwnedCluster | None = None
+        #: The ConsumerPool that :func:`zdq.local` started with this pool (held here: ConsumerPools
+        #: are otherwise known to their QueuePool by weak reference).
+        self.local_consumers: Any = None
+        if client is None:  # as Dask's own APIs do: the default client, else an embedded cluster
+            client, self._owned_cluster = cluster_for(parallel)
+        self.client = client
+        try:
+            self._allowed_workers = allowed_workers(client, workers)
+        except BaseException:
+            self._close_owned_cluster()
+            raise
         self.auth = bool(config.get("auth")) if auth is None else bool(auth)
         self._keys: PoolKeys | None = None
         self.payload_key: bytes | None = None
@@ -240,7 +254,11 @@ class QueuePool:
         # seconds) before what it held fails: every future settles within a bound.
         self._recovery_timeout = max(60.0, 4 * self.settings.heartbeat_timeout)
         if start:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self._close_owned_cluster()
+                raise
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> QueuePool:
@@ -655,6 +673,11 @@ class QueuePool:
             self._driver.close()
         self._withdraw()
         self._release_actors()
+        self._close_owned_cluster()
+
+    def _close_owned_cluster(self) -> None:
+        if self._owned_cluster is not None:
+            self._owned_cluster.close()
 
     def _withdraw(self) -> None:
         if self._record is None and self._driver is not None:
