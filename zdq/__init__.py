@@ -30,6 +30,7 @@ from zdq.errors import (
 from zdq.tasks import TaskOptions
 from zdq.objects import Task
 from zdq.embedded import local
+from zdq.scheduling import Schedule
 from zdq.futures import BatchFuture, TaskFuture, as_completed, wait
 from zdq.queue_pool import DeadLetterInfo, Durability, QueuePool, current_pool
 
@@ -43,6 +44,7 @@ __all__ = [
     "DeadLetterInfo",
     "current_pool",
     "local",
+    "Schedule",
     "TaskOptions",
     "Task",
     "ConsumerBaseClass",

@@ -16,6 +16,7 @@ import threading
 import uuid
 import weakref
 from dataclasses import dataclass
+from datetime import timedelta
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable
 
@@ -54,6 +55,7 @@ from zdq.futures import BatchFuture, TaskFuture
 from zdq.chunking import Chunking
 from zdq.names import counted, queue_name
 from zdq.objects import as_calls
+from zdq.scheduling import Schedule, cancel_schedule, list_schedules, make_schedule
 from zdq.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
 from zdq.stats import BrokerStats, PoolStats
 from zdq.transport.security import ClientKeys, PoolKeys
@@ -974,6 +976,72 @@ class QueuePool:
     def flush(self, timeout: float | None = None) -> None:
         """Block until every chunk submitted so far is stored by its broker."""
         self.driver.flush(timeout_or_none(timeout))
+
+    # -- schedules (zdq.scheduling) ----------------------------------------------------------
+    def schedule(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        missed: str = "once",
+        retries: int | None = None,
+        retry_backoff: float | None = None,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        time_limit: float | str | None = None,
+        timeout: float = 30.0,
+        **kwargs: Any,
+    ) -> Schedule:
+        """Run ``fn(*args, **kwargs)`` (or a :class:`~zdq.Task`) periodically: at each time of
+        the ``cron`` expression (UTC; croniter's syntax, ``"*/5 * * * *"``), or ``every``
+        (a timedelta or seconds) from now. Return its :class:`~zdq.scheduling.Schedule`.
+
+        The schedule lives with its queue: on disk for a durable pool (it survives the driver,
+        the broker and their restarts, and each tick is queued exactly once: its chunk and the
+        schedule's next tick are committed together), in the broker's memory for a transient
+        pool (as long as that broker lives). Ticks missed while the queue was down run once on
+        recovery (``missed="once"``) or are skipped (``"skip"``); a tick that comes while the
+        previous one has not finished is skipped. A tick runs as any task (at least once,
+        ``retries``, ``time_limit``, dead letters); its result goes to the schedule, shown by
+        :meth:`schedules` (the last one only).
+
+        Raises
+        ------
+        ValueError
+            ``cron`` does not parse, ``every`` is not positive, or both or neither are given.
+        TypeError
+            ``fn`` is not callable.
+        """
+        self._owned("schedules")
+        given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
+        options = self._options({k: v for k, v in given.items() if v is not None})
+        return self._on_brokers(
+            lambda: make_schedule(self, fn, args, kwargs, cron=cron, every=every, missed=missed, options=options, timeout=timeout)
+        )
+
+    def schedules(self, timeout: float = 30.0) -> list[Schedule]:
+        """The pool's schedules, as their queues report them now (by next tick)."""
+        self._owned("schedules")
+        return self._on_brokers(lambda: list_schedules(self, timeout))
+
+    def cancel_schedule(self, schedule_id: int, timeout: float = 30.0) -> bool:
+        """End a schedule (``Schedule.cancel()``); True if it was live."""
+        self._owned("schedules")
+        return self._on_brokers(lambda: cancel_schedule(self, schedule_id, timeout))
+
+    def broker_actor(self, i: int) -> Any:
+        """The broker actor of queue ``i`` (control plane), as placed now."""
+        if not self._brokers:
+            raise ClosedError(f"queue pool {self.name} has no brokers: it is not started, or closed")
+        return self._brokers[i]
+
+    def _on_brokers(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except (ZdqError, ValueError, TypeError):
+            raise
+        except Exception as e:  # an actor call: its worker may be gone or the call timed out
+            raise ZdqError(f"pool {self.name}: a broker did not answer about schedules: {e!r}") from e
 
     # -- dead letters -------------------------------------------------------------------------
     def _owned(self, what: str) -> None:
