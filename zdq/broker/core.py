@@ -679,6 +679,9 @@ class BrokerCore:
             if held.meta.owner == SCHEDULED:  # a schedule's tick: its results are the schedule's
                 self._schedules.done(held.meta.seq, done.results)
                 leases.forget_now(chunk_id)
+                # Written now, not within 50 ms: a broker killed meanwhile would run the tick
+                # again. Ticks are rare; a round of ordinary chunks pays nothing for this.
+                self._storage.commit(force=True)
                 continue
             if not self._route(chunk_id, held, now):
                 self._waiting[chunk_id] = None
