@@ -38,7 +38,7 @@ class OwnedCluster:
         try:
             # The default client from now on, until closed: Dask's actor proxies look for it, and
             # ConsumerPool(None, ...) or a second QueuePool(None, ...) then share this cluster.
-            self.client = Client(self.cluster)
+            self.client: Client | None = Client(self.cluster)
         except BaseException:
             self.cluster.close()
             raise
@@ -68,6 +68,7 @@ def cluster_for(parallel: int | None = None) -> tuple[Client, OwnedCluster | Non
         return default_client(), None
     except ValueError:
         owned = OwnedCluster(_parallel(parallel))
+        assert owned.client is not None
         return owned.client, owned
 
 
