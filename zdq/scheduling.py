@@ -4,7 +4,7 @@ A schedule is made on the driver (its task pickled and sealed once, as a one-tas
 handed to one queue's broker over the control plane (an actor call, as dead letters are): the
 queue keeps it (on disk for a durable queue) and puts a chunk of that task in itself at every
 tick (:mod:`zdq.broker.schedules`). So schedules outlive the driver that made them; a transient
-pool's live as long as its brokers. Schedule ``i`` lives in queue ``i % n_queues``.
+pool's live as long as its brokers. Schedule ``i`` is given to queue ``i % n_queues``.
 
 A tick's result goes to the schedule, not to a driver: :class:`Schedule` shows the last one
 (``last_value`` or ``last_error``), never a growing pile.
@@ -154,4 +154,7 @@ def list_schedules(pool: QueuePool, timeout: float) -> list[Schedule]:
 def cancel_schedule(pool: QueuePool, schedule_id: int, timeout: float) -> bool:
     if not isinstance(schedule_id, int) or isinstance(schedule_id, bool) or schedule_id <= 0:
         raise ValueError(f"schedule_id must be a schedule's id (a positive integer), got {schedule_id!r}")
-    return bool(pool.broker_actor(schedule_id % pool.n_queues).cancel_schedule(schedule_id).result(timeout=timeout))
+    # Asked of every queue, not only ``id % n_queues``: a durable pool opened again with another
+    # number of queues still finds it (cancelling is rare; the calls run in parallel).
+    calls = [pool.broker_actor(i).cancel_schedule(schedule_id) for i in range(pool.n_queues)]
+    return any([bool(call.result(timeout=timeout)) for call in calls])
