@@ -7,6 +7,7 @@ default client exists: each checks that first.
 from __future__ import annotations
 
 import os
+import threading
 
 import psutil
 import pytest
@@ -46,8 +47,9 @@ def _children() -> set[int]:
 
 
 def _gone(pids: list[int], before: set[int]) -> bool:
+    """The workers' processes are gone, no other child process is left, and no zdq thread."""
     alive = {pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE}
-    return not alive and _children() <= before
+    return not alive and _children() <= before and not [t for t in threading.enumerate() if t.name.startswith("zdq-")]
 
 
 def test_queue_pool_without_a_client_runs_on_a_local_cluster_that_closes_with_it_leaving_no_process() -> None:
