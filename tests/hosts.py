@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = str(Path(__file__).resolve().parent.parent)
 SCHEDULER_PORT = 8786
@@ -59,9 +60,16 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 class Hosts:
     """A scheduler and two worker hosts on a bridge; :meth:`close` undoes everything."""
 
-    def __init__(self, logs: Path) -> None:
+    def __init__(self, logs: Path, *, tls: bool = False) -> None:
         self.prefix = f"zq{os.urandom(3).hex()[:5]}"
         self.logs = logs
+        #: With ``tls=True`` the cluster speaks ``tls://`` (one temporary certificate, written
+        #: under ``logs``); a client needs :attr:`security`.
+        self.security: Any = None
+        self._tls_args: list[str] = []
+        if tls:
+            self.security, self._tls_args = self._certificates(logs)
+        self.protocol = "tls" if tls else "tcp"
         self.subnet = self._free_subnet()
         self.sched_ip = f"10.77.{self.subnet}.1"
         self.a_ip = f"10.77.{self.subnet}.2"
@@ -69,11 +77,27 @@ class Hosts:
         self.client_ip = f"10.77.{self.subnet}.254"
         #: Host b's worker's name: on b it resolves to 127.0.1.1 (Debian's habit), elsewhere to b.
         self.b_name = f"{self.prefix}-node-b"
-        self.scheduler = f"tcp://{self.sched_ip}:{SCHEDULER_PORT}"
+        self.scheduler = f"{self.protocol}://{self.sched_ip}:{SCHEDULER_PORT}"
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen[bytes]] = []
         self._client_veth = f"{self.prefix}c"
         self._made_etc_netns = not Path("/etc/netns").exists()
+
+    @staticmethod
+    def _certificates(folder: Path) -> tuple[Any, list[str]]:
+        """A temporary certificate, its own authority, as files for the dask commands; and the
+        client's :class:`~distributed.Security` that trusts it."""
+        from distributed.security import Security
+
+        made = Security.temporary()
+        files = {}
+        for name, text in (("ca.pem", made.tls_ca_file), ("cert.pem", made.tls_scheduler_cert),
+                           ("key.pem", made.tls_scheduler_key)):
+            path = folder / name
+            path.write_text(text)
+            files[name] = str(path)
+        args = ["--tls-ca-file", files["ca.pem"], "--tls-cert", files["cert.pem"], "--tls-key", files["key.pem"]]
+        return made, args
 
     @staticmethod
     def _free_subnet() -> int:
@@ -102,14 +126,17 @@ class Hosts:
         self._hosts_file("b", f"127.0.0.1 localhost\n127.0.1.1 {self.b_name}\n")
         self._hosts_file("sched", f"127.0.0.1 localhost\n{self.b_ip} {self.b_name}\n")
         self._hosts_file("a", f"127.0.0.1 localhost\n{self.b_ip} {self.b_name}\n")
-        self.run("sched", ["scheduler", "--host", self.sched_ip, "--port", str(SCHEDULER_PORT), "--no-dashboard"])
-        common = ["worker", self.scheduler, "--nthreads", "1", "--no-dashboard", "--death-timeout", "60"]
+        tls, protocol = self._tls_args, self.protocol
+        scheduler = ["scheduler", "--host", self.sched_ip, "--port", str(SCHEDULER_PORT), "--no-dashboard"]
+        self.run("sched", [*scheduler, *(["--protocol", "tls", *tls] if tls else [])])
+        common = ["worker", self.scheduler, "--nthreads", "1", "--no-dashboard", "--death-timeout", "60", *tls]
         self.run("a", [*common, "--name", "a", "--host", self.a_ip])
         self.run(
             "b",
             [
                 *common, "--name", "b",
-                "--listen-address", f"tcp://0.0.0.0:{B_PORT}", "--contact-address", f"tcp://{self.b_name}:{B_PORT}",
+                "--listen-address", f"{protocol}://0.0.0.0:{B_PORT}",
+                "--contact-address", f"{protocol}://{self.b_name}:{B_PORT}",
             ],
         )
         return self

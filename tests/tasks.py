@@ -170,6 +170,17 @@ def raise_timeout() -> None:
     raise TimeoutError("the task's own timeout")
 
 
+def started_at(x: object = None) -> int:
+    """When this task started (wall clock, nanoseconds): tests compare it with release times."""
+    return time.time_ns()
+
+
+def write_start(path: str) -> None:
+    """Write when this task started into ``path`` (results of an earlier pool's tasks go elsewhere)."""
+    with open(path, "w") as f:
+        f.write(repr(time.time()))
+
+
 # -- tasks as objects (zdq.Task) ------------------------------------------------------------------
 @dataclass
 class Square(Task):

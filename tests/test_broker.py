@@ -264,3 +264,56 @@ def test_chunks_leased_to_a_consumer_that_reconnects_go_back_to_the_queue_withou
     assert redelivered.attempt == 1  # not counted as a crash: no split, no poison count
     driver.close(linger=0)
     again.close(linger=0)
+
+
+def test_a_delayed_chunk_is_confirmed_at_once_and_delivered_at_its_time_not_before(
+    broker: tuple[BrokerCore, str], peers: tuple[zmq.Socket, zmq.Socket]
+) -> None:
+    core, driver, consumer = broker[0], *peers
+    release = time.time() + 0.5
+    driver.send_multipart(p.encode(p.Put(1, 3, b"later", release, 0)))
+    assert isinstance(_recv(driver), p.Confirm)
+    consumer.send_multipart(p.encode(p.Fetch(2)))  # credit held while it waits
+    stats = core.statistics()
+    assert (stats.delayed_chunks, stats.delayed_tasks, stats.ready_tasks) == (1, 3, 0)
+    deliver = _recv(consumer, 5.0)
+    arrived = time.time()
+    assert isinstance(deliver, p.Deliver) and bytes(deliver.chunk) == b"later"  # type: ignore[arg-type]
+    assert release <= arrived < release + 1.0
+    assert core.statistics().delayed_tasks == 0
+
+
+def test_a_high_priority_chunk_stored_last_is_delivered_first_and_equal_ones_in_order(
+    broker: tuple[BrokerCore, str], peers: tuple[zmq.Socket, zmq.Socket]
+) -> None:
+    driver, consumer = peers
+    for seq, priority in [(1, 0), (2, 0), (3, 5), (4, 5), (5, -1)]:
+        driver.send_multipart(p.encode(p.Put(seq, 1, f"chunk-{seq}".encode(), 0.0, priority)))
+        assert isinstance(_recv(driver), p.Confirm)
+    consumer.send_multipart(p.encode(p.Fetch(5)))
+    got = [_recv(consumer) for _ in range(5)]
+    assert [bytes(m.chunk) for m in got] == [  # type: ignore[union-attr]
+        b"chunk-3", b"chunk-4", b"chunk-1", b"chunk-2", b"chunk-5"
+    ]
+
+
+def test_a_thousand_delayed_chunks_cost_the_broker_loop_no_cpu_while_they_wait(
+    broker: tuple[BrokerCore, str], peers: tuple[zmq.Socket, zmq.Socket]
+) -> None:
+    import psutil
+
+    core, driver, _ = broker[0], *peers
+    later = time.time() + 3600
+    for seq in range(1, 1001):
+        driver.send_multipart(p.encode(p.Put(seq, 1, b"chunk", later + seq, 0)))
+    assert wait_until(lambda: core.statistics().delayed_chunks == 1000, timeout=10)
+    thread_id = core._thread.native_id  # type: ignore[union-attr]
+
+    def cpu() -> float:
+        (t,) = [t for t in psutil.Process().threads() if t.id == thread_id]
+        return t.user_time + t.system_time
+
+    before = cpu()
+    time.sleep(1.0)
+    # Its heartbeat ticks and idle polls only (the heartbeat interval bounds each wait): no scan.
+    assert cpu() - before < 0.05

@@ -77,3 +77,43 @@ def test_a_consumer_that_reaches_none_of_its_brokers_is_unhealthy(broker: FakeBr
         assert consumer.statistics().unreachable == ()
     finally:
         consumer.stop()
+
+
+# -- on a cluster: a queue placed again where no consumer reaches it ----------------------------------
+
+
+def test_join_says_which_queue_no_consumer_reaches_after_it_was_placed_again_instead_of_waiting(
+    client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import time
+
+    from zdq import ConsumerPool, QueuePool
+    from zdq.errors import BrokerUnreachable
+
+    from .tasks import add
+
+    with (
+        QueuePool(client, 2, connect_timeout="1s") as queue_pool,
+        ConsumerPool(client, queue_pool, n_consumers=2, start=True) as consumers,
+    ):
+        assert all(1 in served for served in consumers.served)  # fan-out 2: each serves both
+        real = queue_pool.endpoints[1]
+        # As when queue 1's worker died and it was placed where the consumers' packets do not get
+        # through: the consumers are told of an endpoint that refuses them (the driver still
+        # reaches the queue, so its tasks are stored there and wait).
+        with caplog.at_level(logging.ERROR, logger="zdq"):
+            consumers.on_broker_moved(1, _refused_endpoint())
+            batch = queue_pool.batch_submit([(add, i) for i in range(20)])
+            began = time.monotonic()
+            with pytest.raises(BrokerUnreachable) as caught:
+                consumers.join(timeout=60)
+        assert time.monotonic() - began < 20  # connect-timeout, a heartbeat or two, a supervisor round
+        message = str(caught.value)
+        assert queue_pool.queue_names[1] in message and "would never run" in message and "refused" in message
+        assert queue_pool.queue_names[1] in consumers.unreached()
+        assert any("would never run" in r.getMessage() for r in caplog.records)  # said once when found
+        # Where the consumers reach it again, it is served, and join() finishes.
+        consumers.on_broker_moved(1, real)
+        consumers.join(timeout=60, stop=False)
+        assert batch.result(timeout=30) == list(range(20))
+        wait_until(lambda: not consumers.unreached(), timeout=30)

@@ -180,3 +180,48 @@ def test_consumers_that_cannot_reach_a_broker_are_reported_and_a_queue_none_reac
                 print(message)
     finally:
         hosts.unblock("a", hosts.b_ip)
+
+
+# -- a cluster that speaks tls:// ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
+    why = skip_reason()
+    if why is not None:
+        pytest.skip(why)
+    made = Hosts(tmp_path_factory.mktemp("tls-hosts"), tls=True)
+    try:
+        made.start()
+        yield made
+    finally:
+        made.close()
+
+
+def test_a_tls_cluster_across_hosts_runs_pools_over_curve_on_the_workers_addresses(tls_hosts: Hosts) -> None:
+    """Dask's tls:// workers (one of them known by a name that maps to 127.0.1.1 on its own
+    host): zdq's sockets are TCP with CURVE on the same hosts, bound where the others reach them."""
+    hosts = tls_hosts
+    assert hosts.scheduler.startswith("tls://")
+    with Client(hosts.scheduler, security=hosts.security, timeout=30) as client:
+        try:
+            client.wait_for_workers(2, timeout=60)
+        except TimeoutError:
+            pytest.fail(f"the workers did not join: {hosts.log_tail('sched')}\n{hosts.log_tail('b')}")
+        assert all(a.startswith("tls://") for a in client.scheduler_info(n_workers=-1)["workers"])
+        with pytest.raises(Exception, match="will not run its sockets unauthenticated"):
+            QueuePool(client, 2, auth=False)
+        with (
+            QueuePool(client, 2, **FAST) as queue_pool,
+            ConsumerPool(client, queue_pool, n_consumers=2, start=True) as consumers,
+        ):
+            assert sorted(e.split("//")[1].rsplit(":", 1)[0] for e in queue_pool.endpoints) == sorted(
+                [hosts.a_ip, hosts.b_ip]
+            ), queue_pool.endpoints
+            assert all(e.startswith("tcp://") for e in queue_pool.endpoints)
+            futures = [queue_pool.submit(add, i, 1) for i in range(200)]
+            assert [f.result(timeout=60) for f in futures] == [i + 1 for i in range(200)]
+            assert sum(s.tasks_done for s in consumers.statistics()) == 200
+            assert all(not s.unreachable for s in consumers.statistics())
+        gc.collect()
+        wait_until(lambda: not client.run_on_scheduler(_zdq_keys), timeout=15)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +145,72 @@ def test_cancellations_survive_a_restart_of_a_durable_queue(tmp_path: Path) -> N
         assert again.cancelled(b) == frozenset()
     finally:
         again.close()
+
+
+# -- delayed and prioritised chunks ------------------------------------------------------------
+def _leased_payloads(storage: Storage) -> list[bytes]:
+    out = []
+    while (leased := storage.lease()) is not None:
+        out.append(bytes(leased.payload))  # type: ignore[call-overload]
+    return out
+
+
+def test_a_high_priority_chunk_is_leased_before_those_stored_earlier(storage: Storage) -> None:
+    storage.put_many([(ChunkMeta(OWNER, i, 1), f"low-{i}".encode()) for i in range(3)])
+    storage.put_many([(ChunkMeta(OWNER, 9, 1, priority=5), b"high")])
+    storage.put_many([(ChunkMeta(OWNER, 10, 1, priority=-1), b"lowest")])
+    assert _leased_payloads(storage) == [b"high", b"low-0", b"low-1", b"low-2", b"lowest"]
+
+
+def test_a_delayed_chunk_is_not_leased_before_its_time_and_counts_as_delayed(storage: Storage) -> None:
+    now = time.time()
+    storage.put_many([(ChunkMeta(OWNER, 1, 4, not_before=now + 60), b"later"), (ChunkMeta(OWNER, 2, 1), b"now")])
+    counts = storage.counts()
+    assert (counts.ready_tasks, counts.delayed_chunks, counts.delayed_tasks) == (1, 1, 4)
+    assert storage.next_release == now + 60
+    assert _leased_payloads(storage) == [b"now"]
+    assert storage.release_due(now + 59) == 0 and storage.lease() is None
+    assert storage.release_due(now + 60) == 1
+    assert storage.counts().delayed_tasks == 0 and storage.next_release == math.inf
+    assert _leased_payloads(storage) == [b"later"]
+
+
+def test_a_delayed_chunk_whose_tasks_are_all_cancelled_leaves_at_once(storage: Storage) -> None:
+    [chunk_id] = storage.put_many([(ChunkMeta(OWNER, 1, 2, not_before=time.time() + 60), b"later")])
+    assert storage.is_ready(chunk_id) and storage.is_delayed(chunk_id)  # a cancel marks it like a ready one
+    assert storage.cancel(chunk_id, [0, 1])
+    assert storage.ack_many([chunk_id])[0] is not None
+    assert storage.counts().delayed_chunks == 0 and storage.release_due(math.inf) == 0
+
+
+def test_a_durable_queue_keeps_release_times_and_priorities_across_a_reopen(tmp_path: Path) -> None:
+    path = str(tmp_path / "q")
+    now = time.time()
+    s = LMDBStorage(path, map_size=1 << 20)
+    s.open()
+    s.put_many(
+        [
+            (ChunkMeta(OWNER, 1, 1), b"plain"),
+            (ChunkMeta(OWNER, 2, 1, not_before=now + 60, priority=2), b"later"),
+            (ChunkMeta(OWNER, 3, 1, not_before=now - 1), b"passed while down"),
+            (ChunkMeta(OWNER, 4, 1, priority=9), b"urgent"),
+        ]
+    )
+    s.close()
+    s = LMDBStorage(path, map_size=1 << 20)
+    s.open()
+    try:
+        assert s.counts().delayed_tasks == 1 and s.next_release == now + 60
+        assert _leased_payloads(s) == [b"urgent", b"plain", b"passed while down"]
+        assert s.release_due(now + 60) == 1
+        assert _leased_payloads(s) == [b"later"]
+    finally:
+        s.close()
+
+
+def test_a_plain_chunk_keeps_the_head_earlier_versions_wrote_and_both_heads_read() -> None:
+    plain = ChunkMeta(OWNER, 1, 10)
+    assert len(plain.pack()) == ChunkMeta.SIZE == 28  # what every earlier version stored
+    assert ChunkMeta.unpack(plain.pack()) == plain
+    timed = ChunkMeta(OWNER, 1, 10, 1_800_000_000.5, -7)
+    assert ChunkMeta.unpack(timed.pack()) == timed

@@ -30,6 +30,7 @@ def _bench(args: argparse.Namespace) -> int:
         compare_auth=args.compare_auth,
         suite=args.suite,
         generator_tasks=args.generator_tasks,
+        delayed_tasks=args.delayed_tasks,
     )
     report = run(config)
     if args.plots:
@@ -80,14 +81,14 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reports, indent=2))
         return status
-    print(f"{'queue':<40} {'ready':>10} {'leased':>10} {'dead':>8} {'size':>12}")
+    print(f"{'queue':<40} {'ready':>10} {'delayed':>10} {'leased':>10} {'dead':>8} {'size':>12}")
     for r in reports:
         name = r["name"]  # as its pool shows it (repr, get_queue_size(), statistics)
         if "error" in r:
             print(f"{name:<40} error: {r['error']}")
         else:
             print(
-                f"{name:<40} {r['ready_tasks']:>10} {r['leased_tasks']:>10} {r['dead_tasks']:>8} "
+                f"{name:<40} {r['ready_tasks']:>10} {r['delayed_tasks']:>10} {r['leased_tasks']:>10} {r['dead_tasks']:>8} "
                 f"{int(r['size_bytes']) / 2**20:>10.1f}MiB"
             )
     return status
@@ -108,16 +109,20 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=3, help="runs per case; medians are reported (default 3)")
     bench.add_argument("--durable", action="store_true", help="also run zdq on durable (LMDB) queues")
     bench.add_argument("--compare-auth", action="store_true", help="also run zdq without authentication")
-    bench.add_argument("--suite", choices=("quick", "latency", "asyncio", "full", "scale"), default="quick",
+    bench.add_argument("--suite", choices=("quick", "latency", "asyncio", "timing", "full", "scale"), default="quick",
                        help="quick: no-op throughput; latency: the single-task round trip alone; "
                        "asyncio: the event loop's lag while 1,000 tasks are awaited; "
-                       "full: every case (latency, I/O, CPU, durable, auth, generator, asyncio); "
+                       "timing: delayed tasks' release lateness on an idle pool and the broker's memory "
+                       "per delayed task (--delayed-tasks); "
+                       "full: every case (latency, I/O, CPU, durable, auth, generator, asyncio, timing); "
                        "scale: placement, throughput, file descriptors and idle CPU on clusters of "
                        "2 to 32 workers (queues = workers / 2, consumers = 2 x workers)")
     bench.add_argument("--scale-workers", metavar="LIST", default=None,
                        help="worker counts of the scale suite, default 2,8,16,32")
     bench.add_argument("--fan-out", type=int, default=None, help="the scale suite's zdq.fan-out (default: the setting)")
     bench.add_argument("--generator-tasks", type=int, default=10_000_000, help="tasks of the generator case")
+    bench.add_argument("--delayed-tasks", type=int, default=1_000_000,
+                       help="delayed tasks of the timing suite's memory case (default 1000000)")
     bench.add_argument("--plots", metavar="DIR", default=None,
                        help="also sweep batch size and consumers (scale suite: its plot); write PNGs")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -175,6 +175,10 @@ class ConsumerPool:
         self.replacements = 0
         self._health_due = 0.0
         self._health_next = 0  # the consumer whose health is asked next
+        # Queues placed again since start(): whether some consumer reaches them where they went.
+        # queue -> (when to judge at the latest, [(consumer, its reach() future)])
+        self._reach_checks: dict[int, tuple[float, list[tuple[str, Any]]]] = {}
+        self._orphans: dict[int, str] = {}  # queue -> why no consumer reaches it (join raises it)
         queue_pool.subscribe(self)
         queue_pool.consumers_changed()
         try:
@@ -249,6 +253,8 @@ class ConsumerPool:
             logger.info("the consumers were cancelled (client.restart?); supervision stops")
             self._stop_supervisor.set()
             return
+        if self._reach_checks:
+            self._judge_reach()
         unhealthy = self._unhealthy() if self._running else {}
         for i, fut in enumerate(list(self._actor_futures)):
             if fut is None or self._closed:
@@ -324,6 +330,68 @@ class ConsumerPool:
                 call.result(timeout=30)
             except Exception as e:  # a lost consumer is replaced with the new endpoints anyway
                 logger.debug("pointing consumer %s at queue %s failed: %s", name, queue, e)
+        if self._running:
+            self._ask_reach(broker)
+
+    # -- whether a queue placed again is still served ------------------------------------------
+    # start() checks that every queue is reached; a queue placed again later (its worker died) may
+    # land where no consumer reaches it, and its tasks would wait for ever. The consumers serving
+    # it are asked in the background (the QueuePool's supervisor, which tells us of the move, must
+    # not wait connect-timeout for them); the supervisor judges their answers, asks again while
+    # the queue stays unreached, and join() raises what it found instead of waiting.
+    def _ask_reach(self, broker: int) -> None:
+        queue = self.queue_pool.queue_names[broker]
+        calls = []
+        for name, consumer in self._live(serving=broker):
+            try:
+                calls.append((name, consumer.reach([queue])))
+            except Exception as e:  # a lost consumer is replaced, and the replacement connects anew
+                logger.debug("reach on consumer %s failed: %s", name, e)
+        s = self.settings
+        judge_by = time.monotonic() + s.connect_timeout + 2 * s.heartbeat_interval + 10
+        with self._lock:
+            self._reach_checks[broker] = (judge_by, calls)
+
+    def _judge_reach(self) -> None:
+        """Judge the reach checks whose answers are all in (or overdue)."""
+        now = time.monotonic()
+        with self._lock:
+            due = {
+                broker: calls
+                for broker, (judge_by, calls) in self._reach_checks.items()
+                if now >= judge_by or all(call.done() for _, call in calls)
+            }
+            for broker in due:
+                del self._reach_checks[broker]
+        for broker, calls in due.items():
+            answers = []
+            for name, call in calls:
+                try:
+                    answers.append((name, call.result(timeout=0.1)))
+                except Exception as e:
+                    logger.debug("reach on consumer %s failed: %s", name, e)
+            orphans, why = self._reach_verdict(answers)
+            queue = self.queue_pool.queue_names[broker]
+            with self._lock:
+                was = self._orphans.pop(broker, None)
+                if queue in orphans:
+                    self._orphans[broker] = why
+            if queue in orphans:
+                if was is None:
+                    logger.error("%s", why)
+                if self._running and not self._closed:
+                    self._ask_reach(broker)  # until some consumer reaches it
+            elif was is not None:
+                logger.warning("queue %s is reached by consumers of pool %s again", queue, self.queue_pool.name)
+            elif why:
+                logger.warning("%s", why)
+
+    def unreached(self) -> dict[str, str]:
+        """Queues placed again where none of this pool's consumers reaches them, with why:
+        ``join()`` raises :class:`BrokerUnreachable` for those that hold tasks."""
+        names = self.queue_pool.queue_names
+        with self._lock:
+            return {names[i]: why for i, why in self._orphans.items()}
 
     def _live(self, serving: int | None = None) -> list[tuple[str, Any]]:
         """``(name, actor)`` of every consumer placed now (that serves queue ``serving``)."""
@@ -379,21 +447,34 @@ class ConsumerPool:
             except Exception as e:  # its worker is gone: the supervisor replaces it
                 logger.debug("reach on consumer %s failed: %s", name, e)
         wait = self.settings.connect_timeout + 2 * self.settings.heartbeat_interval + 10
-        reached: set[str] = set()
-        missed: dict[str, list[tuple[str, str, str]]] = {}  # queue -> (consumer, endpoint, why)
+        answers = []
         for name, call in calls:
             try:
-                ok, failed = call.result(timeout=wait)
+                answers.append((name, call.result(timeout=wait)))
             except Exception as e:
                 logger.debug("reach on consumer %s failed: %s", name, e)
-                continue
+        orphans, why = self._reach_verdict(answers)
+        if orphans:
+            raise BrokerUnreachable(why)
+        if why:
+            logger.warning("%s", why)
+
+    def _reach_verdict(
+        self, answers: list[tuple[str, tuple[list[str], list[tuple[str, str, str]]]]]
+    ) -> tuple[list[str], str]:
+        """From the consumers' ``reach()`` answers: the queues that are up and that no consumer
+        reaches, and what to tell the user (empty when every consumer reaches all it serves)."""
+        qp = self.queue_pool
+        reached: set[str] = set()
+        missed: dict[str, list[tuple[str, str, str]]] = {}  # queue -> (consumer, endpoint, why)
+        for name, (ok, failed) in answers:
             reached.update(ok)
             for queue, endpoint, why in failed:
                 missed.setdefault(queue, []).append((name, endpoint, why))
         up = self._queues_up()  # a queue lost meanwhile is the supervisor's, not unreachable
         missed = {queue: tries for queue, tries in missed.items() if queue in up}
         if not missed:
-            return
+            return [], ""
         workers = dict(zip(qp.queue_names, qp._workers()))
         where = {name: self._placed_on.get(i, "?") for i, name in enumerate(self.names)}
         lines = [
@@ -403,16 +484,13 @@ class ConsumerPool:
         ]
         orphans = [queue for queue in missed if queue not in reached]
         if orphans:
-            raise BrokerUnreachable(
-                describe(
-                    f"no consumer of pool {qp.name} reaches {', '.join(orphans)}: their tasks would never run "
-                    "(the consumers keep running and connecting)",
-                    lines,
-                    OPEN_BETWEEN_WORKERS,
-                )
+            subject = (
+                f"no consumer of pool {qp.name} reaches {', '.join(orphans)}: their tasks would never run "
+                "(the consumers keep running and connecting)"
             )
-        subject = f"some consumers of pool {qp.name} cannot reach some of its queues (other consumers serve them)"
-        logger.warning("%s", describe(subject, lines, OPEN_BETWEEN_WORKERS))
+        else:
+            subject = f"some consumers of pool {qp.name} cannot reach some of its queues (other consumers serve them)"
+        return orphans, describe(subject, lines, OPEN_BETWEEN_WORKERS)
 
     def _queues_up(self) -> list[str]:
         qp = self.queue_pool
@@ -455,6 +533,9 @@ class ConsumerPool:
         stop: bool = True,
     ) -> None:
         """Wait until every queue is drained and every result has reached this process.
+
+        Delayed tasks (``submit(..., delay=)``) count as queued: join waits until their time has
+        come and their results are in.
 
         Then the consumers stop pulling (as in daskqueue; ``start()`` resumes them), unless
         ``stop=False``: they go on serving what producers submit next.
@@ -515,6 +596,7 @@ class ConsumerPool:
                         f"join: {max(pending, outstanding)} tasks are pending and no consumer is running: "
                         "call consumer_pool.start() first"
                     )
+                self._raise_unreached(statuses)
                 if deadline is not None and time.monotonic() > deadline:
                     down = len(statuses) - len(known)
                     raise ZdqTimeoutError(
@@ -528,6 +610,23 @@ class ConsumerPool:
         self._report(statuses)
         if stop:
             self.cancel()
+
+    def _raise_unreached(self, statuses: list[Any]) -> None:
+        """Raise if a queue that holds tasks is reached by no consumer of any of the queue pool's
+        ConsumerPools (it was placed again where they cannot connect)."""
+        with self._lock:
+            if not self._orphans:
+                return
+            orphans = dict(self._orphans)
+        for broker, why in orphans.items():
+            status = statuses[broker] if broker < len(statuses) else None
+            if status is None or not status.ready_tasks:
+                continue
+            queue = self.queue_pool.queue_names[broker]
+            others = [pool for pool in self.queue_pool.consumer_pools() if pool is not self and pool._running]
+            if any(queue not in pool.unreached() for pool in others):
+                continue  # another pool's consumers serve it
+            raise BrokerUnreachable(f"join: {why}")
 
     def _report(self, statuses: list[Any]) -> None:
         """The end of a join: how much ran, and what failed, said where it shows."""

@@ -64,7 +64,8 @@ from zdq.names import driver_name, queue_name
 from zdq.reporting import FailureLog
 from zdq.serialization import UNKNOWN_BASE, error_to_exception, loads_results
 from zdq.stats import DriverStats, QueueState
-from zdq.tasks import CANCELLED, cancel_in_chunk
+from zdq.tasks import CANCELLED, PICKLED, cancel_in_chunk
+from zdq.timing import Timing
 from zdq.transport import protocol as p
 from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
 from zdq.transport.security import ClientKeys
@@ -152,7 +153,7 @@ class _Record:
 
     __slots__ = (
         "seq", "broker", "base", "n", "payload", "nbytes", "sink", "offset", "remaining", "confirmed", "got",
-        "chunk_id", "cancelled", "rewrite",
+        "chunk_id", "cancelled", "rewrite", "timing",
     )
 
     def __init__(self, seq: int, base: int, n: int, payload: bytes, sink: Any, offset: int) -> None:
@@ -170,6 +171,7 @@ class _Record:
         self.chunk_id = 0  # the broker's id for it, once confirmed
         self.cancelled: set[int] | None = None  # tasks cancelled (indexes): they never run
         self.rewrite = False  # cancelled tasks not yet replaced in the payload (before it is sent)
+        self.timing: Timing | None = None  # release time and priority, sent with every PUT of it
 
     def cancel(self, indexes: Iterable[int]) -> list[int]:
         """(Under the driver's ``_cond``.) Record that these tasks will never run; return the
@@ -433,8 +435,28 @@ class Driver:
             self._waker.wake()
         return fut
 
+    def submit_timed(self, task: bytes, timing: Timing, *, timeout: float | None = None) -> TaskFuture:
+        """Queue one pickled task with a release time or priority, as a chunk of its own: loose
+        tasks are coalesced into plain chunks, and the broker orders chunks, not tasks."""
+        self._check_open()
+        tid = self.reserve(1)
+        [(first, n, payload)] = self._chunking.pack(tid, [task], self.payload_key, PICKLED, None)  # too large: raises
+        fut = TaskFuture(tid)
+        fut._hint = self._hint
+        fut._driver = self
+        self.submit_chunk(first, n, payload, [fut], 0, timeout=timeout, timing=timing)
+        return fut
+
     def submit_chunk(
-        self, base: int, n: int, payload: bytes, sink: Any, offset: int, *, timeout: float | None = None
+        self,
+        base: int,
+        n: int,
+        payload: bytes,
+        sink: Any,
+        offset: int,
+        *,
+        timeout: float | None = None,
+        timing: Timing | None = None,
     ) -> None:
         """Queue a chunk pickled by the caller; block while the driver's buffers are full."""
         self._check_open()
@@ -444,6 +466,7 @@ class Driver:
             while self._buffered_chunks >= cap or not self._room(len(payload)):
                 self._wait(deadline)
             rec = _Record(self._next_seq, base, n, payload, sink, offset)
+            rec.timing = timing
             self._next_seq += 1
             self._records[rec.seq] = rec
             self._queued.append(rec)
@@ -1098,7 +1121,12 @@ class Driver:
                     self._rewrite(rec)
             payload = rec.payload
             assert payload is not None
-            if not try_send(socks[b], p.encode(p.Put(rec.seq, rec.n, payload))):
+            timing = rec.timing
+            if timing is None:
+                put = p.Put(rec.seq, rec.n, payload)
+            else:
+                put = p.Put(rec.seq, rec.n, payload, timing.not_before, timing.priority)
+            if not try_send(socks[b], p.encode(put)):
                 with self._cond:  # the broker cannot take it now: keep it first in line
                     link.unconfirmed -= 1
                     rec.broker = -1

@@ -8,6 +8,7 @@ are built and pickled by :mod:`zdq.tasks`; batches are cut into chunks by :mod:`
 from __future__ import annotations
 
 import asyncio
+import datetime
 import enum
 import functools
 import logging
@@ -58,6 +59,7 @@ from zdq.objects import as_calls
 from zdq.scheduling import Schedule, cancel_schedule, list_schedules, make_schedule
 from zdq.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
 from zdq.stats import BrokerStats, PoolStats
+from zdq.timing import Timing, timing_of
 from zdq.transport.security import ClientKeys, PoolKeys
 
 __all__ = ["Durability", "QueuePool", "DeadLetterInfo", "current_pool"]
@@ -748,6 +750,9 @@ class QueuePool:
         time_limit: float | str | None = None,
         timeout: float | None = None,
         worker_class: type | None = None,
+        delay: float | datetime.timedelta | None = None,
+        eta: datetime.datetime | None = None,
+        priority: int | None = None,
         **kwargs: Any,
     ) -> TaskFuture:
         """Queue ``fn(*args, **kwargs)``; return a future of its result.
@@ -767,6 +772,14 @@ class QueuePool:
         worker_class : type, optional
             Accepted for daskqueue compatibility: submitted functions run on any consumer, so it
             must be a :class:`GeneralConsumer` subclass, as daskqueue required.
+        delay : float or timedelta, optional
+            Seconds from now before the task may start (the broker holds it until then; a
+            durable queue keeps the time across restarts).
+        eta : datetime, optional
+            A timezone-aware time before which the task may not start (instead of ``delay``).
+        priority : int, optional
+            Within its queue, a higher priority is served first; equal priorities are first in,
+            first out (default 0). Chunks already with a consumer (its prefetch) run first.
 
         These keywords are zdq's own: to pass keyword arguments of those names to ``fn``,
         use :meth:`submit_call`.
@@ -775,10 +788,16 @@ class QueuePool:
         ------
         SerializationError
             ``fn`` or an argument cannot be pickled; nothing was queued.
+        TypeError, ValueError
+            A ``delay``, ``eta`` or ``priority`` that is not one (the message names it); nothing
+            was queued.
         """
         _check_worker_class(worker_class)
         options = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
-        return self.submit_call(fn, args, kwargs, timeout=timeout, **{k: v for k, v in options.items() if v is not None})
+        return self.submit_call(
+            fn, args, kwargs, timeout=timeout, delay=delay, eta=eta, priority=priority,
+            **{k: v for k, v in options.items() if v is not None},
+        )
 
     def submit_call(
         self,
@@ -787,14 +806,21 @@ class QueuePool:
         kwargs: dict[str, Any] | None = None,
         *,
         timeout: float | None = None,
+        delay: float | datetime.timedelta | None = None,
+        eta: datetime.datetime | None = None,
+        priority: int | None = None,
         **options: Any,
     ) -> TaskFuture:
         """Like :meth:`submit` with explicit ``args``/``kwargs``; ``options`` as in :class:`TaskOptions`."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
         timeout = timeout_or_none(timeout)
+        # Three identity tests when unused: the plain path builds nothing more per task.
+        timing = None if delay is None and eta is None and priority is None else timing_of(delay, eta, priority)
         task = call_task(fn, args, kwargs, self._options(options))
-        return self.driver.submit_task(dumps_task(task), timeout=timeout)
+        if timing is None:
+            return self.driver.submit_task(dumps_task(task), timeout=timeout)
+        return self.driver.submit_timed(dumps_task(task), timing, timeout=timeout)
 
     # -- asyncio ------------------------------------------------------------------------------
     async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
@@ -828,6 +854,9 @@ class QueuePool:
         time_limit: float | str | None = None,
         worker_class: type | None = None,
         sync_mode: bool = True,
+        delay: float | datetime.timedelta | None = None,
+        eta: datetime.datetime | None = None,
+        priority: int | None = None,
     ) -> BatchFuture:
         """Queue many calls ``(fn, *args)`` at once; return one future of all their results.
 
@@ -837,14 +866,16 @@ class QueuePool:
         block on a full submission window (``time_limit`` is the tasks' own time limit);
         ``retries``, ``retry_backoff`` and ``retry_on`` are as in :meth:`submit`. ``worker_class``
         and ``sync_mode`` are daskqueue's (the first is checked as in :meth:`submit`, the second
-        has no effect: a batch is always sent from this process).
+        has no effect: a batch is always sent from this process). ``delay``, ``eta`` and
+        ``priority`` are as in :meth:`submit`, for every call of the batch (one release time).
         """
         _check_worker_class(worker_class)
+        timing = timing_of(delay, eta, priority)
         given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
         options = self._options({k: v for k, v in given.items() if v is not None})
         calls = list_calls if isinstance(list_calls, list) else list(list_calls)
         check_calls(calls)
-        return self._submit_entries(calls, CALLS, options, batch_size, timeout)
+        return self._submit_entries(calls, CALLS, options, batch_size, timeout, timing)
 
     def put_many(self, items: Sequence[Any], batch_size: int | None = None, timeout: float | None = None) -> BatchFuture:
         """Queue many raw items at once; same guarantees as :meth:`batch_submit`."""
@@ -868,6 +899,7 @@ class QueuePool:
         options: TaskOptions | None,
         batch_size: int | None,
         timeout: float | None,
+        timing: Timing | None = None,
     ) -> BatchFuture:
         driver = self.driver
         timeout = timeout_or_none(timeout)
@@ -887,7 +919,7 @@ class QueuePool:
         batch._driver = driver
         for first, n, payload in packed:
             try:
-                driver.submit_chunk(first, n, payload, batch, first - base, timeout=timeout)
+                driver.submit_chunk(first, n, payload, batch, first - base, timeout=timeout, timing=timing)
             except SubmitTimeout as e:
                 queued = first - base
                 if not queued:
@@ -915,6 +947,9 @@ class QueuePool:
         time_limit: float | str | None = None,
         total: int | None = None,
         progress: bool = False,
+        delay: float | datetime.timedelta | None = None,
+        eta: datetime.datetime | None = None,
+        priority: int | None = None,
     ) -> int:
         """Queue calls ``(fn, *args)`` from any iterable, lazily, in flat memory; return the count.
 
@@ -926,8 +961,11 @@ class QueuePool:
         item ``k`` cannot be pickled, the chunks before it are already queued and the
         :class:`SerializationError` says how many tasks were. ``timeout`` bounds each wait for
         room (:class:`~zdq.errors.SubmitTimeout`); the task options are as in :meth:`submit`.
+        ``delay``/``eta`` and ``priority`` too: a ``delay`` is counted from this call, the same
+        release time for every task of the iterable, however long it takes to read.
         """
         driver = self.driver
+        timing = timing_of(delay, eta, priority)
         timeout = timeout_or_none(timeout)
         chunking = Chunking.of(self.settings)
         given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
@@ -950,7 +988,7 @@ class QueuePool:
                     at = f"item {count + e.task_id - base}: " if e.task_id is not None else ""
                     raise SerializationError(f"{at}{e} ({count} tasks before this chunk were queued)") from e
                 for first, n, payload in packed:
-                    driver.submit_chunk(first, n, payload, None, 0, timeout=timeout)
+                    driver.submit_chunk(first, n, payload, None, 0, timeout=timeout, timing=timing)
                 count += len(part)
                 if bar is not None:
                     bar.update(len(part))

@@ -59,11 +59,13 @@ class BrokerStats(_Compact):
     drivers: int
     routed_tasks: dict[str, int] = field(default_factory=dict)
     consumer_names: tuple[str, ...] = ()
+    delayed_chunks: int = 0  # stored, their release time not come yet (not counted as ready)
+    delayed_tasks: int = 0
 
     @property
     def pending_tasks(self) -> int:
-        """Tasks stored and not yet acknowledged (ready or leased)."""
-        return self.ready_tasks + self.leased_tasks
+        """Tasks stored and not yet acknowledged (delayed, ready or leased)."""
+        return self.ready_tasks + self.delayed_tasks + self.leased_tasks
 
 
 @dataclass(frozen=True, repr=False)

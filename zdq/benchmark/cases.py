@@ -40,16 +40,17 @@ class BenchConfig:
     durable: bool = False
     compare_auth: bool = False
     # "quick": no-op throughput; "latency": the round trip alone; "asyncio": the event loop's lag
-    # while tasks are awaited; "full": every case
+    # while tasks are awaited; "timing": delayed tasks' release lateness and memory; "full": every case
     suite: str = "quick"
     generator_tasks: int = 10_000_000
+    delayed_tasks: int = 1_000_000
 
     def __post_init__(self) -> None:
-        for name in ("tasks", "queues", "consumers", "batch_size", "workers", "repeat", "generator_tasks"):
+        for name in ("tasks", "queues", "consumers", "batch_size", "workers", "repeat", "generator_tasks", "delayed_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.suite not in ("quick", "latency", "asyncio", "full"):
-            raise ValueError("--suite must be 'quick', 'latency', 'asyncio' or 'full'")
+        if self.suite not in ("quick", "latency", "asyncio", "timing", "full"):
+            raise ValueError("--suite must be 'quick', 'latency', 'asyncio', 'timing' or 'full'")
 
     @property
     def n_dask(self) -> int:
@@ -307,6 +308,10 @@ def run(config: BenchConfig) -> dict[str, Any]:
             lag = loop_lag(client, config)
             report = {"config": asdict(config), "workers": workers, "cases": [lag.as_dict()]}
             return report | {"ratios": {"asyncio: loop lag p99 ms (1,000 tasks awaited)": lag.extra["lag_p99_ms"]}}
+        if config.suite == "timing":
+            timed = _timing_cases(client, config)
+            report = {"config": asdict(config), "workers": workers, "cases": [c.as_dict() for c in timed]}
+            return report | {"ratios": _timing_ratios(timed)}
         dask = dask_map(client, noop, list(range(config.n_dask)), config.repeat, "no-op")
         zdq = zdq_noop(client, config, "zdq (CurveZMQ)")
         ceiling = pipeline_noop(config)
@@ -343,11 +348,28 @@ def run(config: BenchConfig) -> dict[str, Any]:
             lag = loop_lag(client, config)
             cases.append(lag)
             ratios["asyncio: loop lag p99 ms (1,000 tasks awaited)"] = lag.extra["lag_p99_ms"]
+            timed = _timing_cases(client, config)
+            cases += timed
+            ratios |= _timing_ratios(timed)
     return {
         "config": asdict(config),
         "workers": workers,
         "cases": [c.as_dict() for c in cases],
         "ratios": ratios,
+    }
+
+
+def _timing_cases(client: Client, config: BenchConfig) -> list[CaseResult]:
+    from zdq.benchmark.timing import delayed_memory, release_lateness
+
+    return [release_lateness(client, config), delayed_memory(client, config)]
+
+
+def _timing_ratios(timed: list[CaseResult]) -> dict[str, float]:
+    release, memory = timed
+    return {
+        "delayed: release lateness p99 ms (idle pool)": release.extra["late_p99_ms"],
+        "delayed: broker bytes per delayed task": memory.extra["bytes_per_delayed_task"],
     }
 
 

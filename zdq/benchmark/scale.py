@@ -5,6 +5,8 @@ pool of ``workers / 2`` queues and ``2 × workers`` consumers is placed on it (6
 queues on 32 workers at the top). Measured there:
 
 - **placement**: seconds from ``QueuePool(...)`` to consumers started, and per actor placed;
+  beside it, **bare Dask's own**: as many trivial actors placed on the same workers (all at once)
+  and each called once, which is the floor of any design that places Dask actors;
 - **throughput**: no-op tasks per second, end to end (``batch_submit`` of ``--tasks`` calls);
 - **file descriptors** per worker process, after placement (sockets count);
 - **idle CPU** per consumer: the CPU time the workers burn in a quiet interval with the pool
@@ -39,6 +41,7 @@ class ScaleResult:
     consumers: int
     placement_seconds: float
     per_actor_seconds: float
+    dask_per_actor_seconds: float  # bare Dask: trivial actors placed and called once each
     tasks: int
     tasks_per_second: float
     fds_per_worker: float
@@ -63,6 +66,30 @@ def _idle_cpu(client: Client, seconds: float) -> float:
     return sum(after[w] - before[w] for w in after if w in before)
 
 
+class _Idle:
+    """The least actor there is: what placing one costs in Dask alone."""
+
+    def ping(self) -> int:
+        return 1
+
+
+def _dask_placement(client: Client, n: int) -> float:
+    """Seconds to place ``n`` trivial actors over the workers (in parallel) and call each once."""
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    start = time.perf_counter()
+    futures = [
+        client.submit(_Idle, actor=True, workers=[workers[i % len(workers)]], pure=False, key=f"bench-idle-{i}-{time.time_ns()}")
+        for i in range(n)
+    ]
+    actors = [f.result(timeout=300) for f in futures]
+    assert all(call.result(timeout=300) == 1 for call in [a.ping() for a in actors])
+    took = time.perf_counter() - start
+    del actors
+    for f in futures:
+        f.release()
+    return took
+
+
 def one_scale(workers: int, tasks: int, fan_out: int | None = None) -> ScaleResult:
     from zdq import ConsumerPool, QueuePool
 
@@ -78,6 +105,8 @@ def one_scale(workers: int, tasks: int, fan_out: int | None = None) -> ScaleResu
         client.wait_for_workers(workers, timeout=300)
         time.sleep(1.0)  # workers settle after start
         dask_idle = _idle_cpu(client, _IDLE_SECONDS) / _IDLE_SECONDS / workers
+        dask_placement = _dask_placement(client, queues + consumers)
+        time.sleep(1.0)
         start = time.perf_counter()
         with QueuePool(client, queues, keep_results=False, **overrides) as qp:
             with ConsumerPool(client, qp, n_consumers=consumers, start=True, **overrides):
@@ -96,6 +125,7 @@ def one_scale(workers: int, tasks: int, fan_out: int | None = None) -> ScaleResu
         consumers=consumers,
         placement_seconds=placement,
         per_actor_seconds=placement / (queues + consumers),
+        dask_per_actor_seconds=dask_placement / (queues + consumers),
         tasks=tasks,
         tasks_per_second=rate,
         fds_per_worker=sum(fds.values()) / len(fds),
@@ -110,18 +140,21 @@ def run_scale(tasks: int, scales: tuple[int, ...] = SCALES, fan_out: int | None 
     by_size = {r.workers: r for r in results}
     if 16 in by_size and 32 in by_size:
         report["per actor: 32 workers / 16 workers"] = by_size[32].per_actor_seconds / by_size[16].per_actor_seconds
+        report["bare Dask per actor: 32 workers / 16 workers"] = (
+            by_size[32].dask_per_actor_seconds / by_size[16].dask_per_actor_seconds
+        )
     return report
 
 
 def format_scale(report: dict[str, Any]) -> str:
     lines = [
-        f"{'workers':>7} {'queues':>6} {'consumers':>9} {'placement s':>11} {'per actor s':>11} "
+        f"{'workers':>7} {'queues':>6} {'consumers':>9} {'placement s':>11} {'per actor s':>11} {'Dask alone':>10} "
         f"{'tasks/s':>11} {'fds/worker':>10} {'idle CPU/consumer':>17}"
     ]
     for r in report["scales"]:
         lines.append(
             f"{r['workers']:>7} {r['queues']:>6} {r['consumers']:>9} {r['placement_seconds']:>11.2f} "
-            f"{r['per_actor_seconds']:>11.3f} {r['tasks_per_second']:>11,.0f} {r['fds_per_worker']:>10.0f} "
+            f"{r['per_actor_seconds']:>11.3f} {r['dask_per_actor_seconds']:>10.3f} {r['tasks_per_second']:>11,.0f} {r['fds_per_worker']:>10.0f} "
             f"{r['idle_cpu_per_consumer'] * 100:>16.2f}%"
         )
     for key, value in report.items():
@@ -141,7 +174,9 @@ def plot_scale(report: dict[str, Any], directory: str) -> str:
     rows = report["scales"]
     xs = [r["workers"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(xs, [r["per_actor_seconds"] * 1000 for r in rows], marker="o")
+    left.plot(xs, [r["per_actor_seconds"] * 1000 for r in rows], marker="o", label="zdq (placed and started)")
+    left.plot(xs, [r["dask_per_actor_seconds"] * 1000 for r in rows], marker="s", label="bare Dask (trivial actors)")
+    left.legend()
     left.set_xlabel("workers (queues = workers / 2, consumers = 2 × workers)")
     left.set_ylabel("placement, ms per actor")
     left.grid(True, alpha=0.3)

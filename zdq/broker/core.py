@@ -218,6 +218,8 @@ class BrokerCore:
                 drivers=sum(1 for peer in drivers.values() if not peer.gone),
                 routed_tasks=routed,
                 consumer_names=tuple(consumers),
+                delayed_chunks=c.delayed_chunks,
+                delayed_tasks=c.delayed_tasks,
                 **asdict(self.counters),
             )
 
@@ -260,10 +262,15 @@ class BrokerCore:
         poller.register(self._sock, zmq.POLLIN)
         beat = self._settings.heartbeat_interval
         next_beat = time.monotonic() + beat
+        storage = self._storage
         schedules = self._schedules
         try:
             while not self._stop.is_set():
                 due = min(next_beat, self._confirm_due) if self._confirms else next_beat
+                release = storage.next_release  # wall clock; inf when no chunk is delayed
+                if release < math.inf:
+                    # The poll ends when the next delayed chunk is due: nothing polls while they wait.
+                    due = min(due, time.monotonic() + (release - time.time()))
                 if schedules.wake_at < due:
                     due = schedules.wake_at
                 wait_ms = max(0, min(100, math.ceil((due - time.monotonic()) * 1000)))
@@ -271,6 +278,10 @@ class BrokerCore:
                     with self._lock:
                         self._round()
                 now = time.monotonic()
+                release = storage.next_release
+                if release < math.inf and release <= time.time():
+                    with self._lock:
+                        self._release_due(now)
                 if self._confirms and (now >= self._confirm_due or len(self._confirms) >= _CONFIRM_BATCH):
                     with self._lock:
                         self._send_confirms()
@@ -494,7 +505,7 @@ class BrokerCore:
 
     # -- chunks in ------------------------------------------------------------------------------
     def _store(self, puts: list[tuple[bytes, p.Put]]) -> None:
-        entries = [(ChunkMeta(ident, put.seq, put.n_tasks), put.chunk) for ident, put in puts]
+        entries = [(ChunkMeta(ident, put.seq, put.n_tasks, put.not_before, put.priority), put.chunk) for ident, put in puts]
         status, detail = p.Status.STORED, b""
         try:
             ids = self._leases.put(entries)
@@ -523,6 +534,13 @@ class BrokerCore:
         self._confirm_due = math.inf
 
     # -- chunks out -----------------------------------------------------------------------------
+    def _release_due(self, now: float) -> None:
+        """Delayed chunks whose time has come join the ready FIFO of their priority, and go at
+        once to consumers with credit (those without are told READY now, not at the next scan)."""
+        if self._storage.release_due(time.time()):
+            self._ready_scan = 0.0
+            self._dispatch(now)
+
     def _dispatch(self, now: float) -> None:
         leases = self._leases
         while self._with_credit:
@@ -571,7 +589,7 @@ class BrokerCore:
         # seq 0: if the dead letter is requeued, its result goes to the pool's driver as a new one.
         reason = msg.reason.decode(errors="replace")
         try:
-            self._storage.put_dead([(ChunkMeta(meta.owner, 0, 1), msg.chunk, reason)])
+            self._storage.put_dead([(ChunkMeta(meta.owner, 0, 1, priority=meta.priority), msg.chunk, reason)])
             self.counters.tasks_dead_lettered += 1
         except StorageError as e:
             logger.error("broker %s could not store a dead letter: %s", self.name, e)
@@ -583,7 +601,8 @@ class BrokerCore:
             return
         meta = held.meta
         try:
-            self._leases.split(msg.chunk_id, [(ChunkMeta(meta.owner, meta.seq, 1), part) for part in msg.parts])
+            parts = [(ChunkMeta(meta.owner, meta.seq, 1, priority=meta.priority), part) for part in msg.parts]
+            self._leases.split(msg.chunk_id, parts)
         except StorageError as e:
             logger.error("broker %s could not split chunk %d: %s", self.name, msg.chunk_id, e)
             return
@@ -737,7 +756,7 @@ class BrokerCore:
             ident,
             p.QueueStatus(
                 sync.token,
-                c.ready_tasks,
+                c.ready_tasks + c.delayed_tasks,  # a delayed task is queued: join() waits for it
                 c.leased_tasks,
                 c.dead_tasks,
                 self._waiting_tasks(),

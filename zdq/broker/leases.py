@@ -56,6 +56,8 @@ class QueueCounts:
     done_tasks: int
     dead_chunks: int
     dead_tasks: int
+    delayed_chunks: int = 0
+    delayed_tasks: int = 0
 
 
 class LeaseTable:
@@ -115,6 +117,8 @@ class LeaseTable:
             done_tasks=done_tasks,
             dead_chunks=c.dead_chunks,
             dead_tasks=c.dead_tasks,
+            delayed_chunks=c.delayed_chunks,
+            delayed_tasks=c.delayed_tasks,
         )
 
     def locate(self, owner: bytes, seq: int, chunk_id: int, indexes: Iterable[int]) -> dict[int, dict[int, int]]:

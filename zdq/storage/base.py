@@ -1,8 +1,10 @@
 """The storage contract of a queue.
 
 A queue holds *chunks*: opaque payloads (pickled by the driver, never unpickled here) with a small
-:class:`ChunkMeta`. A chunk is ``ready`` (waiting, FIFO), ``leased`` (handed to a consumer, not yet
-acknowledged) or ``dead`` (dead-lettered). Only an acknowledgement removes a chunk.
+:class:`ChunkMeta`. A chunk is ``delayed`` (its release time has not come), ``ready`` (waiting:
+highest priority first, FIFO within a priority), ``leased`` (handed to a consumer, not yet
+acknowledged) or ``dead`` (dead-lettered). Only an acknowledgement removes a chunk. The order of
+ready and delayed chunks is :mod:`zdq.storage.order`'s.
 
 The index (which chunks are ready, in what order, which are leased, how often each was tried) is the
 same for every backend and lives here, in memory; backends only make payloads durable
@@ -16,13 +18,18 @@ from __future__ import annotations
 import struct
 import time
 from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+
+from zdq.storage.order import Delayed, ReadyQueue
 
 __all__ = ["ChunkMeta", "Leased", "DeadLetter", "StorageCounts", "Storage"]
 
 _META = struct.Struct(">16sQI")
+#: The head of a delayed or prioritised chunk: the plain one, then the release time and priority.
+#: Plain chunks keep the plain head, so that queues written before these fields stay readable (and
+#: a queue that never used them stays readable by earlier versions).
+_META_TIMED = struct.Struct(">16sQIdi")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,17 +44,27 @@ class ChunkMeta:
         The driver's own number for the chunk.
     n_tasks : int
         How many tasks it holds.
+    not_before : float
+        Wall-clock seconds (``time.time()``) before which it is not delivered; ``0.0``: at once.
+    priority : int
+        Higher is served first within the queue.
     """
 
     owner: bytes
     seq: int
     n_tasks: int
+    not_before: float = 0.0
+    priority: int = 0
 
     def pack(self) -> bytes:
+        if self.not_before or self.priority:
+            return _META_TIMED.pack(self.owner, self.seq, self.n_tasks, self.not_before, self.priority)
         return _META.pack(self.owner, self.seq, self.n_tasks)
 
     @classmethod
     def unpack(cls, raw: bytes) -> ChunkMeta:
+        if len(raw) == _META_TIMED.size:
+            return cls(*_META_TIMED.unpack(raw))
         owner, seq, n_tasks = _META.unpack(raw)
         return cls(owner, seq, n_tasks)
 
@@ -77,6 +94,8 @@ class StorageCounts:
     leased_tasks: int
     dead_chunks: int
     dead_tasks: int
+    delayed_chunks: int = 0
+    delayed_tasks: int = 0
 
 
 class Storage(ABC):
@@ -89,7 +108,8 @@ class Storage(ABC):
 
     def __init__(self) -> None:
         self._meta: dict[int, ChunkMeta] = {}
-        self._ready: deque[int] = deque()
+        self._ready = ReadyQueue()
+        self._delayed = Delayed()
         self._leased: set[int] = set()
         self._dead: dict[int, str] = {}
         self._attempts: dict[int, int] = {}
@@ -112,6 +132,7 @@ class Storage(ABC):
     def open(self) -> None:
         """Open the backend and rebuild the index from what it holds."""
         kept = dict(self._scan_results())
+        now = time.time()
         for chunk_id, meta, dead_reason in self._scan():
             self._meta[chunk_id] = meta
             if chunk_id in kept and dead_reason is None:
@@ -119,8 +140,7 @@ class Storage(ABC):
                 self._leased_tasks += meta.n_tasks
                 self.recovered_results[chunk_id] = kept[chunk_id]
             elif dead_reason is None:
-                self._ready.append(chunk_id)
-                self._ready_tasks += meta.n_tasks
+                self._enqueue(chunk_id, meta, now)  # a time that passed while the queue was down: ready now
             else:
                 self._dead[chunk_id] = dead_reason
             self._next_id = max(self._next_id, chunk_id + 1)
@@ -139,11 +159,44 @@ class Storage(ABC):
         ids = list(range(self._next_id, self._next_id + len(entries)))
         self._write([(i, meta, payload) for i, (meta, payload) in zip(ids, entries)])
         self._next_id += len(entries)
+        ready, now = self._ready, 0.0
         for chunk_id, (meta, _) in zip(ids, entries):
             self._meta[chunk_id] = meta
-            self._ready.append(chunk_id)
-            self._ready_tasks += meta.n_tasks
+            if meta.not_before or meta.priority:
+                now = now or time.time()
+                self._enqueue(chunk_id, meta, now)
+            else:  # the plain chunk, kept short
+                ready.append(chunk_id)
+                self._ready_tasks += meta.n_tasks
         return ids
+
+    def _enqueue(self, chunk_id: int, meta: ChunkMeta, now: float) -> None:
+        """A stored chunk that is neither leased nor dead: delayed until its time, else ready."""
+        if meta.not_before > now:
+            self._delayed.add(chunk_id, meta.not_before, meta.n_tasks)
+        else:
+            self._ready.append(chunk_id, meta.priority)
+            self._ready_tasks += meta.n_tasks
+
+    @property
+    def next_release(self) -> float:
+        """Wall-clock time of the next delayed chunk's release (``inf``: none waits); it may be
+        early (a chunk cancelled since), never late."""
+        return self._delayed.next_at
+
+    def release_due(self, now: float) -> int:
+        """Move the delayed chunks whose time is ``now`` or past to the tail of their priority's
+        FIFO, in release order; return how many."""
+        due = self._delayed.due(now)
+        for chunk_id in due:
+            meta = self._meta[chunk_id]
+            self._delayed.released(meta.n_tasks)
+            self._ready.append(chunk_id, meta.priority)
+            self._ready_tasks += meta.n_tasks
+        return len(due)
+
+    def is_delayed(self, chunk_id: int) -> bool:
+        return chunk_id in self._delayed
 
     def put_dead(self, entries: Sequence[tuple[ChunkMeta, object, str]]) -> list[int]:
         """Store chunks directly as dead letters (a task that used up its attempts)."""
@@ -175,7 +228,7 @@ class Storage(ABC):
         self._delete([chunk_id])
         for new_id, (meta, _) in zip(reversed(ids), reversed(parts)):
             self._meta[new_id] = meta
-            self._ready.appendleft(new_id)
+            self._ready.appendleft(new_id, meta.priority)
             self._ready_tasks += meta.n_tasks
         if len(parts) > 1:  # one task per part, in order: a cancelled task stays cancelled
             for index in cancelled:
@@ -205,6 +258,7 @@ class Storage(ABC):
         return sorted(i for i, m in self._meta.items() if m.seq == seq and m.owner == owner)
 
     def is_ready(self, chunk_id: int) -> bool:
+        """Stored and not yet delivered: ready, or delayed (a cancellation marks it all the same)."""
         return chunk_id in self._meta and chunk_id not in self._leased and chunk_id not in self._dead
 
     def lease(self) -> Leased | None:
@@ -230,12 +284,15 @@ class Storage(ABC):
                 self._leased_tasks -= self._meta[chunk_id].n_tasks
             elif chunk_id in self._meta and chunk_id not in self._dead:
                 # A late DONE for a chunk whose lease expired: the work is done, do not run it again.
-                try:
-                    self._ready.remove(chunk_id)
-                except ValueError:
-                    out.append(None)
-                    continue
-                self._ready_tasks -= self._meta[chunk_id].n_tasks
+                # (Or a delayed chunk whose every task was cancelled.)
+                meta = self._meta[chunk_id]
+                if not self._delayed.discard(chunk_id, meta.n_tasks):
+                    try:
+                        self._ready.remove(chunk_id, meta.priority)
+                    except ValueError:
+                        out.append(None)
+                        continue
+                    self._ready_tasks -= meta.n_tasks
             else:
                 out.append(None)
                 continue
@@ -259,7 +316,7 @@ class Storage(ABC):
         self._leased.discard(chunk_id)
         meta = self._meta[chunk_id]
         self._leased_tasks -= meta.n_tasks
-        self._ready.appendleft(chunk_id)
+        self._ready.appendleft(chunk_id, meta.priority)
         self._ready_tasks += meta.n_tasks
         if not count_attempt:
             self._attempts[chunk_id] = max(0, self._attempts.get(chunk_id, 1) - 1)
@@ -288,7 +345,7 @@ class Storage(ABC):
     def take_back(self, chunk_id: int) -> bool:
         """Move a ready chunk to leased without delivering it (its results came in late)."""
         try:
-            self._ready.remove(chunk_id)
+            self._ready.remove(chunk_id, self._meta[chunk_id].priority)
         except ValueError:
             return False
         n = self._meta[chunk_id].n_tasks
@@ -318,7 +375,7 @@ class Storage(ABC):
         for chunk_id in ids:
             del self._dead[chunk_id]
             self._attempts.pop(chunk_id, None)
-            self._ready.append(chunk_id)
+            self._ready.append(chunk_id, self._meta[chunk_id].priority)
             self._ready_tasks += self._meta[chunk_id].n_tasks
         return len(ids)
 
@@ -358,7 +415,8 @@ class Storage(ABC):
     def counts(self) -> StorageCounts:
         dead_tasks = sum(self._meta[i].n_tasks for i in self._dead)
         return StorageCounts(
-            len(self._ready), self._ready_tasks, len(self._leased), self._leased_tasks, len(self._dead), dead_tasks
+            len(self._ready), self._ready_tasks, len(self._leased), self._leased_tasks, len(self._dead), dead_tasks,
+            len(self._delayed), self._delayed.tasks,
         )
 
     def setting(self, name: bytes, default: bytes | None) -> bytes | None:

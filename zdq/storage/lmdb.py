@@ -4,7 +4,7 @@ Layout (named sub-databases, big-endian 8-byte keys so a cursor walks in FIFO or
 
     meta    b"format" -> b"zdq-queue-1"
     chunks  id -> payload (opaque bytes)
-    heads   id -> ChunkMeta (owner, seq, n_tasks)
+    heads   id -> ChunkMeta (owner, seq, n_tasks[, not_before, priority]: the last two only when set)
     leased  id -> b""          marks only, rewritten freely: recovery makes every chunk ready
     dead    id -> reason (utf-8)
     results id -> consumer id (16 bytes) + results: a done chunk whose driver had not taken them
@@ -407,10 +407,16 @@ def inspect_queue(path: str) -> dict[str, int | str]:
                 raise StorageCorrupt(f"{path} is not a zdq queue of a known format")
             leased = {k for k, _ in txn.cursor(db=dbs[b"leased"])}
             dead = {k for k, _ in txn.cursor(db=dbs[b"dead"])}
-            counts = {"ready_chunks": 0, "ready_tasks": 0, "leased_chunks": 0, "leased_tasks": 0, "dead_chunks": 0, "dead_tasks": 0}
+            counts = {
+                f"{state}_{what}": 0 for state in ("ready", "leased", "dead", "delayed") for what in ("chunks", "tasks")
+            }
+            now = time.time()
             for key, raw in txn.cursor(db=dbs[b"heads"]):
-                n = ChunkMeta.unpack(raw).n_tasks
-                state = "dead" if key in dead else "leased" if key in leased else "ready"
+                meta = ChunkMeta.unpack(raw)
+                n = meta.n_tasks
+                state = (
+                    "dead" if key in dead else "leased" if key in leased else "delayed" if meta.not_before > now else "ready"
+                )
                 counts[f"{state}_chunks"] += 1
                 counts[f"{state}_tasks"] += n
     finally:

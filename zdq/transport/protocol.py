@@ -13,7 +13,9 @@ Commands
 --------
 =========  ======================  ==========================================================
 HELLO      driver/consumer→broker  role; announces a peer (payload: its display name)
-PUT        driver→broker           seq, n_tasks; payload: one chunk
+PUT        driver→broker           seq, n_tasks[, not_before, priority]; payload: one chunk. The two
+                                   last are in the head only when set (a delayed or prioritised
+                                   chunk): wall-clock release time (float seconds), signed priority
 CONFIRM    broker→driver           seq, chunk id, status; once the chunk is stored (a stored chunk's
                                    CONFIRM is held back a moment: RESULTS sent first confirm it)
 FETCH      consumer→broker         credit: how many more chunks the consumer accepts; 0 withdraws
@@ -53,6 +55,7 @@ BYE        peer→broker             the peer leaves; its leases return at once
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Union
@@ -144,6 +147,8 @@ class Put(NamedTuple):
     seq: int
     n_tasks: int
     chunk: object  # bytes or zmq.Frame: opaque
+    not_before: float = 0.0  # wall-clock seconds before which it is not delivered (0: at once)
+    priority: int = 0  # higher first within a queue
 
 
 class Confirm(NamedTuple):
@@ -262,6 +267,7 @@ def _layout(command: Command, fmt: str) -> struct.Struct:
 
 _HELLO = _layout(Command.HELLO, "B")
 _PUT = _layout(Command.PUT, "QI")
+_PUT_TIMED = _layout(Command.PUT, "QIdi")  # a delayed or prioritised chunk: the plain head + 12 bytes
 _CONFIRM = _layout(Command.CONFIRM, "QQB")
 _FETCH = _layout(Command.FETCH, "I")
 _DELIVER = _layout(Command.DELIVER, "QII")
@@ -279,6 +285,12 @@ _HEAD = {c: VERSION + bytes([c]) for c in Command}  # the head of a message with
 _ROLES = {r.value: r for r in Role}
 _STATUSES = {s.value: s for s in Status}
 _V = VERSION
+
+
+def _encode_put(m: Put) -> list[Any]:
+    if m.not_before or m.priority:
+        return [_PUT_TIMED.pack(_V, Command.PUT, m.seq, m.n_tasks, m.not_before, m.priority), m.chunk]
+    return [_PUT.pack(_V, Command.PUT, m.seq, m.n_tasks), m.chunk]
 
 
 def _encode_rack(m: Rack) -> list[Any]:
@@ -313,7 +325,7 @@ def _encode_cancelled(m: Cancelled) -> list[Any]:
 _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Deliver: lambda m: [_DELIVER.pack(_V, Command.DELIVER, m.chunk_id, m.n_tasks, m.attempt), m.chunk],
     Done: lambda m: [_DONE.pack(_V, Command.DONE, m.chunk_id, m.n_tasks, m.credit), m.results],
-    Put: lambda m: [_PUT.pack(_V, Command.PUT, m.seq, m.n_tasks), m.chunk],
+    Put: _encode_put,
     Results: lambda m: [_RESULTS.pack(_V, Command.RESULTS, m.seq, m.chunk_id, m.consumer), m.results],
     Confirm: lambda m: [_CONFIRM.pack(_V, Command.CONFIRM, m.seq, m.chunk_id, m.status), m.detail],
     Fetch: lambda m: [_FETCH.pack(_V, Command.FETCH, m.credit)],
@@ -365,6 +377,11 @@ def _n_tasks(n: int, head: bytes) -> int:
 
 
 def _put(head: bytes, f: Sequence[Any]) -> Message:
+    if len(head) == _PUT_TIMED.size:
+        _, _, seq, n, not_before, priority = _unpack(_PUT_TIMED, head, f, 2)
+        if not 0.0 <= not_before < math.inf:
+            raise ProtocolError(f"PUT releases its chunk at {not_before!r}, not a time")
+        return Put(seq, _n_tasks(n, head), f[1], not_before, priority)
     _, _, seq, n = _unpack(_PUT, head, f, 2)
     return Put(seq, _n_tasks(n, head), f[1])
 

@@ -1,0 +1,109 @@
+"""Delays and priorities without a cluster: the checks at the call, the order objects, the wire
+(the storage behaviour is in test_storage.py, over both backends)."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import struct
+import time
+
+import pytest
+
+from zdq.errors import ProtocolError
+from zdq.storage.order import Delayed, ReadyQueue
+from zdq.timing import Timing, timing_of
+from zdq.transport import protocol as p
+
+UTC = datetime.timezone.utc
+
+
+# -- the checks at the call --------------------------------------------------------------------
+def test_no_keyword_given_means_no_timing_so_the_plain_path_is_taken() -> None:
+    assert timing_of(None, None, None) is None
+    assert timing_of(None, None, 0) is None
+
+
+def test_a_delay_becomes_a_wall_clock_time_measured_at_the_call() -> None:
+    before = time.time()
+    timing = timing_of(2.5, None, None)
+    assert timing is not None and before + 2.5 <= timing.not_before <= time.time() + 2.5
+    assert timing_of(datetime.timedelta(seconds=1), None, None).not_before > before  # type: ignore[union-attr]
+
+
+def test_an_aware_eta_is_its_own_wall_clock_time() -> None:
+    eta = datetime.datetime(2030, 1, 1, 12, tzinfo=UTC)
+    assert timing_of(None, eta, 3) == Timing(eta.timestamp(), 3)
+
+
+@pytest.mark.parametrize(
+    ("delay", "eta", "priority", "error", "named"),
+    [
+        (-1, None, None, ValueError, "delay"),
+        (math.nan, None, None, ValueError, "delay"),
+        (math.inf, None, None, ValueError, "delay"),
+        ("5", None, None, TypeError, "delay"),
+        (True, None, None, TypeError, "delay"),
+        (None, datetime.datetime(2030, 1, 1), None, ValueError, "eta"),
+        (None, 1_900_000_000, None, TypeError, "eta"),
+        (1, datetime.datetime(2030, 1, 1, tzinfo=UTC), None, ValueError, "delay or eta"),
+        (None, None, 1.5, TypeError, "priority"),
+        (None, None, "high", TypeError, "priority"),
+        (None, None, True, TypeError, "priority"),
+        (None, None, 2**31, ValueError, "priority"),
+    ],
+)
+def test_bad_timing_keywords_raise_an_error_naming_the_argument(
+    delay: object, eta: object, priority: object, error: type[Exception], named: str
+) -> None:
+    with pytest.raises(error, match=named):
+        timing_of(delay, eta, priority)
+
+
+# -- the order objects -------------------------------------------------------------------------
+def test_ready_chunks_are_served_by_priority_then_first_in_first_out() -> None:
+    ready = ReadyQueue()
+    for chunk_id, priority in [(1, 0), (2, -5), (3, 7), (4, 0), (5, 7), (6, 100)]:
+        ready.append(chunk_id, priority)
+    ready.appendleft(7, 0)  # given back: at the head of its priority
+    assert [ready.popleft() for _ in range(len(ready))] == [6, 3, 5, 7, 1, 4, 2]
+    assert not ready
+    with pytest.raises(IndexError):
+        ready.popleft()
+
+
+def test_a_ready_chunk_removed_from_the_middle_leaves_the_order_of_the_others() -> None:
+    ready = ReadyQueue()
+    for chunk_id in range(5):
+        ready.append(chunk_id, chunk_id % 2)
+    ready.remove(3, 1)
+    with pytest.raises(ValueError):
+        ready.remove(3, 1)
+    assert [ready.popleft() for _ in range(len(ready))] == [1, 0, 2, 4]
+
+
+def test_delayed_chunks_come_out_in_release_order_and_a_discarded_one_never() -> None:
+    delayed = Delayed()
+    for chunk_id, at in [(1, 30.0), (2, 10.0), (3, 20.0), (4, 20.0)]:
+        delayed.add(chunk_id, at, 10)
+    assert delayed.next_at == 10.0 and delayed.tasks == 40
+    assert delayed.discard(2, 10) and not delayed.discard(2, 10)
+    assert delayed.due(15.0) == []  # 2 was discarded: its stale entry is skipped
+    assert delayed.next_at == 20.0
+    assert delayed.due(20.0) == [3, 4]
+    assert delayed.due(1e9) == [1] and delayed.next_at == math.inf and len(delayed) == 0
+
+
+# -- the wire ----------------------------------------------------------------------------------
+def test_a_plain_put_keeps_its_head_and_a_timed_one_carries_time_and_priority() -> None:
+    plain = p.encode(p.Put(1, 10, b"chunk"))
+    timed = p.encode(p.Put(2, 10, b"chunk", 1_800_000_000.25, -3))
+    assert len(timed[0]) == len(plain[0]) + 12
+    assert p.decode(plain) == p.Put(1, 10, b"chunk")
+    assert p.decode(timed) == p.Put(2, 10, b"chunk", 1_800_000_000.25, -3)
+
+
+def test_a_put_whose_release_time_is_not_a_time_is_a_protocol_error() -> None:
+    head = struct.pack(">4sBQIdi", p.VERSION, p.Command.PUT, 1, 1, math.nan, 0)
+    with pytest.raises(ProtocolError, match="not a time"):
+        p.decode([head, b"chunk"])
