@@ -77,23 +77,25 @@ def test_insert_streams_a_hundred_thousand_tasks_from_a_generator_pulled_at_most
     client: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
     n, chunk, window, queues = 100_000, 1000, 2, 2
-    with QueuePool(client, queues, keep_results=False, window=window) as queue_pool:
-        with ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
-            consumers.start()
-            driver = queue_pool.driver
-            ahead = {"items": 0, "chunks": 0}
+    with (
+        QueuePool(client, queues, keep_results=False, window=window) as queue_pool,
+        ConsumerPool(client, queue_pool, n_consumers=2) as consumers,
+    ):
+        consumers.start()
+        driver = queue_pool.driver
+        ahead = {"items": 0, "chunks": 0}
 
-            def tasks():  # type: ignore[no-untyped-def]
-                for i in range(n):
-                    if i % 100 == 0:  # how far the generator runs ahead of what the driver took
-                        stats = driver.statistics()
-                        ahead["items"] = max(ahead["items"], i - stats.tasks_submitted)
-                        ahead["chunks"] = max(ahead["chunks"], stats.chunks_unconfirmed)
-                    yield Square(i)
+        def tasks():  # type: ignore[no-untyped-def]
+            for i in range(n):
+                if i % 100 == 0:  # how far the generator runs ahead of what the driver took
+                    stats = driver.statistics()
+                    ahead["items"] = max(ahead["items"], i - stats.tasks_submitted)
+                    ahead["chunks"] = max(ahead["chunks"], stats.chunks_unconfirmed)
+                yield Square(i)
 
-            assert queue_pool.insert(tasks(), total=n, batch_size=chunk) == n
-            assert ahead["items"] <= chunk  # only the chunk being cut is held outside the driver
-            assert ahead["chunks"] <= window * queues  # and the driver holds a bounded window
-            consumers.join(timeout=300)
-            assert consumers.nb_consumed() == n
+        assert queue_pool.insert(tasks(), total=n, batch_size=chunk) == n
+        assert ahead["items"] <= chunk  # only the chunk being cut is held outside the driver
+        assert ahead["chunks"] <= window * queues  # and the driver holds a bounded window
+        consumers.join(timeout=300)
+        assert consumers.nb_consumed() == n
     assert f"{n}/{n}" in capsys.readouterr().err  # the bar, on by default, against the total

@@ -14,10 +14,8 @@ import pytest
 from distributed import Client
 
 from zdq import ConsumerPool, QueuePool
-from zdq.schedules import GRACE, SCHEDULED, Missed, ScheduleRecord, Spec, plan
-from zdq.storage.base import ChunkMeta
+from zdq.schedules import GRACE, Missed, ScheduleRecord, Spec, plan
 from zdq.storage.lmdb import LMDBStorage
-from zdq.storage.memory import MemoryStorage
 
 from .conftest import pid_of, wait_until
 from .tasks import Stamp, add
@@ -67,32 +65,7 @@ def test_a_schedule_record_round_trips_its_bytes_and_refuses_garbage() -> None:
         ScheduleRecord.unpack(b"garbage")
 
 
-# -- storage --------------------------------------------------------------------------------------
-@pytest.fixture(params=["memory", "lmdb"])
-def storage(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
-    s = MemoryStorage() if request.param == "memory" else LMDBStorage(str(tmp_path / "q-queue-0"))
-    s.open()
-    yield s
-    s.close()
-
-
-def test_a_tick_stores_its_chunk_and_the_schedule_record_together(storage) -> None:  # type: ignore[no-untyped-def]
-    chunk_id = storage.put_tick(ChunkMeta(SCHEDULED, 5, 1), b"task", 5, lambda cid: f"record of {cid}".encode())
-    leased = storage.lease()
-    assert leased.chunk_id == chunk_id and leased.payload == b"task" and leased.meta.seq == 5
-    if storage.durable:
-        storage.close()
-        again = LMDBStorage(storage.path)
-        again.open()
-        try:
-            assert again.stored_schedules() == [f"record of {chunk_id}".encode()]
-            assert again.meta(chunk_id) == ChunkMeta(SCHEDULED, 5, 1)
-            again.write_schedule(5, None, now=True)
-            assert again.stored_schedules() == []
-        finally:
-            again.close()
-
-
+# -- storage: a tick is atomic -----------------------------------------------------------------
 _TICKER = """
 import sys, time
 from zdq.storage.base import ChunkMeta
@@ -169,20 +142,22 @@ def _consistent(queue_pool: QueuePool, stamps: Path) -> bool:
 
 def test_a_durable_schedule_queues_each_tick_once_across_a_sigkill_of_its_broker(client3: Client, tmp_path: Path) -> None:
     stamps = tmp_path / "stamps"
-    with QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **FAST) as queue_pool:
-        with ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"]) as consumers:
-            consumers.start()
-            queue_pool.schedule(Stamp(str(stamps)), every=1.0)
-            wait_until(lambda: len(_stamps(stamps)) >= 2, timeout=30)
-            # Killed between two ticks (0.3 s after a run, 0.7 s before the next): a tick that
-            # is running when its broker dies may run again (at least once, as any task); what
-            # this shows is that the crash neither loses nor doubles a tick.
-            wait_until(lambda: _consistent(queue_pool, stamps) and 0.3 < time.time() - _stamps(stamps)[-1] < 0.6, 10, 0.02)
-            ticks_before = queue_pool.schedules()[0].ticks
-            os.kill(pid_of(client3, "a"), signal.SIGKILL)
-            wait_until(lambda: queue_pool.recoveries >= 1, timeout=120)
-            wait_until(lambda: len(_stamps(stamps)) >= ticks_before + 3, timeout=60)  # ticking again
-            wait_until(lambda: _consistent(queue_pool, stamps), timeout=10)
+    with (
+        QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **FAST) as queue_pool,
+        ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"]) as consumers,
+    ):
+        consumers.start()
+        queue_pool.schedule(Stamp(str(stamps)), every=1.0)
+        wait_until(lambda: len(_stamps(stamps)) >= 2, timeout=30)
+        # Killed between two ticks (0.3 s after a run, 0.7 s before the next): a tick that
+        # is running when its broker dies may run again (at least once, as any task); what
+        # this shows is that the crash neither loses nor doubles a tick.
+        wait_until(lambda: _consistent(queue_pool, stamps) and 0.3 < time.time() - _stamps(stamps)[-1] < 0.6, 10, 0.02)
+        ticks_before = queue_pool.schedules()[0].ticks
+        os.kill(pid_of(client3, "a"), signal.SIGKILL)
+        wait_until(lambda: queue_pool.recoveries >= 1, timeout=120)
+        wait_until(lambda: len(_stamps(stamps)) >= ticks_before + 3, timeout=60)  # ticking again
+        wait_until(lambda: _consistent(queue_pool, stamps), timeout=10)
 
 
 @pytest.mark.parametrize("missed", ["once", "skip"])
@@ -190,12 +165,14 @@ def test_a_durable_schedule_outlives_its_pool_and_ticks_missed_meanwhile_follow_
     client: Client, tmp_path: Path, missed: str
 ) -> None:
     stamps, queues = tmp_path / "stamps", tmp_path / "q"
-    with QueuePool(client, 1, durability="durable", dirpath=queues) as queue_pool:
-        with ConsumerPool(client, queue_pool) as consumers:
-            consumers.start()
-            handle = queue_pool.schedule(Stamp(str(stamps)), every=3.0, missed=missed)
-            wait_until(lambda: len(_stamps(stamps)) >= 1, timeout=30)
-            (before,) = queue_pool.schedules()
+    with (
+        QueuePool(client, 1, durability="durable", dirpath=queues) as queue_pool,
+        ConsumerPool(client, queue_pool) as consumers,
+    ):
+        consumers.start()
+        handle = queue_pool.schedule(Stamp(str(stamps)), every=3.0, missed=missed)
+        wait_until(lambda: len(_stamps(stamps)) >= 1, timeout=30)
+        (before,) = queue_pool.schedules()
     # The pool closed just after a tick (at T): the one at T + 3 falls due while no broker runs,
     # and is missed by well over GRACE when the pool opens again, before the one at T + 6.
     time.sleep(4.5)

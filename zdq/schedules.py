@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-__all__ = ["GRACE", "Missed", "Spec", "ScheduleRecord", "SCHEDULED", "plan"]
+__all__ = ["GRACE", "SCHEDULED", "Missed", "ScheduleRecord", "Spec", "plan"]
 
 #: A tick reached later than this (seconds) is missed, and follows the schedule's ``missed`` policy.
 GRACE = 1.0

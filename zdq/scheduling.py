@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
+from zdq.errors import SerializationError
 from zdq.schedules import Missed, ScheduleRecord, Spec, _missed
 from zdq.serialization import error_to_exception, loads_results
-from zdq.errors import SerializationError
 from zdq.tasks import TASKS, TaskOptions, call_task, dumps_chunk
 
 if TYPE_CHECKING:
     from zdq.queue_pool import QueuePool
 
-__all__ = ["Schedule", "make_schedule", "list_schedules", "cancel_schedule"]
+__all__ = ["Schedule", "cancel_schedule", "list_schedules", "make_schedule"]
 
 
 def _utc(t: float) -> datetime | None:
@@ -96,7 +97,7 @@ def _snapshot(pool: QueuePool, index: int, record: ScheduleRecord) -> Schedule:
                 error = error_to_exception(next(iter(errors.values())))
             else:
                 value = values[0]
-        except Exception as e:  # the schedule is still shown; its last result is not
+        except Exception as e:  # noqa: BLE001 - the schedule is still shown; its last result is not
             error = SerializationError(f"the last result of schedule {record.name} does not unpickle here: {e}")
     return Schedule(
         record.schedule_id,
@@ -157,4 +158,4 @@ def cancel_schedule(pool: QueuePool, schedule_id: int, timeout: float) -> bool:
     # Asked of every queue, not only ``id % n_queues``: a durable pool opened again with another
     # number of queues still finds it (cancelling is rare; the calls run in parallel).
     calls = [pool.broker_actor(i).cancel_schedule(schedule_id) for i in range(pool.n_queues)]
-    return any([bool(call.result(timeout=timeout)) for call in calls])
+    return any([bool(call.result(timeout=timeout)) for call in calls])  # noqa: C419 - wait for every answer, not only up to the first True

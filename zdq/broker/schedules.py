@@ -14,9 +14,11 @@ results go to the schedule, never to a driver: the broker keeps the last ones wi
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+
 from zdq.errors import StorageError
 from zdq.schedules import SCHEDULED, ScheduleRecord, plan
 from zdq.storage.base import ChunkMeta, Storage
@@ -27,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 #: A tick that could not be stored (a full disk) is tried again this much later.
 _RETRY_AFTER = 1.0
+
+
+def _ticked(record: ScheduleRecord, now: float, next_due: float, chunk_id: int) -> bytes:
+    return record.after_tick(now, next_due, chunk_id).pack()
 
 
 class ScheduleTable:
@@ -95,7 +101,7 @@ class ScheduleTable:
                 if run:
                     meta = ChunkMeta(SCHEDULED, schedule_id, 1)
                     chunk = self._storage.put_tick(
-                        meta, record.payload, schedule_id, lambda chunk_id: record.after_tick(now, next_due, chunk_id).pack()
+                        meta, record.payload, schedule_id, functools.partial(_ticked, record, now, next_due)
                     )
                     updated = record.after_tick(now, next_due, chunk)
                     fired += 1
