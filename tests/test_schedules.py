@@ -15,7 +15,7 @@ from distributed import Client
 
 from zdq import ConsumerPool, QueuePool
 from zdq.schedules import GRACE, Missed, ScheduleRecord, Spec, plan
-from zdq.storage.lmdb import LMDBStorage
+from zdq.storage.lmdb import LMDBStorage, inspect_queue
 
 from .conftest import pid_of, wait_until
 from .tasks import Stamp, add
@@ -69,7 +69,7 @@ def test_a_schedule_record_round_trips_its_bytes_and_refuses_garbage() -> None:
 _TICKER = """
 import sys, time
 from zdq.storage.base import ChunkMeta
-from zdq.storage.lmdb import LMDBStorage
+from zdq.storage.lmdb import LMDBStorage, inspect_queue
 from zdq.schedules import SCHEDULED
 s = LMDBStorage(sys.argv[1]); s.open()
 stored = s.stored_schedules()
@@ -98,6 +98,18 @@ def test_a_tick_is_queued_exactly_once_when_its_process_is_killed_at_any_moment(
             assert int(record) == s.counts().ready_chunks > 0  # as many chunks as ticks counted
         finally:
             s.close()
+
+
+def test_zdq_inspect_counts_the_schedules_kept_with_a_durable_queue(tmp_path: Path) -> None:
+    path = str(tmp_path / "default-queue-0")
+    s = LMDBStorage(path)
+    s.open()
+    s.write_schedule(1, b"one", now=True)
+    s.write_schedule(2, b"two", now=True)
+    s.close()
+    assert inspect_queue(path)["schedules"] == 2
+    out = subprocess.run([sys.executable, "-m", "zdq.cli", "inspect", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "schedules" in out.stdout.splitlines()[0]
 
 
 # -- on a cluster ---------------------------------------------------------------------------------

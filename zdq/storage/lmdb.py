@@ -419,6 +419,10 @@ def inspect_queue(path: str) -> dict[str, int | str]:
                 )
                 counts[f"{state}_chunks"] += 1
                 counts[f"{state}_tasks"] += n
+            try:  # a queue written before schedules existed has no such sub-database
+                counts["schedules"] = txn.stat(env.open_db(b"schedules", txn=txn, create=False))["entries"]
+            except lmdb.Error:
+                counts["schedules"] = 0
     finally:
         env.close()
     size = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
