@@ -59,7 +59,7 @@ def test_a_tick_on_time_runs_whatever_the_policy_and_missed_ticks_run_once_or_ar
 
 
 def test_a_schedule_record_round_trips_its_bytes_and_refuses_garbage() -> None:
-    record = ScheduleRecord(7, "report", Spec(cron="0 * * * *", anchor=1.5), Missed.SKIP, 3600.0, b"\x00payload", 3, 1, 2.0, 2.5, b"results", 99)
+    record = ScheduleRecord(7, "report", Spec(cron="0 * * * *", anchor=1.5), Missed.SKIP, 3600.0, b"\x00payload", 3, 1, 2.0, 2.5, b"results", 99, -4)
     assert ScheduleRecord.unpack(record.pack()) == record
     with pytest.raises(ValueError, match="not a stored schedule"):
         ScheduleRecord.unpack(b"garbage")
@@ -122,8 +122,8 @@ def test_a_schedule_runs_every_tick_shows_its_last_result_and_stops_when_cancell
     with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1) as consumers:
         consumers.start()
         handle = queue_pool.schedule(Stamp(str(stamps)), every=timedelta(milliseconds=300))
-        also = queue_pool.schedule(add, 2, b=3, cron="* * * * *")
-        assert handle.every == timedelta(milliseconds=300) and handle.ticks == 0 and also.cron == "* * * * *"
+        also = queue_pool.schedule(add, 2, b=3, cron="* * * * *", priority=3)
+        assert handle.every == timedelta(milliseconds=300) and handle.ticks == 0 and also.cron == "* * * * *" and also.priority == 3
         wait_until(lambda: len(_stamps(stamps)) >= 4, timeout=30)
         (mine,) = [s for s in queue_pool.schedules() if s.schedule_id == handle.schedule_id]
         assert mine.ticks >= 4 and mine.name == "Stamp" and isinstance(mine.last_value, float) and mine.last_error is None
@@ -140,6 +140,9 @@ def test_a_schedule_runs_every_tick_shows_its_last_result_and_stops_when_cancell
             queue_pool.schedule(42, every=1)
         with pytest.raises(ValueError, match="missed must be 'once' or 'skip'"):
             queue_pool.schedule(add, 1, every=1, missed="sometimes")
+        with pytest.raises(TypeError, match="priority must be an integer"):
+            queue_pool.schedule(add, 1, every=1, priority="high")
+        assert [s.schedule_id for s in queue_pool.schedules()] == [also.schedule_id]  # nothing of the refused ones
 
 
 def _consistent(queue_pool: QueuePool, stamps: Path) -> bool:

@@ -1027,6 +1027,7 @@ class QueuePool:
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         time_limit: float | str | None = None,
+        priority: int = 0,
         timeout: float = 30.0,
         **kwargs: Any,
     ) -> Schedule:
@@ -1040,8 +1041,8 @@ class QueuePool:
         pool (as long as that broker lives). Ticks missed while the queue was down run once on
         recovery (``missed="once"``) or are skipped (``"skip"``); a tick that comes while the
         previous one has not finished is skipped. A tick runs as any task (at least once,
-        ``retries``, ``time_limit``, dead letters); its result goes to the schedule, shown by
-        :meth:`schedules` (the last one only).
+        ``retries``, ``time_limit``, dead letters, ``priority`` in its queue); its result goes
+        to the schedule, shown by :meth:`schedules` (the last one only).
 
         Raises
         ------
@@ -1054,7 +1055,9 @@ class QueuePool:
         given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
         options = self._options({k: v for k, v in given.items() if v is not None})
         return self._on_brokers(
-            lambda: make_schedule(self, fn, args, kwargs, cron=cron, every=every, missed=missed, options=options, timeout=timeout)
+            lambda: make_schedule(
+                self, fn, args, kwargs, cron=cron, every=every, missed=missed, options=options, priority=priority, timeout=timeout
+            )
         )
 
     def schedules(self, timeout: float = 30.0) -> list[Schedule]:

@@ -129,6 +129,7 @@ class ScheduleRecord:
     last_done: float = 0.0  # when the last results came back
     last_results: bytes = b""  # those results, sealed by the consumer: opaque here
     chunk: int = 0  # the chunk id of the last tick (0: none yet)
+    priority: int = 0  # of every tick's chunk in its queue
 
     def pack(self) -> bytes:
         head = json.dumps(
@@ -145,6 +146,7 @@ class ScheduleRecord:
                 "last_tick": self.last_tick,
                 "last_done": self.last_done,
                 "chunk": self.chunk,
+                "priority": self.priority,
             }
         ).encode()
         return _HEAD.pack(len(head), len(self.payload)) + head + self.payload + self.last_results
@@ -171,6 +173,7 @@ class ScheduleRecord:
                 float(h["last_done"]),
                 results,
                 int(h["chunk"]),
+                int(h.get("priority", 0)),
             )
         except (struct.error, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"not a stored schedule: {e}") from e

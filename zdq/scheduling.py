@@ -23,6 +23,7 @@ from zdq.errors import SerializationError
 from zdq.schedules import Missed, ScheduleRecord, Spec, _missed
 from zdq.serialization import error_to_exception, loads_results
 from zdq.tasks import TASKS, TaskOptions, call_task, dumps_chunk
+from zdq.timing import timing_of
 
 if TYPE_CHECKING:
     from zdq.queue_pool import QueuePool
@@ -59,6 +60,8 @@ class Schedule:
         When the last tick was queued, and when the last results came back.
     last_value, last_error
         The last tick's result, or its error (``None`` before the first).
+    priority : int
+        The priority of its ticks in their queue.
 
     >>> handle = queue_pool.schedule(report, every=timedelta(minutes=5))     # doctest: +SKIP
     >>> [s.name for s in queue_pool.schedules()]                              # doctest: +SKIP
@@ -80,6 +83,7 @@ class Schedule:
     last_done: datetime | None
     last_value: Any = None
     last_error: BaseException | None = None
+    priority: int = 0
     _pool: Any = field(default=None, repr=False, compare=False)
 
     def cancel(self, timeout: float = 30.0) -> bool:
@@ -113,6 +117,7 @@ def _snapshot(pool: QueuePool, index: int, record: ScheduleRecord) -> Schedule:
         _utc(record.last_done),
         value,
         error,
+        record.priority,
         pool,
     )
 
@@ -127,6 +132,7 @@ def make_schedule(
     every: timedelta | float | None,
     missed: Missed | str,
     options: TaskOptions | None,
+    priority: int,
     timeout: float,
 ) -> Schedule:
     """Check the arguments (errors name the one at fault), then give the schedule to its queue."""
@@ -135,11 +141,14 @@ def make_schedule(
     now = time.time()
     spec = Spec.parse(cron, every, anchor=now)
     policy = _missed(missed)
+    timing = timing_of(None, None, priority)  # checks it as submit() does
     driver = pool.driver
     payload = dumps_chunk(driver.reserve(1), [call_task(fn, args, kwargs, options)], driver.payload_key, TASKS)
     schedule_id = int.from_bytes(os.urandom(8), "big") >> 1 or 1
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    record = ScheduleRecord(schedule_id, name, spec, policy, spec.next_after(now), payload)
+    record = ScheduleRecord(
+        schedule_id, name, spec, policy, spec.next_after(now), payload, priority=timing.priority if timing else 0
+    )
     index = schedule_id % pool.n_queues
     pool.broker_actor(index).add_schedule(record.pack()).result(timeout=timeout)
     return _snapshot(pool, index, record)

@@ -99,7 +99,7 @@ class ScheduleTable:
                 run = False  # the previous tick has not finished: at most one tick is queued
             try:
                 if run:
-                    meta = ChunkMeta(SCHEDULED, schedule_id, 1)
+                    meta = ChunkMeta(SCHEDULED, schedule_id, 1, priority=record.priority)
                     chunk = self._storage.put_tick(
                         meta, record.payload, schedule_id, functools.partial(_ticked, record, now, next_due)
                     )
