@@ -81,6 +81,7 @@ while True:
 """
 
 
+@pytest.mark.faults
 def test_a_tick_is_queued_exactly_once_when_its_process_is_killed_at_any_moment(tmp_path: Path) -> None:
     path = str(tmp_path / "q-queue-0")
     for round_ in range(5):
@@ -155,6 +156,7 @@ def _consistent(queue_pool: QueuePool, stamps: Path) -> bool:
     return ran == schedule.ticks
 
 
+@pytest.mark.faults
 def test_a_durable_schedule_queues_each_tick_once_across_a_sigkill_of_its_broker(client3: Client, tmp_path: Path) -> None:
     stamps = tmp_path / "stamps"
     with (
