@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
+
+from zdq import Task
 
 
 def process_item() -> int:
@@ -176,3 +179,34 @@ def write_start(path: str) -> None:
     """Write when this task started into ``path`` (results of an earlier pool's tasks go elsewhere)."""
     with open(path, "w") as f:
         f.write(repr(time.time()))
+
+
+# -- tasks as objects (zdq.Task) ------------------------------------------------------------------
+@dataclass
+class Square(Task):
+    x: int
+
+    def execute(self) -> int:
+        return self.x * self.x
+
+
+@dataclass
+class FlakyTask(Task):
+    counter: str
+    failures: int
+
+    def execute(self) -> int:
+        return flaky(self.counter, self.failures)
+
+
+@dataclass
+class Stamp(Task):
+    """Appends the time it ran to ``path`` (one line per execution); returns that time."""
+
+    path: str
+
+    def execute(self) -> float:
+        now = time.time()
+        with open(self.path, "a") as f:
+            f.write(f"{now}\n")
+        return now

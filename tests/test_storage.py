@@ -230,3 +230,22 @@ def test_a_plain_chunk_keeps_the_head_earlier_versions_wrote_and_both_heads_read
     assert ChunkMeta.unpack(plain.pack()) == plain
     timed = ChunkMeta(OWNER, 1, 10, 1_800_000_000.5, -7)
     assert ChunkMeta.unpack(timed.pack()) == timed
+
+
+def test_a_tick_stores_its_chunk_and_the_schedule_record_together(storage: Storage) -> None:
+    from zdq.schedules import SCHEDULED
+
+    chunk_id = storage.put_tick(ChunkMeta(SCHEDULED, 5, 1), b"task", 5, lambda cid: f"record of {cid}".encode())
+    leased = storage.lease()
+    assert leased is not None and leased.chunk_id == chunk_id and _payload(leased) == b"task" and leased.meta.seq == 5
+    if isinstance(storage, LMDBStorage):  # kept with the queue; a memory queue's live in its broker
+        storage.close()
+        again = LMDBStorage(storage.path)
+        again.open()
+        try:
+            assert again.stored_schedules() == [f"record of {chunk_id}".encode()]
+            assert again.meta(chunk_id) == ChunkMeta(SCHEDULED, 5, 1)
+            again.write_schedule(5, None, now=True)
+            assert again.stored_schedules() == []
+        finally:
+            again.close()

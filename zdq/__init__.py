@@ -28,6 +28,9 @@ from zdq.errors import (
     ZdqTimeoutError,
 )
 from zdq.tasks import TaskOptions
+from zdq.objects import Task
+from zdq.embedded import local
+from zdq.scheduling import Schedule
 from zdq.futures import BatchFuture, TaskFuture, as_completed, wait
 from zdq.queue_pool import DeadLetterInfo, Durability, QueuePool, current_pool
 
@@ -40,7 +43,10 @@ __all__ = [
     "Durability",
     "DeadLetterInfo",
     "current_pool",
+    "local",
+    "Schedule",
     "TaskOptions",
+    "Task",
     "ConsumerBaseClass",
     "GeneralConsumer",
     # futures

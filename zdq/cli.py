@@ -91,7 +91,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reports, indent=2))
         return status
-    print(f"{'queue':<40} {'ready':>10} {'delayed':>10} {'leased':>10} {'dead':>8} {'size':>12}")
+    print(f"{'queue':<40} {'ready':>10} {'delayed':>10} {'leased':>10} {'dead':>8} {'schedules':>9} {'size':>12}")
     for r in reports:
         name = r["name"]  # as its pool shows it (repr, get_queue_size(), statistics)
         if "error" in r:
@@ -99,6 +99,7 @@ def _inspect(args: argparse.Namespace) -> int:
         else:
             print(
                 f"{name:<40} {r['ready_tasks']:>10} {r['delayed_tasks']:>10} {r['leased_tasks']:>10} {r['dead_tasks']:>8} "
+                f"{r['schedules']:>9} "
                 f"{int(r['size_bytes']) / 2**20:>10.1f}MiB"
             )
     return status

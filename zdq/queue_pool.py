@@ -17,6 +17,7 @@ import threading
 import uuid
 import weakref
 from dataclasses import dataclass
+from datetime import timedelta
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable
 
@@ -31,6 +32,7 @@ from zdq.consumer import GeneralConsumer
 from zdq.config import PoolSettings, seconds_or_none, settings, timeout_or_none
 from zdq.handles import QueueHandle
 from zdq.driver import Driver
+from zdq.embedded import OwnedCluster, cluster_for
 from zdq.errors import (
     WrongConsumerClass,
     BrokerLost,
@@ -53,6 +55,8 @@ from zdq.transport.sockets import new_identity
 from zdq.futures import BatchFuture, TaskFuture
 from zdq.chunking import Chunking
 from zdq.names import counted, queue_name
+from zdq.objects import as_calls
+from zdq.scheduling import Schedule, cancel_schedule, list_schedules, make_schedule
 from zdq.observe.monitor import ensure_installed
 from zdq.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
 from zdq.stats import BrokerStats, PoolStats
@@ -112,8 +116,11 @@ class QueuePool:
 
     Parameters
     ----------
-    client : distributed.Client
-        The cluster's client; used only to place and supervise the brokers.
+    client : distributed.Client or None
+        The cluster's client; used only to place and supervise the brokers. ``None``: the
+        default client (the one made last in this process) if there is one, else **embedded
+        mode**: the pool starts a local cluster of ``parallel`` worker processes (default one
+        per CPU) and closes it, every process of it, on :meth:`close` (see :func:`zdq.local`).
     n_queues : int
         Number of queues (brokers), spread over the workers.
     durability : Durability or str
@@ -137,6 +144,9 @@ class QueuePool:
         CurveZMQ on every socket (default ``zdq.auth``, true). ``False`` is for trusted networks
         and benchmarks only: anyone who can reach a broker's port can then run code on the
         workers. It is refused when the Dask cluster itself uses TLS.
+    parallel : int, optional
+        Worker processes of the local cluster started in embedded mode (``client=None`` and no
+        default client).
     start : bool
         Place the brokers at once (the daskqueue behaviour). With ``False``, call :meth:`start`.
     **overrides
@@ -170,6 +180,7 @@ class QueuePool:
         resources: Mapping[str, float] | None = None,
         auth: bool | None = None,
         start: bool = True,
+        parallel: int | None = None,
         **overrides: Any,
     ) -> None:
         if not isinstance(n_queues, int) or isinstance(n_queues, bool) or n_queues < 1:
@@ -182,16 +193,10 @@ class QueuePool:
                 f"dirpath={dirpath!r} is for durable queues: pass durability='durable' too (a transient "
                 "queue keeps its tasks in memory)"
             )
-        if client is None:  # as Dask's own APIs do: the client made last in this process
-            from distributed import default_client
-
-            try:
-                client = default_client()
-            except ValueError as e:
-                raise ValueError("QueuePool(None, ...) needs a Dask Client made first in this process") from e
-        elif not isinstance(client, Client):
+        if client is not None and not isinstance(client, Client):
             raise TypeError(f"QueuePool needs a distributed.Client (or None for the default one), got {client!r:.80}")
-        self.client = client
+        if client is not None and parallel is not None:
+            raise ValueError("parallel= sizes the local cluster of QueuePool(None, ...): pass client=None, or no parallel")
         self.n_queues = n_queues
         self.dirpath = None if dirpath is None else os.path.abspath(os.fspath(dirpath))
         self.name = name or ("default" if self.durability is Durability.DURABLE else f"zdq-{uuid.uuid4().hex[:8]}")
@@ -208,8 +213,20 @@ class QueuePool:
         self.consumer_batch_size: int | None = None
         #: Each queue's name (see :func:`zdq.names.queue_name`): the keys of get_queue_size().
         self.queue_names = [queue_name(self.name, i) for i in range(n_queues)]
-        self._allowed_workers = allowed_workers(client, workers)
         self.resources = check_resources(resources)
+        #: The local cluster this pool started (embedded mode), closed with it.
+        self._owned_cluster: OwnedCluster | None = None
+        #: The ConsumerPool that :func:`zdq.local` started with this pool (held here: ConsumerPools
+        #: are otherwise known to their QueuePool by weak reference).
+        self.local_consumers: Any = None
+        if client is None:  # as Dask's own APIs do: the default client, else an embedded cluster
+            client, self._owned_cluster = cluster_for(parallel)
+        self.client = client
+        try:
+            self._allowed_workers = allowed_workers(client, workers)
+        except BaseException:
+            self._close_owned_cluster()
+            raise
         self.auth = bool(config.get("auth")) if auth is None else bool(auth)
         self._keys: PoolKeys | None = None
         self.payload_key: bytes | None = None
@@ -242,7 +259,11 @@ class QueuePool:
         # seconds) before what it held fails: every future settles within a bound.
         self._recovery_timeout = max(60.0, 4 * self.settings.heartbeat_timeout)
         if start:
-            self.start()
+            try:
+                self.start()
+            except BaseException:
+                self._close_owned_cluster()
+                raise
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> QueuePool:
@@ -658,6 +679,11 @@ class QueuePool:
             self._driver.close()
         self._withdraw()
         self._release_actors()
+        self._close_owned_cluster()
+
+    def _close_owned_cluster(self) -> None:
+        if self._owned_cluster is not None:
+            self._owned_cluster.close()
 
     def _withdraw(self) -> None:
         if self._record is None and self._driver is not None:
@@ -973,9 +999,92 @@ class QueuePool:
                 bar.close()
         return count
 
+    def insert(self, tasks: Any, total: int | None = None, progress: bool = True, **kwargs: Any) -> int:
+        """Queue :class:`~zdq.Task` objects (or callables of no argument), one or an iterable of
+        them, lazily and in flat memory (python-task-queue's ``insert``); return the count.
+
+        A thin layer over :meth:`submit_iter` (same bounds, keywords and errors), with a bar on
+        by default against ``total`` (or the iterable's ``len``). An item that is neither a Task
+        nor a callable raises ``TypeError`` naming its position, after every item before it is
+        queued; the iterable is not read past it.
+        """
+        calls, known = as_calls(tasks)
+        count = self.submit_iter(calls, total=known if total is None else total, progress=progress, **kwargs)
+        calls.check()
+        return count
+
     def flush(self, timeout: float | None = None) -> None:
         """Block until every chunk submitted so far is stored by its broker."""
         self.driver.flush(timeout_or_none(timeout))
+
+    # -- schedules (zdq.scheduling) ----------------------------------------------------------
+    def schedule(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        missed: str = "once",
+        retries: int | None = None,
+        retry_backoff: float | None = None,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        time_limit: float | str | None = None,
+        priority: int = 0,
+        timeout: float = 30.0,
+        **kwargs: Any,
+    ) -> Schedule:
+        """Run ``fn(*args, **kwargs)`` (or a :class:`~zdq.Task`) periodically: at each time of
+        the ``cron`` expression (UTC; croniter's syntax, ``"*/5 * * * *"``), or ``every``
+        (a timedelta or seconds) from now. Return its :class:`~zdq.scheduling.Schedule`.
+
+        The schedule lives with its queue: on disk for a durable pool (it survives the driver,
+        the broker and their restarts, and each tick is queued exactly once: its chunk and the
+        schedule's next tick are committed together), in the broker's memory for a transient
+        pool (as long as that broker lives). Ticks missed while the queue was down run once on
+        recovery (``missed="once"``) or are skipped (``"skip"``); a tick that comes while the
+        previous one has not finished is skipped. A tick runs as any task (at least once,
+        ``retries``, ``time_limit``, dead letters, ``priority`` in its queue); its result goes
+        to the schedule, shown by :meth:`schedules` (the last one only).
+
+        Raises
+        ------
+        ValueError
+            ``cron`` does not parse, ``every`` is not positive, or both or neither are given.
+        TypeError
+            ``fn`` is not callable.
+        """
+        self._owned("schedules")
+        given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
+        options = self._options({k: v for k, v in given.items() if v is not None})
+        return self._on_brokers(
+            lambda: make_schedule(
+                self, fn, args, kwargs, cron=cron, every=every, missed=missed, options=options, priority=priority, timeout=timeout
+            )
+        )
+
+    def schedules(self, timeout: float = 30.0) -> list[Schedule]:
+        """The pool's schedules, as their queues report them now (by next tick)."""
+        self._owned("schedules")
+        return self._on_brokers(lambda: list_schedules(self, timeout))
+
+    def cancel_schedule(self, schedule_id: int, timeout: float = 30.0) -> bool:
+        """End a schedule (``Schedule.cancel()``); True if it was live."""
+        self._owned("schedules")
+        return self._on_brokers(lambda: cancel_schedule(self, schedule_id, timeout))
+
+    def broker_actor(self, i: int) -> Any:
+        """The broker actor of queue ``i`` (control plane), as placed now."""
+        if not self._brokers:
+            raise ClosedError(f"queue pool {self.name} has no brokers: it is not started, or closed")
+        return self._brokers[i]
+
+    def _on_brokers(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except (ZdqError, ValueError, TypeError):
+            raise
+        except Exception as e:  # an actor call: its worker may be gone or the call timed out
+            raise ZdqError(f"pool {self.name}: a broker did not answer about schedules: {e!r}") from e
 
     # -- dead letters -------------------------------------------------------------------------
     def _owned(self, what: str) -> None:

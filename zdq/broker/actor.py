@@ -182,6 +182,16 @@ class Broker:
     def dead_letters(self) -> list[DeadLetter]:
         return self._running_core().dead_letters()
 
+    def add_schedule(self, record: bytes) -> None:
+        """Keep a schedule (a packed :class:`~zdq.schedules.ScheduleRecord`) with this queue."""
+        self._running_core().add_schedule(record)
+
+    def cancel_schedule(self, schedule_id: int) -> bool:
+        return self._running_core().cancel_schedule(schedule_id)
+
+    def schedules(self) -> list[bytes]:
+        return self._running_core().schedules()
+
     def requeue_dead(self, chunk_ids: list[int] | None = None) -> int:
         return self._running_core().requeue_dead(chunk_ids)
 

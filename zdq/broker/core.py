@@ -36,6 +36,8 @@ from zdq.errors import ProtocolError, StorageError, StorageFull
 from zdq.names import unnamed_peer
 from zdq.stats import ROUND_TRIP_BOUNDS, BrokerStats
 from zdq.broker.leases import Held, LeaseTable
+from zdq.broker.schedules import ScheduleTable
+from zdq.schedules import SCHEDULED
 from zdq.storage.base import ChunkMeta, DeadLetter, Storage
 from zdq.transport import protocol as p
 from zdq.transport.sockets import close_socket, is_local_peer, recv_ready, try_send
@@ -147,6 +149,7 @@ class BrokerCore:
         self._alive = alive
         self._sock = socket
         self._leases = LeaseTable(storage)
+        self._schedules = ScheduleTable(name, storage)
         self._storage = storage
         self._durable = storage.durable
         self._settings = settings
@@ -270,6 +273,18 @@ class BrokerCore:
         with self._lock:
             return self._storage.setting(name, proposed)
 
+    def add_schedule(self, record: bytes) -> None:
+        with self._lock:
+            self._schedules.add(record)
+
+    def cancel_schedule(self, schedule_id: int) -> bool:
+        with self._lock:
+            return self._schedules.cancel(schedule_id)
+
+    def schedules(self) -> list[bytes]:
+        with self._lock:
+            return self._schedules.records()
+
     # -- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -277,6 +292,7 @@ class BrokerCore:
         beat = self._settings.heartbeat_interval
         next_beat = time.monotonic() + beat
         storage = self._storage
+        schedules = self._schedules
         try:
             while not self._stop.is_set():
                 due = min(next_beat, self._confirm_due) if self._confirms else next_beat
@@ -284,6 +300,8 @@ class BrokerCore:
                 if release < math.inf:
                     # The poll ends when the next delayed chunk is due: nothing polls while they wait.
                     due = min(due, time.monotonic() + (release - time.time()))
+                if schedules.wake_at < due:
+                    due = schedules.wake_at
                 wait_ms = max(0, min(100, math.ceil((due - time.monotonic()) * 1000)))
                 if poller.poll(wait_ms):
                     with self._lock:
@@ -296,6 +314,10 @@ class BrokerCore:
                 if self._confirms and (now >= self._confirm_due or len(self._confirms) >= _CONFIRM_BATCH):
                     with self._lock:
                         self._send_confirms()
+                if now >= schedules.wake_at:
+                    with self._lock:
+                        if schedules.fire(time.time()):
+                            self._dispatch(now)
                 if now >= next_beat:
                     if not self._alive():
                         logger.info("broker %s: its actor was released; stopping", self.name)
@@ -707,6 +729,13 @@ class BrokerCore:
                 took = now - held.leased_at
                 counters.round_trips[bisect.bisect_left(ROUND_TRIP_BOUNDS, took)] += 1
                 counters.round_trip_sum += took
+            if held.meta.owner == SCHEDULED:  # a schedule's tick: its results are the schedule's
+                self._schedules.done(held.meta.seq, done.results)
+                leases.forget_now(chunk_id)
+                # Written now, not within 50 ms: a broker killed meanwhile would run the tick
+                # again. Ticks are rare; a round of ordinary chunks pays nothing for this.
+                self._storage.commit(force=True)
+                continue
             if not self._route(chunk_id, held, now):
                 self._waiting[chunk_id] = None
                 self._leases.keep(chunk_id, held)
@@ -802,6 +831,7 @@ class BrokerCore:
         for ident, peer in self._peers.items():
             if not peer.gone:
                 self._send(ident, p.Heartbeat())
+        self._schedules.rewake()  # follows a jump of the wall clock
         self._dispatch(now)
         self._storage.commit()
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from zdq.storage.order import Delayed, ReadyQueue
@@ -407,6 +407,27 @@ class Storage(ABC):
             self._cancels.pop(chunk_id, None)
         return len(ids)
 
+    # -- schedules (their records are the broker's; storage keeps them with the queue) --------
+    def stored_schedules(self) -> list[bytes]:
+        """The schedule records written before the queue was last closed."""
+        return list(self._scan_schedules())
+
+    def write_schedule(self, schedule_id: int, record: bytes | None, *, now: bool = False) -> None:
+        """Keep (``None``: drop) a schedule's record; ``now`` writes it before returning, else it
+        may wait for the next commit (a schedule's state after a skip or a result)."""
+        self._write_schedule(schedule_id, record, now)
+
+    def put_tick(self, meta: ChunkMeta, payload: object, schedule_id: int, record: Callable[[int], bytes]) -> int:
+        """Store a tick's chunk at the tail together with its schedule's new record (next tick,
+        count; ``record(chunk id)``): on a durable backend in one transaction, so a crash keeps
+        both or neither and a tick is put in the queue exactly once. Raises as :meth:`put_many`
+        (then neither is kept)."""
+        chunk_id = self._next_id
+        self._write_schedule(schedule_id, record(chunk_id), False)
+        (stored,) = self.put_many([(meta, payload)])
+        assert stored == chunk_id
+        return chunk_id
+
     def counts(self) -> StorageCounts:
         dead_tasks = sum(self._meta[i].n_tasks for i in self._dead)
         return StorageCounts(
@@ -448,6 +469,13 @@ class Storage(ABC):
     def _write_cancels(self, chunk_id: int, indexes: frozenset[int]) -> None:
         """Durable backends write a chunk's cancelled tasks before this returns (a broker answers
         a driver that they will never run only then)."""
+
+    def _scan_schedules(self) -> Iterable[bytes]:
+        """Schedule records written by :meth:`_write_schedule` before the queue was last closed."""
+        return ()
+
+    def _write_schedule(self, schedule_id: int, record: bytes | None, now: bool) -> None:
+        """Durable backends keep a schedule's record (see :meth:`write_schedule`)."""
 
     @abstractmethod
     def _write(self, records: list[tuple[int, ChunkMeta, object]], dead: dict[int, str] | None = None) -> None:

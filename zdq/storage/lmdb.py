@@ -9,6 +9,8 @@ Layout (named sub-databases, big-endian 8-byte keys so a cursor walks in FIFO or
     dead    id -> reason (utf-8)
     results id -> consumer id (16 bytes) + results: a done chunk whose driver had not taken them
     cancels id -> the indexes (4 bytes each) of the chunk's tasks cancelled before they started
+    schedules  schedule id -> its record (zdq.schedules.ScheduleRecord): written in the transaction
+            that stores the tick's chunk, so a tick is queued exactly once whatever is killed
 
 Durability: the environment runs with LMDB's own crash-safe flags (``sync`` and ``metasync``:
 every commit flushes its data pages, then its meta page, to disk), so an operating-system crash or
@@ -35,7 +37,7 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lmdb
@@ -50,9 +52,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT = b"zdq-queue-1"
 _KEY = struct.Struct(">Q")
-_DBS = (b"meta", b"chunks", b"heads", b"leased", b"dead", b"results", b"cancels")
+_DBS = (b"meta", b"chunks", b"heads", b"leased", b"dead", b"results", b"cancels", b"schedules")
 #: Sub-databases a queue written by an older zdq may lack (opened read-only, they are skipped).
-_LATER_DBS = (b"results", b"cancels")
+_LATER_DBS = (b"results", b"cancels", b"schedules")
 _LOCK = "zdq.lock"
 _MAX_GROWTH = 64 << 30
 #: Bookkeeping writes (acknowledgements, marks) wait at most this long, or until this many are
@@ -290,6 +292,11 @@ class LMDBStorage(Storage):
                 txn.delete(key, db=leased)
             elif op == "undead":
                 txn.delete(key, db=dbs[b"dead"])
+            elif op == "schedule":
+                if reason is None:
+                    txn.delete(key, db=dbs[b"schedules"])
+                else:
+                    txn.put(key, reason, db=dbs[b"schedules"])
         for chunk_id, on in self._marks.items():
             if on and chunk_id in self._leased:
                 txn.put(_key(chunk_id), b"", db=leased)
@@ -341,6 +348,27 @@ class LMDBStorage(Storage):
                 for k, v in txn.cursor(db=self._dbs[b"cancels"])
             ]
 
+    def _scan_schedules(self) -> Iterable[bytes]:
+        assert self._env is not None
+        with self._env.begin() as txn:
+            return [bytes(v) for _, v in txn.cursor(db=self._dbs[b"schedules"])]
+
+    def _write_schedule(self, schedule_id: int, record: bytes | None, now: bool) -> None:
+        self._hold("schedule", schedule_id, record)
+        if now:
+            self.commit(force=True)
+            if self._pending:
+                raise StorageError(f"{self.path}: schedule {schedule_id} was not written")
+
+    def put_tick(self, meta: ChunkMeta, payload: object, schedule_id: int, record: Callable[[int], bytes]) -> int:
+        # The record rides in the chunk's own transaction (_write applies what is held).
+        try:
+            return super().put_tick(meta, payload, schedule_id, record)
+        except BaseException:
+            # Not written: a later commit must not advance the schedule without its chunk.
+            self._pending = [held for held in self._pending if held[:2] != ("schedule", schedule_id)]
+            raise
+
     def _delete(self, chunk_ids: list[int]) -> None:
         for chunk_id in chunk_ids:
             self._marks.pop(chunk_id, None)
@@ -391,6 +419,10 @@ def inspect_queue(path: str) -> dict[str, int | str]:
                 )
                 counts[f"{state}_chunks"] += 1
                 counts[f"{state}_tasks"] += n
+            try:  # a queue written before schedules existed has no such sub-database
+                counts["schedules"] = txn.stat(env.open_db(b"schedules", txn=txn, create=False))["entries"]
+            except lmdb.Error:
+                counts["schedules"] = 0
     finally:
         env.close()
     size = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))

@@ -1,0 +1,96 @@
+"""Embedded mode: QueuePool(None, n) and zdq.local(parallel=N) on one machine, with no cluster first.
+
+These tests start their own local clusters (not the shared one), so they must run where no
+default client exists: each checks that first.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import psutil
+import pytest
+from distributed import Client, LocalCluster
+
+import zdq
+from zdq import QueuePool
+
+from .conftest import wait_until
+from .tasks import Square
+
+pytestmark = pytest.mark.cluster
+
+
+def _no_default_client() -> None:
+    from distributed import default_client
+
+    with pytest.raises(ValueError):
+        default_client()
+
+
+def _processes_of(client: Client) -> list[int]:
+    """The pids of every worker process (their nannies run in this process)."""
+    return list(client.run(os.getpid).values())
+
+
+def _children() -> set[int]:
+    """This process's live child processes, but multiprocessing's resource tracker (started once)."""
+    found = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
+                found.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def _gone(pids: list[int], before: set[int]) -> bool:
+    """The workers' processes are gone, no other child process is left, and no zdq thread."""
+    alive = {pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE}
+    return not alive and _children() <= before and not [t for t in threading.enumerate() if t.name.startswith("zdq-")]
+
+
+def test_queue_pool_without_a_client_runs_on_a_local_cluster_that_closes_with_it_leaving_no_process() -> None:
+    _no_default_client()
+    before = _children()
+    queue_pool = QueuePool(None, 1, parallel=2)
+    try:
+        pids = _processes_of(queue_pool.client)
+        assert len(set(pids)) == 2 and set(pids) <= _children()
+        consumers = zdq.ConsumerPool(None, queue_pool, n_consumers=2)  # on the same cluster
+        consumers.start()
+        assert queue_pool.submit(Square(9)).result(timeout=60) == 81
+    finally:
+        queue_pool.close()
+    wait_until(lambda: _gone(pids, before), timeout=30)
+    _no_default_client()  # the pool's client is no longer the default
+    queue_pool.close()  # idempotent
+
+
+def test_local_runs_tasks_end_to_end_in_a_few_lines() -> None:
+    _no_default_client()
+    before = _children()
+    with zdq.local(parallel=2) as queue_pool:
+        pids = _processes_of(queue_pool.client)
+        assert queue_pool.insert((Square(i) for i in range(1000)), progress=False) == 1000
+        consumers = queue_pool.local_consumers
+        assert queue_pool.consumer_pools() == [consumers]
+        consumers.join(timeout=60)
+        assert sorted(v for per in consumers.results().values() for v in per.values()) == [i * i for i in range(1000)]
+    wait_until(lambda: _gone(pids, before), timeout=30)
+
+
+def test_queue_pool_without_a_client_uses_the_default_client_and_leaves_its_cluster_running() -> None:
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        with QueuePool(None, 1) as queue_pool:
+            assert queue_pool.client is client
+        assert client.run(os.getpid)  # still up: the pool did not own it
+
+
+def test_parallel_is_refused_with_a_client_or_when_it_is_not_a_positive_integer(client: Client) -> None:
+    with pytest.raises(ValueError, match="parallel="):
+        QueuePool(client, 1, parallel=2)
+    with pytest.raises(ValueError, match="parallel must be a positive integer"):
+        zdq.embedded._parallel(0)

@@ -1,0 +1,101 @@
+"""Tasks as objects (zdq.Task) and QueuePool.insert: runnable wherever a function is, streamed lazily."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from distributed import Client
+
+from zdq import BatchError, ConsumerPool, QueuePool, Task
+from zdq.objects import as_calls
+
+from .conftest import wait_until
+from .tasks import FlakyTask, Square
+
+
+class _NoExecute(Task):
+    pass
+
+
+def test_a_task_is_a_callable_that_runs_its_execute_method() -> None:
+    assert Square(7)() == 49
+    with pytest.raises(NotImplementedError, match="_NoExecute must implement execute"):
+        _NoExecute()()
+
+
+def test_insert_input_that_is_neither_task_callable_nor_iterable_is_refused_naming_the_argument() -> None:
+    for bad in (42, "abc", None):
+        with pytest.raises(TypeError, match=r"insert\(tasks=\.\.\.\)"):
+            as_calls(bad)
+
+
+def test_insert_calls_of_an_iterable_stop_at_the_first_bad_item_and_keep_its_error() -> None:
+    pulled = []
+
+    def gen():  # type: ignore[no-untyped-def]
+        for i in range(10):
+            pulled.append(i)
+            yield Square(i) if i != 3 else object()
+
+    calls, total = as_calls(gen())
+    assert total is None
+    assert [c[0].x for c in calls] == [0, 1, 2]  # everything before the bad item goes through
+    assert pulled == [0, 1, 2, 3]  # and the generator is not read past it
+    with pytest.raises(TypeError, match="item 3 is neither a zdq.Task nor a callable"):
+        calls.check()
+    one, n = as_calls(Square(2))
+    assert n == 1 and [c[0].x for c in one] == [2]
+
+
+def test_task_objects_run_through_submit_batch_submit_and_insert(client: Client) -> None:
+    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
+        consumers.start()
+        assert queue_pool.submit(Square(12)).result(timeout=60) == 144
+        assert queue_pool.batch_submit([(Square(i),) for i in range(50)]).result(timeout=60) == [i * i for i in range(50)]
+        assert queue_pool.insert([Square(i) for i in range(300)], progress=False) == 300
+        with pytest.raises(TypeError, match="item 2 is neither"):
+            queue_pool.insert([Square(1), Square(2), 5, Square(3)], progress=False)
+        consumers.join(timeout=60, stop=False)
+        values = sorted(v for per in consumers.results().values() for v in per.values())
+        assert values.count(4) == 3  # Square(2) of the batch, of the 300, and the one before the bad item
+
+
+def test_a_task_object_failing_is_retried_and_dead_lettered_like_any_task(client: Client, tmp_path: Path) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool) as consumers:
+        consumers.start()
+        assert queue_pool.submit(FlakyTask(str(tmp_path / "a"), 2), retries=2).result(timeout=60) == 3
+        error = queue_pool.submit(FlakyTask(str(tmp_path / "b"), 5), retries=1).exception(timeout=60)
+        assert isinstance(error, ValueError) and "attempt 2 fails" in str(error)  # its own error, as for a function
+        wait_until(lambda: len(queue_pool.dead_letters()) == 1, timeout=30)  # and dead-lettered after its attempts
+        batch = queue_pool.batch_submit([(FlakyTask(str(tmp_path / "c"), 1),), (Square(3),)])
+        with pytest.raises(BatchError):
+            batch.result(timeout=60)
+
+
+def test_insert_streams_a_hundred_thousand_tasks_from_a_generator_pulled_at_most_a_chunk_ahead(
+    client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    n, chunk, window, queues = 100_000, 1000, 2, 2
+    with (
+        QueuePool(client, queues, keep_results=False, window=window) as queue_pool,
+        ConsumerPool(client, queue_pool, n_consumers=2) as consumers,
+    ):
+        consumers.start()
+        driver = queue_pool.driver
+        ahead = {"items": 0, "chunks": 0}
+
+        def tasks():  # type: ignore[no-untyped-def]
+            for i in range(n):
+                if i % 100 == 0:  # how far the generator runs ahead of what the driver took
+                    stats = driver.statistics()
+                    ahead["items"] = max(ahead["items"], i - stats.tasks_submitted)
+                    ahead["chunks"] = max(ahead["chunks"], stats.chunks_unconfirmed)
+                yield Square(i)
+
+        assert queue_pool.insert(tasks(), total=n, batch_size=chunk) == n
+        assert ahead["items"] <= chunk  # only the chunk being cut is held outside the driver
+        assert ahead["chunks"] <= window * queues  # and the driver holds a bounded window
+        consumers.join(timeout=300)
+        assert consumers.nb_consumed() == n
+    assert f"{n}/{n}" in capsys.readouterr().err  # the bar, on by default, against the total

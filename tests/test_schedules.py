@@ -1,0 +1,207 @@
+"""Periodic tasks: the pure timing and missed-tick rules, their storage, and schedules on real clusters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from distributed import Client
+
+from zdq import ConsumerPool, QueuePool
+from zdq.schedules import GRACE, Missed, ScheduleRecord, Spec, plan
+from zdq.storage.lmdb import LMDBStorage, inspect_queue
+
+from .conftest import pid_of, wait_until
+from .tasks import Stamp, add
+
+FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
+
+
+# -- the pure rules -------------------------------------------------------------------------------
+def test_every_ticks_on_a_grid_from_its_anchor_and_cron_ticks_at_its_times_in_utc() -> None:
+    every = Spec.parse(every=timedelta(seconds=10), anchor=100.0)
+    assert [every.next_after(t) for t in (100.0, 105.0, 110.0, 119.9)] == [110.0, 110.0, 120.0, 120.0]
+    cron = Spec.parse(cron="*/5 * * * *", anchor=0.0)
+    assert cron.next_after(0.0) == 300.0 and cron.next_after(299.0) == 300.0 and cron.next_after(300.0) == 600.0
+    assert Spec.parse(every=2, anchor=0.0).every == 2.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"cron": "not a cron"}, "cron='not a cron' is not a cron expression"),
+        ({"cron": "61 * * * *"}, "cron='61 \\* \\* \\* \\*'"),
+        ({"every": 0}, "every=0 must be a positive"),
+        ({"every": timedelta(seconds=-5)}, "every=.* must be a positive"),
+        ({"every": "5s"}, "every='5s' must be a positive"),
+        ({}, "exactly one of cron=... or every=..."),
+        ({"cron": "* * * * *", "every": 5}, "exactly one of cron=... or every=..."),
+    ],
+)
+def test_a_bad_cron_or_every_is_refused_naming_the_argument(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Spec.parse(**kwargs, anchor=0.0)
+
+
+def test_a_tick_on_time_runs_whatever_the_policy_and_missed_ticks_run_once_or_are_skipped() -> None:
+    spec = Spec(every=10.0)
+    assert plan(spec, 10.0, 9.99, Missed.SKIP) == (False, 10.0)
+    assert plan(spec, 10.0, 10.0 + GRACE, Missed.SKIP) == (True, 20.0)
+    assert plan(spec, 10.0, 10.0 + GRACE + 0.01, Missed.SKIP) == (False, 20.0)
+    assert plan(spec, 10.0, 95.0, Missed.ONCE) == (True, 100.0)  # eight missed ticks: one run
+    assert plan(spec, 10.0, 95.0, Missed.SKIP) == (False, 100.0)
+
+
+def test_a_schedule_record_round_trips_its_bytes_and_refuses_garbage() -> None:
+    record = ScheduleRecord(7, "report", Spec(cron="0 * * * *", anchor=1.5), Missed.SKIP, 3600.0, b"\x00payload", 3, 1, 2.0, 2.5, b"results", 99, -4)
+    assert ScheduleRecord.unpack(record.pack()) == record
+    with pytest.raises(ValueError, match="not a stored schedule"):
+        ScheduleRecord.unpack(b"garbage")
+
+
+# -- storage: a tick is atomic -----------------------------------------------------------------
+_TICKER = """
+import sys, time
+from zdq.storage.base import ChunkMeta
+from zdq.storage.lmdb import LMDBStorage, inspect_queue
+from zdq.schedules import SCHEDULED
+s = LMDBStorage(sys.argv[1]); s.open()
+stored = s.stored_schedules()
+n = int(stored[0]) if stored else 0  # the record counts the ticks queued so far
+print("ready", flush=True)
+while True:
+    n += 1
+    s.put_tick(ChunkMeta(SCHEDULED, 1, 1), b"x" * 4096, 1, lambda cid: str(n).encode())
+"""
+
+
+@pytest.mark.faults
+def test_a_tick_is_queued_exactly_once_when_its_process_is_killed_at_any_moment(tmp_path: Path) -> None:
+    path = str(tmp_path / "q-queue-0")
+    for round_ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", _TICKER, path], stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+            time.sleep(0.2 + 0.05 * round_)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        s = LMDBStorage(path)
+        s.open()
+        try:
+            (record,) = s.stored_schedules()
+            assert int(record) == s.counts().ready_chunks > 0  # as many chunks as ticks counted
+        finally:
+            s.close()
+
+
+def test_zdq_inspect_counts_the_schedules_kept_with_a_durable_queue(tmp_path: Path) -> None:
+    path = str(tmp_path / "default-queue-0")
+    s = LMDBStorage(path)
+    s.open()
+    s.write_schedule(1, b"one", now=True)
+    s.write_schedule(2, b"two", now=True)
+    s.close()
+    assert inspect_queue(path)["schedules"] == 2
+    out = subprocess.run([sys.executable, "-m", "zdq.cli", "inspect", str(tmp_path)], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0 and "schedules" in out.stdout.splitlines()[0]
+
+
+# -- on a cluster ---------------------------------------------------------------------------------
+def _stamps(path: Path) -> list[float]:
+    return [float(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def test_a_schedule_runs_every_tick_shows_its_last_result_and_stops_when_cancelled(client: Client, tmp_path: Path) -> None:
+    stamps = tmp_path / "stamps"
+    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1) as consumers:
+        consumers.start()
+        handle = queue_pool.schedule(Stamp(str(stamps)), every=timedelta(milliseconds=300))
+        also = queue_pool.schedule(add, 2, b=3, cron="* * * * *", priority=3)
+        assert handle.every == timedelta(milliseconds=300) and handle.ticks == 0 and also.cron == "* * * * *" and also.priority == 3
+        wait_until(lambda: len(_stamps(stamps)) >= 4, timeout=30)
+        (mine,) = [s for s in queue_pool.schedules() if s.schedule_id == handle.schedule_id]
+        assert mine.ticks >= 4 and mine.name == "Stamp" and isinstance(mine.last_value, float) and mine.last_error is None
+        assert handle.cancel() is True and handle.cancel() is False
+        ran = len(_stamps(stamps))
+        time.sleep(1.0)
+        assert len(_stamps(stamps)) <= ran + 1  # a tick already queued may still run; no more after it
+        assert [s.schedule_id for s in queue_pool.schedules()] == [also.schedule_id]
+        with pytest.raises(ValueError, match="cron='bad'"):
+            queue_pool.schedule(add, 1, cron="bad")
+        with pytest.raises(ValueError, match="every=-1"):
+            queue_pool.schedule(add, 1, every=-1)
+        with pytest.raises(TypeError, match=r"schedule\(fn=\.\.\.\)"):
+            queue_pool.schedule(42, every=1)
+        with pytest.raises(ValueError, match="missed must be 'once' or 'skip'"):
+            queue_pool.schedule(add, 1, every=1, missed="sometimes")
+        with pytest.raises(TypeError, match="priority must be an integer"):
+            queue_pool.schedule(add, 1, every=1, priority="high")
+        assert [s.schedule_id for s in queue_pool.schedules()] == [also.schedule_id]  # nothing of the refused ones
+
+
+def _consistent(queue_pool: QueuePool, stamps: Path) -> bool:
+    """Every tick queued ran exactly once, as far as can be seen now. The runs are read before
+    the count of ticks, so a run can never be read without its tick: more runs than ticks is a
+    tick run twice (fails at once), fewer for ever is a tick lost (fails at the timeout)."""
+    ran = len(_stamps(stamps))
+    (schedule,) = queue_pool.schedules()
+    assert ran <= schedule.ticks, f"{ran} runs of {schedule.ticks} ticks: a tick ran twice"
+    return ran == schedule.ticks
+
+
+@pytest.mark.faults
+def test_a_durable_schedule_queues_each_tick_once_across_a_sigkill_of_its_broker(client3: Client, tmp_path: Path) -> None:
+    stamps = tmp_path / "stamps"
+    with (
+        QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **FAST) as queue_pool,
+        ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"]) as consumers,
+    ):
+        consumers.start()
+        queue_pool.schedule(Stamp(str(stamps)), every=1.0)
+        wait_until(lambda: len(_stamps(stamps)) >= 2, timeout=30)
+        # Killed between two ticks (0.3 s after a run, 0.7 s before the next): a tick that
+        # is running when its broker dies may run again (at least once, as any task); what
+        # this shows is that the crash neither loses nor doubles a tick.
+        wait_until(lambda: _consistent(queue_pool, stamps) and 0.3 < time.time() - _stamps(stamps)[-1] < 0.6, 10, 0.02)
+        ticks_before = queue_pool.schedules()[0].ticks
+        os.kill(pid_of(client3, "a"), signal.SIGKILL)
+        wait_until(lambda: queue_pool.recoveries >= 1, timeout=120)
+        wait_until(lambda: len(_stamps(stamps)) >= ticks_before + 3, timeout=60)  # ticking again
+        wait_until(lambda: _consistent(queue_pool, stamps), timeout=10)
+
+
+@pytest.mark.parametrize("missed", ["once", "skip"])
+def test_a_durable_schedule_outlives_its_pool_and_ticks_missed_meanwhile_follow_its_policy(
+    client: Client, tmp_path: Path, missed: str
+) -> None:
+    stamps, queues = tmp_path / "stamps", tmp_path / "q"
+    with (
+        QueuePool(client, 1, durability="durable", dirpath=queues) as queue_pool,
+        ConsumerPool(client, queue_pool) as consumers,
+    ):
+        consumers.start()
+        handle = queue_pool.schedule(Stamp(str(stamps)), every=3.0, missed=missed)
+        wait_until(lambda: len(_stamps(stamps)) >= 1, timeout=30)
+        (before,) = queue_pool.schedules()
+    # The pool closed just after a tick (at T): the one at T + 3 falls due while no broker runs,
+    # and is missed by well over GRACE when the pool opens again, before the one at T + 6.
+    time.sleep(4.5)
+    with QueuePool(client, 1, durability="durable", dirpath=queues) as queue_pool:
+        time.sleep(0.5)
+        (after,) = queue_pool.schedules()
+        assert after.schedule_id == handle.schedule_id and after.missed == missed
+        if missed == "once":  # the missed ticks ran once, at once
+            assert after.ticks == before.ticks + 1 and after.skipped == 0
+        else:
+            assert after.ticks == before.ticks and after.skipped == 1
+        assert after.next_tick > before.next_tick
+        assert queue_pool.cancel_schedule(handle.schedule_id) is True
+    with QueuePool(client, 1, durability="durable", dirpath=queues) as queue_pool:
+        assert queue_pool.schedules() == []  # the cancellation was kept too

@@ -1,0 +1,132 @@
+"""The schedules of one queue: the broker's loop puts each tick's chunk in its queue.
+
+Owned by the broker's loop thread (control-plane calls hold the broker's lock, as for the rest of
+its state). The records are the one source of a schedule's state; storage keeps them with the
+queue, so they outlive the broker on a durable queue (a transient queue's schedules live as long
+as its broker). When a tick is due (:func:`zdq.schedules.plan`), its chunk (the one-task payload
+the driver pickled when it made the schedule, never unpickled here) and the schedule's next time
+are stored together (:meth:`Storage.put_tick`): a crash before or after keeps both or neither.
+
+A tick's chunk is owned by :data:`~zdq.schedules.SCHEDULED` with the schedule id as its seq. Its
+results go to the schedule, never to a driver: the broker keeps the last ones with the record
+(bounded: one per schedule) and forgets the chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+
+from zdq.errors import StorageError
+from zdq.schedules import SCHEDULED, ScheduleRecord, plan
+from zdq.storage.base import ChunkMeta, Storage
+
+__all__ = ["ScheduleTable"]
+
+logger = logging.getLogger(__name__)
+
+#: A tick that could not be stored (a full disk) is tried again this much later.
+_RETRY_AFTER = 1.0
+
+
+def _ticked(record: ScheduleRecord, now: float, next_due: float, chunk_id: int) -> bytes:
+    return record.after_tick(now, next_due, chunk_id).pack()
+
+
+class ScheduleTable:
+    """The schedules of a queue over its (opened) storage."""
+
+    def __init__(self, name: str, storage: Storage) -> None:
+        self.name = name
+        self._storage = storage
+        self._records: dict[int, ScheduleRecord] = {}
+        self._retry_at: dict[int, float] = {}  # wall-clock times of ticks that failed to store
+        for raw in storage.stored_schedules():
+            try:
+                record = ScheduleRecord.unpack(raw)
+            except ValueError as e:
+                logger.error("queue %s: a stored schedule is unreadable and ignored: %s", name, e)
+                continue
+            self._records[record.schedule_id] = record
+        #: When the loop must wake next (``time.monotonic()``): inf without schedules. The loop
+        #: reads it every round (an attribute, not a call: the loop's hot path pays nothing more).
+        self.wake_at = math.inf
+        self.rewake()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def rewake(self) -> None:
+        """Recompute :attr:`wake_at` (after a change, and on every heartbeat tick, so that a jump
+        of the wall clock is followed)."""
+        if not self._records:
+            self.wake_at = math.inf
+            return
+        due = min(self._retry_at.get(i, r.due) for i, r in self._records.items())
+        self.wake_at = time.monotonic() + max(0.0, due - time.time())
+
+    # -- control plane (under the broker's lock) ------------------------------------------------
+    def add(self, raw: bytes) -> None:
+        """Keep a schedule made by a driver (written before this returns)."""
+        record = ScheduleRecord.unpack(raw)
+        self._storage.write_schedule(record.schedule_id, record.pack(), now=True)
+        self._records[record.schedule_id] = record
+        self.rewake()
+
+    def cancel(self, schedule_id: int) -> bool:
+        if schedule_id not in self._records:
+            return False
+        self._storage.write_schedule(schedule_id, None, now=True)
+        del self._records[schedule_id]
+        self._retry_at.pop(schedule_id, None)
+        self.rewake()
+        return True
+
+    def records(self) -> list[bytes]:
+        return [r.pack() for r in self._records.values()]
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fire(self, now: float) -> int:
+        """Put the chunk of every tick due at wall-clock ``now`` in the queue; return how many."""
+        fired = 0
+        for schedule_id, record in list(self._records.items()):
+            if self._retry_at.get(schedule_id, record.due) > now:
+                continue
+            run, next_due = plan(record.spec, record.due, now, record.missed)
+            if run and self._pending(record.chunk):
+                run = False  # the previous tick has not finished: at most one tick is queued
+            try:
+                if run:
+                    meta = ChunkMeta(SCHEDULED, schedule_id, 1, priority=record.priority)
+                    chunk = self._storage.put_tick(
+                        meta, record.payload, schedule_id, functools.partial(_ticked, record, now, next_due)
+                    )
+                    updated = record.after_tick(now, next_due, chunk)
+                    fired += 1
+                else:
+                    updated = record.after_skip(next_due)
+                    self._storage.write_schedule(schedule_id, updated.pack())
+                    logger.info("queue %s: schedule %s skipped a tick (missed, or the last one not done)", self.name, record.name)
+            except StorageError as e:
+                logger.error("queue %s: tick of schedule %s not stored, tried again in %.0fs: %s", self.name, record.name, _RETRY_AFTER, e)
+                self._retry_at[schedule_id] = now + _RETRY_AFTER
+                continue
+            self._retry_at.pop(schedule_id, None)
+            self._records[schedule_id] = updated
+        self.rewake()
+        return fired
+
+    def _pending(self, chunk_id: int) -> bool:
+        return bool(chunk_id) and self._storage.meta(chunk_id) is not None and not self._storage.is_dead(chunk_id)
+
+    def done(self, schedule_id: int, results: object) -> None:
+        """A tick's results came back: they are the schedule's last (its chunk is forgotten)."""
+        record = self._records.get(schedule_id)
+        if record is None:  # cancelled since, or a requeued dead letter (seq 0)
+            return
+        data = getattr(results, "bytes", results)
+        updated = record.after_done(time.time(), bytes(data) if isinstance(data, (bytes, memoryview)) else b"")
+        self._storage.write_schedule(schedule_id, updated.pack())
+        self._records[schedule_id] = updated
