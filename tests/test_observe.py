@@ -372,3 +372,46 @@ def test_status_reaches_a_tls_cluster_with_the_security_settings_of_dask_config_
         plain = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert plain.returncode == 1 and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
         assert plain.stderr.startswith(f"zdq status: cannot reach a Dask scheduler at {address}")
+
+
+async def _feed_emptied_and_fed_again(seconds: float) -> None:
+    """On a worker (its event loop free meanwhile): the process's feed loses its last source and
+    gets a new one at once, as when a pool closes and the next one is placed; the new one is
+    reported for ``seconds``."""
+    import asyncio
+
+    from zdq.observe.feed import Source, add_source, remove_source
+    from zdq.stats import ConsumerStats
+
+    stats = ConsumerStats("Probe", "", True, 0, 0, 0, 0, 0)
+    first = Source("consumer", "probe", "Probe-0", lambda: stats, lambda: True)
+    second = Source("consumer", "probe", "Probe-1", lambda: stats, lambda: True)
+    from zdq.observe import feed
+
+    add_source(first)
+    await asyncio.sleep(1.5)  # the feed thread runs and waits for its next report
+    # remove_source(first) then add_source(second), both before the feed thread wakes: done in
+    # one hold of the feed's lock, so that the thread cannot run in between (the race, made sure).
+    with feed._feed._lock:
+        del feed._feed._sources[id(first)]
+        feed._feed._wake.set()  # what remove() does when the last source leaves
+        feed._feed._sources[id(second)] = second  # what add() does while the thread lives
+    await asyncio.sleep(seconds)
+    remove_source(second)
+
+
+def test_a_feed_emptied_and_fed_again_keeps_reporting_once_a_second(
+    dash_cluster: LocalCluster, dash_client: Client
+) -> None:
+    import time
+
+    with QueuePool(dash_client, 1, name="installer"):  # the monitor is installed
+        worker = sorted(dash_client.scheduler_info()["workers"])[0]
+        wait_until(lambda: dash_client.run_on_scheduler(_reports)[0] > 0, timeout=20)
+        before = dash_client.run_on_scheduler(_reports)[0]
+        t0 = time.monotonic()
+        dash_client.run(_feed_emptied_and_fed_again, 3.0, workers=[worker])
+        reports = dash_client.run_on_scheduler(_reports)[0] - before
+        elapsed = time.monotonic() - t0
+    workers = len(dash_client.scheduler_info()["workers"])
+    assert reports <= workers * (elapsed + 2), f"{reports} reports in {elapsed:.1f} s from {workers} workers"

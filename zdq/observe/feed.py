@@ -95,8 +95,8 @@ class _Feed:
 
     def remove(self, source: Source) -> None:
         with self._lock:
-            if self._sources.pop(id(source), None) is not None:
-                self._gone.append((source.kind, source.pool, source.name))
+            if self._sources.pop(id(source), None) is not None and self._thread is not None:
+                self._gone.append((source.kind, source.pool, source.name))  # told in the next report
             if not self._sources:
                 self._wake.set()  # the thread sends a last report without it, then ends
 
@@ -111,6 +111,9 @@ class _Feed:
         installed, asked = False, -_ASK_EVERY
         while True:
             with self._lock:
+                # Read under the lock that remove() sets it under: a wake-up for a feed that had
+                # emptied and was fed again must not leave the event set (the wait would spin).
+                wake.clear()
                 sources = [s for s in self._sources.values() if s.alive()]
                 gone = self._gone + [(s.kind, s.pool, s.name) for s in self._sources.values() if not s.alive()]
                 self._sources = {id(s): s for s in sources}
