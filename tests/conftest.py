@@ -73,11 +73,15 @@ def cluster() -> Iterator[LocalCluster]:
 def client(cluster: LocalCluster) -> Iterator[Client]:
     with Client(cluster) as c:
         yield c
-        gc.collect()  # pools a test dropped without closing (as daskqueue programs do) are collected
-        # Leak checks: actors released, threads stopped, in the driver and in every worker.
-        _assert_eventually_empty(lambda: c.run_on_scheduler(_zdq_actor_keys), "zdq actors on the scheduler")
-        _assert_eventually_empty(_zdq_threads, "zdq threads in the driver")
-        _assert_eventually_empty(lambda: {w: t for w, t in c.run(_zdq_threads).items() if t}, "zdq threads in workers")
+        assert_no_zdq_leaks(c)
+
+
+def assert_no_zdq_leaks(c: Client) -> None:
+    """Actors released, threads stopped, in the driver and in every worker."""
+    gc.collect()  # pools a test dropped without closing (as daskqueue programs do) are collected
+    _assert_eventually_empty(lambda: c.run_on_scheduler(_zdq_actor_keys), "zdq actors on the scheduler")
+    _assert_eventually_empty(_zdq_threads, "zdq threads in the driver")
+    _assert_eventually_empty(lambda: {w: t for w, t in c.run(_zdq_threads).items() if t}, "zdq threads in workers")
 
 
 @pytest.fixture

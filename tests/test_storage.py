@@ -183,6 +183,22 @@ def test_a_delayed_chunk_whose_tasks_are_all_cancelled_leaves_at_once(storage: S
     assert storage.counts().delayed_chunks == 0 and storage.release_due(math.inf) == 0
 
 
+def test_waiting_chunks_are_the_ready_and_delayed_ones_and_a_delayed_one_can_be_released_at_once(
+    storage: Storage,
+) -> None:
+    later, now_, leased = storage.put_many(
+        [(ChunkMeta(OWNER, 1, 2, not_before=time.time() + 60), b"later"), (ChunkMeta(OWNER, 2, 1), b"now"),
+         (ChunkMeta(OWNER, 3, 1), b"leased")]
+    )
+    assert storage.lease() is not None and storage.lease() is not None  # "now", then "leased"
+    storage.release(now_, count_attempt=False)  # back at the head
+    assert sorted(storage.waiting_ids()) == sorted([later, now_])
+    assert storage.release_now(later) and not storage.release_now(later) and not storage.release_now(now_)
+    counts = storage.counts()
+    assert (counts.ready_tasks, counts.delayed_tasks) == (3, 0) and storage.next_release == math.inf
+    assert _leased_payloads(storage) == [b"now", b"later"]
+
+
 def test_a_durable_queue_keeps_release_times_and_priorities_across_a_reopen(tmp_path: Path) -> None:
     path = str(tmp_path / "q")
     now = time.time()

@@ -16,11 +16,13 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.suite == "scale":
         return _bench_scale(args)
+    if args.suite == "monitor":
+        return _bench_monitor(args)
 
     config = BenchConfig(
         tasks=args.tasks,
         dask_tasks=args.dask_tasks,
-        queues=args.queues,
+        queues=args.queues or 2,
         consumers=args.consumers,
         batch_size=args.batch_size,
         workers=args.workers,
@@ -51,6 +53,14 @@ def _bench_scale(args: argparse.Namespace) -> int:
     if args.plots:
         report["plot"] = plot_scale(report, args.plots)
     print(json.dumps(report, indent=2) if args.json else format_scale(report))
+    return 0
+
+
+def _bench_monitor(args: argparse.Namespace) -> int:
+    from zdq.benchmark.monitor import format_monitor, run_monitor
+
+    report = run_monitor(args.queues or 100, args.consumers, args.workers, args.tasks)
+    print(json.dumps(report, indent=2) if args.json else format_monitor(report))
     return 0
 
 
@@ -95,14 +105,26 @@ def _inspect(args: argparse.Namespace) -> int:
     return status
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("zdq")
+    except PackageNotFoundError:  # run from a checkout
+        from zdq import __version__
+
+        return __version__
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zdq", description="zdq: a ZeroMQ task queue on Dask")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    parser.add_argument("--version", action="version", version=f"zdq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="no-op throughput of zdq and of Dask futures, same cluster, same run")
     bench.add_argument("--tasks", type=int, default=200_000, help="zdq tasks per run (default 200000)")
     bench.add_argument("--dask-tasks", type=int, default=None, help="Dask futures per run (default min(tasks, 5000))")
-    bench.add_argument("--queues", type=int, default=2, help="queues (brokers), default 2")
+    bench.add_argument("--queues", type=int, default=None, help="queues (brokers), default 2 (monitor suite: 100)")
     bench.add_argument("--consumers", type=int, default=2, help="consumers, default 2")
     bench.add_argument("--batch-size", type=int, default=1000, help="tasks per chunk, default 1000")
     bench.add_argument("--workers", type=int, default=2, help="workers of the embedded cluster, default 2")
@@ -110,14 +132,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=3, help="runs per case; medians are reported (default 3)")
     bench.add_argument("--durable", action="store_true", help="also run zdq on durable (LMDB) queues")
     bench.add_argument("--compare-auth", action="store_true", help="also run zdq without authentication")
-    bench.add_argument("--suite", choices=("quick", "latency", "asyncio", "timing", "full", "scale"), default="quick",
+    bench.add_argument("--suite", choices=("quick", "latency", "asyncio", "timing", "full", "scale", "monitor"), default="quick",
                        help="quick: no-op throughput; latency: the single-task round trip alone; "
                        "asyncio: the event loop's lag while 1,000 tasks are awaited; "
                        "timing: delayed tasks' release lateness on an idle pool and the broker's memory "
                        "per delayed task (--delayed-tasks); "
                        "full: every case (latency, I/O, CPU, durable, auth, generator, asyncio, timing); "
                        "scale: placement, throughput, file descriptors and idle CPU on clusters of "
-                       "2 to 32 workers (queues = workers / 2, consumers = 2 x workers)")
+                       "2 to 32 workers (queues = workers / 2, consumers = 2 x workers); "
+                       "monitor: the Dask scheduler's load from zdq's monitoring at 100 queues (--queues)")
     bench.add_argument("--scale-workers", metavar="LIST", default=None,
                        help="worker counts of the scale suite, default 2,8,16,32")
     bench.add_argument("--fan-out", type=int, default=None, help="the scale suite's zdq.fan-out (default: the setting)")
@@ -132,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("dirpath", help="a QueuePool's dirpath, or one queue directory in it")
     inspect.add_argument("--json", action="store_true", help="print the counts as JSON")
     inspect.set_defaults(func=_inspect)
+    from zdq.observe.commands import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

@@ -31,6 +31,16 @@ def queue_name(pool: str, index: int) -> str:
     return f"{pool}-queue-{index}"
 
 
+def pool_of_queue(queue: str) -> str:
+    """The pool of queue ``queue`` (the inverse of :func:`queue_name`).
+
+    >>> pool_of_queue("default-queue-1")
+    'default'
+    """
+    pool, sep, index = queue.rpartition("-queue-")
+    return pool if sep and index.isdigit() else queue
+
+
 def queue_name_of(path: str) -> str:
     """The name of the durable queue in directory ``path``: a pool keeps queue ``name`` in
     ``<dirpath>/<name>``, so tools that read the disk (``zdq inspect``) show the pool's names.

@@ -57,6 +57,7 @@ from zdq.chunking import Chunking
 from zdq.names import counted, queue_name
 from zdq.objects import as_calls
 from zdq.scheduling import Schedule, cancel_schedule, list_schedules, make_schedule
+from zdq.observe.monitor import ensure_installed
 from zdq.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
 from zdq.stats import BrokerStats, PoolStats
 from zdq.timing import Timing, timing_of
@@ -336,6 +337,7 @@ class QueuePool:
     def _place(self) -> QueuePool:
         started = time.monotonic()
         self._keys = self._make_keys()
+        ensure_installed(self.client)  # once per cluster: what /zdq, /metrics and `zdq status` read
         try:
             # Every step runs for all queues at once: placing a pool costs about the same per queue
             # whatever its size.

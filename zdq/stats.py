@@ -9,7 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["BrokerStats", "ConsumerStats", "DriverStats", "PoolStats", "QueueState"]
+__all__ = ["BrokerStats", "ConsumerStats", "DriverStats", "PoolStats", "QueueState", "ROUND_TRIP_BOUNDS"]
+
+#: Upper bounds (seconds) of the buckets of ``BrokerStats.round_trips``: a chunk's time from its
+#: delivery to a consumer to its DONE at the broker.
+ROUND_TRIP_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 def _shown(value: Any) -> bool:
@@ -21,7 +25,7 @@ class _Compact:
     """``Name(field=value, ...)`` without the counters at zero and the empty collections."""
 
     def __repr__(self) -> str:
-        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if _shown(getattr(self, f.name))]  # type: ignore[arg-type]
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr and _shown(getattr(self, f.name))]  # type: ignore[arg-type]
         return f"{type(self).__name__}({', '.join(shown)})"
 
 
@@ -61,6 +65,10 @@ class BrokerStats(_Compact):
     consumer_names: tuple[str, ...] = ()
     delayed_chunks: int = 0  # stored, their release time not come yet (not counted as ready)
     delayed_tasks: int = 0
+    #: Chunks by round trip (DELIVER to DONE): a count per bound of ``ROUND_TRIP_BOUNDS``, then
+    #: one above them; ``round_trip_sum`` is their total time in seconds.
+    round_trips: tuple[int, ...] = field(default=(), repr=False)
+    round_trip_sum: float = field(default=0.0, repr=False)
 
     @property
     def pending_tasks(self) -> int:
@@ -79,6 +87,7 @@ class ConsumerStats(_Compact):
     tasks_in_flight: int
     bad_chunks: int
     tasks_cancelled: int = 0  # cancelled before they started: skipped, never run
+    tasks_retried: int = 0  # failed attempts that were retried
     #: The queues this consumer cannot reach, each ``"<queue> at <endpoint>: <why>"``.
     unreachable: tuple[str, ...] = ()
 

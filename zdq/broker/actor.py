@@ -14,6 +14,8 @@ from zdq._actor import liveness_probe, scheduler_address, worker_address
 from zdq.broker.core import BrokerCore
 from zdq.config import PoolSettings, settings
 from zdq.errors import ClosedError, QueueMissing, ZdqError
+from zdq.names import pool_of_queue
+from zdq.observe.feed import Source, add_source, remove_source
 from zdq.stats import BrokerStats
 from zdq.storage.base import DeadLetter, Storage
 from zdq.storage.memory import MemoryStorage
@@ -65,6 +67,7 @@ class Broker:
         self._must_exist = must_exist
         self._auth: Admission | None = None
         self._core: BrokerCore | None = None
+        self._source: Source | None = None  # what the process's monitoring feed reports of it
         self.endpoint = ""
         self.host = ""
 
@@ -110,6 +113,11 @@ class Broker:
             self.name, sock, storage, self._settings, liveness_probe(self), creator=creator, on_stop=self._release
         )
         self._core.start()
+        core = self._core
+        self._source = Source(
+            "queue", pool_of_queue(self.name), self.name, self.statistics, lambda: core.running, host=self.host, owner=self
+        )
+        add_source(self._source)
         logger.info("broker %s serving on %s (pid %d)", self.name, self.endpoint, os.getpid())
         return self.endpoint
 
@@ -138,6 +146,9 @@ class Broker:
     def _release(self) -> None:
         """Withdraw the inproc name and the ZAP domain (from the loop's thread when it stops by
         itself, or from stop()); idempotent."""
+        source, self._source = self._source, None
+        if source is not None:
+            remove_source(source)
         if self.endpoint:
             stop_serving_locally(self.endpoint)
         auth, self._auth = self._auth, None
@@ -186,3 +197,6 @@ class Broker:
 
     def purge_dead(self, chunk_ids: list[int] | None = None) -> int:
         return self._running_core().purge_dead(chunk_ids)
+
+    def purge_ready(self) -> int:
+        return self._running_core().purge_ready()

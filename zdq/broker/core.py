@@ -19,13 +19,14 @@ Nothing is dropped: a chunk leaves the queue only when a driver acknowledges its
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import math
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import zmq
@@ -33,7 +34,7 @@ import zmq
 from zdq.config import PoolSettings
 from zdq.errors import ProtocolError, StorageError, StorageFull
 from zdq.names import unnamed_peer
-from zdq.stats import BrokerStats
+from zdq.stats import ROUND_TRIP_BOUNDS, BrokerStats
 from zdq.broker.leases import Held, LeaseTable
 from zdq.broker.schedules import ScheduleTable
 from zdq.schedules import SCHEDULED
@@ -72,6 +73,10 @@ class BrokerCounters:
     dropped_results: int = 0
     chunks_split: int = 0
     tasks_dead_lettered: int = 0
+    #: Chunks by the time from their DELIVER to their DONE: one count per bound of
+    #: ``ROUND_TRIP_BOUNDS``, and a last one above them (the Prometheus histogram).
+    round_trips: list[int] = field(default_factory=lambda: [0] * (len(ROUND_TRIP_BOUNDS) + 1))
+    round_trip_sum: float = 0.0
 
 
 @dataclass
@@ -220,7 +225,7 @@ class BrokerCore:
                 consumer_names=tuple(consumers),
                 delayed_chunks=c.delayed_chunks,
                 delayed_tasks=c.delayed_tasks,
-                **asdict(self.counters),
+                **{**asdict(self.counters), "round_trips": tuple(self.counters.round_trips)},
             )
 
     def _name_of(self, ident: bytes) -> str:
@@ -239,6 +244,30 @@ class BrokerCore:
     def purge_dead(self, chunk_ids: list[int] | None = None) -> int:
         with self._lock:
             return self._storage.purge_dead(chunk_ids)
+
+    def purge_ready(self) -> int:
+        """Cancel every task of every chunk not yet delivered, ready or delayed (``zdq purge``);
+        return how many were cancelled.
+
+        The chunks are not deleted: their drivers wait for their futures. Delayed ones are made
+        ready at once. A consumer that gets one skips its cancelled tasks (as for ``future.cancel()``) and
+        reports them ``TaskCancelled``, so every future settles and every count and receipt stays
+        as for any task.
+        """
+        n = 0
+        with self._lock:
+            for chunk_id in self._storage.waiting_ids():
+                meta = self._storage.meta(chunk_id)
+                if meta is None:
+                    continue
+                before = len(self._storage.cancelled(chunk_id))
+                if self._storage.cancel(chunk_id, range(meta.n_tasks)):
+                    n += meta.n_tasks - before
+                    # Nothing of it will run: its futures need not wait for its release time.
+                    self._storage.release_now(chunk_id)
+            self._storage.commit(force=True)
+            self._ready_scan = 0.0  # consumers without credit hear READY at the next round
+        return n
 
     def setting(self, name: bytes, proposed: bytes | None) -> bytes | None:
         with self._lock:
@@ -549,7 +578,7 @@ class BrokerCore:
             if consumer is None or consumer.credit <= 0:
                 self._with_credit.popleft()
                 continue
-            leased = leases.lease(ident)
+            leased = leases.lease(ident, now)
             if leased is None:
                 return
             cancelled = self._storage.cancelled(leased.chunk_id)
@@ -693,8 +722,13 @@ class BrokerCore:
             if held is None:
                 self.counters.duplicate_dones += 1
                 continue
-            self.counters.chunks_acked += 1
-            self.counters.tasks_acked += held.meta.n_tasks
+            counters = self.counters
+            counters.chunks_acked += 1
+            counters.tasks_acked += held.meta.n_tasks
+            if held.leased_at:  # per chunk, not per task: a bisect of ten bounds
+                took = now - held.leased_at
+                counters.round_trips[bisect.bisect_left(ROUND_TRIP_BOUNDS, took)] += 1
+                counters.round_trip_sum += took
             if held.meta.owner == SCHEDULED:  # a schedule's tick: its results are the schedule's
                 self._schedules.done(held.meta.seq, done.results)
                 leases.forget_now(chunk_id)

@@ -38,6 +38,7 @@ class Held:
     consumer: bytes = b""  # who produced the results
     driver: bytes | None = None  # the driver the results were last sent to (None: not sent)
     sent_at: float = 0.0
+    leased_at: float = 0.0  # when it was delivered (0: not by this broker), for the round-trip histogram
 
     @property
     def done(self) -> bool:
@@ -152,10 +153,10 @@ class LeaseTable:
         """Store new chunks at the tail (raises StorageFull/StorageError: nothing stored)."""
         return self.storage.put_many(entries)
 
-    def lease(self, consumer: bytes) -> Leased | None:
+    def lease(self, consumer: bytes, now: float = 0.0) -> Leased | None:
         leased = self.storage.lease()
         if leased is not None:
-            self._held[leased.chunk_id] = Held(leased.meta, consumer)
+            self._held[leased.chunk_id] = Held(leased.meta, consumer, leased_at=now)
             self._previous.pop(leased.chunk_id, None)
         return leased
 

@@ -20,6 +20,7 @@ from zdq.consumer.link import Link
 from zdq.consumer.runner import Counters, Runner
 from zdq.errors import PlacementError
 from zdq.names import queue_name
+from zdq.observe.feed import Source, add_source, remove_source
 from zdq.tasks import TaskOptions
 from zdq.stats import ConsumerStats
 from zdq.transport.security import ClientKeys
@@ -97,6 +98,7 @@ class Consumer:
         self._exec: threading.Thread | None = None
         self._started = False  # start() succeeded and stop() was not called since: it should run
         self._start_error: str | None = None
+        self._source: Source | None = None  # what the process's monitoring feed reports of it
 
     def start(self, endpoints: list[str], queues: list[int] | None = None) -> None:
         """Connect to the brokers at ``endpoints`` and start consuming. Idempotent; resumes a
@@ -188,6 +190,12 @@ class Consumer:
             pool_in_use(self._pool)
         self._started = True
         self._start_error = None
+        if self._source is None:
+            io = self._io
+            self._source = Source(
+                "consumer", self._pool[0] if self._pool else "", self.name, self.statistics, io.is_alive, owner=self
+            )
+            add_source(self._source)
 
     def set_endpoint(self, broker: int, endpoint: str) -> None:
         """The pool's queue ``broker`` was placed again: reconnect to its new endpoint (if this
@@ -210,6 +218,9 @@ class Consumer:
         if self._started and self._pool is not None:
             pool_done(self._pool)
         self._started = False
+        source, self._source = self._source, None
+        if source is not None:
+            remove_source(source)
         self._fetching.clear()
         self._stop.set()
         if self._link is not None:
@@ -233,6 +244,7 @@ class Consumer:
             tasks_in_flight=0 if link is None else link.in_flight,
             bad_chunks=counters.bad_chunks,
             tasks_cancelled=counters.tasks_cancelled,
+            tasks_retried=counters.tasks_retried,
             unreachable=() if link is None else tuple(f"{q} at {e}: {why}" for q, e, why in link.reach()[1]),
         )
 

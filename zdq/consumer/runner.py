@@ -66,6 +66,7 @@ class Counters:
     tasks_done: int = 0
     tasks_failed: int = 0
     tasks_cancelled: int = 0
+    tasks_retried: int = 0  # failed attempts that were retried (counted off the success path)
     bad_chunks: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -483,6 +484,8 @@ class Runner:
                 options, run.crashes, self._crash_attempts, attempt, error, stopping=self._stop.is_set()
             )
             if isinstance(decision, Retry):
+                with self._counters.lock:
+                    self._counters.tasks_retried += 1
                 time.sleep(decision.delay if 0 <= decision.delay < math.inf else 0.0)
                 error = None
                 continue

@@ -198,6 +198,17 @@ class Storage(ABC):
     def is_delayed(self, chunk_id: int) -> bool:
         return chunk_id in self._delayed
 
+    def release_now(self, chunk_id: int) -> bool:
+        """Move a delayed chunk to the tail of its priority's FIFO before its time (a purge: its
+        tasks are cancelled, and their futures should not wait for the release); False if it is
+        not delayed."""
+        meta = self._meta.get(chunk_id)
+        if meta is None or not self._delayed.discard(chunk_id, meta.n_tasks):
+            return False
+        self._ready.append(chunk_id, meta.priority)
+        self._ready_tasks += meta.n_tasks
+        return True
+
     def put_dead(self, entries: Sequence[tuple[ChunkMeta, object, str]]) -> list[int]:
         """Store chunks directly as dead letters (a task that used up its attempts)."""
         ids = list(range(self._next_id, self._next_id + len(entries)))
@@ -335,6 +346,11 @@ class Storage(ABC):
 
     def has_ready(self) -> bool:
         return bool(self._ready)
+
+    def waiting_ids(self) -> list[int]:
+        """The ids of the chunks stored and not yet delivered: ready or delayed (see
+        :meth:`is_ready`). A scan: for rare requests (a purge) only."""
+        return [i for i in self._meta if self.is_ready(i)]
 
     def is_leased(self, chunk_id: int) -> bool:
         return chunk_id in self._leased

@@ -1,0 +1,417 @@
+"""Watching and steering a live pool: the scheduler's monitor, /metrics, the /zdq page, the CLI.
+
+Everything runs against a real LocalCluster with its dashboard served (the HTTP server the page and
+the metrics live on); the CLI runs as a subprocess, as a user runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from distributed import Client, LocalCluster
+
+from tests.conftest import assert_no_zdq_leaks, wait_until
+from tests.tasks import add, fail
+from zdq import ConsumerPool, QueuePool
+
+pytestmark = pytest.mark.cluster
+
+#: The BrokerStats fields the monitor must show as statistics() has them, once the pool is idle.
+_QUEUE_FIELDS = (
+    "ready_tasks", "leased_tasks", "awaiting_tasks", "dead_tasks", "tasks_stored", "tasks_acked",
+    "tasks_dead_lettered", "chunks_redelivered", "bad_messages", "consumers", "durable",
+)
+
+
+@pytest.fixture(scope="module")
+def dash_cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0", worker_dashboard_address=None
+    ) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def dash_client(dash_cluster: LocalCluster) -> Iterator[Client]:
+    with Client(dash_cluster) as c:
+        yield c
+        assert_no_zdq_leaks(c)
+
+
+def _http(cluster: LocalCluster) -> str:
+    return str(cluster.dashboard_link).rsplit("/status", 1)[0]
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def _zdq(*args: str, timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "zdq.cli", *args], capture_output=True, text=True, timeout=timeout, input=stdin
+    )
+
+
+@contextlib.contextmanager
+def _shown_pool(cluster: LocalCluster, client: Client, name: str) -> Iterator[tuple[QueuePool, ConsumerPool]]:
+    """A pool that ran 300 tasks, 3 of them failing for good (dead-lettered after a retry), now idle,
+    and shown by the monitor as its statistics() say. Closed (its dead letters purged) after."""
+    queue_pool = QueuePool(client, 2, name=name)
+    consumer_pool = ConsumerPool(client, queue_pool, n_consumers=2)
+    with queue_pool, consumer_pool:
+        ok = queue_pool.batch_submit([(add, i, 1) for i in range(300)], batch_size=50)
+        bad = [queue_pool.submit(fail, f"boom {i}", retries=1, retry_backoff=0.01) for i in range(3)]
+        consumer_pool.start()
+        assert ok.result(timeout=60) == [i + 1 for i in range(300)]
+        for future in bad:
+            assert future.exception(timeout=60) is not None
+        wait_until(lambda: _matches(_http(cluster), queue_pool, consumer_pool), timeout=20, interval=0.3)
+        yield queue_pool, consumer_pool
+        queue_pool.purge_dead_letters()
+
+
+def _matches(http: str, queue_pool: QueuePool, consumer_pool: ConsumerPool) -> bool:
+    """The monitor shows what statistics() says (polled: reports arrive once a second)."""
+    pool = json.loads(_get(f"{http}/zdq/status.json"))["pools"].get(queue_pool.name)
+    if pool is None:
+        return False
+    expected = {b.name: b for b in queue_pool.statistics().brokers}
+    shown = {q["name"]: q for q in pool["queues"]}
+    if set(shown) != set(expected):
+        return False
+    if any(shown[n][f] != getattr(b, f) for n, b in expected.items() for f in _QUEUE_FIELDS):
+        return False
+    consumers = {c.name: c for c in consumer_pool.statistics()}
+    shown_c = {c["name"]: c for c in pool["consumers"]}
+    return set(shown_c) == set(consumers) and all(
+        shown_c[n]["tasks_done"] == c.tasks_done and shown_c[n]["tasks_failed"] == c.tasks_failed
+        for n, c in consumers.items()
+    )
+
+
+def test_metrics_endpoint_serves_zdq_counters_and_gauges_that_match_statistics(
+    dash_cluster: LocalCluster, dash_client: Client
+) -> None:
+    parser = pytest.importorskip("prometheus_client.parser", reason="prometheus_client is not installed: Dask serves no /metrics")
+    text_string_to_metric_families = parser.text_string_to_metric_families
+    http = _http(dash_cluster)
+    with _shown_pool(dash_cluster, dash_client, "metered") as (queue_pool, consumer_pool):
+        brokers = {b.name: b for b in queue_pool.statistics().brokers}
+        consumers = consumer_pool.statistics()
+        samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for family in text_string_to_metric_families(_get(f"{http}/metrics")):
+            for s in family.samples:
+                if s.name.startswith("zdq_") and s.labels.get("pool") == "metered":
+                    samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+
+        def value(name: str, queue: str | None = None) -> float:
+            labels = {"pool": "metered", **({"queue": queue} if queue else {})}
+            return samples[(name, tuple(sorted(labels.items())))]
+
+        for name, b in brokers.items():
+            assert value("zdq_tasks_submitted_total", name) == b.tasks_stored
+            assert value("zdq_tasks_acked_total", name) == b.tasks_acked
+            assert value("zdq_tasks_dead_lettered_total", name) == b.tasks_dead_lettered
+            assert value("zdq_chunks_redelivered_total", name) == b.chunks_redelivered
+            assert value("zdq_bad_messages_total", name) == b.bad_messages
+            assert value("zdq_queue_ready", name) == b.ready_tasks
+            assert value("zdq_queue_leased", name) == b.leased_tasks
+            assert value("zdq_queue_dead", name) == b.dead_tasks
+            assert value("zdq_queue_consumers", name) == b.consumers
+            assert value("zdq_chunk_round_trip_seconds_count", name) == b.chunks_acked
+        assert sum(b.tasks_stored for b in brokers.values()) == 303
+        assert sum(b.tasks_dead_lettered for b in brokers.values()) == 3
+        assert value("zdq_tasks_completed_total") == sum(c.tasks_done for c in consumers) == 300
+        assert value("zdq_tasks_failed_total") == sum(c.tasks_failed for c in consumers) == 3
+        assert value("zdq_tasks_retried_total") == sum(c.tasks_retried for c in consumers) == 3
+        assert value("zdq_consumers_live") == 2
+        # Bounded labels: pool, queue and the histogram's buckets, never a task.
+        assert {k for _, labels in samples for k, _ in labels} <= {"pool", "queue", "le"}
+
+
+def test_status_command_lists_a_live_pool_with_the_counts_of_statistics(
+    dash_cluster: LocalCluster, dash_client: Client
+) -> None:
+    with _shown_pool(dash_cluster, dash_client, "watched") as (queue_pool, consumer_pool):
+        address = dash_cluster.scheduler_address
+        proc = _zdq("status", "--scheduler", address, "--json")
+        assert proc.returncode == 0, proc.stderr
+        pool = json.loads(proc.stdout)["pools"]["watched"]
+        brokers = {b.name: b for b in queue_pool.statistics().brokers}
+        assert {q["name"]: (q["ready_tasks"], q["tasks_stored"], q["dead_tasks"]) for q in pool["queues"]} == {
+            n: (b.ready_tasks, b.tasks_stored, b.dead_tasks) for n, b in brokers.items()
+        }
+        assert pool["totals"]["completed"] == 300 and pool["totals"]["failed"] == 3
+        assert sorted(c["name"] for c in pool["consumers"]) == ["GeneralConsumer-0", "GeneralConsumer-1"]
+        text = _zdq("status", "--scheduler", address)
+        assert text.returncode == 0, text.stderr
+        assert "pool watched: 2 queues, 2 consumers; submitted 303, completed 300, failed 3" in text.stdout
+        assert "watched-queue-0" in text.stdout and "GeneralConsumer-1" in text.stdout
+        # --watch prints again until stopped: two rounds within the bound, then the process is ended.
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "zdq.cli", "status", "--scheduler", address, "--watch", "0.5", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            assert watch.stdout is not None
+            first, second = watch.stdout.readline(), watch.stdout.readline()
+            assert "watched" in json.loads(first)["pools"] and "watched" in json.loads(second)["pools"]
+        finally:
+            watch.kill()
+            watch.wait(timeout=10)
+
+
+def test_dead_letters_commands_list_requeue_and_purge_a_live_pools_dead_letters(
+    dash_cluster: LocalCluster, dash_client: Client
+) -> None:
+    with _shown_pool(dash_cluster, dash_client, "lettered") as (queue_pool, consumer_pool):
+        address = dash_cluster.scheduler_address
+        listed = _zdq("dead-letters", "list", "--scheduler", address, "lettered", "--json")
+        assert listed.returncode == 0, listed.stderr
+        letters = json.loads(listed.stdout)
+        chunks = {(q, d["chunk_id"]) for q, found in letters.items() for d in found}
+        assert chunks == {(d.queue, d.chunk_id) for d in queue_pool.dead_letters()} and len(chunks) == 3
+        assert all("boom" in d["reason"] for found in letters.values() for d in found)
+        text = _zdq("dead-letters", "list", "--scheduler", address, "lettered")
+        assert text.returncode == 0 and text.stdout.count("boom") == 3, text.stdout + text.stderr
+
+        queue, chunk_id = sorted(chunks)[0]
+        requeued = _zdq("dead-letters", "requeue", "--scheduler", address, "lettered", queue, "--chunk", str(chunk_id))
+        assert requeued.returncode == 0, requeued.stderr
+        assert f"{queue}: 1 dead chunks requeued" in requeued.stdout
+        wait_until(lambda: len(queue_pool.dead_letters()) == 3, timeout=30)  # it failed again, and is back
+
+        refused = _zdq("dead-letters", "purge", "--scheduler", address, "lettered", stdin="")
+        assert refused.returncode == 1 and "--yes" in refused.stderr and len(queue_pool.dead_letters()) == 3
+        purged = _zdq("dead-letters", "purge", "--scheduler", address, "lettered", "--yes")
+        assert purged.returncode == 0, purged.stderr
+        assert queue_pool.dead_letters() == []
+
+
+def test_purge_command_cancels_the_ready_tasks_so_that_they_never_run_and_their_futures_settle(
+    dash_cluster: LocalCluster, dash_client: Client
+) -> None:
+    from zdq.errors import TaskCancelled
+
+    with QueuePool(dash_client, 2, name="purged") as queue_pool:
+        futures = [queue_pool.submit(add, i, 1) for i in range(38)]
+        futures += [queue_pool.submit(add, i, 1, delay=3600) for i in range(2)]  # not ready for an hour
+        queue_pool.flush(timeout=30)
+        wait_until(lambda: sum(queue_pool.get_queue_size().values()) == 40, timeout=30)
+        http = _http(dash_cluster)
+        wait_until(
+            lambda: sum(q["ready_tasks"] + q["delayed_tasks"] for q in json.loads(_get(f"{http}/zdq/status.json"))["pools"]
+                        .get("purged", {"queues": []})["queues"]) == 40,
+            timeout=20,
+            interval=0.3,
+        )
+        address = dash_cluster.scheduler_address
+        asked = _zdq("purge", "--scheduler", address, "purged", stdin="")
+        assert asked.returncode == 1 and "--yes" in asked.stderr
+        one = _zdq("purge", "--scheduler", address, "purged", "0", "--yes")
+        assert one.returncode == 0, one.stderr
+        (line,) = one.stdout.splitlines()
+        assert line.startswith("purged-queue-0: ") and line.endswith(" ready tasks cancelled")
+        cancelled_here = int(line.split(": ")[1].split()[0])
+        rest = _zdq("purge", "--scheduler", address, "purged", "--yes")
+        assert rest.returncode == 0, rest.stderr
+        assert f"purged-queue-1: {40 - cancelled_here} ready tasks cancelled" in rest.stdout
+        with ConsumerPool(dash_client, queue_pool, n_consumers=1) as consumer_pool:
+            consumer_pool.start()
+            for future in futures:
+                assert isinstance(future.exception(timeout=60), TaskCancelled)
+            assert sum(c.tasks_done for c in consumer_pool.statistics()) == 0  # none ran
+
+
+def test_cli_gives_a_one_line_error_for_a_wrong_address_a_cluster_without_zdq_and_an_unknown_pool(
+    dash_cluster: LocalCluster, dash_client: Client
+) -> None:
+    wrong = _zdq("status", "--scheduler", "tcp://127.0.0.1:9", "--timeout", "2", timeout=30)
+    assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
+    assert wrong.stderr.startswith("zdq status: cannot reach a Dask scheduler at tcp://127.0.0.1:9")
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp://", dashboard_address=None) as bare:
+        none = _zdq("status", "--scheduler", bare.scheduler_address, timeout=30)
+        assert none.returncode == 1 and len(none.stderr.strip().splitlines()) == 1, none.stderr
+        assert "runs no zdq pool" in none.stderr
+    with QueuePool(dash_client, 1, name="known"):
+        unknown = _zdq("dead-letters", "list", "--scheduler", dash_cluster.scheduler_address, "unknown", timeout=30)
+        assert unknown.returncode == 1 and len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
+        assert "no live pool named 'unknown'" in unknown.stderr and "known" in unknown.stderr
+    version = _zdq("--version")
+    assert version.returncode == 0 and version.stdout.startswith("zdq ")
+
+
+def _browser() -> Any:
+    """Headless Chromium driven by playwright, or a skip that says what is missing."""
+    import shutil
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[test]')")
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("no chromium on this machine (apt-get install chromium)")
+    return sync_playwright, executable
+
+
+def test_dashboard_page_shows_the_live_pool_with_the_numbers_of_statistics_in_headless_chromium(
+    dash_cluster: LocalCluster, dash_client: Client, tmp_path: Path
+) -> None:
+    sync_playwright, executable = _browser()
+    http = _http(dash_cluster)
+    listing = json.loads(_get(f"{http}/sitemap.json"))["paths"]
+    assert "/zdq" in {p.rstrip("/?") for p in listing}, listing
+    with _shown_pool(dash_cluster, dash_client, "shown") as (queue_pool, consumer_pool), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(f"{http}/zdq", timeout=30_000)
+            brokers = queue_pool.statistics().brokers
+            consumers = consumer_pool.statistics()
+
+            def rendered() -> dict[tuple[str, str], str]:
+                cells = page.query_selector_all('td[data-pool="shown"][data-field]')
+                out = {}
+                for cell in cells:
+                    who = cell.get_attribute("data-queue") or cell.get_attribute("data-consumer") or "totals"
+                    out[(who, str(cell.get_attribute("data-field")))] = cell.inner_text()
+                return out
+
+            def shows_statistics() -> bool:
+                cells = rendered()
+                return all(
+                    cells.get((b.name, f)) == str(getattr(b, f)).lower() if f == "durable" else
+                    cells.get((b.name, f)) == str(getattr(b, f))
+                    for b in brokers for f in ("ready_tasks", "leased_tasks", "dead_tasks", "tasks_stored", "durable")
+                ) and all(
+                    cells.get((c.name, "tasks_done")) == str(c.tasks_done)
+                    and cells.get((c.name, "tasks_failed")) == str(c.tasks_failed)
+                    for c in consumers
+                ) and cells.get(("totals", "completed")) == "300" and cells.get(("totals", "failed")) == "3"
+
+            wait_until(shows_statistics, timeout=15, interval=0.5)  # the page refreshes by itself
+            assert page.query_selector('[data-pool-name="shown"] svg polyline') is not None  # the rate plot
+            shot = tmp_path / "zdq-dashboard.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+        finally:
+            browser.close()
+
+
+def _reports(dask_scheduler: Any = None) -> tuple[int, int]:
+    monitor = dask_scheduler.extensions["zdq"]
+    return monitor.reports, monitor.entries
+
+
+def test_the_scheduler_hears_one_report_per_worker_a_second_whatever_the_number_of_queues(
+    dash_cluster: LocalCluster, dash_client: Client
+) -> None:
+    import time
+
+    with QueuePool(dash_client, 12, name="many"), QueuePool(dash_client, 2, name="few"):
+        http = _http(dash_cluster)
+        wait_until(lambda: {"many", "few"} <= set(json.loads(_get(f"{http}/zdq/status.json"))["pools"]), timeout=20)
+        before, t0 = dash_client.run_on_scheduler(_reports), time.monotonic()
+        time.sleep(3.0)
+        after, elapsed = dash_client.run_on_scheduler(_reports), time.monotonic() - t0
+        workers = len(dash_client.scheduler_info()["workers"])
+        # One message per worker process and interval (1 s), carrying all 14 queues between them.
+        assert after[0] - before[0] <= workers * (elapsed + 1)
+        assert after[1] - before[1] >= 14 * (elapsed - 1)
+
+
+def test_status_reaches_a_tls_cluster_with_the_security_settings_of_dask_config_and_fails_in_one_line_without(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    pytest.importorskip("cryptography", reason="Security.temporary() needs cryptography")
+    from distributed.security import Security
+
+    security = Security.temporary()
+    files = {}
+    for field in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        path = tmp_path / f"{field}.pem"
+        path.write_text(getattr(security, field))
+        files[field] = str(path)
+    env = {
+        **os.environ,
+        "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": files["tls_ca_file"],
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": files["tls_client_cert"],
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": files["tls_client_key"],
+        "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
+    }
+    with (
+        LocalCluster(
+            n_workers=1, processes=False, protocol="tls://", security=security, dashboard_address=None,
+            worker_dashboard_address=None,
+        ) as tls,
+        Client(tls, security=security) as client,
+        QueuePool(client, 1, name="secured"),
+    ):
+        address = tls.scheduler_address
+        assert address.startswith("tls://")
+        command = [sys.executable, "-m", "zdq.cli", "status", "--scheduler", address, "--json"]
+        wait_until(
+            lambda: "secured" in json.loads(
+                subprocess.run(command, capture_output=True, text=True, timeout=60, env=env).stdout or '{"pools": {}}'
+            )["pools"],
+            timeout=30,
+            interval=0.5,
+        )
+        plain = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert plain.returncode == 1 and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
+        assert plain.stderr.startswith(f"zdq status: cannot reach a Dask scheduler at {address}")
+
+
+async def _feed_emptied_and_fed_again(seconds: float) -> None:
+    """On a worker (its event loop free meanwhile): the process's feed loses its last source and
+    gets a new one at once, as when a pool closes and the next one is placed; the new one is
+    reported for ``seconds``."""
+    import asyncio
+
+    from zdq.observe.feed import Source, add_source, remove_source
+    from zdq.stats import ConsumerStats
+
+    stats = ConsumerStats("Probe", "", True, 0, 0, 0, 0, 0)
+    first = Source("consumer", "probe", "Probe-0", lambda: stats, lambda: True)
+    second = Source("consumer", "probe", "Probe-1", lambda: stats, lambda: True)
+    from zdq.observe import feed
+
+    add_source(first)
+    await asyncio.sleep(1.5)  # the feed thread runs and waits for its next report
+    # remove_source(first) then add_source(second), both before the feed thread wakes: done in
+    # one hold of the feed's lock, so that the thread cannot run in between (the race, made sure).
+    with feed._feed._lock:
+        del feed._feed._sources[id(first)]
+        feed._feed._wake.set()  # what remove() does when the last source leaves
+        feed._feed._sources[id(second)] = second  # what add() does while the thread lives
+    await asyncio.sleep(seconds)
+    remove_source(second)
+
+
+def test_a_feed_emptied_and_fed_again_keeps_reporting_once_a_second(
+    dash_cluster: LocalCluster, dash_client: Client
+) -> None:
+    import time
+
+    with QueuePool(dash_client, 1, name="installer"):  # the monitor is installed
+        worker = sorted(dash_client.scheduler_info()["workers"])[0]
+        wait_until(lambda: dash_client.run_on_scheduler(_reports)[0] > 0, timeout=20)
+        before = dash_client.run_on_scheduler(_reports)[0]
+        t0 = time.monotonic()
+        dash_client.run(_feed_emptied_and_fed_again, 3.0, workers=[worker])
+        reports = dash_client.run_on_scheduler(_reports)[0] - before
+        elapsed = time.monotonic() - t0
+    workers = len(dash_client.scheduler_info()["workers"])
+    assert reports <= workers * (elapsed + 2), f"{reports} reports in {elapsed:.1f} s from {workers} workers"

@@ -1,0 +1,198 @@
+"""``zdq status``, ``zdq purge`` and ``zdq dead-letters``: the CLI's commands for live pools.
+
+Each error a user can cause (a wrong address, a cluster without zdq, a pool or queue that does not
+exist) ends the command with one line on stderr and exit status 1, within ``--timeout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+__all__ = ["add_parsers"]
+
+_DEFAULT_TIMEOUT = 5.0
+
+
+def _live(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run ``fn(client, args)`` with a client of ``--scheduler``; user errors become one line."""
+
+    def run(args: argparse.Namespace) -> int:
+        from zdq.errors import ZdqError
+        from zdq.observe import remote
+
+        if args.timeout <= 0:
+            raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+        address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+        if not address:
+            raise ValueError("--scheduler ADDRESS is required (or set DASK_SCHEDULER_ADDRESS)")
+        try:
+            client = remote.connect(address, args.timeout)
+        except OSError as e:
+            return _fail(args, str(e).splitlines()[0])
+        try:
+            return fn(client, args)
+        except KeyError as e:
+            return _fail(args, str(e.args[0]) if e.args else str(e))
+        except ValueError as e:  # a refusal (no confirmation): the cluster is untouched
+            return _fail(args, str(e))
+        except (ZdqError, OSError, TimeoutError) as e:
+            return _fail(args, (str(e) or type(e).__name__).splitlines()[0])
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            client.close(timeout=args.timeout)
+
+    return run
+
+
+def _fail(args: argparse.Namespace, message: str) -> int:
+    print(f"zdq {args.command}: {message}", file=sys.stderr)
+    return 1
+
+
+def _status(client: Any, args: argparse.Namespace) -> int:
+    from zdq.observe import remote
+
+    while True:
+        state = remote.status(client, args.timeout)
+        if args.json:
+            print(json.dumps(state, indent=None if args.watch else 2), flush=True)
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\033[H\033[2J", end="")
+            print(format_status(state), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def format_status(state: dict[str, Any]) -> str:
+    pools = state["pools"]
+    if not pools:
+        return "no live zdq pool on this cluster"
+    lines = []
+    for name, pool in pools.items():
+        t, rates = pool["totals"], pool["rates"]
+        rate = f"{rates['completed'][-1]:g}" if rates["completed"] else "-"
+        lines.append(
+            f"pool {name}: {len(pool['queues'])} queues, {t['consumers']} consumers; submitted {t['submitted']}, "
+            f"completed {t['completed']}, failed {t['failed']}, retried {t['retried']}, "
+            f"dead-lettered {t['dead_lettered']}; {rate} tasks/s completed"
+        )
+        lines.append(
+            f"  {'queue':<28} {'host':<16} {'durable':<7} {'ready':>9} {'delayed':>9} {'leased':>9} {'awaiting':>9} "
+            f"{'dead':>7} {'consumers':>9} {'bad msgs':>8}"
+        )
+        for q in pool["queues"]:
+            lines.append(
+                f"  {q['name']:<28} {q.get('host', ''):<16} {'yes' if q['durable'] else 'no':<7} {q['ready_tasks']:>9} "
+                f"{q.get('delayed_tasks', 0):>9} "
+                f"{q['leased_tasks']:>9} {q['awaiting_tasks']:>9} {q['dead_tasks']:>7} {q['consumers']:>9} "
+                f"{q['bad_messages']:>8}"
+            )
+        if pool["consumers"]:
+            lines.append(f"  {'consumer':<28} {'where':<28} {'state':<8} {'done':>9} {'failed':>7} {'in flight':>9}")
+            for c in pool["consumers"]:
+                state_ = "running" if c["running"] else "idle"
+                lines.append(
+                    f"  {c['name']:<28} {c['worker']:<28} {state_:<8} {c['tasks_done']:>9} {c['tasks_failed']:>7} "
+                    f"{c['tasks_in_flight']:>9}"
+                )
+    return "\n".join(lines)
+
+
+def _confirm(args: argparse.Namespace, question: str) -> bool:
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise ValueError(f"{question}: confirm with --yes (stdin is not a terminal)")
+    try:
+        return input(f"{question}? [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def _purge(client: Any, args: argparse.Namespace) -> int:
+    from zdq.observe import remote
+
+    queues = remote.queues_of(remote.status(client, args.timeout), args.pool, args.queue)
+    ready = sum(q["ready_tasks"] for q in queues)
+    names = ", ".join(q["name"] for q in queues)
+    if not _confirm(args, f"cancel the {ready} ready tasks of {names}"):
+        print("nothing purged", file=sys.stderr)
+        return 1
+    done = remote.act(client, queues, "purge", args.timeout)
+    for name, n in done.items():
+        print(f"{name}: {n} ready tasks cancelled" if isinstance(n, int) else f"{name}: {n['error']}")
+    return 0 if all(isinstance(n, int) for n in done.values()) else 1
+
+
+def _dead_letters(client: Any, args: argparse.Namespace) -> int:
+    from zdq.observe import remote
+
+    queues = remote.queues_of(remote.status(client, args.timeout), args.pool, args.queue)
+    if args.action == "list":
+        letters = remote.act(client, queues, "dead-letters", args.timeout)
+        if args.json:
+            print(json.dumps(letters, indent=2))
+            return 0
+        for name, found in letters.items():
+            if isinstance(found, dict):
+                print(f"{name}: {found['error']}")
+                continue
+            for d in found:
+                reason = d["reason"].strip().splitlines()
+                print(f"{name} chunk {d['chunk_id']} ({d['n_tasks']} tasks): {reason[-1] if reason else ''}")
+        if not any(isinstance(f, list) and f for f in letters.values()):
+            print("no dead letters")
+        return 0
+    chunks = args.chunk or None
+    what = f"chunks {', '.join(map(str, chunks))}" if chunks else "every dead letter"
+    if args.action == "purge" and not _confirm(args, f"delete {what} of {', '.join(q['name'] for q in queues)}"):
+        print("nothing purged", file=sys.stderr)
+        return 1
+    done = remote.act(client, queues, f"{args.action}-dead", args.timeout, chunks)
+    verb = "requeued" if args.action == "requeue" else "purged"
+    for name, n in done.items():
+        print(f"{name}: {n} dead chunks {verb}" if isinstance(n, int) else f"{name}: {n['error']}")
+    return 0
+
+
+def _live_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                        help="the Dask scheduler (default: $DASK_SCHEDULER_ADDRESS); security as for a Dask client")
+    parser.add_argument("--timeout", type=float, default=_DEFAULT_TIMEOUT,
+                        help=f"seconds to wait for the cluster, default {_DEFAULT_TIMEOUT:g}")
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``status``, ``purge`` and ``dead-letters`` to the ``zdq`` command's subparsers."""
+    status = sub.add_parser("status", help="every live pool of a cluster: queues, consumers, rates")
+    _live_options(status)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument("--watch", metavar="SECONDS", type=float, nargs="?", const=1.0, default=None,
+                        help="print it again every SECONDS (default 1) until interrupted")
+    status.set_defaults(func=_live(_status))
+
+    purge = sub.add_parser("purge", help="cancel the ready tasks of a live pool (or one queue): they never run")
+    _live_options(purge)
+    purge.add_argument("pool", help="the pool's name (as `zdq status` shows it)")
+    purge.add_argument("queue", nargs="?", default=None, help="one queue: its name or index (default: all)")
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    purge.set_defaults(func=_live(_purge))
+
+    dead = sub.add_parser("dead-letters", help="list, requeue or purge the dead letters of a live pool")
+    dead.add_argument("action", choices=("list", "requeue", "purge"))
+    _live_options(dead)
+    dead.add_argument("pool", help="the pool's name (as `zdq status` shows it)")
+    dead.add_argument("queue", nargs="?", default=None, help="one queue: its name or index (default: all)")
+    dead.add_argument("--chunk", type=int, action="append", default=None, metavar="ID",
+                      help="only this dead chunk (as `list` shows it); repeat for several")
+    dead.add_argument("--json", action="store_true", help="list: print JSON")
+    dead.add_argument("--yes", action="store_true", help="purge: do not ask for confirmation")
+    dead.set_defaults(func=_live(_dead_letters))

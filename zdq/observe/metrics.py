@@ -1,0 +1,114 @@
+"""``zdq_*`` Prometheus metrics, served by Dask's own ``/metrics`` on the scheduler.
+
+Dask's handler writes ``prometheus_client.REGISTRY``; a collector registered there once per process
+reads the monitors of the schedulers running in it (normally one) at each scrape. Labels are pool,
+queue and consumer names only: their number is bounded by the pools' sizes, never by tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from zdq.stats import ROUND_TRIP_BOUNDS
+
+__all__ = ["register", "COUNTERS", "GAUGES"]
+
+logger = logging.getLogger(__name__)
+
+#: Counters per queue: metric name -> the BrokerStats field it reads.
+_QUEUE_COUNTERS = {
+    "zdq_tasks_submitted": ("tasks_stored", "Tasks stored in the queue (submitted by any producer)."),
+    "zdq_tasks_acked": ("tasks_acked", "Tasks whose results the queue received (done or failed)."),
+    "zdq_tasks_dead_lettered": ("tasks_dead_lettered", "Tasks moved to the queue's dead letters."),
+    "zdq_chunks_redelivered": ("chunks_redelivered", "Chunks leased again after their consumer was lost."),
+    "zdq_bad_messages": ("bad_messages", "Malformed or forged messages the queue dropped."),
+}
+#: Counters per pool, summed over its consumers: metric name -> the ConsumerStats field.
+_POOL_COUNTERS = {
+    "zdq_tasks_completed": ("tasks_done", "Tasks run to a result by the pool's consumers."),
+    "zdq_tasks_failed": ("tasks_failed", "Tasks that failed for good (after their retries)."),
+    "zdq_tasks_retried": ("tasks_retried", "Failed attempts that were retried."),
+}
+#: Gauges per queue: metric name -> (BrokerStats field, help).
+_QUEUE_GAUGES = {
+    "zdq_queue_ready": ("ready_tasks", "Tasks waiting in the queue, ready to run."),
+    "zdq_queue_delayed": ("delayed_tasks", "Tasks stored whose release time (delay=, eta=) has not come."),
+    "zdq_queue_leased": ("leased_tasks", "Tasks leased to consumers."),
+    "zdq_queue_dead": ("dead_tasks", "Dead-lettered tasks kept in the queue."),
+    "zdq_queue_awaiting": ("awaiting_tasks", "Tasks done whose results await the driver's receipt."),
+    "zdq_queue_consumers": ("consumers", "Consumers connected to the queue."),
+}
+COUNTERS = (*_QUEUE_COUNTERS, *_POOL_COUNTERS)
+GAUGES = (*_QUEUE_GAUGES, "zdq_consumers_live")
+
+_lock = threading.Lock()
+_registered = False
+_monitors: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class _Collector:
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        status = _merged_status()
+        families: dict[str, Any] = {}
+        for name, (_, help_) in _QUEUE_COUNTERS.items():
+            families[name] = CounterMetricFamily(name, help_, labels=["pool", "queue"])
+        for name, (_, help_) in _POOL_COUNTERS.items():
+            families[name] = CounterMetricFamily(name, help_, labels=["pool"])
+        for name, (_, help_) in _QUEUE_GAUGES.items():
+            families[name] = GaugeMetricFamily(name, help_, labels=["pool", "queue"])
+        live = GaugeMetricFamily("zdq_consumers_live", "Live consumers of the pool (running or idle).", labels=["pool"])
+        rtt = HistogramMetricFamily(
+            "zdq_chunk_round_trip_seconds", "From a chunk's lease to its DONE at the broker.", labels=["pool", "queue"]
+        )
+        for pool, view in status.items():
+            for q in view["queues"]:
+                labels = [pool, q["name"]]
+                for name, (field, _) in _QUEUE_COUNTERS.items():
+                    families[name].add_metric(labels, float(q.get(field, 0)))
+                for name, (field, _) in _QUEUE_GAUGES.items():
+                    families[name].add_metric(labels, float(q.get(field, 0)))
+                buckets = q.get("round_trips")
+                if buckets:
+                    bounds = [*(f"{b:g}" for b in ROUND_TRIP_BOUNDS), "+Inf"]
+                    cumulative, acc = [], 0
+                    for bound, count in zip(bounds, buckets):
+                        acc += int(count)
+                        cumulative.append((bound, float(acc)))
+                    rtt.add_metric(labels, cumulative, sum_value=float(q.get("round_trip_sum", 0.0)))
+            for name, (field, _) in _POOL_COUNTERS.items():
+                families[name].add_metric([pool], float(sum(int(c.get(field, 0)) for c in view["consumers"])))
+            live.add_metric([pool], float(len(view["consumers"])))
+        yield from families.values()
+        yield live
+        yield rtt
+
+
+def _merged_status() -> dict[str, Any]:
+    pools: dict[str, Any] = {}
+    for monitor in list(_monitors):
+        if getattr(getattr(monitor.scheduler, "status", None), "name", "running") != "running":
+            continue
+        pools.update(monitor.status()["pools"])
+    return pools
+
+
+def register(dask_scheduler: Any) -> None:
+    """Add the scheduler's monitor to the metrics; register the collector once per process.
+    Without ``prometheus_client`` (Dask then serves no metrics either) this does nothing."""
+    global _registered
+    try:
+        import prometheus_client
+    except ImportError:
+        logger.info("prometheus_client is not installed: no zdq metrics on /metrics")
+        return
+    _monitors.add(dask_scheduler.extensions["zdq"])
+    with _lock:
+        if not _registered:
+            prometheus_client.REGISTRY.register(_Collector())
+            _registered = True

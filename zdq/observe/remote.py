@@ -1,0 +1,126 @@
+"""Live pools seen and steered from any process of the cluster: what ``zdq status``, ``zdq purge``
+and ``zdq dead-letters`` call.
+
+The cluster is reached as a Dask client reaches it (``Client(address)``, with the security settings
+of ``dask.config``). Figures come from the scheduler's monitor (:mod:`zdq.observe.monitor`), one
+RPC. Actions run on the worker that holds each queue (``client.run``), on the Broker actor found
+there by name: the same methods as ``QueuePool.dead_letters()`` and the rest, without having to be
+the pool's owner.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zdq.errors import ZdqError
+
+__all__ = ["ACTIONS", "NoMonitor", "act", "connect", "queues_of", "status"]
+
+#: What :func:`act` may ask a broker, by name: the Broker actor method it calls.
+ACTIONS = {
+    "dead-letters": "dead_letters",
+    "requeue-dead": "requeue_dead",
+    "purge-dead": "purge_dead",
+    "purge": "purge_ready",
+}
+
+
+class NoMonitor(ZdqError, LookupError):
+    """The cluster's scheduler runs no zdq monitor: no pool was placed on it (or zdq is not
+    installed where the scheduler runs)."""
+
+
+def connect(address: str, timeout: float) -> Any:
+    """A Dask client of the scheduler at ``address``; ``OSError`` (with the address) if it cannot
+    be reached within ``timeout`` seconds."""
+    from distributed import Client
+
+    from distributed.security import Security
+
+    if address.startswith("inproc://"):
+        raise OSError(f"cannot reach a Dask scheduler at {address}: an inproc address works only inside its own process")
+    security = Security()  # dask.config's distributed.comm.tls.* and require-encryption, as any client
+    if address.startswith("tls://") and security.get_connection_args("client").get("ssl_context") is None:
+        # Checked here: Dask would fail deep in its comm layer, and leave a client that takes
+        # seconds to give up at exit.
+        raise OSError(
+            f"cannot reach a Dask scheduler at {address}: a tls:// address needs TLS settings in dask.config "
+            "(distributed.comm.tls.ca-file, .client.cert, .client.key)"
+        )
+    try:
+        return Client(address, timeout=timeout, set_as_default=False, security=security)
+    except (OSError, TimeoutError, ValueError, TypeError) as e:  # ValueError: an address that does not parse
+        raise OSError(f"cannot reach a Dask scheduler at {address} within {timeout:g} s: {e}") from e
+
+
+def status(client: Any, timeout: float) -> dict[str, Any]:
+    """The monitor's status: every live pool, its queues, consumers, totals and rates."""
+    none = f"the scheduler at {client.scheduler.address} runs no zdq pool (no zdq monitor)"
+    try:
+        state = client.sync(_status, client, timeout)
+    except (TimeoutError, OSError):
+        raise
+    except Exception as e:  # an unknown operation: some versions of Dask answer with an error
+        if "zdq_status" in str(e):
+            raise NoMonitor(none) from e
+        raise
+    if not isinstance(state, dict) or "pools" not in state:  # others answer nothing
+        raise NoMonitor(none)
+    return state
+
+
+async def _status(client: Any, timeout: float) -> dict[str, Any]:
+    import asyncio
+
+    return await asyncio.wait_for(client.scheduler.zdq_status(), timeout)
+
+
+def queues_of(state: dict[str, Any], pool: str, queue: str | None = None) -> list[dict[str, Any]]:
+    """The queues of ``pool`` (``queue`` alone if given) in a status; ``KeyError`` naming what is
+    missing and what exists."""
+    pools = state["pools"]
+    if pool not in pools:
+        live = ", ".join(sorted(pools)) or "none"
+        raise KeyError(f"no live pool named {pool!r} on this cluster (live pools: {live})")
+    queues = pools[pool]["queues"]
+    if queue is None:
+        return list(queues)
+    chosen = [q for q in queues if q["name"] == queue or q["name"] == f"{pool}-queue-{queue}"]
+    if not chosen:
+        names = ", ".join(q["name"] for q in queues)
+        raise KeyError(f"pool {pool!r} has no queue {queue!r} (its queues: {names})")
+    return chosen
+
+
+def act(client: Any, queues: list[dict[str, Any]], action: str, timeout: float, *args: Any) -> dict[str, Any]:
+    """Run ``action`` (a key of :data:`ACTIONS`, with ``args``) on each queue's broker, on its
+    worker; return each queue's answer by name."""
+    method = ACTIONS[action]
+    by_worker: dict[str, list[str]] = {}
+    for q in queues:
+        by_worker.setdefault(q["worker"], []).append(q["name"])
+    answers: dict[str, Any] = {}
+    for worker, names in by_worker.items():
+        out = client.run(_on_brokers, names, method, args, workers=[worker], on_error="return", callback_timeout=timeout)
+        result = out.get(worker)
+        if isinstance(result, BaseException):
+            raise ZdqError(f"{action} on worker {worker} failed: {result}") from result
+        answers.update(result)
+    return answers
+
+
+def _on_brokers(names: list[str], method: str, args: tuple[Any, ...]) -> dict[str, Any]:
+    """On a worker: call ``method`` of the brokers named ``names`` in this process."""
+    from zdq.observe.feed import local_broker
+
+    out: dict[str, Any] = {}
+    for name in names:
+        broker = local_broker(name)
+        if broker is None:
+            out[name] = {"error": f"queue {name} no longer runs on this worker"}
+            continue
+        value = getattr(broker, method)(*args)
+        if method == "dead_letters":
+            value = [{"chunk_id": d.chunk_id, "n_tasks": d.meta.n_tasks, "reason": d.reason} for d in value]
+        out[name] = value
+    return out
