@@ -260,8 +260,30 @@ def _browser() -> Any:
         pytest.skip("playwright is not installed (pip install -e '.[test]')")
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
-        pytest.skip("no chromium on this machine (apt-get install chromium)")
+        why = _install_chromium()
+        executable = shutil.which("chromium")
+        if executable is None:
+            pytest.skip(f"no chromium on this machine, and it could not be installed: {why}")
     return sync_playwright, executable
+
+
+def _install_chromium() -> str:
+    """Install Debian's chromium (as root, with apt-get); say why not otherwise."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return "installing it needs root and apt-get (apt-get install chromium)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    steps = (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"])
+    for step in steps:
+        try:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=600, env=env)
+        except subprocess.TimeoutExpired:
+            return f"{' '.join(step)} took over 10 minutes"
+        if done.returncode != 0:
+            return f"{' '.join(step)} failed: {done.stderr.strip()[-300:]}"
+    return "apt-get install chromium ran, but no chromium command is on the PATH"
 
 
 def test_dashboard_page_shows_the_live_pool_with_the_numbers_of_statistics_in_headless_chromium(
