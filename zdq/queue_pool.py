@@ -345,14 +345,19 @@ class QueuePool:
             for i in range(self.n_queues):
                 self._actor_futures.append(self._place_broker(i, known=known))
             self._brokers = [fut.result(timeout=60) for fut in self._actor_futures]
-            starts = [b.start(self._identity) for b in self._brokers]
-            self.endpoints = [call.result(timeout=60) for call in starts]
-            wheres = [b.where() for b in self._brokers]
+            # A durable queue keeps the payload key of the pool that created it, so that a pool
+            # reopened after a restart reads what was stored; the queues of one dirpath agree on it.
+            proposed = os.urandom(32) if self.auth else None
+            opens = [b.open(self._identity, proposed) for b in self._brokers]
+            opened = [call.result(timeout=60) for call in opens]
+            self.endpoints = [endpoint for endpoint, _, _, _ in opened]
             # A queue's host is its worker's as the scheduler names it, the name recovery places
             # by (the broker's own view may be another name of the same machine).
-            ids = [str(call.result(timeout=60)[1]) for call in wheres]
-            self._where = [(host_of(self._placed_on[i]), queue_id) for i, queue_id in enumerate(ids)]
-            self.payload_key = self._agree_payload_key()
+            self._where = [(host_of(self._placed_on[i]), str(queue_id)) for i, (_, _, queue_id, _) in enumerate(opened)]
+            keys = {key for _, _, _, key in opened}
+            if len(keys) > 1:
+                raise StorageCorrupt(f"the queues under {self.dirpath} were written by different pools (their keys differ)")
+            self.payload_key = keys.pop()
         except ZdqError:
             self._release_actors()
             raise
@@ -456,19 +461,6 @@ class QueuePool:
             self.name,
         )
         return None
-
-    def _agree_payload_key(self) -> bytes | None:
-        """The key that seals this pool's payloads.
-
-        A durable queue keeps the key of the pool that created it, so that a pool reopened after
-        a restart can read what was stored; the queues of one dirpath must agree on it.
-        """
-        proposed = os.urandom(32) if self.auth else None
-        calls = [b.payload_key(proposed) for b in self._brokers]
-        keys = {c.result(timeout=30) for c in calls}
-        if len(keys) > 1:
-            raise StorageCorrupt(f"the queues under {self.dirpath} were written by different pools (their keys differ)")
-        return keys.pop()
 
     @property
     def client_keys(self) -> ClientKeys | None:
@@ -589,15 +581,14 @@ class QueuePool:
             return None
         try:
             broker = fut.result(timeout=60)
-            endpoint = broker.start(self._identity).result(timeout=60)
-            _, id_found = broker.where().result(timeout=60)
+            endpoint, _, id_found, key = broker.open(self._identity, self.payload_key).result(timeout=60)
             where = (host_of(self._placed_on[i]), str(id_found))
             if not transient and where != self._where[i]:
                 raise QueueMissing(
                     f"durable queue {name} placed again on host {where[0]} found queue id {where[1]} in "
                     f"{self._queue_dir(i)}, not {self._where[i][1]} on host {self._where[i][0]}: not the same queue"
                 )
-            if broker.payload_key(self.payload_key).result(timeout=60) != self.payload_key:
+            if key != self.payload_key:
                 raise StorageCorrupt(f"queue {name} was reopened with another pool's key")
         except QueueMissing as e:
             fut.release()

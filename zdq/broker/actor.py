@@ -158,6 +158,13 @@ class Broker:
     def pid(self) -> int:
         return os.getpid()
 
+    def open(self, creator: bytes, proposed_key: bytes | None) -> tuple[str, str, str, bytes | None]:
+        """:meth:`start`, :meth:`where` and :meth:`payload_key` in one call (placing a queue is
+        one actor round trip, not three): ``(endpoint, host, queue id, payload key)``."""
+        endpoint = self.start(creator)
+        host, queue_id = self.where()
+        return endpoint, host, queue_id, self.payload_key(proposed_key)
+
     def where(self) -> tuple[str, str]:
         """``(host, queue id)``: where the queue lives, and the id stored with a durable queue (a
         queue placed again must find the same id, or it is not the same queue)."""
