@@ -99,3 +99,32 @@ def test_insert_streams_a_hundred_thousand_tasks_from_a_generator_pulled_at_most
         consumers.join(timeout=300)
         assert consumers.nb_consumed() == n
     assert f"{n}/{n}" in capsys.readouterr().err  # the bar, on by default, against the total
+
+
+def test_an_iterable_that_raises_midway_has_every_task_it_gave_before_queued_and_run(client: Client) -> None:
+    """Its own error comes back, with how many tasks were queued; none it gave is dropped (the
+    chunk being filled when it raised is queued too)."""
+    from .tasks import add
+
+    class Broken(RuntimeError):
+        pass
+
+    def calls(fail_at: int):  # type: ignore[no-untyped-def]
+        for i in range(fail_at):
+            yield (add, i, 1)
+        raise Broken(f"the source failed at {fail_at}")
+
+    def squares(fail_at: int):  # type: ignore[no-untyped-def]
+        for i in range(fail_at):
+            yield Square(i)
+        raise Broken(f"the source failed at {fail_at}")
+
+    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2, start=True) as consumers:
+        for fail_at in (10, 999, 1500):
+            with pytest.raises(Broken, match=f"failed at {fail_at}") as caught:
+                queue_pool.submit_iter(calls(fail_at))
+            assert f"the {fail_at} tasks read from the iterable before this error were queued" in caught.value.__notes__[0]
+            with pytest.raises(Broken):
+                queue_pool.insert(squares(fail_at), progress=False)
+        consumers.join(timeout=120, stop=False)
+        assert sum(s.tasks_done for s in consumers.statistics()) == 2 * (10 + 999 + 1500)

@@ -107,3 +107,20 @@ def test_a_put_whose_release_time_is_not_a_time_is_a_protocol_error() -> None:
     head = struct.pack(">4sBQIdi", p.VERSION, p.Command.PUT, 1, 1, math.nan, 0)
     with pytest.raises(ProtocolError, match="not a time"):
         p.decode([head, b"chunk"])
+
+
+def test_an_eta_before_1970_is_at_once_and_absurd_times_are_refused_at_the_call() -> None:
+    import datetime as dt
+
+    import numpy as np
+
+    utc = dt.timezone.utc
+    # A past time runs at once, however far past (the wire takes no negative time: such a PUT
+    # was refused by the broker and its future never settled).
+    assert timing_of(None, dt.datetime(1960, 1, 1, tzinfo=utc), None) is None
+    assert timing_of(None, dt.datetime.min.replace(tzinfo=utc), 2) == Timing(0.0, 2)
+    assert timing_of(None, None, np.int64(3)) == Timing(0.0, 3)  # numpy's integers are integers
+    assert timing_of(np.float64(1.5), None, None).not_before > 0
+    for delay, eta in ((1e300, None), (dt.timedelta.max, None), (None, dt.datetime.max.replace(tzinfo=utc))):
+        with pytest.raises(ValueError, match="delay is past the year 9999" if eta is None else "eta is past"):
+            timing_of(delay, eta, None)

@@ -103,6 +103,32 @@ def _insert_bar(total: int | None) -> Any:
     return Bar(total=total, unit="task", desc="zdq insert", dynamic_ncols=True)
 
 
+class _Reading:
+    """An iterable of the caller's, read until it ends or raises: an error of its own stops the
+    reading as its end would (so that the tasks read before it are queued), and is kept for the
+    caller to raise once they are."""
+
+    __slots__ = ("_it", "error")
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self._it = iter(items)
+        self.error: Exception | None = None
+
+    def __iter__(self) -> _Reading:
+        return self
+
+    def __next__(self) -> Any:
+        if self.error is not None:
+            raise StopIteration
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except Exception as e:
+            self.error = e
+            raise StopIteration from None
+
+
 def _check_worker_class(worker_class: type | None) -> None:
     if worker_class is not None and not (isinstance(worker_class, type) and issubclass(worker_class, GeneralConsumer)):
         raise WrongConsumerClass(
@@ -971,8 +997,9 @@ class QueuePool:
         size = self._chunk_size(chunking, batch_size, total or None)
         count = 0
         bar = _insert_bar(total) if progress else None
+        reading = _Reading(calls)
         try:
-            for part in chunking.batches(calls, size):
+            for part in chunking.batches(reading, size):
                 check_calls(part, count)
                 base = driver.reserve(len(part))
                 try:
@@ -988,6 +1015,10 @@ class QueuePool:
         finally:
             if bar is not None:
                 bar.close()
+        if reading.error is not None:
+            # The caller's iterable failed: what it gave before is queued (above), and said so.
+            reading.error.add_note(f"zdq: the {count} tasks read from the iterable before this error were queued")
+            raise reading.error
         return count
 
     def insert(self, tasks: Any, total: int | None = None, progress: bool = True, **kwargs: Any) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,8 @@ __all__ = ["MAX_PRIORITY", "MIN_PRIORITY", "Timing", "timing_of"]
 
 #: Priorities travel as signed 32-bit integers.
 MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1
+#: The last release time taken: the end of the year 9999 (what a datetime can say).
+_LATEST = 253402300799.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +73,20 @@ def timing_of(delay: Any, eta: Any, priority: Any) -> Timing | None:
             raise ValueError("give delay or eta, not both")
         not_before = time.time() + _seconds(delay)
     elif eta is not None:
-        not_before = _wall_clock(eta)
+        # A time already past (before 1970 included: the wire takes no negative time) is "at once".
+        not_before = max(_wall_clock(eta), 0.0)
+    if not_before > _LATEST:
+        raise ValueError(
+            f"{'delay' if delay is not None else 'eta'} is past the year 9999 ({delay if delay is not None else eta!r:.80}): "
+            "a task that never runs is not a delayed task"
+        )
     if priority is None:
         priority = 0
-    elif not isinstance(priority, int) or isinstance(priority, bool):
+    elif isinstance(priority, numbers.Integral) and not isinstance(priority, bool):
+        priority = int(priority)  # numpy's integers too
+    else:
         raise TypeError(f"priority must be an integer, got {priority!r:.80}")
-    elif not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
         raise ValueError(f"priority must fit in 32 bits ({MIN_PRIORITY} to {MAX_PRIORITY}), got {priority}")
     if not not_before and not priority:
         return None  # priority=0 alone: the plain path
@@ -85,7 +96,7 @@ def timing_of(delay: Any, eta: Any, priority: Any) -> Timing | None:
 def _seconds(delay: Any) -> float:
     if isinstance(delay, datetime.timedelta):
         seconds = delay.total_seconds()
-    elif isinstance(delay, (int, float)) and not isinstance(delay, bool):
+    elif isinstance(delay, numbers.Real) and not isinstance(delay, bool):
         seconds = float(delay)
     else:
         raise TypeError(f"delay must be a number of seconds (or a timedelta), got {delay!r:.80}")
