@@ -94,3 +94,29 @@ def test_parallel_is_refused_with_a_client_or_when_it_is_not_a_positive_integer(
         QueuePool(client, 1, parallel=2)
     with pytest.raises(ValueError, match="parallel must be a positive integer"):
         zdq.embedded._parallel(0)
+
+
+def test_two_embedded_pools_share_one_local_cluster_which_closes_with_the_last(caplog: pytest.LogCaptureFixture) -> None:
+    """The second QueuePool(None, ...) finds the first one's cluster as the default client: closing
+    the first must not pull it from under the second (whose futures hung when it did)."""
+    _no_default_client()
+    before = _children()
+    first = QueuePool(None, 1, parallel=2)
+    try:
+        pids = _processes_of(first.client)
+        with caplog.at_level("WARNING", logger="zdq"):
+            second = QueuePool(None, 1, parallel=3)  # parallel= cannot apply to a cluster already there
+        assert any("parallel=3 does not apply" in r.getMessage() for r in caplog.records)
+        try:
+            assert second.client is first.client
+            first.close()
+            consumers = zdq.ConsumerPool(None, second, n_consumers=1, start=True)
+            assert second.submit(Square(5)).result(timeout=60) == 25
+            assert all(psutil.pid_exists(pid) for pid in pids)
+            consumers.close()
+        finally:
+            second.close()
+    finally:
+        first.close()
+    wait_until(lambda: _gone(pids, before), timeout=30)
+    _no_default_client()

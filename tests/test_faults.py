@@ -847,3 +847,34 @@ def test_a_function_the_workers_cannot_import_fails_its_tasks_with_a_clear_error
             batch.result(timeout=30)
         assert len(info.value.errors) == 3
         assert queue_pool.submit(len, "ab").result(timeout=30) == 2  # the pool carries on
+
+
+def test_closing_the_dask_client_under_an_open_pool_fails_its_pending_futures_instead_of_leaving_them() -> None:
+    from distributed import LocalCluster
+
+    from zdq.errors import ClosedError
+
+    from .tasks import sleep
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = Client(cluster)
+    queue_pool = QueuePool(client, 1, heartbeat_interval="100ms", heartbeat_timeout="1s")
+    consumers = ConsumerPool(client, queue_pool, n_consumers=1, start=True)
+    try:
+        running = queue_pool.submit(sleep, 30)
+        waiting = queue_pool.submit(sleep, 30)
+        time.sleep(0.5)
+        client.close()
+        cluster.close()
+        began = time.monotonic()
+        for fut in (running, waiting):
+            with pytest.raises(ClosedError, match="was closed .* while this task was pending"):
+                fut.result(timeout=30)
+        assert time.monotonic() - began < 15
+        with pytest.raises(ClosedError):
+            queue_pool.submit(sleep, 0)
+    finally:
+        consumers.close()
+        queue_pool.close()
+        client.close()
+        cluster.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 from distributed import Client
@@ -20,8 +21,16 @@ __all__ = ["OwnedCluster", "cluster_for", "local"]
 logger = logging.getLogger(__name__)
 
 
+#: The embedded clusters alive in this process, by their client: a second ``QueuePool(None, ...)``
+#: finds the first one's cluster as the default client and shares it, so that closing the first
+#: does not pull the cluster from under the second.
+_live: dict[int, OwnedCluster] = {}
+_lock = threading.Lock()
+
+
 class OwnedCluster:
-    """A LocalCluster and its client, started for one pool and closed with it (idempotent)."""
+    """A LocalCluster and its client, started for a pool and closed with the last pool that uses
+    it (each pool calls :meth:`close` once)."""
 
     def __init__(self, parallel: int) -> None:
         from distributed import LocalCluster
@@ -42,13 +51,22 @@ class OwnedCluster:
         except BaseException:
             self.cluster.close()
             raise
+        self._users = 1
+        with _lock:
+            _live[id(self.client)] = self
         logger.info("zdq embedded mode: started a local cluster of %d worker processes", parallel)
 
     def close(self) -> None:
-        client, self.client = self.client, None
-        if client is not None:
-            client.close()
-            self.cluster.close()
+        with _lock:
+            if self.client is None:
+                return
+            self._users -= 1
+            if self._users > 0:
+                return
+            client, self.client = self.client, None
+            _live.pop(id(client), None)
+        client.close()
+        self.cluster.close()
 
 
 def _parallel(value: Any) -> int:
@@ -60,16 +78,33 @@ def _parallel(value: Any) -> int:
 
 
 def cluster_for(parallel: int | None = None) -> tuple[Client, OwnedCluster | None]:
-    """The default client if there is one (nothing to own), else a new local cluster of
-    ``parallel`` worker processes (default: one per CPU) that the caller owns."""
+    """The default client if there is one (nothing to own, unless it is an embedded cluster of
+    this process: then the caller shares it), else a new local cluster of ``parallel`` worker
+    processes (default: one per CPU) that the caller owns."""
     from distributed import default_client
 
+    wanted = _parallel(parallel) if parallel is not None else None
     try:
-        return default_client(), None
+        client = default_client()
     except ValueError:
-        owned = OwnedCluster(_parallel(parallel))
+        owned = OwnedCluster(wanted or _parallel(None))
         assert owned.client is not None
         return owned.client, owned
+    with _lock:
+        shared = _live.get(id(client))
+        if shared is not None and shared.client is client:
+            shared._users += 1
+        else:
+            shared = None
+    if wanted is not None:
+        workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        if workers != wanted:
+            logger.warning(
+                "parallel=%d does not apply: there is a default Dask client, whose cluster (%d workers) "
+                "this pool uses; close that client first for a local cluster of %d workers",
+                wanted, workers, wanted,
+            )
+    return client, shared
 
 
 def local(parallel: int | None = None, n_queues: int = 1, **kwargs: Any) -> Any:

@@ -547,8 +547,24 @@ class QueuePool:
     # -- supervision ----------------------------------------------------------------------------
     def _supervise_once(self) -> None:
         driver = self._driver
-        if self._closed or driver is None or self.client.status != "running":
+        if self._closed or driver is None:
             return
+        if self.client.status in ("closing", "closed"):
+            # The pool's Dask client was closed under it (or its cluster with it): no queue can
+            # be placed again, and nothing its futures wait for is sure to come. They fail now,
+            # saying so, instead of waiting for ever.
+            logger.error("the Dask client of pool %s was closed while the pool was open: its pending tasks fail", self.name)
+            self._stop_supervisor.set()
+            kept = " (a durable queue kept them: a new pool on the same dirpath runs them)" if self.dirpath else ""
+            driver.fail_all(
+                ClosedError(
+                    f"the Dask client of pool {self.name} was closed (or its cluster) while this task was pending"
+                    f"{kept}: close pools before their client"
+                )
+            )
+            return
+        if self.client.status != "running":
+            return  # reconnecting to its scheduler
         if self._record is not None:
             return self._follow_owner(driver)
         if any(fut.status == "cancelled" for fut in self._actor_futures):
