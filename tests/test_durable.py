@@ -83,3 +83,21 @@ def test_a_full_disk_fails_the_chunks_it_could_not_store_and_nothing_else(client
         errors = info.value.errors
         assert len(errors) == refused and all(isinstance(e, StorageFull) for e in errors.values())
         assert [v for i, v in enumerate(info.value.values) if i not in errors] == [200_000] * stored
+
+
+def test_a_durable_pool_opened_again_with_fewer_queues_warns_of_the_queues_it_leaves_unserved(
+    client: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with QueuePool(client, 3, durability="durable", dirpath=str(tmp_path), name="jobs") as queue_pool:
+        queue_pool.batch_submit([(add, i) for i in range(30)])
+        queue_pool.flush(timeout=30)
+    with caplog.at_level("WARNING", logger="zdq"):
+        with QueuePool(client, 1, durability="durable", dirpath=str(tmp_path), name="jobs"):
+            pass
+    (warning,) = [r.getMessage() for r in caplog.records if "beyond" in r.getMessage()]
+    assert "opened with 1 queue," in warning and "jobs-queue-1" in warning and "jobs-queue-2" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="zdq"):  # all of them: nothing to say
+        with QueuePool(client, 3, durability="durable", dirpath=str(tmp_path), name="jobs") as queue_pool:
+            assert sum(queue_pool.get_queue_size().values()) == 30
+    assert not [r for r in caplog.records if "beyond" in r.getMessage()]

@@ -146,6 +146,38 @@ def test_a_schedule_runs_every_tick_shows_its_last_result_and_stops_when_cancell
         assert [s.schedule_id for s in queue_pool.schedules()] == [also.schedule_id]  # nothing of the refused ones
 
 
+
+def test_a_failing_schedule_leaves_its_error_as_last_error_and_no_pile_of_dead_letters(client: Client) -> None:
+    """A tick that uses up its retries is not dead-lettered (one per tick would pile up without
+    bound); the schedules of a pool go to its queues in turn; a queue that does not answer is named."""
+    from .tasks import fail
+
+    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1, start=True):
+        failing = queue_pool.schedule(fail, "tick failed", every=0.2, retries=1, retry_backoff=0.01)
+        other = queue_pool.schedule(add, 1, 2, every=3600)
+        assert (failing.queue, other.queue) == tuple(queue_pool.queue_names)  # in turn, not at random
+
+        def failed_ticks() -> int:
+            (mine,) = [s for s in queue_pool.schedules() if s.schedule_id == failing.schedule_id]
+            return mine.ticks if mine.last_error is not None else 0
+
+        wait_until(lambda: failed_ticks() >= 4, timeout=60)
+        (mine,) = [s for s in queue_pool.schedules() if s.schedule_id == failing.schedule_id]
+        assert "tick failed" in str(mine.last_error)
+        assert queue_pool.dead_letters() == []
+        failing.cancel()
+        # A stopped queue is named by schedules(), within its timeout.
+        pid = queue_pool.broker_actor(1).pid().result(timeout=10)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            with pytest.raises(Exception, match=f"queues {queue_pool.queue_names[1]} of pool .* did not answer"):
+                queue_pool.schedules(timeout=2)
+            assert time.monotonic() - began < 10
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+
 def _consistent(queue_pool: QueuePool, stamps: Path) -> bool:
     """Every tick queued ran exactly once, as far as can be seen now. The runs are read before
     the count of ticks, so a run can never be read without its tick: more runs than ticks is a

@@ -276,6 +276,8 @@ class QueuePool:
         self.consumer_identities: set[bytes] = set()
         self.recoveries = 0
         self.reset_by_restart = False
+        self._schedules_made = 0  # the i-th schedule made here goes to queue i % n_queues
+        self._schedule_lock = threading.Lock()
         # Attaching: a durable pool always may (one name and directory is one pool); a transient
         # one when it was given the name of a live pool.
         self._may_attach = self.durability is Durability.DURABLE or name is not None
@@ -374,13 +376,21 @@ class QueuePool:
             # A durable queue keeps the payload key of the pool that created it, so that a pool
             # reopened after a restart reads what was stored; the queues of one dirpath agree on it.
             proposed = os.urandom(32) if self.auth else None
-            opens = [b.open(self._identity, proposed) for b in self._brokers]
+            opens = [b.open(self._identity, proposed, self.n_queues) for b in self._brokers]
             opened = [call.result(timeout=60) for call in opens]
-            self.endpoints = [endpoint for endpoint, _, _, _ in opened]
+            self.endpoints = [endpoint for endpoint, _, _, _, _ in opened]
             # A queue's host is its worker's as the scheduler names it, the name recovery places
             # by (the broker's own view may be another name of the same machine).
-            self._where = [(host_of(self._placed_on[i]), str(queue_id)) for i, (_, _, queue_id, _) in enumerate(opened)]
-            keys = {key for _, _, _, key in opened}
+            self._where = [(host_of(self._placed_on[i]), str(queue_id)) for i, (_, _, queue_id, _, _) in enumerate(opened)]
+            beyond = sorted({d for i, (_, _, _, _, dirs) in enumerate(opened) for d in dirs})
+            if beyond:
+                logger.warning(
+                    "durable pool %s was opened with %s, but its directory also holds queues beyond "
+                    "them, which this pool does not serve (their tasks and schedules wait there): %s; open it "
+                    "with as many queues to serve them",
+                    self.name, counted(self.n_queues, "queue"), ", ".join(beyond),
+                )
+            keys = {key for _, _, _, key, _ in opened}
             if len(keys) > 1:
                 raise StorageCorrupt(f"the queues under {self.dirpath} were written by different pools (their keys differ)")
             self.payload_key = keys.pop()
@@ -623,7 +633,7 @@ class QueuePool:
             return None
         try:
             broker = fut.result(timeout=60)
-            endpoint, _, id_found, key = broker.open(self._identity, self.payload_key).result(timeout=60)
+            endpoint, _, id_found, key, _ = broker.open(self._identity, self.payload_key).result(timeout=60)
             where = (host_of(self._placed_on[i]), str(id_found))
             if not transient and where != self._where[i]:
                 raise QueueMissing(
@@ -1109,6 +1119,13 @@ class QueuePool:
         """End a schedule (``Schedule.cancel()``); True if it was live."""
         self._owned("schedules")
         return self._on_brokers(lambda: cancel_schedule(self, schedule_id, timeout))
+
+    def next_schedule_queue(self) -> int:
+        """The queue that keeps the next schedule made here: the queues in turn."""
+        with self._schedule_lock:
+            index = self._schedules_made % self.n_queues
+            self._schedules_made += 1
+        return index
 
     def broker_actor(self, i: int) -> Any:
         """The broker actor of queue ``i`` (control plane), as placed now."""

@@ -4,7 +4,8 @@ A schedule is made on the driver (its task pickled and sealed once, as a one-tas
 handed to one queue's broker over the control plane (an actor call, as dead letters are): the
 queue keeps it (on disk for a durable queue) and puts a chunk of that task in itself at every
 tick (:mod:`zdq.broker.schedules`). So schedules outlive the driver that made them; a transient
-pool's live as long as its brokers. Schedule ``i`` is given to queue ``i % n_queues``.
+pool's live as long as its brokers. The ``i``-th schedule a pool makes is given to its queue
+``i % n_queues``.
 
 A tick's result goes to the schedule, not to a driver: :class:`Schedule` shows the last one
 (``last_value`` or ``last_error``), never a growing pile.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from zdq.errors import SerializationError
+from zdq.errors import BrokerLost, SerializationError
 from zdq.schedules import Missed, ScheduleRecord, Spec, _missed
 from zdq.serialization import error_to_exception, loads_results
 from zdq.tasks import TASKS, TaskOptions, call_task, dumps_chunk
@@ -149,15 +150,38 @@ def make_schedule(
     record = ScheduleRecord(
         schedule_id, name, spec, policy, spec.next_after(now), payload, priority=timing.priority if timing else 0
     )
-    index = schedule_id % pool.n_queues
+    index = pool.next_schedule_queue()
     pool.broker_actor(index).add_schedule(record.pack()).result(timeout=timeout)
     return _snapshot(pool, index, record)
 
 
 def list_schedules(pool: QueuePool, timeout: float) -> list[Schedule]:
-    """Every schedule of the pool's queues, by next tick."""
+    """Every schedule of the pool's queues, by next tick.
+
+    Raises
+    ------
+    BrokerLost
+        Some queues did not answer within ``timeout`` (each asked in parallel): named, since the
+        list would miss their schedules.
+    """
     calls = [(i, pool.broker_actor(i).schedules()) for i in range(pool.n_queues)]
-    found = [_snapshot(pool, i, ScheduleRecord.unpack(raw)) for i, call in calls for raw in call.result(timeout=timeout)]
+    deadline = time.monotonic() + timeout
+    found: list[Schedule] = []
+    silent: list[str] = []
+    cause: BaseException | None = None
+    for i, call in calls:
+        try:
+            raws = call.result(timeout=max(0.1, deadline - time.monotonic()))
+        except Exception as e:  # its worker is gone, stalled, or the queue is being placed again
+            silent.append(pool.queue_names[i])
+            cause = cause or e
+            continue
+        found.extend(_snapshot(pool, i, ScheduleRecord.unpack(raw)) for raw in raws)
+    if silent:
+        raise BrokerLost(
+            f"queues {', '.join(silent)} of pool {pool.name} did not answer within {timeout:g} s (lost, being "
+            "placed again, or stalled): their schedules are not listed"
+        ) from cause
     return sorted(found, key=lambda s: s.next_tick)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 
 from zdq._actor import liveness_probe, scheduler_address, worker_address
@@ -158,12 +159,34 @@ class Broker:
     def pid(self) -> int:
         return os.getpid()
 
-    def open(self, creator: bytes, proposed_key: bytes | None) -> tuple[str, str, str, bytes | None]:
+    def open(
+        self, creator: bytes, proposed_key: bytes | None, n_queues: int = 0
+    ) -> tuple[str, str, str, bytes | None, list[str]]:
         """:meth:`start`, :meth:`where` and :meth:`payload_key` in one call (placing a queue is
-        one actor round trip, not three): ``(endpoint, host, queue id, payload key)``."""
+        one actor round trip, not three): ``(endpoint, host, queue id, payload key, beyond)``.
+
+        ``beyond``: the directories of this pool's queues numbered ``n_queues`` or more beside this
+        durable queue's own (a pool reopened with fewer queues would not serve what they hold)."""
         endpoint = self.start(creator)
         host, queue_id = self.where()
-        return endpoint, host, queue_id, self.payload_key(proposed_key)
+        return endpoint, host, queue_id, self.payload_key(proposed_key), self._beyond(n_queues)
+
+    def _beyond(self, n_queues: int) -> list[str]:
+        if self._dirpath is None or n_queues <= 0:
+            return []
+        from zdq.storage.lmdb import is_queue_dir
+
+        parent = os.path.dirname(os.path.normpath(self._dirpath))
+        pattern = re.compile(re.escape(pool_of_queue(self.name)) + r"-queue-(\d+)")
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            return []
+        return sorted(
+            os.path.join(parent, name)
+            for name in names
+            if (m := pattern.fullmatch(name)) and int(m.group(1)) >= n_queues and is_queue_dir(os.path.join(parent, name))
+        )
 
     def where(self) -> tuple[str, str]:
         """``(host, queue id)``: where the queue lives, and the id stored with a durable queue (a

@@ -615,8 +615,15 @@ class BrokerCore:
             self._bad(ident, ProtocolError(f"DEAD of chunk {msg.chunk_id} that is not leased to this peer"))
             return
         meta = self._leases.meta(msg.chunk_id) or held.meta
-        # seq 0: if the dead letter is requeued, its result goes to the pool's driver as a new one.
         reason = msg.reason.decode(errors="replace")
+        if meta.owner == SCHEDULED:
+            # A tick that used up its attempts is not kept: the next tick runs the same task, and
+            # one dead letter per tick of a failing schedule would pile up without bound. Its
+            # error reaches the schedule (its DONE follows) as its last result.
+            self.counters.tasks_dead_lettered += 1
+            logger.warning("queue %s: a tick of schedule %d used up its attempts: %s", self.name, meta.seq, reason[:200])
+            return
+        # seq 0: if the dead letter is requeued, its result goes to the pool's driver as a new one.
         try:
             self._storage.put_dead([(ChunkMeta(meta.owner, 0, 1, priority=meta.priority), msg.chunk, reason)])
             self.counters.tasks_dead_lettered += 1
