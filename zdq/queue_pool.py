@@ -621,7 +621,9 @@ class QueuePool:
             logger.warning(
                 "queue %s was lost with its worker%s; placing it again",
                 name,
-                " (the tasks that lived only in its memory fail with BrokerLost)" if transient else "",
+                " (the tasks and schedules that lived only in its memory are gone: the tasks fail with BrokerLost)"
+                if transient
+                else "",
             )
         host = None if transient else self._where[i][0]
         try:
