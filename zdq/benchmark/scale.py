@@ -81,7 +81,7 @@ def _dask_placement(client: Client, n: int) -> float:
         client.submit(_Idle, actor=True, workers=[workers[i % len(workers)]], pure=False, key=f"bench-idle-{i}-{time.time_ns()}")
         for i in range(n)
     ]
-    actors = [f.result(timeout=300) for f in futures]
+    actors: list[Any] = [f.result(timeout=300) for f in futures]  # proxies: ping() returns a future
     assert all(call.result(timeout=300) == 1 for call in [a.ping() for a in actors])
     took = time.perf_counter() - start
     del actors
