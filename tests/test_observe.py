@@ -184,6 +184,8 @@ def test_dead_letters_commands_list_requeue_and_purge_a_live_pools_dead_letters(
         text = _zdq("dead-letters", "list", "--scheduler", address, "lettered")
         assert text.returncode == 0 and text.stdout.count("boom") == 3, text.stdout + text.stderr
 
+        unknown = _zdq("dead-letters", "requeue", "--scheduler", address, "lettered", "--chunk", "987654321")
+        assert unknown.returncode == 1 and "1 of the chunks given are not dead letters" in unknown.stderr, unknown.stderr
         queue, chunk_id = sorted(chunks)[0]
         requeued = _zdq("dead-letters", "requeue", "--scheduler", address, "lettered", queue, "--chunk", str(chunk_id))
         assert requeued.returncode == 0, requeued.stderr
@@ -217,14 +219,15 @@ def test_purge_command_cancels_the_ready_tasks_so_that_they_never_run_and_their_
         address = dash_cluster.scheduler_address
         asked = _zdq("purge", "--scheduler", address, "purged", stdin="")
         assert asked.returncode == 1 and "--yes" in asked.stderr
+        assert "cancel the 38 ready and 2 delayed tasks" in asked.stderr  # what it would cancel, all of it
         one = _zdq("purge", "--scheduler", address, "purged", "0", "--yes")
         assert one.returncode == 0, one.stderr
         (line,) = one.stdout.splitlines()
-        assert line.startswith("purged-queue-0: ") and line.endswith(" ready tasks cancelled")
+        assert line.startswith("purged-queue-0: ") and line.endswith(" waiting tasks cancelled")
         cancelled_here = int(line.split(": ")[1].split()[0])
         rest = _zdq("purge", "--scheduler", address, "purged", "--yes")
         assert rest.returncode == 0, rest.stderr
-        assert f"purged-queue-1: {40 - cancelled_here} ready tasks cancelled" in rest.stdout
+        assert f"purged-queue-1: {40 - cancelled_here} waiting tasks cancelled" in rest.stdout
         with ConsumerPool(dash_client, queue_pool, n_consumers=1) as consumer_pool:
             consumer_pool.start()
             for future in futures:
@@ -233,15 +236,34 @@ def test_purge_command_cancels_the_ready_tasks_so_that_they_never_run_and_their_
 
 
 def test_cli_gives_a_one_line_error_for_a_wrong_address_a_cluster_without_zdq_and_an_unknown_pool(
-    dash_cluster: LocalCluster, dash_client: Client
+    dash_cluster: LocalCluster, dash_client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     wrong = _zdq("status", "--scheduler", "tcp://127.0.0.1:9", "--timeout", "2", timeout=30)
     assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
     assert wrong.stderr.startswith("zdq status: cannot reach a Dask scheduler at tcp://127.0.0.1:9")
-    with LocalCluster(n_workers=0, processes=False, protocol="tcp://", dashboard_address=None) as bare:
+    # Addresses that do not parse, and a port that accepts but does not speak Dask: one line, in time.
+    import socket
+    import time
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        for address in ("nonsense", "tcp://127.0.0.1", "http://127.0.0.1:80", f"tcp://127.0.0.1:{silent.getsockname()[1]}"):
+            began = time.monotonic()
+            bad = _zdq("status", "--scheduler", address, "--timeout", "2", timeout=30)
+            assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, (address, bad.stderr)
+            assert time.monotonic() - began < 15, address
+    for option in (["--watch", "-1"], ["--timeout", "0"]):
+        refused = _zdq("status", "--scheduler", dash_cluster.scheduler_address, *option, timeout=30)
+        assert refused.returncode == 1 and "must be a positive number" in refused.stderr, refused.stderr
+    with (
+        LocalCluster(n_workers=0, processes=False, protocol="tcp://", dashboard_address=None) as bare,
+        caplog.at_level("ERROR"),
+    ):
         none = _zdq("status", "--scheduler", bare.scheduler_address, timeout=30)
         assert none.returncode == 1 and len(none.stderr.strip().splitlines()) == 1, none.stderr
         assert "runs no zdq pool" in none.stderr
+    assert not [r for r in caplog.records if "zdq_status" in r.getMessage()]  # no traceback in its log
     with QueuePool(dash_client, 1, name="known"):
         unknown = _zdq("dead-letters", "list", "--scheduler", dash_cluster.scheduler_address, "unknown", timeout=30)
         assert unknown.returncode == 1 and len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr

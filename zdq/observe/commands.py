@@ -25,8 +25,10 @@ def _live(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Na
         from zdq.errors import ZdqError
         from zdq.observe import remote
 
-        if args.timeout <= 0:
-            raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+        if not args.timeout > 0:
+            return _fail(args, f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+        if getattr(args, "watch", None) is not None and not args.watch > 0:
+            return _fail(args, f"--watch must be a positive number of seconds, got {args.watch:g}")
         address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
         if not address:
             raise ValueError("--scheduler ADDRESS is required (or set DASK_SCHEDULER_ADDRESS)")
@@ -122,13 +124,15 @@ def _purge(client: Any, args: argparse.Namespace) -> int:
 
     queues = remote.queues_of(remote.status(client, args.timeout), args.pool, args.queue)
     ready = sum(q["ready_tasks"] for q in queues)
+    delayed = sum(q.get("delayed_tasks", 0) for q in queues)
     names = ", ".join(q["name"] for q in queues)
-    if not _confirm(args, f"cancel the {ready} ready tasks of {names}"):
+    waiting = f"{ready} ready and {delayed} delayed tasks" if delayed else f"{ready} ready tasks"
+    if not _confirm(args, f"cancel the {waiting} of {names} (they never run)"):
         print("nothing purged", file=sys.stderr)
         return 1
     done = remote.act(client, queues, "purge", args.timeout)
     for name, n in done.items():
-        print(f"{name}: {n} ready tasks cancelled" if isinstance(n, int) else f"{name}: {n['error']}")
+        print(f"{name}: {n} waiting tasks cancelled" if isinstance(n, int) else f"{name}: {n['error']}")
     return 0 if all(isinstance(n, int) for n in done.values()) else 1
 
 
@@ -160,7 +164,11 @@ def _dead_letters(client: Any, args: argparse.Namespace) -> int:
     verb = "requeued" if args.action == "requeue" else "purged"
     for name, n in done.items():
         print(f"{name}: {n} dead chunks {verb}" if isinstance(n, int) else f"{name}: {n['error']}")
-    return 0
+    total = sum(n for n in done.values() if isinstance(n, int))
+    if chunks and total < len(set(chunks)):
+        # Some chunks named were no dead letter of these queues: say so, and fail the command.
+        return _fail(args, f"{len(set(chunks)) - total} of the chunks given are not dead letters of {', '.join(done)}")
+    return 0 if all(isinstance(n, int) for n in done.values()) else 1
 
 
 def _live_options(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from zdq.errors import ZdqError
 
-__all__ = ["ACTIONS", "NoMonitor", "act", "connect", "queues_of", "status"]
+__all__ = ["ACTIONS", "NoMonitor", "act", "check_address", "connect", "queues_of", "status"]
 
 #: What :func:`act` may ask a broker, by name: the Broker actor method it calls.
 ACTIONS = {
@@ -30,27 +30,67 @@ class NoMonitor(ZdqError, LookupError):
     installed where the scheduler runs)."""
 
 
+def check_address(address: str) -> str:
+    """``address`` as a Dask client would use it, checked before any connection is tried: a
+    ``ValueError`` that names what is wrong (Dask would fail deep in its comm layer, then leave a
+    client that takes seconds to give up at exit)."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address if "://" in address else f"tcp://{address}", strict=True)
+        if scheme not in ("tcp", "tls"):
+            raise ValueError(f"the scheme {scheme}:// is not one a scheduler is reached by here (tcp:// or tls://)")
+        parse_host_port(location)  # a port is required
+    except ValueError as e:
+        raise ValueError(f"{address!r} is not a scheduler address like tcp://host:8786: {e}") from None
+    return address
+
+
 def connect(address: str, timeout: float) -> Any:
     """A Dask client of the scheduler at ``address``; ``OSError`` (with the address) if it cannot
-    be reached within ``timeout`` seconds."""
-    from distributed import Client
+    be reached within ``timeout`` seconds, whatever listens there.
 
+    Dask bounds the TCP connection by ``timeout`` but not every step after it (a port that
+    accepts and never speaks Dask's protocol, as a dashboard's HTTP port, holds the handshake):
+    the client is made on a thread of its own, and given up on after ``timeout`` and a second.
+    """
+    import threading
+
+    from distributed import Client
     from distributed.security import Security
 
     if address.startswith("inproc://"):
         raise OSError(f"cannot reach a Dask scheduler at {address}: an inproc address works only inside its own process")
+    try:
+        check_address(address)
+    except ValueError as e:
+        raise OSError(f"cannot reach a Dask scheduler: {e}") from None
     security = Security()  # dask.config's distributed.comm.tls.* and require-encryption, as any client
     if address.startswith("tls://") and security.get_connection_args("client").get("ssl_context") is None:
-        # Checked here: Dask would fail deep in its comm layer, and leave a client that takes
-        # seconds to give up at exit.
         raise OSError(
             f"cannot reach a Dask scheduler at {address}: a tls:// address needs TLS settings in dask.config "
             "(distributed.comm.tls.ca-file, .client.cert, .client.key)"
         )
-    try:
-        return Client(address, timeout=timeout, set_as_default=False, security=security)
-    except (OSError, TimeoutError, ValueError, TypeError) as e:  # ValueError: an address that does not parse
-        raise OSError(f"cannot reach a Dask scheduler at {address} within {timeout:g} s: {e}") from e
+    made: list[Any] = []
+    failed: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            made.append(Client(address, timeout=timeout, set_as_default=False, security=security))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            failed.append(e)
+
+    thread = threading.Thread(target=make, name="zdq-cli-connect", daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    if made:
+        return made[0]
+    if failed:
+        raise OSError(f"cannot reach a Dask scheduler at {address} within {timeout:g} s: {failed[0]}") from failed[0]
+    raise OSError(
+        f"no Dask scheduler answered at {address} within {timeout:g} s (something accepts connections "
+        "there but does not speak Dask's protocol: a dashboard's HTTP port?)"
+    )
 
 
 def status(client: Any, timeout: float) -> dict[str, Any]:
@@ -69,9 +109,14 @@ def status(client: Any, timeout: float) -> dict[str, Any]:
     return state
 
 
-async def _status(client: Any, timeout: float) -> dict[str, Any]:
+async def _status(client: Any, timeout: float) -> dict[str, Any] | None:
     import asyncio
 
+    # Asked first: a scheduler without the handler logs a traceback for an unknown operation. A
+    # lambda, so that it is pickled by value: the scheduler may not have zdq to import.
+    has_monitor = lambda dask_scheduler: "zdq_status" in dask_scheduler.handlers  # noqa: E731
+    if not await asyncio.wait_for(client.run_on_scheduler(has_monitor), timeout):
+        return None
     return await asyncio.wait_for(client.scheduler.zdq_status(), timeout)
 
 
