@@ -271,3 +271,11 @@ def test_the_monitor_keeps_a_bounded_number_of_entries_dropping_the_oldest_and_l
     assert len([r for r in caplog.records if "oldest are dropped" in r.getMessage()]) == 1
     clock.now += 11  # the sender stopped reporting: its entries expire
     assert monitor.status()["pools"] == {}
+
+
+def test_two_brokers_reporting_one_queue_name_in_turn_do_not_inflate_its_counters() -> None:
+    monitor = Monitor(None)  # two pools of the same name on one cluster: their queue names repeat
+    for _ in range(5):
+        monitor.on_report(worker="tcp://a", queues=[dict(_queue("jobs-queue-0", tasks_stored=10), id="x")])
+        monitor.on_report(worker="tcp://b", queues=[dict(_queue("jobs-queue-0", tasks_stored=3), id="y")])
+    assert monitor.status()["pools"]["jobs"]["totals"]["submitted"] == 13

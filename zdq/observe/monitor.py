@@ -49,23 +49,40 @@ _STALE_MIN = 10.0
 MAX_KEPT = 4096
 #: A sender's bad reports are logged at most once in this many seconds.
 _WARN_EVERY = 60.0
+#: Incarnations of a queue whose totals are kept apart (older ones are summed).
+_INCARNATIONS = 4
 #: Consumer samples kept for its rate (reports: at least RATE_WINDOW seconds of them).
 _RATE_SAMPLES = 16
 
 
 class _Queue:
-    __slots__ = ("seen", "interval", "worker", "report", "tally", "recoveries")
+    __slots__ = ("seen", "interval", "worker", "report", "incarnations", "ended", "recoveries")
 
     def __init__(self) -> None:
         self.seen = 0.0
         self.interval = 1.0
         self.worker = ""
         self.report: QueueReport | None = None
-        self.tally = Tally()  # QUEUE_COUNTERS, then the histogram's buckets and sum
+        # A Tally per incarnation (the feed's id), most recent last: QUEUE_COUNTERS, then the
+        # histogram's buckets and sum. Per incarnation, not one: two same-named pools on a cluster
+        # report the same queue name in turn, and switching one Tally between them would add each
+        # one's counts again at every turn.
+        self.incarnations: dict[str, Tally] = {}
+        self.ended: dict[str, float] = {}  # the totals of incarnations no longer kept apart
         self.recoveries = 0  # times seen at a new endpoint: placed again after its worker was lost
 
+    def count(self, incarnation: str, raw: dict[str, float]) -> None:
+        tally = self.incarnations.pop(incarnation, None) or Tally()
+        self.incarnations[incarnation] = tally
+        tally.update(incarnation, raw)
+        while len(self.incarnations) > _INCARNATIONS:
+            add_into(self.ended, self.incarnations.pop(next(iter(self.incarnations))).totals())
+
     def totals(self) -> dict[str, float]:
-        return self.tally.totals()
+        out = dict(self.ended)
+        for tally in self.incarnations.values():
+            add_into(out, tally.totals())
+        return out
 
 
 class _Consumer:
@@ -211,7 +228,7 @@ class Monitor:
             raw.update({f"rt{i}": n for i, n in enumerate(qr.round_trips)})
             raw["round_trip_sum"] = qr.round_trip_sum
             # A feed that sends no id: the endpoint tells a broker placed again.
-            entry.tally.update(qr.id or qr.endpoint, raw)
+            entry.count(qr.id or qr.endpoint, raw)
             entry.seen, entry.interval, entry.worker, entry.report = now, interval, worker, qr
         for cr in consumers:
             view = self._pool(cr.pool)
