@@ -244,15 +244,16 @@ def test_two_consumer_pools_that_repeat_consumer_names_are_counted_apart() -> No
 def test_a_consumers_rate_is_taken_over_several_reports_not_between_two(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock(monkeypatch)
     monitor = Monitor(None)
-    done, shown = 0, []
-    for second in range(12):  # 80 tasks/s, in chunks of 160 that land every other report
-        if second % 2 == 1:
-            done += 160
+    shown = []
+    for tick in range(40):  # 84 tasks/s, in steps of 210 that land every 2.5 s; reports every second
+        seconds = tick * 1.0
+        done = 210 * int(seconds / 2.5) if seconds < 25 else 210 * 10  # then the consumer stops
         monitor.on_report(worker="tcp://a", consumers=[dict(_consumer("C-0", "jobs", done), id="c")],
                           queues=[_queue("jobs-queue-0")])
         shown.append(monitor.status()["pools"]["jobs"]["consumers"][0]["rate"])
         clock.now += 1.0
-    assert all(60 <= r <= 100 for r in shown[6:]), shown
+    assert all(75 <= r <= 95 for r in shown[8:25]), shown  # between consecutive reports: 0 or 210
+    assert shown[-1] == 0 and all(a >= b for a, b in zip(shown[27:], shown[28:])), shown
 
 
 def test_the_monitor_keeps_a_bounded_number_of_entries_dropping_the_oldest_and_logging_once(

@@ -35,7 +35,7 @@ from zdq.observe.report import (
     QueueReport,
     decode,
 )
-from zdq.observe.tally import RATE_WINDOW, Tally, add_into, windowed_rate
+from zdq.observe.tally import RATE_WINDOW, Tally, add_into, step_rate
 
 __all__ = ["Monitor", "ensure_installed", "install", "installed", "MAX_KEPT"]
 
@@ -51,8 +51,8 @@ MAX_KEPT = 4096
 _WARN_EVERY = 60.0
 #: Incarnations of a queue whose totals are kept apart (older ones are summed).
 _INCARNATIONS = 4
-#: Consumer samples kept for its rate (reports: at least RATE_WINDOW seconds of them).
-_RATE_SAMPLES = 16
+#: Consumer samples kept for its rate (reports: at least STEP_WINDOW seconds of them).
+_RATE_SAMPLES = 64
 
 
 class _Queue:
@@ -356,7 +356,7 @@ def _consumer_status(c: _Consumer, now: float) -> dict[str, Any]:
         "running": r.running,
         **r.counters,
         **r.gauges,
-        "rate": round(windowed_rate(c.samples), 1),
+        "rate": round(step_rate(c.samples), 1),
         "age": round(now - c.seen, 3),
     }
 

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-__all__ = ["Tally", "RATE_WINDOW", "add_into", "windowed_rate"]
+__all__ = ["Tally", "RATE_WINDOW", "STEP_WINDOW", "add_into", "step_rate", "windowed_rate"]
 
 #: Rates are taken over this many seconds of reports: counters move once per chunk and reports
 #: come once a second, so a rate between two consecutive samples swings between 0 and twice the
 #: real one.
 RATE_WINDOW = 5.0
+
+
+#: A consumer's counters move in steps (a batch of chunks at a time, a few seconds apart): its rate
+#: is taken between the steps seen over this many seconds.
+STEP_WINDOW = 10.0
 
 
 class Tally:
@@ -64,3 +69,26 @@ def windowed_rate(samples: Iterable[tuple[float, float]], window: float = RATE_W
     first = next((s for s in kept if s[0] >= t1 - window), kept[-1])
     t0, v0 = first
     return max(0.0, (v1 - v0) / (t1 - t0)) if t1 > t0 else 0.0
+
+
+def step_rate(samples: Iterable[tuple[float, float]], window: float = STEP_WINDOW) -> float:
+    """Per-second rate of a value that grows in steps, from ``(time, value)`` samples (oldest
+    first) over the last ``window`` seconds: between the first and the last step seen, so that a
+    window holding 2 steps or 3 of a steady flow gives the same rate. Once the last step is older
+    than the usual gap between steps (the flow slowed or stopped), the time since it counts too,
+    and the rate falls to 0 as the steps leave the window.
+    """
+    kept = list(samples)
+    if len(kept) < 2:
+        return 0.0
+    now = kept[-1][0]
+    kept = [s for s in kept if s[0] >= now - window] or kept[-1:]
+    steps = [b for a, b in zip(kept, kept[1:]) if b[1] != a[1]]
+    if not steps:
+        return 0.0
+    if len(steps) == 1:
+        return windowed_rate(kept, window)
+    (t0, v0), (t1, v1) = steps[0], steps[-1]
+    gap = (t1 - t0) / (len(steps) - 1)
+    end = t1 if now - t1 <= gap else now
+    return max(0.0, (v1 - v0) / (end - t0)) if end > t0 else 0.0
