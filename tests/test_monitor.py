@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import time
+from typing import Any
 
 import pytest
 import zmq
@@ -12,6 +16,7 @@ from tests.test_broker import _peer, _recv, broker  # noqa: F401 - broker is a f
 from zdq.broker.core import BrokerCore
 from zdq.names import pool_of_queue
 from zdq.observe import metrics
+from zdq.observe import monitor as monitor_module
 from zdq.observe.monitor import Monitor
 from zdq.stats import ROUND_TRIP_BOUNDS
 from zdq.transport import protocol as p
@@ -53,15 +58,17 @@ def test_monitor_sums_a_pools_queues_and_consumers_and_forgets_what_its_workers_
     assert monitor.status()["pools"] == {}
 
 
-def test_monitor_rates_are_per_second_between_samples_and_never_negative() -> None:
+def test_monitor_rates_are_per_second_over_a_window_of_samples_and_never_negative() -> None:
     monitor = Monitor(None)
-    view = monitor._pool("jobs")
     now = time.monotonic()
-    view.queues["jobs-queue-0"] = (now, _queue("jobs-queue-0"))
-    view.history.extend([(now - 2, 0, 0, 0), (now - 1, 100, 50, 2), (now, 50, 150, 2)])  # a queue placed again
-    rates = monitor.status()["pools"]["jobs"]["rates"]
-    assert rates["submitted"][:2] == [100.0, 0.0] and rates["completed"][:2] == [50.0, 100.0]
-    assert rates["failed"][:2] == [2.0, 0.0]
+    monitor.on_report(worker="tcp://a", queues=[_queue("jobs-queue-0")])
+    view = monitor._pools["jobs"]
+    view.history.clear()
+    # Counters move once per chunk: 0, 100, 100, 200 a second apart is 50/s, not 100, 0, 100.
+    view.history.extend([(now - 3, 0, 0, 0), (now - 2, 100, 50, 2), (now - 1, 100, 50, 2), (now, 200, 50, 2)])
+    rates = monitor._pools and monitor.status()["pools"]["jobs"]["rates"]
+    assert rates["submitted"][:3] == [100.0, 50.0, 66.7] and rates["completed"][:3] == [50.0, 25.0, 16.7]
+    assert all(r >= 0 for key in ("submitted", "completed", "failed") for r in rates[key])
 
 
 def test_the_metrics_collector_names_every_family_zdq_and_labels_by_pool_and_queue_only() -> None:
@@ -111,3 +118,165 @@ def test_purge_marks_every_ready_task_cancelled_and_keeps_the_chunks_for_their_d
     finally:
         driver.close(linger=0)
         consumer.close(linger=0)
+
+
+class _Clock:
+    """time.monotonic for the monitor, moved by hand."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 1000.0
+        monkeypatch.setattr(monitor_module.time, "monotonic", lambda: self.now)
+
+
+def _scrape(monitor: Monitor) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    pytest.importorskip("prometheus_client", reason="prometheus_client is not installed")
+    metrics._monitors.add(monitor)
+    try:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in metrics._Collector().collect()
+            for s in family.samples
+        }
+    finally:
+        metrics._monitors.discard(monitor)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"queues": [dict(_queue("jobs-queue-9"), tasks_stored="lots")]},
+        {"queues": [{k: v for k, v in _queue("jobs-queue-9").items() if k != "name"}]},
+        {"interval": "x"},
+        {"interval": math.nan},
+        {"queues": [dict(_queue("jobs-queue-9"), tasks_stored=math.inf)]},
+        {"queues": [dict(_queue("jobs-queue-9"), ready_tasks=-1)]},
+        {"queues": [dict(_queue("jobs-queue-9"), round_trips=[1, 2])]},
+        {"queues": [dict(_queue("jobs-queue-9"), name="x" * 100_000)]},
+        {"queues": "jobs-queue-9"},
+        {"queues": [None, 3, "q"]},
+        {"consumers": [dict(_consumer("C-9", "jobs", 1), tasks_done="1")]},
+        {"consumers": [dict(_consumer("C-9", "jobs", 1), pool=["jobs"])]},
+        {"gone": [("queue",)], "queues": [{"name": 1}]},
+    ],
+)
+def test_a_malformed_report_is_dropped_with_one_warning_and_harms_neither_the_monitor_nor_later_reports(
+    bad: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    monitor = Monitor(None)
+    good = {"interval": 1.0, "queues": [_queue("jobs-queue-0", tasks_stored=4)], "consumers": [_consumer("C-0", "jobs", 2)]}
+    with caplog.at_level(logging.WARNING, logger="zdq.observe.monitor"):
+        for _ in range(3):  # the stream handler never raises: Dask would drop the worker that sent it
+            monitor.on_report(worker="tcp://evil", **{**good, **bad})
+            monitor.on_report(worker="tcp://good", **good)
+    assert len([r for r in caplog.records if "tcp://evil" in r.getMessage()]) == 1  # once per sender
+    assert not [r for r in caplog.records if "tcp://good" in r.getMessage()]
+    status = monitor.status()
+    json.dumps(status, allow_nan=False)  # what /zdq/status.json writes
+    assert monitor.dropped >= 3
+    pool = status["pools"]["jobs"]
+    assert [q["name"] for q in pool["queues"]] == ["jobs-queue-0"] and pool["totals"]["submitted"] == 4
+    assert all(isinstance(v, int) for v in pool["totals"].values())
+    samples = _scrape(monitor)
+    assert samples[("zdq_tasks_submitted_total", (("pool", "jobs"), ("queue", "jobs-queue-0")))] == 4
+
+
+def test_a_reports_interval_is_clamped_so_that_a_forged_one_cannot_stop_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock(monkeypatch)
+    monitor = Monitor(None)
+    monitor.on_report(worker="tcp://a", interval=1e12, queues=[_queue("jobs-queue-0")])
+    assert monitor.status()["interval"] == 60.0
+    # Each entry expires after its own sender's interval: the forged one does not hold the others.
+    monitor.on_report(worker="tcp://b", interval=1.0, queues=[_queue("other-queue-0")])
+    clock.now += 11
+    assert list(monitor.status()["pools"]) == ["jobs"]
+    clock.now += 290  # five intervals of the longest allowed (60 s)
+    assert monitor.status()["pools"] == {}
+
+
+def test_counters_never_go_backwards_when_a_queue_or_consumer_is_placed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock(monkeypatch)
+    monitor = Monitor(None)
+    trips = [3] + [0] * len(ROUND_TRIP_BOUNDS)
+    q0 = dict(_queue("jobs-queue-0", tasks_stored=100, tasks_acked=90), id="b1", round_trips=trips, round_trip_sum=1.5)
+    monitor.on_report(worker="tcp://a", queues=[q0], consumers=[dict(_consumer("C-0", "jobs", 80, failed=5), id="c1")])
+    before = _scrape(monitor)
+    # The worker is killed: the queue is placed again (new id, counters from 0), the consumer replaced.
+    clock.now += 2
+    q1 = dict(_queue("jobs-queue-0", tasks_stored=7), id="b2", endpoint="tcp://new:1", round_trips=[1] + [0] * len(ROUND_TRIP_BOUNDS))
+    monitor.on_report(worker="tcp://b", queues=[q1], consumers=[dict(_consumer("C-0", "jobs", 4), id="c2")],
+                      gone=[("consumer", "jobs", "C-0", "c1")])
+    # A source that restarted without saying so: its counter went down under the same id.
+    clock.now += 1
+    q2 = dict(q1, tasks_stored=2)
+    monitor.on_report(worker="tcp://b", queues=[q2], consumers=[dict(_consumer("C-0", "jobs", 6), id="c2")])
+    after = _scrape(monitor)
+    assert {k: v for k, v in after.items() if k[0].endswith(("_total", "_bucket", "_count", "_sum")) and v < before.get(k, 0)} == {}
+    labels = (("pool", "jobs"), ("queue", "jobs-queue-0"))
+    assert after[("zdq_tasks_submitted_total", labels)] == 100 + 7 + 2
+    assert after[("zdq_tasks_acked_total", labels)] == 90
+    assert after[("zdq_chunk_round_trip_seconds_count", labels)] == 3 + 1 + 1
+    assert after[("zdq_tasks_completed_total", (("pool", "jobs"),))] == 80 + 6
+    assert after[("zdq_tasks_failed_total", (("pool", "jobs"),))] == 5
+    t = monitor.status()["pools"]["jobs"]["totals"]
+    assert (t["submitted"], t["completed"], t["failed"], t["consumers"], t["recoveries"]) == (109, 86, 5, 1, 1)
+    # The queue's worker stops reporting: the pool goes, and its counters with it (no stale series).
+    clock.now += 60
+    assert monitor.status()["pools"] == {}
+
+
+def test_two_consumer_pools_that_repeat_consumer_names_are_counted_apart() -> None:
+    monitor = Monitor(None)
+    for round_ in (1, 2):  # reports alternate between the two pools' workers
+        for worker, ids in (("tcp://a", ("a0", "a1")), ("tcp://b", ("b0", "b1"))):
+            consumers = [dict(_consumer(f"GeneralConsumer-{i}", "jobs", 100 * round_), id=cid, worker=worker)
+                         for i, cid in enumerate(ids)]
+            monitor.on_report(worker=worker, consumers=consumers, queues=[_queue("jobs-queue-0")])
+    pool = monitor.status()["pools"]["jobs"]
+    assert sorted((c["name"], c["worker"]) for c in pool["consumers"]) == [
+        ("GeneralConsumer-0", "tcp://a"), ("GeneralConsumer-0", "tcp://b"),
+        ("GeneralConsumer-1", "tcp://a"), ("GeneralConsumer-1", "tcp://b"),
+    ]
+    assert pool["totals"]["completed"] == 800 and pool["totals"]["consumers"] == 4
+    monitor.on_report(worker="tcp://a", gone=[("consumer", "jobs", "GeneralConsumer-0", "a0")])
+    assert sorted(c["id"] for c in monitor.status()["pools"]["jobs"]["consumers"]) == ["a1", "b0", "b1"]
+
+
+def test_a_consumers_rate_is_taken_over_several_reports_not_between_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock(monkeypatch)
+    monitor = Monitor(None)
+    shown = []
+    for tick in range(40):  # 84 tasks/s, in steps of 210 that land every 2.5 s; reports every second
+        seconds = tick * 1.0
+        done = 210 * int(seconds / 2.5) if seconds < 25 else 210 * 10  # then the consumer stops
+        monitor.on_report(worker="tcp://a", consumers=[dict(_consumer("C-0", "jobs", done), id="c")],
+                          queues=[_queue("jobs-queue-0")])
+        shown.append(monitor.status()["pools"]["jobs"]["consumers"][0]["rate"])
+        clock.now += 1.0
+    assert all(75 <= r <= 95 for r in shown[8:25]), shown  # between consecutive reports: 0 or 210
+    assert shown[-1] == 0 and all(a >= b for a, b in zip(shown[27:], shown[28:])), shown
+
+
+def test_the_monitor_keeps_a_bounded_number_of_entries_dropping_the_oldest_and_logging_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = _Clock(monkeypatch)
+    monkeypatch.setattr(monitor_module, "MAX_KEPT", 50)
+    monitor = Monitor(None)
+    with caplog.at_level(logging.WARNING, logger="zdq.observe.monitor"):
+        for i in range(200):
+            clock.now += 0.01
+            monitor.on_report(worker="tcp://evil", queues=[_queue(f"p{i}-queue-0", tasks_stored=1)])
+    status = monitor.status()
+    kept = sum(len(p["queues"]) + len(p["consumers"]) for p in status["pools"].values())
+    assert kept == 50 and "p199" in status["pools"] and "p0" not in status["pools"]
+    assert len([r for r in caplog.records if "oldest are dropped" in r.getMessage()]) == 1
+    clock.now += 11  # the sender stopped reporting: its entries expire
+    assert monitor.status()["pools"] == {}
+
+
+def test_two_brokers_reporting_one_queue_name_in_turn_do_not_inflate_its_counters() -> None:
+    monitor = Monitor(None)  # two pools of the same name on one cluster: their queue names repeat
+    for _ in range(5):
+        monitor.on_report(worker="tcp://a", queues=[dict(_queue("jobs-queue-0", tasks_stored=10), id="x")])
+        monitor.on_report(worker="tcp://b", queues=[dict(_queue("jobs-queue-0", tasks_stored=3), id="y")])
+    assert monitor.status()["pools"]["jobs"]["totals"]["submitted"] == 13

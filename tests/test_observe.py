@@ -459,3 +459,64 @@ def test_a_feed_emptied_and_fed_again_keeps_reporting_once_a_second(
         elapsed = time.monotonic() - t0
     workers = len(dash_client.scheduler_info()["workers"])
     assert reports <= workers * (elapsed + 2), f"{reports} reports in {elapsed:.1f} s from {workers} workers"
+
+
+def _send_forged_report(dask_worker: Any = None) -> None:
+    # What a task (or a worker of another zdq version) can send: a counter that is no number.
+    dask_worker.batched_stream.send(
+        {"op": "zdq-report", "interval": 1.0, "consumers": [],
+         "queues": [{"pool": "evil", "name": "evil-queue-0", "tasks_stored": "lots"}, {"pool": "evil"}]}
+    )
+
+
+def test_a_malformed_report_from_a_worker_is_dropped_and_every_worker_stays_in_the_cluster(
+    dash_cluster: LocalCluster, dash_client: Client
+) -> None:
+    http = _http(dash_cluster)
+    queue_pool = QueuePool(dash_client, 2, name="poisoned")
+    consumer_pool = ConsumerPool(dash_client, queue_pool, n_consumers=2)
+    with queue_pool, consumer_pool:
+        consumer_pool.start()
+        assert queue_pool.batch_submit([(add, i, 1) for i in range(20)]).result(timeout=60) == list(range(1, 21))
+        workers = sorted(dash_client.scheduler_info()["workers"])
+        reports = dash_client.run_on_scheduler(_reports)[0]
+        dash_client.run(_send_forged_report, workers=workers[:1])
+        dash_client.run(_send_forged_report, workers=workers[:1])
+        # Reports keep arriving and being read; no worker was removed for them.
+        wait_until(lambda: dash_client.run_on_scheduler(_reports)[0] >= reports + 4, timeout=10, interval=0.2)
+        assert sorted(dash_client.scheduler_info()["workers"]) == workers
+        assert queue_pool.submit(add, 1, 1).result(timeout=30) == 2
+        status = json.loads(_get(f"{http}/zdq/status.json"))
+        assert "evil" not in status["pools"] and "poisoned" in status["pools"]
+        assert status["dropped"] >= 4  # two entries of each forged report
+        with contextlib.suppress(ImportError):
+            import prometheus_client  # noqa: F401 - without it Dask serves no /metrics
+
+            assert "zdq_tasks_submitted_total" in _get(f"{http}/metrics")
+
+
+def test_two_consumer_pools_on_one_queue_pool_show_all_their_consumers_though_their_names_repeat(
+    dash_cluster: LocalCluster, dash_client: Client
+) -> None:
+    http = _http(dash_cluster)
+    queue_pool = QueuePool(dash_client, 2, name="twice")
+    first = ConsumerPool(dash_client, queue_pool, n_consumers=2)
+    second = ConsumerPool(dash_client, queue_pool, n_consumers=2)
+    with queue_pool, first, second:
+        done = queue_pool.batch_submit([(add, i, 1) for i in range(400)], batch_size=20)
+        first.start()
+        second.start()
+        assert done.result(timeout=60) == [i + 1 for i in range(400)]
+        stats = [*first.statistics(), *second.statistics()]
+        assert len({c.name for c in stats}) == 2  # daskqueue's names, repeated by the second pool
+
+        def shown() -> bool:
+            pool = json.loads(_get(f"{http}/zdq/status.json"))["pools"].get("twice")
+            return (
+                pool is not None
+                and len(pool["consumers"]) == 4
+                and pool["totals"]["completed"] == sum(c.tasks_done for c in stats) == 400
+                and sorted(c["tasks_done"] for c in pool["consumers"]) == sorted(c.tasks_done for c in stats)
+            )
+
+        wait_until(shown, timeout=20, interval=0.3)

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from dataclasses import asdict
 from typing import Any, Callable
 
@@ -44,10 +45,12 @@ class Source:
 
     ``statistics`` is its own statistics call (cheap: a copy of counters under its lock);
     ``alive`` says whether it still runs (a source whose actor was dropped stops being reported).
-    ``owner`` is the actor itself, for :func:`local_broker`.
+    ``owner`` is the actor itself, for :func:`local_broker`. ``id`` is unique to this source (names
+    repeat: two ConsumerPools on one QueuePool both have ``GeneralConsumer-0``, and a queue placed
+    again keeps its name): the monitor keys consumers by it and tells a new incarnation by it.
     """
 
-    __slots__ = ("kind", "pool", "name", "host", "statistics", "alive", "owner")
+    __slots__ = ("kind", "pool", "name", "host", "statistics", "alive", "owner", "id")
 
     def __init__(
         self,
@@ -67,6 +70,7 @@ class Source:
         self.statistics = statistics
         self.alive = alive
         self.owner = owner
+        self.id = uuid.uuid4().hex
 
 
 class _Feed:
@@ -77,7 +81,7 @@ class _Feed:
         self._sources: dict[int, Source] = {}
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
-        self._gone: list[tuple[str, str, str]] = []  # removed since the last report
+        self._gone: list[tuple[str, str, str, str]] = []  # removed since the last report
 
     def add(self, source: Source) -> None:
         interval = config.seconds_or_none(config.get("report-interval"), "zdq.report-interval")
@@ -96,7 +100,7 @@ class _Feed:
     def remove(self, source: Source) -> None:
         with self._lock:
             if self._sources.pop(id(source), None) is not None and self._thread is not None:
-                self._gone.append((source.kind, source.pool, source.name))  # told in the next report
+                self._gone.append((source.kind, source.pool, source.name, source.id))  # told in the next report
             if not self._sources:
                 self._wake.set()  # the thread sends a last report without it, then ends
 
@@ -115,7 +119,7 @@ class _Feed:
                 # emptied and was fed again must not leave the event set (the wait would spin).
                 wake.clear()
                 sources = [s for s in self._sources.values() if s.alive()]
-                gone = self._gone + [(s.kind, s.pool, s.name) for s in self._sources.values() if not s.alive()]
+                gone = self._gone + [(s.kind, s.pool, s.name, s.id) for s in self._sources.values() if not s.alive()]
                 self._sources = {id(s): s for s in sources}
                 self._gone = []
                 last = not sources
@@ -153,6 +157,7 @@ def _report(sources: list[Source], interval: float) -> dict[str, Any]:
             logger.debug("zdq feed: statistics of %s %s failed: %s", s.kind, s.name, e)
             continue
         stats["pool"] = s.pool
+        stats["id"] = s.id
         # Counts travel, not lists that grow with the pool (names of consumers and drivers).
         stats.pop("consumer_names", None)
         stats.pop("routed_tasks", None)

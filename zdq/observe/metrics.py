@@ -1,8 +1,10 @@
 """``zdq_*`` Prometheus metrics, served by Dask's own ``/metrics`` on the scheduler.
 
 Dask's handler writes ``prometheus_client.REGISTRY``; a collector registered there once per process
-reads the monitors of the schedulers running in it (normally one) at each scrape. Labels are pool,
-queue and consumer names only: their number is bounded by the pools' sizes, never by tasks.
+reads the monitors of the schedulers running in it (normally one) at each scrape. Labels are pool
+and queue names only: their number is bounded by the pools' sizes, never by tasks, and the monitor
+keeps at most ``MAX_KEPT`` entries. Counters are the monitor's totals over every incarnation of a
+queue or consumer (one placed again after its worker was lost starts at 0): they never go backwards.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ _QUEUE_COUNTERS = {
     "zdq_chunks_redelivered": ("chunks_redelivered", "Chunks leased again after their consumer was lost."),
     "zdq_bad_messages": ("bad_messages", "Malformed or forged messages the queue dropped."),
 }
-#: Counters per pool, summed over its consumers: metric name -> the ConsumerStats field.
+#: Counters per pool, summed over its consumers (those gone too): metric name -> the pool's total.
 _POOL_COUNTERS = {
-    "zdq_tasks_completed": ("tasks_done", "Tasks run to a result by the pool's consumers."),
-    "zdq_tasks_failed": ("tasks_failed", "Tasks that failed for good (after their retries)."),
-    "zdq_tasks_retried": ("tasks_retried", "Failed attempts that were retried."),
+    "zdq_tasks_completed": ("completed", "Tasks run to a result by the pool's consumers."),
+    "zdq_tasks_failed": ("failed", "Tasks that failed for good on a consumer (after their retries)."),
+    "zdq_tasks_retried": ("retried", "Failed attempts that were retried."),
 }
 #: Gauges per queue: metric name -> (BrokerStats field, help).
 _QUEUE_GAUGES = {
@@ -54,7 +56,11 @@ class _Collector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        status = _merged_status()
+        try:
+            status = _merged_status()
+        except Exception:  # the rest of Dask's /metrics must not fail with it
+            logger.exception("zdq metrics: the monitor's status failed")
+            status = {}
         families: dict[str, Any] = {}
         for name, (_, help_) in _QUEUE_COUNTERS.items():
             families[name] = CounterMetricFamily(name, help_, labels=["pool", "queue"])
@@ -82,7 +88,7 @@ class _Collector:
                         cumulative.append((bound, float(acc)))
                     rtt.add_metric(labels, cumulative, sum_value=float(q.get("round_trip_sum", 0.0)))
             for name, (field, _) in _POOL_COUNTERS.items():
-                families[name].add_metric([pool], float(sum(int(c.get(field, 0)) for c in view["consumers"])))
+                families[name].add_metric([pool], float(view["totals"][field]))
             live.add_metric([pool], float(len(view["consumers"])))
         yield from families.values()
         yield live

@@ -6,61 +6,37 @@ handles the workers' ``zdq-report`` messages (see :mod:`zdq.observe.feed`) on th
 event loop, which alone touches its state: handlers, the HTTP page, the Prometheus collector and
 ``zdq_status`` all run there.
 
-What it keeps is small and bounded: one dict per queue and per consumer (replaced by each report),
-and per pool at most ``_HISTORY`` samples of its totals, one a second, for the rate plot.
+Reports are not trusted: each is decoded by :mod:`zdq.observe.report` before it touches the state,
+a bad one (or a bad entry) is dropped with a warning (one per sender a minute), and the stream
+handler never raises (Dask would drop the worker that sent it).
+
+What it keeps is bounded: per pool, its live queues (by name: unique in a pool) and consumers (by
+the feed's id: ConsumerPools on one QueuePool repeat names), the totals of queues that went away
+(so that counters never go backwards), and at most 300 samples of the pool's totals for the
+rate plot (:mod:`zdq.observe.views`); at most ``MAX_KEPT`` queue and consumer entries in all (the
+oldest dropped). An entry not reported for ``_STALE_INTERVALS`` of its sender's intervals (at least ``_STALE_MIN`` s) is taken
+for gone: its worker died, or its pool closed without a last report.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from typing import Any
 
-__all__ = ["Monitor", "ensure_installed", "install", "installed", "totals"]
+from zdq.observe.report import BadReport, ConsumerReport, Gone, QueueReport, decode
+from zdq.observe.views import ConsumerEntry, PoolView, QueueEntry, consumer_status, natural, queue_status, rates
+
+__all__ = ["Monitor", "ensure_installed", "install", "installed", "MAX_KEPT"]
 
 logger = logging.getLogger(__name__)
 
-#: Samples of each pool's totals kept for the rate plot (one a second: five minutes).
-_HISTORY = 300
-#: A queue or consumer not reported for this many report intervals (at least _STALE_MIN s) is
-#: taken for gone: its worker died, or its pool closed without a last report.
 _STALE_INTERVALS = 5
 _STALE_MIN = 10.0
-
-
-class _PoolView:
-    __slots__ = ("queues", "consumers", "history", "recoveries")
-
-    def __init__(self) -> None:
-        self.queues: dict[str, tuple[float, dict[str, Any]]] = {}
-        self.consumers: dict[str, tuple[float, dict[str, Any]]] = {}
-        # (time, submitted, completed, failed): the pool's totals
-        self.history: deque[tuple[float, int, int, int]] = deque(maxlen=_HISTORY)
-        # Times each queue was seen at a new endpoint: placed again after its worker was lost.
-        self.recoveries: dict[str, int] = {}
-
-
-def totals(queues: list[dict[str, Any]], consumers: list[dict[str, Any]]) -> dict[str, int]:
-    """A pool's counters summed over its queues and consumers (what Prometheus and the page show)."""
-    q = lambda key: sum(int(x.get(key, 0)) for x in queues)  # noqa: E731
-    c = lambda key: sum(int(x.get(key, 0)) for x in consumers)  # noqa: E731
-    return {
-        "submitted": q("tasks_stored"),
-        "completed": c("tasks_done"),
-        "failed": c("tasks_failed"),
-        "retried": c("tasks_retried"),
-        "dead_lettered": q("tasks_dead_lettered"),
-        "redelivered": q("chunks_redelivered"),
-        "bad_messages": q("bad_messages"),
-        "ready": q("ready_tasks"),
-        "delayed": q("delayed_tasks"),
-        "leased": q("leased_tasks"),
-        "dead": q("dead_tasks"),
-        "awaiting": q("awaiting_tasks"),
-        "consumers": len(consumers),  # live: reported by their workers (running or idle)
-        "recoveries": q("recoveries"),
-    }
+#: Queue and consumer entries kept at most, over all pools (live ones and queues that went away).
+MAX_KEPT = 4096
+#: A sender's bad reports are logged at most once in this many seconds.
+_WARN_EVERY = 60.0
 
 
 class Monitor:
@@ -72,108 +48,164 @@ class Monitor:
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
-        self._pools: dict[str, _PoolView] = {}
-        self._interval = 1.0
+        self._pools: dict[str, PoolView] = {}
+        self._interval = 1.0  # the last good report's, for the page
+        self._warned: dict[str, float] = {}  # sender -> when its bad reports were last logged
+        self._full_logged = False
         self.reports = 0  # zdq-report messages received: the load this adds to the scheduler
         self.entries = 0  # queues and consumers in them
+        self.dropped = 0  # reports and entries dropped as bad
         self.started = time.monotonic()
 
     # -- handlers (the scheduler's event loop) ---------------------------------------------------
-    def on_report(
-        self,
-        worker: str = "",
-        interval: float = 1.0,
-        queues: list[dict[str, Any]] | None = None,
-        consumers: list[dict[str, Any]] | None = None,
-        gone: list[tuple[str, str, str]] | None = None,
-        **_: Any,
-    ) -> None:
+    def on_report(self, worker: Any = "", **message: Any) -> None:
+        """The ``zdq-report`` stream handler: never raises (Dask would drop the sending worker)."""
         self.reports += 1
-        self.entries += len(queues or ()) + len(consumers or ())
-        self._interval = float(interval) or self._interval
         now = time.monotonic()
-        for stats in queues or ():
-            stats["worker"] = worker
-            view, name = self._pool(str(stats.get("pool", ""))), str(stats["name"])
-            before = view.queues.get(name)
-            if before is not None and before[1].get("endpoint") != stats.get("endpoint"):
-                view.recoveries[name] = view.recoveries.get(name, 0) + 1
-            stats["recoveries"] = view.recoveries.get(name, 0)
-            view.queues[name] = (now, stats)
-        for stats in consumers or ():
-            self._pool(str(stats.get("pool", ""))).consumers[str(stats["name"])] = (now, stats)
-        for kind, pool, name in gone or ():
-            left = self._pools.get(pool)
-            if left is not None:
-                (left.queues if kind == "queue" else left.consumers).pop(name, None)
-        self._expire(now)
+        try:
+            report = decode(worker, message)
+        except BadReport as e:
+            self.dropped += 1
+            self._warn(worker, now, "a zdq report dropped: %s", e)
+            return
+        except Exception as e:  # a bug of ours must not cost the cluster its workers either
+            self.dropped += 1
+            self._warn(worker, now, "a zdq report dropped: could not read it: %r", e)
+            return
+        if report.dropped:
+            self.dropped += len(report.dropped)
+            self._warn(worker, now, "%d entries of a zdq report dropped: %s", len(report.dropped), "; ".join(report.dropped[:5]))
+        try:
+            self._apply(report.worker, report.interval, report.queues, report.consumers, report.gone, now)
+            self._expire(now)
+        except Exception:
+            logger.exception("zdq monitor: a report from %s could not be applied", str(worker)[:256])
 
-    def _pool(self, name: str) -> _PoolView:
+    def _warn(self, worker: Any, now: float, msg: str, *args: Any) -> None:
+        sender = str(worker)[:256]
+        if now - self._warned.get(sender, -_WARN_EVERY) < _WARN_EVERY:
+            return
+        if len(self._warned) >= 1024:  # bounded: forget the oldest senders
+            for key in sorted(self._warned, key=self._warned.__getitem__)[:512]:
+                del self._warned[key]
+        self._warned[sender] = now
+        logger.warning("from %s: " + msg + " (more from this sender not logged for %.0f s)", sender, *args, _WARN_EVERY)
+
+    def _apply(
+        self,
+        worker: str,
+        interval: float,
+        queues: tuple[QueueReport, ...],
+        consumers: tuple[ConsumerReport, ...],
+        gone: tuple[Gone, ...],
+        now: float,
+    ) -> None:
+        self._interval = interval
+        self.entries += len(queues) + len(consumers)
+        for qr in queues:
+            view = self._pool(qr.pool)
+            entry = view.queues.get(qr.name) or view.left.pop(qr.name, None) or QueueEntry()
+            view.queues[qr.name] = entry
+            if entry.report is not None and entry.report.endpoint != qr.endpoint:
+                entry.recoveries += 1
+            raw: dict[str, float] = dict(qr.counters)
+            raw.update({f"rt{i}": n for i, n in enumerate(qr.round_trips)})
+            raw["round_trip_sum"] = qr.round_trip_sum
+            # A feed that sends no id: the endpoint tells a broker placed again.
+            entry.count(qr.id or qr.endpoint, raw)
+            entry.seen, entry.interval, entry.worker, entry.report = now, interval, worker, qr
+        for cr in consumers:
+            view = self._pool(cr.pool)
+            key = cr.id or f"{worker} {cr.name}"  # a feed that sends no id: one name per process
+            consumer = view.consumers.get(key)
+            if consumer is None:
+                consumer = view.consumers[key] = ConsumerEntry(cr)
+            totals = consumer.tally.update(key, dict(cr.counters))
+            consumer.seen, consumer.interval, consumer.report = now, interval, cr
+            consumer.samples.append((now, totals.get("tasks_done", 0)))
+        for g in gone:
+            left = self._pools.get(g.pool)
+            if left is None:
+                continue
+            if g.kind == "queue":
+                left.retire_queue(g.name)
+            elif g.id:
+                left.retire_consumer(g.id)
+            else:
+                left.retire_consumer(f"{worker} {g.name}")
+        self._bound()
+
+    def _pool(self, name: str) -> PoolView:
         view = self._pools.get(name)
         if view is None:
-            view = self._pools[name] = _PoolView()
+            view = self._pools[name] = PoolView()
         return view
 
+    def _bound(self) -> None:
+        excess = sum(view.size() for view in self._pools.values()) - MAX_KEPT
+        if excess <= 0:
+            return
+        if not self._full_logged:
+            self._full_logged = True
+            logger.warning(
+                "zdq monitor: more than %d queues and consumers reported; the oldest are dropped (logged once)", MAX_KEPT
+            )
+        kept: list[tuple[float, str, str, str]] = []
+        for name, view in self._pools.items():
+            kept += [(e.seen, name, "left", k) for k, e in view.left.items()]
+            kept += [(e.seen, name, "queue", k) for k, e in view.queues.items()]
+            kept += [(e.seen, name, "consumer", k) for k, e in view.consumers.items()]
+        kept.sort()
+        for _, name, kind, key in kept[:excess]:
+            view = self._pools[name]
+            if kind == "consumer":
+                view.retire_consumer(key)
+            else:
+                view.retire_queue(key)
+                view.drop_left(key)
+
     def _expire(self, now: float) -> None:
-        stale = now - max(_STALE_MIN, _STALE_INTERVALS * self._interval)
+        def stale(seen: float, interval: float) -> bool:
+            return now - seen > max(_STALE_MIN, _STALE_INTERVALS * interval)
+
         for name, view in list(self._pools.items()):
-            for table in (view.queues, view.consumers):
-                for key in [k for k, (seen, _) in table.items() if seen < stale]:
-                    del table[key]
+            for key in [k for k, e in view.queues.items() if stale(e.seen, e.interval)]:
+                view.retire_queue(key)
+            for key in [k for k, c in view.consumers.items() if stale(c.seen, c.interval)]:
+                view.retire_consumer(key)
             if not view.queues and not view.consumers:
                 del self._pools[name]
                 continue
             if not view.history or now - view.history[-1][0] >= 1.0:
-                t = self._totals(view)
+                t = view.totals()
                 view.history.append((now, t["submitted"], t["completed"], t["failed"]))
 
-    @staticmethod
-    def _totals(view: _PoolView) -> dict[str, int]:
-        return totals([s for _, s in view.queues.values()], [s for _, s in view.consumers.values()])
-
     def status(self) -> dict[str, Any]:
-        """Every live pool: its queues, consumers, totals and rates (JSON-able)."""
+        """Every live pool: its queues, consumers, totals and rates (JSON-able). Queue counters
+        are totals over the queue's incarnations (as in the metrics); consumer figures are each
+        consumer's own, with ``rate`` its tasks done per second over the last few reports."""
         now = time.monotonic()
         self._expire(now)
         pools = {}
         for name in sorted(self._pools):
             view = self._pools[name]
-            queues = [dict(s, age=round(now - seen, 3)) for seen, s in view.queues.values()]
-            consumers = [dict(s, age=round(now - seen, 3)) for seen, s in view.consumers.values()]
-            queues.sort(key=lambda s: _natural(s["name"]))
-            consumers.sort(key=lambda s: _natural(s["name"]))
+            queues = [queue_status(q, now) for q in view.queues.values()]
+            consumers = [consumer_status(c, now) for c in view.consumers.values()]
+            queues.sort(key=lambda s: natural(s["name"]))
+            consumers.sort(key=lambda s: (natural(s["name"]), s["worker"], s["id"]))
             pools[name] = {
                 "queues": queues,
                 "consumers": consumers,
-                "totals": self._totals(view),
-                "rates": _rates(view.history, now),
+                "totals": view.totals(),
+                "rates": rates(view.history, now),
             }
         return {
             "pools": pools,
             "interval": self._interval,
             "reports": self.reports,
+            "dropped": self.dropped,
             "uptime": round(now - self.started, 3),
         }
-
-
-def _natural(name: str) -> tuple[str, int]:
-    head, _, tail = name.rpartition("-")
-    return (head, int(tail)) if tail.isdigit() else (name, 0)
-
-
-def _rates(history: deque[tuple[float, int, int, int]], now: float) -> dict[str, list[float]]:
-    """Per-second rates between consecutive samples: ``t`` (seconds before now), ``submitted``,
-    ``completed``, ``failed``. A counter that went down (a broker placed again) counts 0."""
-    out: dict[str, list[float]] = {"t": [], "submitted": [], "completed": [], "failed": []}
-    samples = list(history)
-    for (t0, *a), (t1, *b) in zip(samples, samples[1:]):
-        dt = t1 - t0
-        if dt <= 0:
-            continue
-        out["t"].append(round(t1 - now, 2))
-        for key, x, y in zip(("submitted", "completed", "failed"), a, b):
-            out[key].append(round(max(0, y - x) / dt, 1))
-    return out
 
 
 # -- installation (run on the scheduler) ------------------------------------------------------------

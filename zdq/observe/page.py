@@ -29,7 +29,7 @@ class _StatusHandler(web.RequestHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
-        self.write(json.dumps(self.monitor.status()))
+        self.write(json.dumps(self.monitor.status(), allow_nan=False))
 
 
 class _PageHandler(web.RequestHandler):
@@ -74,12 +74,11 @@ const CCOLS=[["name","consumer"],["worker","where"],["state","state"],["tasks_do
  ["tasks_retried","retried"],["tasks_in_flight","in flight"],["rate","tasks/s"]];
 const TCOLS=[["submitted","submitted"],["completed","completed"],["failed","failed"],["retried","retried"],
  ["dead_lettered","dead-lettered"],["redelivered","redelivered chunks"],["recoveries","recoveries"],["bad_messages","bad messages"],["consumers","live consumers"]];
-let last={};
 function esc(s){return String(s).replace(/[&<>"]/g,c=>({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;"}[c]));}
 function cell(key,v,attrs){const n=typeof v==="number";return `<td class="${n?"":"n"}" ${attrs} data-field="${key}">${esc(v)}</td>`;}
 function table(cols,rows,kind,pool){
  let h="<table><tr>"+cols.map(c=>`<th>${c[1]}</th>`).join("")+"</tr>";
- for(const r of rows){h+="<tr>"+cols.map(c=>cell(c[0],r[c[0]]??"",`data-pool="${esc(pool)}" data-${kind}="${esc(r.name)}"`)).join("")+"</tr>";}
+ for(const r of rows){h+="<tr>"+cols.map(c=>cell(c[0],r[c[0]]??"",`data-pool="${esc(pool)}" data-${kind}="${esc(r.name)}"${r.id?` data-id="${esc(r.id)}"`:""}`)).join("")+"</tr>";}
  return h+"</table>";}
 function plot(r){
  const W=520,H=140,P=30; if(!r.t.length) return "<div class='muted'>no rate yet</div>";
@@ -92,12 +91,11 @@ function plot(r){
  ${line("submitted","#1f77b4")}${line("completed","#2ca02c")}${line("failed","#d62728")}</svg>
  <div class="legend muted"><span class="sub">■ submitted</span><span class="com">■ completed</span><span class="fail">■ failed</span> tasks per second</div>`;}
 function render(s){
- const now=performance.now()/1000; const names=Object.keys(s.pools);
+ const names=Object.keys(s.pools);
  document.getElementById("meta").textContent=`${names.length} live pool(s); reports every ${s.interval}s; ${s.reports} reports received; updated ${new Date().toLocaleTimeString()}`;
  let h=""; if(!names.length) h="<p>No live zdq pool on this cluster.</p>";
  for(const name of names){const p=s.pools[name];
-  for(const c of p.consumers){const k=name+"/"+c.name; const prev=last[k];
-   c.state=c.running?"running":"idle"; c.rate=prev&&now>prev[0]?Math.max(0,Math.round((c.tasks_done-prev[1])/(now-prev[0]))):0; last[k]=[now,c.tasks_done];}
+  for(const c of p.consumers){c.state=c.running?"running":"idle";}
   h+=`<div class="pool" data-pool-name="${esc(name)}"><h2>${esc(name)}</h2>`+table(TCOLS,[Object.assign({name:name},p.totals)],"totals",name)
    +plot(p.rates)+"<h3>Queues</h3>"+table(QCOLS,p.queues,"queue",name)+"<h3>Consumers</h3>"+table(CCOLS,p.consumers,"consumer",name)+"</div>";}
  document.getElementById("pools").innerHTML=h;}
