@@ -176,8 +176,9 @@ class ConsumerPool:
         self._health_due = 0.0
         self._health_next = 0  # the consumer whose health is asked next
         # Queues placed again since start(): whether some consumer reaches them where they went.
-        # queue -> (when to judge at the latest, [(consumer, its reach() future)])
-        self._reach_checks: dict[int, tuple[float, list[tuple[str, Any]]]] = {}
+        # queue -> (when to judge at the latest, [(consumer, its reach() future)], its placement)
+        self._reach_checks: dict[int, tuple[float, list[tuple[str, Any]], int]] = {}
+        self._reach_gen: dict[int, int] = {}  # queue -> how often it was placed again
         self._orphans: dict[int, str] = {}  # queue -> why no consumer reaches it (join raises it)
         queue_pool.subscribe(self)
         queue_pool.consumers_changed()
@@ -319,6 +320,12 @@ class ConsumerPool:
         endpoints, by the supervisor) never keeps the others uninformed.
         """
         queue = self.queue_pool.queue_names[broker]
+        with self._lock:
+            # A new placement: what was found of the last one no longer holds, and a check of it
+            # still out is stale (its generation is behind).
+            self._reach_gen[broker] = self._reach_gen.get(broker, 0) + 1
+            self._orphans.pop(broker, None)
+            self._reach_checks.pop(broker, None)
         calls = []
         for name, consumer in self._live(serving=broker):
             try:
@@ -331,7 +338,7 @@ class ConsumerPool:
             except Exception as e:  # a lost consumer is replaced with the new endpoints anyway
                 logger.debug("pointing consumer %s at queue %s failed: %s", name, queue, e)
         if self._running:
-            self._ask_reach(broker)
+            self._ask_reach(broker, self._reach_gen[broker])
 
     # -- whether a queue placed again is still served ------------------------------------------
     # start() checks that every queue is reached; a queue placed again later (its worker died) may
@@ -339,7 +346,8 @@ class ConsumerPool:
     # it are asked in the background (the QueuePool's supervisor, which tells us of the move, must
     # not wait connect-timeout for them); the supervisor judges their answers, asks again while
     # the queue stays unreached, and join() raises what it found instead of waiting.
-    def _ask_reach(self, broker: int) -> None:
+    def _ask_reach(self, broker: int, gen: int) -> None:
+        """Ask the consumers serving ``broker`` whether they reach it (placement ``gen`` of it)."""
         queue = self.queue_pool.queue_names[broker]
         calls = []
         for name, consumer in self._live(serving=broker):
@@ -350,20 +358,21 @@ class ConsumerPool:
         s = self.settings
         judge_by = time.monotonic() + s.connect_timeout + 2 * s.heartbeat_interval + 10
         with self._lock:
-            self._reach_checks[broker] = (judge_by, calls)
+            if self._reach_gen.get(broker, 0) == gen:  # else it moved meanwhile: a newer check runs
+                self._reach_checks[broker] = (judge_by, calls, gen)
 
     def _judge_reach(self) -> None:
         """Judge the reach checks whose answers are all in (or overdue)."""
         now = time.monotonic()
         with self._lock:
             due = {
-                broker: calls
-                for broker, (judge_by, calls) in self._reach_checks.items()
+                broker: (calls, gen)
+                for broker, (judge_by, calls, gen) in self._reach_checks.items()
                 if now >= judge_by or all(call.done() for _, call in calls)
             }
             for broker in due:
                 del self._reach_checks[broker]
-        for broker, calls in due.items():
+        for broker, (calls, gen) in due.items():
             answers = []
             for name, call in calls:
                 try:
@@ -373,6 +382,8 @@ class ConsumerPool:
             orphans, why = self._reach_verdict(answers)
             queue = self.queue_pool.queue_names[broker]
             with self._lock:
+                if self._reach_gen.get(broker, 0) != gen:
+                    continue  # the queue moved since it was asked: a newer check judges it
                 was = self._orphans.pop(broker, None)
                 if queue in orphans:
                     self._orphans[broker] = why
@@ -380,7 +391,7 @@ class ConsumerPool:
                 if was is None:
                     logger.error("%s", why)
                 if self._running and not self._closed:
-                    self._ask_reach(broker)  # until some consumer reaches it
+                    self._ask_reach(broker, gen)  # until some consumer reaches it
             elif was is not None:
                 logger.warning("queue %s is reached by consumers of pool %s again", queue, self.queue_pool.name)
             elif why:

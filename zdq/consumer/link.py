@@ -358,9 +358,12 @@ class Link:
         heard = self._heard
         if heard is None:
             return [], [], list(self._queues)
-        why = dict(heard.why)
-        reached = [self._queues[i] for i, h in enumerate(heard.heard) if h]
-        pending = [self._queues[i] for i, h in enumerate(heard.heard) if not h and i not in why]
+        # A broker placed again whose new endpoint the socket owner has not taken yet: pending,
+        # not what was said of its old endpoint.
+        moving = {i for i, _ in list(self._control)}
+        why = {i: w for i, w in heard.why.items() if i not in moving}
+        reached = [self._queues[i] for i, h in enumerate(heard.heard) if h and i not in moving]
+        pending = [self._queues[i] for i, h in enumerate(heard.heard) if i in moving or (not h and i not in why)]
         return reached, [(self._queues[i], self._endpoints[i], w) for i, w in sorted(why.items())], pending
 
     # -- the socket owner -------------------------------------------------------------------------
@@ -463,14 +466,18 @@ class Link:
         stop, fetching, counters = self._stop, self._fetching, self._counters
         while not stop.is_set():
             while control:
-                i, endpoint = control.popleft()
+                # Taken off the queue only once applied: reach() counts a broker still queued here
+                # as pending, so no thread reads its old verdict in between.
+                i, endpoint = control[0]
                 if endpoint == self._endpoints[i]:
                     # Started with it already (the pool told it twice): a second socket of the same
                     # identity would take over the first's pipe, and drop a DELIVER on its way.
+                    control.popleft()
                     continue
                 self._endpoints[i] = endpoint
                 links.replace(i, endpoint)
                 reach.restart(i, time.monotonic())
+                control.popleft()
                 cr.forget(i)
             while outbox:
                 i, out = outbox.popleft()
