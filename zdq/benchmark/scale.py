@@ -7,6 +7,11 @@ queues on 32 workers at the top). Measured there:
 - **placement**: seconds from ``QueuePool(...)`` to consumers started, and per actor placed;
   beside it, **bare Dask's own**: as many trivial actors placed on the same workers (all at once)
   and each called once, which is the floor of any design that places Dask actors;
+- **placement CPU** per actor: the CPU time all processes (workers, scheduler and client) spend
+  while placing, minus what they burn idle over as long, per actor. On a machine with fewer
+  cores than workers, idle workers take a share of the cores that grows with their number, and the
+  seconds per actor grow with it; the CPU per actor is the work placing does, whatever is left of
+  the machine;
 - **throughput**: no-op tasks per second, end to end (``batch_submit`` of ``--tasks`` calls);
 - **file descriptors** per worker process, after placement (sockets count);
 - **idle CPU** per consumer: the CPU time the workers burn in a quiet interval with the pool
@@ -42,6 +47,9 @@ class ScaleResult:
     placement_seconds: float
     per_actor_seconds: float
     dask_per_actor_seconds: float  # bare Dask: trivial actors placed and called once each
+    cpu_per_actor_seconds: float  # CPU of every process while placing, idle burn removed
+    dask_cpu_per_actor_seconds: float
+    idle_cores: float  # cores the cluster burns idle (every process), before placing
     tasks: int
     tasks_per_second: float
     fds_per_worker: float
@@ -64,6 +72,32 @@ def _idle_cpu(client: Client, seconds: float) -> float:
     time.sleep(seconds)
     after = client.run(_cpu_seconds)
     return sum(after[w] - before[w] for w in after if w in before)
+
+
+def _all_cpu(client: Client) -> float:
+    """CPU seconds every worker and this process (client and scheduler) used so far."""
+    return sum(client.run(_cpu_seconds).values()) + _cpu_seconds()
+
+
+class _CpuMeter:
+    """CPU spent by every process over a span, minus their idle burn over as long."""
+
+    def __init__(self, client: Client, idle_cores: float) -> None:
+        self.client, self.idle_cores = client, idle_cores
+
+    def begin(self) -> _CpuMeter:
+        self.cpu, self.start = _all_cpu(self.client), time.perf_counter()
+        return self
+
+    def end(self) -> None:
+        self.seconds = time.perf_counter() - self.start
+        self.spent = max(0.0, _all_cpu(self.client) - self.cpu - self.idle_cores * self.seconds)
+
+    def __enter__(self) -> _CpuMeter:
+        return self.begin()
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
 
 
 class _Idle:
@@ -105,12 +139,17 @@ def one_scale(workers: int, tasks: int, fan_out: int | None = None) -> ScaleResu
         client.wait_for_workers(workers, timeout=300)
         time.sleep(1.0)  # workers settle after start
         dask_idle = _idle_cpu(client, _IDLE_SECONDS) / _IDLE_SECONDS / workers
-        dask_placement = _dask_placement(client, queues + consumers)
+        before = _all_cpu(client)
+        time.sleep(_IDLE_SECONDS)
+        idle_cores = (_all_cpu(client) - before) / _IDLE_SECONDS
+        with _CpuMeter(client, idle_cores) as dask_cpu:
+            dask_placement = _dask_placement(client, queues + consumers)
         time.sleep(1.0)
-        start = time.perf_counter()
+        placing = _CpuMeter(client, idle_cores).begin()
         with QueuePool(client, queues, keep_results=False, **overrides) as qp:
             with ConsumerPool(client, qp, n_consumers=consumers, start=True, **overrides):
-                placement = time.perf_counter() - start
+                placing.end()  # consumers started: what follows is not placement
+                placement = placing.seconds
                 fds = client.run(_fds)
                 qp.batch_submit([(noop, i) for i in range(1000)]).result(timeout=300)  # warm up
                 t0 = time.perf_counter()
@@ -126,6 +165,9 @@ def one_scale(workers: int, tasks: int, fan_out: int | None = None) -> ScaleResu
         placement_seconds=placement,
         per_actor_seconds=placement / (queues + consumers),
         dask_per_actor_seconds=dask_placement / (queues + consumers),
+        cpu_per_actor_seconds=placing.spent / (queues + consumers),
+        dask_cpu_per_actor_seconds=dask_cpu.spent / (queues + consumers),
+        idle_cores=idle_cores,
         tasks=tasks,
         tasks_per_second=rate,
         fds_per_worker=sum(fds.values()) / len(fds),
@@ -143,18 +185,27 @@ def run_scale(tasks: int, scales: tuple[int, ...] = SCALES, fan_out: int | None 
         report["bare Dask per actor: 32 workers / 16 workers"] = (
             by_size[32].dask_per_actor_seconds / by_size[16].dask_per_actor_seconds
         )
+        report["CPU per actor: 32 workers / 16 workers"] = (
+            by_size[32].cpu_per_actor_seconds / by_size[16].cpu_per_actor_seconds
+        )
+        report["bare Dask CPU per actor: 32 workers / 16 workers"] = (
+            by_size[32].dask_cpu_per_actor_seconds / by_size[16].dask_cpu_per_actor_seconds
+        )
     return report
 
 
 def format_scale(report: dict[str, Any]) -> str:
     lines = [
         f"{'workers':>7} {'queues':>6} {'consumers':>9} {'placement s':>11} {'per actor s':>11} {'Dask alone':>10} "
+        f"{'CPU/actor ms':>12} {'Dask alone':>10} {'idle cores':>10} "
         f"{'tasks/s':>11} {'fds/worker':>10} {'idle CPU/consumer':>17}"
     ]
     for r in report["scales"]:
         lines.append(
             f"{r['workers']:>7} {r['queues']:>6} {r['consumers']:>9} {r['placement_seconds']:>11.2f} "
-            f"{r['per_actor_seconds']:>11.3f} {r['dask_per_actor_seconds']:>10.3f} {r['tasks_per_second']:>11,.0f} {r['fds_per_worker']:>10.0f} "
+            f"{r['per_actor_seconds']:>11.3f} {r['dask_per_actor_seconds']:>10.3f} "
+            f"{r['cpu_per_actor_seconds'] * 1000:>12.1f} {r['dask_cpu_per_actor_seconds'] * 1000:>10.1f} {r['idle_cores']:>10.2f} "
+            f"{r['tasks_per_second']:>11,.0f} {r['fds_per_worker']:>10.0f} "
             f"{r['idle_cpu_per_consumer'] * 100:>16.2f}%"
         )
     for key, value in report.items():
