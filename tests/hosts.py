@@ -166,7 +166,9 @@ class Hosts:
     def outside(self) -> str:
         """A namespace that reaches the scheduler and nothing else: routed through the scheduler's
         host, which does not forward, so packets to the workers are dropped (as a cloud firewall
-        would), not refused. Returns its name."""
+        would), not refused. Returns its name (made once; later calls return it)."""
+        if self.ns("out") in self._namespaces:
+            return self.ns("out")
         out, sched = self._namespace("out"), self.ns("sched")
         _ip("link", "add", f"{self.prefix}o", "netns", out, "type", "veth", "peer", "name", "eth1", "netns", sched)
         _ip("-n", out, "link", "set", "dev", f"{self.prefix}o", "name", "eth0")

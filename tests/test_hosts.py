@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,21 @@ def test_a_durable_queue_whose_worker_is_killed_comes_back_on_its_host_with_ever
             assert batch.result(timeout=90) == [i + 1 for i in range(400)]
 
 
+def _run_outside(hosts: Hosts, script: str, name: str, timeout: float) -> dict[str, Any]:
+    """Run ``script`` in a namespace that reaches the scheduler only; the JSON it printed last."""
+    hosts.outside()
+    log = hosts.logs / f"{name}.log"
+    proc = hosts.popen("out", [sys.executable, "-c", script, hosts.scheduler], log)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"the client outside the workers' network hung: {log.read_text(errors='replace')[-3000:]}")
+    found = [line for line in reversed(log.read_text(errors="replace").splitlines()) if line.startswith("{")]
+    assert found, log.read_text(errors="replace")[-3000:]
+    return json.loads(found[0])  # type: ignore[no-any-return]
+
+
 _OUTSIDE_CLIENT = """
 import json, sys, time
 from distributed import Client
@@ -132,15 +148,7 @@ print(json.dumps(out))
 def test_a_client_that_reaches_only_the_scheduler_gets_a_clear_error_instead_of_a_hang(
     hosts: Hosts, client: Client
 ) -> None:
-    hosts.outside()
-    log = hosts.logs / "outside.log"
-    proc = hosts.popen("out", [sys.executable, "-c", _OUTSIDE_CLIENT, hosts.scheduler], log)
-    try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the client outside the workers' network hung")
-    lines = log.read_text(errors="replace").splitlines()
-    out = json.loads(next(line for line in reversed(lines) if line.startswith("{")))
+    out = _run_outside(hosts, _OUTSIDE_CLIENT, "outside", timeout=90)
     assert out["error"] == "BrokerUnreachable", out
     assert out["seconds"] < 60, out
     message = out["message"]
@@ -150,6 +158,36 @@ def test_a_client_that_reaches_only_the_scheduler_gets_a_clear_error_instead_of_
         assert f"{address}:" in message  # each broker's endpoint, and its worker
     assert "unanswered" in message  # the packets were dropped, not refused
     print(f"after {out['seconds']:.1f} s: {message}")
+
+
+_RELAYED_CLIENT = """
+import json, sys, time
+from distributed import Client
+import zdq
+
+def inc(x):
+    return x + 1
+
+with Client(sys.argv[1], timeout=30) as client:
+    started = time.monotonic()
+    with zdq.QueuePool(client, 2, relay=True) as queue_pool:
+        with zdq.ConsumerPool(client, queue_pool, n_consumers=2, start=True):
+            batch = queue_pool.batch_submit([(inc, i) for i in range(20000)]).result(timeout=60)
+            one = queue_pool.submit(inc, 41).result(timeout=30)
+            carried = queue_pool._relay.tunnel.carried
+            relay_on = queue_pool._relay.worker
+    out = {"ok": batch == [i + 1 for i in range(20000)], "one": one, "carried": carried, "relay_on": relay_on}
+    out["seconds"] = time.monotonic() - started
+print(json.dumps(out))
+"""
+
+
+def test_a_client_that_reaches_only_the_scheduler_runs_its_tasks_through_a_relay(hosts: Hosts, client: Client) -> None:
+    out = _run_outside(hosts, _RELAYED_CLIENT, "relayed", timeout=120)
+    assert out["ok"] and out["one"] == 42, out
+    assert min(out["carried"]) > 0, out  # every message went through the relay, both ways
+    assert out["relay_on"] in set(_workers(client).values()), out
+    print(f"relayed from outside in {out['seconds']:.1f} s: {out}")
 
 
 def test_consumers_that_cannot_reach_a_broker_are_reported_and_a_queue_none_reaches_is_an_error(

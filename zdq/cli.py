@@ -30,6 +30,7 @@ def _bench(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         durable=args.durable,
         compare_auth=args.compare_auth,
+        relay=args.relay,
         suite=args.suite,
         generator_tasks=args.generator_tasks,
         delayed_tasks=args.delayed_tasks,
@@ -132,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=int, default=3, help="runs per case; medians are reported (default 3)")
     bench.add_argument("--durable", action="store_true", help="also run zdq on durable (LMDB) queues")
     bench.add_argument("--compare-auth", action="store_true", help="also run zdq without authentication")
+    bench.add_argument(
+        "--relay", action="store_true", help="also run zdq through a relay (relay=True): no-op throughput and round trip"
+    )
     bench.add_argument("--suite", choices=("quick", "latency", "asyncio", "timing", "full", "scale", "monitor"), default="quick",
                        help="quick: no-op throughput; latency: the single-task round trip alone; "
                        "asyncio: the event loop's lag while 1,000 tasks are awaited; "

@@ -15,7 +15,7 @@ import dask.config
 import yaml
 from dask.utils import parse_bytes, parse_timedelta
 
-__all__ = ["PoolSettings", "settings", "get", "seconds_or_none"]
+__all__ = ["PoolSettings", "settings", "get", "flag", "seconds_or_none"]
 
 _defaults_path = os.path.join(os.path.dirname(__file__), "zdq.yaml")
 with open(_defaults_path, encoding="utf-8") as _f:
@@ -38,6 +38,17 @@ def get(key: str) -> Any:
     imported and restore that snapshot later, which drops the defaults zdq registered at import.
     """
     return dask.config.get(f"zdq.{key}", default=_shipped(key))
+
+
+def flag(key: str) -> bool:
+    """The true-or-false setting ``zdq.<key>``; an environment variable's ``"true"``/``"false"``
+    counts too. A ValueError names the setting when it is neither."""
+    value = get(key)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.strip().lower() in ("true", "yes", "1")
+    if not isinstance(value, bool):
+        raise ValueError(f"zdq.{key} must be true or false, got {value!r:.80}")
+    return value
 
 
 def _seconds(value: Any) -> float:

@@ -69,7 +69,7 @@ from zdq.timing import Timing
 from zdq.transport import protocol as p
 from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
 from zdq.transport.security import ClientKeys
-from zdq.transport.sockets import BrokerLinks, Waker, new_identity, process_context, recv_ready, try_send
+from zdq.transport.sockets import BrokerLinks, Route, Waker, new_identity, process_context, recv_ready, try_send
 
 __all__ = ["Driver", "LinkState", "first_task_id", "NO_CONSUMER"]
 
@@ -250,8 +250,10 @@ class Driver:
         identity: bytes | None = None,
         hint: Callable[[], str] | None = None,
         workers: list[str] | None = None,
+        route: Route | None = None,
     ) -> None:
         self.name = name  # the pool's
+        self._route = route  # a relay's tunnel, which every link goes through; None: direct
         #: The name this driver announces to the brokers (their statistics show it, not the
         #: driver's identity bytes): unique to this driver, for a pool may have several producers.
         self.driver_name = driver_name(name)
@@ -810,7 +812,12 @@ class Driver:
         self._callbacks.adopt_current_thread()
         hello = p.encode(p.Hello(p.Role.DRIVER, self.driver_name.encode()[:256]))
         links = BrokerLinks(
-            self._ctx, self.identity, hello, keys=self._keys, max_message_size=self._settings.max_message_size
+            self._ctx,
+            self.identity,
+            hello,
+            keys=self._keys,
+            max_message_size=self._settings.max_message_size,
+            route=self._route,
         )
         try:
             for link in self._links:

@@ -48,6 +48,7 @@ from zdq.errors import (
     ZdqTimeoutError,
 )
 from zdq import registry
+from zdq.relay.path import RelayPath
 from zdq.transport import protocol as p
 from zdq.transport.addresses import host_of
 from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
@@ -170,6 +171,12 @@ class QueuePool:
         CurveZMQ on every socket (default ``zdq.auth``, true). ``False`` is for trusted networks
         and benchmarks only: anyone who can reach a broker's port can then run code on the
         workers. It is refused when the Dask cluster itself uses TLS.
+    relay : bool, optional
+        Carry this process's tasks and results through a relay actor on a worker, over Dask's
+        own comm, instead of straight to the brokers' ports (default ``zdq.relay``, false). For
+        a client that reaches the scheduler but not the workers (Dask Gateway, Kubernetes, a
+        laptop on a cloud cluster); slower than the direct path. Consumers always connect to the
+        brokers directly. A relay whose worker dies is placed again.
     parallel : int, optional
         Worker processes of the local cluster started in embedded mode (``client=None`` and no
         default client).
@@ -205,6 +212,7 @@ class QueuePool:
         workers: Sequence[str] | None = None,
         resources: Mapping[str, float] | None = None,
         auth: bool | None = None,
+        relay: bool | None = None,
         start: bool = True,
         parallel: int | None = None,
         **overrides: Any,
@@ -254,6 +262,10 @@ class QueuePool:
             self._close_owned_cluster()
             raise
         self.auth = bool(config.get("auth")) if auth is None else bool(auth)
+        if relay is not None and not isinstance(relay, bool):
+            raise TypeError(f"relay must be True or False, got {relay!r:.80}")
+        self.relay = config.flag("relay") if relay is None else relay
+        self._relay: RelayPath | None = None  # the relay the driver goes through, when relay=True
         self._keys: PoolKeys | None = None
         self.payload_key: bytes | None = None
         self._actor_futures: list[Any] = []
@@ -430,6 +442,21 @@ class QueuePool:
             logger.warning("pool %s could not be published on the cluster: %s", self.name, e)
 
     def _start_driver(self) -> None:
+        route = None
+        if self.relay:
+            self._relay = RelayPath(
+                self.client,
+                self.name,
+                self._identity,
+                self.client_keys,
+                self.settings.max_message_size,
+                call_timeout=self.settings.connect_timeout + 2 * self.settings.heartbeat_interval,
+                workers=self._allowed_workers,
+            )
+            self._relay.start(avoid=self._workers())
+            route = self._relay.tunnel
+            # A pool dropped without close() still lets go of its relay (and its threads).
+            weakref.finalize(self, self._relay.close)
         self._driver = Driver(
             self.name,
             self.endpoints,
@@ -441,6 +468,7 @@ class QueuePool:
             identity=self._identity,
             hint=self._why_waiting,
             workers=self._workers(),
+            route=route,
         )
         self._driver.start()
         # A pool dropped without close() (daskqueue programs never close theirs) still stops its driver.
@@ -477,6 +505,7 @@ class QueuePool:
         )
         self._driver = None
         driver.close(reason=exc)
+        self._close_relay()
         if self._record is None:
             self._release_actors()
         self._record = None
@@ -575,6 +604,8 @@ class QueuePool:
             return
         if self.client.status != "running":
             return  # reconnecting to its scheduler
+        if self._relay is not None and self._relay.needs_replacing():
+            self._replace_relay(driver)
         if self._record is not None:
             return self._follow_owner(driver)
         if any(fut.status == "cancelled" for fut in self._actor_futures):
@@ -669,6 +700,19 @@ class QueuePool:
                 logger.warning("telling %s that queue %s moved failed: %s", type(listener).__name__, name, e)
         return None
 
+    def _replace_relay(self, driver: Driver) -> None:
+        """The relay failed: place another and reconnect every link through it. The driver
+        resends what the brokers never confirmed and asks them which chunks they hold; a chunk
+        that reached its broker but whose receipt was lost with the relay is stored twice, and
+        its tasks may run twice (as after any redelivery: results are taken once)."""
+        assert self._relay is not None
+        workers = self._workers()
+        if not self._relay.replace(avoid=workers):
+            return
+        for i, endpoint in enumerate(self.endpoints):
+            if i not in self._lost_since and i not in self._gone:
+                driver.reconnect(i, endpoint, workers[i])
+
     def _follow_owner(self, driver: Driver) -> None:
         """An attached pool follows its owner: queues placed again, and the pool's end."""
         assert self._record is not None
@@ -722,9 +766,15 @@ class QueuePool:
             except ZdqError as e:
                 logger.debug("pool %s: receipts not confirmed before closing: %s", self.name, e)
             self._driver.close()
+        self._close_relay()
         self._withdraw()
         self._release_actors()
         self._close_owned_cluster()
+
+    def _close_relay(self) -> None:
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
 
     def _close_owned_cluster(self) -> None:
         if self._owned_cluster is not None:

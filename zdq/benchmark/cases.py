@@ -39,6 +39,7 @@ class BenchConfig:
     repeat: int = 3
     durable: bool = False
     compare_auth: bool = False
+    relay: bool = False  # also run zdq through a relay (relay=True): throughput and round trip
     # "quick": no-op throughput; "latency": the round trip alone; "asyncio": the event loop's lag
     # while tasks are awaited; "timing": delayed tasks' release lateness and memory; "full": every case
     suite: str = "quick"
@@ -162,6 +163,16 @@ def daskqueue_noop(client: Client, config: BenchConfig, n: int) -> CaseResult | 
         cp.cancel()
         del cp, qp
     return result
+
+
+def relay_round_trip(client: Client, config: BenchConfig) -> CaseResult:
+    """The single-task round trip through a relay (300 a run, as :func:`latency` takes zdq's)."""
+    runs: list[tuple[float, float]] = []
+    with _pools(client, config, relay=True) as qp:
+        qp.submit(noop, -1).result()
+        for _ in range(config.repeat):
+            runs.append(_percentiles(_round_trips(lambda i: qp.submit(noop, i).result(), 300)))
+    return _latency_result("zdq submit().result() through a relay", runs)
 
 
 def latency(client: Client, config: BenchConfig) -> tuple[CaseResult, CaseResult, float]:
@@ -329,6 +340,13 @@ def run(config: BenchConfig) -> dict[str, Any]:
                 durable = zdq_noop(client, config, "zdq durable (LMDB, synced)", durability="durable", dirpath=dirpath)
             cases.append(durable)
             ratios["no-op: durable / transient"] = durable.rate / zdq.rate
+        if config.relay:
+            relayed = zdq_noop(client, config, "zdq through a relay (relay=True)", relay=True)
+            cases.append(relayed)
+            ratios["no-op: through a relay / direct"] = relayed.rate / zdq.rate
+            trip = relay_round_trip(client, config)
+            cases.append(trip)
+            ratios["round trip p50 ms through a relay"] = trip.extra["p50_ms"]
         if config.compare_auth or full:
             plain = zdq_noop(client, config, "zdq without authentication", auth=False)
             cases.append(plain)

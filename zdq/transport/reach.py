@@ -35,9 +35,10 @@ CLIENT_OUTSIDE = (
     "This process reaches the Dask scheduler but none of the brokers' zdq ports on the workers: zdq's "
     "tasks and results go straight between this process and the workers, not through the scheduler. If "
     "this client is outside the workers' network (Dask Gateway, Kubernetes, a laptop on a cloud cluster), "
-    "run it inside that network (a notebook, job or pod on the cluster); otherwise open TCP from here to "
-    "the workers on the brokers' ports (zdq.ports fixes their range, zdq.bind-host the address they bind). "
-    "A relay through the scheduler is not built."
+    "make the pool with relay=True (or set zdq.relay: true): its tasks and results then go through a relay "
+    "actor on a worker, over Dask's own comm (slower than the direct path); or run the client inside that "
+    "network (a notebook, job or pod on the cluster). Otherwise open TCP from here to the workers on the "
+    "brokers' ports (zdq.ports fixes their range, zdq.bind-host the address they bind)."
 )
 #: What to do when a driver reaches some brokers and not others.
 OPEN_TO_CLIENT = (

@@ -15,7 +15,7 @@ import os
 import random
 import threading
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import zmq
 
@@ -38,6 +38,7 @@ __all__ = [
     "recv_ready",
     "Waker",
     "BrokerLinks",
+    "Route",
 ]
 
 logger = logging.getLogger(__name__)
@@ -350,12 +351,21 @@ class Waker:
         close_socket(self.socket)
 
 
+class Route(Protocol):
+    """Where a driver's links go instead of the brokers' ports (a relay's tunnel)."""
+
+    def address(self, slot: int, endpoint: str) -> str: ...
+
+    def why(self, slot: int) -> str: ...
+
+
 class BrokerLinks:
     """The DEALERs of a driver or consumer I/O thread, one per broker, in one poller.
 
     Each new link introduces itself with ``hello`` (so the broker knows the peer at once); a link
     can be replaced when its broker is placed again elsewhere. A link to a broker of this process
-    goes over inproc when ``ctx`` is :func:`process_context`. A TCP link is watched (a
+    goes over inproc when ``ctx`` is :func:`process_context`; with a ``route`` (a relay's
+    :class:`~zdq.relay.tunnel.Tunnel`), every link goes over inproc to the address it gives. A TCP link is watched (a
     :class:`~zdq.transport.reach.Watch`) until its owner :meth:`settle`\ s it, having heard from
     the broker: :meth:`why` says what its connection went through meanwhile.
     """
@@ -368,8 +378,10 @@ class BrokerLinks:
         *,
         keys: ClientKeys | None,
         max_message_size: int | None,
+        route: Route | None = None,
     ) -> None:
         self._ctx = ctx
+        self._route = route
         self._identity = identity
         self._hello = hello
         self._keys = keys
@@ -380,7 +392,7 @@ class BrokerLinks:
         self._watches: dict[int, Watch] = {}
 
     def _open(self, i: int, endpoint: str) -> zmq.Socket[Any]:
-        local = local_endpoint(self._ctx, endpoint)
+        local = self._route.address(i, endpoint) if self._route is not None else local_endpoint(self._ctx, endpoint)
         if local is not None:  # the broker is in this process: inproc, which needs no keys
             sock = connect_dealer(self._ctx, local, self._identity, max_message_size=self._max)
         else:
@@ -424,7 +436,9 @@ class BrokerLinks:
     def why(self, i: int) -> str:
         """Why the broker of link ``i`` has not been heard from, as far as its connection tells."""
         watch = self._watches.get(i)
-        return watch.why() if watch is not None else "the broker, in this process, did not answer"
+        if watch is not None:
+            return watch.why()
+        return self._route.why(i) if self._route is not None else "the broker, in this process, did not answer"
 
     def settle(self, i: int) -> None:
         """Link ``i``'s broker was heard from: stop watching its connection. Idempotent."""

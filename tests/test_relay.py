@@ -1,0 +1,97 @@
+"""relay=True: a driver's tasks and results go through a relay actor on a worker, over Dask's comm.
+
+Across real network namespaces (a client that reaches only the scheduler) it is tested in
+``tests/test_hosts.py``; here on a LocalCluster: what goes through it, that it is placed again
+when its worker is killed, and its settings.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import dask
+import pytest
+from distributed import Client
+
+from zdq import ConsumerPool, QueuePool
+from zdq.relay.actor import Relay
+
+from .conftest import pid_of, wait_until
+from .tasks import add, sleep_return
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
+
+
+def test_a_relayed_pool_runs_single_tasks_batches_and_joins_with_every_message_through_the_relay(client: Client) -> None:
+    with QueuePool(client, 2, relay=True) as queue_pool:
+        relay = queue_pool._relay
+        assert relay is not None
+        with ConsumerPool(client, queue_pool, n_consumers=2, start=True) as consumers:
+            assert queue_pool.submit(add, 40, 2).result(timeout=30) == 42
+            batch = queue_pool.batch_submit([(add, i, 1) for i in range(5000)])
+            assert batch.result(timeout=60) == [i + 1 for i in range(5000)]
+            futures = [queue_pool.submit(add, i) for i in range(200)]
+            consumers.join(timeout=60)
+            assert [f.result(timeout=10) for f in futures] == list(range(200))
+            sizes = queue_pool.get_queue_size()
+            assert set(sizes.values()) == {0}
+        sent, received = relay.tunnel.carried
+        assert sent > 0 and received > 0
+        stats = relay._actor.statistics().result(timeout=10)
+        assert stats["to_brokers"] > 0 and stats["from_brokers"] > 0
+        assert stats["worker"] == relay.worker
+
+
+def test_the_relay_goes_on_a_worker_without_brokers_when_there_is_one(client3: Client) -> None:
+    with QueuePool(client3, 2, relay=True) as queue_pool:
+        assert queue_pool._relay is not None
+        assert queue_pool._relay.worker not in queue_pool._workers()
+        with ConsumerPool(client3, queue_pool, n_consumers=2, start=True):
+            assert queue_pool.submit(add, 1, 1).result(timeout=30) == 2
+
+
+def test_a_relay_whose_worker_is_killed_is_placed_again_and_every_task_completes(client3: Client) -> None:
+    settings = {"heartbeat_interval": "200ms", "heartbeat_timeout": "3s", "connect_timeout": "5s"}
+    with QueuePool(client3, 2, relay=True, **settings) as queue_pool:
+        relay = queue_pool._relay
+        assert relay is not None
+        with ConsumerPool(client3, queue_pool, n_consumers=2, start=True):
+            batch = queue_pool.batch_submit([(sleep_return, i, 0.002) for i in range(1500)], batch_size=50)
+            time.sleep(0.5)  # some chunks ran, others are queued or running
+            first = relay.worker
+            name = client3.scheduler_info(n_workers=-1)["workers"][first]["name"]
+            os.kill(pid_of(client3, name), signal.SIGKILL)
+            wait_until(lambda: relay.replacements >= 1, timeout=60)
+            assert relay.worker != first
+            assert batch.result(timeout=90) == list(range(1500))
+            assert queue_pool.submit(add, 2, 3).result(timeout=30) == 5
+
+
+def test_relay_is_a_setting_and_anything_but_true_or_false_is_refused_at_the_call(client: Client) -> None:
+    with pytest.raises(TypeError, match="relay must be True or False"):
+        QueuePool(client, 1, relay="yes")  # type: ignore[arg-type]
+    with dask.config.set({"zdq.relay": True}):
+        with QueuePool(client, 1) as queue_pool:
+            assert queue_pool.relay and queue_pool._relay is not None
+    with dask.config.set({"zdq.relay": "maybe"}):
+        with pytest.raises(ValueError, match="zdq.relay must be true or false"):
+            QueuePool(client, 1)
+
+
+def test_a_relay_refuses_malformed_pushes_and_carries_nothing_of_them(client: Client) -> None:
+    with QueuePool(client, 1, relay=True) as queue_pool:
+        assert queue_pool._relay is not None
+        actor = queue_pool._relay._actor
+        for bad in ([("x", [b"a"])], [(-1, [b"a"])], [(0, b"frames, not a list")]):
+            with pytest.raises(TypeError, match="push takes"):
+                actor.push(bad).result(timeout=10)
+        with ConsumerPool(client, queue_pool, n_consumers=1, start=True):
+            assert queue_pool.submit(add, 1, 2).result(timeout=30) == 3  # it still carries the driver
+
+
+def test_the_relay_actor_is_a_plain_class_dask_can_place() -> None:
+    relay = Relay("pool", b"\x00" * 16, None, 1 << 20)
+    assert relay.statistics() == {"worker": "", "to_brokers": 0, "from_brokers": 0}
+    relay.stop()  # never started: nothing to stop, and it says so by returning
