@@ -24,6 +24,11 @@ from .tasks import add, sleep_return
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
 
 
+def _pid(client: Client, worker: str) -> int:
+    """The pid of the worker process at address ``worker``."""
+    return pid_of(client, client.scheduler_info(n_workers=-1)["workers"][worker]["name"])
+
+
 def test_a_relayed_pool_runs_single_tasks_batches_and_joins_with_every_message_through_the_relay(client: Client) -> None:
     with QueuePool(client, 2, relay=True) as queue_pool:
         relay = queue_pool._relay
@@ -61,8 +66,7 @@ def test_a_relay_whose_worker_is_killed_is_placed_again_and_every_task_completes
             batch = queue_pool.batch_submit([(sleep_return, i, 0.002) for i in range(1500)], batch_size=50)
             time.sleep(0.5)  # some chunks ran, others are queued or running
             first = relay.worker
-            name = client3.scheduler_info(n_workers=-1)["workers"][first]["name"]
-            os.kill(pid_of(client3, name), signal.SIGKILL)
+            os.kill(_pid(client3, first), signal.SIGKILL)
             wait_until(lambda: relay.replacements >= 1, timeout=60)
             assert relay.worker != first
             assert batch.result(timeout=90) == list(range(1500))
@@ -80,15 +84,59 @@ def test_relay_is_a_setting_and_anything_but_true_or_false_is_refused_at_the_cal
             QueuePool(client, 1)
 
 
-def test_a_relay_refuses_malformed_pushes_and_carries_nothing_of_them(client: Client) -> None:
+def test_a_relay_refuses_malformed_pushes_and_pulls_at_the_call_and_keeps_carrying(client: Client) -> None:
     with QueuePool(client, 1, relay=True) as queue_pool:
         assert queue_pool._relay is not None
         actor = queue_pool._relay._actor
-        for bad in ([("x", [b"a"])], [(-1, [b"a"])], [(0, b"frames, not a list")]):
+        bad_pushes = (
+            5,
+            [(0,)],
+            [("x", [b"a"])],
+            [(-1, [b"a"])],
+            [(True, [b"a"])],
+            [(0, b"frames, not a list")],
+            [(0, [1, 2])],
+            [(0, [])],
+            [(9, (1, "tcp://127.0.0.1:1", 5))],
+            [(9, ("1", "tcp://127.0.0.1:1"))],
+            [(0, [b"fine"]), (0, [None])],  # one bad item: nothing of the push is carried
+        )
+        for bad in bad_pushes:
             with pytest.raises(TypeError, match="push takes"):
                 actor.push(bad).result(timeout=10)
+        for wait in ("x", float("nan"), None):
+            with pytest.raises(TypeError, match="pull takes"):
+                actor.pull(wait).result(timeout=10)
+        stats = actor.statistics().result(timeout=10)
         with ConsumerPool(client, queue_pool, n_consumers=1, start=True):
             assert queue_pool.submit(add, 1, 2).result(timeout=30) == 3  # it still carries the driver
+        assert queue_pool._relay.replacements == 0  # nothing of it broke the relay
+        assert stats["worker"]
+
+
+def test_a_relay_stalled_past_its_call_timeout_is_replaced_and_nothing_is_lost_or_failed(client3: Client) -> None:
+    # The relay shares its worker with a broker (3 queues on 3 workers): the stall silences both.
+    # The relay is replaced on another worker; the broker, alive, is waited for, not failed, and
+    # the results it sent on the old path come again through the new one.
+    settings = {"heartbeat_interval": "200ms", "heartbeat_timeout": "20s", "connect_timeout": "2s"}
+    with QueuePool(client3, 3, relay=True, **settings) as queue_pool:
+        relay = queue_pool._relay
+        assert relay is not None
+        with ConsumerPool(client3, queue_pool, n_consumers=3, start=True):
+            batch = queue_pool.batch_submit([(sleep_return, i, 0.002) for i in range(3000)], batch_size=50)
+            time.sleep(0.3)
+            stalled = relay.worker
+            pid = _pid(client3, stalled)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                wait_until(lambda: relay.replacements >= 1, timeout=30)
+            finally:
+                time.sleep(3)
+                os.kill(pid, signal.SIGCONT)
+            assert relay.worker != stalled
+            assert batch.result(timeout=90) == list(range(3000))
+            assert queue_pool.submit(add, 2, 3).result(timeout=30) == 5
+            assert queue_pool.driver.statistics().tasks_failed == 0
 
 
 def test_the_relay_actor_is_a_plain_class_dask_can_place() -> None:

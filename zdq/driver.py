@@ -302,6 +302,8 @@ class Driver:
         self._control: deque[Callable[[BrokerLinks], None]] = deque()
         self._tokens = itertools.count(1)
         self._reconciling: dict[int, int] = {}  # SYNC token -> broker, after a recovery
+        # SYNC token -> (broker, the unconfirmed chunks asked about), after its path changed (a new relay)
+        self._rerouting: dict[int, tuple[int, tuple[int, ...]]] = {}
         self._whys: dict[int, dict[int, str]] = {}  # token -> why each unheard broker is silent
         # Results received in this round of the I/O thread, handed to their futures before it sleeps.
         self._settlements: list[tuple[_Record | None, int, int, bytes, list[Any], dict[int, Any], bytes | None]] = []
@@ -777,6 +779,14 @@ class Driver:
         :class:`~zdq.errors.BrokerUnreachable`."""
         self._post(lambda links: self._on_reconnect(links, broker, endpoint, worker))
 
+    def reroute(self, broker: int) -> None:
+        """The path to broker ``broker`` changed (a new relay), not the broker: connect again and
+        ask it which of the chunks it never confirmed to us it holds. Those it holds count as
+        confirmed (their receipts were lost on the old path; their results come), the others
+        are sent again; the broker sends again the results it sent on the old path. Unlike
+        :meth:`reconnect`, a broker silent meanwhile fails nothing (it is alive, maybe busy)."""
+        self._post(lambda links: self._on_reroute(links, broker))
+
     def fail_chunks_of(self, broker: int, exc: BaseException) -> None:
         """Fail every task confirmed by ``broker`` that has no result yet (its queue is gone for good)."""
         def fail(links: BrokerLinks) -> None:
@@ -1002,6 +1012,47 @@ class Driver:
             token = next(self._tokens)
             self._reconciling[token] = broker
             try_send(links.socks[broker], p.encode(p.Sync(token, tuple(seqs[start : start + p.MAX_CHUNK_TASKS]))))
+
+    def _on_reroute(self, links: BrokerLinks, broker: int) -> None:
+        link = self._links[broker]
+        if link.state is LinkState.DOWN:
+            return  # lost: its placement again reconnects it
+        links.replace(broker, link.endpoint)  # a new socket says HELLO: the broker resends results
+        link.seen = link.connected_at = time.monotonic()
+        self._unask_cancels(broker)  # questions on the old path will not be answered
+        with self._cond:
+            seqs = sorted(r.seq for r in self._records.values() if r.broker == broker and not r.confirmed)
+        for start in range(0, len(seqs), p.MAX_CHUNK_TASKS):
+            token, asked = next(self._tokens), tuple(seqs[start : start + p.MAX_CHUNK_TASKS])
+            self._rerouting[token] = (broker, asked)
+            try_send(links.socks[broker], p.encode(p.Sync(token, asked)))
+
+    def _rerouted(self, broker: int, asked: tuple[int, ...], missing: set[int]) -> None:
+        """The broker's answer after a reroute: the chunks of ``asked`` not ``missing`` are
+        stored (confirmed); the missing ones go first in line again, for any broker."""
+        link = self._links[broker]
+        again: list[_Record] = []
+        with self._cond:
+            for seq in asked:
+                rec = self._records.get(seq)
+                if rec is None or rec.broker != broker or rec.confirmed:
+                    continue
+                link.unconfirmed -= 1
+                if seq in missing:
+                    rec.broker = -1
+                    again.append(rec)
+                    continue
+                self._buffered_chunks -= 1
+                self._buffered_bytes -= rec.nbytes
+                rec.confirmed = True
+                rec.payload = None
+                if rec.remaining <= 0:
+                    del self._records[seq]
+            for rec in sorted(again, key=lambda r: r.seq, reverse=True):
+                self._queued.appendleft(rec)
+            self._cond.notify_all()
+        if again:
+            logger.info("%s: %d chunks never reached queue %s over the old path; sent again", self.driver_name, len(again), self._queue_names[broker])
 
     def _ask_cancel(self, links: BrokerLinks, *, token: int, rec: _Record, indexes: tuple[int, ...]) -> None:
         if rec.broker < 0:  # sent back to the queue meanwhile (its broker was lost): not sent yet
@@ -1369,6 +1420,10 @@ class Driver:
             self._cond.notify_all()
 
     def _on_status(self, link: _Link, msg: p.QueueStatus) -> None:
+        rerouted = self._rerouting.pop(msg.token, None)
+        if rerouted is not None:
+            self._rerouted(rerouted[0], rerouted[1], set(msg.missing))
+            return
         broker = self._reconciling.pop(msg.token, None)
         with self._cond:
             self._last_counts[link.index] = (msg, time.monotonic())

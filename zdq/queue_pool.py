@@ -594,6 +594,7 @@ class QueuePool:
             # saying so, instead of waiting for ever.
             logger.error("the Dask client of pool %s was closed while the pool was open: its pending tasks fail", self.name)
             self._stop_supervisor.set()
+            self._close_relay()
             kept = " (a durable queue kept them: a new pool on the same dirpath runs them)" if self.dirpath else ""
             driver.fail_all(
                 ClosedError(
@@ -701,17 +702,15 @@ class QueuePool:
         return None
 
     def _replace_relay(self, driver: Driver) -> None:
-        """The relay failed: place another and reconnect every link through it. The driver
-        resends what the brokers never confirmed and asks them which chunks they hold; a chunk
-        that reached its broker but whose receipt was lost with the relay is stored twice, and
-        its tasks may run twice (as after any redelivery: results are taken once)."""
+        """The relay failed: place another and carry every link through it. Each broker is asked
+        which of the chunks it never confirmed it holds (the others are sent again), and sends
+        again the results it sent on the old path; a broker silent meanwhile fails nothing."""
         assert self._relay is not None
-        workers = self._workers()
-        if not self._relay.replace(avoid=workers):
+        if not self._relay.replace(avoid=self._workers()):
             return
-        for i, endpoint in enumerate(self.endpoints):
+        for i in range(self.n_queues):
             if i not in self._lost_since and i not in self._gone:
-                driver.reconnect(i, endpoint, workers[i])
+                driver.reroute(i)
 
     def _follow_owner(self, driver: Driver) -> None:
         """An attached pool follows its owner: queues placed again, and the pool's end."""

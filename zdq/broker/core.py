@@ -414,6 +414,11 @@ class BrokerCore:
         elif kind is p.Hello:
             name = msg.name.decode(errors="replace")  # type: ignore[union-attr]
             if msg.role is p.Role.DRIVER:  # type: ignore[union-attr]
+                # A driver says HELLO on each new connection (through a new relay, say): results
+                # sent on its previous one may have been lost with it (ZeroMQ drops what was
+                # queued on a pipe that a new connection of the same identity takes over). They
+                # go again; the driver takes each task's result once.
+                self._unsend(lambda held: held.driver == ident)
                 self._driver_heard(ident, now, work).name = name
             else:
                 consumer = self._consumer(ident, now)
@@ -828,19 +833,26 @@ class BrokerCore:
                 self._expire(ident, peer)
         # Results sent to a driver that has been silent since: send them again when it (or, if it
         # is gone, the creator) speaks. They were not deleted; the driver records each task once.
-        for chunk_id, held in self._leases.done_entries():
-            if held.driver is not None and held.sent_at < deadline:
-                sent_to = self._peers.get(held.driver)
-                if sent_to is None or sent_to.gone or sent_to.last_seen < held.sent_at:
-                    held.driver = None  # sent again when a driver that may take them speaks
-                    self._waiting[chunk_id] = None
-                    self._leases.keep(chunk_id, held)
+        self._unsend(lambda held: held.driver is not None and held.sent_at < deadline and self._silent_since_sent(held))
         for ident, peer in self._peers.items():
             if not peer.gone:
                 self._send(ident, p.Heartbeat())
         self._schedules.rewake()  # follows a jump of the wall clock
         self._dispatch(now)
         self._storage.commit()
+
+    def _silent_since_sent(self, held: Held) -> bool:
+        sent_to = self._peers.get(held.driver) if held.driver is not None else None
+        return sent_to is None or sent_to.gone or sent_to.last_seen < held.sent_at
+
+    def _unsend(self, again: Callable[[Held], bool]) -> None:
+        """Results sent that match ``again`` are sent again when a driver that may take them
+        speaks. They were not deleted."""
+        for chunk_id, held in self._leases.done_entries():
+            if held.driver is not None and again(held):
+                held.driver = None
+                self._waiting[chunk_id] = None
+                self._leases.keep(chunk_id, held)
 
     def _farewell(self) -> None:
         self._send_confirms()

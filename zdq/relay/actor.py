@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 from collections import deque
 from typing import Any
@@ -40,6 +41,26 @@ _IDLE_POLL_MS = 1000
 
 def _size(frames: list[bytes]) -> int:
     return sum(len(f) for f in frames)
+
+
+_BAD_PUSH = "push takes a list of (slot, [frame bytes, ...]) and (slot, (gen, endpoint)) pairs"
+
+
+def _check_items(items: Any) -> None:
+    """A TypeError naming what is wrong, before anything of a bad push is carried."""
+    if not isinstance(items, list):
+        raise TypeError(f"{_BAD_PUSH}, got {type(items).__name__}")
+    for item in items:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise TypeError(f"{_BAD_PUSH}, got the item {item!r:.80}")
+        slot, x = item
+        if isinstance(slot, bool) or not isinstance(slot, int) or slot < 0:
+            raise TypeError(f"{_BAD_PUSH}: a slot is a non-negative integer, got {slot!r:.80}")
+        if isinstance(x, tuple):
+            if len(x) != 2 or isinstance(x[0], bool) or not isinstance(x[0], int) or not isinstance(x[1], str):
+                raise TypeError(f"{_BAD_PUSH}: a connect is (gen, endpoint), got {x!r:.80}")
+        elif not isinstance(x, list) or not x or not all(isinstance(f, (bytes, bytearray, memoryview)) for f in x):
+            raise TypeError(f"{_BAD_PUSH}: a message is a non-empty list of bytes frames, got {x!r:.80}")
 
 
 class Relay:
@@ -91,12 +112,10 @@ class Relay:
         connect slot ``slot`` to the broker at ``endpoint`` with a new socket (what the old one
         held is dropped; what comes from the new one is tagged ``gen``); if ``x`` is a list of
         frames, send it to that slot's broker. Returns at once: sending is the I/O thread's."""
+        _check_items(items)  # all of them before any is taken: a bad push carries nothing
         if self._error is not None:
             raise ConnectionError(f"relay of pool {self.name} on {self.worker} stopped: {self._error}")
         self._ensure_started()
-        for slot, x in items:
-            if not isinstance(slot, int) or slot < 0 or not isinstance(x, (list, tuple)):
-                raise TypeError("push takes (slot, frames) and (slot, (gen, endpoint)) pairs")
         self._outbox.extend(items)
         assert self._waker is not None
         self._waker.wake()
@@ -105,6 +124,8 @@ class Relay:
     async def pull(self, wait: float) -> list[tuple[int, int, list[bytes]]]:
         """The brokers' messages that arrived, as ``(slot, gen, frames)``, oldest first; waits
         up to ``wait`` seconds for the first one."""
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait) and wait != math.inf:
+            raise TypeError(f"pull takes the seconds to wait for a message, got {wait!r:.80}")
         self._ensure_started()
         assert self._arrived is not None
         if not self._inbox:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from zdq._actor import candidate_workers, pick_worker
+from zdq._actor import candidate_workers
 from zdq.errors import PlacementError
 from zdq.relay.actor import Relay
 from zdq.relay.tunnel import Tunnel
@@ -81,11 +81,18 @@ class RelayPath:
         self._future, self._actor = self._place(avoid)
         self.tunnel.start(self._actor, self.worker)
 
-    def _place(self, avoid: Sequence[str]) -> tuple[Any, Any]:
+    def _place(self, avoid: Sequence[str], timeout: float = 60.0) -> tuple[Any, Any]:
+        """Place a relay: never on its last worker (it failed there) while another can take it,
+        and on none of ``avoid`` while another can."""
         known = self.client.scheduler_info(n_workers=-1)["workers"]
-        free = [a for a in candidate_workers(self.client, self._workers, None, known) if a not in set(avoid)]
-        allowed = free if free else self._workers
-        address = pick_worker(self.client, allowed, 0, self._placed_on, None, known)
+        candidates = candidate_workers(self.client, self._workers, None, known)
+        last = self._placed_on.get(0)
+        fresh = [a for a in candidates if a != last] or candidates
+        free = [a for a in fresh if a not in set(avoid)] or fresh
+        if not free:
+            raise PlacementError(f"no worker is available to place the relay of pool {self.name} on")
+        address = free[self.replacements % len(free)]
+        self._placed_on[0] = address
         fut = self.client.submit(
             Relay,
             self.name,
@@ -99,7 +106,7 @@ class RelayPath:
             key=f"zdq-relay-{self.name}-{uuid.uuid4().hex[:8]}",
         )
         try:
-            return fut, fut.result(timeout=60)
+            return fut, fut.result(timeout=timeout)
         except Exception as e:
             fut.release()
             raise PlacementError(f"could not place the relay of pool {self.name} on {address}: {e}") from e
@@ -114,8 +121,8 @@ class RelayPath:
         it) and carry through it; False if it could not be placed (the supervisor's next round
         tries again)."""
         old = self._future
-        try:
-            fut, actor = self._place(avoid)
+        try:  # bounded by a call's timeout: the supervisor that waits also watches the brokers
+            fut, actor = self._place(avoid, timeout=self.tunnel.call_timeout)
         except Exception as e:
             logger.warning("placing the relay of pool %s again failed (will retry): %s", self.name, e)
             return False

@@ -64,7 +64,7 @@ class Tunnel:
     def __init__(self, name: str, identity: bytes, call_timeout: float, on_lost: Callable[[BaseException], None]) -> None:
         self.name = name
         self._identity = identity
-        self._call_timeout = call_timeout
+        self.call_timeout = call_timeout
         self._on_lost = on_lost
         self._prefix = f"inproc://zdq-relay-{new_identity().hex()}"
         self._cond = threading.Condition()
@@ -99,7 +99,7 @@ class Tunnel:
         if self._waker is not None:
             self._waker.wake()
         for thread in self._threads:
-            thread.join(self._call_timeout + 2)
+            thread.join(self.call_timeout + 2)
         with self._cond:
             self._relay = None  # the actor's handle: held, it would keep the actor on its worker
 
@@ -210,7 +210,7 @@ class Tunnel:
                 del self._outbox[:n]
                 relay, gen = self._relay, self._relay_gen
             try:
-                relay.push(items).result(timeout=self._call_timeout)
+                relay.push(items).result(timeout=self.call_timeout)
             except Exception as e:
                 self._fail(gen, e)
                 continue
@@ -225,7 +225,7 @@ class Tunnel:
             if self._stop.is_set():
                 return
             try:
-                got = relay.pull(PULL_WAIT).result(timeout=PULL_WAIT + self._call_timeout)
+                got = relay.pull(PULL_WAIT).result(timeout=PULL_WAIT + self.call_timeout)
             except Exception as e:
                 self._fail(gen, e)
                 continue
