@@ -264,6 +264,16 @@ def test_a_driver_that_exits_without_close_leaves_nothing_running_on_the_workers
     wait_until(lambda: not leftovers(), timeout=30)
 
 
+@pytest.mark.parametrize("relay", [False, True], ids=["direct", "relayed"])
+def test_a_pool_dropped_without_closing_lets_go_of_its_driver_brokers_consumers_and_relay(
+    client: Client, relay: bool
+) -> None:
+    queue_pool = QueuePool(client, 1, relay=relay)
+    consumers = ConsumerPool(client, queue_pool, n_consumers=1, start=True)
+    assert queue_pool.submit(add, 1, 2).result(timeout=30) == 3
+    del queue_pool, consumers  # as daskqueue programs do: the client fixture checks nothing is left
+
+
 def test_submit_iter_shows_an_insertion_bar_against_its_total(client: Client, capsys: pytest.CaptureFixture[str]) -> None:
     with QueuePool(client, 1) as queue_pool:
         n = queue_pool.submit_iter(((add, i, 1) for i in range(2500)), total=2500, progress=True, batch_size=500)

@@ -130,6 +130,19 @@ class _Reading:
             raise StopIteration from None
 
 
+def _weakly(method: Callable[[], str]) -> Callable[[], str]:
+    """``method`` of a pool, called through a weak reference: the driver's thread holds what it
+    is given, and a strong reference would keep a pool dropped without close() alive for ever
+    (its finalizer, which closes the driver, would never run)."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> str:
+        bound = ref()
+        return "" if bound is None else bound()
+
+    return call
+
+
 def _check_worker_class(worker_class: type | None) -> None:
     if worker_class is not None and not (isinstance(worker_class, type) and issubclass(worker_class, GeneralConsumer)):
         raise WrongConsumerClass(
@@ -466,7 +479,7 @@ class QueuePool:
             payload_key=self.payload_key,
             queue_names=self.queue_names,
             identity=self._identity,
-            hint=self._why_waiting,
+            hint=_weakly(self._why_waiting),
             workers=self._workers(),
             route=route,
         )
