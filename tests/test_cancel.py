@@ -42,12 +42,15 @@ FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
 
 
 def test_cancelling_tasks_a_consumer_holds_but_has_not_started(client: Client, tmp_path: Path) -> None:
-    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, start=True) as consumers:
+    # Prefetch room for every chunk the six tasks may be cut into (the driver cuts single tasks as
+    # they come): all of them are held by the busy consumer, none is left at the broker.
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, start=True, prefetch=8) as consumers:
         long = queue_pool.submit(touch, str(tmp_path), "long", 3.0)
         wait_until(lambda: (tmp_path / "long").exists(), timeout=30)
         later = [queue_pool.submit(touch, str(tmp_path), f"t{i}") for i in range(6)]
         queue_pool.flush(timeout=30)
-        time.sleep(0.3)  # the consumer takes them (prefetch) while the long task runs
+        # Every chunk leased to the consumer: none ready at the broker.
+        wait_until(lambda: all(q is not None and q.ready_tasks == 0 for q in queue_pool.queue_status()), timeout=30)
         assert long.cancel() is False  # running
         assert [later[i].cancel() for i in (1, 3, 5)] == [True, True, True]
         assert all(later[i].cancelled() for i in (1, 3, 5))
