@@ -113,11 +113,6 @@ class Tunnel:
             self._cond.notify_all()
         self._inbox.clear()
 
-    @property
-    def lost(self) -> BaseException | None:
-        """Why the current relay failed (``None`` while it works)."""
-        return self._lost
-
     # -- what BrokerLinks asks ----------------------------------------------------------------------
     def address(self, slot: int, endpoint: str) -> str:
         """Where the driver's link ``slot`` connects to reach the broker at ``endpoint`` (a new
