@@ -25,9 +25,13 @@ _CLUSTER_FIXTURES = {"cluster", "client", "cluster3", "client3"}
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # A test that starts a cluster is marked `cluster` by the fixtures it uses, so that
     # `pytest -m "not cluster"` is the quick run without anyone having to remember the marker.
+    # Everything under tests/unit/ is the unit tier (`pytest -m unit`): it runs in seconds after every edit.
+    unit_dir = Path(__file__).parent / "unit"
     for item in items:
         if _CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
+        if unit_dir in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.unit)
 
 
 def _zdq_threads() -> list[str]:
