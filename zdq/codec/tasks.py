@@ -53,7 +53,7 @@ from typing import Any
 import cloudpickle
 
 from zdq.errors import SerializationError, TaskCancelled
-from zdq.serialization import PROTOCOL, all_scalars, check_picklable, seal, unseal
+from zdq.codec.results import PROTOCOL, all_scalars, check_picklable, seal, unseal
 
 __all__ = [  # noqa: RUF022 - grouped by role
     # kinds and shapes

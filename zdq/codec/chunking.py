@@ -31,7 +31,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from zdq.config import PoolSettings
 from zdq.errors import SerializationError
-from zdq.tasks import PICKLED, TaskOptions, dumps_chunk
+from zdq.codec.tasks import PICKLED, TaskOptions, dumps_chunk
 
 __all__ = ["Chunking", "Packed"]
 
