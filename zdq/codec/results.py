@@ -1,7 +1,7 @@
 """Bytes: pickling results, sealing payloads, and naming what cannot be pickled.
 
-What a task and a chunk are, and how they are pickled, is :mod:`zdq.tasks`'s; this module is
-beneath it and knows nothing of their shape.
+What a task and a chunk are, and how they are pickled, is :mod:`zdq.codec.tasks`'s; this module
+is beneath it and knows nothing of their shape.
 
 When the pool is authenticated, every payload is sealed with a keyed BLAKE2b tag of the pool's
 payload key, set by its author (driver or consumer) and checked by its reader *before* unpickling:
@@ -10,12 +10,20 @@ rejected without being unpickled (random bytes can be a pickle that allocates gi
 
 Results travel as ``(base_task_id, values, errors)`` where ``errors`` maps an index in ``values`` to
 an :class:`ErrorInfo`. Everything is pickled with protocol 5 (:data:`PROTOCOL`).
+
+Pickles name classes and functions by their module, and stored payloads (durable queues, dead
+letters, a schedule's last results) outlive a rename: :func:`loads_earlier` reads them under the
+names they had when they were written (``zdq.serialization``, ``zdq.tasks``), and is tried only
+when a plain ``pickle.loads`` fails to find a name, so the common path pays nothing for it.
+
+Nothing here holds state: every function is pure (apart from the pickles it writes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import pickle
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +46,8 @@ __all__ = [  # noqa: RUF022 - grouped by role
     # what cannot be pickled
     "check_picklable",
     "all_scalars",
+    # what earlier versions wrote
+    "loads_earlier",
 ]
 
 PROTOCOL = 5
@@ -156,8 +166,6 @@ def dumps_results(
 
 
 def _error(message: str) -> ErrorInfo:
-    from zdq.errors import SerializationError
-
     return ErrorInfo(SerializationError(message), "zdq.errors.SerializationError", message, "")
 
 
@@ -189,7 +197,11 @@ def _dumps_results(base_task_id: int, values: list[Any], errors: dict[int, Error
 
 def loads_results(payload: Any, key: bytes | None = None) -> tuple[int, list[Any], dict[int, ErrorInfo]]:
     """Check and unpickle results; raise ValueError if they are forged or malformed."""
-    obj = pickle.loads(unseal(key, payload))
+    data = unseal(key, payload)
+    try:
+        obj = pickle.loads(data)
+    except (AttributeError, ImportError):  # a name that moved since they were written (or a user's missing one)
+        obj = loads_earlier(data)
     if (
         not isinstance(obj, tuple)
         or len(obj) != 3
@@ -211,3 +223,33 @@ def error_to_exception(info: ErrorInfo) -> BaseException:
         if note not in getattr(exc, "__notes__", ()):
             exc.add_note(note)
     return exc
+
+
+#: The modules whose names stored pickles may carry, and where those names live now.
+_MOVED = {"zdq.serialization": "zdq.codec.results", "zdq.tasks": "zdq.codec.tasks"}
+
+
+class _EarlierNames(pickle.Unpickler):
+    """An unpickler that finds names where they went (see :data:`_MOVED`). :class:`TaskOptions
+    <zdq.codec.tasks.TaskOptions>` was first ``zdq.serialization.TaskOptions``, then
+    ``zdq.tasks.TaskOptions``."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "zdq.serialization" and name == "TaskOptions":
+            module = "zdq.tasks"
+        return super().find_class(_MOVED.get(module, module), name)
+
+
+def loads_earlier(data: Any) -> Any:
+    """Unpickle ``data`` written by an earlier zdq, whose names may have moved since.
+
+    A name that is missing for another reason (a user's module that a worker cannot import)
+    raises as it would from ``pickle.loads``.
+
+    >>> import pickle
+    >>> from zdq.codec.tasks import TaskOptions
+    >>> old = pickle.dumps(TaskOptions(retries=1), protocol=2).replace(b"zdq.codec.tasks", b"zdq.serialization")
+    >>> loads_earlier(old) == TaskOptions(retries=1)
+    True
+    """
+    return _EarlierNames(io.BytesIO(data)).load()

@@ -27,10 +27,11 @@ Running is chosen once per chunk, never per task: :func:`run_entries` gives the 
 (for a chunk of calls, nothing but the call per task), :func:`callers` the call of one entry (for
 task threads and retries), :func:`own_options` the options a TASKS entry carries.
 
-How many tasks go in a chunk, and how submissions are cut, is :mod:`zdq.chunking`'s. Sealing and
-results are :mod:`zdq.serialization`'s.
+How many tasks go in a chunk, and how submissions are cut, is :mod:`zdq.codec.chunking`'s. Sealing
+and results are :mod:`zdq.codec.results`'s. Nothing here holds state: the constants are fixed at
+import, and every function is pure (running a chunk only writes the ``values`` it is handed).
 
->>> from zdq.tasks import CALLS, dumps_chunk, loads_chunk, run_entries
+>>> from zdq.codec.tasks import CALLS, dumps_chunk, loads_chunk, run_entries
 >>> base, kind, entries, options = loads_chunk(dumps_chunk(7, [(divmod, 7, 2), (pow, 2, 10)], kind=CALLS))
 >>> values = [None] * len(entries)
 >>> run_entries(kind)(enumerate(entries), values, print, print, None)
@@ -41,7 +42,6 @@ results are :mod:`zdq.serialization`'s.
 from __future__ import annotations
 
 import functools
-import io
 import math
 import pickle
 import sys
@@ -53,7 +53,7 @@ from typing import Any
 import cloudpickle
 
 from zdq.errors import SerializationError, TaskCancelled
-from zdq.codec.results import PROTOCOL, all_scalars, check_picklable, seal, unseal
+from zdq.codec.results import PROTOCOL, all_scalars, check_picklable, loads_earlier, seal, unseal
 
 __all__ = [  # noqa: RUF022 - grouped by role
     # kinds and shapes
@@ -244,20 +244,6 @@ def split_chunk(chunk: Chunk, key: bytes | None) -> list[bytes]:
     return [dumps_chunk(base + i, [e], key, kind, options) for i, e in enumerate(entries)]
 
 
-class _EarlierNames(pickle.Unpickler):
-    """Reads what zdq wrote before this module existed: :class:`TaskOptions` was pickled as
-    ``zdq.serialization.TaskOptions`` (durable queues keep such chunks, dead letters too)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "zdq.serialization" and name == "TaskOptions":
-            return TaskOptions
-        return super().find_class(module, name)
-
-
-def _earlier(data: Any) -> Any:
-    return _EarlierNames(io.BytesIO(data)).load()
-
-
 def loads_chunk(payload: Any, key: bytes | None = None) -> Chunk:
     """Check and unpickle a chunk.
 
@@ -266,8 +252,8 @@ def loads_chunk(payload: Any, key: bytes | None = None) -> Chunk:
     data = unseal(key, payload)
     try:
         obj = pickle.loads(data)
-    except AttributeError:  # a name that moved since the chunk was written (or a user's missing one)
-        obj = _earlier(data)
+    except (AttributeError, ImportError):  # a name that moved since the chunk was written (or a user's missing one)
+        obj = loads_earlier(data)
     if (
         not isinstance(obj, tuple)
         or len(obj) != 4
@@ -283,8 +269,8 @@ def loads_chunk(payload: Any, key: bytes | None = None) -> Chunk:
             raise ValueError("a chunk of pickled tasks holds something other than bytes")
         try:
             entries = [pickle.loads(e) for e in entries]
-        except AttributeError:
-            entries = [_earlier(e) for e in entries]
+        except (AttributeError, ImportError):
+            entries = [loads_earlier(e) for e in entries]
         if not all(isinstance(e, tuple) and len(e) >= 2 for e in entries):
             raise ValueError("a pickled task is not a task tuple")
         return base, TASKS, entries, options
@@ -322,8 +308,8 @@ def cancel_in_chunk(payload: Any, key: bytes | None, indexes: Iterable[int]) -> 
     data = unseal(key, payload)
     try:
         base, kind, entries, options = pickle.loads(data)
-    except AttributeError:
-        base, kind, entries, options = _earlier(data)
+    except (AttributeError, ImportError):
+        base, kind, entries, options = loads_earlier(data)
     cancelled = set(indexes)
     if kind == PICKLED:
         placeholder = pickle.dumps(_CANCELLED_TASK, protocol=PROTOCOL)
