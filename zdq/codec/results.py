@@ -30,7 +30,7 @@ from typing import Any
 
 import cloudpickle
 
-from zdq.errors import RemoteTaskError, SerializationError
+from zdq.errors import ProtocolError, RemoteTaskError, SerializationError
 
 __all__ = [  # noqa: RUF022 - grouped by role
     "PROTOCOL",
@@ -115,15 +115,22 @@ def seal(key: bytes | None, data: bytes) -> bytes:
 
 
 def unseal(key: bytes | None, payload: Any) -> memoryview:
-    """The data of a sealed payload; ``ValueError`` if its tag does not match."""
+    """The data of a sealed payload.
+
+    Raises
+    ------
+    ProtocolError
+        (a ``ValueError``) The payload is too short to carry a tag, or its tag does not match:
+        it was not written by a member of this pool.
+    """
     view = memoryview(payload)
     if key is None:
         return view
     if len(view) < _TAG:
-        raise ValueError("payload too short to carry its tag")
+        raise ProtocolError(f"payload of {len(view)} bytes is too short to carry its tag")
     data = view[_TAG:]
     if not hmac.compare_digest(hashlib.blake2b(data, key=key, digest_size=_TAG).digest(), view[:_TAG]):
-        raise ValueError("payload tag does not match: not written by a member of this pool")
+        raise ProtocolError("payload tag does not match: not written by a member of this pool")
     return data
 
 
@@ -196,7 +203,13 @@ def _dumps_results(base_task_id: int, values: list[Any], errors: dict[int, Error
 
 
 def loads_results(payload: Any, key: bytes | None = None) -> tuple[int, list[Any], dict[int, ErrorInfo]]:
-    """Check and unpickle results; raise ValueError if they are forged or malformed."""
+    """Check and unpickle results.
+
+    Raises
+    ------
+    ProtocolError
+        (a ``ValueError``) They are forged (see :func:`unseal`) or not ``(int, list, dict)``.
+    """
     data = unseal(key, payload)
     try:
         obj = pickle.loads(data)
@@ -209,7 +222,7 @@ def loads_results(payload: Any, key: bytes | None = None) -> tuple[int, list[Any
         or not isinstance(obj[1], list)
         or not isinstance(obj[2], dict)
     ):
-        raise ValueError(f"results must be (int, list, dict), got {type(obj).__name__}")
+        raise ProtocolError(f"results must be (int, list, dict), got {type(obj).__name__}")
     return obj
 
 

@@ -52,7 +52,7 @@ from typing import Any
 
 import cloudpickle
 
-from zdq.errors import SerializationError, TaskCancelled
+from zdq.errors import ProtocolError, SerializationError, TaskCancelled
 from zdq.codec.results import PROTOCOL, all_scalars, check_picklable, loads_earlier, seal, unseal
 
 __all__ = [  # noqa: RUF022 - grouped by role
@@ -247,7 +247,7 @@ def split_chunk(chunk: Chunk, key: bytes | None) -> list[bytes]:
 def loads_chunk(payload: Any, key: bytes | None = None) -> Chunk:
     """Check and unpickle a chunk.
 
-    Raises ``ValueError`` if it is forged or malformed.
+    Raises :class:`~zdq.errors.ProtocolError` (a ``ValueError``) if it is forged or malformed.
     """
     data = unseal(key, payload)
     try:
@@ -262,17 +262,17 @@ def loads_chunk(payload: Any, key: bytes | None = None) -> Chunk:
         or not isinstance(obj[2], list)
         or not (obj[3] is None or isinstance(obj[3], TaskOptions))
     ):
-        raise ValueError(f"a chunk must be (int, kind, list, options), got {type(obj).__name__}")
+        raise ProtocolError(f"a chunk must be (int, kind, list, options), got {type(obj).__name__}")
     base, kind, entries, options = obj
     if kind == PICKLED:
         if not all(isinstance(e, bytes) for e in entries):
-            raise ValueError("a chunk of pickled tasks holds something other than bytes")
+            raise ProtocolError("a chunk of pickled tasks holds something other than bytes")
         try:
             entries = [pickle.loads(e) for e in entries]
         except (AttributeError, ImportError):
             entries = [loads_earlier(e) for e in entries]
         if not all(isinstance(e, tuple) and len(e) >= 2 for e in entries):
-            raise ValueError("a pickled task is not a task tuple")
+            raise ProtocolError("a pickled task is not a task tuple")
         return base, TASKS, entries, options
     return obj
 
