@@ -5,7 +5,7 @@ zdq.codec.tasks.TaskOptions``): ``isinstance`` checks and identity tests hold ac
 To monkeypatch a function, patch it where it lives now, in :mod:`zdq.codec.tasks`.
 
 ``_cancelled`` is kept because chunks pickled before the move name it here (a durable queue may
-hold a cancelled task's placeholder); ``_plainly_picklable`` because tests read it here.
+hold a cancelled task's placeholder).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from zdq.codec.tasks import (
     split_chunk,
 )
 from zdq.codec.tasks import _cancelled as _cancelled
-from zdq.codec.tasks import _plainly_picklable as _plainly_picklable
 
 __all__ = [  # noqa: RUF022 - grouped by role, as in zdq.codec.tasks
     # kinds and shapes

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from zdq.codec.timing import Timing, timing_of
 from zdq.errors import ProtocolError
 from zdq.storage.order import Delayed, ReadyQueue
-from zdq.timing import Timing, timing_of
 from zdq.transport import protocol as p
 
 UTC = datetime.timezone.utc
