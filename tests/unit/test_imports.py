@@ -73,7 +73,7 @@ def _statements(body: Iterable[ast.stmt], at_import: bool = True) -> Iterator[tu
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.stmt):
                 yield from _statements([child], inner)
-            elif isinstance(child, (ast.excepthandler, ast.match_case)):
+            elif isinstance(child, (ast.ExceptHandler, ast.match_case)):
                 yield from _statements(child.body, inner)
 
 
@@ -206,17 +206,24 @@ def zdq_modules() -> dict[str, Module]:
     return modules
 
 
-def test_no_module_of_zdq_imports_itself_back_through_others(zdq_modules: dict[str, Module]) -> None:
-    edges = [e for e in imports(zdq_modules) if e.at_import]
+@pytest.fixture(scope="module")
+def zdq_imports(zdq_modules: dict[str, Module]) -> list[Edge]:
+    return imports(zdq_modules)
+
+
+def test_no_module_of_zdq_imports_itself_back_through_others(zdq_modules: dict[str, Module], zdq_imports: list[Edge]) -> None:
+    edges = [e for e in zdq_imports if e.at_import]
     found = circles(zdq_modules, edges)
     report = "\n".join(describe(c, edges, zdq_modules) for c in found)
     assert not found, f"zdq has {len(found)} import circle(s) (imports that run when a module loads):\n{report}"
 
 
-def test_the_codec_floor_imports_only_itself_the_errors_and_the_config(zdq_modules: dict[str, Module]) -> None:
+def test_the_codec_floor_imports_only_itself_the_errors_and_the_config(
+    zdq_modules: dict[str, Module], zdq_imports: list[Edge]
+) -> None:
     codec = {name for name in zdq_modules if name == "zdq.codec" or name.startswith("zdq.codec.")}
     assert {"zdq.codec.tasks", "zdq.codec.results", "zdq.codec.timing", "zdq.codec.schedules"} <= codec
-    edges = imports(zdq_modules)  # in functions too: a lazy import is a dependency all the same
+    edges = zdq_imports  # in functions too: a lazy import is a dependency all the same
     upward = [
         f"{e.importer} ({zdq_modules[e.importer].path}:{e.line}) imports {e.imported}"
         for e in edges
@@ -225,8 +232,8 @@ def test_the_codec_floor_imports_only_itself_the_errors_and_the_config(zdq_modul
     assert not upward, "the codec imports from above its floor:\n" + "\n".join(upward)
 
 
-def test_nothing_the_codec_reaches_is_a_wing_above_it(zdq_modules: dict[str, Module]) -> None:
-    edges = imports(zdq_modules)
+def test_nothing_the_codec_reaches_is_a_wing_above_it(zdq_imports: list[Edge]) -> None:
+    edges = zdq_imports
     reached = {"zdq.codec.tasks", "zdq.codec.results", "zdq.codec.timing", "zdq.codec.schedules", "zdq.codec.chunking"}
     todo = list(reached)
     while todo:
@@ -239,9 +246,9 @@ def test_nothing_the_codec_reaches_is_a_wing_above_it(zdq_modules: dict[str, Mod
     assert not above, f"the codec reaches {above} through its imports"
 
 
-def test_the_old_codec_paths_only_re_export_the_codec(zdq_modules: dict[str, Module]) -> None:
+def test_the_old_codec_paths_only_re_export_the_codec(zdq_imports: list[Edge]) -> None:
     shims = {"zdq.tasks", "zdq.serialization", "zdq.timing", "zdq.schedules", "zdq.chunking"}
-    for edge in imports(zdq_modules):
+    for edge in zdq_imports:
         if edge.importer in shims:
             assert edge.imported.startswith("zdq.codec."), f"{edge.importer} imports {edge.imported}"
 
