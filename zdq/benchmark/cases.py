@@ -15,68 +15,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import psutil
 from distributed import Client, LocalCluster
 
 from zdq.benchmark.pipeline import run_pipeline
+from zdq.benchmark.results import BenchConfig, CaseResult, percentiles
 from zdq.benchmark.tasks import noop, sleep_ms, spin
+from zdq.benchmark.timing import delayed_memory, release_lateness
 
 __all__ = ["BenchConfig", "CaseResult", "run", "format_table", "noop"]
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    tasks: int = 200_000
-    dask_tasks: int | None = None
-    queues: int = 2
-    consumers: int = 2
-    batch_size: int = 1000
-    workers: int = 2
-    scheduler: str | None = None
-    repeat: int = 3
-    durable: bool = False
-    compare_auth: bool = False
-    relay: bool = False  # also run zdq through a relay (relay=True): throughput and round trip
-    # "quick": no-op throughput; "latency": the round trip alone; "asyncio": the event loop's lag
-    # while tasks are awaited; "timing": delayed tasks' release lateness and memory; "full": every case
-    suite: str = "quick"
-    generator_tasks: int = 10_000_000
-    delayed_tasks: int = 1_000_000
-
-    def __post_init__(self) -> None:
-        for name in ("tasks", "queues", "consumers", "batch_size", "workers", "repeat", "generator_tasks", "delayed_tasks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.suite not in ("quick", "latency", "asyncio", "timing", "full"):
-            raise ValueError("--suite must be 'quick', 'latency', 'asyncio', 'timing' or 'full'")
-
-    @property
-    def n_dask(self) -> int:
-        # Dask runs about 500 no-op tasks/s here: a few thousand measure its rate without taking minutes.
-        return self.dask_tasks if self.dask_tasks is not None else min(self.tasks, 5000)
-
-
-@dataclass
-class CaseResult:
-    case: str
-    system: str
-    tasks: int
-    seconds: list[float] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def median_seconds(self) -> float:
-        return statistics.median(self.seconds)
-
-    @property
-    def rate(self) -> float:
-        return self.tasks / self.median_seconds
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "median_seconds": self.median_seconds, "tasks_per_second": self.rate}
 
 
 @contextlib.contextmanager
@@ -171,7 +121,7 @@ def relay_round_trip(client: Client, config: BenchConfig) -> CaseResult:
     with _pools(client, config, relay=True) as qp:
         qp.submit(noop, -1).result()
         for _ in range(config.repeat):
-            runs.append(_percentiles(_round_trips(lambda i: qp.submit(noop, i).result(), 300)))
+            runs.append(percentiles(_round_trips(lambda i: qp.submit(noop, i).result(), 300)))
     return _latency_result("zdq submit().result() through a relay", runs)
 
 
@@ -188,8 +138,8 @@ def latency(client: Client, config: BenchConfig) -> tuple[CaseResult, CaseResult
         qp.submit(noop, -1).result()
         client.submit(noop, -1, pure=False).result()
         for _ in range(config.repeat):
-            zdq_runs.append(_percentiles(_round_trips(lambda i: qp.submit(noop, i).result(), 300)))
-            dask_runs.append(_percentiles(_round_trips(lambda i: client.submit(noop, i, pure=False).result(), 100)))
+            zdq_runs.append(percentiles(_round_trips(lambda i: qp.submit(noop, i).result(), 300)))
+            dask_runs.append(percentiles(_round_trips(lambda i: client.submit(noop, i, pure=False).result(), 100)))
     ratio = statistics.median(d[0] / z[0] for z, d in zip(zdq_runs, dask_runs))
     return _latency_result("zdq submit().result()", zdq_runs), _latency_result("dask futures submit().result()", dask_runs), ratio
 
@@ -201,11 +151,6 @@ def _round_trips(call: Callable[[int], Any], n: int) -> list[float]:
         call(i)
         samples.append(time.perf_counter() - start)
     return samples
-
-
-def _percentiles(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
 def _latency_result(system: str, runs: list[tuple[float, float]]) -> CaseResult:
@@ -298,7 +243,7 @@ def loop_lag(client: Client, config: BenchConfig, n: int = 1000) -> CaseResult:
         for _ in range(config.repeat):
             elapsed, lags = asyncio.run(one_run(qp))
             result.seconds.append(elapsed)
-            p50, p99 = _percentiles(lags)
+            p50, p99 = percentiles(lags)
             p50s.append(p50 * 1000)
             p99s.append(p99 * 1000)
     result.extra = {"lag_p50_ms": statistics.median(p50s), "lag_p99_ms": statistics.median(p99s)}
@@ -378,8 +323,6 @@ def run(config: BenchConfig) -> dict[str, Any]:
 
 
 def _timing_cases(client: Client, config: BenchConfig) -> list[CaseResult]:
-    from zdq.benchmark.timing import delayed_memory, release_lateness
-
     return [release_lateness(client, config), delayed_memory(client, config)]
 
 

@@ -6,7 +6,8 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from zdq.benchmark.cases import BenchConfig, _client, zdq_noop
+from zdq.benchmark.cases import _client, zdq_noop
+from zdq.benchmark.results import BenchConfig
 
 __all__ = ["sweep_and_plot"]
 

@@ -16,14 +16,12 @@ import datetime
 import gc
 import statistics
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from distributed import Client
 
+from zdq.benchmark.results import BenchConfig, CaseResult, percentiles
 from zdq.benchmark.tasks import noop, now
-
-if TYPE_CHECKING:
-    from zdq.benchmark.cases import BenchConfig, CaseResult
 
 __all__ = ["delayed_memory", "release_lateness"]
 
@@ -34,7 +32,6 @@ _WAIT = 5.0  # seconds the broker's CPU is watched while the delayed tasks wait
 
 def release_lateness(client: Client, config: BenchConfig, samples: int = 200) -> CaseResult:
     from zdq import ConsumerPool, QueuePool
-    from zdq.benchmark.cases import CaseResult, _percentiles
 
     result = CaseResult("release", f"zdq eta= on an idle pool ({samples} releases)", samples)
     p50s, p99s, earliest = [], [], []
@@ -49,7 +46,7 @@ def release_lateness(client: Client, config: BenchConfig, samples: int = 200) ->
             result.seconds.append(max(starts) - first)
             late = [s - t for s, t in zip(starts, etas)]
             earliest.append(min(late))
-            p50, p99 = _percentiles(late)
+            p50, p99 = percentiles(late)
             p50s.append(p50 * 1e3)
             p99s.append(p99 * 1e3)
     result.extra = {
@@ -71,7 +68,6 @@ def _broker_process(dask_worker: Any = None) -> tuple[int, float]:
 
 def delayed_memory(client: Client, config: BenchConfig) -> CaseResult:
     from zdq import QueuePool
-    from zdq.benchmark.cases import CaseResult
 
     n = config.delayed_tasks
     result = CaseResult("delayed mem", "zdq delay=3600 (submit_iter)", n)

@@ -9,7 +9,7 @@ Layout (named sub-databases, big-endian 8-byte keys so a cursor walks in FIFO or
     dead    id -> reason (utf-8)
     results id -> consumer id (16 bytes) + results: a done chunk whose driver had not taken them
     cancels id -> the indexes (4 bytes each) of the chunk's tasks cancelled before they started
-    schedules  schedule id -> its record (zdq.schedules.ScheduleRecord): written in the transaction
+    schedules  schedule id -> its record (zdq.codec.schedules.ScheduleRecord): written in the transaction
             that stores the tick's chunk, so a tick is queued exactly once whatever is killed
 
 Durability: the environment runs with LMDB's own crash-safe flags (``sync`` and ``metasync``:

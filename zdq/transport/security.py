@@ -2,7 +2,7 @@
 
 A pool makes two key pairs when it starts: one for its brokers (servers) and one for its drivers
 and consumers (clients). (Payloads are sealed separately, with the pool's payload key: see
-:mod:`zdq.serialization`.) They travel only over Dask's own channel, as arguments of the actors that
+:mod:`zdq.codec.results`.) They travel only over Dask's own channel, as arguments of the actors that
 need them. A broker runs a ZAP authenticator that admits exactly the pool's client public key: a
 peer without it is refused during the handshake, before any of its bytes is read as a message.
 

@@ -1,4 +1,4 @@
-"""The task codec (zdq.tasks) and the chunking decisions (zdq.chunking): pure, no cluster."""
+"""The task codec (zdq.codec.tasks) and the chunking decisions (zdq.codec.chunking): pure, no cluster."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ from typing import Any
 
 import pytest
 
-from zdq.chunking import Chunking, Packed
-from zdq.consumer.base import ConsumerBaseClass
-from zdq.errors import SerializationError, TaskCancelled
-from zdq.tasks import (
+from zdq.codec.chunking import Chunking, Packed
+from zdq.codec.tasks import (
     CALLS,
     ITEMS,
     PICKLED,
@@ -31,8 +29,10 @@ from zdq.tasks import (
     run_entries,
     split_chunk,
 )
+from zdq.consumer.base import ConsumerBaseClass
+from zdq.errors import SerializationError, TaskCancelled
 
-from .tasks import add, fail
+from ..tasks import add, fail
 
 KEY = b"k" * 32
 

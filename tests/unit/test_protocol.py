@@ -92,7 +92,7 @@ def test_version_command_and_header_share_one_frame() -> None:
 
 
 def test_a_chunk_of_pickled_tasks_must_hold_pickled_task_tuples() -> None:
-    from zdq.tasks import PICKLED, TASKS, dumps_chunk, dumps_task, loads_chunk
+    from zdq.codec.tasks import PICKLED, TASKS, dumps_chunk, dumps_task, loads_chunk
 
     good = dumps_chunk(5, [dumps_task((print, (1,))), dumps_task((None, "item"))], None, PICKLED)
     assert loads_chunk(good) == (5, TASKS, [(print, (1,)), (None, "item")], None)
@@ -108,9 +108,9 @@ def test_plain_tasks_skip_cloudpickle_and_still_pickle_to_the_same_bytes() -> No
 
     import cloudpickle
 
-    from zdq.tasks import TaskOptions, _plainly_picklable, dumps_task
+    from zdq.codec.tasks import TaskOptions, _plainly_picklable, dumps_task
 
-    from . import tasks
+    from .. import tasks
 
     for task in [(tasks.add, (1, 2)), (math.sqrt, (4.0,)), (tasks.add, (1,), {"b": 2}), (print, ("x", None, b"y"))]:
         assert _plainly_picklable(task), task

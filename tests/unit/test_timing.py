@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from zdq.codec.timing import Timing, timing_of
 from zdq.errors import ProtocolError
 from zdq.storage.order import Delayed, ReadyQueue
-from zdq.timing import Timing, timing_of
 from zdq.transport import protocol as p
 
 UTC = datetime.timezone.utc
@@ -124,3 +124,54 @@ def test_an_eta_before_1970_is_at_once_and_absurd_times_are_refused_at_the_call(
     for delay, eta in ((1e300, None), (dt.timedelta.max, None), (None, dt.datetime.max.replace(tzinfo=utc))):
         with pytest.raises(ValueError, match="delay is past the year 9999" if eta is None else "eta is past"):
             timing_of(delay, eta, None)
+
+
+# -- the arithmetic of a release time ----------------------------------------------------------
+def test_a_timedelta_delay_and_its_seconds_give_the_same_release_time() -> None:
+    before = time.time()
+    by_delta = timing_of(datetime.timedelta(minutes=2), None, None)
+    by_seconds = timing_of(120, None, None)
+    after = time.time()
+    assert by_delta is not None and by_seconds is not None
+    for timing in (by_delta, by_seconds):
+        assert before + 120 <= timing.not_before <= after + 120 and timing.priority == 0
+
+
+def test_a_zero_delay_is_released_at_the_time_of_the_call() -> None:
+    before = time.time()
+    timing = timing_of(0, None, None)
+    assert timing is not None and before <= timing.not_before <= time.time()
+
+
+def test_an_eta_in_any_timezone_is_the_same_instant() -> None:
+    utc = datetime.datetime(2031, 5, 1, 12, 0, tzinfo=UTC)
+    paris = utc.astimezone(datetime.timezone(datetime.timedelta(hours=2)))
+    assert timing_of(None, paris, None) == timing_of(None, utc, None) == Timing(utc.timestamp(), 0)
+
+
+def test_a_priority_alone_is_served_at_once_in_its_order() -> None:
+    assert timing_of(None, None, -7) == Timing(0.0, -7)
+    assert Timing() == Timing(0.0, 0)
+
+
+def test_priorities_at_the_32_bit_bounds_are_taken_and_one_past_them_refused() -> None:
+    from zdq.codec.timing import MAX_PRIORITY, MIN_PRIORITY
+
+    assert timing_of(None, None, MAX_PRIORITY) == Timing(0.0, MAX_PRIORITY)
+    assert timing_of(None, None, MIN_PRIORITY) == Timing(0.0, MIN_PRIORITY)
+    with pytest.raises(ValueError, match="32 bits"):
+        timing_of(None, None, MIN_PRIORITY - 1)
+
+
+def test_a_release_time_fits_the_wire_whatever_was_asked() -> None:
+    latest = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    timed = timing_of(None, latest, 1)
+    assert timed is not None
+    put = p.Put(1, 1, b"chunk", timed.not_before, timed.priority)
+    assert p.decode(p.encode(put)) == put
+
+
+def test_a_timing_is_frozen() -> None:
+    timing = Timing(1.0, 2)
+    with pytest.raises(AttributeError):
+        timing.priority = 3  # type: ignore[misc]

@@ -1,0 +1,44 @@
+"""Tasks as objects (zdq.Task) and what QueuePool.insert is given, without a cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from zdq import Task
+from zdq.objects import as_calls
+
+from ..tasks import Square
+
+
+class _NoExecute(Task):
+    pass
+
+
+def test_a_task_is_a_callable_that_runs_its_execute_method() -> None:
+    assert Square(7)() == 49
+    with pytest.raises(NotImplementedError, match="_NoExecute must implement execute"):
+        _NoExecute()()
+
+
+def test_insert_input_that_is_neither_task_callable_nor_iterable_is_refused_naming_the_argument() -> None:
+    for bad in (42, "abc", None):
+        with pytest.raises(TypeError, match=r"insert\(tasks=\.\.\.\)"):
+            as_calls(bad)
+
+
+def test_insert_calls_of_an_iterable_stop_at_the_first_bad_item_and_keep_its_error() -> None:
+    pulled = []
+
+    def gen():  # type: ignore[no-untyped-def]
+        for i in range(10):
+            pulled.append(i)
+            yield Square(i) if i != 3 else object()
+
+    calls, total = as_calls(gen())
+    assert total is None
+    assert [c[0].x for c in calls] == [0, 1, 2]  # everything before the bad item goes through
+    assert pulled == [0, 1, 2, 3]  # and the generator is not read past it
+    with pytest.raises(TypeError, match="item 3 is neither a zdq.Task nor a callable"):
+        calls.check()
+    one, n = as_calls(Square(2))
+    assert n == 1 and [c[0].x for c in one] == [2]

@@ -1,0 +1,218 @@
+"""Results, sealing and what cannot be pickled (zdq.codec.results): pure, no cluster."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import threading
+import types
+
+import pytest
+
+from zdq.codec.results import (
+    PROTOCOL,
+    ErrorInfo,
+    all_scalars,
+    check_picklable,
+    dumps_results,
+    error_to_exception,
+    loads_earlier,
+    loads_results,
+    seal,
+    unseal,
+)
+from zdq.codec.tasks import CALLS, TASKS, TaskOptions, call_task, cancelled_entry, is_cancelled, loads_chunk
+from zdq.errors import ProtocolError, RemoteTaskError, SerializationError
+
+from ..tasks import add
+
+KEY = b"k" * 32
+OTHER_KEY = b"o" * 32
+
+
+def _info(exc: BaseException, traceback: str = "") -> ErrorInfo:
+    return ErrorInfo(exc, f"builtins.{type(exc).__name__}", str(exc), traceback)
+
+
+# -- sealing ---------------------------------------------------------------------------------------
+def test_without_a_key_a_payload_is_its_data_untouched() -> None:
+    assert seal(None, b"data") == b"data"
+    assert bytes(unseal(None, b"data")) == b"data"
+
+
+def test_a_sealed_payload_carries_a_tag_and_unseals_to_its_data_with_the_same_key() -> None:
+    sealed = seal(KEY, b"data")
+    assert len(sealed) == 16 + 4 and sealed.endswith(b"data")
+    assert bytes(unseal(KEY, sealed)) == b"data"
+    assert bytes(unseal(KEY, bytearray(sealed))) == b"data"  # any buffer: what a socket hands over
+    assert bytes(unseal(KEY, memoryview(sealed))) == b"data"
+
+
+def test_unsealing_with_another_key_is_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError, match="tag does not match"):
+        unseal(OTHER_KEY, seal(KEY, b"data"))
+
+
+def test_a_payload_with_one_byte_changed_is_a_protocol_error() -> None:
+    sealed = bytearray(seal(KEY, b"some data"))
+    sealed[-1] ^= 1
+    with pytest.raises(ProtocolError, match="tag does not match"):
+        unseal(KEY, sealed)
+
+
+def test_a_payload_shorter_than_its_tag_is_a_protocol_error_that_is_still_a_value_error() -> None:
+    with pytest.raises(ProtocolError, match="too short"):
+        unseal(KEY, b"short")
+    with pytest.raises(ValueError):  # callers that caught ValueError still do
+        unseal(KEY, b"")
+
+
+# -- results ---------------------------------------------------------------------------------------
+def test_results_round_trip_with_their_errors_by_index() -> None:
+    errors = {1: _info(ValueError("boom"), "Traceback ...")}
+    for key in (None, KEY):
+        base, values, got = loads_results(dumps_results(40, [3, None, "x"], errors, key), key)
+        assert (base, values) == (40, [3, None, "x"])
+        assert list(got) == [1] and got[1].type_name == "builtins.ValueError" and got[1].message == "boom"
+        assert isinstance(got[1].exception, ValueError)
+
+
+def test_a_few_scalar_results_and_many_or_rich_ones_read_back_the_same() -> None:
+    few = [1, 2.5, "s", b"b", None, True]
+    many = list(range(100))
+    rich = [{"a": [1, 2]}, (3, 4), {5}]
+    for values in (few, many, rich):
+        assert loads_results(dumps_results(0, values, {}))[1] == values
+
+
+def test_results_sealed_with_one_key_are_refused_with_another() -> None:
+    payload = dumps_results(1, [1], {}, KEY)
+    with pytest.raises(ProtocolError, match="tag does not match"):
+        loads_results(payload, OTHER_KEY)
+    with pytest.raises(ProtocolError):
+        loads_results(dumps_results(1, [1], {}), KEY)  # unsealed results where sealed ones are due
+
+
+@pytest.mark.parametrize("obj", [[1, [], {}], (1, [], {}, None), ("1", [], {}), (1, (), {}), (1, [], []), 42])
+def test_results_that_are_not_int_list_dict_are_a_protocol_error(obj: object) -> None:
+    with pytest.raises(ProtocolError, match=r"results must be \(int, list, dict\)"):
+        loads_results(pickle.dumps(obj, protocol=PROTOCOL))
+
+
+def test_a_result_that_cannot_be_pickled_becomes_its_tasks_serialization_error_alone() -> None:
+    lock = threading.Lock()
+    _, values, errors = loads_results(dumps_results(10, [1, lock, "z"], {}))
+    assert values == [1, None, "z"]
+    assert list(errors) == [1] and errors[1].type_name == "zdq.errors.SerializationError"
+    assert "cannot be pickled" in errors[1].message and "lock" in errors[1].message
+
+
+def test_an_error_whose_exception_cannot_be_pickled_keeps_its_text_without_it() -> None:
+    class Local(Exception):  # a class of a function's body: pickled by value, holding a lock
+        def __init__(self) -> None:
+            super().__init__("local failure")
+            self.lock = threading.Lock()
+
+    info = ErrorInfo(Local(), "tests.Local", "local failure", "Traceback: here")
+    _, values, errors = loads_results(dumps_results(0, [None], {0: info}))
+    assert errors[0] == ErrorInfo(None, "tests.Local", "local failure", "Traceback: here")
+
+
+def test_results_larger_than_the_limit_lose_their_largest_values_first() -> None:
+    small, big = "s" * 10, "b" * 50_000
+    payload = dumps_results(100, [small, big, small], {}, None, max_bytes=10_000)
+    assert len(payload) <= 10_000
+    _, values, errors = loads_results(payload)
+    assert values == [small, None, small]
+    assert list(errors) == [1] and isinstance(errors[1].exception, SerializationError)
+    assert "task 101" in errors[1].message and "max-message-size (10000)" in errors[1].message
+
+
+def test_results_whose_errors_alone_exceed_the_limit_fail_every_task() -> None:
+    huge = {i: _info(ValueError("x"), "t" * 20_000) for i in range(3)}
+    _, values, errors = loads_results(dumps_results(0, [None] * 3, huge, None, max_bytes=5_000))
+    assert values == [None] * 3 and sorted(errors) == [0, 1, 2]
+    assert all("more than max-message-size (5000)" in e.message for e in errors.values())
+
+
+def test_results_within_the_limit_are_written_as_without_one() -> None:
+    assert dumps_results(5, [1, 2], {}, KEY, max_bytes=1 << 20) == dumps_results(5, [1, 2], {}, KEY)
+
+
+# -- errors on the driver ----------------------------------------------------------------------------
+def test_a_failure_that_travelled_as_itself_is_raised_as_itself_with_its_remote_traceback_noted_once() -> None:
+    error = KeyError("k")
+    info = _info(error, "Traceback (most recent call last):\n  boom\n")
+    assert error_to_exception(info) is error
+    assert error_to_exception(info) is error
+    assert error.__notes__ == ["remote traceback (zdq consumer):\nTraceback (most recent call last):\n  boom"]
+
+
+def test_a_failure_that_could_not_travel_is_a_remote_task_error_naming_its_type() -> None:
+    exc = error_to_exception(ErrorInfo(None, "mod.Odd", "odd failure", ""))
+    assert isinstance(exc, RemoteTaskError)
+    assert "mod.Odd" in str(exc) and "odd failure" in str(exc)
+    assert not getattr(exc, "__notes__", None)  # no traceback: no note
+
+
+# -- what cannot be pickled ------------------------------------------------------------------------
+def test_check_picklable_names_the_function_the_argument_or_the_keyword_that_fails() -> None:
+    lock = threading.Lock()
+    check_picklable(add, (1, 2), {"b": 3})  # all well: nothing raised
+    with pytest.raises(SerializationError, match="cannot submit .*<lambda>.*its function"):
+        check_picklable(lambda: lock, (), None)
+    with pytest.raises(SerializationError, match="add: its argument 1"):
+        check_picklable(add, (1, lock), None)
+    with pytest.raises(SerializationError, match="add: its keyword argument 'b'"):
+        check_picklable(add, (1,), {"b": lock})
+    with pytest.raises(SerializationError, match="cannot put the item"):
+        check_picklable(None, (lock,), None)
+
+
+def test_only_builtin_scalars_count_as_scalars() -> None:
+    assert all_scalars([1, 1.5, 1j, "s", b"b", True, None])
+    assert all_scalars([])
+    assert not all_scalars([1, [2]])
+    assert not all_scalars([(1,)])
+
+    class Int(int):
+        pass
+
+    assert not all_scalars([Int(1)])  # a subclass may pickle differently
+
+
+# -- names that moved --------------------------------------------------------------------------------
+def test_results_and_chunks_written_under_the_old_module_names_load_once_those_modules_are_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    info = ErrorInfo(None, "builtins.ValueError", "boom", "")
+    old_results = pickle.dumps((3, [None], {0: info}), protocol=2).replace(b"zdq.codec.results", b"zdq.serialization")
+    old_options = pickle.dumps((1, CALLS, [(add, 1)], TaskOptions(retries=2)), protocol=2).replace(
+        b"zdq.codec.tasks", b"zdq.tasks"
+    )
+    assert b"zdq.serialization" in old_results and b"zdq.tasks" in old_options
+    # The shims gone (one release on): their modules hold none of these names any more.
+    monkeypatch.setitem(sys.modules, "zdq.serialization", types.ModuleType("zdq.serialization"))
+    monkeypatch.setitem(sys.modules, "zdq.tasks", types.ModuleType("zdq.tasks"))
+    assert loads_results(old_results) == (3, [None], {0: info})
+    assert loads_chunk(old_options) == (1, CALLS, [(add, 1)], TaskOptions(retries=2))
+
+
+def test_a_cancelled_placeholder_pickled_under_the_old_name_is_still_a_cancelled_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    chunk = (7, TASKS, [cancelled_entry(TASKS), call_task(add, (2,))], None)
+    old = pickle.dumps(chunk, protocol=2).replace(b"zdq.codec.tasks", b"zdq.tasks")
+    assert b"zdq.tasks" in old
+    monkeypatch.setitem(sys.modules, "zdq.tasks", types.ModuleType("zdq.tasks"))
+    _, _, entries, _ = loads_chunk(old)
+    assert is_cancelled(entries[0]) and not is_cancelled(entries[1])
+
+
+def test_a_name_missing_for_another_reason_raises_as_pickle_would() -> None:
+    forged = pickle.dumps(TaskOptions(), protocol=2).replace(b"zdq.codec.tasks", b"zdq.nowhere")
+    with pytest.raises(ModuleNotFoundError, match="zdq.nowhere"):
+        loads_earlier(forged)
+    chunk = pickle.dumps((1, CALLS, [], TaskOptions()), protocol=2).replace(b"zdq.codec.tasks", b"zdq.nowhere")
+    with pytest.raises(ModuleNotFoundError, match="zdq.nowhere"):  # the consumer names the module to install
+        loads_chunk(chunk)

@@ -1,0 +1,268 @@
+"""Bytes: pickling results, sealing payloads, and naming what cannot be pickled.
+
+What a task and a chunk are, and how they are pickled, is :mod:`zdq.codec.tasks`'s; this module
+is beneath it and knows nothing of their shape.
+
+When the pool is authenticated, every payload is sealed with a keyed BLAKE2b tag of the pool's
+payload key, set by its author (driver or consumer) and checked by its reader *before* unpickling:
+the broker in between cannot forge a payload, and bytes from any other peer (or a fuzzer) are
+rejected without being unpickled (random bytes can be a pickle that allocates gigabytes).
+
+Results travel as ``(base_task_id, values, errors)`` where ``errors`` maps an index in ``values`` to
+an :class:`ErrorInfo`. Everything is pickled with protocol 5 (:data:`PROTOCOL`).
+
+Pickles name classes and functions by their module, and stored payloads (durable queues, dead
+letters, a schedule's last results) outlive a rename: :func:`loads_earlier` reads them under the
+names they had when they were written (``zdq.serialization``, ``zdq.tasks``), and is tried only
+when a plain ``pickle.loads`` fails to find a name, so the common path pays nothing for it.
+
+Nothing here holds state: every function is pure (apart from the pickles it writes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from zdq.errors import ProtocolError, RemoteTaskError, SerializationError
+
+__all__ = [  # noqa: RUF022 - grouped by role
+    "PROTOCOL",
+    "UNKNOWN_BASE",
+    # results
+    "ErrorInfo",
+    "dumps_results",
+    "loads_results",
+    "error_to_exception",
+    # sealing
+    "seal",
+    "unseal",
+    # what cannot be pickled
+    "check_picklable",
+    "all_scalars",
+    # what earlier versions wrote
+    "loads_earlier",
+]
+
+PROTOCOL = 5
+#: The first task id of results for a chunk that did not decode (its ids were inside it): they
+#: are the results of every task of the chunk they answer.
+UNKNOWN_BASE = -1
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """A task's failure as sent back: the exception itself when it pickles, and always its text."""
+
+    exception: BaseException | None
+    type_name: str
+    message: str
+    traceback: str
+
+
+def _describe(obj: object) -> str:
+    text = repr(obj)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_picklable(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> None:
+    """Raise :class:`SerializationError` naming the part of a call that cannot be pickled."""
+    try:
+        cloudpickle.dumps((fn, args, kwargs), protocol=PROTOCOL)  # one pass when all is well
+        return
+    except Exception as e:
+        whole = e
+    if fn is None:  # a raw item, for process_item
+        raise SerializationError(f"cannot put the item {_describe(args[0] if args else None)}: it cannot be pickled: {whole}") from whole
+    fname = getattr(fn, "__qualname__", None) or _describe(fn)
+    parts: list[tuple[str, Any]] = [("function", fn)]
+    parts += [(f"argument {i}", a) for i, a in enumerate(args)]
+    parts += [(f"keyword argument {k!r}", v) for k, v in (kwargs or {}).items()]
+    for label, obj in parts:
+        try:
+            cloudpickle.dumps(obj, protocol=PROTOCOL)
+        except Exception as e:  # pickling raises many types: TypeError, PicklingError, AttributeError...
+            raise SerializationError(
+                f"cannot submit {fname}: its {label} ({_describe(obj)}) cannot be pickled: {e}"
+            ) from e
+    raise SerializationError(f"cannot submit {fname}: the call cannot be pickled: {whole}") from whole
+
+
+_PLAIN_ARGS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+#: Results lists up to this long are checked for plain scalars (longer ones: checking costs more).
+_PLAIN_RESULTS = 16
+
+
+def all_scalars(values: Any) -> bool:
+    """Whether every one of ``values`` is of a builtin scalar type (plain pickle writes those)."""
+    return all(type(v) in _PLAIN_ARGS for v in values)
+
+
+_TAG = 16
+
+
+def seal(key: bytes | None, data: bytes) -> bytes:
+    """``data`` prefixed with its keyed tag (``data`` itself without a key)."""
+    if key is None:
+        return data
+    return hashlib.blake2b(data, key=key, digest_size=_TAG).digest() + data
+
+
+def unseal(key: bytes | None, payload: Any) -> memoryview:
+    """The data of a sealed payload.
+
+    Raises
+    ------
+    ProtocolError
+        (a ``ValueError``) The payload is too short to carry a tag, or its tag does not match:
+        it was not written by a member of this pool.
+    """
+    view = memoryview(payload)
+    if key is None:
+        return view
+    if len(view) < _TAG:
+        raise ProtocolError(f"payload of {len(view)} bytes is too short to carry its tag")
+    data = view[_TAG:]
+    if not hmac.compare_digest(hashlib.blake2b(data, key=key, digest_size=_TAG).digest(), view[:_TAG]):
+        raise ProtocolError("payload tag does not match: not written by a member of this pool")
+    return data
+
+
+def dumps_results(
+    base_task_id: int,
+    values: list[Any],
+    errors: dict[int, ErrorInfo],
+    key: bytes | None = None,
+    max_bytes: int | None = None,
+) -> bytes:
+    """Pickle (and seal) a chunk's results; a value that cannot be pickled becomes that task's error.
+
+    Results larger than ``max_bytes`` (what the sockets accept) would be dropped on the wire, and
+    their futures would never settle: the largest values become :class:`SerializationError`\ s
+    until the rest fits.
+    """
+    payload = _dumps_results(base_task_id, values, errors, key)
+    if max_bytes is None or len(payload) <= max_bytes:
+        return payload
+    values, errors = list(values), dict(errors)
+    sizes = sorted(
+        ((len(cloudpickle.dumps(v, protocol=PROTOCOL)), i) for i, v in enumerate(values) if i not in errors),
+        reverse=True,
+    )
+    total = len(payload)
+    for size, i in sizes:
+        if total <= max_bytes:
+            break
+        values[i] = None
+        errors[i] = _error(
+            f"the result of task {base_task_id + i} pickles to {size} bytes, more than max-message-size "
+            f"({max_bytes}): return large data by reference (a path, a URL, a Dask future)"
+        )
+        total -= size
+    payload = _dumps_results(base_task_id, values, errors, key)
+    if len(payload) > max_bytes:  # the errors themselves are too large (huge tracebacks)
+        why = f"the results of these {len(values)} tasks pickle to more than max-message-size ({max_bytes})"
+        payload = _dumps_results(base_task_id, [None] * len(values), dict.fromkeys(range(len(values)), _error(why)), key)
+    return payload
+
+
+def _error(message: str) -> ErrorInfo:
+    return ErrorInfo(SerializationError(message), "zdq.errors.SerializationError", message, "")
+
+
+def _dumps_results(base_task_id: int, values: list[Any], errors: dict[int, ErrorInfo], key: bytes | None) -> bytes:
+    try:
+        if len(values) <= _PLAIN_RESULTS and not errors and all_scalars(values):
+            # A few scalars (a single task's result): the standard pickler is much cheaper to start.
+            return seal(key, pickle.dumps((base_task_id, values, errors), protocol=PROTOCOL))
+        return seal(key, cloudpickle.dumps((base_task_id, values, errors), protocol=PROTOCOL))
+    except Exception:
+        pass
+    values = list(values)
+    errors = dict(errors)
+    for i, value in enumerate(values):
+        try:
+            cloudpickle.dumps(value, protocol=PROTOCOL)
+        except Exception as e:
+            values[i] = None
+            errors[i] = ErrorInfo(
+                None, "zdq.errors.SerializationError", f"the result {_describe(value)} cannot be pickled: {e}", ""
+            )
+    for i, info in list(errors.items()):
+        try:
+            cloudpickle.dumps(info, protocol=PROTOCOL)
+        except Exception:
+            errors[i] = ErrorInfo(None, info.type_name, info.message, info.traceback)
+    return seal(key, cloudpickle.dumps((base_task_id, values, errors), protocol=PROTOCOL))
+
+
+def loads_results(payload: Any, key: bytes | None = None) -> tuple[int, list[Any], dict[int, ErrorInfo]]:
+    """Check and unpickle results.
+
+    Raises
+    ------
+    ProtocolError
+        (a ``ValueError``) They are forged (see :func:`unseal`) or not ``(int, list, dict)``.
+    """
+    data = unseal(key, payload)
+    try:
+        obj = pickle.loads(data)
+    except (AttributeError, ImportError):  # a name that moved since they were written (or a user's missing one)
+        obj = loads_earlier(data)
+    if (
+        not isinstance(obj, tuple)
+        or len(obj) != 3
+        or not isinstance(obj[0], int)
+        or not isinstance(obj[1], list)
+        or not isinstance(obj[2], dict)
+    ):
+        raise ProtocolError(f"results must be (int, list, dict), got {type(obj).__name__}")
+    return obj
+
+
+def error_to_exception(info: ErrorInfo) -> BaseException:
+    """The exception to raise on the driver for a failed task, with its remote traceback."""
+    exc = info.exception
+    if exc is None:
+        exc = RemoteTaskError(info.type_name, info.message, info.traceback)
+    if info.traceback and hasattr(exc, "add_note"):
+        note = "remote traceback (zdq consumer):\n" + info.traceback.rstrip()
+        if note not in getattr(exc, "__notes__", ()):
+            exc.add_note(note)
+    return exc
+
+
+#: The modules whose names stored pickles may carry, and where those names live now.
+_MOVED = {"zdq.serialization": "zdq.codec.results", "zdq.tasks": "zdq.codec.tasks"}
+
+
+class _EarlierNames(pickle.Unpickler):
+    """An unpickler that finds names where they went (see :data:`_MOVED`). :class:`TaskOptions
+    <zdq.codec.tasks.TaskOptions>` was first ``zdq.serialization.TaskOptions``, then
+    ``zdq.tasks.TaskOptions``."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "zdq.serialization" and name == "TaskOptions":
+            module = "zdq.tasks"
+        return super().find_class(_MOVED.get(module, module), name)
+
+
+def loads_earlier(data: Any) -> Any:
+    """Unpickle ``data`` written by an earlier zdq, whose names may have moved since.
+
+    A name that is missing for another reason (a user's module that a worker cannot import)
+    raises as it would from ``pickle.loads``.
+
+    >>> import pickle
+    >>> from zdq.codec.tasks import TaskOptions
+    >>> old = pickle.dumps(TaskOptions(retries=1), protocol=2).replace(b"zdq.codec.tasks", b"zdq.serialization")
+    >>> loads_earlier(old) == TaskOptions(retries=1)
+    True
+    """
+    return _EarlierNames(io.BytesIO(data)).load()

@@ -1,0 +1,188 @@
+"""Periodic tasks, the pure part: when a schedule ticks, what a missed tick does, how it is stored.
+
+Nothing here touches a socket, a clock or a disk: the broker (:mod:`zdq.broker.schedules`) asks
+:func:`plan` with the time it reads, and stores :class:`ScheduleRecord` bytes with its queue.
+
+Times are wall-clock seconds (``time.time()``), cron expressions are read in UTC (croniter).
+
+**Missed ticks.** A tick is *on time* if the broker reaches it within :data:`GRACE` of its time;
+it then runs (several ticks that fell due in one late wake-up run once). A tick later than that
+was *missed* (the queue was down: its worker died, or the pool was closed; or its broker
+stalled): ``missed="once"`` runs it once on recovery (however many were missed), ``"skip"``
+skips them. Either way the next tick is the first one after the present, on the schedule's grid.
+
+**Overlap.** A tick that comes while the previous tick's chunk is still in the queue (not run yet,
+or running) is skipped, whatever the policy: a schedule has at most one tick in its queue, so
+stopped consumers never let ticks pile up.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import struct
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+__all__ = ["GRACE", "SCHEDULED", "Missed", "ScheduleRecord", "Spec", "plan"]
+
+#: A tick reached later than this (seconds) is missed, and follows the schedule's ``missed`` policy.
+GRACE = 1.0
+
+#: The owner of the chunks a schedule's ticks put in its queue (a chunk's ``ChunkMeta.owner``; its
+#: ``seq`` is the schedule id): their results go to the schedule, never to a driver.
+SCHEDULED = b"zdq-schedule\0\0\0\0"
+
+
+class Missed(str, enum.Enum):
+    """What a schedule does with ticks missed while its queue was down."""
+
+    ONCE = "once"  #: run once on recovery, however many were missed
+    SKIP = "skip"  #: skip them; run at the next tick
+
+
+def _missed(value: Missed | str) -> Missed:
+    try:
+        return Missed(value.value if isinstance(value, Missed) else value)
+    except ValueError:
+        raise ValueError(f"missed must be 'once' or 'skip', got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """When a schedule ticks: a cron expression (UTC), or every ``every`` seconds from ``anchor``."""
+
+    cron: str | None = None
+    every: float | None = None
+    anchor: float = 0.0
+
+    @classmethod
+    def parse(cls, cron: Any = None, every: Any = None, *, anchor: float) -> Spec:
+        """Check ``cron`` / ``every`` (exactly one of them); raise naming the one that is wrong.
+
+        >>> Spec.parse(every=timedelta(minutes=5), anchor=0.0).every
+        300.0
+        >>> Spec.parse(cron="*/5 * * * *", anchor=0.0).next_after(0.0)
+        300.0
+        """
+        if (cron is None) == (every is None):
+            raise ValueError("a schedule needs exactly one of cron=... or every=...")
+        if cron is not None:
+            from croniter import croniter
+
+            if not isinstance(cron, str) or not croniter.is_valid(cron):
+                raise ValueError(f"cron={cron!r} is not a cron expression (such as '*/5 * * * *')")
+            return cls(cron=cron, anchor=anchor)
+        seconds = every.total_seconds() if isinstance(every, timedelta) else every
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+            raise ValueError(f"every={every!r} must be a positive timedelta or number of seconds")
+        return cls(every=float(seconds), anchor=anchor)
+
+    def next_after(self, t: float) -> float:
+        """The first tick strictly after ``t``."""
+        if self.every is not None:
+            return self.anchor + (math.floor((t - self.anchor) / self.every) + 1) * self.every
+        from croniter import croniter
+
+        assert self.cron is not None
+        return float(croniter(self.cron, datetime.fromtimestamp(t, tz=timezone.utc)).get_next(float))
+
+
+def plan(spec: Spec, due: float, now: float, missed: Missed) -> tuple[bool, float]:
+    """``(run a tick now, the next tick's time)`` for a schedule whose next tick is at ``due``.
+
+    >>> every = Spec(every=10.0)
+    >>> plan(every, 10.0, 9.0, Missed.ONCE)         # not yet
+    (False, 10.0)
+    >>> plan(every, 10.0, 10.2, Missed.SKIP)        # on time: runs whatever the policy
+    (True, 20.0)
+    >>> plan(every, 10.0, 35.0, Missed.ONCE)        # three ticks missed: one run, then on the grid
+    (True, 40.0)
+    >>> plan(every, 10.0, 35.0, Missed.SKIP)
+    (False, 40.0)
+    """
+    if now < due:
+        return False, due
+    return (now - due <= GRACE or missed is Missed.ONCE), spec.next_after(now)
+
+
+_HEAD = struct.Struct(">II")
+
+
+@dataclass(frozen=True)
+class ScheduleRecord:
+    """A schedule as its queue stores it: its timing, its task (a chunk of one task, pickled and
+    sealed by the driver: opaque here) and its state. ``due`` and ``ticks`` change only together
+    with the tick's chunk being stored (one transaction on a durable queue)."""
+
+    schedule_id: int
+    name: str
+    spec: Spec
+    missed: Missed
+    due: float
+    payload: bytes
+    ticks: int = 0  # ticks whose chunk was put in the queue
+    skipped: int = 0  # ticks missed and skipped (missed="skip")
+    last_tick: float = 0.0  # when the last tick's chunk was put in the queue (0: never)
+    last_done: float = 0.0  # when the last results came back
+    last_results: bytes = b""  # those results, sealed by the consumer: opaque here
+    chunk: int = 0  # the chunk id of the last tick (0: none yet)
+    priority: int = 0  # of every tick's chunk in its queue
+
+    def pack(self) -> bytes:
+        head = json.dumps(
+            {
+                "id": self.schedule_id,
+                "name": self.name,
+                "cron": self.spec.cron,
+                "every": self.spec.every,
+                "anchor": self.spec.anchor,
+                "missed": self.missed.value,
+                "due": self.due,
+                "ticks": self.ticks,
+                "skipped": self.skipped,
+                "last_tick": self.last_tick,
+                "last_done": self.last_done,
+                "chunk": self.chunk,
+                "priority": self.priority,
+            }
+        ).encode()
+        return _HEAD.pack(len(head), len(self.payload)) + head + self.payload + self.last_results
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> ScheduleRecord:
+        """Raises ``ValueError`` if ``raw`` is not a packed record."""
+        try:
+            n_head, n_payload = _HEAD.unpack_from(raw)
+            start = _HEAD.size
+            h = json.loads(bytes(raw[start : start + n_head]))
+            payload = bytes(raw[start + n_head : start + n_head + n_payload])
+            results = bytes(raw[start + n_head + n_payload :])
+            return cls(
+                int(h["id"]),
+                str(h["name"]),
+                Spec(h["cron"], h["every"], float(h["anchor"])),
+                Missed(h["missed"]),
+                float(h["due"]),
+                payload,
+                int(h["ticks"]),
+                int(h["skipped"]),
+                float(h["last_tick"]),
+                float(h["last_done"]),
+                results,
+                int(h["chunk"]),
+                int(h.get("priority", 0)),
+            )
+        except (struct.error, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"not a stored schedule: {e}") from e
+
+    def after_tick(self, now: float, next_due: float, chunk: int) -> ScheduleRecord:
+        return replace(self, due=next_due, ticks=self.ticks + 1, last_tick=now, chunk=chunk)
+
+    def after_skip(self, next_due: float) -> ScheduleRecord:
+        return replace(self, due=next_due, skipped=self.skipped + 1)
+
+    def after_done(self, now: float, results: bytes) -> ScheduleRecord:
+        return replace(self, last_done=now, last_results=results)

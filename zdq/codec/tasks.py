@@ -1,0 +1,411 @@
+"""The task codec: the one module that knows what a task and a chunk are, and how each task runs.
+
+A chunk is ``(base_task_id, kind, entries, options)`` pickled in one go (protocol 5), so a function
+shared by a thousand tasks is written once and the per-task cost is a few microseconds. The task
+ids of a chunk are consecutive from ``base_task_id``; ``options`` (a :class:`TaskOptions` or
+``None``) apply to every entry. The kind says what an entry is:
+
+=========  ==========================================  ===========================================
+kind       an entry                                    how it runs
+=========  ==========================================  ===========================================
+TASKS      ``(fn, args)``, ``(fn, args, kwargs)``,     ``fn(*args, **kwargs)``, with the task's
+           ``(fn, args, kwargs, options)``             own options (retries, time limit)
+           ``(None, item)``                            ``process_item(item)``
+CALLS      the caller's own ``(fn, *args)`` tuple      ``fn(*args)``
+ITEMS      a raw item                                  ``process_item(item)``
+PICKLED    a TASKS entry pickled alone (bytes)         decoded into a TASKS chunk before it runs
+=========  ==========================================  ===========================================
+
+Single submissions build TASKS entries (:func:`call_task`, :func:`item_task`); empty kwargs are
+left out because an empty dict per task nearly doubles the cost. The caller pickles each one
+(:func:`dumps_task`, to check it at once), and that pickle is what travels, in a PICKLED chunk,
+instead of being pickled again. Batches ship the caller's tuples untouched (CALLS): nothing is
+rebuilt per task. cloudpickle pickles by reference whatever plain pickle can, and by value what
+workers cannot import (functions and classes of ``__main__``, lambdas, closures).
+
+Running is chosen once per chunk, never per task: :func:`run_entries` gives the loop of a kind
+(for a chunk of calls, nothing but the call per task), :func:`callers` the call of one entry (for
+task threads and retries), :func:`own_options` the options a TASKS entry carries.
+
+How many tasks go in a chunk, and how submissions are cut, is :mod:`zdq.codec.chunking`'s. Sealing
+and results are :mod:`zdq.codec.results`'s. Nothing here holds state: the constants are fixed at
+import, and every function is pure (running a chunk only writes the ``values`` it is handed).
+
+>>> from zdq.codec.tasks import CALLS, dumps_chunk, loads_chunk, run_entries
+>>> base, kind, entries, options = loads_chunk(dumps_chunk(7, [(divmod, 7, 2), (pow, 2, 10)], kind=CALLS))
+>>> values = [None] * len(entries)
+>>> run_entries(kind)(enumerate(entries), values, print, print, None)
+>>> base, values
+(7, [(3, 1), 1024])
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pickle
+import sys
+import types
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from zdq.errors import ProtocolError, SerializationError, TaskCancelled
+from zdq.codec.results import PROTOCOL, all_scalars, check_picklable, loads_earlier, seal, unseal
+
+__all__ = [  # noqa: RUF022 - grouped by role
+    # kinds and shapes
+    "TASKS",
+    "CALLS",
+    "ITEMS",
+    "PICKLED",
+    "Task",
+    "TaskOptions",
+    "Chunk",
+    "split_chunk",
+    # building
+    "call_task",
+    "item_task",
+    "check_calls",
+    # encoding and decoding
+    "dumps_task",
+    "dumps_chunk",
+    "loads_chunk",
+    # cancelled tasks
+    "CANCELLED",
+    "cancelled_entry",
+    "is_cancelled",
+    "cancel_in_chunk",
+    # running
+    "Call",
+    "Careful",
+    "Loop",
+    "callers",
+    "run_entries",
+    "own_options",
+]
+
+Task = tuple[Any, ...]
+
+#: Chunk kinds (see the table above); their numbers are on the wire and in durable queues.
+TASKS, CALLS, ITEMS, PICKLED = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """Per-task execution options, carried by a TASKS entry or by a whole chunk.
+
+    Attributes
+    ----------
+    retries : int
+        Extra attempts after a failure (``0``: one attempt).
+    retry_backoff : float
+        First delay before a retry, in seconds; doubled at each retry, with jitter.
+    retry_backoff_max : float
+        Largest delay between two attempts.
+    retry_on : tuple of exception types
+        Only these exceptions are retried.
+    time_limit : float or None
+        Seconds an attempt may run before it fails with :class:`~zdq.errors.TaskTimeout`.
+
+    >>> TaskOptions(retries=2, time_limit=30.0).retries
+    2
+    """
+
+    retries: int = 0
+    retry_backoff: float = 0.1
+    retry_backoff_max: float = 30.0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    time_limit: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
+            raise ValueError(f"retries must be a non-negative integer, got {self.retries!r}")
+        for name in ("retry_backoff", "retry_backoff_max"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a non-negative, finite number of seconds, got {value!r}")
+        if self.time_limit is not None and not 0 < self.time_limit < math.inf:
+            raise ValueError(f"a time limit must be positive, got {self.time_limit!r}")
+        if (
+            not isinstance(self.retry_on, tuple)
+            or not self.retry_on
+            or not all(isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on)
+        ):
+            raise TypeError(f"retry_on must be exception types, got {self.retry_on!r}")
+
+
+# -- building ------------------------------------------------------------------------------------
+def call_task(
+    fn: Callable[..., Any],
+    args: Sequence[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    options: TaskOptions | None = None,
+) -> Task:
+    """The TASKS entry of ``fn(*args, **kwargs)``: its shortest layout (no empty kwargs)."""
+    if options is not None:
+        return (fn, tuple(args), kwargs or None, options)
+    return (fn, tuple(args), kwargs) if kwargs else (fn, tuple(args))
+
+
+def item_task(item: Any) -> Task:
+    """The TASKS entry of a raw item, for the consumer's ``process_item``."""
+    return (None, item)
+
+
+def check_calls(calls: Sequence[Any], first: int = 0) -> None:
+    """Raise ``TypeError`` unless every one of ``calls`` is a CALLS entry ``(fn, *args)``;
+    ``first`` is the position of ``calls[0]`` in what the user submitted."""
+    for i, call in enumerate(calls):
+        if type(call) is not tuple or not call or not callable(call[0]):
+            raise TypeError(f"batch_submit item {first + i} must be a tuple (fn, *args), got {call!r:.80}")
+
+
+# -- encoding ------------------------------------------------------------------------------------
+def _plainly_picklable(task: Task) -> bool:
+    """Whether plain pickle writes ``task`` byte for byte as cloudpickle would, five times faster:
+    a top-level function of an importable module (not ``__main__``, not registered to be pickled
+    by value) called with arguments of builtin scalar types, and no options."""
+    fn = task[0]
+    if type(fn) is not types.FunctionType and type(fn) is not types.BuiltinFunctionType:
+        return False
+    module = fn.__module__
+    if module is None or module == "__main__" or getattr(sys.modules.get(module), fn.__qualname__, None) is not fn:
+        return False
+    if len(task) > 3 or not all_scalars(task[1]):
+        return False
+    if len(task) == 3 and task[2] and not all_scalars(task[2].values()):
+        return False
+    return not cloudpickle.list_registry_pickle_by_value()
+
+
+def dumps_task(task: Task) -> bytes:
+    """Pickle one TASKS entry for a PICKLED chunk; on failure, name the part that cannot be pickled."""
+    try:
+        if _plainly_picklable(task):
+            return pickle.dumps(task, protocol=PROTOCOL)
+        return cloudpickle.dumps(task, protocol=PROTOCOL)
+    except Exception as e:
+        _culprit([task], TASKS)
+        raise SerializationError(f"the task cannot be pickled: {e}") from e
+
+
+#: The parts of an entry that a user may get wrong, by kind: ``(fn, args, kwargs)``.
+_PARTS: dict[int, Callable[[Any], tuple[Any, tuple[Any, ...], dict[str, Any] | None]]] = {
+    TASKS: lambda e: (None, (e[1],), None) if e[0] is None else (e[0], e[1], e[2] if len(e) > 2 else None),
+    CALLS: lambda e: (e[0], e[1:], None),
+    ITEMS: lambda e: (None, (e,), None),
+}
+
+
+def _culprit(entries: list[Any], kind: int, base_task_id: int | None = None) -> None:
+    """Raise :class:`SerializationError` naming the first entry part that cannot be pickled (and
+    setting its ``task_id``, when the chunk's ``base_task_id`` is known)."""
+    parts = _PARTS.get(kind)  # PICKLED entries are bytes: they always pickle
+    if parts is not None:
+        for i, entry in enumerate(entries):
+            try:
+                check_picklable(*parts(entry))
+            except SerializationError as e:
+                if base_task_id is not None:
+                    e.task_id = base_task_id + i
+                raise
+
+
+def dumps_chunk(
+    base_task_id: int,
+    entries: list[Any],
+    key: bytes | None = None,
+    kind: int = TASKS,
+    options: TaskOptions | None = None,
+) -> bytes:
+    """Pickle (and seal) a chunk; on failure, name the first part that cannot be pickled."""
+    try:
+        # Entries already pickled are bytes: the standard pickler (much cheaper to start) suffices.
+        dumps = pickle.dumps if kind == PICKLED else cloudpickle.dumps
+        return seal(key, dumps((base_task_id, kind, entries, options), protocol=PROTOCOL))
+    except Exception as e:
+        _culprit(entries, kind, base_task_id)
+        raise SerializationError(f"a chunk of {len(entries)} tasks cannot be pickled: {e}") from e
+
+
+# -- decoding ------------------------------------------------------------------------------------
+#: A decoded chunk: ``(base task id, kind, entries, options)``, never of kind PICKLED (those decode
+#: into TASKS). A plain tuple: a named one costs more to build than a one-task chunk takes to run.
+Chunk = tuple[int, int, list[Any], TaskOptions | None]
+
+
+def split_chunk(chunk: Chunk, key: bytes | None) -> list[bytes]:
+    """Each task of a decoded chunk alone, as a chunk of its own (so that a task that kills its
+    consumer is tried alone)."""
+    base, kind, entries, options = chunk
+    return [dumps_chunk(base + i, [e], key, kind, options) for i, e in enumerate(entries)]
+
+
+def loads_chunk(payload: Any, key: bytes | None = None) -> Chunk:
+    """Check and unpickle a chunk.
+
+    Raises :class:`~zdq.errors.ProtocolError` (a ``ValueError``) if it is forged or malformed.
+    """
+    data = unseal(key, payload)
+    try:
+        obj = pickle.loads(data)
+    except (AttributeError, ImportError):  # a name that moved since the chunk was written (or a user's missing one)
+        obj = loads_earlier(data)
+    if (
+        not isinstance(obj, tuple)
+        or len(obj) != 4
+        or not isinstance(obj[0], int)
+        or obj[1] not in (TASKS, CALLS, ITEMS, PICKLED)
+        or not isinstance(obj[2], list)
+        or not (obj[3] is None or isinstance(obj[3], TaskOptions))
+    ):
+        raise ProtocolError(f"a chunk must be (int, kind, list, options), got {type(obj).__name__}")
+    base, kind, entries, options = obj
+    if kind == PICKLED:
+        if not all(isinstance(e, bytes) for e in entries):
+            raise ProtocolError("a chunk of pickled tasks holds something other than bytes")
+        try:
+            entries = [pickle.loads(e) for e in entries]
+        except (AttributeError, ImportError):
+            entries = [loads_earlier(e) for e in entries]
+        if not all(isinstance(e, tuple) and len(e) >= 2 for e in entries):
+            raise ProtocolError("a pickled task is not a task tuple")
+        return base, TASKS, entries, options
+    return obj
+
+
+# -- cancelled tasks -----------------------------------------------------------------------------
+def _cancelled(*_: Any, **__: Any) -> Any:
+    """What a cancelled task calls instead of its function: it never runs."""
+    raise TaskCancelled("this task was cancelled before it started")
+
+
+#: The type name a cancelled task's ErrorInfo carries.
+CANCELLED = "zdq.errors.TaskCancelled"
+_CANCELLED_CALL = (_cancelled,)
+#: Also the placeholder of a cancelled raw item while its chunk runs (never pickled as such: an
+#: items chunk rewritten by a driver becomes a TASKS chunk).
+_CANCELLED_TASK = (_cancelled, ())
+
+
+def cancelled_entry(kind: int) -> Task:
+    """The entry that takes a cancelled task's place in a running chunk of ``kind``."""
+    return _CANCELLED_CALL if kind == CALLS else _CANCELLED_TASK
+
+
+def is_cancelled(entry: Any) -> bool:
+    """Whether ``entry`` is a cancelled task's placeholder (of any kind)."""
+    return type(entry) is tuple and bool(entry) and entry[0] is _cancelled
+
+
+def cancel_in_chunk(payload: Any, key: bytes | None, indexes: Iterable[int]) -> bytes:
+    """A chunk's payload with the tasks ``indexes`` replaced by placeholders that only report
+    :class:`TaskCancelled` (a driver rewrites a chunk it has not sent yet). CALLS and ITEMS chunks
+    become TASKS chunks (their entries keep their meaning as TASKS entries); PICKLED stays PICKLED."""
+    data = unseal(key, payload)
+    try:
+        base, kind, entries, options = pickle.loads(data)
+    except (AttributeError, ImportError):
+        base, kind, entries, options = loads_earlier(data)
+    cancelled = set(indexes)
+    if kind == PICKLED:
+        placeholder = pickle.dumps(_CANCELLED_TASK, protocol=PROTOCOL)
+        entries = [placeholder if i in cancelled else e for i, e in enumerate(entries)]
+        return dumps_chunk(base, entries, key, PICKLED, options)
+    if kind == CALLS:
+        entries = [(e[0], tuple(e[1:])) for e in entries]
+    elif kind == ITEMS:
+        entries = [item_task(e) for e in entries]
+    entries = [_CANCELLED_TASK if i in cancelled else e for i, e in enumerate(entries)]
+    return dumps_chunk(base, entries, key, TASKS, options)
+
+
+# -- running -------------------------------------------------------------------------------------
+#: Calls one entry; returns its value or raises its error.
+Call = Callable[[Any], Any]
+#: ``careful(context, i, entry, failed)``: run entry ``i`` with its options (retries, time
+#: limit), or, with ``failed``, carry on after that first attempt's error. Never raises.
+Careful = Callable[[Any, int, Any, BaseException | None], None]
+#: ``loop(numbered, values, process_item, careful, context)``: runs a chunk's entries, given as
+#: ``enumerate(entries)``, into ``values``. The caller keeps the ``enumerate``: how far it got says
+#: which tasks have started (a cancellation reads it). ``context`` is handed to ``careful`` as it
+#: is (the caller's state of the chunk: passing it costs less per chunk than binding it).
+Numbered = Iterable[tuple[int, Any]]
+Loop = Callable[[Numbered, list[Any], Call, Careful, Any], None]
+
+
+def _run_calls(numbered: Numbered, values: list[Any], process_item: Call, careful: Careful, context: Any) -> None:
+    # The hot loop of no-op benchmarks: nothing but the call, per task.
+    for i, c in numbered:
+        try:
+            values[i] = c[0](*c[1:])
+        except BaseException as e:  # noqa: BLE001 - a task's failure is its result, whatever it raised
+            careful(context, i, c, e)
+
+
+def _run_items(numbered: Numbered, values: list[Any], process_item: Call, careful: Careful, context: Any) -> None:
+    for i, item in numbered:
+        if item is _CANCELLED_TASK:  # a raw item cannot call its placeholder itself
+            careful(context, i, item, None)
+            continue
+        try:
+            values[i] = process_item(item)
+        except BaseException as e:  # noqa: BLE001 - the same
+            careful(context, i, item, e)
+
+
+def _run_tasks(numbered: Numbered, values: list[Any], process_item: Call, careful: Careful, context: Any) -> None:
+    # The layouts of _call_task, inlined: a call per task would cost as much as the dispatch.
+    for i, t in numbered:
+        n = len(t)
+        if n > 3:  # its own options: retries, time limit
+            careful(context, i, t, None)
+            continue
+        try:
+            if t[0] is None:
+                values[i] = process_item(t[1])
+            elif n == 2:
+                values[i] = t[0](*t[1])
+            else:
+                values[i] = t[0](*t[1], **(t[2] or {}))
+        except BaseException as e:  # noqa: BLE001 - the same
+            careful(context, i, t, e)
+
+
+def _call_task(process_item: Call, t: Task) -> Any:
+    if t[0] is None:
+        return process_item(t[1])
+    if len(t) == 2:
+        return t[0](*t[1])
+    return t[0](*t[1], **(t[2] or {}))
+
+
+def _call_call(c: Task) -> Any:
+    return c[0](*c[1:])
+
+
+_LOOPS: dict[int, Loop] = {TASKS: _run_tasks, CALLS: _run_calls, ITEMS: _run_items}
+
+
+def run_entries(kind: int) -> Loop:
+    """The loop that runs the entries of a chunk of ``kind`` (TASKS, CALLS or ITEMS).
+
+    Each value lands in ``values[i]``; an entry that fails, or that carries options of its own,
+    goes to ``careful`` (which the caller provides: it knows retries and dead letters).
+    """
+    return _LOOPS[kind]
+
+
+def callers(process_item: Call) -> dict[int, Call]:
+    """How one entry is called, by kind (TASKS, CALLS, ITEMS): for task threads and retries."""
+    return {TASKS: functools.partial(_call_task, process_item), CALLS: _call_call, ITEMS: process_item}
+
+
+def own_options(kind: int, entry: Any) -> TaskOptions | None:
+    """The options an entry carries itself (only TASKS entries may), or ``None``."""
+    if kind == TASKS and len(entry) > 3 and isinstance(entry[3], TaskOptions):
+        return entry[3]
+    return None

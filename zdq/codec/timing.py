@@ -1,0 +1,116 @@
+"""When and in what order a task is served: its release time and its priority.
+
+A submission's ``delay=``, ``eta=`` and ``priority=`` are checked here, at the call, and become one
+small :class:`Timing` shared by every chunk of the submission. It travels in the head of each PUT
+(not in the pickled chunk: the broker never unpickles one) and the broker keeps it in the chunk's
+:class:`~zdq.storage.base.ChunkMeta`, stored with the chunk on a durable queue.
+
+Clock: a ``delay`` is turned into a wall-clock time (``time.time()``) here, in the submitting
+process, when the call is made; ``eta`` is one already. The broker compares it with its own wall
+clock. So the time a task waits in the driver's buffers (a full window) counts toward its delay, a
+chunk resent to a queue placed again keeps its time, and a durable queue releases it at the same
+time after a restart. The price: a broker's clock that is ``s`` seconds ahead of the submitter's
+releases ``s`` seconds early (behind: late); hosts are expected to keep their clocks in step (NTP).
+
+>>> t = timing_of(None, None, 5)
+>>> t.priority, t.not_before
+(5, 0.0)
+>>> timing_of(None, None, None) is None
+True
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import numbers
+import time
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["MAX_PRIORITY", "MIN_PRIORITY", "Timing", "timing_of"]
+
+#: Priorities travel as signed 32-bit integers.
+MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1
+#: The last release time taken: the end of the year 9999 (what a datetime can say).
+_LATEST = 253402300799.0
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """The release time and priority of a submission's chunks.
+
+    Attributes
+    ----------
+    not_before : float
+        Wall-clock seconds (``time.time()``) before which no task of the chunk starts; ``0.0``:
+        at once.
+    priority : int
+        Higher is served first within a queue; equal priorities are first in, first out.
+    """
+
+    not_before: float = 0.0
+    priority: int = 0
+
+
+def timing_of(delay: Any, eta: Any, priority: Any) -> Timing | None:
+    """The :class:`Timing` of a call's keywords, or ``None`` when none was given (the plain path).
+
+    Raises
+    ------
+    TypeError
+        ``delay`` is not a number (or ``timedelta``), ``eta`` not a ``datetime``, ``priority`` not
+        an integer.
+    ValueError
+        ``delay`` is negative or not finite, ``eta`` has no timezone, both are given, or
+        ``priority`` is out of the 32-bit range.
+    """
+    if delay is None and eta is None and priority is None:
+        return None
+    not_before = 0.0
+    if delay is not None:
+        if eta is not None:
+            raise ValueError("give delay or eta, not both")
+        not_before = time.time() + _seconds(delay)
+    elif eta is not None:
+        # A time already past (before 1970 included: the wire takes no negative time) is "at once".
+        not_before = max(_wall_clock(eta), 0.0)
+    if not_before > _LATEST:
+        raise ValueError(
+            f"{'delay' if delay is not None else 'eta'} is past the year 9999 ({delay if delay is not None else eta!r:.80}): "
+            "a task that never runs is not a delayed task"
+        )
+    if priority is None:
+        priority = 0
+    elif isinstance(priority, numbers.Integral) and not isinstance(priority, bool):
+        priority = int(priority)  # numpy's integers too
+    else:
+        raise TypeError(f"priority must be an integer, got {priority!r:.80}")
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must fit in 32 bits ({MIN_PRIORITY} to {MAX_PRIORITY}), got {priority}")
+    if not not_before and not priority:
+        return None  # priority=0 alone: the plain path
+    return Timing(not_before, priority)
+
+
+def _seconds(delay: Any) -> float:
+    if isinstance(delay, datetime.timedelta):
+        seconds = delay.total_seconds()
+    elif isinstance(delay, numbers.Real) and not isinstance(delay, bool):
+        seconds = float(delay)
+    else:
+        raise TypeError(f"delay must be a number of seconds (or a timedelta), got {delay!r:.80}")
+    if not 0 <= seconds < math.inf:
+        raise ValueError(f"delay must be a non-negative, finite number of seconds, got {delay!r}")
+    return seconds
+
+
+def _wall_clock(eta: Any) -> float:
+    if not isinstance(eta, datetime.datetime):
+        raise TypeError(f"eta must be a timezone-aware datetime, got {eta!r:.80}")
+    if eta.tzinfo is None or eta.utcoffset() is None:
+        raise ValueError(
+            f"eta must be timezone-aware (a naive datetime's time is ambiguous across hosts), got {eta!r}: "
+            "use e.g. datetime.now(timezone.utc) + timedelta(...)"
+        )
+    return eta.timestamp()
