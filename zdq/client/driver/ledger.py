@@ -308,7 +308,8 @@ class Ledger:
 
     def submit_task(self, task: bytes, timeout: float | None = None) -> TaskFuture:
         """Hold one pickled task for coalescing; return its future. Waits while a bound is hit."""
-        self.check_open()
+        if self.closed_by is not None or self.failed_by is not None:  # two reads, not a call: per task
+            self.check_open()
         cap = self.settings.chunk_size * self.n_brokers
         budget = self.settings.buffer_bytes - len(task)
         with self.cond:

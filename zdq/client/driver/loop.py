@@ -206,6 +206,9 @@ class DriverLoop:
     def stop(self, timeout: float) -> None:
         """Stop the thread and wait for it (not from itself)."""
         self._stop.set()
+        if self._thread is None:  # never started: nothing will run what was posted
+            self._ended = True
+            self._fail_commands()
         if self._waker is not None:
             self._waker.wake()
         if self._thread is not None and self._thread is not threading.current_thread():
