@@ -9,9 +9,18 @@ from typing import Any
 
 import pytest
 
-from zdq.client.driver.ledger import NO_CONSUMER, Ledger, Record, first_task_id
+from zdq.client.driver.ledger import Ledger, first_task_id
+from zdq.client.driver.records import NO_CONSUMER, Record
 from zdq.config import settings
-from zdq.errors import ClosedError, ProtocolError, SerializationError, SubmitTimeout, TaskCancelled, ZdqError, ZdqTimeoutError
+from zdq.errors import (
+    ClosedError,
+    ProtocolError,
+    SerializationError,
+    SubmitTimeout,
+    TaskCancelled,
+    ZdqError,
+    ZdqTimeoutError,
+)
 from zdq.futures import BatchFuture, TaskFuture
 from zdq.serialization import UNKNOWN_BASE, ErrorInfo
 from zdq.tasks import CANCELLED, PICKLED, dumps_task
@@ -55,10 +64,10 @@ def confirmed(ledger: Ledger, broker: int = 0, chunk_id: int = 7) -> Record:
 
 def results(ledger: Ledger, rec: Record, values: list[Any] | None = None, broker: int = 0, **kw: Any) -> bool:
     values = [i * 10 for i in range(rec.n)] if values is None else values
-    confirmed_now = ledger.intake(
+    confirmed_now = ledger.outcomes.intake(
         broker, rec.seq, rec.chunk_id, kw.get("consumer", CONSUMER), kw.get("base", rec.base), values, kw.get("errors", {})
     )
-    ledger.settle_all()
+    ledger.outcomes.settle_all()
     return confirmed_now
 
 
@@ -67,7 +76,7 @@ def error(exc: BaseException | None = None, type_name: str = "builtins.ValueErro
 
 
 def counts(ledger: Ledger) -> dict[str, int]:
-    submitted, completed, failed, cancelled, foreign, duplicates, unconfirmed, outstanding = ledger.statistics()
+    submitted, completed, failed, cancelled, foreign, duplicates, unconfirmed, outstanding = ledger.outcomes.statistics()
     return dict(
         submitted=submitted, completed=completed, failed=failed, cancelled=cancelled, foreign=foreign,
         duplicates=duplicates, unconfirmed=unconfirmed, outstanding=outstanding,
@@ -230,7 +239,7 @@ def test_a_chunk_taken_after_a_partial_cancel_carries_placeholders() -> None:
     ledger = make()
     base, rec = chunk(ledger, 3)
     before = rec.payload
-    ledger.cancel_local(base + 1, 1)
+    ledger.outcomes.cancel_local(base + 1, 1)
     assert rec.rewrite
     taken = sent(ledger)
     assert taken is rec and not rec.rewrite and rec.payload != before
@@ -291,7 +300,7 @@ def test_a_refused_chunk_leaves_and_its_tasks_fail_with_the_reason() -> None:
     rec = sent(ledger)
     ledger.confirm(rec.seq, 0, False, 0)
     assert rec.seq not in ledger.records and ledger.buffered_chunks == 0
-    assert ledger.fail_records([rec], ZdqError("queue full")) == 2
+    assert ledger.outcomes.fail_records([rec], ZdqError("queue full")) == 2
     assert all(isinstance(f.exception(0), ZdqError) for f in futs)
     assert counts(ledger)["failed"] == 2
 
@@ -300,7 +309,7 @@ def test_a_confirm_of_a_chunk_whose_tasks_were_all_cancelled_ends_its_record() -
     ledger = make()
     base, _ = chunk(ledger, 2)
     rec = sent(ledger)
-    ledger.cancel_record(rec, [0, 1])
+    ledger.outcomes.cancel_record(rec, [0, 1])
     assert rec.seq in ledger.records  # still owed a confirm: its window slot
     ledger.confirm(rec.seq, 0, True, 5)
     assert rec.seq not in ledger.records and ledger.buffered_chunks == 0
@@ -331,10 +340,10 @@ def test_results_are_kept_by_producer() -> None:
     base, _ = chunk(ledger, 2)
     rec = confirmed(ledger)
     results(ledger, rec, ["a", "b"], consumer=b"c1")
-    assert ledger.results_for([b"c1"]) == {base: "a", base + 1: "b"}
-    assert ledger.results_for([b"c2"]) == {}
-    assert ledger.done_count([b"c1"]) == 2 and ledger.done_count([b"c2"]) == 0
-    assert ledger.producers() == {b"c1"}
+    assert ledger.outcomes.results_for([b"c1"]) == {base: "a", base + 1: "b"}
+    assert ledger.outcomes.results_for([b"c2"]) == {}
+    assert ledger.outcomes.done_count([b"c1"]) == 2 and ledger.outcomes.done_count([b"c2"]) == 0
+    assert ledger.outcomes.producers() == {b"c1"}
 
 
 def test_results_that_arrive_twice_are_recorded_once() -> None:
@@ -346,7 +355,7 @@ def test_results_that_arrive_twice_are_recorded_once() -> None:
     results(ledger, rec, [1, 2])
     results(ledger, rec, [1, 2], consumer=b"again")
     c = counts(ledger)
-    assert c["completed"] == 2 and c["duplicates"] == 2 and ledger.done_count([b"again"]) == 0
+    assert c["completed"] == 2 and c["duplicates"] == 2 and ledger.outcomes.done_count([b"again"]) == 0
 
 
 def test_results_before_the_confirm_confirm_the_chunk() -> None:
@@ -363,16 +372,16 @@ def test_results_outside_their_chunk_are_a_protocol_error_that_changes_nothing()
     base, _ = chunk(ledger, 2)
     rec = sent(ledger)
     with pytest.raises(ProtocolError):
-        ledger.intake(0, rec.seq, 1, CONSUMER, base + 1, [1, 2], {})
+        ledger.outcomes.intake(0, rec.seq, 1, CONSUMER, base + 1, [1, 2], {})
     assert not rec.confirmed and ledger.buffered_chunks == 1 and not any(rec.got)
 
 
 def test_results_of_a_chunk_from_another_driver_are_counted_as_foreign() -> None:
     ledger = make()
-    assert ledger.intake(0, 0, 9, CONSUMER, 1000, ["x", "y"], {}) is False
-    ledger.settle_all()
+    assert ledger.outcomes.intake(0, 0, 9, CONSUMER, 1000, ["x", "y"], {}) is False
+    ledger.outcomes.settle_all()
     c = counts(ledger)
-    assert c["foreign"] == 2 and c["completed"] == 0 and ledger.results_for([CONSUMER]) == {1000: "x", 1001: "y"}
+    assert c["foreign"] == 2 and c["completed"] == 0 and ledger.outcomes.results_for([CONSUMER]) == {1000: "x", 1001: "y"}
 
 
 def test_results_of_a_chunk_already_ended_are_duplicates() -> None:
@@ -380,8 +389,8 @@ def test_results_of_a_chunk_already_ended_are_duplicates() -> None:
     chunk(ledger, 1)
     rec = confirmed(ledger)
     results(ledger, rec, [1])
-    ledger.intake(0, rec.seq, rec.chunk_id, CONSUMER, rec.base, [1], {})
-    assert counts(ledger)["duplicates"] == 1 and not ledger.settlements
+    ledger.outcomes.intake(0, rec.seq, rec.chunk_id, CONSUMER, rec.base, [1], {})
+    assert counts(ledger)["duplicates"] == 1 and not ledger.outcomes.settlements
 
 
 def test_a_task_error_fails_its_future_and_is_counted() -> None:
@@ -392,7 +401,7 @@ def test_a_task_error_fails_its_future_and_is_counted() -> None:
     results(ledger, rec, [None, 5], errors={0: error(ValueError("bad"))})
     assert isinstance(futs[0].exception(0), ValueError) and futs[1].result(0) == 5
     assert counts(ledger)["failed"] == 1
-    assert isinstance(ledger.results_for([CONSUMER])[rec.base], ValueError)
+    assert isinstance(ledger.outcomes.results_for([CONSUMER])[rec.base], ValueError)
 
 
 def test_a_cancelled_placeholder_is_not_counted_as_a_failure() -> None:
@@ -408,7 +417,7 @@ def test_without_keep_results_outcomes_are_counted_but_not_kept() -> None:
     chunk(ledger, 2)
     rec = confirmed(ledger)
     results(ledger, rec, [1, 2])
-    assert ledger.results_for([CONSUMER]) == {} and ledger.done_count([CONSUMER]) == 2
+    assert ledger.outcomes.results_for([CONSUMER]) == {} and ledger.outcomes.done_count([CONSUMER]) == 2
 
 
 def test_results_of_a_chunk_that_did_not_decode_cover_the_whole_chunk() -> None:
@@ -416,7 +425,7 @@ def test_results_of_a_chunk_that_did_not_decode_cover_the_whole_chunk() -> None:
     base, _ = chunk(ledger, 2)
     rec = confirmed(ledger)
     results(ledger, rec, [None, None], base=UNKNOWN_BASE, errors={0: error(), 1: error()})
-    assert set(ledger.results_for([CONSUMER])) == {base, base + 1} and rec.seq not in ledger.records
+    assert set(ledger.outcomes.results_for([CONSUMER])) == {base, base + 1} and rec.seq not in ledger.records
 
 
 def test_results_that_do_not_unpickle_fail_their_chunk_with_a_serialization_error() -> None:
@@ -424,8 +433,8 @@ def test_results_that_do_not_unpickle_fail_their_chunk_with_a_serialization_erro
     futs = [TaskFuture(0), TaskFuture(1)]
     chunk(ledger, 2, sink=futs)
     rec = sent(ledger)
-    assert ledger.intake_undecodable(0, rec.seq, 3, CONSUMER, ValueError("garbage")) is True
-    ledger.settle_all()
+    assert ledger.outcomes.intake_undecodable(0, rec.seq, 3, CONSUMER, ValueError("garbage")) is True
+    ledger.outcomes.settle_all()
     assert all(isinstance(f.exception(0), SerializationError) for f in futs)
     assert counts(ledger)["failed"] == 2 and rec.seq not in ledger.records
 
@@ -456,9 +465,9 @@ def test_failing_a_record_fails_only_the_tasks_without_an_outcome() -> None:
     futs = submit(ledger, 3)
     ledger.coalesce(1, 0)
     rec = confirmed(ledger)
-    ledger.intake(0, rec.seq, rec.chunk_id, CONSUMER, rec.base, [10], {})
-    ledger.settle_all()
-    assert ledger.fail_records([rec], ZdqError("lost")) == 2
+    ledger.outcomes.intake(0, rec.seq, rec.chunk_id, CONSUMER, rec.base, [10], {})
+    ledger.outcomes.settle_all()
+    assert ledger.outcomes.fail_records([rec], ZdqError("lost")) == 2
     assert futs[0].result(0) == 10 and all(isinstance(f.exception(0), ZdqError) for f in futs[1:])
     c = counts(ledger)
     assert c["completed"] == 3 and c["failed"] == 2 and c["outstanding"] == 0
@@ -469,8 +478,8 @@ def test_a_failed_task_is_kept_under_no_consumer() -> None:
     base, _ = chunk(ledger, 1)
     rec = confirmed(ledger)
     exc = ZdqError("lost")
-    ledger.fail_records([rec], exc)
-    assert ledger.results_for([NO_CONSUMER]) == {base: exc} and ledger.done_count([NO_CONSUMER]) == 0
+    ledger.outcomes.fail_records([rec], exc)
+    assert ledger.outcomes.results_for([NO_CONSUMER]) == {base: exc} and ledger.outcomes.done_count([NO_CONSUMER]) == 0
 
 
 def test_failing_a_lost_brokers_confirmed_tasks_spares_the_others() -> None:
@@ -479,7 +488,7 @@ def test_failing_a_lost_brokers_confirmed_tasks_spares_the_others() -> None:
         chunk(ledger, 1)
     on_0, on_1 = confirmed(ledger, 0), confirmed(ledger, 1)
     unconfirmed = sent(ledger, 0)
-    assert ledger.fail_confirmed(0, ZdqError("gone")) == 1
+    assert ledger.outcomes.fail_confirmed(0, ZdqError("gone")) == 1
     assert on_0.seq not in ledger.records and on_1.seq in ledger.records and unconfirmed.seq in ledger.records
 
 
@@ -488,7 +497,7 @@ def test_failing_the_chunks_a_recovered_broker_lost_fails_those_alone() -> None:
     chunk(ledger, 1)
     chunk(ledger, 1)
     a, b = confirmed(ledger), confirmed(ledger)
-    assert ledger.fail_confirmed(0, ZdqError("lost"), only={b.seq}) == 1
+    assert ledger.outcomes.fail_confirmed(0, ZdqError("lost"), only={b.seq}) == 1
     assert a.seq in ledger.records and b.seq not in ledger.records
 
 
@@ -496,8 +505,8 @@ def test_a_lost_consumers_chunk_fails_and_an_unknown_one_is_ignored() -> None:
     ledger = make()
     chunk(ledger, 2)
     rec = confirmed(ledger)
-    assert ledger.fail_seq(12345, ZdqError("x")) == 0
-    assert ledger.fail_seq(rec.seq, ZdqError("x")) == 2
+    assert ledger.outcomes.fail_seq(12345, ZdqError("x")) == 0
+    assert ledger.outcomes.fail_seq(rec.seq, ZdqError("x")) == 2
 
 
 def test_failing_everything_empties_every_buffer_and_settles_every_future() -> None:
@@ -506,7 +515,7 @@ def test_failing_everything_empties_every_buffer_and_settles_every_future() -> N
     chunk(ledger, 2, sink=[TaskFuture(0), TaskFuture(1)])
     chunk(ledger, 1, sink=[TaskFuture(2)])
     confirmed(ledger)
-    ledger.fail_everything(ClosedError("closed"))
+    ledger.outcomes.fail_everything(ClosedError("closed"))
     assert all(isinstance(f.exception(0), ClosedError) for f in loose)
     c = counts(ledger)
     assert c["completed"] == c["submitted"] == c["failed"] == 5
@@ -520,7 +529,7 @@ def test_failing_the_unsent_tasks_keeps_those_a_broker_holds() -> None:
     chunk(ledger, 1)
     chunk(ledger, 1)
     held = confirmed(ledger)
-    assert ledger.fail_unsent(ZdqError("unreachable")) == 3
+    assert ledger.outcomes.fail_unsent(ZdqError("unreachable")) == 3
     assert list(ledger.records) == [held.seq] and ledger.buffered_chunks == 0 and ledger.buffered_bytes == 0
 
 
@@ -551,10 +560,10 @@ def test_every_path_marks_a_tasks_outcome_under_the_ledgers_lock() -> None:
         recs.append(confirmed(ledger))
     for rec in recs:
         _guard(ledger, rec)
-    ledger.cancel_record(recs[0], [0])
+    ledger.outcomes.cancel_record(recs[0], [0])
     results(ledger, recs[1], [1, 2])
-    ledger.fail_records([recs[2]], ZdqError("x"))
-    ledger.fail_everything(ZdqError("closed"))
+    ledger.outcomes.fail_records([recs[2]], ZdqError("x"))
+    ledger.outcomes.fail_everything(ZdqError("closed"))
     c = counts(ledger)
     assert c["completed"] == c["submitted"] == 8 and c["cancelled"] == 1 and c["failed"] == 5
 
@@ -563,8 +572,8 @@ def test_a_cancel_after_a_fail_cancels_nothing_and_counts_nothing_twice() -> Non
     ledger = make()
     chunk(ledger, 3)
     rec = confirmed(ledger)
-    ledger.fail_records([rec], ZdqError("lost"))
-    assert ledger.cancel_record(rec, [0, 1, 2]) == []
+    ledger.outcomes.fail_records([rec], ZdqError("lost"))
+    assert ledger.outcomes.cancel_record(rec, [0, 1, 2]) == []
     c = counts(ledger)
     assert c["completed"] == 3 and c["failed"] == 3 and c["cancelled"] == 0
 
@@ -574,8 +583,8 @@ def test_a_fail_after_a_cancel_fails_only_the_tasks_not_cancelled() -> None:
     futs = [TaskFuture(i) for i in range(3)]
     chunk(ledger, 3, sink=futs)
     rec = confirmed(ledger)
-    ledger.cancel_record(rec, [1])
-    assert ledger.fail_records([rec], ZdqError("lost")) == 2
+    ledger.outcomes.cancel_record(rec, [1])
+    assert ledger.outcomes.fail_records([rec], ZdqError("lost")) == 2
     assert futs[1].cancelled() and isinstance(futs[0].exception(0), ZdqError)
     c = counts(ledger)
     assert c["completed"] == 3 and c["failed"] == 2 and c["cancelled"] == 1
@@ -634,11 +643,11 @@ def test_awaiting_counts_the_tasks_each_broker_holds() -> None:
 def test_cancelling_loose_tasks_cancels_them_here_and_frees_their_bytes() -> None:
     ledger = make()
     futs = submit(ledger, 3)
-    cancelled, asks = ledger.cancel_local(futs[0].key, 2)
+    cancelled, asks = ledger.outcomes.cancel_local(futs[0].key, 2)
     assert cancelled == {futs[0].key, futs[1].key} and asks == []
     assert futs[0].cancelled() and futs[1].cancelled() and not futs[2].done()
     assert ledger.buffered_bytes == len(task(2)) and len(ledger.loose) == 1
-    assert isinstance(ledger.results_for([NO_CONSUMER])[futs[0].key], TaskCancelled)
+    assert isinstance(ledger.outcomes.results_for([NO_CONSUMER])[futs[0].key], TaskCancelled)
     assert counts(ledger)["cancelled"] == 2 and counts(ledger)["completed"] == 2
 
 
@@ -646,7 +655,7 @@ def test_cancelling_a_whole_queued_chunk_drops_it_and_frees_its_room() -> None:
     ledger = make()
     futs = [TaskFuture(i) for i in range(2)]
     base, rec = chunk(ledger, 2, sink=futs)
-    cancelled, asks = ledger.cancel_local(base, 2)
+    cancelled, asks = ledger.outcomes.cancel_local(base, 2)
     assert cancelled == {base, base + 1} and not asks
     assert rec.seq not in ledger.records and not ledger.queued and ledger.buffered_chunks == 0
 
@@ -654,7 +663,7 @@ def test_cancelling_a_whole_queued_chunk_drops_it_and_frees_its_room() -> None:
 def test_cancelling_part_of_a_queued_chunk_keeps_the_rest_to_send() -> None:
     ledger = make()
     base, rec = chunk(ledger, 3)
-    cancelled, _ = ledger.cancel_local(base + 2, 1)
+    cancelled, _ = ledger.outcomes.cancel_local(base + 2, 1)
     assert cancelled == {base + 2} and rec.rewrite and rec.remaining == 2 and list(ledger.queued) == [rec]
 
 
@@ -662,7 +671,7 @@ def test_cancelling_tasks_a_broker_holds_asks_the_broker() -> None:
     ledger = make()
     base, _ = chunk(ledger, 3)
     rec = confirmed(ledger)
-    cancelled, asks = ledger.cancel_local(base + 1, 5)
+    cancelled, asks = ledger.outcomes.cancel_local(base + 1, 5)
     assert cancelled == set() and asks == [(rec, (1, 2))]
     assert counts(ledger)["cancelled"] == 0
 
@@ -672,7 +681,7 @@ def test_a_brokers_answer_cancels_its_tasks_and_ends_a_record_with_nothing_await
     futs = [TaskFuture(i) for i in range(2)]
     base, _ = chunk(ledger, 2, sink=futs)
     rec = confirmed(ledger)
-    assert ledger.cancel_record(rec, [0, 1]) == [base, base + 1]
+    assert ledger.outcomes.cancel_record(rec, [0, 1]) == [base, base + 1]
     assert all(f.cancelled() for f in futs) and rec.seq not in ledger.records
 
 
@@ -680,8 +689,8 @@ def test_a_cancel_answered_twice_counts_once() -> None:
     ledger = make()
     chunk(ledger, 2)
     rec = confirmed(ledger)
-    ledger.cancel_record(rec, [0])
-    assert ledger.cancel_record(rec, [0]) == []
+    ledger.outcomes.cancel_record(rec, [0])
+    assert ledger.outcomes.cancel_record(rec, [0]) == []
     assert counts(ledger)["cancelled"] == 1
 
 
@@ -690,7 +699,7 @@ def test_results_of_cancelled_tasks_are_not_recorded_again_but_the_others_are() 
     futs = [TaskFuture(i) for i in range(3)]
     base, _ = chunk(ledger, 3, sink=futs)
     rec = confirmed(ledger)
-    ledger.cancel_record(rec, [1])
+    ledger.outcomes.cancel_record(rec, [1])
     results(ledger, rec, [10, None, 30], errors={1: error(TaskCancelled("x"), CANCELLED)})
     assert futs[0].result(0) == 10 and futs[2].result(0) == 30
     with pytest.raises(CancelledError):
@@ -703,7 +712,7 @@ def test_a_batchs_cancelled_tasks_hold_task_cancelled() -> None:
     ledger = make()
     batch = BatchFuture(0, 2)
     base, _ = chunk(ledger, 2, sink=batch)
-    ledger.cancel_local(base, 2)
+    ledger.outcomes.cancel_local(base, 2)
     assert batch.cancelled()
 
 
@@ -712,10 +721,10 @@ def test_every_task_ends_counted_once_whatever_happened_to_it() -> None:
     futs = submit(ledger, 8)
     ledger.coalesce(2, 0)
     recs = [confirmed(ledger, b % 2) for b in range(len(ledger.queued))]
-    ledger.cancel_local(futs[0].key, 1)  # held by a broker: asked, not cancelled here
-    ledger.cancel_record(recs[0], [0])
+    ledger.outcomes.cancel_local(futs[0].key, 1)  # held by a broker: asked, not cancelled here
+    ledger.outcomes.cancel_record(recs[0], [0])
     results(ledger, recs[0], [None] * recs[0].n, broker=0)
-    ledger.fail_confirmed(1, ZdqError("lost"))
-    ledger.fail_everything(ClosedError("closed"))
+    ledger.outcomes.fail_confirmed(1, ZdqError("lost"))
+    ledger.outcomes.fail_everything(ClosedError("closed"))
     c = counts(ledger)
     assert c["completed"] == c["submitted"] == 8 and all(f.done() for f in futs)

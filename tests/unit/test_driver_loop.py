@@ -12,9 +12,10 @@ from typing import Any, cast
 import pytest
 
 from zdq.client.driver import loop as loop_module
-from zdq.client.driver.ledger import Ledger, Record
+from zdq.client.driver.ledger import Ledger
 from zdq.client.driver.links import Links, LinkState
 from zdq.client.driver.loop import DriverLoop, StatusAsk
+from zdq.client.driver.records import Record
 from zdq.config import settings
 from zdq.errors import BrokerLost, BrokerUnreachable, ClosedError, TaskLost
 from zdq.futures import CallbackRunner, TaskFuture
@@ -206,13 +207,13 @@ def test_a_lost_brokers_cancels_are_answered_empty_at_once(sent: list[tuple[int,
 def test_an_answer_to_no_question_is_counted_as_a_bad_message(sent: list[tuple[int, Any]]) -> None:
     loop = make()
     loop._handle(loop._links[0], p.encode(p.Cancelled(77, (0,))))
-    assert loop._ledger.bad == 1
+    assert loop._outcomes.bad == 1
 
 
 def test_a_message_a_driver_does_not_accept_is_counted_and_dropped() -> None:
     loop = make()
     assert loop._handle(loop._links[0], p.encode(p.Fetch(1))) is None
-    assert loop._ledger.bad == 1
+    assert loop._outcomes.bad == 1
 
 
 def test_the_route_table_holds_every_message_a_driver_accepts_but_the_two_tested_first() -> None:
@@ -224,7 +225,7 @@ def test_messages_of_a_broker_declared_lost_are_dropped(sent: list[tuple[int, An
     rec, _ = put_chunk(loop, confirm=False)
     loop.broker_lost(0, memory_lost=False)
     loop._handle(loop._links[0], p.encode(p.Confirm(rec.seq, 1, p.Status.STORED)))
-    assert not rec.confirmed and loop._ledger.bad == 0
+    assert not rec.confirmed and loop._outcomes.bad == 0
 
 
 def test_a_confirm_frees_the_brokers_window_slot(sent: list[tuple[int, Any]]) -> None:

@@ -102,6 +102,7 @@ class Driver:
             name, self._queue_names, settings,
             keep_results=keep_results, payload_key=payload_key, hint=hint, owner=self, failures=failures,
         )
+        self._outcomes = self._ledger.outcomes
         self._links = Links(endpoints, workers or [""] * len(endpoints), time.monotonic())
         self._callbacks = CallbackRunner(name)
         self._loop = DriverLoop(
@@ -140,7 +141,7 @@ class Driver:
         if not self._ledger.close(exc):
             return
         self._loop.stop(timeout)
-        self._ledger.fail_everything(exc)
+        self._outcomes.fail_everything(exc)
         waker, self._waker = self._waker, None
         if waker is not None:
             self._ledger.wake = None
@@ -203,7 +204,7 @@ class Driver:
         """
         if timeout is None:
             timeout = _CANCEL_WAIT
-        cancelled, asks = self._ledger.cancel_local(first, n)
+        cancelled, asks = self._outcomes.cancel_local(first, n)
         if not asks:
             return cancelled
         loop = self._loop
@@ -237,7 +238,7 @@ class Driver:
     @property
     def completed(self) -> int:
         """Tasks with a result (own and foreign)."""
-        return self._ledger.completed + self._ledger.foreign
+        return self._outcomes.completed + self._outcomes.foreign
 
     @property
     def unsent(self) -> int:
@@ -246,15 +247,15 @@ class Driver:
 
     def results_for(self, producers: Iterable[bytes]) -> dict[int, Any]:
         """The results kept from these consumers (by identity), by task id: a copy."""
-        return self._ledger.results_for(producers)
+        return self._outcomes.results_for(producers)
 
     def done_count(self, producers: Iterable[bytes]) -> int:
         """Tasks whose results came from these consumers."""
-        return self._ledger.done_count(producers)
+        return self._outcomes.done_count(producers)
 
     def producers(self) -> set[bytes]:
         """Every consumer identity that results came from."""
-        return self._ledger.producers()
+        return self._outcomes.producers()
 
     def links_up(self) -> list[bool]:
         """Which brokers the driver can reach now (the I/O thread's published snapshot)."""
@@ -281,8 +282,7 @@ class Driver:
         return out
 
     def statistics(self) -> DriverStats:
-        ledger = self._ledger
-        submitted, completed, failed, cancelled, foreign, duplicates, unconfirmed, outstanding = ledger.statistics()
+        submitted, completed, failed, cancelled, foreign, duplicates, unconfirmed, outstanding = self._outcomes.statistics()
         views = self._links.views
         down = names_down(views, self._queue_names)
         return DriverStats(
@@ -294,7 +294,7 @@ class Driver:
             duplicate_results=duplicates,
             chunks_unconfirmed=unconfirmed,
             chunks_outstanding=outstanding,
-            bad_messages=ledger.bad,
+            bad_messages=self._outcomes.bad,
             links_down=len(down),
             name=self.driver_name,
             queues_down=tuple(down),

@@ -48,7 +48,15 @@ from typing import Any, TypeVar, Union
 import zmq
 
 from zdq.config import PoolSettings
-from zdq.errors import BrokerLost, BrokerUnreachable, ClosedError, ProtocolError, StorageFull, TaskLost, ZdqError
+from zdq.errors import (
+    BrokerLost,
+    BrokerUnreachable,
+    ClosedError,
+    ProtocolError,
+    StorageFull,
+    TaskLost,
+    ZdqError,
+)
 from zdq.futures import CallbackRunner
 from zdq.serialization import loads_results
 from zdq.transport import protocol as p
@@ -56,8 +64,9 @@ from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
 from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import BrokerLinks, Route, Waker, recv_ready, try_send
 
-from .ledger import Ledger, Record
+from .ledger import Ledger
 from .links import RACK_BATCH, RACK_DELAY, Link, Links, LinkState
+from .records import Record
 
 __all__ = ["DriverLoop", "StatusAsk"]
 
@@ -135,6 +144,7 @@ class DriverLoop:
         callbacks: CallbackRunner,
     ) -> None:
         self._ledger = ledger
+        self._outcomes = ledger.outcomes
         self._links = links
         self._settings = settings
         self.name = name
@@ -265,7 +275,7 @@ class DriverLoop:
     def _serve(self, bl: BrokerLinks, waker: Waker) -> None:
         poller, socks = bl.poller, bl.socks
         poller.register(waker.socket, zmq.POLLIN)
-        ledger = self._ledger
+        ledger, outcomes = self._ledger, self._outcomes
         link_of = self._links.links
         n_brokers = len(link_of)
         beat = self._settings.heartbeat_interval
@@ -292,10 +302,10 @@ class DriverLoop:
             if self._heard_waits:
                 wake_at = min(wake_at, self._check_heard(bl, now))
             timeout = max(0, math.ceil((wake_at - now) * 1000))
-            if ledger.settlements:
+            if outcomes.settlements:
                 # Last thing before sleeping: a caller woken by its result gets this process's
                 # interpreter at once, instead of waiting for this thread to finish its round.
-                ledger.settle_all()
+                outcomes.settle_all()
             for sock, _ in poller.poll(timeout):
                 index = bl.index(sock)
                 if index is None:
@@ -318,9 +328,9 @@ class DriverLoop:
             if now >= next_beat:
                 self._tick(bl, now)
                 next_beat = now + beat
-        ledger.settle_all()
+        outcomes.settle_all()
         self._send_racks(socks)
-        ledger.failures.flush()
+        outcomes.failures.flush()
 
     def _send_queued(self, socks: list[zmq.Socket[Any]]) -> None:
         ledger, links, window = self._ledger, self._links, self._settings.window
@@ -361,7 +371,7 @@ class DriverLoop:
                 bl.settle(link.index)  # its connection needs no watching any more
         for link in self._links.due_unreachable(now, self._settings.connect_timeout):
             self._unreachable(bl, link)
-        ledger = self._ledger
+        ledger, outcomes = self._ledger, self._outcomes
         if (ledger.queued or ledger.loose) and self._links.all_unreachable():
             exc = BrokerUnreachable(
                 self._describe_unreachable(
@@ -371,7 +381,7 @@ class DriverLoop:
                     f"placed again and did not answer within {self._settings.connect_timeout:g} s",
                 )
             )
-            ledger.fail_unsent(exc)
+            outcomes.fail_unsent(exc)
         self._links.publish()
         self._check_statuses(now)
 
@@ -403,7 +413,7 @@ class DriverLoop:
                 raise ProtocolError(f"{type(msg).__name__} is not accepted by a driver")
             route(link, msg)
         except Exception as e:
-            self._ledger.bad += 1
+            self._outcomes.bad += 1
             logger.warning("%s dropped a message from queue %s: %s", self.driver_name, self._queue_names[link.index], e)
         return None
 
@@ -420,27 +430,27 @@ class DriverLoop:
                 if msg.status is p.Status.FULL
                 else ZdqError(f"queue {name} refused a chunk ({msg.status.name}): {detail}")
             )
-            self._ledger.fail_records([rec], exc)
+            self._outcomes.fail_records([rec], exc)
 
     def _on_results(self, link: Link, msg: p.Results) -> int:
-        ledger = self._ledger
+        outcomes = self._outcomes
         try:
-            base, values, errors = loads_results(msg.results, ledger.payload_key)
+            base, values, errors = loads_results(msg.results, self._ledger.payload_key)
         except Exception as e:
             # Results that do not decode (forged, or an object that pickles but does not unpickle
             # here) fail their own tasks; the broker may forget the chunk: running it again would
             # give the same bytes.
-            ledger.bad += 1
+            outcomes.bad += 1
             logger.warning(
                 "%s: results of chunk %d from queue %s do not decode: %r",
                 self.driver_name, msg.chunk_id, self._queue_names[link.index], e,
             )
-            confirmed = ledger.intake_undecodable(link.index, msg.seq, msg.chunk_id, msg.consumer, e)
+            confirmed = outcomes.intake_undecodable(link.index, msg.seq, msg.chunk_id, msg.consumer, e)
         else:
             n = len(values)
             if any(not isinstance(i, int) or not 0 <= i < n for i in errors):
                 raise ProtocolError("results name an error outside the chunk")
-            confirmed = ledger.intake(link.index, msg.seq, msg.chunk_id, msg.consumer, base, values, errors)
+            confirmed = outcomes.intake(link.index, msg.seq, msg.chunk_id, msg.consumer, base, values, errors)
         if confirmed:  # the broker held its CONFIRM back and the results came first: they confirm it
             link.unconfirmed -= 1
             link.confirmed_at = time.monotonic()
@@ -453,7 +463,7 @@ class DriverLoop:
         logger.info("%s: queue %s is shutting down", self.driver_name, self._queue_names[link.index])
 
     def _on_lost(self, link: Link, msg: p.Lost) -> None:
-        self._ledger.fail_seq(
+        self._outcomes.fail_seq(
             msg.seq, TaskLost(f"the consumer of chunk {msg.chunk_id} died after acknowledging it early (at most once)")
         )
 
@@ -484,7 +494,7 @@ class DriverLoop:
         if not isinstance(ask, CancelAsk):
             raise ProtocolError(f"CANCELLED answers no question ({msg.token})")
         del self._pending[msg.token]
-        ids = self._ledger.cancel_record(ask.rec, [i for i in msg.indexes if i in ask.indexes])
+        ids = self._outcomes.cancel_record(ask.rec, [i for i in msg.indexes if i in ask.indexes])
         ask.future.set_result(ids)
 
     # -- requests (run on the I/O thread, posted by the facade) ----------------------------------
@@ -525,7 +535,7 @@ class DriverLoop:
     def ask_cancel(self, rec: Record, indexes: tuple[int, ...], fut: Future[list[int]]) -> None:
         # rec.broker is written by this thread only (under the ledger's lock): read it here freely.
         if rec.broker < 0:  # sent back to the queue meanwhile (its broker was lost): not sent yet
-            fut.set_result(self._ledger.cancel_record(rec, indexes))
+            fut.set_result(self._outcomes.cancel_record(rec, indexes))
             return
         if self._links[rec.broker].state is not LinkState.UP:  # nobody can say what started
             fut.set_result([])
@@ -571,7 +581,7 @@ class DriverLoop:
         self._check_statuses(time.monotonic())
         if memory_lost:
             name = self._queue_names[broker]
-            n = self._ledger.fail_confirmed(
+            n = self._outcomes.fail_confirmed(
                 broker, BrokerLost(f"queue {name} was lost with its worker; this task lived only in its memory")
             )
             logger.warning("%s: %d tasks of lost queue %s failed with BrokerLost", self.driver_name, n, name)
@@ -609,7 +619,7 @@ class DriverLoop:
             try_send(self._bl.socks[broker], p.encode(p.Sync(token, asked)))
 
     def fail_confirmed(self, broker: int, exc: BaseException) -> int:
-        return self._ledger.fail_confirmed(broker, exc)
+        return self._outcomes.fail_confirmed(broker, exc)
 
     def _lost_in_recovery(self, broker: int, missing: set[int]) -> None:
         """The recovered queue does not hold these chunks: acknowledged early (at most once), their
@@ -619,7 +629,7 @@ class DriverLoop:
             f"queue {name} was lost while this task ran; it had been acknowledged on "
             "receipt (early_ack, at most once), so it was not kept to run again"
         )
-        n = self._ledger.fail_confirmed(broker, exc, only=missing)
+        n = self._outcomes.fail_confirmed(broker, exc, only=missing)
         if n:
             logger.warning("%s: %d tasks acknowledged early were lost with queue %s", self.driver_name, n, name)
 
@@ -637,7 +647,7 @@ class DriverLoop:
                 f"{self._settings.connect_timeout:g} s; its tasks failed",
             )
         )
-        n = self._ledger.fail_confirmed(link.index, exc)
+        n = self._outcomes.fail_confirmed(link.index, exc)
         logger.error("%s: %s (%d tasks failed)", self.driver_name, exc, n)
 
     def _describe_unreachable(self, bl: BrokerLinks, unheard: list[Link], subject: str) -> str:
