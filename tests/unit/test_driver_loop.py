@@ -12,10 +12,12 @@ from typing import Any, cast
 import pytest
 
 from zdq.client.driver import loop as loop_module
+from zdq.client.driver import requests as requests_module
 from zdq.client.driver.ledger import Ledger
 from zdq.client.driver.links import Links, LinkState
-from zdq.client.driver.loop import DriverLoop, StatusAsk
+from zdq.client.driver.loop import DriverLoop
 from zdq.client.driver.records import Record
+from zdq.client.driver.requests import StatusAsk
 from zdq.config import settings
 from zdq.errors import BrokerLost, BrokerUnreachable, ClosedError, TaskLost
 from zdq.futures import CallbackRunner, TaskFuture
@@ -56,6 +58,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, Any]]:
         return True
 
     monkeypatch.setattr(loop_module, "try_send", try_send)
+    monkeypatch.setattr(requests_module, "try_send", try_send)
     return out
 
 
@@ -104,17 +107,17 @@ def test_a_count_is_settled_once_every_broker_up_has_answered(sent: list[tuple[i
     loop.ask_status(StatusAsk([None, None], None, time.monotonic() + 10), fut)
     token = token_of(sent, p.Sync)
     assert [b for b, msg in sent if type(msg) is p.Sync] == [0, 1]
-    loop._on_status(loop._links[0], status(token))
+    loop._requests.on_status(loop._links[0], status(token))
     assert not fut.done()
-    loop._on_status(loop._links[1], status(token))
-    assert fut.result(0) == [status(token), status(token)] and not loop._pending
+    loop._requests.on_status(loop._links[1], status(token))
+    assert fut.result(0) == [status(token), status(token)] and not loop._requests.pending
 
 
 def test_a_count_of_one_broker_does_not_wait_for_the_others(sent: list[tuple[int, Any]]) -> None:
     loop = make()
     fut: Future[Any] = Future()
     loop.ask_status(StatusAsk([None, None], 1, time.monotonic() + 10), fut)
-    loop._on_status(loop._links[1], status(token_of(sent, p.Sync)))
+    loop._requests.on_status(loop._links[1], status(token_of(sent, p.Sync)))
     assert fut.result(0)[1] is not None and fut.result(0)[0] is None
 
 
@@ -122,7 +125,7 @@ def test_a_count_stops_waiting_for_a_broker_lost_meanwhile(sent: list[tuple[int,
     loop = make()
     fut: Future[Any] = Future()
     loop.ask_status(StatusAsk([None, None], None, time.monotonic() + 10), fut)
-    loop._on_status(loop._links[0], status(token_of(sent, p.Sync)))
+    loop._requests.on_status(loop._links[0], status(token_of(sent, p.Sync)))
     loop.broker_lost(1, memory_lost=False)
     assert fut.result(0)[1] is None
 
@@ -131,13 +134,13 @@ def test_a_count_not_answered_by_its_deadline_settles_with_what_came(sent: list[
     loop = make()
     fut: Future[Any] = Future()
     loop.ask_status(StatusAsk([None, None], None, time.monotonic() + 1), fut)
-    loop._check_statuses(time.monotonic() + 2)
-    assert fut.result(0) == [None, None] and not loop._pending
+    loop._requests.check_statuses(time.monotonic() + 2)
+    assert fut.result(0) == [None, None] and not loop._requests.pending
 
 
 def test_every_answer_to_a_count_is_kept_for_reprs_even_late_ones(sent: list[tuple[int, Any]]) -> None:
     loop = make()
-    loop._on_status(loop._links[1], status(999))
+    loop._requests.on_status(loop._links[1], status(999))
     last = loop.last_counts[1]
     assert last is not None and last[0].ready_tasks == 1 and loop.last_counts[0] is None
 
@@ -161,7 +164,7 @@ def test_after_a_reroute_the_chunks_the_broker_holds_count_as_confirmed(sent: li
     missing, _ = put_chunk(loop, confirm=False)
     loop.reroute(0)
     token = token_of(sent, p.Sync)
-    loop._on_status(loop._links[0], status(token, (missing.seq,)))
+    loop._requests.on_status(loop._links[0], status(token, (missing.seq,)))
     assert held.confirmed and missing.broker == -1 and list(loop._ledger.queued) == [missing]
     assert loop._links[0].unconfirmed == 0
 
@@ -201,7 +204,7 @@ def test_a_lost_brokers_cancels_are_answered_empty_at_once(sent: list[tuple[int,
     fut: Future[list[int]] = Future()
     loop.ask_cancel(rec, (0,), fut)
     loop.broker_lost(0, memory_lost=True)
-    assert fut.result(0) == [] and not loop._pending
+    assert fut.result(0) == [] and not loop._requests.pending
 
 
 def test_an_answer_to_no_question_is_counted_as_a_bad_message(sent: list[tuple[int, Any]]) -> None:
@@ -265,9 +268,9 @@ def test_a_wait_for_every_broker_to_be_heard_says_why_the_silent_are(sent: list[
     now = time.monotonic()
     loop.wait_heard(now + 1, fut)
     loop._links[0].seen = loop._links[0].connected_at + 0.01
-    loop._check_heard(loop._bl, now)  # type: ignore[arg-type]
+    loop._requests.check_heard(loop._bl, now)  # type: ignore[arg-type]
     assert not fut.done()
-    loop._check_heard(loop._bl, now + 2)  # type: ignore[arg-type]
+    loop._requests.check_heard(loop._bl, now + 2)  # type: ignore[arg-type]
     assert fut.result(0) == {1: "no answer from 1"}
 
 
@@ -290,7 +293,8 @@ def test_a_loop_that_ends_settles_every_request_still_waiting(sent: list[tuple[i
     heard: Future[dict[int, str]] = Future()
     loop.wait_heard(time.monotonic() + 60, heard)
     queued: Future[int] = loop.call(lambda: 1)
-    loop._end_requests()
+    loop._fail_commands()
+    loop._requests.end()
     assert isinstance(count.exception(0), ClosedError) and isinstance(heard.exception(0), ClosedError)
     assert cancel.result(0) == [] and isinstance(queued.exception(0), ClosedError)
 

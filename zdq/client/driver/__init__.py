@@ -3,12 +3,16 @@
 ==============  ===========================================================================
 module          job
 ==============  ===========================================================================
-``ledger``      the accounting, no I/O: records, buffers and bounds, confirm / settle / fail /
-                cancel, results and counters (one lock)
+``records``     a chunk's record from submission to its last result
+``ledger``      the accounting, no I/O: records, buffers and bounds, submission, coalescing,
+                confirms, brokers lost or rerouted (one lock)
+``outcomes``    each task's outcome decided once (results, failures, cancels), the results store
+                and the counters: no I/O, under the ledger's lock
 ``links``       each broker's link: UP / DOWN / RECOVERING / UNREACHABLE, window, receipts (the
                 I/O thread's; a published snapshot for the others)
-``loop``        the I/O thread: a control queue whose commands return futures, one table of
-                pending requests by token, a route table for the brokers' messages
+``requests``    the one table of pending requests to brokers, keyed by token (the I/O thread's)
+``loop``        the I/O thread: a control queue whose commands return futures, a route table
+                for the brokers' messages
 ``facade``      :class:`Driver`, what the pools call
 ==============  ===========================================================================
 

@@ -56,7 +56,8 @@ from zdq.transport.sockets import Route, Waker, new_identity, process_context
 
 from .ledger import Ledger
 from .links import Links, LinkState, explain_full, names_down
-from .loop import DriverLoop, StatusAsk, wait_all
+from .loop import DriverLoop, wait_all
+from .requests import StatusAsk
 
 __all__ = ["Driver"]
 

@@ -6,9 +6,9 @@ The thread does the I/O and nothing else: it hands every event to the :class:`~.
 Requests from other threads go through one mechanism: :meth:`DriverLoop.post` queues a command
 and returns a :class:`concurrent.futures.Future`; the thread runs the command in its next round,
 and the command settles the future at once (a reconnect, a fail) or parks it in the table of
-pending requests, keyed by the token of the question sent to a broker (a SYNC for a count, a
-recovery or a reroute; a CANCEL), until the broker's answer comes, its broker is lost, its deadline
-passes or the thread stops. Every future is settled: a stopped loop fails what is still queued or
+pending requests (:mod:`.requests`), keyed by the token of the question sent to a broker (a SYNC
+for a count, a recovery or a reroute; a CANCEL), until the broker's answer comes, its broker is
+lost, its deadline passes or the thread stops. Every future is settled: a stopped loop fails what is still queued or
 pending with :class:`~zdq.errors.ClosedError`, so no caller waits on a thread that is gone.
 
 Who owns what
@@ -16,14 +16,12 @@ Who owns what
 =========================================  ==========================================================
 state                                      owner
 =========================================  ==========================================================
-sockets (``BrokerLinks``), the links,      the I/O thread alone
-the pending-request table, heard waits,
-receipts owed
+sockets (``BrokerLinks``), the links       the I/O thread alone
+(with the receipts owed)
 the control queue                          any thread appends (a deque: atomic); the I/O thread pops
-``last_counts``                            written by the I/O thread (one slot replaced whole per
-                                           answer); others copy the list
 ``consumers``                              written by the pool (an int); read by the I/O thread
-ledger, links                              see their modules
+``_ended``                                 set once by the I/O thread as it ends; read by posters
+ledger, outcomes, links, requests          see their modules
 =========================================  ==========================================================
 
 The most frequent messages (RESULTS, CONFIRM) are tested first by type; the others go through the
@@ -34,7 +32,6 @@ handlers whose argument types mypy checks against the message type.
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import logging
 import math
 import threading
@@ -42,8 +39,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 import zmq
 
@@ -67,62 +63,14 @@ from zdq.transport.sockets import BrokerLinks, Route, Waker, recv_ready, try_sen
 from .ledger import Ledger
 from .links import RACK_BATCH, RACK_DELAY, Link, Links, LinkState
 from .records import Record
+from .requests import RecoverySync, Requests, RerouteSync, StatusAsk
 
-__all__ = ["DriverLoop", "StatusAsk"]
+__all__ = ["DriverLoop"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=p.Message)
-
-
-@dataclass(eq=False)
-class StatusAsk:
-    """A count asked of every broker not down (one token for all); done when every broker up has
-    answered (``only``: when that one has, or is not up), or at ``deadline``."""
-
-    replies: list[p.QueueStatus | None]
-    only: int | None
-    deadline: float
-    future: Future[list[p.QueueStatus | None]] | None = None  # the request's, once the I/O thread has it
-    broker: int = -1  # asks every broker: not dropped when one is lost
-
-
-@dataclass(eq=False)
-class RecoverySync:
-    """Which of these confirmed chunks does the broker placed again hold? (the rest is lost)."""
-
-    broker: int
-
-
-@dataclass(eq=False)
-class RerouteSync:
-    """Which of the chunks ``asked``, never confirmed over the old path, does the broker hold?"""
-
-    broker: int
-    asked: tuple[int, ...]
-
-
-@dataclass(eq=False)
-class CancelAsk:
-    """Which of these tasks of ``rec`` have not started? (they never will)."""
-
-    broker: int
-    rec: Record
-    indexes: tuple[int, ...]
-    future: Future[list[int]]
-
-
-@dataclass(eq=False)
-class HeardWait:
-    """Until every broker has answered since its link was made, or ``deadline``: why each silent
-    one is, by index."""
-
-    deadline: float
-    future: Future[dict[int, str]]
-
-
-Pending = Union[StatusAsk, RecoverySync, RerouteSync, CancelAsk]
 Command = Callable[["Future[Any]"], None]
 
 
@@ -155,12 +103,10 @@ class DriverLoop:
         self._route_via = route
         self._callbacks = callbacks
         self.consumers = 0
+        self._requests = Requests(ledger, links, name=name, driver_name=driver_name, queue_names=queue_names)
         #: Each queue's last answer to a count (a STATUS), and when: reprs show it, never ask.
-        self.last_counts: list[tuple[p.QueueStatus, float] | None] = [None] * len(links)
+        self.last_counts = self._requests.last_counts
         self._control: deque[tuple[Command, Future[Any]]] = deque()
-        self._pending: dict[int, Pending] = {}
-        self._heard_waits: list[HeardWait] = []
-        self._tokens = itertools.count(1)
         self._stop = threading.Event()
         self._ended = False  # set by the thread as it ends: commands posted later fail at once
         self._thread: threading.Thread | None = None
@@ -168,9 +114,9 @@ class DriverLoop:
         self._bl: BrokerLinks | None = None
         self._routes: dict[type, Callable[[Link, Any], None]] = {}
         self._route(p.Heartbeat, self._on_heartbeat)
-        self._route(p.QueueStatus, self._on_status)
+        self._route(p.QueueStatus, self._requests.on_status)
         self._route(p.Lost, self._on_lost)
-        self._route(p.Cancelled, self._on_cancelled)
+        self._route(p.Cancelled, self._requests.on_cancelled)
         self._route(p.Bye, self._on_bye)
 
     def _route(self, kind: type[M], handler: Callable[[Link, M], None]) -> None:
@@ -254,23 +200,10 @@ class DriverLoop:
             ready.set()
             bl.close(farewell=p.encode(p.Bye()))
             self._ended = True
-            self._end_requests()
+            self._fail_commands()
+            self._requests.end()
             with self._ledger.cond:
                 self._ledger.cond.notify_all()
-
-    def _end_requests(self) -> None:
-        """The thread ends: every request still queued or pending is settled."""
-        self._fail_commands()
-        closed = ClosedError(f"the driver of pool {self.name} has stopped")
-        for ask in self._pending.values():
-            if isinstance(ask, StatusAsk) and ask.future is not None:
-                ask.future.set_exception(closed)
-            elif isinstance(ask, CancelAsk):
-                ask.future.set_result([])  # nobody can say what started now
-        self._pending.clear()
-        for wait in self._heard_waits:
-            wait.future.set_exception(closed)
-        self._heard_waits.clear()
 
     def _serve(self, bl: BrokerLinks, waker: Waker) -> None:
         poller, socks = bl.poller, bl.socks
@@ -299,8 +232,8 @@ class DriverLoop:
                 self._send_queued(socks)
             now = time.monotonic()
             wake_at = min(next_beat, rack_due)
-            if self._heard_waits:
-                wake_at = min(wake_at, self._check_heard(bl, now))
+            if self._requests.heard_waits:
+                wake_at = min(wake_at, self._requests.check_heard(bl, now))
             timeout = max(0, math.ceil((wake_at - now) * 1000))
             if outcomes.settlements:
                 # Last thing before sleeping: a caller woken by its result gets this process's
@@ -383,7 +316,7 @@ class DriverLoop:
             )
             outcomes.fail_unsent(exc)
         self._links.publish()
-        self._check_statuses(now)
+        self._requests.check_statuses(now)
 
     # -- messages --------------------------------------------------------------------------------
     def _handle(self, link: Link, frames: list[Any]) -> int | None:
@@ -399,7 +332,7 @@ class DriverLoop:
                 name = self._queue_names[link.index]
                 logger.warning("%s: queue %s at %s answers now", self.driver_name, name, link.endpoint)
             self._links.answered(link)  # the broker placed again answers: it takes work
-            self._check_statuses(time.monotonic())
+            self._requests.check_statuses(time.monotonic())
         link.seen = time.monotonic()
         try:
             msg = p.decode(frames)
@@ -467,118 +400,30 @@ class DriverLoop:
             msg.seq, TaskLost(f"the consumer of chunk {msg.chunk_id} died after acknowledging it early (at most once)")
         )
 
-    def _on_status(self, link: Link, msg: p.QueueStatus) -> None:
-        ask = self._pending.get(msg.token)
-        if isinstance(ask, RerouteSync):
-            del self._pending[msg.token]
-            resolved, again = self._ledger.rerouted(ask.broker, ask.asked, set(msg.missing))
-            self._links.resolved(ask.broker, resolved)
-            if again:
-                logger.info(
-                    "%s: %d chunks never reached queue %s over the old path; sent again",
-                    self.driver_name, again, self._queue_names[ask.broker],
-                )
-            return
-        self.last_counts[link.index] = (msg, time.monotonic())
-        if isinstance(ask, StatusAsk):
-            ask.replies[link.index] = msg
-            self._check_statuses(time.monotonic())
-        elif isinstance(ask, RecoverySync):
-            del self._pending[msg.token]
-            if msg.missing:
-                self._lost_in_recovery(ask.broker, set(msg.missing))
-        # otherwise a count that came after its caller stopped waiting: kept in last_counts only
-
-    def _on_cancelled(self, link: Link, msg: p.Cancelled) -> None:
-        ask = self._pending.get(msg.token)
-        if not isinstance(ask, CancelAsk):
-            raise ProtocolError(f"CANCELLED answers no question ({msg.token})")
-        del self._pending[msg.token]
-        ids = self._outcomes.cancel_record(ask.rec, [i for i in msg.indexes if i in ask.indexes])
-        ask.future.set_result(ids)
-
-    # -- requests (run on the I/O thread, posted by the facade) ----------------------------------
+    # -- commands (run on the I/O thread, posted by the facade) ----------------------------------
     def ask_status(self, ask: StatusAsk, fut: Future[list[p.QueueStatus | None]]) -> None:
         assert self._bl is not None
-        ask.future = fut
-        socks = self._bl.socks
         # Receipts owed go first: when the reply comes, the broker has taken them (one socket
         # keeps order), so a pool closed right after its results came leaves nothing to re-run.
-        self._send_racks(socks)
-        token = next(self._tokens)
-        self._pending[token] = ask
-        sync = p.encode(p.Sync(token))
-        for link in self._links.links:
-            if link.state is not LinkState.DOWN:
-                try_send(socks[link.index], sync)
-        self._check_statuses(time.monotonic())
-
-    def _check_statuses(self, now: float) -> None:
-        """Settle the counts asked whose every broker up has answered (or whose time is up)."""
-        done = []
-        links = self._links.links
-        for token, ask in self._pending.items():
-            if not isinstance(ask, StatusAsk):
-                continue
-            replies = ask.replies
-            if ask.only is None:
-                waiting = any(replies[k.index] is None and k.state is LinkState.UP for k in links)
-            else:
-                waiting = replies[ask.only] is None and links[ask.only].state is LinkState.UP
-            if not waiting or now >= ask.deadline:
-                done.append(token)
-                if ask.future is not None:
-                    ask.future.set_result(list(replies))
-        for token in done:
-            del self._pending[token]
+        self._send_racks(self._bl.socks)
+        self._requests.ask_status(self._bl.socks, ask, fut)
 
     def ask_cancel(self, rec: Record, indexes: tuple[int, ...], fut: Future[list[int]]) -> None:
-        # rec.broker is written by this thread only (under the ledger's lock): read it here freely.
-        if rec.broker < 0:  # sent back to the queue meanwhile (its broker was lost): not sent yet
-            fut.set_result(self._outcomes.cancel_record(rec, indexes))
-            return
-        if self._links[rec.broker].state is not LinkState.UP:  # nobody can say what started
-            fut.set_result([])
-            return
         assert self._bl is not None
-        token = next(self._tokens)
-        self._pending[token] = CancelAsk(rec.broker, rec, indexes, fut)
-        try_send(self._bl.socks[rec.broker], p.encode(p.Cancel(token, rec.chunk_id, rec.seq, indexes)))
+        self._requests.ask_cancel(self._bl.socks, rec, indexes, fut)
 
     def wait_heard(self, deadline: float, fut: Future[dict[int, str]]) -> None:
-        self._heard_waits.append(HeardWait(deadline, fut))
         assert self._bl is not None
-        self._check_heard(self._bl, time.monotonic())
-
-    def _check_heard(self, bl: BrokerLinks, now: float) -> float:
-        """Answer the waits for every broker to be heard that can be; return when to look again."""
-        silent = self._links.silent()
-        keep = []
-        for wait in self._heard_waits:
-            if not silent or now >= wait.deadline:
-                wait.future.set_result({i: bl.why(i) for i in silent} if silent else {})
-            else:
-                keep.append(wait)
-        self._heard_waits = keep
-        return min((w.deadline for w in keep), default=math.inf)
-
-    def _drop_requests(self, broker: int) -> None:
-        """Broker ``broker`` is gone, or its path: questions asked of it will not be answered, and
-        their callers need not wait (what it held counts as started)."""
-        for token, ask in list(self._pending.items()):
-            if ask.broker == broker:
-                del self._pending[token]
-                if isinstance(ask, CancelAsk):
-                    ask.future.set_result([])
+        self._requests.wait_heard(self._bl, deadline, fut)
 
     def broker_lost(self, broker: int, memory_lost: bool) -> None:
         assert self._bl is not None
         if not self._links.lost(broker):
             return
         self._bl.disconnect(broker)  # nothing more is queued for a dead peer
-        self._drop_requests(broker)
+        self._requests.drop(broker)
         self._requeue(broker)
-        self._check_statuses(time.monotonic())
+        self._requests.check_statuses(time.monotonic())
         if memory_lost:
             name = self._queue_names[broker]
             n = self._outcomes.fail_confirmed(
@@ -595,15 +440,14 @@ class DriverLoop:
         assert self._bl is not None
         self._bl.replace(broker, endpoint)
         self._links.reconnected(broker, endpoint, worker, time.monotonic())
-        self._drop_requests(broker)
+        self._requests.drop(broker)
         self._requeue(broker)
-        self._check_statuses(time.monotonic())
+        self._requests.check_statuses(time.monotonic())
         # Which confirmed chunks did the queue keep? A durable queue serves every chunk it stored,
         # except those acknowledged early (at most once) whose results never came: they are lost.
         seqs = self._ledger.seqs_of(broker, confirmed=True)
         for start in range(0, max(len(seqs), 1), p.MAX_CHUNK_TASKS):
-            token = next(self._tokens)
-            self._pending[token] = RecoverySync(broker)
+            token = self._requests.ask(RecoverySync(broker))
             try_send(self._bl.socks[broker], p.encode(p.Sync(token, tuple(seqs[start : start + p.MAX_CHUNK_TASKS]))))
 
     def reroute(self, broker: int) -> None:
@@ -611,33 +455,21 @@ class DriverLoop:
         if not self._links.rerouted(broker, time.monotonic()):
             return  # lost: its placement again reconnects it
         self._bl.replace(broker, self._links[broker].endpoint)  # a new socket says HELLO: the broker resends results
-        self._drop_requests(broker)  # questions on the old path will not be answered
+        self._requests.drop(broker)  # questions on the old path will not be answered
         seqs = self._ledger.seqs_of(broker, confirmed=False)
         for start in range(0, len(seqs), p.MAX_CHUNK_TASKS):
-            token, asked = next(self._tokens), tuple(seqs[start : start + p.MAX_CHUNK_TASKS])
-            self._pending[token] = RerouteSync(broker, asked)
+            asked = tuple(seqs[start : start + p.MAX_CHUNK_TASKS])
+            token = self._requests.ask(RerouteSync(broker, asked))
             try_send(self._bl.socks[broker], p.encode(p.Sync(token, asked)))
 
     def fail_confirmed(self, broker: int, exc: BaseException) -> int:
         return self._outcomes.fail_confirmed(broker, exc)
 
-    def _lost_in_recovery(self, broker: int, missing: set[int]) -> None:
-        """The recovered queue does not hold these chunks: acknowledged early (at most once), their
-        results never came, and they are not stored any more."""
-        name = self._queue_names[broker]
-        exc = TaskLost(
-            f"queue {name} was lost while this task ran; it had been acknowledged on "
-            "receipt (early_ack, at most once), so it was not kept to run again"
-        )
-        n = self._outcomes.fail_confirmed(broker, exc, only=missing)
-        if n:
-            logger.warning("%s: %d tasks acknowledged early were lost with queue %s", self.driver_name, n, name)
-
     def _unreachable(self, bl: BrokerLinks, link: Link) -> None:
         """A broker placed again never answered: what it never confirmed goes to the others, what
         it holds fails (this process cannot reach it to get the results)."""
         self._requeue(link.index)
-        self._drop_requests(link.index)
+        self._requests.drop(link.index)
         name = self._queue_names[link.index]
         exc = BrokerUnreachable(
             self._describe_unreachable(
