@@ -126,6 +126,8 @@ class Driver:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the I/O thread (and the callback thread); idempotent. Raises :class:`ZdqError`
+        if the thread cannot open its sockets."""
         if self._started:
             return
         self._started = True
@@ -283,6 +285,7 @@ class Driver:
         return out
 
     def statistics(self) -> DriverStats:
+        """The driver's counters, read in one step, and the queues its links see down."""
         submitted, completed, failed, cancelled, foreign, duplicates, unconfirmed, outstanding = self._outcomes.statistics()
         views = self._links.views
         down = names_down(views, self._queue_names)
