@@ -15,10 +15,17 @@ import zmq
 from zdq.broker import BrokerCore
 from zdq.config import settings
 from zdq.driver import Driver
-from zdq.errors import BrokerLost, BrokerUnreachable, ClosedError, SerializationError, SubmitTimeout, TaskLost
+from zdq.errors import (
+    BrokerLost,
+    BrokerUnreachable,
+    ClosedError,
+    SerializationError,
+    SubmitTimeout,
+    TaskLost,
+)
 from zdq.serialization import dumps_results
-from zdq.tasks import dumps_task, loads_chunk
 from zdq.storage.memory import MemoryStorage
+from zdq.tasks import dumps_task, loads_chunk
 from zdq.transport import protocol as p
 from zdq.transport.sockets import bind_router, connect_dealer, new_identity
 
@@ -313,7 +320,7 @@ def test_a_count_waits_for_the_brokers_that_answer_and_gives_none_for_a_silent_o
     started = time.monotonic()
     statuses = driver.queue_status(timeout=1)
     assert statuses[0] is None and statuses[1] is not None
-    assert time.monotonic() - started < 4  # the timeout and a heartbeat, not the request's grace
+    assert time.monotonic() - started < 3  # the timeout (1 s), with room for a loaded machine
     assert driver.queue_states()[1].pending == 0  # the last count is kept for reprs
 
 

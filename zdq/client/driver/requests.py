@@ -46,7 +46,10 @@ logger = logging.getLogger(__name__)
 @dataclass(eq=False)
 class StatusAsk:
     """A count asked of every broker not down (one token for all); done when every broker up has
-    answered (``only``: when that one has, or is not up), or at ``deadline``."""
+    answered (``only``: when that one has, or is not up), or at ``deadline``.
+
+    ``replies`` has a slot per broker, each written once, whole, by the I/O thread: a caller that
+    stops waiting at its deadline copies the list as it is (what came in time)."""
 
     replies: list[p.QueueStatus | None]
     only: int | None
