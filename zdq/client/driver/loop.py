@@ -144,11 +144,8 @@ class DriverLoop:
 
         return self.post(run)
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def start(self, ctx: zmq.Context[Any], waker: Waker) -> None:
+        """Start the thread and wait (30 s at most) until its sockets are open."""
         self._waker = waker
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ctx, ready), name=f"zdq-driver-{self.name}", daemon=True)
