@@ -15,10 +15,17 @@ import zmq
 from zdq.broker import BrokerCore
 from zdq.config import settings
 from zdq.driver import Driver
-from zdq.errors import BrokerLost, BrokerUnreachable, SerializationError, SubmitTimeout, TaskLost
+from zdq.errors import (
+    BrokerLost,
+    BrokerUnreachable,
+    ClosedError,
+    SerializationError,
+    SubmitTimeout,
+    TaskLost,
+)
 from zdq.serialization import dumps_results
-from zdq.tasks import dumps_task, loads_chunk
 from zdq.storage.memory import MemoryStorage
+from zdq.tasks import dumps_task, loads_chunk
 from zdq.transport import protocol as p
 from zdq.transport.sockets import bind_router, connect_dealer, new_identity
 
@@ -301,3 +308,33 @@ def test_when_no_queue_can_be_reached_new_tasks_fail_instead_of_waiting(ctx: zmq
     match = "(?s)pool test has no queue this process .* can reach.*none of the brokers' zdq ports"
     with pytest.raises(BrokerUnreachable, match=match):
         future.result(timeout=5)
+
+
+def test_a_count_waits_for_the_brokers_that_answer_and_gives_none_for_a_silent_one(
+    ctx: zmq.Context[Any], parts: list[Any]
+) -> None:
+    silent, real = _Broker(ctx, silent=True), _Broker(ctx)
+    parts += [silent, real]
+    driver = _driver(parts, [silent.endpoint, real.endpoint])
+    assert driver.queue_status(timeout=5, only=1)[1] is not None  # one broker's count: the other is not awaited
+    started = time.monotonic()
+    statuses = driver.queue_status(timeout=1)
+    assert statuses[0] is None and statuses[1] is not None
+    assert time.monotonic() - started < 3  # the timeout (1 s), with room for a loaded machine
+    assert driver.queue_states()[1].pending == 0  # the last count is kept for reprs
+
+
+def test_every_request_to_a_closed_driver_returns_at_once(ctx: zmq.Context[Any], parts: list[Any]) -> None:
+    silent = _Broker(ctx, silent=True)
+    parts.append(silent)
+    driver = _driver(parts, [silent.endpoint])
+    futures = _submit(driver, 3)
+    driver.close()
+    started = time.monotonic()
+    with pytest.raises(ClosedError):
+        driver.queue_status(timeout=30)
+    assert driver.unreached(time.monotonic() + 30) == {}
+    assert driver.cancel(futures[0].key, 3, timeout=30) == set()
+    driver.broker_lost(0, memory_lost=False)  # a command nobody will run: dropped, not queued forever
+    assert time.monotonic() - started < 5
+    assert all(isinstance(f.exception(timeout=1), ClosedError) for f in futures)

@@ -1,0 +1,730 @@
+"""The driver's ledger alone: submissions, bounds, confirms, results, failures and cancels, with no
+socket and no thread (the I/O thread's part is played by the test, calling the ledger's methods)."""
+
+from __future__ import annotations
+
+import operator
+from concurrent.futures import CancelledError
+from typing import Any
+
+import pytest
+
+from zdq.client.driver.ledger import Ledger, first_task_id
+from zdq.client.driver.records import NO_CONSUMER, Record
+from zdq.config import settings
+from zdq.errors import (
+    ClosedError,
+    ProtocolError,
+    SerializationError,
+    SubmitTimeout,
+    TaskCancelled,
+    ZdqError,
+    ZdqTimeoutError,
+)
+from zdq.futures import BatchFuture, TaskFuture
+from zdq.serialization import UNKNOWN_BASE, ErrorInfo
+from zdq.tasks import CANCELLED, PICKLED, dumps_task
+
+BASE = settings(window=2, chunk_size=4, buffer_bytes=1 << 20)
+CONSUMER = b"consumer-1"
+
+
+def make(n_brokers: int = 2, **overrides: Any) -> Ledger:
+    return Ledger("p", [f"q{i}" for i in range(n_brokers)], BASE.with_overrides(**overrides) if overrides else BASE)
+
+
+def task(i: int = 0) -> bytes:
+    return dumps_task((operator.add, (i, 1)))
+
+
+def submit(ledger: Ledger, n: int) -> list[TaskFuture]:
+    return [ledger.submit_task(task(i), timeout=0) for i in range(n)]
+
+
+def chunk(ledger: Ledger, n: int = 3, sink: Any = None) -> tuple[int, Record]:
+    """Submit a chunk of ``n`` tasks prepared by the caller; return its first id and record."""
+    base = ledger.reserve(n)
+    [(first, count, payload)] = ledger.chunking.pack(base, [task(i) for i in range(n)], None, PICKLED, None)
+    ledger.submit_chunk(first, count, payload, sink, 0, timeout=0)
+    rec = ledger.queued[-1]
+    return base, rec
+
+
+def sent(ledger: Ledger, broker: int = 0) -> Record:
+    rec = ledger.take(broker)
+    assert rec is not None
+    return rec
+
+
+def confirmed(ledger: Ledger, broker: int = 0, chunk_id: int = 7) -> Record:
+    rec = sent(ledger, broker)
+    ledger.confirm(rec.seq, broker, True, chunk_id)
+    return rec
+
+
+def results(ledger: Ledger, rec: Record, values: list[Any] | None = None, broker: int = 0, **kw: Any) -> bool:
+    values = [i * 10 for i in range(rec.n)] if values is None else values
+    confirmed_now = ledger.outcomes.intake(
+        broker, rec.seq, rec.chunk_id, kw.get("consumer", CONSUMER), kw.get("base", rec.base), values, kw.get("errors", {})
+    )
+    ledger.outcomes.settle_all()
+    return confirmed_now
+
+
+def error(exc: BaseException | None = None, type_name: str = "builtins.ValueError") -> ErrorInfo:
+    return ErrorInfo(exc, type_name, "boom", "")
+
+
+def counts(ledger: Ledger) -> dict[str, int]:
+    submitted, completed, failed, cancelled, foreign, duplicates, unconfirmed, outstanding = ledger.outcomes.statistics()
+    return dict(
+        submitted=submitted, completed=completed, failed=failed, cancelled=cancelled, foreign=foreign,
+        duplicates=duplicates, unconfirmed=unconfirmed, outstanding=outstanding,
+    )
+
+
+# -- submission and bounds -------------------------------------------------------------------------
+def test_a_submitted_task_is_counted_and_held_loose_until_coalesced() -> None:
+    ledger = make()
+    fut = ledger.submit_task(task())
+    assert ledger.loose[0][0] == fut.key and ledger.loose[0][2] is fut
+    assert counts(ledger)["submitted"] == 1 and ledger.outstanding == 1 and ledger.unsent == 1
+
+
+def test_task_ids_are_consecutive_and_reserve_takes_a_block() -> None:
+    ledger = make()
+    a, b = submit(ledger, 2)
+    first = ledger.reserve(5)
+    c = ledger.submit_task(task())
+    assert b.key == a.key + 1 and first == b.key + 1 and c.key == first + 5
+
+
+def test_first_task_ids_never_repeat_across_ledgers() -> None:
+    assert make().next_task < make().next_task and first_task_id() < first_task_id()
+
+
+def test_the_loose_bound_is_chunk_size_times_brokers() -> None:
+    ledger = make(n_brokers=2)  # chunk_size 4: 8 loose tasks
+    submit(ledger, 8)
+    with pytest.raises(SubmitTimeout):
+        ledger.submit_task(task(), timeout=0)
+    assert counts(ledger)["submitted"] == 8
+
+
+def test_a_submission_timeout_says_what_the_driver_holds_and_what_the_links_say() -> None:
+    ledger = make()
+    ledger.explain = lambda: "; queues q1 are down"
+    submit(ledger, 8)
+    with pytest.raises(SubmitTimeout, match=r"holds 0 chunks and \d+ bytes.*queues q1 are down.*timed out"):
+        ledger.submit_task(task(), timeout=0)
+
+
+def test_a_task_larger_than_the_byte_budget_fits_an_empty_buffer() -> None:
+    ledger = make(buffer_bytes=10)
+    fut = ledger.submit_task(task())
+    assert ledger.buffered_bytes == len(task()) > 10 and not fut.done()
+
+
+def test_a_task_past_the_byte_budget_waits_for_room() -> None:
+    ledger = make(buffer_bytes=len(task()) + 1)
+    ledger.submit_task(task())
+    with pytest.raises(SubmitTimeout):
+        ledger.submit_task(task(), timeout=0)
+
+
+def test_the_chunk_bound_is_window_times_brokers() -> None:
+    ledger = make(n_brokers=2)  # window 2: 4 chunks
+    for _ in range(4):
+        chunk(ledger)
+    with pytest.raises(SubmitTimeout):
+        chunk(ledger)
+    assert ledger.buffered_chunks == 4
+
+
+def test_the_io_thread_is_woken_by_the_first_loose_task_and_by_every_chunk() -> None:
+    ledger = make()
+    wakes: list[int] = []
+    ledger.wake = lambda: wakes.append(1)
+    submit(ledger, 3)
+    assert len(wakes) == 1
+    chunk(ledger)
+    chunk(ledger)
+    assert len(wakes) == 3
+
+
+def test_a_futures_knows_its_driver_and_its_hint() -> None:
+    owner, hint = object(), (lambda: "no consumer")
+    ledger = Ledger("p", ["q0"], BASE, owner=owner, hint=hint)
+    fut = ledger.submit_task(task())
+    assert fut._driver is owner and fut._hint is hint
+    assert ledger.new_future(5)._driver is owner
+
+
+def test_a_closed_ledger_refuses_work_with_closed_error() -> None:
+    ledger = make()
+    assert ledger.close(ClosedError("closed"))
+    with pytest.raises(ClosedError, match="is closed"):
+        ledger.submit_task(task())
+    with pytest.raises(ClosedError):
+        chunk(ledger)
+
+
+def test_a_ledger_stopped_for_another_reason_says_why() -> None:
+    ledger = make()
+    ledger.close(ZdqError("the cluster was restarted"))
+    with pytest.raises(ClosedError, match="stopped: the cluster was restarted") as info:
+        ledger.check_open()
+    assert isinstance(info.value.__cause__, ZdqError)
+
+
+def test_closing_twice_keeps_the_first_reason() -> None:
+    ledger = make()
+    first = ZdqError("first")
+    assert ledger.close(first) and not ledger.close(ZdqError("second"))
+    assert ledger.closed_by is first
+
+
+def test_a_dead_io_thread_fails_submissions() -> None:
+    ledger = make()
+    ledger.failed_by = RuntimeError("socket gone")
+    with pytest.raises(ZdqError, match="driver failed"):
+        ledger.submit_task(task())
+
+
+# -- coalescing and sending ------------------------------------------------------------------------
+def test_coalescing_turns_loose_tasks_into_queued_chunks() -> None:
+    ledger = make()
+    futs = submit(ledger, 6)
+    ledger.coalesce(2, 0)
+    assert not ledger.loose and ledger.packing is None
+    assert sum(rec.n for rec in ledger.queued) == 6 and ledger.buffered_chunks == len(ledger.queued)
+    assert [f for rec in ledger.queued for f in rec.sink] == futs
+
+
+def test_coalescing_keeps_the_byte_count_equal_to_the_payloads_held() -> None:
+    ledger = make()
+    submit(ledger, 6)
+    ledger.coalesce(2, 0)
+    assert ledger.buffered_bytes == sum(rec.nbytes for rec in ledger.queued)
+
+
+def test_coalescing_waits_while_the_chunk_bound_leaves_no_room() -> None:
+    ledger = make(n_brokers=1)  # window 2: 2 chunks
+    chunk(ledger)
+    chunk(ledger)
+    submit(ledger, 2)
+    ledger.coalesce(1, 0)
+    assert len(ledger.loose) == 2 and len(ledger.queued) == 2
+
+
+def test_take_hands_out_chunks_in_order_and_marks_their_broker() -> None:
+    ledger = make()
+    _, a = chunk(ledger)
+    _, b = chunk(ledger)
+    assert ledger.take(1) is a and a.broker == 1
+    assert ledger.take(0) is b and b.broker == 0
+    assert ledger.take(0) is None
+
+
+def test_a_chunk_put_back_is_first_in_line_again() -> None:
+    ledger = make()
+    chunk(ledger)
+    _, b = chunk(ledger)
+    a = sent(ledger)
+    ledger.put_back(a)
+    assert a.broker == -1 and list(ledger.queued) == [a, b]
+
+
+def test_a_chunk_taken_after_a_partial_cancel_carries_placeholders() -> None:
+    ledger = make()
+    base, rec = chunk(ledger, 3)
+    before = rec.payload
+    ledger.outcomes.cancel_local(base + 1, 1)
+    assert rec.rewrite
+    taken = sent(ledger)
+    assert taken is rec and not rec.rewrite and rec.payload != before
+    assert ledger.buffered_bytes == rec.nbytes
+
+
+# -- confirms --------------------------------------------------------------------------------------
+def test_a_confirm_frees_room_in_the_window() -> None:
+    ledger = make(n_brokers=1)
+    chunk(ledger)
+    chunk(ledger)
+    with pytest.raises(SubmitTimeout):
+        chunk(ledger)
+    confirmed(ledger)
+    chunk(ledger)  # room again
+    assert ledger.buffered_chunks == 2
+
+
+def test_a_confirm_drops_the_payload_and_keeps_the_record_for_its_results() -> None:
+    ledger = make()
+    chunk(ledger)
+    rec = confirmed(ledger, chunk_id=42)
+    assert rec.confirmed and rec.payload is None and rec.chunk_id == 42 and rec.seq in ledger.records
+    assert ledger.buffered_bytes == 0
+
+
+def test_a_confirm_of_an_unknown_chunk_is_a_protocol_error_that_changes_nothing() -> None:
+    ledger = make()
+    chunk(ledger)
+    sent(ledger)
+    with pytest.raises(ProtocolError):
+        ledger.confirm(999, 0, True, 1)
+    assert ledger.buffered_chunks == 1
+
+
+def test_a_confirm_from_a_broker_the_chunk_was_not_sent_to_is_refused() -> None:
+    ledger = make()
+    chunk(ledger)
+    rec = sent(ledger, 0)
+    with pytest.raises(ProtocolError):
+        ledger.confirm(rec.seq, 1, True, 1)
+    assert not rec.confirmed
+
+
+def test_a_second_confirm_of_the_same_chunk_is_refused() -> None:
+    ledger = make()
+    chunk(ledger)
+    rec = confirmed(ledger)
+    with pytest.raises(ProtocolError):
+        ledger.confirm(rec.seq, 0, True, 1)
+    assert ledger.buffered_chunks == 0
+
+
+def test_a_refused_chunk_leaves_and_its_tasks_fail_with_the_reason() -> None:
+    ledger = make()
+    futs = [TaskFuture(0), TaskFuture(1)]
+    chunk(ledger, 2, sink=futs)
+    rec = sent(ledger)
+    ledger.confirm(rec.seq, 0, False, 0)
+    assert rec.seq not in ledger.records and ledger.buffered_chunks == 0
+    assert ledger.outcomes.fail_records([rec], ZdqError("queue full")) == 2
+    assert all(isinstance(f.exception(0), ZdqError) for f in futs)
+    assert counts(ledger)["failed"] == 2
+
+
+def test_a_confirm_of_a_chunk_whose_tasks_were_all_cancelled_ends_its_record() -> None:
+    ledger = make()
+    base, _ = chunk(ledger, 2)
+    rec = sent(ledger)
+    ledger.outcomes.cancel_record(rec, [0, 1])
+    assert rec.seq in ledger.records  # still owed a confirm: its window slot
+    ledger.confirm(rec.seq, 0, True, 5)
+    assert rec.seq not in ledger.records and ledger.buffered_chunks == 0
+
+
+def test_flush_returns_once_every_chunk_is_confirmed_and_times_out_before() -> None:
+    ledger = make()
+    chunk(ledger)
+    with pytest.raises(ZdqTimeoutError, match="flush"):
+        ledger.flush(timeout=0)
+    confirmed(ledger)
+    ledger.flush(timeout=0)
+
+
+# -- results ---------------------------------------------------------------------------------------
+def test_results_settle_their_futures_and_end_the_record() -> None:
+    ledger = make()
+    futs = submit(ledger, 3)
+    ledger.coalesce(1, 0)
+    rec = confirmed(ledger)
+    results(ledger, rec, [1, 2, 3])
+    assert [f.result(0) for f in futs] == [1, 2, 3]
+    assert rec.seq not in ledger.records and ledger.outstanding == 0 and ledger.wait_results(0)
+
+
+def test_results_are_kept_by_producer() -> None:
+    ledger = make()
+    base, _ = chunk(ledger, 2)
+    rec = confirmed(ledger)
+    results(ledger, rec, ["a", "b"], consumer=b"c1")
+    assert ledger.outcomes.results_for([b"c1"]) == {base: "a", base + 1: "b"}
+    assert ledger.outcomes.results_for([b"c2"]) == {}
+    assert ledger.outcomes.done_count([b"c1"]) == 2 and ledger.outcomes.done_count([b"c2"]) == 0
+    assert ledger.outcomes.producers() == {b"c1"}
+
+
+def test_results_that_arrive_twice_are_recorded_once() -> None:
+    ledger = make()
+    chunk(ledger, 2)
+    chunk(ledger, 2)
+    rec = confirmed(ledger)
+    confirmed(ledger)  # the other chunk keeps the first's results from ending everything
+    results(ledger, rec, [1, 2])
+    results(ledger, rec, [1, 2], consumer=b"again")
+    c = counts(ledger)
+    assert c["completed"] == 2 and c["duplicates"] == 2 and ledger.outcomes.done_count([b"again"]) == 0
+
+
+def test_results_before_the_confirm_confirm_the_chunk() -> None:
+    ledger = make()
+    chunk(ledger, 2)
+    rec = sent(ledger)
+    assert results(ledger, rec, [1, 2]) is True
+    assert rec.confirmed and ledger.buffered_chunks == 0 and ledger.buffered_bytes == 0
+    assert results(ledger, rec, [1, 2]) is False  # a duplicate confirms nothing
+
+
+def test_results_outside_their_chunk_are_a_protocol_error_that_changes_nothing() -> None:
+    ledger = make()
+    base, _ = chunk(ledger, 2)
+    rec = sent(ledger)
+    with pytest.raises(ProtocolError):
+        ledger.outcomes.intake(0, rec.seq, 1, CONSUMER, base + 1, [1, 2], {})
+    assert not rec.confirmed and ledger.buffered_chunks == 1 and not any(rec.got)
+
+
+def test_results_of_a_chunk_from_another_driver_are_counted_as_foreign() -> None:
+    ledger = make()
+    assert ledger.outcomes.intake(0, 0, 9, CONSUMER, 1000, ["x", "y"], {}) is False
+    ledger.outcomes.settle_all()
+    c = counts(ledger)
+    assert c["foreign"] == 2 and c["completed"] == 0 and ledger.outcomes.results_for([CONSUMER]) == {1000: "x", 1001: "y"}
+
+
+def test_results_of_a_chunk_already_ended_are_duplicates() -> None:
+    ledger = make()
+    chunk(ledger, 1)
+    rec = confirmed(ledger)
+    results(ledger, rec, [1])
+    ledger.outcomes.intake(0, rec.seq, rec.chunk_id, CONSUMER, rec.base, [1], {})
+    assert counts(ledger)["duplicates"] == 1 and not ledger.outcomes.settlements
+
+
+def test_a_task_error_fails_its_future_and_is_counted() -> None:
+    ledger = make()
+    futs = submit(ledger, 2)
+    ledger.coalesce(1, 0)
+    rec = confirmed(ledger)
+    results(ledger, rec, [None, 5], errors={0: error(ValueError("bad"))})
+    assert isinstance(futs[0].exception(0), ValueError) and futs[1].result(0) == 5
+    assert counts(ledger)["failed"] == 1
+    assert isinstance(ledger.outcomes.results_for([CONSUMER])[rec.base], ValueError)
+
+
+def test_a_cancelled_placeholder_is_not_counted_as_a_failure() -> None:
+    ledger = make()
+    chunk(ledger, 1)
+    rec = confirmed(ledger)
+    results(ledger, rec, [None], errors={0: error(TaskCancelled("x"), CANCELLED)})
+    assert counts(ledger)["failed"] == 0 and counts(ledger)["completed"] == 1
+
+
+def test_without_keep_results_outcomes_are_counted_but_not_kept() -> None:
+    ledger = Ledger("p", ["q0"], BASE, keep_results=False)
+    chunk(ledger, 2)
+    rec = confirmed(ledger)
+    results(ledger, rec, [1, 2])
+    assert ledger.outcomes.results_for([CONSUMER]) == {} and ledger.outcomes.done_count([CONSUMER]) == 2
+
+
+def test_results_of_a_chunk_that_did_not_decode_cover_the_whole_chunk() -> None:
+    ledger = make()
+    base, _ = chunk(ledger, 2)
+    rec = confirmed(ledger)
+    results(ledger, rec, [None, None], base=UNKNOWN_BASE, errors={0: error(), 1: error()})
+    assert set(ledger.outcomes.results_for([CONSUMER])) == {base, base + 1} and rec.seq not in ledger.records
+
+
+def test_results_that_do_not_unpickle_fail_their_chunk_with_a_serialization_error() -> None:
+    ledger = make()
+    futs = [TaskFuture(0), TaskFuture(1)]
+    chunk(ledger, 2, sink=futs)
+    rec = sent(ledger)
+    assert ledger.outcomes.intake_undecodable(0, rec.seq, 3, CONSUMER, ValueError("garbage")) is True
+    ledger.outcomes.settle_all()
+    assert all(isinstance(f.exception(0), SerializationError) for f in futs)
+    assert counts(ledger)["failed"] == 2 and rec.seq not in ledger.records
+
+
+def test_a_batch_future_is_filled_by_results_and_resolves_once_all_are_in() -> None:
+    ledger = make()
+    batch = BatchFuture(0, 4)
+    for _ in range(2):
+        base = ledger.reserve(2)
+        [(first, n, payload)] = ledger.chunking.pack(base, [task(), task()], None, PICKLED, None)
+        ledger.submit_chunk(first, n, payload, batch, 2 * _, timeout=0)
+    a, b = confirmed(ledger), confirmed(ledger)
+    results(ledger, a, [1, 2])
+    assert not batch.done()
+    results(ledger, b, [3, 4])
+    assert batch.result(0) == [1, 2, 3, 4]
+
+
+def test_wait_results_is_false_while_a_task_awaits_its_result() -> None:
+    ledger = make()
+    submit(ledger, 1)
+    assert ledger.wait_results(0) is False
+
+
+# -- failing ---------------------------------------------------------------------------------------
+def test_failing_a_record_fails_only_the_tasks_without_an_outcome() -> None:
+    ledger = make()
+    futs = submit(ledger, 3)
+    ledger.coalesce(1, 0)
+    rec = confirmed(ledger)
+    ledger.outcomes.intake(0, rec.seq, rec.chunk_id, CONSUMER, rec.base, [10], {})
+    ledger.outcomes.settle_all()
+    assert ledger.outcomes.fail_records([rec], ZdqError("lost")) == 2
+    assert futs[0].result(0) == 10 and all(isinstance(f.exception(0), ZdqError) for f in futs[1:])
+    c = counts(ledger)
+    assert c["completed"] == 3 and c["failed"] == 2 and c["outstanding"] == 0
+
+
+def test_a_failed_task_is_kept_under_no_consumer() -> None:
+    ledger = make()
+    base, _ = chunk(ledger, 1)
+    rec = confirmed(ledger)
+    exc = ZdqError("lost")
+    ledger.outcomes.fail_records([rec], exc)
+    assert ledger.outcomes.results_for([NO_CONSUMER]) == {base: exc} and ledger.outcomes.done_count([NO_CONSUMER]) == 0
+
+
+def test_failing_a_lost_brokers_confirmed_tasks_spares_the_others() -> None:
+    ledger = make()
+    for _ in range(3):
+        chunk(ledger, 1)
+    on_0, on_1 = confirmed(ledger, 0), confirmed(ledger, 1)
+    unconfirmed = sent(ledger, 0)
+    assert ledger.outcomes.fail_confirmed(0, ZdqError("gone")) == 1
+    assert on_0.seq not in ledger.records and on_1.seq in ledger.records and unconfirmed.seq in ledger.records
+
+
+def test_failing_the_chunks_a_recovered_broker_lost_fails_those_alone() -> None:
+    ledger = make()
+    chunk(ledger, 1)
+    chunk(ledger, 1)
+    a, b = confirmed(ledger), confirmed(ledger)
+    assert ledger.outcomes.fail_confirmed(0, ZdqError("lost"), only={b.seq}) == 1
+    assert a.seq in ledger.records and b.seq not in ledger.records
+
+
+def test_a_lost_consumers_chunk_fails_and_an_unknown_one_is_ignored() -> None:
+    ledger = make()
+    chunk(ledger, 2)
+    rec = confirmed(ledger)
+    assert ledger.outcomes.fail_seq(12345, ZdqError("x")) == 0
+    assert ledger.outcomes.fail_seq(rec.seq, ZdqError("x")) == 2
+
+
+def test_failing_everything_empties_every_buffer_and_settles_every_future() -> None:
+    ledger = make()
+    loose = submit(ledger, 2)
+    chunk(ledger, 2, sink=[TaskFuture(0), TaskFuture(1)])
+    chunk(ledger, 1, sink=[TaskFuture(2)])
+    confirmed(ledger)
+    ledger.outcomes.fail_everything(ClosedError("closed"))
+    assert all(isinstance(f.exception(0), ClosedError) for f in loose)
+    c = counts(ledger)
+    assert c["completed"] == c["submitted"] == c["failed"] == 5
+    assert not ledger.loose and not ledger.queued and not ledger.records
+    assert ledger.buffered_chunks == ledger.buffered_bytes == 0
+
+
+def test_failing_the_unsent_tasks_keeps_those_a_broker_holds() -> None:
+    ledger = make()
+    submit(ledger, 2)
+    chunk(ledger, 1)
+    chunk(ledger, 1)
+    held = confirmed(ledger)
+    assert ledger.outcomes.fail_unsent(ZdqError("unreachable")) == 3
+    assert list(ledger.records) == [held.seq] and ledger.buffered_chunks == 0 and ledger.buffered_bytes == 0
+
+
+class _GuardedGot(bytearray):
+    """A record's outcome marks that check who writes them: the ledger's lock must be held."""
+
+    ledger: Ledger
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        assert self.ledger.cond._is_owned(), "a task's outcome was marked without the ledger's lock"  # type: ignore[attr-defined]
+        super().__setitem__(key, value)
+
+
+def _guard(ledger: Ledger, rec: Record) -> None:
+    got = _GuardedGot(rec.got)
+    got.ledger = ledger
+    rec.got = got
+
+
+def test_every_path_marks_a_tasks_outcome_under_the_ledgers_lock() -> None:
+    # Before the rebuild, failing a chunk marked its tasks without the lock that a cancel marks
+    # them under: a cancel racing a fail could count a task twice. Every path goes through here.
+    ledger = make()
+    recs = []
+    for _ in range(4):
+        chunk(ledger, 2)
+    for _ in range(4):
+        recs.append(confirmed(ledger))
+    for rec in recs:
+        _guard(ledger, rec)
+    ledger.outcomes.cancel_record(recs[0], [0])
+    results(ledger, recs[1], [1, 2])
+    ledger.outcomes.fail_records([recs[2]], ZdqError("x"))
+    ledger.outcomes.fail_everything(ZdqError("closed"))
+    c = counts(ledger)
+    assert c["completed"] == c["submitted"] == 8 and c["cancelled"] == 1 and c["failed"] == 5
+
+
+def test_a_cancel_after_a_fail_cancels_nothing_and_counts_nothing_twice() -> None:
+    ledger = make()
+    chunk(ledger, 3)
+    rec = confirmed(ledger)
+    ledger.outcomes.fail_records([rec], ZdqError("lost"))
+    assert ledger.outcomes.cancel_record(rec, [0, 1, 2]) == []
+    c = counts(ledger)
+    assert c["completed"] == 3 and c["failed"] == 3 and c["cancelled"] == 0
+
+
+def test_a_fail_after_a_cancel_fails_only_the_tasks_not_cancelled() -> None:
+    ledger = make()
+    futs = [TaskFuture(i) for i in range(3)]
+    chunk(ledger, 3, sink=futs)
+    rec = confirmed(ledger)
+    ledger.outcomes.cancel_record(rec, [1])
+    assert ledger.outcomes.fail_records([rec], ZdqError("lost")) == 2
+    assert futs[1].cancelled() and isinstance(futs[0].exception(0), ZdqError)
+    c = counts(ledger)
+    assert c["completed"] == 3 and c["failed"] == 2 and c["cancelled"] == 1
+
+
+# -- brokers lost and rerouted ---------------------------------------------------------------------
+def test_a_lost_brokers_unconfirmed_chunks_go_first_in_line_in_order() -> None:
+    ledger = make()
+    for _ in range(4):
+        chunk(ledger, 1)
+    a, b = sent(ledger, 0), sent(ledger, 0)
+    waiting = list(ledger.queued)
+    assert ledger.requeue(0) == 2
+    assert list(ledger.queued) == [a, b, *waiting] and a.broker == b.broker == -1
+
+
+def test_requeueing_leaves_confirmed_chunks_and_other_brokers_alone() -> None:
+    ledger = make()
+    for _ in range(3):
+        chunk(ledger, 1)
+    held, other = confirmed(ledger, 0), sent(ledger, 1)
+    sent(ledger, 0)
+    assert ledger.requeue(0) == 1
+    assert held.broker == 0 and other.broker == 1
+
+
+def test_after_a_reroute_chunks_the_broker_holds_are_confirmed_and_the_others_resent() -> None:
+    ledger = make()
+    for _ in range(3):
+        chunk(ledger, 1)
+    a, b, c = sent(ledger, 0), sent(ledger, 0), sent(ledger, 1)
+    resolved, again = ledger.rerouted(0, (a.seq, b.seq, c.seq), {b.seq})
+    assert (resolved, again) == (2, 1)
+    assert a.confirmed and b.broker == -1 and list(ledger.queued) == [b] and not c.confirmed
+    assert ledger.buffered_chunks == 2
+
+
+def test_the_chunks_of_a_broker_are_listed_by_confirmation() -> None:
+    ledger = make()
+    for _ in range(3):
+        chunk(ledger, 1)
+    a, b = confirmed(ledger, 0), sent(ledger, 0)
+    assert ledger.seqs_of(0, confirmed=True) == [a.seq] and ledger.seqs_of(0, confirmed=False) == [b.seq]
+
+
+def test_awaiting_counts_the_tasks_each_broker_holds() -> None:
+    ledger = make()
+    chunk(ledger, 2)
+    chunk(ledger, 3)
+    chunk(ledger, 1)
+    sent(ledger, 0), sent(ledger, 1)
+    assert ledger.awaiting() == [2, 3] and ledger.unsent == 1
+
+
+# -- cancellation ----------------------------------------------------------------------------------
+def test_cancelling_loose_tasks_cancels_them_here_and_frees_their_bytes() -> None:
+    ledger = make()
+    futs = submit(ledger, 3)
+    cancelled, asks = ledger.outcomes.cancel_local(futs[0].key, 2)
+    assert cancelled == {futs[0].key, futs[1].key} and asks == []
+    assert futs[0].cancelled() and futs[1].cancelled() and not futs[2].done()
+    assert ledger.buffered_bytes == len(task(2)) and len(ledger.loose) == 1
+    assert isinstance(ledger.outcomes.results_for([NO_CONSUMER])[futs[0].key], TaskCancelled)
+    assert counts(ledger)["cancelled"] == 2 and counts(ledger)["completed"] == 2
+
+
+def test_cancelling_a_whole_queued_chunk_drops_it_and_frees_its_room() -> None:
+    ledger = make()
+    futs = [TaskFuture(i) for i in range(2)]
+    base, rec = chunk(ledger, 2, sink=futs)
+    cancelled, asks = ledger.outcomes.cancel_local(base, 2)
+    assert cancelled == {base, base + 1} and not asks
+    assert rec.seq not in ledger.records and not ledger.queued and ledger.buffered_chunks == 0
+
+
+def test_cancelling_part_of_a_queued_chunk_keeps_the_rest_to_send() -> None:
+    ledger = make()
+    base, rec = chunk(ledger, 3)
+    cancelled, _ = ledger.outcomes.cancel_local(base + 2, 1)
+    assert cancelled == {base + 2} and rec.rewrite and rec.remaining == 2 and list(ledger.queued) == [rec]
+
+
+def test_cancelling_tasks_a_broker_holds_asks_the_broker() -> None:
+    ledger = make()
+    base, _ = chunk(ledger, 3)
+    rec = confirmed(ledger)
+    cancelled, asks = ledger.outcomes.cancel_local(base + 1, 5)
+    assert cancelled == set() and asks == [(rec, (1, 2))]
+    assert counts(ledger)["cancelled"] == 0
+
+
+def test_a_brokers_answer_cancels_its_tasks_and_ends_a_record_with_nothing_awaited() -> None:
+    ledger = make()
+    futs = [TaskFuture(i) for i in range(2)]
+    base, _ = chunk(ledger, 2, sink=futs)
+    rec = confirmed(ledger)
+    assert ledger.outcomes.cancel_record(rec, [0, 1]) == [base, base + 1]
+    assert all(f.cancelled() for f in futs) and rec.seq not in ledger.records
+
+
+def test_a_cancel_answered_twice_counts_once() -> None:
+    ledger = make()
+    chunk(ledger, 2)
+    rec = confirmed(ledger)
+    ledger.outcomes.cancel_record(rec, [0])
+    assert ledger.outcomes.cancel_record(rec, [0]) == []
+    assert counts(ledger)["cancelled"] == 1
+
+
+def test_results_of_cancelled_tasks_are_not_recorded_again_but_the_others_are() -> None:
+    ledger = make()
+    futs = [TaskFuture(i) for i in range(3)]
+    base, _ = chunk(ledger, 3, sink=futs)
+    rec = confirmed(ledger)
+    ledger.outcomes.cancel_record(rec, [1])
+    results(ledger, rec, [10, None, 30], errors={1: error(TaskCancelled("x"), CANCELLED)})
+    assert futs[0].result(0) == 10 and futs[2].result(0) == 30
+    with pytest.raises(CancelledError):
+        futs[1].result(0)
+    c = counts(ledger)
+    assert c["completed"] == 3 and c["cancelled"] == 1 and c["failed"] == 0 and c["duplicates"] == 0
+
+
+def test_a_batchs_cancelled_tasks_hold_task_cancelled() -> None:
+    ledger = make()
+    batch = BatchFuture(0, 2)
+    base, _ = chunk(ledger, 2, sink=batch)
+    ledger.outcomes.cancel_local(base, 2)
+    assert batch.cancelled()
+
+
+def test_every_task_ends_counted_once_whatever_happened_to_it() -> None:
+    ledger = make()
+    futs = submit(ledger, 8)
+    ledger.coalesce(2, 0)
+    recs = [confirmed(ledger, b % 2) for b in range(len(ledger.queued))]
+    ledger.outcomes.cancel_local(futs[0].key, 1)  # held by a broker: asked, not cancelled here
+    ledger.outcomes.cancel_record(recs[0], [0])
+    results(ledger, recs[0], [None] * recs[0].n, broker=0)
+    ledger.outcomes.fail_confirmed(1, ZdqError("lost"))
+    ledger.outcomes.fail_everything(ClosedError("closed"))
+    c = counts(ledger)
+    assert c["completed"] == c["submitted"] == 8 and all(f.done() for f in futs)

@@ -1,0 +1,442 @@
+"""The driver's accounting: what was submitted and what is held, within bounds. No I/O.
+
+Events come in as method calls (a task submitted, a chunk taken for broker ``b``, a CONFIRM, a
+broker lost or rerouted); decisions come out as return values (the next chunk to send, the chunks
+to send again). Each task's outcome (results, failures, cancels) and the counts are the ledger's
+:class:`~zdq.client.driver.outcomes.Outcomes`, under the same lock. The ledger opens no socket
+and starts no thread: :mod:`zdq.client.driver.loop` does the I/O and calls it, the
+:class:`~zdq.client.driver.Driver` facade calls it for the user's threads, and ``tests/unit``
+drives it alone.
+
+Who owns what
+-------------
+==========================================  ========================================================
+state                                       owner
+==========================================  ========================================================
+``loose``, ``queued``, ``records``,         the ledger, under its one lock ``cond`` (a Condition):
+buffered chunks and bytes, next ids,        every read and write of them holds it. Callers wait on
+``submitted``, ``packing``, ``closed_by``,  it when a bound is hit; every change that frees room or
+``failed_by``                               settles a task notifies it. (``closed_by`` and
+                                            ``failed_by`` are also read without it: one reference)
+``outcomes`` (results, counters)            the same lock: see :mod:`.outcomes`
+a record's fields                           ``cond``; ``broker`` is written only by the I/O thread
+                                            (under ``cond``), which may read it without the lock
+``wake``, ``explain``                       set once by the facade before the loop starts
+==========================================  ========================================================
+
+Bounds: at most ``window`` × brokers chunks queued or unconfirmed, ``chunk-size`` × brokers loose
+tasks, and ``buffer-bytes`` of pickled work held (an empty buffer takes anything). A submitter
+that would pass one waits on ``cond`` (``timeout=`` turns the wait into
+:class:`~zdq.errors.SubmitTimeout`). The per-broker window is the links' (they know which broker
+is full): :meth:`Ledger.take` hands out the next chunk for the broker they picked.
+
+>>> from zdq.config import settings
+>>> ledger = Ledger("p", ["q0"], settings(window=2, chunk_size=10))
+>>> fut = ledger.submit_task(b"task")
+>>> ledger.coalesce(1, 0)
+>>> rec = ledger.take(0)   # the links picked broker 0
+>>> (rec.base == fut.key, rec.n, ledger.buffered_chunks)
+(True, 1, 1)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from zdq.chunking import Chunking
+from zdq.config import PoolSettings
+from zdq.errors import (
+    ClosedError,
+    ProtocolError,
+    SubmitTimeout,
+    ZdqError,
+    ZdqTimeoutError,
+)
+from zdq.futures import TaskFuture
+from zdq.reporting import FailureLog
+from zdq.tasks import cancel_in_chunk
+from zdq.timing import Timing
+
+from .outcomes import Outcomes
+from .records import NO_CONSUMER, Loose, Record, settle
+
+__all__ = ["Ledger", "NO_CONSUMER", "first_task_id"]
+
+logger = logging.getLogger(__name__)
+
+_first_ids_lock = threading.Lock()
+_last_first_id = 0
+
+
+def first_task_id() -> int:
+    """The first task id of a new driver: ids never repeat across pools, so results of an earlier
+    pool (served by a durable queue after a restart) never overwrite a new pool's in ``results()``.
+
+    Milliseconds since the epoch, shifted left by 20 bits: a pool may submit a million tasks per
+    millisecond of its age before it reaches the ids of a pool made after it, and the values stay
+    below 2**63 for the next hundred thousand years.
+    """
+    global _last_first_id
+    with _first_ids_lock:
+        first = max((time.time_ns() // 1_000_000) << 20, _last_first_id + (1 << 20))
+        _last_first_id = first
+        return first
+
+
+class Ledger:
+    """Records, buffers and bounds of one driver, and its :class:`Outcomes`; thread-safe under ``cond``.
+
+    Parameters
+    ----------
+    name : str
+        The pool's name (for errors).
+    queue_names : list of str
+        The queues' names, by broker index (for errors).
+    settings : PoolSettings
+        Bounds (``window``, ``chunk-size``, ``buffer-bytes``) and chunking.
+    keep_results : bool
+        Whether outcomes are kept for :meth:`results_for`.
+    payload_key : bytes, optional
+        The key payloads are sealed with (cancel placeholders, chunking).
+    hint : callable, optional
+        Why a result may not come: told by a future's ``result(timeout)``.
+    owner : object, optional
+        What a task's future asks to cancel it (the driver facade).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        queue_names: list[str],
+        settings: PoolSettings,
+        *,
+        keep_results: bool = True,
+        payload_key: bytes | None = None,
+        hint: Callable[[], str] | None = None,
+        owner: Any = None,
+        failures: FailureLog | None = None,
+    ) -> None:
+        self.name = name
+        self.queue_names = queue_names
+        self.settings = settings
+        self.chunking = Chunking.of(settings)
+        self.payload_key = payload_key
+        self.hint = hint
+        self.owner = owner
+        self.n_brokers = len(queue_names)
+        #: Called after a submission that the I/O thread must see (set by the facade).
+        self.wake: Callable[[], None] | None = None
+        #: What the links say about a full buffer, for SubmitTimeout (set by the facade).
+        self.explain: Callable[[], str] = lambda: ""
+        self.cond = threading.Condition()
+        # -- under cond --------------------------------------------------------------------------
+        self.loose: list[Loose] = []
+        self.queued: deque[Record] = deque()
+        self.records: dict[int, Record] = {}
+        self.buffered_chunks = 0  # queued + unconfirmed
+        self.buffered_bytes = 0  # loose tasks + queued and unconfirmed payloads
+        self.next_task = first_task_id()
+        self.next_seq = 1
+        self.closed_by: BaseException | None = None  # why the driver stopped taking work
+        self.failed_by: BaseException | None = None  # why the I/O thread died
+        self.submitted = 0
+        # Task ids the I/O thread is turning from loose tasks into records (neither, meanwhile).
+        self.packing: tuple[int, int] | None = None
+        #: Each task's outcome and the counts (the same lock).
+        self.outcomes = Outcomes(self, keep_results=keep_results, failures=failures)
+
+    # -- open / closed ---------------------------------------------------------------------------
+    def check_open(self) -> None:
+        """Raise :class:`ClosedError` if the driver takes no more work (a read of one reference)."""
+        reason = self.closed_by
+        if reason is not None:
+            if not isinstance(reason, ClosedError):
+                raise ClosedError(f"queue pool {self.name} stopped: {reason}") from reason
+            raise ClosedError(f"queue pool {self.name} is closed")
+        if self.failed_by is not None:
+            raise ZdqError(f"queue pool {self.name} driver failed: {self.failed_by!r}") from self.failed_by
+
+    def close(self, reason: BaseException) -> bool:
+        """Take no more work; waiters wake and raise. False if it was closed already."""
+        with self.cond:
+            if self.closed_by is not None:
+                return False
+            self.closed_by = reason
+            self.cond.notify_all()
+            return True
+
+    # -- submission (callers' threads) -----------------------------------------------------------
+    def reserve(self, n: int) -> int:
+        """Reserve ``n`` consecutive task ids; return the first."""
+        with self.cond:
+            first = self.next_task
+            self.next_task += n
+            return first
+
+    def new_future(self, tid: int) -> TaskFuture:
+        """A future for task ``tid`` that knows its driver (to cancel) and why it may wait."""
+        fut = TaskFuture(tid)
+        fut._hint = self.hint
+        fut._driver = self.owner
+        return fut
+
+    def submit_task(self, task: bytes, timeout: float | None = None) -> TaskFuture:
+        """Hold one pickled task for coalescing; return its future. Waits while a bound is hit."""
+        if self.closed_by is not None or self.failed_by is not None:  # two reads, not a call: per task
+            self.check_open()
+        cap = self.settings.chunk_size * self.n_brokers
+        budget = self.settings.buffer_bytes - len(task)
+        with self.cond:
+            if len(self.loose) >= cap or (self.buffered_bytes > budget and self.buffered_bytes):
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while len(self.loose) >= cap or not self._room(len(task)):
+                    self._wait(deadline)
+            tid = self.next_task
+            self.next_task += 1
+            fut = TaskFuture(tid)
+            fut._hint = self.hint
+            fut._driver = self.owner
+            wake = not self.loose
+            self.loose.append((tid, task, fut))
+            self.buffered_bytes += len(task)
+            self.submitted += 1
+        if wake and self.wake is not None:
+            self.wake()
+        return fut
+
+    def submit_chunk(
+        self,
+        base: int,
+        n: int,
+        payload: bytes,
+        sink: Any,
+        offset: int,
+        timeout: float | None = None,
+        timing: Timing | None = None,
+    ) -> None:
+        """Hold a chunk pickled by the caller; wait while a bound is hit."""
+        self.check_open()
+        cap = self.settings.window * self.n_brokers
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while self.buffered_chunks >= cap or not self._room(len(payload)):
+                self._wait(deadline)
+            rec = Record(self.next_seq, base, n, payload, sink, offset)
+            rec.timing = timing
+            self.next_seq += 1
+            self.records[rec.seq] = rec
+            self.queued.append(rec)
+            self.buffered_chunks += 1
+            self.buffered_bytes += rec.nbytes
+            self.submitted += n
+        if self.wake is not None:
+            self.wake()
+
+    def _room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit in the byte budget (an empty buffer takes anything)."""
+        return self.buffered_bytes == 0 or self.buffered_bytes + nbytes <= self.settings.buffer_bytes
+
+    def _wait(self, deadline: float | None) -> None:
+        """Wait on ``cond`` (held) for progress; raise on close or timeout."""
+        self.check_open()
+        if deadline is None:
+            self.cond.wait(1.0)
+        else:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SubmitTimeout(self.why_full())
+            self.cond.wait(min(left, 1.0))
+        self.check_open()
+
+    def why_full(self) -> str:
+        """(``cond`` held.) Why a submission waits for room."""
+        why = (
+            f"the driver of pool {self.name} holds {self.buffered_chunks} chunks and "
+            f"{self.buffered_bytes} bytes that its brokers have not confirmed"
+        )
+        return why + self.explain() + ": the submission timed out waiting for room"
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every chunk submitted so far is confirmed by its broker."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while self.loose or self.buffered_chunks:
+                try:
+                    self._wait(deadline)
+                except SubmitTimeout as e:
+                    raise ZdqTimeoutError(f"flush: {e}") from None
+
+    def wait_results(self, timeout: float | None = None) -> bool:
+        """Wait until every task submitted so far has its outcome; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while self.loose or self.records:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self.check_open()
+                self.cond.wait(1.0 if left is None else min(left, 1.0))
+        return True
+
+    # -- coalescing and sending (the I/O thread) -------------------------------------------------
+    def coalesce(self, n_brokers: int, consumers: int) -> None:
+        """Turn loose tasks into chunks (queued), while the chunk bound leaves room."""
+        chunking = self.chunking
+        with self.cond:
+            room = self.settings.window * n_brokers - self.buffered_chunks
+            if not self.loose or room <= 0:
+                return
+            take = chunking.loose_take(room)
+            if len(self.loose) <= take:
+                loose, self.loose = self.loose, []
+            else:
+                loose, self.loose = self.loose[:take], self.loose[take:]
+            self.packing = (loose[0][0], loose[-1][0] + 1)  # a cancel() of these waits for the records
+            self.cond.notify_all()
+        try:
+            self._pack_loose(loose, n_brokers, consumers)
+        finally:
+            with self.cond:
+                self.packing = None
+                self.cond.notify_all()
+
+    def _pack_loose(self, loose: list[Loose], n_brokers: int, consumers: int) -> None:
+        chunking = self.chunking
+        for start, end in chunking.loose_runs(loose, n_brokers, consumers):
+            part = loose[start:end]
+            first = part[0][0]
+            futures = [fut for _, _, fut in part]
+            tasks = [task for _, task, _ in part]
+            loose_bytes = sum(len(t) for t in tasks)
+            packed, refused = chunking.pack_loose(first, tasks, self.payload_key)
+            for j, exc in refused:  # too large: only that task fails
+                settle(futures[j], exc=exc)
+            with self.cond:
+                self.buffered_bytes -= loose_bytes
+                for sub_first, n, payload in packed:
+                    offset = sub_first - first
+                    rec = Record(self.next_seq, sub_first, n, payload, futures[offset : offset + n], 0)
+                    self.next_seq += 1
+                    self.records[rec.seq] = rec
+                    self.queued.append(rec)
+                    self.buffered_chunks += 1
+                    self.buffered_bytes += rec.nbytes
+
+    def take(self, broker: int) -> Record | None:
+        """The next queued chunk, now sent to ``broker`` (None if none waits). Its payload carries
+        the placeholders of tasks cancelled while it waited."""
+        with self.cond:
+            if not self.queued:
+                return None
+            rec = self.queued.popleft()
+            rec.broker = broker
+            if rec.rewrite:
+                self._rewrite(rec)
+            return rec
+
+    def put_back(self, rec: Record) -> None:
+        """A chunk its broker could not take now: first in line again."""
+        with self.cond:
+            rec.broker = -1
+            self.queued.appendleft(rec)
+
+    def _rewrite(self, rec: Record) -> None:
+        """(``cond`` held.) Put placeholders in place of the record's cancelled tasks before it is
+        sent: they report TaskCancelled and never run."""
+        assert rec.payload is not None and rec.cancelled is not None
+        payload = cancel_in_chunk(rec.payload, self.payload_key, rec.cancelled)
+        self.buffered_bytes += len(payload) - rec.nbytes
+        rec.payload, rec.nbytes, rec.rewrite = payload, len(payload), False
+
+    # -- confirms and results (the I/O thread) ---------------------------------------------------
+    def confirm(self, seq: int, broker: int, stored: bool, chunk_id: int) -> Record:
+        """Broker ``broker`` confirmed chunk ``seq`` (``stored``, or refused it: the caller then
+        fails it with :meth:`fail_records`). Its room in the buffers is free."""
+        with self.cond:
+            rec = self.records.get(seq)
+            if rec is None or rec.confirmed or rec.broker != broker:
+                raise ProtocolError(f"CONFIRM of unknown chunk {seq}")
+            self.buffered_chunks -= 1
+            self.buffered_bytes -= rec.nbytes
+            if stored:
+                rec.confirmed = True
+                rec.payload = None
+                rec.chunk_id = chunk_id
+                if rec.remaining <= 0:  # every task of it was cancelled meanwhile
+                    del self.records[seq]
+            else:
+                del self.records[seq]
+            self.cond.notify_all()
+        return rec
+
+    # -- brokers lost, rerouted (the I/O thread) -------------------------------------------------
+    def requeue(self, broker: int) -> int:
+        """Chunks sent to ``broker`` and not confirmed go first in line again, for any broker.
+        Return how many (the links reset that broker's unconfirmed count)."""
+        with self.cond:
+            again = [r for r in self.records.values() if r.broker == broker and not r.confirmed]
+            again.sort(key=lambda r: r.seq, reverse=True)
+            for rec in again:
+                rec.broker = -1
+                self.queued.appendleft(rec)
+            self.cond.notify_all()
+        return len(again)
+
+    def seqs_of(self, broker: int, *, confirmed: bool) -> list[int]:
+        """The chunks sent to ``broker``, confirmed or not, in order."""
+        with self.cond:
+            return sorted(r.seq for r in self.records.values() if r.broker == broker and r.confirmed is confirmed)
+
+    def rerouted(self, broker: int, asked: tuple[int, ...], missing: set[int]) -> tuple[int, int]:
+        """The broker's answer after its path changed: the chunks of ``asked`` not ``missing`` are
+        stored (confirmed); the missing ones go first in line again. Return (chunks no longer
+        unconfirmed at ``broker``, chunks sent again)."""
+        again: list[Record] = []
+        resolved = 0
+        with self.cond:
+            for seq in asked:
+                rec = self.records.get(seq)
+                if rec is None or rec.broker != broker or rec.confirmed:
+                    continue
+                resolved += 1
+                if seq in missing:
+                    rec.broker = -1
+                    again.append(rec)
+                    continue
+                self.buffered_chunks -= 1
+                self.buffered_bytes -= rec.nbytes
+                rec.confirmed = True
+                rec.payload = None
+                if rec.remaining <= 0:
+                    del self.records[seq]
+            for rec in sorted(again, key=lambda r: r.seq, reverse=True):
+                self.queued.appendleft(rec)
+            self.cond.notify_all()
+        return resolved, len(again)
+
+    # -- what callers read -----------------------------------------------------------------------
+    @property
+    def outstanding(self) -> int:
+        """Tasks submitted whose outcomes have not all arrived."""
+        with self.cond:
+            return len(self.loose) + sum(r.remaining for r in self.records.values())
+
+    @property
+    def unsent(self) -> int:
+        """Tasks submitted that no broker has been handed yet."""
+        with self.cond:
+            return len(self.loose) + sum(r.remaining for r in self.queued)
+
+    def awaiting(self) -> list[int]:
+        """Tasks awaiting results, by broker."""
+        awaiting = [0] * self.n_brokers
+        with self.cond:
+            for rec in self.records.values():
+                if rec.broker >= 0:
+                    awaiting[rec.broker] += rec.remaining
+        return awaiting

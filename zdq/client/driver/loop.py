@@ -1,0 +1,495 @@
+"""The driver's I/O thread: one DEALER per broker, a control queue, a route table.
+
+The thread does the I/O and nothing else: it hands every event to the :class:`~.ledger.Ledger`
+(accounting) or to the :class:`~.links.Links` (the brokers' states) and sends what they decide.
+
+Requests from other threads go through one mechanism: :meth:`DriverLoop.post` queues a command
+and returns a :class:`concurrent.futures.Future`; the thread runs the command in its next round,
+and the command settles the future at once (a reconnect, a fail) or parks it in the table of
+pending requests (:mod:`.requests`), keyed by the token of the question sent to a broker (a SYNC
+for a count, a recovery or a reroute; a CANCEL), until the broker's answer comes, its broker is
+lost, its deadline passes or the thread stops. Every future is settled: a stopped loop fails what is still queued or
+pending with :class:`~zdq.errors.ClosedError`, so no caller waits on a thread that is gone.
+
+Who owns what
+-------------
+=========================================  ==========================================================
+state                                      owner
+=========================================  ==========================================================
+sockets (``BrokerLinks``), the links       the I/O thread alone
+(with the receipts owed)
+the control queue                          any thread appends (a deque: atomic); the I/O thread pops
+``consumers``                              written by the pool (an int); read by the I/O thread
+``_ended``                                 set once by the I/O thread as it ends; read by posters
+ledger, outcomes, links, requests          see their modules
+=========================================  ==========================================================
+
+The most frequent messages (RESULTS, CONFIRM) are tested first by type; the others go through the
+route table, a dict from message type to handler that :meth:`DriverLoop._route` fills with
+handlers whose argument types mypy checks against the message type.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import zmq
+
+from zdq.config import PoolSettings
+from zdq.errors import (
+    BrokerLost,
+    BrokerUnreachable,
+    ClosedError,
+    ProtocolError,
+    StorageFull,
+    TaskLost,
+    ZdqError,
+)
+from zdq.futures import CallbackRunner
+from zdq.serialization import loads_results
+from zdq.transport import protocol as p
+from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
+from zdq.transport.security import ClientKeys
+from zdq.transport.sockets import BrokerLinks, Route, Waker, recv_ready, try_send
+
+from .ledger import Ledger
+from .links import RACK_BATCH, RACK_DELAY, Link, Links, LinkState
+from .records import Record
+from .requests import RecoverySync, Requests, RerouteSync, StatusAsk
+
+__all__ = ["DriverLoop"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=p.Message)
+Command = Callable[["Future[Any]"], None]
+
+
+class DriverLoop:
+    """The I/O thread of one driver (constructed idle; :meth:`start` starts it)."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        links: Links,
+        settings: PoolSettings,
+        *,
+        name: str,
+        driver_name: str,
+        queue_names: list[str],
+        identity: bytes,
+        keys: ClientKeys | None,
+        route: Route | None,
+        callbacks: CallbackRunner,
+    ) -> None:
+        self._ledger = ledger
+        self._outcomes = ledger.outcomes
+        self._links = links
+        self._settings = settings
+        self.name = name
+        self.driver_name = driver_name
+        self._queue_names = queue_names
+        self._identity = identity
+        self._keys = keys
+        self._route_via = route
+        self._callbacks = callbacks
+        self.consumers = 0
+        self._requests = Requests(ledger, links, name=name, driver_name=driver_name, queue_names=queue_names)
+        #: Each queue's last answer to a count (a STATUS), and when: reprs show it, never ask.
+        self.last_counts = self._requests.last_counts
+        self._control: deque[tuple[Command, Future[Any]]] = deque()
+        self._stop = threading.Event()
+        self._ended = False  # set by the thread as it ends: commands posted later fail at once
+        self._thread: threading.Thread | None = None
+        self._waker: Waker | None = None
+        self._bl: BrokerLinks | None = None
+        self._routes: dict[type, Callable[[Link, Any], None]] = {}
+        self._route(p.Heartbeat, self._on_heartbeat)
+        self._route(p.QueueStatus, self._requests.on_status)
+        self._route(p.Lost, self._on_lost)
+        self._route(p.Cancelled, self._requests.on_cancelled)
+        self._route(p.Bye, self._on_bye)
+
+    def _route(self, kind: type[M], handler: Callable[[Link, M], None]) -> None:
+        """Route messages of type ``kind`` to ``handler`` (mypy checks that they match)."""
+        self._routes[kind] = handler
+
+    # -- other threads ---------------------------------------------------------------------------
+    def post(self, command: Callable[[Future[T]], None]) -> Future[T]:
+        """Run ``command`` on the I/O thread in its next round; it settles the future it is given,
+        at once or when a broker answers. The future fails with ClosedError if the loop stops
+        first."""
+        fut: Future[T] = Future()
+        self._control.append((command, fut))
+        if self._ended:
+            self._fail_commands()
+        elif self._waker is not None:
+            self._waker.wake()
+        return fut
+
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` on the I/O thread; its future holds what it returns (or raises)."""
+
+        def run(fut: Future[T]) -> None:
+            fut.set_result(fn())
+
+        return self.post(run)
+
+    def start(self, ctx: zmq.Context[Any], waker: Waker) -> None:
+        """Start the thread and wait (30 s at most) until its sockets are open."""
+        self._waker = waker
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ctx, ready), name=f"zdq-driver-{self.name}", daemon=True)
+        self._thread.start()
+        if not ready.wait(30):
+            raise ZdqError(f"the driver of pool {self.name} did not start within 30 s")
+        if self._ledger.failed_by is not None:
+            error = self._ledger.failed_by
+            raise ZdqError(f"the driver of pool {self.name} could not start: {error!r}") from error
+
+    def stop(self, timeout: float) -> None:
+        """Stop the thread and wait for it (not from itself)."""
+        self._stop.set()
+        if self._thread is None:  # never started: nothing will run what was posted
+            self._ended = True
+            self._fail_commands()
+        if self._waker is not None:
+            self._waker.wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _fail_commands(self) -> None:
+        while self._control:
+            try:
+                _, fut = self._control.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            if not fut.done():
+                fut.set_exception(ClosedError(f"the driver of pool {self.name} has stopped"))
+
+    # -- the thread ------------------------------------------------------------------------------
+    def _run(self, ctx: zmq.Context[Any], ready: threading.Event) -> None:
+        assert self._waker is not None
+        self._callbacks.adopt_current_thread()
+        hello = p.encode(p.Hello(p.Role.DRIVER, self.driver_name.encode()[:256]))
+        bl = self._bl = BrokerLinks(
+            ctx, self._identity, hello, keys=self._keys, max_message_size=self._settings.max_message_size, route=self._route_via
+        )
+        try:
+            for link in self._links.links:
+                bl.add(link.endpoint)
+            ready.set()
+            self._serve(bl, self._waker)
+        except BaseException as e:
+            with self._ledger.cond:
+                self._ledger.failed_by = e
+            logger.exception("%s failed", self.driver_name)
+        finally:
+            ready.set()
+            bl.close(farewell=p.encode(p.Bye()))
+            self._ended = True
+            self._fail_commands()
+            self._requests.end()
+            with self._ledger.cond:
+                self._ledger.cond.notify_all()
+
+    def _serve(self, bl: BrokerLinks, waker: Waker) -> None:
+        poller, socks = bl.poller, bl.socks
+        poller.register(waker.socket, zmq.POLLIN)
+        ledger, outcomes = self._ledger, self._outcomes
+        link_of = self._links.links
+        n_brokers = len(link_of)
+        beat = self._settings.heartbeat_interval
+        next_beat = time.monotonic() + beat
+        rack_due = math.inf
+        rack_full = False
+        control = self._control
+        while not self._stop.is_set():
+            while control:
+                command, fut = control.popleft()
+                try:
+                    command(fut)
+                except Exception as e:  # the request fails, never the loop
+                    if not fut.done():
+                        fut.set_exception(e)
+                    else:
+                        logger.exception("%s: a command failed", self.driver_name)
+            if ledger.loose:  # read without the lock: a stale answer only delays to the next wake
+                ledger.coalesce(n_brokers, self.consumers)
+            if ledger.queued:
+                self._send_queued(socks)
+            now = time.monotonic()
+            wake_at = min(next_beat, rack_due)
+            if self._requests.heard_waits:
+                wake_at = min(wake_at, self._requests.check_heard(bl, now))
+            timeout = max(0, math.ceil((wake_at - now) * 1000))
+            if outcomes.settlements:
+                # Last thing before sleeping: a caller woken by its result gets this process's
+                # interpreter at once, instead of waiting for this thread to finish its round.
+                outcomes.settle_all()
+            for sock, _ in poller.poll(timeout):
+                index = bl.index(sock)
+                if index is None:
+                    waker.drain()
+                    continue
+                link = link_of[index]
+                owed = link.racks
+                for frames in recv_ready(sock, 1):
+                    chunk_id = self._handle(link, frames)
+                    if chunk_id is not None:
+                        if not owed and rack_due == math.inf:
+                            rack_due = time.monotonic() + RACK_DELAY
+                        owed.append(chunk_id)
+                        rack_full = rack_full or len(owed) >= RACK_BATCH
+            now = time.monotonic()
+            if now >= rack_due or rack_full:
+                self._send_racks(socks)
+                rack_due = math.inf
+                rack_full = False
+            if now >= next_beat:
+                self._tick(bl, now)
+                next_beat = now + beat
+        outcomes.settle_all()
+        self._send_racks(socks)
+        outcomes.failures.flush()
+
+    def _send_queued(self, socks: list[zmq.Socket[Any]]) -> None:
+        ledger, links, window = self._ledger, self._links, self._settings.window
+        while ledger.queued:
+            b = links.pick(window)
+            if b is None:
+                return  # every broker is down or full: chunks wait (bounded) for room
+            rec = ledger.take(b)
+            if rec is None:  # cancelled meanwhile
+                links.unsent(b)
+                return
+            payload = rec.payload
+            assert payload is not None
+            timing = rec.timing
+            if timing is None:
+                put = p.Put(rec.seq, rec.n, payload)
+            else:
+                put = p.Put(rec.seq, rec.n, payload, timing.not_before, timing.priority)
+            if not try_send(socks[b], p.encode(put)):
+                links.unsent(b)  # the broker cannot take it now: first in line again
+                ledger.put_back(rec)
+                return
+
+    def _send_racks(self, socks: list[zmq.Socket[Any]]) -> None:
+        """Tell each broker which chunks' results arrived: it may forget them now."""
+        for index, racks in self._links.take_racks():
+            try_send(socks[index], p.encode(p.Rack(racks)))
+
+    def _tick(self, bl: BrokerLinks, now: float) -> None:
+        """Every heartbeat interval: heartbeats, links never answered, expired requests, and a
+        fresh snapshot of the links for the other threads."""
+        socks = bl.socks
+        beat = p.encode(p.Heartbeat())
+        for link in self._links.links:
+            if link.state is LinkState.UP or link.state is LinkState.RECOVERING:
+                try_send(socks[link.index], beat)
+            if link.heard:
+                bl.settle(link.index)  # its connection needs no watching any more
+        for link in self._links.due_unreachable(now, self._settings.connect_timeout):
+            self._unreachable(bl, link)
+        ledger, outcomes = self._ledger, self._outcomes
+        if (ledger.queued or ledger.loose) and self._links.all_unreachable():
+            exc = BrokerUnreachable(
+                self._describe_unreachable(
+                    bl,
+                    self._links.links,
+                    f"pool {self.name} has no queue this process ({self.driver_name}) can reach: its brokers were "
+                    f"placed again and did not answer within {self._settings.connect_timeout:g} s",
+                )
+            )
+            outcomes.fail_unsent(exc)
+        self._links.publish()
+        self._requests.check_statuses(now)
+
+    # -- messages --------------------------------------------------------------------------------
+    def _handle(self, link: Link, frames: list[Any]) -> int | None:
+        """Handle one message; return the chunk id to acknowledge if it carried results.
+
+        A message that breaks anything is counted and dropped, and fails only its own tasks: the
+        loop that carries every other message of the pool goes on.
+        """
+        if link.state is not LinkState.UP:
+            if link.state is LinkState.DOWN:
+                return None  # a late message from a broker declared lost
+            if link.state is LinkState.UNREACHABLE:
+                name = self._queue_names[link.index]
+                logger.warning("%s: queue %s at %s answers now", self.driver_name, name, link.endpoint)
+            self._links.answered(link)  # the broker placed again answers: it takes work
+            self._requests.check_statuses(time.monotonic())
+        link.seen = time.monotonic()
+        try:
+            msg = p.decode(frames)
+            if type(msg) is p.Results:
+                return self._on_results(link, msg)
+            if type(msg) is p.Confirm:
+                self._on_confirm(link, msg)
+                return None
+            route = self._routes.get(type(msg))
+            if route is None:
+                raise ProtocolError(f"{type(msg).__name__} is not accepted by a driver")
+            route(link, msg)
+        except Exception as e:
+            self._outcomes.bad += 1
+            logger.warning("%s dropped a message from queue %s: %s", self.driver_name, self._queue_names[link.index], e)
+        return None
+
+    def _on_confirm(self, link: Link, msg: p.Confirm) -> None:
+        stored = msg.status is p.Status.STORED
+        rec = self._ledger.confirm(msg.seq, link.index, stored, msg.chunk_id)
+        link.unconfirmed -= 1
+        link.confirmed_at = time.monotonic()
+        if not stored:
+            detail = msg.detail.decode(errors="replace")
+            name = self._queue_names[link.index]
+            exc: ZdqError = (
+                StorageFull(f"queue {name} is full; the chunk was not stored: {detail}")
+                if msg.status is p.Status.FULL
+                else ZdqError(f"queue {name} refused a chunk ({msg.status.name}): {detail}")
+            )
+            self._outcomes.fail_records([rec], exc)
+
+    def _on_results(self, link: Link, msg: p.Results) -> int:
+        outcomes = self._outcomes
+        try:
+            base, values, errors = loads_results(msg.results, self._ledger.payload_key)
+        except Exception as e:
+            # Results that do not decode (forged, or an object that pickles but does not unpickle
+            # here) fail their own tasks; the broker may forget the chunk: running it again would
+            # give the same bytes.
+            outcomes.bad += 1
+            logger.warning(
+                "%s: results of chunk %d from queue %s do not decode: %r",
+                self.driver_name, msg.chunk_id, self._queue_names[link.index], e,
+            )
+            confirmed = outcomes.intake_undecodable(link.index, msg.seq, msg.chunk_id, msg.consumer, e)
+        else:
+            n = len(values)
+            if any(not isinstance(i, int) or not 0 <= i < n for i in errors):
+                raise ProtocolError("results name an error outside the chunk")
+            confirmed = outcomes.intake(link.index, msg.seq, msg.chunk_id, msg.consumer, base, values, errors)
+        if confirmed:  # the broker held its CONFIRM back and the results came first: they confirm it
+            link.unconfirmed -= 1
+            link.confirmed_at = time.monotonic()
+        return msg.chunk_id
+
+    def _on_heartbeat(self, link: Link, msg: p.Heartbeat) -> None:
+        pass  # being heard is what counts (``link.seen``)
+
+    def _on_bye(self, link: Link, msg: p.Bye) -> None:
+        logger.info("%s: queue %s is shutting down", self.driver_name, self._queue_names[link.index])
+
+    def _on_lost(self, link: Link, msg: p.Lost) -> None:
+        self._outcomes.fail_seq(
+            msg.seq, TaskLost(f"the consumer of chunk {msg.chunk_id} died after acknowledging it early (at most once)")
+        )
+
+    # -- commands (run on the I/O thread, posted by the facade) ----------------------------------
+    def ask_status(self, ask: StatusAsk, fut: Future[list[p.QueueStatus | None]]) -> None:
+        assert self._bl is not None
+        # Receipts owed go first: when the reply comes, the broker has taken them (one socket
+        # keeps order), so a pool closed right after its results came leaves nothing to re-run.
+        self._send_racks(self._bl.socks)
+        self._requests.ask_status(self._bl.socks, ask, fut)
+
+    def ask_cancel(self, rec: Record, indexes: tuple[int, ...], fut: Future[list[int]]) -> None:
+        assert self._bl is not None
+        self._requests.ask_cancel(self._bl.socks, rec, indexes, fut)
+
+    def wait_heard(self, deadline: float, fut: Future[dict[int, str]]) -> None:
+        assert self._bl is not None
+        self._requests.wait_heard(self._bl, deadline, fut)
+
+    def broker_lost(self, broker: int, memory_lost: bool) -> None:
+        assert self._bl is not None
+        if not self._links.lost(broker):
+            return
+        self._bl.disconnect(broker)  # nothing more is queued for a dead peer
+        self._requests.drop(broker)
+        self._requeue(broker)
+        self._requests.check_statuses(time.monotonic())
+        if memory_lost:
+            name = self._queue_names[broker]
+            n = self._outcomes.fail_confirmed(
+                broker, BrokerLost(f"queue {name} was lost with its worker; this task lived only in its memory")
+            )
+            logger.warning("%s: %d tasks of lost queue %s failed with BrokerLost", self.driver_name, n, name)
+
+    def _requeue(self, broker: int) -> None:
+        n = self._ledger.requeue(broker)
+        if n:
+            logger.info("%s: %d unconfirmed chunks of queue %s will be sent again", self.driver_name, n, self._queue_names[broker])
+
+    def reconnect(self, broker: int, endpoint: str, worker: str) -> None:
+        assert self._bl is not None
+        self._bl.replace(broker, endpoint)
+        self._links.reconnected(broker, endpoint, worker, time.monotonic())
+        self._requests.drop(broker)
+        self._requeue(broker)
+        self._requests.check_statuses(time.monotonic())
+        # Which confirmed chunks did the queue keep? A durable queue serves every chunk it stored,
+        # except those acknowledged early (at most once) whose results never came: they are lost.
+        seqs = self._ledger.seqs_of(broker, confirmed=True)
+        for start in range(0, max(len(seqs), 1), p.MAX_CHUNK_TASKS):
+            token = self._requests.ask(RecoverySync(broker))
+            try_send(self._bl.socks[broker], p.encode(p.Sync(token, tuple(seqs[start : start + p.MAX_CHUNK_TASKS]))))
+
+    def reroute(self, broker: int) -> None:
+        assert self._bl is not None
+        if not self._links.rerouted(broker, time.monotonic()):
+            return  # lost: its placement again reconnects it
+        self._bl.replace(broker, self._links[broker].endpoint)  # a new socket says HELLO: the broker resends results
+        self._requests.drop(broker)  # questions on the old path will not be answered
+        seqs = self._ledger.seqs_of(broker, confirmed=False)
+        for start in range(0, len(seqs), p.MAX_CHUNK_TASKS):
+            asked = tuple(seqs[start : start + p.MAX_CHUNK_TASKS])
+            token = self._requests.ask(RerouteSync(broker, asked))
+            try_send(self._bl.socks[broker], p.encode(p.Sync(token, asked)))
+
+    def fail_confirmed(self, broker: int, exc: BaseException) -> int:
+        return self._outcomes.fail_confirmed(broker, exc)
+
+    def _unreachable(self, bl: BrokerLinks, link: Link) -> None:
+        """A broker placed again never answered: what it never confirmed goes to the others, what
+        it holds fails (this process cannot reach it to get the results)."""
+        self._requeue(link.index)
+        self._requests.drop(link.index)
+        name = self._queue_names[link.index]
+        exc = BrokerUnreachable(
+            self._describe_unreachable(
+                bl,
+                [link],
+                f"queue {name} was placed again, and this process ({self.driver_name}) heard nothing from it within "
+                f"{self._settings.connect_timeout:g} s; its tasks failed",
+            )
+        )
+        n = self._outcomes.fail_confirmed(link.index, exc)
+        logger.error("%s: %s (%d tasks failed)", self.driver_name, exc, n)
+
+    def _describe_unreachable(self, bl: BrokerLinks, unheard: list[Link], subject: str) -> str:
+        every = all(k in unheard or k.state is LinkState.UNREACHABLE for k in self._links.links)
+        return describe(
+            subject,
+            [(self._queue_names[k.index], k.endpoint, k.worker, bl.why(k.index)) for k in unheard],
+            CLIENT_OUTSIDE if every else OPEN_TO_CLIENT,
+        )
+
+
+def wait_all(futures: list[Future[T]], timeout: float) -> tuple[list[T], int]:
+    """The results of the futures settled within ``timeout`` (those that failed are skipped), and
+    how many were not settled in time."""
+    done, not_done = concurrent.futures.wait(futures, timeout)
+    return [f.result() for f in futures if f in done and f.exception() is None], len(not_done)

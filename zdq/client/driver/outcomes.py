@@ -1,0 +1,403 @@
+"""Each task's outcome, decided once: results taken in and settled, failures, cancellations.
+
+Every path that gives a task its outcome (its result came, it failed without running, it was
+cancelled) marks it on its record (``got``, ``remaining``) and counts it under the ledger's one
+lock, in one step, *then* settles its future with the lock released: whichever path comes first
+takes the task, the others find it taken, and no task is counted twice or settled under a lock.
+
+Who owns what
+-------------
+=========================================  =====================================================
+state                                      owner
+=========================================  =====================================================
+``results``, ``done_by``, the counters     the ledger's lock (``cond``, shared with the ledger)
+(completed, failed, cancelled, foreign,
+duplicates)
+``settlements``                            the I/O thread alone (results of its current round)
+``bad``                                    the I/O thread (written); other threads read the int
+the records and buffers it changes         the ledger's, under the same lock
+=========================================  =====================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from zdq.errors import ProtocolError, SerializationError, ZdqError
+from zdq.futures import BatchFuture
+from zdq.reporting import FailureLog
+from zdq.serialization import UNKNOWN_BASE, error_to_exception
+from zdq.tasks import CANCELLED
+
+from .records import (
+    NO_CONSUMER,
+    Loose,
+    Record,
+    Settlement,
+    cancel_future,
+    cancellation,
+    settle,
+)
+
+if TYPE_CHECKING:
+    from .ledger import Ledger
+
+__all__ = ["Outcomes"]
+
+logger = logging.getLogger(__name__)
+
+
+class Outcomes:
+    """The outcomes of one driver's tasks, and their counts; thread-safe under the ledger's lock.
+
+    Parameters
+    ----------
+    ledger : Ledger
+        Whose records these outcomes end (and whose lock guards them).
+    keep_results : bool
+        Whether outcomes are kept for :meth:`results_for`.
+    failures : FailureLog, optional
+        Where task failures are logged, in batches.
+    """
+
+    def __init__(self, ledger: Ledger, *, keep_results: bool = True, failures: FailureLog | None = None) -> None:
+        self.ledger = ledger
+        self.cond = ledger.cond
+        self.name = ledger.name
+        self.keep_results = keep_results
+        self.failures = failures or FailureLog(ledger.name)
+        # -- under cond --------------------------------------------------------------------------
+        self.results: defaultdict[bytes, dict[int, Any]] = defaultdict(dict)
+        self.done_by: defaultdict[bytes, int] = defaultdict(int)
+        self.completed = 0
+        self.failed = 0
+        self.cancelled = 0
+        self.foreign = 0
+        self.duplicates = 0
+        # -- the I/O thread's --------------------------------------------------------------------
+        self.settlements: list[Settlement] = []
+        self.bad = 0
+
+    # -- results (the I/O thread) ----------------------------------------------------------------
+    def intake(
+        self,
+        broker: int,
+        seq: int,
+        chunk_id: int,
+        consumer: bytes,
+        base: int,
+        values: list[Any],
+        errors: dict[int, Any],
+    ) -> bool:
+        """Results of chunk ``seq`` (0: a chunk of no record here) from ``broker``: queue them for
+        :meth:`settle_all`, unless they were recorded already. Return whether they confirmed the
+        chunk (its CONFIRM was held back and the results came first: its window slot is free)."""
+        confirmed = False
+        n = len(values)
+        offset = 0
+        with self.cond:
+            rec = self.ledger.records.get(seq) if seq else None
+            if rec is not None:
+                if base == UNKNOWN_BASE and n == rec.n:  # the chunk did not decode: all of it
+                    base = rec.base
+                offset = base - rec.base
+                if not (0 <= offset and offset + n <= rec.n):  # checked before anything changes
+                    raise ProtocolError(f"results for tasks {base}..{base + n} are outside chunk {seq}")
+                if not rec.confirmed and rec.broker == broker:
+                    rec.confirmed = True
+                    rec.payload = None
+                    rec.chunk_id = chunk_id
+                    self.ledger.buffered_chunks -= 1
+                    self.ledger.buffered_bytes -= rec.nbytes
+                    confirmed = True
+                    self.cond.notify_all()
+                seen = rec.got[offset : offset + n]
+                if any(seen):
+                    if all(seen) or not rec.cancelled:  # executed twice (a broker re-ran it): record once
+                        self.duplicates += n
+                        if rec.remaining <= 0 and rec.confirmed:
+                            self.ledger.records.pop(rec.seq, None)
+                        return confirmed
+                    # Some of these tasks were cancelled (their placeholders report here): only
+                    # the others are recorded.
+                    self.settlements.append((rec, offset, base, consumer, values, errors, bytes(seen)))
+                    rec.got[offset : offset + n] = b"\1" * n
+                    return confirmed
+                rec.got[offset : offset + n] = b"\1" * n
+            elif seq:
+                self.duplicates += n
+                return confirmed
+        self.settlements.append((rec, offset, base, consumer, values, errors, None))
+        return confirmed
+
+    def intake_undecodable(self, broker: int, seq: int, chunk_id: int, consumer: bytes, failure: Exception) -> bool:
+        """Results of chunk ``seq`` that do not decode here: its tasks fail (at :meth:`settle_all`).
+        Return whether they confirmed the chunk, as :meth:`intake`."""
+        confirmed = False
+        with self.cond:
+            rec = self.ledger.records.get(seq) if seq else None
+            if rec is not None and not rec.confirmed and rec.broker == broker:
+                rec.confirmed = True
+                rec.payload = None
+                rec.chunk_id = chunk_id
+                self.ledger.buffered_chunks -= 1
+                self.ledger.buffered_bytes -= rec.nbytes
+                confirmed = True
+                self.cond.notify_all()
+        if rec is not None:
+            exc = SerializationError(
+                f"the results of {rec.n} tasks from queue {self.ledger.queue_names[broker]} cannot be unpickled "
+                f"in this process: {type(failure).__name__}: {failure}"
+            )
+            exc.__cause__ = failure
+            self.settlements.append((rec, -1, 0, consumer, [], {0: exc}, None))
+        return confirmed
+
+    def settle_all(self) -> None:
+        """Hand the results taken in by this round to their futures and to ``results``."""
+        settlements, self.settlements = self.settlements, []
+        for settlement in settlements:
+            try:
+                self._settle_results(*settlement)
+            except Exception:  # never the loop: this chunk's futures are failed instead
+                logger.exception("%s could not settle the results of a chunk", self.name)
+                rec = settlement[0]
+                if rec is not None:
+                    self.fail_records([rec], ZdqError("zdq could not settle this task's result"))
+
+    def _settle_results(
+        self,
+        rec: Record | None,
+        offset: int,
+        base: int,
+        consumer: bytes,
+        values: list[Any],
+        errors: dict[int, Any],
+        seen: bytes | None = None,
+    ) -> None:
+        if offset < 0:  # the whole chunk's results did not decode: errors[0] is why
+            assert rec is not None
+            self.fail_records([rec], errors[0])
+            return
+        if seen is not None:
+            # Some of these tasks were cancelled and counted then: the others only, one at a time
+            # through the common path (rare: cancellations during a chunk's run).
+            for i in (i for i in range(len(values)) if not seen[i]):
+                one = {0: errors[i]} if i in errors else {}
+                self._settle_results(rec, offset + i, base + i, consumer, [values[i]], one)
+            return
+        n = len(values)
+        exceptions: dict[int, BaseException] = {}
+        failed = len(errors)
+        if errors:
+            skipped = [i for i, info in errors.items() if info.type_name == CANCELLED]
+            failed -= len(skipped)
+            self.failures.note(base, {i: info for i, info in errors.items() if i not in skipped} if skipped else errors)
+            exceptions = {i: error_to_exception(info) for i, info in errors.items()}
+        if rec is not None:
+            if isinstance(rec.sink, BatchFuture):
+                rec.sink._fill(rec.offset + offset, values, exceptions)
+            elif rec.sink is not None:
+                futures = rec.sink
+                for i, value in enumerate(values):
+                    settle(futures[offset + i], value, exceptions.get(i))
+        with self.cond:
+            if self.keep_results:
+                store = self.results[consumer]
+                store.update(zip(range(base, base + n), values))
+                for i, exc in exceptions.items():
+                    store[base + i] = exc
+            self.done_by[consumer] += n
+            self.failed += failed
+            if rec is None:
+                self.foreign += n
+            else:
+                self.completed += n
+                rec.remaining -= n
+                if rec.remaining <= 0:
+                    self.ledger.records.pop(rec.seq, None)
+            self.cond.notify_all()
+
+    # -- failing (any thread) --------------------------------------------------------------------
+    def fail_records(self, records: Iterable[Record], exc: BaseException) -> int:
+        """Fail every task of these records without an outcome with ``exc`` (kept as their value in
+        ``results()`` too, under no consumer: none ran them); the records go. Return how many.
+
+        The outcome is marked and counted under ``cond`` in one step, the futures settled after:
+        a cancellation racing this one finds the tasks taken, and no task is counted twice.
+        """
+        taken: list[tuple[Record, list[int]]] = []
+        n = 0
+        with self.cond:
+            store = self.results[NO_CONSUMER] if self.keep_results else None
+            for rec in records:
+                missing = rec.take_missing()
+                self.ledger.records.pop(rec.seq, None)
+                if missing:
+                    n += len(missing)
+                    taken.append((rec, missing))
+                    if store is not None:
+                        for i in missing:
+                            store[rec.base + i] = exc
+            self.completed += n
+            self.failed += n
+            self.cond.notify_all()
+        for rec, missing in taken:
+            rec.fail_futures(missing, exc)
+        return n
+
+    def _fail_loose(self, loose: list[Loose]) -> None:
+        """(``cond`` held.) Count loose tasks taken out of the buffer as failed; the caller settles
+        their futures after releasing it."""
+        self.completed += len(loose)
+        self.failed += len(loose)
+
+    def fail_everything(self, exc: BaseException) -> None:
+        """Fail every task without an outcome (the driver stopped)."""
+        with self.cond:
+            loose, self.ledger.loose = self.ledger.loose, []
+            records = list(self.ledger.records.values())
+            self.ledger.queued.clear()
+            self.ledger.buffered_chunks = 0
+            self.ledger.buffered_bytes = 0
+            self._fail_loose(loose)
+        for _, _, fut in loose:
+            settle(fut, exc=exc)
+        self.fail_records(records, exc)
+
+    def fail_unsent(self, exc: BaseException) -> int:
+        """Fail every task no broker has been handed (no broker can take it). Return how many."""
+        with self.cond:
+            loose, self.ledger.loose = self.ledger.loose, []
+            records = list(self.ledger.queued)
+            self.ledger.queued.clear()
+            self.ledger.buffered_chunks -= len(records)
+            self.ledger.buffered_bytes -= sum(len(task) for _, task, _ in loose) + sum(rec.nbytes for rec in records)
+            self._fail_loose(loose)
+        for _, _, fut in loose:
+            settle(fut, exc=exc)
+        return len(loose) + self.fail_records(records, exc)
+
+    def fail_seq(self, seq: int, exc: BaseException) -> int:
+        """Fail what chunk ``seq`` awaits (its consumer died after acknowledging it early)."""
+        with self.cond:
+            rec = self.ledger.records.get(seq)
+        return 0 if rec is None else self.fail_records([rec], exc)
+
+    def fail_confirmed(self, broker: int, exc: BaseException, only: set[int] | None = None) -> int:
+        """Fail the tasks of chunks ``broker`` confirmed (those of ``only``, if given) that have no
+        outcome yet. Return how many."""
+        with self.cond:
+            failed = [
+                r for seq, r in self.ledger.records.items()
+                if r.broker == broker and r.confirmed and (only is None or seq in only)
+            ]
+        return self.fail_records(failed, exc)
+
+    # -- cancellation ----------------------------------------------------------------------------
+    def cancel_local(self, first: int, n: int) -> tuple[set[int], list[tuple[Record, tuple[int, ...]]]]:
+        """Cancel the tasks ``first .. first+n`` no broker holds; return their ids, and the
+        (record, indexes) of those a broker holds: only it can say which have not started."""
+        last = first + n
+        asks: list[tuple[Record, tuple[int, ...]]] = []
+        unsent: list[tuple[Record, list[int]]] = []
+        with self.cond:
+            packing_until = time.monotonic() + 10.0
+            while self.ledger.packing is not None and self.ledger.packing[0] < last and first < self.ledger.packing[1]:
+                # The I/O thread is turning these loose tasks into chunks: in neither place now.
+                if time.monotonic() > packing_until or self.ledger.closed_by is not None:
+                    break
+                self.cond.wait(0.05)
+            loose = [entry for entry in self.ledger.loose if first <= entry[0] < last]
+            if loose:
+                gone = {id(entry) for entry in loose}
+                self.ledger.loose = [entry for entry in self.ledger.loose if id(entry) not in gone]
+                self.ledger.buffered_bytes -= sum(len(task) for _, task, _ in loose)
+                self._note_cancelled([tid for tid, _, _ in loose])
+                self.cond.notify_all()
+            for rec in list(self.ledger.records.values()):
+                lo, hi = max(first, rec.base), min(last, rec.base + rec.n)
+                if lo >= hi:
+                    continue
+                indexes = tuple(t - rec.base for t in range(lo, hi))
+                if rec.broker < 0:  # not sent: its payload is rewritten before it is
+                    unsent.append((rec, self._cancel_held(rec, indexes)))
+                else:
+                    asks.append((rec, indexes))
+        cancelled = {tid for tid, _, _ in loose}
+        for _, _, fut in loose:
+            cancel_future(fut)
+        for rec, fresh in unsent:
+            cancelled.update(rec.settle_cancelled(fresh))
+        return cancelled, asks
+
+    def cancel_record(self, rec: Record, indexes: Iterable[int]) -> list[int]:
+        """These tasks of ``rec`` will never run (its broker said so, or it is queued again):
+        count them, settle their futures; return their task ids (those not settled before)."""
+        with self.cond:
+            fresh = self._cancel_held(rec, indexes)
+        return rec.settle_cancelled(fresh)
+
+    def _cancel_held(self, rec: Record, indexes: Iterable[int]) -> list[int]:
+        """(``cond`` held.) Tasks of ``rec`` just cancelled are done: counted, kept in ``results()``
+        under "not-run", and the record goes once nothing of it is awaited (a chunk not sent yet
+        is not sent at all; one sent waits for its confirm, which frees its window slot)."""
+        fresh = rec.cancel(indexes)
+        if not fresh:
+            return fresh
+        self._note_cancelled([rec.base + i for i in fresh])
+        if rec.remaining <= 0:
+            if rec.broker < 0 and rec.seq in self.ledger.records:
+                try:
+                    self.ledger.queued.remove(rec)
+                except ValueError:
+                    pass
+                else:
+                    self.ledger.buffered_chunks -= 1
+                    self.ledger.buffered_bytes -= rec.nbytes
+                del self.ledger.records[rec.seq]
+            elif rec.confirmed:
+                self.ledger.records.pop(rec.seq, None)
+        self.cond.notify_all()
+        return fresh
+
+    def _note_cancelled(self, ids: list[int]) -> None:
+        """(``cond`` held.) Tasks cancelled before they ran: done; in ``results()`` under "not-run"."""
+        self.completed += len(ids)
+        self.cancelled += len(ids)
+        if self.keep_results:
+            store = self.results[NO_CONSUMER]
+            for tid in ids:
+                store[tid] = cancellation(tid)
+
+    def results_for(self, producers: Iterable[bytes]) -> dict[int, Any]:
+        """The outcomes kept from these consumers (by identity), by task id: a copy."""
+        with self.cond:
+            merged: dict[int, Any] = {}
+            for ident in producers:
+                merged.update(self.results.get(ident, {}))
+            return merged
+
+    def done_count(self, producers: Iterable[bytes]) -> int:
+        """Tasks whose results came from these consumers."""
+        with self.cond:
+            return sum(self.done_by.get(ident, 0) for ident in producers)
+
+    def producers(self) -> set[bytes]:
+        """Every consumer identity that results came from."""
+        with self.cond:
+            return set(self.done_by)
+
+    def statistics(self) -> tuple[int, int, int, int, int, int, int, int]:
+        """(submitted, completed, failed, cancelled, foreign, duplicates, chunks unconfirmed or
+        queued, chunks outstanding), read in one step."""
+        ledger = self.ledger
+        with self.cond:
+            return (
+                ledger.submitted, self.completed, self.failed, self.cancelled, self.foreign, self.duplicates,
+                ledger.buffered_chunks, len(ledger.records),
+            )
