@@ -25,7 +25,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zdq.errors import ProtocolError, SerializationError, ZdqError
 from zdq.futures import BatchFuture
@@ -34,6 +34,7 @@ from zdq.serialization import UNKNOWN_BASE, error_to_exception
 from zdq.tasks import CANCELLED
 
 from .records import (
+    Books,
     NO_CONSUMER,
     Loose,
     Record,
@@ -43,8 +44,6 @@ from .records import (
     settle,
 )
 
-if TYPE_CHECKING:
-    from .ledger import Ledger
 
 __all__ = ["Outcomes"]
 
@@ -56,7 +55,7 @@ class Outcomes:
 
     Parameters
     ----------
-    ledger : Ledger
+    ledger : Books
         Whose records these outcomes end (and whose lock guards them).
     keep_results : bool
         Whether outcomes are kept for :meth:`results_for`.
@@ -64,7 +63,7 @@ class Outcomes:
         Where task failures are logged, in batches.
     """
 
-    def __init__(self, ledger: Ledger, *, keep_results: bool = True, failures: FailureLog | None = None) -> None:
+    def __init__(self, ledger: Books, *, keep_results: bool = True, failures: FailureLog | None = None) -> None:
         self.ledger = ledger
         self.cond = ledger.cond
         self.name = ledger.name

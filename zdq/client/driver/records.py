@@ -8,15 +8,17 @@ A :class:`Record`'s fields belong to the ledger and are read and written under i
 from __future__ import annotations
 
 import concurrent.futures
+import threading
+from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import InvalidStateError
-from typing import Any
+from typing import Any, Protocol
 
 from zdq.errors import TaskCancelled
 from zdq.futures import BatchFuture, TaskFuture
 from zdq.timing import Timing
 
-__all__ = ["Loose", "NO_CONSUMER", "Record", "Settlement", "cancel_future", "cancellation", "settle"]
+__all__ = ["Books", "Loose", "NO_CONSUMER", "Record", "Settlement", "cancel_future", "cancellation", "settle"]
 
 #: The producer of the results of tasks that failed without running (their queue was lost, the
 #: pool closed, ...): ``ConsumerPool.results()`` shows them under ``"not-run"``.
@@ -124,3 +126,24 @@ def settle(fut: TaskFuture, value: Any = None, exc: BaseException | None = None)
 
 
 Loose = tuple[int, bytes, TaskFuture]
+
+
+class Books(Protocol):
+    """The ledger's buffers as :class:`~zdq.client.driver.outcomes.Outcomes` sees them.
+
+    The ledger owns them (under ``cond``); outcomes settle and fail records in the same books, so
+    they are typed against this shape rather than the ledger's class, which would make the two
+    modules import each other.
+    """
+
+    name: str
+    queue_names: list[str]
+    cond: threading.Condition
+    loose: list[Loose]
+    queued: deque[Record]
+    records: dict[int, Record]
+    buffered_chunks: int
+    buffered_bytes: int
+    closed_by: BaseException | None
+    submitted: int
+    packing: tuple[int, int] | None
