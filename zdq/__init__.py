@@ -29,7 +29,7 @@ from zdq.errors import (
 )
 from zdq.tasks import TaskOptions
 from zdq.objects import Task
-from zdq.client.cluster import local
+from zdq.client.local import local
 from zdq.client.schedules import Schedule
 from zdq.futures import BatchFuture, TaskFuture, as_completed, wait
 from zdq.client.queue_pool import DeadLetterInfo, Durability, QueuePool, current_pool

@@ -1,5 +1,8 @@
-"""Moved to :mod:`zdq.client.cluster`; this path re-exports it for one release."""
+"""Moved to :mod:`zdq.client.cluster` (and ``local()`` to :mod:`zdq.client.local`); this path
+re-exports them for one release."""
 
-from zdq.client.cluster import OwnedCluster, _parallel, cluster_for, local
+from zdq.client.cluster import OwnedCluster, cluster_for
+from zdq.client.cluster import parallel_of as _parallel
+from zdq.client.local import local
 
 __all__ = ["OwnedCluster", "cluster_for", "local"]

@@ -3,8 +3,12 @@
 ``QueuePool(None, n)`` takes the default Dask client when there is one (as Dask's own APIs do);
 when there is none, :func:`cluster_for` starts a :class:`~distributed.LocalCluster` of worker
 processes and the pool owns it: :class:`LocalCluster` is closed with the pool, every worker and
-nanny process with it. :func:`local` adds the consumers (python-task-queue's
-``LocalTaskQueue(parallel=N)``).
+nanny process with it. :func:`zdq.local` (:mod:`zdq.client.local`) adds the consumers
+(python-task-queue's ``LocalTaskQueue(parallel=N)``).
+
+Ownership
+---------
+``_live`` (the embedded clusters of this process) and each ``OwnedCluster._users``: ``_lock``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 from distributed import Client
 
-__all__ = ["OwnedCluster", "cluster_for", "local"]
+__all__ = ["OwnedCluster", "cluster_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ class OwnedCluster:
         self.cluster.close()
 
 
-def _parallel(value: Any) -> int:
+def parallel_of(value: Any) -> int:
     if value is None:
         return os.cpu_count() or 1
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -83,11 +87,11 @@ def cluster_for(parallel: int | None = None) -> tuple[Client, OwnedCluster | Non
     processes (default: one per CPU) that the caller owns."""
     from distributed import default_client
 
-    wanted = _parallel(parallel) if parallel is not None else None
+    wanted = parallel_of(parallel) if parallel is not None else None
     try:
         client = default_client()
     except ValueError:
-        owned = OwnedCluster(wanted or _parallel(None))
+        owned = OwnedCluster(wanted or parallel_of(None))
         assert owned.client is not None
         return owned.client, owned
     with _lock:
@@ -105,29 +109,3 @@ def cluster_for(parallel: int | None = None) -> tuple[Client, OwnedCluster | Non
                 wanted, workers, wanted,
             )
     return client, shared
-
-
-def local(parallel: int | None = None, n_queues: int = 1, **kwargs: Any) -> Any:
-    """A started :class:`~zdq.QueuePool` with ``parallel`` consumers, on the default client's
-    cluster or, without one, on a local cluster of ``parallel`` worker processes that closes
-    with the pool. The consumers are ``queue_pool.local_consumers``.
-
-    ``kwargs`` go to the QueuePool (``durability``, ``dirpath``, ``chunk_size``, ...).
-
-    >>> import zdq                                                          # doctest: +SKIP
-    >>> with zdq.local(parallel=4) as queue_pool:                           # doctest: +SKIP
-    ...     queue_pool.insert(Square(i) for i in range(1000))
-    ...     queue_pool.local_consumers.join(progress=True)
-    """
-    from zdq.client.consumer_pool import ConsumerPool
-    from zdq.client.queue_pool import QueuePool
-
-    n = _parallel(parallel)
-    queue_pool = QueuePool(None, n_queues, parallel=n, **kwargs)
-    try:
-        queue_pool.local_consumers = ConsumerPool(queue_pool.client, queue_pool, n_consumers=n)
-        queue_pool.local_consumers.start()
-    except BaseException:
-        queue_pool.close()
-        raise
-    return queue_pool

@@ -1,27 +1,39 @@
-"""ConsumerPool: places consumer actors on the workers and watches them work."""
+"""ConsumerPool: the facade of the consumers placed on the workers for a QueuePool.
+
+Its consumers' slots, placement, health and reach are :class:`~zdq.client.consumers.ConsumerSlots`';
+its supervisor is :class:`~zdq.client.slots.Supervisor`. It talks to its QueuePool through the queue
+pool's public edge only: the consumer registry it subscribes to (which the queue pool owns),
+``wait_drained`` for ``join()``, and the endpoints and keys.
+
+Ownership
+---------
+=====================  ============================================================================
+state                  owner
+=====================  ============================================================================
+``_running``           the user's thread (``start``/``cancel``/``join``); read by the supervisors
+``_closed``            the user's thread (``close()``); a late replacement is refused by the slots
+``_supervisor``        the user's thread
+``_consumers``         :class:`~zdq.client.consumers.ConsumerSlots` (its own lock)
+=====================  ============================================================================
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from distributed import Client
 
-from zdq._actor import allowed_workers, check_resources, pick_worker, start_supervisor
-from zdq.config import seconds_or_none, timeout_or_none
-from zdq.consumer import Consumer, ConsumerBaseClass, GeneralConsumer
-from zdq.driver import NO_CONSUMER
-from zdq.errors import BrokerUnreachable, ClosedError, NoConsumers, PlacementError, ZdqTimeoutError
-from zdq.fanout import served_queues
-from zdq.names import consumer_names, counted
+from zdq._actor import allowed_workers, check_resources
+from zdq.client.consumers import ConsumerSlots
 from zdq.client.queue_pool import QueuePool
+from zdq.client.slots import Supervisor
+from zdq.config import seconds_or_none, timeout_or_none
+from zdq.consumer import ConsumerBaseClass, GeneralConsumer
+from zdq.errors import BrokerUnreachable, ClosedError, PlacementError
+from zdq.names import counted
 from zdq.stats import ConsumerStats
-from zdq.transport.reach import OPEN_BETWEEN_WORKERS, describe
-from zdq.transport.sockets import new_identity
 
 __all__ = ["ConsumerPool", "EARLIER", "NOT_RUN"]
 
@@ -37,19 +49,32 @@ logger = logging.getLogger(__name__)
 def _integer(value: Any, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
-#: Consumers whose health() is asked per supervision round (every 2 s or two heartbeats).
-_HEALTH_PER_ROUND = 8
 
+class _JoinBar:
+    """join()'s progress bar, made at the first count (its total known then) and counted against
+    the tasks submitted: its total does not move unless more are submitted meanwhile."""
 
-def _progress_bar() -> Any:
-    from tqdm.auto import tqdm
+    def __init__(self) -> None:
+        self.bar: Any = None
 
-    class Bar(tqdm):  # type: ignore[misc]
-        # tqdm's monitor thread would outlive the bar (and the program's own checks for threads);
-        # the bar is refreshed by join's loop anyway.
-        monitor_interval = 0
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
 
-    return Bar(total=0, unit="task", desc="zdq", dynamic_ncols=True)
+            class Bar(tqdm):  # type: ignore[misc]
+                # tqdm's monitor thread would outlive the bar (and the program's own checks for
+                # threads); the bar is refreshed by join's loop anyway.
+                monitor_interval = 0
+
+            self.bar = Bar(total=total, unit="task", desc="zdq", dynamic_ncols=True)
+        elif self.bar.total != total:
+            self.bar.total = total
+        if done != self.bar.n:
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class ConsumerPool:
@@ -149,273 +174,78 @@ class ConsumerPool:
         # Every keyword a QueuePool takes for its settings is taken here too (heartbeat_interval,
         # ...): it applies to these consumers.
         self.settings = queue_pool.settings.with_overrides(prefetch=prefetch, **overrides)
+        registry = queue_pool.consumer_registry
         if batch_size is not None:
             # daskqueue's batch_size was how many items a consumer takes at once: in zdq, what a
             # consumer takes is a chunk, cut by the submitter; so this caps the chunks of what is
             # submitted from now on.
-            queue_pool.consumer_batch_size = batch_size
-        self.names = consumer_names(ConsumerClass.__name__, n_consumers)
-        # The queues each consumer slot serves: at most fan-out of them, every queue by someone.
-        self.served = [
-            served_queues(i, n_consumers, queue_pool.n_queues, fan_out=self.settings.fan_out)
-            for i in range(n_consumers)
-        ]
-        self._allowed_workers = allowed_workers(client, workers)
+            registry.batch_size = batch_size
         self.resources = check_resources(resources)
-        self._placed_on: dict[int, str] = {}
-        # Every identity each consumer slot had: a replacement gets a new one, results keep all.
-        self._identities: list[list[bytes]] = [[] for _ in range(n_consumers)]
-        self._actor_futures: list[Any] = [None] * n_consumers
-        self._consumers: list[Any] = [None] * n_consumers
-        self._lock = threading.RLock()
+        self._consumers = ConsumerSlots(
+            client,
+            queue_pool,
+            ConsumerClass,
+            n_consumers,
+            self.settings,
+            max_concurrency=max_concurrency,
+            early_ack=early_ack,
+            retries=retries or 0,
+            time_limit=self.time_limit,
+            allowed_workers=allowed_workers(client, workers),
+            resources=self.resources,
+            on_identity=registry.add_identity,
+        )
+        self.names = self._consumers.names
+        self.served = self._consumers.served
         self._running = False
         self._closed = False
-        self._stop_supervisor = threading.Event()
-        self._supervisor: threading.Thread | None = None
-        self.replacements = 0
-        self._health_due = 0.0
-        self._health_next = 0  # the consumer whose health is asked next
-        # Queues placed again since start(): whether some consumer reaches them where they went.
-        # queue -> (when to judge at the latest, [(consumer, its reach() future)], its placement)
-        self._reach_checks: dict[int, tuple[float, list[tuple[str, Any]], int]] = {}
-        self._reach_gen: dict[int, int] = {}  # queue -> how often it was placed again
-        self._orphans: dict[int, str] = {}  # queue -> why no consumer reaches it (join raises it)
-        queue_pool.subscribe(self)
-        queue_pool.consumers_changed()
+        self._supervisor: Supervisor | None = None
+        registry.subscribe(self)
+        registry.consumers_changed()
         try:
-            self._place_all()
+            self._consumers.place_all()
         except Exception as e:
             self.close()
             raise PlacementError(f"could not place consumers: {e}") from e
         if start:
             self.start()
 
-    def _place_all(self) -> None:
-        """Place every consumer at once: the actors are created in parallel, so a pool of 64 costs
-        about what one does, plus the scheduler's work per actor."""
-        known = self.client.scheduler_info(n_workers=-1)["workers"]
-        submitted = []
-        try:
-            for i in range(self.n_consumers):
-                submitted.append((i, *self._submit(i, known)))
-            for i, fut, ident in submitted:
-                self._adopt(i, fut, ident, fut.result(timeout=60))
-        except BaseException:
-            for _, fut, _ in submitted:
-                fut.release()
-            raise
+    # -- seen by the queue pool's registry -------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._running
 
-    def _place(self, i: int) -> None:
-        fut, ident = self._submit(i)
-        try:
-            actor = fut.result(timeout=60)
-        except BaseException:
-            fut.release()
-            raise
-        self._adopt(i, fut, ident, actor)
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
-    def _submit(self, i: int, known: dict[str, Any] | None = None) -> tuple[Any, bytes]:
-        address = pick_worker(self.client, self._allowed_workers, i, self._placed_on, self.resources, known)
-        ident = new_identity()
-        name = self.names[i]
-        fut = self.client.submit(  # released below if the actor cannot be created
-            Consumer,
-            name,
-            ident,
-            self.consumer_class,
-            self.settings,
-            self.max_concurrency,
-            self.early_ack,
-            self.retries or 0,
-            self.queue_pool.client_keys,
-            self.queue_pool.payload_key,
-            self.time_limit,
-            (self.queue_pool.name, self.queue_pool.dirpath),
-            actor=True,
-            workers=[address],
-            allow_other_workers=False,
-            pure=False,
-            key=f"zdq-consumer-{name}-{uuid.uuid4().hex[:8]}",
-        )
-        return fut, ident
-
-    def _adopt(self, i: int, fut: Any, ident: bytes, actor: Any) -> None:
-        self.queue_pool.consumer_identities.add(ident)
-        with self._lock:
-            self._identities[i].append(ident)
-            self._actor_futures[i] = fut
-            self._consumers[i] = actor
-
-    # -- supervision ----------------------------------------------------------------------------
-    def _supervise_once(self) -> None:
-        if self._closed or self.client.status != "running":
-            return
-        if any(fut is not None and fut.status == "cancelled" for fut in self._actor_futures):
-            logger.info("the consumers were cancelled (client.restart?); supervision stops")
-            self._stop_supervisor.set()
-            return
-        if self._reach_checks:
-            self._judge_reach()
-        unhealthy = self._unhealthy() if self._running else {}
-        for i, fut in enumerate(list(self._actor_futures)):
-            if fut is None or self._closed:
-                continue
-            if fut.status == "finished" and i not in unhealthy:
-                continue
-            why = unhealthy.get(i) or f"its worker was lost ({fut.status})"
-            logger.warning("consumer %s cannot work: %s; placing a replacement", self.names[i], why)
-            try:
-                self._replace(i)
-            except Exception as e:  # keep supervising: the next round tries again
-                logger.warning("replacing consumer %s failed (will retry): %s", self.names[i], e)
-
-    def _unhealthy(self) -> dict[int, str]:
-        """Consumers alive to Dask that cannot work (their sockets failed): a few of them asked
-        every few seconds, in turn, so that a large pool adds a bounded number of actor calls."""
-        now = time.monotonic()
-        if now < self._health_due:
-            return {}
-        self._health_due = now + max(2.0, self.settings.heartbeat_interval * 2)
-        calls = []
-        with self._lock:
-            first = self._health_next
-            turn = [(first + k) % self.n_consumers for k in range(min(self.n_consumers, _HEALTH_PER_ROUND))]
-            self._health_next = (first + len(turn)) % self.n_consumers
-            for i in turn:
-                fut, consumer = self._actor_futures[i], self._consumers[i]
-                if fut is not None and fut.status == "finished" and hasattr(Consumer, "health"):
-                    try:
-                        calls.append((i, consumer.health()))
-                    except Exception:  # the worker is going: the next round sees its future lost
-                        continue
-        out: dict[int, str] = {}
-        for i, call in calls:
-            try:
-                healthy, reason = call.result(timeout=10)
-            except Exception:
-                continue
-            if not healthy:
-                out[i] = reason
-        return out
-
-    def _replace(self, i: int) -> None:
-        old = self._actor_futures[i]
-        self._place(i)
-        if old is not None:
-            old.release()
-        self.replacements += 1
-        if self._running and not self._closed:
-            self._consumers[i].start(*self._start_args(i)).result(timeout=30)
-
-    def _start_args(self, i: int) -> tuple[list[str], list[int]]:
-        """What consumer ``i`` starts with: the endpoints of the queues it serves, and which."""
-        endpoints = self.queue_pool.endpoints
-        return [endpoints[q] for q in self.served[i]], self.served[i]
+    @property
+    def replacements(self) -> int:
+        return self._consumers.replacements
 
     def on_broker_moved(self, broker: int, endpoint: str) -> None:
-        """Called by the QueuePool when it placed a lost broker again: every consumer serving it
-        reconnects.
-
-        Each consumer is told on its own: one on a dead worker (replaced, with the current
-        endpoints, by the supervisor) never keeps the others uninformed.
-        """
-        queue = self.queue_pool.queue_names[broker]
-        with self._lock:
-            # A new placement: what was found of the last one no longer holds, and a check of it
-            # still out is stale (its generation is behind).
-            self._reach_gen[broker] = self._reach_gen.get(broker, 0) + 1
-            self._orphans.pop(broker, None)
-            self._reach_checks.pop(broker, None)
-        calls = []
-        for name, consumer in self._live(serving=broker):
-            try:
-                calls.append((name, consumer.set_endpoint(broker, endpoint)))
-            except Exception as e:
-                logger.debug("pointing consumer %s at queue %s failed: %s", name, queue, e)
-        for name, call in calls:
-            try:
-                call.result(timeout=30)
-            except Exception as e:  # a lost consumer is replaced with the new endpoints anyway
-                logger.debug("pointing consumer %s at queue %s failed: %s", name, queue, e)
-        if self._running:
-            self._ask_reach(broker, self._reach_gen[broker])
-
-    # -- whether a queue placed again is still served ------------------------------------------
-    # start() checks that every queue is reached; a queue placed again later (its worker died) may
-    # land where no consumer reaches it, and its tasks would wait for ever. The consumers serving
-    # it are asked in the background (the QueuePool's supervisor, which tells us of the move, must
-    # not wait connect-timeout for them); the supervisor judges their answers, asks again while
-    # the queue stays unreached, and join() raises what it found instead of waiting.
-    def _ask_reach(self, broker: int, gen: int) -> None:
-        """Ask the consumers serving ``broker`` whether they reach it (placement ``gen`` of it)."""
-        queue = self.queue_pool.queue_names[broker]
-        calls = []
-        for name, consumer in self._live(serving=broker):
-            try:
-                calls.append((name, consumer.reach([queue])))
-            except Exception as e:  # a lost consumer is replaced, and the replacement connects anew
-                logger.debug("reach on consumer %s failed: %s", name, e)
-        s = self.settings
-        judge_by = time.monotonic() + s.connect_timeout + 2 * s.heartbeat_interval + 10
-        with self._lock:
-            if self._reach_gen.get(broker, 0) == gen:  # else it moved meanwhile: a newer check runs
-                self._reach_checks[broker] = (judge_by, calls, gen)
-
-    def _judge_reach(self) -> None:
-        """Judge the reach checks whose answers are all in (or overdue)."""
-        now = time.monotonic()
-        with self._lock:
-            due = {
-                broker: (calls, gen)
-                for broker, (judge_by, calls, gen) in self._reach_checks.items()
-                if now >= judge_by or all(call.done() for _, call in calls)
-            }
-            for broker in due:
-                del self._reach_checks[broker]
-        for broker, (calls, gen) in due.items():
-            answers = []
-            for name, call in calls:
-                try:
-                    answers.append((name, call.result(timeout=0.1)))
-                except Exception as e:
-                    logger.debug("reach on consumer %s failed: %s", name, e)
-            orphans, why = self._reach_verdict(answers)
-            queue = self.queue_pool.queue_names[broker]
-            with self._lock:
-                if self._reach_gen.get(broker, 0) != gen:
-                    continue  # the queue moved since it was asked: a newer check judges it
-                was = self._orphans.pop(broker, None)
-                if queue in orphans:
-                    self._orphans[broker] = why
-            if queue in orphans:
-                if was is None:
-                    logger.error("%s", why)
-                if self._running and not self._closed:
-                    self._ask_reach(broker, gen)  # until some consumer reaches it
-            elif was is not None:
-                logger.warning("queue %s is reached by consumers of pool %s again", queue, self.queue_pool.name)
-            elif why:
-                logger.warning("%s", why)
+        """Called when a lost queue is served again: every consumer serving it reconnects."""
+        self._consumers.broker_moved(broker, endpoint, self._running)
 
     def unreached(self) -> dict[str, str]:
         """Queues placed again where none of this pool's consumers reaches them, with why:
         ``join()`` raises :class:`BrokerUnreachable` for those that hold tasks."""
         names = self.queue_pool.queue_names
-        with self._lock:
-            return {names[i]: why for i, why in self._orphans.items()}
+        return {names[i]: why for i, why in self._consumers.orphans().items()}
 
-    def _live(self, serving: int | None = None) -> list[tuple[str, Any]]:
-        """``(name, actor)`` of every consumer placed now (that serves queue ``serving``)."""
-        with self._lock:
-            return [
-                (name, c)
-                for name, c, queues in zip(self.names, self._consumers, self.served)
-                if c is not None and (serving is None or serving in queues)
-            ]
+    # -- supervision ------------------------------------------------------------------------------
+    def _stopping(self) -> bool:
+        return self._closed or self._supervisor is None or self._supervisor.stopping
 
-    def _ensure_supervisor(self) -> None:
-        if self._supervisor is None:
-            self._supervisor = start_supervisor(self, self._stop_supervisor, "zdq-supervisor-consumers")
+    def _supervise_once(self) -> None:
+        if self._stopping() or self.client.status != "running":
+            return
+        if self._consumers.cancelled():
+            logger.info("the consumers were cancelled (client.restart?); supervision stops")
+            if self._supervisor is not None:
+                self._supervisor.stop()
+            return
+        self._consumers.supervise_once(self._running, self._stopping)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -440,99 +270,22 @@ class ConsumerPool:
         self.queue_pool.driver  # a QueuePool closed meanwhile raises ClosedError here
         logger.info("Starting %d consumers", self.n_consumers)
         self._running = True
-        self._each("start", timeout=60, args_of=self._start_args)
-        self._ensure_supervisor()
-        self._check_reach()
-
-    def _check_reach(self) -> None:
-        """Wait until every consumer heard from its brokers or reported them unreachable; raise if
-        some queue is reached by none (its tasks would never run), warn if some consumers miss
-        queues that others serve. Queues that are down (being placed again) are not waited for:
-        the consumers are told where they went when they are placed again."""
-        qp = self.queue_pool
-        up = self._queues_up()
-        calls = []
-        for name, consumer in self._live():
-            try:
-                calls.append((name, consumer.reach(up)))
-            except Exception as e:  # its worker is gone: the supervisor replaces it
-                logger.debug("reach on consumer %s failed: %s", name, e)
-        wait = self.settings.connect_timeout + 2 * self.settings.heartbeat_interval + 10
-        answers = []
-        for name, call in calls:
-            try:
-                answers.append((name, call.result(timeout=wait)))
-            except Exception as e:
-                logger.debug("reach on consumer %s failed: %s", name, e)
-        orphans, why = self._reach_verdict(answers)
+        self._consumers.each("start", timeout=60, args_of=self._consumers.start_args)
+        if self._supervisor is None:
+            self._supervisor = Supervisor(self, "zdq-supervisor-consumers", method="_supervise_once")
+            self._supervisor.start()
+        orphans, why = self._consumers.check_reach()
         if orphans:
             raise BrokerUnreachable(why)
         if why:
             logger.warning("%s", why)
-
-    def _reach_verdict(
-        self, answers: list[tuple[str, tuple[list[str], list[tuple[str, str, str]]]]]
-    ) -> tuple[list[str], str]:
-        """From the consumers' ``reach()`` answers: the queues that are up and that no consumer
-        reaches, and what to tell the user (empty when every consumer reaches all it serves)."""
-        qp = self.queue_pool
-        reached: set[str] = set()
-        missed: dict[str, list[tuple[str, str, str]]] = {}  # queue -> (consumer, endpoint, why)
-        for name, (ok, failed) in answers:
-            reached.update(ok)
-            for queue, endpoint, why in failed:
-                missed.setdefault(queue, []).append((name, endpoint, why))
-        up = self._queues_up()  # a queue lost meanwhile is the supervisor's, not unreachable
-        missed = {queue: tries for queue, tries in missed.items() if queue in up}
-        if not missed:
-            return [], ""
-        workers = dict(zip(qp.queue_names, qp._workers()))
-        where = {name: self._placed_on.get(i, "?") for i, name in enumerate(self.names)}
-        lines = [
-            (queue, endpoint, workers.get(queue, ""), f"{consumer} on {where.get(consumer, '?')}: {why}")
-            for queue, tries in missed.items()
-            for consumer, endpoint, why in tries
-        ]
-        orphans = [queue for queue in missed if queue not in reached]
-        if orphans:
-            subject = (
-                f"no consumer of pool {qp.name} reaches {', '.join(orphans)}: their tasks would never run "
-                "(the consumers keep running and connecting)"
-            )
-        else:
-            subject = f"some consumers of pool {qp.name} cannot reach some of its queues (other consumers serve them)"
-        return orphans, describe(subject, lines, OPEN_BETWEEN_WORKERS)
-
-    def _queues_up(self) -> list[str]:
-        qp = self.queue_pool
-        return [name for name, up in zip(qp.queue_names, qp.driver.links_up()) if up]
 
     def cancel(self) -> None:
         """Stop pulling work; chunks already received finish and report. ``start()`` resumes."""
         if self._closed:
             return
         self._running = False
-        self._each("cancel")
-
-    def _each(
-        self, method: str, *args: Any, timeout: float = 30.0, args_of: Callable[[int], tuple[Any, ...]] | None = None
-    ) -> None:
-        """Call ``method`` on every consumer at once (with ``args``, or ``args_of(slot)``); a lost
-        one is skipped (and replaced)."""
-        calls = []
-        with self._lock:
-            live = [(i, name, c) for i, (name, c) in enumerate(zip(self.names, self._consumers)) if c is not None]
-        for i, name, consumer in live:
-            try:
-                calls.append((name, getattr(consumer, method)(*(args_of(i) if args_of else args))))
-            except Exception as e:  # its worker is gone
-                logger.debug("%s on consumer %s failed: %s", method, name, e)
-        for name, call in calls:
-            try:
-                call.result(timeout=timeout)
-            except Exception as e:
-                # Lost or unhealthy consumers are replaced by the supervisor, with what they missed.
-                (logger.warning if method == "start" else logger.debug)("%s on consumer %s failed: %s", method, name, e)
+        self._consumers.each("cancel")
 
     def join(
         self,
@@ -570,51 +323,10 @@ class ConsumerPool:
         """
         self._check_open()
         timeout = timeout_or_none(timeout, "join's timeout")
-        driver = self.queue_pool.driver
         logger.info("Waiting for the %d consumers to process all items in queue_pool...", self.n_consumers)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        bar = None
-        if progress:
-            bar = _progress_bar()
-        pending = outstanding = 0
+        bar = _JoinBar() if progress else None
         try:
-            while True:
-                # The queues' counts come over the data plane: no actor call, so a broker that is
-                # being placed again (its worker died) only makes join wait, never fail.
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    driver.flush(timeout=left)
-                except ZdqTimeoutError:
-                    pass  # the deadline is checked below
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                statuses = driver.queue_status(timeout=10 if left is None else min(10.0, max(left, 0.1)))
-                known = [s for s in statuses if s is not None]
-                pending = sum(s.ready_tasks + s.leased_tasks + s.waiting_tasks for s in known)
-                outstanding = driver.outstanding
-                if bar is not None:
-                    # Every result of the pool's tasks counts, those in before join() began too,
-                    # against every task this driver submitted plus what the queues hold for others.
-                    stats = driver.statistics()
-                    done = stats.tasks_completed + stats.foreign_tasks
-                    bar.total = max(stats.tasks_submitted + stats.foreign_tasks, done + pending)
-                    bar.update(done - bar.n)
-                # A STATUS reply comes after every result its broker routed here before it (one
-                # socket keeps order): when every queue answers "nothing pending", those are in.
-                if len(known) == len(statuses) and pending == 0 and outstanding == 0:
-                    break
-                if (pending or outstanding) and not any(pool._running for pool in self.queue_pool.consumer_pools()):
-                    raise NoConsumers(
-                        f"join: {max(pending, outstanding)} tasks are pending and no consumer is running: "
-                        "call consumer_pool.start() first"
-                    )
-                self._raise_unreached(statuses)
-                if deadline is not None and time.monotonic() > deadline:
-                    down = len(statuses) - len(known)
-                    raise ZdqTimeoutError(
-                        f"join: {max(pending, outstanding)} tasks were still pending at the timeout"
-                        + (f" ({down} queues were down, being placed again)" if down else "")
-                    )
-                driver.wait_results(timeout=timestep)
+            statuses = self.queue_pool.wait_drained(timeout, timestep=timestep, progress=bar, check=self._raise_unreached)
         finally:
             if bar is not None:
                 bar.close()
@@ -625,16 +337,13 @@ class ConsumerPool:
     def _raise_unreached(self, statuses: list[Any]) -> None:
         """Raise if a queue that holds tasks is reached by no consumer of any of the queue pool's
         ConsumerPools (it was placed again where they cannot connect)."""
-        with self._lock:
-            if not self._orphans:
-                return
-            orphans = dict(self._orphans)
+        orphans = self._consumers.orphans()
         for broker, why in orphans.items():
             status = statuses[broker] if broker < len(statuses) else None
             if status is None or not status.ready_tasks:
                 continue
             queue = self.queue_pool.queue_names[broker]
-            others = [pool for pool in self.queue_pool.consumer_pools() if pool is not self and pool._running]
+            others = [pool for pool in self.queue_pool.consumer_pools() if pool is not self and pool.running]
             if any(queue not in pool.unreached() for pool in others):
                 continue  # another pool's consumers serve it
             raise BrokerUnreachable(f"join: {why}")
@@ -665,43 +374,41 @@ class ConsumerPool:
         """
         if not self.queue_pool.keep_results:
             raise ClosedError("the QueuePool was made with keep_results=False: read results from futures")
-        driver = self.queue_pool.driver
-        out = {name: driver.results_for(idents) for name, idents in zip(self.names, self._identities)}
-        earlier = self._earlier_producers()
-        if earlier:
-            out[EARLIER] = driver.results_for(earlier)
-        pools = self.queue_pool.consumer_pools()
-        if pools and pools[-1] is self:
-            not_run = driver.results_for([NO_CONSUMER])
+        self.queue_pool.driver  # a closed queue pool raises ClosedError here
+        registry = self.queue_pool.consumer_registry
+        out = {name: registry.results_for(idents) for name, idents in zip(self.names, self._consumers.identities)}
+        if self._newest():
+            earlier = registry.earlier_producers()
+            if earlier:
+                out[EARLIER] = registry.results_for(earlier)
+            not_run = registry.not_run()
             if not_run:
                 out[NOT_RUN] = not_run
         return out
 
-    def _earlier_producers(self) -> set[bytes]:
-        """Consumers that no ConsumerPool of this process placed (a durable queue kept their
-        results from before a restart): the newest ConsumerPool of the queue pool reports them."""
+    def _newest(self) -> bool:
+        """Whether this is the newest ConsumerPool of the pool: it reports what no consumer of this
+        process produced (results a durable queue kept from before a restart, tasks never run)."""
         pools = self.queue_pool.consumer_pools()
-        if not pools or pools[-1] is not self:
-            return set()
-        return self.queue_pool.driver.producers() - self.queue_pool.consumer_identities
+        return bool(pools) and pools[-1] is self
 
     def nb_consumed(self) -> int:
         """Tasks whose results reached this process from this pool's consumers (and, for the
         newest ConsumerPool, from consumers of an earlier run: see :meth:`results`)."""
-        driver = self.queue_pool.driver
-        own = driver.done_count(ident for idents in self._identities for ident in idents)
-        return own + driver.done_count(self._earlier_producers())
+        self.queue_pool.driver  # a closed queue pool raises ClosedError here
+        registry = self.queue_pool.consumer_registry
+        own = registry.done_count(ident for idents in self._consumers.identities for ident in idents)
+        return own + (registry.done_count(registry.earlier_producers()) if self._newest() else 0)
 
     def statistics(self, timeout: float = 10.0) -> list[ConsumerStats]:
-        with self._lock:
-            calls = [c.statistics() for c in self._consumers]
+        calls = [c.statistics() for c in self._consumers.slots.actors() if c is not None]
         return [c.result(timeout=timeout) for c in calls]
 
     def __len__(self) -> int:
         return self.n_consumers
 
     def __getitem__(self, index: int) -> Any:
-        return self._consumers[index]
+        return self._consumers.slots.actors()[index]
 
     #: Past this many consumers, a repr shows their total instead of one line each.
     _REPR_CONSUMERS = 8
@@ -716,10 +423,10 @@ class ConsumerPool:
         state = "running" if self._running else "idle (call start())"
         if self.replacements:
             state += f", {self.replacements} replaced"
-        driver = self.queue_pool._driver
-        if self.queue_pool._closed or driver is None:
+        if self.queue_pool.live_driver() is None:
             return f"{head}, {state}; its queue pool is closed"
-        done = [driver.done_count(idents) for idents in self._identities]
+        registry = self.queue_pool.consumer_registry
+        done = [registry.done_count(idents) for idents in self._consumers.identities]
         if self.n_consumers > self._REPR_CONSUMERS:
             lines = [f"{sum(done)} tasks processed"]
         else:
@@ -733,26 +440,11 @@ class ConsumerPool:
             return
         self._closed = True
         self._running = False
-        self._stop_supervisor.set()
         if self._supervisor is not None:
-            self._supervisor.join(10)
-        stops = []
-        for name, consumer in self._live():
-            try:
-                stops.append((name, consumer.stop()))
-            except Exception as e:
-                logger.debug("stopping consumer %s failed: %s", name, e)
-        for name, call in stops:
-            try:
-                call.result(timeout=15)
-            except Exception as e:
-                logger.debug("stopping consumer %s failed: %s", name, e)
-        for fut in self._actor_futures:
-            if fut is not None:
-                fut.release()
-        self._actor_futures = [None] * self.n_consumers
-        self._consumers = [None] * self.n_consumers
-        self.queue_pool.consumers_changed()
+            # A replacement in progress is not waited for long: the closed slots refuse it.
+            self._supervisor.stop(join=2.0)
+        self._consumers.release()
+        self.queue_pool.consumer_registry.consumers_changed()
 
     def __enter__(self) -> ConsumerPool:
         return self

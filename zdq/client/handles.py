@@ -11,14 +11,34 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from zdq.driver import Driver
 from zdq.errors import BrokerLost, ZdqTimeoutError
 
-if TYPE_CHECKING:
-    from zdq.client.queue_pool import QueuePool
+__all__ = ["QueueHandle", "HandlePool"]
 
-__all__ = ["QueueHandle"]
+
+class HandlePool(Protocol):
+    """What a :class:`QueueHandle` needs of its pool (a Protocol: no import of the pool's module)."""
+
+    queue_names: list[str]
+
+    @property
+    def driver(self) -> Driver: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def live_driver(self) -> Driver | None: ...
+
+    def flush(self, timeout: float | None = None) -> None: ...
+
+    def put(self, item: Any) -> Any: ...
+
+    def put_many(self, items: Any, batch_size: int | None = None, timeout: float | None = None) -> Any: ...
+
+    def broker_actor(self, i: int) -> Any: ...
 
 
 def _done(value: Any = None, exc: BaseException | None = None) -> concurrent.futures.Future[Any]:
@@ -46,13 +66,13 @@ def _in_background(fn: Callable[[], Any], name: str) -> concurrent.futures.Futur
 
 
 class QueueHandle:
-    """Queue ``index`` of a :class:`~zdq.queue_pool.QueuePool`.
+    """Queue ``index`` of a :class:`~zdq.QueuePool`.
 
     >>> queue_pool[0].qsize().result()        # doctest: +SKIP
     5
     """
 
-    def __init__(self, pool: QueuePool, index: int) -> None:
+    def __init__(self, pool: HandlePool, index: int) -> None:
         self._pool = pool
         self.index = index
         self.name = pool.queue_names[index]
@@ -94,8 +114,7 @@ class QueueHandle:
 
     # -- control plane: the queue's broker actor ------------------------------------------------
     def _broker(self) -> Any:
-        self._pool._owned("calls to a queue's broker")
-        return self._pool._brokers[self.index]
+        return self._pool.broker_actor(self.index)
 
     def pid(self) -> Any:
         """The pid of the worker process that serves this queue (an actor future)."""
@@ -110,7 +129,7 @@ class QueueHandle:
 
     def __repr__(self) -> str:
         """The queue's state as this process knows it, asking nothing (see ``QueuePool.__repr__``)."""
-        driver = self._pool._driver
-        if self._pool._closed or driver is None:
-            return f"<QueueHandle {self.name}: pool {'closed' if self._pool._closed else 'not started'}>"
+        driver = self._pool.live_driver()
+        if driver is None:
+            return f"<QueueHandle {self.name}: pool {'closed' if self._pool.closed else 'not started'}>"
         return f"<QueueHandle {driver.queue_states()[self.index].describe()}>"

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from zdq.errors import BrokerLost, SerializationError
 from zdq.schedules import Missed, ScheduleRecord, Spec, _missed
@@ -26,10 +26,27 @@ from zdq.serialization import error_to_exception, loads_results
 from zdq.tasks import TASKS, TaskOptions, call_task, dumps_chunk
 from zdq.timing import timing_of
 
-if TYPE_CHECKING:
-    from zdq.client.queue_pool import QueuePool
+from zdq.driver import Driver
 
-__all__ = ["Schedule", "cancel_schedule", "list_schedules", "make_schedule"]
+__all__ = ["Schedule", "SchedulePool", "cancel_schedule", "list_schedules", "make_schedule"]
+
+
+class SchedulePool(Protocol):
+    """What schedules need of their pool (a Protocol: no import of the pool's module)."""
+
+    name: str
+    n_queues: int
+    queue_names: list[str]
+
+    @property
+    def payload_key(self) -> bytes | None: ...
+
+    @property
+    def driver(self) -> Driver: ...
+
+    def next_schedule_queue(self) -> int: ...
+
+    def broker_actor(self, i: int) -> Any: ...
 
 
 def _utc(t: float) -> datetime | None:
@@ -93,7 +110,7 @@ class Schedule:
         return cancel_schedule(self._pool, self.schedule_id, timeout)
 
 
-def _snapshot(pool: QueuePool, index: int, record: ScheduleRecord) -> Schedule:
+def _snapshot(pool: SchedulePool, index: int, record: ScheduleRecord) -> Schedule:
     value, error = None, None
     if record.last_results:
         try:
@@ -124,7 +141,7 @@ def _snapshot(pool: QueuePool, index: int, record: ScheduleRecord) -> Schedule:
 
 
 def make_schedule(
-    pool: QueuePool,
+    pool: SchedulePool,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -155,7 +172,7 @@ def make_schedule(
     return _snapshot(pool, index, record)
 
 
-def list_schedules(pool: QueuePool, timeout: float) -> list[Schedule]:
+def list_schedules(pool: SchedulePool, timeout: float) -> list[Schedule]:
     """Every schedule of the pool's queues, by next tick.
 
     Raises
@@ -185,7 +202,7 @@ def list_schedules(pool: QueuePool, timeout: float) -> list[Schedule]:
     return sorted(found, key=lambda s: s.next_tick)
 
 
-def cancel_schedule(pool: QueuePool, schedule_id: int, timeout: float) -> bool:
+def cancel_schedule(pool: SchedulePool, schedule_id: int, timeout: float) -> bool:
     if not isinstance(schedule_id, int) or isinstance(schedule_id, bool) or schedule_id <= 0:
         raise ValueError(f"schedule_id must be a schedule's id (a positive integer), got {schedule_id!r}")
     # Asked of every queue, not only ``id % n_queues``: a durable pool opened again with another
