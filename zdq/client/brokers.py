@@ -16,6 +16,7 @@ state                              owner
 ``endpoints``, ``placed_on``,      the user's thread until ``place()`` returns, then the pool's
 ``where``                          supervisor thread (recovery); other threads read whole values
                                    (a list item, a dict item), never a half-written one
+``_withdrawn``                     ``_record_lock`` (publish and withdraw never cross)
 ``_lost_since``, ``_gone``,        the pool's supervisor thread
 ``_silent_logged``, ``recoveries``
 ``AttachedQueues.record``          the pool's supervisor thread (``follow``), after ``__init__``
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -107,7 +109,10 @@ class PlacedQueues:
         self._gone: set[int] = set()  # durable queues that cannot be placed again
         self._silent_logged: set[int] = set()
         self.recoveries = 0
-        self.published = False
+        # Publishing (the supervisor, after a recovery) and withdrawing (close()) never cross: a
+        # late recovery does not publish a pool that was withdrawn.
+        self._record_lock = threading.Lock()
+        self._withdrawn = False
         # How long a lost queue may take to be placed again (a nanny restarting its worker takes
         # seconds) before what it held fails: every future settles within a bound.
         self.recovery_timeout = max(60.0, 4 * settings.heartbeat_timeout)
@@ -208,6 +213,11 @@ class PlacedQueues:
     # -- the registry ----------------------------------------------------------------------------
     def publish(self) -> None:
         """Tell the cluster where this pool's queues are (other producers attach by name)."""
+        with self._record_lock:
+            if not self._withdrawn:
+                self._publish()
+
+    def _publish(self) -> None:
         try:
             registry.publish(
                 self.client,
@@ -225,13 +235,14 @@ class PlacedQueues:
                     workers=tuple(self.workers()),
                 ),
             )
-            self.published = True
         except Exception as e:  # the pool works without it; only attaching does not
             logger.warning("pool %s could not be published on the cluster: %s", self.name, e)
 
     def withdraw(self) -> None:
-        if self.published:
-            self.published = False
+        with self._record_lock:
+            if self._withdrawn:
+                return
+            self._withdrawn = True
             registry.withdraw(
                 self.client,
                 registry.PoolRecord(self.name, False, self.dirpath, (), (), None, None, self.settings, "", self._owner_token),
@@ -317,6 +328,8 @@ class PlacedQueues:
             logger.warning("placing queue %s again failed (will retry): %s", name, e)
             return None
         release_future(old)
+        if stopping():
+            return None  # closed meanwhile: release() stops what was adopted; nothing is told
         self.endpoints[i] = endpoint
         del self._lost_since[i]
         self.recoveries += 1

@@ -10,15 +10,16 @@ of its own:
 - :mod:`zdq.client.submit`: option merging (once), calls, batches, iterables, progress;
 - :mod:`zdq.client.consumer_registry`: the ConsumerPools of the pool, their identities, and
   the drivers of this process that feed the pool;
-- :mod:`zdq.client.slots`: the supervisor thread, written once for both pools.
+- :mod:`zdq.client.supervision`: the watch over the queues and the relay, on the supervisor
+  thread of :mod:`zdq.client.slots` (written once for both pools).
 
 Ownership
 ---------
 ==========================  =======================================================================
 state                       owner
 ==========================  =======================================================================
-``_queues``, ``_driver``,   the user's thread: set by ``start()`` (before the supervisor starts),
-``_relay``, ``_supervisor`` read by the supervisor; ``close()`` stops the supervisor first
+``_queues``, ``_driver``,   the user's thread: set by ``start()`` (before the supervision starts),
+``_relay``, ``_watch``      read by the supervisor thread; ``close()`` stops the supervision first
 ``_closed``                 the user's thread (``close()``); the supervisor only reads it, and a
                             late recovery is refused by the broker slots' own closed flag
 ``_host``                   the user's thread: the in-process owner this pool attached to, held
@@ -43,9 +44,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import timedelta
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from distributed import Client
@@ -56,9 +55,10 @@ from zdq.client import registry
 from zdq.client.brokers import AttachedQueues, PlacedQueues, make_keys
 from zdq.client.cluster import OwnedCluster, cluster_for
 from zdq.client.consumer_registry import ConsumerRegistry
+from zdq.client.control import ControlMethods, DeadLetterInfo
+from zdq.client.drain import wait_drained
 from zdq.client.handles import QueueHandle
-from zdq.client.schedules import Schedule, cancel_schedule, list_schedules, make_schedule
-from zdq.client.slots import Supervisor
+from zdq.client.supervision import QueueWatch
 from zdq.client.submit import SubmitMethods, Submitter, TaskDefaults
 from zdq.config import PoolSettings, seconds_or_none, settings, timeout_or_none
 from zdq.driver import Driver
@@ -66,7 +66,6 @@ from zdq.errors import (
     BrokerLost,
     BrokerUnreachable,
     ClosedError,
-    NoConsumers,
     QueueLocked,
     ZdqError,
     ZdqTimeoutError,
@@ -74,7 +73,6 @@ from zdq.errors import (
 from zdq.names import counted, queue_name
 from zdq.observe.monitor import ensure_installed
 from zdq.relay.path import RelayPath
-from zdq.stats import BrokerStats, PoolStats
 from zdq.tasks import TaskOptions
 from zdq.transport import protocol as p
 from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
@@ -88,16 +86,6 @@ logger = logging.getLogger(__name__)
 #: The pools this process placed, by owner token: a second QueuePool of this process on the same
 #: live pool finds its owner here (held weakly: a pool dropped without close() is collected).
 _owners_here: weakref.WeakValueDictionary[bytes, QueuePool] = weakref.WeakValueDictionary()
-
-
-@dataclass(frozen=True)
-class DeadLetterInfo:
-    """A dead-lettered task: its queue, its id there, and why (with the traceback)."""
-
-    queue: str
-    chunk_id: int
-    n_tasks: int
-    reason: str
 
 
 class Durability(str, enum.Enum):
@@ -127,7 +115,7 @@ def _weakly(method: Callable[[], str]) -> Callable[[], str]:
     return call
 
 
-class QueuePool(SubmitMethods):
+class QueuePool(SubmitMethods, ControlMethods):
     """A pool of ``n_queues`` queues placed on the workers of a Dask cluster.
 
     Parameters
@@ -257,13 +245,12 @@ class QueuePool(SubmitMethods):
         self._host: QueuePool | None = None
         self._driver: Driver | None = None
         self._closed = False
-        self._supervisor: Supervisor | None = None
+        self._watch: QueueWatch | None = None  # the supervision of the queues (and relay)
         self._identity = new_identity()  # the driver's: brokers hand it the results nobody else takes
         self._owner_token = os.urandom(16)  # names this owner in the registry (never the identity)
         #: The ConsumerPools of this pool, their consumers' identities, and this process's drivers
         #: on the pool (shared with an in-process owner when attached to one).
         self.consumer_registry = ConsumerRegistry(self.name)
-        self.reset_by_restart = False
         self._schedules_made = 0  # the i-th schedule made here goes to queue i % n_queues
         self._schedule_lock = threading.Lock()
         # Attaching: a durable pool always may (one name and directory is one pool); a transient
@@ -298,6 +285,11 @@ class QueuePool(SubmitMethods):
     def client_keys(self) -> ClientKeys | None:
         """The CURVE keys of this pool's drivers and consumers (``None`` without authentication)."""
         return None if self._queues is None else self._queues.client_keys
+
+    @property
+    def reset_by_restart(self) -> bool:
+        """Whether ``client.restart()`` took the brokers (the pool's tasks failed)."""
+        return self._watch is not None and self._watch.reset_by_restart
 
     @property
     def recoveries(self) -> int:
@@ -453,8 +445,11 @@ class QueuePool(SubmitMethods):
         return self
 
     def _supervise(self, interval: float) -> None:
-        self._supervisor = Supervisor(self, "zdq-supervisor-queues", interval, method="_supervise_once")
-        self._supervisor.start()
+        assert self._driver is not None and self._queues is not None
+        self._watch = QueueWatch(
+            self.client, self.name, self.dirpath, self._queues, self._driver, self._relay, self.consumer_registry
+        )
+        self._watch.start(interval)
 
     def _start_driver(self) -> None:
         route = None
@@ -528,72 +523,6 @@ class QueuePool(SubmitMethods):
         self._host = None
         raise exc
 
-    # -- supervision (the supervisor thread) ---------------------------------------------------------
-    def _stopping(self) -> bool:
-        return self._closed or self._supervisor is None or self._supervisor.stopping
-
-    def _moved(self, i: int, endpoint: str) -> None:
-        self.consumer_registry.broker_moved(i, endpoint, self.queue_names[i])
-
-    def _supervise_once(self) -> None:
-        driver, queues, supervisor = self._driver, self._queues, self._supervisor
-        if self._stopping() or driver is None or queues is None or supervisor is None:
-            return
-        if self.client.status in ("closing", "closed"):
-            # The pool's Dask client was closed under it (or its cluster with it): no queue can
-            # be placed again, and nothing its futures wait for is sure to come. They fail now,
-            # saying so, instead of waiting for ever.
-            logger.error("the Dask client of pool %s was closed while the pool was open: its pending tasks fail", self.name)
-            supervisor.stop()
-            self._close_relay()
-            kept = " (a durable queue kept them: a new pool on the same dirpath runs them)" if self.dirpath else ""
-            driver.fail_all(
-                ClosedError(
-                    f"the Dask client of pool {self.name} was closed (or its cluster) while this task was pending"
-                    f"{kept}: close pools before their client"
-                )
-            )
-            return
-        if self.client.status != "running":
-            return  # reconnecting to its scheduler
-        if self._relay is not None and self._relay.needs_replacing():
-            self._replace_relay(driver)
-        if isinstance(queues, AttachedQueues):
-            if not queues.follow(driver, self._moved):
-                logger.warning("pool %s was closed by its owner: the tasks this producer still waits for fail", self.name)
-                supervisor.stop()
-                driver.fail_all(ClosedError(f"pool {self.name} was closed by the process that placed it"))
-            return
-        if queues.cancelled():
-            # client.restart() (or a cancel) took the actors: the cluster was reset on purpose, and a
-            # new pool may reopen the same queues. Recovering here would race it for the directories;
-            # what this pool's futures wait for will not come, so they fail now.
-            logger.warning("the brokers of pool %s were cancelled (client.restart?): its pending tasks fail", self.name)
-            supervisor.stop()
-            self.reset_by_restart = True
-            queues.withdraw()  # a new pool on the same name must not attach to these dead queues
-            kept = " (a durable queue kept them: a new pool on the same dirpath runs them)" if self.dirpath else ""
-            driver.fail_all(
-                BrokerLost(
-                    f"the cluster was restarted (client.restart()) while this task of pool {self.name} was "
-                    f"pending{kept}; make a new QueuePool"
-                )
-            )
-            return
-        queues.supervise_once(driver, self._moved, self._stopping)
-
-    def _replace_relay(self, driver: Driver) -> None:
-        """The relay failed: place another and carry every link through it. Each broker is asked
-        which of the chunks it never confirmed it holds (the others are sent again), and sends
-        again the results it sent on the old path; a broker silent meanwhile fails nothing."""
-        assert self._relay is not None
-        if not self._relay.replace(avoid=self._workers()):
-            return
-        down = self._queues.down() if isinstance(self._queues, PlacedQueues) else set()
-        for i in range(self.n_queues):
-            if i not in down:
-                driver.reroute(i)
-
     def close(self) -> None:
         """Stop the driver and every broker; pending futures fail with ClosedError. The
         ConsumerPools made on this pool are closed first (their consumers would serve nothing).
@@ -605,10 +534,10 @@ class QueuePool(SubmitMethods):
             if owner or consumers.queue_pool is self:
                 consumers.close()
         self._closed = True
-        if self._supervisor is not None:
+        if self._watch is not None:
             # A round in progress (a recovery waiting on the cluster) is not waited for long: what
             # it places after this is refused by the closed slots, and released.
-            self._supervisor.stop(join=2.0)
+            self._watch.stop(join=2.0)
         if self._driver is not None:
             try:  # the receipts for results already here reach the brokers before they stop
                 self._driver.queue_status(timeout=2)
@@ -653,11 +582,7 @@ class QueuePool(SubmitMethods):
     ) -> list[p.QueueStatus | None]:
         """Block until every queue is drained and every result of this process's tasks on the pool
         (this pool's, and those of the other QueuePools of this process on the same live pool)
-        has arrived; return the queues' last counts.
-
-        ``progress(done, total)`` is called at each look, ``total`` counted against the tasks
-        submitted (or, when this process submitted none, those found in the queues at the start);
-        ``check(statuses)`` may raise.
+        has arrived; return the queues' last counts (see :func:`zdq.client.drain.wait_drained`).
 
         Raises
         ------
@@ -670,221 +595,17 @@ class QueuePool(SubmitMethods):
         ZdqTimeoutError
             Not drained by ``timeout``.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        own = self.driver
-        down_bound = max(60.0, 4 * self.settings.heartbeat_timeout)
-        down_since: dict[int, float] = {}
-        total: int | None = None
-        while True:
-            drivers = [own] + [d for d in self.consumer_registry.drivers() if d is not own]
-            # The queues' counts come over the data plane: no actor call, so a broker that is being
-            # placed again (its worker died) only makes this wait, within a bound, never fail.
-            for driver in drivers:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    driver.flush(timeout=left)
-                except ZdqTimeoutError:
-                    pass  # the deadline is checked below
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            statuses = own.queue_status(timeout=10 if left is None else min(10.0, max(left, 0.1)))
-            known = [s for s in statuses if s is not None]
-            pending = sum(s.ready_tasks + s.leased_tasks + s.waiting_tasks for s in known)
-            outstanding = sum(d.outstanding for d in drivers)
-            if progress is not None:
-                stats = [d.statistics() for d in drivers]
-                done = sum(s.tasks_completed + s.foreign_tasks for s in stats)
-                counted_tasks = sum(s.tasks_submitted + s.foreign_tasks for s in stats)
-                if total is None:
-                    # Against the tasks this process submitted; when it submitted none (a durable
-                    # pool opened again after a restart), against what the queues hold at the start.
-                    # Not both: a result already here whose receipt is on its way is still counted
-                    # by its queue, and adding the two overshot (83,000/102,000 for 100,000 tasks).
-                    total = counted_tasks if counted_tasks else pending
-                total = max(total, counted_tasks)
-                progress(min(done, total), total)
-            # A STATUS reply comes after every result its broker routed here before it (one socket
-            # keeps order): when every queue answers "nothing pending", those are in.
-            if len(known) == len(statuses) and pending == 0 and outstanding == 0:
-                return statuses
-            if (pending or outstanding) and not self.consumer_registry.any_running():
-                raise NoConsumers(
-                    f"join: {max(pending, outstanding)} tasks are pending and no consumer is running: "
-                    "call consumer_pool.start() first"
-                )
-            if check is not None:
-                check(statuses)
-            now = time.monotonic()
-            for i, status in enumerate(statuses):
-                if status is not None:
-                    down_since.pop(i, None)
-                elif now - down_since.setdefault(i, now) > down_bound:
-                    raise BrokerLost(
-                        f"join: queue {self.queue_names[i]} of pool {self.name} has not answered for "
-                        f"{now - down_since[i]:.0f} s (lost and not placed again, or its owner's pool was "
-                        "dropped): its tasks are not known to be done"
-                    )
-            if deadline is not None and now > deadline:
-                down = len(statuses) - len(known)
-                raise ZdqTimeoutError(
-                    f"join: {max(pending, outstanding)} tasks were still pending at the timeout"
-                    + (f" ({down} queues were down, being placed again)" if down else "")
-                )
-            own.wait_results(timeout=timestep)
-
-    # -- schedules (zdq.client.schedules) ----------------------------------------------------------
-    def schedule(
-        self,
-        fn: Callable[..., Any],
-        *args: Any,
-        cron: str | None = None,
-        every: timedelta | float | None = None,
-        missed: str = "once",
-        retries: int | None = None,
-        retry_backoff: float | None = None,
-        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
-        time_limit: float | str | None = None,
-        priority: int = 0,
-        timeout: float = 30.0,
-        **kwargs: Any,
-    ) -> Schedule:
-        """Run ``fn(*args, **kwargs)`` (or a :class:`~zdq.Task`) periodically: at each time of
-        the ``cron`` expression (UTC; croniter's syntax, ``"*/5 * * * *"``), or ``every``
-        (a timedelta or seconds) from now. Return its :class:`~zdq.Schedule`.
-
-        The schedule lives with its queue: on disk for a durable pool (it survives the driver,
-        the broker and their restarts, and each tick is queued exactly once: its chunk and the
-        schedule's next tick are committed together), in the broker's memory for a transient
-        pool (as long as that broker lives). Ticks missed while the queue was down run once on
-        recovery (``missed="once"``) or are skipped (``"skip"``); a tick that comes while the
-        previous one has not finished is skipped. A tick runs as any task (at least once,
-        ``retries``, ``time_limit``, dead letters, ``priority`` in its queue); its result goes
-        to the schedule, shown by :meth:`schedules` (the last one only).
-
-        Raises
-        ------
-        ValueError
-            ``cron`` does not parse, ``every`` is not positive, or both or neither are given.
-        TypeError
-            ``fn`` is not callable.
-        """
-        self._owned("schedules")
-        options = self._submitter.defaults.merge(retries, retry_backoff, retry_on, time_limit)
-        return self._on_brokers(
-            lambda: make_schedule(
-                self, fn, args, kwargs, cron=cron, every=every, missed=missed, options=options, priority=priority, timeout=timeout
-            )
+        return wait_drained(
+            self.driver,
+            self.consumer_registry,
+            f"pool {self.name}",
+            self.queue_names,
+            max(60.0, 4 * self.settings.heartbeat_timeout),
+            timeout,
+            timestep=timestep,
+            progress=progress,
+            check=check,
         )
-
-    def schedules(self, timeout: float = 30.0) -> list[Schedule]:
-        """The pool's schedules, as their queues report them now (by next tick)."""
-        self._owned("schedules")
-        return self._on_brokers(lambda: list_schedules(self, timeout))
-
-    def cancel_schedule(self, schedule_id: int, timeout: float = 30.0) -> bool:
-        """End a schedule (``Schedule.cancel()``); True if it was live."""
-        self._owned("schedules")
-        return self._on_brokers(lambda: cancel_schedule(self, schedule_id, timeout))
-
-    def next_schedule_queue(self) -> int:
-        """The queue that keeps the next schedule made here: the queues in turn."""
-        with self._schedule_lock:
-            index = self._schedules_made % self.n_queues
-            self._schedules_made += 1
-        return index
-
-    def broker_actor(self, i: int) -> Any:
-        """The broker actor of queue ``i`` (control plane), as placed now."""
-        self._owned("calls to a queue's broker")
-        assert isinstance(self._queues, PlacedQueues)
-        return self._queues.broker(i)
-
-    def _on_brokers(self, call: Callable[[], Any]) -> Any:
-        try:
-            return call()
-        except (ZdqError, ValueError, TypeError):
-            raise
-        except Exception as e:  # an actor call: its worker may be gone or the call timed out
-            raise ZdqError(f"pool {self.name}: a broker did not answer about schedules: {e!r}") from e
-
-    # -- dead letters -------------------------------------------------------------------------
-    def _owned(self, what: str) -> None:
-        if not isinstance(self._queues, PlacedQueues):
-            if self._queues is None:
-                raise ClosedError(f"queue pool {self.name} has no brokers: it is not started, or closed")
-            raise ZdqError(
-                f"{what} go to the queues' brokers through the QueuePool that placed them: this one is "
-                f"attached to pool {self.name}"
-            )
-
-    def dead_letters(self) -> list[DeadLetterInfo]:
-        """Tasks that used up their attempts, in every queue, with the reason and traceback."""
-        self._owned("dead letters")
-        calls = [(i, self.broker_actor(i).dead_letters()) for i in range(self.n_queues)]
-        return [
-            DeadLetterInfo(self.queue_names[i], d.chunk_id, d.meta.n_tasks, d.reason)
-            for i, call in calls
-            for d in call.result(timeout=30)
-        ]
-
-    def requeue_dead_letters(self, letters: Iterable[DeadLetterInfo] | None = None) -> int:
-        """Put dead letters (all, or those given) back at the tail of their queues; return how many.
-
-        Their results arrive like those of new tasks: in ``ConsumerPool.results()``.
-        """
-        return self._on_dead(letters, "requeue_dead")
-
-    def purge_dead_letters(self, letters: Iterable[DeadLetterInfo] | None = None) -> int:
-        """Delete dead letters (all, or those given); return how many."""
-        return self._on_dead(letters, "purge_dead")
-
-    def _on_dead(self, letters: Iterable[DeadLetterInfo] | None, method: str) -> int:
-        self._owned("dead letters")
-        by_queue: dict[int, list[int] | None] = {}
-        if letters is None:
-            by_queue = dict.fromkeys(range(self.n_queues))
-        else:
-            for letter in letters:
-                ids = by_queue.setdefault(self.queue_names.index(letter.queue), [])
-                assert ids is not None
-                ids.append(letter.chunk_id)
-        calls = [getattr(self.broker_actor(i), method)(ids) for i, ids in by_queue.items()]
-        return sum(int(c.result(timeout=30)) for c in calls)
-
-    # -- introspection --------------------------------------------------------------------------
-    def broker_statistics(self, timeout: float = 10.0) -> list[BrokerStats]:
-        """Every broker's statistics, asked in parallel (one actor call each)."""
-        self._owned("broker statistics")
-        out = self.broker_answers(timeout)
-        down = [name for name, stats in zip(self.queue_names, out) if isinstance(stats, BaseException)]
-        if down:
-            first = next(s for s in out if isinstance(s, BaseException))
-            raise BrokerLost(f"queues {', '.join(down)} did not answer (lost, being placed again, or stalled)") from first
-        return out  # type: ignore[return-value]
-
-    def broker_answers(self, timeout: float) -> list[BrokerStats | BaseException]:
-        """Each broker's statistics, or the exception that says why it did not answer."""
-        queues = self._queues
-        if isinstance(queues, PlacedQueues):
-            return queues.statistics(timeout)
-        if self._host is not None and not self._host.closed:
-            return self._host.broker_answers(timeout)
-        why = ClosedError(
-            f"attached to pool {self.name}: its brokers answer statistics() to the QueuePool that placed them, "
-            "in another process"
-        )
-        return [why] * self.n_queues
-
-    def statistics(self, timeout: float = 10.0) -> PoolStats:
-        """The driver's counters, and the statistics of every queue that answers; those that did
-        not (down, stalled, or held by the owner of an attached pool) are in ``missing``, with why."""
-        answers = self.broker_answers(timeout)
-        missing = {
-            name: (f"did not answer within {timeout:g} s" if isinstance(a, TimeoutError) else str(a) or repr(a))
-            for name, a in zip(self.queue_names, answers)
-            if isinstance(a, BaseException)
-        }
-        brokers = [a for a in answers if isinstance(a, BrokerStats)]
-        return PoolStats(self.driver.statistics(), brokers, self.name, missing)
 
     def queue_status(self, timeout: float = 10.0) -> list[p.QueueStatus | None]:
         """Each queue's counts, asked over the data plane (``None`` for a queue that is down)."""

@@ -175,6 +175,10 @@ class Supervisor:
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         with _running_lock:
             _running.add(self)
+            # Last registered, first run: before whatever Dask registered since (its clusters'
+            # and finalizers' exit hooks), whose teardown the supervisors must not fight.
+            atexit.unregister(_at_exit)
+            atexit.register(_at_exit)
         self._thread.start()
 
     def stop(self, join: float = 0.0) -> None:
