@@ -351,16 +351,20 @@ class QueuePool(SubmitMethods, ControlMethods):
         # pool of ours dropped without close() may still hold its directories: attach to the one,
         # wait the other out, within a bound.
         deadline = time.monotonic() + 30
+        place_at = 0.0
         while True:
             record = self._live_record()
             if record is not None:
                 return self._attach(record)
-            try:
-                return self._place()
-            except QueueLocked:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+            if time.monotonic() >= place_at:
+                try:
+                    return self._place()
+                except QueueLocked:
+                    if time.monotonic() > deadline:
+                        raise
+                    # Placing costs an actor per queue: tried again every 2 s, looked up in between.
+                    place_at = time.monotonic() + 2.0
+            time.sleep(0.2)
 
     def _live_record(self) -> registry.PoolRecord | None:
         if not self._may_attach:
