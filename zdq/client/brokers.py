@@ -29,16 +29,15 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 from distributed import Client
 
-from zdq._actor import candidate_workers, pick_worker
+from zdq._actor import candidate_workers
 from zdq.broker import Broker
 from zdq.client import registry
-from zdq.client.slots import ActorSlots, SlotsClosed, release_future
+from zdq.client.slots import ActorSlots, SlotsClosed, place_actor, release_future
 from zdq.config import PoolSettings
 from zdq.driver import Driver
 from zdq.errors import BrokerLost, ClosedError, PlacementError, QueueMissing, StorageCorrupt, ZdqError
@@ -194,20 +193,16 @@ class PlacedQueues:
                     "and no worker of that host is available to serve it"
                 )
             allowed = here
-        address = pick_worker(self.client, allowed, i, self.placed_on, self._resources, known)
-        queue_name = self.queue_names[i]
-        return self.client.submit(
+        return place_actor(
+            self.client,
             Broker,
-            queue_name,
-            self.settings,
-            self.queue_dir(i),
-            None if self.keys is None else self.keys.server,
-            host is not None,
-            actor=True,
-            workers=[address],
-            allow_other_workers=False,
-            pure=False,
-            key=f"zdq-broker-{queue_name}-{uuid.uuid4().hex[:8]}",
+            (self.queue_names[i], self.settings, self.queue_dir(i), None if self.keys is None else self.keys.server, host is not None),
+            slot=i,
+            allowed=allowed,
+            placed_on=self.placed_on,
+            resources=self._resources,
+            key=f"zdq-broker-{self.queue_names[i]}",
+            known=known,
         )
 
     # -- the registry ----------------------------------------------------------------------------

@@ -25,14 +25,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from distributed import Client
 
-from zdq._actor import pick_worker
-from zdq.client.slots import ActorSlots, SlotsClosed, release_future
+from zdq.client.slots import ActorSlots, SlotsClosed, place_actor, release_future
 from zdq.config import PoolSettings
 from zdq.consumer import Consumer, ConsumerBaseClass
 from zdq.driver import Driver
@@ -140,13 +138,10 @@ class ConsumerSlots:
             raise
 
     def _submit(self, i: int, known: dict[str, Any] | None = None) -> tuple[Any, bytes]:
-        with self._lock:
-            address = pick_worker(self.client, self._allowed, i, self.placed_on, self._resources, known)
         ident = new_identity()
         name = self.names[i]
         qp = self.queue_pool
-        fut = self.client.submit(  # released by the caller if the actor cannot be created
-            Consumer,
+        args = (
             name,
             ident,
             self.consumer_class,
@@ -158,13 +153,20 @@ class ConsumerSlots:
             qp.payload_key,
             self._time_limit,
             (qp.name, qp.dirpath),
-            actor=True,
-            workers=[address],
-            allow_other_workers=False,
-            pure=False,
-            key=f"zdq-consumer-{name}-{uuid.uuid4().hex[:8]}",
         )
-        return fut, ident
+        with self._lock:  # placed_on is read by reach verdicts meanwhile
+            fut = place_actor(
+                self.client,
+                Consumer,
+                args,
+                slot=i,
+                allowed=self._allowed,
+                placed_on=self.placed_on,
+                resources=self._resources,
+                key=f"zdq-consumer-{name}",
+                known=known,
+            )
+        return fut, ident  # released by the caller if the actor cannot be created
 
     def _adopt(self, i: int, fut: Any, ident: bytes, actor: Any) -> Any:
         """Put ``actor`` in slot ``i``; return the future it replaces (SlotsClosed when closed)."""

@@ -31,11 +31,14 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+import uuid
 import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["ActorSlots", "Supervisor", "exiting", "release_future"]
+from zdq._actor import pick_worker
+
+__all__ = ["ActorSlots", "Supervisor", "exiting", "place_actor", "release_future"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,26 @@ def _at_exit() -> None:
 # pool module): atexit runs hooks last in, first out, so this one runs before Dask closes its
 # clusters.
 atexit.register(_at_exit)
+
+
+def place_actor(
+    client: Any,
+    cls: type,
+    args: tuple[Any, ...],
+    *,
+    slot: int,
+    allowed: list[str] | None,
+    placed_on: dict[int, str],
+    resources: dict[str, float] | None,
+    key: str,
+    known: dict[str, Any] | None = None,
+) -> Any:
+    """Create the actor of ``slot`` on one worker (spread by slot, avoiding the lost ones; see
+    :func:`zdq._actor.pick_worker`, which notes the choice in ``placed_on``): its Dask future."""
+    address = pick_worker(client, allowed, slot, placed_on, resources, known)
+    return client.submit(
+        cls, *args, actor=True, workers=[address], allow_other_workers=False, pure=False, key=f"{key}-{uuid.uuid4().hex[:8]}"
+    )
 
 
 def release_future(fut: Any) -> None:
