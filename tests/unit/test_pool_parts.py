@@ -135,3 +135,11 @@ def test_a_registry_without_drivers_has_no_results_and_no_earlier_producers() ->
     assert registry.drivers() == feeders
     assert registry.results_for([b"a"]) == {} and registry.done_count([b"a"]) == 0
     assert registry.earlier_producers() == set()
+
+
+def test_options_given_by_name_merge_over_the_defaults_and_unknown_ones_are_refused() -> None:
+    defaults = TaskDefaults(TaskOptions(retries=1))
+    assert defaults.merge_all(retry_backoff_max=5.0, retries=None) == TaskOptions(retries=1, retry_backoff_max=5.0)
+    assert defaults.merge_all() is defaults.options
+    with pytest.raises(TypeError, match="retires"):
+        defaults.merge_all(retires=3)

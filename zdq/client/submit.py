@@ -73,20 +73,33 @@ class TaskDefaults:
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         time_limit: float | str | None = None,
-        **more: Any,
     ) -> TaskOptions | None:
         """Task options from a call's keywords (``None``: not given) over the defaults; ``None``
-        when they are all the default ones. Four identity tests on the plain path."""
-        if retries is None and retry_backoff is None and retry_on is None and time_limit is None and not more:
+        when they are all the default ones. Four identity tests on the plain path (and no
+        ``**kwargs``: a dict per call would be made for nothing)."""
+        if retries is None and retry_backoff is None and retry_on is None and time_limit is None:
             return self._plain
+        return self.merge_all(retries=retries, retry_backoff=retry_backoff, retry_on=retry_on, time_limit=time_limit)
+
+    def merge_all(self, **given: Any) -> TaskOptions | None:
+        """:meth:`merge` for any :class:`TaskOptions` field given by name (``submit_call``'s
+        ``**options``); ``None`` values are not given."""
+        given = {k: v for k, v in given.items() if v is not None}
+        if not given:
+            return self._plain
+        unknown = set(given) - set(TaskOptions.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown task options {sorted(unknown)} (TaskOptions has {sorted(TaskOptions.__dataclass_fields__)})")
+        retry_on = given.pop("retry_on", None)
+        time_limit = given.pop("time_limit", None)
         d = self.options
         fields: dict[str, Any] = {
-            "retries": d.retries if retries is None else retries,
-            "retry_backoff": d.retry_backoff if retry_backoff is None else retry_backoff,
+            "retries": d.retries,
+            "retry_backoff": d.retry_backoff,
             "retry_on": d.retry_on if retry_on is None else retry_on,
             "time_limit": d.time_limit if time_limit is None else seconds_or_none(time_limit, "time_limit"),
         }
-        fields.update({k: v for k, v in more.items() if v is not None})
+        fields.update(given)
         if isinstance(fields["retry_on"], type):
             fields["retry_on"] = (fields["retry_on"],)
         options = TaskOptions(**fields)
@@ -388,7 +401,7 @@ class SubmitMethods:
     ) -> TaskFuture:
         """Like :meth:`submit` with explicit ``args``/``kwargs``; ``options`` as in :class:`TaskOptions`."""
         s = self._submitter
-        return s.call(self.driver, fn, args, kwargs, s.defaults.merge(**options), timeout, delay, eta, priority)
+        return s.call(self.driver, fn, args, kwargs, s.defaults.merge_all(**options), timeout, delay, eta, priority)
 
     async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
         """:meth:`submit` for coroutines: never blocks the event loop. A full submission window
