@@ -4,6 +4,9 @@ daskqueue handed out its queue actors, whose methods return Dask actor futures (
 zdq's handle answers the same calls, each returning an object with ``.result(timeout)``: the
 counts come over the data plane (no Dask actor call), the control calls (``pid``, ``statistics``,
 dead letters) go to the queue's broker actor, whichever worker it lives on now.
+
+Ownership: a handle holds only its pool and its index (set once); a ``qsize()`` future is set by
+the one thread that computes it.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ queue is placed again, and withdraws it when it closes. Another QueuePool, in an
 cluster (a task of the pool itself included), finds it there and attaches: it gets the endpoints
 and the keys over Dask's own channel, as consumers do when they are placed, and submits to the
 same queues; each driver gets its own results.
+
+Ownership: no state in this process; the records live on the scheduler (Dask's published
+datasets), written by their owner (and withdrawn by whoever finds one stale).
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ pool's live as long as its brokers. The ``i``-th schedule a pool makes is given 
 
 A tick's result goes to the schedule, not to a driver: :class:`Schedule` shows the last one
 (``last_value`` or ``last_error``), never a growing pile.
+
+Ownership: no state here; a :class:`Schedule` is a frozen snapshot, and which queue keeps the next
+schedule is counted by the pool (``next_schedule_queue``, under its lock).
 """
 
 from __future__ import annotations
