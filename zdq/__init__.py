@@ -5,7 +5,7 @@
 
 from zdq.config import PoolSettings, settings
 from zdq.consumer import ConsumerBaseClass, GeneralConsumer
-from zdq.consumer_pool import ConsumerPool
+from zdq.client.consumer_pool import ConsumerPool
 from zdq.errors import (
     AddressError,
     BatchError,
@@ -29,10 +29,14 @@ from zdq.errors import (
 )
 from zdq.tasks import TaskOptions
 from zdq.objects import Task
-from zdq.embedded import local
-from zdq.scheduling import Schedule
+from zdq.client.local import local
+from zdq.client.schedules import Schedule
 from zdq.futures import BatchFuture, TaskFuture, as_completed, wait
-from zdq.queue_pool import DeadLetterInfo, Durability, QueuePool, current_pool
+from zdq.client.queue_pool import DeadLetterInfo, Durability, QueuePool, current_pool
+
+# The client modules moved to zdq.client; their old paths re-export them for one release, and
+# zdq.embedded stays an attribute of the package, as it was when local() was imported from it.
+from zdq import embedded  # noqa: E402,F401
 
 __version__ = "0.1.0"
 

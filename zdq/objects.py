@@ -3,7 +3,7 @@
 A Task is a callable of no arguments (``task()`` is ``task.execute()``), so it goes wherever a
 function does: ``submit(task)``, ``batch_submit([(task,), ...])``, ``submit_iter``; and the task
 codec (:mod:`zdq.tasks`) needs no kind of its own for it. :func:`as_calls` turns what
-:meth:`QueuePool.insert <zdq.queue_pool.QueuePool.insert>` is given (a task, or an iterable of
+:meth:`QueuePool.insert <zdq.QueuePool.insert>` is given (a task, or an iterable of
 them, lazily) into the ``(fn,)`` calls that ``submit_iter`` streams.
 """
 

@@ -119,10 +119,15 @@ class PoolStats:
     driver: DriverStats
     brokers: list[BrokerStats]
     name: str = ""  # the pool's
+    #: The queues whose statistics are not in ``brokers``, each with why (it did not answer in
+    #: time, its worker is lost, or this pool is attached and its owner holds the brokers).
+    missing: dict[str, str] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         brokers = "".join(f"\n    {b!r}," for b in self.brokers)
-        return f"PoolStats(name={self.name!r},\n  driver={self.driver!r},\n  brokers=[{brokers}\n  ])"
+        missing = "".join(f"\n    {q}: {why}," for q, why in self.missing.items())
+        tail = f",\n  missing={{{missing}\n  }}" if self.missing else ""
+        return f"PoolStats(name={self.name!r},\n  driver={self.driver!r},\n  brokers=[{brokers}\n  ]{tail})"
 
 
 _STATES = {

@@ -1,0 +1,191 @@
+"""The pools' lifecycle: pools dropped without close(), close() during recovery, the progress bar,
+the interpreter's exit, and statistics that say what they leave out (issue 22's defects)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from distributed import Client
+
+from zdq import BrokerLost, ConsumerPool, Durability, QueuePool
+from zdq.broker import Broker
+
+from .conftest import wait_until
+from .tasks import add, noop
+
+FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _zdq_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("zdq-")]
+
+
+def test_a_durable_pool_dropped_without_close_leaves_its_queues_and_results_to_the_next_one(
+    client: Client, tmp_path: Path
+) -> None:
+    # daskqueue programs bind the same variable to a second pool on the same directory without
+    # closing the first: the first, dropped, must not take the queues or their results away.
+    dirpath = str(tmp_path / "queues")
+    queue_pool = QueuePool(client, 1, durability=Durability.DURABLE, dirpath=dirpath)
+    for _ in range(10):
+        queue_pool.submit(noop)
+    queue_pool = QueuePool(client, 1, durability=Durability.DURABLE, dirpath=dirpath)
+    consumer_pool = ConsumerPool(client, queue_pool=queue_pool, n_consumers=1, batch_size=10)
+    consumer_pool.start()
+    consumer_pool.join(0.1, progress=True, timeout=90)
+    results = consumer_pool.results()
+    assert [v for r in results.values() for v in r.values()] == [None] * 10
+    assert queue_pool.get_queue_size(timeout=30) == {"default-queue-0": 0}
+    consumer_pool.close()
+    queue_pool.close()
+    # The first pool's driver and supervisor went with the second (the fixture checks the workers).
+    wait_until(lambda: not _zdq_threads(), timeout=30)
+
+
+def test_a_close_during_recovery_releases_what_the_late_recovery_places_and_its_thread_survives(
+    client3: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Recovery is held inside its placement until close() has returned: what it places then is
+    # too late, and must be released without writing into the closed pool.
+    armed, placing_again, closed = threading.Event(), threading.Event(), threading.Event()
+    real_submit = client3.submit
+
+    def submit(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn is Broker and armed.is_set():
+            placing_again.set()
+            closed.wait(60)
+        return real_submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(client3, "submit", submit)
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    caplog.set_level(logging.WARNING, logger="zdq")
+    queue_pool = QueuePool(client3, 1, **FAST)
+    try:
+        pid = queue_pool[0].pid().result(timeout=30)
+        armed.set()
+        os.kill(pid, signal.SIGKILL)
+        assert placing_again.wait(60), "the pool did not start placing its lost queue again"
+        started = time.monotonic()
+        queue_pool.close()
+        assert time.monotonic() - started < 30
+    finally:
+        closed.set()
+    # The late recovery ends, its thread alive to the end, and leaves no actor behind.
+    wait_until(lambda: "zdq-supervisor-queues" not in _zdq_threads(), timeout=120)
+    keys = lambda: client3.run_on_scheduler(lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks if str(k).startswith("zdq-")])  # noqa: E731
+    wait_until(lambda: not keys(), timeout=60)
+    assert died == []
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+
+
+class _Bars:
+    """Every tqdm bar made meanwhile, with every total it was given."""
+
+    def __init__(self) -> None:
+        self.totals: list[list[Any]] = []
+        self.bars: list[Any] = []
+
+
+@pytest.fixture
+def bars(monkeypatch: pytest.MonkeyPatch) -> _Bars:
+    import tqdm.auto
+
+    seen = _Bars()
+    base = tqdm.auto.tqdm
+
+    class Recording(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            object.__setattr__(self, "_totals", [])
+            seen.totals.append(self._totals)
+            seen.bars.append(self)
+            super().__init__(*args, **kwargs)
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name == "total":
+                self._totals.append(value)
+            super().__setattr__(name, value)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    return seen
+
+
+def test_joins_progress_bar_counts_against_the_tasks_submitted(client: Client, bars: _Bars) -> None:
+    n = 3000
+    with QueuePool(client, 2) as queue_pool:
+        with ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
+            batch = queue_pool.batch_submit([(add, i, 1) for i in range(n)], batch_size=50)
+            queue_pool.flush(timeout=30)
+            consumers.start()
+            consumers.join(0.01, progress=True, timeout=120)
+            assert batch.result(timeout=30) == [i + 1 for i in range(n)]
+    (totals,) = bars.totals
+    assert totals and set(totals) == {n}, totals  # never moved, never past what was submitted
+    assert bars.bars[0].n == n
+
+
+_SCRIPT = """
+import logging
+from distributed import Client, LocalCluster
+from zdq import ConsumerPool, QueuePool
+
+def square(x):
+    return x * x
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="LOGGED %(name)s %(levelname)s %(message)s")
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = Client(cluster)
+    queue_pool = QueuePool(client, 2)
+    consumer_pool = ConsumerPool(client, queue_pool, n_consumers=2)
+    consumer_pool.start()
+    assert queue_pool.batch_submit([(square, i) for i in range(100)]).result(timeout=60)[3] == 9
+    consumer_pool.join(timeout=60)
+    print("DONE", flush=True)
+    # ends here: nothing closed, as daskqueue scripts do
+"""
+
+
+def test_a_script_that_ends_without_close_shuts_down_quietly(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(_SCRIPT))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DONE" in proc.stdout
+    zdq_lines = [line for line in proc.stderr.splitlines() if line.startswith("LOGGED zdq")]
+    assert zdq_lines == [], "\n".join(zdq_lines)
+
+
+def test_statistics_name_the_queues_that_did_not_answer(client: Client) -> None:
+    with QueuePool(client, 2, name="counted") as owner:
+        # An attached pool cannot ask the owner's broker actors: it says so for every queue.
+        with QueuePool.attach(client, "counted") as attached:
+            stats = attached.statistics()
+            assert stats.brokers == [] or len(stats.brokers) == 2
+            assert set(stats.missing) | {b.name for b in stats.brokers} == {"counted-queue-0", "counted-queue-1"}
+            if stats.missing:
+                assert all(why for why in stats.missing.values())
+        assert [b.name for b in owner.statistics(timeout=30).brokers] == ["counted-queue-0", "counted-queue-1"]
+        # Queues that do not answer in time (no actor call comes back within a microsecond) are
+        # named, with why, instead of being left out silently.
+        stats = owner.statistics(timeout=1e-6)
+        assert stats.brokers == []
+        assert sorted(stats.missing) == ["counted-queue-0", "counted-queue-1"]
+        assert all(stats.missing.values())
+        assert "counted-queue-1" in repr(stats)
+        with pytest.raises(BrokerLost, match="counted-queue-1"):
+            owner.broker_statistics(timeout=1e-6)

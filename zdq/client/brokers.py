@@ -1,0 +1,426 @@
+"""The queues of a QueuePool: the brokers it placed (:class:`PlacedQueues`), or those of a live
+pool it attached to (:class:`AttachedQueues`).
+
+:class:`PlacedQueues` places one broker actor per queue, opens them, publishes the pool on the
+cluster, places a lost broker again (a durable one on its host), and releases them. Its slots are
+an :class:`~zdq.client.slots.ActorSlots`: a recovery that ends after ``close()`` releases what it
+placed instead of writing into the closed pool. :class:`AttachedQueues` follows the owner's
+record: queues placed again, and the owner's end.
+
+Ownership
+---------
+=================================  ================================================================
+state                              owner
+=================================  ================================================================
+``PlacedQueues.slots``             its own lock (:class:`~zdq.client.slots.ActorSlots`)
+``endpoints``, ``placed_on``,      the user's thread until ``place()`` returns, then the pool's
+``where``                          supervisor thread (recovery); other threads read whole values
+                                   (a list item, a dict item), never a half-written one
+``_withdrawn``                     ``_record_lock`` (publish and withdraw never cross)
+``_lost_since``, ``_gone``,        the pool's supervisor thread
+``_silent_logged``, ``recoveries``
+``AttachedQueues.record``          the pool's supervisor thread (``follow``), after ``__init__``
+=================================  ================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from distributed import Client
+
+from zdq._actor import candidate_workers
+from zdq.broker import Broker
+from zdq.client import registry
+from zdq.client.slots import ActorSlots, SlotsClosed, place_actor, release_future
+from zdq.config import PoolSettings
+from zdq.driver import Driver
+from zdq.errors import BrokerLost, ClosedError, PlacementError, QueueMissing, StorageCorrupt, ZdqError
+from zdq.names import counted
+from zdq.stats import BrokerStats
+from zdq.transport.addresses import host_of
+from zdq.transport.security import ClientKeys, PoolKeys
+
+__all__ = ["PlacedQueues", "AttachedQueues", "make_keys"]
+
+logger = logging.getLogger(__name__)
+
+#: Told when a queue is served somewhere else: ``(queue index, endpoint)``.
+Moved = Callable[[int, str], None]
+
+
+def make_keys(client: Client, auth: bool, name: str) -> PoolKeys | None:
+    if auth:
+        return PoolKeys.generate()
+    security = getattr(client, "security", None)
+    if security is not None and getattr(security, "require_encryption", False):
+        raise ZdqError("this Dask cluster is secured with TLS: zdq will not run its sockets unauthenticated (auth=False)")
+    logger.warning(
+        "zdq pool %s runs WITHOUT authentication (auth=False): anyone who can reach its brokers' "
+        "ports can submit tasks, which means running code on your workers. Use this on trusted "
+        "networks only.",
+        name,
+    )
+    return None
+
+
+class PlacedQueues:
+    """The brokers a pool placed: one actor per queue, placed, opened, recovered, released."""
+
+    def __init__(
+        self,
+        client: Client,
+        name: str,
+        queue_names: list[str],
+        settings: PoolSettings,
+        *,
+        dirpath: str | None,
+        durable: bool,
+        keys: PoolKeys | None,
+        allowed_workers: list[str] | None,
+        resources: dict[str, float] | None,
+        identity: bytes,
+        owner_token: bytes,
+    ) -> None:
+        self.client = client
+        self.name = name
+        self.queue_names = queue_names
+        self.n_queues = len(queue_names)
+        self.settings = settings
+        self.dirpath = dirpath
+        self.durable = durable
+        self.keys = keys
+        self._allowed = allowed_workers
+        self._resources = resources
+        self._identity = identity
+        self._owner_token = owner_token
+        self.slots: ActorSlots[Any] = ActorSlots(self.n_queues)
+        self.endpoints: list[str] = []
+        self.payload_key: bytes | None = None
+        self.placed_on: dict[int, str] = {}
+        self.where: list[tuple[str, str]] = []  # (host, queue id) of each queue
+        self._lost_since: dict[int, float] = {}  # queues lost and not yet placed again
+        self._gone: set[int] = set()  # durable queues that cannot be placed again
+        self._silent_logged: set[int] = set()
+        self.recoveries = 0
+        # Publishing (the supervisor, after a recovery) and withdrawing (close()) never cross: a
+        # late recovery does not publish a pool that was withdrawn.
+        self._record_lock = threading.Lock()
+        self._withdrawn = False
+        # How long a lost queue may take to be placed again (a nanny restarting its worker takes
+        # seconds) before what it held fails: every future settles within a bound.
+        self.recovery_timeout = max(60.0, 4 * settings.heartbeat_timeout)
+
+    @property
+    def client_keys(self) -> ClientKeys | None:
+        return None if self.keys is None else self.keys.client
+
+    def workers(self) -> list[str]:
+        return [self.placed_on.get(i, "") for i in range(self.n_queues)]
+
+    def queue_dir(self, i: int) -> str | None:
+        return None if self.dirpath is None else os.path.join(self.dirpath, self.queue_names[i])
+
+    def broker(self, i: int) -> Any:
+        """The broker actor of queue ``i`` as placed now."""
+        actor = None if self.slots.closed else self.slots.actor(i)
+        if actor is None:
+            raise ClosedError(f"queue pool {self.name} has no brokers: it is not started, or closed")
+        return actor
+
+    def down(self) -> set[int]:
+        """Queues lost and not placed again (yet, or ever)."""
+        return set(self._lost_since) | self._gone
+
+    # -- placing ---------------------------------------------------------------------------------
+    def place(self, auth: bool) -> None:
+        """Place and open every broker at once (placing a pool costs about the same per queue
+        whatever its size)."""
+        futures: list[Any] = []
+        try:
+            known = self.client.scheduler_info(n_workers=-1)["workers"]  # asked once, not per queue
+            futures = [self._submit(i, known=known) for i in range(self.n_queues)]
+            brokers = [fut.result(timeout=60) for fut in futures]
+            for i, (fut, broker) in enumerate(zip(futures, brokers)):
+                self.slots.adopt(i, fut, broker)
+            # A durable queue keeps the payload key of the pool that created it, so that a pool
+            # reopened after a restart reads what was stored; the queues of one dirpath agree on it.
+            proposed = os.urandom(32) if auth else None
+            opens = [b.open(self._identity, proposed, self.n_queues) for b in brokers]
+            opened = [call.result(timeout=60) for call in opens]
+            self.endpoints = [endpoint for endpoint, _, _, _, _ in opened]
+            # A queue's host is its worker's as the scheduler names it, the name recovery places
+            # by (the broker's own view may be another name of the same machine).
+            self.where = [(host_of(self.placed_on[i]), str(queue_id)) for i, (_, _, queue_id, _, _) in enumerate(opened)]
+            beyond = sorted({d for _, _, _, _, dirs in opened for d in dirs})
+            if beyond:
+                logger.warning(
+                    "durable pool %s was opened with %s, but its directory also holds queues beyond "
+                    "them, which this pool does not serve (their tasks and schedules wait there): %s; open it "
+                    "with as many queues to serve them",
+                    self.name, counted(self.n_queues, "queue"), ", ".join(beyond),
+                )
+            keys = {key for _, _, _, key, _ in opened}
+            if len(keys) > 1:
+                raise StorageCorrupt(f"the queues under {self.dirpath} were written by different pools (their keys differ)")
+            self.payload_key = keys.pop()
+        except ZdqError:
+            self._release(futures)
+            raise
+        except Exception as e:
+            self._release(futures)
+            raise PlacementError(f"could not place the queues of pool {self.name}: {e}") from e
+
+    def _release(self, futures: list[Any]) -> None:
+        self.release()
+        for fut in futures:
+            release_future(fut)
+
+    def _submit(self, i: int, *, host: str | None = None, known: dict[str, Any] | None = None) -> Any:
+        """Place the broker of queue ``i``; ``host``: only on a worker of that host (recovery of a
+        durable queue, whose directory is on that host's disk), and never creating a new queue."""
+        allowed = self._allowed
+        if host is not None:
+            here = [a for a in candidate_workers(self.client, allowed, self._resources) if host_of(a) == host]
+            if not here:
+                raise PlacementError(
+                    f"durable queue {self.queue_names[i]} lives in {self.queue_dir(i)} on host {host}, "
+                    "and no worker of that host is available to serve it"
+                )
+            allowed = here
+        return place_actor(
+            self.client,
+            Broker,
+            (self.queue_names[i], self.settings, self.queue_dir(i), None if self.keys is None else self.keys.server, host is not None),
+            slot=i,
+            allowed=allowed,
+            placed_on=self.placed_on,
+            resources=self._resources,
+            key=f"zdq-broker-{self.queue_names[i]}",
+            known=known,
+        )
+
+    # -- the registry ----------------------------------------------------------------------------
+    def publish(self) -> None:
+        """Tell the cluster where this pool's queues are (other producers attach by name)."""
+        with self._record_lock:
+            if not self._withdrawn:
+                self._publish()
+
+    def _publish(self) -> None:
+        try:
+            registry.publish(
+                self.client,
+                registry.PoolRecord(
+                    name=self.name,
+                    durable=self.durable,
+                    dirpath=self.dirpath,
+                    queue_names=tuple(self.queue_names),
+                    endpoints=tuple(self.endpoints),
+                    client_keys=self.client_keys,
+                    payload_key=self.payload_key,
+                    settings=self.settings,
+                    owner_client=str(self.client.id),
+                    owner_token=self._owner_token,
+                    workers=tuple(self.workers()),
+                ),
+            )
+        except Exception as e:  # the pool works without it; only attaching does not
+            logger.warning("pool %s could not be published on the cluster: %s", self.name, e)
+
+    def withdraw(self) -> None:
+        with self._record_lock:
+            if self._withdrawn:
+                return
+            self._withdrawn = True
+            registry.withdraw(
+                self.client,
+                registry.PoolRecord(self.name, False, self.dirpath, (), (), None, None, self.settings, "", self._owner_token),
+            )
+
+    # -- supervision (the pool's supervisor thread) ------------------------------------------------
+    def cancelled(self) -> bool:
+        """Whether Dask cancelled the brokers (``client.restart()``)."""
+        return any(fut is not None and fut.status == "cancelled" for fut in self.slots.futures())
+
+    def supervise_once(self, driver: Driver, moved: Moved, stopping: Callable[[], bool]) -> None:
+        for i, fut in enumerate(self.slots.futures()):
+            if i in self._gone or stopping() or fut is None:
+                continue
+            if fut.status == "finished" and i not in self._lost_since:
+                # Silence alone is not a loss: a task holding the GIL beside the broker, or a
+                # paused worker, keeps it quiet. Dask says when its worker is really gone.
+                silence = driver.broker_silence(i)
+                if silence > self.settings.heartbeat_timeout and i not in self._silent_logged:
+                    self._silent_logged.add(i)
+                    logger.warning(
+                        "queue %s has been silent for %.0f s; its worker is alive (busy, or holding the GIL)",
+                        self.queue_names[i], silence,
+                    )
+                elif silence < self.settings.heartbeat_timeout:
+                    self._silent_logged.discard(i)
+                continue
+            self._recover(i, driver, moved, stopping)
+
+    def _recover(self, i: int, driver: Driver, moved: Moved, stopping: Callable[[], bool]) -> None:
+        transient = not self.durable
+        name = self.queue_names[i]
+        if i not in self._lost_since:
+            self._lost_since[i] = time.monotonic()
+            driver.broker_lost(i, memory_lost=transient)
+            logger.warning(
+                "queue %s was lost with its worker%s; placing it again",
+                name,
+                " (the tasks and schedules that lived only in its memory are gone: the tasks fail with BrokerLost)"
+                if transient
+                else "",
+            )
+        host = None if transient else self.where[i][0]
+        try:
+            fut = self._submit(i, host=host)
+        except Exception as e:  # the next round tries again, within the recovery bound
+            if time.monotonic() - self._lost_since[i] > self.recovery_timeout:
+                return self._unrecoverable(i, e, driver)
+            logger.debug("placing queue %s again failed (will retry): %s", name, e)
+            return None
+        broker: Any = None
+        try:
+            broker = fut.result(timeout=60)
+            if stopping():
+                raise SlotsClosed(f"queue pool {self.name} closed while queue {name} was placed again")
+            endpoint, _, id_found, key, _ = broker.open(self._identity, self.payload_key).result(timeout=60)
+            where = (host_of(self.placed_on[i]), str(id_found))
+            if not transient and where != self.where[i]:
+                raise QueueMissing(
+                    f"durable queue {name} placed again on host {where[0]} found queue id {where[1]} in "
+                    f"{self.queue_dir(i)}, not {self.where[i][1]} on host {self.where[i][0]}: not the same queue"
+                )
+            if key != self.payload_key:
+                raise StorageCorrupt(f"queue {name} was reopened with another pool's key")
+            old = self.slots.adopt(i, fut, broker)
+        except SlotsClosed as e:
+            # close() ran meanwhile: what this late recovery placed is released, nothing written.
+            logger.info("%s: released what it placed", e)
+            self._stop_quietly(name, broker)
+            release_future(fut)
+            return None
+        except QueueMissing as e:
+            self._stop_quietly(name, broker)
+            release_future(fut)
+            return self._unrecoverable(i, e, driver)
+        except Exception as e:
+            self._stop_quietly(name, broker)
+            release_future(fut)
+            if stopping():
+                return None
+            if time.monotonic() - self._lost_since[i] > self.recovery_timeout:
+                return self._unrecoverable(i, e, driver)
+            logger.warning("placing queue %s again failed (will retry): %s", name, e)
+            return None
+        release_future(old)
+        if stopping():
+            return None  # closed meanwhile: release() stops what was adopted; nothing is told
+        self.endpoints[i] = endpoint
+        del self._lost_since[i]
+        self.recoveries += 1
+        driver.reconnect(i, endpoint, self.placed_on.get(i, ""))
+        self.publish()
+        logger.info("queue %s is served again at %s", name, endpoint)
+        moved(i, endpoint)
+        return None
+
+    def _unrecoverable(self, i: int, error: Exception, driver: Driver) -> None:
+        """A queue cannot be placed again (a durable one: not where its directory is): fail what
+        it held; the other queues take what it never confirmed."""
+        self._gone.add(i)
+        self._lost_since.pop(i, None)
+        logger.error("queue %s cannot be served again: %s", self.queue_names[i], error)
+        driver.fail_chunks_of(i, BrokerLost(str(error)))
+
+    def _stop_quietly(self, name: str, broker: Any) -> None:
+        if broker is None:
+            return
+        try:
+            broker.stop().result(timeout=10)
+        except Exception as e:  # noqa: BLE001 - its worker may be gone already
+            logger.debug("stopping the broker of queue %s failed: %s", name, e)
+
+    # -- control plane -----------------------------------------------------------------------------
+    def statistics(self, timeout: float) -> list[BrokerStats | BaseException]:
+        """Every broker's statistics, asked in parallel; an exception where one did not answer."""
+        calls: list[Any] = []
+        for i in range(self.n_queues):
+            try:
+                calls.append(self.broker(i).statistics())
+            except Exception as e:  # its worker is gone, or the pool closed
+                calls.append(e)
+        out: list[BrokerStats | BaseException] = []
+        for call in calls:
+            try:
+                out.append(call if isinstance(call, BaseException) else call.result(timeout=timeout))
+            except Exception as e:
+                out.append(e)
+        return out
+
+    def release(self) -> None:
+        """Stop every broker and release its actor (the slots refuse any late placement)."""
+        taken = self.slots.take_all()
+        stops = []
+        for name, (_, broker) in zip(self.queue_names, taken):
+            if broker is None:
+                continue
+            try:
+                stops.append((name, broker.stop()))
+            except Exception as e:  # the worker may be gone already
+                logger.debug("stopping the broker of queue %s failed: %s", name, e)
+        for name, call in stops:
+            try:
+                call.result(timeout=10)
+            except Exception as e:
+                logger.debug("stopping the broker of queue %s failed: %s", name, e)
+        for fut, _ in taken:
+            release_future(fut)
+
+
+class AttachedQueues:
+    """The queues of a live pool placed by another QueuePool: followed through its record."""
+
+    def __init__(self, client: Client, record: registry.PoolRecord, dirpath: str | None) -> None:
+        self.client = client
+        self.record = record
+        self.dirpath = dirpath
+        self.name = record.name
+        self.queue_names = list(record.queue_names)
+        self.n_queues = len(record.queue_names)
+        self.endpoints = list(record.endpoints)
+        self.client_keys = record.client_keys
+        self.payload_key = record.payload_key
+        self.recoveries = 0
+
+    def workers(self) -> list[str]:
+        known = list(self.record.workers)
+        return known + [""] * (self.n_queues - len(known))
+
+    def follow(self, driver: Driver, moved: Moved) -> bool:
+        """Follow the owner: queues placed again; False once the owner closed the pool."""
+        try:
+            record = registry.lookup(self.client, self.name, self.dirpath)
+        except Exception as e:  # the scheduler is busy or going: try again next round
+            logger.debug("attached pool %s could not read its record: %s", self.name, e)
+            return True
+        if record is None or record.owner_token != self.record.owner_token:
+            return False
+        for i, (old, new) in enumerate(zip(self.record.endpoints, record.endpoints)):
+            if old != new:
+                driver.broker_lost(i, memory_lost=not record.durable)
+                driver.reconnect(i, new, record.workers[i] if i < len(record.workers) else "")
+                self.endpoints[i] = new
+                self.recoveries += 1
+                moved(i, new)
+        self.record = record
+        return True

@@ -1,0 +1,111 @@
+"""Embedded mode: zdq on one machine without a cluster set up first.
+
+``QueuePool(None, n)`` takes the default Dask client when there is one (as Dask's own APIs do);
+when there is none, :func:`cluster_for` starts a :class:`~distributed.LocalCluster` of worker
+processes and the pool owns it: :class:`LocalCluster` is closed with the pool, every worker and
+nanny process with it. :func:`zdq.local` (:mod:`zdq.client.local`) adds the consumers
+(python-task-queue's ``LocalTaskQueue(parallel=N)``).
+
+Ownership
+---------
+``_live`` (the embedded clusters of this process) and each ``OwnedCluster._users``: ``_lock``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from distributed import Client
+
+__all__ = ["OwnedCluster", "cluster_for"]
+
+logger = logging.getLogger(__name__)
+
+
+#: The embedded clusters alive in this process, by their client: a second ``QueuePool(None, ...)``
+#: finds the first one's cluster as the default client and shares it, so that closing the first
+#: does not pull the cluster from under the second.
+_live: dict[int, OwnedCluster] = {}
+_lock = threading.Lock()
+
+
+class OwnedCluster:
+    """A LocalCluster and its client, started for a pool and closed with the last pool that uses
+    it (each pool calls :meth:`close` once)."""
+
+    def __init__(self, parallel: int) -> None:
+        from distributed import LocalCluster
+
+        # One single-threaded worker process per unit of parallelism: a consumer per worker runs
+        # one task at a time, outside the driver's process (tasks holding the GIL stay apart).
+        self.cluster = LocalCluster(
+            n_workers=parallel,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            worker_dashboard_address=None,
+        )
+        try:
+            # The default client from now on, until closed: Dask's actor proxies look for it, and
+            # ConsumerPool(None, ...) or a second QueuePool(None, ...) then share this cluster.
+            self.client: Client | None = Client(self.cluster)
+        except BaseException:
+            self.cluster.close()
+            raise
+        self._users = 1
+        with _lock:
+            _live[id(self.client)] = self
+        logger.info("zdq embedded mode: started a local cluster of %d worker processes", parallel)
+
+    def close(self) -> None:
+        with _lock:
+            if self.client is None:
+                return
+            self._users -= 1
+            if self._users > 0:
+                return
+            client, self.client = self.client, None
+            _live.pop(id(client), None)
+        client.close()
+        self.cluster.close()
+
+
+def parallel_of(value: Any) -> int:
+    if value is None:
+        return os.cpu_count() or 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"parallel must be a positive integer, got {value!r}")
+    return value
+
+
+def cluster_for(parallel: int | None = None) -> tuple[Client, OwnedCluster | None]:
+    """The default client if there is one (nothing to own, unless it is an embedded cluster of
+    this process: then the caller shares it), else a new local cluster of ``parallel`` worker
+    processes (default: one per CPU) that the caller owns."""
+    from distributed import default_client
+
+    wanted = parallel_of(parallel) if parallel is not None else None
+    try:
+        client = default_client()
+    except ValueError:
+        owned = OwnedCluster(wanted or parallel_of(None))
+        assert owned.client is not None
+        return owned.client, owned
+    with _lock:
+        shared = _live.get(id(client))
+        if shared is not None and shared.client is client:
+            shared._users += 1
+        else:
+            shared = None
+    if wanted is not None:
+        workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        if workers != wanted:
+            logger.warning(
+                "parallel=%d does not apply: there is a default Dask client, whose cluster (%d workers) "
+                "this pool uses; close that client first for a local cluster of %d workers",
+                wanted, workers, wanted,
+            )
+    return client, shared

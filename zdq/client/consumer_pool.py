@@ -1,0 +1,453 @@
+"""ConsumerPool: the facade of the consumers placed on the workers for a QueuePool.
+
+Its consumers' slots, placement, health and reach are :class:`~zdq.client.consumers.ConsumerSlots`';
+its supervisor is :class:`~zdq.client.slots.Supervisor`. It talks to its QueuePool through the queue
+pool's public edge only: the consumer registry it subscribes to (which the queue pool owns),
+``wait_drained`` for ``join()``, and the endpoints and keys.
+
+Ownership
+---------
+=====================  ============================================================================
+state                  owner
+=====================  ============================================================================
+``_running``           the user's thread (``start``/``cancel``/``join``); read by the supervisors
+``_closed``            the user's thread (``close()``); a late replacement is refused by the slots
+``_supervisor``        the user's thread
+``_consumers``         :class:`~zdq.client.consumers.ConsumerSlots` (its own lock)
+=====================  ============================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from distributed import Client
+
+from zdq._actor import allowed_workers, check_resources
+from zdq.client.consumers import ConsumerSlots
+from zdq.client.queue_pool import QueuePool
+from zdq.client.slots import Supervisor
+from zdq.config import seconds_or_none, timeout_or_none
+from zdq.consumer import ConsumerBaseClass, GeneralConsumer
+from zdq.errors import BrokerUnreachable, ClosedError, PlacementError
+from zdq.names import counted
+from zdq.stats import ConsumerStats
+
+__all__ = ["ConsumerPool", "EARLIER", "NOT_RUN"]
+
+#: The key in :meth:`ConsumerPool.results` of results produced by consumers of an earlier run.
+EARLIER = "earlier-consumers"
+#: The key in :meth:`ConsumerPool.results` of tasks that failed without running (their queue was
+#: lost with its worker, a chunk could not be stored...): their value is the error.
+NOT_RUN = "not-run"
+
+logger = logging.getLogger(__name__)
+
+
+def _integer(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+class _JoinBar:
+    """join()'s progress bar, made at the first count (its total known then) and counted against
+    the tasks submitted: its total does not move unless more are submitted meanwhile."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            class Bar(tqdm):  # type: ignore[misc]
+                # tqdm's monitor thread would outlive the bar (and the program's own checks for
+                # threads); the bar is refreshed by join's loop anyway.
+                monitor_interval = 0
+
+            self.bar = Bar(total=total, unit="task", desc="zdq", dynamic_ncols=True)
+        elif self.bar.total != total:
+            self.bar.total = total
+        if done != self.bar.n:
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class ConsumerPool:
+    """``n_consumers`` consumers of a :class:`QueuePool`, each connected to all of its queues.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The cluster's client.
+    queue_pool : QueuePool
+        The queues to consume.
+    ConsumerClass : type
+        A :class:`ConsumerBaseClass` subclass; its ``process_item`` handles raw items.
+    n_consumers : int
+        Consumers to place, spread over the workers (fewer than queues is fine).
+    batch_size : int, optional
+        Accepted for daskqueue compatibility. zdq consumers fetch whole chunks, whose size the
+        submitter sets (``batch_size`` of ``batch_submit``, capped by ``chunk-size``).
+    retries : int, optional
+        Retries for tasks submitted without their own ``retries=``.
+    max_concurrency : int
+        Threads per consumer that run tasks (raise it for I/O-bound tasks).
+    early_ack : bool
+        ``False`` (default): a chunk is acknowledged after its results, so a consumer that dies
+        mid-chunk loses nothing (at least once). ``True``: acknowledged on receipt (at most once).
+    prefetch : int, optional
+        Chunks a consumer keeps in hand (default from ``zdq.prefetch``).
+    workers : list of str, optional
+        Addresses or names of the workers to place consumers on (default: all workers).
+    resources : dict, optional
+        Place consumers only on workers that declare these Dask resources (``{"GPU": 1}``): the
+        tasks of this pool then run there. :class:`PlacementError` if no worker does.
+    fan_out : int, optional (a keyword of the settings)
+        Queues each consumer connects to, at most (default ``zdq.fan-out``); every queue is still
+        served. See :attr:`served`.
+
+    The positional order is daskqueue 0.2.0's. zdq's defaults differ on purpose: at least once
+    (``early_ack=False``), no retries, one execution thread (fastest for short tasks).
+
+    A supervisor thread replaces a consumer whose worker dies, so ``n_consumers`` stay alive;
+    the dead one's chunks return to their queues when its heartbeats stop.
+
+    Examples
+    --------
+    >>> consumer_pool = ConsumerPool(client, queue_pool, n_consumers=2)   # doctest: +SKIP
+    >>> consumer_pool.start()                                             # doctest: +SKIP
+    >>> consumer_pool.join(progress=True)                                 # doctest: +SKIP
+    >>> consumer_pool.results()                                           # doctest: +SKIP
+    {'GeneralConsumer-0': {1: 328350, ...}, 'GeneralConsumer-1': {...}}
+    """
+
+    def __init__(
+        self,
+        client: Client | None,
+        queue_pool: QueuePool,
+        ConsumerClass: type[ConsumerBaseClass] = GeneralConsumer,
+        n_consumers: int = 1,
+        batch_size: int | None = None,
+        retries: int | None = None,
+        early_ack: bool = False,
+        max_concurrency: int = 1,
+        *,
+        prefetch: int | None = None,
+        workers: Sequence[str] | None = None,
+        resources: Mapping[str, float] | None = None,
+        time_limit: float | str | None = None,
+        start: bool = False,
+        **overrides: Any,
+    ) -> None:
+        if not (isinstance(ConsumerClass, type) and issubclass(ConsumerClass, ConsumerBaseClass)):
+            raise TypeError(f"ConsumerClass must be a subclass of ConsumerBaseClass, got {ConsumerClass!r}")
+        for label, value, least in (("n_consumers", n_consumers, 1), ("max_concurrency", max_concurrency, 1)):
+            if not _integer(value, least):
+                raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        if batch_size is not None and not _integer(batch_size, 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if retries is not None and not _integer(retries, 0):
+            raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
+        if not isinstance(early_ack, bool):
+            raise TypeError(f"early_ack must be True or False, got {early_ack!r}")
+        if not isinstance(queue_pool, QueuePool):
+            raise TypeError(f"ConsumerPool needs a QueuePool, got {queue_pool!r:.80}")
+        queue_pool.driver  # a pool that is not started or is closed raises ClosedError here
+        if client is None:  # as QueuePool(None, ...): the queue pool's own client
+            client = queue_pool.client
+        elif not isinstance(client, Client):
+            raise TypeError(f"ConsumerPool needs a distributed.Client (or None), got {client!r:.80}")
+        self.client = client
+        self.queue_pool = queue_pool
+        self.consumer_class = ConsumerClass
+        self.n_consumers = n_consumers
+        self.batch_size = batch_size
+        self.max_concurrency = max_concurrency
+        self.early_ack = early_ack
+        self.retries = retries
+        self.time_limit = seconds_or_none(time_limit, "time_limit")
+        # Every keyword a QueuePool takes for its settings is taken here too (heartbeat_interval,
+        # ...): it applies to these consumers.
+        self.settings = queue_pool.settings.with_overrides(prefetch=prefetch, **overrides)
+        registry = queue_pool.consumer_registry
+        if batch_size is not None:
+            # daskqueue's batch_size was how many items a consumer takes at once: in zdq, what a
+            # consumer takes is a chunk, cut by the submitter; so this caps the chunks of what is
+            # submitted from now on.
+            registry.batch_size = batch_size
+        self.resources = check_resources(resources)
+        self._consumers = ConsumerSlots(
+            client,
+            queue_pool,
+            ConsumerClass,
+            n_consumers,
+            self.settings,
+            max_concurrency=max_concurrency,
+            early_ack=early_ack,
+            retries=retries or 0,
+            time_limit=self.time_limit,
+            allowed_workers=allowed_workers(client, workers),
+            resources=self.resources,
+            on_identity=registry.add_identity,
+        )
+        self.names = self._consumers.names
+        self.served = self._consumers.served
+        self._running = False
+        self._closed = False
+        self._supervisor: Supervisor | None = None
+        registry.subscribe(self)
+        registry.consumers_changed()
+        try:
+            self._consumers.place_all()
+        except Exception as e:
+            self.close()
+            raise PlacementError(f"could not place consumers: {e}") from e
+        if start:
+            self.start()
+
+    # -- seen by the queue pool's registry -------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def replacements(self) -> int:
+        return self._consumers.replacements
+
+    def on_broker_moved(self, broker: int, endpoint: str) -> None:
+        """Called when a lost queue is served again: every consumer serving it reconnects."""
+        self._consumers.broker_moved(broker, endpoint, self._running)
+
+    def unreached(self) -> dict[str, str]:
+        """Queues placed again where none of this pool's consumers reaches them, with why:
+        ``join()`` raises :class:`BrokerUnreachable` for those that hold tasks."""
+        names = self.queue_pool.queue_names
+        return {names[i]: why for i, why in self._consumers.orphans().items()}
+
+    # -- supervision ------------------------------------------------------------------------------
+    def _stopping(self) -> bool:
+        return self._closed or self._supervisor is None or self._supervisor.stopping
+
+    def _supervise_once(self) -> None:
+        if self._stopping() or self.client.status != "running":
+            return
+        if self._consumers.cancelled():
+            logger.info("the consumers were cancelled (client.restart?); supervision stops")
+            if self._supervisor is not None:
+                self._supervisor.stop()
+            return
+        self._consumers.supervise_once(self._running, self._stopping)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"the consumer pool of queue pool {self.queue_pool.name} is closed")
+
+    # -- daskqueue API --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every consumer: each connects to the queues it serves and pulls work.
+
+        It returns once every consumer has heard from its brokers. A consumer that hears nothing
+        from a broker for ``connect-timeout`` reports it (a warning here, in its worker's log, and
+        in ``statistics()``).
+
+        Raises
+        ------
+        BrokerUnreachable
+            A queue that no consumer reaches: its tasks would never run. The consumers keep
+            running (and connecting); the message names each queue, its worker, the consumers
+            that tried, and why they failed.
+        """
+        self._check_open()
+        self.queue_pool.driver  # a QueuePool closed meanwhile raises ClosedError here
+        logger.info("Starting %d consumers", self.n_consumers)
+        self._running = True
+        self._consumers.each("start", timeout=60, args_of=self._consumers.start_args)
+        if self._supervisor is None:
+            self._supervisor = Supervisor(self, "zdq-supervisor-consumers", method="_supervise_once")
+            self._supervisor.start()
+        orphans, why = self._consumers.check_reach()
+        if orphans:
+            raise BrokerUnreachable(why)
+        if why:
+            logger.warning("%s", why)
+
+    def cancel(self) -> None:
+        """Stop pulling work; chunks already received finish and report. ``start()`` resumes."""
+        if self._closed:
+            return
+        self._running = False
+        self._consumers.each("cancel")
+
+    def join(
+        self,
+        timestep: float = 0.2,
+        print_timestep: float = 2.0,
+        progress: bool = False,
+        timeout: float | None = None,
+        *,
+        stop: bool = True,
+    ) -> None:
+        """Wait until every queue is drained and every result has reached this process.
+
+        Delayed tasks (``submit(..., delay=)``) count as queued: join waits until their time has
+        come and their results are in.
+
+        Then the consumers stop pulling (as in daskqueue; ``start()`` resumes them), unless
+        ``stop=False``: they go on serving what producers submit next.
+
+        Raises
+        ------
+        NoConsumers
+            Tasks are pending and no consumer of the pool is running (call :meth:`start`): said at
+            once, instead of waiting for work that nothing would do.
+
+        Parameters
+        ----------
+        timestep : float
+            Seconds between two looks at the brokers' counters.
+        progress : bool
+            Show a progress bar (tqdm), advanced by results as they arrive, with the rate.
+        print_timestep : float
+            Accepted for daskqueue compatibility and ignored: the bar refreshes as results come.
+        timeout : float, optional
+            Raise :class:`ZdqTimeoutError` if the work is not done by then.
+        """
+        self._check_open()
+        timeout = timeout_or_none(timeout, "join's timeout")
+        logger.info("Waiting for the %d consumers to process all items in queue_pool...", self.n_consumers)
+        bar = _JoinBar() if progress else None
+        try:
+            statuses = self.queue_pool.wait_drained(timeout, timestep=timestep, progress=bar, check=self._raise_unreached)
+        finally:
+            if bar is not None:
+                bar.close()
+        self._report(statuses)
+        if stop:
+            self.cancel()
+
+    def _raise_unreached(self, statuses: list[Any]) -> None:
+        """Raise if a queue that holds tasks is reached by no consumer of any of the queue pool's
+        ConsumerPools (it was placed again where they cannot connect)."""
+        orphans = self._consumers.orphans()
+        for broker, why in orphans.items():
+            status = statuses[broker] if broker < len(statuses) else None
+            if status is None or not status.ready_tasks:
+                continue
+            queue = self.queue_pool.queue_names[broker]
+            others = [pool for pool in self.queue_pool.consumer_pools() if pool is not self and pool.running]
+            if any(queue not in pool.unreached() for pool in others):
+                continue  # another pool's consumers serve it
+            raise BrokerUnreachable(f"join: {why}")
+
+    def _report(self, statuses: list[Any]) -> None:
+        """The end of a join: how much ran, and what failed, said where it shows."""
+        stats = self.queue_pool.driver.statistics()
+        dead = sum(s.dead_tasks for s in statuses if s is not None)
+        logger.info("All consumers are done ! %d items processed.", self.nb_consumed())
+        if stats.tasks_failed or dead:
+            logger.warning(
+                "join: %d tasks failed (their futures and results() hold the errors, those that never ran "
+                "under 'not-run'); %d are dead-lettered (queue_pool.dead_letters())",
+                stats.tasks_failed,
+                dead,
+            )
+        if stats.tasks_cancelled:
+            logger.info("join: %d tasks were cancelled before they started (they never ran)", stats.tasks_cancelled)
+
+    def results(self) -> dict[str, dict[int, Any]]:
+        """Every result this pool's consumers produced, per consumer: ``{name: {task key: result}}``.
+
+        A failed task's value is its exception. Needs ``keep_results=True`` on the QueuePool.
+        Results that a durable queue kept from consumers of an earlier run (done, but never taken
+        by their driver before a restart) appear under ``"earlier-consumers"``, and tasks that
+        failed without running (``BrokerLost``, ``StorageFull``...) under ``"not-run"``, in the
+        results of the newest ConsumerPool of the queue pool.
+        """
+        if not self.queue_pool.keep_results:
+            raise ClosedError("the QueuePool was made with keep_results=False: read results from futures")
+        self.queue_pool.driver  # a closed queue pool raises ClosedError here
+        registry = self.queue_pool.consumer_registry
+        out = {name: registry.results_for(idents) for name, idents in zip(self.names, self._consumers.identities)}
+        if self._newest():
+            earlier = registry.earlier_producers()
+            if earlier:
+                out[EARLIER] = registry.results_for(earlier)
+            not_run = registry.not_run()
+            if not_run:
+                out[NOT_RUN] = not_run
+        return out
+
+    def _newest(self) -> bool:
+        """Whether this is the newest ConsumerPool of the pool: it reports what no consumer of this
+        process produced (results a durable queue kept from before a restart, tasks never run)."""
+        pools = self.queue_pool.consumer_pools()
+        return bool(pools) and pools[-1] is self
+
+    def nb_consumed(self) -> int:
+        """Tasks whose results reached this process from this pool's consumers (and, for the
+        newest ConsumerPool, from consumers of an earlier run: see :meth:`results`)."""
+        self.queue_pool.driver  # a closed queue pool raises ClosedError here
+        registry = self.queue_pool.consumer_registry
+        own = registry.done_count(ident for idents in self._consumers.identities for ident in idents)
+        return own + (registry.done_count(registry.earlier_producers()) if self._newest() else 0)
+
+    def statistics(self, timeout: float = 10.0) -> list[ConsumerStats]:
+        calls = [c.statistics() for c in self._consumers.slots.actors() if c is not None]
+        return [c.result(timeout=timeout) for c in calls]
+
+    def __len__(self) -> int:
+        return self.n_consumers
+
+    def __getitem__(self, index: int) -> Any:
+        return self._consumers.slots.actors()[index]
+
+    #: Past this many consumers, a repr shows their total instead of one line each.
+    _REPR_CONSUMERS = 8
+
+    def __repr__(self) -> str:
+        """What this process knows, asking no consumer: the results that reached it from each
+        (a repr never waits on the cluster; ``statistics()`` asks the consumers)."""
+        consumers = counted(self.n_consumers, f"{self.consumer_class.__name__} consumer")
+        head = f"ConsumerPool of {self.queue_pool.name}: {consumers}"
+        if self._closed:
+            return f"{head}, closed"
+        state = "running" if self._running else "idle (call start())"
+        if self.replacements:
+            state += f", {self.replacements} replaced"
+        if self.queue_pool.live_driver() is None:
+            return f"{head}, {state}; its queue pool is closed"
+        registry = self.queue_pool.consumer_registry
+        done = [registry.done_count(idents) for idents in self._consumers.identities]
+        if self.n_consumers > self._REPR_CONSUMERS:
+            lines = [f"{sum(done)} tasks processed"]
+        else:
+            lines = [f"{name}: {n} processed" for name, n in zip(self.names, done)]
+        return f"{head}, {state}" + "".join(f"\n\t{line}" for line in lines)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop every consumer and release its actor. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._running = False
+        if self._supervisor is not None:
+            # A replacement in progress is not waited for long: the closed slots refuse it.
+            self._supervisor.stop(join=2.0)
+        self._consumers.release()
+        self.queue_pool.consumer_registry.consumers_changed()
+
+    def __enter__(self) -> ConsumerPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

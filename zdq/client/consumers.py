@@ -1,0 +1,439 @@
+"""The consumers of a ConsumerPool: their slots, placement, health, replacement and reach.
+
+Placement and the slots are :mod:`zdq.client.slots`'s (one lock, a closed check: a replacement
+that ends after ``close()`` is released, never written into the closed pool). What is particular
+to consumers lives here: which queues each serves, asking a few of them at a time whether they
+can work, and whether a queue placed again is still reached by some consumer.
+
+Ownership
+---------
+==================================  ===============================================================
+state                               owner
+==================================  ===============================================================
+``slots``                           its own lock (:class:`~zdq.client.slots.ActorSlots`)
+``identities``, ``placed_on``       ``_lock`` (placed by the user's thread at start, by the
+                                    supervisor later; read by ``results()``)
+``_reach_checks``, ``_reach_gen``,  ``_lock`` (written by the queue pool's supervisor, which tells
+``_orphans``                        of moves, and by this pool's supervisor, which judges)
+``_health_due``, ``_health_next``,  the pool's supervisor thread
+``replacements``
+==================================  ===============================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from distributed import Client
+
+from zdq.client.slots import ActorSlots, SlotsClosed, place_actor, release_future
+from zdq.config import PoolSettings
+from zdq.consumer import Consumer, ConsumerBaseClass
+from zdq.driver import Driver
+from zdq.names import consumer_names
+from zdq.fanout import served_queues
+from zdq.transport.reach import OPEN_BETWEEN_WORKERS, describe
+from zdq.transport.security import ClientKeys
+from zdq.transport.sockets import new_identity
+
+__all__ = ["ConsumerSlots", "FedPool"]
+
+logger = logging.getLogger(__name__)
+
+#: Consumers whose health() is asked per supervision round (every 2 s or two heartbeats).
+_HEALTH_PER_ROUND = 8
+
+ReachAnswers = list[tuple[str, tuple[list[str], list[tuple[str, str, str]]]]]
+
+
+class FedPool(Protocol):
+    """What the consumers need of their QueuePool: its public edge only."""
+
+    name: str
+    dirpath: str | None
+    n_queues: int
+    queue_names: list[str]
+
+    @property
+    def endpoints(self) -> list[str]: ...
+
+    @property
+    def client_keys(self) -> ClientKeys | None: ...
+
+    @property
+    def payload_key(self) -> bytes | None: ...
+
+    @property
+    def driver(self) -> Driver: ...
+
+    def workers(self) -> list[str]: ...
+
+
+class ConsumerSlots:
+    """``n`` consumer actors of one class, each serving its share of the queues."""
+
+    def __init__(
+        self,
+        client: Client,
+        queue_pool: FedPool,
+        consumer_class: type[ConsumerBaseClass],
+        n: int,
+        settings: PoolSettings,
+        *,
+        max_concurrency: int,
+        early_ack: bool,
+        retries: int,
+        time_limit: float | None,
+        allowed_workers: list[str] | None,
+        resources: dict[str, float] | None,
+        on_identity: Callable[[bytes], None],
+    ) -> None:
+        self.client = client
+        self.queue_pool = queue_pool
+        self.consumer_class = consumer_class
+        self.n = n
+        self.settings = settings
+        self._max_concurrency = max_concurrency
+        self._early_ack = early_ack
+        self._retries = retries
+        self._time_limit = time_limit
+        self._allowed = allowed_workers
+        self._resources = resources
+        self._on_identity = on_identity
+        self.names = consumer_names(consumer_class.__name__, n)
+        # The queues each consumer slot serves: at most fan-out of them, every queue by someone.
+        self.served = [served_queues(i, n, queue_pool.n_queues, fan_out=settings.fan_out) for i in range(n)]
+        self.slots: ActorSlots[Any] = ActorSlots(n)
+        self._lock = threading.Lock()
+        self.placed_on: dict[int, str] = {}
+        # Every identity each consumer slot had: a replacement gets a new one, results keep all.
+        self.identities: list[list[bytes]] = [[] for _ in range(n)]
+        self.replacements = 0
+        self._health_due = 0.0
+        self._health_next = 0  # the consumer whose health is asked next
+        # Queues placed again since start(): whether some consumer reaches them where they went.
+        # queue -> (when to judge at the latest, [(consumer, its reach() future)], its placement)
+        self._reach_checks: dict[int, tuple[float, list[tuple[str, Any]], int]] = {}
+        self._reach_gen: dict[int, int] = {}  # queue -> how often it was placed again
+        self._orphans: dict[int, str] = {}  # queue -> why no consumer reaches it (join raises it)
+
+    # -- placing ---------------------------------------------------------------------------------
+    def place_all(self) -> None:
+        """Place every consumer at once: the actors are created in parallel, so a pool of 64 costs
+        about what one does, plus the scheduler's work per actor."""
+        known = self.client.scheduler_info(n_workers=-1)["workers"]
+        submitted = []
+        try:
+            for i in range(self.n):
+                submitted.append((i, *self._submit(i, known)))
+            for i, fut, ident in submitted:
+                self._adopt(i, fut, ident, fut.result(timeout=60))
+        except BaseException:
+            for _, fut, _ in submitted:
+                release_future(fut)
+            raise
+
+    def _submit(self, i: int, known: dict[str, Any] | None = None) -> tuple[Any, bytes]:
+        ident = new_identity()
+        name = self.names[i]
+        qp = self.queue_pool
+        args = (
+            name,
+            ident,
+            self.consumer_class,
+            self.settings,
+            self._max_concurrency,
+            self._early_ack,
+            self._retries,
+            qp.client_keys,
+            qp.payload_key,
+            self._time_limit,
+            (qp.name, qp.dirpath),
+        )
+        with self._lock:  # placed_on is read by reach verdicts meanwhile
+            fut = place_actor(
+                self.client,
+                Consumer,
+                args,
+                slot=i,
+                allowed=self._allowed,
+                placed_on=self.placed_on,
+                resources=self._resources,
+                key=f"zdq-consumer-{name}",
+                known=known,
+            )
+        return fut, ident  # released by the caller if the actor cannot be created
+
+    def _adopt(self, i: int, fut: Any, ident: bytes, actor: Any) -> Any:
+        """Put ``actor`` in slot ``i``; return the future it replaces (SlotsClosed when closed)."""
+        old = self.slots.adopt(i, fut, actor)
+        self._on_identity(ident)
+        with self._lock:
+            self.identities[i].append(ident)
+        return old
+
+    def start_args(self, i: int) -> tuple[list[str], list[int]]:
+        """What consumer ``i`` starts with: the endpoints of the queues it serves, and which."""
+        endpoints = self.queue_pool.endpoints
+        return [endpoints[q] for q in self.served[i]], self.served[i]
+
+    def live(self, serving: int | None = None) -> list[tuple[int, str, Any]]:
+        """``(slot, name, actor)`` of every consumer placed now (that serves queue ``serving``)."""
+        return [
+            (i, name, c)
+            for i, (name, c, queues) in enumerate(zip(self.names, self.slots.actors(), self.served))
+            if c is not None and (serving is None or serving in queues)
+        ]
+
+    def each(
+        self, method: str, *args: Any, timeout: float = 30.0, args_of: Callable[[int], tuple[Any, ...]] | None = None
+    ) -> None:
+        """Call ``method`` on every consumer at once (with ``args``, or ``args_of(slot)``); a lost
+        one is skipped (and replaced)."""
+        calls = []
+        for i, name, consumer in self.live():
+            try:
+                calls.append((name, getattr(consumer, method)(*(args_of(i) if args_of else args))))
+            except Exception as e:  # its worker is gone
+                logger.debug("%s on consumer %s failed: %s", method, name, e)
+        for name, call in calls:
+            try:
+                call.result(timeout=timeout)
+            except Exception as e:
+                # Lost or unhealthy consumers are replaced by the supervisor, with what they missed.
+                (logger.warning if method == "start" else logger.debug)("%s on consumer %s failed: %s", method, name, e)
+
+    # -- supervision (the pool's supervisor thread) -----------------------------------------------
+    def cancelled(self) -> bool:
+        return any(fut is not None and fut.status == "cancelled" for fut in self.slots.futures())
+
+    def supervise_once(self, running: bool, stopping: Callable[[], bool]) -> None:
+        if self._reach_checks:
+            self._judge_reach(running, stopping)
+        unhealthy = self._unhealthy() if running else {}
+        for i, fut in enumerate(self.slots.futures()):
+            if fut is None or stopping():
+                continue
+            if fut.status == "finished" and i not in unhealthy:
+                continue
+            why = unhealthy.get(i) or f"its worker was lost ({fut.status})"
+            logger.warning("consumer %s cannot work: %s; placing a replacement", self.names[i], why)
+            try:
+                self._replace(i, running, stopping)
+            except Exception as e:  # keep supervising: the next round tries again
+                if stopping():
+                    return
+                logger.warning("replacing consumer %s failed (will retry): %s", self.names[i], e)
+
+    def _unhealthy(self) -> dict[int, str]:
+        """Consumers alive to Dask that cannot work (their sockets failed): a few of them asked
+        every few seconds, in turn, so that a large pool adds a bounded number of actor calls."""
+        now = time.monotonic()
+        if now < self._health_due:
+            return {}
+        self._health_due = now + max(2.0, self.settings.heartbeat_interval * 2)
+        first = self._health_next
+        turn = [(first + k) % self.n for k in range(min(self.n, _HEALTH_PER_ROUND))]
+        self._health_next = (first + len(turn)) % self.n
+        calls = []
+        for i in turn:
+            fut, consumer = self.slots.future(i), self.slots.actor(i)
+            if fut is not None and consumer is not None and fut.status == "finished":
+                try:
+                    calls.append((i, consumer.health()))
+                except Exception:  # the worker is going: the next round sees its future lost
+                    continue
+        out: dict[int, str] = {}
+        for i, call in calls:
+            try:
+                healthy, reason = call.result(timeout=10)
+            except Exception:
+                continue
+            if not healthy:
+                out[i] = reason
+        return out
+
+    def _replace(self, i: int, running: bool, stopping: Callable[[], bool]) -> None:
+        fut, ident = self._submit(i)
+        try:
+            actor = fut.result(timeout=60)
+            old = self._adopt(i, fut, ident, actor)
+        except SlotsClosed:
+            # The pool closed while this replacement was placed: released, nothing written.
+            logger.info("consumer %s was placed after its pool closed: released", self.names[i])
+            release_future(fut)
+            return
+        except BaseException:
+            release_future(fut)
+            raise
+        release_future(old)
+        self.replacements += 1
+        if running and not stopping():
+            actor.start(*self.start_args(i)).result(timeout=30)
+
+    # -- whether a queue placed again is still served ------------------------------------------
+    # start() checks that every queue is reached; a queue placed again later (its worker died) may
+    # land where no consumer reaches it, and its tasks would wait for ever. The consumers serving
+    # it are asked in the background (the QueuePool's supervisor, which tells us of the move, must
+    # not wait connect-timeout for them); the supervisor judges their answers, asks again while
+    # the queue stays unreached, and join() raises what it found instead of waiting.
+    def broker_moved(self, broker: int, endpoint: str, running: bool) -> None:
+        """Every consumer serving ``broker`` reconnects to ``endpoint``, each told on its own: one
+        on a dead worker (replaced, with the current endpoints, by the supervisor) never keeps
+        the others uninformed."""
+        queue = self.queue_pool.queue_names[broker]
+        with self._lock:
+            # A new placement: what was found of the last one no longer holds, and a check of it
+            # still out is stale (its generation is behind).
+            self._reach_gen[broker] = self._reach_gen.get(broker, 0) + 1
+            self._orphans.pop(broker, None)
+            self._reach_checks.pop(broker, None)
+            gen = self._reach_gen[broker]
+        calls = []
+        for _, name, consumer in self.live(serving=broker):
+            try:
+                calls.append((name, consumer.set_endpoint(broker, endpoint)))
+            except Exception as e:
+                logger.debug("pointing consumer %s at queue %s failed: %s", name, queue, e)
+        for name, call in calls:
+            try:
+                call.result(timeout=30)
+            except Exception as e:  # a lost consumer is replaced with the new endpoints anyway
+                logger.debug("pointing consumer %s at queue %s failed: %s", name, queue, e)
+        if running:
+            self._ask_reach(broker, gen)
+
+    def _ask_reach(self, broker: int, gen: int) -> None:
+        """Ask the consumers serving ``broker`` whether they reach it (placement ``gen`` of it)."""
+        queue = self.queue_pool.queue_names[broker]
+        calls = []
+        for _, name, consumer in self.live(serving=broker):
+            try:
+                calls.append((name, consumer.reach([queue])))
+            except Exception as e:  # a lost consumer is replaced, and the replacement connects anew
+                logger.debug("reach on consumer %s failed: %s", name, e)
+        s = self.settings
+        judge_by = time.monotonic() + s.connect_timeout + 2 * s.heartbeat_interval + 10
+        with self._lock:
+            if self._reach_gen.get(broker, 0) == gen:  # else it moved meanwhile: a newer check runs
+                self._reach_checks[broker] = (judge_by, calls, gen)
+
+    def _judge_reach(self, running: bool, stopping: Callable[[], bool]) -> None:
+        """Judge the reach checks whose answers are all in (or overdue)."""
+        now = time.monotonic()
+        with self._lock:
+            due = {
+                broker: (calls, gen)
+                for broker, (judge_by, calls, gen) in self._reach_checks.items()
+                if now >= judge_by or all(call.done() for _, call in calls)
+            }
+            for broker in due:
+                del self._reach_checks[broker]
+        for broker, (calls, gen) in due.items():
+            answers = []
+            for name, call in calls:
+                try:
+                    answers.append((name, call.result(timeout=0.1)))
+                except Exception as e:
+                    logger.debug("reach on consumer %s failed: %s", name, e)
+            orphans, why = self.reach_verdict(answers)
+            queue = self.queue_pool.queue_names[broker]
+            with self._lock:
+                if self._reach_gen.get(broker, 0) != gen:
+                    continue  # the queue moved since it was asked: a newer check judges it
+                was = self._orphans.pop(broker, None)
+                if queue in orphans:
+                    self._orphans[broker] = why
+            if queue in orphans:
+                if was is None:
+                    logger.error("%s", why)
+                if running and not stopping():
+                    self._ask_reach(broker, gen)  # until some consumer reaches it
+            elif was is not None:
+                logger.warning("queue %s is reached by consumers of pool %s again", queue, self.queue_pool.name)
+            elif why:
+                logger.warning("%s", why)
+
+    def orphans(self) -> dict[int, str]:
+        """Queues placed again where none of these consumers reaches them, with why."""
+        with self._lock:
+            return dict(self._orphans)
+
+    def check_reach(self) -> tuple[list[str], str]:
+        """Wait until every consumer heard from its brokers or reported them unreachable; the
+        queues reached by none, and what to tell (see :meth:`reach_verdict`). Queues that are down
+        (being placed again) are not waited for: the consumers are told where they went."""
+        up = self.queues_up()
+        calls = []
+        for _, name, consumer in self.live():
+            try:
+                calls.append((name, consumer.reach(up)))
+            except Exception as e:  # its worker is gone: the supervisor replaces it
+                logger.debug("reach on consumer %s failed: %s", name, e)
+        wait = self.settings.connect_timeout + 2 * self.settings.heartbeat_interval + 10
+        answers = []
+        for name, call in calls:
+            try:
+                answers.append((name, call.result(timeout=wait)))
+            except Exception as e:
+                logger.debug("reach on consumer %s failed: %s", name, e)
+        return self.reach_verdict(answers)
+
+    def reach_verdict(self, answers: ReachAnswers) -> tuple[list[str], str]:
+        """From the consumers' ``reach()`` answers: the queues that are up and that no consumer
+        reaches, and what to tell the user (empty when every consumer reaches all it serves)."""
+        qp = self.queue_pool
+        reached: set[str] = set()
+        missed: dict[str, list[tuple[str, str, str]]] = {}  # queue -> (consumer, endpoint, why)
+        for name, (ok, failed) in answers:
+            reached.update(ok)
+            for queue, endpoint, why in failed:
+                missed.setdefault(queue, []).append((name, endpoint, why))
+        up = self.queues_up()  # a queue lost meanwhile is the supervisor's, not unreachable
+        missed = {queue: tries for queue, tries in missed.items() if queue in up}
+        if not missed:
+            return [], ""
+        workers = dict(zip(qp.queue_names, qp.workers()))
+        with self._lock:
+            where = {name: self.placed_on.get(i, "?") for i, name in enumerate(self.names)}
+        lines = [
+            (queue, endpoint, workers.get(queue, ""), f"{consumer} on {where.get(consumer, '?')}: {why}")
+            for queue, tries in missed.items()
+            for consumer, endpoint, why in tries
+        ]
+        orphans = [queue for queue in missed if queue not in reached]
+        if orphans:
+            subject = (
+                f"no consumer of pool {qp.name} reaches {', '.join(orphans)}: their tasks would never run "
+                "(the consumers keep running and connecting)"
+            )
+        else:
+            subject = f"some consumers of pool {qp.name} cannot reach some of its queues (other consumers serve them)"
+        return orphans, describe(subject, lines, OPEN_BETWEEN_WORKERS)
+
+    def queues_up(self) -> list[str]:
+        qp = self.queue_pool
+        return [name for name, up in zip(qp.queue_names, qp.driver.links_up()) if up]
+
+    def release(self) -> None:
+        """Stop every consumer and release its actor (the slots refuse any late placement)."""
+        taken = self.slots.take_all()
+        stops = []
+        for name, (_, consumer) in zip(self.names, taken):
+            if consumer is None:
+                continue
+            try:
+                stops.append((name, consumer.stop()))
+            except Exception as e:
+                logger.debug("stopping consumer %s failed: %s", name, e)
+        for name, call in stops:
+            try:
+                call.result(timeout=15)
+            except Exception as e:
+                logger.debug("stopping consumer %s failed: %s", name, e)
+        for fut, _ in taken:
+            release_future(fut)

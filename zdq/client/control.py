@@ -1,0 +1,219 @@
+"""The control plane of a QueuePool: schedules, dead letters and statistics, asked of the brokers
+over Dask (actor calls), never over the data plane.
+
+:class:`ControlMethods` is that part of :class:`~zdq.QueuePool`'s API; the brokers are its
+:class:`~zdq.client.brokers.PlacedQueues`' (an attached pool has none: it says so, or asks the
+in-process owner it holds).
+
+Ownership
+---------
+=======================  ==========================================================================
+state                    owner
+=======================  ==========================================================================
+``_schedules_made``      ``_schedule_lock`` (the i-th schedule made here goes to queue i % n_queues)
+everything else          the pool's (see :mod:`zdq.client.queue_pool`); read here, never written
+=======================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from zdq.client.brokers import AttachedQueues, PlacedQueues
+from zdq.client.schedules import Schedule, cancel_schedule, list_schedules, make_schedule
+from zdq.client.submit import Submitter
+from zdq.driver import Driver
+from zdq.errors import BrokerLost, ClosedError, ZdqError
+from zdq.stats import BrokerStats, PoolStats
+
+__all__ = ["ControlMethods", "DeadLetterInfo"]
+
+
+@dataclass(frozen=True)
+class DeadLetterInfo:
+    """A dead-lettered task: its queue, its id there, and why (with the traceback)."""
+
+    queue: str
+    chunk_id: int
+    n_tasks: int
+    reason: str
+
+
+class ControlMethods:
+    """Schedules, dead letters and statistics of a :class:`~zdq.QueuePool`."""
+
+    name: str
+    n_queues: int
+    queue_names: list[str]
+    _queues: PlacedQueues | AttachedQueues | None
+    _host: Any  # the in-process owner of an attached pool (a QueuePool), or None
+    _submitter: Submitter
+    _schedules_made: int
+    _schedule_lock: threading.Lock
+
+    @property
+    def driver(self) -> Driver:
+        raise NotImplementedError
+
+    @property
+    def payload_key(self) -> bytes | None:
+        raise NotImplementedError
+
+    # -- schedules (zdq.client.schedules) ----------------------------------------------------------
+    def schedule(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        cron: str | None = None,
+        every: timedelta | float | None = None,
+        missed: str = "once",
+        retries: int | None = None,
+        retry_backoff: float | None = None,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        time_limit: float | str | None = None,
+        priority: int = 0,
+        timeout: float = 30.0,
+        **kwargs: Any,
+    ) -> Schedule:
+        """Run ``fn(*args, **kwargs)`` (or a :class:`~zdq.Task`) periodically: at each time of
+        the ``cron`` expression (UTC; croniter's syntax, ``"*/5 * * * *"``), or ``every``
+        (a timedelta or seconds) from now. Return its :class:`~zdq.Schedule`.
+
+        The schedule lives with its queue: on disk for a durable pool (it survives the driver,
+        the broker and their restarts, and each tick is queued exactly once: its chunk and the
+        schedule's next tick are committed together), in the broker's memory for a transient
+        pool (as long as that broker lives). Ticks missed while the queue was down run once on
+        recovery (``missed="once"``) or are skipped (``"skip"``); a tick that comes while the
+        previous one has not finished is skipped. A tick runs as any task (at least once,
+        ``retries``, ``time_limit``, dead letters, ``priority`` in its queue); its result goes
+        to the schedule, shown by :meth:`schedules` (the last one only).
+
+        Raises
+        ------
+        ValueError
+            ``cron`` does not parse, ``every`` is not positive, or both or neither are given.
+        TypeError
+            ``fn`` is not callable.
+        """
+        self._owned("schedules")
+        options = self._submitter.defaults.merge(retries, retry_backoff, retry_on, time_limit)
+        return self._on_brokers(
+            lambda: make_schedule(
+                self, fn, args, kwargs, cron=cron, every=every, missed=missed, options=options, priority=priority, timeout=timeout
+            )
+        )
+
+    def schedules(self, timeout: float = 30.0) -> list[Schedule]:
+        """The pool's schedules, as their queues report them now (by next tick)."""
+        self._owned("schedules")
+        return self._on_brokers(lambda: list_schedules(self, timeout))
+
+    def cancel_schedule(self, schedule_id: int, timeout: float = 30.0) -> bool:
+        """End a schedule (``Schedule.cancel()``); True if it was live."""
+        self._owned("schedules")
+        return self._on_brokers(lambda: cancel_schedule(self, schedule_id, timeout))
+
+    def next_schedule_queue(self) -> int:
+        """The queue that keeps the next schedule made here: the queues in turn."""
+        with self._schedule_lock:
+            index = self._schedules_made % self.n_queues
+            self._schedules_made += 1
+        return index
+
+    def broker_actor(self, i: int) -> Any:
+        """The broker actor of queue ``i`` (control plane), as placed now."""
+        self._owned("calls to a queue's broker")
+        assert isinstance(self._queues, PlacedQueues)
+        return self._queues.broker(i)
+
+    def _on_brokers(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except (ZdqError, ValueError, TypeError):
+            raise
+        except Exception as e:  # an actor call: its worker may be gone or the call timed out
+            raise ZdqError(f"pool {self.name}: a broker did not answer about schedules: {e!r}") from e
+
+    # -- dead letters -------------------------------------------------------------------------
+    def _owned(self, what: str) -> None:
+        if not isinstance(self._queues, PlacedQueues):
+            if self._queues is None:
+                raise ClosedError(f"queue pool {self.name} has no brokers: it is not started, or closed")
+            raise ZdqError(
+                f"{what} go to the queues' brokers through the QueuePool that placed them: this one is "
+                f"attached to pool {self.name}"
+            )
+
+    def dead_letters(self) -> list[DeadLetterInfo]:
+        """Tasks that used up their attempts, in every queue, with the reason and traceback."""
+        self._owned("dead letters")
+        calls = [(i, self.broker_actor(i).dead_letters()) for i in range(self.n_queues)]
+        return [
+            DeadLetterInfo(self.queue_names[i], d.chunk_id, d.meta.n_tasks, d.reason)
+            for i, call in calls
+            for d in call.result(timeout=30)
+        ]
+
+    def requeue_dead_letters(self, letters: Iterable[DeadLetterInfo] | None = None) -> int:
+        """Put dead letters (all, or those given) back at the tail of their queues; return how many.
+
+        Their results arrive like those of new tasks: in ``ConsumerPool.results()``.
+        """
+        return self._on_dead(letters, "requeue_dead")
+
+    def purge_dead_letters(self, letters: Iterable[DeadLetterInfo] | None = None) -> int:
+        """Delete dead letters (all, or those given); return how many."""
+        return self._on_dead(letters, "purge_dead")
+
+    def _on_dead(self, letters: Iterable[DeadLetterInfo] | None, method: str) -> int:
+        self._owned("dead letters")
+        by_queue: dict[int, list[int] | None] = {}
+        if letters is None:
+            by_queue = dict.fromkeys(range(self.n_queues))
+        else:
+            for letter in letters:
+                ids = by_queue.setdefault(self.queue_names.index(letter.queue), [])
+                assert ids is not None
+                ids.append(letter.chunk_id)
+        calls = [getattr(self.broker_actor(i), method)(ids) for i, ids in by_queue.items()]
+        return sum(int(c.result(timeout=30)) for c in calls)
+
+    # -- introspection --------------------------------------------------------------------------
+    def broker_statistics(self, timeout: float = 10.0) -> list[BrokerStats]:
+        """Every broker's statistics, asked in parallel (one actor call each)."""
+        self._owned("broker statistics")
+        out = self.broker_answers(timeout)
+        down = [name for name, stats in zip(self.queue_names, out) if isinstance(stats, BaseException)]
+        if down:
+            first = next(s for s in out if isinstance(s, BaseException))
+            raise BrokerLost(f"queues {', '.join(down)} did not answer (lost, being placed again, or stalled)") from first
+        return out  # type: ignore[return-value]
+
+    def broker_answers(self, timeout: float) -> list[BrokerStats | BaseException]:
+        """Each broker's statistics, or the exception that says why it did not answer."""
+        queues = self._queues
+        if isinstance(queues, PlacedQueues):
+            return queues.statistics(timeout)
+        if self._host is not None and not self._host.closed:
+            return self._host.broker_answers(timeout)
+        why = ClosedError(
+            f"attached to pool {self.name}: its brokers answer statistics() to the QueuePool that placed them, "
+            "in another process"
+        )
+        return [why] * self.n_queues
+
+    def statistics(self, timeout: float = 10.0) -> PoolStats:
+        """The driver's counters, and the statistics of every queue that answers; those that did
+        not (down, stalled, or held by the owner of an attached pool) are in ``missing``, with why."""
+        answers = self.broker_answers(timeout)
+        missing = {
+            name: (f"did not answer within {timeout:g} s" if isinstance(a, TimeoutError) else str(a) or repr(a))
+            for name, a in zip(self.queue_names, answers)
+            if isinstance(a, BaseException)
+        }
+        brokers = [a for a in answers if isinstance(a, BrokerStats)]
+        return PoolStats(self.driver.statistics(), brokers, self.name, missing)

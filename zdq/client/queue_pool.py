@@ -1,0 +1,746 @@
+"""QueuePool: the client-side facade that places brokers and submits work to them.
+
+Dask places the brokers (one actor per queue, spread over the workers) and nothing else: tasks go
+from this process to the brokers over ZeroMQ, through the pool's :class:`~zdq.driver.Driver`.
+The facade holds the arguments, the public API, introspection and reprs; each job is an object
+of its own:
+
+- :mod:`zdq.client.brokers`: the queues (:class:`PlacedQueues`, the brokers this pool placed,
+  or :class:`AttachedQueues`, those of a live pool placed by another);
+- :mod:`zdq.client.submit`: option merging (once), calls, batches, iterables, progress;
+- :mod:`zdq.client.consumer_registry`: the ConsumerPools of the pool, their identities, and
+  the drivers of this process that feed the pool;
+- :mod:`zdq.client.supervision`: the watch over the queues and the relay, on the supervisor
+  thread of :mod:`zdq.client.slots` (written once for both pools).
+
+Ownership
+---------
+==========================  =======================================================================
+state                       owner
+==========================  =======================================================================
+``_queues``, ``_driver``,   the user's thread: set by ``start()`` (before the supervision starts),
+``_relay``, ``_watch``      read by the supervisor thread; ``close()`` stops the supervision first
+``_closed``                 the user's thread (``close()``); the supervisor only reads it, and a
+                            late recovery is refused by the broker slots' own closed flag
+``_host``                   the user's thread: the in-process owner this pool attached to, held
+                            so that dropping the owner does not take its queues away
+``_schedules_made``         ``_schedule_lock``
+``consumer_registry``       its own lock (shared with the in-process pools of the same live pool)
+==========================  =======================================================================
+
+A second QueuePool of this process on a live pool (a durable ``dirpath`` opened again, as
+daskqueue programs do by binding the same variable to a new pool without closing the first)
+attaches to it with a driver of its own, shares the owner's consumer registry (so the consumers
+and results of either are the other's too) and holds the owner: the first pool, dropped, no
+longer takes the queues or their results away from the second (issue 22, defect 1).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from distributed import Client
+
+from zdq import config
+from zdq._actor import allowed_workers, check_resources
+from zdq.client import registry
+from zdq.client.brokers import AttachedQueues, PlacedQueues, make_keys
+from zdq.client.cluster import OwnedCluster, cluster_for
+from zdq.client.consumer_registry import ConsumerRegistry
+from zdq.client.control import ControlMethods, DeadLetterInfo
+from zdq.client.drain import wait_drained
+from zdq.client.handles import QueueHandle
+from zdq.client.supervision import QueueWatch
+from zdq.client.submit import SubmitMethods, Submitter, TaskDefaults
+from zdq.config import PoolSettings, seconds_or_none, settings, timeout_or_none
+from zdq.driver import Driver
+from zdq.errors import (
+    BrokerLost,
+    BrokerUnreachable,
+    ClosedError,
+    QueueLocked,
+    ZdqError,
+    ZdqTimeoutError,
+)
+from zdq.names import counted, queue_name
+from zdq.observe.monitor import ensure_installed
+from zdq.relay.path import RelayPath
+from zdq.tasks import TaskOptions
+from zdq.transport import protocol as p
+from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
+from zdq.transport.security import ClientKeys
+from zdq.transport.sockets import new_identity
+
+__all__ = ["Durability", "QueuePool", "DeadLetterInfo", "current_pool"]
+
+logger = logging.getLogger(__name__)
+
+#: The pools this process placed, by owner token: a second QueuePool of this process on the same
+#: live pool finds its owner here (held weakly: a pool dropped without close() is collected).
+_owners_here: weakref.WeakValueDictionary[bytes, QueuePool] = weakref.WeakValueDictionary()
+
+
+class Durability(str, enum.Enum):
+    """Where a queue keeps its tasks: in the broker's memory, or on disk (LMDB)."""
+
+    TRANSIENT = "transient"
+    DURABLE = "durable"
+
+
+def _durability(value: Durability | str) -> Durability:
+    try:
+        return Durability(value.value if isinstance(value, Durability) else str(value).lower())
+    except ValueError:
+        raise ValueError(f"durability must be 'transient' or 'durable', got {value!r}") from None
+
+
+def _weakly(method: Callable[[], str]) -> Callable[[], str]:
+    """``method`` of a pool, called through a weak reference: the driver's thread holds what it
+    is given, and a strong reference would keep a pool dropped without close() alive for ever
+    (its finalizer, which closes the driver, would never run)."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> str:
+        bound = ref()
+        return "" if bound is None else bound()
+
+    return call
+
+
+class QueuePool(SubmitMethods, ControlMethods):
+    """A pool of ``n_queues`` queues placed on the workers of a Dask cluster.
+
+    Parameters
+    ----------
+    client : distributed.Client or None
+        The cluster's client; used only to place and supervise the brokers. ``None``: the
+        default client (the one made last in this process) if there is one, else **embedded
+        mode**: the pool starts a local cluster of ``parallel`` worker processes (default one
+        per CPU) and closes it, every process of it, on :meth:`close` (see :func:`zdq.local`).
+    n_queues : int
+        Number of queues (brokers), spread over the workers.
+    durability : Durability or str
+        ``"transient"`` (memory) or ``"durable"`` (LMDB under ``dirpath``).
+    dirpath : str, optional
+        Directory of durable queues: queue ``i`` lives in ``<dirpath>/<name>-queue-<i>/``.
+    name : str, optional
+        Pool name; defaults to ``"default"`` for durable pools (so the same call finds the same
+        queues after a restart) and to a random name for transient ones.
+    keep_results : bool
+        Keep every result for :meth:`ConsumerPool.results` (the daskqueue behaviour). Turn it off
+        for huge runs that read results from futures only, so driver memory stays flat.
+    retries, retry_backoff, retry_on, time_limit
+        Default task options (see :meth:`submit`).
+    workers : list of str, optional
+        Addresses or names of the workers to place brokers on (default: all workers).
+    resources : dict, optional
+        Place brokers only on workers that declare these Dask resources (``{"GPU": 1}`` for workers
+        started with ``dask worker --resources "GPU=1"``); :class:`PlacementError` if none does.
+    auth : bool, optional
+        CurveZMQ on every socket (default ``zdq.auth``, true). ``False`` is for trusted networks
+        and benchmarks only: anyone who can reach a broker's port can then run code on the
+        workers. It is refused when the Dask cluster itself uses TLS.
+    relay : bool, optional
+        Carry this process's tasks and results through a relay actor on a worker, over Dask's
+        own comm, instead of straight to the brokers' ports (default ``zdq.relay``, false). For
+        a client that reaches the scheduler but not the workers (Dask Gateway, Kubernetes, a
+        laptop on a cloud cluster); slower than the direct path. Consumers always connect to the
+        brokers directly. A relay whose worker dies is placed again.
+    parallel : int, optional
+        Worker processes of the local cluster started in embedded mode (``client=None`` and no
+        default client).
+    start : bool
+        Place the brokers at once (the daskqueue behaviour). With ``False``, call :meth:`start`.
+    **overrides
+        Any :class:`~zdq.config.PoolSettings` field (``chunk_size``, ``window``, ...).
+
+    Examples
+    --------
+    >>> from distributed import Client                                      # doctest: +SKIP
+    >>> client = Client(n_workers=2, threads_per_worker=1)                  # doctest: +SKIP
+    >>> queue_pool = QueuePool(client, 2)                                   # doctest: +SKIP
+    >>> future = queue_pool.submit(pow, 2, 10)                              # doctest: +SKIP
+    >>> consumer_pool = ConsumerPool(client, queue_pool, n_consumers=2)     # doctest: +SKIP
+    >>> consumer_pool.start(); future.result()                              # doctest: +SKIP
+    1024
+    """
+
+    def __init__(
+        self,
+        client: Client | None,
+        n_queues: int = 1,
+        durability: Durability | str = Durability.TRANSIENT,
+        dirpath: str | os.PathLike[str] | None = None,
+        *,
+        name: str | None = None,
+        keep_results: bool = True,
+        retries: int = 0,
+        retry_backoff: float = 0.1,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        time_limit: float | str | None = None,
+        workers: Sequence[str] | None = None,
+        resources: Mapping[str, float] | None = None,
+        auth: bool | None = None,
+        relay: bool | None = None,
+        start: bool = True,
+        parallel: int | None = None,
+        **overrides: Any,
+    ) -> None:
+        if not isinstance(n_queues, int) or isinstance(n_queues, bool) or n_queues < 1:
+            raise ValueError(f"n_queues must be a positive integer, got {n_queues!r}")
+        self.durability = _durability(durability)
+        if self.durability is Durability.DURABLE and dirpath is None:
+            raise ValueError("a durable QueuePool needs dirpath=...")
+        if self.durability is Durability.TRANSIENT and dirpath is not None:
+            raise ValueError(
+                f"dirpath={dirpath!r} is for durable queues: pass durability='durable' too (a transient "
+                "queue keeps its tasks in memory)"
+            )
+        if client is not None and not isinstance(client, Client):
+            raise TypeError(f"QueuePool needs a distributed.Client (or None for the default one), got {client!r:.80}")
+        if client is not None and parallel is not None:
+            raise ValueError("parallel= sizes the local cluster of QueuePool(None, ...): pass client=None, or no parallel")
+        self.n_queues = n_queues
+        self.dirpath = None if dirpath is None else os.path.abspath(os.fspath(dirpath))
+        self.name = name or ("default" if self.durability is Durability.DURABLE else f"zdq-{uuid.uuid4().hex[:8]}")
+        self.settings: PoolSettings = settings(**overrides)
+        self.keep_results = keep_results
+        self.default_options = TaskOptions(
+            retries=retries,
+            retry_backoff=retry_backoff,
+            retry_on=tuple(retry_on) if isinstance(retry_on, (tuple, list)) else retry_on,
+            time_limit=seconds_or_none(time_limit, "time_limit"),
+        )
+        self._submitter = Submitter(TaskDefaults(self.default_options))
+        #: Each queue's name (see :func:`zdq.names.queue_name`): the keys of get_queue_size().
+        self.queue_names = [queue_name(self.name, i) for i in range(n_queues)]
+        self.resources = check_resources(resources)
+        #: The local cluster this pool started (embedded mode), closed with it.
+        self._owned_cluster: OwnedCluster | None = None
+        #: The ConsumerPool that :func:`zdq.local` started with this pool (held here: ConsumerPools
+        #: are otherwise known to their QueuePool by weak reference).
+        self.local_consumers: Any = None
+        if client is None:  # as Dask's own APIs do: the default client, else an embedded cluster
+            client, self._owned_cluster = cluster_for(parallel)
+        self.client = client
+        try:
+            self._allowed_workers = allowed_workers(client, workers)
+        except BaseException:
+            self._close_owned_cluster()
+            raise
+        self.auth = bool(config.get("auth")) if auth is None else bool(auth)
+        if relay is not None and not isinstance(relay, bool):
+            raise TypeError(f"relay must be True or False, got {relay!r:.80}")
+        self.relay = config.flag("relay") if relay is None else relay
+        self._relay: RelayPath | None = None  # the relay the driver goes through, when relay=True
+        self._queues: PlacedQueues | AttachedQueues | None = None
+        self._host: QueuePool | None = None
+        self._driver: Driver | None = None
+        self._closed = False
+        self._watch: QueueWatch | None = None  # the supervision of the queues (and relay)
+        self._identity = new_identity()  # the driver's: brokers hand it the results nobody else takes
+        self._owner_token = os.urandom(16)  # names this owner in the registry (never the identity)
+        #: The ConsumerPools of this pool, their consumers' identities, and this process's drivers
+        #: on the pool (shared with an in-process owner when attached to one).
+        self.consumer_registry = ConsumerRegistry(self.name)
+        self._schedules_made = 0  # the i-th schedule made here goes to queue i % n_queues
+        self._schedule_lock = threading.Lock()
+        # Attaching: a durable pool always may (one name and directory is one pool); a transient
+        # one when it was given the name of a live pool.
+        self._may_attach = self.durability is Durability.DURABLE or name is not None
+        if start:
+            try:
+                self.start()
+            except BaseException:
+                self._close_owned_cluster()
+                raise
+
+    # -- state seen by others -------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def attached(self) -> bool:
+        """Whether this pool feeds queues placed by another QueuePool (see :meth:`attach`)."""
+        return isinstance(self._queues, AttachedQueues)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [] if self._queues is None else self._queues.endpoints
+
+    @property
+    def payload_key(self) -> bytes | None:
+        return None if self._queues is None else self._queues.payload_key
+
+    @property
+    def client_keys(self) -> ClientKeys | None:
+        """The CURVE keys of this pool's drivers and consumers (``None`` without authentication)."""
+        return None if self._queues is None else self._queues.client_keys
+
+    @property
+    def reset_by_restart(self) -> bool:
+        """Whether ``client.restart()`` took the brokers (the pool's tasks failed)."""
+        return self._watch is not None and self._watch.reset_by_restart
+
+    @property
+    def recoveries(self) -> int:
+        """Queues placed again since the pool started (followed, for an attached pool)."""
+        return 0 if self._queues is None else self._queues.recoveries
+
+    @property
+    def consumer_identities(self) -> frozenset[bytes]:
+        """Every consumer identity that a ConsumerPool of this process placed for this pool."""
+        return self.consumer_registry.identities()
+
+    @property
+    def consumer_batch_size(self) -> int | None:
+        """The batch size of this pool's ConsumerPool (daskqueue's batch_size): caps the chunks
+        submitted from then on, so that a consumer takes at most that many tasks at once."""
+        return self.consumer_registry.batch_size
+
+    @consumer_batch_size.setter
+    def consumer_batch_size(self, value: int | None) -> None:
+        self.consumer_registry.batch_size = value
+
+    def subscribe(self, listener: Any) -> None:
+        """Tell ``listener`` (held weakly) when a lost queue is served again: the pool calls
+        ``listener.on_broker_moved(queue index, new endpoint)``. ConsumerPools subscribe."""
+        self.consumer_registry.subscribe(listener)
+
+    def consumers_changed(self) -> None:
+        """A ConsumerPool of this pool was made or closed: single tasks are cut for the new count."""
+        self.consumer_registry.consumers_changed()
+
+    def consumer_count(self) -> int:
+        return self.consumer_registry.n_consumers()
+
+    def consumer_pools(self) -> list[Any]:
+        """The live ConsumerPools of this pool, oldest first."""
+        return self.consumer_registry.pools()
+
+    def live_driver(self) -> Driver | None:
+        """The driver, or ``None`` when the pool is not started or closed (asks nothing)."""
+        return None if self._closed else self._driver
+
+    @property
+    def driver(self) -> Driver:
+        if self._closed:
+            raise ClosedError(f"queue pool {self.name} is closed")
+        if self._driver is None:
+            raise ClosedError(f"queue pool {self.name} is not started: call start()")
+        return self._driver
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> QueuePool:
+        """Place one broker per queue on the workers and connect to them; or, if a live pool of
+        this name (and directory) runs on the cluster, attach to it. Idempotent."""
+        if self._closed:
+            raise ClosedError(f"queue pool {self.name} is closed")
+        if self._driver is not None:
+            return self
+        # Another producer may place this durable pool a moment before us (QueueLocked), and a
+        # pool of ours dropped without close() may still hold its directories: attach to the one,
+        # wait the other out, within a bound.
+        deadline = time.monotonic() + 30
+        place_at = 0.0
+        while True:
+            record = self._live_record()
+            if record is not None:
+                return self._attach(record)
+            if time.monotonic() >= place_at:
+                try:
+                    return self._place()
+                except QueueLocked:
+                    if time.monotonic() > deadline:
+                        raise
+                    # Placing costs an actor per queue: tried again every 2 s, looked up in between.
+                    place_at = time.monotonic() + 2.0
+            time.sleep(0.2)
+
+    def _live_record(self) -> registry.PoolRecord | None:
+        if not self._may_attach:
+            return None
+        record = registry.lookup(self.client, self.name, self.dirpath)
+        if record is None:
+            return None
+        if record.owner_client == str(self.client.id) and record.owner_token not in _owners_here:
+            # Its owner was this process's, and is gone (dropped without close()): its queues are
+            # being released; they are placed again, not attached to.
+            registry.withdraw(self.client, record)
+            return None
+        return record
+
+    @classmethod
+    def attach(cls, client: Client | None, name: str, *, dirpath: str | os.PathLike[str] | None = None, **kwargs: Any) -> QueuePool:
+        """Attach to the live pool ``name`` (a durable one: with its ``dirpath``), placed by another
+        QueuePool in this or any other process of the cluster, a task of the pool included. It
+        submits to the same queues; its futures and ``results()`` hold its own tasks' results.
+
+        Raises
+        ------
+        ClosedError
+            No live pool of that name runs on the cluster.
+        """
+        pool = cls(client, 1, "durable" if dirpath is not None else "transient", dirpath, name=name, start=False, **kwargs)
+        record = registry.lookup(pool.client, name, pool.dirpath)
+        if record is None:
+            where = f" with dirpath {pool.dirpath}" if pool.dirpath else ""
+            raise ClosedError(f"no live zdq pool named {name!r}{where} on this cluster")
+        return pool._attach(record)
+
+    def _attach(self, record: registry.PoolRecord) -> QueuePool:
+        if record.durable != (self.durability is Durability.DURABLE):
+            raise ZdqError(f"pool {self.name} is live on the cluster as a {'durable' if record.durable else 'transient'} pool")
+        if self.n_queues != len(record.queue_names):
+            logger.info("attaching to pool %s: it has %d queues", self.name, len(record.queue_names))
+        if self._allowed_workers is not None:
+            logger.info("pool %s is live on the cluster: attached to it (workers= applies to its owner only)", self.name)
+        host = _owners_here.get(record.owner_token)
+        if host is not None and not host.closed:
+            # Its owner is in this process: held, so that dropping it keeps its queues, and its
+            # consumers and results are this pool's too.
+            self._host = host
+            self.consumer_registry = host.consumer_registry
+        self._queues = AttachedQueues(self.client, record, self.dirpath)
+        self.n_queues = len(record.queue_names)
+        self.queue_names = list(record.queue_names)
+        self.settings = record.settings.with_overrides(window=self.settings.window, buffer_bytes=self.settings.buffer_bytes)
+        started = time.monotonic()
+        self._start_driver()
+        self._check_reach(started)
+        self._supervise(interval=1.0)
+        logger.info("Attached to the %d queues of pool %s.", self.n_queues, self.name)
+        return self
+
+    def _place(self) -> QueuePool:
+        started = time.monotonic()
+        keys = make_keys(self.client, self.auth, self.name)
+        ensure_installed(self.client)  # once per cluster: what /zdq, /metrics and `zdq status` read
+        queues = PlacedQueues(
+            self.client,
+            self.name,
+            self.queue_names,
+            self.settings,
+            dirpath=self.dirpath,
+            durable=self.durability is Durability.DURABLE,
+            keys=keys,
+            allowed_workers=self._allowed_workers,
+            resources=self.resources,
+            identity=self._identity,
+            owner_token=self._owner_token,
+        )
+        queues.place(self.auth)
+        self._queues = queues
+        self._start_driver()
+        self._check_reach(started)
+        self._supervise(interval=0.25)
+        _owners_here[self._owner_token] = self
+        queues.publish()
+        logger.info("Created %d queues in the cluster (pool %s).", self.n_queues, self.name)
+        return self
+
+    def _supervise(self, interval: float) -> None:
+        assert self._driver is not None and self._queues is not None
+        self._watch = QueueWatch(
+            self.client, self.name, self.dirpath, self._queues, self._driver, self._relay, self.consumer_registry
+        )
+        self._watch.start(interval)
+
+    def _start_driver(self) -> None:
+        route = None
+        if self.relay:
+            self._relay = RelayPath(
+                self.client,
+                self.name,
+                self._identity,
+                self.client_keys,
+                self.settings.max_message_size,
+                call_timeout=self.settings.connect_timeout + 2 * self.settings.heartbeat_interval,
+                workers=self._allowed_workers,
+            )
+            self._relay.start(avoid=self._workers())
+            route = self._relay.tunnel
+            # A pool dropped without close() still lets go of its relay (and its threads).
+            weakref.finalize(self, self._relay.close)
+        self._driver = Driver(
+            self.name,
+            self.endpoints,
+            self.settings,
+            keep_results=self.keep_results,
+            keys=self.client_keys,
+            payload_key=self.payload_key,
+            queue_names=self.queue_names,
+            identity=self._identity,
+            hint=_weakly(self.why_waiting),
+            workers=self._workers(),
+            route=route,
+        )
+        self._driver.start()
+        self._driver.consumers = self.consumer_registry.n_consumers()
+        self.consumer_registry.add_feeder(self)
+        # A pool dropped without close() (daskqueue programs never close theirs) still stops its driver.
+        weakref.finalize(self, self._driver.close)
+
+    def workers(self) -> list[str]:
+        """The worker of each queue ("" where unknown)."""
+        return [""] * self.n_queues if self._queues is None else self._queues.workers()
+
+    _workers = workers  # the name tests and the benchmark used
+
+    def _check_reach(self, started: float) -> None:
+        """Raise :class:`BrokerUnreachable` if this process hears nothing from some broker within
+        ``connect-timeout`` of ``started`` (the handshakes get at least 2 s however long placing
+        took), after stopping what was started: an error, where a silent pool would hang."""
+        driver = self.driver
+        timeout = self.settings.connect_timeout
+        silent = driver.unreached(max(started + timeout, time.monotonic() + min(2.0, timeout)))
+        if not silent:
+            return
+        workers = self._workers()
+        subject = (
+            f"pool {self.name}: this process ({driver.driver_name}) reaches the Dask scheduler at "
+            f"{getattr(self.client.scheduler, 'address', '?')}, but heard nothing within {timeout:g} s from {len(silent)} of its "
+            f"{self.n_queues} brokers"
+        )
+        exc = BrokerUnreachable(
+            describe(
+                subject,
+                [(self.queue_names[i], self.endpoints[i], workers[i], why) for i, why in sorted(silent.items())],
+                CLIENT_OUTSIDE if len(silent) == self.n_queues else OPEN_TO_CLIENT,
+            )
+        )
+        self._driver = None
+        driver.close(reason=exc)
+        self._close_relay()
+        if isinstance(self._queues, PlacedQueues):
+            self._queues.release()
+        self._queues = None
+        self._host = None
+        raise exc
+
+    def close(self) -> None:
+        """Stop the driver and every broker; pending futures fail with ClosedError. The
+        ConsumerPools made on this pool are closed first (their consumers would serve nothing).
+        Idempotent."""
+        if self._closed:
+            return
+        owner = isinstance(self._queues, PlacedQueues)
+        for consumers in self.consumer_pools():
+            if owner or consumers.queue_pool is self:
+                consumers.close()
+        self._closed = True
+        if self._watch is not None:
+            # A round in progress (a recovery waiting on the cluster) is not waited for long: what
+            # it places after this is refused by the closed slots, and released.
+            self._watch.stop(join=2.0)
+        if self._driver is not None:
+            try:  # the receipts for results already here reach the brokers before they stop
+                self._driver.queue_status(timeout=2)
+            except ZdqError as e:
+                logger.debug("pool %s: receipts not confirmed before closing: %s", self.name, e)
+            self._driver.close()
+        self._close_relay()
+        if isinstance(self._queues, PlacedQueues):
+            _owners_here.pop(self._owner_token, None)
+            self._queues.withdraw()
+            self._queues.release()
+        self._host = None
+        self._close_owned_cluster()
+
+    def _close_relay(self) -> None:
+        if self._relay is not None:
+            self._relay.close()
+            self._relay = None
+
+    def _close_owned_cluster(self) -> None:
+        if self._owned_cluster is not None:
+            self._owned_cluster.close()
+
+    def __enter__(self) -> QueuePool:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until every chunk submitted so far is stored by its broker."""
+        self.driver.flush(timeout_or_none(timeout))
+
+    # -- waiting for the work ------------------------------------------------------------------
+    def wait_drained(
+        self,
+        timeout: float | None = None,
+        *,
+        timestep: float = 0.2,
+        progress: Callable[[int, int], None] | None = None,
+        check: Callable[[list[p.QueueStatus | None]], None] | None = None,
+    ) -> list[p.QueueStatus | None]:
+        """Block until every queue is drained and every result of this process's tasks on the pool
+        (this pool's, and those of the other QueuePools of this process on the same live pool)
+        has arrived; return the queues' last counts (see :func:`zdq.client.drain.wait_drained`).
+
+        Raises
+        ------
+        NoConsumers
+            Tasks are pending and no consumer of the pool is running.
+        BrokerLost
+            A queue has been down longer than a lost queue takes to be placed again.
+        ClosedError
+            The pool (or its owner) was closed meanwhile.
+        ZdqTimeoutError
+            Not drained by ``timeout``.
+        """
+        return wait_drained(
+            self.driver,
+            self.consumer_registry,
+            f"pool {self.name}",
+            self.queue_names,
+            max(60.0, 4 * self.settings.heartbeat_timeout),
+            timeout,
+            timestep=timestep,
+            progress=progress,
+            check=check,
+        )
+
+    def queue_status(self, timeout: float = 10.0) -> list[p.QueueStatus | None]:
+        """Each queue's counts, asked over the data plane (``None`` for a queue that is down)."""
+        return self.driver.queue_status(timeout)
+
+    def get_queue_size(self, timeout: float = 30.0) -> dict[str, int]:
+        """Tasks pending (stored, not yet acknowledged) in each queue, by queue name
+        (``<pool name>-queue-<i>``, as in :attr:`queue_names`, reprs, statistics and logs).
+
+        daskqueue keyed this by its queue actors (whose repr was their Dask key); zdq's queues are
+        not actors a user holds, and a name reads the same in every process and after a restart.
+
+        Raises
+        ------
+        BrokerLost
+            A queue is down (lost with its worker, being placed again): its size is not known.
+        """
+        try:
+            self.flush(timeout)
+        except ZdqTimeoutError as e:
+            raise ZdqTimeoutError(f"the queues' sizes are not known within {timeout}s ({e})") from None
+        statuses = self.queue_status(timeout)
+        down = [name for name, s in zip(self.queue_names, statuses) if s is None]
+        if down:
+            raise BrokerLost(f"queues {', '.join(down)} are down (being placed again): their sizes are not known now")
+        return {name: s.ready_tasks + s.leased_tasks for name, s in zip(self.queue_names, statuses) if s is not None}
+
+    def __len__(self) -> int:
+        return self.n_queues
+
+    def __getitem__(self, index: int) -> QueueHandle:
+        """Queue ``index``: ``qsize()``, ``empty()``, ``pid()``, ``statistics()``... (daskqueue's
+        queue methods), each returning something with ``.result()``."""
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise TypeError(f"queue indices are integers, got {index!r:.80}")
+        if not -self.n_queues <= index < self.n_queues:
+            raise IndexError(f"queue index {index!r} out of range: the pool has {self.n_queues} queues")
+        return QueueHandle(self, index % self.n_queues)
+
+    def why_waiting(self) -> str:
+        """Why results may not come: said in the error of a future's result(timeout)."""
+        reasons = []
+        driver = self.live_driver()
+        if driver is None:
+            return ""
+        states = driver.queue_states()
+        down = [q.name for q in states if q.state in ("down", "recovering")]
+        if down:
+            reasons.append(f"queues {', '.join(down)} are down and being placed again")
+        unreachable = [q.name for q in states if q.state == "unreachable"]
+        if unreachable:
+            reasons.append(f"queues {', '.join(unreachable)} were placed again where this process cannot reach them")
+        if not self.consumer_pools():
+            reasons.append(f"no ConsumerPool consumes queue pool {self.name}: make one and call its start()")
+        elif not self.consumer_registry.any_running():
+            reasons.append("no consumer is running: call consumer_pool.start()")
+        return "; ".join(reasons)
+
+    #: Past this many queues, a repr shows the queues that are not up, and a summary of the rest.
+    _REPR_QUEUES = 8
+
+    def __repr__(self) -> str:
+        """What this process knows, asking no broker: a repr never waits on the cluster (a stopped
+        or lost worker, a busy scheduler). ``get_queue_size()`` asks the queues."""
+        head = f"QueuePool {self.name}: {counted(self.n_queues, self.durability.value + ' queue')}"
+        driver = self._driver
+        if self._closed or driver is None:
+            return f"{head}, {'closed' if self._closed else 'not started'}"
+        if self.reset_by_restart:
+            state = "stopped (the cluster was restarted)"
+        elif driver.stopped:
+            state = "stopped (its owner closed the pool)" if self.attached else "stopped"
+        else:
+            state = "attached to its owner's queues" if self.attached else "running"
+        consumers = sum(pool.n_consumers for pool in self.consumer_pools() if pool.queue_pool is self)
+        head += f", {state}, {counted(consumers, 'consumer')} in this process"
+        stats = driver.statistics()
+        unsent = driver.unsent
+        lines = [
+            f"tasks: {stats.tasks_submitted} submitted"
+            + (f" ({unsent} not sent yet)" if unsent else "")
+            + f", {stats.tasks_completed} done, {stats.tasks_failed} failed"
+            + (f", and {stats.foreign_tasks} results of others' tasks" if stats.foreign_tasks else "")
+        ]
+        queues = driver.queue_states()
+        if len(queues) <= self._REPR_QUEUES:
+            lines += [q.describe() for q in queues]
+        else:
+            lines += [q.describe() for q in queues if q.state != "up"]
+            up = [q for q in queues if q.state == "up"]
+            lines.append(f"{len(up)} queues up, {sum(q.awaiting for q in up)} tasks awaiting results")
+        return head + "".join(f"\n\t{line}" for line in lines)
+
+
+_attached_lock = threading.Lock()
+_attached_here: dict[tuple[str, str | None], QueuePool] = {}
+
+
+def current_pool(timeout: float = 60.0) -> QueuePool:
+    """Inside a zdq task: the pool whose consumer runs it, attached from this worker, to submit
+    more work (a document task submitting its pages). Submitting never waits on consumers;
+    waiting on the new tasks' results from inside a task holds that consumer meanwhile.
+
+    >>> def document(path):                                   # doctest: +SKIP
+    ...     pool = zdq.current_pool()
+    ...     pool.batch_submit([(page, path, i) for i in range(n_pages(path))])
+
+    Raises
+    ------
+    ZdqError
+        Called outside a zdq task.
+    """
+    from zdq._actor import CURRENT_POOL, when_pool_done
+
+    key = CURRENT_POOL.get()
+    if key is None:
+        raise ZdqError("current_pool() is for code that runs in a zdq task; elsewhere use QueuePool.attach()")
+    with _attached_lock:
+        pool = _attached_here.get(key)
+        if pool is None or pool.closed:
+            from distributed import get_client
+
+            name, dirpath = key
+            pool = QueuePool.attach(get_client(timeout=timeout), name, dirpath=dirpath)
+            _attached_here[key] = pool
+
+            def close(pool: QueuePool = pool) -> None:
+                with _attached_lock:
+                    if _attached_here.get(key) is pool:
+                        del _attached_here[key]
+                pool.close()
+
+            when_pool_done(key, close)
+        return pool

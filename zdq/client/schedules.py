@@ -1,0 +1,214 @@
+"""Periodic tasks, the client side: ``QueuePool.schedule``, ``schedules()`` and their handles.
+
+A schedule is made on the driver (its task pickled and sealed once, as a one-task chunk) and
+handed to one queue's broker over the control plane (an actor call, as dead letters are): the
+queue keeps it (on disk for a durable queue) and puts a chunk of that task in itself at every
+tick (:mod:`zdq.broker.schedules`). So schedules outlive the driver that made them; a transient
+pool's live as long as its brokers. The ``i``-th schedule a pool makes is given to its queue
+``i % n_queues``.
+
+A tick's result goes to the schedule, not to a driver: :class:`Schedule` shows the last one
+(``last_value`` or ``last_error``), never a growing pile.
+
+Ownership: no state here; a :class:`Schedule` is a frozen snapshot, and which queue keeps the next
+schedule is counted by the pool (``next_schedule_queue``, under its lock).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol
+
+from zdq.errors import BrokerLost, SerializationError
+from zdq.schedules import Missed, ScheduleRecord, Spec, _missed
+from zdq.serialization import error_to_exception, loads_results
+from zdq.tasks import TASKS, TaskOptions, call_task, dumps_chunk
+from zdq.timing import timing_of
+
+from zdq.driver import Driver
+
+__all__ = ["Schedule", "SchedulePool", "cancel_schedule", "list_schedules", "make_schedule"]
+
+
+class SchedulePool(Protocol):
+    """What schedules need of their pool (a Protocol: no import of the pool's module)."""
+
+    name: str
+    n_queues: int
+    queue_names: list[str]
+
+    @property
+    def payload_key(self) -> bytes | None: ...
+
+    @property
+    def driver(self) -> Driver: ...
+
+    def next_schedule_queue(self) -> int: ...
+
+    def broker_actor(self, i: int) -> Any: ...
+
+
+def _utc(t: float) -> datetime | None:
+    return datetime.fromtimestamp(t, tz=timezone.utc) if t else None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A periodic task of a pool, as its queue reported it when asked (a snapshot).
+
+    Attributes
+    ----------
+    schedule_id : int
+        Its id (``queue_pool.cancel_schedule(id)``).
+    queue : str
+        The queue that keeps it and puts its ticks in itself.
+    name : str
+        The task's name (its function's).
+    cron, every : str or timedelta
+        When it ticks (one of them is ``None``); cron in UTC.
+    missed : str
+        ``"once"`` or ``"skip"``: what ticks missed while the queue was down do.
+    next_tick : datetime
+        When the next tick is due (UTC).
+    ticks, skipped : int
+        Ticks put in the queue, and ticks skipped (missed with ``"skip"``, or while the previous
+        tick had not finished).
+    last_tick, last_done : datetime or None
+        When the last tick was queued, and when the last results came back.
+    last_value, last_error
+        The last tick's result, or its error (``None`` before the first).
+    priority : int
+        The priority of its ticks in their queue.
+
+    >>> handle = queue_pool.schedule(report, every=timedelta(minutes=5))     # doctest: +SKIP
+    >>> [s.name for s in queue_pool.schedules()]                              # doctest: +SKIP
+    ['report']
+    >>> handle.cancel()                                                       # doctest: +SKIP
+    True
+    """
+
+    schedule_id: int
+    queue: str
+    name: str
+    cron: str | None
+    every: timedelta | None
+    missed: str
+    next_tick: datetime
+    ticks: int
+    skipped: int
+    last_tick: datetime | None
+    last_done: datetime | None
+    last_value: Any = None
+    last_error: BaseException | None = None
+    priority: int = 0
+    _pool: Any = field(default=None, repr=False, compare=False)
+
+    def cancel(self, timeout: float = 30.0) -> bool:
+        """End the schedule: no tick after this (one already queued still runs). True if it
+        was live."""
+        return cancel_schedule(self._pool, self.schedule_id, timeout)
+
+
+def _snapshot(pool: SchedulePool, index: int, record: ScheduleRecord) -> Schedule:
+    value, error = None, None
+    if record.last_results:
+        try:
+            _, values, errors = loads_results(record.last_results, pool.payload_key)
+            if errors:
+                error = error_to_exception(next(iter(errors.values())))
+            else:
+                value = values[0]
+        except Exception as e:  # noqa: BLE001 - the schedule is still shown; its last result is not
+            error = SerializationError(f"the last result of schedule {record.name} does not unpickle here: {e}")
+    return Schedule(
+        record.schedule_id,
+        pool.queue_names[index],
+        record.name,
+        record.spec.cron,
+        None if record.spec.every is None else timedelta(seconds=record.spec.every),
+        record.missed.value,
+        datetime.fromtimestamp(record.due, tz=timezone.utc),
+        record.ticks,
+        record.skipped,
+        _utc(record.last_tick),
+        _utc(record.last_done),
+        value,
+        error,
+        record.priority,
+        pool,
+    )
+
+
+def make_schedule(
+    pool: SchedulePool,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    cron: str | None,
+    every: timedelta | float | None,
+    missed: Missed | str,
+    options: TaskOptions | None,
+    priority: int,
+    timeout: float,
+) -> Schedule:
+    """Check the arguments (errors name the one at fault), then give the schedule to its queue."""
+    if not callable(fn):
+        raise TypeError(f"schedule(fn=...) needs a callable or a zdq.Task, got {fn!r:.80}")
+    now = time.time()
+    spec = Spec.parse(cron, every, anchor=now)
+    policy = _missed(missed)
+    timing = timing_of(None, None, priority)  # checks it as submit() does
+    driver = pool.driver
+    payload = dumps_chunk(driver.reserve(1), [call_task(fn, args, kwargs, options)], driver.payload_key, TASKS)
+    schedule_id = int.from_bytes(os.urandom(8), "big") >> 1 or 1
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    record = ScheduleRecord(
+        schedule_id, name, spec, policy, spec.next_after(now), payload, priority=timing.priority if timing else 0
+    )
+    index = pool.next_schedule_queue()
+    pool.broker_actor(index).add_schedule(record.pack()).result(timeout=timeout)
+    return _snapshot(pool, index, record)
+
+
+def list_schedules(pool: SchedulePool, timeout: float) -> list[Schedule]:
+    """Every schedule of the pool's queues, by next tick.
+
+    Raises
+    ------
+    BrokerLost
+        Some queues did not answer within ``timeout`` (each asked in parallel): named, since the
+        list would miss their schedules.
+    """
+    calls = [(i, pool.broker_actor(i).schedules()) for i in range(pool.n_queues)]
+    deadline = time.monotonic() + timeout
+    found: list[Schedule] = []
+    silent: list[str] = []
+    cause: BaseException | None = None
+    for i, call in calls:
+        try:
+            raws = call.result(timeout=max(0.1, deadline - time.monotonic()))
+        except Exception as e:  # its worker is gone, stalled, or the queue is being placed again
+            silent.append(pool.queue_names[i])
+            cause = cause or e
+            continue
+        found.extend(_snapshot(pool, i, ScheduleRecord.unpack(raw)) for raw in raws)
+    if silent:
+        raise BrokerLost(
+            f"queues {', '.join(silent)} of pool {pool.name} did not answer within {timeout:g} s (lost, being "
+            "placed again, or stalled): their schedules are not listed"
+        ) from cause
+    return sorted(found, key=lambda s: s.next_tick)
+
+
+def cancel_schedule(pool: SchedulePool, schedule_id: int, timeout: float) -> bool:
+    if not isinstance(schedule_id, int) or isinstance(schedule_id, bool) or schedule_id <= 0:
+        raise ValueError(f"schedule_id must be a schedule's id (a positive integer), got {schedule_id!r}")
+    # Asked of every queue, not only ``id % n_queues``: a durable pool opened again with another
+    # number of queues still finds it (cancelling is rare; the calls run in parallel).
+    calls = [pool.broker_actor(i).cancel_schedule(schedule_id) for i in range(pool.n_queues)]
+    return any([bool(call.result(timeout=timeout)) for call in calls])  # noqa: C419 - wait for every answer, not only up to the first True

@@ -1,0 +1,255 @@
+"""Actor slots and their supervisor, written once for both pools.
+
+A pool places one actor per slot (a broker per queue, a consumer per consumer slot) and replaces
+the actor of a slot when its worker is lost. Two threads touch the slots: the user's (placing at
+start, releasing at close) and the pool's supervisor (replacing). Before this module each pool
+kept its own lists, written by the supervisor and cleared by ``close()`` without a lock, and a
+recovery that finished after ``close()`` wrote into cleared lists and died with an
+``IndexError`` (issue 22, defect 2).
+
+Ownership
+---------
+==================================  =================================================================
+state                               owner
+==================================  =================================================================
+``ActorSlots._futures/_actors``     ``ActorSlots._lock``; written by :meth:`ActorSlots.adopt` and
+                                    :meth:`ActorSlots.take_all` only
+``ActorSlots._closed``              ``ActorSlots._lock``: set once by ``take_all``; ``adopt`` after it
+                                    refuses (the caller releases what it placed)
+``Supervisor._thread``              the pool's user thread (``start``/``stop``)
+``_EXITING``, ``_running``          this module: set by the interpreter's exit hook
+==================================  =================================================================
+
+At interpreter exit (a script that ends without ``close()``, as daskqueue scripts do) Dask tears
+its cluster down: workers die, and a supervisor would see every actor lost and fight the teardown
+by placing them again, with a warning for each. :func:`_at_exit` runs before Dask's own exit hooks
+(registered after them) and stops every supervisor first, so zdq goes quietly.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import uuid
+import weakref
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from zdq._actor import pick_worker
+
+__all__ = ["ActorSlots", "Supervisor", "exiting", "place_actor", "release_future"]
+
+logger = logging.getLogger(__name__)
+
+A = TypeVar("A")
+
+_EXITING = threading.Event()
+#: Every supervisor running in this process (weakly): the exit hook stops them.
+_running: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+_running_lock = threading.Lock()
+
+
+def exiting() -> bool:
+    """Whether the interpreter is shutting down (zdq's exit hook has run)."""
+    return _EXITING.is_set()
+
+
+def _at_exit() -> None:
+    _EXITING.set()
+    with _running_lock:
+        supervisors = list(_running)
+    for supervisor in supervisors:
+        supervisor.stop(join=0.5)
+
+
+# Registered when zdq's client side is imported, after distributed (imported above it by every
+# pool module): atexit runs hooks last in, first out, so this one runs before Dask closes its
+# clusters.
+atexit.register(_at_exit)
+
+
+def place_actor(
+    client: Any,
+    cls: type,
+    args: tuple[Any, ...],
+    *,
+    slot: int,
+    allowed: list[str] | None,
+    placed_on: dict[int, str],
+    resources: dict[str, float] | None,
+    key: str,
+    known: dict[str, Any] | None = None,
+) -> Any:
+    """Create the actor of ``slot`` on one worker (spread by slot, avoiding the lost ones; see
+    :func:`zdq._actor.pick_worker`, which notes the choice in ``placed_on``): its Dask future."""
+    address = pick_worker(client, allowed, slot, placed_on, resources, known)
+    return client.submit(
+        cls, *args, actor=True, workers=[address], allow_other_workers=False, pure=False, key=f"{key}-{uuid.uuid4().hex[:8]}"
+    )
+
+
+def release_future(fut: Any) -> None:
+    """Release a Dask future, whatever state its worker is in."""
+    if fut is None:
+        return
+    try:
+        fut.release()
+    except Exception as e:  # noqa: BLE001 - its client may be closing: nothing is left to release
+        logger.debug("releasing %s failed: %s", getattr(fut, "key", fut), e)
+
+
+class ActorSlots(Generic[A]):
+    """``n`` slots, each holding the Dask future of an actor and the actor (or ``None``).
+
+    One lock guards every slot and the closed flag: the supervisor's replacement and the user's
+    ``close()`` never interleave half-way.
+    """
+
+    def __init__(self, n: int) -> None:
+        self._lock = threading.Lock()
+        self._futures: list[Any] = [None] * n
+        self._actors: list[A | None] = [None] * n
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def adopt(self, i: int, fut: Any, actor: A) -> Any:
+        """Put ``actor`` (placed by ``fut``) in slot ``i``; return the future it replaces.
+
+        Raises
+        ------
+        SlotsClosed
+            The slots were closed meanwhile (a late recovery): the caller releases what it placed.
+        """
+        with self._lock:
+            if self._closed:
+                raise SlotsClosed(f"slot {i} was closed while its actor was being placed")
+            old = self._futures[i]
+            self._futures[i], self._actors[i] = fut, actor
+            return old
+
+    def actor(self, i: int) -> A | None:
+        with self._lock:
+            return self._actors[i]
+
+    def future(self, i: int) -> Any:
+        with self._lock:
+            return self._futures[i]
+
+    def actors(self) -> list[A | None]:
+        with self._lock:
+            return list(self._actors)
+
+    def futures(self) -> list[Any]:
+        with self._lock:
+            return list(self._futures)
+
+    def placed(self) -> bool:
+        """Whether every slot holds an actor."""
+        with self._lock:
+            return not self._closed and all(a is not None for a in self._actors)
+
+    def take_all(self) -> list[tuple[Any, A | None]]:
+        """Close the slots and hand back every slot's ``(future, actor)`` (``None`` where empty)
+        for the caller to stop and release. Idempotent (the second call gets only ``None``)."""
+        with self._lock:
+            self._closed = True
+            taken = list(zip(self._futures, self._actors))
+            n = len(self._futures)
+            self._futures, self._actors = [None] * n, [None] * n
+        return taken
+
+
+class SlotsClosed(Exception):
+    """Internal: a slot was written after its pool closed (never leaves this package)."""
+
+
+class Supervisor:
+    """A daemon thread calling ``pool.supervise_once()`` every ``interval`` seconds until stopped,
+    the pool closed or collected, or the interpreter exiting.
+
+    It holds the pool weakly (a pool its program dropped without closing is still collected), and
+    an error of one round is logged and the next round runs: supervision never dies of a fault.
+    """
+
+    def __init__(self, pool: Any, name: str, interval: float = 0.25, *, method: str = "supervise_once") -> None:
+        self._ref = weakref.ref(pool)
+        self._name = name
+        self._interval = interval
+        self._method = method
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """Whether supervision is over (stopped, or the interpreter exiting): a round in progress
+        gives up what it would start."""
+        return self._stop.is_set() or _EXITING.is_set()
+
+    def start(self) -> None:
+        if self._thread is not None or self.stopping:
+            return
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        with _running_lock:
+            _running.add(self)
+            # Last registered, first run: before whatever Dask registered since (its clusters'
+            # and finalizers' exit hooks), whose teardown the supervisors must not fight.
+            atexit.unregister(_at_exit)
+            atexit.register(_at_exit)
+        self._thread.start()
+
+    def stop(self, join: float = 0.0) -> None:
+        """Stop; wait up to ``join`` seconds for a round in progress (it never writes into a
+        closed pool: the slots refuse it)."""
+        self._stop.set()
+        thread = self._thread
+        if join and thread is not None and thread is not threading.current_thread():
+            thread.join(join)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self._interval):
+                if _EXITING.is_set():
+                    return
+                pool = self._ref()
+                if pool is None:
+                    return
+                try:
+                    getattr(pool, self._method)()
+                except Exception:  # noqa: BLE001 - one round's fault never ends supervision
+                    if not self.stopping:
+                        logger.exception("%s: a supervision round failed (the next one runs)", self._name)
+                del pool
+        finally:
+            with _running_lock:
+                _running.discard(self)
+
+
+def call_all(calls: list[tuple[str, Callable[[], Any]]], timeout: float, what: str) -> list[tuple[str, Any]]:
+    """Start every call, then wait for each (``timeout`` each): ``(name, result or exception)``."""
+    started: list[tuple[str, Any]] = []
+    for name, call in calls:
+        try:
+            started.append((name, call()))
+        except Exception as e:  # noqa: BLE001 - its worker is gone
+            started.append((name, e))
+    out: list[tuple[str, Any]] = []
+    for name, fut in started:
+        if isinstance(fut, BaseException):
+            out.append((name, fut))
+            continue
+        try:
+            out.append((name, fut.result(timeout=timeout)))
+        except Exception as e:  # noqa: BLE001 - said by the caller, per name
+            logger.debug("%s on %s failed: %s", what, name, e)
+            out.append((name, e))
+    return out

@@ -1,0 +1,509 @@
+"""Submission: task options merged once, single calls, batches, iterables, and their progress.
+
+:class:`TaskDefaults` is the one place where a call's task options meet the pool's defaults
+(before, the options dict was built in four places: ``_options``, ``submit``, ``batch_submit``
+and ``submit_iter``). :class:`Submitter` turns calls into pickled tasks and chunks and hands
+them to the pool's driver through its public methods.
+
+Ownership
+---------
+======================  ===========================================================================
+state                   owner
+======================  ===========================================================================
+``TaskDefaults``        immutable once made (the pool's constructor)
+``Submitter``           no state of its own beyond what it is given: every call runs on the caller's
+                        thread, and what is shared (ids, buffers, records) is the driver's
+``_Reading.error``      the thread reading the caller's iterable
+======================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import functools
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable, Protocol
+
+from zdq.chunking import Chunking
+from zdq.config import PoolSettings, seconds_or_none, timeout_or_none
+from zdq.consumer import GeneralConsumer
+from zdq.driver import Driver
+from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
+from zdq.futures import BatchFuture, TaskFuture
+from zdq.objects import as_calls
+from zdq.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
+from zdq.timing import Timing, timing_of
+
+__all__ = ["TaskDefaults", "Submitter", "SubmitMethods", "SubmitTarget", "check_worker_class", "insert_bar"]
+
+_NO_OPTIONS = TaskOptions()
+
+
+def check_worker_class(worker_class: type | None) -> None:
+    if worker_class is not None and not (isinstance(worker_class, type) and issubclass(worker_class, GeneralConsumer)):
+        raise WrongConsumerClass(
+            f"submitted functions run on GeneralConsumer and its subclasses only: worker_class="
+            f"{worker_class!r:.80} cannot run them (put() items for a ConsumerBaseClass's process_item)"
+        )
+
+
+def insert_bar(total: int | None) -> Any:
+    from tqdm.auto import tqdm
+
+    class Bar(tqdm):  # type: ignore[misc]
+        monitor_interval = 0  # no monitor thread left behind (the bar is updated as chunks go)
+
+    return Bar(total=total, unit="task", desc="zdq insert", dynamic_ncols=True)
+
+
+class TaskDefaults:
+    """The pool's default task options, and the one merge of a call's options over them."""
+
+    __slots__ = ("options", "_plain")
+
+    def __init__(self, options: TaskOptions) -> None:
+        self.options = options
+        #: What a call with no option of its own gets (``None``: nothing travels with its tasks).
+        self._plain = None if options == _NO_OPTIONS else options
+
+    def merge(
+        self,
+        retries: int | None = None,
+        retry_backoff: float | None = None,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        time_limit: float | str | None = None,
+    ) -> TaskOptions | None:
+        """Task options from a call's keywords (``None``: not given) over the defaults; ``None``
+        when they are all the default ones. Four identity tests on the plain path (and no
+        ``**kwargs``: a dict per call would be made for nothing)."""
+        if retries is None and retry_backoff is None and retry_on is None and time_limit is None:
+            return self._plain
+        return self.merge_all(retries=retries, retry_backoff=retry_backoff, retry_on=retry_on, time_limit=time_limit)
+
+    def merge_all(self, **given: Any) -> TaskOptions | None:
+        """:meth:`merge` for any :class:`TaskOptions` field given by name (``submit_call``'s
+        ``**options``); ``None`` values are not given."""
+        given = {k: v for k, v in given.items() if v is not None}
+        if not given:
+            return self._plain
+        unknown = set(given) - set(TaskOptions.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown task options {sorted(unknown)} (TaskOptions has {sorted(TaskOptions.__dataclass_fields__)})")
+        retry_on = given.pop("retry_on", None)
+        time_limit = given.pop("time_limit", None)
+        d = self.options
+        fields: dict[str, Any] = {
+            "retries": d.retries,
+            "retry_backoff": d.retry_backoff,
+            "retry_on": d.retry_on if retry_on is None else retry_on,
+            "time_limit": d.time_limit if time_limit is None else seconds_or_none(time_limit, "time_limit"),
+        }
+        fields.update(given)
+        if isinstance(fields["retry_on"], type):
+            fields["retry_on"] = (fields["retry_on"],)
+        options = TaskOptions(**fields)
+        return None if options == _NO_OPTIONS else options
+
+
+class SubmitTarget(Protocol):
+    """What a :class:`Submitter` needs of its pool."""
+
+    settings: PoolSettings
+    n_queues: int
+
+    @property
+    def driver(self) -> Driver: ...
+
+    @property
+    def consumer_batch_size(self) -> int | None: ...
+
+    def consumer_count(self) -> int: ...
+
+    def why_waiting(self) -> str: ...
+
+
+class _Reading:
+    """An iterable of the caller's, read until it ends or raises: an error of its own stops the
+    reading as its end would (so that the tasks read before it are queued), and is kept for the
+    caller to raise once they are."""
+
+    __slots__ = ("_it", "error")
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self._it = iter(items)
+        self.error: Exception | None = None
+
+    def __iter__(self) -> _Reading:
+        return self
+
+    def __next__(self) -> Any:
+        if self.error is not None:
+            raise StopIteration
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except Exception as e:
+            self.error = e
+            raise StopIteration from None
+
+
+class Submitter:
+    """Calls, batches and iterables of a pool, pickled and handed to its driver.
+
+    The pool is passed to each call, never kept: a pool dropped without close() must be freed by
+    reference counting alone (no cycle), so that its finalizer stops its driver at once.
+    """
+
+    __slots__ = ("defaults",)
+
+    def __init__(self, defaults: TaskDefaults) -> None:
+        self.defaults = defaults
+
+    def call(
+        self,
+        driver: Driver,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+        options: TaskOptions | None,
+        timeout: float | None,
+        delay: float | datetime.timedelta | None,
+        eta: datetime.datetime | None,
+        priority: int | None,
+    ) -> TaskFuture:
+        """One call; ``options`` already merged."""
+        if not callable(fn):
+            raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
+        timeout = timeout_or_none(timeout)
+        # Three identity tests when unused: the plain path builds nothing more per task.
+        timing = None if delay is None and eta is None and priority is None else timing_of(delay, eta, priority)
+        task = dumps_task(call_task(fn, args, kwargs, options))
+        if timing is None:
+            return driver.submit_task(task, timeout=timeout)
+        return driver.submit_timed(task, timing, timeout=timeout)
+
+    def item(self, driver: Driver, item: Any) -> TaskFuture:
+        return driver.submit_task(dumps_task(item_task(item)))
+
+    def _chunk_size(self, pool: SubmitTarget, chunking: Chunking, batch_size: int | None, n_tasks: int | None = None) -> int:
+        """Tasks per chunk of a batch of ``n_tasks`` (see :meth:`Chunking.batch_size`)."""
+        return chunking.batch_size(
+            batch_size,
+            n_tasks,
+            consumer_batch_size=pool.consumer_batch_size,
+            consumers=pool.consumer_count() if n_tasks is not None else 0,
+            queues=pool.n_queues,
+        )
+
+    def calls(
+        self,
+        pool: SubmitTarget,
+        list_calls: Sequence[tuple[Any, ...]],
+        options: TaskOptions | None,
+        batch_size: int | None,
+        timeout: float | None,
+        timing: Timing | None,
+    ) -> BatchFuture:
+        calls = list_calls if isinstance(list_calls, list) else list(list_calls)
+        check_calls(calls)
+        return self.entries(pool, calls, CALLS, options, batch_size, timeout, timing)
+
+    def items(self, pool: SubmitTarget, items: Sequence[Any], batch_size: int | None, timeout: float | None) -> BatchFuture:
+        return self.entries(pool, list(items), ITEMS, self.defaults.merge(), batch_size, timeout)
+
+    def entries(
+        self,
+        pool: SubmitTarget,
+        entries: list[Any],
+        kind: int,
+        options: TaskOptions | None,
+        batch_size: int | None,
+        timeout: float | None,
+        timing: Timing | None = None,
+    ) -> BatchFuture:
+        driver = pool.driver
+        timeout = timeout_or_none(timeout)
+        chunking = Chunking.of(pool.settings)
+        size = self._chunk_size(pool, chunking, batch_size, len(entries))
+        base = driver.reserve(len(entries))
+        # Pickle everything before sending anything: a task that cannot be pickled leaves nothing
+        # queued (its reserved ids are simply never used).
+        try:
+            packed = chunking.pack_batch(base, entries, size, driver.payload_key, kind, options)
+        except SerializationError as e:
+            if e.task_id is None:
+                raise
+            raise SerializationError(f"item {e.task_id - base} of the batch: {e}; nothing of the batch was queued") from e
+        batch = BatchFuture(base, len(entries))
+        batch._hint = pool.why_waiting
+        batch._driver = driver
+        for first, n, payload in packed:
+            try:
+                driver.submit_chunk(first, n, payload, batch, first - base, timeout=timeout, timing=timing)
+            except SubmitTimeout as e:
+                queued = first - base
+                if not queued:
+                    raise
+                # Part of the batch is queued and will run: its future must still settle.
+                error = SubmitTimeout(
+                    f"{e} ({queued} of the batch's {len(entries)} tasks were queued before the timeout: "
+                    "they run and report on this error's .future, where the others hold this error; "
+                    "error.future.cancel() cancels those that have not started)"
+                )
+                error.future, error.queued = batch, queued
+                batch._fail(queued, len(entries) - queued, error)
+                raise error from None
+        return batch
+
+    def stream(
+        self,
+        pool: SubmitTarget,
+        calls: Iterable[tuple[Any, ...]],
+        options: TaskOptions | None,
+        batch_size: int | None,
+        timeout: float | None,
+        total: int | None,
+        progress: bool,
+        timing: Timing | None,
+    ) -> int:
+        """Calls from any iterable, lazily, in flat memory; return the count."""
+        driver = pool.driver
+        timeout = timeout_or_none(timeout)
+        chunking = Chunking.of(pool.settings)
+        if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total < 0):
+            raise ValueError(f"total must be a non-negative integer, got {total!r}")
+        if total is None and hasattr(calls, "__len__"):
+            total = len(calls)  # type: ignore[arg-type]
+        # A known total is spread over every consumer, as a batch is; an endless stream is not.
+        size = self._chunk_size(pool, chunking, batch_size, total or None)
+        count = 0
+        bar = insert_bar(total) if progress else None
+        reading = _Reading(calls)
+        try:
+            for part in chunking.batches(reading, size):
+                check_calls(part, count)
+                base = driver.reserve(len(part))
+                try:
+                    packed = chunking.pack(base, part, driver.payload_key, CALLS, options)
+                except SerializationError as e:
+                    at = f"item {count + e.task_id - base}: " if e.task_id is not None else ""
+                    raise SerializationError(f"{at}{e} ({count} tasks before this chunk were queued)") from e
+                for first, n, payload in packed:
+                    driver.submit_chunk(first, n, payload, None, 0, timeout=timeout, timing=timing)
+                count += len(part)
+                if bar is not None:
+                    bar.update(len(part))
+        finally:
+            if bar is not None:
+                bar.close()
+        if reading.error is not None:
+            # The caller's iterable failed: what it gave before is queued (above), and said so.
+            reading.error.add_note(f"zdq: the {count} tasks read from the iterable before this error were queued")
+            raise reading.error
+        return count
+
+
+class SubmitMethods:
+    """The submission API of :class:`~zdq.QueuePool` (daskqueue's, and zdq's additions): each a
+    thin layer over the pool's :class:`Submitter`, with the options merged once."""
+
+    _submitter: Submitter
+
+    # What the submitter needs of the pool it is given (the pool's own attributes).
+    settings: PoolSettings
+    n_queues: int
+
+    @property
+    def driver(self) -> Driver:
+        raise NotImplementedError
+
+    @property
+    def consumer_batch_size(self) -> int | None:
+        raise NotImplementedError
+
+    def consumer_count(self) -> int:
+        raise NotImplementedError
+
+    def why_waiting(self) -> str:
+        raise NotImplementedError
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        retries: int | None = None,
+        retry_backoff: float | None = None,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        time_limit: float | str | None = None,
+        timeout: float | None = None,
+        worker_class: type | None = None,
+        delay: float | datetime.timedelta | None = None,
+        eta: datetime.datetime | None = None,
+        priority: int | None = None,
+        **kwargs: Any,
+    ) -> TaskFuture:
+        """Queue ``fn(*args, **kwargs)``; return a future of its result.
+
+        Parameters
+        ----------
+        retries : int, optional
+            Extra attempts after a failure (exponential backoff with jitter, starting at
+            ``retry_backoff`` seconds); after the last one the task is dead-lettered.
+        retry_on : exception type or tuple of them, optional
+            Only these are retried (default: any ``Exception``).
+        time_limit : float, optional
+            Time limit of one attempt: an attempt running longer fails with ``TaskTimeout``.
+        timeout : float, optional
+            How long this call may block while the driver's buffers are full (a stalled or lost
+            broker); past it, :class:`~zdq.errors.SubmitTimeout` and nothing is queued.
+        worker_class : type, optional
+            Accepted for daskqueue compatibility: submitted functions run on any consumer, so it
+            must be a :class:`GeneralConsumer` subclass, as daskqueue required.
+        delay : float or timedelta, optional
+            Seconds from now before the task may start (the broker holds it until then; a
+            durable queue keeps the time across restarts).
+        eta : datetime, optional
+            A timezone-aware time before which the task may not start (instead of ``delay``).
+        priority : int, optional
+            Within its queue, a higher priority is served first; equal priorities are first in,
+            first out (default 0). Chunks already with a consumer (its prefetch) run first.
+
+        These keywords are zdq's own: to pass keyword arguments of those names to ``fn``,
+        use :meth:`submit_call`.
+
+        Raises
+        ------
+        SerializationError
+            ``fn`` or an argument cannot be pickled; nothing was queued.
+        TypeError, ValueError
+            A ``delay``, ``eta`` or ``priority`` that is not one (the message names it); nothing
+            was queued.
+        """
+        if worker_class is not None:
+            check_worker_class(worker_class)
+        s = self._submitter
+        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
+        return s.call(self.driver, fn, args, kwargs, options, timeout, delay, eta, priority)
+
+    def submit_call(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        delay: float | datetime.timedelta | None = None,
+        eta: datetime.datetime | None = None,
+        priority: int | None = None,
+        **options: Any,
+    ) -> TaskFuture:
+        """Like :meth:`submit` with explicit ``args``/``kwargs``; ``options`` as in :class:`TaskOptions`."""
+        s = self._submitter
+        return s.call(self.driver, fn, args, kwargs, s.defaults.merge_all(**options), timeout, delay, eta, priority)
+
+    async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
+        """:meth:`submit` for coroutines: never blocks the event loop. A full submission window
+        is awaited on a helper thread instead of waited for on the loop; the returned future can
+        be awaited (``await (await queue_pool.asubmit(f, x))``)."""
+        try:
+            return self.submit(fn, *args, **{**kwargs, "timeout": 0})
+        except SubmitTimeout:  # the window is full: wait for room off the loop
+            timeout = kwargs.pop("timeout", None)
+            return await asyncio.to_thread(functools.partial(self.submit, fn, *args, timeout=timeout, **kwargs))
+
+    async def abatch_submit(self, list_calls: Sequence[tuple[Any, ...]], **kwargs: Any) -> BatchFuture:
+        """:meth:`batch_submit` for coroutines: the batch is pickled and queued on a helper thread,
+        so the event loop goes on meanwhile; the returned future can be awaited."""
+        return await asyncio.to_thread(functools.partial(self.batch_submit, list_calls, **kwargs))
+
+    def put(self, item: Any) -> TaskFuture:
+        """Queue a raw item for the consumers' ``process_item``; return a future of its result."""
+        return self._submitter.item(self.driver, item)
+
+    def batch_submit(
+        self,
+        list_calls: Sequence[tuple[Any, ...]],
+        batch_size: int | None = None,
+        timeout: float | None = None,
+        *,
+        retries: int | None = None,
+        retry_backoff: float | None = None,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        time_limit: float | str | None = None,
+        worker_class: type | None = None,
+        sync_mode: bool = True,
+        delay: float | datetime.timedelta | None = None,
+        eta: datetime.datetime | None = None,
+        priority: int | None = None,
+    ) -> BatchFuture:
+        """Queue many calls ``(fn, *args)`` at once; return one future of all their results.
+
+        The calls are pickled into chunks of at most ``batch_size`` (and ``chunk-size``) tasks
+        before anything is sent: if one of them cannot be pickled, :class:`SerializationError`
+        names it and nothing of the batch is queued. ``timeout`` bounds how long this call may
+        block on a full submission window (``time_limit`` is the tasks' own time limit);
+        ``retries``, ``retry_backoff`` and ``retry_on`` are as in :meth:`submit`. ``worker_class``
+        and ``sync_mode`` are daskqueue's (the first is checked as in :meth:`submit`, the second
+        has no effect: a batch is always sent from this process). ``delay``, ``eta`` and
+        ``priority`` are as in :meth:`submit`, for every call of the batch (one release time).
+        """
+        check_worker_class(worker_class)
+        timing = timing_of(delay, eta, priority)
+        s = self._submitter
+        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
+        return s.calls(self, list_calls, options, batch_size, timeout, timing)
+
+    def put_many(self, items: Sequence[Any], batch_size: int | None = None, timeout: float | None = None) -> BatchFuture:
+        """Queue many raw items at once; same guarantees as :meth:`batch_submit`."""
+        return self._submitter.items(self, items, batch_size, timeout)
+
+    def submit_iter(
+        self,
+        calls: Iterable[tuple[Any, ...]],
+        *,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+        retry_backoff: float | None = None,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        time_limit: float | str | None = None,
+        total: int | None = None,
+        progress: bool = False,
+        delay: float | datetime.timedelta | None = None,
+        eta: datetime.datetime | None = None,
+        priority: int | None = None,
+    ) -> int:
+        """Queue calls ``(fn, *args)`` from any iterable, lazily, in flat memory; return the count.
+
+        ``progress=True`` shows a bar of the tasks inserted (python-task-queue's
+        ``insert(..., total=)``), against ``total`` when given (or ``len(calls)`` when it has one).
+
+        Memory stays flat because at most ``window`` chunks per broker are waiting for
+        confirmation. Unlike :meth:`batch_submit` this does not hold the whole submission: if
+        item ``k`` cannot be pickled, the chunks before it are already queued and the
+        :class:`SerializationError` says how many tasks were. ``timeout`` bounds each wait for
+        room (:class:`~zdq.errors.SubmitTimeout`); the task options are as in :meth:`submit`.
+        ``delay``/``eta`` and ``priority`` too: a ``delay`` is counted from this call, the same
+        release time for every task of the iterable, however long it takes to read.
+        """
+        self.driver  # a pool that is not started or is closed raises ClosedError here
+        timing = timing_of(delay, eta, priority)
+        s = self._submitter
+        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
+        return s.stream(self, calls, options, batch_size, timeout, total, progress, timing)
+
+    def insert(self, tasks: Any, total: int | None = None, progress: bool = True, **kwargs: Any) -> int:
+        """Queue :class:`~zdq.Task` objects (or callables of no argument), one or an iterable of
+        them, lazily and in flat memory (python-task-queue's ``insert``); return the count.
+
+        A thin layer over :meth:`submit_iter` (same bounds, keywords and errors), with a bar on
+        by default against ``total`` (or the iterable's ``len``). An item that is neither a Task
+        nor a callable raises ``TypeError`` naming its position, after every item before it is
+        queued; the iterable is not read past it.
+        """
+        calls, known = as_calls(tasks)
+        count = self.submit_iter(calls, total=known if total is None else total, progress=progress, **kwargs)
+        calls.check()
+        return count

@@ -1,0 +1,133 @@
+"""The watch over a QueuePool's queues and relay, on its supervisor thread.
+
+Each round: the pool's Dask client closed under it (its futures fail, saying so), a relay to
+replace, an attached pool following its owner, brokers cancelled by ``client.restart()``, and
+the placed brokers' own round (lost ones placed again: :class:`~zdq.client.brokers.PlacedQueues`).
+It holds no reference to its pool (the supervisor thread holds the watch weakly, the pool holds
+the watch): a pool dropped without close() is still freed at once.
+
+Ownership
+---------
+=====================  ============================================================================
+state                  owner
+=====================  ============================================================================
+``reset_by_restart``   the supervisor thread (set once); read by reprs
+``_supervisor``        the user's thread (``start``/``stop``)
+=====================  ============================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+
+from distributed import Client
+
+from zdq.client.brokers import AttachedQueues, PlacedQueues
+from zdq.client.consumer_registry import ConsumerRegistry
+from zdq.client.slots import Supervisor
+from zdq.driver import Driver
+from zdq.errors import BrokerLost, ClosedError
+from zdq.relay.path import RelayPath
+
+__all__ = ["QueueWatch"]
+
+logger = logging.getLogger(__name__)
+
+
+class QueueWatch:
+    """Supervision of one pool's queues (and relay), a round at a time."""
+
+    def __init__(
+        self,
+        client: Client,
+        name: str,
+        dirpath: str | None,
+        queues: PlacedQueues | AttachedQueues,
+        driver: Driver,
+        relay: RelayPath | None,
+        consumers: ConsumerRegistry,
+    ) -> None:
+        self.client = client
+        self.name = name
+        self.dirpath = dirpath
+        self.queues = queues
+        self.driver = driver
+        self.relay = relay
+        self.consumers = consumers
+        self.reset_by_restart = False
+        self._supervisor: Supervisor | None = None
+
+    def start(self, interval: float) -> None:
+        self._supervisor = Supervisor(self, "zdq-supervisor-queues", interval, method="round")
+        self._supervisor.start()
+
+    def stop(self, join: float = 0.0) -> None:
+        if self._supervisor is not None:
+            self._supervisor.stop(join=join)
+
+    def stopping(self) -> bool:
+        return self._supervisor is None or self._supervisor.stopping
+
+    def _moved(self, i: int, endpoint: str) -> None:
+        self.consumers.broker_moved(i, endpoint, self.queues.queue_names[i])
+
+    def _kept(self) -> str:
+        return " (a durable queue kept them: a new pool on the same dirpath runs them)" if self.dirpath else ""
+
+    def round(self) -> None:
+        if self.stopping():
+            return
+        driver, queues = self.driver, self.queues
+        if self.client.status in ("closing", "closed"):
+            # The pool's Dask client was closed under it (or its cluster with it): no queue can
+            # be placed again, and nothing its futures wait for is sure to come. They fail now,
+            # saying so, instead of waiting for ever.
+            logger.error("the Dask client of pool %s was closed while the pool was open: its pending tasks fail", self.name)
+            self.stop()
+            if self.relay is not None:
+                self.relay.close()
+            driver.fail_all(
+                ClosedError(
+                    f"the Dask client of pool {self.name} was closed (or its cluster) while this task was pending"
+                    f"{self._kept()}: close pools before their client"
+                )
+            )
+            return
+        if self.client.status != "running":
+            return  # reconnecting to its scheduler
+        if self.relay is not None and self.relay.needs_replacing():
+            self._replace_relay()
+        if isinstance(queues, AttachedQueues):
+            if not queues.follow(driver, self._moved):
+                logger.warning("pool %s was closed by its owner: the tasks this producer still waits for fail", self.name)
+                self.stop()
+                driver.fail_all(ClosedError(f"pool {self.name} was closed by the process that placed it"))
+            return
+        if queues.cancelled():
+            # client.restart() (or a cancel) took the actors: the cluster was reset on purpose, and a
+            # new pool may reopen the same queues. Recovering here would race it for the directories;
+            # what this pool's futures wait for will not come, so they fail now.
+            logger.warning("the brokers of pool %s were cancelled (client.restart?): its pending tasks fail", self.name)
+            self.stop()
+            self.reset_by_restart = True
+            queues.withdraw()  # a new pool on the same name must not attach to these dead queues
+            driver.fail_all(
+                BrokerLost(
+                    f"the cluster was restarted (client.restart()) while this task of pool {self.name} was "
+                    f"pending{self._kept()}; make a new QueuePool"
+                )
+            )
+            return
+        queues.supervise_once(driver, self._moved, self.stopping)
+
+    def _replace_relay(self) -> None:
+        """The relay failed: place another and carry every link through it. Each broker is asked
+        which of the chunks it never confirmed it holds (the others are sent again), and sends
+        again the results it sent on the old path; a broker silent meanwhile fails nothing."""
+        assert self.relay is not None
+        if not self.relay.replace(avoid=self.queues.workers()):
+            return
+        down = self.queues.down() if isinstance(self.queues, PlacedQueues) else set()
+        for i in range(self.queues.n_queues):
+            if i not in down:
+                self.driver.reroute(i)
