@@ -27,7 +27,7 @@ from zdq.errors import (
     ZdqError,
     ZdqTimeoutError,
 )
-from zdq.tasks import TaskOptions
+from zdq.codec.tasks import TaskOptions
 from zdq.objects import Task
 from zdq.client.local import local
 from zdq.client.schedules import Schedule

@@ -39,7 +39,7 @@ from zdq.broker import Broker
 from zdq.client import registry
 from zdq.client.slots import ActorSlots, SlotsClosed, place_actor, release_future
 from zdq.config import PoolSettings
-from zdq.driver import Driver
+from zdq.client.driver import Driver
 from zdq.errors import BrokerLost, ClosedError, PlacementError, QueueMissing, StorageCorrupt, ZdqError
 from zdq.names import counted
 from zdq.stats import BrokerStats

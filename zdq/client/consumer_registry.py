@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from zdq.driver import NO_CONSUMER, Driver
+from zdq.client.driver import NO_CONSUMER, Driver
 
 __all__ = ["ConsumerRegistry", "ConsumerListener", "Feeder"]
 

@@ -33,7 +33,7 @@ from distributed import Client
 from zdq.client.slots import ActorSlots, SlotsClosed, place_actor, release_future
 from zdq.config import PoolSettings
 from zdq.consumer import Consumer, ConsumerBaseClass
-from zdq.driver import Driver
+from zdq.client.driver import Driver
 from zdq.names import consumer_names
 from zdq.fanout import served_queues
 from zdq.transport.reach import OPEN_BETWEEN_WORKERS, describe

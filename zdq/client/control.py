@@ -26,7 +26,7 @@ from typing import Any
 from zdq.client.brokers import AttachedQueues, PlacedQueues
 from zdq.client.schedules import Schedule, cancel_schedule, list_schedules, make_schedule
 from zdq.client.submit import Submitter
-from zdq.driver import Driver
+from zdq.client.driver import Driver
 from zdq.errors import BrokerLost, ClosedError, ZdqError
 from zdq.stats import BrokerStats, PoolStats
 

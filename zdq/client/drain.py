@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from zdq.client.consumer_registry import ConsumerRegistry
-from zdq.driver import Driver
+from zdq.client.driver import Driver
 from zdq.errors import BrokerLost, NoConsumers, ZdqTimeoutError
 from zdq.transport import protocol as p
 

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from zdq.driver import Driver
+from zdq.client.driver import Driver
 from zdq.errors import BrokerLost, ZdqTimeoutError
 
 __all__ = ["QueueHandle", "HandlePool"]

@@ -61,7 +61,7 @@ from zdq.client.handles import QueueHandle
 from zdq.client.supervision import QueueWatch
 from zdq.client.submit import SubmitMethods, Submitter, TaskDefaults
 from zdq.config import PoolSettings, seconds_or_none, settings, timeout_or_none
-from zdq.driver import Driver
+from zdq.client.driver import Driver
 from zdq.errors import (
     BrokerLost,
     BrokerUnreachable,
@@ -73,7 +73,7 @@ from zdq.errors import (
 from zdq.names import counted, queue_name
 from zdq.observe.monitor import ensure_installed
 from zdq.relay.path import RelayPath
-from zdq.tasks import TaskOptions
+from zdq.codec.tasks import TaskOptions
 from zdq.transport import protocol as p
 from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
 from zdq.transport.security import ClientKeys

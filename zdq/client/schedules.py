@@ -24,12 +24,12 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 from zdq.errors import BrokerLost, SerializationError
-from zdq.schedules import Missed, ScheduleRecord, Spec, _missed
-from zdq.serialization import error_to_exception, loads_results
-from zdq.tasks import TASKS, TaskOptions, call_task, dumps_chunk
-from zdq.timing import timing_of
+from zdq.codec.schedules import Missed, ScheduleRecord, Spec, _missed
+from zdq.codec.results import error_to_exception, loads_results
+from zdq.codec.tasks import TASKS, TaskOptions, call_task, dumps_chunk
+from zdq.codec.timing import timing_of
 
-from zdq.driver import Driver
+from zdq.client.driver import Driver
 
 __all__ = ["Schedule", "SchedulePool", "cancel_schedule", "list_schedules", "make_schedule"]
 

@@ -25,15 +25,15 @@ import functools
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable, Protocol
 
-from zdq.chunking import Chunking
+from zdq.codec.chunking import Chunking
 from zdq.config import PoolSettings, seconds_or_none, timeout_or_none
 from zdq.consumer import GeneralConsumer
-from zdq.driver import Driver
+from zdq.client.driver import Driver
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture
 from zdq.objects import as_calls
-from zdq.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
-from zdq.timing import Timing, timing_of
+from zdq.codec.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
+from zdq.codec.timing import Timing, timing_of
 
 __all__ = ["TaskDefaults", "Submitter", "SubmitMethods", "SubmitTarget", "check_worker_class", "insert_bar"]
 

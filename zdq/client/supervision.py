@@ -25,7 +25,7 @@ from distributed import Client
 from zdq.client.brokers import AttachedQueues, PlacedQueues
 from zdq.client.consumer_registry import ConsumerRegistry
 from zdq.client.slots import Supervisor
-from zdq.driver import Driver
+from zdq.client.driver import Driver
 from zdq.errors import BrokerLost, ClosedError
 from zdq.relay.path import RelayPath
 

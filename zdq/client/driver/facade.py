@@ -48,8 +48,8 @@ from zdq.futures import CallbackRunner, TaskFuture
 from zdq.names import driver_name, queue_name
 from zdq.reporting import FailureLog
 from zdq.stats import DriverStats, QueueState
-from zdq.tasks import PICKLED
-from zdq.timing import Timing
+from zdq.codec.tasks import PICKLED
+from zdq.codec.timing import Timing
 from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import Route, Waker, new_identity, process_context

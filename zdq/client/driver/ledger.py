@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from zdq.chunking import Chunking
+from zdq.codec.chunking import Chunking
 from zdq.config import PoolSettings
 from zdq.errors import (
     ClosedError,
@@ -59,8 +59,8 @@ from zdq.errors import (
 )
 from zdq.futures import TaskFuture
 from zdq.reporting import FailureLog
-from zdq.tasks import cancel_in_chunk
-from zdq.timing import Timing
+from zdq.codec.tasks import cancel_in_chunk
+from zdq.codec.timing import Timing
 
 from .outcomes import Outcomes
 from .records import NO_CONSUMER, Loose, Record, settle

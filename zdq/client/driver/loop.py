@@ -54,7 +54,7 @@ from zdq.errors import (
     ZdqError,
 )
 from zdq.futures import CallbackRunner
-from zdq.serialization import loads_results
+from zdq.codec.results import loads_results
 from zdq.transport import protocol as p
 from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
 from zdq.transport.security import ClientKeys

@@ -30,8 +30,8 @@ from typing import Any
 from zdq.errors import ProtocolError, SerializationError, ZdqError
 from zdq.futures import BatchFuture
 from zdq.reporting import FailureLog
-from zdq.serialization import UNKNOWN_BASE, error_to_exception
-from zdq.tasks import CANCELLED
+from zdq.codec.results import UNKNOWN_BASE, error_to_exception
+from zdq.codec.tasks import CANCELLED
 
 from .records import (
     Books,

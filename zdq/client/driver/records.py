@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from zdq.errors import TaskCancelled
 from zdq.futures import BatchFuture, TaskFuture
-from zdq.timing import Timing
+from zdq.codec.timing import Timing
 
 __all__ = ["Books", "Loose", "NO_CONSUMER", "Record", "Settlement", "cancel_future", "cancellation", "settle"]
 
