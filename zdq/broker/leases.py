@@ -22,6 +22,8 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from zdq.errors import ProtocolError
+from zdq.schedules import SCHEDULED
 from zdq.storage.base import ChunkMeta, Leased, Storage
 
 __all__ = ["Held", "LeaseTable", "QueueCounts"]
@@ -258,6 +260,44 @@ class LeaseTable:
         held = self._held.pop(chunk_id, None)
         if held is not None and not held.early:
             self.storage.ack_many([chunk_id])
+
+    def split_by(self, consumer: bytes, chunk_id: int, parts: Sequence[object]) -> None:
+        """``consumer`` splits the chunk it holds (redelivered) into one-task ``parts``.
+
+        Raises
+        ------
+        ProtocolError
+            If it does not hold the chunk whole, or the parts are not as many as its tasks.
+        StorageError
+            If the parts could not be stored (the chunk stays as it was).
+        """
+        held = self._held.get(chunk_id)
+        if held is None or held.holder != consumer or held.early or held.done or len(parts) != held.meta.n_tasks:
+            raise ProtocolError(f"SPLIT of chunk {chunk_id} into {len(parts)} parts")
+        meta = held.meta
+        self.split(chunk_id, [(ChunkMeta(meta.owner, meta.seq, 1, priority=meta.priority), part) for part in parts])
+
+    def dead_letter(self, consumer: bytes, chunk_id: int, task: object, reason: str) -> ChunkMeta:
+        """A task of the chunk ``consumer`` holds (or held) used up its attempts: it is stored as a
+        dead letter (``task``, a one-task chunk), unless the chunk is a schedule's tick (the next
+        tick runs the same task: one dead letter per tick would pile up without bound). Return
+        the chunk's meta.
+
+        Raises
+        ------
+        ProtocolError
+            If ``consumer`` never held the chunk.
+        StorageError
+            If the dead letter could not be stored.
+        """
+        held = self.held_by(consumer, chunk_id)
+        if held is None:
+            raise ProtocolError(f"DEAD of chunk {chunk_id} that is not leased to this peer")
+        meta = self.meta(chunk_id) or held.meta
+        if meta.owner != SCHEDULED:
+            # seq 0: if the dead letter is requeued, its result goes to the pool's driver as a new one.
+            self.storage.put_dead([(ChunkMeta(meta.owner, 0, 1, priority=meta.priority), task, reason)])
+        return meta
 
     def split(self, chunk_id: int, parts: Sequence[tuple[ChunkMeta, object]]) -> list[int]:
         """Replace a leased chunk by one-task parts at the head of the queue."""
