@@ -308,3 +308,42 @@ def test_the_broker_routes_every_message_a_peer_sends_and_none_that_only_a_broke
     }
     assert set(core._routes) == from_peers
     assert not {p.Confirm, p.Deliver, p.Results, p.Lost, p.Ready, p.QueueStatus} & set(core._routes)
+
+
+# -- what only a chunk's holder may report ----------------------------------------------------------
+
+
+def test_only_the_consumer_that_holds_a_chunk_may_report_it_done_and_twice_counts_once(leases: LeaseTable) -> None:
+    chunk_id = put(leases, DRIVER, seq=1)
+    leases.lease(CONSUMER, NOW)
+    with pytest.raises(ProtocolError, match="never held"):
+        leases.done_by(OTHER, chunk_id, b"forged")
+    held = leases.done_by(CONSUMER, chunk_id, b"results")
+    assert held is not None and held.results == b"results" and held.consumer == CONSUMER
+    assert leases.done_by(CONSUMER, chunk_id, b"results") is None  # a duplicate
+
+
+def test_a_split_or_dead_letter_from_a_consumer_that_does_not_hold_the_chunk_is_refused(leases: LeaseTable) -> None:
+    chunk_id = put(leases, DRIVER, seq=1, n_tasks=2)
+    leases.lease(CONSUMER, NOW)
+    with pytest.raises(ProtocolError, match="SPLIT"):
+        leases.split_by(OTHER, chunk_id, [b"a", b"b"])
+    with pytest.raises(ProtocolError, match="SPLIT"):
+        leases.split_by(CONSUMER, chunk_id, [b"a"])  # not one part per task
+    with pytest.raises(ProtocolError, match="DEAD"):
+        leases.dead_letter(OTHER, chunk_id, b"task", "failed")
+    leases.split_by(CONSUMER, chunk_id, [b"a", b"b"])
+    assert leases.storage.counts().ready_chunks == 2
+
+
+def test_a_schedules_tick_that_used_up_its_attempts_is_not_kept_as_a_dead_letter(leases: LeaseTable) -> None:
+    from zdq.schedules import SCHEDULED
+
+    tick = put(leases, SCHEDULED, seq=3)
+    task = put(leases, DRIVER, seq=1)
+    leases.lease(CONSUMER, NOW)
+    leases.lease(CONSUMER, NOW)
+    assert leases.dead_letter(CONSUMER, tick, b"task", "failed").owner == SCHEDULED
+    assert leases.storage.counts().dead_chunks == 0
+    assert leases.dead_letter(CONSUMER, task, b"task", "failed").owner == DRIVER
+    assert leases.storage.counts().dead_chunks == 1

@@ -11,14 +11,15 @@ chunks to consumers with credit.
 
 Who owns what
 -------------
-Everything below is the loop thread's; control-plane methods (statistics, dead letters, settings,
+Every piece below is the loop thread's, one class each; control-plane methods (statistics, dead letters, settings,
 schedules) take ``_lock``, which the loop holds for each round and each timer.
 
 ========================================  ==========================================================
 State                                     Owner
 ========================================  ==========================================================
 socket, route table, held-back CONFIRMs   :class:`BrokerCore` (the loop, group commit)
-peers (credit, liveness, names)           :class:`BrokerCore`; read by routing and questions
+peers (credit, liveness, names), the      :class:`~zdq.broker.peers.PeerTable`, written by the core;
+consumers with credit                     routing and questions read it
 each chunk's state (ready, leased, done)  :class:`~zdq.broker.leases.LeaseTable`
 results to drivers: waiting, routed,      :class:`~zdq.broker.routing.ResultRouting`
 resends, receipts
@@ -588,18 +589,11 @@ class BrokerCore:
         leases, routing = self._leases, self._routing
         for ident, done in dones:
             chunk_id = done.chunk_id
-            current = leases.get(chunk_id)
-            if (current is None or current.holder != ident) and leases.held_by(ident, chunk_id) is None:
-                # Only the consumer that holds (or held, before its lease expired) a chunk may
-                # report it: an authenticated peer still cannot forge another's results.
-                held = leases.get(chunk_id)
-                if (held is not None and held.done) or leases.meta(chunk_id) is None:
-                    self.counters.duplicate_dones += 1
-                else:
-                    self._bad(ident, ProtocolError(f"DONE of chunk {chunk_id} that this peer never held"))
+            try:
+                held = leases.done_by(ident, chunk_id, done.results)
+            except ProtocolError as e:
+                self._bad(ident, e)
                 continue
-            producer = ident if len(ident) == p.ID_SIZE else ident[: p.ID_SIZE].ljust(p.ID_SIZE, b"\0")
-            held = leases.finish(chunk_id, producer, done.results)
             if held is None:
                 self.counters.duplicate_dones += 1
                 continue

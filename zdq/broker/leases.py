@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from zdq.errors import ProtocolError
 from zdq.schedules import SCHEDULED
 from zdq.storage.base import ChunkMeta, Leased, Storage
+from zdq.transport.protocol import ID_SIZE
 
 __all__ = ["Held", "LeaseTable", "QueueCounts"]
 
@@ -230,6 +231,25 @@ class LeaseTable:
         held.results = results
         held.consumer = consumer
         return held
+
+    def done_by(self, consumer: bytes, chunk_id: int, results: object) -> Held | None:
+        """A DONE from ``consumer``: :meth:`finish` if it holds the chunk (or held it before its
+        lease expired); None for a duplicate (done already, or gone).
+
+        Raises
+        ------
+        ProtocolError
+            If ``consumer`` never held the chunk: an authenticated peer still cannot forge
+            another's results.
+        """
+        current = self._held.get(chunk_id)
+        if (current is None or current.holder != consumer) and self.held_by(consumer, chunk_id) is None:
+            if (current is not None and current.done) or self.meta(chunk_id) is None:
+                return None
+            raise ProtocolError(f"DONE of chunk {chunk_id} that this peer never held")
+        # RESULTS name their consumer in 16 bytes.
+        producer = consumer if len(consumer) == ID_SIZE else consumer[:ID_SIZE].ljust(ID_SIZE, b"\0")
+        return self.finish(chunk_id, producer, results)
 
     def keep(self, chunk_id: int, held: Held) -> None:
         """No driver takes these results now: a durable queue writes them down, so that a broker
