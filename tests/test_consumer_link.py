@@ -103,6 +103,22 @@ def test_a_deliver_beyond_the_bound_is_given_back_and_credit_rides_on_done(fake_
     assert consumer.health() == (True, "stopped")
 
 
+def test_a_message_a_consumer_does_not_accept_is_counted_and_dropped_and_the_consumer_goes_on(
+    fake_brokers: list[FakeBroker],
+) -> None:
+    consumer = a_consumer(prefetch=3)  # credit at every broker, none moving around
+    consumer.start([b.endpoint for b in fake_brokers])
+    try:
+        first = wait_until(lambda: [b for b in fake_brokers if b.recv() and b.credit], timeout=5)[0]
+        first.send(p.Confirm(1, 1, p.Status.STORED))  # a broker-to-driver command
+        wait_until(lambda: consumer.statistics().bad_chunks == 1, timeout=5)
+        first.deliver(1, 0.0)
+        done = wait_until(lambda: [m for m in first.recv() if isinstance(m, p.Done)], timeout=5)[0]
+        assert done.chunk_id == 1
+    finally:
+        consumer.stop()
+
+
 def test_a_consumer_without_ready_from_its_brokers_still_asks_every_one_in_turn(
     fake_brokers: list[FakeBroker],
 ) -> None:

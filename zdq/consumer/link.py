@@ -156,7 +156,7 @@ class Link:
         self._links: BrokerLinks | None = None
         self._credit: Credit | None = None
         self._heard: Heard | None = None
-        # Message type -> handler, built on the first turn of the loop (see _routes).
+        # Message type -> handler, built once the sockets are open (see _routes).
         self._route_table: dict[type[Any], Callable[[int, Any, zmq.Socket[Any]], None]] | None = None
         self._next_beat = 0.0
         #: Why the link stopped on its own (None while it runs or after a requested stop).
@@ -240,6 +240,7 @@ class Link:
         for endpoint in self._endpoints:
             links.add(endpoint)
         self._heard = Heard(n, time.monotonic())
+        self._route_table = self._routes().table
 
     def _routes(self) -> p.Routes[int, zmq.Socket[Any]]:
         """What the socket owner does with each message a broker sends: handlers of (the broker's
@@ -344,10 +345,10 @@ class Link:
     def _serve(self) -> bool:
         """The I/O loop; True when the consumer stops, False when the sockets were taken over."""
         links, waker, cr, runner, reach = self._links, self._waker, self._credit, self._runner, self._heard
+        routes = self._route_table
         assert links is not None and waker is not None and cr is not None and runner is not None and reach is not None
-        if self._route_table is None:
-            self._route_table = self._routes().table
-        route = self._route_table.get
+        assert routes is not None
+        route = routes.get
         poller, socks = links.poller, links.socks
         beat = self._settings.heartbeat_interval
         execute = runner.execute
