@@ -446,6 +446,25 @@ class BrokerCore:
             raise ProtocolError(f"ACK of chunk {msg.chunk_id} that is not leased to this peer")
         work.early_acks = True
 
+    def _on_dead(self, ident: bytes, msg: p.Dead, work: _Round) -> None:
+        reason = msg.reason.decode(errors="replace")
+        try:
+            meta = self._leases.dead_letter(ident, msg.chunk_id, msg.chunk, reason)
+        except StorageError as e:
+            logger.error("broker %s could not store a dead letter: %s", self.name, e)
+            return
+        self.counters.tasks_dead_lettered += 1
+        if meta.owner == SCHEDULED:  # not kept: its error reaches the schedule (its DONE follows)
+            logger.warning("queue %s: a tick of schedule %d used up its attempts: %s", self.name, meta.seq, reason[:200])
+
+    def _on_split(self, ident: bytes, msg: p.Split, work: _Round) -> None:
+        try:
+            self._leases.split_by(ident, msg.chunk_id, msg.parts)
+        except StorageError as e:
+            logger.error("broker %s could not split chunk %d: %s", self.name, msg.chunk_id, e)
+            return
+        self.counters.chunks_split += 1
+
     def _on_cancel(self, ident: bytes, msg: p.Cancel, work: _Round) -> None:
         work.cancels.append((ident, msg))
         self._driver_heard(ident, work)
@@ -564,25 +583,6 @@ class BrokerCore:
             self._ready_scan = now
             for ident in self._peer_table.to_notify(now, _READY_EVERY):
                 self._send(ident, p.Ready())
-
-    def _on_dead(self, ident: bytes, msg: p.Dead, work: _Round) -> None:
-        reason = msg.reason.decode(errors="replace")
-        try:
-            meta = self._leases.dead_letter(ident, msg.chunk_id, msg.chunk, reason)
-        except StorageError as e:
-            logger.error("broker %s could not store a dead letter: %s", self.name, e)
-            return
-        self.counters.tasks_dead_lettered += 1
-        if meta.owner == SCHEDULED:  # not kept: its error reaches the schedule (its DONE follows)
-            logger.warning("queue %s: a tick of schedule %d used up its attempts: %s", self.name, meta.seq, reason[:200])
-
-    def _on_split(self, ident: bytes, msg: p.Split, work: _Round) -> None:
-        try:
-            self._leases.split_by(ident, msg.chunk_id, msg.parts)
-        except StorageError as e:
-            logger.error("broker %s could not split chunk %d: %s", self.name, msg.chunk_id, e)
-            return
-        self.counters.chunks_split += 1
 
     # -- results --------------------------------------------------------------------------------
     def _finish(self, dones: list[tuple[bytes, p.Done]], now: float) -> None:
