@@ -122,7 +122,7 @@ def test_the_creators_own_results_wait_for_it_and_go_when_it_is_heard(routing: R
     assert routing.wire.take() == [] and list(routing.routing.waiting) == [chunk_id]
     assert routing.routing.waiting_tasks() == 1
     routing.heard(CREATOR)
-    routing.routing.route_waiting()
+    routing.routing.route_waiting(NOW)
     assert routing.wire.take() == [(CREATOR, p.Results(2, chunk_id, CONSUMER, b"results"))]
     assert not routing.routing.waiting and routing.routing.waiting_tasks() == 0
 
@@ -133,7 +133,7 @@ def test_results_a_driver_cannot_take_now_wait_and_are_kept(routing: Routing) ->
     chunk_id = routing.finish(DRIVER, seq=1)
     assert list(routing.routing.waiting) == [chunk_id] and routing.routing.routed == {}
     routing.wire.unreachable.clear()
-    routing.routing.route_waiting()
+    routing.routing.route_waiting(NOW)
     assert [ident for ident, _ in routing.wire.take()] == [DRIVER] and not routing.routing.waiting
 
 
@@ -145,7 +145,7 @@ def test_a_drivers_hello_sends_again_what_it_was_sent_and_did_not_acknowledge(ro
     assert not routing.routing.waiting
     routing.routing.resend_to(DRIVER)
     assert list(routing.routing.waiting) == [chunk_id]
-    routing.routing.route_waiting()
+    routing.routing.route_waiting(NOW)
     assert [msg for _, msg in routing.wire.take()] == [p.Results(1, chunk_id, CONSUMER, b"results")]
 
 
@@ -166,7 +166,7 @@ def test_a_driver_that_leaves_hands_its_unacknowledged_results_to_the_creator(ro
     chunk_id = routing.finish(DRIVER, seq=1)
     routing.wire.take()
     routing.peers[DRIVER].gone = True
-    routing.routing.driver_left(DRIVER)
+    routing.routing.driver_left(DRIVER, NOW)
     assert routing.wire.take() == [(CREATOR, p.Results(0, chunk_id, CONSUMER, b"results"))]
 
 

@@ -343,7 +343,7 @@ class BrokerCore:
         for ident, chunk_ids in work.racks:
             routing.receipt(ident, chunk_ids)
         if routing.waiting and work.drivers_heard:
-            routing.route_waiting()
+            routing.route_waiting(now)
         for ident, sync in work.syncs:
             self._send(ident, routing.status(ident, sync))
         self._dispatch(now)
@@ -481,7 +481,7 @@ class BrokerCore:
             self._expire(ident, peer)
         else:
             peer.gone = True  # kept: its results may now go to the creator
-            self._routing.driver_left(ident)
+            self._routing.driver_left(ident, work.now)
 
     def _bad(self, ident: bytes, error: Exception) -> None:
         self.counters.bad_messages += 1

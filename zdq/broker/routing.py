@@ -23,7 +23,6 @@ lease table, whose ``Held.driver`` it sets through ``LeaseTable.sent``. It incre
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -122,9 +121,8 @@ class ResultRouting:
             self._counters.orphan_results += 1
         return True
 
-    def route_waiting(self) -> None:
+    def route_waiting(self, now: float) -> None:
         """Send the waiting results that a driver may now take (one was heard, or one left)."""
-        now = time.monotonic()
         for chunk_id in list(self.waiting):
             held = self._leases.get(chunk_id)
             # Gone, or sent meanwhile (a HELLO's resend), or sent now: no longer waiting.
@@ -142,7 +140,7 @@ class ResultRouting:
         same identity takes over). They go again."""
         self._unsend(lambda held: held.driver == driver)
 
-    def driver_left(self, driver: bytes) -> None:
+    def driver_left(self, driver: bytes, now: float) -> None:
         """``driver`` said BYE (its peer is kept, gone): what it was sent and did not acknowledge
         goes to another driver (the creator) now."""
         for chunk_id, held in self._leases.done_entries():
@@ -151,7 +149,7 @@ class ResultRouting:
                 self.waiting[chunk_id] = None
                 self._leases.keep(chunk_id, held)
         if self.waiting:
-            self.route_waiting()
+            self.route_waiting(now)
 
     def resend_unheard(self, deadline: float) -> None:
         """Results sent before ``deadline`` to a driver silent since go again when it (or, if it
