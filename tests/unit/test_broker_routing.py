@@ -347,3 +347,42 @@ def test_a_schedules_tick_that_used_up_its_attempts_is_not_kept_as_a_dead_letter
     assert leases.storage.counts().dead_chunks == 0
     assert leases.dead_letter(CONSUMER, task, b"task", "failed").owner == DRIVER
     assert leases.storage.counts().dead_chunks == 1
+
+
+# -- chunks out ------------------------------------------------------------------------------------
+
+
+def test_a_consumer_gets_no_more_chunks_than_its_credit_and_others_hear_ready(leases: LeaseTable) -> None:
+    from zdq.broker.dispatch import READY_EVERY, Dispatch
+
+    peers, wire, gone = PeerTable(), Wire(), []
+    dispatch = Dispatch(leases, peers, wire.send, BrokerCounters(), lambda i, peer: gone.append(i))
+    for seq in range(3):
+        put(leases, DRIVER, seq=seq)
+    peers.credit(CONSUMER, 2, NOW)
+    peers.consumer(OTHER, NOW)  # no credit
+    dispatch.run(NOW)
+    sent = wire.take()
+    # A chunk still waits and no one has credit left: both may ask for it.
+    assert [(i, type(m)) for i, m in sent] == [
+        (CONSUMER, p.Deliver), (CONSUMER, p.Deliver), (CONSUMER, p.Ready), (OTHER, p.Ready),
+    ]
+    assert peers.by_ident[CONSUMER].credit == 0 and not gone
+    dispatch.run(NOW + READY_EVERY / 2)  # told a moment ago: not again yet
+    assert wire.take() == []
+
+
+def test_a_consumer_that_cannot_be_reached_is_taken_for_gone_and_its_chunk_served_to_another(
+    leases: LeaseTable,
+) -> None:
+    from zdq.broker.dispatch import Dispatch
+
+    peers, wire, gone = PeerTable(), Wire(), []
+    dispatch = Dispatch(leases, peers, wire.send, BrokerCounters(), lambda i, peer: gone.append(i))
+    chunk_id = put(leases, DRIVER, seq=1)
+    peers.credit(OTHER, 1, NOW)
+    peers.credit(CONSUMER, 1, NOW)
+    wire.unreachable.add(OTHER)
+    dispatch.run(NOW)
+    assert gone == [OTHER] and OTHER not in peers.by_ident
+    assert wire.take() == [(CONSUMER, p.Deliver(chunk_id, 1, 1, b"chunk"))]  # no attempt used

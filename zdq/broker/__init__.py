@@ -1,8 +1,8 @@
 """The broker: one queue on a worker.
 
-- :mod:`zdq.broker.core`: the loop over a ROUTER socket (its route table, group commit, chunks
-  out to consumers with credit);
+- :mod:`zdq.broker.core`: the loop over a ROUTER socket (its route table, group commit);
 - :mod:`zdq.broker.peers`: the peers heard from, and the consumers' credit;
+- :mod:`zdq.broker.dispatch`: chunks out to consumers with credit, READY to those without;
 - :mod:`zdq.broker.routing`: results to drivers (who gets which, resends, receipts, SYNC answers);
 - :mod:`zdq.broker.questions`: cancellations (a driver's CANCEL asked of consumers, ``zdq purge``);
 - :mod:`zdq.broker.leases`: the lease table, the one state of every chunk of the queue;

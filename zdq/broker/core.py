@@ -24,9 +24,10 @@ each chunk's state (ready, leased, done)  :class:`~zdq.broker.leases.LeaseTable`
 results to drivers: waiting, routed,      :class:`~zdq.broker.routing.ResultRouting`
 resends, receipts
 cancel questions asked of consumers       :class:`~zdq.broker.questions.CancelQuestions`
+chunks out to consumers, READY notices    :class:`~zdq.broker.dispatch.Dispatch`
 schedules                                 :class:`~zdq.broker.schedules.ScheduleTable`
 counters                                  each field has one writer: ``orphan_results`` routing's,
-                                          the others the core's
+                                          ``chunks_redelivered`` dispatch's, the others the core's
 ========================================  ==========================================================
 """
 
@@ -46,6 +47,7 @@ from zdq.config import PoolSettings
 from zdq.errors import ProtocolError, StorageError, StorageFull
 from zdq.names import unnamed_peer
 from zdq.stats import ROUND_TRIP_BOUNDS, BrokerStats
+from zdq.broker.dispatch import Dispatch
 from zdq.broker.leases import LeaseTable
 from zdq.broker.peers import Peer, PeerTable
 from zdq.broker.questions import CancelQuestions
@@ -67,8 +69,6 @@ _ROUND = 1024  # messages drained per round: bounds a group commit and keeps tim
 #: batch limit releases confirms long before a driver's window (16 by default) fills.
 _CONFIRM_DELAY = 0.002
 _CONFIRM_BATCH = 8
-#: A consumer without credit is told READY at most this often while chunks wait for it.
-_READY_EVERY = 0.1
 _DRIVER = p.Role.DRIVER
 
 
@@ -150,7 +150,6 @@ class BrokerCore:
         self._thread: threading.Thread | None = None
         self._peer_table = PeerTable()
         self._peers = self._peer_table.by_ident  # read on every message: one attribute fewer
-        self._ready_scan = 0.0
         self._error: BaseException | None = None
         self.counters = BrokerCounters()
         # CONFIRMs held back, by (driver, seq): the chunk id to confirm.
@@ -169,6 +168,7 @@ class BrokerCore:
         self._questions = CancelQuestions(
             name, self._leases, self._peers, self._send, timeout=settings.heartbeat_timeout
         )
+        self._chunks_out = Dispatch(self._leases, self._peer_table, self._send, self.counters, self._expire)
         self._routes = self._route_table()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ class BrokerCore:
         were cancelled (see :meth:`~zdq.broker.questions.CancelQuestions.purge_ready`)."""
         with self._lock:
             n = self._questions.purge_ready()
-            self._ready_scan = 0.0  # consumers without credit hear READY at the next round
+            self._chunks_out.rescan()  # consumers without credit hear READY at the next round
         return n
 
     def setting(self, name: bytes, proposed: bytes | None) -> bytes | None:
@@ -283,14 +283,14 @@ class BrokerCore:
                 release = storage.next_release
                 if release < math.inf and release <= time.time():
                     with self._lock:
-                        self._release_due(now)
+                        self._chunks_out.release_due(now)
                 if self._confirms and (now >= self._confirm_due or len(self._confirms) >= _CONFIRM_BATCH):
                     with self._lock:
                         self._send_confirms()
                 if now >= schedules.wake_at:
                     with self._lock:
                         if schedules.fire(time.time()):
-                            self._dispatch(now)
+                            self._chunks_out.run(now)
                 if now >= next_beat:
                     if not self._alive():
                         logger.info("broker %s: its actor was released; stopping", self.name)
@@ -346,7 +346,7 @@ class BrokerCore:
             routing.route_waiting(now)
         for ident, sync in work.syncs:
             self._send(ident, routing.status(ident, sync))
-        self._dispatch(now)
+        self._chunks_out.run(now)
         if self._durable:
             # An early acknowledgement (at most once) is written at once: held back, a broker
             # that died in the meantime would serve the chunk again after a restart.
@@ -544,46 +544,6 @@ class BrokerCore:
         self._confirms.clear()
         self._confirm_due = math.inf
 
-    # -- chunks out -----------------------------------------------------------------------------
-    def _release_due(self, now: float) -> None:
-        """Delayed chunks whose time has come join the ready FIFO of their priority, and go at
-        once to consumers with credit (those without are told READY now, not at the next scan)."""
-        if self._storage.release_due(time.time()):
-            self._ready_scan = 0.0
-            self._dispatch(now)
-
-    def _dispatch(self, now: float) -> None:
-        leases, with_credit = self._leases, self._peer_table.with_credit
-        while with_credit:
-            ident = with_credit[0]
-            consumer = self._peers.get(ident)
-            if consumer is None or consumer.credit <= 0:
-                with_credit.popleft()
-                continue
-            leased = leases.lease(ident, now)
-            if leased is None:
-                return
-            cancelled = self._storage.cancelled(leased.chunk_id)
-            if cancelled:  # told first (one pipe keeps order): the consumer skips these tasks
-                self._send(ident, p.Cancel(0, leased.chunk_id, 0, tuple(sorted(cancelled))))
-            if not self._send(ident, p.Deliver(leased.chunk_id, leased.meta.n_tasks, leased.attempt, leased.payload)):
-                leases.give_back(leased.chunk_id, count_attempt=False)
-                del self._peers[ident]
-                self._expire(ident, consumer)
-                continue
-            if leased.attempt > 1:
-                self.counters.chunks_redelivered += 1
-            consumer.credit -= 1
-            with_credit.popleft()
-            if consumer.credit > 0:
-                with_credit.append(ident)
-        if now - self._ready_scan >= _READY_EVERY and self._storage.has_ready():
-            # Work waits and no consumer has credit here: tell those that could ask (a consumer
-            # spreads a bounded prefetch over several queues, and may have parked it elsewhere).
-            self._ready_scan = now
-            for ident in self._peer_table.to_notify(now, _READY_EVERY):
-                self._send(ident, p.Ready())
-
     # -- results --------------------------------------------------------------------------------
     def _finish(self, dones: list[tuple[bytes, p.Done]], now: float) -> None:
         leases, routing = self._leases, self._routing
@@ -632,7 +592,7 @@ class BrokerCore:
             if not peer.gone:
                 self._send(ident, p.Heartbeat())
         self._schedules.rewake()  # follows a jump of the wall clock
-        self._dispatch(now)
+        self._chunks_out.run(now)
         self._storage.commit()
 
     def _farewell(self) -> None:

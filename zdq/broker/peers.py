@@ -4,9 +4,10 @@ hold credit.
 Who owns what
 -------------
 :class:`PeerTable` is the broker loop's (:class:`~zdq.broker.core.BrokerCore` calls it on its
-thread; control-plane readers take the broker's lock). :class:`~zdq.broker.routing.ResultRouting`
-and :class:`~zdq.broker.questions.CancelQuestions` read ``by_ident`` on the same thread, and never
-write it.
+thread; control-plane readers take the broker's lock). On the same thread,
+:class:`~zdq.broker.dispatch.Dispatch` spends the credit (and removes a consumer it cannot reach),
+and :class:`~zdq.broker.routing.ResultRouting` and :class:`~zdq.broker.questions.CancelQuestions`
+read ``by_ident`` without writing it.
 """
 
 from __future__ import annotations
