@@ -148,13 +148,13 @@ def test_a_consumer_in_the_brokers_process_is_reached_over_inproc_and_served_fir
         remote.send_multipart(p.encode(p.Hello(p.Role.CONSUMER, b"remote")))
         assert isinstance(_recv(remote, heartbeats=True), p.Heartbeat)
         remote.send_multipart(p.encode(p.Fetch(1)))  # the remote consumer asks first
-        wait_until(lambda: len(core._with_credit) == 1)
+        wait_until(lambda: len(core._peer_table.with_credit) == 1)
         links.add(endpoint)
         local = links.socks[0]
         assert local.get(zmq.LAST_ENDPOINT).startswith(b"inproc://")
         assert isinstance(_recv(local, heartbeats=True), p.Heartbeat)
         local.send_multipart(p.encode(p.Fetch(1)))
-        wait_until(lambda: len(core._with_credit) == 2)
+        wait_until(lambda: len(core._peer_table.with_credit) == 2)
         driver = _peer_with(zmq_ctx, endpoint, keys)
         driver.send_multipart(p.encode(p.Put(1, 1, b"first")))
         first = _recv(local)

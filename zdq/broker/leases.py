@@ -22,7 +22,10 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from zdq.errors import ProtocolError
+from zdq.schedules import SCHEDULED
 from zdq.storage.base import ChunkMeta, Leased, Storage
+from zdq.transport.protocol import ID_SIZE
 
 __all__ = ["Held", "LeaseTable", "QueueCounts"]
 
@@ -229,6 +232,25 @@ class LeaseTable:
         held.consumer = consumer
         return held
 
+    def done_by(self, consumer: bytes, chunk_id: int, results: object) -> Held | None:
+        """A DONE from ``consumer``: :meth:`finish` if it holds the chunk (or held it before its
+        lease expired); None for a duplicate (done already, or gone).
+
+        Raises
+        ------
+        ProtocolError
+            If ``consumer`` never held the chunk: an authenticated peer still cannot forge
+            another's results.
+        """
+        current = self._held.get(chunk_id)
+        if (current is None or current.holder != consumer) and self.held_by(consumer, chunk_id) is None:
+            if (current is not None and current.done) or self.meta(chunk_id) is None:
+                return None
+            raise ProtocolError(f"DONE of chunk {chunk_id} that this peer never held")
+        # RESULTS name their consumer in 16 bytes.
+        producer = consumer if len(consumer) == ID_SIZE else consumer[:ID_SIZE].ljust(ID_SIZE, b"\0")
+        return self.finish(chunk_id, producer, results)
+
     def keep(self, chunk_id: int, held: Held) -> None:
         """No driver takes these results now: a durable queue writes them down, so that a broker
         started again serves them instead of running the chunk once more."""
@@ -258,6 +280,44 @@ class LeaseTable:
         held = self._held.pop(chunk_id, None)
         if held is not None and not held.early:
             self.storage.ack_many([chunk_id])
+
+    def split_by(self, consumer: bytes, chunk_id: int, parts: Sequence[object]) -> None:
+        """``consumer`` splits the chunk it holds (redelivered) into one-task ``parts``.
+
+        Raises
+        ------
+        ProtocolError
+            If it does not hold the chunk whole, or the parts are not as many as its tasks.
+        StorageError
+            If the parts could not be stored (the chunk stays as it was).
+        """
+        held = self._held.get(chunk_id)
+        if held is None or held.holder != consumer or held.early or held.done or len(parts) != held.meta.n_tasks:
+            raise ProtocolError(f"SPLIT of chunk {chunk_id} into {len(parts)} parts")
+        meta = held.meta
+        self.split(chunk_id, [(ChunkMeta(meta.owner, meta.seq, 1, priority=meta.priority), part) for part in parts])
+
+    def dead_letter(self, consumer: bytes, chunk_id: int, task: object, reason: str) -> ChunkMeta:
+        """A task of the chunk ``consumer`` holds (or held) used up its attempts: it is stored as a
+        dead letter (``task``, a one-task chunk), unless the chunk is a schedule's tick (the next
+        tick runs the same task: one dead letter per tick would pile up without bound). Return
+        the chunk's meta.
+
+        Raises
+        ------
+        ProtocolError
+            If ``consumer`` never held the chunk.
+        StorageError
+            If the dead letter could not be stored.
+        """
+        held = self.held_by(consumer, chunk_id)
+        if held is None:
+            raise ProtocolError(f"DEAD of chunk {chunk_id} that is not leased to this peer")
+        meta = self.meta(chunk_id) or held.meta
+        if meta.owner != SCHEDULED:
+            # seq 0: if the dead letter is requeued, its result goes to the pool's driver as a new one.
+            self.storage.put_dead([(ChunkMeta(meta.owner, 0, 1, priority=meta.priority), task, reason)])
+        return meta
 
     def split(self, chunk_id: int, parts: Sequence[tuple[ChunkMeta, object]]) -> list[int]:
         """Replace a leased chunk by one-task parts at the head of the queue."""

@@ -13,7 +13,8 @@ chunk is done. Chunks still run one at a time. With ``max_concurrency`` > 1, an 
 unpickles chunks and fans their tasks out to that many task threads.
 
 Modules: :mod:`~zdq.consumer.base` (what users subclass), :mod:`~zdq.consumer.actor` (the control
-plane), :mod:`~zdq.consumer.link` (sockets, credit, heartbeats, the hand-over),
+plane), :mod:`~zdq.consumer.link` (sockets, heartbeats, the hand-over, the route table; it runs the
+credit and sends what it decides), :mod:`~zdq.consumer.credit` (what to ask each broker for, pure),
 :mod:`~zdq.consumer.runner` (running chunks), :mod:`~zdq.consumer.policy` (retries and dead
 letters, pure).
 
@@ -26,8 +27,9 @@ The *socket owner* is ``zdq-consumer-<name>``, or with ``max_concurrency`` 1 whi
 State                          Owner (reads and writes)             Other threads
 =============================  ===================================  ===================================
 sockets, poller, waker (recv)  socket owner                         ``Waker.wake()`` from any thread
-credit, held chunks, fetch     socket owner (``Credit``)            actor reads ``in_flight`` (stats)
-times, rotation, heartbeat
+credit, held chunks, fetch     socket owner runs ``Credit`` (pure;  actor reads ``in_flight`` (stats)
+times, rotation                it sends through the link's port)
+route table, heartbeat         socket owner (``Link``)              none
 outbox                         socket owner sends                   any thread appends (``post``)
 control (moved brokers)        socket owner applies                 actor appends (``set_endpoint``)
 inline chunk queue             socket owner (max_concurrency 1)     none

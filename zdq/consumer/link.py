@@ -7,13 +7,10 @@ sockets over when a chunk runs longer than ``_TAKEOVER``: the two threads trade 
 chunks run long. Other threads reach the owner only through the outbox (:meth:`Link.post`), the
 control queue (:meth:`Link.set_endpoint`) and the consumer's two events, and wake it with the waker.
 
-Credit: a consumer asks for at most ``prefetch`` chunks in all (chunks held + credit outstanding
-<= prefetch, over every broker), from its brokers in rotation. A broker where work waits and this
-consumer has no credit says READY; the consumer then asks it, or moves a credit that sits unused at
-another broker (withdrawn with ``FETCH 0``) to it. A DELIVER beyond the bound (one that raced a
-withdrawal) is given back at once with RETURN, which costs the chunk no attempt. Until a broker is
-heard saying READY (brokers that do not), a consumer with more brokers than ``prefetch`` moves a
-credit that sat unused for ``_PARKED`` to the next broker in rotation, so no queue waits for long.
+Credit: what to ask each broker for is decided by :class:`~zdq.consumer.credit.Credit`, a pure
+object that the socket owner runs: the loop tells it what arrives and leaves, and sends the
+FETCHes it decides. Each message from a broker goes through one route table (message type to
+handler); a type a consumer does not accept is counted and dropped like a malformed one.
 """
 
 from __future__ import annotations
@@ -29,7 +26,9 @@ from typing import Any
 import zmq
 
 from zdq.config import PoolSettings
+from zdq.consumer.credit import EAGER_FETCH, Credit
 from zdq.consumer.runner import Counters, Runner
+from zdq.errors import ProtocolError
 from zdq.transport import protocol as p
 from zdq.transport.reach import Heard
 from zdq.transport.security import ClientKeys
@@ -41,24 +40,13 @@ from zdq.transport.sockets import (
     try_send,
 )
 
-__all__ = ["Credit", "Handover", "Link"]
+__all__ = ["Handover", "Link"]
 
 logger = logging.getLogger(__name__)
 
-#: How long a busy consumer holds back its request for the next chunk of a broker, waiting for a
-#: DONE to that broker to carry it: one message and one broker round fewer per chunk when chunks
-#: are short (a single task's round trip), and a prefetch that is still on time when they are long.
-_FETCH_DELAY = 0.001
-#: Chunks that take at least this long to run (on average) make a consumer ask for the next ones as
-#: soon as it starts one: the request's broker round is hidden behind the run.
-_EAGER_FETCH = 0.00025
 #: A chunk run on the thread that owns the sockets leaves heartbeats and credit unattended; after
 #: this long, the standby thread takes the sockets over (see Handover.stand_by).
 _TAKEOVER = 0.05
-#: Credit unused at a broker for this long is *parked* there: that broker has no work, and the
-#: credit may move to one that has (a broker's round is well under a millisecond, so 50 ms of
-#: silence is not a DELIVER on its way).
-_PARKED = 0.05
 
 _FETCH_ONE = p.encode(p.Fetch(1))
 _WITHDRAW = p.encode(p.Fetch(0))
@@ -126,159 +114,6 @@ class Handover:
                 return False
 
 
-class Credit:
-    """What the consumer asked each broker for, and holds from each; which broker to ask next.
-
-    Owned by the socket owner. The per-broker lists and the two totals are read and written in
-    the I/O loop itself (:meth:`Link._serve`), the hot path; the decisions that are not on it are
-    methods here. ``credit[i]`` is 0 or 1: one outstanding request per broker at most.
-    """
-
-    def __init__(
-        self, socks: list[zmq.Socket[Any]], n: int, prefetch: int, fetching: threading.Event, start: int
-    ) -> None:
-        self.socks = socks  # BrokerLinks.socks: replaced in place when a broker moves
-        self.prefetch = prefetch
-        self.fetching = fetching
-        self.credit = [0] * n
-        self.held: list[set[int]] = [set() for _ in range(n)]  # chunks received and not yet reported
-        self.fetch_at = [0.0] * n  # when a busy consumer's FETCH goes out on its own (_FETCH_DELAY)
-        # When the credit at each broker was given: 0.0 for credit that rode on a DONE (no clock
-        # was read), stamped when first looked at, so it is never taken for parked too early.
-        self.asked_at = [0.0] * n
-        self.in_flight = 0  # chunks held, over all brokers
-        self.outstanding = 0  # sum(credit)
-        self.next = start % n if n else 0  # the broker asked first next time (rotation)
-        self.wanted: set[int] = set()  # brokers that said READY and have no credit: served first
-        # Without READY from brokers, parked credit moves around on its own (only useful when
-        # some broker must go without credit: more brokers than prefetch).
-        self.rotate = n > prefetch
-        self.rebalance_at = 0.0  # no credit can be moved before this
-
-    def ask(self, now: float, *, eager: bool) -> float:
-        """Send the FETCHes due; return when the next one held back (or a move) falls due.
-
-        Brokers are asked in rotation while ``held + outstanding < prefetch``, those that said
-        READY first. A consumer with nothing in hand asks at once (so does an ``eager`` one); a busy
-        one lets its next DONE to that broker carry the request, unless that takes longer than
-        _FETCH_DELAY. At the bound, credit parked at one broker may move to another.
-        """
-        if not self.fetching.is_set():
-            if self.outstanding:  # cancelled: let the brokers serve others
-                for k, c in enumerate(self.credit):
-                    if c:
-                        self._withdraw(k)
-            return math.inf
-        prefetch = self.prefetch
-        if self.in_flight + self.outstanding < prefetch:
-            credit, fetch_at = self.credit, self.fetch_at
-            if self.wanted:
-                for j in list(self.wanted):
-                    self.wanted.discard(j)
-                    if credit[j] == 0 and self.in_flight + self.outstanding < prefetch:
-                        self._give(j, now)
-            due = math.inf
-            n = len(credit)
-            i = self.next
-            for _ in range(n):
-                if self.in_flight + self.outstanding >= prefetch:
-                    break
-                if credit[i] == 0:
-                    if eager or self.in_flight == 0 or now >= fetch_at[i]:
-                        self._give(i, now)
-                    else:
-                        due = min(due, fetch_at[i])
-                i = i + 1 if i + 1 < n else 0
-            if self.in_flight + self.outstanding < prefetch:
-                return due
-        if self.outstanding and (self.wanted or self.rotate):  # credit that could move
-            return self._rebalance(now) if now >= self.rebalance_at else self.rebalance_at
-        return math.inf
-
-    def _give(self, i: int, now: float) -> None:
-        if try_send(self.socks[i], _FETCH_ONE):
-            self.credit[i] = 1
-            self.outstanding += 1
-            self.asked_at[i] = now
-            self.next = i + 1 if i + 1 < len(self.credit) else 0
-
-    def _withdraw(self, k: int) -> None:
-        # Whether or not the broker gets it, the credit is no longer counted: a DELIVER that comes
-        # anyway is taken if there is room, else given back.
-        try_send(self.socks[k], _WITHDRAW)
-        self.credit[k] = 0
-        self.outstanding -= 1
-
-    def _rebalance(self, now: float) -> float:
-        """At the bound: move credit parked at a broker to one that has work (said READY, or,
-        when brokers do not, the next in rotation). Returns when to look again."""
-        credit, asked_at = self.credit, self.asked_at
-        while True:
-            oldest, source = math.inf, -1
-            for k, c in enumerate(credit):
-                if c:
-                    if asked_at[k] == 0.0:
-                        asked_at[k] = now
-                    if asked_at[k] < oldest:
-                        oldest, source = asked_at[k], k
-            if source < 0:  # every chunk of the bound is in hand: a DONE will free room
-                self.rebalance_at = 0.0
-                return math.inf
-            if now - oldest < _PARKED:
-                self.rebalance_at = oldest + _PARKED
-                return self.rebalance_at
-            target = self._target()
-            if target < 0:
-                self.rebalance_at = now + _PARKED
-                return self.rebalance_at
-            self._withdraw(source)
-            self._give(target, now)
-            if not self.wanted:  # moves in rotation go one at a time, one per _PARKED
-                self.rebalance_at = now + _PARKED
-                return self.rebalance_at
-
-    def _target(self) -> int:
-        """The broker that should have the next credit moved: one that said READY, else (while no
-        broker says READY) the next in rotation that holds no credit and none of our chunks."""
-        while self.wanted:
-            j = self.wanted.pop()
-            if self.credit[j] == 0:
-                return j
-        if self.rotate:
-            n = len(self.credit)
-            for step in range(n):
-                j = (self.next + step) % n
-                if self.credit[j] == 0 and not self.held[j]:
-                    return j
-        return -1
-
-    def on_ready(self, j: int, now: float) -> None:
-        """Broker ``j`` has work and no credit from us."""
-        self.rotate = False  # brokers say READY: parked credit moves only when one does
-        if self.credit[j] or not self.fetching.is_set():
-            return
-        if self.in_flight + self.outstanding < self.prefetch:
-            self._give(j, now)
-        else:
-            self.wanted.add(j)
-            self.rebalance_at = 0.0
-
-    def on_bye(self, i: int) -> None:
-        """Broker ``i`` is going away; ask again if it comes back."""
-        self.outstanding -= self.credit[i]
-        self.credit[i] = 0
-
-    def forget(self, i: int) -> None:
-        """Broker ``i`` was replaced. Chunks held from it still run; their DONE goes to the
-        replacement, which acknowledges those it recovered from disk and counts the others as
-        duplicates."""
-        self.on_bye(i)
-        self.fetch_at[i] = 0.0
-        self.in_flight -= len(self.held[i])
-        self.held[i].clear()
-        self.wanted.discard(i)
-
-
 class Link:
     """The consumer's sockets and the I/O loop that serves them (see the module docstring).
 
@@ -321,6 +156,8 @@ class Link:
         self._links: BrokerLinks | None = None
         self._credit: Credit | None = None
         self._heard: Heard | None = None
+        # Message type -> handler, built once the sockets are open (see _routes).
+        self._route_table: dict[type[Any], Callable[[int, Any, zmq.Socket[Any]], None]] | None = None
         self._next_beat = 0.0
         #: Why the link stopped on its own (None while it runs or after a requested stop).
         self.failure: str | None = None
@@ -393,11 +230,65 @@ class Link:
         n = len(self._endpoints)
         # Consumers start their rotation at different brokers (identities are random).
         start = int.from_bytes(self._identity[:4], "big")
-        self._credit = Credit(links.socks, n, self._settings.prefetch, self._fetching, start)
+        socks = links.socks  # replaced in place when a broker moves
+
+        def send_fetch(i: int, credit: int) -> bool:
+            return try_send(socks[i], _FETCH_ONE if credit else _WITHDRAW)
+
+        self._credit = Credit(send_fetch, n, self._settings.prefetch, start, self._fetching.is_set)
         self._next_beat = time.monotonic() + self._settings.heartbeat_interval
         for endpoint in self._endpoints:
             links.add(endpoint)
         self._heard = Heard(n, time.monotonic())
+        self._route_table = self._routes().table
+
+    def _routes(self) -> p.Routes[int, zmq.Socket[Any]]:
+        """What the socket owner does with each message a broker sends: handlers of (the broker's
+        index, the message, its socket), built once the sockets are open. Closures over what they
+        use: DELIVER is the consumer's hot path, one lookup and a call."""
+        cr, runner, heard, counters = self._credit, self._runner, self._heard, self._counters
+        assert cr is not None and runner is not None and heard is not None
+        ready, chunks, inline, early_ack = self._ready, runner.chunks, runner.inline, self._early_ack
+        delivered, received, monotonic = cr.delivered, runner.received, time.monotonic
+
+        def on_deliver(i: int, msg: p.Deliver, sock: zmq.Socket[Any]) -> None:
+            if not delivered(i, msg.chunk_id, monotonic()):
+                # Beyond the bound: it raced a withdrawal. Given back at once (a RETURN costs it
+                # no attempt), it goes to a consumer with room.
+                try_send(sock, p.encode(p.Return(msg.chunk_id)))
+                return
+            counters.chunks_received += 1
+            received(msg.chunk_id)
+            if early_ack:
+                try_send(sock, p.encode(p.Ack(msg.chunk_id)))
+            if inline:
+                ready.append((i, msg))
+            else:
+                chunks.put((i, msg))
+
+        def on_ready(i: int, msg: p.Ready, sock: zmq.Socket[Any]) -> None:
+            cr.on_ready(i, monotonic())
+
+        def on_cancel(i: int, msg: p.Cancel, sock: zmq.Socket[Any]) -> None:
+            cancelled = runner.cancel(msg.chunk_id, msg.indexes, announced=not msg.token)
+            if msg.token:
+                try_send(sock, p.encode(p.Cancelled(msg.token, tuple(cancelled))))
+
+        def on_bye(i: int, msg: p.Bye, sock: zmq.Socket[Any]) -> None:
+            cr.on_bye(i)
+
+        def on_heartbeat(i: int, msg: p.Heartbeat, sock: zmq.Socket[Any]) -> None:
+            if not heard.heard[i]:  # its answer to our HELLO
+                self._on_heard(i)
+
+        return (
+            p.Routes[int, zmq.Socket[Any]]()
+            .add(p.Deliver, on_deliver)
+            .add(p.Ready, on_ready)
+            .add(p.Cancel, on_cancel)
+            .add(p.Bye, on_bye)
+            .add(p.Heartbeat, on_heartbeat)
+        )
 
     def _on_heard(self, i: int) -> None:
         assert self._heard is not None and self._links is not None
@@ -454,16 +345,15 @@ class Link:
     def _serve(self) -> bool:
         """The I/O loop; True when the consumer stops, False when the sockets were taken over."""
         links, waker, cr, runner, reach = self._links, self._waker, self._credit, self._runner, self._heard
+        routes = self._route_table
         assert links is not None and waker is not None and cr is not None and runner is not None and reach is not None
-        heard = reach.heard
+        assert routes is not None
+        route = routes.get
         poller, socks = links.poller, links.socks
-        credit, held, fetch_at, asked_at, wanted = cr.credit, cr.held, cr.fetch_at, cr.asked_at, cr.wanted
         beat = self._settings.heartbeat_interval
-        prefetch = cr.prefetch
-        inline = runner.inline
-        execute, chunks = runner.execute, runner.chunks
+        execute = runner.execute
         turn, ready, outbox, control = self._turn, self._ready, self._outbox, self._control
-        stop, fetching, counters = self._stop, self._fetching, self._counters
+        stop, counters = self._stop, self._counters
         while not stop.is_set():
             while control:
                 # Taken off the queue only once applied: reach() counts a broker still queued here
@@ -481,23 +371,15 @@ class Link:
                 cr.forget(i)
             while outbox:
                 i, out = outbox.popleft()
-                if isinstance(out, (p.Done, p.Return, p.Split)) and out.chunk_id in held[i]:
-                    held[i].discard(out.chunk_id)
-                    cr.in_flight -= 1
-                if (
-                    isinstance(out, p.Done)
-                    and credit[i] == 0
-                    and cr.in_flight + cr.outstanding < prefetch
-                    and fetching.is_set()
-                    and (not wanted or i in wanted)  # else a broker that said READY gets the credit
-                ):
-                    if wanted:
-                        wanted.discard(i)
-                    sent = try_send(socks[i], p.encode(out._replace(credit=1)))  # a FETCH riding along
-                    credit[i] = int(sent)
-                    cr.outstanding += credit[i]
-                else:
-                    try_send(socks[i], p.encode(out))
+                if isinstance(out, p.Done):
+                    if cr.done(i, out.chunk_id):
+                        # A FETCH riding along: one message and one broker round fewer.
+                        if not try_send(socks[i], p.encode(out._replace(credit=1))):
+                            cr.unsent(i)
+                        continue
+                elif isinstance(out, (p.Return, p.Split)):
+                    cr.reported(i, out.chunk_id)
+                try_send(socks[i], p.encode(out))
             now = time.monotonic()
             wake_at = min(self._next_beat, cr.ask(now, eager=False))
             run_next = bool(ready) and not turn.busy  # busy: the thread it runs on pokes when done
@@ -511,43 +393,16 @@ class Link:
                 for frames in recv_ready(sock, 1):
                     try:
                         msg = p.decode(frames)
+                        handler = route(type(msg))
+                        if handler is None:  # a broker-to-driver command sent to a consumer
+                            raise ProtocolError(f"{type(msg).__name__} is not accepted by a consumer")
                     except Exception as e:  # noqa: BLE001 - a malformed message is counted and dropped, never fatal
                         counters.bad_chunk()
                         logger.warning(
                             "consumer %s dropped a malformed message from queue %s: %s", self.name, self._queues[i], e
                         )
                         continue
-                    if isinstance(msg, p.Deliver):
-                        if credit[i]:
-                            credit[i] = 0
-                            cr.outstanding -= 1
-                        elif cr.in_flight + cr.outstanding >= prefetch:
-                            # Beyond the bound: it raced a withdrawal. Given back at once (a
-                            # RETURN costs it no attempt), it goes to a consumer with room.
-                            try_send(sock, p.encode(p.Return(msg.chunk_id)))
-                            continue
-                        fetch_at[i] = time.monotonic() + _FETCH_DELAY
-                        asked_at[i] = 0.0
-                        counters.chunks_received += 1
-                        cr.in_flight += 1
-                        held[i].add(msg.chunk_id)
-                        runner.received(msg.chunk_id)
-                        if self._early_ack:
-                            try_send(sock, p.encode(p.Ack(msg.chunk_id)))
-                        if inline:
-                            ready.append((i, msg))
-                        else:
-                            chunks.put((i, msg))
-                    elif isinstance(msg, p.Ready):
-                        cr.on_ready(i, time.monotonic())
-                    elif isinstance(msg, p.Cancel):
-                        cancelled = runner.cancel(msg.chunk_id, msg.indexes, announced=not msg.token)
-                        if msg.token:
-                            try_send(sock, p.encode(p.Cancelled(msg.token, tuple(cancelled))))
-                    elif isinstance(msg, p.Bye):
-                        cr.on_bye(i)
-                    elif not heard[i] and isinstance(msg, p.Heartbeat):  # its answer to our HELLO
-                        self._on_heard(i)
+                    handler(i, msg, sock)
             now = time.monotonic()
             if now >= self._next_beat:
                 if not self._alive():
@@ -560,7 +415,7 @@ class Link:
                 if not reach.settled():
                     self._check_reach(now)
             if ready and not turn.busy and not stop.is_set():
-                if turn.chunk_seconds >= _EAGER_FETCH:
+                if turn.chunk_seconds >= EAGER_FETCH:
                     # Chunks take a while: ask for the next ones now, so that they arrive while
                     # this one runs (the sockets are not read until it is done).
                     cr.ask(now, eager=True)

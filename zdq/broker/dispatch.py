@@ -1,0 +1,113 @@
+"""Chunks out: ready chunks to the consumers that gave credit, and READY to those that did not.
+
+A consumer gets at most the credit it gave (:class:`~zdq.broker.peers.PeerTable` counts it), one
+chunk per credit, in the order consumers gave it (a consumer in the broker's own process first). A
+chunk's tasks cancelled while it waited are announced just before it (one pipe keeps the order),
+so the consumer skips them. When work waits and no consumer has credit here, those without are
+told READY, at most every ``READY_EVERY``: a consumer spreads a bounded prefetch over several
+queues, and may have parked it elsewhere.
+
+Who owns what
+-------------
+:class:`Dispatch` owns when consumers were last told READY (``ready_scan``) and is called only by
+the broker's loop thread. It spends the credit in the peer table and leases through the lease
+table; it counts ``chunks_redelivered`` and no other counter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from zdq.broker.leases import LeaseTable
+from zdq.broker.peers import Peer, PeerTable, Send
+from zdq.transport import protocol as p
+
+if TYPE_CHECKING:
+    from zdq.broker.core import BrokerCounters
+
+__all__ = ["READY_EVERY", "Dispatch"]
+
+#: A consumer without credit is told READY at most this often while chunks wait for it.
+READY_EVERY = 0.1
+
+
+class Dispatch:
+    """Leases ready chunks to consumers with credit (see the module docstring).
+
+    Parameters
+    ----------
+    leases : LeaseTable
+        The queue's chunks.
+    peers : PeerTable
+        The consumers and their credit.
+    send : Send
+        Sends a message to a peer; False if it cannot take it (the consumer is then taken for
+        gone: its chunk goes back at once, without using an attempt).
+    counters : BrokerCounters
+        Where redeliveries are counted.
+    gone : Callable[[bytes, Peer], None]
+        Called with a consumer removed from the peers because it could not be reached: its
+        leases expire.
+    """
+
+    def __init__(
+        self,
+        leases: LeaseTable,
+        peers: PeerTable,
+        send: Send,
+        counters: BrokerCounters,
+        gone: Callable[[bytes, Peer], None],
+    ) -> None:
+        self._leases = leases
+        self._storage = leases.storage
+        self._peers = peers
+        self._send = send
+        self._counters = counters
+        self._gone = gone
+        self.ready_scan = 0.0  # when consumers without credit were last looked at
+
+    def rescan(self) -> None:
+        """Work arrived outside the rounds (released, purged): tell consumers READY at once."""
+        self.ready_scan = 0.0
+
+    def release_due(self, now: float) -> None:
+        """Delayed chunks whose time has come join the ready FIFO of their priority, and go at
+        once to consumers with credit (those without are told READY now, not at the next scan)."""
+        if self._storage.release_due(time.time()):
+            self.ready_scan = 0.0
+            self.run(now)
+
+    def run(self, now: float) -> None:
+        """Hand out every chunk that credit allows; tell READY to consumers without credit."""
+        leases, storage, send = self._leases, self._storage, self._send
+        by_ident, with_credit = self._peers.by_ident, self._peers.with_credit
+        while with_credit:
+            ident = with_credit[0]
+            consumer = by_ident.get(ident)
+            if consumer is None or consumer.credit <= 0:
+                with_credit.popleft()
+                continue
+            leased = leases.lease(ident, now)
+            if leased is None:
+                return
+            cancelled = storage.cancelled(leased.chunk_id)
+            if cancelled:  # told first (one pipe keeps order): the consumer skips these tasks
+                send(ident, p.Cancel(0, leased.chunk_id, 0, tuple(sorted(cancelled))))
+            if not send(ident, p.Deliver(leased.chunk_id, leased.meta.n_tasks, leased.attempt, leased.payload)):
+                leases.give_back(leased.chunk_id, count_attempt=False)
+                del by_ident[ident]
+                self._gone(ident, consumer)
+                continue
+            if leased.attempt > 1:
+                self._counters.chunks_redelivered += 1
+            consumer.credit -= 1
+            with_credit.popleft()
+            if consumer.credit > 0:
+                with_credit.append(ident)
+        if now - self.ready_scan >= READY_EVERY and storage.has_ready():
+            # Work waits and no consumer has credit here: tell those that could ask.
+            self.ready_scan = now
+            for ident in self._peers.to_notify(now, READY_EVERY):
+                send(ident, p.Ready())
