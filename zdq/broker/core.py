@@ -38,7 +38,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Callable
 
 import zmq
@@ -47,13 +47,14 @@ from zdq.config import PoolSettings
 from zdq.errors import ProtocolError, StorageError, StorageFull
 from zdq.names import unnamed_peer
 from zdq.stats import ROUND_TRIP_BOUNDS, BrokerStats
+from zdq.broker.counters import BrokerCounters
 from zdq.broker.dispatch import Dispatch
 from zdq.broker.leases import LeaseTable
 from zdq.broker.peers import Peer, PeerTable
 from zdq.broker.questions import CancelQuestions
 from zdq.broker.routing import ResultRouting
 from zdq.broker.schedules import ScheduleTable
-from zdq.schedules import SCHEDULED
+from zdq.codec.schedules import SCHEDULED
 from zdq.storage.base import ChunkMeta, DeadLetter, Storage
 from zdq.transport import protocol as p
 from zdq.transport.sockets import close_socket, is_local_peer, recv_ready, try_send
@@ -70,27 +71,6 @@ _ROUND = 1024  # messages drained per round: bounds a group commit and keeps tim
 _CONFIRM_DELAY = 0.002
 _CONFIRM_BATCH = 8
 _DRIVER = p.Role.DRIVER
-
-
-@dataclass
-class BrokerCounters:
-    """What a broker counts, as the statistics report it."""
-
-    chunks_stored: int = 0
-    tasks_stored: int = 0
-    chunks_acked: int = 0
-    tasks_acked: int = 0
-    chunks_redelivered: int = 0
-    duplicate_dones: int = 0
-    bad_messages: int = 0
-    orphan_results: int = 0
-    dropped_results: int = 0
-    chunks_split: int = 0
-    tasks_dead_lettered: int = 0
-    #: Chunks by the time from their DELIVER to their DONE: one count per bound of
-    #: ``ROUND_TRIP_BOUNDS``, and a last one above them (the Prometheus histogram).
-    round_trips: list[int] = field(default_factory=lambda: [0] * (len(ROUND_TRIP_BOUNDS) + 1))
-    round_trip_sum: float = 0.0
 
 
 class _Round:

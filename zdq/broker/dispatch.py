@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+from zdq.broker.counters import BrokerCounters
 from zdq.broker.leases import LeaseTable
 from zdq.broker.peers import Peer, PeerTable, Send
 from zdq.transport import protocol as p
 
-if TYPE_CHECKING:
-    from zdq.broker.core import BrokerCounters
 
 __all__ = ["READY_EVERY", "Dispatch"]
 

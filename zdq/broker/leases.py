@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from zdq.errors import ProtocolError
-from zdq.schedules import SCHEDULED
+from zdq.codec.schedules import SCHEDULED
 from zdq.storage.base import ChunkMeta, Leased, Storage
 from zdq.transport.protocol import ID_SIZE
 

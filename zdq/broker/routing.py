@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
 
+from zdq.broker.counters import BrokerCounters
 from zdq.broker.leases import Held, LeaseTable
 from zdq.broker.peers import Peer, Send
 from zdq.transport import protocol as p
 
-if TYPE_CHECKING:
-    from zdq.broker.core import BrokerCounters
 
 __all__ = ["ResultRouting"]
 

@@ -20,7 +20,7 @@ import math
 import time
 
 from zdq.errors import StorageError
-from zdq.schedules import SCHEDULED, ScheduleRecord, plan
+from zdq.codec.schedules import SCHEDULED, ScheduleRecord, plan
 from zdq.storage.base import ChunkMeta, Storage
 
 __all__ = ["ScheduleTable"]

@@ -21,7 +21,7 @@ from zdq.consumer.runner import Counters, Runner
 from zdq.errors import PlacementError
 from zdq.names import queue_name
 from zdq.observe.feed import Source, add_source, remove_source
-from zdq.tasks import TaskOptions
+from zdq.codec.tasks import TaskOptions
 from zdq.stats import ConsumerStats
 from zdq.transport.security import ClientKeys
 

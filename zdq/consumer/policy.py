@@ -13,7 +13,7 @@ is told. The rules (README, "Retries", "Dead letters", "Poison tasks"):
 - A task that fails for good is *dead-lettered* (kept, with its traceback, for requeueing) if it
   had retries or had killed a consumer; otherwise its error is simply its result.
 
->>> from zdq.tasks import TaskOptions
+>>> from zdq.codec.tasks import TaskOptions
 >>> after_failure(TaskOptions(retries=2, retry_backoff=1.0), 0, 2, 1, OSError(), jitter=lambda: 0.5)
 Retry(delay=1.0)
 >>> after_failure(TaskOptions(), 0, 2, 1, OSError())
@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from zdq.serialization import ErrorInfo
-from zdq.tasks import TaskOptions
+from zdq.codec.results import ErrorInfo
+from zdq.codec.tasks import TaskOptions
 
 __all__ = [
     "DeadLetter",

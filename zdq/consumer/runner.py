@@ -34,8 +34,8 @@ from zdq._actor import as_dask_task
 from zdq.consumer.base import ConsumerBaseClass
 from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
 from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskTimeout
-from zdq.serialization import PROTOCOL, UNKNOWN_BASE, ErrorInfo, dumps_results
-from zdq.tasks import (
+from zdq.codec.results import PROTOCOL, UNKNOWN_BASE, ErrorInfo, dumps_results
+from zdq.codec.tasks import (
     CANCELLED,
     TaskOptions,
     callers,
