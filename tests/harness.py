@@ -79,7 +79,7 @@ def zdq_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("zdq-")]
 
 
-def assert_no_zdq_threads(before: set[str] = frozenset(), timeout: float = 10.0) -> None:  # type: ignore[assignment]
+def assert_no_zdq_threads(before: frozenset[str] | set[str] = frozenset(), timeout: float = 10.0) -> None:
     """Fail unless every zdq thread not in ``before`` ends within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -100,6 +100,9 @@ class Harness:
         Brokers (transient, on :class:`MemoryStorage`), each bound on 127.0.0.1.
     n_consumers : int
         Consumers, each connected to every broker.
+    start_consumers : bool
+        Start the consumers with the pool (else :meth:`start_consumers` does, as
+        ``ConsumerPool.start()`` would).
     max_concurrency, early_ack, retries, time_limit :
         As for :class:`~zdq.ConsumerPool`: the consumers' settings.
     consumer_class : type
@@ -122,6 +125,7 @@ class Harness:
         retries: int = 0,
         time_limit: float | str | None = None,
         consumer_class: type[ConsumerBaseClass] = GeneralConsumer,
+        start_consumers: bool = True,
         **overrides: Any,
     ) -> None:
         self.settings: PoolSettings = settings(**{**HARNESS_SETTINGS, **overrides})
@@ -134,6 +138,7 @@ class Harness:
             "time_limit": seconds_or_none(time_limit, "time_limit"),
         }
         self._consumer_class = consumer_class
+        self._start_consumers = start_consumers
         self._ctx: zmq.Context[Any] | None = None
         self.brokers: list[BrokerCore] = []
         self.endpoints: list[str] = []
@@ -158,9 +163,14 @@ class Harness:
         self.driver = Driver("harness", self.endpoints, self.settings, identity=identity)
         self.driver.start()
         self.driver.consumers = self.n_consumers
-        for i in range(self.n_consumers):
-            self.add_consumer(f"harness-consumer-{i}")
+        if self._start_consumers:
+            self.start_consumers()
         return self
+
+    def start_consumers(self) -> None:
+        """Start the pool's ``n_consumers`` consumers (once)."""
+        for i in range(len(self.consumers), self.n_consumers):
+            self.add_consumer(f"harness-consumer-{i}")
 
     def add_consumer(self, name: str) -> Consumer:
         """Start one more consumer on every broker (consuming at once)."""
@@ -250,6 +260,21 @@ class Harness:
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every task submitted so far is confirmed by its broker."""
         self._driver().flush(timeout)
+
+    def join(self, timeout: float = 30.0) -> None:
+        """Wait until every task submitted has its result and every queue is drained (what
+        ``ConsumerPool.join`` waits for); fail the test naming what is left at the timeout."""
+        deadline = time.monotonic() + timeout
+        driver = self._driver()
+        if not driver.wait_results(timeout):
+            pytest.fail(f"join: {driver.outstanding} tasks still without a result after {timeout:g}s")
+        while True:
+            left = {s.name: s.pending_tasks for s in self.broker_statistics() if s.pending_tasks}
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"join: queues not drained after {timeout:g}s (tasks pending by queue: {left})")
+            time.sleep(0.01)
 
     # -- what the brokers and consumers say ------------------------------------------------------
     def dead_letters(self) -> list[Any]:

@@ -1,9 +1,11 @@
 """Fault injection: the findings of issue 13, one test each, as a specification.
 
 Every test runs real parts: a LocalCluster of three worker processes named a, b and c (a fresh
-one per test, ``client3``), workers killed with SIGKILL or stalled with SIGSTOP by pid, real LMDB
-directories under ``tmp_path``, and processes starved of the GIL by a C call that never releases
-it. Every wait is bounded: a hang is reported as a failure naming what hung, never a stuck test.
+one per test, ``client3``, where a test kills or stalls one; else the session's shared one,
+``client_abc``), workers killed with SIGKILL or stalled with SIGSTOP by pid, real LMDB directories
+under ``tmp_path``, and processes starved of the GIL by a C call that never releases it. What
+needs no Dask (callbacks, errors of tasks and results) runs on the in-process harness
+(``harness``: brokers, driver and consumer in this process, real sockets and threads). Every wait is bounded: a hang is reported as a failure naming what hung, never a stuck test.
 
 "Settled" means a future's ``result(timeout)`` returns or raises a ``ZdqError`` (or the task's
 own exception); never that waiting for it ran out of time.
@@ -21,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import pytest
@@ -51,7 +53,11 @@ from .tasks import (
     sleep_return,
 )
 
+if TYPE_CHECKING:  # pytest loads tests.harness as a plugin: imported here first, its asserts would not be rewritten
+    from .harness import Harness
+
 pytestmark = pytest.mark.faults
+pytest_plugins = ["tests.harness"]
 
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
 HEARTBEAT_TIMEOUT = 2.0
@@ -265,25 +271,23 @@ def test_a_new_pool_on_the_dirpath_of_a_crashed_driver_receives_every_result_tha
 
 
 def test_a_task_exception_that_cannot_be_unpickled_fails_its_future_with_a_zdq_error_and_the_pool_keeps_working(
-    client3: Client,
+    harness: Callable[..., Harness],
 ) -> None:
-    with QueuePool(client3, 1, workers=["a"]) as qp:
-        with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
-            consumers.start()
-            earlier = qp.submit(sleep_return, "earlier", 0.5)
-            qp.flush(timeout=30)
-            bad = qp.submit(raise_two_arg_error, 7, "bad")
-            qp.flush(timeout=30)
-            pending = qp.submit(sleep_return, "pending", 0.5)  # its result comes after the bad one
-            assert_settled([earlier, bad, pending], 30, "futures around an undecodable exception")
-            exc = bad.exception(0)
-            assert isinstance(exc, ZdqError), repr(exc)
-            assert "TwoArgError" in f"{exc} {getattr(exc, 'type_name', '')}", repr(exc)
-            assert earlier.result(0) == "earlier"
-            assert pending.result(0) == "pending"
-            later = [qp.submit(add, i, 1) for i in range(20)]
-            assert_settled(later, 30, "futures submitted after the undecodable exception")
-            assert [f.result(0) for f in later] == list(range(1, 21))
+    qp = harness()
+    earlier = qp.submit(sleep_return, "earlier", 0.5)
+    qp.flush(timeout=30)
+    bad = qp.submit(raise_two_arg_error, 7, "bad")
+    qp.flush(timeout=30)
+    pending = qp.submit(sleep_return, "pending", 0.5)  # its result comes after the bad one
+    assert_settled([earlier, bad, pending], 30, "futures around an undecodable exception")
+    exc = bad.exception(0)
+    assert isinstance(exc, ZdqError), repr(exc)
+    assert "TwoArgError" in f"{exc} {getattr(exc, 'type_name', '')}", repr(exc)
+    assert earlier.result(0) == "earlier"
+    assert pending.result(0) == "pending"
+    later = [qp.submit(add, i, 1) for i in range(20)]
+    assert_settled(later, 30, "futures submitted after the undecodable exception")
+    assert [f.result(0) for f in later] == list(range(1, 21))
 
 
 # -- 4. join() while the pool recovers ------------------------------------------------------------
@@ -483,8 +487,9 @@ def test_an_early_acked_task_of_a_durable_queue_whose_broker_dies_while_it_runs_
 
 
 def test_task_ids_never_repeat_across_pools_on_the_same_durable_dirpath_so_results_never_collide(
-    client3: Client, tmp_path: Path
+    client_abc: Client, tmp_path: Path
 ) -> None:
+    client3 = client_abc
     options: dict[str, Any] = dict(durability="durable", dirpath=tmp_path, workers=["a"], **FAST)
     with QueuePool(client3, 1, **options) as first:
         old = [first.submit(add, i, 0) for i in range(100)]
@@ -512,7 +517,8 @@ def test_task_ids_never_repeat_across_pools_on_the_same_durable_dirpath_so_resul
 # -- 10. prefetch bounds what a consumer holds over all its queues -------------------------------------
 
 
-def test_a_consumer_with_prefetch_1_holds_at_most_one_chunk_over_all_its_queues(client3: Client) -> None:
+def test_a_consumer_with_prefetch_1_holds_at_most_one_chunk_over_all_its_queues(client_abc: Client) -> None:
+    client3 = client_abc
     with QueuePool(client3, 4, **FAST) as qp:
         with ConsumerPool(client3, qp, n_consumers=1, prefetch=1, workers=["c"]) as consumers:
             # Chunks go round robin: each queue gets one long task, then ten short ones.
@@ -592,8 +598,9 @@ def test_client_restart_fails_every_pending_future_promptly_with_an_error_that_n
 
 
 def test_a_task_holding_the_gil_beside_its_transient_broker_does_not_make_the_pool_fail_its_tasks_with_broker_lost(
-    client3: Client, tmp_path: Path
+    client_abc: Client, tmp_path: Path
 ) -> None:
+    client3 = client_abc
     report = str(tmp_path / "gil-held")
     with QueuePool(client3, 1, workers=["a"], **FAST) as qp:
         with ConsumerPool(client3, qp, n_consumers=1, workers=["a"]) as consumers:
@@ -618,47 +625,46 @@ def test_a_task_holding_the_gil_beside_its_transient_broker_does_not_make_the_po
 # -- 15. done-callbacks ---------------------------------------------------------------------------------
 
 
-def test_a_slow_done_callback_does_not_delay_other_futures_of_the_pool(client3: Client) -> None:
-    with QueuePool(client3, 1, workers=["a"]) as qp:
-        with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
-            slow = qp.submit(add, 1, 1)
-            slow.add_done_callback(lambda f: time.sleep(4))
-            consumers.start()
-            assert slow.result(timeout=30) == 2  # returns as its callbacks start to run
-            started = time.monotonic()
-            other = qp.submit(add, 2, 2)
-            assert_settled([other], 30, "future submitted while a done-callback sleeps")
-            took = time.monotonic() - started
-            assert other.result(0) == 4
-            assert took < 1.5, f"a future took {took:.1f}s while another's done-callback slept 4 s"
+def test_a_slow_done_callback_does_not_delay_other_futures_of_the_pool(harness: Callable[..., Harness]) -> None:
+    qp = harness()
+    release = threading.Event()
+    slow = qp.submit(add, 1, 1)
+    slow.add_done_callback(lambda f: release.wait(4))
+    assert slow.result(timeout=30) == 2  # returns as its callbacks start to run
+    started = time.monotonic()
+    other = qp.submit(add, 2, 2)
+    assert_settled([other], 30, "future submitted while a done-callback sleeps")
+    took = time.monotonic() - started
+    release.set()  # the callback's wait ends here: the harness's callback thread can stop
+    assert other.result(0) == 4
+    assert took < 1.5, f"a future took {took:.1f}s while another's done-callback slept 4 s"
 
 
-def test_a_done_callback_that_waits_on_the_pool_does_not_deadlock(client3: Client) -> None:
-    with QueuePool(client3, 1, workers=["a"]) as qp:
-        with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
-            box: dict[str, Any] = {}
-            called = threading.Event()
+def test_a_done_callback_that_waits_on_the_pool_does_not_deadlock(harness: Callable[..., Harness]) -> None:
+    qp = harness()
+    box: dict[str, Any] = {}
+    called = threading.Event()
 
-            def callback(_: Any) -> None:
-                try:
-                    box["value"] = qp.submit(add, 10, 5).result(timeout=10)
-                except BaseException as e:
-                    box["error"] = e
-                called.set()
+    def callback(_: Any) -> None:
+        try:
+            box["value"] = qp.submit(add, 10, 5).result(timeout=10)
+        except BaseException as e:
+            box["error"] = e
+        called.set()
 
-            first = qp.submit(add, 1, 1)
-            first.add_done_callback(callback)
-            consumers.start()
-            assert first.result(timeout=30) == 2
-            assert called.wait(30), "the done-callback never finished"
-            assert "error" not in box, f"submit().result() inside a done-callback failed: {box['error']!r}"
-            assert box["value"] == 15
+    first = qp.submit(add, 1, 1)
+    first.add_done_callback(callback)
+    assert first.result(timeout=30) == 2
+    assert called.wait(30), "the done-callback never finished"
+    assert "error" not in box, f"submit().result() inside a done-callback failed: {box['error']!r}"
+    assert box["value"] == 15
 
 
 # -- 16. a ConsumerPool over a pool that does not run ---------------------------------------------------
 
 
-def test_a_consumer_pool_over_an_unstarted_or_closed_queue_pool_raises_closed_error_at_once(client3: Client) -> None:
+def test_a_consumer_pool_over_an_unstarted_or_closed_queue_pool_raises_closed_error_at_once(client_abc: Client) -> None:
+    client3 = client_abc
     def expect_closed(queue_pool: QueuePool, what: str) -> None:
         started = time.monotonic()
         try:
@@ -676,7 +682,8 @@ def test_a_consumer_pool_over_an_unstarted_or_closed_queue_pool_raises_closed_er
     expect_closed(closed, "a closed")
 
 
-def test_closing_a_queue_pool_closes_the_consumer_pools_made_on_it(client3: Client) -> None:
+def test_closing_a_queue_pool_closes_the_consumer_pools_made_on_it(client_abc: Client) -> None:
+    client3 = client_abc
     queue_pool = QueuePool(client3, 1)
     consumers = ConsumerPool(client3, queue_pool, n_consumers=2, start=True)
     assert queue_pool.submit(len, "ab").result(timeout=30) == 2
@@ -719,18 +726,19 @@ def test_killing_a_consumers_worker_then_a_durable_brokers_worker_mid_run_loses_
 # -- found by review: results too large, a stopped broker, errors kept as they are ---------------------
 
 
-def test_a_result_larger_than_the_sockets_accept_fails_its_task_and_the_queue_keeps_serving(client3: Client) -> None:
+def test_a_result_larger_than_the_sockets_accept_fails_its_task_and_the_queue_keeps_serving(
+    harness: Callable[..., Harness],
+) -> None:
     from .tasks import blob
 
-    with QueuePool(client3, 1, max_message_size="2MiB", **FAST) as qp:
-        with ConsumerPool(client3, qp, workers=["c"], start=True):
-            big = qp.submit(blob, 3 * 2**20)
-            small = qp.submit(blob, 10)
-            assert_settled([big, small], 30, "a too-large result and the task after it")
-            exc = big.exception(0)
-            assert isinstance(exc, ZdqError) and "max-message-size" in str(exc), repr(exc)
-            assert small.result(0) == b"x" * 10
-            assert qp.submit(add, 1, 2).result(timeout=30) == 3
+    qp = harness(1, 1, max_message_size="2MiB", **FAST)
+    big = qp.submit(blob, 3 * 2**20)
+    small = qp.submit(blob, 10)
+    assert_settled([big, small], 30, "a too-large result and the task after it")
+    exc = big.exception(0)
+    assert isinstance(exc, ZdqError) and "max-message-size" in str(exc), repr(exc)
+    assert small.result(0) == b"x" * 10
+    assert qp.submit(add, 1, 2).result(timeout=30) == 3
 
 
 def test_a_stopped_broker_does_not_hold_up_submissions_to_the_other_queues(client3: Client) -> None:
@@ -752,16 +760,16 @@ def test_a_stopped_broker_does_not_hold_up_submissions_to_the_other_queues(clien
             assert [f.result(0) for f in futures] == [i + 1 for i in range(3000)]
 
 
-def test_a_tasks_own_timeout_errors_reach_result_as_they_are(client3: Client) -> None:
+def test_a_tasks_own_timeout_errors_reach_result_as_they_are(harness: Callable[..., Harness]) -> None:
     from zdq import TaskTimeout
 
     from .tasks import raise_timeout
 
-    with QueuePool(client3, 1) as qp, ConsumerPool(client3, qp, start=True):
-        with pytest.raises(TaskTimeout):
-            qp.submit(sleep, 5, time_limit=0.5).result(timeout=30)
-        with pytest.raises(TimeoutError, match="own timeout"):
-            qp.submit(raise_timeout).result(timeout=30)
+    qp = harness()
+    with pytest.raises(TaskTimeout):
+        qp.submit(sleep, 2, time_limit=0.5).result(timeout=30)
+    with pytest.raises(TimeoutError, match="own timeout"):
+        qp.submit(raise_timeout).result(timeout=30)
 
 
 def test_tasks_lost_with_a_transient_broker_are_in_results_under_not_run(client3: Client) -> None:
@@ -780,7 +788,8 @@ def test_tasks_lost_with_a_transient_broker_are_in_results_under_not_run(client3
             assert len(lost) + len(ran) == 2000 and not set(lost) & set(ran)
 
 
-def test_closing_a_durable_pool_right_after_its_results_leaves_nothing_stored(client3: Client, tmp_path: Path) -> None:
+def test_closing_a_durable_pool_right_after_its_results_leaves_nothing_stored(client_abc: Client, tmp_path: Path) -> None:
+    client3 = client_abc
     from zdq.storage.lmdb import inspect_queue
 
     with QueuePool(client3, 1, durability="durable", dirpath=tmp_path) as qp:
