@@ -43,7 +43,7 @@ from zdq import (
 )
 from zdq.errors import BatchError
 
-from .conftest import pid_of, wait_until
+from .conftest import _zdq_actor_keys, pid_of, wait_until
 from .tasks import (
     add,
     hold_gil,
@@ -171,8 +171,9 @@ def test_batch_submit_during_transient_broker_recovery_returns_and_only_tasks_co
 
 
 def test_results_that_arrive_while_the_driver_is_starved_of_the_gil_past_the_heartbeat_timeout_all_reach_their_futures(
-    client3: Client,
+    client_abc: Client,
 ) -> None:
+    client3 = client_abc  # nothing is killed: the shared cluster serves
     with QueuePool(client3, 1, workers=["a"], **FAST) as qp:
         with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
             futures = []
@@ -212,11 +213,12 @@ while True:  # the test freezes this process (SIGSTOP), then kills it (SIGKILL)
 
 
 def test_a_new_pool_on_the_dirpath_of_a_crashed_driver_receives_every_result_that_driver_never_received(
-    client3: Client, tmp_path: Path
+    client_abc: Client, tmp_path: Path
 ) -> None:
     """A driver process (its own Dask client, durable queue on a, consumer on b) freezes, then
     crashes while its consumer keeps producing results. Results it never acknowledged must not be
     dropped: a new pool on the same dirpath gets them (``results()`` entries)."""
+    client3 = client_abc  # the driver's process is killed, no worker: the shared cluster serves
     dirpath = tmp_path / "queues"
     progress = tmp_path / "progress"
     log = tmp_path / "crashing-driver.log"
@@ -244,6 +246,11 @@ def test_a_new_pool_on_the_dirpath_of_a_crashed_driver_receives_every_result_tha
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+    # Dask releases the crashed client's actors once it sees the client gone; only then does its
+    # broker let go of the directory. Reopening before that would wait on QueuePool's own attach
+    # loop (30 s) for a pool that nobody will publish.
+    wait_until(lambda: not client3.run_on_scheduler(_zdq_actor_keys), timeout=60)
 
     def reopen() -> QueuePool | None:
         try:  # the crashed client's broker lets go of the directory once Dask releases it
@@ -799,7 +806,8 @@ def test_closing_a_durable_pool_right_after_its_results_leaves_nothing_stored(cl
     assert (report["ready_tasks"], report["leased_tasks"]) == (0, 0), report
 
 
-def test_a_batch_cut_off_by_its_timeout_says_what_was_queued_and_every_task_settles(client3: Client) -> None:
+def test_a_batch_cut_off_by_its_timeout_says_what_was_queued_and_every_task_settles(client_abc: Client) -> None:
+    client3 = client_abc  # worker a is stopped for two seconds, then goes on: the shared cluster serves
     fast = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s", "window": 2}
     with (
         QueuePool(client3, 1, workers=["a"], **fast) as queue_pool,
@@ -823,7 +831,8 @@ def test_a_batch_cut_off_by_its_timeout_says_what_was_queued_and_every_task_sett
         assert all(isinstance(e, SubmitTimeout) for e in failed.value.errors.values())
 
 
-def test_a_queue_handle_answers_at_once_with_a_future_even_when_its_queue_is_stopped(client3: Client) -> None:
+def test_a_queue_handle_answers_at_once_with_a_future_even_when_its_queue_is_stopped(client_abc: Client) -> None:
+    client3 = client_abc  # worker a is stopped for a second, then goes on: the shared cluster serves
     with QueuePool(client3, 1, workers=["a"], heartbeat_interval="250ms", heartbeat_timeout="2s") as queue_pool:
         queue_pool.submit(len, "abc")
         queue_pool.flush(timeout=30)
