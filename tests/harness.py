@@ -296,8 +296,9 @@ class Harness:
         return {c.name: driver.results_for([i]) for c, i in zip(self.consumers, self.consumer_identities)}
 
 
-def make_harness(**options: Any) -> Iterator[Callable[..., Harness]]:
-    """Yield a factory of started harnesses; close them all at the end and check for leaks."""
+def make_harness(leak_timeout: float = 10.0, **options: Any) -> Iterator[Callable[..., Harness]]:
+    """Yield a factory of started harnesses; close them all at the end, then fail unless every
+    zdq thread started meanwhile ends within ``leak_timeout`` seconds."""
     gc.collect()
     before = set(zdq_threads())
     made: list[Harness] = []
@@ -312,7 +313,7 @@ def make_harness(**options: Any) -> Iterator[Callable[..., Harness]]:
     finally:
         for h in reversed(made):
             h.close()
-        assert_no_zdq_threads(before)
+        assert_no_zdq_threads(before, leak_timeout)
 
 
 @pytest.fixture
