@@ -10,22 +10,29 @@ are encoded as :class:`~zdq.QueuePool` encodes them (:func:`~zdq.tasks.call_task
 
 **A shared cluster of three named workers** (fixtures ``cluster_abc``/``client_abc``): worker
 processes named ``a``, ``b`` and ``c``, started once per session, for tests that need Dask and
-placement by worker name but kill nothing. Each test is checked for leaked zdq actors and threads
-afterwards, as ``client`` is. Tests that kill or stop workers keep their own cluster
-(``client3`` in ``conftest.py``): a nanny's restart must not decide what the next test sees.
+placement by worker name but kill nothing (or stop a worker for a second or two). Each test is
+checked for leaked zdq actors and threads afterwards, as ``client`` is, and finds the three workers
+by name before it starts. Tests that kill workers keep their own cluster (``client3`` in
+``conftest.py``): a nanny's restart must not decide what the next test sees.
 
 Test modules load these fixtures with ``pytest_plugins = ["tests.harness"]`` (one registration
-per session, so every module shares the one cluster).
+per session, so every module shares the one cluster), and import :class:`Harness` only under
+``TYPE_CHECKING``: a module imported before pytest loads it as a plugin keeps plain asserts.
 
 Contact with zdq's internals
 ----------------------------
-Everything the harness knows of zdq's insides is in :meth:`Harness.start` and the three
-``_encode``/``_options`` helpers: the constructors ``BrokerCore(name, sock, storage, settings,
-creator=)``, ``Driver(name, endpoints, settings, identity=)`` and the consumer actor class
-``Consumer(name, identity, consumer_class, settings, ...)``, whose methods run here as plain
-calls; their ``start``/``stop``/``close`` and a few read-only calls (``statistics``,
-``dead_letters``, ``requeue_dead``, ``results_for``). A refactor of the driver, broker or consumer
-that keeps those edges needs no change here.
+All of it is in :class:`Harness`, so that a refactor of the driver, broker or consumer that keeps
+these edges needs no change elsewhere in the tests:
+
+- constructors: ``BrokerCore(name, sock, storage, settings, creator=)``, ``Driver(name,
+  endpoints, settings, identity=)`` and the consumer actor class ``Consumer(name, identity,
+  consumer_class, settings, max_concurrency=, early_ack=, retries=, time_limit=)``, whose methods
+  run here as plain calls; their ``start``/``stop``/``close``;
+- submission: ``Driver.submit_task``, ``reserve``, ``submit_chunk``, ``payload_key`` and
+  ``consumers`` (as ``QueuePool.submit``/``batch_submit`` use them), ``flush``,
+  ``wait_results``, ``outstanding``, ``results_for``;
+- what is read: ``BrokerCore.statistics``, ``dead_letters``, ``requeue_dead``;
+  ``Consumer.statistics``.
 
 Who owns what
 -------------

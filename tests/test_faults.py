@@ -43,7 +43,7 @@ from zdq import (
 )
 from zdq.errors import BatchError
 
-from .conftest import _zdq_actor_keys, pid_of, wait_until
+from .conftest import pid_of, wait_until
 from .tasks import (
     add,
     hold_gil,
@@ -104,6 +104,11 @@ def call_bounded(fn: Callable[[], Any], timeout: float, what: str) -> Any:
 
 def broker_pid(queue_pool: QueuePool, i: int) -> int:
     return int(queue_pool[i].pid().result(timeout=10))
+
+
+def _zdq_actor_keys(dask_scheduler: Any) -> list[str]:
+    """The zdq actors the scheduler knows of (run on the scheduler)."""
+    return [str(k) for k in dask_scheduler.tasks if str(k).startswith("zdq-")]
 
 
 def merged_results(consumers: ConsumerPool) -> dict[int, Any]:
