@@ -111,6 +111,19 @@ def _zdq_actor_keys(dask_scheduler: Any) -> list[str]:
     return [str(k) for k in dask_scheduler.tasks if str(k).startswith("zdq-")]
 
 
+def _unlocked(queue_dir: Path) -> bool:
+    """Whether no live broker holds the durable queue at ``queue_dir`` (opened and closed at once)."""
+    from zdq.storage.lmdb import LMDBStorage
+
+    storage = LMDBStorage(str(queue_dir))
+    try:
+        storage.open()
+    except QueueLocked:
+        return False
+    storage.close()
+    return True
+
+
 def merged_results(consumers: ConsumerPool) -> dict[int, Any]:
     return {k: v for per_consumer in consumers.results().values() for k, v in per_consumer.items()}
 
@@ -252,10 +265,11 @@ def test_a_new_pool_on_the_dirpath_of_a_crashed_driver_receives_every_result_tha
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
 
-    # Dask releases the crashed client's actors once it sees the client gone; only then does its
-    # broker let go of the directory. Reopening before that would wait on QueuePool's own attach
-    # loop (30 s) for a pool that nobody will publish.
+    # Dask releases the crashed client's actors once it sees the client gone; then its broker
+    # stops at its next heartbeat and lets go of the directory. Reopening before that would wait
+    # in QueuePool's own attach loop (30 s) for a pool that nobody will publish.
     wait_until(lambda: not client3.run_on_scheduler(_zdq_actor_keys), timeout=60)
+    wait_until(lambda: _unlocked(dirpath / "default-queue-0"), timeout=60)
 
     def reopen() -> QueuePool | None:
         try:  # the crashed client's broker lets go of the directory once Dask releases it
