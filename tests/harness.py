@@ -156,7 +156,15 @@ class Harness:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> Harness:
-        """Bind the brokers, start the driver, then the consumers (consuming at once)."""
+        """Bind the brokers, start the driver, then the consumers (consuming at once); on a
+        failure, close what was started and raise."""
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> Harness:
         self._ctx = zmq.Context()
         identity = new_identity()
         for i in range(self.n_queues):
