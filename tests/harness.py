@@ -339,6 +339,14 @@ def harness() -> Iterator[Callable[..., Harness]]:
 
 
 # -- a shared cluster of three named workers ---------------------------------------------------
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A test on the shared cluster starts one: marked `cluster`, as conftest.py marks those on
+    # `client`, so that `-m "not cluster"` stays the quick run (harness tests are not marked).
+    for item in items:
+        if "cluster_abc" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.fixture(scope="session")
 def cluster_abc() -> Iterator[LocalCluster]:
     """Worker processes named a, b and c (one thread each), started once for the session."""
