@@ -1,6 +1,11 @@
 """``future.cancel()``: a task that has not started never runs and the call returns True; a task
 that started (or finished) is left alone and the call returns False. Real cluster, real sockets;
-the side effect of a task (a file it writes) is what proves whether it ran."""
+the side effect of a task (a file it writes) is what proves whether it ran.
+
+Tests that ask only the futures and the side effects run on the in-process harness (``harness``:
+brokers, driver and consumers in this process, real sockets and threads); those that ask the pools'
+statistics or results run on the shared cluster (``client``); those that kill a worker, on their own
+(``client3``)."""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ import concurrent.futures
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from distributed import Client
@@ -18,6 +25,11 @@ from zdq import ConsumerBaseClass, ConsumerPool, QueuePool
 from zdq.errors import BatchError, TaskCancelled
 
 from .conftest import pid_of, wait_until
+
+if TYPE_CHECKING:  # pytest loads tests.harness as a plugin: imported here first, its asserts would not be rewritten
+    from .harness import Harness
+
+pytest_plugins = ["tests.harness"]
 
 
 def touch(folder: str, name: str, seconds: float = 0.0) -> str:
@@ -70,81 +82,78 @@ def test_cancelling_tasks_a_consumer_holds_but_has_not_started(client: Client, t
         assert sum(s.tasks_failed for s in consumers.statistics()) == 0
 
 
-def test_cancelling_tasks_waiting_in_a_queue_with_no_consumer(client: Client, tmp_path: Path) -> None:
-    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool) as consumers:
-        futures = [queue_pool.submit(touch, str(tmp_path), f"t{i}") for i in range(20)]
-        batch = queue_pool.batch_submit([(touch, str(tmp_path), f"b{i}") for i in range(30)])
-        queue_pool.flush(timeout=30)
-        assert all(futures[i].cancel() for i in range(0, 20, 2))
-        assert batch.cancel() is True
-        assert batch.cancelled()
-        consumers.start()
-        for i in range(1, 20, 2):
-            assert futures[i].result(timeout=30) == f"t{i}"
-        consumers.join(timeout=30)
-        assert ran(tmp_path) == {f"t{i}" for i in range(1, 20, 2)}
+def test_cancelling_tasks_waiting_in_a_queue_with_no_consumer(harness: Callable[..., Harness], tmp_path: Path) -> None:
+    queue_pool = harness(2, 1, start_consumers=False)
+    futures = [queue_pool.submit(touch, str(tmp_path), f"t{i}") for i in range(20)]
+    batch = queue_pool.batch_submit([(touch, str(tmp_path), f"b{i}") for i in range(30)])
+    queue_pool.flush(timeout=30)
+    assert all(futures[i].cancel() for i in range(0, 20, 2))
+    assert batch.cancel() is True
+    assert batch.cancelled()
+    queue_pool.start_consumers()
+    for i in range(1, 20, 2):
+        assert futures[i].result(timeout=30) == f"t{i}"
+    queue_pool.join(timeout=30)
+    assert ran(tmp_path) == {f"t{i}" for i in range(1, 20, 2)}
 
 
-def test_a_batch_partly_started_cancels_the_rest_and_reports_them(client: Client, tmp_path: Path) -> None:
-    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, start=True) as consumers:
-        batch = queue_pool.batch_submit([(touch, str(tmp_path), f"b{i}", 0.5) for i in range(8)], batch_size=8)
-        wait_until(lambda: (tmp_path / "b0").exists(), timeout=30)
-        assert batch.cancel() is False  # b0 runs
-        with pytest.raises(BatchError) as info:
-            batch.result(timeout=30)
-        errors = info.value.errors
-        assert errors and all(isinstance(e, TaskCancelled) for e in errors.values())
-        started = ran(tmp_path)
-        assert {f"b{i}" for i in errors}.isdisjoint(started)
-        assert len(started) + len(errors) == 8
-        consumers.join(timeout=30)
+def test_a_batch_partly_started_cancels_the_rest_and_reports_them(harness: Callable[..., Harness], tmp_path: Path) -> None:
+    queue_pool = harness()
+    batch = queue_pool.batch_submit([(touch, str(tmp_path), f"b{i}", 0.5) for i in range(8)], batch_size=8)
+    wait_until(lambda: (tmp_path / "b0").exists(), timeout=30)
+    assert batch.cancel() is False  # b0 runs
+    with pytest.raises(BatchError) as info:
+        batch.result(timeout=30)
+    errors = info.value.errors
+    assert errors and all(isinstance(e, TaskCancelled) for e in errors.values())
+    started = ran(tmp_path)
+    assert {f"b{i}" for i in errors}.isdisjoint(started)
+    assert len(started) + len(errors) == 8
+    queue_pool.join(timeout=30)
 
 
-def test_cancel_right_after_submit_is_exact_whatever_the_task_reached(client: Client, tmp_path: Path) -> None:
+def test_cancel_right_after_submit_is_exact_whatever_the_task_reached(harness: Callable[..., Harness], tmp_path: Path) -> None:
     """Loose in the driver, in a chunk not sent, sent and unconfirmed, ready, held by a consumer:
     whichever it reached, True means it never runs and False means it runs."""
-    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2, start=True) as consumers:
-        futures = [queue_pool.submit(touch, str(tmp_path), f"t{i}", 0.01) for i in range(120)]
-        answers = {i: futures[i].cancel() for i in range(0, 120, 3)}
-        consumers.join(timeout=60)
-        for i, fut in enumerate(futures):
-            assert fut.done()
-        cancelled = {f"t{i}" for i, yes in answers.items() if yes}
-        assert ran(tmp_path) == {f"t{i}" for i in range(120)} - cancelled
-        for i, yes in answers.items():
-            assert futures[i].cancelled() is yes
+    queue_pool = harness(2, 2)
+    futures = [queue_pool.submit(touch, str(tmp_path), f"t{i}", 0.01) for i in range(120)]
+    answers = {i: futures[i].cancel() for i in range(0, 120, 3)}
+    queue_pool.join(timeout=60)
+    for i, fut in enumerate(futures):
+        assert fut.done()
+    cancelled = {f"t{i}" for i, yes in answers.items() if yes}
+    assert ran(tmp_path) == {f"t{i}" for i in range(120)} - cancelled
+    for i, yes in answers.items():
+        assert futures[i].cancelled() is yes
 
 
-def test_tasks_on_task_threads_are_cancelled_until_they_start(client: Client, tmp_path: Path) -> None:
-    with (
-        QueuePool(client, 1) as queue_pool,
-        ConsumerPool(client, queue_pool, max_concurrency=2, start=True) as consumers,
-    ):
-        batch = queue_pool.batch_submit([(touch, str(tmp_path), f"b{i}", 1.0) for i in range(6)], batch_size=6)
-        wait_until(lambda: len(ran(tmp_path)) == 2, timeout=30)
-        assert batch.cancel() is False  # two are running
-        with pytest.raises(BatchError) as info:
-            batch.result(timeout=30)
-        assert len(info.value.errors) == 4
-        consumers.join(timeout=30)
-        assert len(ran(tmp_path)) == 2
+def test_tasks_on_task_threads_are_cancelled_until_they_start(harness: Callable[..., Harness], tmp_path: Path) -> None:
+    queue_pool = harness(1, 1, max_concurrency=2)
+    batch = queue_pool.batch_submit([(touch, str(tmp_path), f"b{i}", 1.0) for i in range(6)], batch_size=6)
+    wait_until(lambda: len(ran(tmp_path)) == 2, timeout=30)
+    assert batch.cancel() is False  # two are running
+    with pytest.raises(BatchError) as info:
+        batch.result(timeout=30)
+    assert len(info.value.errors) == 4
+    queue_pool.join(timeout=30)
+    assert len(ran(tmp_path)) == 2
 
 
-def test_a_cancelled_coroutine_cancels_the_task_it_awaited(client: Client, tmp_path: Path) -> None:
-    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool) as consumers:
-        future = queue_pool.submit(touch, str(tmp_path), "t")
-        queue_pool.flush(timeout=30)
+def test_a_cancelled_coroutine_cancels_the_task_it_awaited(harness: Callable[..., Harness], tmp_path: Path) -> None:
+    queue_pool = harness(start_consumers=False)
+    future = queue_pool.submit(touch, str(tmp_path), "t")
+    queue_pool.flush(timeout=30)
 
-        async def main() -> None:
-            with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(future, 0.2)
-            await asyncio.sleep(0)
+    async def main() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(future, 0.2)
+        await asyncio.sleep(0)
 
-        asyncio.run(main())
-        wait_until(future.cancelled, timeout=30)
-        consumers.start()
-        consumers.join(timeout=30)
-        assert not os.path.exists(tmp_path / "t")
+    asyncio.run(main())
+    wait_until(future.cancelled, timeout=30)
+    queue_pool.start_consumers()
+    queue_pool.join(timeout=30)
+    assert not os.path.exists(tmp_path / "t")
 
 
 def test_tasks_cancelled_in_a_durable_queue_stay_cancelled_after_its_worker_is_killed(
@@ -187,16 +196,16 @@ def test_cancelled_items_never_reach_process_item_on_task_threads(client: Client
         assert sum(isinstance(v, TaskCancelled) for v in values) == 3
 
 
-def test_cancel_is_exact_while_the_driver_turns_single_tasks_into_chunks(client: Client) -> None:
+def test_cancel_is_exact_while_the_driver_turns_single_tasks_into_chunks(harness: Callable[..., Harness]) -> None:
     blob = os.urandom(3000)  # pickling takes a while: a cancel lands while tasks are being packed
-    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
-        futures = [queue_pool.submit(len, blob) for _ in range(900)]
-        answers = [f.cancel() for f in futures[::3]]
-        assert all(answers), f"{answers.count(False)} of {len(answers)} cancels said started, no consumer ran"
-        consumers.start()
-        consumers.join(timeout=60)
-        assert all(f.cancelled() for f in futures[::3])
-        assert all(f.result(timeout=1) == 3000 for i, f in enumerate(futures) if i % 3)
+    queue_pool = harness(2, 2, start_consumers=False)
+    futures = [queue_pool.submit(len, blob) for _ in range(900)]
+    answers = [f.cancel() for f in futures[::3]]
+    assert all(answers), f"{answers.count(False)} of {len(answers)} cancels said started, no consumer ran"
+    queue_pool.start_consumers()
+    queue_pool.join(timeout=60)
+    assert all(f.cancelled() for f in futures[::3])
+    assert all(f.result(timeout=1) == 3000 for i, f in enumerate(futures) if i % 3)
 
 
 def test_cancelling_everything_leaves_nothing_pending_and_counts_nothing_as_consumed(client: Client) -> None:
@@ -241,7 +250,8 @@ def test_a_durable_queue_placed_again_never_runs_tasks_cancelled_in_the_consumer
         wait_until(lambda: (side / "long").exists(), timeout=30)
         batch = queue_pool.batch_submit([(touch, str(side), f"t{i}") for i in range(6)])
         queue_pool.flush(timeout=30)
-        time.sleep(0.3)  # prefetched by the busy consumer
+        # Some of the batch prefetched by the busy consumer: it holds more than its long task.
+        wait_until(lambda: all(q is not None and q.leased_tasks > 1 for q in queue_pool.queue_status()), timeout=30)
         assert batch.cancel() is True
         os.kill(pid_of(client3, "a"), signal.SIGKILL)
         wait_until(lambda: queue_pool.recoveries >= 1, timeout=120)

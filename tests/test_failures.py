@@ -1,7 +1,10 @@
 """At least once under failure: worker processes killed with SIGKILL by pid, poison tasks, retries.
 
-Each test runs on its own cluster of three worker processes named a, b and c, so that brokers
-and consumers can be kept apart (by worker name, which survives a nanny's restart).
+Tests that kill a worker run on their own cluster of three worker processes named a, b and c
+(``client3``), so that brokers and consumers can be kept apart (by worker name, which survives a
+nanny's restart). Retries, dead letters, time limits and leases kill nothing: they run on the
+in-process harness (``harness``: brokers, driver and consumers in this process, no Dask) or,
+where they ask the pools' own API, on the shared cluster (``client_abc``).
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from distributed import Client
@@ -20,31 +25,35 @@ from zdq.errors import BatchError
 from .conftest import pid_of as _pid_of, wait_until
 from .tasks import add, flaky, poison, raise_key_error, sleep, slow_add, span, tiny_sleep
 
+if TYPE_CHECKING:  # pytest loads tests.harness as a plugin: imported here first, its asserts would not be rewritten
+    from .harness import Harness
+
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
 
+pytest_plugins = ["tests.harness"]
 
-def test_a_long_task_run_on_the_io_thread_hands_the_sockets_over_and_runs_alone(client3: Client) -> None:
+
+def test_a_long_task_run_on_the_io_thread_hands_the_sockets_over_and_runs_alone(harness: Callable[..., Harness]) -> None:
     """With max_concurrency 1 a consumer runs chunks on the thread that owns its sockets; when one
     runs long, the standby thread takes the sockets over: heartbeats go on (the task outlives the
     heartbeat timeout without losing its lease), and the chunks that arrive meanwhile wait for it
     (one task at a time), then run on the new owner."""
-    with QueuePool(client3, 1, workers=["a"], **FAST) as queue_pool:
-        with ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"]) as consumers:
-            consumers.start()
-            assert queue_pool.submit(span, 0.0).result(timeout=60)[2].startswith("zdq-consumer-")
-            long = queue_pool.submit(span, 3.0)  # 1.5x the heartbeat timeout
-            time.sleep(0.5)
-            quick = [queue_pool.submit(span, 0.0) for _ in range(3)]
-            spans = [long.result(timeout=60)] + [f.result(timeout=60) for f in quick]
-            ordered = sorted(spans)
-            assert all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:])), spans  # never two at once
-            assert spans[0][2].startswith("zdq-consumer-")
-            assert all(s[2].startswith("zdq-standby-") for s in spans[1:]), spans  # the sockets moved
-            stats = queue_pool.broker_statistics()[0]
-            assert stats.chunks_redelivered == 0 and stats.consumers == 1
-            # The roles swap back as often as needed.
-            assert queue_pool.submit(span, 0.3).result(timeout=60)[2].startswith("zdq-standby-")
-            assert queue_pool.submit(span, 0.0).result(timeout=60)[2].startswith("zdq-consumer-")
+    queue_pool = harness(1, 1, heartbeat_interval="250ms", heartbeat_timeout="2s")
+    assert queue_pool.submit(span, 0.0).result(timeout=60)[2].startswith("zdq-consumer-")
+    long = queue_pool.submit(span, 3.0)  # 1.5x the heartbeat timeout
+    # The quick ones must come while it runs: wait until the consumer has taken it.
+    wait_until(lambda: queue_pool.consumer_statistics()[0].chunks_received >= 2, timeout=30)
+    quick = [queue_pool.submit(span, 0.0) for _ in range(3)]
+    spans = [long.result(timeout=60)] + [f.result(timeout=60) for f in quick]
+    ordered = sorted(spans)
+    assert all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:])), spans  # never two at once
+    assert spans[0][2].startswith("zdq-consumer-")
+    assert all(s[2].startswith("zdq-standby-") for s in spans[1:]), spans  # the sockets moved
+    stats = queue_pool.broker_statistics()[0]
+    assert stats.chunks_redelivered == 0 and stats.consumers == 1
+    # The roles swap back as often as needed.
+    assert queue_pool.submit(span, 0.3).result(timeout=60)[2].startswith("zdq-standby-")
+    assert queue_pool.submit(span, 0.0).result(timeout=60)[2].startswith("zdq-consumer-")
 
 
 def test_killing_a_worker_that_holds_consumers_loses_no_task(client3: Client) -> None:
@@ -123,80 +132,79 @@ def test_killing_the_worker_of_a_transient_broker_fails_its_tasks_with_broker_lo
             )
 
 
-def test_retries_with_backoff_then_success(client3: Client, tmp_path: Path) -> None:
+def test_retries_with_backoff_then_success(harness: Callable[..., Harness], tmp_path: Path) -> None:
     counter = str(tmp_path / "count")
-    with QueuePool(client3, 1) as queue_pool, ConsumerPool(client3, queue_pool) as consumers:
-        consumers.start()
-        assert queue_pool.submit(flaky, counter, 2, retries=3, retry_backoff=0.01).result(timeout=60) == 3
-        assert queue_pool.dead_letters() == []
+    queue_pool = harness()
+    assert queue_pool.submit(flaky, counter, 2, retries=3, retry_backoff=0.01).result(timeout=60) == 3
+    assert queue_pool.dead_letters() == []
 
 
-def test_exhausted_retries_dead_letter_the_task_which_can_be_requeued(client3: Client, tmp_path: Path) -> None:
+def test_exhausted_retries_dead_letter_the_task_which_can_be_requeued(
+    harness: Callable[..., Harness], tmp_path: Path
+) -> None:
     counter = str(tmp_path / "count")
-    with QueuePool(client3, 1) as queue_pool, ConsumerPool(client3, queue_pool) as consumers:
-        consumers.start()
-        future = queue_pool.submit(flaky, counter, 3, retries=2, retry_backoff=0.01)
-        exc = future.exception(timeout=60)
-        assert isinstance(exc, ValueError) and "attempt 3 fails" in str(exc)
-        assert any("dead-lettered" in note for note in getattr(exc, "__notes__", []))
-        (letter,) = queue_pool.dead_letters()
-        assert "ValueError: attempt 3 fails" in letter.reason and "Traceback" in letter.reason
-        assert queue_pool.requeue_dead_letters() == 1  # the fourth attempt succeeds
-        consumers.join(timeout=60)
-        merged = {k: v for r in consumers.results().values() for k, v in r.items()}
-        assert merged[future.key] == 4
-        assert queue_pool.dead_letters() == []
+    queue_pool = harness()
+    future = queue_pool.submit(flaky, counter, 3, retries=2, retry_backoff=0.01)
+    exc = future.exception(timeout=60)
+    assert isinstance(exc, ValueError) and "attempt 3 fails" in str(exc)
+    assert any("dead-lettered" in note for note in getattr(exc, "__notes__", []))
+    (letter,) = queue_pool.dead_letters()
+    assert "ValueError: attempt 3 fails" in letter.reason and "Traceback" in letter.reason
+    assert queue_pool.requeue_dead_letters() == 1  # the fourth attempt succeeds
+
+    def merged() -> dict[int, object]:
+        return {k: v for r in queue_pool.results().values() for k, v in r.items()}
+
+    # Its result comes like a new task's, to the consumers' results (there is no future left).
+    wait_until(lambda: merged().get(future.key) == 4, timeout=60)
+    assert merged()[future.key] == 4
+    assert queue_pool.dead_letters() == []
 
 
-def test_only_the_chosen_exceptions_are_retried(client3: Client) -> None:
-    with QueuePool(client3, 1) as queue_pool, ConsumerPool(client3, queue_pool) as consumers:
-        consumers.start()
-        future = queue_pool.submit(raise_key_error, retries=5, retry_on=ValueError, retry_backoff=0.01)
-        assert isinstance(future.exception(timeout=30), KeyError)
-        assert "(1 attempts)" in queue_pool.dead_letters()[0].reason
+def test_only_the_chosen_exceptions_are_retried(harness: Callable[..., Harness]) -> None:
+    queue_pool = harness()
+    future = queue_pool.submit(raise_key_error, retries=5, retry_on=ValueError, retry_backoff=0.01)
+    assert isinstance(future.exception(timeout=30), KeyError)
+    assert "(1 attempts)" in queue_pool.dead_letters()[0].reason
 
 
-def test_a_task_past_its_time_limit_fails_and_its_consumer_recovers(client3: Client) -> None:
-    with QueuePool(client3, 1) as queue_pool, ConsumerPool(client3, queue_pool) as consumers:
-        consumers.start()
-        slow = queue_pool.submit(sleep, 3.0, time_limit=0.3)
-        queue_pool.flush()
-        after = queue_pool.submit(add, 1, 2)
-        assert isinstance(slow.exception(timeout=30), TaskTimeout)
-        assert after.result(timeout=2) == 3
+def test_a_task_past_its_time_limit_fails_and_its_consumer_recovers(harness: Callable[..., Harness]) -> None:
+    queue_pool = harness()
+    slow = queue_pool.submit(sleep, 1.5, time_limit=0.3)
+    queue_pool.flush()
+    after = queue_pool.submit(add, 1, 2)
+    assert isinstance(slow.exception(timeout=30), TaskTimeout)
+    assert after.result(timeout=2) == 3
 
 
 @pytest.mark.parametrize("max_concurrency", [1, 3])
-def test_a_consumer_pools_time_limit_applies_to_every_task_without_its_own(client3: Client, max_concurrency: int) -> None:
-    with (
-        QueuePool(client3, 1) as queue_pool,
-        ConsumerPool(client3, queue_pool, max_concurrency=max_concurrency, time_limit="300ms", start=True),
-    ):
-        single = queue_pool.submit(sleep, 3.0)
-        batch = queue_pool.batch_submit([(sleep, 3.0), (add, 1, 2)])
-        own = queue_pool.submit(sleep, 0.6, time_limit=5)  # its own limit wins
-        assert isinstance(single.exception(timeout=30), TaskTimeout)
-        with pytest.raises(BatchError) as info:
-            batch.result(timeout=30)
-        assert isinstance(info.value.errors[0], TaskTimeout) and info.value.values[1] == 3
-        assert own.result(timeout=30) == 0.6
+def test_a_consumer_pools_time_limit_applies_to_every_task_without_its_own(
+    harness: Callable[..., Harness], max_concurrency: int
+) -> None:
+    queue_pool = harness(1, 1, max_concurrency=max_concurrency, time_limit="300ms")
+    single = queue_pool.submit(sleep, 1.5)  # 5x the limit
+    batch = queue_pool.batch_submit([(sleep, 1.5), (add, 1, 2)])
+    own = queue_pool.submit(sleep, 0.6, time_limit=5)  # its own limit wins
+    assert isinstance(single.exception(timeout=30), TaskTimeout)
+    with pytest.raises(BatchError) as info:
+        batch.result(timeout=30)
+    assert isinstance(info.value.errors[0], TaskTimeout) and info.value.values[1] == 3
+    assert own.result(timeout=30) == 0.6
 
 
-def test_early_ack_consumers_run_everything_once(client3: Client) -> None:
-    with QueuePool(client3, 2) as queue_pool:
-        with ConsumerPool(client3, queue_pool, n_consumers=2, early_ack=True) as consumers:
+def test_early_ack_consumers_run_everything_once(client: Client) -> None:
+    with QueuePool(client, 2) as queue_pool:
+        with ConsumerPool(client, queue_pool, n_consumers=2, early_ack=True) as consumers:
             consumers.start()
             assert queue_pool.batch_submit([(add, i) for i in range(5000)]).result(timeout=60) == list(range(5000))
             assert queue_pool.get_queue_size() == dict.fromkeys(queue_pool.queue_names, 0)
 
 
-def test_a_task_longer_than_the_heartbeat_timeout_keeps_its_lease(client3: Client) -> None:
-    with QueuePool(client3, 1, workers=["a"], **FAST) as queue_pool:
-        with ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"]) as consumers:
-            consumers.start()
-            assert queue_pool.submit(sleep, 5.0).result(timeout=60) == 5.0  # 2.5× the timeout
-            stats = queue_pool.broker_statistics()[0]
-            assert stats.chunks_redelivered == 0 and stats.chunks_split == 0
+def test_a_task_longer_than_the_heartbeat_timeout_keeps_its_lease(harness: Callable[..., Harness]) -> None:
+    queue_pool = harness(1, 1, heartbeat_interval="250ms", heartbeat_timeout="2s")
+    assert queue_pool.submit(sleep, 5.0).result(timeout=60) == 5.0  # 2.5× the timeout
+    stats = queue_pool.broker_statistics()[0]
+    assert stats.chunks_redelivered == 0 and stats.chunks_split == 0
 
 
 def test_a_durable_queue_placed_by_worker_address_recovers_on_the_restarted_worker(client3: Client, tmp_path: Path) -> None:

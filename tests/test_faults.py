@@ -1,9 +1,11 @@
 """Fault injection: the findings of issue 13, one test each, as a specification.
 
 Every test runs real parts: a LocalCluster of three worker processes named a, b and c (a fresh
-one per test, ``client3``), workers killed with SIGKILL or stalled with SIGSTOP by pid, real LMDB
-directories under ``tmp_path``, and processes starved of the GIL by a C call that never releases
-it. Every wait is bounded: a hang is reported as a failure naming what hung, never a stuck test.
+one per test, ``client3``, where a test kills or stalls one; else the session's shared one,
+``client_abc``), workers killed with SIGKILL or stalled with SIGSTOP by pid, real LMDB directories
+under ``tmp_path``, and processes starved of the GIL by a C call that never releases it. What
+needs no Dask (callbacks, errors of tasks and results) runs on the in-process harness
+(``harness``: brokers, driver and consumer in this process, real sockets and threads). Every wait is bounded: a hang is reported as a failure naming what hung, never a stuck test.
 
 "Settled" means a future's ``result(timeout)`` returns or raises a ``ZdqError`` (or the task's
 own exception); never that waiting for it ran out of time.
@@ -21,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import pytest
@@ -51,7 +53,11 @@ from .tasks import (
     sleep_return,
 )
 
+if TYPE_CHECKING:  # pytest loads tests.harness as a plugin: imported here first, its asserts would not be rewritten
+    from .harness import Harness
+
 pytestmark = pytest.mark.faults
+pytest_plugins = ["tests.harness"]
 
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
 HEARTBEAT_TIMEOUT = 2.0
@@ -98,6 +104,24 @@ def call_bounded(fn: Callable[[], Any], timeout: float, what: str) -> Any:
 
 def broker_pid(queue_pool: QueuePool, i: int) -> int:
     return int(queue_pool[i].pid().result(timeout=10))
+
+
+def _zdq_actor_keys(dask_scheduler: Any) -> list[str]:
+    """The zdq actors the scheduler knows of (run on the scheduler)."""
+    return [str(k) for k in dask_scheduler.tasks if str(k).startswith("zdq-")]
+
+
+def _unlocked(queue_dir: Path) -> bool:
+    """Whether no live broker holds the durable queue at ``queue_dir`` (opened and closed at once)."""
+    from zdq.storage.lmdb import LMDBStorage
+
+    storage = LMDBStorage(str(queue_dir))
+    try:
+        storage.open()
+    except QueueLocked:
+        return False
+    storage.close()
+    return True
 
 
 def merged_results(consumers: ConsumerPool) -> dict[int, Any]:
@@ -165,8 +189,9 @@ def test_batch_submit_during_transient_broker_recovery_returns_and_only_tasks_co
 
 
 def test_results_that_arrive_while_the_driver_is_starved_of_the_gil_past_the_heartbeat_timeout_all_reach_their_futures(
-    client3: Client,
+    client_abc: Client,
 ) -> None:
+    client3 = client_abc  # nothing is killed: the shared cluster serves
     with QueuePool(client3, 1, workers=["a"], **FAST) as qp:
         with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
             futures = []
@@ -206,11 +231,12 @@ while True:  # the test freezes this process (SIGSTOP), then kills it (SIGKILL)
 
 
 def test_a_new_pool_on_the_dirpath_of_a_crashed_driver_receives_every_result_that_driver_never_received(
-    client3: Client, tmp_path: Path
+    client_abc: Client, tmp_path: Path
 ) -> None:
     """A driver process (its own Dask client, durable queue on a, consumer on b) freezes, then
     crashes while its consumer keeps producing results. Results it never acknowledged must not be
     dropped: a new pool on the same dirpath gets them (``results()`` entries)."""
+    client3 = client_abc  # the driver's process is killed, no worker: the shared cluster serves
     dirpath = tmp_path / "queues"
     progress = tmp_path / "progress"
     log = tmp_path / "crashing-driver.log"
@@ -239,6 +265,12 @@ def test_a_new_pool_on_the_dirpath_of_a_crashed_driver_receives_every_result_tha
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
 
+    # Dask releases the crashed client's actors once it sees the client gone; then its broker
+    # stops at its next heartbeat and lets go of the directory. Reopening before that would wait
+    # in QueuePool's own attach loop (30 s) for a pool that nobody will publish.
+    wait_until(lambda: not client3.run_on_scheduler(_zdq_actor_keys), timeout=60)
+    wait_until(lambda: _unlocked(dirpath / "default-queue-0"), timeout=60)
+
     def reopen() -> QueuePool | None:
         try:  # the crashed client's broker lets go of the directory once Dask releases it
             return QueuePool(client3, 1, durability="durable", dirpath=dirpath, workers=["a"], **FAST)
@@ -265,25 +297,23 @@ def test_a_new_pool_on_the_dirpath_of_a_crashed_driver_receives_every_result_tha
 
 
 def test_a_task_exception_that_cannot_be_unpickled_fails_its_future_with_a_zdq_error_and_the_pool_keeps_working(
-    client3: Client,
+    harness: Callable[..., Harness],
 ) -> None:
-    with QueuePool(client3, 1, workers=["a"]) as qp:
-        with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
-            consumers.start()
-            earlier = qp.submit(sleep_return, "earlier", 0.5)
-            qp.flush(timeout=30)
-            bad = qp.submit(raise_two_arg_error, 7, "bad")
-            qp.flush(timeout=30)
-            pending = qp.submit(sleep_return, "pending", 0.5)  # its result comes after the bad one
-            assert_settled([earlier, bad, pending], 30, "futures around an undecodable exception")
-            exc = bad.exception(0)
-            assert isinstance(exc, ZdqError), repr(exc)
-            assert "TwoArgError" in f"{exc} {getattr(exc, 'type_name', '')}", repr(exc)
-            assert earlier.result(0) == "earlier"
-            assert pending.result(0) == "pending"
-            later = [qp.submit(add, i, 1) for i in range(20)]
-            assert_settled(later, 30, "futures submitted after the undecodable exception")
-            assert [f.result(0) for f in later] == list(range(1, 21))
+    qp = harness()
+    earlier = qp.submit(sleep_return, "earlier", 0.5)
+    qp.flush(timeout=30)
+    bad = qp.submit(raise_two_arg_error, 7, "bad")
+    qp.flush(timeout=30)
+    pending = qp.submit(sleep_return, "pending", 0.5)  # its result comes after the bad one
+    assert_settled([earlier, bad, pending], 30, "futures around an undecodable exception")
+    exc = bad.exception(0)
+    assert isinstance(exc, ZdqError), repr(exc)
+    assert "TwoArgError" in f"{exc} {getattr(exc, 'type_name', '')}", repr(exc)
+    assert earlier.result(0) == "earlier"
+    assert pending.result(0) == "pending"
+    later = [qp.submit(add, i, 1) for i in range(20)]
+    assert_settled(later, 30, "futures submitted after the undecodable exception")
+    assert [f.result(0) for f in later] == list(range(1, 21))
 
 
 # -- 4. join() while the pool recovers ------------------------------------------------------------
@@ -483,8 +513,9 @@ def test_an_early_acked_task_of_a_durable_queue_whose_broker_dies_while_it_runs_
 
 
 def test_task_ids_never_repeat_across_pools_on_the_same_durable_dirpath_so_results_never_collide(
-    client3: Client, tmp_path: Path
+    client_abc: Client, tmp_path: Path
 ) -> None:
+    client3 = client_abc
     options: dict[str, Any] = dict(durability="durable", dirpath=tmp_path, workers=["a"], **FAST)
     with QueuePool(client3, 1, **options) as first:
         old = [first.submit(add, i, 0) for i in range(100)]
@@ -512,7 +543,8 @@ def test_task_ids_never_repeat_across_pools_on_the_same_durable_dirpath_so_resul
 # -- 10. prefetch bounds what a consumer holds over all its queues -------------------------------------
 
 
-def test_a_consumer_with_prefetch_1_holds_at_most_one_chunk_over_all_its_queues(client3: Client) -> None:
+def test_a_consumer_with_prefetch_1_holds_at_most_one_chunk_over_all_its_queues(client_abc: Client) -> None:
+    client3 = client_abc
     with QueuePool(client3, 4, **FAST) as qp:
         with ConsumerPool(client3, qp, n_consumers=1, prefetch=1, workers=["c"]) as consumers:
             # Chunks go round robin: each queue gets one long task, then ten short ones.
@@ -592,8 +624,9 @@ def test_client_restart_fails_every_pending_future_promptly_with_an_error_that_n
 
 
 def test_a_task_holding_the_gil_beside_its_transient_broker_does_not_make_the_pool_fail_its_tasks_with_broker_lost(
-    client3: Client, tmp_path: Path
+    client_abc: Client, tmp_path: Path
 ) -> None:
+    client3 = client_abc
     report = str(tmp_path / "gil-held")
     with QueuePool(client3, 1, workers=["a"], **FAST) as qp:
         with ConsumerPool(client3, qp, n_consumers=1, workers=["a"]) as consumers:
@@ -618,47 +651,46 @@ def test_a_task_holding_the_gil_beside_its_transient_broker_does_not_make_the_po
 # -- 15. done-callbacks ---------------------------------------------------------------------------------
 
 
-def test_a_slow_done_callback_does_not_delay_other_futures_of_the_pool(client3: Client) -> None:
-    with QueuePool(client3, 1, workers=["a"]) as qp:
-        with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
-            slow = qp.submit(add, 1, 1)
-            slow.add_done_callback(lambda f: time.sleep(4))
-            consumers.start()
-            assert slow.result(timeout=30) == 2  # returns as its callbacks start to run
-            started = time.monotonic()
-            other = qp.submit(add, 2, 2)
-            assert_settled([other], 30, "future submitted while a done-callback sleeps")
-            took = time.monotonic() - started
-            assert other.result(0) == 4
-            assert took < 1.5, f"a future took {took:.1f}s while another's done-callback slept 4 s"
+def test_a_slow_done_callback_does_not_delay_other_futures_of_the_pool(harness: Callable[..., Harness]) -> None:
+    qp = harness()
+    release = threading.Event()
+    slow = qp.submit(add, 1, 1)
+    slow.add_done_callback(lambda f: release.wait(4))
+    assert slow.result(timeout=30) == 2  # returns as its callbacks start to run
+    started = time.monotonic()
+    other = qp.submit(add, 2, 2)
+    assert_settled([other], 30, "future submitted while a done-callback sleeps")
+    took = time.monotonic() - started
+    release.set()  # the callback's wait ends here: the harness's callback thread can stop
+    assert other.result(0) == 4
+    assert took < 1.5, f"a future took {took:.1f}s while another's done-callback slept 4 s"
 
 
-def test_a_done_callback_that_waits_on_the_pool_does_not_deadlock(client3: Client) -> None:
-    with QueuePool(client3, 1, workers=["a"]) as qp:
-        with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
-            box: dict[str, Any] = {}
-            called = threading.Event()
+def test_a_done_callback_that_waits_on_the_pool_does_not_deadlock(harness: Callable[..., Harness]) -> None:
+    qp = harness()
+    box: dict[str, Any] = {}
+    called = threading.Event()
 
-            def callback(_: Any) -> None:
-                try:
-                    box["value"] = qp.submit(add, 10, 5).result(timeout=10)
-                except BaseException as e:
-                    box["error"] = e
-                called.set()
+    def callback(_: Any) -> None:
+        try:
+            box["value"] = qp.submit(add, 10, 5).result(timeout=10)
+        except BaseException as e:
+            box["error"] = e
+        called.set()
 
-            first = qp.submit(add, 1, 1)
-            first.add_done_callback(callback)
-            consumers.start()
-            assert first.result(timeout=30) == 2
-            assert called.wait(30), "the done-callback never finished"
-            assert "error" not in box, f"submit().result() inside a done-callback failed: {box['error']!r}"
-            assert box["value"] == 15
+    first = qp.submit(add, 1, 1)
+    first.add_done_callback(callback)
+    assert first.result(timeout=30) == 2
+    assert called.wait(30), "the done-callback never finished"
+    assert "error" not in box, f"submit().result() inside a done-callback failed: {box['error']!r}"
+    assert box["value"] == 15
 
 
 # -- 16. a ConsumerPool over a pool that does not run ---------------------------------------------------
 
 
-def test_a_consumer_pool_over_an_unstarted_or_closed_queue_pool_raises_closed_error_at_once(client3: Client) -> None:
+def test_a_consumer_pool_over_an_unstarted_or_closed_queue_pool_raises_closed_error_at_once(client_abc: Client) -> None:
+    client3 = client_abc
     def expect_closed(queue_pool: QueuePool, what: str) -> None:
         started = time.monotonic()
         try:
@@ -676,7 +708,8 @@ def test_a_consumer_pool_over_an_unstarted_or_closed_queue_pool_raises_closed_er
     expect_closed(closed, "a closed")
 
 
-def test_closing_a_queue_pool_closes_the_consumer_pools_made_on_it(client3: Client) -> None:
+def test_closing_a_queue_pool_closes_the_consumer_pools_made_on_it(client_abc: Client) -> None:
+    client3 = client_abc
     queue_pool = QueuePool(client3, 1)
     consumers = ConsumerPool(client3, queue_pool, n_consumers=2, start=True)
     assert queue_pool.submit(len, "ab").result(timeout=30) == 2
@@ -719,18 +752,19 @@ def test_killing_a_consumers_worker_then_a_durable_brokers_worker_mid_run_loses_
 # -- found by review: results too large, a stopped broker, errors kept as they are ---------------------
 
 
-def test_a_result_larger_than_the_sockets_accept_fails_its_task_and_the_queue_keeps_serving(client3: Client) -> None:
+def test_a_result_larger_than_the_sockets_accept_fails_its_task_and_the_queue_keeps_serving(
+    harness: Callable[..., Harness],
+) -> None:
     from .tasks import blob
 
-    with QueuePool(client3, 1, max_message_size="2MiB", **FAST) as qp:
-        with ConsumerPool(client3, qp, workers=["c"], start=True):
-            big = qp.submit(blob, 3 * 2**20)
-            small = qp.submit(blob, 10)
-            assert_settled([big, small], 30, "a too-large result and the task after it")
-            exc = big.exception(0)
-            assert isinstance(exc, ZdqError) and "max-message-size" in str(exc), repr(exc)
-            assert small.result(0) == b"x" * 10
-            assert qp.submit(add, 1, 2).result(timeout=30) == 3
+    qp = harness(1, 1, max_message_size="2MiB", **FAST)
+    big = qp.submit(blob, 3 * 2**20)
+    small = qp.submit(blob, 10)
+    assert_settled([big, small], 30, "a too-large result and the task after it")
+    exc = big.exception(0)
+    assert isinstance(exc, ZdqError) and "max-message-size" in str(exc), repr(exc)
+    assert small.result(0) == b"x" * 10
+    assert qp.submit(add, 1, 2).result(timeout=30) == 3
 
 
 def test_a_stopped_broker_does_not_hold_up_submissions_to_the_other_queues(client3: Client) -> None:
@@ -752,16 +786,16 @@ def test_a_stopped_broker_does_not_hold_up_submissions_to_the_other_queues(clien
             assert [f.result(0) for f in futures] == [i + 1 for i in range(3000)]
 
 
-def test_a_tasks_own_timeout_errors_reach_result_as_they_are(client3: Client) -> None:
+def test_a_tasks_own_timeout_errors_reach_result_as_they_are(harness: Callable[..., Harness]) -> None:
     from zdq import TaskTimeout
 
     from .tasks import raise_timeout
 
-    with QueuePool(client3, 1) as qp, ConsumerPool(client3, qp, start=True):
-        with pytest.raises(TaskTimeout):
-            qp.submit(sleep, 5, time_limit=0.5).result(timeout=30)
-        with pytest.raises(TimeoutError, match="own timeout"):
-            qp.submit(raise_timeout).result(timeout=30)
+    qp = harness()
+    with pytest.raises(TaskTimeout):
+        qp.submit(sleep, 2, time_limit=0.5).result(timeout=30)
+    with pytest.raises(TimeoutError, match="own timeout"):
+        qp.submit(raise_timeout).result(timeout=30)
 
 
 def test_tasks_lost_with_a_transient_broker_are_in_results_under_not_run(client3: Client) -> None:
@@ -780,7 +814,8 @@ def test_tasks_lost_with_a_transient_broker_are_in_results_under_not_run(client3
             assert len(lost) + len(ran) == 2000 and not set(lost) & set(ran)
 
 
-def test_closing_a_durable_pool_right_after_its_results_leaves_nothing_stored(client3: Client, tmp_path: Path) -> None:
+def test_closing_a_durable_pool_right_after_its_results_leaves_nothing_stored(client_abc: Client, tmp_path: Path) -> None:
+    client3 = client_abc
     from zdq.storage.lmdb import inspect_queue
 
     with QueuePool(client3, 1, durability="durable", dirpath=tmp_path) as qp:
@@ -790,7 +825,8 @@ def test_closing_a_durable_pool_right_after_its_results_leaves_nothing_stored(cl
     assert (report["ready_tasks"], report["leased_tasks"]) == (0, 0), report
 
 
-def test_a_batch_cut_off_by_its_timeout_says_what_was_queued_and_every_task_settles(client3: Client) -> None:
+def test_a_batch_cut_off_by_its_timeout_says_what_was_queued_and_every_task_settles(client_abc: Client) -> None:
+    client3 = client_abc  # worker a is stopped for two seconds, then goes on: the shared cluster serves
     fast = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s", "window": 2}
     with (
         QueuePool(client3, 1, workers=["a"], **fast) as queue_pool,
@@ -814,7 +850,8 @@ def test_a_batch_cut_off_by_its_timeout_says_what_was_queued_and_every_task_sett
         assert all(isinstance(e, SubmitTimeout) for e in failed.value.errors.values())
 
 
-def test_a_queue_handle_answers_at_once_with_a_future_even_when_its_queue_is_stopped(client3: Client) -> None:
+def test_a_queue_handle_answers_at_once_with_a_future_even_when_its_queue_is_stopped(client_abc: Client) -> None:
+    client3 = client_abc  # worker a is stopped for a second, then goes on: the shared cluster serves
     with QueuePool(client3, 1, workers=["a"], heartbeat_interval="250ms", heartbeat_timeout="2s") as queue_pool:
         queue_pool.submit(len, "abc")
         queue_pool.flush(timeout=30)

@@ -22,6 +22,7 @@ from .conftest import pid_of, wait_until
 from .tasks import add, sleep_return
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
+pytest_plugins = ["tests.harness"]
 
 
 def _pid(client: Client, worker: str) -> int:
@@ -49,11 +50,11 @@ def test_a_relayed_pool_runs_single_tasks_batches_and_joins_with_every_message_t
         assert stats["worker"] == relay.worker
 
 
-def test_the_relay_goes_on_a_worker_without_brokers_when_there_is_one(client3: Client) -> None:
-    with QueuePool(client3, 2, relay=True) as queue_pool:
+def test_the_relay_goes_on_a_worker_without_brokers_when_there_is_one(client_abc: Client) -> None:
+    with QueuePool(client_abc, 2, relay=True) as queue_pool:
         assert queue_pool._relay is not None
         assert queue_pool._relay.worker not in queue_pool._workers()
-        with ConsumerPool(client3, queue_pool, n_consumers=2, start=True):
+        with ConsumerPool(client_abc, queue_pool, n_consumers=2, start=True):
             assert queue_pool.submit(add, 1, 1).result(timeout=30) == 2
 
 
@@ -64,7 +65,7 @@ def test_a_relay_whose_worker_is_killed_is_placed_again_and_every_task_completes
         assert relay is not None
         with ConsumerPool(client3, queue_pool, n_consumers=2, start=True):
             batch = queue_pool.batch_submit([(sleep_return, i, 0.002) for i in range(1500)], batch_size=50)
-            time.sleep(0.5)  # some chunks ran, others are queued or running
+            wait_until(lambda: batch.completed >= 50, timeout=60)  # some chunks ran, others are queued or running
             first = relay.worker
             os.kill(_pid(client3, first), signal.SIGKILL)
             wait_until(lambda: relay.replacements >= 1, timeout=60)
@@ -124,14 +125,14 @@ def test_a_relay_stalled_past_its_call_timeout_is_replaced_and_nothing_is_lost_o
         assert relay is not None
         with ConsumerPool(client3, queue_pool, n_consumers=3, start=True):
             batch = queue_pool.batch_submit([(sleep_return, i, 0.002) for i in range(3000)], batch_size=50)
-            time.sleep(0.3)
+            wait_until(lambda: batch.completed >= 50, timeout=60)  # the relay carries results
             stalled = relay.worker
             pid = _pid(client3, stalled)
             os.kill(pid, signal.SIGSTOP)
             try:
                 wait_until(lambda: relay.replacements >= 1, timeout=30)
             finally:
-                time.sleep(3)
+                time.sleep(3)  # stalled on: what it sent on the old path must come again on the new one
                 os.kill(pid, signal.SIGCONT)
             assert relay.worker != stalled
             assert batch.result(timeout=90) == list(range(3000))

@@ -1,0 +1,65 @@
+"""The in-process harness itself: it encodes tasks as QueuePool does, closes everything it
+started, and fails a test that leaves a zdq thread running."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from zdq import QueuePool
+from zdq.tasks import TaskOptions
+
+from .tasks import add
+
+# tests.harness is imported inside the tests: imported here, before pytest loads it as a plugin
+# for other modules, its asserts would not be rewritten.
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {},
+        {"retries": 3},
+        {"retries": 2, "retry_backoff": 0.01, "retry_on": ValueError},
+        {"retry_on": (KeyError, ValueError)},
+        {"time_limit": "300ms"},
+        {"time_limit": 5},
+    ],
+)
+def test_the_harness_builds_the_task_options_a_queue_pool_without_defaults_builds(given: dict[str, Any]) -> None:
+    from .harness import Harness
+
+    pool_like = SimpleNamespace(default_options=TaskOptions())
+    assert Harness._options(given) == QueuePool._options(pool_like, given)  # type: ignore[arg-type]
+
+
+def test_the_harness_closes_brokers_driver_and_consumers_and_leaves_no_thread() -> None:
+    from .harness import Harness, zdq_threads
+
+    before = set(zdq_threads())
+    with Harness(2, 2) as h:
+        assert h.batch_submit([(add, i, 1) for i in range(100)]).result(timeout=30) == list(range(1, 101))
+        assert sum(s.consumers for s in h.broker_statistics()) == 4
+        assert set(zdq_threads()) - before  # it did start zdq's threads
+    from .harness import assert_no_zdq_threads
+
+    assert_no_zdq_threads(before)
+
+
+def test_the_harness_fails_a_test_that_leaves_a_zdq_thread_running() -> None:
+    from .harness import make_harness
+
+    stop = threading.Event()
+    teardown = make_harness(leak_timeout=0.5)
+    next(teardown)  # what the fixture yields to the test
+    leak = threading.Thread(target=stop.wait, args=(30,), name="zdq-left-behind", daemon=True)
+    leak.start()
+    try:
+        with pytest.raises(pytest.fail.Exception, match="zdq-left-behind"):
+            next(teardown, None)  # the fixture's teardown
+    finally:
+        stop.set()
+        leak.join(5)
