@@ -61,14 +61,15 @@ import zmq
 from distributed import Client, LocalCluster
 
 from zdq.broker import BrokerCore
-from zdq.chunking import Chunking
+from zdq.codec.chunking import Chunking
 from zdq.config import PoolSettings, seconds_or_none, settings
 from zdq.consumer import Consumer, ConsumerBaseClass, GeneralConsumer
-from zdq.driver import Driver
+from zdq.client.driver import Driver
+from zdq.client.submit import TaskDefaults
 from zdq.futures import BatchFuture, TaskFuture
 from zdq.stats import BrokerStats, ConsumerStats
 from zdq.storage.memory import MemoryStorage
-from zdq.tasks import CALLS, TaskOptions, call_task, check_calls, dumps_task
+from zdq.codec.tasks import CALLS, TaskOptions, call_task, check_calls, dumps_task
 from zdq.transport.sockets import bind_router, new_identity
 
 __all__ = ["Harness", "assert_no_zdq_threads", "client_abc", "cluster_abc", "harness", "make_harness"]
@@ -78,7 +79,8 @@ logger = logging.getLogger(__name__)
 #: Heartbeats fast enough that a lost peer shows within a second, slow enough for a loaded machine.
 HARNESS_SETTINGS = {"heartbeat_interval": "100ms", "heartbeat_timeout": "2s"}
 
-_NO_OPTIONS = TaskOptions()
+#: A harness pool has no default task options: calls merge theirs the way QueuePool does.
+_DEFAULTS = TaskDefaults(TaskOptions())
 
 
 def zdq_threads() -> list[str]:
@@ -219,14 +221,8 @@ class Harness:
     # -- submission, as QueuePool does it --------------------------------------------------------
     @staticmethod
     def _options(given: dict[str, Any]) -> TaskOptions | None:
-        """TaskOptions from the call's keywords (no pool defaults: a harness pool has none)."""
-        fields = {k: v for k, v in given.items() if v is not None}
-        if "time_limit" in fields:
-            fields["time_limit"] = seconds_or_none(fields["time_limit"], "time_limit")
-        if isinstance(fields.get("retry_on"), type):
-            fields["retry_on"] = (fields["retry_on"],)
-        options = TaskOptions(**fields)
-        return None if options == _NO_OPTIONS else options
+        """TaskOptions from the call's keywords, merged as a QueuePool without defaults merges them."""
+        return _DEFAULTS.merge_all(**given)
 
     def _driver(self) -> Driver:
         if self.driver is None:
