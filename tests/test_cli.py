@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from zdq.benchmark.plots import NO_PLOTS
+from zdq.benchmark.scale import plot_scale
 
 
 def _zdq(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -78,3 +79,12 @@ def test_inspect_reports_a_directory_without_queues_as_an_error(tmp_path: Path) 
     assert proc.returncode == 1 and "no zdq queue" in proc.stderr
     proc = _zdq("inspect", str(tmp_path / "missing"))
     assert proc.returncode == 2
+
+
+def test_with_matplotlib_the_scale_figure_is_drawn_to_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib comes with zdq's bench extra")
+    row = {"workers": 2, "per_actor_seconds": 0.05, "dask_per_actor_seconds": 0.02, "tasks_per_second": 1e5}
+    report = {"scales": [row, {**row, "workers": 4, "per_actor_seconds": 0.06}]}
+    path = plot_scale(report, str(tmp_path / "plots"))
+    assert path == str(tmp_path / "plots" / "scale.png")
+    assert Path(path).stat().st_size > 1000
