@@ -15,6 +15,7 @@ import gc
 import inspect
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -146,6 +147,34 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):  # typ
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {timeout}s: {predicate} (last value {value!r})")
         time.sleep(interval)
+
+
+def _threads_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (state T or t in /proc)."""
+    tasks = Path(f"/proc/{pid}/task")
+    states = []
+    for task in tasks.iterdir():
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended meanwhile
+    return bool(states) and all(state in ("T", "t") for state in states)
+
+
+def stop_process(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP ``pid`` and return once every one of its threads has stopped.
+
+    kill() returns before the process stops: the kernel wakes one of its threads to begin the
+    group stop, and on a loaded machine that thread waits for a CPU while the others (a broker's
+    loop among them) go on answering for a while. A test that wants a peer that cannot answer
+    waits for that state.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while not _threads_stopped(pid):
+        if time.monotonic() > deadline:
+            pytest.fail(f"process {pid} was sent SIGSTOP but not all its threads stopped within {timeout}s")
+        time.sleep(0.001)
 
 
 def _assert_eventually_empty(probe, what: str, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]

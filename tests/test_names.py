@@ -26,7 +26,7 @@ from zdq.transport import protocol as p
 from zdq.transport.sockets import connect_dealer
 
 from . import test_broker
-from .conftest import wait_until
+from .conftest import stop_process, wait_until
 from .tasks import add
 from .test_broker import _recv
 
@@ -151,7 +151,7 @@ def test_reprs_return_at_once_while_a_broker_is_stopped(client: Client) -> None:
         batch = queue_pool.batch_submit([(add, i) for i in range(4)])
         queue_pool.flush(timeout=30)
         pid = int(queue_pool[0].pid().result(timeout=10))
-        os.kill(pid, signal.SIGSTOP)
+        stop_process(pid)  # stopped, every thread of it: not merely sent SIGSTOP
         try:
             for obj in (queue_pool, queue_pool[0], queue_pool[1], consumers, future, batch):
                 text, took = _timed(lambda obj=obj: repr(obj))
