@@ -2,36 +2,131 @@
 
 Every test that uses ``client`` is checked for leaks afterwards: no zdq actor may remain on the
 scheduler and no zdq thread in the driver or in any worker.
+
+The tiers (``-m unit``, ``-m "not cluster"``) are decided here, not remembered by each test: a
+test is marked ``cluster`` when it, or a fixture it uses, starts a Dask cluster (by fixture name
+or by what its source calls), and a test that starts one all the same without the marker fails,
+saying so, instead of slowing the quick run down unnoticed.
 """
 
 from __future__ import annotations
 
 import gc
+import inspect
 import os
+import re
+import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
 from distributed import Client, LocalCluster
+from distributed.deploy.spec import SpecCluster
 
 
 _CLUSTER_FIXTURES = {"cluster", "client", "cluster3", "client3"}
 
+# What starts a cluster when a test or a fixture calls it itself: a LocalCluster (or any
+# SpecCluster), `dask scheduler` / `dask worker` processes (tests/hosts.py's Hosts, a worker run
+# with `python -m distributed.cli.dask_worker`). A `zdq bench` run in a subprocess embeds its own
+# LocalClusters where neither check sees them (unless its options are refused first): such tests
+# carry the marker themselves (tests/test_cli.py).
+_STARTS_A_CLUSTER = re.compile(r"\b(?:LocalCluster|SpecCluster|Hosts)\(|distributed\.cli\.dask_")
+
+_UNIT_DIR = Path(__file__).parent / "unit"
+
+
+def _source(fn: Callable[..., Any]) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
+
+
+def _starts_a_cluster(item: pytest.Item) -> bool:
+    if _CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    functions = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info is not None else ()):
+        functions.extend(fixturedef.func for fixturedef in defs)
+    return any(fn is not None and _STARTS_A_CLUSTER.search(_source(fn)) for fn in functions)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # A test that starts a cluster is marked `cluster` by the fixtures it uses, so that
-    # `pytest -m "not cluster"` is the quick run without anyone having to remember the marker.
-    # Everything under tests/unit/ is the unit tier (`pytest -m unit`): it runs in seconds after every edit.
-    unit_dir = Path(__file__).parent / "unit"
+    # A test that starts a cluster is marked `cluster`, so that `pytest -m "not cluster"` is the
+    # quick run without anyone having to remember the marker. Everything under tests/unit/ is the
+    # unit tier (`pytest -m unit`): it runs in seconds after every edit.
     for item in items:
-        if _CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.cluster)
-        if unit_dir in Path(str(item.fspath)).parents:
+        if _UNIT_DIR in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.unit)
+        elif _starts_a_cluster(item):
+            item.add_marker(pytest.mark.cluster)
+
+
+# -- a cluster started by a test not marked `cluster` fails that test ----------------------------
+# The item whose setup, call or teardown runs now (set by the hook below, read by the checks).
+_running: list[pytest.Item] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    _running.append(item)
+    try:
+        yield
+    finally:
+        _running.pop()
+
+
+def _refuse_an_unmarked_cluster(what: str) -> None:
+    item = _running[-1] if _running else None
+    if item is not None and item.get_closest_marker("cluster") is None:
+        pytest.fail(
+            f"{item.nodeid} starts {what} but is not marked `cluster`: `pytest -m 'not cluster'` would "
+            "run it; mark it @pytest.mark.cluster (or use the cluster/client fixtures)",
+            pytrace=False,
+        )
+
+
+_spec_cluster_init = SpecCluster.__init__
+
+
+def _checked_spec_cluster_init(self: SpecCluster, *args: Any, **kwargs: Any) -> None:
+    _refuse_an_unmarked_cluster(f"a Dask cluster ({type(self).__name__})")
+    _spec_cluster_init(self, *args, **kwargs)
+
+
+_popen_init = subprocess.Popen.__init__
+
+
+def _cluster_command(args: Any) -> bool:
+    words = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
+    text = " ".join(words)
+    dask_process = any(w.endswith("dask") for w in words) and any(w in ("scheduler", "worker") for w in words)
+    return dask_process or "distributed.cli.dask_" in text
+
+
+def _checked_popen_init(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
+    if _cluster_command(args):
+        _refuse_an_unmarked_cluster(f"Dask processes ({args!r})")
+    _popen_init(self, args, *rest, **kwargs)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Installed for the whole session (not per test): the session's `cluster` fixture is made in
+    # some test's setup, and worker processes outlive single tests.
+    SpecCluster.__init__ = _checked_spec_cluster_init  # type: ignore[method-assign]
+    subprocess.Popen.__init__ = _checked_popen_init  # type: ignore[method-assign]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    SpecCluster.__init__ = _spec_cluster_init  # type: ignore[method-assign]
+    subprocess.Popen.__init__ = _popen_init  # type: ignore[method-assign]
 
 
 def _zdq_threads() -> list[str]:
@@ -52,6 +147,34 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):  # typ
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {timeout}s: {predicate} (last value {value!r})")
         time.sleep(interval)
+
+
+def _threads_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (state T or t in /proc)."""
+    tasks = Path(f"/proc/{pid}/task")
+    states = []
+    for task in tasks.iterdir():
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended meanwhile
+    return bool(states) and all(state in ("T", "t") for state in states)
+
+
+def stop_process(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP ``pid`` and return once every one of its threads has stopped.
+
+    kill() returns before the process stops: the kernel wakes one of its threads to begin the
+    group stop, and on a loaded machine that thread waits for a CPU while the others (a broker's
+    loop among them) go on answering for a while. A test that wants a peer that cannot answer
+    waits for that state.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while not _threads_stopped(pid):
+        if time.monotonic() > deadline:
+            pytest.fail(f"process {pid} was sent SIGSTOP but not all its threads stopped within {timeout}s")
+        time.sleep(0.001)
 
 
 def _assert_eventually_empty(probe, what: str, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]

@@ -50,6 +50,15 @@ def skip_reason() -> str | None:
     return None
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     if check and proc.returncode != 0:
@@ -210,6 +219,17 @@ class Hosts:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     # -- undoing -------------------------------------------------------------------------------
+    def _wait_dead(self, pids: set[int], timeout: float) -> None:
+        """Until every one of ``pids`` has died (our children reaped), or ``timeout`` (then the next
+        round of close() looks again): a look too early would miss what a nanny starts next."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for proc in self._procs:
+                proc.poll()  # reaps a child that died: a zombie is not alive
+            if not any(_alive(pid) for pid in pids):
+                return
+            time.sleep(0.02)  # a poll interval: what ends the wait is the processes' state
+
     def close(self) -> None:
         """Kill every process in the namespaces, then remove what was made. Never raises."""
         for _ in range(3):  # a nanny may start a worker while we kill: look again
@@ -224,7 +244,7 @@ class Hosts:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            time.sleep(0.2)
+            self._wait_dead(pids, timeout=10)
         for proc in self._procs:
             try:
                 proc.wait(timeout=10)

@@ -366,7 +366,9 @@ def test_the_scheduler_hears_one_report_per_worker_a_second_whatever_the_number_
         http = _http(dash_cluster)
         wait_until(lambda: {"many", "few"} <= set(json.loads(_get(f"{http}/zdq/status.json"))["pools"]), timeout=20)
         before, t0 = dash_client.run_on_scheduler(_reports), time.monotonic()
-        time.sleep(3.0)
+        # Three seconds' worth of queue entries (14 a second), waited for rather than slept: the
+        # counts are then taken over however long they took on this machine.
+        wait_until(lambda: dash_client.run_on_scheduler(_reports)[1] - before[1] >= 14 * 3, timeout=30, interval=0.2)
         after, elapsed = dash_client.run_on_scheduler(_reports), time.monotonic() - t0
         workers = len(dash_client.scheduler_info()["workers"])
         # One message per worker process and interval (1 s), carrying all 14 queues between them.
@@ -423,17 +425,31 @@ async def _feed_emptied_and_fed_again(seconds: float) -> None:
     gets a new one at once, as when a pool closes and the next one is placed; the new one is
     reported for ``seconds``."""
     import asyncio
+    import threading
+    import time
 
     from zdq.observe.feed import Source, add_source, remove_source
     from zdq.stats import ConsumerStats
 
     stats = ConsumerStats("Probe", "", True, 0, 0, 0, 0, 0)
-    first = Source("consumer", "probe", "Probe-0", lambda: stats, lambda: True)
+    reported = threading.Event()
+
+    def first_stats() -> ConsumerStats:
+        reported.set()
+        return stats
+
+    first = Source("consumer", "probe", "Probe-0", first_stats, lambda: True)
     second = Source("consumer", "probe", "Probe-1", lambda: stats, lambda: True)
     from zdq.observe import feed
 
     add_source(first)
-    await asyncio.sleep(1.5)  # the feed thread runs and waits for its next report
+    # The feed thread has built a report with `first`: it is past that report, on its way to (or
+    # in) the wait for the next one, where the swap below must find it.
+    deadline = time.monotonic() + 20
+    while not reported.is_set():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the feed thread did not report its first source within 20 s (no zdq monitor on the scheduler?)")
+        await asyncio.sleep(0.02)
     # remove_source(first) then add_source(second), both before the feed thread wakes: done in
     # one hold of the feed's lock, so that the thread cannot run in between (the race, made sure).
     with feed._feed._lock:

@@ -19,6 +19,7 @@ from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import connect_dealer
 
+from .conftest import wait_until
 from .tasks import add
 
 
@@ -68,7 +69,9 @@ def test_a_peer_without_the_keys_is_refused_and_nothing_it_sends_is_unpickled(
                 sock.send_multipart(frames, zmq.NOBLOCK)
         assert _drain(plain, 1.0) == [] and _drain(stranger, 0.5) == []
         assert queue_pool.submit(add, 2, 3).result(timeout=30) == 5
-        time.sleep(0.5)
+        # The pool's own chunk is through the broker (acknowledged), and it was sent after the
+        # strangers' chunk: had theirs been taken, it would have been stored and delivered first.
+        wait_until(lambda: queue_pool.broker_statistics()[0].chunks_acked == 1, timeout=30)
         assert not os.path.exists(target)
         stats = queue_pool.broker_statistics()[0]
         assert stats.chunks_stored == 1 and stats.drivers == 1  # only the pool's own chunk and driver

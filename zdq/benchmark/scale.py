@@ -214,13 +214,14 @@ def format_scale(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_scale(report: dict[str, Any], directory: str) -> str:
-    """Placement per actor and throughput against workers; the PNG's path."""
-    import matplotlib
+def plot_scale(report: dict[str, Any], directory: str) -> str | None:
+    """Placement per actor and throughput against workers; the PNG's path, or None (and a
+    warning naming the ``bench`` extra) without matplotlib."""
+    from zdq.benchmark.plots import pyplot_or_none
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot_or_none()
+    if plt is None:
+        return None
     os.makedirs(directory, exist_ok=True)
     rows = report["scales"]
     xs = [r["workers"] for r in rows]

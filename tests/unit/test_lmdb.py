@@ -1,0 +1,99 @@
+"""LMDB durability in one process: bad directories, full maps, space reuse, crash-safe flags
+(recovery and ownership across processes, and a full disk, are in tests/test_lmdb.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from zdq.errors import StorageCorrupt
+from zdq.storage import ChunkMeta, LMDBStorage
+
+OWNER = b"o" * 16
+
+
+def _meta(seq: int, n: int = 100) -> ChunkMeta:
+    return ChunkMeta(OWNER, seq, n)
+
+
+def test_a_directory_that_is_not_a_queue_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "photos"
+    path.mkdir()
+    (path / "holiday.jpg").write_bytes(b"\xff\xd8 not a queue")
+    with pytest.raises(StorageCorrupt, match="not a zdq queue"):
+        LMDBStorage(str(path)).open()
+    assert sorted(os.listdir(path)) == ["holiday.jpg"]
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(StorageCorrupt):
+        LMDBStorage(str(a_file)).open()
+
+
+def test_a_corrupt_queue_file_gives_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "q"
+    path.mkdir()
+    (path / "data.mdb").write_bytes(os.urandom(64 * 1024))
+    before = (path / "data.mdb").read_bytes()
+    with pytest.raises(StorageCorrupt):
+        LMDBStorage(str(path)).open()
+    assert (path / "data.mdb").read_bytes() == before
+
+
+def test_the_map_grows_when_full(tmp_path: Path) -> None:
+    s = LMDBStorage(str(tmp_path / "q"), map_size=256 * 1024)
+    s.open()
+    payload = os.urandom(64 * 1024)
+    for i in range(40):  # 2.5 MiB through a 256 KiB map
+        s.put_many([(_meta(i), payload)])
+    assert s.counts().ready_chunks == 40
+    s.close()
+
+
+def test_draining_a_queue_reuses_its_space(tmp_path: Path) -> None:
+    path = tmp_path / "q"
+    s = LMDBStorage(str(path), sync=False)
+    s.open()
+    payload = os.urandom(16 * 1024)
+    sizes = []
+    for _ in range(5):
+        for i in range(200):
+            s.put_many([(_meta(i), payload)])
+        while (leased := s.lease()) is not None:
+            s.ack_many([leased.chunk_id])
+        sizes.append((path / "data.mdb").stat().st_size)
+    s.close()
+    # 5 rounds of 3.2 MB: the file stays at about one round's size instead of growing fivefold.
+    assert sizes[-1] <= sizes[0] * 1.5
+
+
+def test_the_environment_runs_with_lmdbs_crash_safe_flags_and_acknowledgements_reach_the_disk(tmp_path: Path) -> None:
+    """Finding 12: unsynced commits may corrupt an LMDB environment on an OS crash. Every commit
+    is flushed (data, then meta); acknowledgements held back are written within the delay, and at
+    close, so a reopened queue does not serve them again."""
+    path = str(tmp_path / "q")
+    s = LMDBStorage(path)
+    s.open()
+    try:
+        assert s._env is not None
+        flags = s._env.flags()
+        assert flags["sync"] and flags["metasync"]
+        ids = s.put_many([(_meta(i), b"chunk") for i in range(3)])
+        leased = s.lease()
+        assert leased is not None and leased.chunk_id == ids[0]
+        s.ack_many([ids[0]])
+    finally:
+        s.close()  # writes what was held back
+    s = LMDBStorage(path)
+    s.open()
+    try:
+        assert s.meta(ids[0]) is None and s.counts().ready_chunks == 2
+    finally:
+        s.close()
+    relaxed = LMDBStorage(str(tmp_path / "r"), sync=False)
+    relaxed.open()
+    try:
+        assert relaxed._env is not None and not relaxed._env.flags()["sync"]
+    finally:
+        relaxed.close()
