@@ -43,7 +43,7 @@ from zdq import (
 )
 from zdq.errors import BatchError
 
-from .conftest import pid_of, wait_until
+from .conftest import pid_of, stop_process, wait_until
 from .tasks import (
     add,
     hold_gil,
@@ -400,7 +400,7 @@ def test_submit_keeps_at_most_window_chunks_per_queue_in_the_driver_and_times_ou
         # stalled, the driver's bounded buffers fill and submit(timeout=) says so.
         victims = [broker_pid(qp, i) for i in range(n_queues)]
         for victim in victims:
-            os.kill(victim, signal.SIGSTOP)
+            stop_process(victim)
         try:
             started = time.monotonic()
             raised: SubmitTimeout | None = None
@@ -772,7 +772,7 @@ def test_a_stopped_broker_does_not_hold_up_submissions_to_the_other_queues(clien
         with ConsumerPool(client3, qp, n_consumers=2, workers=["c"], start=True):
             assert qp.batch_submit([(add, i) for i in range(100)]).result(timeout=30) == list(range(100))
             stopped = broker_pid(qp, 0)
-            os.kill(stopped, signal.SIGSTOP)
+            stop_process(stopped)
             try:
                 start = time.monotonic()
                 futures = [qp.submit(add, i, 1, timeout=5) for i in range(3000)]  # never SubmitTimeout
@@ -833,7 +833,7 @@ def test_a_batch_cut_off_by_its_timeout_says_what_was_queued_and_every_task_sett
         ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"]) as consumers,
     ):
         pid = pid_of(client3, "a")
-        os.kill(pid, signal.SIGSTOP)
+        stop_process(pid)
         try:
             with pytest.raises(SubmitTimeout) as info:
                 queue_pool.batch_submit([(len, "abc")] * 100, batch_size=10, timeout=2)
@@ -856,7 +856,7 @@ def test_a_queue_handle_answers_at_once_with_a_future_even_when_its_queue_is_sto
         queue_pool.submit(len, "abc")
         queue_pool.flush(timeout=30)
         pid = pid_of(client3, "a")
-        os.kill(pid, signal.SIGSTOP)
+        stop_process(pid)
         try:
             start = time.monotonic()
             size = queue_pool[0].qsize(timeout=1)

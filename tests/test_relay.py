@@ -18,7 +18,7 @@ from distributed import Client
 from zdq import ConsumerPool, QueuePool
 from zdq.relay.actor import Relay
 
-from .conftest import pid_of, wait_until
+from .conftest import pid_of, stop_process, wait_until
 from .tasks import add, sleep_return
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
@@ -128,7 +128,7 @@ def test_a_relay_stalled_past_its_call_timeout_is_replaced_and_nothing_is_lost_o
             wait_until(lambda: batch.completed >= 50, timeout=60)  # the relay carries results
             stalled = relay.worker
             pid = _pid(client3, stalled)
-            os.kill(pid, signal.SIGSTOP)
+            stop_process(pid)
             try:
                 wait_until(lambda: relay.replacements >= 1, timeout=30)
             finally:

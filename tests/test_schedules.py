@@ -17,7 +17,7 @@ from zdq import ConsumerPool, QueuePool
 from zdq.schedules import GRACE, Missed, ScheduleRecord, Spec, plan
 from zdq.storage.lmdb import LMDBStorage, inspect_queue
 
-from .conftest import pid_of, wait_until
+from .conftest import pid_of, stop_process, wait_until
 from .tasks import Stamp, add
 
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
@@ -168,7 +168,7 @@ def test_a_failing_schedule_leaves_its_error_as_last_error_and_no_pile_of_dead_l
         failing.cancel()
         # A stopped queue is named by schedules(), within its timeout.
         pid = queue_pool.broker_actor(1).pid().result(timeout=10)
-        os.kill(pid, signal.SIGSTOP)
+        stop_process(pid)
         try:
             began = time.monotonic()
             with pytest.raises(Exception, match=f"queues {queue_pool.queue_names[1]} of pool .* did not answer"):
