@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
-import weakref
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -15,7 +14,6 @@ __all__ = [
     "liveness_probe",
     "candidate_workers",
     "pick_worker",
-    "start_supervisor",
     "as_dask_task",
     "CURRENT_POOL",
     "pool_in_use",
@@ -163,26 +161,6 @@ def pick_worker(
     address = workers[slot % len(workers)]
     placed_on[slot] = address
     return address
-
-
-def _supervise(ref: weakref.ref[Any], stop: threading.Event, interval: float) -> None:
-    while not stop.wait(interval):
-        pool = ref()
-        if pool is None:
-            return
-        pool._supervise_once()
-        del pool
-
-
-def start_supervisor(pool: Any, stop: threading.Event, name: str, interval: float = 0.25) -> threading.Thread:
-    """A thread that calls ``pool._supervise_once()`` every ``interval`` seconds until ``stop``.
-
-    It holds the pool only weakly: a pool that its program dropped without closing it (daskqueue
-    programs never close theirs) is collected, its actors are released, and the thread ends.
-    """
-    thread = threading.Thread(target=_supervise, args=(weakref.ref(pool), stop, interval), name=name, daemon=True)
-    thread.start()
-    return thread
 
 
 # -- Dask idioms inside zdq tasks ------------------------------------------------------------------
