@@ -67,6 +67,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.unit)
         elif _starts_a_cluster(item):
             item.add_marker(pytest.mark.cluster)
+        # The suite runs on several xdist workers (`-n`, `--dist loadgroup`): the multi-host tests
+        # share /etc/netns and the machine's routes, so they run one after another on one worker.
+        if item.fspath.basename == "test_hosts.py":
+            item.add_marker(pytest.mark.xdist_group("hosts"))
 
 
 # -- a cluster started by a test not marked `cluster` fails that test ----------------------------
