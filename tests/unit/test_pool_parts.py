@@ -143,3 +143,12 @@ def test_options_given_by_name_merge_over_the_defaults_and_unknown_ones_are_refu
     assert defaults.merge_all() is defaults.options
     with pytest.raises(TypeError, match="retires"):
         defaults.merge_all(retires=3)
+
+
+def test_submit_call_naming_time_limit_none_lifts_the_pools_default_and_other_calls_keep_it() -> None:
+    defaults = TaskDefaults(TaskOptions(retries=1, time_limit=5.0))
+    assert defaults.merge_all(time_limit=None) == TaskOptions(retries=1)
+    assert defaults.merge_all(retries=3, time_limit=None) == TaskOptions(retries=3)
+    # submit()'s keywords: None is "not given", the default limit stays.
+    assert defaults.merge(retries=3) == TaskOptions(retries=3, time_limit=5.0)
+    assert defaults.merge_all(retries=None) is defaults.options

@@ -79,13 +79,16 @@ class TaskDefaults:
         ``**kwargs``: a dict per call would be made for nothing)."""
         if retries is None and retry_backoff is None and retry_on is None and time_limit is None:
             return self._plain
-        return self.merge_all(retries=retries, retry_backoff=retry_backoff, retry_on=retry_on, time_limit=time_limit)
+        given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
+        return self.merge_all(**{k: v for k, v in given.items() if v is not None})
 
     def merge_all(self, **given: Any) -> TaskOptions | None:
         """:meth:`merge` for any :class:`TaskOptions` field given by name (``submit_call``'s
-        ``**options``); ``None`` values are not given."""
+        ``**options``). ``None`` is "not given", except ``time_limit=None`` named explicitly,
+        which lifts the pool's default time limit for these tasks (as it always did)."""
+        lift_limit = "time_limit" in given and given["time_limit"] is None
         given = {k: v for k, v in given.items() if v is not None}
-        if not given:
+        if not given and not lift_limit:
             return self._plain
         unknown = set(given) - set(TaskOptions.__dataclass_fields__)
         if unknown:
@@ -97,7 +100,9 @@ class TaskDefaults:
             "retries": d.retries,
             "retry_backoff": d.retry_backoff,
             "retry_on": d.retry_on if retry_on is None else retry_on,
-            "time_limit": d.time_limit if time_limit is None else seconds_or_none(time_limit, "time_limit"),
+            "time_limit": (
+                None if lift_limit else d.time_limit if time_limit is None else seconds_or_none(time_limit, "time_limit")
+            ),
         }
         fields.update(given)
         if isinstance(fields["retry_on"], type):
