@@ -157,6 +157,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.cluster  # the script starts a LocalCluster of its own (in a subprocess)
 def test_a_script_that_ends_without_close_shuts_down_quietly(tmp_path: Path) -> None:
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(_SCRIPT))
@@ -189,3 +190,24 @@ def test_statistics_name_the_queues_that_did_not_answer(client: Client) -> None:
         assert "counted-queue-1" in repr(stats)
         with pytest.raises(BrokerLost, match="counted-queue-1"):
             owner.broker_statistics(timeout=1e-6)
+
+
+def _zdq_keys(dask_scheduler: Any) -> list[str]:
+    return sorted(str(k) for k in dask_scheduler.tasks if str(k).startswith("zdq-"))
+
+
+def test_close_releases_every_actor_at_once_while_the_program_still_holds_the_pools(client: Client) -> None:
+    # Dask keeps an actor while any handle of it lives, and the client-side proxy of an actor holds
+    # one: left to garbage collection, brokers and consumers stayed on the scheduler and their
+    # workers for seconds to a minute after close() when the program kept its pool variables.
+    queue_pool = QueuePool(client, 2)
+    consumer_pool = ConsumerPool(client, queue_pool, n_consumers=2, batch_size=10)
+    futures = [queue_pool.submit(add, i, 1) for i in range(20)]
+    consumer_pool.start()
+    assert [f.result(timeout=30) for f in futures] == [i + 1 for i in range(20)]
+    assert len(client.run_on_scheduler(_zdq_keys)) == 4
+    consumer_pool.close()
+    queue_pool.close()
+    # Released by close() itself: a message or two to the scheduler, not a collection later on.
+    wait_until(lambda: not client.run_on_scheduler(_zdq_keys), timeout=2.0)
+    assert queue_pool is not None and consumer_pool is not None  # both still held here

@@ -307,7 +307,7 @@ class PlacedQueues:
             # close() ran meanwhile: what this late recovery placed is released, nothing written.
             logger.info("%s: released what it placed", e)
             self._stop_quietly(name, broker)
-            release_future(fut)
+            release_future(fut, broker)
             return None
         except QueueMissing as e:
             self._stop_quietly(name, broker)
@@ -383,8 +383,8 @@ class PlacedQueues:
                 call.result(timeout=10)
             except Exception as e:
                 logger.debug("stopping the broker of queue %s failed: %s", name, e)
-        for fut, _ in taken:
-            release_future(fut)
+        for fut, actor in taken:
+            release_future(fut, actor)
 
 
 class AttachedQueues:

@@ -265,7 +265,7 @@ class ConsumerSlots:
         except SlotsClosed:
             # The pool closed while this replacement was placed: released, nothing written.
             logger.info("consumer %s was placed after its pool closed: released", self.names[i])
-            release_future(fut)
+            release_future(fut, actor)
             return
         except BaseException:
             release_future(fut)
@@ -435,5 +435,5 @@ class ConsumerSlots:
                 call.result(timeout=15)
             except Exception as e:
                 logger.debug("stopping consumer %s failed: %s", name, e)
-        for fut, _ in taken:
-            release_future(fut)
+        for fut, actor in taken:
+            release_future(fut, actor)

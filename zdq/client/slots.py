@@ -89,14 +89,21 @@ def place_actor(
     )
 
 
-def release_future(fut: Any) -> None:
-    """Release a Dask future, whatever state its worker is in."""
-    if fut is None:
-        return
-    try:
-        fut.release()
-    except Exception as e:  # noqa: BLE001 - its client may be closing: nothing is left to release
-        logger.debug("releasing %s failed: %s", getattr(fut, "key", fut), e)
+def release_future(fut: Any, actor: Any = None) -> None:
+    """Release a Dask future (and the handle of its ``actor``), whatever state its worker is in.
+
+    A Dask ``Actor`` proxy made on the client holds a future of its own key (``_future``): the
+    scheduler keeps the actor until that one is released too. Left to the proxy's collection, the
+    actor stayed on the scheduler and its worker for as long as the proxy lived in some reference
+    cycle (seconds to a minute after ``close()``), so it is released here with the slot's.
+    """
+    for handle in (fut, getattr(actor, "_future", None)):
+        if handle is None:
+            continue
+        try:
+            handle.release()
+        except Exception as e:  # noqa: BLE001 - its client may be closing: nothing is left to release
+            logger.debug("releasing %s failed: %s", getattr(handle, "key", handle), e)
 
 
 class ActorSlots(Generic[A]):
