@@ -236,11 +236,18 @@ def client3(cluster3: LocalCluster) -> Iterator[Client]:
         yield client
 
 
-def pid_of(client: Client, name: str) -> int:
-    """The pid of the worker process named ``name``."""
-    pids = client.run(os.getpid)
-    (address,) = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["name"] == name]
-    return int(pids[address])
+def pid_of(client: Client, name: str, timeout: float = 30.0) -> int:
+    """The pid of the worker process named ``name``, waiting (bounded) until the scheduler knows
+    it: a worker its nanny is restarting, or one that just joined, is briefly absent."""
+
+    def lookup() -> int | None:
+        addresses = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["name"] == name]
+        if len(addresses) != 1:
+            return None
+        pid = client.run(os.getpid, workers=addresses).get(addresses[0])
+        return None if pid is None else int(pid)
+
+    return int(wait_until(lookup, timeout=timeout))
 
 
 @pytest.fixture

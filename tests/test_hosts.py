@@ -26,7 +26,7 @@ from zdq import BrokerUnreachable, ConsumerPool, QueuePool
 
 from .conftest import wait_until
 from .hosts import Hosts, skip_reason
-from .tasks import add
+from .tasks import add, sleep_return
 
 pytestmark = [pytest.mark.cluster, pytest.mark.hosts, pytest.mark.timeout(180)]
 
@@ -86,8 +86,10 @@ def test_a_transient_and_a_durable_pool_across_hosts_return_every_result(
             assert sorted(e.rsplit(":", 1)[0] for e in queue_pool.endpoints) == [
                 f"tcp://{hosts.a_ip}", f"tcp://{hosts.b_ip}",
             ]
-            batch = queue_pool.batch_submit([(add, i, 1) for i in range(300)], batch_size=10)
+            # Consumers first, and tasks of 5 ms: the first consumer up cannot take the whole run
+            # before the other host's has asked for work (each holds at most its prefetch).
             consumers.start()
+            batch = queue_pool.batch_submit([(sleep_return, i + 1, 0.005) for i in range(300)], batch_size=10)
             assert batch.result(timeout=60) == [i + 1 for i in range(300)]
             stats = consumers.statistics()
             assert sorted(s.worker.split("//")[1].split(":")[0] for s in stats) == sorted([hosts.a_ip, hosts.b_name])

@@ -20,7 +20,7 @@ from distributed import Client
 from zdq import BrokerLost, ConsumerPool, Durability, QueuePool
 from zdq.broker import Broker
 
-from .conftest import wait_until
+from .conftest import stop_process, wait_until
 from .tasks import add, noop
 
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
@@ -211,3 +211,32 @@ def test_close_releases_every_actor_at_once_while_the_program_still_holds_the_po
     # Released by close() itself: a message or two to the scheduler, not a collection later on.
     wait_until(lambda: not client.run_on_scheduler(_zdq_keys), timeout=2.0)
     assert queue_pool is not None and consumer_pool is not None  # both still held here
+
+
+def test_join_refuses_a_timestep_or_timeout_that_is_not_seconds_at_the_call(client: Client) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool) as consumer_pool:
+        consumer_pool.start()
+        for bad in ("x", -1, 0, None):
+            with pytest.raises((TypeError, ValueError), match="timestep"):
+                consumer_pool.join(bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="timeout"):
+            consumer_pool.join(timeout=-1)
+        queue_pool.submit(add, 1, 2).result(timeout=30)
+        consumer_pool.join(0.05, timeout=30)  # a good one still works
+
+
+def test_consumer_statistics_name_the_consumer_that_did_not_answer_and_its_worker(client: Client) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2) as consumer_pool:
+        consumer_pool.start()
+        assert len(consumer_pool.statistics()) == 2
+        pids = client.run(os.getpid)
+        victim = sorted(pids)[-1]
+        stop_process(pids[victim])
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError, match=rf"GeneralConsumer-\d \(on {victim}\) did not answer within 2 s"):
+                consumer_pool.statistics(timeout=2)
+            assert time.monotonic() - started < 10
+        finally:
+            os.kill(pids[victim], signal.SIGCONT)
+        wait_until(lambda: len(consumer_pool.statistics()) == 2, timeout=30)

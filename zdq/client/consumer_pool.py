@@ -20,6 +20,7 @@ state                  owner
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,7 +32,7 @@ from zdq.client.queue_pool import QueuePool
 from zdq.client.slots import Supervisor
 from zdq.config import seconds_or_none, timeout_or_none
 from zdq.consumer import ConsumerBaseClass, GeneralConsumer
-from zdq.errors import BrokerUnreachable, ClosedError, PlacementError
+from zdq.errors import BrokerUnreachable, ClosedError, PlacementError, ZdqTimeoutError
 from zdq.names import counted
 from zdq.stats import ConsumerStats
 
@@ -401,8 +402,38 @@ class ConsumerPool:
         return own + (registry.done_count(registry.earlier_producers()) if self._newest() else 0)
 
     def statistics(self, timeout: float = 10.0) -> list[ConsumerStats]:
-        calls = [c.statistics() for c in self._consumers.slots.actors() if c is not None]
-        return [c.result(timeout=timeout) for c in calls]
+        """Each placed consumer's statistics, asked of all at once.
+
+        Raises
+        ------
+        ZdqTimeoutError
+            Some consumer did not answer within ``timeout`` (one bound for all): the message names
+            each, with its worker and why (silent, or its worker gone), rather than leaving a
+            consumer out of the list without a word.
+        """
+        bound = timeout_or_none(timeout, "timeout")
+        deadline = None if bound is None else time.monotonic() + bound
+        asked: list[tuple[int, str, Any]] = []
+        silent: dict[tuple[int, str], str] = {}
+        for i, name, consumer in self._consumers.live():
+            try:
+                asked.append((i, name, consumer.statistics()))
+            except Exception as e:  # its worker is gone
+                silent[i, name] = f"could not be asked ({e})"
+        stats = []
+        for i, name, call in asked:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                stats.append(call.result(timeout=left))
+            except TimeoutError:
+                silent[i, name] = f"did not answer within {bound:g} s" if bound is not None else "did not answer"
+            except Exception as e:
+                silent[i, name] = f"failed: {e}"
+        if silent:
+            where = self._consumers.placed_on
+            why = "; ".join(f"{name} (on {where.get(i, 'an unknown worker')}) {reason}" for (i, name), reason in silent.items())
+            raise ZdqTimeoutError(f"statistics of the consumers of queue pool {self.queue_pool.name}: {why}")
+        return stats
 
     def __len__(self) -> int:
         return self.n_consumers

@@ -598,7 +598,13 @@ class QueuePool(SubmitMethods, ControlMethods):
             The pool (or its owner) was closed meanwhile.
         ZdqTimeoutError
             Not drained by ``timeout``.
+        TypeError, ValueError
+            ``timeout`` or ``timestep`` is not a number of seconds (``timestep`` must be above 0).
         """
+        timeout = timeout_or_none(timeout, "timeout")
+        step = timeout_or_none(timestep, "timestep")
+        if not step:  # None or 0: a loop that never sleeps
+            raise ValueError(f"timestep must be a positive number of seconds, got {timestep!r}")
         return wait_drained(
             self.driver,
             self.consumer_registry,
@@ -606,7 +612,7 @@ class QueuePool(SubmitMethods, ControlMethods):
             self.queue_names,
             max(60.0, 4 * self.settings.heartbeat_timeout),
             timeout,
-            timestep=timestep,
+            timestep=step,
             progress=progress,
             check=check,
         )
