@@ -64,7 +64,12 @@ def test_bench_scale_suite_places_pools_of_growing_clusters_and_draws_them(tmp_p
         # A newcomer's `pip install -e ".[test]"` has no matplotlib: the figures come all the
         # same, and one warning says what to install for the picture (never a traceback).
         assert report["plot"] is None and not (tmp_path / "scale.png").exists()
-        assert NO_PLOTS in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        # No traceback of zdq's (Dask may log its own while a loaded machine tears the scale
+        # suite's clusters down: a worker's heartbeat to a scheduler that already left).
+        package = str(Path(importlib.util.find_spec("zdq").origin).parent)  # type: ignore[arg-type,union-attr]
+        zdq_frames = [line for line in proc.stderr.splitlines() if line.strip().startswith("File ") and package in line]
+        assert NO_PLOTS in proc.stderr and "No module named 'matplotlib'" not in proc.stderr, proc.stderr
+        assert zdq_frames == [], proc.stderr
     else:
         assert (tmp_path / "scale.png").stat().st_size > 1000
 
