@@ -11,6 +11,7 @@ saying so, instead of slowing the quick run down unnoticed.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import os
@@ -215,10 +216,9 @@ def assert_no_zdq_leaks(c: Client) -> None:
     _assert_eventually_empty(lambda: {w: t for w, t in c.run(_zdq_threads).items() if t}, "zdq threads in workers")
 
 
-@pytest.fixture
-def cluster3() -> Iterator[LocalCluster]:
-    # One cluster per test: these tests kill workers, and a nanny's restart must not decide
-    # whether the next test starts with three workers.
+@contextlib.contextmanager
+def abc_cluster() -> Iterator[LocalCluster]:
+    """A LocalCluster of three worker processes named a, b and c (one thread each)."""
     with LocalCluster(
         n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None
     ) as cluster:
@@ -226,6 +226,14 @@ def cluster3() -> Iterator[LocalCluster]:
         for name in "abc":
             cluster.worker_spec[name] = {"cls": template["cls"], "options": {**template["options"], "name": name}}
         cluster.sync(cluster._correct_state)
+        yield cluster
+
+
+@pytest.fixture
+def cluster3() -> Iterator[LocalCluster]:
+    # One cluster per test: these tests kill workers, and a nanny's restart must not decide
+    # whether the next test starts with three workers.
+    with abc_cluster() as cluster:
         yield cluster
 
 

@@ -346,13 +346,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def cluster_abc() -> Iterator[LocalCluster]:
     """Worker processes named a, b and c (one thread each), started once for the session."""
-    with LocalCluster(
-        n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None
-    ) as cluster:
-        (template,) = cluster.new_worker_spec().values()
-        for name in "abc":
-            cluster.worker_spec[name] = {"cls": template["cls"], "options": {**template["options"], "name": name}}
-        cluster.sync(cluster._correct_state)
+    from .conftest import abc_cluster
+
+    with abc_cluster() as cluster:
         yield cluster
 
 
