@@ -369,22 +369,7 @@ class PlacedQueues:
 
     def release(self) -> None:
         """Stop every broker and release its actor (the slots refuse any late placement)."""
-        taken = self.slots.take_all()
-        stops = []
-        for name, (_, broker) in zip(self.queue_names, taken):
-            if broker is None:
-                continue
-            try:
-                stops.append((name, broker.stop()))
-            except Exception as e:  # the worker may be gone already
-                logger.debug("stopping the broker of queue %s failed: %s", name, e)
-        for name, call in stops:
-            try:
-                call.result(timeout=10)
-            except Exception as e:
-                logger.debug("stopping the broker of queue %s failed: %s", name, e)
-        for fut, actor in taken:
-            release_future(fut, actor)
+        self.slots.close(self.queue_names, "the broker of queue", timeout=10)
 
 
 class AttachedQueues:

@@ -421,19 +421,4 @@ class ConsumerSlots:
 
     def release(self) -> None:
         """Stop every consumer and release its actor (the slots refuse any late placement)."""
-        taken = self.slots.take_all()
-        stops = []
-        for name, (_, consumer) in zip(self.names, taken):
-            if consumer is None:
-                continue
-            try:
-                stops.append((name, consumer.stop()))
-            except Exception as e:
-                logger.debug("stopping consumer %s failed: %s", name, e)
-        for name, call in stops:
-            try:
-                call.result(timeout=15)
-            except Exception as e:
-                logger.debug("stopping consumer %s failed: %s", name, e)
-        for fut, actor in taken:
-            release_future(fut, actor)
+        self.slots.close(self.names, "consumer", timeout=15)

@@ -173,6 +173,29 @@ class ActorSlots(Generic[A]):
         return taken
 
 
+    def close(self, names: list[str], what: str, timeout: float) -> None:
+        """Close the slots, stop every actor (all asked at once, each answer awaited at most
+        ``timeout`` seconds) and release it. ``what`` names an actor in the logs ("consumer").
+        The same for both pools: a worker already gone only makes its stop fail quietly."""
+        taken = self.take_all()
+        stops = []
+        for name, (_, actor) in zip(names, taken):
+            if actor is None:
+                continue
+            proxy: Any = actor  # a Dask actor proxy: its methods are the actor's
+            try:
+                stops.append((name, proxy.stop()))
+            except Exception as e:  # the worker may be gone already
+                logger.debug("stopping %s %s failed: %s", what, name, e)
+        for name, call in stops:
+            try:
+                call.result(timeout=timeout)
+            except Exception as e:
+                logger.debug("stopping %s %s failed: %s", what, name, e)
+        for fut, actor in taken:
+            release_future(fut, actor)
+
+
 class SlotsClosed(Exception):
     """Internal: a slot was written after its pool closed (never leaves this package)."""
 
