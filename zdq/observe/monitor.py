@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from types import FrameType
 from typing import Any
 
 from zdq.observe.placements import Placements, RegistryPlacements
@@ -313,7 +314,7 @@ def _stream_sender() -> str | None:
     Why the stack: Dask calls a stream handler with ``**merge({"worker": <the stream's worker>},
     message)``, so a message that holds a ``worker`` field overrides the address Dask gives; only
     its stream loop (``handle_stream``, two frames up) still holds the address in ``extra``."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(3):
         if frame is None:
             return None
