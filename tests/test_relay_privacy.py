@@ -12,7 +12,6 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
-from types import TracebackType
 
 import pytest
 from distributed import Client, LocalCluster
@@ -51,7 +50,7 @@ class Tap:
         self._start(self._accept)
         return self
 
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -117,10 +116,9 @@ class Tap:
 def tapped(cluster: LocalCluster) -> Iterator[tuple[Tap, Client]]:
     """A client that reaches the scheduler only through a tap (and never the workers directly)."""
     assert cluster.scheduler_address.startswith("tcp://"), "the observer taps a clear-text Dask comm"
-    with Tap(cluster.scheduler_address) as tap:
-        with Client(tap.address, direct_to_workers=False, timeout="30s") as client:
-            yield tap, client
-            assert_no_zdq_leaks(client)
+    with Tap(cluster.scheduler_address) as tap, Client(tap.address, direct_to_workers=False, timeout="30s") as client:
+        yield tap, client
+        assert_no_zdq_leaks(client)
 
 
 @pytest.mark.faults
