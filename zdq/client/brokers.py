@@ -88,6 +88,8 @@ LOCKED_WAIT = 30.0
 #: (a holder the workers cannot see, on a host of no worker, is only found gone by placing).
 _PROBE_EVERY = 0.5
 _PLACE_EVERY = 2.0
+#: A worker that does not answer within this (paused, or holding the GIL) leaves the holders unknown.
+_PROBE_TIMEOUT = 5.0
 
 
 def _holder_here(queue_dir: str, worker: Any) -> str:
@@ -137,7 +139,7 @@ def lock_holders(client: Client, queue_dirs: list[str], workers: list[str] | Non
     """The locked directories of ``queue_dirs`` and their holders, asked of ``workers`` (default
     all): ``{}`` when every one is free, ``None`` when the workers could not be asked."""
     try:
-        seen = client.run(probe_locks, queue_dirs, workers=workers, on_error="return")
+        seen = client.run(probe_locks, queue_dirs, workers=workers, on_error="return", callback_timeout=_PROBE_TIMEOUT)
     except Exception as e:  # noqa: BLE001 - the caller places again on its own schedule
         logger.debug("could not ask the workers who holds %s: %s", queue_dirs, e)
         return None
