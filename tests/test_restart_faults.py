@@ -164,6 +164,34 @@ def test_a_program_started_again_after_its_driver_was_killed_reopens_its_durable
             _kill(again)
 
 
+def test_a_durable_pool_whose_directory_stays_locked_raises_queue_locked_at_the_bound_naming_the_holder(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Held by a process that is no broker of the cluster (this one) and registered by no pool:
+    nothing to attach to and nothing that lets go. The pool says what it waits for, then gives up."""
+    from zdq.client import brokers
+    from zdq.errors import QueueLocked
+    from zdq.storage.lmdb import LMDBStorage
+
+    monkeypatch.setattr(brokers, "LOCKED_WAIT", 4.0)
+    queue_dir = str(tmp_path / "default-queue-0")
+    holder = LMDBStorage(queue_dir)
+    holder.open()
+    try:
+        started = time.monotonic()
+        with caplog.at_level("WARNING", logger="zdq"), pytest.raises(QueueLocked) as raised:
+            QueuePool(client, 1, durability="durable", dirpath=tmp_path)
+        took = time.monotonic() - started
+    finally:
+        holder.close()
+    assert took < 20, f"QueueLocked came {took:.1f} s after the call, for a 4 s bound"
+    message = str(raised.value)
+    assert "could not be opened within 4 s" in message and queue_dir in message, message
+    assert "not one of its brokers" in message and "released" in message and "register" in message, message
+    told = [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
+    assert len(told) == 1 and queue_dir in told[0], told  # said once, naming the directory
+
+
 # -- 7. an embedded pool dropped without close() -----------------------------------------------------
 
 

@@ -163,11 +163,11 @@ class LockedWait:
     Pure bookkeeping over a clock: the pool asks the registry and the workers, and places.
     """
 
-    def __init__(self, name: str, queue_names: list[str], bound: float = LOCKED_WAIT, now: float = 0.0) -> None:
+    def __init__(self, name: str, queue_names: list[str], bound: float | None = None, now: float = 0.0) -> None:
         self.name = name
         self.queue_names = queue_names
-        self.bound = bound
-        self.deadline = now + bound
+        self.bound = LOCKED_WAIT if bound is None else bound
+        self.deadline = now + self.bound
         self.place_at = now  # the first placement is at once
         self.probe_at = now
         self.holders: dict[str, str] = {}
