@@ -22,12 +22,11 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 from distributed import Client
 
-__all__ = ["OwnedCluster", "cluster_for"]
+__all__ = ["OwnedCluster", "cluster_for", "release_now"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +66,11 @@ class OwnedCluster:
             _live[id(self.client)] = self
         logger.info("zdq embedded mode: started a local cluster of %d worker processes", parallel)
 
-    def closed_with(self, owner: object) -> Callable[[], None]:
+    def closed_with(self, owner: object) -> weakref.finalize[[OwnedCluster], Any]:
         """This user's share, released when ``owner`` (a pool, held weakly) is collected or the
-        interpreter exits; calling what is returned releases it at once. At most once either way:
-        a pool's ``close()`` and its collection never count twice against a shared cluster."""
+        interpreter exits. ``owner.close()`` calls :func:`release_now` with what is returned. At
+        most once either way: a pool's ``close()`` and its collection never count twice against a
+        shared cluster."""
         return weakref.finalize(owner, _close_share, self)
 
     def close(self) -> None:
@@ -86,9 +86,18 @@ class OwnedCluster:
         self.cluster.close()
 
 
+def release_now(share: weakref.finalize[[OwnedCluster], Any]) -> None:
+    """Release a share made by :meth:`OwnedCluster.closed_with` now, on this thread (``close()``
+    returns once the cluster's processes are gone), unless it was released already."""
+    taken = share.detach()
+    if taken is not None:
+        _, _, (owned,), _ = taken
+        owned.close()
+
+
 def _close_share(owned: OwnedCluster) -> None:
-    """Release ``owned`` (a pool's share of it). On the main thread (``close()``, a collection
-    there, the interpreter's exit) at once; a collection on another thread (Dask's event loop
+    """Release ``owned`` (a pool's share of it), its pool being collected. On the main thread (a
+    collection there, the interpreter's exit) at once; a collection on another thread (Dask's event loop
     among them: closing the cluster from it would wait on itself) hands it to a thread of its own."""
     if threading.current_thread() is threading.main_thread():
         owned.close()

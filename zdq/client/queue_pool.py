@@ -55,7 +55,7 @@ from zdq import config
 from zdq._actor import allowed_workers, candidate_workers, check_resources
 from zdq.client import registry
 from zdq.client.brokers import AttachedQueues, LockedWait, PlacedQueues, lock_holders, make_keys
-from zdq.client.cluster import OwnedCluster, cluster_for
+from zdq.client.cluster import OwnedCluster, cluster_for, release_now
 from zdq.client.consumer_registry import ConsumerRegistry
 from zdq.client.control import ControlMethods, DeadLetterInfo
 from zdq.client.drain import wait_drained
@@ -232,7 +232,7 @@ class QueuePool(SubmitMethods, ControlMethods):
         self.local_consumers: Any = None
         #: Releases this pool's share of ``_owned_cluster`` once: on close(), or when the pool is
         #: collected or the interpreter exits without close() (issue 23, point 7).
-        self._release_cluster: Callable[[], None] | None = None
+        self._release_cluster: weakref.finalize[[OwnedCluster], Any] | None = None
         if client is None:  # as Dask's own APIs do: the default client, else an embedded cluster
             client, self._owned_cluster = cluster_for(parallel)
             if self._owned_cluster is not None:
@@ -587,7 +587,7 @@ class QueuePool(SubmitMethods, ControlMethods):
 
     def _close_owned_cluster(self) -> None:
         if self._release_cluster is not None:
-            self._release_cluster()  # at most once, whether close() or the collection came first
+            release_now(self._release_cluster)  # at most once, whether close() or the collection came first
 
     def __enter__(self) -> QueuePool:
         return self.start()
