@@ -100,11 +100,42 @@ def test_shutdown_cancel_futures_cancels_what_has_not_started_and_leaves_a_given
         assert first.result(timeout=0) == 2.0
         assert all(f.cancelled() for f in rest)
         # Cancelled futures are done for the standard library's wait too.
-        done, not_done = concurrent.futures.wait([first, *rest], timeout=5)
+        _, not_done = concurrent.futures.wait([first, *rest], timeout=5)
         assert not not_done
         with pytest.raises(RuntimeError, match="after shutdown"):
             executor.submit(nap, 0)
         assert not queue_pool.closed and queue_pool.submit(pow, 2, 3).result(timeout=60) == 8
+
+
+def test_shutdown_without_wait_returns_at_once_and_closes_its_own_pool_once_the_work_is_done(client: Client) -> None:
+    executor = zdq.Executor(1, client=client)
+    pool = executor.queue_pool
+    futures = [executor.submit(nap, 0.5) for _ in range(3)]
+    start = time.monotonic()
+    executor.shutdown(wait=False)
+    assert time.monotonic() - start < 0.5
+    assert not pool.closed
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.submit(nap, 0)
+    assert [f.result(timeout=60) for f in futures] == [0.5] * 3
+    wait_until(lambda: pool.closed, timeout=30)
+
+
+def test_shutdown_gives_up_on_work_that_cannot_progress_and_says_why(
+    client: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from zdq.client import executor as executor_module
+
+    monkeypatch.setattr(executor_module, "STALL_LIMIT", 1.0)
+    with QueuePool(client, 1) as queue_pool:  # no consumer: the task can never run
+        executor = queue_pool.executor()
+        future = executor.submit(square, 2)
+        start = time.monotonic()
+        with caplog.at_level("WARNING", logger="zdq.client.executor"):
+            executor.shutdown(wait=True)
+        assert time.monotonic() - start < 10
+        assert "1 tasks cannot finish" in caplog.text and "no ConsumerPool" in caplog.text
+        assert not future.done() and not queue_pool.closed
 
 
 def test_no_reference_to_an_argument_or_a_result_is_kept_once_the_future_is_dropped(client: Client) -> None:
@@ -139,7 +170,7 @@ def test_the_executor_works_with_run_in_executor_and_beside_the_standard_library
             assert asyncio.run(main()) == [0, 1, 4, 9, 16]
             with concurrent.futures.ThreadPoolExecutor(2) as threads:
                 mixed = [threads.submit(square, 3), executor.submit(square, 4), threads.submit(square, 5), executor.submit(nap, 0.2)]
-                done, not_done = concurrent.futures.wait(mixed, timeout=60)
+                _, not_done = concurrent.futures.wait(mixed, timeout=60)
                 assert not not_done
                 completed = list(concurrent.futures.as_completed(mixed, timeout=60))
                 assert sorted(f.result() for f in completed) == [0.2, 9, 16, 25]
@@ -206,7 +237,7 @@ def test_at_exit_the_submitted_tasks_run_then_the_embedded_cluster_closes_withou
     out = tmp_path / "out.txt"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
-        [sys.executable, str(script), str(out), how], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path
+        [sys.executable, str(script), str(out), how], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path, check=False
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -104,7 +104,7 @@ def notify_cancelled(fut: concurrent.futures.Future[Any]) -> None:
     """Tell the waiters of a cancelled future, as an executor does when it drops cancelled work:
     ``concurrent.futures.wait`` and ``as_completed`` count a future done only once notified."""
     try:
-        if fut._state == "CANCELLED":  # type: ignore[attr-defined]
+        if fut._state == "CANCELLED":
             fut.set_running_or_notify_cancel()
     except RuntimeError:  # notified by another thread meanwhile
         pass

@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from zdq.client.window import ResultWindow, check_map_options, chunked, key_runs, run_chunk
+from zdq.client.window import (
+    ResultWindow,
+    check_map_options,
+    chunked,
+    key_runs,
+    run_chunk,
+)
 
 Future = concurrent.futures.Future
 

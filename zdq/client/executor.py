@@ -13,9 +13,11 @@ state                       owner
 ==========================  =======================================================================
 ``_pool``                   set by the constructor; closed by this executor only when it made it
                             (``_owns_pool``), once, under ``_close_lock``
-``_shutdown``               ``_state`` (a condition): submit and shutdown decide under it
-``_inflight``               ``_state``: the futures not done yet (futures only: a future holds no
-                            callable nor argument, and its result is the caller's once done)
+``_shutdown``               ``_submitting``: held through each submission, so that shutdown waits
+                            for one in progress (as ``ThreadPoolExecutor``'s lock does)
+``_inflight``               ``_state`` (a condition, never held while submitting: the callback
+                            thread takes it): the futures not done yet (futures only: a future
+                            holds no callable nor argument, and its result is the caller's)
 ``_busy`` (module)          an executor with work in flight is held here, so that dropping it does
                             not take its pool (and the work) away; it leaves when its work is done
 ``_open`` (module)          every executor not closed, held weakly: the at-exit hook finishes them
@@ -30,11 +32,17 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Self
 
 from distributed import Client
 
-from zdq.client.window import ResultWindow, cancel_many, check_map_options, chunked, run_chunk
+from zdq.client.window import (
+    ResultWindow,
+    cancel_many,
+    check_map_options,
+    chunked,
+    run_chunk,
+)
 from zdq.futures import TaskFuture
 
 __all__ = ["Executor"]
@@ -134,6 +142,7 @@ class Executor(concurrent.futures.Executor):
                 "that pool's consumers run the tasks (pass queue_pool alone)"
             )
         self._state = threading.Condition()
+        self._submitting = threading.Lock()
         self._close_lock = threading.Lock()
         self._shutdown = False
         self._closed = False
@@ -193,17 +202,36 @@ class Executor(concurrent.futures.Executor):
         SerializationError
             ``fn`` or an argument cannot be pickled; nothing was queued.
         """
-        with self._state:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            if _exiting:
-                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        with self._submitting:
+            self._check_open()
             fut = self._pool.submit_call(fn, args, kwargs)
+            self._track([fut])
+        return fut
+
+    def _submit_all(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...]) -> list[TaskFuture]:
+        """Every call of a map at once, queued in chunks (``queue_pool.map``), not one by one."""
+        with self._submitting:
+            self._check_open()
+            futures: list[TaskFuture] = self._pool.map(fn, *iterables)
+            self._track(futures)
+        return futures
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def _track(self, futures: list[TaskFuture]) -> None:
+        """Count ``futures`` as work in flight until they are done."""
+        if not futures:
+            return
+        with self._state:
             if not self._inflight:
                 _busy[id(self)] = self
-            self._inflight.add(fut)
-        fut.add_done_callback(self._on_done)
-        return fut
+            self._inflight.update(futures)
+        for fut in futures:
+            fut.add_done_callback(self._on_done)
 
     def _settled(self, fut: concurrent.futures.Future[Any]) -> None:
         with self._state:
@@ -239,6 +267,11 @@ class Executor(concurrent.futures.Executor):
             return executor.submit(*args)
 
         calls: Iterable[tuple[Any, ...]] = zip(*iterables)
+        if chunksize == 1 and buffersize is None:
+            start = time.monotonic()
+            queued = ((fut,) for fut in self._submit_all(fn, iterables))
+            left = None if timeout is None else timeout - (time.monotonic() - start)  # from the call
+            return iter(ResultWindow(_same, queued, None, left, cancel_many))
         if chunksize == 1:
             return iter(ResultWindow(lambda *args: submit(fn, *args), calls, buffersize, timeout, cancel_many))
         chunks = ((chunk,) for chunk in chunked(calls, chunksize))
@@ -252,8 +285,9 @@ class Executor(concurrent.futures.Executor):
         its pool, the pool (and its cluster) is closed; without it, return at once: the pool is
         closed when the work is done, and the program does not end before that.
         """
-        with self._state:
+        with self._submitting:
             self._shutdown = True
+        with self._state:
             pending = list(self._inflight)
         if cancel_futures:
             cancel_many(pending)
@@ -268,7 +302,7 @@ class Executor(concurrent.futures.Executor):
 
     def _finish(self, *, wait: bool, reason: str) -> None:
         """Wait for the work in flight (as long as it can progress), then close the pool made."""
-        with self._state:
+        with self._submitting:
             self._shutdown = True
         if wait:
             self._wait_for_work(reason)
@@ -304,7 +338,7 @@ class Executor(concurrent.futures.Executor):
                     )
                     return
 
-    def __enter__(self) -> Executor:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -314,6 +348,10 @@ class Executor(concurrent.futures.Executor):
         state = "closed" if self._closed else "shut down" if self._shutdown else "running"
         owner = "its own pool" if self._owns_pool else "the pool"
         return f"<zdq.Executor on {owner} {self._pool.name}: {state}, {len(self._inflight)} tasks in flight>"
+
+
+def _same(fut: TaskFuture) -> TaskFuture:
+    return fut
 
 
 def _flatten(chunks: Iterator[list[Any]]) -> Iterator[Any]:

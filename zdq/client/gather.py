@@ -14,7 +14,7 @@ from typing import Any
 
 from zdq.errors import ZdqTimeoutError
 
-__all__ = ["gather", "futures_in", "replace", "ERRORS"]
+__all__ = ["ERRORS", "futures_in", "gather", "replace"]
 
 #: What ``errors=`` may be: raise the first error, or leave the failed futures out.
 ERRORS = ("raise", "skip")

@@ -306,7 +306,7 @@ class Submitter:
                 for first, n, payload in packed:
                     sink = None if futures is None else [driver.new_future(first + i) for i in range(n)]
                     driver.submit_chunk(first, n, payload, sink, 0, timeout=timeout, timing=timing)
-                    if sink is not None:
+                    if futures is not None and sink is not None:
                         futures.extend(sink)  # queued: its futures will settle
                 count += len(part)
                 if bar is not None:
@@ -556,7 +556,16 @@ class SubmitMethods:
         total = min((len(it) for it in iterables), default=0) if sized else None  # type: ignore[arg-type]
         calls = ((call, *args) for args in zip(*iterables))
         futures: list[TaskFuture] = []
-        s.stream(self, calls, options, batch_size, timeout, total, False, timing, futures)
+        try:
+            s.stream(self, calls, options, batch_size, timeout, total, False, timing, futures)
+        except BaseException as e:
+            # The caller gets no future: the tasks queued before the error are cancelled, not left
+            # to run for nobody (those already started finish).
+            from zdq.client.window import cancel_many
+
+            cancel_many(futures)
+            e.add_note(f"zdq: map() cancelled the {len(futures)} tasks it had queued before this error")
+            raise
         return futures
 
     def gather(self, futures: Any, errors: str = "raise", *, timeout: float | None = None) -> Any:

@@ -29,11 +29,9 @@ from typing import Any
 
 from zdq.errors import ZdqError
 
-__all__ = ["ResultWindow", "check_map_options", "run_chunk", "chunked", "key_runs", "cancel_many"]
+__all__ = ["ResultWindow", "cancel_many", "check_map_options", "chunked", "key_runs", "run_chunk"]
 
 logger = logging.getLogger(__name__)
-
-_END = object()
 
 
 def check_map_options(chunksize: int, buffersize: int | None) -> None:
@@ -124,8 +122,8 @@ class ResultWindow:
     def _refill(self) -> None:
         if self._submit is None:
             return
-        args = next(self._calls, _END)
-        if args is _END:
+        args = next(self._calls, None)
+        if args is None:
             self._submit = None
             return
         self._fs.append(self._submit(*args))
