@@ -43,6 +43,7 @@ from zdq.client.window import (
     chunked,
     run_chunk,
 )
+from zdq.errors import ZdqError
 from zdq.futures import TaskFuture
 
 __all__ = ["Executor"]
@@ -316,27 +317,48 @@ class Executor(concurrent.futures.Executor):
 
     def _wait_for_work(self, reason: str) -> None:
         """Wait until every task submitted here is done. A task that runs is waited for however
-        long it takes (as ``ThreadPoolExecutor`` does); work that cannot progress (no consumer
-        running, queues down) for :data:`STALL_LIMIT` seconds is given up on, with a warning
-        saying why (the pool made here is then closed: its pending futures fail)."""
+        long it takes (as ``ThreadPoolExecutor`` does); work that cannot progress for
+        :data:`STALL_LIMIT` seconds (none of it finishes, the pool says why it waits, and its
+        queues run nothing) is given up on, with a warning saying why (the pool made here is then
+        closed: its pending futures fail)."""
         stalled_since: float | None = None
-        with self._state:
-            while self._inflight:
-                self._state.wait(1.0)
-                if not self._inflight:
-                    break
-                why = self._pool.why_waiting() if not self._pool.closed else "its queue pool is closed"
-                if not why:
-                    stalled_since = None
-                    continue
-                now = time.monotonic()
-                stalled_since = now if stalled_since is None else stalled_since
-                if now - stalled_since >= STALL_LIMIT:
-                    logger.warning(
-                        "zdq Executor (%s): %d tasks cannot finish: %s; not waiting for them any longer",
-                        reason, len(self._inflight), why,
-                    )
-                    return
+        left: int | None = None
+        while True:
+            with self._state:
+                if self._inflight:
+                    self._state.wait(1.0)
+                n = len(self._inflight)
+            if n == 0:
+                return
+            if left is None or n < left:
+                left, stalled_since = n, None  # some finished: progress
+                continue
+            why = self._why_stuck()  # asks the queues: not under the lock the callbacks take
+            if not why:
+                stalled_since = None
+                continue
+            now = time.monotonic()
+            stalled_since = now if stalled_since is None else stalled_since
+            if now - stalled_since >= STALL_LIMIT:
+                logger.warning(
+                    "zdq Executor (%s): %d tasks cannot finish: %s; not waiting for them any longer", reason, n, why
+                )
+                return
+
+    def _why_stuck(self) -> str:
+        """Why the work cannot progress, or "" if it may: the pool's own account of why results
+        wait, unless its queues have tasks running (consumers of another process, say)."""
+        pool = self._pool
+        if pool.closed:
+            return "its queue pool is closed"
+        why: str = pool.why_waiting()
+        if not why:
+            return ""
+        try:
+            statuses = pool.queue_status(timeout=2.0)
+        except ZdqError as e:
+            return f"{why} ({e})"
+        return "" if any(s is not None and s.leased_tasks for s in statuses) else why
 
     def __enter__(self) -> Self:
         return self
