@@ -69,7 +69,7 @@ def test_map_gives_results_in_order_raises_a_tasks_error_at_its_position_and_cou
         assert next(slow) == 0.0
         with pytest.raises(TimeoutError):
             next(slow)
-        assert time.monotonic() - start < 4.0
+        assert time.monotonic() - start < 4.8  # not the 5 s the second task takes
 
 
 def test_map_with_a_buffersize_maps_an_endless_generator_with_at_most_buffersize_tasks_unfinished(
