@@ -32,7 +32,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from distributed import Client
 
@@ -45,6 +45,9 @@ from zdq.client.window import (
 )
 from zdq.errors import ZdqError
 from zdq.futures import TaskFuture
+
+if TYPE_CHECKING:
+    from zdq.client.queue_pool import QueuePool
 
 __all__ = ["Executor"]
 
@@ -129,7 +132,7 @@ class Executor(concurrent.futures.Executor):
         max_workers: int | None = None,
         *,
         client: Client | None = None,
-        queue_pool: Any = None,
+        queue_pool: QueuePool | None = None,
         **pool_options: Any,
     ) -> None:
         if max_workers is not None:
@@ -168,7 +171,7 @@ class Executor(concurrent.futures.Executor):
         _open.add(self)
 
     @staticmethod
-    def _make_pool(max_workers: int | None, client: Client | None, options: dict[str, Any]) -> Any:
+    def _make_pool(max_workers: int | None, client: Client | None, options: dict[str, Any]) -> QueuePool:
         from zdq.client.consumer_pool import ConsumerPool
         from zdq.client.local import local
         from zdq.client.queue_pool import QueuePool
@@ -186,7 +189,7 @@ class Executor(concurrent.futures.Executor):
         return pool
 
     @property
-    def queue_pool(self) -> Any:
+    def queue_pool(self) -> QueuePool:
         """The pool the tasks go to."""
         return self._pool
 

@@ -580,7 +580,7 @@ class SubmitMethods:
         the pool open)."""
         from zdq.client.executor import Executor
 
-        return Executor(queue_pool=self)
+        return Executor(queue_pool=self)  # type: ignore[arg-type]  # the mixin of QueuePool alone
 
     def insert(self, tasks: Any, total: int | None = None, progress: bool = True, **kwargs: Any) -> int:
         """Queue :class:`~zdq.Task` objects (or callables of no argument), one or an iterable of
