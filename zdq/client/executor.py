@@ -69,7 +69,10 @@ def _at_exit() -> None:
     global _exiting
     _exiting = True
     for executor in list(_open):
-        executor._finish(wait=True, reason="the program is ending")
+        try:
+            executor._finish(wait=True, reason="the program is ending")
+        except Exception:  # one executor's failing pool does not keep the others' work from running
+            logger.exception("zdq Executor: finishing %r at exit failed", executor)
 
 
 # ``threading._register_atexit`` is what concurrent.futures uses for the same purpose: plain
