@@ -90,32 +90,34 @@ def test_a_cancel_that_said_true_is_never_run_when_a_consumers_worker_and_the_du
     side = tmp_path / "ran"
     side.mkdir()
     n = 1500
-    with QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **FAST) as queue_pool:
-        with ConsumerPool(client3, queue_pool, n_consumers=2, workers=["b", "c"], prefetch=4, **FAST) as consumers:
-            futures = [queue_pool.submit(mark_start, str(side), f"t{i}", 0.01) for i in range(n)]
-            queue_pool.flush(timeout=60)
-            consumers.start()
-            wait_until(lambda: len(os.listdir(side)) > 50, timeout=60)
-            canceller = Canceller(futures, seed=23)
-            try:
-                time.sleep(1.0)
-                os.kill(int(consumers[0].pid().result(timeout=10)), signal.SIGKILL)
-                # Past the heartbeat timeout: its chunks went back and were redelivered (split).
-                time.sleep(HEARTBEAT_TIMEOUT + 1.5)
-                os.kill(pid_of(client3, "a"), signal.SIGKILL)
-                wait_until(lambda: queue_pool.recoveries >= 1, timeout=120)
-                time.sleep(3.0)
-            finally:
-                canceller.stop(timeout=30)
-            # Polled, not concurrent.futures.wait(): that does not count a cancelled future as done.
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not all(f.done() for f in futures):
-                time.sleep(0.2)
-            not_done = [f for f in futures if not f.done()]
-            assert not not_done, (
-                f"{len(not_done)} of {n} futures never settled within 120 s; the queue says "
-                f"{queue_pool.queue_status()}, the consumers {consumers.statistics()}"
-            )
+    with (
+        QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **FAST) as queue_pool,
+        ConsumerPool(client3, queue_pool, n_consumers=2, workers=["b", "c"], prefetch=4, **FAST) as consumers,
+    ):
+        futures = [queue_pool.submit(mark_start, str(side), f"t{i}", 0.01) for i in range(n)]
+        queue_pool.flush(timeout=60)
+        consumers.start()
+        wait_until(lambda: len(os.listdir(side)) > 50, timeout=60)
+        canceller = Canceller(futures, seed=23)
+        try:
+            time.sleep(1.0)
+            os.kill(int(consumers[0].pid().result(timeout=10)), signal.SIGKILL)
+            # Past the heartbeat timeout: its chunks went back and were redelivered (split).
+            time.sleep(HEARTBEAT_TIMEOUT + 1.5)
+            os.kill(pid_of(client3, "a"), signal.SIGKILL)
+            wait_until(lambda: queue_pool.recoveries >= 1, timeout=120)
+            time.sleep(3.0)
+        finally:
+            canceller.stop(timeout=30)
+        # Polled, not concurrent.futures.wait(): that does not count a cancelled future as done.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(f.done() for f in futures):
+            time.sleep(0.2)
+        not_done = [f for f in futures if not f.done()]
+        assert not not_done, (
+            f"{len(not_done)} of {n} futures never settled within 120 s; the queue says "
+            f"{queue_pool.queue_status()}, the consumers {consumers.statistics()}"
+        )
     ran = started_at(side)
     said_true = {i: at for i, (yes, at) in canceller.answers.items() if yes}
     assert said_true, "no cancel() said True: the test raced nothing"
@@ -137,18 +139,20 @@ def test_a_task_whose_consumers_worker_was_killed_while_it_ran_is_not_cancelled_
     (at least once)."""
     side = tmp_path / "ran"
     side.mkdir()
-    with QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **FAST) as queue_pool:
-        with ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"], start=True, **FAST) as consumers:
-            future = queue_pool.submit(slow_the_first_time, str(side), "t")
-            wait_until(lambda: (side / "t").exists(), timeout=30)
-            os.kill(int(consumers[0].pid().result(timeout=10)), signal.SIGKILL)
-            consumers.cancel()  # its replacement pulls no work until started
-            # The broker takes the consumer for dead: the chunk is back in its queue, not leased.
-            wait_until(
-                lambda: [(q.ready_tasks, q.leased_tasks) for q in queue_pool.queue_status() if q is not None] == [(1, 0)],
-                timeout=HEARTBEAT_TIMEOUT * 10,
-            )
-            assert future.cancel() is False, "cancel() said True for a task that had started"
-            assert not future.cancelled()
-            consumers.start()
-            assert future.result(timeout=120) == "t"  # run again by the replacement consumer
+    with (
+        QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **FAST) as queue_pool,
+        ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"], start=True, **FAST) as consumers,
+    ):
+        future = queue_pool.submit(slow_the_first_time, str(side), "t")
+        wait_until(lambda: (side / "t").exists(), timeout=30)
+        os.kill(int(consumers[0].pid().result(timeout=10)), signal.SIGKILL)
+        consumers.cancel()  # its replacement pulls no work until started
+        # The broker takes the consumer for dead: the chunk is back in its queue, not leased.
+        wait_until(
+            lambda: [(q.ready_tasks, q.leased_tasks) for q in queue_pool.queue_status() if q is not None] == [(1, 0)],
+            timeout=HEARTBEAT_TIMEOUT * 10,
+        )
+        assert future.cancel() is False, "cancel() said True for a task that had started"
+        assert not future.cancelled()
+        consumers.start()
+        assert future.result(timeout=120) == "t"  # run again by the replacement consumer
