@@ -1,10 +1,12 @@
 """A driver's CANCEL, answered: which of its tasks will never run (and ``zdq purge``).
 
 Tasks of a chunk still in the queue are marked cancelled in storage (a consumer skips them when
-the chunk is delivered). A chunk whose consumer died holding it (or that a broker before this one
-had handed out) may have started: none of its tasks is cancelled, they run again (at least once). A leased chunk's consumer is asked, for it alone knows which tasks have
+the chunk is delivered). A leased chunk's consumer is asked, for it alone knows which tasks have
 started; the broker answers the driver once every consumer asked has answered, or left, or let its
-heartbeat timeout pass (what it holds then counts as started).
+heartbeat timeout pass (what it holds then counts as started). A chunk whose consumer died or
+reconnected holding it (or that a broker before this one had handed out) may have started, in
+storage's words: none of its tasks is cancelled, whoever holds it now; they run again (at least
+once).
 
 Who owns what
 -------------

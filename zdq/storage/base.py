@@ -277,11 +277,6 @@ class Storage(ABC):
     def _marks_of_parts(self, chunk_id: int, ids: list[int]) -> dict[int, frozenset[int]]:
         """What a chunk split into one-task parts ``ids`` (in order) passes on to each part: its
         task's cancellation, and whether it may have started (every part, if the chunk may)."""
-        if len(ids) == 1:  # a chunk of one task "split": the part is the chunk
-            one = set(self._cancels.get(chunk_id, frozenset()) & {0})
-            if chunk_id in self._started:
-                one.add(MAY_HAVE_STARTED)
-            return {ids[0]: frozenset(one)} if one else {}
         cancelled = self._cancels.get(chunk_id, frozenset())
         started = chunk_id in self._started
         marks: dict[int, frozenset[int]] = {}

@@ -8,7 +8,9 @@ Layout (named sub-databases, big-endian 8-byte keys so a cursor walks in FIFO or
     leased  id -> b""          marks only, rewritten freely: recovery makes every chunk ready
     dead    id -> reason (utf-8)
     results id -> consumer id (16 bytes) + results: a done chunk whose driver had not taken them
-    cancels id -> the indexes (4 bytes each) of the chunk's tasks cancelled before they started
+    cancels id -> the indexes (4 bytes each) of the chunk's tasks cancelled before they started, and
+            0xFFFFFFFF if its tasks may have started (its consumer died holding it): see
+            :meth:`zdq.storage.base.Storage.may_have_started`
     schedules  schedule id -> its record (zdq.codec.schedules.ScheduleRecord): written in the transaction
             that stores the tick's chunk, so a tick is queued exactly once whatever is killed
 
