@@ -4,6 +4,7 @@ LeaseTable over MemoryStorage or LMDB files under ``tmp_path``, a recorder for w
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,9 @@ import pytest
 from zdq.broker.leases import LeaseTable
 from zdq.broker.peers import Peer
 from zdq.broker.questions import CancelQuestions
+from zdq.codec.tasks import ITEMS, TaskOptions, dumps_chunk
+from zdq.consumer.base import ConsumerBaseClass
+from zdq.consumer.runner import Counters, Runner
 from zdq.storage import ChunkMeta, LMDBStorage, MemoryStorage, Storage
 from zdq.transport import protocol as p
 
@@ -144,3 +148,62 @@ def test_marks_of_a_split_that_could_not_be_stored_are_dropped_with_it(tmp_path:
         assert s.cancelled(a) == {0}
     finally:
         s.close()
+
+
+# -- a consumer whose broker is placed again ---------------------------------------------------
+
+
+class Recorder(ConsumerBaseClass):
+    """Records the items it is given (ITEMS chunks: ``process_item(item)``)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="recorder")
+        self.seen: list[object] = []
+
+    def process_item(self, item: object) -> object:
+        self.seen.append(item)
+        return item
+
+
+def _runner(handler: Recorder, sent: list[tuple[int, p.Message]]) -> Runner:
+    fetching = threading.Event()
+    fetching.set()
+    return Runner(
+        "c", handler, lambda broker, msg: sent.append((broker, msg)), threading.Event(), fetching, Counters(),
+        max_concurrency=1, defaults=TaskOptions(), crash_attempts=3, payload_key=None, queues=["q0", "q1"],
+    )
+
+
+def _deliver(chunk_id: int, items: list[object]) -> p.Deliver:
+    return p.Deliver(chunk_id, len(items), 1, dumps_chunk(0, items, None, ITEMS))
+
+
+def test_what_a_broker_placed_again_had_delivered_never_starts_and_a_copy_its_successor_delivers_runs() -> None:
+    handler, sent = Recorder(), []
+    runner = _runner(handler, sent)
+    for chunk_id, broker in ((7, 0), (8, 1)):
+        runner.received(chunk_id, broker)
+    runner.broker_replaced(0)
+    runner.received(7, 0)  # the new broker 0 delivers chunk 7 again (from its storage)
+    runner.execute(0, _deliver(7, ["old"]))  # the copy the broker before had given: dropped, unreported
+    runner.execute(1, _deliver(8, ["other queue"]))
+    runner.execute(0, _deliver(7, ["new"]))
+    assert handler.seen == ["other queue", "new"]
+    assert [(broker, type(msg).__name__, msg.chunk_id) for broker, msg in sent] == [(1, "Done", 8), (0, "Done", 7)]
+
+
+def test_a_chunk_running_when_its_broker_is_placed_again_starts_no_more_tasks_and_reports_nothing() -> None:
+    sent: list[tuple[int, p.Message]] = []
+    runner: Runner
+
+    class ReplacedMidway(Recorder):
+        def process_item(self, item: object) -> object:
+            if item == "first":
+                runner.broker_replaced(0)  # told while this chunk runs
+            return super().process_item(item)
+
+    handler = ReplacedMidway()
+    runner = _runner(handler, sent)
+    runner.received(5, 0)
+    runner.execute(0, _deliver(5, ["first", "second", "third"]))
+    assert handler.seen == ["first"] and sent == []
