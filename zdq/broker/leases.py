@@ -18,16 +18,19 @@ Owned by the broker's loop thread; control-plane readers take the broker's lock.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from zdq.errors import ProtocolError
+from zdq.errors import ProtocolError, StorageError
 from zdq.codec.schedules import SCHEDULED
 from zdq.storage.base import ChunkMeta, Leased, Storage
 from zdq.transport.protocol import ID_SIZE
 
 __all__ = ["Held", "LeaseTable", "QueueCounts"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -190,6 +193,7 @@ class LeaseTable:
                 self.storage.release(chunk_id, count_attempt=False)
                 self._previous[chunk_id] = consumer
                 returned.append(chunk_id)
+        self._may_have_started(returned)  # it may have received them, and runs what it received
         return returned
 
     def expire(self, consumer: bytes, *, count_attempt: bool = True) -> tuple[list[int], list[tuple[int, Held]]]:
@@ -208,7 +212,19 @@ class LeaseTable:
                 self.storage.release(chunk_id, count_attempt=count_attempt)
                 self._previous[chunk_id] = consumer
                 returned.append(chunk_id)
+        self._may_have_started(returned)
         return returned, lost
+
+    def _may_have_started(self, chunk_ids: list[int]) -> None:
+        """Chunks a consumer held when it died or reconnected go back to the queue: any of their
+        tasks may have started, and a cancellation must say so, through any recovery (the mark
+        is written with the chunk; see :meth:`~zdq.storage.base.Storage.may_have_started`)."""
+        if not chunk_ids:
+            return
+        try:
+            self.storage.note_started(chunk_ids)
+        except StorageError as e:  # it holds in memory still: only a recovered broker forgets it
+            logger.error("%s", e)
 
     def finish(self, chunk_id: int, consumer: bytes, results: object) -> Held | None:
         """A DONE from the chunk's holder (or its holder before its lease expired): the chunk is

@@ -3,7 +3,10 @@
 Tasks of a chunk still in the queue are marked cancelled in storage (a consumer skips them when
 the chunk is delivered). A leased chunk's consumer is asked, for it alone knows which tasks have
 started; the broker answers the driver once every consumer asked has answered, or left, or let its
-heartbeat timeout pass (what it holds then counts as started).
+heartbeat timeout pass (what it holds then counts as started). A chunk whose consumer died or
+reconnected holding it (or that a broker before this one had handed out) may have started, in
+storage's words: none of its tasks is cancelled, whoever holds it now; they run again (at least
+once).
 
 Who owns what
 -------------
@@ -78,6 +81,10 @@ class CancelQuestions:
         question = Question(driver, msg.token)
         leases, storage = self._leases, self._storage
         for chunk_id, indexes in leases.locate(driver, msg.seq, msg.chunk_id, msg.indexes).items():
+            if storage.may_have_started(chunk_id):
+                # A consumer died (or a broker before this one) holding it: any of its tasks may
+                # have started there, whoever holds it now. None counts as cancelled; it runs again.
+                continue
             held = leases.get(chunk_id)
             if held is None:
                 if storage.is_ready(chunk_id):

@@ -258,7 +258,7 @@ class Link:
                 try_send(sock, p.encode(p.Return(msg.chunk_id)))
                 return
             counters.chunks_received += 1
-            received(msg.chunk_id)
+            received(msg.chunk_id, i)
             if early_ack:
                 try_send(sock, p.encode(p.Ack(msg.chunk_id)))
             if inline:
@@ -369,6 +369,7 @@ class Link:
                 reach.restart(i, time.monotonic())
                 control.popleft()
                 cr.forget(i)
+                runner.broker_replaced(i)  # what the broker before gave never starts here now
             while outbox:
                 i, out = outbox.popleft()
                 if isinstance(out, p.Done):

@@ -119,6 +119,7 @@ class _ChunkRun:
         "lock",
         "options",
         "remaining",
+        "stale",
         "started",
         "tasks",
         "values",
@@ -150,6 +151,9 @@ class _ChunkRun:
         self.tasks: list[Any] = []
         self.cursor: enumerate[Any] | None = None
         self.started: bytearray | None = None
+        # Its broker was placed again while it ran: the rest never starts, and no DONE goes (the
+        # new broker serves the chunk again from its storage; see Runner.broker_replaced).
+        self.stale = False
 
     def cancel(self, i: int) -> bool:
         """Cancel task ``i`` unless it has started (the runner's cancel lock held)."""
@@ -276,10 +280,13 @@ class Runner:
         self._payload_key = payload_key
         self._max_bytes = max_bytes  # most bytes of results a DONE may carry (the sockets drop more)
         self._pool: _TaskThreads | None = None
-        # Chunks received and not finished: None until started, then their run (for cancellations).
-        self._chunks: dict[int, _ChunkRun | None] = {}
+        # Chunks received and not finished: the index of the broker they came from until started,
+        # then their run (for cancellations).
+        self._chunks: dict[int, _ChunkRun | int] = {}
         # Tasks cancelled of chunks not started yet: chunk id -> indexes.
         self._cancels: dict[int, set[int]] = {}
+        # Chunks received from a broker since placed again, not started: they never start here.
+        self._stale: set[int] = set()
         self._cancel_lock = threading.Lock()
         #: Chunks for the execution thread (``max_concurrency`` > 1); ``None`` ends it.
         self.chunks: queue.SimpleQueue[tuple[int, p.Deliver] | None] = queue.SimpleQueue()
@@ -301,19 +308,19 @@ class Runner:
             pool.shutdown()
 
     # -- cancellations (called by the thread that owns the sockets) -------------------------------
-    def received(self, chunk_id: int) -> None:
-        """A chunk was delivered; it waits to be started."""
-        self._chunks[chunk_id] = None
+    def received(self, chunk_id: int, broker: int) -> None:
+        """A chunk was delivered by ``broker``; it waits to be started."""
+        self._chunks[chunk_id] = broker
 
     def cancel(self, chunk_id: int, indexes: tuple[int, ...], *, announced: bool = False) -> list[int]:
         """Cancel tasks of a chunk that have not started; return those cancelled. ``announced``:
         the broker says these were cancelled before the chunk, delivered next, was leased."""
         with self._cancel_lock:
-            if announced or self._chunks.get(chunk_id, False) is None:
+            run = self._chunks.get(chunk_id)
+            if announced or isinstance(run, int):  # a broker's index: waiting to start
                 cancelled = list(indexes)
             else:
-                run = self._chunks.get(chunk_id)
-                if run is None:
+                if not isinstance(run, _ChunkRun):
                     return []  # finished (its DONE is on its way), or never here
                 cancelled = [i for i in indexes if 0 <= i < len(run.values) and run.cancel(i)]
             if cancelled:
@@ -321,6 +328,24 @@ class Runner:
                     del self._cancels[next(iter(self._cancels))]
                 self._cancels.setdefault(chunk_id, set()).update(cancelled)
             return cancelled
+
+    def broker_replaced(self, broker: int) -> None:
+        """Broker ``broker`` was placed again (the socket thread, once it connects to the new one).
+
+        What this consumer received from the broker before and has not started never starts
+        here: the new broker serves those chunks again from its storage (and takes no DONE for
+        them from here), and it may have answered a cancellation of their tasks "never started",
+        knowing nothing of this copy. Chunks running stop starting tasks and send no DONE.
+        """
+        with self._cancel_lock:
+            for chunk_id, state in self._chunks.items():
+                if isinstance(state, int):  # a broker's index: waiting to start
+                    if state == broker:
+                        self._stale.add(chunk_id)
+                elif state.broker == broker and not state.stale:
+                    state.stale = True
+                    for i in range(len(state.values)):
+                        state.cancel(i)
 
     def _forget(self, chunk_id: int) -> None:
         # Its cancellations are kept (a bounded number): the same chunk may come again (given
@@ -335,6 +360,10 @@ class Runner:
         with self._cancel_lock:
             cancels = self._cancels.get(run.chunk_id) if self._cancels else None
             self._chunks[run.chunk_id] = run
+            if self._stale and run.chunk_id in self._stale:  # its broker was placed again just now
+                self._stale.discard(run.chunk_id)
+                run.stale = True
+                cancels = set(range(len(tasks)))
         if cancels:
             placeholder = cancelled_entry(run.kind)
             for i in cancels:
@@ -355,7 +384,7 @@ class Runner:
         except Exception as e:  # a task's own failure is caught inside; this would be zdq's
             logger.exception("consumer %s failed to run chunk %d", self.name, deliver.chunk_id)
             run = self._chunks.get(deliver.chunk_id)
-            if run is not None and run.remaining > 0:
+            if isinstance(run, _ChunkRun) and run.remaining > 0:
                 # Every future settles: the tasks of the chunk without an error report this one.
                 why = f"consumer {self.name} failed to run this task's chunk: {e!r}"
                 info = ErrorInfo(None, "zdq.errors.ZdqError", why, "")
@@ -366,6 +395,8 @@ class Runner:
 
     def _start_chunk(self, broker: int, deliver: p.Deliver) -> None:
         """Unpickle a chunk and run it (inline), or hand its tasks to the task threads."""
+        if self._stale and self._drop_stale(deliver.chunk_id):
+            return
         if self._stop.is_set() or not self._fetching.is_set():
             # Not started: give it back so another consumer runs it, without using an attempt.
             self._forget(deliver.chunk_id)
@@ -408,6 +439,20 @@ class Runner:
         else:
             for i in range(len(tasks)):
                 pool.submit(self._run_one, run, i)
+
+    def _drop_stale(self, chunk_id: int) -> bool:
+        """Whether this delivery came from a broker placed again since (see
+        :meth:`broker_replaced`): it is dropped, unstarted and unreported. A copy the new broker
+        delivered since comes after it, and runs."""
+        with self._cancel_lock:
+            if chunk_id not in self._stale:
+                return False
+            self._stale.discard(chunk_id)
+            self._chunks.pop(chunk_id, None)
+        logger.info(
+            "consumer %s: chunk %d came from a queue placed again since; its new broker serves it", self.name, chunk_id
+        )
+        return True
 
     def _run_inline(self, run: _ChunkRun, tasks: list[Any]) -> None:
         # The loop's iterator tells a cancellation which tasks have started (_ChunkRun.cancel).
@@ -545,6 +590,8 @@ class Runner:
             counters.tasks_failed += len(errors) - cancelled
             counters.tasks_cancelled += cancelled
             counters.tasks_done += n - len(errors)
+        if run.stale:  # its broker was placed again: the new one runs the chunk from its storage
+            return
         for dead in run.dead:  # before DONE, so the broker still knows the chunk they come from
             self._post(run.broker, dead)
         payload = dumps_results(run.base, run.values, errors, self._payload_key, self._max_bytes)

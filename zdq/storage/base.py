@@ -23,7 +23,11 @@ from dataclasses import dataclass
 
 from zdq.storage.order import Delayed, ReadyQueue
 
-__all__ = ["ChunkMeta", "Leased", "DeadLetter", "StorageCounts", "Storage"]
+__all__ = ["ChunkMeta", "Leased", "DeadLetter", "StorageCounts", "Storage", "MAY_HAVE_STARTED"]
+
+#: Written among a chunk's cancelled task indexes (never a task's index: a chunk holds far fewer):
+#: the chunk's tasks may have started (see :meth:`Storage.may_have_started`).
+MAY_HAVE_STARTED = 0xFFFFFFFF
 
 _META = struct.Struct(">16sQI")
 #: The head of a delayed or prioritised chunk: the plain one, then the release time and priority.
@@ -127,6 +131,10 @@ class Storage(ABC):
         #: Tasks cancelled before they started, by chunk: chunk id -> their indexes in the chunk.
         #: Consumers are told before the chunk is delivered, and skip them.
         self._cancels: dict[int, frozenset[int]] = {}
+        #: Chunks whose tasks may have started: a consumer (or a broker before this one) held them
+        #: when it died, so no cancellation of their tasks can say "never started". Written with
+        #: the marks (:data:`MAY_HAVE_STARTED`).
+        self._started: set[int] = set()
 
     # -- the contract -------------------------------------------------------------------------
     def open(self) -> None:
@@ -146,7 +154,15 @@ class Storage(ABC):
             self._next_id = max(self._next_id, chunk_id + 1)
         for chunk_id, indexes in self._scan_cancels():
             if chunk_id in self._meta:
-                self._cancels[chunk_id] = indexes
+                if MAY_HAVE_STARTED in indexes:
+                    self._started.add(chunk_id)
+                    indexes = indexes - {MAY_HAVE_STARTED}
+                if indexes:
+                    self._cancels[chunk_id] = indexes
+        for chunk_id in self._scan_leased():
+            # Leased when the last broker stopped: its consumer may still run it (or have run part).
+            if chunk_id in self._meta and chunk_id not in self._dead:
+                self._started.add(chunk_id)
 
     def put_many(self, entries: Sequence[tuple[ChunkMeta, object]]) -> list[int]:
         """Store chunks at the tail, all or none; return their ids once they are stored.
@@ -230,22 +246,47 @@ class Storage(ABC):
         if chunk_id not in self._leased or not parts:
             return []
         ids = list(range(self._next_id, self._next_id + len(parts)))
-        self._write([(i, meta, payload) for i, (meta, payload) in zip(ids, parts)])
+        marks = self._marks_of_parts(chunk_id, ids)
+        for part_id, part_marks in marks.items():
+            # Held, not written yet: they ride in the parts' own transaction (all or none).
+            self._hold_cancels(part_id, part_marks)
+        try:
+            self._write([(i, meta, payload) for i, (meta, payload) in zip(ids, parts)])
+        except BaseException:
+            self._unhold_cancels(list(marks))  # the ids are given again: their marks must not stay
+            raise
         self._next_id += len(parts)
         self._leased.discard(chunk_id)
         self._leased_tasks -= self._meta.pop(chunk_id).n_tasks
         self._attempts.pop(chunk_id, None)
-        cancelled = self._cancels.pop(chunk_id, frozenset())
+        self._cancels.pop(chunk_id, None)
+        self._started.discard(chunk_id)
         self._delete([chunk_id])
         for new_id, (meta, _) in zip(reversed(ids), reversed(parts)):
             self._meta[new_id] = meta
             self._ready.appendleft(new_id, meta.priority)
             self._ready_tasks += meta.n_tasks
-        if len(parts) > 1:  # one task per part, in order: a cancelled task stays cancelled
-            for index in cancelled:
-                if index < len(ids):
-                    self.cancel(ids[index], (0,))
+        for part_id, part_marks in marks.items():
+            if MAY_HAVE_STARTED in part_marks:
+                self._started.add(part_id)
+                part_marks = part_marks - {MAY_HAVE_STARTED}
+            if part_marks:
+                self._cancels[part_id] = part_marks
         return ids
+
+    def _marks_of_parts(self, chunk_id: int, ids: list[int]) -> dict[int, frozenset[int]]:
+        """What a chunk split into one-task parts ``ids`` (in order) passes on to each part: its
+        task's cancellation, and whether it may have started (every part, if the chunk may)."""
+        cancelled = self._cancels.get(chunk_id, frozenset())
+        started = chunk_id in self._started
+        marks: dict[int, frozenset[int]] = {}
+        for index, part_id in enumerate(ids):
+            one = {0} if index in cancelled else set()
+            if started:
+                one.add(MAY_HAVE_STARTED)
+            if one:
+                marks[part_id] = frozenset(one)
+        return marks
 
     def cancel(self, chunk_id: int, indexes: Iterable[int]) -> bool:
         """Mark tasks of a stored chunk as cancelled (durable backends write it at once); False if
@@ -255,13 +296,39 @@ class Storage(ABC):
         n = self._meta[chunk_id].n_tasks
         marks = self._cancels.get(chunk_id, frozenset()) | {i for i in indexes if 0 <= i < n}
         if marks != self._cancels.get(chunk_id):
-            self._write_cancels(chunk_id, marks)  # raises StorageError: nothing is marked
+            self._write_cancels(chunk_id, self._record(chunk_id, marks))  # raises StorageError: nothing is marked
             self._cancels[chunk_id] = marks
         return True
 
     def cancelled(self, chunk_id: int) -> frozenset[int]:
         """The indexes of the tasks of this chunk that were cancelled (usually none)."""
         return self._cancels.get(chunk_id, frozenset()) if self._cancels else frozenset()
+
+    def may_have_started(self, chunk_id: int) -> bool:
+        """Whether a consumer that died (or the consumer of a broker before this one) held this
+        chunk: any of its tasks may have started, so none can be cancelled as "never started"."""
+        return chunk_id in self._started if self._started else False
+
+    def note_started(self, chunk_ids: Iterable[int]) -> None:
+        """Record that the tasks of these stored chunks may have started (their consumer died
+        holding them); durable backends write it before this returns.
+
+        Raises
+        ------
+        StorageError
+            If it could not be written (it holds here still, for as long as this broker lives).
+        """
+        fresh = [i for i in chunk_ids if i in self._meta and i not in self._dead and i not in self._started]
+        if not fresh:
+            return
+        self._started.update(fresh)
+        for chunk_id in fresh:
+            self._hold_cancels(chunk_id, self._record(chunk_id, self._cancels.get(chunk_id, frozenset())))
+        self._flush_cancels(fresh)
+
+    def _record(self, chunk_id: int, marks: frozenset[int]) -> frozenset[int]:
+        """What is written for a chunk's marks: its cancelled tasks, and whether it may have started."""
+        return marks | {MAY_HAVE_STARTED} if chunk_id in self._started else marks
 
     def find(self, owner: bytes, seq: int) -> list[int]:
         """The ids of the stored chunks a driver numbered ``seq`` (several once split), in order.
@@ -311,6 +378,8 @@ class Storage(ABC):
             self._attempts.pop(chunk_id, None)
             if self._cancels:
                 self._cancels.pop(chunk_id, None)
+            if self._started:
+                self._started.discard(chunk_id)
             gone.append(chunk_id)
             out.append(meta)
         if gone:
@@ -405,6 +474,7 @@ class Storage(ABC):
             del self._meta[chunk_id]
             self._attempts.pop(chunk_id, None)
             self._cancels.pop(chunk_id, None)
+            self._started.discard(chunk_id)
         return len(ids)
 
     # -- schedules (their records are the broker's; storage keeps them with the queue) --------
@@ -468,7 +538,24 @@ class Storage(ABC):
 
     def _write_cancels(self, chunk_id: int, indexes: frozenset[int]) -> None:
         """Durable backends write a chunk's cancelled tasks before this returns (a broker answers
-        a driver that they will never run only then)."""
+        a driver that they will never run only then). ``indexes`` may hold
+        :data:`MAY_HAVE_STARTED`: written as it is."""
+
+    def _hold_cancels(self, chunk_id: int, indexes: frozenset[int]) -> None:
+        """As :meth:`_write_cancels`, but durable backends may write it with their next
+        transaction (:meth:`_write` or :meth:`_flush_cancels`)."""
+
+    def _unhold_cancels(self, chunk_ids: list[int]) -> None:
+        """Drop the marks of these chunks held and not written (their chunks were not stored)."""
+
+    def _flush_cancels(self, chunk_ids: list[int]) -> None:
+        """Durable backends write the marks held by :meth:`_hold_cancels` before this returns
+        (raise StorageError naming ``chunk_ids`` if they could not)."""
+
+    def _scan_leased(self) -> Iterable[int]:
+        """The chunks a durable backend found leased when it was opened (its last broker had
+        handed them to consumers, which may run them still)."""
+        return ()
 
     def _scan_schedules(self) -> Iterable[bytes]:
         """Schedule records written by :meth:`_write_schedule` before the queue was last closed."""

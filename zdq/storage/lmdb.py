@@ -8,7 +8,9 @@ Layout (named sub-databases, big-endian 8-byte keys so a cursor walks in FIFO or
     leased  id -> b""          marks only, rewritten freely: recovery makes every chunk ready
     dead    id -> reason (utf-8)
     results id -> consumer id (16 bytes) + results: a done chunk whose driver had not taken them
-    cancels id -> the indexes (4 bytes each) of the chunk's tasks cancelled before they started
+    cancels id -> the indexes (4 bytes each) of the chunk's tasks cancelled before they started, and
+            0xFFFFFFFF if its tasks may have started (its consumer died holding it): see
+            :meth:`zdq.storage.base.Storage.may_have_started`
     schedules  schedule id -> its record (zdq.codec.schedules.ScheduleRecord): written in the transaction
             that stores the tick's chunk, so a tick is queued exactly once whatever is killed
 
@@ -155,6 +157,7 @@ class LMDBStorage(Storage):
         # Bookkeeping held back for the next transaction: (op, chunk id, reason or kept results).
         self._pending: list[tuple[str, int, Any]] = []
         self._pending_since = 0.0
+        self._leased_at_open: list[int] = []  # chunks leased when the queue was opened (cancellations)
 
     # -- opening --------------------------------------------------------------------------------
     def open(self) -> None:
@@ -180,6 +183,8 @@ class LMDBStorage(Storage):
             with self._env.begin(write=True) as txn:
                 if not existed:
                     txn.put(b"format", FORMAT, db=self._dbs[b"meta"])
+                # Chunks the last owner had handed out: consumers may run them still (cancellations).
+                self._leased_at_open = [_KEY.unpack(k)[0] for k, _ in txn.cursor(db=self._dbs[b"leased"])]
                 txn.drop(self._dbs[b"leased"], delete=False)  # a new owner: every lease is void
             if self._sync:
                 _sync_dirs(self.path, made)
@@ -376,10 +381,26 @@ class LMDBStorage(Storage):
             ]
 
     def _write_cancels(self, chunk_id: int, indexes: frozenset[int]) -> None:
+        self._hold_cancels(chunk_id, indexes)
+        self._flush_cancels([chunk_id])
+
+    def _hold_cancels(self, chunk_id: int, indexes: frozenset[int]) -> None:
         self._hold("cancels", chunk_id, struct.pack(f">{len(indexes)}I", *sorted(indexes)))
+
+    def _unhold_cancels(self, chunk_ids: list[int]) -> None:
+        ids = set(chunk_ids)
+        self._pending = [held for held in self._pending if not (held[0] == "cancels" and held[1] in ids)]
+
+    def _flush_cancels(self, chunk_ids: list[int]) -> None:
         self.commit(force=True)
         if self._pending:
-            raise StorageError(f"{self.path}: the cancellation of tasks of chunk {chunk_id} was not written")
+            raise StorageError(
+                f"{self.path}: the cancellation marks of chunks {chunk_ids[:5]} were not written (see the "
+                "warning above for why); a cancel of their tasks is answered 'started'"
+            )
+
+    def _scan_leased(self) -> Iterable[int]:
+        return self._leased_at_open
 
     def _scan_cancels(self) -> Iterable[tuple[int, frozenset[int]]]:
         assert self._env is not None
