@@ -156,3 +156,54 @@ def test_a_task_whose_consumers_worker_was_killed_while_it_ran_is_not_cancelled_
         assert not future.cancelled()
         consumers.start()
         assert future.result(timeout=120) == "t"  # run again by the replacement consumer
+
+
+_HAND_OUT_THEN_WAIT = """
+import sys, time
+from zdq.storage import ChunkMeta, LMDBStorage
+
+storage = LMDBStorage(sys.argv[1])
+storage.open()
+ids = storage.put_many([(ChunkMeta(b"o" * 16, seq, 2), b"chunk %d" % seq) for seq in range(3)])
+storage.commit(force=True)
+leased = storage.lease()  # handed out: a broker sends DELIVER now; its lease mark is held back
+print(leased.chunk_id, *ids, flush=True)
+time.sleep(60)  # killed here, before any commit writes the lease mark
+"""
+
+
+def test_a_chunk_handed_out_just_before_its_durable_broker_is_killed_is_never_answered_cancelled(
+    tmp_path: Path,
+) -> None:
+    """Lease marks are committed up to 50 ms late (delivery writes nothing to LMDB): a broker
+    killed in that window must still tell its successor that the chunk was handed out, or a
+    consumer that holds it unstarted may start it after the successor said "cancelled"."""
+    import subprocess
+    import sys
+
+    from zdq.storage import LMDBStorage
+
+    queue = tmp_path / "q"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HAND_OUT_THEN_WAIT, str(queue)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # bounded: the process sleeps 60 s at most, and pytest's timeout
+        assert line, f"the storage process failed (exit {proc.poll()})"
+        leased, *ids = (int(x) for x in line.split())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    for _ in range(2):  # and again: the successor's own crash does not forget it
+        storage = LMDBStorage(str(queue))
+        storage.open()
+        try:
+            assert storage.may_have_started(leased), "a chunk handed out before the kill is taken as never started"
+            assert not any(storage.may_have_started(i) for i in ids if i != leased)
+        finally:
+            storage._release()  # as a kill would: no close, no commit

@@ -201,9 +201,9 @@ class Credit:
         self.credit[i] = 0
 
     def forget(self, i: int) -> None:
-        """Broker ``i`` was replaced. Chunks held from it still run; their DONE goes to the
-        replacement, which acknowledges those it recovered from disk and counts the others as
-        duplicates."""
+        """Broker ``i`` was replaced: the chunks held from it leave the credit count (the runner
+        starts none of them: the replacement serves them again from storage, see
+        :meth:`~zdq.consumer.runner.Runner.broker_replaced`)."""
         self.on_bye(i)
         self.fetch_at[i] = 0.0
         self.in_flight -= len(self.held[i])

@@ -14,6 +14,11 @@ Layout (named sub-databases, big-endian 8-byte keys so a cursor walks in FIFO or
     schedules  schedule id -> its record (zdq.codec.schedules.ScheduleRecord): written in the transaction
             that stores the tick's chunk, so a tick is queued exactly once whatever is killed
 
+Beside the environment, ``leases.journal`` lists (8 bytes each) the chunk ids handed out since the
+lease marks were last committed: appended before each DELIVER, truncated at each commit, read (with
+``leased``) when the queue is opened again, so that a broker killed before committing its lease
+marks still tells its successor which chunks may have started.
+
 Durability: the environment runs with LMDB's own crash-safe flags (``sync`` and ``metasync``:
 every commit flushes its data pages, then its meta page, to disk), so an operating-system crash or
 a power loss leaves it consistent and keeps every committed transaction.
@@ -46,7 +51,7 @@ import lmdb
 
 from zdq.errors import QueueLocked, StorageCorrupt, StorageError, StorageFull
 from zdq.names import queue_name_of
-from zdq.storage.base import ChunkMeta, Storage
+from zdq.storage.base import MAY_HAVE_STARTED, ChunkMeta, Storage
 
 __all__ = ["LMDBStorage", "FORMAT", "inspect_queue", "is_queue_dir"]
 
@@ -58,6 +63,9 @@ _DBS = (b"meta", b"chunks", b"heads", b"leased", b"dead", b"results", b"cancels"
 #: Sub-databases a queue written by an older zdq may lack (opened read-only, they are skipped).
 _LATER_DBS = (b"results", b"cancels", b"schedules")
 _LOCK = "zdq.lock"
+#: Chunk ids handed out since the lease marks were last committed, appended before each DELIVER
+#: (see :meth:`LMDBStorage._read`).
+_JOURNAL = "leases.journal"
 _MAX_GROWTH = 64 << 30
 #: Bookkeeping writes (acknowledgements, marks) wait at most this long, or until this many are
 #: pending, to be written in one synced transaction: a flush costs the same for one or a thousand.
@@ -158,6 +166,8 @@ class LMDBStorage(Storage):
         self._pending: list[tuple[str, int, Any]] = []
         self._pending_since = 0.0
         self._leased_at_open: list[int] = []  # chunks leased when the queue was opened (cancellations)
+        self._journal_fd: int | None = None  # the lease journal, open for appending
+        self._journaled = False  # something was appended since the last truncation
 
     # -- opening --------------------------------------------------------------------------------
     def open(self) -> None:
@@ -180,12 +190,18 @@ class LMDBStorage(Storage):
             if existed:
                 self._check_format()
             self._dbs = {name: self._env.open_db(name) for name in _DBS}
+            journaled = self._read_journal()
             with self._env.begin(write=True) as txn:
                 if not existed:
                     txn.put(b"format", FORMAT, db=self._dbs[b"meta"])
-                # Chunks the last owner had handed out: consumers may run them still (cancellations).
-                self._leased_at_open = [_KEY.unpack(k)[0] for k, _ in txn.cursor(db=self._dbs[b"leased"])]
+                # Chunks the last owner had handed out (its marks, and its journal of what it handed
+                # out since): consumers may run them still, so no cancel of theirs says "never
+                # started". The mark is written here, in the transaction that voids the leases.
+                leased = [_KEY.unpack(k)[0] for k, _ in txn.cursor(db=self._dbs[b"leased"])]
+                self._leased_at_open = list(dict.fromkeys(leased + journaled))
+                _mark_started(txn, self._dbs, self._leased_at_open)
                 txn.drop(self._dbs[b"leased"], delete=False)  # a new owner: every lease is void
+            self._journal_fd = os.open(self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
             if self._sync:
                 _sync_dirs(self.path, made)
         except lmdb.Error as e:
@@ -222,10 +238,34 @@ class LMDBStorage(Storage):
             raise StorageError(f"cannot lock queue {self.path}: {e}") from e
         self._lock_fd = fd
 
+    @property
+    def _journal_path(self) -> str:
+        return os.path.join(self.path, _JOURNAL)
+
+    def _read_journal(self) -> list[int]:
+        """The chunk ids the last owner handed out after its last commit (a torn last record, from
+        a kill in the middle of a write, is left out)."""
+        try:
+            with open(self._journal_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        size = _KEY.size
+        return [_KEY.unpack_from(data, i)[0] for i in range(0, len(data) - size + 1, size)]
+
+    def _truncate_journal(self) -> None:
+        """The lease marks are committed: the journal's records are in them."""
+        if self._journaled and self._journal_fd is not None:
+            os.ftruncate(self._journal_fd, 0)
+            self._journaled = False
+
     def _release(self) -> None:
         if self._env is not None:
             self._env.close()
             self._env = None
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None
@@ -259,8 +299,7 @@ class LMDBStorage(Storage):
                         txn.put(key, meta.pack(), db=heads, append=True)
                         if dead and chunk_id in dead:
                             txn.put(key, dead[chunk_id].encode()[:65536], db=dead_db)
-                self._pending.clear()
-                self._pending_since = 0.0
+                self._written()
                 return
             except lmdb.MapFullError:
                 self._grow()
@@ -297,6 +336,12 @@ class LMDBStorage(Storage):
         if payload is None:
             raise StorageCorrupt(f"{self.path}: chunk {chunk_id} is indexed but not stored")
         self._marks[chunk_id] = True
+        # Appended before the DELIVER leaves: a broker killed before its lease marks are committed
+        # (they are held back up to _PENDING_DELAY) still tells its successor that this chunk was
+        # handed out. One small write to the page cache; a killed process does not lose it.
+        if self._journal_fd is not None:
+            os.write(self._journal_fd, _KEY.pack(chunk_id))
+            self._journaled = True
         return payload
 
     def release(self, chunk_id: int, *, count_attempt: bool = True) -> bool:
@@ -348,7 +393,6 @@ class LMDBStorage(Storage):
                 txn.put(_key(chunk_id), b"", db=leased)
             else:
                 txn.delete(_key(chunk_id), db=leased)
-        self._marks.clear()
 
     def commit(self, *, force: bool = False) -> None:
         if self._env is None or not (self._pending or self._marks):
@@ -364,8 +408,14 @@ class LMDBStorage(Storage):
         except lmdb.Error as e:  # kept for the next try; nothing is lost but time
             logger.warning("queue %s: acknowledgements not written yet: %s", self.name, e)
             return
+        self._written()
+
+    def _written(self) -> None:
+        """What was held back is committed (lease marks included): forget it."""
         self._pending.clear()
         self._pending_since = 0.0
+        self._marks.clear()
+        self._truncate_journal()
 
     def keep_results(self, chunk_id: int, consumer: bytes, results: object) -> None:
         data = getattr(results, "bytes", results)
@@ -449,6 +499,19 @@ class LMDBStorage(Storage):
             self.commit(force=True)
             self._env.sync(True)
         self._release()
+
+
+def _mark_started(txn: lmdb.Transaction, dbs: dict[bytes, Any], chunk_ids: list[int]) -> None:
+    """Add :data:`MAY_HAVE_STARTED` to the stored marks of each of ``chunk_ids`` still stored."""
+    heads, cancels = dbs[b"heads"], dbs[b"cancels"]
+    flag = struct.pack(">I", MAY_HAVE_STARTED)
+    for chunk_id in chunk_ids:
+        key = _key(chunk_id)
+        if txn.get(key, db=heads) is None:
+            continue  # acknowledged since
+        marks = bytes(txn.get(key, db=cancels) or b"")
+        if flag not in {marks[i : i + 4] for i in range(0, len(marks), 4)}:
+            txn.put(key, marks + flag, db=cancels)
 
 
 def inspect_queue(path: str) -> dict[str, int | str]:
