@@ -22,7 +22,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from zdq import ConsumerPool, QueuePool
-from zdq.errors import BrokerLost, NoConsumers, ZdqTimeoutError
+from zdq.errors import BrokerLost, NoConsumers, PlacementError, ZdqTimeoutError
 
 from .conftest import stop_process, wait_until
 from .tasks import add, sleep_return
@@ -192,3 +192,40 @@ def test_a_task_waiting_on_its_own_pools_sub_task_with_every_consumer_thread_bus
             assert "no ConsumerPool consumes" not in said, said
             assert "max_concurrency" in said and "busy" in said, said
             call_bounded(lambda: consumers.join(timeout=60), 90, "join() after the nested wait")
+
+
+@pytest.mark.timeout(240)
+def test_a_stopped_worker_is_named_by_statistics_alone_and_by_the_placement_error_of_a_consumer_pool_placed_meanwhile(
+    client3: Client,
+) -> None:
+    with QueuePool(client3, 1, workers=["a"]) as qp:
+        with ConsumerPool(client3, qp, n_consumers=3) as consumers:
+            consumers.start()
+            where = dict(zip(consumers.names, (int(c.pid().result(timeout=10)) for c in consumers)))
+            stopped_pid = int(client3.run(os.getpid, workers=[_address_of(client3, "c")]).popitem()[1])
+            (on_c,) = [name for name, pid in where.items() if pid == stopped_pid]
+            stop_process(stopped_pid)
+            try:
+                # Only the consumer on the stopped worker is silent: the others answered at once,
+                # and were reported silent too when the deadline had passed before they were read.
+                error, _ = raised_within(lambda: consumers.statistics(timeout=3), 30, "statistics()")
+                assert isinstance(error, ZdqTimeoutError), repr(error)
+                silent = [name for name in consumers.names if name in str(error)]
+                assert silent == [on_c], f"statistics() named {silent} silent, only {on_c} is stopped: {error}"
+
+                # A ConsumerPool placed meanwhile cannot create its actor on the stopped worker: the
+                # error names that worker, not only "timed out".
+                error, took = raised_within(lambda: ConsumerPool(client3, qp, n_consumers=3), 150, "ConsumerPool()")
+            finally:
+                os.kill(stopped_pid, signal.SIGCONT)
+            assert isinstance(error, PlacementError), repr(error)
+            assert "(worker c)" in str(error) and "did not answer" in str(error), str(error)
+            # Resumed, the worker serves a new ConsumerPool, and the old one's consumers work.
+            with ConsumerPool(client3, qp, n_consumers=3) as again:
+                again.start()
+                assert qp.submit(add, 2, 3).result(timeout=60) == 5
+
+
+def _address_of(client: Client, name: str) -> str:
+    (address,) = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["name"] == name]
+    return address

@@ -435,7 +435,10 @@ class ConsumerPool:
         for i, name, call in asked:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                stats.append(call.result(timeout=left))
+                # An answer already in is taken however little time is left: a Dask actor future
+                # asked with timeout=0 raises even when it holds its answer, and a consumer that
+                # answered at once was reported silent behind one that did not (a stopped worker).
+                stats.append(call.result() if call.done() else call.result(timeout=left))
             except TimeoutError:
                 silent[i, name] = f"did not answer within {bound:g} s" if bound is not None else "did not answer"
             except Exception as e:

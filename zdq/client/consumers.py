@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from distributed import Client
+from distributed import wait as wait_for
 
 from zdq._actor import candidate_workers
 from zdq.client.slots import ActorSlots, SlotsClosed, place_actor, release_future
@@ -45,7 +46,7 @@ from zdq.config import PoolSettings
 from zdq.errors import PlacementError
 from zdq.consumer import Consumer, ConsumerBaseClass
 from zdq.client.driver import Driver
-from zdq.names import consumer_names
+from zdq.names import consumer_names, counted
 from zdq.fanout import served_queues
 from zdq.transport.reach import OPEN_BETWEEN_WORKERS, describe
 from zdq.transport.security import ClientKeys
@@ -142,20 +143,53 @@ class ConsumerSlots:
         self._last_failure = ""
 
     # -- placing ---------------------------------------------------------------------------------
-    def place_all(self) -> None:
+    def place_all(self, timeout: float = 60.0) -> None:
         """Place every consumer at once: the actors are created in parallel, so a pool of 64 costs
-        about what one does, plus the scheduler's work per actor."""
+        about what one does, plus the scheduler's work per actor.
+
+        Raises
+        ------
+        PlacementError
+            Some actor was not created within ``timeout`` seconds: the message names each such
+            consumer and its worker (stopped, or too busy to answer).
+        """
         known = self.client.scheduler_info(n_workers=-1)["workers"]
         submitted = []
         try:
             for i in range(self.n):
                 submitted.append((i, *self._submit(i, known)))
+            self._wait_created([(i, fut) for i, fut, _ in submitted], timeout, known)
             for i, fut, ident in submitted:
-                self._adopt(i, fut, ident, fut.result(timeout=60))
+                self._adopt(i, fut, ident, fut.result(timeout=timeout))
         except BaseException:
             for _, fut, _ in submitted:
                 release_future(fut)
             raise
+
+    def _wait_created(self, placing: list[tuple[int, Any]], timeout: float, known: dict[str, Any] | None = None) -> None:
+        """Wait (``timeout`` for all) until the actors of ``placing`` (slot, future) are created;
+        raise :class:`PlacementError` naming each consumer that was not, and its worker."""
+        try:
+            wait_for([fut for _, fut in placing], timeout=timeout)
+        except TimeoutError:
+            pass  # said below, naming who did not answer
+        late = [i for i, fut in placing if not fut.done()]
+        if not late:
+            return
+        with self._lock:
+            where = {i: self.placed_on.get(i, "?") for i in late}
+        known = known if known is not None else {}
+
+        def worker(address: str) -> str:
+            name = known.get(address, {}).get("name")
+            return f"{address} (worker {name})" if name is not None and str(name) != address else address
+
+        each = ", ".join(f"{self.names[i]} on {worker(where[i])}" for i in late)
+        raise PlacementError(
+            f"{counted(len(late), 'consumer')} not created within {timeout:g} s: {each}; the worker did not answer "
+            "(it is stopped, e.g. by SIGSTOP, or too busy): resume or restart it, or place the pool with workers= "
+            "that leaves it out"
+        )
 
     def _submit(self, i: int, known: dict[str, Any] | None = None) -> tuple[Any, bytes]:
         ident = new_identity()
@@ -350,7 +384,8 @@ class ConsumerSlots:
     def _replace(self, i: int, running: bool, stopping: Callable[[], bool]) -> None:
         fut, ident = self._submit(i)
         try:
-            actor = fut.result(timeout=60)
+            self._wait_created([(i, fut)], 60.0)
+            actor = fut.result(timeout=10)
             old = self._adopt(i, fut, ident, actor)
         except SlotsClosed:
             # The pool closed while this replacement was placed: released, nothing written.

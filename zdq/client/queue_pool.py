@@ -725,6 +725,16 @@ class QueuePool(SubmitMethods, ControlMethods):
         down = [q.name for q in states if q.state in ("down", "recovering")]
         if down:
             reasons.append(f"queues {', '.join(down)} are down and being placed again")
+        silent = [
+            f"{q.name} ({driver.broker_silence(i):.0f} s)"
+            for i, q in enumerate(states)
+            if q.state == "up" and driver.broker_silence(i) > self.settings.heartbeat_timeout
+        ]
+        if silent:
+            reasons.append(
+                f"queues {', '.join(silent)} have not answered for that long: their workers are stopped, or too "
+                "busy to answer (alive to Dask, so not placed again)"
+            )
         unreachable = [q.name for q in states if q.state == "unreachable"]
         if unreachable:
             reasons.append(f"queues {', '.join(unreachable)} were placed again where this process cannot reach them")
