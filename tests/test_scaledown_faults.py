@@ -184,14 +184,16 @@ def wait_on_a_sub_task(timeout: float) -> str:
 def test_a_task_waiting_on_its_own_pools_sub_task_with_every_consumer_thread_busy_is_told_to_raise_max_concurrency(
     client_abc: Client,
 ) -> None:
-    with QueuePool(client_abc, 1, workers=["a"]) as qp:
-        with ConsumerPool(client_abc, qp, n_consumers=1, max_concurrency=1, workers=["b"]) as consumers:
-            consumers.start()
-            said = qp.submit(wait_on_a_sub_task, 3.0).result(timeout=60)
-            assert "had no result within 3.0s" in said, said
-            assert "no ConsumerPool consumes" not in said, said
-            assert "max_concurrency" in said and "busy" in said, said
-            call_bounded(lambda: consumers.join(timeout=60), 90, "join() after the nested wait")
+    with (
+        QueuePool(client_abc, 1, workers=["a"]) as qp,
+        ConsumerPool(client_abc, qp, n_consumers=1, max_concurrency=1, workers=["b"]) as consumers,
+    ):
+        consumers.start()
+        said = qp.submit(wait_on_a_sub_task, 3.0).result(timeout=60)
+        assert "had no result within 3.0s" in said, said
+        assert "no ConsumerPool consumes" not in said, said
+        assert "max_concurrency" in said and "busy" in said, said
+        call_bounded(lambda: consumers.join(timeout=60), 90, "join() after the nested wait")
 
 
 @pytest.mark.timeout(240)
@@ -215,7 +217,7 @@ def test_a_stopped_worker_is_named_by_statistics_alone_and_by_the_placement_erro
 
                 # A ConsumerPool placed meanwhile cannot create its actor on the stopped worker: the
                 # error names that worker, not only "timed out".
-                error, took = raised_within(lambda: ConsumerPool(client3, qp, n_consumers=3), 150, "ConsumerPool()")
+                error, _ = raised_within(lambda: ConsumerPool(client3, qp, n_consumers=3), 150, "ConsumerPool()")
             finally:
                 os.kill(stopped_pid, signal.SIGCONT)
             assert isinstance(error, PlacementError), repr(error)

@@ -301,15 +301,23 @@ class ConsumerSlots:
                 )
             else:
                 self._retry_at.pop(i, None)
-        self._note_live(stopping)
+        self._note_live()
 
-    def _note_live(self, stopping: Callable[[], bool]) -> None:
+    def _note_live(self) -> None:
         """Whether some slot holds a consumer Dask still has; since when none does."""
         live = any(fut is not None and fut.status == "finished" for fut in self.slots.futures())
         with self._lock:
             if live:
-                if self._none_live_since is not None and not stopping():
-                    logger.warning("pool %s has a consumer placed again", self.queue_pool.name)
+                since = self._none_live_since
+                if since is not None and time.monotonic() - since >= self.settings.no_consumer_timeout:
+                    # Said only after a wait past the bound (join and result raised meanwhile), not
+                    # after every replacement of a one-consumer pool.
+                    logger.warning(
+                        "the ConsumerPool on queue pool %s has a consumer placed again after %.0f s without one: "
+                        "its tasks run again",
+                        self.queue_pool.name,
+                        time.monotonic() - since,
+                    )
                 self._none_live_since = None
                 self._last_failure = ""
             elif self._none_live_since is None:
