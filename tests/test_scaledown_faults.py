@@ -97,20 +97,28 @@ def worker_names(client: Client) -> list[str]:
 
 
 @pytest.mark.timeout(300)
-def test_join_and_result_raise_naming_the_resources_nothing_satisfies_after_every_matching_worker_leaves_and_resume_when_one_joins(
-    gpu_cluster: LocalCluster,
+@pytest.mark.parametrize(
+    ("constraint", "named", "newcomer"),
+    [
+        ({"resources": {"GPU": 1}}, "resources={'GPU': 1.0}", "g2"),  # another worker with a GPU
+        ({"workers": ["g"]}, "workers=['g']", "g"),  # a worker of the same name comes back
+    ],
+    ids=["resources", "workers"],
+)
+def test_join_and_result_raise_naming_the_constraint_nothing_satisfies_after_every_matching_worker_leaves_and_resume_when_one_joins(
+    gpu_cluster: LocalCluster, constraint: dict[str, Any], named: str, newcomer: str
 ) -> None:
     with Client(gpu_cluster) as client:
         client.wait_for_workers(2, timeout=60)
         # The bound is set as users do (a configuration key); 3 s instead of 30 s.
         with dask.config.set({"zdq.no-consumer-timeout": "3s"}), QueuePool(client, 1, workers=["a"], **FAST) as qp:
-            consumers = ConsumerPool(client, qp, n_consumers=1, resources={"GPU": 1}, **FAST)
+            consumers = ConsumerPool(client, qp, n_consumers=1, **constraint, **FAST)
             try:
                 consumers.start()
                 futures = [qp.submit(sleep_return, i, 0.3) for i in range(30)]
                 futures[0].result(timeout=60)  # the consumer on g works
 
-                remove_worker(gpu_cluster, "g")  # the only worker with a GPU leaves; tasks wait
+                remove_worker(gpu_cluster, "g")  # the only worker the pool may use leaves; tasks wait
                 wait_until(lambda: worker_names(client) == ["a"], timeout=60)
 
                 # join() raises within the bound (3 s, and a few supervision rounds), naming the
@@ -118,7 +126,7 @@ def test_join_and_result_raise_naming_the_resources_nothing_satisfies_after_ever
                 error, took = raised_within(lambda: consumers.join(timeout=45), 60, "join() after the scale-down")
                 assert isinstance(error, NoConsumers), f"join() gave {error!r} after {took:.0f} s, not NoConsumers"
                 assert took < 30, f"join() raised only after {took:.0f} s"
-                assert "resources={'GPU': 1.0}" in str(error), str(error)
+                assert named in str(error), str(error)
                 assert type(error).__name__ == "NoEligibleWorkers"
 
                 # A future's result() says the same, instead of waiting for ever.
@@ -126,12 +134,12 @@ def test_join_and_result_raise_naming_the_resources_nothing_satisfies_after_ever
                 error, took = raised_within(lambda: waiting.result(timeout=45), 60, "result() after the scale-down")
                 assert isinstance(error, NoConsumers), f"result() gave {error!r} after {took:.0f} s, not NoConsumers"
                 assert took < 15, f"result() raised only after {took:.0f} s"
-                assert "GPU" in str(error)
+                assert named in str(error), str(error)
                 assert not waiting.done(), "the future was failed: its task must still run once a worker joins"
 
                 # A matching worker joins: the supervisor (still trying) places the consumer there,
                 # and the waits succeed.
-                add_worker(gpu_cluster, "g2", resources={"GPU": 1})
+                add_worker(gpu_cluster, newcomer, resources={"GPU": 1})
                 call_bounded(lambda: consumers.join(timeout=90), 120, "join() after a matching worker joined")
                 assert [f.result(timeout=10) for f in futures] == list(range(30))
             finally:
