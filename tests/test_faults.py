@@ -266,8 +266,8 @@ def test_a_new_pool_on_the_dirpath_of_a_crashed_driver_receives_every_result_tha
             proc.wait(timeout=10)
 
     # Dask releases the crashed client's actors once it sees the client gone; then its broker
-    # stops at its next heartbeat and lets go of the directory. Reopening before that would wait
-    # in QueuePool's own attach loop (30 s) for a pool that nobody will publish.
+    # stops at its next heartbeat and lets go of the directory. (Reopening before that waits in
+    # QueuePool.start for the lock, up to brokers.LOCKED_WAIT: tests/test_restart_faults.py.)
     wait_until(lambda: not client3.run_on_scheduler(_zdq_actor_keys), timeout=60)
     wait_until(lambda: _unlocked(dirpath / "default-queue-0"), timeout=60)
 

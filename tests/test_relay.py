@@ -7,6 +7,7 @@ when its worker is killed, and its settings.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ import pytest
 from distributed import Client
 
 from zdq import ConsumerPool, QueuePool
+from zdq.errors import ProtocolError
 from zdq.relay.actor import Relay
 
 from .conftest import pid_of, stop_process, wait_until
@@ -89,21 +91,13 @@ def test_a_relay_refuses_malformed_pushes_and_pulls_at_the_call_and_keeps_carryi
     with QueuePool(client, 1, relay=True) as queue_pool:
         assert queue_pool._relay is not None
         actor = queue_pool._relay._actor
-        bad_pushes = (
-            5,
-            [(0,)],
-            [("x", [b"a"])],
-            [(-1, [b"a"])],
-            [(True, [b"a"])],
-            [(0, b"frames, not a list")],
-            [(0, [1, 2])],
-            [(0, [])],
-            [(9, (1, "tcp://127.0.0.1:1", 5))],
-            [(9, ("1", "tcp://127.0.0.1:1"))],
-            [(0, [b"fine"]), (0, [None])],  # one bad item: nothing of the push is carried
-        )
-        for bad in bad_pushes:
-            with pytest.raises(TypeError, match="push takes"):
+        # What is not a sealed batch is refused before it is opened; what does not open (not
+        # sealed by the driver), after: neither is carried, nor disturbs the driver's session.
+        for bad in (5, [(0, [b"a"])], "text", None):
+            with pytest.raises(TypeError, match="push takes a sealed batch"):
+                actor.push(bad).result(timeout=10)
+        for bad in (b"", b"ZR", b"not sealed at all, but long enough to have a header", b"ZR\x01\x01" + bytes(40)):
+            with pytest.raises(ProtocolError, match="sealed relay batch|failed authentication"):
                 actor.push(bad).result(timeout=10)
         for wait in ("x", float("nan"), None):
             with pytest.raises(TypeError, match="pull takes"):
@@ -143,4 +137,6 @@ def test_a_relay_stalled_past_its_call_timeout_is_replaced_and_nothing_is_lost_o
 def test_the_relay_actor_is_a_plain_class_dask_can_place() -> None:
     relay = Relay("pool", b"\x00" * 16, None, 1 << 20)
     assert relay.statistics() == {"worker": "", "to_brokers": 0, "from_brokers": 0}
+    with pytest.raises(ConnectionError, match="hello comes first"):  # no keys agreed: nothing carried
+        asyncio.run(relay.push(b"ZR" + bytes(40)))
     relay.stop()  # never started: nothing to stop, and it says so by returning

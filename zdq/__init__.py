@@ -30,6 +30,8 @@ from zdq.errors import (
 from zdq.codec.tasks import TaskOptions
 from zdq.objects import Task
 from zdq.client.local import local
+from zdq.client.executor import Executor
+from zdq.client.gather import gather
 from zdq.client.schedules import Schedule
 from zdq.futures import BatchFuture, TaskFuture, as_completed, wait
 from zdq.client.queue_pool import DeadLetterInfo, Durability, QueuePool, current_pool
@@ -48,6 +50,8 @@ __all__ = [
     "DeadLetterInfo",
     "current_pool",
     "local",
+    "Executor",
+    "gather",
     "Schedule",
     "TaskOptions",
     "Task",

@@ -101,6 +101,16 @@ def _on_loop(
     return waiter
 
 
+def notify_cancelled(fut: concurrent.futures.Future[Any]) -> None:
+    """Tell the waiters of a cancelled future, as an executor does when it drops cancelled work:
+    ``concurrent.futures.wait`` and ``as_completed`` count a future done only once notified."""
+    try:
+        if fut._state == "CANCELLED":
+            fut.set_running_or_notify_cancel()
+    except RuntimeError:  # notified by another thread meanwhile
+        pass
+
+
 #: Seconds between two looks, while a result is awaited, at whether its pool can run it at all.
 _LOOK_EVERY = 1.0
 
@@ -156,6 +166,8 @@ class CallbackRunner:
                 fn(future)
             except Exception:  # as concurrent.futures does: a failing callback is logged, not raised
                 logger.exception("exception calling callback for %r", future)
+            # Not held while waiting for the next one: the last future (and its result) is the user's.
+            del item, fn, future
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is not None:
@@ -324,6 +336,7 @@ class BatchFuture(_Awaitable):
         if finished:
             if len(self._errors) == len(self._values) and all(type(e) is TaskCancelled for e in self._errors.values()):
                 concurrent.futures.Future.cancel(self)  # every task was cancelled: so is the batch
+                notify_cancelled(self)
             elif self._errors:
                 self.set_exception(BatchError(self._errors, self._values))
             else:

@@ -18,6 +18,23 @@ from zdq.observe.monitor import Monitor
 from zdq.stats import ROUND_TRIP_BOUNDS
 
 
+class _Anyone:
+    """Placements that vouch for every entry: these tests are about the figures, not the senders
+    (those are in the tests of forged reports below)."""
+
+    def refresh(self) -> None:
+        pass
+
+    def holds(self, pool: str, queue: str, worker: str) -> bool:
+        return True
+
+    def has_pool(self, pool: str) -> bool:
+        return True
+
+
+_ANYONE = _Anyone()
+
+
 def _queue(name: str, **counts: int) -> dict[str, object]:
     base = {"name": name, "pool": pool_of_queue(name), "durable": False, "host": "127.0.0.1", "endpoint": ""}
     fields = ("ready_tasks", "leased_tasks", "awaiting_tasks", "dead_tasks", "tasks_stored", "tasks_acked",
@@ -31,7 +48,7 @@ def _consumer(name: str, pool: str, done: int, failed: int = 0) -> dict[str, obj
 
 
 def test_monitor_sums_a_pools_queues_and_consumers_and_forgets_what_its_workers_report_gone() -> None:
-    monitor = Monitor(None)
+    monitor = Monitor(None, _ANYONE)
     monitor.on_report(
         worker="tcp://a", interval=1.0,
         queues=[_queue("jobs-queue-0", ready_tasks=5, tasks_stored=10), _queue("jobs-queue-1", tasks_stored=7)],
@@ -55,7 +72,7 @@ def test_monitor_sums_a_pools_queues_and_consumers_and_forgets_what_its_workers_
 
 
 def test_monitor_rates_are_per_second_over_a_window_of_samples_and_never_negative() -> None:
-    monitor = Monitor(None)
+    monitor = Monitor(None, _ANYONE)
     now = time.monotonic()
     monitor.on_report(worker="tcp://a", queues=[_queue("jobs-queue-0")])
     view = monitor._pools["jobs"]
@@ -74,7 +91,7 @@ def test_monitor_rates_are_per_second_over_a_window_of_samples_and_never_negativ
 
 def test_the_metrics_collector_names_every_family_zdq_and_labels_by_pool_and_queue_only() -> None:
     pytest.importorskip("prometheus_client", reason="prometheus_client is not installed")
-    monitor = Monitor(None)
+    monitor = Monitor(None, _ANYONE)
     queue = _queue("jobs-queue-0", ready_tasks=4, tasks_stored=9)
     queue["round_trips"] = [1] + [0] * (len(ROUND_TRIP_BOUNDS) - 1) + [2]
     queue["round_trip_sum"] = 120.5
@@ -136,7 +153,7 @@ def _scrape(monitor: Monitor) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 def test_a_malformed_report_is_dropped_with_one_warning_and_harms_neither_the_monitor_nor_later_reports(
     bad: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    monitor = Monitor(None)
+    monitor = Monitor(None, _ANYONE)
     good = {"interval": 1.0, "queues": [_queue("jobs-queue-0", tasks_stored=4)], "consumers": [_consumer("C-0", "jobs", 2)]}
     with caplog.at_level(logging.WARNING, logger="zdq.observe.monitor"):
         for _ in range(3):  # the stream handler never raises: Dask would drop the worker that sent it
@@ -156,7 +173,7 @@ def test_a_malformed_report_is_dropped_with_one_warning_and_harms_neither_the_mo
 
 def test_a_reports_interval_is_clamped_so_that_a_forged_one_cannot_stop_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock(monkeypatch)
-    monitor = Monitor(None)
+    monitor = Monitor(None, _ANYONE)
     monitor.on_report(worker="tcp://a", interval=1e12, queues=[_queue("jobs-queue-0")])
     assert monitor.status()["interval"] == 60.0
     # Each entry expires after its own sender's interval: the forged one does not hold the others.
@@ -169,7 +186,7 @@ def test_a_reports_interval_is_clamped_so_that_a_forged_one_cannot_stop_expiry(m
 
 def test_counters_never_go_backwards_when_a_queue_or_consumer_is_placed_again(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock(monkeypatch)
-    monitor = Monitor(None)
+    monitor = Monitor(None, _ANYONE)
     trips = [3] + [0] * len(ROUND_TRIP_BOUNDS)
     q0 = dict(_queue("jobs-queue-0", tasks_stored=100, tasks_acked=90), id="b1", round_trips=trips, round_trip_sum=1.5)
     monitor.on_report(worker="tcp://a", queues=[q0], consumers=[dict(_consumer("C-0", "jobs", 80, failed=5), id="c1")])
@@ -177,8 +194,8 @@ def test_counters_never_go_backwards_when_a_queue_or_consumer_is_placed_again(mo
     # The worker is killed: the queue is placed again (new id, counters from 0), the consumer replaced.
     clock.now += 2
     q1 = dict(_queue("jobs-queue-0", tasks_stored=7), id="b2", endpoint="tcp://new:1", round_trips=[1] + [0] * len(ROUND_TRIP_BOUNDS))
-    monitor.on_report(worker="tcp://b", queues=[q1], consumers=[dict(_consumer("C-0", "jobs", 4), id="c2")],
-                      gone=[("consumer", "jobs", "C-0", "c1")])
+    monitor.on_report(worker="tcp://b", queues=[q1], consumers=[dict(_consumer("C-0", "jobs", 4), id="c2")])
+    monitor.on_report(worker="tcp://a", gone=[("consumer", "jobs", "C-0", "c1")])  # only its own worker tells it gone
     # A source that restarted without saying so: its counter went down under the same id.
     clock.now += 1
     q2 = dict(q1, tasks_stored=2)
@@ -199,7 +216,7 @@ def test_counters_never_go_backwards_when_a_queue_or_consumer_is_placed_again(mo
 
 
 def test_two_consumer_pools_that_repeat_consumer_names_are_counted_apart() -> None:
-    monitor = Monitor(None)
+    monitor = Monitor(None, _ANYONE)
     for round_ in (1, 2):  # reports alternate between the two pools' workers
         for worker, ids in (("tcp://a", ("a0", "a1")), ("tcp://b", ("b0", "b1"))):
             consumers = [dict(_consumer(f"GeneralConsumer-{i}", "jobs", 100 * round_), id=cid, worker=worker)
@@ -217,7 +234,7 @@ def test_two_consumer_pools_that_repeat_consumer_names_are_counted_apart() -> No
 
 def test_a_consumers_rate_is_taken_over_several_reports_not_between_two(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock(monkeypatch)
-    monitor = Monitor(None)
+    monitor = Monitor(None, _ANYONE)
     shown = []
     for tick in range(40):  # 84 tasks/s, in steps of 210 that land every 2.5 s; reports every second
         seconds = tick * 1.0
@@ -235,7 +252,7 @@ def test_the_monitor_keeps_a_bounded_number_of_entries_dropping_the_oldest_and_l
 ) -> None:
     clock = _Clock(monkeypatch)
     monkeypatch.setattr(monitor_module, "MAX_KEPT", 50)
-    monitor = Monitor(None)
+    monitor = Monitor(None, _ANYONE)
     with caplog.at_level(logging.WARNING, logger="zdq.observe.monitor"):
         for i in range(200):
             clock.now += 0.01
@@ -249,7 +266,7 @@ def test_the_monitor_keeps_a_bounded_number_of_entries_dropping_the_oldest_and_l
 
 
 def test_two_brokers_reporting_one_queue_name_in_turn_do_not_inflate_its_counters() -> None:
-    monitor = Monitor(None)  # two pools of the same name on one cluster: their queue names repeat
+    monitor = Monitor(None, _ANYONE)  # two pools of the same name on one cluster: their queue names repeat
     for _ in range(5):
         monitor.on_report(worker="tcp://a", queues=[dict(_queue("jobs-queue-0", tasks_stored=10), id="x")])
         monitor.on_report(worker="tcp://b", queues=[dict(_queue("jobs-queue-0", tasks_stored=3), id="y")])

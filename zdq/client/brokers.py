@@ -20,11 +20,23 @@ state                              owner
 ``_lost_since``, ``_gone``,        the pool's supervisor thread
 ``_silent_logged``, ``recoveries``
 ``AttachedQueues.record``          the pool's supervisor thread (``follow``), after ``__init__``
+``LockedWait``                     the user's thread, in ``QueuePool.start`` (one per start)
 =================================  ================================================================
+
+Reopening a durable pool whose directories are locked
+-----------------------------------------------------
+A program started again after a crash finds its queues' directories locked by the brokers of its
+dead driver for a moment: Dask releases their actors once the scheduler sees the client gone, and
+each broker lets go at its next heartbeat. :class:`LockedWait` is ``QueuePool.start``'s wait
+meanwhile: it looks up the registry (a live owner: attach), asks the workers who holds the locks
+(:func:`lock_holders`; free: place again at once), says once what it waits for, and raises
+:class:`~zdq.errors.QueueLocked` naming the holders after :data:`LOCKED_WAIT` (issue 23, point 3).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import threading
@@ -40,13 +52,13 @@ from zdq.client import registry
 from zdq.client.slots import ActorSlots, SlotsClosed, place_actor, release_future
 from zdq.config import PoolSettings
 from zdq.client.driver import Driver
-from zdq.errors import BrokerLost, ClosedError, PlacementError, QueueMissing, StorageCorrupt, ZdqError
-from zdq.names import counted
+from zdq.errors import BrokerLost, ClosedError, PlacementError, QueueLocked, QueueMissing, StorageCorrupt, ZdqError
+from zdq.names import counted, pool_of_queue
 from zdq.stats import BrokerStats
 from zdq.transport.addresses import host_of
 from zdq.transport.security import ClientKeys, PoolKeys
 
-__all__ = ["PlacedQueues", "AttachedQueues", "make_keys"]
+__all__ = ["PlacedQueues", "AttachedQueues", "LockedWait", "lock_holders", "make_keys", "LOCKED_WAIT"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +79,155 @@ def make_keys(client: Client, auth: bool, name: str) -> PoolKeys | None:
         name,
     )
     return None
+
+
+#: How long ``QueuePool.start`` waits for durable directories locked by brokers it cannot attach
+#: to (a crashed driver's let go within a heartbeat of Dask releasing them) before QueueLocked.
+LOCKED_WAIT = 30.0
+#: While locked: the holders are asked this often, and placing is tried at least this often
+#: (a holder the workers cannot see, on a host of no worker, is only found gone by placing).
+_PROBE_EVERY = 0.5
+_PLACE_EVERY = 2.0
+#: A worker that does not answer within this (paused, or holding the GIL) leaves the holders unknown.
+_PROBE_TIMEOUT = 5.0
+
+
+def _holder_here(queue_dir: str, worker: Any) -> str:
+    """Who holds ``queue_dir``'s lock, seen from ``worker``: one of its brokers, or another process."""
+    from zdq.observe.feed import local_broker
+
+    address = getattr(worker, "address", "?")
+    actors = getattr(getattr(worker, "state", None), "actors", {})
+    broker = local_broker(os.path.basename(os.path.normpath(queue_dir)))
+    if broker is None or os.path.normpath(str(getattr(broker, "_dirpath", ""))) != os.path.normpath(queue_dir):
+        return f"a process on the host of worker {address} that is not one of its brokers"
+    pool = pool_of_queue(broker.name)
+    if any(actor is broker for actor in actors.values()):
+        return f"a live broker of pool {pool} on worker {address}"
+    return f"a broker of pool {pool} on worker {address} whose actor was released (it lets go at its next heartbeat)"
+
+
+def probe_locks(queue_dirs: list[str], dask_worker: Any = None) -> dict[str, str]:
+    """Run on a worker: which of ``queue_dirs`` are locked, seen from its host, and by whom
+    (``{directory: holder}``; a free or absent directory is left out). The lock is tried and
+    let go at once (flock: closing this descriptor never drops a lock its process holds on another)."""
+    from zdq.storage.lmdb import _LOCK
+
+    held: dict[str, str] = {}
+    for queue_dir in queue_dirs:
+        try:
+            fd = os.open(os.path.join(queue_dir, _LOCK), os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            held[queue_dir] = f"unknown (its lock cannot be read from this worker: {e})"
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            held[queue_dir] = _holder_here(queue_dir, dask_worker)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    return held
+
+
+def lock_holders(client: Client, queue_dirs: list[str], workers: list[str] | None = None) -> dict[str, str] | None:
+    """The locked directories of ``queue_dirs`` and their holders, asked of ``workers`` (default
+    all): ``{}`` when every one is free, ``None`` when the workers could not be asked."""
+    try:
+        seen = client.run(probe_locks, queue_dirs, workers=workers, on_error="return", callback_timeout=_PROBE_TIMEOUT)
+    except Exception as e:  # noqa: BLE001 - the caller places again on its own schedule
+        logger.debug("could not ask the workers who holds %s: %s", queue_dirs, e)
+        return None
+    held: dict[str, str] = {}
+    for answer in seen.values():
+        if not isinstance(answer, dict):
+            continue  # that worker could not tell
+        for queue_dir, holder in answer.items():
+            # Several workers share a host: the one whose broker holds it says more than the others.
+            if queue_dir not in held or "broker of pool" in holder:
+                held[queue_dir] = holder
+    if not held and not any(isinstance(answer, dict) for answer in seen.values()):
+        return None
+    return held
+
+
+class LockedWait:
+    """``QueuePool.start``'s wait for the locked directories of a durable pool: when to place
+    again, when to ask who holds them, what it says once, and the error at the bound.
+
+    Pure bookkeeping over a clock: the pool asks the registry and the workers, and places.
+    """
+
+    def __init__(self, name: str, queue_names: list[str], bound: float | None = None, now: float = 0.0) -> None:
+        self.name = name
+        self.queue_names = queue_names
+        self.bound = LOCKED_WAIT if bound is None else bound
+        self.deadline = now + self.bound
+        self.place_at = now  # the first placement is at once
+        self.probe_at = now
+        self.holders: dict[str, str] = {}
+        self._error: QueueLocked | None = None
+        self._told = False
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a placement found a directory locked."""
+        return self._error is not None
+
+    def may_place(self, now: float) -> bool:
+        return now >= self.place_at
+
+    def may_probe(self, now: float) -> bool:
+        return self.waiting and now >= self.probe_at
+
+    def locked(self, error: QueueLocked, holders: dict[str, str] | None, now: float) -> str | None:
+        """A placement raised ``error``. Raises QueueLocked past the bound; else returns what to
+        say (the first time only: a wait is told once), and places again within ``_PLACE_EVERY``."""
+        self._error = error
+        if holders:
+            self.holders = dict(holders)
+        if now >= self.deadline:
+            raise QueueLocked(self._gave_up()) from error
+        self.place_at = now + _PLACE_EVERY
+        self.probe_at = now + _PROBE_EVERY
+        if self._told:
+            return None
+        self._told = True
+        return (
+            f"pool {self.name}: {self._held()}; waiting up to {self.bound:g} s for it to be released or for "
+            "its owner to register the pool (then this one attaches to it)"
+        )
+
+    def probed(self, holders: dict[str, str] | None, now: float) -> None:
+        """The workers were asked: every directory free places again at once (``None``: unknown)."""
+        self.probe_at = now + _PROBE_EVERY
+        if holders is None:
+            return
+        if not holders:
+            self.place_at = now
+        else:
+            self.holders = dict(holders)
+
+    def _held(self) -> str:
+        if not self.holders:
+            return f"a queue directory is locked by a broker this cluster's workers do not see ({self._error})"
+        return "; ".join(
+            f"queue {os.path.basename(os.path.normpath(d))}'s directory {d} is locked by {who}"
+            for d, who in sorted(self.holders.items())
+        )
+
+    def _gave_up(self) -> str:
+        return (
+            f"pool {self.name} could not be opened within {self.bound:g} s: {self._held()}. It waited for the "
+            "lock to be released (a crashed driver's brokers let go within a heartbeat once Dask sees their "
+            "client gone) and for a live owner to register the pool, to attach to it: neither came. Close the "
+            "pool that holds the directory, or open this one with another dirpath"
+        )
 
 
 class PlacedQueues:

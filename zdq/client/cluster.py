@@ -9,6 +9,11 @@ nanny process with it. :func:`zdq.local` (:mod:`zdq.client.local`) adds the cons
 Ownership
 ---------
 ``_live`` (the embedded clusters of this process) and each ``OwnedCluster._users``: ``_lock``.
+
+A pool dropped without ``close()`` (daskqueue programs never close theirs), or alive when the
+interpreter exits, still lets go of its share: :meth:`OwnedCluster.closed_with` ties the share to
+the pool object with a :func:`weakref.finalize`, which runs once, whichever comes first of
+``close()``, the pool's collection and the interpreter's exit (issue 23, point 7).
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from typing import Any
 
 from distributed import Client
 
-__all__ = ["OwnedCluster", "cluster_for"]
+__all__ = ["OwnedCluster", "cluster_for", "release_now"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +66,13 @@ class OwnedCluster:
             _live[id(self.client)] = self
         logger.info("zdq embedded mode: started a local cluster of %d worker processes", parallel)
 
+    def closed_with(self, owner: object) -> weakref.finalize[[OwnedCluster], Any]:
+        """This user's share, released when ``owner`` (a pool, held weakly) is collected or the
+        interpreter exits. ``owner.close()`` calls :func:`release_now` with what is returned. At
+        most once either way: a pool's ``close()`` and its collection never count twice against a
+        shared cluster."""
+        return weakref.finalize(owner, _close_share, self)
+
     def close(self) -> None:
         with _lock:
             if self.client is None:
@@ -71,6 +84,28 @@ class OwnedCluster:
             _live.pop(id(client), None)
         client.close()
         self.cluster.close()
+
+
+def release_now(share: weakref.finalize[[OwnedCluster], Any]) -> None:
+    """Release a share made by :meth:`OwnedCluster.closed_with` now, on this thread (``close()``
+    returns once the cluster's processes are gone), unless it was released already."""
+    taken = share.detach()
+    if taken is not None:
+        _, _, (owned,), _ = taken
+        owned.close()
+
+
+def _close_share(owned: OwnedCluster) -> None:
+    """Release ``owned`` (a pool's share of it), its pool being collected. On the main thread (a
+    collection there, the interpreter's exit) at once; a collection on another thread (Dask's event loop
+    among them: closing the cluster from it would wait on itself) hands it to a thread of its own."""
+    if threading.current_thread() is threading.main_thread():
+        owned.close()
+        return
+    try:
+        threading.Thread(target=owned.close, name="zdq-embedded-close", daemon=True).start()
+    except RuntimeError:  # no new thread at interpreter shutdown: closed here
+        owned.close()
 
 
 def parallel_of(value: Any) -> int:

@@ -24,6 +24,8 @@ state                       owner
                             late recovery is refused by the broker slots' own closed flag
 ``_host``                   the user's thread: the in-process owner this pool attached to, held
                             so that dropping the owner does not take its queues away
+``_release_cluster``       set in ``__init__``; a :func:`weakref.finalize` (runs once: ``close()``,
+                            the pool's collection or the interpreter's exit, whichever is first)
 ``_schedules_made``         ``_schedule_lock``
 ``consumer_registry``       its own lock (shared with the in-process pools of the same live pool)
 ==========================  =======================================================================
@@ -50,10 +52,10 @@ from typing import Any
 from distributed import Client
 
 from zdq import config
-from zdq._actor import allowed_workers, check_resources
+from zdq._actor import allowed_workers, candidate_workers, check_resources
 from zdq.client import registry
-from zdq.client.brokers import AttachedQueues, PlacedQueues, make_keys
-from zdq.client.cluster import OwnedCluster, cluster_for
+from zdq.client.brokers import AttachedQueues, LockedWait, PlacedQueues, lock_holders, make_keys
+from zdq.client.cluster import OwnedCluster, cluster_for, release_now
 from zdq.client.consumer_registry import ConsumerRegistry
 from zdq.client.control import ControlMethods, DeadLetterInfo
 from zdq.client.drain import wait_drained
@@ -230,8 +232,13 @@ class QueuePool(SubmitMethods, ControlMethods):
         #: The ConsumerPool that :func:`zdq.local` started with this pool (held here: ConsumerPools
         #: are otherwise known to their QueuePool by weak reference).
         self.local_consumers: Any = None
+        #: Releases this pool's share of ``_owned_cluster`` once: on close(), or when the pool is
+        #: collected or the interpreter exits without close() (issue 23, point 7).
+        self._release_cluster: weakref.finalize[[OwnedCluster], Any] | None = None
         if client is None:  # as Dask's own APIs do: the default client, else an embedded cluster
             client, self._owned_cluster = cluster_for(parallel)
+            if self._owned_cluster is not None:
+                self._release_cluster = self._owned_cluster.closed_with(self)
         self.client = client
         try:
             self._allowed_workers = allowed_workers(client, workers)
@@ -349,24 +356,37 @@ class QueuePool(SubmitMethods, ControlMethods):
             raise ClosedError(f"queue pool {self.name} is closed")
         if self._driver is not None:
             return self
-        # Another producer may place this durable pool a moment before us (QueueLocked), and a
-        # pool of ours dropped without close() may still hold its directories: attach to the one,
-        # wait the other out, within a bound.
-        deadline = time.monotonic() + 30
-        place_at = 0.0
+        # A durable pool's directories may be locked a moment: by another producer placing this
+        # pool just before us (it registers: attach to it), by the brokers of a crashed driver of
+        # it (they let go within a heartbeat of Dask releasing them: place again at once), or by
+        # a pool of ours dropped without close(). Waited for within a bound, saying what for.
+        wait = LockedWait(self.name, self.queue_names, now=time.monotonic())
         while True:
             record = self._live_record()
             if record is not None:
                 return self._attach(record)
-            if time.monotonic() >= place_at:
+            if wait.may_place(time.monotonic()):
                 try:
                     return self._place()
-                except QueueLocked:
-                    if time.monotonic() > deadline:
-                        raise
-                    # Placing costs an actor per queue: tried again every 2 s, looked up in between.
-                    place_at = time.monotonic() + 2.0
+                except QueueLocked as e:
+                    told = wait.locked(e, self._lock_holders(), time.monotonic())  # raises at the bound
+                    if told:
+                        logger.warning("%s", told)
+            elif wait.may_probe(time.monotonic()):
+                wait.probed(self._lock_holders(), time.monotonic())
             time.sleep(0.2)
+
+    def _lock_holders(self) -> dict[str, str] | None:
+        """Who holds this pool's locked queue directories, asked of the workers it may use."""
+        if self.dirpath is None:
+            return None
+        dirs = [os.path.join(self.dirpath, n) for n in self.queue_names]
+        try:
+            workers = candidate_workers(self.client, self._allowed_workers, self.resources)
+        except Exception as e:  # noqa: BLE001 - unknown for now: placing again tells
+            logger.debug("pool %s: could not list its workers: %s", self.name, e)
+            return None
+        return lock_holders(self.client, dirs, workers)
 
     def _live_record(self) -> registry.PoolRecord | None:
         if not self._may_attach:
@@ -456,6 +476,10 @@ class QueuePool(SubmitMethods, ControlMethods):
             self.client, self.name, self.dirpath, self._queues, self._driver, self._relay, self.consumer_registry
         )
         self._watch.start(interval)
+        # A pool dropped without close() stops its supervision first: finalizers run last made,
+        # first run, so before its embedded cluster closes, which a round in progress would
+        # otherwise report as "the Dask client was closed while the pool was open".
+        weakref.finalize(self, self._watch.stop, 2.0)
 
     def _start_driver(self) -> None:
         route = None
@@ -564,8 +588,8 @@ class QueuePool(SubmitMethods, ControlMethods):
             self._relay = None
 
     def _close_owned_cluster(self) -> None:
-        if self._owned_cluster is not None:
-            self._owned_cluster.close()
+        if self._release_cluster is not None:
+            release_now(self._release_cluster)  # at most once, whether close() or the collection came first
 
     def __enter__(self) -> QueuePool:
         return self.start()

@@ -39,6 +39,11 @@ __all__ = ["TaskDefaults", "Submitter", "SubmitMethods", "SubmitTarget", "check_
 
 _NO_OPTIONS = TaskOptions()
 
+#: ``client.map`` keywords that steer Dask's scheduler: refused by ``map`` (not passed to ``fn``).
+_DASK_ONLY = frozenset(
+    {"key", "workers", "resources", "allow_other_workers", "fifo_timeout", "actor", "actors", "annotations"}
+)
+
 
 def check_worker_class(worker_class: type | None) -> None:
     if worker_class is not None and not (isinstance(worker_class, type) and issubclass(worker_class, GeneralConsumer)):
@@ -275,8 +280,11 @@ class Submitter:
         total: int | None,
         progress: bool,
         timing: Timing | None,
+        futures: list[TaskFuture] | None = None,
     ) -> int:
-        """Calls from any iterable, lazily, in flat memory; return the count."""
+        """Calls from any iterable, lazily, in flat memory; return the count. With ``futures``,
+        each task's future is appended to it as its chunk is queued (``map``); without, the
+        results go to ``results()`` only."""
         driver = pool.driver
         timeout = timeout_or_none(timeout)
         chunking = Chunking.of(pool.settings)
@@ -299,7 +307,10 @@ class Submitter:
                     at = f"item {count + e.task_id - base}: " if e.task_id is not None else ""
                     raise SerializationError(f"{at}{e} ({count} tasks before this chunk were queued)") from e
                 for first, n, payload in packed:
-                    driver.submit_chunk(first, n, payload, None, 0, timeout=timeout, timing=timing)
+                    sink = None if futures is None else [driver.new_future(first + i) for i in range(n)]
+                    driver.submit_chunk(first, n, payload, sink, 0, timeout=timeout, timing=timing)
+                    if futures is not None and sink is not None:
+                        futures.extend(sink)  # queued: its futures will settle
                 count += len(part)
                 if bar is not None:
                     bar.update(len(part))
@@ -505,6 +516,78 @@ class SubmitMethods:
         s = self._submitter
         options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
         return s.stream(self, calls, options, batch_size, timeout, total, progress, timing)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        retries: int | None = None,
+        retry_backoff: float | None = None,
+        retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
+        time_limit: float | str | None = None,
+        timeout: float | None = None,
+        batch_size: int | None = None,
+        worker_class: type | None = None,
+        delay: float | datetime.timedelta | None = None,
+        eta: datetime.datetime | None = None,
+        priority: int | None = None,
+        **kwargs: Any,
+    ) -> list[TaskFuture]:
+        """``fn`` over the iterables' items (zipped, as Dask's ``client.map``); return a future
+        per call, in order. ``kwargs`` go to every call of ``fn``.
+
+        The calls are read and queued in chunks, as :meth:`submit_iter` does (bounded by the
+        driver's window: a full one blocks, ``timeout`` bounds each wait), not one by one; the
+        task options are :meth:`submit`'s, for every call. Dask's scheduling keywords (``key``,
+        ``workers``, ``resources``, ``pure=True`` ...) mean nothing to a queue, and are refused
+        rather than passed to ``fn``.
+        """
+        refused = sorted(_DASK_ONLY & set(kwargs))
+        if kwargs.get("pure", False) is False:
+            kwargs.pop("pure", None)  # every call runs anyway: Dask's pure=False
+        else:
+            refused.append("pure")
+        if refused:
+            raise TypeError(
+                f"map(): {', '.join(refused)} are Dask scheduler options, which zdq's queues do not take "
+                "(to pass keyword arguments of those names to fn, map a functools.partial of it)"
+            )
+        if worker_class is not None:
+            check_worker_class(worker_class)
+        self.driver  # a pool that is not started or is closed raises ClosedError here
+        timing = timing_of(delay, eta, priority)
+        s = self._submitter
+        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
+        call = functools.partial(fn, **kwargs) if kwargs else fn
+        sized = all(hasattr(it, "__len__") for it in iterables)
+        total = min((len(it) for it in iterables), default=0) if sized else None  # type: ignore[arg-type]
+        calls = ((call, *args) for args in zip(*iterables))
+        futures: list[TaskFuture] = []
+        try:
+            s.stream(self, calls, options, batch_size, timeout, total, False, timing, futures)
+        except BaseException as e:
+            # The caller gets no future: the tasks queued before the error are cancelled, not left
+            # to run for nobody (those already started finish).
+            from zdq.client.window import cancel_many
+
+            cancel_many(futures)
+            e.add_note(f"zdq: map() cancelled the {len(futures)} tasks it had queued before this error")
+            raise
+        return futures
+
+    def gather(self, futures: Any, errors: str = "raise", *, timeout: float | None = None) -> Any:
+        """:func:`zdq.gather`: the results of ``futures`` in the same structure, as Dask's
+        ``client.gather``."""
+        from zdq.client.gather import gather
+
+        return gather(futures, errors, timeout=timeout)
+
+    def executor(self) -> Any:
+        """A :class:`zdq.Executor` on this pool (its consumers run the tasks; its shutdown leaves
+        the pool open)."""
+        from zdq.client.executor import Executor
+
+        return Executor(queue_pool=self)  # type: ignore[arg-type]  # the mixin of QueuePool alone
 
     def insert(self, tasks: Any, total: int | None = None, progress: bool = True, **kwargs: Any) -> int:
         """Queue :class:`~zdq.Task` objects (or callables of no argument), one or an iterable of

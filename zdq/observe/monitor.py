@@ -8,7 +8,17 @@ event loop, which alone touches its state: handlers, the HTTP page, the Promethe
 
 Reports are not trusted: each is decoded by :mod:`zdq.observe.report` before it touches the state,
 a bad one (or a bad entry) is dropped with a warning (one per sender a minute), and the stream
-handler never raises (Dask would drop the worker that sent it).
+handler never raises (Dask would drop the worker that sent it). Any task can write a report to its
+worker's stream, so a well-formed one is not believed either (:mod:`zdq.observe.placements`):
+
+- its sender is the worker whose stream it came on, as Dask's stream loop knows it; a report that
+  names another worker (Dask lets a message's ``worker`` field override its own) is dropped whole;
+- a queue's entry is kept only from the worker that its pool's registry record names for it; the
+  record is published just after placement, so a new broker's first report or two are dropped,
+  and the next ones (the feed sends its whole state every interval) taken;
+- a consumer's entry only for a pool that has a record, from the worker that first reported it,
+  and at most ``MAX_CONSUMERS_PER_SENDER`` of them per worker;
+- a ``gone`` only from the worker that holds the entry.
 
 What it keeps is bounded: per pool, its live queues (by name: unique in a pool) and consumers (by
 the feed's id: ConsumerPools on one QueuePool repeat names), the totals of queues that went away
@@ -21,13 +31,16 @@ for gone: its worker died, or its pool closed without a last report.
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from types import FrameType
 from typing import Any
 
+from zdq.observe.placements import Placements, RegistryPlacements
 from zdq.observe.report import BadReport, ConsumerReport, Gone, QueueReport, decode
 from zdq.observe.views import ConsumerEntry, PoolView, QueueEntry, consumer_status, natural, queue_status, rates
 
-__all__ = ["Monitor", "ensure_installed", "install", "installed", "MAX_KEPT"]
+__all__ = ["Monitor", "ensure_installed", "install", "installed", "MAX_KEPT", "MAX_CONSUMERS_PER_SENDER"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +48,11 @@ _STALE_INTERVALS = 5
 _STALE_MIN = 10.0
 #: Queue and consumer entries kept at most, over all pools (live ones and queues that went away).
 MAX_KEPT = 4096
+#: Consumer entries kept per sending worker (its queues are bounded by the registry instead).
+MAX_CONSUMERS_PER_SENDER = 256
+#: Entries no record vouches for are logged only once their sender has sent them this long (s):
+#: a broker reports before its pool's record is published, for a second or two.
+_UNVERIFIED_GRACE = 10.0
 #: A sender's bad reports are logged at most once in this many seconds.
 _WARN_EVERY = 60.0
 
@@ -46,8 +64,10 @@ class Monitor:
     {'pools': {...}, 'reports': 12, ...}
     """
 
-    def __init__(self, scheduler: Any) -> None:
+    def __init__(self, scheduler: Any, placements: Placements | None = None) -> None:
         self.scheduler = scheduler
+        self._placements: Placements = RegistryPlacements(scheduler) if placements is None else placements
+        self._unverified_since: dict[str, float] = {}  # sender -> start of its run of unverified entries
         self._pools: dict[str, PoolView] = {}
         self._interval = 1.0  # the last good report's, for the page
         self._warned: dict[str, float] = {}  # sender -> when its bad reports were last logged
@@ -55,6 +75,7 @@ class Monitor:
         self.reports = 0  # zdq-report messages received: the load this adds to the scheduler
         self.entries = 0  # queues and consumers in them
         self.dropped = 0  # reports and entries dropped as bad
+        self.unverified = 0  # entries dropped as no registry record vouches for them
         self.started = time.monotonic()
 
     # -- handlers (the scheduler's event loop) ---------------------------------------------------
@@ -62,6 +83,11 @@ class Monitor:
         """The ``zdq-report`` stream handler: never raises (Dask would drop the sending worker)."""
         self.reports += 1
         now = time.monotonic()
+        sender = _stream_sender()
+        if sender is not None and sender != worker:
+            self.dropped += 1
+            self._warn(sender, now, "a zdq report dropped: it claims to come from worker %s", str(worker)[:256])
+            return
         try:
             report = decode(worker, message)
         except BadReport as e:
@@ -76,7 +102,8 @@ class Monitor:
             self.dropped += len(report.dropped)
             self._warn(worker, now, "%d entries of a zdq report dropped: %s", len(report.dropped), "; ".join(report.dropped[:5]))
         try:
-            self._apply(report.worker, report.interval, report.queues, report.consumers, report.gone, now)
+            queues, consumers = self._vouched(report.worker, report.queues, report.consumers, now)
+            self._apply(report.worker, report.interval, queues, consumers, report.gone, now)
             self._expire(now)
         except Exception:
             logger.exception("zdq monitor: a report from %s could not be applied", str(worker)[:256])
@@ -90,6 +117,67 @@ class Monitor:
                 del self._warned[key]
         self._warned[sender] = now
         logger.warning("from %s: " + msg + " (more from this sender not logged for %.0f s)", sender, *args, _WARN_EVERY)
+
+    def _vouched(
+        self, worker: str, queues: tuple[QueueReport, ...], consumers: tuple[ConsumerReport, ...], now: float
+    ) -> tuple[tuple[QueueReport, ...], tuple[ConsumerReport, ...]]:
+        """The entries of ``worker``'s report that the pools' registry vouches for, its consumers
+        bounded; the others are counted, and logged once they outlast the placement race."""
+        if not queues and not consumers:
+            return queues, consumers
+        self._placements.refresh()
+        kept_q: list[QueueReport] = []
+        kept_c: list[ConsumerReport] = []
+        refused: list[str] = []
+        for q in queues:
+            if self._placements.holds(q.pool, q.name, worker):
+                kept_q.append(q)
+            else:
+                refused.append(f"queue {q.name} of pool {q.pool}")
+        for c in consumers:
+            if self._placements.has_pool(c.pool) and self._consumer_of(c, worker):
+                kept_c.append(c)
+            else:
+                refused.append(f"consumer {c.name} of pool {c.pool}")
+        bounded = self._bounded(worker, tuple(kept_c), now)
+        if not refused:
+            self._unverified_since.pop(worker, None)
+            return tuple(kept_q), bounded
+        self.unverified += len(refused)
+        if len(self._unverified_since) >= 1024 and worker not in self._unverified_since:
+            self._unverified_since.clear()  # bounded; at worst a warning comes a grace later
+        since = self._unverified_since.setdefault(worker, now)
+        if now - since >= _UNVERIFIED_GRACE:
+            self._warn(
+                worker, now,
+                "%d entries of zdq reports dropped (e.g. %s): no pool's registry record names this worker for "
+                "them (a forged report, or a pool whose record could not be published)",
+                len(refused), refused[0][:600],
+            )
+        return tuple(kept_q), bounded
+
+    def _consumer_of(self, cr: ConsumerReport, worker: str) -> bool:
+        """Whether ``worker`` may report consumer ``cr``: it is new, or ``worker`` reported it first."""
+        entry = self._pools.get(cr.pool)
+        consumer = None if entry is None else entry.consumers.get(_consumer_key(cr, worker))
+        return consumer is None or consumer.sender == worker
+
+    def _bounded(self, worker: str, consumers: tuple[ConsumerReport, ...], now: float) -> tuple[ConsumerReport, ...]:
+        """``consumers`` without the new ones beyond ``MAX_CONSUMERS_PER_SENDER`` for ``worker``."""
+        new = [c for c in consumers if _consumer_key(c, worker) not in self._pools.get(c.pool, _NO_VIEW).consumers]
+        if not new:
+            return consumers
+        held = sum(1 for view in self._pools.values() for c in view.consumers.values() if c.sender == worker)
+        room = MAX_CONSUMERS_PER_SENDER - held
+        if len(new) <= room:
+            return consumers
+        refused = {id(c) for c in new[max(0, room):]}
+        self.dropped += len(refused)
+        self._warn(
+            worker, now, "%d consumers of zdq reports dropped: a worker is shown with %d consumers at most",
+            len(refused), MAX_CONSUMERS_PER_SENDER,
+        )
+        return tuple(c for c in consumers if id(c) not in refused)
 
     def _apply(
         self,
@@ -116,23 +204,26 @@ class Monitor:
             entry.seen, entry.interval, entry.worker, entry.report = now, interval, worker, qr
         for cr in consumers:
             view = self._pool(cr.pool)
-            key = cr.id or f"{worker} {cr.name}"  # a feed that sends no id: one name per process
+            key = _consumer_key(cr, worker)
             consumer = view.consumers.get(key)
             if consumer is None:
-                consumer = view.consumers[key] = ConsumerEntry(cr)
+                consumer = view.consumers[key] = ConsumerEntry(cr, worker)
             totals = consumer.tally.update(key, dict(cr.counters))
             consumer.seen, consumer.interval, consumer.report = now, interval, cr
             consumer.samples.append((now, totals.get("tasks_done", 0)))
-        for g in gone:
+        for g in gone:  # only the worker that holds an entry tells it gone
             left = self._pools.get(g.pool)
             if left is None:
                 continue
             if g.kind == "queue":
-                left.retire_queue(g.name)
-            elif g.id:
-                left.retire_consumer(g.id)
-            else:
-                left.retire_consumer(f"{worker} {g.name}")
+                q = left.queues.get(g.name)
+                if q is not None and q.worker == worker:
+                    left.retire_queue(g.name)
+                continue
+            key = g.id or f"{worker} {g.name}"
+            c = left.consumers.get(key)
+            if c is not None and c.sender == worker:
+                left.retire_consumer(key)
         self._bound()
 
     def _pool(self, name: str) -> PoolView:
@@ -204,8 +295,35 @@ class Monitor:
             "interval": self._interval,
             "reports": self.reports,
             "dropped": self.dropped,
+            "unverified": self.unverified,
             "uptime": round(now - self.started, 3),
         }
+
+
+_NO_VIEW = PoolView()
+
+
+def _consumer_key(cr: ConsumerReport, worker: str) -> str:
+    return cr.id or f"{worker} {cr.name}"  # a feed that sends no id: one name per process
+
+
+def _stream_sender() -> str | None:
+    """The worker whose stream the report being handled came on, or None when not called by
+    Dask's stream loop (a test calling :meth:`Monitor.on_report`).
+
+    Why the stack: Dask calls a stream handler with ``**merge({"worker": <the stream's worker>},
+    message)``, so a message that holds a ``worker`` field overrides the address Dask gives; only
+    its stream loop (``handle_stream``, two frames up) still holds the address in ``extra``."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(3):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "handle_stream":
+            extra = frame.f_locals.get("extra")
+            worker = extra.get("worker") if isinstance(extra, dict) else None
+            return worker if isinstance(worker, str) else None
+        frame = frame.f_back
+    return None
 
 
 # -- installation (run on the scheduler) ------------------------------------------------------------

@@ -54,9 +54,10 @@ class QueueEntry:
 
 
 class ConsumerEntry:
-    __slots__ = ("seen", "interval", "report", "tally", "samples")
+    __slots__ = ("seen", "interval", "report", "sender", "tally", "samples")
 
-    def __init__(self, report: ConsumerReport) -> None:
+    def __init__(self, report: ConsumerReport, sender: str) -> None:
+        self.sender = sender  # the worker that reported it first: the only one that may update it
         self.seen = 0.0
         self.interval = 1.0
         self.report = report

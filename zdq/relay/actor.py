@@ -7,11 +7,18 @@ carries the driver's messages to them and their answers back, in batches, over D
 (the actor calls that the scheduler proxies for such a client). A broker sees the driver as if it
 were connected itself; the relay never reads a message (payloads stay sealed end to end).
 
+What crosses Dask's comm is encrypted (:mod:`zdq.relay.cipher`): the driver's tunnel calls
+:meth:`Relay.hello` first, with its ephemeral public key, and every push and pull after it carries
+one batch sealed with the keys they agreed. A push that does not open (tampered with, sealed for
+the other direction, after a gap) is refused at the call, and the tunnel places another relay; a
+replayed one is dropped.
+
 Who owns what
 -------------
-The DEALERs and their poller belong to the relay's I/O thread. :meth:`Relay.push` and
-:meth:`Relay.pull` run on the worker's event loop; they meet the I/O thread at two deques (what
-goes to the brokers, what came from them) and a waker, never at a socket.
+The DEALERs and their poller belong to the relay's I/O thread. :meth:`Relay.hello`,
+:meth:`Relay.push` and :meth:`Relay.pull` run on the worker's event loop (so does the session:
+push opens, pull seals); they meet the I/O thread at two deques (what goes to the brokers, what
+came from them) and a waker, never at a socket.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from typing import Any
 import zmq
 
 from zdq._actor import liveness_probe, worker_address
+from zdq.errors import ProtocolError
+from zdq.relay.cipher import KeyOffer, RelaySession, ReplayedBatch, Side, pack_pull, unpack_push
 from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import Waker, close_socket, connect_dealer, process_context, recv_ready, try_send
 
@@ -43,7 +52,7 @@ def _size(frames: list[bytes]) -> int:
     return sum(len(f) for f in frames)
 
 
-_BAD_PUSH = "push takes a list of (slot, [frame bytes, ...]) and (slot, (gen, endpoint)) pairs"
+_BAD_PUSH = "a sealed push holds a list of (slot, [frame bytes, ...]) and (slot, (gen, endpoint)) pairs"
 
 
 def _check_items(items: Any) -> None:
@@ -91,6 +100,7 @@ class Relay:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._error: str | None = None
+        self._session: RelaySession | None = None  # the keys agreed with the tunnel (hello)
         self.worker = ""
         self.carried = [0, 0]  # messages to the brokers, from them
 
@@ -107,11 +117,41 @@ class Relay:
         )
         self._thread.start()
 
-    async def push(self, items: list[tuple[int, Any]]) -> int:
-        """In order, for each ``(slot, x)`` of ``items``: if ``x`` is ``(gen, endpoint)``,
-        connect slot ``slot`` to the broker at ``endpoint`` with a new socket (what the old one
-        held is dropped; what comes from the new one is tagged ``gen``); if ``x`` is a list of
-        frames, send it to that slot's broker. Returns at once: sending is the I/O thread's."""
+    async def hello(self, driver_public: bytes) -> bytes:
+        """Agree this relay's keys with the driver's tunnel: ``driver_public`` is its ephemeral
+        X25519 public key; returns this relay's. Once per relay: a second hello is refused (the
+        keys of a running relay are never replaced; the tunnel places a new relay instead)."""
+        if self._session is not None:
+            raise ProtocolError(f"relay of pool {self.name} on {self.worker} already agreed its keys with its driver")
+        if not isinstance(driver_public, bytes):
+            raise TypeError(f"hello takes the driver's X25519 public key as bytes, got {type(driver_public).__name__}")
+        offer = KeyOffer()
+        secret = self._keys.secret if self._keys is not None else None
+        self._session = offer.agree(driver_public, Side.RELAY, pool=self.name, identity=self._identity, pool_secret=secret)
+        return offer.public
+
+    def _agreed(self) -> RelaySession:
+        if self._session is None:
+            raise ConnectionError(f"relay of pool {self.name} has agreed no keys with its driver yet: hello comes first")
+        return self._session
+
+    async def push(self, sealed: bytes) -> int:
+        """Open ``sealed`` (a batch the tunnel sealed) and carry its items in order, for each
+        ``(slot, x)``: if ``x`` is ``(gen, endpoint)``, connect slot ``slot`` to the broker at
+        ``endpoint`` with a new socket (what the old one held is dropped; what comes from the new
+        one is tagged ``gen``); if ``x`` is a list of frames, send it to that slot's broker. Returns
+        at once (sending is the I/O thread's) the number of items taken (0 for a replay, dropped).
+
+        Raises TypeError for what is not bytes, :class:`~zdq.errors.ProtocolError` for a batch that
+        does not open or decode: nothing of it is carried."""
+        if not isinstance(sealed, bytes):
+            raise TypeError(f"push takes a sealed batch (bytes), got {type(sealed).__name__}")
+        try:
+            plaintext = self._agreed().open(sealed)
+        except ReplayedBatch as e:
+            logger.warning("relay of pool %s on %s dropped a push: %s", self.name, self.worker, e)
+            return 0
+        items = unpack_push(plaintext)
         _check_items(items)  # all of them before any is taken: a bad push carries nothing
         if self._error is not None:
             raise ConnectionError(f"relay of pool {self.name} on {self.worker} stopped: {self._error}")
@@ -121,11 +161,13 @@ class Relay:
         self._waker.wake()
         return len(items)
 
-    async def pull(self, wait: float) -> list[tuple[int, int, list[bytes]]]:
-        """The brokers' messages that arrived, as ``(slot, gen, frames)``, oldest first; waits
-        up to ``wait`` seconds for the first one."""
+    async def pull(self, wait: float) -> bytes:
+        """The brokers' messages that arrived, as ``(slot, gen, frames)``, oldest first, in one
+        batch sealed for the tunnel (:func:`~zdq.relay.cipher.unpack_pull` reads it once opened);
+        waits up to ``wait`` seconds for the first one."""
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait) and wait != math.inf:
             raise TypeError(f"pull takes the seconds to wait for a message, got {wait!r:.80}")
+        session = self._agreed()
         self._ensure_started()
         assert self._arrived is not None
         if not self._inbox:
@@ -142,7 +184,7 @@ class Relay:
             entry = self._inbox.popleft()
             out.append(entry)
             size += _size(entry[2])
-        return out
+        return session.seal(pack_pull(out))
 
     def stop(self) -> None:
         """Close the sockets and end the I/O thread. Idempotent."""

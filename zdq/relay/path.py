@@ -5,12 +5,17 @@ actor, starts the :class:`~zdq.relay.tunnel.Tunnel` the driver connects through,
 relay fails (its worker died, an actor call timed out), places another; the pool then reconnects
 every link of its driver through it (the driver's protocol resends what the brokers never
 confirmed and asks them which chunks they hold).
+
+Placing a relay includes agreeing its keys: the path's own ephemeral X25519 key pair, the relay's
+answer to ``hello``, and the session that encrypts every batch between them
+(:mod:`zdq.relay.cipher`). A relay that does not answer ``hello`` is not placed.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +23,7 @@ from typing import Any
 from zdq._actor import candidate_workers
 from zdq.errors import PlacementError
 from zdq.relay.actor import Relay
+from zdq.relay.cipher import KeyOffer, RelaySession, Side
 from zdq.relay.tunnel import Tunnel
 from zdq.transport.security import ClientKeys
 
@@ -78,12 +84,12 @@ class RelayPath:
         """Place the relay and start the tunnel (before the driver connects through it).
         ``avoid``: workers to leave alone if others can take it (the brokers': a worker lost
         then takes one path, not both the queue and the way to it)."""
-        self._future, self._actor = self._place(avoid)
-        self.tunnel.start(self._actor, self.worker)
+        self._future, self._actor, session = self._place(avoid)
+        self.tunnel.start(self._actor, self.worker, session)
 
-    def _place(self, avoid: Sequence[str], timeout: float = 60.0) -> tuple[Any, Any]:
-        """Place a relay: never on its last worker (it failed there) while another can take it,
-        and on none of ``avoid`` while another can."""
+    def _place(self, avoid: Sequence[str], timeout: float = 60.0) -> tuple[Any, Any, RelaySession]:
+        """Place a relay and agree its keys: never on its last worker (it failed there) while
+        another can take it, and on none of ``avoid`` while another can."""
         known = self.client.scheduler_info(n_workers=-1)["workers"]
         candidates = candidate_workers(self.client, self._workers, None, known)
         last = self._placed_on.get(0)
@@ -105,11 +111,20 @@ class RelayPath:
             pure=False,
             key=f"zdq-relay-{self.name}-{uuid.uuid4().hex[:8]}",
         )
+        deadline = time.monotonic() + timeout  # placing and agreeing keys share it
         try:
-            return fut, fut.result(timeout=timeout)
+            actor = fut.result(timeout=timeout)
+            return fut, actor, self._agree(actor, max(0.1, deadline - time.monotonic()))
         except Exception as e:
             fut.release()
             raise PlacementError(f"could not place the relay of pool {self.name} on {address}: {e}") from e
+
+    def _agree(self, actor: Any, timeout: float) -> RelaySession:
+        """The session of this driver with the new relay ``actor``: only public keys cross Dask's comm."""
+        offer = KeyOffer()
+        relay_public = actor.hello(offer.public).result(timeout=timeout)
+        secret = self._keys.secret if self._keys is not None else None
+        return offer.agree(relay_public, Side.DRIVER, pool=self.name, identity=self._identity, pool_secret=secret)
 
     def needs_replacing(self) -> bool:
         """Whether the relay failed: a call to it failed or timed out, or Dask lost its worker."""
@@ -122,13 +137,13 @@ class RelayPath:
         tries again)."""
         old = self._future
         try:  # bounded by a call's timeout: the supervisor that waits also watches the brokers
-            fut, actor = self._place(avoid, timeout=self.tunnel.call_timeout)
+            fut, actor, session = self._place(avoid, timeout=self.tunnel.call_timeout)
         except Exception as e:
             logger.warning("placing the relay of pool %s again failed (will retry): %s", self.name, e)
             return False
         self._failed.clear()
         self._future, self._actor = fut, actor
-        self.tunnel.rebind(actor, self.worker)
+        self.tunnel.rebind(actor, self.worker, session)
         self.replacements += 1
         if old is not None:
             old.release()

@@ -7,6 +7,12 @@ thread takes the driver's messages; a pusher thread carries them to the :class:`
 actor in batches (one actor call at a time, so they arrive in order), and a puller thread long-polls
 the relay for the brokers' answers, which the I/O thread hands to the driver's sockets.
 
+What the pusher and the puller carry is encrypted with keys agreed with that relay
+(:mod:`zdq.relay.cipher`; :class:`~zdq.relay.path.RelayPath` agrees them when it places the relay
+and hands the session to :meth:`Tunnel.rebind`): each push is one batch sealed for the relay,
+each pull one batch sealed for the driver. A pull that does not open counts the relay as lost
+(another, with new keys, replaces it); a replayed one is dropped.
+
 Each (re)connection of a link is a new generation: a new ROUTER at a new address here, a new DEALER
 at the relay. Messages of an older generation are dropped on both sides, as a direct link's closed
 socket drops them; the driver's protocol recovers them as it does for a direct link.
@@ -19,8 +25,9 @@ state                                  owner
 ROUTERs, their poller                  the I/O thread, alone
 outbox (driver -> relay)               shared under ``_cond``: the I/O thread adds, the pusher takes
 inbox (relay -> driver)                a deque: the puller adds, the I/O thread takes
-the relay actor, its generation        shared under ``_cond``: :meth:`rebind` sets, pusher and
-                                       puller read; a failed call marks that generation lost
+the relay actor, its session,          shared under ``_cond``: :meth:`rebind` sets, pusher and
+its generation                         puller read; a failed call marks that generation lost
+a session's sending counter            the pusher (it seals); its receiving counter: the puller
 =====================================  ===========================================================
 """
 
@@ -34,6 +41,7 @@ from typing import Any, Callable
 import zmq
 
 from zdq.errors import ZdqError
+from zdq.relay.cipher import RelaySession, ReplayedBatch, pack_push, unpack_pull
 from zdq.transport.sockets import Waker, close_socket, new_identity, process_context, recv_ready, try_send
 
 __all__ = ["Tunnel"]
@@ -71,6 +79,7 @@ class Tunnel:
         # -- shared under _cond --------------------------------------------------------------------
         self._relay: Any = None
         self._relay_gen = 0
+        self._session: RelaySession | None = None
         self._relay_where = ""
         self._lost: BaseException | None = None
         self._outbox: list[tuple[int, Any]] = []
@@ -84,8 +93,8 @@ class Tunnel:
         self.carried = [0, 0]  # messages to the relay, from it
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def start(self, relay: Any, where: str) -> None:
-        self.rebind(relay, where)
+    def start(self, relay: Any, where: str, session: RelaySession) -> None:
+        self.rebind(relay, where, session)
         self._waker = Waker(process_context())
         for target, role in ((self._io, "io"), (self._push, "push"), (self._pull, "pull")):
             thread = threading.Thread(target=target, name=f"zdq-tunnel-{role}-{self.name}", daemon=True)
@@ -102,12 +111,15 @@ class Tunnel:
             thread.join(self.call_timeout + 2)
         with self._cond:
             self._relay = None  # the actor's handle: held, it would keep the actor on its worker
+            self._session = None
 
-    def rebind(self, relay: Any, where: str) -> None:
-        """Carry through ``relay`` (a new Relay actor, on worker ``where``) from now on. What was
-        not carried yet is dropped: the driver reconnects its links through the new relay."""
+    def rebind(self, relay: Any, where: str, session: RelaySession) -> None:
+        """Carry through ``relay`` (a new Relay actor, on worker ``where``, whose keys were agreed
+        as ``session``) from now on. What was not carried yet is dropped: the driver reconnects
+        its links through the new relay."""
         with self._cond:
             self._relay, self._relay_where, self._lost = relay, where, None
+            self._session = session
             self._relay_gen += 1
             self._outbox.clear()
             self._cond.notify_all()
@@ -203,9 +215,10 @@ class Tunnel:
                     if size >= PUSH_BYTES:
                         break
                 del self._outbox[:n]
-                relay, gen = self._relay, self._relay_gen
+                relay, gen, session = self._relay, self._relay_gen, self._session
             try:
-                relay.push(items).result(timeout=self.call_timeout)
+                assert session is not None  # set with the relay, under _cond
+                relay.push(session.seal(pack_push(items))).result(timeout=self.call_timeout)
             except Exception as e:
                 self._fail(gen, e)
                 continue
@@ -216,12 +229,17 @@ class Tunnel:
             with self._cond:
                 while not self._stop.is_set() and self._lost is not None:
                     self._cond.wait(1.0)
-                relay, gen = self._relay, self._relay_gen
+                relay, gen, session = self._relay, self._relay_gen, self._session
             if self._stop.is_set():
                 return
             try:
-                got = relay.pull(PULL_WAIT).result(timeout=PULL_WAIT + self.call_timeout)
-            except Exception as e:
+                assert session is not None  # set with the relay, under _cond
+                sealed = relay.pull(PULL_WAIT).result(timeout=PULL_WAIT + self.call_timeout)
+                got = unpack_pull(session.open(sealed))
+            except ReplayedBatch as e:
+                logger.warning("the relay tunnel of pool %s dropped a pull: %s", self.name, e)
+                continue
+            except Exception as e:  # a failed call, or a batch that did not open: the path is broken
                 self._fail(gen, e)
                 continue
             if got and gen == self._relay_gen:

@@ -87,6 +87,44 @@ def _check_dir(path: str) -> bool:
     return False
 
 
+def _missing_dirs(path: str) -> list[str]:
+    """The directories that ``os.makedirs(path)`` would create, deepest first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _sync_dirs(path: str, made: list[str]) -> None:
+    """Make the queue's directory entries durable: fsync ``path``, the directories ``made`` for it,
+    and the directory that holds the topmost of them, deepest first.
+
+    Why: LMDB's ``sync``/``metasync`` flush ``data.mdb``'s pages, never the directories, so a power
+    loss soon after a queue was created can drop its directory with every chunk confirmed in it.
+    Run once per open, after the first commit and before any chunk is confirmed; an existing queue
+    is synced too (its creator may have died before doing it), at the cost of two fsyncs."""
+    path = os.path.abspath(path)
+    chain = [path, *(d for d in made if d != path)]
+    chain.append(os.path.dirname(chain[-1]))
+    for directory in chain:
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise StorageError(f"queue {path}: cannot open {directory} to make the queue durable: {e}") from e
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system that cannot sync directories
+                raise StorageError(f"queue {path}: cannot fsync {directory}: {e}") from e
+        finally:
+            os.close(fd)
+
+
 class LMDBStorage(Storage):
     """Chunks in an LMDB environment under ``path``; survives the broker and its worker.
 
@@ -121,6 +159,7 @@ class LMDBStorage(Storage):
     # -- opening --------------------------------------------------------------------------------
     def open(self) -> None:
         existed = _check_dir(self.path)
+        made = _missing_dirs(self.path)
         os.makedirs(self.path, exist_ok=True)
         self._take_lock()
         try:
@@ -142,6 +181,8 @@ class LMDBStorage(Storage):
                 if not existed:
                     txn.put(b"format", FORMAT, db=self._dbs[b"meta"])
                 txn.drop(self._dbs[b"leased"], delete=False)  # a new owner: every lease is void
+            if self._sync:
+                _sync_dirs(self.path, made)
         except lmdb.Error as e:
             self._release()
             raise StorageCorrupt(f"{self.path} cannot be opened as a zdq queue: {e}") from e

@@ -6,6 +6,11 @@ and consumers (clients). (Payloads are sealed separately, with the pool's payloa
 need them. A broker runs a ZAP authenticator that admits exactly the pool's client public key: a
 peer without it is refused during the handshake, before any of its bytes is read as a message.
 
+On a ``tcp://`` Dask cluster that channel is clear text: these keys are then no secret from an
+observer of it (CurveZMQ's ephemeral session keys still hide the traffic of the sockets), which is
+why the relay, whose batches cross that channel themselves, agrees keys of its own that never
+cross it (:mod:`zdq.relay.cipher`).
+
 A consumer or driver in the broker's own process reaches it over inproc instead (see
 :func:`zdq.transport.sockets.process_context`). ZeroMQ gives inproc connections no security
 mechanism; none is needed, because only code running inside that process can open one, and such

@@ -170,6 +170,10 @@ class Driver:
         chunk; return its future. Blocks while the driver's buffers are full."""
         return self._ledger.submit_task(task, timeout)
 
+    def new_future(self, tid: int) -> TaskFuture:
+        """A future for the reserved task id ``tid``, knowing this driver (to cancel) and the hint."""
+        return self._ledger.new_future(tid)
+
     def submit_timed(self, task: bytes, timing: Timing, *, timeout: float | None = None) -> TaskFuture:
         """Queue one pickled task with a release time or priority, as a chunk of its own: loose
         tasks are coalesced into plain chunks, and the broker orders chunks, not tasks."""

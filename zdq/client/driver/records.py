@@ -15,7 +15,7 @@ from concurrent.futures import InvalidStateError
 from typing import Any, Protocol
 
 from zdq.errors import TaskCancelled
-from zdq.futures import BatchFuture, TaskFuture
+from zdq.futures import BatchFuture, TaskFuture, notify_cancelled
 from zdq.codec.timing import Timing
 
 __all__ = ["Books", "Loose", "NO_CONSUMER", "Record", "Settlement", "cancel_future", "cancellation", "settle"]
@@ -112,6 +112,7 @@ def cancel_future(fut: TaskFuture) -> None:
     """Cancel a task's future without asking its driver (the driver is the one cancelling)."""
     # The base class's cancel: the future's own asks its driver first (see TaskFuture.cancel).
     concurrent.futures.Future.cancel(fut)
+    notify_cancelled(fut)  # concurrent.futures.wait() and as_completed() see it done
 
 
 def settle(fut: TaskFuture, value: Any = None, exc: BaseException | None = None) -> None:

@@ -1,0 +1,201 @@
+"""Executor.map's window (zdq.client.window), driven by futures the tests settle: no pool, no thread."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gc
+import itertools
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from zdq.client.window import (
+    ResultWindow,
+    check_map_options,
+    chunked,
+    key_runs,
+    run_chunk,
+)
+
+Future = concurrent.futures.Future
+
+
+class Pool:
+    """A submit() whose futures the test settles; it counts what is unfinished."""
+
+    def __init__(self) -> None:
+        self.futures: list[Future[Any]] = []
+        self.calls: list[tuple[Any, ...]] = []
+        self.cancelled: list[Future[Any]] = []
+
+    def submit(self, *args: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        self.futures.append(fut)
+        self.calls.append(args)
+        return fut
+
+    def cancel(self, fs: list[Future[Any]]) -> None:
+        for fut in fs:
+            fut.cancel()
+            self.cancelled.append(fut)
+
+    def unfinished(self) -> int:
+        return sum(not f.done() for f in self.futures)
+
+    def settle_all(self) -> None:
+        for fut, args in zip(self.futures, self.calls):
+            if not fut.done():
+                fut.set_result(sum(args))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _settled_pool() -> Pool:
+    """A pool whose futures come back already done (results: the sum of the arguments)."""
+    pool = Pool()
+    submit = pool.submit
+
+    def done_submit(*args: Any) -> Future[Any]:
+        fut = submit(*args)
+        fut.set_result(sum(args))
+        return fut
+
+    pool.submit = done_submit  # type: ignore[method-assign]
+    return pool
+
+
+def test_without_buffersize_every_call_is_submitted_at_once_and_results_come_in_order() -> None:
+    pool = Pool()
+    window = ResultWindow(pool.submit, zip(range(5), range(5)), None, None, pool.cancel)
+    assert len(pool.futures) == 5
+    # Settled backwards: the results are still taken in the calls' order.
+    for fut, args in reversed(list(zip(pool.futures, pool.calls))):
+        fut.set_result(sum(args))
+    assert list(window) == [0, 2, 4, 6, 8]
+
+
+def test_with_buffersize_the_calls_are_read_as_results_are_taken_and_at_most_buffersize_are_unfinished() -> None:
+    pool = Pool()
+    read: list[int] = []
+
+    def endless() -> Iterator[tuple[int]]:
+        for i in itertools.count():
+            read.append(i)
+            yield (i,)
+
+    window = ResultWindow(pool.submit, endless(), 3, None, pool.cancel)
+    results = iter(window)
+    assert len(pool.futures) == 3 and len(read) == 3
+    for expected in range(50):
+        pool.futures[expected].set_result(expected * 10)
+        assert next(results) == expected * 10
+        # One more submitted for each result taken; never more than three unfinished.
+        assert len(pool.futures) == 3 + expected + 1
+        assert pool.unfinished() <= 3
+        assert len(read) <= len(pool.futures) + 1
+    results.close()  # type: ignore[attr-defined]
+    assert pool.unfinished() == 0
+    assert len(pool.cancelled) == 3
+
+
+def test_a_short_iterable_with_a_large_buffersize_ends() -> None:
+    pool = _settled_pool()
+    assert list(ResultWindow(pool.submit, [(1,), (2,)], 10, None, pool.cancel)) == [1, 2]
+
+
+def test_a_tasks_error_is_raised_at_its_position_and_the_rest_is_cancelled() -> None:
+    pool = Pool()
+    window = iter(ResultWindow(pool.submit, [(i,) for i in range(5)], None, None, pool.cancel))
+    pool.futures[0].set_result("a")
+    pool.futures[1].set_exception(KeyError("second"))
+    pool.futures[2].set_result("c")
+    assert next(window) == "a"
+    with pytest.raises(KeyError, match="second"):
+        next(window)
+    assert pool.futures[3].cancelled() and pool.futures[4].cancelled()
+    with pytest.raises(StopIteration):
+        next(window)
+
+
+def test_the_timeout_counts_from_the_call_and_cancels_what_is_left() -> None:
+    clock = Clock()
+    pool = Pool()
+    window = iter(ResultWindow(pool.submit, [(i,) for i in range(3)], None, 5.0, pool.cancel, clock))
+    pool.futures[0].set_result(0)
+    clock.now += 4.0
+    assert next(window) == 0
+    clock.now += 1.5  # 5.5 s since the call: past the timeout, however recent the last result
+    with pytest.raises(TimeoutError):
+        next(window)
+    assert all(f.cancelled() for f in pool.futures[1:])
+
+
+def test_a_call_that_cannot_be_submitted_cancels_those_submitted_before_it() -> None:
+    pool = Pool()
+
+    def submit(x: int) -> Future[Any]:
+        if x == 2:
+            raise TypeError("cannot pickle")
+        return pool.submit(x)
+
+    with pytest.raises(TypeError, match="cannot pickle"):
+        ResultWindow(submit, [(i,) for i in range(4)], None, None, pool.cancel)
+    assert len(pool.futures) == 2 and all(f.cancelled() for f in pool.futures)
+
+
+def test_a_suspended_iterator_holds_no_result_it_handed_out() -> None:
+    class Value:
+        pass
+
+    pool = Pool()
+    window = iter(ResultWindow(pool.submit, [(1,), (2,)], 1, None, pool.cancel))
+    pool.futures[0].set_result(Value())
+    value = next(window)
+    ref = weakref.ref(value)
+    del value
+    pool.futures.clear()  # the test's own references
+    gc.collect()
+    assert ref() is None
+
+
+def test_the_maps_options_are_checked_as_python_3_14_checks_them() -> None:
+    with pytest.raises(ValueError, match="buffersize must be None or > 0"):
+        check_map_options(1, 0)
+    with pytest.raises(TypeError, match="buffersize must be an integer or None"):
+        check_map_options(1, 2.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="chunksize must be >= 1"):
+        check_map_options(0, None)
+    check_map_options(3, None)
+
+
+def test_chunks_run_their_calls_in_order_and_are_read_lazily() -> None:
+    assert run_chunk(pow, [(2, 3), (3, 2)]) == [8, 9]
+    parts = chunked(((i,) for i in itertools.count()), 3)
+    assert next(parts) == [(0,), (1,), (2,)]
+    assert list(chunked([(1,), (2,)], 3)) == [[(1,), (2,)]]
+
+
+def test_task_ids_are_cancelled_in_runs_of_consecutive_ids() -> None:
+    assert key_runs([5, 3, 4, 9, 10, 12, 4]) == [(3, 3), (9, 2), (12, 1)]
+    assert key_runs([]) == []
+
+
+def test_an_executor_refuses_max_workers_below_one_and_options_beside_a_given_pool() -> None:
+    import zdq
+
+    with pytest.raises(ValueError, match="^max_workers must be greater than 0$"):
+        zdq.Executor(0)
+    with pytest.raises(ValueError, match="^max_workers must be greater than 0$"):
+        zdq.Executor(max_workers=-1)
+    with pytest.raises(TypeError, match="max_workers"):
+        zdq.Executor("2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="queue_pool alone"):
+        zdq.Executor(2, queue_pool=object())

@@ -1,0 +1,393 @@
+"""``zdq.Executor``: a :class:`concurrent.futures.Executor` whose tasks run on zdq consumers.
+
+It goes wherever an executor goes (``loop.run_in_executor``, ``concurrent.futures.wait`` and
+``as_completed`` beside the standard library's futures, code written for ``ThreadPoolExecutor``),
+with the standard contract: ``submit`` and ``map`` (Python 3.14's, ``buffersize`` included, and
+the process pool's ``chunksize``), ``shutdown(wait, cancel_futures=)``, a context manager, and
+the work already submitted runs before the program ends.
+
+Ownership
+---------
+==========================  =======================================================================
+state                       owner
+==========================  =======================================================================
+``_pool``                   set by the constructor; closed by this executor only when it made it
+                            (``_owns_pool``), once, under ``_close_lock``
+``_shutdown``               ``_submitting``: held through each submission, so that shutdown waits
+                            for one in progress (as ``ThreadPoolExecutor``'s lock does)
+``_inflight``               ``_state`` (a condition, never held while submitting: the callback
+                            thread takes it): the futures not done yet (futures only: a future
+                            holds no callable nor argument, and its result is the caller's)
+``_busy`` (module)          an executor with work in flight is held here, so that dropping it does
+                            not take its pool (and the work) away; it leaves when its work is done
+``_open`` (module)          every executor not closed, held weakly: the at-exit hook finishes them
+==========================  =======================================================================
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Self
+
+from distributed import Client
+
+from zdq.client.window import (
+    ResultWindow,
+    cancel_many,
+    check_map_options,
+    chunked,
+    run_chunk,
+)
+from zdq.errors import ZdqError
+from zdq.futures import TaskFuture
+
+if TYPE_CHECKING:
+    from zdq.client.queue_pool import QueuePool
+
+__all__ = ["Executor"]
+
+logger = logging.getLogger(__name__)
+
+#: How long the work may be unable to progress (no consumer running, queues down) before a wait
+#: for it at shutdown or at exit gives up, saying why.
+STALL_LIMIT = 60.0
+
+_busy: dict[int, Executor] = {}
+_open: weakref.WeakSet[Executor] = weakref.WeakSet()
+_exiting = False
+
+
+def _at_exit() -> None:
+    """Run by the interpreter before it joins its threads (as ``ThreadPoolExecutor``'s hook is):
+    the work submitted to every executor still open runs, then the pools they made are closed,
+    while Dask's own threads still serve (its at-exit hooks run later)."""
+    global _exiting
+    _exiting = True
+    for executor in list(_open):
+        try:
+            executor._finish(wait=True, reason="the program is ending")
+        except Exception:  # one executor's failing pool does not keep the others' work from running
+            logger.exception("zdq Executor: finishing %r at exit failed", executor)
+
+
+# ``threading._register_atexit`` is what concurrent.futures uses for the same purpose: plain
+# ``atexit`` hooks run after Dask's clients and clusters were already closed.
+_register = getattr(threading, "_register_atexit", None)
+if _register is not None:
+    _register(_at_exit)
+else:  # pragma: no cover - every CPython from 3.9 has it
+    import atexit
+
+    atexit.register(_at_exit)
+
+
+def _cluster_threads(client: Client) -> int:
+    """The threads of the cluster's workers (at least 1): the consumers of a pool made for it."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
+
+
+def _has_default_client() -> bool:
+    from distributed import default_client
+
+    try:
+        default_client()
+    except ValueError:
+        return False
+    return True
+
+
+class Executor(concurrent.futures.Executor):
+    """A :class:`concurrent.futures.Executor` on a zdq pool.
+
+    Parameters
+    ----------
+    max_workers : int, optional
+        Consumers of the pool this executor makes (default: one per thread of the cluster's
+        workers; in embedded mode, one worker process per CPU). Must be above 0.
+    client : distributed.Client, optional
+        The cluster to make the pool on (default: the default Dask client when there is one;
+        without one, a local cluster of ``max_workers`` processes, as :func:`zdq.local`).
+    queue_pool : QueuePool, optional
+        A started pool to submit to: its consumers run the tasks, and shutdown leaves it open
+        (``queue_pool.executor()`` is the same).
+    **pool_options
+        For the pool this executor makes: any :class:`~zdq.QueuePool` keyword (``n_queues``,
+        ``durability``, ``retries``, ``chunk_size`` ...). ``keep_results`` defaults to False
+        here: a result is held by its future only.
+
+    A pool (and cluster) the executor made is closed by :meth:`shutdown`, or at exit.
+
+    Examples
+    --------
+    >>> with zdq.Executor(max_workers=4) as executor:                       # doctest: +SKIP
+    ...     print(list(executor.map(pow, range(5), range(5))))
+    [1, 1, 4, 27, 256]
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        client: Client | None = None,
+        queue_pool: QueuePool | None = None,
+        **pool_options: Any,
+    ) -> None:
+        if max_workers is not None:
+            if not isinstance(max_workers, int) or isinstance(max_workers, bool):
+                raise TypeError(f"max_workers must be an integer or None, got {max_workers!r:.80}")
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        if queue_pool is not None and (max_workers is not None or client is not None or pool_options):
+            raise ValueError(
+                "max_workers, client and pool options are for the pool an Executor makes: with queue_pool=..., "
+                "that pool's consumers run the tasks (pass queue_pool alone)"
+            )
+        self._state = threading.Condition()
+        self._submitting = threading.Lock()
+        self._close_lock = threading.Lock()
+        self._shutdown = False
+        self._closed = False
+        self._inflight: set[concurrent.futures.Future[Any]] = set()
+        ref = weakref.ref(self)
+
+        def on_done(fut: concurrent.futures.Future[Any]) -> None:
+            executor = ref()
+            if executor is not None:
+                executor._settled(fut)
+
+        self._on_done = on_done
+        if queue_pool is not None:
+            if queue_pool.closed:
+                raise RuntimeError(f"queue pool {queue_pool.name} is closed: an Executor needs an open one")
+            self._pool = queue_pool
+            self._owns_pool = False
+        else:
+            self._pool = self._make_pool(max_workers, client, pool_options)
+            self._owns_pool = True
+            weakref.finalize(self, self._pool.close)  # dropped idle, never shut down: the pool goes too
+        _open.add(self)
+
+    @staticmethod
+    def _make_pool(max_workers: int | None, client: Client | None, options: dict[str, Any]) -> QueuePool:
+        from zdq.client.consumer_pool import ConsumerPool
+        from zdq.client.local import local
+        from zdq.client.queue_pool import QueuePool
+
+        options.setdefault("keep_results", False)
+        if client is None and not _has_default_client():
+            return local(max_workers, **options)
+        pool = QueuePool(client, **options)
+        try:
+            n = max_workers or _cluster_threads(pool.client)
+            pool.local_consumers = ConsumerPool(pool.client, pool, n_consumers=n, start=True)
+        except BaseException:
+            pool.close()
+            raise
+        return pool
+
+    @property
+    def queue_pool(self) -> QueuePool:
+        """The pool the tasks go to."""
+        return self._pool
+
+    # -- submitting -----------------------------------------------------------------------------
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Run ``fn(*args, **kwargs)`` on a consumer; return its future. Every keyword goes to
+        ``fn`` (zdq's own task options are the pool's defaults). Blocks while the pool's
+        submission window is full.
+
+        Raises
+        ------
+        RuntimeError
+            The executor was shut down, or the program is ending.
+        SerializationError
+            ``fn`` or an argument cannot be pickled; nothing was queued.
+        """
+        with self._submitting:
+            self._check_open()
+            fut = self._pool.submit_call(fn, args, kwargs)
+            self._track([fut])
+        return fut
+
+    def _submit_all(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...]) -> list[TaskFuture]:
+        """Every call of a map at once, queued in chunks (``queue_pool.map``), not one by one."""
+        with self._submitting:
+            self._check_open()
+            futures: list[TaskFuture] = self._pool.map(fn, *iterables)
+            self._track(futures)
+        return futures
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def _track(self, futures: list[TaskFuture]) -> None:
+        """Count ``futures`` as work in flight until they are done."""
+        if not futures:
+            return
+        with self._state:
+            if not self._inflight:
+                _busy[id(self)] = self
+            self._inflight.update(futures)
+        for fut in futures:
+            fut.add_done_callback(self._on_done)
+
+    def _settled(self, fut: concurrent.futures.Future[Any]) -> None:
+        with self._state:
+            self._inflight.discard(fut)
+            if not self._inflight:
+                _busy.pop(id(self), None)
+                self._state.notify_all()
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[Any]:
+        """``fn`` over the iterables' items, as Python 3.14's ``Executor.map``: the results in
+        order, ``timeout`` counted from this call (then ``TimeoutError``), a task's exception
+        raised at its position, what is left cancelled when the iterator is closed or fails.
+
+        ``buffersize``: at most that many tasks unfinished; the iterables are read as results are
+        taken, so an endless generator is mapped in bounded memory (without it, every call is
+        submitted now). ``chunksize``: that many calls per task, as the process pool's ``map``
+        (a call's error fails its chunk, and is raised at the chunk's first position).
+        """
+        check_map_options(chunksize, buffersize)
+        ref = weakref.ref(self)
+
+        def submit(*args: Any) -> concurrent.futures.Future[Any]:
+            executor = ref()  # a map left behind does not keep its executor alive
+            if executor is None:
+                raise RuntimeError("cannot schedule new futures: the executor was dropped")
+            return executor.submit(*args)
+
+        calls: Iterable[tuple[Any, ...]] = zip(*iterables)
+        if chunksize == 1 and buffersize is None:
+            start = time.monotonic()
+            queued = ((fut,) for fut in self._submit_all(fn, iterables))
+            left = None if timeout is None else timeout - (time.monotonic() - start)  # from the call
+            return iter(ResultWindow(_same, queued, None, left, cancel_many))
+        if chunksize == 1:
+            return iter(ResultWindow(lambda *args: submit(fn, *args), calls, buffersize, timeout, cancel_many))
+        chunks = ((chunk,) for chunk in chunked(calls, chunksize))
+        window = ResultWindow(lambda chunk: submit(run_chunk, fn, chunk), chunks, buffersize, timeout, cancel_many)
+        return _flatten(iter(window))
+
+    # -- ending ---------------------------------------------------------------------------------
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Take no more work. ``cancel_futures``: the tasks that have not started are cancelled
+        (the others finish). ``wait``: return once the work is done and, if this executor made
+        its pool, the pool (and its cluster) is closed; without it, return at once: the pool is
+        closed when the work is done, and the program does not end before that.
+        """
+        with self._submitting:
+            self._shutdown = True
+        with self._state:
+            pending = list(self._inflight)
+        if cancel_futures:
+            cancel_many(pending)
+        if wait:
+            self._finish(wait=True, reason="shutdown(wait=True)")
+        elif not self._closed:
+            # Not a daemon: the program ends once the work is done, and the pool closed.
+            threading.Thread(
+                target=self._finish, kwargs={"wait": True, "reason": "shutdown(wait=False)"},
+                name="zdq-executor-shutdown",
+            ).start()
+
+    def _finish(self, *, wait: bool, reason: str) -> None:
+        """Wait for the work in flight (as long as it can progress), then close the pool made."""
+        with self._submitting:
+            self._shutdown = True
+        if wait:
+            self._wait_for_work(reason)
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            _open.discard(self)
+            if self._owns_pool:
+                self._pool.close()
+
+    def _wait_for_work(self, reason: str) -> None:
+        """Wait until every task submitted here is done. A task that runs is waited for however
+        long it takes (as ``ThreadPoolExecutor`` does); work that cannot progress for
+        :data:`STALL_LIMIT` seconds (none of it finishes, the pool says why it waits, and its
+        queues run nothing) is given up on, with a warning saying why (the pool made here is then
+        closed: its pending futures fail)."""
+        stalled_since: float | None = None
+        left: int | None = None
+        while True:
+            with self._state:
+                if self._inflight:
+                    self._state.wait(1.0)
+                n = len(self._inflight)
+            if n == 0:
+                return
+            if left is None or n < left:
+                left, stalled_since = n, None  # some finished: progress
+                continue
+            why = self._why_stuck()  # asks the queues: not under the lock the callbacks take
+            if not why:
+                stalled_since = None
+                continue
+            now = time.monotonic()
+            stalled_since = now if stalled_since is None else stalled_since
+            if now - stalled_since >= STALL_LIMIT:
+                logger.warning(
+                    "zdq Executor (%s): %d tasks cannot finish: %s; not waiting for them any longer", reason, n, why
+                )
+                return
+
+    def _why_stuck(self) -> str:
+        """Why the work cannot progress, or "" if it may: the pool's own account of why results
+        wait, unless its queues have tasks running (consumers of another process, say)."""
+        pool = self._pool
+        if pool.closed:
+            return "its queue pool is closed"
+        why: str = pool.why_waiting()
+        if not why:
+            return ""
+        try:
+            statuses = pool.queue_status(timeout=2.0)
+        except ZdqError as e:
+            return f"{why} ({e})"
+        return "" if any(s is not None and s.leased_tasks for s in statuses) else why
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "shut down" if self._shutdown else "running"
+        owner = "its own pool" if self._owns_pool else "the pool"
+        return f"<zdq.Executor on {owner} {self._pool.name}: {state}, {len(self._inflight)} tasks in flight>"
+
+
+def _same(fut: TaskFuture) -> TaskFuture:
+    return fut
+
+
+def _flatten(chunks: Iterator[list[Any]]) -> Iterator[Any]:
+    """A chunked map's results, one by one (the chunk iterator closed with this one)."""
+    try:
+        for chunk in chunks:
+            yield from chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
