@@ -33,6 +33,7 @@ __all__ = [
     "TaskCancelled",
     "BatchError",
     "NoConsumers",
+    "NoEligibleWorkers",
     "WrongConsumerClass",
 ]
 
@@ -155,6 +156,14 @@ class TaskCancelled(ZdqError, concurrent.futures.CancelledError):
 
 class NoConsumers(ZdqError, RuntimeError):
     """Tasks are pending and no consumer of the pool is running: nothing would ever run them."""
+
+
+class NoEligibleWorkers(NoConsumers):
+    """Tasks are pending, the consumers were started, and none has been placed for
+    ``zdq.no-consumer-timeout``: no live worker satisfies the ConsumerPool's placement constraint
+    (``workers=``, ``resources=``), which the message names. The pool keeps trying: once a matching
+    worker joins, consumers are placed there and ``join()`` and ``result()`` wait again as usual.
+    A :class:`NoConsumers`, so code that catches that one for an unstarted pool catches this too."""
 
 
 class WrongConsumerClass(ZdqError, TypeError, RuntimeError):

@@ -17,12 +17,13 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from typing import Any
 
 from zdq.errors import BatchError, TaskCancelled, ZdqTimeoutError
 
-__all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "wait", "as_completed"]
+__all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "WaitHint", "wait", "as_completed"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,24 @@ def notify_cancelled(fut: concurrent.futures.Future[Any]) -> None:
         pass
 
 
+#: Seconds between two looks, while a result is awaited, at whether its pool can run it at all.
+_LOOK_EVERY = 1.0
+
+
+class WaitHint:
+    """What a pool tells its futures: why a result may be slow to come (``hint()``, a sentence
+    for a timeout's message), and whether it cannot come as things stand (``stuck()``: the error
+    to raise, e.g. :class:`~zdq.errors.NoEligibleWorkers`, or ``None``). The pool owns both
+    callables; a future only calls them from the thread that waits on it."""
+
+    def __init__(self, why: Callable[[], str], stuck: Callable[[], BaseException | None]) -> None:
+        self._why = why
+        self.stuck = stuck
+
+    def __call__(self) -> str:
+        return self._why()
+
+
 # Set on a driver's I/O thread: the runner its futures' callbacks go to.
 _io_thread = threading.local()
 
@@ -179,9 +198,28 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
         hint = self._hint() if self._hint is not None else ""
         return ZdqTimeoutError(f"{what} had no result within {timeout}s" + (f": {hint}" if hint else ""))
 
+    def _looking(self, wait: Callable[[float | None], Any], timeout: float | None) -> Any:
+        """``wait(timeout)``, in steps of :data:`_LOOK_EVERY` between which the pool is asked
+        whether the result can come at all (its ``stuck()`` error is raised if not; the future
+        stays pending, and a later wait may succeed)."""
+        stuck = getattr(self._hint, "stuck", None)
+        if stuck is None or (timeout is not None and timeout <= _LOOK_EVERY):
+            return wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = _LOOK_EVERY if deadline is None else min(_LOOK_EVERY, max(0.0, deadline - time.monotonic()))
+            try:
+                return wait(step)
+            except concurrent.futures.TimeoutError:
+                if self.done() or (deadline is not None and time.monotonic() >= deadline):
+                    raise
+            error = stuck()
+            if error is not None:
+                raise error
+
     def result(self, timeout: float | None = None) -> Any:
         try:
-            return super().result(timeout)
+            return self._looking(super().result, timeout)
         except concurrent.futures.TimeoutError:
             if self.done():
                 raise  # the task's own error (a TaskTimeout, a TimeoutError it raised), as it is
@@ -189,7 +227,7 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         try:
-            return super().exception(timeout)
+            return self._looking(super().exception, timeout)
         except concurrent.futures.TimeoutError:
             raise self._timed_out(timeout, repr(self)) from None
 

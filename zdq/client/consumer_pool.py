@@ -228,6 +228,12 @@ class ConsumerPool:
         """Called when a lost queue is served again: every consumer serving it reconnects."""
         self._consumers.broker_moved(broker, endpoint, self._running)
 
+    def stranded(self) -> str:
+        """Why none of this pool's consumers has been placed for ``no_consumer_timeout``, naming
+        its ``workers=`` / ``resources=`` constraint (``""`` if some is, or the pool is not
+        started): ``join()`` and ``result()`` raise it as :class:`NoEligibleWorkers`."""
+        return self._consumers.stranded() if self._running and not self._closed else ""
+
     def unreached(self) -> dict[str, str]:
         """Queues placed again where none of this pool's consumers reaches them, with why:
         ``join()`` raises :class:`BrokerUnreachable` for those that hold tasks."""
@@ -310,6 +316,11 @@ class ConsumerPool:
         NoConsumers
             Tasks are pending and no consumer of the pool is running (call :meth:`start`): said at
             once, instead of waiting for work that nothing would do.
+        NoEligibleWorkers
+            (a :class:`NoConsumers`) Tasks are pending and no consumer of any started ConsumerPool
+            of the queue pool has been placed for ``zdq.no-consumer-timeout`` (30 s): every worker
+            its ``workers=`` / ``resources=`` allow has left. The message names the constraint.
+            The pool keeps trying: a ``join()`` after a matching worker joins waits as usual.
 
         Parameters
         ----------
@@ -424,7 +435,10 @@ class ConsumerPool:
         for i, name, call in asked:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                stats.append(call.result(timeout=left))
+                # An answer already in is taken however little time is left: a Dask actor future
+                # asked with timeout=0 raises even when it holds its answer, and a consumer that
+                # answered at once was reported silent behind one that did not (a stopped worker).
+                stats.append(call.result() if call.done() else call.result(timeout=left))
             except TimeoutError:
                 silent[i, name] = f"did not answer within {bound:g} s" if bound is not None else "did not answer"
             except Exception as e:

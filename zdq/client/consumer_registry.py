@@ -131,6 +131,14 @@ class ConsumerRegistry:
     def any_running(self) -> bool:
         return any(pool.running for pool in self.pools())
 
+    def stranded(self) -> str:
+        """Why nothing consumes although ConsumerPools were started: every running pool has had no
+        consumer placed for its bound (each says why, naming its constraint); ``""`` otherwise.
+        A listener that cannot tell (one without ``stranded()``) counts as consuming."""
+        running = [pool for pool in self.pools() if pool.running]
+        reasons = [getattr(pool, "stranded", lambda: "")() for pool in running]
+        return "; ".join(reasons) if running and all(reasons) else ""
+
     def add_identity(self, identity: bytes) -> None:
         with self._lock:
             self._identities.add(identity)

@@ -16,8 +16,17 @@ state                               owner
 ``_reach_checks``, ``_reach_gen``,  ``_lock`` (written by the queue pool's supervisor, which tells
 ``_orphans``                        of moves, and by this pool's supervisor, which judges)
 ``_health_due``, ``_health_next``,  the pool's supervisor thread
-``replacements``
+``replacements``, ``_retry_at``
+``_none_live_since``,               ``_lock`` (written by the supervisor after each round, read by
+``_last_failure``                   ``join()`` and ``result()`` through :meth:`stranded`)
 ==================================  ===============================================================
+
+When the workers a pool may use (``workers=``, ``resources=``) have all left, no replacement can be
+placed: the supervisor keeps trying (every :data:`_RETRY_EVERY` seconds, not every round), and once
+no consumer has been live for ``no_consumer_timeout`` :meth:`ConsumerSlots.stranded` says why,
+naming the constraint; ``join()`` and ``result()`` raise it (:class:`~zdq.errors.NoEligibleWorkers`)
+instead of waiting for ever. A matching worker that joins gets the replacements, and the waits
+go on as usual.
 """
 
 from __future__ import annotations
@@ -29,12 +38,15 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from distributed import Client
+from distributed import wait as wait_for
 
+from zdq._actor import candidate_workers
 from zdq.client.slots import ActorSlots, SlotsClosed, place_actor, release_future
 from zdq.config import PoolSettings
+from zdq.errors import PlacementError
 from zdq.consumer import Consumer, ConsumerBaseClass
 from zdq.client.driver import Driver
-from zdq.names import consumer_names
+from zdq.names import consumer_names, counted
 from zdq.fanout import served_queues
 from zdq.transport.reach import OPEN_BETWEEN_WORKERS, describe
 from zdq.transport.security import ClientKeys
@@ -46,6 +58,10 @@ logger = logging.getLogger(__name__)
 
 #: Consumers whose health() is asked per supervision round (every 2 s or two heartbeats).
 _HEALTH_PER_ROUND = 8
+
+#: Seconds between two tries at placing a consumer whose placement failed: a pool whose workers
+#: all left asks the scheduler once a second, not four times a second per consumer.
+_RETRY_EVERY = 1.0
 
 ReachAnswers = list[tuple[str, tuple[list[str], list[tuple[str, str, str]]]]]
 
@@ -120,22 +136,60 @@ class ConsumerSlots:
         self._reach_checks: dict[int, tuple[float, list[tuple[str, Any]], int]] = {}
         self._reach_gen: dict[int, int] = {}  # queue -> how often it was placed again
         self._orphans: dict[int, str] = {}  # queue -> why no consumer reaches it (join raises it)
+        self._retry_at: dict[int, float] = {}  # slot -> when to try placing it again (it failed)
+        # Since when no slot holds a consumer Dask still has (None: some does), and why the last
+        # placement failed: stranded() turns them into join()'s and result()'s error.
+        self._none_live_since: float | None = None
+        self._last_failure = ""
 
     # -- placing ---------------------------------------------------------------------------------
-    def place_all(self) -> None:
+    def place_all(self, timeout: float = 60.0) -> None:
         """Place every consumer at once: the actors are created in parallel, so a pool of 64 costs
-        about what one does, plus the scheduler's work per actor."""
+        about what one does, plus the scheduler's work per actor.
+
+        Raises
+        ------
+        PlacementError
+            Some actor was not created within ``timeout`` seconds: the message names each such
+            consumer and its worker (stopped, or too busy to answer).
+        """
         known = self.client.scheduler_info(n_workers=-1)["workers"]
         submitted = []
         try:
             for i in range(self.n):
                 submitted.append((i, *self._submit(i, known)))
+            self._wait_created([(i, fut) for i, fut, _ in submitted], timeout, known)
             for i, fut, ident in submitted:
-                self._adopt(i, fut, ident, fut.result(timeout=60))
+                self._adopt(i, fut, ident, fut.result(timeout=timeout))
         except BaseException:
             for _, fut, _ in submitted:
                 release_future(fut)
             raise
+
+    def _wait_created(self, placing: list[tuple[int, Any]], timeout: float, known: dict[str, Any] | None = None) -> None:
+        """Wait (``timeout`` for all) until the actors of ``placing`` (slot, future) are created;
+        raise :class:`PlacementError` naming each consumer that was not, and its worker."""
+        try:
+            wait_for([fut for _, fut in placing], timeout=timeout)
+        except TimeoutError:
+            pass  # said below, naming who did not answer
+        late = [i for i, fut in placing if not fut.done()]
+        if not late:
+            return
+        with self._lock:
+            where = {i: self.placed_on.get(i, "?") for i in late}
+        known = known if known is not None else {}
+
+        def worker(address: str) -> str:
+            name = known.get(address, {}).get("name")
+            return f"{address} (worker {name})" if name is not None and str(name) != address else address
+
+        each = ", ".join(f"{self.names[i]} on {worker(where[i])}" for i in late)
+        raise PlacementError(
+            f"{counted(len(late), 'consumer')} not created within {timeout:g} s: {each}; the worker did not answer "
+            "(it is stopped, e.g. by SIGSTOP, or too busy): resume or restart it, or place the pool with workers= "
+            "that leaves it out"
+        )
 
     def _submit(self, i: int, known: dict[str, Any] | None = None) -> tuple[Any, bytes]:
         ident = new_identity()
@@ -215,19 +269,97 @@ class ConsumerSlots:
         if self._reach_checks:
             self._judge_reach(running, stopping)
         unhealthy = self._unhealthy() if running else {}
+        no_worker = False  # a placement found no worker this round: the other slots would not either
         for i, fut in enumerate(self.slots.futures()):
             if fut is None or stopping():
                 continue
             if fut.status == "finished" and i not in unhealthy:
+                self._retry_at.pop(i, None)
                 continue
-            why = unhealthy.get(i) or f"its worker was lost ({fut.status})"
-            logger.warning("consumer %s cannot work: %s; placing a replacement", self.names[i], why)
+            now = time.monotonic()
+            if now < self._retry_at.get(i, 0.0):
+                continue
+            first_try = i not in self._retry_at
+            if no_worker:
+                self._retry_at[i] = now + _RETRY_EVERY
+                continue
+            if first_try:
+                why = unhealthy.get(i) or f"its worker was lost ({fut.status})"
+                logger.warning("consumer %s cannot work: %s; placing a replacement", self.names[i], why)
             try:
                 self._replace(i, running, stopping)
-            except Exception as e:  # keep supervising: the next round tries again
+            except Exception as e:  # keep supervising: the supervisor tries again
                 if stopping():
                     return
-                logger.warning("replacing consumer %s failed (will retry): %s", self.names[i], e)
+                no_worker = isinstance(e, PlacementError)
+                self._retry_at[i] = time.monotonic() + _RETRY_EVERY
+                with self._lock:
+                    self._last_failure = f"placing {self.names[i]} failed: {e}"
+                # Said once per consumer; the tries that follow, every second, only to the debug log.
+                (logger.warning if first_try else logger.debug)(
+                    "replacing consumer %s failed (trying again every %g s): %s", self.names[i], _RETRY_EVERY, e
+                )
+            else:
+                self._retry_at.pop(i, None)
+        self._note_live()
+
+    def _note_live(self) -> None:
+        """Whether some slot holds a consumer Dask still has; since when none does."""
+        live = any(fut is not None and fut.status == "finished" for fut in self.slots.futures())
+        with self._lock:
+            if live:
+                since = self._none_live_since
+                if since is not None and time.monotonic() - since >= self.settings.no_consumer_timeout:
+                    # Said only after a wait past the bound (join and result raised meanwhile), not
+                    # after every replacement of a one-consumer pool.
+                    logger.warning(
+                        "the ConsumerPool on queue pool %s has a consumer placed again after %.0f s without one: "
+                        "its tasks run again",
+                        self.queue_pool.name,
+                        time.monotonic() - since,
+                    )
+                self._none_live_since = None
+                self._last_failure = ""
+            elif self._none_live_since is None:
+                self._none_live_since = time.monotonic()
+
+    def constraint(self) -> str:
+        """Where these consumers may be placed, as the user said it (for errors)."""
+        parts = []
+        if self._allowed is not None:
+            parts.append(f"workers={self._allowed}")
+        if self._resources:
+            parts.append(f"resources={self._resources}")
+        return ", ".join(parts) if parts else "any worker (no workers= or resources=)"
+
+    def _some_worker_fits(self) -> bool:
+        """Whether a live worker satisfies the constraint now (one joined since the supervisor's
+        last try, which places a consumer there within a second or so): asked of the scheduler
+        only once the bound has passed, so never on a healthy pool's path."""
+        try:
+            return bool(candidate_workers(self.client, self._allowed, self._resources))
+        except Exception as e:  # noqa: BLE001 - the client is closing: nothing fits
+            logger.debug("asking the scheduler for workers failed: %s", e)
+            return False
+
+    def stranded(self) -> str:
+        """Why none of these consumers has been placed for ``no_consumer_timeout`` seconds
+        (every worker they may use left, or none takes them), naming the placement constraint;
+        ``""`` while some consumer is placed, or not for that long yet."""
+        with self._lock:
+            since, failure = self._none_live_since, self._last_failure
+        if since is None:
+            return ""
+        idle = time.monotonic() - since
+        if idle < self.settings.no_consumer_timeout or self._some_worker_fits():
+            return ""
+        return (
+            f"no consumer of the ConsumerPool on queue pool {self.queue_pool.name} has been live for "
+            f"{idle:.0f} s: no live worker satisfies its placement constraint {self.constraint()}"
+            + (f" ({failure})" if failure else "")
+            + "; start a worker that does (the pool keeps trying, and the work resumes there), or make a "
+            "ConsumerPool with another constraint"
+        )
 
     def _unhealthy(self) -> dict[int, str]:
         """Consumers alive to Dask that cannot work (their sockets failed): a few of them asked
@@ -260,7 +392,8 @@ class ConsumerSlots:
     def _replace(self, i: int, running: bool, stopping: Callable[[], bool]) -> None:
         fut, ident = self._submit(i)
         try:
-            actor = fut.result(timeout=60)
+            self._wait_created([(i, fut)], 60.0)
+            actor = fut.result(timeout=10)
             old = self._adopt(i, fut, ident, actor)
         except SlotsClosed:
             # The pool closed while this replacement was placed: released, nothing written.

@@ -187,10 +187,11 @@ class ControlMethods:
         """Every broker's statistics, asked in parallel (one actor call each)."""
         self._owned("broker statistics")
         out = self.broker_answers(timeout)
-        down = [name for name, stats in zip(self.queue_names, out) if isinstance(stats, BaseException)]
-        if down:
-            first = next(s for s in out if isinstance(s, BaseException))
-            raise BrokerLost(f"queues {', '.join(down)} did not answer (lost, being placed again, or stalled)") from first
+        failed = [(name, a) for name, a in zip(self.queue_names, out) if isinstance(a, BaseException)]
+        if failed:
+            # Each with its own cause: a stopped worker (silent, alive to Dask) is not a lost one.
+            why = "; ".join(f"{name} {_why_no_answer(a, timeout)}" for name, a in failed)
+            raise BrokerLost(f"some queues gave no statistics: {why}") from failed[0][1]
         return out  # type: ignore[return-value]
 
     def broker_answers(self, timeout: float) -> list[BrokerStats | BaseException]:
@@ -211,9 +212,14 @@ class ControlMethods:
         not (down, stalled, or held by the owner of an attached pool) are in ``missing``, with why."""
         answers = self.broker_answers(timeout)
         missing = {
-            name: (f"did not answer within {timeout:g} s" if isinstance(a, TimeoutError) else str(a) or repr(a))
-            for name, a in zip(self.queue_names, answers)
-            if isinstance(a, BaseException)
+            name: _why_no_answer(a, timeout) for name, a in zip(self.queue_names, answers) if isinstance(a, BaseException)
         }
         brokers = [a for a in answers if isinstance(a, BrokerStats)]
         return PoolStats(self.driver.statistics(), brokers, self.name, missing)
+
+
+def _why_no_answer(error: BaseException, timeout: float) -> str:
+    """Why a broker gave no statistics, from the error its actor call ended with."""
+    if isinstance(error, TimeoutError):
+        return f"did not answer within {timeout:g} s (its worker is stopped, or too busy to answer)"
+    return str(error) or repr(error)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from zdq.client.consumer_registry import ConsumerRegistry
 from zdq.client.driver import Driver
-from zdq.errors import BrokerLost, NoConsumers, ZdqTimeoutError
+from zdq.errors import BrokerLost, NoConsumers, NoEligibleWorkers, ZdqTimeoutError
 from zdq.transport import protocol as p
 
 __all__ = ["wait_drained"]
@@ -39,7 +39,9 @@ def wait_drained(
     ``progress(done, total)`` is called at each look, ``total`` counted against the tasks
     submitted (or, when this process submitted none, those found in the queues at the start);
     ``check(statuses)`` may raise. A queue that has not answered for ``down_bound`` seconds raises
-    :class:`BrokerLost` naming it: no wait here is without a bound or an error that names it.
+    :class:`BrokerLost` naming it, and started consumers none of which could be placed for their
+    bound raise :class:`NoEligibleWorkers` naming their constraint: no wait here is without a
+    bound or an error that names it.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     down_since: dict[int, float] = {}
@@ -80,6 +82,10 @@ def wait_drained(
                 f"join: {max(pending, outstanding)} tasks are pending and no consumer is running: "
                 "call consumer_pool.start() first"
             )
+        if pending or outstanding:
+            stranded = registry.stranded()
+            if stranded:
+                raise NoEligibleWorkers(f"join: {max(pending, outstanding)} tasks are pending and {stranded}")
         if check is not None:
             check(statuses)
         now = time.monotonic()

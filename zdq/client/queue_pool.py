@@ -63,11 +63,13 @@ from zdq.client.handles import QueueHandle
 from zdq.client.supervision import QueueWatch
 from zdq.client.submit import SubmitMethods, Submitter, TaskDefaults
 from zdq.config import PoolSettings, seconds_or_none, settings, timeout_or_none
+from zdq.futures import WaitHint
 from zdq.client.driver import Driver
 from zdq.errors import (
     BrokerLost,
     BrokerUnreachable,
     ClosedError,
+    NoEligibleWorkers,
     QueueLocked,
     ZdqError,
     ZdqTimeoutError,
@@ -504,7 +506,7 @@ class QueuePool(SubmitMethods, ControlMethods):
             payload_key=self.payload_key,
             queue_names=self.queue_names,
             identity=self._identity,
-            hint=_weakly(self.why_waiting),
+            hint=self.wait_hint,
             workers=self._workers(),
             route=route,
         )
@@ -656,16 +658,43 @@ class QueuePool(SubmitMethods, ControlMethods):
         ------
         BrokerLost
             A queue is down (lost with its worker, being placed again): its size is not known.
+        ZdqTimeoutError
+            A queue is up but did not answer within ``timeout`` (its worker is stopped, or too busy):
+            the message names it, its worker, and when it was last heard from.
         """
         try:
             self.flush(timeout)
         except ZdqTimeoutError as e:
             raise ZdqTimeoutError(f"the queues' sizes are not known within {timeout}s ({e})") from None
         statuses = self.queue_status(timeout)
-        down = [name for name, s in zip(self.queue_names, statuses) if s is None]
-        if down:
-            raise BrokerLost(f"queues {', '.join(down)} are down (being placed again): their sizes are not known now")
+        unknown = [i for i, s in enumerate(statuses) if s is None]
+        if unknown:
+            self._raise_unanswered(unknown, timeout)
         return {name: s.ready_tasks + s.leased_tasks for name, s in zip(self.queue_names, statuses) if s is not None}
+
+    def _raise_unanswered(self, unknown: list[int], timeout: float) -> None:
+        """Say why queues ``unknown`` gave no count: down (lost, being placed again) is not the
+        same as up and silent (a stopped worker, alive to Dask): each is named with its cause."""
+        driver = self.driver
+        states = driver.queue_states()
+        workers = self.workers()
+        down, silent = [], []
+        for i in unknown:
+            name, state = self.queue_names[i], states[i].state
+            if state == "up":
+                where = f" on {workers[i]}" if workers[i] else ""
+                silent.append(
+                    f"{name}{where} did not answer within {timeout:g} s (last heard "
+                    f"{driver.broker_silence(i):.0f} s ago: its worker is stopped, or too busy to answer)"
+                )
+            elif state == "unreachable":
+                down.append(f"{name} was placed again where this process cannot reach it")
+            else:
+                down.append(f"{name} is down (lost with its worker, being placed again)")
+        why = "; ".join(down + silent) + ": their sizes are not known now"
+        if down:
+            raise BrokerLost(why)
+        raise ZdqTimeoutError(why)
 
     def __len__(self) -> int:
         return self.n_queues
@@ -679,21 +708,77 @@ class QueuePool(SubmitMethods, ControlMethods):
             raise IndexError(f"queue index {index!r} out of range: the pool has {self.n_queues} queues")
         return QueueHandle(self, index % self.n_queues)
 
+    @property
+    def wait_hint(self) -> WaitHint:
+        """What this pool's futures are told while they wait (held weakly: a future never keeps
+        its pool alive): :meth:`why_waiting` and :meth:`stuck`."""
+        ref = weakref.ref(self)
+
+        def stuck() -> BaseException | None:
+            pool = ref()
+            return None if pool is None else pool.stuck()
+
+        return WaitHint(_weakly(self.why_waiting), stuck)
+
+    def stuck(self) -> NoEligibleWorkers | None:
+        """The error a future's result() raises while it waits, when no result can come as things
+        stand: ConsumerPools were started and none has had a consumer placed for
+        ``zdq.no-consumer-timeout`` (every worker they may use left). ``None`` otherwise."""
+        if self._closed:
+            return None
+        why = self.consumer_registry.stranded()
+        return NoEligibleWorkers(f"a task of pool {self.name} waits, and {why}") if why else None
+
+    def _waits_in_own_task(self) -> bool:
+        """Whether the calling thread runs a task of this very pool (a task waiting on sub-tasks)."""
+        from zdq._actor import CURRENT_POOL
+
+        key = CURRENT_POOL.get()
+        return key is not None and key[0] == self.name
+
     def why_waiting(self) -> str:
         """Why results may not come: said in the error of a future's result(timeout)."""
         reasons = []
         driver = self.live_driver()
         if driver is None:
             return ""
+        stranded = self.consumer_registry.stranded()
+        if stranded:
+            reasons.append(stranded)
         states = driver.queue_states()
         down = [q.name for q in states if q.state in ("down", "recovering")]
         if down:
             reasons.append(f"queues {', '.join(down)} are down and being placed again")
+        silent = [
+            f"{q.name} ({driver.broker_silence(i):.0f} s)"
+            for i, q in enumerate(states)
+            if q.state == "up" and driver.broker_silence(i) > self.settings.heartbeat_timeout
+        ]
+        if silent:
+            reasons.append(
+                f"queues {', '.join(silent)} have not answered for that long: their workers are stopped, or too "
+                "busy to answer (alive to Dask, so not placed again)"
+            )
         unreachable = [q.name for q in states if q.state == "unreachable"]
         if unreachable:
             reasons.append(f"queues {', '.join(unreachable)} were placed again where this process cannot reach them")
-        if not self.consumer_pools():
-            reasons.append(f"no ConsumerPool consumes queue pool {self.name}: make one and call its start()")
+        if self._waits_in_own_task():
+            # The pool attached inside a task knows no ConsumerPool (they live in the process that
+            # made them), but one exists: it runs this very task.
+            reasons.append(
+                f"this task runs on a consumer of pool {self.name} and waits for tasks of the same pool: while "
+                "every consumer thread is busy running tasks that wait (as this one does), the tasks they wait "
+                "for never start; raise max_concurrency of the ConsumerPool (threads per consumer) above the "
+                "number of tasks that may wait at once, or do not wait on sub-tasks inside a task"
+            )
+        elif not self.consumer_pools():
+            if self.attached:
+                reasons.append(
+                    f"no ConsumerPool of this process consumes queue pool {self.name} (those of the process "
+                    "that placed it are not seen from here)"
+                )
+            else:
+                reasons.append(f"no ConsumerPool consumes queue pool {self.name}: make one and call its start()")
         elif not self.consumer_registry.any_running():
             reasons.append("no consumer is running: call consumer_pool.start()")
         return "; ".join(reasons)

@@ -132,6 +132,9 @@ class SubmitTarget(Protocol):
 
     def why_waiting(self) -> str: ...
 
+    @property
+    def wait_hint(self) -> Callable[[], str]: ...
+
 
 class _Reading:
     """An iterable of the caller's, read until it ends or raises: an error of its own stops the
@@ -247,7 +250,7 @@ class Submitter:
                 raise
             raise SerializationError(f"item {e.task_id - base} of the batch: {e}; nothing of the batch was queued") from e
         batch = BatchFuture(base, len(entries))
-        batch._hint = pool.why_waiting
+        batch._hint = pool.wait_hint  # why_waiting, and whether the batch can run at all
         batch._driver = driver
         for first, n, payload in packed:
             try:
@@ -343,6 +346,10 @@ class SubmitMethods:
         raise NotImplementedError
 
     def why_waiting(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def wait_hint(self) -> Callable[[], str]:
         raise NotImplementedError
 
     def submit(

@@ -1,0 +1,241 @@
+"""Fault injection for issue 23, points 4 and 5: a scale-down that leaves a ConsumerPool no worker,
+and messages that named the wrong cause.
+
+Real parts only: LocalClusters of worker processes (one made here with a worker that declares a
+``GPU`` resource, removed and replaced as a cluster's scale-down and scale-up do), a broker's
+worker stopped with SIGSTOP by pid (SIGCONT always, in a ``finally``), and a task that waits on
+its own pool's sub-task inside a consumer. Every wait is bounded: a hang fails the test, naming
+what hung.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import dask.config
+import pytest
+from distributed import Client, LocalCluster
+
+from zdq import ConsumerPool, QueuePool
+from zdq.errors import BrokerLost, NoConsumers, PlacementError, ZdqTimeoutError
+
+from .conftest import stop_process, wait_until
+from .tasks import add, sleep_return
+
+pytestmark = pytest.mark.faults
+pytest_plugins = ["tests.harness"]
+
+FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
+
+
+def call_bounded(fn: Callable[[], Any], timeout: float, what: str) -> Any:
+    """``fn()`` on a thread; fail the test if it has not returned within ``timeout`` seconds."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="test-bounded", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail(f"{what} did not return within {timeout}s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def raised_within(fn: Callable[[], Any], timeout: float, what: str) -> tuple[BaseException | None, float]:
+    """The error ``fn()`` raised (None if it returned) and how long it took; bounded."""
+    started = time.monotonic()
+    try:
+        call_bounded(fn, timeout, what)
+    except Exception as e:  # noqa: BLE001 - what the test checks
+        return e, time.monotonic() - started
+    return None, time.monotonic() - started
+
+
+# -- point 4: every worker a ConsumerPool may use leaves ----------------------------------------------
+
+
+@pytest.fixture
+def gpu_cluster() -> Iterator[LocalCluster]:
+    """Worker ``a`` (no resources) and worker ``g`` (``GPU=1``), one thread each; the test scales
+    ``g`` down and a ``g2`` with the same resource up."""
+    with LocalCluster(
+        n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None
+    ) as cluster:
+        add_worker(cluster, "a")
+        add_worker(cluster, "g", resources={"GPU": 1})
+        yield cluster
+
+
+def add_worker(cluster: LocalCluster, name: str, **options: Any) -> None:
+    """Scale ``cluster`` up by one worker process named ``name`` (with ``options``, e.g. resources)."""
+    (template,) = cluster.new_worker_spec().values()
+    cluster.worker_spec[name] = {"cls": template["cls"], "options": {**template["options"], "name": name, **options}}
+    cluster.sync(cluster._correct_state)
+
+
+def remove_worker(cluster: LocalCluster, name: str) -> None:
+    """Scale ``cluster`` down by worker ``name``, as ``cluster.scale()`` does (its nanny closes it:
+    nothing comes back under that name)."""
+    del cluster.worker_spec[name]
+    cluster.sync(cluster._correct_state)
+
+
+def worker_names(client: Client) -> list[str]:
+    return sorted(str(w["name"]) for w in client.scheduler_info(n_workers=-1)["workers"].values())
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("constraint", "named", "newcomer"),
+    [
+        ({"resources": {"GPU": 1}}, "resources={'GPU': 1.0}", "g2"),  # another worker with a GPU
+        ({"workers": ["g"]}, "workers=['g']", "g"),  # a worker of the same name comes back
+    ],
+    ids=["resources", "workers"],
+)
+def test_join_and_result_raise_naming_the_constraint_nothing_satisfies_after_every_matching_worker_leaves_and_resume_when_one_joins(
+    gpu_cluster: LocalCluster, constraint: dict[str, Any], named: str, newcomer: str
+) -> None:
+    with Client(gpu_cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        # The bound is set as users do (a configuration key); 3 s instead of 30 s.
+        with dask.config.set({"zdq.no-consumer-timeout": "3s"}), QueuePool(client, 1, workers=["a"], **FAST) as qp:
+            consumers = ConsumerPool(client, qp, n_consumers=1, **constraint, **FAST)
+            try:
+                consumers.start()
+                futures = [qp.submit(sleep_return, i, 0.3) for i in range(30)]
+                futures[0].result(timeout=60)  # the consumer on g works
+
+                remove_worker(gpu_cluster, "g")  # the only worker the pool may use leaves; tasks wait
+                wait_until(lambda: worker_names(client) == ["a"], timeout=60)
+
+                # join() raises within the bound (3 s, and a few supervision rounds), naming the
+                # constraint nothing satisfies; before, it waited for ever ("will retry" each round).
+                error, took = raised_within(lambda: consumers.join(timeout=45), 60, "join() after the scale-down")
+                assert isinstance(error, NoConsumers), f"join() gave {error!r} after {took:.0f} s, not NoConsumers"
+                assert took < 30, f"join() raised only after {took:.0f} s"
+                assert named in str(error), str(error)
+                assert type(error).__name__ == "NoEligibleWorkers"
+
+                # A future's result() says the same, instead of waiting for ever.
+                waiting = next(f for f in reversed(futures) if not f.done())
+                error, took = raised_within(lambda: waiting.result(timeout=45), 60, "result() after the scale-down")
+                assert isinstance(error, NoConsumers), f"result() gave {error!r} after {took:.0f} s, not NoConsumers"
+                assert took < 15, f"result() raised only after {took:.0f} s"
+                assert named in str(error), str(error)
+                assert not waiting.done(), "the future was failed: its task must still run once a worker joins"
+
+                # A matching worker joins: the supervisor (still trying) places the consumer there,
+                # and the waits succeed.
+                add_worker(gpu_cluster, newcomer, resources={"GPU": 1})
+                call_bounded(lambda: consumers.join(timeout=90), 120, "join() after a matching worker joined")
+                assert [f.result(timeout=10) for f in futures] == list(range(30))
+            finally:
+                consumers.close()
+
+
+# -- point 5: messages that name the cause ------------------------------------------------------------
+
+
+def test_get_queue_size_says_a_stopped_brokers_worker_did_not_answer_not_that_it_is_being_placed_again(
+    client3: Client,
+) -> None:
+    with QueuePool(client3, 2, workers=["a", "b"]) as qp:
+        assert call_bounded(lambda: qp.get_queue_size(timeout=10), 30, "get_queue_size()") == dict.fromkeys(
+            qp.queue_names, 0
+        )
+        victim = int(qp[0].pid().result(timeout=10))
+        stop_process(victim)
+        try:
+            error, _ = raised_within(lambda: qp.get_queue_size(timeout=3), 30, "get_queue_size() of a stopped broker")
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        assert error is not None, "get_queue_size() gave sizes while a broker's worker was stopped"
+        message = str(error)
+        assert "placed again" not in message, message
+        assert f"{qp.queue_names[0]} on " in message and "did not answer within 3 s" in message, message
+        assert isinstance(error, ZdqTimeoutError) and not isinstance(error, BrokerLost), repr(error)
+        # SIGCONT: it answers again.
+        wait_until(lambda: _sizes_or_none(qp) is not None, timeout=30)
+
+
+def _sizes_or_none(qp: QueuePool) -> dict[str, int] | None:
+    try:
+        return qp.get_queue_size(timeout=2)
+    except ZdqTimeoutError:
+        return None
+
+
+def wait_on_a_sub_task(timeout: float) -> str:
+    """A task that submits a sub-task to its own pool and waits for it: what the wait said."""
+    import zdq
+
+    sub = zdq.current_pool().submit(add, 1, 2)
+    try:
+        return f"the sub-task gave {sub.result(timeout=timeout)}"
+    except ZdqTimeoutError as e:
+        return str(e)
+
+
+def test_a_task_waiting_on_its_own_pools_sub_task_with_every_consumer_thread_busy_is_told_to_raise_max_concurrency(
+    client_abc: Client,
+) -> None:
+    with (
+        QueuePool(client_abc, 1, workers=["a"]) as qp,
+        ConsumerPool(client_abc, qp, n_consumers=1, max_concurrency=1, workers=["b"]) as consumers,
+    ):
+        consumers.start()
+        said = qp.submit(wait_on_a_sub_task, 3.0).result(timeout=60)
+        assert "had no result within 3.0s" in said, said
+        assert "no ConsumerPool consumes" not in said, said
+        assert "max_concurrency" in said and "busy" in said, said
+        call_bounded(lambda: consumers.join(timeout=60), 90, "join() after the nested wait")
+
+
+@pytest.mark.timeout(240)
+def test_a_stopped_worker_is_named_by_statistics_alone_and_by_the_placement_error_of_a_consumer_pool_placed_meanwhile(
+    client3: Client,
+) -> None:
+    with QueuePool(client3, 1, workers=["a"]) as qp:
+        with ConsumerPool(client3, qp, n_consumers=3) as consumers:
+            consumers.start()
+            where = dict(zip(consumers.names, (int(c.pid().result(timeout=10)) for c in consumers)))
+            stopped_pid = int(client3.run(os.getpid, workers=[_address_of(client3, "c")]).popitem()[1])
+            (on_c,) = [name for name, pid in where.items() if pid == stopped_pid]
+            stop_process(stopped_pid)
+            try:
+                # Only the consumer on the stopped worker is silent: the others answered at once,
+                # and were reported silent too when the deadline had passed before they were read.
+                error, _ = raised_within(lambda: consumers.statistics(timeout=3), 30, "statistics()")
+                assert isinstance(error, ZdqTimeoutError), repr(error)
+                silent = [name for name in consumers.names if name in str(error)]
+                assert silent == [on_c], f"statistics() named {silent} silent, only {on_c} is stopped: {error}"
+
+                # A ConsumerPool placed meanwhile cannot create its actor on the stopped worker: the
+                # error names that worker, not only "timed out".
+                error, _ = raised_within(lambda: ConsumerPool(client3, qp, n_consumers=3), 150, "ConsumerPool()")
+            finally:
+                os.kill(stopped_pid, signal.SIGCONT)
+            assert isinstance(error, PlacementError), repr(error)
+            assert "(worker c)" in str(error) and "did not answer" in str(error), str(error)
+            # Resumed, the worker serves a new ConsumerPool, and the old one's consumers work.
+            with ConsumerPool(client3, qp, n_consumers=3) as again:
+                again.start()
+                assert qp.submit(add, 2, 3).result(timeout=60) == 5
+
+
+def _address_of(client: Client, name: str) -> str:
+    (address,) = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["name"] == name]
+    return address
