@@ -225,7 +225,10 @@ def test_a_stopped_worker_is_named_by_statistics_alone_and_by_the_placement_erro
 
                 # A ConsumerPool placed meanwhile cannot create its actor on the stopped worker: the
                 # error names that worker, not only "timed out".
-                error, _ = raised_within(lambda: ConsumerPool(client3, qp, n_consumers=3), 150, "ConsumerPool()")
+                error, took = raised_within(
+                    lambda: ConsumerPool(client3, qp, n_consumers=3, placement_timeout="8s"), 60, "ConsumerPool()"
+                )
+                assert took < 40, f"the placement bound (zdq.placement-timeout, 8 s here) was not kept: {took:.0f} s"
             finally:
                 os.kill(stopped_pid, signal.SIGCONT)
             assert isinstance(error, PlacementError), repr(error)

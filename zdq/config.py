@@ -117,6 +117,7 @@ class PoolSettings:
     map_size: int
     connect_timeout: float = 10.0
     no_consumer_timeout: float = 30.0
+    placement_timeout: float = 60.0
     bind_host: str | None = None
     ports: tuple[int, int] | None = None
 
@@ -136,6 +137,8 @@ class PoolSettings:
             )
         if self.connect_timeout <= 0:
             raise ValueError(f"zdq setting connect_timeout must be a positive duration, got {self.connect_timeout!r}")
+        if self.placement_timeout <= 0:
+            raise ValueError(f"zdq setting placement_timeout must be a positive duration, got {self.placement_timeout!r}")
         if self.no_consumer_timeout <= 0:
             raise ValueError(
                 f"zdq setting no_consumer_timeout must be a positive duration, got {self.no_consumer_timeout!r}"
@@ -233,6 +236,7 @@ _KINDS: dict[str, tuple[Any, str]] = {
     "map_size": _SIZE,
     "connect_timeout": _DURATION,
     "no_consumer_timeout": _DURATION,
+    "placement_timeout": _DURATION,
     "bind_host": (_host_or_none, "an interface name (eth0), or an address or name of the worker's host, or None"),
     "ports": (_port_range, "a port range like '40000-40999' (both ends included), or None for any free port"),
 }
@@ -256,6 +260,7 @@ def settings(**overrides: Any) -> PoolSettings:
         map_size=_bytes(get("durable.map-size")),
         connect_timeout=_configured("connect_timeout", "connect-timeout"),
         no_consumer_timeout=_configured("no_consumer_timeout", "no-consumer-timeout"),
+        placement_timeout=_configured("placement_timeout", "placement-timeout"),
         bind_host=_configured("bind_host", "bind-host"),
         ports=_configured("ports", "ports"),
     )

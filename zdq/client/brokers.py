@@ -306,14 +306,14 @@ class PlacedQueues:
         try:
             known = self.client.scheduler_info(n_workers=-1)["workers"]  # asked once, not per queue
             futures = [self._submit(i, known=known) for i in range(self.n_queues)]
-            brokers = [fut.result(timeout=60) for fut in futures]
+            brokers = [fut.result(timeout=self.settings.placement_timeout) for fut in futures]
             for i, (fut, broker) in enumerate(zip(futures, brokers)):
                 self.slots.adopt(i, fut, broker)
             # A durable queue keeps the payload key of the pool that created it, so that a pool
             # reopened after a restart reads what was stored; the queues of one dirpath agree on it.
             proposed = os.urandom(32) if auth else None
             opens = [b.open(self._identity, proposed, self.n_queues) for b in brokers]
-            opened = [call.result(timeout=60) for call in opens]
+            opened = [call.result(timeout=self.settings.placement_timeout) for call in opens]
             self.endpoints = [endpoint for endpoint, _, _, _, _ in opened]
             # A queue's host is its worker's as the scheduler names it, the name recovery places
             # by (the broker's own view may be another name of the same machine).
@@ -451,10 +451,12 @@ class PlacedQueues:
             return None
         broker: Any = None
         try:
-            broker = fut.result(timeout=60)
+            broker = fut.result(timeout=self.settings.placement_timeout)
             if stopping():
                 raise SlotsClosed(f"queue pool {self.name} closed while queue {name} was placed again")
-            endpoint, _, id_found, key, _ = broker.open(self._identity, self.payload_key).result(timeout=60)
+            endpoint, _, id_found, key, _ = broker.open(self._identity, self.payload_key).result(
+                timeout=self.settings.placement_timeout
+            )
             where = (host_of(self.placed_on[i]), str(id_found))
             if not transient and where != self.where[i]:
                 raise QueueMissing(

@@ -277,7 +277,7 @@ class ConsumerPool:
         self.queue_pool.driver  # a QueuePool closed meanwhile raises ClosedError here
         logger.info("Starting %d consumers", self.n_consumers)
         self._running = True
-        self._consumers.each("start", timeout=60, args_of=self._consumers.start_args)
+        self._consumers.each("start", timeout=self.settings.placement_timeout, args_of=self._consumers.start_args)
         if self._supervisor is None:
             self._supervisor = Supervisor(self, "zdq-supervisor-consumers", method="_supervise_once")
             self._supervisor.start()

@@ -143,7 +143,7 @@ class ConsumerSlots:
         self._last_failure = ""
 
     # -- placing ---------------------------------------------------------------------------------
-    def place_all(self, timeout: float = 60.0) -> None:
+    def place_all(self, timeout: float | None = None) -> None:
         """Place every consumer at once: the actors are created in parallel, so a pool of 64 costs
         about what one does, plus the scheduler's work per actor.
 
@@ -153,6 +153,7 @@ class ConsumerSlots:
             Some actor was not created within ``timeout`` seconds: the message names each such
             consumer and its worker (stopped, or too busy to answer).
         """
+        timeout = self.settings.placement_timeout if timeout is None else timeout
         known = self.client.scheduler_info(n_workers=-1)["workers"]
         submitted = []
         try:
@@ -392,7 +393,7 @@ class ConsumerSlots:
     def _replace(self, i: int, running: bool, stopping: Callable[[], bool]) -> None:
         fut, ident = self._submit(i)
         try:
-            self._wait_created([(i, fut)], 60.0)
+            self._wait_created([(i, fut)], self.settings.placement_timeout)
             actor = fut.result(timeout=10)
             old = self._adopt(i, fut, ident, actor)
         except SlotsClosed:
