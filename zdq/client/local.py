@@ -19,8 +19,7 @@ bound: :class:`BrokerLost`).
 from __future__ import annotations
 
 import logging
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from zdq.client.cluster import parallel_of
 from zdq.client.consumer_pool import ConsumerPool
@@ -57,20 +56,16 @@ class LocalPool(QueuePool):
     QueuePool's does; only the block's end waits.
     """
 
-    def __enter__(self) -> LocalPool:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         """Wait for every task inserted or submitted (also when the block ends on an exception, as
         ``ThreadPoolExecutor`` does), then close. A wait that cannot end (no consumer running, a
         queue lost) raises its error after closing; when the block already raised, that error
         is logged and the block's own propagates."""
+        exc = exc_info[1] if exc_info else None
         try:
             self.wait_for_work()
         except Exception:
