@@ -63,3 +63,20 @@ def test_a_pool_with_no_consumer_running_is_refused_at_once_naming_why(client: C
         with joblib.parallel_config(backend="zdq", queue_pool=queue_pool):
             with pytest.raises(NoConsumers, match="no ConsumerPool consumes"):
                 joblib.Parallel(n_jobs=2)(joblib.delayed(abs)(i) for i in range(4))
+
+
+def test_a_parallel_timeout_bounds_the_wait_and_cancels_the_batches_not_started(client: Client) -> None:
+    """joblib's own ``timeout=`` is the bound of a call whose tasks take too long (or that no
+    consumer left running would ever finish): its TimeoutError, the rest cancelled."""
+    import multiprocessing
+    import time
+
+    with zdq.QueuePool(client, 1) as queue_pool, zdq.ConsumerPool(client, queue_pool, n_consumers=1) as consumers:
+        consumers.start()
+        with joblib.parallel_config(backend="zdq", queue_pool=queue_pool):
+            started = time.monotonic()
+            with pytest.raises(multiprocessing.TimeoutError):  # joblib's own
+                joblib.Parallel(n_jobs=4, timeout=1.0, batch_size=1)(joblib.delayed(time.sleep)(3) for _ in range(8))
+            assert time.monotonic() - started < 10
+            backend, _ = joblib.parallel.get_active_backend()
+            assert not backend._futures  # aborted: nothing left in flight for this backend
