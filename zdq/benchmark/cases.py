@@ -90,7 +90,7 @@ def zdq_noop(client: Client, config: BenchConfig, system: str = "zdq", **options
 
 
 def executor_map(client: Client, config: BenchConfig) -> CaseResult:
-    """``Executor.map`` of a no-op over ``config.n_map`` items (a generator) with a
+    """``Executor.map`` of a no-op over ``config.n_map`` items (a range, read lazily) with a
     ``buffersize``: one task per item, at most ``buffersize`` unfinished, results taken in order.
     Its comparison is the no-op case's Dask side, ``client.map`` + ``gather`` (Dask's rate, on
     fewer tasks: a million of its futures would take half an hour).
