@@ -28,12 +28,14 @@ def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_pat
     systems = [c["system"] for c in report["cases"]]
     assert systems[0].startswith("dask futures") and systems[1].startswith("zdq") and "pipeline" in systems[2]
     assert "durable" in systems[3] and "without authentication" in systems[4]
+    assert systems[5].startswith("zdq Executor.map") and report["cases"][5]["tasks"] == 5 * 5000  # --map-tasks' default
     assert all(c["tasks_per_second"] > 0 for c in report["cases"])
     assert set(report["ratios"]) == {
         "no-op: zdq / dask futures",
         "no-op: zdq / bare pipeline",
         "no-op: durable / transient",
         "no-op: with auth / without auth",
+        "map: zdq Executor.map / dask client.map",
     }
     assert all(r > 0 for r in report["ratios"].values())
     assert report["workers"] == 2

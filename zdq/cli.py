@@ -34,6 +34,7 @@ def _bench(args: argparse.Namespace) -> int:
         suite=args.suite,
         generator_tasks=args.generator_tasks,
         delayed_tasks=args.delayed_tasks,
+        map_tasks=args.map_tasks,
     )
     report = run(config)
     if args.plots:
@@ -137,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         "--relay", action="store_true", help="also run zdq through a relay (relay=True): no-op throughput and round trip"
     )
     bench.add_argument("--suite", choices=("quick", "latency", "asyncio", "timing", "full", "scale", "monitor"), default="quick",
-                       help="quick: no-op throughput; latency: the single-task round trip alone; "
+                       help="quick: no-op throughput, and Executor.map beside client.map; latency: the single-task round trip alone; "
                        "asyncio: the event loop's lag while 1,000 tasks are awaited; "
                        "timing: delayed tasks' release lateness on an idle pool and the broker's memory "
                        "per delayed task (--delayed-tasks); "
@@ -151,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--generator-tasks", type=int, default=10_000_000, help="tasks of the generator case")
     bench.add_argument("--delayed-tasks", type=int, default=1_000_000,
                        help="delayed tasks of the timing suite's memory case (default 1000000)")
+    bench.add_argument("--map-tasks", type=int, default=None,
+                       help="items of the map case, Executor.map with a buffersize (default 5 x --tasks: 1000000)")
     bench.add_argument("--plots", metavar="DIR", default=None,
                        help="also sweep batch size and consumers (scale suite: its plot); write PNGs")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")

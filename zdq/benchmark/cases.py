@@ -1,8 +1,8 @@
 """The benchmark cases behind ``zdq bench``: zdq beside its comparisons, same cluster, same run.
 
 Every case is timed end to end in the driver: from the first submission to the last result.
-Comparisons: Dask futures always (``client.map`` + ``gather``, or ``submit().result()`` for
-latency), daskqueue 0.2.0 when it is installed, and a bare ZeroMQ pipeline as the ceiling.
+Comparisons: Dask futures always (``client.map`` + ``gather``, beside zdq's batches and its
+``Executor.map``; or ``submit().result()`` for latency), daskqueue 0.2.0 when it is installed, and a bare ZeroMQ pipeline as the ceiling.
 """
 
 from __future__ import annotations
@@ -87,6 +87,25 @@ def dask_map(client: Client, fn: Any, args: list[Any], repeat: int, case: str) -
 def zdq_noop(client: Client, config: BenchConfig, system: str = "zdq", **options: Any) -> CaseResult:
     with _pools(client, config, **options) as qp:
         return _time_batches(qp, _noop_calls, config.tasks, config.repeat, CaseResult("no-op", system, config.tasks))
+
+
+def executor_map(client: Client, config: BenchConfig) -> CaseResult:
+    """``Executor.map`` of a no-op over ``config.n_map`` items (a range, read lazily) with a
+    ``buffersize``: one task per item, at most ``buffersize`` unfinished, results taken in order.
+    Its comparison is the no-op case's Dask side, ``client.map`` + ``gather`` (Dask's rate, on
+    fewer tasks: a million of its futures would take half an hour).
+
+    One run, whatever ``--repeat``: a million items give a steady rate, and the default suite is
+    not made several times longer by it."""
+    n, buffersize = config.n_map, config.map_buffersize
+    result = CaseResult("map", f"zdq Executor.map (buffersize={buffersize:,})", n, extra={"runs": 1})
+    with _pools(client, config) as qp, qp.executor() as executor:
+        start = time.perf_counter()
+        count = sum(1 for _ in executor.map(noop, range(n), buffersize=buffersize))
+        result.seconds.append(time.perf_counter() - start)
+    if count != n:
+        raise RuntimeError(f"Executor.map gave {count} results for {n} items")
+    return result
 
 
 def pipeline_noop(config: BenchConfig) -> CaseResult:
@@ -296,6 +315,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
             plain = zdq_noop(client, config, "zdq without authentication", auth=False)
             cases.append(plain)
             ratios["no-op: with auth / without auth"] = zdq.rate / plain.rate
+        mapped = executor_map(client, config)
+        cases.append(mapped)
+        ratios["map: zdq Executor.map / dask client.map"] = mapped.rate / dask.rate
         if full:
             zl, dl, ratio = latency(client, config)
             cases += [zl, dl]

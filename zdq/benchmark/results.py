@@ -31,11 +31,16 @@ class BenchConfig:
     suite: str = "quick"
     generator_tasks: int = 10_000_000
     delayed_tasks: int = 1_000_000
+    # Items of the map case (Executor.map with a buffersize); default 5 x tasks (1,000,000 at
+    # the default 200,000 tasks).
+    map_tasks: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("tasks", "queues", "consumers", "batch_size", "workers", "repeat", "generator_tasks", "delayed_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.map_tasks is not None and self.map_tasks < 1:
+            raise ValueError("--map-tasks must be at least 1")
         if self.suite not in ("quick", "latency", "asyncio", "timing", "full"):
             raise ValueError("--suite must be 'quick', 'latency', 'asyncio', 'timing' or 'full'")
 
@@ -43,6 +48,15 @@ class BenchConfig:
     def n_dask(self) -> int:
         # Dask runs about 500 no-op tasks/s here: a few thousand measure its rate without taking minutes.
         return self.dask_tasks if self.dask_tasks is not None else min(self.tasks, 5000)
+
+    @property
+    def n_map(self) -> int:
+        return self.map_tasks if self.map_tasks is not None else 5 * self.tasks
+
+    @property
+    def map_buffersize(self) -> int:
+        # Ten chunks a consumer: the window keeps every consumer busy, the driver's memory flat.
+        return 10 * self.batch_size * self.consumers
 
 
 @dataclass
