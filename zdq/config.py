@@ -118,6 +118,9 @@ class PoolSettings:
     connect_timeout: float = 10.0
     bind_host: str | None = None
     ports: tuple[int, int] | None = None
+    #: At most this many of a driver's tasks unfinished (submitted, no outcome yet): ``submit``
+    #: blocks past it (``timeout=`` bounds the wait). None: no bound but the window's.
+    max_pending: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -137,6 +140,8 @@ class PoolSettings:
             raise ValueError(f"zdq setting connect_timeout must be a positive duration, got {self.connect_timeout!r}")
         if self.ports is not None:
             _port_range(self.ports)
+        if self.max_pending is not None and self.max_pending < 1:
+            raise ValueError(f"zdq setting max_pending must be at least 1 (or None), got {self.max_pending!r}")
 
     def with_overrides(self, **overrides: Any) -> PoolSettings:
         """Return a copy with the given fields replaced; ``None`` values are ignored."""
@@ -228,6 +233,7 @@ _KINDS: dict[str, tuple[Any, str]] = {
     "map_size": _SIZE,
     "connect_timeout": _DURATION,
     "bind_host": (_host_or_none, "an interface name (eth0), or an address or name of the worker's host, or None"),
+    "max_pending": (_integer, "a positive integer (or None: no bound)"),
     "ports": (_port_range, "a port range like '40000-40999' (both ends included), or None for any free port"),
 }
 

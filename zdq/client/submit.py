@@ -28,6 +28,7 @@ from typing import Any, Callable, Protocol
 from zdq.codec.chunking import Chunking
 from zdq.config import PoolSettings, seconds_or_none, timeout_or_none
 from zdq.consumer import GeneralConsumer
+from zdq.client.dependencies import find_futures, hold, may_hold
 from zdq.client.driver import Driver
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture
@@ -183,9 +184,21 @@ class Submitter:
         eta: datetime.datetime | None,
         priority: int | None,
     ) -> TaskFuture:
-        """One call; ``options`` already merged."""
+        """One call; ``options`` already merged. Futures among the arguments (see
+        :mod:`zdq.client.dependencies`) hold the call in this process until they are done."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
+        if may_hold(args, kwargs):  # one isinstance per argument on the plain path
+            inputs = find_futures(args, kwargs)
+            if inputs:
+                timeout_or_none(timeout)  # a bad one is refused now, not when the inputs are done
+                if delay is not None or eta is not None or priority is not None:
+                    timing_of(delay, eta, priority)  # checked now too (a delay counts from the launch)
+
+                def launch(a: tuple[Any, ...], k: dict[str, Any]) -> TaskFuture:
+                    return self.call(driver, fn, a, k or None, options, timeout, delay, eta, priority)
+
+                return hold(inputs, launch, args, kwargs)
         timeout = timeout_or_none(timeout)
         # Three identity tests when unused: the plain path builds nothing more per task.
         timing = None if delay is None and eta is None and priority is None else timing_of(delay, eta, priority)
