@@ -123,5 +123,7 @@ def test_a_two_stage_pipeline_runs_within_the_bound(client: Client) -> None:
                 total += value
             assert total == sum(range(2000)) + 2000
             assert most <= 50 + 1, most
+            stats = queue_pool.driver.statistics()  # every task counted done once: none left unfinished
+            assert stats.tasks_submitted == stats.tasks_completed == 4000, stats
         finally:
             consumers.cancel()
