@@ -162,7 +162,7 @@ class HeldFuture(TaskFuture):
         launch, args, kwargs = call
         try:
             real = launch(substitute(args), substitute(kwargs))
-        except BaseException as e:  # cannot be pickled, pool closed, timed out: the call fails
+        except BaseException as e:  # noqa: BLE001 - cannot be pickled, pool closed, timed out: the call fails
             with self._lock:
                 self._state = _OVER
             self._launched.set()
@@ -170,7 +170,7 @@ class HeldFuture(TaskFuture):
             return
         with self._lock:
             self._real = real
-            self.key = getattr(real, "key", None)
+            self.key = getattr(real, "key", None)  # type: ignore[assignment]  # None until submitted
             self._state = _SUBMITTED
         self._launched.set()
         real.add_done_callback(self._follow)
