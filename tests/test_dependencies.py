@@ -120,3 +120,11 @@ def test_as_completed_async_for_and_batches(pool: QueuePool) -> None:
     assert sorted(asyncio.run(main())) == [0, 1, 2, 10]
     batches = zdq.as_completed([pool.submit(add, i, 0) for i in range(4)], timeout=60).batches()
     assert sorted(f.result() for batch in batches for f in batch) == [0, 1, 2, 3]
+
+
+def test_map_resolves_futures_among_the_items_of_lists(pool: QueuePool) -> None:
+    firsts = [pool.submit(add, i, 0) for i in range(3)]
+    assert [f.result(60) for f in pool.map(add, firsts, [10, 20, 30])] == [10, 21, 32]
+    assert [f.result(60) for f in pool.map(add, [1, 2], b=firsts[2])] == [3, 4]
+    with pool.executor() as executor:
+        assert list(executor.map(add, firsts, range(3), timeout=60)) == [0, 2, 4]

@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from zdq.client.dependencies import HeldFuture, find_futures, hold, may_hold, substitute
+from zdq.client.dependencies import (
+    HeldFuture,
+    find_futures,
+    hold,
+    holds_futures,
+    may_hold,
+    substitute,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -144,3 +151,8 @@ def test_a_launch_that_fails_fails_the_call() -> None:
     held = hold([a], Launches(fail=TypeError("cannot pickle")), (a,), None)
     with pytest.raises(TypeError, match="cannot pickle"):
         held.result(0)
+
+
+def test_map_items_are_scanned_for_futures_in_containers_too() -> None:
+    assert not holds_futures([1, "a", [2, 3], {"k": 4}])
+    assert holds_futures([1, [2, (Future(),)]]) and holds_futures([Future()])

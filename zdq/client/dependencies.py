@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from zdq.futures import TaskFuture, notify_cancelled
 
-__all__ = ["HeldFuture", "find_futures", "hold", "may_hold", "substitute"]
+__all__ = ["HeldFuture", "find_futures", "hold", "holds_futures", "may_hold", "substitute"]
 
 Future = concurrent.futures.Future
 
@@ -66,6 +66,18 @@ def may_hold(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> bool:
             kind = type(arg)
             if kind not in _PLAIN and (kind in _CONTAINERS or isinstance(arg, Future)):
                 return True
+    return False
+
+
+def holds_futures(items: Iterable[Any]) -> bool:
+    """Whether any of ``items`` is or holds a future (``map``'s scan of its items: a set lookup
+    per plain item)."""
+    for item in items:
+        kind = type(item)
+        if kind in _PLAIN:
+            continue
+        if isinstance(item, Future) or (kind in _CONTAINERS and find_futures((item,), None)):
+            return True
     return False
 
 

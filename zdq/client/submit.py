@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol
 from zdq.codec.chunking import Chunking
 from zdq.config import PoolSettings, seconds_or_none, timeout_or_none
 from zdq.consumer import GeneralConsumer
-from zdq.client.dependencies import find_futures, hold, may_hold
+from zdq.client.dependencies import find_futures, hold, holds_futures, may_hold
 from zdq.client.driver import Driver
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture
@@ -542,6 +542,10 @@ class SubmitMethods:
         """``fn`` over the iterables' items (zipped, as Dask's ``client.map``); return a future
         per call, in order. ``kwargs`` go to every call of ``fn``.
 
+        Futures among the items (of lists, tuples and other sized iterables) or in ``kwargs``
+        are resolved as :meth:`submit` resolves them: each call is then submitted on its own once
+        its inputs are done. An iterator's items are not scanned: a future there is refused.
+
         The calls are read and queued in chunks, as :meth:`submit_iter` does (bounded by the
         driver's window: a full one blocks, ``timeout`` bounds each wait), not one by one; the
         task options are :meth:`submit`'s, for every call. Dask's scheduling keywords (``key``,
@@ -569,8 +573,15 @@ class SubmitMethods:
         total = min((len(it) for it in iterables), default=0) if sized else None  # type: ignore[arg-type]
         calls = ((call, *args) for args in zip(*iterables))
         futures: list[TaskFuture] = []
+        # Futures among the items (sized iterables are scanned; an iterator is not read twice):
+        # each call goes as submit() sends it, held until its inputs are done.
+        held = holds_futures(kwargs.values()) or (sized and any(holds_futures(it) for it in iterables))
         try:
-            s.stream(self, calls, options, batch_size, timeout, total, False, timing, futures)
+            if held:
+                for args in zip(*iterables):
+                    futures.append(s.call(self.driver, fn, args, kwargs or None, options, timeout, delay, eta, priority))
+            else:
+                s.stream(self, calls, options, batch_size, timeout, total, False, timing, futures)
         except BaseException as e:
             # The caller gets no future: the tasks queued before the error are cancelled, not left
             # to run for nobody (those already started finish).
