@@ -120,6 +120,9 @@ class PoolSettings:
     placement_timeout: float = 60.0
     bind_host: str | None = None
     ports: tuple[int, int] | None = None
+    #: At most this many of a driver's tasks unfinished (submitted, no outcome yet): ``submit``
+    #: blocks past it (``timeout=`` bounds the wait). None: no bound but the window's.
+    max_pending: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -145,6 +148,8 @@ class PoolSettings:
             )
         if self.ports is not None:
             _port_range(self.ports)
+        if self.max_pending is not None and self.max_pending < 1:
+            raise ValueError(f"zdq setting max_pending must be at least 1 (or None), got {self.max_pending!r}")
 
     def with_overrides(self, **overrides: Any) -> PoolSettings:
         """Return a copy with the given fields replaced; ``None`` values are ignored."""
@@ -238,6 +243,7 @@ _KINDS: dict[str, tuple[Any, str]] = {
     "no_consumer_timeout": _DURATION,
     "placement_timeout": _DURATION,
     "bind_host": (_host_or_none, "an interface name (eth0), or an address or name of the worker's host, or None"),
+    "max_pending": (_integer, "a positive integer (or None: no bound)"),
     "ports": (_port_range, "a port range like '40000-40999' (both ends included), or None for any free port"),
 }
 

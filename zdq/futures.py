@@ -13,6 +13,7 @@ callbacks (the common case) pay nothing for it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -31,40 +32,181 @@ wait = concurrent.futures.wait
 
 
 class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, which it extends
-    """The futures ``fs`` as they complete: ``for f in as_completed(fs)`` (as
-    :func:`concurrent.futures.as_completed`) or, in a coroutine, ``async for f in as_completed(fs)``
-    (the event loop is never blocked). ``timeout`` bounds the whole wait; past it, a
-    :class:`~zdq.errors.ZdqTimeoutError` (a TimeoutError) says how many never completed.
+    """The futures ``fs`` as they complete, as :func:`concurrent.futures.as_completed` and Dask's
+    ``as_completed``: ``for f in as_completed(fs)`` or, in a coroutine, ``async for f in
+    as_completed(fs)`` (the event loop is never blocked).
+
+    Futures may be added while it is iterated (:meth:`add`, :meth:`update`): iteration ends once
+    every future added has been yielded. ``with_results=True`` yields ``(future, result)`` pairs
+    (a failed future raises its error, or with ``raise_errors=False`` yields it as the result);
+    :meth:`batches` yields lists of whatever is done at once. ``timeout`` counts from this call
+    (as Dask's): past it, a :class:`~zdq.errors.ZdqTimeoutError` (a TimeoutError) says how many
+    never completed. Any :class:`concurrent.futures.Future` is taken, zdq's or not.
+
+    Who owns what: ``_pending`` (added, not done), ``_ready`` (done, not yielded) and ``_wakers``
+    are this object's, under ``_cond``; the futures' done-callbacks (any thread) move a future
+    from the first to the second. A future yielded is no longer referenced here.
     """
 
-    def __init__(self, fs: Iterable[concurrent.futures.Future[Any]], timeout: float | None = None) -> None:
-        self._fs = list(dict.fromkeys(fs))
+    def __init__(
+        self,
+        fs: Iterable[concurrent.futures.Future[Any]] | None = None,
+        timeout: float | None = None,
+        *,
+        with_results: bool = False,
+        raise_errors: bool = True,
+    ) -> None:
         self._timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._with_results = with_results
+        self._raise_errors = raise_errors
+        self._cond = threading.Condition()
+        self._pending: dict[int, concurrent.futures.Future[Any]] = {}
+        self._ready: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
+        self._wakers: list[Callable[[], None]] = []
+        self._total = 0
+        self.update(dict.fromkeys(fs or ()))  # the initial futures once each, as concurrent.futures
 
-    def __iter__(self) -> Iterator[concurrent.futures.Future[Any]]:
+    # -- adding ----------------------------------------------------------------------------------
+    def add(self, future: concurrent.futures.Future[Any]) -> None:
+        """Yield ``future`` too, once it is done (also while this is being iterated)."""
+        if not isinstance(future, concurrent.futures.Future):
+            raise TypeError(f"as_completed takes futures, got {future!r:.80}")
+        with self._cond:
+            self._pending[id(future)] = future
+            self._total += 1
+        future.add_done_callback(self._arrived)  # runs now if it is done already
+
+    def update(self, futures: Iterable[concurrent.futures.Future[Any]]) -> None:
+        """:meth:`add` each of ``futures``."""
+        for future in futures:
+            self.add(future)
+
+    def _arrived(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._cond:
+            if self._pending.pop(id(future), None) is None:
+                return  # cleared meanwhile
+            self._ready.append(future)
+            self._cond.notify_all()
+            wakers = list(self._wakers)
+        for wake in wakers:
+            wake()
+
+    # -- what is left ----------------------------------------------------------------------------
+    def count(self) -> int:
+        """Futures added and not yielded yet (pending or done)."""
+        with self._cond:
+            return len(self._pending) + len(self._ready)
+
+    def is_empty(self) -> bool:
+        """Whether every future added has been yielded."""
+        return self.count() == 0
+
+    def has_ready(self) -> bool:
+        """Whether a future is done and waiting to be yielded (the next ``next()`` does not wait)."""
+        with self._cond:
+            return bool(self._ready)
+
+    def clear(self) -> None:
+        """Forget every future not yielded yet (their tasks are left as they are)."""
+        with self._cond:
+            self._pending.clear()
+            self._ready.clear()
+
+    # -- taking ----------------------------------------------------------------------------------
+    def _out(self, future: concurrent.futures.Future[Any]) -> Any:
+        if not self._with_results:
+            return future
+        if not self._raise_errors:
+            exc = future.exception(0) if not future.cancelled() else concurrent.futures.CancelledError()
+            if exc is not None:
+                return future, exc
+        return future, future.result(0)
+
+    def _timed_out(self) -> ZdqTimeoutError:
+        left = len(self._pending)
+        return ZdqTimeoutError(f"{left} of {self._total} futures did not complete within {self._timeout}s")
+
+    def _take(self, block: bool, all_ready: bool) -> list[concurrent.futures.Future[Any]]:
+        """Done futures (one, or every one ready), waiting for one if ``block`` and none is;
+        raise StopIteration when nothing is left, the timeout error past the deadline."""
+        with self._cond:
+            while not self._ready:
+                if not self._pending:
+                    raise StopIteration
+                if not block:
+                    return []
+                left = None if self._deadline is None else self._deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise self._timed_out()
+                self._cond.wait(left)
+            if not all_ready:
+                return [self._ready.popleft()]
+            taken, self._ready = list(self._ready), collections.deque()
+            return taken
+
+    def __iter__(self) -> as_completed:
+        return self
+
+    def __next__(self) -> Any:
+        return self._out(self._take(block=True, all_ready=False)[0])
+
+    def next_batch(self, block: bool = True) -> list[Any]:
+        """Every future done now (waiting for one if ``block`` and none is; ``[]`` if not)."""
         try:
-            yield from concurrent.futures.as_completed(self._fs, self._timeout)
-        except concurrent.futures.TimeoutError:
-            left = sum(not f.done() for f in self._fs)
-            raise ZdqTimeoutError(f"{left} of {len(self._fs)} futures did not complete within {self._timeout}s") from None
+            return [self._out(f) for f in self._take(block, all_ready=True)]
+        except StopIteration:
+            return []
 
-    async def _completed(self) -> AsyncIterator[concurrent.futures.Future[Any]]:
+    def batches(self) -> Iterator[list[Any]]:
+        """Lists of the futures done at once (each with at least one), until none is left."""
+        while True:
+            try:
+                taken = self._take(block=True, all_ready=True)
+            except StopIteration:
+                return
+            yield [self._out(f) for f in taken]
+
+    async def _completed(self) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
-        deadline = None if self._timeout is None else loop.time() + self._timeout
-        waiting = {_on_loop(f, loop, cancel_source=False): f for f in self._fs}
-        pending = set(waiting)
-        while pending:
-            left = None if deadline is None else max(0.0, deadline - loop.time())
-            done, pending = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                for future in pending:
-                    future.cancel()  # the asyncio future only: the zdq future and its task are left as they are
-                raise ZdqTimeoutError(f"{len(pending)} of {len(self._fs)} futures did not complete within {self._timeout}s")
-            for future in done:
-                yield waiting[future]
+        arrived = asyncio.Event()
 
-    def __aiter__(self) -> AsyncIterator[concurrent.futures.Future[Any]]:
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(arrived.set)
+            except RuntimeError:  # the loop is closed: nobody awaits any more
+                pass
+
+        with self._cond:
+            self._wakers.append(wake)
+        try:
+            while True:
+                arrived.clear()
+                try:
+                    taken = self._take(block=False, all_ready=False)
+                except StopIteration:
+                    return
+                if taken:
+                    yield self._out(taken[0])
+                    continue
+                left = None if self._deadline is None else self._deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise self._timed_out()
+                try:
+                    await asyncio.wait_for(arrived.wait(), left)
+                except asyncio.TimeoutError:
+                    raise self._timed_out() from None
+        finally:
+            with self._cond:
+                self._wakers.remove(wake)
+
+    def __aiter__(self) -> AsyncIterator[Any]:
         return self._completed()
+
+    def __repr__(self) -> str:
+        with self._cond:
+            return f"<as_completed: {len(self._pending)} pending, {len(self._ready)} ready>"
+
 
 def _on_loop(
     fut: concurrent.futures.Future[Any], loop: asyncio.AbstractEventLoop, *, cancel_source: bool
@@ -190,6 +332,12 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
         if self._driver is not None:
             self._driver.cancel(first, n)
         return self.cancelled()
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"{self!r} cannot be sent to a consumer: give it to submit() as an argument (the task then "
+            "runs with its result, once it is there), or pass its result()"
+        )
 
     def __await__(self) -> Generator[Any, None, Any]:
         return _on_loop(self, asyncio.get_running_loop(), cancel_source=True).__await__()

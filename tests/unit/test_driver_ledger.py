@@ -728,3 +728,42 @@ def test_every_task_ends_counted_once_whatever_happened_to_it() -> None:
     ledger.outcomes.fail_everything(ClosedError("closed"))
     c = counts(ledger)
     assert c["completed"] == c["submitted"] == 8 and all(f.done() for f in futs)
+
+
+def test_max_pending_bounds_unfinished_tasks_not_only_unconfirmed_chunks() -> None:
+    ledger = make(max_pending=3, chunk_size=10)
+    futs = submit(ledger, 3)
+    ledger.coalesce(1, 0)
+    rec = confirmed(ledger)  # confirmed: the window has room, the work is still unfinished
+    with pytest.raises(SubmitTimeout, match="max_pending=3 was reached.*3 unfinished tasks"):
+        ledger.submit_task(task(), timeout=0)
+    base = ledger.reserve(2)
+    [(first, n, payload)] = ledger.chunking.pack(base, [task(0), task(1)], None, PICKLED, None)
+    with pytest.raises(SubmitTimeout, match="max_pending=3"):
+        ledger.submit_chunk(first, n, payload, None, 0, timeout=0)  # a batch counts each task
+    results(ledger, rec, [1, 2, 3])
+    assert [f.result(0) for f in futs] == [1, 2, 3]
+    submit(ledger, 3)  # room again once results came
+
+
+def test_a_submission_larger_than_max_pending_goes_alone() -> None:
+    ledger = make(max_pending=2, chunk_size=10)
+    base, _ = chunk(ledger, 5)
+    assert ledger.unfinished == 5
+    with pytest.raises(SubmitTimeout, match="max_pending=2"):
+        ledger.submit_task(task(), timeout=0)
+
+
+def test_cancelled_and_refused_tasks_are_no_longer_unfinished() -> None:
+    ledger = make(max_pending=2, chunk_size=10, max_message_size=200, chunk_bytes=200)
+    small = ledger.submit_task(task(), timeout=0)
+    ledger.outcomes.cancel_local(small.key, 1)
+    assert ledger.unfinished == 0
+    huge = ledger.submit_task(dumps_task((operator.add, ("x" * 1000, "y"))), timeout=0)
+    ledger.coalesce(1, 0)
+    assert huge.exception(0) is not None and ledger.unfinished == 0
+
+
+def test_max_pending_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_pending"):
+        BASE.with_overrides(max_pending=0)

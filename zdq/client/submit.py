@@ -28,6 +28,7 @@ from typing import Any, Callable, Protocol
 from zdq.codec.chunking import Chunking
 from zdq.config import PoolSettings, seconds_or_none, timeout_or_none
 from zdq.consumer import GeneralConsumer
+from zdq.client.dependencies import find_futures, hold, holds_futures, may_hold
 from zdq.client.driver import Driver
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture
@@ -186,9 +187,21 @@ class Submitter:
         eta: datetime.datetime | None,
         priority: int | None,
     ) -> TaskFuture:
-        """One call; ``options`` already merged."""
+        """One call; ``options`` already merged. Futures among the arguments (see
+        :mod:`zdq.client.dependencies`) hold the call in this process until they are done."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
+        if may_hold(args, kwargs):  # one isinstance per argument on the plain path
+            inputs = find_futures(args, kwargs)
+            if inputs:
+                timeout_or_none(timeout)  # a bad one is refused now, not when the inputs are done
+                if delay is not None or eta is not None or priority is not None:
+                    timing_of(delay, eta, priority)  # checked now too (a delay counts from the launch)
+
+                def launch(a: tuple[Any, ...], k: dict[str, Any]) -> TaskFuture:
+                    return self.call(driver, fn, a, k or None, options, timeout, delay, eta, priority)
+
+                return hold(inputs, launch, args, kwargs)
         timeout = timeout_or_none(timeout)
         # Three identity tests when unused: the plain path builds nothing more per task.
         timing = None if delay is None and eta is None and priority is None else timing_of(delay, eta, priority)
@@ -536,6 +549,10 @@ class SubmitMethods:
         """``fn`` over the iterables' items (zipped, as Dask's ``client.map``); return a future
         per call, in order. ``kwargs`` go to every call of ``fn``.
 
+        Futures among the items (of lists, tuples and other sized iterables) or in ``kwargs``
+        are resolved as :meth:`submit` resolves them: each call is then submitted on its own once
+        its inputs are done. An iterator's items are not scanned: a future there is refused.
+
         The calls are read and queued in chunks, as :meth:`submit_iter` does (bounded by the
         driver's window: a full one blocks, ``timeout`` bounds each wait), not one by one; the
         task options are :meth:`submit`'s, for every call. Dask's scheduling keywords (``key``,
@@ -563,8 +580,15 @@ class SubmitMethods:
         total = min((len(it) for it in iterables), default=0) if sized else None  # type: ignore[arg-type]
         calls = ((call, *args) for args in zip(*iterables))
         futures: list[TaskFuture] = []
+        # Futures among the items (sized iterables are scanned; an iterator is not read twice):
+        # each call goes as submit() sends it, held until its inputs are done.
+        held = holds_futures(kwargs.values()) or (sized and any(holds_futures(it) for it in iterables))
         try:
-            s.stream(self, calls, options, batch_size, timeout, total, False, timing, futures)
+            if held:
+                for args in zip(*iterables):
+                    futures.append(s.call(self.driver, fn, args, kwargs or None, options, timeout, delay, eta, priority))
+            else:
+                s.stream(self, calls, options, batch_size, timeout, total, False, timing, futures)
         except BaseException as e:
             # The caller gets no future: the tasks queued before the error are cancelled, not left
             # to run for nobody (those already started finish).

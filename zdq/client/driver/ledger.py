@@ -25,7 +25,10 @@ a record's fields                           ``cond``; ``broker`` is written only
 ==========================================  ========================================================
 
 Bounds: at most ``window`` × brokers chunks queued or unconfirmed, ``chunk-size`` × brokers loose
-tasks, and ``buffer-bytes`` of pickled work held (an empty buffer takes anything). A submitter
+tasks, and ``buffer-bytes`` of pickled work held (an empty buffer takes anything); with
+``max-pending``, at most that many of this driver's tasks unfinished (submitted, no outcome yet:
+``submitted - outcomes.completed``, both under ``cond``), so a producer faster than its consumers
+waits for the work, not only for the brokers' confirmations. A submitter
 that would pass one waits on ``cond`` (``timeout=`` turns the wait into
 :class:`~zdq.errors.SubmitTimeout`). The per-broker window is the links' (they know which broker
 is full): :meth:`Ledger.take` hands out the next chunk for the broker they picked.
@@ -147,6 +150,8 @@ class Ledger:
         self.submitted = 0
         # Task ids the I/O thread is turning from loose tasks into records (neither, meanwhile).
         self.packing: tuple[int, int] | None = None
+        #: The bound on unfinished tasks (``max_pending``; None: none), read once per submission.
+        self.max_pending: int | None = settings.max_pending
         #: Each task's outcome and the counts (the same lock).
         self.outcomes = Outcomes(self, keep_results=keep_results, failures=failures)
 
@@ -192,6 +197,8 @@ class Ledger:
         cap = self.settings.chunk_size * self.n_brokers
         budget = self.settings.buffer_bytes - len(task)
         with self.cond:
+            if self.max_pending is not None:  # the one test the plain path pays for the bound
+                self._wait_unfinished(1, timeout)
             if len(self.loose) >= cap or (self.buffered_bytes > budget and self.buffered_bytes):
                 deadline = None if timeout is None else time.monotonic() + timeout
                 while len(self.loose) >= cap or not self._room(len(task)):
@@ -224,6 +231,8 @@ class Ledger:
         cap = self.settings.window * self.n_brokers
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
+            if self.max_pending is not None:
+                self._wait_unfinished(n, timeout)
             while self.buffered_chunks >= cap or not self._room(len(payload)):
                 self._wait(deadline)
             rec = Record(self.next_seq, base, n, payload, sink, offset)
@@ -236,6 +245,33 @@ class Ledger:
             self.submitted += n
         if self.wake is not None:
             self.wake()
+
+    @property
+    def unfinished(self) -> int:
+        """(``cond`` held.) This driver's tasks submitted and without an outcome yet: two counters,
+        no walk (every path that ends a task counts it in ``outcomes.completed``)."""
+        return self.submitted - self.outcomes.completed
+
+    def _wait_unfinished(self, n: int, timeout: float | None) -> None:
+        """(``cond`` held.) Wait while ``n`` more tasks would pass ``max-pending`` unfinished tasks
+        (a submission larger than the bound waits until none is unfinished, then goes alone).
+        Results, failures and cancels notify ``cond``; ``timeout`` turns the wait into
+        :class:`SubmitTimeout` naming the bound."""
+        limit = self.max_pending
+        assert limit is not None
+        if self.unfinished + n <= limit or not self.unfinished:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.unfinished and self.unfinished + n > limit:
+            self.check_open()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise SubmitTimeout(
+                    f"max_pending={limit} was reached: the driver of pool {self.name} has {self.unfinished} "
+                    f"unfinished tasks, and the submission of {n} more timed out waiting for some to finish "
+                    "(consume results faster, raise max_pending, or give submit() a longer timeout)"
+                )
+            self.cond.wait(1.0 if left is None else min(left, 1.0))
 
     def _room(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more fit in the byte budget (an empty buffer takes anything)."""
@@ -318,6 +354,10 @@ class Ledger:
                 settle(futures[j], exc=exc)
             with self.cond:
                 self.buffered_bytes -= loose_bytes
+                if refused:  # they have their outcome: counted done (and failed), as every other path
+                    self.outcomes.completed += len(refused)
+                    self.outcomes.failed += len(refused)
+                    self.cond.notify_all()
                 for sub_first, n, payload in packed:
                     offset = sub_first - first
                     rec = Record(self.next_seq, sub_first, n, payload, futures[offset : offset + n], 0)
