@@ -173,7 +173,7 @@ def test_aiohttp_handler(cluster: LocalCluster, client: Client) -> None:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = site._server.sockets[0].getsockname()[1]
         try:
             with Ticker() as ticker:
                 answers = await bounded(_hammer(f"http://127.0.0.1:{port}/fib", ns))
@@ -257,7 +257,7 @@ def test_awaiting_a_synchronous_pool_says_to_drop_the_await(client: Client) -> N
     queue_pool = QueuePool(client, 1)
     try:
         async def body() -> None:
-            await queue_pool  # type: ignore[misc]
+            await queue_pool
 
         with pytest.raises(TypeError, match="drop the await"):
             asyncio.run(body())

@@ -239,14 +239,15 @@ class ConsumerPool:
 
     async def _placed_off_loop(self) -> ConsumerPool:
         if not hasattr(self, "_consumers"):
-            await asyncio.to_thread(asynchronous.with_twin, self._own_client, self._place, *self._placing)
+            workers, start = self._placing
+            await asyncio.to_thread(asynchronous.with_twin, self._own_client, self._place, workers, start)
         return self
 
     async def __aenter__(self) -> ConsumerPool:
         return await self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()  # type: ignore[func-returns-value]
+        await self.close()
 
     @property
     def _own_client(self) -> Client | None:

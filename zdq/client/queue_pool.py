@@ -644,7 +644,7 @@ class QueuePool(SubmitMethods, ControlMethods):
 
     async def _started_off_loop(self) -> QueuePool:
         if self._start_on_await:
-            await self.start()  # type: ignore[misc]
+            await self.start()
         else:
             await asyncio.to_thread(self._take_twin)
         return self
@@ -653,7 +653,7 @@ class QueuePool(SubmitMethods, ControlMethods):
         return await self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()  # type: ignore[func-returns-value]
+        await self.close()
 
     @property
     def _own_client(self) -> Client | None:
