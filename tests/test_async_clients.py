@@ -263,3 +263,17 @@ def test_awaiting_a_synchronous_pool_says_to_drop_the_await(client: Client) -> N
             asyncio.run(body())
     finally:
         queue_pool.close()
+
+
+@pytest.mark.cluster
+def test_a_failed_await_lets_its_twin_client_go(cluster: LocalCluster, client: Client) -> None:
+    """A real placement error is raised by the await, as it is, and the pool's own client closes."""
+    from zdq.errors import PlacementError
+
+    async def body(aclient: Client) -> None:
+        pool = QueuePool(aclient, 1, workers=["no-such-worker"])
+        with pytest.raises(PlacementError, match="no-such-worker|no worker"):
+            await bounded(pool)
+        assert pool._twin is not None and pool._twin.status == "closed"
+
+    run(cluster, body)

@@ -643,10 +643,15 @@ class QueuePool(SubmitMethods, ControlMethods):
         return self._started_off_loop().__await__()
 
     async def _started_off_loop(self) -> QueuePool:
-        if self._start_on_await:
-            await self.start()
-        else:
-            await asyncio.to_thread(self._take_twin)
+        try:
+            if self._start_on_await:
+                await self.start()
+            else:
+                await asyncio.to_thread(self._take_twin)
+        except BaseException:
+            # Nobody holds a pool whose await failed: its twin client is let go now, not at collection.
+            await asyncio.shield(asyncio.to_thread(self._close_twin))
+            raise
         return self
 
     async def __aenter__(self) -> QueuePool:
