@@ -129,6 +129,10 @@ def test_full_window_never_blocks_the_loop(cluster: LocalCluster, client: Client
                 results = await bounded(asyncio.gather(*pending))
             assert results == [fib(i % 15) for i in range(300)]
             assert ticker.max_lag < MAX_LAG, f"the event loop lagged {ticker.max_lag:.3f} s"
+            # asubmit gives the future (to await again), in the same order, the window full or not
+            futures = [await bounded(queue_pool.asubmit(fib, i % 15)) for i in range(50)]
+            assert [f.key for f in futures] == sorted(f.key for f in futures)
+            assert await bounded(asyncio.gather(*futures)) == [fib(i % 15) for i in range(50)]
         finally:
             await bounded(queue_pool.close())  # closes its ConsumerPools first
 

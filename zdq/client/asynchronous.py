@@ -155,6 +155,18 @@ class LoopSubmissions:
     def submit(self, submit: Callable[..., Any], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``submit(fn, *args, **kwargs)`` without blocking: the future when the window has room,
         else a task that waits for room off the loop and then for the result."""
+        queued = self._queue(submit, fn, args, kwargs)
+        if isinstance(queued, asyncio.Future):
+            return asyncio.ensure_future(_result_of(queued))
+        return queued
+
+    async def future(self, submit: Callable[..., Any], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``asubmit``: the task's future, once queued (room awaited off the loop, in order)."""
+        queued = self._queue(submit, fn, args, kwargs)
+        return await queued if isinstance(queued, asyncio.Future) else queued
+
+    def _queue(self, submit: Callable[..., Any], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The task's future if it is queued at once, else an asyncio future of it."""
         timeout = kwargs.pop("timeout", None)
         if not self._behind:
             try:
@@ -167,15 +179,16 @@ class LoopSubmissions:
         self._behind += 1
         queued = loop.run_in_executor(self._thread, functools.partial(submit, fn, *args, timeout=timeout, **kwargs))
         queued.add_done_callback(self._queued)
-        return asyncio.ensure_future(_result_of(queued))
+        return queued
 
     def _queued(self, _: object) -> None:
         self._behind -= 1
 
     def close(self) -> None:
-        """Let the submission thread go (the submissions it holds fail with the closed pool)."""
+        """Let the submission thread go once it has run what it holds: those submissions fail
+        with the pool's ClosedError (not a cancellation, which would read as the user's)."""
         if self._thread is not None:
-            self._thread.shutdown(wait=False, cancel_futures=True)
+            self._thread.shutdown(wait=False)
             self._thread = None
 
 

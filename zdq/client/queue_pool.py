@@ -74,6 +74,7 @@ from zdq.errors import (
     ZdqError,
     ZdqTimeoutError,
 )
+from zdq.futures import TaskFuture
 from zdq.names import counted, queue_name
 from zdq.observe.monitor import ensure_installed
 from zdq.relay.path import RelayPath
@@ -681,12 +682,28 @@ class QueuePool(SubmitMethods, ControlMethods):
         if self._twin is not None:
             self._twin.close()
 
+    def _on_loop_submissions(self) -> asynchronous.LoopSubmissions | None:
+        """The loop's submissions, for an asynchronous pool called on its event loop (else ``None``)."""
+        if not (self._asynchronous and asynchronous.on_event_loop()):
+            return None
+        if self._loop_submissions is None:
+            self._loop_submissions = asynchronous.LoopSubmissions(self.name)
+        return self._loop_submissions
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        if self._asynchronous and asynchronous.on_event_loop():
-            if self._loop_submissions is None:
-                self._loop_submissions = asynchronous.LoopSubmissions(self.name)
-            return self._loop_submissions.submit(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)
+        loop_submissions = self._on_loop_submissions()
+        if loop_submissions is not None:
+            return loop_submissions.submit(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)
         return SubmitMethods.submit(self, fn, *args, **kwargs)
+
+    async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
+        loop_submissions = self._on_loop_submissions()
+        if loop_submissions is not None:  # the future, queued in the order of the loop's submissions
+            future: TaskFuture = await loop_submissions.future(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)
+            return future
+        return await SubmitMethods.asubmit(self, fn, *args, **kwargs)
+
+    asubmit.__doc__ = SubmitMethods.asubmit.__doc__
 
     submit.__doc__ = (SubmitMethods.submit.__doc__ or "") + """
         For a pool made with an asynchronous client, called on its event loop, it never blocks the
