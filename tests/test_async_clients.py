@@ -281,3 +281,29 @@ def test_a_failed_await_lets_its_twin_client_go(cluster: LocalCluster, client: C
         assert pool._twin is not None and pool._twin.status == "closed"
 
     run(cluster, body)
+
+
+@pytest.mark.cluster
+def test_a_tls_cluster_is_reached_with_the_clients_security() -> None:
+    """The pool's own client connects with the asynchronous client's security (TLS here)."""
+    pytest.importorskip("cryptography", reason="Security.temporary() needs cryptography")
+    from distributed.security import Security
+
+    security = Security.temporary()
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, security=security,
+        dashboard_address=None, worker_dashboard_address=None,
+    ) as cluster:
+
+        async def main() -> None:
+            aclient = await bounded(Client(cluster.scheduler_address, security=security, asynchronous=True, set_as_default=False))
+            try:
+                async with QueuePool(aclient, 1) as queue_pool:
+                    assert queue_pool.client.scheduler.address.startswith("tls://")
+                    consumers = await bounded(ConsumerPool(aclient, queue_pool, start=True))
+                    assert await bounded(queue_pool.submit(fib, 12)) == 144
+                    await bounded(consumers.close())
+            finally:
+                await bounded(aclient.close())
+
+        asyncio.run(main())
