@@ -19,14 +19,16 @@ state                  owner
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 from distributed import Client
 
 from zdq._actor import allowed_workers, check_resources
+from zdq.client import asynchronous
 from zdq.client.consumers import ConsumerSlots
 from zdq.client.queue_pool import QueuePool
 from zdq.client.slots import Supervisor
@@ -159,10 +161,18 @@ class ConsumerPool:
         if not isinstance(queue_pool, QueuePool):
             raise TypeError(f"ConsumerPool needs a QueuePool, got {queue_pool!r:.80}")
         queue_pool.driver  # a pool that is not started or is closed raises ClosedError here
-        if client is None:  # as QueuePool(None, ...): the queue pool's own client
-            client = queue_pool.client
-        elif not isinstance(client, Client):
+        if client is not None and not isinstance(client, Client):
             raise TypeError(f"ConsumerPool needs a distributed.Client (or None), got {client!r:.80}")
+        #: Made for a QueuePool of an asynchronous client: placed by ``await``, with the queue
+        #: pool's synchronous twin client (see :mod:`zdq.client.asynchronous`).
+        self._asynchronous = queue_pool._asynchronous
+        if asynchronous.is_asynchronous(client) and not self._asynchronous:
+            raise TypeError(
+                "ConsumerPool was given an asynchronous Dask client and a QueuePool made with a synchronous "
+                "one: make the QueuePool with the asynchronous client too (queue_pool = await QueuePool(client, n))"
+            )
+        if client is None or self._asynchronous:  # as QueuePool(None, ...): the queue pool's own client
+            client = queue_pool.client
         self.client = client
         self.queue_pool = queue_pool
         self.consumer_class = ConsumerClass
@@ -182,15 +192,26 @@ class ConsumerPool:
             # submitted from now on.
             registry.batch_size = batch_size
         self.resources = check_resources(resources)
+        self._running = False
+        self._closed = False
+        self._supervisor: Supervisor | None = None
+        self._placing = (workers, start)
+        if not (self._asynchronous and asynchronous.on_event_loop()):
+            self._place(workers, start)
+
+    def _place(self, workers: Sequence[str] | None, start: bool) -> None:
+        """Place the consumers (and start them, with ``start``): at once, or, for a pool of an
+        asynchronous client, when it is awaited (on a helper thread)."""
+        client, queue_pool, registry = self.client, self.queue_pool, self.queue_pool.consumer_registry
         self._consumers = ConsumerSlots(
             client,
             queue_pool,
-            ConsumerClass,
-            n_consumers,
+            self.consumer_class,
+            self.n_consumers,
             self.settings,
-            max_concurrency=max_concurrency,
-            early_ack=early_ack,
-            retries=retries or 0,
+            max_concurrency=self.max_concurrency,
+            early_ack=self.early_ack,
+            retries=self.retries or 0,
             time_limit=self.time_limit,
             allowed_workers=allowed_workers(client, workers),
             resources=self.resources,
@@ -198,9 +219,6 @@ class ConsumerPool:
         )
         self.names = self._consumers.names
         self.served = self._consumers.served
-        self._running = False
-        self._closed = False
-        self._supervisor: Supervisor | None = None
         registry.subscribe(self)
         registry.consumers_changed()
         try:
@@ -210,6 +228,35 @@ class ConsumerPool:
             raise PlacementError(f"could not place consumers: {e}") from e
         if start:
             self.start()
+
+    # -- asynchronous clients (see zdq.client.asynchronous) --------------------------------------
+    def __await__(self) -> Generator[Any, None, ConsumerPool]:
+        """``consumers = await ConsumerPool(client, queue_pool, n)`` for a QueuePool of an
+        asynchronous client: placed (and started, with ``start=True``) on a helper thread."""
+        if not self._asynchronous:
+            raise TypeError("await ConsumerPool(...) is for asynchronous Dask clients: this one is synchronous, drop the await")
+        return self._placed_off_loop().__await__()
+
+    async def _placed_off_loop(self) -> ConsumerPool:
+        if not hasattr(self, "_consumers"):
+            workers, start = self._placing
+            await asyncio.to_thread(asynchronous.with_twin, self._own_client, self._place, workers, start)
+        return self
+
+    async def __aenter__(self) -> ConsumerPool:
+        return await self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def _own_client(self) -> Client | None:
+        """The queue pool's synchronous twin of an asynchronous client (see :mod:`zdq.client.asynchronous`)."""
+        return self.queue_pool._own_client
+
+    def _check_placed(self) -> None:
+        if not hasattr(self, "_consumers"):
+            raise asynchronous.not_started("ConsumerPool", f"of queue pool {self.queue_pool.name}")
 
     # -- seen by the queue pool's registry -------------------------------------------------------
     @property
@@ -257,8 +304,10 @@ class ConsumerPool:
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError(f"the consumer pool of queue pool {self.queue_pool.name} is closed")
+        self._check_placed()
 
     # -- daskqueue API --------------------------------------------------------------------------
+    @asynchronous.off_loop_when_async
     def start(self) -> None:
         """Start every consumer: each connects to the queues it serves and pulls work.
 
@@ -287,13 +336,16 @@ class ConsumerPool:
         if why:
             logger.warning("%s", why)
 
+    @asynchronous.off_loop_when_async
     def cancel(self) -> None:
         """Stop pulling work; chunks already received finish and report. ``start()`` resumes."""
         if self._closed:
             return
+        self._check_placed()
         self._running = False
         self._consumers.each("cancel")
 
+    @asynchronous.off_loop_when_async
     def join(
         self,
         timestep: float = 0.2,
@@ -412,6 +464,7 @@ class ConsumerPool:
         own = registry.done_count(ident for idents in self._consumers.identities for ident in idents)
         return own + (registry.done_count(registry.earlier_producers()) if self._newest() else 0)
 
+    @asynchronous.off_loop_when_async
     def statistics(self, timeout: float = 10.0) -> list[ConsumerStats]:
         """Each placed consumer's statistics, asked of all at once.
 
@@ -465,6 +518,8 @@ class ConsumerPool:
         head = f"ConsumerPool of {self.queue_pool.name}: {consumers}"
         if self._closed:
             return f"{head}, closed"
+        if not hasattr(self, "_consumers"):
+            return f"{head}, not placed yet (await it)"
         state = "running" if self._running else "idle (call start())"
         if self.replacements:
             state += f", {self.replacements} replaced"
@@ -479,8 +534,10 @@ class ConsumerPool:
         return f"{head}, {state}" + "".join(f"\n\t{line}" for line in lines)
 
     # -- lifecycle ------------------------------------------------------------------------------
+    @asynchronous.off_loop_when_async
     def close(self) -> None:
-        """Stop every consumer and release its actor. Idempotent."""
+        """Stop every consumer and release its actor. Idempotent. For a pool of an asynchronous
+        client, called on its event loop: ``await consumer_pool.close()``."""
         if self._closed:
             return
         self._closed = True
@@ -488,10 +545,13 @@ class ConsumerPool:
         if self._supervisor is not None:
             # A replacement in progress is not waited for long: the closed slots refuse it.
             self._supervisor.stop(join=2.0)
-        self._consumers.release()
-        self.queue_pool.consumer_registry.consumers_changed()
+        if hasattr(self, "_consumers"):
+            self._consumers.release()
+            self.queue_pool.consumer_registry.consumers_changed()
 
     def __enter__(self) -> ConsumerPool:
+        if self._asynchronous:
+            raise asynchronous.sync_with("ConsumerPool")
         return self
 
     def __exit__(self, *exc_info: object) -> None:

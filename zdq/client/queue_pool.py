@@ -39,21 +39,23 @@ longer takes the queues or their results away from the second (issue 22, defect 
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import functools
 import logging
 import os
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Any
 
 from distributed import Client
 
 from zdq import config
 from zdq._actor import allowed_workers, candidate_workers, check_resources
-from zdq.client import registry
+from zdq.client import asynchronous, registry
 from zdq.client.brokers import AttachedQueues, LockedWait, PlacedQueues, lock_holders, make_keys
 from zdq.client.cluster import OwnedCluster, cluster_for, release_now
 from zdq.client.consumer_registry import ConsumerRegistry
@@ -74,6 +76,7 @@ from zdq.errors import (
     ZdqError,
     ZdqTimeoutError,
 )
+from zdq.futures import TaskFuture
 from zdq.names import counted, queue_name
 from zdq.observe.monitor import ensure_installed
 from zdq.relay.path import RelayPath
@@ -240,11 +243,20 @@ class QueuePool(SubmitMethods, ControlMethods):
             if self._owned_cluster is not None:
                 self._release_cluster = self._owned_cluster.closed_with(self)
         self.client = client
-        try:
-            self._allowed_workers = allowed_workers(client, workers)
-        except BaseException:
-            self._close_owned_cluster()
-            raise
+        #: Made with an asynchronous client, used from its event loop: started by ``await``, on a
+        #: synchronous twin client of its own (see :mod:`zdq.client.asynchronous`).
+        self._asynchronous = asynchronous.is_asynchronous(client)
+        self._twin: Client | None = None
+        self._workers_asked = workers
+        self._start_on_await = start
+        self._loop_submissions: asynchronous.LoopSubmissions | None = None
+        self._allowed_workers: list[str] | None = None
+        if not self._asynchronous:
+            try:
+                self._allowed_workers = allowed_workers(client, workers)
+            except BaseException:
+                self._close_owned_cluster()
+                raise
         self.auth = bool(config.get("auth")) if auth is None else bool(auth)
         if relay is not None and not isinstance(relay, bool):
             raise TypeError(f"relay must be True or False, got {relay!r:.80}")
@@ -265,7 +277,7 @@ class QueuePool(SubmitMethods, ControlMethods):
         # Attaching: a durable pool always may (one name and directory is one pool); a transient
         # one when it was given the name of a live pool.
         self._may_attach = self.durability is Durability.DURABLE or name is not None
-        if start:
+        if start and not self._asynchronous:
             try:
                 self.start()
             except BaseException:
@@ -345,13 +357,25 @@ class QueuePool(SubmitMethods, ControlMethods):
         if self._closed:
             raise ClosedError(f"queue pool {self.name} is closed")
         if self._driver is None:
+            if self._asynchronous:
+                raise asynchronous.not_started("QueuePool", self.name)
             raise ClosedError(f"queue pool {self.name} is not started: call start()")
         return self._driver
 
     # -- lifecycle ------------------------------------------------------------------------------
+    @asynchronous.off_loop_when_async
     def start(self) -> QueuePool:
         """Place one broker per queue on the workers and connect to them; or, if a live pool of
-        this name (and directory) runs on the cluster, attach to it. Idempotent."""
+        this name (and directory) runs on the cluster, attach to it. Idempotent.
+
+        For a pool made with an asynchronous client, called on its event loop: returns an
+        awaitable (``await queue_pool.start()``), and the work is done on a helper thread."""
+        if self._asynchronous:
+            self._take_twin()
+            return asynchronous.with_twin(self._twin, self._start)
+        return self._start()
+
+    def _start(self) -> QueuePool:
         if self._closed:
             raise ClosedError(f"queue pool {self.name} is closed")
         if self._driver is not None:
@@ -412,6 +436,12 @@ class QueuePool(SubmitMethods, ControlMethods):
         ClosedError
             No live pool of that name runs on the cluster.
         """
+        if asynchronous.is_asynchronous(client):
+            raise TypeError(
+                "QueuePool.attach does not take an asynchronous Dask client on its event loop yet: pass "
+                f"QueuePool(client, name={name!r}, ...) to `await` (it attaches to a live pool of that name), "
+                "or call attach with a synchronous client"
+            )
         pool = cls(client, 1, "durable" if dirpath is not None else "transient", dirpath, name=name, start=False, **kwargs)
         record = registry.lookup(pool.client, name, pool.dirpath)
         if record is None:
@@ -553,12 +583,20 @@ class QueuePool(SubmitMethods, ControlMethods):
         self._host = None
         raise exc
 
+    @asynchronous.off_loop_when_async
     def close(self) -> None:
         """Stop the driver and every broker; pending futures fail with ClosedError. The
         ConsumerPools made on this pool are closed first (their consumers would serve nothing).
-        Idempotent."""
+        Idempotent. For a pool made with an asynchronous client, called on its event loop:
+        ``await queue_pool.close()``."""
         if self._closed:
             return
+        try:
+            self._close()
+        finally:
+            self._close_twin()
+
+    def _close(self) -> None:
         owner = isinstance(self._queues, PlacedQueues)
         for consumers in self.consumer_pools():
             if owner or consumers.queue_pool is self:
@@ -592,16 +630,95 @@ class QueuePool(SubmitMethods, ControlMethods):
             release_now(self._release_cluster)  # at most once, whether close() or the collection came first
 
     def __enter__(self) -> QueuePool:
+        if self._asynchronous:
+            raise asynchronous.sync_with("QueuePool")
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    # -- asynchronous clients (see zdq.client.asynchronous) --------------------------------------
+    def __await__(self) -> Generator[Any, None, QueuePool]:
+        """``queue_pool = await QueuePool(client, n)`` with an asynchronous client: placed on a
+        helper thread, the event loop going on meanwhile (``start=False``: not placed yet)."""
+        if not self._asynchronous:
+            raise TypeError("await QueuePool(...) is for asynchronous Dask clients: this one is synchronous, drop the await")
+        return self._started_off_loop().__await__()
+
+    async def _started_off_loop(self) -> QueuePool:
+        try:
+            if self._start_on_await:
+                await self.start()
+            else:
+                await asyncio.to_thread(self._take_twin)
+        except BaseException:
+            # Nobody holds a pool whose await failed: its twin client is let go now, not at collection.
+            await asyncio.shield(asyncio.to_thread(self._close_twin))
+            raise
+        return self
+
+    async def __aenter__(self) -> QueuePool:
+        return await self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def _own_client(self) -> Client | None:
+        """The synchronous twin of an asynchronous client (``None`` until made, or without one)."""
+        return self._twin
+
+    def _take_twin(self) -> None:
+        """Off the event loop: make this pool's synchronous twin client (once), which places and
+        supervises everything from then on."""
+        if self._twin is not None or self._closed:
+            return
+        self._twin = asynchronous.twin_client(self.client)
+        weakref.finalize(self, self._twin.close)  # run last: after the driver's and watch's finalizers
+        self.client = self._twin
+        self._allowed_workers = asynchronous.with_twin(self._twin, allowed_workers, self._twin, self._workers_asked)
+
+    def _close_twin(self) -> None:
+        if self._loop_submissions is not None:
+            self._loop_submissions.close()
+        if self._twin is not None:
+            self._twin.close()
+
+    def _on_loop_submissions(self) -> asynchronous.LoopSubmissions | None:
+        """The loop's submissions, for an asynchronous pool called on its event loop (else ``None``)."""
+        if not (self._asynchronous and asynchronous.on_event_loop()):
+            return None
+        if self._loop_submissions is None:
+            self._loop_submissions = asynchronous.LoopSubmissions(self.name)
+        return self._loop_submissions
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        loop_submissions = self._on_loop_submissions()
+        if loop_submissions is not None:
+            return loop_submissions.submit(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)
+        return SubmitMethods.submit(self, fn, *args, **kwargs)
+
+    async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
+        loop_submissions = self._on_loop_submissions()
+        if loop_submissions is not None:  # the future, queued in the order of the loop's submissions
+            future: TaskFuture = await loop_submissions.future(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)
+            return future
+        return await SubmitMethods.asubmit(self, fn, *args, **kwargs)
+
+    asubmit.__doc__ = SubmitMethods.asubmit.__doc__
+
+    submit.__doc__ = (SubmitMethods.submit.__doc__ or "") + """
+        For a pool made with an asynchronous client, called on its event loop, it never blocks the
+        loop: ``await queue_pool.submit(fn, x)`` is the result (see :mod:`zdq.client.asynchronous`).
+        """
+
+    @asynchronous.off_loop_when_async
     def flush(self, timeout: float | None = None) -> None:
         """Block until every chunk submitted so far is stored by its broker."""
         self.driver.flush(timeout_or_none(timeout))
 
     # -- waiting for the work ------------------------------------------------------------------
+    @asynchronous.off_loop_when_async
     def wait_drained(
         self,
         timeout: float | None = None,
@@ -643,10 +760,12 @@ class QueuePool(SubmitMethods, ControlMethods):
             check=check,
         )
 
+    @asynchronous.off_loop_when_async
     def queue_status(self, timeout: float = 10.0) -> list[p.QueueStatus | None]:
         """Each queue's counts, asked over the data plane (``None`` for a queue that is down)."""
         return self.driver.queue_status(timeout)
 
+    @asynchronous.off_loop_when_async
     def get_queue_size(self, timeout: float = 30.0) -> dict[str, int]:
         """Tasks pending (stored, not yet acknowledged) in each queue, by queue name
         (``<pool name>-queue-<i>``, as in :attr:`queue_names`, reprs, statistics and logs).

@@ -29,6 +29,7 @@ by placing them again, with a warning for each. :func:`_at_exit` runs before Das
 from __future__ import annotations
 
 import atexit
+import contextvars
 import logging
 import threading
 import uuid
@@ -225,7 +226,9 @@ class Supervisor:
     def start(self) -> None:
         if self._thread is not None or self.stopping:
             return
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        # The thread runs in a copy of the starting thread's context: a pool's own Dask client,
+        # current there (see zdq.client.asynchronous), stays current for the actors placed again.
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,), name=self._name, daemon=True)
         with _running_lock:
             _running.add(self)
             # Last registered, first run: before whatever Dask registered since (its clusters'
