@@ -115,6 +115,34 @@ def test_async_with_closes(cluster: LocalCluster, client: Client) -> None:
 
 
 @pytest.mark.cluster
+def test_the_batch_map_gather_and_control_calls_of_an_asynchronous_pool_are_awaited_off_the_loop(
+    cluster: LocalCluster, client: Client
+) -> None:
+    """Every call of an asynchronous pool that may wait (a full window, the cluster) returns an
+    awaitable on the loop: batches, map, gather, insert, statistics, dead letters."""
+
+    async def body(aclient: Client) -> None:
+        with Ticker() as ticker:
+            queue_pool, consumers = await _pools(aclient, window=1, chunk_size=5)
+            try:
+                batch = await bounded(queue_pool.batch_submit([(fib, i % 20) for i in range(50)]))
+                assert await bounded(batch) == [fib(i % 20) for i in range(50)]
+                futures = await bounded(queue_pool.map(fib, [i % 20 for i in range(40)]))
+                assert await bounded(queue_pool.gather(futures)) == [fib(i % 20) for i in range(40)]
+                assert await bounded(queue_pool.submit_iter((fib, i % 20) for i in range(30))) == 30
+                await bounded(queue_pool.wait_drained(timeout=BOUND))
+                stats = await bounded(queue_pool.statistics())
+                assert stats.missing == {} or not stats.missing, stats
+                assert await bounded(queue_pool.dead_letters()) == []
+            finally:
+                await bounded(consumers.close())
+                await bounded(queue_pool.close())
+        assert ticker.max_lag < MAX_LAG, f"the event loop lagged {ticker.max_lag:.3f} s"
+
+    run(cluster, body)
+
+
+@pytest.mark.cluster
 def test_full_window_never_blocks_the_loop(cluster: LocalCluster, client: Client) -> None:
     """With chunks of one task and a window of one chunk, most submissions wait for room: off
     the loop, in the order they were made."""

@@ -24,6 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 from zdq.client.brokers import AttachedQueues, PlacedQueues
+from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.schedules import Schedule, cancel_schedule, list_schedules, make_schedule
 from zdq.client.submit import Submitter
 from zdq.client.driver import Driver
@@ -112,6 +113,7 @@ class ControlMethods:
         self._owned("schedules")
         return self._on_brokers(lambda: list_schedules(self, timeout))
 
+    @off_loop_when_async
     def cancel_schedule(self, schedule_id: int, timeout: float = 30.0) -> bool:
         """End a schedule (``Schedule.cancel()``); True if it was live."""
         self._owned("schedules")
@@ -148,6 +150,7 @@ class ControlMethods:
                 f"attached to pool {self.name}"
             )
 
+    @off_loop_when_async
     def dead_letters(self) -> list[DeadLetterInfo]:
         """Tasks that used up their attempts, in every queue, with the reason and traceback."""
         self._owned("dead letters")
@@ -158,6 +161,7 @@ class ControlMethods:
             for d in call.result(timeout=30)
         ]
 
+    @off_loop_when_async
     def requeue_dead_letters(self, letters: Iterable[DeadLetterInfo] | None = None) -> int:
         """Put dead letters (all, or those given) back at the tail of their queues; return how many.
 
@@ -165,6 +169,7 @@ class ControlMethods:
         """
         return self._on_dead(letters, "requeue_dead")
 
+    @off_loop_when_async
     def purge_dead_letters(self, letters: Iterable[DeadLetterInfo] | None = None) -> int:
         """Delete dead letters (all, or those given); return how many."""
         return self._on_dead(letters, "purge_dead")
@@ -207,6 +212,7 @@ class ControlMethods:
         )
         return [why] * self.n_queues
 
+    @off_loop_when_async
     def statistics(self, timeout: float = 10.0) -> PoolStats:
         """The driver's counters, and the statistics of every queue that answers; those that did
         not (down, stalled, or held by the owner of an attached pool) are in ``missing``, with why."""

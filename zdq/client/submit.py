@@ -29,6 +29,7 @@ from zdq.codec.chunking import Chunking
 from zdq.config import PoolSettings, seconds_or_none, timeout_or_none
 from zdq.consumer import GeneralConsumer
 from zdq.client.dependencies import find_futures, hold, holds_futures, may_hold
+from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.driver import Driver
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture
@@ -454,10 +455,12 @@ class SubmitMethods:
         so the event loop goes on meanwhile; the returned future can be awaited."""
         return await asyncio.to_thread(functools.partial(self.batch_submit, list_calls, **kwargs))
 
+    @off_loop_when_async
     def put(self, item: Any) -> TaskFuture:
         """Queue a raw item for the consumers' ``process_item``; return a future of its result."""
         return self._submitter.item(self.driver, item)
 
+    @off_loop_when_async
     def batch_submit(
         self,
         list_calls: Sequence[tuple[Any, ...]],
@@ -491,10 +494,12 @@ class SubmitMethods:
         options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
         return s.calls(self, list_calls, options, batch_size, timeout, timing)
 
+    @off_loop_when_async
     def put_many(self, items: Sequence[Any], batch_size: int | None = None, timeout: float | None = None) -> BatchFuture:
         """Queue many raw items at once; same guarantees as :meth:`batch_submit`."""
         return self._submitter.items(self, items, batch_size, timeout)
 
+    @off_loop_when_async
     def submit_iter(
         self,
         calls: Iterable[tuple[Any, ...]],
@@ -530,6 +535,7 @@ class SubmitMethods:
         options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
         return s.stream(self, calls, options, batch_size, timeout, total, progress, timing)
 
+    @off_loop_when_async
     def map(
         self,
         fn: Callable[..., Any],
@@ -599,6 +605,7 @@ class SubmitMethods:
             raise
         return futures
 
+    @off_loop_when_async
     def gather(self, futures: Any, errors: str = "raise", *, timeout: float | None = None) -> Any:
         """:func:`zdq.gather`: the results of ``futures`` in the same structure, as Dask's
         ``client.gather``."""
@@ -613,6 +620,7 @@ class SubmitMethods:
 
         return Executor(queue_pool=self)  # type: ignore[arg-type]  # the mixin of QueuePool alone
 
+    @off_loop_when_async
     def insert(self, tasks: Any, total: int | None = None, progress: bool = True, **kwargs: Any) -> int:
         """Queue :class:`~zdq.Task` objects (or callables of no argument), one or an iterable of
         them, lazily and in flat memory (python-task-queue's ``insert``); return the count.
