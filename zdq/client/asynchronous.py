@@ -45,7 +45,7 @@ import asyncio
 import concurrent.futures
 import functools
 from collections.abc import Callable
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 from distributed import Client
 
@@ -62,8 +62,6 @@ __all__ = [
     "with_twin",
 ]
 
-S = TypeVar("S")
-P = ParamSpec("P")
 T = TypeVar("T")
 
 #: How long making the twin client may take to reach the scheduler.
@@ -108,14 +106,14 @@ def with_twin(twin: Client | None, fn: Callable[..., T], *args: Any, **kwargs: A
         return fn(*args, **kwargs)
 
 
-def off_loop_when_async(method: Callable[Concatenate[S, P], Any]) -> Callable[Concatenate[S, P], Any]:
+def off_loop_when_async(method: Callable[..., T]) -> Callable[..., Any]:
     """``method`` of a pool (an object with ``_asynchronous`` and ``_own_client``): called on an
     event loop, for a pool made with an asynchronous client, it runs on a helper thread (with the
     pool's twin as the current client) and the call returns an :class:`asyncio.Task` of its
     result; called anywhere else, it runs as it is."""
 
     @functools.wraps(method)
-    def call(self: S, /, *args: P.args, **kwargs: P.kwargs) -> Any:
+    def call(self: Any, /, *args: Any, **kwargs: Any) -> Any:
         if getattr(self, "_asynchronous", False) and on_event_loop():
             run = functools.partial(with_twin, getattr(self, "_own_client"), method, self, *args, **kwargs)
             work = asyncio.to_thread(run)

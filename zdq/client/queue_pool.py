@@ -60,28 +60,23 @@ from zdq.client.brokers import AttachedQueues, LockedWait, PlacedQueues, lock_ho
 from zdq.client.cluster import OwnedCluster, cluster_for, release_now
 from zdq.client.consumer_registry import ConsumerRegistry
 from zdq.client.control import ControlMethods, DeadLetterInfo
-from zdq.client.drain import wait_drained
+from zdq.client.drain import WaitMethods
 from zdq.client.handles import QueueHandle
 from zdq.client.supervision import QueueWatch
 from zdq.client.submit import SubmitMethods, Submitter, TaskDefaults
 from zdq.config import PoolSettings, seconds_or_none, settings, timeout_or_none
-from zdq.futures import WaitHint
 from zdq.client.driver import Driver
 from zdq.errors import (
-    BrokerLost,
     BrokerUnreachable,
     ClosedError,
-    NoEligibleWorkers,
     QueueLocked,
     ZdqError,
-    ZdqTimeoutError,
 )
 from zdq.futures import TaskFuture
 from zdq.names import counted, queue_name
 from zdq.observe.monitor import ensure_installed
 from zdq.relay.path import RelayPath
 from zdq.codec.tasks import TaskOptions
-from zdq.transport import protocol as p
 from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
 from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import new_identity
@@ -109,20 +104,7 @@ def _durability(value: Durability | str) -> Durability:
         raise ValueError(f"durability must be 'transient' or 'durable', got {value!r}") from None
 
 
-def _weakly(method: Callable[[], str]) -> Callable[[], str]:
-    """``method`` of a pool, called through a weak reference: the driver's thread holds what it
-    is given, and a strong reference would keep a pool dropped without close() alive for ever
-    (its finalizer, which closes the driver, would never run)."""
-    ref = weakref.WeakMethod(method)
-
-    def call() -> str:
-        bound = ref()
-        return "" if bound is None else bound()
-
-    return call
-
-
-class QueuePool(SubmitMethods, ControlMethods):
+class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
     """A pool of ``n_queues`` queues placed on the workers of a Dask cluster.
 
     Parameters
@@ -717,104 +699,6 @@ class QueuePool(SubmitMethods, ControlMethods):
         """Block until every chunk submitted so far is stored by its broker."""
         self.driver.flush(timeout_or_none(timeout))
 
-    # -- waiting for the work ------------------------------------------------------------------
-    @asynchronous.off_loop_when_async
-    def wait_drained(
-        self,
-        timeout: float | None = None,
-        *,
-        timestep: float = 0.2,
-        progress: Callable[[int, int], None] | None = None,
-        check: Callable[[list[p.QueueStatus | None]], None] | None = None,
-    ) -> list[p.QueueStatus | None]:
-        """Block until every queue is drained and every result of this process's tasks on the pool
-        (this pool's, and those of the other QueuePools of this process on the same live pool)
-        has arrived; return the queues' last counts (see :func:`zdq.client.drain.wait_drained`).
-
-        Raises
-        ------
-        NoConsumers
-            Tasks are pending and no consumer of the pool is running.
-        BrokerLost
-            A queue has been down longer than a lost queue takes to be placed again.
-        ClosedError
-            The pool (or its owner) was closed meanwhile.
-        ZdqTimeoutError
-            Not drained by ``timeout``.
-        TypeError, ValueError
-            ``timeout`` or ``timestep`` is not a number of seconds (``timestep`` must be above 0).
-        """
-        timeout = timeout_or_none(timeout, "timeout")
-        step = timeout_or_none(timestep, "timestep")
-        if not step:  # None or 0: a loop that never sleeps
-            raise ValueError(f"timestep must be a positive number of seconds, got {timestep!r}")
-        return wait_drained(
-            self.driver,
-            self.consumer_registry,
-            f"pool {self.name}",
-            self.queue_names,
-            max(60.0, 4 * self.settings.heartbeat_timeout),
-            timeout,
-            timestep=step,
-            progress=progress,
-            check=check,
-        )
-
-    @asynchronous.off_loop_when_async
-    def queue_status(self, timeout: float = 10.0) -> list[p.QueueStatus | None]:
-        """Each queue's counts, asked over the data plane (``None`` for a queue that is down)."""
-        return self.driver.queue_status(timeout)
-
-    @asynchronous.off_loop_when_async
-    def get_queue_size(self, timeout: float = 30.0) -> dict[str, int]:
-        """Tasks pending (stored, not yet acknowledged) in each queue, by queue name
-        (``<pool name>-queue-<i>``, as in :attr:`queue_names`, reprs, statistics and logs).
-
-        daskqueue keyed this by its queue actors (whose repr was their Dask key); zdq's queues are
-        not actors a user holds, and a name reads the same in every process and after a restart.
-
-        Raises
-        ------
-        BrokerLost
-            A queue is down (lost with its worker, being placed again): its size is not known.
-        ZdqTimeoutError
-            A queue is up but did not answer within ``timeout`` (its worker is stopped, or too busy):
-            the message names it, its worker, and when it was last heard from.
-        """
-        try:
-            self.flush(timeout)
-        except ZdqTimeoutError as e:
-            raise ZdqTimeoutError(f"the queues' sizes are not known within {timeout}s ({e})") from None
-        statuses = self.queue_status(timeout)
-        unknown = [i for i, s in enumerate(statuses) if s is None]
-        if unknown:
-            self._raise_unanswered(unknown, timeout)
-        return {name: s.ready_tasks + s.leased_tasks for name, s in zip(self.queue_names, statuses) if s is not None}
-
-    def _raise_unanswered(self, unknown: list[int], timeout: float) -> None:
-        """Say why queues ``unknown`` gave no count: down (lost, being placed again) is not the
-        same as up and silent (a stopped worker, alive to Dask): each is named with its cause."""
-        driver = self.driver
-        states = driver.queue_states()
-        workers = self.workers()
-        down, silent = [], []
-        for i in unknown:
-            name, state = self.queue_names[i], states[i].state
-            if state == "up":
-                where = f" on {workers[i]}" if workers[i] else ""
-                silent.append(
-                    f"{name}{where} did not answer within {timeout:g} s (last heard "
-                    f"{driver.broker_silence(i):.0f} s ago: its worker is stopped, or too busy to answer)"
-                )
-            elif state == "unreachable":
-                down.append(f"{name} was placed again where this process cannot reach it")
-            else:
-                down.append(f"{name} is down (lost with its worker, being placed again)")
-        why = "; ".join(down + silent) + ": their sizes are not known now"
-        if down:
-            raise BrokerLost(why)
-        raise ZdqTimeoutError(why)
-
     def __len__(self) -> int:
         return self.n_queues
 
@@ -826,81 +710,6 @@ class QueuePool(SubmitMethods, ControlMethods):
         if not -self.n_queues <= index < self.n_queues:
             raise IndexError(f"queue index {index!r} out of range: the pool has {self.n_queues} queues")
         return QueueHandle(self, index % self.n_queues)
-
-    @property
-    def wait_hint(self) -> WaitHint:
-        """What this pool's futures are told while they wait (held weakly: a future never keeps
-        its pool alive): :meth:`why_waiting` and :meth:`stuck`."""
-        ref = weakref.ref(self)
-
-        def stuck() -> BaseException | None:
-            pool = ref()
-            return None if pool is None else pool.stuck()
-
-        return WaitHint(_weakly(self.why_waiting), stuck)
-
-    def stuck(self) -> NoEligibleWorkers | None:
-        """The error a future's result() raises while it waits, when no result can come as things
-        stand: ConsumerPools were started and none has had a consumer placed for
-        ``zdq.no-consumer-timeout`` (every worker they may use left). ``None`` otherwise."""
-        if self._closed:
-            return None
-        why = self.consumer_registry.stranded()
-        return NoEligibleWorkers(f"a task of pool {self.name} waits, and {why}") if why else None
-
-    def _waits_in_own_task(self) -> bool:
-        """Whether the calling thread runs a task of this very pool (a task waiting on sub-tasks)."""
-        from zdq._actor import CURRENT_POOL
-
-        key = CURRENT_POOL.get()
-        return key is not None and key[0] == self.name
-
-    def why_waiting(self) -> str:
-        """Why results may not come: said in the error of a future's result(timeout)."""
-        reasons = []
-        driver = self.live_driver()
-        if driver is None:
-            return ""
-        stranded = self.consumer_registry.stranded()
-        if stranded:
-            reasons.append(stranded)
-        states = driver.queue_states()
-        down = [q.name for q in states if q.state in ("down", "recovering")]
-        if down:
-            reasons.append(f"queues {', '.join(down)} are down and being placed again")
-        silent = [
-            f"{q.name} ({driver.broker_silence(i):.0f} s)"
-            for i, q in enumerate(states)
-            if q.state == "up" and driver.broker_silence(i) > self.settings.heartbeat_timeout
-        ]
-        if silent:
-            reasons.append(
-                f"queues {', '.join(silent)} have not answered for that long: their workers are stopped, or too "
-                "busy to answer (alive to Dask, so not placed again)"
-            )
-        unreachable = [q.name for q in states if q.state == "unreachable"]
-        if unreachable:
-            reasons.append(f"queues {', '.join(unreachable)} were placed again where this process cannot reach them")
-        if self._waits_in_own_task():
-            # The pool attached inside a task knows no ConsumerPool (they live in the process that
-            # made them), but one exists: it runs this very task.
-            reasons.append(
-                f"this task runs on a consumer of pool {self.name} and waits for tasks of the same pool: while "
-                "every consumer thread is busy running tasks that wait (as this one does), the tasks they wait "
-                "for never start; raise max_concurrency of the ConsumerPool (threads per consumer) above the "
-                "number of tasks that may wait at once, or do not wait on sub-tasks inside a task"
-            )
-        elif not self.consumer_pools():
-            if self.attached:
-                reasons.append(
-                    f"no ConsumerPool of this process consumes queue pool {self.name} (those of the process "
-                    "that placed it are not seen from here)"
-                )
-            else:
-                reasons.append(f"no ConsumerPool consumes queue pool {self.name}: make one and call its start()")
-        elif not self.consumer_registry.any_running():
-            reasons.append("no consumer is running: call consumer_pool.start()")
-        return "; ".join(reasons)
 
     #: Past this many queues, a repr shows the queues that are not up, and a summary of the rest.
     _REPR_QUEUES = 8

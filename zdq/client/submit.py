@@ -32,7 +32,7 @@ from zdq.client.dependencies import find_futures, hold, holds_futures, may_hold
 from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.driver import Driver
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
-from zdq.futures import BatchFuture, TaskFuture
+from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
 from zdq.codec.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
 from zdq.codec.timing import Timing, timing_of
@@ -135,7 +135,7 @@ class SubmitTarget(Protocol):
     def why_waiting(self) -> str: ...
 
     @property
-    def wait_hint(self) -> Callable[[], str]: ...
+    def wait_hint(self) -> WaitHint: ...
 
 
 class _Reading:
@@ -363,7 +363,7 @@ class SubmitMethods:
         raise NotImplementedError
 
     @property
-    def wait_hint(self) -> Callable[[], str]:
+    def wait_hint(self) -> WaitHint:
         raise NotImplementedError
 
     def submit(
