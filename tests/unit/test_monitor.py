@@ -43,7 +43,7 @@ def _queue(name: str, **counts: int) -> dict[str, object]:
 
 
 def _consumer(name: str, pool: str, done: int, failed: int = 0) -> dict[str, object]:
-    return {"name": name, "pool": pool, "worker": "tcp://w", "running": True, "tasks_done": done,
+    return {"name": name, "pool": pool, "running": True, "tasks_done": done,
             "tasks_failed": failed, "tasks_retried": 0, "tasks_in_flight": 0}
 
 
@@ -271,3 +271,20 @@ def test_two_brokers_reporting_one_queue_name_in_turn_do_not_inflate_its_counter
         monitor.on_report(worker="tcp://a", queues=[dict(_queue("jobs-queue-0", tasks_stored=10), id="x")])
         monitor.on_report(worker="tcp://b", queues=[dict(_queue("jobs-queue-0", tasks_stored=3), id="y")])
     assert monitor.status()["pools"]["jobs"]["totals"]["submitted"] == 13
+
+
+def test_a_report_with_a_self_field_is_dropped_without_raising_out_of_the_handler() -> None:
+    """Dask calls the handler with ``**message``: a ``self`` field must not make the call raise
+    (Dask would then close the worker's stream and remove the worker)."""
+    monitor = Monitor(None, _ANYONE)
+    monitor.on_report(worker="tcp://a", self=1)
+    monitor.on_report(worker="tcp://a", self=1, queues=[_queue("jobs-queue-0")])
+    assert monitor.reports == 2  # both reached the body (a binding error would have raised above)
+
+
+def test_a_consumer_entry_naming_another_worker_than_its_sender_is_refused() -> None:
+    monitor = Monitor(None, _ANYONE)
+    forged = {**_consumer("C-9", "jobs", 10**9), "worker": "tcp://10.9.9.9:1"}
+    monitor.on_report(worker="tcp://a", interval=1.0, queues=[], consumers=[forged, _consumer("C-0", "jobs", 3)])
+    consumers = monitor.status()["pools"]["jobs"]["consumers"]
+    assert [c["name"] for c in consumers] == ["C-0"]

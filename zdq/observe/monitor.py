@@ -79,8 +79,12 @@ class Monitor:
         self.started = time.monotonic()
 
     # -- handlers (the scheduler's event loop) ---------------------------------------------------
-    def on_report(self, worker: Any = "", **message: Any) -> None:
-        """The ``zdq-report`` stream handler: never raises (Dask would drop the sending worker)."""
+    def on_report(self, /, worker: Any = "", **message: Any) -> None:
+        """The ``zdq-report`` stream handler: never raises (Dask would drop the sending worker).
+
+        ``self`` is positional-only: Dask calls ``handler(**message)``, and a message with a
+        ``self`` field must land in ``message`` (and be dropped as bad), not fail the call before
+        this body runs."""
         self.reports += 1
         now = time.monotonic()
         sender = _stream_sender()
@@ -157,7 +161,10 @@ class Monitor:
         return tuple(kept_q), bounded
 
     def _consumer_of(self, cr: ConsumerReport, worker: str) -> bool:
-        """Whether ``worker`` may report consumer ``cr``: it is new, or ``worker`` reported it first."""
+        """Whether ``worker`` may report consumer ``cr``: the consumer runs on ``worker`` (a feed
+        reports its own worker's consumers), and it is new or ``worker`` reported it first."""
+        if cr.worker and cr.worker != worker:
+            return False
         entry = self._pools.get(cr.pool)
         consumer = None if entry is None else entry.consumers.get(_consumer_key(cr, worker))
         return consumer is None or consumer.sender == worker
