@@ -317,3 +317,35 @@ def test_a_thousand_delayed_chunks_cost_the_broker_loop_no_cpu_while_they_wait(
     time.sleep(1.0)
     # Its heartbeat ticks and idle polls only (the heartbeat interval bounds each wait): no scan.
     assert cpu() - before < 0.05
+
+
+def test_a_broker_whose_loop_did_not_run_takes_none_of_its_consumers_as_lost(zmq_ctx: zmq.Context) -> None:
+    """A broker stopped with its worker (SIGSTOP) reads nothing; a consumer stopped with it (same
+    worker) sent nothing: on SIGCONT the broker used to take that consumer as lost ("missed its
+    heartbeats") and put back the chunk it was running. The stall is made here by holding the
+    broker's lock (its loop takes it to do anything) past the heartbeat timeout."""
+    sock, endpoint, _ = bind_router(zmq_ctx, "127.0.0.1", max_message_size=1 << 20)
+    storage = MemoryStorage()
+    storage.open()
+    core = BrokerCore("deaf", sock, storage, settings(heartbeat_interval="100ms", heartbeat_timeout="500ms"))
+    core.start()
+    driver = consumer = None
+    try:
+        driver = _peer(zmq_ctx, endpoint, p.Role.DRIVER)
+        consumer = _peer(zmq_ctx, endpoint, p.Role.CONSUMER)
+        driver.send_multipart(p.encode(p.Put(1, 1, b"chunk")))
+        assert isinstance(_recv(driver), p.Confirm)
+        consumer.send_multipart(p.encode(p.Fetch(1)))
+        assert isinstance(_recv(consumer), p.Deliver)
+        with core._lock:  # the broker stalls, and its consumer with it: neither speaks
+            time.sleep(1.5)
+        for _ in range(5):  # the consumer resumes its heartbeats (it does not know it was stopped)
+            time.sleep(0.1)
+            consumer.send_multipart(p.encode(p.Heartbeat()))
+        stats = core.statistics()
+        assert stats.consumers == 1 and stats.leased_chunks == 1 and stats.chunks_redelivered == 0, stats
+    finally:
+        for s in (driver, consumer):
+            if s is not None:
+                s.close(linger=0)
+        core.stop()

@@ -276,6 +276,8 @@ class BrokerCore:
                         logger.info("broker %s: its actor was released; stopping", self.name)
                         break
                     with self._lock:
+                        if now - next_beat > self._settings.heartbeat_timeout - beat:
+                            self._was_deaf(now - next_beat + beat)
                         self._housekeeping(now)
                     next_beat = now + beat
                 elif self._durable:
@@ -559,6 +561,16 @@ class BrokerCore:
             self._confirms.pop((driver, seq), None)
 
     # -- time -----------------------------------------------------------------------------------
+    def _was_deaf(self, gap: float) -> None:
+        """The loop did not run for ``gap`` seconds (its process was stopped, or starved of the
+        GIL): what its peers sent meanwhile is still unread, so none of them is taken as silent
+        for it. A consumer that did die meanwhile is found a heartbeat timeout later."""
+        logger.warning(
+            "broker %s: its loop did not run for %.1f s (its process was stopped or starved); its consumers "
+            "get a heartbeat timeout to be heard again before any is taken as lost", self.name, gap,
+        )
+        self._peer_table.hear_all(time.monotonic())
+
     def _housekeeping(self, now: float) -> None:
         self._questions.expire(now)
         deadline = now - self._settings.heartbeat_timeout

@@ -103,6 +103,12 @@ class PeerTable:
             else:
                 self.with_credit.append(ident)
 
+    def hear_all(self, now: float) -> None:
+        """Count every peer as heard ``now``: the broker itself was deaf (its loop did not run), so
+        their silence says nothing about them."""
+        for peer in self.by_ident.values():
+            peer.last_seen = max(peer.last_seen, now)
+
     def silent_consumers(self, deadline: float) -> list[tuple[bytes, Peer]]:
         """Remove and return the consumers not heard from since ``deadline``."""
         silent = [(i, peer) for i, peer in self.by_ident.items() if peer.role is _CONSUMER and peer.last_seen < deadline]
