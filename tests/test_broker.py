@@ -327,7 +327,7 @@ def test_a_broker_whose_loop_did_not_run_takes_none_of_its_consumers_as_lost(zmq
     sock, endpoint, _ = bind_router(zmq_ctx, "127.0.0.1", max_message_size=1 << 20)
     storage = MemoryStorage()
     storage.open()
-    core = BrokerCore("deaf", sock, storage, settings(heartbeat_interval="100ms", heartbeat_timeout="500ms"))
+    core = BrokerCore("deaf", sock, storage, settings(heartbeat_interval="200ms", heartbeat_timeout="1s"))
     core.start()
     driver = consumer = None
     try:
@@ -338,8 +338,8 @@ def test_a_broker_whose_loop_did_not_run_takes_none_of_its_consumers_as_lost(zmq
         consumer.send_multipart(p.encode(p.Fetch(1)))
         assert isinstance(_recv(consumer), p.Deliver)
         with core._lock:  # the broker stalls, and its consumer with it: neither speaks
-            time.sleep(1.5)
-        for _ in range(5):  # the consumer resumes its heartbeats (it does not know it was stopped)
+            time.sleep(3.0)
+        for _ in range(12):  # the consumer resumes its heartbeats (it does not know it was stopped)
             time.sleep(0.1)
             consumer.send_multipart(p.encode(p.Heartbeat()))
         stats = core.statistics()
