@@ -25,8 +25,10 @@ T = TypeVar("T")
 
 #: Bound of every await on the cluster (placing, closing); generous for a loaded machine.
 BOUND = 60.0
-#: Most the event loop may lag behind a 10 ms ticker while requests are served.
-MAX_LAG = 0.2
+#: Most the event loop may lag behind a 10 ms ticker while requests are served. A call that
+#: blocked the loop would lag it for the whole call (placing a pool takes seconds); the suite runs
+#: three tests at once on two cores beside worker processes, where scheduling alone costs 0.1-0.3 s.
+MAX_LAG = 0.5
 
 
 def bounded(awaitable: Awaitable[T], seconds: float = BOUND) -> Awaitable[T]:
