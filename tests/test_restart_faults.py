@@ -59,7 +59,11 @@ def say(what):
     os.replace(status + ".tmp", status)
 
 client = Client(address, timeout=60)
-if mode == "first":
+if mode == "heavy":
+    # Resident memory that the kernel frees before it closes the killed process's sockets: the
+    # scheduler sees its client leave ~0.1 s after the SIGKILL, when a restart may already look.
+    ballast = bytearray(b"x") * (BALLAST_MB << 20)
+if mode in ("first", "heavy"):
     # Its brokers beat every HEARTBEAT s from (at the latest) when QueuePool returns: a released
     # broker lets go of its directory at its next beat.
     pool = QueuePool(client, 2, durability="durable", dirpath=dirpath, workers=["a", "b"],
@@ -85,7 +89,7 @@ else:
     pool.close()
     client.close()
     say("done")
-""".replace("N_TASKS", str(N_TASKS)).replace("HEARTBEAT", str(HEARTBEAT))
+""".replace("N_TASKS", str(N_TASKS)).replace("HEARTBEAT", str(HEARTBEAT)).replace("BALLAST_MB", "1500")
 
 
 def _program(client: Client, tmp_path: Path, mode: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
@@ -157,6 +161,41 @@ def test_a_program_started_again_after_its_driver_was_killed_reopens_its_durable
         _step(again, status, log, "done", 90)
         again.wait(timeout=30)
         assert again.returncode == 0, text[-3000:]
+        assert len(os.listdir(tmp_path / "marks")) == N_TASKS, "the tasks the dead driver stored did not all run"
+    finally:
+        _kill(first)
+        if again is not None:
+            _kill(again)
+
+
+def test_a_program_started_again_before_the_scheduler_sees_its_killed_driver_gone_does_not_attach_to_the_dying_pool(
+    client3: Client, tmp_path: Path
+) -> None:
+    """The restart looks for the pool within milliseconds of the SIGKILL, while the dead driver's
+    client still looks connected (the kernel closes a killed process's sockets only after freeing
+    its memory): it must not attach to the pool its owner's death is about to close, but wait for
+    the dead brokers' locks, place the queues itself, and run what the dead driver stored."""
+    (tmp_path / "marks").mkdir()
+    first, first_status, first_log = _program(client3, tmp_path, "heavy")
+    again: subprocess.Popen[bytes] | None = None
+    try:
+        _step(first, first_status, first_log, "stored", 120)
+        again, status, log = _program(client3, tmp_path, "again")
+        _step(again, status, log, "connected", 60)
+        os.kill(first.pid, signal.SIGKILL)
+        (tmp_path / "go").touch()  # at once: the restart looks while the dead client is still listed
+        killed = time.monotonic()
+        first.wait(timeout=10)
+        opened = _step(again, status, log, "opened", 45)
+        _step(again, status, log, "done", 90)
+        again.wait(timeout=30)
+        text = log.read_text()
+        assert "closed by its owner" not in text and "Attached to" not in text, (
+            f"the restarted program attached to the pool of its killed driver: {text[-3000:]}"
+        )
+        assert again.returncode == 0, text[-3000:]
+        assert "is locked by" in text and "waiting up to" in text, f"it did not say what it waited for: {text[-3000:]}"
+        assert float(opened.split()[1]) < 20 and time.monotonic() - killed < 60, text[-3000:]
         assert len(os.listdir(tmp_path / "marks")) == N_TASKS, "the tasks the dead driver stored did not all run"
     finally:
         _kill(first)

@@ -389,6 +389,7 @@ class PlacedQueues:
                     owner_client=str(self.client.id),
                     owner_token=self._owner_token,
                     workers=tuple(self.workers()),
+                    owner_process=registry.OwnerProcess.here(),
                 ),
             )
         except Exception as e:  # the pool works without it; only attaching does not

@@ -405,7 +405,35 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
             # being released; they are placed again, not attached to.
             registry.withdraw(self.client, record)
             return None
-        return record
+        if record.owner_token in _owners_here:
+            return record  # its owner is a live pool of this process
+        return self._confirmed_owner(record)
+
+    def _confirmed_owner(self, record: registry.PoolRecord) -> registry.PoolRecord | None:
+        """``record`` if its owner is alive, else None (withdrawn): a program restarted at once
+        after its driver was killed finds the dead driver's record still there, its client not
+        yet gone from the scheduler; attached, its queues would shut down under it. On the owner's
+        host its process tells; elsewhere the record is looked up again after OWNER_SETTLE."""
+        state = registry.owner_state(record.owner_process)
+        if state == "alive":
+            return record
+        if state == "unknown":
+            time.sleep(registry.OWNER_SETTLE)
+            again = registry.lookup(self.client, self.name, self.dirpath)  # withdrawn if its client left
+            if again is not None and again.owner_token == record.owner_token:
+                return again
+            seen = f"its client left the cluster within {registry.OWNER_SETTLE:g} s"
+        else:
+            registry.withdraw(self.client, record)
+            seen = f"its process {record.owner_process.pid} on this host is dead or dying"
+        logger.warning(
+            "pool %s: the pool registered under this name is not attached to: its owner is gone (%s). "
+            "This pool places the queues itself once the dead owner's brokers let go of them, and runs "
+            "what they stored",
+            self.name,
+            seen,
+        )
+        return None
 
     @classmethod
     def attach(cls, client: Client | None, name: str, *, dirpath: str | os.PathLike[str] | None = None, **kwargs: Any) -> QueuePool:

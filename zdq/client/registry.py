@@ -7,6 +7,13 @@ cluster (a task of the pool itself included), finds it there and attaches: it ge
 and the keys over Dask's own channel, as consumers do when they are placed, and submits to the
 same queues; each driver gets its own results.
 
+A record outlives its owner a moment: the scheduler sees a killed owner's client leave only once
+the kernel has closed its sockets, which it does after freeing the process's memory (~0.1 s for a
+1.5 GB process). A program restarted at once would attach to queues that are about to shut down.
+So the record also names its owner's process (:class:`OwnerProcess`), and :func:`owner_state`
+tells, on the owner's host, whether that process is dead or dying; elsewhere it cannot tell, and
+the attaching pool looks again after :data:`OWNER_SETTLE`.
+
 Ownership: no state in this process; the records live on the scheduler (Dask's published
 datasets), written by their owner (and withdrawn by whoever finds one stale).
 """
@@ -14,15 +21,42 @@ datasets), written by their owner (and withdrawn by whoever finds one stale).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from zdq.config import PoolSettings
 from zdq.transport.security import ClientKeys
 
-__all__ = ["PoolRecord", "registry_key", "publish", "lookup", "withdraw"]
+__all__ = ["OwnerProcess", "PoolRecord", "registry_key", "publish", "lookup", "withdraw", "owner_state"]
 
 logger = logging.getLogger(__name__)
+
+#: A record whose owner's liveness this process cannot see (another host) is looked up again
+#: after this (s) before attaching: long enough for a killed owner's sockets to close and the
+#: scheduler to drop its client (then the record is withdrawn as stale).
+OWNER_SETTLE = 0.5
+
+_PF_EXITING = 0x4  # the kernel's flag of a process that is exiting (/proc/PID/stat field 9)
+_SIGKILL_BIT = 1 << 8  # SIGKILL (9) in the pending-signal masks of /proc/PID/status
+
+
+@dataclass(frozen=True)
+class OwnerProcess:
+    """The process of a pool's owner: its host (boot id and pid namespace, so that two
+    containers of one machine differ), its pid, and its start time (so that a reused pid
+    differs). Empty fields where the platform has no /proc."""
+
+    host: str = ""
+    pid: int = 0
+    started: str = ""
+
+    @classmethod
+    def here(cls) -> OwnerProcess:
+        host = _host_id()
+        stat = _read(f"/proc/{os.getpid()}/stat")
+        started = _stat_fields(stat)[19] if host and stat else ""
+        return cls(host, os.getpid(), started) if started else cls()
 
 
 @dataclass(frozen=True)
@@ -42,6 +76,7 @@ class PoolRecord:
     # ZeroMQ identity, which a peer could take over its connections with.
     owner_token: bytes
     workers: tuple[str, ...] = ()  # the worker of each queue, for errors
+    owner_process: OwnerProcess = field(default_factory=OwnerProcess)
 
 
 def registry_key(name: str, dirpath: str | None) -> str:
@@ -77,6 +112,53 @@ def lookup(client: Any, name: str, dirpath: str | None) -> PoolRecord | None:
         withdraw(client, record)
         return None
     return record
+
+
+def owner_state(owner: OwnerProcess) -> str:
+    """``"alive"``, ``"dead"`` (gone, a zombie, exiting, or SIGKILL pending: its queues are about
+    to close though the scheduler may still list its client), or ``"unknown"`` (another host, or
+    no /proc). Reads /proc only."""
+    if not owner.host or owner.host != _host_id():
+        return "unknown"
+    stat = _read(f"/proc/{owner.pid}/stat")
+    if stat is None:
+        return "dead" if not os.path.exists(f"/proc/{owner.pid}") else "unknown"
+    return _judge(_stat_fields(stat), _read(f"/proc/{owner.pid}/status") or "", owner.started)
+
+
+def _judge(fields: list[str], status: str, started: str) -> str:
+    """The verdict of :func:`owner_state` from a process's /proc stat fields (those after its
+    name: state first) and status text."""
+    if len(fields) < 20 or fields[19] != started:
+        return "dead"  # its pid is another process's now
+    if fields[0] in ("Z", "X", "x") or int(fields[6]) & _PF_EXITING:
+        return "dead"
+    for line in status.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & _SIGKILL_BIT:
+            return "dead"
+    return "alive"
+
+
+def _host_id() -> str:
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    return f"{boot.strip()}:{namespace}" if boot else ""
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _stat_fields(stat: str) -> list[str]:
+    """The fields of /proc/PID/stat after the process name (which may hold spaces and parens)."""
+    return stat[stat.rfind(")") + 2 :].split()
 
 
 def withdraw(client: Any, record: PoolRecord) -> None:
