@@ -19,6 +19,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from tests.async_tasks import fib
+import zdq
 from zdq import ConsumerPool, QueuePool
 
 T = TypeVar("T")
@@ -269,6 +270,8 @@ def test_type_errors_say_what_to_do(cluster: LocalCluster, client: Client) -> No
             ConsumerPool(aclient, unstarted)
         with pytest.raises(TypeError, match="asynchronous Dask client"):
             QueuePool.attach(aclient, "some-pool")
+        with pytest.raises(TypeError, match="takes a synchronous Dask client"):
+            zdq.Executor(2, client=aclient)  # nothing placed either
         await bounded(unstarted.close())  # closing one never started is fine
         queue_pool = await bounded(QueuePool(aclient, 1))
         try:

@@ -47,15 +47,16 @@ def test_a_grid_search_with_n_jobs_runs_on_the_pools_consumers_and_equals_a_plai
 
 def test_parallel_on_the_default_client_makes_a_pool_and_raises_a_calls_error(client: Client) -> None:
     with joblib.parallel_config(backend="zdq", max_workers=2):
-        assert joblib.Parallel(n_jobs=2)(joblib.delayed(operator.mul)(i, i) for i in range(50)) == [i * i for i in range(50)]
         backend, _ = joblib.parallel.get_active_backend()
         assert isinstance(backend, zdq.joblib.ZdqBackend)
         assert backend.effective_n_jobs(-1) == 2  # every consumer of the pool it made
+        pool = backend.queue_pool
+        assert joblib.Parallel(n_jobs=2)(joblib.delayed(operator.mul)(i, i) for i in range(50)) == [i * i for i in range(50)]
+        # The pool it made is closed with the call (joblib's terminate), not left to a collection.
+        assert pool.closed and backend._executor is None
         with pytest.raises(ZeroDivisionError):
             joblib.Parallel(n_jobs=2)(joblib.delayed(operator.truediv)(1, i) for i in range(-3, 3))
-        pool = backend.queue_pool
-    backend.executor.shutdown(wait=True)  # the program's end would, as for any Executor
-    assert pool.closed
+        assert backend._executor is None
 
 
 def test_a_pool_with_no_consumer_running_is_refused_at_once_naming_why(client: Client) -> None:

@@ -240,3 +240,19 @@ def test_consumer_statistics_name_the_consumer_that_did_not_answer_and_its_worke
         finally:
             os.kill(pids[victim], signal.SIGCONT)
         wait_until(lambda: len(consumer_pool.statistics()) == 2, timeout=30)
+
+
+def test_a_consumer_pool_started_without_a_name_kept_for_it_serves_while_its_queue_pool_is_open(client: Client) -> None:
+    """``ConsumerPool(client, queue_pool, n_consumers=2, start=True)`` with nothing holding it (as
+    the README's pipeline writes it): a garbage collection used to stop its consumers, and every
+    later ``result()`` waited for ever."""
+    import gc
+
+    with QueuePool(client, 1) as queue_pool:
+        ConsumerPool(client, queue_pool, n_consumers=2, start=True)
+        assert queue_pool.submit(add, 1, 2).result(timeout=30) == 3
+        gc.collect()
+        assert queue_pool.submit(add, 2, 3).result(timeout=30) == 5
+        (consumers,) = queue_pool.consumer_pools()
+        assert consumers.running
+    assert consumers.closed  # closed with its QueuePool

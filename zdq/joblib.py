@@ -12,8 +12,8 @@ Ownership
 The backend instance is made by ``joblib.parallel_config`` and reused by every ``Parallel`` in
 its block. It holds one :class:`zdq.Executor`, made on first use: on ``queue_pool=`` (the
 pool's consumers run the tasks; the pool stays open), else a pool of its own on ``client=`` or
-the default Dask client (or, with neither, an embedded local cluster), closed when the backend
-is dropped or the program ends (the Executor's own rules). ``_futures`` holds the batches not
+the default Dask client (or, with neither, an embedded local cluster), closed at the end of each
+``Parallel`` call (joblib's ``terminate``; the next call makes another). ``_futures`` holds the batches not
 done yet, so that joblib's abort (a batch failed) cancels the rest; a batch leaves it when done.
 """
 
@@ -162,6 +162,17 @@ class ZdqBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
             self._futures.clear()
         for fut in pending:
             fut.cancel()
+
+    def terminate(self) -> None:
+        """joblib's end of a ``Parallel`` call: a pool this backend made for itself is closed now
+        (its consumers, actors and threads go at once, not at some later garbage collection); the
+        next call makes another. A ``queue_pool=`` given stays open."""
+        with self._lock:
+            executor, own = self._executor, self._queue_pool is None
+            if own:
+                self._executor = None
+        if own and executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     def __repr__(self) -> str:
         where = "not started" if self._executor is None else f"on queue pool {self._executor.queue_pool.name}"

@@ -326,6 +326,7 @@ class ConsumerPool:
         self.queue_pool.driver  # a QueuePool closed meanwhile raises ClosedError here
         logger.info("Starting %d consumers", self.n_consumers)
         self._running = True
+        self.queue_pool.consumer_registry.keep(self)  # serves while its QueuePool is open, named or not
         self._consumers.each("start", timeout=self.settings.placement_timeout, args_of=self._consumers.start_args)
         if self._supervisor is None:
             self._supervisor = Supervisor(self, "zdq-supervisor-consumers", method="_supervise_once")
@@ -547,6 +548,7 @@ class ConsumerPool:
             self._supervisor.stop(join=2.0)
         if hasattr(self, "_consumers"):
             self._consumers.release()
+            self.queue_pool.consumer_registry.let_go(self)
             self.queue_pool.consumer_registry.consumers_changed()
 
     def __enter__(self) -> ConsumerPool:

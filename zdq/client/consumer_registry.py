@@ -58,12 +58,13 @@ class Feeder(Protocol):
 
 class ConsumerRegistry:
     """The ConsumerPools of one live pool in this process, and every consumer identity they
-    placed (held weakly: a ConsumerPool dropped without close() is forgotten)."""
+    placed (held weakly, but a started one strongly until it is closed: see :meth:`keep`)."""
 
     def __init__(self, pool_name: str) -> None:
         self._pool_name = pool_name
         self._lock = threading.Lock()
         self._pools: list[weakref.ref[ConsumerListener]] = []
+        self._kept: dict[int, ConsumerListener] = {}  # started, not closed: held (see keep())
         self._identities: set[bytes] = set()
         self._feeders: list[weakref.ref[Any]] = []
         #: The batch size of the newest ConsumerPool (daskqueue's ``batch_size``): caps the chunks
@@ -107,6 +108,17 @@ class ConsumerRegistry:
         for driver in self.drivers():
             found |= driver.producers()
         return found - self.identities()
+
+    def keep(self, pool: ConsumerListener) -> None:
+        """Hold a started ConsumerPool until it is closed (:meth:`let_go`): one made and started
+        without a name kept for it (``ConsumerPool(client, queue_pool, 4, start=True)``) serves
+        while its QueuePool is open, as a started thread pool runs unreferenced."""
+        with self._lock:
+            self._kept[id(pool)] = pool
+
+    def let_go(self, pool: ConsumerListener) -> None:
+        with self._lock:
+            self._kept.pop(id(pool), None)
 
     def subscribe(self, pool: ConsumerListener) -> None:
         with self._lock:

@@ -148,6 +148,13 @@ class Executor(concurrent.futures.Executor):
                 "max_workers, client and pool options are for the pool an Executor makes: with queue_pool=..., "
                 "that pool's consumers run the tasks (pass queue_pool alone)"
             )
+        given = client if client is not None else getattr(queue_pool, "client", None)
+        if getattr(given, "asynchronous", False) or getattr(queue_pool, "_asynchronous", False):
+            raise TypeError(
+                "zdq.Executor is a concurrent.futures executor: it blocks, so it takes a synchronous Dask "
+                "client; with Client(asynchronous=True), use the pool itself: `queue_pool = await "
+                "zdq.QueuePool(client, n)`, then `await queue_pool.submit(fn, x)`, `await queue_pool.map(fn, xs)`"
+            )
         self._state = threading.Condition()
         self._submitting = threading.Lock()
         self._close_lock = threading.Lock()
