@@ -250,3 +250,16 @@ def test_at_exit_the_submitted_tasks_run_then_the_embedded_cluster_closes_withou
         return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in workers)
 
     wait_until(gone, timeout=30)
+
+
+def test_a_task_submitted_while_another_runs_long_goes_to_an_idle_consumer(client: Client) -> None:
+    """As a thread pool's idle thread takes the next task: the executor's consumers hold only the
+    chunk they run (prefetch 1), so a quick task never waits behind a long one (it did: 2.7 s)."""
+    with zdq.Executor(2, client=client) as executor:
+        assert executor.submit(square, 2).result(timeout=60) == 4
+        executor.submit(nap, 3.0)
+        time.sleep(0.3)  # the long task is running
+        for i in range(4):
+            started = time.monotonic()
+            assert executor.submit(square, i).result(timeout=30) == i * i
+            assert time.monotonic() - started < 1.5, f"task {i} waited behind the long one"

@@ -187,6 +187,9 @@ class Executor(concurrent.futures.Executor):
         from zdq.client.queue_pool import QueuePool
 
         options.setdefault("keep_results", False)
+        # A consumer holds only the chunk it runs, as a thread pool's idle thread takes the next
+        # task: a task submitted while another runs long goes to an idle consumer, not behind it.
+        options.setdefault("prefetch", 1)
         if client is None and not _has_default_client():
             return local(max_workers, **options)
         pool = QueuePool(client, **options)
