@@ -19,6 +19,7 @@ state                  owner
 from __future__ import annotations
 
 import logging
+import weakref
 
 from distributed import Client
 
@@ -53,7 +54,9 @@ class QueueWatch:
         self.queues = queues
         self.driver = driver
         self.relay = relay
-        self.consumers = consumers
+        # Weakly: the pool's finalizer holds this watch (to stop it), and the registry holds the
+        # started ConsumerPools, which hold the pool: a strong reference would keep them all alive.
+        self._consumers = weakref.ref(consumers)
         self.reset_by_restart = False
         self._supervisor: Supervisor | None = None
 
@@ -69,7 +72,9 @@ class QueueWatch:
         return self._supervisor is None or self._supervisor.stopping
 
     def _moved(self, i: int, endpoint: str) -> None:
-        self.consumers.broker_moved(i, endpoint, self.queues.queue_names[i])
+        consumers = self._consumers()
+        if consumers is not None:
+            consumers.broker_moved(i, endpoint, self.queues.queue_names[i])
 
     def _kept(self) -> str:
         return " (a durable queue kept them: a new pool on the same dirpath runs them)" if self.dirpath else ""
