@@ -69,7 +69,7 @@ def _run_driver(cluster: LocalCluster, n: int, max_pending: int | None) -> dict[
 
 
 def test_max_pending_keeps_a_fast_producers_memory_bounded(cluster: LocalCluster, client: Client) -> None:
-    n = 60_000
+    n = 30_000  # unbounded, about 25,000 pile up (some 45 MiB): enough to tell the two apart
     bounded = _run_driver(cluster, n, 1000)
     unbounded = _run_driver(cluster, n, None)
     print(f"bounded {bounded}, unbounded {unbounded}")
