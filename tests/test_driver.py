@@ -185,12 +185,12 @@ def test_results_that_do_not_unpickle_fail_their_own_tasks_and_the_driver_goes_o
     bad = _Consumer(ctx, broker.endpoint, garbage=True)
     parts.append(bad)
     futures = _submit(driver, 5)
-    for f in futures:
-        assert isinstance(f.exception(timeout=10), SerializationError)
+    for f in futures:  # bounds for a loaded machine (the suite runs beside other work)
+        assert isinstance(f.exception(timeout=30), SerializationError)
     bad.stop()
     parts.remove(bad)
     parts.append(_Consumer(ctx, broker.endpoint))
-    assert [f.result(timeout=10) for f in _submit(driver, 5)] == [1, 2, 3, 4, 5]
+    assert [f.result(timeout=30) for f in _submit(driver, 5)] == [1, 2, 3, 4, 5]
     assert driver.statistics().bad_messages >= 1
 
 
