@@ -232,6 +232,20 @@ def test_a_plain_chunk_keeps_the_head_earlier_versions_wrote_and_both_heads_read
     assert ChunkMeta.unpack(timed.pack()) == timed
 
 
+def test_every_head_reads_back_with_its_first_task_id_and_tags_and_bad_tags_are_refused() -> None:
+    heads = [
+        ChunkMeta(OWNER, 1, 10, base=77),
+        ChunkMeta(OWNER, 1, 10, 1_800_000_000.5, -7, base=77),
+        ChunkMeta(OWNER, 1, 10, base=77, expires=1_800_000_000.0, rate_key=b"mod.fn", rate=2.5),
+        ChunkMeta(OWNER, 1, 1, 5.0, 0, 3, unique_key=b"user-42", unique_for=60.0),
+    ]
+    assert len({len(h.pack()) for h in heads[:2]} | {28, 40}) == 4  # every layout has its own size
+    for head in heads:
+        assert ChunkMeta.unpack(head.pack()) == head
+    with pytest.raises(ValueError, match="tags"):
+        ChunkMeta.unpack(heads[2].pack()[:-1])
+
+
 def test_a_tick_stores_its_chunk_and_the_schedule_record_together(storage: Storage) -> None:
     from zdq.schedules import SCHEDULED
 

@@ -96,17 +96,47 @@ def test_delayed_chunks_come_out_in_release_order_and_a_discarded_one_never() ->
 
 # -- the wire ----------------------------------------------------------------------------------
 def test_a_plain_put_keeps_its_head_and_a_timed_one_carries_time_and_priority() -> None:
-    plain = p.encode(p.Put(1, 10, b"chunk"))
-    timed = p.encode(p.Put(2, 10, b"chunk", 1_800_000_000.25, -3))
+    plain = p.encode(p.Put(1, 10, b"chunk", base=5))
+    timed = p.encode(p.Put(2, 10, b"chunk", 1_800_000_000.25, -3, 5))
+    assert len(plain) == len(timed) == 2
     assert len(timed[0]) == len(plain[0]) + 12
-    assert p.decode(plain) == p.Put(1, 10, b"chunk")
-    assert p.decode(timed) == p.Put(2, 10, b"chunk", 1_800_000_000.25, -3)
+    assert p.decode(plain) == p.Put(1, 10, b"chunk", base=5)
+    assert p.decode(timed) == p.Put(2, 10, b"chunk", 1_800_000_000.25, -3, 5)
+
+
+def test_tags_ride_in_a_third_frame_only_when_set_and_bad_ones_are_protocol_errors() -> None:
+    tagged = p.Put(3, 1, b"chunk", 0.0, 0, 9, 1_800_000_000.0, b"pkg.mod:fn", 100.0, b"user-42", 30.0)
+    frames = p.encode(tagged)
+    assert len(frames) == 3
+    assert p.decode(frames) == tagged
+    for bad in (frames[2][:-1], frames[2] + b"x", p.pack_tags(math.inf, b"", 0.0, b"", 0.0), p.pack_tags(0.0, b"k" * 1025, 1.0, b"", 0.0)):
+        with pytest.raises(ProtocolError, match="tags"):
+            p.decode([frames[0], frames[1], bad])
 
 
 def test_a_put_whose_release_time_is_not_a_time_is_a_protocol_error() -> None:
-    head = struct.pack(">4sBQIdi", p.VERSION, p.Command.PUT, 1, 1, math.nan, 0)
+    head = struct.pack(">4sBQIQdi", p.VERSION, p.Command.PUT, 1, 1, 1, math.nan, 0)
     with pytest.raises(ProtocolError, match="not a time"):
         p.decode([head, b"chunk"])
+
+
+def test_expires_takes_seconds_a_timedelta_or_an_aware_datetime_and_refuses_the_rest() -> None:
+    import datetime as dt
+
+    from zdq.codec.timing import expiry_of
+
+    now = time.time()
+    assert now + 29 < timing_of(None, None, None, 30).expires < now + 31
+    assert now + 59 < expiry_of(dt.timedelta(minutes=1)) < now + 61
+    assert expiry_of(dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)) > 0  # past: expired, never "never"
+    with pytest.raises(ValueError, match="timezone-aware"):
+        expiry_of(dt.datetime(2030, 1, 1))
+    with pytest.raises(TypeError, match="expires must be"):
+        expiry_of("soon")
+    with pytest.raises(ValueError, match="non-negative"):
+        expiry_of(-1)
+    with pytest.raises(ValueError, match="could never run"):
+        timing_of(60, None, None, 30)
 
 
 def test_an_eta_before_1970_is_at_once_and_absurd_times_are_refused_at_the_call() -> None:

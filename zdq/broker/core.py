@@ -498,7 +498,8 @@ class BrokerCore:
 
     # -- chunks in ------------------------------------------------------------------------------
     def _store(self, puts: list[tuple[bytes, p.Put]]) -> None:
-        entries = [(ChunkMeta(ident, put.seq, put.n_tasks, put.not_before, put.priority), put.chunk) for ident, put in puts]
+        # A Put's fields after its chunk are a ChunkMeta's after owner, seq and n_tasks, in order.
+        entries = [(ChunkMeta(ident, put.seq, put.n_tasks, *put[3:]), put.chunk) for ident, put in puts]
         status, detail = p.Status.STORED, b""
         try:
             ids = self._leases.put(entries)

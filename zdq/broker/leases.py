@@ -18,6 +18,7 @@ Owned by the broker's loop thread; control-plane readers take the broker's lock.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -311,7 +312,7 @@ class LeaseTable:
         if held is None or held.holder != consumer or held.early or held.done or len(parts) != held.meta.n_tasks:
             raise ProtocolError(f"SPLIT of chunk {chunk_id} into {len(parts)} parts")
         meta = held.meta
-        self.split(chunk_id, [(ChunkMeta(meta.owner, meta.seq, 1, priority=meta.priority), part) for part in parts])
+        self.split(chunk_id, [(_part_of(meta, i), part) for i, part in enumerate(parts)])
 
     def dead_letter(self, consumer: bytes, chunk_id: int, task: object, reason: str) -> ChunkMeta:
         """A task of the chunk ``consumer`` holds (or held) used up its attempts: it is stored as a
@@ -354,3 +355,9 @@ _MAX_SPLITS_KEPT = 10_000
 
 # A chunk whose previous holder reports it after its lease expired and before anyone leased it again.
 _RETURNED = Held(ChunkMeta(b"\0" * 16, 0, 1), None)
+
+
+def _part_of(meta: ChunkMeta, i: int) -> ChunkMeta:
+    """The meta of the ``i``-th one-task part of a split chunk: its own task id, the chunk's tags."""
+    base = meta.base + i if meta.base else 0
+    return dataclasses.replace(meta, n_tasks=1, base=base)

@@ -21,7 +21,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from zdq.errors import ProtocolError
 from zdq.storage.order import Delayed, ReadyQueue
+from zdq.transport.protocol import TAGS, pack_tags, unpack_tags
 
 __all__ = ["ChunkMeta", "Leased", "DeadLetter", "StorageCounts", "Storage", "MAY_HAVE_STARTED"]
 
@@ -31,9 +33,13 @@ MAY_HAVE_STARTED = 0xFFFFFFFF
 
 _META = struct.Struct(">16sQI")
 #: The head of a delayed or prioritised chunk: the plain one, then the release time and priority.
-#: Plain chunks keep the plain head, so that queues written before these fields stay readable (and
-#: a queue that never used them stays readable by earlier versions).
+#: Chunks stored before a field existed keep their head (queues written by earlier versions stay
+#: readable); each layout has its own size, which is how a stored head says which it is.
 _META_TIMED = struct.Struct(">16sQIdi")
+#: The heads with the chunk's first task id (28 + 8 and 40 + 8 bytes); a tagged chunk's head is the
+#: timed one followed by its tags (:func:`~zdq.transport.protocol.pack_tags`, 28 bytes or more).
+_META_BASE = struct.Struct(">16sQIQ")
+_META_TIMED_BASE = struct.Struct(">16sQIdiQ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +58,11 @@ class ChunkMeta:
         Wall-clock seconds (``time.time()``) before which it is not delivered; ``0.0``: at once.
     priority : int
         Higher is served first within the queue.
+    base : int
+        The id of its first task (its tasks' ids are consecutive); ``0``: not known (a schedule's
+        tick, a dead letter, a chunk stored by an earlier version).
+    expires, rate_key, rate, unique_key, unique_for
+        Its tags, as :class:`~zdq.codec.timing.Timing` says; all empty for most chunks.
     """
 
     owner: bytes
@@ -59,18 +70,48 @@ class ChunkMeta:
     n_tasks: int
     not_before: float = 0.0
     priority: int = 0
+    base: int = 0
+    expires: float = 0.0
+    rate_key: bytes = b""
+    rate: float = 0.0
+    unique_key: bytes = b""
+    unique_for: float = 0.0
+
+    @property
+    def tagged(self) -> bool:
+        return bool(self.expires or self.rate_key or self.rate or self.unique_key or self.unique_for)
 
     def pack(self) -> bytes:
+        if self.tagged:
+            head = _META_TIMED_BASE.pack(self.owner, self.seq, self.n_tasks, self.not_before, self.priority, self.base)
+            return head + pack_tags(self.expires, self.rate_key, self.rate, self.unique_key, self.unique_for)
         if self.not_before or self.priority:
-            return _META_TIMED.pack(self.owner, self.seq, self.n_tasks, self.not_before, self.priority)
-        return _META.pack(self.owner, self.seq, self.n_tasks)
+            if not self.base:
+                return _META_TIMED.pack(self.owner, self.seq, self.n_tasks, self.not_before, self.priority)
+            return _META_TIMED_BASE.pack(self.owner, self.seq, self.n_tasks, self.not_before, self.priority, self.base)
+        if not self.base:  # a tick, a dead letter: what earlier versions wrote
+            return _META.pack(self.owner, self.seq, self.n_tasks)
+        return _META_BASE.pack(self.owner, self.seq, self.n_tasks, self.base)
 
     @classmethod
     def unpack(cls, raw: bytes) -> ChunkMeta:
-        if len(raw) == _META_TIMED.size:
+        size = len(raw)
+        if size == _META_BASE.size:
+            owner, seq, n_tasks, base = _META_BASE.unpack(raw)
+            return cls(owner, seq, n_tasks, base=base)
+        if size == _META.size:
+            return cls(*_META.unpack(raw))
+        if size == _META_TIMED.size:
             return cls(*_META_TIMED.unpack(raw))
-        owner, seq, n_tasks = _META.unpack(raw)
-        return cls(owner, seq, n_tasks)
+        if size == _META_TIMED_BASE.size:
+            return cls(*_META_TIMED_BASE.unpack(raw))
+        if size < _META_TIMED_BASE.size + TAGS.size:
+            raise ValueError(f"a stored chunk head of {size} bytes")
+        try:
+            tags = unpack_tags(raw[_META_TIMED_BASE.size :])
+        except ProtocolError as e:
+            raise ValueError(f"a stored chunk head's tags: {e}") from None
+        return cls(*_META_TIMED_BASE.unpack_from(raw), *tags)
 
     SIZE = _META.size
 

@@ -13,9 +13,12 @@ Commands
 --------
 =========  ======================  ==========================================================
 HELLO      driver/consumer→broker  role; announces a peer (payload: its display name)
-PUT        driver→broker           seq, n_tasks[, not_before, priority]; payload: one chunk. The two
-                                   last are in the head only when set (a delayed or prioritised
-                                   chunk): wall-clock release time (float seconds), signed priority
+PUT        driver→broker           seq, n_tasks, base task id[, not_before, priority]; payload: one
+                                   chunk[, tags]. The release time (wall clock, float seconds) and
+                                   the signed priority are in the head only when set (a delayed or
+                                   prioritised chunk); a third frame, only when set, carries the
+                                   chunk's tags: expiry time, rate limit (its bucket's key and
+                                   tasks/s), unique key and how long it stays taken
 CONFIRM    broker→driver           seq, chunk id, status; once the chunk is stored (a stored chunk's
                                    CONFIRM is held back a moment: RESULTS sent first confirm it)
 FETCH      consumer→broker         credit: how many more chunks the consumer accepts; 0 withdraws
@@ -93,10 +96,14 @@ __all__ = [
     "Routes",
     "ID_SIZE",
     "MAX_CHUNK_TASKS",
+    "MAX_KEY",
+    "TAGS",
+    "pack_tags",
+    "unpack_tags",
 ]
 
 #: First bytes of every message; the last byte is the protocol version.
-VERSION = b"ZDQ\x02"
+VERSION = b"ZDQ\x03"
 #: Size of the random identities of drivers and consumers.
 ID_SIZE = 16
 
@@ -145,11 +152,20 @@ class Hello(NamedTuple):
 
 
 class Put(NamedTuple):
+    """A chunk in; the fields after ``chunk`` are :class:`~zdq.storage.base.ChunkMeta`'s, in its
+    order (see :class:`~zdq.codec.timing.Timing` for what they mean)."""
+
     seq: int
     n_tasks: int
     chunk: object  # bytes or zmq.Frame: opaque
     not_before: float = 0.0  # wall-clock seconds before which it is not delivered (0: at once)
     priority: int = 0  # higher first within a queue
+    base: int = 0  # the first task id of the chunk (its tasks' ids are consecutive); 0: not known
+    expires: float = 0.0  # the tags, in the third frame when any is set
+    rate_key: bytes = b""
+    rate: float = 0.0
+    unique_key: bytes = b""
+    unique_for: float = 0.0
 
 
 class Confirm(NamedTuple):
@@ -267,8 +283,12 @@ def _layout(command: Command, fmt: str) -> struct.Struct:
 
 
 _HELLO = _layout(Command.HELLO, "B")
-_PUT = _layout(Command.PUT, "QI")
-_PUT_TIMED = _layout(Command.PUT, "QIdi")  # a delayed or prioritised chunk: the plain head + 12 bytes
+_PUT = _layout(Command.PUT, "QIQ")
+_PUT_TIMED = _layout(Command.PUT, "QIQdi")  # a delayed or prioritised chunk: the plain head + 12 bytes
+#: A PUT's tags frame: expires, rate, unique_for, the lengths of rate_key and unique_key, then those keys.
+TAGS = struct.Struct(">dddHH")
+#: The longest rate or unique key.
+MAX_KEY = 1024
 _CONFIRM = _layout(Command.CONFIRM, "QQB")
 _FETCH = _layout(Command.FETCH, "I")
 _DELIVER = _layout(Command.DELIVER, "QII")
@@ -289,9 +309,38 @@ _V = VERSION
 
 
 def _encode_put(m: Put) -> list[Any]:
+    if m.expires or m.rate_key or m.rate or m.unique_key or m.unique_for:
+        head = _PUT_TIMED.pack(_V, Command.PUT, m.seq, m.n_tasks, m.base, m.not_before, m.priority)
+        return [head, m.chunk, pack_tags(m.expires, m.rate_key, m.rate, m.unique_key, m.unique_for)]
     if m.not_before or m.priority:
-        return [_PUT_TIMED.pack(_V, Command.PUT, m.seq, m.n_tasks, m.not_before, m.priority), m.chunk]
-    return [_PUT.pack(_V, Command.PUT, m.seq, m.n_tasks), m.chunk]
+        return [_PUT_TIMED.pack(_V, Command.PUT, m.seq, m.n_tasks, m.base, m.not_before, m.priority), m.chunk]
+    return [_PUT.pack(_V, Command.PUT, m.seq, m.n_tasks, m.base), m.chunk]
+
+
+def pack_tags(expires: float, rate_key: bytes, rate: float, unique_key: bytes, unique_for: float) -> bytes:
+    """A chunk's tags as they travel in a PUT and are stored with a durable chunk."""
+    return TAGS.pack(expires, rate, unique_for, len(rate_key), len(unique_key)) + rate_key + unique_key
+
+
+def unpack_tags(raw: bytes) -> tuple[float, bytes, float, bytes, float]:
+    """``(expires, rate_key, rate, unique_key, unique_for)`` of :func:`pack_tags`' bytes.
+
+    Raises
+    ------
+    ProtocolError
+        If they are not such bytes: wrong lengths, a key over :data:`MAX_KEY` bytes, a time or
+        rate that is negative or not finite.
+    """
+    if len(raw) < TAGS.size:
+        raise ProtocolError(f"chunk tags of {len(raw)} bytes, at least {TAGS.size} expected")
+    expires, rate, unique_for, n_rate, n_unique = TAGS.unpack_from(raw)
+    if len(raw) != TAGS.size + n_rate + n_unique or n_rate > MAX_KEY or n_unique > MAX_KEY:
+        raise ProtocolError(f"chunk tags of {len(raw)} bytes do not hold keys of {n_rate} and {n_unique} bytes")
+    for name, value in (("expires", expires), ("rate", rate), ("unique_for", unique_for)):
+        if not 0.0 <= value < math.inf:
+            raise ProtocolError(f"chunk tags: {name} is {value!r}")
+    keys = raw[TAGS.size :]
+    return expires, keys[:n_rate], rate, keys[n_rate:], unique_for
 
 
 def _encode_rack(m: Rack) -> list[Any]:
@@ -379,12 +428,15 @@ def _n_tasks(n: int, head: bytes) -> int:
 
 def _put(head: bytes, f: Sequence[Any]) -> Message:
     if len(head) == _PUT_TIMED.size:
-        _, _, seq, n, not_before, priority = _unpack(_PUT_TIMED, head, f, 2)
+        tagged = len(f) == 3
+        _, _, seq, n, base, not_before, priority = _unpack(_PUT_TIMED, head, f, 3 if tagged else 2)
         if not 0.0 <= not_before < math.inf:
             raise ProtocolError(f"PUT releases its chunk at {not_before!r}, not a time")
-        return Put(seq, _n_tasks(n, head), f[1], not_before, priority)
-    _, _, seq, n = _unpack(_PUT, head, f, 2)
-    return Put(seq, _n_tasks(n, head), f[1])
+        if tagged:
+            return Put(seq, _n_tasks(n, head), f[1], not_before, priority, base, *unpack_tags(_bytes(f[2])))
+        return Put(seq, _n_tasks(n, head), f[1], not_before, priority, base)
+    _, _, seq, n, base = _unpack(_PUT, head, f, 2)
+    return Put(seq, _n_tasks(n, head), f[1], 0.0, 0, base)
 
 
 def _deliver(head: bytes, f: Sequence[Any]) -> Message:

@@ -276,9 +276,13 @@ class DriverLoop:
             assert payload is not None
             timing = rec.timing
             if timing is None:
-                put = p.Put(rec.seq, rec.n, payload)
+                put = p.Put(rec.seq, rec.n, payload, 0.0, 0, rec.base)
             else:
-                put = p.Put(rec.seq, rec.n, payload, timing.not_before, timing.priority)
+                t = timing
+                put = p.Put(
+                    rec.seq, rec.n, payload, t.not_before, t.priority, rec.base,
+                    t.expires, t.rate_key, t.rate, t.unique_key, t.unique_for,
+                )
             if not try_send(socks[b], p.encode(put)):
                 links.unsent(b)  # the broker cannot take it now: first in line again
                 ledger.put_back(rec)
