@@ -212,12 +212,14 @@ class Broker:
     def dead_letters(self) -> list[DeadLetter]:
         return self._running_core().dead_letters()
 
-    def add_schedule(self, record: bytes) -> None:
-        """Keep a schedule (a packed :class:`~zdq.schedules.ScheduleRecord`) with this queue."""
-        self._running_core().add_schedule(record)
+    def add_schedule(self, record: bytes) -> bytes:
+        """Keep a schedule (a packed :class:`~zdq.codec.schedules.ScheduleRecord`) with this
+        queue; a named one replaces the schedule of its name. Return the record kept."""
+        return self._running_core().add_schedule(record)
 
-    def cancel_schedule(self, schedule_id: int) -> bool:
-        return self._running_core().cancel_schedule(schedule_id)
+    def cancel_schedule(self, schedule: int | str) -> bool:
+        """End the schedule of this id or name; False if this queue keeps none."""
+        return self._running_core().cancel_schedule(schedule)
 
     def schedules(self) -> list[bytes]:
         return self._running_core().schedules()

@@ -226,13 +226,13 @@ class BrokerCore:
         with self._lock:
             return self._storage.setting(name, proposed)
 
-    def add_schedule(self, record: bytes) -> None:
+    def add_schedule(self, record: bytes) -> bytes:
         with self._lock:
-            self._schedules.add(record)
+            return self._schedules.add(record)
 
-    def cancel_schedule(self, schedule_id: int) -> bool:
+    def cancel_schedule(self, schedule: int | str) -> bool:
         with self._lock:
-            return self._schedules.cancel(schedule_id)
+            return self._schedules.cancel(schedule)
 
     def schedules(self) -> list[bytes]:
         with self._lock:

@@ -7,6 +7,12 @@ as its broker). When a tick is due (:func:`zdq.schedules.plan`), its chunk (the 
 the driver pickled when it made the schedule, never unpickled here) and the schedule's next time
 are stored together (:meth:`Storage.put_tick`): a crash before or after keeps both or neither.
 
+Names: the table owns the name -> schedule mapping of its queue (``_named``, rebuilt from the
+records when the queue opens). A named record added while one of that name is kept replaces it
+(:meth:`~zdq.codec.schedules.ScheduleRecord.replacing`) under the broker's lock, so two drivers
+naming the same schedule at once end with one; on a durable queue the old record's removal and
+the new one's write are one transaction.
+
 A tick's chunk is owned by :data:`~zdq.schedules.SCHEDULED` with the schedule id as its seq. Its
 results go to the schedule, never to a driver: the broker keeps the last ones with the record
 (bounded: one per schedule) and forgets the chunk.
@@ -43,13 +49,14 @@ class ScheduleTable:
         self._storage = storage
         self._records: dict[int, ScheduleRecord] = {}
         self._retry_at: dict[int, float] = {}  # wall-clock times of ticks that failed to store
+        self._named: dict[str, int] = {}  # schedule name -> id, for the named ones
         for raw in storage.stored_schedules():
             try:
                 record = ScheduleRecord.unpack(raw)
             except ValueError as e:
                 logger.error("queue %s: a stored schedule is unreadable and ignored: %s", name, e)
                 continue
-            self._records[record.schedule_id] = record
+            self._keep(record)
         #: When the loop must wake next (``time.monotonic()``): inf without schedules. The loop
         #: reads it every round (an attribute, not a call: the loop's hot path pays nothing more).
         self.wake_at = math.inf
@@ -68,21 +75,50 @@ class ScheduleTable:
         self.wake_at = time.monotonic() + max(0.0, due - time.time())
 
     # -- control plane (under the broker's lock) ------------------------------------------------
-    def add(self, raw: bytes) -> None:
-        """Keep a schedule made by a driver (written before this returns)."""
+    def add(self, raw: bytes) -> bytes:
+        """Keep a schedule made by a driver (written before this returns); a named one replaces
+        the schedule of its name. Return the record kept (packed): the old one's next tick and
+        history if the timing is unchanged."""
         record = ScheduleRecord.unpack(raw)
-        self._storage.write_schedule(record.schedule_id, record.pack(), now=True)
-        self._records[record.schedule_id] = record
+        old = self._records.get(self._named.get(record.schedule_name, 0)) if record.schedule_name else None
+        if old is None:
+            self._storage.write_schedule(record.schedule_id, record.pack(), now=True)
+        else:
+            record = record.replacing(old)
+            kept = record.schedule_id == old.schedule_id
+            # One transaction: the old record dropped and the new one kept, or neither.
+            self._storage.write_schedules(([] if kept else [(old.schedule_id, None)]) + [(record.schedule_id, record.pack())])
+            if not kept:
+                self._forget(old.schedule_id)
+            logger.info("queue %s: schedule %r replaced (%s)", self.name, record.schedule_name,
+                        "next tick and history kept" if kept else "new timing, from now")
+        self._keep(record)
         self.rewake()
+        return record.pack()
 
-    def cancel(self, schedule_id: int) -> bool:
+    def cancel(self, schedule: int | str) -> bool:
+        """End the schedule of this id, or of this name; False if this queue has none."""
+        schedule_id = self._named.get(schedule, 0) if isinstance(schedule, str) else schedule
         if schedule_id not in self._records:
             return False
         self._storage.write_schedule(schedule_id, None, now=True)
-        del self._records[schedule_id]
-        self._retry_at.pop(schedule_id, None)
+        self._forget(schedule_id)
         self.rewake()
         return True
+
+    def _keep(self, record: ScheduleRecord) -> None:
+        if record.schedule_name:
+            if self._named.get(record.schedule_name, record.schedule_id) != record.schedule_id:
+                # Never written so by add(); a directory put together by hand could hold it.
+                logger.error("queue %s: two stored schedules are named %r; cancel one by its id", self.name, record.schedule_name)
+            self._named[record.schedule_name] = record.schedule_id
+        self._records[record.schedule_id] = record
+
+    def _forget(self, schedule_id: int) -> None:
+        record = self._records.pop(schedule_id)
+        self._retry_at.pop(schedule_id, None)
+        if record.schedule_name and self._named.get(record.schedule_name) == schedule_id:
+            del self._named[record.schedule_name]
 
     def records(self) -> list[bytes]:
         return [r.pack() for r in self._records.values()]

@@ -10,7 +10,7 @@ Ownership
 =======================  ==========================================================================
 state                    owner
 =======================  ==========================================================================
-``_schedules_made``      ``_schedule_lock`` (the i-th schedule made here goes to queue i % n_queues)
+``_schedules_made``      ``_schedule_lock`` (the i-th unnamed schedule made here goes to queue i % n_queues)
 everything else          the pool's (see :mod:`zdq.client.queue_pool`); read here, never written
 =======================  ==========================================================================
 """
@@ -78,6 +78,7 @@ class ControlMethods:
         time_limit: float | str | None = None,
         priority: int = 0,
         timeout: float = 30.0,
+        name: str | None = None,
         **kwargs: Any,
     ) -> Schedule:
         """Run ``fn(*args, **kwargs)`` (or a :class:`~zdq.Task`) periodically: at each time of
@@ -93,18 +94,31 @@ class ControlMethods:
         ``retries``, ``time_limit``, dead letters, ``priority`` in its queue); its result goes
         to the schedule, shown by :meth:`schedules` (the last one only).
 
+        ``name`` makes it the pool's one schedule of that name (as Celery beat's entries and
+        APScheduler's ``id=``/``replace_existing``): a program that calls ``schedule(...,
+        name="report")`` each time it starts keeps one schedule, not one per start. A second
+        call with the name replaces the first: its task, arguments and options always; with the
+        same timing (``cron`` or ``every``, and ``missed``) the schedule keeps its id, next tick
+        and history (``ticks``, the last result), with another it starts afresh under a new id.
+        Unnamed schedules are each a new one. (So ``name`` is not passed to ``fn``, as
+        ``timeout`` is not: wrap a task that takes a ``name`` keyword in ``functools.partial``.)
+
         Raises
         ------
         ValueError
-            ``cron`` does not parse, ``every`` is not positive, or both or neither are given.
+            ``cron`` does not parse, ``every`` is not positive, or both or neither are given;
+            ``name`` is empty, longer than 200 characters, not printable, or digits alone.
         TypeError
-            ``fn`` is not callable.
+            ``fn`` is not callable, or ``name`` is not a str.
+        BrokerLost
+            (named) a queue other than the name's did not answer whether it keeps one of that name.
         """
         self._owned("schedules")
         options = self._submitter.defaults.merge(retries, retry_backoff, retry_on, time_limit)
         return self._on_brokers(
             lambda: make_schedule(
-                self, fn, args, kwargs, cron=cron, every=every, missed=missed, options=options, priority=priority, timeout=timeout
+                self, fn, args, kwargs, cron=cron, every=every, missed=missed, options=options, priority=priority,
+                timeout=timeout, name=name,
             )
         )
 
@@ -114,13 +128,13 @@ class ControlMethods:
         return self._on_brokers(lambda: list_schedules(self, timeout))
 
     @off_loop_when_async
-    def cancel_schedule(self, schedule_id: int, timeout: float = 30.0) -> bool:
-        """End a schedule (``Schedule.cancel()``); True if it was live."""
+    def cancel_schedule(self, schedule_id: int | str, timeout: float = 30.0) -> bool:
+        """End a schedule, by its id or its name (``Schedule.cancel()``); True if it was live."""
         self._owned("schedules")
         return self._on_brokers(lambda: cancel_schedule(self, schedule_id, timeout))
 
     def next_schedule_queue(self) -> int:
-        """The queue that keeps the next schedule made here: the queues in turn."""
+        """The queue that keeps the next unnamed schedule made here: the queues in turn."""
         with self._schedule_lock:
             index = self._schedules_made % self.n_queues
             self._schedules_made += 1

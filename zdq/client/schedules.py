@@ -4,8 +4,12 @@ A schedule is made on the driver (its task pickled and sealed once, as a one-tas
 handed to one queue's broker over the control plane (an actor call, as dead letters are): the
 queue keeps it (on disk for a durable queue) and puts a chunk of that task in itself at every
 tick (:mod:`zdq.broker.schedules`). So schedules outlive the driver that made them; a transient
-pool's live as long as its brokers. The ``i``-th schedule a pool makes is given to its queue
-``i % n_queues``.
+pool's live as long as its brokers. The ``i``-th unnamed schedule a pool makes is given to its
+queue ``i % n_queues``; a named one (``name=``) to queue ``crc32(name) % n_queues``
+(:func:`home_queue`), whatever process or restart makes it, and that queue's broker replaces the
+schedule of the name it keeps (the name -> schedule mapping is the broker's). A durable pool
+opened with fewer queues, then with all again, may find one of that name on another queue: each
+call with a name asks the other queues to drop theirs, so one schedule of a name remains.
 
 A tick's result goes to the schedule, not to a driver: :class:`Schedule` shows the last one
 (``last_value`` or ``last_error``), never a growing pile.
@@ -18,20 +22,21 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 from zdq.errors import BrokerLost, SerializationError
-from zdq.codec.schedules import Missed, ScheduleRecord, Spec, _missed
+from zdq.codec.schedules import Missed, ScheduleRecord, Spec, _missed, check_schedule_name
 from zdq.codec.results import error_to_exception, loads_results
 from zdq.codec.tasks import TASKS, TaskOptions, call_task, dumps_chunk
 from zdq.codec.timing import timing_of
 
 from zdq.client.driver import Driver
 
-__all__ = ["Schedule", "SchedulePool", "cancel_schedule", "list_schedules", "make_schedule"]
+__all__ = ["Schedule", "SchedulePool", "cancel_schedule", "home_queue", "list_schedules", "make_schedule"]
 
 
 class SchedulePool(Protocol):
@@ -83,11 +88,14 @@ class Schedule:
         The last tick's result, or its error (``None`` before the first).
     priority : int
         The priority of its ticks in their queue.
+    schedule_name : str or None
+        The schedule's own name, given with ``schedule(..., name=...)`` (``None`` if unnamed);
+        ``name`` stays the task's, as before names existed.
 
-    >>> handle = queue_pool.schedule(report, every=timedelta(minutes=5))     # doctest: +SKIP
-    >>> [s.name for s in queue_pool.schedules()]                              # doctest: +SKIP
-    ['report']
-    >>> handle.cancel()                                                       # doctest: +SKIP
+    >>> handle = queue_pool.schedule(report, every=timedelta(minutes=5), name="report")  # doctest: +SKIP
+    >>> [(s.schedule_name, s.name) for s in queue_pool.schedules()]                      # doctest: +SKIP
+    [('report', 'report')]
+    >>> handle.cancel()                                                                  # doctest: +SKIP
     True
     """
 
@@ -106,6 +114,7 @@ class Schedule:
     last_error: BaseException | None = None
     priority: int = 0
     _pool: Any = field(default=None, repr=False, compare=False)
+    schedule_name: str | None = None
 
     def cancel(self, timeout: float = 30.0) -> bool:
         """End the schedule: no tick after this (one already queued still runs). True if it
@@ -140,7 +149,18 @@ def _snapshot(pool: SchedulePool, index: int, record: ScheduleRecord) -> Schedul
         error,
         record.priority,
         pool,
+        record.schedule_name or None,
     )
+
+
+def home_queue(name: str, n_queues: int) -> int:
+    """The queue that keeps the schedule named ``name``: the same in every process and run (a
+    CRC-32 of its UTF-8 bytes; Python's ``hash`` of a str changes from one process to the next).
+
+    >>> home_queue("report", 1)
+    0
+    """
+    return zlib.crc32(name.encode()) % n_queues
 
 
 def make_schedule(
@@ -155,8 +175,12 @@ def make_schedule(
     options: TaskOptions | None,
     priority: int,
     timeout: float,
+    name: str | None = None,
 ) -> Schedule:
-    """Check the arguments (errors name the one at fault), then give the schedule to its queue."""
+    """Check the arguments (errors name the one at fault), then give the schedule to its queue
+    (a named one: replacing the schedule of that name)."""
+    if name is not None:
+        check_schedule_name(name)
     if not callable(fn):
         raise TypeError(f"schedule(fn=...) needs a callable or a zdq.Task, got {fn!r:.80}")
     now = time.time()
@@ -166,13 +190,51 @@ def make_schedule(
     driver = pool.driver
     payload = dumps_chunk(driver.reserve(1), [call_task(fn, args, kwargs, options)], driver.payload_key, TASKS)
     schedule_id = int.from_bytes(os.urandom(8), "big") >> 1 or 1
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    task_name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     record = ScheduleRecord(
-        schedule_id, name, spec, policy, spec.next_after(now), payload, priority=timing.priority if timing else 0
+        schedule_id, task_name, spec, policy, spec.next_after(now), payload,
+        priority=timing.priority if timing else 0, schedule_name=name or "",
     )
-    index = pool.next_schedule_queue()
-    pool.broker_actor(index).add_schedule(record.pack()).result(timeout=timeout)
-    return _snapshot(pool, index, record)
+    if name is None:
+        index = pool.next_schedule_queue()
+        pool.broker_actor(index).add_schedule(record.pack()).result(timeout=timeout)
+        return _snapshot(pool, index, record)
+    index = home_queue(name, pool.n_queues)
+    kept = ScheduleRecord.unpack(pool.broker_actor(index).add_schedule(record.pack()).result(timeout=timeout))
+    _drop_elsewhere(pool, index, name, timeout)
+    return _snapshot(pool, index, kept)
+
+
+def _drop_elsewhere(pool: SchedulePool, home: int, name: str, timeout: float) -> None:
+    """Cancel the schedules named ``name`` on every queue but its home (left by the pool when it had
+    another number of queues). Raises ``BrokerLost`` naming the queues that did not answer: one of
+    them may keep one still (calling ``schedule`` again is safe: it replaces, never adds)."""
+    _, silent, cause = _ask_queues(pool, [i for i in range(pool.n_queues) if i != home], "cancel_schedule", name, timeout=timeout)
+    if silent:
+        raise BrokerLost(
+            f"schedule {name!r} is kept by queue {pool.queue_names[home]} of pool {pool.name}, but queues "
+            f"{', '.join(silent)} did not answer within {timeout:g} s: one of them may keep a schedule of that name "
+            "from when the pool had another number of queues; call schedule() again once they are back"
+        ) from cause
+
+
+def _ask_queues(
+    pool: SchedulePool, queues: list[int], method: str, *args: Any, timeout: float
+) -> tuple[dict[int, Any], list[str], BaseException | None]:
+    """Ask the brokers of ``queues`` ``method(*args)``, in parallel, all within ``timeout``: the
+    answers by queue, the names of the queues that gave none, and the first one's cause."""
+    calls = [(i, getattr(pool.broker_actor(i), method)(*args)) for i in queues]
+    deadline = time.monotonic() + timeout
+    answers: dict[int, Any] = {}
+    silent: list[str] = []
+    cause: BaseException | None = None
+    for i, call in calls:
+        try:
+            answers[i] = call.result(timeout=max(0.1, deadline - time.monotonic()))
+        except Exception as e:  # noqa: BLE001 - its worker is gone, stalled, or the queue is being placed again
+            silent.append(pool.queue_names[i])
+            cause = cause or e
+    return answers, silent, cause
 
 
 def list_schedules(pool: SchedulePool, timeout: float) -> list[Schedule]:
@@ -184,31 +246,23 @@ def list_schedules(pool: SchedulePool, timeout: float) -> list[Schedule]:
         Some queues did not answer within ``timeout`` (each asked in parallel): named, since the
         list would miss their schedules.
     """
-    calls = [(i, pool.broker_actor(i).schedules()) for i in range(pool.n_queues)]
-    deadline = time.monotonic() + timeout
-    found: list[Schedule] = []
-    silent: list[str] = []
-    cause: BaseException | None = None
-    for i, call in calls:
-        try:
-            raws = call.result(timeout=max(0.1, deadline - time.monotonic()))
-        except Exception as e:  # its worker is gone, stalled, or the queue is being placed again
-            silent.append(pool.queue_names[i])
-            cause = cause or e
-            continue
-        found.extend(_snapshot(pool, i, ScheduleRecord.unpack(raw)) for raw in raws)
+    answers, silent, cause = _ask_queues(pool, list(range(pool.n_queues)), "schedules", timeout=timeout)
     if silent:
         raise BrokerLost(
             f"queues {', '.join(silent)} of pool {pool.name} did not answer within {timeout:g} s (lost, being "
             "placed again, or stalled): their schedules are not listed"
         ) from cause
+    found = [_snapshot(pool, i, ScheduleRecord.unpack(raw)) for i, raws in answers.items() for raw in raws]
     return sorted(found, key=lambda s: s.next_tick)
 
 
-def cancel_schedule(pool: SchedulePool, schedule_id: int, timeout: float) -> bool:
-    if not isinstance(schedule_id, int) or isinstance(schedule_id, bool) or schedule_id <= 0:
-        raise ValueError(f"schedule_id must be a schedule's id (a positive integer), got {schedule_id!r}")
-    # Asked of every queue, not only ``id % n_queues``: a durable pool opened again with another
-    # number of queues still finds it (cancelling is rare; the calls run in parallel).
+def cancel_schedule(pool: SchedulePool, schedule_id: int | str, timeout: float) -> bool:
+    """End the schedule of this id (an int) or name (a str); True if one was live."""
+    if isinstance(schedule_id, str):
+        check_schedule_name(schedule_id)
+    elif not isinstance(schedule_id, int) or isinstance(schedule_id, bool) or schedule_id <= 0:
+        raise ValueError(f"cancel_schedule takes a schedule's id (a positive integer) or name (a str), got {schedule_id!r}")
+    # Asked of every queue, not only its home: a durable pool opened again with another number of
+    # queues still finds it (cancelling is rare; the calls run in parallel).
     calls = [pool.broker_actor(i).cancel_schedule(schedule_id) for i in range(pool.n_queues)]
     return any([bool(call.result(timeout=timeout)) for call in calls])  # noqa: C419 - wait for every answer, not only up to the first True

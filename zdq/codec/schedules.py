@@ -14,6 +14,10 @@ skips them. Either way the next tick is the first one after the present, on the 
 **Overlap.** A tick that comes while the previous tick's chunk is still in the queue (not run yet,
 or running) is skipped, whatever the policy: a schedule has at most one tick in its queue, so
 stopped consumers never let ticks pile up.
+
+**Names.** A schedule made with ``name=`` is the one schedule of that name in its pool: a second
+``schedule(..., name=...)`` replaces it (:meth:`ScheduleRecord.replacing`) instead of adding one.
+Unnamed schedules (``schedule_name == ""``) are stored as they were before names existed.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-__all__ = ["GRACE", "SCHEDULED", "Missed", "ScheduleRecord", "Spec", "plan"]
+__all__ = ["GRACE", "NAME_MAX", "SCHEDULED", "Missed", "ScheduleRecord", "Spec", "check_schedule_name", "plan"]
 
 #: A tick reached later than this (seconds) is missed, and follows the schedule's ``missed`` policy.
 GRACE = 1.0
@@ -34,6 +38,10 @@ GRACE = 1.0
 #: The owner of the chunks a schedule's ticks put in its queue (a chunk's ``ChunkMeta.owner``; its
 #: ``seq`` is the schedule id): their results go to the schedule, never to a driver.
 SCHEDULED = b"zdq-schedule\0\0\0\0"
+
+#: The longest schedule name, in characters (a name is stored in every record, and shown on one
+#: line by ``zdq schedules list``).
+NAME_MAX = 200
 
 
 class Missed(str, enum.Enum):
@@ -108,6 +116,29 @@ def plan(spec: Spec, due: float, now: float, missed: Missed) -> tuple[bool, floa
     return (now - due <= GRACE or missed is Missed.ONCE), spec.next_after(now)
 
 
+def check_schedule_name(name: object) -> str:
+    """``name`` if it can name a schedule; else raise naming what is wrong with it.
+
+    A name is a non-empty ``str`` of at most :data:`NAME_MAX` printable characters, without
+    surrounding spaces, and not digits alone (those read as a schedule id, in
+    ``cancel_schedule`` and ``zdq schedules cancel``).
+
+    >>> check_schedule_name("hourly report")
+    'hourly report'
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"a schedule's name must be a str, got {type(name).__name__} {name!r:.80}")
+    if not name:
+        raise ValueError("a schedule's name must not be empty (leave name=None for an unnamed schedule)")
+    if len(name) > NAME_MAX:
+        raise ValueError(f"a schedule's name must be at most {NAME_MAX} characters, got {len(name)}: {name[:40]!r}...")
+    if not name.isprintable() or name != name.strip():
+        raise ValueError(f"a schedule's name must be printable, without surrounding spaces, got {name!r:.80}")
+    if name.isdigit():
+        raise ValueError(f"a schedule's name must not be digits alone (it would read as a schedule id), got {name!r}")
+    return name
+
+
 _HEAD = struct.Struct(">II")
 
 
@@ -130,6 +161,7 @@ class ScheduleRecord:
     last_results: bytes = b""  # those results, sealed by the consumer: opaque here
     chunk: int = 0  # the chunk id of the last tick (0: none yet)
     priority: int = 0  # of every tick's chunk in its queue
+    schedule_name: str = ""  # given with name=: the one schedule of that name ("" for unnamed)
 
     def pack(self) -> bytes:
         head = json.dumps(
@@ -147,6 +179,8 @@ class ScheduleRecord:
                 "last_done": self.last_done,
                 "chunk": self.chunk,
                 "priority": self.priority,
+                # Only when named: an unnamed record is written as before names existed.
+                **({"schedule_name": self.schedule_name} if self.schedule_name else {}),
             }
         ).encode()
         return _HEAD.pack(len(head), len(self.payload)) + head + self.payload + self.last_results
@@ -174,9 +208,36 @@ class ScheduleRecord:
                 results,
                 int(h["chunk"]),
                 int(h.get("priority", 0)),
+                str(h.get("schedule_name", "")),  # records written before names existed have none
             )
         except (struct.error, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"not a stored schedule: {e}") from e
+
+    def same_timing(self, other: ScheduleRecord) -> bool:
+        """Whether ``other`` ticks as this one does: same cron or every, same missed policy (the
+        anchor of an ``every`` grid is when it was made: not compared)."""
+        return (self.spec.cron, self.spec.every, self.missed) == (other.spec.cron, other.spec.every, other.missed)
+
+    def replacing(self, old: ScheduleRecord) -> ScheduleRecord:
+        """This record (made by a new ``schedule(..., name=...)``) in the place of ``old``, the
+        schedule of that name so far.
+
+        The new call's task, arguments, options and priority always win (as Celery beat's entry
+        of a name is replaced). If the timing is the same (:meth:`same_timing`), the schedule
+        stays the old one: its id, grid, next tick, counts and last results are kept. Otherwise
+        it starts afresh, as the new record (its id, next tick, no history); the old one's chunk
+        id is kept, so a tick of the old timing still queued is waited for (at most one tick of a
+        name in its queue).
+
+        >>> old = ScheduleRecord(1, "report", Spec(every=60.0), Missed.ONCE, 120.0, b"old", ticks=5)
+        >>> new = ScheduleRecord(2, "report2", Spec(every=60.0, anchor=7.0), Missed.ONCE, 67.0, b"new")
+        >>> kept = new.replacing(old)
+        >>> (kept.schedule_id, kept.due, kept.ticks, kept.payload, kept.name)
+        (1, 120.0, 5, b'new', 'report2')
+        """
+        if self.same_timing(old):
+            return replace(old, name=self.name, payload=self.payload, priority=self.priority, schedule_name=self.schedule_name)
+        return replace(self, chunk=old.chunk)
 
     def after_tick(self, now: float, next_due: float, chunk: int) -> ScheduleRecord:
         return replace(self, due=next_due, ticks=self.ticks + 1, last_tick=now, chunk=chunk)

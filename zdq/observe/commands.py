@@ -1,4 +1,5 @@
-"""``zdq status``, ``zdq purge`` and ``zdq dead-letters``: the CLI's commands for live pools.
+"""``zdq status``, ``zdq purge``, ``zdq dead-letters`` and ``zdq schedules``: the CLI's commands
+for live pools.
 
 Each error a user can cause (a wrong address, a cluster without zdq, a pool or queue that does not
 exist) ends the command with one line on stderr and exit status 1, within ``--timeout``.
@@ -171,6 +172,67 @@ def _dead_letters(client: Any, args: argparse.Namespace) -> int:
     return 0 if all(isinstance(n, int) for n in done.values()) else 1
 
 
+def _schedules(client: Any, args: argparse.Namespace) -> int:
+    from zdq.observe import remote
+
+    queues = remote.queues_of(remote.status(client, args.timeout), args.pool)
+    if args.action == "list":
+        found = remote.act(client, queues, "schedules", args.timeout)
+        if args.schedule is not None:  # only that one
+            which = _schedule_key(args.schedule)
+            key = "schedule_name" if isinstance(which, str) else "schedule_id"
+            found = {q: [s for s in f if s[key] == which] if isinstance(f, list) else f for q, f in found.items()}
+        if args.json:
+            print(json.dumps(found, indent=2))
+        else:
+            print(format_schedules(found))
+        return 0 if all(isinstance(f, list) for f in found.values()) else 1
+    if args.schedule is None:
+        return _fail(args, "cancel needs the schedule's name or id (as `zdq schedules list` shows it)")
+    which = _schedule_key(args.schedule)
+    if not _confirm(args, f"cancel schedule {which!r} of pool {args.pool} (no tick after this)"):
+        print("nothing cancelled", file=sys.stderr)
+        return 1
+    done = remote.act(client, queues, "cancel-schedule", args.timeout, which)
+    failed = [f"{name}: {n['error']}" for name, n in done.items() if isinstance(n, dict)]
+    for line in failed:
+        print(line)
+    if any(n is True for n in done.values()):
+        print(f"schedule {which!r} cancelled")
+        return 1 if failed else 0
+    return _fail(args, f"pool {args.pool} has no schedule {which!r}" + (" among the queues that answered" if failed else ""))
+
+
+def _schedule_key(text: str) -> int | str:
+    """An id if ``text`` is digits (a schedule's name never is), else a name, checked."""
+    from zdq.codec.schedules import check_schedule_name
+
+    return int(text) if text.isdigit() else check_schedule_name(text)
+
+
+def format_schedules(found: dict[str, Any]) -> str:
+    """The schedules of a pool's queues (``remote.act(..., "schedules")``), by next tick."""
+    from datetime import datetime, timezone
+
+    def when(t: float | None) -> str:
+        return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+    lines = [f"{name}: {f['error']}" for name, f in found.items() if isinstance(f, dict)]
+    rows = sorted(((q, s) for q, f in found.items() if isinstance(f, list) for s in f), key=lambda qs: qs[1]["next_tick"])
+    if not rows:
+        return "\n".join([*lines, "no schedules"])
+    lines.append(
+        f"{'name':<24} {'id':>19} {'task':<20} {'timing':<16} {'next tick (UTC)':<19} {'ticks':>7} {'skipped':>7}  queue"
+    )
+    for queue, s in rows:
+        timing = f"cron {s['cron']}" if s["cron"] else f"every {s['every']:g}s"
+        lines.append(
+            f"{s['schedule_name'] or '-':<24} {s['schedule_id']:>19} {s['task']:<20} {timing:<16} {when(s['next_tick']):<19} "
+            f"{s['ticks']:>7} {s['skipped']:>7}  {queue}"
+        )
+    return "\n".join(lines)
+
+
 def _live_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", metavar="ADDRESS", default=None,
                         help="the Dask scheduler (default: $DASK_SCHEDULER_ADDRESS); security as for a Dask client")
@@ -179,7 +241,7 @@ def _live_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: Any) -> None:
-    """Add ``status``, ``purge`` and ``dead-letters`` to the ``zdq`` command's subparsers."""
+    """Add ``status``, ``purge``, ``dead-letters`` and ``schedules`` to the ``zdq`` command's subparsers."""
     status = sub.add_parser("status", help="every live pool of a cluster: queues, consumers, rates")
     _live_options(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -204,3 +266,13 @@ def add_parsers(sub: Any) -> None:
     dead.add_argument("--json", action="store_true", help="list: print JSON")
     dead.add_argument("--yes", action="store_true", help="purge: do not ask for confirmation")
     dead.set_defaults(func=_live(_dead_letters))
+
+    schedules = sub.add_parser("schedules", help="list the schedules of a live pool, or cancel one by name or id")
+    schedules.add_argument("action", choices=("list", "cancel"))
+    _live_options(schedules)
+    schedules.add_argument("pool", help="the pool's name (as `zdq status` shows it)")
+    schedules.add_argument("schedule", nargs="?", default=None, metavar="NAME|ID",
+                           help="the schedule's name, or its id (digits): the one to cancel, or to list alone")
+    schedules.add_argument("--json", action="store_true", help="list: print JSON")
+    schedules.add_argument("--yes", action="store_true", help="cancel: do not ask for confirmation")
+    schedules.set_defaults(func=_live(_schedules))

@@ -1,5 +1,5 @@
-"""Live pools seen and steered from any process of the cluster: what ``zdq status``, ``zdq purge``
-and ``zdq dead-letters`` call.
+"""Live pools seen and steered from any process of the cluster: what ``zdq status``, ``zdq purge``,
+``zdq dead-letters`` and ``zdq schedules`` call.
 
 The cluster is reached as a Dask client reaches it (``Client(address)``, with the security settings
 of ``dask.config``). Figures come from the scheduler's monitor (:mod:`zdq.observe.monitor`), one
@@ -22,6 +22,8 @@ ACTIONS = {
     "requeue-dead": "requeue_dead",
     "purge-dead": "purge_dead",
     "purge": "purge_ready",
+    "schedules": "schedules",
+    "cancel-schedule": "cancel_schedule",
 }
 
 
@@ -167,5 +169,21 @@ def _on_brokers(names: list[str], method: str, args: tuple[Any, ...]) -> dict[st
         value = getattr(broker, method)(*args)
         if method == "dead_letters":
             value = [{"chunk_id": d.chunk_id, "n_tasks": d.meta.n_tasks, "reason": d.reason} for d in value]
+        elif method == "schedules":
+            value = [schedule_row(raw) for raw in value]
         out[name] = value
     return out
+
+
+def schedule_row(raw: bytes) -> dict[str, Any]:
+    """A stored schedule as ``zdq schedules list`` shows it (JSON-able; its task and last result
+    stay sealed: only the pool's driver holds their key)."""
+    from zdq.codec.schedules import ScheduleRecord
+
+    r = ScheduleRecord.unpack(raw)
+    return {
+        "schedule_id": r.schedule_id, "schedule_name": r.schedule_name or None, "task": r.name,
+        "cron": r.spec.cron, "every": r.spec.every, "missed": r.missed.value, "next_tick": r.due,
+        "ticks": r.ticks, "skipped": r.skipped, "last_tick": r.last_tick or None, "last_done": r.last_done or None,
+        "priority": r.priority,
+    }

@@ -528,6 +528,14 @@ class Storage(ABC):
         may wait for the next commit (a schedule's state after a skip or a result)."""
         self._write_schedule(schedule_id, record, now)
 
+    def write_schedules(self, records: list[tuple[int, bytes | None]]) -> None:
+        """Keep (``None``: drop) several schedules' records together, before returning: on a
+        durable backend in one transaction (a named schedule replaced by one of another id: the
+        old dropped and the new kept, or neither). Raises ``StorageError`` (then none is kept)."""
+        for schedule_id, record in records:
+            self._write_schedule(schedule_id, record, False)
+        self.commit(force=True)
+
     def put_tick(self, meta: ChunkMeta, payload: object, schedule_id: int, record: Callable[[int], bytes]) -> int:
         """Store a tick's chunk at the tail together with its schedule's new record (next tick,
         count; ``record(chunk id)``): on a durable backend in one transaction, so a crash keeps

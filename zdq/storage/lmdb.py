@@ -472,6 +472,16 @@ class LMDBStorage(Storage):
             if self._pending:
                 raise StorageError(f"{self.path}: schedule {schedule_id} was not written")
 
+    def write_schedules(self, records: list[tuple[int, bytes | None]]) -> None:
+        # Held, then committed with whatever else is held: one transaction.
+        first = len(self._pending)
+        super().write_schedules(records)
+        if self._pending:
+            mine = self._pending[first : first + len(records)]
+            # Not written: a later commit must not apply half of what the caller was told failed.
+            self._pending = [held for held in self._pending if not any(held is m for m in mine)]
+            raise StorageError(f"{self.path}: schedules {[i for i, _ in records]} were not written (see the warning above)")
+
     def put_tick(self, meta: ChunkMeta, payload: object, schedule_id: int, record: Callable[[int], bytes]) -> int:
         # The record rides in the chunk's own transaction (_write applies what is held).
         try:
