@@ -143,6 +143,12 @@ class Status(enum.IntEnum):
     FULL = 1  # storage full: the chunk was not stored
     REFUSED = 2  # malformed or oversized: the chunk was not stored
     ERROR = 3  # any other storage failure: the chunk was not stored
+    #: A unique chunk whose key a chunk of this queue holds (queued or running): not stored; the
+    #: CONFIRM's chunk id is that chunk's, whose RESULTS (or LOST) this driver gets too.
+    DUPLICATE = 4
+    #: A unique chunk whose key is held by the ``unique_for`` window of a chunk that ended: not
+    #: stored; the detail is ``b"<free at, wall clock>"`` then a space and the reason.
+    UNIQUE_HELD = 5
 
 
 # Messages are named tuples: built and unpacked on every hop, they must be cheap to make.
