@@ -52,6 +52,9 @@ def test_two_producers_submitting_one_key_run_the_task_once_and_both_get_its_res
                 assert results == ["report a"] * 3
                 assert sorted(runs(tmp_path)) == ["a", "d"]
                 assert others[0].key != owner.key  # each future keeps its own task id
+                stats = first.broker_statistics()
+                assert sum(b.tasks_unique_duplicates for b in stats) == 2
+                assert sum(b.unique_keys for b in stats) == 0  # both tasks ended: no key held
                 # The task ended: the key is free, the next submission runs.
                 again = second.submit(report, folder, "e", 0.0, unique_key="user-42-report")
                 assert again.result(timeout=30) == "report e"
@@ -71,6 +74,7 @@ def test_unique_for_holds_the_key_after_the_task_ended_then_frees_it(client: Cli
         time.sleep(max(0.0, caught.value.free_at - time.time()) + 0.2)
         assert pool.submit(report, folder, "c", 0.0, unique_key="nightly").result(timeout=30) == "report c"
         assert runs(tmp_path) == ["a", "c"]
+        assert pool.broker_statistics()[0].tasks_unique_duplicates == 1
 
 
 def test_unique_keywords_are_checked_at_the_call(client: Client) -> None:

@@ -13,7 +13,7 @@ from zdq.broker.unique import UniqueKeys
 from zdq.client.driver.ledger import Ledger, queue_of_key
 from zdq.codec.tasks import PICKLED, dumps_task
 from zdq.codec.timing import Timing
-from zdq.codec.unique import held_detail, parse_held, unique_timing
+from zdq.codec.unique import MAX_KEY, held_detail, parse_held, unique_timing
 from zdq.config import settings
 from zdq.storage.base import ChunkMeta
 from zdq.transport import protocol as p
@@ -50,6 +50,7 @@ def test_unique_timing_checks_its_keywords_and_keeps_the_rest_of_the_timing() ->
         with pytest.raises(error):
             unique_timing(None, "k", window)
     assert parse_held(held_detail(b"k", 5.25)) == (5.25, parse_held(held_detail(b"k", 5.25))[1])
+    assert MAX_KEY == p.MAX_KEY
     assert parse_held(b"no time here") == (0.0, "no time here")
 
 
@@ -81,7 +82,7 @@ def test_a_window_holds_the_key_after_its_chunk_ended_and_lost_chunks_reach_thei
     assert sent[-1] == (DRIVER_B, p.Lost(2, 9))
     keep, _ = keys.admit([(DRIVER_B, put(3, b"w"))], time.time())
     assert keep == []
-    ident, msg = sent[-1]
+    _, msg = sent[-1]
     assert msg.status is p.Status.UNIQUE_HELD and parse_held(msg.detail)[0] > time.time() + 50
     keep, _ = keys.admit([(DRIVER_B, put(4, b"w"))], time.time() + 61)  # the window passed
     assert len(keep) == 1

@@ -205,6 +205,7 @@ class BrokerCore:
                 consumer_names=tuple(consumers),
                 delayed_chunks=c.delayed_chunks,
                 delayed_tasks=c.delayed_tasks,
+                unique_keys=len(self._unique.holders) if self._unique is not None else 0,
                 **{**asdict(self.counters), "round_trips": tuple(self.counters.round_trips)},
             )
 
@@ -511,7 +512,9 @@ class BrokerCore:
         same_round: list[tuple[bytes, p.Put, int]] = []
         if unique:  # some carry a unique key: those whose key is held are answered, not stored
             keys = self._unique = self._unique or self._unique_keys()
+            n = len(puts)
             puts, same_round = keys.admit(puts, time.time())
+            self.counters.tasks_unique_duplicates += n - len(puts) - len(same_round)
             if not puts:
                 return
         # A Put's fields after its chunk are a ChunkMeta's after owner, seq and n_tasks, in order.
@@ -534,6 +537,7 @@ class BrokerCore:
                 self._confirms[(ident, put.seq)] = chunk_id
             if unique:
                 self._unique.stored(puts, ids, same_round, time.time())  # type: ignore[union-attr]
+                self.counters.tasks_unique_duplicates += len(same_round)
         else:
             if same_round:
                 self._unique.refused(same_round, status, detail)  # type: ignore[union-attr]

@@ -20,9 +20,12 @@ import numbers
 from typing import Any
 
 from zdq.codec.timing import Timing
-from zdq.transport.protocol import MAX_KEY
 
-__all__ = ["held_detail", "parse_held", "unique_timing"]
+__all__ = ["MAX_KEY", "held_detail", "parse_held", "unique_timing"]
+
+#: The longest unique key in bytes: the wire's (``zdq.transport.protocol.MAX_KEY``; the codec does
+#: not import the transport, a unit test keeps the two equal).
+MAX_KEY = 1024
 
 
 def unique_timing(timing: Timing | None, unique_key: Any, unique_for: Any) -> Timing:

@@ -20,7 +20,9 @@ PUT        driver→broker           seq, n_tasks, base task id[, not_before, pr
                                    chunk's tags: expiry time, rate limit (its bucket's key and
                                    tasks/s), unique key and how long it stays taken
 CONFIRM    broker→driver           seq, chunk id, status; once the chunk is stored (a stored chunk's
-                                   CONFIRM is held back a moment: RESULTS sent first confirm it)
+                                   CONFIRM is held back a moment: RESULTS sent first confirm it); a unique
+                                   chunk whose key is held is not stored: DUPLICATE names the chunk
+                                   holding it (its RESULTS follow), UNIQUE_HELD refuses it
 FETCH      consumer→broker         credit: how many more chunks the consumer accepts; 0 withdraws
                                    every credit it gave (a DELIVER already on its way may still come)
 READY      broker→consumer         chunks are ready here and this consumer holds no credit: ask if
