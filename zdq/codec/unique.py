@@ -14,12 +14,9 @@ b'user-42-report'
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import math
-import numbers
 from typing import Any
 
-from zdq.codec.timing import Timing
+from zdq.codec.timing import Timing, _seconds
 
 __all__ = ["MAX_KEY", "held_detail", "parse_held", "unique_timing"]
 
@@ -46,16 +43,8 @@ def unique_timing(timing: Timing | None, unique_key: Any, unique_for: Any) -> Ti
     key = unique_key.encode()
     if not key or len(key) > MAX_KEY:
         raise ValueError(f"unique_key must be 1 to {MAX_KEY} bytes in UTF-8, got {len(key)}: {unique_key!r:.80}")
-    window = 0.0
-    if unique_for is not None:
-        if isinstance(unique_for, datetime.timedelta):
-            window = unique_for.total_seconds()
-        elif isinstance(unique_for, numbers.Real) and not isinstance(unique_for, bool):
-            window = float(unique_for)
-        else:
-            raise TypeError(f"unique_for must be seconds (a number or timedelta), got {unique_for!r:.80}")
-        if not 0 <= window < math.inf:
-            raise ValueError(f"unique_for must be a non-negative, finite number of seconds, got {unique_for!r}")
+    # The window is checked as a delay is (seconds or a timedelta, finite, not negative).
+    window = 0.0 if unique_for is None else _seconds(unique_for, "unique_for")
     return dataclasses.replace(timing or Timing(), unique_key=key, unique_for=window)
 
 
