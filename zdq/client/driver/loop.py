@@ -287,6 +287,12 @@ class DriverLoop:
         ledger, window = self._ledger, self._settings.window
         for b in list(ledger.pinned):
             link = self._links[b]
+            if link.state is LinkState.UNREACHABLE:  # it would never be sent: fails now, as that queue's tasks did
+                self._outcomes.fail_pinned(b, BrokerUnreachable(
+                    f"queue {self._queue_names[b]}, which owns this unique task's key, was placed again and this "
+                    f"process ({self.driver_name}) cannot reach it; the task was not queued"
+                ))
+                continue
             while link.state is LinkState.UP and link.unconfirmed < window:
                 rec = ledger.take_pinned(b)
                 if rec is None:
