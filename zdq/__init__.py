@@ -23,6 +23,7 @@ from zdq.errors import (
     StorageFull,
     SubmitTimeout,
     TaskLost,
+    DuplicateTask,
     TaskTimeout,
     ZdqError,
     ZdqTimeoutError,
@@ -84,5 +85,6 @@ __all__ = [
     "RemoteTaskError",
     "DeadLettered",
     "TaskLost",
+    "DuplicateTask",
     "BatchError",
 ]

@@ -30,6 +30,7 @@ __all__ = [
     "RemoteTaskError",
     "DeadLettered",
     "TaskLost",
+    "DuplicateTask",
     "TaskCancelled",
     "BatchError",
     "NoConsumers",
@@ -147,6 +148,17 @@ class DeadLettered(ZdqError):
 
 class TaskLost(ZdqError):
     """A task acknowledged early (at most once) whose consumer died before reporting its result."""
+
+
+class DuplicateTask(ZdqError):
+    """A unique task (``submit(..., unique_key=)``) whose key is still held by its ``unique_for=``
+    window after a task with it ended: nothing was queued. The message names the key and when it
+    is free again (``free_at``, wall-clock seconds)."""
+
+    def __init__(self, message: str, key: str = "", free_at: float = 0.0) -> None:
+        super().__init__(message)
+        self.key = key
+        self.free_at = free_at
 
 
 class TaskCancelled(ZdqError, concurrent.futures.CancelledError):

@@ -65,6 +65,8 @@ class BrokerStats(_Compact):
     consumer_names: tuple[str, ...] = ()
     delayed_chunks: int = 0  # stored, their release time not come yet (not counted as ready)
     delayed_tasks: int = 0
+    tasks_unique_duplicates: int = 0  # unique tasks not queued: their key was held (see BrokerCounters)
+    unique_keys: int = 0  # unique keys held now by queued or running tasks
     #: Chunks by round trip (DELIVER to DONE): a count per bound of ``ROUND_TRIP_BOUNDS``, then
     #: one above them; ``round_trip_sum`` is their total time in seconds.
     round_trips: tuple[int, ...] = field(default=(), repr=False)

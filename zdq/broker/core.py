@@ -54,6 +54,7 @@ from zdq.broker.peers import Peer, PeerTable
 from zdq.broker.questions import CancelQuestions
 from zdq.broker.routing import ResultRouting
 from zdq.broker.schedules import ScheduleTable
+from zdq.broker.unique import UniqueKeys, stored_unique
 from zdq.codec.schedules import SCHEDULED
 from zdq.storage.base import ChunkMeta, DeadLetter, Storage
 from zdq.transport import protocol as p
@@ -76,7 +77,7 @@ _DRIVER = p.Role.DRIVER
 class _Round:
     """What one round of the loop gathered, to handle together (a plain class: made every round)."""
 
-    __slots__ = ("cancels", "dones", "drivers_heard", "early_acks", "head", "now", "puts", "racks", "syncs")
+    __slots__ = ("cancels", "dones", "drivers_heard", "early_acks", "head", "now", "puts", "racks", "syncs", "unique")
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -88,6 +89,7 @@ class _Round:
         self.syncs: list[tuple[bytes, p.Sync]] = []
         self.drivers_heard: set[bytes] = set()
         self.early_acks = False
+        self.unique = False  # a PUT of the round carries a unique key
 
 
 class BrokerCore:
@@ -150,6 +152,10 @@ class BrokerCore:
         )
         self._chunks_out = Dispatch(self._leases, self._peer_table, self._send, self.counters, self._expire)
         self._routes = self._route_table()
+        # Unique keys (see zdq.broker.unique): made when a queue holds or receives a unique chunk.
+        self._unique: UniqueKeys | None = None
+        if any(True for _ in stored_unique(storage)):
+            self._unique = self._unique_keys()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -199,6 +205,7 @@ class BrokerCore:
                 consumer_names=tuple(consumers),
                 delayed_chunks=c.delayed_chunks,
                 delayed_tasks=c.delayed_tasks,
+                unique_keys=len(self._unique.holders) if self._unique is not None else 0,
                 **{**asdict(self.counters), "round_trips": tuple(self.counters.round_trips)},
             )
 
@@ -315,7 +322,7 @@ class BrokerCore:
                 self._bad(ident, e)
         now = work.now
         if work.puts:
-            self._store(work.puts)
+            self._store(work.puts, work.unique)
         if work.dones:
             self._finish(work.dones, now)
         questions = self._questions
@@ -358,6 +365,8 @@ class BrokerCore:
 
     def _on_put(self, ident: bytes, msg: p.Put, work: _Round) -> None:
         work.puts.append((ident, msg))
+        if msg.unique_key:  # the one test a plain PUT pays for unique tasks
+            work.unique = True
         peer = self._peers.get(ident)
         if peer is not None and peer.role is _DRIVER and not peer.gone:
             peer.last_seen = work.now  # a known driver: the common case, kept short
@@ -479,6 +488,8 @@ class BrokerCore:
         returned, lost = self._leases.expire(ident)
         for chunk_id, held in lost:  # acknowledged early: at most once, so it is not run again
             self._send(held.meta.owner, p.Lost(held.meta.seq, chunk_id))
+            if held.meta.unique_key and self._unique is not None:
+                self._unique.lost(chunk_id)
         if returned or lost:
             logger.info(
                 "broker %s: consumer %s left, %d leased chunks return to the queue",
@@ -497,7 +508,15 @@ class BrokerCore:
             raise
 
     # -- chunks in ------------------------------------------------------------------------------
-    def _store(self, puts: list[tuple[bytes, p.Put]]) -> None:
+    def _store(self, puts: list[tuple[bytes, p.Put]], unique: bool = False) -> None:
+        same_round: list[tuple[bytes, p.Put, int]] = []
+        if unique:  # some carry a unique key: those whose key is held are answered, not stored
+            keys = self._unique = self._unique or self._unique_keys()
+            n = len(puts)
+            puts, same_round = keys.admit(puts, time.time())
+            self.counters.tasks_unique_duplicates += n - len(puts) - len(same_round)
+            if not puts:
+                return
         # A Put's fields after its chunk are a ChunkMeta's after owner, seq and n_tasks, in order.
         entries = [(ChunkMeta(ident, put.seq, put.n_tasks, *put[3:]), put.chunk) for ident, put in puts]
         status, detail = p.Status.STORED, b""
@@ -516,7 +535,12 @@ class BrokerCore:
                 self._confirm_due = time.monotonic() + _CONFIRM_DELAY
             for (ident, put), chunk_id in zip(puts, ids):
                 self._confirms[(ident, put.seq)] = chunk_id
+            if unique:
+                self._unique.stored(puts, ids, same_round, time.time())  # type: ignore[union-attr]
+                self.counters.tasks_unique_duplicates += len(same_round)
         else:
+            if same_round:
+                self._unique.refused(same_round, status, detail)  # type: ignore[union-attr]
             for ident, put in puts:
                 self._send(ident, p.Confirm(put.seq, 0, status, detail))
 
@@ -555,6 +579,12 @@ class BrokerCore:
                 self._storage.commit(force=True)
                 continue
             routing.finished(chunk_id, held, now)
+            if held.meta.unique_key and self._unique is not None:  # its key is free; its followers get the results
+                self._unique.ended(chunk_id, held.consumer, held.results)
+
+    def _unique_keys(self) -> UniqueKeys:
+        keep_for = max(60.0, 4 * self._settings.heartbeat_timeout)  # as long as results wait for a silent driver
+        return UniqueKeys(stored_unique(self._storage), self._send, keep_for)
 
     def _confirmed(self, driver: bytes, seq: int) -> None:
         """RESULTS went to the chunk's driver: they confirm it, its CONFIRM need not go."""
@@ -581,6 +611,8 @@ class BrokerCore:
         # Results sent to a driver that has been silent since: send them again when it (or, if it
         # is gone, the creator) speaks. They were not deleted; the driver records each task once.
         self._routing.resend_unheard(deadline)
+        if self._unique is not None:
+            self._unique.housekeeping()
         for ident, peer in self._peers.items():
             if not peer.gone:
                 self._send(ident, p.Heartbeat())

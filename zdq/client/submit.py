@@ -36,6 +36,7 @@ from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
 from zdq.codec.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
 from zdq.codec.timing import Timing, timing_of
+from zdq.codec.unique import unique_timing
 
 __all__ = ["TaskDefaults", "Submitter", "SubmitMethods", "SubmitTarget", "check_worker_class", "insert_bar"]
 
@@ -187,9 +188,11 @@ class Submitter:
         delay: float | datetime.timedelta | None,
         eta: datetime.datetime | None,
         priority: int | None,
+        unique: tuple[Any, Any] | None = None,
     ) -> TaskFuture:
         """One call; ``options`` already merged. Futures among the arguments (see
-        :mod:`zdq.client.dependencies`) hold the call in this process until they are done."""
+        :mod:`zdq.client.dependencies`) hold the call in this process until they are done.
+        ``unique``: the call's ``(unique_key, unique_for)``, if either was given."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
         if may_hold(args, kwargs):  # one isinstance per argument on the plain path
@@ -198,14 +201,18 @@ class Submitter:
                 timeout_or_none(timeout)  # a bad one is refused now, not when the inputs are done
                 if delay is not None or eta is not None or priority is not None:
                     timing_of(delay, eta, priority)  # checked now too (a delay counts from the launch)
+                if unique is not None:
+                    unique_timing(None, *unique)
 
                 def launch(a: tuple[Any, ...], k: dict[str, Any]) -> TaskFuture:
-                    return self.call(driver, fn, a, k or None, options, timeout, delay, eta, priority)
+                    return self.call(driver, fn, a, k or None, options, timeout, delay, eta, priority, unique)
 
                 return hold(inputs, launch, args, kwargs)
         timeout = timeout_or_none(timeout)
         # Three identity tests when unused: the plain path builds nothing more per task.
         timing = None if delay is None and eta is None and priority is None else timing_of(delay, eta, priority)
+        if unique is not None:  # a unique task: a chunk of its own, for the queue that owns its key
+            timing = unique_timing(timing, *unique)
         task = dumps_task(call_task(fn, args, kwargs, options))
         if timing is None:
             return driver.submit_task(task, timeout=timeout)
@@ -379,6 +386,8 @@ class SubmitMethods:
         delay: float | datetime.timedelta | None = None,
         eta: datetime.datetime | None = None,
         priority: int | None = None,
+        unique_key: str | None = None,
+        unique_for: float | datetime.timedelta | None = None,
         **kwargs: Any,
     ) -> TaskFuture:
         """Queue ``fn(*args, **kwargs)``; return a future of its result.
@@ -406,6 +415,16 @@ class SubmitMethods:
         priority : int, optional
             Within its queue, a higher priority is served first; equal priorities are first in,
             first out (default 0). Chunks already with a consumer (its prefetch) run first.
+        unique_key : str, optional
+            While a task submitted with this key is queued or running in the pool (by any
+            producer), another submission with it queues nothing: its future settles with that
+            task's outcome (its ``key`` is still its own task id). Its key is free again when the
+            task ends. Keys go to one queue each; a durable queue keeps them across a restart.
+            1 to 1024 bytes in UTF-8.
+        unique_for : float or timedelta, optional
+            Also hold the key this long after the broker stored the task, even once it ended: a
+            submission with the key in that window after the task ended fails with
+            :class:`~zdq.errors.DuplicateTask` (naming when the key is free again).
 
         These keywords are zdq's own: to pass keyword arguments of those names to ``fn``,
         use :meth:`submit_call`.
@@ -422,7 +441,8 @@ class SubmitMethods:
             check_worker_class(worker_class)
         s = self._submitter
         options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
-        return s.call(self.driver, fn, args, kwargs, options, timeout, delay, eta, priority)
+        unique = None if unique_key is None and unique_for is None else (unique_key, unique_for)
+        return s.call(self.driver, fn, args, kwargs, options, timeout, delay, eta, priority, unique)
 
     def submit_call(
         self,
@@ -434,11 +454,15 @@ class SubmitMethods:
         delay: float | datetime.timedelta | None = None,
         eta: datetime.datetime | None = None,
         priority: int | None = None,
+        unique_key: str | None = None,
+        unique_for: float | datetime.timedelta | None = None,
         **options: Any,
     ) -> TaskFuture:
         """Like :meth:`submit` with explicit ``args``/``kwargs``; ``options`` as in :class:`TaskOptions`."""
         s = self._submitter
-        return s.call(self.driver, fn, args, kwargs, s.defaults.merge_all(**options), timeout, delay, eta, priority)
+        unique = None if unique_key is None and unique_for is None else (unique_key, unique_for)
+        options_ = s.defaults.merge_all(**options)
+        return s.call(self.driver, fn, args, kwargs, options_, timeout, delay, eta, priority, unique)
 
     async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
         """:meth:`submit` for coroutines: never blocks the event loop. A full submission window

@@ -28,6 +28,9 @@ _QUEUE_COUNTERS = {
     "zdq_tasks_dead_lettered": ("tasks_dead_lettered", "Tasks moved to the queue's dead letters."),
     "zdq_chunks_redelivered": ("chunks_redelivered", "Chunks leased again after their consumer was lost."),
     "zdq_bad_messages": ("bad_messages", "Malformed or forged messages the queue dropped."),
+    "zdq_tasks_unique_duplicates": (
+        "tasks_unique_duplicates", "Unique tasks not queued: their key was held (they got the holder's outcome)."
+    ),
 }
 #: Counters per pool, summed over its consumers (those gone too): metric name -> the pool's total.
 _POOL_COUNTERS = {
@@ -43,6 +46,7 @@ _QUEUE_GAUGES = {
     "zdq_queue_dead": ("dead_tasks", "Dead-lettered tasks kept in the queue."),
     "zdq_queue_awaiting": ("awaiting_tasks", "Tasks done whose results await the driver's receipt."),
     "zdq_queue_consumers": ("consumers", "Consumers connected to the queue."),
+    "zdq_queue_unique_keys": ("unique_keys", "Unique keys held by queued or running tasks (submit(unique_key=))."),
 }
 COUNTERS = (*_QUEUE_COUNTERS, *_POOL_COUNTERS)
 GAUGES = (*_QUEUE_GAUGES, "zdq_consumers_live")

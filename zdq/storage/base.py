@@ -454,6 +454,10 @@ class Storage(ABC):
         """The header of every stored chunk (ready, leased or dead)."""
         return self._meta.values()
 
+    def stored_metas(self) -> Iterable[tuple[int, ChunkMeta]]:
+        """``(chunk id, header)`` of every stored chunk (ready, leased or dead)."""
+        return self._meta.items()
+
     def has_ready(self) -> bool:
         return bool(self._ready)
 

@@ -20,7 +20,9 @@ PUT        driver→broker           seq, n_tasks, base task id[, not_before, pr
                                    chunk's tags: expiry time, rate limit (its bucket's key and
                                    tasks/s), unique key and how long it stays taken
 CONFIRM    broker→driver           seq, chunk id, status; once the chunk is stored (a stored chunk's
-                                   CONFIRM is held back a moment: RESULTS sent first confirm it)
+                                   CONFIRM is held back a moment: RESULTS sent first confirm it); a unique
+                                   chunk whose key is held is not stored: DUPLICATE names the chunk
+                                   holding it (its RESULTS follow), UNIQUE_HELD refuses it
 FETCH      consumer→broker         credit: how many more chunks the consumer accepts; 0 withdraws
                                    every credit it gave (a DELIVER already on its way may still come)
 READY      broker→consumer         chunks are ready here and this consumer holds no credit: ask if
@@ -143,6 +145,12 @@ class Status(enum.IntEnum):
     FULL = 1  # storage full: the chunk was not stored
     REFUSED = 2  # malformed or oversized: the chunk was not stored
     ERROR = 3  # any other storage failure: the chunk was not stored
+    #: A unique chunk whose key a chunk of this queue holds (queued or running): not stored; the
+    #: CONFIRM's chunk id is that chunk's, whose RESULTS (or LOST) this driver gets too.
+    DUPLICATE = 4
+    #: A unique chunk whose key is held by the ``unique_for`` window of a chunk that ended: not
+    #: stored; the detail is ``b"<free at, wall clock>"`` then a space and the reason.
+    UNIQUE_HELD = 5
 
 
 # Messages are named tuples: built and unpacked on every hop, they must be cheap to make.

@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -68,7 +69,7 @@ from zdq.codec.timing import Timing
 from .outcomes import Outcomes
 from .records import NO_CONSUMER, Loose, Record, settle
 
-__all__ = ["Ledger", "NO_CONSUMER", "first_task_id"]
+__all__ = ["Ledger", "NO_CONSUMER", "first_task_id", "queue_of_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,16 @@ def first_task_id() -> int:
         first = max((time.time_ns() // 1_000_000) << 20, _last_first_id + (1 << 20))
         _last_first_id = first
         return first
+
+
+def queue_of_key(key: bytes, n_queues: int) -> int:
+    """The queue a unique key's chunks go to: the same in every process of the pool (CRC-32, not
+    Python's salted ``hash``), so one broker owns each key.
+
+    >>> queue_of_key(b"user-42-report", 4) == queue_of_key(b"user-42-report", 4)
+    True
+    """
+    return zlib.crc32(key) % n_queues
 
 
 class Ledger:
@@ -140,6 +151,12 @@ class Ledger:
         # -- under cond --------------------------------------------------------------------------
         self.loose: list[Loose] = []
         self.queued: deque[Record] = deque()
+        #: Records of unique tasks, queued for the one broker that owns their key (by its index):
+        #: never sent to another. A deque is made when used and dropped when empty.
+        self.pinned: dict[int, deque[Record]] = {}
+        #: Seqs of records their broker confirmed as followers of another chunk holding their
+        #: unique key (CONFIRM DUPLICATE): their payload is kept, to follow again after a recovery.
+        self.following: set[int] = set()
         self.records: dict[int, Record] = {}
         self.buffered_chunks = 0  # queued + unconfirmed
         self.buffered_bytes = 0  # loose tasks + queued and unconfirmed payloads
@@ -239,7 +256,10 @@ class Ledger:
             rec.timing = timing
             self.next_seq += 1
             self.records[rec.seq] = rec
-            self.queued.append(rec)
+            if timing is not None and timing.unique_key:
+                self._line_up(rec, first=False)
+            else:
+                self.queued.append(rec)
             self.buffered_chunks += 1
             self.buffered_bytes += rec.nbytes
             self.submitted += n
@@ -379,11 +399,53 @@ class Ledger:
                 self._rewrite(rec)
             return rec
 
+    def take_pinned(self, broker: int) -> Record | None:
+        """The next unique task's chunk queued for ``broker`` (None if none waits), now sent to it."""
+        with self.cond:
+            line = self.pinned.get(broker)
+            if not line:
+                return None
+            rec = line.popleft()
+            if not line:
+                del self.pinned[broker]
+            rec.broker = broker
+            if rec.rewrite:
+                self._rewrite(rec)
+            return rec
+
     def put_back(self, rec: Record) -> None:
         """A chunk its broker could not take now: first in line again."""
         with self.cond:
             rec.broker = -1
-            self.queued.appendleft(rec)
+            self._line_up(rec)
+
+    def _line_up(self, rec: Record, first: bool = True) -> None:
+        """(``cond`` held.) Queue ``rec`` to be sent (first, or last): a unique task's for the
+        broker that owns its key, any other for any broker."""
+        timing = rec.timing
+        if timing is not None and timing.unique_key:
+            line = self.pinned.setdefault(queue_of_key(timing.unique_key, self.n_brokers), deque())
+        else:
+            line = self.queued
+        if first:
+            line.appendleft(rec)
+        else:
+            line.append(rec)
+
+    def unqueue(self, rec: Record) -> bool:
+        """(``cond`` held.) Take ``rec``, not sent, out of its line; False if it is in none."""
+        try:
+            self.queued.remove(rec)
+            return True
+        except ValueError:
+            pass
+        for broker, line in list(self.pinned.items()):
+            if rec in line:
+                line.remove(rec)
+                if not line:
+                    del self.pinned[broker]
+                return True
+        return False
 
     def _rewrite(self, rec: Record) -> None:
         """(``cond`` held.) Put placeholders in place of the record's cancelled tasks before it is
@@ -394,9 +456,10 @@ class Ledger:
         rec.payload, rec.nbytes, rec.rewrite = payload, len(payload), False
 
     # -- confirms and results (the I/O thread) ---------------------------------------------------
-    def confirm(self, seq: int, broker: int, stored: bool, chunk_id: int) -> Record:
+    def confirm(self, seq: int, broker: int, stored: bool, chunk_id: int, follows: bool = False) -> Record:
         """Broker ``broker`` confirmed chunk ``seq`` (``stored``, or refused it: the caller then
-        fails it with :meth:`fail_records`). Its room in the buffers is free."""
+        fails it with :meth:`fail_records`). Its room in the buffers is free. ``follows``: not
+        stored, it follows chunk ``chunk_id``, which holds its unique key (its results are ours)."""
         with self.cond:
             rec = self.records.get(seq)
             if rec is None or rec.confirmed or rec.broker != broker:
@@ -405,7 +468,10 @@ class Ledger:
             self.buffered_bytes -= rec.nbytes
             if stored:
                 rec.confirmed = True
-                rec.payload = None
+                if follows:  # kept to be sent again if the broker restarts (see follow_again)
+                    self.following.add(seq)
+                else:
+                    rec.payload = None
                 rec.chunk_id = chunk_id
                 if rec.remaining <= 0:  # every task of it was cancelled meanwhile
                     del self.records[seq]
@@ -423,7 +489,7 @@ class Ledger:
             again.sort(key=lambda r: r.seq, reverse=True)
             for rec in again:
                 rec.broker = -1
-                self.queued.appendleft(rec)
+                self._line_up(rec)
             self.cond.notify_all()
         return len(again)
 
@@ -455,9 +521,29 @@ class Ledger:
                 if rec.remaining <= 0:
                     del self.records[seq]
             for rec in sorted(again, key=lambda r: r.seq, reverse=True):
-                self.queued.appendleft(rec)
+                self._line_up(rec)
             self.cond.notify_all()
         return resolved, len(again)
+
+    def follow_again(self, broker: int, missing: set[int]) -> set[int]:
+        """The queue ``broker``, recovered, does not hold these chunks: those that followed a unique
+        task's chunk (never stored) go to it again, to follow the chunk it recovered (or to run,
+        if that one ended meanwhile). Return their seqs; the others were lost."""
+        again = set()
+        with self.cond:
+            for seq in missing & self.following:
+                rec = self.records.get(seq)
+                self.following.discard(seq)
+                if rec is None or rec.broker != broker or rec.payload is None:
+                    continue
+                rec.confirmed = False
+                rec.broker = -1
+                self.buffered_chunks += 1
+                self.buffered_bytes += rec.nbytes
+                self._line_up(rec)
+                again.add(seq)
+            self.cond.notify_all()
+        return again
 
     # -- what callers read -----------------------------------------------------------------------
     @property
@@ -470,7 +556,8 @@ class Ledger:
     def unsent(self) -> int:
         """Tasks submitted that no broker has been handed yet."""
         with self.cond:
-            return len(self.loose) + sum(r.remaining for r in self.queued)
+            pinned = sum(r.remaining for line in self.pinned.values() for r in line)
+            return len(self.loose) + sum(r.remaining for r in self.queued) + pinned
 
     def awaiting(self) -> list[int]:
         """Tasks awaiting results, by broker."""

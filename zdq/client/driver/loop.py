@@ -48,6 +48,7 @@ from zdq.errors import (
     BrokerLost,
     BrokerUnreachable,
     ClosedError,
+    DuplicateTask,
     ProtocolError,
     StorageFull,
     TaskLost,
@@ -55,6 +56,7 @@ from zdq.errors import (
 )
 from zdq.futures import CallbackRunner
 from zdq.codec.results import loads_results
+from zdq.codec.unique import parse_held
 from zdq.transport import protocol as p
 from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
 from zdq.transport.security import ClientKeys
@@ -227,6 +229,8 @@ class DriverLoop:
                 ledger.coalesce(n_brokers, self.consumers)
             if ledger.queued:
                 self._send_queued(socks)
+            if ledger.pinned:  # unique tasks, each for the broker that owns its key
+                self._send_pinned(socks)
             now = time.monotonic()
             wake_at = min(next_beat, rack_due)
             if self._requests.heard_waits:
@@ -272,21 +276,32 @@ class DriverLoop:
             if rec is None:  # cancelled meanwhile
                 links.unsent(b)
                 return
-            payload = rec.payload
-            assert payload is not None
-            timing = rec.timing
-            if timing is None:
-                put = p.Put(rec.seq, rec.n, payload, 0.0, 0, rec.base)
-            else:
-                t = timing
-                put = p.Put(
-                    rec.seq, rec.n, payload, t.not_before, t.priority, rec.base,
-                    t.expires, t.rate_key, t.rate, t.unique_key, t.unique_for,
-                )
-            if not try_send(socks[b], p.encode(put)):
+            if not try_send(socks[b], p.encode(_put_of(rec))):
                 links.unsent(b)  # the broker cannot take it now: first in line again
                 ledger.put_back(rec)
                 return
+
+    def _send_pinned(self, socks: list[zmq.Socket[Any]]) -> None:
+        """Send the unique tasks queued for each broker up with room in its window; those of a
+        broker down wait for it (a durable queue placed again holds their keys), never for another."""
+        ledger, window = self._ledger, self._settings.window
+        for b in list(ledger.pinned):
+            link = self._links[b]
+            if link.state is LinkState.UNREACHABLE:  # it would never be sent: fails now, as that queue's tasks did
+                self._outcomes.fail_pinned(b, BrokerUnreachable(
+                    f"queue {self._queue_names[b]}, which owns this unique task's key, was placed again and this "
+                    f"process ({self.driver_name}) cannot reach it; the task was not queued"
+                ))
+                continue
+            while link.state is LinkState.UP and link.unconfirmed < window:
+                rec = ledger.take_pinned(b)
+                if rec is None:
+                    break
+                link.unconfirmed += 1
+                if not try_send(socks[b], p.encode(_put_of(rec))):
+                    link.unconfirmed -= 1
+                    ledger.put_back(rec)
+                    break
 
     def _send_racks(self, socks: list[zmq.Socket[Any]]) -> None:
         """Tell each broker which chunks' results arrived: it may forget them now."""
@@ -353,15 +368,18 @@ class DriverLoop:
 
     def _on_confirm(self, link: Link, msg: p.Confirm) -> None:
         stored = msg.status is p.Status.STORED
-        rec = self._ledger.confirm(msg.seq, link.index, stored, msg.chunk_id)
+        follows = not stored and msg.status is p.Status.DUPLICATE  # a unique task's, held by another chunk
+        rec = self._ledger.confirm(msg.seq, link.index, stored or follows, msg.chunk_id, follows)
         link.unconfirmed -= 1
         link.confirmed_at = time.monotonic()
-        if not stored:
+        if not stored and not follows:
             detail = msg.detail.decode(errors="replace")
             name = self._queue_names[link.index]
             exc: ZdqError = (
                 StorageFull(f"queue {name} is full; the chunk was not stored: {detail}")
                 if msg.status is p.Status.FULL
+                else unique_held(rec, msg.detail, name)
+                if msg.status is p.Status.UNIQUE_HELD
                 else ZdqError(f"queue {name} refused a chunk ({msg.status.name}): {detail}")
             )
             self._outcomes.fail_records([rec], exc)
@@ -480,7 +498,7 @@ class DriverLoop:
                 f"{self._settings.connect_timeout:g} s; its tasks failed",
             )
         )
-        n = self._outcomes.fail_confirmed(link.index, exc)
+        n = self._outcomes.fail_confirmed(link.index, exc) + self._outcomes.fail_pinned(link.index, exc)
         logger.error("%s: %s (%d tasks failed)", self.driver_name, exc, n)
 
     def _describe_unreachable(self, bl: BrokerLinks, unheard: list[Link], subject: str) -> str:
@@ -490,6 +508,32 @@ class DriverLoop:
             [(self._queue_names[k.index], k.endpoint, k.worker, bl.why(k.index)) for k in unheard],
             CLIENT_OUTSIDE if every else OPEN_TO_CLIENT,
         )
+
+
+def _put_of(rec: Record) -> p.Put:
+    """The PUT of a record (its payload, its timing and tags when it has any)."""
+    payload = rec.payload
+    assert payload is not None
+    t = rec.timing
+    if t is None:
+        return p.Put(rec.seq, rec.n, payload, 0.0, 0, rec.base)
+    return p.Put(
+        rec.seq, rec.n, payload, t.not_before, t.priority, rec.base,
+        t.expires, t.rate_key, t.rate, t.unique_key, t.unique_for,
+    )
+
+
+def unique_held(rec: Record, detail: bytes, queue: str) -> DuplicateTask:
+    """The error of a unique task refused because its key's ``unique_for`` window is not over."""
+    free_at, why = parse_held(detail)
+    key = rec.timing.unique_key.decode(errors="replace") if rec.timing is not None else ""
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(free_at)) if free_at else "later"
+    return DuplicateTask(
+        f"task {rec.base} was not queued: {why} (queue {queue}); the key is free again at {when} "
+        f"(in {max(0.0, free_at - time.time()):.1f} s)",
+        key,
+        free_at,
+    )
 
 
 def wait_all(futures: list[Future[T]], timeout: float) -> tuple[list[T], int]:

@@ -105,7 +105,11 @@ class Outcomes:
                     base = rec.base
                 offset = base - rec.base
                 if not (0 <= offset and offset + n <= rec.n):  # checked before anything changes
-                    raise ProtocolError(f"results for tasks {base}..{base + n} are outside chunk {seq}")
+                    if not (rec.seq in self.ledger.following and n == rec.n):
+                        raise ProtocolError(f"results for tasks {base}..{base + n} are outside chunk {seq}")
+                    # A follower's: the results of the chunk holding its unique key, under its own ids.
+                    base, offset = rec.base, 0
+                    self.ledger.following.discard(rec.seq)
                 if not rec.confirmed and rec.broker == broker:
                     rec.confirmed = True
                     rec.payload = None
@@ -261,6 +265,7 @@ class Outcomes:
             loose, self.ledger.loose = self.ledger.loose, []
             records = list(self.ledger.records.values())
             self.ledger.queued.clear()
+            self.ledger.pinned.clear()
             self.ledger.buffered_chunks = 0
             self.ledger.buffered_bytes = 0
             self._fail_loose(loose)
@@ -274,12 +279,23 @@ class Outcomes:
             loose, self.ledger.loose = self.ledger.loose, []
             records = list(self.ledger.queued)
             self.ledger.queued.clear()
+            for line in self.ledger.pinned.values():
+                records.extend(line)
+            self.ledger.pinned.clear()
             self.ledger.buffered_chunks -= len(records)
             self.ledger.buffered_bytes -= sum(len(task) for _, task, _ in loose) + sum(rec.nbytes for rec in records)
             self._fail_loose(loose)
         for _, _, fut in loose:
             settle(fut, exc=exc)
         return len(loose) + self.fail_records(records, exc)
+
+    def fail_pinned(self, broker: int, exc: BaseException) -> int:
+        """Fail the unique tasks queued for ``broker`` alone (it cannot be reached). Return how many."""
+        with self.cond:
+            records = list(self.ledger.pinned.pop(broker, ()))
+            self.ledger.buffered_chunks -= len(records)
+            self.ledger.buffered_bytes -= sum(rec.nbytes for rec in records)
+        return self.fail_records(records, exc) if records else 0
 
     def fail_seq(self, seq: int, exc: BaseException) -> int:
         """Fail what chunk ``seq`` awaits (its consumer died after acknowledging it early)."""
@@ -351,11 +367,7 @@ class Outcomes:
         self._note_cancelled([rec.base + i for i in fresh])
         if rec.remaining <= 0:
             if rec.broker < 0 and rec.seq in self.ledger.records:
-                try:
-                    self.ledger.queued.remove(rec)
-                except ValueError:
-                    pass
-                else:
+                if self.ledger.unqueue(rec):
                     self.ledger.buffered_chunks -= 1
                     self.ledger.buffered_bytes -= rec.nbytes
                 del self.ledger.records[rec.seq]

@@ -142,9 +142,13 @@ class Books(Protocol):
     cond: threading.Condition
     loose: list[Loose]
     queued: deque[Record]
+    pinned: dict[int, deque[Record]]
+    following: set[int]
     records: dict[int, Record]
     buffered_chunks: int
     buffered_bytes: int
     closed_by: BaseException | None
     submitted: int
     packing: tuple[int, int] | None
+
+    def unqueue(self, rec: Record) -> bool: ...

@@ -223,6 +223,12 @@ class Requests:
         """The recovered queue does not hold these chunks: acknowledged early (at most once), their
         results never came, and they are not stored any more."""
         name = self._queue_names[broker]
+        followed = self._ledger.follow_again(broker, missing) if self._ledger.following else set()
+        if followed:  # unique tasks that followed another chunk: they go to the queue again
+            logger.info("%s: %d unique tasks follow their key's chunk in recovered queue %s again", self.driver_name, len(followed), name)
+            missing = missing - followed
+            if not missing:
+                return
         exc = TaskLost(
             f"queue {name} was lost while this task ran; it had been acknowledged on "
             "receipt (early_ack, at most once), so it was not kept to run again"
