@@ -29,6 +29,8 @@ def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_pat
     assert systems[0].startswith("dask futures") and systems[1].startswith("zdq") and "pipeline" in systems[2]
     assert "durable" in systems[3] and "without authentication" in systems[4]
     assert systems[5].startswith("zdq Executor.map") and report["cases"][5]["tasks"] == 5 * 5000  # --map-tasks' default
+    futures, dq_path = report["cases"][1], report["cases"][6]
+    assert "futures path" in futures["system"] and "daskqueue path" in dq_path["system"] and dq_path["tasks"] == 5000
     assert all(c["tasks_per_second"] > 0 for c in report["cases"])
     assert set(report["ratios"]) == {
         "no-op: zdq / dask futures",
@@ -36,21 +38,28 @@ def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_pat
         "no-op: durable / transient",
         "no-op: with auth / without auth",
         "map: zdq Executor.map / dask client.map",
+        "daskqueue_path_vs_futures",
     }
     assert all(r > 0 for r in report["ratios"].values())
+    path_ratio = dq_path["tasks_per_second"] / futures["tasks_per_second"]
+    assert abs(report["ratios"]["daskqueue_path_vs_futures"] - path_ratio) < 1e-9
     assert report["workers"] == 2
 
 
 @pytest.mark.cluster  # `zdq bench` starts an embedded LocalCluster
-def test_bench_latency_suite_reports_both_round_trips_and_their_same_run_ratio() -> None:
+def test_bench_latency_suite_reports_zdq_dask_and_the_floor_and_their_same_run_ratios() -> None:
     proc = _zdq("bench", "--suite", "latency", "--repeat", "2", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    zdq, dask = report["cases"]
-    assert zdq["system"].startswith("zdq") and dask["system"].startswith("dask futures")
-    assert len(zdq["extra"]["p50_ms_per_run"]) == 2 and 0 < zdq["extra"]["p50_ms"] <= zdq["extra"]["p99_ms"]
+    zdq, dask, floor = report["cases"]
+    assert zdq["system"].startswith("zdq") and dask["system"].startswith("dask futures") and "floor" in floor["system"]
+    for case in (zdq, floor):
+        assert len(case["extra"]["p50_ms_per_run"]) == 2 and 0 < case["extra"]["p50_ms"] <= case["extra"]["p99_ms"]
     per_run = [d / z for z, d in zip(zdq["extra"]["p50_ms_per_run"], dask["extra"]["p50_ms_per_run"])]
     assert abs(report["ratios"]["round trip p50: dask / zdq"] - sum(per_run) / 2) < 0.05
+    per_run = [z / f for z, f in zip(zdq["extra"]["p50_ms_per_run"], floor["extra"]["p50_ms_per_run"])]
+    assert abs(report["ratios"]["latency_p50_vs_floor"] - sum(per_run) / 2) < 0.05 * max(per_run)
+    assert report["ratios"]["latency_p99_vs_floor"] > 0
 
 
 @pytest.mark.cluster  # `zdq bench --suite scale` starts embedded LocalClusters

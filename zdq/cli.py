@@ -138,7 +138,9 @@ def _parser() -> argparse.ArgumentParser:
         "--relay", action="store_true", help="also run zdq through a relay (relay=True): no-op throughput and round trip"
     )
     bench.add_argument("--suite", choices=("quick", "latency", "asyncio", "timing", "full", "scale", "monitor"), default="quick",
-                       help="quick: no-op throughput, and Executor.map beside client.map; latency: the single-task round trip alone; "
+                       help="quick: no-op throughput (the futures path, and the daskqueue path: batch_submit, join, results), "
+                       "and Executor.map beside client.map; latency: the single-task round trip alone, beside its "
+                       "floor (bare ZeroMQ through a broker process); "
                        "asyncio: the event loop's lag while 1,000 tasks are awaited; "
                        "timing: delayed tasks' release lateness on an idle pool and the broker's memory "
                        "per delayed task (--delayed-tasks); "

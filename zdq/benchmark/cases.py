@@ -3,6 +3,9 @@
 Every case is timed end to end in the driver: from the first submission to the last result.
 Comparisons: Dask futures always (``client.map`` + ``gather``, beside zdq's batches and its
 ``Executor.map``; or ``submit().result()`` for latency), daskqueue 0.2.0 when it is installed, and a bare ZeroMQ pipeline as the ceiling.
+zdq's no-op throughput is taken on two paths: the futures path (``batch_submit(...).result()``)
+and the path daskqueue's users take (``batch_submit``, ``start``, ``join``, ``results``); its
+round trip is set beside a bare brokered ZeroMQ round trip, the floor.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import psutil
 from distributed import Client, LocalCluster
 
+from zdq.benchmark.floor import floor_round_trip
 from zdq.benchmark.pipeline import run_pipeline
 from zdq.benchmark.results import BenchConfig, CaseResult, percentiles
 from zdq.benchmark.tasks import noop, sleep_ms, spin
@@ -108,6 +112,52 @@ def executor_map(client: Client, config: BenchConfig) -> CaseResult:
     return result
 
 
+#: ``batch_submit``'s ``batch_size`` on the daskqueue path: the issue's (26) measured user's.
+_DASKQUEUE_SUBMIT_BATCH = 10_000
+_DASKQUEUE_WARM_UP = 1000
+
+
+def daskqueue_path(client: Client, config: BenchConfig) -> CaseResult:
+    """The path of a daskqueue user, on zdq: ``QueuePool(client, 1)``, ``ConsumerPool(client, qp,
+    n_consumers=2, batch_size=1000)`` (``--consumers``, ``--batch-size``), a prebuilt list of
+    ``(noop,)`` calls, ``batch_submit(calls, batch_size=10_000)``, ``start()``, ``join()``,
+    ``results()``; timed from the submission to the results in hand.
+
+    Unlike the futures path (:func:`zdq_noop`: ``--queues`` queues, ``keep_results=False``,
+    ``batch_submit(...).result()``), the pool keeps its results (the default) and ``join`` watches
+    the brokers' counters. Fresh pools for every run (``results()`` gives every result the
+    consumers ever produced: one pool would hand back a growing dict), each warmed up by 1,000
+    calls on the same path, as the other cases' pools are; so the timed ``results()`` holds those
+    1,000 too.
+    """
+    from zdq import ConsumerPool, QueuePool
+
+    n = config.tasks
+    calls = [(noop,) for _ in range(n)]  # one tuple each, as a user's: pickle's memo would fold a repeated one
+    result = CaseResult("no-op", "zdq daskqueue path (join, results)", n, extra={"queues": 1})
+    for _ in range(config.repeat):
+        with QueuePool(client, 1) as qp, ConsumerPool(
+            client, qp, n_consumers=config.consumers, batch_size=config.batch_size
+        ) as cp:
+            _daskqueue_run(qp, cp, [(noop,) for _ in range(_DASKQUEUE_WARM_UP)])
+            start = time.perf_counter()
+            got = _daskqueue_run(qp, cp, calls)
+            result.seconds.append(time.perf_counter() - start)
+        if got != n + _DASKQUEUE_WARM_UP:
+            raise RuntimeError(
+                f"the daskqueue path's results() holds {got} results, not {n} + {_DASKQUEUE_WARM_UP} of the warm-up"
+            )
+    return result
+
+
+def _daskqueue_run(qp: Any, cp: Any, calls: list[tuple[Any, ...]]) -> int:
+    """One pass of the daskqueue user's path; the count of results in hand."""
+    qp.batch_submit(calls, batch_size=_DASKQUEUE_SUBMIT_BATCH)
+    cp.start()
+    cp.join(timeout=max(120.0, len(calls) / 10_000))  # 10,000 tasks/s would be a broken zdq
+    return sum(len(values) for values in cp.results().values())
+
+
 def pipeline_noop(config: BenchConfig) -> CaseResult:
     n = config.tasks  # the same tasks as zdq's runs: a ceiling of the same work
     return CaseResult("no-op", "bare ZeroMQ pipeline (ceiling)", n, run_pipeline(n, config.batch_size, config.repeat))
@@ -144,23 +194,35 @@ def relay_round_trip(client: Client, config: BenchConfig) -> CaseResult:
     return _latency_result("zdq submit().result() through a relay", runs)
 
 
-def latency(client: Client, config: BenchConfig) -> tuple[CaseResult, CaseResult, float]:
-    """Single-task round trip, one at a time, ``config.repeat`` runs of zdq then Dask.
+def latency(client: Client, config: BenchConfig) -> tuple[list[CaseResult], dict[str, float]]:
+    """Single-task round trip, one at a time, ``config.repeat`` runs of zdq, Dask, then the floor
+    (:mod:`~zdq.benchmark.floor`: a bare round trip through a broker process, no pickling).
 
-    Each run takes 300 zdq and 100 Dask round trips and yields each side's p50 and p99; the case
-    reports the medians over runs, and the ratio is the median of the per-run ratios (each taken
-    from one run, on the same cluster, moments apart).
+    Each run takes 300 zdq, 100 Dask and 300 floor round trips and yields each side's p50 and p99;
+    the cases report the medians over runs, and each ratio is the median of the per-run ratios
+    (each taken from one run, on the same cluster, moments apart).
     """
     zdq_runs: list[tuple[float, float]] = []
     dask_runs: list[tuple[float, float]] = []
-    with _pools(client, config) as qp:
+    floor_runs: list[tuple[float, float]] = []
+    with _pools(client, config) as qp, floor_round_trip() as floor:
         qp.submit(noop, -1).result()
         client.submit(noop, -1, pure=False).result()
         for _ in range(config.repeat):
             zdq_runs.append(percentiles(_round_trips(lambda i: qp.submit(noop, i).result(), 300)))
             dask_runs.append(percentiles(_round_trips(lambda i: client.submit(noop, i, pure=False).result(), 100)))
-    ratio = statistics.median(d[0] / z[0] for z, d in zip(zdq_runs, dask_runs))
-    return _latency_result("zdq submit().result()", zdq_runs), _latency_result("dask futures submit().result()", dask_runs), ratio
+            floor_runs.append(percentiles(_round_trips(floor, 300)))
+    cases = [
+        _latency_result("zdq submit().result()", zdq_runs),
+        _latency_result("dask futures submit().result()", dask_runs),
+        _latency_result("bare ZeroMQ via a broker (floor)", floor_runs),
+    ]
+    ratios = {
+        "round trip p50: dask / zdq": statistics.median(d[0] / z[0] for z, d in zip(zdq_runs, dask_runs)),
+        "latency_p50_vs_floor": statistics.median(z[0] / f[0] for z, f in zip(zdq_runs, floor_runs)),
+        "latency_p99_vs_floor": statistics.median(z[1] / f[1] for z, f in zip(zdq_runs, floor_runs)),
+    }
+    return cases, ratios
 
 
 def _round_trips(call: Callable[[int], Any], n: int) -> list[float]:
@@ -276,9 +338,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
     with _client(config) as client:
         workers = len(client.scheduler_info(n_workers=-1)["workers"])
         if config.suite == "latency":
-            zl, dl, ratio = latency(client, config)
-            report = {"config": asdict(config), "workers": workers, "cases": [zl.as_dict(), dl.as_dict()]}
-            return report | {"ratios": {"round trip p50: dask / zdq": ratio}}
+            trips, trip_ratios = latency(client, config)
+            report = {"config": asdict(config), "workers": workers, "cases": [c.as_dict() for c in trips]}
+            return report | {"ratios": trip_ratios}
         if config.suite == "asyncio":
             lag = loop_lag(client, config)
             report = {"config": asdict(config), "workers": workers, "cases": [lag.as_dict()]}
@@ -288,7 +350,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
             report = {"config": asdict(config), "workers": workers, "cases": [c.as_dict() for c in timed]}
             return report | {"ratios": _timing_ratios(timed)}
         dask = dask_map(client, noop, list(range(config.n_dask)), config.repeat, "no-op")
-        zdq = zdq_noop(client, config, "zdq (CurveZMQ)")
+        zdq = zdq_noop(client, config, "zdq futures path (CurveZMQ)")
         ceiling = pipeline_noop(config)
         cases += [dask, zdq, ceiling]
         ratios["no-op: zdq / dask futures"] = zdq.rate / dask.rate
@@ -318,10 +380,13 @@ def run(config: BenchConfig) -> dict[str, Any]:
         mapped = executor_map(client, config)
         cases.append(mapped)
         ratios["map: zdq Executor.map / dask client.map"] = mapped.rate / dask.rate
+        dq_path = daskqueue_path(client, config)
+        cases.append(dq_path)
+        ratios["daskqueue_path_vs_futures"] = dq_path.rate / zdq.rate
         if full:
-            zl, dl, ratio = latency(client, config)
-            cases += [zl, dl]
-            ratios["round trip p50: dask / zdq"] = ratio
+            trips, trip_ratios = latency(client, config)
+            cases += trips
+            ratios |= trip_ratios
             zi, di = io_bound(client, config)
             cases += [zi, di]
             ratios["io 5ms: zdq time / ideal"] = zi.extra["over_ideal"]
