@@ -704,16 +704,16 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
             self._loop_submissions = asynchronous.LoopSubmissions(self.name)
         return self._loop_submissions
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         loop_submissions = self._on_loop_submissions()
         if loop_submissions is not None:
-            return loop_submissions.submit(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)
+            return loop_submissions.submit(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)  # type: ignore[arg-type]
         return SubmitMethods.submit(self, fn, *args, **kwargs)
 
-    async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
+    async def asubmit(self, fn: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> TaskFuture:
         loop_submissions = self._on_loop_submissions()
         if loop_submissions is not None:  # the future, queued in the order of the loop's submissions
-            future: TaskFuture = await loop_submissions.future(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)
+            future: TaskFuture = await loop_submissions.future(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)  # type: ignore[arg-type]
             return future
         return await SubmitMethods.asubmit(self, fn, *args, **kwargs)
 

@@ -189,7 +189,7 @@ class Submitter:
     def call(
         self,
         driver: Driver,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any] | None,
         options: TaskOptions | None,
@@ -380,7 +380,7 @@ class SubmitMethods:
 
     def submit(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         *args: Any,
         retries: int | None = None,
         retry_backoff: float | None = None,
@@ -454,7 +454,7 @@ class SubmitMethods:
 
     def submit_call(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
         *,
@@ -468,7 +468,7 @@ class SubmitMethods:
         s = self._submitter
         return s.call(self.driver, fn, args, kwargs, s.defaults.merge_all(**options), timeout, delay, eta, priority)
 
-    async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
+    async def asubmit(self, fn: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> TaskFuture:
         """:meth:`submit` for coroutines: never blocks the event loop. A full submission window
         is awaited on a helper thread instead of waited for on the loop; the returned future can
         be awaited (``await (await queue_pool.asubmit(f, x))``)."""
@@ -569,7 +569,7 @@ class SubmitMethods:
     @off_loop_when_async
     def map(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         *iterables: Iterable[Any],
         retries: int | None = None,
         retry_backoff: float | None = None,
@@ -618,7 +618,7 @@ class SubmitMethods:
         timing = timing_of(delay, eta, priority)
         s = self._submitter
         options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard)
-        call = functools.partial(fn, **kwargs) if kwargs else fn
+        call = functools.partial(fn, **kwargs) if kwargs and not isinstance(fn, str) else fn
         sized = all(hasattr(it, "__len__") for it in iterables)
         total = min((len(it) for it in iterables), default=0) if sized else None  # type: ignore[arg-type]
         calls = ((call, *args) for args in zip(*iterables))

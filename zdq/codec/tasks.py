@@ -160,12 +160,13 @@ class TaskOptions:
 
 # -- building ------------------------------------------------------------------------------------
 def call_task(
-    fn: Callable[..., Any],
+    fn: Callable[..., Any] | str,
     args: Sequence[Any] = (),
     kwargs: dict[str, Any] | None = None,
     options: TaskOptions | None = None,
 ) -> Task:
-    """The TASKS entry of ``fn(*args, **kwargs)``: its shortest layout (no empty kwargs)."""
+    """The TASKS entry of ``fn(*args, **kwargs)``: its shortest layout (no empty kwargs). ``fn``
+    may be a task name (:func:`check_task_name`)."""
     if options is not None:
         return (fn, tuple(args), kwargs or None, options)
     return (fn, tuple(args), kwargs) if kwargs else (fn, tuple(args))
@@ -181,10 +182,11 @@ def check_calls(calls: Sequence[Any], first: int = 0) -> None:
     ``fn`` is a callable or a task name (:func:`check_task_name`, which raises ``ValueError``);
     ``first`` is the position of ``calls[0]`` in what the user submitted."""
     for i, call in enumerate(calls):
-        if type(call) is not tuple or not call or not (callable(call[0]) or type(call[0]) is str):
+        if type(call) is not tuple or not call or not callable(call[0]):
+            if type(call) is tuple and call and type(call[0]) is str:  # only names pay for this
+                check_task_name(call[0], f"batch_submit item {first + i}: ")
+                continue
             raise TypeError(f"batch_submit item {first + i} must be a tuple (fn, *args), got {call!r:.80}")
-        if type(call[0]) is str:  # only names pay for the check
-            check_task_name(call[0], f"batch_submit item {first + i}: ")
 
 
 #: A task name: ``package.module:function`` or ``package.module:Class.method``.
@@ -435,7 +437,7 @@ def resolve_task_name(name: str) -> Callable[..., Any]:
             ) from e
     if not callable(target):
         raise ImportError(f"task {name!r}: {attribute!r} of module {module_name!r} is not callable", name=module_name)
-    return target  # type: ignore[no-any-return]
+    return target
 
 
 def _resolve(name: str, where: str) -> Callable[..., Any]:

@@ -29,7 +29,8 @@ import time
 import traceback
 from typing import Any
 
-_HEADER = 8
+#: Bytes of a frame's length (big-endian), before its pickle; the parent's too.
+HEADER = 8
 #: How often the watchdog looks for the parent process.
 _WATCH_INTERVAL = 0.5
 
@@ -46,12 +47,13 @@ def _read_exact(fd: int, n: int) -> bytes | None:
 
 
 def _read_frame(fd: int) -> bytes | None:
-    header = _read_exact(fd, _HEADER)
+    header = _read_exact(fd, HEADER)
     return None if header is None else _read_exact(fd, int.from_bytes(header, "big"))
 
 
-def _write_frame(fd: int, data: bytes) -> None:
-    view = memoryview(len(data).to_bytes(_HEADER, "big") + data)
+def write_frame(fd: int, data: bytes) -> None:
+    """Write one frame (blocking); the parent writes its frames with it too."""
+    view = memoryview(len(data).to_bytes(HEADER, "big") + data)
     while view:
         view = view[os.write(fd, view) :]
 
@@ -70,7 +72,7 @@ def _answer(dumps: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] |
         reply = (False, e, "".join(traceback.format_exception(type(e), e, e.__traceback__)))
         e.__traceback__ = None
     try:
-        return dumps(reply, protocol=5)  # type: ignore[no-any-return]
+        return dumps(reply, protocol=5)
     except Exception as e:  # noqa: BLE001 - the value or the exception does not pickle
         what = "exception" if reply[0] is False else "value"
         error = reply[1] if reply[0] is False else e
@@ -89,7 +91,7 @@ def main(argv: list[str]) -> int:
     sys.path[:] = pickle.loads(path)
     import cloudpickle  # after sys.path: the worker's own copy
 
-    _write_frame(write_fd, b"ready")
+    write_frame(write_fd, b"ready")
     while True:
         frame = _read_frame(read_fd)
         if frame is None:
@@ -104,7 +106,7 @@ def main(argv: list[str]) -> int:
             )
         else:
             answer = _answer(cloudpickle.dumps, fn, args, kwargs)
-        _write_frame(write_fd, answer)
+        write_frame(write_fd, answer)
 
 
 if __name__ == "__main__":

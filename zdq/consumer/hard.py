@@ -39,6 +39,7 @@ from typing import Any
 import cloudpickle
 
 from zdq.codec.results import PROTOCOL
+from zdq.consumer.child import HEADER, write_frame
 from zdq.errors import RemoteTaskError, SerializationError, TaskProcessDied, TaskTimeout
 
 __all__ = ["Child", "Children"]
@@ -46,7 +47,6 @@ __all__ = ["Child", "Children"]
 logger = logging.getLogger(__name__)
 
 _CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
-_HEADER = 8
 #: How long a new child may take to start (Python and cloudpickle), on a loaded machine.
 _START_TIMEOUT = 60.0
 #: How long a killed child may take to be reaped.
@@ -152,16 +152,14 @@ class Child:
         return f"its child process {self.pid} exited with status {code}"
 
     def _send(self, data: bytes) -> None:
-        view = memoryview(len(data).to_bytes(_HEADER, "big") + data)
         try:
-            while view:
-                view = view[os.write(self._to_child, view) :]
+            write_frame(self._to_child, data)
         except OSError as e:  # BrokenPipeError: it died between two tasks
             raise TaskProcessDied(f"the task could not be sent: {self._death()} ({e})") from e
 
     def _receive(self, deadline: float) -> bytes | None:
         """One frame from the child, or ``None`` at ``deadline`` or when its pipe closes."""
-        header = self._read(_HEADER, deadline)
+        header = self._read(HEADER, deadline)
         return None if header is None else self._read(int.from_bytes(header, "big"), deadline)
 
     def _read(self, n: int, deadline: float) -> bytes | None:
