@@ -26,7 +26,7 @@ from zdq.errors import BatchError, TaskProcessDied
 
 from .conftest import wait_until
 from .hard_tasks import allocate_and_sleep, exit_now, pid_and_parent, write_pid_and_sleep
-from .tasks import add, sleep
+from .tasks import add, blob, sleep
 
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "5s"}
 
@@ -93,6 +93,9 @@ def test_a_hard_limited_task_is_killed_at_its_limit_and_its_consumer_runs_the_ne
     new_pid, parent = queue_pool.submit(pid_and_parent, time_limit=30, hard=True).result(timeout=60)
     assert parent == worker_pid and new_pid != killed
     assert queue_pool.submit(pid_and_parent, time_limit=30, hard=True).result(timeout=60)[0] == new_pid  # warm
+    # Arguments and values larger than a pipe's buffer go through whole.
+    assert queue_pool.submit(len, b"x" * 3_000_000, time_limit=30, hard=True).result(timeout=60) == 3_000_000
+    assert len(queue_pool.submit(blob, 2_000_000, time_limit=30, hard=True).result(timeout=60)) == 2_000_000
 
 
 @pytest.mark.faults

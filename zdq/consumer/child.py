@@ -29,7 +29,7 @@ import time
 import traceback
 from typing import Any
 
-#: Bytes of a frame's length (big-endian), before its pickle; the parent's too.
+#: Bytes of a frame's length (big-endian), before its pickle (the parent's HEADER too).
 HEADER = 8
 #: How often the watchdog looks for the parent process.
 _WATCH_INTERVAL = 0.5
@@ -52,7 +52,6 @@ def _read_frame(fd: int) -> bytes | None:
 
 
 def write_frame(fd: int, data: bytes) -> None:
-    """Write one frame (blocking); the parent writes its frames with it too."""
     view = memoryview(len(data).to_bytes(HEADER, "big") + data)
     while view:
         view = view[os.write(fd, view) :]

@@ -39,7 +39,7 @@ from typing import Any
 import cloudpickle
 
 from zdq.codec.results import PROTOCOL
-from zdq.consumer.child import HEADER, write_frame
+from zdq.consumer.child import HEADER
 from zdq.errors import RemoteTaskError, SerializationError, TaskProcessDied, TaskTimeout
 
 __all__ = ["Child", "Children"]
@@ -76,11 +76,15 @@ class Child:
             os.close(from_child_w)
         self.pid = self.process.pid
         self.killed = False
+        os.set_blocking(self._to_child, False)  # writes wait in poll, bounded (see _send)
 
     def start(self) -> None:
         """Hand the child this process's ``sys.path`` and wait until it is ready."""
-        self._send(pickle.dumps(list(sys.path), protocol=PROTOCOL))
-        answer = self._receive(time.monotonic() + _START_TIMEOUT)
+        deadline = time.monotonic() + _START_TIMEOUT
+        if not self._send(pickle.dumps(list(sys.path), protocol=PROTOCOL), deadline):
+            self.kill()
+            raise TaskProcessDied(f"a child process for tasks with a hard time limit did not start within {_START_TIMEOUT:g}s")
+        answer = self._receive(deadline)
         if answer != b"ready":
             why = self._death() if answer is None else f"it answered {answer[:40]!r}"
             raise TaskProcessDied(f"a child process for tasks with a hard time limit did not start: {why}")
@@ -97,9 +101,11 @@ class Child:
             raise SerializationError(
                 f"task {tid} has a hard time limit, so it runs in a child process, and it cannot be pickled to go there: {e}"
             ) from e
-        self._send(payload)
+        # The limit counts from the first byte sent: arguments that do not fit in the pipe go in
+        # as the child reads them, and a child that reads nothing is past its limit too.
         deadline = time.monotonic() + limit
-        answer = self._receive(deadline)
+        sent = self._send(payload, deadline)
+        answer = self._receive(deadline) if sent else None
         if answer is None:
             if time.monotonic() >= deadline and self.process.poll() is None:  # still running: past its limit
                 self.kill()
@@ -151,11 +157,20 @@ class Child:
             return f"its child process {self.pid} was killed by {name}"
         return f"its child process {self.pid} exited with status {code}"
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, deadline: float) -> bool:
+        """Write one frame to the child; ``False`` at ``deadline`` (a child that does not read)."""
+        view = memoryview(len(data).to_bytes(HEADER, "big") + data)
+        poller = select.poll()
+        poller.register(self._to_child, select.POLLOUT)
         try:
-            write_frame(self._to_child, data)
+            while view:
+                left = deadline - time.monotonic()
+                if left <= 0 or not poller.poll(None if left == math.inf else left * 1000):
+                    return False
+                view = view[os.write(self._to_child, view) :]
         except OSError as e:  # BrokenPipeError: it died between two tasks
             raise TaskProcessDied(f"the task could not be sent: {self._death()} ({e})") from e
+        return True
 
     def _receive(self, deadline: float) -> bytes | None:
         """One frame from the child, or ``None`` at ``deadline`` or when its pipe closes."""
@@ -217,8 +232,12 @@ class Children:
         with self._lock:
             if self._closed:
                 raise TaskProcessDied(f"consumer {self._name} is stopping: no child process runs tasks any more")
-            if self._idle:
-                return self._idle.pop()
+            while self._idle:
+                child = self._idle.pop()
+                if child.process.poll() is None:
+                    return child
+                self._all.discard(child)  # it died while idle (the OOM killer, a signal): not this task's fault
+                child.kill()  # reaped already: closes its pipes
         child = Child()
         with self._lock:
             self._all.add(child)
