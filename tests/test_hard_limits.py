@@ -125,6 +125,7 @@ def test_a_consumer_pools_hard_limit_kills_every_task_without_its_own(pools: Any
     assert isinstance(info.value.errors[0], TaskTimeout) and info.value.values[1] == 3
     assert not _exists(_killed_pid(info.value.errors[0]))
     assert queue_pool.submit(sleep, 0.1).result(timeout=30) == 0.1
+    assert queue_pool.put((add, 2, 3)).result(timeout=30) == 5  # a raw item: process_item in the child
 
 
 @pytest.mark.faults

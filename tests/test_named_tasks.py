@@ -38,6 +38,13 @@ def test_a_task_by_name_runs_on_a_consumer_that_imports_it(queue_pool: QueuePool
     assert MODULE not in sys.modules  # the producer never needed the code
 
 
+def test_a_task_by_name_runs_on_the_task_threads_of_a_concurrent_consumer(client: Client) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1, max_concurrency=2, start=True):
+        assert queue_pool.submit(f"{MODULE}:double", 21).result(timeout=30) == 42
+        assert queue_pool.batch_submit([(f"{MODULE}:double", i) for i in range(4)]).result(timeout=30) == [0, 2, 4, 6]
+        assert isinstance(queue_pool.submit(f"{MODULE}:nope", 1).exception(timeout=30), ImportError)
+
+
 @pytest.mark.faults
 @pytest.mark.parametrize(
     ("name", "said"),

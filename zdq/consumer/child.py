@@ -8,12 +8,14 @@ unpickled, and stay imported for the tasks after it.
 
 The pipes carry frames: an 8-byte big-endian length, then a pickle. The first frame from the
 parent is its ``sys.path`` (so that the child imports what the worker imports); the child answers
-``b"ready"``. Then each frame is a call ``(fn, args, kwargs)``, and each answer one of
+``b"ready"``. Then each frame is a call ``(fn, args, kwargs)``. Once it is unpickled (which
+imports the task's modules: seconds, for some) the child says :data:`STARTED` (an empty frame),
+the moment from which the parent counts the task's time limit, and then answers one of
 
 - ``(True, value)``;
 - ``(False, exception, traceback_text)``;
 - ``(False, None, type_name, message, traceback_text)`` when the exception or the value does not
-  pickle.
+  pickle, or when the call does not unpickle (then without :data:`STARTED` before it).
 
 The child owns nothing but itself: it ends when its parent closes the pipe, and a watchdog thread
 ends it when its parent process is gone (a worker killed with SIGKILL never closes anything).
@@ -31,6 +33,8 @@ from typing import Any
 
 #: Bytes of a frame's length (big-endian), before its pickle (the parent's HEADER too).
 HEADER = 8
+#: The frame that says a call was unpickled and starts now.
+STARTED = b""
 #: How often the watchdog looks for the parent process.
 _WATCH_INTERVAL = 0.5
 
@@ -104,6 +108,7 @@ def main(argv: list[str]) -> int:
                 (False, None, f"{kind.__module__}.{kind.__qualname__}", f"the task does not unpickle in its process: {e}", text)
             )
         else:
+            write_frame(write_fd, STARTED)  # the task's time limit counts from here
             answer = _answer(cloudpickle.dumps, fn, args, kwargs)
         write_frame(write_fd, answer)
 

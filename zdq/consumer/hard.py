@@ -39,7 +39,7 @@ from typing import Any
 import cloudpickle
 
 from zdq.codec.results import PROTOCOL
-from zdq.consumer.child import HEADER
+from zdq.consumer.child import HEADER, STARTED
 from zdq.errors import RemoteTaskError, SerializationError, TaskProcessDied, TaskTimeout
 
 __all__ = ["Child", "Children"]
@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 _CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
 #: How long a new child may take to start (Python and cloudpickle), on a loaded machine.
 _START_TIMEOUT = 60.0
+#: How long a call may take to reach a child and unpickle there (importing the task's modules),
+#: before its time limit starts.
+_LOAD_TIMEOUT = 60.0
 #: How long a killed child may take to be reaped.
 _REAP_TIMEOUT = 10.0
 
@@ -92,8 +95,9 @@ class Child:
     def call(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None, limit: float, tid: int) -> Any:
         """Run ``fn(*args, **kwargs)`` in the child; return its value or raise its error.
 
-        Raises :class:`TaskTimeout` after killing the child at ``limit`` seconds, and
-        :class:`TaskProcessDied` if it died before answering.
+        Raises :class:`TaskTimeout` after killing the child at ``limit`` seconds (counted from the
+        moment the call is unpickled there), and :class:`TaskProcessDied` if it died before
+        answering.
         """
         try:
             payload = cloudpickle.dumps((fn, args, kwargs), protocol=PROTOCOL)
@@ -101,17 +105,25 @@ class Child:
             raise SerializationError(
                 f"task {tid} has a hard time limit, so it runs in a child process, and it cannot be pickled to go there: {e}"
             ) from e
-        # The limit counts from the first byte sent: arguments that do not fit in the pipe go in
-        # as the child reads them, and a child that reads nothing is past its limit too.
-        deadline = time.monotonic() + limit
-        sent = self._send(payload, deadline)
-        answer = self._receive(deadline) if sent else None
-        if answer is None:
-            if time.monotonic() >= deadline and self.process.poll() is None:  # still running: past its limit
-                self.kill()
+        # The limit counts once the call is unpickled in the child: the first task of a new child
+        # may import modules for seconds, which a task in the worker's own threads never pays.
+        loaded_by = time.monotonic() + _LOAD_TIMEOUT
+        answer = self._receive(loaded_by) if self._send(payload, loaded_by) else None
+        if answer == STARTED:
+            deadline = time.monotonic() + limit
+            answer = self._receive(deadline)
+            if answer is None and time.monotonic() >= deadline and self.process.poll() is None:
+                self.kill()  # still running: past its limit
                 raise TaskTimeout(
                     f"task {tid} was killed after {limit:g}s, its hard time limit, in process {self.pid} (SIGKILL)"
                 )
+        elif answer is None and time.monotonic() >= loaded_by and self.process.poll() is None:
+            self.kill()
+            raise TaskTimeout(
+                f"task {tid} was killed in process {self.pid}: its function and arguments did not unpickle "
+                f"there within {_LOAD_TIMEOUT:g}s (an import that hangs?)"
+            )
+        if answer is None:
             raise TaskProcessDied(f"task {tid} did not finish: {self._death()}")
         reply = pickle.loads(answer)
         if reply[0] is True:
