@@ -227,11 +227,6 @@ class Children:
         finally:
             self._give_back(child)
 
-    def pids(self) -> list[int]:
-        """The pids of the children alive (for statistics and tests)."""
-        with self._lock:
-            return [c.pid for c in self._all]
-
     def close(self) -> None:
         """Kill and reap every child, idle or busy. Idempotent."""
         with self._lock:
