@@ -27,6 +27,7 @@ __all__ = [
     "ZdqTimeoutError",
     "SubmitTimeout",
     "TaskTimeout",
+    "TaskProcessDied",
     "RemoteTaskError",
     "DeadLettered",
     "TaskLost",
@@ -123,6 +124,12 @@ class SubmitTimeout(ZdqTimeoutError):
 
 class TaskTimeout(ZdqTimeoutError):
     """A task ran longer than its time limit."""
+
+
+class TaskProcessDied(ZdqError):
+    """The child process that ran a task under a hard time limit (``hard=True``) died before it
+    answered: on its own (a crash, ``os._exit``, the kernel's OOM killer), or because its consumer
+    stopped. The message names the process and how it ended."""
 
 
 class RemoteTaskError(ZdqError):

@@ -126,7 +126,7 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
     keep_results : bool
         Keep every result for :meth:`ConsumerPool.results` (the daskqueue behaviour). Turn it off
         for huge runs that read results from futures only, so driver memory stays flat.
-    retries, retry_backoff, retry_on, time_limit
+    retries, retry_backoff, retry_on, time_limit, hard
         Default task options (see :meth:`submit`).
     workers : list of str, optional
         Addresses or names of the workers to place brokers on (default: all workers).
@@ -175,6 +175,7 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         retry_backoff: float = 0.1,
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         time_limit: float | str | None = None,
+        hard: bool = False,
         workers: Sequence[str] | None = None,
         resources: Mapping[str, float] | None = None,
         auth: bool | None = None,
@@ -207,6 +208,7 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
             retry_backoff=retry_backoff,
             retry_on=tuple(retry_on) if isinstance(retry_on, (tuple, list)) else retry_on,
             time_limit=seconds_or_none(time_limit, "time_limit"),
+            hard=hard,
         )
         self._submitter = Submitter(TaskDefaults(self.default_options))
         #: Each queue's name (see :func:`zdq.names.queue_name`): the keys of get_queue_size().
@@ -702,16 +704,16 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
             self._loop_submissions = asynchronous.LoopSubmissions(self.name)
         return self._loop_submissions
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         loop_submissions = self._on_loop_submissions()
         if loop_submissions is not None:
-            return loop_submissions.submit(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)
+            return loop_submissions.submit(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)  # type: ignore[arg-type]
         return SubmitMethods.submit(self, fn, *args, **kwargs)
 
-    async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
+    async def asubmit(self, fn: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> TaskFuture:
         loop_submissions = self._on_loop_submissions()
         if loop_submissions is not None:  # the future, queued in the order of the loop's submissions
-            future: TaskFuture = await loop_submissions.future(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)
+            future: TaskFuture = await loop_submissions.future(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)  # type: ignore[arg-type]
             return future
         return await SubmitMethods.asubmit(self, fn, *args, **kwargs)
 

@@ -34,7 +34,7 @@ from zdq.client.driver import Driver
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
-from zdq.codec.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
+from zdq.codec.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, check_task_name, dumps_task, item_task
 from zdq.codec.timing import Timing, timing_of
 from zdq.codec.unique import unique_timing
 
@@ -81,19 +81,28 @@ class TaskDefaults:
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         time_limit: float | str | None = None,
+        hard: bool | None = None,
     ) -> TaskOptions | None:
         """Task options from a call's keywords (``None``: not given) over the defaults; ``None``
-        when they are all the default ones. Four identity tests on the plain path (and no
+        when they are all the default ones. Five identity tests on the plain path (and no
         ``**kwargs``: a dict per call would be made for nothing)."""
-        if retries is None and retry_backoff is None and retry_on is None and time_limit is None:
+        if retries is None and retry_backoff is None and retry_on is None and time_limit is None and hard is None:
             return self._plain
-        given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
+        given = {
+            "retries": retries,
+            "retry_backoff": retry_backoff,
+            "retry_on": retry_on,
+            "time_limit": time_limit,
+            "hard": hard,
+        }
         return self.merge_all(**{k: v for k, v in given.items() if v is not None})
 
     def merge_all(self, **given: Any) -> TaskOptions | None:
         """:meth:`merge` for any :class:`TaskOptions` field given by name (``submit_call``'s
         ``**options``). ``None`` is "not given", except ``time_limit=None`` named explicitly,
-        which lifts the pool's default time limit for these tasks (as it always did)."""
+        which lifts the pool's default time limit for these tasks (as it always did), and its
+        ``hard`` with it. ``hard=True`` without a time limit here or in the defaults raises
+        ``ValueError``."""
         lift_limit = "time_limit" in given and given["time_limit"] is None
         given = {k: v for k, v in given.items() if v is not None}
         if not given and not lift_limit:
@@ -111,6 +120,7 @@ class TaskDefaults:
             "time_limit": (
                 None if lift_limit else d.time_limit if time_limit is None else seconds_or_none(time_limit, "time_limit")
             ),
+            "hard": False if lift_limit else d.hard,
         }
         fields.update(given)
         if isinstance(fields["retry_on"], type):
@@ -180,7 +190,7 @@ class Submitter:
     def call(
         self,
         driver: Driver,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any] | None,
         options: TaskOptions | None,
@@ -194,7 +204,9 @@ class Submitter:
         :mod:`zdq.client.dependencies`) hold the call in this process until they are done.
         ``unique``: the call's ``(unique_key, unique_for)``, if either was given."""
         if not callable(fn):
-            raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
+            if type(fn) is not str:
+                raise TypeError(f"submit() needs a callable or a task name 'package.module:function', got {fn!r:.80}")
+            check_task_name(fn)  # imported by the consumer that runs it
         if may_hold(args, kwargs):  # one isinstance per argument on the plain path
             inputs = find_futures(args, kwargs)
             if inputs:
@@ -375,12 +387,13 @@ class SubmitMethods:
 
     def submit(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         *args: Any,
         retries: int | None = None,
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         time_limit: float | str | None = None,
+        hard: bool | None = None,
         timeout: float | None = None,
         worker_class: type | None = None,
         delay: float | datetime.timedelta | None = None,
@@ -394,13 +407,28 @@ class SubmitMethods:
 
         Parameters
         ----------
+        fn : callable or str
+            The function, or its name ``"package.module:function"`` (or
+            ``"package.module:Class.method"``; Celery's ``send_task``): this process then needs
+            neither the code nor its module, the consumer imports it. A name of another form
+            raises ``ValueError`` here; one the consumer cannot import fails the task's future with
+            ``ImportError`` naming the module, the attribute and the worker.
         retries : int, optional
             Extra attempts after a failure (exponential backoff with jitter, starting at
             ``retry_backoff`` seconds); after the last one the task is dead-lettered.
         retry_on : exception type or tuple of them, optional
             Only these are retried (default: any ``Exception``).
         time_limit : float, optional
-            Time limit of one attempt: an attempt running longer fails with ``TaskTimeout``.
+            Time limit of one attempt: an attempt running longer fails with ``TaskTimeout``. The
+            attempt itself goes on, abandoned on its thread (Python cannot kill a thread), unless
+            ``hard``.
+        hard : bool, optional
+            Run each attempt in a child process of the consumer, killed (SIGKILL) at
+            ``time_limit``: the future fails with ``TaskTimeout`` saying so, the process's memory
+            is freed, the consumer goes on. Needs a ``time_limit`` (or the pool's), else
+            ``ValueError``. The function, arguments and value must pickle; a child process that
+            dies on its own fails the task with ``TaskProcessDied``. It costs a round trip between
+            processes per task (see the README).
         timeout : float, optional
             How long this call may block while the driver's buffers are full (a stalled or lost
             broker); past it, :class:`~zdq.errors.SubmitTimeout` and nothing is queued.
@@ -440,13 +468,13 @@ class SubmitMethods:
         if worker_class is not None:
             check_worker_class(worker_class)
         s = self._submitter
-        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
+        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard)
         unique = None if unique_key is None and unique_for is None else (unique_key, unique_for)
         return s.call(self.driver, fn, args, kwargs, options, timeout, delay, eta, priority, unique)
 
     def submit_call(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
         *,
@@ -464,7 +492,7 @@ class SubmitMethods:
         options_ = s.defaults.merge_all(**options)
         return s.call(self.driver, fn, args, kwargs, options_, timeout, delay, eta, priority, unique)
 
-    async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
+    async def asubmit(self, fn: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> TaskFuture:
         """:meth:`submit` for coroutines: never blocks the event loop. A full submission window
         is awaited on a helper thread instead of waited for on the loop; the returned future can
         be awaited (``await (await queue_pool.asubmit(f, x))``)."""
@@ -495,6 +523,7 @@ class SubmitMethods:
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         time_limit: float | str | None = None,
+        hard: bool | None = None,
         worker_class: type | None = None,
         sync_mode: bool = True,
         delay: float | datetime.timedelta | None = None,
@@ -502,12 +531,13 @@ class SubmitMethods:
         priority: int | None = None,
     ) -> BatchFuture:
         """Queue many calls ``(fn, *args)`` at once; return one future of all their results.
+        ``fn`` may be a task name, as in :meth:`submit`.
 
         The calls are pickled into chunks of at most ``batch_size`` (and ``chunk-size``) tasks
         before anything is sent: if one of them cannot be pickled, :class:`SerializationError`
         names it and nothing of the batch is queued. ``timeout`` bounds how long this call may
         block on a full submission window (``time_limit`` is the tasks' own time limit);
-        ``retries``, ``retry_backoff`` and ``retry_on`` are as in :meth:`submit`. ``worker_class``
+        ``retries``, ``retry_backoff``, ``retry_on`` and ``hard`` are as in :meth:`submit`. ``worker_class``
         and ``sync_mode`` are daskqueue's (the first is checked as in :meth:`submit`, the second
         has no effect: a batch is always sent from this process). ``delay``, ``eta`` and
         ``priority`` are as in :meth:`submit`, for every call of the batch (one release time).
@@ -515,7 +545,7 @@ class SubmitMethods:
         check_worker_class(worker_class)
         timing = timing_of(delay, eta, priority)
         s = self._submitter
-        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
+        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard)
         return s.calls(self, list_calls, options, batch_size, timeout, timing)
 
     @off_loop_when_async
@@ -534,6 +564,7 @@ class SubmitMethods:
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         time_limit: float | str | None = None,
+        hard: bool | None = None,
         total: int | None = None,
         progress: bool = False,
         delay: float | datetime.timedelta | None = None,
@@ -556,18 +587,19 @@ class SubmitMethods:
         self.driver  # a pool that is not started or is closed raises ClosedError here
         timing = timing_of(delay, eta, priority)
         s = self._submitter
-        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
+        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard)
         return s.stream(self, calls, options, batch_size, timeout, total, progress, timing)
 
     @off_loop_when_async
     def map(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         *iterables: Iterable[Any],
         retries: int | None = None,
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         time_limit: float | str | None = None,
+        hard: bool | None = None,
         timeout: float | None = None,
         batch_size: int | None = None,
         worker_class: type | None = None,
@@ -577,7 +609,8 @@ class SubmitMethods:
         **kwargs: Any,
     ) -> list[TaskFuture]:
         """``fn`` over the iterables' items (zipped, as Dask's ``client.map``); return a future
-        per call, in order. ``kwargs`` go to every call of ``fn``.
+        per call, in order. ``kwargs`` go to every call of ``fn``. ``fn`` may be a task name, as
+        in :meth:`submit` (then without ``kwargs``).
 
         Futures among the items (of lists, tuples and other sized iterables) or in ``kwargs``
         are resolved as :meth:`submit` resolves them: each call is then submitted on its own once
@@ -601,11 +634,15 @@ class SubmitMethods:
             )
         if worker_class is not None:
             check_worker_class(worker_class)
+        if type(fn) is str:
+            check_task_name(fn)
+            if kwargs:
+                raise TypeError("map() of a task name takes no keyword arguments for it: use submit_call() per call")
         self.driver  # a pool that is not started or is closed raises ClosedError here
         timing = timing_of(delay, eta, priority)
         s = self._submitter
-        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
-        call = functools.partial(fn, **kwargs) if kwargs else fn
+        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard)
+        call = functools.partial(fn, **kwargs) if kwargs and not isinstance(fn, str) else fn
         sized = all(hasattr(it, "__len__") for it in iterables)
         total = min((len(it) for it in iterables), default=0) if sized else None  # type: ignore[arg-type]
         calls = ((call, *args) for args in zip(*iterables))

@@ -32,14 +32,18 @@ import cloudpickle
 
 from zdq._actor import as_dask_task
 from zdq.consumer.base import ConsumerBaseClass
+from zdq.consumer.hard import Children
 from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
 from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskTimeout
 from zdq.codec.results import PROTOCOL, UNKNOWN_BASE, ErrorInfo, dumps_results
 from zdq.codec.tasks import (
     CANCELLED,
     TaskOptions,
+    call_parts,
     callers,
     cancelled_entry,
+    careful_callers,
+    is_named,
     is_cancelled,
     dumps_chunk,
     loads_chunk,
@@ -261,12 +265,18 @@ class Runner:
         payload_key: bytes | None,
         queues: Sequence[str],
         max_bytes: int | None = None,
+        worker: str = "",
     ) -> None:
         self.name = name
+        self._where = f"consumer {name} on worker {worker or 'this process'}"
         self._queues = queues  # the brokers' queue names, for the logs
         self._handler = handler
         self._process_item = handler.process_item
         self._calls = callers(handler.process_item)  # how an entry of each kind is called
+        # The same, calling tasks given by name too: for the careful path, which they all take.
+        self._careful_calls = careful_callers(handler.process_item, self._where)
+        # The child processes of tasks with a hard time limit (none until the first such task).
+        self.children = Children(name)
         self._careful = self._run_careful  # bound once: chunk loops call it on failures
         self._post = post
         self._stop = stop
@@ -306,6 +316,7 @@ class Runner:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown()
+        self.children.close()
 
     # -- cancellations (called by the thread that owns the sockets) -------------------------------
     def received(self, chunk_id: int, broker: int) -> None:
@@ -516,12 +527,17 @@ class Runner:
                 self._dead_letter(run, i, task, _error_info(DeadLettered(killed.message(tid))), killed)
                 return
         attempt = run.crashes
-        error = failed
+        # A task given by name fails on the fast path, where its name is called as it is: that
+        # was no attempt, it runs now, its name resolved.
+        error = None if failed is not None and is_named(run.kind, task) else failed
         while True:
             attempt += 1
             if error is None:
                 try:
-                    run.values[i] = self._call_limited(run, task, options.time_limit, tid)
+                    if options.hard:
+                        run.values[i] = self._call_in_child(run, task, options.time_limit, tid)
+                    else:
+                        run.values[i] = self._call_limited(run, task, options.time_limit, tid)
                     return
                 except BaseException as e:  # noqa: BLE001 - the same
                     error = e
@@ -557,8 +573,14 @@ class Runner:
         with run.lock:
             run.errors[i] = info
 
+    def _call_in_child(self, run: _ChunkRun, task: Any, limit: float | None, tid: int) -> Any:
+        """A hard time limit: the task runs in a child process, killed at ``limit`` (see
+        :mod:`zdq.consumer.hard`)."""
+        fn, args, kwargs = call_parts(run.kind, task, self._process_item, self._where)
+        return self.children.call(fn, args, kwargs, limit if limit is not None else math.inf, tid)
+
     def _call_limited(self, run: _ChunkRun, task: Any, limit: float | None, tid: int) -> Any:
-        call = self._calls[run.kind]
+        call = self._careful_calls[run.kind]
         if limit is None:
             return call(task)
         box: dict[str, Any] = {}
