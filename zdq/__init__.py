@@ -22,6 +22,7 @@ from zdq.errors import (
     StorageError,
     StorageFull,
     SubmitTimeout,
+    TaskExpired,
     TaskLost,
     TaskTimeout,
     ZdqError,
@@ -83,6 +84,7 @@ __all__ = [
     "TaskTimeout",
     "RemoteTaskError",
     "DeadLettered",
+    "TaskExpired",
     "TaskLost",
     "BatchError",
 ]

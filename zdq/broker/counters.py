@@ -28,6 +28,7 @@ class BrokerCounters:
     dropped_results: int = 0
     chunks_split: int = 0
     tasks_dead_lettered: int = 0
+    tasks_expired: int = 0  # their expiry passed before they were delivered: never sent, never run
     #: Chunks by the time from their DELIVER to their DONE: one count per bound of
     #: ``ROUND_TRIP_BOUNDS``, and a last one above them (the Prometheus histogram).
     round_trips: list[int] = field(default_factory=lambda: [0] * (len(ROUND_TRIP_BOUNDS) + 1))

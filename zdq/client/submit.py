@@ -20,6 +20,7 @@ state                   owner
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import functools
 from collections.abc import Iterable, Sequence
@@ -37,7 +38,9 @@ from zdq.objects import as_calls
 from zdq.codec.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
 from zdq.codec.timing import Timing, timing_of
 
-__all__ = ["TaskDefaults", "Submitter", "SubmitMethods", "SubmitTarget", "check_worker_class", "insert_bar"]
+__all__ = [
+    "TaskDefaults", "Submitter", "SubmitMethods", "SubmitTarget", "check_worker_class", "insert_bar", "with_expiry",
+]
 
 _NO_OPTIONS = TaskOptions()
 
@@ -53,6 +56,15 @@ def check_worker_class(worker_class: type | None) -> None:
             f"submitted functions run on GeneralConsumer and its subclasses only: worker_class="
             f"{worker_class!r:.80} cannot run them (put() items for a ConsumerBaseClass's process_item)"
         )
+
+
+def with_expiry(options: TaskOptions | None, timing: Timing | None) -> TaskOptions | None:
+    """The task options that carry a submission's expiry to its consumers (which check it before
+    each task starts: a chunk may wait in a consumer's prefetch, where its broker cannot see it);
+    ``options`` themselves when it has none."""
+    if timing is None or not timing.expires:
+        return options
+    return dataclasses.replace(options or _NO_OPTIONS, expires=timing.expires)
 
 
 def insert_bar(total: int | None) -> Any:
@@ -187,27 +199,31 @@ class Submitter:
         delay: float | datetime.timedelta | None,
         eta: datetime.datetime | None,
         priority: int | None,
+        expires: Any = None,
     ) -> TaskFuture:
         """One call; ``options`` already merged. Futures among the arguments (see
-        :mod:`zdq.client.dependencies`) hold the call in this process until they are done."""
+        :mod:`zdq.client.dependencies`) hold the call in this process until they are done (its
+        ``delay`` and ``expires`` then count from when it is sent)."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
         if may_hold(args, kwargs):  # one isinstance per argument on the plain path
             inputs = find_futures(args, kwargs)
             if inputs:
                 timeout_or_none(timeout)  # a bad one is refused now, not when the inputs are done
-                if delay is not None or eta is not None or priority is not None:
-                    timing_of(delay, eta, priority)  # checked now too (a delay counts from the launch)
+                if delay is not None or eta is not None or priority is not None or expires is not None:
+                    timing_of(delay, eta, priority, expires)  # checked now too (a delay counts from the launch)
 
                 def launch(a: tuple[Any, ...], k: dict[str, Any]) -> TaskFuture:
-                    return self.call(driver, fn, a, k or None, options, timeout, delay, eta, priority)
+                    return self.call(driver, fn, a, k or None, options, timeout, delay, eta, priority, expires)
 
                 return hold(inputs, launch, args, kwargs)
         timeout = timeout_or_none(timeout)
-        # Three identity tests when unused: the plain path builds nothing more per task.
-        timing = None if delay is None and eta is None and priority is None else timing_of(delay, eta, priority)
-        task = dumps_task(call_task(fn, args, kwargs, options))
-        if timing is None:
+        # Four identity tests when unused: the plain path builds nothing more per task.
+        if delay is None and eta is None and priority is None and expires is None:
+            return driver.submit_task(dumps_task(call_task(fn, args, kwargs, options)), timeout=timeout)
+        timing = timing_of(delay, eta, priority, expires)
+        task = dumps_task(call_task(fn, args, kwargs, with_expiry(options, timing)))
+        if timing is None:  # priority=0 alone
             return driver.submit_task(task, timeout=timeout)
         return driver.submit_timed(task, timing, timeout=timeout)
 
@@ -379,6 +395,7 @@ class SubmitMethods:
         delay: float | datetime.timedelta | None = None,
         eta: datetime.datetime | None = None,
         priority: int | None = None,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
         **kwargs: Any,
     ) -> TaskFuture:
         """Queue ``fn(*args, **kwargs)``; return a future of its result.
@@ -406,6 +423,12 @@ class SubmitMethods:
         priority : int, optional
             Within its queue, a higher priority is served first; equal priorities are first in,
             first out (default 0). Chunks already with a consumer (its prefetch) run first.
+        expires : float, timedelta or datetime, optional
+            Seconds from now (or a timezone-aware time) after which the task does not start: if
+            it has not by then, it never runs and its future fails with
+            :class:`~zdq.errors.TaskExpired` (Celery's ``expires``, RQ's ``ttl``). Its broker
+            checks before it hands the task out, its consumer before it starts it; a durable
+            queue keeps the time across restarts. It must come after a ``delay`` or ``eta``.
 
         These keywords are zdq's own: to pass keyword arguments of those names to ``fn``,
         use :meth:`submit_call`.
@@ -415,14 +438,14 @@ class SubmitMethods:
         SerializationError
             ``fn`` or an argument cannot be pickled; nothing was queued.
         TypeError, ValueError
-            A ``delay``, ``eta`` or ``priority`` that is not one (the message names it); nothing
-            was queued.
+            A ``delay``, ``eta``, ``priority`` or ``expires`` that is not one (the message names
+            it); nothing was queued.
         """
         if worker_class is not None:
             check_worker_class(worker_class)
         s = self._submitter
         options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
-        return s.call(self.driver, fn, args, kwargs, options, timeout, delay, eta, priority)
+        return s.call(self.driver, fn, args, kwargs, options, timeout, delay, eta, priority, expires)
 
     def submit_call(
         self,
@@ -434,11 +457,13 @@ class SubmitMethods:
         delay: float | datetime.timedelta | None = None,
         eta: datetime.datetime | None = None,
         priority: int | None = None,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
         **options: Any,
     ) -> TaskFuture:
         """Like :meth:`submit` with explicit ``args``/``kwargs``; ``options`` as in :class:`TaskOptions`."""
         s = self._submitter
-        return s.call(self.driver, fn, args, kwargs, s.defaults.merge_all(**options), timeout, delay, eta, priority)
+        merged = s.defaults.merge_all(**options)
+        return s.call(self.driver, fn, args, kwargs, merged, timeout, delay, eta, priority, expires)
 
     async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
         """:meth:`submit` for coroutines: never blocks the event loop. A full submission window
@@ -476,6 +501,7 @@ class SubmitMethods:
         delay: float | datetime.timedelta | None = None,
         eta: datetime.datetime | None = None,
         priority: int | None = None,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
     ) -> BatchFuture:
         """Queue many calls ``(fn, *args)`` at once; return one future of all their results.
 
@@ -486,12 +512,14 @@ class SubmitMethods:
         ``retries``, ``retry_backoff`` and ``retry_on`` are as in :meth:`submit`. ``worker_class``
         and ``sync_mode`` are daskqueue's (the first is checked as in :meth:`submit`, the second
         has no effect: a batch is always sent from this process). ``delay``, ``eta`` and
-        ``priority`` are as in :meth:`submit`, for every call of the batch (one release time).
+        ``priority`` are as in :meth:`submit`, for every call of the batch (one release time);
+        ``expires`` too (one expiry time: each task that has not started by then fails with
+        :class:`~zdq.errors.TaskExpired`, the others run).
         """
         check_worker_class(worker_class)
-        timing = timing_of(delay, eta, priority)
+        timing = timing_of(delay, eta, priority, expires)
         s = self._submitter
-        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
+        options = with_expiry(s.defaults.merge(retries, retry_backoff, retry_on, time_limit), timing)
         return s.calls(self, list_calls, options, batch_size, timeout, timing)
 
     @off_loop_when_async
@@ -515,6 +543,7 @@ class SubmitMethods:
         delay: float | datetime.timedelta | None = None,
         eta: datetime.datetime | None = None,
         priority: int | None = None,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
     ) -> int:
         """Queue calls ``(fn, *args)`` from any iterable, lazily, in flat memory; return the count.
 
@@ -527,12 +556,13 @@ class SubmitMethods:
         :class:`SerializationError` says how many tasks were. ``timeout`` bounds each wait for
         room (:class:`~zdq.errors.SubmitTimeout`); the task options are as in :meth:`submit`.
         ``delay``/``eta`` and ``priority`` too: a ``delay`` is counted from this call, the same
-        release time for every task of the iterable, however long it takes to read.
+        release time for every task of the iterable, however long it takes to read (and ``expires``,
+        one expiry time).
         """
         self.driver  # a pool that is not started or is closed raises ClosedError here
-        timing = timing_of(delay, eta, priority)
+        timing = timing_of(delay, eta, priority, expires)
         s = self._submitter
-        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
+        options = with_expiry(s.defaults.merge(retries, retry_backoff, retry_on, time_limit), timing)
         return s.stream(self, calls, options, batch_size, timeout, total, progress, timing)
 
     @off_loop_when_async
@@ -550,6 +580,7 @@ class SubmitMethods:
         delay: float | datetime.timedelta | None = None,
         eta: datetime.datetime | None = None,
         priority: int | None = None,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
         **kwargs: Any,
     ) -> list[TaskFuture]:
         """``fn`` over the iterables' items (zipped, as Dask's ``client.map``); return a future
@@ -578,7 +609,7 @@ class SubmitMethods:
         if worker_class is not None:
             check_worker_class(worker_class)
         self.driver  # a pool that is not started or is closed raises ClosedError here
-        timing = timing_of(delay, eta, priority)
+        timing = timing_of(delay, eta, priority, expires)
         s = self._submitter
         options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
         call = functools.partial(fn, **kwargs) if kwargs else fn
@@ -592,9 +623,11 @@ class SubmitMethods:
         try:
             if held:
                 for args in zip(*iterables):
-                    futures.append(s.call(self.driver, fn, args, kwargs or None, options, timeout, delay, eta, priority))
+                    futures.append(
+                        s.call(self.driver, fn, args, kwargs or None, options, timeout, delay, eta, priority, expires)
+                    )
             else:
-                s.stream(self, calls, options, batch_size, timeout, total, False, timing, futures)
+                s.stream(self, calls, with_expiry(options, timing), batch_size, timeout, total, False, timing, futures)
         except BaseException as e:
             # The caller gets no future: the tasks queued before the error are cancelled, not left
             # to run for nobody (those already started finish).

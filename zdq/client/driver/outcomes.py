@@ -27,11 +27,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from zdq.errors import ProtocolError, SerializationError, ZdqError
+from zdq.errors import ProtocolError, SerializationError, TaskExpired, ZdqError
 from zdq.futures import BatchFuture
 from zdq.reporting import FailureLog
-from zdq.codec.results import UNKNOWN_BASE, error_to_exception
-from zdq.codec.tasks import CANCELLED
+from zdq.codec.results import UNKNOWN_BASE, ErrorInfo, error_to_exception
+from zdq.codec.tasks import CANCELLED, EXPIRED
 
 from .records import (
     Books,
@@ -155,6 +155,17 @@ class Outcomes:
             exc.__cause__ = failure
             self.settlements.append((rec, -1, 0, consumer, [], {0: exc}, None))
         return confirmed
+
+    def intake_expired(self, broker: int, seq: int, chunk_id: int, base: int, n: int) -> bool:
+        """A broker's EXPIRED: the ``n`` tasks from ``base`` (0: every task of chunk ``seq``) never
+        ran; they fail with :class:`~zdq.errors.TaskExpired` (under "not-run" in ``results()``),
+        through :meth:`intake`. Return whether this confirmed the chunk, as :meth:`intake`."""
+        first = base if base else UNKNOWN_BASE
+        errors = {}
+        for i in range(n):
+            why = f"task {base + i if base else '?'} expired before it started (expires=); it never ran"
+            errors[i] = ErrorInfo(TaskExpired(why), EXPIRED, why, "")
+        return self.intake(broker, seq, chunk_id, NO_CONSUMER, first, [None] * n, errors)
 
     def settle_all(self) -> None:
         """Hand the results taken in by this round to their futures and to ``results``."""
