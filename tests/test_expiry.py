@@ -77,19 +77,24 @@ def test_tasks_stuck_behind_a_long_one_expire_in_their_broker_never_run_and_are_
         single = queue_pool.submit(write_start, str(marks[0]), expires=1)
         batch = queue_pool.batch_submit([(write_start, str(m)) for m in marks[1:]], expires=datetime.timedelta(seconds=1))
         kept = queue_pool.submit(add, 1, 2, expires=120)
+        items = [queue_pool.put("an item", expires=1), queue_pool.put_many(["two", "items"], expires=1)]
         with pytest.raises(TaskExpired, match="expired before it started"):
             single.result(timeout=30)
         with pytest.raises(BatchError) as caught:
             batch.result(timeout=30)
         assert all(isinstance(e, TaskExpired) for e in caught.value.errors.values()) and len(caught.value.errors) == 3
+        for future in items:  # raw items expire the same way (GeneralConsumer would refuse them if run)
+            with pytest.raises((TaskExpired, BatchError)) as caught_item:
+                future.result(timeout=30)
+            assert "TaskExpired" in repr(caught_item.value)
         assert long.result(timeout=30) == 2.5 and kept.result(timeout=30) == 3  # not expired: it runs
         consumers.join(timeout=30)
         assert not any(m.exists() for m in marks)  # never ran
         [stats] = queue_pool.broker_statistics()
-        assert stats.tasks_expired == 4 and stats.tasks_acked == 2
+        assert stats.tasks_expired == 7 and stats.tasks_acked == 2
         assert sum(c.tasks_expired for c in consumers.statistics()) == 0  # none reached the consumer
         # The monitor shows it (reports come once a second): the status command and /metrics.
-        assert wait_until(lambda: _metric(named_client, "zdq_tasks_expired_total", "expiring") == 4, timeout=20)
+        assert wait_until(lambda: _metric(named_client, "zdq_tasks_expired_total", "expiring") == 7, timeout=20)
         proc = subprocess.run(
             [sys.executable, "-m", "zdq.cli", "status", "--scheduler", named_cluster.scheduler_address, "--json"],
             capture_output=True, text=True, timeout=60, check=False,
@@ -97,8 +102,8 @@ def test_tasks_stuck_behind_a_long_one_expire_in_their_broker_never_run_and_are_
         assert proc.returncode == 0, proc.stderr
         state = json.loads(proc.stdout)
         pool = state["pools"]["expiring"]
-        assert pool["totals"]["expired"] == 4 and pool["queues"][0]["tasks_expired"] == 4
-        assert "dead-lettered 0, expired 4;" in format_status(state)  # what `zdq status` prints
+        assert pool["totals"]["expired"] == 7 and pool["queues"][0]["tasks_expired"] == 7
+        assert "dead-lettered 0, expired 7;" in format_status(state)  # what `zdq status` prints
 
 
 def test_a_task_expired_in_a_consumers_prefetch_is_not_run_and_an_expiry_before_its_delay_is_refused(

@@ -36,7 +36,7 @@ from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
 from zdq.codec.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
-from zdq.codec.timing import Timing, timing_of
+from zdq.codec.timing import Timing, expiry_of, timing_of
 
 __all__ = [
     "TaskDefaults", "Submitter", "SubmitMethods", "SubmitTarget", "check_worker_class", "insert_bar", "with_expiry",
@@ -227,8 +227,12 @@ class Submitter:
             return driver.submit_task(task, timeout=timeout)
         return driver.submit_timed(task, timing, timeout=timeout)
 
-    def item(self, driver: Driver, item: Any) -> TaskFuture:
-        return driver.submit_task(dumps_task(item_task(item)))
+    def item(self, driver: Driver, item: Any, expires: Any = None) -> TaskFuture:
+        if expires is None:
+            return driver.submit_task(dumps_task(item_task(item)))
+        timing = Timing(expires=expiry_of(expires))
+        # A raw item's entry with options of its own: (None, item, kwargs, options).
+        return driver.submit_timed(dumps_task((None, item, None, with_expiry(None, timing))), timing)
 
     def _chunk_size(self, pool: SubmitTarget, chunking: Chunking, batch_size: int | None, n_tasks: int | None = None) -> int:
         """Tasks per chunk of a batch of ``n_tasks`` (see :meth:`Chunking.batch_size`)."""
@@ -253,8 +257,12 @@ class Submitter:
         check_calls(calls)
         return self.entries(pool, calls, CALLS, options, batch_size, timeout, timing)
 
-    def items(self, pool: SubmitTarget, items: Sequence[Any], batch_size: int | None, timeout: float | None) -> BatchFuture:
-        return self.entries(pool, list(items), ITEMS, self.defaults.merge(), batch_size, timeout)
+    def items(
+        self, pool: SubmitTarget, items: Sequence[Any], batch_size: int | None, timeout: float | None, expires: Any = None
+    ) -> BatchFuture:
+        timing = None if expires is None else Timing(expires=expiry_of(expires))
+        options = with_expiry(self.defaults.merge(), timing)
+        return self.entries(pool, list(items), ITEMS, options, batch_size, timeout, timing)
 
     def entries(
         self,
@@ -481,9 +489,10 @@ class SubmitMethods:
         return await asyncio.to_thread(functools.partial(self.batch_submit, list_calls, **kwargs))
 
     @off_loop_when_async
-    def put(self, item: Any) -> TaskFuture:
-        """Queue a raw item for the consumers' ``process_item``; return a future of its result."""
-        return self._submitter.item(self.driver, item)
+    def put(self, item: Any, *, expires: float | datetime.timedelta | datetime.datetime | None = None) -> TaskFuture:
+        """Queue a raw item for the consumers' ``process_item``; return a future of its result.
+        ``expires`` is :meth:`submit`'s."""
+        return self._submitter.item(self.driver, item, expires)
 
     @off_loop_when_async
     def batch_submit(
@@ -523,9 +532,16 @@ class SubmitMethods:
         return s.calls(self, list_calls, options, batch_size, timeout, timing)
 
     @off_loop_when_async
-    def put_many(self, items: Sequence[Any], batch_size: int | None = None, timeout: float | None = None) -> BatchFuture:
-        """Queue many raw items at once; same guarantees as :meth:`batch_submit`."""
-        return self._submitter.items(self, items, batch_size, timeout)
+    def put_many(
+        self,
+        items: Sequence[Any],
+        batch_size: int | None = None,
+        timeout: float | None = None,
+        *,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
+    ) -> BatchFuture:
+        """Queue many raw items at once; same guarantees as :meth:`batch_submit` (``expires`` too)."""
+        return self._submitter.items(self, items, batch_size, timeout, expires)
 
     @off_loop_when_async
     def submit_iter(

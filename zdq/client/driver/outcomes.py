@@ -204,8 +204,9 @@ class Outcomes:
         exceptions: dict[int, BaseException] = {}
         failed = len(errors)
         if errors:
-            skipped = [i for i, info in errors.items() if info.type_name == CANCELLED]
-            failed -= len(skipped)
+            # Cancelled and expired tasks never ran: not logged as failures (expired ones count as failed).
+            skipped = [i for i, info in errors.items() if info.type_name == CANCELLED or info.type_name == EXPIRED]
+            failed -= sum(1 for i in skipped if errors[i].type_name == CANCELLED)
             self.failures.note(base, {i: info for i, info in errors.items() if i not in skipped} if skipped else errors)
             exceptions = {i: error_to_exception(info) for i, info in errors.items()}
         if rec is not None:
