@@ -33,6 +33,7 @@ __all__ = [
     "TaskLost",
     "DuplicateTask",
     "TaskCancelled",
+    "TaskExpired",
     "BatchError",
     "NoConsumers",
     "NoEligibleWorkers",
@@ -171,6 +172,15 @@ class DuplicateTask(ZdqError):
 class TaskCancelled(ZdqError, concurrent.futures.CancelledError):
     """A task that ``future.cancel()`` removed before it started: it never ran. In a batch's
     :class:`BatchError` and in ``ConsumerPool.results()`` this is the value of each cancelled task."""
+
+
+class TaskExpired(ZdqError):
+    """A task given ``expires=`` that had not started by then: it never ran, and is not retried.
+
+    Neither a :class:`TaskCancelled` (nobody cancelled it) nor a ``TimeoutError`` (an ``except
+    TimeoutError`` around ``future.result(timeout=...)`` means "no result yet", not this). In a
+    batch's :class:`BatchError` and in ``ConsumerPool.results()`` this is the value of each
+    expired task."""
 
 
 class NoConsumers(ZdqError, RuntimeError):

@@ -67,6 +67,7 @@ class BrokerStats(_Compact):
     delayed_tasks: int = 0
     tasks_unique_duplicates: int = 0  # unique tasks not queued: their key was held (see BrokerCounters)
     unique_keys: int = 0  # unique keys held now by queued or running tasks
+    tasks_expired: int = 0  # their ``expires=`` passed before they were delivered: they never ran
     #: Chunks by round trip (DELIVER to DONE): a count per bound of ``ROUND_TRIP_BOUNDS``, then
     #: one above them; ``round_trip_sum`` is their total time in seconds.
     round_trips: tuple[int, ...] = field(default=(), repr=False)
@@ -89,6 +90,7 @@ class ConsumerStats(_Compact):
     tasks_in_flight: int
     bad_chunks: int
     tasks_cancelled: int = 0  # cancelled before they started: skipped, never run
+    tasks_expired: int = 0  # their ``expires=`` passed before they started here: never run
     tasks_retried: int = 0  # failed attempts that were retried
     #: The queues this consumer cannot reach, each ``"<queue> at <endpoint>: <why>"``.
     unreachable: tuple[str, ...] = ()

@@ -24,6 +24,7 @@ each chunk's state (ready, leased, done)  :class:`~zdq.broker.leases.LeaseTable`
 results to drivers: waiting, routed,      :class:`~zdq.broker.routing.ResultRouting`
 resends, receipts
 cancel questions asked of consumers       :class:`~zdq.broker.questions.CancelQuestions`
+expiry times, chunks that expired         :class:`~zdq.broker.expiry.ExpiryWatch`
 chunks out to consumers, READY notices    :class:`~zdq.broker.dispatch.Dispatch`
 schedules                                 :class:`~zdq.broker.schedules.ScheduleTable`
 counters                                  each field has one writer: ``orphan_results`` routing's,
@@ -49,6 +50,7 @@ from zdq.names import unnamed_peer
 from zdq.stats import ROUND_TRIP_BOUNDS, BrokerStats
 from zdq.broker.counters import BrokerCounters
 from zdq.broker.dispatch import Dispatch
+from zdq.broker.expiry import ExpiryWatch
 from zdq.broker.leases import LeaseTable
 from zdq.broker.peers import Peer, PeerTable
 from zdq.broker.questions import CancelQuestions
@@ -150,7 +152,11 @@ class BrokerCore:
         self._questions = CancelQuestions(
             name, self._leases, self._peers, self._send, timeout=settings.heartbeat_timeout
         )
-        self._chunks_out = Dispatch(self._leases, self._peer_table, self._send, self.counters, self._expire)
+        # A durable queue's chunks that wait keep their expiry across a restart (a scan, at start only).
+        self._expiry = ExpiryWatch((i, m) for i in storage.waiting_ids() if (m := storage.meta(i)) is not None)
+        self._chunks_out = Dispatch(
+            self._leases, self._peer_table, self._send, self.counters, self._expire, expired=self._expire_chunk
+        )
         self._routes = self._route_table()
         # Unique keys (see zdq.broker.unique): made when a queue holds or receives a unique chunk.
         self._unique: UniqueKeys | None = None
@@ -229,6 +235,13 @@ class BrokerCore:
             self._chunks_out.rescan()  # consumers without credit hear READY at the next round
         return n
 
+    def expired_state(self, task_id: int, owner: bytes | None = None) -> bool:
+        """Whether task ``task_id`` (of the driver ``owner``, if given) expired in this broker
+        before it was delivered, among the last chunks that did (see :mod:`zdq.broker.expiry`;
+        one broker's memory: not kept across a restart)."""
+        with self._lock:
+            return self._expiry.has_expired(task_id, owner)
+
     def setting(self, name: bytes, proposed: bytes | None) -> bytes | None:
         with self._lock:
             return self._storage.setting(name, proposed)
@@ -253,12 +266,15 @@ class BrokerCore:
         next_beat = time.monotonic() + beat
         storage = self._storage
         schedules = self._schedules
+        expiry = self._expiry
         try:
             while not self._stop.is_set():
                 due = min(next_beat, self._confirm_due) if self._confirms else next_beat
-                release = storage.next_release  # wall clock; inf when no chunk is delayed
+                # Wall clock; inf when no chunk is delayed and none carries an expiry.
+                release = min(storage.next_release, expiry.next_at)
                 if release < math.inf:
-                    # The poll ends when the next delayed chunk is due: nothing polls while they wait.
+                    # The poll ends when the next delayed chunk is due (or the next expiry comes):
+                    # nothing polls while they wait.
                     due = min(due, time.monotonic() + (release - time.time()))
                 if schedules.wake_at < due:
                     due = schedules.wake_at
@@ -271,6 +287,9 @@ class BrokerCore:
                 if release < math.inf and release <= time.time():
                     with self._lock:
                         self._chunks_out.release_due(now)
+                if expiry.next_at <= time.time():
+                    with self._lock:
+                        self._expire_due(now)
                 if self._confirms and (now >= self._confirm_due or len(self._confirms) >= _CONFIRM_BATCH):
                     with self._lock:
                         self._send_confirms()
@@ -535,6 +554,8 @@ class BrokerCore:
                 self._confirm_due = time.monotonic() + _CONFIRM_DELAY
             for (ident, put), chunk_id in zip(puts, ids):
                 self._confirms[(ident, put.seq)] = chunk_id
+                if put.expires:
+                    self._expiry.add(chunk_id, put.expires)
             if unique:
                 self._unique.stored(puts, ids, same_round, time.time())  # type: ignore[union-attr]
                 self.counters.tasks_unique_duplicates += len(same_round)
@@ -590,6 +611,31 @@ class BrokerCore:
         """RESULTS went to the chunk's driver: they confirm it, its CONFIRM need not go."""
         if self._confirms:
             self._confirms.pop((driver, seq), None)
+
+    # -- expiry (see zdq.broker.expiry) ---------------------------------------------------------
+    def _expire_due(self, now: float) -> None:
+        """Chunks whose expiry came and that still wait (ready or delayed) are expired now."""
+        for chunk_id in self._expiry.due(time.time()):
+            self._expire_chunk(chunk_id, now, just_leased=False)
+        if self._durable:
+            self._storage.commit()
+
+    def _expire_chunk(self, chunk_id: int, now: float, *, just_leased: bool = True) -> None:
+        """The chunk's expiry passed before it was delivered: it never is. Its driver is told
+        (EXPIRED, held like results until its RACK). ``just_leased``: Dispatch leased it a
+        moment ago, and did not send it."""
+        held = self._leases.expire_unsent(chunk_id, just_leased=just_leased)
+        if held is None:
+            return  # delivered (its consumer checks), done, or gone
+        meta = held.meta
+        n = meta.n_tasks - len(self._storage.cancelled(chunk_id))
+        self.counters.tasks_expired += n
+        self._expiry.note(chunk_id, meta)
+        logger.debug("broker %s: chunk %d (%d tasks) expired before it was delivered", self.name, chunk_id, n)
+        if meta.owner == SCHEDULED:  # a schedule's tick has no driver to tell; the next tick runs
+            self._leases.forget_now(chunk_id)
+            return
+        self._routing.finished(chunk_id, held, now)
 
     # -- time -----------------------------------------------------------------------------------
     def _was_deaf(self, gap: float) -> None:

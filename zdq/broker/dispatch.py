@@ -3,7 +3,8 @@
 A consumer gets at most the credit it gave (:class:`~zdq.broker.peers.PeerTable` counts it), one
 chunk per credit, in the order consumers gave it (a consumer in the broker's own process first). A
 chunk's tasks cancelled while it waited are announced just before it (one pipe keeps the order),
-so the consumer skips them. When work waits and no consumer has credit here, those without are
+so the consumer skips them. A chunk whose expiry passed is not sent: ``expired`` takes it (see
+:mod:`zdq.broker.expiry`), and the credit goes to the next. When work waits and no consumer has credit here, those without are
 told READY, at most every ``READY_EVERY``: a consumer spreads a bounded prefetch over several
 queues, and may have parked it elsewhere.
 
@@ -48,6 +49,8 @@ class Dispatch:
     gone : Callable[[bytes, Peer], None]
         Called with a consumer removed from the peers because it could not be reached: its
         leases expire.
+    expired : Callable[[int, float], None], optional
+        Called with a chunk just leased (not sent) whose expiry passed, and the loop's time.
     """
 
     def __init__(
@@ -57,6 +60,8 @@ class Dispatch:
         send: Send,
         counters: BrokerCounters,
         gone: Callable[[bytes, Peer], None],
+        *,
+        expired: Callable[[int, float], None] | None = None,
     ) -> None:
         self._leases = leases
         self._storage = leases.storage
@@ -64,6 +69,7 @@ class Dispatch:
         self._send = send
         self._counters = counters
         self._gone = gone
+        self._expired = expired
         self.ready_scan = 0.0  # when consumers without credit were last looked at
 
     def rescan(self) -> None:
@@ -90,6 +96,10 @@ class Dispatch:
             leased = leases.lease(ident, now)
             if leased is None:
                 return
+            expires = leased.meta.expires
+            if expires and expires <= time.time() and self._expired is not None:
+                self._expired(leased.chunk_id, now)  # never delivered; this credit goes to the next
+                continue
             cancelled = storage.cancelled(leased.chunk_id)
             if cancelled:  # told first (one pipe keeps order): the consumer skips these tasks
                 send(ident, p.Cancel(0, leased.chunk_id, 0, tuple(sorted(cancelled))))

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from zdq.broker.expiry import EXPIRED_BY, EXPIRED_RESULTS
 from zdq.errors import ProtocolError, StorageError
 from zdq.codec.schedules import SCHEDULED
 from zdq.storage.base import ChunkMeta, Leased, Storage
@@ -82,6 +83,8 @@ class LeaseTable:
         for chunk_id, (consumer, results) in storage.recovered_results.items():
             meta = storage.meta(chunk_id)
             if meta is not None:  # done before the last stop; no driver had taken the results
+                if consumer == EXPIRED_BY:  # expired: its outcome is told by EXPIRED (see zdq.broker.expiry)
+                    results = EXPIRED_RESULTS
                 self._held[chunk_id] = Held(meta, None, results=results, consumer=consumer)
 
     # -- reading --------------------------------------------------------------------------------
@@ -166,6 +169,31 @@ class LeaseTable:
             self._held[leased.chunk_id] = Held(leased.meta, consumer, leased_at=now)
             self._previous.pop(leased.chunk_id, None)
         return leased
+
+    def expire_unsent(self, chunk_id: int, *, just_leased: bool = False) -> Held | None:
+        """The chunk's expiry passed before it was delivered: it is done, its outcome
+        :data:`~zdq.broker.expiry.EXPIRED_RESULTS` (see :mod:`zdq.broker.expiry`). ``just_leased``:
+        it was leased a moment ago and not sent; otherwise it must be waiting (ready or delayed).
+        ``None`` if it is not (delivered, done, or gone): nothing changes."""
+        held = self._held.get(chunk_id)
+        if just_leased:
+            if held is None or held.results is not None or held.early:
+                return None
+        else:
+            storage = self.storage
+            meta = storage.meta(chunk_id)
+            if held is not None or meta is None or not storage.is_ready(chunk_id):
+                return None
+            storage.release_now(chunk_id)  # a delayed one leaves its release heap first
+            if not storage.take_back(chunk_id):
+                return None
+            held = self._held[chunk_id] = Held(meta, None)
+            self._previous.pop(chunk_id, None)
+        held.holder = None
+        held.leased_at = 0.0
+        held.results = EXPIRED_RESULTS
+        held.consumer = EXPIRED_BY
+        return held
 
     def give_back(self, chunk_id: int, *, count_attempt: bool) -> None:
         """A leased chunk goes back to the head of the queue (unstarted, or its delivery failed)."""

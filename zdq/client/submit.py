@@ -20,6 +20,7 @@ state                   owner
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import functools
 from collections.abc import Iterable, Sequence
@@ -35,10 +36,12 @@ from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
 from zdq.codec.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, check_task_name, dumps_task, item_task
-from zdq.codec.timing import Timing, timing_of
+from zdq.codec.timing import Timing, expiry_of, timing_of
 from zdq.codec.unique import unique_timing
 
-__all__ = ["TaskDefaults", "Submitter", "SubmitMethods", "SubmitTarget", "check_worker_class", "insert_bar"]
+__all__ = [
+    "TaskDefaults", "Submitter", "SubmitMethods", "SubmitTarget", "check_worker_class", "insert_bar", "with_expiry",
+]
 
 _NO_OPTIONS = TaskOptions()
 
@@ -54,6 +57,15 @@ def check_worker_class(worker_class: type | None) -> None:
             f"submitted functions run on GeneralConsumer and its subclasses only: worker_class="
             f"{worker_class!r:.80} cannot run them (put() items for a ConsumerBaseClass's process_item)"
         )
+
+
+def with_expiry(options: TaskOptions | None, timing: Timing | None) -> TaskOptions | None:
+    """The task options that carry a submission's expiry to its consumers (which check it before
+    each task starts: a chunk may wait in a consumer's prefetch, where its broker cannot see it);
+    ``options`` themselves when it has none."""
+    if timing is None or not timing.expires:
+        return options
+    return dataclasses.replace(options or _NO_OPTIONS, expires=timing.expires)
 
 
 def insert_bar(total: int | None) -> Any:
@@ -199,10 +211,12 @@ class Submitter:
         eta: datetime.datetime | None,
         priority: int | None,
         unique: tuple[Any, Any] | None = None,
+        expires: Any = None,
     ) -> TaskFuture:
         """One call; ``options`` already merged. Futures among the arguments (see
-        :mod:`zdq.client.dependencies`) hold the call in this process until they are done.
-        ``unique``: the call's ``(unique_key, unique_for)``, if either was given."""
+        :mod:`zdq.client.dependencies`) hold the call in this process until they are done (its
+        ``delay`` and ``expires`` then count from when it is sent). ``unique``: the call's
+        ``(unique_key, unique_for)``, if either was given."""
         if not callable(fn):
             if type(fn) is not str:
                 raise TypeError(f"submit() needs a callable or a task name 'package.module:function', got {fn!r:.80}")
@@ -211,27 +225,33 @@ class Submitter:
             inputs = find_futures(args, kwargs)
             if inputs:
                 timeout_or_none(timeout)  # a bad one is refused now, not when the inputs are done
-                if delay is not None or eta is not None or priority is not None:
-                    timing_of(delay, eta, priority)  # checked now too (a delay counts from the launch)
+                if delay is not None or eta is not None or priority is not None or expires is not None:
+                    timing_of(delay, eta, priority, expires)  # checked now too (a delay counts from the launch)
                 if unique is not None:
                     unique_timing(None, *unique)
 
                 def launch(a: tuple[Any, ...], k: dict[str, Any]) -> TaskFuture:
-                    return self.call(driver, fn, a, k or None, options, timeout, delay, eta, priority, unique)
+                    return self.call(driver, fn, a, k or None, options, timeout, delay, eta, priority, unique, expires)
 
                 return hold(inputs, launch, args, kwargs)
         timeout = timeout_or_none(timeout)
-        # Three identity tests when unused: the plain path builds nothing more per task.
-        timing = None if delay is None and eta is None and priority is None else timing_of(delay, eta, priority)
+        # Five identity tests when unused: the plain path builds nothing more per task.
+        if delay is None and eta is None and priority is None and expires is None and unique is None:
+            return driver.submit_task(dumps_task(call_task(fn, args, kwargs, options)), timeout=timeout)
+        timing = timing_of(delay, eta, priority, expires)
         if unique is not None:  # a unique task: a chunk of its own, for the queue that owns its key
             timing = unique_timing(timing, *unique)
-        task = dumps_task(call_task(fn, args, kwargs, options))
-        if timing is None:
+        task = dumps_task(call_task(fn, args, kwargs, with_expiry(options, timing)))
+        if timing is None:  # priority=0 alone
             return driver.submit_task(task, timeout=timeout)
         return driver.submit_timed(task, timing, timeout=timeout)
 
-    def item(self, driver: Driver, item: Any) -> TaskFuture:
-        return driver.submit_task(dumps_task(item_task(item)))
+    def item(self, driver: Driver, item: Any, expires: Any = None) -> TaskFuture:
+        if expires is None:
+            return driver.submit_task(dumps_task(item_task(item)))
+        timing = Timing(expires=expiry_of(expires))
+        # A raw item's entry with options of its own: (None, item, kwargs, options).
+        return driver.submit_timed(dumps_task((None, item, None, with_expiry(None, timing))), timing)
 
     def _chunk_size(self, pool: SubmitTarget, chunking: Chunking, batch_size: int | None, n_tasks: int | None = None) -> int:
         """Tasks per chunk of a batch of ``n_tasks`` (see :meth:`Chunking.batch_size`)."""
@@ -256,8 +276,12 @@ class Submitter:
         check_calls(calls)
         return self.entries(pool, calls, CALLS, options, batch_size, timeout, timing)
 
-    def items(self, pool: SubmitTarget, items: Sequence[Any], batch_size: int | None, timeout: float | None) -> BatchFuture:
-        return self.entries(pool, list(items), ITEMS, self.defaults.merge(), batch_size, timeout)
+    def items(
+        self, pool: SubmitTarget, items: Sequence[Any], batch_size: int | None, timeout: float | None, expires: Any = None
+    ) -> BatchFuture:
+        timing = None if expires is None else Timing(expires=expiry_of(expires))
+        options = with_expiry(self.defaults.merge(), timing)
+        return self.entries(pool, list(items), ITEMS, options, batch_size, timeout, timing)
 
     def entries(
         self,
@@ -401,6 +425,7 @@ class SubmitMethods:
         priority: int | None = None,
         unique_key: str | None = None,
         unique_for: float | datetime.timedelta | None = None,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
         **kwargs: Any,
     ) -> TaskFuture:
         """Queue ``fn(*args, **kwargs)``; return a future of its result.
@@ -453,6 +478,12 @@ class SubmitMethods:
             Also hold the key this long after the broker stored the task, even once it ended: a
             submission with the key in that window after the task ended fails with
             :class:`~zdq.errors.DuplicateTask` (naming when the key is free again).
+        expires : float, timedelta or datetime, optional
+            Seconds from now (or a timezone-aware time) after which the task does not start: if
+            it has not by then, it never runs and its future fails with
+            :class:`~zdq.errors.TaskExpired` (Celery's ``expires``, RQ's ``ttl``). Its broker
+            checks before it hands the task out, its consumer before it starts it; a durable
+            queue keeps the time across restarts. It must come after a ``delay`` or ``eta``.
 
         These keywords are zdq's own: to pass keyword arguments of those names to ``fn``,
         use :meth:`submit_call`.
@@ -462,15 +493,15 @@ class SubmitMethods:
         SerializationError
             ``fn`` or an argument cannot be pickled; nothing was queued.
         TypeError, ValueError
-            A ``delay``, ``eta`` or ``priority`` that is not one (the message names it); nothing
-            was queued.
+            A ``delay``, ``eta``, ``priority`` or ``expires`` that is not one (the message names
+            it); nothing was queued.
         """
         if worker_class is not None:
             check_worker_class(worker_class)
         s = self._submitter
         options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard)
         unique = None if unique_key is None and unique_for is None else (unique_key, unique_for)
-        return s.call(self.driver, fn, args, kwargs, options, timeout, delay, eta, priority, unique)
+        return s.call(self.driver, fn, args, kwargs, options, timeout, delay, eta, priority, unique, expires)
 
     def submit_call(
         self,
@@ -484,13 +515,14 @@ class SubmitMethods:
         priority: int | None = None,
         unique_key: str | None = None,
         unique_for: float | datetime.timedelta | None = None,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
         **options: Any,
     ) -> TaskFuture:
         """Like :meth:`submit` with explicit ``args``/``kwargs``; ``options`` as in :class:`TaskOptions`."""
         s = self._submitter
         unique = None if unique_key is None and unique_for is None else (unique_key, unique_for)
-        options_ = s.defaults.merge_all(**options)
-        return s.call(self.driver, fn, args, kwargs, options_, timeout, delay, eta, priority, unique)
+        merged = s.defaults.merge_all(**options)
+        return s.call(self.driver, fn, args, kwargs, merged, timeout, delay, eta, priority, unique, expires)
 
     async def asubmit(self, fn: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> TaskFuture:
         """:meth:`submit` for coroutines: never blocks the event loop. A full submission window
@@ -508,9 +540,10 @@ class SubmitMethods:
         return await asyncio.to_thread(functools.partial(self.batch_submit, list_calls, **kwargs))
 
     @off_loop_when_async
-    def put(self, item: Any) -> TaskFuture:
-        """Queue a raw item for the consumers' ``process_item``; return a future of its result."""
-        return self._submitter.item(self.driver, item)
+    def put(self, item: Any, *, expires: float | datetime.timedelta | datetime.datetime | None = None) -> TaskFuture:
+        """Queue a raw item for the consumers' ``process_item``; return a future of its result.
+        ``expires`` is :meth:`submit`'s."""
+        return self._submitter.item(self.driver, item, expires)
 
     @off_loop_when_async
     def batch_submit(
@@ -529,6 +562,7 @@ class SubmitMethods:
         delay: float | datetime.timedelta | None = None,
         eta: datetime.datetime | None = None,
         priority: int | None = None,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
     ) -> BatchFuture:
         """Queue many calls ``(fn, *args)`` at once; return one future of all their results.
         ``fn`` may be a task name, as in :meth:`submit`.
@@ -540,18 +574,27 @@ class SubmitMethods:
         ``retries``, ``retry_backoff``, ``retry_on`` and ``hard`` are as in :meth:`submit`. ``worker_class``
         and ``sync_mode`` are daskqueue's (the first is checked as in :meth:`submit`, the second
         has no effect: a batch is always sent from this process). ``delay``, ``eta`` and
-        ``priority`` are as in :meth:`submit`, for every call of the batch (one release time).
+        ``priority`` are as in :meth:`submit`, for every call of the batch (one release time);
+        ``expires`` too (one expiry time: each task that has not started by then fails with
+        :class:`~zdq.errors.TaskExpired`, the others run).
         """
         check_worker_class(worker_class)
-        timing = timing_of(delay, eta, priority)
+        timing = timing_of(delay, eta, priority, expires)
         s = self._submitter
-        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard)
+        options = with_expiry(s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard), timing)
         return s.calls(self, list_calls, options, batch_size, timeout, timing)
 
     @off_loop_when_async
-    def put_many(self, items: Sequence[Any], batch_size: int | None = None, timeout: float | None = None) -> BatchFuture:
-        """Queue many raw items at once; same guarantees as :meth:`batch_submit`."""
-        return self._submitter.items(self, items, batch_size, timeout)
+    def put_many(
+        self,
+        items: Sequence[Any],
+        batch_size: int | None = None,
+        timeout: float | None = None,
+        *,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
+    ) -> BatchFuture:
+        """Queue many raw items at once; same guarantees as :meth:`batch_submit` (``expires`` too)."""
+        return self._submitter.items(self, items, batch_size, timeout, expires)
 
     @off_loop_when_async
     def submit_iter(
@@ -570,6 +613,7 @@ class SubmitMethods:
         delay: float | datetime.timedelta | None = None,
         eta: datetime.datetime | None = None,
         priority: int | None = None,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
     ) -> int:
         """Queue calls ``(fn, *args)`` from any iterable, lazily, in flat memory; return the count.
 
@@ -582,12 +626,13 @@ class SubmitMethods:
         :class:`SerializationError` says how many tasks were. ``timeout`` bounds each wait for
         room (:class:`~zdq.errors.SubmitTimeout`); the task options are as in :meth:`submit`.
         ``delay``/``eta`` and ``priority`` too: a ``delay`` is counted from this call, the same
-        release time for every task of the iterable, however long it takes to read.
+        release time for every task of the iterable, however long it takes to read (and ``expires``,
+        one expiry time).
         """
         self.driver  # a pool that is not started or is closed raises ClosedError here
-        timing = timing_of(delay, eta, priority)
+        timing = timing_of(delay, eta, priority, expires)
         s = self._submitter
-        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard)
+        options = with_expiry(s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard), timing)
         return s.stream(self, calls, options, batch_size, timeout, total, progress, timing)
 
     @off_loop_when_async
@@ -606,6 +651,7 @@ class SubmitMethods:
         delay: float | datetime.timedelta | None = None,
         eta: datetime.datetime | None = None,
         priority: int | None = None,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
         **kwargs: Any,
     ) -> list[TaskFuture]:
         """``fn`` over the iterables' items (zipped, as Dask's ``client.map``); return a future
@@ -639,7 +685,7 @@ class SubmitMethods:
             if kwargs:
                 raise TypeError("map() of a task name takes no keyword arguments for it: use submit_call() per call")
         self.driver  # a pool that is not started or is closed raises ClosedError here
-        timing = timing_of(delay, eta, priority)
+        timing = timing_of(delay, eta, priority, expires)
         s = self._submitter
         options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard)
         call = functools.partial(fn, **kwargs) if kwargs and not isinstance(fn, str) else fn
@@ -653,9 +699,11 @@ class SubmitMethods:
         try:
             if held:
                 for args in zip(*iterables):
-                    futures.append(s.call(self.driver, fn, args, kwargs or None, options, timeout, delay, eta, priority))
+                    futures.append(
+                        s.call(self.driver, fn, args, kwargs or None, options, timeout, delay, eta, priority, expires=expires)
+                    )
             else:
-                s.stream(self, calls, options, batch_size, timeout, total, False, timing, futures)
+                s.stream(self, calls, with_expiry(options, timing), batch_size, timeout, total, False, timing, futures)
         except BaseException as e:
             # The caller gets no future: the tasks queued before the error are cancelled, not left
             # to run for nobody (those already started finish).

@@ -41,6 +41,7 @@ import, and every function is pure (running a chunk only writes the ``values`` i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import math
@@ -117,6 +118,10 @@ class TaskOptions:
     hard : bool
         Run each attempt in a child process of the consumer, killed at ``time_limit`` (which it
         needs); without it, a task past its limit is abandoned to finish on its thread.
+    expires : float
+        Wall-clock time (``time.time()``) after which the task does not start: it fails with
+        :class:`~zdq.errors.TaskExpired` (the consumer's check; its broker checks too, before it
+        delivers the chunk); ``0.0``: never. Set from ``submit(..., expires=)``.
 
     >>> TaskOptions(retries=2, time_limit=30.0).retries
     2
@@ -127,14 +132,17 @@ class TaskOptions:
     retry_backoff_max: float = 30.0
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     time_limit: float | None = None
-    # Last, with a default: options pickled before it existed (in durable queues) still load.
+    # Added later, last, with defaults: options pickled before they existed (in durable queues) still load.
     hard: bool = False
+    expires: float = 0.0
 
-    def __setstate__(self, state: list[Any]) -> None:
-        # A frozen dataclass with slots pickles its fields as a list, in order: a pickle written
-        # before a field was added is shorter, and the missing fields take their defaults.
-        fields = list(TaskOptions.__dataclass_fields__.values())
-        for f, value in zip(fields, [*state, *(f.default for f in fields[len(state):])]):
+    def __setstate__(self, state: Sequence[Any]) -> None:
+        # A frozen dataclass with slots pickles its fields as a list, in order: options pickled by
+        # an earlier version (a durable queue's chunks, dead letters) hold fewer, and the fields
+        # added since take their defaults.
+        fields = dataclasses.fields(self)
+        values = (*state, *(f.default for f in fields[len(state) :]))
+        for f, value in zip(fields, values):
             object.__setattr__(self, f.name, value)
 
     def __post_init__(self) -> None:
@@ -144,6 +152,8 @@ class TaskOptions:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a non-negative, finite number of seconds, got {value!r}")
+        if not isinstance(self.expires, (int, float)) or not 0 <= self.expires < math.inf:
+            raise ValueError(f"expires must be a wall-clock time in seconds (0: never), got {self.expires!r}")
         if self.time_limit is not None and not 0 < self.time_limit < math.inf:
             raise ValueError(f"a time limit must be positive, got {self.time_limit!r}")
         if (
@@ -326,6 +336,9 @@ def _cancelled(*_: Any, **__: Any) -> Any:
 
 #: The type name a cancelled task's ErrorInfo carries.
 CANCELLED = "zdq.errors.TaskCancelled"
+#: The type name an expired task's ErrorInfo carries (not in ``__all__``: the old path
+#: ``zdq.tasks`` re-exports that list as it was).
+EXPIRED = "zdq.errors.TaskExpired"
 _CANCELLED_CALL = (_cancelled,)
 #: Also the placeholder of a cancelled raw item while its chunk runs (never pickled as such: an
 #: items chunk rewritten by a driver becomes a TASKS chunk).

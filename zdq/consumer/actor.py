@@ -248,6 +248,7 @@ class Consumer:
             tasks_in_flight=0 if link is None else link.in_flight,
             bad_chunks=counters.bad_chunks,
             tasks_cancelled=counters.tasks_cancelled,
+            tasks_expired=counters.tasks_expired,
             tasks_retried=counters.tasks_retried,
             unreachable=() if link is None else tuple(f"{q} at {e}: {why}" for q, e, why in link.reach()[1]),
         )

@@ -34,10 +34,11 @@ from zdq._actor import as_dask_task
 from zdq.consumer.base import ConsumerBaseClass
 from zdq.consumer.hard import Children
 from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
-from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskTimeout
+from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskExpired, TaskTimeout
 from zdq.codec.results import PROTOCOL, UNKNOWN_BASE, ErrorInfo, dumps_results
 from zdq.codec.tasks import (
     CANCELLED,
+    EXPIRED,
     TaskOptions,
     call_parts,
     callers,
@@ -70,6 +71,7 @@ class Counters:
     tasks_done: int = 0
     tasks_failed: int = 0
     tasks_cancelled: int = 0
+    tasks_expired: int = 0  # their ``expires=`` passed before they started here: never run
     tasks_retried: int = 0  # failed attempts that were retried (counted off the success path)
     bad_chunks: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -521,6 +523,13 @@ class Runner:
                 run.errors[i] = ErrorInfo(TaskCancelled(message), CANCELLED, message, "")
             return
         options = self._options(run, task)
+        if options.expires and time.time() >= options.expires:
+            # Its expiry passed while its chunk waited here (prefetched, or behind a long task):
+            # it never starts, and is not retried. The broker could not see this.
+            message = f"task {tid} expired before it started (expires=); it never ran"
+            with run.lock:
+                run.errors[i] = ErrorInfo(TaskExpired(message), EXPIRED, message, "")
+            return
         if run.crashes:
             killed = on_redelivery(options, run.crashes, self._crash_attempts)
             if killed is not None:
@@ -607,10 +616,14 @@ class Runner:
         n = len(run.values)
         self._chunks.pop(run.chunk_id, None)
         counters = self._counters
-        cancelled = sum(1 for info in errors.values() if info.type_name == CANCELLED) if errors else 0
+        cancelled = expired = 0
+        if errors:
+            cancelled = sum(1 for info in errors.values() if info.type_name == CANCELLED)
+            expired = sum(1 for info in errors.values() if info.type_name == EXPIRED)
         with counters.lock:
-            counters.tasks_failed += len(errors) - cancelled
+            counters.tasks_failed += len(errors) - cancelled - expired
             counters.tasks_cancelled += cancelled
+            counters.tasks_expired += expired
             counters.tasks_done += n - len(errors)
         if run.stale:  # its broker was placed again: the new one runs the chunk from its storage
             return

@@ -85,7 +85,7 @@ def format_status(state: dict[str, Any]) -> str:
         lines.append(
             f"pool {name}: {len(pool['queues'])} queues, {t['consumers']} consumers; submitted {t['submitted']}, "
             f"completed {t['completed']}, failed {t['failed']}, retried {t['retried']}, "
-            f"dead-lettered {t['dead_lettered']}; {rate} tasks/s completed"
+            f"dead-lettered {t['dead_lettered']}, expired {t.get('expired', 0)}; {rate} tasks/s completed"
         )
         lines.append(
             f"  {'queue':<28} {'host':<16} {'durable':<7} {'ready':>9} {'delayed':>9} {'leased':>9} {'awaiting':>9} "

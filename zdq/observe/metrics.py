@@ -37,6 +37,7 @@ _POOL_COUNTERS = {
     "zdq_tasks_completed": ("completed", "Tasks run to a result by the pool's consumers."),
     "zdq_tasks_failed": ("failed", "Tasks that failed for good on a consumer (after their retries)."),
     "zdq_tasks_retried": ("retried", "Failed attempts that were retried."),
+    "zdq_tasks_expired": ("expired", "Tasks whose expiry (expires=) passed before they started: never run."),
 }
 #: Gauges per queue: metric name -> (BrokerStats field, help).
 _QUEUE_GAUGES = {

@@ -37,12 +37,12 @@ __all__ = [
 
 #: Counters of a queue (BrokerStats fields): they only grow while their broker lives.
 QUEUE_COUNTERS = (
-    "tasks_stored", "tasks_acked", "tasks_dead_lettered", "chunks_redelivered", "bad_messages", "tasks_unique_duplicates",
+    "tasks_stored", "tasks_acked", "tasks_dead_lettered", "chunks_redelivered", "bad_messages", "tasks_unique_duplicates", "tasks_expired",
 )
 #: Gauges of a queue: the state now.
 QUEUE_GAUGES = ("ready_tasks", "delayed_tasks", "leased_tasks", "awaiting_tasks", "dead_tasks", "consumers", "unique_keys")
 #: Counters of a consumer (ConsumerStats fields).
-CONSUMER_COUNTERS = ("tasks_done", "tasks_failed", "tasks_retried", "tasks_cancelled")
+CONSUMER_COUNTERS = ("tasks_done", "tasks_failed", "tasks_retried", "tasks_cancelled", "tasks_expired")
 CONSUMER_GAUGES = ("tasks_in_flight",)
 #: A report's interval is clamped to this range (seconds): a forged 1e12 must not stop expiry.
 INTERVAL_RANGE = (0.1, 60.0)

@@ -112,6 +112,8 @@ class PoolView:
             "failed": int(c.get("tasks_failed", 0)),
             "retried": int(c.get("tasks_retried", 0)),
             "dead_lettered": int(q.get("tasks_dead_lettered", 0)),
+            # Expired before delivery (the broker's count) or before they started (a consumer's).
+            "expired": int(q.get("tasks_expired", 0)) + int(c.get("tasks_expired", 0)),
             "redelivered": int(q.get("chunks_redelivered", 0)),
             "bad_messages": int(q.get("bad_messages", 0)),
             "ready": g["ready_tasks"],
