@@ -636,6 +636,8 @@ class BrokerCore:
             self._leases.forget_now(chunk_id)
             return
         self._routing.finished(chunk_id, held, now)
+        if meta.unique_key and self._unique is not None:  # its key is free; its followers expired with it
+            self._unique.expired(chunk_id)
 
     # -- time -----------------------------------------------------------------------------------
     def _was_deaf(self, gap: float) -> None:
