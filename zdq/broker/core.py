@@ -25,6 +25,7 @@ results to drivers: waiting, routed,      :class:`~zdq.broker.routing.ResultRout
 resends, receipts
 cancel questions asked of consumers       :class:`~zdq.broker.questions.CancelQuestions`
 chunks out to consumers, READY notices    :class:`~zdq.broker.dispatch.Dispatch`
+rate limits (token buckets, parked chunks) :class:`~zdq.broker.rates.RateLimits`
 schedules                                 :class:`~zdq.broker.schedules.ScheduleTable`
 counters                                  each field has one writer: ``orphan_results`` routing's,
                                           ``chunks_redelivered`` dispatch's, the others the core's
@@ -52,6 +53,7 @@ from zdq.broker.dispatch import Dispatch
 from zdq.broker.leases import LeaseTable
 from zdq.broker.peers import Peer, PeerTable
 from zdq.broker.questions import CancelQuestions
+from zdq.broker.rates import RateLimits
 from zdq.broker.routing import ResultRouting
 from zdq.broker.schedules import ScheduleTable
 from zdq.codec.schedules import SCHEDULED
@@ -148,7 +150,8 @@ class BrokerCore:
         self._questions = CancelQuestions(
             name, self._leases, self._peers, self._send, timeout=settings.heartbeat_timeout
         )
-        self._chunks_out = Dispatch(self._leases, self._peer_table, self._send, self.counters, self._expire)
+        self._rates = RateLimits(storage)
+        self._chunks_out = Dispatch(self._leases, self._peer_table, self._send, self.counters, self._expire, self._rates)
         self._routes = self._route_table()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -199,8 +202,19 @@ class BrokerCore:
                 consumer_names=tuple(consumers),
                 delayed_chunks=c.delayed_chunks,
                 delayed_tasks=c.delayed_tasks,
+                **self._rate_stats(),
                 **{**asdict(self.counters), "round_trips": tuple(self.counters.round_trips)},
             )
+
+    def _rate_stats(self) -> dict[str, Any]:
+        rate, keys, parked = self._rates.describe()
+        return {
+            "rate_limit": rate,
+            "key_rate_limits": keys,
+            "throttled_tasks": parked,
+            "tasks_throttled": self._rates.tasks_throttled,
+            "rate_limited_seconds": self._rates.throttled_seconds,
+        }
 
     def dead_letters(self) -> list[DeadLetter]:
         with self._lock:
@@ -238,6 +252,15 @@ class BrokerCore:
         with self._lock:
             return self._schedules.records()
 
+    def set_rate_limit(self, rate: float | None, key: bytes = b"") -> None:
+        """The queue's own limit (``key`` empty; kept with a durable queue), or a per-call key's;
+        tasks per second, ``None`` for none. The loop applies it at its next round."""
+        with self._lock:
+            if key:
+                self._rates.set_key(key, rate)
+            else:
+                self._rates.set_queue(rate)
+
     # -- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -246,6 +269,7 @@ class BrokerCore:
         next_beat = time.monotonic() + beat
         storage = self._storage
         schedules = self._schedules
+        rates = self._rates
         try:
             while not self._stop.is_set():
                 due = min(next_beat, self._confirm_due) if self._confirms else next_beat
@@ -255,6 +279,8 @@ class BrokerCore:
                     due = min(due, time.monotonic() + (release - time.time()))
                 if schedules.wake_at < due:
                     due = schedules.wake_at
+                if rates.wake_at < due:  # a rate limit holds work back until then: no polling
+                    due = rates.wake_at
                 wait_ms = max(0, min(100, math.ceil((due - time.monotonic()) * 1000)))
                 if poller.poll(wait_ms):
                     with self._lock:
@@ -267,6 +293,9 @@ class BrokerCore:
                 if self._confirms and (now >= self._confirm_due or len(self._confirms) >= _CONFIRM_BATCH):
                     with self._lock:
                         self._send_confirms()
+                if now >= rates.wake_at:
+                    with self._lock:
+                        self._chunks_out.run(now)
                 if now >= schedules.wake_at:
                     with self._lock:
                         if schedules.fire(time.time()):

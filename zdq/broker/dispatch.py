@@ -16,12 +16,14 @@ table; it counts ``chunks_redelivered`` and no other counter.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
 from zdq.broker.counters import BrokerCounters
 from zdq.broker.leases import LeaseTable
 from zdq.broker.peers import Peer, PeerTable, Send
+from zdq.broker.rates import RateLimits
 from zdq.transport import protocol as p
 
 
@@ -48,6 +50,9 @@ class Dispatch:
     gone : Callable[[bytes, Peer], None]
         Called with a consumer removed from the peers because it could not be reached: its
         leases expire.
+    rates : RateLimits
+        The queue's rate limits: when any is active, they choose the chunk that goes (and may
+        park chunks of a key that must wait, see :mod:`zdq.broker.rates`).
     """
 
     def __init__(
@@ -57,6 +62,7 @@ class Dispatch:
         send: Send,
         counters: BrokerCounters,
         gone: Callable[[bytes, Peer], None],
+        rates: RateLimits,
     ) -> None:
         self._leases = leases
         self._storage = leases.storage
@@ -64,6 +70,7 @@ class Dispatch:
         self._send = send
         self._counters = counters
         self._gone = gone
+        self._rates = rates
         self.ready_scan = 0.0  # when consumers without credit were last looked at
 
     def rescan(self) -> None:
@@ -78,18 +85,25 @@ class Dispatch:
             self.run(now)
 
     def run(self, now: float) -> None:
-        """Hand out every chunk that credit allows; tell READY to consumers without credit."""
-        leases, storage, send = self._leases, self._storage, self._send
+        """Hand out every chunk that credit (and the rate limits) allow; tell READY to consumers
+        without credit."""
+        leases, storage, send, rates = self._leases, self._storage, self._send, self._rates
         by_ident, with_credit = self._peers.by_ident, self._peers.with_credit
+        limited = rates.active  # the one test a queue without limits pays, per round
+        if limited:
+            rates.wake_at = math.inf  # set again by a bucket that holds work back
         while with_credit:
             ident = with_credit[0]
             consumer = by_ident.get(ident)
             if consumer is None or consumer.credit <= 0:
                 with_credit.popleft()
                 continue
-            leased = leases.lease(ident, now)
+            leased = rates.lease(leases, ident, now) if limited else leases.lease(ident, now)
             if leased is None:
                 return
+            if leased.meta.rate_key and not limited:  # the first chunk under a per-call limit
+                rates.first_keyed(leased.meta.rate_key, leased.meta.rate, leased.meta.n_tasks, now)
+                limited = rates.active
             cancelled = storage.cancelled(leased.chunk_id)
             if cancelled:  # told first (one pipe keeps order): the consumer skips these tasks
                 send(ident, p.Cancel(0, leased.chunk_id, 0, tuple(sorted(cancelled))))

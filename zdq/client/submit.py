@@ -20,6 +20,7 @@ state                   owner
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import functools
 from collections.abc import Iterable, Sequence
@@ -35,6 +36,7 @@ from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
 from zdq.codec.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
+from zdq.codec.rates import chunk_cap, rate_key_of, rate_of, share
 from zdq.codec.timing import Timing, timing_of
 
 __all__ = ["TaskDefaults", "Submitter", "SubmitMethods", "SubmitTarget", "check_worker_class", "insert_bar"]
@@ -118,6 +120,39 @@ class TaskDefaults:
         return None if options == _NO_OPTIONS else options
 
 
+def rate_limited(fn: Any, rate_limit: Any, n_queues: int) -> tuple[tuple[bytes, float] | None, int]:
+    """A per-call ``rate_limit=`` of ``fn``'s tasks: ``((key, each queue's share), most tasks per
+    chunk)``, or ``(None, 0)`` for none. The key is ``fn``'s ``module:qualname`` (see
+    :mod:`zdq.codec.rates`); raises ``TypeError``/``ValueError`` for a rate that is not one."""
+    rate = share(rate_of(rate_limit), n_queues)
+    if rate is None:
+        return None, 0
+    return (rate_key_of(fn), rate), chunk_cap(rate)
+
+
+def with_limit(timing: Timing | None, limit: tuple[bytes, float] | None) -> Timing | None:
+    """``timing`` with a per-call rate limit's tags (the broker's bucket key and rate)."""
+    if limit is None:
+        return timing
+    return dataclasses.replace(timing or Timing(), rate_key=limit[0], rate=limit[1])
+
+
+def _limited_batch(
+    calls: Sequence[tuple[Any, ...]], rate_limit: Any, n_queues: int, timing: Timing | None, batch_size: int | None
+) -> tuple[Timing | None, int | None]:
+    """A batch's timing with its function's rate limit, and its chunk size capped for it."""
+    fns = {call[0] for call in calls if isinstance(call, tuple) and call}
+    if len(fns) > 1:
+        raise ValueError(
+            f"rate_limit= on batch_submit limits one function, and this batch calls {len(fns)}: submit each "
+            "function's calls in a batch of their own"
+        )
+    if not fns:
+        return timing, batch_size
+    limit, cap = rate_limited(fns.pop(), rate_limit, n_queues)
+    return with_limit(timing, limit), (min(batch_size, cap) if batch_size else cap) if limit else batch_size
+
+
 class SubmitTarget(Protocol):
     """What a :class:`Submitter` needs of its pool."""
 
@@ -187,9 +222,11 @@ class Submitter:
         delay: float | datetime.timedelta | None,
         eta: datetime.datetime | None,
         priority: int | None,
+        limit: tuple[bytes, float] | None = None,
     ) -> TaskFuture:
         """One call; ``options`` already merged. Futures among the arguments (see
-        :mod:`zdq.client.dependencies`) hold the call in this process until they are done."""
+        :mod:`zdq.client.dependencies`) hold the call in this process until they are done.
+        ``limit``: a per-call rate limit's ``(key, rate per queue)`` (see :func:`rate_limited`)."""
         if not callable(fn):
             raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
         if may_hold(args, kwargs):  # one isinstance per argument on the plain path
@@ -200,12 +237,15 @@ class Submitter:
                     timing_of(delay, eta, priority)  # checked now too (a delay counts from the launch)
 
                 def launch(a: tuple[Any, ...], k: dict[str, Any]) -> TaskFuture:
-                    return self.call(driver, fn, a, k or None, options, timeout, delay, eta, priority)
+                    return self.call(driver, fn, a, k or None, options, timeout, delay, eta, priority, limit)
 
                 return hold(inputs, launch, args, kwargs)
         timeout = timeout_or_none(timeout)
-        # Three identity tests when unused: the plain path builds nothing more per task.
-        timing = None if delay is None and eta is None and priority is None else timing_of(delay, eta, priority)
+        # Four identity tests when unused: the plain path builds nothing more per task.
+        if delay is None and eta is None and priority is None and limit is None:
+            timing = None
+        else:
+            timing = with_limit(timing_of(delay, eta, priority), limit)
         task = dumps_task(call_task(fn, args, kwargs, options))
         if timing is None:
             return driver.submit_task(task, timeout=timeout)
@@ -379,6 +419,7 @@ class SubmitMethods:
         delay: float | datetime.timedelta | None = None,
         eta: datetime.datetime | None = None,
         priority: int | None = None,
+        rate_limit: float | str | None = None,
         **kwargs: Any,
     ) -> TaskFuture:
         """Queue ``fn(*args, **kwargs)``; return a future of its result.
@@ -406,6 +447,12 @@ class SubmitMethods:
         priority : int, optional
             Within its queue, a higher priority is served first; equal priorities are first in,
             first out (default 0). Chunks already with a consumer (its prefetch) run first.
+        rate_limit : str or float, optional
+            At most this many of ``fn``'s tasks start per second in the pool, as Celery's task
+            ``rate_limit``: ``"100/s"``, ``"6000/m"``, ``"10/h"`` or tasks per second. Counted per
+            function (its ``module:qualname``) across every call that gives one, by the queues'
+            brokers (each holds its share); the latest rate given for a function wins. Tasks of
+            other functions do not wait behind them.
 
         These keywords are zdq's own: to pass keyword arguments of those names to ``fn``,
         use :meth:`submit_call`.
@@ -422,7 +469,8 @@ class SubmitMethods:
             check_worker_class(worker_class)
         s = self._submitter
         options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
-        return s.call(self.driver, fn, args, kwargs, options, timeout, delay, eta, priority)
+        limit = None if rate_limit is None else rate_limited(fn, rate_limit, self.n_queues)[0]
+        return s.call(self.driver, fn, args, kwargs, options, timeout, delay, eta, priority, limit)
 
     def submit_call(
         self,
@@ -476,6 +524,7 @@ class SubmitMethods:
         delay: float | datetime.timedelta | None = None,
         eta: datetime.datetime | None = None,
         priority: int | None = None,
+        rate_limit: float | str | None = None,
     ) -> BatchFuture:
         """Queue many calls ``(fn, *args)`` at once; return one future of all their results.
 
@@ -486,10 +535,14 @@ class SubmitMethods:
         ``retries``, ``retry_backoff`` and ``retry_on`` are as in :meth:`submit`. ``worker_class``
         and ``sync_mode`` are daskqueue's (the first is checked as in :meth:`submit`, the second
         has no effect: a batch is always sent from this process). ``delay``, ``eta`` and
-        ``priority`` are as in :meth:`submit`, for every call of the batch (one release time).
+        ``priority`` are as in :meth:`submit`, for every call of the batch (one release time);
+        ``rate_limit`` too, for a batch of calls of one function (cut into chunks small enough
+        that their starts are smooth: a twentieth of a second of the rate).
         """
         check_worker_class(worker_class)
         timing = timing_of(delay, eta, priority)
+        if rate_limit is not None:
+            timing, batch_size = _limited_batch(list_calls, rate_limit, self.n_queues, timing, batch_size)
         s = self._submitter
         options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
         return s.calls(self, list_calls, options, batch_size, timeout, timing)

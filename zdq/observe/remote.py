@@ -1,5 +1,5 @@
-"""Live pools seen and steered from any process of the cluster: what ``zdq status``, ``zdq purge``
-and ``zdq dead-letters`` call.
+"""Live pools seen and steered from any process of the cluster: what ``zdq status``, ``zdq purge``,
+``zdq dead-letters`` and ``zdq rate-limit`` call.
 
 The cluster is reached as a Dask client reaches it (``Client(address)``, with the security settings
 of ``dask.config``). Figures come from the scheduler's monitor (:mod:`zdq.observe.monitor`), one
@@ -22,6 +22,7 @@ ACTIONS = {
     "requeue-dead": "requeue_dead",
     "purge-dead": "purge_dead",
     "purge": "purge_ready",
+    "rate-limit": "set_rate_limit",
 }
 
 
