@@ -50,8 +50,8 @@ class Dispatch:
     gone : Callable[[bytes, Peer], None]
         Called with a consumer removed from the peers because it could not be reached: its
         leases expire.
-    rates : RateLimits
-        The queue's rate limits: when any is active, they choose the chunk that goes (and may
+    rates : RateLimits, optional
+        The queue's rate limits (default: none yet): when any is active, they choose the chunk that goes (and may
         park chunks of a key that must wait, see :mod:`zdq.broker.rates`).
     """
 
@@ -62,7 +62,7 @@ class Dispatch:
         send: Send,
         counters: BrokerCounters,
         gone: Callable[[bytes, Peer], None],
-        rates: RateLimits,
+        rates: RateLimits | None = None,
     ) -> None:
         self._leases = leases
         self._storage = leases.storage
@@ -70,7 +70,7 @@ class Dispatch:
         self._send = send
         self._counters = counters
         self._gone = gone
-        self._rates = rates
+        self._rates = RateLimits(leases.storage) if rates is None else rates
         self.ready_scan = 0.0  # when consumers without credit were last looked at
 
     def rescan(self) -> None:

@@ -9,8 +9,7 @@ where it hands chunks out, so they hold for every consumer of the queue together
 Buckets
 -------
 A bucket fills at ``rate`` tokens per second up to ``capacity`` (the larger of one task and
-:data:`~zdq.codec.rates.SMOOTH_SECONDS` of its rate: a minute's starts stay within a small fraction
-of the limit). A chunk of ``k`` tasks takes ``k`` tokens once the bucket holds ``min(k, capacity)``:
+:data:`BURST_SECONDS` of its rate: a minute's starts stay within a small fraction of the limit). A chunk of ``k`` tasks takes ``k`` tokens once the bucket holds ``min(k, capacity)``:
 a chunk larger than the bucket still goes (the bucket goes into debt and pays it back before
 the next), so no chunk starves and the rate holds on average.
 
@@ -44,6 +43,11 @@ from zdq.storage.base import Leased, Storage
 
 __all__ = ["Bucket", "RateLimits"]
 
+#: A bucket holds at most this many seconds of its rate (at least one task): two of the chunks the
+#: client cuts for it (:data:`~zdq.codec.rates.SMOOTH_SECONDS` each), so that a round that wakes a
+#: little late loses nothing (the tokens go on filling past one chunk), while a minute's starts
+#: stay within 0.2 % of the limit.
+BURST_SECONDS = 2 * SMOOTH_SECONDS
 #: Where a durable queue keeps its own limit (tasks per second, a big-endian double; 0: none).
 SETTING = b"rate-limit"
 _RATE = struct.Struct(">d")
@@ -56,7 +60,7 @@ class Bucket:
 
     def __init__(self, rate: float, now: float, given: float = 0.0) -> None:
         self.rate = rate
-        self.capacity = max(1.0, rate * SMOOTH_SECONDS)
+        self.capacity = max(1.0, rate * BURST_SECONDS)
         self.tokens = self.capacity  # a new limit starts full
         self.stamp = now
         self.given = given  # the last rate a chunk brought (a key's), to tell a new one
@@ -64,7 +68,7 @@ class Bucket:
     def set_rate(self, rate: float, now: float) -> None:
         self._fill(now)
         self.rate = rate
-        self.capacity = max(1.0, rate * SMOOTH_SECONDS)
+        self.capacity = max(1.0, rate * BURST_SECONDS)
         self.tokens = min(self.tokens, self.capacity)
 
     def _fill(self, now: float) -> None:
@@ -134,8 +138,11 @@ class RateLimits:
         self._changed()
 
     def _changed(self) -> None:
-        self.active = self.queue is not None or bool(self.keys) or bool(self._parked)
+        self._changed_quietly()
         self.wake_at = time.monotonic()  # the loop looks again at once
+
+    def _changed_quietly(self) -> None:
+        self.active = self.queue is not None or bool(self.keys) or bool(self._parked)
 
     def describe(self) -> tuple[float, dict[str, float], int]:
         """``(queue's rate or 0, {key: rate}, tasks parked now)`` for the statistics."""
@@ -167,55 +174,77 @@ class RateLimits:
     def lease(self, leases: LeaseTable, ident: bytes, now: float) -> Leased | None:
         """The next chunk the limits allow, leased to ``ident``; ``None`` when none may go now
         (:attr:`wake_at` then says when one will)."""
-        storage, queue = self._storage, self.queue
         self.wake_at = math.inf
-        for key, fifo in self._parked.items():  # a key's parked chunks first, once it allows
-            while fifo and not storage.is_parked(fifo[0]):
-                fifo.popleft()  # acknowledged (cancelled) or purged meanwhile
-            if not fifo:
-                del self._parked[key]
-                return self.lease(leases, ident, now)
-            n = storage.meta(fifo[0]).n_tasks  # type: ignore[union-attr]  (parked: stored)
-            bucket = self.keys[key]
-            if not bucket.allows(n, now):
-                self._hold(bucket.ready_at(n), now)
-                continue
-            if queue is not None and not queue.allows(n, now):
-                self._hold(queue.ready_at(n), now)
-                return None
-            bucket.take(n)
-            if queue is not None:
-                queue.take(n)
-            chunk_id = fifo.popleft()
-            if not fifo:
-                del self._parked[key]
-                self.active = self.queue is not None or bool(self.keys) or bool(self._parked)
-            return leases.lease(ident, now, chunk_id)
-        while True:
-            chunk_id = storage.peek()
+        for key in list(self._parked):  # a key's parked chunks first, once it allows
+            chunk_id = self._parked_head(key)
             if chunk_id is None:
+                continue
+            refused = self._charge(self.keys[key], chunk_id, now)
+            if refused is None:
+                self._unpark_head(key)
+                return leases.lease(ident, now, chunk_id)
+            if refused is self.queue:  # the queue's own bucket holds everything back
                 return None
+        storage = self._storage
+        while (chunk_id := storage.peek()) is not None:
             meta = storage.meta(chunk_id)
             assert meta is not None
-            n = meta.n_tasks
             bucket = self._bucket(meta.rate_key, meta.rate, now) if meta.rate_key else None
-            if bucket is not None and (meta.rate_key in self._parked or not bucket.allows(n, now)):
-                storage.park(chunk_id)
-                self._parked.setdefault(meta.rate_key, deque()).append(chunk_id)
-                self.tasks_throttled += n
-                if len(self._parked[meta.rate_key]) == 1:
-                    self._hold(bucket.ready_at(n), now)
+            if bucket is not None and (meta.rate_key in self._parked or not bucket.allows(meta.n_tasks, now)):
+                self._park(meta.rate_key, bucket, chunk_id, meta.n_tasks, now)
                 continue
-            if queue is not None and not queue.allows(n, now):
-                if self._held_until <= now:  # a new wait: its tasks are counted once
-                    self.tasks_throttled += n
-                self._hold(queue.ready_at(n), now)
+            if self._charge(bucket, chunk_id, now) is not None:
                 return None
-            if bucket is not None:
-                bucket.take(n)
-            if queue is not None:
-                queue.take(n)
             return leases.lease(ident, now)
+        return None
+
+    def _parked_head(self, key: bytes) -> int | None:
+        """The first of ``key``'s parked chunks still parked (those cancelled or purged since
+        are dropped); ``None`` (and the key's FIFO gone) when none is."""
+        fifo = self._parked[key]
+        while fifo and not self._storage.is_parked(fifo[0]):
+            fifo.popleft()
+        if fifo:
+            return fifo[0]
+        del self._parked[key]
+        self._changed_quietly()
+        return None
+
+    def _unpark_head(self, key: bytes) -> None:
+        fifo = self._parked[key]
+        fifo.popleft()
+        if not fifo:
+            del self._parked[key]
+            self._changed_quietly()
+
+    def _park(self, key: bytes, bucket: Bucket, chunk_id: int, n: int, now: float) -> None:
+        self._storage.park(chunk_id)
+        fifo = self._parked.setdefault(key, deque())
+        fifo.append(chunk_id)
+        self.tasks_throttled += n
+        if len(fifo) == 1:
+            self._hold(bucket.ready_at(n), now)
+
+    def _charge(self, bucket: Bucket | None, chunk_id: int, now: float) -> Bucket | None:
+        """Take a chunk's tokens from ``bucket`` (its key's, if any) and the queue's if both
+        allow it (``None``); else return the bucket that refused (the loop wakes when it will
+        allow)."""
+        meta = self._storage.meta(chunk_id)
+        assert meta is not None
+        n, queue = meta.n_tasks, self.queue
+        if bucket is not None and not bucket.allows(n, now):
+            self._hold(bucket.ready_at(n), now)
+            return bucket
+        if queue is not None and not queue.allows(n, now):
+            if self._held_until <= now:  # a new wait: its tasks are counted once
+                self.tasks_throttled += n
+            self._hold(queue.ready_at(n), now)
+            return queue
+        if bucket is not None:
+            bucket.take(n)
+        if queue is not None:
+            queue.take(n)
+        return None
 
     def _hold(self, until: float, now: float) -> None:
         """Work waits for a bucket until ``until``: the loop wakes then; the wait is counted."""

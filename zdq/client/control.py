@@ -166,10 +166,11 @@ class ControlMethods:
         name = b"" if key is None else key.encode() if isinstance(key, str) else rate_key_of(key)
         self._owned("rate limits")
         calls = [(i, self.broker_actor(i).set_rate_limit(each, name)) for i in indexes]
+        assert isinstance(self._queues, PlacedQueues)  # _owned said so
         for i, call in calls:
             call.result(timeout=timeout)
             if not name:
-                self._queues.rate_limits[i] = each  # type: ignore[union-attr]  (owned: placed queues)
+                self._queues.rate_limits[i] = each
 
     def _queue_index(self, queue: int | str) -> int:
         if isinstance(queue, int) and not isinstance(queue, bool) and 0 <= queue < self.n_queues:
