@@ -124,3 +124,30 @@ def test_a_durable_queue_keeps_its_limit(tmp_path: object) -> None:
     again.open()
     assert RateLimits(again).queue.rate == 42.0  # type: ignore[union-attr]
     again.close()
+
+
+def test_a_queues_limit_and_throttling_reach_the_metrics() -> None:
+    pytest.importorskip("prometheus_client", reason="prometheus_client is not installed")
+    from zdq.observe import metrics
+    from zdq.observe.monitor import Monitor
+
+    from .test_monitor import _ANYONE, _queue
+
+    monitor = Monitor(None, _ANYONE)
+    queue = {**_queue("limits-queue-0"), "rate_limit": 50.0, "throttled_tasks": 7, "tasks_throttled": 30,
+             "rate_limited_seconds": 2.5}
+    monitor.on_report(worker="tcp://a", queues=[queue], consumers=[])
+    metrics._monitors.add(monitor)
+    try:
+        samples = {
+            s.name: s.value
+            for family in metrics._Collector().collect()
+            for s in family.samples
+            if s.labels.get("pool") == "limits"
+        }
+    finally:
+        metrics._monitors.discard(monitor)
+    assert samples["zdq_rate_limit_tasks_per_second"] == 50.0 and samples["zdq_queue_throttled"] == 7.0
+    assert samples["zdq_tasks_throttled_total"] == 30.0 and samples["zdq_rate_limited_seconds_total"] == 2.5
+    shown = monitor.status()["pools"]["limits"]["queues"][0]
+    assert shown["rate_limit"] == 50.0 and shown["rate_limited_seconds"] == 2.5
