@@ -151,3 +151,14 @@ def test_a_queues_limit_and_throttling_reach_the_metrics() -> None:
     assert samples["zdq_tasks_throttled_total"] == 30.0 and samples["zdq_rate_limited_seconds_total"] == 2.5
     shown = monitor.status()["pools"]["limits"]["queues"][0]
     assert shown["rate_limit"] == 50.0 and shown["rate_limited_seconds"] == 2.5
+
+
+def test_a_purged_chunk_takes_no_token_and_leaves_its_parking() -> None:
+    storage, leases, rates = _queue()
+    ids = storage.put_many([(ChunkMeta(D, i, 2, rate_key=b"k", rate=1.0), b"x") for i in range(3)])
+    assert rates.lease(leases, b"c", 0.0) is not None
+    assert rates.lease(leases, b"c", 0.0) is None  # the other two are parked
+    for chunk_id in ids[1:]:  # what zdq purge does: cancel every task, release what waits
+        storage.cancel(chunk_id, range(2))
+        storage.release_now(chunk_id)
+    assert [rates.lease(leases, b"c", 0.0).chunk_id for _ in range(2)] == ids[1:]  # type: ignore[union-attr]

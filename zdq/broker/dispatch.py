@@ -51,8 +51,8 @@ class Dispatch:
         Called with a consumer removed from the peers because it could not be reached: its
         leases expire.
     rates : RateLimits, optional
-        The queue's rate limits (default: none yet): when any is active, they choose the chunk that goes (and may
-        park chunks of a key that must wait, see :mod:`zdq.broker.rates`).
+        The queue's rate limits (default: none yet): when any is active, they choose the chunk
+        that goes (and may park chunks of a key that must wait, see :mod:`zdq.broker.rates`).
     """
 
     def __init__(

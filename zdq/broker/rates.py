@@ -19,7 +19,8 @@ A queue's own limit holds back the whole queue: its chunks keep their order. A c
 whose bucket is empty is *parked*: it leaves the ready order (storage keeps it as delayed, with no
 release time, so counts, cancellations and purges see it) and waits in its key's FIFO, so that the
 chunks behind it of other keys, or of none, go on. A key's parked chunks go first once its bucket
-allows, ahead of the ready order. Nothing polls meanwhile: :attr:`RateLimits.wake_at` tells the
+allows, ahead of the ready order. A chunk whose every task was cancelled (a purge) takes no token.
+Nothing polls meanwhile: :attr:`RateLimits.wake_at` tells the
 broker's loop when the next bucket that holds work back will allow it.
 
 Who owns what
@@ -189,6 +190,8 @@ class RateLimits:
         while (chunk_id := storage.peek()) is not None:
             meta = storage.meta(chunk_id)
             assert meta is not None
+            if len(storage.cancelled(chunk_id)) >= meta.n_tasks:  # purged: none of it starts
+                return leases.lease(ident, now)
             bucket = self._bucket(meta.rate_key, meta.rate, now) if meta.rate_key else None
             if bucket is not None and (meta.rate_key in self._parked or not bucket.allows(meta.n_tasks, now)):
                 self._park(meta.rate_key, bucket, chunk_id, meta.n_tasks, now)
