@@ -26,6 +26,7 @@ resends, receipts
 cancel questions asked of consumers       :class:`~zdq.broker.questions.CancelQuestions`
 expiry times, chunks that expired         :class:`~zdq.broker.expiry.ExpiryWatch`
 chunks out to consumers, READY notices    :class:`~zdq.broker.dispatch.Dispatch`
+rate limits (token buckets, parked chunks) :class:`~zdq.broker.rates.RateLimits`
 schedules                                 :class:`~zdq.broker.schedules.ScheduleTable`
 counters                                  each field has one writer: ``orphan_results`` routing's,
                                           ``chunks_redelivered`` dispatch's, the others the core's
@@ -54,6 +55,7 @@ from zdq.broker.expiry import ExpiryWatch
 from zdq.broker.leases import LeaseTable
 from zdq.broker.peers import Peer, PeerTable
 from zdq.broker.questions import CancelQuestions
+from zdq.broker.rates import RateLimits
 from zdq.broker.routing import ResultRouting
 from zdq.broker.schedules import ScheduleTable
 from zdq.broker.unique import UniqueKeys, stored_unique
@@ -154,8 +156,9 @@ class BrokerCore:
         )
         # A durable queue's chunks that wait keep their expiry across a restart (a scan, at start only).
         self._expiry = ExpiryWatch((i, m) for i in storage.waiting_ids() if (m := storage.meta(i)) is not None)
+        self._rates = RateLimits(storage)
         self._chunks_out = Dispatch(
-            self._leases, self._peer_table, self._send, self.counters, self._expire, expired=self._expire_chunk
+            self._leases, self._peer_table, self._send, self.counters, self._expire, self._rates, expired=self._expire_chunk
         )
         self._routes = self._route_table()
         # Unique keys (see zdq.broker.unique): made when a queue holds or receives a unique chunk.
@@ -212,8 +215,19 @@ class BrokerCore:
                 delayed_chunks=c.delayed_chunks,
                 delayed_tasks=c.delayed_tasks,
                 unique_keys=len(self._unique.holders) if self._unique is not None else 0,
+                **self._rate_stats(),
                 **{**asdict(self.counters), "round_trips": tuple(self.counters.round_trips)},
             )
+
+    def _rate_stats(self) -> dict[str, Any]:
+        rate, keys, parked = self._rates.describe()
+        return {
+            "rate_limit": rate,
+            "key_rate_limits": keys,
+            "throttled_tasks": parked,
+            "tasks_throttled": self._rates.tasks_throttled,
+            "rate_limited_seconds": self._rates.throttled_seconds,
+        }
 
     def dead_letters(self) -> list[DeadLetter]:
         with self._lock:
@@ -258,6 +272,15 @@ class BrokerCore:
         with self._lock:
             return self._schedules.records()
 
+    def set_rate_limit(self, rate: float | None, key: bytes = b"") -> None:
+        """The queue's own limit (``key`` empty; kept with a durable queue), or a per-call key's;
+        tasks per second, ``None`` for none. The loop applies it at its next round."""
+        with self._lock:
+            if key:
+                self._rates.set_key(key, rate)
+            else:
+                self._rates.set_queue(rate)
+
     # -- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -267,6 +290,7 @@ class BrokerCore:
         storage = self._storage
         schedules = self._schedules
         expiry = self._expiry
+        rates = self._rates
         try:
             while not self._stop.is_set():
                 due = min(next_beat, self._confirm_due) if self._confirms else next_beat
@@ -278,6 +302,8 @@ class BrokerCore:
                     due = min(due, time.monotonic() + (release - time.time()))
                 if schedules.wake_at < due:
                     due = schedules.wake_at
+                if rates.wake_at < due:  # a rate limit holds work back until then: no polling
+                    due = rates.wake_at
                 wait_ms = max(0, min(100, math.ceil((due - time.monotonic()) * 1000)))
                 if poller.poll(wait_ms):
                     with self._lock:
@@ -293,6 +319,9 @@ class BrokerCore:
                 if self._confirms and (now >= self._confirm_due or len(self._confirms) >= _CONFIRM_BATCH):
                     with self._lock:
                         self._send_confirms()
+                if now >= rates.wake_at:
+                    with self._lock:
+                        self._chunks_out.run(now)
                 if now >= schedules.wake_at:
                     with self._lock:
                         if schedules.fire(time.time()):

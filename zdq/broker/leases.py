@@ -163,8 +163,9 @@ class LeaseTable:
         """Store new chunks at the tail (raises StorageFull/StorageError: nothing stored)."""
         return self.storage.put_many(entries)
 
-    def lease(self, consumer: bytes, now: float = 0.0) -> Leased | None:
-        leased = self.storage.lease()
+    def lease(self, consumer: bytes, now: float = 0.0, chunk_id: int | None = None) -> Leased | None:
+        """The chunk at the head of the queue (or the parked ``chunk_id``), leased to ``consumer``."""
+        leased = self.storage.lease(chunk_id)
         if leased is not None:
             self._held[leased.chunk_id] = Held(leased.meta, consumer, leased_at=now)
             self._previous.pop(leased.chunk_id, None)

@@ -76,6 +76,7 @@ from zdq.futures import TaskFuture
 from zdq.names import counted, queue_name
 from zdq.observe.monitor import ensure_installed
 from zdq.relay.path import RelayPath
+from zdq.codec.rates import chunk_cap, rate_of, share
 from zdq.codec.tasks import TaskOptions
 from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
 from zdq.transport.security import ClientKeys
@@ -148,6 +149,13 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         default client).
     start : bool
         Place the brokers at once (the daskqueue behaviour). With ``False``, call :meth:`start`.
+    rate_limit : str or float, optional
+        At most this many tasks start per second in the whole pool: ``"100/s"``, ``"6000/m"``,
+        ``"10/h"`` or tasks per second (Celery's forms). Each queue's broker holds an even share
+        (a token bucket: it holds for every consumer together); chunks are cut small enough that
+        the starts are smooth. Change it live with :meth:`set_rate_limit` (or ``zdq rate-limit``);
+        a durable queue keeps the last one set across restarts, and a pool opened without
+        ``rate_limit`` keeps it.
     **overrides
         Any :class:`~zdq.config.PoolSettings` field (``chunk_size``, ``window``, ...).
 
@@ -182,6 +190,7 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         relay: bool | None = None,
         start: bool = True,
         parallel: int | None = None,
+        rate_limit: float | str | None = None,
         **overrides: Any,
     ) -> None:
         if not isinstance(n_queues, int) or isinstance(n_queues, bool) or n_queues < 1:
@@ -202,6 +211,10 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         self.dirpath = None if dirpath is None else os.path.abspath(os.fspath(dirpath))
         self.name = name or ("default" if self.durability is Durability.DURABLE else f"zdq-{uuid.uuid4().hex[:8]}")
         self.settings: PoolSettings = settings(**overrides)
+        self.rate_limit = rate_of(rate_limit)
+        if self.rate_limit is not None:  # smooth starts: chunks of a twentieth of a second of the rate
+            cap = chunk_cap(share(self.rate_limit, n_queues) or 0.0)
+            self.settings = self.settings.with_overrides(chunk_size=min(self.settings.chunk_size, cap))
         self.keep_results = keep_results
         self.default_options = TaskOptions(
             retries=retries,
@@ -504,6 +517,8 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         )
         queues.place(self.auth)
         self._queues = queues
+        if self.rate_limit is not None:
+            self.set_rate_limit(self.rate_limit)
         self._start_driver()
         self._check_reach(started)
         self._supervise(interval=0.25)

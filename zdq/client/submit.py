@@ -36,6 +36,7 @@ from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
 from zdq.codec.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, check_task_name, dumps_task, item_task
+from zdq.codec.rates import chunk_cap, rate_key_of, rate_of, share
 from zdq.codec.timing import Timing, expiry_of, timing_of
 from zdq.codec.unique import unique_timing
 
@@ -141,6 +142,39 @@ class TaskDefaults:
         return None if options == _NO_OPTIONS else options
 
 
+def rate_limited(fn: Any, rate_limit: Any, n_queues: int) -> tuple[tuple[bytes, float] | None, int]:
+    """A per-call ``rate_limit=`` of ``fn``'s tasks: ``((key, each queue's share), most tasks per
+    chunk)``, or ``(None, 0)`` for none. The key is ``fn``'s ``module:qualname`` (see
+    :mod:`zdq.codec.rates`); raises ``TypeError``/``ValueError`` for a rate that is not one."""
+    rate = share(rate_of(rate_limit), n_queues)
+    if rate is None:
+        return None, 0
+    return (rate_key_of(fn), rate), chunk_cap(rate)
+
+
+def with_limit(timing: Timing | None, limit: tuple[bytes, float] | None) -> Timing | None:
+    """``timing`` with a per-call rate limit's tags (the broker's bucket key and rate)."""
+    if limit is None:
+        return timing
+    return dataclasses.replace(timing or Timing(), rate_key=limit[0], rate=limit[1])
+
+
+def _limited_batch(
+    calls: Sequence[tuple[Any, ...]], rate_limit: Any, n_queues: int, timing: Timing | None, batch_size: int | None
+) -> tuple[Timing | None, int | None]:
+    """A batch's timing with its function's rate limit, and its chunk size capped for it."""
+    fns = {call[0] for call in calls if isinstance(call, tuple) and call}
+    if len(fns) > 1:
+        raise ValueError(
+            f"rate_limit= on batch_submit limits one function, and this batch calls {len(fns)}: submit each "
+            "function's calls in a batch of their own"
+        )
+    if not fns:
+        return timing, batch_size
+    limit, cap = rate_limited(fns.pop(), rate_limit, n_queues)
+    return with_limit(timing, limit), (min(batch_size, cap) if batch_size else cap) if limit else batch_size
+
+
 class SubmitTarget(Protocol):
     """What a :class:`Submitter` needs of its pool."""
 
@@ -212,11 +246,13 @@ class Submitter:
         priority: int | None,
         unique: tuple[Any, Any] | None = None,
         expires: Any = None,
+        limit: tuple[bytes, float] | None = None,
     ) -> TaskFuture:
         """One call; ``options`` already merged. Futures among the arguments (see
         :mod:`zdq.client.dependencies`) hold the call in this process until they are done (its
         ``delay`` and ``expires`` then count from when it is sent). ``unique``: the call's
-        ``(unique_key, unique_for)``, if either was given."""
+        ``(unique_key, unique_for)``, if either was given; ``limit``: a per-call rate limit's
+        ``(key, rate per queue)`` (see :func:`rate_limited`)."""
         if not callable(fn):
             if type(fn) is not str:
                 raise TypeError(f"submit() needs a callable or a task name 'package.module:function', got {fn!r:.80}")
@@ -231,14 +267,14 @@ class Submitter:
                     unique_timing(None, *unique)
 
                 def launch(a: tuple[Any, ...], k: dict[str, Any]) -> TaskFuture:
-                    return self.call(driver, fn, a, k or None, options, timeout, delay, eta, priority, unique, expires)
+                    return self.call(driver, fn, a, k or None, options, timeout, delay, eta, priority, unique, expires, limit)
 
                 return hold(inputs, launch, args, kwargs)
         timeout = timeout_or_none(timeout)
-        # Five identity tests when unused: the plain path builds nothing more per task.
-        if delay is None and eta is None and priority is None and expires is None and unique is None:
+        # Six identity tests when unused: the plain path builds nothing more per task.
+        if delay is None and eta is None and priority is None and expires is None and unique is None and limit is None:
             return driver.submit_task(dumps_task(call_task(fn, args, kwargs, options)), timeout=timeout)
-        timing = timing_of(delay, eta, priority, expires)
+        timing = with_limit(timing_of(delay, eta, priority, expires), limit)
         if unique is not None:  # a unique task: a chunk of its own, for the queue that owns its key
             timing = unique_timing(timing, *unique)
         task = dumps_task(call_task(fn, args, kwargs, with_expiry(options, timing)))
@@ -426,6 +462,7 @@ class SubmitMethods:
         unique_key: str | None = None,
         unique_for: float | datetime.timedelta | None = None,
         expires: float | datetime.timedelta | datetime.datetime | None = None,
+        rate_limit: float | str | None = None,
         **kwargs: Any,
     ) -> TaskFuture:
         """Queue ``fn(*args, **kwargs)``; return a future of its result.
@@ -484,6 +521,12 @@ class SubmitMethods:
             :class:`~zdq.errors.TaskExpired` (Celery's ``expires``, RQ's ``ttl``). Its broker
             checks before it hands the task out, its consumer before it starts it; a durable
             queue keeps the time across restarts. It must come after a ``delay`` or ``eta``.
+        rate_limit : str or float, optional
+            At most this many of ``fn``'s tasks start per second in the pool, as Celery's task
+            ``rate_limit``: ``"100/s"``, ``"6000/m"``, ``"10/h"`` or tasks per second. Counted per
+            function (its ``module:qualname``) across every call that gives one, by the queues'
+            brokers (each holds its share); the latest rate given for a function wins. Tasks of
+            other functions do not wait behind them.
 
         These keywords are zdq's own: to pass keyword arguments of those names to ``fn``,
         use :meth:`submit_call`.
@@ -501,7 +544,8 @@ class SubmitMethods:
         s = self._submitter
         options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard)
         unique = None if unique_key is None and unique_for is None else (unique_key, unique_for)
-        return s.call(self.driver, fn, args, kwargs, options, timeout, delay, eta, priority, unique, expires)
+        limit = None if rate_limit is None else rate_limited(fn, rate_limit, self.n_queues)[0]
+        return s.call(self.driver, fn, args, kwargs, options, timeout, delay, eta, priority, unique, expires, limit)
 
     def submit_call(
         self,
@@ -563,6 +607,7 @@ class SubmitMethods:
         eta: datetime.datetime | None = None,
         priority: int | None = None,
         expires: float | datetime.timedelta | datetime.datetime | None = None,
+        rate_limit: float | str | None = None,
     ) -> BatchFuture:
         """Queue many calls ``(fn, *args)`` at once; return one future of all their results.
         ``fn`` may be a task name, as in :meth:`submit`.
@@ -576,10 +621,14 @@ class SubmitMethods:
         has no effect: a batch is always sent from this process). ``delay``, ``eta`` and
         ``priority`` are as in :meth:`submit`, for every call of the batch (one release time);
         ``expires`` too (one expiry time: each task that has not started by then fails with
-        :class:`~zdq.errors.TaskExpired`, the others run).
+        :class:`~zdq.errors.TaskExpired`, the others run), and ``rate_limit``, for a batch of calls
+        of one function (cut into chunks small enough that their starts are smooth: a twentieth of
+        a second of the rate).
         """
         check_worker_class(worker_class)
         timing = timing_of(delay, eta, priority, expires)
+        if rate_limit is not None:
+            timing, batch_size = _limited_batch(list_calls, rate_limit, self.n_queues, timing, batch_size)
         s = self._submitter
         options = with_expiry(s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard), timing)
         return s.calls(self, list_calls, options, batch_size, timeout, timing)

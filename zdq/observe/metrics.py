@@ -31,6 +31,8 @@ _QUEUE_COUNTERS = {
     "zdq_tasks_unique_duplicates": (
         "tasks_unique_duplicates", "Unique tasks not queued: their key was held (they got the holder's outcome)."
     ),
+    "zdq_tasks_throttled": ("tasks_throttled", "Tasks that waited for a rate limit's token."),
+    "zdq_rate_limited_seconds": ("rate_limited_seconds", "Seconds the queue's rate limits held its ready work back."),
 }
 #: Counters per pool, summed over its consumers (those gone too): metric name -> the pool's total.
 _POOL_COUNTERS = {
@@ -48,6 +50,8 @@ _QUEUE_GAUGES = {
     "zdq_queue_awaiting": ("awaiting_tasks", "Tasks done whose results await the driver's receipt."),
     "zdq_queue_consumers": ("consumers", "Consumers connected to the queue."),
     "zdq_queue_unique_keys": ("unique_keys", "Unique keys held by queued or running tasks (submit(unique_key=))."),
+    "zdq_queue_throttled": ("throttled_tasks", "Tasks waiting now for a per-call rate limit's token."),
+    "zdq_rate_limit_tasks_per_second": ("rate_limit", "The queue's own rate limit (its share of the pool's); 0: none."),
 }
 COUNTERS = (*_QUEUE_COUNTERS, *_POOL_COUNTERS)
 GAUGES = (*_QUEUE_GAUGES, "zdq_consumers_live")

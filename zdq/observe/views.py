@@ -143,6 +143,8 @@ def queue_status(q: QueueEntry, now: float) -> dict[str, Any]:
         **{k: int(totals.get(k, 0)) for k in QUEUE_COUNTERS},
         "round_trips": [int(totals[k]) for k in trips],
         "round_trip_sum": totals.get("round_trip_sum", 0.0),
+        "rate_limit": r.rate_limit,
+        "rate_limited_seconds": round(totals.get("rate_limited_seconds", 0.0), 3),
         "recoveries": q.recoveries,
         "age": round(now - q.seen, 3),
     }

@@ -15,6 +15,7 @@ rebuilds the index on open from what it stored, which is why a leased chunk is n
 
 from __future__ import annotations
 
+import math
 import struct
 import time
 from abc import ABC, abstractmethod
@@ -380,13 +381,41 @@ class Storage(ABC):
         """Stored and not yet delivered: ready, or delayed (a cancellation marks it all the same)."""
         return chunk_id in self._meta and chunk_id not in self._leased and chunk_id not in self._dead
 
-    def lease(self) -> Leased | None:
-        """Take the chunk at the head of the queue, or ``None`` when none is ready."""
-        if not self._ready:
-            return None
-        chunk_id = self._ready.popleft()
+    # -- rate limits (zdq.broker.rates): a parked chunk waits for a token, out of the ready order --
+    def peek(self) -> int | None:
+        """The chunk :meth:`lease` would take next, or ``None``."""
+        return self._ready.peek()
+
+    def park(self, chunk_id: int) -> None:
+        """Take the chunk at the head of the ready order (:meth:`peek`'s) out of it: it waits,
+        counted as delayed but with no release time, until :meth:`lease` takes it by id or
+        :meth:`unpark` (or a purge: :meth:`release_now`) puts it back. Not written: a queue
+        opened again finds it ready."""
         meta = self._meta[chunk_id]
+        taken = self._ready.popleft()
+        assert taken == chunk_id, "only the head of the ready order is parked"
         self._ready_tasks -= meta.n_tasks
+        self._delayed.add(chunk_id, math.inf, meta.n_tasks)
+
+    def is_parked(self, chunk_id: int) -> bool:
+        return self._delayed.when(chunk_id) == math.inf
+
+    def unpark(self, chunk_id: int) -> bool:
+        """Put a parked chunk back at the tail of its priority's FIFO (its key lost its limit)."""
+        return self.is_parked(chunk_id) and self.release_now(chunk_id)
+
+    def lease(self, chunk_id: int | None = None) -> Leased | None:
+        """Take the chunk at the head of the queue (or the parked chunk ``chunk_id``), or ``None``
+        when none is ready."""
+        if chunk_id is not None:
+            meta = self._meta[chunk_id]
+            self._delayed.discard(chunk_id, meta.n_tasks)
+        elif not self._ready:
+            return None
+        else:
+            chunk_id = self._ready.popleft()
+            meta = self._meta[chunk_id]
+            self._ready_tasks -= meta.n_tasks
         self._leased.add(chunk_id)
         self._leased_tasks += meta.n_tasks
         attempt = self._attempts.get(chunk_id, 0) + 1
@@ -561,6 +590,9 @@ class Storage(ABC):
     def setting(self, name: bytes, default: bytes | None) -> bytes | None:
         """A value kept with the queue: the stored one, else ``default`` (stored if not None)."""
         return default
+
+    def write_setting(self, name: bytes, value: bytes) -> None:
+        """Keep ``value`` with the queue under ``name`` (replacing what was there; written now)."""
 
     def commit(self, *, force: bool = False) -> None:
         """Write the bookkeeping that may lag (acknowledgements, lease and dead-letter marks).

@@ -360,6 +360,11 @@ class LMDBStorage(Storage):
                 value = default
         return value
 
+    def write_setting(self, name: bytes, value: bytes) -> None:
+        assert self._env is not None
+        with self._env.begin(write=True) as txn:
+            txn.put(name, value, db=self._dbs[b"meta"])
+
     # -- bookkeeping, held back and written together ---------------------------------------------
     def _hold(self, op: str, chunk_id: int, reason: Any = "") -> None:
         if not self._pending_since:
