@@ -74,8 +74,8 @@ def chunk_cap(rate: float) -> int:
 def rate_key_of(fn: Any) -> bytes:
     """The bucket of a per-call limit: the function's ``module:qualname`` (a bound method's or a
     ``functools.partial``'s function's), as Celery keys a task's ``rate_limit`` by task name. A
-    task given by name (``"package.module:function"``) is keyed by that name: the same bucket as
-    the function's own."""
+    task given by name (``"package.module:function"``) is keyed by that name (the function's own
+    bucket when the name is where it is defined)."""
     if type(fn) is str:
         return fn.encode()[:1024]
     fn = getattr(fn, "func", fn)  # functools.partial
