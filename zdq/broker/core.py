@@ -52,8 +52,10 @@ from zdq.broker.dispatch import Dispatch
 from zdq.broker.leases import LeaseTable
 from zdq.broker.peers import Peer, PeerTable
 from zdq.broker.questions import CancelQuestions
+from zdq.broker.retained import Retained
 from zdq.broker.routing import ResultRouting
 from zdq.broker.schedules import ScheduleTable
+from zdq.broker.task_state import task_state
 from zdq.codec.schedules import SCHEDULED
 from zdq.storage.base import ChunkMeta, DeadLetter, Storage
 from zdq.transport import protocol as p
@@ -120,6 +122,8 @@ class BrokerCore:
         self._alive = alive
         self._sock = socket
         self._leases = LeaseTable(storage)
+        if settings.result_ttl is not None:  # results kept after their receipt, for zdq.result()
+            self._leases.retained = Retained(storage, settings.result_ttl, settings.result_bytes)
         self._schedules = ScheduleTable(name, storage)
         self._storage = storage
         self._durable = storage.durable
@@ -237,6 +241,12 @@ class BrokerCore:
     def schedules(self) -> list[bytes]:
         with self._lock:
             return self._schedules.records()
+
+    def task_state(self, task_id: int) -> tuple[str, bytes | None, str]:
+        """Where task ``task_id`` stands in this queue (:func:`zdq.state`): ``(state, sealed
+        results or None, detail)``; see :func:`zdq.broker.task_state.task_state`."""
+        with self._lock:
+            return task_state(self._leases, task_id, getattr(self, "expired_state", None))
 
     # -- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -431,7 +441,7 @@ class BrokerCore:
     def _on_dead(self, ident: bytes, msg: p.Dead, work: _Round) -> None:
         reason = msg.reason.decode(errors="replace")
         try:
-            meta = self._leases.dead_letter(ident, msg.chunk_id, msg.chunk, reason)
+            meta = self._leases.dead_letter(ident, msg.chunk_id, msg.chunk, reason, msg.task_id)
         except StorageError as e:
             logger.error("broker %s could not store a dead letter: %s", self.name, e)
             return
@@ -584,6 +594,8 @@ class BrokerCore:
         for ident, peer in self._peers.items():
             if not peer.gone:
                 self._send(ident, p.Heartbeat())
+        if self._leases.retained is not None:
+            self._leases.retained.expire()
         self._schedules.rewake()  # follows a jump of the wall clock
         self._chunks_out.run(now)
         self._storage.commit()
