@@ -62,6 +62,7 @@ def _submit_elsewhere(client: Client, name: str, tmp_path: Path, dirpath: Path |
         capture_output=True,
         text=True,
         timeout=90,
+        check=False,
     )
     assert done.returncode == 0, f"the submitter process failed: {done.stderr[-3000:]}"
     ok, bad, once = (int(k) for k in done.stdout.split())
@@ -81,6 +82,7 @@ def test_results_by_id_are_read_by_another_process_after_their_submitter_exited(
         ok, bad, once = _submit_elsewhere(client, name, tmp_path)
         assert zdq.result(name, ok, timeout=10) == 42
         assert zdq.state(name, ok) == "done" and pool.state_of(ok) == "done"
+        wait_until(lambda: pool.broker_statistics()[0].kept_tasks == 3, timeout=10)  # also on the page, /metrics
         assert zdq.state(name, bad) == "failed"
         with pytest.raises(ValueError, match="no luck"):
             zdq.result(name, bad, timeout=10)

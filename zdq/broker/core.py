@@ -203,8 +203,13 @@ class BrokerCore:
                 consumer_names=tuple(consumers),
                 delayed_chunks=c.delayed_chunks,
                 delayed_tasks=c.delayed_tasks,
+                **self._kept_figures(),
                 **{**asdict(self.counters), "round_trips": tuple(self.counters.round_trips)},
             )
+
+    def _kept_figures(self) -> dict[str, int]:
+        kept = self._leases.retained
+        return {} if kept is None else {"kept_tasks": kept.tasks, "kept_bytes": kept.nbytes}
 
     def dead_letters(self) -> list[DeadLetter]:
         with self._lock:

@@ -86,6 +86,7 @@ class Retained:
         self._bases: list[int] = []  # every kept chunk's first task id, sorted
         self._chunk_at: dict[int, int] = {}  # first task id -> chunk id
         self.nbytes = 0
+        self.tasks = 0  # tasks whose results are kept
         self._load(time.time() if now is None else now)
 
     def __len__(self) -> int:
@@ -137,6 +138,7 @@ class Retained:
         bisect.insort(self._bases, kept.base)
         self._chunk_at[kept.base] = chunk_id
         self.nbytes += kept.size
+        self.tasks += kept.n_tasks
 
     def _drop(self, chunk_id: int) -> Kept:
         kept = self._kept.pop(chunk_id)
@@ -146,6 +148,7 @@ class Retained:
         if self._chunk_at.get(kept.base) == chunk_id:
             del self._chunk_at[kept.base]
         self.nbytes -= kept.size
+        self.tasks -= kept.n_tasks
         return kept
 
     def _evict(self, now: float) -> int:

@@ -31,9 +31,15 @@ from typing import Any
 
 from zdq.client import registry
 from zdq.codec.results import error_to_exception, loads_results
-from zdq.errors import BrokerLost, DeadLettered, TaskCancelled, ZdqError, ZdqTimeoutError
+from zdq.errors import (
+    BrokerLost,
+    DeadLettered,
+    TaskCancelled,
+    ZdqError,
+    ZdqTimeoutError,
+)
 
-__all__ = ["PoolNotFound", "STATES", "outcome", "result", "state"]
+__all__ = ["STATES", "PoolNotFound", "outcome", "result", "state"]
 
 #: What :func:`state` answers.
 STATES = ("pending", "started", "done", "failed", "cancelled", "expired", "unknown")
@@ -140,6 +146,11 @@ class _Asker:
             from distributed import default_client
 
             client = default_client()
+        if getattr(client, "asynchronous", False):
+            raise TypeError(
+                "zdq.result and zdq.state take a synchronous Dask client (they wait): call them off the event loop "
+                "(await asyncio.to_thread(zdq.result, ...)) with Client(address) made there"
+            )
         self.client = client
         self.pool_name = pool_name
         self.key = key
@@ -201,7 +212,7 @@ def _ask(client: Any, record: registry.PoolRecord, key: int) -> list[tuple[str, 
                 _task_states, names, key, workers=[worker] if worker else None, on_error="return", callback_timeout=ASK_TIMEOUT
             )
             got = out.get(worker) if worker else _merged(out)
-        except Exception as e:  # its worker is gone, or too busy to answer
+        except Exception as e:  # noqa: BLE001 - its worker is gone, or too busy to answer: named below
             got = e
         if isinstance(got, BaseException) or got is None:
             silent.append(f"{', '.join(names)} on {worker or 'an unknown worker'} ({got!r:.200})")

@@ -43,6 +43,8 @@ _QUEUE_GAUGES = {
     "zdq_queue_dead": ("dead_tasks", "Dead-lettered tasks kept in the queue."),
     "zdq_queue_awaiting": ("awaiting_tasks", "Tasks done whose results await the driver's receipt."),
     "zdq_queue_consumers": ("consumers", "Consumers connected to the queue."),
+    "zdq_queue_kept_results": ("kept_tasks", "Tasks whose results the queue keeps after their driver took them (result_ttl)."),
+    "zdq_queue_kept_bytes": ("kept_bytes", "Bytes of results the queue keeps after their driver took them (result_ttl)."),
 }
 COUNTERS = (*_QUEUE_COUNTERS, *_POOL_COUNTERS)
 GAUGES = (*_QUEUE_GAUGES, "zdq_consumers_live")

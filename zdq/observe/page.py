@@ -68,7 +68,7 @@ td.n{text-align:left;white-space:nowrap} .pool{border:1px solid #ccd;padding:.4e
 <script>
 "use strict";
 const QCOLS=[["name","queue"],["host","host"],["durable","durable"],["ready_tasks","ready"],["delayed_tasks","delayed"],["leased_tasks","leased"],
- ["awaiting_tasks","awaiting receipt"],["dead_tasks","dead-lettered"],["tasks_stored","submitted"],["tasks_acked","acked"],
+ ["awaiting_tasks","awaiting receipt"],["dead_tasks","dead-lettered"],["kept_tasks","kept results"],["tasks_stored","submitted"],["tasks_acked","acked"],
  ["chunks_redelivered","redelivered chunks"],["recoveries","recoveries"],["bad_messages","bad messages"],["consumers","consumers"]];
 const CCOLS=[["name","consumer"],["worker","where"],["state","state"],["tasks_done","done"],["tasks_failed","failed"],
  ["tasks_retried","retried"],["tasks_in_flight","in flight"],["rate","tasks/s"]];

@@ -38,7 +38,9 @@ __all__ = [
 #: Counters of a queue (BrokerStats fields): they only grow while their broker lives.
 QUEUE_COUNTERS = ("tasks_stored", "tasks_acked", "tasks_dead_lettered", "chunks_redelivered", "bad_messages")
 #: Gauges of a queue: the state now.
-QUEUE_GAUGES = ("ready_tasks", "delayed_tasks", "leased_tasks", "awaiting_tasks", "dead_tasks", "consumers")
+QUEUE_GAUGES = (
+    "ready_tasks", "delayed_tasks", "leased_tasks", "awaiting_tasks", "dead_tasks", "consumers", "kept_tasks", "kept_bytes",
+)
 #: Counters of a consumer (ConsumerStats fields).
 CONSUMER_COUNTERS = ("tasks_done", "tasks_failed", "tasks_retried", "tasks_cancelled")
 CONSUMER_GAUGES = ("tasks_in_flight",)
