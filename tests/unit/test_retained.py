@@ -127,3 +127,22 @@ def test_cancelled_expired_and_dead_lettered_tasks_are_named_so() -> None:
     leases.finish(chunk_id, CONSUMER, b"results")
     leases.forget_now(chunk_id)
     assert task_state(leases, 102) == ("failed", None, "it failed 3 times")
+
+
+def test_a_durable_queue_opened_again_without_result_ttl_drops_what_it_kept(tmp_path: Path) -> None:
+    from zdq.broker.core import BrokerCore
+
+    path = str(tmp_path / "q")
+    storage = LMDBStorage(path, map_size=1 << 20)
+    storage.open()
+    Retained(storage, ttl=100.0, max_bytes=1 << 20).keep(1, _meta(100), CONSUMER, b"kept")
+    storage.close()
+    storage = LMDBStorage(path, map_size=1 << 20)
+    storage.open()
+    assert len(storage.retained()) == 1
+    BrokerCore("q", None, storage, settings())  # type: ignore[arg-type]  # never started: no socket
+    storage.close()
+    storage = LMDBStorage(path, map_size=1 << 20)
+    storage.open()
+    assert storage.retained() == []
+    storage.close()

@@ -124,6 +124,8 @@ class BrokerCore:
         self._leases = LeaseTable(storage)
         if settings.result_ttl is not None:  # results kept after their receipt, for zdq.result()
             self._leases.retained = Retained(storage, settings.result_ttl, settings.result_bytes)
+        elif storage.durable:  # kept by an earlier run of the queue with result_ttl: no longer wanted
+            storage.unretain([chunk_id for chunk_id, _ in storage.retained()])
         self._schedules = ScheduleTable(name, storage)
         self._storage = storage
         self._durable = storage.durable
