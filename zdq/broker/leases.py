@@ -11,7 +11,8 @@ here until a driver acknowledges them with RACK), or *dead* (dead-lettered, in s
 storage backend keeps what must survive the broker (every chunk not yet acknowledged, dead letters);
 this table adds what lives only as long as the broker: who holds a lease, which chunks were
 acknowledged early, whose lease expired (a late DONE from that consumer still counts), and the
-results waiting for a driver's receipt. Nothing is deleted from storage before that receipt.
+results waiting for a driver's receipt. Nothing is deleted from storage before that receipt. A
+pool with ``result_ttl`` keeps the results a while after it (:mod:`zdq.broker.retained`).
 
 Owned by the broker's loop thread; control-plane readers take the broker's lock.
 """
