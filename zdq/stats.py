@@ -77,6 +77,9 @@ class BrokerStats(_Compact):
     throttled_tasks: int = 0
     tasks_throttled: int = 0
     rate_limited_seconds: float = 0.0
+    #: Results kept after their driver took them (``result_ttl``), for zdq.result(): tasks, bytes.
+    kept_tasks: int = 0
+    kept_bytes: int = 0
     #: Chunks by round trip (DELIVER to DONE): a count per bound of ``ROUND_TRIP_BOUNDS``, then
     #: one above them; ``round_trip_sum`` is their total time in seconds.
     round_trips: tuple[int, ...] = field(default=(), repr=False)

@@ -56,8 +56,10 @@ from zdq.broker.leases import LeaseTable
 from zdq.broker.peers import Peer, PeerTable
 from zdq.broker.questions import CancelQuestions
 from zdq.broker.rates import RateLimits
+from zdq.broker.retained import Retained
 from zdq.broker.routing import ResultRouting
 from zdq.broker.schedules import ScheduleTable
+from zdq.broker.task_state import task_state
 from zdq.broker.unique import UniqueKeys, stored_unique
 from zdq.codec.schedules import SCHEDULED
 from zdq.storage.base import ChunkMeta, DeadLetter, Storage
@@ -126,6 +128,10 @@ class BrokerCore:
         self._alive = alive
         self._sock = socket
         self._leases = LeaseTable(storage)
+        if settings.result_ttl is not None:  # results kept after their receipt, for zdq.result()
+            self._leases.retained = Retained(storage, settings.result_ttl, settings.result_bytes)
+        elif storage.durable:  # kept by an earlier run of the queue with result_ttl: no longer wanted
+            storage.unretain([chunk_id for chunk_id, _ in storage.retained()])
         self._schedules = ScheduleTable(name, storage)
         self._storage = storage
         self._durable = storage.durable
@@ -216,6 +222,7 @@ class BrokerCore:
                 delayed_tasks=c.delayed_tasks,
                 unique_keys=len(self._unique.holders) if self._unique is not None else 0,
                 **self._rate_stats(),
+                **self._kept_figures(),
                 **{**asdict(self.counters), "round_trips": tuple(self.counters.round_trips)},
             )
 
@@ -228,6 +235,10 @@ class BrokerCore:
             "tasks_throttled": self._rates.tasks_throttled,
             "rate_limited_seconds": self._rates.throttled_seconds,
         }
+
+    def _kept_figures(self) -> dict[str, int]:
+        kept = self._leases.retained
+        return {} if kept is None else {"kept_tasks": kept.tasks, "kept_bytes": kept.nbytes}
 
     def dead_letters(self) -> list[DeadLetter]:
         with self._lock:
@@ -280,6 +291,12 @@ class BrokerCore:
                 self._rates.set_key(key, rate)
             else:
                 self._rates.set_queue(rate)
+
+    def task_state(self, task_id: int) -> tuple[str, bytes | None, str]:
+        """Where task ``task_id`` stands in this queue (:func:`zdq.state`): ``(state, sealed
+        results or None, detail)``; see :func:`zdq.broker.task_state.task_state`."""
+        with self._lock:
+            return task_state(self._leases, task_id, getattr(self, "expired_state", None))
 
     # -- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -488,7 +505,7 @@ class BrokerCore:
     def _on_dead(self, ident: bytes, msg: p.Dead, work: _Round) -> None:
         reason = msg.reason.decode(errors="replace")
         try:
-            meta = self._leases.dead_letter(ident, msg.chunk_id, msg.chunk, reason)
+            meta = self._leases.dead_letter(ident, msg.chunk_id, msg.chunk, reason, msg.task_id)
         except StorageError as e:
             logger.error("broker %s could not store a dead letter: %s", self.name, e)
             return
@@ -693,6 +710,8 @@ class BrokerCore:
         for ident, peer in self._peers.items():
             if not peer.gone:
                 self._send(ident, p.Heartbeat())
+        if self._leases.retained is not None:
+            self._leases.retained.expire()
         self._schedules.rewake()  # follows a jump of the wall clock
         self._chunks_out.run(now)
         self._storage.commit()

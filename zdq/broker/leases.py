@@ -11,7 +11,8 @@ here until a driver acknowledges them with RACK), or *dead* (dead-lettered, in s
 storage backend keeps what must survive the broker (every chunk not yet acknowledged, dead letters);
 this table adds what lives only as long as the broker: who holds a lease, which chunks were
 acknowledged early, whose lease expired (a late DONE from that consumer still counts), and the
-results waiting for a driver's receipt. Nothing is deleted from storage before that receipt.
+results waiting for a driver's receipt. Nothing is deleted from storage before that receipt. A
+pool with ``result_ttl`` keeps the results a while after it (:mod:`zdq.broker.retained`).
 
 Owned by the broker's loop thread; control-plane readers take the broker's lock.
 """
@@ -28,6 +29,7 @@ from zdq.broker.expiry import EXPIRED_BY, EXPIRED_RESULTS
 from zdq.errors import ProtocolError, StorageError
 from zdq.codec.schedules import SCHEDULED
 from zdq.storage.base import ChunkMeta, Leased, Storage
+from zdq.broker.retained import Retained
 from zdq.transport.protocol import ID_SIZE
 
 __all__ = ["Held", "LeaseTable", "QueueCounts"]
@@ -80,6 +82,8 @@ class LeaseTable:
         self._previous: dict[int, bytes] = {}
         # Chunks split into one-task parts (after a consumer died holding them): their part ids.
         self._parts: dict[int, tuple[bytes, int, list[int]]] = {}
+        #: Results kept after their receipt (``result_ttl``), set by the broker; None: not kept.
+        self.retained: Retained | None = None
         for chunk_id, (consumer, results) in storage.recovered_results.items():
             meta = storage.meta(chunk_id)
             if meta is not None:  # done before the last stop; no driver had taken the results
@@ -151,6 +155,15 @@ class LeaseTable:
         if meta is None or meta.owner != owner or meta.seq != seq:
             return {}
         return {chunk_id: {i: i for i in indexes if i < meta.n_tasks}}
+
+    def holding(self, task_id: int) -> tuple[int, Held] | None:
+        """The chunk out of the ready queue (leased, or done and awaiting a receipt) that holds task
+        ``task_id``, or None. A scan: for rare requests (:func:`zdq.state`) only."""
+        for chunk_id, held in self._held.items():
+            meta = held.meta
+            if meta.base and meta.base <= task_id < meta.base + meta.n_tasks:
+                return chunk_id, held
+        return None
 
     def seqs_of(self, owner: bytes) -> set[int]:
         """The driver seqs of every chunk this queue holds for ``owner``, in any state."""
@@ -311,10 +324,13 @@ class LeaseTable:
     def forget(self, chunk_ids: Iterable[int], driver: bytes) -> int:
         """``driver`` holds the results of these chunks: remove them for good. Return how many."""
         gone = []
+        retained = self.retained
         for chunk_id in chunk_ids:
             held = self._held.get(chunk_id)
             if held is not None and held.results is not None and held.driver == driver:
                 del self._held[chunk_id]
+                if retained is not None:  # result_ttl: kept a while longer, for zdq.result()
+                    retained.keep(chunk_id, held.meta, held.consumer, held.results)
                 if not held.early:
                     gone.append(chunk_id)
         if gone:
@@ -343,7 +359,7 @@ class LeaseTable:
         meta = held.meta
         self.split(chunk_id, [(_part_of(meta, i), part) for i, part in enumerate(parts)])
 
-    def dead_letter(self, consumer: bytes, chunk_id: int, task: object, reason: str) -> ChunkMeta:
+    def dead_letter(self, consumer: bytes, chunk_id: int, task: object, reason: str, task_id: int = 0) -> ChunkMeta:
         """A task of the chunk ``consumer`` holds (or held) used up its attempts: it is stored as a
         dead letter (``task``, a one-task chunk), unless the chunk is a schedule's tick (the next
         tick runs the same task: one dead letter per tick would pile up without bound). Return
@@ -362,7 +378,8 @@ class LeaseTable:
         meta = self.meta(chunk_id) or held.meta
         if meta.owner != SCHEDULED:
             # seq 0: if the dead letter is requeued, its result goes to the pool's driver as a new one.
-            self.storage.put_dead([(ChunkMeta(meta.owner, 0, 1, priority=meta.priority), task, reason)])
+            # Its base is the task's id (``task_id``): zdq.state() finds it by that.
+            self.storage.put_dead([(ChunkMeta(meta.owner, 0, 1, priority=meta.priority, base=task_id), task, reason)])
         return meta
 
     def split(self, chunk_id: int, parts: Sequence[tuple[ChunkMeta, object]]) -> list[int]:

@@ -56,6 +56,8 @@ class ControlMethods:
     _submitter: Submitter
     _schedules_made: int
     _schedule_lock: threading.Lock
+    client: Any
+    dirpath: str | None
 
     @property
     def driver(self) -> Driver:
@@ -239,6 +241,20 @@ class ControlMethods:
                 ids.append(letter.chunk_id)
         calls = [getattr(self.broker_actor(i), method)(ids) for i, ids in by_queue.items()]
         return sum(int(c.result(timeout=30)) for c in calls)
+
+    # -- results by id (zdq.client.by_id) -----------------------------------------------------------
+    def state_of(self, key: int) -> str:
+        """:func:`zdq.state` of task ``key`` of this pool (any process may ask it by the pool's name)."""
+        from zdq.client.by_id import state
+
+        return state(self.name, key, client=self.client, dirpath=self.dirpath)
+
+    def result_of(self, key: int, timeout: float | None = None) -> Any:
+        """:func:`zdq.result` of task ``key`` of this pool (kept after its driver took it only with
+        ``result_ttl=``)."""
+        from zdq.client.by_id import result
+
+        return result(self.name, key, timeout, client=self.client, dirpath=self.dirpath)
 
     # -- introspection --------------------------------------------------------------------------
     def broker_statistics(self, timeout: float = 10.0) -> list[BrokerStats]:

@@ -1,5 +1,5 @@
-"""``zdq status``, ``zdq purge``, ``zdq dead-letters``, ``zdq schedules`` and ``zdq rate-limit``: the CLI's commands
-for live pools.
+"""``zdq status``, ``zdq purge``, ``zdq dead-letters``, ``zdq schedules``, ``zdq rate-limit`` and
+``zdq result``: the CLI's commands for live pools.
 
 Each error a user can cause (a wrong address, a cluster without zdq, a pool or queue that does not
 exist) ends the command with one line on stderr and exit status 1, within ``--timeout``.
@@ -254,6 +254,19 @@ def _rate_limit(client: Any, args: argparse.Namespace) -> int:
     return 0 if all(answer is None for answer in done.values()) else 1
 
 
+def _result(client: Any, args: argparse.Namespace) -> int:
+    """``zdq result POOL KEY``: a task's state, and its value or error (:mod:`zdq.client.by_id`)."""
+    from zdq.client.by_id import outcome
+
+    state, value, error, why = outcome(args.pool, args.key, args.wait, client=client)
+    shown = repr(value) if state == "done" else "" if error is None else f"{type(error).__name__}: {error}"
+    if args.json:
+        print(json.dumps({"pool": args.pool, "key": args.key, "state": state, "result": shown, "detail": why}))
+    else:
+        print(f"task {args.key} of pool {args.pool}: {why}" + (f": {shown}" if shown else ""))
+    return 0
+
+
 def _live_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", metavar="ADDRESS", default=None,
                         help="the Dask scheduler (default: $DASK_SCHEDULER_ADDRESS); security as for a Dask client")
@@ -262,7 +275,7 @@ def _live_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: Any) -> None:
-    """Add ``status``, ``purge``, ``dead-letters``, ``schedules`` and ``rate-limit`` to the ``zdq`` command's subparsers."""
+    """Add ``status``, ``purge``, ``dead-letters``, ``schedules``, ``rate-limit`` and ``result`` to the ``zdq`` command's subparsers."""
     status = sub.add_parser("status", help="every live pool of a cluster: queues, consumers, rates")
     _live_options(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -310,3 +323,11 @@ def add_parsers(sub: Any) -> None:
     limit.add_argument("--key", default=None, metavar="module:qualname",
                        help="limit only this function's tasks (those submitted with rate_limit=)")
     limit.set_defaults(func=_live(_rate_limit))
+    result = sub.add_parser("result", help="a task's state and result by its key (future.key), from any process")
+    _live_options(result)
+    result.add_argument("pool", help="the pool's name (as `zdq status` shows it)")
+    result.add_argument("key", type=int, help="the task's key (future.key)")
+    result.add_argument("--wait", metavar="SECONDS", type=float, default=0.0,
+                        help="wait up to SECONDS for it to finish (default: say where it is now)")
+    result.add_argument("--json", action="store_true", help="print JSON")
+    result.set_defaults(func=_live(_result))

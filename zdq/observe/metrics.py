@@ -52,6 +52,8 @@ _QUEUE_GAUGES = {
     "zdq_queue_unique_keys": ("unique_keys", "Unique keys held by queued or running tasks (submit(unique_key=))."),
     "zdq_queue_throttled": ("throttled_tasks", "Tasks waiting now for a per-call rate limit's token."),
     "zdq_rate_limit_tasks_per_second": ("rate_limit", "The queue's own rate limit (its share of the pool's); 0: none."),
+    "zdq_queue_kept_results": ("kept_tasks", "Tasks whose results the queue keeps after their driver took them (result_ttl)."),
+    "zdq_queue_kept_bytes": ("kept_bytes", "Bytes of results the queue keeps after their driver took them (result_ttl)."),
 }
 COUNTERS = (*_QUEUE_COUNTERS, *_POOL_COUNTERS)
 GAUGES = (*_QUEUE_GAUGES, "zdq_consumers_live")

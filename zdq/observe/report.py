@@ -43,6 +43,7 @@ QUEUE_COUNTERS = (
 #: Gauges of a queue: the state now.
 QUEUE_GAUGES = (
     "ready_tasks", "delayed_tasks", "leased_tasks", "awaiting_tasks", "dead_tasks", "consumers", "unique_keys", "throttled_tasks",
+    "kept_tasks", "kept_bytes",
 )
 #: Counters of a consumer (ConsumerStats fields).
 CONSUMER_COUNTERS = ("tasks_done", "tasks_failed", "tasks_retried", "tasks_cancelled", "tasks_expired")

@@ -61,7 +61,7 @@ class ChunkMeta:
         Higher is served first within the queue.
     base : int
         The id of its first task (its tasks' ids are consecutive); ``0``: not known (a schedule's
-        tick, a dead letter, a chunk stored by an earlier version).
+        tick, a chunk stored by an earlier version). A dead letter's is its task's id.
     expires, rate_key, rate, unique_key, unique_for
         Its tags, as :class:`~zdq.codec.timing.Timing` says; all empty for most chunks.
     """
@@ -478,6 +478,27 @@ class Storage(ABC):
     def keep_results(self, chunk_id: int, consumer: bytes, results: object) -> None:
         """Keep the results of a leased chunk that no driver has taken yet (durable backends write
         them down, so that a restarted broker serves them instead of running the chunk again)."""
+
+    def chunk_of(self, task_id: int) -> int | None:
+        """The id of the stored chunk (ready, delayed, leased or dead) that holds task ``task_id``
+        (its ids run from ``meta.base``), or None. A scan of every stored chunk's head: for rare
+        requests (:func:`zdq.state`) only."""
+        for chunk_id, meta in self._meta.items():
+            if meta.base <= task_id < meta.base + meta.n_tasks and meta.base:
+                return chunk_id
+        return None
+
+    # -- results kept after their receipt (``result_ttl``: :mod:`zdq.broker.retained`) ----------
+    def retain(self, chunk_id: int, record: bytes) -> None:
+        """Keep a chunk's results after its acknowledgement (durable backends write ``record``
+        with that acknowledgement, in the same transaction); memory keeps nothing here."""
+
+    def unretain(self, chunk_ids: Iterable[int]) -> None:
+        """Drop results kept by :meth:`retain` (expired, or evicted by the byte bound)."""
+
+    def retained(self) -> list[tuple[int, bytes]]:
+        """The records :meth:`retain` wrote before the queue was last closed."""
+        return []
 
     def metas(self) -> Iterable[ChunkMeta]:
         """The header of every stored chunk (ready, leased or dead)."""
