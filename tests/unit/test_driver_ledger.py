@@ -346,6 +346,20 @@ def test_results_are_kept_by_producer() -> None:
     assert ledger.outcomes.producers() == {b"c1"}
 
 
+def test_results_are_copied_into_the_callers_dict_which_is_never_the_kept_one() -> None:
+    """``results()`` builds its dict in place (one copy, not two); what the caller then does with
+    it changes nothing kept."""
+    ledger = make()
+    base, _ = chunk(ledger, 2)
+    results(ledger, confirmed(ledger), ["a", "b"], consumer=b"c1")
+    out = {-1: "theirs"}
+    assert ledger.outcomes.results_for([b"c1"], into=out) is out and out == {-1: "theirs", base: "a", base + 1: "b"}
+    out.clear()
+    mine = ledger.outcomes.results_for([b"c1"])
+    mine[base] = "changed"
+    assert ledger.outcomes.results_for([b"c1"]) == {base: "a", base + 1: "b"}
+
+
 def test_results_that_arrive_twice_are_recorded_once() -> None:
     ledger = make()
     chunk(ledger, 2)
