@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from distributed import Client
 
-from zdq import ConsumerPool, DuplicateTask, QueuePool
+from zdq import ConsumerPool, DuplicateTask, QueuePool, TaskExpired
 
 from .conftest import wait_until
 
@@ -75,6 +75,21 @@ def test_unique_for_holds_the_key_after_the_task_ended_then_frees_it(client: Cli
         assert pool.submit(report, folder, "c", 0.0, unique_key="nightly").result(timeout=30) == "report c"
         assert runs(tmp_path) == ["a", "c"]
         assert pool.broker_statistics()[0].tasks_unique_duplicates == 1
+
+
+def test_a_unique_task_that_expires_takes_its_followers_with_it_and_frees_its_key(client: Client, tmp_path: Path) -> None:
+    folder = str(tmp_path)
+    with QueuePool(client, 1, name="unique-expiring") as queue_pool:
+        # No consumer yet: the holder waits in its broker until its expiry passes.
+        owner = queue_pool.submit(report, folder, "a", 0.0, unique_key="nightly", expires=1)
+        follower = queue_pool.submit(report, folder, "b", 0.0, unique_key="nightly")
+        for future in (owner, follower):
+            with pytest.raises(TaskExpired):
+                future.result(timeout=30)
+        with ConsumerPool(client, queue_pool, n_consumers=1, start=True):
+            again = queue_pool.submit(report, folder, "c", 0.0, unique_key="nightly")
+            assert again.result(timeout=30) == "report c"  # the key was freed by the expiry
+        assert runs(tmp_path) == ["c"]
 
 
 def test_unique_keywords_are_checked_at_the_call(client: Client) -> None:

@@ -22,6 +22,7 @@ from zdq.errors import (
     StorageError,
     StorageFull,
     SubmitTimeout,
+    TaskExpired,
     TaskLost,
     DuplicateTask,
     TaskTimeout,
@@ -36,6 +37,7 @@ from zdq.client.gather import gather
 from zdq.client.schedules import Schedule
 from zdq.futures import BatchFuture, TaskFuture, as_completed, wait
 from zdq.client.queue_pool import DeadLetterInfo, Durability, QueuePool, current_pool
+from zdq.client.by_id import PoolNotFound, result, state
 
 # The client modules moved to zdq.client; their old paths re-export them for one release, and
 # zdq.embedded stays an attribute of the package, as it was when local() was imported from it.
@@ -63,6 +65,10 @@ __all__ = [
     "BatchFuture",
     "wait",
     "as_completed",
+    # results by id, from any process
+    "result",
+    "state",
+    "PoolNotFound",
     # configuration
     "PoolSettings",
     "settings",
@@ -84,6 +90,7 @@ __all__ = [
     "TaskTimeout",
     "RemoteTaskError",
     "DeadLettered",
+    "TaskExpired",
     "TaskLost",
     "DuplicateTask",
     "BatchError",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields, replace
+from datetime import timedelta
 from typing import Any
 
 import dask.config
@@ -94,6 +95,15 @@ def timeout_or_none(value: Any, name: str = "timeout") -> float | None:
     return None if seconds == float("inf") else seconds
 
 
+def _ttl_or_none(value: Any) -> float | None:
+    """``result_ttl``: seconds from a number, a Dask time string or a timedelta; None: off."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    return seconds_or_none(value, "result_ttl")
+
+
 def _bytes(value: Any) -> int:
     return int(parse_bytes(value)) if isinstance(value, str) else int(value)
 
@@ -123,11 +133,16 @@ class PoolSettings:
     #: At most this many of a driver's tasks unfinished (submitted, no outcome yet): ``submit``
     #: blocks past it (``timeout=`` bounds the wait). None: no bound but the window's.
     max_pending: int | None = None
+    #: Seconds a queue keeps a chunk's results after its driver acknowledged them, for
+    #: :func:`zdq.result` and :func:`zdq.state` from any process (None: not kept, the default).
+    result_ttl: float | None = None
+    #: Most bytes of such results a queue keeps (the oldest go first beyond it).
+    result_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         for name in (
             "chunk_size", "chunk_bytes", "window", "buffer_bytes", "prefetch", "max_message_size", "map_size",
-            "crash_attempts", "fan_out",
+            "crash_attempts", "fan_out", "result_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"zdq setting {name} must be at least 1, got {getattr(self, name)!r}")
@@ -244,6 +259,8 @@ _KINDS: dict[str, tuple[Any, str]] = {
     "placement_timeout": _DURATION,
     "bind_host": (_host_or_none, "an interface name (eth0), or an address or name of the worker's host, or None"),
     "max_pending": (_integer, "a positive integer (or None: no bound)"),
+    "result_ttl": (_ttl_or_none, "a duration (seconds, a string like '10min', a timedelta) or None"),
+    "result_bytes": _SIZE,
     "ports": (_port_range, "a port range like '40000-40999' (both ends included), or None for any free port"),
 }
 
@@ -269,5 +286,7 @@ def settings(**overrides: Any) -> PoolSettings:
         placement_timeout=_configured("placement_timeout", "placement-timeout"),
         bind_host=_configured("bind_host", "bind-host"),
         ports=_configured("ports", "ports"),
+        result_ttl=_configured("result_ttl", "result-ttl"),
+        result_bytes=_configured("result_bytes", "result-bytes"),
     )
     return base.with_overrides(**overrides)

@@ -27,11 +27,13 @@ __all__ = [
     "ZdqTimeoutError",
     "SubmitTimeout",
     "TaskTimeout",
+    "TaskProcessDied",
     "RemoteTaskError",
     "DeadLettered",
     "TaskLost",
     "DuplicateTask",
     "TaskCancelled",
+    "TaskExpired",
     "BatchError",
     "NoConsumers",
     "NoEligibleWorkers",
@@ -125,6 +127,12 @@ class TaskTimeout(ZdqTimeoutError):
     """A task ran longer than its time limit."""
 
 
+class TaskProcessDied(ZdqError):
+    """The child process that ran a task under a hard time limit (``hard=True``) died before it
+    answered: on its own (a crash, ``os._exit``, the kernel's OOM killer), or because its consumer
+    stopped. The message names the process and how it ended."""
+
+
 class RemoteTaskError(ZdqError):
     """A task failed remotely with an exception that could not be sent back as itself.
 
@@ -164,6 +172,15 @@ class DuplicateTask(ZdqError):
 class TaskCancelled(ZdqError, concurrent.futures.CancelledError):
     """A task that ``future.cancel()`` removed before it started: it never ran. In a batch's
     :class:`BatchError` and in ``ConsumerPool.results()`` this is the value of each cancelled task."""
+
+
+class TaskExpired(ZdqError):
+    """A task given ``expires=`` that had not started by then: it never ran, and is not retried.
+
+    Neither a :class:`TaskCancelled` (nobody cancelled it) nor a ``TimeoutError`` (an ``except
+    TimeoutError`` around ``future.result(timeout=...)`` means "no result yet", not this). In a
+    batch's :class:`BatchError` and in ``ConsumerPool.results()`` this is the value of each
+    expired task."""
 
 
 class NoConsumers(ZdqError, RuntimeError):

@@ -67,6 +67,19 @@ class BrokerStats(_Compact):
     delayed_tasks: int = 0
     tasks_unique_duplicates: int = 0  # unique tasks not queued: their key was held (see BrokerCounters)
     unique_keys: int = 0  # unique keys held now by queued or running tasks
+    tasks_expired: int = 0  # their ``expires=`` passed before they were delivered: they never ran
+    #: Rate limits (see :mod:`zdq.broker.rates`): the queue's own (tasks per second, its share of
+    #: the pool's; 0: none) and the per-call ones by key; ``throttled_tasks`` wait now for a key's
+    #: token (counted among the delayed); ``tasks_throttled`` waited for a token since the broker
+    #: started, and ``rate_limited_seconds`` sums the waits limits imposed on ready work.
+    rate_limit: float = 0.0
+    key_rate_limits: dict[str, float] = field(default_factory=dict)
+    throttled_tasks: int = 0
+    tasks_throttled: int = 0
+    rate_limited_seconds: float = 0.0
+    #: Results kept after their driver took them (``result_ttl``), for zdq.result(): tasks, bytes.
+    kept_tasks: int = 0
+    kept_bytes: int = 0
     #: Chunks by round trip (DELIVER to DONE): a count per bound of ``ROUND_TRIP_BOUNDS``, then
     #: one above them; ``round_trip_sum`` is their total time in seconds.
     round_trips: tuple[int, ...] = field(default=(), repr=False)
@@ -89,6 +102,7 @@ class ConsumerStats(_Compact):
     tasks_in_flight: int
     bad_chunks: int
     tasks_cancelled: int = 0  # cancelled before they started: skipped, never run
+    tasks_expired: int = 0  # their ``expires=`` passed before they started here: never run
     tasks_retried: int = 0  # failed attempts that were retried
     #: The queues this consumer cannot reach, each ``"<queue> at <endpoint>: <why>"``.
     unreachable: tuple[str, ...] = ()

@@ -224,6 +224,14 @@ class Broker:
     def schedules(self) -> list[bytes]:
         return self._running_core().schedules()
 
+    def set_rate_limit(self, rate: float | None, key: bytes = b"") -> None:
+        """This queue's own limit (tasks per second; ``None``: none), or a per-call ``key``'s."""
+        self._running_core().set_rate_limit(rate, key)
+
+    def task_state(self, task_id: int) -> tuple[str, bytes | None, str]:
+        """Where task ``task_id`` stands in this queue (:mod:`zdq.broker.task_state`)."""
+        return self._running_core().task_state(task_id)
+
     def requeue_dead(self, chunk_ids: list[int] | None = None) -> int:
         return self._running_core().requeue_dead(chunk_ids)
 

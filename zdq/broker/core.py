@@ -24,7 +24,9 @@ each chunk's state (ready, leased, done)  :class:`~zdq.broker.leases.LeaseTable`
 results to drivers: waiting, routed,      :class:`~zdq.broker.routing.ResultRouting`
 resends, receipts
 cancel questions asked of consumers       :class:`~zdq.broker.questions.CancelQuestions`
+expiry times, chunks that expired         :class:`~zdq.broker.expiry.ExpiryWatch`
 chunks out to consumers, READY notices    :class:`~zdq.broker.dispatch.Dispatch`
+rate limits (token buckets, parked chunks) :class:`~zdq.broker.rates.RateLimits`
 schedules                                 :class:`~zdq.broker.schedules.ScheduleTable`
 counters                                  each field has one writer: ``orphan_results`` routing's,
                                           ``chunks_redelivered`` dispatch's, the others the core's
@@ -49,11 +51,15 @@ from zdq.names import unnamed_peer
 from zdq.stats import ROUND_TRIP_BOUNDS, BrokerStats
 from zdq.broker.counters import BrokerCounters
 from zdq.broker.dispatch import Dispatch
+from zdq.broker.expiry import ExpiryWatch
 from zdq.broker.leases import LeaseTable
 from zdq.broker.peers import Peer, PeerTable
 from zdq.broker.questions import CancelQuestions
+from zdq.broker.rates import RateLimits
+from zdq.broker.retained import Retained
 from zdq.broker.routing import ResultRouting
 from zdq.broker.schedules import ScheduleTable
+from zdq.broker.task_state import task_state
 from zdq.broker.unique import UniqueKeys, stored_unique
 from zdq.codec.schedules import SCHEDULED
 from zdq.storage.base import ChunkMeta, DeadLetter, Storage
@@ -122,6 +128,10 @@ class BrokerCore:
         self._alive = alive
         self._sock = socket
         self._leases = LeaseTable(storage)
+        if settings.result_ttl is not None:  # results kept after their receipt, for zdq.result()
+            self._leases.retained = Retained(storage, settings.result_ttl, settings.result_bytes)
+        elif storage.durable:  # kept by an earlier run of the queue with result_ttl: no longer wanted
+            storage.unretain([chunk_id for chunk_id, _ in storage.retained()])
         self._schedules = ScheduleTable(name, storage)
         self._storage = storage
         self._durable = storage.durable
@@ -150,7 +160,12 @@ class BrokerCore:
         self._questions = CancelQuestions(
             name, self._leases, self._peers, self._send, timeout=settings.heartbeat_timeout
         )
-        self._chunks_out = Dispatch(self._leases, self._peer_table, self._send, self.counters, self._expire)
+        # A durable queue's chunks that wait keep their expiry across a restart (a scan, at start only).
+        self._expiry = ExpiryWatch((i, m) for i in storage.waiting_ids() if (m := storage.meta(i)) is not None)
+        self._rates = RateLimits(storage)
+        self._chunks_out = Dispatch(
+            self._leases, self._peer_table, self._send, self.counters, self._expire, self._rates, expired=self._expire_chunk
+        )
         self._routes = self._route_table()
         # Unique keys (see zdq.broker.unique): made when a queue holds or receives a unique chunk.
         self._unique: UniqueKeys | None = None
@@ -206,8 +221,24 @@ class BrokerCore:
                 delayed_chunks=c.delayed_chunks,
                 delayed_tasks=c.delayed_tasks,
                 unique_keys=len(self._unique.holders) if self._unique is not None else 0,
+                **self._rate_stats(),
+                **self._kept_figures(),
                 **{**asdict(self.counters), "round_trips": tuple(self.counters.round_trips)},
             )
+
+    def _rate_stats(self) -> dict[str, Any]:
+        rate, keys, parked = self._rates.describe()
+        return {
+            "rate_limit": rate,
+            "key_rate_limits": keys,
+            "throttled_tasks": parked,
+            "tasks_throttled": self._rates.tasks_throttled,
+            "rate_limited_seconds": self._rates.throttled_seconds,
+        }
+
+    def _kept_figures(self) -> dict[str, int]:
+        kept = self._leases.retained
+        return {} if kept is None else {"kept_tasks": kept.tasks, "kept_bytes": kept.nbytes}
 
     def dead_letters(self) -> list[DeadLetter]:
         with self._lock:
@@ -229,6 +260,13 @@ class BrokerCore:
             self._chunks_out.rescan()  # consumers without credit hear READY at the next round
         return n
 
+    def expired_state(self, task_id: int, owner: bytes | None = None) -> bool:
+        """Whether task ``task_id`` (of the driver ``owner``, if given) expired in this broker
+        before it was delivered, among the last chunks that did (see :mod:`zdq.broker.expiry`;
+        one broker's memory: not kept across a restart)."""
+        with self._lock:
+            return self._expiry.has_expired(task_id, owner)
+
     def setting(self, name: bytes, proposed: bytes | None) -> bytes | None:
         with self._lock:
             return self._storage.setting(name, proposed)
@@ -245,6 +283,21 @@ class BrokerCore:
         with self._lock:
             return self._schedules.records()
 
+    def set_rate_limit(self, rate: float | None, key: bytes = b"") -> None:
+        """The queue's own limit (``key`` empty; kept with a durable queue), or a per-call key's;
+        tasks per second, ``None`` for none. The loop applies it at its next round."""
+        with self._lock:
+            if key:
+                self._rates.set_key(key, rate)
+            else:
+                self._rates.set_queue(rate)
+
+    def task_state(self, task_id: int) -> tuple[str, bytes | None, str]:
+        """Where task ``task_id`` stands in this queue (:func:`zdq.state`): ``(state, sealed
+        results or None, detail)``; see :func:`zdq.broker.task_state.task_state`."""
+        with self._lock:
+            return task_state(self._leases, task_id, getattr(self, "expired_state", None))
+
     # -- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -253,15 +306,21 @@ class BrokerCore:
         next_beat = time.monotonic() + beat
         storage = self._storage
         schedules = self._schedules
+        expiry = self._expiry
+        rates = self._rates
         try:
             while not self._stop.is_set():
                 due = min(next_beat, self._confirm_due) if self._confirms else next_beat
-                release = storage.next_release  # wall clock; inf when no chunk is delayed
+                # Wall clock; inf when no chunk is delayed and none carries an expiry.
+                release = min(storage.next_release, expiry.next_at)
                 if release < math.inf:
-                    # The poll ends when the next delayed chunk is due: nothing polls while they wait.
+                    # The poll ends when the next delayed chunk is due (or the next expiry comes):
+                    # nothing polls while they wait.
                     due = min(due, time.monotonic() + (release - time.time()))
                 if schedules.wake_at < due:
                     due = schedules.wake_at
+                if rates.wake_at < due:  # a rate limit holds work back until then: no polling
+                    due = rates.wake_at
                 wait_ms = max(0, min(100, math.ceil((due - time.monotonic()) * 1000)))
                 if poller.poll(wait_ms):
                     with self._lock:
@@ -271,9 +330,15 @@ class BrokerCore:
                 if release < math.inf and release <= time.time():
                     with self._lock:
                         self._chunks_out.release_due(now)
+                if expiry.next_at <= time.time():
+                    with self._lock:
+                        self._expire_due(now)
                 if self._confirms and (now >= self._confirm_due or len(self._confirms) >= _CONFIRM_BATCH):
                     with self._lock:
                         self._send_confirms()
+                if now >= rates.wake_at:
+                    with self._lock:
+                        self._chunks_out.run(now)
                 if now >= schedules.wake_at:
                     with self._lock:
                         if schedules.fire(time.time()):
@@ -440,7 +505,7 @@ class BrokerCore:
     def _on_dead(self, ident: bytes, msg: p.Dead, work: _Round) -> None:
         reason = msg.reason.decode(errors="replace")
         try:
-            meta = self._leases.dead_letter(ident, msg.chunk_id, msg.chunk, reason)
+            meta = self._leases.dead_letter(ident, msg.chunk_id, msg.chunk, reason, msg.task_id)
         except StorageError as e:
             logger.error("broker %s could not store a dead letter: %s", self.name, e)
             return
@@ -535,6 +600,8 @@ class BrokerCore:
                 self._confirm_due = time.monotonic() + _CONFIRM_DELAY
             for (ident, put), chunk_id in zip(puts, ids):
                 self._confirms[(ident, put.seq)] = chunk_id
+                if put.expires:
+                    self._expiry.add(chunk_id, put.expires)
             if unique:
                 self._unique.stored(puts, ids, same_round, time.time())  # type: ignore[union-attr]
                 self.counters.tasks_unique_duplicates += len(same_round)
@@ -591,6 +658,33 @@ class BrokerCore:
         if self._confirms:
             self._confirms.pop((driver, seq), None)
 
+    # -- expiry (see zdq.broker.expiry) ---------------------------------------------------------
+    def _expire_due(self, now: float) -> None:
+        """Chunks whose expiry came and that still wait (ready or delayed) are expired now."""
+        for chunk_id in self._expiry.due(time.time()):
+            self._expire_chunk(chunk_id, now, just_leased=False)
+        if self._durable:
+            self._storage.commit()
+
+    def _expire_chunk(self, chunk_id: int, now: float, *, just_leased: bool = True) -> None:
+        """The chunk's expiry passed before it was delivered: it never is. Its driver is told
+        (EXPIRED, held like results until its RACK). ``just_leased``: Dispatch leased it a
+        moment ago, and did not send it."""
+        held = self._leases.expire_unsent(chunk_id, just_leased=just_leased)
+        if held is None:
+            return  # delivered (its consumer checks), done, or gone
+        meta = held.meta
+        n = meta.n_tasks - len(self._storage.cancelled(chunk_id))
+        self.counters.tasks_expired += n
+        self._expiry.note(chunk_id, meta)
+        logger.debug("broker %s: chunk %d (%d tasks) expired before it was delivered", self.name, chunk_id, n)
+        if meta.owner == SCHEDULED:  # a schedule's tick has no driver to tell; the next tick runs
+            self._leases.forget_now(chunk_id)
+            return
+        self._routing.finished(chunk_id, held, now)
+        if meta.unique_key and self._unique is not None:  # its key is free; its followers expired with it
+            self._unique.expired(chunk_id)
+
     # -- time -----------------------------------------------------------------------------------
     def _was_deaf(self, gap: float) -> None:
         """The loop did not run for ``gap`` seconds (its process was stopped, or starved of the
@@ -616,6 +710,8 @@ class BrokerCore:
         for ident, peer in self._peers.items():
             if not peer.gone:
                 self._send(ident, p.Heartbeat())
+        if self._leases.retained is not None:
+            self._leases.retained.expire()
         self._schedules.rewake()  # follows a jump of the wall clock
         self._chunks_out.run(now)
         self._storage.commit()

@@ -30,6 +30,7 @@ class BrokerCounters:
     tasks_dead_lettered: int = 0
     #: Unique tasks' PUTs not stored: their key was held (they followed its chunk, or its window refused them).
     tasks_unique_duplicates: int = 0
+    tasks_expired: int = 0  # their expiry passed before they were delivered: never sent, never run
     #: Chunks by the time from their DELIVER to their DONE: one count per bound of
     #: ``ROUND_TRIP_BOUNDS``, and a last one above them (the Prometheus histogram).
     round_trips: list[int] = field(default_factory=lambda: [0] * (len(ROUND_TRIP_BOUNDS) + 1))

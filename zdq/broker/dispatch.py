@@ -3,7 +3,8 @@
 A consumer gets at most the credit it gave (:class:`~zdq.broker.peers.PeerTable` counts it), one
 chunk per credit, in the order consumers gave it (a consumer in the broker's own process first). A
 chunk's tasks cancelled while it waited are announced just before it (one pipe keeps the order),
-so the consumer skips them. When work waits and no consumer has credit here, those without are
+so the consumer skips them. A chunk whose expiry passed is not sent: ``expired`` takes it (see
+:mod:`zdq.broker.expiry`), and the credit goes to the next. When work waits and no consumer has credit here, those without are
 told READY, at most every ``READY_EVERY``: a consumer spreads a bounded prefetch over several
 queues, and may have parked it elsewhere.
 
@@ -16,12 +17,14 @@ table; it counts ``chunks_redelivered`` and no other counter.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
 from zdq.broker.counters import BrokerCounters
 from zdq.broker.leases import LeaseTable
 from zdq.broker.peers import Peer, PeerTable, Send
+from zdq.broker.rates import RateLimits
 from zdq.transport import protocol as p
 
 
@@ -48,6 +51,11 @@ class Dispatch:
     gone : Callable[[bytes, Peer], None]
         Called with a consumer removed from the peers because it could not be reached: its
         leases expire.
+    rates : RateLimits, optional
+        The queue's rate limits (default: none yet): when any is active, they choose the chunk
+        that goes (and may park chunks of a key that must wait, see :mod:`zdq.broker.rates`).
+    expired : Callable[[int, float], None], optional
+        Called with a chunk just leased (not sent) whose expiry passed, and the loop's time.
     """
 
     def __init__(
@@ -57,6 +65,9 @@ class Dispatch:
         send: Send,
         counters: BrokerCounters,
         gone: Callable[[bytes, Peer], None],
+        rates: RateLimits | None = None,
+        *,
+        expired: Callable[[int, float], None] | None = None,
     ) -> None:
         self._leases = leases
         self._storage = leases.storage
@@ -64,6 +75,8 @@ class Dispatch:
         self._send = send
         self._counters = counters
         self._gone = gone
+        self._rates = RateLimits(leases.storage) if rates is None else rates
+        self._expired = expired
         self.ready_scan = 0.0  # when consumers without credit were last looked at
 
     def rescan(self) -> None:
@@ -78,18 +91,29 @@ class Dispatch:
             self.run(now)
 
     def run(self, now: float) -> None:
-        """Hand out every chunk that credit allows; tell READY to consumers without credit."""
-        leases, storage, send = self._leases, self._storage, self._send
+        """Hand out every chunk that credit (and the rate limits) allow; tell READY to consumers
+        without credit."""
+        leases, storage, send, rates = self._leases, self._storage, self._send, self._rates
         by_ident, with_credit = self._peers.by_ident, self._peers.with_credit
+        limited = rates.active  # the one test a queue without limits pays, per round
+        if limited:
+            rates.wake_at = math.inf  # set again by a bucket that holds work back
         while with_credit:
             ident = with_credit[0]
             consumer = by_ident.get(ident)
             if consumer is None or consumer.credit <= 0:
                 with_credit.popleft()
                 continue
-            leased = leases.lease(ident, now)
+            leased = rates.lease(leases, ident, now) if limited else leases.lease(ident, now)
             if leased is None:
                 return
+            meta = leased.meta
+            if meta.expires and meta.expires <= time.time() and self._expired is not None:
+                self._expired(leased.chunk_id, now)  # never delivered; this credit goes to the next
+                continue
+            if meta.rate_key and not limited:  # the first chunk under a per-call limit
+                rates.first_keyed(meta.rate_key, meta.rate, meta.n_tasks, now)
+                limited = rates.active
             cancelled = storage.cancelled(leased.chunk_id)
             if cancelled:  # told first (one pipe keeps order): the consumer skips these tasks
                 send(ident, p.Cancel(0, leased.chunk_id, 0, tuple(sorted(cancelled))))

@@ -11,7 +11,8 @@ here until a driver acknowledges them with RACK), or *dead* (dead-lettered, in s
 storage backend keeps what must survive the broker (every chunk not yet acknowledged, dead letters);
 this table adds what lives only as long as the broker: who holds a lease, which chunks were
 acknowledged early, whose lease expired (a late DONE from that consumer still counts), and the
-results waiting for a driver's receipt. Nothing is deleted from storage before that receipt.
+results waiting for a driver's receipt. Nothing is deleted from storage before that receipt. A
+pool with ``result_ttl`` keeps the results a while after it (:mod:`zdq.broker.retained`).
 
 Owned by the broker's loop thread; control-plane readers take the broker's lock.
 """
@@ -24,9 +25,11 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from zdq.broker.expiry import EXPIRED_BY, EXPIRED_RESULTS
 from zdq.errors import ProtocolError, StorageError
 from zdq.codec.schedules import SCHEDULED
 from zdq.storage.base import ChunkMeta, Leased, Storage
+from zdq.broker.retained import Retained
 from zdq.transport.protocol import ID_SIZE
 
 __all__ = ["Held", "LeaseTable", "QueueCounts"]
@@ -79,9 +82,13 @@ class LeaseTable:
         self._previous: dict[int, bytes] = {}
         # Chunks split into one-task parts (after a consumer died holding them): their part ids.
         self._parts: dict[int, tuple[bytes, int, list[int]]] = {}
+        #: Results kept after their receipt (``result_ttl``), set by the broker; None: not kept.
+        self.retained: Retained | None = None
         for chunk_id, (consumer, results) in storage.recovered_results.items():
             meta = storage.meta(chunk_id)
             if meta is not None:  # done before the last stop; no driver had taken the results
+                if consumer == EXPIRED_BY:  # expired: its outcome is told by EXPIRED (see zdq.broker.expiry)
+                    results = EXPIRED_RESULTS
                 self._held[chunk_id] = Held(meta, None, results=results, consumer=consumer)
 
     # -- reading --------------------------------------------------------------------------------
@@ -149,6 +156,15 @@ class LeaseTable:
             return {}
         return {chunk_id: {i: i for i in indexes if i < meta.n_tasks}}
 
+    def holding(self, task_id: int) -> tuple[int, Held] | None:
+        """The chunk out of the ready queue (leased, or done and awaiting a receipt) that holds task
+        ``task_id``, or None. A scan: for rare requests (:func:`zdq.state`) only."""
+        for chunk_id, held in self._held.items():
+            meta = held.meta
+            if meta.base and meta.base <= task_id < meta.base + meta.n_tasks:
+                return chunk_id, held
+        return None
+
     def seqs_of(self, owner: bytes) -> set[int]:
         """The driver seqs of every chunk this queue holds for ``owner``, in any state."""
         seqs = {h.meta.seq for h in self._held.values() if h.meta.owner == owner}
@@ -160,12 +176,38 @@ class LeaseTable:
         """Store new chunks at the tail (raises StorageFull/StorageError: nothing stored)."""
         return self.storage.put_many(entries)
 
-    def lease(self, consumer: bytes, now: float = 0.0) -> Leased | None:
-        leased = self.storage.lease()
+    def lease(self, consumer: bytes, now: float = 0.0, chunk_id: int | None = None) -> Leased | None:
+        """The chunk at the head of the queue (or the parked ``chunk_id``), leased to ``consumer``."""
+        leased = self.storage.lease(chunk_id)
         if leased is not None:
             self._held[leased.chunk_id] = Held(leased.meta, consumer, leased_at=now)
             self._previous.pop(leased.chunk_id, None)
         return leased
+
+    def expire_unsent(self, chunk_id: int, *, just_leased: bool = False) -> Held | None:
+        """The chunk's expiry passed before it was delivered: it is done, its outcome
+        :data:`~zdq.broker.expiry.EXPIRED_RESULTS` (see :mod:`zdq.broker.expiry`). ``just_leased``:
+        it was leased a moment ago and not sent; otherwise it must be waiting (ready or delayed).
+        ``None`` if it is not (delivered, done, or gone): nothing changes."""
+        held = self._held.get(chunk_id)
+        if just_leased:
+            if held is None or held.results is not None or held.early:
+                return None
+        else:
+            storage = self.storage
+            meta = storage.meta(chunk_id)
+            if held is not None or meta is None or not storage.is_ready(chunk_id):
+                return None
+            storage.release_now(chunk_id)  # a delayed one leaves its release heap first
+            if not storage.take_back(chunk_id):
+                return None
+            held = self._held[chunk_id] = Held(meta, None)
+            self._previous.pop(chunk_id, None)
+        held.holder = None
+        held.leased_at = 0.0
+        held.results = EXPIRED_RESULTS
+        held.consumer = EXPIRED_BY
+        return held
 
     def give_back(self, chunk_id: int, *, count_attempt: bool) -> None:
         """A leased chunk goes back to the head of the queue (unstarted, or its delivery failed)."""
@@ -282,10 +324,13 @@ class LeaseTable:
     def forget(self, chunk_ids: Iterable[int], driver: bytes) -> int:
         """``driver`` holds the results of these chunks: remove them for good. Return how many."""
         gone = []
+        retained = self.retained
         for chunk_id in chunk_ids:
             held = self._held.get(chunk_id)
             if held is not None and held.results is not None and held.driver == driver:
                 del self._held[chunk_id]
+                if retained is not None:  # result_ttl: kept a while longer, for zdq.result()
+                    retained.keep(chunk_id, held.meta, held.consumer, held.results)
                 if not held.early:
                     gone.append(chunk_id)
         if gone:
@@ -314,7 +359,7 @@ class LeaseTable:
         meta = held.meta
         self.split(chunk_id, [(_part_of(meta, i), part) for i, part in enumerate(parts)])
 
-    def dead_letter(self, consumer: bytes, chunk_id: int, task: object, reason: str) -> ChunkMeta:
+    def dead_letter(self, consumer: bytes, chunk_id: int, task: object, reason: str, task_id: int = 0) -> ChunkMeta:
         """A task of the chunk ``consumer`` holds (or held) used up its attempts: it is stored as a
         dead letter (``task``, a one-task chunk), unless the chunk is a schedule's tick (the next
         tick runs the same task: one dead letter per tick would pile up without bound). Return
@@ -333,7 +378,8 @@ class LeaseTable:
         meta = self.meta(chunk_id) or held.meta
         if meta.owner != SCHEDULED:
             # seq 0: if the dead letter is requeued, its result goes to the pool's driver as a new one.
-            self.storage.put_dead([(ChunkMeta(meta.owner, 0, 1, priority=meta.priority), task, reason)])
+            # Its base is the task's id (``task_id``): zdq.state() finds it by that.
+            self.storage.put_dead([(ChunkMeta(meta.owner, 0, 1, priority=meta.priority, base=task_id), task, reason)])
         return meta
 
     def split(self, chunk_id: int, parts: Sequence[tuple[ChunkMeta, object]]) -> list[int]:

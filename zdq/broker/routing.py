@@ -9,7 +9,8 @@ never met, go to the driver that placed this broker (its *creator*), marked fore
 Results sent to a driver that then fell silent, or that said HELLO again (a new connection drops
 what was queued on the old one), are sent again; the driver records each task once. Nothing is
 dropped: a chunk leaves the queue only when the driver it was sent to acknowledges its results
-(RACK, :meth:`ResultRouting.receipt`).
+(RACK, :meth:`ResultRouting.receipt`). A chunk that expired before it was delivered is done the
+same way, and its driver is sent EXPIRED instead of RESULTS (see :mod:`zdq.broker.expiry`).
 
 Who owns what
 -------------
@@ -26,6 +27,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 
 from zdq.broker.counters import BrokerCounters
+from zdq.broker.expiry import EXPIRED_RESULTS
 from zdq.broker.leases import Held, LeaseTable
 from zdq.broker.peers import Peer, Send
 from zdq.transport import protocol as p
@@ -108,7 +110,13 @@ class ResultRouting:
         if target is None:
             return False
         driver, seq = target
-        if not self._send(driver, p.Results(seq, chunk_id, held.consumer, held.results)):
+        results = held.results
+        if results is EXPIRED_RESULTS:
+            meta = held.meta
+            message: p.Message = p.Expired(seq, chunk_id, meta.base, meta.n_tasks)
+        else:
+            message = p.Results(seq, chunk_id, held.consumer, results)
+        if not self._send(driver, message):
             return False
         self._leases.sent(held, driver, now)
         routed = self.routed

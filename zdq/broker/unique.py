@@ -129,6 +129,12 @@ class UniqueKeys:
         for driver, seq in self._release(chunk_id):
             self._deliver(driver, p.Lost(seq, chunk_id))
 
+    def expired(self, chunk_id: int) -> None:
+        """A holder expired before it was delivered: its followers' tasks did too (base 0: the
+        whole of each follower's one-task chunk)."""
+        for driver, seq in self._release(chunk_id):
+            self._deliver(driver, p.Expired(seq, chunk_id, 0, 1))
+
     def housekeeping(self) -> None:
         """Send again what followers could not take; forget the windows that passed."""
         if self._unsent:

@@ -269,6 +269,9 @@ class PlacedQueues:
         self._gone: set[int] = set()  # durable queues that cannot be placed again
         self._silent_logged: set[int] = set()
         self.recoveries = 0
+        #: Each queue's own rate limit as this pool last set it: a transient queue placed again
+        #: gets it back (a durable one finds its own, stored with it).
+        self.rate_limits: dict[int, float | None] = {}
         # Publishing (the supervisor, after a recovery) and withdrawing (close()) never cross: a
         # late recovery does not publish a pool that was withdrawn.
         self._record_lock = threading.Lock()
@@ -466,6 +469,8 @@ class PlacedQueues:
                 )
             if key != self.payload_key:
                 raise StorageCorrupt(f"queue {name} was reopened with another pool's key")
+            if transient and self.rate_limits.get(i):
+                broker.set_rate_limit(self.rate_limits[i]).result(timeout=self.settings.placement_timeout)
             old = self.slots.adopt(i, fut, broker)
         except SlotsClosed as e:
             # close() ran meanwhile: what this late recovery placed is released, nothing written.

@@ -110,6 +110,11 @@ class ConsumerPool:
     resources : dict, optional
         Place consumers only on workers that declare these Dask resources (``{"GPU": 1}``): the
         tasks of this pool then run there. :class:`PlacementError` if no worker does.
+    time_limit : float or str, optional
+        Time limit of the tasks that carry no options of their own.
+    hard : bool
+        Those tasks run in a child process of their consumer, killed at ``time_limit`` (which it
+        needs): see :meth:`QueuePool.submit`.
     fan_out : int, optional (a keyword of the settings)
         Queues each consumer connects to, at most (default ``zdq.fan-out``); every queue is still
         served. See :attr:`served`.
@@ -144,6 +149,7 @@ class ConsumerPool:
         workers: Sequence[str] | None = None,
         resources: Mapping[str, float] | None = None,
         time_limit: float | str | None = None,
+        hard: bool = False,
         start: bool = False,
         **overrides: Any,
     ) -> None:
@@ -182,6 +188,11 @@ class ConsumerPool:
         self.early_ack = early_ack
         self.retries = retries
         self.time_limit = seconds_or_none(time_limit, "time_limit")
+        if not isinstance(hard, bool):
+            raise TypeError(f"hard must be True or False, got {hard!r}")
+        if hard and self.time_limit is None:
+            raise ValueError("hard=True kills tasks at the consumers' time limit: give time_limit= too")
+        self.hard = hard
         # Every keyword a QueuePool takes for its settings is taken here too (heartbeat_interval,
         # ...): it applies to these consumers.
         self.settings = queue_pool.settings.with_overrides(prefetch=prefetch, **overrides)
@@ -213,6 +224,7 @@ class ConsumerPool:
             early_ack=self.early_ack,
             retries=self.retries or 0,
             time_limit=self.time_limit,
+            hard=self.hard,
             allowed_workers=allowed_workers(client, workers),
             resources=self.resources,
             on_identity=registry.add_identity,

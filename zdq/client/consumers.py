@@ -104,6 +104,7 @@ class ConsumerSlots:
         early_ack: bool,
         retries: int,
         time_limit: float | None,
+        hard: bool = False,
         allowed_workers: list[str] | None,
         resources: dict[str, float] | None,
         on_identity: Callable[[bytes], None],
@@ -117,6 +118,7 @@ class ConsumerSlots:
         self._early_ack = early_ack
         self._retries = retries
         self._time_limit = time_limit
+        self._hard = hard
         self._allowed = allowed_workers
         self._resources = resources
         self._on_identity = on_identity
@@ -208,6 +210,7 @@ class ConsumerSlots:
             qp.payload_key,
             self._time_limit,
             (qp.name, qp.dirpath),
+            self._hard,
         )
         with self._lock:  # placed_on is read by reach verdicts meanwhile
             fut = place_actor(

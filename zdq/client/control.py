@@ -28,6 +28,7 @@ from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.schedules import Schedule, cancel_schedule, list_schedules, make_schedule
 from zdq.client.submit import Submitter
 from zdq.client.driver import Driver
+from zdq.codec.rates import rate_key_of, rate_of, share
 from zdq.errors import BrokerLost, ClosedError, ZdqError
 from zdq.stats import BrokerStats, PoolStats
 
@@ -55,6 +56,8 @@ class ControlMethods:
     _submitter: Submitter
     _schedules_made: int
     _schedule_lock: threading.Lock
+    client: Any
+    dirpath: str | None
 
     @property
     def driver(self) -> Driver:
@@ -154,6 +157,44 @@ class ControlMethods:
         except Exception as e:  # an actor call: its worker may be gone or the call timed out
             raise ZdqError(f"pool {self.name}: a broker did not answer about schedules: {e!r}") from e
 
+    # -- rate limits (zdq.broker.rates) -----------------------------------------------------------
+    @off_loop_when_async
+    def set_rate_limit(
+        self, rate: float | str | None, queue: int | str | None = None, key: Any = None, timeout: float = 30.0
+    ) -> None:
+        """Change a rate limit of the live pool, effective at the brokers' next round.
+
+        ``rate`` is ``"100/s"``, ``"6000/m"``, ``"10/h"`` or tasks per second; ``None`` removes
+        the limit. Without ``queue`` it is the pool's total, split evenly among its queues; with
+        ``queue`` (an index or a queue name) that queue's own. Without ``key`` it limits every
+        task of the queues; with ``key`` (a function, or its ``"module:qualname"``) only that
+        function's tasks, as ``submit(..., rate_limit=)`` does (until a submission gives another
+        rate). A durable queue keeps its own limit (not a key's) across restarts.
+
+        Raises
+        ------
+        TypeError, ValueError
+            ``rate`` is not a rate, or ``queue`` names no queue of this pool.
+        """
+        value = rate_of(rate)
+        indexes = range(self.n_queues) if queue is None else [self._queue_index(queue)]
+        each = share(value, self.n_queues) if queue is None else value
+        name = b"" if key is None else key.encode() if isinstance(key, str) else rate_key_of(key)
+        self._owned("rate limits")
+        calls = [(i, self.broker_actor(i).set_rate_limit(each, name)) for i in indexes]
+        assert isinstance(self._queues, PlacedQueues)  # _owned said so
+        for i, call in calls:
+            call.result(timeout=timeout)
+            if not name:
+                self._queues.rate_limits[i] = each
+
+    def _queue_index(self, queue: int | str) -> int:
+        if isinstance(queue, int) and not isinstance(queue, bool) and 0 <= queue < self.n_queues:
+            return queue
+        if isinstance(queue, str) and queue in self.queue_names:
+            return self.queue_names.index(queue)
+        raise ValueError(f"pool {self.name} has no queue {queue!r} (its queues: 0 to {self.n_queues - 1}, {', '.join(self.queue_names)})")
+
     # -- dead letters -------------------------------------------------------------------------
     def _owned(self, what: str) -> None:
         if not isinstance(self._queues, PlacedQueues):
@@ -200,6 +241,20 @@ class ControlMethods:
                 ids.append(letter.chunk_id)
         calls = [getattr(self.broker_actor(i), method)(ids) for i, ids in by_queue.items()]
         return sum(int(c.result(timeout=30)) for c in calls)
+
+    # -- results by id (zdq.client.by_id) -----------------------------------------------------------
+    def state_of(self, key: int) -> str:
+        """:func:`zdq.state` of task ``key`` of this pool (any process may ask it by the pool's name)."""
+        from zdq.client.by_id import state
+
+        return state(self.name, key, client=self.client, dirpath=self.dirpath)
+
+    def result_of(self, key: int, timeout: float | None = None) -> Any:
+        """:func:`zdq.result` of task ``key`` of this pool (kept after its driver took it only with
+        ``result_ttl=``)."""
+        from zdq.client.by_id import result
+
+        return result(self.name, key, timeout, client=self.client, dirpath=self.dirpath)
 
     # -- introspection --------------------------------------------------------------------------
     def broker_statistics(self, timeout: float = 10.0) -> list[BrokerStats]:

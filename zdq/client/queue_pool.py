@@ -76,6 +76,7 @@ from zdq.futures import TaskFuture
 from zdq.names import counted, queue_name
 from zdq.observe.monitor import ensure_installed
 from zdq.relay.path import RelayPath
+from zdq.codec.rates import chunk_cap, rate_of, share
 from zdq.codec.tasks import TaskOptions
 from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
 from zdq.transport.security import ClientKeys
@@ -126,7 +127,7 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
     keep_results : bool
         Keep every result for :meth:`ConsumerPool.results` (the daskqueue behaviour). Turn it off
         for huge runs that read results from futures only, so driver memory stays flat.
-    retries, retry_backoff, retry_on, time_limit
+    retries, retry_backoff, retry_on, time_limit, hard
         Default task options (see :meth:`submit`).
     workers : list of str, optional
         Addresses or names of the workers to place brokers on (default: all workers).
@@ -148,6 +149,13 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         default client).
     start : bool
         Place the brokers at once (the daskqueue behaviour). With ``False``, call :meth:`start`.
+    rate_limit : str or float, optional
+        At most this many tasks start per second in the whole pool: ``"100/s"``, ``"6000/m"``,
+        ``"10/h"`` or tasks per second (Celery's forms). Each queue's broker holds an even share
+        (a token bucket: it holds for every consumer together); chunks are cut small enough that
+        the starts are smooth. Change it live with :meth:`set_rate_limit` (or ``zdq rate-limit``);
+        a durable queue keeps the last one set across restarts, and a pool opened without
+        ``rate_limit`` keeps it.
     **overrides
         Any :class:`~zdq.config.PoolSettings` field (``chunk_size``, ``window``, ...).
 
@@ -175,12 +183,14 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         retry_backoff: float = 0.1,
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         time_limit: float | str | None = None,
+        hard: bool = False,
         workers: Sequence[str] | None = None,
         resources: Mapping[str, float] | None = None,
         auth: bool | None = None,
         relay: bool | None = None,
         start: bool = True,
         parallel: int | None = None,
+        rate_limit: float | str | None = None,
         **overrides: Any,
     ) -> None:
         if not isinstance(n_queues, int) or isinstance(n_queues, bool) or n_queues < 1:
@@ -201,12 +211,17 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         self.dirpath = None if dirpath is None else os.path.abspath(os.fspath(dirpath))
         self.name = name or ("default" if self.durability is Durability.DURABLE else f"zdq-{uuid.uuid4().hex[:8]}")
         self.settings: PoolSettings = settings(**overrides)
+        self.rate_limit = rate_of(rate_limit)
+        if self.rate_limit is not None:  # smooth starts: chunks of a twentieth of a second of the rate
+            cap = chunk_cap(share(self.rate_limit, n_queues) or 0.0)
+            self.settings = self.settings.with_overrides(chunk_size=min(self.settings.chunk_size, cap))
         self.keep_results = keep_results
         self.default_options = TaskOptions(
             retries=retries,
             retry_backoff=retry_backoff,
             retry_on=tuple(retry_on) if isinstance(retry_on, (tuple, list)) else retry_on,
             time_limit=seconds_or_none(time_limit, "time_limit"),
+            hard=hard,
         )
         self._submitter = Submitter(TaskDefaults(self.default_options))
         #: Each queue's name (see :func:`zdq.names.queue_name`): the keys of get_queue_size().
@@ -502,6 +517,8 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         )
         queues.place(self.auth)
         self._queues = queues
+        if self.rate_limit is not None:
+            self.set_rate_limit(self.rate_limit)
         self._start_driver()
         self._check_reach(started)
         self._supervise(interval=0.25)
@@ -702,16 +719,16 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
             self._loop_submissions = asynchronous.LoopSubmissions(self.name)
         return self._loop_submissions
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         loop_submissions = self._on_loop_submissions()
         if loop_submissions is not None:
-            return loop_submissions.submit(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)
+            return loop_submissions.submit(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)  # type: ignore[arg-type]
         return SubmitMethods.submit(self, fn, *args, **kwargs)
 
-    async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
+    async def asubmit(self, fn: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> TaskFuture:
         loop_submissions = self._on_loop_submissions()
         if loop_submissions is not None:  # the future, queued in the order of the loop's submissions
-            future: TaskFuture = await loop_submissions.future(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)
+            future: TaskFuture = await loop_submissions.future(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)  # type: ignore[arg-type]
             return future
         return await SubmitMethods.asubmit(self, fn, *args, **kwargs)
 

@@ -20,6 +20,7 @@ state                   owner
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import functools
 from collections.abc import Iterable, Sequence
@@ -34,11 +35,14 @@ from zdq.client.driver import Driver
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
-from zdq.codec.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, dumps_task, item_task
-from zdq.codec.timing import Timing, timing_of
+from zdq.codec.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, check_task_name, dumps_task, item_task
+from zdq.codec.rates import chunk_cap, rate_key_of, rate_of, share
+from zdq.codec.timing import Timing, expiry_of, timing_of
 from zdq.codec.unique import unique_timing
 
-__all__ = ["TaskDefaults", "Submitter", "SubmitMethods", "SubmitTarget", "check_worker_class", "insert_bar"]
+__all__ = [
+    "TaskDefaults", "Submitter", "SubmitMethods", "SubmitTarget", "check_worker_class", "insert_bar", "with_expiry",
+]
 
 _NO_OPTIONS = TaskOptions()
 
@@ -54,6 +58,15 @@ def check_worker_class(worker_class: type | None) -> None:
             f"submitted functions run on GeneralConsumer and its subclasses only: worker_class="
             f"{worker_class!r:.80} cannot run them (put() items for a ConsumerBaseClass's process_item)"
         )
+
+
+def with_expiry(options: TaskOptions | None, timing: Timing | None) -> TaskOptions | None:
+    """The task options that carry a submission's expiry to its consumers (which check it before
+    each task starts: a chunk may wait in a consumer's prefetch, where its broker cannot see it);
+    ``options`` themselves when it has none."""
+    if timing is None or not timing.expires:
+        return options
+    return dataclasses.replace(options or _NO_OPTIONS, expires=timing.expires)
 
 
 def insert_bar(total: int | None) -> Any:
@@ -81,19 +94,28 @@ class TaskDefaults:
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         time_limit: float | str | None = None,
+        hard: bool | None = None,
     ) -> TaskOptions | None:
         """Task options from a call's keywords (``None``: not given) over the defaults; ``None``
-        when they are all the default ones. Four identity tests on the plain path (and no
+        when they are all the default ones. Five identity tests on the plain path (and no
         ``**kwargs``: a dict per call would be made for nothing)."""
-        if retries is None and retry_backoff is None and retry_on is None and time_limit is None:
+        if retries is None and retry_backoff is None and retry_on is None and time_limit is None and hard is None:
             return self._plain
-        given = {"retries": retries, "retry_backoff": retry_backoff, "retry_on": retry_on, "time_limit": time_limit}
+        given = {
+            "retries": retries,
+            "retry_backoff": retry_backoff,
+            "retry_on": retry_on,
+            "time_limit": time_limit,
+            "hard": hard,
+        }
         return self.merge_all(**{k: v for k, v in given.items() if v is not None})
 
     def merge_all(self, **given: Any) -> TaskOptions | None:
         """:meth:`merge` for any :class:`TaskOptions` field given by name (``submit_call``'s
         ``**options``). ``None`` is "not given", except ``time_limit=None`` named explicitly,
-        which lifts the pool's default time limit for these tasks (as it always did)."""
+        which lifts the pool's default time limit for these tasks (as it always did), and its
+        ``hard`` with it. ``hard=True`` without a time limit here or in the defaults raises
+        ``ValueError``."""
         lift_limit = "time_limit" in given and given["time_limit"] is None
         given = {k: v for k, v in given.items() if v is not None}
         if not given and not lift_limit:
@@ -111,12 +133,46 @@ class TaskDefaults:
             "time_limit": (
                 None if lift_limit else d.time_limit if time_limit is None else seconds_or_none(time_limit, "time_limit")
             ),
+            "hard": False if lift_limit else d.hard,
         }
         fields.update(given)
         if isinstance(fields["retry_on"], type):
             fields["retry_on"] = (fields["retry_on"],)
         options = TaskOptions(**fields)
         return None if options == _NO_OPTIONS else options
+
+
+def rate_limited(fn: Any, rate_limit: Any, n_queues: int) -> tuple[tuple[bytes, float] | None, int]:
+    """A per-call ``rate_limit=`` of ``fn``'s tasks: ``((key, each queue's share), most tasks per
+    chunk)``, or ``(None, 0)`` for none. The key is ``fn``'s ``module:qualname`` (see
+    :mod:`zdq.codec.rates`); raises ``TypeError``/``ValueError`` for a rate that is not one."""
+    rate = share(rate_of(rate_limit), n_queues)
+    if rate is None:
+        return None, 0
+    return (rate_key_of(fn), rate), chunk_cap(rate)
+
+
+def with_limit(timing: Timing | None, limit: tuple[bytes, float] | None) -> Timing | None:
+    """``timing`` with a per-call rate limit's tags (the broker's bucket key and rate)."""
+    if limit is None:
+        return timing
+    return dataclasses.replace(timing or Timing(), rate_key=limit[0], rate=limit[1])
+
+
+def _limited_batch(
+    calls: Sequence[tuple[Any, ...]], rate_limit: Any, n_queues: int, timing: Timing | None, batch_size: int | None
+) -> tuple[Timing | None, int | None]:
+    """A batch's timing with its function's rate limit, and its chunk size capped for it."""
+    fns = {call[0] for call in calls if isinstance(call, tuple) and call}
+    if len(fns) > 1:
+        raise ValueError(
+            f"rate_limit= on batch_submit limits one function, and this batch calls {len(fns)}: submit each "
+            "function's calls in a batch of their own"
+        )
+    if not fns:
+        return timing, batch_size
+    limit, cap = rate_limited(fns.pop(), rate_limit, n_queues)
+    return with_limit(timing, limit), (min(batch_size, cap) if batch_size else cap) if limit else batch_size
 
 
 class SubmitTarget(Protocol):
@@ -180,7 +236,7 @@ class Submitter:
     def call(
         self,
         driver: Driver,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any] | None,
         options: TaskOptions | None,
@@ -189,37 +245,49 @@ class Submitter:
         eta: datetime.datetime | None,
         priority: int | None,
         unique: tuple[Any, Any] | None = None,
+        expires: Any = None,
+        limit: tuple[bytes, float] | None = None,
     ) -> TaskFuture:
         """One call; ``options`` already merged. Futures among the arguments (see
-        :mod:`zdq.client.dependencies`) hold the call in this process until they are done.
-        ``unique``: the call's ``(unique_key, unique_for)``, if either was given."""
+        :mod:`zdq.client.dependencies`) hold the call in this process until they are done (its
+        ``delay`` and ``expires`` then count from when it is sent). ``unique``: the call's
+        ``(unique_key, unique_for)``, if either was given; ``limit``: a per-call rate limit's
+        ``(key, rate per queue)`` (see :func:`rate_limited`)."""
         if not callable(fn):
-            raise TypeError(f"submit() needs a callable, got {fn!r:.80}")
+            if type(fn) is not str:
+                raise TypeError(f"submit() needs a callable or a task name 'package.module:function', got {fn!r:.80}")
+            check_task_name(fn)  # imported by the consumer that runs it
         if may_hold(args, kwargs):  # one isinstance per argument on the plain path
             inputs = find_futures(args, kwargs)
             if inputs:
                 timeout_or_none(timeout)  # a bad one is refused now, not when the inputs are done
-                if delay is not None or eta is not None or priority is not None:
-                    timing_of(delay, eta, priority)  # checked now too (a delay counts from the launch)
+                if delay is not None or eta is not None or priority is not None or expires is not None:
+                    timing_of(delay, eta, priority, expires)  # checked now too (a delay counts from the launch)
                 if unique is not None:
                     unique_timing(None, *unique)
 
                 def launch(a: tuple[Any, ...], k: dict[str, Any]) -> TaskFuture:
-                    return self.call(driver, fn, a, k or None, options, timeout, delay, eta, priority, unique)
+                    return self.call(driver, fn, a, k or None, options, timeout, delay, eta, priority, unique, expires, limit)
 
                 return hold(inputs, launch, args, kwargs)
         timeout = timeout_or_none(timeout)
-        # Three identity tests when unused: the plain path builds nothing more per task.
-        timing = None if delay is None and eta is None and priority is None else timing_of(delay, eta, priority)
+        # Six identity tests when unused: the plain path builds nothing more per task.
+        if delay is None and eta is None and priority is None and expires is None and unique is None and limit is None:
+            return driver.submit_task(dumps_task(call_task(fn, args, kwargs, options)), timeout=timeout)
+        timing = with_limit(timing_of(delay, eta, priority, expires), limit)
         if unique is not None:  # a unique task: a chunk of its own, for the queue that owns its key
             timing = unique_timing(timing, *unique)
-        task = dumps_task(call_task(fn, args, kwargs, options))
-        if timing is None:
+        task = dumps_task(call_task(fn, args, kwargs, with_expiry(options, timing)))
+        if timing is None:  # priority=0 alone
             return driver.submit_task(task, timeout=timeout)
         return driver.submit_timed(task, timing, timeout=timeout)
 
-    def item(self, driver: Driver, item: Any) -> TaskFuture:
-        return driver.submit_task(dumps_task(item_task(item)))
+    def item(self, driver: Driver, item: Any, expires: Any = None) -> TaskFuture:
+        if expires is None:
+            return driver.submit_task(dumps_task(item_task(item)))
+        timing = Timing(expires=expiry_of(expires))
+        # A raw item's entry with options of its own: (None, item, kwargs, options).
+        return driver.submit_timed(dumps_task((None, item, None, with_expiry(None, timing))), timing)
 
     def _chunk_size(self, pool: SubmitTarget, chunking: Chunking, batch_size: int | None, n_tasks: int | None = None) -> int:
         """Tasks per chunk of a batch of ``n_tasks`` (see :meth:`Chunking.batch_size`)."""
@@ -244,8 +312,12 @@ class Submitter:
         check_calls(calls)
         return self.entries(pool, calls, CALLS, options, batch_size, timeout, timing)
 
-    def items(self, pool: SubmitTarget, items: Sequence[Any], batch_size: int | None, timeout: float | None) -> BatchFuture:
-        return self.entries(pool, list(items), ITEMS, self.defaults.merge(), batch_size, timeout)
+    def items(
+        self, pool: SubmitTarget, items: Sequence[Any], batch_size: int | None, timeout: float | None, expires: Any = None
+    ) -> BatchFuture:
+        timing = None if expires is None else Timing(expires=expiry_of(expires))
+        options = with_expiry(self.defaults.merge(), timing)
+        return self.entries(pool, list(items), ITEMS, options, batch_size, timeout, timing)
 
     def entries(
         self,
@@ -376,12 +448,13 @@ class SubmitMethods:
 
     def submit(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         *args: Any,
         retries: int | None = None,
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         time_limit: float | str | None = None,
+        hard: bool | None = None,
         timeout: float | None = None,
         worker_class: type | None = None,
         delay: float | datetime.timedelta | None = None,
@@ -389,19 +462,36 @@ class SubmitMethods:
         priority: int | None = None,
         unique_key: str | None = None,
         unique_for: float | datetime.timedelta | None = None,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
+        rate_limit: float | str | None = None,
         **kwargs: Any,
     ) -> TaskFuture:
         """Queue ``fn(*args, **kwargs)``; return a future of its result.
 
         Parameters
         ----------
+        fn : callable or str
+            The function, or its name ``"package.module:function"`` (or
+            ``"package.module:Class.method"``; Celery's ``send_task``): this process then needs
+            neither the code nor its module, the consumer imports it. A name of another form
+            raises ``ValueError`` here; one the consumer cannot import fails the task's future with
+            ``ImportError`` naming the module, the attribute and the worker.
         retries : int, optional
             Extra attempts after a failure (exponential backoff with jitter, starting at
             ``retry_backoff`` seconds); after the last one the task is dead-lettered.
         retry_on : exception type or tuple of them, optional
             Only these are retried (default: any ``Exception``).
         time_limit : float, optional
-            Time limit of one attempt: an attempt running longer fails with ``TaskTimeout``.
+            Time limit of one attempt: an attempt running longer fails with ``TaskTimeout``. The
+            attempt itself goes on, abandoned on its thread (Python cannot kill a thread), unless
+            ``hard``.
+        hard : bool, optional
+            Run each attempt in a child process of the consumer, killed (SIGKILL) at
+            ``time_limit``: the future fails with ``TaskTimeout`` saying so, the process's memory
+            is freed, the consumer goes on. Needs a ``time_limit`` (or the pool's), else
+            ``ValueError``. The function, arguments and value must pickle; a child process that
+            dies on its own fails the task with ``TaskProcessDied``. It costs a round trip between
+            processes per task (see the README).
         timeout : float, optional
             How long this call may block while the driver's buffers are full (a stalled or lost
             broker); past it, :class:`~zdq.errors.SubmitTimeout` and nothing is queued.
@@ -426,6 +516,18 @@ class SubmitMethods:
             Also hold the key this long after the broker stored the task, even once it ended: a
             submission with the key in that window after the task ended fails with
             :class:`~zdq.errors.DuplicateTask` (naming when the key is free again).
+        expires : float, timedelta or datetime, optional
+            Seconds from now (or a timezone-aware time) after which the task does not start: if
+            it has not by then, it never runs and its future fails with
+            :class:`~zdq.errors.TaskExpired` (Celery's ``expires``, RQ's ``ttl``). Its broker
+            checks before it hands the task out, its consumer before it starts it; a durable
+            queue keeps the time across restarts. It must come after a ``delay`` or ``eta``.
+        rate_limit : str or float, optional
+            At most this many of ``fn``'s tasks start per second in the pool, as Celery's task
+            ``rate_limit``: ``"100/s"``, ``"6000/m"``, ``"10/h"`` or tasks per second. Counted per
+            function (its ``module:qualname``) across every call that gives one, by the queues'
+            brokers (each holds its share); the latest rate given for a function wins. Tasks of
+            other functions do not wait behind them.
 
         These keywords are zdq's own: to pass keyword arguments of those names to ``fn``,
         use :meth:`submit_call`.
@@ -435,19 +537,20 @@ class SubmitMethods:
         SerializationError
             ``fn`` or an argument cannot be pickled; nothing was queued.
         TypeError, ValueError
-            A ``delay``, ``eta`` or ``priority`` that is not one (the message names it); nothing
-            was queued.
+            A ``delay``, ``eta``, ``priority`` or ``expires`` that is not one (the message names
+            it); nothing was queued.
         """
         if worker_class is not None:
             check_worker_class(worker_class)
         s = self._submitter
-        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
+        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard)
         unique = None if unique_key is None and unique_for is None else (unique_key, unique_for)
-        return s.call(self.driver, fn, args, kwargs, options, timeout, delay, eta, priority, unique)
+        limit = None if rate_limit is None else rate_limited(fn, rate_limit, self.n_queues)[0]
+        return s.call(self.driver, fn, args, kwargs, options, timeout, delay, eta, priority, unique, expires, limit)
 
     def submit_call(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
         *,
@@ -457,15 +560,16 @@ class SubmitMethods:
         priority: int | None = None,
         unique_key: str | None = None,
         unique_for: float | datetime.timedelta | None = None,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
         **options: Any,
     ) -> TaskFuture:
         """Like :meth:`submit` with explicit ``args``/``kwargs``; ``options`` as in :class:`TaskOptions`."""
         s = self._submitter
         unique = None if unique_key is None and unique_for is None else (unique_key, unique_for)
-        options_ = s.defaults.merge_all(**options)
-        return s.call(self.driver, fn, args, kwargs, options_, timeout, delay, eta, priority, unique)
+        merged = s.defaults.merge_all(**options)
+        return s.call(self.driver, fn, args, kwargs, merged, timeout, delay, eta, priority, unique, expires)
 
-    async def asubmit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskFuture:
+    async def asubmit(self, fn: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> TaskFuture:
         """:meth:`submit` for coroutines: never blocks the event loop. A full submission window
         is awaited on a helper thread instead of waited for on the loop; the returned future can
         be awaited (``await (await queue_pool.asubmit(f, x))``)."""
@@ -481,9 +585,10 @@ class SubmitMethods:
         return await asyncio.to_thread(functools.partial(self.batch_submit, list_calls, **kwargs))
 
     @off_loop_when_async
-    def put(self, item: Any) -> TaskFuture:
-        """Queue a raw item for the consumers' ``process_item``; return a future of its result."""
-        return self._submitter.item(self.driver, item)
+    def put(self, item: Any, *, expires: float | datetime.timedelta | datetime.datetime | None = None) -> TaskFuture:
+        """Queue a raw item for the consumers' ``process_item``; return a future of its result.
+        ``expires`` is :meth:`submit`'s."""
+        return self._submitter.item(self.driver, item, expires)
 
     @off_loop_when_async
     def batch_submit(
@@ -496,33 +601,50 @@ class SubmitMethods:
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         time_limit: float | str | None = None,
+        hard: bool | None = None,
         worker_class: type | None = None,
         sync_mode: bool = True,
         delay: float | datetime.timedelta | None = None,
         eta: datetime.datetime | None = None,
         priority: int | None = None,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
+        rate_limit: float | str | None = None,
     ) -> BatchFuture:
         """Queue many calls ``(fn, *args)`` at once; return one future of all their results.
+        ``fn`` may be a task name, as in :meth:`submit`.
 
         The calls are pickled into chunks of at most ``batch_size`` (and ``chunk-size``) tasks
         before anything is sent: if one of them cannot be pickled, :class:`SerializationError`
         names it and nothing of the batch is queued. ``timeout`` bounds how long this call may
         block on a full submission window (``time_limit`` is the tasks' own time limit);
-        ``retries``, ``retry_backoff`` and ``retry_on`` are as in :meth:`submit`. ``worker_class``
+        ``retries``, ``retry_backoff``, ``retry_on`` and ``hard`` are as in :meth:`submit`. ``worker_class``
         and ``sync_mode`` are daskqueue's (the first is checked as in :meth:`submit`, the second
         has no effect: a batch is always sent from this process). ``delay``, ``eta`` and
-        ``priority`` are as in :meth:`submit`, for every call of the batch (one release time).
+        ``priority`` are as in :meth:`submit`, for every call of the batch (one release time);
+        ``expires`` too (one expiry time: each task that has not started by then fails with
+        :class:`~zdq.errors.TaskExpired`, the others run), and ``rate_limit``, for a batch of calls
+        of one function (cut into chunks small enough that their starts are smooth: a twentieth of
+        a second of the rate).
         """
         check_worker_class(worker_class)
-        timing = timing_of(delay, eta, priority)
+        timing = timing_of(delay, eta, priority, expires)
+        if rate_limit is not None:
+            timing, batch_size = _limited_batch(list_calls, rate_limit, self.n_queues, timing, batch_size)
         s = self._submitter
-        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
+        options = with_expiry(s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard), timing)
         return s.calls(self, list_calls, options, batch_size, timeout, timing)
 
     @off_loop_when_async
-    def put_many(self, items: Sequence[Any], batch_size: int | None = None, timeout: float | None = None) -> BatchFuture:
-        """Queue many raw items at once; same guarantees as :meth:`batch_submit`."""
-        return self._submitter.items(self, items, batch_size, timeout)
+    def put_many(
+        self,
+        items: Sequence[Any],
+        batch_size: int | None = None,
+        timeout: float | None = None,
+        *,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
+    ) -> BatchFuture:
+        """Queue many raw items at once; same guarantees as :meth:`batch_submit` (``expires`` too)."""
+        return self._submitter.items(self, items, batch_size, timeout, expires)
 
     @off_loop_when_async
     def submit_iter(
@@ -535,11 +657,13 @@ class SubmitMethods:
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         time_limit: float | str | None = None,
+        hard: bool | None = None,
         total: int | None = None,
         progress: bool = False,
         delay: float | datetime.timedelta | None = None,
         eta: datetime.datetime | None = None,
         priority: int | None = None,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
     ) -> int:
         """Queue calls ``(fn, *args)`` from any iterable, lazily, in flat memory; return the count.
 
@@ -552,33 +676,37 @@ class SubmitMethods:
         :class:`SerializationError` says how many tasks were. ``timeout`` bounds each wait for
         room (:class:`~zdq.errors.SubmitTimeout`); the task options are as in :meth:`submit`.
         ``delay``/``eta`` and ``priority`` too: a ``delay`` is counted from this call, the same
-        release time for every task of the iterable, however long it takes to read.
+        release time for every task of the iterable, however long it takes to read (and ``expires``,
+        one expiry time).
         """
         self.driver  # a pool that is not started or is closed raises ClosedError here
-        timing = timing_of(delay, eta, priority)
+        timing = timing_of(delay, eta, priority, expires)
         s = self._submitter
-        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
+        options = with_expiry(s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard), timing)
         return s.stream(self, calls, options, batch_size, timeout, total, progress, timing)
 
     @off_loop_when_async
     def map(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         *iterables: Iterable[Any],
         retries: int | None = None,
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         time_limit: float | str | None = None,
+        hard: bool | None = None,
         timeout: float | None = None,
         batch_size: int | None = None,
         worker_class: type | None = None,
         delay: float | datetime.timedelta | None = None,
         eta: datetime.datetime | None = None,
         priority: int | None = None,
+        expires: float | datetime.timedelta | datetime.datetime | None = None,
         **kwargs: Any,
     ) -> list[TaskFuture]:
         """``fn`` over the iterables' items (zipped, as Dask's ``client.map``); return a future
-        per call, in order. ``kwargs`` go to every call of ``fn``.
+        per call, in order. ``kwargs`` go to every call of ``fn``. ``fn`` may be a task name, as
+        in :meth:`submit` (then without ``kwargs``).
 
         Futures among the items (of lists, tuples and other sized iterables) or in ``kwargs``
         are resolved as :meth:`submit` resolves them: each call is then submitted on its own once
@@ -602,11 +730,15 @@ class SubmitMethods:
             )
         if worker_class is not None:
             check_worker_class(worker_class)
+        if type(fn) is str:
+            check_task_name(fn)
+            if kwargs:
+                raise TypeError("map() of a task name takes no keyword arguments for it: use submit_call() per call")
         self.driver  # a pool that is not started or is closed raises ClosedError here
-        timing = timing_of(delay, eta, priority)
+        timing = timing_of(delay, eta, priority, expires)
         s = self._submitter
-        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit)
-        call = functools.partial(fn, **kwargs) if kwargs else fn
+        options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard)
+        call = functools.partial(fn, **kwargs) if kwargs and not isinstance(fn, str) else fn
         sized = all(hasattr(it, "__len__") for it in iterables)
         total = min((len(it) for it in iterables), default=0) if sized else None  # type: ignore[arg-type]
         calls = ((call, *args) for args in zip(*iterables))
@@ -617,9 +749,11 @@ class SubmitMethods:
         try:
             if held:
                 for args in zip(*iterables):
-                    futures.append(s.call(self.driver, fn, args, kwargs or None, options, timeout, delay, eta, priority))
+                    futures.append(
+                        s.call(self.driver, fn, args, kwargs or None, options, timeout, delay, eta, priority, expires=expires)
+                    )
             else:
-                s.stream(self, calls, options, batch_size, timeout, total, False, timing, futures)
+                s.stream(self, calls, with_expiry(options, timing), batch_size, timeout, total, False, timing, futures)
         except BaseException as e:
             # The caller gets no future: the tasks queued before the error are cancelled, not left
             # to run for nobody (those already started finish).

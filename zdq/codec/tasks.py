@@ -41,10 +41,13 @@ import, and every function is pure (running a chunk only writes the ``values`` i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import math
 import operator
 import pickle
+import re
 import sys
 import types
 from collections.abc import Callable, Iterable, Sequence
@@ -87,6 +90,9 @@ __all__ = [  # noqa: RUF022 - grouped by role
     "run_entries",
     "own_options",
 ]
+# Tasks by name and hard time limits (check_task_name, resolve_task_name, is_named, call_parts,
+# careful_callers) are imported by the submitter and the runner from here: they are not in
+# ``__all__``, which zdq.tasks, the old path, must repeat whole.
 
 Task = tuple[Any, ...]
 
@@ -110,6 +116,13 @@ class TaskOptions:
         Only these exceptions are retried.
     time_limit : float or None
         Seconds an attempt may run before it fails with :class:`~zdq.errors.TaskTimeout`.
+    hard : bool
+        Run each attempt in a child process of the consumer, killed at ``time_limit`` (which it
+        needs); without it, a task past its limit is abandoned to finish on its thread.
+    expires : float
+        Wall-clock time (``time.time()``) after which the task does not start: it fails with
+        :class:`~zdq.errors.TaskExpired` (the consumer's check; its broker checks too, before it
+        delivers the chunk); ``0.0``: never. Set from ``submit(..., expires=)``.
 
     >>> TaskOptions(retries=2, time_limit=30.0).retries
     2
@@ -120,6 +133,18 @@ class TaskOptions:
     retry_backoff_max: float = 30.0
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     time_limit: float | None = None
+    # Added later, last, with defaults: options pickled before they existed (in durable queues) still load.
+    hard: bool = False
+    expires: float = 0.0
+
+    def __setstate__(self, state: Sequence[Any]) -> None:
+        # A frozen dataclass with slots pickles its fields as a list, in order: options pickled by
+        # an earlier version (a durable queue's chunks, dead letters) hold fewer, and the fields
+        # added since take their defaults.
+        fields = dataclasses.fields(self)
+        values = (*state, *(f.default for f in fields[len(state) :]))
+        for f, value in zip(fields, values):
+            object.__setattr__(self, f.name, value)
 
     def __post_init__(self) -> None:
         if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
@@ -128,6 +153,8 @@ class TaskOptions:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a non-negative, finite number of seconds, got {value!r}")
+        if not isinstance(self.expires, (int, float)) or not 0 <= self.expires < math.inf:
+            raise ValueError(f"expires must be a wall-clock time in seconds (0: never), got {self.expires!r}")
         if self.time_limit is not None and not 0 < self.time_limit < math.inf:
             raise ValueError(f"a time limit must be positive, got {self.time_limit!r}")
         if (
@@ -136,16 +163,21 @@ class TaskOptions:
             or not all(isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on)
         ):
             raise TypeError(f"retry_on must be exception types, got {self.retry_on!r}")
+        if not isinstance(self.hard, bool):
+            raise TypeError(f"hard must be True or False, got {self.hard!r}")
+        if self.hard and self.time_limit is None:
+            raise ValueError("hard=True kills a task at its time limit: give a time_limit too (or a pool's default one)")
 
 
 # -- building ------------------------------------------------------------------------------------
 def call_task(
-    fn: Callable[..., Any],
+    fn: Callable[..., Any] | str,
     args: Sequence[Any] = (),
     kwargs: dict[str, Any] | None = None,
     options: TaskOptions | None = None,
 ) -> Task:
-    """The TASKS entry of ``fn(*args, **kwargs)``: its shortest layout (no empty kwargs)."""
+    """The TASKS entry of ``fn(*args, **kwargs)``: its shortest layout (no empty kwargs). ``fn``
+    may be a task name (:func:`check_task_name`)."""
     if options is not None:
         return (fn, tuple(args), kwargs or None, options)
     return (fn, tuple(args), kwargs) if kwargs else (fn, tuple(args))
@@ -157,12 +189,16 @@ def item_task(item: Any) -> Task:
 
 
 def check_calls(calls: Sequence[Any], first: int = 0) -> None:
-    """Raise ``TypeError`` unless every one of ``calls`` is a CALLS entry ``(fn, *args)``;
+    """Raise ``TypeError`` unless every one of ``calls`` is a CALLS entry ``(fn, *args)``, where
+    ``fn`` is a callable or a task name (:func:`check_task_name`, which raises ``ValueError``);
     ``first`` is the position of ``calls[0]`` in what the user submitted."""
     if _all_calls(calls):
         return
     for i, call in enumerate(calls):
         if type(call) is not tuple or not call or not callable(call[0]):
+            if type(call) is tuple and call and type(call[0]) is str:  # only names pay for this
+                check_task_name(call[0], f"batch_submit item {first + i}: ")
+                continue
             raise TypeError(f"batch_submit item {first + i} must be a tuple (fn, *args), got {call!r:.80}")
 
 
@@ -177,8 +213,11 @@ def _all_calls(calls: Sequence[Any]) -> bool:
     ``tuple`` would pass here, and fail as a task instead). ``callable`` is asked of every entry:
     no ``__eq__`` of a user's object is trusted. Anything that raises leaves it to the loop."""
     n = len(calls)
+    head = calls[0] if n else None
+    if type(head) is not tuple or not head or not callable(head[0]):  # a batch by name, or none: the loop
+        return False
     try:
-        if not n or list(map(type, calls)).count(tuple) != n or not all(calls):  # a tuple is true when not empty
+        if list(map(type, calls)).count(tuple) != n or not all(calls):  # a tuple is true when not empty
             return False
         return all(map(callable, map(_first, calls)))
     except Exception:
@@ -186,6 +225,21 @@ def _all_calls(calls: Sequence[Any]) -> bool:
 
 
 _first = operator.itemgetter(0)
+
+
+#: A task name: ``package.module:function`` or ``package.module:Class.method``.
+_TASK_NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+
+
+def check_task_name(name: str, where: str = "") -> None:
+    """Raise ``ValueError`` unless ``name`` has the form of a task name the consumers can import,
+    ``"package.module:function"`` (or ``"package.module:Class.method"``). ``where`` prefixes the
+    message (which item of a batch)."""
+    if _TASK_NAME.fullmatch(name) is None:
+        raise ValueError(
+            f"{where}a task given by name must be 'package.module:function' (or 'package.module:Class.method'), "
+            f"got {name!r:.80}"
+        )
 
 
 # -- encoding ------------------------------------------------------------------------------------
@@ -310,6 +364,9 @@ def _cancelled(*_: Any, **__: Any) -> Any:
 
 #: The type name a cancelled task's ErrorInfo carries.
 CANCELLED = "zdq.errors.TaskCancelled"
+#: The type name an expired task's ErrorInfo carries (not in ``__all__``: the old path
+#: ``zdq.tasks`` re-exports that list as it was).
+EXPIRED = "zdq.errors.TaskExpired"
 _CANCELLED_CALL = (_cancelled,)
 #: Also the placeholder of a cancelled raw item while its chunk runs (never pickled as such: an
 #: items chunk rewritten by a driver becomes a TASKS chunk).
@@ -400,6 +457,56 @@ def _run_tasks(numbered: Numbered, values: list[Any], process_item: Call, carefu
             careful(context, i, t, e)
 
 
+@functools.lru_cache(maxsize=1024)
+def resolve_task_name(name: str) -> Callable[..., Any]:
+    """The function a task name (``"package.module:function"``) stands for, imported in this
+    process; cached per process (a failure is not: a module installed later is then found).
+
+    Raises ``ImportError`` naming the module, or the attribute missing from it.
+    """
+    module_name, _, attribute = name.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(f"task {name!r}: cannot import module {module_name!r}: {e}", name=module_name) from e
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError as e:
+            raise ImportError(
+                f"task {name!r}: module {module_name!r} has no attribute {attribute!r}", name=module_name
+            ) from e
+    if not callable(target):
+        raise ImportError(f"task {name!r}: {attribute!r} of module {module_name!r} is not callable", name=module_name)
+    return target
+
+
+def _resolve(name: str, where: str) -> Callable[..., Any]:
+    try:
+        return resolve_task_name(name)
+    except ImportError as e:
+        raise ImportError(f"{e} (on {where})", name=e.name) from None  # the message says it all
+
+
+def is_named(kind: int, entry: Any) -> bool:
+    """Whether ``entry`` calls a task by name (a string in place of its function). Asked only
+    after its first attempt failed: on the fast path a name is called as it is, and fails."""
+    return kind != ITEMS and type(entry) is tuple and bool(entry) and type(entry[0]) is str
+
+
+def call_parts(kind: int, entry: Any, process_item: Call, where: str) -> tuple[Any, tuple[Any, ...], dict[str, Any] | None]:
+    """``(fn, args, kwargs)`` of an entry, a task name resolved: what a child process calls."""
+    if kind == ITEMS:
+        return process_item, (entry,), None
+    if kind == CALLS:
+        fn, args, kwargs = entry[0], entry[1:], None
+    elif entry[0] is None:
+        return process_item, (entry[1],), None
+    else:
+        fn, args, kwargs = entry[0], entry[1], entry[2] if len(entry) > 2 else None
+    return (_resolve(fn, where) if type(fn) is str else fn), tuple(args), kwargs or None
+
+
 def _call_task(process_item: Call, t: Task) -> Any:
     if t[0] is None:
         return process_item(t[1])
@@ -427,6 +534,26 @@ def run_entries(kind: int) -> Loop:
 def callers(process_item: Call) -> dict[int, Call]:
     """How one entry is called, by kind (TASKS, CALLS, ITEMS): for task threads and retries."""
     return {TASKS: functools.partial(_call_task, process_item), CALLS: _call_call, ITEMS: process_item}
+
+
+def careful_callers(process_item: Call, where: str) -> dict[int, Call]:
+    """:func:`callers` that also call tasks by name (resolved with :func:`resolve_task_name`;
+    ``where`` names the consumer and worker in its ``ImportError``): for the careful path, which
+    every named task takes after its first call, as a string, failed."""
+
+    def call_task(t: Task) -> Any:
+        fn = t[0]
+        if fn is None:
+            return process_item(t[1])
+        if type(fn) is str:
+            fn = _resolve(fn, where)
+        return fn(*t[1], **(t[2] or {})) if len(t) > 2 else fn(*t[1])
+
+    def call_call(c: Task) -> Any:
+        fn = c[0]
+        return (_resolve(fn, where) if type(fn) is str else fn)(*c[1:])
+
+    return {TASKS: call_task, CALLS: call_call, ITEMS: process_item}
 
 
 def own_options(kind: int, entry: Any) -> TaskOptions | None:

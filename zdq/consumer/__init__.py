@@ -16,7 +16,7 @@ Modules: :mod:`~zdq.consumer.base` (what users subclass), :mod:`~zdq.consumer.ac
 plane), :mod:`~zdq.consumer.link` (sockets, heartbeats, the hand-over, the route table; it runs the
 credit and sends what it decides), :mod:`~zdq.consumer.credit` (what to ask each broker for, pure),
 :mod:`~zdq.consumer.runner` (running chunks), :mod:`~zdq.consumer.policy` (retries and dead
-letters, pure).
+letters, pure), :mod:`~zdq.consumer.hard` (hard time limits: child processes).
 
 Who owns what
 -------------
@@ -40,9 +40,12 @@ hand-over (owner, since)       under ``Handover.lock``              the running 
 counters                       ``chunks_received``: socket owner;   actor reads (stats)
                                others under ``Counters.lock``
 stop, fetching events          actor sets and clears                every thread reads
+child processes (hard limits)  ``Runner.children`` (its lock); a    ``Runner.shutdown`` kills them all
+                               busy one is lent to one thread
 =============================  ===================================  ===================================
 
-A task with a time limit runs on its own ``zdq-timed-<name>-<task id>`` thread.
+A task with a time limit runs on its own ``zdq-timed-<name>-<task id>`` thread; with ``hard=True``,
+in a child process instead (:mod:`~zdq.consumer.hard`), killed at its limit.
 """
 
 from zdq.consumer.actor import Consumer

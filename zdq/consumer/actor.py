@@ -57,6 +57,8 @@ class Consumer:
         The key that seals chunks and results (``None``: unsealed).
     time_limit : float, optional
         Time limit of tasks that carry no options of their own.
+    hard : bool
+        Those tasks run in a child process killed at ``time_limit`` (see :mod:`zdq.consumer.hard`).
     pool : tuple, optional
         ``(name, dirpath)`` of the QueuePool it consumes: tasks reach it with
         :func:`zdq.current_pool`.
@@ -75,6 +77,7 @@ class Consumer:
         payload_key: bytes | None = None,
         time_limit: float | None = None,
         pool: tuple[str, str | None] | None = None,
+        hard: bool = False,
     ) -> None:
         self.name = name
         self._pool = pool  # (name, dirpath) of its QueuePool: what zdq.current_pool() attaches to
@@ -83,7 +86,7 @@ class Consumer:
         self._settings = settings
         self._max_concurrency = max_concurrency
         self._early_ack = early_ack
-        self._defaults = TaskOptions(retries=retries, time_limit=time_limit)
+        self._defaults = TaskOptions(retries=retries, time_limit=time_limit, hard=hard)
         self._keys = keys
         self._payload_key = payload_key
         self._endpoints: list[str] = []
@@ -159,6 +162,7 @@ class Consumer:
             queues=names,
             # Room for the frames around the results, and for the seal.
             max_bytes=max(self._settings.max_message_size // 2, self._settings.max_message_size - 65536),
+            worker=self._worker,
         )
         link.attach(runner)
         self._link, self._runner = link, runner
@@ -244,6 +248,7 @@ class Consumer:
             tasks_in_flight=0 if link is None else link.in_flight,
             bad_chunks=counters.bad_chunks,
             tasks_cancelled=counters.tasks_cancelled,
+            tasks_expired=counters.tasks_expired,
             tasks_retried=counters.tasks_retried,
             unreachable=() if link is None else tuple(f"{q} at {e}: {why}" for q, e, why in link.reach()[1]),
         )

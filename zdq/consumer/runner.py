@@ -32,14 +32,19 @@ import cloudpickle
 
 from zdq._actor import as_dask_task
 from zdq.consumer.base import ConsumerBaseClass
+from zdq.consumer.hard import Children
 from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
-from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskTimeout
+from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskExpired, TaskTimeout
 from zdq.codec.results import PROTOCOL, UNKNOWN_BASE, ErrorInfo, dumps_results
 from zdq.codec.tasks import (
     CANCELLED,
+    EXPIRED,
     TaskOptions,
+    call_parts,
     callers,
     cancelled_entry,
+    careful_callers,
+    is_named,
     is_cancelled,
     dumps_chunk,
     loads_chunk,
@@ -66,6 +71,7 @@ class Counters:
     tasks_done: int = 0
     tasks_failed: int = 0
     tasks_cancelled: int = 0
+    tasks_expired: int = 0  # their ``expires=`` passed before they started here: never run
     tasks_retried: int = 0  # failed attempts that were retried (counted off the success path)
     bad_chunks: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -261,12 +267,18 @@ class Runner:
         payload_key: bytes | None,
         queues: Sequence[str],
         max_bytes: int | None = None,
+        worker: str = "",
     ) -> None:
         self.name = name
+        self._where = f"consumer {name} on worker {worker or 'this process'}"
         self._queues = queues  # the brokers' queue names, for the logs
         self._handler = handler
         self._process_item = handler.process_item
         self._calls = callers(handler.process_item)  # how an entry of each kind is called
+        # The same, calling tasks given by name too: for the careful path, which they all take.
+        self._careful_calls = careful_callers(handler.process_item, self._where)
+        # The child processes of tasks with a hard time limit (none until the first such task).
+        self.children = Children(name)
         self._careful = self._run_careful  # bound once: chunk loops call it on failures
         self._post = post
         self._stop = stop
@@ -306,6 +318,7 @@ class Runner:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown()
+        self.children.close()
 
     # -- cancellations (called by the thread that owns the sockets) -------------------------------
     def received(self, chunk_id: int, broker: int) -> None:
@@ -510,18 +523,30 @@ class Runner:
                 run.errors[i] = ErrorInfo(TaskCancelled(message), CANCELLED, message, "")
             return
         options = self._options(run, task)
+        if options.expires and time.time() >= options.expires:
+            # Its expiry passed while its chunk waited here (prefetched, or behind a long task):
+            # it never starts, and is not retried. The broker could not see this.
+            message = f"task {tid} expired before it started (expires=); it never ran"
+            with run.lock:
+                run.errors[i] = ErrorInfo(TaskExpired(message), EXPIRED, message, "")
+            return
         if run.crashes:
             killed = on_redelivery(options, run.crashes, self._crash_attempts)
             if killed is not None:
                 self._dead_letter(run, i, task, _error_info(DeadLettered(killed.message(tid))), killed)
                 return
         attempt = run.crashes
-        error = failed
+        # A task given by name fails on the fast path, where its name is called as it is: that
+        # was no attempt, it runs now, its name resolved.
+        error = None if failed is not None and is_named(run.kind, task) else failed
         while True:
             attempt += 1
             if error is None:
                 try:
-                    run.values[i] = self._call_limited(run, task, options.time_limit, tid)
+                    if options.hard:
+                        run.values[i] = self._call_in_child(run, task, options.time_limit, tid)
+                    else:
+                        run.values[i] = self._call_limited(run, task, options.time_limit, tid)
                     return
                 except BaseException as e:  # noqa: BLE001 - the same
                     error = e
@@ -557,8 +582,14 @@ class Runner:
         with run.lock:
             run.errors[i] = info
 
+    def _call_in_child(self, run: _ChunkRun, task: Any, limit: float | None, tid: int) -> Any:
+        """A hard time limit: the task runs in a child process, killed at ``limit`` (see
+        :mod:`zdq.consumer.hard`)."""
+        fn, args, kwargs = call_parts(run.kind, task, self._process_item, self._where)
+        return self.children.call(fn, args, kwargs, limit if limit is not None else math.inf, tid)
+
     def _call_limited(self, run: _ChunkRun, task: Any, limit: float | None, tid: int) -> Any:
-        call = self._calls[run.kind]
+        call = self._careful_calls[run.kind]
         if limit is None:
             return call(task)
         box: dict[str, Any] = {}
@@ -585,10 +616,14 @@ class Runner:
         n = len(run.values)
         self._chunks.pop(run.chunk_id, None)
         counters = self._counters
-        cancelled = sum(1 for info in errors.values() if info.type_name == CANCELLED) if errors else 0
+        cancelled = expired = 0
+        if errors:
+            cancelled = sum(1 for info in errors.values() if info.type_name == CANCELLED)
+            expired = sum(1 for info in errors.values() if info.type_name == EXPIRED)
         with counters.lock:
-            counters.tasks_failed += len(errors) - cancelled
+            counters.tasks_failed += len(errors) - cancelled - expired
             counters.tasks_cancelled += cancelled
+            counters.tasks_expired += expired
             counters.tasks_done += n - len(errors)
         if run.stale:  # its broker was placed again: the new one runs the chunk from its storage
             return

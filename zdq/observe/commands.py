@@ -1,5 +1,5 @@
-"""``zdq status``, ``zdq purge``, ``zdq dead-letters`` and ``zdq schedules``: the CLI's commands
-for live pools.
+"""``zdq status``, ``zdq purge``, ``zdq dead-letters``, ``zdq schedules``, ``zdq rate-limit`` and
+``zdq result``: the CLI's commands for live pools.
 
 Each error a user can cause (a wrong address, a cluster without zdq, a pool or queue that does not
 exist) ends the command with one line on stderr and exit status 1, within ``--timeout``.
@@ -75,6 +75,8 @@ def _status(client: Any, args: argparse.Namespace) -> int:
 
 
 def format_status(state: dict[str, Any]) -> str:
+    from zdq.codec.rates import format_rate
+
     pools = state["pools"]
     if not pools:
         return "no live zdq pool on this cluster"
@@ -85,18 +87,18 @@ def format_status(state: dict[str, Any]) -> str:
         lines.append(
             f"pool {name}: {len(pool['queues'])} queues, {t['consumers']} consumers; submitted {t['submitted']}, "
             f"completed {t['completed']}, failed {t['failed']}, retried {t['retried']}, "
-            f"dead-lettered {t['dead_lettered']}; {rate} tasks/s completed"
+            f"dead-lettered {t['dead_lettered']}, expired {t.get('expired', 0)}; {rate} tasks/s completed"
         )
         lines.append(
             f"  {'queue':<28} {'host':<16} {'durable':<7} {'ready':>9} {'delayed':>9} {'leased':>9} {'awaiting':>9} "
-            f"{'dead':>7} {'consumers':>9} {'bad msgs':>8} {'unique':>7}"
+            f"{'dead':>7} {'consumers':>9} {'bad msgs':>8} {'unique':>7} {'limit':>9}"
         )
         for q in pool["queues"]:
             lines.append(
                 f"  {q['name']:<28} {q.get('host', ''):<16} {'yes' if q['durable'] else 'no':<7} {q['ready_tasks']:>9} "
                 f"{q.get('delayed_tasks', 0):>9} "
                 f"{q['leased_tasks']:>9} {q['awaiting_tasks']:>9} {q['dead_tasks']:>7} {q['consumers']:>9} "
-                f"{q['bad_messages']:>8} {q.get('unique_keys', 0):>7}"
+                f"{q['bad_messages']:>8} {q.get('unique_keys', 0):>7} {format_rate(q.get('rate_limit')):>9}"
             )
         if pool["consumers"]:
             lines.append(f"  {'consumer':<28} {'where':<28} {'state':<8} {'done':>9} {'failed':>7} {'in flight':>9}")
@@ -233,6 +235,38 @@ def format_schedules(found: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _rate_limit(client: Any, args: argparse.Namespace) -> int:
+    """``zdq rate-limit POOL [QUEUE] RATE``: the pool's limit (split among its queues) or one
+    queue's; ``none`` removes it. ``--key`` limits one function's tasks instead."""
+    from zdq.codec.rates import format_rate, rate_of
+    from zdq.observe import remote
+
+    if len(args.where) > 2:
+        raise ValueError(f"give POOL, an optional QUEUE and RATE, got {' '.join([args.pool, *args.where])!r}")
+    queue, given = (None, args.where[0]) if len(args.where) == 1 else args.where
+    rate = None if given.strip().lower() in ("none", "off", "0") else rate_of(given, "RATE")
+    queues = remote.queues_of(remote.status(client, args.timeout), args.pool, queue)
+    each = rate if rate is None or queue is not None else rate / len(queues)
+    done = remote.act(client, queues, "rate-limit", args.timeout, each, (args.key or "").encode())
+    what = f"key {args.key} " if args.key else ""
+    for name, answer in done.items():
+        print(f"{name}: {what}rate limit {format_rate(each)}" if answer is None else f"{name}: {answer['error']}")
+    return 0 if all(answer is None for answer in done.values()) else 1
+
+
+def _result(client: Any, args: argparse.Namespace) -> int:
+    """``zdq result POOL KEY``: a task's state, and its value or error (:mod:`zdq.client.by_id`)."""
+    from zdq.client.by_id import outcome
+
+    state, value, error, why = outcome(args.pool, args.key, args.wait, client=client)
+    shown = repr(value) if state == "done" else "" if error is None else f"{type(error).__name__}: {error}"
+    if args.json:
+        print(json.dumps({"pool": args.pool, "key": args.key, "state": state, "result": shown, "detail": why}))
+    else:
+        print(f"task {args.key} of pool {args.pool}: {why}" + (f": {shown}" if shown else ""))
+    return 0
+
+
 def _live_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", metavar="ADDRESS", default=None,
                         help="the Dask scheduler (default: $DASK_SCHEDULER_ADDRESS); security as for a Dask client")
@@ -241,7 +275,7 @@ def _live_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: Any) -> None:
-    """Add ``status``, ``purge``, ``dead-letters`` and ``schedules`` to the ``zdq`` command's subparsers."""
+    """Add ``status``, ``purge``, ``dead-letters``, ``schedules``, ``rate-limit`` and ``result`` to the ``zdq`` command's subparsers."""
     status = sub.add_parser("status", help="every live pool of a cluster: queues, consumers, rates")
     _live_options(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -276,3 +310,24 @@ def add_parsers(sub: Any) -> None:
     schedules.add_argument("--json", action="store_true", help="list: print JSON")
     schedules.add_argument("--yes", action="store_true", help="cancel: do not ask for confirmation")
     schedules.set_defaults(func=_live(_schedules))
+    limit = sub.add_parser(
+        "rate-limit", help="change the rate limit of a live pool (split among its queues) or of one queue"
+    )
+    _live_options(limit)
+    limit.add_argument("pool", help="the pool's name (as `zdq status` shows it)")
+    limit.add_argument(
+        "where", nargs="+", metavar="[QUEUE] RATE",
+        help="one queue (name or index; default: the pool, split evenly among its queues), then the rate: "
+        "100/s, 6000/m, 10/h, tasks per second, or none",
+    )
+    limit.add_argument("--key", default=None, metavar="module:qualname",
+                       help="limit only this function's tasks (those submitted with rate_limit=)")
+    limit.set_defaults(func=_live(_rate_limit))
+    result = sub.add_parser("result", help="a task's state and result by its key (future.key), from any process")
+    _live_options(result)
+    result.add_argument("pool", help="the pool's name (as `zdq status` shows it)")
+    result.add_argument("key", type=int, help="the task's key (future.key)")
+    result.add_argument("--wait", metavar="SECONDS", type=float, default=0.0,
+                        help="wait up to SECONDS for it to finish (default: say where it is now)")
+    result.add_argument("--json", action="store_true", help="print JSON")
+    result.set_defaults(func=_live(_result))

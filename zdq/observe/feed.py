@@ -161,6 +161,7 @@ def _report(sources: list[Source], interval: float) -> dict[str, Any]:
         # Counts travel, not lists that grow with the pool (names of consumers and drivers).
         stats.pop("consumer_names", None)
         stats.pop("routed_tasks", None)
+        stats.pop("key_rate_limits", None)
         if s.kind == "queue":
             stats["host"] = s.host
             queues.append(stats)

@@ -31,12 +31,15 @@ _QUEUE_COUNTERS = {
     "zdq_tasks_unique_duplicates": (
         "tasks_unique_duplicates", "Unique tasks not queued: their key was held (they got the holder's outcome)."
     ),
+    "zdq_tasks_throttled": ("tasks_throttled", "Tasks that waited for a rate limit's token."),
+    "zdq_rate_limited_seconds": ("rate_limited_seconds", "Seconds the queue's rate limits held its ready work back."),
 }
 #: Counters per pool, summed over its consumers (those gone too): metric name -> the pool's total.
 _POOL_COUNTERS = {
     "zdq_tasks_completed": ("completed", "Tasks run to a result by the pool's consumers."),
     "zdq_tasks_failed": ("failed", "Tasks that failed for good on a consumer (after their retries)."),
     "zdq_tasks_retried": ("retried", "Failed attempts that were retried."),
+    "zdq_tasks_expired": ("expired", "Tasks whose expiry (expires=) passed before they started: never run."),
 }
 #: Gauges per queue: metric name -> (BrokerStats field, help).
 _QUEUE_GAUGES = {
@@ -47,6 +50,10 @@ _QUEUE_GAUGES = {
     "zdq_queue_awaiting": ("awaiting_tasks", "Tasks done whose results await the driver's receipt."),
     "zdq_queue_consumers": ("consumers", "Consumers connected to the queue."),
     "zdq_queue_unique_keys": ("unique_keys", "Unique keys held by queued or running tasks (submit(unique_key=))."),
+    "zdq_queue_throttled": ("throttled_tasks", "Tasks waiting now for a per-call rate limit's token."),
+    "zdq_rate_limit_tasks_per_second": ("rate_limit", "The queue's own rate limit (its share of the pool's); 0: none."),
+    "zdq_queue_kept_results": ("kept_tasks", "Tasks whose results the queue keeps after their driver took them (result_ttl)."),
+    "zdq_queue_kept_bytes": ("kept_bytes", "Bytes of results the queue keeps after their driver took them (result_ttl)."),
 }
 COUNTERS = (*_QUEUE_COUNTERS, *_POOL_COUNTERS)
 GAUGES = (*_QUEUE_GAUGES, "zdq_consumers_live")

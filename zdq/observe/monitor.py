@@ -206,6 +206,7 @@ class Monitor:
             raw: dict[str, float] = dict(qr.counters)
             raw.update({f"rt{i}": n for i, n in enumerate(qr.round_trips)})
             raw["round_trip_sum"] = qr.round_trip_sum
+            raw["rate_limited_seconds"] = qr.rate_limited_seconds
             # A feed that sends no id: the endpoint tells a broker placed again.
             entry.count(qr.id or qr.endpoint, raw)
             entry.seen, entry.interval, entry.worker, entry.report = now, interval, worker, qr

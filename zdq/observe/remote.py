@@ -1,5 +1,5 @@
 """Live pools seen and steered from any process of the cluster: what ``zdq status``, ``zdq purge``,
-``zdq dead-letters`` and ``zdq schedules`` call.
+``zdq dead-letters``, ``zdq schedules`` and ``zdq rate-limit`` call.
 
 The cluster is reached as a Dask client reaches it (``Client(address)``, with the security settings
 of ``dask.config``). Figures come from the scheduler's monitor (:mod:`zdq.observe.monitor`), one
@@ -24,6 +24,7 @@ ACTIONS = {
     "purge": "purge_ready",
     "schedules": "schedules",
     "cancel-schedule": "cancel_schedule",
+    "rate-limit": "set_rate_limit",
 }
 
 

@@ -38,11 +38,15 @@ __all__ = [
 #: Counters of a queue (BrokerStats fields): they only grow while their broker lives.
 QUEUE_COUNTERS = (
     "tasks_stored", "tasks_acked", "tasks_dead_lettered", "chunks_redelivered", "bad_messages", "tasks_unique_duplicates",
+    "tasks_expired", "tasks_throttled",
 )
 #: Gauges of a queue: the state now.
-QUEUE_GAUGES = ("ready_tasks", "delayed_tasks", "leased_tasks", "awaiting_tasks", "dead_tasks", "consumers", "unique_keys")
+QUEUE_GAUGES = (
+    "ready_tasks", "delayed_tasks", "leased_tasks", "awaiting_tasks", "dead_tasks", "consumers", "unique_keys", "throttled_tasks",
+    "kept_tasks", "kept_bytes",
+)
 #: Counters of a consumer (ConsumerStats fields).
-CONSUMER_COUNTERS = ("tasks_done", "tasks_failed", "tasks_retried", "tasks_cancelled")
+CONSUMER_COUNTERS = ("tasks_done", "tasks_failed", "tasks_retried", "tasks_cancelled", "tasks_expired")
 CONSUMER_GAUGES = ("tasks_in_flight",)
 #: A report's interval is clamped to this range (seconds): a forged 1e12 must not stop expiry.
 INTERVAL_RANGE = (0.1, 60.0)
@@ -70,6 +74,8 @@ class QueueReport:
     gauges: dict[str, int]  # QUEUE_GAUGES
     round_trips: tuple[int, ...]  # a count per bound of ROUND_TRIP_BOUNDS, then one above (or empty)
     round_trip_sum: float
+    rate_limit: float = 0.0  # the queue's own rate limit, tasks per second (0: none)
+    rate_limited_seconds: float = 0.0  # the waits its limits imposed (a counter)
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,8 @@ def _queue(raw: Any) -> QueueReport:
         gauges={k: _int(d, k) for k in QUEUE_GAUGES},
         round_trips=tuple(_int({"round_trips": n}, "round_trips") for n in trips),
         round_trip_sum=_float(d.get("round_trip_sum", 0.0), "round_trip_sum"),
+        rate_limit=_float(d.get("rate_limit", 0.0), "rate_limit"),
+        rate_limited_seconds=_float(d.get("rate_limited_seconds", 0.0), "rate_limited_seconds"),
     )
 
 

@@ -112,6 +112,8 @@ class PoolView:
             "failed": int(c.get("tasks_failed", 0)),
             "retried": int(c.get("tasks_retried", 0)),
             "dead_lettered": int(q.get("tasks_dead_lettered", 0)),
+            # Expired before delivery (the broker's count) or before they started (a consumer's).
+            "expired": int(q.get("tasks_expired", 0)) + int(c.get("tasks_expired", 0)),
             "redelivered": int(q.get("chunks_redelivered", 0)),
             "bad_messages": int(q.get("bad_messages", 0)),
             "ready": g["ready_tasks"],
@@ -141,6 +143,8 @@ def queue_status(q: QueueEntry, now: float) -> dict[str, Any]:
         **{k: int(totals.get(k, 0)) for k in QUEUE_COUNTERS},
         "round_trips": [int(totals[k]) for k in trips],
         "round_trip_sum": totals.get("round_trip_sum", 0.0),
+        "rate_limit": r.rate_limit,
+        "rate_limited_seconds": round(totals.get("rate_limited_seconds", 0.0), 3),
         "recoveries": q.recoveries,
         "age": round(now - q.seen, 3),
     }

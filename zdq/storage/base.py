@@ -15,6 +15,7 @@ rebuilds the index on open from what it stored, which is why a leased chunk is n
 
 from __future__ import annotations
 
+import math
 import struct
 import time
 from abc import ABC, abstractmethod
@@ -60,7 +61,7 @@ class ChunkMeta:
         Higher is served first within the queue.
     base : int
         The id of its first task (its tasks' ids are consecutive); ``0``: not known (a schedule's
-        tick, a dead letter, a chunk stored by an earlier version).
+        tick, a chunk stored by an earlier version). A dead letter's is its task's id.
     expires, rate_key, rate, unique_key, unique_for
         Its tags, as :class:`~zdq.codec.timing.Timing` says; all empty for most chunks.
     """
@@ -380,13 +381,41 @@ class Storage(ABC):
         """Stored and not yet delivered: ready, or delayed (a cancellation marks it all the same)."""
         return chunk_id in self._meta and chunk_id not in self._leased and chunk_id not in self._dead
 
-    def lease(self) -> Leased | None:
-        """Take the chunk at the head of the queue, or ``None`` when none is ready."""
-        if not self._ready:
-            return None
-        chunk_id = self._ready.popleft()
+    # -- rate limits (zdq.broker.rates): a parked chunk waits for a token, out of the ready order --
+    def peek(self) -> int | None:
+        """The chunk :meth:`lease` would take next, or ``None``."""
+        return self._ready.peek()
+
+    def park(self, chunk_id: int) -> None:
+        """Take the chunk at the head of the ready order (:meth:`peek`'s) out of it: it waits,
+        counted as delayed but with no release time, until :meth:`lease` takes it by id or
+        :meth:`unpark` (or a purge: :meth:`release_now`) puts it back. Not written: a queue
+        opened again finds it ready."""
         meta = self._meta[chunk_id]
+        taken = self._ready.popleft()
+        assert taken == chunk_id, "only the head of the ready order is parked"
         self._ready_tasks -= meta.n_tasks
+        self._delayed.add(chunk_id, math.inf, meta.n_tasks)
+
+    def is_parked(self, chunk_id: int) -> bool:
+        return self._delayed.when(chunk_id) == math.inf
+
+    def unpark(self, chunk_id: int) -> bool:
+        """Put a parked chunk back at the tail of its priority's FIFO (its key lost its limit)."""
+        return self.is_parked(chunk_id) and self.release_now(chunk_id)
+
+    def lease(self, chunk_id: int | None = None) -> Leased | None:
+        """Take the chunk at the head of the queue (or the parked chunk ``chunk_id``), or ``None``
+        when none is ready."""
+        if chunk_id is not None:
+            meta = self._meta[chunk_id]
+            self._delayed.discard(chunk_id, meta.n_tasks)
+        elif not self._ready:
+            return None
+        else:
+            chunk_id = self._ready.popleft()
+            meta = self._meta[chunk_id]
+            self._ready_tasks -= meta.n_tasks
         self._leased.add(chunk_id)
         self._leased_tasks += meta.n_tasks
         attempt = self._attempts.get(chunk_id, 0) + 1
@@ -449,6 +478,27 @@ class Storage(ABC):
     def keep_results(self, chunk_id: int, consumer: bytes, results: object) -> None:
         """Keep the results of a leased chunk that no driver has taken yet (durable backends write
         them down, so that a restarted broker serves them instead of running the chunk again)."""
+
+    def chunk_of(self, task_id: int) -> int | None:
+        """The id of the stored chunk (ready, delayed, leased or dead) that holds task ``task_id``
+        (its ids run from ``meta.base``), or None. A scan of every stored chunk's head: for rare
+        requests (:func:`zdq.state`) only."""
+        for chunk_id, meta in self._meta.items():
+            if meta.base <= task_id < meta.base + meta.n_tasks and meta.base:
+                return chunk_id
+        return None
+
+    # -- results kept after their receipt (``result_ttl``: :mod:`zdq.broker.retained`) ----------
+    def retain(self, chunk_id: int, record: bytes) -> None:
+        """Keep a chunk's results after its acknowledgement (durable backends write ``record``
+        with that acknowledgement, in the same transaction); memory keeps nothing here."""
+
+    def unretain(self, chunk_ids: Iterable[int]) -> None:
+        """Drop results kept by :meth:`retain` (expired, or evicted by the byte bound)."""
+
+    def retained(self) -> list[tuple[int, bytes]]:
+        """The records :meth:`retain` wrote before the queue was last closed."""
+        return []
 
     def metas(self) -> Iterable[ChunkMeta]:
         """The header of every stored chunk (ready, leased or dead)."""
@@ -561,6 +611,9 @@ class Storage(ABC):
     def setting(self, name: bytes, default: bytes | None) -> bytes | None:
         """A value kept with the queue: the stored one, else ``default`` (stored if not None)."""
         return default
+
+    def write_setting(self, name: bytes, value: bytes) -> None:
+        """Keep ``value`` with the queue under ``name`` (replacing what was there; written now)."""
 
     def commit(self, *, force: bool = False) -> None:
         """Write the bookkeeping that may lag (acknowledgements, lease and dead-letter marks).

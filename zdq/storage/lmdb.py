@@ -11,6 +11,8 @@ Layout (named sub-databases, big-endian 8-byte keys so a cursor walks in FIFO or
     cancels id -> the indexes (4 bytes each) of the chunk's tasks cancelled before they started, and
             0xFFFFFFFF if its tasks may have started (its consumer died holding it): see
             :meth:`zdq.storage.base.Storage.may_have_started`
+    kept    id -> a chunk's results kept after their driver acknowledged them (``result_ttl``:
+            :mod:`zdq.broker.retained`), written in the acknowledgement's transaction
     schedules  schedule id -> its record (zdq.codec.schedules.ScheduleRecord): written in the transaction
             that stores the tick's chunk, so a tick is queued exactly once whatever is killed
 
@@ -59,9 +61,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT = b"zdq-queue-1"
 _KEY = struct.Struct(">Q")
-_DBS = (b"meta", b"chunks", b"heads", b"leased", b"dead", b"results", b"cancels", b"schedules")
+_DBS = (b"meta", b"chunks", b"heads", b"leased", b"dead", b"results", b"cancels", b"schedules", b"kept")
 #: Sub-databases a queue written by an older zdq may lack (opened read-only, they are skipped).
-_LATER_DBS = (b"results", b"cancels", b"schedules")
+_LATER_DBS = (b"results", b"cancels", b"schedules", b"kept")
 _LOCK = "zdq.lock"
 #: Chunk ids handed out since the lease marks were last committed, appended before each DELIVER
 #: (see :meth:`LMDBStorage._read`).
@@ -360,6 +362,11 @@ class LMDBStorage(Storage):
                 value = default
         return value
 
+    def write_setting(self, name: bytes, value: bytes) -> None:
+        assert self._env is not None
+        with self._env.begin(write=True) as txn:
+            txn.put(name, value, db=self._dbs[b"meta"])
+
     # -- bookkeeping, held back and written together ---------------------------------------------
     def _hold(self, op: str, chunk_id: int, reason: Any = "") -> None:
         if not self._pending_since:
@@ -383,6 +390,10 @@ class LMDBStorage(Storage):
                 txn.delete(key, db=leased)
             elif op == "undead":
                 txn.delete(key, db=dbs[b"dead"])
+            elif op == "retain":
+                txn.put(key, reason, db=dbs[b"kept"])
+            elif op == "unretain":
+                txn.delete(key, db=dbs[b"kept"])
             elif op == "schedule":
                 if reason is None:
                     txn.delete(key, db=dbs[b"schedules"])
@@ -429,6 +440,19 @@ class LMDBStorage(Storage):
                 (_KEY.unpack(k)[0], (bytes(v[:16]), bytes(v[16:])))
                 for k, v in txn.cursor(db=self._dbs[b"results"])
             ]
+
+    def retain(self, chunk_id: int, record: bytes) -> None:
+        # Held with the chunk's acknowledgement (the RACK's "delete"): one transaction writes both.
+        self._hold("retain", chunk_id, record)
+
+    def unretain(self, chunk_ids: Iterable[int]) -> None:
+        for chunk_id in chunk_ids:
+            self._hold("unretain", chunk_id)
+
+    def retained(self) -> list[tuple[int, bytes]]:
+        assert self._env is not None
+        with self._env.begin() as txn:
+            return [(_KEY.unpack(k)[0], bytes(v)) for k, v in txn.cursor(db=self._dbs[b"kept"])]
 
     def _write_cancels(self, chunk_id: int, indexes: frozenset[int]) -> None:
         self._hold_cancels(chunk_id, indexes)

@@ -72,6 +72,14 @@ class ReadyQueue:
                 return chunk_id
         raise IndexError("no ready chunk")
 
+    def peek(self) -> int | None:
+        """The chunk :meth:`popleft` would take, or ``None`` when empty (the rate limits look first)."""
+        for priority in self._order:
+            fifo = self._fifos[priority]
+            if fifo:
+                return fifo[0]
+        return None
+
     def remove(self, chunk_id: int, priority: int = 0) -> None:
         """Take a chunk out of the middle (a rare path: late results, cancellations);
         ``ValueError`` if it is not there."""
@@ -121,6 +129,10 @@ class Delayed:
             self._heap.clear()
             self.next_at = math.inf
         return True
+
+    def when(self, chunk_id: int) -> float | None:
+        """The release time of a delayed chunk (``inf``: parked by a rate limit), else ``None``."""
+        return self._at.get(chunk_id)
 
     def due(self, now: float) -> list[int]:
         """Take out, in release order, the chunks whose time is ``now`` or past (the caller

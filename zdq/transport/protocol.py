@@ -34,6 +34,10 @@ RESULTS    broker→driver           seq, chunk id, consumer id; payload: the re
 RETURN     consumer→broker         chunk id; gives an unstarted leased chunk back
 ACK        consumer→broker         chunk id; early acknowledgement (at most once): results follow
 LOST       broker→driver           seq, chunk id; an early-acked chunk's consumer died before DONE
+EXPIRED    broker→driver           seq, chunk id, base task id, n_tasks: the chunk's expiry passed
+                                   before it was delivered; its tasks never run. Held and sent
+                                   again like RESULTS (and kept on disk by a durable queue) until
+                                   the driver's RACK
 DEAD       consumer→broker         origin chunk id, task id; payload: the task as a chunk, reason
 SPLIT      consumer→broker         chunk id, n; payload: n one-task chunks replacing a redelivered one
 RACK       driver→broker           n, then n ids (in the head) of chunks whose RESULTS arrived: the
@@ -82,6 +86,7 @@ __all__ = [
     "Return",
     "Ack",
     "Lost",
+    "Expired",
     "Dead",
     "Split",
     "Rack",
@@ -131,6 +136,7 @@ class Command(enum.IntEnum):
     STATUS = 18
     CANCEL = 19
     CANCELLED = 20
+    EXPIRED = 21
 
 
 class Role(enum.IntEnum):
@@ -221,6 +227,13 @@ class Lost(NamedTuple):
     chunk_id: int
 
 
+class Expired(NamedTuple):
+    seq: int
+    chunk_id: int
+    base: int  # the chunk's first task id (0: not known; then every task of the driver's chunk)
+    n_tasks: int
+
+
 class Dead(NamedTuple):
     chunk_id: int
     task_id: int
@@ -277,8 +290,8 @@ class Bye(NamedTuple):
 
 
 Message = Union[
-    Hello, Put, Confirm, Fetch, Deliver, Done, Results, Return, Ack, Lost, Dead, Split, Rack, Ready, Sync, QueueStatus,
-    Cancel, Cancelled, Heartbeat, Bye,
+    Hello, Put, Confirm, Fetch, Deliver, Done, Results, Return, Ack, Lost, Expired, Dead, Split, Rack, Ready, Sync,
+    QueueStatus, Cancel, Cancelled, Heartbeat, Bye,
 ]
 
 #: Most tasks a chunk may hold (and parts a SPLIT may carry): a peer's claim is never trusted beyond.
@@ -304,6 +317,7 @@ _DONE = _layout(Command.DONE, "QII")
 _RESULTS = _layout(Command.RESULTS, "QQ16s")
 _ID = _layout(Command.RETURN, "Q")  # RETURN and ACK
 _LOST = _layout(Command.LOST, "QQ")  # LOST and DEAD
+_EXPIRED = _layout(Command.EXPIRED, "QQQI")
 _SPLIT = _layout(Command.SPLIT, "QI")
 _RACK = _layout(Command.RACK, "I")  # followed by the ids, 8 bytes each, in the same frame
 _SYNC = _layout(Command.SYNC, "QI")  # token, count; followed by the seqs, 8 bytes each
@@ -390,6 +404,7 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Return: lambda m: [_ID.pack(_V, Command.RETURN, m.chunk_id)],
     Ack: lambda m: [_ID.pack(_V, Command.ACK, m.chunk_id)],
     Lost: lambda m: [_LOST.pack(_V, Command.LOST, m.seq, m.chunk_id)],
+    Expired: lambda m: [_EXPIRED.pack(_V, Command.EXPIRED, m.seq, m.chunk_id, m.base, m.n_tasks)],
     Dead: lambda m: [_LOST.pack(_V, Command.DEAD, m.chunk_id, m.task_id), m.chunk, m.reason],
     Split: lambda m: [_SPLIT.pack(_V, Command.SPLIT, m.chunk_id, len(m.parts)), *m.parts],
     Rack: _encode_rack,
@@ -526,6 +541,11 @@ def _cancelled(head: bytes, f: Sequence[Any]) -> Message:
     return Cancelled(fields[2], indexes)
 
 
+def _expired(head: bytes, f: Sequence[Any]) -> Message:
+    _, _, seq, chunk_id, base, n = _unpack(_EXPIRED, head, f, 1)
+    return Expired(seq, chunk_id, base, _n_tasks(n, head))
+
+
 def _dead(head: bytes, f: Sequence[Any]) -> Message:
     _, _, chunk_id, task_id = _unpack(_LOST, head, f, 3)
     return Dead(chunk_id, task_id, f[1], _bytes(f[2])[:65536])
@@ -550,6 +570,7 @@ _DECODERS: dict[int, Callable[[bytes, Sequence[Any]], Message]] = {
     Command.RETURN: lambda h, f: Return(_unpack(_ID, h, f, 1)[2]),
     Command.ACK: lambda h, f: Ack(_unpack(_ID, h, f, 1)[2]),
     Command.LOST: lambda h, f: Lost(*_unpack(_LOST, h, f, 1)[2:]),
+    Command.EXPIRED: _expired,
     Command.DEAD: _dead,
     Command.SPLIT: _split,
     Command.RACK: _rack,

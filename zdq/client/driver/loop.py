@@ -363,6 +363,8 @@ class DriverLoop:
             if type(msg) is p.Confirm:
                 self._on_confirm(link, msg)
                 return None
+            if type(msg) is p.Expired:  # an outcome as RESULTS are: acknowledged (RACK) the same way
+                return self._on_expired(link, msg)
             route = self._routes.get(type(msg))
             if route is None:
                 raise ProtocolError(f"{type(msg).__name__} is not accepted by a driver")
@@ -410,6 +412,14 @@ class DriverLoop:
                 raise ProtocolError("results name an error outside the chunk")
             confirmed = outcomes.intake(link.index, msg.seq, msg.chunk_id, msg.consumer, base, values, errors)
         if confirmed:  # the broker held its CONFIRM back and the results came first: they confirm it
+            link.unconfirmed -= 1
+            link.confirmed_at = time.monotonic()
+        return msg.chunk_id
+
+    def _on_expired(self, link: Link, msg: p.Expired) -> int:
+        """The chunk's expiry passed before its broker delivered it: its tasks fail with
+        TaskExpired (those not settled before), through the path results take."""
+        if self._outcomes.intake_expired(link.index, msg.seq, msg.chunk_id, msg.base, msg.n_tasks):
             link.unconfirmed -= 1
             link.confirmed_at = time.monotonic()
         return msg.chunk_id

@@ -27,11 +27,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from zdq.errors import ProtocolError, SerializationError, ZdqError
+from zdq.errors import ProtocolError, SerializationError, TaskExpired, ZdqError
 from zdq.futures import BatchFuture
 from zdq.reporting import FailureLog
-from zdq.codec.results import UNKNOWN_BASE, error_to_exception
-from zdq.codec.tasks import CANCELLED
+from zdq.codec.results import UNKNOWN_BASE, ErrorInfo, error_to_exception
+from zdq.codec.tasks import CANCELLED, EXPIRED
 
 from .records import (
     Books,
@@ -160,6 +160,17 @@ class Outcomes:
             self.settlements.append((rec, -1, 0, consumer, [], {0: exc}, None))
         return confirmed
 
+    def intake_expired(self, broker: int, seq: int, chunk_id: int, base: int, n: int) -> bool:
+        """A broker's EXPIRED: the ``n`` tasks from ``base`` (0: every task of chunk ``seq``) never
+        ran; they fail with :class:`~zdq.errors.TaskExpired` (under "not-run" in ``results()``),
+        through :meth:`intake`. Return whether this confirmed the chunk, as :meth:`intake`."""
+        first = base if base else UNKNOWN_BASE
+        errors = {}
+        for i in range(n):
+            why = f"task {base + i if base else '?'} expired before it started (expires=); it never ran"
+            errors[i] = ErrorInfo(TaskExpired(why), EXPIRED, why, "")
+        return self.intake(broker, seq, chunk_id, NO_CONSUMER, first, [None] * n, errors)
+
     def settle_all(self) -> None:
         """Hand the results taken in by this round to their futures and to ``results``."""
         settlements, self.settlements = self.settlements, []
@@ -197,8 +208,9 @@ class Outcomes:
         exceptions: dict[int, BaseException] = {}
         failed = len(errors)
         if errors:
-            skipped = [i for i, info in errors.items() if info.type_name == CANCELLED]
-            failed -= len(skipped)
+            # Cancelled and expired tasks never ran: not logged as failures (expired ones count as failed).
+            skipped = [i for i, info in errors.items() if info.type_name == CANCELLED or info.type_name == EXPIRED]
+            failed -= sum(1 for i in skipped if errors[i].type_name == CANCELLED)
             self.failures.note(base, {i: info for i, info in errors.items() if i not in skipped} if skipped else errors)
             exceptions = {i: error_to_exception(info) for i, info in errors.items()}
         if rec is not None:

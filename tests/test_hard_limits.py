@@ -1,0 +1,199 @@
+"""Hard time limits (``hard=True``): a task runs in a child process of its consumer, killed at its
+limit. Real worker processes (the session's LocalCluster), real SIGKILLs, real pids read in /proc.
+
+Each test places one queue and one consumer, so that "the next task runs on the same consumer"
+needs no bookkeeping. The child's pid comes from the TaskTimeout message ("in process PID") or
+from the task itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from distributed import Client
+
+from zdq import ConsumerPool, QueuePool, TaskTimeout
+from zdq.errors import BatchError, TaskProcessDied
+
+from .conftest import wait_until
+from .hard_tasks import allocate_and_sleep, exit_now, pid_and_parent, write_pid_and_sleep
+from .tasks import add, blob, sleep
+
+FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "5s"}
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (a zombie's memory is freed, but it was not reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def _killed_pid(error: BaseException) -> int:
+    match = re.search(r"in process (\d+)", str(error))
+    assert match is not None, f"the TaskTimeout does not name the killed process: {error}"
+    return int(match.group(1))
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.fixture
+def pools(client: Client) -> Iterator[Any]:
+    """``pools(**consumer_options)``: a queue and one started consumer (both returned), closed
+    after the test."""
+    made: list[Any] = []
+
+    def make(**options: Any) -> tuple[QueuePool, ConsumerPool]:
+        queue_pool = QueuePool(client, 1, **FAST)
+        made.append(queue_pool)
+        consumers = ConsumerPool(client, queue_pool, n_consumers=1, start=True, **options)
+        made.append(consumers)
+        return queue_pool, consumers
+
+    yield make
+    for pool in reversed(made):
+        pool.close()
+
+
+@pytest.mark.faults
+def test_a_hard_limited_task_is_killed_at_its_limit_and_its_consumer_runs_the_next_tasks(pools: Any) -> None:
+    queue_pool, _ = pools()
+    warm_pid, worker_pid = queue_pool.submit(pid_and_parent, time_limit=30, hard=True).result(timeout=60)
+    assert worker_pid != os.getpid() and warm_pid != worker_pid  # a child of the worker, not the worker
+    started = time.monotonic()
+    error = queue_pool.submit(sleep, 60, time_limit=1, hard=True).exception(timeout=30)
+    assert isinstance(error, TaskTimeout), error
+    assert time.monotonic() - started < 15
+    assert "killed after 1s" in str(error)
+    killed = _killed_pid(error)
+    assert killed == warm_pid  # the warm child ran it
+    assert not _exists(killed)  # killed and reaped: no zombie left
+    # The consumer goes on: plain tasks, and hard ones in a new child of the same worker.
+    assert queue_pool.submit(add, 1, 2).result(timeout=30) == 3
+    new_pid, parent = queue_pool.submit(pid_and_parent, time_limit=30, hard=True).result(timeout=60)
+    assert parent == worker_pid and new_pid != killed
+    assert queue_pool.submit(pid_and_parent, time_limit=30, hard=True).result(timeout=60)[0] == new_pid  # warm
+    # Arguments and values larger than a pipe's buffer go through whole.
+    assert queue_pool.submit(len, b"x" * 3_000_000, time_limit=30, hard=True).result(timeout=60) == 3_000_000
+    assert len(queue_pool.submit(blob, 2_000_000, time_limit=30, hard=True).result(timeout=60)) == 2_000_000
+
+
+@pytest.mark.faults
+def test_a_killed_task_gives_its_memory_back(pools: Any, tmp_path: Path) -> None:
+    queue_pool, _ = pools()
+    report = tmp_path / "allocated"
+    n_bytes = 200 * 2**20
+    future = queue_pool.submit(allocate_and_sleep, str(report), n_bytes, 60, time_limit=3, hard=True)
+    wait_until(lambda: report.exists() and report.read_text(), timeout=30)
+    pid = int(report.read_text().split()[0])
+    assert _rss_bytes(pid) >= n_bytes  # held by the child, not the worker
+    assert isinstance(future.exception(timeout=30), TaskTimeout)
+    wait_until(lambda: not _exists(pid), timeout=10)  # its pages went with it
+    assert queue_pool.submit(add, 2, 2).result(timeout=30) == 4
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("max_concurrency", [1, 2])
+def test_a_consumer_pools_hard_limit_kills_every_task_without_its_own(pools: Any, max_concurrency: int) -> None:
+    queue_pool, _ = pools(time_limit=1, hard=True, max_concurrency=max_concurrency)
+    single = queue_pool.submit(sleep, 60)
+    batch = queue_pool.batch_submit([(sleep, 60), (add, 1, 2)])
+    for error in (single.exception(timeout=30),):
+        assert isinstance(error, TaskTimeout) and "killed" in str(error), error
+    with pytest.raises(BatchError) as info:
+        batch.result(timeout=30)
+    assert isinstance(info.value.errors[0], TaskTimeout) and info.value.values[1] == 3
+    assert not _exists(_killed_pid(info.value.errors[0]))
+    assert queue_pool.submit(sleep, 0.1).result(timeout=30) == 0.1
+    assert queue_pool.put((add, 2, 3)).result(timeout=30) == 5  # a raw item: process_item in the child
+
+
+@pytest.mark.faults
+def test_a_child_that_exits_on_its_own_fails_its_task_and_is_replaced(pools: Any) -> None:
+    queue_pool, _ = pools()
+    first, _ = queue_pool.submit(pid_and_parent, time_limit=30, hard=True).result(timeout=60)
+    error = queue_pool.submit(exit_now, 7, time_limit=30, hard=True).exception(timeout=60)
+    assert isinstance(error, TaskProcessDied) and f"process {first} exited with status 7" in str(error), error
+    assert not _exists(first)
+    second, _ = queue_pool.submit(pid_and_parent, time_limit=30, hard=True).result(timeout=60)
+    assert second != first
+
+
+@pytest.mark.faults
+def test_hard_limited_attempts_are_retried_and_each_is_killed(pools: Any) -> None:
+    queue_pool, consumers = pools()
+    error = queue_pool.submit(sleep, 60, time_limit=0.5, hard=True, retries=1, retry_backoff=0.0).exception(timeout=30)
+    assert isinstance(error, TaskTimeout), error
+    assert consumers.statistics()[0].tasks_retried == 1
+
+
+@pytest.mark.faults
+def test_stopping_the_consumer_leaves_no_child_process(client: Client, tmp_path: Path) -> None:
+    with QueuePool(client, 1, **FAST) as queue_pool:
+        consumers = ConsumerPool(client, queue_pool, n_consumers=1, max_concurrency=2, start=True)
+        try:
+            idle, _ = queue_pool.submit(pid_and_parent, time_limit=30, hard=True).result(timeout=60)
+            marker = tmp_path / "busy"
+            queue_pool.submit(write_pid_and_sleep, str(marker), 60, time_limit=120, hard=True)
+            wait_until(lambda: marker.exists() and marker.read_text(), timeout=30)
+            busy = int(marker.read_text())
+            assert _alive(idle) and _alive(busy)
+        finally:
+            consumers.close()
+        wait_until(lambda: not _exists(idle) and not _exists(busy), timeout=20)
+
+
+def test_hard_without_a_time_limit_is_refused_at_the_call(pools: Any) -> None:
+    queue_pool, _ = pools()
+    with pytest.raises(ValueError, match="give a time_limit"):
+        queue_pool.submit(add, 1, 2, hard=True)
+    with pytest.raises(ValueError, match="give a time_limit"):
+        queue_pool.batch_submit([(add, 1, 2)], hard=True)
+    with pytest.raises(ValueError, match="give time_limit"):
+        ConsumerPool(queue_pool.client, queue_pool, n_consumers=1, hard=True)
+
+
+@pytest.mark.faults
+def test_a_child_ends_when_its_consumers_process_is_killed() -> None:
+    """A worker killed with SIGKILL closes nothing: the child's watchdog sees it reparented, and
+    ends (an orphan would hold its task's memory and CPU forever)."""
+    code = (
+        "import sys, time\n"
+        "from zdq.consumer.hard import Child\n"
+        "child = Child(); child.start(); print(child.pid, flush=True)\n"
+        "child._send(__import__('cloudpickle').dumps((time.sleep, (60,), None)))\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        line = parent.stdout.readline() if parent.stdout is not None else ""
+        assert line.strip().isdigit(), f"the parent did not start its child: {line!r}"
+        child = int(line)
+        assert _alive(child)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        wait_until(lambda: not _alive(child), timeout=10)  # reaped by init, or a zombie at worst
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)

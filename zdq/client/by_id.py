@@ -1,0 +1,264 @@
+"""Results and states by task id, from any process of the cluster: Celery's ``AsyncResult(id)``,
+RQ's ``Job.fetch(id)``.
+
+A web request submits and keeps ``future.key`` (task ids never repeat across pools); another
+request, in another process, asks::
+
+    zdq.state("mails", key)              # "pending", "started", "done", "failed", ...
+    zdq.result("mails", key, timeout=5)  # the value, or the task's exception raised
+
+The pool is found by its name in the cluster's registry (:mod:`zdq.client.registry`: its owner
+publishes it while it lives); each of its queues' brokers is asked where the task stands
+(:mod:`zdq.broker.task_state`, run on the broker's worker as ``zdq dead-letters`` is), and the
+results, sealed with the pool's payload key, are unsealed and read here: the broker never reads
+them.
+
+A task's result is there while its chunk's results wait for their driver, and, for a pool made
+with ``result_ttl=``, for that long after the driver took them (at most ``result_bytes`` per queue,
+the oldest dropped first; durable queues keep them on disk). Without ``result_ttl`` a result the
+driver took is gone from the queue: its state is then ``"unknown"``.
+
+States: ``pending`` (queued), ``started`` (its chunk is with a consumer), ``done``, ``failed``,
+``cancelled``, ``expired`` (its ``expires=`` passed before it ran), ``unknown``.
+
+No state here: each call asks the registry and the brokers afresh.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from zdq.client import registry
+from zdq.codec.results import error_to_exception, loads_results
+from zdq.errors import (
+    BrokerLost,
+    DeadLettered,
+    TaskCancelled,
+    ZdqError,
+    ZdqTimeoutError,
+)
+
+__all__ = ["STATES", "PoolNotFound", "outcome", "result", "state"]
+
+#: What :func:`state` answers.
+STATES = ("pending", "started", "done", "failed", "cancelled", "expired", "unknown")
+#: States after which a task's state never changes (while its result is kept).
+_FINAL = frozenset({"done", "failed", "cancelled", "expired"})
+#: When several queues answer (a task is in one queue), the most advanced answer stands.
+_RANK = {s: i for i, s in enumerate(("unknown", "pending", "started", "expired", "cancelled", "failed", "finished"))}
+#: :func:`result` polls the brokers from this interval, doubling up to the last.
+_FIRST_POLL, _LAST_POLL = 0.02, 0.5
+#: :func:`result` without a timeout gives up on a task no queue has heard of after this (s): its
+#: id is wrong, or its result was taken and not kept (``result_ttl``).
+UNKNOWN_GRACE = 10.0
+#: How long one round of questions to the brokers may take (s).
+ASK_TIMEOUT = 10.0
+
+
+class PoolNotFound(ZdqError, LookupError):
+    """No live pool of that name is registered on the cluster."""
+
+
+def state(pool_name: str, key: int, *, client: Any = None, dirpath: str | None = None) -> str:
+    """Where task ``key`` of pool ``pool_name`` stands now: one of :data:`STATES`.
+
+    ``"unknown"``: no queue of the pool holds the task, or its result (never submitted there, or
+    its result was taken by its driver and not kept: see ``result_ttl``).
+
+    Raises
+    ------
+    PoolNotFound
+        No live pool ``pool_name`` (with ``dirpath``, for a durable pool of several directories).
+    BrokerLost
+        A queue of the pool did not answer, and no other holds the task.
+    """
+    return _Asker(pool_name, key, client, dirpath).once()[0]
+
+
+def result(pool_name: str, key: int, timeout: float | None = None, *, client: Any = None, dirpath: str | None = None) -> Any:
+    """The result of task ``key`` of pool ``pool_name``, waiting up to ``timeout`` seconds for it
+    (``None``: as long as the task is pending or started), as ``future.result()`` gives it: its
+    value, or its exception raised.
+
+    Raises
+    ------
+    ZdqTimeoutError
+        (a ``TimeoutError``) No result within ``timeout``; the message names the task's last state.
+        Without a timeout, a task that no queue holds for :data:`UNKNOWN_GRACE` seconds.
+    TaskCancelled, DeadLettered, ZdqError
+        The task was cancelled, dead-lettered (its results gone), or expired.
+    PoolNotFound
+        No live pool ``pool_name``.
+    BaseException
+        The task's own exception, as the task raised it.
+    """
+    now_state, value, error, why = outcome(pool_name, key, timeout, client=client, dirpath=dirpath)
+    if now_state in _FINAL:
+        if error is not None:
+            raise error
+        return value
+    if timeout is None:
+        raise ZdqTimeoutError(
+            f"task {key} of pool {pool_name}: no queue of the pool has held it for {UNKNOWN_GRACE:g} s (a wrong "
+            "key, or its result was taken by its driver and not kept: give the pool result_ttl=)"
+        )
+    raise ZdqTimeoutError(f"task {key} of pool {pool_name}: no result within {timeout:g} s; its last state: {why}")
+
+
+def outcome(
+    pool_name: str, key: int, timeout: float | None = 0.0, *, client: Any = None, dirpath: str | None = None
+) -> tuple[str, Any, BaseException | None, str]:
+    """``(state, value, exception, why)`` of task ``key``, once it is final (done, failed,
+    cancelled, expired) or ``timeout`` seconds have passed (``0``: as it is now; ``None``: while it
+    is pending or started, and :data:`UNKNOWN_GRACE` seconds while no queue holds it). ``why``
+    names the state, and why the queues could not say more. Raises nothing for the task's outcome
+    (:func:`result` does); :class:`PoolNotFound` if the pool is not live."""
+    asker = _Asker(pool_name, key, client, dirpath)
+    start = time.monotonic()
+    deadline = None if timeout is None else start + timeout
+    pause = _FIRST_POLL
+    while True:
+        try:
+            now_state, value, error = asker.once()
+            why = now_state
+        except BrokerLost as e:  # a queue being placed again: asked again
+            now_state, value, error, why = "unknown", None, None, f"unknown ({e})"
+        now = time.monotonic()
+        if (
+            now_state in _FINAL
+            or (deadline is not None and now >= deadline)
+            or (deadline is None and now_state == "unknown" and now - start >= UNKNOWN_GRACE)
+        ):
+            return now_state, value, error, why
+        left = pause if deadline is None else min(pause, deadline - now)
+        time.sleep(max(0.0, left))
+        pause = min(pause * 2, _LAST_POLL)
+
+
+class _Asker:
+    """One task of one pool: its pool's record, and the questions to its queues' brokers."""
+
+    def __init__(self, pool_name: str, key: int, client: Any, dirpath: str | None) -> None:
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise TypeError(f"a task's key is an int (future.key), got {key!r:.80}")
+        if client is None:
+            from distributed import default_client
+
+            client = default_client()
+        if getattr(client, "asynchronous", False):
+            raise TypeError(
+                "zdq.result and zdq.state take a synchronous Dask client (they wait): call them off the event loop "
+                "(await asyncio.to_thread(zdq.result, ...)) with Client(address) made there"
+            )
+        self.client = client
+        self.pool_name = pool_name
+        self.key = key
+        self.dirpath = dirpath
+        self.record = _find_pool(client, pool_name, dirpath)
+
+    def once(self) -> tuple[str, Any, BaseException | None]:
+        """``(state, value, exception)`` as the brokers answer now."""
+        try:
+            answers = _ask(self.client, self.record, self.key)
+        except BrokerLost:
+            self.record = _find_pool(self.client, self.pool_name, self.dirpath)  # its queues may have moved
+            raise
+        found, payload, detail = max(answers, key=lambda a: _RANK.get(a[0], 0))
+        if found == "finished":
+            return _read(self.record, self.key, payload)
+        if found == "failed":
+            return found, None, DeadLettered(f"task {self.key} of pool {self.pool_name} was dead-lettered: {detail}")
+        if found == "cancelled":
+            return found, None, TaskCancelled(f"task {self.key} of pool {self.pool_name} was cancelled")
+        if found == "expired":
+            return found, None, ZdqError(f"task {self.key} of pool {self.pool_name} expired before it ran {detail}".rstrip())
+        return found, None, None
+
+
+def _find_pool(client: Any, name: str, dirpath: str | None) -> registry.PoolRecord:
+    """The live pool ``name``'s record; a durable pool's without ``dirpath`` if it is the only
+    pool of that name."""
+    record = registry.lookup(client, name, dirpath)
+    if record is None and dirpath is None:
+        prefix = registry.registry_key(name, "")
+        durable = [k for k in client.list_datasets() if isinstance(k, str) and k.startswith(prefix)]
+        if len(durable) > 1:
+            raise PoolNotFound(
+                f"several durable pools are named {name!r} (in {', '.join(k[len(prefix):] for k in durable)}): "
+                "pass dirpath= to say which"
+            )
+        if durable:
+            record = registry.lookup(client, name, durable[0][len(prefix) :])
+    if record is None:
+        raise PoolNotFound(
+            f"no live pool named {name!r} on this cluster: its QueuePool is not running (or was given another "
+            "name); results by id are asked of a pool's queues while its owner runs"
+        )
+    return record
+
+
+def _ask(client: Any, record: registry.PoolRecord, key: int) -> list[tuple[str, bytes | None, str]]:
+    """Every queue's answer about task ``key`` (one ``client.run`` per worker that holds some)."""
+    by_worker: dict[str, list[str]] = {}
+    for i, name in enumerate(record.queue_names):
+        worker = record.workers[i] if i < len(record.workers) else ""
+        by_worker.setdefault(worker, []).append(name)
+    answers: list[tuple[str, bytes | None, str]] = []
+    silent: list[str] = []
+    for worker, names in by_worker.items():
+        try:
+            out = client.run(
+                _task_states, names, key, workers=[worker] if worker else None, on_error="return", callback_timeout=ASK_TIMEOUT
+            )
+            got = out.get(worker) if worker else _merged(out)
+        except Exception as e:  # noqa: BLE001 - its worker is gone, or too busy to answer: named below
+            got = e
+        if isinstance(got, BaseException) or got is None:
+            silent.append(f"{', '.join(names)} on {worker or 'an unknown worker'} ({got!r:.200})")
+            continue
+        for name in names:
+            answer = got[name]
+            if answer is None:
+                silent.append(f"{name} (no longer on worker {worker})")
+            else:
+                answers.append(answer)
+    if silent and not any(a[0] != "unknown" for a in answers):
+        raise BrokerLost(f"pool {record.name}: queues gave no answer about task {key}: {'; '.join(silent)}")
+    return answers or [("unknown", None, "")]
+
+
+def _merged(per_worker: dict[str, Any]) -> dict[str, Any]:
+    """The answers of every worker asked (where a queue's worker is not known): each queue's
+    from the worker that holds it."""
+    merged: dict[str, Any] = {}
+    for answers in per_worker.values():
+        if isinstance(answers, dict):
+            for name, answer in answers.items():
+                if answer is not None or name not in merged:
+                    merged[name] = answer
+    return merged
+
+
+def _task_states(names: list[str], key: int) -> dict[str, Any]:
+    """On a worker: each named broker's answer about task ``key`` (None: not on this worker)."""
+    from zdq.observe.feed import local_broker
+
+    out: dict[str, Any] = {}
+    for name in names:
+        broker = local_broker(name)
+        out[name] = None if broker is None else broker.task_state(key)
+    return out
+
+
+def _read(record: registry.PoolRecord, key: int, payload: bytes | None) -> tuple[str, Any, BaseException | None]:
+    """The outcome of task ``key`` in its chunk's sealed results."""
+    base, values, errors = loads_results(payload, record.payload_key)
+    index = key - base
+    if not 0 <= index < len(values):
+        return "unknown", None, None
+    info = errors.get(index)
+    if info is None:
+        return "done", values[index], None
+    exc = error_to_exception(info)
+    return ("cancelled" if isinstance(exc, TaskCancelled) else "failed"), None, exc

@@ -1,0 +1,94 @@
+"""Rate limits as users write them: ``"100/s"``, ``"6000/m"``, ``"10/h"`` or tasks per second.
+
+A limit is checked here, at the call that gives it (``QueuePool(rate_limit=)``, ``submit(...,
+rate_limit=)``, ``set_rate_limit``, ``zdq rate-limit``), and travels as a float of tasks per
+second; ``None`` (or ``0``) means no limit. These are Celery's forms (``"100/m"``, a bare number
+is per second).
+
+A pool's limit is its total: each of its ``n`` queues' brokers enforces ``limit / n``
+(:func:`share`), and so does each queue for a per-call limit. A rate-limited submission is cut into
+chunks of at most :func:`chunk_cap` tasks, so that the starts it allows are smooth (a broker lets a
+chunk's tasks start together).
+
+>>> rate_of("100/s"), rate_of("6000/m"), rate_of("36/h"), rate_of(2.5), rate_of(None)
+(100.0, 100.0, 0.01, 2.5, None)
+>>> chunk_cap(200.0), chunk_cap(5.0)
+(10, 1)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+__all__ = ["chunk_cap", "format_rate", "rate_key_of", "rate_of", "share"]
+
+_PER = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
+#: A rate-limited chunk holds at most this many seconds of its rate (at least one task).
+SMOOTH_SECONDS = 0.05
+
+
+def rate_of(rate: Any, what: str = "rate_limit") -> float | None:
+    """Tasks per second of a limit written ``"N/s"``, ``"N/m"``, ``"N/h"`` or as a number of tasks
+    per second; ``None`` (or ``0``) for no limit.
+
+    Raises
+    ------
+    TypeError
+        Not a string, a number or None.
+    ValueError
+        A string of another form, or a rate that is negative or not finite.
+    """
+    if rate is None:
+        return None
+    if isinstance(rate, str):
+        count, slash, unit = rate.strip().partition("/")
+        per = _PER.get(unit.strip().lower()) if slash else 1.0
+        try:
+            value = float(count)
+        except ValueError:
+            value = math.nan
+        if per is None or math.isnan(value):
+            raise ValueError(f"{what} must be like '100/s', '6000/m' or '10/h' (or tasks per second), got {rate!r:.80}")
+        value /= per
+    elif isinstance(rate, numbers.Real) and not isinstance(rate, bool):
+        value = float(rate)
+    else:
+        raise TypeError(f"{what} must be a string like '100/s' or a number of tasks per second, got {rate!r:.80}")
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{what} must be a non-negative, finite rate, got {rate!r:.80}")
+    return value or None
+
+
+def share(rate: float | None, n_queues: int) -> float | None:
+    """Each queue's part of a pool's limit (the pool's queues split it evenly)."""
+    return None if rate is None else rate / max(1, n_queues)
+
+
+def chunk_cap(rate: float) -> int:
+    """The most tasks a chunk limited to ``rate`` per second (one queue's share) should hold."""
+    return max(1, int(rate * SMOOTH_SECONDS))
+
+
+def rate_key_of(fn: Any) -> bytes:
+    """The bucket of a per-call limit: the function's ``module:qualname`` (a bound method's or a
+    ``functools.partial``'s function's), as Celery keys a task's ``rate_limit`` by task name. A
+    task given by name (``"package.module:function"``) is keyed by that name (the function's own
+    bucket when the name is where it is defined)."""
+    if type(fn) is str:
+        return fn.encode()[:1024]
+    fn = getattr(fn, "func", fn)  # functools.partial
+    fn = getattr(fn, "__func__", fn)  # bound methods
+    module = getattr(fn, "__module__", None) or "?"
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__qualname__
+    return f"{module}:{name}".encode()[:1024]
+
+
+def format_rate(rate: float | None) -> str:
+    """``"100/s"`` for 100.0, ``"-"`` for no limit: how the page and ``zdq status`` show it."""
+    if not rate:
+        return "-"
+    if rate >= 1:
+        return f"{rate:.4g}/s"
+    return f"{rate * 60:.4g}/m" if rate * 60 >= 1 else f"{rate * 3600:.4g}/h"

@@ -1,0 +1,117 @@
+"""The program of a consumer's child process, which runs tasks under a hard time limit.
+
+Started by :class:`zdq.consumer.hard.Child` as ``python child.py READ_FD WRITE_FD PARENT_PID``
+(a fresh interpreter, never a fork of the consumer's process, whose ZeroMQ and Dask threads a fork
+would copy in whatever state they were). It imports nothing of zdq, so that it is ready in the
+time Python and cloudpickle take to start; a task's own modules are imported when its function is
+unpickled, and stay imported for the tasks after it.
+
+The pipes carry frames: an 8-byte big-endian length, then a pickle. The first frame from the
+parent is its ``sys.path`` (so that the child imports what the worker imports); the child answers
+``b"ready"``. Then each frame is a call ``(fn, args, kwargs)``. Once it is unpickled (which
+imports the task's modules: seconds, for some) the child says :data:`STARTED` (an empty frame),
+the moment from which the parent counts the task's time limit, and then answers one of
+
+- ``(True, value)``;
+- ``(False, exception, traceback_text)``;
+- ``(False, None, type_name, message, traceback_text)`` when the exception or the value does not
+  pickle, or when the call does not unpickle (then without :data:`STARTED` before it).
+
+The child owns nothing but itself: it ends when its parent closes the pipe, and a watchdog thread
+ends it when its parent process is gone (a worker killed with SIGKILL never closes anything).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+#: Bytes of a frame's length (big-endian), before its pickle (the parent's HEADER too).
+HEADER = 8
+#: The frame that says a call was unpickled and starts now.
+STARTED = b""
+#: How often the watchdog looks for the parent process.
+_WATCH_INTERVAL = 0.5
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    parts = []
+    while n:
+        part = os.read(fd, min(n, 1 << 20))
+        if not part:
+            return None  # the parent closed the pipe: time to go
+        parts.append(part)
+        n -= len(part)
+    return b"".join(parts)
+
+
+def _read_frame(fd: int) -> bytes | None:
+    header = _read_exact(fd, HEADER)
+    return None if header is None else _read_exact(fd, int.from_bytes(header, "big"))
+
+
+def write_frame(fd: int, data: bytes) -> None:
+    view = memoryview(len(data).to_bytes(HEADER, "big") + data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _watch_parent(parent: int) -> None:
+    # Reparented (to init or a subreaper) means the parent died: nobody waits for this task.
+    while os.getppid() == parent:
+        time.sleep(_WATCH_INTERVAL)
+    os._exit(1)
+
+
+def _answer(dumps: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> bytes:
+    try:
+        reply: tuple[Any, ...] = (True, fn(*args, **(kwargs or {})))
+    except BaseException as e:  # noqa: BLE001 - a task's failure is its answer, whatever it raised
+        reply = (False, e, "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        e.__traceback__ = None
+    try:
+        return dumps(reply, protocol=5)
+    except Exception as e:  # noqa: BLE001 - the value or the exception does not pickle
+        what = "exception" if reply[0] is False else "value"
+        error = reply[1] if reply[0] is False else e
+        kind = type(error)
+        message = f"{error}" if reply[0] is False else f"the task's value cannot be pickled to leave its process: {e}"
+        text = reply[2] if reply[0] is False else ""
+        return dumps((False, None, f"{kind.__module__}.{kind.__qualname__}", f"{message} ({what} not picklable)", text))
+
+
+def main(argv: list[str]) -> int:
+    read_fd, write_fd, parent = int(argv[1]), int(argv[2]), int(argv[3])
+    threading.Thread(target=_watch_parent, args=(parent,), name="zdq-child-watchdog", daemon=True).start()
+    path = _read_frame(read_fd)
+    if path is None:
+        return 0
+    sys.path[:] = pickle.loads(path)
+    import cloudpickle  # after sys.path: the worker's own copy
+
+    write_frame(write_fd, b"ready")
+    while True:
+        frame = _read_frame(read_fd)
+        if frame is None:
+            return 0
+        try:
+            fn, args, kwargs = pickle.loads(frame)
+        except BaseException as e:  # noqa: BLE001 - e.g. a module the task needs is not importable here
+            text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+            kind = type(e)
+            answer = cloudpickle.dumps(
+                (False, None, f"{kind.__module__}.{kind.__qualname__}", f"the task does not unpickle in its process: {e}", text)
+            )
+        else:
+            write_frame(write_fd, STARTED)  # the task's time limit counts from here
+            answer = _answer(cloudpickle.dumps, fn, args, kwargs)
+        write_frame(write_fd, answer)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
