@@ -346,6 +346,20 @@ def test_results_are_kept_by_producer() -> None:
     assert ledger.outcomes.producers() == {b"c1"}
 
 
+def test_results_are_copied_into_the_callers_dict_which_is_never_the_kept_one() -> None:
+    """``results()`` builds its dict in place (one copy, not two); what the caller then does with
+    it changes nothing kept."""
+    ledger = make()
+    base, _ = chunk(ledger, 2)
+    results(ledger, confirmed(ledger), ["a", "b"], consumer=b"c1")
+    out = {-1: "theirs"}
+    assert ledger.outcomes.results_for([b"c1"], into=out) is out and out == {-1: "theirs", base: "a", base + 1: "b"}
+    out.clear()
+    mine = ledger.outcomes.results_for([b"c1"])
+    mine[base] = "changed"
+    assert ledger.outcomes.results_for([b"c1"]) == {base: "a", base + 1: "b"}
+
+
 def test_results_that_arrive_twice_are_recorded_once() -> None:
     ledger = make()
     chunk(ledger, 2)
@@ -451,6 +465,37 @@ def test_a_batch_future_is_filled_by_results_and_resolves_once_all_are_in() -> N
     assert not batch.done()
     results(ledger, b, [3, 4])
     assert batch.result(0) == [1, 2, 3, 4]
+
+
+def test_a_batch_is_handed_over_as_far_as_the_window_has_room() -> None:
+    """``submit_chunks`` takes every chunk that fits at once (the window: 2 per broker), waits
+    (within its timeout) for room for one more, and leaves the bounds as ``submit_chunk`` does."""
+    ledger = make(n_brokers=1)
+    base = ledger.reserve(5)
+    chunks = [ledger.chunking.pack(base + i, [task(i)], None, PICKLED, None)[0] for i in range(5)]
+    batch = BatchFuture(base, 5)
+    assert ledger.submit_chunks(chunks, 0, batch, base, timeout=0) == 2
+    assert ledger.buffered_chunks == 2 and [r.base for r in ledger.queued] == [base, base + 1]
+    with pytest.raises(SubmitTimeout):
+        ledger.submit_chunks(chunks, 2, batch, base, timeout=0)
+    confirmed(ledger)
+    assert ledger.submit_chunks(chunks, 2, batch, base, timeout=0) == 3
+    confirmed(ledger), confirmed(ledger)
+    assert ledger.submit_chunks(chunks, 3, batch, base, timeout=0) == 5
+    assert ledger.buffered_chunks == 2 and counts(ledger)["submitted"] == 5
+    confirmed(ledger), confirmed(ledger)
+    for rec in list(ledger.records.values()):
+        results(ledger, rec, [rec.base])
+    assert batch.result(0) == [base + i for i in range(5)] and not ledger.records
+
+
+def test_with_max_pending_a_batch_is_handed_over_one_chunk_at_a_time() -> None:
+    ledger = make(n_brokers=1, window=8)
+    ledger.max_pending = 10
+    base = ledger.reserve(3)
+    chunks = [ledger.chunking.pack(base + i, [task(i)], None, PICKLED, None)[0] for i in range(3)]
+    assert ledger.submit_chunks(chunks, 0, None, base, timeout=0) == 1
+    assert ledger.submit_chunks(chunks, 1, None, base, timeout=0) == 2
 
 
 def test_wait_results_is_false_while_a_task_awaits_its_result() -> None:

@@ -80,6 +80,39 @@ def test_a_batch_entry_must_be_a_tuple_that_starts_with_a_callable() -> None:
         check_calls([()])
 
 
+class _EqualToAll:
+    """Says it equals anything (a user's odd ``__eq__``), and is not callable."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _RaisesOnEq:
+    def __eq__(self, other: object) -> bool:
+        raise ValueError("ambiguous")
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def test_the_batch_check_is_as_strict_on_its_fast_path() -> None:
+    """One function for the whole batch (the fast path, in C), several, and entries whose
+    ``__eq__`` says yes to anything or raises: the verdict and the wrong entry's position are
+    those of the plain loop."""
+    check_calls([(add, i) for i in range(1000)])
+    check_calls([(add, 1), (print,), (add, 2)])
+    check_calls([])
+    with pytest.raises(TypeError, match="item 2 must be a tuple"):
+        check_calls([(add,), (add,), (_EqualToAll(),)])
+    with pytest.raises(TypeError, match="item 1 must be a tuple"):
+        check_calls([(add,), (_RaisesOnEq(),)])
+    with pytest.raises(TypeError, match="item 3 must be a tuple"):
+        check_calls([(add,), (add,), (add,), (add, 1)[:0]])
+    with pytest.raises(TypeError, match="item 1 must be a tuple"):
+        check_calls([(add,), _EqualToAll()])
+
+
 # -- each kind round-trips and runs ---------------------------------------------------------------
 def test_tasks_with_args_kwargs_and_items_run_each_in_their_layout() -> None:
     entries = [call_task(add, (1, 2)), call_task(add, (1,), {"b": 5}), item_task("abc")]

@@ -90,7 +90,7 @@ class ConsumerRegistry:
         wanted = list(identities)
         out: dict[int, Any] = {}
         for driver in self.drivers():
-            out.update(driver.results_for(wanted))
+            driver.results_for(wanted, into=out)  # built in place: no copy of a million results
         return out
 
     def done_count(self, identities: Iterable[bytes]) -> int:

@@ -345,11 +345,12 @@ class Submitter:
         batch = BatchFuture(base, len(entries))
         batch._hint = pool.wait_hint  # why_waiting, and whether the batch can run at all
         batch._driver = driver
-        for first, n, payload in packed:
+        i = 0
+        while i < len(packed):
             try:
-                driver.submit_chunk(first, n, payload, batch, first - base, timeout=timeout, timing=timing)
+                i = driver.submit_chunks(packed, i, batch, base, timeout=timeout, timing=timing)
             except SubmitTimeout as e:
-                queued = first - base
+                queued = packed[i].first - base
                 if not queued:
                     raise
                 # Part of the batch is queued and will run: its future must still settle.

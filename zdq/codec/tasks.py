@@ -45,6 +45,7 @@ import dataclasses
 import functools
 import importlib
 import math
+import operator
 import pickle
 import re
 import sys
@@ -191,12 +192,39 @@ def check_calls(calls: Sequence[Any], first: int = 0) -> None:
     """Raise ``TypeError`` unless every one of ``calls`` is a CALLS entry ``(fn, *args)``, where
     ``fn`` is a callable or a task name (:func:`check_task_name`, which raises ``ValueError``);
     ``first`` is the position of ``calls[0]`` in what the user submitted."""
+    if _all_calls(calls):
+        return
     for i, call in enumerate(calls):
         if type(call) is not tuple or not call or not callable(call[0]):
             if type(call) is tuple and call and type(call[0]) is str:  # only names pay for this
                 check_task_name(call[0], f"batch_submit item {first + i}: ")
                 continue
             raise TypeError(f"batch_submit item {first + i} must be a tuple (fn, *args), got {call!r:.80}")
+
+
+def _all_calls(calls: Sequence[Any]) -> bool:
+    """Whether ``calls`` are all non-empty tuples whose first item is callable, checked in loops
+    that run in C (``map``, ``count``, ``all``): about half the time of the loop in
+    :func:`check_calls` for a million calls. False leaves the verdict, and the position of a wrong
+    entry, to that loop.
+
+    ``count`` compares by identity first: ``tuple`` against itself calls no ``__eq__``; another type
+    is compared by its metaclass (``type``'s: identity; one whose metaclass says it equals
+    ``tuple`` would pass here, and fail as a task instead). ``callable`` is asked of every entry:
+    no ``__eq__`` of a user's object is trusted. Anything that raises leaves it to the loop."""
+    n = len(calls)
+    head = calls[0] if n else None
+    if type(head) is not tuple or not head or not callable(head[0]):  # a batch by name, or none: the loop
+        return False
+    try:
+        if list(map(type, calls)).count(tuple) != n or not all(calls):  # a tuple is true when not empty
+            return False
+        return all(map(callable, map(_first, calls)))
+    except Exception:
+        return False
+
+
+_first = operator.itemgetter(0)
 
 
 #: A task name: ``package.module:function`` or ``package.module:Class.method``.

@@ -39,7 +39,7 @@ import concurrent.futures
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from zdq.config import PoolSettings
@@ -48,6 +48,7 @@ from zdq.futures import CallbackRunner, TaskFuture
 from zdq.names import driver_name, queue_name
 from zdq.reporting import FailureLog
 from zdq.stats import DriverStats, QueueState
+from zdq.codec.chunking import Packed
 from zdq.codec.tasks import PICKLED
 from zdq.codec.timing import Timing
 from zdq.transport import protocol as p
@@ -199,6 +200,21 @@ class Driver:
         """Queue a chunk pickled by the caller; block while the driver's buffers are full."""
         self._ledger.submit_chunk(base, n, payload, sink, offset, timeout, timing)
 
+    def submit_chunks(
+        self,
+        chunks: Sequence[Packed],
+        start: int,
+        sink: Any,
+        base: int,
+        *,
+        timeout: float | None = None,
+        timing: Timing | None = None,
+    ) -> int:
+        """Queue ``chunks[start:]`` (a batch's, pickled by the caller; ``sink`` offsets counted
+        from task ``base``) as far as the buffers have room, after waiting for room for one; return
+        the index after the last queued (see :meth:`Ledger.submit_chunks`)."""
+        return self._ledger.submit_chunks(chunks, start, sink, base, timeout, timing)
+
     def cancel(self, first: int, n: int, timeout: float | None = None) -> set[int]:
         """Cancel the tasks ``first .. first+n`` that have not started; return the ids of those
         that never will run (their futures are cancelled; a batch's hold TaskCancelled).
@@ -252,9 +268,10 @@ class Driver:
         """Tasks submitted that no queue has been handed yet (coalescing, or waiting for room)."""
         return self._ledger.unsent
 
-    def results_for(self, producers: Iterable[bytes]) -> dict[int, Any]:
-        """The results kept from these consumers (by identity), by task id: a copy."""
-        return self._outcomes.results_for(producers)
+    def results_for(self, producers: Iterable[bytes], into: dict[int, Any] | None = None) -> dict[int, Any]:
+        """The results kept from these consumers (by identity), by task id, written into ``into``
+        (a new dict by default): the caller's."""
+        return self._outcomes.results_for(producers, into)
 
     def done_count(self, producers: Iterable[bytes]) -> int:
         """Tasks whose results came from these consumers."""

@@ -397,13 +397,15 @@ class Outcomes:
             for tid in ids:
                 store[tid] = cancellation(tid)
 
-    def results_for(self, producers: Iterable[bytes]) -> dict[int, Any]:
-        """The outcomes kept from these consumers (by identity), by task id: a copy."""
+    def results_for(self, producers: Iterable[bytes], into: dict[int, Any] | None = None) -> dict[int, Any]:
+        """The outcomes kept from these consumers (by identity), by task id, copied into ``into`` (a
+        new dict by default; the first copy into an empty dict is a clone of the table, not one
+        insertion per task)."""
+        merged: dict[int, Any] = {} if into is None else into
         with self.cond:
-            merged: dict[int, Any] = {}
             for ident in producers:
                 merged.update(self.results.get(ident, {}))
-            return merged
+        return merged
 
     def done_count(self, producers: Iterable[bytes]) -> int:
         """Tasks whose results came from these consumers."""
