@@ -24,7 +24,7 @@ from zdq.errors import BatchError
 from zdq.observe.commands import format_status
 
 from .conftest import abc_cluster, assert_no_zdq_leaks, wait_until
-from .tasks import add, sleep, write_start
+from .tasks import add, flaky, sleep, write_start
 
 pytestmark = pytest.mark.cluster
 
@@ -130,6 +130,34 @@ def test_a_task_expired_in_a_consumers_prefetch_is_not_run_and_an_expiry_before_
             queue_pool.submit(add, 1, delay=5, expires=2)
         with pytest.raises(TypeError, match="expires"):
             queue_pool.batch_submit([(add, 1)], expires="soon")
+
+
+def test_a_daskqueue_programs_counts_leave_expired_tasks_out_and_no_retry_starts_after_an_expiry(
+    named_client: Client, tmp_path: Path
+) -> None:
+    with QueuePool(named_client, 1, workers=["a"]) as queue_pool:
+        expired = [queue_pool.submit(add, i, expires=0.5) for i in range(3)]
+        for future in expired:
+            with pytest.raises(TaskExpired):
+                future.result(timeout=30)
+        ran = queue_pool.submit(add, 1, 2)
+        # Fails twice, 1 s apart, so its retry would start after its expiry: it is not retried.
+        counter = tmp_path / "attempts"
+        retried = queue_pool.submit(flaky, str(counter), 5, retries=5, retry_backoff=1.0, expires=0.6)
+        with ConsumerPool(named_client, queue_pool, n_consumers=1, workers=["c"]) as consumers:
+            consumers.start()
+            consumers.join(timeout=60)
+            assert ran.result(timeout=30) == 3
+            with pytest.raises(Exception, match="not retried: its expiry"):
+                retried.result(timeout=30)
+            assert int(counter.read_text()) == 1  # one attempt, no retry past the expiry
+            results = consumers.results()
+            # Each task once: the expired ones among the tasks that never ran, not also as an
+            # earlier consumer's; and no consumer consumed them.
+            keys = [key for by_consumer in results.values() for key in by_consumer]
+            assert sorted(keys) == sorted(f.key for f in [*expired, ran, retried])
+            assert set(results["not-run"]) == {f.key for f in expired}
+            assert consumers.nb_consumed() == 2
 
 
 @pytest.mark.faults

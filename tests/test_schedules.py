@@ -156,6 +156,9 @@ def test_a_failing_schedule_leaves_its_error_as_last_error_and_no_pile_of_dead_l
         failing = queue_pool.schedule(fail, "tick failed", every=0.2, retries=1, retry_backoff=0.01)
         other = queue_pool.schedule(add, 1, 2, every=3600)
         assert (failing.queue, other.queue) == tuple(queue_pool.queue_names)  # in turn, not at random
+        for keyword in ({"expires": 5}, {"rate_limit": "1/s"}, {"unique_key": "x"}):
+            with pytest.raises(TypeError, match=f"schedule\\(\\) takes no {next(iter(keyword))}"):
+                queue_pool.schedule(add, 1, every=60, **keyword)  # never passed on to the task at each tick
 
         def failed_ticks() -> int:
             (mine,) = [s for s in queue_pool.schedules() if s.schedule_id == failing.schedule_id]

@@ -51,6 +51,8 @@ def test_a_printable_name_is_accepted_as_it_is(name: str) -> None:
         ("two\nlines", ValueError, "must be printable"),
         (" report", ValueError, "without surrounding spaces"),
         ("123", ValueError, "must not be digits alone"),
+        ("²", ValueError, "must not be digits alone"),
+        ("--yes", ValueError, "must not start with '-'"),
     ],
 )
 def test_a_bad_name_is_refused_saying_what_is_wrong(name: object, error: type, match: str) -> None:
@@ -184,3 +186,11 @@ def test_zdq_schedules_list_shows_names_ids_timing_and_queue_by_next_tick() -> N
     assert lines[3].split() == ["report", "7", "make_report", "every", "3600s", "1970-01-01", "01:00:00", "3", "0", "p-queue-0"]
     assert format_schedules({"p-queue-0": []}) == "no schedules"
     assert json.loads(json.dumps(found))["p-queue-0"][0]["schedule_name"] == "report"
+
+
+def test_the_cli_reads_ascii_digits_as_an_id_and_anything_else_as_a_name_checked() -> None:
+    from zdq.observe.commands import _schedule_key
+
+    assert _schedule_key("42") == 42 and _schedule_key("report") == "report"
+    with pytest.raises(ValueError, match="digits alone"):
+        _schedule_key("²")  # a digit to str.isdigit, not to int()

@@ -103,11 +103,12 @@ class ConsumerRegistry:
 
     def earlier_producers(self) -> set[bytes]:
         """Consumers no ConsumerPool of this process placed (a durable queue kept their results
-        from before a restart)."""
+        from before a restart). Not :data:`NO_CONSUMER`: tasks that never ran (expired, lost,
+        refused) are :meth:`not_run`'s, and no consumer consumed them."""
         found: set[bytes] = set()
         for driver in self.drivers():
             found |= driver.producers()
-        return found - self.identities()
+        return found - self.identities() - {NO_CONSUMER}
 
     def keep(self, pool: ConsumerListener) -> None:
         """Hold a started ConsumerPool until it is closed (:meth:`let_go`): one made and started

@@ -34,6 +34,9 @@ from zdq.stats import BrokerStats, PoolStats
 
 __all__ = ["ControlMethods", "DeadLetterInfo"]
 
+#: ``submit``'s own keywords that a schedule does not take (refused, never passed to ``fn``).
+_SUBMIT_ONLY = frozenset({"expires", "rate_limit", "unique_key", "unique_for", "delay", "eta"})
+
 
 @dataclass(frozen=True)
 class DeadLetterInfo:
@@ -79,6 +82,7 @@ class ControlMethods:
         retry_backoff: float | None = None,
         retry_on: tuple[type[BaseException], ...] | type[BaseException] | None = None,
         time_limit: float | str | None = None,
+        hard: bool | None = None,
         priority: int = 0,
         timeout: float = 30.0,
         name: str | None = None,
@@ -112,12 +116,20 @@ class ControlMethods:
             ``cron`` does not parse, ``every`` is not positive, or both or neither are given;
             ``name`` is empty, longer than 200 characters, not printable, or digits alone.
         TypeError
-            ``fn`` is not callable, or ``name`` is not a str.
+            ``fn`` is not callable, ``name`` is not a str, or a keyword of ``submit`` that a
+            schedule does not take is given (``expires``, ``rate_limit``, ``unique_key``,
+            ``unique_for``, ``delay``, ``eta``): it would otherwise reach ``fn`` at every tick.
         BrokerLost
             (named) a queue other than the name's did not answer whether it keeps one of that name.
         """
         self._owned("schedules")
-        options = self._submitter.defaults.merge(retries, retry_backoff, retry_on, time_limit)
+        refused = sorted(_SUBMIT_ONLY & kwargs.keys())
+        if refused:
+            raise TypeError(
+                f"schedule() takes no {', '.join(refused)} (submit's own keywords, which a schedule's ticks do not "
+                "have): to pass keyword arguments of those names to fn, schedule a functools.partial of it"
+            )
+        options = self._submitter.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard)
         return self._on_brokers(
             lambda: make_schedule(
                 self, fn, args, kwargs, cron=cron, every=every, missed=missed, options=options, priority=priority,

@@ -120,8 +120,8 @@ def check_schedule_name(name: object) -> str:
     """``name`` if it can name a schedule; else raise naming what is wrong with it.
 
     A name is a non-empty ``str`` of at most :data:`NAME_MAX` printable characters, without
-    surrounding spaces, and not digits alone (those read as a schedule id, in
-    ``cancel_schedule`` and ``zdq schedules cancel``).
+    surrounding spaces, not digits alone (those read as a schedule id, in ``cancel_schedule`` and
+    ``zdq schedules cancel``), not starting with ``-`` (an option, to the CLI).
 
     >>> check_schedule_name("hourly report")
     'hourly report'
@@ -136,6 +136,8 @@ def check_schedule_name(name: object) -> str:
         raise ValueError(f"a schedule's name must be printable, without surrounding spaces, got {name!r:.80}")
     if name.isdigit():
         raise ValueError(f"a schedule's name must not be digits alone (it would read as a schedule id), got {name!r}")
+    if name.startswith("-"):
+        raise ValueError(f"a schedule's name must not start with '-' (`zdq schedules` would read it as an option), got {name!r:.80}")
     return name
 
 

@@ -554,11 +554,16 @@ class Runner:
                 options, run.crashes, self._crash_attempts, attempt, error, stopping=self._stop.is_set()
             )
             if isinstance(decision, Retry):
-                with self._counters.lock:
-                    self._counters.tasks_retried += 1
-                time.sleep(decision.delay if 0 <= decision.delay < math.inf else 0.0)
-                error = None
-                continue
+                delay = decision.delay if 0 <= decision.delay < math.inf else 0.0
+                if not options.expires or time.time() + delay < options.expires:
+                    with self._counters.lock:
+                        self._counters.tasks_retried += 1
+                    time.sleep(delay)
+                    error = None
+                    continue
+                # A retry is a start: none begins after the task's expiry. It fails with its error.
+                if hasattr(error, "add_note"):
+                    error.add_note(f"task {tid} was not retried: its expiry (expires=) comes before the next attempt")
             info = _error_info(error)
             if isinstance(decision, DeadLetter):
                 self._dead_letter(run, i, task, info, decision)

@@ -209,7 +209,7 @@ def _schedule_key(text: str) -> int | str:
     """An id if ``text`` is digits (a schedule's name never is), else a name, checked."""
     from zdq.codec.schedules import check_schedule_name
 
-    return int(text) if text.isdigit() else check_schedule_name(text)
+    return int(text) if text.isascii() and text.isdigit() else check_schedule_name(text)
 
 
 def format_schedules(found: dict[str, Any]) -> str:
