@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from distributed import Client, LocalCluster
 
+import zdq
 from zdq import ConsumerPool, QueuePool, TaskExpired
 from zdq.errors import BatchError
 from zdq.observe.commands import format_status
@@ -135,17 +136,23 @@ def test_a_task_expired_in_a_consumers_prefetch_is_not_run_and_an_expiry_before_
 def test_a_daskqueue_programs_counts_leave_expired_tasks_out_and_no_retry_starts_after_an_expiry(
     named_client: Client, tmp_path: Path
 ) -> None:
-    with QueuePool(named_client, 1, workers=["a"]) as queue_pool:
+    with QueuePool(named_client, 1, name="counted", workers=["a"]) as queue_pool:
         expired = [queue_pool.submit(add, i, expires=0.5) for i in range(3)]
         for future in expired:
             with pytest.raises(TaskExpired):
                 future.result(timeout=30)
+        # Another process asking by id hears the same (results by id).
+        assert zdq.state("counted", expired[0].key, client=named_client) == "expired"
+        with pytest.raises(TaskExpired):
+            zdq.result("counted", expired[0].key, timeout=5, client=named_client)
         ran = queue_pool.submit(add, 1, 2)
-        # Fails twice, 1 s apart, so its retry would start after its expiry: it is not retried.
         counter = tmp_path / "attempts"
-        retried = queue_pool.submit(flaky, str(counter), 5, retries=5, retry_backoff=1.0, expires=0.6)
         with ConsumerPool(named_client, queue_pool, n_consumers=1, workers=["c"]) as consumers:
             consumers.start()
+            assert ran.result(timeout=30) == 3  # the consumer serves: the next task starts at once
+            # It fails; its retry would come at least 5 s later (backoff 10 s, jitter at most half),
+            # after its expiry: it is not retried.
+            retried = queue_pool.submit(flaky, str(counter), 5, retries=5, retry_backoff=10.0, expires=4)
             consumers.join(timeout=60)
             assert ran.result(timeout=30) == 3
             with pytest.raises(Exception, match="not retried: its expiry"):

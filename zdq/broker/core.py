@@ -295,8 +295,8 @@ class BrokerCore:
     def task_state(self, task_id: int) -> tuple[str, bytes | None, str]:
         """Where task ``task_id`` stands in this queue (:func:`zdq.state`): ``(state, sealed
         results or None, detail)``; see :func:`zdq.broker.task_state.task_state`."""
-        with self._lock:
-            return task_state(self._leases, task_id, getattr(self, "expired_state", None))
+        with self._lock:  # held: the expiry watch is asked directly (expired_state takes the lock)
+            return task_state(self._leases, task_id, self._expiry.has_expired)
 
     # -- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:

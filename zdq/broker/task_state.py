@@ -11,9 +11,9 @@ The answer is ``(state, sealed results or None, detail)``, ``state`` one of:
                cancelled
 ``cancelled``  its chunk is stored, and the task was cancelled before it started
 ``failed``     the task is a dead letter (``detail``: why); its results, if still here, say more
-``expired``    its ``expires=`` time passed before it started (the chunk's tag; or a broker that
-               records expired tasks: the hook ``expired_state(task_id)`` of the broker core, which
-               returns a detail or None)
+``expired``    its ``expires=`` time passed before it started (the chunk's tag; or, its chunk gone,
+               the broker's record of the last chunks that expired: ``ExpiryWatch.has_expired``,
+               passed in as ``expired``)
 ``unknown``    none of the above: never submitted here, or its results were taken by their driver and
                not kept (``result_ttl`` unset), or kept and expired or evicted
 =============  =====================================================================================
@@ -30,6 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from zdq.broker.expiry import EXPIRED_RESULTS
 from zdq.broker.leases import LeaseTable
 
 __all__ = ["STATES", "task_state"]
@@ -46,13 +47,13 @@ def task_state(leases: LeaseTable, task_id: int, expired: Callable[[int], object
     if retained is not None:
         kept = retained.find(task_id)
         if kept is not None:
-            return "finished", kept.payload(), ""
+            return _finished(kept.payload())
     found = leases.holding(task_id)
     if found is not None:
         _, held = found
         if held.results is not None:
             results = held.results
-            return "finished", bytes(getattr(results, "bytes", results)), ""  # type: ignore[call-overload]
+            return _finished(bytes(getattr(results, "bytes", results)))  # type: ignore[call-overload]
         return "started", None, ""
     stored = _stored_state(leases, task_id)
     if stored is not None:
@@ -62,6 +63,14 @@ def task_state(leases: LeaseTable, task_id: int, expired: Callable[[int], object
         if detail:
             return "expired", None, detail if isinstance(detail, str) else ""
     return "unknown", None, ""
+
+
+def _finished(payload: bytes) -> Answer:
+    """A done chunk's answer: its sealed results, or "expired" for the outcome the broker wrote
+    itself for a chunk that expired before it was delivered (no results to unseal)."""
+    if payload == EXPIRED_RESULTS:
+        return "expired", None, ""
+    return "finished", payload, ""
 
 
 def _stored_state(leases: LeaseTable, task_id: int) -> Answer | None:

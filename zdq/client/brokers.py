@@ -496,9 +496,9 @@ class PlacedQueues:
             return None  # closed meanwhile: release() stops what was adopted; nothing is told
         self.endpoints[i] = endpoint
         del self._lost_since[i]
-        self.recoveries += 1
         driver.reconnect(i, endpoint, self.placed_on.get(i, ""))
         self.publish()
+        self.recoveries += 1  # counted once its record names the new place
         logger.info("queue %s is served again at %s", name, endpoint)
         moved(i, endpoint)
         return None

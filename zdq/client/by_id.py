@@ -35,6 +35,7 @@ from zdq.errors import (
     BrokerLost,
     DeadLettered,
     TaskCancelled,
+    TaskExpired,
     ZdqError,
     ZdqTimeoutError,
 )
@@ -172,7 +173,7 @@ class _Asker:
         if found == "cancelled":
             return found, None, TaskCancelled(f"task {self.key} of pool {self.pool_name} was cancelled")
         if found == "expired":
-            return found, None, ZdqError(f"task {self.key} of pool {self.pool_name} expired before it ran {detail}".rstrip())
+            return found, None, TaskExpired(f"task {self.key} of pool {self.pool_name} expired before it ran {detail}".rstrip())
         return found, None, None
 
 

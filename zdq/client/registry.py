@@ -88,12 +88,9 @@ def _client_connected(client_id: str, dask_scheduler: Any = None) -> bool:
 
 
 def publish(client: Any, record: PoolRecord) -> None:
-    key = registry_key(record.name, record.dirpath)
-    try:
-        client.unpublish_dataset(key)
-    except KeyError:
-        pass
-    client.publish_dataset(**{key: record})
+    """Publish ``record``, replacing the pool's earlier one in one step: a producer attaching or a
+    process asking for a result by id meanwhile finds one or the other, never none."""
+    client.publish_dataset(**{registry_key(record.name, record.dirpath): record}, override=True)
 
 
 def lookup(client: Any, name: str, dirpath: str | None) -> PoolRecord | None:
