@@ -51,7 +51,9 @@ def _bench_scale(args: argparse.Namespace) -> int:
     scales = tuple(int(w) for w in args.scale_workers.split(",")) if args.scale_workers else SCALES
     if not scales or min(scales) < 1:
         raise ValueError("--scale-workers takes worker counts, like 2,8,16,32")
-    report = run_scale(args.tasks, scales, args.fan_out)
+    if not 0 < args.idle_seconds < 3600:
+        raise ValueError("--idle-seconds must be between 0 and 3600 seconds")
+    report = run_scale(args.tasks, scales, args.fan_out, args.idle_seconds)
     if args.plots:
         report["plot"] = plot_scale(report, args.plots)
     print(json.dumps(report, indent=2) if args.json else format_scale(report))
@@ -151,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--scale-workers", metavar="LIST", default=None,
                        help="worker counts of the scale suite, default 2,8,16,32")
     bench.add_argument("--fan-out", type=int, default=None, help="the scale suite's zdq.fan-out (default: the setting)")
+    bench.add_argument("--idle-seconds", type=float, default=5.0,
+                       help="the scale suite measures each idle CPU figure over this long (default 5)")
     bench.add_argument("--generator-tasks", type=int, default=10_000_000, help="tasks of the generator case")
     bench.add_argument("--delayed-tasks", type=int, default=1_000_000,
                        help="delayed tasks of the timing suite's memory case (default 1000000)")

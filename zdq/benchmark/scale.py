@@ -124,7 +124,7 @@ def _dask_placement(client: Client, n: int) -> float:
     return took
 
 
-def one_scale(workers: int, tasks: int, fan_out: int | None = None) -> ScaleResult:
+def one_scale(workers: int, tasks: int, fan_out: int | None = None, idle_seconds: float = _IDLE_SECONDS) -> ScaleResult:
     from zdq import ConsumerPool, QueuePool
 
     queues, consumers = max(1, workers // 2), 2 * workers
@@ -138,10 +138,10 @@ def one_scale(workers: int, tasks: int, fan_out: int | None = None) -> ScaleResu
     ):
         client.wait_for_workers(workers, timeout=300)
         time.sleep(1.0)  # workers settle after start
-        dask_idle = _idle_cpu(client, _IDLE_SECONDS) / _IDLE_SECONDS / workers
+        dask_idle = _idle_cpu(client, idle_seconds) / idle_seconds / workers
         before = _all_cpu(client)
-        time.sleep(_IDLE_SECONDS)
-        idle_cores = (_all_cpu(client) - before) / _IDLE_SECONDS
+        time.sleep(idle_seconds)
+        idle_cores = (_all_cpu(client) - before) / idle_seconds
         with _CpuMeter(client, idle_cores) as dask_cpu:
             dask_placement = _dask_placement(client, queues + consumers)
         time.sleep(1.0)
@@ -156,7 +156,7 @@ def one_scale(workers: int, tasks: int, fan_out: int | None = None) -> ScaleResu
                 qp.batch_submit([(noop, i) for i in range(tasks)]).result(timeout=600)
                 rate = tasks / (time.perf_counter() - t0)
                 time.sleep(1.0)
-                idle = _idle_cpu(client, _IDLE_SECONDS) / _IDLE_SECONDS
+                idle = _idle_cpu(client, idle_seconds) / idle_seconds
     own = max(0.0, idle - dask_idle * workers) / consumers
     return ScaleResult(
         workers=workers,
@@ -176,8 +176,11 @@ def one_scale(workers: int, tasks: int, fan_out: int | None = None) -> ScaleResu
     )
 
 
-def run_scale(tasks: int, scales: tuple[int, ...] = SCALES, fan_out: int | None = None) -> dict[str, Any]:
-    results = [one_scale(w, tasks, fan_out) for w in scales]
+def run_scale(
+    tasks: int, scales: tuple[int, ...] = SCALES, fan_out: int | None = None, idle_seconds: float = _IDLE_SECONDS
+) -> dict[str, Any]:
+    """Each scale in turn; ``idle_seconds``: how long each idle CPU figure is measured over."""
+    results = [one_scale(w, tasks, fan_out, idle_seconds) for w in scales]
     report: dict[str, Any] = {"scales": [asdict(r) for r in results]}
     by_size = {r.workers: r for r in results}
     if 16 in by_size and 32 in by_size:
