@@ -61,6 +61,23 @@ def _zdq(*args: str, timeout: float = 60, stdin: str | None = None) -> subproces
     )
 
 
+def _zdq_started(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "zdq.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _finished(run: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
+    """``(exit status, stderr)`` of a command started by :func:`_zdq_started`; killed past ``timeout``."""
+    try:
+        _, stderr = run.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        run.communicate()
+        raise
+    return run.returncode, stderr
+
+
 @contextlib.contextmanager
 def _shown_pool(cluster: LocalCluster, client: Client, name: str) -> Iterator[tuple[QueuePool, ConsumerPool]]:
     """A pool that ran 300 tasks, 3 of them failing for good (dead-lettered after a retry), now idle,
@@ -238,24 +255,32 @@ def test_purge_command_cancels_the_ready_tasks_so_that_they_never_run_and_their_
 def test_cli_gives_a_one_line_error_for_a_wrong_address_a_cluster_without_zdq_and_an_unknown_pool(
     dash_cluster: LocalCluster, dash_client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
-    wrong = _zdq("status", "--scheduler", "tcp://127.0.0.1:9", "--timeout", "2", timeout=30)
-    assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr
-    assert wrong.stderr.startswith("zdq status: cannot reach a Dask scheduler at tcp://127.0.0.1:9")
-    # Addresses that do not parse, and a port that accepts but does not speak Dask: one line, in time.
+    # A closed port, addresses that do not parse, a port that accepts but does not speak Dask, and
+    # bad options: one line each, in time. The commands run side by side (each is a Python start).
     import socket
     import time
 
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        for address in ("nonsense", "tcp://127.0.0.1", "http://127.0.0.1:80", f"tcp://127.0.0.1:{silent.getsockname()[1]}"):
-            began = time.monotonic()
-            bad = _zdq("status", "--scheduler", address, "--timeout", "2", timeout=30)
-            assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, (address, bad.stderr)
-            assert time.monotonic() - began < 15, address
-    for option in (["--watch", "-1"], ["--timeout", "0"]):
-        refused = _zdq("status", "--scheduler", dash_cluster.scheduler_address, *option, timeout=30)
-        assert refused.returncode == 1 and "must be a positive number" in refused.stderr, refused.stderr
+        addresses = ["tcp://127.0.0.1:9", "nonsense", "tcp://127.0.0.1", "http://127.0.0.1:80", f"tcp://127.0.0.1:{silent.getsockname()[1]}"]
+        options = (["--watch", "-1"], ["--timeout", "0"])
+        began = time.monotonic()
+        runs = [_zdq_started("status", "--scheduler", address, "--timeout", "2") for address in addresses]
+        runs += [_zdq_started("status", "--scheduler", dash_cluster.scheduler_address, *option) for option in options]
+        try:
+            done = [_finished(run, timeout=30) for run in runs]
+        finally:
+            for run in runs:  # none left behind if one timed out
+                if run.poll() is None:
+                    run.kill()
+                    run.wait(timeout=10)
+        assert time.monotonic() - began < 20
+    for address, (code, stderr) in zip(addresses, done):
+        assert code == 1 and len(stderr.strip().splitlines()) == 1, (address, stderr)
+    assert done[0][1].startswith("zdq status: cannot reach a Dask scheduler at tcp://127.0.0.1:9")
+    for code, stderr in done[len(addresses) :]:
+        assert code == 1 and "must be a positive number" in stderr, stderr
     with (
         LocalCluster(n_workers=0, processes=False, protocol="tcp://", dashboard_address=None) as bare,
         caplog.at_level("ERROR"),
