@@ -141,7 +141,7 @@ def test_a_consumer_pools_hard_limit_kills_every_task_without_its_own(pools: Any
 def test_a_consumer_pools_hard_limit_holds_for_tasks_with_options_but_no_limit_of_their_own(pools: Any) -> None:
     """``expires=``, ``retries=`` or ``retry_on=`` give a task options of its own: they must not
     lift the consumer's limit (a safety net), while a task's own time limit still wins."""
-    queue_pool, consumers = pools(time_limit=1, hard=True)
+    queue_pool, _ = pools(time_limit=1, hard=True)
     started = time.monotonic()
     futures = [
         queue_pool.submit(sleep, 60, expires=time.time() + 120),
@@ -208,17 +208,18 @@ def test_hard_limited_attempts_are_retried_and_each_is_killed(pools: Any) -> Non
 @pytest.mark.faults
 def test_stopping_the_consumer_leaves_no_child_process(client: Client, tmp_path: Path) -> None:
     with QueuePool(client, 1, **FAST) as queue_pool:
-        consumers = ConsumerPool(client, queue_pool, n_consumers=1, max_concurrency=2, start=True)
+        consumers = ConsumerPool(client, queue_pool, n_consumers=1, max_concurrency=3, start=True)
         try:
             idle, _ = queue_pool.submit(pid_and_parent, time_limit=30, hard=True).result(timeout=60)
-            marker = tmp_path / "busy"
+            marker, started = tmp_path / "busy", tmp_path / "grandchild"
             queue_pool.submit(write_pid_and_sleep, str(marker), 60, time_limit=120, hard=True)
-            wait_until(lambda: marker.exists() and marker.read_text(), timeout=30)
-            busy = int(marker.read_text())
-            assert _alive(idle) and _alive(busy)
+            queue_pool.submit(start_sleep_and_sleep, str(started), 60, time_limit=120, hard=True)
+            wait_until(lambda: marker.exists() and marker.read_text() and started.exists() and started.read_text(), timeout=30)
+            busy, grandchild = int(marker.read_text()), int(started.read_text())
+            assert _alive(idle) and _alive(busy) and _alive(grandchild)
         finally:
             consumers.close()
-        wait_until(lambda: not _exists(idle) and not _exists(busy), timeout=20)
+        wait_until(lambda: not _exists(idle) and not _exists(busy) and not _alive(grandchild), timeout=20)
 
 
 def test_hard_without_a_time_limit_is_refused_at_the_call(pools: Any) -> None:

@@ -11,8 +11,6 @@ from typing import Any
 import pytest
 
 from zdq.client.submit import TaskDefaults
-from zdq.consumer.runner import _with_limit
-from zdq.errors import RemoteTaskError
 from zdq.codec.tasks import (
     CALLS,
     ITEMS,
@@ -26,6 +24,9 @@ from zdq.codec.tasks import (
     is_named,
     resolve_task_name,
 )
+from zdq.consumer.child import _resolve as resolve_in_child
+from zdq.consumer.runner import _with_limit
+from zdq.errors import RemoteTaskError
 
 #: ``pickle.dumps(TaskOptions(retries=2, time_limit=3.0), protocol=5)`` as written before ``hard``
 #: was added (zdq at e531be2): durable queues hold such chunks.
@@ -42,7 +43,9 @@ class Shapes:
         return w * h
 
 
-@pytest.mark.parametrize("name", ["os.path:join", "a:b", "pkg.mod_2:Class.method", "_x._y:_z", "é:x", "paquet.modülé:fonction_é"])
+@pytest.mark.parametrize(
+    "name", ["os.path:join", "a:b", "pkg.mod_2:Class.method", "_x._y:_z", "é:x", "paquet.modülé:fonction_é"]
+)
 def test_a_well_formed_task_name_is_accepted(name: str) -> None:
     check_task_name(name)
 
@@ -102,6 +105,18 @@ def test_a_module_that_fails_at_import_raises_an_import_error_chained_from_its_o
     assert name not in sys.modules
 
 
+@pytest.mark.parametrize("name", ["zdq_no_such_module:f", "os.path:no_such_fn", "os:sep"])
+def test_the_child_process_resolves_names_with_the_workers_messages(name: str) -> None:
+    """The child imports nothing of zdq (it starts in the time Python takes), so it carries its own
+    resolver: it must say what the worker's says."""
+    with pytest.raises(ImportError) as in_worker:
+        careful_callers(str.upper, "consumer C on worker W")[CALLS]((name,))
+    with pytest.raises(ImportError) as in_child:
+        resolve_in_child(name, "consumer C on worker W")
+    assert str(in_child.value) == str(in_worker.value)
+    assert in_child.value.name == in_worker.value.name
+
+
 def test_remote_task_errors_pickle_whole() -> None:
     error = RemoteTaskError("pkg.Kind", "a: message", "Traceback ...")
     again = pickle.loads(pickle.dumps(error, protocol=5))
@@ -110,8 +125,10 @@ def test_remote_task_errors_pickle_whole() -> None:
 
 def test_a_consumers_time_limit_fills_options_without_one_and_leaves_the_others() -> None:
     hard = TaskOptions(time_limit=2.0, hard=True)
-    assert _with_limit(TaskOptions(expires=5.0, retries=1), hard) == TaskOptions(expires=5.0, retries=1, time_limit=2.0, hard=True)
-    assert _with_limit(TaskOptions(expires=5.0), TaskOptions(time_limit=3.0)) == TaskOptions(expires=5.0, time_limit=3.0)
+    filled = _with_limit(TaskOptions(expires=5.0, retries=1), hard)
+    assert filled == TaskOptions(expires=5.0, retries=1, time_limit=2.0, hard=True)
+    soft = _with_limit(TaskOptions(expires=5.0), TaskOptions(time_limit=3.0))
+    assert soft == TaskOptions(expires=5.0, time_limit=3.0)
 
 
 def test_the_careful_callers_resolve_names_and_name_the_consumer() -> None:

@@ -88,7 +88,8 @@ def _resolve(name: str, where: str) -> Any:
         target: Any = importlib.import_module(module_name)
     except (Exception, SystemExit) as e:  # a module that raises, or exits, at import is no task
         why = str(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {e}"
-        raise ImportError(f"task {name!r}: cannot import module {module_name!r}: {why}{suffix}", name=module_name) from e
+        message = f"task {name!r}: cannot import module {module_name!r}: {why}{suffix}"
+        raise ImportError(message, name=module_name) from e
     for part in attribute.split("."):
         try:
             target = getattr(target, part)
@@ -97,7 +98,9 @@ def _resolve(name: str, where: str) -> Any:
                 f"task {name!r}: module {module_name!r} has no attribute {attribute!r}{suffix}", name=module_name
             ) from e
     if not callable(target):
-        raise ImportError(f"task {name!r}: {attribute!r} of module {module_name!r} is not callable{suffix}", name=module_name)
+        raise ImportError(  # noqa: TRY004 - as zdq.codec.tasks.resolve_task_name: the name is wrong, not a type
+            f"task {name!r}: {attribute!r} of module {module_name!r} is not callable{suffix}", name=module_name
+        )
     return target
 
 
@@ -119,7 +122,8 @@ def _answer(dumps: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] |
                 pickle.loads(data)
             except Exception:  # noqa: BLE001 - a user's __init__ or __reduce__ raises anything
                 kind = type(reply[1])
-                return dumps((False, None, f"{kind.__module__}.{kind.__qualname__}", str(reply[1]), reply[2]), protocol=5)
+                kind_name = f"{kind.__module__}.{kind.__qualname__}"
+                return dumps((False, None, kind_name, str(reply[1]), reply[2]), protocol=5)
         return data
     except Exception as e:  # noqa: BLE001 - the value or the exception does not pickle
         what = "exception" if reply[0] is False else "value"
