@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -28,3 +29,46 @@ def allocate_and_sleep(path: str, n_bytes: int, seconds: float) -> int:
 
 def exit_now(code: int) -> None:
     os._exit(code)
+
+
+def start_sleep_and_sleep(path: str, seconds: float) -> None:
+    """Start ``sleep 300`` (a grandchild of the consumer), write its pid to ``path``, then sleep."""
+    sleeper = subprocess.Popen(["sleep", "300"])
+    Path(path).write_text(str(sleeper.pid))
+    time.sleep(seconds)
+
+
+def fork_and_sleep(path: str, seconds: float) -> None:
+    """Fork a process that sleeps 300 s, write its pid to ``path``, then sleep."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(300)
+        os._exit(0)
+    Path(path).write_text(str(pid))
+    time.sleep(seconds)
+
+
+class TwoArgError(Exception):
+    """Pickles (its args hold one message) but does not load: its __init__ wants two."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}-{b}")
+
+
+def raise_two_arg_error() -> None:
+    raise TwoArgError(1, 2)
+
+
+def _refuse(text: str) -> None:
+    raise ValueError(f"refusing to load {text!r}")
+
+
+class LoadsBadly:
+    """Pickles, and raises ValueError when loaded."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_refuse, ("a LoadsBadly",))
+
+
+def return_loads_badly() -> LoadsBadly:
+    return LoadsBadly()

@@ -22,10 +22,19 @@ import pytest
 from distributed import Client
 
 from zdq import ConsumerPool, QueuePool, TaskTimeout
-from zdq.errors import BatchError, TaskProcessDied
+from zdq.errors import BatchError, RemoteTaskError, TaskProcessDied
 
 from .conftest import wait_until
-from .hard_tasks import allocate_and_sleep, exit_now, pid_and_parent, write_pid_and_sleep
+from .hard_tasks import (
+    allocate_and_sleep,
+    exit_now,
+    fork_and_sleep,
+    pid_and_parent,
+    raise_two_arg_error,
+    return_loads_badly,
+    start_sleep_and_sleep,
+    write_pid_and_sleep,
+)
 from .tasks import add, blob, sleep
 
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "5s"}
@@ -129,6 +138,55 @@ def test_a_consumer_pools_hard_limit_kills_every_task_without_its_own(pools: Any
 
 
 @pytest.mark.faults
+def test_a_consumer_pools_hard_limit_holds_for_tasks_with_options_but_no_limit_of_their_own(pools: Any) -> None:
+    """``expires=``, ``retries=`` or ``retry_on=`` give a task options of its own: they must not
+    lift the consumer's limit (a safety net), while a task's own time limit still wins."""
+    queue_pool, _ = pools(time_limit=1, hard=True)
+    started = time.monotonic()
+    futures = [
+        queue_pool.submit(sleep, 60, expires=time.time() + 120),
+        queue_pool.submit(sleep, 60, retries=1, retry_on=(KeyError,)),  # a TaskTimeout is not retried
+        queue_pool.batch_submit([(sleep, 60)], expires=time.time() + 120),  # the chunk's options
+    ]
+    for future in futures[:2]:
+        error = future.exception(timeout=30)
+        assert isinstance(error, TaskTimeout) and "hard time limit" in str(error), error
+    with pytest.raises(BatchError) as info:
+        futures[2].result(timeout=30)
+    assert isinstance(info.value.errors[0], TaskTimeout) and "hard time limit" in str(info.value.errors[0])
+    assert time.monotonic() - started < 20
+    assert queue_pool.submit(sleep, 1.5, time_limit=10).result(timeout=30) == 1.5  # its own limit wins
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("task", [start_sleep_and_sleep, fork_and_sleep])
+def test_the_processes_a_hard_task_started_die_with_it(pools: Any, tmp_path: Path, task: Any) -> None:
+    queue_pool, _ = pools()
+    report = tmp_path / "grandchild"
+    future = queue_pool.submit(task, str(report), 60, time_limit=2, hard=True)
+    wait_until(lambda: report.exists() and report.read_text(), timeout=30)
+    grandchild = int(report.read_text())
+    assert _alive(grandchild)
+    assert isinstance(future.exception(timeout=30), TaskTimeout)
+    wait_until(lambda: not _alive(grandchild), timeout=10)  # killed with its group (init reaps it)
+    assert queue_pool.submit(add, 1, 1, time_limit=10, hard=True).result(timeout=60) == 2
+
+
+@pytest.mark.faults
+def test_a_hard_tasks_answer_that_does_not_unpickle_fails_it_with_a_remote_task_error(pools: Any) -> None:
+    queue_pool, _ = pools()
+    soft = queue_pool.submit(raise_two_arg_error).exception(timeout=30)
+    hard = queue_pool.submit(raise_two_arg_error, time_limit=30, hard=True).exception(timeout=60)
+    assert isinstance(soft, RemoteTaskError) and isinstance(hard, RemoteTaskError), (soft, hard)
+    assert str(hard) == str(soft) == "tests.hard_tasks.TwoArgError: 1-2"
+    value = queue_pool.submit(return_loads_badly, time_limit=30, hard=True).exception(timeout=60)
+    assert isinstance(value, RemoteTaskError), value
+    assert "could not unpickle the value or exception of its child process" in str(value)
+    assert "refusing to load 'a LoadsBadly'" in str(value)
+    assert queue_pool.submit(add, 2, 3, time_limit=30, hard=True).result(timeout=60) == 5
+
+
+@pytest.mark.faults
 def test_a_child_that_exits_on_its_own_fails_its_task_and_is_replaced(pools: Any) -> None:
     queue_pool, _ = pools()
     first, _ = queue_pool.submit(pid_and_parent, time_limit=30, hard=True).result(timeout=60)
@@ -150,17 +208,18 @@ def test_hard_limited_attempts_are_retried_and_each_is_killed(pools: Any) -> Non
 @pytest.mark.faults
 def test_stopping_the_consumer_leaves_no_child_process(client: Client, tmp_path: Path) -> None:
     with QueuePool(client, 1, **FAST) as queue_pool:
-        consumers = ConsumerPool(client, queue_pool, n_consumers=1, max_concurrency=2, start=True)
+        consumers = ConsumerPool(client, queue_pool, n_consumers=1, max_concurrency=3, start=True)
         try:
             idle, _ = queue_pool.submit(pid_and_parent, time_limit=30, hard=True).result(timeout=60)
-            marker = tmp_path / "busy"
+            marker, started = tmp_path / "busy", tmp_path / "grandchild"
             queue_pool.submit(write_pid_and_sleep, str(marker), 60, time_limit=120, hard=True)
-            wait_until(lambda: marker.exists() and marker.read_text(), timeout=30)
-            busy = int(marker.read_text())
-            assert _alive(idle) and _alive(busy)
+            queue_pool.submit(start_sleep_and_sleep, str(started), 60, time_limit=120, hard=True)
+            wait_until(lambda: marker.exists() and marker.read_text() and started.exists() and started.read_text(), timeout=30)
+            busy, grandchild = int(marker.read_text()), int(started.read_text())
+            assert _alive(idle) and _alive(busy) and _alive(grandchild)
         finally:
             consumers.close()
-        wait_until(lambda: not _exists(idle) and not _exists(busy), timeout=20)
+        wait_until(lambda: not _exists(idle) and not _exists(busy) and not _alive(grandchild), timeout=20)
 
 
 def test_hard_without_a_time_limit_is_refused_at_the_call(pools: Any) -> None:

@@ -7,12 +7,13 @@ imports it, and checks that it stays so.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 from distributed import Client
 
-from zdq import ConsumerPool, QueuePool
+from zdq import ConsumerPool, QueuePool, TaskTimeout
 from zdq.errors import BatchError
 
 from .tasks import add
@@ -64,6 +65,48 @@ def test_an_unknown_task_name_fails_its_future_with_an_import_error_and_the_cons
         queue_pool.batch_submit([(name, 1), (add, 2, 2)]).result(timeout=30)
     assert isinstance(info.value.errors[0], ImportError) and info.value.values[1] == 4
     assert queue_pool.submit(f"{MODULE}:double", 4).result(timeout=30) == 8  # still serving
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("hard", [False, True])
+def test_an_unknown_task_name_with_a_hard_limit_fails_as_it_does_without(queue_pool: QueuePool, hard: bool) -> None:
+    options = {"time_limit": 30, "hard": True} if hard else {}
+    error = queue_pool.submit("tests.no_such_module:double", 1, **options).exception(timeout=60)
+    assert isinstance(error, ImportError), error
+    assert "cannot import module 'tests.no_such_module'" in str(error), error
+    assert "on consumer GeneralConsumer-0 on worker tcp://" in str(error), error
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize(
+    ("module", "said"),
+    [
+        ("tests.named_broken.raises", "RuntimeError: boom at import of tests.named_broken.raises"),
+        ("tests.named_broken.exits", "SystemExit: exit at import of tests.named_broken.exits"),
+    ],
+)
+def test_a_module_that_fails_at_import_fails_its_named_task_with_an_import_error(
+    queue_pool: QueuePool, module: str, said: str, hard: bool
+) -> None:
+    options = {"time_limit": 30, "hard": True} if hard else {}
+    error = queue_pool.submit(f"{module}:f", 1, **options).exception(timeout=60)
+    assert isinstance(error, ImportError), error
+    assert f"cannot import module '{module}': {said}" in str(error), error
+    assert "on consumer GeneralConsumer-0 on worker tcp://" in str(error), error
+    assert queue_pool.submit(f"{MODULE}:double", 4).result(timeout=30) == 8  # still serving
+
+
+@pytest.mark.faults
+def test_a_hard_named_task_is_imported_in_its_child_under_the_limit(queue_pool: QueuePool) -> None:
+    """An import that hangs is the task's time: killed at the limit, never in the worker's process."""
+    started = time.monotonic()
+    error = queue_pool.submit("tests.named_broken.hangs:never", time_limit=1, hard=True).exception(timeout=30)
+    assert isinstance(error, TaskTimeout) and "killed after 1s" in str(error), error
+    assert time.monotonic() - started < 15
+    assert queue_pool.submit(f"{MODULE}:double", 5).result(timeout=30) == 10  # still serving
+    imported = queue_pool.client.run(lambda: "tests.named_broken.hangs" in sys.modules)
+    assert not any(imported.values()), imported
 
 
 def test_a_malformed_task_name_is_refused_at_the_call(queue_pool: QueuePool) -> None:

@@ -9,6 +9,7 @@ fits, the error subclasses it too, so ``except TimeoutError`` keeps working.
 from __future__ import annotations
 
 import concurrent.futures
+from typing import Any
 
 __all__ = [
     "ZdqError",
@@ -148,6 +149,12 @@ class RemoteTaskError(ZdqError):
         super().__init__(f"{type_name}: {message}")
         self.type_name = type_name
         self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Its __init__ takes three arguments, its args hold one: pickled by default, it would not
+        # load (a hard task's RemoteTaskError travels from the consumer to the driver).
+        message = str(self.args[0])[len(self.type_name) + 2 :] if self.args else ""
+        return (type(self), (self.type_name, message, self.remote_traceback), self.__dict__)
 
 
 class DeadLettered(ZdqError):

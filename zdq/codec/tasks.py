@@ -47,7 +47,6 @@ import importlib
 import math
 import operator
 import pickle
-import re
 import sys
 import types
 from collections.abc import Callable, Iterable, Sequence
@@ -227,15 +226,18 @@ def _all_calls(calls: Sequence[Any]) -> bool:
 _first = operator.itemgetter(0)
 
 
-#: A task name: ``package.module:function`` or ``package.module:Class.method``.
-_TASK_NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+def _dotted(path: str) -> bool:
+    """Whether ``path`` is Python identifiers joined by dots (any script: ``"é.x"`` is one)."""
+    return all(part.isidentifier() for part in path.split("."))
 
 
 def check_task_name(name: str, where: str = "") -> None:
     """Raise ``ValueError`` unless ``name`` has the form of a task name the consumers can import,
-    ``"package.module:function"`` (or ``"package.module:Class.method"``). ``where`` prefixes the
-    message (which item of a batch)."""
-    if _TASK_NAME.fullmatch(name) is None:
+    ``"package.module:function"`` (or ``"package.module:Class.method"``): two dotted paths of
+    identifiers (``str.isidentifier``: non-ASCII letters too), no path, space or second colon.
+    ``where`` prefixes the message (which item of a batch)."""
+    module, colon, attribute = name.partition(":")
+    if not colon or not _dotted(module) or not _dotted(attribute):
         raise ValueError(
             f"{where}a task given by name must be 'package.module:function' (or 'package.module:Class.method'), "
             f"got {name!r:.80}"
@@ -467,8 +469,9 @@ def resolve_task_name(name: str) -> Callable[..., Any]:
     module_name, _, attribute = name.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ImportError(f"task {name!r}: cannot import module {module_name!r}: {e}", name=module_name) from e
+    except (Exception, SystemExit) as e:  # a module that raises, or exits, at import is no task
+        why = f"{type(e).__name__}: {e}" if not isinstance(e, ImportError) else str(e)
+        raise ImportError(f"task {name!r}: cannot import module {module_name!r}: {why}", name=module_name) from e
     for part in attribute.split("."):
         try:
             target = getattr(target, part)
@@ -485,7 +488,7 @@ def _resolve(name: str, where: str) -> Callable[..., Any]:
     try:
         return resolve_task_name(name)
     except ImportError as e:
-        raise ImportError(f"{e} (on {where})", name=e.name) from None  # the message says it all
+        raise ImportError(f"{e} (on {where})", name=e.name) from e.__cause__  # chained from the module's own error
 
 
 def is_named(kind: int, entry: Any) -> bool:
@@ -494,8 +497,10 @@ def is_named(kind: int, entry: Any) -> bool:
     return kind != ITEMS and type(entry) is tuple and bool(entry) and type(entry[0]) is str
 
 
-def call_parts(kind: int, entry: Any, process_item: Call, where: str) -> tuple[Any, tuple[Any, ...], dict[str, Any] | None]:
-    """``(fn, args, kwargs)`` of an entry, a task name resolved: what a child process calls."""
+def call_parts(kind: int, entry: Any, process_item: Call) -> tuple[Any, tuple[Any, ...], dict[str, Any] | None]:
+    """``(fn, args, kwargs)`` of an entry: what a child process calls. A task name stays a name:
+    the child imports it, under the task's hard time limit (an import may hang, or leave modules
+    in the consumer's process)."""
     if kind == ITEMS:
         return process_item, (entry,), None
     if kind == CALLS:
@@ -504,7 +509,7 @@ def call_parts(kind: int, entry: Any, process_item: Call, where: str) -> tuple[A
         return process_item, (entry[1],), None
     else:
         fn, args, kwargs = entry[0], entry[1], entry[2] if len(entry) > 2 else None
-    return (_resolve(fn, where) if type(fn) is str else fn), tuple(args), kwargs or None
+    return fn, tuple(args), kwargs or None
 
 
 def _call_task(process_item: Call, t: Task) -> Any:

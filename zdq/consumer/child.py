@@ -8,23 +8,33 @@ unpickled, and stay imported for the tasks after it.
 
 The pipes carry frames: an 8-byte big-endian length, then a pickle. The first frame from the
 parent is its ``sys.path`` (so that the child imports what the worker imports); the child answers
-``b"ready"``. Then each frame is a call ``(fn, args, kwargs)``. Once it is unpickled (which
-imports the task's modules: seconds, for some) the child says :data:`STARTED` (an empty frame),
-the moment from which the parent counts the task's time limit, and then answers one of
+``b"ready"``. Then each frame is a call ``(fn, args, kwargs)`` or ``(fn, args, kwargs, where)``.
+Once it is unpickled (which imports the task's modules: seconds, for some) the child says
+:data:`STARTED` (an empty frame), the moment from which the parent counts the task's time limit,
+and then answers one of
 
 - ``(True, value)``;
 - ``(False, exception, traceback_text)``;
 - ``(False, None, type_name, message, traceback_text)`` when the exception or the value does not
   pickle, or when the call does not unpickle (then without :data:`STARTED` before it).
 
-The child owns nothing but itself: it ends when its parent closes the pipe, and a watchdog thread
-ends it when its parent process is gone (a worker killed with SIGKILL never closes anything).
+A ``fn`` that is a string is a task name (``"package.module:function"``): the child imports it
+after :data:`STARTED`, under the time limit (an import that hangs is killed with the task, and its
+modules never enter the worker's process); a name that does not import fails with an
+``ImportError`` naming the module and ``where`` (the consumer and its worker), as
+:func:`zdq.codec.tasks.resolve_task_name` does in the worker (this module imports nothing of zdq).
+
+The child owns nothing but itself and its process group (it leads a session of its own, which the
+parent kills whole): it ends when its parent closes the pipe, and a watchdog thread kills its group
+when its parent process is gone (a worker killed with SIGKILL never closes anything).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -65,17 +75,56 @@ def _watch_parent(parent: int) -> None:
     # Reparented (to init or a subreaper) means the parent died: nobody waits for this task.
     while os.getppid() == parent:
         time.sleep(_WATCH_INTERVAL)
+    os.killpg(0, signal.SIGKILL)  # this process's group: the task's own children, and this process
     os._exit(1)
 
 
-def _answer(dumps: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> bytes:
+def _resolve(name: str, where: str) -> Any:
+    """The function a task name stands for, imported here; ``ImportError`` naming the module
+    and ``where`` otherwise (the message of :func:`zdq.codec.tasks.resolve_task_name`)."""
+    module_name, _, attribute = name.partition(":")
+    suffix = f" (on {where})" if where else ""
     try:
+        target: Any = importlib.import_module(module_name)
+    except (Exception, SystemExit) as e:  # a module that raises, or exits, at import is no task
+        why = str(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {e}"
+        message = f"task {name!r}: cannot import module {module_name!r}: {why}{suffix}"
+        raise ImportError(message, name=module_name) from e
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError as e:
+            raise ImportError(
+                f"task {name!r}: module {module_name!r} has no attribute {attribute!r}{suffix}", name=module_name
+            ) from e
+    if not callable(target):
+        raise ImportError(  # noqa: TRY004 - as zdq.codec.tasks.resolve_task_name: the name is wrong, not a type
+            f"task {name!r}: {attribute!r} of module {module_name!r} is not callable{suffix}", name=module_name
+        )
+    return target
+
+
+def _answer(dumps: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None, where: str) -> bytes:
+    try:
+        if type(fn) is str:
+            fn = _resolve(fn, where)
         reply: tuple[Any, ...] = (True, fn(*args, **(kwargs or {})))
     except BaseException as e:  # noqa: BLE001 - a task's failure is its answer, whatever it raised
         reply = (False, e, "".join(traceback.format_exception(type(e), e, e.__traceback__)))
         e.__traceback__ = None
     try:
-        return dumps(reply, protocol=5)
+        data = dumps(reply, protocol=5)
+        if reply[0] is False:
+            # Failures only: an exception that pickles but does not load (an __init__ that wants
+            # other arguments than its args) travels as its type name and message, as the
+            # worker's own tasks' do (zdq.consumer.runner._error_info). The parent guards values.
+            try:
+                pickle.loads(data)
+            except Exception:  # noqa: BLE001 - a user's __init__ or __reduce__ raises anything
+                kind = type(reply[1])
+                kind_name = f"{kind.__module__}.{kind.__qualname__}"
+                return dumps((False, None, kind_name, str(reply[1]), reply[2]), protocol=5)
+        return data
     except Exception as e:  # noqa: BLE001 - the value or the exception does not pickle
         what = "exception" if reply[0] is False else "value"
         error = reply[1] if reply[0] is False else e
@@ -100,7 +149,7 @@ def main(argv: list[str]) -> int:
         if frame is None:
             return 0
         try:
-            fn, args, kwargs = pickle.loads(frame)
+            fn, args, kwargs, *where = pickle.loads(frame)
         except BaseException as e:  # noqa: BLE001 - e.g. a module the task needs is not importable here
             text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
             kind = type(e)
@@ -109,7 +158,7 @@ def main(argv: list[str]) -> int:
             )
         else:
             write_frame(write_fd, STARTED)  # the task's time limit counts from here
-            answer = _answer(cloudpickle.dumps, fn, args, kwargs)
+            answer = _answer(cloudpickle.dumps, fn, args, kwargs, where[0] if where else "")
         write_frame(write_fd, answer)
 
 

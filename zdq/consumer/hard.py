@@ -14,6 +14,12 @@ Children are warm: a child runs task after task, and is replaced only when it wa
 a daemonic process, which multiprocessing refuses to give children, and a fork would copy its
 ZeroMQ and Dask threads' locks in whatever state they were.
 
+A child leads a session and process group of its own (``start_new_session``), and is killed with
+its whole group (``os.killpg``, as RQ does): the processes a task starts (``subprocess``,
+``os.fork``) die with it, at its limit and when the consumer stops, instead of living on
+re-parented to init. A process that leaves the group (``os.setsid``, a daemon's double fork) is
+not tracked: it outlives the task.
+
 Who owns what
 -------------
 :class:`Children` belongs to one :class:`~zdq.consumer.runner.Runner`. A child is either idle (in
@@ -69,6 +75,7 @@ class Child:
                 stdin=subprocess.DEVNULL,
                 pass_fds=(to_child_r, from_child_w),
                 close_fds=True,
+                start_new_session=True,  # its group: killed whole (see kill)
             )
         except BaseException:
             os.close(self._to_child)
@@ -92,15 +99,19 @@ class Child:
             why = self._death() if answer is None else f"it answered {answer[:40]!r}"
             raise TaskProcessDied(f"a child process for tasks with a hard time limit did not start: {why}")
 
-    def call(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None, limit: float, tid: int) -> Any:
-        """Run ``fn(*args, **kwargs)`` in the child; return its value or raise its error.
+    def call(
+        self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None, limit: float, tid: int, where: str = ""
+    ) -> Any:
+        """Run ``fn(*args, **kwargs)`` in the child; return its value or raise its error. ``fn``
+        may be a task name, which the child imports under the limit (``where``, the consumer and
+        its worker, goes in the ``ImportError`` of a name that does not import).
 
         Raises :class:`TaskTimeout` after killing the child at ``limit`` seconds (counted from the
-        moment the call is unpickled there), and :class:`TaskProcessDied` if it died before
-        answering.
+        moment the call is unpickled there), :class:`TaskProcessDied` if it died before
+        answering, and :class:`RemoteTaskError` if its answer does not unpickle here.
         """
         try:
-            payload = cloudpickle.dumps((fn, args, kwargs), protocol=PROTOCOL)
+            payload = cloudpickle.dumps((fn, args, kwargs, where), protocol=PROTOCOL)
         except Exception as e:
             raise SerializationError(
                 f"task {tid} has a hard time limit, so it runs in a child process, and it cannot be pickled to go there: {e}"
@@ -125,7 +136,7 @@ class Child:
             )
         if answer is None:
             raise TaskProcessDied(f"task {tid} did not finish: {self._death()}")
-        reply = pickle.loads(answer)
+        reply = self._loads(answer, tid)
         if reply[0] is True:
             return reply[1]
         if len(reply) == 3:
@@ -135,13 +146,36 @@ class Child:
             raise error
         raise RemoteTaskError(reply[2], reply[3], reply[4])
 
+    def _loads(self, answer: bytes, tid: int) -> tuple[Any, ...]:
+        """The child's answer, unpickled; a value or an exception that pickles there but does not
+        load here (an exception whose ``__init__`` takes other arguments than it passes on, a
+        ``__reduce__`` that fails) fails the task with :class:`RemoteTaskError`, as it does when
+        the driver cannot load a non-hard task's exception."""
+        try:
+            return pickle.loads(answer)
+        except Exception as e:  # noqa: BLE001 - whatever a user's __reduce__ or __init__ raises
+            kind = type(e)
+            return (
+                False,
+                None,
+                f"{kind.__module__}.{kind.__qualname__}",
+                f"task {tid}: consumer could not unpickle the value or exception of its child process {self.pid}: {e}",
+                "",
+            )
+
     def kill(self) -> None:
-        """SIGKILL the child and reap it (no zombie). Idempotent."""
+        """SIGKILL the child's process group (the child and what its task started) and reap the
+        child (no zombie). Idempotent."""
         self.killed = True
         try:
-            self.process.send_signal(signal.SIGKILL)
+            # Its pid stays its group's id while a member lives, even once reaped: no other
+            # process has it.
+            os.killpg(self.pid, signal.SIGKILL)
         except ProcessLookupError:
-            pass
+            pass  # the group is empty: the child was reaped, and left no process behind
+        except PermissionError:  # a member that changed its user: the child at least
+            if self.process.returncode is None:
+                self.process.send_signal(signal.SIGKILL)
         try:
             self.process.wait(_REAP_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -215,11 +249,14 @@ class Children:
         self._all: set[Child] = set()
         self._closed = False
 
-    def call(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None, limit: float, tid: int) -> Any:
-        """Run a call in an idle child (a new one if none is), killed at ``limit`` seconds."""
+    def call(
+        self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None, limit: float, tid: int, where: str = ""
+    ) -> Any:
+        """Run a call in an idle child (a new one if none is), killed at ``limit`` seconds (see
+        :meth:`Child.call`)."""
         child = self._take()
         try:
-            return child.call(fn, args, kwargs, limit, tid)
+            return child.call(fn, args, kwargs, limit, tid, where)
         except TaskProcessDied as e:
             if self._closed:
                 raise TaskProcessDied(f"task {tid}: consumer {self._name} stopped while it ran ({e})") from None

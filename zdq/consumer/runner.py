@@ -15,6 +15,8 @@ do after a failure (retry after which delay, fail, dead-letter) is decided by
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 import os
@@ -108,6 +110,13 @@ def _error_info(exc: BaseException) -> ErrorInfo:
     except Exception:  # noqa: BLE001 - pickling and unpickling raise anything, from the user's own code too
         sent = None
     return ErrorInfo(sent, f"{kind.__module__}.{kind.__qualname__}", str(exc), tb)
+
+
+@functools.lru_cache(maxsize=256)
+def _with_limit(options: TaskOptions, defaults: TaskOptions) -> TaskOptions:
+    """``options`` with the consumer's time limit and ``hard`` (``defaults``), which they lack:
+    cached, since a chunk's tasks share their options (and ``expires=`` makes one per call)."""
+    return dataclasses.replace(options, time_limit=defaults.time_limit, hard=defaults.hard)
 
 
 class _ChunkRun:
@@ -506,8 +515,17 @@ class Runner:
             self._finish(run)
 
     def _options(self, run: _ChunkRun, task: Any) -> TaskOptions:
+        """The options a task runs with: its own, else its chunk's, else the consumer's. The
+        consumer's time limit is a safety net: options with no time limit of their own (a task
+        given only ``expires=`` or ``retries=``) take the consumer's ``time_limit`` and ``hard``."""
         options = own_options(run.kind, task)
-        return options if options is not None else run.options or self._defaults
+        if options is None:
+            options = run.options
+            if options is None:
+                return self._defaults
+        if options.time_limit is None and self._limited:
+            return _with_limit(options, self._defaults)
+        return options
 
     def _run_careful(
         self, run: _ChunkRun, i: int, task: tuple[Any, ...], failed: BaseException | None = None
@@ -590,8 +608,8 @@ class Runner:
     def _call_in_child(self, run: _ChunkRun, task: Any, limit: float | None, tid: int) -> Any:
         """A hard time limit: the task runs in a child process, killed at ``limit`` (see
         :mod:`zdq.consumer.hard`)."""
-        fn, args, kwargs = call_parts(run.kind, task, self._process_item, self._where)
-        return self.children.call(fn, args, kwargs, limit if limit is not None else math.inf, tid)
+        fn, args, kwargs = call_parts(run.kind, task, self._process_item)  # a name is imported in the child
+        return self.children.call(fn, args, kwargs, limit if limit is not None else math.inf, tid, self._where)
 
     def _call_limited(self, run: _ChunkRun, task: Any, limit: float | None, tid: int) -> Any:
         call = self._careful_calls[run.kind]
