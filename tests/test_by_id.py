@@ -23,8 +23,8 @@ from distributed import Client
 
 import zdq
 from zdq import ConsumerPool, PoolNotFound, QueuePool, ZdqTimeoutError
-from zdq.errors import TaskCancelled
 from zdq.cli import main
+from zdq.errors import TaskCancelled
 
 from .conftest import wait_until
 from .tasks import add, blob, sleep

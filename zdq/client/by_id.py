@@ -41,7 +41,13 @@ import time
 from typing import Any, Self
 
 from zdq.client import registry
-from zdq.codec.results import ErrorInfo, error_to_exception, loads_results, unseal
+from zdq.codec.results import (
+    ErrorInfo,
+    all_scalars,
+    error_to_exception,
+    loads_results,
+    unseal,
+)
 from zdq.errors import (
     BrokerLost,
     DeadLettered,
@@ -383,12 +389,19 @@ def _read_unimportable(
             f"{where}: its results cannot be read in this process ({cause}; then {e}): ask from a process "
             "that can import the app's code"
         ) from cause
-    missing = ", ".join(dict.fromkeys(loader.missing)) or str(cause)
     if not 0 <= index < len(values):
         return "unknown", None, None
     if info is None:
+        value = values[index]
+        if all_scalars([value]):  # another task's value names what is missing, not this one's
+            return "done", value, None
+        missing = _missing(value, loader.missing, cause)
         error = ZdqError(f"{where} is done, but its value cannot be read here: {missing} cannot be imported in this process")
         return "done", None, error
+    exception = info.exception if isinstance(info, ErrorInfo) else None
+    if exception is not None and not isinstance(exception, _Unimportable):  # its own exception reads well
+        return "failed", None, error_to_exception(info)
+    missing = _missing(exception, loader.missing, cause)
     text = info.message if isinstance(info, ErrorInfo) and isinstance(info.message, str) else ""
     type_name = info.type_name if isinstance(info, ErrorInfo) and isinstance(info.type_name, str) else "an exception"
     error = ZdqError(
@@ -396,3 +409,11 @@ def _read_unimportable(
         "imported in this process"
     )
     return "failed", None, error
+
+
+def _missing(obj: object, names: list[str], cause: BaseException) -> str:
+    """What cannot be imported here for ``obj``: its own class if it stands for one, else every
+    name missing from its chunk's results (``obj`` may hold one deep inside)."""
+    if isinstance(obj, _Unimportable):
+        return f"{type(obj).__module__}.{type(obj).__qualname__}"
+    return ", ".join(dict.fromkeys(names)) or str(cause)
