@@ -24,6 +24,7 @@ from distributed import Client
 import zdq
 from zdq import ConsumerPool, PoolNotFound, QueuePool, ZdqTimeoutError
 from zdq.cli import main
+from zdq.errors import TaskCancelled
 
 from .conftest import wait_until
 from .tasks import add, blob, sleep
@@ -159,3 +160,119 @@ def test_a_durable_pool_keeps_results_by_id_through_the_loss_of_its_brokers_work
         assert zdq.result(name, ok, timeout=60) == 42
         assert zdq.result(name, once, timeout=10) == 1
         assert (tmp_path / "runs").read_text() == "1"  # read from disk, not run again
+
+
+# Asks for task KEY of pool NAME from a process that cannot import the test suite's code (its
+# sys.path holds zdq alone): prints zdq.state's answer, then what zdq.result raised.
+_NO_APP_CODE = r"""
+import sys
+from distributed import Client
+import zdq
+from zdq.cli import main
+
+address, name, key = sys.argv[1:4]
+try:
+    import tests  # noqa: F401
+    raise SystemExit("the asker must not see the test suite's code")
+except ImportError:
+    pass
+with Client(address, timeout=60) as client:
+    print("state", zdq.state(name, int(key), client=client), flush=True)
+    try:
+        zdq.result(name, int(key), timeout=5, client=client)
+    except Exception as e:
+        print("raised", type(e).__module__, type(e).__name__, str(e), flush=True)
+print("cli", main(["result", "--scheduler", address, name, key]), flush=True)
+"""
+
+
+def test_a_cancelled_task_reads_as_cancelled_while_its_record_is_kept(
+    client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name, lone = _name(), _name()
+    with QueuePool(client, name=name, result_ttl=60) as pool, QueuePool(client, name=f"{lone}@x"):
+        future = pool.submit(add, 1, 2)  # no consumer: it waits
+        wait_until(lambda: zdq.state(name, future.key) == "pending", timeout=10)
+        assert future.cancel()
+        wait_until(lambda: zdq.state(name, future.key) == "cancelled", timeout=10)
+        with pytest.raises(TaskCancelled):
+            zdq.result(name, str(future.key), timeout=5)  # a key as a web route receives it
+        assert main(["result", "--scheduler", client.scheduler.address, name, str(future.key)]) == 1
+        assert main(["result", "--scheduler", client.scheduler.address, name, str(future.key + 10**6)]) == 2
+        assert main(["result", "--scheduler", client.scheduler.address, name, str(future.key), "--wait", "nan"]) == 1
+        assert "--wait must be a finite number" in capsys.readouterr().err
+        assert main(["result", "--scheduler", client.scheduler.address, name, "12ab"]) == 1
+        assert "string of its digits, got '12ab'" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="string of its digits"):
+            zdq.state(name, "12ab")
+        with pytest.raises(PoolNotFound, match=lone):  # the pool "<lone>@x" is not a durable pool "<lone>"
+            zdq.state(lone, future.key)
+
+
+def test_a_unique_tasks_follower_reads_as_its_holder(client: Client) -> None:
+    name = _name()
+    with QueuePool(client, name=name, result_ttl=60) as pool, ConsumerPool(client, pool, n_consumers=1) as consumers:
+        consumers.start()
+        holder = pool.submit(sleep, 1.5, unique_key="report-42")
+        wait_until(lambda: zdq.state(name, holder.key) == "started", timeout=20, interval=0.02)
+        follower = pool.submit(sleep, 1.5, unique_key="report-42")
+        wait_until(lambda: zdq.state(name, follower.key) == "started", timeout=10, interval=0.02)
+        assert follower.result(timeout=30) == 1.5 and holder.result(timeout=30) == 1.5
+        assert zdq.result(name, follower.key, timeout=10) == 1.5
+        wait_until(lambda: pool.broker_statistics()[0].kept_tasks >= 1, timeout=10)  # the holder's RACK
+        assert zdq.state(name, follower.key) == "done"
+        assert zdq.result(name, follower.key, timeout=5) == 1.5
+
+
+def test_a_failed_tasks_state_is_read_where_its_exception_cannot_be_imported(client: Client, tmp_path: Path) -> None:
+    from .by_id_tasks import app_fail
+
+    name = _name()
+    alone = tmp_path / "zdq_alone"
+    alone.mkdir()
+    (alone / "zdq").symlink_to(Path(ROOT) / "zdq")
+    with QueuePool(client, name=name, result_ttl=60) as pool, ConsumerPool(client, pool, n_consumers=1) as consumers:
+        consumers.start()
+        future = pool.submit(app_fail, "out of paper")
+        with pytest.raises(Exception, match="out of paper"):
+            future.result(timeout=30)
+        done = subprocess.run(
+            [sys.executable, "-c", _NO_APP_CODE, client.scheduler.address, name, str(future.key)],
+            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(alone)},
+            capture_output=True, text=True, timeout=90, check=False,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "state failed", done.stdout
+    assert lines[1].startswith("raised zdq.errors ZdqError"), done.stdout
+    assert f"task {future.key} of pool {name}" in lines[1] and "AppError" in lines[1] and "out of paper" in lines[1]
+    assert "tests.by_id_tasks" in lines[1]
+    assert lines[-1] == "cli 1" and "Traceback" not in done.stdout + done.stderr
+    assert lines[2].startswith(f"task {future.key} of pool {name}: failed: ZdqError"), done.stdout
+
+
+@pytest.mark.faults
+def test_waits_are_bounded_when_the_brokers_worker_is_stopped(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zdq.client import by_id
+
+    name = _name()
+    with QueuePool(client, name=name, result_ttl=60) as pool:
+        future = pool.submit(add, 1, 2)  # no consumer: it waits
+        wait_until(lambda: zdq.state(name, future.key) == "pending", timeout=10)
+        pid = int(pool[0].pid().result(timeout=10))
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(ZdqTimeoutError, match=f"{pool.queue_names[0]}.*no answer within"):
+                zdq.result(name, future.key, timeout=1)  # not one whole ASK_TIMEOUT (10 s)
+            assert time.monotonic() - start < 4
+            monkeypatch.setattr(by_id, "UNKNOWN_GRACE", 1.0)
+            monkeypatch.setattr(by_id, "ASK_TIMEOUT", 2.0)
+            start = time.monotonic()
+            with pytest.raises(ZdqTimeoutError, match=f"{pool.queue_names[0]}.*no answer within"):
+                zdq.result(name, future.key + 10**6)  # the cause is the silent queue, not the key
+            assert time.monotonic() - start < 8
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert zdq.state(name, future.key) == "pending"
+        future.cancel()

@@ -146,3 +146,40 @@ def test_a_durable_queue_opened_again_without_result_ttl_drops_what_it_kept(tmp_
     storage.open()
     assert storage.retained() == []
     storage.close()
+
+
+def test_a_chunk_cancelled_whole_reads_as_cancelled_from_its_kept_record() -> None:
+    from zdq.broker.retained import CANCELLED_BY, CANCELLED_RESULTS
+
+    leases = LeaseTable(MemoryStorage())
+    leases.retained = Retained(leases.storage, ttl=60.0, max_bytes=1 << 20)
+    (chunk_id,) = leases.put([(_meta(100, 2), b"chunk")])
+    leases.storage.ack_many([chunk_id])  # as CancelQuestions does, once every task is cancelled
+    assert task_state(leases, 101)[0] == "unknown"
+    leases.retained.keep(chunk_id, _meta(100, 2), CANCELLED_BY, CANCELLED_RESULTS)
+    assert task_state(leases, 101) == ("cancelled", None, "")
+
+
+def test_a_unique_followers_id_answers_as_its_holder_and_finished_names_the_holder() -> None:
+    leases = LeaseTable(MemoryStorage())
+    leases.retained = Retained(leases.storage, ttl=60.0, max_bytes=1 << 20)
+    (chunk_id,) = leases.put([(_meta(100, 1), b"chunk")])
+    followed = {900: 100}.get
+    assert task_state(leases, 900, None, followed)[0] == "pending"
+    assert task_state(leases, 901, None, followed)[0] == "unknown"
+    leases.lease(CONSUMER)
+    assert task_state(leases, 900, None, followed)[0] == "started"
+    held = leases.finish(chunk_id, CONSUMER, b"sealed")
+    assert held is not None
+    assert task_state(leases, 900, None, followed) == ("finished", b"sealed", "100")
+    assert task_state(leases, 100, None, followed) == ("finished", b"sealed", "")  # the holder: its own
+
+
+def test_aliases_are_bounded_the_oldest_forgotten_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zdq.broker import retained
+
+    monkeypatch.setattr(retained, "MAX_ALIASES", 2)
+    kept = Retained(MemoryStorage(), ttl=10.0, max_bytes=1 << 20)
+    for follower in (1, 2, 3):
+        kept.alias(follower, 100)
+    assert dict(kept.aliases) == {2: 100, 3: 100}

@@ -120,3 +120,15 @@ def test_the_ledger_pins_a_unique_tasks_chunk_to_the_queue_of_its_key() -> None:
     assert rec.payload is not None and ledger.buffered_chunks == 0
     assert ledger.follow_again(b, {rec.seq, 999}) == {rec.seq}  # the recovered queue lost it: sent again
     assert list(ledger.pinned) == [b] and ledger.buffered_chunks == 1
+
+
+def test_a_followers_task_id_points_at_its_holders_until_the_holder_ends() -> None:
+    sent, released = Sent(), []
+    keys = UniqueKeys([], sent, keep_for=60)
+    keys.on_release = lambda follower, holder: released.append((follower, holder))
+    kept, same_round = keys.admit([(DRIVER_A, put(1, b"k")), (DRIVER_B, put(2, b"k"))], time.time())
+    keys.stored(kept, [7], same_round, time.time())
+    keys.admit([(DRIVER_B, put(3, b"k"))], time.time())
+    assert keys.following == {102: 101, 103: 101}  # each follower's own id (its PUT's base) -> the holder's
+    keys.ended(7, DRIVER_A, b"results")
+    assert keys.following == {} and released == [(102, 101), (103, 101)]

@@ -296,7 +296,16 @@ class BrokerCore:
         """Where task ``task_id`` stands in this queue (:func:`zdq.state`): ``(state, sealed
         results or None, detail)``; see :func:`zdq.broker.task_state.task_state`."""
         with self._lock:  # held: the expiry watch is asked directly (expired_state takes the lock)
-            return task_state(self._leases, task_id, self._expiry.has_expired)
+            return task_state(self._leases, task_id, self._expiry.has_expired, self._followed)
+
+    def _followed(self, task_id: int) -> int | None:
+        """The task a unique task's follower ``task_id`` follows (while it runs, or its results
+        are kept), or None."""
+        holder = self._unique.following.get(task_id) if self._unique is not None else None
+        retained = self._leases.retained
+        if holder is None and retained is not None:
+            holder = retained.aliases.get(task_id)
+        return holder
 
     # -- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -651,7 +660,10 @@ class BrokerCore:
 
     def _unique_keys(self) -> UniqueKeys:
         keep_for = max(60.0, 4 * self._settings.heartbeat_timeout)  # as long as results wait for a silent driver
-        return UniqueKeys(stored_unique(self._storage), self._send, keep_for)
+        keys = UniqueKeys(stored_unique(self._storage), self._send, keep_for)
+        if self._leases.retained is not None:  # a follower's id finds its holder's kept results
+            keys.on_release = self._leases.retained.alias
+        return keys
 
     def _confirmed(self, driver: bytes, seq: int) -> None:
         """RESULTS went to the chunk's driver: they confirm it, its CONFIRM need not go."""

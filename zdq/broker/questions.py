@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 
 from zdq.broker.leases import LeaseTable
 from zdq.broker.peers import Peer, Send
+from zdq.broker.retained import CANCELLED_BY, CANCELLED_RESULTS
 from zdq.errors import ProtocolError, StorageError
 from zdq.transport import protocol as p
 
@@ -98,6 +99,8 @@ class CancelQuestions:
                     if meta is not None and len(storage.cancelled(chunk_id)) >= meta.n_tasks:
                         # Nothing of it would run, and its driver counts it done: it leaves now.
                         storage.ack_many([chunk_id])
+                        if leases.retained is not None:  # zdq.state: "cancelled" for result_ttl
+                            leases.retained.keep(chunk_id, meta, CANCELLED_BY, CANCELLED_RESULTS)
             elif not held.done and held.holder is not None and held.holder in self._peers:
                 token = next(self._tokens)
                 self.asked[token] = (question, held.holder, chunk_id, indexes, now + self._timeout)

@@ -28,7 +28,15 @@ from dataclasses import dataclass
 
 from zdq.storage.base import ChunkMeta, Storage
 
-__all__ = ["Kept", "Retained"]
+__all__ = ["CANCELLED_BY", "CANCELLED_RESULTS", "Kept", "Retained"]
+
+#: What is kept for a chunk cancelled whole before it was delivered (it leaves the queue at once,
+#: with no results of its own): :func:`~zdq.broker.task_state.task_state` reads it as "cancelled".
+CANCELLED_RESULTS = b"zdq:cancelled-chunk"
+#: The "consumer" of that record (no consumer has this identity).
+CANCELLED_BY = b"zdq:cancelled\0\0\0"
+#: Unique tasks' followers remembered after their holder ended, at most (the oldest go first).
+MAX_ALIASES = 100_000
 
 #: A kept result as stored: its expiry (wall clock), first task id, task count, consumer id.
 _HEAD = struct.Struct(">dQI16s")
@@ -87,6 +95,8 @@ class Retained:
         self._chunk_at: dict[int, int] = {}  # first task id -> chunk id
         self.nbytes = 0
         self.tasks = 0  # tasks whose results are kept
+        #: A unique task's follower -> the task it followed (whose results stand for its own).
+        self.aliases: OrderedDict[int, int] = OrderedDict()
         self._load(time.time() if now is None else now)
 
     def __len__(self) -> int:
@@ -121,6 +131,14 @@ class Retained:
         if self._durable:
             self._storage.retain(chunk_id, kept.pack())
         self._evict(now)
+
+    def alias(self, follower: int, holder: int) -> None:
+        """Task ``follower`` (a unique task's follower) has the results of task ``holder``: its
+        state is read as the holder's while they are kept (memory only; the oldest of
+        :data:`MAX_ALIASES` are forgotten first)."""
+        self.aliases[follower] = holder
+        if len(self.aliases) > MAX_ALIASES:
+            self.aliases.popitem(last=False)
 
     def expire(self, now: float | None = None) -> int:
         """Drop what has been kept ``ttl`` seconds; return how many (the broker's housekeeping)."""

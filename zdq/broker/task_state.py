@@ -9,7 +9,9 @@ The answer is ``(state, sealed results or None, detail)``, ``state`` one of:
 ``finished``   its chunk's results are here (waiting for their driver, or kept after its receipt for
                ``result_ttl``): the asker reads from them whether the task succeeded, failed or was
                cancelled
-``cancelled``  its chunk is stored, and the task was cancelled before it started
+``cancelled``  its chunk is stored, and the task was cancelled before it started; or its chunk,
+               cancelled whole before delivery, left the queue and its record is kept
+               (``result_ttl``: :data:`~zdq.broker.retained.CANCELLED_RESULTS`)
 ``failed``     the task is a dead letter (``detail``: why); its results, if still here, say more
 ``expired``    its ``expires=`` time passed before it started (the chunk's tag; or, its chunk gone,
                the broker's record of the last chunks that expired: ``ExpiryWatch.has_expired``,
@@ -32,6 +34,7 @@ from collections.abc import Callable
 
 from zdq.broker.expiry import EXPIRED_RESULTS
 from zdq.broker.leases import LeaseTable
+from zdq.broker.retained import CANCELLED_RESULTS
 
 __all__ = ["STATES", "task_state"]
 
@@ -41,8 +44,28 @@ STATES = ("pending", "started", "finished", "cancelled", "failed", "expired", "u
 Answer = tuple[str, "bytes | None", str]
 
 
-def task_state(leases: LeaseTable, task_id: int, expired: Callable[[int], object] | None = None) -> Answer:
-    """Where task ``task_id`` stands in the queue of ``leases`` (see the module docstring)."""
+def task_state(
+    leases: LeaseTable,
+    task_id: int,
+    expired: Callable[[int], object] | None = None,
+    followed: Callable[[int], int | None] | None = None,
+) -> Answer:
+    """Where task ``task_id`` stands in the queue of ``leases`` (see the module docstring).
+
+    ``followed`` names the task a unique task's follower follows (None: not a follower): a
+    follower, never stored, stands where its holder does; "finished" then carries the holder's
+    task id as its detail (the results are the holder's: the asker reads its task's outcome)."""
+    answer = _own_state(leases, task_id, expired)
+    if answer[0] == "unknown" and followed is not None:
+        holder = followed(task_id)
+        if holder is not None:
+            answer = _own_state(leases, holder, expired)
+            if answer[0] == "finished":
+                return "finished", answer[1], str(holder)
+    return answer
+
+
+def _own_state(leases: LeaseTable, task_id: int, expired: Callable[[int], object] | None) -> Answer:
     retained = leases.retained
     if retained is not None:
         kept = retained.find(task_id)
@@ -70,6 +93,8 @@ def _finished(payload: bytes) -> Answer:
     itself for a chunk that expired before it was delivered (no results to unseal)."""
     if payload == EXPIRED_RESULTS:
         return "expired", None, ""
+    if payload == CANCELLED_RESULTS:  # cancelled whole before delivery (CancelQuestions)
+        return "cancelled", None, ""
     return "finished", payload, ""
 
 

@@ -8,7 +8,10 @@ are stored, :meth:`UniqueKeys.admit` looks at the unique ones:
 * key free: the chunk is stored as any other, and holds the key from then on (its *holder*);
 * key held by a chunk queued or running here: the PUT is not stored. Its driver is a *follower* of
   that chunk: it gets a CONFIRM with status DUPLICATE and the holder's chunk id, then the holder's
-  RESULTS (or LOST) under its own seq, so its future settles with the same result;
+  RESULTS (or LOST) under its own seq, so its future settles with the same result. Its own task
+  id (the PUT's base) is kept too (:attr:`UniqueKeys.following`): :func:`zdq.state` answers for it
+  as for its holder, and, when the holder ends, ``on_release`` hands the pair to the kept results
+  (:meth:`~zdq.broker.retained.Retained.alias`, with ``result_ttl``);
 * key held by the ``unique_for`` window of a chunk that ended: not stored; CONFIRM UNIQUE_HELD
   says until when (its future fails with :class:`~zdq.errors.DuplicateTask`).
 
@@ -65,13 +68,20 @@ class UniqueKeys:
         self.holders: dict[bytes, int] = {}  # key -> id of the chunk holding it (queued or running)
         self._keys: dict[int, tuple[bytes, float]] = {}  # holder id -> (key, end of its unique_for window)
         self.followers: dict[int, list[tuple[bytes, int]]] = {}  # holder id -> (driver, seq) of each follower
+        self._bases: dict[int, int] = {}  # holder id -> its task's id (0: not known)
+        self._tasks: dict[int, list[int]] = {}  # holder id -> the task id of each follower
+        #: A follower's task id -> the task id of the holder it follows (zdq.state asks it).
+        self.following: dict[int, int] = {}
+        #: Called with (follower's task id, holder's task id) when a holder ends: the broker keeps
+        #: the pair with the holder's results (``result_ttl``); None: not kept.
+        self.on_release: Callable[[int, int], None] | None = None
         self.windows: dict[bytes, float] = {}  # key of an ended chunk -> wall-clock time it is free again
         self._unsent: list[tuple[bytes, p.Message, float]] = []  # to followers: (driver, message, give up at)
         now = time.time()
         for chunk_id, meta in stored:
             if meta.unique_key:
                 # The store time is not kept: the window counts from this opening (a little longer).
-                self._hold(meta.unique_key, chunk_id, now + meta.unique_for if meta.unique_for else 0.0)
+                self._hold(meta.unique_key, chunk_id, now + meta.unique_for if meta.unique_for else 0.0, meta.base)
 
     # -- PUTs -----------------------------------------------------------------------------------
     def admit(self, puts: Puts, now: float) -> tuple[Puts, SameRound]:
@@ -88,7 +98,7 @@ class UniqueKeys:
                 continue
             holder = self.holders.get(key)
             if holder is not None:
-                self._follow(holder, ident, put.seq)
+                self._follow(holder, ident, put)
                 continue
             if key in fresh:
                 same_round.append((ident, put, fresh[key]))
@@ -108,9 +118,9 @@ class UniqueKeys:
         same round with those keys follow them."""
         for (_, put), chunk_id in zip(puts, ids):
             if put.unique_key:
-                self._hold(put.unique_key, chunk_id, now + put.unique_for if put.unique_for else 0.0)
+                self._hold(put.unique_key, chunk_id, now + put.unique_for if put.unique_for else 0.0, put.base)
         for ident, put, index in same_round:
-            self._follow(ids[index], ident, put.seq)
+            self._follow(ids[index], ident, put)
 
     def refused(self, same_round: SameRound, status: p.Status, detail: bytes) -> None:
         """The round's PUTs were not stored: those that would have followed one are refused too."""
@@ -160,14 +170,20 @@ class UniqueKeys:
         }
 
     # -- internals ------------------------------------------------------------------------------
-    def _hold(self, key: bytes, chunk_id: int, until: float) -> None:
+    def _hold(self, key: bytes, chunk_id: int, until: float, base: int) -> None:
         self.holders[key] = chunk_id
         self._keys[chunk_id] = (key, until)
+        if base:
+            self._bases[chunk_id] = base
 
-    def _follow(self, holder: int, driver: bytes, seq: int) -> None:
-        self.followers.setdefault(holder, []).append((driver, seq))
+    def _follow(self, holder: int, driver: bytes, put: p.Put) -> None:
+        self.followers.setdefault(holder, []).append((driver, put.seq))
+        base = self._bases.get(holder)
+        if put.base and base:  # zdq.state(follower's id) answers as for its holder's
+            self._tasks.setdefault(holder, []).append(put.base)
+            self.following[put.base] = base
         # Sent now, not held back: RESULTS to a follower never confirm its chunk.
-        self._send(driver, p.Confirm(seq, holder, p.Status.DUPLICATE))
+        self._send(driver, p.Confirm(put.seq, holder, p.Status.DUPLICATE))
 
     def _release(self, chunk_id: int) -> list[tuple[bytes, int]]:
         """Free the key ``chunk_id`` held (or start its window); return its followers."""
@@ -179,6 +195,11 @@ class UniqueKeys:
             del self.holders[key]
         if until > time.time():
             self.windows[key] = until
+        base = self._bases.pop(chunk_id, 0)
+        for task in self._tasks.pop(chunk_id, ()):
+            self.following.pop(task, None)
+            if self.on_release is not None:
+                self.on_release(task, base)
         return self.followers.pop(chunk_id, [])
 
     def _deliver(self, driver: bytes, msg: p.Message) -> None:

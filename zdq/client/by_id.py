@@ -19,21 +19,39 @@ the oldest dropped first; durable queues keep them on disk). Without ``result_tt
 driver took is gone from the queue: its state is then ``"unknown"``.
 
 States: ``pending`` (queued), ``started`` (its chunk is with a consumer), ``done``, ``failed``,
-``cancelled``, ``expired`` (its ``expires=`` passed before it ran), ``unknown``.
+``cancelled``, ``expired`` (its ``expires=`` passed before it ran), ``unknown``. A task cancelled
+before delivery is ``cancelled`` while the pool keeps results (``result_ttl``), ``unknown`` without.
+A unique task's follower reads as the task it follows (its results are that task's).
+
+Keys pass 2**53: a web app passes them as strings in JSON; a string of digits is taken here. A
+process that cannot import the app's classes still reads a task's state (done or failed: the
+results are read with stand-ins for the missing names); its value or exception is then a
+:class:`~zdq.errors.ZdqError` naming what is missing.
 
 No state here: each call asks the registry and the brokers afresh.
 """
 
 from __future__ import annotations
 
+import io
+import math
+import operator
+import pickle
 import time
-from typing import Any
+from typing import Any, Self
 
 from zdq.client import registry
-from zdq.codec.results import error_to_exception, loads_results
+from zdq.codec.results import (
+    ErrorInfo,
+    all_scalars,
+    error_to_exception,
+    loads_results,
+    unseal,
+)
 from zdq.errors import (
     BrokerLost,
     DeadLettered,
+    ProtocolError,
     TaskCancelled,
     TaskExpired,
     ZdqError,
@@ -53,8 +71,10 @@ _FIRST_POLL, _LAST_POLL = 0.02, 0.5
 #: :func:`result` without a timeout gives up on a task no queue has heard of after this (s): its
 #: id is wrong, or its result was taken and not kept (``result_ttl``).
 UNKNOWN_GRACE = 10.0
-#: How long one round of questions to the brokers may take (s).
+#: How long one round of questions to the brokers may take (s): at most this, and at most the
+#: time left of the caller's timeout (but never less than :data:`MIN_ASK`).
 ASK_TIMEOUT = 10.0
+MIN_ASK = 1.0
 
 
 class PoolNotFound(ZdqError, LookupError):
@@ -62,7 +82,8 @@ class PoolNotFound(ZdqError, LookupError):
 
 
 def state(pool_name: str, key: int, *, client: Any = None, dirpath: str | None = None) -> str:
-    """Where task ``key`` of pool ``pool_name`` stands now: one of :data:`STATES`.
+    """Where task ``key`` (an int, or a string of its digits) of pool ``pool_name`` stands now: one
+    of :data:`STATES`.
 
     ``"unknown"``: no queue of the pool holds the task, or its result (never submitted there, or
     its result was taken by its driver and not kept: see ``result_ttl``).
@@ -72,21 +93,26 @@ def state(pool_name: str, key: int, *, client: Any = None, dirpath: str | None =
     PoolNotFound
         No live pool ``pool_name`` (with ``dirpath``, for a durable pool of several directories).
     BrokerLost
-        A queue of the pool did not answer, and no other holds the task.
+        A queue of the pool did not answer within 10 s, and no other holds the task.
+    ZdqError
+        The task's results cannot be read in this process at all (not even which tasks failed).
     """
     return _Asker(pool_name, key, client, dirpath).once()[0]
 
 
 def result(pool_name: str, key: int, timeout: float | None = None, *, client: Any = None, dirpath: str | None = None) -> Any:
     """The result of task ``key`` of pool ``pool_name``, waiting up to ``timeout`` seconds for it
-    (``None``: as long as the task is pending or started), as ``future.result()`` gives it: its
-    value, or its exception raised.
+    (``None``: as long as the task is pending or started; else a finite number, 0 or more), as
+    ``future.result()`` gives it: its value, or its exception raised.
 
     Raises
     ------
     ZdqTimeoutError
         (a ``TimeoutError``) No result within ``timeout``; the message names the task's last state.
-        Without a timeout, a task that no queue holds for :data:`UNKNOWN_GRACE` seconds.
+        Without a timeout (or with one longer than :data:`UNKNOWN_GRACE`), a task that no queue
+        holds for that long; a queue that did not answer is named.
+    ValueError
+        ``timeout`` is negative, not finite, or not a number; ``key`` is a string of non-digits.
     TaskCancelled, DeadLettered, ZdqError
         The task was cancelled, dead-lettered (its results gone), or expired.
     PoolNotFound
@@ -99,7 +125,9 @@ def result(pool_name: str, key: int, timeout: float | None = None, *, client: An
         if error is not None:
             raise error
         return value
-    if timeout is None:
+    if now_state == "unknown" and why != "unknown":  # some queue did not answer: that is the cause
+        raise ZdqTimeoutError(f"task {key} of pool {pool_name}: no result; {why}")
+    if timeout is None or (now_state == "unknown" and timeout > UNKNOWN_GRACE):
         raise ZdqTimeoutError(
             f"task {key} of pool {pool_name}: no queue of the pool has held it for {UNKNOWN_GRACE:g} s (a wrong "
             "key, or its result was taken by its driver and not kept: give the pool result_ttl=)"
@@ -115,13 +143,15 @@ def outcome(
     is pending or started, and :data:`UNKNOWN_GRACE` seconds while no queue holds it). ``why``
     names the state, and why the queues could not say more. Raises nothing for the task's outcome
     (:func:`result` does); :class:`PoolNotFound` if the pool is not live."""
+    timeout = _timeout(timeout)
     asker = _Asker(pool_name, key, client, dirpath)
     start = time.monotonic()
     deadline = None if timeout is None else start + timeout
     pause = _FIRST_POLL
     while True:
+        bound = ASK_TIMEOUT if deadline is None else min(ASK_TIMEOUT, max(MIN_ASK, deadline - time.monotonic()))
         try:
-            now_state, value, error = asker.once()
+            now_state, value, error = asker.once(bound)
             why = now_state
         except BrokerLost as e:  # a queue being placed again: asked again
             now_state, value, error, why = "unknown", None, None, f"unknown ({e})"
@@ -129,7 +159,7 @@ def outcome(
         if (
             now_state in _FINAL
             or (deadline is not None and now >= deadline)
-            or (deadline is None and now_state == "unknown" and now - start >= UNKNOWN_GRACE)
+            or (now_state == "unknown" and now - start >= UNKNOWN_GRACE and (deadline is None or why == "unknown"))
         ):
             return now_state, value, error, why
         left = pause if deadline is None else min(pause, deadline - now)
@@ -137,12 +167,36 @@ def outcome(
         pause = min(pause * 2, _LAST_POLL)
 
 
+def _timeout(timeout: Any) -> float | None:
+    """``timeout`` checked: None, or a finite number of seconds, 0 or more."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout < 0:
+        raise ValueError(f"timeout must be None or a finite number of seconds >= 0, got {timeout!r:.80}")
+    return float(timeout)
+
+
+def task_key(key: Any) -> int:
+    """A task's key as an int: ``future.key``, a numpy integer, or a string of digits (as a web
+    route receives it; keys pass 2**53, so JSON must carry them as strings)."""
+    if isinstance(key, str):
+        text = key.strip()
+        if text.isascii() and text.isdigit():
+            return int(text)
+        raise ValueError(f"a task's key is an int (future.key) or a string of its digits, got {key!r:.80}")
+    if isinstance(key, bool):
+        raise TypeError(f"a task's key is an int (future.key), got {key!r}")
+    try:
+        return operator.index(key)
+    except TypeError:
+        raise TypeError(f"a task's key is an int (future.key), got {key!r:.80}") from None
+
+
 class _Asker:
     """One task of one pool: its pool's record, and the questions to its queues' brokers."""
 
-    def __init__(self, pool_name: str, key: int, client: Any, dirpath: str | None) -> None:
-        if isinstance(key, bool) or not isinstance(key, int):
-            raise TypeError(f"a task's key is an int (future.key), got {key!r:.80}")
+    def __init__(self, pool_name: str, key: Any, client: Any, dirpath: str | None) -> None:
+        key = task_key(key)
         if client is None:
             from distributed import default_client
 
@@ -158,16 +212,16 @@ class _Asker:
         self.dirpath = dirpath
         self.record = _find_pool(client, pool_name, dirpath)
 
-    def once(self) -> tuple[str, Any, BaseException | None]:
-        """``(state, value, exception)`` as the brokers answer now."""
+    def once(self, bound: float = ASK_TIMEOUT) -> tuple[str, Any, BaseException | None]:
+        """``(state, value, exception)`` as the brokers answer now (within ``bound`` seconds)."""
         try:
-            answers = _ask(self.client, self.record, self.key)
+            answers = _ask(self.client, self.record, self.key, bound)
         except BrokerLost:
             self.record = _find_pool(self.client, self.pool_name, self.dirpath)  # its queues may have moved
             raise
         found, payload, detail = max(answers, key=lambda a: _RANK.get(a[0], 0))
         if found == "finished":
-            return _read(self.record, self.key, payload)
+            return _read(self.record, self.key, payload, int(detail) if detail else self.key)
         if found == "failed":
             return found, None, DeadLettered(f"task {self.key} of pool {self.pool_name} was dead-lettered: {detail}")
         if found == "cancelled":
@@ -181,16 +235,17 @@ def _find_pool(client: Any, name: str, dirpath: str | None) -> registry.PoolReco
     """The live pool ``name``'s record; a durable pool's without ``dirpath`` if it is the only
     pool of that name."""
     record = registry.lookup(client, name, dirpath)
+    if record is not None and record.name != name:
+        record = None  # a pool named "a@b", asked for as "a"
     if record is None and dirpath is None:
-        prefix = registry.registry_key(name, "")
-        durable = [k for k in client.list_datasets() if isinstance(k, str) and k.startswith(prefix)]
+        durable = _durable_named(client, name)
         if len(durable) > 1:
             raise PoolNotFound(
-                f"several durable pools are named {name!r} (in {', '.join(k[len(prefix):] for k in durable)}): "
+                f"several durable pools are named {name!r} (in {', '.join(r.dirpath or '' for r in durable)}): "
                 "pass dirpath= to say which"
             )
         if durable:
-            record = registry.lookup(client, name, durable[0][len(prefix) :])
+            record = durable[0]
     if record is None:
         raise PoolNotFound(
             f"no live pool named {name!r} on this cluster: its QueuePool is not running (or was given another "
@@ -199,7 +254,20 @@ def _find_pool(client: Any, name: str, dirpath: str | None) -> registry.PoolReco
     return record
 
 
-def _ask(client: Any, record: registry.PoolRecord, key: int) -> list[tuple[str, bytes | None, str]]:
+def _durable_named(client: Any, name: str) -> list[registry.PoolRecord]:
+    """The live durable pools named exactly ``name`` (the registry's keys are ``name@dirpath``: a
+    pool named ``"a@b"`` shares the prefix of a durable pool ``"a"``, and is not one)."""
+    prefix = registry.registry_key(name, "")
+    found = []
+    for k in client.list_datasets():
+        if isinstance(k, str) and k.startswith(prefix):
+            record = registry.lookup(client, name, k[len(prefix) :])
+            if record is not None and record.name == name and record.dirpath is not None:
+                found.append(record)
+    return found
+
+
+def _ask(client: Any, record: registry.PoolRecord, key: int, bound: float = ASK_TIMEOUT) -> list[tuple[str, bytes | None, str]]:
     """Every queue's answer about task ``key`` (one ``client.run`` per worker that holds some)."""
     by_worker: dict[str, list[str]] = {}
     for i, name in enumerate(record.queue_names):
@@ -210,13 +278,15 @@ def _ask(client: Any, record: registry.PoolRecord, key: int) -> list[tuple[str, 
     for worker, names in by_worker.items():
         try:
             out = client.run(
-                _task_states, names, key, workers=[worker] if worker else None, on_error="return", callback_timeout=ASK_TIMEOUT
+                _task_states, names, key, workers=[worker] if worker else None, on_error="return", callback_timeout=bound
             )
             got = out.get(worker) if worker else _merged(out)
         except Exception as e:  # noqa: BLE001 - its worker is gone, or too busy to answer: named below
             got = e
-        if isinstance(got, BaseException) or got is None:
-            silent.append(f"{', '.join(names)} on {worker or 'an unknown worker'} ({got!r:.200})")
+        if isinstance(got, TimeoutError) or type(got).__name__ == "TimeoutError":
+            got = f"no answer within {bound:g} s: its worker is stopped or too busy"
+        if isinstance(got, (BaseException, str)) or got is None:
+            silent.append(f"{', '.join(names)} on {worker or 'an unknown worker'} ({got if isinstance(got, str) else repr(got):.200})")
             continue
         for name in names:
             answer = got[name]
@@ -252,10 +322,18 @@ def _task_states(names: list[str], key: int) -> dict[str, Any]:
     return out
 
 
-def _read(record: registry.PoolRecord, key: int, payload: bytes | None) -> tuple[str, Any, BaseException | None]:
-    """The outcome of task ``key`` in its chunk's sealed results."""
-    base, values, errors = loads_results(payload, record.payload_key)
-    index = key - base
+def _read(
+    record: registry.PoolRecord, key: int, payload: bytes | None, holder: int
+) -> tuple[str, Any, BaseException | None]:
+    """The outcome of task ``key`` in its chunk's sealed results; ``holder`` is the task whose
+    results they are: ``key`` itself, or the unique task ``key`` followed."""
+    try:
+        base, values, errors = loads_results(payload, record.payload_key)
+    except ProtocolError:  # forged, or not results: said as it is
+        raise
+    except Exception as e:  # noqa: BLE001 - mostly a class of the app's that this process cannot import
+        return _read_unimportable(record, key, payload, holder, e)
+    index = holder - base
     if not 0 <= index < len(values):
         return "unknown", None, None
     info = errors.get(index)
@@ -263,3 +341,79 @@ def _read(record: registry.PoolRecord, key: int, payload: bytes | None) -> tuple
         return "done", values[index], None
     exc = error_to_exception(info)
     return ("cancelled" if isinstance(exc, TaskCancelled) else "failed"), None, exc
+
+
+class _Unimportable:
+    """Stands for an object whose class (or function) this process cannot import."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _Lenient(pickle.Unpickler):
+    """Unpickles results whatever names are missing here (each becomes an :class:`_Unimportable`),
+    and remembers them: enough to tell which tasks succeeded and which failed."""
+
+    def __init__(self, data: Any) -> None:
+        super().__init__(io.BytesIO(data))
+        self.missing: list[str] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            self.missing.append(f"{module}.{name}")
+            return type(name, (_Unimportable,), {"__module__": module, "__qualname__": name})
+
+
+def _read_unimportable(
+    record: registry.PoolRecord, key: int, payload: bytes | None, holder: int, cause: BaseException
+) -> tuple[str, Any, BaseException | None]:
+    """The state of task ``key`` whose results name what this process cannot import: done or
+    failed (read with stand-ins for the missing names); its value or exception is a
+    :class:`ZdqError` naming them. Raises :class:`ZdqError` if even the state cannot be read."""
+    where = f"task {key} of pool {record.name}"
+    loader = _Lenient(unseal(record.payload_key, payload))
+    try:
+        base, values, errors = loader.load()
+        index = holder - base
+        info = errors.get(index) if 0 <= index < len(values) else None
+    except Exception as e:  # noqa: BLE001 - its results cannot be read here at all: said so
+        raise ZdqError(
+            f"{where}: its results cannot be read in this process ({cause}; then {e}): ask from a process "
+            "that can import the app's code"
+        ) from cause
+    if not 0 <= index < len(values):
+        return "unknown", None, None
+    if info is None:
+        value = values[index]
+        if all_scalars([value]):  # another task's value names what is missing, not this one's
+            return "done", value, None
+        missing = _missing(value, loader.missing, cause)
+        error = ZdqError(f"{where} is done, but its value cannot be read here: {missing} cannot be imported in this process")
+        return "done", None, error
+    exception = info.exception if isinstance(info, ErrorInfo) else None
+    if exception is not None and not isinstance(exception, _Unimportable):  # its own exception reads well
+        return "failed", None, error_to_exception(info)
+    missing = _missing(exception, loader.missing, cause)
+    text = info.message if isinstance(info, ErrorInfo) and isinstance(info.message, str) else ""
+    type_name = info.type_name if isinstance(info, ErrorInfo) and isinstance(info.type_name, str) else "an exception"
+    error = ZdqError(
+        f"{where} failed with {type_name}: {text:.500}; the exception cannot be rebuilt here: {missing} cannot be "
+        "imported in this process"
+    )
+    return "failed", None, error
+
+
+def _missing(obj: object, names: list[str], cause: BaseException) -> str:
+    """What cannot be imported here for ``obj``: its own class if it stands for one, else every
+    name missing from its chunk's results (``obj`` may hold one deep inside)."""
+    if isinstance(obj, _Unimportable):
+        return f"{type(obj).__module__}.{type(obj).__qualname__}"
+    return ", ".join(dict.fromkeys(names)) or str(cause)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -256,15 +257,25 @@ def _rate_limit(client: Any, args: argparse.Namespace) -> int:
 
 def _result(client: Any, args: argparse.Namespace) -> int:
     """``zdq result POOL KEY``: a task's state, and its value or error (:mod:`zdq.client.by_id`)."""
-    from zdq.client.by_id import outcome
+    from zdq.client.by_id import outcome, task_key
 
-    state, value, error, why = outcome(args.pool, args.key, args.wait, client=client)
-    shown = repr(value) if state == "done" else "" if error is None else f"{type(error).__name__}: {error}"
+    if not (math.isfinite(args.wait) and args.wait >= 0):
+        return _fail(args, f"--wait must be a finite number of seconds >= 0, got {args.wait:g}")
+    key = args.key = task_key(args.key)  # a ValueError: one line, status 1
+    state, value, error, why = outcome(args.pool, key, args.wait, client=client)
+    if error is not None:
+        shown = " ".join(f"{type(error).__name__}: {error}".split())  # one line
+    else:
+        shown = repr(value) if state == "done" else ""
     if args.json:
         print(json.dumps({"pool": args.pool, "key": args.key, "state": state, "result": shown, "detail": why}))
     else:
         print(f"task {args.key} of pool {args.pool}: {why}" + (f": {shown}" if shown else ""))
-    return 0
+    return _RESULT_STATUS.get(state, 2)
+
+
+#: ``zdq result``'s exit status by the task's state (2: not finished, or not known).
+_RESULT_STATUS = {"done": 0, "failed": 1, "cancelled": 1, "expired": 1}
 
 
 def _live_options(parser: argparse.ArgumentParser) -> None:
@@ -323,11 +334,15 @@ def add_parsers(sub: Any) -> None:
     limit.add_argument("--key", default=None, metavar="module:qualname",
                        help="limit only this function's tasks (those submitted with rate_limit=)")
     limit.set_defaults(func=_live(_rate_limit))
-    result = sub.add_parser("result", help="a task's state and result by its key (future.key), from any process")
+    result = sub.add_parser(
+        "result", help="a task's state and result by its key (future.key), from any process",
+        description="Exit status: 0 done; 1 failed, cancelled or expired; 2 pending, started or unknown "
+        "(and 1 when the command itself fails).",
+    )
     _live_options(result)
     result.add_argument("pool", help="the pool's name (as `zdq status` shows it)")
-    result.add_argument("key", type=int, help="the task's key (future.key)")
+    result.add_argument("key", help="the task's key (future.key): its digits")
     result.add_argument("--wait", metavar="SECONDS", type=float, default=0.0,
-                        help="wait up to SECONDS for it to finish (default: say where it is now)")
+                        help="wait up to SECONDS (finite, >= 0) for it to finish (default: say where it is now)")
     result.add_argument("--json", action="store_true", help="print JSON")
     result.set_defaults(func=_live(_result))

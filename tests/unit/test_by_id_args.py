@@ -1,0 +1,61 @@
+"""What zdq.result, zdq.state and ``zdq result`` accept as a key and a timeout: refused before
+any cluster is asked."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import zdq
+from zdq.client.by_id import task_key
+
+
+@pytest.mark.parametrize("timeout", [math.nan, math.inf, -1, -0.5, "5", True])
+def test_a_timeout_is_none_or_a_finite_number_of_seconds(timeout: object) -> None:
+    with pytest.raises(ValueError, match="timeout must be None or a finite number"):
+        zdq.result("mails", 1, timeout=timeout)  # type: ignore[arg-type]
+
+
+def test_a_key_is_an_int_a_numpy_int_or_a_string_of_digits() -> None:
+    big = 1_900_000_000_000_000_123  # past 2**53: JSON numbers would round it
+    assert task_key(big) == big and task_key(str(big)) == big and task_key(f" {big}\n") == big
+    assert task_key(np.uint64(big)) == big and type(task_key(np.int64(7))) is int
+    for bad in ("12ab", "-3", "1e18", "", "١٢"):
+        with pytest.raises(ValueError, match="string of its digits"):
+            task_key(bad)
+    for bad in (True, 1.0, None, float(big)):
+        with pytest.raises(TypeError, match="a task's key is an int"):
+            task_key(bad)
+
+
+def test_results_naming_a_missing_module_still_say_which_tasks_failed() -> None:
+    import sys
+    import types
+
+    from zdq.client.by_id import _read
+    from zdq.codec.results import ErrorInfo, dumps_results
+    from zdq.errors import ZdqError
+
+    app = types.ModuleType("zdq_test_gone_app")
+    app.Report = type("Report", (), {"__module__": app.__name__})  # type: ignore[attr-defined]
+    app.AppError = type("AppError", (Exception,), {"__module__": app.__name__})  # type: ignore[attr-defined]
+    sys.modules[app.__name__] = app
+    try:
+        error = ErrorInfo(app.AppError("out of paper"), "zdq_test_gone_app.AppError", "out of paper", "")
+        lost = ErrorInfo(ValueError("bad input"), "ValueError", "bad input", "")
+        payload = dumps_results(100, [app.Report(), None, 7, None], {1: error, 3: lost}, key=b"k" * 32)
+    finally:
+        del sys.modules[app.__name__]
+    record = types.SimpleNamespace(name="mails", payload_key=b"k" * 32)
+    state, value, exc = _read(record, 100, payload, 100)  # type: ignore[arg-type]
+    assert state == "done" and value is None and isinstance(exc, ZdqError)
+    assert "task 100 of pool mails" in str(exc) and "zdq_test_gone_app.Report cannot be imported" in str(exc)
+    state, _, exc = _read(record, 101, payload, 101)  # type: ignore[arg-type]
+    assert state == "failed" and isinstance(exc, ZdqError)
+    assert "failed with zdq_test_gone_app.AppError: out of paper" in str(exc)
+    assert _read(record, 102, payload, 102) == ("done", 7, None)  # type: ignore[arg-type]  # its own value reads well
+    state, _, exc = _read(record, 103, payload, 103)  # type: ignore[arg-type]
+    assert state == "failed" and isinstance(exc, ValueError) and str(exc) == "bad input"
+    assert _read(record, 105, payload, 105)[0] == "unknown"  # type: ignore[arg-type]
