@@ -236,7 +236,7 @@ class BrokerCore:
             "rate_limited_seconds": self._rates.throttled_seconds,
         }
 
-    def _kept_figures(self) -> dict[str, int]:
+    def _kept_figures(self) -> dict[str, Any]:
         kept = self._leases.retained
         return {} if kept is None else {"kept_tasks": kept.tasks, "kept_bytes": kept.nbytes}
 

@@ -112,7 +112,8 @@ class ChunkMeta:
             tags = unpack_tags(raw[_META_TIMED_BASE.size :])
         except ProtocolError as e:
             raise ValueError(f"a stored chunk head's tags: {e}") from None
-        return cls(*_META_TIMED_BASE.unpack_from(raw), *tags)
+        owner, seq, n_tasks, not_before, priority, base = _META_TIMED_BASE.unpack_from(raw)
+        return cls(owner, seq, n_tasks, not_before, priority, base, *tags)
 
     SIZE = _META.size
 
