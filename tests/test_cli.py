@@ -48,11 +48,14 @@ def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_pat
 
 @pytest.mark.cluster  # `zdq bench` starts an embedded LocalCluster
 def test_bench_latency_suite_reports_zdq_dask_and_the_floor_and_their_same_run_ratios() -> None:
-    proc = _zdq("bench", "--suite", "latency", "--repeat", "2", "--json")
+    proc = _zdq("bench", "--suite", "latency", "--repeat", "2", "--compare-auth", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    zdq, dask, floor = report["cases"]
+    zdq, dask, floor, plain = report["cases"]
     assert zdq["system"].startswith("zdq") and dask["system"].startswith("dask futures") and "floor" in floor["system"]
+    assert "without authentication" in plain["system"] and len(plain["extra"]["p50_ms_per_run"]) == 2
+    per_run = [z / n for z, n in zip(zdq["extra"]["p50_ms_per_run"], plain["extra"]["p50_ms_per_run"])]
+    assert abs(report["ratios"]["round trip p50: with auth / without auth"] - sum(per_run) / 2) < 0.05 * max(per_run)
     for case in (zdq, floor):
         assert len(case["extra"]["p50_ms_per_run"]) == 2 and 0 < case["extra"]["p50_ms"] <= case["extra"]["p99_ms"]
     per_run = [d / z for z, d in zip(zdq["extra"]["p50_ms_per_run"], dask["extra"]["p50_ms_per_run"])]

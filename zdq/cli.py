@@ -135,7 +135,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--scheduler", metavar="ADDRESS", default=None, help="use this cluster instead of an embedded one")
     bench.add_argument("--repeat", type=int, default=3, help="runs per case; medians are reported (default 3)")
     bench.add_argument("--durable", action="store_true", help="also run zdq on durable (LMDB) queues")
-    bench.add_argument("--compare-auth", action="store_true", help="also run zdq without authentication")
+    bench.add_argument(
+        "--compare-auth", action="store_true",
+        help="also run zdq without authentication (no-op throughput; with --suite latency, the round trip)",
+    )
     bench.add_argument(
         "--relay", action="store_true", help="also run zdq through a relay (relay=True): no-op throughput and round trip"
     )

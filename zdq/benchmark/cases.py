@@ -200,16 +200,26 @@ def latency(client: Client, config: BenchConfig) -> tuple[list[CaseResult], dict
 
     Each run takes 300 zdq, 100 Dask and 300 floor round trips and yields each side's p50 and p99;
     the cases report the medians over runs, and each ratio is the median of the per-run ratios
-    (each taken from one run, on the same cluster, moments apart).
+    (each taken from one run, on the same cluster, moments apart). With ``--compare-auth``, each
+    run also takes 300 round trips through a pool without CurveZMQ (right after zdq's): what
+    authentication costs on this path.
     """
     zdq_runs: list[tuple[float, float]] = []
+    plain_runs: list[tuple[float, float]] = []
     dask_runs: list[tuple[float, float]] = []
     floor_runs: list[tuple[float, float]] = []
-    with _pools(client, config) as qp, floor_round_trip() as floor:
-        qp.submit(noop, -1).result()
+    with contextlib.ExitStack() as stack:
+        qp = stack.enter_context(_pools(client, config))
+        plain = stack.enter_context(_pools(client, config, auth=False)) if config.compare_auth else None
+        floor = stack.enter_context(floor_round_trip())
+        for pool in (qp, plain):
+            if pool is not None:
+                pool.submit(noop, -1).result()
         client.submit(noop, -1, pure=False).result()
         for _ in range(config.repeat):
             zdq_runs.append(percentiles(_round_trips(lambda i: qp.submit(noop, i).result(), 300)))
+            if plain is not None:
+                plain_runs.append(percentiles(_round_trips(lambda i: plain.submit(noop, i).result(), 300)))
             dask_runs.append(percentiles(_round_trips(lambda i: client.submit(noop, i, pure=False).result(), 100)))
             floor_runs.append(percentiles(_round_trips(floor, 300)))
     cases = [
@@ -222,6 +232,11 @@ def latency(client: Client, config: BenchConfig) -> tuple[list[CaseResult], dict
         "latency_p50_vs_floor": statistics.median(z[0] / f[0] for z, f in zip(zdq_runs, floor_runs)),
         "latency_p99_vs_floor": statistics.median(z[1] / f[1] for z, f in zip(zdq_runs, floor_runs)),
     }
+    if plain_runs:
+        cases.append(_latency_result("zdq submit().result() without authentication", plain_runs))
+        ratios["round trip p50: with auth / without auth"] = statistics.median(
+            z[0] / n[0] for z, n in zip(zdq_runs, plain_runs)
+        )
     return cases, ratios
 
 
