@@ -9,7 +9,15 @@ import pytest
 
 from zdq.broker.leases import LeaseTable
 from zdq.broker.rates import Bucket, RateLimits
-from zdq.codec.rates import burst, chunk_cap, format_rate, limited_chunk_size, rate_key_of, rate_of, share
+from zdq.codec.rates import (
+    burst,
+    chunk_cap,
+    format_rate,
+    limited_chunk_size,
+    rate_key_of,
+    rate_of,
+    share,
+)
 from zdq.storage import ChunkMeta, LMDBStorage, MemoryStorage
 from zdq.transport import protocol as p
 

@@ -7,8 +7,8 @@ is per second).
 
 A pool's limit is its total: each of its ``n`` queues' brokers enforces ``limit / n``
 (:func:`share`), and so does each queue for a per-call limit. A rate-limited submission is cut into
-chunks of at most :func:`chunk_cap` tasks, so that the starts it allows are smooth (a broker lets a
-chunk's tasks start together).
+chunks of at most :func:`chunk_cap` tasks, so that the starts it allows are smooth (a broker lets
+a chunk's first :func:`burst` tasks start together, and its consumer spaces the others).
 
 >>> rate_of("100/s"), rate_of("6000/m"), rate_of("36/h"), rate_of(2.5), rate_of(None)
 (100.0, 100.0, 0.01, 2.5, None)

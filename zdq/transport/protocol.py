@@ -320,6 +320,7 @@ _CONFIRM = _layout(Command.CONFIRM, "QQB")
 _FETCH = _layout(Command.FETCH, "I")
 _DELIVER = _layout(Command.DELIVER, "QII")
 _DELIVER_PACED = _layout(Command.DELIVER, "QIId")  # a rate-limited chunk: the plain head + its spacing
+_PACED_SIZE = _DELIVER_PACED.size
 _DONE = _layout(Command.DONE, "QII")
 _RESULTS = _layout(Command.RESULTS, "QQ16s")
 _ID = _layout(Command.RETURN, "Q")  # RETURN and ACK
@@ -475,7 +476,7 @@ def _put(head: bytes, f: Sequence[Any]) -> Message:
 
 
 def _deliver(head: bytes, f: Sequence[Any]) -> Message:
-    if len(head) == _DELIVER_PACED.size:
+    if len(head) == _PACED_SIZE:
         _, _, chunk_id, n, attempt, spacing = _unpack(_DELIVER_PACED, head, f, 2)
         if not 0.0 <= spacing <= MAX_SPACING:
             raise ProtocolError(f"DELIVER spaces its tasks {spacing!r} s apart (0 to {MAX_SPACING:g})")
