@@ -8,6 +8,8 @@ reports it.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import subprocess
 import sys
@@ -158,3 +160,86 @@ def test_rate_limits_are_checked_at_the_call(client: Client) -> None:
             queue_pool.batch_submit([(add, 1), (time.time,)], rate_limit="1/s")
         with pytest.raises(ValueError, match="has no queue 5"):
             queue_pool.set_rate_limit("1/s", queue=5)
+        with pytest.raises(ValueError, match=r"1e-06 to 1e\+09 tasks per second"):
+            queue_pool.submit(time.time, rate_limit="2e9/s")
+        with pytest.raises(ValueError, match=r"1e-06 to 1e\+09 tasks per second"):
+            queue_pool.set_rate_limit(1e-7)
+        with pytest.raises(ValueError, match="1 to 1024 bytes"):  # refused, as by `zdq rate-limit --key`
+            queue_pool.set_rate_limit("1/s", key="m:" + "x" * 2000)
+        assert [b.rate_limit for b in queue_pool.statistics().brokers] == [0.0]
+
+
+def test_the_rate_limit_command_refuses_a_bad_rate_or_key_before_connecting() -> None:
+    nowhere = ("rate-limit", "--scheduler", "tcp://127.0.0.1:1", "--timeout", "1", "jobs")
+    negative = _zdq(*nowhere, "-5/s")  # an argument, not argparse's unknown option
+    assert negative.returncode == 1 and "RATE must be a non-negative, finite rate, got '-5/s'" in negative.stderr
+    tiny = _zdq(*nowhere, "1e-9/s")
+    assert tiny.returncode == 1 and "RATE must be 1e-06 to 1e+09 tasks per second" in tiny.stderr
+    long_key = _zdq(*nowhere, "--key", "m:" + "x" * 2000, "4/s")
+    assert long_key.returncode == 1 and "must be 1 to 1024 bytes" in long_key.stderr
+
+
+# -- issue 25 point 2, review fixes: a limit reaches every start ------------------------------------
+
+
+def _most_in(starts: list[float], window: float) -> int:
+    """The most starts within any ``window`` seconds."""
+    starts = sorted(starts)
+    return max(bisect.bisect_right(starts, s + window) - i for i, s in enumerate(starts))
+
+
+def _log_start_and_fail(path: str) -> None:
+    with open(path, "a") as f:
+        f.write(f"{time.time()}\n")
+    raise RuntimeError("429: too many requests")
+
+
+def test_a_limit_set_on_the_live_pool_cuts_its_chunks_and_lifting_it_restores_them(client: Client) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1) as consumer_pool:
+        consumer_pool.start()
+        free = queue_pool.settings.chunk_size
+        queue_pool.set_rate_limit("20/s")
+        assert queue_pool.settings.chunk_size == 1 and queue_pool.driver._ledger.chunking.chunk_size == 1
+        starts = [f.result(timeout=20) for f in [queue_pool.submit(time.time) for _ in range(30)]]
+        assert _most_in(starts, 0.5) <= 13, sorted(starts)  # 10 a half-second, and the bucket's 2
+        queue_pool.set_rate_limit(None)
+        assert queue_pool.settings.chunk_size == free and queue_pool.driver._ledger.chunking.chunk_size == free
+        assert queue_pool.rate_limit is None
+
+
+def test_a_chunk_larger_than_its_bucket_starts_its_tasks_at_the_limits_pace(client: Client) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2) as consumer_pool:
+        consumer_pool.start()
+        # As `zdq rate-limit` or another process does: this driver knows of no limit.
+        queue_pool.broker_actor(0).set_rate_limit(20.0, b"").result(timeout=10)
+        starts = queue_pool.batch_submit([(time.time,)] * 30, batch_size=30).result(timeout=20)
+        assert queue_pool.statistics().brokers[0].chunks_stored <= 4  # each larger than the bucket (2)
+        assert _most_in(starts, 0.5) <= 13, sorted(starts)
+        assert max(starts) - min(starts) >= 1.3  # 28 spaced starts at 20/s after the bucket's 2
+        queue_pool.broker_actor(0).set_rate_limit(None, b"").result(timeout=10)
+
+
+def test_retries_of_a_rate_limited_task_wait_for_the_limit(client: Client, tmp_path: object) -> None:
+    log = os.path.join(str(tmp_path), "calls")
+    with QueuePool(client, 1, rate_limit="4/s") as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1) as consumer_pool:
+        consumer_pool.start()
+        future = queue_pool.submit(_log_start_and_fail, log, retries=3, retry_backoff=0)
+        with pytest.raises(RuntimeError, match="429"):
+            future.result(timeout=20)
+    with open(log) as f:
+        calls = [float(line) for line in f]
+    assert len(calls) == 4
+    assert min(b - a for a, b in itertools.pairwise(calls)) >= 0.2, calls  # a quarter of a second apart
+
+
+def test_lifting_a_functions_limit_reaches_its_tasks_already_queued(client: Client) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1) as consumer_pool:
+        futures = [queue_pool.submit(time.time, rate_limit="1/s") for _ in range(10)]
+        consumer_pool.start()
+        futures[0].result(timeout=10)
+        lifted = time.monotonic()
+        queue_pool.set_rate_limit(None, key=time.time)
+        for f in futures:
+            f.result(timeout=5)
+        assert time.monotonic() - lifted < 2.0
+        assert queue_pool.statistics().brokers[0].key_rate_limits == {}

@@ -9,8 +9,17 @@ import pytest
 
 from zdq.broker.leases import LeaseTable
 from zdq.broker.rates import Bucket, RateLimits
-from zdq.codec.rates import chunk_cap, format_rate, rate_key_of, rate_of, share
+from zdq.codec.rates import (
+    burst,
+    chunk_cap,
+    format_rate,
+    limited_chunk_size,
+    rate_key_of,
+    rate_of,
+    share,
+)
 from zdq.storage import ChunkMeta, LMDBStorage, MemoryStorage
+from zdq.transport import protocol as p
 
 D = b"d" * 16
 
@@ -93,9 +102,10 @@ def test_a_key_without_a_limit_is_removed_and_its_chunks_go_back() -> None:
     assert rates.lease(leases, b"c", 0.0).meta.seq == 0  # type: ignore[union-attr]
     assert rates.lease(leases, b"c", 0.0) is None
     rates.set_key(b"k", None)  # the key loses its limit: the parked chunks are ready again
-    # (the chunks themselves still carry rate 1.0: "the latest rate given wins", so the next one
-    # parked brings it back; a purge, acknowledging them, drops them from the parked FIFO.)
     assert storage.counts().ready_tasks == 2
+    # and they go at once: the rate 1.0 they carry was given before the lift, which wins over it
+    assert [rates.lease(leases, b"c", 0.0).meta.seq for _ in range(2)] == [1, 2]  # type: ignore[union-attr]
+    assert b"k" not in rates.keys and rates.spacing == 0.0
 
 
 def test_a_cancelled_parked_chunk_is_dropped() -> None:
@@ -162,3 +172,60 @@ def test_a_purged_chunk_takes_no_token_and_leaves_its_parking() -> None:
         storage.cancel(chunk_id, range(2))
         storage.release_now(chunk_id)
     assert [rates.lease(leases, b"c", 0.0).chunk_id for _ in range(2)] == ids[1:]  # type: ignore[union-attr]
+
+
+# -- issue 25 point 2, review fixes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["1e-7/s", "1e10/s", 1e-9, 2e9, "0.001/h"])
+def test_absurd_rates_are_refused_with_their_bounds(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"rate_limit must be 1e-06 to 1e\+09 tasks per second"):
+        rate_of(bad)
+
+
+def test_a_key_over_1024_bytes_is_refused_not_cut() -> None:
+    assert rate_key_of("m:" + "x" * 1022) == b"m:" + b"x" * 1022
+    with pytest.raises(ValueError, match="1 to 1024 bytes"):
+        rate_key_of("m:" + "x" * 1023)
+    with pytest.raises(ValueError, match="1 to 1024 bytes"):
+        rate_key_of("")
+
+
+def test_a_pools_chunks_follow_its_slowest_queue_and_go_back_when_lifted() -> None:
+    assert limited_chunk_size(1000, [200.0, 20.0]) == 1 and limited_chunk_size(1000, [400.0, None]) == 20
+    assert limited_chunk_size(1000, [None, None]) == 1000 and limited_chunk_size(1000, []) == 1000
+    assert burst(200.0) == 20.0 and burst(2.0) == 1.0
+
+
+def test_a_limited_chunk_is_delivered_with_its_spacing_an_unlimited_one_without() -> None:
+    storage, leases, rates = _queue()
+    storage.put_many([(ChunkMeta(D, 0, 250), b"x"), (ChunkMeta(D, 1, 3, rate_key=b"k", rate=4.0), b"y")])
+    rates.set_queue(25.0, now=0.0)
+    big = rates.lease(leases, b"c", 0.0)  # larger than the bucket: goes into debt, its tasks spaced
+    assert big is not None and big.meta.seq == 0 and rates.spacing == pytest.approx(0.04)
+    assert rates.lease(leases, b"c", 9.8) is None  # the debt holds the next back
+    keyed = rates.lease(leases, b"c", 10.0)
+    assert keyed is not None and rates.spacing == pytest.approx(0.25)  # the slower of key and queue
+    rates.set_queue(None)
+    storage.put_many([(ChunkMeta(D, 2, 5), b"z")])
+    assert rates.lease(leases, b"c", 20.0) is not None and rates.spacing == 0.0
+
+
+def test_a_key_set_live_wins_over_the_rates_of_chunks_queued_before_not_after() -> None:
+    storage, leases, rates = _queue()
+    storage.put_many([(ChunkMeta(D, i, 1, rate_key=b"k", rate=1.0), b"x") for i in range(3)])
+    rates.set_key(b"k", 100.0, now=0.0)
+    rates.lease(leases, b"c", 0.0)
+    assert rates.keys[b"k"].rate == 100.0  # the queued chunks' 1/s was given earlier
+    storage.put_many([(ChunkMeta(D, 9, 1, rate_key=b"k", rate=1.0), b"x")])  # given again, later
+    for t in (1.0, 2.0, 3.0):
+        rates.lease(leases, b"c", t)
+    assert rates.keys[b"k"].rate == 1.0
+
+
+def test_deliver_carries_a_spacing_only_when_set() -> None:
+    plain, paced = p.Deliver(7, 3, 1, b"c"), p.Deliver(7, 3, 1, b"c", 0.25)
+    assert len(p.encode(plain)[0]) < len(p.encode(paced)[0])
+    assert p.decode(p.encode(plain)) == plain and p.decode(p.encode(paced)) == paced
+    with pytest.raises(p.ProtocolError, match="spaces its tasks"):
+        p.decode(p.encode(p.Deliver(7, 3, 1, b"c", -1.0)))

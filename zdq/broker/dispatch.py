@@ -6,7 +6,8 @@ chunk's tasks cancelled while it waited are announced just before it (one pipe k
 so the consumer skips them. A chunk whose expiry passed is not sent: ``expired`` takes it (see
 :mod:`zdq.broker.expiry`), and the credit goes to the next. When work waits and no consumer has credit here, those without are
 told READY, at most every ``READY_EVERY``: a consumer spreads a bounded prefetch over several
-queues, and may have parked it elsewhere.
+queues, and may have parked it elsewhere. A chunk a rate limit let go carries its spacing (see
+:mod:`zdq.broker.rates`): its consumer starts its tasks that far apart.
 
 Who owns what
 -------------
@@ -111,13 +112,14 @@ class Dispatch:
             if meta.expires and meta.expires <= time.time() and self._expired is not None:
                 self._expired(leased.chunk_id, now)  # never delivered; this credit goes to the next
                 continue
+            spacing = rates.spacing if limited else 0.0  # a limited chunk's tasks start spaced
             if meta.rate_key and not limited:  # the first chunk under a per-call limit
-                rates.first_keyed(meta.rate_key, meta.rate, meta.n_tasks, now)
-                limited = rates.active
+                rates.first_keyed(meta.rate_key, meta.rate, leased.chunk_id, meta.n_tasks, now)
+                limited, spacing = rates.active, rates.spacing
             cancelled = storage.cancelled(leased.chunk_id)
             if cancelled:  # told first (one pipe keeps order): the consumer skips these tasks
                 send(ident, p.Cancel(0, leased.chunk_id, 0, tuple(sorted(cancelled))))
-            if not send(ident, p.Deliver(leased.chunk_id, leased.meta.n_tasks, leased.attempt, leased.payload)):
+            if not send(ident, p.Deliver(leased.chunk_id, leased.meta.n_tasks, leased.attempt, leased.payload, spacing)):
                 leases.give_back(leased.chunk_id, count_attempt=False)
                 del by_ident[ident]
                 self._gone(ident, consumer)

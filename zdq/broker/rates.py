@@ -3,7 +3,9 @@
 A queue may have its own limit (its share of the pool's, set by ``QueuePool(rate_limit=)``,
 ``set_rate_limit`` or ``zdq rate-limit``) and per-key limits (a per-call ``rate_limit=``: the key is
 the function's name, the rate travels in each chunk's tags; the latest rate given for a key wins,
-whether by a chunk that brings a new one or by ``set_rate_limit(key=)``). The broker enforces them
+whether by a chunk that brings a new one or by ``set_rate_limit(key=)``). A key's limit set or
+lifted by ``set_rate_limit`` wins over the rates of the chunks stored before it (they were given
+earlier): only a chunk stored after it may bring a rate again. The broker enforces them
 where it hands chunks out, so they hold for every consumer of the queue together.
 
 Buckets
@@ -12,6 +14,17 @@ A bucket fills at ``rate`` tokens per second up to ``capacity`` (the larger of o
 :data:`BURST_SECONDS` of its rate: a minute's starts stay within a small fraction of the limit). A chunk of ``k`` tasks takes ``k`` tokens once the bucket holds ``min(k, capacity)``:
 a chunk larger than the bucket still goes (the bucket goes into debt and pays it back before
 the next), so no chunk starves and the rate holds on average.
+
+Spacing
+-------
+A chunk a bucket let go is DELIVERed with a *spacing*, ``1 / rate`` of the slowest bucket it was
+charged to (:attr:`RateLimits.spacing`). Its consumer starts at once as many of its tasks as the bucket
+holds (:func:`~zdq.codec.rates.burst`: the tokens that let it go), the others at least that far
+apart, and waits at least that long before a retry (:mod:`zdq.consumer.runner`). So a chunk cut
+larger than its bucket, whatever cut it (a pool made without a limit, given one later by ``zdq
+rate-limit`` or another process; a durable queue reopened with its stored limit), starts its tasks
+at the limit's pace instead of all at once, while its debt holds the next chunk back until it is
+paid: the starts stay smooth. Chunks of queues without limits carry no spacing.
 
 Order
 -----
@@ -39,16 +52,12 @@ import time
 from collections import deque
 
 from zdq.broker.leases import LeaseTable
-from zdq.codec.rates import SMOOTH_SECONDS
+from zdq.codec.rates import BURST_SECONDS, burst
 from zdq.storage.base import Leased, Storage
+from zdq.transport.protocol import MAX_SPACING
 
-__all__ = ["Bucket", "RateLimits"]
+__all__ = ["BURST_SECONDS", "Bucket", "RateLimits"]
 
-#: A bucket holds at most this many seconds of its rate (at least one task): two of the chunks the
-#: client cuts for it (:data:`~zdq.codec.rates.SMOOTH_SECONDS` each), so that a round that wakes a
-#: little late loses nothing (the tokens go on filling past one chunk), while a minute's starts
-#: stay within 0.2 % of the limit.
-BURST_SECONDS = 2 * SMOOTH_SECONDS
 #: Where a durable queue keeps its own limit (tasks per second, a big-endian double; 0: none).
 SETTING = b"rate-limit"
 _RATE = struct.Struct(">d")
@@ -61,7 +70,7 @@ class Bucket:
 
     def __init__(self, rate: float, now: float, given: float = 0.0) -> None:
         self.rate = rate
-        self.capacity = max(1.0, rate * BURST_SECONDS)
+        self.capacity = burst(rate)
         self.tokens = self.capacity  # a new limit starts full
         self.stamp = now
         self.given = given  # the last rate a chunk brought (a key's), to tell a new one
@@ -69,7 +78,7 @@ class Bucket:
     def set_rate(self, rate: float, now: float) -> None:
         self._fill(now)
         self.rate = rate
-        self.capacity = max(1.0, rate * BURST_SECONDS)
+        self.capacity = burst(rate)
         self.tokens = min(self.tokens, self.capacity)
 
     def _fill(self, now: float) -> None:
@@ -98,6 +107,9 @@ class RateLimits:
         self.queue: Bucket | None = None
         self.keys: dict[bytes, Bucket] = {}
         self._parked: dict[bytes, deque[int]] = {}
+        #: The storage's next chunk id when ``set_key`` last set each key's limit: chunks with a
+        #: smaller id were stored before, and their rate no longer counts.
+        self._set_before: dict[bytes, int] = {}
         #: Whether any limit applies: the dispatch's one test per round (off: the plain path).
         self.active = False
         #: When the loop must run the dispatch again (``time.monotonic()``): a bucket that holds
@@ -106,6 +118,9 @@ class RateLimits:
         self.tasks_throttled = 0  # tasks that waited for a token (counted once per wait)
         self.throttled_seconds = 0.0  # the waits limits imposed on this queue's ready work, summed
         self._held_until = 0.0
+        #: The spacing of the chunk :meth:`lease` (or :meth:`first_keyed`) let go last: seconds
+        #: between its tasks' starts, ``1 / rate`` of its slowest bucket; 0.0 when none charged it.
+        self.spacing = 0.0
         raw = storage.setting(SETTING, None)
         if raw is not None and len(raw) == _RATE.size:
             self.set_queue(_RATE.unpack(raw)[0] or None, store=False)
@@ -128,6 +143,9 @@ class RateLimits:
         """A key's limit (``None``: none; its parked chunks go back to the ready order)."""
         now = time.monotonic() if now is None else now
         bucket = self.keys.get(key)
+        self._set_before[key] = self._storage.next_id  # it wins over the rates queued before it
+        if bucket is not None:
+            bucket.given = 0.0  # the next chunk stored that brings a rate sets it again
         if rate is None:
             self.keys.pop(key, None)
             for chunk_id in self._parked.pop(key, ()):
@@ -153,17 +171,21 @@ class RateLimits:
         return (self.queue.rate if self.queue else 0.0), keys, parked
 
     # -- the dispatch ---------------------------------------------------------------------------
-    def first_keyed(self, key: bytes, rate: float, n: int, now: float) -> None:
+    def first_keyed(self, key: bytes, rate: float, chunk_id: int, n: int, now: float) -> None:
         """A chunk under ``key`` went out on the plain path (no limit was active): its tokens are
         taken, and the limits are active from now on."""
-        bucket = self._bucket(key, rate, now)
+        bucket = self._bucket(key, rate, chunk_id, now)
+        self.spacing = 0.0
         if bucket is not None:
             bucket.allows(n, now)
             bucket.take(n)
+            self.spacing = _spacing(bucket, None)
 
-    def _bucket(self, key: bytes, rate: float, now: float) -> Bucket | None:
+    def _bucket(self, key: bytes, rate: float, chunk_id: int, now: float) -> Bucket | None:
+        """``key``'s bucket, set to the rate its chunk ``chunk_id`` brings if that is given anew
+        (and the chunk was stored after the key's last ``set_key``)."""
         bucket = self.keys.get(key)
-        if rate and (bucket is None or bucket.given != rate):  # a rate given anew wins
+        if rate and (bucket is None or bucket.given != rate) and chunk_id >= self._set_before.get(key, 0):
             if bucket is None:
                 bucket = self.keys[key] = Bucket(rate, now, given=rate)
                 self.active = True
@@ -176,6 +198,7 @@ class RateLimits:
         """The next chunk the limits allow, leased to ``ident``; ``None`` when none may go now
         (:attr:`wake_at` then says when one will)."""
         self.wake_at = math.inf
+        self.spacing = 0.0
         for key in list(self._parked):  # a key's parked chunks first, once it allows
             chunk_id = self._parked_head(key)
             if chunk_id is None:
@@ -192,7 +215,7 @@ class RateLimits:
             assert meta is not None
             if len(storage.cancelled(chunk_id)) >= meta.n_tasks:  # purged: none of it starts
                 return leases.lease(ident, now)
-            bucket = self._bucket(meta.rate_key, meta.rate, now) if meta.rate_key else None
+            bucket = self._bucket(meta.rate_key, meta.rate, chunk_id, now) if meta.rate_key else None
             if bucket is not None and (meta.rate_key in self._parked or not bucket.allows(meta.n_tasks, now)):
                 self._park(meta.rate_key, bucket, chunk_id, meta.n_tasks, now)
                 continue
@@ -247,6 +270,7 @@ class RateLimits:
             bucket.take(n)
         if queue is not None:
             queue.take(n)
+        self.spacing = _spacing(bucket, queue)
         return None
 
     def _hold(self, until: float, now: float) -> None:
@@ -257,3 +281,8 @@ class RateLimits:
             self.throttled_seconds += until - max(now, self._held_until)
             self._held_until = until
 
+
+def _spacing(bucket: Bucket | None, queue: Bucket | None) -> float:
+    """Seconds between the starts of a chunk's tasks: ``1 / rate`` of the slower bucket charged."""
+    rate = min(b.rate for b in (bucket, queue) if b is not None) if bucket or queue else 0.0
+    return min(MAX_SPACING, 1.0 / rate) if rate else 0.0

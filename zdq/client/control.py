@@ -28,7 +28,8 @@ from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.schedules import Schedule, cancel_schedule, list_schedules, make_schedule
 from zdq.client.submit import Submitter
 from zdq.client.driver import Driver
-from zdq.codec.rates import rate_key_of, rate_of, share
+from zdq.config import PoolSettings
+from zdq.codec.rates import limited_chunk_size, rate_key_of, rate_of, share
 from zdq.errors import BrokerLost, ClosedError, ZdqError
 from zdq.stats import BrokerStats, PoolStats
 
@@ -61,6 +62,10 @@ class ControlMethods:
     _schedule_lock: threading.Lock
     client: Any
     dirpath: str | None
+    settings: PoolSettings
+    rate_limit: float | None
+    _free_chunk_size: int
+    _driver: Driver | None
 
     @property
     def driver(self) -> Driver:
@@ -191,14 +196,32 @@ class ControlMethods:
         value = rate_of(rate)
         indexes = range(self.n_queues) if queue is None else [self._queue_index(queue)]
         each = share(value, self.n_queues) if queue is None else value
-        name = b"" if key is None else key.encode() if isinstance(key, str) else rate_key_of(key)
+        name = b"" if key is None else rate_key_of(key)
         self._owned("rate limits")
         calls = [(i, self.broker_actor(i).set_rate_limit(each, name)) for i in indexes]
         assert isinstance(self._queues, PlacedQueues)  # _owned said so
-        for i, call in calls:
-            call.result(timeout=timeout)
+        if not name and queue is None:
+            self.rate_limit = value
+        try:
+            for i, call in calls:
+                call.result(timeout=timeout)
+                if not name:
+                    self._queues.rate_limits[i] = each
+        finally:
             if not name:
-                self._queues.rate_limits[i] = each
+                self._chunk_for_limits(self._queues.rate_limits.values())
+
+    def _chunk_for_limits(self, rates: Iterable[float | None]) -> None:
+        """This pool's chunks sized for its queues' own limits ``rates`` (see
+        :func:`~zdq.codec.rates.limited_chunk_size`): a limit set on the live pool cuts what this
+        driver sends next into chunks of a twentieth of a second of it; lifting the last one
+        restores the settings' size. (Chunks cut before, or by another process, are paced by
+        their broker: see :mod:`zdq.broker.rates`.)"""
+        size = limited_chunk_size(self._free_chunk_size, rates)
+        if size != self.settings.chunk_size:
+            self.settings = self.settings.with_overrides(chunk_size=size)
+            if self._driver is not None:
+                self._driver.set_chunk_size(size)
 
     def _queue_index(self, queue: int | str) -> int:
         if isinstance(queue, int) and not isinstance(queue, bool) and 0 <= queue < self.n_queues:

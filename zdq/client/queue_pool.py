@@ -76,7 +76,7 @@ from zdq.futures import TaskFuture
 from zdq.names import counted, queue_name
 from zdq.observe.monitor import ensure_installed
 from zdq.relay.path import RelayPath
-from zdq.codec.rates import chunk_cap, rate_of, share
+from zdq.codec.rates import limited_chunk_size, rate_of, share
 from zdq.codec.tasks import TaskOptions
 from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
 from zdq.transport.security import ClientKeys
@@ -212,9 +212,10 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         self.name = name or ("default" if self.durability is Durability.DURABLE else f"zdq-{uuid.uuid4().hex[:8]}")
         self.settings: PoolSettings = settings(**overrides)
         self.rate_limit = rate_of(rate_limit)
+        #: Tasks per chunk when no limit of this pool's queues applies (the settings' own).
+        self._free_chunk_size = self.settings.chunk_size
         if self.rate_limit is not None:  # smooth starts: chunks of a twentieth of a second of the rate
-            cap = chunk_cap(share(self.rate_limit, n_queues) or 0.0)
-            self.settings = self.settings.with_overrides(chunk_size=min(self.settings.chunk_size, cap))
+            self.settings = self.settings.with_overrides(chunk_size=limited_chunk_size(self._free_chunk_size, [share(self.rate_limit, n_queues)]))
         self.keep_results = keep_results
         self.default_options = TaskOptions(
             retries=retries,

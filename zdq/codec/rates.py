@@ -7,26 +7,41 @@ is per second).
 
 A pool's limit is its total: each of its ``n`` queues' brokers enforces ``limit / n``
 (:func:`share`), and so does each queue for a per-call limit. A rate-limited submission is cut into
-chunks of at most :func:`chunk_cap` tasks, so that the starts it allows are smooth (a broker lets a
-chunk's tasks start together).
+chunks of at most :func:`chunk_cap` tasks, so that the starts it allows are smooth (a broker lets
+a chunk's first :func:`burst` tasks start together, and its consumer spaces the others).
 
 >>> rate_of("100/s"), rate_of("6000/m"), rate_of("36/h"), rate_of(2.5), rate_of(None)
 (100.0, 100.0, 0.01, 2.5, None)
 >>> chunk_cap(200.0), chunk_cap(5.0)
 (10, 1)
+
+A limit is between :data:`MIN_RATE` and :data:`MAX_RATE` tasks per second (a limit outside is a
+mistake: one task in eleven days, or none at all), and a key is at most :data:`MAX_KEY` bytes:
+both are refused at the call.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["chunk_cap", "format_rate", "rate_key_of", "rate_of", "share"]
+__all__ = ["BURST_SECONDS", "MAX_KEY", "MAX_RATE", "MIN_RATE", "burst", "chunk_cap", "format_rate", "limited_chunk_size", "rate_key_of", "rate_of", "share"]
 
 _PER = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
 #: A rate-limited chunk holds at most this many seconds of its rate (at least one task).
 SMOOTH_SECONDS = 0.05
+#: A rate limit's bucket holds at most this many seconds of its rate (at least one task): two of
+#: the chunks the client cuts for it, so that a broker's round that wakes a little late loses
+#: nothing (the tokens go on filling past one chunk), while a minute's starts stay within 0.2 % of
+#: the limit.
+BURST_SECONDS = 2 * SMOOTH_SECONDS
+#: The slowest and fastest limits accepted, tasks per second (one task in about eleven days; a
+#: billion a second, far beyond what a queue starts): others are refused as mistakes.
+MIN_RATE, MAX_RATE = 1e-6, 1e9
+#: The longest key of a per-function limit, in bytes (the wire's, ``zdq.transport.protocol.MAX_KEY``).
+MAX_KEY = 1024
 
 
 def rate_of(rate: Any, what: str = "rate_limit") -> float | None:
@@ -38,7 +53,8 @@ def rate_of(rate: Any, what: str = "rate_limit") -> float | None:
     TypeError
         Not a string, a number or None.
     ValueError
-        A string of another form, or a rate that is negative or not finite.
+        A string of another form, or a rate that is negative, not finite, or outside
+        :data:`MIN_RATE` to :data:`MAX_RATE` tasks per second.
     """
     if rate is None:
         return None
@@ -58,7 +74,23 @@ def rate_of(rate: Any, what: str = "rate_limit") -> float | None:
         raise TypeError(f"{what} must be a string like '100/s' or a number of tasks per second, got {rate!r:.80}")
     if not 0 <= value < math.inf:
         raise ValueError(f"{what} must be a non-negative, finite rate, got {rate!r:.80}")
+    if value and not MIN_RATE <= value <= MAX_RATE:
+        raise ValueError(
+            f"{what} must be {MIN_RATE:g} to {MAX_RATE:g} tasks per second (or none), got {rate!r:.80}"
+            f" = {value:g}/s"
+        )
     return value or None
+
+
+def burst(rate: float) -> float:
+    """How many tasks a bucket of ``rate`` per second holds (:data:`BURST_SECONDS` of it, at least
+    one): a chunk of at most this many starts at once; the rest of a larger one is spaced ``1 /
+    rate`` apart by its consumer (see :mod:`zdq.broker.rates`).
+
+    >>> burst(200.0), burst(2.0)
+    (20.0, 1.0)
+    """
+    return max(1.0, rate * BURST_SECONDS)
 
 
 def share(rate: float | None, n_queues: int) -> float | None:
@@ -71,18 +103,43 @@ def chunk_cap(rate: float) -> int:
     return max(1, int(rate * SMOOTH_SECONDS))
 
 
+def limited_chunk_size(free: int, rates: Iterable[float | None]) -> int:
+    """Tasks per chunk of a pool whose queues hold ``rates`` (each queue's own, ``None``: none):
+    ``free`` (its settings' chunk size) capped by :func:`chunk_cap` of the slowest, or ``free``
+    when no queue is limited.
+
+    >>> limited_chunk_size(1000, [100.0, None]), limited_chunk_size(1000, [None])
+    (5, 1000)
+    """
+    limits = [rate for rate in rates if rate]
+    return min(free, chunk_cap(min(limits))) if limits else free
+
+
 def rate_key_of(fn: Any) -> bytes:
     """The bucket of a per-call limit: the function's ``module:qualname`` (a bound method's or a
     ``functools.partial``'s function's), as Celery keys a task's ``rate_limit`` by task name. A
     task given by name (``"package.module:function"``) is keyed by that name (the function's own
-    bucket when the name is where it is defined)."""
+    bucket when the name is where it is defined).
+
+    Raises
+    ------
+    ValueError
+        A key longer than :data:`MAX_KEY` bytes in UTF-8 (it would not be the function's own).
+    """
     if type(fn) is str:
-        return fn.encode()[:1024]
+        return _checked_key(fn)
     fn = getattr(fn, "func", fn)  # functools.partial
     fn = getattr(fn, "__func__", fn)  # bound methods
     module = getattr(fn, "__module__", None) or "?"
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__qualname__
-    return f"{module}:{name}".encode()[:1024]
+    return _checked_key(f"{module}:{name}")
+
+
+def _checked_key(name: str) -> bytes:
+    key = name.encode()
+    if not key or len(key) > MAX_KEY:
+        raise ValueError(f"a rate limit's key must be 1 to {MAX_KEY} bytes in UTF-8, got {len(key)}: {name!r:.80}")
+    return key
 
 
 def format_rate(rate: float | None) -> str:

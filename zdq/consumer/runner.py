@@ -11,6 +11,12 @@ task: what a task is and how it is called is :mod:`zdq.tasks`'s.
 Whatever thread finishes a chunk hands its messages to the socket owner through ``post``. What to
 do after a failure (retry after which delay, fail, dead-letter) is decided by
 :mod:`zdq.consumer.policy`.
+
+A chunk a rate limit let go comes with a *spacing* (see :mod:`zdq.broker.rates`): its tasks take
+the careful path. As many first attempts as its bucket held (:func:`~zdq.codec.rates.burst`)
+start at once; every other start (a first attempt beyond those, or any retry) takes the next slot
+of the chunk's clock, at least ``spacing`` seconds after the one before (:meth:`Runner._pace`). A
+retry thus waits for its backoff and for its slot. A consumer that is stopping waits for no slot.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from zdq.consumer.base import ConsumerBaseClass
 from zdq.consumer.hard import Children
 from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
 from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskExpired, TaskTimeout
+from zdq.codec.rates import burst
 from zdq.codec.results import PROTOCOL, UNKNOWN_BASE, ErrorInfo, dumps_results
 from zdq.codec.tasks import (
     CANCELLED,
@@ -130,10 +137,13 @@ class _ChunkRun:
         "cursor",
         "dead",
         "errors",
+        "free",
         "kind",
         "lock",
+        "next_start",
         "options",
         "remaining",
+        "spacing",
         "stale",
         "started",
         "tasks",
@@ -149,8 +159,14 @@ class _ChunkRun:
         crashes: int = 0,
         kind: int = 0,
         options: TaskOptions | None = None,
+        spacing: float = 0.0,
     ) -> None:
         self.broker = broker
+        self.spacing = spacing  # seconds between its tasks' starts (a rate-limited chunk's), else 0
+        # Spaced: the first attempts that start at once (its bucket's tokens), and when the last
+        # paced start was (time.monotonic()).
+        self.free = int(burst(1.0 / spacing)) if spacing else 0
+        self.next_start = time.monotonic() if spacing else 0.0
         self.kind = kind
         self.options = options
         self.crashes = crashes  # deliveries of this chunk that ended with their consumer's death
@@ -453,7 +469,7 @@ class Runner:
             self._forget(deliver.chunk_id)
             self._post(broker, p.Split(deliver.chunk_id, split_chunk(chunk, self._payload_key)))
             return
-        run = _ChunkRun(broker, deliver.chunk_id, base, len(tasks), deliver.attempt - 1, kind, options)
+        run = _ChunkRun(broker, deliver.chunk_id, base, len(tasks), deliver.attempt - 1, kind, options, deliver.spacing)
         self._register(run, tasks)
         pool = self._pool
         if pool is None:
@@ -479,7 +495,7 @@ class Runner:
     def _run_inline(self, run: _ChunkRun, tasks: list[Any]) -> None:
         # The loop's iterator tells a cancellation which tasks have started (_ChunkRun.cancel).
         run.cursor = numbered = enumerate(tasks)
-        if run.options is not None or run.crashes > 0 or self._limited:
+        if run.options is not None or run.crashes > 0 or self._limited or run.spacing:
             for i, task in numbered:
                 self._run_careful(run, i, task)
         else:
@@ -499,6 +515,7 @@ class Runner:
             run.options is not None
             or run.crashes
             or self._limited
+            or run.spacing  # a rate-limited chunk's starts are paced
             or is_cancelled(task)  # a raw item's placeholder must never reach process_item
             or own_options(run.kind, task) is not None
         ):
@@ -560,6 +577,8 @@ class Runner:
         while True:
             attempt += 1
             if error is None:
+                if run.spacing:
+                    self._pace(run, retry=attempt > run.crashes + 1)
                 try:
                     if options.hard:
                         run.values[i] = self._call_in_child(run, task, options.time_limit, tid)
@@ -589,6 +608,20 @@ class Runner:
                 with run.lock:
                     run.errors[i] = info
             return
+
+    def _pace(self, run: _ChunkRun, retry: bool) -> None:
+        """Wait for the next start slot of a rate-limited chunk (see the module docstring): its
+        first ``run.free`` first attempts go at once; other starts take slots in turn under the
+        chunk's lock, ``run.spacing`` apart; a consumer stopping waits no more (the rest of its
+        chunk starts at once)."""
+        with run.lock:
+            now = time.monotonic()
+            if run.free > 0 and not retry:
+                run.free -= 1
+                return
+            start = run.next_start = max(now, run.next_start + run.spacing)
+        if start > now:
+            self._stop.wait(start - now)
 
     def _dead_letter(self, run: _ChunkRun, i: int, task: tuple[Any, ...], info: ErrorInfo, verdict: DeadLetter) -> None:
         tid = run.base + i

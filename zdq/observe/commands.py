@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Any, Callable
@@ -236,19 +237,36 @@ def format_schedules(found: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _rate_limit(client: Any, args: argparse.Namespace) -> int:
-    """``zdq rate-limit POOL [QUEUE] RATE``: the pool's limit (split among its queues) or one
-    queue's; ``none`` removes it. ``--key`` limits one function's tasks instead."""
-    from zdq.codec.rates import format_rate, rate_of
-    from zdq.observe import remote
+def _rate_args(args: argparse.Namespace) -> tuple[str | None, float | None, bytes]:
+    """``zdq rate-limit``'s QUEUE (or None), RATE (None: none) and key, checked before any
+    connection: a rate out of bounds or a key over 1024 bytes is refused as by the API."""
+    from zdq.codec.rates import rate_key_of, rate_of
 
     if len(args.where) > 2:
         raise ValueError(f"give POOL, an optional QUEUE and RATE, got {' '.join([args.pool, *args.where])!r}")
     queue, given = (None, args.where[0]) if len(args.where) == 1 else args.where
     rate = None if given.strip().lower() in ("none", "off", "0") else rate_of(given, "RATE")
+    return queue, rate, b"" if args.key is None else rate_key_of(args.key)
+
+
+def _rate_limit_command(args: argparse.Namespace) -> int:
+    try:
+        _rate_args(args)  # a bad RATE or --key is told before connecting
+    except ValueError as e:
+        return _fail(args, str(e))
+    return _live(_rate_limit)(args)
+
+
+def _rate_limit(client: Any, args: argparse.Namespace) -> int:
+    """``zdq rate-limit POOL [QUEUE] RATE``: the pool's limit (split among its queues) or one
+    queue's; ``none`` removes it. ``--key`` limits one function's tasks instead."""
+    from zdq.codec.rates import format_rate
+    from zdq.observe import remote
+
+    queue, rate, key = _rate_args(args)
     queues = remote.queues_of(remote.status(client, args.timeout), args.pool, queue)
     each = rate if rate is None or queue is not None else rate / len(queues)
-    done = remote.act(client, queues, "rate-limit", args.timeout, each, (args.key or "").encode())
+    done = remote.act(client, queues, "rate-limit", args.timeout, each, key)
     what = f"key {args.key} " if args.key else ""
     for name, answer in done.items():
         print(f"{name}: {what}rate limit {format_rate(each)}" if answer is None else f"{name}: {answer['error']}")
@@ -333,7 +351,10 @@ def add_parsers(sub: Any) -> None:
     )
     limit.add_argument("--key", default=None, metavar="module:qualname",
                        help="limit only this function's tasks (those submitted with rate_limit=)")
-    limit.set_defaults(func=_live(_rate_limit))
+    # A RATE such as -5/s is an argument (refused as a rate), not an unknown option: argparse
+    # takes words that start with '-' and a digit for arguments when this matches them.
+    limit._negative_number_matcher = re.compile(r"^-\.?\d")
+    limit.set_defaults(func=_rate_limit_command)
     result = sub.add_parser(
         "result", help="a task's state and result by its key (future.key), from any process",
         description="Exit status: 0 done; 1 failed, cancelled or expired; 2 pending, started or unknown "

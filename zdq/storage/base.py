@@ -238,6 +238,11 @@ class Storage(ABC):
             self._ready_tasks += meta.n_tasks
 
     @property
+    def next_id(self) -> int:
+        """The id the next chunk stored gets: every chunk stored before has a smaller one."""
+        return self._next_id
+
+    @property
     def next_release(self) -> float:
         """Wall-clock time of the next delayed chunk's release (``inf``: none waits); it may be
         early (a chunk cancelled since), never late."""

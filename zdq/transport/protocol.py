@@ -27,7 +27,10 @@ FETCH      consumer→broker         credit: how many more chunks the consumer a
                                    every credit it gave (a DELIVER already on its way may still come)
 READY      broker→consumer         chunks are ready here and this consumer holds no credit: ask if
                                    you can (sent when work arrives, and again with each heartbeat)
-DELIVER    broker→consumer         chunk id, n_tasks, attempt; payload: the leased chunk
+DELIVER    broker→consumer         chunk id, n_tasks, attempt[, spacing]; payload: the leased chunk.
+                                   The spacing (float seconds, in the head only when set) comes
+                                   with a chunk a rate limit let go: the consumer starts its tasks
+                                   (and retries) at least that far apart
 DONE       consumer→broker         chunk id, n_tasks, credit (a FETCH riding along); payload: the
                                    results of the chunk
 RESULTS    broker→driver           seq, chunk id, consumer id; payload: the results
@@ -198,6 +201,7 @@ class Deliver(NamedTuple):
     n_tasks: int
     attempt: int
     chunk: object
+    spacing: float = 0.0  # a rate-limited chunk's: seconds between its tasks' starts (0: none)
 
 
 class Done(NamedTuple):
@@ -310,9 +314,13 @@ _PUT_TIMED = _layout(Command.PUT, "QIQdi")  # a delayed or prioritised chunk: th
 TAGS = struct.Struct(">dddHH")
 #: The longest rate or unique key.
 MAX_KEY = 1024
+#: The widest spacing a DELIVER may ask between task starts (a slow limit's, shared by many queues).
+MAX_SPACING = 1e9
 _CONFIRM = _layout(Command.CONFIRM, "QQB")
 _FETCH = _layout(Command.FETCH, "I")
 _DELIVER = _layout(Command.DELIVER, "QII")
+_DELIVER_PACED = _layout(Command.DELIVER, "QIId")  # a rate-limited chunk: the plain head + its spacing
+_PACED_SIZE = _DELIVER_PACED.size
 _DONE = _layout(Command.DONE, "QII")
 _RESULTS = _layout(Command.RESULTS, "QQ16s")
 _ID = _layout(Command.RETURN, "Q")  # RETURN and ACK
@@ -395,7 +403,12 @@ def _encode_cancelled(m: Cancelled) -> list[Any]:
 
 
 _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
-    Deliver: lambda m: [_DELIVER.pack(_V, Command.DELIVER, m.chunk_id, m.n_tasks, m.attempt), m.chunk],
+    Deliver: lambda m: [
+        _DELIVER_PACED.pack(_V, Command.DELIVER, m.chunk_id, m.n_tasks, m.attempt, m.spacing)
+        if m.spacing
+        else _DELIVER.pack(_V, Command.DELIVER, m.chunk_id, m.n_tasks, m.attempt),
+        m.chunk,
+    ],
     Done: lambda m: [_DONE.pack(_V, Command.DONE, m.chunk_id, m.n_tasks, m.credit), m.results],
     Put: _encode_put,
     Results: lambda m: [_RESULTS.pack(_V, Command.RESULTS, m.seq, m.chunk_id, m.consumer), m.results],
@@ -463,6 +476,11 @@ def _put(head: bytes, f: Sequence[Any]) -> Message:
 
 
 def _deliver(head: bytes, f: Sequence[Any]) -> Message:
+    if len(head) == _PACED_SIZE:
+        _, _, chunk_id, n, attempt, spacing = _unpack(_DELIVER_PACED, head, f, 2)
+        if not 0.0 <= spacing <= MAX_SPACING:
+            raise ProtocolError(f"DELIVER spaces its tasks {spacing!r} s apart (0 to {MAX_SPACING:g})")
+        return Deliver(chunk_id, _n_tasks(n, head), attempt, f[1], spacing)
     _, _, chunk_id, n, attempt = _unpack(_DELIVER, head, f, 2)
     return Deliver(chunk_id, _n_tasks(n, head), attempt, f[1])
 

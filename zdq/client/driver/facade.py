@@ -186,6 +186,10 @@ class Driver:
         ledger.submit_chunk(first, n, payload, [fut], 0, timeout, timing)
         return fut
 
+    def set_chunk_size(self, n: int) -> None:
+        """Cut chunks of at most ``n`` tasks from now on (see :meth:`Ledger.set_chunk_size`)."""
+        self._ledger.set_chunk_size(n)
+
     def submit_chunk(
         self,
         base: int,

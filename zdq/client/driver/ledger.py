@@ -200,6 +200,14 @@ class Ledger:
             self.next_task += n
             return first
 
+    def set_chunk_size(self, n: int) -> None:
+        """Cut chunks of at most ``n`` tasks from now on (a rate limit set or lifted on the live
+        pool: see :meth:`zdq.QueuePool.set_rate_limit`); tasks held loose are cut by it too."""
+        with self.cond:
+            self.settings = self.settings.with_overrides(chunk_size=n)
+            self.chunking = Chunking.of(self.settings)
+            self.cond.notify_all()  # a submitter waiting for room under the old cap looks again
+
     def new_future(self, tid: int) -> TaskFuture:
         """A future for task ``tid`` that knows its driver (to cancel) and why it may wait."""
         fut = TaskFuture(tid)
