@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from zdq.client.window import (
+    FutureSlice,
     ResultWindow,
     check_map_options,
     chunked,
@@ -36,8 +37,12 @@ class Pool:
         self.calls.append(args)
         return fut
 
-    def cancel(self, fs: list[Future[Any]]) -> None:
-        for fut in fs:
+    def slices(self, part: list[tuple[Any, ...]]) -> FutureSlice:
+        """The window's submit: a slice of one future per call (the calls go one by one)."""
+        return FutureSlice([self.submit(*args) for args in part])
+
+    def cancel(self, slices: list[Any]) -> None:
+        for fut in (f for s in slices for f in s.futures()):
             fut.cancel()
             self.cancelled.append(fut)
 
@@ -74,7 +79,7 @@ def _settled_pool() -> Pool:
 
 def test_without_buffersize_every_call_is_submitted_at_once_and_results_come_in_order() -> None:
     pool = Pool()
-    window = ResultWindow(pool.submit, zip(range(5), range(5)), None, None, pool.cancel)
+    window = ResultWindow(pool.slices, zip(range(5), range(5)), None, None, pool.cancel)
     assert len(pool.futures) == 5
     # Settled backwards: the results are still taken in the calls' order.
     for fut, args in reversed(list(zip(pool.futures, pool.calls))):
@@ -91,7 +96,7 @@ def test_with_buffersize_the_calls_are_read_as_results_are_taken_and_at_most_buf
             read.append(i)
             yield (i,)
 
-    window = ResultWindow(pool.submit, endless(), 3, None, pool.cancel)
+    window = ResultWindow(pool.slices, endless(), 3, None, pool.cancel)
     results = iter(window)
     assert len(pool.futures) == 3 and len(read) == 3
     for expected in range(50):
@@ -108,12 +113,12 @@ def test_with_buffersize_the_calls_are_read_as_results_are_taken_and_at_most_buf
 
 def test_a_short_iterable_with_a_large_buffersize_ends() -> None:
     pool = _settled_pool()
-    assert list(ResultWindow(pool.submit, [(1,), (2,)], 10, None, pool.cancel)) == [1, 2]
+    assert list(ResultWindow(pool.slices, [(1,), (2,)], 10, None, pool.cancel)) == [1, 2]
 
 
 def test_a_tasks_error_is_raised_at_its_position_and_the_rest_is_cancelled() -> None:
     pool = Pool()
-    window = iter(ResultWindow(pool.submit, [(i,) for i in range(5)], None, None, pool.cancel))
+    window = iter(ResultWindow(pool.slices, [(i,) for i in range(5)], None, None, pool.cancel))
     pool.futures[0].set_result("a")
     pool.futures[1].set_exception(KeyError("second"))
     pool.futures[2].set_result("c")
@@ -128,7 +133,7 @@ def test_a_tasks_error_is_raised_at_its_position_and_the_rest_is_cancelled() -> 
 def test_the_timeout_counts_from_the_call_and_cancels_what_is_left() -> None:
     clock = Clock()
     pool = Pool()
-    window = iter(ResultWindow(pool.submit, [(i,) for i in range(3)], None, 5.0, pool.cancel, clock))
+    window = iter(ResultWindow(pool.slices, [(i,) for i in range(3)], None, 5.0, pool.cancel, clock))
     pool.futures[0].set_result(0)
     clock.now += 4.0
     assert next(window) == 0
@@ -147,7 +152,7 @@ def test_a_call_that_cannot_be_submitted_cancels_those_submitted_before_it() -> 
         return pool.submit(x)
 
     with pytest.raises(TypeError, match="cannot pickle"):
-        ResultWindow(submit, [(i,) for i in range(4)], None, None, pool.cancel)
+        ResultWindow(lambda part: FutureSlice([submit(*a) for a in part]), [(i,) for i in range(4)], None, None, pool.cancel)
     assert len(pool.futures) == 2 and all(f.cancelled() for f in pool.futures)
 
 
@@ -156,7 +161,7 @@ def test_a_suspended_iterator_holds_no_result_it_handed_out() -> None:
         pass
 
     pool = Pool()
-    window = iter(ResultWindow(pool.submit, [(1,), (2,)], 1, None, pool.cancel))
+    window = iter(ResultWindow(pool.slices, [(1,), (2,)], 1, None, pool.cancel))
     pool.futures[0].set_result(Value())
     value = next(window)
     ref = weakref.ref(value)

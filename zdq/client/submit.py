@@ -23,6 +23,7 @@ import asyncio
 import dataclasses
 import datetime
 import functools
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable, Protocol
 
@@ -32,6 +33,7 @@ from zdq.consumer import GeneralConsumer
 from zdq.client.dependencies import find_futures, hold, holds_futures, may_hold
 from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.driver import Driver
+from zdq.client.window import FutureSlice, MapBatch, Slice
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
@@ -328,11 +330,17 @@ class Submitter:
         batch_size: int | None,
         timeout: float | None,
         timing: Timing | None = None,
+        *,
+        make: Callable[[int, int], BatchFuture] = BatchFuture,
+        spread: bool = True,
     ) -> BatchFuture:
+        """``entries`` queued as one batch; ``make(first_id, n)`` makes its future. ``spread``:
+        smaller chunks for a small batch, so that every consumer gets some (a map's slice is not
+        spread: the slices in flight are, together)."""
         driver = pool.driver
         timeout = timeout_or_none(timeout)
         chunking = Chunking.of(pool.settings)
-        size = self._chunk_size(pool, chunking, batch_size, len(entries))
+        size = self._chunk_size(pool, chunking, batch_size, len(entries) if spread else None)
         base = driver.reserve(len(entries))
         # Pickle everything before sending anything: a task that cannot be pickled leaves nothing
         # queued (its reserved ids are simply never used).
@@ -342,7 +350,7 @@ class Submitter:
             if e.task_id is None:
                 raise
             raise SerializationError(f"item {e.task_id - base} of the batch: {e}; nothing of the batch was queued") from e
-        batch = BatchFuture(base, len(entries))
+        batch = make(base, len(entries))
         batch._hint = pool.wait_hint  # why_waiting, and whether the batch can run at all
         batch._driver = driver
         i = 0
@@ -763,6 +771,37 @@ class SubmitMethods:
             e.add_note(f"zdq: map() cancelled the {len(futures)} tasks it had queued before this error")
             raise
         return futures
+
+    def map_chunk_size(self, n_tasks: int | None) -> int:
+        """Tasks per chunk of a map with ``n_tasks`` in flight at most (``None``: unknown), spread
+        over the consumers as a batch of that many is (see :meth:`map_slice`)."""
+        return self._submitter._chunk_size(self, Chunking.of(self.settings), None, n_tasks)
+
+    def map_slice(self, fn: Callable[..., Any] | str, calls: list[tuple[Any, ...]], chunk: int) -> Slice:
+        """One slice of a map (``Executor.map``): ``fn`` over the argument tuples ``calls``, queued
+        as one batch in chunks of ``chunk`` tasks, whose outcomes the map takes by position
+        (:class:`~zdq.client.window.MapBatch`: one future, one pickling per chunk). Calls whose
+        arguments hold futures go one by one, as :meth:`submit` sends them (held until their
+        inputs are done). Blocks while the driver's window is full; the task options are the
+        pool's defaults.
+
+        Raises
+        ------
+        TypeError
+            ``fn`` is neither a callable nor a task name.
+        SerializationError
+            A call cannot be pickled; nothing of the slice was queued.
+        """
+        s = self._submitter
+        if not callable(fn):
+            if type(fn) is not str:
+                raise TypeError(f"map() needs a callable or a task name 'package.module:function', got {fn!r:.80}")
+            check_task_name(fn)
+        options = s.defaults.merge_all()
+        if holds_futures(itertools.chain.from_iterable(calls)):
+            return FutureSlice([s.call(self.driver, fn, args, None, options, None, None, None, None) for args in calls])
+        entries = [(fn, *args) for args in calls]
+        return s.entries(self, entries, CALLS, options, chunk, None, make=MapBatch, spread=False)
 
     @off_loop_when_async
     def gather(self, futures: Any, errors: str = "raise", *, timeout: float | None = None) -> Any:
