@@ -13,11 +13,14 @@ import pytest
 
 from zdq.client.window import (
     FutureSlice,
+    MapBatch,
     ResultWindow,
+    cancel_many,
     check_map_options,
     chunked,
     key_runs,
     run_chunk,
+    span_runs,
 )
 
 Future = concurrent.futures.Future
@@ -204,3 +207,118 @@ def test_an_executor_refuses_max_workers_below_one_and_options_beside_a_given_po
         zdq.Executor("2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="queue_pool alone"):
         zdq.Executor(2, queue_pool=object())
+
+
+# -- slices of several calls: one batch future per slice ---------------------------------------------
+class Batches:
+    """A submit() of slices as MapBatch futures (task ids from 100), which the test fills as the
+    driver's I/O thread does (``_fill``: a run of outcomes at once)."""
+
+    def __init__(self) -> None:
+        self.batches: list[MapBatch] = []
+        self.calls: list[list[tuple[Any, ...]]] = []
+        self.cancelled: list[Any] = []
+        self._next_id = 100
+
+    def submit(self, part: list[tuple[Any, ...]]) -> MapBatch:
+        batch = MapBatch(self._next_id, len(part))
+        self._next_id += len(part)
+        self.batches.append(batch)
+        self.calls.append(part)
+        return batch
+
+    def cancel(self, slices: list[Any]) -> None:
+        self.cancelled.extend(slices)
+
+    def settle(self, k: int, errors: dict[int, BaseException] | None = None) -> None:
+        """Every outcome of slice ``k``: the sum of each call's arguments, or the error given."""
+        self.batches[k]._fill(0, [sum(args) for args in self.calls[k]], errors or {})
+
+
+def test_slices_give_their_results_in_order_as_runs_of_them_arrive() -> None:
+    pool = Batches()
+    window = ResultWindow(pool.submit, [(i,) for i in range(10)], None, None, pool.cancel, slice_size=4)
+    assert [len(c) for c in pool.calls] == [4, 4, 2]
+    pool.batches[0]._fill(0, [0, 1], {})  # the first two of the first slice
+    results = iter(window)
+    assert [next(results), next(results)] == [0, 1]
+    pool.settle(2)  # the later slices first: still taken in order
+    pool.settle(1)
+    pool.batches[0]._fill(2, [2, 3], {})
+    assert list(results) == list(range(2, 10))
+    assert window.unfinished == 0 and not pool.cancelled
+
+
+def test_with_buffersize_slices_are_submitted_as_results_are_taken_within_the_buffer() -> None:
+    pool = Batches()
+    read: list[int] = []
+
+    def endless() -> Iterator[tuple[int]]:
+        for i in itertools.count():
+            read.append(i)
+            yield (i,)
+
+    window = ResultWindow(pool.submit, endless(), 10, None, pool.cancel, slice_size=4)
+    results = iter(window)
+    assert [len(c) for c in pool.calls] == [4, 4] and len(read) == 8  # a third would pass 10
+    for k in range(30):
+        pool.settle(k)
+        assert [next(results) for _ in range(4)] == list(range(4 * k, 4 * k + 4))
+        assert window.unfinished <= 10
+        assert len(read) <= 4 * (k + 1) + 10
+        assert len(pool.batches) == k + 3  # one more slice for each one taken
+    results.close()  # type: ignore[attr-defined]
+    assert pool.cancelled == pool.batches[-2:]
+
+
+def test_an_error_in_a_slice_is_raised_after_the_results_before_it_and_the_rest_is_cancelled() -> None:
+    pool = Batches()
+    results = iter(ResultWindow(pool.submit, [(i,) for i in range(12)], None, None, pool.cancel, slice_size=4))
+    pool.settle(0)
+    pool.settle(1, {2: KeyError("item 6")})
+    assert [next(results) for _ in range(6)] == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(KeyError, match="item 6"):
+        next(results)
+    assert pool.cancelled == pool.batches[1:]
+    with pytest.raises(StopIteration):
+        next(results)
+
+
+def test_a_slice_times_out_counting_from_the_call_and_hands_out_no_result_twice() -> None:
+    class Value:
+        pass
+
+    clock = Clock()
+    pool = Batches()
+    results = iter(ResultWindow(pool.submit, [(i,) for i in range(4)], None, 5.0, pool.cancel, clock, slice_size=4))
+    pool.batches[0]._fill(0, [Value()], {})
+    value = next(results)
+    assert pool.batches[0]._values[0] is None  # the slice forgot the result it handed out
+    ref = weakref.ref(value)
+    del value
+    gc.collect()
+    assert ref() is None
+    clock.now += 6.0
+    with pytest.raises(TimeoutError, match="had no result within 0.0s"):
+        next(results)
+    assert pool.cancelled == pool.batches
+
+
+def test_spans_of_task_ids_are_cancelled_in_merged_runs_one_request_each() -> None:
+    assert span_runs([(10, 4), (0, 2), (14, 3), (2, 1), (30, 5), (31, 2)]) == [(0, 3), (10, 7), (30, 5)]
+
+    class Driver:
+        def __init__(self) -> None:
+            self.asked: list[tuple[int, int]] = []
+
+        def cancel(self, first: int, n: int) -> set[int]:
+            self.asked.append((first, n))
+            return set()
+
+    driver = Driver()
+    batches = [MapBatch(first, 4) for first in (8, 0, 4, 20)]
+    for batch in batches:
+        batch._driver = driver
+    batches[1]._fill(0, [1, 2, 3, 4], {})  # done: not asked
+    cancel_many(batches)
+    assert driver.asked == [(4, 8), (20, 4)]
