@@ -12,9 +12,11 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from distributed import Client, LocalCluster
@@ -126,3 +128,38 @@ def test_a_map_holding_futures_among_its_items_runs_each_call_once_its_inputs_ar
     firsts = [pool.submit(square, i) for i in range(3)]
     with pool.executor() as executor:
         assert list(executor.map(pow, firsts, range(3), timeout=60)) == [1, 1, 16]
+
+
+def test_a_maps_future_waits_through_its_chunk_siblings_results_for_its_own() -> None:
+    from zdq.client.window import map_futures
+
+    first, second = map_futures(0, 2, None, None)
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(first.result(timeout=30)))
+    waiter.start()
+    time.sleep(0.2)
+    second.set_result("not mine")  # wakes the shared condition: the waiter must not return
+    time.sleep(0.2)
+    assert not got and waiter.is_alive()
+    first.set_result("mine")
+    waiter.join(timeout=30)
+    assert got == ["mine"]
+
+
+def test_queue_pool_map_gives_a_future_per_call_in_order_and_cancels_by_them(pool: QueuePool, tmp_path: Path) -> None:
+    futures = pool.map(square, range(50))
+    assert len(futures) == 50 and zdq.gather(futures, timeout=60) == [i * i for i in range(50)]
+    failed = pool.map(square_unless, range(20), [7] * 20)
+    with pytest.raises(KeyError, match="item 7"):
+        failed[7].result(timeout=60)
+    assert failed[8].result(timeout=60) == 64
+    naps = pool.map(nap_noted, [str(tmp_path)] * N_NAPS, range(N_NAPS), [NAP] * N_NAPS)
+    naps[0].result(timeout=60)
+    assert naps[-1].cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        naps[-1].result(timeout=5)
+    from zdq.client.window import cancel_many
+
+    cancel_many(naps)
+    wait_until(lambda: pool.driver.outstanding == 0, timeout=30)
+    assert len(_ran(tmp_path)) < N_NAPS // 2

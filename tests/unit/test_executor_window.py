@@ -19,6 +19,7 @@ from zdq.client.window import (
     check_map_options,
     chunked,
     key_runs,
+    map_futures,
     run_chunk,
     span_runs,
 )
@@ -322,3 +323,24 @@ def test_spans_of_task_ids_are_cancelled_in_merged_runs_one_request_each() -> No
     batches[1]._fill(0, [1, 2, 3, 4], {})  # done: not asked
     cancel_many(batches)
     assert driver.asked == [(4, 8), (20, 4)]
+
+
+def test_the_futures_of_a_maps_chunk_share_a_condition_and_keep_the_futures_contract() -> None:
+    futures = map_futures(40, 3, None, None)
+    assert [f.key for f in futures] == [40, 41, 42]
+    assert futures[0]._condition is futures[2]._condition
+    futures[1].set_result("b")
+    with pytest.raises(TimeoutError, match="had no result within 0.01s"):
+        futures[0].result(timeout=0.01)  # a sibling's result is not its own
+    assert futures[1].result() == "b" and futures[1].exception() is None
+    futures[2].set_exception(KeyError("c"))
+    with pytest.raises(KeyError, match="c"):
+        futures[2].result()
+    assert isinstance(futures[2].exception(0), KeyError)
+    done, not_done = concurrent.futures.wait(futures, timeout=0)
+    assert done == {futures[1], futures[2]} and not_done == {futures[0]}
+    seen: list[Any] = []
+    futures[0].add_done_callback(seen.append)
+    futures[0].set_result("a")
+    assert seen == [futures[0]] and futures[0].result(0) == "a"
+    assert "TaskFuture key=40 finished" in repr(futures[0])

@@ -16,8 +16,9 @@ state                       owner
 ``_shutdown``               ``_submitting``: held through each submission, so that shutdown waits
                             for one in progress (as ``ThreadPoolExecutor``'s lock does)
 ``_inflight``               ``_state`` (a condition, never held while submitting: the callback
-                            thread takes it): the futures not done yet (futures only: a future
-                            holds no callable nor argument, and its result is the caller's)
+                            thread takes it): the futures not done yet, a map's slices' batch
+                            futures too (futures only: a future holds no callable nor argument,
+                            and its result is the caller's)
 ``_busy`` (module)          an executor with work in flight is held here, so that dropping it does
                             not take its pool (and the work) away; it leaves when its work is done
 ``_open`` (module)          every executor not closed, held weakly: the at-exit hook finishes them
@@ -276,9 +277,14 @@ class Executor(concurrent.futures.Executor):
         raised at its position, what is left cancelled when the iterator is closed or fails.
 
         ``buffersize``: at most that many tasks unfinished; the iterables are read as results are
-        taken, so an endless generator is mapped in bounded memory (without it, every call is
-        submitted now). ``chunksize``: that many calls per task, as the process pool's ``map``
-        (a call's error fails its chunk, and is raised at the chunk's first position).
+        taken (at most ``buffersize`` and a slice ahead), so an endless generator is mapped in
+        bounded memory (without it, every call is submitted now). ``chunksize``: that many calls
+        per task, as the process pool's ``map`` (a call's error fails its chunk, and is raised at
+        the chunk's first position).
+
+        The calls are queued in slices (one chunk each, a fourth of ``buffersize`` at most), each
+        as one batch with one future whose outcomes are taken by position as they arrive: a map
+        costs about what ``batch_submit`` does, not a future per call.
         """
         check_map_options(chunksize, buffersize)
         start = time.monotonic()

@@ -33,7 +33,7 @@ from zdq.consumer import GeneralConsumer
 from zdq.client.dependencies import find_futures, hold, holds_futures, may_hold
 from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.driver import Driver
-from zdq.client.window import FutureSlice, MapBatch, Slice
+from zdq.client.window import FutureSlice, MapBatch, Slice, map_futures
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
@@ -399,6 +399,7 @@ class Submitter:
         count = 0
         bar = insert_bar(total) if progress else None
         reading = _Reading(calls)
+        hint = None if futures is None else pool.wait_hint
         try:
             for part in chunking.batches(reading, size):
                 check_calls(part, count)
@@ -409,7 +410,7 @@ class Submitter:
                     at = f"item {count + e.task_id - base}: " if e.task_id is not None else ""
                     raise SerializationError(f"{at}{e} ({count} tasks before this chunk were queued)") from e
                 for first, n, payload in packed:
-                    sink = None if futures is None else [driver.new_future(first + i) for i in range(n)]
+                    sink = None if futures is None else map_futures(first, n, hint, driver)
                     driver.submit_chunk(first, n, payload, sink, 0, timeout=timeout, timing=timing)
                     if futures is not None and sink is not None:
                         futures.extend(sink)  # queued: its futures will settle

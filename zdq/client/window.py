@@ -1,20 +1,23 @@
-"""``Executor.map``'s ordering and bounding, written against plain futures (no pool, no thread).
+"""``Executor.map``'s ordering and bounding, written against slices of calls (no pool, no thread).
 
 :class:`ResultWindow` is the whole of Python 3.14's ``Executor.map`` contract: the first tasks
 are submitted at the call (all of them, or the first ``buffersize``), results come in order,
-``timeout`` counts from the call, a task's exception is raised at its position, and what is left
-is cancelled when the iterator is closed, fails or times out. With ``buffersize``, one more call
-is read and submitted each time a result is yielded, so at most ``buffersize`` tasks are
-unfinished and an endless iterable is mapped in bounded memory. It is given a ``submit`` that
-returns :class:`concurrent.futures.Future` objects and a ``cancel`` for what is left; the unit
-tests drive it with futures they settle themselves.
+``timeout`` counts from the call, a task's exception is raised at its position (after the
+results before it), and what is left is cancelled when the iterator is closed, fails or times
+out. The calls are submitted in slices of consecutive calls (:class:`Slice`), so that a map costs
+per slice what ``batch_submit`` costs per batch, not a future and a hand-off per call: with
+``buffersize``, one more slice is read and submitted each time a slice's results are taken, so at
+most ``buffersize`` tasks are unfinished and an endless iterable is mapped in bounded memory.
 
-Helpers for chunked maps (the process pool's ``chunksize``) and for cancelling many zdq futures
-in a few round trips live here too: they are as pure.
+A slice is a :class:`MapBatch` (one chunked batch, whose outcomes are taken by position as they
+arrive) or a :class:`FutureSlice` (a future per call: calls whose arguments hold futures, and the
+unit tests' own futures). Helpers for chunked maps (the process pool's ``chunksize``) and for
+cancelling many zdq futures in a few round trips live here too: they are as pure.
 
 Ownership
 ---------
-A window belongs to the thread iterating over it (as a generator does); nothing in it is shared.
+A window belongs to the thread iterating over it (as a generator does); nothing in it is shared
+but its slices' outcomes, which the driver's I/O thread writes (see :class:`MapBatch`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
+from concurrent.futures import _base
 import logging
 import threading
 import time
@@ -29,11 +33,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from zdq.errors import ZdqError
-from zdq.futures import BatchFuture
+from zdq.futures import BatchFuture, TaskFuture
 
 __all__ = [
-    "FutureSlice", "MapBatch", "ResultWindow", "Slice", "cancel_many", "cancel_slices", "check_map_options", "chunked",
-    "key_runs", "run_chunk", "span_runs",
+    "FutureSlice", "MapBatch", "MapFuture", "ResultWindow", "Slice", "cancel_many", "cancel_slices", "check_map_options", "chunked",
+    "key_runs", "map_futures", "run_chunk", "span_runs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -170,18 +174,74 @@ class MapBatch(BatchFuture):
         return len(settled) if j < 0 else j
 
     def take(self, i: int, j: int) -> tuple[list[Any], BaseException | None]:
+        # Under the lock: the I/O thread may mark a position settled before it writes its outcome.
         error = None
-        if self._errors:  # the I/O thread adds to it under the lock
-            with self._fill_lock:
+        with self._fill_lock:
+            if self._errors:
                 failed = min((k for k in self._errors if i <= k < j), default=None)
-            if failed is not None:
-                error, j = self._errors[failed], failed
-        values = self._values[i:j]
-        self._values[i:j] = itertools.repeat(None, j - i)  # settled positions: never written again
+                if failed is not None:
+                    error, j = self._errors[failed], failed
+            values = self._values[i:j]
+            self._values[i:j] = itertools.repeat(None, j - i)  # settled positions: never written again
         return values, error
 
     def futures(self) -> list[concurrent.futures.Future[Any]]:
         return [self]
+
+
+_DONE = frozenset({_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED})
+
+
+class MapFuture(TaskFuture):
+    """A task's future made by ``queue_pool.map``, which makes one per call by the thousand: the
+    futures of one chunk share one condition (the standard future makes a condition, and a lock,
+    each: most of a map's cost per call). It is a :class:`TaskFuture` in every other way.
+
+    Sharing is safe because a future only waits on its condition for its own state: a wakeup for
+    a sibling is waited through (:meth:`result` and :meth:`exception` wait for ``done()``, where
+    the standard ``result`` takes any wakeup as its own); the other uses of the condition hold it
+    briefly (it is re-entrant: ``concurrent.futures.wait`` takes it once per future).
+    """
+
+    def __init__(self, key: int, condition: threading.Condition, hint: Any, driver: Any) -> None:
+        # Future.__init__ is not called: it would make a condition of its own. Its fields:
+        self._condition = condition
+        self._state = _base.PENDING
+        self._result = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[Any], object]] = []
+        self.key = key
+        self._hint = hint
+        self._driver = driver
+
+    def _when_done(self, timeout: float | None) -> None:
+        with self._condition:
+            self._condition.wait_for(lambda: self._state in _DONE, timeout)
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state == _base.FINISHED and self._exception is None:
+            return self._result  # set before the state, by set_result
+        try:
+            self._looking(self._when_done, timeout)
+            return concurrent.futures.Future.result(self, 0)
+        except concurrent.futures.TimeoutError:
+            if self.done():
+                raise  # the task's own error (a TaskTimeout, a TimeoutError it raised), as it is
+            raise self._timed_out(timeout, repr(self)) from None
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            self._looking(self._when_done, timeout)
+            return concurrent.futures.Future.exception(self, 0)
+        except concurrent.futures.TimeoutError:
+            raise self._timed_out(timeout, repr(self)) from None
+
+
+def map_futures(first: int, n: int, hint: Any, driver: Any) -> list[MapFuture]:
+    """The futures of tasks ``first .. first+n`` (one chunk of a map), sharing one condition."""
+    condition = threading.Condition()
+    return [MapFuture(key, condition, hint, driver) for key in range(first, first + n)]
 
 
 class ResultWindow:
