@@ -415,12 +415,12 @@ def run(config: BenchConfig) -> dict[str, Any]:
         cases.append(mapped)
         ratios["map: zdq Executor.map / dask client.map"] = mapped.rate / dask.rate
         ratios["map: zdq Executor.map / zdq futures path"] = mapped.rate / zdq.rate
-        pool_mapped = queue_pool_map(client, config)
-        cases.append(pool_mapped)
-        ratios["map: zdq queue_pool.map / zdq futures path"] = pool_mapped.rate / zdq.rate
         dq_path = daskqueue_path(client, config)
         cases.append(dq_path)
         ratios["daskqueue_path_vs_futures"] = dq_path.rate / zdq.rate
+        pool_mapped = queue_pool_map(client, config)
+        cases.append(pool_mapped)
+        ratios["map: zdq queue_pool.map / zdq futures path"] = pool_mapped.rate / zdq.rate
         if full:
             trips, trip_ratios = latency(client, config)
             cases += trips
