@@ -163,3 +163,10 @@ def test_queue_pool_map_gives_a_future_per_call_in_order_and_cancels_by_them(poo
     cancel_many(naps)
     wait_until(lambda: pool.driver.outstanding == 0, timeout=30)
     assert len(_ran(tmp_path)) < N_NAPS // 2
+
+
+def test_a_map_of_no_iterable_or_an_empty_one_gives_nothing(pool: QueuePool) -> None:
+    with pool.executor() as executor:
+        assert list(executor.map(square)) == []
+        assert list(executor.map(square, [], buffersize=3)) == []
+        assert list(executor.map(square, range(5), chunksize=2, buffersize=1)) == [i * i for i in range(5)]

@@ -28,6 +28,7 @@ state                       owner
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
@@ -233,7 +234,8 @@ class Executor(concurrent.futures.Executor):
         return fut
 
     def _submit_slice(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]], chunk: int) -> Slice:
-        """One slice of a map's calls, queued as one chunked batch (``queue_pool.map_slice``)."""
+        """One slice of a map's calls ``(fn, *args)``, queued as one chunked batch
+        (``queue_pool.map_slice``)."""
         with self._submitting:
             self._check_open()
             piece = self._pool.map_slice(fn, calls, chunk)
@@ -288,10 +290,11 @@ class Executor(concurrent.futures.Executor):
         """
         check_map_options(chunksize, buffersize)
         start = time.monotonic()
-        calls: Iterable[tuple[Any, ...]] = zip(*iterables)
+        # The calls as batch_submit takes them, (task, *args), made by zip.
+        calls: Iterable[tuple[Any, ...]] = zip(itertools.repeat(fn), *iterables) if iterables else iter(())
         task = fn
         if chunksize > 1:  # a task per chunk of calls, which run_chunk runs in order
-            calls = ((fn, part) for part in chunked(calls, chunksize))
+            calls = ((run_chunk, fn, part) for part in chunked(zip(*iterables), chunksize))
             task = run_chunk
         if buffersize is None:
             calls = list(calls)  # every call is submitted now: read them all, and spread them
@@ -302,7 +305,7 @@ class Executor(concurrent.futures.Executor):
             chunk = max(1, min(chunk, buffersize // _SLICES_IN_BUFFER))
         ref = weakref.ref(self)
 
-        def submit(part: list[tuple[Any, ...]]) -> Slice:
+        def submit(part: list[tuple[Any, ...]]) -> Slice:  # calls (task, *args)
             executor = ref()  # a map left behind does not keep its executor alive
             if executor is None:
                 raise RuntimeError("cannot schedule new futures: the executor was dropped")

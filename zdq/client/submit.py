@@ -779,8 +779,8 @@ class SubmitMethods:
         return self._submitter._chunk_size(self, Chunking.of(self.settings), None, n_tasks)
 
     def map_slice(self, fn: Callable[..., Any] | str, calls: list[tuple[Any, ...]], chunk: int) -> Slice:
-        """One slice of a map (``Executor.map``): ``fn`` over the argument tuples ``calls``, queued
-        as one batch in chunks of ``chunk`` tasks, whose outcomes the map takes by position
+        """One slice of a map (``Executor.map``): the calls ``(fn, *args)``, queued as one batch
+        in chunks of ``chunk`` tasks, whose outcomes the map takes by position
         (:class:`~zdq.client.window.MapBatch`: one future, one pickling per chunk). Calls whose
         arguments hold futures go one by one, as :meth:`submit` sends them (held until their
         inputs are done). Blocks while the driver's window is full; the task options are the
@@ -800,9 +800,9 @@ class SubmitMethods:
             check_task_name(fn)
         options = s.defaults.merge_all()
         if holds_futures(itertools.chain.from_iterable(calls)):
-            return FutureSlice([s.call(self.driver, fn, args, None, options, None, None, None, None) for args in calls])
-        entries = [(fn, *args) for args in calls]
-        return s.entries(self, entries, CALLS, options, chunk, None, make=MapBatch, spread=False)
+            driver = self.driver
+            return FutureSlice([s.call(driver, fn, call[1:], None, options, None, None, None, None) for call in calls])
+        return s.entries(self, calls, CALLS, options, chunk, None, make=MapBatch, spread=False)
 
     @off_loop_when_async
     def gather(self, futures: Any, errors: str = "raise", *, timeout: float | None = None) -> Any:
