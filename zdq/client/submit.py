@@ -30,7 +30,7 @@ from typing import Any, Callable, Protocol
 from zdq.codec.chunking import Chunking
 from zdq.config import PoolSettings, seconds_or_none, timeout_or_none
 from zdq.consumer import GeneralConsumer
-from zdq.client.dependencies import find_futures, hold, holds_futures, may_hold
+from zdq.client.dependencies import _PLAIN as PLAIN, find_futures, hold, holds_futures, may_hold
 from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.driver import Driver
 from zdq.client.window import FutureSlice, MapBatch, Slice, map_futures
@@ -195,6 +195,16 @@ class SubmitTarget(Protocol):
 
     @property
     def wait_hint(self) -> WaitHint: ...
+
+
+def _calls_hold_futures(calls: list[tuple[Any, ...]]) -> bool:
+    """Whether the arguments of ``calls`` ``(fn, *args)`` (one ``fn``) hold futures: the types of
+    all their items are gathered in C first, and plain ones alone (the usual case) end the look."""
+    kinds = set(map(type, itertools.chain.from_iterable(calls)))
+    kinds.discard(type(calls[0][0]))  # fn's own: a callable is neither a future nor a container
+    if kinds <= PLAIN:
+        return False
+    return holds_futures(itertools.chain.from_iterable(call[1:] for call in calls))
 
 
 class _Reading:
@@ -799,7 +809,7 @@ class SubmitMethods:
                 raise TypeError(f"map() needs a callable or a task name 'package.module:function', got {fn!r:.80}")
             check_task_name(fn)
         options = s.defaults.merge_all()
-        if holds_futures(itertools.chain.from_iterable(calls)):
+        if _calls_hold_futures(calls):
             driver = self.driver
             return FutureSlice([s.call(driver, fn, call[1:], None, options, None, None, None, None) for call in calls])
         return s.entries(self, calls, CALLS, options, chunk, None, make=MapBatch, spread=False)
