@@ -217,25 +217,26 @@ class MapFuture(TaskFuture):
 
     def _when_done(self, timeout: float | None) -> None:
         with self._condition:
-            self._condition.wait_for(lambda: self._state in _DONE, timeout)
+            if not self._condition.wait_for(lambda: self._state in _DONE, timeout):
+                raise concurrent.futures.TimeoutError
+
+    def _wait(self, timeout: float | None) -> None:
+        """Wait until this future is done, as a :class:`TaskFuture` waits (looking whether its pool
+        can run it at all; a timeout's error says why it waits)."""
+        try:
+            self._looking(self._when_done, timeout)
+        except concurrent.futures.TimeoutError:
+            raise self._timed_out(timeout, repr(self)) from None
 
     def result(self, timeout: float | None = None) -> Any:
         if self._state == _base.FINISHED and self._exception is None:
             return self._result  # set before the state, by set_result
-        try:
-            self._looking(self._when_done, timeout)
-            return concurrent.futures.Future.result(self, 0)
-        except concurrent.futures.TimeoutError:
-            if self.done():
-                raise  # the task's own error (a TaskTimeout, a TimeoutError it raised), as it is
-            raise self._timed_out(timeout, repr(self)) from None
+        self._wait(timeout)
+        return concurrent.futures.Future.result(self, 0)  # done: its result, or its own error as it is
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        try:
-            self._looking(self._when_done, timeout)
-            return concurrent.futures.Future.exception(self, 0)
-        except concurrent.futures.TimeoutError:
-            raise self._timed_out(timeout, repr(self)) from None
+        self._wait(timeout)
+        return concurrent.futures.Future.exception(self, 0)
 
 
 def map_futures(first: int, n: int, hint: Any, driver: Any) -> list[MapFuture]:
