@@ -43,23 +43,26 @@ def main() -> None:
     profiled = sys.argv[3] if len(sys.argv) > 3 else ""
     profile = cProfile.Profile() if profiled else None
     out: dict[str, float] = {}
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None
-    ) as cluster, Client(cluster) as client:
-        with QueuePool(client, 2, keep_results=False, chunk_size=1000) as qp:
-            with ConsumerPool(client, qp, n_consumers=2) as cp:
-                cp.start()
-                qp.batch_submit([(noop, i) for i in range(1000)]).result(timeout=120)  # warm up
-                _timed(out, "futures", n_futures,
-                       lambda: qp.batch_submit([(noop, i) for i in range(n_futures)]).result(timeout=300), None)
-                with qp.executor() as executor:
-                    def mapped() -> None:
-                        count = sum(1 for _ in executor.map(noop, range(n_map), buffersize=20_000))
-                        assert count == n_map
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+        QueuePool(client, 2, keep_results=False, chunk_size=1000) as qp,
+        ConsumerPool(client, qp, n_consumers=2) as cp,
+    ):
+        cp.start()
+        qp.batch_submit([(noop, i) for i in range(1000)]).result(timeout=120)  # warm up
+        _timed(out, "futures", n_futures,
+               lambda: qp.batch_submit([(noop, i) for i in range(n_futures)]).result(timeout=300), None)
+        with qp.executor() as executor:
+            def mapped() -> None:
+                count = sum(1 for _ in executor.map(noop, range(n_map), buffersize=20_000))
+                assert count == n_map
 
-                    _timed(out, "map", n_map, mapped, profile if profiled == "map" else None)
-                _timed(out, "qpmap", n_map, lambda: [f.result(300) for f in qp.map(noop, range(n_map))],
-                       profile if profiled == "qpmap" else None)
+            _timed(out, "map", n_map, mapped, profile if profiled == "map" else None)
+        _timed(out, "qpmap", n_map, lambda: [f.result(300) for f in qp.map(noop, range(n_map))],
+               profile if profiled == "qpmap" else None)
     if profile is not None:
         pstats.Stats(profile).sort_stats("tottime").print_stats(18)
     out["map/fut"] = out["map"] / out["futures"]

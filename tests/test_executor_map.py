@@ -38,10 +38,12 @@ N_NAPS, NAP = 200, 0.05
 
 @pytest.fixture(scope="module")
 def pool(cluster: LocalCluster) -> Iterator[QueuePool]:
-    with Client(cluster) as client:
-        with QueuePool(client, 2, keep_results=False, chunk_size=CHUNK) as queue_pool:
-            with ConsumerPool(client, queue_pool, n_consumers=2, start=True):
-                yield queue_pool
+    with (
+        Client(cluster) as client,
+        QueuePool(client, 2, keep_results=False, chunk_size=CHUNK) as queue_pool,
+        ConsumerPool(client, queue_pool, n_consumers=2, start=True),
+    ):
+        yield queue_pool
 
 
 def _ran(dirpath: Path) -> set[int]:
@@ -112,8 +114,7 @@ def test_shutdown_cancel_futures_during_a_map_cancels_what_has_not_started(pool:
     assert time.monotonic() - start < 20
     taken = [0]
     with pytest.raises(concurrent.futures.CancelledError):
-        for value in results:
-            taken.append(value)
+        taken.extend(results)
     assert taken == list(range(len(taken)))  # those done before the shutdown, in order
     ran = _ran(tmp_path)
     time.sleep(0.5)  # nothing cancelled runs later

@@ -812,7 +812,9 @@ class SubmitMethods:
         if _calls_hold_futures(calls):
             driver = self.driver
             return FutureSlice([s.call(driver, fn, call[1:], None, options, None, None, None, None) for call in calls])
-        return s.entries(self, calls, CALLS, options, chunk, None, make=MapBatch, spread=False)
+        batch = s.entries(self, calls, CALLS, options, chunk, None, make=MapBatch, spread=False)
+        assert isinstance(batch, MapBatch)
+        return batch
 
     @off_loop_when_async
     def gather(self, futures: Any, errors: str = "raise", *, timeout: float | None = None) -> Any:

@@ -25,11 +25,11 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
-from concurrent.futures import _base
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import _base
 from typing import Any, Protocol
 
 from zdq.errors import ZdqError
@@ -124,9 +124,12 @@ class FutureSlice:
             fut, fs[k] = fs[k], None
             assert fut is not None, "a position is taken once"
             try:
-                values.append(fut.result(0))
-            except BaseException as e:  # the task's own outcome (its error, or its cancellation)
+                error = fut.exception(0)
+            except concurrent.futures.CancelledError as e:  # cancelled: its outcome too
                 return values, e
+            if error is not None:
+                return values, error
+            values.append(fut.result(0))
         return values, None
 
     def futures(self) -> list[concurrent.futures.Future[Any]]:
