@@ -43,3 +43,11 @@ def nap_marked(path: str, seconds: float) -> float:
         f.write("started")
     time.sleep(seconds)
     return seconds
+
+
+def nap_noted(dirpath: str, i: int, seconds: float) -> int:
+    """Notes that call ``i`` ran (a file named ``i`` in ``dirpath``), then sleeps."""
+    with open(f"{dirpath}/{i}", "w") as f:
+        f.write("ran")
+    time.sleep(seconds)
+    return i

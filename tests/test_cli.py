@@ -38,8 +38,12 @@ def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_pat
         "no-op: durable / transient",
         "no-op: with auth / without auth",
         "map: zdq Executor.map / dask client.map",
+        "map: zdq Executor.map / zdq futures path",
         "daskqueue_path_vs_futures",
+        "map: zdq queue_pool.map / zdq futures path",
     }
+    pool_map = report["cases"][7]
+    assert pool_map["system"].startswith("zdq queue_pool.map") and pool_map["tasks"] == 5000
     assert all(r > 0 for r in report["ratios"].values())
     path_ratio = dq_path["tasks_per_second"] / futures["tasks_per_second"]
     assert abs(report["ratios"]["daskqueue_path_vs_futures"] - path_ratio) < 1e-9

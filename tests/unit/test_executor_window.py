@@ -12,11 +12,16 @@ from typing import Any
 import pytest
 
 from zdq.client.window import (
+    FutureSlice,
+    MapBatch,
     ResultWindow,
+    cancel_many,
     check_map_options,
     chunked,
     key_runs,
+    map_futures,
     run_chunk,
+    span_runs,
 )
 
 Future = concurrent.futures.Future
@@ -36,8 +41,12 @@ class Pool:
         self.calls.append(args)
         return fut
 
-    def cancel(self, fs: list[Future[Any]]) -> None:
-        for fut in fs:
+    def slices(self, part: list[tuple[Any, ...]]) -> FutureSlice:
+        """The window's submit: a slice of one future per call (the calls go one by one)."""
+        return FutureSlice([self.submit(*args) for args in part])
+
+    def cancel(self, slices: list[Any]) -> None:
+        for fut in (f for s in slices for f in s.futures()):
             fut.cancel()
             self.cancelled.append(fut)
 
@@ -74,7 +83,7 @@ def _settled_pool() -> Pool:
 
 def test_without_buffersize_every_call_is_submitted_at_once_and_results_come_in_order() -> None:
     pool = Pool()
-    window = ResultWindow(pool.submit, zip(range(5), range(5)), None, None, pool.cancel)
+    window = ResultWindow(pool.slices, zip(range(5), range(5)), None, None, pool.cancel)
     assert len(pool.futures) == 5
     # Settled backwards: the results are still taken in the calls' order.
     for fut, args in reversed(list(zip(pool.futures, pool.calls))):
@@ -91,7 +100,7 @@ def test_with_buffersize_the_calls_are_read_as_results_are_taken_and_at_most_buf
             read.append(i)
             yield (i,)
 
-    window = ResultWindow(pool.submit, endless(), 3, None, pool.cancel)
+    window = ResultWindow(pool.slices, endless(), 3, None, pool.cancel)
     results = iter(window)
     assert len(pool.futures) == 3 and len(read) == 3
     for expected in range(50):
@@ -108,12 +117,12 @@ def test_with_buffersize_the_calls_are_read_as_results_are_taken_and_at_most_buf
 
 def test_a_short_iterable_with_a_large_buffersize_ends() -> None:
     pool = _settled_pool()
-    assert list(ResultWindow(pool.submit, [(1,), (2,)], 10, None, pool.cancel)) == [1, 2]
+    assert list(ResultWindow(pool.slices, [(1,), (2,)], 10, None, pool.cancel)) == [1, 2]
 
 
 def test_a_tasks_error_is_raised_at_its_position_and_the_rest_is_cancelled() -> None:
     pool = Pool()
-    window = iter(ResultWindow(pool.submit, [(i,) for i in range(5)], None, None, pool.cancel))
+    window = iter(ResultWindow(pool.slices, [(i,) for i in range(5)], None, None, pool.cancel))
     pool.futures[0].set_result("a")
     pool.futures[1].set_exception(KeyError("second"))
     pool.futures[2].set_result("c")
@@ -128,7 +137,7 @@ def test_a_tasks_error_is_raised_at_its_position_and_the_rest_is_cancelled() -> 
 def test_the_timeout_counts_from_the_call_and_cancels_what_is_left() -> None:
     clock = Clock()
     pool = Pool()
-    window = iter(ResultWindow(pool.submit, [(i,) for i in range(3)], None, 5.0, pool.cancel, clock))
+    window = iter(ResultWindow(pool.slices, [(i,) for i in range(3)], None, 5.0, pool.cancel, clock))
     pool.futures[0].set_result(0)
     clock.now += 4.0
     assert next(window) == 0
@@ -147,7 +156,7 @@ def test_a_call_that_cannot_be_submitted_cancels_those_submitted_before_it() -> 
         return pool.submit(x)
 
     with pytest.raises(TypeError, match="cannot pickle"):
-        ResultWindow(submit, [(i,) for i in range(4)], None, None, pool.cancel)
+        ResultWindow(lambda part: FutureSlice([submit(*a) for a in part]), [(i,) for i in range(4)], None, None, pool.cancel)
     assert len(pool.futures) == 2 and all(f.cancelled() for f in pool.futures)
 
 
@@ -156,7 +165,7 @@ def test_a_suspended_iterator_holds_no_result_it_handed_out() -> None:
         pass
 
     pool = Pool()
-    window = iter(ResultWindow(pool.submit, [(1,), (2,)], 1, None, pool.cancel))
+    window = iter(ResultWindow(pool.slices, [(1,), (2,)], 1, None, pool.cancel))
     pool.futures[0].set_result(Value())
     value = next(window)
     ref = weakref.ref(value)
@@ -199,3 +208,139 @@ def test_an_executor_refuses_max_workers_below_one_and_options_beside_a_given_po
         zdq.Executor("2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="queue_pool alone"):
         zdq.Executor(2, queue_pool=object())
+
+
+# -- slices of several calls: one batch future per slice ---------------------------------------------
+class Batches:
+    """A submit() of slices as MapBatch futures (task ids from 100), which the test fills as the
+    driver's I/O thread does (``_fill``: a run of outcomes at once)."""
+
+    def __init__(self) -> None:
+        self.batches: list[MapBatch] = []
+        self.calls: list[list[tuple[Any, ...]]] = []
+        self.cancelled: list[Any] = []
+        self._next_id = 100
+
+    def submit(self, part: list[tuple[Any, ...]]) -> MapBatch:
+        batch = MapBatch(self._next_id, len(part))
+        self._next_id += len(part)
+        self.batches.append(batch)
+        self.calls.append(part)
+        return batch
+
+    def cancel(self, slices: list[Any]) -> None:
+        self.cancelled.extend(slices)
+
+    def settle(self, k: int, errors: dict[int, BaseException] | None = None) -> None:
+        """Every outcome of slice ``k``: the sum of each call's arguments, or the error given."""
+        self.batches[k]._fill(0, [sum(args) for args in self.calls[k]], errors or {})
+
+
+def test_slices_give_their_results_in_order_as_runs_of_them_arrive() -> None:
+    pool = Batches()
+    window = ResultWindow(pool.submit, [(i,) for i in range(10)], None, None, pool.cancel, slice_size=4)
+    assert [len(c) for c in pool.calls] == [4, 4, 2]
+    pool.batches[0]._fill(0, [0, 1], {})  # the first two of the first slice
+    results = iter(window)
+    assert [next(results), next(results)] == [0, 1]
+    pool.settle(2)  # the later slices first: still taken in order
+    pool.settle(1)
+    pool.batches[0]._fill(2, [2, 3], {})
+    assert list(results) == list(range(2, 10))
+    assert window.unfinished == 0 and not pool.cancelled
+
+
+def test_with_buffersize_slices_are_submitted_as_results_are_taken_within_the_buffer() -> None:
+    pool = Batches()
+    read: list[int] = []
+
+    def endless() -> Iterator[tuple[int]]:
+        for i in itertools.count():
+            read.append(i)
+            yield (i,)
+
+    window = ResultWindow(pool.submit, endless(), 10, None, pool.cancel, slice_size=4)
+    results = iter(window)
+    assert [len(c) for c in pool.calls] == [4, 4] and len(read) == 8  # a third would pass 10
+    for k in range(30):
+        pool.settle(k)
+        assert [next(results) for _ in range(4)] == list(range(4 * k, 4 * k + 4))
+        assert window.unfinished <= 10
+        assert len(read) <= 4 * (k + 1) + 10
+        assert len(pool.batches) == k + 3  # one more slice for each one taken
+    results.close()  # type: ignore[attr-defined]
+    assert pool.cancelled == pool.batches[-2:]
+
+
+def test_an_error_in_a_slice_is_raised_after_the_results_before_it_and_the_rest_is_cancelled() -> None:
+    pool = Batches()
+    results = iter(ResultWindow(pool.submit, [(i,) for i in range(12)], None, None, pool.cancel, slice_size=4))
+    pool.settle(0)
+    pool.settle(1, {2: KeyError("item 6")})
+    assert [next(results) for _ in range(6)] == [0, 1, 2, 3, 4, 5]
+    with pytest.raises(KeyError, match="item 6"):
+        next(results)
+    assert pool.cancelled == pool.batches[1:]
+    with pytest.raises(StopIteration):
+        next(results)
+
+
+def test_a_slice_times_out_counting_from_the_call_and_hands_out_no_result_twice() -> None:
+    class Value:
+        pass
+
+    clock = Clock()
+    pool = Batches()
+    results = iter(ResultWindow(pool.submit, [(i,) for i in range(4)], None, 5.0, pool.cancel, clock, slice_size=4))
+    pool.batches[0]._fill(0, [Value()], {})
+    value = next(results)
+    assert pool.batches[0]._values[0] is None  # the slice forgot the result it handed out
+    ref = weakref.ref(value)
+    del value
+    gc.collect()
+    assert ref() is None
+    clock.now += 6.0
+    with pytest.raises(TimeoutError, match="had no result within 0.0s"):
+        next(results)
+    assert pool.cancelled == pool.batches
+
+
+def test_spans_of_task_ids_are_cancelled_in_merged_runs_one_request_each() -> None:
+    assert span_runs([(10, 4), (0, 2), (14, 3), (2, 1), (30, 5), (31, 2)]) == [(0, 3), (10, 7), (30, 5)]
+
+    class Driver:
+        def __init__(self) -> None:
+            self.asked: list[tuple[int, int]] = []
+
+        def cancel(self, first: int, n: int) -> set[int]:
+            self.asked.append((first, n))
+            return set()
+
+    driver = Driver()
+    batches = [MapBatch(first, 4) for first in (8, 0, 4, 20)]
+    for batch in batches:
+        batch._driver = driver
+    batches[1]._fill(0, [1, 2, 3, 4], {})  # done: not asked
+    cancel_many(batches)
+    assert driver.asked == [(4, 8), (20, 4)]
+
+
+def test_the_futures_of_a_maps_chunk_share_a_condition_and_keep_the_futures_contract() -> None:
+    futures = map_futures(40, 3, None, None)
+    assert [f.key for f in futures] == [40, 41, 42]
+    assert futures[0]._condition is futures[2]._condition
+    futures[1].set_result("b")
+    with pytest.raises(TimeoutError, match="had no result within 0.01s"):
+        futures[0].result(timeout=0.01)  # a sibling's result is not its own
+    assert futures[1].result() == "b" and futures[1].exception() is None
+    futures[2].set_exception(KeyError("c"))
+    with pytest.raises(KeyError, match="c"):
+        futures[2].result()
+    assert isinstance(futures[2].exception(0), KeyError)
+    done, not_done = concurrent.futures.wait(futures, timeout=0)
+    assert done == {futures[1], futures[2]} and not_done == {futures[0]}
+    seen: list[Any] = []
+    futures[0].add_done_callback(seen.append)
+    futures[0].set_result("a")
+    assert seen == [futures[0]] and futures[0].result(0) == "a"
+    assert "TaskFuture key=40 finished" in repr(futures[0])

@@ -16,8 +16,9 @@ state                       owner
 ``_shutdown``               ``_submitting``: held through each submission, so that shutdown waits
                             for one in progress (as ``ThreadPoolExecutor``'s lock does)
 ``_inflight``               ``_state`` (a condition, never held while submitting: the callback
-                            thread takes it): the futures not done yet (futures only: a future
-                            holds no callable nor argument, and its result is the caller's)
+                            thread takes it): the futures not done yet, a map's slices' batch
+                            futures too (futures only: a future holds no callable nor argument,
+                            and its result is the caller's)
 ``_busy`` (module)          an executor with work in flight is held here, so that dropping it does
                             not take its pool (and the work) away; it leaves when its work is done
 ``_open`` (module)          every executor not closed, held weakly: the at-exit hook finishes them
@@ -27,6 +28,7 @@ state                       owner
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import threading
 import time
@@ -38,7 +40,9 @@ from distributed import Client
 
 from zdq.client.window import (
     ResultWindow,
+    Slice,
     cancel_many,
+    cancel_slices,
     check_map_options,
     chunked,
     run_chunk,
@@ -56,6 +60,10 @@ logger = logging.getLogger(__name__)
 #: How long the work may be unable to progress (no consumer running, queues down) before a wait
 #: for it at shutdown or at exit gives up, saying why.
 STALL_LIMIT = 60.0
+
+#: With ``buffersize``, a map's slices are at most a fourth of it: the next one is submitted
+#: while three fourths of the buffer still run, so that the consumers are not left idle.
+_SLICES_IN_BUFFER = 4
 
 _busy: dict[int, Executor] = {}
 _open: weakref.WeakSet[Executor] = weakref.WeakSet()
@@ -225,13 +233,14 @@ class Executor(concurrent.futures.Executor):
             self._track([fut])
         return fut
 
-    def _submit_all(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...]) -> list[TaskFuture]:
-        """Every call of a map at once, queued in chunks (``queue_pool.map``), not one by one."""
+    def _submit_slice(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]], chunk: int) -> Slice:
+        """One slice of a map's calls ``(fn, *args)``, queued as one chunked batch
+        (``queue_pool.map_slice``)."""
         with self._submitting:
             self._check_open()
-            futures: list[TaskFuture] = self._pool.map(fn, *iterables)
-            self._track(futures)
-        return futures
+            piece = self._pool.map_slice(fn, calls, chunk)
+            self._track(piece.futures())
+        return piece
 
     def _check_open(self) -> None:
         if self._shutdown:
@@ -239,7 +248,7 @@ class Executor(concurrent.futures.Executor):
         if _exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
-    def _track(self, futures: list[TaskFuture]) -> None:
+    def _track(self, futures: list[concurrent.futures.Future[Any]]) -> None:
         """Count ``futures`` as work in flight until they are done."""
         if not futures:
             return
@@ -270,30 +279,41 @@ class Executor(concurrent.futures.Executor):
         raised at its position, what is left cancelled when the iterator is closed or fails.
 
         ``buffersize``: at most that many tasks unfinished; the iterables are read as results are
-        taken, so an endless generator is mapped in bounded memory (without it, every call is
-        submitted now). ``chunksize``: that many calls per task, as the process pool's ``map``
-        (a call's error fails its chunk, and is raised at the chunk's first position).
+        taken (at most ``buffersize`` and a slice ahead), so an endless generator is mapped in
+        bounded memory (without it, every call is submitted now). ``chunksize``: that many calls
+        per task, as the process pool's ``map`` (a call's error fails its chunk, and is raised at
+        the chunk's first position).
+
+        The calls are queued in slices (one chunk each, a fourth of ``buffersize`` at most), each
+        as one batch with one future whose outcomes are taken by position as they arrive: a map
+        costs about what ``batch_submit`` does, not a future per call.
         """
         check_map_options(chunksize, buffersize)
+        start = time.monotonic()
+        # The calls as batch_submit takes them, (task, *args), made by zip.
+        calls: Iterable[tuple[Any, ...]] = zip(itertools.repeat(fn), *iterables) if iterables else iter(())
+        task = fn
+        if chunksize > 1:  # a task per chunk of calls, which run_chunk runs in order
+            calls = ((run_chunk, fn, part) for part in chunked(zip(*iterables), chunksize))
+            task = run_chunk
+        if buffersize is None:
+            calls = list(calls)  # every call is submitted now: read them all, and spread them
+        # The tasks in flight at once are spread over the consumers as a batch of as many is;
+        # a slice is one chunk, and a map with buffersize refills by slices.
+        chunk = self._pool.map_chunk_size(len(calls) if buffersize is None else buffersize)  # type: ignore[arg-type]
+        if buffersize is not None:
+            chunk = max(1, min(chunk, buffersize // _SLICES_IN_BUFFER))
         ref = weakref.ref(self)
 
-        def submit(*args: Any) -> concurrent.futures.Future[Any]:
+        def submit(part: list[tuple[Any, ...]]) -> Slice:  # calls (task, *args)
             executor = ref()  # a map left behind does not keep its executor alive
             if executor is None:
                 raise RuntimeError("cannot schedule new futures: the executor was dropped")
-            return executor.submit(*args)
+            return executor._submit_slice(task, part, chunk)
 
-        calls: Iterable[tuple[Any, ...]] = zip(*iterables)
-        if chunksize == 1 and buffersize is None:
-            start = time.monotonic()
-            queued = ((fut,) for fut in self._submit_all(fn, iterables))
-            left = None if timeout is None else timeout - (time.monotonic() - start)  # from the call
-            return iter(ResultWindow(_same, queued, None, left, cancel_many))
-        if chunksize == 1:
-            return iter(ResultWindow(lambda *args: submit(fn, *args), calls, buffersize, timeout, cancel_many))
-        chunks = ((chunk,) for chunk in chunked(calls, chunksize))
-        window = ResultWindow(lambda chunk: submit(run_chunk, fn, chunk), chunks, buffersize, timeout, cancel_many)
-        return _flatten(iter(window))
+        left = None if timeout is None else timeout - (time.monotonic() - start)  # from the call
+        window = ResultWindow(submit, calls, buffersize, left, cancel_slices, slice_size=chunk)
+        return iter(window) if chunksize == 1 else _flatten(iter(window))
 
     # -- ending ---------------------------------------------------------------------------------
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -386,10 +406,6 @@ class Executor(concurrent.futures.Executor):
         state = "closed" if self._closed else "shut down" if self._shutdown else "running"
         owner = "its own pool" if self._owns_pool else "the pool"
         return f"<zdq.Executor on {owner} {self._pool.name}: {state}, {len(self._inflight)} tasks in flight>"
-
-
-def _same(fut: TaskFuture) -> TaskFuture:
-    return fut
 
 
 def _flatten(chunks: Iterator[list[Any]]) -> Iterator[Any]:

@@ -23,15 +23,17 @@ import asyncio
 import dataclasses
 import datetime
 import functools
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable, Protocol
 
 from zdq.codec.chunking import Chunking
 from zdq.config import PoolSettings, seconds_or_none, timeout_or_none
 from zdq.consumer import GeneralConsumer
-from zdq.client.dependencies import find_futures, hold, holds_futures, may_hold
+from zdq.client.dependencies import _PLAIN as PLAIN, find_futures, hold, holds_futures, may_hold
 from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.driver import Driver
+from zdq.client.window import FutureSlice, MapBatch, Slice, map_futures
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
@@ -195,6 +197,16 @@ class SubmitTarget(Protocol):
     def wait_hint(self) -> WaitHint: ...
 
 
+def _calls_hold_futures(calls: list[tuple[Any, ...]]) -> bool:
+    """Whether the arguments of ``calls`` ``(fn, *args)`` (one ``fn``) hold futures: the types of
+    all their items are gathered in C first, and plain ones alone (the usual case) end the look."""
+    kinds = set(map(type, itertools.chain.from_iterable(calls)))
+    kinds.discard(type(calls[0][0]))  # fn's own: a callable is neither a future nor a container
+    if kinds <= PLAIN:
+        return False
+    return holds_futures(itertools.chain.from_iterable(call[1:] for call in calls))
+
+
 class _Reading:
     """An iterable of the caller's, read until it ends or raises: an error of its own stops the
     reading as its end would (so that the tasks read before it are queued), and is kept for the
@@ -328,11 +340,17 @@ class Submitter:
         batch_size: int | None,
         timeout: float | None,
         timing: Timing | None = None,
+        *,
+        make: Callable[[int, int], BatchFuture] = BatchFuture,
+        spread: bool = True,
     ) -> BatchFuture:
+        """``entries`` queued as one batch; ``make(first_id, n)`` makes its future. ``spread``:
+        smaller chunks for a small batch, so that every consumer gets some (a map's slice is not
+        spread: the slices in flight are, together)."""
         driver = pool.driver
         timeout = timeout_or_none(timeout)
         chunking = Chunking.of(pool.settings)
-        size = self._chunk_size(pool, chunking, batch_size, len(entries))
+        size = self._chunk_size(pool, chunking, batch_size, len(entries) if spread else None)
         base = driver.reserve(len(entries))
         # Pickle everything before sending anything: a task that cannot be pickled leaves nothing
         # queued (its reserved ids are simply never used).
@@ -342,7 +360,7 @@ class Submitter:
             if e.task_id is None:
                 raise
             raise SerializationError(f"item {e.task_id - base} of the batch: {e}; nothing of the batch was queued") from e
-        batch = BatchFuture(base, len(entries))
+        batch = make(base, len(entries))
         batch._hint = pool.wait_hint  # why_waiting, and whether the batch can run at all
         batch._driver = driver
         i = 0
@@ -391,6 +409,7 @@ class Submitter:
         count = 0
         bar = insert_bar(total) if progress else None
         reading = _Reading(calls)
+        hint = None if futures is None else pool.wait_hint
         try:
             for part in chunking.batches(reading, size):
                 check_calls(part, count)
@@ -401,7 +420,7 @@ class Submitter:
                     at = f"item {count + e.task_id - base}: " if e.task_id is not None else ""
                     raise SerializationError(f"{at}{e} ({count} tasks before this chunk were queued)") from e
                 for first, n, payload in packed:
-                    sink = None if futures is None else [driver.new_future(first + i) for i in range(n)]
+                    sink = None if futures is None else map_futures(first, n, hint, driver)
                     driver.submit_chunk(first, n, payload, sink, 0, timeout=timeout, timing=timing)
                     if futures is not None and sink is not None:
                         futures.extend(sink)  # queued: its futures will settle
@@ -763,6 +782,39 @@ class SubmitMethods:
             e.add_note(f"zdq: map() cancelled the {len(futures)} tasks it had queued before this error")
             raise
         return futures
+
+    def map_chunk_size(self, n_tasks: int | None) -> int:
+        """Tasks per chunk of a map with ``n_tasks`` in flight at most (``None``: unknown), spread
+        over the consumers as a batch of that many is (see :meth:`map_slice`)."""
+        return self._submitter._chunk_size(self, Chunking.of(self.settings), None, n_tasks)
+
+    def map_slice(self, fn: Callable[..., Any] | str, calls: list[tuple[Any, ...]], chunk: int) -> Slice:
+        """One slice of a map (``Executor.map``): the calls ``(fn, *args)``, queued as one batch
+        in chunks of ``chunk`` tasks, whose outcomes the map takes by position
+        (:class:`~zdq.client.window.MapBatch`: one future, one pickling per chunk). Calls whose
+        arguments hold futures go one by one, as :meth:`submit` sends them (held until their
+        inputs are done). Blocks while the driver's window is full; the task options are the
+        pool's defaults.
+
+        Raises
+        ------
+        TypeError
+            ``fn`` is neither a callable nor a task name.
+        SerializationError
+            A call cannot be pickled; nothing of the slice was queued.
+        """
+        s = self._submitter
+        if not callable(fn):
+            if type(fn) is not str:
+                raise TypeError(f"map() needs a callable or a task name 'package.module:function', got {fn!r:.80}")
+            check_task_name(fn)
+        options = s.defaults.merge_all()
+        if _calls_hold_futures(calls):
+            driver = self.driver
+            return FutureSlice([s.call(driver, fn, call[1:], None, options, None, None, None, None) for call in calls])
+        batch = s.entries(self, calls, CALLS, options, chunk, None, make=MapBatch, spread=False)
+        assert isinstance(batch, MapBatch)
+        return batch
 
     @off_loop_when_async
     def gather(self, futures: Any, errors: str = "raise", *, timeout: float | None = None) -> Any:

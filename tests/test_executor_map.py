@@ -1,0 +1,173 @@
+"""Executor.map in slices (one chunked batch per slice) on a real cluster: Python 3.14's contract.
+
+Results in order, a task's error at its position after the results before it in its slice, at
+most ``buffersize`` tasks unfinished with the iterable read lazily, and what is left cancelled
+(the tasks do not run: each notes in a file that it ran) when the iterator is closed or the
+executor is shut down with ``cancel_futures``. One pool of 2 consumers for the module, chunks of
+8 tasks (so that slices hold several tasks).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from distributed import Client, LocalCluster
+
+import zdq
+from zdq import ConsumerPool, QueuePool
+
+from .conftest import wait_until
+from .executor_tasks import nap_noted, square, square_unless
+
+pytestmark = pytest.mark.cluster
+
+CHUNK = 8
+#: The cancelled maps: long enough (5 s of work for the 2 consumers) that most of it is left when
+#: it is cancelled; a consumer reports a chunk's results together, so the first result comes
+#: once a chunk (and what the other consumer ran meanwhile) is done.
+N_NAPS, NAP = 200, 0.05
+
+
+@pytest.fixture(scope="module")
+def pool(cluster: LocalCluster) -> Iterator[QueuePool]:
+    with (
+        Client(cluster) as client,
+        QueuePool(client, 2, keep_results=False, chunk_size=CHUNK) as queue_pool,
+        ConsumerPool(client, queue_pool, n_consumers=2, start=True),
+    ):
+        yield queue_pool
+
+
+def _ran(dirpath: Path) -> set[int]:
+    return {int(name) for name in os.listdir(dirpath)}
+
+
+def test_results_come_in_order_and_an_error_is_raised_at_its_position_after_those_of_its_slice(pool: QueuePool) -> None:
+    executor = pool.executor()
+    assert list(executor.map(square, range(100), timeout=60)) == [i * i for i in range(100)]
+    # Item 21 is in the middle of a slice of 8: the results before it are yielded first.
+    results = executor.map(square_unless, range(50), itertools.repeat(21), timeout=60)
+    assert [next(results) for _ in range(21)] == [i * i for i in range(21)]
+    with pytest.raises(KeyError, match="item 21"):
+        next(results)
+    with pytest.raises(StopIteration):
+        next(results)
+    with pytest.raises(TypeError, match="needs a callable"):
+        executor.map(5, range(3))  # type: ignore[arg-type]
+    executor.shutdown(wait=True)
+
+
+def test_with_buffersize_at_most_buffersize_tasks_are_unfinished_and_an_endless_iterable_is_read_lazily(
+    pool: QueuePool,
+) -> None:
+    executor = pool.executor()
+    driver = pool.driver
+    read = [0]
+
+    def endless() -> Iterator[int]:
+        for i in itertools.count():
+            read[0] += 1
+            yield i
+
+    buffersize = 4 * CHUNK
+    results = executor.map(square, endless(), buffersize=buffersize, timeout=120)
+    most = 0
+    for taken, value in enumerate(itertools.islice(results, 1000), 1):
+        assert value == (taken - 1) ** 2
+        most = max(most, driver.outstanding)
+        assert driver.outstanding <= buffersize
+        # Read ahead of the results taken by the buffer, and the slice whose results are in hand.
+        assert read[0] <= taken + buffersize + CHUNK
+    assert most > CHUNK  # several slices were in flight at once
+    results.close()  # type: ignore[attr-defined]
+    wait_until(lambda: driver.outstanding == 0, timeout=30)
+    executor.shutdown(wait=True)
+
+
+def test_closing_the_iterator_cancels_the_tasks_left_and_they_do_not_run(pool: QueuePool, tmp_path: Path) -> None:
+    executor = pool.executor()
+    results = executor.map(nap_noted, itertools.repeat(str(tmp_path)), range(N_NAPS), itertools.repeat(NAP), timeout=60)
+    assert [next(results) for _ in range(3)] == [0, 1, 2]
+    results.close()  # type: ignore[attr-defined]
+    wait_until(lambda: pool.driver.outstanding == 0, timeout=30)
+    ran = _ran(tmp_path)
+    time.sleep(0.5)  # nothing cancelled runs later
+    assert _ran(tmp_path) == ran
+    assert len(ran) < N_NAPS // 2, f"{len(ran)} of {N_NAPS} tasks ran although the map was closed after 3 results"
+    executor.shutdown(wait=True)
+
+
+def test_shutdown_cancel_futures_during_a_map_cancels_what_has_not_started(pool: QueuePool, tmp_path: Path) -> None:
+    executor = pool.executor()
+    results = executor.map(nap_noted, itertools.repeat(str(tmp_path)), range(N_NAPS), itertools.repeat(NAP), timeout=60)
+    assert next(results) == 0
+    start = time.monotonic()
+    executor.shutdown(wait=True, cancel_futures=True)
+    assert time.monotonic() - start < 20
+    taken = [0]
+    with pytest.raises(concurrent.futures.CancelledError):
+        taken.extend(results)
+    assert taken == list(range(len(taken)))  # those done before the shutdown, in order
+    ran = _ran(tmp_path)
+    time.sleep(0.5)  # nothing cancelled runs later
+    assert _ran(tmp_path) == ran
+    assert len(ran) < N_NAPS // 2, f"{len(ran)} of {N_NAPS} tasks ran although the executor was shut down with cancel_futures"
+    assert not pool.closed
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.map(square, range(3))
+
+
+def test_a_map_holding_futures_among_its_items_runs_each_call_once_its_inputs_are_done(pool: QueuePool) -> None:
+    firsts = [pool.submit(square, i) for i in range(3)]
+    with pool.executor() as executor:
+        assert list(executor.map(pow, firsts, range(3), timeout=60)) == [1, 1, 16]
+
+
+def test_a_maps_future_waits_through_its_chunk_siblings_results_for_its_own() -> None:
+    from zdq.client.window import map_futures
+
+    first, second = map_futures(0, 2, None, None)
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(first.result(timeout=30)))
+    waiter.start()
+    time.sleep(0.2)
+    second.set_result("not mine")  # wakes the shared condition: the waiter must not return
+    time.sleep(0.2)
+    assert not got and waiter.is_alive()
+    first.set_result("mine")
+    waiter.join(timeout=30)
+    assert got == ["mine"]
+
+
+def test_queue_pool_map_gives_a_future_per_call_in_order_and_cancels_by_them(pool: QueuePool, tmp_path: Path) -> None:
+    futures = pool.map(square, range(50))
+    assert len(futures) == 50 and zdq.gather(futures, timeout=60) == [i * i for i in range(50)]
+    failed = pool.map(square_unless, range(20), [7] * 20)
+    with pytest.raises(KeyError, match="item 7"):
+        failed[7].result(timeout=60)
+    assert failed[8].result(timeout=60) == 64
+    naps = pool.map(nap_noted, [str(tmp_path)] * N_NAPS, range(N_NAPS), [NAP] * N_NAPS)
+    naps[0].result(timeout=60)
+    assert naps[-1].cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        naps[-1].result(timeout=5)
+    from zdq.client.window import cancel_many
+
+    cancel_many(naps)
+    wait_until(lambda: pool.driver.outstanding == 0, timeout=30)
+    assert len(_ran(tmp_path)) < N_NAPS // 2
+
+
+def test_a_map_of_no_iterable_or_an_empty_one_gives_nothing(pool: QueuePool) -> None:
+    with pool.executor() as executor:
+        assert list(executor.map(square)) == []
+        assert list(executor.map(square, [], buffersize=3)) == []
+        assert list(executor.map(square, range(5), chunksize=2, buffersize=1)) == [i * i for i in range(5)]
