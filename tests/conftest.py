@@ -208,12 +208,81 @@ def client(cluster: LocalCluster) -> Iterator[Client]:
         assert_no_zdq_leaks(c)
 
 
-def assert_no_zdq_leaks(c: Client) -> None:
-    """Actors released, threads stopped, in the driver and in every worker."""
+#: How long the leak check waits for one answer of the scheduler or of a worker.
+LEAK_CHECK_ANSWER_TIMEOUT = 30.0
+
+
+def assert_no_zdq_leaks(c: Client, answer_timeout: float = LEAK_CHECK_ANSWER_TIMEOUT) -> None:
+    """Actors released, threads stopped, in the driver and in every worker.
+
+    Each question to the scheduler or a worker is bounded by ``answer_timeout``: a hung or
+    stopped worker fails the teardown, naming it, instead of hanging it (``client.run`` has no
+    timeout of its own).
+    """
     gc.collect()  # pools a test dropped without closing (as daskqueue programs do) are collected
-    _assert_eventually_empty(lambda: c.run_on_scheduler(_zdq_actor_keys), "zdq actors on the scheduler")
+    _assert_eventually_empty(
+        lambda: _bounded(lambda: c.run_on_scheduler(_zdq_actor_keys), answer_timeout, "the scheduler"),
+        "zdq actors on the scheduler",
+    )
     _assert_eventually_empty(_zdq_threads, "zdq threads in the driver")
-    _assert_eventually_empty(lambda: {w: t for w, t in c.run(_zdq_threads).items() if t}, "zdq threads in workers")
+    _assert_eventually_empty(
+        lambda: {w: t for w, t in run_on_each_worker(c, _zdq_threads, answer_timeout).items() if t},
+        "zdq threads in workers",
+    )
+
+
+def _bounded(fn: Callable[[], Any], timeout: float, who: str) -> Any:
+    """``fn()`` on a daemon thread; fail the test if ``who`` has not answered within ``timeout``."""
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - raised in the test's thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=call, name="test-bounded-call", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail(f"leak check: {who} did not answer within {timeout:g}s (hung or stopped?)", pytrace=False)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def run_on_each_worker(c: Client, fn: Callable[[], Any], timeout: float) -> dict[str, Any]:
+    """``fn()`` on every worker of ``c``'s cluster at once, each call bounded by ``timeout``:
+    the test fails naming each worker (name and address) that did not answer in time. A worker
+    that left the cluster meanwhile is left out, as ``client.run`` leaves it out."""
+    workers = {a: w.get("name") for a, w in c.scheduler_info(n_workers=-1)["workers"].items()}
+    answers: dict[str, Any] = {}
+    errors: dict[str, BaseException] = {}
+
+    def ask(address: str) -> None:
+        try:
+            answers.update(c.run(fn, workers=[address]))
+        except BaseException as e:  # noqa: BLE001 - judged in the test's thread below
+            errors[address] = e
+
+    threads = {a: threading.Thread(target=ask, args=(a,), name="test-run-on-worker", daemon=True) for a in workers}
+    for thread in threads.values():
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads.values():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    silent = [f"worker {workers[a]} ({a})" for a, thread in threads.items() if thread.is_alive()]
+    if silent:
+        pytest.fail(
+            f"leak check: {', '.join(silent)} did not answer client.run within {timeout:g}s (hung or stopped?)",
+            pytrace=False,
+        )
+    if errors:
+        live = set(c.scheduler_info(n_workers=-1)["workers"])
+        for address, error in errors.items():
+            if address in live:
+                raise error
+    return answers
 
 
 @contextlib.contextmanager
