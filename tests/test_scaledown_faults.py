@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import dask.config
@@ -25,7 +26,7 @@ from zdq import ConsumerPool, QueuePool
 from zdq.errors import BrokerLost, NoConsumers, PlacementError, ZdqTimeoutError
 
 from .conftest import stop_process, wait_until
-from .tasks import add, sleep_return
+from .tasks import add
 
 pytestmark = pytest.mark.faults
 pytest_plugins = ["tests.harness"]
@@ -92,6 +93,13 @@ def remove_worker(cluster: LocalCluster, name: str) -> None:
     cluster.sync(cluster._correct_state)
 
 
+def sleep_return_until(i: int, seconds: float, hurry: str) -> int:
+    """Sleep ``seconds`` (none once the file ``hurry`` exists), then return ``i``."""
+    if not os.path.exists(hurry):
+        time.sleep(seconds)
+    return i
+
+
 def worker_names(client: Client) -> list[str]:
     return sorted(str(w["name"]) for w in client.scheduler_info(n_workers=-1)["workers"].values())
 
@@ -106,8 +114,9 @@ def worker_names(client: Client) -> list[str]:
     ids=["resources", "workers"],
 )
 def test_join_and_result_raise_naming_the_constraint_nothing_satisfies_after_every_matching_worker_leaves_and_resume_when_one_joins(
-    gpu_cluster: LocalCluster, constraint: dict[str, Any], named: str, newcomer: str
+    gpu_cluster: LocalCluster, constraint: dict[str, Any], named: str, newcomer: str, tmp_path: Path
 ) -> None:
+    hurry = str(tmp_path / "hurry")
     with Client(gpu_cluster) as client:
         client.wait_for_workers(2, timeout=60)
         # The bound is set as users do (a configuration key); 3 s instead of 30 s.
@@ -115,7 +124,7 @@ def test_join_and_result_raise_naming_the_constraint_nothing_satisfies_after_eve
             consumers = ConsumerPool(client, qp, n_consumers=1, **constraint, **FAST)
             try:
                 consumers.start()
-                futures = [qp.submit(sleep_return, i, 0.3) for i in range(30)]
+                futures = [qp.submit(sleep_return_until, i, 0.3, hurry) for i in range(30)]
                 futures[0].result(timeout=60)  # the consumer on g works
 
                 remove_worker(gpu_cluster, "g")  # the only worker the pool may use leaves; tasks wait
@@ -138,7 +147,8 @@ def test_join_and_result_raise_naming_the_constraint_nothing_satisfies_after_eve
                 assert not waiting.done(), "the future was failed: its task must still run once a worker joins"
 
                 # A matching worker joins: the supervisor (still trying) places the consumer there,
-                # and the waits succeed.
+                # and the waits succeed (the tasks left no longer sleep: only that they run counts).
+                Path(hurry).touch()
                 add_worker(gpu_cluster, newcomer, resources={"GPU": 1})
                 call_bounded(lambda: consumers.join(timeout=90), 120, "join() after a matching worker joined")
                 assert [f.result(timeout=10) for f in futures] == list(range(30))
