@@ -41,6 +41,9 @@ _STARTS_A_CLUSTER = re.compile(r"\b(?:LocalCluster|SpecCluster|Hosts)\(|distribu
 
 _UNIT_DIR = Path(__file__).parent / "unit"
 
+#: Test modules whose tests share a module-scoped LocalCluster (one xdist group each, below).
+_ONE_CLUSTER_MODULES = {"test_observe.py", "test_expiry.py"}
+
 
 def _source(fn: Callable[..., Any]) -> str:
     try:
@@ -72,6 +75,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # share /etc/netns and the machine's routes, so they run one after another on one worker.
         if item.fspath.basename == "test_hosts.py":
             item.add_marker(pytest.mark.xdist_group("hosts"))
+        # A module whose tests share a module-scoped cluster runs on one worker: spread over three,
+        # each would start (and close) that cluster. xdist hands the largest groups out first.
+        elif item.fspath.basename in _ONE_CLUSTER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.fspath.purebasename))
 
 
 # -- a cluster started by a test not marked `cluster` fails that test ----------------------------

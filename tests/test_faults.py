@@ -196,7 +196,8 @@ def test_results_that_arrive_while_the_driver_is_starved_of_the_gil_past_the_hea
         with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
             futures = []
             for i in range(100):
-                futures.append(qp.submit(sleep_return, i, 0.1))
+                # 100 x 50 ms: results keep coming for longer than the driver is held silent.
+                futures.append(qp.submit(sleep_return, i, 0.05))
                 qp.flush(timeout=30)  # one chunk per task: results come back one by one
             consumers.start()
             wait_until(lambda: any(f.done() for f in futures), timeout=30)
