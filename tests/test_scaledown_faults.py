@@ -160,8 +160,9 @@ def test_join_and_result_raise_naming_the_constraint_nothing_satisfies_after_eve
 
 
 def test_get_queue_size_says_a_stopped_brokers_worker_did_not_answer_not_that_it_is_being_placed_again(
-    client3: Client,
+    client_abc: Client,
 ) -> None:
+    client3 = client_abc  # a worker is only stopped (SIGSTOP), then resumed: the shared cluster serves
     with QueuePool(client3, 2, workers=["a", "b"]) as qp:
         assert call_bounded(lambda: qp.get_queue_size(timeout=10), 30, "get_queue_size()") == dict.fromkeys(
             qp.queue_names, 0
