@@ -44,6 +44,14 @@ _UNIT_DIR = Path(__file__).parent / "unit"
 #: Test modules whose tests share a module-scoped LocalCluster (one xdist group each, below).
 _ONE_CLUSTER_MODULES = {"test_observe.py", "test_expiry.py"}
 
+#: The modules that take longest (their tests wait on kills, recoveries, embedded benchmarks):
+#: handed out first, so that the run does not end on one xdist worker still busy with one of them
+#: while the others are idle. The rest keep their order (the unit tier last).
+_LONG_MODULES_FIRST = (
+    "test_cli.py", "test_scaledown_faults.py", "test_restart_faults.py", "test_faults.py", "test_rate_limits_durable.py",
+    "test_schedules.py", "test_relay.py", "test_failures.py", "test_rate_limits.py",
+)
+
 
 def _source(fn: Callable[..., Any]) -> str:
     try:
@@ -62,10 +70,16 @@ def _starts_a_cluster(item: pytest.Item) -> bool:
     return any(fn is not None and _STARTS_A_CLUSTER.search(_source(fn)) for fn in functions)
 
 
+def _long_first(item: pytest.Item) -> int:
+    name = item.fspath.basename
+    return _LONG_MODULES_FIRST.index(name) if name in _LONG_MODULES_FIRST else len(_LONG_MODULES_FIRST)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # A test that starts a cluster is marked `cluster`, so that `pytest -m "not cluster"` is the
     # quick run without anyone having to remember the marker. Everything under tests/unit/ is the
     # unit tier (`pytest -m unit`): it runs in seconds after every edit.
+    items.sort(key=_long_first)  # stable: each module's tests keep their order
     for item in items:
         if _UNIT_DIR in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.unit)
