@@ -150,6 +150,33 @@ def pytest_configure(config: pytest.Config) -> None:
     subprocess.Popen.__init__ = _checked_popen_init  # type: ignore[method-assign]
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if any(item.get_closest_marker("cluster") for item in session.items) and not session.config.option.collectonly:
+        _fork_workers_from_a_preloaded_server()
+
+
+def _fork_workers_from_a_preloaded_server() -> None:
+    """Start the worker processes of this session's LocalClusters by forking a server that
+    imported Dask, distributed and zdq once (distributed's own suite does the same).
+
+    Spawned, each worker process (and each one a nanny starts again after a kill) imports them
+    anew: a second or more of CPU per process, some 150 processes a run, on two cores. The server
+    is started here, before any test, so that it is no child process a test sees appear. Only this
+    process is set so: the programs and ``zdq`` commands the tests run as subprocesses spawn theirs,
+    as a user's do.
+    """
+    import multiprocessing.forkserver
+
+    import dask
+    from distributed.utils import get_mp_context
+
+    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+    context = get_mp_context()  # sets distributed's preload (distributed and its dependencies)
+    preload = ["distributed", "zdq", "zdq.consumer", "zdq.broker"]
+    context.set_forkserver_preload(preload)  # type: ignore[attr-defined]
+    multiprocessing.forkserver.ensure_running()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     SpecCluster.__init__ = _spec_cluster_init  # type: ignore[method-assign]
     subprocess.Popen.__init__ = _popen_init  # type: ignore[method-assign]
