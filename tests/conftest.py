@@ -269,7 +269,9 @@ def assert_no_zdq_leaks(c: Client, answer_timeout: float = LEAK_CHECK_ANSWER_TIM
     """
     gc.collect()  # pools a test dropped without closing (as daskqueue programs do) are collected
     _assert_eventually_empty(
-        lambda: _bounded(lambda: c.run_on_scheduler(_zdq_actor_keys), answer_timeout, "the scheduler"),
+        lambda: call_bounded(
+            lambda: c.run_on_scheduler(_zdq_actor_keys), answer_timeout, "leak check: the scheduler's answer (hung?)"
+        ),
         "zdq actors on the scheduler",
     )
     _assert_eventually_empty(_zdq_threads, "zdq threads in the driver")
@@ -279,8 +281,9 @@ def assert_no_zdq_leaks(c: Client, answer_timeout: float = LEAK_CHECK_ANSWER_TIM
     )
 
 
-def _bounded(fn: Callable[[], Any], timeout: float, who: str) -> Any:
-    """``fn()`` on a daemon thread; fail the test if ``who`` has not answered within ``timeout``."""
+def call_bounded(fn: Callable[[], Any], timeout: float, what: str) -> Any:
+    """``fn()`` on a daemon thread; fail the test if it has not returned within ``timeout``
+    seconds (naming ``what``), else return its value or raise its error."""
     box: dict[str, Any] = {}
 
     def call() -> None:
@@ -289,11 +292,11 @@ def _bounded(fn: Callable[[], Any], timeout: float, who: str) -> Any:
         except BaseException as e:  # noqa: BLE001 - raised in the test's thread below
             box["error"] = e
 
-    thread = threading.Thread(target=call, name="test-bounded-call", daemon=True)
+    thread = threading.Thread(target=call, name="test-bounded", daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        pytest.fail(f"leak check: {who} did not answer within {timeout:g}s (hung or stopped?)", pytrace=False)
+        pytest.fail(f"{what} did not return within {timeout:g}s", pytrace=False)
     if "error" in box:
         raise box["error"]
     return box.get("value")

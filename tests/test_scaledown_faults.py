@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,33 +24,13 @@ from distributed import Client, LocalCluster
 from zdq import ConsumerPool, QueuePool
 from zdq.errors import BrokerLost, NoConsumers, PlacementError, ZdqTimeoutError
 
-from .conftest import stop_process, wait_until
+from .conftest import call_bounded, stop_process, wait_until
 from .tasks import add
 
 pytestmark = pytest.mark.faults
 pytest_plugins = ["tests.harness"]
 
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
-
-
-def call_bounded(fn: Callable[[], Any], timeout: float, what: str) -> Any:
-    """``fn()`` on a thread; fail the test if it has not returned within ``timeout`` seconds."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test's thread below
-            box["error"] = e
-
-    thread = threading.Thread(target=run, name="test-bounded", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        pytest.fail(f"{what} did not return within {timeout}s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 def raised_within(fn: Callable[[], Any], timeout: float, what: str) -> tuple[BaseException | None, float]:
