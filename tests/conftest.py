@@ -41,6 +41,17 @@ _STARTS_A_CLUSTER = re.compile(r"\b(?:LocalCluster|SpecCluster|Hosts)\(|distribu
 
 _UNIT_DIR = Path(__file__).parent / "unit"
 
+#: Test modules whose tests share a module-scoped LocalCluster (one xdist group each, below).
+_ONE_CLUSTER_MODULES = {"test_observe.py", "test_expiry.py"}
+
+#: The modules that take longest (their tests wait on kills, recoveries, embedded benchmarks):
+#: handed out first, so that the run does not end on one xdist worker still busy with one of them
+#: while the others are idle. The rest keep their order (the unit tier last).
+_LONG_MODULES_FIRST = (
+    "test_cli.py", "test_scaledown_faults.py", "test_restart_faults.py", "test_faults.py", "test_rate_limits_durable.py",
+    "test_schedules.py", "test_relay.py", "test_failures.py", "test_rate_limits.py",
+)
+
 
 def _source(fn: Callable[..., Any]) -> str:
     try:
@@ -59,10 +70,16 @@ def _starts_a_cluster(item: pytest.Item) -> bool:
     return any(fn is not None and _STARTS_A_CLUSTER.search(_source(fn)) for fn in functions)
 
 
+def _long_first(item: pytest.Item) -> int:
+    name = item.fspath.basename
+    return _LONG_MODULES_FIRST.index(name) if name in _LONG_MODULES_FIRST else len(_LONG_MODULES_FIRST)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # A test that starts a cluster is marked `cluster`, so that `pytest -m "not cluster"` is the
     # quick run without anyone having to remember the marker. Everything under tests/unit/ is the
     # unit tier (`pytest -m unit`): it runs in seconds after every edit.
+    items.sort(key=_long_first)  # stable: each module's tests keep their order
     for item in items:
         if _UNIT_DIR in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.unit)
@@ -72,6 +89,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # share /etc/netns and the machine's routes, so they run one after another on one worker.
         if item.fspath.basename == "test_hosts.py":
             item.add_marker(pytest.mark.xdist_group("hosts"))
+        # A module whose tests share a module-scoped cluster runs on one worker: spread over three,
+        # each would start (and close) that cluster. xdist hands the largest groups out first.
+        elif item.fspath.basename in _ONE_CLUSTER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.fspath.purebasename))
 
 
 # -- a cluster started by a test not marked `cluster` fails that test ----------------------------
@@ -127,6 +148,33 @@ def pytest_configure(config: pytest.Config) -> None:
     # some test's setup, and worker processes outlive single tests.
     SpecCluster.__init__ = _checked_spec_cluster_init  # type: ignore[method-assign]
     subprocess.Popen.__init__ = _checked_popen_init  # type: ignore[method-assign]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if any(item.get_closest_marker("cluster") for item in session.items) and not session.config.option.collectonly:
+        _fork_workers_from_a_preloaded_server()
+
+
+def _fork_workers_from_a_preloaded_server() -> None:
+    """Start the worker processes of this session's LocalClusters by forking a server that
+    imported Dask, distributed and zdq once (distributed's own suite does the same).
+
+    Spawned, each worker process (and each one a nanny starts again after a kill) imports them
+    anew: a second or more of CPU per process, some 150 processes a run, on two cores. The server
+    is started here, before any test, so that it is no child process a test sees appear. Only this
+    process is set so: the programs and ``zdq`` commands the tests run as subprocesses spawn theirs,
+    as a user's do.
+    """
+    import multiprocessing.forkserver
+
+    import dask
+    from distributed.utils import get_mp_context
+
+    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+    context = get_mp_context()  # sets distributed's preload (distributed and its dependencies)
+    preload = ["distributed", "zdq", "zdq.consumer", "zdq.broker"]
+    context.set_forkserver_preload(preload)  # type: ignore[attr-defined]
+    multiprocessing.forkserver.ensure_running()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -208,12 +256,84 @@ def client(cluster: LocalCluster) -> Iterator[Client]:
         assert_no_zdq_leaks(c)
 
 
-def assert_no_zdq_leaks(c: Client) -> None:
-    """Actors released, threads stopped, in the driver and in every worker."""
+#: How long the leak check waits for one answer of the scheduler or of a worker.
+LEAK_CHECK_ANSWER_TIMEOUT = 30.0
+
+
+def assert_no_zdq_leaks(c: Client, answer_timeout: float = LEAK_CHECK_ANSWER_TIMEOUT) -> None:
+    """Actors released, threads stopped, in the driver and in every worker.
+
+    Each question to the scheduler or a worker is bounded by ``answer_timeout``: a hung or
+    stopped worker fails the teardown, naming it, instead of hanging it (``client.run`` has no
+    timeout of its own).
+    """
     gc.collect()  # pools a test dropped without closing (as daskqueue programs do) are collected
-    _assert_eventually_empty(lambda: c.run_on_scheduler(_zdq_actor_keys), "zdq actors on the scheduler")
+    _assert_eventually_empty(
+        lambda: call_bounded(
+            lambda: c.run_on_scheduler(_zdq_actor_keys), answer_timeout, "leak check: the scheduler's answer (hung?)"
+        ),
+        "zdq actors on the scheduler",
+    )
     _assert_eventually_empty(_zdq_threads, "zdq threads in the driver")
-    _assert_eventually_empty(lambda: {w: t for w, t in c.run(_zdq_threads).items() if t}, "zdq threads in workers")
+    _assert_eventually_empty(
+        lambda: {w: t for w, t in run_on_each_worker(c, _zdq_threads, answer_timeout).items() if t},
+        "zdq threads in workers",
+    )
+
+
+def call_bounded(fn: Callable[[], Any], timeout: float, what: str) -> Any:
+    """``fn()`` on a daemon thread; fail the test if it has not returned within ``timeout``
+    seconds (naming ``what``), else return its value or raise its error."""
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - raised in the test's thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=call, name="test-bounded", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail(f"{what} did not return within {timeout:g}s", pytrace=False)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def run_on_each_worker(c: Client, fn: Callable[[], Any], timeout: float) -> dict[str, Any]:
+    """``fn()`` on every worker of ``c``'s cluster at once, each call bounded by ``timeout``:
+    the test fails naming each worker (name and address) that did not answer in time. A worker
+    that left the cluster meanwhile is left out, as ``client.run`` leaves it out."""
+    workers = {a: w.get("name") for a, w in c.scheduler_info(n_workers=-1)["workers"].items()}
+    answers: dict[str, Any] = {}
+    errors: dict[str, BaseException] = {}
+
+    def ask(address: str) -> None:
+        try:
+            answers.update(c.run(fn, workers=[address]))
+        except BaseException as e:  # noqa: BLE001 - judged in the test's thread below
+            errors[address] = e
+
+    threads = {a: threading.Thread(target=ask, args=(a,), name="test-run-on-worker", daemon=True) for a in workers}
+    for thread in threads.values():
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads.values():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    silent = [f"worker {workers[a]} ({a})" for a, thread in threads.items() if thread.is_alive()]
+    if silent:
+        pytest.fail(
+            f"leak check: {', '.join(silent)} did not answer client.run within {timeout:g}s (hung or stopped?)",
+            pytrace=False,
+        )
+    if errors:
+        live = set(c.scheduler_info(n_workers=-1)["workers"])
+        for address, error in errors.items():
+            if address in live:
+                raise error
+    return answers
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ are encoded as :class:`~zdq.QueuePool` encodes them (:func:`~zdq.tasks.call_task
 
 **A shared cluster of three named workers** (fixtures ``cluster_abc``/``client_abc``): worker
 processes named ``a``, ``b`` and ``c``, started once per session, for tests that need Dask and
-placement by worker name but kill nothing (or stop a worker for a second or two). Each test is
+placement by worker name but kill nothing (or stop a worker, SIGCONT in a ``finally``). Each test is
 checked for leaked zdq actors and threads afterwards, as ``client`` is, and finds the three workers
 by name before it starts. Tests that kill workers keep their own cluster (``client3`` in
 ``conftest.py``): a nanny's restart must not decide what the next test sees.

@@ -224,7 +224,8 @@ def test_cancelling_everything_leaves_nothing_pending_and_counts_nothing_as_cons
         assert queue_pool.statistics().driver.tasks_cancelled == 1001
 
 
-def test_a_cancel_that_a_stopped_queue_cannot_answer_returns_false_in_seconds(client3: Client) -> None:
+def test_a_cancel_that_a_stopped_queue_cannot_answer_returns_false_in_seconds(client_abc: Client) -> None:
+    client3 = client_abc  # a worker is only stopped (SIGSTOP), then resumed: the shared cluster serves
     with QueuePool(client3, 1, workers=["a"], **FAST) as queue_pool:
         future = queue_pool.submit(len, "abc")
         queue_pool.flush(timeout=30)

@@ -136,17 +136,24 @@ def test_a_task_whose_consumers_worker_was_killed_while_it_ran_is_not_cancelled_
 ) -> None:
     """Point 2: the task started on a consumer whose worker is then killed; back in its queue, it
     may have started, so cancel() says False, the future is not cancelled, and the task runs again
-    (at least once)."""
+    (at least once).
+
+    The consumer may go on b or c: its replacement is placed on the other one at once (a slot
+    placed again avoids the worker it lost), so the rerun never waits for a nanny to bring the
+    killed worker back (which took over 120 s beside a CPU hog)."""
     side = tmp_path / "ran"
     side.mkdir()
     with (
         QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **FAST) as queue_pool,
-        ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"], start=True, **FAST) as consumers,
+        ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b", "c"], start=True, **FAST) as consumers,
     ):
         future = queue_pool.submit(slow_the_first_time, str(side), "t")
         wait_until(lambda: (side / "t").exists(), timeout=30)
-        os.kill(int(consumers[0].pid().result(timeout=10)), signal.SIGKILL)
-        consumers.cancel()  # its replacement pulls no work until started
+        victim = int(consumers[0].pid().result(timeout=10))
+        # Cancelled first (the task runs on: only pulling stops), so that a replacement placed at
+        # once on the spare worker pulls no work until started, however soon it comes.
+        consumers.cancel()
+        os.kill(victim, signal.SIGKILL)
         # The broker takes the consumer for dead: the chunk is back in its queue, not leased.
         wait_until(
             lambda: [(q.ready_tasks, q.leased_tasks) for q in queue_pool.queue_status() if q is not None] == [(1, 0)],

@@ -11,8 +11,6 @@ import datetime
 import json
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from zdq.errors import BatchError
 from zdq.observe.commands import format_status
 
 from .conftest import abc_cluster, assert_no_zdq_leaks, wait_until
+from .inprocess_cli import zdq_here
 from .tasks import add, flaky, sleep, write_start
 
 pytestmark = pytest.mark.cluster
@@ -96,10 +95,8 @@ def test_tasks_stuck_behind_a_long_one_expire_in_their_broker_never_run_and_are_
         assert sum(c.tasks_expired for c in consumers.statistics()) == 0  # none reached the consumer
         # The monitor shows it (reports come once a second): the status command and /metrics.
         assert wait_until(lambda: _metric(named_client, "zdq_tasks_expired_total", "expiring") == 7, timeout=20)
-        proc = subprocess.run(
-            [sys.executable, "-m", "zdq.cli", "status", "--scheduler", named_cluster.scheduler_address, "--json"],
-            capture_output=True, text=True, timeout=60, check=False,
-        )
+        # In this process: `zdq status` runs as a subprocess in tests/test_observe.py.
+        proc = zdq_here("status", "--scheduler", named_cluster.scheduler_address, "--json")
         assert proc.returncode == 0, proc.stderr
         state = json.loads(proc.stdout)
         pool = state["pools"]["expiring"]

@@ -1,8 +1,8 @@
 """Fault injection: the findings of issue 13, one test each, as a specification.
 
 Every test runs real parts: a LocalCluster of three worker processes named a, b and c (a fresh
-one per test, ``client3``, where a test kills or stalls one; else the session's shared one,
-``client_abc``), workers killed with SIGKILL or stalled with SIGSTOP by pid, real LMDB directories
+one per test, ``client3``, where a test kills one; else the session's shared one, ``client_abc``,
+where a worker stalled with SIGSTOP is resumed before the test ends), workers killed with SIGKILL or stalled with SIGSTOP by pid, real LMDB directories
 under ``tmp_path``, and processes starved of the GIL by a C call that never releases it. What
 needs no Dask (callbacks, errors of tasks and results) runs on the in-process harness
 (``harness``: brokers, driver and consumer in this process, real sockets and threads). Every wait is bounded: a hang is reported as a failure naming what hung, never a stuck test.
@@ -196,7 +196,8 @@ def test_results_that_arrive_while_the_driver_is_starved_of_the_gil_past_the_hea
         with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
             futures = []
             for i in range(100):
-                futures.append(qp.submit(sleep_return, i, 0.1))
+                # 100 x 50 ms: results keep coming for longer than the driver is held silent.
+                futures.append(qp.submit(sleep_return, i, 0.05))
                 qp.flush(timeout=30)  # one chunk per task: results come back one by one
             consumers.start()
             wait_until(lambda: any(f.done() for f in futures), timeout=30)
@@ -374,8 +375,9 @@ def test_a_durable_queue_whose_directory_is_gone_at_recovery_fails_its_futures_w
 
 
 def test_submit_keeps_at_most_window_chunks_per_queue_in_the_driver_and_times_out_when_every_broker_stalls(
-    client3: Client,
+    client_abc: Client,
 ) -> None:
+    client3 = client_abc  # a worker is only stopped (SIGSTOP), then resumed: the shared cluster serves
     window, n_queues = 4, 2
     with QueuePool(client3, n_queues, workers=["a", "b"], window=window, chunk_size=10) as qp:
         peak = 0
@@ -767,7 +769,8 @@ def test_a_result_larger_than_the_sockets_accept_fails_its_task_and_the_queue_ke
     assert qp.submit(add, 1, 2).result(timeout=30) == 3
 
 
-def test_a_stopped_broker_does_not_hold_up_submissions_to_the_other_queues(client3: Client) -> None:
+def test_a_stopped_broker_does_not_hold_up_submissions_to_the_other_queues(client_abc: Client) -> None:
+    client3 = client_abc  # a worker is only stopped (SIGSTOP), then resumed: the shared cluster serves
     with QueuePool(client3, 2, workers=["a", "b"], **FAST) as qp:
         with ConsumerPool(client3, qp, n_consumers=2, workers=["c"], start=True):
             assert qp.batch_submit([(add, i) for i in range(100)]).result(timeout=30) == list(range(100))

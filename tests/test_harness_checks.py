@@ -1,5 +1,6 @@
 """The in-process harness itself: it encodes tasks as QueuePool does, closes everything it
-started, and fails a test that leaves a zdq thread running."""
+started, and fails a test that leaves a zdq thread running; the cluster leak check of
+``tests/conftest.py`` is bounded."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 from zdq.codec.tasks import TaskOptions
 
 from .tasks import add
+
+pytest_plugins = ["tests.harness"]
 
 # tests.harness is imported inside the tests: imported here, before pytest loads it as a plugin
 # for other modules, its asserts would not be rewritten.
@@ -66,3 +69,24 @@ def test_the_harness_fails_a_test_that_leaves_a_zdq_thread_running() -> None:
     finally:
         stop.set()
         leak.join(5)
+
+
+@pytest.mark.faults
+def test_the_leak_check_fails_naming_a_worker_that_does_not_answer_instead_of_hanging(client_abc: Any) -> None:
+    """A worker stopped (SIGSTOP) during a test's teardown: the leak check gives up on it at its
+    bound and names it (``client.run`` alone would wait for ever)."""
+    import os
+    import signal
+    import time
+
+    from .conftest import assert_no_zdq_leaks, pid_of, stop_process
+
+    victim = pid_of(client_abc, "c")
+    stop_process(victim)
+    try:
+        began = time.monotonic()
+        with pytest.raises(pytest.fail.Exception, match=r"worker c \(tcp://.*\) did not answer client.run within 1s"):
+            assert_no_zdq_leaks(client_abc, answer_timeout=1.0)
+        assert time.monotonic() - began < 10, "the leak check did not keep its bound"
+    finally:
+        os.kill(victim, signal.SIGCONT)

@@ -26,6 +26,7 @@ from zdq.client.schedules import home_queue
 from zdq.storage.lmdb import inspect_queue
 
 from .conftest import pid_of, wait_until
+from .inprocess_cli import zdq_here
 from .tasks import Stamp, add
 
 pytestmark = pytest.mark.cluster
@@ -150,6 +151,11 @@ def _zdq(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
     return subprocess.run(command, capture_output=True, text=True, timeout=90, input=stdin, check=False)
 
 
+def _zdq_here(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """As :func:`_zdq`, in this process (a Python start saved; see tests/inprocess_cli.py)."""
+    return zdq_here(*args, "--timeout", "20", stdin=stdin)
+
+
 def test_zdq_schedules_lists_a_live_pools_schedules_with_their_names_and_cancels_one_by_name(
     cluster: LocalCluster, client: Client
 ) -> None:
@@ -158,22 +164,23 @@ def test_zdq_schedules_lists_a_live_pools_schedules_with_their_names_and_cancels
         named = queue_pool.schedule(add, 1, cron="0 3 * * *", name="nightly")
         unnamed = queue_pool.schedule(add, 2, every=3600)
         listed = wait_until(
-            lambda: (p := _zdq("schedules", "list", "--scheduler", address, "cron-jobs", "--json")).returncode == 0 and p,
+            lambda: (p := _zdq_here("schedules", "list", "--scheduler", address, "cron-jobs", "--json")).returncode == 0 and p,
             timeout=30, interval=0.5,
         )
         rows = {s["schedule_id"]: (q, s) for q, found in json.loads(listed.stdout).items() for s in found}
         assert rows[named.schedule_id][0] == named.queue and rows[named.schedule_id][1]["schedule_name"] == "nightly"
         assert rows[named.schedule_id][1]["cron"] == "0 3 * * *" and rows[unnamed.schedule_id][1]["schedule_name"] is None
+        # Each command runs once as a subprocess, as a user runs it (list here, cancel --yes below).
         text = _zdq("schedules", "list", "--scheduler", address, "cron-jobs", "nightly")
         assert text.returncode == 0 and "nightly" in text.stdout and str(unnamed.schedule_id) not in text.stdout, text
-        refused = _zdq("schedules", "cancel", "--scheduler", address, "cron-jobs", "nightly", stdin="")
+        refused = _zdq_here("schedules", "cancel", "--scheduler", address, "cron-jobs", "nightly", stdin="")
         assert refused.returncode == 1 and "--yes" in refused.stderr and len(queue_pool.schedules()) == 2
         cancelled = _zdq("schedules", "cancel", "--scheduler", address, "cron-jobs", "nightly", "--yes")
         assert cancelled.returncode == 0 and "schedule 'nightly' cancelled" in cancelled.stdout, cancelled
         assert [s.schedule_id for s in queue_pool.schedules()] == [unnamed.schedule_id]
-        gone = _zdq("schedules", "cancel", "--scheduler", address, "cron-jobs", "nightly", "--yes")
+        gone = _zdq_here("schedules", "cancel", "--scheduler", address, "cron-jobs", "nightly", "--yes")
         assert gone.returncode == 1 and "pool cron-jobs has no schedule 'nightly'" in gone.stderr, gone
-        by_id = _zdq("schedules", "cancel", "--scheduler", address, "cron-jobs", str(unnamed.schedule_id), "--yes")
+        by_id = _zdq_here("schedules", "cancel", "--scheduler", address, "cron-jobs", str(unnamed.schedule_id), "--yes")
         assert by_id.returncode == 0 and queue_pool.schedules() == [], by_id
 
 

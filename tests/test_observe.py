@@ -19,6 +19,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from tests.conftest import assert_no_zdq_leaks, wait_until
+from tests.inprocess_cli import zdq_here
 from tests.tasks import add, fail
 from zdq import ConsumerPool, QueuePool
 
@@ -169,7 +170,7 @@ def test_status_command_lists_a_live_pool_with_the_counts_of_statistics(
         }
         assert pool["totals"]["completed"] == 300 and pool["totals"]["failed"] == 3
         assert sorted(c["name"] for c in pool["consumers"]) == ["GeneralConsumer-0", "GeneralConsumer-1"]
-        text = _zdq("status", "--scheduler", address)
+        text = zdq_here("status", "--scheduler", address)  # as a subprocess just above: here
         assert text.returncode == 0, text.stderr
         assert "pool watched: 2 queues, 2 consumers; submitted 303, completed 300, failed 3" in text.stdout
         assert "watched-queue-0" in text.stdout and "GeneralConsumer-1" in text.stdout
@@ -198,20 +199,21 @@ def test_dead_letters_commands_list_requeue_and_purge_a_live_pools_dead_letters(
         chunks = {(q, d["chunk_id"]) for q, found in letters.items() for d in found}
         assert chunks == {(d.queue, d.chunk_id) for d in queue_pool.dead_letters()} and len(chunks) == 3
         assert all("boom" in d["reason"] for found in letters.values() for d in found)
-        text = _zdq("dead-letters", "list", "--scheduler", address, "lettered")
+        # One command family run as a subprocess (above) is enough: the rest run in this process.
+        text = zdq_here("dead-letters", "list", "--scheduler", address, "lettered")
         assert text.returncode == 0 and text.stdout.count("boom") == 3, text.stdout + text.stderr
 
-        unknown = _zdq("dead-letters", "requeue", "--scheduler", address, "lettered", "--chunk", "987654321")
+        unknown = zdq_here("dead-letters", "requeue", "--scheduler", address, "lettered", "--chunk", "987654321")
         assert unknown.returncode == 1 and "1 of the chunks given are not dead letters" in unknown.stderr, unknown.stderr
         queue, chunk_id = sorted(chunks)[0]
-        requeued = _zdq("dead-letters", "requeue", "--scheduler", address, "lettered", queue, "--chunk", str(chunk_id))
+        requeued = zdq_here("dead-letters", "requeue", "--scheduler", address, "lettered", queue, "--chunk", str(chunk_id))
         assert requeued.returncode == 0, requeued.stderr
         assert f"{queue}: 1 dead chunks requeued" in requeued.stdout
         wait_until(lambda: len(queue_pool.dead_letters()) == 3, timeout=30)  # it failed again, and is back
 
-        refused = _zdq("dead-letters", "purge", "--scheduler", address, "lettered", stdin="")
+        refused = zdq_here("dead-letters", "purge", "--scheduler", address, "lettered", stdin="")
         assert refused.returncode == 1 and "--yes" in refused.stderr and len(queue_pool.dead_letters()) == 3
-        purged = _zdq("dead-letters", "purge", "--scheduler", address, "lettered", "--yes")
+        purged = zdq_here("dead-letters", "purge", "--scheduler", address, "lettered", "--yes")
         assert purged.returncode == 0, purged.stderr
         assert queue_pool.dead_letters() == []
 
@@ -237,12 +239,12 @@ def test_purge_command_cancels_the_ready_tasks_so_that_they_never_run_and_their_
         asked = _zdq("purge", "--scheduler", address, "purged", stdin="")
         assert asked.returncode == 1 and "--yes" in asked.stderr
         assert "cancel the 38 ready and 2 delayed tasks" in asked.stderr  # what it would cancel, all of it
-        one = _zdq("purge", "--scheduler", address, "purged", "0", "--yes")
+        one = zdq_here("purge", "--scheduler", address, "purged", "0", "--yes")  # a subprocess just above
         assert one.returncode == 0, one.stderr
         (line,) = one.stdout.splitlines()
         assert line.startswith("purged-queue-0: ") and line.endswith(" waiting tasks cancelled")
         cancelled_here = int(line.split(": ")[1].split()[0])
-        rest = _zdq("purge", "--scheduler", address, "purged", "--yes")
+        rest = zdq_here("purge", "--scheduler", address, "purged", "--yes")
         assert rest.returncode == 0, rest.stderr
         assert f"purged-queue-1: {40 - cancelled_here} waiting tasks cancelled" in rest.stdout
         with ConsumerPool(dash_client, queue_pool, n_consumers=1) as consumer_pool:
@@ -256,7 +258,8 @@ def test_cli_gives_a_one_line_error_for_a_wrong_address_a_cluster_without_zdq_an
     dash_cluster: LocalCluster, dash_client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A closed port, addresses that do not parse, a port that accepts but does not speak Dask, and
-    # bad options: one line each, in time. The commands run side by side (each is a Python start).
+    # bad options: one line each, in time. The commands run side by side (each is a Python start);
+    # those refused before connecting, the unknown pool and --version run in this process.
     import socket
     import time
 
@@ -267,8 +270,9 @@ def test_cli_gives_a_one_line_error_for_a_wrong_address_a_cluster_without_zdq_an
         options = (["--watch", "-1"], ["--timeout", "0"])
         began = time.monotonic()
         runs = [_zdq_started("status", "--scheduler", address, "--timeout", "2") for address in addresses]
-        runs += [_zdq_started("status", "--scheduler", dash_cluster.scheduler_address, *option) for option in options]
         try:
+            # Refused before any connection: checked in this process (no Python start each).
+            refused = [zdq_here("status", "--scheduler", dash_cluster.scheduler_address, *option) for option in options]
             done = [_finished(run, timeout=30) for run in runs]
         finally:
             for run in runs:  # none left behind if one timed out
@@ -279,8 +283,9 @@ def test_cli_gives_a_one_line_error_for_a_wrong_address_a_cluster_without_zdq_an
     for address, (code, stderr) in zip(addresses, done):
         assert code == 1 and len(stderr.strip().splitlines()) == 1, (address, stderr)
     assert done[0][1].startswith("zdq status: cannot reach a Dask scheduler at tcp://127.0.0.1:9")
-    for code, stderr in done[len(addresses) :]:
-        assert code == 1 and "must be a positive number" in stderr, stderr
+    for run in refused:
+        assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert "must be a positive number" in run.stderr, run.stderr
     with (
         LocalCluster(n_workers=0, processes=False, protocol="tcp://", dashboard_address=None) as bare,
         caplog.at_level("ERROR"),
@@ -290,10 +295,10 @@ def test_cli_gives_a_one_line_error_for_a_wrong_address_a_cluster_without_zdq_an
         assert "runs no zdq pool" in none.stderr
     assert not [r for r in caplog.records if "zdq_status" in r.getMessage()]  # no traceback in its log
     with QueuePool(dash_client, 1, name="known"):
-        unknown = _zdq("dead-letters", "list", "--scheduler", dash_cluster.scheduler_address, "unknown", timeout=30)
+        unknown = zdq_here("dead-letters", "list", "--scheduler", dash_cluster.scheduler_address, "unknown")
         assert unknown.returncode == 1 and len(unknown.stderr.strip().splitlines()) == 1, unknown.stderr
         assert "no live pool named 'unknown'" in unknown.stderr and "known" in unknown.stderr
-    version = _zdq("--version")
+    version = zdq_here("--version")
     assert version.returncode == 0 and version.stdout.startswith("zdq ")
 
 

@@ -21,6 +21,7 @@ import pytest
 from distributed import Client
 
 from tests.conftest import wait_until
+from tests.inprocess_cli import zdq_here
 from tests.tasks import add
 from zdq import ConsumerPool, QueuePool
 
@@ -138,13 +139,14 @@ def test_the_rate_limit_command_changes_a_live_pool_and_status_shows_it(client: 
     assert one.returncode == 0, one.stderr
     assert one.stdout.strip() == "limited-queue-1: rate limit 30/m"
     assert [b.rate_limit for b in named_pool.statistics().brokers] == [0.0, 0.5]
-    both = _zdq("rate-limit", "--scheduler", address, "limited", "100/s")
+    # The command runs as a subprocess once (above); the rest run in this process.
+    both = zdq_here("rate-limit", "--scheduler", address, "limited", "100/s")
     assert both.returncode == 0, both.stderr
     assert [b.rate_limit for b in named_pool.statistics().brokers] == [50.0, 50.0]  # split evenly
     wait_until(lambda: _shown(client, "limited") == [50.0, 50.0], timeout=30, interval=0.3)
-    status = _zdq("status", "--scheduler", address)
+    status = zdq_here("status", "--scheduler", address)
     assert status.stdout.count(" 50/s") == 2, status.stdout
-    bad = _zdq("rate-limit", "--scheduler", address, "limited", "fast")
+    bad = zdq_here("rate-limit", "--scheduler", address, "limited", "fast")
     assert bad.returncode == 1 and "RATE must be like '100/s'" in bad.stderr
     named_pool.set_rate_limit(None)
     assert [b.rate_limit for b in named_pool.statistics().brokers] == [0.0, 0.0]
@@ -173,9 +175,9 @@ def test_the_rate_limit_command_refuses_a_bad_rate_or_key_before_connecting() ->
     nowhere = ("rate-limit", "--scheduler", "tcp://127.0.0.1:1", "--timeout", "1", "jobs")
     negative = _zdq(*nowhere, "-5/s")  # an argument, not argparse's unknown option
     assert negative.returncode == 1 and "RATE must be a non-negative, finite rate, got '-5/s'" in negative.stderr
-    tiny = _zdq(*nowhere, "1e-9/s")
+    tiny = zdq_here(*nowhere, "1e-9/s")  # a subprocess just above: the others in this process
     assert tiny.returncode == 1 and "RATE must be 1e-06 to 1e+09 tasks per second" in tiny.stderr
-    long_key = _zdq(*nowhere, "--key", "m:" + "x" * 2000, "4/s")
+    long_key = zdq_here(*nowhere, "--key", "m:" + "x" * 2000, "4/s")
     assert long_key.returncode == 1 and "must be 1 to 1024 bytes" in long_key.stderr
 
 

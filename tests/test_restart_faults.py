@@ -32,6 +32,8 @@ from zdq import QueuePool
 
 from .conftest import wait_until
 
+pytest_plugins = ["tests.harness"]
+
 pytestmark = [pytest.mark.faults, pytest.mark.cluster]
 
 ROOT = str(Path(__file__).resolve().parent.parent)
@@ -129,8 +131,9 @@ def _step(proc: subprocess.Popen[bytes], status: Path, log: Path, prefix: str, t
 
 
 def test_a_program_started_again_after_its_driver_was_killed_reopens_its_durable_pool_once_the_locks_are_free(
-    client3: Client, tmp_path: Path
+    client_abc: Client, tmp_path: Path
 ) -> None:
+    client3 = client_abc  # a driver process is killed, no worker: the shared cluster serves
     (tmp_path / "marks").mkdir()
     first, first_status, first_log = _program(client3, tmp_path, "first")
     again: subprocess.Popen[bytes] | None = None
@@ -169,12 +172,13 @@ def test_a_program_started_again_after_its_driver_was_killed_reopens_its_durable
 
 
 def test_a_program_started_again_before_the_scheduler_sees_its_killed_driver_gone_does_not_attach_to_the_dying_pool(
-    client3: Client, tmp_path: Path
+    client_abc: Client, tmp_path: Path
 ) -> None:
     """The restart looks for the pool within milliseconds of the SIGKILL, while the dead driver's
     client still looks connected (the kernel closes a killed process's sockets only after freeing
     its memory): it must not attach to the pool its owner's death is about to close, but wait for
     the dead brokers' locks, place the queues itself, and run what the dead driver stored."""
+    client3 = client_abc  # a driver process is killed, no worker: the shared cluster serves
     (tmp_path / "marks").mkdir()
     first, first_status, first_log = _program(client3, tmp_path, "heavy")
     again: subprocess.Popen[bytes] | None = None

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import dask.config
@@ -24,33 +24,13 @@ from distributed import Client, LocalCluster
 from zdq import ConsumerPool, QueuePool
 from zdq.errors import BrokerLost, NoConsumers, PlacementError, ZdqTimeoutError
 
-from .conftest import stop_process, wait_until
-from .tasks import add, sleep_return
+from .conftest import call_bounded, stop_process, wait_until
+from .tasks import add
 
 pytestmark = pytest.mark.faults
 pytest_plugins = ["tests.harness"]
 
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
-
-
-def call_bounded(fn: Callable[[], Any], timeout: float, what: str) -> Any:
-    """``fn()`` on a thread; fail the test if it has not returned within ``timeout`` seconds."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test's thread below
-            box["error"] = e
-
-    thread = threading.Thread(target=run, name="test-bounded", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        pytest.fail(f"{what} did not return within {timeout}s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 def raised_within(fn: Callable[[], Any], timeout: float, what: str) -> tuple[BaseException | None, float]:
@@ -92,6 +72,13 @@ def remove_worker(cluster: LocalCluster, name: str) -> None:
     cluster.sync(cluster._correct_state)
 
 
+def sleep_return_until(i: int, seconds: float, hurry: str) -> int:
+    """Sleep ``seconds`` (none once the file ``hurry`` exists), then return ``i``."""
+    if not os.path.exists(hurry):
+        time.sleep(seconds)
+    return i
+
+
 def worker_names(client: Client) -> list[str]:
     return sorted(str(w["name"]) for w in client.scheduler_info(n_workers=-1)["workers"].values())
 
@@ -106,8 +93,9 @@ def worker_names(client: Client) -> list[str]:
     ids=["resources", "workers"],
 )
 def test_join_and_result_raise_naming_the_constraint_nothing_satisfies_after_every_matching_worker_leaves_and_resume_when_one_joins(
-    gpu_cluster: LocalCluster, constraint: dict[str, Any], named: str, newcomer: str
+    gpu_cluster: LocalCluster, constraint: dict[str, Any], named: str, newcomer: str, tmp_path: Path
 ) -> None:
+    hurry = str(tmp_path / "hurry")
     with Client(gpu_cluster) as client:
         client.wait_for_workers(2, timeout=60)
         # The bound is set as users do (a configuration key); 3 s instead of 30 s.
@@ -115,7 +103,7 @@ def test_join_and_result_raise_naming_the_constraint_nothing_satisfies_after_eve
             consumers = ConsumerPool(client, qp, n_consumers=1, **constraint, **FAST)
             try:
                 consumers.start()
-                futures = [qp.submit(sleep_return, i, 0.3) for i in range(30)]
+                futures = [qp.submit(sleep_return_until, i, 0.3, hurry) for i in range(30)]
                 futures[0].result(timeout=60)  # the consumer on g works
 
                 remove_worker(gpu_cluster, "g")  # the only worker the pool may use leaves; tasks wait
@@ -138,7 +126,8 @@ def test_join_and_result_raise_naming_the_constraint_nothing_satisfies_after_eve
                 assert not waiting.done(), "the future was failed: its task must still run once a worker joins"
 
                 # A matching worker joins: the supervisor (still trying) places the consumer there,
-                # and the waits succeed.
+                # and the waits succeed (the tasks left no longer sleep: only that they run counts).
+                Path(hurry).touch()
                 add_worker(gpu_cluster, newcomer, resources={"GPU": 1})
                 call_bounded(lambda: consumers.join(timeout=90), 120, "join() after a matching worker joined")
                 assert [f.result(timeout=10) for f in futures] == list(range(30))
@@ -150,8 +139,9 @@ def test_join_and_result_raise_naming_the_constraint_nothing_satisfies_after_eve
 
 
 def test_get_queue_size_says_a_stopped_brokers_worker_did_not_answer_not_that_it_is_being_placed_again(
-    client3: Client,
+    client_abc: Client,
 ) -> None:
+    client3 = client_abc  # a worker is only stopped (SIGSTOP), then resumed: the shared cluster serves
     with QueuePool(client3, 2, workers=["a", "b"]) as qp:
         assert call_bounded(lambda: qp.get_queue_size(timeout=10), 30, "get_queue_size()") == dict.fromkeys(
             qp.queue_names, 0

@@ -71,6 +71,7 @@ import sys, time
 from zdq.storage.base import ChunkMeta
 from zdq.storage.lmdb import LMDBStorage, inspect_queue
 from zdq.schedules import SCHEDULED
+sys.stdin.readline()  # imported ahead, while the round before it runs: the test says when to open
 s = LMDBStorage(sys.argv[1]); s.open()
 stored = s.stored_schedules()
 n = int(stored[0]) if stored else 0  # the record counts the ticks queued so far
@@ -84,21 +85,46 @@ while True:
 @pytest.mark.faults
 def test_a_tick_is_queued_exactly_once_when_its_process_is_killed_at_any_moment(tmp_path: Path) -> None:
     path = str(tmp_path / "q-queue-0")
-    for round_ in range(5):
-        proc = subprocess.Popen([sys.executable, "-c", _TICKER, path], stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-        try:
-            assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-            time.sleep(0.2 + 0.05 * round_)
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        s = LMDBStorage(path)
-        s.open()
-        try:
-            (record,) = s.stored_schedules()
-            assert int(record) == s.counts().ready_chunks > 0  # as many chunks as ticks counted
-        finally:
-            s.close()
+
+    def ticker() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-c", _TICKER, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+
+    # Each round's process is started (and imports) while the round before it ticks; it opens the
+    # queue only when told, after its predecessor was killed.
+    procs = [ticker()]
+    try:
+        for round_ in range(5):
+            proc = procs[-1]
+            if round_ < 4:
+                procs.append(ticker())
+            try:
+                assert proc.stdin is not None and proc.stdout is not None
+                proc.stdin.write(b"open\n")
+                proc.stdin.flush()
+                assert proc.stdout.readline() == b"ready\n"
+                time.sleep(0.2 + 0.05 * round_)
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=30)
+            _check_ticks_counted_once(path)
+    finally:
+        for proc in procs:  # none left behind if a round failed
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+def _check_ticks_counted_once(path: str) -> None:
+    s = LMDBStorage(path)
+    s.open()
+    try:
+        (record,) = s.stored_schedules()
+        assert int(record) == s.counts().ready_chunks > 0  # as many chunks as ticks counted
+    finally:
+        s.close()
 
 
 def test_zdq_inspect_counts_the_schedules_kept_with_a_durable_queue(tmp_path: Path) -> None:
