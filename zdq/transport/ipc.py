@@ -17,8 +17,8 @@ private, a path too long for a Unix socket, a platform without them.
 The directory (``zdq-<uid>`` under ``$ZDQ_IPC_DIR``, else ``$XDG_RUNTIME_DIR``, else the temporary
 directory) is made with mode 0700 and used only if it is a directory owned by this user that no one
 else may enter: another local user cannot connect to the sockets in it. A broker removes its file
-when it stops (:meth:`IpcBinding.remove`); one killed leaves it behind, and the next broker bound to
-that TCP endpoint takes the path over.
+when it stops (:meth:`IpcBinding.remove`); one killed leaves it behind, and the next broker of the
+host removes it when it starts (:func:`sweep`), or takes the path over if bound to the same endpoint.
 """
 
 from __future__ import annotations
@@ -29,16 +29,19 @@ import os
 import socket
 import stat
 import tempfile
+import time
 from typing import Any
 
 import zmq
 
-__all__ = ["ipc_dir", "ipc_path", "ipc_endpoint", "serve_on_ipc", "IpcBinding"]
+__all__ = ["ipc_dir", "ipc_path", "ipc_endpoint", "serve_on_ipc", "sweep", "IpcBinding"]
 
 logger = logging.getLogger(__name__)
 
 #: sockaddr_un's sun_path holds 108 bytes on Linux (104 on the BSDs), the final NUL included.
 _MAX_PATH = 100
+#: A socket file older than this that refuses connections was left by a killed broker (seconds).
+_SWEEP_AGE = 60.0
 _warned: set[str] = set()
 
 
@@ -145,13 +148,36 @@ class IpcBinding:
             pass  # gone already
 
 
+def sweep(directory: str, now: float | None = None) -> int:
+    """Remove the files of brokers that were killed (sockets that refuse connections, older than
+    :data:`_SWEEP_AGE`: one just bound may not listen yet). Returns how many went."""
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode) and now - st.st_mtime > _SWEEP_AGE and not _listening(path):
+                os.unlink(path)
+                removed += 1
+        except OSError:
+            pass  # gone meanwhile, or not ours to remove
+    return removed
+
+
 def serve_on_ipc(sock: zmq.Socket[Any], endpoint: str) -> IpcBinding | None:
     """Bind broker socket ``sock`` (bound at TCP ``endpoint``) on its Unix socket too; None if
-    ipc is not usable here (then peers of this host connect over TCP, as others do)."""
+    ipc is not usable here (then peers of this host connect over TCP, as others do). Files left
+    by killed brokers are swept first."""
     directory = ipc_dir(create=True)
     path = ipc_path(directory, endpoint) if directory is not None else None
-    if path is None:
+    if directory is None or path is None:
         return None
+    sweep(directory)
     try:
         os.unlink(path)  # left by a killed broker bound to the same endpoint before
     except FileNotFoundError:
