@@ -98,6 +98,7 @@ def test_a_socket_file_nothing_listens_on_falls_back_to_tcp_and_is_swept_once_ol
     live.close()  # a killed broker's file: still there, nothing listens
     assert os.path.exists(path) and ipc_endpoint(endpoint) is None
     assert sweep(directory) == 0  # too young: a broker may have bound it and not listen yet
+    assert sweep(directory, now=time.time() + 120, limit=0) == 0  # probes are bounded
     assert sweep(directory, now=time.time() + 120) == 1 and not os.path.exists(path)
 
 

@@ -17,8 +17,9 @@ private, a path too long for a Unix socket, a platform without them.
 The directory (``zdq-<uid>`` under ``$ZDQ_IPC_DIR``, else ``$XDG_RUNTIME_DIR``, else the temporary
 directory) is made with mode 0700 and used only if it is a directory owned by this user that no one
 else may enter: another local user cannot connect to the sockets in it. A broker removes its file
-when it stops (:meth:`IpcBinding.remove`); one killed leaves it behind, and the next broker of the
-host removes it when it starts (:func:`sweep`), or takes the path over if bound to the same endpoint.
+when it stops (:meth:`IpcBinding.remove`); one killed leaves it behind, for the first broker that a
+process of the host starts later to remove once it is a minute old (:func:`sweep`), or for the next
+broker bound to the same endpoint to take over.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ logger = logging.getLogger(__name__)
 _MAX_PATH = 100
 #: A socket file older than this that refuses connections was left by a killed broker (seconds).
 _SWEEP_AGE = 60.0
+#: At most this many old files are probed by a sweep (a connection each).
+_SWEEP_PROBES = 64
+_swept_by = 0  # the process that swept (a forked child sweeps again)
 _warned: set[str] = set()
 
 
@@ -148,11 +152,12 @@ class IpcBinding:
             pass  # gone already
 
 
-def sweep(directory: str, now: float | None = None) -> int:
+def sweep(directory: str, now: float | None = None, limit: int = _SWEEP_PROBES) -> int:
     """Remove the files of brokers that were killed (sockets that refuse connections, older than
-    :data:`_SWEEP_AGE`: one just bound may not listen yet). Returns how many went."""
+    :data:`_SWEEP_AGE`: one just bound may not listen yet), probing at most ``limit`` of them,
+    oldest first (a host of many brokers is not probed whole at each start). Returns how many went."""
     now = time.time() if now is None else now
-    removed = 0
+    old: list[tuple[float, str]] = []
     try:
         names = os.listdir(directory)
     except OSError:
@@ -161,12 +166,27 @@ def sweep(directory: str, now: float | None = None) -> int:
         path = os.path.join(directory, name)
         try:
             st = os.lstat(path)
-            if stat.S_ISSOCK(st.st_mode) and now - st.st_mtime > _SWEEP_AGE and not _listening(path):
+        except OSError:
+            continue  # gone meanwhile
+        if stat.S_ISSOCK(st.st_mode) and now - st.st_mtime > _SWEEP_AGE:
+            old.append((st.st_mtime, path))
+    removed = 0
+    for _, path in sorted(old)[:limit]:
+        if not _listening(path):
+            try:
                 os.unlink(path)
                 removed += 1
-        except OSError:
-            pass  # gone meanwhile, or not ours to remove
+            except OSError:
+                pass  # gone meanwhile
     return removed
+
+
+def _sweep_once(directory: str) -> None:
+    """:func:`sweep` for the first broker a process starts (later ones find it done)."""
+    global _swept_by
+    if _swept_by != os.getpid():
+        _swept_by = os.getpid()
+        _sweep_once(directory)
 
 
 def serve_on_ipc(sock: zmq.Socket[Any], endpoint: str) -> IpcBinding | None:
@@ -177,7 +197,7 @@ def serve_on_ipc(sock: zmq.Socket[Any], endpoint: str) -> IpcBinding | None:
     path = ipc_path(directory, endpoint) if directory is not None else None
     if directory is None or path is None:
         return None
-    sweep(directory)
+    _sweep_once(directory)
     try:
         os.unlink(path)  # left by a killed broker bound to the same endpoint before
     except FileNotFoundError:
