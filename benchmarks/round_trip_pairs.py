@@ -42,24 +42,28 @@ def _side() -> None:
         return out
 
     runs = []
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None
-    ) as cluster, Client(cluster) as client:
-        with QueuePool(client, 2, keep_results=False) as qp, ConsumerPool(client, qp, n_consumers=2, max_concurrency=1) as cp:
-            cp.start()
-            qp.batch_submit([(noop, i) for i in range(1000)]).result(timeout=120)
-            # A tree from before the ipc floor times the TCP floor twice.
-            kwargs = {"ipc": True} if "ipc" in inspect.signature(floor_round_trip).parameters else {}
-            with floor_round_trip() as floor, floor_round_trip(**kwargs) as ipc_floor:
-                for i in range(300):
-                    qp.submit(noop, i).result(timeout=10)
-                for _ in range(5):
-                    cpu = time.process_time()
-                    z = percentiles(trips(lambda i: qp.submit(noop, i).result(timeout=10), 300))
-                    cpu = (time.process_time() - cpu) / 300
-                    f = percentiles(trips(floor, 300))
-                    g = percentiles(trips(ipc_floor, 300))
-                    runs.append([z[0] * 1e3, z[1] * 1e3, f[0] * 1e3, f[1] * 1e3, cpu * 1e3, g[0] * 1e3])
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+        QueuePool(client, 2, keep_results=False) as qp,
+        ConsumerPool(client, qp, n_consumers=2, max_concurrency=1) as cp,
+    ):
+        cp.start()
+        qp.batch_submit([(noop, i) for i in range(1000)]).result(timeout=120)
+        # A tree from before the ipc floor times the TCP floor twice.
+        kwargs = {"ipc": True} if "ipc" in inspect.signature(floor_round_trip).parameters else {}
+        with floor_round_trip() as floor, floor_round_trip(**kwargs) as ipc_floor:
+            for i in range(300):
+                qp.submit(noop, i).result(timeout=10)
+            for _ in range(5):
+                cpu = time.process_time()
+                z = percentiles(trips(lambda i: qp.submit(noop, i).result(timeout=10), 300))
+                cpu = (time.process_time() - cpu) / 300
+                f = percentiles(trips(floor, 300))
+                g = percentiles(trips(ipc_floor, 300))
+                runs.append([z[0] * 1e3, z[1] * 1e3, f[0] * 1e3, f[1] * 1e3, cpu * 1e3, g[0] * 1e3])
     print(json.dumps(runs))
 
 

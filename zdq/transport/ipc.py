@@ -35,7 +35,7 @@ from typing import Any
 
 import zmq
 
-__all__ = ["ipc_dir", "ipc_path", "ipc_endpoint", "serve_on_ipc", "sweep", "IpcBinding"]
+__all__ = ["IpcBinding", "ipc_dir", "ipc_endpoint", "ipc_path", "serve_on_ipc", "sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def ipc_endpoint(endpoint: str) -> str | None:
 class IpcBinding:
     """A broker's Unix socket file; :meth:`remove` deletes it if it is still the one bound."""
 
-    __slots__ = ("path", "_inode")
+    __slots__ = ("_inode", "path")
 
     def __init__(self, path: str, inode: int) -> None:
         self.path = path
