@@ -3,7 +3,8 @@
 This process's DEALER sends a few raw bytes to a broker process's ROUTER, which forwards them by
 identity to a consumer process's DEALER; the consumer echoes them, and the broker forwards the
 echo back to this process. No pickling, no storage, no leases, no credit, no authentication, over
-tcp loopback as zdq's brokers: the least a single-task round trip through a broker can take here.
+tcp loopback (or, with ``ipc=True``, Unix sockets, as zdq reaches the brokers of its own host):
+the least a single-task round trip through a broker can take here.
 ``zdq bench --suite latency`` measures zdq's ``submit().result()`` against it in the same run.
 
 The broker binds (as zdq's do) and tells its port on a pipe; the consumer and this process
