@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from .tasks import add, mark_and_sleep
 pytestmark = pytest.mark.cluster
 
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
+ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def _addresses(qp: QueuePool) -> list[str]:
@@ -120,3 +123,25 @@ def test_a_durable_broker_killed_mid_task_is_reached_over_ipc_again_and_the_task
             wait_until(lambda: _addresses(qp)[0] != first, timeout=30)
             assert _addresses(qp)[0].startswith("ipc://"), _addresses(qp)
             assert qp.submit(add, 1, 2).result(timeout=30) == 3
+
+
+def test_a_process_that_exits_with_a_broker_still_serving_removes_its_file_and_a_forked_child_does_not(
+    tmp_path: Path,
+) -> None:
+    script = f"""
+import os, sys, zmq
+os.environ["ZDQ_IPC_DIR"] = {str(tmp_path)!r}
+from zdq.transport.ipc import serve_on_ipc
+sock = zmq.Context.instance().socket(zmq.ROUTER)
+binding = serve_on_ipc(sock, "tcp://127.0.0.1:40009")
+print(binding.path, flush=True)
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)  # a child's exit (atexit runs) must not remove its parent's file
+os.waitpid(pid, 0)
+print(os.path.exists(binding.path), flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    path, alive_after_child = out.stdout.split()[:2]
+    assert alive_after_child == "True", out.stderr
+    assert not os.path.exists(path), "the file outlived its process's normal exit"

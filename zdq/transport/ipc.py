@@ -24,6 +24,7 @@ broker bound to the same endpoint to take over.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
@@ -135,21 +136,36 @@ def ipc_endpoint(endpoint: str) -> str | None:
 
 
 class IpcBinding:
-    """A broker's Unix socket file; :meth:`remove` deletes it if it is still the one bound."""
+    """A broker's Unix socket file; :meth:`remove` deletes it if it is still the one bound. The
+    files of brokers still serving when the interpreter exits (a worker closed without stopping its
+    actors) are removed then (:func:`_remove_at_exit`); only a killed process leaves its files."""
 
-    __slots__ = ("_inode", "path")
+    __slots__ = ("_inode", "_pid", "path")
 
     def __init__(self, path: str, inode: int) -> None:
         self.path = path
         self._inode = inode
+        self._pid = os.getpid()
+        _serving.add(self)
 
     def remove(self) -> None:
         """Delete the file, unless another broker took the path over since. Idempotent."""
+        _serving.discard(self)
         try:
             if os.lstat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
         except OSError:
             pass  # gone already
+
+
+_serving: set[IpcBinding] = set()  # this process's bound files (a set: add and discard are atomic)
+
+
+@atexit.register
+def _remove_at_exit() -> None:
+    for binding in list(_serving):
+        if binding._pid == os.getpid():  # a forked child leaves its parent's files alone
+            binding.remove()
 
 
 def sweep(directory: str, now: float | None = None, limit: int = _SWEEP_PROBES) -> int:
