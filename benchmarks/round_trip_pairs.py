@@ -29,7 +29,9 @@ def _side() -> None:
     from distributed import Client, LocalCluster
 
     from zdq import ConsumerPool, QueuePool
-    from zdq.benchmark.cases import _round_trips as trips  # the latency suite's own timing
+    from zdq.benchmark.cases import (
+        _round_trips as trips,  # the latency suite's own timing
+    )
     from zdq.benchmark.floor import floor_round_trip
     from zdq.benchmark.results import percentiles
     from zdq.benchmark.tasks import noop
