@@ -1,4 +1,4 @@
-"""The benchmark's floor (``zdq bench --suite latency``): three real processes over tcp loopback.
+"""The benchmark's floor (``zdq bench --suite latency``): three real processes over tcp loopback or ipc.
 
 The cases that need a cluster are run through the CLI in ``tests/test_cli.py``.
 """
@@ -6,6 +6,8 @@ The cases that need a cluster are run through the CLI in ``tests/test_cli.py``.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import tempfile
 
 import pytest
 
@@ -25,3 +27,14 @@ def test_the_floor_echoes_every_round_trip_and_stops_its_processes_even_when_the
             call(i)  # raises if an echo is missing or is not its own
         raise KeyError("the block failed")
     assert _floor_processes() == set()
+
+
+def test_the_floor_over_ipc_echoes_and_removes_its_private_directory() -> None:
+    before = set(os.listdir(tempfile.gettempdir()))
+    with floor_round_trip(ipc=True) as call:
+        for i in range(50):
+            call(i)
+        scratch = {p for p in set(os.listdir(tempfile.gettempdir())) - before if p.startswith("zdq-floor-")}
+        assert scratch, "the ipc floor binds in a directory of its own"
+    assert _floor_processes() == set()
+    assert not set(scratch) & set(os.listdir(tempfile.gettempdir()))

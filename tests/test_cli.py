@@ -55,7 +55,8 @@ def test_bench_latency_suite_reports_zdq_dask_and_the_floor_and_their_same_run_r
     proc = _zdq("bench", "--suite", "latency", "--repeat", "2", "--compare-auth", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    zdq, dask, floor, plain = report["cases"]
+    zdq, dask, floor, plain, ipc_floor = report["cases"]
+    assert "floor over Unix sockets" in ipc_floor["system"] and report["ratios"]["latency_p50_vs_ipc_floor"] > 0
     assert zdq["system"].startswith("zdq") and dask["system"].startswith("dask futures") and "floor" in floor["system"]
     assert "without authentication" in plain["system"] and len(plain["extra"]["p50_ms_per_run"]) == 2
     per_run = [z / n for z, n in zip(zdq["extra"]["p50_ms_per_run"], plain["extra"]["p50_ms_per_run"])]

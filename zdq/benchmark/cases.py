@@ -215,7 +215,8 @@ def relay_round_trip(client: Client, config: BenchConfig) -> CaseResult:
 
 def latency(client: Client, config: BenchConfig) -> tuple[list[CaseResult], dict[str, float]]:
     """Single-task round trip, one at a time, ``config.repeat`` runs of zdq, Dask, then the floor
-    (:mod:`~zdq.benchmark.floor`: a bare round trip through a broker process, no pickling).
+    (:mod:`~zdq.benchmark.floor`: a bare round trip through a broker process, no pickling), over
+    TCP loopback and over ipc (the transport zdq uses to the brokers of its own host).
 
     Each run takes 300 zdq, 100 Dask and 300 floor round trips and yields each side's p50 and p99;
     the cases report the medians over runs, and each ratio is the median of the per-run ratios
@@ -227,10 +228,12 @@ def latency(client: Client, config: BenchConfig) -> tuple[list[CaseResult], dict
     plain_runs: list[tuple[float, float]] = []
     dask_runs: list[tuple[float, float]] = []
     floor_runs: list[tuple[float, float]] = []
+    ipc_floor_runs: list[tuple[float, float]] = []
     with contextlib.ExitStack() as stack:
         qp = stack.enter_context(_pools(client, config))
         plain = stack.enter_context(_pools(client, config, auth=False)) if config.compare_auth else None
         floor = stack.enter_context(floor_round_trip())
+        ipc_floor = stack.enter_context(floor_round_trip(ipc=True))
         for pool in (qp, plain):
             if pool is not None:
                 pool.submit(noop, -1).result()
@@ -241,6 +244,7 @@ def latency(client: Client, config: BenchConfig) -> tuple[list[CaseResult], dict
                 plain_runs.append(percentiles(_round_trips(lambda i: plain.submit(noop, i).result(), 300)))
             dask_runs.append(percentiles(_round_trips(lambda i: client.submit(noop, i, pure=False).result(), 100)))
             floor_runs.append(percentiles(_round_trips(floor, 300)))
+            ipc_floor_runs.append(percentiles(_round_trips(ipc_floor, 300)))
     cases = [
         _latency_result("zdq submit().result()", zdq_runs),
         _latency_result("dask futures submit().result()", dask_runs),
@@ -250,12 +254,15 @@ def latency(client: Client, config: BenchConfig) -> tuple[list[CaseResult], dict
         "round trip p50: dask / zdq": statistics.median(d[0] / z[0] for z, d in zip(zdq_runs, dask_runs)),
         "latency_p50_vs_floor": statistics.median(z[0] / f[0] for z, f in zip(zdq_runs, floor_runs)),
         "latency_p99_vs_floor": statistics.median(z[1] / f[1] for z, f in zip(zdq_runs, floor_runs)),
+        # zdq reaches the brokers of its own host over ipc (zdq.transport.ipc): the floor of that.
+        "latency_p50_vs_ipc_floor": statistics.median(z[0] / f[0] for z, f in zip(zdq_runs, ipc_floor_runs)),
     }
     if plain_runs:
         cases.append(_latency_result("zdq submit().result() without authentication", plain_runs))
         ratios["round trip p50: with auth / without auth"] = statistics.median(
             z[0] / n[0] for z, n in zip(zdq_runs, plain_runs)
         )
+    cases.append(_latency_result("bare ZeroMQ via a broker over ipc (floor over Unix sockets)", ipc_floor_runs))
     return cases, ratios
 
 

@@ -3,7 +3,8 @@
 This process's DEALER sends a few raw bytes to a broker process's ROUTER, which forwards them by
 identity to a consumer process's DEALER; the consumer echoes them, and the broker forwards the
 echo back to this process. No pickling, no storage, no leases, no credit, no authentication, over
-tcp loopback as zdq's brokers: the least a single-task round trip through a broker can take here.
+tcp loopback (or, with ``ipc=True``, Unix sockets, as zdq reaches the brokers of its own host):
+the least a single-task round trip through a broker can take here.
 ``zdq bench --suite latency`` measures zdq's ``submit().result()`` against it in the same run.
 
 The broker binds (as zdq's do) and tells its port on a pipe; the consumer and this process
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
+import tempfile
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -31,13 +34,18 @@ _ECHO_TIMEOUT_MS = 10_000  # a round trip slower than this is a broken floor, no
 _STOP_LINGER_MS = 1000  # the broker's last forward (the consumer's stop) may take this long
 
 
-def _broker(port_conn: Connection) -> None:
+def _broker(port_conn: Connection, ipc_path: str | None = None) -> None:
     """ROUTER: a client's ``[payload]`` goes to the consumer as ``[client id, payload]``; the
-    consumer's ``[client id, payload]`` goes back to that client as ``[payload]``."""
+    consumer's ``[client id, payload]`` goes back to that client as ``[payload]``. Bound on
+    ``ipc_path`` if given (sends the endpoint), else on a TCP port of loopback (sends it)."""
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     try:
-        port_conn.send(router.bind_to_random_port("tcp://127.0.0.1"))
+        if ipc_path is not None:
+            router.bind(f"ipc://{ipc_path}")
+            port_conn.send(f"ipc://{ipc_path}")
+        else:
+            port_conn.send(f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}")
         port_conn.close()
         ready = False
         held: list[list[bytes]] = []  # client messages from before the consumer was ready
@@ -90,9 +98,10 @@ def _stop(proc: BaseProcess) -> None:
 
 
 @contextlib.contextmanager
-def floor_round_trip() -> Iterator[Callable[[int], None]]:
+def floor_round_trip(*, ipc: bool = False) -> Iterator[Callable[[int], None]]:
     """Start the broker and the consumer; yield one round trip (``call(i)`` sends ``i`` as bytes
     and returns when its echo is back), as :func:`~zdq.benchmark.cases.latency` times zdq's.
+    ``ipc``: over Unix sockets (as zdq reaches the brokers of its own host), not TCP loopback.
 
     Both processes are stopped on exit, killed if they do not stop within seconds.
 
@@ -101,7 +110,9 @@ def floor_round_trip() -> Iterator[Callable[[int], None]]:
     """
     spawn = multiprocessing.get_context("spawn")
     port_reader, port_writer = spawn.Pipe(duplex=False)
-    broker = spawn.Process(target=_broker, args=(port_writer,), name="zdq-floor-broker", daemon=True)
+    scratch = tempfile.TemporaryDirectory(prefix="zdq-floor-") if ipc else None  # mode 0700
+    ipc_path = os.path.join(scratch.name, "broker") if scratch is not None else None
+    broker = spawn.Process(target=_broker, args=(port_writer, ipc_path), name="zdq-floor-broker", daemon=True)
     consumer: BaseProcess | None = None
     ctx = zmq.Context()
     client = ctx.socket(zmq.DEALER)
@@ -111,7 +122,7 @@ def floor_round_trip() -> Iterator[Callable[[int], None]]:
         port_writer.close()
         if not port_reader.poll(_START_TIMEOUT):
             raise TimeoutError(f"the floor's broker process did not bind within {_START_TIMEOUT:.0f} s (a loaded machine?)")
-        endpoint = f"tcp://127.0.0.1:{port_reader.recv()}"
+        endpoint = str(port_reader.recv())
         consumer = spawn.Process(target=_consumer, args=(endpoint,), name="zdq-floor-consumer", daemon=True)
         consumer.start()
         client.connect(endpoint)
@@ -145,3 +156,5 @@ def floor_round_trip() -> Iterator[Callable[[int], None]]:
         port_reader.close()
         client.close(linger=0)
         ctx.term()
+        if scratch is not None:
+            scratch.cleanup()

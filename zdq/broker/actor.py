@@ -21,6 +21,7 @@ from zdq.stats import BrokerStats
 from zdq.storage.base import DeadLetter, Storage
 from zdq.storage.memory import MemoryStorage
 from zdq.transport.addresses import bind_address
+from zdq.transport.ipc import IpcBinding, serve_on_ipc
 from zdq.transport.security import Admission, ServerKeys
 from zdq.transport.sockets import (
     bind_router,
@@ -67,6 +68,7 @@ class Broker:
         self._keys = keys
         self._must_exist = must_exist
         self._auth: Admission | None = None
+        self._ipc: IpcBinding | None = None  # its Unix socket, for the peers of its host
         self._core: BrokerCore | None = None
         self._source: Source | None = None  # what the process's monitoring feed reports of it
         self.endpoint = ""
@@ -104,6 +106,7 @@ class Broker:
             raise
         try:
             serve_locally(sock, self.endpoint)
+            self._ipc = serve_on_ipc(sock, self.endpoint)
         except Exception:
             close_socket(sock)
             if self._auth is not None:
@@ -145,13 +148,16 @@ class Broker:
         self._release()
 
     def _release(self) -> None:
-        """Withdraw the inproc name and the ZAP domain (from the loop's thread when it stops by
+        """Withdraw the inproc name, the ipc file and the ZAP domain (from the loop's thread when it stops by
         itself, or from stop()); idempotent."""
         source, self._source = self._source, None
         if source is not None:
             remove_source(source)
         if self.endpoint:
             stop_serving_locally(self.endpoint)
+        ipc, self._ipc = self._ipc, None
+        if ipc is not None:
+            ipc.remove()
         auth, self._auth = self._auth, None
         if auth is not None:
             auth.stop()

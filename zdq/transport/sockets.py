@@ -21,6 +21,7 @@ import zmq
 
 from zdq.errors import AddressError
 from zdq.transport.addresses import tcp_endpoint
+from zdq.transport.ipc import ipc_endpoint
 from zdq.transport.reach import Watch
 from zdq.transport.security import Admission, ClientKeys, ServerKeys, secure_client, secure_server
 
@@ -390,16 +391,22 @@ class BrokerLinks:
         self.socks: list[zmq.Socket[Any]] = []
         self._index: dict[zmq.Socket[Any], int] = {}
         self._watches: dict[int, Watch] = {}
+        #: The address each link connected to: inproc, ipc (a broker of this host) or the TCP endpoint.
+        self.addresses: list[str] = []
 
     def _open(self, i: int, endpoint: str) -> zmq.Socket[Any]:
         local = self._route.address(i, endpoint) if self._route is not None else local_endpoint(self._ctx, endpoint)
         if local is not None:  # the broker is in this process: inproc, which needs no keys
             sock = connect_dealer(self._ctx, local, self._identity, max_message_size=self._max)
+            self._via(i, local)
         else:
+            # A broker of this host is reached over its Unix socket (still CurveZMQ), else over TCP.
+            address = ipc_endpoint(endpoint) or endpoint
+            self._via(i, address)
             sock = _dealer(self._ctx, self._identity, self._max, self._keys)
             try:
                 self._watches[i] = Watch(sock)  # before connecting: it sees the first attempt
-                _connect(sock, endpoint)
+                _connect(sock, address)
             except Exception:
                 self.settle(i)
                 close_socket(sock)
@@ -407,6 +414,12 @@ class BrokerLinks:
         sock.send_multipart(self._hello)
         self.poller.register(sock, zmq.POLLIN)
         return sock
+
+    def _via(self, i: int, address: str) -> None:
+        if i < len(self.addresses):
+            self.addresses[i] = address
+        else:
+            self.addresses.append(address)
 
     def add(self, endpoint: str) -> None:
         sock = self._open(len(self.socks), endpoint)

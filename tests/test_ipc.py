@@ -1,0 +1,147 @@
+"""ipc:// between a driver and the brokers of its own host, on real clusters: the links go over
+the brokers' Unix sockets (still CurveZMQ: other keys are refused), fall back to TCP when the
+socket is not usable from the driver, the files go when the pool closes, files of killed brokers
+are swept, and a durable broker SIGKILLed mid-task is recovered and reached over ipc again with
+the task re-delivered (tests/unit/test_ipc_paths.py has the pure parts)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+from distributed import Client
+
+from zdq import ConsumerPool, QueuePool
+from zdq.transport.ipc import ipc_dir, ipc_endpoint, ipc_path, sweep
+from zdq.transport.reach import Watch
+
+from .conftest import pid_of, wait_until
+from .tasks import add, mark_and_sleep
+
+pytestmark = pytest.mark.cluster
+
+FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
+ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def _addresses(qp: QueuePool) -> list[str]:
+    """The addresses the pool's driver connected its links to (read from the test's thread)."""
+    driver = qp._driver
+    assert driver is not None and driver._loop._bl is not None
+    return list(driver._loop._bl.addresses)
+
+
+def test_a_driver_reaches_the_brokers_of_its_host_over_ipc_with_curve_and_the_files_go_with_the_pool(
+    client: Client,
+) -> None:
+    with QueuePool(client, 2, **FAST) as qp:
+        addresses = _addresses(qp)
+        assert all(a.startswith("ipc://") for a in addresses), addresses
+        paths = [a[len("ipc://") :] for a in addresses]
+        directory = os.path.dirname(paths[0])
+        assert os.stat(directory).st_mode & 0o777 == 0o700 and os.stat(directory).st_uid == os.getuid()
+        with ConsumerPool(client, qp, n_consumers=2, max_concurrency=1) as consumers:
+            consumers.start()
+            assert [qp.submit(add, i, 1).result(timeout=30) for i in range(50)] == [i + 1 for i in range(50)]
+        # CurveZMQ holds over ipc: a peer with another pool's keys is refused at the handshake.
+        ctx = zmq.Context()
+        try:
+            intruder = ctx.socket(zmq.DEALER)
+            keys = qp.client_keys
+            assert keys is not None  # auth is on by default
+            public, secret = zmq.curve_keypair()  # not the pool's client key
+            intruder.setsockopt(zmq.CURVE_SERVERKEY, keys.server_public)
+            intruder.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            intruder.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            watch = Watch(intruder)
+            intruder.connect(addresses[0])
+            intruder.send(b"x")
+            assert intruder.poll(1000) == 0, "a peer without the pool's keys got an answer over ipc"
+            wait_until(lambda: "refused this peer's CurveZMQ keys" in watch.why(), timeout=10)
+            watch.close()
+            intruder.close(linger=0)
+        finally:
+            ctx.term()
+    wait_until(lambda: not any(os.path.exists(p) for p in paths), timeout=15)
+
+
+def test_a_driver_that_finds_no_usable_ipc_socket_connects_over_tcp(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The workers keep their own directory; this process looks in another one, as a driver on
+    # another host (or in another user's session) finds no socket for the brokers' endpoints.
+    monkeypatch.setenv("ZDQ_IPC_DIR", str(tmp_path))
+    with QueuePool(client, 1, **FAST) as qp:
+        assert all(a.startswith("tcp://") for a in _addresses(qp)), _addresses(qp)
+        with ConsumerPool(client, qp, n_consumers=1, max_concurrency=1) as consumers:
+            consumers.start()
+            assert qp.submit(add, 2, 3).result(timeout=30) == 5
+
+
+def test_a_socket_file_nothing_listens_on_falls_back_to_tcp_and_is_swept_once_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZDQ_IPC_DIR", str(tmp_path))
+    directory = ipc_dir(create=True)
+    assert directory is not None
+    endpoint = "tcp://127.0.0.1:40001"
+    path = ipc_path(directory, endpoint)
+    assert path is not None
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(path)
+    live.listen(1)
+    assert ipc_endpoint(endpoint) == f"ipc://{path}"
+    live.close()  # a killed broker's file: still there, nothing listens
+    assert os.path.exists(path) and ipc_endpoint(endpoint) is None
+    assert sweep(directory) == 0  # too young: a broker may have bound it and not listen yet
+    assert sweep(directory, now=time.time() + 120, limit=0) == 0  # probes are bounded
+    assert sweep(directory, now=time.time() + 120) == 1 and not os.path.exists(path)
+
+
+@pytest.mark.faults
+def test_a_durable_broker_killed_mid_task_is_reached_over_ipc_again_and_the_task_is_redelivered(
+    client3: Client, tmp_path: Path
+) -> None:
+    marker = str(tmp_path / "started")
+    with QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **FAST) as qp:
+        assert _addresses(qp)[0].startswith("ipc://"), _addresses(qp)
+        first = _addresses(qp)[0]
+        with ConsumerPool(client3, qp, n_consumers=1, max_concurrency=1, workers=["b"]) as consumers:
+            consumers.start()
+            fut = qp.submit(mark_and_sleep, marker, 1.0)
+            wait_until(lambda: os.path.exists(marker), timeout=30)
+            os.kill(pid_of(client3, "a"), signal.SIGKILL)
+            assert fut.result(timeout=60) == 1.0  # re-delivered or its DONE reached the new broker
+            wait_until(lambda: qp.recoveries >= 1, timeout=60)
+            wait_until(lambda: _addresses(qp)[0] != first, timeout=30)
+            assert _addresses(qp)[0].startswith("ipc://"), _addresses(qp)
+            assert qp.submit(add, 1, 2).result(timeout=30) == 3
+
+
+def test_a_process_that_exits_with_a_broker_still_serving_removes_its_file_and_a_forked_child_does_not(
+    tmp_path: Path,
+) -> None:
+    script = f"""
+import os, sys, zmq
+os.environ["ZDQ_IPC_DIR"] = {str(tmp_path)!r}
+from zdq.transport.ipc import serve_on_ipc
+sock = zmq.Context.instance().socket(zmq.ROUTER)
+binding = serve_on_ipc(sock, "tcp://127.0.0.1:40009")
+print(binding.path, flush=True)
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)  # a child's exit (atexit runs) must not remove its parent's file
+os.waitpid(pid, 0)
+print(os.path.exists(binding.path), flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    path, alive_after_child = out.stdout.split()[:2]
+    assert alive_after_child == "True", out.stderr
+    assert not os.path.exists(path), "the file outlived its process's normal exit"
