@@ -123,8 +123,11 @@ def test_results_that_come_before_the_held_back_confirm_replace_it(
     # A burst of chunks is confirmed at once, without waiting for the delay.
     for seq in range(2, 2 + zdq.broker.core._CONFIRM_BATCH):
         driver.send_multipart(p.encode(p.Put(seq, 1, b"chunk")))
-    confirmed = [_recv(driver, 1.0) for _ in range(zdq.broker.core._CONFIRM_BATCH)]
-    assert all(isinstance(m, p.Confirm) and m.status is p.Status.STORED for m in confirmed)
+    # In one message: a CONFIRMS naming each chunk.
+    confirmed = _recv(driver, 1.0)
+    assert isinstance(confirmed, p.Confirms), confirmed
+    assert confirmed.seqs == tuple(range(2, 2 + zdq.broker.core._CONFIRM_BATCH)) and len(set(confirmed.chunk_ids)) == len(confirmed.seqs)
+    assert _recv(driver, 0.5) is None
 
 
 def test_a_consumer_in_the_brokers_process_is_reached_over_inproc_and_served_first(zmq_ctx: zmq.Context) -> None:

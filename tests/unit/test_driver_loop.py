@@ -237,6 +237,49 @@ def test_a_confirm_frees_the_brokers_window_slot(sent: list[tuple[int, Any]]) ->
     assert loop._links[0].unconfirmed == 0 and loop._ledger.buffered_chunks == 0
 
 
+def test_confirms_free_every_slot_they_name_with_one_wake(sent: list[tuple[int, Any]]) -> None:
+    loop = make()
+    recs = [put_chunk(loop, confirm=False)[0] for _ in range(3)]
+    assert loop._links[0].unconfirmed == 3 and loop._ledger.buffered_chunks == 3
+    seqs = tuple(r.seq for r in recs[:2])
+    loop._handle(loop._links[0], p.encode(p.Confirms(seqs, (100, 101))))
+    assert [r.confirmed for r in recs] == [True, True, False] and [r.chunk_id for r in recs[:2]] == [100, 101]
+    assert loop._links[0].unconfirmed == 1 and loop._ledger.buffered_chunks == 1
+    assert all(r.payload is None for r in recs[:2]) and loop._outcomes.bad == 0
+
+
+def test_confirms_naming_unknown_chunks_confirm_the_others_and_count_as_bad(sent: list[tuple[int, Any]]) -> None:
+    loop = make()
+    first, _ = put_chunk(loop, confirm=False)
+    other, _ = put_chunk(loop, 2, broker=1, confirm=False)
+    # Another broker's chunk, a chunk already confirmed (the same pair twice), one never sent.
+    pairs = ((first.seq, 7), (other.seq, 8), (first.seq, 7), (10_000, 9))
+    loop._handle(loop._links[0], p.encode(p.Confirms(*map(tuple, zip(*pairs)))))
+    assert first.confirmed and first.chunk_id == 7 and not other.confirmed
+    assert loop._links[0].unconfirmed == 0 and loop._links[1].unconfirmed == 1 and loop._outcomes.bad == 1
+
+
+@pytest.mark.parametrize("max_pending", [None, 100])
+def test_results_wake_the_waiters_at_the_last_outcome_or_at_each_under_max_pending(
+    sent: list[tuple[int, Any]], monkeypatch: pytest.MonkeyPatch, max_pending: int | None
+) -> None:
+    from zdq.codec.results import dumps_results
+
+    loop = make()
+    ledger = loop._ledger
+    ledger.max_pending = max_pending
+    chunks = [put_chunk(loop) for _ in range(2)]
+    wakes: list[int] = []  # how many chunks still await results at each wake
+    notify_all = ledger.cond.notify_all
+    monkeypatch.setattr(ledger.cond, "notify_all", lambda: (wakes.append(len(ledger.records)), notify_all()))
+    for rec, _ in chunks:
+        results = dumps_results(rec.base, [1, 2], {}, ledger.payload_key)
+        loop._handle(loop._links[0], p.encode(p.Results(rec.seq, rec.chunk_id, b"c" * 16, results)))
+        loop._outcomes.settle_all()
+    assert [f.result(0) for _, futs in chunks for f in futs] == [1, 2, 1, 2]
+    assert wakes == ([0] if max_pending is None else [1, 0]) and ledger.wait_results(0)
+
+
 def test_a_refused_chunk_fails_its_tasks_and_frees_its_slot(sent: list[tuple[int, Any]]) -> None:
     loop = make()
     rec, futs = put_chunk(loop, confirm=False)

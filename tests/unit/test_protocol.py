@@ -14,6 +14,8 @@ MESSAGES = [
     p.Put(7, 1000, b"chunk"),
     p.Confirm(7, 3, p.Status.STORED, b""),
     p.Confirm(8, 0, p.Status.FULL, b"map full"),
+    p.Confirms((7, 8, 9), (3, 4, 12)),
+    p.Confirms((), ()),
     p.Fetch(2),
     p.Deliver(3, 1000, 1, b"chunk"),
     p.Done(3, 1000, b"results"),
@@ -67,6 +69,9 @@ def _head(command: int, header: bytes = b"") -> bytes:
         [_head(p.Command.SPLIT, b"\0" * 12)],
         [_head(p.Command.DEAD, b"\0" * 16), b"x"],
         [_head(p.Command.RACK, b"\0\0\0\2" + b"\0" * 8)],
+        [_head(p.Command.CONFIRMS, b"\0\0\0\1" + b"\0" * 8)],  # a seq without its chunk id
+        [_head(p.Command.CONFIRMS, b"\0\0\0\1" + b"\0" * 16), b"extra"],
+        [_head(p.Command.CONFIRMS, b"\0\0")],
         [_head(p.Command.SYNC, b"\0" * 8 + b"\0\0\0\1")],
         [_head(p.Command.SYNC, b"\0" * 8)],
         [_head(p.Command.STATUS, b"\0" * 48 + b"\0\0\0\2" + b"\0" * 8)],
@@ -89,6 +94,14 @@ def test_version_command_and_header_share_one_frame() -> None:
     frames = p.encode(p.Put(7, 1000, b"chunk"))
     assert len(frames) == 2 and frames[0].startswith(p.VERSION) and frames[0][len(p.VERSION)] == p.Command.PUT
     assert p.encode(p.Heartbeat()) == [p.VERSION + bytes([p.Command.HEARTBEAT])]
+
+
+def test_confirms_carry_their_pairs_in_one_frame_and_refuse_unmatched_lists() -> None:
+    frames = p.encode(p.Confirms((1, 2), (10, 20)))
+    assert len(frames) == 1 and frames[0][len(p.VERSION)] == p.Command.CONFIRMS
+    assert len(frames[0]) == len(p.VERSION) + 1 + 4 + 2 * 16
+    with pytest.raises(ProtocolError, match="2 seqs and 1 chunk ids"):
+        p.encode(p.Confirms((1, 2), (10,)))
 
 
 def test_a_chunk_of_pickled_tasks_must_hold_pickled_task_tuples() -> None:

@@ -622,8 +622,18 @@ class BrokerCore:
 
     def _send_confirms(self) -> None:
         # The chunks were committed in their round (group commit): confirming them now is safe.
+        # One message per driver: a CONFIRMS for several (one send here, one receive, decode and
+        # wake of its submitter there, instead of one per chunk), a plain CONFIRM for one.
+        by_driver: dict[bytes, tuple[list[int], list[int]]] = {}
         for (ident, seq), chunk_id in self._confirms.items():
-            self._send(ident, p.Confirm(seq, chunk_id, p.Status.STORED))
+            seqs, ids = by_driver.setdefault(ident, ([], []))
+            seqs.append(seq)
+            ids.append(chunk_id)
+        for ident, (seqs, ids) in by_driver.items():
+            if len(seqs) == 1:
+                self._send(ident, p.Confirm(seqs[0], ids[0], p.Status.STORED))
+            else:
+                self._send(ident, p.Confirms(tuple(seqs), tuple(ids)))
         self._confirms.clear()
         self._confirm_due = math.inf
 

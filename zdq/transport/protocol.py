@@ -23,6 +23,8 @@ CONFIRM    broker→driver           seq, chunk id, status; once the chunk is st
                                    CONFIRM is held back a moment: RESULTS sent first confirm it); a unique
                                    chunk whose key is held is not stored: DUPLICATE names the chunk
                                    holding it (its RESULTS follow), UNIQUE_HELD refuses it
+CONFIRMS   broker→driver           n, then n pairs (seq, chunk id) in the head: several stored chunks
+                                   confirmed in one message (CONFIRM's STORED, held back together)
 FETCH      consumer→broker         credit: how many more chunks the consumer accepts; 0 withdraws
                                    every credit it gave (a DELIVER already on its way may still come)
 READY      broker→consumer         chunks are ready here and this consumer holds no credit: ask if
@@ -82,6 +84,7 @@ __all__ = [
     "Hello",
     "Put",
     "Confirm",
+    "Confirms",
     "Fetch",
     "Deliver",
     "Done",
@@ -113,7 +116,7 @@ __all__ = [
 ]
 
 #: First bytes of every message; the last byte is the protocol version.
-VERSION = b"ZDQ\x03"
+VERSION = b"ZDQ\x04"
 #: Size of the random identities of drivers and consumers.
 ID_SIZE = 16
 
@@ -140,6 +143,7 @@ class Command(enum.IntEnum):
     CANCEL = 19
     CANCELLED = 20
     EXPIRED = 21
+    CONFIRMS = 22
 
 
 class Role(enum.IntEnum):
@@ -190,6 +194,15 @@ class Confirm(NamedTuple):
     chunk_id: int
     status: Status
     detail: bytes = b""
+
+
+class Confirms(NamedTuple):
+    """Several chunks stored: ``seqs[i]`` (the driver's number) is stored as ``chunk_ids[i]``.
+    One message for a driver's confirms held back together: one send, receive and decode for
+    them all, where CONFIRMs cost one each."""
+
+    seqs: tuple[int, ...]
+    chunk_ids: tuple[int, ...]
 
 
 class Fetch(NamedTuple):
@@ -294,7 +307,7 @@ class Bye(NamedTuple):
 
 
 Message = Union[
-    Hello, Put, Confirm, Fetch, Deliver, Done, Results, Return, Ack, Lost, Expired, Dead, Split, Rack, Ready, Sync,
+    Hello, Put, Confirm, Confirms, Fetch, Deliver, Done, Results, Return, Ack, Lost, Expired, Dead, Split, Rack, Ready, Sync,
     QueueStatus, Cancel, Cancelled, Heartbeat, Bye,
 ]
 
@@ -317,6 +330,7 @@ MAX_KEY = 1024
 #: The widest spacing a DELIVER may ask between task starts (a slow limit's, shared by many queues).
 MAX_SPACING = 1e9
 _CONFIRM = _layout(Command.CONFIRM, "QQB")
+_CONFIRMS = _layout(Command.CONFIRMS, "I")  # count; followed by (seq, chunk id) pairs, 16 bytes each
 _FETCH = _layout(Command.FETCH, "I")
 _DELIVER = _layout(Command.DELIVER, "QII")
 _DELIVER_PACED = _layout(Command.DELIVER, "QIId")  # a rate-limited chunk: the plain head + its spacing
@@ -378,6 +392,16 @@ def _encode_rack(m: Rack) -> list[Any]:
     return [_RACK.pack(_V, Command.RACK, len(ids)) + struct.pack(f">{len(ids)}Q", *ids)]
 
 
+def _encode_confirms(m: Confirms) -> list[Any]:
+    seqs, ids = m.seqs, m.chunk_ids
+    n = len(seqs)
+    if len(ids) != n:
+        raise ProtocolError(f"CONFIRMS of {n} seqs and {len(ids)} chunk ids")
+    pairs = [0] * (2 * n)
+    pairs[0::2], pairs[1::2] = seqs, ids
+    return [_CONFIRMS.pack(_V, Command.CONFIRMS, n) + struct.pack(f">{2 * n}Q", *pairs)]
+
+
 def _encode_sync(m: Sync) -> list[Any]:
     seqs = m.seqs
     return [_SYNC.pack(_V, Command.SYNC, m.token, len(seqs)) + struct.pack(f">{len(seqs)}Q", *seqs)]
@@ -413,6 +437,7 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Put: _encode_put,
     Results: lambda m: [_RESULTS.pack(_V, Command.RESULTS, m.seq, m.chunk_id, m.consumer), m.results],
     Confirm: lambda m: [_CONFIRM.pack(_V, Command.CONFIRM, m.seq, m.chunk_id, m.status), m.detail],
+    Confirms: _encode_confirms,
     Fetch: lambda m: [_FETCH.pack(_V, Command.FETCH, m.credit)],
     Return: lambda m: [_ID.pack(_V, Command.RETURN, m.chunk_id)],
     Ack: lambda m: [_ID.pack(_V, Command.ACK, m.chunk_id)],
@@ -536,6 +561,16 @@ def _ids_after(layout: struct.Struct, head: bytes, f: Sequence[Any]) -> tuple[tu
     return fields, struct.unpack_from(f">{count}Q", head, layout.size)
 
 
+def _confirms(head: bytes, f: Sequence[Any]) -> Message:
+    if len(f) != 1 or len(head) < _CONFIRMS.size:
+        raise ProtocolError("CONFIRMS is one frame: a header and the pairs")
+    count = _CONFIRMS.unpack_from(head)[-1]
+    if count > MAX_SPLIT or len(head) != _CONFIRMS.size + 16 * count:
+        raise ProtocolError(f"CONFIRMS announces {count} pairs and carries {len(head) - _CONFIRMS.size} bytes")
+    pairs = struct.unpack_from(f">{2 * count}Q", head, _CONFIRMS.size)
+    return Confirms(pairs[0::2], pairs[1::2])
+
+
 def _sync(head: bytes, f: Sequence[Any]) -> Message:
     fields, seqs = _ids_after(_SYNC, head, f)
     return Sync(fields[2], seqs)
@@ -584,6 +619,7 @@ _DECODERS: dict[int, Callable[[bytes, Sequence[Any]], Message]] = {
     Command.DONE: _done,
     Command.RESULTS: _results,
     Command.CONFIRM: _confirm,
+    Command.CONFIRMS: _confirms,
     Command.FETCH: lambda h, f: Fetch(_unpack(_FETCH, h, f, 1)[2]),
     Command.RETURN: lambda h, f: Return(_unpack(_ID, h, f, 1)[2]),
     Command.ACK: lambda h, f: Ack(_unpack(_ID, h, f, 1)[2]),

@@ -511,24 +511,54 @@ class Ledger:
         fails it with :meth:`fail_records`). Its room in the buffers is free. ``follows``: not
         stored, it follows chunk ``chunk_id``, which holds its unique key (its results are ours)."""
         with self.cond:
-            rec = self.records.get(seq)
-            if rec is None or rec.confirmed or rec.broker != broker:
+            rec = self._unconfirmed(seq, broker)
+            if rec is None:
                 raise ProtocolError(f"CONFIRM of unknown chunk {seq}")
-            self.buffered_chunks -= 1
-            self.buffered_bytes -= rec.nbytes
             if stored:
-                rec.confirmed = True
-                if follows:  # kept to be sent again if the broker restarts (see follow_again)
-                    self.following.add(seq)
-                else:
-                    rec.payload = None
-                rec.chunk_id = chunk_id
-                if rec.remaining <= 0:  # every task of it was cancelled meanwhile
-                    del self.records[seq]
+                self._stored(rec, chunk_id, follows)
             else:
+                self.buffered_chunks -= 1
+                self.buffered_bytes -= rec.nbytes
                 del self.records[seq]
             self.cond.notify_all()
         return rec
+
+    def confirm_stored(self, seqs: Sequence[int], broker: int, chunk_ids: Sequence[int]) -> tuple[int, list[int]]:
+        """Broker ``broker`` stored chunks ``seqs`` as ``chunk_ids`` (a CONFIRMS): :meth:`confirm`
+        of each, under one lock and with one wake of the waiting submitters. Return how many were
+        confirmed, and the seqs that name no chunk unconfirmed at that broker (skipped: the
+        caller drops them as a malformed CONFIRM)."""
+        unknown: list[int] = []
+        with self.cond:
+            for seq, chunk_id in zip(seqs, chunk_ids):
+                rec = self._unconfirmed(seq, broker)
+                if rec is None:
+                    unknown.append(seq)
+                else:
+                    self._stored(rec, chunk_id, False)
+            self.cond.notify_all()
+        return len(seqs) - len(unknown), unknown
+
+    def _unconfirmed(self, seq: int, broker: int) -> Record | None:
+        """(``cond`` held.) Chunk ``seq`` if it was sent to ``broker`` and is not confirmed yet."""
+        rec = self.records.get(seq)
+        if rec is None or rec.confirmed or rec.broker != broker:
+            return None
+        return rec
+
+    def _stored(self, rec: Record, chunk_id: int, follows: bool) -> None:
+        """(``cond`` held.) ``rec``'s broker stored it as ``chunk_id`` (or, ``follows``, it follows
+        that chunk): its room in the buffers is free, its payload too unless it may be sent again."""
+        self.buffered_chunks -= 1
+        self.buffered_bytes -= rec.nbytes
+        rec.confirmed = True
+        if follows:  # kept to be sent again if the broker restarts (see follow_again)
+            self.following.add(rec.seq)
+        else:
+            rec.payload = None
+        rec.chunk_id = chunk_id
+        if rec.remaining <= 0:  # every task of it was cancelled meanwhile
+            del self.records[rec.seq]
 
     # -- brokers lost, rerouted (the I/O thread) -------------------------------------------------
     def requeue(self, broker: int) -> int:

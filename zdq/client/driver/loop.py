@@ -360,6 +360,9 @@ class DriverLoop:
             msg = p.decode(frames)
             if type(msg) is p.Results:
                 return self._on_results(link, msg)
+            if type(msg) is p.Confirms:
+                self._on_confirms(link, msg)
+                return None
             if type(msg) is p.Confirm:
                 self._on_confirm(link, msg)
                 return None
@@ -391,6 +394,14 @@ class DriverLoop:
                 else ZdqError(f"queue {name} refused a chunk ({msg.status.name}): {detail}")
             )
             self._outcomes.fail_records([rec], exc)
+
+    def _on_confirms(self, link: Link, msg: p.Confirms) -> None:
+        """Several chunks stored at once: one lock and one wake of the submitter for them all."""
+        confirmed, unknown = self._ledger.confirm_stored(msg.seqs, link.index, msg.chunk_ids)
+        link.unconfirmed -= confirmed
+        link.confirmed_at = time.monotonic()
+        if unknown:
+            raise ProtocolError(f"CONFIRMS of {len(unknown)} unknown chunks (seqs {unknown[:8]})")
 
     def _on_results(self, link: Link, msg: p.Results) -> int:
         outcomes = self._outcomes

@@ -235,6 +235,16 @@ class Outcomes:
                 rec.remaining -= n
                 if rec.remaining <= 0:
                     self.ledger.records.pop(rec.seq, None)
+            self._notify_settled()
+
+    def _notify_settled(self) -> None:
+        """(``cond`` held.) Wake the threads that wait for outcomes, when one of them may go on:
+        ``max_pending`` waits on every outcome, ``wait_results`` (a ``join``) on the last one. Not
+        on every chunk otherwise: a ``join`` woken per chunk to find work left takes the
+        interpreter from this thread a thousand times a million tasks. (Room in the buffers is
+        freed by confirms, which notify for themselves.)"""
+        ledger = self.ledger
+        if ledger.max_pending is not None or not (ledger.records or ledger.loose):
             self.cond.notify_all()
 
     # -- failing (any thread) --------------------------------------------------------------------

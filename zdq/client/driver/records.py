@@ -150,5 +150,6 @@ class Books(Protocol):
     closed_by: BaseException | None
     submitted: int
     packing: tuple[int, int] | None
+    max_pending: int | None
 
     def unqueue(self, rec: Record) -> bool: ...
