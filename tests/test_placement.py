@@ -63,10 +63,9 @@ def test_consumers_placed_started_start_at_the_same_time_and_serve(client: Clien
     shutil.rmtree(_MEET, ignore_errors=True)
     _MEET.mkdir()
     try:
-        with QueuePool(client, 2) as qp:
-            with ConsumerPool(client, qp, Rendezvous, n_consumers=_MEETING, start=True):
-                assert sorted(p.name for p in _MEET.iterdir()) == [f"Rendezvous-{i}" for i in range(_MEETING)]
-                assert qp.put_many(list(range(100))).result(timeout=30) == list(range(100))
+        with QueuePool(client, 2) as qp, ConsumerPool(client, qp, Rendezvous, n_consumers=_MEETING, start=True):
+            assert sorted(p.name for p in _MEET.iterdir()) == [f"Rendezvous-{i}" for i in range(_MEETING)]
+            assert qp.put_many(list(range(100))).result(timeout=30) == list(range(100))
     finally:
         shutil.rmtree(_MEET, ignore_errors=True)
 

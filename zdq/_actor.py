@@ -74,8 +74,8 @@ _GONE = object()
 
 def _constructing(actors: Mapping[Any, Any]) -> Any:
     """The key of the actor whose constructor runs on this thread (Dask names the task it runs
-    in ``distributed.utils.thread_state``), or None."""
-    from distributed.utils import thread_state
+    in ``dask.context.thread_state``), or None."""
+    from dask.context import thread_state  # what distributed.utils.set_thread_state sets
 
     key = getattr(thread_state, "key", None)
     return key if key is not None and key in actors and actors[key] is None else None
