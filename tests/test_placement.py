@@ -77,6 +77,8 @@ def test_a_consumer_that_cannot_start_at_placement_fails_it_naming_its_worker(cl
             ConsumerPool(client, qp, FailsOnItsSecondSlot, n_consumers=2, start=True)
         message = str(info.value)
         assert "FailsOnItsSecondSlot-1" in message and second in message and "no device here" in message, message
+        # The consumer that did start was stopped with the placement, not at its next heartbeat.
+        assert not [t for ts in client.run(_consumer_threads).values() for t in ts if "FailsOnItsSecondSlot" in t]
         # The pool still serves a ConsumerPool that can start (the failed one left nothing behind).
         with ConsumerPool(client, qp, n_consumers=1, start=True):
             assert qp.submit(add, 2, 3).result(timeout=30) == 5

@@ -173,9 +173,24 @@ class ConsumerSlots:
                 self._adopt(i, fut, ident, actor)
             self._started_with = given if start else None
         except BaseException:
+            if start:
+                self._stop_started([fut for _, fut, _ in submitted])
             for _, fut, _ in submitted:
                 release_future(fut)
             raise
+
+    def _stop_started(self, futures: list[Any]) -> None:
+        """A placement with ``start`` failed after some consumers started: stop those (released
+        only, each would stop at its next heartbeat, and might take a chunk meanwhile). Bounded;
+        a consumer that cannot be stopped now still stops at its next heartbeat."""
+        created = [fut for fut in futures if fut.status == "finished"]
+        try:
+            actors = gather_actors(self.client, created, 10.0)
+            calls = [actor.stop() for actor in actors]
+            for call in calls:
+                call.result(timeout=10)
+        except Exception as e:  # noqa: BLE001 - its worker is gone: it stops by itself
+            logger.debug("stopping the consumers of a failed placement failed: %s", e)
 
     def _wait_created(self, placing: list[tuple[int, Any]], timeout: float, known: dict[str, Any] | None = None) -> None:
         """Wait (``timeout`` for all) until the actors of ``placing`` (slot, future) are created;
