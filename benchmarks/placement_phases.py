@@ -21,7 +21,7 @@ import psutil
 from distributed import Client, LocalCluster
 
 from zdq import ConsumerPool, QueuePool
-from zdq.benchmark.scale import _Idle
+from zdq.benchmark.scale import _dask_placement
 from zdq.client import brokers, consumer_pool, consumers, queue_pool
 
 PHASES: list[tuple[str, float]] = []
@@ -66,24 +66,6 @@ def all_cpu(client: Client) -> float:
     return sum(client.run(_cpu).values()) + _cpu()
 
 
-def dask_placement(client: Client, n: int, gather: bool = True) -> float:
-    """Seconds to place ``n`` trivial actors, fetch their proxies (at once, or one ``result()``
-    at a time) and call each once."""
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
-    start = time.perf_counter()
-    futures = [
-        client.submit(_Idle, actor=True, workers=[workers[i % len(workers)]], pure=False, key=f"bench-idle-{i}-{time.time_ns()}")
-        for i in range(n)
-    ]
-    actors: list[Any] = client.gather(futures) if gather else [f.result(timeout=300) for f in futures]
-    assert all(call.result(timeout=300) == 1 for call in [a.ping() for a in actors])
-    took = time.perf_counter() - start
-    del actors
-    for f in futures:
-        f.release()
-    return took
-
-
 def main(n: int, rounds: int) -> None:
     with (
         LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None) as cluster,
@@ -93,10 +75,10 @@ def main(n: int, rounds: int) -> None:
         time.sleep(1)
         q, c = max(1, n // 2), 2 * n
         for _ in range(rounds):
-            seq = dask_placement(client, q + c, gather=False)
+            seq = _dask_placement(client, q + c, one_by_one=True)
             time.sleep(0.5)
             c0 = all_cpu(client)
-            dask = dask_placement(client, q + c)
+            dask = _dask_placement(client, q + c)
             dask_cpu = all_cpu(client) - c0
             time.sleep(0.5)
             PHASES.clear()

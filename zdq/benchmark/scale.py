@@ -110,8 +110,9 @@ class _Idle:
         return 1
 
 
-def _dask_placement(client: Client, n: int) -> float:
-    """Seconds to place ``n`` trivial actors over the workers (in parallel) and call each once."""
+def _dask_placement(client: Client, n: int, one_by_one: bool = False) -> float:
+    """Seconds to place ``n`` trivial actors over the workers (in parallel) and call each once;
+    ``one_by_one``: their proxies fetched one ``result()`` at a time (the floor before issue 26)."""
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     start = time.perf_counter()
     futures = [
@@ -120,7 +121,9 @@ def _dask_placement(client: Client, n: int) -> float:
     ]
     # The proxies in one round trip for all, as zdq fetches its own (one result() each, one after
     # the other, cost a round trip per actor that zdq does not pay: the floor would not be one).
-    actors: list[Any] = client.gather(futures)  # proxies: ping() returns a future
+    actors: list[Any] = (  # proxies: ping() returns a future
+        [f.result(timeout=300) for f in futures] if one_by_one else client.gather(futures)
+    )
     assert all(call.result(timeout=300) == 1 for call in [a.ping() for a in actors])
     took = time.perf_counter() - start
     del actors
