@@ -49,7 +49,8 @@ def liveness_probe(instance: object) -> Callable[[], bool]:
 
     Dask drops an actor from ``worker.state.actors`` when its last future is released (the pool
     object was closed or garbage-collected) but calls no hook: the actor's own threads poll this
-    to stop by themselves instead of running forever.
+    to stop by themselves instead of running forever. Called from the actor's constructor, it
+    follows the actor's key, which Dask holds (with ``None``) while the constructor runs.
     """
     worker = _worker()
     state = getattr(worker, "state", None)
@@ -57,10 +58,27 @@ def liveness_probe(instance: object) -> Callable[[], bool]:
     if actors is None:
         return lambda: True
     keys = [k for k, v in actors.items() if v is instance]
-    if not keys:
+    if keys:
+        key = keys[0]
+        return lambda: actors.get(key) is instance
+    key = _constructing(actors)
+    if key is None:
         return lambda: True
-    key = keys[0]
-    return lambda: actors.get(key) is instance
+    # Asked in the actor's constructor (a consumer started at placement): Dask holds the actor's
+    # key with None until the constructor returns, then the instance; released, the key goes.
+    return lambda: (held := actors.get(key, _GONE)) is instance or held is None
+
+
+_GONE = object()
+
+
+def _constructing(actors: Mapping[Any, Any]) -> Any:
+    """The key of the actor whose constructor runs on this thread (Dask names the task it runs
+    in ``dask.context.thread_state``), or None."""
+    from dask.context import thread_state  # what distributed.utils.set_thread_state sets
+
+    key = getattr(thread_state, "key", None)
+    return key if key is not None and key in actors and actors[key] is None else None
 
 
 def check_resources(resources: Any) -> dict[str, float] | None:

@@ -5,8 +5,10 @@ pool of ``workers / 2`` queues and ``2 × workers`` consumers is placed on it (6
 queues on 32 workers at the top). Measured there:
 
 - **placement**: seconds from ``QueuePool(...)`` to consumers started, and per actor placed;
-  beside it, **bare Dask's own**: as many trivial actors placed on the same workers (all at once)
-  and each called once, which is the floor of any design that places Dask actors;
+  beside it, **bare Dask's own**: as many trivial actors placed on the same workers (all at once,
+  their proxies fetched in one round trip, as zdq fetches its own) and each called once, which is
+  the floor of any design that places Dask actors; and the ratio ``zdq placement / bare Dask``
+  per cluster size;
 - **placement CPU** per actor: the CPU time all processes (workers, scheduler and client) spend
   while placing, minus what they burn idle over as long, per actor. On a machine with fewer
   cores than workers, idle workers take a share of the cores that grows with their number, and the
@@ -47,6 +49,7 @@ class ScaleResult:
     placement_seconds: float
     per_actor_seconds: float
     dask_per_actor_seconds: float  # bare Dask: trivial actors placed and called once each
+    placement_vs_dask: float  # zdq's placement seconds / bare Dask's, as many actors, same cluster
     cpu_per_actor_seconds: float  # CPU of every process while placing, idle burn removed
     dask_cpu_per_actor_seconds: float
     idle_cores: float  # cores the cluster burns idle (every process), before placing
@@ -107,15 +110,20 @@ class _Idle:
         return 1
 
 
-def _dask_placement(client: Client, n: int) -> float:
-    """Seconds to place ``n`` trivial actors over the workers (in parallel) and call each once."""
+def _dask_placement(client: Client, n: int, one_by_one: bool = False) -> float:
+    """Seconds to place ``n`` trivial actors over the workers (in parallel) and call each once;
+    ``one_by_one``: their proxies fetched one ``result()`` at a time (the floor before issue 26)."""
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     start = time.perf_counter()
     futures = [
         client.submit(_Idle, actor=True, workers=[workers[i % len(workers)]], pure=False, key=f"bench-idle-{i}-{time.time_ns()}")
         for i in range(n)
     ]
-    actors: list[Any] = [f.result(timeout=300) for f in futures]  # proxies: ping() returns a future
+    # The proxies in one round trip for all, as zdq fetches its own (one result() each, one after
+    # the other, cost a round trip per actor that zdq does not pay: the floor would not be one).
+    actors: list[Any] = (  # proxies: ping() returns a future
+        [f.result(timeout=300) for f in futures] if one_by_one else client.gather(futures)
+    )
     assert all(call.result(timeout=300) == 1 for call in [a.ping() for a in actors])
     took = time.perf_counter() - start
     del actors
@@ -165,6 +173,7 @@ def one_scale(workers: int, tasks: int, fan_out: int | None = None, idle_seconds
         placement_seconds=placement,
         per_actor_seconds=placement / (queues + consumers),
         dask_per_actor_seconds=dask_placement / (queues + consumers),
+        placement_vs_dask=placement / dask_placement,
         cpu_per_actor_seconds=placing.spent / (queues + consumers),
         dask_cpu_per_actor_seconds=dask_cpu.spent / (queues + consumers),
         idle_cores=idle_cores,
@@ -183,6 +192,8 @@ def run_scale(
     results = [one_scale(w, tasks, fan_out, idle_seconds) for w in scales]
     report: dict[str, Any] = {"scales": [asdict(r) for r in results]}
     by_size = {r.workers: r for r in results}
+    for r in results:  # issue 26, point 7: within 2x of bare Dask's
+        report[f"placement zdq / bare Dask, {r.workers} workers"] = r.placement_vs_dask
     if 16 in by_size and 32 in by_size:
         report["per actor: 32 workers / 16 workers"] = by_size[32].per_actor_seconds / by_size[16].per_actor_seconds
         report["bare Dask per actor: 32 workers / 16 workers"] = (

@@ -49,7 +49,7 @@ from distributed import Client
 from zdq._actor import candidate_workers
 from zdq.broker import Broker
 from zdq.client import registry
-from zdq.client.slots import ActorSlots, SlotsClosed, place_actor, release_future
+from zdq.client.slots import ActorSlots, SlotsClosed, gather_actors, place_actor, release_future
 from zdq.config import PoolSettings
 from zdq.client.driver import Driver
 from zdq.errors import BrokerLost, ClosedError, PlacementError, QueueLocked, QueueMissing, StorageCorrupt, ZdqError
@@ -309,7 +309,7 @@ class PlacedQueues:
         try:
             known = self.client.scheduler_info(n_workers=-1)["workers"]  # asked once, not per queue
             futures = [self._submit(i, known=known) for i in range(self.n_queues)]
-            brokers = [fut.result(timeout=self.settings.placement_timeout) for fut in futures]
+            brokers = gather_actors(self.client, futures, self.settings.placement_timeout)  # one round trip
             for i, (fut, broker) in enumerate(zip(futures, brokers)):
                 self.slots.adopt(i, fut, broker)
             # A durable queue keeps the payload key of the pool that created it, so that a pool

@@ -234,12 +234,13 @@ class ConsumerPool:
         registry.subscribe(self)
         registry.consumers_changed()
         try:
-            self._consumers.place_all()
+            # Placed started, each consumer starts in its constructor: start() then only checks reach.
+            self._consumers.place_all(start=start)
         except Exception as e:
             self.close()
             raise PlacementError(f"could not place consumers: {e}") from e
         if start:
-            self.start()
+            self._start(started=True)
 
     # -- asynchronous clients (see zdq.client.asynchronous) --------------------------------------
     def __await__(self) -> Generator[Any, None, ConsumerPool]:
@@ -334,12 +335,20 @@ class ConsumerPool:
             running (and connecting); the message names each queue, its worker, the consumers
             that tried, and why they failed.
         """
+        self._start(started=False)
+
+    def _start(self, started: bool) -> None:
+        """:meth:`start`; ``started``: the consumers were placed started (by their constructors),
+        and are told only of queues that moved since."""
         self._check_open()
         self.queue_pool.driver  # a QueuePool closed meanwhile raises ClosedError here
         logger.info("Starting %d consumers", self.n_consumers)
         self._running = True
         self.queue_pool.consumer_registry.keep(self)  # serves while its QueuePool is open, named or not
-        self._consumers.each("start", timeout=self.settings.placement_timeout, args_of=self._consumers.start_args)
+        if started:
+            self._consumers.catch_up()
+        else:
+            self._consumers.each("start", timeout=self.settings.placement_timeout, args_of=self._consumers.start_args)
         if self._supervisor is None:
             self._supervisor = Supervisor(self, "zdq-supervisor-consumers", method="_supervise_once")
             self._supervisor.start()

@@ -41,7 +41,7 @@ from distributed import Client
 from distributed import wait as wait_for
 
 from zdq._actor import candidate_workers
-from zdq.client.slots import ActorSlots, SlotsClosed, place_actor, release_future
+from zdq.client.slots import ActorSlots, SlotsClosed, gather_actors, place_actor, release_future
 from zdq.config import PoolSettings
 from zdq.errors import PlacementError
 from zdq.consumer import Consumer, ConsumerBaseClass
@@ -143,31 +143,54 @@ class ConsumerSlots:
         # placement failed: stranded() turns them into join()'s and result()'s error.
         self._none_live_since: float | None = None
         self._last_failure = ""
+        #: The endpoints the consumers were placed started with (None: not placed started).
+        self._started_with: list[str] | None = None
 
     # -- placing ---------------------------------------------------------------------------------
-    def place_all(self, timeout: float | None = None) -> None:
-        """Place every consumer at once: the actors are created in parallel, so a pool of 64 costs
-        about what one does, plus the scheduler's work per actor.
+    def place_all(self, timeout: float | None = None, *, start: bool = False) -> None:
+        """Place every consumer at once: the actors are created in parallel, and their proxies
+        fetched in one round trip, so a pool of 64 costs about what one does, plus the
+        scheduler's work per actor. ``start``: each consumer starts in its constructor (see
+        :class:`~zdq.consumer.Consumer`'s ``start_with``), one actor round trip less each.
 
         Raises
         ------
         PlacementError
             Some actor was not created within ``timeout`` seconds: the message names each such
-            consumer and its worker (stopped, or too busy to answer).
+            consumer and its worker (stopped, or too busy to answer). Or, with ``start``, some
+            consumer could not start: its own error, naming it and its worker.
         """
         timeout = self.settings.placement_timeout if timeout is None else timeout
         known = self.client.scheduler_info(n_workers=-1)["workers"]
         submitted = []
+        given = list(self.queue_pool.endpoints)  # what the consumers placed started are given
         try:
             for i in range(self.n):
-                submitted.append((i, *self._submit(i, known)))
+                submitted.append((i, *self._submit(i, known, start=start)))
             self._wait_created([(i, fut) for i, fut, _ in submitted], timeout, known)
-            for i, fut, ident in submitted:
-                self._adopt(i, fut, ident, fut.result(timeout=timeout))
+            actors = gather_actors(self.client, [fut for _, fut, _ in submitted], timeout)
+            for (i, fut, ident), actor in zip(submitted, actors):
+                self._adopt(i, fut, ident, actor)
+            self._started_with = given if start else None
         except BaseException:
+            if start:
+                self._stop_started([fut for _, fut, _ in submitted])
             for _, fut, _ in submitted:
                 release_future(fut)
             raise
+
+    def _stop_started(self, futures: list[Any]) -> None:
+        """A placement with ``start`` failed after some consumers started: stop those (released
+        only, each would stop at its next heartbeat, and might take a chunk meanwhile). Bounded;
+        a consumer that cannot be stopped now still stops at its next heartbeat."""
+        created = [fut for fut in futures if fut.status == "finished"]
+        try:
+            actors = gather_actors(self.client, created, 10.0)
+            calls = [actor.stop() for actor in actors]
+            for call in calls:
+                call.result(timeout=10)
+        except Exception as e:  # noqa: BLE001 - its worker is gone: it stops by itself
+            logger.debug("stopping the consumers of a failed placement failed: %s", e)
 
     def _wait_created(self, placing: list[tuple[int, Any]], timeout: float, known: dict[str, Any] | None = None) -> None:
         """Wait (``timeout`` for all) until the actors of ``placing`` (slot, future) are created;
@@ -194,7 +217,7 @@ class ConsumerSlots:
             "that leaves it out"
         )
 
-    def _submit(self, i: int, known: dict[str, Any] | None = None) -> tuple[Any, bytes]:
+    def _submit(self, i: int, known: dict[str, Any] | None = None, *, start: bool = False) -> tuple[Any, bytes]:
         ident = new_identity()
         name = self.names[i]
         qp = self.queue_pool
@@ -211,6 +234,7 @@ class ConsumerSlots:
             self._time_limit,
             (qp.name, qp.dirpath),
             self._hard,
+            self.start_args(i) if start else None,
         )
         with self._lock:  # placed_on is read by reach verdicts meanwhile
             fut = place_actor(
@@ -233,6 +257,16 @@ class ConsumerSlots:
         with self._lock:
             self.identities[i].append(ident)
         return old
+
+    def catch_up(self) -> None:
+        """Consumers placed started: tell them of the queues placed again since they were given
+        their endpoints (a move told before they were adopted reached none of them)."""
+        was, self._started_with = self._started_with, None
+        if was is None:
+            return
+        for broker, (old, new) in enumerate(zip(was, self.queue_pool.endpoints)):
+            if old != new:
+                self.each("set_endpoint", broker, new)
 
     def start_args(self, i: int) -> tuple[list[str], list[int]]:
         """What consumer ``i`` starts with: the endpoints of the queues it serves, and which."""

@@ -39,7 +39,7 @@ from typing import Any, Generic, TypeVar
 
 from zdq._actor import pick_worker
 
-__all__ = ["ActorSlots", "Supervisor", "exiting", "place_actor", "release_future"]
+__all__ = ["ActorSlots", "Supervisor", "exiting", "gather_actors", "place_actor", "release_future"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,16 @@ def place_actor(
     return client.submit(
         cls, *args, actor=True, workers=[address], allow_other_workers=False, pure=False, key=f"{key}-{uuid.uuid4().hex[:8]}"
     )
+
+
+def gather_actors(client: Any, futures: list[Any], timeout: float) -> list[Any]:
+    """The actor proxies of ``futures`` (created: waited for by the caller), fetched in one round
+    trip for all, where ``fut.result()`` each took one per actor, one after the other. Bounded:
+    a worker stopped meanwhile raises TimeoutError after ``timeout`` seconds (``Client.gather``
+    takes no timeout; ``Client.sync`` bounds its call)."""
+    if not futures:
+        return []
+    return list(client.sync(client._gather, list(futures), callback_timeout=timeout))
 
 
 def release_future(fut: Any, actor: Any = None) -> None:

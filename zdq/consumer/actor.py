@@ -62,6 +62,11 @@ class Consumer:
     pool : tuple, optional
         ``(name, dirpath)`` of the QueuePool it consumes: tasks reach it with
         :func:`zdq.current_pool`.
+    start_with : tuple, optional
+        ``(endpoints, queues)``: :meth:`start` with them in the constructor, so that a pool placed
+        started (``ConsumerPool(..., start=True)``) costs one actor round trip per consumer less.
+        A consumer that cannot start raises its :class:`PlacementError` (naming its worker) from
+        the constructor: the placement fails with it.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class Consumer:
         time_limit: float | None = None,
         pool: tuple[str, str | None] | None = None,
         hard: bool = False,
+        start_with: tuple[list[str], list[int]] | None = None,
     ) -> None:
         self.name = name
         self._pool = pool  # (name, dirpath) of its QueuePool: what zdq.current_pool() attaches to
@@ -102,6 +108,19 @@ class Consumer:
         self._started = False  # start() succeeded and stop() was not called since: it should run
         self._start_error: str | None = None
         self._source: Source | None = None  # what the process's monitoring feed reports of it
+        if start_with is not None:
+            self._start_placed(*start_with)
+
+    def _start_placed(self, endpoints: list[str], queues: list[int]) -> None:
+        """:meth:`start`, in the constructor: any failure is a :class:`PlacementError` naming this
+        consumer and its worker (the pool's placement fails with it)."""
+        try:
+            self.start(endpoints, queues)
+        except PlacementError:
+            raise
+        except Exception as e:
+            here = worker_address() or "this process"
+            raise PlacementError(f"consumer {self.name} on {here} could not start: {type(e).__name__}: {e}") from e
 
     def start(self, endpoints: list[str], queues: list[int] | None = None) -> None:
         """Connect to the brokers at ``endpoints`` and start consuming. Idempotent; resumes a

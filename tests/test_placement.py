@@ -1,0 +1,98 @@
+"""Placing a pool (issue 26, point 7): consumers placed started start in their constructors (one
+actor round trip less each), at once; one that cannot start fails the placement naming its worker;
+started so, they still stop by themselves once Dask releases their actors."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from distributed import Client
+
+from zdq import ConsumerBaseClass, ConsumerPool, QueuePool
+from zdq.client.slots import release_future
+from zdq.errors import PlacementError
+
+from .conftest import wait_until
+from .tasks import add
+
+#: Where the consumers of the rendezvous test meet (the workers share this machine's disk).
+_MEET = Path(tempfile.gettempdir()) / "zdq-test-placement-meet"
+_MEETING = 2  # consumers, one per worker of the session cluster
+
+
+class Rendezvous(ConsumerBaseClass):
+    """Made when its consumer starts: waits (bounded) until every consumer of the pool is being
+    started, which only happens if they start at the same time, not one after another."""
+
+    def __init__(self, name: str = "", **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        (_MEET / name).touch()
+        deadline = time.monotonic() + 20.0
+        while len(list(_MEET.iterdir())) < _MEETING:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} started alone: the other consumers did not start meanwhile")
+            time.sleep(0.01)
+
+    def process_item(self, item: Any) -> Any:
+        return item
+
+
+class FailsOnItsSecondSlot(ConsumerBaseClass):
+    """A consumer class that cannot be made on one worker (a missing library, a missing device)."""
+
+    def __init__(self, name: str = "", **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        if name.endswith("-1"):
+            raise RuntimeError("no device here")
+
+    def process_item(self, item: Any) -> Any:
+        return item
+
+
+def _consumer_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("zdq-consumer-", "zdq-standby-", "zdq-exec-"))]
+
+
+def test_consumers_placed_started_start_at_the_same_time_and_serve(client: Client) -> None:
+    shutil.rmtree(_MEET, ignore_errors=True)
+    _MEET.mkdir()
+    try:
+        with QueuePool(client, 2) as qp, ConsumerPool(client, qp, Rendezvous, n_consumers=_MEETING, start=True):
+            assert sorted(p.name for p in _MEET.iterdir()) == [f"Rendezvous-{i}" for i in range(_MEETING)]
+            assert qp.put_many(list(range(100))).result(timeout=30) == list(range(100))
+    finally:
+        shutil.rmtree(_MEET, ignore_errors=True)
+
+
+def test_a_consumer_that_cannot_start_at_placement_fails_it_naming_its_worker(client: Client) -> None:
+    second = sorted(client.scheduler_info(n_workers=-1)["workers"])[1]  # where slot 1 goes
+    with QueuePool(client, 1) as qp:
+        with pytest.raises(PlacementError) as info:
+            ConsumerPool(client, qp, FailsOnItsSecondSlot, n_consumers=2, start=True)
+        message = str(info.value)
+        assert "FailsOnItsSecondSlot-1" in message and second in message and "no device here" in message, message
+        # The consumer that did start was stopped with the placement, not at its next heartbeat.
+        assert not [t for ts in client.run(_consumer_threads).values() for t in ts if "FailsOnItsSecondSlot" in t]
+        # The pool still serves a ConsumerPool that can start (the failed one left nothing behind).
+        with ConsumerPool(client, qp, n_consumers=1, start=True):
+            assert qp.submit(add, 2, 3).result(timeout=30) == 5
+
+
+def test_consumers_placed_started_stop_by_themselves_once_their_actors_are_released(client: Client) -> None:
+    with QueuePool(client, 1, heartbeat_interval=0.2, heartbeat_timeout=2.0) as qp:
+        consumers = ConsumerPool(client, qp, n_consumers=2, start=True)
+        try:
+            assert any(client.run(_consumer_threads).values())
+            # As when a pool's futures go without stop() (its program dropped it): Dask releases the
+            # actors and calls no hook; the consumers find it out at their next heartbeat.
+            for fut, actor in consumers._consumers.slots.take_all():
+                release_future(fut, actor)
+            wait_until(lambda: not any(client.run(_consumer_threads).values()), timeout=15)
+        finally:
+            consumers.close()
