@@ -1,8 +1,10 @@
 """ipc:// between a driver and the brokers of its own host, on real clusters: the links go over
 the brokers' Unix sockets (still CurveZMQ: other keys are refused), fall back to TCP when the
 socket is not usable from the driver, the files go when the pool closes, files of killed brokers
-are swept, and a durable broker SIGKILLed mid-task is recovered and reached over ipc again with
-the task re-delivered (tests/unit/test_ipc_paths.py has the pure parts)."""
+are swept by the next broker start (and only those: not a busy socket, not another kernel's), a
+relative directory binds nothing, a foreign listener at a broker's path is named when consumers
+cannot reach it, and a durable broker SIGKILLed mid-task is recovered and reached over ipc again
+with the task re-delivered (tests/unit/test_ipc_paths.py has the pure parts)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import zmq
 from distributed import Client
 
 from zdq import ConsumerPool, QueuePool
-from zdq.transport.ipc import ipc_dir, ipc_endpoint, ipc_path, sweep
+from zdq.errors import BrokerUnreachable
+from zdq.transport.ipc import ipc_dir, ipc_endpoint, ipc_path, serve_on_ipc, sweep
 from zdq.transport.reach import Watch
 
 from .conftest import pid_of, wait_until
@@ -85,15 +88,21 @@ def test_a_driver_that_finds_no_usable_ipc_socket_connects_over_tcp(
             assert qp.submit(add, 2, 3).result(timeout=30) == 5
 
 
+def _private_path(base: Path, monkeypatch: pytest.MonkeyPatch, endpoint: str) -> tuple[str, str]:
+    """This process's private directory under ``base``, and the ipc path of ``endpoint`` in it."""
+    monkeypatch.setenv("ZDQ_IPC_DIR", str(base))
+    directory = ipc_dir(create=True)
+    assert directory is not None
+    path = ipc_path(directory, endpoint)
+    assert path is not None
+    return directory, path
+
+
 def test_a_socket_file_nothing_listens_on_falls_back_to_tcp_and_is_swept_once_old(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("ZDQ_IPC_DIR", str(tmp_path))
-    directory = ipc_dir(create=True)
-    assert directory is not None
     endpoint = "tcp://127.0.0.1:40001"
-    path = ipc_path(directory, endpoint)
-    assert path is not None
+    directory, path = _private_path(tmp_path, monkeypatch, endpoint)
     live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     live.bind(path)
     live.listen(1)
@@ -103,6 +112,111 @@ def test_a_socket_file_nothing_listens_on_falls_back_to_tcp_and_is_swept_once_ol
     assert sweep(directory) == 0  # too young: a broker may have bound it and not listen yet
     assert sweep(directory, now=time.time() + 120, limit=0) == 0  # probes are bounded
     assert sweep(directory, now=time.time() + 120) == 1 and not os.path.exists(path)
+
+
+def _refusing(path: str, age: float) -> None:
+    """A socket file nothing listens on (a killed broker's), ``age`` seconds old."""
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()
+    then = time.time() - age
+    os.utime(path, (then, then))
+
+
+@pytest.mark.faults
+def test_a_broker_start_sweeps_the_file_of_a_killed_broker(tmp_path: Path) -> None:
+    # A fresh process: its first broker start is the one that sweeps (serve_on_ipc, as the actor calls it).
+    script = f"""
+import os, socket, time, zmq
+os.environ["ZDQ_IPC_DIR"] = {str(tmp_path)!r}
+from zdq.transport.ipc import ipc_dir, ipc_path, serve_on_ipc
+stale = ipc_path(ipc_dir(create=True), "tcp://127.0.0.1:40013")
+dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+dead.bind(stale)
+dead.close()
+os.utime(stale, (time.time() - 600, time.time() - 600))
+sock = zmq.Context.instance().socket(zmq.ROUTER)
+binding = serve_on_ipc(sock, "tcp://127.0.0.1:40014")
+print(binding is not None, os.path.exists(stale), flush=True)
+binding.remove()
+sock.close(linger=0)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT, check=False
+    )
+    assert out.stdout.split() == ["True", "False"], (out.stdout, out.stderr)
+
+
+@pytest.mark.faults
+def test_the_sweep_keeps_a_busy_socket_and_the_sockets_of_another_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, path = _private_path(tmp_path, monkeypatch, "tcp://127.0.0.1:40021")
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    busy.bind(path)
+    busy.listen(0)
+    waiting = []  # fill its accept queue: a new connection fails at once with EAGAIN
+    for _ in range(3):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(path)
+        except BlockingIOError:
+            pass
+        waiting.append(c)
+    then = time.time() - 120
+    os.utime(path, (then, then))
+    # A socket bound by another host's kernel in a shared directory refuses this kernel's connections.
+    foreign = os.path.join(directory, "b-" + "0" * 24)
+    _refusing(foreign, 120)
+    try:
+        assert sweep(directory) == 0
+        assert os.path.exists(path), "a live broker's socket was swept because its accept queue was full"
+        assert os.path.exists(foreign), "another kernel's socket was swept"
+    finally:
+        for c in waiting:
+            c.close()
+        busy.close()
+
+
+def test_a_relative_directory_binds_no_ipc_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # libzmq reads ipc://@... as a Linux abstract socket (no file, so no permission guards it).
+    (tmp_path / "@zdq").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ZDQ_IPC_DIR", "@zdq")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        assert serve_on_ipc(sock, "tcp://127.0.0.1:40031") is None
+        assert sock.getsockopt(zmq.LAST_ENDPOINT) == b"", "the broker's socket is left bound although ipc is refused"
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+@pytest.mark.faults
+def test_a_foreign_listener_at_a_brokers_ipc_path_is_named_when_consumers_cannot_reach_it(client: Client) -> None:
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    with QueuePool(client, 1, workers=[workers[0]], connect_timeout="2s", **FAST) as qp:
+        address = _addresses(qp)[0]
+        assert address.startswith("ipc://"), address
+        path = address[len("ipc://") :]
+        os.unlink(path)
+        squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # accepts (its queue does), never speaks
+        squatter.bind(path)
+        squatter.listen(64)
+        try:
+            with (
+                ConsumerPool(client, qp, n_consumers=1, max_concurrency=1, workers=[workers[1]]) as consumers,
+                pytest.raises(BrokerUnreachable) as caught,
+            ):
+                consumers.start()
+        finally:
+            squatter.close()
+            os.unlink(path)
+    message = str(caught.value)
+    assert f"Unix socket {address}" in message and "another process" in message, message
+    assert "open the brokers' ports" not in message, message
 
 
 @pytest.mark.faults

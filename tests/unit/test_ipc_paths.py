@@ -4,6 +4,7 @@ sweep and ipc on a real cluster are in tests/test_ipc.py)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from zdq.transport import ipc
 from zdq.transport.ipc import ipc_dir, ipc_endpoint, ipc_path
+from zdq.transport.reach import CHECK_IPC_PATH, OPEN_BETWEEN_WORKERS, describe, over_ipc
 
 
 @pytest.fixture
@@ -27,16 +29,34 @@ def test_the_directory_is_made_private_and_only_a_broker_makes_it(base: Path) ->
     assert ipc_dir(create=False) == made
 
 
-def test_a_directory_others_may_enter_or_a_symlink_is_not_used(base: Path) -> None:
+def test_a_directory_others_may_enter_or_a_symlink_is_not_used_and_the_warning_says_what_was_found(
+    base: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="zdq.transport.ipc")
     path = base / f"zdq-{os.getuid()}"
     path.mkdir(mode=0o755)
     path.chmod(0o755)
     assert ipc_dir(create=True) is None and ipc_dir(create=False) is None
+    assert f"a directory of mode 0755 owned by uid {os.getuid()}" in caplog.text, caplog.text
+    assert "mode 0700" in caplog.text  # and what is required
     path.rmdir()
     elsewhere = base / "elsewhere"
     elsewhere.mkdir(mode=0o700)
     path.symlink_to(elsewhere)
     assert ipc_dir(create=True) is None
+    assert "is a symlink of mode" in caplog.text, caplog.text
+
+
+def test_a_relative_or_at_prefixed_directory_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ipc://@... is a Linux abstract socket to libzmq: no file, so no permission guards it.
+    monkeypatch.chdir(tmp_path)
+    for relative in ("@zdq-unit", "sockets-unit"):  # names of its own: each warning is said once a process
+        monkeypatch.setenv("ZDQ_IPC_DIR", relative)
+        assert ipc_dir(create=True) is None and ipc_dir(create=False) is None
+        assert f"must be an absolute path, not {relative!r}" in caplog.text, caplog.text
+    assert os.listdir(tmp_path) == []  # nothing made
 
 
 def test_the_path_is_a_function_of_the_endpoint_and_fits_a_unix_socket(base: Path) -> None:
@@ -45,7 +65,17 @@ def test_the_path_is_a_function_of_the_endpoint_and_fits_a_unix_socket(base: Pat
     assert one == ipc_path(directory, "tcp://127.0.0.1:40001")
     assert one != ipc_path(directory, "tcp://127.0.0.1:40002")
     assert one is not None and len(one.encode()) <= 100
-    assert ipc_path("/" + "d" * 90, "tcp://127.0.0.1:40001") is None  # too long: TCP
+    assert os.path.basename(one).startswith(ipc._prefix())  # this kernel's: the only files a sweep removes
+    assert len(os.path.basename(one)) == 26
+
+
+def test_a_path_too_long_for_a_unix_socket_says_once_that_tcp_is_used(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="zdq.transport.ipc")
+    directory = "/" + "d" * 90 + "-unit-too-long"
+    assert ipc_path(directory, "tcp://127.0.0.1:40001") is None  # too long: TCP
+    assert ipc_path(directory, "tcp://127.0.0.1:40001") is None
+    said = [r for r in caplog.records if "longer than a Unix socket's path" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO and "over TCP" in said[0].getMessage()
 
 
 def test_no_file_a_plain_file_or_another_scheme_falls_back_to_tcp(base: Path) -> None:
@@ -63,3 +93,12 @@ def test_no_file_a_plain_file_or_another_scheme_falls_back_to_tcp(base: Path) ->
 def test_no_ipc_where_the_platform_has_no_unix_sockets(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ipc.os, "name", "nt")
     assert ipc_dir(create=True) is None
+
+
+def test_an_unreachable_report_over_ipc_names_the_path_and_advises_checking_it_not_opening_ports() -> None:
+    why = over_ipc("ipc:///run/zdq-1/b-x", "tcp://10.0.0.1:4000", "the handshake never completed")
+    assert "ipc:///run/zdq-1/b-x (not tcp://10.0.0.1:4000)" in why and "/run/zdq-1/b-x?" in why
+    only_ipc = describe("pool p", [("q", "tcp://10.0.0.1:4000", "w", why)], OPEN_BETWEEN_WORKERS)
+    assert only_ipc.endswith(CHECK_IPC_PATH)
+    mixed = describe("pool p", [("q", "e", "w", why), ("r", "e2", "w", "refused")], OPEN_BETWEEN_WORKERS)
+    assert mixed.endswith(OPEN_BETWEEN_WORKERS)  # some went over TCP: its ports matter

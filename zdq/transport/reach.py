@@ -18,7 +18,9 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-__all__ = ["Watch", "Heard", "describe", "CLIENT_OUTSIDE", "OPEN_TO_CLIENT", "OPEN_BETWEEN_WORKERS"]
+__all__ = [
+    "Watch", "Heard", "describe", "over_ipc", "CLIENT_OUTSIDE", "OPEN_TO_CLIENT", "OPEN_BETWEEN_WORKERS", "CHECK_IPC_PATH"
+]
 
 _EVENTS = (
     zmq.EVENT_CONNECTED
@@ -52,6 +54,23 @@ OPEN_BETWEEN_WORKERS = (
 )
 
 
+#: How a link's reason starts when it went over a broker's Unix socket (:func:`over_ipc`).
+OVER_IPC = "over this host's Unix socket"
+#: What to do when every broker not heard from was tried over its Unix socket.
+CHECK_IPC_PATH = (
+    "Those brokers were tried over their Unix sockets (ipc://, their host's peers use no TCP port): a process "
+    "other than the broker may hold that path (`ss -xlp | grep <path>` names it). Stop it or remove the file, "
+    "then make the pool again (its brokers bind their paths anew), or set ZDQ_IPC_DIR to another directory."
+)
+
+
+def over_ipc(address: str, endpoint: str, why: str) -> str:
+    """The reason a broker reached over its Unix socket ``address`` (instead of TCP ``endpoint``)
+    was not heard from: the path actually used, and what to check there."""
+    path = address[len("ipc://") :]
+    return f"{OVER_IPC} {address} (not {endpoint}): {why} (does another process listen at {path}?)"
+
+
 class Watch:
     """What ZeroMQ's monitor saw of one DEALER's connection, until the broker is heard from.
 
@@ -59,8 +78,9 @@ class Watch:
     :meth:`close`; owned by the thread that owns the socket.
     """
 
-    def __init__(self, sock: zmq.Socket[Any]) -> None:
+    def __init__(self, sock: zmq.Socket[Any], transport: str = "TCP") -> None:
         self._sock = sock
+        self._transport = transport  # named in what it says: "TCP", or "Unix-socket" for ipc://
         self._monitor = sock.get_monitor_socket(_EVENTS, addr=f"inproc://zdq-watch-{os.urandom(8).hex()}")
         self._seen: set[int] = set()
 
@@ -68,22 +88,22 @@ class Watch:
         """Why the broker was not heard from, as far as the connection tells."""
         while self._monitor.poll(0):
             self._seen.add(int(recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]))
-        seen = self._seen
+        seen, kind = self._seen, self._transport
         if zmq.EVENT_HANDSHAKE_FAILED_AUTH in seen:
             return "the broker refused this peer's CurveZMQ keys (they are another pool's?)"
         if seen & {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}:
-            return "a TCP connection was made, but the CurveZMQ handshake failed (is a zdq broker listening there?)"
+            return f"a {kind} connection was made, but the CurveZMQ handshake failed (is a zdq broker listening there?)"
         if zmq.EVENT_HANDSHAKE_SUCCEEDED in seen:
             return "connected (the handshake succeeded), but the broker sent nothing (its worker is stalled?)"
         if zmq.EVENT_CONNECTED in seen:
-            return "a TCP connection was made, but the handshake never completed"
+            return f"a {kind} connection was made, but the handshake never completed"
         if zmq.EVENT_CONNECT_RETRIED in seen:
             return (
-                "every TCP connection attempt failed at once: refused (nothing listens on that port) "
+                f"every {kind} connection attempt failed at once: refused (nothing listens there) "
                 "or no route to that host"
             )
         if zmq.EVENT_CONNECT_DELAYED in seen:
-            return "TCP connection attempts went unanswered (packets dropped: a firewall, or a host outside this network)"
+            return f"{kind} connection attempts went unanswered (packets dropped: a firewall, or a host outside this network)"
         return "no connection attempt was reported"
 
     def close(self) -> None:
@@ -125,7 +145,10 @@ class Heard:
 def describe(subject: str, brokers: Iterable[tuple[str, str, str, str]], advice: str) -> str:
     """The message of a :class:`~zdq.errors.BrokerUnreachable`: ``subject``, a line per broker
     ``(queue, endpoint, worker, why)``, and what to do."""
+    brokers = list(brokers)
     lines = [
         f"  {queue} at {endpoint} (worker {worker or 'unknown'}): {why}" for queue, endpoint, worker, why in brokers
     ]
+    if brokers and all(OVER_IPC in why for *_, why in brokers):
+        advice = CHECK_IPC_PATH  # no TCP port is at stake: the advice to open ports would mislead
     return "\n".join([f"{subject}:", *lines, advice])

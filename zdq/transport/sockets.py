@@ -22,7 +22,7 @@ import zmq
 from zdq.errors import AddressError
 from zdq.transport.addresses import tcp_endpoint
 from zdq.transport.ipc import ipc_endpoint
-from zdq.transport.reach import Watch
+from zdq.transport.reach import Watch, over_ipc
 from zdq.transport.security import Admission, ClientKeys, ServerKeys, secure_client, secure_server
 
 __all__ = [
@@ -393,6 +393,7 @@ class BrokerLinks:
         self._watches: dict[int, Watch] = {}
         #: The address each link connected to: inproc, ipc (a broker of this host) or the TCP endpoint.
         self.addresses: list[str] = []
+        self._endpoints: dict[int, str] = {}  # the TCP endpoint of each link that went over ipc, for why()
 
     def _open(self, i: int, endpoint: str) -> zmq.Socket[Any]:
         local = self._route.address(i, endpoint) if self._route is not None else local_endpoint(self._ctx, endpoint)
@@ -403,9 +404,11 @@ class BrokerLinks:
             # A broker of this host is reached over its Unix socket (still CurveZMQ), else over TCP.
             address = ipc_endpoint(endpoint) or endpoint
             self._via(i, address)
+            self._endpoints[i] = endpoint
             sock = _dealer(self._ctx, self._identity, self._max, self._keys)
             try:
-                self._watches[i] = Watch(sock)  # before connecting: it sees the first attempt
+                # before connecting: it sees the first attempt
+                self._watches[i] = Watch(sock, "Unix-socket" if address != endpoint else "TCP")
                 _connect(sock, address)
             except Exception:
                 self.settle(i)
@@ -450,6 +453,9 @@ class BrokerLinks:
         """Why the broker of link ``i`` has not been heard from, as far as its connection tells."""
         watch = self._watches.get(i)
         if watch is not None:
+            address = self.addresses[i]
+            if address.startswith("ipc://"):  # name the path actually used, not the TCP endpoint
+                return over_ipc(address, self._endpoints[i], watch.why())
             return watch.why()
         return self._route.why(i) if self._route is not None else "the broker, in this process, did not answer"
 
