@@ -20,7 +20,13 @@ from zdq import ConsumerPool, QueuePool
 from zdq.errors import ProtocolError
 from zdq.relay.actor import Relay
 
-from .conftest import _assert_eventually_empty, _zdq_actor_keys, pid_of, stop_process, wait_until
+from .conftest import (
+    _assert_eventually_empty,
+    _zdq_actor_keys,
+    pid_of,
+    stop_process,
+    wait_until,
+)
 from .tasks import add, sleep_return
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
