@@ -20,7 +20,13 @@ from zdq import ConsumerPool, QueuePool
 from zdq.errors import ProtocolError
 from zdq.relay.actor import Relay
 
-from .conftest import pid_of, stop_process, wait_until
+from .conftest import (
+    _assert_eventually_empty,
+    _zdq_actor_keys,
+    pid_of,
+    stop_process,
+    wait_until,
+)
 from .tasks import add, sleep_return
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
@@ -30,6 +36,11 @@ pytest_plugins = ["tests.harness"]
 def _pid(client: Client, worker: str) -> int:
     """The pid of the worker process at address ``worker``."""
     return pid_of(client, client.scheduler_info(n_workers=-1)["workers"][worker]["name"])
+
+
+def _relay_keys(client: Client) -> list[str]:
+    """The relay actors' keys the scheduler still holds."""
+    return [k for k in client.run_on_scheduler(_zdq_actor_keys) if k.startswith("zdq-relay-")]
 
 
 def test_a_relayed_pool_runs_single_tasks_batches_and_joins_with_every_message_through_the_relay(client: Client) -> None:
@@ -109,19 +120,20 @@ def test_a_relay_refuses_malformed_pushes_and_pulls_at_the_call_and_keeps_carryi
         assert stats["worker"]
 
 
-def test_a_relay_stalled_past_its_call_timeout_is_replaced_and_nothing_is_lost_or_failed(client3: Client) -> None:
+@pytest.mark.faults
+def test_a_relay_stalled_past_its_call_timeout_is_replaced_and_nothing_is_lost_or_failed(client_abc: Client) -> None:
     # The relay shares its worker with a broker (3 queues on 3 workers): the stall silences both.
     # The relay is replaced on another worker; the broker, alive, is waited for, not failed, and
     # the results it sent on the old path come again through the new one.
     settings = {"heartbeat_interval": "200ms", "heartbeat_timeout": "20s", "connect_timeout": "2s"}
-    with QueuePool(client3, 3, relay=True, **settings) as queue_pool:
+    with QueuePool(client_abc, 3, relay=True, **settings) as queue_pool:
         relay = queue_pool._relay
         assert relay is not None
-        with ConsumerPool(client3, queue_pool, n_consumers=3, start=True):
+        with ConsumerPool(client_abc, queue_pool, n_consumers=3, start=True):
             batch = queue_pool.batch_submit([(sleep_return, i, 0.002) for i in range(3000)], batch_size=50)
             wait_until(lambda: batch.completed >= 50, timeout=60)  # the relay carries results
             stalled = relay.worker
-            pid = _pid(client3, stalled)
+            pid = _pid(client_abc, stalled)
             stop_process(pid)
             try:
                 wait_until(lambda: relay.replacements >= 1, timeout=30)
@@ -132,6 +144,8 @@ def test_a_relay_stalled_past_its_call_timeout_is_replaced_and_nothing_is_lost_o
             assert batch.result(timeout=90) == list(range(3000))
             assert queue_pool.submit(add, 2, 3).result(timeout=30) == 5
             assert queue_pool.driver.statistics().tasks_failed == 0
+    # Closing the pool releases the stalled relay too, not only the one that replaced it.
+    _assert_eventually_empty(lambda: _relay_keys(client_abc), "relay actors on the scheduler after close", timeout=15)
 
 
 def test_the_relay_actor_is_a_plain_class_dask_can_place() -> None:

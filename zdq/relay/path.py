@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from zdq._actor import candidate_workers
+from zdq.client.slots import release_future
 from zdq.errors import PlacementError
 from zdq.relay.actor import Relay
 from zdq.relay.cipher import KeyOffer, RelaySession, Side
@@ -112,11 +113,12 @@ class RelayPath:
             key=f"zdq-relay-{self.name}-{uuid.uuid4().hex[:8]}",
         )
         deadline = time.monotonic() + timeout  # placing and agreeing keys share it
+        actor = None
         try:
             actor = fut.result(timeout=timeout)
             return fut, actor, self._agree(actor, max(0.1, deadline - time.monotonic()))
         except Exception as e:
-            fut.release()
+            release_future(fut, actor)  # the handle lives on in this error's traceback
             raise PlacementError(f"could not place the relay of pool {self.name} on {address}: {e}") from e
 
     def _agree(self, actor: Any, timeout: float) -> RelaySession:
@@ -135,7 +137,7 @@ class RelayPath:
         """Place a new relay (not on its last worker; on none of ``avoid`` if others can take
         it) and carry through it; False if it could not be placed (the supervisor's next round
         tries again)."""
-        old = self._future
+        old, old_actor = self._future, self._actor
         try:  # bounded by a call's timeout: the supervisor that waits also watches the brokers
             fut, actor, session = self._place(avoid, timeout=self.tunnel.call_timeout)
         except Exception as e:
@@ -146,7 +148,9 @@ class RelayPath:
         self.tunnel.rebind(actor, self.worker, session)
         self.replacements += 1
         if old is not None:
-            old.release()
+            # The failed relay's handle outlives it in the traceback of the call that failed
+            # (which a log handler may keep): its own future is released with the relay's.
+            release_future(old, old_actor)
         logger.warning("the relay of pool %s was placed again, on %s", self.name, self.worker)
         return True
 
@@ -158,5 +162,5 @@ class RelayPath:
             except Exception as e:  # its worker may be gone
                 logger.debug("stopping the relay of pool %s failed: %s", self.name, e)
         if self._future is not None:
-            self._future.release()
+            release_future(self._future, self._actor)
         self._future = self._actor = None
