@@ -237,7 +237,7 @@ class Tunnel:
                 sealed = relay.pull(PULL_WAIT).result(timeout=PULL_WAIT + self.call_timeout)
                 got = unpack_pull(session.open(sealed))
             except ReplayedBatch as e:
-                logger.warning("the relay tunnel of pool %s dropped a pull: %s", self.name, e)
+                logger.warning("the relay tunnel of pool %s dropped a pull: %s", self.name, str(e))  # text: a kept record holds no frame
                 continue
             except Exception as e:  # a failed call, or a batch that did not open: the path is broken
                 self._fail(gen, e)
@@ -253,7 +253,7 @@ class Tunnel:
             if gen != self._relay_gen or self._lost is not None or self._stop.is_set():
                 return
             self._lost = exc if isinstance(exc, ZdqError) else ZdqError(f"{type(exc).__name__}: {exc}")
-        logger.warning("the relay of pool %s on %s failed: %s", self.name, self._relay_where, exc)
+        logger.warning("the relay of pool %s on %s failed: %s", self.name, self._relay_where, str(exc))  # text: no frame kept
         try:
             self._on_lost(exc)
         except Exception:
