@@ -241,6 +241,21 @@ def _assert_eventually_empty(probe, what: str, timeout: float = 15.0) -> None:  
         time.sleep(0.1)
 
 
+@pytest.fixture
+def short_tmp_path() -> Iterator[Path]:
+    """A fresh directory with a short path, removed after the test. pytest's own ``tmp_path``
+    (``/tmp/pytest-of-root/pytest-N/popen-gw0/test_<name>0``) can make a Unix socket's path in it
+    longer than the 107 bytes the kernel allows, and ipc then falls back to TCP."""
+    import shutil
+    import tempfile
+
+    made = tempfile.mkdtemp(prefix="zdq-t-", dir="/tmp")
+    try:
+        yield Path(made)
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
     with LocalCluster(

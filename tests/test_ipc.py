@@ -34,6 +34,12 @@ FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
 ROOT = str(Path(__file__).resolve().parent.parent)
 
 
+@pytest.fixture
+def tmp_path(short_tmp_path: Path) -> Path:
+    """Short paths here: a socket path in pytest's own directory can be too long for the kernel."""
+    return short_tmp_path
+
+
 def _addresses(qp: QueuePool) -> list[str]:
     """The addresses the pool's driver connected its links to (read from the test's thread)."""
     driver = qp._driver

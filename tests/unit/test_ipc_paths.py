@@ -16,6 +16,12 @@ from zdq.transport.reach import CHECK_IPC_PATH, OPEN_BETWEEN_WORKERS, describe, 
 
 
 @pytest.fixture
+def tmp_path(short_tmp_path: Path) -> Path:
+    """Short paths here: a socket path in pytest's own directory can be too long for the kernel."""
+    return short_tmp_path
+
+
+@pytest.fixture
 def base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("ZDQ_IPC_DIR", str(tmp_path))
     return tmp_path
