@@ -812,22 +812,3 @@ def test_cancelled_and_refused_tasks_are_no_longer_unfinished() -> None:
 def test_max_pending_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_pending"):
         BASE.with_overrides(max_pending=0)
-
-
-def test_kept_outcomes_build_in_the_order_they_came_a_later_one_of_a_task_winning() -> None:
-    """Kept outcomes are runs per chunk and dicts per task, built into ``{task id: value}`` when
-    asked: as the writes of one dict would, in order."""
-    from zdq.client.driver.outcomes import build_kept
-
-    out = {0: "theirs"}
-    build_kept([(10, ["a", "b", "c"]), {11: "error"}, (20, []), {12: "later"}, (12, ["last"])], out)
-    assert out == {0: "theirs", 10: "a", 11: "error", 12: "last"}
-
-
-def test_a_chunks_errors_and_its_failures_read_as_one_dict_per_consumer() -> None:
-    ledger = make()
-    base, _ = chunk(ledger, 3)
-    rec = confirmed(ledger)
-    results(ledger, rec, [1, None, 3], errors={1: error(ValueError("bad"))}, consumer=b"c1")
-    kept = ledger.outcomes.results_for([b"c1"])
-    assert kept[base] == 1 and isinstance(kept[base + 1], ValueError) and kept[base + 2] == 3 and len(kept) == 3

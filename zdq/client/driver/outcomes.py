@@ -10,8 +10,7 @@ Who owns what
 =========================================  =====================================================
 state                                      owner
 =========================================  =====================================================
-``results`` (kept outcomes, as runs),      the ledger's lock (``cond``, shared with the ledger)
-``done_by``, the counters
+``results``, ``done_by``, the counters     the ledger's lock (``cond``, shared with the ledger)
 (completed, failed, cancelled, foreign,
 duplicates)
 ``settlements``                            the I/O thread alone (results of its current round)
@@ -26,7 +25,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any, Union
+from typing import Any
 
 from zdq.errors import ProtocolError, SerializationError, TaskExpired, ZdqError
 from zdq.futures import BatchFuture
@@ -46,25 +45,7 @@ from .records import (
 )
 
 
-__all__ = ["Outcomes", "Kept", "build_kept"]
-
-#: One consumer's kept outcomes, in the order they came: a run ``(first task id, values)`` per chunk
-#: of results (the values of tasks ``first, first + 1, ...``), and ``{task id: value}`` dicts for
-#: what comes task by task (a chunk's errors, after its run; failures, cancellations). Taking in a
-#: chunk is an append; the ``{task id: value}`` dict is built when asked (:func:`build_kept`).
-Kept = list[Union[tuple[int, list[Any]], dict[int, Any]]]
-
-
-def build_kept(kept: Kept, into: dict[int, Any]) -> None:
-    """Write ``kept``'s outcomes into ``into``, in the order they came (a later one of a task wins,
-    as a later write of a dict would): one C-level ``dict.update`` per run or dict."""
-    update = into.update
-    for entry in kept:
-        if type(entry) is dict:
-            update(entry)
-        else:
-            first, values = entry  # type: ignore[misc]
-            update(zip(range(first, first + len(values)), values))
+__all__ = ["Outcomes"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +70,7 @@ class Outcomes:
         self.keep_results = keep_results
         self.failures = failures or FailureLog(ledger.name)
         # -- under cond --------------------------------------------------------------------------
-        self.results: defaultdict[bytes, Kept] = defaultdict(list)
+        self.results: defaultdict[bytes, dict[int, Any]] = defaultdict(dict)
         self.done_by: defaultdict[bytes, int] = defaultdict(int)
         self.completed = 0
         self.failed = 0
@@ -240,11 +221,11 @@ class Outcomes:
                 for i, value in enumerate(values):
                     settle(futures[offset + i], value, exceptions.get(i))
         with self.cond:
-            if self.keep_results:  # a run per chunk: the dict of results() is built when asked
-                kept = self.results[consumer]
-                kept.append((base, values))
-                if exceptions:
-                    kept.append({base + i: exc for i, exc in exceptions.items()})
+            if self.keep_results:
+                store = self.results[consumer]
+                store.update(zip(range(base, base + n), values))
+                for i, exc in exceptions.items():
+                    store[base + i] = exc
             self.done_by[consumer] += n
             self.failed += failed
             if rec is None:
@@ -285,7 +266,8 @@ class Outcomes:
                     n += len(missing)
                     taken.append((rec, missing))
                     if store is not None:
-                        store.append(dict.fromkeys([rec.base + i for i in missing], exc))
+                        for i in missing:
+                            store[rec.base + i] = exc
             self.completed += n
             self.failed += n
             self.cond.notify_all()
@@ -421,17 +403,18 @@ class Outcomes:
         self.completed += len(ids)
         self.cancelled += len(ids)
         if self.keep_results:
-            self.results[NO_CONSUMER].append({tid: cancellation(tid) for tid in ids})
+            store = self.results[NO_CONSUMER]
+            for tid in ids:
+                store[tid] = cancellation(tid)
 
     def results_for(self, producers: Iterable[bytes], into: dict[int, Any] | None = None) -> dict[int, Any]:
-        """The outcomes kept from these consumers (by identity), by task id, written into ``into``
-        (a new dict by default). The runs are listed under the lock (one reference per chunk: the
-        I/O thread waits that long at most) and the dict built outside it, a C-level
-        ``dict.update`` per chunk (:func:`build_kept`): a run is never changed once kept."""
+        """The outcomes kept from these consumers (by identity), by task id, copied into ``into`` (a
+        new dict by default; the first copy into an empty dict is a clone of the table, not one
+        insertion per task)."""
         merged: dict[int, Any] = {} if into is None else into
         with self.cond:
-            kept = [entry for ident in producers for entry in self.results.get(ident, ())]
-        build_kept(kept, merged)
+            for ident in producers:
+                merged.update(self.results.get(ident, {}))
         return merged
 
     def done_count(self, producers: Iterable[bytes]) -> int:
