@@ -12,6 +12,9 @@ from zdq.transport import protocol as p
 MESSAGES = [
     p.Hello(p.Role.CONSUMER, b"GeneralConsumer-0"),
     p.Put(7, 1000, b"chunk"),
+    p.Puts((p.Put(7, 1000, b"chunk-7", base=70), p.Put(8, 3, b"chunk-8", 1_800_000_000.5, -2, 80))),
+    p.Puts((p.Put(1, 1, b"a", base=5, expires=9.5, rate_key=b"k", rate=2.0), p.Put(2, 2, b"", base=6),
+            p.Put(3, 1, b"c", base=8, unique_key=b"uk", unique_for=3.0))),
     p.Confirm(7, 3, p.Status.STORED, b""),
     p.Confirm(8, 0, p.Status.FULL, b"map full"),
     p.Confirms((7, 8, 9), (3, 4, 12)),
@@ -102,6 +105,58 @@ def test_confirms_carry_their_pairs_in_one_frame_and_refuse_unmatched_lists() ->
     assert len(frames[0]) == len(p.VERSION) + 1 + 4 + 2 * 16
     with pytest.raises(ProtocolError, match="2 seqs and 1 chunk ids"):
         p.encode(p.Confirms((1, 2), (10,)))
+
+
+def _puts_frames(*puts: p.Put) -> list[bytes]:
+    return [bytes(f) for f in p.encode(p.Puts(puts))]
+
+
+def test_puts_carry_each_chunk_in_its_own_frame_and_its_tags_with_it() -> None:
+    tagged = p.Put(2, 5, b"two", 0.0, 0, 20, 0.0, b"rate-key", 4.0)
+    frames = _puts_frames(p.Put(1, 3, b"one", base=10), tagged, p.Put(3, 1, b"three", base=25))
+    assert frames[1:] == [b"one", b"two", b"three"]
+    decoded = p.decode(frames)
+    assert isinstance(decoded, p.Puts)
+    assert [put.chunk for put in decoded.puts] == [b"one", b"two", b"three"]
+    assert decoded.puts[1] == tagged and decoded.puts[0].rate_key == b"" and decoded.puts[2].rate == 0.0
+
+
+def _forged_puts() -> list[list[bytes]]:
+    """PUTS messages forged from a good one of three chunks (the second tagged)."""
+    good = _puts_frames(p.Put(1, 3, b"one", base=10), p.Put(2, 5, b"two", 0.0, 0, 20, 0.0, b"k", 4.0),
+                        p.Put(3, 1, b"three", base=25))
+    head = good[0]
+    count_at = len(p.VERSION) + 1
+    chunk_at = count_at + 4
+    per_chunk = 36
+    tags_len_at = chunk_at + per_chunk + 32  # the second chunk's length of tags
+    n_tasks_at = chunk_at + 8  # the first chunk's n_tasks
+    not_before_at = chunk_at + 20  # the first chunk's release time
+    with_count = lambda n: head[:count_at] + n.to_bytes(4, "big") + head[chunk_at:]  # noqa: E731
+    return [
+        [head],  # no chunk frame
+        good[:3],  # a chunk frame missing
+        good + [b"four"],  # a frame too many: it would be read as no chunk's
+        [with_count(2)] + good[1:],  # fewer chunks announced than carried
+        [with_count(4)] + good[1:],  # more announced than carried
+        [with_count(0)],
+        [with_count(p.MAX_PUTS + 1)] + [b"x"] * (p.MAX_PUTS + 1),
+        [head[: chunk_at + 10]] + good[1:],  # a chunk head cut short
+        [head[:-1]] + good[1:],  # the tags cut short
+        [head + b"x"] + good[1:],  # bytes no chunk announces
+        [head[:tags_len_at] + (99).to_bytes(4, "big") + head[tags_len_at + 4 :]] + good[1:],  # tags longer than carried
+        [head[:tags_len_at] + (3).to_bytes(4, "big") + head[tags_len_at + 4 :]] + good[1:],  # tags shorter
+        [head[:n_tasks_at] + (0).to_bytes(4, "big") + head[n_tasks_at + 4 :]] + good[1:],  # a chunk of no task
+        [head[:n_tasks_at] + (p.MAX_CHUNK_TASKS + 1).to_bytes(4, "big") + head[n_tasks_at + 4 :]] + good[1:],
+        [head[:not_before_at] + b"\x7f\xf8" + b"\0" * 6 + head[not_before_at + 8 :]] + good[1:],  # NaN release
+        [head[:count_at - 1] + bytes([p.Command.PUTS]) + b"\0\0"],  # a head too short for its count
+    ]
+
+
+@pytest.mark.parametrize("frames", _forged_puts(), ids=range(len(_forged_puts())))
+def test_forged_puts_raise_protocol_error(frames: list[bytes]) -> None:
+    with pytest.raises(ProtocolError):
+        p.decode(frames)
 
 
 def test_a_chunk_of_pickled_tasks_must_hold_pickled_task_tuples() -> None:

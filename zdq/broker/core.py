@@ -421,6 +421,7 @@ class BrokerCore:
             p.Routes[bytes, _Round]()
             # The two messages of every task, and the consumers' credit: kept short.
             .add(p.Put, self._on_put)
+            .add(p.Puts, self._on_puts)
             .add(p.Done, self._on_done)
             .add(p.Fetch, self._on_fetch)
             .add(p.Heartbeat, self._on_heartbeat)
@@ -448,6 +449,12 @@ class BrokerCore:
                 work.drivers_heard.add(ident)
         else:
             self._driver_heard(ident, work)
+
+    def _on_puts(self, ident: bytes, msg: p.Puts, work: _Round) -> None:
+        """Several chunks in one message: each a PUT of this round (stored in its one transaction,
+        confirmed with the round's other chunks)."""
+        for put in msg.puts:
+            self._on_put(ident, put, work)
 
     def _on_done(self, ident: bytes, msg: p.Done, work: _Round) -> None:
         work.dones.append((ident, msg))

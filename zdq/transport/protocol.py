@@ -19,6 +19,11 @@ PUT        driver→broker           seq, n_tasks, base task id[, not_before, pr
                                    prioritised chunk); a third frame, only when set, carries the
                                    chunk's tags: expiry time, rate limit (its bucket's key and
                                    tasks/s), unique key and how long it stays taken
+PUTS       driver→broker           n, then n chunk heads (seq, n_tasks, base task id, not_before,
+                                   priority, length of its tags), then the tags of those that have
+                                   any, all in the head frame; payload: n chunks, one frame each.
+                                   Several chunks for one broker in one message (one send, receive
+                                   and decode for them all); each is stored and confirmed as a PUT's
 CONFIRM    broker→driver           seq, chunk id, status; once the chunk is stored (a stored chunk's
                                    CONFIRM is held back a moment: RESULTS sent first confirm it); a unique
                                    chunk whose key is held is not stored: DUPLICATE names the chunk
@@ -83,6 +88,7 @@ __all__ = [
     "Status",
     "Hello",
     "Put",
+    "Puts",
     "Confirm",
     "Confirms",
     "Fetch",
@@ -109,6 +115,9 @@ __all__ = [
     "Routes",
     "ID_SIZE",
     "MAX_CHUNK_TASKS",
+    "MAX_PUTS",
+    "PUTS_CHUNKS",
+    "PUTS_BYTES",
     "MAX_KEY",
     "TAGS",
     "pack_tags",
@@ -116,7 +125,7 @@ __all__ = [
 ]
 
 #: First bytes of every message; the last byte is the protocol version.
-VERSION = b"ZDQ\x04"
+VERSION = b"ZDQ\x05"
 #: Size of the random identities of drivers and consumers.
 ID_SIZE = 16
 
@@ -144,6 +153,7 @@ class Command(enum.IntEnum):
     CANCELLED = 20
     EXPIRED = 21
     CONFIRMS = 22
+    PUTS = 23
 
 
 class Role(enum.IntEnum):
@@ -187,6 +197,14 @@ class Put(NamedTuple):
     rate: float = 0.0
     unique_key: bytes = b""
     unique_for: float = 0.0
+
+
+class Puts(NamedTuple):
+    """Several chunks for one broker in one message, each a :class:`Put` (its timing and tags
+    its own): one send, receive and decode for them all. The broker stores and confirms each as
+    it would a PUT's; the driver counts each against the broker's window."""
+
+    puts: tuple[Put, ...]
 
 
 class Confirm(NamedTuple):
@@ -307,12 +325,19 @@ class Bye(NamedTuple):
 
 
 Message = Union[
-    Hello, Put, Confirm, Confirms, Fetch, Deliver, Done, Results, Return, Ack, Lost, Expired, Dead, Split, Rack, Ready, Sync,
+    Hello, Put, Puts, Confirm, Confirms, Fetch, Deliver, Done, Results, Return, Ack, Lost, Expired, Dead, Split, Rack, Ready, Sync,
     QueueStatus, Cancel, Cancelled, Heartbeat, Bye,
 ]
 
 #: Most tasks a chunk may hold (and parts a SPLIT may carry): a peer's claim is never trusted beyond.
 MAX_SPLIT = MAX_CHUNK_TASKS = 100_000
+#: Most chunks a PUTS may carry (a peer's claim is never trusted beyond).
+MAX_PUTS = 64
+#: What a driver puts in one PUTS at most: this many chunks, of this many payload bytes in all (a
+#: chunk larger than that goes alone). Each chunk is its own frame, so ``max-message-size`` (per
+#: frame) bounds each as it bounds a PUT's.
+PUTS_CHUNKS = 16
+PUTS_BYTES = 4 << 20
 
 
 def _layout(command: Command, fmt: str) -> struct.Struct:
@@ -329,6 +354,10 @@ TAGS = struct.Struct(">dddHH")
 MAX_KEY = 1024
 #: The widest spacing a DELIVER may ask between task starts (a slow limit's, shared by many queues).
 MAX_SPACING = 1e9
+#: A PUTS's head: the count, then one of these per chunk (seq, n_tasks, base, not_before, priority,
+#: length of its tags), then the tags of each chunk that has any, in order.
+_PUTS = _layout(Command.PUTS, "I")
+_PUTS_CHUNK = struct.Struct(">QIQdiI")
 _CONFIRM = _layout(Command.CONFIRM, "QQB")
 _CONFIRMS = _layout(Command.CONFIRMS, "I")  # count; followed by (seq, chunk id) pairs, 16 bytes each
 _FETCH = _layout(Command.FETCH, "I")
@@ -359,6 +388,19 @@ def _encode_put(m: Put) -> list[Any]:
     if m.not_before or m.priority:
         return [_PUT_TIMED.pack(_V, Command.PUT, m.seq, m.n_tasks, m.base, m.not_before, m.priority), m.chunk]
     return [_PUT.pack(_V, Command.PUT, m.seq, m.n_tasks, m.base), m.chunk]
+
+
+def _encode_puts(m: Puts) -> list[Any]:
+    puts = m.puts
+    heads = [_PUTS.pack(_V, Command.PUTS, len(puts))]
+    tags = []
+    for put in puts:
+        tagged = b""
+        if put.expires or put.rate_key or put.rate or put.unique_key or put.unique_for:
+            tagged = pack_tags(put.expires, put.rate_key, put.rate, put.unique_key, put.unique_for)
+            tags.append(tagged)
+        heads.append(_PUTS_CHUNK.pack(put.seq, put.n_tasks, put.base, put.not_before, put.priority, len(tagged)))
+    return [b"".join(heads + tags), *[put.chunk for put in puts]]
 
 
 def pack_tags(expires: float, rate_key: bytes, rate: float, unique_key: bytes, unique_for: float) -> bytes:
@@ -435,6 +477,7 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     ],
     Done: lambda m: [_DONE.pack(_V, Command.DONE, m.chunk_id, m.n_tasks, m.credit), m.results],
     Put: _encode_put,
+    Puts: _encode_puts,
     Results: lambda m: [_RESULTS.pack(_V, Command.RESULTS, m.seq, m.chunk_id, m.consumer), m.results],
     Confirm: lambda m: [_CONFIRM.pack(_V, Command.CONFIRM, m.seq, m.chunk_id, m.status), m.detail],
     Confirms: _encode_confirms,
@@ -498,6 +541,34 @@ def _put(head: bytes, f: Sequence[Any]) -> Message:
         return Put(seq, _n_tasks(n, head), f[1], not_before, priority, base)
     _, _, seq, n, base = _unpack(_PUT, head, f, 2)
     return Put(seq, _n_tasks(n, head), f[1], 0.0, 0, base)
+
+
+def _puts(head: bytes, f: Sequence[Any]) -> Message:
+    """A PUTS: every count and length checked against what the message carries before any chunk
+    is made, so that no chunk's bytes (frame or tags) can be read as another's."""
+    if len(head) < _PUTS.size:
+        raise ProtocolError(f"PUTS head has {len(head)} bytes, at least {_PUTS.size} expected")
+    count = _PUTS.unpack_from(head)[-1]
+    if not 1 <= count <= MAX_PUTS or len(f) != 1 + count:
+        raise ProtocolError(f"PUTS announces {count} chunks (1 to {MAX_PUTS}) and carries {len(f) - 1} frames")
+    at = _PUTS.size
+    tags_at = at + _PUTS_CHUNK.size * count
+    if len(head) < tags_at:
+        raise ProtocolError(f"PUTS head of {len(head)} bytes cannot hold the heads of {count} chunks")
+    heads = list(_PUTS_CHUNK.iter_unpack(head[at:tags_at]))
+    if len(head) != tags_at + sum(h[5] for h in heads):
+        raise ProtocolError(f"PUTS head of {len(head)} bytes does not hold the tags its chunks announce")
+    puts = []
+    for (seq, n, base, not_before, priority, n_tags), chunk in zip(heads, f[1:]):
+        if not 0.0 <= not_before < math.inf:
+            raise ProtocolError(f"PUTS releases chunk {seq} at {not_before!r}, not a time")
+        if n_tags:
+            tags = unpack_tags(head[tags_at : tags_at + n_tags])
+            tags_at += n_tags
+            puts.append(Put(seq, _n_tasks(n, head), chunk, not_before, priority, base, *tags))
+        else:
+            puts.append(Put(seq, _n_tasks(n, head), chunk, not_before, priority, base))
+    return Puts(tuple(puts))
 
 
 def _deliver(head: bytes, f: Sequence[Any]) -> Message:
@@ -615,6 +686,7 @@ def _bare(msg: Message) -> Callable[[bytes, Sequence[Any]], Message]:
 
 _DECODERS: dict[int, Callable[[bytes, Sequence[Any]], Message]] = {
     Command.PUT: _put,
+    Command.PUTS: _puts,
     Command.DELIVER: _deliver,
     Command.DONE: _done,
     Command.RESULTS: _results,

@@ -465,9 +465,14 @@ class Ledger:
 
     def put_back(self, rec: Record) -> None:
         """A chunk its broker could not take now: first in line again."""
+        self.put_back_run([rec])
+
+    def put_back_run(self, run: list[Record]) -> None:
+        """Chunks their broker could not take now: first in line again, in their order."""
         with self.cond:
-            rec.broker = -1
-            self._line_up(rec)
+            for rec in reversed(run):
+                rec.broker = -1
+                self._line_up(rec)
 
     def _line_up(self, rec: Record, first: bool = True) -> None:
         """(``cond`` held.) Queue ``rec`` to be sent (first, or last): a unique task's for the

@@ -156,9 +156,9 @@ class Links:
         link.unconfirmed += 1
         return b
 
-    def unsent(self, broker: int) -> None:
-        """The chunk picked for ``broker`` could not be sent now (its socket is full)."""
-        self.links[broker].unconfirmed -= 1
+    def unsent(self, broker: int, n: int = 1) -> None:
+        """The ``n`` chunks picked for ``broker`` could not be sent now (its socket is full)."""
+        self.links[broker].unconfirmed -= n
         self.rr = (broker + 1) % len(self.links)
 
     # -- receipts --------------------------------------------------------------------------------

@@ -273,19 +273,44 @@ class DriverLoop:
         outcomes.failures.flush()
 
     def _send_queued(self, socks: list[zmq.Socket[Any]]) -> None:
+        """Send the queued chunks, each to the broker the round robin picks (as one at a time
+        would: the queues stay as even), those for one broker gathered into one PUTS of at most
+        :data:`~zdq.transport.protocol.PUTS_CHUNKS` chunks or about
+        :data:`~zdq.transport.protocol.PUTS_BYTES` bytes: one send here and one receive, decode and
+        round there for them all. Each chunk counts against its broker's window as a PUT's."""
         ledger, links, window = self._ledger, self._links, self._settings.window
+        runs: dict[int, list[Record]] = {}
+        sizes: dict[int, int] = {}
         while ledger.queued:
             b = links.pick(window)
             if b is None:
-                return  # every broker is down or full: chunks wait (bounded) for room
+                break  # every broker is down or full: chunks wait (bounded) for room
             rec = ledger.take(b)
             if rec is None:  # cancelled meanwhile
                 links.unsent(b)
-                return
-            if not try_send(socks[b], p.encode(_put_of(rec))):
-                links.unsent(b)  # the broker cannot take it now: first in line again
-                ledger.put_back(rec)
-                return
+                break
+            run = runs.setdefault(b, [])
+            run.append(rec)
+            sizes[b] = sizes.get(b, 0) + rec.nbytes
+            if len(run) >= p.PUTS_CHUNKS or sizes[b] >= p.PUTS_BYTES:
+                del runs[b], sizes[b]
+                if not self._send_run(socks, b, run):
+                    break
+        for b, run in runs.items():
+            self._send_run(socks, b, run)
+
+    def _send_run(self, socks: list[zmq.Socket[Any]], b: int, run: list[Record]) -> bool:
+        """Send chunks taken for broker ``b``: a PUT for one, a PUTS for more. False if its socket
+        cannot take them now: they are first in line again."""
+        if len(run) == 1:
+            frames = p.encode(_put_of(run[0]))
+        else:
+            frames = p.encode(p.Puts(tuple(_put_of(rec) for rec in run)))
+        if try_send(socks[b], frames):
+            return True
+        self._links.unsent(b, len(run))
+        self._ledger.put_back_run(run)
+        return False
 
     def _send_pinned(self, socks: list[zmq.Socket[Any]]) -> None:
         """Send the unique tasks queued for each broker up with room in its window; those of a
