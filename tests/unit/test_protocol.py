@@ -105,6 +105,10 @@ def test_confirms_carry_their_pairs_in_one_frame_and_refuse_unmatched_lists() ->
     assert len(frames[0]) == len(p.VERSION) + 1 + 4 + 2 * 16
     with pytest.raises(ProtocolError, match="2 seqs and 1 chunk ids"):
         p.encode(p.Confirms((1, 2), (10,)))
+    most = tuple(range(p.MAX_SPLIT))
+    assert isinstance(p.decode(p.encode(p.Confirms(most, most))), p.Confirms)  # the largest one decodes
+    with pytest.raises(ProtocolError, match="at most"):  # one more would not: never sent
+        p.encode(p.Confirms((*most, 1), (*most, 1)))
 
 
 def _puts_frames(*puts: p.Put) -> list[bytes]:

@@ -639,8 +639,9 @@ class BrokerCore:
         for ident, (seqs, ids) in by_driver.items():
             if len(seqs) == 1:
                 self._send(ident, p.Confirm(seqs[0], ids[0], p.Status.STORED))
-            else:
-                self._send(ident, p.Confirms(tuple(seqs), tuple(ids)))
+                continue
+            for i in range(0, len(seqs), p.MAX_SPLIT):  # a driver's window may exceed what one decodes
+                self._send(ident, p.Confirms(tuple(seqs[i : i + p.MAX_SPLIT]), tuple(ids[i : i + p.MAX_SPLIT])))
         self._confirms.clear()
         self._confirm_due = math.inf
 

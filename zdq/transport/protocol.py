@@ -439,6 +439,8 @@ def _encode_confirms(m: Confirms) -> list[Any]:
     n = len(seqs)
     if len(ids) != n:
         raise ProtocolError(f"CONFIRMS of {n} seqs and {len(ids)} chunk ids")
+    if n > MAX_SPLIT:  # what decode refuses is never sent (the broker sends more in several)
+        raise ProtocolError(f"CONFIRMS of {n} chunks: at most {MAX_SPLIT} a message")
     pairs = [0] * (2 * n)
     pairs[0::2], pairs[1::2] = seqs, ids
     return [_CONFIRMS.pack(_V, Command.CONFIRMS, n) + struct.pack(f">{2 * n}Q", *pairs)]
