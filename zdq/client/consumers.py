@@ -41,7 +41,7 @@ from distributed import Client
 from distributed import wait as wait_for
 
 from zdq._actor import candidate_workers
-from zdq.client.slots import ActorSlots, SlotsClosed, gather_actors, place_actor, release_future
+from zdq.client.slots import ActorSlots, SlotsClosed, gather_actors, place_actor, release_future, stop_created
 from zdq.config import PoolSettings
 from zdq.errors import PlacementError
 from zdq.consumer import Consumer, ConsumerBaseClass
@@ -174,23 +174,10 @@ class ConsumerSlots:
             self._started_with = given if start else None
         except BaseException:
             if start:
-                self._stop_started([fut for _, fut, _ in submitted])
+                stop_created(self.client, [fut for _, fut, _ in submitted], "consumer")
             for _, fut, _ in submitted:
                 release_future(fut)
             raise
-
-    def _stop_started(self, futures: list[Any]) -> None:
-        """A placement with ``start`` failed after some consumers started: stop those (released
-        only, each would stop at its next heartbeat, and might take a chunk meanwhile). Bounded;
-        a consumer that cannot be stopped now still stops at its next heartbeat."""
-        created = [fut for fut in futures if fut.status == "finished"]
-        try:
-            actors = gather_actors(self.client, created, 10.0)
-            calls = [actor.stop() for actor in actors]
-            for call in calls:
-                call.result(timeout=10)
-        except Exception as e:  # noqa: BLE001 - its worker is gone: it stops by itself
-            logger.debug("stopping the consumers of a failed placement failed: %s", e)
 
     def _wait_created(self, placing: list[tuple[int, Any]], timeout: float, known: dict[str, Any] | None = None) -> None:
         """Wait (``timeout`` for all) until the actors of ``placing`` (slot, future) are created;
@@ -534,10 +521,15 @@ class ConsumerSlots:
         with self._lock:
             return dict(self._orphans)
 
-    def check_reach(self) -> tuple[list[str], str]:
+    def check_reach(self, *, placing: bool = False) -> tuple[list[str], str]:
         """Wait until every consumer heard from its brokers or reported them unreachable; the
         queues reached by none, and what to tell (see :meth:`reach_verdict`). Queues that are down
-        (being placed again) are not waited for: the consumers are told where they went."""
+        (being placed again) are not waited for: the consumers are told where they went.
+
+        A consumer whose sockets could not be opened (they open in the background, see
+        :meth:`Consumer.start`) answers with its :class:`PlacementError`, naming it and its worker:
+        with ``placing`` (a pool placed started) they are raised together; else each is a warning
+        (the supervisor replaces such a consumer, as before)."""
         up = self.queues_up()
         calls = []
         for _, name, consumer in self.live():
@@ -547,11 +539,18 @@ class ConsumerSlots:
                 logger.debug("reach on consumer %s failed: %s", name, e)
         wait = self.settings.connect_timeout + 2 * self.settings.heartbeat_interval + 10
         answers = []
+        failed: list[str] = []
         for name, call in calls:
             try:
                 answers.append((name, call.result(timeout=wait)))
+            except PlacementError as e:
+                failed.append(str(e))
             except Exception as e:
                 logger.debug("reach on consumer %s failed: %s", name, e)
+        if failed and placing:
+            raise PlacementError("; ".join(failed))
+        for why in failed:
+            logger.warning("%s; placing a replacement", why)
         return self.reach_verdict(answers)
 
     def reach_verdict(self, answers: ReachAnswers) -> tuple[list[str], str]:
