@@ -105,10 +105,12 @@ def main(n: int) -> None:
             _dask_placement(client, q + c)
             time.sleep(1)
             dask = taken(client)
-            with QueuePool(client, q, keep_results=False) as qp:
-                with ConsumerPool(client, qp, n_consumers=c, start=True):
-                    time.sleep(0.2)
-                    zdq = taken(client)
+            with (
+                QueuePool(client, q, keep_results=False) as qp,
+                ConsumerPool(client, qp, n_consumers=c, start=True),
+            ):
+                time.sleep(0.2)
+                zdq = taken(client)
             time.sleep(1)
         show("bare Dask", dask, q + c)
         show("zdq", zdq, q + c)

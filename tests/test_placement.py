@@ -124,6 +124,7 @@ def test_a_broker_that_cannot_open_in_its_constructor_fails_placement_naming_its
         assert qp.endpoints[0].endswith(f":{port}")
 
 
+@pytest.mark.faults
 def test_a_consumer_whose_sockets_cannot_open_fails_placement_from_the_reach_step_naming_it(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:

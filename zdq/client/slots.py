@@ -41,7 +41,16 @@ import distributed
 
 from zdq._actor import PLACED_TOPIC, pick_worker
 
-__all__ = ["ActorSlots", "Supervisor", "exiting", "gather_actors", "place_actor", "placed_reports", "stop_created", "release_future"]
+__all__ = [
+    "ActorSlots",
+    "Supervisor",
+    "exiting",
+    "gather_actors",
+    "place_actor",
+    "placed_reports",
+    "release_future",
+    "stop_created",
+]
 
 logger = logging.getLogger(__name__)
 
