@@ -141,3 +141,15 @@ def test_a_consumer_whose_sockets_cannot_open_fails_placement_from_the_reach_ste
         for i, worker in enumerate(workers):
             assert f"GeneralConsumer-{i} on {worker} could not open its sockets" in message, message
         wait_until(lambda: not [t for ts in client.run(_consumer_threads).values() for t in ts], timeout=15)
+
+
+def test_the_reach_of_every_consumer_is_asked_once_per_worker(client: Client) -> None:
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    with QueuePool(client, 2) as qp, ConsumerPool(client, qp, n_consumers=4, start=True) as consumers:
+        slots = consumers._consumers
+        # One consumer of each worker answers for all of that worker's (one actor call a worker).
+        told = slots._reach_by_worker(slots.queues_up(), 30.0)
+        assert sorted(told) == [0, 1, 2, 3] and len(set(slots.placed_on.values())) == len(workers)
+        for reached, unreached in told.values():
+            assert reached and not unreached
+        assert qp.submit(add, 2, 3).result(timeout=30) == 5

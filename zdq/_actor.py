@@ -12,6 +12,7 @@ __all__ = [
     "worker_address",
     "scheduler_address",
     "liveness_probe",
+    "local_actors",
     "PLACED_TOPIC",
     "tell_placed",
     "candidate_workers",
@@ -44,6 +45,13 @@ def scheduler_address() -> str | None:
     scheduler = getattr(worker, "scheduler", None)
     address = getattr(scheduler, "address", None)
     return None if address is None else str(address)
+
+
+def local_actors(keys: list[str]) -> dict[str, Any]:
+    """The actors this worker holds under ``keys`` (their Dask keys), by key; a key it does not
+    hold (or holds while its constructor runs) is left out. Empty outside a worker."""
+    actors = getattr(getattr(_worker(), "state", None), "actors", None) or {}
+    return {key: actors[key] for key in keys if actors.get(key) is not None}
 
 
 def liveness_probe(instance: object) -> Callable[[], bool]:

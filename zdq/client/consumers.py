@@ -531,15 +531,23 @@ class ConsumerSlots:
         with ``placing`` (a pool placed started) they are raised together; else each is a warning
         (the supervisor replaces such a consumer, as before)."""
         up = self.queues_up()
+        wait = self.settings.connect_timeout + 2 * self.settings.heartbeat_interval + 10
+        answers: ReachAnswers = []
+        failed: list[str] = []
+        asked = self._reach_by_worker(up, wait)
         calls = []
-        for _, name, consumer in self.live():
-            try:
+        for i, name, consumer in self.live():
+            if i in asked:
+                answer = asked[i]
+                if isinstance(answer, str):
+                    failed.append(answer)
+                else:
+                    answers.append((name, answer))
+                continue
+            try:  # not answered for by its worker: asked itself
                 calls.append((name, consumer.reach(up)))
             except Exception as e:  # its worker is gone: the supervisor replaces it
                 logger.debug("reach on consumer %s failed: %s", name, e)
-        wait = self.settings.connect_timeout + 2 * self.settings.heartbeat_interval + 10
-        answers = []
-        failed: list[str] = []
         for name, call in calls:
             try:
                 answers.append((name, call.result(timeout=wait)))
@@ -552,6 +560,35 @@ class ConsumerSlots:
         for why in failed:
             logger.warning("%s; placing a replacement", why)
         return self.reach_verdict(answers)
+
+    def _reach_by_worker(self, up: list[str], wait: float) -> dict[int, Any]:
+        """Ask one consumer per worker for the reach of every consumer placed there
+        (``Consumer.reach_here``): one actor call per worker, not per consumer. By slot: the
+        answer, or the message of a consumer that could not open its sockets; a slot left out
+        (its worker did not answer for it) is asked by the caller."""
+        by_worker: dict[str, list[tuple[int, str, Any]]] = {}
+        futures = self.slots.futures()
+        with self._lock:
+            placed_on = dict(self.placed_on)
+        for i, _, consumer in self.live():
+            fut = futures[i]
+            if fut is not None and i in placed_on:
+                by_worker.setdefault(placed_on[i], []).append((i, str(fut.key), consumer))
+        calls = []
+        for worker, here in by_worker.items():
+            try:
+                calls.append((here, here[0][2].reach_here([key for _, key, _ in here], up)))
+            except Exception as e:  # its worker is gone: the supervisor replaces its consumers
+                logger.debug("reach of the consumers on %s failed: %s", worker, e)
+        out: dict[int, Any] = {}
+        for here, call in calls:
+            try:
+                told = call.result(timeout=wait)
+            except Exception as e:  # noqa: BLE001 - each of them is asked by the caller
+                logger.debug("reach of consumers %s failed: %s", [i for i, _, _ in here], e)
+                continue
+            out.update({i: told[key] for i, key, _ in here if key in told})
+        return out
 
     def reach_verdict(self, answers: ReachAnswers) -> tuple[list[str], str]:
         """From the consumers' ``reach()`` answers: the queues that are up and that no consumer

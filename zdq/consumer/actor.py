@@ -13,7 +13,15 @@ import threading
 import time
 from typing import Any
 
-from zdq._actor import CURRENT_POOL, as_dask_task, liveness_probe, pool_done, pool_in_use, worker_address
+from zdq._actor import (
+    CURRENT_POOL,
+    as_dask_task,
+    liveness_probe,
+    local_actors,
+    pool_done,
+    pool_in_use,
+    worker_address,
+)
 from zdq.config import PoolSettings
 from zdq.consumer.base import ConsumerBaseClass
 from zdq.consumer.link import Link
@@ -327,6 +335,25 @@ class Consumer:
             if not waiting or time.monotonic() > give_up or self._stop.is_set():
                 return reached, [u for u in unreached if wanted is None or u[0] in wanted]
             await asyncio.sleep(0.01)
+
+    async def reach_here(
+        self, keys: list[str], queues: list[str] | None = None
+    ) -> dict[str, tuple[list[str], list[tuple[str, str, str]]] | str]:
+        """:meth:`reach` of every consumer of ``keys`` (their Dask actor keys) that lives on this
+        worker, awaited together: a pool asks one consumer per worker instead of each (one actor
+        call per worker). By key: the answer, or the message of its :class:`PlacementError`; a
+        key that holds no consumer here is left out (the pool asks that one itself)."""
+        here = [(key, c) for key, c in local_actors(keys).items() if isinstance(c, Consumer)]
+        answers = await asyncio.gather(*(c.reach(queues) for _, c in here), return_exceptions=True)
+        out: dict[str, tuple[list[str], list[tuple[str, str, str]]] | str] = {}
+        for (key, _), answer in zip(here, answers):
+            if isinstance(answer, PlacementError):
+                out[key] = str(answer)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                out[key] = answer
+        return out
 
     def _sockets_ready(self) -> bool:
         """Whether the I/O thread opened the sockets (False: not yet). Raises the
