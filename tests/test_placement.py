@@ -5,6 +5,7 @@ started so, they still stop by themselves once Dask releases their actors."""
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 from distributed import Client
 
 from zdq import ConsumerBaseClass, ConsumerPool, QueuePool
+from zdq.client.consumers import ConsumerSlots
 from zdq.client.slots import release_future
 from zdq.errors import PlacementError
 
@@ -96,3 +98,58 @@ def test_consumers_placed_started_stop_by_themselves_once_their_actors_are_relea
             wait_until(lambda: not any(client.run(_consumer_threads).values()), timeout=15)
         finally:
             consumers.close()
+
+
+def _a_free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.faults
+def test_a_broker_that_cannot_open_in_its_constructor_fails_placement_naming_its_worker(client: Client) -> None:
+    # One port for two brokers on this one host: the second to bind cannot, in its constructor.
+    port = _a_free_port()
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    started = time.monotonic()
+    with pytest.raises(PlacementError) as info:
+        QueuePool(client, 2, ports=(port, port), placement_timeout=20.0)
+    assert time.monotonic() - started < 20.0, "the placement must fail within placement-timeout"
+    message = str(info.value)
+    assert "no free port" in message and f"{port}-{port}" in message, message
+    named = [w for w in workers if f" on {w} could not open" in message]
+    assert len(named) == 1 and "broker " in message, message
+    # Nothing left bound: the pool's other broker was stopped, the port is free for the next pool.
+    with QueuePool(client, 1, ports=(port, port), placement_timeout=20.0) as qp:
+        assert qp.endpoints[0].endswith(f":{port}")
+
+
+@pytest.mark.faults
+def test_a_consumer_whose_sockets_cannot_open_fails_placement_from_the_reach_step_naming_it(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its sockets open in the background (the constructor returns first); an endpoint that does
+    # not parse fails them there, and the reach step that follows says so, naming it and its worker.
+    monkeypatch.setattr(ConsumerSlots, "start_args", lambda self, i: (["tcp://no-such-host-or-port"], [0]))
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    with QueuePool(client, 1, placement_timeout=20.0) as qp:
+        started = time.monotonic()
+        with pytest.raises(PlacementError) as info:
+            ConsumerPool(client, qp, n_consumers=2, start=True)
+        assert time.monotonic() - started < 20.0, "the placement must fail within placement-timeout"
+        message = str(info.value)
+        for i, worker in enumerate(workers):
+            assert f"GeneralConsumer-{i} on {worker} could not open its sockets" in message, message
+        wait_until(lambda: not [t for ts in client.run(_consumer_threads).values() for t in ts], timeout=15)
+
+
+def test_the_reach_of_every_consumer_is_asked_once_per_worker(client: Client) -> None:
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    with QueuePool(client, 2) as qp, ConsumerPool(client, qp, n_consumers=4, start=True) as consumers:
+        slots = consumers._consumers
+        # One consumer of each worker answers for all of that worker's (one actor call a worker).
+        told = slots._reach_by_worker(slots.queues_up(), 30.0)
+        assert sorted(told) == [0, 1, 2, 3] and len(set(slots.placed_on.values())) == len(workers)
+        for reached, unreached in told.values():
+            assert reached and not unreached
+        assert qp.submit(add, 2, 3).result(timeout=30) == 5

@@ -12,6 +12,9 @@ __all__ = [
     "worker_address",
     "scheduler_address",
     "liveness_probe",
+    "local_actors",
+    "PLACED_TOPIC",
+    "tell_placed",
     "candidate_workers",
     "pick_worker",
     "as_dask_task",
@@ -44,6 +47,13 @@ def scheduler_address() -> str | None:
     return None if address is None else str(address)
 
 
+def local_actors(keys: list[str]) -> dict[str, Any]:
+    """The actors this worker holds under ``keys`` (their Dask keys), by key; a key it does not
+    hold (or holds while its constructor runs) is left out. Empty outside a worker."""
+    actors = getattr(getattr(_worker(), "state", None), "actors", None) or {}
+    return {key: actors[key] for key in keys if actors.get(key) is not None}
+
+
 def liveness_probe(instance: object) -> Callable[[], bool]:
     """A check that says whether ``instance`` is still a live actor on its worker.
 
@@ -70,6 +80,26 @@ def liveness_probe(instance: object) -> Callable[[], bool]:
 
 
 _GONE = object()
+
+#: The scheduler's event topic on which an actor opened in its constructor tells its client what
+#: it would have answered a call (see :func:`tell_placed`). Dask keeps a topic's last
+#: ``distributed.admin.low-level-log-length`` events: bounded, whatever the placements.
+PLACED_TOPIC = "zdq-placed"
+
+
+def tell_placed(what: list[Any]) -> bool:
+    """From an actor's constructor: tell the scheduler ``what`` (msgpack-able, no secret: any
+    client of the cluster can read it) under the actor's key, one message on the worker's batched
+    stream, ahead of the message that says the actor was created. The client reads every actor's
+    in one round trip once all are created (:func:`zdq.client.slots.placed_reports`) instead of
+    calling each. False outside a constructor (nothing told: the client asks the actor)."""
+    worker = _worker()
+    actors = getattr(getattr(worker, "state", None), "actors", None)
+    key = None if actors is None else _constructing(actors)
+    if key is None:
+        return False
+    worker.log_event(PLACED_TOPIC, {"key": str(key), "what": what})
+    return True
 
 
 def _constructing(actors: Mapping[Any, Any]) -> Any:

@@ -11,10 +11,10 @@ import os
 import re
 import uuid
 
-from zdq._actor import liveness_probe, scheduler_address, worker_address
+from zdq._actor import liveness_probe, scheduler_address, tell_placed, worker_address
 from zdq.broker.core import BrokerCore
 from zdq.config import PoolSettings, settings
-from zdq.errors import ClosedError, QueueMissing, ZdqError
+from zdq.errors import ClosedError, PlacementError, QueueMissing, ZdqError
 from zdq.names import pool_of_queue
 from zdq.observe.feed import Source, add_source, remove_source
 from zdq.stats import BrokerStats
@@ -36,6 +36,18 @@ __all__ = ["Broker"]
 logger = logging.getLogger(__name__)
 
 
+def _naming_worker(error: Exception, what: str) -> Exception:
+    """``error`` said with ``what`` (naming the broker and its worker) before it. A zdq error
+    keeps its type (a locked or missing directory, a port range exhausted: the pool tells them
+    apart); any other becomes a :class:`PlacementError`."""
+    if isinstance(error, ZdqError):
+        try:
+            return type(error)(f"{what}: {error}")
+        except Exception:  # noqa: BLE001 - an error made otherwise than from its message
+            return error
+    return PlacementError(f"{what}: {type(error).__name__}: {error}")
+
+
 class Broker:
     """Dask actor that runs one queue on the worker it is placed on.
 
@@ -52,6 +64,12 @@ class Broker:
     must_exist : bool
         Recovery of a durable queue: open the directory only if it already holds this queue;
         never create a new, empty one (it would not hold the chunks that were confirmed).
+    open_with : tuple, optional
+        ``(creator, proposed key, n_queues)``: :meth:`open` in the constructor, so that placing a
+        pool costs one actor call per broker less; what it answers is told to the scheduler
+        (:func:`zdq._actor.tell_placed`), where the pool reads all its brokers' at once. A broker
+        that cannot open raises from the constructor, naming itself and its worker: the
+        placement fails with it.
     """
 
     def __init__(
@@ -61,6 +79,7 @@ class Broker:
         dirpath: str | None = None,
         keys: ServerKeys | None = None,
         must_exist: bool = False,
+        open_with: tuple[bytes, bytes | None, int] | None = None,
     ) -> None:
         self.name = name
         self._settings = settings
@@ -73,6 +92,20 @@ class Broker:
         self._source: Source | None = None  # what the process's monitoring feed reports of it
         self.endpoint = ""
         self.host = ""
+        if open_with is not None:
+            self._open_placed(*open_with)
+
+    def _open_placed(self, creator: bytes, proposed_key: bytes | None, n_queues: int) -> None:
+        """:meth:`open`, in the constructor, told to the scheduler. Its payload key is not told
+        (the events are any client's to read), only whether it is the one proposed; a durable
+        queue that keeps another is asked by the pool. A zdq error (a locked or missing
+        directory) keeps its type; any other is a :class:`PlacementError` naming the worker."""
+        try:
+            endpoint, host, queue_id, key, beyond = self.open(creator, proposed_key, n_queues)
+        except Exception as e:
+            self.stop()  # what it opened before it failed: no actor will own it
+            raise _naming_worker(e, f"broker {self.name} on {worker_address() or 'this process'} could not open") from e
+        tell_placed([endpoint, host, queue_id, key == proposed_key, beyond])
 
     def start(self, creator: bytes = b"") -> str:
         """Open storage, bind on this worker's host and start the loop; return the endpoint.

@@ -49,7 +49,15 @@ from distributed import Client
 from zdq._actor import candidate_workers
 from zdq.broker import Broker
 from zdq.client import registry
-from zdq.client.slots import ActorSlots, SlotsClosed, gather_actors, place_actor, release_future
+from zdq.client.slots import (
+    ActorSlots,
+    SlotsClosed,
+    gather_actors,
+    place_actor,
+    placed_reports,
+    release_future,
+    stop_created,
+)
 from zdq.config import PoolSettings
 from zdq.client.driver import Driver
 from zdq.errors import BrokerLost, ClosedError, PlacementError, QueueLocked, QueueMissing, StorageCorrupt, ZdqError
@@ -308,15 +316,15 @@ class PlacedQueues:
         futures: list[Any] = []
         try:
             known = self.client.scheduler_info(n_workers=-1)["workers"]  # asked once, not per queue
-            futures = [self._submit(i, known=known) for i in range(self.n_queues)]
-            brokers = gather_actors(self.client, futures, self.settings.placement_timeout)  # one round trip
-            for i, (fut, broker) in enumerate(zip(futures, brokers)):
-                self.slots.adopt(i, fut, broker)
             # A durable queue keeps the payload key of the pool that created it, so that a pool
             # reopened after a restart reads what was stored; the queues of one dirpath agree on it.
             proposed = os.urandom(32) if auth else None
-            opens = [b.open(self._identity, proposed, self.n_queues) for b in brokers]
-            opened = [call.result(timeout=self.settings.placement_timeout) for call in opens]
+            opening = (self._identity, proposed, self.n_queues)  # each opens in its constructor
+            futures = [self._submit(i, known=known, open_with=opening) for i in range(self.n_queues)]
+            brokers = gather_actors(self.client, futures, self.settings.placement_timeout)  # one round trip
+            for i, (fut, broker) in enumerate(zip(futures, brokers)):
+                self.slots.adopt(i, fut, broker)
+            opened = self._opened(futures, brokers, opening)
             self.endpoints = [endpoint for endpoint, _, _, _, _ in opened]
             # A queue's host is its worker's as the scheduler names it, the name recovery places
             # by (the broker's own view may be another name of the same machine).
@@ -340,14 +348,44 @@ class PlacedQueues:
             self._release(futures)
             raise PlacementError(f"could not place the queues of pool {self.name}: {e}") from e
 
+    def _opened(self, futures: list[Any], brokers: list[Any], opening: tuple[bytes, bytes | None, int]) -> list[Any]:
+        """What each broker's :meth:`~zdq.broker.Broker.open` answered in its constructor
+        ``(endpoint, host, queue id, payload key, beyond)``, read from the scheduler in one round
+        trip; a broker whose report is not there, or whose key is not the one proposed (a durable
+        queue keeps its own, never told there), is asked (its open is idempotent)."""
+        timeout = self.settings.placement_timeout
+        told = placed_reports(self.client, futures, timeout)
+        proposed = opening[1]
+        out: list[Any] = [None] * len(futures)
+        asked = []
+        for i, fut in enumerate(futures):
+            what = told.get(str(fut.key))
+            if what is not None and what[3]:
+                endpoint, host, queue_id, _, beyond = what
+                out[i] = (endpoint, host, queue_id, proposed, list(beyond))
+            else:
+                asked.append((i, brokers[i].open(*opening)))
+        for i, call in asked:
+            out[i] = call.result(timeout=timeout)
+        return out
+
     def _release(self, futures: list[Any]) -> None:
         self.release()
+        stop_created(self.client, futures, "broker")  # opened in their constructors, not adopted
         for fut in futures:
             release_future(fut)
 
-    def _submit(self, i: int, *, host: str | None = None, known: dict[str, Any] | None = None) -> Any:
+    def _submit(
+        self,
+        i: int,
+        *,
+        host: str | None = None,
+        known: dict[str, Any] | None = None,
+        open_with: tuple[bytes, bytes | None, int] | None = None,
+    ) -> Any:
         """Place the broker of queue ``i``; ``host``: only on a worker of that host (recovery of a
-        durable queue, whose directory is on that host's disk), and never creating a new queue."""
+        durable queue, whose directory is on that host's disk), and never creating a new queue;
+        ``open_with``: it opens in its constructor (see :class:`~zdq.broker.Broker`)."""
         allowed = self._allowed
         if host is not None:
             here = [a for a in candidate_workers(self.client, allowed, self._resources) if host_of(a) == host]
@@ -360,7 +398,14 @@ class PlacedQueues:
         return place_actor(
             self.client,
             Broker,
-            (self.queue_names[i], self.settings, self.queue_dir(i), None if self.keys is None else self.keys.server, host is not None),
+            (
+                self.queue_names[i],
+                self.settings,
+                self.queue_dir(i),
+                None if self.keys is None else self.keys.server,
+                host is not None,
+                open_with,
+            ),
             slot=i,
             allowed=allowed,
             placed_on=self.placed_on,

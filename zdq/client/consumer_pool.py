@@ -240,7 +240,11 @@ class ConsumerPool:
             self.close()
             raise PlacementError(f"could not place consumers: {e}") from e
         if start:
-            self._start(started=True)
+            try:
+                self._start(started=True)
+            except PlacementError as e:  # a consumer could not open its sockets (said by its reach)
+                self.close()
+                raise PlacementError(f"could not place consumers: {e}") from e
 
     # -- asynchronous clients (see zdq.client.asynchronous) --------------------------------------
     def __await__(self) -> Generator[Any, None, ConsumerPool]:
@@ -352,7 +356,7 @@ class ConsumerPool:
         if self._supervisor is None:
             self._supervisor = Supervisor(self, "zdq-supervisor-consumers", method="_supervise_once")
             self._supervisor.start()
-        orphans, why = self._consumers.check_reach()
+        orphans, why = self._consumers.check_reach(placing=started)
         if orphans:
             raise BrokerUnreachable(why)
         if why:

@@ -41,7 +41,7 @@ from distributed import Client
 from distributed import wait as wait_for
 
 from zdq._actor import candidate_workers
-from zdq.client.slots import ActorSlots, SlotsClosed, gather_actors, place_actor, release_future
+from zdq.client.slots import ActorSlots, SlotsClosed, gather_actors, place_actor, release_future, stop_created
 from zdq.config import PoolSettings
 from zdq.errors import PlacementError
 from zdq.consumer import Consumer, ConsumerBaseClass
@@ -174,23 +174,10 @@ class ConsumerSlots:
             self._started_with = given if start else None
         except BaseException:
             if start:
-                self._stop_started([fut for _, fut, _ in submitted])
+                stop_created(self.client, [fut for _, fut, _ in submitted], "consumer")
             for _, fut, _ in submitted:
                 release_future(fut)
             raise
-
-    def _stop_started(self, futures: list[Any]) -> None:
-        """A placement with ``start`` failed after some consumers started: stop those (released
-        only, each would stop at its next heartbeat, and might take a chunk meanwhile). Bounded;
-        a consumer that cannot be stopped now still stops at its next heartbeat."""
-        created = [fut for fut in futures if fut.status == "finished"]
-        try:
-            actors = gather_actors(self.client, created, 10.0)
-            calls = [actor.stop() for actor in actors]
-            for call in calls:
-                call.result(timeout=10)
-        except Exception as e:  # noqa: BLE001 - its worker is gone: it stops by itself
-            logger.debug("stopping the consumers of a failed placement failed: %s", e)
 
     def _wait_created(self, placing: list[tuple[int, Any]], timeout: float, known: dict[str, Any] | None = None) -> None:
         """Wait (``timeout`` for all) until the actors of ``placing`` (slot, future) are created;
@@ -534,25 +521,74 @@ class ConsumerSlots:
         with self._lock:
             return dict(self._orphans)
 
-    def check_reach(self) -> tuple[list[str], str]:
+    def check_reach(self, *, placing: bool = False) -> tuple[list[str], str]:
         """Wait until every consumer heard from its brokers or reported them unreachable; the
         queues reached by none, and what to tell (see :meth:`reach_verdict`). Queues that are down
-        (being placed again) are not waited for: the consumers are told where they went."""
+        (being placed again) are not waited for: the consumers are told where they went.
+
+        A consumer whose sockets could not be opened (they open in the background, see
+        :meth:`Consumer.start`) answers with its :class:`PlacementError`, naming it and its worker:
+        with ``placing`` (a pool placed started) they are raised together; else each is a warning
+        (the supervisor replaces such a consumer, as before)."""
         up = self.queues_up()
+        wait = self.settings.connect_timeout + 2 * self.settings.heartbeat_interval + 10
+        answers: ReachAnswers = []
+        failed: list[str] = []
+        asked = self._reach_by_worker(up, wait)
         calls = []
-        for _, name, consumer in self.live():
-            try:
+        for i, name, consumer in self.live():
+            if i in asked:
+                answer = asked[i]
+                if isinstance(answer, str):
+                    failed.append(answer)
+                else:
+                    answers.append((name, answer))
+                continue
+            try:  # not answered for by its worker: asked itself
                 calls.append((name, consumer.reach(up)))
             except Exception as e:  # its worker is gone: the supervisor replaces it
                 logger.debug("reach on consumer %s failed: %s", name, e)
-        wait = self.settings.connect_timeout + 2 * self.settings.heartbeat_interval + 10
-        answers = []
         for name, call in calls:
             try:
                 answers.append((name, call.result(timeout=wait)))
+            except PlacementError as e:
+                failed.append(str(e))
             except Exception as e:
                 logger.debug("reach on consumer %s failed: %s", name, e)
+        if failed and placing:
+            raise PlacementError("; ".join(failed))
+        for why in failed:
+            logger.warning("%s; placing a replacement", why)
         return self.reach_verdict(answers)
+
+    def _reach_by_worker(self, up: list[str], wait: float) -> dict[int, Any]:
+        """Ask one consumer per worker for the reach of every consumer placed there
+        (``Consumer.reach_here``): one actor call per worker, not per consumer. By slot: the
+        answer, or the message of a consumer that could not open its sockets; a slot left out
+        (its worker did not answer for it) is asked by the caller."""
+        by_worker: dict[str, list[tuple[int, str, Any]]] = {}
+        futures = self.slots.futures()
+        with self._lock:
+            placed_on = dict(self.placed_on)
+        for i, _, consumer in self.live():
+            fut = futures[i]
+            if fut is not None and i in placed_on:
+                by_worker.setdefault(placed_on[i], []).append((i, str(fut.key), consumer))
+        calls = []
+        for worker, here in by_worker.items():
+            try:
+                calls.append((here, here[0][2].reach_here([key for _, key, _ in here], up)))
+            except Exception as e:  # its worker is gone: the supervisor replaces its consumers
+                logger.debug("reach of the consumers on %s failed: %s", worker, e)
+        out: dict[int, Any] = {}
+        for here, call in calls:
+            try:
+                told = call.result(timeout=wait)
+            except Exception as e:  # noqa: BLE001 - each of them is asked by the caller
+                logger.debug("reach of consumers %s failed: %s", [i for i, _, _ in here], e)
+                continue
+            out.update({i: told[key] for i, key, _ in here if key in told})
+        return out
 
     def reach_verdict(self, answers: ReachAnswers) -> tuple[list[str], str]:
         """From the consumers' ``reach()`` answers: the queues that are up and that no consumer

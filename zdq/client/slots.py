@@ -37,9 +37,20 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from zdq._actor import pick_worker
+import distributed
 
-__all__ = ["ActorSlots", "Supervisor", "exiting", "gather_actors", "place_actor", "release_future"]
+from zdq._actor import PLACED_TOPIC, pick_worker
+
+__all__ = [
+    "ActorSlots",
+    "Supervisor",
+    "exiting",
+    "gather_actors",
+    "place_actor",
+    "placed_reports",
+    "release_future",
+    "stop_created",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +109,37 @@ def gather_actors(client: Any, futures: list[Any], timeout: float) -> list[Any]:
     if not futures:
         return []
     return list(client.sync(client._gather, list(futures), callback_timeout=timeout))
+
+
+def placed_reports(client: Any, futures: list[Any], timeout: float) -> dict[str, Any]:
+    """What the actors of ``futures`` (created) told the scheduler from their constructors
+    (:func:`zdq._actor.tell_placed`), by future key, read in one round trip for all. An actor
+    whose report is not there (the scheduler's bounded log rolled over) is left out: the caller
+    asks it. Bounded by ``timeout`` (TimeoutError)."""
+    if not futures:
+        return {}
+    events = client.sync(client.scheduler.events, topic=PLACED_TOPIC, callback_timeout=timeout)
+    wanted = {str(fut.key) for fut in futures}
+    return {msg["key"]: msg["what"] for _, msg in events if isinstance(msg, dict) and msg.get("key") in wanted}
+
+
+def stop_created(client: Any, futures: list[Any], what: str) -> None:
+    """A placement whose actors start (or open) in their constructors failed after some were
+    created: stop those now (released only, each would stop at its next heartbeat, and might take
+    a chunk or hold its port meanwhile). Bounded; one that cannot be stopped now still stops at
+    its next heartbeat. ``what`` names them in the log ("consumer")."""
+    try:
+        distributed.wait(futures, timeout=10.0)  # those still being created are stopped too
+    except Exception as e:  # noqa: BLE001 - TimeoutError: their workers are stuck; they stop by themselves
+        logger.debug("waiting for the %ss of a failed placement: %s", what, e)
+    created = [fut for fut in futures if fut.status == "finished"]
+    try:
+        actors = gather_actors(client, created, 10.0)
+        calls = [actor.stop() for actor in actors]
+        for call in calls:
+            call.result(timeout=10)
+    except Exception as e:  # noqa: BLE001 - its worker is gone: it stops by itself
+        logger.debug("stopping the %ss of a failed placement failed: %s", what, e)
 
 
 def release_future(fut: Any, actor: Any = None) -> None:

@@ -13,7 +13,15 @@ import threading
 import time
 from typing import Any
 
-from zdq._actor import CURRENT_POOL, as_dask_task, liveness_probe, pool_done, pool_in_use, worker_address
+from zdq._actor import (
+    CURRENT_POOL,
+    as_dask_task,
+    liveness_probe,
+    local_actors,
+    pool_done,
+    pool_in_use,
+    worker_address,
+)
 from zdq.config import PoolSettings
 from zdq.consumer.base import ConsumerBaseClass
 from zdq.consumer.link import Link
@@ -27,9 +35,23 @@ from zdq.transport.security import ClientKeys
 
 __all__ = ["Consumer"]
 
-#: How long ``start()`` waits for the I/O thread to open its sockets (connecting does not wait for
-#: the brokers: ZeroMQ connects in the background, so this is only ever reached by a stuck worker).
-_OPEN_TIMEOUT = 10.0
+
+class _Opened:
+    """What the I/O thread sets once it opened its sockets (or failed to): runs ``then`` there
+    first (see :meth:`Consumer._sockets_opened`), then tells whoever waits."""
+
+    def __init__(self, then: Any) -> None:
+        self._then = then
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        try:
+            self._then()
+        finally:
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
 
 
 class Consumer:
@@ -107,6 +129,8 @@ class Consumer:
         self._exec: threading.Thread | None = None
         self._started = False  # start() succeeded and stop() was not called since: it should run
         self._start_error: str | None = None
+        self._opened: _Opened | None = None  # set by the I/O thread once its sockets are open (or failed)
+        self._opened_by = 0.0  # when reach() gives up waiting for that (placement-timeout after start)
         self._source: Source | None = None  # what the process's monitoring feed reports of it
         if start_with is not None:
             self._start_placed(*start_with)
@@ -127,11 +151,14 @@ class Consumer:
         cancelled consumer. ``queues``: the pool's index of each of those queues (default: they
         are the pool's queues 0, 1, ...; a consumer serves at most ``fan-out`` of them).
 
+        The sockets open in the background: a consumer that cannot open them (too many open files
+        or sockets in its worker's process, an endpoint that does not parse) says so, naming itself
+        and its worker, from :meth:`reach` (a :class:`PlacementError`) and :meth:`health`.
+
         Raises
         ------
-        PlacementError
-            If the consumer cannot open its sockets (too many open files or sockets in its worker's
-            process, an endpoint that does not parse); the message names the cause.
+        ValueError
+            If ``queues`` and ``endpoints`` differ in length.
         TypeError
             If the consumer class cannot be instantiated (an abstract ``process_item``).
         """
@@ -194,31 +221,41 @@ class Consumer:
             self._exec = threading.Thread(
                 target=as_dask_task(runner.exec_loop), name=f"zdq-exec-{self.name}", daemon=True
             )
-        opened = threading.Event()
-        self._io = threading.Thread(
-            target=as_dask_task(link.io_main), args=(opened,), name=f"zdq-consumer-{self.name}", daemon=True
-        )
-        self._io.start()
-        if not opened.wait(_OPEN_TIMEOUT) or link.open_error is not None:
-            cause = link.open_error
-            why = f"{cause}" if cause is not None else f"its I/O thread did not start within {_OPEN_TIMEOUT:g}s"
-            self.stop()
-            self._start_error = (
-                f"consumer {self.name} on {self._worker or 'this process'} could not open its sockets "
-                f"to {len(self._endpoints)} brokers: {why}"
-            )
-            raise PlacementError(self._start_error) from cause
-        self._exec.start()  # after the I/O thread took the sockets (and set itself as their owner)
-        if self._pool is not None:
-            pool_in_use(self._pool)
+        # The sockets open in the background (issue 26, point 7): this call (and the actor's
+        # constructor, placed started) returns without waiting for the I/O thread; an open that
+        # fails is said by reach(), which the pool calls next anyway, and by health().
         self._started = True
         self._start_error = None
+        exec_thread, stop = self._exec, self._stop  # this start's, whatever a later one sets
+        self._opened = _Opened(lambda: self._sockets_opened(link, runner, exec_thread, stop))
+        self._opened_by = time.monotonic() + self._settings.placement_timeout
+        self._io = threading.Thread(
+            target=as_dask_task(link.io_main), args=(self._opened,), name=f"zdq-consumer-{self.name}", daemon=True
+        )
+        self._io.start()
+        if self._pool is not None:
+            pool_in_use(self._pool)
         if self._source is None:
             io = self._io
             self._source = Source(
                 "consumer", self._pool[0] if self._pool else "", self.name, self.statistics, io.is_alive, owner=self
             )
             add_source(self._source)
+
+    def _sockets_opened(self, link: Link, runner: Runner, exec_thread: threading.Thread | None, stop: threading.Event) -> None:
+        """(On the I/O thread, once it opened its sockets or failed to.) Start the execution thread
+        (after the I/O thread took the sockets and set itself as their owner), or note why the
+        consumer cannot run: reach() raises it, health() reports it."""
+        if link.open_error is None:
+            if exec_thread is not None and not stop.is_set():
+                exec_thread.start()
+            return
+        self._start_error = (
+            f"consumer {self.name} on {self._worker or 'this process'} could not open its sockets "
+            f"to {len(self._endpoints)} brokers: {link.open_error}"
+        )
+        stop.set()
+        runner.shutdown()
 
     def set_endpoint(self, broker: int, endpoint: str) -> None:
         """The pool's queue ``broker`` was placed again: reconnect to its new endpoint (if this
@@ -276,7 +313,13 @@ class Consumer:
         """Wait (on the worker's event loop, holding no thread) until this consumer has heard from
         each of its brokers of ``queues`` (default: all), or reported it unreachable
         (``connect-timeout`` after connecting); return the queues it reaches, and ``(queue,
-        endpoint, why)`` of those of ``queues`` it cannot."""
+        endpoint, why)`` of those of ``queues`` it cannot.
+
+        Raises
+        ------
+        PlacementError
+            Its sockets could not be opened (see :meth:`start`), or its I/O thread did not open
+            them within ``placement-timeout``: the message names the consumer and its worker."""
         settings = self._settings
         wanted = None if queues is None else set(queues)
         give_up = time.monotonic() + settings.connect_timeout + 2 * settings.heartbeat_interval + 1.0
@@ -284,11 +327,47 @@ class Consumer:
             link = self._link
             if link is None:
                 return [], []
+            if not self._sockets_ready():
+                await asyncio.sleep(0.01)
+                continue
             reached, unreached, pending = link.reach()
             waiting = pending if wanted is None else [q for q in pending if q in wanted]
             if not waiting or time.monotonic() > give_up or self._stop.is_set():
                 return reached, [u for u in unreached if wanted is None or u[0] in wanted]
             await asyncio.sleep(0.01)
+
+    async def reach_here(
+        self, keys: list[str], queues: list[str] | None = None
+    ) -> dict[str, tuple[list[str], list[tuple[str, str, str]]] | str]:
+        """:meth:`reach` of every consumer of ``keys`` (their Dask actor keys) that lives on this
+        worker, awaited together: a pool asks one consumer per worker instead of each (one actor
+        call per worker). By key: the answer, or the message of its :class:`PlacementError`; a
+        key that holds no consumer here is left out (the pool asks that one itself)."""
+        here = [(key, c) for key, c in local_actors(keys).items() if isinstance(c, Consumer)]
+        answers = await asyncio.gather(*(c.reach(queues) for _, c in here), return_exceptions=True)
+        out: dict[str, tuple[list[str], list[tuple[str, str, str]]] | str] = {}
+        for (key, _), answer in zip(here, answers):
+            if isinstance(answer, PlacementError):
+                out[key] = str(answer)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                out[key] = answer
+        return out
+
+    def _sockets_ready(self) -> bool:
+        """Whether the I/O thread opened the sockets (False: not yet). Raises the
+        :class:`PlacementError` of an open that failed, or that took over ``placement-timeout``."""
+        if self._start_error is not None:
+            raise PlacementError(self._start_error)
+        if self._opened is None or self._opened.is_set():
+            return True
+        if time.monotonic() <= self._opened_by:
+            return False
+        raise PlacementError(
+            f"consumer {self.name} on {self._worker or 'this process'}: its I/O thread did not open its sockets "
+            f"within placement-timeout ({self._settings.placement_timeout:g} s): its worker is overloaded or stuck"
+        )
 
     def health(self) -> tuple[bool, str]:
         """``(True, state)``, or ``(False, why)`` when the consumer is not running although it
@@ -298,6 +377,11 @@ class Consumer:
             return False, self._start_error
         if not self._started:
             return True, "not started" if self._io is None else "stopped"
+        try:
+            if not self._sockets_ready():
+                return True, "opening its sockets"
+        except PlacementError as e:
+            return False, str(e)
         link = self._link
         if link is not None and link.failure is not None:
             return False, f"consumer {self.name} stopped on its own: {link.failure}"
