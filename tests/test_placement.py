@@ -153,3 +153,25 @@ def test_the_reach_of_every_consumer_is_asked_once_per_worker(client: Client) ->
         for reached, unreached in told.values():
             assert reached and not unreached
         assert qp.submit(add, 2, 3).result(timeout=30) == 5
+
+
+@pytest.mark.faults
+def test_a_queue_whose_worker_is_stopped_fails_placement_naming_it_and_its_worker(client: Client) -> None:
+    import os
+    import signal
+
+    from .conftest import stop_process
+
+    address = sorted(client.scheduler_info(n_workers=-1)["workers"])[0]
+    stopped = client.run(os.getpid, workers=[address])[address]
+    stop_process(stopped)  # only stopped, then resumed: the session's cluster serves
+    try:
+        started = time.monotonic()
+        with pytest.raises(PlacementError) as raised:
+            QueuePool(client, 1, workers=[address], placement_timeout=3.0)
+        took = time.monotonic() - started
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    said = str(raised.value)
+    assert "queue 0" in said and address in said and "did not answer" in said, said
+    assert took < 3.0 + 5.0, f"placement failed after {took:.1f} s, its bound is 3 s"

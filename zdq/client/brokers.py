@@ -57,6 +57,7 @@ from zdq.client.slots import (
     placed_reports,
     release_future,
     stop_created,
+    wait_created,
 )
 from zdq.config import PoolSettings
 from zdq.client.driver import Driver
@@ -321,6 +322,8 @@ class PlacedQueues:
             proposed = os.urandom(32) if auth else None
             opening = (self._identity, proposed, self.n_queues)  # each opens in its constructor
             futures = [self._submit(i, known=known, open_with=opening) for i in range(self.n_queues)]
+            labelled = [(f"queue {i}", fut, self.placed_on.get(i, "?")) for i, fut in enumerate(futures)]
+            wait_created(self.client, labelled, self.settings.placement_timeout, known, "queue")
             brokers = gather_actors(self.client, futures, self.settings.placement_timeout)  # one round trip
             for i, (fut, broker) in enumerate(zip(futures, brokers)):
                 self.slots.adopt(i, fut, broker)

@@ -38,15 +38,22 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from distributed import Client
-from distributed import wait as wait_for
 
 from zdq._actor import candidate_workers
-from zdq.client.slots import ActorSlots, SlotsClosed, gather_actors, place_actor, release_future, stop_created
+from zdq.client.slots import (
+    ActorSlots,
+    SlotsClosed,
+    gather_actors,
+    place_actor,
+    release_future,
+    stop_created,
+    wait_created,
+)
 from zdq.config import PoolSettings
 from zdq.errors import PlacementError
 from zdq.consumer import Consumer, ConsumerBaseClass
 from zdq.client.driver import Driver
-from zdq.names import consumer_names, counted
+from zdq.names import consumer_names
 from zdq.fanout import served_queues
 from zdq.transport.reach import OPEN_BETWEEN_WORKERS, describe
 from zdq.transport.security import ClientKeys
@@ -182,27 +189,10 @@ class ConsumerSlots:
     def _wait_created(self, placing: list[tuple[int, Any]], timeout: float, known: dict[str, Any] | None = None) -> None:
         """Wait (``timeout`` for all) until the actors of ``placing`` (slot, future) are created;
         raise :class:`PlacementError` naming each consumer that was not, and its worker."""
-        try:
-            wait_for([fut for _, fut in placing], timeout=timeout)
-        except TimeoutError:
-            pass  # said below, naming who did not answer
-        late = [i for i, fut in placing if not fut.done()]
-        if not late:
-            return
         with self._lock:
-            where = {i: self.placed_on.get(i, "?") for i in late}
-        known = known if known is not None else {}
-
-        def worker(address: str) -> str:
-            name = known.get(address, {}).get("name")
-            return f"{address} (worker {name})" if name is not None and str(name) != address else address
-
-        each = ", ".join(f"{self.names[i]} on {worker(where[i])}" for i in late)
-        raise PlacementError(
-            f"{counted(len(late), 'consumer')} not created within {timeout:g} s: {each}; the worker did not answer "
-            "(it is stopped, e.g. by SIGSTOP, or too busy): resume or restart it, or place the pool with workers= "
-            "that leaves it out"
-        )
+            where = {i: self.placed_on.get(i, "?") for i, _ in placing}
+        labelled = [(self.names[i], fut, where[i]) for i, fut in placing]
+        wait_created(self.client, labelled, timeout, known if known is not None else {}, "consumer")
 
     def _submit(self, i: int, known: dict[str, Any] | None = None, *, start: bool = False) -> tuple[Any, bytes]:
         ident = new_identity()

@@ -32,6 +32,7 @@ import atexit
 import contextvars
 import logging
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -40,6 +41,8 @@ from typing import Any, Generic, TypeVar
 import distributed
 
 from zdq._actor import PLACED_TOPIC, pick_worker
+from zdq.errors import PlacementError
+from zdq.names import counted
 
 __all__ = [
     "ActorSlots",
@@ -50,9 +53,12 @@ __all__ = [
     "placed_reports",
     "release_future",
     "stop_created",
+    "wait_created",
 ]
 
 logger = logging.getLogger(__name__)
+#: Seconds a failed placement spends stopping what it created (what does not answer stops alone).
+_STOP_CREATED_WAIT = 3.0
 
 A = TypeVar("A")
 
@@ -101,6 +107,42 @@ def place_actor(
     )
 
 
+def wait_created(client: Any, placing: list[tuple[str, Any, str]], timeout: float, known: dict[str, Any], what: str) -> None:
+    """Wait (``timeout`` for all) until the actors of ``placing`` ``(label, future, worker
+    address)`` are created; raise :class:`PlacementError` naming each one that was not, its
+    worker, and whether that worker left the cluster (killed, crashed) or is still there without
+    answering (stopped, e.g. by SIGSTOP, or too busy). ``known``: the scheduler's workers when
+    placing began (for their names). Waited for before the proxies are gathered, so that a late
+    actor is named, and no wait of Dask's own is left behind to fail unseen."""
+    try:
+        distributed.wait([fut for _, fut, _ in placing], timeout=timeout)
+    except TimeoutError:
+        pass  # said below, naming who did not answer
+    late = [(label, address) for label, fut, address in placing if not fut.done()]
+    if not late:
+        return
+    try:
+        present = set(client.scheduler_info(n_workers=-1)["workers"])
+    except Exception:  # noqa: BLE001 - the scheduler itself is out of reach: say what is known
+        present = set(known)
+
+    def worker(address: str) -> str:
+        name = known.get(address, {}).get("name")
+        return f"{address} (worker {name})" if name is not None and str(name) != address else address
+
+    gone = [f"{label} on {worker(address)}" for label, address in late if address not in present]
+    silent = [f"{label} on {worker(address)}" for label, address in late if address in present]
+    said = []
+    if gone:
+        said.append(f"{', '.join(gone)}: the worker left the cluster (killed or crashed)")
+    if silent:
+        said.append(f"{', '.join(silent)}: the worker did not answer (it is stopped, e.g. by SIGSTOP, or too busy)")
+    raise PlacementError(
+        f"{counted(len(late), what)} not created within {timeout:g} s: {'; '.join(said)}; resume or restart "
+        "the worker, or place the pool with workers= that leaves it out"
+    )
+
+
 def gather_actors(client: Any, futures: list[Any], timeout: float) -> list[Any]:
     """The actor proxies of ``futures`` (created: waited for by the caller), fetched in one round
     trip for all, where ``fut.result()`` each took one per actor, one after the other. Bounded:
@@ -126,19 +168,17 @@ def placed_reports(client: Any, futures: list[Any], timeout: float) -> dict[str,
 def stop_created(client: Any, futures: list[Any], what: str) -> None:
     """A placement whose actors start (or open) in their constructors failed after some were
     created: stop those now (released only, each would stop at its next heartbeat, and might take
-    a chunk or hold its port meanwhile). Bounded; one that cannot be stopped now still stops at
-    its next heartbeat. ``what`` names them in the log ("consumer")."""
-    try:
-        distributed.wait(futures, timeout=10.0)  # those still being created are stopped too
-    except Exception as e:  # noqa: BLE001 - TimeoutError: their workers are stuck; they stop by themselves
-        logger.debug("waiting for the %ss of a failed placement: %s", what, e)
+    a chunk or hold its port meanwhile). Those not created yet are not waited for (the failure is
+    said within its bound): released with the placement, each stops by itself once made, as one
+    that cannot be stopped now does. Bounded. ``what`` names them in the log ("consumer")."""
     created = [fut for fut in futures if fut.status == "finished"]
     try:
-        actors = gather_actors(client, created, 10.0)
+        actors = gather_actors(client, created, _STOP_CREATED_WAIT)
         calls = [actor.stop() for actor in actors]
+        deadline = time.monotonic() + _STOP_CREATED_WAIT
         for call in calls:
-            call.result(timeout=10)
-    except Exception as e:  # noqa: BLE001 - its worker is gone: it stops by itself
+            call.result(timeout=max(0.0, deadline - time.monotonic()))
+    except Exception as e:  # noqa: BLE001 - its worker is gone or stuck: it stops by itself
         logger.debug("stopping the %ss of a failed placement failed: %s", what, e)
 
 
