@@ -23,6 +23,7 @@ from zdq.client.window import (
     run_chunk,
     span_runs,
 )
+from zdq.errors import SerializationError, ZdqTimeoutError
 
 Future = concurrent.futures.Future
 
@@ -41,11 +42,12 @@ class Pool:
         self.calls.append(args)
         return fut
 
-    def slices(self, part: list[tuple[Any, ...]]) -> FutureSlice:
+    def slices(self, part: list[tuple[Any, ...]], first: int = 0, timeout: float | None = None) -> FutureSlice:
         """The window's submit: a slice of one future per call (the calls go one by one)."""
         return FutureSlice([self.submit(*args) for args in part])
 
-    def cancel(self, slices: list[Any]) -> None:
+    def cancel(self, slices: list[Any], wait: bool = True) -> None:
+        self.waited = wait
         for fut in (f for s in slices for f in s.futures()):
             fut.cancel()
             self.cancelled.append(fut)
@@ -156,7 +158,7 @@ def test_a_call_that_cannot_be_submitted_cancels_those_submitted_before_it() -> 
         return pool.submit(x)
 
     with pytest.raises(TypeError, match="cannot pickle"):
-        ResultWindow(lambda part: FutureSlice([submit(*a) for a in part]), [(i,) for i in range(4)], None, None, pool.cancel)
+        ResultWindow(lambda part, first, left: FutureSlice([submit(*a) for a in part]), [(i,) for i in range(4)], None, None, pool.cancel)
     assert len(pool.futures) == 2 and all(f.cancelled() for f in pool.futures)
 
 
@@ -219,17 +221,23 @@ class Batches:
         self.batches: list[MapBatch] = []
         self.calls: list[list[tuple[Any, ...]]] = []
         self.cancelled: list[Any] = []
+        self.firsts: list[int] = []
+        self.timeouts: list[float | None] = []
+        self.waited: list[bool] = []
         self._next_id = 100
 
-    def submit(self, part: list[tuple[Any, ...]]) -> MapBatch:
+    def submit(self, part: list[tuple[Any, ...]], first: int = 0, timeout: float | None = None) -> MapBatch:
+        self.firsts.append(first)
+        self.timeouts.append(timeout)
         batch = MapBatch(self._next_id, len(part))
         self._next_id += len(part)
         self.batches.append(batch)
         self.calls.append(part)
         return batch
 
-    def cancel(self, slices: list[Any]) -> None:
+    def cancel(self, slices: list[Any], wait: bool = True) -> None:
         self.cancelled.extend(slices)
+        self.waited.append(wait)
 
     def settle(self, k: int, errors: dict[int, BaseException] | None = None) -> None:
         """Every outcome of slice ``k``: the sum of each call's arguments, or the error given."""
@@ -300,9 +308,53 @@ def test_a_slice_times_out_counting_from_the_call_and_hands_out_no_result_twice(
     gc.collect()
     assert ref() is None
     clock.now += 6.0
-    with pytest.raises(TimeoutError, match="had no result within 0.0s"):
+    with pytest.raises(TimeoutError, match=r"^map\(\): the result of item 1 did not come within the map's timeout of 5s$"):
         next(results)
     assert pool.cancelled == pool.batches
+    assert pool.waited == [False]  # cancelled without waiting for the queues' answers
+
+
+def test_each_slice_is_submitted_with_its_position_and_what_is_left_of_the_timeout() -> None:
+    clock = Clock()
+    pool = Batches()
+    results = iter(
+        ResultWindow(pool.submit, [(i,) for i in range(12)], 8, 5.0, pool.cancel, clock, slice_size=4, started=99.0)
+    )
+    assert pool.firsts == [0, 4] and pool.timeouts == [4.0, 4.0]  # 1 s had passed at the construction
+    pool.settle(0)
+    clock.now += 3.0
+    assert [next(results) for _ in range(4)] == [0, 1, 2, 3]
+    assert pool.firsts == [0, 4, 8] and pool.timeouts[-1] == 1.0
+
+
+def test_a_submission_that_times_out_cancels_the_slices_before_it_without_waiting_and_names_the_item() -> None:
+    pool = Batches()
+
+    def submit(part: list[tuple[Any, ...]], first: int, timeout: float | None) -> MapBatch:
+        if first == 4:
+            raise ZdqTimeoutError("no room in the window")
+        return pool.submit(part, first, timeout)
+
+    with pytest.raises(TimeoutError, match=r"^map\(\): the items from 4 on could not be queued within the map's timeout of 5s: no room"):
+        ResultWindow(submit, [(i,) for i in range(12)], None, 5.0, pool.cancel, Clock(), slice_size=4)
+    assert pool.cancelled == pool.batches and pool.waited == [False]
+
+
+def test_a_call_that_cannot_be_pickled_says_how_many_results_were_yielded_before_it() -> None:
+    pool = Batches()
+
+    def submit(part: list[tuple[Any, ...]], first: int, timeout: float | None) -> MapBatch:
+        if first == 12:
+            raise SerializationError("item 13 of the map: cannot pickle")
+        return pool.submit(part, first, timeout)
+
+    results = iter(ResultWindow(submit, [(i,) for i in range(16)], 8, None, pool.cancel, slice_size=4))
+    pool.settle(0)
+    pool.settle(1)
+    assert [next(results) for _ in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(SerializationError, match=r"^item 13 of the map: cannot pickle; 4 results of the map were yielded"):
+        next(results)  # slice 1's results were taken, but the error comes first (as 3.14's submit's)
+    assert pool.cancelled == pool.batches[2:] and pool.waited == [False]
 
 
 def test_spans_of_task_ids_are_cancelled_in_merged_runs_one_request_each() -> None:

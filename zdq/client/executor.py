@@ -13,8 +13,12 @@ state                       owner
 ==========================  =======================================================================
 ``_pool``                   set by the constructor; closed by this executor only when it made it
                             (``_owns_pool``), once, under ``_close_lock``
-``_shutdown``               ``_submitting``: held through each submission, so that shutdown waits
-                            for one in progress (as ``ThreadPoolExecutor``'s lock does)
+``_shutdown``,              ``_state``: set by shutdown without waiting for a submission (one
+``_cancelling``             blocked on a full window sees it, stops, and cancels what it queued);
+                            a submission that ends after shutdown with ``cancel_futures`` cancels
+                            its own futures, so none escapes the cancellation
+``_submissions``            ``_state``: submissions in progress, waited for at the end of the work
+                            (as ``ThreadPoolExecutor``'s lock makes shutdown wait for one)
 ``_inflight``               ``_state`` (a condition, never held while submitting: the callback
                             thread takes it): the futures not done yet, a map's slices' batch
                             futures too (futures only: a future holds no callable nor argument,
@@ -61,8 +65,8 @@ logger = logging.getLogger(__name__)
 #: for it at shutdown or at exit gives up, saying why.
 STALL_LIMIT = 60.0
 
-#: With ``buffersize``, a map's slices are at most a fourth of it: the next one is submitted
-#: while three fourths of the buffer still run, so that the consumers are not left idle.
+#: A map's tasks in flight are cut in fourths, each spread over the consumers as a batch: with
+#: ``buffersize``, the next slice is submitted while three fourths of the buffer still run.
 _SLICES_IN_BUFFER = 4
 
 _busy: dict[int, Executor] = {}
@@ -164,9 +168,10 @@ class Executor(concurrent.futures.Executor):
                 "zdq.QueuePool(client, n)`, then `await queue_pool.submit(fn, x)`, `await queue_pool.map(fn, xs)`"
             )
         self._state = threading.Condition()
-        self._submitting = threading.Lock()
         self._close_lock = threading.Lock()
         self._shutdown = False
+        self._cancelling = False
+        self._submissions = 0
         self._closed = False
         self._inflight: set[concurrent.futures.Future[Any]] = set()
         ref = weakref.ref(self)
@@ -227,37 +232,62 @@ class Executor(concurrent.futures.Executor):
         SerializationError
             ``fn`` or an argument cannot be pickled; nothing was queued.
         """
-        with self._submitting:
-            self._check_open()
+        self._begin()
+        fut = None
+        try:
             fut = self._pool.submit_call(fn, args, kwargs)
-            self._track([fut])
+        finally:
+            self._end([] if fut is None else [fut])
         return fut
 
-    def _submit_slice(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]], chunk: int) -> Slice:
-        """One slice of a map's calls ``(fn, *args)``, queued as one chunked batch
-        (``queue_pool.map_slice``)."""
-        with self._submitting:
-            self._check_open()
-            piece = self._pool.map_slice(fn, calls, chunk)
-            self._track(piece.futures())
+    def _submit_slice(
+        self,
+        fn: Callable[..., Any],
+        calls: list[tuple[Any, ...]],
+        first: int,
+        chunk: int,
+        timeout: float | None,
+        per_task: int = 1,
+    ) -> Slice:
+        """One slice of a map's calls ``(fn, *args)`` from its position ``first``, queued as one
+        chunked batch (``queue_pool.map_slice``) within ``timeout``; a shutdown stops it while it
+        waits for room (RuntimeError)."""
+        self._begin()
+        piece = None
+        try:
+            piece = self._pool.map_slice(
+                fn, calls, chunk, first=first, timeout=timeout, check=self._check_open, per_task=per_task
+            )
+        finally:
+            self._end([] if piece is None else piece.futures())
         return piece
+
+    def _begin(self) -> None:
+        """A submission starts (refused after shutdown): counted until :meth:`_end`."""
+        with self._state:
+            self._check_open()
+            self._submissions += 1
+
+    def _end(self, futures: list[concurrent.futures.Future[Any]]) -> None:
+        """A submission ended with ``futures``: counted as work in flight until they are done, and
+        cancelled at once if a shutdown with ``cancel_futures`` came meanwhile."""
+        with self._state:
+            self._submissions -= 1
+            if futures and not self._inflight:
+                _busy[id(self)] = self
+            self._inflight.update(futures)
+            cancel = self._cancelling
+            self._state.notify_all()
+        for fut in futures:
+            fut.add_done_callback(self._on_done)
+        if cancel:
+            cancel_many(futures)
 
     def _check_open(self) -> None:
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
         if _exiting:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-
-    def _track(self, futures: list[concurrent.futures.Future[Any]]) -> None:
-        """Count ``futures`` as work in flight until they are done."""
-        if not futures:
-            return
-        with self._state:
-            if not self._inflight:
-                _busy[id(self)] = self
-            self._inflight.update(futures)
-        for fut in futures:
-            fut.add_done_callback(self._on_done)
 
     def _settled(self, fut: concurrent.futures.Future[Any]) -> None:
         with self._state:
@@ -284,9 +314,12 @@ class Executor(concurrent.futures.Executor):
         per task, as the process pool's ``map`` (a call's error fails its chunk, and is raised at
         the chunk's first position).
 
-        The calls are queued in slices (one chunk each, a fourth of ``buffersize`` at most), each
-        as one batch with one future whose outcomes are taken by position as they arrive: a map
-        costs about what ``batch_submit`` does, not a future per call.
+        The calls are queued in slices, each as one batch with one future, in chunks that spread
+        a fourth of what is in flight over the consumers as ``batch_submit`` spreads a batch (with
+        ``buffersize``, a slice is one such chunk); the results come chunk by chunk: a map costs about what ``batch_submit`` does, not a future per
+        call. ``timeout`` bounds the submission too: a map blocked on a full submission window
+        raises ``TimeoutError`` when it is spent (what it queued is cancelled), and stops with
+        ``RuntimeError`` when the executor is shut down meanwhile.
         """
         check_map_options(chunksize, buffersize)
         start = time.monotonic()
@@ -298,48 +331,75 @@ class Executor(concurrent.futures.Executor):
             task = run_chunk
         if buffersize is None:
             calls = list(calls)  # every call is submitted now: read them all, and spread them
-        # The tasks in flight at once are spread over the consumers as a batch of as many is;
-        # a slice is one chunk, and a map with buffersize refills by slices.
-        chunk = self._pool.map_chunk_size(len(calls) if buffersize is None else buffersize)  # type: ignore[arg-type]
-        if buffersize is not None:
-            chunk = max(1, min(chunk, buffersize // _SLICES_IN_BUFFER))
+        pool = self._pool
+        if buffersize is None:
+            # Every call now: in slices of a fourth (a chunk per consumer's prefetch at most),
+            # each spread over the consumers as a batch of its size is.
+            size = self._slice_size(len(calls))  # type: ignore[arg-type]
+            chunk = pool.map_chunk_size(size)
+        else:
+            # A fourth of the buffer spread over the consumers as a batch of as many is; a slice is
+            # one such chunk, and one is submitted each time a chunk's results are taken (larger
+            # slices refill in bursts: the no-op map ran at two thirds of the rate).
+            chunk = size = pool.map_chunk_size(max(1, buffersize // _SLICES_IN_BUFFER))
         ref = weakref.ref(self)
 
-        def submit(part: list[tuple[Any, ...]]) -> Slice:  # calls (task, *args)
+        def submit(part: list[tuple[Any, ...]], first: int, left: float | None) -> Slice:  # calls (task, *args)
             executor = ref()  # a map left behind does not keep its executor alive
             if executor is None:
                 raise RuntimeError("cannot schedule new futures: the executor was dropped")
-            return executor._submit_slice(task, part, chunk)
+            return executor._submit_slice(task, part, first, chunk, left, chunksize)
 
-        left = None if timeout is None else timeout - (time.monotonic() - start)  # from the call
-        window = ResultWindow(submit, calls, buffersize, left, cancel_slices, slice_size=chunk)
+        window = ResultWindow(
+            submit, calls, buffersize, timeout, cancel_slices, slice_size=size, started=start,
+            hint=self._pool.wait_hint, per_result=chunksize,
+        )
         return iter(window) if chunksize == 1 else _flatten(iter(window))
+
+    def _slice_size(self, n: int) -> int:
+        """Calls per slice of a map of ``n`` calls submitted at once: a fourth of them, so that
+        the consumers share each slice, and at most a chunk per consumer's prefetch, so that the
+        slices pickled ahead of the window hold little."""
+        pool = self._pool
+        cap = pool.map_chunk_size(None) * max(1, pool.consumer_count()) * pool.settings.prefetch
+        return max(1, min(-(-n // _SLICES_IN_BUFFER), cap))
 
     # -- ending ---------------------------------------------------------------------------------
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Take no more work. ``cancel_futures``: the tasks that have not started are cancelled
         (the others finish). ``wait``: return once the work is done and, if this executor made
-        its pool, the pool (and its cluster) is closed; without it, return at once: the pool is
-        closed when the work is done, and the program does not end before that.
+        its pool, the pool (and its cluster) is closed; without it, return at once, whatever a
+        submission is doing (the cancellations are sent from a thread of their own, which then
+        closes the pool when the work is done; the program does not end before that). A
+        submission blocked on a full window (a map's) stops with RuntimeError, its tasks
+        cancelled.
         """
-        with self._submitting:
+        with self._state:  # not waiting for a submission: one blocked on a full window sees this and stops
             self._shutdown = True
-        with self._state:
+            self._cancelling = self._cancelling or cancel_futures
             pending = list(self._inflight)
-        if cancel_futures:
-            cancel_many(pending)
         if wait:
+            if cancel_futures:
+                cancel_many(pending)
             self._finish(wait=True, reason="shutdown(wait=True)")
         elif not self._closed:
-            # Not a daemon: the program ends once the work is done, and the pool closed.
+            # Not a daemon: the program ends once the work is done, and the pool closed. The
+            # cancellations go from there too: their answers are not waited for here.
             threading.Thread(
-                target=self._finish, kwargs={"wait": True, "reason": "shutdown(wait=False)"},
+                target=self._finish_later, args=(pending if cancel_futures else [],),
                 name="zdq-executor-shutdown",
             ).start()
+        elif cancel_futures:
+            cancel_many(pending)
+
+    def _finish_later(self, cancel: list[concurrent.futures.Future[Any]]) -> None:
+        """``shutdown(wait=False)``'s thread: cancel ``cancel``, then finish."""
+        cancel_many(cancel)
+        self._finish(wait=True, reason="shutdown(wait=False)")
 
     def _finish(self, *, wait: bool, reason: str) -> None:
         """Wait for the work in flight (as long as it can progress), then close the pool made."""
-        with self._submitting:
+        with self._state:
             self._shutdown = True
         if wait:
             self._wait_for_work(reason)
@@ -361,9 +421,9 @@ class Executor(concurrent.futures.Executor):
         left: int | None = None
         while True:
             with self._state:
-                if self._inflight:
+                if self._inflight or self._submissions:
                     self._state.wait(1.0)
-                n = len(self._inflight)
+                n = len(self._inflight) + self._submissions
             if n == 0:
                 return
             if left is None or n < left:

@@ -24,16 +24,17 @@ import dataclasses
 import datetime
 import functools
 import itertools
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable, Protocol
 
-from zdq.codec.chunking import Chunking
+from zdq.codec.chunking import Chunking, Packed
 from zdq.config import PoolSettings, seconds_or_none, timeout_or_none
 from zdq.consumer import GeneralConsumer
 from zdq.client.dependencies import _PLAIN as PLAIN, find_futures, hold, holds_futures, may_hold
 from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.driver import Driver
-from zdq.client.window import FutureSlice, MapBatch, Slice, map_futures
+from zdq.client.window import FutureSlice, MapBatch, Slice, cancel_slices, map_futures
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
@@ -437,6 +438,34 @@ class Submitter:
         return count
 
 
+#: How often a map's slice blocked on a full window looks whether it must stop (a shutdown).
+_CHECK_EVERY = 0.2
+
+
+def _send_slice(
+    driver: Driver, packed: list[Packed], batch: MapBatch, base: int, timeout: float | None, check: Callable[[], None] | None
+) -> None:
+    """Queue a map slice's ``packed`` chunks as the window has room, within ``timeout``, calling
+    ``check`` between waits; on any error, the chunks queued are cancelled without waiting (the
+    slice is not handed to the map, which cannot cancel it) and the error raised."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    i = 0
+    try:
+        while i < len(packed):
+            if check is not None:
+                check()
+            step = _CHECK_EVERY if deadline is None else min(_CHECK_EVERY, max(0.0, deadline - time.monotonic()))
+            try:
+                i = driver.submit_chunks(packed, i, batch, base, timeout=step)
+            except SubmitTimeout:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+    except BaseException:
+        if i:
+            cancel_slices([batch], wait=False)
+        raise
+
+
 class SubmitMethods:
     """The submission API of :class:`~zdq.QueuePool` (daskqueue's, and zdq's additions): each a
     thin layer over the pool's :class:`Submitter`, with the options merged once."""
@@ -788,20 +817,38 @@ class SubmitMethods:
         over the consumers as a batch of that many is (see :meth:`map_slice`)."""
         return self._submitter._chunk_size(self, Chunking.of(self.settings), None, n_tasks)
 
-    def map_slice(self, fn: Callable[..., Any] | str, calls: list[tuple[Any, ...]], chunk: int) -> Slice:
-        """One slice of a map (``Executor.map``): the calls ``(fn, *args)``, queued as one batch
-        in chunks of ``chunk`` tasks, whose outcomes the map takes by position
-        (:class:`~zdq.client.window.MapBatch`: one future, one pickling per chunk). Calls whose
-        arguments hold futures go one by one, as :meth:`submit` sends them (held until their
-        inputs are done). Blocks while the driver's window is full; the task options are the
-        pool's defaults.
+    def map_slice(
+        self,
+        fn: Callable[..., Any] | str,
+        calls: list[tuple[Any, ...]],
+        chunk: int,
+        *,
+        first: int = 0,
+        timeout: float | None = None,
+        check: Callable[[], None] | None = None,
+        per_task: int = 1,
+    ) -> Slice:
+        """One slice of a map (``Executor.map``): the calls ``(fn, *args)`` from the map's
+        position ``first``, queued as one batch in chunks of ``chunk`` tasks, whose outcomes the
+        map takes by position (:class:`~zdq.client.window.MapBatch`: one future, one pickling per
+        chunk). Calls whose arguments hold futures go one by one, as :meth:`submit` sends them
+        (held until their inputs are done). The task options are the pool's defaults.
+        ``per_task``: the map's items in each call (a chunked map's ``chunksize``), for messages.
+
+        Blocks while the driver's window is full: at most ``timeout`` seconds, calling ``check``
+        (which raises to stop: the executor was shut down) every :data:`_CHECK_EVERY` seconds
+        meanwhile. When the wait ends so, what the slice had queued is cancelled (without waiting
+        for the queues' answers) and the error raised.
 
         Raises
         ------
         TypeError
             ``fn`` is neither a callable nor a task name.
         SerializationError
-            A call cannot be pickled; nothing of the slice was queued.
+            A call cannot be pickled (named by its position in the map); nothing of the slice
+            was queued.
+        SubmitTimeout
+            No room in the window within ``timeout``.
         """
         s = self._submitter
         if not callable(fn):
@@ -811,9 +858,23 @@ class SubmitMethods:
         options = s.defaults.merge_all()
         if _calls_hold_futures(calls):
             driver = self.driver
-            return FutureSlice([s.call(driver, fn, call[1:], None, options, None, None, None, None) for call in calls])
-        batch = s.entries(self, calls, CALLS, options, chunk, None, make=MapBatch, spread=False)
-        assert isinstance(batch, MapBatch)
+            return FutureSlice([s.call(driver, fn, call[1:], None, options, timeout, None, None, None) for call in calls])
+        driver = self.driver
+        base = driver.reserve(len(calls))
+        try:
+            packed = Chunking.of(self.settings).pack_batch(base, calls, chunk, driver.payload_key, CALLS, options)
+        except SerializationError as e:
+            if e.task_id is None:
+                raise
+            at = (first + e.task_id - base) * per_task
+            which = f"item {at}" if per_task == 1 else f"the task of items {at}..{at + per_task - 1}"
+            raise SerializationError(
+                f"{which} of the map: {e}; nothing from item {first * per_task} on was queued"
+            ) from e
+        batch = MapBatch(base, len(calls))
+        batch._hint = self.wait_hint
+        batch._driver = driver
+        _send_slice(driver, packed, batch, base, timeout, check)
         return batch
 
     @off_loop_when_async

@@ -2,9 +2,10 @@
 
 :class:`ResultWindow` is the whole of Python 3.14's ``Executor.map`` contract: the first tasks
 are submitted at the call (all of them, or the first ``buffersize``), results come in order,
-``timeout`` counts from the call, a task's exception is raised at its position (after the
-results before it), and what is left is cancelled when the iterator is closed, fails or times
-out. The calls are submitted in slices of consecutive calls (:class:`Slice`), so that a map costs
+``timeout`` counts from the call (and bounds each submission), a task's exception is raised at
+its position (after the results before it), and what is left is cancelled when the iterator is
+closed, fails or times out (but for a close, the error is raised without waiting for the queues'
+answers to the cancellation: a silent queue does not double a timeout). The calls are submitted in slices of consecutive calls (:class:`Slice`), so that a map costs
 per slice what ``batch_submit`` costs per batch, not a future and a hand-off per call: with
 ``buffersize``, one more slice is read and submitted each time a slice's results are taken, so at
 most ``buffersize`` tasks are unfinished and an endless iterable is mapped in bounded memory.
@@ -32,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import _base
 from typing import Any, Protocol
 
-from zdq.errors import ZdqError
+from zdq.errors import SerializationError, ZdqError, ZdqTimeoutError
 from zdq.futures import BatchFuture, TaskFuture
 
 __all__ = [
@@ -254,7 +255,8 @@ class ResultWindow:
     Parameters
     ----------
     submit : callable
-        ``submit(calls)`` submits a list of consecutive calls' arguments; returns a
+        ``submit(calls, first, timeout)`` submits a list of consecutive calls' arguments (from
+        the map's position ``first``) within ``timeout`` seconds (``None``: no bound); returns a
         :class:`Slice`. Called on the caller's thread, at the construction (the first slices)
         and as results are taken (the following ones, with ``buffersize``).
     calls : iterable of tuples
@@ -263,39 +265,56 @@ class ResultWindow:
         At most this many tasks submitted whose results were not taken; ``None``: every call is
         submitted at once.
     timeout : float or None
-        Seconds from the construction within which every result must be there.
+        Seconds from ``started`` (default: the construction) within which every result must be
+        there; the submissions are bounded by what is left of it.
     cancel : callable
-        ``cancel(slices)`` cancels what is left of them when the iteration stops early.
+        ``cancel(slices, wait)`` cancels what is left of them when the iteration stops early;
+        ``wait=False`` after a timeout: the cancellation must not delay the raise.
     clock : callable
         The monotonic clock (the tests' own, to count time without waiting).
     slice_size : int
         Calls per slice (capped by ``buffersize``). With ``buffersize``, a slice is submitted
         each time that many results were taken.
+    hint : callable, optional
+        Says why results may not come (the pool's), for a timeout's message.
+    per_result : int
+        The map's items in each position (a chunked map's ``chunksize``), for the messages.
     """
 
     def __init__(
         self,
-        submit: Callable[[list[tuple[Any, ...]]], Slice],
+        submit: Callable[[list[tuple[Any, ...]], int, float | None], Slice],
         calls: Iterable[tuple[Any, ...]],
         buffersize: int | None,
         timeout: float | None,
-        cancel: Callable[[list[Slice]], None],
+        cancel: Callable[[list[Slice], bool], None],
         clock: Callable[[], float] = time.monotonic,
         slice_size: int = 1,
+        *,
+        started: float | None = None,
+        hint: Callable[[], str] | None = None,
+        per_result: int = 1,
     ) -> None:
+        self._per = per_result
         self._clock = clock
-        self._end = None if timeout is None else clock() + timeout
+        self._timeout = timeout
+        self._end = None if timeout is None else (clock() if started is None else started) + timeout
+        self._hint = hint
         self._calls = iter(calls)
-        self._submit: Callable[[list[tuple[Any, ...]]], Slice] | None = submit
+        self._submit: Callable[[list[tuple[Any, ...]], int, float | None], Slice] | None = submit
         self._size = slice_size if buffersize is None else max(1, min(slice_size, buffersize))
         self._room = buffersize  # calls that may still be submitted before results are taken
         self._cancel = cancel
         self._slices: collections.deque[Slice] = collections.deque()
         self._at = 0  # the position of the next result in the first slice
+        self._read = 0  # calls read (and submitted): the map's position of the next one
+        self._taken = 0  # results handed out
         try:
             self._refill()
         except BaseException:
-            self._cancel_left()  # a call that cannot be submitted: those before it do not run alone
+            # A call that cannot be submitted: those before it do not run alone (cancelled
+            # without waiting for the queues' answers: the caller gets the error at once).
+            self._cancel_left(wait=False)
             raise
         if buffersize is None:
             self._stop_reading()  # everything is submitted: hold neither the executor nor the calls
@@ -317,7 +336,21 @@ class ResultWindow:
             if not part:
                 self._stop_reading()
                 return
-            self._slices.append(self._submit(part))
+            first = self._read
+            try:
+                piece = self._submit(part, first, self._left())
+            except SerializationError as e:
+                raise SerializationError(
+                    f"{e}; {self._taken * self._per} results of the map were yielded before it, and the "
+                    f"{self.unfinished} tasks queued after those are cancelled"
+                ) from e
+            except ZdqTimeoutError as e:
+                raise ZdqTimeoutError(
+                    f"map(): the items from {first * self._per} on could not be queued within the map's timeout of {self._timeout:.3g}s: {e} "
+                    f"({self._taken * self._per} results were yielded; what was queued after them is cancelled)"
+                ) from e
+            self._slices.append(piece)
+            self._read = first + len(part)
             if self._room is not None:
                 self._room -= len(part)
 
@@ -329,21 +362,30 @@ class ResultWindow:
         the slice they end is dropped and, with buffersize, as many calls submitted."""
         head = self._slices[0]
         i = self._at
-        values, error = head.take(i, head.ready(i, self._left()))
+        try:
+            j = head.ready(i, self._left())
+        except concurrent.futures.TimeoutError:
+            hint = self._hint() if self._hint is not None else ""
+            raise ZdqTimeoutError(
+                f"map(): the result of item {self._taken * self._per} did not come within the map's timeout of "
+                f"{self._timeout:.3g}s" + (f": {hint}" if hint else "")
+            ) from None
+        values, error = head.take(i, j)
         self._at = i + len(values)
         if error is None and self._at == head.size:
             self._slices.popleft()
             self._at = 0
             if self._room is not None:
                 self._room += head.size
-            self._refill()
+            self._refill()  # its error is raised before these values are handed out, as 3.14's
+        self._taken += len(values)
         return values, error
 
-    def _cancel_left(self) -> None:
+    def _cancel_left(self, wait: bool = True) -> None:
         left = list(self._slices)
         self._slices.clear()
         if left:
-            self._cancel(left)
+            self._cancel(left, wait)
 
     def __iter__(self) -> Iterator[Any]:
         return self._results()
@@ -359,14 +401,26 @@ class ResultWindow:
                 yield from map(values.pop, itertools.repeat(-1, len(values)))
                 if error is not None:
                     raise error
+        except GeneratorExit:
+            self._cancel_left(wait=True)  # closed: what has not started is cancelled on return
+            raise
+        except BaseException:
+            # A timeout, a task's error, a shutdown: raised at once, not after a silent queue's answer.
+            self._cancel_left(wait=False)
+            raise
         finally:
             self._cancel_left()
             self._submit = None
 
 
-def cancel_slices(slices: Iterable[Slice]) -> None:
-    """Cancel what has not started of a map's ``slices`` (see :func:`cancel_many`)."""
-    cancel_many([fut for s in slices for fut in s.futures()])
+def cancel_slices(slices: Iterable[Slice], wait: bool = True) -> None:
+    """Cancel what has not started of a map's ``slices`` (see :func:`cancel_many`); without
+    ``wait``, on a thread of its own (its waits for the queues' answers are bounded)."""
+    futures = [fut for s in slices for fut in s.futures()]
+    if wait:
+        cancel_many(futures)
+    elif futures:
+        threading.Thread(target=cancel_many, args=(futures,), name="zdq-map-cancel", daemon=True).start()
 
 
 def key_runs(keys: Iterable[int]) -> list[tuple[int, int]]:
