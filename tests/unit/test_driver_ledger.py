@@ -324,6 +324,26 @@ def test_flush_returns_once_every_chunk_is_confirmed_and_times_out_before() -> N
     ledger.flush(timeout=0)
 
 
+def test_flush_and_wait_results_wait_for_tasks_the_io_thread_is_packing() -> None:
+    # Taken from the loose list, not yet chunks: a flush in that moment returned at once (CI saw a
+    # broker then lost with a chunk that flush had not waited for).
+    seen: list[str] = []
+
+    class Watched(Ledger):
+        def _pack_loose(self, *args: Any) -> None:
+            with pytest.raises(ZdqTimeoutError, match="flush"):
+                self.flush(timeout=0)
+            seen.append("flush waited")
+            assert self.wait_results(timeout=0) is False
+            seen.append("wait_results waited")
+            super()._pack_loose(*args)
+
+    ledger = Watched("p", ["q0"], BASE)
+    submit(ledger, 3)
+    ledger.coalesce(1, 0)
+    assert seen == ["flush waited", "wait_results waited"]
+
+
 # -- results ---------------------------------------------------------------------------------------
 def test_results_settle_their_futures_and_end_the_record() -> None:
     ledger = make()

@@ -371,7 +371,9 @@ class Ledger:
         """Wait until every chunk submitted so far is confirmed by its broker."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
-            while self.loose or self.buffered_chunks:
+            # ``packing``: loose tasks the I/O thread took and is packing (no longer loose, not yet
+            # chunks): without it, a flush in that moment returned with them unconfirmed.
+            while self.loose or self.packing is not None or self.buffered_chunks:
                 try:
                     self._wait(deadline)
                 except SubmitTimeout as e:
@@ -381,7 +383,7 @@ class Ledger:
         """Wait until every task submitted so far has its outcome; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.cond:
-            while self.loose or self.records:
+            while self.loose or self.packing is not None or self.records:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
