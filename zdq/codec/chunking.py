@@ -103,13 +103,21 @@ class Chunking:
             yield part
 
     def pack_batch(
-        self, first: int, entries: list[Any], size: int, key: bytes | None, kind: int, options: TaskOptions | None
+        self,
+        first: int,
+        entries: list[Any],
+        size: int,
+        key: bytes | None,
+        kind: int,
+        options: TaskOptions | None,
+        shared: Any = None,
     ) -> list[Packed]:
-        """``entries`` (task ids from ``first``) as chunks of ``size`` tasks, each packed."""
+        """``entries`` (task ids from ``first``) as chunks of ``size`` tasks, each packed;
+        ``shared``: the function all of them share (see :func:`~zdq.codec.tasks.dumps_chunk`)."""
         return [
             packed
             for i in range(0, len(entries), size)
-            for packed in self.pack(first + i, entries[i : i + size], key, kind, options)
+            for packed in self.pack(first + i, entries[i : i + size], key, kind, options, shared)
         ]
 
     # -- loose single tasks ------------------------------------------------------------------------
@@ -166,14 +174,20 @@ class Chunking:
 
     # -- by bytes ----------------------------------------------------------------------------------
     def pack(
-        self, first: int, entries: list[Any], key: bytes | None, kind: int, options: TaskOptions | None
+        self,
+        first: int,
+        entries: list[Any],
+        key: bytes | None,
+        kind: int,
+        options: TaskOptions | None,
+        shared: Any = None,
     ) -> list[Packed]:
         """Pickle ``entries`` as one chunk, or as several if it is larger than ``chunk-bytes``.
 
         Raises :class:`~zdq.errors.SerializationError` for an entry that cannot be pickled, and
         for a single task larger than ``max-message-size``.
         """
-        payload = dumps_chunk(first, entries, key, kind, options)
+        payload = dumps_chunk(first, entries, key, kind, options, shared)
         if len(payload) <= self.chunk_bytes or (len(entries) == 1 and len(payload) <= self.max_bytes):
             return [Packed(first, len(entries), payload)]
         if len(entries) == 1:
@@ -182,8 +196,8 @@ class Chunking:
                 "pass large data by reference (a path, a URL, a Dask future) instead"
             )
         half = len(entries) // 2
-        return self.pack(first, entries[:half], key, kind, options) + self.pack(
-            first + half, entries[half:], key, kind, options
+        return self.pack(first, entries[:half], key, kind, options, shared) + self.pack(
+            first + half, entries[half:], key, kind, options, shared
         )
 
 
