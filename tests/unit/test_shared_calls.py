@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from zdq.codec.chunking import Chunking
 from zdq.codec.results import loads_results
 from zdq.codec.tasks import (
     CALLS,
@@ -20,18 +21,25 @@ from zdq.codec.tasks import (
     cancel_in_chunk,
     check_calls,
     dumps_chunk,
+    dumps_shared,
     is_cancelled,
     loads_chunk,
     split_chunk,
 )
 from zdq.consumer.base import ConsumerBaseClass
 from zdq.consumer.runner import Counters, Runner
-from zdq.errors import ProtocolError
+from zdq.errors import ProtocolError, SerializationError
 from zdq.transport import protocol as p
 
 from ..tasks import add
 
 KEY = b"k" * 32
+CHUNKING = Chunking(chunk_size=1000, chunk_bytes=4 << 20, max_bytes=256 << 20, prefetch=2)
+
+
+def _packed(base: int, calls: list[tuple[Any, ...]], key: bytes | None = KEY, size: int = 1000) -> list[bytes]:
+    """``calls`` packed as batch_submit packs them."""
+    return [payload for _, _, payload in CHUNKING.pack_batch(base, calls, size, key, CALLS, None, check_calls(calls))]
 
 
 def _kind_on_the_wire(payload: bytes) -> int:
@@ -43,7 +51,7 @@ def test_calls_that_share_their_function_go_by_columns_and_decode_to_the_same_ca
     calls = [(add, i, 2 * i) for i in range(20)]
     shared = check_calls(calls)
     assert shared is add
-    payload = dumps_chunk(40, calls, KEY, CALLS, None, shared)
+    [payload] = _packed(40, calls)
     assert _kind_on_the_wire(payload) == SHARED
     base, kind, entries, options = loads_chunk(payload, KEY)
     assert (base, kind, entries, options) == (40, CALLS, calls, None)
@@ -61,7 +69,7 @@ def test_calls_that_share_their_function_go_by_columns_and_decode_to_the_same_ca
     ids=["functions", "lengths", "few", "wide"],
 )
 def test_other_calls_go_as_tuples(calls: list[tuple[Any, ...]]) -> None:
-    payload = dumps_chunk(0, calls, KEY, CALLS, None, check_calls(calls))
+    [payload] = _packed(0, calls)
     assert _kind_on_the_wire(payload) == CALLS
     assert loads_chunk(payload, KEY) == (0, CALLS, calls, None)
 
@@ -85,10 +93,10 @@ def test_check_calls_names_the_shared_function_only_when_every_call_has_the_same
 
 def test_a_shared_chunk_splits_and_is_rewritten_as_any_chunk_of_calls() -> None:
     calls = [(add, i) for i in range(10)]
-    chunk = loads_chunk(dumps_chunk(5, calls, None, CALLS, None, add))
+    chunk = loads_chunk(dumps_shared(5, add, 10, [list(range(10))]))
     parts = [loads_chunk(part) for part in split_chunk(chunk, None)]
     assert parts == [(5 + i, CALLS, [c], None) for i, c in enumerate(calls)]
-    rewritten = loads_chunk(cancel_in_chunk(dumps_chunk(5, calls, KEY, CALLS, None, add), KEY, [3]), KEY)
+    rewritten = loads_chunk(cancel_in_chunk(dumps_shared(5, add, 10, [list(range(10))], KEY), KEY, [3]), KEY)
     assert rewritten[1] == TASKS and [is_cancelled(e) for e in rewritten[2]] == [i == 3 for i in range(10)]
     assert [e for i, e in enumerate(rewritten[2]) if i != 3] == [(add, (i,)) for i in range(10) if i != 3]
 
@@ -107,6 +115,24 @@ def test_a_shared_chunk_splits_and_is_rewritten_as_any_chunk_of_calls() -> None:
 def test_a_forged_shared_chunk_is_a_protocol_error(entries: Any) -> None:
     with pytest.raises(ProtocolError):
         loads_chunk(pickle.dumps((0, SHARED, entries, None)))
+
+
+def test_a_batch_is_cut_into_shared_chunks_from_its_columns_and_a_large_one_in_halves() -> None:
+    calls = [(add, i, -i) for i in range(25)]
+    chunks = [loads_chunk(payload, KEY) for payload in _packed(100, calls, size=10)]
+    assert [(base, len(entries)) for base, _, entries, _ in chunks] == [(100, 10), (110, 10), (120, 5)]
+    assert [e for _, _, entries, _ in chunks for e in entries] == calls
+    small = Chunking(chunk_size=1000, chunk_bytes=200, max_bytes=256 << 20, prefetch=2)
+    packed = small.pack_batch(0, calls, 25, KEY, CALLS, None, add)
+    assert len(packed) > 1 and [e for *_, payload in packed for e in loads_chunk(payload, KEY)[2]] == calls
+
+
+def test_a_shared_batch_that_cannot_be_pickled_names_the_task() -> None:
+    calls = [(add, i) for i in range(20)]
+    calls[13] = (add, threading.Lock())
+    with pytest.raises(SerializationError, match="argument 0") as raised:
+        _packed(7, calls, size=5)
+    assert raised.value.task_id == 20
 
 
 # -- the runner ------------------------------------------------------------------------------------
@@ -128,7 +154,8 @@ def _runner(sent: list[tuple[int, p.Message]]) -> Runner:
 
 def _run(runner: Runner, sent: list[tuple[int, p.Message]], chunk_id: int, calls: list[tuple[Any, ...]]) -> tuple[list[Any], dict[int, Any]]:
     runner.received(chunk_id, 0)
-    runner.execute(0, p.Deliver(chunk_id, len(calls), 1, dumps_chunk(0, calls, None, CALLS, None, check_calls(calls))))
+    [payload] = _packed(0, calls, None)
+    runner.execute(0, p.Deliver(chunk_id, len(calls), 1, payload))
     broker, done = sent.pop()
     assert isinstance(done, p.Done) and done.chunk_id == chunk_id
     _, values, errors = loads_results(done.results)

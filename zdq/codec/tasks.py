@@ -203,7 +203,7 @@ def check_calls(calls: Sequence[Any], first: int = 0) -> Any:
     ``first`` is the position of ``calls[0]`` in what the user submitted.
 
     Returns the function every call shares (the same object, checked by identity), which
-    :func:`dumps_chunk` may then pack by columns (``shared``); ``None`` when they do not share one."""
+    :meth:`~zdq.codec.chunking.Chunking.pack_batch` may then pack by columns (SHARED); ``None`` when they do not share one."""
     shared = _all_calls(calls)
     if shared is not False:
         return shared
@@ -233,13 +233,13 @@ def _all_calls(calls: Sequence[Any]) -> Any:
     if type(head) is not tuple or not head or not callable(head[0]):  # a batch by name, or none: the loop
         return False
     try:
-        if list(map(type, calls)).count(tuple) != n or not all(calls):  # a tuple is true when not empty
+        if list(map(type, calls)).count(tuple) != n:
             return False
-        firsts = list(map(_first, calls))
         fn = head[0]
-        if all(map(operator.is_, firsts, itertools.repeat(fn))):
+        # An empty tuple has no first item: IndexError, and the loop names it.
+        if all(map(operator.is_, map(_first, calls), itertools.repeat(fn))):
             return fn
-        return None if all(map(callable, firsts)) else False
+        return None if all(map(callable, map(_first, calls))) else False
     except Exception:
         return False
 
@@ -322,16 +322,9 @@ def dumps_chunk(
     key: bytes | None = None,
     kind: int = TASKS,
     options: TaskOptions | None = None,
-    shared: Any = None,
 ) -> bytes:
-    """Pickle (and seal) a chunk; on failure, name the first part that cannot be pickled.
-
-    ``shared``: the function every one of the CALLS ``entries`` shares, as :func:`check_calls`
-    found it (so every entry is a tuple): the chunk goes by columns (SHARED) when its calls also
-    share one length."""
+    """Pickle (and seal) a chunk; on failure, name the first part that cannot be pickled."""
     try:
-        if shared is not None and kind == CALLS and (columns := _columns(entries)) is not None:
-            return seal(key, cloudpickle.dumps((base_task_id, SHARED, (shared, len(entries), columns), options), protocol=PROTOCOL))
         # Entries already pickled are bytes: the standard pickler (much cheaper to start) suffices.
         dumps = pickle.dumps if kind == PICKLED else cloudpickle.dumps
         return seal(key, dumps((base_task_id, kind, entries, options), protocol=PROTOCOL))
@@ -340,14 +333,28 @@ def dumps_chunk(
         raise SerializationError(f"a chunk of {len(entries)} tasks cannot be pickled: {e}") from e
 
 
-def _columns(calls: list[tuple[Any, ...]]) -> list[list[Any]] | None:
-    """The arguments of ``calls`` (tuples that share their function) by position, when they all
-    have as many (and few enough, and the calls are enough to be worth it); else ``None``."""
+def calls_columns(calls: list[tuple[Any, ...]]) -> list[list[Any]] | None:
+    """The arguments of ``calls`` by position (``[first arguments, second arguments, ...]``), when
+    they all have as many, few enough, and are enough to be worth it; else ``None``. ``calls``
+    are tuples that share their function (:func:`check_calls` said so). For a whole batch at
+    once: a pass over a million calls costs less than a thousand passes over a thousand."""
     n = len(calls)
     width = len(calls[0]) if n >= _SHARED_MIN else 0
     if not 1 <= width <= _SHARED_MAX_ARGS + 1 or list(map(len, calls)).count(width) != n:
         return None
     return [list(map(operator.itemgetter(j), calls)) for j in range(1, width)]
+
+
+def dumps_shared(
+    base_task_id: int, fn: Any, n: int, columns: list[list[Any]], key: bytes | None = None, options: TaskOptions | None = None
+) -> bytes:
+    """Pickle (and seal) ``n`` calls of ``fn`` whose arguments are ``columns`` as a SHARED chunk;
+    on failure, name the first part that cannot be pickled, as :func:`dumps_chunk` does."""
+    try:
+        return seal(key, cloudpickle.dumps((base_task_id, SHARED, (fn, n, columns), options), protocol=PROTOCOL))
+    except Exception as e:
+        _culprit(list(zip(itertools.repeat(fn, n), *columns)), CALLS, base_task_id)
+        raise SerializationError(f"a chunk of {n} tasks cannot be pickled: {e}") from e
 
 
 class SharedCalls(list):  # type: ignore[type-arg]
