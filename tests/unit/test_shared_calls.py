@@ -213,3 +213,26 @@ def test_a_task_in_a_running_block_counts_as_started() -> None:
     values, errors = _run(_NOW["runner"], sent, 8, [(_cancelling_in_block, x) for x in range(50)])
     assert _NOW["answers"] == [[40]]
     assert values[11] == 11 and list(errors) == [40]
+
+
+def test_cancellations_held_before_a_shared_chunk_starts_take_effect_when_it_does() -> None:
+    sent: list[tuple[int, p.Message]] = []
+    _NOW.update(runner=_runner(sent), ran=[], answers={})
+    runner = _NOW["runner"]
+    runner.received(9, 0)
+    assert runner.cancel(9, (1, 4)) == [1, 4]  # delivered, not started: held
+    [payload] = _packed(0, [(add, x) for x in range(12)], None)
+    runner.execute(0, p.Deliver(9, 12, 1, payload))
+    _, done = sent.pop()
+    _, values, errors = loads_results(done.results)
+    assert sorted(errors) == [1, 4] and values == [None if x in (1, 4) else x for x in range(12)]
+
+
+def test_a_lazily_decoded_shared_chunk_is_empty_until_filled() -> None:
+    [payload] = _packed(0, [(add, x) for x in range(10)])
+    _, _, entries, _ = loads_chunk(payload, KEY, lazy=True)
+    assert type(entries) is SharedCalls and not entries.filled and len(entries) == 0 and entries.n == 10
+    entries.fill()
+    entries[3] = ("placeholder",)
+    entries.fill()  # once only: what was written stays
+    assert entries.filled and entries[3] == ("placeholder",) and entries[4] == (add, 4)

@@ -359,19 +359,35 @@ def dumps_shared(
 
 class SharedCalls(list):  # type: ignore[type-arg]
     """The entries of a chunk that came by columns (SHARED): a list of ``(fn, *args)`` tuples as
-    any CALLS chunk's, which also keeps ``fn`` and the ``columns`` of arguments it was built from,
-    so that the consumer can run them with ``map(fn, *columns)``. The list is what counts:
-    cancelled tasks' placeholders go into it; ``columns`` is never written."""
+    any CALLS chunk's, which also keeps ``fn``, the count ``n`` and the ``columns`` of arguments
+    it was built from, so that the consumer can run them with ``map(fn, *columns)``. The list is
+    what counts: cancelled tasks' placeholders go into it; ``columns`` is never written.
 
-    __slots__ = ("columns", "fn")
+    Built empty with ``fill=False`` (:func:`loads_chunk`'s ``lazy``, for the consumer, which needs
+    the tuples only when a task fails or is cancelled): :meth:`fill` builds them."""
 
-    def __init__(self, fn: Any, n: int, columns: list[list[Any]]) -> None:
-        super().__init__(zip(itertools.repeat(fn, n), *columns))
+    __slots__ = ("columns", "fn", "n")
+
+    def __init__(self, fn: Any, n: int, columns: list[list[Any]], *, fill: bool = True) -> None:
+        super().__init__()
         self.fn = fn
+        self.n = n
         self.columns = columns
+        if fill:
+            self.fill()
+
+    @property
+    def filled(self) -> bool:
+        return len(self) == self.n
+
+    def fill(self) -> None:
+        """Build the tuples, once (a no-op after). Whoever may race it holds one lock: the
+        consumer's runner fills a chunk's list under its cancel lock once others can see it."""
+        if len(self) != self.n:
+            self[:] = zip(itertools.repeat(self.fn, self.n), *self.columns)
 
 
-def _shared_entries(entries: Any) -> SharedCalls:
+def _shared_entries(entries: Any, lazy: bool = False) -> SharedCalls:
     """The CALLS entries of a SHARED chunk's ``(fn, n, columns)``, checked.
 
     Raises :class:`~zdq.errors.ProtocolError` unless the columns are lists of ``n`` each."""
@@ -386,7 +402,7 @@ def _shared_entries(entries: Any) -> SharedCalls:
         or not all(type(c) is list and len(c) == n for c in columns)
     ):
         raise ProtocolError("a chunk of shared calls must hold n arguments in each of its columns")
-    return SharedCalls(fn, n, columns)
+    return SharedCalls(fn, n, columns, fill=not lazy)
 
 
 # -- decoding ------------------------------------------------------------------------------------
@@ -402,8 +418,9 @@ def split_chunk(chunk: Chunk, key: bytes | None) -> list[bytes]:
     return [dumps_chunk(base + i, [e], key, kind, options) for i, e in enumerate(entries)]
 
 
-def loads_chunk(payload: Any, key: bytes | None = None) -> Chunk:
-    """Check and unpickle a chunk.
+def loads_chunk(payload: Any, key: bytes | None = None, lazy: bool = False) -> Chunk:
+    """Check and unpickle a chunk. ``lazy``: a SHARED chunk's :class:`SharedCalls` comes empty,
+    to be filled (:meth:`SharedCalls.fill`) before it is used as a list (its length too).
 
     Raises :class:`~zdq.errors.ProtocolError` (a ``ValueError``) if it is forged or malformed.
     """
@@ -423,7 +440,7 @@ def loads_chunk(payload: Any, key: bytes | None = None) -> Chunk:
         raise ProtocolError(f"a chunk must be (int, kind, list, options), got {type(obj).__name__}")
     base, kind, entries, options = obj
     if kind == SHARED:
-        return base, CALLS, _shared_entries(entries), options
+        return base, CALLS, _shared_entries(entries, lazy), options
     if kind == PICKLED:
         if not all(isinstance(e, bytes) for e in entries):
             raise ProtocolError("a chunk of pickled tasks holds something other than bytes")

@@ -213,10 +213,15 @@ class _ChunkRun:
                 if self.block_end is not None:
                     if i < self.block_end:
                         return False
-                    self.tasks[i] = cancelled_entry(self.kind)
+                    tasks = self.tasks
+                    if type(tasks) is SharedCalls:
+                        tasks.fill()  # the cancel lock is held (see SharedCalls.fill)
+                    tasks[i] = cancelled_entry(self.kind)
                     self.marked = True  # the runner goes task by task from its next block on
                     return True
         tasks = self.tasks
+        if type(tasks) is SharedCalls:
+            tasks.fill()  # filled already, unless run by blocks (above): the cancel lock is held
         if is_cancelled(tasks[i]):
             return True
         # The placeholder goes in first, then the loop's position is read: if the loop had not
@@ -423,7 +428,9 @@ class Runner:
             if self._stale and run.chunk_id in self._stale:  # its broker was placed again just now
                 self._stale.discard(run.chunk_id)
                 run.stale = True
-                cancels = set(range(len(tasks)))
+                cancels = set(range(len(run.values)))
+            if cancels and type(tasks) is SharedCalls:
+                tasks.fill()
         if cancels:
             run.marked = True  # not run by blocks: the loop must see the placeholders
             placeholder = cancelled_entry(run.kind)
@@ -464,10 +471,11 @@ class Runner:
             self._post(broker, p.Return(deliver.chunk_id))
             return
         try:
-            chunk = loads_chunk(deliver.chunk, self._payload_key)
+            chunk = loads_chunk(deliver.chunk, self._payload_key, lazy=True)
             base, kind, tasks, options = chunk
-            if len(tasks) != deliver.n_tasks:
-                raise ValueError(f"chunk holds {len(tasks)} tasks, its header says {deliver.n_tasks}")
+            n = tasks.n if type(tasks) is SharedCalls else len(tasks)
+            if n != deliver.n_tasks:
+                raise ValueError(f"chunk holds {n} tasks, its header says {deliver.n_tasks}")
         except Exception as e:  # noqa: BLE001 - whatever a forged or broken chunk raises, it fails only its tasks
             self._counters.bad_chunk()
             logger.error(
@@ -485,20 +493,31 @@ class Runner:
             self._forget(deliver.chunk_id)
             self._finish(bad, dict.fromkeys(range(deliver.n_tasks), info))
             return
-        if deliver.attempt > 1 and len(tasks) > 1:
+        if type(tasks) is SharedCalls and not (
+            self._pool is None
+            and deliver.attempt == 1
+            and options is None
+            and tasks.columns
+            and not self._limited
+            and not deliver.spacing
+        ):
+            tasks.fill()  # not run by columns (_run_shared): its tuples, before anyone sees the run
+        if deliver.attempt > 1 and n > 1:
             # A consumer died holding this chunk. Split it so that a task that kills its
             # consumer is tried alone, and the others are not dragged down with it. (The broker
             # carries the chunk's cancellations over to its parts.)
             self._forget(deliver.chunk_id)
             self._post(broker, p.Split(deliver.chunk_id, split_chunk(chunk, self._payload_key)))
             return
-        run = _ChunkRun(broker, deliver.chunk_id, base, len(tasks), deliver.attempt - 1, kind, options, deliver.spacing)
+        run = _ChunkRun(broker, deliver.chunk_id, base, n, deliver.attempt - 1, kind, options, deliver.spacing)
+        if type(tasks) is SharedCalls and not tasks.filled:
+            run.block_end = 0  # by columns: cancellations take the blocks' way from the start
         self._register(run, tasks)
         pool = self._pool
         if pool is None:
             self._run_inline(run, tasks)
         else:
-            for i in range(len(tasks)):
+            for i in range(n):
                 pool.submit(self._run_one, run, i)
 
     def _drop_stale(self, chunk_id: int) -> bool:
@@ -518,11 +537,11 @@ class Runner:
     def _run_inline(self, run: _ChunkRun, tasks: list[Any]) -> None:
         # The loop's iterator tells a cancellation which tasks have started (_ChunkRun.cancel).
         run.cursor = numbered = enumerate(tasks)
-        if run.options is not None or run.crashes > 0 or self._limited or run.spacing:
+        if run.block_end is not None:  # by columns (see _start_chunk)
+            self._run_shared(run, tasks)
+        elif run.options is not None or run.crashes > 0 or self._limited or run.spacing:
             for i, task in numbered:
                 self._run_careful(run, i, task)
-        elif type(tasks) is SharedCalls and tasks.columns and not run.marked:
-            self._run_shared(run, tasks)
         else:
             # The kind's own loop: for a chunk of plain calls, nothing but the call per task.
             run_entries(run.kind)(numbered, run.values, self._process_item, self._careful, run)
@@ -539,7 +558,7 @@ class Runner:
         a cancellation finds started only tasks that would have started that soon anyway. A
         task that raises takes the careful path (retries, dead letters), alone."""
         fn, columns, values, lock = tasks.fn, tasks.columns, run.values, run.lock
-        n = len(tasks)
+        n = tasks.n
         start = 0
         while start < n:
             with lock:
@@ -558,7 +577,7 @@ class Runner:
                 except BaseException as e:  # noqa: BLE001 - a task's failure is its result, whatever it raised
                     failed = start + len(done)  # extend kept the values before it
                     values[start:failed] = done
-                    self._careful(run, failed, tasks[failed], e)
+                    self._careful(run, failed, (fn, *[column[failed] for column in columns]), e)
                     start = failed + 1
                 else:
                     values[start:end] = done
