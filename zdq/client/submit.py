@@ -322,8 +322,8 @@ class Submitter:
         timing: Timing | None,
     ) -> BatchFuture:
         calls = list_calls if isinstance(list_calls, list) else list(list_calls)
-        check_calls(calls)
-        return self.entries(pool, calls, CALLS, options, batch_size, timeout, timing)
+        shared = check_calls(calls)
+        return self.entries(pool, calls, CALLS, options, batch_size, timeout, timing, shared=shared)
 
     def items(
         self, pool: SubmitTarget, items: Sequence[Any], batch_size: int | None, timeout: float | None, expires: Any = None
@@ -344,10 +344,12 @@ class Submitter:
         *,
         make: Callable[[int, int], BatchFuture] = BatchFuture,
         spread: bool = True,
+        shared: Any = None,
     ) -> BatchFuture:
         """``entries`` queued as one batch; ``make(first_id, n)`` makes its future. ``spread``:
         smaller chunks for a small batch, so that every consumer gets some (a map's slice is not
-        spread: the slices in flight are, together)."""
+        spread: the slices in flight are, together). ``shared``: the function every one of the
+        CALLS ``entries`` shares (:func:`check_calls`), for chunks packed by columns."""
         driver = pool.driver
         timeout = timeout_or_none(timeout)
         chunking = Chunking.of(pool.settings)
@@ -356,7 +358,7 @@ class Submitter:
         # Pickle everything before sending anything: a task that cannot be pickled leaves nothing
         # queued (its reserved ids are simply never used).
         try:
-            packed = chunking.pack_batch(base, entries, size, driver.payload_key, kind, options)
+            packed = chunking.pack_batch(base, entries, size, driver.payload_key, kind, options, shared)
         except SerializationError as e:
             if e.task_id is None:
                 raise

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from zdq.config import PoolSettings
 from zdq.errors import SerializationError
-from zdq.codec.tasks import PICKLED, TaskOptions, dumps_chunk
+from zdq.codec.tasks import CALLS, PICKLED, TaskOptions, calls_columns, dumps_chunk, dumps_shared
 
 __all__ = ["Chunking", "Packed"]
 
@@ -103,9 +103,28 @@ class Chunking:
             yield part
 
     def pack_batch(
-        self, first: int, entries: list[Any], size: int, key: bytes | None, kind: int, options: TaskOptions | None
+        self,
+        first: int,
+        entries: list[Any],
+        size: int,
+        key: bytes | None,
+        kind: int,
+        options: TaskOptions | None,
+        shared: Any = None,
     ) -> list[Packed]:
-        """``entries`` (task ids from ``first``) as chunks of ``size`` tasks, each packed."""
+        """``entries`` (task ids from ``first``) as chunks of ``size`` tasks, each packed.
+
+        ``shared``: the function every one of the CALLS ``entries`` shares (as
+        :func:`~zdq.codec.tasks.check_calls` found it): calls of one length then go by columns
+        (SHARED chunks), cut from columns of the whole batch."""
+        columns = calls_columns(entries) if shared is not None and kind == CALLS else None
+        if columns is not None:
+            n = len(entries)
+            return [
+                packed
+                for i in range(0, n, size)
+                for packed in self.pack_shared(first + i, shared, min(size, n - i), [c[i : i + size] for c in columns], key, options)
+            ]
         return [
             packed
             for i in range(0, len(entries), size)
@@ -174,17 +193,38 @@ class Chunking:
         for a single task larger than ``max-message-size``.
         """
         payload = dumps_chunk(first, entries, key, kind, options)
-        if len(payload) <= self.chunk_bytes or (len(entries) == 1 and len(payload) <= self.max_bytes):
+        if self._fits(first, len(entries), payload):
             return [Packed(first, len(entries), payload)]
-        if len(entries) == 1:
-            raise SerializationError(
-                f"task {first} pickles to {len(payload)} bytes, more than max-message-size ({self.max_bytes}): "
-                "pass large data by reference (a path, a URL, a Dask future) instead"
-            )
         half = len(entries) // 2
         return self.pack(first, entries[:half], key, kind, options) + self.pack(
             first + half, entries[half:], key, kind, options
         )
+
+    def pack_shared(
+        self, first: int, fn: Any, n: int, columns: list[list[Any]], key: bytes | None, options: TaskOptions | None
+    ) -> list[Packed]:
+        """:meth:`pack` for ``n`` calls of ``fn`` given by the ``columns`` of their arguments (a
+        SHARED chunk, or several if it is larger than ``chunk-bytes``)."""
+        payload = dumps_shared(first, fn, n, columns, key, options)
+        if self._fits(first, n, payload):
+            return [Packed(first, n, payload)]
+        half = n // 2
+        return self.pack_shared(first, fn, half, [c[:half] for c in columns], key, options) + self.pack_shared(
+            first + half, fn, n - half, [c[half:] for c in columns], key, options
+        )
+
+    def _fits(self, first: int, n: int, payload: bytes) -> bool:
+        """Whether a chunk of ``n`` tasks that pickled to ``payload`` goes whole (False: split it).
+
+        Raises :class:`SerializationError` for a single task larger than ``max-message-size``."""
+        if len(payload) <= self.chunk_bytes or (n == 1 and len(payload) <= self.max_bytes):
+            return True
+        if n == 1:
+            raise SerializationError(
+                f"task {first} pickles to {len(payload)} bytes, more than max-message-size ({self.max_bytes}): "
+                "pass large data by reference (a path, a URL, a Dask future) instead"
+            )
+        return False
 
 
 def _even(n: int, k: int) -> list[int]:

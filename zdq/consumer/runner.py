@@ -60,6 +60,7 @@ from zdq.codec.tasks import (
     own_options,
     run_entries,
     split_chunk,
+    SharedCalls,
 )
 from zdq.transport import protocol as p
 
@@ -126,11 +127,17 @@ def _with_limit(options: TaskOptions, defaults: TaskOptions) -> TaskOptions:
     return dataclasses.replace(options, time_limit=defaults.time_limit, hard=defaults.hard)
 
 
+#: A block of shared calls (:meth:`Runner._run_shared`) doubles while it runs in less than this,
+#: up to ``_BLOCK_MOST`` tasks; one slower falls back to a block of one task.
+_BLOCK_SECONDS, _BLOCK_MOST = 0.001, 1 << 16
+
+
 class _ChunkRun:
     """One delivered chunk being executed; thread-safe completion for the fan-out path."""
 
     __slots__ = (
         "base",
+        "block_end",
         "broker",
         "chunk_id",
         "crashes",
@@ -140,6 +147,7 @@ class _ChunkRun:
         "free",
         "kind",
         "lock",
+        "marked",
         "next_start",
         "options",
         "remaining",
@@ -182,6 +190,11 @@ class _ChunkRun:
         self.tasks: list[Any] = []
         self.cursor: enumerate[Any] | None = None
         self.started: bytearray | None = None
+        # Run by blocks (Runner._run_shared): the tasks before ``block_end`` have started (None:
+        # not run so); ``marked``: a task not started yet was cancelled, or is (its placeholder is
+        # in ``tasks``), and the rest of the chunk runs task by task.
+        self.block_end: int | None = None
+        self.marked = False
         # Its broker was placed again while it ran: the rest never starts, and no DONE goes (the
         # new broker serves the chunk again from its storage; see Runner.broker_replaced).
         self.stale = False
@@ -195,7 +208,20 @@ class _ChunkRun:
                     return started[i] == 2
                 started[i] = 2
                 return True
+        if self.block_end is not None:  # run by blocks: a block's tasks have started with it
+            with self.lock:
+                if self.block_end is not None:
+                    if i < self.block_end:
+                        return False
+                    tasks = self.tasks
+                    if type(tasks) is SharedCalls:
+                        tasks.fill()  # the cancel lock is held (see SharedCalls.fill)
+                    tasks[i] = cancelled_entry(self.kind)
+                    self.marked = True  # the runner goes task by task from its next block on
+                    return True
         tasks = self.tasks
+        if type(tasks) is SharedCalls:
+            tasks.fill()  # filled already, unless run by blocks (above): the cancel lock is held
         if is_cancelled(tasks[i]):
             return True
         # The placeholder goes in first, then the loop's position is read: if the loop had not
@@ -305,6 +331,7 @@ class Runner:
         # The child processes of tasks with a hard time limit (none until the first such task).
         self.children = Children(name)
         self._careful = self._run_careful  # bound once: chunk loops call it on failures
+        self._block = 1  # tasks in the next block of shared calls (see _run_shared)
         self._post = post
         self._stop = stop
         self._fetching = fetching
@@ -401,8 +428,11 @@ class Runner:
             if self._stale and run.chunk_id in self._stale:  # its broker was placed again just now
                 self._stale.discard(run.chunk_id)
                 run.stale = True
-                cancels = set(range(len(tasks)))
+                cancels = set(range(len(run.values)))
+            if cancels and type(tasks) is SharedCalls:
+                tasks.fill()
         if cancels:
+            run.marked = True  # not run by blocks: the loop must see the placeholders
             placeholder = cancelled_entry(run.kind)
             for i in cancels:
                 if 0 <= i < len(tasks):
@@ -441,10 +471,11 @@ class Runner:
             self._post(broker, p.Return(deliver.chunk_id))
             return
         try:
-            chunk = loads_chunk(deliver.chunk, self._payload_key)
+            chunk = loads_chunk(deliver.chunk, self._payload_key, lazy=True)
             base, kind, tasks, options = chunk
-            if len(tasks) != deliver.n_tasks:
-                raise ValueError(f"chunk holds {len(tasks)} tasks, its header says {deliver.n_tasks}")
+            n = tasks.n if type(tasks) is SharedCalls else len(tasks)
+            if n != deliver.n_tasks:
+                raise ValueError(f"chunk holds {n} tasks, its header says {deliver.n_tasks}")
         except Exception as e:  # noqa: BLE001 - whatever a forged or broken chunk raises, it fails only its tasks
             self._counters.bad_chunk()
             logger.error(
@@ -462,20 +493,31 @@ class Runner:
             self._forget(deliver.chunk_id)
             self._finish(bad, dict.fromkeys(range(deliver.n_tasks), info))
             return
-        if deliver.attempt > 1 and len(tasks) > 1:
+        if type(tasks) is SharedCalls and not (
+            self._pool is None
+            and deliver.attempt == 1
+            and options is None
+            and tasks.columns
+            and not self._limited
+            and not deliver.spacing
+        ):
+            tasks.fill()  # not run by columns (_run_shared): its tuples, before anyone sees the run
+        if deliver.attempt > 1 and n > 1:
             # A consumer died holding this chunk. Split it so that a task that kills its
             # consumer is tried alone, and the others are not dragged down with it. (The broker
             # carries the chunk's cancellations over to its parts.)
             self._forget(deliver.chunk_id)
             self._post(broker, p.Split(deliver.chunk_id, split_chunk(chunk, self._payload_key)))
             return
-        run = _ChunkRun(broker, deliver.chunk_id, base, len(tasks), deliver.attempt - 1, kind, options, deliver.spacing)
+        run = _ChunkRun(broker, deliver.chunk_id, base, n, deliver.attempt - 1, kind, options, deliver.spacing)
+        if type(tasks) is SharedCalls and not tasks.filled:
+            run.block_end = 0  # by columns: cancellations take the blocks' way from the start
         self._register(run, tasks)
         pool = self._pool
         if pool is None:
             self._run_inline(run, tasks)
         else:
-            for i in range(len(tasks)):
+            for i in range(n):
                 pool.submit(self._run_one, run, i)
 
     def _drop_stale(self, chunk_id: int) -> bool:
@@ -495,13 +537,55 @@ class Runner:
     def _run_inline(self, run: _ChunkRun, tasks: list[Any]) -> None:
         # The loop's iterator tells a cancellation which tasks have started (_ChunkRun.cancel).
         run.cursor = numbered = enumerate(tasks)
-        if run.options is not None or run.crashes > 0 or self._limited or run.spacing:
+        if run.block_end is not None:  # by columns (see _start_chunk)
+            self._run_shared(run, tasks)
+        elif run.options is not None or run.crashes > 0 or self._limited or run.spacing:
             for i, task in numbered:
                 self._run_careful(run, i, task)
         else:
             # The kind's own loop: for a chunk of plain calls, nothing but the call per task.
             run_entries(run.kind)(numbered, run.values, self._process_item, self._careful, run)
         self._finish(run)
+
+    def _run_shared(self, run: _ChunkRun, tasks: SharedCalls) -> None:
+        """Run a chunk of calls that share their function (it came by columns) with
+        ``map(fn, *columns)``, a third of the CPU of the per-task loop, in blocks of tasks.
+
+        A block's tasks count as started when it starts (``run.block_end``, under ``run.lock``):
+        a cancellation of one of them finds it started; one of a later task puts its placeholder
+        in ``tasks`` and the rest of the chunk runs task by task, the usual way. A block is as
+        many tasks as ran in under ``_BLOCK_SECONDS`` last time (one, after a slower block), so
+        a cancellation finds started only tasks that would have started that soon anyway. A
+        task that raises takes the careful path (retries, dead letters), alone."""
+        fn, columns, values, lock = tasks.fn, tasks.columns, run.values, run.lock
+        n = tasks.n
+        start = 0
+        while start < n:
+            with lock:
+                if run.marked:
+                    run.block_end = None
+                    rest = iter(tasks)
+                    rest.__setstate__(start)
+                    run.cursor = numbered = enumerate(rest, start)
+                    break
+                end = run.block_end = min(n, start + self._block)
+            began = time.perf_counter()
+            while start < end:
+                done: list[Any] = []
+                try:
+                    done.extend(map(fn, *[column[start:end] for column in columns]))
+                except BaseException as e:  # noqa: BLE001 - a task's failure is its result, whatever it raised
+                    failed = start + len(done)  # extend kept the values before it
+                    values[start:failed] = done
+                    self._careful(run, failed, (fn, *[column[failed] for column in columns]), e)
+                    start = failed + 1
+                else:
+                    values[start:end] = done
+                    start = end
+            self._block = min(self._block * 2, _BLOCK_MOST) if time.perf_counter() - began < _BLOCK_SECONDS else 1
+        else:
+            return
+        run_entries(run.kind)(numbered, values, self._process_item, self._careful, run)
 
     def _run_one(self, run: _ChunkRun, i: int) -> None:
         task = run.tasks[i]

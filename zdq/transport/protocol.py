@@ -124,8 +124,9 @@ __all__ = [
     "unpack_tags",
 ]
 
-#: First bytes of every message; the last byte is the protocol version.
-VERSION = b"ZDQ\x05"
+#: First bytes of every message; the last byte is the protocol version. 6: chunks may come as
+#: SHARED (calls by columns, zdq.codec.tasks), which a consumer of 5 cannot read.
+VERSION = b"ZDQ\x06"
 #: Size of the random identities of drivers and consumers.
 ID_SIZE = 16
 
