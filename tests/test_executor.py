@@ -27,7 +27,7 @@ from zdq import ConsumerPool, QueuePool
 from zdq.errors import TaskTimeout
 
 from .conftest import wait_until
-from .executor_tasks import Box, echo, nap, nap_marked, square, square_unless, unbox
+from .executor_tasks import Box, echo, nap, nap_marked, nap_noted, square, square_unless, unbox
 
 pytestmark = pytest.mark.cluster
 
@@ -104,6 +104,31 @@ def test_shutdown_cancel_futures_cancels_what_has_not_started_and_leaves_a_given
         assert not not_done
         with pytest.raises(RuntimeError, match="after shutdown"):
             executor.submit(nap, 0)
+        assert not queue_pool.closed and queue_pool.submit(pow, 2, 3).result(timeout=60) == 8
+
+
+def test_shutdown_without_wait_with_cancel_futures_marks_the_pending_futures_cancelled_at_once(
+    client: Client, tmp_path: Path
+) -> None:
+    # The cancellations go from a thread (a silent broker must not block the shutdown); the
+    # futures must read cancelled when shutdown() returns, not a moment later.
+    marker = tmp_path / "started"
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1, start=True):
+        executor = queue_pool.executor()
+        first = executor.submit(nap_marked, str(marker), 1.0)
+        wait_until(marker.exists, timeout=60)
+        rest = [executor.submit(nap_noted, str(tmp_path), i, 1.0) for i in range(5)]
+        mapped = executor.map(nap_noted, itertools.repeat(str(tmp_path)), range(10, 15), itertools.repeat(1.0))
+        start = time.monotonic()
+        executor.shutdown(wait=False, cancel_futures=True)
+        assert time.monotonic() - start < 0.5
+        assert [f.cancelled() for f in rest] == [True] * 5
+        _, not_done = concurrent.futures.wait(rest, timeout=0)
+        assert not not_done
+        with pytest.raises(concurrent.futures.CancelledError):
+            next(mapped)
+        wait_until(lambda: queue_pool.driver.outstanding == 0, timeout=60)  # the first task ran to its end
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["started"]  # none of the others ran
         assert not queue_pool.closed and queue_pool.submit(pow, 2, 3).result(timeout=60) == 8
 
 

@@ -34,7 +34,7 @@ from zdq.consumer import GeneralConsumer
 from zdq.client.dependencies import _PLAIN as PLAIN, find_futures, hold, holds_futures, may_hold
 from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.driver import Driver
-from zdq.client.window import FutureSlice, MapBatch, Slice, cancel_slices, map_futures
+from zdq.client.window import FutureSlice, MapBatch, MapChunk, Slice, cancel_slices
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
@@ -411,8 +411,10 @@ class Submitter:
         bar = insert_bar(total) if progress else None
         reading = _Reading(calls)
         hint = None if futures is None else pool.wait_hint
+        # A map cancels what it queued on any error, its iterables' too: read without the soft stop.
+        source = reading if futures is None else calls
         try:
-            for part in chunking.batches(reading, size):
+            for part in chunking.batches(source, size):
                 check_calls(part, count)
                 base = driver.reserve(len(part))
                 try:
@@ -421,10 +423,11 @@ class Submitter:
                     at = f"item {count + e.task_id - base}: " if e.task_id is not None else ""
                     raise SerializationError(f"{at}{e} ({count} tasks before this chunk were queued)") from e
                 for first, n, payload in packed:
-                    sink = None if futures is None else map_futures(first, n, hint, driver)
+                    # A map's futures live in their chunk, which the driver settles as a batch.
+                    sink = None if futures is None else MapChunk(first, n, hint, driver)
                     driver.submit_chunk(first, n, payload, sink, 0, timeout=timeout, timing=timing)
-                    if futures is not None and sink is not None:
-                        futures.extend(sink)  # queued: its futures will settle
+                    if sink is not None:
+                        futures.extend(sink.futures())  # type: ignore[union-attr]  # queued: they will settle
                 count += len(part)
                 if bar is not None:
                     bar.update(len(part))
@@ -789,7 +792,7 @@ class SubmitMethods:
         call = functools.partial(fn, **kwargs) if kwargs and not isinstance(fn, str) else fn
         sized = all(hasattr(it, "__len__") for it in iterables)
         total = min((len(it) for it in iterables), default=0) if sized else None  # type: ignore[arg-type]
-        calls = ((call, *args) for args in zip(*iterables))
+        calls = zip(itertools.repeat(call), *iterables)  # (call, *args), made in C
         futures: list[TaskFuture] = []
         # Futures among the items (sized iterables are scanned; an iterator is not read twice):
         # each call goes as submit() sends it, held until its inputs are done.
