@@ -464,3 +464,19 @@ def test_cancel_at_once_marks_task_map_and_batch_futures_cancelled_before_asking
     assert driver.asked == [] and not plain.cancelled()
     ask()
     assert driver.asked == [(7, 6)] and plain.cancelled()
+
+
+def test_closing_the_results_in_the_middle_of_a_run_ends_them_and_cancels_what_is_left() -> None:
+    pool = Batches()
+    window = ResultWindow(pool.submit, [(i,) for i in range(8)], None, None, pool.cancel, slice_size=4)
+    pool.settle(0)  # a run of four results in hand
+    results = iter(window)
+    assert next(results) == 0
+    results.close()  # type: ignore[attr-defined]
+    assert list(results) == []  # as a closed generator: nothing more, not even the run in hand
+    assert pool.cancelled == pool.batches[1:] and pool.waited == [True]
+    dropped = iter(ResultWindow(pool.submit, [(i,) for i in range(8)], None, None, pool.cancel, slice_size=4))
+    pool.settle(2)
+    assert next(dropped) == 0
+    del dropped  # dropped unclosed, once started: cancelled as when it is closed
+    assert pool.cancelled[-1] is pool.batches[3]  # its first slice was taken whole (a run in hand)

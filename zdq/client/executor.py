@@ -249,15 +249,16 @@ class Executor(concurrent.futures.Executor):
         chunk: int,
         timeout: float | None,
         per_task: int = 1,
+        plain: bool = False,
     ) -> Slice:
         """One slice of a map's calls ``(fn, *args)`` from its position ``first``, queued as one
-        chunked batch (``queue_pool.map_slice``) within ``timeout``; a shutdown stops it while it
-        waits for room (RuntimeError)."""
+        chunked batch (``queue_pool.map_slice``; ``plain``: no argument holds a future) within
+        ``timeout``; a shutdown stops it while it waits for room (RuntimeError)."""
         self._begin()
         piece = None
         try:
             piece = self._pool.map_slice(
-                fn, calls, chunk, first=first, timeout=timeout, check=self._check_open, per_task=per_task
+                fn, calls, chunk, first=first, timeout=timeout, check=self._check_open, per_task=per_task, plain=plain
             )
         finally:
             self._end([] if piece is None else piece.futures())
@@ -343,13 +344,14 @@ class Executor(concurrent.futures.Executor):
             # one such chunk, and one is submitted each time a chunk's results are taken (larger
             # slices refill in bursts: the no-op map ran at two thirds of the rate).
             chunk = size = pool.map_chunk_size(max(1, buffersize // _SLICES_IN_BUFFER))
+        plain = all(type(it) is range for it in iterables)  # ints only: no future among them to look for
         ref = weakref.ref(self)
 
         def submit(part: list[tuple[Any, ...]], first: int, left: float | None) -> Slice:  # calls (task, *args)
             executor = ref()  # a map left behind does not keep its executor alive
             if executor is None:
                 raise RuntimeError("cannot schedule new futures: the executor was dropped")
-            return executor._submit_slice(task, part, first, chunk, left, chunksize)
+            return executor._submit_slice(task, part, first, chunk, left, chunksize, plain)
 
         window = ResultWindow(
             submit, calls, buffersize, timeout, cancel_slices, slice_size=size, started=start,

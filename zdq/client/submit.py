@@ -796,7 +796,9 @@ class SubmitMethods:
         futures: list[TaskFuture] = []
         # Futures among the items (sized iterables are scanned; an iterator is not read twice):
         # each call goes as submit() sends it, held until its inputs are done.
-        held = holds_futures(kwargs.values()) or (sized and any(holds_futures(it) for it in iterables))
+        held = holds_futures(kwargs.values()) or (
+            sized and any(type(it) is not range and holds_futures(it) for it in iterables)  # a range holds ints
+        )
         try:
             if held:
                 for args in zip(*iterables):
@@ -830,6 +832,7 @@ class SubmitMethods:
         timeout: float | None = None,
         check: Callable[[], None] | None = None,
         per_task: int = 1,
+        plain: bool = False,
     ) -> Slice:
         """One slice of a map (``Executor.map``): the calls ``(fn, *args)`` from the map's
         position ``first``, queued as one batch in chunks of ``chunk`` tasks, whose outcomes the
@@ -837,6 +840,8 @@ class SubmitMethods:
         chunk). Calls whose arguments hold futures go one by one, as :meth:`submit` sends them
         (held until their inputs are done). The task options are the pool's defaults.
         ``per_task``: the map's items in each call (a chunked map's ``chunksize``), for messages.
+        ``plain``: the caller knows that no argument holds a future (the map's iterables are
+        ranges): the calls are not looked through for them.
 
         Blocks while the driver's window is full: at most ``timeout`` seconds, calling ``check``
         (which raises to stop: the executor was shut down) every :data:`_CHECK_EVERY` seconds
@@ -859,7 +864,7 @@ class SubmitMethods:
                 raise TypeError(f"map() needs a callable or a task name 'package.module:function', got {fn!r:.80}")
             check_task_name(fn)
         options = s.defaults.merge_all()
-        if _calls_hold_futures(calls):
+        if not plain and _calls_hold_futures(calls):
             driver = self.driver
             return FutureSlice([s.call(driver, fn, call[1:], None, options, timeout, None, None, None) for call in calls])
         driver = self.driver

@@ -604,21 +604,30 @@ class ResultWindow:
             self._cancel(left, wait)
 
     def __iter__(self) -> Iterator[Any]:
-        return self._results()
+        return _Results.of(self._runs())
 
-    def _results(self) -> Iterator[Any]:
+    def _runs(self) -> Iterator[Iterator[Any]]:
+        """The runs of results in order, each an iterator that hands them out; a task's error is
+        raised when the run before it has been handed out."""
         slices = self._slices
+        values: list[Any] = []
+        count = itertools.repeat(-1, 0)
         try:
             while slices:
                 values, error = self._take()
                 # Handed out from a list emptied as it goes: a suspended iterator holds no result
                 # it has yielded (popped in C, the values are not copied once more).
                 values.reverse()
-                yield from map(values.pop, itertools.repeat(-1, len(values)))
+                count = itertools.repeat(-1, len(values))
+                yield map(values.pop, count)
                 if error is not None:
                     raise error
         except GeneratorExit:
-            self._cancel_left(wait=True)  # closed: what has not started is cancelled on return
+            # Closed: the run being handed out ends too (as a closed generator gives nothing more),
+            # and what has not started is cancelled on return.
+            collections.deque(count, 0)
+            values.clear()
+            self._cancel_left(wait=True)
             raise
         except BaseException:
             # A timeout, a task's error, a shutdown: raised at once, not after a silent queue's answer.
@@ -627,6 +636,24 @@ class ResultWindow:
         finally:
             self._cancel_left()
             self._submit = None
+
+
+class _Results(itertools.chain):  # type: ignore[type-arg]
+    """A map's results: a chain over the runs that :meth:`ResultWindow._runs` yields, so that each
+    result is handed out in C (the generator is resumed once a run, not once a result, as
+    ``yield from`` would). ``close()`` closes the generator, as a generator's own does: what is
+    left is cancelled (as when it is dropped)."""
+
+    __slots__ = ("_runs",)
+
+    @classmethod
+    def of(cls, runs: Iterator[Iterator[Any]]) -> _Results:
+        results = cls.from_iterable(runs)
+        results._runs = runs
+        return results
+
+    def close(self) -> None:
+        self._runs.close()  # type: ignore[attr-defined]
 
 
 def cancel_slices(slices: Iterable[Slice], wait: bool = True) -> None:
