@@ -27,7 +27,16 @@ from zdq import ConsumerPool, QueuePool
 from zdq.errors import TaskTimeout
 
 from .conftest import wait_until
-from .executor_tasks import Box, echo, nap, nap_marked, nap_noted, square, square_unless, unbox
+from .executor_tasks import (
+    Box,
+    echo,
+    nap,
+    nap_marked,
+    nap_noted,
+    square,
+    square_unless,
+    unbox,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -115,7 +124,7 @@ def test_shutdown_without_wait_with_cancel_futures_marks_the_pending_futures_can
     marker = tmp_path / "started"
     with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1, start=True):
         executor = queue_pool.executor()
-        first = executor.submit(nap_marked, str(marker), 1.0)
+        executor.submit(nap_marked, str(marker), 1.0)
         wait_until(marker.exists, timeout=60)
         rest = [executor.submit(nap_noted, str(tmp_path), i, 1.0) for i in range(5)]
         mapped = executor.map(nap_noted, itertools.repeat(str(tmp_path)), range(10, 15), itertools.repeat(1.0))

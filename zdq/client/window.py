@@ -219,7 +219,6 @@ class MapChunk(BatchFuture):
         self._errors: dict[int, BaseException] = {}
         self._settled = bytearray(n)
         self._remaining = n
-        self._fill_lock = self._condition
         self._hint = hint
         self._driver = driver
         self._watched: dict[int, MapFuture] | None = None
@@ -291,7 +290,7 @@ class MapFuture(TaskFuture):
     it, and it waits on).
     """
 
-    __slots__ = ("_chunk", "_i", "_w", "_cb")
+    __slots__ = ("_cb", "_chunk", "_i", "_w")
 
     _chunk: MapChunk
     _i: int
@@ -300,16 +299,16 @@ class MapFuture(TaskFuture):
         raise TypeError("MapFuture is made by its chunk: MapChunk.futures()")
 
     # -- the state, read from the chunk ---------------------------------------------------------
-    @property  # type: ignore[override]
-    def key(self) -> int:
+    @property
+    def key(self) -> int:  # type: ignore[override]
         return self._chunk.keys[self._i]
 
-    @property  # type: ignore[override]
+    @property
     def _driver(self) -> Any:
         return self._chunk._driver
 
-    @property  # type: ignore[override]
-    def _hint(self) -> Any:
+    @property
+    def _hint(self) -> Any:  # type: ignore[override]
         return self._chunk._hint
 
     @property
@@ -646,9 +645,11 @@ class _Results(itertools.chain):  # type: ignore[type-arg]
 
     __slots__ = ("_runs",)
 
+    _runs: Iterator[Iterator[Any]]
+
     @classmethod
     def of(cls, runs: Iterator[Iterator[Any]]) -> _Results:
-        results = cls.from_iterable(runs)
+        results: _Results = cls.from_iterable(runs)  # type: ignore[assignment]
         results._runs = runs
         return results
 
