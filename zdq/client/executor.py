@@ -431,7 +431,7 @@ class Executor(concurrent.futures.Executor):
             running = self._started_tasks()
             with self._state:
                 if self._inflight or self._submissions or running:
-                    self._state.wait(1.0 if not running else 0.1)
+                    self._state.wait(1.0)  # started tasks do not notify: looked at again within a second
                 n = len(self._inflight) + self._submissions + running
             if n == 0:
                 return
