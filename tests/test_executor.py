@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import gc
 import itertools
 import os
@@ -16,7 +17,9 @@ import sys
 import textwrap
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -96,14 +99,24 @@ def test_map_with_a_buffersize_maps_an_endless_generator_with_at_most_buffersize
         wait_until(lambda: driver.outstanding == 0, timeout=30)
 
 
-def test_shutdown_cancel_futures_cancels_what_has_not_started_and_leaves_a_given_pool_open(
-    client: Client, tmp_path: Path
-) -> None:
+@contextlib.contextmanager
+def _one_consumer_busy(
+    client: Client, tmp_path: Path, seconds: float
+) -> Iterator[tuple[QueuePool, zdq.Executor, concurrent.futures.Future[Any]]]:
+    """A pool of one consumer, an executor on it, and the future of a task that consumer has
+    started (it naps ``seconds``)."""
     marker = tmp_path / "started"
     with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1, start=True):
         executor = queue_pool.executor()
-        first = executor.submit(nap_marked, str(marker), 2.0)
+        first = executor.submit(nap_marked, str(marker), seconds)
         wait_until(marker.exists, timeout=60)
+        yield queue_pool, executor, first
+
+
+def test_shutdown_cancel_futures_cancels_what_has_not_started_and_leaves_a_given_pool_open(
+    client: Client, tmp_path: Path
+) -> None:
+    with _one_consumer_busy(client, tmp_path, 2.0) as (queue_pool, executor, first):
         rest = [executor.submit(nap, 1.0) for _ in range(5)]
         executor.shutdown(wait=True, cancel_futures=True)
         assert first.result(timeout=0) == 2.0
@@ -121,11 +134,7 @@ def test_shutdown_without_wait_with_cancel_futures_marks_the_pending_futures_can
 ) -> None:
     # The cancellations go from a thread (a silent broker must not block the shutdown); the
     # futures must read cancelled when shutdown() returns, not a moment later.
-    marker = tmp_path / "started"
-    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1, start=True):
-        executor = queue_pool.executor()
-        executor.submit(nap_marked, str(marker), 1.0)
-        wait_until(marker.exists, timeout=60)
+    with _one_consumer_busy(client, tmp_path, 1.0) as (queue_pool, executor, _):
         rest = [executor.submit(nap_noted, str(tmp_path), i, 1.0) for i in range(5)]
         mapped = executor.map(nap_noted, itertools.repeat(str(tmp_path)), range(10, 15), itertools.repeat(1.0))
         start = time.monotonic()
