@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import gc
 import itertools
 import os
@@ -16,7 +17,9 @@ import sys
 import textwrap
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -27,7 +30,16 @@ from zdq import ConsumerPool, QueuePool
 from zdq.errors import TaskTimeout
 
 from .conftest import wait_until
-from .executor_tasks import Box, echo, nap, nap_marked, square, square_unless, unbox
+from .executor_tasks import (
+    Box,
+    echo,
+    nap,
+    nap_marked,
+    nap_noted,
+    square,
+    square_unless,
+    unbox,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -87,14 +99,24 @@ def test_map_with_a_buffersize_maps_an_endless_generator_with_at_most_buffersize
         wait_until(lambda: driver.outstanding == 0, timeout=30)
 
 
-def test_shutdown_cancel_futures_cancels_what_has_not_started_and_leaves_a_given_pool_open(
-    client: Client, tmp_path: Path
-) -> None:
+@contextlib.contextmanager
+def _one_consumer_busy(
+    client: Client, tmp_path: Path, seconds: float
+) -> Iterator[tuple[QueuePool, zdq.Executor, concurrent.futures.Future[Any]]]:
+    """A pool of one consumer, an executor on it, and the future of a task that consumer has
+    started (it naps ``seconds``)."""
     marker = tmp_path / "started"
     with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1, start=True):
         executor = queue_pool.executor()
-        first = executor.submit(nap_marked, str(marker), 2.0)
+        first = executor.submit(nap_marked, str(marker), seconds)
         wait_until(marker.exists, timeout=60)
+        yield queue_pool, executor, first
+
+
+def test_shutdown_cancel_futures_cancels_what_has_not_started_and_leaves_a_given_pool_open(
+    client: Client, tmp_path: Path
+) -> None:
+    with _one_consumer_busy(client, tmp_path, 2.0) as (queue_pool, executor, first):
         rest = [executor.submit(nap, 1.0) for _ in range(5)]
         executor.shutdown(wait=True, cancel_futures=True)
         assert first.result(timeout=0) == 2.0
@@ -104,6 +126,27 @@ def test_shutdown_cancel_futures_cancels_what_has_not_started_and_leaves_a_given
         assert not not_done
         with pytest.raises(RuntimeError, match="after shutdown"):
             executor.submit(nap, 0)
+        assert not queue_pool.closed and queue_pool.submit(pow, 2, 3).result(timeout=60) == 8
+
+
+def test_shutdown_without_wait_with_cancel_futures_marks_the_pending_futures_cancelled_at_once(
+    client: Client, tmp_path: Path
+) -> None:
+    # The cancellations go from a thread (a silent broker must not block the shutdown); the
+    # futures must read cancelled when shutdown() returns, not a moment later.
+    with _one_consumer_busy(client, tmp_path, 1.0) as (queue_pool, executor, _):
+        rest = [executor.submit(nap_noted, str(tmp_path), i, 1.0) for i in range(5)]
+        mapped = executor.map(nap_noted, itertools.repeat(str(tmp_path)), range(10, 15), itertools.repeat(1.0))
+        start = time.monotonic()
+        executor.shutdown(wait=False, cancel_futures=True)
+        assert time.monotonic() - start < 0.5
+        assert [f.cancelled() for f in rest] == [True] * 5
+        _, not_done = concurrent.futures.wait(rest, timeout=0)
+        assert not not_done
+        with pytest.raises(concurrent.futures.CancelledError):
+            next(mapped)
+        wait_until(lambda: queue_pool.driver.outstanding == 0, timeout=60)  # the first task ran to its end
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["started"]  # none of the others ran
         assert not queue_pool.closed and queue_pool.submit(pow, 2, 3).result(timeout=60) == 8
 
 

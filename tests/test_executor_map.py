@@ -166,6 +166,33 @@ def test_queue_pool_map_gives_a_future_per_call_in_order_and_cancels_by_them(poo
     assert len(_ran(tmp_path)) < N_NAPS // 2
 
 
+def test_queue_pool_maps_futures_keep_the_futures_contract_on_a_real_pool(pool: QueuePool, tmp_path: Path) -> None:
+    futures = pool.map(square, range(20))
+    seen: list[Any] = []
+    futures[3].add_done_callback(seen.append)  # most likely before its result: run on the callback thread
+    done, not_done = concurrent.futures.wait(futures, timeout=60)
+    assert not not_done and len(done) == 20
+    assert sorted(f.result() for f in concurrent.futures.as_completed(futures, timeout=60)) == [i * i for i in range(20)]
+    assert sorted(f.result() for f in zdq.as_completed(futures, timeout=60)) == [i * i for i in range(20)]
+    wait_until(lambda: seen == [futures[3]], timeout=30)
+    # As arguments of another submission (held until they are done), and of another map.
+    assert pool.submit(pow, futures[2], 2).result(timeout=60) == 16
+    assert zdq.gather(pool.map(pow, futures[:4], [2] * 4), timeout=60) == [i**4 for i in range(4)]
+    naps = pool.map(nap_noted, [str(tmp_path)] * N_NAPS, range(N_NAPS), [NAP] * N_NAPS)
+    waiting = naps[-20:]
+    first = concurrent.futures.wait(waiting, timeout=0.01, return_when=concurrent.futures.FIRST_COMPLETED)
+    assert not first.done  # nothing done yet: their waiters were installed, then removed
+    assert naps[-1].cancel() and naps[-1].cancelled() and naps[-1].done()
+    done, _ = concurrent.futures.wait(waiting, timeout=60, return_when=concurrent.futures.FIRST_COMPLETED)
+    assert naps[-1] in done
+    with pytest.raises(concurrent.futures.CancelledError):
+        naps[-1].exception(timeout=1)
+    from zdq.client.window import cancel_many
+
+    cancel_many(naps)
+    wait_until(lambda: pool.driver.outstanding == 0, timeout=30)
+
+
 def test_a_map_of_no_iterable_or_an_empty_one_gives_nothing(pool: QueuePool) -> None:
     with pool.executor() as executor:
         assert list(executor.map(square)) == []

@@ -14,7 +14,9 @@ import pytest
 from zdq.client.window import (
     FutureSlice,
     MapBatch,
+    MapChunk,
     ResultWindow,
+    cancel_at_once,
     cancel_many,
     check_map_options,
     chunked,
@@ -23,7 +25,8 @@ from zdq.client.window import (
     run_chunk,
     span_runs,
 )
-from zdq.errors import SerializationError, ZdqTimeoutError
+from zdq.errors import SerializationError, TaskCancelled, ZdqTimeoutError
+from zdq.futures import TaskFuture
 
 Future = concurrent.futures.Future
 
@@ -396,3 +399,84 @@ def test_the_futures_of_a_maps_chunk_share_a_condition_and_keep_the_futures_cont
     futures[0].set_result("a")
     assert seen == [futures[0]] and futures[0].result(0) == "a"
     assert "TaskFuture key=40 finished" in repr(futures[0])
+
+
+def test_a_maps_futures_read_their_state_from_their_chunk_settled_as_a_batch() -> None:
+    chunk = MapChunk(100, 4, None, None)
+    futures = chunk.futures()
+    assert [f.key for f in futures] == [100, 101, 102, 103] and not any(f.done() for f in futures)
+    seen: list[Any] = []
+    futures[2].add_done_callback(seen.append)  # before its outcome: run when it comes
+    _, not_done = concurrent.futures.wait(futures, timeout=0)  # installs and removes waiters
+    assert not_done == set(futures)
+    chunk._fill(0, [1, 2, 3, 4], {1: KeyError("b"), 3: TaskCancelled("task 103 was cancelled")})
+    assert seen == [futures[2]] and futures[0].result(0) == 1 and futures[2].result(0) == 3
+    with pytest.raises(KeyError, match="b"):
+        futures[1].result(0)
+    assert isinstance(futures[1].exception(0), KeyError) and not futures[1].cancelled()
+    assert futures[3].cancelled() and futures[3].done()
+    with pytest.raises(concurrent.futures.CancelledError):
+        futures[3].result(0)
+    with pytest.raises(concurrent.futures.CancelledError):
+        futures[3].exception(0)
+    chunk._fill(0, ["again"], {})  # a position settled is never written again
+    assert futures[0].result(0) == 1
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        futures[0].set_result("again")
+    done, _ = concurrent.futures.wait(futures, timeout=0)
+    assert done == set(futures)
+    assert [f for f in concurrent.futures.as_completed(futures, timeout=0)] and futures[3]._state == "CANCELLED_AND_NOTIFIED"
+    futures[0].add_done_callback(seen.append)  # after: at once
+    assert seen == [futures[2], futures[0]]
+    assert "TaskFuture key=101 failed: KeyError" in repr(futures[1])
+
+
+def test_a_maps_future_gets_lists_of_waiters_and_callbacks_only_when_used() -> None:
+    chunk = MapChunk(0, 3, None, None)
+    futures = chunk.futures()
+    assert chunk._watched is None and not hasattr(futures[0], "_w") and not hasattr(futures[0], "_cb")
+    assert futures[1]._waiters == [] and list(chunk._watched or ()) == [1]
+    chunk._fill(1, ["b"], {})
+    assert not chunk._watched  # told, then forgotten
+    with pytest.raises(TypeError, match="made by its chunk"):
+        type(futures[0])(chunk, 0)
+
+
+def test_cancel_at_once_marks_task_map_and_batch_futures_cancelled_before_asking_their_driver() -> None:
+    class Driver:
+        def __init__(self) -> None:
+            self.asked: list[tuple[int, int]] = []
+
+        def cancel(self, first: int, n: int) -> None:
+            self.asked.append((first, n))
+
+    driver = Driver()
+    task = TaskFuture(7)
+    task._driver = driver
+    mapped = MapChunk(8, 2, None, driver).futures()
+    batch = MapBatch(10, 3)
+    batch._driver = driver
+    batch._fill(0, ["kept"], {})
+    plain: Future[Any] = Future()
+    ask = cancel_at_once([task, *mapped, batch, plain])
+    assert task.cancelled() and all(f.cancelled() for f in mapped)
+    assert batch.done() and batch.ready(0, 0) == 3 and batch.take(0, 3)[0] == ["kept"]
+    assert driver.asked == [] and not plain.cancelled()
+    ask()
+    assert driver.asked == [(7, 6)] and plain.cancelled()
+
+
+def test_closing_the_results_in_the_middle_of_a_run_ends_them_and_cancels_what_is_left() -> None:
+    pool = Batches()
+    window = ResultWindow(pool.submit, [(i,) for i in range(8)], None, None, pool.cancel, slice_size=4)
+    pool.settle(0)  # a run of four results in hand
+    results = iter(window)
+    assert next(results) == 0
+    results.close()  # type: ignore[attr-defined]
+    assert list(results) == []  # as a closed generator: nothing more, not even the run in hand
+    assert pool.cancelled == pool.batches[1:] and pool.waited == [True]
+    dropped = iter(ResultWindow(pool.submit, [(i,) for i in range(8)], None, None, pool.cancel, slice_size=4))
+    pool.settle(2)
+    assert next(dropped) == 0
+    del dropped  # dropped unclosed, once started: cancelled as when it is closed
+    assert pool.cancelled[-1] is pool.batches[3]  # its first slice was taken whole (a run in hand)

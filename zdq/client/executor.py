@@ -45,6 +45,7 @@ from distributed import Client
 from zdq.client.window import (
     ResultWindow,
     Slice,
+    cancel_at_once,
     cancel_many,
     cancel_slices,
     check_map_options,
@@ -248,15 +249,16 @@ class Executor(concurrent.futures.Executor):
         chunk: int,
         timeout: float | None,
         per_task: int = 1,
+        plain: bool = False,
     ) -> Slice:
         """One slice of a map's calls ``(fn, *args)`` from its position ``first``, queued as one
-        chunked batch (``queue_pool.map_slice``) within ``timeout``; a shutdown stops it while it
-        waits for room (RuntimeError)."""
+        chunked batch (``queue_pool.map_slice``; ``plain``: no argument holds a future) within
+        ``timeout``; a shutdown stops it while it waits for room (RuntimeError)."""
         self._begin()
         piece = None
         try:
             piece = self._pool.map_slice(
-                fn, calls, chunk, first=first, timeout=timeout, check=self._check_open, per_task=per_task
+                fn, calls, chunk, first=first, timeout=timeout, check=self._check_open, per_task=per_task, plain=plain
             )
         finally:
             self._end([] if piece is None else piece.futures())
@@ -342,13 +344,14 @@ class Executor(concurrent.futures.Executor):
             # one such chunk, and one is submitted each time a chunk's results are taken (larger
             # slices refill in bursts: the no-op map ran at two thirds of the rate).
             chunk = size = pool.map_chunk_size(max(1, buffersize // _SLICES_IN_BUFFER))
+        plain = all(type(it) is range for it in iterables)  # ints only: no future among them to look for
         ref = weakref.ref(self)
 
         def submit(part: list[tuple[Any, ...]], first: int, left: float | None) -> Slice:  # calls (task, *args)
             executor = ref()  # a map left behind does not keep its executor alive
             if executor is None:
                 raise RuntimeError("cannot schedule new futures: the executor was dropped")
-            return executor._submit_slice(task, part, first, chunk, left, chunksize)
+            return executor._submit_slice(task, part, first, chunk, left, chunksize, plain)
 
         window = ResultWindow(
             submit, calls, buffersize, timeout, cancel_slices, slice_size=size, started=start,
@@ -373,6 +376,12 @@ class Executor(concurrent.futures.Executor):
         closes the pool when the work is done; the program does not end before that). A
         submission blocked on a full window (a map's) stops with RuntimeError, its tasks
         cancelled.
+
+        Without ``wait``, the futures not done read cancelled when this returns (the queues'
+        answers are not waited for): a task that had started then still runs to its end (and the
+        pool made here is closed only after it), but its future reads cancelled, its result
+        dropped. With ``wait``, the queues' answers are waited for: such a task's future gets its
+        result.
         """
         with self._state:  # not waiting for a submission: one blocked on a full window sees this and stops
             self._shutdown = True
@@ -384,17 +393,16 @@ class Executor(concurrent.futures.Executor):
             self._finish(wait=True, reason="shutdown(wait=True)")
         elif not self._closed:
             # Not a daemon: the program ends once the work is done, and the pool closed. The
-            # cancellations go from there too: their answers are not waited for here.
-            threading.Thread(
-                target=self._finish_later, args=(pending if cancel_futures else [],),
-                name="zdq-executor-shutdown",
-            ).start()
+            # futures read cancelled now; the queues are asked from there: their answers are not
+            # waited for here.
+            ask = cancel_at_once(pending) if cancel_futures else _nothing
+            threading.Thread(target=self._finish_later, args=(ask,), name="zdq-executor-shutdown").start()
         elif cancel_futures:
             cancel_many(pending)
 
-    def _finish_later(self, cancel: list[concurrent.futures.Future[Any]]) -> None:
-        """``shutdown(wait=False)``'s thread: cancel ``cancel``, then finish."""
-        cancel_many(cancel)
+    def _finish_later(self, cancel: Callable[[], None]) -> None:
+        """``shutdown(wait=False)``'s thread: ask the queues to cancel (``cancel()``), then finish."""
+        cancel()
         self._finish(wait=True, reason="shutdown(wait=False)")
 
     def _finish(self, *, wait: bool, reason: str) -> None:
@@ -420,10 +428,11 @@ class Executor(concurrent.futures.Executor):
         stalled_since: float | None = None
         left: int | None = None
         while True:
+            running = self._started_tasks()
             with self._state:
-                if self._inflight or self._submissions:
-                    self._state.wait(1.0)
-                n = len(self._inflight) + self._submissions
+                if self._inflight or self._submissions or running:
+                    self._state.wait(1.0)  # started tasks do not notify: looked at again within a second
+                n = len(self._inflight) + self._submissions + running
             if n == 0:
                 return
             if left is None or n < left:
@@ -440,6 +449,18 @@ class Executor(concurrent.futures.Executor):
                     "zdq Executor (%s): %d tasks cannot finish: %s; not waiting for them any longer", reason, n, why
                 )
                 return
+
+    def _started_tasks(self) -> int:
+        """Tasks of the pool this executor made that have no outcome yet: after a
+        ``shutdown(cancel_futures=True)`` without wait, those that had started run on although
+        their futures read cancelled, and the pool is closed only once they ended. 0 for a pool
+        given (others may use it: its tasks are not this executor's to wait for)."""
+        if not self._owns_pool or self._pool.closed:
+            return 0
+        try:
+            return int(self._pool.driver.outstanding)
+        except ZdqError:  # closed meanwhile
+            return 0
 
     def _why_stuck(self) -> str:
         """Why the work cannot progress, or "" if it may: the pool's own account of why results
@@ -466,6 +487,10 @@ class Executor(concurrent.futures.Executor):
         state = "closed" if self._closed else "shut down" if self._shutdown else "running"
         owner = "its own pool" if self._owns_pool else "the pool"
         return f"<zdq.Executor on {owner} {self._pool.name}: {state}, {len(self._inflight)} tasks in flight>"
+
+
+def _nothing() -> None:
+    """No cancellation to ask for (a shutdown without ``cancel_futures``)."""
 
 
 def _flatten(chunks: Iterator[list[Any]]) -> Iterator[Any]:

@@ -34,7 +34,7 @@ from zdq.consumer import GeneralConsumer
 from zdq.client.dependencies import _PLAIN as PLAIN, find_futures, hold, holds_futures, may_hold
 from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.driver import Driver
-from zdq.client.window import FutureSlice, MapBatch, Slice, cancel_slices, map_futures
+from zdq.client.window import FutureSlice, MapBatch, MapChunk, Slice, cancel_slices
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
@@ -413,8 +413,10 @@ class Submitter:
         bar = insert_bar(total) if progress else None
         reading = _Reading(calls)
         hint = None if futures is None else pool.wait_hint
+        # A map cancels what it queued on any error, its iterables' too: read without the soft stop.
+        source = reading if futures is None else calls
         try:
-            for part in chunking.batches(reading, size):
+            for part in chunking.batches(source, size):
                 check_calls(part, count)
                 base = driver.reserve(len(part))
                 try:
@@ -423,10 +425,11 @@ class Submitter:
                     at = f"item {count + e.task_id - base}: " if e.task_id is not None else ""
                     raise SerializationError(f"{at}{e} ({count} tasks before this chunk were queued)") from e
                 for first, n, payload in packed:
-                    sink = None if futures is None else map_futures(first, n, hint, driver)
+                    # A map's futures live in their chunk, which the driver settles as a batch.
+                    sink = None if futures is None else MapChunk(first, n, hint, driver)
                     driver.submit_chunk(first, n, payload, sink, 0, timeout=timeout, timing=timing)
-                    if futures is not None and sink is not None:
-                        futures.extend(sink)  # queued: its futures will settle
+                    if sink is not None:
+                        futures.extend(sink.futures())  # type: ignore[union-attr]  # queued: they will settle
                 count += len(part)
                 if bar is not None:
                     bar.update(len(part))
@@ -791,11 +794,13 @@ class SubmitMethods:
         call = functools.partial(fn, **kwargs) if kwargs and not isinstance(fn, str) else fn
         sized = all(hasattr(it, "__len__") for it in iterables)
         total = min((len(it) for it in iterables), default=0) if sized else None  # type: ignore[arg-type]
-        calls = ((call, *args) for args in zip(*iterables))
+        calls = zip(itertools.repeat(call), *iterables)  # (call, *args), made in C
         futures: list[TaskFuture] = []
         # Futures among the items (sized iterables are scanned; an iterator is not read twice):
         # each call goes as submit() sends it, held until its inputs are done.
-        held = holds_futures(kwargs.values()) or (sized and any(holds_futures(it) for it in iterables))
+        held = holds_futures(kwargs.values()) or (
+            sized and any(type(it) is not range and holds_futures(it) for it in iterables)  # a range holds ints
+        )
         try:
             if held:
                 for args in zip(*iterables):
@@ -829,6 +834,7 @@ class SubmitMethods:
         timeout: float | None = None,
         check: Callable[[], None] | None = None,
         per_task: int = 1,
+        plain: bool = False,
     ) -> Slice:
         """One slice of a map (``Executor.map``): the calls ``(fn, *args)`` from the map's
         position ``first``, queued as one batch in chunks of ``chunk`` tasks, whose outcomes the
@@ -836,6 +842,8 @@ class SubmitMethods:
         chunk). Calls whose arguments hold futures go one by one, as :meth:`submit` sends them
         (held until their inputs are done). The task options are the pool's defaults.
         ``per_task``: the map's items in each call (a chunked map's ``chunksize``), for messages.
+        ``plain``: the caller knows that no argument holds a future (the map's iterables are
+        ranges): the calls are not looked through for them.
 
         Blocks while the driver's window is full: at most ``timeout`` seconds, calling ``check``
         (which raises to stop: the executor was shut down) every :data:`_CHECK_EVERY` seconds
@@ -858,7 +866,7 @@ class SubmitMethods:
                 raise TypeError(f"map() needs a callable or a task name 'package.module:function', got {fn!r:.80}")
             check_task_name(fn)
         options = s.defaults.merge_all()
-        if _calls_hold_futures(calls):
+        if not plain and _calls_hold_futures(calls):
             driver = self.driver
             return FutureSlice([s.call(driver, fn, call[1:], None, options, timeout, None, None, None) for call in calls])
         driver = self.driver

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import itertools
 import logging
 import threading
@@ -33,11 +34,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import _base
 from typing import Any, Protocol
 
-from zdq.errors import SerializationError, ZdqError, ZdqTimeoutError
-from zdq.futures import BatchFuture, TaskFuture
+from zdq.errors import SerializationError, TaskCancelled, ZdqError, ZdqTimeoutError
+from zdq.futures import BatchFuture, TaskFuture, _io_thread, notify_cancelled
 
 __all__ = [
-    "FutureSlice", "MapBatch", "MapFuture", "ResultWindow", "Slice", "cancel_many", "cancel_slices", "check_map_options", "chunked",
+    "FutureSlice", "MapBatch", "MapChunk", "MapFuture", "ResultWindow", "Slice", "cancel_at_once", "cancel_many", "cancel_slices", "check_map_options", "chunked",
     "key_runs", "map_futures", "run_chunk", "span_runs",
 ]
 
@@ -193,35 +194,171 @@ class MapBatch(BatchFuture):
         return [self]
 
 
-_DONE = frozenset({_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED})
+class MapChunk(BatchFuture):
+    """One chunk of ``queue_pool.map``: its outcomes, and the state of its futures
+    (:class:`MapFuture`), which hold nothing but their chunk and their index.
+
+    The driver settles it as a batch (one ``_fill`` per reported run of results, on its I/O
+    thread, in one step under the chunk's condition); a future reads its state from there. Per
+    future there is then one small object (made in C loops, without a Python ``__init__``) and no
+    lists: a future's waiters (``concurrent.futures.wait``, ``as_completed``) and done-callbacks get
+    a list of their own, and the future a place in ``_watched``, only once someone waits on it
+    that way or adds a callback to it. ``result(timeout)`` waits on the chunk's condition.
+
+    Who owns what: ``_values``, ``_errors``, ``_settled`` and ``_watched`` are written under
+    ``_condition`` (an RLock: ``concurrent.futures.wait`` takes it once per future of the chunk);
+    a position, once settled, is never written again, and its outcome is written before it is
+    marked settled (a reader without the lock sees a settled position's outcome). A task whose
+    outcome is :class:`~zdq.errors.TaskCancelled` (cancelled before it started) reads cancelled.
+    """
+
+    def __init__(self, first_key: int, n: int, hint: Any, driver: Any) -> None:
+        concurrent.futures.Future.__init__(self)  # its condition is its futures' too
+        self.keys = range(first_key, first_key + n)
+        self._values: list[Any] = [None] * n
+        self._errors: dict[int, BaseException] = {}
+        self._settled = bytearray(n)
+        self._remaining = n
+        self._hint = hint
+        self._driver = driver
+        self._watched: dict[int, MapFuture] | None = None
+
+    def futures(self) -> list[MapFuture]:
+        """A future per task, in order (made in C: ``object.__new__`` and slot writes, no ``__init__``)."""
+        n = len(self._values)
+        futures = list(map(object.__new__, itertools.repeat(MapFuture, n)))
+        collections.deque(map(setattr, futures, itertools.repeat("_chunk", n), itertools.repeat(self, n)), 0)
+        collections.deque(map(setattr, futures, itertools.repeat("_i", n), range(n)), 0)
+        return futures
+
+    def _watch(self, future: MapFuture) -> None:
+        """(``_condition`` held.) Tell ``future`` when its outcome comes: it has waiters or callbacks."""
+        if self._watched is None:
+            self._watched = {}
+        self._watched[future._i] = future
+
+    def _fill(self, offset: int, values: list[Any], errors: dict[int, BaseException]) -> None:
+        """Record the outcomes of positions ``offset .. offset+len(values)`` that have none yet,
+        wake those who wait, then run the callbacks of the futures settled (outside the lock)."""
+        n = len(values)
+        told: list[MapFuture] = []
+        with self._condition:
+            settled = self._settled
+            if settled.find(1, offset, offset + n) < 0:  # the usual case: a whole fresh run
+                self._values[offset : offset + n] = values
+                for i, exc in errors.items():
+                    self._errors[offset + i] = exc
+                settled[offset : offset + n] = b"\1" * n
+                self._remaining -= n
+                fresh: range | list[int] = range(offset, offset + n)
+            else:
+                fresh = []
+                for i, value in enumerate(values):
+                    k = offset + i
+                    if not settled[k]:
+                        if i in errors:
+                            self._errors[k] = errors[i]
+                        else:
+                            self._values[k] = value
+                        settled[k] = 1
+                        self._remaining -= 1
+                        fresh.append(k)
+            watched = self._watched
+            if watched:
+                for k in [k for k in watched if k in fresh]:
+                    future = watched.pop(k)
+                    future._tell_waiters()
+                    told.append(future)
+            self._condition.notify_all()
+        for future in told:
+            future._run_callbacks()
+
+    def __repr__(self) -> str:
+        return f"<MapChunk keys={self.keys.start}..{self.keys.stop - 1}: {self.completed} of {len(self.keys)} done>"
 
 
 class MapFuture(TaskFuture):
-    """A task's future made by ``queue_pool.map``, which makes one per call by the thousand: the
-    futures of one chunk share one condition (the standard future makes a condition, and a lock,
-    each: most of a map's cost per call). It is a :class:`TaskFuture` in every other way.
+    """A task's future made by ``queue_pool.map``, which makes one per call by the thousand: its
+    state is its chunk's (:class:`MapChunk`) at its index, so that it costs one small object. It
+    is a :class:`TaskFuture` in every way (``result(timeout)``, ``exception()``, ``cancel()`` of
+    its task, ``done()``, ``add_done_callback``, :func:`concurrent.futures.wait` and
+    ``as_completed``, an argument of another submission).
 
-    Sharing is safe because a future only waits on its condition for its own state: a wakeup for
-    a sibling is waited through (:meth:`result` and :meth:`exception` wait for ``done()``, where
-    the standard ``result`` takes any wakeup as its own); the other uses of the condition hold it
-    briefly (it is re-entrant: ``concurrent.futures.wait`` takes it once per future).
+    The standard future's fields (``_state``, ``_condition``, ``_waiters``, ``_result``,
+    ``_exception``) are read from the chunk, for the standard library's functions that use them;
+    a future waits on its chunk's condition for its own position only (a sibling's outcome wakes
+    it, and it waits on).
     """
 
-    def __init__(self, key: int, condition: threading.Condition, hint: Any, driver: Any) -> None:
-        # Future.__init__ is not called: it would make a condition of its own. Its fields:
-        self._condition = condition
-        self._state = _base.PENDING
-        self._result = None
-        self._exception: BaseException | None = None
-        self._waiters: list[Any] = []
-        self._done_callbacks: list[Callable[[Any], object]] = []
-        self.key = key
-        self._hint = hint
-        self._driver = driver
+    __slots__ = ("_cb", "_chunk", "_i", "_w")
 
+    _chunk: MapChunk
+    _i: int
+
+    def __init__(self, *args: Any) -> None:
+        raise TypeError("MapFuture is made by its chunk: MapChunk.futures()")
+
+    # -- the state, read from the chunk ---------------------------------------------------------
+    @property
+    def key(self) -> int:  # type: ignore[override]
+        return self._chunk.keys[self._i]
+
+    @property
+    def _driver(self) -> Any:
+        return self._chunk._driver
+
+    @property
+    def _hint(self) -> Any:  # type: ignore[override]
+        return self._chunk._hint
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        return self._chunk._condition
+
+    @property
+    def _state(self) -> str:  # type: ignore[override]
+        if not self._chunk._settled[self._i]:
+            return _base.PENDING
+        return _base.CANCELLED_AND_NOTIFIED if self.cancelled() else _base.FINISHED
+
+    @property
+    def _result(self) -> Any:  # type: ignore[override]
+        return self._chunk._values[self._i]
+
+    @property
+    def _exception(self) -> BaseException | None:  # type: ignore[override]
+        error = self._chunk._errors.get(self._i)
+        return None if type(error) is TaskCancelled else error
+
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
+        """The standard library's waiters (``wait``, ``as_completed``): a list made on first use."""
+        chunk = self._chunk
+        with chunk._condition:
+            try:
+                return self._w
+            except AttributeError:
+                self._w: list[Any] = []
+                if not chunk._settled[self._i]:
+                    chunk._watch(self)
+                return self._w
+
+    def done(self) -> bool:
+        return bool(self._chunk._settled[self._i])
+
+    def cancelled(self) -> bool:
+        chunk, i = self._chunk, self._i
+        return bool(chunk._settled[i]) and type(chunk._errors.get(i)) is TaskCancelled
+
+    def running(self) -> bool:
+        return False  # a queued task's future is pending until its outcome comes
+
+    # -- waiting --------------------------------------------------------------------------------
     def _when_done(self, timeout: float | None) -> None:
-        with self._condition:
-            if not self._condition.wait_for(lambda: self._state in _DONE, timeout):
+        chunk, i = self._chunk, self._i
+        settled = chunk._settled
+        with chunk._condition:
+            if not chunk._condition.wait_for(lambda: settled[i], timeout):
                 raise concurrent.futures.TimeoutError
 
     def _wait(self, timeout: float | None) -> None:
@@ -233,20 +370,98 @@ class MapFuture(TaskFuture):
             raise self._timed_out(timeout, repr(self)) from None
 
     def result(self, timeout: float | None = None) -> Any:
-        if self._state == _base.FINISHED and self._exception is None:
-            return self._result  # set before the state, by set_result
-        self._wait(timeout)
-        return concurrent.futures.Future.result(self, 0)  # done: its result, or its own error as it is
+        chunk, i = self._chunk, self._i
+        if not chunk._settled[i]:
+            self._wait(timeout)
+        errors = chunk._errors
+        if errors and i in errors:
+            raise errors[i]  # its own error, or TaskCancelled (a CancelledError) if it was cancelled
+        return chunk._values[i]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._wait(timeout)
-        return concurrent.futures.Future.exception(self, 0)
+        chunk, i = self._chunk, self._i
+        if not chunk._settled[i]:
+            self._wait(timeout)
+        error = chunk._errors.get(i)
+        if type(error) is TaskCancelled:
+            raise error
+        return error
+
+    # -- callbacks and waiters ------------------------------------------------------------------
+    def add_done_callback(self, fn: Callable[[Any], object]) -> None:
+        chunk = self._chunk
+        with chunk._condition:
+            if not chunk._settled[self._i]:
+                try:
+                    self._cb.append(fn)
+                except AttributeError:
+                    self._cb: list[Callable[[Any], object]] = [fn]
+                    chunk._watch(self)
+                return
+        try:
+            fn(self)
+        except Exception:  # as concurrent.futures does: a failing callback is logged, not raised
+            logger.exception("exception calling callback for %r", self)
+
+    def _tell_waiters(self) -> None:
+        """(The chunk's condition held, the outcome just written.) As ``Future.set_result`` and
+        ``set_running_or_notify_cancel`` tell the standard library's waiters."""
+        waiters = getattr(self, "_w", None)
+        if not waiters:
+            return
+        error = self._chunk._errors.get(self._i)
+        for waiter in waiters:
+            if error is None:
+                waiter.add_result(self)
+            elif type(error) is TaskCancelled:
+                waiter.add_cancelled(self)
+            else:
+                waiter.add_exception(self)
+
+    def _run_callbacks(self) -> None:
+        """(No lock held.) Run the callbacks added before the outcome came, on the driver's
+        callback thread if this is its I/O thread (see :class:`~zdq.futures.CallbackRunner`)."""
+        callbacks = getattr(self, "_cb", None)
+        if not callbacks:
+            return
+        del self._cb
+        runner = getattr(_io_thread, "runner", None)
+        for fn in callbacks:
+            if runner is not None:
+                runner.submit(fn, self)
+                continue
+            try:
+                fn(self)
+            except Exception:
+                logger.exception("exception calling callback for %r", self)
+
+    def _invoke_callbacks(self) -> None:
+        self._run_callbacks()
+
+    # -- settling by hand (the chunk is settled by its driver) -----------------------------------
+    def _settle(self, value: Any, error: BaseException | None) -> None:
+        chunk = self._chunk
+        if chunk._settled[self._i]:
+            raise concurrent.futures.InvalidStateError(f"{self!r} is done already")
+        chunk._fill(self._i, [value], {} if error is None else {0: error})  # callbacks: outside its lock
+
+    def set_result(self, result: Any) -> None:
+        self._settle(result, None)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        self._settle(None, exception)
+
+    def set_running_or_notify_cancel(self) -> bool:
+        if self.cancelled():
+            return False
+        if self.done():
+            raise RuntimeError(f"{self!r} is done already")
+        return True
 
 
 def map_futures(first: int, n: int, hint: Any, driver: Any) -> list[MapFuture]:
-    """The futures of tasks ``first .. first+n`` (one chunk of a map), sharing one condition."""
-    condition = threading.Condition()
-    return [MapFuture(key, condition, hint, driver) for key in range(first, first + n)]
+    """The futures of tasks ``first .. first+n`` (one chunk of a map: a :class:`MapChunk`)."""
+    return MapChunk(first, n, hint, driver).futures()
 
 
 class ResultWindow:
@@ -388,21 +603,30 @@ class ResultWindow:
             self._cancel(left, wait)
 
     def __iter__(self) -> Iterator[Any]:
-        return self._results()
+        return _Results.of(self._runs())
 
-    def _results(self) -> Iterator[Any]:
+    def _runs(self) -> Iterator[Iterator[Any]]:
+        """The runs of results in order, each an iterator that hands them out; a task's error is
+        raised when the run before it has been handed out."""
         slices = self._slices
+        values: list[Any] = []
+        count = itertools.repeat(-1, 0)
         try:
             while slices:
                 values, error = self._take()
                 # Handed out from a list emptied as it goes: a suspended iterator holds no result
                 # it has yielded (popped in C, the values are not copied once more).
                 values.reverse()
-                yield from map(values.pop, itertools.repeat(-1, len(values)))
+                count = itertools.repeat(-1, len(values))
+                yield map(values.pop, count)
                 if error is not None:
                     raise error
         except GeneratorExit:
-            self._cancel_left(wait=True)  # closed: what has not started is cancelled on return
+            # Closed: the run being handed out ends too (as a closed generator gives nothing more),
+            # and what has not started is cancelled on return.
+            collections.deque(count, 0)
+            values.clear()
+            self._cancel_left(wait=True)
             raise
         except BaseException:
             # A timeout, a task's error, a shutdown: raised at once, not after a silent queue's answer.
@@ -411,6 +635,26 @@ class ResultWindow:
         finally:
             self._cancel_left()
             self._submit = None
+
+
+class _Results(itertools.chain):  # type: ignore[type-arg]
+    """A map's results: a chain over the runs that :meth:`ResultWindow._runs` yields, so that each
+    result is handed out in C (the generator is resumed once a run, not once a result, as
+    ``yield from`` would). ``close()`` closes the generator, as a generator's own does: what is
+    left is cancelled (as when it is dropped)."""
+
+    __slots__ = ("_runs",)
+
+    _runs: Iterator[Iterator[Any]]
+
+    @classmethod
+    def of(cls, runs: Iterator[Iterator[Any]]) -> _Results:
+        results: _Results = cls.from_iterable(runs)  # type: ignore[assignment]
+        results._runs = runs
+        return results
+
+    def close(self) -> None:
+        self._runs.close()  # type: ignore[attr-defined]
 
 
 def cancel_slices(slices: Iterable[Slice], wait: bool = True) -> None:
@@ -440,11 +684,13 @@ def span_runs(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return runs
 
 
-def cancel_many(futures: Iterable[concurrent.futures.Future[Any]]) -> None:
-    """Cancel the unfinished ``futures``: zdq task and batch futures by runs of consecutive ids,
-    one request to their driver per run (each ``TaskFuture.cancel()`` is a round trip to its
-    queue); any other future (a standard library one) by its own ``cancel()``."""
+def _cancel_requests(
+    futures: Iterable[concurrent.futures.Future[Any]],
+) -> tuple[list[tuple[Any, list[tuple[int, int]]]], list[concurrent.futures.Future[Any]]]:
+    """The unfinished ``futures``: zdq task and batch futures as spans of task ids by driver
+    (one request per merged run), and the others (standard library ones, held calls) apart."""
     by_driver: dict[int, tuple[Any, list[tuple[int, int]]]] = {}
+    others: list[concurrent.futures.Future[Any]] = []
     for fut in futures:
         if fut.done():
             continue
@@ -456,10 +702,47 @@ def cancel_many(futures: Iterable[concurrent.futures.Future[Any]]) -> None:
         elif driver is not None and isinstance(keys, range):
             by_driver.setdefault(id(driver), (driver, []))[1].append((keys.start, len(keys)))
         else:
-            fut.cancel()
-    for driver, spans in by_driver.values():
+            others.append(fut)
+    return list(by_driver.values()), others
+
+
+def _ask_cancel(
+    requests: list[tuple[Any, list[tuple[int, int]]]], others: list[concurrent.futures.Future[Any]]
+) -> None:
+    for fut in others:
+        fut.cancel()
+    for driver, spans in requests:
         for first, n in span_runs(spans):
             try:
                 driver.cancel(first, n)
             except ZdqError as e:  # a closed pool: its futures failed already, nothing runs
                 logger.debug("cancelling tasks %d..%d: %s", first, first + n - 1, e)
+
+
+def cancel_many(futures: Iterable[concurrent.futures.Future[Any]]) -> None:
+    """Cancel the unfinished ``futures``: zdq task and batch futures by runs of consecutive ids,
+    one request to their driver per run (each ``TaskFuture.cancel()`` is a round trip to its
+    queue); any other future (a standard library one) by its own ``cancel()``."""
+    _ask_cancel(*_cancel_requests(futures))
+
+
+def cancel_at_once(futures: Iterable[concurrent.futures.Future[Any]]) -> Callable[[], None]:
+    """Mark the unfinished zdq task, batch and map futures among ``futures`` cancelled here and
+    now, without waiting for their queues (``shutdown(wait=False, cancel_futures=True)``: they
+    read cancelled when it returns); return what asks their queues (and cancels the other
+    futures, held calls among them), to run on a thread: its waits are bounded, but a silent
+    queue would make them long. A task that had started when this came still runs to its end;
+    its future reads cancelled (zdq futures never read running), its result is dropped."""
+    futures = list(futures)
+    requests, others = _cancel_requests(futures)
+    for fut in futures:
+        if fut.done():
+            continue
+        if isinstance(fut, BatchFuture):  # a map's slice or chunk: every position without an outcome
+            fut._fail(0, len(fut.keys), TaskCancelled("cancelled by the executor's shutdown before it finished"))
+        elif isinstance(fut, MapFuture):
+            fut._chunk._fail(fut._i, 1, TaskCancelled(f"task {fut.key} was cancelled before it finished"))
+        elif type(fut) is TaskFuture:
+            concurrent.futures.Future.cancel(fut)
+            notify_cancelled(fut)  # concurrent.futures.wait() and as_completed() see it done
+    return functools.partial(_ask_cancel, requests, others)
