@@ -127,7 +127,7 @@ def test_a_result_timeout_gives_the_sockets_back_and_the_result_still_comes(harn
     h.submit(add, 0, 0).result(timeout=10)
     slow = _lone(h, sleep_return, "slow", 1.0)
     started = time.monotonic()
-    with pytest.raises(concurrent.futures.TimeoutError):
+    with pytest.raises(concurrent.futures.TimeoutError, match=r"within 0\.2s"):  # the timeout given, not what was left
         slow.result(timeout=0.2)
     assert time.monotonic() - started < 1.0, "result(timeout=0.2) overran its timeout"
     # Another thread's task goes through the I/O thread, which has the sockets back.

@@ -396,8 +396,13 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
                 raise error
 
     def result(self, timeout: float | None = None) -> Any:
+        return self._wait_result(timeout, timeout)
+
+    def _wait_result(self, wait: float | None, timeout: float | None) -> Any:
+        """Wait ``wait`` seconds for the result; a timeout's error names ``timeout``, the
+        caller's (the wait may be what is left of it)."""
         try:
-            return self._looking(super().result, timeout)
+            return self._looking(super().result, wait)
         except concurrent.futures.TimeoutError:
             if self.done():
                 raise  # the task's own error (a TaskTimeout, a TimeoutError it raised), as it is
@@ -452,12 +457,11 @@ class TaskFuture(_Awaitable):
 
     def result(self, timeout: float | None = None) -> Any:
         lender = self._lender
-        if lender is not None and not self.done():
-            deadline = math.inf if timeout is None else time.monotonic() + timeout
-            lender.serve_until(self, deadline)
-            if timeout is not None and not self.done():
-                timeout = max(0.0, deadline - time.monotonic())
-        return super().result(timeout)
+        if lender is None or self.done():
+            return self._wait_result(timeout, timeout)
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        lender.serve_until(self, deadline)
+        return self._wait_result(None if timeout is None else max(0.0, deadline - time.monotonic()), timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         reclaim_for(self)
