@@ -97,3 +97,62 @@ def test_the_environment_runs_with_lmdbs_crash_safe_flags_and_acknowledgements_r
         assert relaxed._env is not None and not relaxed._env.flags()["sync"]
     finally:
         relaxed.close()
+
+
+def _held(s: LMDBStorage) -> bool:
+    return bool(s._pending or s._marks)
+
+
+def test_acknowledgements_alone_wait_for_the_next_chunks_transaction_and_anything_else_goes_within_50_ms(
+    tmp_path: Path,
+) -> None:
+    """Issue 26, point 5: an acknowledgement alone is not worth a synced commit of its own while
+    chunks keep arriving (their transaction carries it, at no flush of its own); it is written
+    within _ACK_DELAY all the same, at once when forced, and whatever else is held (a lease mark,
+    a dead letter) keeps the 50 ms bound and takes the acknowledgements with it."""
+    from zdq.storage import lmdb as zl
+
+    s = LMDBStorage(str(tmp_path / "q"))
+    s.open()
+    try:
+        ids = s.put_many([(_meta(i), b"chunk") for i in range(4)])
+        for _ in range(3):
+            assert s.lease() is not None
+        s.ack_many([ids[0]])
+        s._pending_since -= zl._PENDING_DELAY + 0.01
+        s.commit()
+        assert not _held(s), "lease marks (and the acknowledgement with them) go within the short delay"
+
+        s.ack_many([ids[1]])
+        s._pending_since -= zl._PENDING_DELAY + 0.01
+        s.commit()
+        assert s._pending == [("delete", ids[1], "")], "an acknowledgement alone waits longer"
+        s.put_many([(_meta(9), b"chunk")])
+        assert not _held(s), "the next chunks' transaction carries it"
+
+        s.ack_many([ids[2]])
+        s._pending_since -= zl._ACK_DELAY + 0.01
+        s.commit()
+        assert not _held(s), "written within _ACK_DELAY all the same"
+
+        leased = s.lease()
+        assert leased is not None and leased.chunk_id == ids[3]
+        s.dead_letter(leased.chunk_id, "poison")
+        s._pending_since -= zl._PENDING_DELAY + 0.01
+        s.commit()
+        assert not _held(s), "a dead letter keeps the short delay"
+
+        last = s.lease()
+        assert last is not None
+        s.commit(force=True)
+        s.ack_many([last.chunk_id])
+        s.commit(force=True)
+        assert not _held(s), "forced: written now"
+    finally:
+        s.close()
+    s = LMDBStorage(str(tmp_path / "q"))
+    s.open()
+    try:
+        assert s.counts().ready_chunks == 0 and s.counts().dead_chunks == 1
+    finally:
+        s.close()
