@@ -600,10 +600,6 @@ class BrokerCore:
                 return
         # A Put's fields after its chunk are a ChunkMeta's after owner, seq and n_tasks, in order.
         entries = [(ChunkMeta(ident, put.seq, put.n_tasks, *put[3:]), put.chunk) for ident, put in puts]
-        if self._durable:
-            # The commit below holds the loop for a flush: the round's credit takes the chunks
-            # stored before (committed already) first, so consumers do not wait through it.
-            self._chunks_out.run(time.monotonic())
         status, detail = p.Status.STORED, b""
         try:
             ids = self._leases.put(entries)

@@ -27,10 +27,8 @@ a power loss leaves it consistent and keeps every committed transaction.
 :meth:`LMDBStorage._write` commits every chunk of a broker round in one transaction before it
 returns, so the broker confirms only what is on disk. The other writes (acknowledgements, lease and
 dead-letter marks) are held back and written together: with the next chunks, or by
-:meth:`LMDBStorage.commit` once the oldest has waited ``_PENDING_DELAY`` (``_ACK_DELAY`` when
-only acknowledgements are held: while chunks flow, their transactions carry them, and the broker's
-loop does not stop for a flush of their own). Losing them in a crash only re-runs acknowledged
-work (at least once); it never loses a chunk. With ``sync=False`` LMDB
+:meth:`LMDBStorage.commit` once the oldest has waited ``_PENDING_DELAY``. Losing them in a crash
+only re-runs acknowledged work (at least once); it never loses a chunk. With ``sync=False`` LMDB
 does not flush at all: a killed process loses nothing (the data is in the OS page cache), but an
 OS crash may lose recent chunks or leave the environment corrupt. Freed pages are reused, so
 draining a queue does not grow its file.
@@ -75,11 +73,6 @@ _MAX_GROWTH = 64 << 30
 #: pending, to be written in one synced transaction: a flush costs the same for one or a thousand.
 _PENDING_DELAY = 0.05
 _PENDING_MAX = 4096
-#: Acknowledgements alone (no lease mark, dead letter, kept results... with them) wait longer for
-#: the next chunks' transaction to carry them: a synced commit of their own blocks the broker's
-#: loop for a flush (0.5 ms on a quiet disk, tens of ms on a busy one) just when a driver's next
-#: batch tends to arrive. Losing them only runs acknowledged chunks again after a crash.
-_ACK_DELAY = 1.0
 
 
 def _key(chunk_id: int) -> bytes:
@@ -174,7 +167,6 @@ class LMDBStorage(Storage):
         # Bookkeeping held back for the next transaction: (op, chunk id, reason or kept results).
         self._pending: list[tuple[str, int, Any]] = []
         self._pending_since = 0.0
-        self._urgent = False  # something other than acknowledgements is held (see _ACK_DELAY)
         self._leased_at_open: list[int] = []  # chunks leased when the queue was opened (cancellations)
         self._journal_fd: int | None = None  # the lease journal, open for appending
         self._journaled = False  # something was appended since the last truncation
@@ -379,8 +371,6 @@ class LMDBStorage(Storage):
     def _hold(self, op: str, chunk_id: int, reason: Any = "") -> None:
         if not self._pending_since:
             self._pending_since = time.monotonic()
-        if op != "delete":
-            self._urgent = True
         self._pending.append((op, chunk_id, reason))
 
     def _apply_pending(self, txn: lmdb.Transaction) -> None:
@@ -421,8 +411,7 @@ class LMDBStorage(Storage):
         now = time.monotonic()
         if not self._pending_since:
             self._pending_since = now
-        delay = _PENDING_DELAY if self._urgent or self._marks else _ACK_DELAY
-        if not force and len(self._pending) + len(self._marks) < _PENDING_MAX and now - self._pending_since < delay:
+        if not force and len(self._pending) + len(self._marks) < _PENDING_MAX and now - self._pending_since < _PENDING_DELAY:
             return
         try:
             with self._env.begin(write=True) as txn:
@@ -436,7 +425,6 @@ class LMDBStorage(Storage):
         """What was held back is committed (lease marks included): forget it."""
         self._pending.clear()
         self._pending_since = 0.0
-        self._urgent = False
         self._marks.clear()
         self._truncate_journal()
 
