@@ -6,7 +6,8 @@ consumers, chunks of 1,000 no-ops), RUNS batches of N tasks, with the workers' c
 (``client.run``) to count:
 
 - ``commits`` (a durable pool): synced commits that store chunks (``LMDBStorage._write``) and
-  those of held bookkeeping alone (``LMDBStorage.commit``), the broker loop's wall time inside each
+  those of held bookkeeping alone (``LMDBStorage.commit``), the explicit meta-page flushes of a
+  tree with one flush a commit (``LMDBStorage._sync_meta``, design 2; none before), the broker loop's wall time inside each
   (it does nothing else meanwhile), and the broker threads' CPU (``/proc/PID/task/TID/stat``,
   10 ms ticks). One JSON line.
 - ``wire`` (a transient pool, CurveZMQ on): messages and bytes (frames before encryption) by type:
@@ -58,6 +59,15 @@ def install_commits() -> None:
             _add(counts, "own_commits", 1, time.perf_counter() - start)
 
     zl.LMDBStorage._write, zl.LMDBStorage.commit = timed_write, timed_commit
+    sync_meta = getattr(zl.LMDBStorage, "_sync_meta", None)
+    if sync_meta is not None:  # a tree with one flush a commit (design 2): its explicit meta flushes
+
+        def timed_sync_meta(self: Any) -> None:
+            start = time.perf_counter()
+            sync_meta(self)
+            _add(counts, "meta_flushes", 1, time.perf_counter() - start)
+
+        zl.LMDBStorage._sync_meta = timed_sync_meta
 
 
 def install_wire() -> None:
@@ -136,6 +146,7 @@ def main() -> None:
     if mode == "commits":
         puts, stored, put_s = total.get("put_commits", [0, 0, 0.0])
         own, own_s = total.get("own_commits", [0, 0.0])
+        metas, metas_s = total.get("meta_flushes", [0, 0.0])
         print(
             json.dumps(
                 {
@@ -145,6 +156,9 @@ def main() -> None:
                     "own_commits_per_100_chunks": round(100 * own / chunks, 2),
                     "loop_in_put_commits_us_per_chunk": round(1e6 * put_s / chunks, 1),
                     "loop_in_own_commits_us_per_chunk": round(1e6 * own_s / chunks, 1),
+                    # design 2 only (0 before): env.sync(True) on its own, the loop blocked in it
+                    "meta_flushes_per_100_chunks": round(100 * metas / chunks, 2),
+                    "loop_in_meta_flushes_us_per_chunk": round(1e6 * metas_s / chunks, 1),
                     "broker_cpu_us_per_chunk": round(1e6 * total["cpu"][0] / chunks, 1),
                 }
             )
