@@ -49,7 +49,6 @@ from zdq.config import PoolSettings
 from zdq.errors import ProtocolError, StorageError, StorageFull
 from zdq.names import unnamed_peer
 from zdq.stats import ROUND_TRIP_BOUNDS, BrokerStats
-from zdq.broker.confirms import Unflushed
 from zdq.broker.counters import BrokerCounters
 from zdq.broker.dispatch import Dispatch
 from zdq.broker.expiry import ExpiryWatch
@@ -148,8 +147,6 @@ class BrokerCore:
         # CONFIRMs held back, by (driver, seq): the chunk id to confirm.
         self._confirms: dict[tuple[bytes, int], int] = {}
         self._confirm_due = math.inf
-        # A durable queue's CONFIRMs whose chunks' commit is not on disk yet (see zdq.broker.confirms).
-        self._unflushed = Unflushed(_CONFIRM_DELAY)
         self._routing = ResultRouting(
             self._leases,
             self._peers,
@@ -320,12 +317,9 @@ class BrokerCore:
         schedules = self._schedules
         expiry = self._expiry
         rates = self._rates
-        unflushed = self._unflushed
         try:
             while not self._stop.is_set():
                 due = min(next_beat, self._confirm_due) if self._confirms else next_beat
-                if unflushed.held and unflushed.due < due:
-                    due = unflushed.due
                 # Wall clock; inf when no chunk is delayed and none carries an expiry.
                 release = min(storage.next_release, expiry.next_at)
                 if release < math.inf:
@@ -348,9 +342,6 @@ class BrokerCore:
                 if expiry.next_at <= time.time():
                     with self._lock:
                         self._expire_due(now)
-                if unflushed.held and (now >= unflushed.due or unflushed.covered(storage.flushed)):
-                    with self._lock:
-                        self._cover_unflushed()
                 if self._confirms and (now >= self._confirm_due or len(self._confirms) >= _CONFIRM_BATCH):
                     with self._lock:
                         self._send_confirms()
@@ -621,9 +612,10 @@ class BrokerCore:
         if status is p.Status.STORED:
             self.counters.chunks_stored += len(puts)
             self.counters.tasks_stored += sum(put.n_tasks for _, put in puts)
-            held = self._held_confirms()
+            if not self._confirms:
+                self._confirm_due = time.monotonic() + _CONFIRM_DELAY
             for (ident, put), chunk_id in zip(puts, ids):
-                held[(ident, put.seq)] = chunk_id
+                self._confirms[(ident, put.seq)] = chunk_id
                 if put.expires:
                     self._expiry.add(chunk_id, put.expires)
             if unique:
@@ -635,45 +627,8 @@ class BrokerCore:
             for ident, put in puts:
                 self._send(ident, p.Confirm(put.seq, 0, status, detail))
 
-    def _held_confirms(self) -> dict[tuple[bytes, int], int]:
-        """Where the CONFIRMs of the chunks just committed wait: with those sent after the hold-back
-        if their commit is on disk (always, but for a durable queue's synced storage), else with
-        the unflushed ones until a later flush covers it (see :mod:`zdq.broker.confirms`)."""
-        storage = self._storage
-        now = time.monotonic()
-        if storage.flushed >= storage.committed:
-            if not self._confirms:
-                self._confirm_due = now + _CONFIRM_DELAY
-            return self._confirms
-        unflushed = self._unflushed
-        if unflushed.held and unflushed.covered(storage.flushed):  # this round's commit flushed theirs
-            self._release_unflushed()
-        return unflushed.hold(storage.committed, now)
-
-    def _cover_unflushed(self) -> None:
-        """The unflushed CONFIRMs' commit is on disk, or they waited long enough: flush it if no
-        commit did, and move them to the CONFIRMs to send. If the flush fails they wait (the chunks
-        are stored, not yet confirmed: their drivers keep them) and it is tried again later."""
-        unflushed, storage = self._unflushed, self._storage
-        if not unflushed.covered(storage.flushed):
-            try:
-                storage.flush()
-            except StorageError as e:
-                logger.error("broker %s: %d chunks stay unconfirmed: %s", self.name, len(unflushed.held), e)
-                unflushed.due = time.monotonic() + 0.1
-                return
-        self._release_unflushed()
-
-    def _release_unflushed(self) -> None:
-        """On disk: they join the CONFIRMs held back, sent by the batch limit or by their own hold-back
-        counted from when they were stored."""
-        held, since = self._unflushed.take()
-        due = since + _CONFIRM_DELAY
-        self._confirm_due = min(self._confirm_due, due) if self._confirms else due
-        self._confirms.update(held)
-
     def _send_confirms(self) -> None:
-        # Only chunks whose commit is on disk are here (see _held_confirms): confirming them is safe.
+        # The chunks were committed in their round (group commit): confirming them now is safe.
         # One message per driver: a CONFIRMS for several (one send here, one receive, decode and
         # wake of its submitter there, instead of one per chunk), a plain CONFIRM for one.
         by_driver: dict[bytes, tuple[list[int], list[int]]] = {}
@@ -732,8 +687,6 @@ class BrokerCore:
         """RESULTS went to the chunk's driver: they confirm it, its CONFIRM need not go."""
         if self._confirms:
             self._confirms.pop((driver, seq), None)
-        if self._unflushed.held:
-            self._unflushed.held.pop((driver, seq), None)
 
     # -- expiry (see zdq.broker.expiry) ---------------------------------------------------------
     def _expire_due(self, now: float) -> None:
@@ -794,8 +747,6 @@ class BrokerCore:
         self._storage.commit()
 
     def _farewell(self) -> None:
-        if self._unflushed.held:
-            self._cover_unflushed()
         self._send_confirms()
         for ident, peer in list(self._peers.items()):
             if peer.gone:

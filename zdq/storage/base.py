@@ -621,18 +621,6 @@ class Storage(ABC):
     def write_setting(self, name: bytes, value: bytes) -> None:
         """Keep ``value`` with the queue under ``name`` (replacing what was there; written now)."""
 
-    #: Commits that an OS crash can undo (a durable backend whose last commit's meta page is not
-    #: flushed yet: :mod:`zdq.storage.lmdb`): the number of the last commit that stored chunks, and
-    #: of the last one known to be on disk. A chunk stored in commit ``n`` is durable once
-    #: ``flushed >= n``. Left at 0 by backends for which committed is as good as flushed (memory;
-    #: LMDB without ``sync``, whose promise is only to survive a killed process).
-    committed: int = 0
-    flushed: int = 0
-
-    def flush(self) -> None:
-        """Put every commit on disk now (``flushed`` reaches ``committed``). Raises
-        ``StorageError``."""
-
     def commit(self, *, force: bool = False) -> None:
         """Write the bookkeeping that may lag (acknowledgements, lease and dead-letter marks).
 

@@ -21,28 +21,11 @@ lease marks were last committed: appended before each DELIVER, truncated at each
 ``leased``) when the queue is opened again, so that a broker killed before committing its lease
 marks still tells its successor which chunks may have started.
 
-Durability: the environment runs with LMDB's ``sync`` flag and ``metasync`` off: each commit
-flushes its data pages (one ``fdatasync`` of ``data.mdb``), then writes its meta page (the page that
-names the new tree) into the page cache without flushing it. LMDB documents this mode
-(``MDB_NOMETASYNC``) as keeping the environment consistent through an OS crash while "a system crash
-may undo the last committed transaction": the meta page goes to disk with the next commit's flush
-(an ``fdatasync`` of the same file writes every dirty page of it, the earlier meta page included) or
-with :meth:`LMDBStorage.flush` (``env.sync(True)``). So one flush a commit instead of two, and:
-
-- a process killed (SIGKILL) loses no committed transaction: what it wrote is in the page cache,
-  which outlives it;
-- an OS crash or power loss undoes at most the last commit, never an earlier one, and never leaves
-  the environment inconsistent (its data pages were flushed before its meta page was written).
-
-Commits are numbered by LMDB's transaction id: :attr:`LMDBStorage.committed` is the last commit
-that stored chunks, :attr:`LMDBStorage.flushed` the last one known to be on disk with its meta
-page. The broker confirms a round's chunks only once ``flushed`` reaches the round's commit (the
-next commit's flush, or an explicit :meth:`~LMDBStorage.flush` within a few ms:
-:class:`zdq.broker.confirms.Unflushed`), so a commit that an OS crash may undo holds only chunks
-not yet confirmed. Writes that promise durability on their own (a forced :meth:`LMDBStorage.commit`:
-cancellation marks, schedules, early acknowledgements; settings; the open) flush their meta page
-before they return, as before. :meth:`LMDBStorage._write` commits every chunk of a broker round in
-one transaction before it returns. The other writes (acknowledgements, lease and
+Durability: the environment runs with LMDB's own crash-safe flags (``sync`` and ``metasync``:
+every commit flushes its data pages, then its meta page, to disk), so an operating-system crash or
+a power loss leaves it consistent and keeps every committed transaction.
+:meth:`LMDBStorage._write` commits every chunk of a broker round in one transaction before it
+returns, so the broker confirms only what is on disk. The other writes (acknowledgements, lease and
 dead-letter marks) are held back and written together: with the next chunks, or by
 :meth:`LMDBStorage.commit` once the oldest has waited ``_PENDING_DELAY``. Losing them in a crash
 only re-runs acknowledged work (at least once); it never loses a chunk. With ``sync=False`` LMDB
@@ -187,7 +170,6 @@ class LMDBStorage(Storage):
         self._leased_at_open: list[int] = []  # chunks leased when the queue was opened (cancellations)
         self._journal_fd: int | None = None  # the lease journal, open for appending
         self._journaled = False  # something was appended since the last truncation
-        self._last_txnid = 0  # LMDB's id of the last commit seen (see _note_commit)
 
     # -- opening --------------------------------------------------------------------------------
     def open(self) -> None:
@@ -203,7 +185,7 @@ class LMDBStorage(Storage):
                 subdir=True,
                 create=not existed,
                 sync=self._sync,  # crash-safe commits (see the module docstring)
-                metasync=False,  # the meta page rides the next flush; see "Durability" above
+                metasync=self._sync,
                 readahead=False,
                 lock=True,
             )
@@ -222,9 +204,7 @@ class LMDBStorage(Storage):
                 _mark_started(txn, self._dbs, self._leased_at_open)
                 txn.drop(self._dbs[b"leased"], delete=False)  # a new owner: every lease is void
             self._journal_fd = os.open(self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-            self._last_txnid = self._env.info()["last_txnid"]
             if self._sync:
-                self._sync_meta()
                 _sync_dirs(self.path, made)
         except lmdb.Error as e:
             self._release()
@@ -321,8 +301,6 @@ class LMDBStorage(Storage):
                         txn.put(key, meta.pack(), db=heads, append=True)
                         if dead and chunk_id in dead:
                             txn.put(key, dead[chunk_id].encode()[:65536], db=dead_db)
-                if self._sync:
-                    self.committed = self._note_commit()
                 self._written()
                 return
             except lmdb.MapFullError:
@@ -382,16 +360,12 @@ class LMDBStorage(Storage):
             if value is None and default is not None:
                 txn.put(name, default, db=meta)
                 value = default
-        if default is not None and self._sync:
-            self._sync_meta()
         return value
 
     def write_setting(self, name: bytes, value: bytes) -> None:
         assert self._env is not None
         with self._env.begin(write=True) as txn:
             txn.put(name, value, db=self._dbs[b"meta"])
-        if self._sync:
-            self._sync_meta()
 
     # -- bookkeeping, held back and written together ---------------------------------------------
     def _hold(self, op: str, chunk_id: int, reason: Any = "") -> None:
@@ -442,42 +416,10 @@ class LMDBStorage(Storage):
         try:
             with self._env.begin(write=True) as txn:
                 self._apply_pending(txn)
-            if self._sync:
-                self._note_commit()
-                if force:  # its callers promise what they forced to survive an OS crash
-                    self._sync_meta()
         except lmdb.Error as e:  # kept for the next try; nothing is lost but time
             logger.warning("queue %s: acknowledgements not written yet: %s", self.name, e)
             return
         self._written()
-
-    # -- flushes: which commits an OS crash can no longer undo -----------------------------------
-    def _note_commit(self) -> int:
-        """After a write transaction of this (synced) environment: LMDB's id of the last commit.
-        A commit that wrote something (its id moved: an empty one writes nothing) flushed its data
-        pages, and with them every earlier commit's meta page: all commits before it are on disk."""
-        assert self._env is not None
-        txnid: int = self._env.info()["last_txnid"]
-        if txnid != self._last_txnid:
-            self._last_txnid = txnid
-            self.flushed = max(self.flushed, txnid - 1)
-        return txnid
-
-    def _sync_meta(self) -> None:
-        """Flush what is committed, the last meta page included (``env.sync(True)``: one
-        ``fdatasync``); every commit so far survives an OS crash. Raises ``lmdb.Error``."""
-        assert self._env is not None
-        self._env.sync(True)
-        self._last_txnid = self._env.info()["last_txnid"]
-        self.flushed = self._last_txnid
-
-    def flush(self) -> None:
-        if not self._sync or self._env is None or self.flushed >= self.committed:
-            return
-        try:
-            self._sync_meta()
-        except lmdb.Error as e:
-            raise StorageError(f"queue {self.path}: cannot flush its last commit to disk: {e}") from e
 
     def _written(self) -> None:
         """What was held back is committed (lease marks included): forget it."""
