@@ -1,11 +1,11 @@
-"""A durable queue confirms a chunk only once its commit is on disk (issue 26, point 5, design 2).
+"""A durable queue confirms a chunk only once its commit is on disk (issue 26, point 5).
 
-The storage flushes each commit once (``metasync`` off: :mod:`zdq.storage.lmdb`, "Durability"), and
-the broker holds a round's CONFIRMs until a later flush has covered that round's meta page
-(:mod:`zdq.broker.confirms`). A broker SIGKILLed right after its driver saw the last CONFIRM must
-have lost none of the confirmed chunks: the queue's directory, read after the kill without its
-broker, holds every one of them, and the broker placed again serves them. Real LocalCluster
-workers, real signals, real LMDB directories.
+A regression guard for any change to the durable commit and confirm path (design 2 of point 5,
+one flush a commit with the CONFIRMs held until a later flush covers the commit, was built against
+it and reverted for want of a gain: benchmarks/RESULTS.md). A broker SIGKILLed right after its
+driver saw the last CONFIRM must have lost none of the confirmed chunks: the queue's directory,
+read after the kill without its broker, holds every one of them, and the broker placed again
+serves them. Real LocalCluster workers, real signals, real LMDB directories.
 """
 
 from __future__ import annotations
