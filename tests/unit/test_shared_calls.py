@@ -209,7 +209,7 @@ def _cancelling_in_block(x: int) -> int:
 def test_a_task_in_a_running_block_counts_as_started() -> None:
     sent: list[tuple[int, p.Message]] = []
     _NOW.update(runner=_runner(sent), answers=[])
-    _NOW["runner"]._block = 32  # as after fast chunks: tasks 0-31 in the first block
+    _NOW["runner"]._blocks[id(_cancelling_in_block)] = 32  # as after its fast chunks: tasks 0-31 in the first block
     values, errors = _run(_NOW["runner"], sent, 8, [(_cancelling_in_block, x) for x in range(50)])
     assert _NOW["answers"] == [[40]]
     assert values[11] == 11 and list(errors) == [40]
@@ -236,3 +236,40 @@ def test_a_lazily_decoded_shared_chunk_is_empty_until_filled() -> None:
     entries[3] = ("placeholder",)
     entries.fill()  # once only: what was written stays
     assert entries.filled and entries[3] == ("placeholder",) and entries[4] == (add, 4)
+
+
+def _stops_at(x: int) -> int:
+    if x in (2, 40):
+        next(iter(()))  # a StopIteration, as a task's own bug raises it
+    return x
+
+
+def test_a_task_raising_stop_iteration_fails_alone_and_the_results_after_it_keep_their_places() -> None:
+    """``map`` would take a task's StopIteration for the end of its block (review: task 2 counted
+    done with None, the results after it shifted, the chunk's DONE short and its batch hung)."""
+    sent: list[tuple[int, p.Message]] = []
+    runner = _runner(sent)
+    for chunk_id, block in ((11, 1), (12, 64)):  # growing blocks from one; the chunk in one block
+        runner._blocks[id(_stops_at)] = block
+        values, errors = _run(runner, sent, chunk_id, [(_stops_at, x) for x in range(50)])
+        assert sorted(errors) == [2, 40], errors
+        assert all(e.type_name == "builtins.StopIteration" for e in errors.values()), errors
+        assert "_stops_at" in errors[2].traceback  # the task's own traceback, not the generator's
+        assert len(values) == 50 and [v for i, v in enumerate(values) if i not in (2, 40)] == [x for x in range(50) if x not in (2, 40)]
+
+
+def _slow_after_fast(x: int) -> int:
+    if x == 0:
+        _NOW["answers"].append(_NOW["runner"].cancel(13, (5, 29)))
+    return x
+
+
+def test_the_block_size_learned_from_one_function_is_not_used_for_another() -> None:
+    """Blocks of 32 learned from fast no-ops must not make the first block of another
+    function's chunk (review: a cancel then found a whole chunk of slow tasks "started")."""
+    sent: list[tuple[int, p.Message]] = []
+    _NOW.update(runner=_runner(sent), answers=[])
+    _NOW["runner"]._blocks[id(add)] = 1 << 16
+    values, errors = _run(_NOW["runner"], sent, 13, [(_slow_after_fast, x) for x in range(30)])
+    assert _NOW["answers"] == [[5, 29]]  # task 0 ran alone: the rest had not started
+    assert sorted(errors) == [5, 29]

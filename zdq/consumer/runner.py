@@ -32,7 +32,7 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,7 +129,26 @@ def _with_limit(options: TaskOptions, defaults: TaskOptions) -> TaskOptions:
 
 #: A block of shared calls (:meth:`Runner._run_shared`) doubles while it runs in less than this,
 #: up to ``_BLOCK_MOST`` tasks; one slower falls back to a block of one task.
-_BLOCK_SECONDS, _BLOCK_MOST = 0.001, 1 << 16
+_BLOCK_SECONDS, _BLOCK_MOST, _BLOCKS_KEPT = 0.001, 1 << 16, 256
+
+
+def _calls(fn: Callable[..., Any], columns: list[list[Any]]) -> Iterator[Any]:
+    """The calls of one block, lazily, for ``list.extend``: a generator, not ``map``, because a
+    ``StopIteration`` that ``fn`` raises would end a ``map`` as if the block were over (its task
+    counted done, the results after it shifted); out of a generator it comes as a
+    ``RuntimeError`` caused by it (PEP 479), which :func:`_raised` unwraps."""
+    if len(columns) == 1:
+        return (fn(a) for a in columns[0])
+    return (fn(*a) for a in zip(*columns))
+
+
+def _raised(e: BaseException) -> BaseException:
+    """What a task of :func:`_calls` raised: the ``StopIteration`` itself where the generator
+    turned it into a ``RuntimeError``."""
+    cause = e.__cause__
+    if type(e) is RuntimeError and isinstance(cause, StopIteration) and e.args == ("generator raised StopIteration",):
+        return cause
+    return e
 
 
 class _ChunkRun:
@@ -331,7 +350,7 @@ class Runner:
         # The child processes of tasks with a hard time limit (none until the first such task).
         self.children = Children(name)
         self._careful = self._run_careful  # bound once: chunk loops call it on failures
-        self._block = 1  # tasks in the next block of shared calls (see _run_shared)
+        self._blocks: dict[int, int] = {}  # tasks in the next block of shared calls, by function (see _run_shared)
         self._post = post
         self._stop = stop
         self._fetching = fetching
@@ -554,11 +573,15 @@ class Runner:
         A block's tasks count as started when it starts (``run.block_end``, under ``run.lock``):
         a cancellation of one of them finds it started; one of a later task puts its placeholder
         in ``tasks`` and the rest of the chunk runs task by task, the usual way. A block is as
-        many tasks as ran in under ``_BLOCK_SECONDS`` last time (one, after a slower block), so
-        a cancellation finds started only tasks that would have started that soon anyway. A
-        task that raises takes the careful path (retries, dead letters), alone."""
+        many tasks of the same function as ran in under ``_BLOCK_SECONDS`` last time (one for a
+        function not seen yet, and after a slower block), so a cancellation finds started only
+        tasks that would have started that soon anyway; the size is kept per function, so fast
+        chunks of one function do not make one block of a slow one's chunk. A task that raises
+        takes the careful path (retries, dead letters), alone."""
         fn, columns, values, lock = tasks.fn, tasks.columns, run.values, run.lock
         n = tasks.n
+        blocks, key = self._blocks, id(fn)
+        block = blocks.get(key, 1)
         start = 0
         while start < n:
             with lock:
@@ -568,24 +591,34 @@ class Runner:
                     rest.__setstate__(start)
                     run.cursor = numbered = enumerate(rest, start)
                     break
-                end = run.block_end = min(n, start + self._block)
+                end = run.block_end = min(n, start + block)
             began = time.perf_counter()
             while start < end:
                 done: list[Any] = []
                 try:
-                    done.extend(map(fn, *[column[start:end] for column in columns]))
+                    done.extend(_calls(fn, [column[start:end] for column in columns]))
                 except BaseException as e:  # noqa: BLE001 - a task's failure is its result, whatever it raised
                     failed = start + len(done)  # extend kept the values before it
                     values[start:failed] = done
-                    self._careful(run, failed, (fn, *[column[failed] for column in columns]), e)
+                    self._careful(run, failed, (fn, *[column[failed] for column in columns]), _raised(e))
                     start = failed + 1
                 else:
                     values[start:end] = done
                     start = end
-            self._block = min(self._block * 2, _BLOCK_MOST) if time.perf_counter() - began < _BLOCK_SECONDS else 1
+            block = min(block * 2, _BLOCK_MOST) if time.perf_counter() - began < _BLOCK_SECONDS else 1
         else:
+            self._keep_block(key, block)
             return
+        self._keep_block(key, block)
         run_entries(run.kind)(numbered, values, self._process_item, self._careful, run)
+
+    def _keep_block(self, key: int, block: int) -> None:
+        """Remember the next block's size for the function ``key`` (its ``id``: a hint only, so a
+        reused id costs at most one block's guess), among at most ``_BLOCKS_KEPT`` functions."""
+        blocks = self._blocks
+        if key not in blocks and len(blocks) >= _BLOCKS_KEPT:
+            blocks.clear()
+        blocks[key] = block
 
     def _run_one(self, run: _ChunkRun, i: int) -> None:
         task = run.tasks[i]
