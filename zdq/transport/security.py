@@ -19,9 +19,11 @@ code can already read the keys from its memory.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +97,23 @@ def zap_verdict(request: list[bytes], admitted: dict[bytes, bytes]) -> list[byte
     return [_ZAP_VERSION, request_id, b"400", b"not this pool's key", b"", b""]
 
 
+def _bind_zap(sock: zmq.Socket[Any], wait: float = 2.0) -> None:
+    """Bind ``sock`` as its context's ZAP handler; a handler stopping meanwhile frees the name
+    within ``wait`` seconds (else the error says so)."""
+    give_up = time.monotonic() + wait
+    while True:
+        try:
+            sock.bind(_ZAP_ENDPOINT)
+            return
+        except zmq.ZMQError as e:
+            if e.errno != errno.EADDRINUSE or time.monotonic() > give_up:
+                sock.close(linger=0)
+                raise zmq.ZMQError(
+                    e.errno, f"cannot start the brokers' ZAP handler: {_ZAP_ENDPOINT} is taken in this context ({e})"
+                ) from e
+            time.sleep(0.005)
+
+
 class _ZapHandler:
     """The ZAP handler of one context: a thread that judges every CurveZMQ handshake of the
     context's broker sockets, each socket under a domain that admits one client key.
@@ -110,7 +129,7 @@ class _ZapHandler:
         self.admitted: dict[bytes, bytes] = {}  # domain -> raw client key; read by the thread
         self._socket = ctx.socket(zmq.REP)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.bind(_ZAP_ENDPOINT)
+        _bind_zap(self._socket)
         self._wake_address = f"inproc://zdq-zap-stop-{os.urandom(8).hex()}"
         self._wake_in = ctx.socket(zmq.PAIR)
         self._wake_in.setsockopt(zmq.LINGER, 0)
@@ -136,6 +155,12 @@ class _ZapHandler:
         except zmq.ZMQError as e:  # the context is terminating: its sockets stop with it
             logger.debug("zdq ZAP handler stopped: %s", e)
         finally:
+            try:
+                # At once: a closed socket's inproc name is freed later, by ZeroMQ's reaper, and
+                # the context's next broker binds a new handler there meanwhile.
+                sock.unbind(_ZAP_ENDPOINT)
+            except zmq.ZMQError:
+                pass
             sock.close(linger=0)
             wake.close(linger=0)
 
