@@ -17,7 +17,6 @@ import collections
 import re
 import sys
 import time
-from typing import Any
 
 from distributed import Client, LocalCluster
 
