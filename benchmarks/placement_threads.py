@@ -18,10 +18,10 @@ import re
 import sys
 import time
 
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from zdq import ConsumerPool, QueuePool
-from zdq.benchmark.scale import _dask_placement
+from zdq.benchmark.scale import _dask_placement, placement_cluster
 
 
 def _threads() -> dict[str, float]:
@@ -61,12 +61,7 @@ def _spent(before: dict[str, dict[str, float]], after: dict[str, dict[str, float
 
 
 def main(n: int, rounds: int) -> None:
-    with (
-        LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None) as cluster,
-        Client(cluster) as client,
-    ):
-        client.wait_for_workers(n, timeout=300)
-        time.sleep(1)
+    with placement_cluster(n) as client:
         q, c = max(1, n // 2), 2 * n
         dask: collections.Counter[str] = collections.Counter()
         zdq: collections.Counter[str] = collections.Counter()
