@@ -18,10 +18,10 @@ import time
 from typing import Any
 
 import psutil
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from zdq import ConsumerPool, QueuePool
-from zdq.benchmark.scale import _dask_placement
+from zdq.benchmark.scale import _dask_placement, placement_cluster
 from zdq.client import brokers, consumer_pool, consumers, queue_pool
 
 PHASES: list[tuple[str, float]] = []
@@ -67,12 +67,7 @@ def all_cpu(client: Client) -> float:
 
 
 def main(n: int, rounds: int) -> None:
-    with (
-        LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None) as cluster,
-        Client(cluster) as client,
-    ):
-        client.wait_for_workers(n, timeout=300)
-        time.sleep(1)
+    with placement_cluster(n) as client:
         q, c = max(1, n // 2), 2 * n
         for _ in range(rounds):
             seq = _dask_placement(client, q + c, one_by_one=True)

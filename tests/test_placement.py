@@ -155,6 +155,31 @@ def test_the_reach_of_every_consumer_is_asked_once_per_worker(client: Client) ->
         assert qp.submit(add, 2, 3).result(timeout=30) == 5
 
 
+def test_consumers_placed_at_once_go_beside_a_broker_they_serve_and_reach_it_in_process(client: Client) -> None:
+    """Spread by slot, consumers 1 and 2 (of queues 0 and 1) were on the other queue's worker;
+    placed beside the brokers they serve, each reaches its own over inproc (no CurveZMQ
+    handshake), with as many consumers on each worker as before."""
+    with QueuePool(client, 2) as qp, ConsumerPool(client, qp, n_consumers=4, fan_out=1, start=True) as consumers:
+        slots = consumers._consumers
+        assert slots.served == [[0], [0], [1], [1]]
+        brokers = qp.workers()
+        assert len(set(brokers)) == 2
+        assert [slots.placed_on[i] for i in range(4)] == [brokers[0], brokers[0], brokers[1], brokers[1]]
+        for worker, links in client.run(_consumer_links).items():
+            assert links and all(a.startswith("inproc://") for a in links), (worker, links)
+        assert qp.submit(add, 2, 3).result(timeout=30) == 5
+        assert sum(qp.batch_submit([(add, i, 1) for i in range(40)]).result(timeout=30)) == sum(range(1, 41))
+
+
+def _consumer_links() -> list[str]:
+    """Where this worker's consumers' links go (inproc: a broker of this process)."""
+    import gc
+
+    from zdq.consumer.link import Link
+
+    return [a for o in gc.get_objects() if isinstance(o, Link) and o._links is not None for a in o._links.addresses]
+
+
 @pytest.mark.faults
 def test_a_queue_whose_worker_is_stopped_fails_placement_naming_it_and_its_worker(client: Client) -> None:
     import os

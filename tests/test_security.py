@@ -233,3 +233,29 @@ def test_brokers_of_two_pools_in_one_process_admit_only_their_own_clients(zmq_ct
             router.close(linger=0)
             admission.stop()
         clients.term()
+
+
+def test_a_broker_bound_as_the_process_last_one_stops_gets_the_zap_handler(zmq_ctx: zmq.Context) -> None:
+    """The ZAP handler stops with its context's last broker and starts again with the next one:
+    its inproc name must be free by then (with pyzmq's ThreadAuthenticator, about half of 200
+    brokers placed right after the previous one stopped failed to bind: "Address already in use")."""
+    from zdq.transport.security import PoolKeys
+    from zdq.transport.sockets import bind_router
+
+    clients = zmq.Context()
+    try:
+        for i in range(100):
+            keys = PoolKeys.generate()
+            router, endpoint, admission = bind_router(zmq_ctx, "127.0.0.1", max_message_size=1 << 20, keys=keys.server)
+            try:
+                if i % 25 == 0:  # and it admits the pool's clients
+                    dealer = connect_dealer(clients, endpoint, os.urandom(16), keys=keys.client)
+                    dealer.send(b"ping")
+                    assert router.poll(5000) and router.recv_multipart()[1] == b"ping"
+                    dealer.close(linger=0)
+            finally:
+                router.close(linger=0)
+                assert admission is not None
+                admission.stop()
+    finally:
+        clients.term()

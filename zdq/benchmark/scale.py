@@ -23,8 +23,10 @@ queues on 32 workers at the top). Measured there:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -110,6 +112,22 @@ class _Idle:
         return 1
 
 
+@contextlib.contextmanager
+def placement_cluster(workers: int) -> Iterator[Client]:
+    """A LocalCluster of ``workers`` one-thread worker processes and its client, every worker up
+    and settled: what the suite and the placement probes (``benchmarks/placement_*.py``) measure on."""
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            worker_dashboard_address=None,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        client.wait_for_workers(workers, timeout=300)
+        time.sleep(1.0)  # workers settle after start
+        yield client
+
+
 def _dask_placement(client: Client, n: int, one_by_one: bool = False) -> float:
     """Seconds to place ``n`` trivial actors over the workers (in parallel) and call each once;
     ``one_by_one``: their proxies fetched one ``result()`` at a time (the floor before issue 26)."""
@@ -137,15 +155,7 @@ def one_scale(workers: int, tasks: int, fan_out: int | None = None, idle_seconds
 
     queues, consumers = max(1, workers // 2), 2 * workers
     overrides: dict[str, Any] = {} if fan_out is None else {"fan_out": fan_out}
-    with (
-        LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-            worker_dashboard_address=None,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        client.wait_for_workers(workers, timeout=300)
-        time.sleep(1.0)  # workers settle after start
+    with placement_cluster(workers) as client:
         dask_idle = _idle_cpu(client, idle_seconds) / idle_seconds / workers
         before = _all_cpu(client)
         time.sleep(idle_seconds)

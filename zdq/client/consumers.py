@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from distributed import Client
 
-from zdq._actor import candidate_workers
+from zdq._actor import beside_brokers, candidate_workers
 from zdq.client.slots import (
     ActorSlots,
     SlotsClosed,
@@ -169,11 +169,12 @@ class ConsumerSlots:
         """
         timeout = self.settings.placement_timeout if timeout is None else timeout
         known = self.client.scheduler_info(n_workers=-1)["workers"]
+        where = self._beside_brokers(known)
         submitted = []
         given = list(self.queue_pool.endpoints)  # what the consumers placed started are given
         try:
             for i in range(self.n):
-                submitted.append((i, *self._submit(i, known, start=start)))
+                submitted.append((i, *self._submit(i, known, start=start, prefer=where[i] if where else None)))
             self._wait_created([(i, fut) for i, fut, _ in submitted], timeout, known)
             actors = gather_actors(self.client, [fut for _, fut, _ in submitted], timeout)
             for (i, fut, ident), actor in zip(submitted, actors):
@@ -194,7 +195,18 @@ class ConsumerSlots:
         labelled = [(self.names[i], fut, where[i]) for i, fut in placing]
         wait_created(self.client, labelled, timeout, known if known is not None else {}, "consumer")
 
-    def _submit(self, i: int, known: dict[str, Any] | None = None, *, start: bool = False) -> tuple[Any, bytes]:
+    def _beside_brokers(self, known: dict[str, Any]) -> list[str]:
+        """The worker of each slot, placed at once: spread as by slot, but beside a broker of one
+        of its queues where it can be (see :func:`zdq._actor.beside_brokers`); [] if no worker
+        can take them (pick_worker says why)."""
+        workers = candidate_workers(self.client, self._allowed, self._resources, known)
+        if not workers:
+            return []
+        return beside_brokers(workers, self.served, self.queue_pool.workers())
+
+    def _submit(
+        self, i: int, known: dict[str, Any] | None = None, *, start: bool = False, prefer: str | None = None
+    ) -> tuple[Any, bytes]:
         ident = new_identity()
         name = self.names[i]
         qp = self.queue_pool
@@ -224,6 +236,7 @@ class ConsumerSlots:
                 resources=self._resources,
                 key=f"zdq-consumer-{name}",
                 known=known,
+                prefer=prefer,
             )
         return fut, ident  # released by the caller if the actor cannot be created
 

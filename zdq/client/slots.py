@@ -98,10 +98,12 @@ def place_actor(
     resources: dict[str, float] | None,
     key: str,
     known: dict[str, Any] | None = None,
+    prefer: str | None = None,
 ) -> Any:
     """Create the actor of ``slot`` on one worker (spread by slot, avoiding the lost ones; see
-    :func:`zdq._actor.pick_worker`, which notes the choice in ``placed_on``): its Dask future."""
-    address = pick_worker(client, allowed, slot, placed_on, resources, known)
+    :func:`zdq._actor.pick_worker`, which notes the choice in ``placed_on``; ``prefer``: the
+    worker to take if it can): its Dask future."""
+    address = pick_worker(client, allowed, slot, placed_on, resources, known, prefer)
     return client.submit(
         cls, *args, actor=True, workers=[address], allow_other_workers=False, pure=False, key=f"{key}-{uuid.uuid4().hex[:8]}"
     )

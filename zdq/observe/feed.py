@@ -112,6 +112,12 @@ class _Feed:
         return None
 
     def _run(self, worker: Any, interval: float, wake: threading.Event) -> None:
+        # The first report (and the question whether the monitor is installed) waits an interval,
+        # as every later one does: the feed starts with a pool's first actor, and asking and
+        # reporting at once put a scheduler round trip and a report per worker into the pool's
+        # placement, which monitoring does not need (issue 26, point 7). A source removed
+        # meanwhile wakes it, as below.
+        wake.wait(interval)
         installed, asked = False, -_ASK_EVERY
         while True:
             with self._lock:

@@ -19,14 +19,16 @@ code can already read the keys from its memory.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 __all__ = ["PoolKeys", "ClientKeys", "ServerKeys", "Admission", "secure_server", "secure_client"]
 
@@ -74,23 +76,110 @@ class PoolKeys:
         )
 
 
-class _OnlyPoolClients:
-    def __init__(self, allowed: bytes) -> None:
-        self._allowed = allowed
+#: Where ZeroMQ sends a context's handshakes to be judged (RFC 27, ZAP).
+_ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+_ZAP_VERSION = b"1.0"
 
-    def callback(self, domain: str, key: bytes) -> bool:
-        ok = key == self._allowed
-        if not ok:
-            logger.warning("zdq broker refused a peer with an unknown CURVE key %r", key[:8])
-        return ok
+
+def zap_verdict(request: list[bytes], admitted: dict[bytes, bytes]) -> list[bytes]:
+    """The reply to one ZAP request (RFC 27): ``200`` for a CurveZMQ peer whose public key is the
+    one its socket's domain admits (``admitted``: ZAP domain -> raw 32-byte client key), ``400``
+    for anything else (another key, an unknown domain, another mechanism, a malformed request)."""
+    version, request_id = (request + [b"", b""])[:2]
+    if version != _ZAP_VERSION or len(request) != 7:
+        return [_ZAP_VERSION, request_id, b"400", b"malformed ZAP request", b"", b""]
+    domain, mechanism, key = request[2], request[5], request[6]
+    allowed = admitted.get(domain)
+    if mechanism == b"CURVE" and allowed is not None and key == allowed:
+        return [_ZAP_VERSION, request_id, b"200", b"OK", b"zdq", b""]
+    shown = z85.encode(key)[:8] if len(key) == 32 else key[:8]
+    logger.warning("zdq broker refused a peer (%s) with an unknown CURVE key %r", mechanism.decode(errors="replace"), shown)
+    return [_ZAP_VERSION, request_id, b"400", b"not this pool's key", b"", b""]
+
+
+def _bind_zap(sock: zmq.Socket[Any], wait: float = 2.0) -> None:
+    """Bind ``sock`` as its context's ZAP handler; a handler stopping meanwhile frees the name
+    within ``wait`` seconds (else the error says so)."""
+    give_up = time.monotonic() + wait
+    while True:
+        try:
+            sock.bind(_ZAP_ENDPOINT)
+            return
+        except zmq.ZMQError as e:
+            if e.errno != errno.EADDRINUSE or time.monotonic() > give_up:
+                sock.close(linger=0)
+                raise zmq.ZMQError(
+                    e.errno, f"cannot start the brokers' ZAP handler: {_ZAP_ENDPOINT} is taken in this context ({e})"
+                ) from e
+            time.sleep(0.005)
+
+
+class _ZapHandler:
+    """The ZAP handler of one context: a thread that judges every CurveZMQ handshake of the
+    context's broker sockets, each socket under a domain that admits one client key.
+
+    Lean on purpose (issue 26, point 7): pyzmq's ThreadAuthenticator runs an asyncio loop and
+    its general checks for each request (0.4 ms of CPU a handshake, a third of a handshake's
+    cost); this one receives, compares one key and answers. Owned by ``_authenticators`` (under
+    ``_zap_lock``); stopped with its context's last domain.
+    """
+
+    def __init__(self, ctx: zmq.Context[Any]) -> None:
+        self._ctx = ctx
+        self.admitted: dict[bytes, bytes] = {}  # domain -> raw client key; read by the thread
+        self._socket = ctx.socket(zmq.REP)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        _bind_zap(self._socket)
+        self._wake_address = f"inproc://zdq-zap-stop-{os.urandom(8).hex()}"
+        self._wake_in = ctx.socket(zmq.PAIR)
+        self._wake_in.setsockopt(zmq.LINGER, 0)
+        self._wake_in.bind(self._wake_address)
+        self._wake_out = ctx.socket(zmq.PAIR)
+        self._wake_out.setsockopt(zmq.LINGER, 0)
+        self._wake_out.connect(self._wake_address)
+        self._thread = threading.Thread(target=self._serve, name="zdq-zap", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        sock, wake = self._socket, self._wake_in
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if wake in ready:
+                    return
+                if sock in ready:
+                    sock.send_multipart(zap_verdict(sock.recv_multipart(), self.admitted))
+        except zmq.ZMQError as e:  # the context is terminating: its sockets stop with it
+            logger.debug("zdq ZAP handler stopped: %s", e)
+        finally:
+            try:
+                # At once: a closed socket's inproc name is freed later, by ZeroMQ's reaper, and
+                # the context's next broker binds a new handler there meanwhile.
+                sock.unbind(_ZAP_ENDPOINT)
+            except zmq.ZMQError:
+                pass
+            sock.close(linger=0)
+            wake.close(linger=0)
+
+    def stop(self, join: float = 2.0) -> None:
+        """Stop the thread (it closes its sockets); bounded by ``join`` seconds."""
+        try:
+            self._wake_out.send(b"", zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the context is closing: the thread ends with it
+        self._thread.join(join)
+        self._wake_out.close(linger=0)
 
 
 class Admission:
     """A broker socket's entry in its context's authenticator; :meth:`stop` withdraws it.
 
     ZeroMQ answers every handshake of a context through one ZAP handler, so the brokers of a
-    process share one authenticator, each under a ZAP domain of its own that admits only its
-    pool's client key. The authenticator stops with its last domain.
+    process share one authenticator (a :class:`_ZapHandler`), each under a ZAP domain of its own
+    that admits only its pool's client key. The authenticator stops with its last domain.
     """
 
     def __init__(self, ctx: zmq.Context[Any], domain: str) -> None:
@@ -105,7 +194,7 @@ class Admission:
                 return
             auth, domains = entry
             domains.discard(self.domain)
-            auth.credentials_providers.pop(self.domain, None)
+            auth.admitted.pop(self.domain.encode(), None)
             if not domains:
                 del _authenticators[id(self._ctx)]
                 auth.stop()
@@ -114,7 +203,7 @@ class Admission:
 _zap_lock = threading.Lock()
 #: The running authenticator of each context (by ``id``: the entry keeps the context alive) and
 #: the domains it serves.
-_authenticators: dict[int, tuple[ThreadAuthenticator, set[str]]] = {}
+_authenticators: dict[int, tuple[_ZapHandler, set[str]]] = {}
 
 
 def secure_server(ctx: zmq.Context[Any], sock: zmq.Socket[Any], keys: ServerKeys) -> Admission:
@@ -126,10 +215,8 @@ def secure_server(ctx: zmq.Context[Any], sock: zmq.Socket[Any], keys: ServerKeys
     with _zap_lock:
         entry = _authenticators.get(id(ctx))
         if entry is None:
-            auth = ThreadAuthenticator(ctx, log=logging.getLogger("zdq.transport.zap"))
-            auth.start()
-            entry = _authenticators[id(ctx)] = (auth, set())
-        entry[0].configure_curve_callback(domain=domain, credentials_provider=_OnlyPoolClients(keys.client_public))
+            entry = _authenticators[id(ctx)] = (_ZapHandler(ctx), set())
+        entry[0].admitted[domain.encode()] = z85.decode(keys.client_public)
         entry[1].add(domain)
     sock.setsockopt(zmq.CURVE_SERVER, 1)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
