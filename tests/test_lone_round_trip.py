@@ -20,9 +20,8 @@ import os
 import signal
 import threading
 import time
-import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from distributed import Client
@@ -39,33 +38,6 @@ if TYPE_CHECKING:
 pytest_plugins = ["tests.harness"]
 
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
-
-
-F = TypeVar("F", bound=Callable[..., None])
-
-
-def off_main(test: F) -> F:
-    """Run ``test`` on a thread of its own: the main thread never borrows the sockets (signal
-    handlers run there), so the caller's path is a worker thread's. Bounded; re-raises."""
-
-    @functools.wraps(test)
-    def run(*args: Any, **kwargs: Any) -> None:
-        box: list[BaseException] = []
-
-        def body() -> None:
-            try:
-                test(*args, **kwargs)
-            except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
-                box.append(e)
-
-        thread = threading.Thread(target=body, name=f"test-{test.__name__}", daemon=True)
-        thread.start()
-        thread.join(240)
-        assert not thread.is_alive(), f"{test.__name__} did not end within 240 s on its thread"
-        if box:
-            raise box[0]
-
-    return run  # type: ignore[return-value]
 
 
 def _loop(h: Harness) -> Any:
@@ -86,7 +58,6 @@ def _lone(h: Harness, fn: Callable[..., Any], *args: Any) -> Any:
     return fut
 
 
-@off_main
 def test_lone_tasks_are_sent_and_read_by_their_callers_and_every_result_is_right(harness: Callable[..., Harness]) -> None:
     h = harness(2, 2)
     h.submit(add, 0, 0).result(timeout=10)
@@ -102,7 +73,6 @@ def test_lone_tasks_are_sent_and_read_by_their_callers_and_every_result_is_right
 SLOW_BEATS = {"heartbeat_interval": "5s", "heartbeat_timeout": "20s"}
 
 
-@off_main
 def test_a_lone_task_whose_result_nobody_asks_for_still_settles_at_once(harness: Callable[..., Harness]) -> None:
     h = harness(**SLOW_BEATS)
     h.submit(add, 0, 0).result(timeout=10)
@@ -127,7 +97,6 @@ def test_a_lone_task_whose_result_nobody_asks_for_still_settles_at_once(harness:
 
 
 @pytest.mark.faults
-@off_main
 def test_cancel_from_another_thread_takes_the_sockets_back_from_a_caller_reading_its_own_result(
     harness: Callable[..., Harness],
 ) -> None:
@@ -153,7 +122,6 @@ def test_cancel_from_another_thread_takes_the_sockets_back_from_a_caller_reading
 
 
 @pytest.mark.faults
-@off_main
 def test_a_result_timeout_gives_the_sockets_back_and_the_result_still_comes(harness: Callable[..., Harness]) -> None:
     h = harness(1, 2, max_concurrency=2)
     h.submit(add, 0, 0).result(timeout=10)
@@ -193,7 +161,6 @@ def test_two_callers_racing_for_the_sockets_each_get_every_result(harness: Calla
 
 
 @pytest.mark.faults
-@off_main
 def test_heartbeats_are_kept_while_a_caller_holds_the_sockets_past_the_heartbeat_timeout(
     harness: Callable[..., Harness],
 ) -> None:
@@ -228,7 +195,6 @@ def _read_while_killed(qp: QueuePool, consumers: ConsumerPool, victim: Callable[
 
 
 @pytest.mark.faults
-@off_main
 def test_a_broker_killed_while_the_caller_reads_its_own_result_settles_the_future_and_the_pool_recovers(
     client3: Client,
 ) -> None:
@@ -242,72 +208,8 @@ def test_a_broker_killed_while_the_caller_reads_its_own_result_settles_the_futur
 
 
 @pytest.mark.faults
-@off_main
 def test_a_consumer_killed_while_the_caller_reads_its_own_result_has_its_task_run_again(client3: Client) -> None:
     with QueuePool(client3, 1, workers=["a"], **FAST) as qp:
         with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
             outcome = _read_while_killed(qp, consumers, lambda: int(consumers[0].pid().result(timeout=10)), "again")
             assert outcome == "again", f"the task of a killed consumer did not run again: {outcome!r}"
-
-
-# -- the main thread: signal handlers run there ------------------------------------------------------
-
-
-def test_the_main_thread_never_borrows_and_a_ctrl_c_in_each_round_trip_loses_nothing(harness: Callable[..., Harness]) -> None:
-    """Review: a KeyboardInterrupt (Ctrl-C) landing while the main thread held the sockets lost
-    results, and one in the hand-off left the baton held for good (every later task timed out).
-    The main thread goes the I/O thread's way; one SIGINT at a random moment of each of 300
-    round trips interrupts only the wait, and every result is still there."""
-    import random
-
-    h = harness(1, 1)
-    h.submit(add, 0, 0).result(timeout=10)
-    wait_until(lambda: _parked(_loop(h)), timeout=10)
-    assert h.submit(add, 1, 1)._lender is None, "the main thread borrowed the sockets"
-    rng = random.Random(26)
-    interrupted = 0
-    for i in range(300):
-        timer = threading.Timer(rng.uniform(0, 0.003), os.kill, (os.getpid(), signal.SIGINT))
-        fut = None
-        try:
-            timer.start()
-            fut = h.submit(add, i, 1)
-            fut.result(timeout=10)
-            timer.join(5)
-            time.sleep(0.005)  # the signal may land after the result
-        except KeyboardInterrupt:
-            interrupted += 1
-        timer.join(5)
-        if fut is not None:
-            assert call_bounded(lambda: fut.result(timeout=10), 15, f"round trip {i} after a Ctrl-C") == i + 1
-    assert interrupted > 0, "no SIGINT landed: the test proved nothing"
-    assert call_bounded(lambda: h.submit(add, 2, 3).result(timeout=10), 15, "a task after 300 Ctrl-Cs") == 5
-
-
-def test_a_main_thread_result_or_poll_of_a_lone_task_gets_it_without_waiting_for_a_heartbeat(
-    harness: Callable[..., Harness],
-) -> None:
-    """A lone task another thread sent (and so would read itself): ``result()`` on the main
-    thread, or ``result(0)`` polls, ask the I/O thread to read it at once (review: polls saw it
-    only at the next heartbeat, 100 times later)."""
-    h = harness(**SLOW_BEATS)
-    h.submit(add, 0, 0).result(timeout=10)
-    for read in ("result", "poll"):
-        box: list[Any] = []
-        sender = threading.Thread(target=lambda: box.append(_lone(h, add, 2, 3)), daemon=True)
-        sender.start()
-        sender.join(20)
-        assert box, "the sender thread did not submit"
-        fut = box[0]
-        started = time.monotonic()
-        if read == "result":
-            assert fut.result(timeout=10) == 5
-        else:
-            while True:
-                try:
-                    assert fut.result(timeout=0) == 5
-                    break
-                except concurrent.futures.TimeoutError:
-                    assert time.monotonic() - started < 10, "result(0) polls never saw the result"
-                    time.sleep(0.0005)
-        assert time.monotonic() - started < 1.0, f"{read}: {time.monotonic() - started:.2f}s (heartbeats every 5 s)"

@@ -53,14 +53,6 @@ socket changes threads):
    the parked thread asks for the baton back (work was posted: a command, another task, a cancel,
    a lost broker, ``close()``) on the hand-off socket, which the borrower polls. Then the caller
    waits as any other.
-
-Never on the main thread: Python runs signal handlers there, between any two steps, and what they
-raise (``KeyboardInterrupt`` of a Ctrl-C, a SIGTERM or alarm handler's exception) would land in the
-middle of the I/O thread's work: a multipart message half sent, a settlement half done, the baton
-never given back (review: a pool hung for good, results lost; a handler using the pool deadlocked
-on the baton its own interrupted frame held). The I/O thread never runs a handler; a main thread's
-round trip goes its way, and a ``result()`` there of a task another thread sent asks the I/O
-thread to read it at once (:meth:`reclaim`), as a ``result(0)`` poll does anywhere.
 """
 
 from __future__ import annotations
@@ -123,8 +115,6 @@ _LENT_FRESH = 0.5
 #: Seconds between two reminders to a borrower that the I/O thread wants the baton back (it polls
 #: the hand-off socket, so one is enough; a later one only guards against a lost wake-up).
 _HANDOFF_WAIT = 1.0
-#: The main thread's ident: it never borrows the baton (signal handlers run there).
-_MAIN = threading.main_thread().ident
 Command = Callable[["Future[Any]"], None]
 
 
@@ -425,9 +415,9 @@ class DriverLoop:
         docstring); None, having done nothing, unless the I/O thread is parked with nothing in
         flight and this thread runs no event loop."""
         ledger = self._ledger
-        if ledger.records or ledger.loose or self._control or threading.get_ident() == _MAIN:
+        if ledger.records or ledger.loose or self._control or asyncio._get_running_loop() is not None:
             return None
-        if asyncio._get_running_loop() is not None or not self._baton.acquire(blocking=False):
+        if not self._baton.acquire(blocking=False):
             return None
         try:
             bl = self._bl
@@ -446,12 +436,7 @@ class DriverLoop:
         (monotonic) passes, a timer of the I/O thread is due or it asks for the baton back; at
         once if the baton is not free. Results are settled here; done-callbacks still go to the
         callback thread."""
-        if fut.done():
-            return
-        if threading.get_ident() == _MAIN or deadline <= time.monotonic():
-            self.reclaim()  # never borrowed here (see the module docstring); a poll need not wait
-            return
-        if not self._baton.acquire(blocking=False):
+        if fut.done() or not self._baton.acquire(blocking=False):
             return
         try:
             bl, handoff = self._bl, self._handoff
