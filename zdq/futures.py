@@ -16,7 +16,6 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import math
 import queue
 import threading
 import time
@@ -29,28 +28,7 @@ __all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "WaitHint", "wait", "a
 
 logger = logging.getLogger(__name__)
 
-
-
-def wait(
-    fs: Iterable[concurrent.futures.Future[Any]],
-    timeout: float | None = None,
-    return_when: str = concurrent.futures.ALL_COMPLETED,
-) -> Any:
-    """:func:`concurrent.futures.wait`; a lone task whose caller sent it itself (see the baton in
-    :mod:`zdq.client.driver.loop`) has its result read by its driver's I/O thread at once, as
-    ``result()`` would read it (else within a few milliseconds)."""
-    fs = set(fs)
-    for f in fs:
-        reclaim_for(f)
-    return concurrent.futures.wait(fs, timeout, return_when)
-
-
-def reclaim_for(f: concurrent.futures.Future[Any]) -> None:
-    """Someone waits for ``f`` other than through ``result()``: if it is a lone task sent by its
-    caller, its driver's I/O thread takes the sockets back to read its result now."""
-    lender = getattr(f, "_lender", None)
-    if lender is not None and not f.done():
-        lender.reclaim()
+wait = concurrent.futures.wait
 
 
 class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, which it extends
@@ -313,17 +291,9 @@ class CallbackRunner:
             self._thread = threading.Thread(target=self._run, name=f"zdq-callbacks-{self._name}", daemon=True)
             self._thread.start()
 
-    def adopt_current_thread(self) -> CallbackRunner | None:
-        """Mark the calling thread (a driver's I/O thread, or a caller serving its own round trip
-        with the driver's sockets) as one whose callbacks go here; return the runner it had."""
-        before: CallbackRunner | None = getattr(_io_thread, "runner", None)
+    def adopt_current_thread(self) -> None:
+        """Mark the calling thread (a driver's I/O thread) as one whose callbacks go here."""
         _io_thread.runner = self
-        return before
-
-    @staticmethod
-    def restore_current_thread(runner: CallbackRunner | None) -> None:
-        """Give the calling thread back the runner :meth:`adopt_current_thread` returned."""
-        _io_thread.runner = runner
 
     def submit(self, fn: Callable[[Any], object], future: Any) -> None:
         self._queue.put((fn, future))
@@ -396,13 +366,8 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
                 raise error
 
     def result(self, timeout: float | None = None) -> Any:
-        return self._wait_result(timeout, timeout)
-
-    def _wait_result(self, wait: float | None, timeout: float | None) -> Any:
-        """Wait ``wait`` seconds for the result; a timeout's error names ``timeout``, the
-        caller's (the wait may be what is left of it)."""
         try:
-            return self._looking(super().result, wait)
+            return self._looking(super().result, timeout)
         except concurrent.futures.TimeoutError:
             if self.done():
                 raise  # the task's own error (a TaskTimeout, a TimeoutError it raised), as it is
@@ -447,29 +412,9 @@ class TaskFuture(_Awaitable):
         The task id; the key of its result in ``ConsumerPool.results()``.
     """
 
-    #: The driver loop that lent this task's caller its sockets to send it (a lone task, see
-    #: :mod:`zdq.client.driver.loop`): ``result()`` first tries to read the result itself.
-    _lender: Any = None
-
     def __init__(self, key: int) -> None:
         super().__init__()
         self.key = key
-
-    def result(self, timeout: float | None = None) -> Any:
-        lender = self._lender
-        if lender is None or self.done():
-            return self._wait_result(timeout, timeout)
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
-        lender.serve_until(self, deadline)
-        return self._wait_result(None if timeout is None else max(0.0, deadline - time.monotonic()), timeout)
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        reclaim_for(self)
-        return super().exception(timeout)
-
-    def add_done_callback(self, fn: Callable[[Any], object]) -> None:
-        reclaim_for(self)  # ``await``, as_completed and callbacks: the I/O thread reads the result
-        super().add_done_callback(fn)
 
     def cancel(self) -> bool:
         """Cancel the task if it has not started: it never runs, and this returns True (also

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from zdq.errors import ZdqTimeoutError
-from zdq.futures import wait
 
 __all__ = ["ERRORS", "futures_in", "gather", "replace"]
 
@@ -86,7 +85,7 @@ def gather(futures: Any, errors: str = "raise", *, timeout: float | None = None)
     when = concurrent.futures.FIRST_EXCEPTION if errors == "raise" else concurrent.futures.ALL_COMPLETED
     # A future cancelled by cancel() alone (not by an executor that then notified its waiters) is
     # never seen as done by concurrent.futures.wait: it has its outcome already, and is not waited for.
-    done, pending = wait([f for f in fs if not f.cancelled()], timeout, return_when=when)
+    done, pending = concurrent.futures.wait([f for f in fs if not f.cancelled()], timeout, return_when=when)
     if errors == "raise":
         for fut in fs:  # the first failure in the structure's order (of those already failed)
             if fut in done and _failed(fut):

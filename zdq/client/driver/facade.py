@@ -168,12 +168,7 @@ class Driver:
 
     def submit_task(self, task: bytes, *, timeout: float | None = None) -> TaskFuture:
         """Queue one pickled task (:func:`~zdq.tasks.dumps_task`) for coalescing into a
-        chunk; return its future. Blocks while the driver's buffers are full. A lone task (nothing
-        else in flight) is sent by the calling thread itself when it can (see the baton in
-        :mod:`.loop`)."""
-        fut = self._loop.submit_lone(task, timeout)
-        if fut is not None:
-            return fut
+        chunk; return its future. Blocks while the driver's buffers are full."""
         return self._ledger.submit_task(task, timeout)
 
     def new_future(self, tid: int) -> TaskFuture:

@@ -215,9 +215,8 @@ class Ledger:
         fut._driver = self.owner
         return fut
 
-    def submit_task(self, task: bytes, timeout: float | None = None, *, wake: bool = True) -> TaskFuture:
-        """Hold one pickled task for coalescing; return its future. Waits while a bound is hit.
-        ``wake=False``: the caller holds the sockets and sends it itself (a lone task)."""
+    def submit_task(self, task: bytes, timeout: float | None = None) -> TaskFuture:
+        """Hold one pickled task for coalescing; return its future. Waits while a bound is hit."""
         if self.closed_by is not None or self.failed_by is not None:  # two reads, not a call: per task
             self.check_open()
         cap = self.settings.chunk_size * self.n_brokers
@@ -234,7 +233,7 @@ class Ledger:
             fut = TaskFuture(tid)
             fut._hint = self.hint
             fut._driver = self.owner
-            wake = wake and not self.loose
+            wake = not self.loose
             self.loose.append((tid, task, fut))
             self.buffered_bytes += len(task)
             self.submitted += 1

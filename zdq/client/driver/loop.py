@@ -16,8 +16,8 @@ Who owns what
 =========================================  ==========================================================
 state                                      owner
 =========================================  ==========================================================
-sockets (``BrokerLinks``), the links       the holder of the baton (``_baton``): the I/O thread, or a
-(with the receipts owed), the timers       caller that borrows it while the thread is parked (below)
+sockets (``BrokerLinks``), the links       the I/O thread alone
+(with the receipts owed)
 the control queue                          any thread appends (a deque: atomic); the I/O thread pops
 ``consumers``                              written by the pool (an int); read by the I/O thread
 ``_ended``                                 set once by the I/O thread as it ends; read by posters
@@ -27,37 +27,10 @@ ledger, outcomes, links, requests          see their modules
 The most frequent messages (RESULTS, CONFIRM) are tested first by type; the others go through the
 route table, a dict from message type to handler that :meth:`DriverLoop._route` fills with
 handlers whose argument types mypy checks against the message type.
-
-The baton: a lone task's round trip without the I/O thread (issue 26, point 4)
-------------------------------------------------------------------------------
-One ``submit(...).result()`` with nothing else in flight would cost two thread hand-offs (caller
-to I/O thread, I/O thread to caller), each a wake-up and a switch of the interpreter lock. Instead
-the sockets go with a lock, the baton (a lock is also the memory barrier ZeroMQ asks for when a
-socket changes threads):
-
-1. The I/O thread holds it while it serves. With nothing in flight (no task loose, queued or
-   awaiting results, no command, no question asked) it *parks*: it gives the baton up and polls
-   its waker alone, until work is posted or its heartbeat tick is due (then it asks a borrower for
-   the baton back), or, without asking, when receipts owed are due and the baton is free (a
-   borrower sends them itself), or, while callers have lately borrowed the baton, every
-   :data:`_LENT_LOOK` s, to see whether a task a caller sent waits for a reader (a caller that
-   never calls ``result()``): then it takes the baton, if free, and serves as usual.
-2. :meth:`DriverLoop.submit_lone` (a plain ``submit()``, not on an event loop's thread, nothing in
-   flight, the baton free: a try, never a wait) coalesces and sends the PUT itself, through the
-   ledger's own code (the chunk is recorded as the I/O thread records it: a lost broker's chunk is
-   sent again by whoever holds the baton next), and gives the baton back.
-3. :meth:`DriverLoop.serve_until`, from that future's ``result()``, takes the baton again if free
-   and reads the brokers' sockets itself (each message through :meth:`_handle`, results settled on
-   this thread, done-callbacks still sent to the callback thread, receipts owed as the I/O thread
-   owes them) until the future is done, its timeout passes, a timer of the I/O thread is due, or
-   the parked thread asks for the baton back (work was posted: a command, another task, a cancel,
-   a lost broker, ``close()``) on the hand-off socket, which the borrower polls. Then the caller
-   waits as any other.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import math
@@ -69,7 +42,6 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import zmq
-from zmq.backend import zmq_poll
 
 from zdq.config import PoolSettings
 from zdq.errors import (
@@ -82,7 +54,7 @@ from zdq.errors import (
     TaskLost,
     ZdqError,
 )
-from zdq.futures import CallbackRunner, TaskFuture
+from zdq.futures import CallbackRunner
 from zdq.codec.results import loads_results
 from zdq.codec.unique import parse_held
 from zdq.transport import protocol as p
@@ -103,18 +75,6 @@ T = TypeVar("T")
 M = TypeVar("M", bound=p.Message)
 #: Messages read from a broker's socket per wake-up while chunks pour in (a window's worth).
 _CONFIRM_BURST = 16
-#: Seconds between two looks of the parked I/O thread, while callers lately borrowed the baton, at
-#: whether a task a caller sent waits for a reader (given back that long ago, not borrowed again):
-#: twice this is the most a result waits when nobody calls ``result()`` on a lone task (``wait()``,
-#: ``as_completed()``, a done-callback).
-_LENT_LOOK = 0.002
-#: For how long after the last borrowing the parked thread looks that often (then it sleeps to its
-#: timers); a borrower finding the last borrowing older than :data:`_LENT_FRESH` wakes it first.
-_LENT_WATCH = 1.0
-_LENT_FRESH = 0.5
-#: Seconds between two reminders to a borrower that the I/O thread wants the baton back (it polls
-#: the hand-off socket, so one is enough; a later one only guards against a lost wake-up).
-_HANDOFF_WAIT = 1.0
 Command = Callable[["Future[Any]"], None]
 
 
@@ -156,16 +116,6 @@ class DriverLoop:
         self._thread: threading.Thread | None = None
         self._waker: Waker | None = None
         self._bl: BrokerLinks | None = None
-        #: Held by whoever uses the sockets (see the module docstring): the I/O thread, or a caller.
-        self._baton = threading.Lock()
-        self._handoff: Waker | None = None  # the parked thread asks a borrower for the baton on it
-        self._lent_at = -math.inf  # when a caller last gave the baton back (monotonic)
-        self.lent = 0  # round trips a caller served itself (statistics, tests)
-        self._reclaim = False  # set by any thread (reclaim), cleared by the I/O thread taking the baton
-        # The timers, the baton holder's: the next heartbeat tick, when receipts owed must go.
-        self._next_beat = 0.0
-        self._rack_due = math.inf
-        self._rack_full = False
         self._routes: dict[type, Callable[[Link, Any], None]] = {}
         self._route(p.Heartbeat, self._on_heartbeat)
         self._route(p.QueueStatus, self._requests.on_status)
@@ -201,7 +151,6 @@ class DriverLoop:
     def start(self, ctx: zmq.Context[Any], waker: Waker) -> None:
         """Start the thread and wait (30 s at most) until its sockets are open."""
         self._waker = waker
-        self._handoff = Waker(ctx)
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ctx, ready), name=f"zdq-driver-{self.name}", daemon=True)
         self._thread.start()
@@ -233,8 +182,7 @@ class DriverLoop:
 
     # -- the thread ------------------------------------------------------------------------------
     def _run(self, ctx: zmq.Context[Any], ready: threading.Event) -> None:
-        assert self._waker is not None and self._handoff is not None
-        self._baton.acquire()  # given up only while parked; held again to close the sockets
+        assert self._waker is not None
         self._callbacks.adopt_current_thread()
         hello = p.encode(p.Hello(p.Role.DRIVER, self.driver_name.encode()[:256]))
         bl = self._bl = BrokerLinks(
@@ -253,8 +201,6 @@ class DriverLoop:
             ready.set()
             bl.close(farewell=p.encode(p.Bye()))
             self._ended = True
-            self._handoff.close()
-            self._baton.release()  # a borrower that takes it now sees the loop ended, and waits as any other
             self._fail_commands()
             self._requests.end()
             with self._ledger.cond:
@@ -265,8 +211,11 @@ class DriverLoop:
         poller.register(waker.socket, zmq.POLLIN)
         ledger, outcomes = self._ledger, self._outcomes
         link_of = self._links.links
+        n_brokers = len(link_of)
         beat = self._settings.heartbeat_interval
-        self._next_beat = time.monotonic() + beat
+        next_beat = time.monotonic() + beat
+        rack_due = math.inf
+        rack_full = False
         control = self._control
         while not self._stop.is_set():
             while control:
@@ -279,13 +228,13 @@ class DriverLoop:
                     else:
                         logger.exception("%s: a command failed", self.driver_name)
             if ledger.loose:  # read without the lock: a stale answer only delays to the next wake
-                ledger.coalesce(len(link_of), self.consumers)
+                ledger.coalesce(n_brokers, self.consumers)
             if ledger.queued:
                 self._send_queued(socks)
             if ledger.pinned:  # unique tasks, each for the broker that owns its key
                 self._send_pinned(socks)
             now = time.monotonic()
-            wake_at = min(self._next_beat, self._rack_due)
+            wake_at = min(next_beat, rack_due)
             if self._requests.heard_waits:
                 wake_at = min(wake_at, self._requests.check_heard(bl, now))
             timeout = max(0, math.ceil((wake_at - now) * 1000))
@@ -293,200 +242,35 @@ class DriverLoop:
                 # Last thing before sleeping: a caller woken by its result gets this process's
                 # interpreter at once, instead of waiting for this thread to finish its round.
                 outcomes.settle_all()
-            if timeout and self._idle():
-                self._park(waker)
-                self._reclaim = False  # the thread serves now: it reads every result
-                continue
             for sock, _ in poller.poll(timeout):
                 index = bl.index(sock)
                 if index is None:
                     waker.drain()
                     continue
+                link = link_of[index]
+                owed = link.racks
                 # Chunks pouring in (more than one unconfirmed): the broker's confirms come in
                 # batches (it holds them back, up to 8): read them in one go, one wake of the
                 # submitter for them all. Otherwise one message a wake-up (no extra syscall).
                 burst = _CONFIRM_BURST if ledger.buffered_chunks > 1 else 1  # read without the lock: a hint
-                self._read(link_of[index], sock, burst)
-            self._timers(bl)
+                for frames in recv_ready(sock, burst):
+                    chunk_id = self._handle(link, frames)
+                    if chunk_id is not None:
+                        if not owed and rack_due == math.inf:
+                            rack_due = time.monotonic() + RACK_DELAY
+                        owed.append(chunk_id)
+                        rack_full = rack_full or len(owed) >= RACK_BATCH
+            now = time.monotonic()
+            if now >= rack_due or rack_full:
+                self._send_racks(socks)
+                rack_due = math.inf
+                rack_full = False
+            if now >= next_beat:
+                self._tick(bl, now)
+                next_beat = now + beat
         outcomes.settle_all()
         self._send_racks(socks)
         outcomes.failures.flush()
-
-    def _read(self, link: Link, sock: zmq.Socket[Any], burst: int) -> None:
-        """Handle the messages waiting on ``sock`` (at most ``burst``); owe a receipt for each
-        chunk whose results came (sent together, within :data:`RACK_DELAY`)."""
-        owed = link.racks
-        for frames in recv_ready(sock, burst):
-            chunk_id = self._handle(link, frames)
-            if chunk_id is not None:
-                if not owed and self._rack_due == math.inf:
-                    self._rack_due = time.monotonic() + RACK_DELAY
-                owed.append(chunk_id)
-                self._rack_full = self._rack_full or len(owed) >= RACK_BATCH
-
-    def _timers(self, bl: BrokerLinks) -> None:
-        """The receipts owed, when due or many; the heartbeat tick, when due."""
-        now = time.monotonic()
-        if now >= self._rack_due or self._rack_full:
-            self._send_racks(bl.socks)
-            self._rack_due = math.inf
-            self._rack_full = False
-        if now >= self._next_beat:
-            self._tick(bl, now)
-            self._next_beat = now + self._settings.heartbeat_interval
-
-    # -- the baton (see the module docstring) ----------------------------------------------------
-    def _idle(self) -> bool:
-        """Nothing in flight, nothing asked: the I/O thread may park, and a caller may borrow the
-        sockets (receipts owed go with them: whoever holds the baton when they are due sends
-        them). Read without the ledger's lock: work added meanwhile comes with a wake of the
-        waker, which the parked thread polls."""
-        ledger, requests = self._ledger, self._requests
-        return not (
-            self._control or ledger.loose or ledger.queued or ledger.pinned or ledger.records
-            or ledger.packing is not None or requests.pending or requests.heard_waits or self._outcomes.settlements
-        )
-
-    def _wanted(self) -> bool:
-        """Work for the I/O thread itself: a command, tasks to send, a lone task's result awaited
-        other than through ``result()`` (:meth:`reclaim`), or the stop."""
-        ledger = self._ledger
-        return bool(
-            self._stop.is_set() or self._control or ledger.loose or ledger.queued or ledger.pinned or self._reclaim
-        )
-
-    def reclaim(self) -> None:
-        """A lone task a caller sent is awaited by ``await``, a done-callback or ``wait()``: take
-        the sockets back now to read its result (any thread)."""
-        self._reclaim = True
-        if self._waker is not None:
-            self._waker.wake()
-
-    def _park(self, waker: Waker) -> None:
-        """Give the baton up until work is posted or the heartbeat tick is due. Receipts owed go
-        when due, by this thread if the baton is free, else by the borrower. While callers lately
-        borrowed the baton, look every :data:`_LENT_LOOK` s whether what they sent waits for a
-        reader. Returns holding the baton again."""
-        self._baton.release()
-        try:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if now >= self._next_beat:
-                    break
-                lent = now - self._lent_at < _LENT_WATCH
-                owed = self._rack_due != math.inf
-                # Given back over a look ago and not borrowed again: nobody reads what it sent.
-                unread = lent and now - self._lent_at >= _LENT_LOOK and self._ledger.records
-                if (unread or (owed and now >= self._rack_due)) and self._baton.acquire(blocking=False):
-                    self._handoff_drain()
-                    return
-                step = self._next_beat - now
-                if owed:
-                    step = min(step, max(self._rack_due - now, _LENT_LOOK))
-                if lent:
-                    step = min(step, _LENT_LOOK)
-                if waker.socket.poll(max(1, math.ceil(step * 1000))):
-                    waker.drain()
-                    if self._wanted():
-                        break
-                    # else a borrower's reminder: look more often from now on
-        except BaseException:
-            self._take_baton()
-            raise
-        self._take_baton()
-
-    def _take_baton(self) -> None:
-        """Take the baton back from a borrower (it polls the hand-off socket and gives it up)."""
-        assert self._handoff is not None
-        if not self._baton.acquire(blocking=False):
-            self._handoff.wake()
-            while not self._baton.acquire(timeout=_HANDOFF_WAIT):
-                logger.warning("%s: a caller holds the sockets for over %.0f s; asked again", self.driver_name, _HANDOFF_WAIT)
-                self._handoff.wake()
-        self._handoff_drain()
-
-    def _handoff_drain(self) -> None:
-        """The baton holder drops requests that were meant for an earlier borrower."""
-        assert self._handoff is not None
-        self._handoff.drain()
-
-    def submit_lone(self, task: bytes, timeout: float | None) -> TaskFuture | None:
-        """Queue and send one task from the caller's thread, borrowing the baton (see the module
-        docstring); None, having done nothing, unless the I/O thread is parked with nothing in
-        flight and this thread runs no event loop."""
-        ledger = self._ledger
-        if ledger.records or ledger.loose or self._control or asyncio._get_running_loop() is not None:
-            return None
-        if not self._baton.acquire(blocking=False):
-            return None
-        try:
-            bl = self._bl
-            if self._ended or bl is None or not self._idle():
-                return None
-            fut = ledger.submit_task(task, timeout, wake=False)
-            ledger.coalesce(len(self._links.links), self.consumers)
-            self._send_queued(bl.socks)
-            fut._lender = self
-            return fut
-        finally:
-            self._give_back()
-
-    def serve_until(self, fut: TaskFuture, deadline: float) -> None:
-        """Read the brokers' sockets on this thread until ``fut`` is done, ``deadline``
-        (monotonic) passes, a timer of the I/O thread is due or it asks for the baton back; at
-        once if the baton is not free. Results are settled here; done-callbacks still go to the
-        callback thread."""
-        if fut.done() or not self._baton.acquire(blocking=False):
-            return
-        try:
-            bl, handoff = self._bl, self._handoff
-            if self._ended or bl is None or handoff is None:
-                return
-            before = self._callbacks.adopt_current_thread()
-            try:
-                self._serve_lent(bl, handoff.socket, fut, deadline)
-            except Exception:  # the caller then waits as any other: the I/O thread serves
-                logger.exception("%s: reading a result on the caller's thread failed", self.driver_name)
-            finally:
-                CallbackRunner.restore_current_thread(before)
-        finally:
-            self._give_back()
-
-    def _serve_lent(self, bl: BrokerLinks, handoff: zmq.Socket[Any], fut: TaskFuture, deadline: float) -> None:
-        outcomes, link_of = self._outcomes, self._links.links
-        served = False
-        while not fut.done():
-            now = time.monotonic()
-            if now >= self._rack_due or self._rack_full:
-                self._send_racks(bl.socks)
-                self._rack_due = math.inf
-                self._rack_full = False
-            due = min(deadline, self._next_beat)
-            if now >= due:
-                break  # the heartbeat tick is the I/O thread's: it takes over
-            items = [(sock, zmq.POLLIN) for sock in bl.socks if not sock.closed]
-            items.append((handoff, zmq.POLLIN))
-            for sock, _ in zmq_poll(items, max(1, math.ceil((min(due, self._rack_due) - now) * 1000))):
-                if sock is handoff:
-                    return
-                index = bl.index(sock)
-                if index is not None:
-                    self._read(link_of[index], sock, 1)
-            if outcomes.settlements:
-                outcomes.settle_all()
-                served = True
-        if served and fut.done():
-            self.lent += 1
-
-    def _give_back(self) -> None:
-        """Give the baton back after borrowing it; wake the parked thread if it sleeps to its
-        timers (the first borrowing in a while), or if work waits that the borrower left."""
-        now = time.monotonic()
-        stale = now - self._lent_at >= _LENT_FRESH
-        self._lent_at = now
-        self._baton.release()
-        if (stale or self._ledger.queued or self._ledger.loose) and self._waker is not None:
-            self._waker.wake()
 
     def _send_queued(self, socks: list[zmq.Socket[Any]]) -> None:
         """Send the queued chunks, each to the broker the round robin picks (as one at a time
