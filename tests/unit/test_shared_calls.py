@@ -273,3 +273,28 @@ def test_the_block_size_learned_from_one_function_is_not_used_for_another() -> N
     values, errors = _run(_NOW["runner"], sent, 13, [(_slow_after_fast, x) for x in range(30)])
     assert _NOW["answers"] == [[5, 29]]  # task 0 ran alone: the rest had not started
     assert sorted(errors) == [5, 29]
+
+
+_COUNTER: list[int] = []
+
+
+def _counted() -> int:
+    _COUNTER.append(len(_COUNTER))
+    n = _COUNTER[-1]
+    if n == 7:
+        raise ValueError("the eighth call fails")
+    if n == 11:
+        next(iter(()))
+    return n
+
+
+def test_calls_without_arguments_run_by_blocks_and_a_failing_one_fails_alone() -> None:
+    """daskqueue's ``(fn,)`` calls come by columns with no column: they run by blocks too."""
+    sent: list[tuple[int, p.Message]] = []
+    runner = _runner(sent)
+    _COUNTER.clear()
+    values, errors = _run(runner, sent, 14, [(_counted,) for _ in range(40)])
+    assert sorted(errors) == [7, 11] and errors[7].message == "the eighth call fails"
+    assert errors[11].type_name == "builtins.StopIteration"
+    assert len(_COUNTER) == 40 and [v for i, v in enumerate(values) if i not in (7, 11)] == [i for i in range(40) if i not in (7, 11)]
+    assert id(_counted) in runner._blocks  # it ran by blocks

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import os
@@ -132,13 +133,16 @@ def _with_limit(options: TaskOptions, defaults: TaskOptions) -> TaskOptions:
 _BLOCK_SECONDS, _BLOCK_MOST, _BLOCKS_KEPT = 0.001, 1 << 16, 256
 
 
-def _calls(fn: Callable[..., Any], columns: list[list[Any]]) -> Iterator[Any]:
-    """The calls of one block, lazily, for ``list.extend``: a generator, not ``map``, because a
-    ``StopIteration`` that ``fn`` raises would end a ``map`` as if the block were over (its task
-    counted done, the results after it shifted); out of a generator it comes as a
-    ``RuntimeError`` caused by it (PEP 479), which :func:`_raised` unwraps."""
+def _calls(fn: Callable[..., Any], columns: list[list[Any]], count: int) -> Iterator[Any]:
+    """The ``count`` calls of one block, lazily, for ``list.extend``: a generator, not ``map``,
+    because a ``StopIteration`` that ``fn`` raises would end a ``map`` as if the block were over
+    (its task counted done, the results after it shifted); out of a generator it comes as a
+    ``RuntimeError`` caused by it (PEP 479), which :func:`_raised` unwraps. Calls without
+    arguments (daskqueue's ``(fn,)``) have no columns: ``count`` says how many."""
     if len(columns) == 1:
         return (fn(a) for a in columns[0])
+    if not columns:
+        return (fn() for _ in itertools.repeat(None, count))
     return (fn(*a) for a in zip(*columns))
 
 
@@ -516,7 +520,6 @@ class Runner:
             self._pool is None
             and deliver.attempt == 1
             and options is None
-            and tasks.columns
             and not self._limited
             and not deliver.spacing
         ):
@@ -596,7 +599,7 @@ class Runner:
             while start < end:
                 done: list[Any] = []
                 try:
-                    done.extend(_calls(fn, [column[start:end] for column in columns]))
+                    done.extend(_calls(fn, [column[start:end] for column in columns], end - start))
                 except BaseException as e:  # noqa: BLE001 - a task's failure is its result, whatever it raised
                     failed = start + len(done)  # extend kept the values before it
                     values[start:failed] = done
