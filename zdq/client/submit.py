@@ -417,10 +417,10 @@ class Submitter:
         source = reading if futures is None else calls
         try:
             for part in chunking.batches(source, size):
-                check_calls(part, count)
+                shared = check_calls(part, count)
                 base = driver.reserve(len(part))
-                try:
-                    packed = chunking.pack(base, part, driver.payload_key, CALLS, options)
+                try:  # one chunk (or several, over chunk-bytes); by columns if the calls share one function
+                    packed = chunking.pack_batch(base, part, len(part), driver.payload_key, CALLS, options, shared)
                 except SerializationError as e:
                     at = f"item {count + e.task_id - base}: " if e.task_id is not None else ""
                     raise SerializationError(f"{at}{e} ({count} tasks before this chunk were queued)") from e
@@ -872,7 +872,9 @@ class SubmitMethods:
         driver = self.driver
         base = driver.reserve(len(calls))
         try:
-            packed = Chunking.of(self.settings).pack_batch(base, calls, chunk, driver.payload_key, CALLS, options)
+            packed = Chunking.of(self.settings).pack_batch(
+                base, calls, chunk, driver.payload_key, CALLS, options, fn if callable(fn) else None
+            )  # the map's calls share its function: by columns (SHARED) where they have as many arguments
         except SerializationError as e:
             if e.task_id is None:
                 raise
