@@ -417,10 +417,10 @@ class Submitter:
         source = reading if futures is None else calls
         try:
             for part in chunking.batches(source, size):
-                shared = check_calls(part, count)
+                check_calls(part, count)
                 base = driver.reserve(len(part))
-                try:  # one chunk (or several, over chunk-bytes); by columns if the calls share one function
-                    packed = chunking.pack_batch(base, part, len(part), driver.payload_key, CALLS, options, shared)
+                try:
+                    packed = chunking.pack(base, part, driver.payload_key, CALLS, options)
                 except SerializationError as e:
                     at = f"item {count + e.task_id - base}: " if e.task_id is not None else ""
                     raise SerializationError(f"{at}{e} ({count} tasks before this chunk were queued)") from e
