@@ -103,7 +103,8 @@ TASKS, CALLS, ITEMS, PICKLED = 0, 1, 2, 3
 #: A CALLS chunk whose calls all share one function (the same object) and one length, pickled by
 #: columns: ``(fn, n, [first arguments], [second arguments], ...)`` as ``(fn, n, columns)``. A list
 #: of a thousand ints pickles and unpickles in a fifth of the time of a thousand ``(fn, i)`` tuples,
-#: and the consumer runs it with ``map`` (:class:`SharedCalls`). Never seen decoded.
+#: and the consumer runs it by blocks of calls, without a tuple per call (:class:`SharedCalls`).
+#: Never seen decoded.
 SHARED = 4
 #: Fewest calls a chunk packs by columns, and most arguments per call.
 _SHARED_MIN, _SHARED_MAX_ARGS = 8, 8
@@ -360,7 +361,7 @@ def dumps_shared(
 class SharedCalls(list):  # type: ignore[type-arg]
     """The entries of a chunk that came by columns (SHARED): a list of ``(fn, *args)`` tuples as
     any CALLS chunk's, which also keeps ``fn``, the count ``n`` and the ``columns`` of arguments
-    it was built from, so that the consumer can run them with ``map(fn, *columns)``. The list is
+    it was built from, so that the consumer can run them from the columns (by blocks). The list is
     what counts: cancelled tasks' placeholders go into it; ``columns`` is never written.
 
     Built empty with ``fill=False`` (:func:`loads_chunk`'s ``lazy``, for the consumer, which needs
