@@ -200,3 +200,23 @@ def test_a_queue_whose_worker_is_stopped_fails_placement_naming_it_and_its_worke
     said = str(raised.value)
     assert "queue 0" in said and address in said and "did not answer" in said, said
     assert took < 3.0 + 5.0, f"placement failed after {took:.1f} s, its bound is 3 s"
+
+
+def test_workers_listed_while_dask_refreshes_its_cached_identity(cluster: Any) -> None:
+    """Placement asks the scheduler for its workers (``zdq._actor.scheduler_workers``), never
+    reads the client's cached identity: Dask's periodic refresh of that cache asks for no workers
+    and, landing between a fetch and its read, made ``client.scheduler_info()`` answer an empty
+    cluster (a CI run failed "no worker is available" so). Refreshed every 5 ms here, the cache
+    is wrong in a few of a thousand reads; the workers zdq places on are never missing."""
+    import dask
+
+    from zdq._actor import candidate_workers, scheduler_workers
+
+    with dask.config.set({"distributed.client.scheduler-info-interval": "5ms"}):
+        with Client(cluster, set_as_default=False) as c:
+            expected = sorted(cluster.scheduler_info["workers"])
+            deadline = time.monotonic() + 60
+            for _ in range(1500):
+                assert sorted(scheduler_workers(c)) == expected
+                assert candidate_workers(c, None) == expected
+                assert time.monotonic() < deadline, "the scheduler answered too slowly for this test"

@@ -15,6 +15,7 @@ __all__ = [
     "local_actors",
     "PLACED_TOPIC",
     "tell_placed",
+    "scheduler_workers",
     "candidate_workers",
     "pick_worker",
     "beside_brokers",
@@ -126,6 +127,30 @@ def check_resources(resources: Any) -> dict[str, float] | None:
     return {k: float(v) for k, v in resources.items()}
 
 
+def scheduler_workers(client: Any) -> dict[str, Any]:
+    """The scheduler's live workers, asked now: address -> what the scheduler knows of it
+    (``name``, ``resources``, ``nthreads`` ...). The one place zdq asks; bounded by
+    ``placement-timeout`` (a :class:`~zdq.errors.PlacementError` names the scheduler).
+
+    Not ``client.scheduler_info()``: that returns the client's cached identity after fetching it,
+    and Dask's own periodic refresh (every ``distributed.client.scheduler-info-interval``) writes
+    an identity without workers there (it asks for ``n_workers=0``). A refresh landing between the
+    fetch and the read showed placement an empty cluster ("no worker is available"): 51 of 3,000
+    calls with the refresh every 5 ms, now and then with the default 2 s."""
+    from zdq.config import _seconds, get
+    from zdq.errors import PlacementError
+
+    timeout = _seconds(get("placement-timeout"))
+    try:
+        identity = client.sync(client.scheduler.identity, n_workers=-1, callback_timeout=timeout)
+    except TimeoutError as e:
+        raise PlacementError(
+            f"the scheduler {client.scheduler.address} did not list its workers within placement-timeout "
+            f"({timeout:g} s): it is overloaded or unreachable"
+        ) from e
+    return dict(identity["workers"])
+
+
 def allowed_workers(client: Any, workers: Any) -> list[str] | None:
     """``workers=`` of a pool: addresses or names, as given, plus the name of each worker given
     by address (a nanny restarts a killed worker at a new address under the same name, and a
@@ -135,7 +160,7 @@ def allowed_workers(client: Any, workers: Any) -> list[str] | None:
     if isinstance(workers, str) or not all(isinstance(w, str) for w in workers):
         raise TypeError(f"workers must be a list of worker addresses or names, got {workers!r:.80}")
     allowed = list(workers)
-    known = client.scheduler_info(n_workers=-1)["workers"]
+    known = scheduler_workers(client)
     for address in workers:
         name = known.get(address, {}).get("name")
         if name is not None and str(name) not in allowed:
@@ -155,7 +180,7 @@ def candidate_workers(
     so a pool restricted by name keeps placing replacements where it should. ``resources``: only
     workers that declare at least those amounts (``dask worker --resources "GPU=1"``).
     """
-    workers = known if known is not None else client.scheduler_info(n_workers=-1)["workers"]
+    workers = known if known is not None else scheduler_workers(client)
     addresses = sorted(workers)
     if allowed is not None:
         wanted = {str(a) for a in allowed}
@@ -172,7 +197,7 @@ def _no_worker(client: Any, allowed: list[str] | None, resources: dict[str, floa
     """Why no worker can take an actor, in words a user can act on."""
     if resources:
         declared = sorted(
-            {k for w in client.scheduler_info(n_workers=-1)["workers"].values() for k in (w.get("resources") or {})}
+            {k for w in scheduler_workers(client).values() for k in (w.get("resources") or {})}
         )
         wanted = ",".join(f"{k}={v:g}" for k, v in resources.items())
         return (

@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 from distributed import Client, LocalCluster
 
+from zdq._actor import scheduler_workers
 from zdq.benchmark.floor import floor_round_trip
 from zdq.benchmark.pipeline import run_pipeline
 from zdq.benchmark.results import BenchConfig, CaseResult, percentiles
@@ -377,7 +378,7 @@ def run(config: BenchConfig) -> dict[str, Any]:
     cases: list[CaseResult] = []
     ratios: dict[str, float] = {}
     with _client(config) as client:
-        workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        workers = len(scheduler_workers(client))
         if config.suite == "latency":
             trips, trip_ratios = latency(client, config)
             report = {"config": asdict(config), "workers": workers, "cases": [c.as_dict() for c in trips]}

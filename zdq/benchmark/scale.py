@@ -33,6 +33,7 @@ from typing import Any
 import psutil
 from distributed import Client, LocalCluster
 
+from zdq._actor import scheduler_workers
 from zdq.benchmark.tasks import noop
 
 __all__ = ["SCALES", "ScaleResult", "run_scale", "plot_scale"]
@@ -131,7 +132,7 @@ def placement_cluster(workers: int) -> Iterator[Client]:
 def _dask_placement(client: Client, n: int, one_by_one: bool = False) -> float:
     """Seconds to place ``n`` trivial actors over the workers (in parallel) and call each once;
     ``one_by_one``: their proxies fetched one ``result()`` at a time (the floor before issue 26)."""
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = sorted(scheduler_workers(client))
     start = time.perf_counter()
     futures = [
         client.submit(_Idle, actor=True, workers=[workers[i % len(workers)]], pure=False, key=f"bench-idle-{i}-{time.time_ns()}")

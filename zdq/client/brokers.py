@@ -46,7 +46,7 @@ from typing import Any
 
 from distributed import Client
 
-from zdq._actor import candidate_workers
+from zdq._actor import candidate_workers, scheduler_workers
 from zdq.broker import Broker
 from zdq.client import registry
 from zdq.client.slots import (
@@ -316,7 +316,7 @@ class PlacedQueues:
         whatever its size)."""
         futures: list[Any] = []
         try:
-            known = self.client.scheduler_info(n_workers=-1)["workers"]  # asked once, not per queue
+            known = scheduler_workers(self.client)  # asked once, not per queue
             # A durable queue keeps the payload key of the pool that created it, so that a pool
             # reopened after a restart reads what was stored; the queues of one dirpath agree on it.
             proposed = os.urandom(32) if auth else None

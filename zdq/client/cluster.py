@@ -26,6 +26,8 @@ from typing import Any
 
 from distributed import Client
 
+from zdq._actor import scheduler_workers
+
 __all__ = ["OwnedCluster", "cluster_for", "release_now"]
 
 logger = logging.getLogger(__name__)
@@ -136,7 +138,7 @@ def cluster_for(parallel: int | None = None) -> tuple[Client, OwnedCluster | Non
         else:
             shared = None
     if wanted is not None:
-        workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        workers = len(scheduler_workers(client))
         if workers != wanted:
             logger.warning(
                 "parallel=%d does not apply: there is a default Dask client, whose cluster (%d workers) "

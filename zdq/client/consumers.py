@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 from distributed import Client
 
-from zdq._actor import beside_brokers, candidate_workers
+from zdq._actor import beside_brokers, candidate_workers, scheduler_workers
 from zdq.client.slots import (
     ActorSlots,
     SlotsClosed,
@@ -168,7 +168,7 @@ class ConsumerSlots:
             consumer could not start: its own error, naming it and its worker.
         """
         timeout = self.settings.placement_timeout if timeout is None else timeout
-        known = self.client.scheduler_info(n_workers=-1)["workers"]
+        known = scheduler_workers(self.client)
         where = self._beside_brokers(known)
         submitted = []
         given = list(self.queue_pool.endpoints)  # what the consumers placed started are given

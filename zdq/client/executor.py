@@ -52,6 +52,7 @@ from zdq.client.window import (
     chunked,
     run_chunk,
 )
+from zdq._actor import scheduler_workers
 from zdq.errors import ZdqError
 from zdq.futures import TaskFuture
 
@@ -101,7 +102,7 @@ else:  # pragma: no cover - every CPython from 3.9 has it
 
 def _cluster_threads(client: Client) -> int:
     """The threads of the cluster's workers (at least 1): the consumers of a pool made for it."""
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    workers = scheduler_workers(client).values()
     return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
 
 

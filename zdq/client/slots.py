@@ -40,7 +40,7 @@ from typing import Any, Generic, TypeVar
 
 import distributed
 
-from zdq._actor import PLACED_TOPIC, pick_worker
+from zdq._actor import PLACED_TOPIC, pick_worker, scheduler_workers
 from zdq.errors import PlacementError
 from zdq.names import counted
 
@@ -124,7 +124,7 @@ def wait_created(client: Any, placing: list[tuple[str, Any, str]], timeout: floa
     if not late:
         return
     try:
-        present = set(client.scheduler_info(n_workers=-1)["workers"])
+        present = set(scheduler_workers(client))
     except Exception:  # noqa: BLE001 - the scheduler itself is out of reach: say what is known
         present = set(known)
 

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from zdq._actor import candidate_workers
+from zdq._actor import candidate_workers, scheduler_workers
 from zdq.client.slots import release_future
 from zdq.errors import PlacementError
 from zdq.relay.actor import Relay
@@ -91,7 +91,7 @@ class RelayPath:
     def _place(self, avoid: Sequence[str], timeout: float = 60.0) -> tuple[Any, Any, RelaySession]:
         """Place a relay and agree its keys: never on its last worker (it failed there) while
         another can take it, and on none of ``avoid`` while another can."""
-        known = self.client.scheduler_info(n_workers=-1)["workers"]
+        known = scheduler_workers(self.client)
         candidates = candidate_workers(self.client, self._workers, None, known)
         last = self._placed_on.get(0)
         fresh = [a for a in candidates if a != last] or candidates
