@@ -29,6 +29,8 @@ import zmq
 from distributed import Client, LocalCluster
 from distributed.deploy.spec import SpecCluster
 
+from zdq._actor import scheduler_workers
+
 
 _CLUSTER_FIXTURES = {"cluster", "client", "cluster3", "client3"}
 
@@ -321,7 +323,7 @@ def run_on_each_worker(c: Client, fn: Callable[[], Any], timeout: float) -> dict
     """``fn()`` on every worker of ``c``'s cluster at once, each call bounded by ``timeout``:
     the test fails naming each worker (name and address) that did not answer in time. A worker
     that left the cluster meanwhile is left out, as ``client.run`` leaves it out."""
-    workers = {a: w.get("name") for a, w in c.scheduler_info(n_workers=-1)["workers"].items()}
+    workers = {a: w.get("name") for a, w in scheduler_workers(c).items()}
     answers: dict[str, Any] = {}
     errors: dict[str, BaseException] = {}
 
@@ -344,7 +346,7 @@ def run_on_each_worker(c: Client, fn: Callable[[], Any], timeout: float) -> dict
             pytrace=False,
         )
     if errors:
-        live = set(c.scheduler_info(n_workers=-1)["workers"])
+        live = set(scheduler_workers(c))
         for address, error in errors.items():
             if address in live:
                 raise error
@@ -384,7 +386,7 @@ def pid_of(client: Client, name: str, timeout: float = 30.0) -> int:
     it: a worker its nanny is restarting, or one that just joined, is briefly absent."""
 
     def lookup() -> int | None:
-        addresses = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["name"] == name]
+        addresses = [a for a, w in scheduler_workers(client).items() if w["name"] == name]
         if len(addresses) != 1:
             return None
         pid = client.run(os.getpid, workers=addresses).get(addresses[0])

@@ -71,6 +71,7 @@ from zdq.stats import BrokerStats, ConsumerStats
 from zdq.storage.memory import MemoryStorage
 from zdq.codec.tasks import CALLS, TaskOptions, call_task, check_calls, dumps_task
 from zdq.transport.sockets import bind_router, new_identity
+from zdq._actor import scheduler_workers
 
 __all__ = ["Harness", "assert_no_zdq_threads", "client_abc", "cluster_abc", "harness", "make_harness"]
 
@@ -359,7 +360,7 @@ def client_abc(cluster_abc: LocalCluster) -> Iterator[Client]:
 
     with Client(cluster_abc) as client:
         client.wait_for_workers(3, timeout=60)
-        names = sorted(w["name"] for w in client.scheduler_info(n_workers=-1)["workers"].values())
+        names = sorted(w["name"] for w in scheduler_workers(client).values())
         assert names == ["a", "b", "c"], f"the shared cluster lost a worker (a test killed one?): {names}"
         yield client
         assert_no_zdq_leaks(client)

@@ -21,6 +21,7 @@ from distributed import Client
 
 from zdq import BrokerLost, ConsumerPool, DeadLettered, QueuePool, TaskTimeout
 from zdq.errors import BatchError
+from zdq._actor import scheduler_workers
 
 from .conftest import pid_of as _pid_of, wait_until
 from .tasks import add, flaky, poison, raise_key_error, sleep, slow_add, span, tiny_sleep
@@ -208,7 +209,7 @@ def test_a_task_longer_than_the_heartbeat_timeout_keeps_its_lease(harness: Calla
 
 
 def test_a_durable_queue_placed_by_worker_address_recovers_on_the_restarted_worker(client3: Client, tmp_path: Path) -> None:
-    (address,) = [a for a, w in client3.scheduler_info()["workers"].items() if w["name"] == "a"]
+    (address,) = [a for a, w in scheduler_workers(client3).items() if w["name"] == "a"]
     with QueuePool(client3, 1, durability="durable", dirpath=tmp_path, workers=[address], **FAST) as qp:
         with ConsumerPool(client3, qp, n_consumers=1, workers=["b"], start=True):
             qp.flush()

@@ -23,6 +23,7 @@ import pytest
 from distributed import Client
 
 from zdq import BrokerUnreachable, ConsumerPool, QueuePool
+from zdq._actor import scheduler_workers
 
 from .conftest import wait_until
 from .hosts import Hosts, skip_reason
@@ -72,7 +73,7 @@ def _zdq_keys(dask_scheduler) -> list[str]:  # type: ignore[no-untyped-def]
 
 def _workers(client: Client) -> dict[str, str]:
     """Worker name -> address, as the scheduler knows them."""
-    return {str(w["name"]): a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+    return {str(w["name"]): a for a, w in scheduler_workers(client).items()}
 
 
 def test_a_transient_and_a_durable_pool_across_hosts_return_every_result(
@@ -248,7 +249,7 @@ def test_a_tls_cluster_across_hosts_runs_pools_over_curve_on_the_workers_address
             client.wait_for_workers(2, timeout=60)
         except TimeoutError:
             pytest.fail(f"the workers did not join: {hosts.log_tail('sched')}\n{hosts.log_tail('b')}")
-        assert all(a.startswith("tls://") for a in client.scheduler_info(n_workers=-1)["workers"])
+        assert all(a.startswith("tls://") for a in scheduler_workers(client))
         with pytest.raises(Exception, match="will not run its sockets unauthenticated"):
             QueuePool(client, 2, auth=False)
         with (

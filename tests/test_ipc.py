@@ -24,6 +24,7 @@ from zdq import ConsumerPool, QueuePool
 from zdq.errors import BrokerUnreachable
 from zdq.transport.ipc import ipc_dir, ipc_endpoint, ipc_path, serve_on_ipc, sweep
 from zdq.transport.reach import Watch
+from zdq._actor import scheduler_workers
 
 from .conftest import pid_of, wait_until
 from .tasks import add, mark_and_sleep
@@ -202,7 +203,7 @@ def test_a_relative_directory_binds_no_ipc_socket(tmp_path: Path, monkeypatch: p
 
 @pytest.mark.faults
 def test_a_foreign_listener_at_a_brokers_ipc_path_is_named_when_consumers_cannot_reach_it(client: Client) -> None:
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = sorted(scheduler_workers(client))
     with QueuePool(client, 1, workers=[workers[0]], connect_timeout="2s", **FAST) as qp:
         address = _addresses(qp)[0]
         assert address.startswith("ipc://"), address

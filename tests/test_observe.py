@@ -22,6 +22,7 @@ from tests.conftest import assert_no_zdq_leaks, wait_until
 from tests.inprocess_cli import zdq_here
 from tests.tasks import add, fail
 from zdq import ConsumerPool, QueuePool
+from zdq._actor import scheduler_workers
 
 pytestmark = pytest.mark.cluster
 
@@ -401,7 +402,7 @@ def test_the_scheduler_hears_one_report_per_worker_a_second_whatever_the_number_
         # counts are then taken over however long they took on this machine.
         wait_until(lambda: dash_client.run_on_scheduler(_reports)[1] - before[1] >= 14 * 3, timeout=30, interval=0.2)
         after, elapsed = dash_client.run_on_scheduler(_reports), time.monotonic() - t0
-        workers = len(dash_client.scheduler_info()["workers"])
+        workers = len(scheduler_workers(dash_client))
         # One message per worker process and interval (1 s), carrying all 14 queues between them.
         assert after[0] - before[0] <= workers * (elapsed + 1)
         assert after[1] - before[1] >= 14 * (elapsed - 1)
@@ -497,14 +498,14 @@ def test_a_feed_emptied_and_fed_again_keeps_reporting_once_a_second(
     import time
 
     with QueuePool(dash_client, 1, name="installer"):  # the monitor is installed
-        worker = sorted(dash_client.scheduler_info()["workers"])[0]
+        worker = sorted(scheduler_workers(dash_client))[0]
         wait_until(lambda: dash_client.run_on_scheduler(_reports)[0] > 0, timeout=20)
         before = dash_client.run_on_scheduler(_reports)[0]
         t0 = time.monotonic()
         dash_client.run(_feed_emptied_and_fed_again, 3.0, workers=[worker])
         reports = dash_client.run_on_scheduler(_reports)[0] - before
         elapsed = time.monotonic() - t0
-    workers = len(dash_client.scheduler_info()["workers"])
+    workers = len(scheduler_workers(dash_client))
     assert reports <= workers * (elapsed + 2), f"{reports} reports in {elapsed:.1f} s from {workers} workers"
 
 
@@ -525,13 +526,13 @@ def test_a_malformed_report_from_a_worker_is_dropped_and_every_worker_stays_in_t
     with queue_pool, consumer_pool:
         consumer_pool.start()
         assert queue_pool.batch_submit([(add, i, 1) for i in range(20)]).result(timeout=60) == list(range(1, 21))
-        workers = sorted(dash_client.scheduler_info()["workers"])
+        workers = sorted(scheduler_workers(dash_client))
         reports = dash_client.run_on_scheduler(_reports)[0]
         dash_client.run(_send_forged_report, workers=workers[:1])
         dash_client.run(_send_forged_report, workers=workers[:1])
         # Reports keep arriving and being read; no worker was removed for them.
         wait_until(lambda: dash_client.run_on_scheduler(_reports)[0] >= reports + 4, timeout=10, interval=0.2)
-        assert sorted(dash_client.scheduler_info()["workers"]) == workers
+        assert sorted(scheduler_workers(dash_client)) == workers
         assert queue_pool.submit(add, 1, 1).result(timeout=30) == 2
         status = json.loads(_get(f"{http}/zdq/status.json"))
         assert "evil" not in status["pools"] and "poisoned" in status["pools"]

@@ -16,6 +16,7 @@ import pytest
 from distributed import Client
 
 from zdq import ConsumerBaseClass, ConsumerPool, QueuePool
+from zdq._actor import scheduler_workers
 from zdq.client.consumers import ConsumerSlots
 from zdq.client.slots import release_future
 from zdq.errors import PlacementError
@@ -73,7 +74,7 @@ def test_consumers_placed_started_start_at_the_same_time_and_serve(client: Clien
 
 
 def test_a_consumer_that_cannot_start_at_placement_fails_it_naming_its_worker(client: Client) -> None:
-    second = sorted(client.scheduler_info(n_workers=-1)["workers"])[1]  # where slot 1 goes
+    second = sorted(scheduler_workers(client))[1]  # where slot 1 goes
     with QueuePool(client, 1) as qp:
         with pytest.raises(PlacementError) as info:
             ConsumerPool(client, qp, FailsOnItsSecondSlot, n_consumers=2, start=True)
@@ -110,7 +111,7 @@ def _a_free_port() -> int:
 def test_a_broker_that_cannot_open_in_its_constructor_fails_placement_naming_its_worker(client: Client) -> None:
     # One port for two brokers on this one host: the second to bind cannot, in its constructor.
     port = _a_free_port()
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = sorted(scheduler_workers(client))
     started = time.monotonic()
     with pytest.raises(PlacementError) as info:
         QueuePool(client, 2, ports=(port, port), placement_timeout=20.0)
@@ -131,7 +132,7 @@ def test_a_consumer_whose_sockets_cannot_open_fails_placement_from_the_reach_ste
     # Its sockets open in the background (the constructor returns first); an endpoint that does
     # not parse fails them there, and the reach step that follows says so, naming it and its worker.
     monkeypatch.setattr(ConsumerSlots, "start_args", lambda self, i: (["tcp://no-such-host-or-port"], [0]))
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = sorted(scheduler_workers(client))
     with QueuePool(client, 1, placement_timeout=20.0) as qp:
         started = time.monotonic()
         with pytest.raises(PlacementError) as info:
@@ -144,7 +145,7 @@ def test_a_consumer_whose_sockets_cannot_open_fails_placement_from_the_reach_ste
 
 
 def test_the_reach_of_every_consumer_is_asked_once_per_worker(client: Client) -> None:
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+    workers = scheduler_workers(client)
     with QueuePool(client, 2) as qp, ConsumerPool(client, qp, n_consumers=4, start=True) as consumers:
         slots = consumers._consumers
         # One consumer of each worker answers for all of that worker's (one actor call a worker).
@@ -187,7 +188,7 @@ def test_a_queue_whose_worker_is_stopped_fails_placement_naming_it_and_its_worke
 
     from .conftest import stop_process
 
-    address = sorted(client.scheduler_info(n_workers=-1)["workers"])[0]
+    address = sorted(scheduler_workers(client))[0]
     stopped = client.run(os.getpid, workers=[address])[address]
     stop_process(stopped)  # only stopped, then resumed: the session's cluster serves
     try:
@@ -210,7 +211,7 @@ def test_workers_listed_while_dask_refreshes_its_cached_identity(cluster: Any) -
     is wrong in a few of a thousand reads; the workers zdq places on are never missing."""
     import dask
 
-    from zdq._actor import candidate_workers, scheduler_workers
+    from zdq._actor import candidate_workers
 
     with dask.config.set({"distributed.client.scheduler-info-interval": "5ms"}):
         with Client(cluster, set_as_default=False) as c:

@@ -16,6 +16,7 @@ from distributed import Client
 
 from tests.conftest import pid_of, wait_until
 from zdq import ConsumerPool, QueuePool
+from zdq._actor import scheduler_workers
 
 pytestmark = [pytest.mark.cluster, pytest.mark.faults]
 
@@ -30,7 +31,7 @@ def _rate(starts: list[float]) -> float:
 def test_a_durable_queues_limit_set_live_holds_after_its_brokers_worker_is_killed(client3: Client, tmp_path: Path) -> None:
     with QueuePool(client3, 1, "durable", str(tmp_path), workers=["a", "c"], **FAST) as queue_pool:
         queue_pool.set_rate_limit("10/s")  # set live, not given to the pool: the queue keeps it
-        names = {a: w["name"] for a, w in client3.scheduler_info(n_workers=-1)["workers"].items()}
+        names = {a: w["name"] for a, w in scheduler_workers(client3).items()}
         killed = names[queue_pool.workers()[0]]
         os.kill(pid_of(client3, killed), signal.SIGKILL)
         # Placed again on the spare worker (or on the killed one, if its nanny was quicker than the

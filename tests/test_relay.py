@@ -19,6 +19,7 @@ from distributed import Client
 from zdq import ConsumerPool, QueuePool
 from zdq.errors import ProtocolError
 from zdq.relay.actor import Relay
+from zdq._actor import scheduler_workers
 
 from .conftest import (
     _assert_eventually_empty,
@@ -35,7 +36,7 @@ pytest_plugins = ["tests.harness"]
 
 def _pid(client: Client, worker: str) -> int:
     """The pid of the worker process at address ``worker``."""
-    return pid_of(client, client.scheduler_info(n_workers=-1)["workers"][worker]["name"])
+    return pid_of(client, scheduler_workers(client)[worker]["name"])
 
 
 def _relay_keys(client: Client) -> list[str]:

@@ -12,6 +12,7 @@ from distributed import Client
 
 from zdq import ConsumerPool, QueuePool
 from zdq.errors import PlacementError
+from zdq._actor import scheduler_workers
 
 from .conftest import wait_until
 
@@ -51,7 +52,7 @@ def _worker_name() -> str:
 @pytest.fixture
 def gpu_worker(client: Client) -> Iterator[str]:
     """A real `dask worker` process that declares the resource GPU=1, beside the cluster's own."""
-    before = len(client.scheduler_info()["workers"])
+    before = len(scheduler_workers(client))
     proc = subprocess.Popen(
         [sys.executable, "-m", "distributed.cli.dask_worker", client.scheduler.address, "--name", "gpu",
          "--nthreads", "1", "--no-nanny", "--no-dashboard", "--resources", "GPU=1"],
@@ -67,7 +68,7 @@ def gpu_worker(client: Client) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
-        wait_until(lambda: len(client.scheduler_info()["workers"]) == before, timeout=60)
+        wait_until(lambda: len(scheduler_workers(client)) == before, timeout=60)
 
 
 def test_pools_placed_by_dask_resources_run_only_on_workers_that_declare_them(client: Client, gpu_worker: str) -> None:
@@ -75,7 +76,7 @@ def test_pools_placed_by_dask_resources_run_only_on_workers_that_declare_them(cl
         QueuePool(client, 2, resources={"GPU": 1}) as queue_pool,
         ConsumerPool(client, queue_pool, n_consumers=2, resources={"GPU": 1}, start=True) as consumers,
     ):
-        (gpu_address,) = [a for a, w in client.scheduler_info()["workers"].items() if w["name"] == gpu_worker]
+        (gpu_address,) = [a for a, w in scheduler_workers(client).items() if w["name"] == gpu_worker]
         gpu_pid = client.run(os.getpid, workers=[gpu_address])[gpu_address]
         assert [queue_pool[i].pid().result(timeout=30) for i in range(2)] == [gpu_pid, gpu_pid]
         assert {s.worker for s in consumers.statistics()} == {gpu_address}

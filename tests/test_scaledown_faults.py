@@ -23,6 +23,7 @@ from distributed import Client, LocalCluster
 
 from zdq import ConsumerPool, QueuePool
 from zdq.errors import BrokerLost, NoConsumers, PlacementError, ZdqTimeoutError
+from zdq._actor import scheduler_workers
 
 from .conftest import call_bounded, stop_process, wait_until
 from .tasks import add
@@ -80,7 +81,7 @@ def sleep_return_until(i: int, seconds: float, hurry: str) -> int:
 
 
 def worker_names(client: Client) -> list[str]:
-    return sorted(str(w["name"]) for w in client.scheduler_info(n_workers=-1)["workers"].values())
+    return sorted(str(w["name"]) for w in scheduler_workers(client).values())
 
 
 @pytest.mark.timeout(300)
@@ -230,5 +231,5 @@ def test_a_stopped_worker_is_named_by_statistics_alone_and_by_the_placement_erro
 
 
 def _address_of(client: Client, name: str) -> str:
-    (address,) = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["name"] == name]
+    (address,) = [a for a, w in scheduler_workers(client).items() if w["name"] == name]
     return address

@@ -13,6 +13,7 @@ from distributed import Client
 
 from zdq import ConsumerBaseClass, ConsumerPool, QueuePool, ZdqError
 from zdq.errors import NoConsumers, ZdqTimeoutError
+from zdq._actor import scheduler_workers
 
 from .conftest import wait_until
 from .tasks import add, fail, noop, sleep
@@ -172,7 +173,7 @@ def test_join_with_a_progress_bar_leaves_no_thread_behind(client: Client) -> Non
 def test_dask_idioms_work_inside_zdq_tasks_and_exceptions_keep_their_type(client: Client, max_concurrency: int) -> None:
     from .tasks import dask_idioms
 
-    workers = set(client.scheduler_info()["workers"])
+    workers = set(scheduler_workers(client))
     with QueuePool(client, 1) as queue_pool:
         with ConsumerPool(client, queue_pool, max_concurrency=max_concurrency, start=True):
             address, thread, first, second = queue_pool.submit(dask_idioms, 20).result(timeout=120)
