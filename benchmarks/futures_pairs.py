@@ -4,9 +4,10 @@
 keep_results=False, chunk_size=1000)`` + ``ConsumerPool(client, qp, n_consumers=2)``,
 ``batch_submit(calls).result()`` of ``N`` no-op calls (``zdq.benchmark.cases.zdq_noop``), and the
 bare pipeline (``zdq.benchmark.pipeline``), in turn, ``ROUNDS`` times. Per round: both rates,
-their ratio, how long ``batch_submit`` took to return (the serial phase: check and pickle the
-whole batch), and CPU ns per task of the driver's calling thread, the driver's process, and each
-worker process (``/proc/PID/stat``, ``/proc/self/task/TID/stat``: 10 ms ticks). Prints one
+their ratio, how long ``batch_submit`` took to return, when (wall) and after how much CPU of the
+calling thread it first handed chunks to the driver (``first_ms``, ``first_cpu_ms``: the serial
+phase, the whole batch checked and pickled), and CPU ns per task of the driver's calling thread,
+the driver's process, and each worker process (``/proc/PID/stat``, ``/proc/self/task/TID/stat``: 10 ms ticks). Prints one
 ``RESULT`` line (JSON). Run it in alternated pairs (ABBA) against the tree before a change:
 
     PYTHONPATH=<tree> python3 benchmarks/futures_pairs.py N_TASKS ROUNDS
@@ -54,13 +55,23 @@ def main(n: int, rounds: int) -> None:
         ) as cp:
             cp.start()
             qp.batch_submit([(noop, i) for i in range(1000)]).result(timeout=120)  # warm up
+            handoffs: list[float] = []  # when the caller first hands chunks to the driver
+            submit_chunks = qp.driver.submit_chunks
+
+            def timed(*args: Any, **kwargs: Any) -> int:
+                if not handoffs:
+                    handoffs.extend((time.perf_counter(), time.thread_time()))
+                return submit_chunks(*args, **kwargs)
+
+            qp.driver.submit_chunks = timed  # type: ignore[method-assign]
             for _ in range(rounds):
                 bare = min(run_pipeline(n, repeat=1))
                 calls = [(noop, i) for i in range(n)]
                 before = [_cpu(f"/proc/self/task/{me}/stat"), _cpu("/proc/self/stat")] + [
                     _cpu(f"/proc/{pid}/stat") for pid in pids
                 ]
-                start = time.perf_counter()
+                handoffs.clear()
+                start, start_cpu = time.perf_counter(), time.thread_time()
                 batch = qp.batch_submit(calls)
                 submitted = time.perf_counter() - start
                 values = batch.result(timeout=300)
@@ -76,6 +87,8 @@ def main(n: int, rounds: int) -> None:
                         "bare": n / bare,
                         "ratio": bare / seconds,
                         "submit_ms": submitted * 1e3,
+                        "first_ms": (handoffs[0] - start) * 1e3,
+                        "first_cpu_ms": (handoffs[1] - start_cpu) * 1e3,
                         "cpu_ns": {"calling": ns[0], "driver": ns[1], "workers": ns[2:], "all": ns[1] + sum(ns[2:])},
                     }
                 )
@@ -87,6 +100,8 @@ def main(n: int, rounds: int) -> None:
         "bare": statistics.median(r["bare"] for r in rows),
         "ratio": statistics.median(r["ratio"] for r in rows),
         "submit_ms": statistics.median(r["submit_ms"] for r in rows),
+        "first_ms": statistics.median(r["first_ms"] for r in rows),
+        "first_cpu_ms": statistics.median(r["first_cpu_ms"] for r in rows),
         "cpu_all": statistics.median(r["cpu_ns"]["all"] for r in rows),
         "rows": rows,
     }

@@ -137,6 +137,36 @@ def test_unpicklable_work_is_refused_with_the_culprit_named_and_nothing_queued(c
         assert queue_pool.statistics().driver.tasks_submitted == 5000
 
 
+class _Stubborn(int):
+    """An int that refuses to be pickled."""
+
+    def __reduce__(self) -> object:
+        raise TypeError("not today")
+
+
+def test_a_batch_by_columns_with_one_call_that_cannot_go_anywhere_in_it_queues_nothing(client: Client) -> None:
+    # Calls of one function go by columns (SHARED chunks cut from columns of the whole batch): a
+    # culprit first, at a chunk's edges, past a window's worth, in the middle or last, of any
+    # kind (not picklable, an int subclass refusing, larger than max-message-size) stops all.
+    n = 20_000
+    nothing = "item {} of the batch: .*argument 0.*nothing of the batch was queued"
+    culprits = ((threading.Lock(), nothing), (_Stubborn(3), nothing), ("x" * (1 << 17), "pickles to .* more than max-message-size"))
+    with QueuePool(client, 2, window=2, chunk_bytes="16KiB", max_message_size="64KiB") as queue_pool:
+        for where in (0, 999, 1000, 7999, 8000, n // 2, n - 1):
+            for bad, match in culprits:
+                calls = [(add, i, i) for i in range(n)]
+                calls[where] = (add, bad, 1)
+                with pytest.raises(SerializationError, match=match.format(where)):
+                    queue_pool.batch_submit(calls, batch_size=1000, timeout=30)
+        assert queue_pool.statistics().driver.tasks_submitted == 0
+        assert sum(queue_pool.get_queue_size().values()) == 0
+        batch = queue_pool.batch_submit([(add, i, i) for i in range(n)], batch_size=1000, timeout=30)  # and then it goes
+        queue_pool.flush(timeout=30)
+        assert queue_pool.statistics().driver.tasks_submitted == n
+        with ConsumerPool(client, queue_pool, n_consumers=1, start=True):
+            assert batch.result(timeout=60) == [2 * i for i in range(n)]
+
+
 def test_bad_arguments_get_clear_errors(client: Client) -> None:
     with pytest.raises(ValueError, match="n_queues"):
         QueuePool(client, 0)
