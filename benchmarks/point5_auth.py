@@ -82,17 +82,20 @@ def main() -> None:
     ratios = [p / a for a, p in zip(seconds["auth"], seconds["plain"])]
     print(json.dumps({"load": os.getloadavg()[0], "rate auth/plain per round": [round(x, 3) for x in ratios],
                       "median": round(statistics.median(ratios), 3)}))
-    print(f"{'us CPU per chunk (median)':28s} {'auth':>8s} {'plain':>8s} {'diff':>8s}")
+    print(f"{'us CPU per chunk (median)':28s} {'auth':>8s} {'plain':>8s} {'paired diff':>12s}")
     keys = sorted(set(cpu["auth"]) | set(cpu["plain"]))
-    tot = {"auth": 0.0, "plain": 0.0}
+    zeros = [0.0] * rounds
+    totals = {kind: [sum(cpu[kind].get(k, zeros)[r] for k in keys) for r in range(rounds)] for kind in cpu}
     for key in keys:
-        a = statistics.median(cpu["auth"].get(key, [0.0]))
-        p = statistics.median(cpu["plain"].get(key, [0.0]))
-        tot["auth"] += a
-        tot["plain"] += p
-        if a or p:
-            print(f"{key:28s} {a:8.1f} {p:8.1f} {a - p:8.1f}")
-    print(f"{'total':28s} {tot['auth']:8.1f} {tot['plain']:8.1f} {tot['auth'] - tot['plain']:8.1f}")
+        a, p = cpu["auth"].get(key, zeros), cpu["plain"].get(key, zeros)
+        if statistics.median(a) or statistics.median(p):
+            # the diff of each round's pair (the same moment's load), then their median
+            diff = statistics.median(x - y for x, y in zip(a, p))
+            print(f"{key:28s} {statistics.median(a):8.1f} {statistics.median(p):8.1f} {diff:12.1f}")
+    diffs = sorted(x - y for x, y in zip(totals["auth"], totals["plain"]))
+    q = len(diffs) // 4
+    print(f"{'total':28s} {statistics.median(totals['auth']):8.1f} {statistics.median(totals['plain']):8.1f} "
+          f"{statistics.median(diffs):12.1f} (quartiles {diffs[q]:.1f} .. {diffs[-q - 1]:.1f})")
     print("wall us per chunk: auth", round(1e6 * statistics.median(seconds["auth"]) / chunks, 1),
           "plain", round(1e6 * statistics.median(seconds["plain"]) / chunks, 1))
 

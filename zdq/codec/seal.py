@@ -19,9 +19,7 @@ and a counter repeats only after 2^64 seals. A sealed payload is::
 
 The reader derives the salt's key once and keeps it (:data:`_OPENERS`, bounded). Payloads sealed
 before (a durable queue's, kept across an upgrade: ``BLAKE2b(data, key)`` (16 bytes) | data) are
-still read: a payload that is not a valid new seal is checked as one of those. Payloads under 512
-bytes (BLAKE2b is cheaper there: a single task's chunk) and over 2 GiB (beyond what cryptography's
-AES-GCM takes) are still sealed that way.
+still read: a payload that is not a valid new seal is checked as one of those.
 
 State: one sealer per payload key in this process, and the readers' derived keys; both are only
 caches of what the key and the salts determine (forgotten in a forked child).
@@ -50,12 +48,6 @@ _HEAD = len(MAGIC) + _SALT + 8
 OVERHEAD = _HEAD + _TAG
 _PERSON = b"zdq-seal-gmac"
 _OLD_TAG = 16  # the keyed BLAKE2b tag of protocol 6 and before
-#: The payloads sealed with GCM: from the size where it costs less than BLAKE2b (a single task's
-#: chunk or results: 1.0 against 0.7 µs to seal, 1.6 against 0.9 to check) to the largest that
-#: cryptography's AES-GCM takes (max-message-size allows more); the others get the earlier BLAKE2b
-#: tag, which :func:`unseal` reads as well.
-_GCM_MIN = 512
-_GCM_MAX = 2**31 - 1
 #: Derived keys kept for reading (a process reads from a few sealers: its pool's drivers and consumers).
 _MAX_OPENERS = 4096
 
@@ -113,8 +105,6 @@ def seal(key: bytes | None, data: bytes) -> bytes:
     """``data`` prefixed with its seal (``data`` itself without a key)."""
     if key is None:
         return data
-    if not _GCM_MIN <= len(data) <= _GCM_MAX:  # small (cheaper so), or beyond what AES-GCM takes
-        return hashlib.blake2b(data, key=key, digest_size=_OLD_TAG).digest() + data
     sealer = _SEALERS.get(key) or _sealer(key)
     nonce = _COUNTER.pack(next(sealer.count))
     return b"".join((sealer.head, nonce[4:], sealer.aead.encrypt(nonce, b"", data), data))
