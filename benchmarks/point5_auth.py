@@ -18,7 +18,6 @@ import statistics
 import sys
 import threading
 import time
-from typing import Any
 
 from distributed import Client, LocalCluster
 
