@@ -204,7 +204,7 @@ def test_queue_pool_map_over_lists_tuples_and_ranges_gives_each_result_in_order(
     # Taken by slices of the iterables (no tuple per call), in chunks of 8 and a last shorter one.
     assert zdq.gather(pool.map(square, range(3, 53)), timeout=60) == [i * i for i in range(3, 53)]
     assert zdq.gather(pool.map(square, list(range(21))), timeout=60) == [i * i for i in range(21)]
-    assert zdq.gather(pool.map(square, tuple(range(19))), timeout=60) == [i * i for i in range(19)]
+    assert zdq.gather(pool.map(square, tuple(range(19)), delay=0.05, priority=2), timeout=60) == [i * i for i in range(19)]
     # Several iterables of unequal lengths: as many calls as the shortest has items, as zip().
     futures = pool.map(pow, range(40), [2] * 30, tuple([1000] * 35))
     assert zdq.gather(futures, timeout=60) == [i * i % 1000 for i in range(30)]
