@@ -31,9 +31,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from zdq.config import PoolSettings
 from zdq.errors import SerializationError
-from zdq.codec.tasks import (
-    _SHARED_MAX_ARGS, _SHARED_MIN, CALLS, PICKLED, TaskOptions, calls_columns, dumps_chunk, dumps_shared,
-)
+from zdq.codec.tasks import CALLS, PICKLED, TaskOptions, calls_columns, dumps_chunk, dumps_shared
 
 __all__ = ["Chunking", "Packed"]
 
@@ -214,17 +212,6 @@ class Chunking:
         return self.pack_shared(first, fn, half, [c[:half] for c in columns], key, options) + self.pack_shared(
             first + half, fn, n - half, [c[half:] for c in columns], key, options
         )
-
-    def pack_columns(
-        self, first: int, fn: Any, n: int, columns: list[list[Any]], key: bytes | None, options: TaskOptions | None
-    ) -> list[Packed]:
-        """``n`` calls of the callable ``fn`` given by the ``columns`` of their arguments (lists of
-        ``n`` each: ``queue_pool.map``'s slices of its iterables), packed as :meth:`pack_batch`
-        packs calls that share their function: by columns (SHARED) when they are enough and have
-        few enough arguments, else as ``(fn, *args)`` tuples."""
-        if n >= _SHARED_MIN and 1 <= len(columns) <= _SHARED_MAX_ARGS:
-            return self.pack_shared(first, fn, n, columns, key, options)
-        return self.pack(first, list(zip(itertools.repeat(fn, n), *columns)), key, CALLS, options)
 
     def _fits(self, first: int, n: int, payload: bytes) -> bool:
         """Whether a chunk of ``n`` tasks that pickled to ``payload`` goes whole (False: split it).
