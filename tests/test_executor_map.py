@@ -198,3 +198,35 @@ def test_a_map_of_no_iterable_or_an_empty_one_gives_nothing(pool: QueuePool) -> 
         assert list(executor.map(square)) == []
         assert list(executor.map(square, [], buffersize=3)) == []
         assert list(executor.map(square, range(5), chunksize=2, buffersize=1)) == [i * i for i in range(5)]
+
+
+def test_queue_pool_map_over_lists_tuples_and_ranges_gives_each_result_in_order(pool: QueuePool) -> None:
+    # Taken by slices of the iterables (no tuple per call), in chunks of 8 and a last shorter one.
+    assert zdq.gather(pool.map(square, range(3, 53)), timeout=60) == [i * i for i in range(3, 53)]
+    assert zdq.gather(pool.map(square, list(range(21))), timeout=60) == [i * i for i in range(21)]
+    assert zdq.gather(pool.map(square, tuple(range(19)), delay=0.05, priority=2), timeout=60) == [i * i for i in range(19)]
+    # Several iterables of unequal lengths: as many calls as the shortest has items, as zip().
+    futures = pool.map(pow, range(40), [2] * 30, tuple([1000] * 35))
+    assert zdq.gather(futures, timeout=60) == [i * i % 1000 for i in range(30)]
+    assert zdq.gather(pool.map(pow, range(5), (3, 3, 3)), timeout=60) == [0, 1, 8]  # fewer than 8: as tuples
+    # kwargs go to every call (a partial of fn); a task's error stays at its position.
+    assert zdq.gather(pool.map(pow, list(range(20)), [3] * 20, mod=7), timeout=60) == [i**3 % 7 for i in range(20)]
+    failed = pool.map(square_unless, range(20), [11] * 20)
+    with pytest.raises(KeyError, match="item 11"):
+        failed[11].result(timeout=60)
+    assert [f.result(timeout=60) for f in failed[:11]] == [i * i for i in range(11)]
+    assert pool.map(square, []) == [] and pool.map(square, range(0), [1]) == []
+
+
+def test_queue_pool_map_of_an_unpicklable_item_names_it_and_cancels_what_it_queued(
+    pool: QueuePool, tmp_path: Path
+) -> None:
+    dirs: list[Any] = [str(tmp_path)] * N_NAPS
+    dirs[150] = threading.Lock()
+    with pytest.raises(zdq.SerializationError, match=r"^item 150\b") as raised:
+        pool.map(nap_noted, dirs, range(N_NAPS), [NAP] * N_NAPS)
+    assert "(144 tasks before this chunk were queued)" in str(raised.value)  # chunks of 8
+    assert any("map() cancelled the 144 tasks" in note for note in raised.value.__notes__)
+    wait_until(lambda: pool.driver.outstanding == 0, timeout=30)
+    ran = _ran(tmp_path)
+    assert len(ran) < 100 and not ran & set(range(144, N_NAPS)), sorted(ran)

@@ -123,3 +123,26 @@ def test_an_unpicklable_item_is_named_by_its_position_in_the_map(pool: QueuePool
     with pool.executor() as executor, pytest.raises(zdq.errors.SerializationError, match=pattern):
         got.extend(executor.map(square, items(), buffersize=20, timeout=60))
     assert got == [i * i for i in range(len(got))]
+
+
+def test_queue_pool_map_blocked_on_a_full_window_raises_at_its_timeout_and_cancels_what_it_queued(
+    pool: QueuePool,
+) -> None:
+    # A range is taken by slices, chunk by chunk within the window: with the queue's worker stopped,
+    # the window fills and timeout bounds the wait for room; what was queued is cancelled.
+    assert zdq.gather(pool.map(square, range(20), timeout=30), timeout=60) == [i * i for i in range(20)]
+    pid = pid_of(pool.client, "a")
+    stop_process(pid)
+    try:
+        bounded = Outcome(lambda: pool.map(square, range(200_000), timeout=2))
+        bounded.thread.join(20)
+        assert isinstance(bounded.error, zdq.errors.SubmitTimeout), bounded.error
+        # The wait for room within timeout=2; then the cancellation of what was queued, whose wait
+        # for the stopped queue's answer is bounded by the driver (5 s here), as before.
+        assert bounded.took < 9.5, f"timeout=2 raised after {bounded.took:.1f} s"
+        notes = getattr(bounded.error, "__notes__", [])
+        queued = [int(n.split()[4]) for n in notes if n.startswith("zdq: map() cancelled the")]
+        assert queued and 0 < queued[0] < 200_000, notes
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: pool.driver.outstanding == 0, timeout=60)

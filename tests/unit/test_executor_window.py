@@ -434,7 +434,7 @@ def test_a_maps_futures_read_their_state_from_their_chunk_settled_as_a_batch() -
 def test_a_maps_future_gets_lists_of_waiters_and_callbacks_only_when_used() -> None:
     chunk = MapChunk(0, 3, None, None)
     futures = chunk.futures()
-    assert chunk._watched is None and not hasattr(futures[0], "_w") and not hasattr(futures[0], "_cb")
+    assert chunk._watched is None and not hasattr(futures[0], "_x")
     assert futures[1]._waiters == [] and list(chunk._watched or ()) == [1]
     chunk._fill(1, ["b"], {})
     assert not chunk._watched  # told, then forgotten

@@ -38,7 +38,10 @@ from zdq.client.window import FutureSlice, MapBatch, MapChunk, Slice, cancel_sli
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
-from zdq.codec.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, check_task_name, dumps_task, item_task
+from zdq.codec.tasks import (
+    _SHARED_MAX_ARGS, _SHARED_MIN, CALLS, ITEMS, TaskOptions, call_task, check_calls, check_task_name, dumps_task,
+    item_task,
+)
 from zdq.codec.rates import chunk_cap, rate_key_of, rate_of, share
 from zdq.codec.timing import Timing, expiry_of, timing_of
 from zdq.codec.unique import unique_timing
@@ -206,6 +209,16 @@ def _calls_hold_futures(calls: list[tuple[Any, ...]]) -> bool:
     if kinds <= PLAIN:
         return False
     return holds_futures(itertools.chain.from_iterable(call[1:] for call in calls))
+
+
+def _items_hold_futures(items: Iterable[Any]) -> bool:
+    """Whether the items of a sized iterable of ``map``'s hold futures: none in a range; the
+    types of a list's or tuple's items are gathered in C first, and plain ones alone end the look."""
+    if type(items) is range:
+        return False
+    if type(items) in (list, tuple) and set(map(type, items)) <= PLAIN:  # type: ignore[arg-type]
+        return False
+    return holds_futures(items)
 
 
 class _Reading:
@@ -424,12 +437,7 @@ class Submitter:
                 except SerializationError as e:
                     at = f"item {count + e.task_id - base}: " if e.task_id is not None else ""
                     raise SerializationError(f"{at}{e} ({count} tasks before this chunk were queued)") from e
-                for first, n, payload in packed:
-                    # A map's futures live in their chunk, which the driver settles as a batch.
-                    sink = None if futures is None else MapChunk(first, n, hint, driver)
-                    driver.submit_chunk(first, n, payload, sink, 0, timeout=timeout, timing=timing)
-                    if sink is not None:
-                        futures.extend(sink.futures())  # type: ignore[union-attr]  # queued: they will settle
+                _queue_packed(driver, packed, hint, timeout, timing, futures)
                 count += len(part)
                 if bar is not None:
                     bar.update(len(part))
@@ -441,6 +449,90 @@ class Submitter:
             reading.error.add_note(f"zdq: the {count} tasks read from the iterable before this error were queued")
             raise reading.error
         return count
+
+    def map_columns(
+        self,
+        pool: SubmitTarget,
+        fn: Callable[..., Any],
+        iterables: Sequence[Sequence[Any]],
+        total: int,
+        options: TaskOptions | None,
+        batch_size: int | None,
+        timeout: float | None,
+        timing: Timing | None,
+        futures: list[TaskFuture],
+    ) -> None:
+        """``queue_pool.map`` of the callable ``fn`` over lists, tuples and ranges (:data:`_SLICED`)
+        that hold no futures: what :meth:`stream` does for it, without a ``(fn, *args)`` tuple per
+        call. Each chunk's arguments are slices of the iterables themselves (its columns), packed
+        by columns (:func:`_pack_columns`) and queued as they are packed, chunk by chunk
+        within the driver's window (a full one blocks; ``timeout`` bounds each wait); each task's
+        future is appended to ``futures`` as its chunk is queued. A call that cannot be pickled
+        raises :class:`SerializationError` naming its item; the chunks before it are queued (the
+        map cancels them)."""
+        driver = pool.driver
+        timeout = timeout_or_none(timeout)
+        chunking = Chunking.of(pool.settings)
+        size = self._chunk_size(pool, chunking, batch_size, total or None)
+        hint = pool.wait_hint
+        for start in range(0, total, size):
+            n = min(size, total - start)
+            columns = [_column(items, start, n) for items in iterables]
+            base = driver.reserve(n)
+            try:
+                packed = _pack_columns(chunking, base, fn, n, columns, driver.payload_key, options)
+            except SerializationError as e:
+                at = f"item {start + e.task_id - base}: " if e.task_id is not None else ""
+                raise SerializationError(f"{at}{e} ({start} tasks before this chunk were queued)") from e
+            _queue_packed(driver, packed, hint, timeout, timing, futures)
+
+
+#: The iterables whose items ``queue_pool.map`` takes by slices (:meth:`Submitter.map_columns`).
+_SLICED = frozenset({list, tuple, range})
+
+
+def _column(items: Sequence[Any], start: int, n: int) -> list[Any]:
+    """The ``n`` items of ``items`` (a list, tuple or range) from ``start``, as a list."""
+    part = items[start : start + n]
+    column = part if type(part) is list else list(part)
+    if len(column) != n:
+        raise RuntimeError(f"map(): an iterable of {type(items).__name__} changed size during the map")
+    return column
+
+
+def _pack_columns(
+    chunking: Chunking,
+    first: int,
+    fn: Callable[..., Any],
+    n: int,
+    columns: list[list[Any]],
+    key: bytes | None,
+    options: TaskOptions | None,
+) -> list[Packed]:
+    """``n`` calls of the callable ``fn`` given by the ``columns`` of their arguments (lists of
+    ``n`` each), packed as :meth:`Chunking.pack_batch` packs calls that share their function: by
+    columns (SHARED) when they are enough and have few enough arguments, else as tuples."""
+    if n >= _SHARED_MIN and 1 <= len(columns) <= _SHARED_MAX_ARGS:
+        return chunking.pack_shared(first, fn, n, columns, key, options)
+    return chunking.pack(first, list(zip(itertools.repeat(fn, n), *columns)), key, CALLS, options)
+
+
+def _queue_packed(
+    driver: Driver,
+    packed: list[Packed],
+    hint: WaitHint | None,
+    timeout: float | None,
+    timing: Timing | None,
+    futures: list[TaskFuture] | None,
+) -> None:
+    """Queue a streamed part's ``packed`` chunks one by one (each blocks while the window is full,
+    at most ``timeout``); with ``futures`` (a map), each chunk's tasks' futures are appended to it
+    once it is queued: they live in their chunk, which the driver settles as a batch."""
+    for first, n, payload in packed:
+        sink = None if futures is None else MapChunk(first, n, hint, driver)
+        driver.submit_chunk(first, n, payload, sink, 0, timeout=timeout, timing=timing)
+        if sink is not None:
+            futures.extend(sink.futures())  # type: ignore[union-attr]  # queued: they will settle
 
 
 #: How often a map's slice blocked on a full window looks whether it must stop (a shutdown).
@@ -799,7 +891,7 @@ class SubmitMethods:
         # Futures among the items (sized iterables are scanned; an iterator is not read twice):
         # each call goes as submit() sends it, held until its inputs are done.
         held = holds_futures(kwargs.values()) or (
-            sized and any(type(it) is not range and holds_futures(it) for it in iterables)  # a range holds ints
+            sized and any(_items_hold_futures(it) for it in iterables)
         )
         try:
             if held:
@@ -807,6 +899,11 @@ class SubmitMethods:
                     futures.append(
                         s.call(self.driver, fn, args, kwargs or None, options, timeout, delay, eta, priority, expires=expires)
                     )
+            elif total and callable(call) and all(type(it) in _SLICED for it in iterables):
+                # No tuple per call: the chunks' columns are slices of the iterables themselves.
+                s.map_columns(
+                    self, call, iterables, total, with_expiry(options, timing), batch_size, timeout, timing, futures  # type: ignore[arg-type]
+                )
             else:
                 s.stream(self, calls, with_expiry(options, timing), batch_size, timeout, total, False, timing, futures)
         except BaseException as e:
