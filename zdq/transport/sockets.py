@@ -15,7 +15,7 @@ import os
 import random
 import threading
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import zmq
 
@@ -252,9 +252,10 @@ def _connect(sock: zmq.Socket[Any], endpoint: str) -> zmq.Socket[Any]:
 # drain) cost more than the sends and receives themselves on the single-task round trip.
 _send = zmq.backend.Socket.send
 _recv = zmq.backend.Socket.recv
-_poll = zmq.zmq_poll
+_get = zmq.backend.Socket.get
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _ZERO_COPY = 65536  # pyzmq's own threshold: smaller frames are copied anyway
 
@@ -282,8 +283,7 @@ def recv_ready(sock: zmq.Socket[Any], limit: int, *, router: bool = False) -> It
     """The messages waiting on ``sock`` (at most ``limit``), as lists of frames; never blocks.
 
     Meant for right after a poll reported ``sock`` readable: the first receive is tried at once,
-    and a poll that does not wait (not an exception, nor ``get(EVENTS)``, whose answer pyzmq wraps in
-    an enum: two Python calls per message) tells when it has nothing more. With ``limit``
+    and the socket's event flags (not an exception) tell when it has nothing more. With ``limit``
     1 they are not read at all (a syscall and 3 µs): the next poll tells instead, which suits
     sockets that mostly get one message per wake-up (a driver's, a consumer's, a waker).
 
@@ -305,7 +305,7 @@ def recv_ready(sock: zmq.Socket[Any], limit: int, *, router: bool = False) -> It
             frame = _recv(sock, _NOBLOCK, copy=False)
             frames.append(frame)
         yield frames
-        if i + 1 == limit or not _poll([(sock, _POLLIN)], 0):
+        if i + 1 == limit or not cast(int, _get(sock, _EVENTS)) & _POLLIN:
             return
 
 
