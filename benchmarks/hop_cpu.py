@@ -10,7 +10,16 @@ in its own process, through ``client.run``): what each zdq thread (the driver's 
 caller, each broker loop, each consumer's socket owner, libzmq's I/O threads) spends per round
 trip, and the wall p50. ``--profile`` also runs cProfile inside each broker loop and each consumer's
 socket owner (installed before placement) and prints the top functions by tottime per round trip
-and the function calls per round trip. ``--pairs`` alternates two trees (ABBA), fresh processes.
+and the function calls per round trip. ``--pairs`` alternates two trees (ABBA), fresh processes
+(a side may be ``TREE@NAME=VALUE``: an environment variable set for it).
+
+Environment switches of a run: ``HOP_OPCODES=1`` counts the Python bytecodes and calls of those
+loops per round trip, by function (``sys.settrace`` opcode events: a measure load does not move);
+``HOP_TAIL=1`` runs 300 at a time, 0.35 s apart, and lays the monitoring feed's work (reports built,
+sent, handled by the scheduler) over each block's slowest round trips; ``HOP_PERF=FILE`` records the
+workers with ``perf record -g`` meanwhile (FILE.threads.json names their threads);
+``HOP_TAKEOVER=S`` sets the consumers' ``zdq.consumer.link._TAKEOVER``. Used for issue 26 point 4
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -52,6 +61,12 @@ def _thread_cpu() -> dict[str, float]:
         except OSError:
             pass
     return out
+
+
+def _set_takeover(seconds: float) -> None:
+    import zdq.consumer.link as link
+
+    link._TAKEOVER = seconds
 
 
 def _thread_ids() -> dict[int, str]:
@@ -237,6 +252,9 @@ def _side(n: int, profile: bool) -> None:
 
         if profile:
             client.run(hop_cpu._install_profiler)
+        takeover = os.environ.get("HOP_TAKEOVER")
+        if takeover:  # how often each consumer's standby thread wakes (zdq.consumer.link._TAKEOVER)
+            client.run(hop_cpu._set_takeover, float(takeover))
         opcodes = os.environ.get("HOP_OPCODES")
         if opcodes:
             client.run(hop_cpu._install_opcode_count)
