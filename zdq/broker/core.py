@@ -309,59 +309,67 @@ class BrokerCore:
 
     # -- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
+        # The loop's own names are locals, and its one socket is polled through pyzmq's compiled
+        # zmq_poll (not Poller.poll's Python layer): every iteration pays them, about two per
+        # single-task round trip (issue 26, point 4).
+        polled = [(self._sock, zmq.POLLIN)]
+        poll, monotonic, wall = zmq.zmq_poll, time.monotonic, time.time
+        stopped, lock, confirms = self._stop.is_set, self._lock, self._confirms
         beat = self._settings.heartbeat_interval
-        next_beat = time.monotonic() + beat
+        next_beat = monotonic() + beat
         storage = self._storage
+        durable = self._durable
         schedules = self._schedules
         expiry = self._expiry
         rates = self._rates
+        inf = math.inf
         try:
-            while not self._stop.is_set():
-                due = min(next_beat, self._confirm_due) if self._confirms else next_beat
+            while not stopped():
+                due = min(next_beat, self._confirm_due) if confirms else next_beat
                 # Wall clock; inf when no chunk is delayed and none carries an expiry.
                 release = min(storage.next_release, expiry.next_at)
-                if release < math.inf:
+                if release < inf:
                     # The poll ends when the next delayed chunk is due (or the next expiry comes):
                     # nothing polls while they wait.
-                    due = min(due, time.monotonic() + (release - time.time()))
+                    due = min(due, monotonic() + (release - wall()))
                 if schedules.wake_at < due:
                     due = schedules.wake_at
                 if rates.wake_at < due:  # a rate limit holds work back until then: no polling
                     due = rates.wake_at
-                wait_ms = max(0, min(100, math.ceil((due - time.monotonic()) * 1000)))
-                if poller.poll(wait_ms):
-                    with self._lock:
+                wait_ms = max(0, min(100, math.ceil((due - monotonic()) * 1000)))
+                if poll(polled, wait_ms):
+                    with lock:
                         self._round()
-                now = time.monotonic()
-                release = storage.next_release
-                if release < math.inf and release <= time.time():
-                    with self._lock:
-                        self._chunks_out.release_due(now)
-                if expiry.next_at <= time.time():
-                    with self._lock:
-                        self._expire_due(now)
-                if self._confirms and (now >= self._confirm_due or len(self._confirms) >= _CONFIRM_BATCH):
-                    with self._lock:
+                    # What the round stored may be delayed or carry an expiry.
+                    release = min(storage.next_release, expiry.next_at)
+                now = monotonic()
+                if release < inf:
+                    if storage.next_release <= wall():
+                        with lock:
+                            self._chunks_out.release_due(now)
+                    if expiry.next_at <= wall():
+                        with lock:
+                            self._expire_due(now)
+                if confirms and (now >= self._confirm_due or len(confirms) >= _CONFIRM_BATCH):
+                    with lock:
                         self._send_confirms()
                 if now >= rates.wake_at:
-                    with self._lock:
+                    with lock:
                         self._chunks_out.run(now)
                 if now >= schedules.wake_at:
-                    with self._lock:
-                        if schedules.fire(time.time()):
+                    with lock:
+                        if schedules.fire(wall()):
                             self._chunks_out.run(now)
                 if now >= next_beat:
                     if not self._alive():
                         logger.info("broker %s: its actor was released; stopping", self.name)
                         break
-                    with self._lock:
+                    with lock:
                         if now - next_beat > self._settings.heartbeat_timeout - beat:
                             self._was_deaf(now - next_beat + beat)
                         self._housekeeping(now)
                     next_beat = now + beat
-                elif self._durable:
+                elif durable:
                     self._storage.commit()
         except BaseException as e:  # the loop must never die silently
             self._error = e

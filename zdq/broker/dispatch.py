@@ -99,6 +99,10 @@ class Dispatch:
         limited = rates.active  # the one test a queue without limits pays, per round
         if limited:
             rates.wake_at = math.inf  # set again by a bucket that holds work back
+        elif not storage.has_ready():
+            # Nothing to hand out and none to tell READY (the round of a lone task's DONE, whose
+            # credit finds the queue empty): no lease is tried.
+            return
         while with_credit:
             ident = with_credit[0]
             consumer = by_ident.get(ident)

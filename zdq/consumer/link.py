@@ -349,7 +349,10 @@ class Link:
         assert links is not None and waker is not None and cr is not None and runner is not None and reach is not None
         assert routes is not None
         route = routes.get
-        poller, socks = links.poller, links.socks
+        # pyzmq's compiled zmq_poll over the poller's own list (kept current by register and
+        # unregister when a broker moves): Poller.poll's Python layer is skipped on every turn.
+        poll, polled, socks = zmq.zmq_poll, links.poller.sockets, links.socks
+        done_type, monotonic = p.Done, time.monotonic
         beat = self._settings.heartbeat_interval
         execute = runner.execute
         turn, ready, outbox, control = self._turn, self._ready, self._outbox, self._control
@@ -372,20 +375,21 @@ class Link:
                 runner.broker_replaced(i)  # what the broker before gave never starts here now
             while outbox:
                 i, out = outbox.popleft()
-                if isinstance(out, p.Done):
+                if type(out) is done_type:
                     if cr.done(i, out.chunk_id):
                         # A FETCH riding along: one message and one broker round fewer.
-                        if not try_send(socks[i], p.encode(out._replace(credit=1))):
+                        carrying = done_type(out.chunk_id, out.n_tasks, out.results, 1)
+                        if not try_send(socks[i], p.encode(carrying)):
                             cr.unsent(i)
                         continue
                 elif isinstance(out, (p.Return, p.Split)):
                     cr.reported(i, out.chunk_id)
                 try_send(socks[i], p.encode(out))
-            now = time.monotonic()
+            now = monotonic()
             wake_at = min(self._next_beat, cr.ask(now, eager=False))
             run_next = bool(ready) and not turn.busy  # busy: the thread it runs on pokes when done
             timeout = 0 if run_next else max(0, math.ceil((wake_at - now) * 1000))
-            for sock, _ in poller.poll(timeout):
+            for sock, _ in poll(polled, timeout):
                 index = links.index(sock)
                 if index is None:
                     waker.drain()
@@ -404,7 +408,7 @@ class Link:
                         )
                         continue
                     handler(i, msg, sock)
-            now = time.monotonic()
+            now = monotonic()
             if now >= self._next_beat:
                 if not self._alive():
                     logger.info("consumer %s: its actor was released; stopping", self.name)
