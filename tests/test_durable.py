@@ -66,6 +66,22 @@ def test_durable_results_come_back_like_transient_ones(client: Client, tmp_path:
 
 
 
+def test_a_durable_pool_keeps_more_chunks_in_flight_unless_told_its_window(client: Client, tmp_path: Path) -> None:
+    # zdq.durable.window (48 shipped): a durable broker confirms a round once its commit is
+    # flushed, so its driver keeps a larger window; window= on the pool (or attaching) still wins.
+    with QueuePool(client, 1, durability="durable", dirpath=tmp_path, name="wide") as wide:
+        assert wide.settings.window == 48 and wide._driver._ledger.settings.window == 48
+        with QueuePool(client, 1, durability="durable", dirpath=tmp_path, name="wide", window=8) as attached:
+            assert attached.attached and attached._driver._ledger.settings.window == 8
+        wide.batch_submit([(add, i, 1) for i in range(100)], batch_size=1)  # 100 chunks: beyond 48 in flight
+        wide.flush(timeout=30)
+        assert wide.get_queue_size() == {"wide-queue-0": 100}
+    with QueuePool(client, 1, durability="durable", dirpath=tmp_path, name="narrow", window=4) as narrow:
+        assert narrow._driver._ledger.settings.window == 4
+    with QueuePool(client, 1) as transient:
+        assert transient._driver._ledger.settings.window == 16
+
+
 def test_a_full_disk_fails_the_chunks_it_could_not_store_and_nothing_else(client: Client, small_disk: Path) -> None:
     from zdq.errors import BatchError, StorageFull
 

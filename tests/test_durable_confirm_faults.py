@@ -51,3 +51,25 @@ def test_a_durable_broker_killed_right_after_confirming_has_lost_no_confirmed_ch
             assert_settled(batches, 90, "batches confirmed by a durable broker killed just after")
             for r, batch in enumerate(batches):
                 assert batch.result(0) == [i + r for i in range(per_round)]
+
+
+def test_a_durable_broker_killed_with_its_whole_window_in_flight_loses_no_task(client3: Client, tmp_path: Path) -> None:
+    # A durable pool's window is zdq.durable.window (48 chunks a broker, 16 before): the driver
+    # holds all 48 unconfirmed when the broker's worker is killed (stopped first, so none is
+    # stored or confirmed); it sends every one of them again to the broker placed again, and each
+    # task's result comes once, right.
+    window, per_chunk = 48, 5
+    with QueuePool(client3, 1, durability="durable", dirpath=tmp_path, workers=["a"], **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=1, workers=["c"]) as consumers:
+            victim = broker_pid(qp, 0)
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                batch = qp.batch_submit([(add, i, 1) for i in range(window * per_chunk)], batch_size=per_chunk, timeout=30)
+                wait_until(lambda: qp._driver._links.views[0].unconfirmed == window, timeout=10)  # type: ignore[union-attr]
+            finally:
+                os.kill(victim, signal.SIGKILL)
+            consumers.start()
+            wait_until(lambda: qp.recoveries >= 1, timeout=60)
+            assert_settled([batch], 90, "a batch of a full durable window whose broker was killed")
+            assert batch.result(0) == [i + 1 for i in range(window * per_chunk)]
+            wait_until(lambda: qp.get_queue_size() == {qp.queue_names[0]: 0}, timeout=30)

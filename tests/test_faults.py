@@ -140,7 +140,7 @@ def test_batch_submit_during_durable_broker_recovery_returns_and_every_task_comp
             qp.flush(timeout=30)
             consumers.start()
             os.kill(broker_pid(qp, 0), signal.SIGKILL)
-            # 300 chunks over two windows of 16: this blocks until the lost queue is back.
+            # 300 chunks over two windows of 48 (durable.window): this blocks until the lost queue is back.
             during = call_bounded(
                 lambda: qp.batch_submit([(add, i) for i in range(3000)], batch_size=10),
                 60,

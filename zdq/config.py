@@ -138,6 +138,10 @@ class PoolSettings:
     result_ttl: float | None = None
     #: Most bytes of such results a queue keeps (the oldest go first beyond it).
     result_bytes: int = 64 << 20
+    #: A durable pool's ``window`` when the pool is not given one (None: ``window``'s). Larger than
+    #: a transient pool's: a durable broker confirms a round's chunks only once their commit is
+    #: flushed, so a window of 16 left its group commits small (see :meth:`for_durable`).
+    durable_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -163,8 +167,25 @@ class PoolSettings:
             )
         if self.ports is not None:
             _port_range(self.ports)
+        if self.durable_window is not None and self.durable_window < 1:
+            raise ValueError(f"zdq setting durable_window must be at least 1 (or None), got {self.durable_window!r}")
         if self.max_pending is not None and self.max_pending < 1:
             raise ValueError(f"zdq setting max_pending must be at least 1 (or None), got {self.max_pending!r}")
+
+    def for_durable(self) -> PoolSettings:
+        """These settings for a durable pool not given ``window=``: its window is
+        ``durable_window``, when set.
+
+        Why larger: a durable broker confirms the chunks of a round only once their commit is
+        flushed, so each CONFIRM reaches the driver a flush later than a transient queue's, and a
+        window of 16 chunks a broker kept too few chunks coming for each group commit. The bounds
+        it raises are per broker: chunks sent and not yet confirmed (their bytes stay within
+        ``buffer_bytes``, which is not changed), and what a driver sends again when that broker
+        is lost (at most ``durable_window`` chunks, which a durable queue may have stored
+        already: run twice, as at-least-once allows)."""
+        if self.durable_window is None:
+            return self
+        return replace(self, window=self.durable_window)
 
     def with_overrides(self, **overrides: Any) -> PoolSettings:
         """Return a copy with the given fields replaced; ``None`` values are ignored."""
@@ -198,6 +219,12 @@ def _integer(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError("not an integer")
     return value
+
+
+def _integer_or_none(value: Any) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    return _integer(value)
 
 
 def _flag(value: Any) -> bool:
@@ -259,6 +286,7 @@ _KINDS: dict[str, tuple[Any, str]] = {
     "placement_timeout": _DURATION,
     "bind_host": (_host_or_none, "an interface name (eth0), or an address or name of the worker's host, or None"),
     "max_pending": (_integer, "a positive integer (or None: no bound)"),
+    "durable_window": (_integer_or_none, "a positive integer (or None: the window's)"),
     "result_ttl": (_ttl_or_none, "a duration (seconds, a string like '10min', a timedelta) or None"),
     "result_bytes": _SIZE,
     "ports": (_port_range, "a port range like '40000-40999' (both ends included), or None for any free port"),
@@ -288,5 +316,6 @@ def settings(**overrides: Any) -> PoolSettings:
         ports=_configured("ports", "ports"),
         result_ttl=_configured("result_ttl", "result-ttl"),
         result_bytes=_configured("result_bytes", "result-bytes"),
+        durable_window=_configured("durable_window", "durable.window"),
     )
     return base.with_overrides(**overrides)

@@ -33,3 +33,21 @@ def test_keyword_overrides_take_dask_strings_and_bad_values_fail_at_the_call() -
         zdq.settings(heartbeat_interval="5s", heartbeat_timeout="2s")
     with pytest.raises(ValueError, match="window"):
         zdq.settings(window=0)
+
+
+def test_a_durable_pool_takes_its_own_window_unless_none_is_set() -> None:
+    # zdq.durable.window (48 shipped) is a durable pool's window; window= on the pool wins (see
+    # zdq.client.queue_pool); null falls back to zdq.window.
+    settings = zdq.settings()
+    assert (settings.window, settings.durable_window) == (16, 48)
+    assert settings.for_durable().window == 48 and settings.for_durable().durable_window == 48
+    with dask.config.set({"zdq.durable.window": None}):
+        assert zdq.settings().for_durable().window == 16
+    with dask.config.set({"zdq.durable.window": "null"}):
+        assert zdq.settings().durable_window is None
+    assert zdq.settings(durable_window=32).for_durable().window == 32
+    with pytest.raises(ValueError, match="durable_window"):
+        zdq.settings(durable_window=0)
+    with pytest.raises(ValueError, match="zdq.durable.window"):
+        with dask.config.set({"zdq.durable.window": "many"}):
+            zdq.settings()

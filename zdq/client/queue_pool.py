@@ -157,7 +157,8 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         a durable queue keeps the last one set across restarts, and a pool opened without
         ``rate_limit`` keeps it.
     **overrides
-        Any :class:`~zdq.config.PoolSettings` field (``chunk_size``, ``window``, ...).
+        Any :class:`~zdq.config.PoolSettings` field (``chunk_size``, ``window``, ...). A durable
+        pool not given ``window`` takes ``durable_window`` (``zdq.durable.window``, 48) as its window.
 
     Examples
     --------
@@ -211,6 +212,8 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         self.dirpath = None if dirpath is None else os.path.abspath(os.fspath(dirpath))
         self.name = name or ("default" if self.durability is Durability.DURABLE else f"zdq-{uuid.uuid4().hex[:8]}")
         self.settings: PoolSettings = settings(**overrides)
+        if self.durability is Durability.DURABLE and overrides.get("window") is None:
+            self.settings = self.settings.for_durable()  # a larger window (zdq.durable.window)
         self.rate_limit = rate_of(rate_limit)
         #: Tasks per chunk when no limit of this pool's queues applies (the settings' own).
         self._free_chunk_size = self.settings.chunk_size
