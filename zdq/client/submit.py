@@ -216,7 +216,7 @@ def _items_hold_futures(items: Iterable[Any]) -> bool:
     types of a list's or tuple's items are gathered in C first, and plain ones alone end the look."""
     if type(items) is range:
         return False
-    if type(items) in (list, tuple) and set(map(type, items)) <= PLAIN:  # type: ignore[arg-type]
+    if type(items) in (list, tuple) and set(map(type, items)) <= PLAIN:
         return False
     return holds_futures(items)
 

@@ -344,7 +344,7 @@ class MapFuture(TaskFuture):
             watch = self._watch()
             if watch[0] is None:
                 watch[0] = []
-            return watch[0]  # type: ignore[no-any-return]
+            return watch[0]
 
     def _watch(self) -> list[Any]:
         """(The chunk's condition held.) ``[waiters, callbacks]``, made and registered with the

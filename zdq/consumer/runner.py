@@ -35,7 +35,7 @@ import traceback
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import cloudpickle
 
@@ -560,7 +560,7 @@ class Runner:
         # The loop's iterator tells a cancellation which tasks have started (_ChunkRun.cancel).
         run.cursor = numbered = enumerate(tasks)
         if run.block_end is not None:  # by columns (see _start_chunk)
-            self._run_shared(run, tasks)
+            self._run_shared(run, cast(SharedCalls, tasks))
         elif run.options is not None or run.crashes > 0 or self._limited or run.spacing:
             for i, task in numbered:
                 self._run_careful(run, i, task)
@@ -590,8 +590,8 @@ class Runner:
             with lock:
                 if run.marked:
                     run.block_end = None
-                    rest = iter(tasks)
-                    rest.__setstate__(start)
+                    rest: Any = iter(tasks)
+                    rest.__setstate__(start)  # a list's iterator, from the first task not run
                     run.cursor = numbered = enumerate(rest, start)
                     break
                 end = run.block_end = min(n, start + block)
