@@ -200,6 +200,19 @@ def test_a_map_of_no_iterable_or_an_empty_one_gives_nothing(pool: QueuePool) -> 
         assert list(executor.map(square, range(5), chunksize=2, buffersize=1)) == [i * i for i in range(5)]
 
 
+def test_queue_pool_map_refuses_no_iterable_and_one_tasks_options_at_the_call(pool: QueuePool) -> None:
+    """Dask's client.map needs an iterable: without one, zdq's read ``zip(repeat(fn))`` for ever
+    (memory growing, the call never returning). ``unique_key``/``unique_for`` are one task's."""
+    started = time.monotonic()
+    with pytest.raises(TypeError, match="at least one iterable"):
+        pool.map(square)
+    for option in ("unique_key", "unique_for"):
+        with pytest.raises(TypeError, match="unique_key and unique_for make one task unique"):
+            pool.map(square, range(3), **{option: "k" if option == "unique_key" else 5})
+    assert time.monotonic() - started < 5
+    assert [f.result(timeout=30) for f in pool.map(square, range(3))] == [0, 1, 4]
+
+
 def test_queue_pool_map_over_lists_tuples_and_ranges_gives_each_result_in_order(pool: QueuePool) -> None:
     # Taken by slices of the iterables (no tuple per call), in chunks of 8 and a last shorter one.
     assert zdq.gather(pool.map(square, range(3, 53)), timeout=60) == [i * i for i in range(3, 53)]

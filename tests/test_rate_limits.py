@@ -245,3 +245,20 @@ def test_lifting_a_functions_limit_reaches_its_tasks_already_queued(client: Clie
             f.result(timeout=5)
         assert time.monotonic() - lifted < 2.0
         assert queue_pool.statistics().brokers[0].key_rate_limits == {}
+
+
+def test_a_rate_limited_map_starts_its_tasks_at_the_limits_pace(client: Client) -> None:
+    """``map(..., rate_limit=)`` limits the map's function as ``submit``'s and ``batch_submit``'s do
+    (it was passed on to the function as a keyword argument)."""
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2) as consumer_pool:
+        consumer_pool.start()
+        started = time.monotonic()
+        futures = queue_pool.map(_started_at, range(12), rate_limit="8/s", timeout=30)
+        starts = [f.result(timeout=30) for f in futures]
+        assert 6.5 < _rate(starts) < 9.5  # 12 starts at 8/s take about 1.4 s; unlimited, milliseconds
+        assert time.monotonic() - started < 10
+        assert queue_pool.statistics().brokers[0].key_rate_limits == {"tests.test_rate_limits:_started_at": 8.0}
+
+
+def _started_at(i: int) -> float:
+    return time.time()

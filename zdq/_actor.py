@@ -15,6 +15,7 @@ __all__ = [
     "local_actors",
     "PLACED_TOPIC",
     "tell_placed",
+    "scheduler_call",
     "scheduler_workers",
     "candidate_workers",
     "pick_worker",
@@ -127,27 +128,37 @@ def check_resources(resources: Any) -> dict[str, float] | None:
     return {k: float(v) for k, v in resources.items()}
 
 
-def scheduler_workers(client: Any) -> dict[str, Any]:
-    """The scheduler's live workers, asked now: address -> what the scheduler knows of it
-    (``name``, ``resources``, ``nthreads`` ...). The one place zdq asks; bounded by
-    ``placement-timeout`` (a :class:`~zdq.errors.PlacementError` names the scheduler).
-
-    Not ``client.scheduler_info()``: that returns the client's cached identity after fetching it,
-    and Dask's own periodic refresh (every ``distributed.client.scheduler-info-interval``) writes
-    an identity without workers there (it asks for ``n_workers=0``). A refresh landing between the
-    fetch and the read showed placement an empty cluster ("no worker is available"): 51 of 3,000
-    calls with the refresh every 5 ms, now and then with the default 2 s."""
+def scheduler_call(client: Any, what: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``method(*args, **kwargs)``, a synchronous call of ``client``'s that asks its scheduler
+    (``client.sync``, ``run_on_scheduler``, ``get_dataset`` ...: they all take
+    ``callback_timeout``), bounded by ``placement-timeout``: a scheduler that does not answer (
+    stopped, overloaded, unreachable) is a :class:`~zdq.errors.PlacementError` naming it and
+    ``what`` was asked, never a wait without end."""
     from zdq.config import _seconds, get
     from zdq.errors import PlacementError
 
     timeout = _seconds(get("placement-timeout"))
     try:
-        identity = client.sync(client.scheduler.identity, n_workers=-1, callback_timeout=timeout)
+        return method(*args, callback_timeout=timeout, **kwargs)
     except TimeoutError as e:
+        address = getattr(client.scheduler, "address", "?")
         raise PlacementError(
-            f"the scheduler {client.scheduler.address} did not list its workers within placement-timeout "
-            f"({timeout:g} s): it is overloaded or unreachable"
+            f"the scheduler {address} did not answer {what} within placement-timeout ({timeout:g} s): "
+            "it is stopped, overloaded or unreachable"
         ) from e
+
+
+def scheduler_workers(client: Any) -> dict[str, Any]:
+    """The scheduler's live workers, asked now: address -> what the scheduler knows of it
+    (``name``, ``resources``, ``nthreads`` ...). The one place zdq asks, bounded as
+    :func:`scheduler_call` bounds it.
+
+    Not ``client.scheduler_info()``: that returns the client's cached identity after fetching it,
+    and Dask's own periodic refresh (every ``distributed.client.scheduler-info-interval``) writes
+    an identity without workers there (it asks for ``n_workers=0``). A refresh landing between the
+    fetch and the read showed placement an empty cluster ("no worker is available"): 15 of 1,500
+    lists were wrong with the refresh every 5 ms, and now and then with the default 2 s."""
+    identity = scheduler_call(client, "the list of its workers", client.sync, client.scheduler.identity, n_workers=-1)
     return dict(identity["workers"])
 
 

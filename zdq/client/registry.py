@@ -25,7 +25,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from zdq._actor import scheduler_call
 from zdq.config import PoolSettings
+from zdq.errors import PlacementError
 from zdq.transport.security import ClientKeys
 
 __all__ = ["OwnerProcess", "PoolRecord", "registry_key", "publish", "lookup", "withdraw", "owner_state"]
@@ -90,18 +92,23 @@ def _client_connected(client_id: str, dask_scheduler: Any = None) -> bool:
 def publish(client: Any, record: PoolRecord) -> None:
     """Publish ``record``, replacing the pool's earlier one in one step: a producer attaching or a
     process asking for a result by id meanwhile finds one or the other, never none."""
-    client.publish_dataset(**{registry_key(record.name, record.dirpath): record}, override=True)
+    scheduler_call(
+        client, f"the record of pool {record.name}", client.publish_dataset,
+        **{registry_key(record.name, record.dirpath): record}, override=True,
+    )
 
 
 def lookup(client: Any, name: str, dirpath: str | None) -> PoolRecord | None:
     """The live pool published under ``name`` (and ``dirpath``), or None. A record whose owner's
     client has left the cluster is stale: it is withdrawn and None returned."""
     key = registry_key(name, dirpath)
-    record = client.get_dataset(key, default=None)
+    record = scheduler_call(client, f"the lookup of pool {name}", client.get_dataset, key, default=None)
     if not isinstance(record, PoolRecord):
         return None
     try:
-        alive = bool(client.run_on_scheduler(_client_connected, record.owner_client))
+        alive = bool(scheduler_call(client, f"whether pool {name}'s owner is connected", client.run_on_scheduler, _client_connected, record.owner_client))
+    except PlacementError:
+        raise
     except Exception as e:  # cannot tell: take it as alive, the caller's timeouts bound the rest
         logger.debug("could not check the owner of pool %s: %s", name, e)
         alive = True
@@ -160,8 +167,9 @@ def _stat_fields(stat: str) -> list[str]:
 
 def withdraw(client: Any, record: PoolRecord) -> None:
     try:
-        current = client.get_dataset(registry_key(record.name, record.dirpath), default=None)
+        key = registry_key(record.name, record.dirpath)
+        current = scheduler_call(client, f"the lookup of pool {record.name}", client.get_dataset, key, default=None)
         if isinstance(current, PoolRecord) and current.owner_token == record.owner_token:
-            client.unpublish_dataset(registry_key(record.name, record.dirpath))
+            scheduler_call(client, f"the withdrawal of pool {record.name}", client.unpublish_dataset, key)
     except Exception as e:  # the scheduler may be going away with the cluster
         logger.debug("could not withdraw pool %s: %s", record.name, e)

@@ -847,11 +847,13 @@ class SubmitMethods:
         eta: datetime.datetime | None = None,
         priority: int | None = None,
         expires: float | datetime.timedelta | datetime.datetime | None = None,
+        rate_limit: float | str | None = None,
         **kwargs: Any,
     ) -> list[TaskFuture]:
         """``fn`` over the iterables' items (zipped, as Dask's ``client.map``); return a future
         per call, in order. ``kwargs`` go to every call of ``fn``. ``fn`` may be a task name, as
-        in :meth:`submit` (then without ``kwargs``).
+        in :meth:`submit` (then without ``kwargs``). At least one iterable is needed (a ``TypeError``
+        otherwise, as Dask's): to run ``fn`` once, :meth:`submit` it.
 
         Futures among the items (of lists, tuples and other sized iterables) or in ``kwargs``
         are resolved as :meth:`submit` resolves them: each call is then submitted on its own once
@@ -859,10 +861,21 @@ class SubmitMethods:
 
         The calls are read and queued in chunks, as :meth:`submit_iter` does (bounded by the
         driver's window: a full one blocks, ``timeout`` bounds each wait), not one by one; the
-        task options are :meth:`submit`'s, for every call. Dask's scheduling keywords (``key``,
-        ``workers``, ``resources``, ``pure=True`` ...) mean nothing to a queue, and are refused
-        rather than passed to ``fn``.
+        task options are :meth:`submit`'s, for every call (``rate_limit`` too, counted per task as
+        :meth:`batch_submit` counts it; ``unique_key``/``unique_for`` are one task's and are
+        refused). Dask's scheduling keywords (``key``, ``workers``, ``resources``, ``pure=True``
+        ...) mean nothing to a queue, and are refused rather than passed to ``fn``.
         """
+        if not iterables:
+            raise TypeError(
+                "map() needs at least one iterable of arguments for fn (as Dask's client.map); to run fn once, "
+                "use submit(fn)"
+            )
+        if "unique_key" in kwargs or "unique_for" in kwargs:
+            raise TypeError(
+                "map(): unique_key and unique_for make one task unique, and a map makes many: submit() each "
+                "task that must be unique (to pass keyword arguments of those names to fn, map a functools.partial of it)"
+            )
         refused = sorted(_DASK_ONLY & set(kwargs))
         if kwargs.get("pure", False) is False:
             kwargs.pop("pure", None)  # every call runs anyway: Dask's pure=False
@@ -881,6 +894,10 @@ class SubmitMethods:
                 raise TypeError("map() of a task name takes no keyword arguments for it: use submit_call() per call")
         self.driver  # a pool that is not started or is closed raises ClosedError here
         timing = timing_of(delay, eta, priority, expires)
+        limit, cap = (None, 0) if rate_limit is None else rate_limited(fn, rate_limit, self.n_queues)
+        if limit is not None:  # the batch's way: every chunk tagged, and cut small enough to start smoothly
+            timing = with_limit(timing, limit)
+            batch_size = min(batch_size, cap) if batch_size else cap
         s = self._submitter
         options = s.defaults.merge(retries, retry_backoff, retry_on, time_limit, hard)
         call = functools.partial(fn, **kwargs) if kwargs and not isinstance(fn, str) else fn
@@ -897,7 +914,10 @@ class SubmitMethods:
             if held:
                 for args in zip(*iterables):
                     futures.append(
-                        s.call(self.driver, fn, args, kwargs or None, options, timeout, delay, eta, priority, expires=expires)
+                        s.call(
+                            self.driver, fn, args, kwargs or None, options, timeout, delay, eta, priority,
+                            expires=expires, limit=limit,
+                        )
                     )
             elif total and callable(call) and all(type(it) in _SLICED for it in iterables):
                 # No tuple per call: the chunks' columns are slices of the iterables themselves.

@@ -364,8 +364,15 @@ def installed(dask_scheduler: Any = None) -> bool:
 def ensure_installed(client: Any) -> None:
     """Install the monitor on ``client``'s scheduler if it is not there (one call per pool
     placement). A scheduler that cannot (zdq not importable there) keeps running without it: the
-    workers' feeds then send nothing, and the pool works as before."""
+    workers' feeds then send nothing, and the pool works as before. A scheduler that does not
+    answer within ``placement-timeout`` is a :class:`~zdq.errors.PlacementError`: nothing could
+    be placed there either."""
+    from zdq._actor import scheduler_call
+    from zdq.errors import PlacementError
+
     try:
-        client.run_on_scheduler(install)
+        scheduler_call(client, "zdq's monitor install", client.run_on_scheduler, install)
+    except PlacementError:
+        raise
     except Exception as e:
         logger.warning("zdq monitor not installed on the scheduler (no /zdq page, zdq status or zdq_* metrics): %s", e)
