@@ -137,9 +137,9 @@ def test_queue_pool_map_blocked_on_a_full_window_raises_at_its_timeout_and_cance
         bounded = Outcome(lambda: pool.map(square, range(200_000), timeout=2))
         bounded.thread.join(20)
         assert isinstance(bounded.error, zdq.errors.SubmitTimeout), bounded.error
-        # The wait for room within timeout=2; then the cancellation of what was queued, whose wait
-        # for the stopped queue's answer is bounded by the driver (5 s here), as before.
-        assert bounded.took < 9.5, f"timeout=2 raised after {bounded.took:.1f} s"
+        # The wait for room within timeout=2, and the raise then: the cancellation of what was
+        # queued is asked on a thread, not waited for (the stopped queue answers in 5 s at best).
+        assert bounded.took < 4, f"timeout=2 raised after {bounded.took:.1f} s"
         notes = getattr(bounded.error, "__notes__", [])
         queued = [int(n.split()[4]) for n in notes if n.startswith("zdq: map() cancelled the")]
         assert queued and 0 < queued[0] < 200_000, notes

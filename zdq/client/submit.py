@@ -35,7 +35,7 @@ from zdq.client.dependencies import _PLAIN as PLAIN, find_futures, hold, holds_f
 from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.driver import Driver
 from zdq.client.window import FutureSlice, MapBatch, MapChunk, Slice, cancel_slices
-from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass
+from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass, ZdqTimeoutError
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
 from zdq.codec.tasks import (
@@ -931,7 +931,9 @@ class SubmitMethods:
             # to run for nobody (those already started finish).
             from zdq.client.window import cancel_many
 
-            cancel_many(futures)
+            # A timeout is raised at the timeout: the queues' answers to the cancellation (a
+            # silent queue's within the driver's bound) are not waited for.
+            cancel_many(futures, wait=not isinstance(e, ZdqTimeoutError))
             e.add_note(f"zdq: map() cancelled the {len(futures)} tasks it had queued before this error")
             raise
         return futures

@@ -692,11 +692,7 @@ class _Results(itertools.chain):  # type: ignore[type-arg]
 def cancel_slices(slices: Iterable[Slice], wait: bool = True) -> None:
     """Cancel what has not started of a map's ``slices`` (see :func:`cancel_many`); without
     ``wait``, on a thread of its own (its waits for the queues' answers are bounded)."""
-    futures = [fut for s in slices for fut in s.futures()]
-    if wait:
-        cancel_many(futures)
-    elif futures:
-        threading.Thread(target=cancel_many, args=(futures,), name="zdq-map-cancel", daemon=True).start()
+    cancel_many([fut for s in slices for fut in s.futures()], wait)
 
 
 def key_runs(keys: Iterable[int]) -> list[tuple[int, int]]:
@@ -751,11 +747,18 @@ def _ask_cancel(
                 logger.debug("cancelling tasks %d..%d: %s", first, first + n - 1, e)
 
 
-def cancel_many(futures: Iterable[concurrent.futures.Future[Any]]) -> None:
+def cancel_many(futures: Iterable[concurrent.futures.Future[Any]], wait: bool = True) -> None:
     """Cancel the unfinished ``futures``: zdq task and batch futures by runs of consecutive ids,
     one request to their driver per run (each ``TaskFuture.cancel()`` is a round trip to its
-    queue); any other future (a standard library one) by its own ``cancel()``."""
-    _ask_cancel(*_cancel_requests(futures))
+    queue); any other future (a standard library one) by its own ``cancel()``. Without ``wait``,
+    on a thread of its own (its waits for the queues' answers are bounded): for an error raised at
+    its timeout, which a silent queue's answer must not delay."""
+    if wait:
+        _ask_cancel(*_cancel_requests(futures))
+        return
+    futures = list(futures)
+    if futures:
+        threading.Thread(target=cancel_many, args=(futures,), name="zdq-map-cancel", daemon=True).start()
 
 
 def cancel_at_once(futures: Iterable[concurrent.futures.Future[Any]]) -> Callable[[], None]:
