@@ -398,3 +398,40 @@ def test_a_forged_puts_is_dropped_and_counted_and_stores_nothing(
         assert isinstance(confirms, p.Confirms) and confirms.seqs == (1, 2)
     finally:
         driver.close(linger=0)
+
+
+def test_a_round_too_large_for_a_full_disk_stores_what_fits_and_refuses_only_the_rest(
+    zmq_ctx: zmq.Context, small_disk: object
+) -> None:
+    """One round of 40 PUTs of 200 KB on a 4 MiB disk: its single transaction cannot fit, so the
+    broker stores what fits, in order, by halves (each failed transaction stores nothing), and
+    refuses only the rest, FULL. A round refused whole failed every chunk of a durable window
+    (48 chunks a broker) although most would have fit. The round is given to the broker's
+    ``_store`` directly: a round's size over the wire depends on timing."""
+    from zdq.storage.lmdb import LMDBStorage
+
+    sock, endpoint, _ = bind_router(zmq_ctx, "127.0.0.1", max_message_size=1 << 22)
+    storage = LMDBStorage(os.path.join(str(small_disk), "q"), map_size=1 << 20)
+    storage.open()
+    core = BrokerCore("q", sock, storage, settings())
+    driver = connect_dealer(zmq_ctx, endpoint, b"driver-1")
+    try:
+        driver.send_multipart(p.encode(p.Hello(p.Role.DRIVER, b"driver-1")))
+        assert sock.poll(5000), "the driver's HELLO did not arrive"
+        sock.recv_multipart()  # the router knows the driver now (the loop is not running: no answer)
+        puts = [(b"driver-1", p.Put(seq, 1, b"z" * 200_000)) for seq in range(1, 41)]
+        core._store(puts)
+        stored = dict(core._confirms)  # confirmed with the round's commit: the loop is not running
+        refused = []
+        while driver.poll(1000):
+            msg = p.decode(driver.recv_multipart())
+            if isinstance(msg, p.Confirm):
+                assert msg.status is p.Status.FULL, msg
+                refused.append(msg.seq)
+        assert stored and refused and len(stored) + len(refused) == 40
+        assert sorted(seq for _, seq in stored) == list(range(1, len(stored) + 1))  # the first ones, in order
+        assert storage.counts().ready_chunks == len(stored)
+    finally:
+        driver.close(linger=0)
+        sock.close(linger=0)
+        storage.close()

@@ -608,32 +608,67 @@ class BrokerCore:
                 return
         # A Put's fields after its chunk are a ChunkMeta's after owner, seq and n_tasks, in order.
         entries = [(ChunkMeta(ident, put.seq, put.n_tasks, *put[3:]), put.chunk) for ident, put in puts]
-        status, detail = p.Status.STORED, b""
         try:
-            ids = self._leases.put(entries)
+            self._stored(puts, self._leases.put(entries), same_round, unique)
+            return
         except StorageFull as e:
-            status, detail = p.Status.FULL, str(e).encode()[:1024]
             logger.warning("broker %s storage is full: %s", self.name, e)
+            if len(puts) > 1 and not same_round:
+                # One transaction for the round did not fit: store what fits, chunk runs by halves
+                # (each failed put stores nothing), and refuse only the rest. A durable driver's
+                # window sends rounds of dozens of chunks; a full disk fails those it cannot hold.
+                for part, outcome in self._put_what_fits(puts, entries):
+                    if isinstance(outcome, list):
+                        self._stored(part, outcome, [], unique)
+                    else:
+                        status = p.Status.FULL if isinstance(outcome, StorageFull) else p.Status.ERROR
+                        self._refused(part, [], status, str(outcome).encode()[:1024])
+                return
+            self._refused(puts, same_round, p.Status.FULL, str(e).encode()[:1024])
         except StorageError as e:
-            status, detail = p.Status.ERROR, str(e).encode()[:1024]
             logger.error("broker %s could not store %d chunks: %s", self.name, len(puts), e)
-        if status is p.Status.STORED:
-            self.counters.chunks_stored += len(puts)
-            self.counters.tasks_stored += sum(put.n_tasks for _, put in puts)
-            if not self._confirms:
-                self._confirm_due = time.monotonic() + _CONFIRM_DELAY
-            for (ident, put), chunk_id in zip(puts, ids):
-                self._confirms[(ident, put.seq)] = chunk_id
-                if put.expires:
-                    self._expiry.add(chunk_id, put.expires)
-            if unique:
-                self._unique.stored(puts, ids, same_round, time.time())  # type: ignore[union-attr]
-                self.counters.tasks_unique_duplicates += len(same_round)
-        else:
-            if same_round:
-                self._unique.refused(same_round, status, detail)  # type: ignore[union-attr]
-            for ident, put in puts:
-                self._send(ident, p.Confirm(put.seq, 0, status, detail))
+            self._refused(puts, same_round, p.Status.ERROR, str(e).encode()[:1024])
+
+    def _put_what_fits(
+        self, puts: list[tuple[bytes, p.Put]], entries: list[tuple[ChunkMeta, object]]
+    ) -> list[tuple[list[tuple[bytes, p.Put]], list[int] | StorageError]]:
+        """``entries`` (``puts``') stored in runs by halves, in order, after one transaction of
+        them all was refused as full: each run with its ids, or the error that refused it (a
+        single chunk that does not fit, or any other storage error)."""
+        try:
+            return [(puts, self._leases.put(entries))]
+        except StorageFull as e:
+            if len(puts) == 1:
+                return [(puts, e)]
+        except StorageError as e:
+            return [(puts, e)]
+        half = len(puts) // 2
+        return self._put_what_fits(puts[:half], entries[:half]) + self._put_what_fits(puts[half:], entries[half:])
+
+    def _stored(
+        self, puts: list[tuple[bytes, p.Put]], ids: list[int], same_round: list[tuple[bytes, p.Put, int]], unique: bool
+    ) -> None:
+        """``puts`` stored as chunks ``ids``: confirmed with the round's commit."""
+        self.counters.chunks_stored += len(puts)
+        self.counters.tasks_stored += sum(put.n_tasks for _, put in puts)
+        if not self._confirms:
+            self._confirm_due = time.monotonic() + _CONFIRM_DELAY
+        for (ident, put), chunk_id in zip(puts, ids):
+            self._confirms[(ident, put.seq)] = chunk_id
+            if put.expires:
+                self._expiry.add(chunk_id, put.expires)
+        if unique:
+            self._unique.stored(puts, ids, same_round, time.time())  # type: ignore[union-attr]
+            self.counters.tasks_unique_duplicates += len(same_round)
+
+    def _refused(
+        self, puts: list[tuple[bytes, p.Put]], same_round: list[tuple[bytes, p.Put, int]], status: p.Status, detail: bytes
+    ) -> None:
+        """``puts`` not stored: each driver is told why (``status``: FULL or ERROR)."""
+        if same_round:
+            self._unique.refused(same_round, status, detail)  # type: ignore[union-attr]
+        for ident, put in puts:
+            self._send(ident, p.Confirm(put.seq, 0, status, detail))
 
     def _send_confirms(self) -> None:
         # The chunks were committed in their round (group commit): confirming them now is safe.
