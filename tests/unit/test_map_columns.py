@@ -1,5 +1,5 @@
 """``queue_pool.map`` over lists, tuples and ranges: its chunks packed from slices of the
-iterables (``_pack_columns``), the futures' shared indexes, the scan for futures among
+iterables (``Chunking.pack_columns``), the futures' shared indexes, the scan for futures among
 the items. Pure, no cluster."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from zdq.client.submit import _column, _items_hold_futures, _pack_columns
+from zdq.client.submit import _column, _items_hold_futures
 from zdq.client.window import MapChunk, _indexes
 from zdq.codec.chunking import Chunking
 from zdq.codec.tasks import CALLS, SHARED, TaskOptions, loads_chunk
@@ -35,7 +35,7 @@ def _kind(payload: bytes) -> int:
 def test_enough_calls_go_by_columns_and_decode_to_the_calls_of_zip(n: int) -> None:
     xs, ys = list(range(n)), tuple(range(100, 100 + n))
     options = TaskOptions(retries=2)
-    [packed] = _pack_columns(CHUNKING, 50, add, n, [_column(xs, 0, n), _column(ys, 0, n)], KEY, options)
+    [packed] = CHUNKING.pack_columns(50, add, n, [_column(xs, 0, n), _column(ys, 0, n)], KEY, options)
     assert (packed.first, packed.n) == (50, n) and _kind(packed.payload) == SHARED
     base, kind, entries, got_options = loads_chunk(packed.payload, KEY)
     assert (base, kind, got_options) == (50, CALLS, options)
@@ -43,8 +43,8 @@ def test_enough_calls_go_by_columns_and_decode_to_the_calls_of_zip(n: int) -> No
 
 
 def test_few_calls_or_many_arguments_go_as_tuples() -> None:
-    [few] = _pack_columns(CHUNKING, 0, add, 3, [[1, 2, 3], [4, 5, 6]], KEY, None)
-    wide = _pack_columns(CHUNKING, 0, add, 10, [list(range(10))] * 9, KEY, None)[0]
+    [few] = CHUNKING.pack_columns(0, add, 3, [[1, 2, 3], [4, 5, 6]], KEY, None)
+    wide = CHUNKING.pack_columns(0, add, 10, [list(range(10))] * 9, KEY, None)[0]
     for packed, calls in ((few, [(add, 1, 4), (add, 2, 5), (add, 3, 6)]), (wide, [(add,) + (i,) * 9 for i in range(10)])):
         assert _kind(packed.payload) == CALLS
         assert loads_chunk(packed.payload, KEY)[2] == calls
@@ -54,7 +54,7 @@ def test_a_call_that_cannot_be_pickled_is_named_by_its_task_id() -> None:
     column: list[Any] = list(range(20))
     column[13] = threading.Lock()
     with pytest.raises(SerializationError) as raised:
-        _pack_columns(CHUNKING, 100, add, 20, [column, list(range(20))], KEY, None)
+        CHUNKING.pack_columns(100, add, 20, [column, list(range(20))], KEY, None)
     assert raised.value.task_id == 113
 
 

@@ -617,7 +617,7 @@ class BrokerCore:
                 # One transaction for the round did not fit: store what fits, chunk runs by halves
                 # (each failed put stores nothing), and refuse only the rest. A durable driver's
                 # window sends rounds of dozens of chunks; a full disk fails those it cannot hold.
-                for part, outcome in self._put_what_fits(puts, entries):
+                for part, outcome in self._put_halves(puts, entries):
                     if isinstance(outcome, list):
                         self._stored(part, outcome, [], unique)
                     else:
@@ -629,21 +629,23 @@ class BrokerCore:
             logger.error("broker %s could not store %d chunks: %s", self.name, len(puts), e)
             self._refused(puts, same_round, p.Status.ERROR, str(e).encode()[:1024])
 
-    def _put_what_fits(
+    def _put_halves(
         self, puts: list[tuple[bytes, p.Put]], entries: list[tuple[ChunkMeta, object]]
     ) -> list[tuple[list[tuple[bytes, p.Put]], list[int] | StorageError]]:
-        """``entries`` (``puts``') stored in runs by halves, in order, after one transaction of
-        them all was refused as full: each run with its ids, or the error that refused it (a
-        single chunk that does not fit, or any other storage error)."""
-        try:
-            return [(puts, self._leases.put(entries))]
-        except StorageFull as e:
-            if len(puts) == 1:
-                return [(puts, e)]
-        except StorageError as e:
-            return [(puts, e)]
+        """``entries`` (``puts``', more than one), whose one transaction was refused as full,
+        stored by halves, in order, each half whole or by halves again: each run stored with its
+        ids, or with the error that refused it (a single chunk that does not fit, or any other
+        storage error)."""
         half = len(puts) // 2
-        return self._put_what_fits(puts[:half], entries[:half]) + self._put_what_fits(puts[half:], entries[half:])
+        out: list[tuple[list[tuple[bytes, p.Put]], list[int] | StorageError]] = []
+        for part, part_entries in ((puts[:half], entries[:half]), (puts[half:], entries[half:])):
+            try:
+                out.append((part, self._leases.put(part_entries)))
+            except StorageFull as e:
+                out += self._put_halves(part, part_entries) if len(part) > 1 else [(part, e)]
+            except StorageError as e:
+                out.append((part, e))
+        return out
 
     def _stored(
         self, puts: list[tuple[bytes, p.Put]], ids: list[int], same_round: list[tuple[bytes, p.Put, int]], unique: bool

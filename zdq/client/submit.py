@@ -38,10 +38,7 @@ from zdq.client.window import FutureSlice, MapBatch, MapChunk, Slice, cancel_sli
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass, ZdqTimeoutError
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
-from zdq.codec.tasks import (
-    _SHARED_MAX_ARGS, _SHARED_MIN, CALLS, ITEMS, TaskOptions, call_task, check_calls, check_task_name, dumps_task,
-    item_task,
-)
+from zdq.codec.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, check_task_name, dumps_task, item_task
 from zdq.codec.rates import chunk_cap, rate_key_of, rate_of, share
 from zdq.codec.timing import Timing, expiry_of, timing_of
 from zdq.codec.unique import unique_timing
@@ -465,7 +462,7 @@ class Submitter:
         """``queue_pool.map`` of the callable ``fn`` over lists, tuples and ranges (:data:`_SLICED`)
         that hold no futures: what :meth:`stream` does for it, without a ``(fn, *args)`` tuple per
         call. Each chunk's arguments are slices of the iterables themselves (its columns), packed
-        by columns (:func:`_pack_columns`) and queued as they are packed, chunk by chunk
+        by columns (:meth:`Chunking.pack_columns`) and queued as they are packed, chunk by chunk
         within the driver's window (a full one blocks; ``timeout`` bounds each wait); each task's
         future is appended to ``futures`` as its chunk is queued. A call that cannot be pickled
         raises :class:`SerializationError` naming its item; the chunks before it are queued (the
@@ -480,7 +477,7 @@ class Submitter:
             columns = [_column(items, start, n) for items in iterables]
             base = driver.reserve(n)
             try:
-                packed = _pack_columns(chunking, base, fn, n, columns, driver.payload_key, options)
+                packed = chunking.pack_columns(base, fn, n, columns, driver.payload_key, options)
             except SerializationError as e:
                 at = f"item {start + e.task_id - base}: " if e.task_id is not None else ""
                 raise SerializationError(f"{at}{e} ({start} tasks before this chunk were queued)") from e
@@ -498,23 +495,6 @@ def _column(items: Sequence[Any], start: int, n: int) -> list[Any]:
     if len(column) != n:
         raise RuntimeError(f"map(): an iterable of {type(items).__name__} changed size during the map")
     return column
-
-
-def _pack_columns(
-    chunking: Chunking,
-    first: int,
-    fn: Callable[..., Any],
-    n: int,
-    columns: list[list[Any]],
-    key: bytes | None,
-    options: TaskOptions | None,
-) -> list[Packed]:
-    """``n`` calls of the callable ``fn`` given by the ``columns`` of their arguments (lists of
-    ``n`` each), packed as :meth:`Chunking.pack_batch` packs calls that share their function: by
-    columns (SHARED) when they are enough and have few enough arguments, else as tuples."""
-    if n >= _SHARED_MIN and 1 <= len(columns) <= _SHARED_MAX_ARGS:
-        return chunking.pack_shared(first, fn, n, columns, key, options)
-    return chunking.pack(first, list(zip(itertools.repeat(fn, n), *columns)), key, CALLS, options)
 
 
 def _queue_packed(

@@ -31,7 +31,9 @@ from typing import Any, NamedTuple, TypeVar
 
 from zdq.config import PoolSettings
 from zdq.errors import SerializationError
-from zdq.codec.tasks import CALLS, PICKLED, TaskOptions, calls_columns, dumps_chunk, dumps_shared
+from zdq.codec.tasks import (
+    _SHARED_MAX_ARGS, _SHARED_MIN, CALLS, PICKLED, TaskOptions, calls_columns, dumps_chunk, dumps_shared,
+)
 
 __all__ = ["Chunking", "Packed"]
 
@@ -130,6 +132,17 @@ class Chunking:
             for i in range(0, len(entries), size)
             for packed in self.pack(first + i, entries[i : i + size], key, kind, options)
         ]
+
+    def pack_columns(
+        self, first: int, fn: Any, n: int, columns: list[list[Any]], key: bytes | None, options: TaskOptions | None
+    ) -> list[Packed]:
+        """``n`` calls of the callable ``fn`` given by the ``columns`` of their arguments (lists of
+        ``n`` each: ``queue_pool.map``'s slices of its iterables), packed as :meth:`pack_batch`
+        packs calls that share their function: by columns (SHARED) when they are enough and have
+        few enough arguments, else as ``(fn, *args)`` tuples."""
+        if n >= _SHARED_MIN and 1 <= len(columns) <= _SHARED_MAX_ARGS:
+            return self.pack_shared(first, fn, n, columns, key, options)
+        return self.pack(first, list(zip(itertools.repeat(fn, n), *columns)), key, CALLS, options)
 
     # -- loose single tasks ------------------------------------------------------------------------
     def loose_take(self, room: int) -> int:
