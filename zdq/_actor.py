@@ -131,8 +131,8 @@ def check_resources(resources: Any) -> dict[str, float] | None:
 def scheduler_call(client: Any, what: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``method(*args, **kwargs)``, a synchronous call of ``client``'s that asks its scheduler
     (``client.sync``, ``run_on_scheduler``, ``get_dataset`` ...: they all take
-    ``callback_timeout``), bounded by ``placement-timeout``: a scheduler that does not answer (
-    stopped, overloaded, unreachable) is a :class:`~zdq.errors.PlacementError` naming it and
+    ``callback_timeout``), bounded by ``placement-timeout``: a scheduler that does not answer
+    (stopped, overloaded, unreachable) is a :class:`~zdq.errors.PlacementError` naming it and
     ``what`` was asked, never a wait without end."""
     from zdq.config import _seconds, get
     from zdq.errors import PlacementError

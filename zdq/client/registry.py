@@ -106,7 +106,8 @@ def lookup(client: Any, name: str, dirpath: str | None) -> PoolRecord | None:
     if not isinstance(record, PoolRecord):
         return None
     try:
-        alive = bool(scheduler_call(client, f"whether pool {name}'s owner is connected", client.run_on_scheduler, _client_connected, record.owner_client))
+        asked = f"whether pool {name}'s owner is connected"
+        alive = bool(scheduler_call(client, asked, client.run_on_scheduler, _client_connected, record.owner_client))
     except PlacementError:
         raise
     except Exception as e:  # cannot tell: take it as alive, the caller's timeouts bound the rest
