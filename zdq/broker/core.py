@@ -646,8 +646,8 @@ class BrokerCore:
         sock = self._sock
         try:
             _send_frame(sock, ident, _NOBLOCK_MORE)
-            for frame in frames:
-                _send_frame(sock, frame, _NOBLOCK_MORE, copy=len(frame) < _ZERO_COPY)
+            for frame in frames:  # a head: small, copied
+                _send_frame(sock, frame, _NOBLOCK_MORE)
             _send_frame(sock, last, _NOBLOCK, copy=len(last) < _ZERO_COPY)
             return True
         except zmq.Again:
