@@ -3,7 +3,6 @@ DELIVER as storing it and running the dispatch, and only when it would be the ne
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,36 +15,25 @@ from zdq.broker.rates import RateLimits
 from zdq.storage import ChunkMeta, LMDBStorage, MemoryStorage, Storage
 from zdq.transport import protocol as p
 
+from .test_broker_routing import Wire
+from .test_storage import storage  # noqa: F401 - the fixture: each test runs on memory and on LMDB
+
 DRIVER, CONSUMER = b"d" * 16, b"w" * 16
 NOW = 1000.0
-
-
-class Wire:
-    """What the dispatch sends; a peer in ``unreachable`` takes nothing."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, p.Message]] = []
-        self.unreachable: set[bytes] = set()
-
-    def send(self, ident: bytes, msg: p.Message) -> bool:
-        if ident in self.unreachable:
-            return False
-        self.sent.append((ident, msg))
-        return True
 
 
 class Broker:
     """A dispatch over a transient queue, one consumer with ``credit``."""
 
     def __init__(self, credit: int = 1) -> None:
-        storage = MemoryStorage()
-        storage.open()
-        self.leases = LeaseTable(storage)
+        queue = MemoryStorage()
+        queue.open()
+        self.leases = LeaseTable(queue)
         self.peers = PeerTable()
         self.wire = Wire()
         self.gone: list[bytes] = []
         self.counters = BrokerCounters()
-        self.rates = RateLimits(storage)
+        self.rates = RateLimits(queue)
         self.dispatch = Dispatch(self.leases, self.peers, self.wire.send, self.counters, self._gone, self.rates)
         if credit:
             self.peers.credit(CONSUMER, credit, NOW)
@@ -128,15 +116,7 @@ def test_a_lone_chunk_its_consumer_cannot_take_waits_at_the_head_and_the_consume
     assert leased is not None and leased.chunk_id == chunk_id and leased.attempt == 1  # its delivery failed: no attempt used
 
 
-@pytest.fixture(params=["memory", "lmdb"])
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
-    s: Storage = MemoryStorage() if request.param == "memory" else LMDBStorage(str(tmp_path / "q"), map_size=1 << 20)
-    s.open()
-    yield s
-    s.close()
-
-
-def test_put_leased_is_put_many_then_lease(storage: Storage) -> None:
+def test_put_leased_is_put_many_then_lease(storage: Storage) -> None:  # noqa: F811 - the fixture imported above
     chunk_id, payload = storage.put_leased(ChunkMeta(DRIVER, 1, 3), b"payload")
     assert bytes(payload) == b"payload" and storage.is_leased(chunk_id) and storage.lease() is None  # type: ignore[arg-type]
     c = storage.counts()

@@ -58,8 +58,7 @@ class ExpiryWatch:
 
     def add(self, chunk_id: int, expires: float) -> None:
         heapq.heappush(self._heap, (expires, chunk_id))
-        if expires < self.next_at:
-            self.next_at = expires
+        self.next_at = min(self.next_at, expires)
 
     def due(self, now: float) -> list[int]:
         """The chunks whose expiry is ``now`` or past (each once; whatever state they are in)."""
