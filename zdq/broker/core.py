@@ -64,7 +64,7 @@ from zdq.broker.unique import UniqueKeys, stored_unique
 from zdq.codec.schedules import SCHEDULED
 from zdq.storage.base import ChunkMeta, DeadLetter, Storage
 from zdq.transport import protocol as p
-from zdq.transport.sockets import close_socket, is_local_peer, recv_ready, try_send
+from zdq.transport.sockets import close_socket, is_local_peer
 
 __all__ = ["BrokerCore", "BrokerCounters"]
 
@@ -78,14 +78,26 @@ _ROUND = 1024  # messages drained per round: bounds a group commit and keeps tim
 _CONFIRM_DELAY = 0.002
 _CONFIRM_BATCH = 8
 _DRIVER = p.Role.DRIVER
+# The loop's receives and sends call pyzmq's compiled socket methods directly, with plain int flags
+# (as zdq.transport.sockets does): the Python layers above them cost more than the I/O itself on
+# a single task's round trip.
+_recv = zmq.backend.Socket.recv
+_send_frame = zmq.backend.Socket.send
+_poll = zmq.zmq_poll
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_ZERO_COPY = 65536  # pyzmq's own threshold: smaller frames are copied anyway
+_encode = p.encode
 
 
 class _Round:
-    """What one round of the loop gathered, to handle together (a plain class: made every round)."""
+    """What one round of the loop gathered, to handle together. One per broker, used by every
+    round: a round's end takes each list it used and leaves an empty one in its place (most
+    rounds use one or two of them: a lone task's PUT, DONE or RACK)."""
 
     __slots__ = ("cancels", "dones", "drivers_heard", "early_acks", "head", "now", "puts", "racks", "syncs", "unique")
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float = 0.0) -> None:
         self.now = now
         self.head: Any = None  # the head frame of the message being routed (a HELLO's tells its transport)
         self.cancels: list[tuple[bytes, p.Cancel]] = []
@@ -127,6 +139,8 @@ class BrokerCore:
         self.name = name
         self._alive = alive
         self._sock = socket
+        self._work = _Round()  # what each round gathers (the loop's)
+        self._polled = [(socket, zmq.POLLIN)]  # for zmq_poll: the loop's wait, and the end of a round's drain
         self._leases = LeaseTable(storage)
         if settings.result_ttl is not None:  # results kept after their receipt, for zdq.result()
             self._leases.retained = Retained(storage, settings.result_ttl, settings.result_bytes)
@@ -134,6 +148,7 @@ class BrokerCore:
             storage.unretain([chunk_id for chunk_id, _ in storage.retained()])
         self._schedules = ScheduleTable(name, storage)
         self._storage = storage
+        self._ready = storage.ready_order  # its count is read after every round
         self._durable = storage.durable
         self._settings = settings
         self._on_stop = on_stop  # releases what the actor set up around the loop (ZAP domain, inproc name)
@@ -312,12 +327,13 @@ class BrokerCore:
         # The loop's own names are locals, and its one socket is polled through pyzmq's compiled
         # zmq_poll (not Poller.poll's Python layer): every iteration pays them, about two per
         # single-task round trip (issue 26, point 4).
-        polled = [(self._sock, zmq.POLLIN)]
+        polled = self._polled
         poll, monotonic, wall = zmq.zmq_poll, time.monotonic, time.time
         stopped, lock, confirms = self._stop.is_set, self._lock, self._confirms
         beat = self._settings.heartbeat_interval
         next_beat = monotonic() + beat
         storage = self._storage
+        delayed = storage.delayed_order  # its next_at, and the expiry watch's: attributes, read each turn
         durable = self._durable
         schedules = self._schedules
         expiry = self._expiry
@@ -327,7 +343,7 @@ class BrokerCore:
             while not stopped():
                 due = min(next_beat, self._confirm_due) if confirms else next_beat
                 # Wall clock; inf when no chunk is delayed and none carries an expiry.
-                release = min(storage.next_release, expiry.next_at)
+                release = min(delayed.next_at, expiry.next_at)
                 if release < inf:
                     # The poll ends when the next delayed chunk is due (or the next expiry comes):
                     # nothing polls while they wait.
@@ -341,10 +357,10 @@ class BrokerCore:
                     with lock:
                         self._round()
                     # What the round stored may be delayed or carry an expiry.
-                    release = min(storage.next_release, expiry.next_at)
+                    release = min(delayed.next_at, expiry.next_at)
                 now = monotonic()
                 if release < inf:
-                    if storage.next_release <= wall():
+                    if delayed.next_at <= wall():
                         with lock:
                             self._chunks_out.release_due(now)
                     if expiry.next_at <= wall():
@@ -388,40 +404,70 @@ class BrokerCore:
                     logger.exception("broker %s: releasing its socket's admission failed", self.name)
 
     def _round(self) -> None:
-        work = _Round(time.monotonic())
+        work = self._work
+        work.now = time.monotonic()
         route = self._routes.get
         decode = p.decode
-        for frames in recv_ready(self._sock, _ROUND, router=True):
-            ident = frames[0]
+        sock, polled = self._sock, self._polled
+        # The socket drained here (as recv_ready does, without its generator): after a poll said
+        # it is readable, up to _ROUND messages, each the peer's identity then its frames; a
+        # zero-timeout zmq_poll says when none is left (get(EVENTS) builds an enum in Python).
+        for _ in range(_ROUND):
             try:
-                msg = decode(frames[1:])
+                ident = _recv(sock, _NOBLOCK)
+                frame = _recv(sock, _NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            frames = [frame]
+            while frame.more:
+                frame = _recv(sock, _NOBLOCK, copy=False)
+                frames.append(frame)
+            try:
+                msg = decode(frames)
                 handler = route(type(msg))
                 if handler is None:  # a broker-to-peer command sent to the broker
                     raise ProtocolError(f"{type(msg).__name__} is not accepted by a broker")
-                work.head = frames[1]
+                work.head = frames[0]
                 handler(ident, msg, work)
             except ProtocolError as e:
                 self._bad(ident, e)
+            if not _poll(polled, 0):
+                break
         now = work.now
         if work.puts:
-            self._store(work.puts, work.unique)
+            puts, work.puts = work.puts, []
+            unique, work.unique = work.unique, False
+            # A round's one plain PUT on a transient queue (a lone task's) may be stored and
+            # delivered in one pass; a CANCEL in its round is asked first, as usual.
+            if len(puts) > 1 or unique or work.cancels or self._durable or not self._deliver_lone(puts, now):
+                self._store(puts, unique)
         if work.dones:
-            self._finish(work.dones, now)
-        questions = self._questions
-        for ident, cancel in work.cancels:  # after the round's PUTs are stored and DONEs recorded
-            questions.ask(ident, cancel, now)
+            dones, work.dones = work.dones, []
+            self._finish(dones, now)
+        if work.cancels:  # after the round's PUTs are stored and DONEs recorded
+            cancels, work.cancels = work.cancels, []
+            for ident, cancel in cancels:
+                self._questions.ask(ident, cancel, now)
         routing = self._routing
-        for ident, chunk_ids in work.racks:
-            routing.receipt(ident, chunk_ids)
-        if routing.waiting and work.drivers_heard:
-            routing.route_waiting(now)
-        for ident, sync in work.syncs:
-            self._send(ident, routing.status(ident, sync))
-        self._chunks_out.run(now)
+        if work.racks:
+            racks, work.racks = work.racks, []
+            for ident, chunk_ids in racks:
+                routing.receipt(ident, chunk_ids)
+        if work.drivers_heard:
+            work.drivers_heard = set()
+            if routing.waiting:
+                routing.route_waiting(now)
+        if work.syncs:
+            syncs, work.syncs = work.syncs, []
+            for ident, sync in syncs:
+                self._send(ident, routing.status(ident, sync))
+        if self._rates.active or self._ready.n:  # Dispatch.run's own first test, without its call
+            self._chunks_out.run(now)
         if self._durable:
             # An early acknowledgement (at most once) is written at once: held back, a broker
             # that died in the meantime would serve the chunk again after a restart.
             self._storage.commit(force=work.early_acks)
+        work.early_acks = False
 
     # -- the route table: what each message a peer sends does -------------------------------------
     def _route_table(self) -> dict[type[Any], Callable[[bytes, Any, _Round], None]]:
@@ -588,9 +634,24 @@ class BrokerCore:
             )
 
     def _send(self, ident: bytes, msg: p.Message) -> bool:
+        """Send ``msg`` to a peer; False if it cannot take it now (leases and resends recover).
+
+        :func:`~zdq.transport.sockets.try_send` with the peer's identity first, without building
+        a list of the frames: what a broker sends is one or two frames (a head, then a chunk's or
+        its results' payload). High-water marks are lifted, so a refusal comes at the first frame
+        only: a message never goes in part.
+        """
+        frames = _encode(msg)
+        last = frames.pop()
+        sock = self._sock
         try:
-            # False: that peer cannot take more now; leases and resends recover.
-            return try_send(self._sock, [ident, *p.encode(msg)])
+            _send_frame(sock, ident, _NOBLOCK_MORE)
+            for frame in frames:  # a head: small, copied
+                _send_frame(sock, frame, _NOBLOCK_MORE)
+            _send_frame(sock, last, _NOBLOCK, copy=len(last) < _ZERO_COPY)
+            return True
+        except zmq.Again:
+            return False
         except zmq.ZMQError as e:
             if e.errno == zmq.EHOSTUNREACH:
                 return False
@@ -607,7 +668,11 @@ class BrokerCore:
             if not puts:
                 return
         # A Put's fields after its chunk are a ChunkMeta's after owner, seq and n_tasks, in order.
-        entries = [(ChunkMeta(ident, put.seq, put.n_tasks, *put[3:]), put.chunk) for ident, put in puts]
+        if len(puts) == 1:  # a lone chunk (the single task's round trip): no comprehension
+            ident, put = puts[0]
+            entries = [(ChunkMeta(ident, put.seq, put.n_tasks, *put[3:]), put.chunk)]
+        else:
+            entries = [(ChunkMeta(ident, put.seq, put.n_tasks, *put[3:]), put.chunk) for ident, put in puts]
         try:
             self._stored(puts, self._leases.put(entries), same_round, unique)
             return
@@ -628,6 +693,21 @@ class BrokerCore:
         except StorageError as e:
             logger.error("broker %s could not store %d chunks: %s", self.name, len(puts), e)
             self._refused(puts, same_round, p.Status.ERROR, str(e).encode()[:1024])
+
+    def _deliver_lone(self, puts: list[tuple[bytes, p.Put]], now: float) -> bool:
+        """The round's one PUT stored and handed to the consumer whose turn it is, in one pass,
+        if it would be the next chunk out (see :meth:`~zdq.broker.dispatch.Dispatch.put_and_deliver`);
+        its CONFIRM is held back as any other's (the chunk is stored). False: it was not stored
+        (the usual path stores it, or refuses it and says why)."""
+        ident, put = puts[0]
+        try:
+            chunk_id = self._chunks_out.put_and_deliver(ident, put, now)
+        except StorageError:
+            return False
+        if chunk_id is None:
+            return False
+        self._stored(puts, [chunk_id], [], False)  # the bookkeeping after the DELIVER
+        return True
 
     def _put_halves(
         self, puts: list[tuple[bytes, p.Put]], entries: list[tuple[ChunkMeta, object]]
@@ -651,14 +731,17 @@ class BrokerCore:
         self, puts: list[tuple[bytes, p.Put]], ids: list[int], same_round: list[tuple[bytes, p.Put, int]], unique: bool
     ) -> None:
         """``puts`` stored as chunks ``ids``: confirmed with the round's commit."""
-        self.counters.chunks_stored += len(puts)
-        self.counters.tasks_stored += sum(put.n_tasks for _, put in puts)
-        if not self._confirms:
+        counters, confirms = self.counters, self._confirms
+        counters.chunks_stored += len(puts)
+        if not confirms:
             self._confirm_due = time.monotonic() + _CONFIRM_DELAY
+        n_tasks = 0
         for (ident, put), chunk_id in zip(puts, ids):
-            self._confirms[(ident, put.seq)] = chunk_id
+            confirms[(ident, put.seq)] = chunk_id
+            n_tasks += put.n_tasks
             if put.expires:
                 self._expiry.add(chunk_id, put.expires)
+        counters.tasks_stored += n_tasks
         if unique:
             self._unique.stored(puts, ids, same_round, time.time())  # type: ignore[union-attr]
             self.counters.tasks_unique_duplicates += len(same_round)
@@ -692,7 +775,7 @@ class BrokerCore:
 
     # -- results --------------------------------------------------------------------------------
     def _finish(self, dones: list[tuple[bytes, p.Done]], now: float) -> None:
-        leases, routing = self._leases, self._routing
+        leases, routing, counters = self._leases, self._routing, self.counters
         for ident, done in dones:
             chunk_id = done.chunk_id
             try:
@@ -701,25 +784,26 @@ class BrokerCore:
                 self._bad(ident, e)
                 continue
             if held is None:
-                self.counters.duplicate_dones += 1
+                counters.duplicate_dones += 1
                 continue
-            counters = self.counters
-            counters.chunks_acked += 1
-            counters.tasks_acked += held.meta.n_tasks
-            if held.leased_at:  # per chunk, not per task: a bisect of ten bounds
-                took = now - held.leased_at
-                counters.round_trips[bisect.bisect_left(ROUND_TRIP_BOUNDS, took)] += 1
-                counters.round_trip_sum += took
-            if held.meta.owner == SCHEDULED:  # a schedule's tick: its results are the schedule's
-                self._schedules.done(held.meta.seq, done.results)
+            meta = held.meta
+            if meta.owner == SCHEDULED:  # a schedule's tick: its results are the schedule's
+                self._schedules.done(meta.seq, done.results)
                 leases.forget_now(chunk_id)
                 # Written now, not within 50 ms: a broker killed meanwhile would run the tick
                 # again. Ticks are rare; a round of ordinary chunks pays nothing for this.
                 self._storage.commit(force=True)
-                continue
-            routing.finished(chunk_id, held, now)
-            if held.meta.unique_key and self._unique is not None:  # its key is free; its followers get the results
-                self._unique.ended(chunk_id, held.consumer, held.results)
+            else:
+                # The results go first (their driver waits for them); the counters after.
+                routing.finished(chunk_id, held, now)
+                if meta.unique_key and self._unique is not None:  # its key is free; its followers get the results
+                    self._unique.ended(chunk_id, held.consumer, held.results)
+            counters.chunks_acked += 1
+            counters.tasks_acked += meta.n_tasks
+            if held.leased_at:  # per chunk, not per task: a bisect of ten bounds
+                took = now - held.leased_at
+                counters.round_trips[bisect.bisect_left(ROUND_TRIP_BOUNDS, took)] += 1
+                counters.round_trip_sum += took
 
     def _unique_keys(self) -> UniqueKeys:
         keep_for = max(60.0, 4 * self._settings.heartbeat_timeout)  # as long as results wait for a silent driver

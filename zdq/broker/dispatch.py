@@ -26,6 +26,7 @@ from zdq.broker.counters import BrokerCounters
 from zdq.broker.leases import LeaseTable
 from zdq.broker.peers import Peer, PeerTable, Send
 from zdq.broker.rates import RateLimits
+from zdq.storage.base import ChunkMeta
 from zdq.transport import protocol as p
 
 
@@ -72,6 +73,7 @@ class Dispatch:
     ) -> None:
         self._leases = leases
         self._storage = leases.storage
+        self._ready = leases.storage.ready_order  # its count (n), read as an attribute each run
         self._peers = peers
         self._send = send
         self._counters = counters
@@ -91,6 +93,39 @@ class Dispatch:
             self.ready_scan = 0.0
             self.run(now)
 
+    def put_and_deliver(self, owner: bytes, put: p.Put, now: float) -> int | None:
+        """A new chunk (``owner``'s ``put``) stored and handed out in one pass, when it would be
+        the next chunk out: :meth:`run` finds no chunk ready, no rate limit active, a consumer with
+        credit first in turn, and the chunk plain (not delayed, no expiry, no per-call limit).
+        It is then stored and leased as :meth:`LeaseTable.put` and :meth:`LeaseTable.lease` would
+        (its first attempt; no task of it can be cancelled yet) without passing through the ready
+        queue, and DELIVERed. Return its id once stored, or None if it does not qualify (nothing
+        stored: the caller stores it the usual way). Raises as :meth:`LeaseTable.put` (nothing
+        stored). A lone task's PUT takes this path (issue 26, point 4)."""
+        if self._rates.active or self._ready.n or put.not_before or put.expires or put.rate_key:
+            return None
+        with_credit = self._peers.with_credit
+        if not with_credit:
+            return None
+        ident = with_credit[0]
+        consumer = self._peers.by_ident.get(ident)
+        if consumer is None or consumer.credit <= 0:
+            return None  # run skips it; the usual path does
+        # A Put's fields after its chunk are a ChunkMeta's after owner, seq and n_tasks, in order.
+        meta = ChunkMeta(owner, put.seq, put.n_tasks, *put[3:])
+        chunk_id, payload = self._leases.put_leased(meta, put.chunk, ident, now)
+        if not self._send(ident, p.Deliver(chunk_id, meta.n_tasks, 1, payload)):
+            # Stored: it waits at the head of the queue, and this consumer is gone (as in run).
+            self._leases.give_back(chunk_id, count_attempt=False)
+            del self._peers.by_ident[ident]
+            self._gone(ident, consumer)
+            return chunk_id
+        consumer.credit -= 1
+        with_credit.popleft()
+        if consumer.credit > 0:
+            with_credit.append(ident)
+        return chunk_id
+
     def run(self, now: float) -> None:
         """Hand out every chunk that credit (and the rate limits) allow; tell READY to consumers
         without credit."""
@@ -99,7 +134,7 @@ class Dispatch:
         limited = rates.active  # the one test a queue without limits pays, per round
         if limited:
             rates.wake_at = math.inf  # set again by a bucket that holds work back
-        elif not storage.has_ready():
+        elif not self._ready.n:
             # Nothing to hand out and none to tell READY (the round of a lone task's DONE, whose
             # credit finds the queue empty): no lease is tried.
             return
@@ -112,19 +147,19 @@ class Dispatch:
             leased = rates.lease(leases, ident, now) if limited else leases.lease(ident, now)
             if leased is None:
                 return
-            meta = leased.meta
+            meta, chunk_id = leased.meta, leased.chunk_id
             if meta.expires and meta.expires <= time.time() and self._expired is not None:
-                self._expired(leased.chunk_id, now)  # never delivered; this credit goes to the next
+                self._expired(chunk_id, now)  # never delivered; this credit goes to the next
                 continue
             spacing = rates.spacing if limited else 0.0  # a limited chunk's tasks start spaced
             if meta.rate_key and not limited:  # the first chunk under a per-call limit
-                rates.first_keyed(meta.rate_key, meta.rate, leased.chunk_id, meta.n_tasks, now)
+                rates.first_keyed(meta.rate_key, meta.rate, chunk_id, meta.n_tasks, now)
                 limited, spacing = rates.active, rates.spacing
-            cancelled = storage.cancelled(leased.chunk_id)
+            cancelled = storage.cancelled(chunk_id)
             if cancelled:  # told first (one pipe keeps order): the consumer skips these tasks
-                send(ident, p.Cancel(0, leased.chunk_id, 0, tuple(sorted(cancelled))))
-            if not send(ident, p.Deliver(leased.chunk_id, leased.meta.n_tasks, leased.attempt, leased.payload, spacing)):
-                leases.give_back(leased.chunk_id, count_attempt=False)
+                send(ident, p.Cancel(0, chunk_id, 0, tuple(sorted(cancelled))))
+            if not send(ident, p.Deliver(chunk_id, meta.n_tasks, leased.attempt, leased.payload, spacing)):
+                leases.give_back(chunk_id, count_attempt=False)
                 del by_ident[ident]
                 self._gone(ident, consumer)
                 continue
@@ -134,7 +169,7 @@ class Dispatch:
             with_credit.popleft()
             if consumer.credit > 0:
                 with_credit.append(ident)
-        if now - self.ready_scan >= READY_EVERY and storage.has_ready():
+        if now - self.ready_scan >= READY_EVERY and self._ready.n:
             # Work waits and no consumer has credit here: tell those that could ask.
             self.ready_scan = now
             for ident in self._peers.to_notify(now, READY_EVERY):

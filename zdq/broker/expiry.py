@@ -50,22 +50,22 @@ class ExpiryWatch:
     def __init__(self, metas: Iterable[tuple[int, ChunkMeta]] = ()) -> None:
         self._heap: list[tuple[float, int]] = [(m.expires, i) for i, m in metas if m.expires]
         heapq.heapify(self._heap)
+        #: Wall-clock time of the next expiry to look at (``inf``: none); early, never late. An
+        #: attribute kept by :meth:`add` and :meth:`due`: the broker's loop reads it every turn.
+        self.next_at = self._heap[0][0] if self._heap else math.inf
         #: Chunks that expired here, by id: (owner, first task id, number of tasks).
         self.expired: OrderedDict[int, tuple[bytes, int, int]] = OrderedDict()
 
-    @property
-    def next_at(self) -> float:
-        """Wall-clock time of the next expiry to look at (``inf``: none); early, never late."""
-        return self._heap[0][0] if self._heap else math.inf
-
     def add(self, chunk_id: int, expires: float) -> None:
         heapq.heappush(self._heap, (expires, chunk_id))
+        self.next_at = min(self.next_at, expires)
 
     def due(self, now: float) -> list[int]:
         """The chunks whose expiry is ``now`` or past (each once; whatever state they are in)."""
         heap, out = self._heap, []
         while heap and heap[0][0] <= now:
             out.append(heapq.heappop(heap)[1])
+        self.next_at = heap[0][0] if heap else math.inf
         return out
 
     def note(self, chunk_id: int, meta: ChunkMeta) -> None:

@@ -176,12 +176,21 @@ class LeaseTable:
         """Store new chunks at the tail (raises StorageFull/StorageError: nothing stored)."""
         return self.storage.put_many(entries)
 
+    def put_leased(self, meta: ChunkMeta, payload: object, consumer: bytes, now: float) -> tuple[int, object]:
+        """Store a new chunk and lease it to ``consumer`` at once (:meth:`put`, then :meth:`lease`
+        when it would be the next chunk out); its id and payload (see
+        :meth:`~zdq.storage.base.Storage.put_leased`). Raises as :meth:`put`: nothing stored."""
+        chunk_id, payload = self.storage.put_leased(meta, payload)
+        self._held[chunk_id] = Held(meta, consumer, leased_at=now)
+        return chunk_id, payload
+
     def lease(self, consumer: bytes, now: float = 0.0, chunk_id: int | None = None) -> Leased | None:
         """The chunk at the head of the queue (or the parked ``chunk_id``), leased to ``consumer``."""
         leased = self.storage.lease(chunk_id)
         if leased is not None:
             self._held[leased.chunk_id] = Held(leased.meta, consumer, leased_at=now)
-            self._previous.pop(leased.chunk_id, None)
+            if self._previous:
+                self._previous.pop(leased.chunk_id, None)
         return leased
 
     def expire_unsent(self, chunk_id: int, *, just_leased: bool = False) -> Held | None:
@@ -302,6 +311,14 @@ class LeaseTable:
             another's results.
         """
         current = self._held.get(chunk_id)
+        if current is not None and current.holder == consumer and len(consumer) == ID_SIZE:
+            # The common case, kept short (finish's, for a chunk its holder reports: not done yet).
+            if self._previous:
+                self._previous.pop(chunk_id, None)
+            current.holder = None
+            current.results = results
+            current.consumer = consumer
+            return current
         if (current is None or current.holder != consumer) and self.held_by(consumer, chunk_id) is None:
             if (current is not None and current.done) or self.meta(chunk_id) is None:
                 return None

@@ -91,12 +91,9 @@ class ResultRouting:
             self.waiting[chunk_id] = None
             self._leases.keep(chunk_id, held)
 
-    def target(self, held: Held, now: float) -> tuple[bytes, int] | None:
-        """Where the results of ``held`` go now: (driver, seq), or None to keep them waiting."""
-        owner = held.meta.owner
-        peer = self._peers.get(owner)
-        if peer is not None and not peer.gone and now - peer.last_seen < self._orphaned_after:
-            return owner, held.meta.seq  # its own driver (even a silent one: it may be paused)
+    def _orphan_target(self, owner: bytes) -> tuple[bytes, int] | None:
+        """Where results go whose driver ``owner`` is gone (or silent for ``orphaned_after``):
+        (the creator, seq 0), or None to keep them waiting."""
         if owner == self._creator:
             return None  # the creator connects as soon as it can: its results wait for it
         creator = self._peers.get(self._creator)
@@ -106,21 +103,26 @@ class ResultRouting:
 
     def route(self, chunk_id: int, held: Held, now: float) -> bool:
         """Send a chunk's results to its driver; False if they must wait."""
-        target = self.target(held, now)
-        if target is None:
-            return False
-        driver, seq = target
+        meta = held.meta
+        peer = self._peers.get(meta.owner)
+        if peer is not None and not peer.gone and now - peer.last_seen < self._orphaned_after:
+            driver, seq = meta.owner, meta.seq  # its own driver (even a silent one: it may be paused)
+        else:
+            target = self._orphan_target(meta.owner)
+            if target is None:
+                return False
+            driver, seq = target
         results = held.results
         if results is EXPIRED_RESULTS:
-            meta = held.meta
             message: p.Message = p.Expired(seq, chunk_id, meta.base, meta.n_tasks)
         else:
             message = p.Results(seq, chunk_id, held.consumer, results)
         if not self._send(driver, message):
             return False
-        self._leases.sent(held, driver, now)
+        held.driver = driver  # LeaseTable.sent's two fields: it alone may acknowledge them
+        held.sent_at = now
         routed = self.routed
-        routed[driver] = routed.get(driver, 0) + held.meta.n_tasks
+        routed[driver] = routed.get(driver, 0) + meta.n_tasks
         if seq:
             self._confirmed(driver, seq)
         else:

@@ -43,9 +43,14 @@ _META_BASE = struct.Struct(">16sQIQ")
 _META_TIMED_BASE = struct.Struct(">16sQIdiQ")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ChunkMeta:
     """What the broker knows of a chunk without reading it.
+
+    Treated as immutable (nothing writes a meta's field: a changed chunk gets a new one, through
+    :func:`dataclasses.replace`), and hashed by value, but not declared frozen: a frozen
+    dataclass's ``__init__`` sets each of its eleven fields through ``object.__setattr__``,
+    which one meta per chunk stored paid on the broker's path (issue 26, point 4).
 
     Attributes
     ----------
@@ -118,8 +123,11 @@ class ChunkMeta:
     SIZE = _META.size
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Leased:
+    """A chunk :meth:`Storage.lease` took for a consumer (made per delivery: not frozen, whose
+    ``__init__`` costs a call per field)."""
+
     chunk_id: int
     meta: ChunkMeta
     payload: object
@@ -215,19 +223,42 @@ class Storage(ABC):
         StorageFull
             Nothing of ``entries`` was stored.
         """
-        ids = list(range(self._next_id, self._next_id + len(entries)))
-        self._write([(i, meta, payload) for i, (meta, payload) in zip(ids, entries)])
-        self._next_id += len(entries)
+        first = self._next_id
+        if len(entries) == 1:  # a lone chunk (the single task's round trip): no comprehension
+            meta, payload = entries[0]
+            records = [(first, meta, payload)]
+        else:
+            records = [(i, meta, payload) for i, (meta, payload) in enumerate(entries, first)]
+        self._write(records)  # stored (a durable backend: committed) before any is indexed
+        self._next_id = first + len(records)
         ready, now = self._ready, 0.0
-        for chunk_id, (meta, _) in zip(ids, entries):
+        for chunk_id, meta, _ in records:
             self._meta[chunk_id] = meta
             if meta.not_before or meta.priority:
                 now = now or time.time()
                 self._enqueue(chunk_id, meta, now)
-            else:  # the plain chunk, kept short
-                ready.append(chunk_id)
+            else:  # the plain chunk, kept short: priority 0's FIFO
+                ready.plain.append(chunk_id)
+                ready.n += 1
                 self._ready_tasks += meta.n_tasks
-        return ids
+        return list(range(first, self._next_id))
+
+    def put_leased(self, meta: ChunkMeta, payload: object) -> tuple[int, object]:
+        """Store a chunk and lease it at once: :meth:`put_many` then :meth:`lease`, for a chunk
+        handed out as it arrives (the caller checked that no chunk is ready: it would be the next
+        out). Not for a delayed chunk. Return its id and its payload as :meth:`lease` reads it
+        (through :meth:`_read`, which a durable backend's lease bookkeeping rides on). Raises as
+        :meth:`put_many` (then nothing is stored)."""
+        if meta.not_before:
+            raise ValueError("a delayed chunk is not leased as it arrives")
+        chunk_id = self._next_id
+        self._write([(chunk_id, meta, payload)])  # stored (a durable backend: committed) first
+        self._next_id = chunk_id + 1
+        self._meta[chunk_id] = meta
+        self._leased.add(chunk_id)
+        self._leased_tasks += meta.n_tasks
+        self._attempts[chunk_id] = 1
+        return chunk_id, self._read(chunk_id)
 
     def _enqueue(self, chunk_id: int, meta: ChunkMeta, now: float) -> None:
         """A stored chunk that is neither leased nor dead: delayed until its time, else ready."""
@@ -241,6 +272,18 @@ class Storage(ABC):
     def next_id(self) -> int:
         """The id the next chunk stored gets: every chunk stored before has a smaller one."""
         return self._next_id
+
+    @property
+    def ready_order(self) -> ReadyQueue:
+        """The ready chunks: the broker reads their count (``n``, :meth:`has_ready`'s) after
+        every round as an attribute, without a call."""
+        return self._ready
+
+    @property
+    def delayed_order(self) -> Delayed:
+        """The delayed chunks: the broker's loop reads their ``next_at`` (:attr:`next_release`)
+        every turn as an attribute, without this property's call."""
+        return self._delayed
 
     @property
     def next_release(self) -> float:
@@ -416,10 +459,16 @@ class Storage(ABC):
         if chunk_id is not None:
             meta = self._meta[chunk_id]
             self._delayed.discard(chunk_id, meta.n_tasks)
-        elif not self._ready:
-            return None
         else:
-            chunk_id = self._ready.popleft()
+            ready = self._ready
+            if not ready.n:
+                return None
+            plain = ready.plain
+            if len(plain) == ready.n:  # every ready chunk is of priority 0: its FIFO's head, without a call
+                chunk_id = plain.popleft()
+                ready.n -= 1
+            else:
+                chunk_id = ready.popleft()
             meta = self._meta[chunk_id]
             self._ready_tasks -= meta.n_tasks
         self._leased.add(chunk_id)
@@ -432,14 +481,16 @@ class Storage(ABC):
         """Remove chunks for good; ``None`` for an id that is no longer stored (a duplicate)."""
         out: list[ChunkMeta | None] = []
         gone: list[int] = []
+        leased, metas = self._leased, self._meta
         for chunk_id in chunk_ids:
-            if chunk_id in self._leased:
-                self._leased.discard(chunk_id)
-                self._leased_tasks -= self._meta[chunk_id].n_tasks
-            elif chunk_id in self._meta and chunk_id not in self._dead:
+            if chunk_id in leased:  # the common case: results a driver acknowledged
+                leased.discard(chunk_id)
+                meta = metas.pop(chunk_id)
+                self._leased_tasks -= meta.n_tasks
+            elif chunk_id in metas and chunk_id not in self._dead:
                 # A late DONE for a chunk whose lease expired: the work is done, do not run it again.
                 # (Or a delayed chunk whose every task was cancelled.)
-                meta = self._meta[chunk_id]
+                meta = metas[chunk_id]
                 if not self._delayed.discard(chunk_id, meta.n_tasks):
                     try:
                         self._ready.remove(chunk_id, meta.priority)
@@ -447,10 +498,10 @@ class Storage(ABC):
                         out.append(None)
                         continue
                     self._ready_tasks -= meta.n_tasks
+                del metas[chunk_id]
             else:
                 out.append(None)
                 continue
-            meta = self._meta.pop(chunk_id)
             self._attempts.pop(chunk_id, None)
             if self._cancels:
                 self._cancels.pop(chunk_id, None)
@@ -515,7 +566,7 @@ class Storage(ABC):
         return self._meta.items()
 
     def has_ready(self) -> bool:
-        return bool(self._ready)
+        return self._ready.n > 0
 
     def waiting_ids(self) -> list[int]:
         """The ids of the chunks stored and not yet delivered: ready or delayed (see

@@ -34,12 +34,15 @@ __all__ = ["Delayed", "ReadyQueue"]
 class ReadyQueue:
     """Ready chunk ids: a FIFO per priority, the highest priority served first."""
 
-    __slots__ = ("_fifos", "_n", "_order")
+    __slots__ = ("_fifos", "_order", "n", "plain")
 
     def __init__(self) -> None:
-        self._fifos: dict[int, deque[int]] = {0: deque()}
+        #: Priority 0's FIFO (never dropped): the plain chunk's, appended to without a lookup.
+        self.plain: deque[int] = deque()
+        self._fifos: dict[int, deque[int]] = {0: self.plain}
         self._order: list[int] = [0]  # the priorities with a FIFO, highest first
-        self._n = 0
+        #: How many chunks are ready: read as an attribute on the broker's path (no ``len`` call).
+        self.n = 0
 
     def _fifo(self, priority: int) -> deque[int]:
         fifo = self._fifos.get(priority)
@@ -52,20 +55,23 @@ class ReadyQueue:
 
     def append(self, chunk_id: int, priority: int = 0) -> None:
         """At the tail of its priority's FIFO (new, released, requeued)."""
-        self._fifo(priority).append(chunk_id)
-        self._n += 1
+        if priority:
+            self._fifo(priority).append(chunk_id)
+        else:
+            self.plain.append(chunk_id)
+        self.n += 1
 
     def appendleft(self, chunk_id: int, priority: int = 0) -> None:
         """At the head of its priority's FIFO (given back, split after a redelivery)."""
         self._fifo(priority).appendleft(chunk_id)
-        self._n += 1
+        self.n += 1
 
     def popleft(self) -> int:
         """The first chunk of the highest priority; ``IndexError`` when empty."""
         for priority in self._order:
             fifo = self._fifos[priority]
             if fifo:
-                self._n -= 1
+                self.n -= 1
                 chunk_id = fifo.popleft()
                 if not fifo and priority:
                     self._drop(priority)  # so that the loop above stays as short as the priorities in use
@@ -87,7 +93,7 @@ class ReadyQueue:
         if fifo is None:
             raise ValueError(f"chunk {chunk_id} is not ready")
         fifo.remove(chunk_id)
-        self._n -= 1
+        self.n -= 1
         if not fifo and priority:
             self._drop(priority)
 
@@ -96,10 +102,10 @@ class ReadyQueue:
         self._order.remove(priority)
 
     def __len__(self) -> int:
-        return self._n
+        return self.n
 
     def __bool__(self) -> bool:
-        return self._n > 0
+        return self.n > 0
 
 
 class Delayed:
