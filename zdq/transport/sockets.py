@@ -361,10 +361,12 @@ class Waker:
 
     def drain(self) -> None:
         if self._out is None:
-            try:
-                os.eventfd_read(self._fd)  # every wake pending, at once
-            except (BlockingIOError, OSError):
-                pass  # none pending (or closed by close(): the thread is stopping)
+            with self._lock:  # as wake(): never a descriptor closed, and perhaps reused, meanwhile
+                if self._fd >= 0:  # -1: closed by close(), the thread is stopping
+                    try:
+                        os.eventfd_read(self._fd)  # every wake pending, at once
+                    except BlockingIOError:  # none pending
+                        pass
             return
         for _ in recv_ready(self.socket, 1):  # merged wakes: at most SNDHWM more, each a poll
             pass
