@@ -338,3 +338,48 @@ def test_every_request_to_a_closed_driver_returns_at_once(ctx: zmq.Context[Any],
     driver.broker_lost(0, memory_lost=False)  # a command nobody will run: dropped, not queued forever
     assert time.monotonic() - started < 5
     assert all(isinstance(f.exception(timeout=1), ClosedError) for f in futures)
+
+
+def test_a_lone_tasks_chunk_a_lost_broker_never_confirmed_goes_to_a_broker_still_up(
+    ctx: zmq.Context[Any], parts: list[Any]
+) -> None:
+    """A task submitted with nothing in flight is packed by its caller (issue 26 point 4): its
+    chunk is a record like any other, sent again when its broker is lost unconfirmed."""
+    silent, real = _Broker(ctx, silent=True), _Broker(ctx)
+    parts += [silent, real]
+    parts.append(_Consumer(ctx, real.endpoint))
+    driver = _driver(parts, [silent.endpoint, real.endpoint])
+    stuck = None
+    for i in range(6):  # the round robin sends one of the first lone tasks to the silent broker
+        fut = _submit(driver, 1)[0]
+        try:
+            assert fut.result(timeout=1.0) == 1
+        except TimeoutError:
+            stuck = fut
+            break
+    assert stuck is not None, "no lone task went to the silent broker"
+    assert driver.statistics().chunks_unconfirmed == 1
+    driver.broker_lost(0, memory_lost=True)
+    assert stuck.result(timeout=10) == 1
+    assert [_submit(driver, 1)[0].result(timeout=10) for _ in range(5)] == [1] * 5  # lone again, to the broker up
+    assert driver.statistics().chunks_unconfirmed == 0
+
+
+def test_the_drivers_eventfd_waker_merges_wakes_and_is_quiet_once_closed(ctx: zmq.Context[Any]) -> None:
+    from zdq.transport.sockets import Waker
+
+    waker = Waker(ctx, eventfd=True)
+    poller = zmq.Poller()
+    poller.register(waker.socket, zmq.POLLIN)
+    assert poller.poll(0) == []
+    for _ in range(3):
+        waker.wake()
+    assert [fd for fd, _ in poller.poll(100)] == [waker.socket]
+    waker.drain()  # every wake pending, at once
+    assert poller.poll(0) == []
+    waker.drain()  # nothing pending: no error
+    poller.unregister(waker.socket)
+    waker.close()
+    waker.wake()  # after close: nothing written anywhere
+    waker.drain()
+    waker.close()

@@ -354,8 +354,8 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
         if stuck is None or (timeout is not None and timeout <= _LOOK_EVERY):
             return wait(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
+        step = _LOOK_EVERY  # the first step is whole: the timeout, if any, is longer
         while True:
-            step = _LOOK_EVERY if deadline is None else min(_LOOK_EVERY, max(0.0, deadline - time.monotonic()))
             try:
                 return wait(step)
             except concurrent.futures.TimeoutError:
@@ -364,6 +364,7 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
             error = stuck()
             if error is not None:
                 raise error
+            step = _LOOK_EVERY if deadline is None else min(_LOOK_EVERY, max(0.0, deadline - time.monotonic()))
 
     def result(self, timeout: float | None = None) -> Any:
         try:

@@ -29,8 +29,12 @@ BASE = settings(window=2, chunk_size=4, buffer_bytes=1 << 20)
 CONSUMER = b"consumer-1"
 
 
-def make(n_brokers: int = 2, **overrides: Any) -> Ledger:
-    return Ledger("p", [f"q{i}" for i in range(n_brokers)], BASE.with_overrides(**overrides) if overrides else BASE)
+def make(n_brokers: int = 2, lone: bool = False, **overrides: Any) -> Ledger:
+    """A ledger; with ``lone``, a task submitted with nothing in flight is packed by the caller
+    (as in a pool); without, every task goes loose (the coalescing these tests look at)."""
+    ledger = Ledger("p", [f"q{i}" for i in range(n_brokers)], BASE.with_overrides(**overrides) if overrides else BASE)
+    ledger.lone_chunks = lone
+    return ledger
 
 
 def task(i: int = 0) -> bytes:
@@ -832,3 +836,72 @@ def test_cancelled_and_refused_tasks_are_no_longer_unfinished() -> None:
 def test_max_pending_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_pending"):
         BASE.with_overrides(max_pending=0)
+
+
+# -- a lone task: packed by its caller (issue 26 point 4) ------------------------------------------
+def test_a_task_submitted_with_nothing_in_flight_is_queued_as_its_own_chunk() -> None:
+    ledger = make(lone=True)
+    wakes: list[int] = []
+    ledger.wake = lambda: wakes.append(1)
+    fut = ledger.submit_task(task())
+    assert not ledger.loose and len(ledger.queued) == 1 and wakes == [1]
+    rec = ledger.queued[0]
+    assert (rec.base, rec.n, rec.sink) == (fut.key, 1, [fut])
+    assert ledger.buffered_chunks == 1 and ledger.buffered_bytes == rec.nbytes
+    assert counts(ledger)["submitted"] == 1 and ledger.outstanding == 1 and ledger.unsent == 1
+    ledger.coalesce(2, 0)  # nothing loose: the I/O thread has only to send it
+    assert ledger.take(0) is rec and not ledger.queued
+
+
+def test_tasks_submitted_while_one_is_in_flight_go_loose_and_are_coalesced() -> None:
+    ledger = make(lone=True)
+    wakes: list[int] = []
+    ledger.wake = lambda: wakes.append(1)
+    first = ledger.submit_task(task())
+    rest = submit(ledger, 3)
+    assert [entry[2] for entry in ledger.loose] == rest and len(ledger.queued) == 1 and len(wakes) == 2
+    ledger.coalesce(1, 0)
+    assert [r.n for r in ledger.queued] == [1, 3] and ledger.queued[0].sink == [first]
+
+
+def test_a_lone_task_too_large_goes_loose_and_fails_alone() -> None:
+    ledger = make(lone=True, max_message_size=200, chunk_bytes=200)
+    huge = ledger.submit_task(dumps_task((operator.add, ("x" * 1000, "y"))), timeout=0)
+    assert len(ledger.loose) == 1 and not ledger.records
+    ledger.coalesce(1, 0)
+    assert isinstance(huge.exception(0), SerializationError) and counts(ledger)["failed"] == 1
+    assert not ledger.records and ledger.buffered_bytes == 0
+
+
+def test_a_lone_task_cancelled_before_it_is_sent_is_never_sent() -> None:
+    ledger = make(lone=True)
+    fut = ledger.submit_task(task())
+    cancelled, asks = ledger.outcomes.cancel_local(fut.key, 1)
+    assert cancelled == {fut.key} and not asks and fut.cancelled()
+    assert not ledger.records and not ledger.queued and ledger.buffered_chunks == 0 and ledger.buffered_bytes == 0
+
+
+def test_a_lone_tasks_results_confirm_its_chunk_settle_it_and_leave_nothing_owed() -> None:
+    ledger = make(lone=True)
+    fut = ledger.submit_task(task())
+    rec = sent(ledger)
+    assert results(ledger, rec, [42])  # its CONFIRM was held back: the results confirm it
+    assert fut.result(0) == 42 and not ledger.outcomes.room_freed  # the room freed was told
+    assert ledger.buffered_chunks == 0 and ledger.buffered_bytes == 0 and ledger.wait_results(0)
+    again = ledger.submit_task(task())  # nothing in flight again: a chunk of its own
+    assert not ledger.loose and ledger.queued[0].sink == [again]
+
+
+def test_results_that_confirm_a_chunk_but_come_twice_tell_the_room_at_once() -> None:
+    ledger = make()
+    submit(ledger, 2)
+    ledger.coalesce(1, 0)
+    rec = sent(ledger)
+    results(ledger, rec, [1, 2])
+    rec2 = Record(rec.seq, rec.base, rec.n, b"x", None, 0)  # the same chunk, sent again and unconfirmed
+    rec2.got[:] = b"\1\1"
+    rec2.broker = 0
+    ledger.records[rec2.seq] = rec2
+    ledger.buffered_chunks += 1
+    assert ledger.outcomes.intake(0, rec2.seq, 9, CONSUMER, rec2.base, [1, 2], {}) is True
+    assert not ledger.outcomes.settlements and not ledger.outcomes.room_freed and ledger.buffered_chunks == 0

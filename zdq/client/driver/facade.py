@@ -133,7 +133,7 @@ class Driver:
             return
         self._started = True
         ctx = process_context()
-        self._waker = Waker(ctx)
+        self._waker = Waker(ctx, eventfd=True)
         self._ledger.wake = self._waker.wake
         self._callbacks.start()
         self._loop.start(ctx, self._waker)

@@ -63,7 +63,7 @@ from zdq.errors import (
 )
 from zdq.futures import TaskFuture
 from zdq.reporting import FailureLog
-from zdq.codec.tasks import cancel_in_chunk
+from zdq.codec.tasks import PICKLED, cancel_in_chunk, dumps_chunk
 from zdq.codec.timing import Timing
 
 from .outcomes import Outcomes
@@ -167,6 +167,9 @@ class Ledger:
         self.submitted = 0
         # Task ids the I/O thread is turning from loose tasks into records (neither, meanwhile).
         self.packing: tuple[int, int] | None = None
+        #: Whether a task submitted with nothing in flight is packed into its chunk by the caller
+        #: (:meth:`_hold_lone`); False: every task goes loose, for the I/O thread to coalesce.
+        self.lone_chunks = True
         #: The bound on unfinished tasks (``max_pending``; None: none), read once per submission.
         self.max_pending: int | None = settings.max_pending
         #: Each task's outcome and the counts (the same lock).
@@ -233,13 +236,33 @@ class Ledger:
             fut = TaskFuture(tid)
             fut._hint = self.hint
             fut._driver = self.owner
-            wake = not self.loose
-            self.loose.append((tid, task, fut))
-            self.buffered_bytes += len(task)
             self.submitted += 1
+            wake = True
+            if self.records or self.loose or self.packing is not None or not self.lone_chunks or not self._hold_lone(tid, task, fut):
+                wake = not self.loose
+                self.loose.append((tid, task, fut))
+                self.buffered_bytes += len(task)
         if wake and self.wake is not None:
             self.wake()
         return fut
+
+    def _hold_lone(self, tid: int, task: bytes, fut: TaskFuture) -> bool:
+        """(``cond`` held; nothing loose, packing or in flight.) A lone task: packed into its chunk
+        here, on the caller's thread that pickled it, and queued, so that the I/O thread only sends
+        it (a chunk of one task is what :meth:`coalesce` would cut of it alone). False, and nothing
+        held, if it does not pack (too large): it goes loose, and the I/O thread fails it as it
+        fails any task too large. While anything is in flight, tasks go loose and are coalesced
+        (a loop of submissions makes a few chunks, not one per task)."""
+        payload = dumps_chunk(tid, [task], self.payload_key, PICKLED)  # bytes in a list: it pickles
+        if len(payload) > self.chunking.max_bytes and len(payload) > self.chunking.chunk_bytes:
+            return False  # as Chunking.pack would refuse it
+        rec = Record(self.next_seq, tid, 1, payload, [fut], 0)
+        self.next_seq += 1
+        self.records[rec.seq] = rec
+        self.queued.append(rec)
+        self.buffered_chunks += 1
+        self.buffered_bytes += rec.nbytes
+        return True
 
     def submit_chunk(
         self,

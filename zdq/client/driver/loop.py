@@ -209,15 +209,18 @@ class DriverLoop:
     def _serve(self, bl: BrokerLinks, waker: Waker) -> None:
         poller, socks = bl.poller, bl.socks
         poller.register(waker.socket, zmq.POLLIN)
+        # pyzmq's compiled zmq_poll over the poller's own list (kept current by register and
+        # unregister when a broker moves): Poller.poll's Python layer is skipped on every turn.
+        poll, polled, index_of, monotonic = zmq.zmq_poll, poller.sockets, bl.index, time.monotonic
         ledger, outcomes = self._ledger, self._outcomes
         link_of = self._links.links
         n_brokers = len(link_of)
         beat = self._settings.heartbeat_interval
-        next_beat = time.monotonic() + beat
+        next_beat = monotonic() + beat
         rack_due = math.inf
         rack_full = False
-        control = self._control
-        while not self._stop.is_set():
+        control, stop = self._control, self._stop
+        while not stop.is_set():
             while control:
                 command, fut = control.popleft()
                 try:
@@ -233,7 +236,7 @@ class DriverLoop:
                 self._send_queued(socks)
             if ledger.pinned:  # unique tasks, each for the broker that owns its key
                 self._send_pinned(socks)
-            now = time.monotonic()
+            now = monotonic()
             wake_at = min(next_beat, rack_due)
             if self._requests.heard_waits:
                 wake_at = min(wake_at, self._requests.check_heard(bl, now))
@@ -242,8 +245,8 @@ class DriverLoop:
                 # Last thing before sleeping: a caller woken by its result gets this process's
                 # interpreter at once, instead of waiting for this thread to finish its round.
                 outcomes.settle_all()
-            for sock, _ in poller.poll(timeout):
-                index = bl.index(sock)
+            for sock, _ in poll(polled, timeout):
+                index = index_of(sock)
                 if index is None:
                     waker.drain()
                     continue
@@ -257,10 +260,10 @@ class DriverLoop:
                     chunk_id = self._handle(link, frames)
                     if chunk_id is not None:
                         if not owed and rack_due == math.inf:
-                            rack_due = time.monotonic() + RACK_DELAY
+                            rack_due = monotonic() + RACK_DELAY
                         owed.append(chunk_id)
                         rack_full = rack_full or len(owed) >= RACK_BATCH
-            now = time.monotonic()
+            now = monotonic()
             if now >= rack_due or rack_full:
                 self._send_racks(socks)
                 rack_due = math.inf
@@ -279,6 +282,15 @@ class DriverLoop:
         :data:`~zdq.transport.protocol.PUTS_BYTES` bytes: one send here and one receive, decode and
         round there for them all. Each chunk counts against its broker's window as a PUT's."""
         ledger, links, window = self._ledger, self._links, self._settings.window
+        if len(ledger.queued) == 1:  # a lone task's chunk (read without the lock: take() tells)
+            b = links.pick(window)
+            if b is not None:
+                rec = ledger.take(b)
+                if rec is None:  # cancelled meanwhile
+                    links.unsent(b)
+                else:
+                    self._send_run(socks, b, [rec])
+            return
         runs: dict[int, list[Record]] = {}
         sizes: dict[int, int] = {}
         while ledger.queued:

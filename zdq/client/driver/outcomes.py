@@ -77,6 +77,9 @@ class Outcomes:
         self.cancelled = 0
         self.foreign = 0
         self.duplicates = 0
+        #: Results took a chunk's room in the buffers (its CONFIRM held back) and the waiting
+        #: submitters are not told yet: the settlement of those results tells them.
+        self.room_freed = False
         # -- the I/O thread's --------------------------------------------------------------------
         self.settlements: list[Settlement] = []
         self.bad = 0
@@ -117,13 +120,18 @@ class Outcomes:
                     self.ledger.buffered_chunks -= 1
                     self.ledger.buffered_bytes -= rec.nbytes
                     confirmed = True
-                    self.cond.notify_all()
+                    # The room freed is told to waiting submitters by the settlement queued below,
+                    # in this round (one notify for both), or at once if nothing is queued.
+                    self.room_freed = True
                 seen = rec.got[offset : offset + n]
                 if any(seen):
                     if all(seen) or not rec.cancelled:  # executed twice (a broker re-ran it): record once
                         self.duplicates += n
                         if rec.remaining <= 0 and rec.confirmed:
                             self.ledger.records.pop(rec.seq, None)
+                        if confirmed:
+                            self.room_freed = False
+                            self.cond.notify_all()
                         return confirmed
                     # Some of these tasks were cancelled (their placeholders report here): only
                     # the others are recorded.
@@ -242,9 +250,11 @@ class Outcomes:
         ``max_pending`` waits on every outcome, ``wait_results`` (a ``join``) on the last one. Not
         on every chunk otherwise: a ``join`` woken per chunk to find work left takes the
         interpreter from this thread a thousand times a million tasks. (Room in the buffers is
-        freed by confirms, which notify for themselves.)"""
+        freed by confirms, which notify for themselves, and by results that confirmed their chunk:
+        ``room_freed``, told here.)"""
         ledger = self.ledger
-        if ledger.max_pending is not None or not (ledger.records or ledger.loose):
+        if self.room_freed or ledger.max_pending is not None or not (ledger.records or ledger.loose):
+            self.room_freed = False
             self.cond.notify_all()
 
     # -- failing (any thread) --------------------------------------------------------------------
