@@ -101,7 +101,7 @@ _PLAIN_RESULTS = 16
 
 def all_scalars(values: Any) -> bool:
     """Whether every one of ``values`` is of a builtin scalar type (plain pickle writes those)."""
-    return all(type(v) in _PLAIN_ARGS for v in values)
+    return _PLAIN_ARGS.issuperset(map(type, values))  # no generator frame: a lone result's path
 
 
 _TAG = 16

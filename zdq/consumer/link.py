@@ -83,12 +83,16 @@ class Handover:
         return self.owner == threading.get_ident()
 
     def run_here(self, execute: Callable[[int, p.Deliver], None], broker: int, deliver: p.Deliver) -> bool:
-        """Run a chunk on the owning thread; False if the standby took the sockets meanwhile."""
-        me = threading.get_ident()
+        """Run a chunk on the owning thread; False if the standby took the sockets meanwhile.
+
+        Only the owner calls it, so ``owner`` is this thread's ident. ``busy`` and then ``since``
+        are set without the lock (each store is atomic, and the standby reads ``since`` under the
+        lock it takes the sockets with); the end takes the lock, to learn atomically whether the
+        sockets are still this thread's."""
+        me = self.owner
         start = time.monotonic()
-        with self.lock:
-            self.since = start
-            self.busy = True
+        self.busy = True
+        self.since = start
         execute(broker, deliver)
         with self.lock:
             self.busy = False
@@ -351,8 +355,8 @@ class Link:
         route = routes.get
         # pyzmq's compiled zmq_poll over the poller's own list (kept current by register and
         # unregister when a broker moves): Poller.poll's Python layer is skipped on every turn.
-        poll, polled, socks = zmq.zmq_poll, links.poller.sockets, links.socks
-        done_type, monotonic = p.Done, time.monotonic
+        poll, polled, socks, index = zmq.zmq_poll, links.poller.sockets, links.socks, links.index
+        done_type, monotonic, ceil = p.Done, time.monotonic, math.ceil
         beat = self._settings.heartbeat_interval
         execute = runner.execute
         turn, ready, outbox, control = self._turn, self._ready, self._outbox, self._control
@@ -387,14 +391,13 @@ class Link:
                 try_send(socks[i], p.encode(out))
             now = monotonic()
             wake_at = min(self._next_beat, cr.ask(now, eager=False))
-            run_next = bool(ready) and not turn.busy  # busy: the thread it runs on pokes when done
-            timeout = 0 if run_next else max(0, math.ceil((wake_at - now) * 1000))
+            # A chunk to run next: no wait (busy: the thread it runs on pokes when done).
+            timeout = 0 if ready and not turn.busy else max(0, ceil((wake_at - now) * 1000))
             for sock, _ in poll(polled, timeout):
-                index = links.index(sock)
-                if index is None:
+                at = index(sock)  # the broker's index
+                if at is None:
                     waker.drain()
                     continue
-                i = index
                 for frames in recv_ready(sock, 1):
                     try:
                         msg = p.decode(frames)
@@ -404,10 +407,10 @@ class Link:
                     except Exception as e:  # noqa: BLE001 - a malformed message is counted and dropped, never fatal
                         counters.bad_chunk()
                         logger.warning(
-                            "consumer %s dropped a malformed message from queue %s: %s", self.name, self._queues[i], e
+                            "consumer %s dropped a malformed message from queue %s: %s", self.name, self._queues[at], e
                         )
                         continue
-                    handler(i, msg, sock)
+                    handler(at, msg, sock)
             now = monotonic()
             if now >= self._next_beat:
                 if not self._alive():

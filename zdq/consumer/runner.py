@@ -3,7 +3,9 @@
 A chunk runs in one of two ways. With ``max_concurrency`` 1 :meth:`Runner.execute` is called on the
 thread that owns the sockets (:mod:`zdq.consumer.link`), and :meth:`Runner._run_inline` runs the
 tasks in one tight loop, the one :func:`zdq.tasks.run_entries` gives for the chunk's kind: for a
-chunk of plain calls, nothing but the call per task. With ``max_concurrency`` > 1 the execution
+chunk of plain calls, nothing but the call per task; a chunk of one task (``submit(fn).result()``'s)
+takes :meth:`Runner._run_lone`, the same loop without a :class:`_ChunkRun` unless its task fails or
+carries options of its own. With ``max_concurrency`` > 1 the execution
 thread (:meth:`Runner.exec_loop`) unpickles each chunk and fans its tasks out to
 :class:`_TaskThreads`; the last task of a chunk to end reports it. The runner never looks inside a
 task: what a task is and how it is called is :mod:`zdq.tasks`'s.
@@ -47,6 +49,9 @@ from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskExpi
 from zdq.codec.rates import burst
 from zdq.codec.results import PROTOCOL, UNKNOWN_BASE, ErrorInfo, dumps_results
 from zdq.codec.tasks import (
+    CALLS,
+    ITEMS,
+    TASKS,
     CANCELLED,
     EXPIRED,
     TaskOptions,
@@ -76,7 +81,9 @@ _MAX_CANCELS_HELD = 10_000
 @dataclass(slots=True)
 class Counters:
     """A consumer's counts. ``chunks_received`` is written by the socket owner alone; the others
-    change under ``lock`` (the task threads of several chunks finish them concurrently)."""
+    change under ``lock`` (the task threads of several chunks finish them concurrently), except on
+    the lone path (``Runner._run_lone``), taken only with ``max_concurrency`` 1, where chunks run one
+    at a time (``Handover.busy``): no other thread writes a task count meanwhile."""
 
     chunks_received: int = 0
     tasks_done: int = 0
@@ -264,6 +271,21 @@ def _position(cursor: enumerate[Any]) -> int:
     return int(state[1][1])
 
 
+class _Lone:
+    """A chunk of one task run on the lone path (:meth:`Runner._run_lone`), in ``Runner._chunks``
+    while it runs: its task has started, so a cancellation finds nothing to cancel; its broker
+    placed again marks it ``stale`` (no DONE goes). ``run``: the :class:`_ChunkRun` made only if
+    its task takes the careful path (it failed, or carries options of its own)."""
+
+    __slots__ = ("base", "broker", "run", "stale")
+
+    def __init__(self, broker: int, base: int) -> None:
+        self.broker = broker
+        self.base = base
+        self.stale = False
+        self.run: _ChunkRun | None = None
+
+
 class _TaskThreads:
     """``n`` threads running the tasks of chunks, for ``max_concurrency`` > 1.
 
@@ -354,6 +376,7 @@ class Runner:
         # The child processes of tasks with a hard time limit (none until the first such task).
         self.children = Children(name)
         self._careful = self._run_careful  # bound once: chunk loops call it on failures
+        self._lone_careful = self._on_lone_careful  # the same, for the lone path (_run_lone)
         self._blocks: dict[int, int] = {}  # tasks in the next block of shared calls, by function (see _run_shared)
         self._post = post
         self._stop = stop
@@ -363,18 +386,25 @@ class Runner:
         self._defaults = defaults
         # A time limit for every task (the ConsumerPool's): no task may take the fast path.
         self._limited = defaults.time_limit is not None
+        # A chunk of one task may take the lone path (_run_lone): inline, and no time limit.
+        self._lone_ok = max_concurrency <= 1 and not self._limited
         self._crash_attempts = crash_attempts
         self._payload_key = payload_key
         self._max_bytes = max_bytes  # most bytes of results a DONE may carry (the sockets drop more)
         self._pool: _TaskThreads | None = None
         # Chunks received and not finished: the index of the broker they came from until started,
         # then their run (for cancellations).
-        self._chunks: dict[int, _ChunkRun | int] = {}
+        self._chunks: dict[int, _ChunkRun | _Lone | int] = {}
         # Tasks cancelled of chunks not started yet: chunk id -> indexes.
         self._cancels: dict[int, set[int]] = {}
         # Chunks received from a broker since placed again, not started: they never start here.
         self._stale: set[int] = set()
         self._cancel_lock = threading.Lock()
+        #: ``received(chunk_id, broker)``: a chunk was delivered by ``broker``; it waits to be
+        #: started (the socket owner's call per DELIVER: the dict's own method, no Python frame).
+        self.received: Callable[[int, int], None] = self._chunks.__setitem__
+        #: The loop of each kind (:func:`~zdq.codec.tasks.run_entries`), looked up once.
+        self._loops = {kind: run_entries(kind) for kind in (TASKS, CALLS, ITEMS)}
         #: Chunks for the execution thread (``max_concurrency`` > 1); ``None`` ends it.
         self.chunks: queue.SimpleQueue[tuple[int, p.Deliver] | None] = queue.SimpleQueue()
 
@@ -396,10 +426,6 @@ class Runner:
         self.children.close()
 
     # -- cancellations (called by the thread that owns the sockets) -------------------------------
-    def received(self, chunk_id: int, broker: int) -> None:
-        """A chunk was delivered by ``broker``; it waits to be started."""
-        self._chunks[chunk_id] = broker
-
     def cancel(self, chunk_id: int, indexes: tuple[int, ...], *, announced: bool = False) -> list[int]:
         """Cancel tasks of a chunk that have not started; return those cancelled. ``announced``:
         the broker says these were cancelled before the chunk, delivered next, was leased."""
@@ -432,8 +458,9 @@ class Runner:
                         self._stale.add(chunk_id)
                 elif state.broker == broker and not state.stale:
                     state.stale = True
-                    for i in range(len(state.values)):
-                        state.cancel(i)
+                    if type(state) is _ChunkRun:  # a _Lone's only task has started
+                        for i in range(len(state.values)):
+                            state.cancel(i)
 
     def _forget(self, chunk_id: int) -> None:
         # Its cancellations are kept (a bounded number): the same chunk may come again (given
@@ -475,6 +502,10 @@ class Runner:
         except Exception as e:  # a task's own failure is caught inside; this would be zdq's
             logger.exception("consumer %s failed to run chunk %d", self.name, deliver.chunk_id)
             run = self._chunks.get(deliver.chunk_id)
+            if type(run) is _Lone:  # its DONE did not go (it leaves _chunks first)
+                lone = run
+                run = _ChunkRun(lone.broker, deliver.chunk_id, lone.base, 1)
+                run.stale = lone.stale
             if isinstance(run, _ChunkRun) and run.remaining > 0:
                 # Every future settles: the tasks of the chunk without an error report this one.
                 why = f"consumer {self.name} failed to run this task's chunk: {e!r}"
@@ -516,6 +547,16 @@ class Runner:
             self._forget(deliver.chunk_id)
             self._finish(bad, dict.fromkeys(range(deliver.n_tasks), info))
             return
+        if (
+            n == 1
+            and type(tasks) is list
+            and options is None
+            and deliver.attempt == 1
+            and not deliver.spacing
+            and self._lone_ok
+            and self._run_lone(broker, deliver.chunk_id, base, kind, tasks)
+        ):
+            return
         if type(tasks) is SharedCalls and not (
             self._pool is None
             and deliver.attempt == 1
@@ -541,6 +582,48 @@ class Runner:
         else:
             for i in range(n):
                 pool.submit(self._run_one, run, i)
+
+    def _run_lone(self, broker: int, chunk_id: int, base: int, kind: int, tasks: list[Any]) -> bool:
+        """Run a chunk of one task, inline, without a :class:`_ChunkRun` (the lone task's round
+        trip: ``submit(fn).result()``); False if a cancellation or its broker's replacement came
+        for it before it started (the general path then runs it, and says so).
+
+        Only for a first delivery without options, spacing or a consumer's time limit: what the
+        general path would do for it is run the kind's loop and report, which this does. A task
+        that fails, or carries options of its own, takes the careful path (retries, dead letters,
+        its time limit) from the loop, with a :class:`_ChunkRun` made then
+        (:meth:`_on_lone_careful`)."""
+        lone = _Lone(broker, base)
+        chunks = self._chunks
+        with self._cancel_lock:  # as _register: a cancellation held for it takes effect now
+            if chunk_id in self._cancels or chunk_id in self._stale:
+                return False
+            chunks[chunk_id] = lone  # started: a cancellation from now on finds it so
+        values: list[Any] = [None]
+        context = (lone, chunk_id, kind, tasks, values)
+        self._loops[kind](enumerate(tasks), values, self._process_item, self._lone_careful, context)
+        run = lone.run
+        if run is not None:  # it took the careful path: reported as the general path does
+            run.stale = lone.stale
+            self._finish(run)
+            return True
+        chunks.pop(chunk_id, None)
+        if not lone.stale:  # its broker was placed again: the new one runs the chunk from its storage
+            self._post(broker, p.Done(chunk_id, 1, dumps_results(base, values, {}, self._payload_key, self._max_bytes)))
+        # Without the lock: inline, chunks run one at a time (see Counters).
+        self._counters.tasks_done += 1
+        return True
+
+    def _on_lone_careful(
+        self, context: tuple[_Lone, int, int, list[Any], list[Any]], i: int, task: Any, failed: BaseException | None
+    ) -> None:
+        """The lone path's ``careful``, called where the kind's loop calls it (in its ``except``,
+        as the general path's): the task goes the careful way (retries, dead letters, its own
+        time limit) with a :class:`_ChunkRun` made now."""
+        lone, chunk_id, kind, tasks, values = context
+        run = lone.run = _ChunkRun(lone.broker, chunk_id, lone.base, 1, 0, kind)
+        run.tasks, run.values = tasks, values
+        self._run_careful(run, i, task, failed)
 
     def _drop_stale(self, chunk_id: int) -> bool:
         """Whether this delivery came from a broker placed again since (see

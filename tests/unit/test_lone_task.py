@@ -1,0 +1,164 @@
+"""A chunk of one task on the consumer's lone path (``Runner._run_lone``, issue 26 point 4): it
+keeps what the general path guarantees (the DONE carries its result or error, a cancellation
+finds it started once it runs, one held before it starts takes effect, retries, no DONE once its
+broker was placed again, a forged chunk is refused before anything is unpickled)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from zdq.codec.results import loads_results
+from zdq.codec.tasks import ITEMS, PICKLED, TaskOptions, dumps_chunk, dumps_task
+from zdq.consumer.base import ConsumerBaseClass
+from zdq.consumer.runner import Counters, Runner, _Lone
+from zdq.transport import protocol as p
+
+KEY = b"k" * 32
+
+
+class Recorder(ConsumerBaseClass):
+    """Records the items it is given; ``during`` runs inside the task."""
+
+    def __init__(self, during: Any = None) -> None:
+        super().__init__(name="recorder")
+        self.seen: list[object] = []
+        self.during = during
+
+    def process_item(self, item: object) -> object:
+        self.seen.append(item)
+        if self.during is not None:
+            self.during(item)
+        return item
+
+
+def _runner(handler: ConsumerBaseClass, sent: list[tuple[int, p.Message]], **options: Any) -> tuple[Runner, Counters]:
+    fetching = threading.Event()
+    fetching.set()
+    counters = Counters()
+    runner = Runner(
+        "c", handler, lambda broker, msg: sent.append((broker, msg)), threading.Event(), fetching, counters,
+        max_concurrency=1, defaults=TaskOptions(**options), crash_attempts=3, payload_key=KEY, queues=["q0", "q1"],
+    )
+    return runner, counters
+
+
+def _item(chunk_id: int, item: object, base: int = 40) -> p.Deliver:
+    return p.Deliver(chunk_id, 1, 1, dumps_chunk(base, [item], KEY, ITEMS))
+
+
+def _results(sent: list[tuple[int, p.Message]]) -> list[tuple[int, int, int, list[Any], dict[int, Any]]]:
+    out = []
+    for broker, msg in sent:
+        assert type(msg) is p.Done
+        base, values, errors = loads_results(msg.results, KEY)
+        out.append((broker, msg.chunk_id, base, values, errors))
+    return out
+
+
+def _double(x: int) -> int:
+    return 2 * x
+
+
+def test_a_lone_task_of_submit_reports_its_result_and_leaves_nothing_behind() -> None:
+    sent: list[tuple[int, p.Message]] = []
+    runner, counters = _runner(Recorder(), sent)
+    runner.received(3, 1)
+    runner.execute(1, p.Deliver(3, 1, 1, dumps_chunk(7, [dumps_task((_double, (21,)))], KEY, PICKLED)))
+    assert _results(sent) == [(1, 3, 7, [42], {})]
+    assert counters.tasks_done == 1 and runner._chunks == {}
+
+
+def test_a_cancellation_while_a_lone_task_runs_finds_it_started_and_its_done_carries_its_value() -> None:
+    sent: list[tuple[int, p.Message]] = []
+    answers: list[list[int]] = []
+    runner: Runner
+
+    def cancel_me(item: object) -> None:
+        assert type(runner._chunks[5]) is _Lone  # run on the lone path
+        answers.append(runner.cancel(5, (0,)))
+
+    runner, _ = _runner(Recorder(cancel_me), sent)
+    runner.received(5, 0)
+    runner.execute(0, _item(5, "x"))
+    assert answers == [[]]
+    assert _results(sent) == [(0, 5, 40, ["x"], {})]
+
+
+def test_a_cancellation_held_before_a_lone_chunk_starts_takes_effect_and_the_task_never_runs() -> None:
+    sent: list[tuple[int, p.Message]] = []
+    handler = Recorder()
+    runner, counters = _runner(handler, sent)
+    runner.received(6, 0)
+    assert runner.cancel(6, (0,)) == [0]
+    runner.execute(0, _item(6, "never"))
+    [(_, _, _, values, errors)] = _results(sent)
+    assert handler.seen == [] and values == [None] and errors[0].type_name == "zdq.errors.TaskCancelled"
+    assert counters.tasks_cancelled == 1 and counters.tasks_done == 0
+
+
+def test_a_lone_task_running_when_its_broker_is_placed_again_reports_nothing() -> None:
+    sent: list[tuple[int, p.Message]] = []
+    runner: Runner
+    runner, _ = _runner(Recorder(lambda item: runner.broker_replaced(0)), sent)
+    runner.received(8, 0)
+    runner.execute(0, _item(8, "x"))
+    assert sent == [] and runner._chunks == {}
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_a_lone_task_that_fails_takes_the_careful_path_retried_by_the_consumers_options(retries: int) -> None:
+    sent: list[tuple[int, p.Message]] = []
+    failures: list[object] = []
+
+    def fail_twice(item: object) -> None:
+        if len(failures) < 2:
+            failures.append(item)
+            raise OSError(f"attempt {len(failures)}")
+
+    runner, counters = _runner(Recorder(fail_twice), sent, retries=retries, retry_backoff=0.0)
+    runner.received(9, 1)
+    runner.execute(1, _item(9, "y"))
+    [(broker, chunk_id, base, values, errors)] = _results(sent)
+    assert (broker, chunk_id, base) == (1, 9, 40)
+    if retries:
+        assert values == ["y"] and errors == {} and counters.tasks_retried == 2 and counters.tasks_done == 1
+    else:
+        assert values == [None] and errors[0].message == "attempt 1" and counters.tasks_failed == 1
+    assert runner._chunks == {}
+
+
+def test_a_forged_lone_chunk_is_refused_before_it_is_unpickled() -> None:
+    sent: list[tuple[int, p.Message]] = []
+    handler = Recorder()
+    runner, counters = _runner(handler, sent)
+    forged = bytearray(dumps_chunk(40, ["x"], KEY, ITEMS))
+    forged[-1] ^= 1
+    runner.received(4, 0)
+    runner.execute(0, p.Deliver(4, 1, 1, bytes(forged)))
+    [(_, _, _, _, errors)] = _results(sent)
+    assert handler.seen == [] and errors[0].type_name == "zdq.errors.SerializationError"
+    assert counters.bad_chunks == 1
+
+
+_flaky_calls: list[int] = []
+
+
+def _flaky(x: int) -> int:
+    _flaky_calls.append(x)
+    if len(_flaky_calls) == 1:
+        raise OSError("first attempt")
+    return x + 1
+
+
+def test_a_lone_task_with_options_of_its_own_is_retried_by_them() -> None:
+    sent: list[tuple[int, p.Message]] = []
+    runner, counters = _runner(Recorder(), sent)
+    _flaky_calls.clear()
+    task = (_flaky, (1,), None, TaskOptions(retries=1, retry_backoff=0.0))
+    runner.received(2, 0)
+    runner.execute(0, p.Deliver(2, 1, 1, dumps_chunk(0, [dumps_task(task)], KEY, PICKLED)))
+    assert _results(sent) == [(0, 2, 0, [2], {})]
+    assert _flaky_calls == [1, 1] and counters.tasks_retried == 1
