@@ -134,12 +134,26 @@ class Chunking:
         ]
 
     def pack_columns(
-        self, first: int, fn: Any, n: int, columns: list[list[Any]], key: bytes | None, options: TaskOptions | None
+        self,
+        first: int,
+        fn: Any,
+        n: int,
+        columns: list[list[Any]],
+        key: bytes | None,
+        options: TaskOptions | None,
+        size: int | None = None,
     ) -> list[Packed]:
         """``n`` calls of the callable ``fn`` given by the ``columns`` of their arguments (lists of
-        ``n`` each: ``queue_pool.map``'s slices of its iterables), packed as :meth:`pack_batch`
-        packs calls that share their function: by columns (SHARED) when they are enough and have
-        few enough arguments, else as ``(fn, *args)`` tuples."""
+        ``n`` each: ``queue_pool.map``'s and ``Executor.map``'s slices of its iterables), packed as
+        :meth:`pack_batch` packs calls that share their function: by columns (SHARED) when they
+        are enough and have few enough arguments, else as ``(fn, *args)`` tuples; in chunks of
+        ``size`` calls (``None``: one chunk, split by bytes only)."""
+        if size is not None and n > size:
+            return [
+                packed
+                for i in range(0, n, size)
+                for packed in self.pack_columns(first + i, fn, min(size, n - i), [c[i : i + size] for c in columns], key, options)
+            ]
         if n >= _SHARED_MIN and 1 <= len(columns) <= _SHARED_MAX_ARGS:
             return self.pack_shared(first, fn, n, columns, key, options)
         return self.pack(first, list(zip(itertools.repeat(fn, n), *columns)), key, CALLS, options)
