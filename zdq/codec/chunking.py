@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, TypeVar
 from zdq.config import PoolSettings
 from zdq.errors import SerializationError
 from zdq.codec.tasks import (
-    _SHARED_MAX_ARGS, _SHARED_MIN, CALLS, PICKLED, TaskOptions, calls_columns, dumps_chunk, dumps_shared,
+    _SHARED_MAX_ARGS, _SHARED_MIN, CALLS, PICKLED, TaskOptions, calls_columns, calls_width, dumps_chunk, dumps_shared,
 )
 
 __all__ = ["Chunking", "Packed"]
@@ -118,14 +118,16 @@ class Chunking:
 
         ``shared``: the function every one of the CALLS ``entries`` shares (as
         :func:`~zdq.codec.tasks.check_calls` found it): calls of one length then go by columns
-        (SHARED chunks), cut from columns of the whole batch."""
-        columns = calls_columns(entries) if shared is not None and kind == CALLS else None
-        if columns is not None:
+        (SHARED chunks), each chunk's taken from its own calls."""
+        width = calls_width(entries) if shared is not None and kind == CALLS else 0
+        if width:
             n = len(entries)
             return [
                 packed
                 for i in range(0, n, size)
-                for packed in self.pack_shared(first + i, shared, min(size, n - i), [c[i : i + size] for c in columns], key, options)
+                for packed in self.pack_shared(
+                    first + i, shared, min(size, n - i), calls_columns(entries[i : i + size], width), key, options
+                )
             ]
         return [
             packed
