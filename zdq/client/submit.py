@@ -937,8 +937,8 @@ class SubmitMethods:
     ) -> Slice:
         """One slice of a map (``Executor.map``): the calls ``(fn, *args)`` (or the
         :class:`~zdq.client.window.Columns` of their arguments, packed as they are: no tuple per
-        call) from the map's position ``first``, queued as one batch in chunks of ``chunk`` tasks, whose outcomes the
-        map takes by position (:class:`~zdq.client.window.MapBatch`: one future, one pickling per
+        call) from the map's position ``first``, queued as one batch in chunks of ``chunk``
+        tasks, whose outcomes the map takes by position (:class:`~zdq.client.window.MapBatch`: one future, one pickling per
         chunk). Calls whose arguments hold futures go one by one, as :meth:`submit` sends them
         (held until their inputs are done). The task options are the pool's defaults.
         ``per_task``: the map's items in each call (a chunked map's ``chunksize``), for messages.
