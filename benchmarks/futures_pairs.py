@@ -6,8 +6,9 @@ keep_results=False, chunk_size=1000)`` + ``ConsumerPool(client, qp, n_consumers=
 bare pipeline (``zdq.benchmark.pipeline``), in turn, ``ROUNDS`` times. Per round: both rates,
 their ratio, how long ``batch_submit`` took to return, when (wall) and after how much CPU of the
 calling thread it first handed chunks to the driver (``first_ms``, ``first_cpu_ms``: the serial
-phase, the whole batch checked and pickled), and CPU ns per task of the driver's calling thread,
-the driver's process, and each worker process (``/proc/PID/stat``, ``/proc/self/task/TID/stat``: 10 ms ticks). Prints one
+phase, the whole batch checked and pickled), and CPU ns per task of the driver's calling thread, its I/O thread,
+the driver's process, and each worker process (``/proc/PID/task/TID/schedstat``: nanoseconds, summed
+over a process's threads alive at both reads; ``stat``'s 10 ms ticks where there is none). Prints one
 ``RESULT`` line (JSON). Run it in alternated pairs (ABBA) against the tree before a change:
 
     PYTHONPATH=<tree> python3 benchmarks/futures_pairs.py N_TASKS ROUNDS
@@ -33,10 +34,27 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _cpu(path: str) -> float:
-    """Seconds of CPU (user + system) in a ``stat`` file of /proc."""
+    """Seconds of CPU of the process or thread whose ``stat`` file of /proc is ``path``: from its
+    ``schedstat`` (nanoseconds; a process's is its main thread's only, so a process is summed over
+    its threads), else from ``stat`` (user + system, 10 ms ticks)."""
+    base = path.rsplit("/", 1)[0]
+    try:
+        if "/task/" in path:
+            return _schedstat(f"{base}/schedstat")
+        return sum(_schedstat(f"{base}/task/{tid}/schedstat") for tid in os.listdir(f"{base}/task"))
+    except OSError:
+        pass
     with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _schedstat(path: str) -> float:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0]) / 1e9
+    except FileNotFoundError:  # a thread that ended meanwhile
+        return 0.0
 
 
 def _worker_pid() -> int:
@@ -67,7 +85,8 @@ def main(n: int, rounds: int) -> None:
             for _ in range(rounds):
                 bare = min(run_pipeline(n, repeat=1))
                 calls = [(noop, i) for i in range(n)]
-                before = [_cpu(f"/proc/self/task/{me}/stat"), _cpu("/proc/self/stat")] + [
+                io = [t.native_id for t in threading.enumerate() if t.name.startswith("zdq-driver")][0]
+                before = [_cpu(f"/proc/self/task/{me}/stat"), _cpu("/proc/self/stat"), _cpu(f"/proc/self/task/{io}/stat")] + [
                     _cpu(f"/proc/{pid}/stat") for pid in pids
                 ]
                 handoffs.clear()
@@ -76,7 +95,7 @@ def main(n: int, rounds: int) -> None:
                 submitted = time.perf_counter() - start
                 values = batch.result(timeout=300)
                 seconds = time.perf_counter() - start
-                after = [_cpu(f"/proc/self/task/{me}/stat"), _cpu("/proc/self/stat")] + [
+                after = [_cpu(f"/proc/self/task/{me}/stat"), _cpu("/proc/self/stat"), _cpu(f"/proc/self/task/{io}/stat")] + [
                     _cpu(f"/proc/{pid}/stat") for pid in pids
                 ]
                 assert len(values) == n
@@ -89,7 +108,7 @@ def main(n: int, rounds: int) -> None:
                         "submit_ms": submitted * 1e3,
                         "first_ms": (handoffs[0] - start) * 1e3,
                         "first_cpu_ms": (handoffs[1] - start_cpu) * 1e3,
-                        "cpu_ns": {"calling": ns[0], "driver": ns[1], "workers": ns[2:], "all": ns[1] + sum(ns[2:])},
+                        "cpu_ns": {"calling": ns[0], "driver": ns[1], "io": ns[2], "workers": ns[3:], "all": ns[1] + sum(ns[3:])},
                     }
                 )
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -103,6 +122,10 @@ def main(n: int, rounds: int) -> None:
         "first_ms": statistics.median(r["first_ms"] for r in rows),
         "first_cpu_ms": statistics.median(r["first_cpu_ms"] for r in rows),
         "cpu_all": statistics.median(r["cpu_ns"]["all"] for r in rows),
+        "cpu_calling": statistics.median(r["cpu_ns"]["calling"] for r in rows),
+        "cpu_io": statistics.median(r["cpu_ns"]["io"] for r in rows),
+        "cpu_driver": statistics.median(r["cpu_ns"]["driver"] for r in rows),
+        "cpu_workers": statistics.median(sum(r["cpu_ns"]["workers"]) for r in rows),
         "rows": rows,
     }
     print("RESULT", json.dumps(summary))

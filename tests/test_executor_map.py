@@ -131,6 +131,30 @@ def test_a_map_holding_futures_among_its_items_runs_each_call_once_its_inputs_ar
         assert list(executor.map(pow, firsts, range(3), timeout=60)) == [1, 1, 16]
 
 
+def test_a_map_read_by_columns_gives_the_calls_of_zip_with_and_without_buffersize(pool: QueuePool) -> None:
+    # Its items go by the columns of their arguments (no tuple per call): as many calls as the
+    # shortest iterable has items, each with its own arguments, in order; a generator is read
+    # no further than zip() reads it.
+    read = [0]
+
+    def counted(n: int) -> Iterator[int]:
+        for i in range(n):
+            read[0] += 1
+            yield i
+
+    with pool.executor() as executor:
+        for buffersize in (None, 16):
+            expected = [i**2 % 1000 for i in range(30)]
+            assert list(executor.map(pow, range(40), [2] * 30, tuple([1000] * 35), buffersize=buffersize, timeout=60)) == expected
+            assert list(executor.map(pow, list(range(5)), (3, 3, 3), buffersize=buffersize, timeout=60)) == [0, 1, 8]
+            read[0] = 0
+            assert list(executor.map(square, counted(21), buffersize=buffersize, timeout=60)) == [i * i for i in range(21)]
+            assert read[0] == 21
+            # Futures among a list's items: those calls wait for their inputs, as submit's do.
+            firsts: list[Any] = [pool.submit(square, i) for i in range(3)] + [5] * 9
+            assert list(executor.map(pow, firsts, [2] * 12, buffersize=buffersize, timeout=60)) == [0, 1, 16] + [25] * 9
+
+
 def test_a_maps_future_waits_through_its_chunk_siblings_results_for_its_own() -> None:
     from zdq.client.window import map_futures
 

@@ -73,6 +73,9 @@ def test_a_map_on_a_silent_queue_raises_at_its_timeout_and_shutdown_does_not_wai
         # Queued (the window has room), but no result comes: raised at the timeout, not once the
         # stopped queue did not answer the cancellation of what is left either.
         waiting = Outcome(lambda: list(executor.map(square, range(100), timeout=3, buffersize=40)))
+        # Its buffer (13 slices of 3) queued before the next map fills the window: a map of a
+        # range submits at once, without reading it into tuples first.
+        wait_until(lambda: pool.driver.outstanding >= 39, timeout=10)
         # Too many for the window: the submission blocks, within the timeout for the first ...
         bounded = Outcome(lambda: executor.map(square, range(200_000), timeout=3))
         # ... and, without one, until the executor is shut down.

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from zdq.client.submit import _column, _items_hold_futures
-from zdq.client.window import MapChunk, _indexes
+from zdq.client.window import ColumnReader, Columns, MapChunk, _indexes
 from zdq.codec.chunking import Chunking
 from zdq.codec.tasks import CALLS, SHARED, TaskOptions, loads_chunk
 from zdq.codec.results import unseal
@@ -81,3 +81,30 @@ def test_a_maps_items_are_looked_through_for_futures_unless_plain() -> None:
     assert not _items_hold_futures([1, "a", None, 2.0]) and not _items_hold_futures((1, 2))
     assert _items_hold_futures([1, fut]) and _items_hold_futures(([fut],)) and _items_hold_futures({1: 2, 3: fut}.values())
     assert not _items_hold_futures([[1], (2,)])
+
+
+def test_a_column_reader_reads_the_calls_of_zip_and_nothing_past_the_shortest_iterable() -> None:
+    reader = ColumnReader((range(10), [1, 2, 3, 4, 5, 6, 7], (9,) * 8))
+    parts = [reader(3) for _ in range(4)]
+    assert [p.columns for p in parts] == [
+        [[0, 1, 2], [1, 2, 3], [9, 9, 9]], [[3, 4, 5], [4, 5, 6], [9, 9, 9]], [[6], [7], [9]], [[], [], []]
+    ]
+    assert [len(p) for p in parts] == [3, 3, 1, 0]
+    assert parts[0].calls(add) == [(add, 0, 1, 9), (add, 1, 2, 9), (add, 2, 3, 9)]
+    # One iterable of any kind is read as zip reads it: no further than asked.
+    gen = iter(range(5))
+    single = ColumnReader((gen,))
+    assert single(2).columns == [[0, 1]] and next(gen) == 2
+    # Only where the columns read what zip reads: one iterable, or lists, tuples and ranges.
+    assert ColumnReader.fits((iter([]),)) and ColumnReader.fits(([1], (2,), range(3)))
+    assert not ColumnReader.fits(()) and not ColumnReader.fits(([1], iter([2])))
+
+
+def test_columns_are_packed_in_chunks_of_the_size_asked() -> None:
+    column = list(range(25))
+    packed = CHUNKING.pack_columns(100, add, 25, [column, column], KEY, None, size=10)
+    assert [(p.first, p.n) for p in packed] == [(100, 10), (110, 10), (120, 5)]
+    assert [_kind(p.payload) for p in packed] == [SHARED, SHARED, CALLS]  # 5 calls: as tuples
+    entries = [e for p in packed for e in loads_chunk(p.payload, KEY)[2]]
+    assert entries == list(zip([add] * 25, column, column))
+    assert Columns([column], 25).calls(add)[3] == (add, 3)

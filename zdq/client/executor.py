@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any, Self
 from distributed import Client
 
 from zdq.client.window import (
+    ColumnReader,
+    Columns,
     ResultWindow,
     Slice,
     cancel_at_once,
@@ -245,14 +247,14 @@ class Executor(concurrent.futures.Executor):
     def _submit_slice(
         self,
         fn: Callable[..., Any],
-        calls: list[tuple[Any, ...]],
+        calls: list[tuple[Any, ...]] | Columns,
         first: int,
         chunk: int,
         timeout: float | None,
         per_task: int = 1,
         plain: bool = False,
     ) -> Slice:
-        """One slice of a map's calls ``(fn, *args)`` from its position ``first``, queued as one
+        """One slice of a map's calls ``(fn, *args)`` (or their :class:`Columns`) from its position ``first``, queued as one
         chunked batch (``queue_pool.map_slice``; ``plain``: no argument holds a future) within
         ``timeout``; a shutdown stops it while it waits for room (RuntimeError)."""
         self._begin()
@@ -326,19 +328,29 @@ class Executor(concurrent.futures.Executor):
         """
         check_map_options(chunksize, buffersize)
         start = time.monotonic()
-        # The calls as batch_submit takes them, (task, *args), made by zip.
-        calls: Iterable[tuple[Any, ...]] = zip(itertools.repeat(fn), *iterables) if iterables else iter(())
+        read = None
+        calls: Iterable[tuple[Any, ...]] = ()
         task = fn
         if chunksize > 1:  # a task per chunk of calls, which run_chunk runs in order
             calls = ((run_chunk, fn, part) for part in chunked(zip(*iterables), chunksize))
             task = run_chunk
-        if buffersize is None:
+        elif callable(fn) and ColumnReader.fits(iterables):
+            # The calls by the columns of their arguments, read as zip would read them: no
+            # (fn, *args) tuple per call to make, to take apart and for the collector to walk.
+            if buffersize is None:  # every call is submitted now: read them all, and spread them
+                iterables = tuple(it if type(it) in ColumnReader._SLICEABLE else list(it) for it in iterables)
+            read = ColumnReader(iterables)
+        else:
+            # The calls as batch_submit takes them, (task, *args), made by zip.
+            calls = zip(itertools.repeat(fn), *iterables) if iterables else iter(())
+        if buffersize is None and read is None:
             calls = list(calls)  # every call is submitted now: read them all, and spread them
         pool = self._pool
         if buffersize is None:
             # Every call now: in slices of a fourth (a chunk per consumer's prefetch at most),
             # each spread over the consumers as a batch of its size is.
-            size = self._slice_size(len(calls))  # type: ignore[arg-type]
+            total = len(calls) if read is None else min(map(len, iterables))  # type: ignore[arg-type]
+            size = self._slice_size(total)
             chunk = pool.map_chunk_size(size)
         else:
             # A fourth of the buffer spread over the consumers as a batch of as many is; a slice is
@@ -348,7 +360,7 @@ class Executor(concurrent.futures.Executor):
         plain = all(type(it) is range for it in iterables)  # ints only: no future among them to look for
         ref = weakref.ref(self)
 
-        def submit(part: list[tuple[Any, ...]], first: int, left: float | None) -> Slice:  # calls (task, *args)
+        def submit(part: list[tuple[Any, ...]] | Columns, first: int, left: float | None) -> Slice:  # calls (task, *args)
             executor = ref()  # a map left behind does not keep its executor alive
             if executor is None:
                 raise RuntimeError("cannot schedule new futures: the executor was dropped")
@@ -356,7 +368,7 @@ class Executor(concurrent.futures.Executor):
 
         window = ResultWindow(
             submit, calls, buffersize, timeout, cancel_slices, slice_size=size, started=start,
-            hint=self._pool.wait_hint, per_result=chunksize,
+            hint=self._pool.wait_hint, per_result=chunksize, read=read,
         )
         return iter(window) if chunksize == 1 else _flatten(iter(window))
 

@@ -34,7 +34,7 @@ from zdq.consumer import GeneralConsumer
 from zdq.client.dependencies import _PLAIN as PLAIN, find_futures, hold, holds_futures, may_hold
 from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.driver import Driver
-from zdq.client.window import FutureSlice, MapBatch, MapChunk, Slice, cancel_slices
+from zdq.client.window import Columns, FutureSlice, MapBatch, MapChunk, Slice, cancel_slices
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass, ZdqTimeoutError
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
 from zdq.objects import as_calls
@@ -926,7 +926,7 @@ class SubmitMethods:
     def map_slice(
         self,
         fn: Callable[..., Any] | str,
-        calls: list[tuple[Any, ...]],
+        calls: list[tuple[Any, ...]] | Columns,
         chunk: int,
         *,
         first: int = 0,
@@ -935,9 +935,10 @@ class SubmitMethods:
         per_task: int = 1,
         plain: bool = False,
     ) -> Slice:
-        """One slice of a map (``Executor.map``): the calls ``(fn, *args)`` from the map's
-        position ``first``, queued as one batch in chunks of ``chunk`` tasks, whose outcomes the
-        map takes by position (:class:`~zdq.client.window.MapBatch`: one future, one pickling per
+        """One slice of a map (``Executor.map``): the calls ``(fn, *args)`` (or the
+        :class:`~zdq.client.window.Columns` of their arguments, packed as they are: no tuple per
+        call) from the map's position ``first``, queued as one batch in chunks of ``chunk``
+        tasks, whose outcomes the map takes by position (:class:`~zdq.client.window.MapBatch`: one future, one pickling per
         chunk). Calls whose arguments hold futures go one by one, as :meth:`submit` sends them
         (held until their inputs are done). The task options are the pool's defaults.
         ``per_task``: the map's items in each call (a chunked map's ``chunksize``), for messages.
@@ -965,15 +966,20 @@ class SubmitMethods:
                 raise TypeError(f"map() needs a callable or a task name 'package.module:function', got {fn!r:.80}")
             check_task_name(fn)
         options = s.defaults.merge_all()
-        if not plain and _calls_hold_futures(calls):
+        # Executor.map's items may come by the columns of their arguments (no tuple per call).
+        columns = calls.columns if type(calls) is Columns else None
+        if not plain and (_calls_hold_futures(calls) if columns is None else any(map(_items_hold_futures, columns))):
             driver = self.driver
-            return FutureSlice([s.call(driver, fn, call[1:], None, options, timeout, None, None, None) for call in calls])
+            one_by_one = calls if columns is None else calls.calls(fn)  # type: ignore[union-attr]
+            return FutureSlice([s.call(driver, fn, call[1:], None, options, timeout, None, None, None) for call in one_by_one])
         driver = self.driver
         base = driver.reserve(len(calls))
         try:
-            packed = Chunking.of(self.settings).pack_batch(
-                base, calls, chunk, driver.payload_key, CALLS, options, fn if callable(fn) else None
-            )  # the map's calls share its function: by columns (SHARED) where they have as many arguments
+            chunking = Chunking.of(self.settings)
+            if columns is not None:  # the map's items by columns: no tuple per call
+                packed = chunking.pack_columns(base, fn, len(calls), columns, driver.payload_key, options, chunk)
+            else:  # the map's calls share its function: by columns (SHARED) where they have as many arguments
+                packed = chunking.pack_batch(base, calls, chunk, driver.payload_key, CALLS, options, fn if callable(fn) else None)
         except SerializationError as e:
             if e.task_id is None:
                 raise

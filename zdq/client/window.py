@@ -30,7 +30,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import _base
 from typing import Any, Protocol
 
@@ -38,7 +38,7 @@ from zdq.errors import SerializationError, TaskCancelled, ZdqError, ZdqTimeoutEr
 from zdq.futures import BatchFuture, TaskFuture, _io_thread, notify_cancelled
 
 __all__ = [
-    "FutureSlice", "MapBatch", "MapChunk", "MapFuture", "ResultWindow", "Slice", "cancel_at_once", "cancel_many", "cancel_slices", "check_map_options", "chunked",
+    "ColumnReader", "Columns", "FutureSlice", "MapBatch", "MapChunk", "MapFuture", "ResultWindow", "Slice", "cancel_at_once", "cancel_many", "cancel_slices", "check_map_options", "chunked",
     "key_runs", "map_futures", "run_chunk", "span_runs",
 ]
 
@@ -68,6 +68,57 @@ def chunked(calls: Iterable[tuple[Any, ...]], size: int) -> Iterator[list[tuple[
     it = iter(calls)
     while part := list(itertools.islice(it, size)):
         yield part
+
+
+class Columns:
+    """Consecutive calls of a map of one function given by the columns of their arguments (a
+    list per argument, ``n`` items each): no ``(fn, *args)`` tuple per call, which the pool packs
+    by columns as they are (see :class:`ColumnReader`). Its length is its calls'."""
+
+    __slots__ = ("columns", "n")
+
+    def __init__(self, columns: list[list[Any]], n: int) -> None:
+        self.columns = columns
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def calls(self, fn: Any) -> list[tuple[Any, ...]]:
+        """The calls as tuples ``(fn, *args)`` (for what takes them one by one)."""
+        return list(zip(itertools.repeat(fn, self.n), *self.columns))
+
+
+class ColumnReader:
+    """Reads a map's iterables by columns, ``size`` items of each at a time (``read(size)``,
+    a :class:`Columns`; empty at their end), as ``zip`` would read them: used only where reading
+    column by column reads what ``zip`` reads (:meth:`fits`), so that the map's semantics stay.
+
+    It belongs to the thread that iterates the map (as the window does)."""
+
+    __slots__ = ("_its",)
+
+    #: The iterables read ahead of the shortest one without anything to see: a list, tuple or
+    #: range read past the end of another iterable has no side effect.
+    _SLICEABLE = frozenset({list, tuple, range})
+
+    def __init__(self, iterables: Iterable[Iterable[Any]]) -> None:
+        self._its = [iter(it) for it in iterables]
+
+    @classmethod
+    def fits(cls, iterables: tuple[Iterable[Any], ...]) -> bool:
+        """Whether reading ``iterables`` by columns reads what ``zip`` reads: one iterable (any),
+        or several lists, tuples or ranges (``zip`` stops at the shortest; a column read past
+        it reads only items without side effects, which are dropped)."""
+        return len(iterables) == 1 or (bool(iterables) and all(type(it) in cls._SLICEABLE for it in iterables))
+
+    def __call__(self, size: int) -> Columns:
+        columns = [list(itertools.islice(it, size)) for it in self._its]
+        n = min(map(len, columns))
+        if n < size:  # an iterable ended: the calls end with the shortest, as zip's do
+            columns = [c if len(c) == n else c[:n] for c in columns]
+            self._its = [iter(())] * len(self._its)  # nothing more is read: the longer ones are not read on
+        return Columns(columns, n)
 
 
 class Slice(Protocol):
@@ -526,6 +577,10 @@ class ResultWindow:
         Says why results may not come (the pool's), for a timeout's message.
     per_result : int
         The map's items in each position (a chunked map's ``chunksize``), for the messages.
+    read : callable, optional
+        ``read(size)`` reads the next (at most) ``size`` calls as a sized part (empty at the
+        end) in place of ``calls`` (a :class:`ColumnReader`'s :class:`Columns`); ``submit``
+        gets those parts.
     """
 
     def __init__(
@@ -541,20 +596,21 @@ class ResultWindow:
         started: float | None = None,
         hint: Callable[[], str] | None = None,
         per_result: int = 1,
+        read: Callable[[int], Sized] | None = None,
     ) -> None:
         self._per = per_result
         self._clock = clock
         self._timeout = timeout
         self._end = None if timeout is None else (clock() if started is None else started) + timeout
         self._hint = hint
-        self._calls = iter(calls)
-        self._submit: Callable[[list[tuple[Any, ...]], int, float | None], Slice] | None = submit
+        self._read = read if read is not None else functools.partial(_read_calls, iter(calls))
+        self._submit: Callable[[Any, int, float | None], Slice] | None = submit
         self._size = slice_size if buffersize is None else max(1, min(slice_size, buffersize))
         self._room = buffersize  # calls that may still be submitted before results are taken
         self._cancel = cancel
         self._slices: collections.deque[Slice] = collections.deque()
         self._at = 0  # the position of the next result in the first slice
-        self._read = 0  # calls read (and submitted): the map's position of the next one
+        self._position = 0  # calls read (and submitted): the map's position of the next one
         self._taken = 0  # results handed out
         try:
             self._refill()
@@ -573,17 +629,17 @@ class ResultWindow:
 
     def _stop_reading(self) -> None:
         self._submit = None
-        self._calls = iter(())
+        self._read = _read_nothing
 
     def _refill(self) -> None:
         """Submit slices while there is room for a whole one (or, without buffersize, to the end)."""
         size = self._size
         while self._submit is not None and (self._room is None or self._room >= size):
-            part = list(itertools.islice(self._calls, size))
-            if not part:
+            part = self._read(size)
+            if not len(part):
                 self._stop_reading()
                 return
-            first = self._read
+            first = self._position
             try:
                 piece = self._submit(part, first, self._left())
             except SerializationError as e:
@@ -597,7 +653,7 @@ class ResultWindow:
                     f"({self._taken * self._per} results were yielded; what was queued after them is cancelled)"
                 ) from e
             self._slices.append(piece)
-            self._read = first + len(part)
+            self._position = first + len(part)
             if self._room is not None:
                 self._room -= len(part)
 
@@ -667,6 +723,16 @@ class ResultWindow:
         finally:
             self._cancel_left()
             self._submit = None
+
+
+def _read_calls(calls: Iterator[tuple[Any, ...]], size: int) -> list[tuple[Any, ...]]:
+    """The next (at most) ``size`` of ``calls``: a window's parts when it reads tuples."""
+    return list(itertools.islice(calls, size))
+
+
+def _read_nothing(size: int) -> list[tuple[Any, ...]]:
+    """A window that reads no more (everything was submitted, or it was stopped)."""
+    return []
 
 
 class _Results(itertools.chain):  # type: ignore[type-arg]

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, TypeVar
 from zdq.config import PoolSettings
 from zdq.errors import SerializationError
 from zdq.codec.tasks import (
-    _SHARED_MAX_ARGS, _SHARED_MIN, CALLS, PICKLED, TaskOptions, calls_columns, dumps_chunk, dumps_shared,
+    _SHARED_MAX_ARGS, _SHARED_MIN, CALLS, PICKLED, TaskOptions, calls_columns, calls_width, dumps_chunk, dumps_shared,
 )
 
 __all__ = ["Chunking", "Packed"]
@@ -118,14 +118,16 @@ class Chunking:
 
         ``shared``: the function every one of the CALLS ``entries`` shares (as
         :func:`~zdq.codec.tasks.check_calls` found it): calls of one length then go by columns
-        (SHARED chunks), cut from columns of the whole batch."""
-        columns = calls_columns(entries) if shared is not None and kind == CALLS else None
-        if columns is not None:
+        (SHARED chunks), each chunk's taken from its own calls."""
+        width = calls_width(entries) if shared is not None and kind == CALLS else 0
+        if width:
             n = len(entries)
             return [
                 packed
                 for i in range(0, n, size)
-                for packed in self.pack_shared(first + i, shared, min(size, n - i), [c[i : i + size] for c in columns], key, options)
+                for packed in self.pack_shared(
+                    first + i, shared, min(size, n - i), calls_columns(entries[i : i + size], width), key, options
+                )
             ]
         return [
             packed
@@ -134,12 +136,26 @@ class Chunking:
         ]
 
     def pack_columns(
-        self, first: int, fn: Any, n: int, columns: list[list[Any]], key: bytes | None, options: TaskOptions | None
+        self,
+        first: int,
+        fn: Any,
+        n: int,
+        columns: list[list[Any]],
+        key: bytes | None,
+        options: TaskOptions | None,
+        size: int | None = None,
     ) -> list[Packed]:
         """``n`` calls of the callable ``fn`` given by the ``columns`` of their arguments (lists of
-        ``n`` each: ``queue_pool.map``'s slices of its iterables), packed as :meth:`pack_batch`
-        packs calls that share their function: by columns (SHARED) when they are enough and have
-        few enough arguments, else as ``(fn, *args)`` tuples."""
+        ``n`` each: ``queue_pool.map``'s and ``Executor.map``'s slices of its iterables), packed as
+        :meth:`pack_batch` packs calls that share their function: by columns (SHARED) when they
+        are enough and have few enough arguments, else as ``(fn, *args)`` tuples; in chunks of
+        ``size`` calls (``None``: one chunk, split by bytes only)."""
+        if size is not None and n > size:
+            return [
+                packed
+                for i in range(0, n, size)
+                for packed in self.pack_columns(first + i, fn, min(size, n - i), [c[i : i + size] for c in columns], key, options)
+            ]
         if n >= _SHARED_MIN and 1 <= len(columns) <= _SHARED_MAX_ARGS:
             return self.pack_shared(first, fn, n, columns, key, options)
         return self.pack(first, list(zip(itertools.repeat(fn, n), *columns)), key, CALLS, options)

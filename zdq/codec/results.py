@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import operator
 import pickle
 from dataclasses import dataclass
 from typing import Any
@@ -176,8 +177,24 @@ def _error(message: str) -> ErrorInfo:
     return ErrorInfo(SerializationError(message), "zdq.errors.SerializationError", message, "")
 
 
+class _Nones:
+    """``n`` results that are all ``None`` (tasks run for their effects), pickled as ``[None] *
+    n`` (``operator.mul``): a few bytes, where a list of them takes one opcode a task to write and
+    to read. Whoever unpickles them gets the same list, by any ``pickle.loads``."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __reduce__(self) -> tuple[Any, tuple[list[None], int]]:
+        return operator.mul, ([None], self.n)
+
+
 def _dumps_results(base_task_id: int, values: list[Any], errors: dict[int, ErrorInfo], key: bytes | None) -> bytes:
     try:
+        if not errors and type(values) is list and len(values) > _PLAIN_RESULTS and values.count(None) == len(values):
+            return seal(key, pickle.dumps((base_task_id, _Nones(len(values)), errors), protocol=PROTOCOL))
         if len(values) <= _PLAIN_RESULTS and not errors and all_scalars(values):
             # A few scalars (a single task's result): the standard pickler is much cheaper to start.
             return seal(key, pickle.dumps((base_task_id, values, errors), protocol=PROTOCOL))
