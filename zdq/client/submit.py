@@ -26,7 +26,7 @@ import functools
 import itertools
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, cast
 
 from zdq.codec.chunking import Chunking, Packed
 from zdq.config import PoolSettings, seconds_or_none, timeout_or_none
@@ -967,19 +967,22 @@ class SubmitMethods:
             check_task_name(fn)
         options = s.defaults.merge_all()
         # Executor.map's items may come by the columns of their arguments (no tuple per call).
-        columns = calls.columns if type(calls) is Columns else None
-        if not plain and (_calls_hold_futures(calls) if columns is None else any(map(_items_hold_futures, columns))):
+        by_columns = calls if isinstance(calls, Columns) else None
+        rows = cast("list[tuple[Any, ...]]", calls)  # read only when the calls are not by columns
+        if not plain and (
+            _calls_hold_futures(rows) if by_columns is None else any(map(_items_hold_futures, by_columns.columns))
+        ):
             driver = self.driver
-            one_by_one = calls if columns is None else calls.calls(fn)  # type: ignore[union-attr]
+            one_by_one = rows if by_columns is None else by_columns.calls(fn)
             return FutureSlice([s.call(driver, fn, call[1:], None, options, timeout, None, None, None) for call in one_by_one])
         driver = self.driver
         base = driver.reserve(len(calls))
         try:
             chunking = Chunking.of(self.settings)
-            if columns is not None:  # the map's items by columns: no tuple per call
-                packed = chunking.pack_columns(base, fn, len(calls), columns, driver.payload_key, options, chunk)
+            if by_columns is not None:  # the map's items by columns: no tuple per call
+                packed = chunking.pack_columns(base, fn, len(calls), by_columns.columns, driver.payload_key, options, chunk)
             else:  # the map's calls share its function: by columns (SHARED) where they have as many arguments
-                packed = chunking.pack_batch(base, calls, chunk, driver.payload_key, CALLS, options, fn if callable(fn) else None)
+                packed = chunking.pack_batch(base, rows, chunk, driver.payload_key, CALLS, options, fn if callable(fn) else None)
         except SerializationError as e:
             if e.task_id is None:
                 raise
