@@ -20,7 +20,7 @@ import pytest
 from distributed import Client
 
 from zdq import BrokerLost, ConsumerPool, DeadLettered, QueuePool, TaskTimeout
-from zdq.errors import BatchError
+from zdq.errors import BatchError, RemoteTaskError
 from zdq._actor import scheduler_workers
 
 from .conftest import pid_of as _pid_of, wait_until
@@ -55,6 +55,52 @@ def test_a_long_task_run_on_the_io_thread_hands_the_sockets_over_and_runs_alone(
     # The roles swap back as often as needed.
     assert queue_pool.submit(span, 0.3).result(timeout=60)[2].startswith("zdq-standby-")
     assert queue_pool.submit(span, 0.0).result(timeout=60)[2].startswith("zdq-consumer-")
+
+
+class _Undescribed:
+    """A result that neither pickles nor shows itself."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("no pickling")
+
+    def __repr__(self) -> str:
+        raise ValueError("no repr")
+
+
+class _Mute(Exception):
+    """An error that neither pickles nor says anything."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("no pickling")
+
+    def __str__(self) -> str:
+        raise ValueError("no str")
+
+    def __repr__(self) -> str:
+        raise ValueError("no repr")
+
+
+def _undescribed() -> _Undescribed:
+    return _Undescribed()
+
+
+def _mute() -> None:
+    raise _Mute()
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("max_concurrency", [1, 2])
+def test_a_result_or_an_error_that_cannot_show_itself_fails_its_task_and_never_hangs_it(
+    harness: Callable[..., Harness], max_concurrency: int
+) -> None:
+    """Describing such a result (for its error) or such an error (its message) raised inside the
+    consumer, after the task ran: no report went, and the future waited for ever."""
+    queue_pool = harness(1, 1, max_concurrency=max_concurrency)
+    with pytest.raises(RemoteTaskError, match="whose repr raised ValueError.*cannot be pickled"):
+        queue_pool.submit(_undescribed).result(timeout=20)
+    with pytest.raises(RemoteTaskError, match=r"_Mute: <the exception's str\(\) raised ValueError>"):
+        queue_pool.submit(_mute).result(timeout=20)
+    assert queue_pool.submit(add, 1, 2).result(timeout=20) == 3
 
 
 def test_killing_a_worker_that_holds_consumers_loses_no_task(client3: Client) -> None:

@@ -122,3 +122,15 @@ def test_a_single_task_up_to_max_bytes_goes_alone_and_past_it_is_refused_naming_
     assert alone == Packed(3, 1, alone.payload) and len(alone.payload) > 100
     with pytest.raises(SerializationError, match=r"task 4 pickles to \d+ bytes, more than max-message-size \(5000\)"):
         chunking.pack(4, [dumps_task((add, ("z" * 6000,)))], None, PICKLED, None)
+
+
+def test_max_message_size_below_chunk_bytes_bounds_every_chunk_and_refuses_a_larger_task() -> None:
+    """``max-message-size`` set below ``chunk-bytes``: a chunk within chunk-bytes but above the
+    sockets' limit would be dropped on the wire (its tasks never settled): it is split, and a single
+    task above the limit is refused at the driver (its message names the setting)."""
+    chunking = Chunking(chunk_size=1000, chunk_bytes=1 << 20, max_bytes=3000, prefetch=2)
+    packed = chunking.pack(0, [(add, f"{i}" * 1000) for i in range(9)], None, CALLS, None)
+    assert len(packed) > 1 and all(len(p.payload) <= 3000 for p in packed)
+    assert chunking.too_large(3001) and not chunking.too_large(3000)
+    with pytest.raises(SerializationError, match=r"task 5 pickles to \d+ bytes, more than max-message-size \(3000\)"):
+        chunking.pack(5, [dumps_task((add, ("v" * 4000,)))], None, PICKLED, None)

@@ -98,6 +98,38 @@ def test_many_none_results_are_written_in_a_few_bytes_and_read_back_as_a_list_by
     assert loads_results(dumps_results(7, [None] * 1000, failed, KEY), KEY)[1] == [None] * 1000
 
 
+class _NotABool:
+    """A value whose ``== None`` is not a truth value (as a NumPy array's)."""
+
+    def __eq__(self, other: object) -> bool:
+        raise ValueError("the truth value is ambiguous")
+
+    __hash__ = object.__hash__
+
+
+def test_results_beside_nones_whose_equality_raises_are_written_as_any_results() -> None:
+    values = [None] * 20 + [_NotABool()] + [None] * 20
+    base, read, errors = loads_results(dumps_results(7, values, {}, KEY), KEY)
+    assert (base, errors, read[:20], read[21:]) == (7, {}, [None] * 20, [None] * 20)
+    assert type(read[20]) is _NotABool
+
+
+class _Undescribed:
+    """A result that neither pickles nor shows itself."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("no pickling")
+
+    def __repr__(self) -> str:
+        raise ValueError("no repr")
+
+
+def test_a_result_that_neither_pickles_nor_shows_itself_is_that_tasks_error() -> None:
+    base, values, errors = loads_results(dumps_results(3, [1, _Undescribed()], {}, KEY), KEY)
+    assert (base, values) == (3, [1, None])
+    assert "whose repr raised ValueError" in errors[1].message and "cannot be pickled" in errors[1].message
+
+
 def test_results_sealed_with_one_key_are_refused_with_another() -> None:
     payload = dumps_results(1, [1], {}, KEY)
     with pytest.raises(ProtocolError, match="tag does not match"):

@@ -246,14 +246,20 @@ class Chunking:
         """Whether a chunk of ``n`` tasks that pickled to ``payload`` goes whole (False: split it).
 
         Raises :class:`SerializationError` for a single task larger than ``max-message-size``."""
-        if len(payload) <= self.chunk_bytes or (n == 1 and len(payload) <= self.max_bytes):
-            return True
-        if n == 1:
+        size = len(payload)
+        if n > 1:  # whole when within both bounds (max-message-size may be set below chunk-bytes)
+            return size <= self.chunk_bytes and size <= self.max_bytes
+        if self.too_large(size):
             raise SerializationError(
                 f"task {first} pickles to {len(payload)} bytes, more than max-message-size ({self.max_bytes}): "
                 "pass large data by reference (a path, a URL, a Dask future) instead"
             )
-        return False
+        return True
+
+    def too_large(self, size: int) -> bool:
+        """Whether a chunk of one task, pickled to ``size`` bytes, is more than the sockets carry
+        (``max-message-size``): such a task is refused, never sent."""
+        return size > self.max_bytes
 
 
 def _even(n: int, k: int) -> list[int]:

@@ -68,7 +68,12 @@ class ErrorInfo:
 
 
 def _describe(obj: object) -> str:
-    text = repr(obj)
+    """A short repr of ``obj`` for a message; its type's name if its ``repr`` raises (a message
+    about an object must not fail because of it)."""
+    try:
+        text = repr(obj)
+    except Exception as e:
+        text = f"<{type(obj).__module__}.{type(obj).__qualname__} object, whose repr raised {type(e).__name__}>"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -191,9 +196,22 @@ class _Nones:
         return operator.mul, ([None], self.n)
 
 
+def _all_none(values: list[Any]) -> bool:
+    """Whether every one of ``values`` is ``None``. ``list.count`` finds ``None`` by identity first,
+    but asks ``==`` of every other value: it runs only when both ends are ``None`` (a chunk of
+    results returning something else stops at the first test), and a value whose ``== None`` is not
+    a truth value (a NumPy array's) ends it as False."""
+    if values[0] is not None or values[-1] is not None:
+        return False
+    try:
+        return values.count(None) == len(values)
+    except Exception:
+        return False
+
+
 def _dumps_results(base_task_id: int, values: list[Any], errors: dict[int, ErrorInfo], key: bytes | None) -> bytes:
     try:
-        if not errors and type(values) is list and len(values) > _PLAIN_RESULTS and values.count(None) == len(values):
+        if not errors and type(values) is list and len(values) > _PLAIN_RESULTS and _all_none(values):
             return seal(key, pickle.dumps((base_task_id, _Nones(len(values)), errors), protocol=PROTOCOL))
         if len(values) <= _PLAIN_RESULTS and not errors and all_scalars(values):
             # A few scalars (a single task's result): the standard pickler is much cheaper to start.
@@ -216,7 +234,12 @@ def _dumps_results(base_task_id: int, values: list[Any], errors: dict[int, Error
             cloudpickle.dumps(info, protocol=PROTOCOL)
         except Exception:
             errors[i] = ErrorInfo(None, info.type_name, info.message, info.traceback)
-    return seal(key, cloudpickle.dumps((base_task_id, values, errors), protocol=PROTOCOL))
+    try:
+        return seal(key, cloudpickle.dumps((base_task_id, values, errors), protocol=PROTOCOL))
+    except Exception as e:  # each pickles alone, not together: every task's outcome is this error
+        # (the consumer reports whatever this returns: raising here would leave the chunk unreported)
+        info = ErrorInfo(None, "zdq.errors.SerializationError", f"the results of this chunk cannot be pickled together: {e!r:.300}", "")
+        return seal(key, pickle.dumps((base_task_id, [None] * len(values), dict.fromkeys(range(len(values)), info)), protocol=PROTOCOL))
 
 
 def loads_results(payload: Any, key: bytes | None = None) -> tuple[int, list[Any], dict[int, ErrorInfo]]:

@@ -125,7 +125,11 @@ def _error_info(exc: BaseException) -> ErrorInfo:
         sent: BaseException | None = exc
     except Exception:  # noqa: BLE001 - pickling and unpickling raise anything, from the user's own code too
         sent = None
-    return ErrorInfo(sent, f"{kind.__module__}.{kind.__qualname__}", str(exc), tb)
+    try:
+        message = str(exc)
+    except Exception as e:  # noqa: BLE001 - the user's __str__: its failure must not be the task's end
+        message = f"<the exception's str() raised {type(e).__name__}>"
+    return ErrorInfo(sent, f"{kind.__module__}.{kind.__qualname__}", message, tb)
 
 
 @functools.lru_cache(maxsize=256)
@@ -707,6 +711,23 @@ class Runner:
         blocks[key] = block
 
     def _run_one(self, run: _ChunkRun, i: int) -> None:
+        """Run task ``i`` of ``run`` on a task thread; the last task of the chunk to end reports it.
+        A failure of zdq's own around the task (the task's are caught inside) fails that task, and
+        the chunk still ends: its futures never wait for a report that cannot come."""
+        try:
+            self._run_task(run, i)
+        except Exception as e:  # noqa: BLE001 - see above
+            logger.exception("consumer %s failed to run task %d", self.name, run.base + i)
+            why = f"consumer {self.name} failed to run this task: {type(e).__name__}"
+            with run.lock:
+                run.errors.setdefault(i, ErrorInfo(None, "zdq.errors.ZdqError", why, ""))
+        with run.lock:
+            run.remaining -= 1
+            last = run.remaining == 0
+        if last:
+            self._finish(run)
+
+    def _run_task(self, run: _ChunkRun, i: int) -> None:
         task = run.tasks[i]
         started = run.started
         if started is not None:
@@ -728,11 +749,6 @@ class Runner:
                 run.values[i] = self._calls[run.kind](task)
             except BaseException as e:  # noqa: BLE001 - a task's failure is its result, whatever it raised
                 self._run_careful(run, i, task, failed=e)
-        with run.lock:
-            run.remaining -= 1
-            last = run.remaining == 0
-        if last:
-            self._finish(run)
 
     def _options(self, run: _ChunkRun, task: Any) -> TaskOptions:
         """The options a task runs with: its own, else its chunk's, else the consumer's. The

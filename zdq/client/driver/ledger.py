@@ -254,8 +254,8 @@ class Ledger:
         fails any task too large. While anything is in flight, tasks go loose and are coalesced
         (a loop of submissions makes a few chunks, not one per task)."""
         payload = dumps_chunk(tid, [task], self.payload_key, PICKLED)  # bytes in a list: it pickles
-        if len(payload) > self.chunking.max_bytes and len(payload) > self.chunking.chunk_bytes:
-            return False  # as Chunking.pack would refuse it
+        if self.chunking.too_large(len(payload)):
+            return False  # as Chunking.pack refuses it
         rec = Record(self.next_seq, tid, 1, payload, [fut], 0)
         self.next_seq += 1
         self.records[rec.seq] = rec
