@@ -456,7 +456,9 @@ class Runner:
         knowing nothing of this copy. Chunks running stop starting tasks and send no DONE.
         """
         with self._cancel_lock:
-            for chunk_id, state in self._chunks.items():
+            # A copy: a chunk ending on another thread (a task thread, or the one running a chunk
+            # while the standby holds the sockets) leaves the table without this lock.
+            for chunk_id, state in list(self._chunks.items()):
                 if isinstance(state, int):  # a broker's index: waiting to start
                     if state == broker:
                         self._stale.add(chunk_id)
