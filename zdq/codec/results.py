@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-import operator
 import pickle
 from dataclasses import dataclass
 from typing import Any
@@ -182,37 +181,8 @@ def _error(message: str) -> ErrorInfo:
     return ErrorInfo(SerializationError(message), "zdq.errors.SerializationError", message, "")
 
 
-class _Nones:
-    """``n`` results that are all ``None`` (tasks run for their effects), pickled as ``[None] *
-    n`` (``operator.mul``): a few bytes, where a list of them takes one opcode a task to write and
-    to read. Whoever unpickles them gets the same list, by any ``pickle.loads``."""
-
-    __slots__ = ("n",)
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __reduce__(self) -> tuple[Any, tuple[list[None], int]]:
-        return operator.mul, ([None], self.n)
-
-
-def _all_none(values: list[Any]) -> bool:
-    """Whether every one of ``values`` is ``None``. ``list.count`` finds ``None`` by identity first,
-    but asks ``==`` of every other value: it runs only when both ends are ``None`` (a chunk of
-    results returning something else stops at the first test), and a value whose ``== None`` is not
-    a truth value (a NumPy array's) ends it as False."""
-    if values[0] is not None or values[-1] is not None:
-        return False
-    try:
-        return values.count(None) == len(values)
-    except Exception:
-        return False
-
-
 def _dumps_results(base_task_id: int, values: list[Any], errors: dict[int, ErrorInfo], key: bytes | None) -> bytes:
     try:
-        if not errors and type(values) is list and len(values) > _PLAIN_RESULTS and _all_none(values):
-            return seal(key, pickle.dumps((base_task_id, _Nones(len(values)), errors), protocol=PROTOCOL))
         if len(values) <= _PLAIN_RESULTS and not errors and all_scalars(values):
             # A few scalars (a single task's result): the standard pickler is much cheaper to start.
             return seal(key, pickle.dumps((base_task_id, values, errors), protocol=PROTOCOL))

@@ -73,6 +73,10 @@ __all__ = ["Ledger", "NO_CONSUMER", "first_task_id", "queue_of_key"]
 
 logger = logging.getLogger(__name__)
 
+#: The largest pickled task the caller packs into its own chunk (the lone path, :meth:`Ledger._hold_lone`):
+#: its copy and seal (about 1 µs a KiB) run under the ledger's lock.
+_LONE_BYTES = 16 << 10
+
 _first_ids_lock = threading.Lock()
 _last_first_id = 0
 
@@ -252,7 +256,11 @@ class Ledger:
         it (a chunk of one task is what :meth:`coalesce` would cut of it alone). False, and nothing
         held, if it does not pack (too large): it goes loose, and the I/O thread fails it as it
         fails any task too large. While anything is in flight, tasks go loose and are coalesced
-        (a loop of submissions makes a few chunks, not one per task)."""
+        (a loop of submissions makes a few chunks, not one per task). A task of more than
+        :data:`_LONE_BYTES` goes loose too: packing it here would hold every other thread's
+        submission (and the results' intake) behind its copy and seal."""
+        if len(task) > _LONE_BYTES:  # packed (a copy and the seal) under cond: only small ones
+            return False
         payload = dumps_chunk(tid, [task], self.payload_key, PICKLED)  # bytes in a list: it pickles
         if self.chunking.too_large(len(payload)):
             return False  # as Chunking.pack refuses it
