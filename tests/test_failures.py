@@ -103,6 +103,32 @@ def test_a_result_or_an_error_that_cannot_show_itself_fails_its_task_and_never_h
     assert queue_pool.submit(add, 1, 2).result(timeout=20) == 3
 
 
+@pytest.mark.faults
+def test_a_forked_child_is_refused_at_the_call_and_the_parents_pool_goes_on(harness: Callable[..., Harness]) -> None:
+    """The pool's I/O thread and sockets stay in the parent: a child's submission was accepted and
+    never sent (its future waited for ever)."""
+    queue_pool = harness(1, 1)
+    assert queue_pool.submit(add, 1, 2).result(timeout=20) == 3
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a few lines, then out without running the parent's cleanups
+        try:
+            queue_pool.submit(add, 3, 4)
+            said = "accepted"
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            said = f"{type(e).__name__}: {e}"
+        os.write(write, said.encode())
+        os._exit(0)
+    os.close(write)
+    try:
+        said = os.read(read, 4096).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert said.startswith("ClosedError:") and "fork" in said and "make a pool in this process" in said, said
+    assert queue_pool.submit(add, 5, 6).result(timeout=20) == 11
+
+
 def test_killing_a_worker_that_holds_consumers_loses_no_task(client3: Client) -> None:
     n = 100_000
     with QueuePool(client3, 2, workers=["a"], **FAST) as queue_pool:

@@ -45,8 +45,10 @@ is full): :meth:`Ledger.take` hands out the next chunk for the broker they picke
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -76,6 +78,25 @@ logger = logging.getLogger(__name__)
 #: The largest pickled task the caller packs into its own chunk (the lone path, :meth:`Ledger._hold_lone`):
 #: its copy and seal (about 1 µs a KiB) run under the ledger's lock.
 _LONE_BYTES = 16 << 10
+
+#: Every ledger of this process: a forked child marks them closed (:func:`_in_forked_child`).
+_ledgers: weakref.WeakSet[Ledger] = weakref.WeakSet()
+
+
+def _in_forked_child() -> None:
+    """After ``os.fork()``, in the child: each pool's I/O thread and sockets stayed in the parent,
+    so what the child submits would never be sent; it is refused at the call instead."""
+    parent = os.getppid()
+    for ledger in list(_ledgers):
+        if ledger.closed_by is None:
+            ledger.closed_by = ZdqError(
+                f"this process is a fork of the one that made it (pid {parent}), where its sockets and "
+                "its I/O thread stayed; make a pool in this process"
+            )
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_in_forked_child)
 
 _first_ids_lock = threading.Lock()
 _last_first_id = 0
@@ -168,6 +189,7 @@ class Ledger:
         self.next_seq = 1
         self.closed_by: BaseException | None = None  # why the driver stopped taking work
         self.failed_by: BaseException | None = None  # why the I/O thread died
+        _ledgers.add(self)  # refused in a forked child
         self.submitted = 0
         # Task ids the I/O thread is turning from loose tasks into records (neither, meanwhile).
         self.packing: tuple[int, int] | None = None
