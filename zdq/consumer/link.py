@@ -85,14 +85,13 @@ class Handover:
     def run_here(self, execute: Callable[[int, p.Deliver], None], broker: int, deliver: p.Deliver) -> bool:
         """Run a chunk on the owning thread; False if the standby took the sockets meanwhile.
 
-        Only the owner calls it, so ``owner`` is this thread's ident. ``busy`` and then ``since``
-        are set without the lock (each store is atomic, and the standby reads ``since`` under the
-        lock it takes the sockets with); the end takes the lock, to learn atomically whether the
-        sockets are still this thread's."""
+        Only the owner calls it, so ``owner`` is this thread's ident. ``since`` (None between
+        runs: what the standby reads, under its lock) and ``busy`` are set without the lock, each
+        store atomic; the end takes the lock, to learn atomically whether the sockets are still
+        this thread's."""
         me = self.owner
-        start = time.monotonic()
+        start = self.since = time.monotonic()
         self.busy = True
-        self.since = start
         execute(broker, deliver)
         with self.lock:
             self.busy = False
