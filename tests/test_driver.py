@@ -56,7 +56,9 @@ class _Broker:
 
 class _Consumer(threading.Thread):
     """A raw consumer peer: runs each chunk it is delivered and reports it (``early_ack``: it
-    acknowledges on receipt and never reports; ``garbage``: it reports results that do not decode)."""
+    acknowledges on receipt and never reports; ``garbage``: it reports results that do not decode).
+    It sends a heartbeat every 50 ms of quiet, as a consumer does: without them, a test that waits
+    a second (the heartbeat timeout) for another broker had its broker drop it under load."""
 
     def __init__(self, ctx: zmq.Context[Any], endpoint: str, *, early_ack: bool = False, garbage: bool = False) -> None:
         super().__init__(daemon=True)
@@ -73,6 +75,7 @@ class _Consumer(threading.Thread):
         sock.send_multipart(p.encode(p.Fetch(1)))
         while not self._halt.is_set():
             if not sock.poll(50):
+                sock.send_multipart(p.encode(p.Heartbeat()))
                 continue
             msg = p.decode(sock.recv_multipart(copy=False))
             if type(msg) is p.Ready:
