@@ -23,11 +23,13 @@ import threading
 import time
 from typing import Any
 
-from distributed import Client, LocalCluster
+from distributed import Client
 
 import zdq.client.driver.loop as driver_loop
 from zdq import ConsumerPool, QueuePool
+from zdq.benchmark.cases import _client
 from zdq.benchmark.pipeline import run_pipeline
+from zdq.benchmark.results import BenchConfig
 from zdq.benchmark.tasks import noop
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -108,12 +110,7 @@ def futures_round(qp: QueuePool, n: int) -> float:
 def main() -> None:
     n, rounds = int(sys.argv[1]), int(sys.argv[2])
     rows: list[dict[str, float]] = []
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with _client(BenchConfig()) as client:  # zdq bench's embedded cluster: 2 workers x 1 thread
         for _ in range(rounds):
             row: dict[str, float] = {"bare": n / min(run_pipeline(n, 1000, 1))}
             with (

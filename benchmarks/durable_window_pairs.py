@@ -17,9 +17,9 @@ import sys
 import tempfile
 from typing import Any
 
-from distributed import Client, LocalCluster
+from distributed import Client
 
-from zdq.benchmark.cases import _noop_calls, _pools, _time_batches
+from zdq.benchmark.cases import _client, _noop_calls, _pools, _time_batches
 from zdq.benchmark.results import BenchConfig, CaseResult
 
 
@@ -42,12 +42,7 @@ def main() -> None:
     n, rounds, variants = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(",")
     config = BenchConfig(tasks=n, repeat=3)
     rates: dict[str, list[float]] = {v: [] for v in variants}
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with _client(config) as client:  # zdq bench's embedded cluster: 2 workers x 1 thread
         for r in range(rounds):
             for variant in variants if r % 2 == 0 else variants[::-1]:
                 rates[variant].append(rate(client, config, variant))
