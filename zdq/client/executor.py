@@ -338,7 +338,7 @@ class Executor(concurrent.futures.Executor):
             # The calls by the columns of their arguments, read as zip would read them: no
             # (fn, *args) tuple per call to make, to take apart and for the collector to walk.
             if buffersize is None:  # every call is submitted now: read them all, and spread them
-                iterables = tuple(it if type(it) in ColumnReader._SLICEABLE else list(it) for it in iterables)
+                iterables = ColumnReader.read_all(iterables)
             read = ColumnReader(iterables)
         else:
             # The calls as batch_submit takes them, (task, *args), made by zip.

@@ -112,6 +112,12 @@ class ColumnReader:
         it reads only items without side effects, which are dropped)."""
         return len(iterables) == 1 or (bool(iterables) and all(type(it) in cls._SLICEABLE for it in iterables))
 
+    @classmethod
+    def read_all(cls, iterables: tuple[Iterable[Any], ...]) -> tuple[Iterable[Any], ...]:
+        """``iterables`` with those that are not lists, tuples or ranges read into lists (a map
+        without ``buffersize`` submits every call at once, and needs its length)."""
+        return tuple(it if type(it) in cls._SLICEABLE else list(it) for it in iterables)
+
     def __call__(self, size: int) -> Columns:
         columns = [list(itertools.islice(it, size)) for it in self._its]
         n = min(map(len, columns))
