@@ -24,11 +24,17 @@ def test_each_seal_has_a_nonce_of_its_own_and_a_forked_child_seals_under_a_salt_
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: its parent's salt and counter would repeat nonces under one key
-        os.write(write, seal(KEY, DATA))
-        os._exit(0)
-    os.waitpid(pid, 0)
+        code = 1
+        try:
+            os.write(write, seal(KEY, DATA))
+            code = 0
+        finally:
+            os._exit(code)  # never back into pytest: whatever happened, the child ends here
+    os.close(write)  # the child's end alone: a child that wrote nothing gives an empty read, not a wait
+    _, status = os.waitpid(pid, 0)
     child = os.read(read, 4096)
-    os.close(read), os.close(write)
+    os.close(read)
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child could not seal"
     assert child[:SALT_END] != first[:SALT_END] and bytes(unseal(KEY, child)) == DATA
 
 

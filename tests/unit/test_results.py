@@ -53,6 +53,16 @@ def test_a_sealed_payload_carries_a_tag_and_unseals_to_its_data_with_the_same_ke
         assert bytes(unseal(KEY, memoryview(sealed))) == data
 
 
+def test_a_key_or_a_payload_given_as_another_buffer_seals_and_unseals_as_bytes_would() -> None:
+    for data in (b"data", LARGE):
+        sealed = seal(bytearray(KEY), data)  # the sealers are kept by key: an unhashable one is copied
+        assert bytes(unseal(KEY, sealed)) == data and bytes(unseal(memoryview(KEY), sealed)) == data
+        if len(sealed) % 2 == 0:  # a view of two-byte items: its bytes are read, in order
+            assert bytes(unseal(KEY, memoryview(sealed).cast("H"))) == data
+    with pytest.raises(ProtocolError, match="contiguous"):
+        unseal(KEY, memoryview(seal(KEY, LARGE) * 2).cast("H")[::2])
+
+
 def test_a_payload_sealed_before_protocol_7_a_keyed_blake2b_tag_still_unseals() -> None:
     data = b"stored by a durable queue before the upgrade"
     old = hashlib.blake2b(data, key=KEY, digest_size=16).digest() + data
