@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import sys
 import threading
@@ -22,12 +23,15 @@ from zdq.codec.results import (
     unseal,
 )
 from zdq.codec.tasks import CALLS, TASKS, TaskOptions, call_task, cancelled_entry, is_cancelled, loads_chunk
+from zdq.codec import seal as seal_module
+from zdq.codec.seal import MAGIC, OVERHEAD
 from zdq.errors import ProtocolError, RemoteTaskError, SerializationError
 
 from ..tasks import add
 
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32
+LARGE = bytes(range(256)) * 4  # sealed with GCM (small payloads keep the BLAKE2b tag)
 
 
 def _info(exc: BaseException, traceback: str = "") -> ErrorInfo:
@@ -41,23 +45,66 @@ def test_without_a_key_a_payload_is_its_data_untouched() -> None:
 
 
 def test_a_sealed_payload_carries_a_tag_and_unseals_to_its_data_with_the_same_key() -> None:
-    sealed = seal(KEY, b"data")
-    assert len(sealed) == 16 + 4 and sealed.endswith(b"data")
-    assert bytes(unseal(KEY, sealed)) == b"data"
-    assert bytes(unseal(KEY, bytearray(sealed))) == b"data"  # any buffer: what a socket hands over
-    assert bytes(unseal(KEY, memoryview(sealed))) == b"data"
+    for data in (b"data", LARGE):
+        sealed = seal(KEY, data)
+        assert len(sealed) == (OVERHEAD if data is LARGE else 16) + len(data) and sealed.endswith(data)
+        assert bytes(unseal(KEY, sealed)) == data
+        assert bytes(unseal(KEY, bytearray(sealed))) == data  # any buffer: what a socket hands over
+        assert bytes(unseal(KEY, memoryview(sealed))) == data
+
+
+def test_a_key_or_a_payload_given_as_another_buffer_seals_and_unseals_as_bytes_would() -> None:
+    for data in (b"data", LARGE):
+        sealed = seal(bytearray(KEY), data)  # the sealers are kept by key: an unhashable one is copied
+        assert bytes(unseal(KEY, sealed)) == data and bytes(unseal(memoryview(KEY), sealed)) == data
+        if len(sealed) % 2 == 0:  # a view of two-byte items: its bytes are read, in order
+            assert bytes(unseal(KEY, memoryview(sealed).cast("H"))) == data
+    with pytest.raises(ProtocolError, match="contiguous"):
+        unseal(KEY, memoryview(seal(KEY, LARGE) * 2).cast("H")[::2])
+
+
+def test_a_payload_sealed_before_protocol_7_a_keyed_blake2b_tag_still_unseals() -> None:
+    data = b"stored by a durable queue before the upgrade"
+    old = hashlib.blake2b(data, key=KEY, digest_size=16).digest() + data
+    assert bytes(unseal(KEY, old)) == data
+    with pytest.raises(ProtocolError, match="tag does not match"):
+        unseal(OTHER_KEY, old)
+    forged = bytearray(MAGIC + old)  # the new layout's marker in front of an old-layout payload
+    with pytest.raises(ProtocolError, match="tag does not match"):
+        unseal(KEY, forged)
+
+
+def test_payloads_smaller_or_larger_than_gcm_suits_get_the_earlier_tag_and_unseal(monkeypatch: pytest.MonkeyPatch) -> None:
+    small = b"a single task's chunk"
+    assert seal(KEY, small) == hashlib.blake2b(small, key=KEY, digest_size=16).digest() + small
+    monkeypatch.setattr(seal_module, "_GCM_MAX", len(LARGE) - 1)  # (the real limit, 2 GiB, is too large for a test)
+    sealed = seal(KEY, LARGE)
+    assert sealed == hashlib.blake2b(LARGE, key=KEY, digest_size=16).digest() + LARGE
+    assert bytes(unseal(KEY, sealed)) == LARGE
+
+
+def test_a_seal_whose_tag_salt_or_counter_is_changed_is_refused() -> None:
+    sealed = seal(KEY, LARGE)
+    for i in range(len(MAGIC), OVERHEAD):
+        changed = bytearray(sealed)
+        changed[i] ^= 1
+        with pytest.raises(ProtocolError, match="tag does not match"):
+            unseal(KEY, changed)
 
 
 def test_unsealing_with_another_key_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError, match="tag does not match"):
         unseal(OTHER_KEY, seal(KEY, b"data"))
+    with pytest.raises(ProtocolError, match="tag does not match"):
+        unseal(OTHER_KEY, seal(KEY, LARGE))
 
 
 def test_a_payload_with_one_byte_changed_is_a_protocol_error() -> None:
-    sealed = bytearray(seal(KEY, b"some data"))
-    sealed[-1] ^= 1
-    with pytest.raises(ProtocolError, match="tag does not match"):
-        unseal(KEY, sealed)
+    for data in (b"some data", LARGE):
+        sealed = bytearray(seal(KEY, data))
+        sealed[-1] ^= 1
+        with pytest.raises(ProtocolError, match="tag does not match"):
+            unseal(KEY, sealed)
 
 
 def test_a_payload_shorter_than_its_tag_is_a_protocol_error_that_is_still_a_value_error() -> None:
@@ -186,7 +233,7 @@ def test_results_whose_errors_alone_exceed_the_limit_fail_every_task() -> None:
 
 
 def test_results_within_the_limit_are_written_as_without_one() -> None:
-    assert dumps_results(5, [1, 2], {}, KEY, max_bytes=1 << 20) == dumps_results(5, [1, 2], {}, KEY)
+    assert unseal(KEY, dumps_results(5, [1, 2], {}, KEY, max_bytes=1 << 20)) == unseal(KEY, dumps_results(5, [1, 2], {}, KEY))
 
 
 # -- errors on the driver ----------------------------------------------------------------------------

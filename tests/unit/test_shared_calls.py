@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from zdq.codec.chunking import Chunking
-from zdq.codec.results import loads_results
+from zdq.codec.results import loads_results, unseal
 from zdq.codec.tasks import (
     CALLS,
     SHARED,
@@ -43,7 +43,7 @@ def _packed(base: int, calls: list[tuple[Any, ...]], key: bytes | None = KEY, si
 
 
 def _kind_on_the_wire(payload: bytes) -> int:
-    return int(pickle.loads(payload[16:])[1])
+    return int(pickle.loads(unseal(KEY, payload))[1])
 
 
 # -- the codec -------------------------------------------------------------------------------------

@@ -94,6 +94,24 @@ def zdq_noop(client: Client, config: BenchConfig, system: str = "zdq", **options
         return _time_batches(qp, _noop_calls, config.tasks, config.repeat, CaseResult("no-op", system, config.tasks))
 
 
+def zdq_noop_with_and_without_auth(client: Client, config: BenchConfig, system: str) -> tuple[CaseResult, CaseResult, float]:
+    """The futures path with authentication (named ``system``) and without, two pools placed side
+    by side whose batches alternate (ABBA: each round runs one batch of each, the other first in
+    every other round), and what authentication costs: the median over rounds of each round's rate
+    with it / without it. A pair taken moments apart sees the same machine; taken a minute apart,
+    with other cases between them, the ratio moved with what ran between by more than
+    authentication's whole cost (benchmarks/RESULTS.md, issue 26's fifth session)."""
+    secure_case = CaseResult("no-op", system, config.tasks)
+    plain_case = CaseResult("no-op", "zdq without authentication", config.tasks)
+    with _pools(client, config) as secure, _pools(client, config, auth=False) as plain:
+        runs = ((secure, secure_case), (plain, plain_case))
+        for r in range(config.repeat):
+            for qp, case in runs if r % 2 == 0 else runs[::-1]:
+                _time_batches(qp, _noop_calls, config.tasks, 1, case)
+    ratio = statistics.median(p / s for s, p in zip(secure_case.seconds, plain_case.seconds))
+    return secure_case, plain_case, ratio
+
+
 def executor_map(client: Client, config: BenchConfig) -> CaseResult:
     """``Executor.map`` of a no-op over ``config.n_map`` items (a range, read lazily) with a
     ``buffersize``: one task per item, at most ``buffersize`` unfinished, results taken in order.
@@ -392,12 +410,16 @@ def run(config: BenchConfig) -> dict[str, Any]:
             report = {"config": asdict(config), "workers": workers, "cases": [c.as_dict() for c in timed]}
             return report | {"ratios": _timing_ratios(timed)}
         dask = dask_map(client, noop, list(range(config.n_dask)), config.repeat, "no-op")
-        zdq = zdq_noop(client, config, "zdq futures path (CurveZMQ)")
+        full = config.suite == "full"
+        plain = None
+        if config.compare_auth or full:
+            zdq, plain, auth_ratio = zdq_noop_with_and_without_auth(client, config, "zdq futures path (CurveZMQ)")
+        else:
+            zdq = zdq_noop(client, config, "zdq futures path (CurveZMQ)")
         ceiling = pipeline_noop(config)
         cases += [dask, zdq, ceiling]
         ratios["no-op: zdq / dask futures"] = zdq.rate / dask.rate
         ratios["no-op: zdq / bare pipeline"] = zdq.rate / ceiling.rate
-        full = config.suite == "full"
         if full:
             dq = daskqueue_noop(client, config, min(config.tasks, 5000))
             if dq is not None:
@@ -415,10 +437,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
             trip = relay_round_trip(client, config)
             cases.append(trip)
             ratios["round trip p50 ms through a relay"] = trip.extra["p50_ms"]
-        if config.compare_auth or full:
-            plain = zdq_noop(client, config, "zdq without authentication", auth=False)
+        if plain is not None:
             cases.append(plain)
-            ratios["no-op: with auth / without auth"] = zdq.rate / plain.rate
+            ratios["no-op: with auth / without auth"] = auth_ratio
         mapped = executor_map(client, config)
         cases.append(mapped)
         ratios["map: zdq Executor.map / dask client.map"] = mapped.rate / dask.rate

@@ -3,10 +3,11 @@
 What a task and a chunk are, and how they are pickled, is :mod:`zdq.codec.tasks`'s; this module
 is beneath it and knows nothing of their shape.
 
-When the pool is authenticated, every payload is sealed with a keyed BLAKE2b tag of the pool's
-payload key, set by its author (driver or consumer) and checked by its reader *before* unpickling:
-the broker in between cannot forge a payload, and bytes from any other peer (or a fuzzer) are
-rejected without being unpickled (random bytes can be a pickle that allocates gigabytes).
+When the pool is authenticated, every payload is sealed with a tag of the pool's payload key
+(:mod:`zdq.codec.seal`, re-exported here), set by its author (driver or consumer) and checked by
+its reader *before* unpickling: the broker in between cannot forge a payload, and bytes from any
+other peer (or a fuzzer) are rejected without being unpickled (random bytes can be a pickle that
+allocates gigabytes).
 
 Results travel as ``(base_task_id, values, errors)`` where ``errors`` maps an index in ``values`` to
 an :class:`ErrorInfo`. Everything is pickled with protocol 5 (:data:`PROTOCOL`).
@@ -21,8 +22,6 @@ Nothing here holds state: every function is pure (apart from the pickles it writ
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import io
 import pickle
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 
 import cloudpickle
 
+from zdq.codec.seal import seal, unseal
 from zdq.errors import ProtocolError, RemoteTaskError, SerializationError
 
 __all__ = [  # noqa: RUF022 - grouped by role
@@ -107,36 +107,6 @@ _PLAIN_RESULTS = 16
 def all_scalars(values: Any) -> bool:
     """Whether every one of ``values`` is of a builtin scalar type (plain pickle writes those)."""
     return _PLAIN_ARGS.issuperset(map(type, values))  # no generator frame: a lone result's path
-
-
-_TAG = 16
-
-
-def seal(key: bytes | None, data: bytes) -> bytes:
-    """``data`` prefixed with its keyed tag (``data`` itself without a key)."""
-    if key is None:
-        return data
-    return hashlib.blake2b(data, key=key, digest_size=_TAG).digest() + data
-
-
-def unseal(key: bytes | None, payload: Any) -> memoryview:
-    """The data of a sealed payload.
-
-    Raises
-    ------
-    ProtocolError
-        (a ``ValueError``) The payload is too short to carry a tag, or its tag does not match:
-        it was not written by a member of this pool.
-    """
-    view = memoryview(payload)
-    if key is None:
-        return view
-    if len(view) < _TAG:
-        raise ProtocolError(f"payload of {len(view)} bytes is too short to carry its tag")
-    data = view[_TAG:]
-    if not hmac.compare_digest(hashlib.blake2b(data, key=key, digest_size=_TAG).digest(), view[:_TAG]):
-        raise ProtocolError("payload tag does not match: not written by a member of this pool")
-    return data
 
 
 def dumps_results(

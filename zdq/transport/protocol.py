@@ -125,8 +125,9 @@ __all__ = [
 ]
 
 #: First bytes of every message; the last byte is the protocol version. 6: chunks may come as
-#: SHARED (calls by columns, zdq.codec.tasks), which a consumer of 5 cannot read.
-VERSION = b"ZDQ\x06"
+#: SHARED (calls by columns, zdq.codec.tasks), which a consumer of 5 cannot read. 7: payloads
+#: are sealed with a GMAC (zdq.codec.seal), which a peer of 6 cannot check.
+VERSION = b"ZDQ\x07"
 #: Size of the random identities of drivers and consumers.
 ID_SIZE = 16
 
