@@ -137,7 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--durable", action="store_true", help="also run zdq on durable (LMDB) queues")
     bench.add_argument(
         "--compare-auth", action="store_true",
-        help="also run zdq without authentication: no-op throughput, its batches alternated with the futures path's on two pools placed side by side; with --suite latency, the round trip",
+        help=(
+            "also run zdq without authentication: no-op throughput, its batches alternated with the futures "
+            "path's on two pools placed side by side; with --suite latency, the round trip"
+        ),
     )
     bench.add_argument(
         "--relay", action="store_true", help="also run zdq through a relay (relay=True): no-op throughput and round trip"

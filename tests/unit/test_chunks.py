@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from zdq.codec.results import unseal
 from zdq.codec.tasks import (
     CALLS,
     ITEMS,
@@ -27,7 +28,6 @@ from zdq.codec.tasks import (
     own_options,
     split_chunk,
 )
-from zdq.codec.results import unseal
 from zdq.errors import ProtocolError
 
 from ..tasks import add

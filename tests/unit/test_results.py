@@ -10,6 +10,7 @@ import types
 
 import pytest
 
+from zdq.codec import seal as seal_module
 from zdq.codec.results import (
     PROTOCOL,
     ErrorInfo,
@@ -22,9 +23,16 @@ from zdq.codec.results import (
     seal,
     unseal,
 )
-from zdq.codec.tasks import CALLS, TASKS, TaskOptions, call_task, cancelled_entry, is_cancelled, loads_chunk
-from zdq.codec import seal as seal_module
 from zdq.codec.seal import MAGIC, OVERHEAD
+from zdq.codec.tasks import (
+    CALLS,
+    TASKS,
+    TaskOptions,
+    call_task,
+    cancelled_entry,
+    is_cancelled,
+    loads_chunk,
+)
 from zdq.errors import ProtocolError, RemoteTaskError, SerializationError
 
 from ..tasks import add
