@@ -111,6 +111,12 @@ def _sealer(key: bytes) -> _Sealer:
         return sealer
 
 
+def _old_tag(key: bytes, data: Any) -> bytes:
+    """The keyed BLAKE2b tag: protocol 6's for every payload, and still written for payloads
+    outside GCM's sizes."""
+    return hashlib.blake2b(data, key=key, digest_size=_OLD_TAG).digest()
+
+
 def seal(key: bytes | None, data: bytes) -> bytes:
     """``data`` prefixed with its seal (``data`` itself without a key)."""
     if key is None:
@@ -118,7 +124,7 @@ def seal(key: bytes | None, data: bytes) -> bytes:
     if type(key) is not bytes:  # a bytearray or a view: the sealers are kept by key
         key = bytes(key)
     if not _GCM_MIN <= len(data) <= _GCM_MAX:  # small (cheaper so), or beyond what AES-GCM takes
-        return hashlib.blake2b(data, key=key, digest_size=_OLD_TAG).digest() + data
+        return _old_tag(key, data) + data
     sealer = _SEALERS.get(key) or _sealer(key)
     nonce = _COUNTER.pack(next(sealer.count))
     return b"".join((sealer.head, nonce[4:], sealer.aead.encrypt(nonce, b"", data), data))
@@ -171,6 +177,6 @@ def unseal(key: bytes | None, payload: Any) -> memoryview:
     if len(view) < _OLD_TAG:
         raise ProtocolError(f"payload of {len(view)} bytes is too short to carry its tag")
     data = view[_OLD_TAG:]
-    if not hmac.compare_digest(hashlib.blake2b(data, key=key, digest_size=_OLD_TAG).digest(), view[:_OLD_TAG]):
+    if not hmac.compare_digest(_old_tag(key, data), view[:_OLD_TAG]):
         raise ProtocolError("payload tag does not match: not written by a member of this pool")
     return data
