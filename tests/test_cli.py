@@ -31,6 +31,9 @@ def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_pat
     assert systems[5].startswith("zdq Executor.map") and report["cases"][5]["tasks"] == 5 * 5000  # --map-tasks' default
     futures, dq_path = report["cases"][1], report["cases"][6]
     assert "futures path" in futures["system"] and "daskqueue path" in dq_path["system"] and dq_path["tasks"] == 5000
+    phases = [dq_path["extra"][k] for k in ("submit_s", "join_s", "results_s")]
+    # One run (--repeat 1): its phases are the whole of its timed span.
+    assert all(s > 0 for s in phases) and 0.9 * dq_path["median_seconds"] <= sum(phases) <= dq_path["median_seconds"]
     assert all(c["tasks_per_second"] > 0 for c in report["cases"])
     assert set(report["ratios"]) == {
         "no-op: zdq / dask futures",

@@ -27,8 +27,11 @@ def test_a_daskqueue_program_runs_with_only_the_import_changed(client: Client) -
     # 10 tasks over 2 queues, no consumer yet: 5 pending in each, and the repr shows what was counted.
     assert queue_pool.get_queue_size() == dict.fromkeys(queue_pool.queue_names, 5)
     assert repr(queue_pool).count(", 5 pending (counted") == 2, repr(queue_pool)
+    outcomes = queue_pool.driver._outcomes
+    assert not outcomes.folding  # kept by chunk: no dict insertion per task until a reader shows up
     consumer_pool.start()
     consumer_pool.join()
+    assert outcomes.folding  # join() comes before results(): from here on they are folded as they come
     result = consumer_pool.results()
     assert set(result) == {"GeneralConsumer-0", "GeneralConsumer-1"}
     assert sum(len(r) for r in result.values()) == 10

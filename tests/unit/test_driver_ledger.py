@@ -384,6 +384,104 @@ def test_results_are_copied_into_the_callers_dict_which_is_never_the_kept_one() 
     assert ledger.outcomes.results_for([b"c1"]) == {base: "a", base + 1: "b"}
 
 
+def _kept_story(ledger: Ledger, fold_after: int | None) -> dict[bytes, dict[int, Any]]:
+    """Outcomes of every kind, in one order: chunks from two consumers, a failure among them,
+    results of tasks of no record here (a durable queue's, from before a restart) twice for the
+    same ids, a cancellation and a lost chunk (under no consumer); folding starts after
+    ``fold_after`` of the steps (``None``: only when they are read). What each producer's
+    ``results()`` holds, its keys in their order."""
+    outcomes = ledger.outcomes
+    steps: list[Any] = []
+    for c in range(4):
+        def ours(c: int = c) -> None:
+            chunk(ledger, 3)
+            errors = {1: error(ValueError("boom"))} if c == 2 else {}
+            results(ledger, confirmed(ledger, chunk_id=10 + c), [c, c + 1, c + 2], consumer=b"c1" if c % 2 else b"c2", errors=errors)
+        steps.append(ours)
+    for value in ("old", "new"):  # a later outcome of the same tasks replaces the earlier one
+        def foreign(value: str = value) -> None:
+            outcomes.intake(0, 0, 9, b"c1", 10_000, [value] * 3, {})
+            outcomes.settle_all()
+        steps.append(foreign)
+    def cancelled() -> None:
+        chunk(ledger, 2)
+        outcomes.cancel_record(confirmed(ledger, chunk_id=20), [0, 1])
+    def lost() -> None:
+        chunk(ledger, 2)
+        outcomes.fail_records([confirmed(ledger, chunk_id=21)], ZdqError("lost"))
+    steps += [cancelled, lost]
+    for i, step in enumerate(steps):
+        if i == fold_after:
+            outcomes.start_folding()
+        step()
+    return {p: outcomes.results_for([p]) for p in (b"c1", b"c2", NO_CONSUMER)}
+
+
+def _same(a: dict[bytes, dict[int, Any]], b: dict[bytes, dict[int, Any]]) -> bool:
+    """The same keys in the same order, and values equal (exceptions: of the same type and text;
+    task ids counted from each ledger's first, which is random)."""
+    def items(story: dict[bytes, dict[int, Any]]) -> list[list[tuple[int, Any]]]:
+        first = min(k for d in story.values() for k in d if k > 1 << 32)
+        def norm(k: int, v: Any) -> tuple[int, Any]:
+            k = k - first if k > 1 << 32 else k
+            return (k, (type(v), str(v).replace(str(first + k), "ID"))) if isinstance(v, BaseException) else (k, v)
+        return [[norm(k, v) for k, v in story[p].items()] for p in sorted(story)]
+    return items(a) == items(b)
+
+
+@pytest.mark.parametrize("fold_after", [0, 3, 7, None])
+def test_kept_results_read_the_same_whenever_folding_starts(fold_after: int | None) -> None:
+    """Results are kept as they come, a chunk's as one entry, and folded by task id once a reader
+    shows up (join, results()): whenever that is, results() holds the same outcomes in the same
+    order as when each was folded on arrival (before, the only way)."""
+    read = _kept_story(make(), fold_after)
+    always = _kept_story(make(), 0)
+    assert _same(read, always)
+    c1 = read[b"c1"]
+    assert list(c1.values())[-3:] == ["new"] * 3 and len(c1) == 9  # two chunks of ours, the foreign three once
+    c2 = list(read[b"c2"].values())
+    assert len(c2) == 6 and c2[:3] == [0, 1, 2] and c2[3] == 2 and isinstance(c2[4], ValueError) and c2[5] == 4
+    not_run = read[NO_CONSUMER]
+    assert len(not_run) == 4 and sum(isinstance(v, TaskCancelled) for v in not_run.values()) == 2
+    assert sum(type(v) is ZdqError for v in not_run.values()) == 2
+
+
+def test_kept_results_are_not_folded_per_task_until_a_reader_shows_up() -> None:
+    """A program that reads its results from futures never pays a dict insertion per task: each
+    chunk's outcomes are kept as one entry. Once folding starts, each arrival folds itself and a
+    few of the entries kept before it, in order, until none is left."""
+    from zdq.client.driver.outcomes import _FOLD_STEP
+
+    ledger = make()
+    outcomes = ledger.outcomes
+    for i in range(2 * _FOLD_STEP + 4):
+        outcomes.intake(0, 0, 9, b"c1", 100 * i, [i] * 3, {})
+        outcomes.settle_all()
+    assert not outcomes.folded and len(outcomes.kept[b"c1"]) == 2 * _FOLD_STEP + 4
+    outcomes.start_folding()
+    sizes = []
+    for i in range(2 * _FOLD_STEP + 4, 2 * _FOLD_STEP + 7):
+        outcomes.intake(0, 0, 9, b"c1", 100 * i, [i] * 3, {})
+        outcomes.settle_all()
+        sizes.append(len(outcomes.kept[b"c1"]))
+    assert sizes == [_FOLD_STEP + 5, 6, 0]
+    assert list(outcomes.folded[b"c1"]) == [100 * i + j for i in range(2 * _FOLD_STEP + 7) for j in range(3)]
+    assert outcomes.results_for([b"c1"]) == outcomes.folded[b"c1"]
+
+
+def test_reading_kept_results_folds_what_is_left_and_keeps_folding() -> None:
+    ledger = make()
+    outcomes = ledger.outcomes
+    for i in range(100):  # more than results_for folds in one step under the lock
+        outcomes.intake(0, 0, 9, b"c1", 10 * i, [i], {})
+        outcomes.settle_all()
+    got = outcomes.results_for([b"c1"])
+    assert list(got) == [10 * i for i in range(100)] and not outcomes.kept[b"c1"] and outcomes.folding
+    outcomes.intake(0, 0, 9, b"c1", 5000, ["late"], {})
+    outcomes.settle_all()
+    assert not outcomes.kept[b"c1"] and outcomes.folded[b"c1"][5000] == "late"
+
+
 def test_results_that_arrive_twice_are_recorded_once() -> None:
     ledger = make()
     chunk(ledger, 2)

@@ -173,27 +173,39 @@ def daskqueue_path(client: Client, config: BenchConfig) -> CaseResult:
     n = config.tasks
     calls = [(noop,) for _ in range(n)]  # one tuple each, as a user's: pickle's memo would fold a repeated one
     result = CaseResult("no-op", "zdq daskqueue path (join, results)", n, extra={"queues": 1})
+    phases: list[tuple[float, float, float]] = []
     for _ in range(config.repeat):
         with QueuePool(client, 1) as qp, ConsumerPool(
             client, qp, n_consumers=config.consumers, batch_size=config.batch_size
         ) as cp:
             _daskqueue_run(qp, cp, [(noop,) for _ in range(_DASKQUEUE_WARM_UP)])
             start = time.perf_counter()
-            got = _daskqueue_run(qp, cp, calls)
+            got, phase = _daskqueue_run(qp, cp, calls)
             result.seconds.append(time.perf_counter() - start)
+            phases.append(phase)
         if got != n + _DASKQUEUE_WARM_UP:
             raise RuntimeError(
                 f"the daskqueue path's results() holds {got} results, not {n} + {_DASKQUEUE_WARM_UP} of the warm-up"
             )
+    # Where each run's time went, medians over the runs: results() copies every kept result into
+    # fresh dicts, and keeping them cost the driver's I/O thread a dict insertion per task during
+    # the run (benchmarks/RESULTS.md, issue 26's sixth session).
+    for name, values in zip(("submit_s", "join_s", "results_s"), zip(*phases)):
+        result.extra[name] = statistics.median(values)
     return result
 
 
-def _daskqueue_run(qp: Any, cp: Any, calls: list[tuple[Any, ...]]) -> int:
-    """One pass of the daskqueue user's path; the count of results in hand."""
+def _daskqueue_run(qp: Any, cp: Any, calls: list[tuple[Any, ...]]) -> tuple[int, tuple[float, float, float]]:
+    """One pass of the daskqueue user's path: the count of results in hand, and the seconds that
+    ``batch_submit``, ``start`` + ``join`` and ``results`` took."""
+    t0 = time.perf_counter()
     qp.batch_submit(calls, batch_size=_DASKQUEUE_SUBMIT_BATCH)
+    t1 = time.perf_counter()
     cp.start()
     cp.join(timeout=max(120.0, len(calls) / 10_000))  # 10,000 tasks/s would be a broken zdq
-    return sum(len(values) for values in cp.results().values())
+    t2 = time.perf_counter()
+    got = sum(len(values) for values in cp.results().values())
+    return got, (t1 - t0, t2 - t1, time.perf_counter() - t2)
 
 
 def pipeline_noop(config: BenchConfig) -> CaseResult:

@@ -415,6 +415,10 @@ class ConsumerPool:
         timeout = timeout_or_none(timeout, "join's timeout")
         logger.info("Waiting for the %d consumers to process all items in queue_pool...", self.n_consumers)
         bar = _JoinBar() if progress else None
+        if self.queue_pool.keep_results:
+            # results() comes next, in daskqueue's way: the results arriving from now on are
+            # folded by task id as they come, while the tasks run, not all when it is called.
+            self.queue_pool.consumer_registry.start_folding()
         try:
             statuses = self.queue_pool.wait_drained(timeout, timestep=timestep, progress=bar, check=self._raise_unreached)
         finally:

@@ -93,6 +93,12 @@ class ConsumerRegistry:
             driver.results_for(wanted, into=out)  # built in place: no copy of a million results
         return out
 
+    def start_folding(self) -> None:
+        """Every driver keeps its results folded by task id from now on: a ``join()`` comes before
+        ``results()`` (see :mod:`~zdq.client.driver.outcomes`)."""
+        for driver in self.drivers():
+            driver.start_folding()
+
     def done_count(self, identities: Iterable[bytes]) -> int:
         wanted = list(identities)
         return sum(driver.done_count(wanted) for driver in self.drivers())

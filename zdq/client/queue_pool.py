@@ -125,8 +125,10 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         Pool name; defaults to ``"default"`` for durable pools (so the same call finds the same
         queues after a restart) and to a random name for transient ones.
     keep_results : bool
-        Keep every result for :meth:`ConsumerPool.results` (the daskqueue behaviour). Turn it off
-        for huge runs that read results from futures only, so driver memory stays flat.
+        Keep every result for :meth:`ConsumerPool.results` (the daskqueue behaviour). They cost
+        no time per task until :meth:`ConsumerPool.join` or ``results()`` first reads them, but
+        every value is held: turn it off for huge runs that read results from futures only, so
+        driver memory stays flat.
     retries, retry_backoff, retry_on, time_limit, hard
         Default task options (see :meth:`submit`).
     workers : list of str, optional

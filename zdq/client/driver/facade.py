@@ -277,6 +277,11 @@ class Driver:
         (a new dict by default): the caller's."""
         return self._outcomes.results_for(producers, into)
 
+    def start_folding(self) -> None:
+        """A reader of the kept results showed up: keep them folded by task id from now on (see
+        :mod:`~zdq.client.driver.outcomes`)."""
+        self._outcomes.start_folding()
+
     def done_count(self, producers: Iterable[bytes]) -> int:
         """Tasks whose results came from these consumers."""
         return self._outcomes.done_count(producers)

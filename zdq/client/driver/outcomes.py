@@ -10,13 +10,21 @@ Who owns what
 =========================================  =====================================================
 state                                      owner
 =========================================  =====================================================
-``results``, ``done_by``, the counters     the ledger's lock (``cond``, shared with the ledger)
-(completed, failed, cancelled, foreign,
-duplicates)
+``kept``, ``folded``, ``folding``,         the ledger's lock (``cond``, shared with the ledger)
+``done_by``, the counters (completed,
+failed, cancelled, foreign, duplicates)
 ``settlements``                            the I/O thread alone (results of its current round)
 ``bad``                                    the I/O thread (written); other threads read the int
 the records and buffers it changes         the ledger's, under the same lock
 =========================================  =====================================================
+
+Kept results (``keep_results``, for ``ConsumerPool.results()``) are kept as they came, a chunk's
+outcomes as one entry, and folded into a dict by task id per consumer only once a reader of them
+shows up (``ConsumerPool.join()`` or ``results()``, :meth:`Outcomes.start_folding`): from then on
+each chunk is folded as it arrives, so that ``results()`` only copies. A program that reads its
+results from futures never pays a dict insertion per task on the I/O thread; that cost the
+futures path of a pool keeping its results (the default) about a fifth of its throughput, and a
+kept result took ten times the memory (``benchmarks/RESULTS.md``, issue 26's sixth session).
 """
 
 from __future__ import annotations
@@ -49,6 +57,24 @@ __all__ = ["Outcomes"]
 
 logger = logging.getLogger(__name__)
 
+#: Kept entries folded per chunk that arrives once folding is on: what was kept before it started
+#: drains this many at a time, behind the chunks that keep coming, in their order.
+_FOLD_STEP = 8
+
+
+def _fold(into: dict[int, Any], kept: list[Any]) -> None:
+    """Add ``kept`` outcomes to ``into`` by task id, in their order: each a chunk's ``(base,
+    values, exceptions or None)`` or a dict of single outcomes. A later outcome of a task (a chunk
+    run twice) replaces the earlier, as it would have had it been folded when it came."""
+    for item in kept:
+        if type(item) is dict:
+            into.update(item)
+            continue
+        base, values, exceptions = item
+        into.update(zip(range(base, base + len(values)), values))
+        if exceptions:
+            into.update({base + i: exc for i, exc in exceptions.items()})
+
 
 class Outcomes:
     """The outcomes of one driver's tasks, and their counts; thread-safe under the ledger's lock.
@@ -70,7 +96,11 @@ class Outcomes:
         self.keep_results = keep_results
         self.failures = failures or FailureLog(ledger.name)
         # -- under cond --------------------------------------------------------------------------
-        self.results: defaultdict[bytes, dict[int, Any]] = defaultdict(dict)
+        #: By producer: outcomes kept as they came (see the module), not yet folded ...
+        self.kept: defaultdict[bytes, list[Any]] = defaultdict(list)
+        #: ... and folded, by task id: what results() copies.
+        self.folded: defaultdict[bytes, dict[int, Any]] = defaultdict(dict)
+        self.folding = False
         self.done_by: defaultdict[bytes, int] = defaultdict(int)
         self.completed = 0
         self.failed = 0
@@ -230,10 +260,7 @@ class Outcomes:
                     settle(futures[offset + i], value, exceptions.get(i))
         with self.cond:
             if self.keep_results:
-                store = self.results[consumer]
-                store.update(zip(range(base, base + n), values))
-                for i, exc in exceptions.items():
-                    store[base + i] = exc
+                self._keep(consumer, (base, values, exceptions or None))
             self.done_by[consumer] += n
             self.failed += failed
             if rec is None:
@@ -268,16 +295,14 @@ class Outcomes:
         taken: list[tuple[Record, list[int]]] = []
         n = 0
         with self.cond:
-            store = self.results[NO_CONSUMER] if self.keep_results else None
             for rec in records:
                 missing = rec.take_missing()
                 self.ledger.records.pop(rec.seq, None)
                 if missing:
                     n += len(missing)
                     taken.append((rec, missing))
-                    if store is not None:
-                        for i in missing:
-                            store[rec.base + i] = exc
+                    if self.keep_results:
+                        self._keep(NO_CONSUMER, {rec.base + i: exc for i in missing})
             self.completed += n
             self.failed += n
             self.cond.notify_all()
@@ -413,18 +438,57 @@ class Outcomes:
         self.completed += len(ids)
         self.cancelled += len(ids)
         if self.keep_results:
-            store = self.results[NO_CONSUMER]
-            for tid in ids:
-                store[tid] = cancellation(tid)
+            self._keep(NO_CONSUMER, {tid: cancellation(tid) for tid in ids})
+
+    # -- kept results (keep_results) -------------------------------------------------------------
+    def _keep(self, producer: bytes, item: Any) -> None:
+        """(``cond`` held.) Keep one chunk's outcomes, or a dict of single ones; fold it, and some
+        of what came before, once folding is on."""
+        kept = self.kept[producer]
+        kept.append(item)
+        if self.folding:
+            self._fold_kept(producer, _FOLD_STEP)
+
+    def _fold_kept(self, producer: bytes, most: int | None = None) -> bool:
+        """(``cond`` held.) Fold the first ``most`` (``None``: all) of ``producer``'s kept
+        entries; whether any are left."""
+        kept = self.kept.get(producer)
+        if not kept:
+            return False
+        if most is None or most >= len(kept):
+            _fold(self.folded[producer], kept)
+            kept.clear()
+            return False
+        _fold(self.folded[producer], kept[:most])
+        del kept[:most]
+        return True
+
+    def start_folding(self) -> None:
+        """A reader of the kept results showed up (``ConsumerPool.join()``, ``results()``): from
+        now on each chunk's outcomes are folded by task id as they arrive, on the I/O thread, and
+        what was kept before drains behind them, a few entries a chunk; ``results()`` folds what
+        is left when it is called. Idempotent."""
+        with self.cond:
+            self.folding = True
 
     def results_for(self, producers: Iterable[bytes], into: dict[int, Any] | None = None) -> dict[int, Any]:
         """The outcomes kept from these consumers (by identity), by task id, copied into ``into`` (a
         new dict by default; the first copy into an empty dict is a clone of the table, not one
-        insertion per task)."""
+        insertion per task). Folding starts (:meth:`start_folding`); what is still unfolded is
+        folded first, a few entries at a time, letting the lock go between them: the I/O thread
+        settling results meanwhile waits for one step, not for a million insertions."""
         merged: dict[int, Any] = {} if into is None else into
+        wanted = list(producers)
+        self.start_folding()
+        for ident in wanted:
+            while True:
+                with self.cond:
+                    if not self._fold_kept(ident, _FOLD_STEP * 8):
+                        break
         with self.cond:
-            for ident in producers:
-                merged.update(self.results.get(ident, {}))
+            for ident in wanted:
+                self._fold_kept(ident)  # what came since the last step
+                merged.update(self.folded.get(ident, {}))
         return merged
 
     def done_count(self, producers: Iterable[bytes]) -> int:
