@@ -30,8 +30,9 @@ kept result took ten times the memory (``benchmarks/RESULTS.md``, issue 26's six
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -57,12 +58,15 @@ __all__ = ["Outcomes"]
 
 logger = logging.getLogger(__name__)
 
-#: Kept entries folded per chunk that arrives once folding is on: what was kept before it started
-#: drains this many at a time, behind the chunks that keep coming, in their order.
-_FOLD_STEP = 8
+#: Tasks' outcomes folded per chunk that arrives once folding is on (its own, then what was kept
+#: before folding started, from the oldest): the backlog drains behind the chunks that keep
+#: coming, in their order, a few chunks of a thousand (or thousands of single tasks) at a time.
+_FOLD_TASKS = 8192
+#: ... and at most this many entries (chunks of one task each fold at about half a microsecond).
+_FOLD_ENTRIES = 64
 
 
-def _fold(into: dict[int, Any], kept: list[Any]) -> None:
+def _fold(into: dict[int, Any], kept: Iterable[Any]) -> None:
     """Add ``kept`` outcomes to ``into`` by task id, in their order: each a chunk's ``(base,
     values, exceptions or None)`` or a dict of single outcomes. A later outcome of a task (a chunk
     run twice) replaces the earlier, as it would have had it been folded when it came."""
@@ -71,7 +75,10 @@ def _fold(into: dict[int, Any], kept: list[Any]) -> None:
             into.update(item)
             continue
         base, values, exceptions = item
-        into.update(zip(range(base, base + len(values)), values))
+        if len(values) == 1:  # a lone task's chunk (submit(), batch_size=1)
+            into[base] = values[0]
+        else:
+            into.update(zip(range(base, base + len(values)), values))
         if exceptions:
             into.update({base + i: exc for i, exc in exceptions.items()})
 
@@ -97,10 +104,15 @@ class Outcomes:
         self.failures = failures or FailureLog(ledger.name)
         # -- under cond --------------------------------------------------------------------------
         #: By producer: outcomes kept as they came (see the module), not yet folded ...
-        self.kept: defaultdict[bytes, list[Any]] = defaultdict(list)
+        self.kept: defaultdict[bytes, deque[Any]] = defaultdict(deque)
         #: ... and folded, by task id: what results() copies.
         self.folded: defaultdict[bytes, dict[int, Any]] = defaultdict(dict)
         self.folding = False
+        #: A reader builds a backlog it took out of ``kept``, without the lock: arrivals are
+        #: only kept meanwhile (folding them would put them before that backlog).
+        self.reading = False
+        #: Readers one at a time (taken before ``cond``; the I/O thread never takes it).
+        self.read_lock = threading.Lock()
         self.done_by: defaultdict[bytes, int] = defaultdict(int)
         self.completed = 0
         self.failed = 0
@@ -446,27 +458,34 @@ class Outcomes:
         of what came before, once folding is on."""
         kept = self.kept[producer]
         kept.append(item)
-        if self.folding:
-            self._fold_kept(producer, _FOLD_STEP)
+        if self.folding and not self.reading:
+            self._fold_kept(producer, _FOLD_TASKS, _FOLD_ENTRIES)
 
-    def _fold_kept(self, producer: bytes, most: int | None = None) -> bool:
-        """(``cond`` held.) Fold the first ``most`` (``None``: all) of ``producer``'s kept
-        entries; whether any are left."""
+    def _fold_kept(self, producer: bytes, tasks: int | None = None, entries: int = 0) -> bool:
+        """(``cond`` held.) Fold ``producer``'s kept entries from the oldest, until about ``tasks``
+        outcomes or ``entries`` entries are folded (at least one entry; ``None``: all); whether
+        any are left. Entries leave from the front of a deque: folding a backlog is linear in it,
+        however small its chunks (one task each with ``batch_size=1``)."""
         kept = self.kept.get(producer)
         if not kept:
             return False
-        if most is None or most >= len(kept):
+        if tasks is None:
             _fold(self.folded[producer], kept)
             kept.clear()
             return False
-        _fold(self.folded[producer], kept[:most])
-        del kept[:most]
-        return True
+        step: list[Any] = []
+        while kept and tasks > 0 and entries > 0:
+            item = kept.popleft()
+            step.append(item)
+            tasks -= len(item) if type(item) is dict else len(item[1])
+            entries -= 1
+        _fold(self.folded[producer], step)
+        return bool(kept)
 
     def start_folding(self) -> None:
         """A reader of the kept results showed up (``ConsumerPool.join()``, ``results()``): from
         now on each chunk's outcomes are folded by task id as they arrive, on the I/O thread, and
-        what was kept before drains behind them, a few entries a chunk; ``results()`` folds what
+        what was kept before drains behind them, a few thousand outcomes a chunk; ``results()`` folds what
         is left when it is called. Idempotent."""
         with self.cond:
             self.folding = True
@@ -474,21 +493,42 @@ class Outcomes:
     def results_for(self, producers: Iterable[bytes], into: dict[int, Any] | None = None) -> dict[int, Any]:
         """The outcomes kept from these consumers (by identity), by task id, copied into ``into`` (a
         new dict by default; the first copy into an empty dict is a clone of the table, not one
-        insertion per task). Folding starts (:meth:`start_folding`); what is still unfolded is
-        folded first, a few entries at a time, letting the lock go between them: the I/O thread
-        settling results meanwhile waits for one step, not for a million insertions."""
+        insertion per task). Folding starts (:meth:`start_folding`).
+
+        What is still unfolded (kept before any reader came) is taken out under the lock and
+        folded without it, into a dict of its own; the I/O thread meanwhile keeps what arrives
+        without folding it, so that nothing goes before that backlog. Then, under the lock, the
+        backlog's dict joins the folded ones (it *is* the folded one when nothing was: no copy)
+        and the copy is made: the I/O thread, settling results, waits for that copy, as it always
+        has, never for the backlog's insertions. What arrived during the call is kept behind it,
+        folded by the arrivals that follow (or by the next call): this call's answer holds
+        everything that had arrived when it was made, as before."""
         merged: dict[int, Any] = {} if into is None else into
         wanted = list(producers)
-        self.start_folding()
-        for ident in wanted:
-            while True:
+        with self.read_lock:
+            with self.cond:
+                self.folding = self.reading = True
+                backlogs = {ident: self.kept.pop(ident) for ident in wanted if self.kept.get(ident)}
+            built: dict[bytes, dict[int, Any]] = {}
+            try:
+                for ident, backlog in backlogs.items():
+                    _fold(built.setdefault(ident, {}), backlog)
+            except BaseException:  # a signal's exception on the main thread: nothing is lost
                 with self.cond:
-                    if not self._fold_kept(ident, _FOLD_STEP * 8):
-                        break
-        with self.cond:
-            for ident in wanted:
-                self._fold_kept(ident)  # what came since the last step
-                merged.update(self.folded.get(ident, {}))
+                    self.reading = False
+                    for ident, backlog in backlogs.items():  # back in front of what arrived since
+                        self.kept[ident].extendleft(reversed(backlog))
+                raise
+            with self.cond:
+                self.reading = False
+                for ident, part in built.items():
+                    folded = self.folded.get(ident)
+                    if folded:
+                        folded.update(part)
+                    else:
+                        self.folded[ident] = part
+                for ident in wanted:
+                    merged.update(self.folded.get(ident, {}))
         return merged
 
     def done_count(self, producers: Iterable[bytes]) -> int:
