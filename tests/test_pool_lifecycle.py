@@ -171,7 +171,13 @@ def test_a_script_that_ends_without_close_shuts_down_quietly(tmp_path: Path) -> 
     assert zdq_lines == [], "\n".join(zdq_lines)
 
 
-def test_statistics_name_the_queues_that_did_not_answer(client: Client) -> None:
+def _hold_the_loop(marker_dir: str, seconds: float) -> None:
+    """(On a worker, by ``client.run``: in its event loop.) Say so, then hold the loop."""
+    Path(marker_dir, str(os.getpid())).touch()
+    time.sleep(seconds)
+
+
+def test_statistics_name_the_queues_that_did_not_answer(client: Client, tmp_path: Path) -> None:
     with QueuePool(client, 2, name="counted") as owner:
         # An attached pool cannot ask the owner's broker actors: it says so for every queue.
         with QueuePool.attach(client, "counted") as attached:
@@ -181,15 +187,24 @@ def test_statistics_name_the_queues_that_did_not_answer(client: Client) -> None:
             if stats.missing:
                 assert all(why for why in stats.missing.values())
         assert [b.name for b in owner.statistics(timeout=30).brokers] == ["counted-queue-0", "counted-queue-1"]
-        # Queues that do not answer in time (no actor call comes back within a microsecond) are
-        # named, with why, instead of being left out silently.
-        stats = owner.statistics(timeout=1e-6)
+        # Queues that do not answer in time are named, with why, instead of being left out
+        # silently. The workers' event loops (which take actor calls) are held for a while, so
+        # that no answer can come in time: a microsecond's timeout alone was a race, which a
+        # call answered before its result was asked for won under load.
+        n_workers = len(client.scheduler_info()["workers"])
+        holding = threading.Thread(target=client.run, args=(_hold_the_loop, str(tmp_path), 4), daemon=True)
+        holding.start()  # client.run of a plain function waits for it: from a thread of its own
+        wait_until(lambda: len(list(tmp_path.iterdir())) == n_workers, timeout=30)
+        stats = owner.statistics(timeout=0.5)
         assert stats.brokers == []
         assert sorted(stats.missing) == ["counted-queue-0", "counted-queue-1"]
         assert all(stats.missing.values())
         assert "counted-queue-1" in repr(stats)
         with pytest.raises(BrokerLost, match="counted-queue-1"):
-            owner.broker_statistics(timeout=1e-6)
+            owner.broker_statistics(timeout=0.5)
+        holding.join(timeout=30)
+        assert not holding.is_alive()
+        assert [b.name for b in owner.statistics(timeout=30).brokers] == ["counted-queue-0", "counted-queue-1"]
 
 
 def _zdq_keys(dask_scheduler: Any) -> list[str]:
