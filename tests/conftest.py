@@ -17,6 +17,7 @@ import inspect
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -190,6 +191,21 @@ def _zdq_threads() -> list[str]:
 
 def _zdq_actor_keys(dask_scheduler) -> list[str]:  # type: ignore[no-untyped-def]
     return [str(k) for k in dask_scheduler.tasks if str(k).startswith("zdq-")]
+
+
+#: Sockets bound and never listening, held while the tests run: see :func:`refused_endpoint`.
+_REFUSING: list[socket.socket] = []
+
+
+def refused_endpoint() -> str:
+    """A TCP endpoint on 127.0.0.1 that refuses connections for as long as the tests run: its
+    port stays bound (never listening), so no broker or server of a test running beside can be
+    given it. A port only probed and let go was taken again under load (a consumer then met a
+    listener there, and its reach check said "handshake failed" instead of "refused")."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    _REFUSING.append(held)
+    return f"tcp://127.0.0.1:{held.getsockname()[1]}"
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +15,7 @@ from zdq.config import settings
 from zdq.consumer import Consumer, GeneralConsumer
 from zdq.transport import protocol as p
 
-from .conftest import wait_until
+from .conftest import refused_endpoint, wait_until
 from .test_consumer_link import FakeBroker
 
 
@@ -27,12 +26,6 @@ def broker(zmq_ctx: zmq.Context[Any]) -> Iterator[FakeBroker]:
     fake.sock.close(linger=0)
 
 
-def _refused_endpoint() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-
-
 def a_consumer() -> Consumer:
     pool = settings(heartbeat_interval="100ms", heartbeat_timeout="2s", connect_timeout="500ms")
     return Consumer("test-consumer", b"c" * 16, GeneralConsumer, pool)
@@ -41,7 +34,7 @@ def a_consumer() -> Consumer:
 def test_a_consumer_reports_the_brokers_it_cannot_reach_and_goes_on_with_the_others(
     broker: FakeBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
-    refused = _refused_endpoint()
+    refused = refused_endpoint()
     consumer = a_consumer()
     with caplog.at_level(logging.WARNING, logger="zdq"):
         consumer.start([broker.endpoint, refused])
@@ -102,7 +95,7 @@ def test_join_says_which_queue_no_consumer_reaches_after_it_was_placed_again_ins
         # through: the consumers are told of an endpoint that refuses them (the driver still
         # reaches the queue, so its tasks are stored there and wait).
         with caplog.at_level(logging.ERROR, logger="zdq"):
-            consumers.on_broker_moved(1, _refused_endpoint())
+            consumers.on_broker_moved(1, refused_endpoint())
             batch = queue_pool.batch_submit([(add, i) for i in range(20)])
             began = time.monotonic()
             with pytest.raises(BrokerUnreachable) as caught:

@@ -29,7 +29,7 @@ from zdq.tasks import dumps_task, loads_chunk
 from zdq.transport import protocol as p
 from zdq.transport.sockets import bind_router, connect_dealer, new_identity
 
-from .conftest import wait_until
+from .conftest import refused_endpoint, wait_until
 from .tasks import add
 
 FAST = settings(heartbeat_interval="100ms", heartbeat_timeout="1s", window=2, chunk_size=10)
@@ -250,19 +250,10 @@ def test_a_transient_broker_lost_fails_its_confirmed_tasks_with_broker_lost(ctx:
         assert isinstance(f.exception(timeout=10), BrokerLost)
 
 
-def _refused_endpoint() -> str:
-    """A TCP endpoint on 127.0.0.1 where nothing listens."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-
-
 def test_a_driver_says_which_brokers_never_answered_its_hello_and_why(ctx: zmq.Context[Any], parts: list[Any]) -> None:
     real, silent = _Broker(ctx), _Broker(ctx, silent=True)
     parts += [real, silent]
-    driver = _driver(parts, [real.endpoint, silent.endpoint, _refused_endpoint()])
+    driver = _driver(parts, [real.endpoint, silent.endpoint, refused_endpoint()])
     started = time.monotonic()
     why = driver.unreached(time.monotonic() + 1.0)
     assert time.monotonic() - started < 3
@@ -285,7 +276,7 @@ def test_a_queue_placed_again_where_the_driver_cannot_reach_fails_its_tasks_and_
     on_first = driver.queue_states()[0].awaiting
     assert on_first > 0
     driver.broker_lost(0, memory_lost=False)  # a durable queue: its tasks wait for it
-    refused = _refused_endpoint()
+    refused = refused_endpoint()
     driver.reconnect(0, refused, "tcp://10.9.9.9:4242")
     wait_until(lambda: driver.queue_states()[0].state == "unreachable", timeout=5)
     failed = [f for f in futures if f.done()]
@@ -305,7 +296,7 @@ def test_when_no_queue_can_be_reached_new_tasks_fail_instead_of_waiting(ctx: zmq
     parts.append(broker)
     driver = _driver(parts, [broker.endpoint], connect_timeout=0.5)
     driver.broker_lost(0, memory_lost=True)
-    driver.reconnect(0, _refused_endpoint())
+    driver.reconnect(0, refused_endpoint())
     wait_until(lambda: driver.queue_states()[0].state == "unreachable", timeout=5)
     future = _submit(driver, 1)[0]
     match = "(?s)pool test has no queue this process .* can reach.*none of the brokers' zdq ports"
