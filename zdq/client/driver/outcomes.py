@@ -11,8 +11,11 @@ Who owns what
 state                                      owner
 =========================================  =====================================================
 ``kept``, ``folded``, ``folding``,         the ledger's lock (``cond``, shared with the ledger)
-``done_by``, the counters (completed,
-failed, cancelled, foreign, duplicates)
+``reading``, ``done_by``, the counters
+(completed, failed, cancelled, foreign,
+duplicates)
+``read_lock``                              readers of the kept results (``results_for``), one at
+                                           a time; taken before ``cond``, never by the I/O thread
 ``settlements``                            the I/O thread alone (results of its current round)
 ``bad``                                    the I/O thread (written); other threads read the int
 the records and buffers it changes         the ledger's, under the same lock
@@ -23,8 +26,8 @@ outcomes as one entry, and folded into a dict by task id per consumer only once 
 shows up (``ConsumerPool.join()`` or ``results()``, :meth:`Outcomes.start_folding`): from then on
 each chunk is folded as it arrives, so that ``results()`` only copies. A program that reads its
 results from futures never pays a dict insertion per task on the I/O thread; that cost the
-futures path of a pool keeping its results (the default) about a fifth of its throughput, and a
-kept result took ten times the memory (``benchmarks/RESULTS.md``, issue 26's sixth session).
+futures path of a pool keeping its results (the default) a fifth to a quarter of its throughput,
+and a kept result took ten times the memory (``benchmarks/RESULTS.md``, issue 26's sixth session).
 """
 
 from __future__ import annotations
@@ -459,12 +462,12 @@ class Outcomes:
         kept = self.kept[producer]
         kept.append(item)
         if self.folding and not self.reading:
-            self._fold_kept(producer, _FOLD_TASKS, _FOLD_ENTRIES)
+            self._fold_kept(producer, _FOLD_TASKS)
 
-    def _fold_kept(self, producer: bytes, tasks: int | None = None, entries: int = 0) -> bool:
+    def _fold_kept(self, producer: bytes, tasks: int | None = None, entries: int = _FOLD_ENTRIES) -> bool:
         """(``cond`` held.) Fold ``producer``'s kept entries from the oldest, until about ``tasks``
-        outcomes or ``entries`` entries are folded (at least one entry; ``None``: all); whether
-        any are left. Entries leave from the front of a deque: folding a backlog is linear in it,
+        outcomes or ``entries`` entries are folded (at least one entry; ``tasks=None``: all);
+        whether any are left. Entries leave from the front of a deque: folding a backlog is linear in it,
         however small its chunks (one task each with ``batch_size=1``)."""
         kept = self.kept.get(producer)
         if not kept:
@@ -485,8 +488,8 @@ class Outcomes:
     def start_folding(self) -> None:
         """A reader of the kept results showed up (``ConsumerPool.join()``, ``results()``): from
         now on each chunk's outcomes are folded by task id as they arrive, on the I/O thread, and
-        what was kept before drains behind them, a few thousand outcomes a chunk; ``results()`` folds what
-        is left when it is called. Idempotent."""
+        what was kept before drains behind them, a few thousand outcomes a chunk; ``results()``
+        folds what is left when it is called. Idempotent."""
         with self.cond:
             self.folding = True
 
