@@ -192,16 +192,16 @@ def test_statistics_name_the_queues_that_did_not_answer(client: Client, tmp_path
         # that no answer can come in time: a microsecond's timeout alone was a race, which a
         # call answered before its result was asked for won under load.
         n_workers = len(client.scheduler_info()["workers"])
-        holding = threading.Thread(target=client.run, args=(_hold_the_loop, str(tmp_path), 4), daemon=True)
+        holding = threading.Thread(target=client.run, args=(_hold_the_loop, str(tmp_path), 5), daemon=True)
         holding.start()  # client.run of a plain function waits for it: from a thread of its own
         wait_until(lambda: len(list(tmp_path.iterdir())) == n_workers, timeout=30)
-        stats = owner.statistics(timeout=0.5)
+        stats = owner.statistics(timeout=0.3)  # a wait per queue: well within the hold
         assert stats.brokers == []
         assert sorted(stats.missing) == ["counted-queue-0", "counted-queue-1"]
         assert all(stats.missing.values())
         assert "counted-queue-1" in repr(stats)
         with pytest.raises(BrokerLost, match="counted-queue-1"):
-            owner.broker_statistics(timeout=0.5)
+            owner.broker_statistics(timeout=0.3)
         holding.join(timeout=30)
         assert not holding.is_alive()
         assert [b.name for b in owner.statistics(timeout=30).brokers] == ["counted-queue-0", "counted-queue-1"]
