@@ -40,16 +40,16 @@ def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_pat
         "no-op: zdq / bare pipeline",
         "no-op: durable / transient",
         "no-op: with auth / without auth",
-        "map: zdq Executor.map / dask client.map",
+        "map: zdq Executor.map / dask futures",
         "map: zdq Executor.map / zdq futures path",
-        "daskqueue_path_vs_futures",
+        "no-op: zdq daskqueue path / zdq futures path",
         "map: zdq queue_pool.map / zdq futures path",
     }
     pool_map = report["cases"][7]
     assert pool_map["system"].startswith("zdq queue_pool.map") and pool_map["tasks"] == 5000
     assert all(r > 0 for r in report["ratios"].values())
     path_ratio = dq_path["tasks_per_second"] / futures["tasks_per_second"]
-    assert abs(report["ratios"]["daskqueue_path_vs_futures"] - path_ratio) < 1e-9
+    assert abs(report["ratios"]["no-op: zdq daskqueue path / zdq futures path"] - path_ratio) < 1e-9
     assert report["workers"] == 2
 
 

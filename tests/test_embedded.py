@@ -120,3 +120,17 @@ def test_two_embedded_pools_share_one_local_cluster_which_closes_with_the_last(c
         first.close()
     wait_until(lambda: _gone(pids, before), timeout=30)
     _no_default_client()
+
+
+def test_a_script_that_makes_a_local_pool_at_its_top_level_is_told_to_guard_it(tmp_path) -> None:
+    """Dask spawns a local cluster's workers, which import the main script again: unguarded, its
+    top level fails in each of them, and Dask's error says so in a page of text. zdq's note says
+    what to do, and the script ends (no hang, no process left)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text("import zdq\nwith zdq.local(parallel=1) as qp:\n    qp.submit(abs, -3).result(timeout=60)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert 'put that code under `if __name__ == "__main__":`' in proc.stderr, proc.stderr[-2000:]

@@ -454,11 +454,11 @@ def run(config: BenchConfig) -> dict[str, Any]:
             ratios["no-op: with auth / without auth"] = auth_ratio
         mapped = executor_map(client, config)
         cases.append(mapped)
-        ratios["map: zdq Executor.map / dask client.map"] = mapped.rate / dask.rate
+        ratios["map: zdq Executor.map / dask futures"] = mapped.rate / dask.rate
         ratios["map: zdq Executor.map / zdq futures path"] = mapped.rate / zdq.rate
         dq_path = daskqueue_path(client, config)
         cases.append(dq_path)
-        ratios["daskqueue_path_vs_futures"] = dq_path.rate / zdq.rate
+        ratios["no-op: zdq daskqueue path / zdq futures path"] = dq_path.rate / zdq.rate
         pool_mapped = queue_pool_map(client, config)
         cases.append(pool_mapped)
         ratios["map: zdq queue_pool.map / zdq futures path"] = pool_mapped.rate / zdq.rate

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import weakref
 from typing import Any
@@ -32,6 +33,12 @@ __all__ = ["OwnedCluster", "cluster_for", "release_now"]
 
 logger = logging.getLogger(__name__)
 
+#: Said with a local cluster's failure to start, when the program is a script.
+_SPAWN_HINT = (
+    "zdq: Dask starts a local cluster's workers as new processes that import the main script; if the "
+    "script makes the cluster (zdq.local(), zdq.Executor(), QueuePool(None, ...)) at its top level, "
+    'put that code under `if __name__ == "__main__":`'
+)
 
 #: The embedded clusters alive in this process, by their client: a second ``QueuePool(None, ...)``
 #: finds the first one's cluster as the default client and shares it, so that closing the first
@@ -49,13 +56,19 @@ class OwnedCluster:
 
         # One single-threaded worker process per unit of parallelism: a consumer per worker runs
         # one task at a time, outside the driver's process (tasks holding the GIL stay apart).
-        self.cluster = LocalCluster(
-            n_workers=parallel,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            worker_dashboard_address=None,
-        )
+        try:
+            self.cluster = LocalCluster(
+                n_workers=parallel,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                worker_dashboard_address=None,
+            )
+        except Exception as e:
+            if getattr(sys.modules.get("__main__"), "__file__", None):
+                # The commonest cause in a script, which Dask's own error buries in a page of text.
+                e.add_note(_SPAWN_HINT)
+            raise
         try:
             # The default client from now on, until closed: Dask's actor proxies look for it, and
             # ConsumerPool(None, ...) or a second QueuePool(None, ...) then share this cluster.
