@@ -357,3 +357,15 @@ def test_every_circle_is_reported_on_its_own_and_a_function_import_closes_none()
 def test_a_package_without_circles_has_none() -> None:
     modules = _package(a="import p.b\nimport p.c\n", b="import p.c\n", c="")
     assert circles(modules, imports(modules)) == []
+
+
+def test_every_module_compiles_with_warnings_as_errors() -> None:
+    """A user running with ``-W error`` (or pytest's ``filterwarnings = error``) imports zdq: no
+    module's source warns when compiled (an invalid escape such as ``\\ `` in a docstring warns
+    on every import without cached bytecode, and is a SyntaxWarning from Python 3.12)."""
+    import warnings
+
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compile(path.read_text(), str(path), "exec")

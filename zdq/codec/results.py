@@ -119,7 +119,7 @@ def dumps_results(
     """Pickle (and seal) a chunk's results; a value that cannot be pickled becomes that task's error.
 
     Results larger than ``max_bytes`` (what the sockets accept) would be dropped on the wire, and
-    their futures would never settle: the largest values become :class:`SerializationError`\ s
+    their futures would never settle: the largest values become errors (:class:`SerializationError`)
     until the rest fits.
     """
     payload = _dumps_results(base_task_id, values, errors, key)

@@ -397,7 +397,7 @@ class BrokerLinks:
     can be replaced when its broker is placed again elsewhere. A link to a broker of this process
     goes over inproc when ``ctx`` is :func:`process_context`; with a ``route`` (a relay's
     :class:`~zdq.relay.tunnel.Tunnel`), every link goes over inproc to the address it gives. A TCP link is watched (a
-    :class:`~zdq.transport.reach.Watch`) until its owner :meth:`settle`\ s it, having heard from
+    :class:`~zdq.transport.reach.Watch`) until its owner settles it (:meth:`settle`), having heard from
     the broker: :meth:`why` says what its connection went through meanwhile.
     """
 
