@@ -239,14 +239,15 @@ def format_schedules(found: dict[str, Any]) -> str:
 
 def _rate_args(args: argparse.Namespace) -> tuple[str | None, float | None, bytes]:
     """``zdq rate-limit``'s QUEUE (or None), RATE (None: none) and key, checked before any
-    connection: a rate out of bounds or a key over 1024 bytes is refused as by the API."""
+    connection: a rate out of bounds, or a key that is no function's ``module:qualname`` or is
+    over 1024 bytes, is refused as by the API."""
     from zdq.codec.rates import rate_key_of, rate_of
 
     if len(args.where) > 2:
         raise ValueError(f"give POOL, an optional QUEUE and RATE, got {' '.join([args.pool, *args.where])!r}")
     queue, given = (None, args.where[0]) if len(args.where) == 1 else args.where
     rate = None if given.strip().lower() in ("none", "off", "0") else rate_of(given, "RATE")
-    return queue, rate, b"" if args.key is None else rate_key_of(args.key)
+    return queue, rate, b"" if args.key is None else rate_key_of(args.key, "--key")
 
 
 def _rate_limit_command(args: argparse.Namespace) -> int:
