@@ -41,6 +41,7 @@ import time
 from typing import Any, Self
 
 from zdq.client import registry
+from zdq.names import check_pool_name
 from zdq.codec.results import (
     ErrorInfo,
     all_scalars,
@@ -90,8 +91,9 @@ def state(pool_name: str, key: int, *, client: Any = None, dirpath: str | None =
 
     Raises
     ------
-    ValueError
-        ``key`` is negative, or a string of non-digits.
+    ValueError, TypeError
+        ``key`` is negative, or a string of non-digits; ``pool_name`` cannot name a pool
+        (:func:`zdq.names.check_pool_name`).
     PoolNotFound
         No live pool ``pool_name`` (with ``dirpath``, for a durable pool of several directories).
     BrokerLost
@@ -115,7 +117,7 @@ def result(pool_name: str, key: int, timeout: float | None = None, *, client: An
         holds for that long; a queue that did not answer is named.
     ValueError
         ``timeout`` is negative, not finite, or not a number; ``key`` is negative, or a string of
-        non-digits.
+        non-digits; ``pool_name`` cannot name a pool (:func:`zdq.names.check_pool_name`).
     TaskCancelled, DeadLettered, ZdqError
         The task was cancelled, dead-lettered (its results gone), or expired.
     PoolNotFound
@@ -204,6 +206,7 @@ class _Asker:
 
     def __init__(self, pool_name: str, key: Any, client: Any, dirpath: str | None) -> None:
         key = task_key(key)
+        check_pool_name(pool_name, "pool_name")  # a name no pool can have is not looked up
         if client is None:
             from distributed import default_client
 

@@ -2,7 +2,8 @@
 ``zdq result``: the CLI's commands for live pools.
 
 Each error a user can cause (a wrong address, a cluster without zdq, a pool or queue that does not
-exist) ends the command with one line on stderr and exit status 1, within ``--timeout``.
+exist, a POOL that no pool can be named) ends the command with one line on stderr and exit status
+1, within ``--timeout``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def _live(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Na
             return _fail(args, f"--timeout must be a positive number of seconds, got {args.timeout:g}")
         if getattr(args, "watch", None) is not None and not args.watch > 0:
             return _fail(args, f"--watch must be a positive number of seconds, got {args.watch:g}")
+        if getattr(args, "pool", None) is not None:
+            from zdq.names import check_pool_name
+
+            try:
+                check_pool_name(args.pool, "POOL")  # no pool has it: told before connecting
+            except ValueError as e:
+                return _fail(args, str(e))
         address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
         if not address:
             raise ValueError("--scheduler ADDRESS is required (or set DASK_SCHEDULER_ADDRESS)")
