@@ -168,7 +168,10 @@ def test_rate_limits_are_checked_at_the_call(client: Client) -> None:
             queue_pool.set_rate_limit(1e-7)
         with pytest.raises(ValueError, match="1 to 1024 bytes"):  # refused, as by `zdq rate-limit --key`
             queue_pool.set_rate_limit("1/s", key="m:" + "x" * 2000)
+        with pytest.raises(ValueError, match="key: a rate limit's key must be a function's 'module:qualname'"):
+            queue_pool.set_rate_limit("1/s", key="not a name")  # no task carries it: it would limit nothing
         assert [b.rate_limit for b in queue_pool.statistics().brokers] == [0.0]
+        assert queue_pool.statistics().brokers[0].key_rate_limits == {}
 
 
 def test_the_rate_limit_command_refuses_a_bad_rate_or_key_before_connecting() -> None:
@@ -179,6 +182,12 @@ def test_the_rate_limit_command_refuses_a_bad_rate_or_key_before_connecting() ->
     assert tiny.returncode == 1 and "RATE must be 1e-06 to 1e+09 tasks per second" in tiny.stderr
     long_key = zdq_here(*nowhere, "--key", "m:" + "x" * 2000, "4/s")
     assert long_key.returncode == 1 and "must be 1 to 1024 bytes" in long_key.stderr
+    no_name = zdq_here(*nowhere, "--key", "not a name", "5/s")  # no task carries it: it would limit nothing
+    assert no_name.returncode == 1 and no_name.stdout == ""
+    assert no_name.stderr.splitlines() == [
+        "zdq rate-limit: --key: a rate limit's key must be a function's 'module:qualname' (as 'package.module:function' "
+        "or 'package.module:Class.method', the key its tasks carry), got 'not a name'"
+    ]
 
 
 # -- issue 25 point 2, review fixes: a limit reaches every start ------------------------------------

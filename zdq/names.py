@@ -5,6 +5,10 @@ A queue is ``<pool name>-queue-<i>`` everywhere it is shown: the repr of its poo
 ``zdq inspect`` (a durable queue's directory is ``<dirpath>/<queue name>``, so the command that
 reads the disk shows the same name). Peers on the wire are known by 16 random bytes; they announce
 these names in their HELLO, and the broker shows the names, never the bytes.
+
+A pool's name is the user's, checked where it is given (:func:`check_pool_name`: ``QueuePool``,
+``QueuePool.attach``, ``zdq.result``/``zdq.state``, the ``zdq`` command's POOL), so that every name
+made of it above stays a file name inside ``dirpath`` and within what monitoring reports keep.
 """
 
 from __future__ import annotations
@@ -16,10 +20,46 @@ import socket
 import threading
 from collections.abc import Iterable
 
-__all__ = ["consumer_names", "counted", "driver_name", "queue_name", "queue_name_of", "sorted_by_name", "unnamed_peer"]
+from zdq.codec.names import check_name
+
+__all__ = [
+    "POOL_NAME_MAX", "check_pool_name", "consumer_names", "counted", "driver_name", "queue_name", "queue_name_of",
+    "sorted_by_name", "unnamed_peer",
+]
+
+#: The longest pool name, in bytes of UTF-8. The names made of it stay within every limit: its
+#: queues' (``<name>-queue-<i>``) within a file name (255 bytes: a durable queue's directory is
+#: named after its queue) and a monitoring report's strings (256 characters: a longer one is
+#: dropped, and the pool is missing from ``zdq status``), its drivers' (``<name>-driver@<host>:
+#: <pid>``, hosts of up to 64 bytes) within a HELLO's 256 bytes.
+POOL_NAME_MAX = 128
 
 _drivers_lock = threading.Lock()
 _drivers: collections.Counter[str] = collections.Counter()
+
+
+def check_pool_name(name: object, argument: str = "name") -> str:
+    """``name`` if it can name a pool; else raise naming ``argument`` and the rule it breaks.
+
+    A pool's name follows the rules of every name (:func:`zdq.codec.names.check_name`: a non-empty
+    ``str`` of printable characters, without surrounding spaces, not starting with ``-``) in at
+    most :data:`POOL_NAME_MAX` bytes of UTF-8, and is one file name: no ``/`` or ``\\``, not
+    starting with ``.`` (``..``, a hidden directory), so that a durable queue's directory,
+    ``<dirpath>/<name>-queue-<i>``, is a directory of ``dirpath`` that ``zdq inspect`` lists.
+
+    >>> check_pool_name("nightly-jobs")
+    'nightly-jobs'
+    """
+    what = f"{argument}: a pool's name"
+    checked = check_name(name, what, POOL_NAME_MAX, in_bytes=True)
+    if "/" in checked or "\\" in checked:
+        raise ValueError(
+            f"{what} must not hold '/' or '\\' (a durable queue's directory, <dirpath>/<name>-queue-<i>, "
+            f"would not be a directory of dirpath), got {checked!r:.80}"
+        )
+    if checked.startswith("."):
+        raise ValueError(f"{what} must not start with '.' (its queues' directories would be hidden, or '..'), got {checked!r:.80}")
+    return checked
 
 
 def queue_name(pool: str, index: int) -> str:

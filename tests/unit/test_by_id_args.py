@@ -30,6 +30,15 @@ def test_a_key_is_an_int_a_numpy_int_or_a_string_of_digits() -> None:
             task_key(bad)
 
 
+@pytest.mark.parametrize("key", [-1, -5, np.int64(-7)])
+def test_a_negative_key_is_refused_at_the_call_as_the_cli_refuses_it(key: int) -> None:
+    # Refused before any client is looked up: none is made in this test.
+    with pytest.raises(ValueError, match=f"a task's key is never negative .*, got key {int(key)}$"):
+        zdq.state("mails", key)
+    with pytest.raises(ValueError, match=f"got key {int(key)}$"):
+        zdq.result("mails", key, timeout=1)
+
+
 def test_results_naming_a_missing_module_still_say_which_tasks_failed() -> None:
     import sys
     import types

@@ -36,9 +36,41 @@ def test_a_corrupt_queue_file_gives_a_clear_error(tmp_path: Path) -> None:
     path.mkdir()
     (path / "data.mdb").write_bytes(os.urandom(64 * 1024))
     before = (path / "data.mdb").read_bytes()
-    with pytest.raises(StorageCorrupt):
+    with pytest.raises(StorageCorrupt, match="data.mdb is not an LMDB database"):
         LMDBStorage(str(path)).open()
     assert (path / "data.mdb").read_bytes() == before
+    assert sorted(os.listdir(path)) == ["data.mdb"]  # no lock file made in it either
+
+
+def _contents(path: Path) -> dict[str, bytes]:
+    return {name: (path / name).read_bytes() for name in sorted(os.listdir(path))}
+
+
+@pytest.mark.parametrize("files", [{"data.mdb": b""}, {"data.mdb": b"", "zdq.lock": b""}], ids=["alone", "with a lock file"])
+def test_an_empty_data_file_is_refused_as_empty_and_the_directory_is_left_as_it_was(
+    tmp_path: Path, files: dict[str, bytes]
+) -> None:
+    path = tmp_path / "jobs-queue-0"
+    path.mkdir()
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    with pytest.raises(StorageCorrupt, match="its data.mdb is an empty file; it was left untouched"):
+        LMDBStorage(str(path)).open()
+    assert _contents(path) == files  # LMDB would have written a new database into it
+
+
+def test_an_lmdb_database_that_is_not_a_queue_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    import lmdb
+
+    path = tmp_path / "jobs-queue-0"
+    env = lmdb.open(str(path), max_dbs=1, lock=False)
+    with env.begin(write=True) as txn:
+        txn.put(b"k", b"v", db=env.open_db(b"other", txn=txn))
+    env.close()
+    before = _contents(path)
+    with pytest.raises(StorageCorrupt, match="an LMDB database that is not a zdq queue"):
+        LMDBStorage(str(path)).open()
+    assert _contents(path) == before
 
 
 def test_the_map_grows_when_full(tmp_path: Path) -> None:

@@ -4,17 +4,31 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
+from pathlib import Path
 
+import pytest
+
+import zdq
+from zdq import QueuePool
 from zdq.errors import BrokerLost
 from zdq.futures import BatchFuture, TaskFuture
 from zdq.names import (
+    POOL_NAME_MAX,
+    check_pool_name,
     consumer_names,
     driver_name,
     queue_name,
     queue_name_of,
     sorted_by_name,
 )
+from zdq.observe.report import MAX_STRING
 from zdq.stats import BrokerStats, DriverStats, PoolStats, QueueState
+from zdq.storage import LMDBStorage
+from zdq.transport.protocol import MAX_PEER_NAME
+
+from ..inprocess_cli import zdq_here
 
 
 # -- the naming functions ------------------------------------------------------------------------
@@ -30,6 +44,91 @@ def test_every_driver_of_a_pool_gets_a_name_of_its_own_that_says_where_it_runs()
     first, second = driver_name("names-unit"), driver_name("names-unit")
     assert first != second and first.startswith("names-unit-driver@") and f":{os.getpid()}" in first
     assert second.startswith(first) and second.endswith("#2")
+
+
+# -- pool names, checked where they are given --------------------------------------------------
+#: The longest name a pool may have: 128 bytes of UTF-8 in 64 characters.
+LONGEST = "é" * (POOL_NAME_MAX // 2)
+#: Names that pools of the tests, the docs and the defaults have.
+GOOD_NAMES = ["default", "jobs", "zdq-c8467ea9", "cron-jobs", "names-two", "lone@x", "nightly report", "é-1", "42", LONGEST]
+#: Names no pool may have, what each is refused with, and why.
+BAD_NAMES = [
+    (5, TypeError, "must be a str, got int 5"),
+    ("", ValueError, "must not be empty"),
+    ("../escaped", ValueError, "must not hold '/'"),  # its directory would leave dirpath
+    ("a/b", ValueError, "must not hold '/'"),  # a subdirectory that zdq inspect does not list
+    ("a\\b", ValueError, "must not hold '/' or"),
+    ("..", ValueError, "must not start with '.'"),
+    (".hidden", ValueError, "must not start with '.'"),
+    ("a\nb", ValueError, "must be printable"),
+    ("red\x1b[31m", ValueError, "must be printable"),  # a terminal escape, raw into zdq status
+    (" jobs", ValueError, "without surrounding spaces"),
+    ("--yes", ValueError, "must not start with '-'"),
+    ("y" * 300, ValueError, f"at most {POOL_NAME_MAX} bytes in UTF-8, got 300"),  # zdq status dropped it
+    (LONGEST + "x", ValueError, f"at most {POOL_NAME_MAX} bytes in UTF-8, got {POOL_NAME_MAX + 1}"),
+]
+
+
+@pytest.mark.parametrize("name", GOOD_NAMES, ids=lambda v: ascii(v)[:24])
+def test_the_names_pools_have_in_the_tests_and_docs_are_accepted(name: str) -> None:
+    assert check_pool_name(name) == name
+
+
+@pytest.mark.parametrize(("name", "error", "match"), BAD_NAMES, ids=lambda v: ascii(v)[:24] if isinstance(v, (str, int)) else "")
+def test_a_pool_name_is_refused_naming_the_argument_and_the_rule_it_breaks(name: object, error: type, match: str) -> None:
+    with pytest.raises(error, match=r"^name: a pool's name .*" + re.escape(match)):
+        check_pool_name(name)
+
+
+@pytest.mark.parametrize(("name", "error", "match"), BAD_NAMES[1:6], ids=lambda v: ascii(v)[:24] if isinstance(v, str) else "")
+def test_a_queue_pool_refuses_a_bad_name_before_it_places_or_makes_anything(
+    tmp_path: Path, name: str, error: type, match: str
+) -> None:
+    inner = tmp_path / "inner"
+    # client=None would start an embedded cluster: the name is refused before (this tier forbids it).
+    with pytest.raises(error, match="name: a pool's name"):
+        QueuePool(None, 1, name=name, durability="durable", dirpath=inner)
+    with pytest.raises(error, match="name: a pool's name"):
+        QueuePool.attach(None, name, dirpath=inner)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("name", "error", "match"), BAD_NAMES[1:6], ids=lambda v: ascii(v)[:24] if isinstance(v, str) else "")
+def test_results_by_id_refuse_a_pool_name_no_pool_can_have_before_asking_the_cluster(name: str, error: type, match: str) -> None:
+    with pytest.raises(error, match="pool_name: a pool's name"):
+        zdq.state(name, 1)  # no client in this process: refused before one is looked up
+    with pytest.raises(error, match="pool_name: a pool's name"):
+        zdq.result(name, 1, timeout=1)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("purge",), ("dead-letters", "list"), ("schedules", "list"), ("rate-limit",), ("result",)],
+    ids=lambda c: c[0],
+)
+def test_the_zdq_command_refuses_a_pool_name_no_pool_can_have_in_one_line_before_connecting(command: tuple[str, ...]) -> None:
+    after = {"rate-limit": ["5/s"], "result": ["12"]}.get(command[0], [])
+    done = zdq_here(*command, "--scheduler", "tcp://127.0.0.1:1", "--timeout", "1", "a/b", *after)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"zdq {command[0]}: POOL: a pool's name must not hold '/' or '\\' (a durable queue's directory, "
+        "<dirpath>/<name>-queue-<i>, would not be a directory of dirpath), got 'a/b'"
+    ]
+
+
+def test_the_names_made_of_the_longest_pool_name_stay_within_every_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = queue_name(LONGEST, 999_999)
+    assert len(queue) <= MAX_STRING  # a monitoring report keeps it (zdq status shows the pool)
+    assert len(queue.encode()) <= os.pathconf(tmp_path, "PC_NAME_MAX")  # a file name
+    storage = LMDBStorage(str(tmp_path / queue))  # a durable queue's directory, made and opened
+    storage.open()
+    storage.close()
+    assert os.listdir(tmp_path) == [queue]
+    monkeypatch.setattr(socket, "gethostname", lambda: "h" * 64)  # Linux's HOST_NAME_MAX
+    driver = driver_name(LONGEST) + "#99"
+    assert len(driver.encode()) + len(str(2**22)) <= MAX_PEER_NAME  # announced whole, with any pid
 
 
 def test_consumers_keep_daskqueues_names() -> None:

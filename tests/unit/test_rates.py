@@ -183,6 +183,19 @@ def test_absurd_rates_are_refused_with_their_bounds(bad: object) -> None:
         rate_of(bad)
 
 
+def test_a_key_given_as_a_string_must_be_a_key_some_function_has() -> None:
+    def local() -> None:
+        pass
+
+    # The keys functions have (a nested one's too) are accepted as strings: set_rate_limit(key=)
+    # and `zdq rate-limit --key` name them so.
+    for made in (rate_key_of(local), rate_key_of(rate_of), rate_key_of(lambda: None), b"__main__:Job.run"):
+        assert rate_key_of(made.decode()) == made
+    for bad in ("not a name", "module", ":f", "m:", "m:f g", "a..b:f", "m:f.", "m:<a b>", "m:f\n"):
+        with pytest.raises(ValueError, match=r"^--key: a rate limit's key must be a function's 'module:qualname'"):
+            rate_key_of(bad, "--key")
+
+
 def test_a_key_over_1024_bytes_is_refused_not_cut() -> None:
     assert rate_key_of("m:" + "x" * 1022) == b"m:" + b"x" * 1022
     with pytest.raises(ValueError, match="1 to 1024 bytes"):

@@ -41,6 +41,7 @@ import time
 from typing import Any, Self
 
 from zdq.client import registry
+from zdq.names import check_pool_name
 from zdq.codec.results import (
     ErrorInfo,
     all_scalars,
@@ -90,6 +91,9 @@ def state(pool_name: str, key: int, *, client: Any = None, dirpath: str | None =
 
     Raises
     ------
+    ValueError, TypeError
+        ``key`` is negative, or a string of non-digits; ``pool_name`` cannot name a pool
+        (:func:`zdq.names.check_pool_name`).
     PoolNotFound
         No live pool ``pool_name`` (with ``dirpath``, for a durable pool of several directories).
     BrokerLost
@@ -112,7 +116,8 @@ def result(pool_name: str, key: int, timeout: float | None = None, *, client: An
         Without a timeout (or with one longer than :data:`UNKNOWN_GRACE`), a task that no queue
         holds for that long; a queue that did not answer is named.
     ValueError
-        ``timeout`` is negative, not finite, or not a number; ``key`` is a string of non-digits.
+        ``timeout`` is negative, not finite, or not a number; ``key`` is negative, or a string of
+        non-digits; ``pool_name`` cannot name a pool (:func:`zdq.names.check_pool_name`).
     TaskCancelled, DeadLettered, ZdqError
         The task was cancelled, dead-lettered (its results gone), or expired.
     PoolNotFound
@@ -178,7 +183,8 @@ def _timeout(timeout: Any) -> float | None:
 
 def task_key(key: Any) -> int:
     """A task's key as an int: ``future.key``, a numpy integer, or a string of digits (as a web
-    route receives it; keys pass 2**53, so JSON must carry them as strings)."""
+    route receives it; keys pass 2**53, so JSON must carry them as strings). A negative key is
+    refused as ``zdq result`` refuses ``-5`` (not digits): no task has one."""
     if isinstance(key, str):
         text = key.strip()
         if text.isascii() and text.isdigit():
@@ -187,9 +193,12 @@ def task_key(key: Any) -> int:
     if isinstance(key, bool):
         raise TypeError(f"a task's key is an int (future.key), got {key!r}")
     try:
-        return operator.index(key)
+        value = operator.index(key)
     except TypeError:
         raise TypeError(f"a task's key is an int (future.key), got {key!r:.80}") from None
+    if value < 0:
+        raise ValueError(f"a task's key is never negative (future.key is 0 or more), got key {value}")
+    return value
 
 
 class _Asker:
@@ -197,6 +206,7 @@ class _Asker:
 
     def __init__(self, pool_name: str, key: Any, client: Any, dirpath: str | None) -> None:
         key = task_key(key)
+        check_pool_name(pool_name, "pool_name")  # a name no pool can have is not looked up
         if client is None:
             from distributed import default_client
 

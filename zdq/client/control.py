@@ -191,12 +191,13 @@ class ControlMethods:
         Raises
         ------
         TypeError, ValueError
-            ``rate`` is not a rate, or ``queue`` names no queue of this pool.
+            ``rate`` is not a rate, ``queue`` names no queue of this pool, or ``key`` is a string
+            that is no function's ``"module:qualname"`` (or over 1024 bytes).
         """
         value = rate_of(rate)
         indexes = range(self.n_queues) if queue is None else [self._queue_index(queue)]
         each = share(value, self.n_queues) if queue is None else value
-        name = b"" if key is None else rate_key_of(key)
+        name = b"" if key is None else rate_key_of(key, "key")
         self._owned("rate limits")
         calls = [(i, self.broker_actor(i).set_rate_limit(each, name)) for i in indexes]
         assert isinstance(self._queues, PlacedQueues)  # _owned said so

@@ -73,7 +73,7 @@ from zdq.errors import (
     ZdqError,
 )
 from zdq.futures import TaskFuture
-from zdq.names import counted, queue_name
+from zdq.names import check_pool_name, counted, queue_name
 from zdq.observe.monitor import ensure_installed
 from zdq.relay.path import RelayPath
 from zdq.codec.rates import limited_chunk_size, rate_of, share
@@ -123,7 +123,10 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         Directory of durable queues: queue ``i`` lives in ``<dirpath>/<name>-queue-<i>/``.
     name : str, optional
         Pool name; defaults to ``"default"`` for durable pools (so the same call finds the same
-        queues after a restart) and to a random name for transient ones.
+        queues after a restart) and to a random name for transient ones. At most 128 bytes of
+        printable characters, without surrounding spaces, ``/`` or ``\\``, not starting with
+        ``.`` or ``-`` (:func:`zdq.names.check_pool_name`): its queues' directories stay in
+        ``dirpath`` and its queues show in ``zdq status``.
     keep_results : bool
         Keep every result for :meth:`ConsumerPool.results` (the daskqueue behaviour). They cost
         no time per task until :meth:`ConsumerPool.join` or ``results()`` first reads them, but
@@ -198,6 +201,8 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
     ) -> None:
         if not isinstance(n_queues, int) or isinstance(n_queues, bool) or n_queues < 1:
             raise ValueError(f"n_queues must be a positive integer, got {n_queues!r}")
+        if name is not None:
+            check_pool_name(name)  # before anything is placed, made or asked
         self.durability = _durability(durability)
         if self.durability is Durability.DURABLE and dirpath is None:
             raise ValueError("a durable QueuePool needs dirpath=...")
@@ -212,7 +217,7 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
             raise ValueError("parallel= sizes the local cluster of QueuePool(None, ...): pass client=None, or no parallel")
         self.n_queues = n_queues
         self.dirpath = None if dirpath is None else os.path.abspath(os.fspath(dirpath))
-        self.name = name or ("default" if self.durability is Durability.DURABLE else f"zdq-{uuid.uuid4().hex[:8]}")
+        self.name = name if name is not None else "default" if self.durability is Durability.DURABLE else f"zdq-{uuid.uuid4().hex[:8]}"
         self.settings: PoolSettings = settings(**overrides)
         if self.durability is Durability.DURABLE and overrides.get("window") is None:
             self.settings = self.settings.for_durable()  # a larger window (zdq.durable.window)
@@ -466,7 +471,10 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         ------
         ClosedError
             No live pool of that name runs on the cluster.
+        TypeError, ValueError
+            ``name`` cannot name a pool (:func:`zdq.names.check_pool_name`).
         """
+        check_pool_name(name)
         if asynchronous.is_asynchronous(client):
             raise TypeError(
                 "QueuePool.attach does not take an asynchronous Dask client on its event loop yet: pass "

@@ -14,6 +14,7 @@ module             what it owns
                    naming what cannot be pickled, reading names that moved
 ``timing``         a submission's release time and priority, checked at the call
 ``schedules``      when a schedule ticks, what a missed tick does, how a schedule is stored
+``names``          the rules every name a user gives follows (a pool's, a schedule's)
 ``chunking``       where chunks are cut (by count, by consecutive ids, by bytes)
 =================  ==============================================================================
 

@@ -16,8 +16,8 @@ a chunk's first :func:`burst` tasks start together, and its consumer spaces the 
 (10, 1)
 
 A limit is between :data:`MIN_RATE` and :data:`MAX_RATE` tasks per second (a limit outside is a
-mistake: one task in eleven days, or none at all), and a key is at most :data:`MAX_KEY` bytes:
-both are refused at the call.
+mistake: one task in eleven days, or none at all), and a key is a function's ``module:qualname``
+of at most :data:`MAX_KEY` bytes: others are refused at the call.
 """
 
 from __future__ import annotations
@@ -115,31 +115,57 @@ def limited_chunk_size(free: int, rates: Iterable[float | None]) -> int:
     return min(free, chunk_cap(min(limits))) if limits else free
 
 
-def rate_key_of(fn: Any) -> bytes:
+def rate_key_of(fn: Any, what: str = "") -> bytes:
     """The bucket of a per-call limit: the function's ``module:qualname`` (a bound method's or a
     ``functools.partial``'s function's), as Celery keys a task's ``rate_limit`` by task name. A
     task given by name (``"package.module:function"``) is keyed by that name (the function's own
-    bucket when the name is where it is defined).
+    bucket when the name is where it is defined). ``what`` names the argument in errors
+    (``"key"``, ``"--key"``).
+
+    >>> rate_key_of("billing.api:call"), rate_key_of("jobs:make.<locals>.send")
+    (b'billing.api:call', b'jobs:make.<locals>.send')
 
     Raises
     ------
     ValueError
-        A key longer than :data:`MAX_KEY` bytes in UTF-8 (it would not be the function's own).
+        A key longer than :data:`MAX_KEY` bytes in UTF-8 (it would not be the function's own), or
+        a string that is no function's ``module:qualname`` (``"not a name"``: no task carries it,
+        so its limit would limit nothing).
     """
     if type(fn) is str:
-        return _checked_key(fn)
+        key = _checked_key(fn, what)
+        if not _is_key_form(fn):
+            raise ValueError(
+                f"{what}{': ' if what else ''}a rate limit's key must be a function's 'module:qualname' (as "
+                f"'package.module:function' or 'package.module:Class.method', the key its tasks carry), got {fn!r:.80}"
+            )
+        return key
     fn = getattr(fn, "func", fn)  # functools.partial
     fn = getattr(fn, "__func__", fn)  # bound methods
     module = getattr(fn, "__module__", None) or "?"
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__qualname__
-    return _checked_key(f"{module}:{name}")
+    return _checked_key(f"{module}:{name}", what)
 
 
-def _checked_key(name: str) -> bytes:
+def _checked_key(name: str, what: str = "") -> bytes:
     key = name.encode()
     if not key or len(key) > MAX_KEY:
-        raise ValueError(f"a rate limit's key must be 1 to {MAX_KEY} bytes in UTF-8, got {len(key)}: {name!r:.80}")
+        raise ValueError(
+            f"{what}{': ' if what else ''}a rate limit's key must be 1 to {MAX_KEY} bytes in UTF-8, got {len(key)}: {name!r:.80}"
+        )
     return key
+
+
+def _is_key_form(name: str) -> bool:
+    """Whether ``name`` is a ``module:qualname`` that :func:`rate_key_of` makes of a function: a
+    dotted module path (``?`` for a function without one), a colon, then a dotted qualified name
+    whose parts are identifiers or ``<locals>``, ``<lambda>`` and the like."""
+    module, colon, qualname = name.partition(":")
+    modules_ok = module == "?" or all(part.isidentifier() for part in module.split("."))
+    return bool(colon) and modules_ok and all(
+        part.isidentifier() or (part[:1] == "<" and part[-1:] == ">" and part[1:-1].isidentifier())
+        for part in qualname.split(".")
+    )
 
 
 def format_rate(rate: float | None) -> str:

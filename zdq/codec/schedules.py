@@ -30,6 +30,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from zdq.codec.names import check_name
+
 __all__ = ["GRACE", "NAME_MAX", "SCHEDULED", "Missed", "ScheduleRecord", "Spec", "check_schedule_name", "plan"]
 
 #: A tick reached later than this (seconds) is missed, and follows the schedule's ``missed`` policy.
@@ -119,26 +121,18 @@ def plan(spec: Spec, due: float, now: float, missed: Missed) -> tuple[bool, floa
 def check_schedule_name(name: object) -> str:
     """``name`` if it can name a schedule; else raise naming what is wrong with it.
 
-    A name is a non-empty ``str`` of at most :data:`NAME_MAX` printable characters, without
-    surrounding spaces, not digits alone (those read as a schedule id, in ``cancel_schedule`` and
-    ``zdq schedules cancel``), not starting with ``-`` (an option, to the CLI).
+    A name follows the rules of every name (:func:`zdq.codec.names.check_name`: a non-empty
+    ``str`` of printable characters, without surrounding spaces, not starting with ``-``) in at
+    most :data:`NAME_MAX` characters, and is not digits alone (those read as a schedule id, in
+    ``cancel_schedule`` and ``zdq schedules cancel``).
 
     >>> check_schedule_name("hourly report")
     'hourly report'
     """
-    if not isinstance(name, str):
-        raise TypeError(f"a schedule's name must be a str, got {type(name).__name__} {name!r:.80}")
-    if not name:
-        raise ValueError("a schedule's name must not be empty (leave name=None for an unnamed schedule)")
-    if len(name) > NAME_MAX:
-        raise ValueError(f"a schedule's name must be at most {NAME_MAX} characters, got {len(name)}: {name[:40]!r}...")
-    if not name.isprintable() or name != name.strip():
-        raise ValueError(f"a schedule's name must be printable, without surrounding spaces, got {name!r:.80}")
-    if name.isdigit():
-        raise ValueError(f"a schedule's name must not be digits alone (it would read as a schedule id), got {name!r}")
-    if name.startswith("-"):
-        raise ValueError(f"a schedule's name must not start with '-' (`zdq schedules` would read it as an option), got {name!r:.80}")
-    return name
+    checked = check_name(name, "a schedule's name", NAME_MAX, when_empty="leave name=None for an unnamed schedule")
+    if checked.isdigit():
+        raise ValueError(f"a schedule's name must not be digits alone (it would read as a schedule id), got {checked!r}")
+    return checked
 
 
 _HEAD = struct.Struct(">II")

@@ -2,7 +2,8 @@
 ``zdq result``: the CLI's commands for live pools.
 
 Each error a user can cause (a wrong address, a cluster without zdq, a pool or queue that does not
-exist) ends the command with one line on stderr and exit status 1, within ``--timeout``.
+exist, a POOL that no pool can be named) ends the command with one line on stderr and exit status
+1, within ``--timeout``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def _live(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Na
             return _fail(args, f"--timeout must be a positive number of seconds, got {args.timeout:g}")
         if getattr(args, "watch", None) is not None and not args.watch > 0:
             return _fail(args, f"--watch must be a positive number of seconds, got {args.watch:g}")
+        if getattr(args, "pool", None) is not None:
+            from zdq.names import check_pool_name
+
+            try:
+                check_pool_name(args.pool, "POOL")  # no pool has it: told before connecting
+            except ValueError as e:
+                return _fail(args, str(e))
         address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
         if not address:
             raise ValueError("--scheduler ADDRESS is required (or set DASK_SCHEDULER_ADDRESS)")
@@ -239,14 +247,15 @@ def format_schedules(found: dict[str, Any]) -> str:
 
 def _rate_args(args: argparse.Namespace) -> tuple[str | None, float | None, bytes]:
     """``zdq rate-limit``'s QUEUE (or None), RATE (None: none) and key, checked before any
-    connection: a rate out of bounds or a key over 1024 bytes is refused as by the API."""
+    connection: a rate out of bounds, or a key that is no function's ``module:qualname`` or is
+    over 1024 bytes, is refused as by the API."""
     from zdq.codec.rates import rate_key_of, rate_of
 
     if len(args.where) > 2:
         raise ValueError(f"give POOL, an optional QUEUE and RATE, got {' '.join([args.pool, *args.where])!r}")
     queue, given = (None, args.where[0]) if len(args.where) == 1 else args.where
     rate = None if given.strip().lower() in ("none", "off", "0") else rate_of(given, "RATE")
-    return queue, rate, b"" if args.key is None else rate_key_of(args.key)
+    return queue, rate, b"" if args.key is None else rate_key_of(args.key, "--key")
 
 
 def _rate_limit_command(args: argparse.Namespace) -> int:

@@ -46,7 +46,8 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lmdb
@@ -97,6 +98,45 @@ def _check_dir(path: str) -> bool:
             f"{path} is not a zdq queue (it holds {sorted(others)[:5]} and no data.mdb); it was left untouched"
         )
     return False
+
+
+@contextmanager
+def _read_only(path: str) -> Iterator[lmdb.Environment]:
+    """The queue in directory ``path`` (which holds a data.mdb), opened read-only and without
+    LMDB's lock file, once it is known to be a zdq queue of this format; else ``StorageCorrupt``
+    saying what is there. Nothing in ``path`` is written or made."""
+    if os.path.getsize(os.path.join(path, "data.mdb")) == 0:
+        # Checked first: LMDB takes an empty data file for a new database (and, read-only, fails
+        # with a bare EBADF trying to write one).
+        raise StorageCorrupt(f"{path} is not a zdq queue: its data.mdb is an empty file")
+    try:
+        env = lmdb.open(path, readonly=True, lock=False, max_dbs=len(_DBS), subdir=True, create=False)
+    except lmdb.InvalidError as e:
+        raise StorageCorrupt(f"{path} is not a zdq queue: its data.mdb is not an LMDB database ({e})") from e
+    except lmdb.Error as e:
+        raise StorageCorrupt(f"{path} cannot be read as a zdq queue: {e}") from e
+    try:
+        try:
+            meta = env.open_db(b"meta", create=False)
+        except lmdb.Error as e:
+            raise StorageCorrupt(f"{path} holds an LMDB database that is not a zdq queue (no zdq 'meta' table: {e})") from e
+        with env.begin() as txn:
+            fmt = txn.get(b"format", db=meta)
+        if fmt != FORMAT:
+            raise StorageCorrupt(f"{path} holds a queue of unknown format {fmt!r}")
+        yield env
+    finally:
+        env.close()
+
+
+def _check_queue(path: str) -> None:
+    """Raise ``StorageCorrupt`` unless directory ``path`` holds a zdq queue of this format (read
+    as :func:`_read_only` reads it: a directory that is not a queue is left as it was)."""
+    try:
+        with _read_only(path):
+            pass
+    except StorageCorrupt as e:
+        raise StorageCorrupt(f"{e}; it was left untouched") from e
 
 
 def _missing_dirs(path: str) -> list[str]:
@@ -175,9 +215,18 @@ class LMDBStorage(Storage):
     def open(self) -> None:
         existed = _check_dir(self.path)
         made = _missing_dirs(self.path)
+        # An existing directory is read (read-only, no lock) before anything is made in it: LMDB
+        # opened for writing would write a new database into an empty data.mdb and add lock.mdb,
+        # and the lock would add zdq.lock, to a directory that is not a queue. With zdq.lock
+        # there (a broker's), it is read under the lock instead: its owner may be writing.
+        read_first = existed and not os.path.exists(os.path.join(self.path, _LOCK))
+        if read_first:
+            _check_queue(self.path)
         os.makedirs(self.path, exist_ok=True)
         self._take_lock()
         try:
+            if existed and not read_first:
+                _check_queue(self.path)
             self._env = lmdb.open(
                 self.path,
                 map_size=self._map_size,
@@ -189,8 +238,6 @@ class LMDBStorage(Storage):
                 readahead=False,
                 lock=True,
             )
-            if existed:
-                self._check_format()
             self._dbs = {name: self._env.open_db(name) for name in _DBS}
             journaled = self._read_journal()
             with self._env.begin(write=True) as txn:
@@ -217,17 +264,6 @@ class LMDBStorage(Storage):
             logger.info(
                 "queue %s recovered %d chunks (%d tasks) from %s", self.name, len(self._meta), self._ready_tasks, self.path
             )
-
-    def _check_format(self) -> None:
-        assert self._env is not None
-        try:
-            meta = self._env.open_db(b"meta", create=False)
-            with self._env.begin() as txn:
-                fmt = txn.get(b"format", db=meta)
-        except lmdb.Error as e:
-            raise StorageCorrupt(f"{self.path} holds an LMDB database that is not a zdq queue: {e}") from e
-        if fmt != FORMAT:
-            raise StorageCorrupt(f"{self.path} holds a queue of unknown format {fmt!r}; it was left untouched")
 
     def _take_lock(self) -> None:
         fd = os.open(os.path.join(self.path, _LOCK), os.O_RDWR | os.O_CREAT, 0o644)
@@ -552,18 +588,12 @@ def inspect_queue(path: str) -> dict[str, int | str]:
     """Counts of a queue directory, read-only and without taking its lock (for ``zdq inspect``)."""
     if not is_queue_dir(path):
         raise StorageCorrupt(f"{path} is not a zdq queue")
-    try:
-        env = lmdb.open(path, readonly=True, lock=False, max_dbs=len(_DBS), subdir=True, create=False)
-    except lmdb.Error as e:
-        raise StorageCorrupt(f"{path} cannot be read: {e}") from e
-    try:
+    with _read_only(path) as env:
         try:
             dbs = {name: env.open_db(name, create=False) for name in _DBS if name not in _LATER_DBS}
         except lmdb.Error as e:
             raise StorageCorrupt(f"{path} is not a zdq queue: {e}") from e
         with env.begin() as txn:
-            if txn.get(b"format", db=dbs[b"meta"]) != FORMAT:
-                raise StorageCorrupt(f"{path} is not a zdq queue of a known format")
             leased = {k for k, _ in txn.cursor(db=dbs[b"leased"])}
             dead = {k for k, _ in txn.cursor(db=dbs[b"dead"])}
             counts = {
@@ -582,7 +612,5 @@ def inspect_queue(path: str) -> dict[str, int | str]:
                 counts["schedules"] = txn.stat(env.open_db(b"schedules", txn=txn, create=False))["entries"]
             except lmdb.Error:
                 counts["schedules"] = 0
-    finally:
-        env.close()
     size = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
     return {"name": queue_name_of(path), "path": path, **counts, "size_bytes": size}

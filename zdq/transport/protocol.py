@@ -119,6 +119,7 @@ __all__ = [
     "PUTS_CHUNKS",
     "PUTS_BYTES",
     "MAX_KEY",
+    "MAX_PEER_NAME",
     "TAGS",
     "pack_tags",
     "unpack_tags",
@@ -354,6 +355,8 @@ _PUT_TIMED = _layout(Command.PUT, "QIQdi")  # a delayed or prioritised chunk: th
 TAGS = struct.Struct(">dddHH")
 #: The longest rate or unique key.
 MAX_KEY = 1024
+#: The most bytes of a peer's name a HELLO carries (a broker keeps no more of a longer one).
+MAX_PEER_NAME = 256
 #: The widest spacing a DELIVER may ask between task starts (a slow limit's, shared by many queues).
 MAX_SPACING = 1e9
 #: A PUTS's head: the count, then one of these per chunk (seq, n_tasks, base, not_before, priority,
@@ -608,7 +611,7 @@ def _hello(head: bytes, f: Sequence[Any]) -> Message:
     known = _ROLES.get(role)
     if known is None:
         raise ProtocolError(f"unknown role {role}")
-    return Hello(known, _bytes(f[1])[:256])
+    return Hello(known, _bytes(f[1])[:MAX_PEER_NAME])
 
 
 def _split(head: bytes, f: Sequence[Any]) -> Message:
