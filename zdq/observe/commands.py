@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -19,6 +18,19 @@ from typing import Any, Callable
 __all__ = ["add_parsers"]
 
 _DEFAULT_TIMEOUT = 5.0
+#: The longest --timeout, --watch or --wait taken (a week): a longer one is a mistake (1e999 is
+#: infinite, and near 1e308 the waits' own arithmetic overflows), refused before connecting.
+_MAX_SECONDS = 7 * 24 * 3600.0
+
+
+def _duration_error(option: str, seconds: float, *, zero: bool = False) -> str | None:
+    """Why ``seconds`` given as ``option`` is refused (``None``: taken): finite, more than 0 (0
+    too if ``zero``), at most :data:`_MAX_SECONDS`."""
+    low = seconds >= 0 if zero else seconds > 0
+    if low and seconds <= _MAX_SECONDS:
+        return None
+    what = "a finite number of seconds >= 0" if zero else "a positive number of seconds"
+    return f"{option} must be {what}, at most {_MAX_SECONDS:.0f} (a week), got {seconds:g}"
 
 
 def _live(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -28,13 +40,16 @@ def _live(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Na
         from zdq.errors import ZdqError
         from zdq.observe import remote
 
-        if not args.timeout > 0:
-            return _fail(args, f"--timeout must be a positive number of seconds, got {args.timeout:g}")
-        if getattr(args, "watch", None) is not None and not args.watch > 0:
-            return _fail(args, f"--watch must be a positive number of seconds, got {args.watch:g}")
+        # Checked before connecting: one line, status 1, and no wait that cannot end.
+        durations = [("--timeout", args.timeout, False), ("--watch", getattr(args, "watch", None), False),
+                     ("--wait", getattr(args, "wait", None), True)]
+        for option, seconds, zero in durations:
+            refused = None if seconds is None else _duration_error(option, seconds, zero=zero)
+            if refused:
+                return _fail(args, refused)
         address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
-        if not address:
-            raise ValueError("--scheduler ADDRESS is required (or set DASK_SCHEDULER_ADDRESS)")
+        if not address:  # as a wrong address is: status 1 (for `zdq result`, 2 means "not finished")
+            return _fail(args, "no scheduler given: pass --scheduler ADDRESS or set DASK_SCHEDULER_ADDRESS")
         try:
             client = remote.connect(address, args.timeout)
         except OSError as e:
@@ -277,8 +292,6 @@ def _result(client: Any, args: argparse.Namespace) -> int:
     """``zdq result POOL KEY``: a task's state, and its value or error (:mod:`zdq.client.by_id`)."""
     from zdq.client.by_id import outcome, task_key
 
-    if not (math.isfinite(args.wait) and args.wait >= 0):
-        return _fail(args, f"--wait must be a finite number of seconds >= 0, got {args.wait:g}")
     key = args.key = task_key(args.key)  # a ValueError: one line, status 1
     state, value, error, why = outcome(args.pool, key, args.wait, client=client)
     if error is not None:
@@ -358,12 +371,13 @@ def add_parsers(sub: Any) -> None:
     result = sub.add_parser(
         "result", help="a task's state and result by its key (future.key), from any process",
         description="Exit status: 0 done; 1 failed, cancelled or expired; 2 pending, started or unknown "
-        "(and 1 when the command itself fails).",
+        "(and 1 when the command itself fails, a usage error included).",
+        usage_status=1,  # 2 is "not finished": a mistake in the command line must not read as that
     )
     _live_options(result)
     result.add_argument("pool", help="the pool's name (as `zdq status` shows it)")
     result.add_argument("key", help="the task's key (future.key): its digits")
     result.add_argument("--wait", metavar="SECONDS", type=float, default=0.0,
-                        help="wait up to SECONDS (finite, >= 0) for it to finish (default: say where it is now)")
+                        help="wait up to SECONDS (>= 0, at most a week) for it to finish (default: say where it is now)")
     result.add_argument("--json", action="store_true", help="print JSON")
     result.set_defaults(func=_live(_result))
