@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any, Callable
 
+from zdq.names import counted
+
 __all__ = ["add_parsers"]
 
 _DEFAULT_TIMEOUT = 5.0
@@ -102,7 +104,8 @@ def format_status(state: dict[str, Any]) -> str:
         t, rates = pool["totals"], pool["rates"]
         rate = f"{rates['completed'][-1]:g}" if rates["completed"] else "-"
         lines.append(
-            f"pool {name}: {len(pool['queues'])} queues, {t['consumers']} consumers; submitted {t['submitted']}, "
+            f"pool {name}: {counted(len(pool['queues']), 'queue')}, {counted(t['consumers'], 'consumer')}; "
+            f"submitted {t['submitted']}, "
             f"completed {t['completed']}, failed {t['failed']}, retried {t['retried']}, "
             f"dead-lettered {t['dead_lettered']}, expired {t.get('expired', 0)}; {rate} tasks/s completed"
         )
@@ -146,13 +149,13 @@ def _purge(client: Any, args: argparse.Namespace) -> int:
     ready = sum(q["ready_tasks"] for q in queues)
     delayed = sum(q.get("delayed_tasks", 0) for q in queues)
     names = ", ".join(q["name"] for q in queues)
-    waiting = f"{ready} ready and {delayed} delayed tasks" if delayed else f"{ready} ready tasks"
+    waiting = counted(ready, "ready task") + (f" and {counted(delayed, 'delayed task')}" if delayed else "")
     if not _confirm(args, f"cancel the {waiting} of {names} (they never run)"):
         print("nothing purged", file=sys.stderr)
         return 1
     done = remote.act(client, queues, "purge", args.timeout)
     for name, n in done.items():
-        print(f"{name}: {n} waiting tasks cancelled" if isinstance(n, int) else f"{name}: {n['error']}")
+        print(f"{name}: {counted(n, 'waiting task')} cancelled" if isinstance(n, int) else f"{name}: {n['error']}")
     return 0 if all(isinstance(n, int) for n in done.values()) else 1
 
 
@@ -171,7 +174,7 @@ def _dead_letters(client: Any, args: argparse.Namespace) -> int:
                 continue
             for d in found:
                 reason = d["reason"].strip().splitlines()
-                print(f"{name} chunk {d['chunk_id']} ({d['n_tasks']} tasks): {reason[-1] if reason else ''}")
+                print(f"{name} chunk {d['chunk_id']} ({counted(d['n_tasks'], 'task')}): {reason[-1] if reason else ''}")
         if not any(isinstance(f, list) and f for f in letters.values()):
             print("no dead letters")
         return 0
@@ -183,11 +186,13 @@ def _dead_letters(client: Any, args: argparse.Namespace) -> int:
     done = remote.act(client, queues, f"{args.action}-dead", args.timeout, chunks)
     verb = "requeued" if args.action == "requeue" else "purged"
     for name, n in done.items():
-        print(f"{name}: {n} dead chunks {verb}" if isinstance(n, int) else f"{name}: {n['error']}")
+        print(f"{name}: {counted(n, 'dead chunk')} {verb}" if isinstance(n, int) else f"{name}: {n['error']}")
     total = sum(n for n in done.values() if isinstance(n, int))
     if chunks and total < len(set(chunks)):
         # Some chunks named were no dead letter of these queues: say so, and fail the command.
-        return _fail(args, f"{len(set(chunks)) - total} of the chunks given are not dead letters of {', '.join(done)}")
+        missing = len(set(chunks)) - total
+        what = "is not a dead letter" if missing == 1 else "are not dead letters"
+        return _fail(args, f"{missing} of the chunks given {what} of {', '.join(done)}")
     return 0 if all(isinstance(n, int) for n in done.values()) else 1
 
 
