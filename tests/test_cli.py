@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
+from tests.inprocess_cli import zdq_here
 from zdq.benchmark.plots import NO_PLOTS
 from zdq.benchmark.scale import plot_scale
 
@@ -107,8 +115,14 @@ def test_bench_rejects_nonsense_options() -> None:
 def test_inspect_reports_a_directory_without_queues_as_an_error(tmp_path: Path) -> None:
     proc = _zdq("inspect", str(tmp_path))
     assert proc.returncode == 1 and "no zdq queue" in proc.stderr
-    proc = _zdq("inspect", str(tmp_path / "missing"))
-    assert proc.returncode == 2
+
+
+def test_inspect_of_a_path_that_does_not_exist_or_is_a_file_fails_with_status_1_in_one_line(tmp_path: Path) -> None:
+    # Status 1 as any failure of the command (a directory without queues above): 2 is argparse's.
+    (tmp_path / "file").write_text("")
+    for path, why in ((tmp_path / "missing", "does not exist"), (tmp_path / "file", "is not a directory")):
+        run = zdq_here("inspect", str(path))
+        assert run.returncode == 1 and run.stderr == f"zdq inspect: {path} {why}\n", run.stderr
 
 
 def test_with_matplotlib_the_scale_figure_is_drawn_to_a_png(tmp_path: Path) -> None:
@@ -118,3 +132,163 @@ def test_with_matplotlib_the_scale_figure_is_drawn_to_a_png(tmp_path: Path) -> N
     path = plot_scale(report, str(tmp_path / "plots"))
     assert path == str(tmp_path / "plots" / "scale.png")
     assert Path(path).stat().st_size > 1000
+
+
+# -- a port where something that is not a Dask scheduler answers ----------------------------------
+class _FakeServer:
+    """A TCP server on 127.0.0.1 that is not Dask: ``http`` answers anything with a 400 and hangs
+    up (as nginx or a proxy does), ``ssh`` sends sshd's banner and keeps the connection, ``silent``
+    accepts and says nothing. ``accepted`` is the time of its first connection."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.accepted: float | None = None
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.address = f"tcp://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._sock.settimeout(0.1)  # so that the thread sees close() within 0.1 s
+        self._open: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"fake-{kind}-server", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            if self.accepted is None:
+                self.accepted = time.monotonic()
+            self._open.append(conn)
+            conn.settimeout(2)
+            try:
+                if self.kind == "ssh":
+                    conn.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
+                elif self.kind == "http":
+                    conn.recv(100)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+                    conn.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for conn in [self._sock, *self._open]:
+            conn.close()
+
+
+@contextlib.contextmanager
+def _fake_servers(*kinds: str) -> Iterator[list[_FakeServer]]:
+    servers: list[_FakeServer] = []
+    try:
+        servers.extend(_FakeServer(kind) for kind in kinds)
+        yield servers
+    finally:
+        for server in servers:
+            server.close()
+
+
+def _started(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "zdq.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_every_live_command_names_a_port_that_answers_but_not_as_dask_in_one_line_within_its_timeout() -> None:
+    # Before: the peer's first bytes were read as a Dask frame's length ("Unable to allocate 3.07
+    # EiB"), and the half-made client held the process 10 s at its exit, with a traceback.
+    commands = (
+        ["status"], ["result", "mails", "5"], ["rate-limit", "jobs", "1/s"], ["schedules", "list", "jobs"],
+        ["dead-letters", "list", "jobs"], ["purge", "jobs", "--yes"],
+    )
+    timeout = 2.0
+    with _fake_servers(*(("http", "ssh") * 3)) as servers:
+        runs = [_started(*command, "--scheduler", server.address, "--timeout", f"{timeout:g}")
+                for command, server in zip(commands, servers)]
+        try:
+            # Each run is timed from its connection on (a Python start with Dask's import, six
+            # side by side on two cores, is not what --timeout bounds) to its exit.
+            ended: dict[int, float] = {}
+            wait_until(lambda: ended.update({i: time.monotonic() for i, run in enumerate(runs)
+                                              if i not in ended and run.poll() is not None}) or len(ended) == len(runs),
+                       timeout=120, interval=0.05)
+            done = [(run.communicate(timeout=10)[1], ended[i]) for i, run in enumerate(runs)]
+        finally:
+            for run in runs:
+                if run.poll() is None:
+                    run.kill()
+                    run.wait(timeout=10)
+    for command, server, run, (stderr, ended) in zip(commands, servers, runs, done):
+        assert server.accepted is not None, (command, stderr)
+        assert ended - server.accepted < timeout + 1.5, (command, ended - server.accepted, stderr)
+        assert run.returncode == 1 and len(stderr.strip().splitlines()) == 1, (command, stderr)
+        assert stderr.startswith(f"zdq {command[0]}: something at {server.address} answered, but not as a Dask scheduler")
+        assert "not Dask's protocol" in stderr or "closed the connection" in stderr, stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["result", "mails", "5"]])
+def test_ctrl_c_while_connecting_exits_with_130_and_no_traceback(command: list[str]) -> None:
+    with _fake_servers("silent") as (server,):
+        run = _started(*command, "--scheduler", server.address, "--timeout", "60")
+        try:
+            wait_until(lambda: server.accepted is not None or run.poll() is not None, timeout=60, interval=0.05)
+            assert run.poll() is None, run.communicate()
+            time.sleep(0.2)  # into the handshake's wait
+            run.send_signal(signal.SIGINT)
+            _, stderr = run.communicate(timeout=20)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait(timeout=10)
+    assert run.returncode == 130 and "Traceback" not in stderr, stderr
+
+
+# -- command lines: usage errors, durations --------------------------------------------------------
+def test_zdq_result_exits_1_for_a_usage_error_or_no_scheduler_keeping_2_for_not_finished(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 2 means pending, started or unknown: a script looping while it is 2 must not loop on a
+    # mistake in its own command line.
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    for args, error in (
+        (["mails", "5", "--wait", "abc"], "argument --wait: invalid float value: 'abc'"),
+        (["mails"], "the following arguments are required: key"),
+        (["mails", "5", "--bogus"], "unrecognized arguments: --bogus"),
+    ):
+        run = zdq_here("result", *args)
+        assert run.returncode == 1, (args, run.stderr)
+        assert run.stderr.startswith("usage: zdq result ") and run.stderr.endswith(f"zdq result: error: {error}\n")
+    missing = zdq_here("result", "mails", "5")
+    assert missing.returncode == 1 and missing.stderr == (
+        "zdq result: no scheduler given: pass --scheduler ADDRESS or set DASK_SCHEDULER_ADDRESS\n"
+    )
+    as_a_user = _zdq("result", "mails", "5", "--wait", "abc", timeout=60)  # the same, as its own process
+    assert as_a_user.returncode == 1 and as_a_user.stderr.startswith("usage: zdq result "), as_a_user.stderr
+
+
+def test_a_subcommands_usage_error_shows_that_subcommands_usage() -> None:
+    for args, error in (
+        (["bench", "--tasks", "-5"], "--tasks must be at least 1"),
+        (["bench", "--tasks", "x"], "argument --tasks: invalid int value: 'x'"),
+        (["status", "--bogus"], "unrecognized arguments: --bogus"),
+        (["inspect"], "the following arguments are required: dirpath"),
+    ):
+        run = zdq_here(*args)
+        assert run.returncode == 2, (args, run.stderr)
+        assert run.stderr.startswith(f"usage: zdq {args[0]} ") and run.stderr.endswith(f"zdq {args[0]}: error: {error}\n")
+
+
+def test_an_infinite_or_overflowing_duration_is_refused_in_one_line_before_connecting() -> None:
+    # Nothing listens at port 9: a duration taken would try it, a refused one never does.
+    for args, option in (
+        (["status", "--timeout", "1e999"], "--timeout"),
+        (["status", "--timeout", "1e308"], "--timeout"),
+        (["status", "--watch", "1e999"], "--watch"),
+        (["result", "mails", "5", "--wait", "1e999"], "--wait"),
+        (["result", "mails", "5", "--wait", "1e308"], "--wait"),
+        (["purge", "jobs", "--timeout", "nan"], "--timeout"),
+    ):
+        run = zdq_here(*args, "--scheduler", "tcp://127.0.0.1:9")
+        assert run.returncode == 1 and len(run.stderr.splitlines()) == 1, (args, run.stderr)
+        assert run.stderr.startswith(f"zdq {args[0]}: {option} must be ") and "at most 604800 (a week)" in run.stderr

@@ -7,8 +7,23 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 __all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors exit with ``usage_status``: 2 as argparse's, but
+    ``zdq result`` gives 2 a meaning of its own (pending, started or unknown), so that a script
+    looping while it is 2 is not kept looping by a mistake in its own command line."""
+
+    def __init__(self, *args: Any, usage_status: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.usage_status = usage_status
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(self.usage_status, f"{self.prog}: error: {message}\n")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -76,9 +91,10 @@ def _inspect(args: argparse.Namespace) -> int:
     from zdq.storage.lmdb import inspect_queue, is_queue_dir
 
     root = args.dirpath
-    if not os.path.isdir(root):
-        print(f"zdq inspect: {root} is not a directory", file=sys.stderr)
-        return 2
+    if not os.path.isdir(root):  # a failure of the command, as a directory without queues is: status 1
+        why = "is not a directory" if os.path.exists(root) else "does not exist"
+        print(f"zdq inspect: {root} {why}", file=sys.stderr)
+        return 1
     paths = [root] if is_queue_dir(root) else sorted_by_name(
         os.path.join(root, n) for n in os.listdir(root) if is_queue_dir(os.path.join(root, n))
     )
@@ -121,7 +137,7 @@ def _version() -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zdq", description="zdq: a ZeroMQ task queue on Dask")
+    parser = _Parser(prog="zdq", description="zdq: a ZeroMQ task queue on Dask")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     parser.add_argument("--version", action="version", version=f"zdq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,9 +196,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of the subcommand ``command``: its usage errors show its usage, not zdq's."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            found: argparse.ArgumentParser = action.choices[command]
+            return found
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Known arguments only: what the subcommand does not know is refused below by the
+    # subcommand's own parser (argparse would refuse it with zdq's usage, and status 2).
+    args, unknown = parser.parse_known_args(argv)
+    command = _command_parser(parser, args.command)
+    if unknown:
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verbose == 0:
@@ -190,8 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ValueError as e:
-        parser.error(str(e))
-    return 2
+        command.error(str(e))
+    except KeyboardInterrupt:  # Ctrl-C, whatever the command was doing: no traceback
+        return 130
 
 
 if __name__ == "__main__":

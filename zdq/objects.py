@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from zdq.names import counted
+
 __all__ = ["Task", "as_calls"]
 
 
@@ -59,7 +61,8 @@ class _Calls:
             if not callable(task):
                 self.error = TypeError(
                     f"insert(tasks=...): item {i} is neither a zdq.Task nor a callable: {task!r:.80} "
-                    f"(the {i} items before it were queued; the iterable was not read past it)"
+                    f"({counted(i, 'item')} before it {'was' if i == 1 else 'were'} queued; the iterable was not read "
+                    "past it)"
                 )
                 return
             yield (task,)

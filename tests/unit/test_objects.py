@@ -42,3 +42,12 @@ def test_insert_calls_of_an_iterable_stop_at_the_first_bad_item_and_keep_its_err
         calls.check()
     one, n = as_calls(Square(2))
     assert n == 1 and [c[0].x for c in one] == [2]
+
+
+def test_the_error_of_a_bad_item_counts_the_items_queued_before_it_in_singular_or_plural() -> None:
+    for good, said in ((1, "(1 item before it was queued;"), (2, "(2 items before it were queued;")):
+        calls, _ = as_calls([*(Square(i) for i in range(good)), object()])
+        assert len(list(calls)) == good
+        with pytest.raises(TypeError) as raised:
+            calls.check()
+        assert said in str(raised.value), raised.value

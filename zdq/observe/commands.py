@@ -10,16 +10,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
 import time
 from typing import Any, Callable
 
+from zdq.names import counted
+
 __all__ = ["add_parsers"]
 
 _DEFAULT_TIMEOUT = 5.0
+#: The longest --timeout, --watch or --wait taken (a week): a longer one is a mistake (1e999 is
+#: infinite, and near 1e308 the waits' own arithmetic overflows), refused before connecting.
+_MAX_SECONDS = 7 * 24 * 3600.0
+
+
+def _duration_error(option: str, seconds: float, *, zero: bool = False) -> str | None:
+    """Why ``seconds`` given as ``option`` is refused (``None``: taken): finite, more than 0 (0
+    too if ``zero``), at most :data:`_MAX_SECONDS`."""
+    low = seconds >= 0 if zero else seconds > 0
+    if low and seconds <= _MAX_SECONDS:
+        return None
+    what = "a finite number of seconds >= 0" if zero else "a positive number of seconds"
+    return f"{option} must be {what}, at most {_MAX_SECONDS:.0f} (a week), got {seconds:g}"
 
 
 def _live(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -29,10 +43,13 @@ def _live(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Na
         from zdq.errors import ZdqError
         from zdq.observe import remote
 
-        if not args.timeout > 0:
-            return _fail(args, f"--timeout must be a positive number of seconds, got {args.timeout:g}")
-        if getattr(args, "watch", None) is not None and not args.watch > 0:
-            return _fail(args, f"--watch must be a positive number of seconds, got {args.watch:g}")
+        # Checked before connecting: one line, status 1, and no wait that cannot end.
+        durations = [("--timeout", args.timeout, False), ("--watch", getattr(args, "watch", None), False),
+                     ("--wait", getattr(args, "wait", None), True)]
+        for option, seconds, zero in durations:
+            refused = None if seconds is None else _duration_error(option, seconds, zero=zero)
+            if refused:
+                return _fail(args, refused)
         if getattr(args, "pool", None) is not None:
             from zdq.names import check_pool_name
 
@@ -41,8 +58,8 @@ def _live(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Na
             except ValueError as e:
                 return _fail(args, str(e))
         address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
-        if not address:
-            raise ValueError("--scheduler ADDRESS is required (or set DASK_SCHEDULER_ADDRESS)")
+        if not address:  # as a wrong address is: status 1 (for `zdq result`, 2 means "not finished")
+            return _fail(args, "no scheduler given: pass --scheduler ADDRESS or set DASK_SCHEDULER_ADDRESS")
         try:
             client = remote.connect(address, args.timeout)
         except OSError as e:
@@ -95,7 +112,8 @@ def format_status(state: dict[str, Any]) -> str:
         t, rates = pool["totals"], pool["rates"]
         rate = f"{rates['completed'][-1]:g}" if rates["completed"] else "-"
         lines.append(
-            f"pool {name}: {len(pool['queues'])} queues, {t['consumers']} consumers; submitted {t['submitted']}, "
+            f"pool {name}: {counted(len(pool['queues']), 'queue')}, {counted(t['consumers'], 'consumer')}; "
+            f"submitted {t['submitted']}, "
             f"completed {t['completed']}, failed {t['failed']}, retried {t['retried']}, "
             f"dead-lettered {t['dead_lettered']}, expired {t.get('expired', 0)}; {rate} tasks/s completed"
         )
@@ -139,13 +157,13 @@ def _purge(client: Any, args: argparse.Namespace) -> int:
     ready = sum(q["ready_tasks"] for q in queues)
     delayed = sum(q.get("delayed_tasks", 0) for q in queues)
     names = ", ".join(q["name"] for q in queues)
-    waiting = f"{ready} ready and {delayed} delayed tasks" if delayed else f"{ready} ready tasks"
+    waiting = counted(ready, "ready task") + (f" and {counted(delayed, 'delayed task')}" if delayed else "")
     if not _confirm(args, f"cancel the {waiting} of {names} (they never run)"):
         print("nothing purged", file=sys.stderr)
         return 1
     done = remote.act(client, queues, "purge", args.timeout)
     for name, n in done.items():
-        print(f"{name}: {n} waiting tasks cancelled" if isinstance(n, int) else f"{name}: {n['error']}")
+        print(f"{name}: {counted(n, 'waiting task')} cancelled" if isinstance(n, int) else f"{name}: {n['error']}")
     return 0 if all(isinstance(n, int) for n in done.values()) else 1
 
 
@@ -164,7 +182,7 @@ def _dead_letters(client: Any, args: argparse.Namespace) -> int:
                 continue
             for d in found:
                 reason = d["reason"].strip().splitlines()
-                print(f"{name} chunk {d['chunk_id']} ({d['n_tasks']} tasks): {reason[-1] if reason else ''}")
+                print(f"{name} chunk {d['chunk_id']} ({counted(d['n_tasks'], 'task')}): {reason[-1] if reason else ''}")
         if not any(isinstance(f, list) and f for f in letters.values()):
             print("no dead letters")
         return 0
@@ -176,11 +194,13 @@ def _dead_letters(client: Any, args: argparse.Namespace) -> int:
     done = remote.act(client, queues, f"{args.action}-dead", args.timeout, chunks)
     verb = "requeued" if args.action == "requeue" else "purged"
     for name, n in done.items():
-        print(f"{name}: {n} dead chunks {verb}" if isinstance(n, int) else f"{name}: {n['error']}")
+        print(f"{name}: {counted(n, 'dead chunk')} {verb}" if isinstance(n, int) else f"{name}: {n['error']}")
     total = sum(n for n in done.values() if isinstance(n, int))
     if chunks and total < len(set(chunks)):
         # Some chunks named were no dead letter of these queues: say so, and fail the command.
-        return _fail(args, f"{len(set(chunks)) - total} of the chunks given are not dead letters of {', '.join(done)}")
+        missing = len(set(chunks)) - total
+        what = "is not a dead letter" if missing == 1 else "are not dead letters"
+        return _fail(args, f"{missing} of the chunks given {what} of {', '.join(done)}")
     return 0 if all(isinstance(n, int) for n in done.values()) else 1
 
 
@@ -286,8 +306,6 @@ def _result(client: Any, args: argparse.Namespace) -> int:
     """``zdq result POOL KEY``: a task's state, and its value or error (:mod:`zdq.client.by_id`)."""
     from zdq.client.by_id import outcome, task_key
 
-    if not (math.isfinite(args.wait) and args.wait >= 0):
-        return _fail(args, f"--wait must be a finite number of seconds >= 0, got {args.wait:g}")
     key = args.key = task_key(args.key)  # a ValueError: one line, status 1
     state, value, error, why = outcome(args.pool, key, args.wait, client=client)
     if error is not None:
@@ -367,12 +385,13 @@ def add_parsers(sub: Any) -> None:
     result = sub.add_parser(
         "result", help="a task's state and result by its key (future.key), from any process",
         description="Exit status: 0 done; 1 failed, cancelled or expired; 2 pending, started or unknown "
-        "(and 1 when the command itself fails).",
+        "(and 1 when the command itself fails, a usage error included).",
+        usage_status=1,  # 2 is "not finished": a mistake in the command line must not read as that
     )
     _live_options(result)
     result.add_argument("pool", help="the pool's name (as `zdq status` shows it)")
     result.add_argument("key", help="the task's key (future.key): its digits")
     result.add_argument("--wait", metavar="SECONDS", type=float, default=0.0,
-                        help="wait up to SECONDS (finite, >= 0) for it to finish (default: say where it is now)")
+                        help="wait up to SECONDS (>= 0, at most a week) for it to finish (default: say where it is now)")
     result.add_argument("--json", action="store_true", help="print JSON")
     result.set_defaults(func=_live(_result))

@@ -50,14 +50,21 @@ def check_address(address: str) -> str:
 
 
 def connect(address: str, timeout: float) -> Any:
-    """A Dask client of the scheduler at ``address``; ``OSError`` (with the address) if it cannot
-    be reached within ``timeout`` seconds, whatever listens there.
+    """A Dask client of the scheduler at ``address``; ``OSError`` (with the address, and what
+    answers there if it is not a scheduler) if it cannot be reached within ``timeout`` seconds,
+    whatever listens there.
 
-    Dask bounds the TCP connection by ``timeout`` but not every step after it (a port that
-    accepts and never speaks Dask's protocol, as a dashboard's HTTP port, holds the handshake):
-    the client is made on a thread of its own, and given up on after ``timeout`` and a second.
+    Dask bounds the TCP connection by ``timeout`` but not the handshake after it, and a peer that
+    is not Dask can make a ``Client`` fail in its comm layer (an HTTP server's or sshd's first bytes
+    read as a frame's length: "Unable to allocate 3.07 EiB"), leaving a half-made client whose
+    ``__del__`` then holds the process for 10 s. So the peer is first asked who it is
+    (:func:`_identify`, one connection, every step bounded), and a client is made only of a
+    scheduler that said so: on a thread of its own, given up on after the time left and a second.
     """
+    import asyncio
     import threading
+    import time
+    import traceback
 
     from distributed import Client
     from distributed.security import Security
@@ -74,6 +81,8 @@ def connect(address: str, timeout: float) -> Any:
             f"cannot reach a Dask scheduler at {address}: a tls:// address needs TLS settings in dask.config "
             "(distributed.comm.tls.ca-file, .client.cert, .client.key)"
         )
+    deadline = time.monotonic() + timeout
+    asyncio.run(_identify(address if "://" in address else f"tcp://{address}", timeout, security))
     made: list[Any] = []
     failed: list[BaseException] = []
 
@@ -81,19 +90,88 @@ def connect(address: str, timeout: float) -> Any:
         try:
             made.append(Client(address, timeout=timeout, set_as_default=False, security=security))
         except BaseException as e:  # noqa: BLE001 - handed to the caller below
-            failed.append(e)
+            # Its frames hold the half-made client: dropped here, so that its __del__ (which
+            # may wait 10 s for a loop that never connected) runs on this daemon thread, not
+            # at the process's exit.
+            traceback.clear_frames(e.__traceback__)
+            failed.append(e.with_traceback(None))
 
     thread = threading.Thread(target=make, name="zdq-cli-connect", daemon=True)
     thread.start()
-    thread.join(timeout + 1.0)
+    thread.join(max(deadline - time.monotonic(), 0.0) + 1.0)
     if made:
         return made[0]
     if failed:
-        raise OSError(f"cannot reach a Dask scheduler at {address} within {timeout:g} s: {failed[0]}") from failed[0]
+        raise OSError(f"cannot reach a Dask scheduler at {address} within {timeout:g} s: {failed[0]}") from None
     raise OSError(
         f"no Dask scheduler answered at {address} within {timeout:g} s (something accepts connections "
         "there but does not speak Dask's protocol: a dashboard's HTTP port?)"
     )
+
+
+async def _identify(address: str, timeout: float, security: Any) -> None:
+    """Connect to ``address`` as Dask's comm layer does, shake hands and ask the peer's identity,
+    each step within what is left of ``timeout``; ``OSError`` saying which step failed unless the
+    peer is a Dask scheduler. A connection refused is tried again until the time is up, as Dask
+    does (a scheduler may be starting)."""
+    import asyncio
+
+    from distributed.comm.addressing import parse_address
+    from distributed.comm.core import FatalCommClosedError
+    from distributed.comm.registry import get_backend
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    scheme, location = parse_address(address)
+    connector = get_backend(scheme).get_connector()
+    args = security.get_connection_args("client")
+    comm: Any = None
+    last = "the connection timed out"
+    while comm is None:
+        left = deadline - loop.time()
+        if left <= 0:
+            raise OSError(f"cannot reach a Dask scheduler at {address} within {timeout:g} s: {last}")
+        try:
+            comm = await asyncio.wait_for(connector.connect(location, deserialize=False, **args), left)
+        except FatalCommClosedError as e:  # TLS refused: trying again changes nothing
+            raise OSError(f"cannot reach a Dask scheduler at {address}: {e or e.__cause__ or 'TLS failed'}") from None
+        except (OSError, asyncio.TimeoutError) as e:
+            last = str(e.__cause__ or e) or last  # the cause: Dask's text names its connector object
+            await asyncio.sleep(min(0.1, max(deadline - loop.time(), 0.0)))
+    not_dask = f"something at {address} answered, but not as a Dask scheduler"
+
+    async def ask() -> Any:
+        # The handshake of distributed.comm.core.connect (which Dask leaves unbounded), then
+        # the question every Dask server answers: what it is.
+        local = comm.handshake_info()
+        await comm.write(local)
+        remote = await comm.read()
+        if not isinstance(remote, dict):
+            raise TypeError("a handshake that is not Dask's")
+        comm.local_info, comm.remote_info = {**local, "address": comm.local_address}, {**remote, "address": comm.peer_address}
+        comm.handshake_options = comm.handshake_configuration(comm.local_info, comm.remote_info)
+        await comm.write({"op": "identity", "reply": True})
+        return await comm.read()
+
+    try:
+        identity = await asyncio.wait_for(ask(), max(deadline - loop.time(), 0.0))
+    except asyncio.TimeoutError:  # before OSError: TimeoutError is one
+        raise OSError(
+            f"no Dask scheduler answered at {address} within {timeout:g} s (something accepts connections "
+            "there but does not speak Dask's protocol: a dashboard's HTTP port?)"
+        ) from None
+    except OSError:  # CommClosedError: the peer hung up
+        raise OSError(f"{not_dask}: it closed the connection without Dask's handshake (another service on that port?)") from None
+    except Exception:  # noqa: BLE001 - its bytes read as Dask's frames: any decoding error, a MemoryError
+        raise OSError(
+            f"{not_dask}: what it sends is not Dask's protocol (an HTTP server, ssh, or another service on that port?)"
+        ) from None
+    finally:
+        comm.abort()
+    kind = identity.get("type") if isinstance(identity, dict) else None
+    if not (isinstance(kind, str) and kind.endswith("Scheduler")):
+        what = f"a Dask {kind}" if isinstance(kind, str) and kind.isidentifier() else "not a scheduler"
+        raise OSError(f"{not_dask}: it is {what} (give the address of the cluster's scheduler)")
 
 
 def status(client: Any, timeout: float) -> dict[str, Any]:

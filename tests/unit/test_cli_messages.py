@@ -1,0 +1,22 @@
+"""What the CLI's commands print, from the figures they are given: no cluster, no socket."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zdq.observe.commands import format_status
+
+
+def _pool(queues: int, consumers: int) -> dict[str, Any]:
+    totals = dict.fromkeys(("submitted", "completed", "failed", "retried", "dead_lettered", "expired"), 0)
+    queue = {
+        "name": "jobs-queue-0", "host": "h", "durable": False, "ready_tasks": 0, "leased_tasks": 0, "awaiting_tasks": 0,
+        "dead_tasks": 0, "consumers": consumers, "bad_messages": 0,
+    }
+    return {"totals": {**totals, "consumers": consumers}, "rates": {"completed": []}, "queues": [queue] * queues,
+            "consumers": []}
+
+
+def test_status_counts_queues_and_consumers_in_singular_or_plural() -> None:
+    assert format_status({"pools": {"jobs": _pool(1, 1)}}).startswith("pool jobs: 1 queue, 1 consumer; submitted 0")
+    assert format_status({"pools": {"jobs": _pool(2, 0)}}).startswith("pool jobs: 2 queues, 0 consumers; submitted 0")
