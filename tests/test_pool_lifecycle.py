@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from distributed import Client
+from distributed import Client, LocalCluster
 
-from zdq import BrokerLost, ConsumerPool, Durability, QueuePool
+from zdq import BrokerLost, ClosedError, ConsumerPool, Durability, QueuePool
 from zdq.broker import Broker
 
-from .conftest import stop_process, wait_until
-from .tasks import add, noop
+from .conftest import assert_no_zdq_leaks, stop_process, wait_until
+from .tasks import add, noop, sleep
 
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
 REPO = Path(__file__).resolve().parent.parent
@@ -88,6 +88,52 @@ def test_a_close_during_recovery_releases_what_the_late_recovery_places_and_its_
     wait_until(lambda: not keys(), timeout=60)
     assert died == []
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+
+
+def _close_the_client_under_open_pools(cluster: LocalCluster, tasks: int) -> list[Any]:
+    """The end of a daskqueue program: a QueuePool and a started ConsumerPool, ``tasks`` tasks of
+    5 s submitted, then the Dask client closed and the pools never. Every zdq thread of this
+    process has ended within 15 s of the close (the pools still held here, so not by their
+    collection); the futures of the tasks are returned."""
+    client = Client(cluster)
+    try:
+        queue_pool = QueuePool(client, 1)
+        consumer_pool = ConsumerPool(client, queue_pool, n_consumers=2)
+        consumer_pool.start()
+        assert queue_pool.submit(add, 1, 1).result(timeout=30) == 2
+        assert {"zdq-supervisor-queues", "zdq-supervisor-consumers"} <= set(_zdq_threads())
+        futures = [queue_pool.submit(sleep, 5) for _ in range(tasks)]
+    finally:
+        client.close()
+    wait_until(lambda: not _zdq_threads(), timeout=15)
+    assert not queue_pool.closed and not consumer_pool.closed  # ended by the client's close alone
+    return futures
+
+
+def test_closing_the_client_under_open_pools_ends_every_zdq_thread_and_logs_no_error_when_nothing_was_pending(
+    cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="zdq")
+    _close_the_client_under_open_pools(cluster, tasks=0)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    said = [r for r in caplog.records if "was closed while the pool was open" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO], [r.getMessage() for r in said]
+    with Client(cluster) as check:  # and the pools' actors and their threads on the workers
+        assert_no_zdq_leaks(check)
+
+
+def test_closing_the_client_under_open_pools_with_tasks_pending_logs_an_error_that_counts_them(
+    cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="zdq")
+    futures = _close_the_client_under_open_pools(cluster, tasks=3)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "its 3 pending tasks failed" in errors[0], errors
+    for fut in futures:
+        with pytest.raises(ClosedError, match="was closed .* while this task was pending"):
+            fut.result(timeout=10)
+    with Client(cluster) as check:  # the consumer ends once its running task has
+        assert_no_zdq_leaks(check)
 
 
 class _Bars:

@@ -768,6 +768,18 @@ def test_failing_everything_empties_every_buffer_and_settles_every_future() -> N
     assert ledger.buffered_chunks == ledger.buffered_bytes == 0
 
 
+def test_failing_everything_counts_the_tasks_it_failed_and_none_once_nothing_is_pending() -> None:
+    # The count is what the pool's log says when its Dask client closes under it: an error only
+    # when tasks were pending.
+    ledger = make()
+    submit(ledger, 2)
+    chunk(ledger, 3)
+    rec = confirmed(ledger)
+    results(ledger, rec, [None])  # one of the chunk's tasks has its outcome: not counted
+    assert ledger.outcomes.fail_everything(ClosedError("closed")) == 4
+    assert ledger.outcomes.fail_everything(ClosedError("closed")) == 0
+
+
 def test_failing_the_unsent_tasks_keeps_those_a_broker_holds() -> None:
     ledger = make()
     submit(ledger, 2)

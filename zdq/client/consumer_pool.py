@@ -309,7 +309,7 @@ class ConsumerPool:
         return self._closed or self._supervisor is None or self._supervisor.stopping
 
     def _supervise_once(self) -> None:
-        if self._stopping() or self.client.status != "running":
+        if self._stopping():
             return
         if self._consumers.cancelled():
             logger.info("the consumers were cancelled (client.restart?); supervision stops")
@@ -354,7 +354,9 @@ class ConsumerPool:
         else:
             self._consumers.each("start", timeout=self.settings.placement_timeout, args_of=self._consumers.start_args)
         if self._supervisor is None:
-            self._supervisor = Supervisor(self, "zdq-supervisor-consumers", method="_supervise_once")
+            # Ends when the pool closes or is collected, or its Dask client is closed: the same
+            # rule as the queue pool's supervisor (daskqueue programs close only their client).
+            self._supervisor = Supervisor(self, "zdq-supervisor-consumers", client=self.client, method="_supervise_once")
             self._supervisor.start()
         orphans, why = self._consumers.check_reach(placing=started)
         if orphans:

@@ -47,6 +47,7 @@ from zdq.names import counted
 __all__ = [
     "ActorSlots",
     "Supervisor",
+    "client_closed",
     "exiting",
     "gather_actors",
     "place_actor",
@@ -295,19 +296,41 @@ class SlotsClosed(Exception):
     """Internal: a slot was written after its pool closed (never leaves this package)."""
 
 
+def client_closed(client: Any) -> bool:
+    """Whether the Dask ``client`` a pool placed its actors with was closed (or is closing): the
+    one rule by which both pools' supervision ends (see :class:`Supervisor`)."""
+    return client.status in ("closing", "closed")
+
+
 class Supervisor:
     """A daemon thread calling ``pool.supervise_once()`` every ``interval`` seconds until stopped,
-    the pool closed or collected, or the interpreter exiting.
+    the pool closed or collected, its Dask ``client`` closed, or the interpreter exiting.
 
     It holds the pool weakly (a pool its program dropped without closing is still collected), and
     an error of one round is logged and the next round runs: supervision never dies of a fault.
+
+    The client is judged here, once for both pools, before each round: closed (a program that
+    closes its client and never its pools, as daskqueue programs do), supervision ends, after
+    ``pool.<on_client_closed>()`` if given (the queue pool fails its pending futures there);
+    not running yet (reconnecting to its scheduler), the round waits. A round never has to ask.
     """
 
-    def __init__(self, pool: Any, name: str, interval: float = 0.25, *, method: str = "supervise_once") -> None:
+    def __init__(
+        self,
+        pool: Any,
+        name: str,
+        interval: float = 0.25,
+        *,
+        client: Any,
+        method: str = "supervise_once",
+        on_client_closed: str | None = None,
+    ) -> None:
         self._ref = weakref.ref(pool)
         self._name = name
         self._interval = interval
+        self._client = client
         self._method = method
+        self._on_client_closed = on_client_closed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -345,8 +368,13 @@ class Supervisor:
     def _run(self) -> None:
         try:
             while not self._stop.wait(self._interval):
-                if _EXITING.is_set():
+                if _EXITING.is_set() or self._ref() is None:
+                    return  # exiting, or the pool was collected (dropped without close())
+                if client_closed(self._client):
+                    self._client_closed()
                     return
+                if self._client.status != "running":
+                    continue  # reconnecting to its scheduler: nothing can be placed meanwhile
                 pool = self._ref()
                 if pool is None:
                     return
@@ -359,6 +387,19 @@ class Supervisor:
         finally:
             with _running_lock:
                 _running.discard(self)
+
+    def _client_closed(self) -> None:
+        """The pool's client was closed under it: supervision ends (stopping first, so that the
+        pool's own hook sees it over), after the pool's hook if it has one."""
+        self._stop.set()
+        logger.debug("%s: the Dask client was closed: supervision ends", self._name)
+        pool = self._ref()
+        if pool is None or self._on_client_closed is None:
+            return
+        try:
+            getattr(pool, self._on_client_closed)()
+        except Exception:  # noqa: BLE001 - said, and supervision ends all the same
+            logger.exception("%s: ending the pool after its Dask client closed failed", self._name)
 
 
 def call_all(calls: list[tuple[str, Callable[[], Any]]], timeout: float, what: str) -> list[tuple[str, Any]]:

@@ -1,8 +1,10 @@
 """The watch over a QueuePool's queues and relay, on its supervisor thread.
 
-Each round: the pool's Dask client closed under it (its futures fail, saying so), a relay to
-replace, an attached pool following its owner, brokers cancelled by ``client.restart()``, and
+Each round: a relay to replace, an attached pool following its owner, brokers cancelled by ``client.restart()``, and
 the placed brokers' own round (lost ones placed again: :class:`~zdq.client.brokers.PlacedQueues`).
+The pool's Dask client closed under it ends the supervision by the supervisor's own rule, the same
+for both pools (:class:`~zdq.client.slots.Supervisor`), which calls :meth:`QueueWatch.client_closed`:
+the futures fail, saying so.
 It holds no reference to its pool (the supervisor thread holds the watch weakly, the pool holds
 the watch): a pool dropped without close() is still freed at once.
 
@@ -28,6 +30,7 @@ from zdq.client.consumer_registry import ConsumerRegistry
 from zdq.client.slots import Supervisor
 from zdq.client.driver import Driver
 from zdq.errors import BrokerLost, ClosedError
+from zdq.names import counted
 from zdq.relay.path import RelayPath
 
 __all__ = ["QueueWatch"]
@@ -61,7 +64,9 @@ class QueueWatch:
         self._supervisor: Supervisor | None = None
 
     def start(self, interval: float) -> None:
-        self._supervisor = Supervisor(self, "zdq-supervisor-queues", interval, method="round")
+        self._supervisor = Supervisor(
+            self, "zdq-supervisor-queues", interval, client=self.client, method="round", on_client_closed="client_closed"
+        )
         self._supervisor.start()
 
     def stop(self, join: float = 0.0) -> None:
@@ -79,27 +84,34 @@ class QueueWatch:
     def _kept(self) -> str:
         return " (a durable queue kept them: a new pool on the same dirpath runs them)" if self.dirpath else ""
 
+    def client_closed(self) -> None:
+        """The pool's Dask client was closed under it (or its cluster with it), the pool open: no
+        queue can be placed again, and nothing its futures wait for is sure to come. They fail
+        now, saying so, instead of waiting for ever; the supervision ends (the supervisor's rule,
+        the same for the consumers': :class:`~zdq.client.slots.Supervisor`)."""
+        if self.relay is not None:
+            self.relay.close()
+        failed = self.driver.fail_all(
+            ClosedError(
+                f"the Dask client of pool {self.name} was closed (or its cluster) while this task was pending"
+                f"{self._kept()}: close pools before their client"
+            )
+        )
+        if failed:
+            logger.error(
+                "the Dask client of pool %s was closed while the pool was open: its %s failed%s",
+                self.name,
+                counted(failed, "pending task"),
+                self._kept(),
+            )
+        else:
+            # What a daskqueue program does at its end (it never closes its pools): nothing lost.
+            logger.info("the Dask client of pool %s was closed while the pool was open (no task was pending)", self.name)
+
     def round(self) -> None:
         if self.stopping():
             return
         driver, queues = self.driver, self.queues
-        if self.client.status in ("closing", "closed"):
-            # The pool's Dask client was closed under it (or its cluster with it): no queue can
-            # be placed again, and nothing its futures wait for is sure to come. They fail now,
-            # saying so, instead of waiting for ever.
-            logger.error("the Dask client of pool %s was closed while the pool was open: its pending tasks fail", self.name)
-            self.stop()
-            if self.relay is not None:
-                self.relay.close()
-            driver.fail_all(
-                ClosedError(
-                    f"the Dask client of pool {self.name} was closed (or its cluster) while this task was pending"
-                    f"{self._kept()}: close pools before their client"
-                )
-            )
-            return
-        if self.client.status != "running":
-            return  # reconnecting to its scheduler
         if self.relay is not None and self.relay.needs_replacing():
             self._replace_relay()
         if isinstance(queues, AttachedQueues):

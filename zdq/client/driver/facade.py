@@ -138,28 +138,30 @@ class Driver:
         self._callbacks.start()
         self._loop.start(ctx, self._waker)
 
-    def close(self, timeout: float = 10.0, *, reason: BaseException | None = None) -> None:
+    def close(self, timeout: float = 10.0, *, reason: BaseException | None = None) -> int:
         """Stop the I/O thread; futures still pending fail with ``reason`` (default
-        :class:`ClosedError`). Idempotent."""
+        :class:`ClosedError`). Idempotent. Return how many tasks failed so (0 once closed)."""
         exc = reason or ClosedError(f"queue pool {self.name} was closed before this task finished")
         if not self._ledger.close(exc):
-            return
+            return 0
         self._loop.stop(timeout)
-        self._outcomes.fail_everything(exc)
+        failed = self._outcomes.fail_everything(exc)
         waker, self._waker = self._waker, None
         if waker is not None:
             self._ledger.wake = None
             waker.close()
         self._callbacks.stop(timeout)
+        return failed
 
     @property
     def stopped(self) -> bool:
         """Whether the driver takes no more work (closed, or stopped by :meth:`fail_all`)."""
         return self._ledger.closed_by is not None
 
-    def fail_all(self, exc: BaseException) -> None:
-        """Stop taking work and fail every pending future with ``exc`` (the cluster was reset)."""
-        self.close(reason=exc)
+    def fail_all(self, exc: BaseException) -> int:
+        """Stop taking work and fail every pending future with ``exc`` (the cluster was reset, or
+        the pool's client closed). Return how many tasks failed (0: none was pending)."""
+        return self.close(reason=exc)
 
     # -- submission -----------------------------------------------------------------------------
     def reserve(self, n: int) -> int:

@@ -331,8 +331,8 @@ class Outcomes:
         self.completed += len(loose)
         self.failed += len(loose)
 
-    def fail_everything(self, exc: BaseException) -> None:
-        """Fail every task without an outcome (the driver stopped)."""
+    def fail_everything(self, exc: BaseException) -> int:
+        """Fail every task without an outcome (the driver stopped). Return how many."""
         with self.cond:
             loose, self.ledger.loose = self.ledger.loose, []
             records = list(self.ledger.records.values())
@@ -343,7 +343,7 @@ class Outcomes:
             self._fail_loose(loose)
         for _, _, fut in loose:
             settle(fut, exc=exc)
-        self.fail_records(records, exc)
+        return len(loose) + self.fail_records(records, exc)
 
     def fail_unsent(self, exc: BaseException) -> int:
         """Fail every task no broker has been handed (no broker can take it). Return how many."""
