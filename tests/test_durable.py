@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 from distributed import Client
 
 from zdq import ConsumerPool, Durability, QueuePool
-from zdq.errors import QueueLocked
+from zdq.errors import QueueLocked, StorageCorrupt
 
 from .tasks import add, process_item
 
@@ -117,3 +118,66 @@ def test_a_durable_pool_opened_again_with_fewer_queues_warns_of_the_queues_it_le
         with QueuePool(client, 3, durability="durable", dirpath=str(tmp_path), name="jobs") as queue_pool:
             assert sum(queue_pool.get_queue_size().values()) == 30
     assert not [r for r in caplog.records if "beyond" in r.getMessage()]
+
+
+def test_a_durable_pool_opened_again_with_more_queues_serves_its_old_tasks_and_its_new_queues(
+    client: Client, tmp_path: Path
+) -> None:
+    with QueuePool(client, 1, durability="durable", dirpath=tmp_path, name="jobs") as queue_pool:
+        queue_pool.batch_submit([(add, i, 1) for i in range(100)])
+        queue_pool.flush(timeout=30)
+    # The new queue is opened with a key of its own first: it takes the pool's (issue: the open
+    # was refused as "written by different pools", and left an empty jobs-queue-1 behind).
+    with QueuePool(client, 2, durability="durable", dirpath=tmp_path, name="jobs") as queue_pool:
+        assert queue_pool.get_queue_size() == {"jobs-queue-0": 100, "jobs-queue-1": 0}
+        new = queue_pool.batch_submit([(add, i, 2) for i in range(100)], batch_size=10)
+        queue_pool.flush(timeout=30)
+        assert queue_pool.get_queue_size()["jobs-queue-1"] > 0
+        with ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
+            consumers.start()
+            assert new.result(timeout=60) == [i + 2 for i in range(100)]
+            consumers.join(timeout=60)
+            values = sorted(v for results in consumers.results().values() for v in results.values())
+        assert values == sorted([i + 1 for i in range(100)] + [i + 2 for i in range(100)])
+    with QueuePool(client, 2, durability="durable", dirpath=tmp_path, name="jobs") as queue_pool:  # agreed since
+        assert queue_pool.get_queue_size() == {"jobs-queue-0": 0, "jobs-queue-1": 0}
+
+
+def test_queues_of_different_pools_in_one_dirpath_are_refused_and_the_failed_open_leaves_no_queue_behind(
+    client: Client, tmp_path: Path
+) -> None:
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    with QueuePool(client, 1, durability="durable", dirpath=mine, name="jobs") as queue_pool:
+        queue_pool.batch_submit([(add, i) for i in range(10)])
+        queue_pool.flush(timeout=30)
+    with QueuePool(client, 2, durability="durable", dirpath=other, name="jobs") as queue_pool:
+        queue_pool.batch_submit([(add, i) for i in range(10)], batch_size=1)
+        queue_pool.flush(timeout=30)
+        assert all(queue_pool.get_queue_size().values())
+    shutil.copytree(other / "jobs-queue-1", mine / "jobs-queue-1")  # another pool's tasks, another key
+    with pytest.raises(StorageCorrupt, match="different pools"):
+        QueuePool(client, 3, durability="durable", dirpath=mine, name="jobs")
+    # jobs-queue-2, created by the failed open, is gone; the two queues holding tasks are untouched.
+    assert sorted(p.name for p in mine.iterdir()) == ["jobs-queue-0", "jobs-queue-1"]
+
+
+def test_an_empty_queue_left_by_an_open_that_failed_joins_the_pool_and_is_not_warned_of(
+    client: Client, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    with QueuePool(client, 2, durability="durable", dirpath=other, name="jobs"):
+        pass  # two empty queues of another key: what a refused growth left behind before
+    with QueuePool(client, 1, durability="durable", dirpath=mine, name="jobs") as queue_pool:
+        queue_pool.batch_submit([(add, i) for i in range(10)])
+        queue_pool.flush(timeout=30)
+    shutil.copytree(other / "jobs-queue-1", mine / "jobs-queue-1")
+    with caplog.at_level("WARNING", logger="zdq"):
+        with QueuePool(client, 1, durability="durable", dirpath=mine, name="jobs") as queue_pool:
+            assert queue_pool.get_queue_size() == {"jobs-queue-0": 10}
+    assert not [r for r in caplog.records if "beyond" in r.getMessage()]  # it holds nothing to serve
+    with QueuePool(client, 2, durability="durable", dirpath=mine, name="jobs") as queue_pool:
+        assert queue_pool.get_queue_size() == {"jobs-queue-0": 10, "jobs-queue-1": 0}
+        with ConsumerPool(client, queue_pool, n_consumers=1) as consumers:
+            consumers.start()
+            consumers.join(timeout=60)
+            assert sorted(v for r in consumers.results().values() for v in r.values()) == list(range(10))

@@ -489,6 +489,45 @@ def test_a_split_chunk_partly_reported_then_lost_with_its_transient_broker_keeps
             assert all(exc.values[i] == i for i in good)
 
 
+# -- daskqueue's ack_timeout and retry ---------------------------------------------------------------
+
+
+def test_daskqueues_ack_timeout_is_how_long_a_stalled_consumers_task_waits_before_another_consumer_runs_it(
+    client_abc: Client, tmp_path: Path
+) -> None:
+    client3 = client_abc  # worker a is stopped, then resumed: the shared cluster serves
+    marker = str(tmp_path / "started")
+    with QueuePool(client3, 1, workers=["c"], ack_timeout=3) as qp:
+        with ConsumerPool(client3, qp, n_consumers=1, workers=["a"], start=True):
+            future = qp.submit(mark_and_sleep, marker, 2.0)
+            wait_until(lambda: os.path.exists(marker), timeout=30)
+            pid = pid_of(client3, "a")
+            stop_process(pid)
+            try:
+                start = time.monotonic()
+                with ConsumerPool(client3, qp, n_consumers=1, workers=["b"], start=True):
+                    assert future.result(timeout=30) == 2.0
+                    took = time.monotonic() - start
+            finally:
+                os.kill(pid, signal.SIGCONT)
+    # Taken back after 3 s of silence (not zdq's 15 s), then run again for 2 s on b.
+    assert took < 12, f"the stalled consumer's task ran again after {took:.1f} s with ack_timeout=3"
+
+
+def test_daskqueues_retry_false_runs_a_task_at_most_once_and_one_whose_consumer_died_fails_with_task_lost(
+    client3: Client, tmp_path: Path
+) -> None:
+    marker = str(tmp_path / "started")
+    with QueuePool(client3, 1, workers=["c"], retry=False, **FAST) as qp:
+        with ConsumerPool(client3, qp, n_consumers=1, workers=["a"], start=True) as consumers:
+            assert consumers.early_ack
+            future = qp.submit(mark_and_sleep, marker, 30.0)
+            wait_until(lambda: os.path.exists(marker), timeout=30)
+            os.kill(pid_of(client3, "a"), signal.SIGKILL)
+            assert_settled([future], 60, "a task acknowledged on receipt whose consumer died")
+            assert isinstance(future.exception(0), TaskLost), repr(future.exception(0))
+
+
 # -- 8. early ack on a durable queue whose broker dies ------------------------------------------------
 
 

@@ -175,8 +175,8 @@ def test_bad_arguments_get_clear_errors(client: Client) -> None:
         QueuePool(client, 0)
     with pytest.raises(ValueError, match="durability"):
         QueuePool(client, 1, durability="forever")
-    with pytest.raises(ValueError, match="dirpath"):
-        QueuePool(client, 1, durability="durable")
+    with pytest.raises(ValueError, match="dirpath"):  # a durable one without: /tmp, as daskqueue's
+        QueuePool(client, 1, dirpath="queue_dir")
     with QueuePool(client, 1) as queue_pool:
         with pytest.raises(TypeError, match="ConsumerBaseClass"):
             ConsumerPool(client, queue_pool, ConsumerClass=dict)  # type: ignore[arg-type]

@@ -288,3 +288,39 @@ def test_submit_iter_shows_an_insertion_bar_against_its_total(client: Client, ca
         assert "zdq insert" in err and "2500/2500" in err
         with pytest.raises(ValueError, match="total"):
             queue_pool.submit_iter([(add, 1, 1)], total=-1)
+
+
+def test_daskqueues_queue_pool_keywords_are_taken_with_zdqs_nearest_meaning_and_bad_values_refused(
+    client: Client, tmp_path: object
+) -> None:
+    import dask
+
+    # ack_timeout is zdq's heartbeat_timeout (brokers and consumers); retry=True is zdq's at least
+    # once; stop_gc() has no thread to stop: the pool goes on.
+    with QueuePool(client, 1, ack_timeout=5, retry=True) as queue_pool:
+        assert queue_pool.settings.heartbeat_timeout == 5.0 and queue_pool.retry is True
+        queue_pool.stop_gc()
+        with ConsumerPool(client, queue_pool, start=True) as consumers:
+            assert consumers.early_ack is False and consumers.settings.heartbeat_timeout == 5.0
+            assert queue_pool.submit(add, 1, 2).result(timeout=30) == 3
+    # retry=False is daskqueue's at most once: its ConsumerPools acknowledge on receipt, unless told.
+    with QueuePool(client, 1, retry=False) as queue_pool:
+        with ConsumerPool(client, queue_pool) as consumers:
+            assert consumers.early_ack is True
+        with ConsumerPool(client, queue_pool, early_ack=False) as consumers:
+            assert consumers.early_ack is False
+    # A durable pool without dirpath keeps its queues where daskqueue's did: /tmp (zdq.durable.dirpath).
+    unplaced = QueuePool(client, 1, durability="durable", start=False)
+    assert unplaced.dirpath == "/tmp"
+    unplaced.close()
+    with dask.config.set({"zdq.durable.dirpath": str(tmp_path)}):
+        with QueuePool(client, 1, durability="durable") as queue_pool:
+            assert queue_pool.dirpath == str(tmp_path) and queue_pool.get_queue_size() == {"default-queue-0": 0}
+    with pytest.raises(ValueError, match="ack_timeout must be a positive"):
+        QueuePool(client, 1, ack_timeout=0)
+    with pytest.raises(ValueError, match=r"ack_timeout=1 is zdq's heartbeat_timeout .*heartbeat-interval"):
+        QueuePool(client, 1, ack_timeout=1)
+    with pytest.raises(TypeError, match="pass one of them"):
+        QueuePool(client, 1, ack_timeout=5, heartbeat_timeout="5s")
+    with pytest.raises(TypeError, match="retry must be True or False"):
+        QueuePool(client, 1, retry="no")

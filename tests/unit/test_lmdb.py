@@ -10,6 +10,7 @@ import pytest
 
 from zdq.errors import StorageCorrupt
 from zdq.storage import ChunkMeta, LMDBStorage
+from zdq.storage.lmdb import holds_work, is_queue_dir
 
 OWNER = b"o" * 16
 
@@ -129,3 +130,41 @@ def test_the_environment_runs_with_lmdbs_crash_safe_flags_and_acknowledgements_r
         assert relaxed._env is not None and not relaxed._env.flags()["sync"]
     finally:
         relaxed.close()
+
+
+def test_a_queue_discarded_after_a_failed_placement_is_removed_only_if_this_open_created_it_and_it_holds_nothing(
+    tmp_path: Path,
+) -> None:
+    created = LMDBStorage(str(tmp_path / "new"))
+    created.open()
+    assert created.holds_nothing()
+    created.discard()
+    assert not (tmp_path / "new").exists()  # a failed open leaves no queue behind
+
+    written = LMDBStorage(str(tmp_path / "written"))
+    written.open()
+    written.put_many([(_meta(1), b"chunk")])
+    assert not written.holds_nothing()
+    written.discard()
+    assert is_queue_dir(str(tmp_path / "written"))  # it holds a task: kept, however it was opened
+
+    earlier = LMDBStorage(str(tmp_path / "old"))  # made by an earlier open, closed since
+    earlier.open()
+    earlier.close()
+    reopened = LMDBStorage(str(tmp_path / "old"))
+    reopened.open()
+    assert reopened.holds_nothing()
+    reopened.discard()
+    assert is_queue_dir(str(tmp_path / "old"))  # not this open's: an empty queue is still someone's
+
+
+def test_only_queue_directories_holding_tasks_or_schedules_count_as_holding_work(tmp_path: Path) -> None:
+    empty = LMDBStorage(str(tmp_path / "empty"))
+    empty.open()
+    empty.close()
+    full = LMDBStorage(str(tmp_path / "full"))
+    full.open()
+    full.put_many([(_meta(1), b"chunk")])
+    full.close()
+    assert not holds_work(str(tmp_path / "empty")) and holds_work(str(tmp_path / "full"))
+    assert not holds_work(str(tmp_path / "absent"))

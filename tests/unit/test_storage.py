@@ -263,3 +263,13 @@ def test_a_tick_stores_its_chunk_and_the_schedule_record_together(storage: Stora
             assert again.stored_schedules() == []
         finally:
             again.close()
+
+
+def test_a_queue_holds_nothing_until_a_chunk_is_stored_and_again_once_it_is_acknowledged(storage: Storage) -> None:
+    assert storage.holds_nothing()
+    [chunk_id] = storage.put_many([(_meta(1), b"chunk")])
+    assert not storage.holds_nothing()
+    storage.lease()
+    storage.ack_many([chunk_id])
+    storage.commit(force=True)  # the acknowledgement written (a durable queue holds it back)
+    assert storage.holds_nothing()

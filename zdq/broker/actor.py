@@ -103,7 +103,7 @@ class Broker:
         try:
             endpoint, host, queue_id, key, beyond = self.open(creator, proposed_key, n_queues)
         except Exception as e:
-            self.stop()  # what it opened before it failed: no actor will own it
+            self.stop(discard=True)  # what it opened before it failed: no actor will own it
             raise _naming_worker(e, f"broker {self.name} on {worker_address() or 'this process'} could not open") from e
         tell_placed([endpoint, host, queue_id, key == proposed_key, beyond])
 
@@ -135,7 +135,7 @@ class Broker:
                 ports=self._settings.ports or here.ports,
             )
         except Exception:
-            storage.close()
+            storage.discard()  # it never served: a queue it created is not left behind
             raise
         try:
             serve_locally(sock, self.endpoint)
@@ -144,7 +144,7 @@ class Broker:
             close_socket(sock)
             if self._auth is not None:
                 self._auth.stop()
-            storage.close()
+            storage.discard()
             raise
         self._core = BrokerCore(
             self.name, sock, storage, self._settings, liveness_probe(self), creator=creator, on_stop=self._release
@@ -174,10 +174,12 @@ class Broker:
         storage.open()
         return storage
 
-    def stop(self) -> None:
-        """Stop serving and release the socket and the storage. Idempotent."""
+    def stop(self, discard: bool = False) -> None:
+        """Stop serving and release the socket and the storage. Idempotent. ``discard``: the
+        pool's placement failed: a queue directory this broker created, and which holds
+        nothing, is removed (a failed open leaves no queue behind to trouble the next one)."""
         if self._core is not None:
-            self._core.stop()
+            self._core.stop(discard=discard)
         self._release()
 
     def _release(self) -> None:
@@ -205,7 +207,8 @@ class Broker:
         one actor round trip, not three): ``(endpoint, host, queue id, payload key, beyond)``.
 
         ``beyond``: the directories of this pool's queues numbered ``n_queues`` or more beside this
-        durable queue's own (a pool reopened with fewer queues would not serve what they hold)."""
+        durable queue's own that hold tasks or schedules (a pool reopened with fewer queues would
+        not serve them; an empty one is not worth a warning)."""
         endpoint = self.start(creator)
         host, queue_id = self.where()
         return endpoint, host, queue_id, self.payload_key(proposed_key), self._beyond(n_queues)
@@ -213,7 +216,7 @@ class Broker:
     def _beyond(self, n_queues: int) -> list[str]:
         if self._dirpath is None or n_queues <= 0:
             return []
-        from zdq.storage.lmdb import is_queue_dir
+        from zdq.storage.lmdb import holds_work
 
         parent = os.path.dirname(os.path.normpath(self._dirpath))
         pattern = re.compile(re.escape(pool_of_queue(self.name)) + r"-queue-(\d+)")
@@ -224,7 +227,7 @@ class Broker:
         return sorted(
             os.path.join(parent, name)
             for name in names
-            if (m := pattern.fullmatch(name)) and int(m.group(1)) >= n_queues and is_queue_dir(os.path.join(parent, name))
+            if (m := pattern.fullmatch(name)) and int(m.group(1)) >= n_queues and holds_work(os.path.join(parent, name))
         )
 
     def where(self) -> tuple[str, str]:
@@ -237,6 +240,17 @@ class Broker:
     def payload_key(self, proposed: bytes | None) -> bytes | None:
         """The queue's payload key: the one it stored (durable), else ``proposed`` (kept if durable)."""
         return self._running_core().setting(b"payload-key", proposed)
+
+    def holds_nothing(self) -> bool:
+        """Whether the queue holds nothing sealed with its payload key (no chunk, kept result or
+        schedule: see :meth:`~zdq.storage.base.Storage.holds_nothing`)."""
+        return self._running_core().holds_nothing()
+
+    def join_key(self, key: bytes) -> bytes | None:
+        """Take the pool's payload key ``key`` unless this durable queue holds something sealed
+        with a key of its own; return the key it keeps (``key``, or its own: then it is another
+        pool's queue). A pool that grew opens its new queues with a key of their own first."""
+        return self._running_core().adopt_setting(b"payload-key", key)
 
     def _running_core(self) -> BrokerCore:
         if self._core is None:

@@ -154,6 +154,7 @@ class BrokerCore:
         self._on_stop = on_stop  # releases what the actor set up around the loop (ZAP domain, inproc name)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._discard = False  # set by stop(discard=True) before the loop is told to stop
         self._thread: threading.Thread | None = None
         self._peer_table = PeerTable()
         self._peers = self._peer_table.by_ident  # read on every message: one attribute fewer
@@ -194,8 +195,10 @@ class BrokerCore:
         self._thread = threading.Thread(target=self._run, name=f"zdq-broker-{self.name}", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the loop, close the socket and the storage. Idempotent."""
+    def stop(self, timeout: float = 10.0, *, discard: bool = False) -> None:
+        """Stop the loop, close the socket and the storage. Idempotent. ``discard``: the queue's
+        placement failed: its storage is discarded (:meth:`~zdq.storage.base.Storage.discard`)."""
+        self._discard = discard
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -203,6 +206,12 @@ class BrokerCore:
                 logger.warning("broker %s loop did not stop within %.1fs", self.name, timeout)
         else:
             close_socket(self._sock)
+            self._close_storage()
+
+    def _close_storage(self) -> None:
+        if self._discard:
+            self._storage.discard()
+        else:
             self._storage.close()
 
     @property
@@ -285,6 +294,20 @@ class BrokerCore:
     def setting(self, name: bytes, proposed: bytes | None) -> bytes | None:
         with self._lock:
             return self._storage.setting(name, proposed)
+
+    def holds_nothing(self) -> bool:
+        with self._lock:
+            return self._storage.holds_nothing()
+
+    def adopt_setting(self, name: bytes, value: bytes) -> bytes | None:
+        """``value`` replaces the setting ``name`` if none is stored or the queue holds nothing
+        (:meth:`~zdq.storage.base.Storage.holds_nothing`); return the value kept."""
+        with self._lock:
+            stored = self._storage.setting(name, None)
+            if stored is None or self._storage.holds_nothing():
+                self._storage.write_setting(name, value)
+                return value
+            return stored
 
     def add_schedule(self, record: bytes) -> bytes:
         with self._lock:
@@ -394,7 +417,7 @@ class BrokerCore:
             with self._lock:
                 self._farewell()
                 close_socket(self._sock)
-                self._storage.close()
+                self._close_storage()
             if self._on_stop is not None:
                 # Also when the loop stops by itself (its pool was dropped without close()): the
                 # ZAP handler thread and the inproc name must not outlive the broker.

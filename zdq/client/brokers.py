@@ -340,16 +340,47 @@ class PlacedQueues:
                     "with as many queues to serve them",
                     self.name, counted(self.n_queues, "queue"), ", ".join(beyond),
                 )
-            keys = {key for _, _, _, key, _ in opened}
-            if len(keys) > 1:
-                raise StorageCorrupt(f"the queues under {self.dirpath} were written by different pools (their keys differ)")
-            self.payload_key = keys.pop()
+            self.payload_key = self._agreed_key(brokers, [key for _, _, _, key, _ in opened], proposed)
         except ZdqError:
             self._release(futures)
             raise
         except Exception as e:
             self._release(futures)
             raise PlacementError(f"could not place the queues of pool {self.name}: {e}") from e
+
+    def _agreed_key(self, brokers: list[Any], keys: list[bytes | None], proposed: bytes | None) -> bytes | None:
+        """The pool's payload key, from each queue's ``keys`` as opened. The queues of one dirpath
+        agree on it, but a pool opened with more queues than before opens its new ones with the key
+        ``proposed``: the pool's key is then the one its queues that hold something were sealed
+        with, and every queue that holds nothing takes it (:meth:`~zdq.broker.Broker.join_key`).
+        Queues holding what different keys sealed were written by different pools: refused."""
+        if len(set(keys)) == 1:
+            return keys[0]
+        timeout = self.settings.placement_timeout
+        asked = [broker.holds_nothing() for broker in brokers]
+        holding = {i: key for i, (key, call) in enumerate(zip(keys, asked)) if not call.result(timeout=timeout)}
+        sealed = {key for key in holding.values() if key is not None}  # a queue with no key stored takes any
+        if len(sealed) > 1:
+            groups = sorted(
+                ", ".join(self.queue_names[i] for i, k in holding.items() if k == key) for key in sealed
+            )
+            raise StorageCorrupt(
+                f"the queues under {self.dirpath} hold tasks written by different pools (their keys differ): "
+                + "; ".join(f"{{{group}}}" for group in groups)
+                + ". Each pool needs a dirpath of its own (or a name of its own)"
+            )
+        # None holding anything sealed: the key of the first queue that kept one (not a new queue's).
+        key = sealed.pop() if sealed else next((k for k in keys if k not in (proposed, None)), proposed)
+        assert key is not None  # keys differ, so some queue kept a key
+        joining = [(i, brokers[i].join_key(key)) for i, k in enumerate(keys) if k != key]
+        for i, call in joining:
+            if call.result(timeout=timeout) != key:  # written meanwhile by another pool's driver
+                raise StorageCorrupt(f"queue {self.queue_names[i]} under {self.dirpath} holds tasks of another pool (its key differs)")
+        logger.info(
+            "durable pool %s: %s took the pool's key (queues added since it was last opened)",
+            self.name, ", ".join(self.queue_names[i] for i, _ in joining),
+        )
+        return key
 
     def _opened(self, futures: list[Any], brokers: list[Any], opening: tuple[bytes, bytes | None, int]) -> list[Any]:
         """What each broker's :meth:`~zdq.broker.Broker.open` answered in its constructor
@@ -373,8 +404,12 @@ class PlacedQueues:
         return out
 
     def _release(self, futures: list[Any]) -> None:
+        """Undo a failed placement: every broker created stops (opened in their constructors,
+        adopted or not), and a queue directory one created and wrote nothing to is removed, so
+        that a failed open leaves nothing behind (an empty queue-1 of a pool that failed to grow
+        made every later open with one queue warn of it)."""
+        stop_created(self.client, futures, "broker", stop=lambda broker: broker.stop(discard=True))
         self.release()
-        stop_created(self.client, futures, "broker")  # opened in their constructors, not adopted
         for fut in futures:
             release_future(fut)
 

@@ -100,9 +100,10 @@ class ConsumerPool:
         Retries for tasks submitted without their own ``retries=``.
     max_concurrency : int
         Threads per consumer that run tasks (raise it for I/O-bound tasks).
-    early_ack : bool
+    early_ack : bool, optional
         ``False`` (default): a chunk is acknowledged after its results, so a consumer that dies
         mid-chunk loses nothing (at least once). ``True``: acknowledged on receipt (at most once).
+        Not given, the queue pool's daskqueue ``retry`` decides: ``retry=False`` is at most once.
     prefetch : int, optional
         Chunks a consumer keeps in hand (default from ``zdq.prefetch``).
     workers : list of str, optional
@@ -142,7 +143,7 @@ class ConsumerPool:
         n_consumers: int = 1,
         batch_size: int | None = None,
         retries: int | None = None,
-        early_ack: bool = False,
+        early_ack: bool | None = None,
         max_concurrency: int = 1,
         *,
         prefetch: int | None = None,
@@ -162,10 +163,12 @@ class ConsumerPool:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if retries is not None and not _integer(retries, 0):
             raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
-        if not isinstance(early_ack, bool):
+        if early_ack is not None and not isinstance(early_ack, bool):
             raise TypeError(f"early_ack must be True or False, got {early_ack!r}")
         if not isinstance(queue_pool, QueuePool):
             raise TypeError(f"ConsumerPool needs a QueuePool, got {queue_pool!r:.80}")
+        if early_ack is None:  # daskqueue's QueuePool(retry=False): nothing delivered twice
+            early_ack = queue_pool.retry is False
         queue_pool.driver  # a pool that is not started or is closed raises ClosedError here
         if client is not None and not isinstance(client, Client):
             raise TypeError(f"ConsumerPool needs a distributed.Client (or None), got {client!r:.80}")

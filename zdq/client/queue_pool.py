@@ -105,6 +105,25 @@ def _durability(value: Durability | str) -> Durability:
         raise ValueError(f"durability must be 'transient' or 'durable', got {value!r}") from None
 
 
+def _settings_with_ack_timeout(ack_timeout: float | str | None, overrides: dict[str, Any]) -> PoolSettings:
+    """The pool's settings, with daskqueue's ``ack_timeout``: how long a task delivered to a
+    consumer could go unacknowledged before its queue took it back. zdq's nearest is
+    ``heartbeat_timeout``: a queue takes back the tasks of a consumer unheard from for that long
+    (a running task whose consumer is heard from keeps its lease, however long it runs)."""
+    if ack_timeout is None:
+        return settings(**overrides)
+    if overrides.get("heartbeat_timeout") is not None:
+        raise TypeError("ack_timeout is daskqueue's name for zdq's heartbeat_timeout: pass one of them")
+    seconds = seconds_or_none(ack_timeout, "ack_timeout")
+    try:
+        return settings(**overrides, heartbeat_timeout=seconds)
+    except ValueError as e:
+        raise ValueError(
+            f"ack_timeout={ack_timeout!r} is zdq's heartbeat_timeout (how long a consumer may go unheard "
+            f"before its queues take its tasks back): {e}"
+        ) from e
+
+
 class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
     """A pool of ``n_queues`` queues placed on the workers of a Dask cluster.
 
@@ -120,7 +139,9 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
     durability : Durability or str
         ``"transient"`` (memory) or ``"durable"`` (LMDB under ``dirpath``).
     dirpath : str, optional
-        Directory of durable queues: queue ``i`` lives in ``<dirpath>/<name>-queue-<i>/``.
+        Directory of durable queues: queue ``i`` lives in ``<dirpath>/<name>-queue-<i>/``. Default
+        ``zdq.durable.dirpath``: ``/tmp``, as daskqueue's. Opened again with more queues, a durable
+        pool grows: its new queues join the old ones (which keep their tasks).
     name : str, optional
         Pool name; defaults to ``"default"`` for durable pools (so the same call finds the same
         queues after a restart) and to a random name for transient ones. At most 128 bytes of
@@ -161,6 +182,17 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         the starts are smooth. Change it live with :meth:`set_rate_limit` (or ``zdq rate-limit``);
         a durable queue keeps the last one set across restarts, and a pool opened without
         ``rate_limit`` keeps it.
+    ack_timeout : float or str, optional
+        daskqueue's: how long a task delivered to a consumer could go unacknowledged before its
+        queue took it back. zdq's nearest is ``heartbeat_timeout``, which it sets: the tasks of a
+        consumer unheard from for that long return to their queues (a consumer that is heard from
+        keeps its tasks, however long they run). It must be longer than ``heartbeat_interval``.
+    retry : bool, optional
+        daskqueue's: whether a task delivered and never acknowledged (its consumer lost) is
+        delivered again. ``True``, or not given: yes, zdq's at least once. ``False``: at most once,
+        as daskqueue's default was: the ConsumerPools of this pool acknowledge each chunk on
+        receipt (``early_ack=True``) unless given ``early_ack=``; a task whose consumer is lost is
+        not run again, and its future fails with ``TaskLost``.
     **overrides
         Any :class:`~zdq.config.PoolSettings` field (``chunk_size``, ``window``, ...). A durable
         pool not given ``window`` takes ``durable_window`` (``zdq.durable.window``, 48) as its window.
@@ -197,6 +229,8 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         start: bool = True,
         parallel: int | None = None,
         rate_limit: float | str | None = None,
+        ack_timeout: float | str | None = None,
+        retry: bool | None = None,
         **overrides: Any,
     ) -> None:
         if not isinstance(n_queues, int) or isinstance(n_queues, bool) or n_queues < 1:
@@ -205,7 +239,7 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
             check_pool_name(name)  # before anything is placed, made or asked
         self.durability = _durability(durability)
         if self.durability is Durability.DURABLE and dirpath is None:
-            raise ValueError("a durable QueuePool needs dirpath=...")
+            dirpath = str(config.get("durable.dirpath"))  # /tmp, as daskqueue's
         if self.durability is Durability.TRANSIENT and dirpath is not None:
             raise ValueError(
                 f"dirpath={dirpath!r} is for durable queues: pass durability='durable' too (a transient "
@@ -218,7 +252,12 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         self.n_queues = n_queues
         self.dirpath = None if dirpath is None else os.path.abspath(os.fspath(dirpath))
         self.name = name if name is not None else "default" if self.durability is Durability.DURABLE else f"zdq-{uuid.uuid4().hex[:8]}"
-        self.settings: PoolSettings = settings(**overrides)
+        self.settings: PoolSettings = _settings_with_ack_timeout(ack_timeout, overrides)
+        if retry is not None and not isinstance(retry, bool):
+            raise TypeError(f"retry must be True or False, got {retry!r:.80}")
+        #: daskqueue's ``retry``: ``False`` makes this pool's ConsumerPools acknowledge on receipt
+        #: (at most once) unless given ``early_ack=``; ``None`` and ``True``: at least once.
+        self.retry = retry
         if self.durability is Durability.DURABLE and overrides.get("window") is None:
             self.settings = self.settings.for_durable()  # a larger window (zdq.durable.window)
         self.rate_limit = rate_of(rate_limit)
@@ -757,6 +796,12 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
     def flush(self, timeout: float | None = None) -> None:
         """Block until every chunk submitted so far is stored by its broker."""
         self.driver.flush(timeout_or_none(timeout))
+
+    def stop_gc(self) -> None:
+        """daskqueue's: stopped the thread of each queue that took back the tasks delivered and
+        not acknowledged within ``ack_timeout``. zdq runs no such thread: a queue takes back only
+        the tasks of a consumer unheard from for ``heartbeat_timeout`` (a dead one), which must go
+        on while the pool lives, and the brokers stop with :meth:`close`. So this does nothing."""
 
     def __len__(self) -> int:
         return self.n_queues

@@ -168,16 +168,19 @@ def placed_reports(client: Any, futures: list[Any], timeout: float) -> dict[str,
     return {msg["key"]: msg["what"] for _, msg in events if isinstance(msg, dict) and msg.get("key") in wanted}
 
 
-def stop_created(client: Any, futures: list[Any], what: str) -> None:
+def stop_created(
+    client: Any, futures: list[Any], what: str, stop: Callable[[Any], Any] = lambda actor: actor.stop()
+) -> None:
     """A placement whose actors start (or open) in their constructors failed after some were
     created: stop those now (released only, each would stop at its next heartbeat, and might take
     a chunk or hold its port meanwhile). Those not created yet are not waited for (the failure is
     said within its bound): released with the placement, each stops by itself once made, as one
-    that cannot be stopped now does. Bounded. ``what`` names them in the log ("consumer")."""
+    that cannot be stopped now does. Bounded. ``what`` names them in the log ("consumer");
+    ``stop(actor)`` is the call that stops one."""
     created = [fut for fut in futures if fut.status == "finished"]
     try:
         actors = gather_actors(client, created, _STOP_CREATED_WAIT)
-        calls = [actor.stop() for actor in actors]
+        calls = [stop(actor) for actor in actors]
         deadline = time.monotonic() + _STOP_CREATED_WAIT
         for call in calls:
             call.result(timeout=max(0.0, deadline - time.monotonic()))

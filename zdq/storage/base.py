@@ -681,10 +681,22 @@ class Storage(ABC):
         acknowledged work (at least once), it never loses a chunk.
         """
 
+    def holds_nothing(self) -> bool:
+        """Whether the queue holds nothing its pool wrote: no chunk (ready, leased or dead), no
+        kept result, no schedule. Such a queue may take its pool's payload key (a pool that grew,
+        see :meth:`zdq.broker.Broker.join_key`), or be discarded (:meth:`discard`)."""
+        return not self._meta and not self.retained() and not self.stored_schedules()
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._close()
+
+    def discard(self) -> None:
+        """Close, for a queue whose placement failed: a durable backend also removes the queue if
+        this open created it and it holds nothing yet, so that a failed open leaves no queue
+        behind (a later open would find a queue its pool never had). Memory only closes."""
+        self.close()
 
     # -- what a backend implements ------------------------------------------------------------
     @abstractmethod

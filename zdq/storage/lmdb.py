@@ -39,6 +39,7 @@ A queue directory is owned by one broker at a time through an exclusive ``flock`
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -56,7 +57,7 @@ from zdq.errors import QueueLocked, StorageCorrupt, StorageError, StorageFull
 from zdq.names import queue_name_of
 from zdq.storage.base import MAY_HAVE_STARTED, ChunkMeta, Storage
 
-__all__ = ["LMDBStorage", "FORMAT", "inspect_queue", "is_queue_dir"]
+__all__ = ["LMDBStorage", "FORMAT", "holds_work", "inspect_queue", "is_queue_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +211,8 @@ class LMDBStorage(Storage):
         self._leased_at_open: list[int] = []  # chunks leased when the queue was opened (cancellations)
         self._journal_fd: int | None = None  # the lease journal, open for appending
         self._journaled = False  # something was appended since the last truncation
+        #: This open created the queue (no data.mdb under the lock): what :meth:`discard` removes.
+        self._created = False
 
     # -- opening --------------------------------------------------------------------------------
     def open(self) -> None:
@@ -224,6 +227,9 @@ class LMDBStorage(Storage):
             _check_queue(self.path)
         os.makedirs(self.path, exist_ok=True)
         self._take_lock()
+        # Seen under the lock: a broker that created the queue and let it go before we took the
+        # lock made it someone else's.
+        self._created = not is_queue_dir(self.path)
         try:
             if existed and not read_first:
                 _check_queue(self.path)
@@ -570,6 +576,37 @@ class LMDBStorage(Storage):
             self._env.sync(True)
         self._release()
 
+    def holds_nothing(self) -> bool:
+        # Writes held back (a schedule, a kept result) count: they are the pool's too.
+        return not self._pending and super().holds_nothing()
+
+    def discard(self) -> None:
+        """Close; and remove the queue's directory if this open created it and it holds nothing,
+        while its lock is still held (no other broker opens it meanwhile). Only the directory's
+        own files go: a file another process put there keeps it, and is left untouched."""
+        if self._closed:
+            return
+        if not (self._created and self._env is not None and self.holds_nothing()):
+            self.close()
+            return
+        self._closed = True
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
+        try:
+            for name in ("data.mdb", "lock.mdb", _JOURNAL, _LOCK):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.path, name))
+            os.rmdir(self.path)
+            logger.info("queue %s: removed %s, which its failed placement created", self.name, self.path)
+        except OSError as e:
+            logger.warning("queue %s: could not remove %s, which its failed placement created: %s", self.name, self.path, e)
+        finally:
+            self._release()  # the lock last
+
 
 def _mark_started(txn: lmdb.Transaction, dbs: dict[bytes, Any], chunk_ids: list[int]) -> None:
     """Add :data:`MAY_HAVE_STARTED` to the stored marks of each of ``chunk_ids`` still stored."""
@@ -582,6 +619,18 @@ def _mark_started(txn: lmdb.Transaction, dbs: dict[bytes, Any], chunk_ids: list[
         marks = bytes(txn.get(key, db=cancels) or b"")
         if flag not in {marks[i : i + 4] for i in range(0, len(marks), 4)}:
             txn.put(key, marks + flag, db=cancels)
+
+
+def holds_work(path: str) -> bool:
+    """Whether ``path`` is a queue holding chunks or schedules, read as :func:`inspect_queue`
+    reads it (a queue that cannot be read is taken to hold some)."""
+    if not is_queue_dir(path):
+        return False
+    try:
+        counts = inspect_queue(path)
+    except StorageCorrupt:
+        return True
+    return any(value for key, value in counts.items() if key.endswith("_chunks") or key == "schedules")
 
 
 def inspect_queue(path: str) -> dict[str, int | str]:
