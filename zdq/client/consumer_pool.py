@@ -90,7 +90,9 @@ class ConsumerPool:
     queue_pool : QueuePool
         The queues to consume.
     ConsumerClass : type
-        A :class:`ConsumerBaseClass` subclass; its ``process_item`` handles raw items.
+        A :class:`ConsumerBaseClass` subclass; its ``process_item`` handles raw items. Each
+        consumer makes one on its worker with daskqueue's arguments (see
+        :class:`ConsumerBaseClass`).
     n_consumers : int
         Consumers to place, spread over the workers (fewer than queues is fine).
     batch_size : int, optional
@@ -223,6 +225,7 @@ class ConsumerPool:
             max_concurrency=self.max_concurrency,
             early_ack=self.early_ack,
             retries=self.retries or 0,
+            batch_size=self.batch_size,
             time_limit=self.time_limit,
             hard=self.hard,
             allowed_workers=allowed_workers(client, workers),

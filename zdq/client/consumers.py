@@ -110,6 +110,7 @@ class ConsumerSlots:
         max_concurrency: int,
         early_ack: bool,
         retries: int,
+        batch_size: int | None = None,
         time_limit: float | None,
         hard: bool = False,
         allowed_workers: list[str] | None,
@@ -124,6 +125,7 @@ class ConsumerSlots:
         self._max_concurrency = max_concurrency
         self._early_ack = early_ack
         self._retries = retries
+        self._batch_size = batch_size
         self._time_limit = time_limit
         self._hard = hard
         self._allowed = allowed_workers
@@ -224,6 +226,8 @@ class ConsumerSlots:
             (qp.name, qp.dirpath),
             self._hard,
             self.start_args(i) if start else None,
+            i + 1,  # the consumer's number, its class's id (daskqueue's idx + 1)
+            self._batch_size,
         )
         with self._lock:  # placed_on is read by reach verdicts meanwhile
             fut = place_actor(

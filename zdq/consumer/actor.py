@@ -23,7 +23,7 @@ from zdq._actor import (
     worker_address,
 )
 from zdq.config import PoolSettings
-from zdq.consumer.base import ConsumerBaseClass
+from zdq.consumer.base import ConsumerArgs, ConsumerBaseClass, make_consumer
 from zdq.consumer.link import Link
 from zdq.consumer.runner import Counters, Runner
 from zdq.errors import PlacementError
@@ -89,6 +89,10 @@ class Consumer:
         started (``ConsumerPool(..., start=True)``) costs one actor round trip per consumer less.
         A consumer that cannot start raises its :class:`PlacementError` (naming its worker) from
         the constructor: the placement fails with it.
+    number : int
+        The consumer's number in its pool, from 1: the ``id`` its class is given.
+    batch_size : int, optional
+        The ConsumerPool's ``batch_size``, given to its class.
     """
 
     def __init__(
@@ -106,6 +110,8 @@ class Consumer:
         pool: tuple[str, str | None] | None = None,
         hard: bool = False,
         start_with: tuple[list[str], list[int]] | None = None,
+        number: int = 1,
+        batch_size: int | None = None,
     ) -> None:
         self.name = name
         self._pool = pool  # (name, dirpath) of its QueuePool: what zdq.current_pool() attaches to
@@ -132,6 +138,8 @@ class Consumer:
         self._opened: _Opened | None = None  # set by the I/O thread once its sockets are open (or failed)
         self._opened_by = 0.0  # when reach() gives up waiting for that (placement-timeout after start)
         self._source: Source | None = None  # what the process's monitoring feed reports of it
+        # What its class is made with (daskqueue's arguments, see zdq.consumer.base).
+        self._args = ConsumerArgs(number, name, pool[0] if pool else "", batch_size, max_concurrency, retries, early_ack)
         if start_with is not None:
             self._start_placed(*start_with)
 
@@ -167,7 +175,7 @@ class Consumer:
             if self._link is not None:
                 self._link.poke()  # it sleeps in poll until its next heartbeat otherwise
             return
-        handler = self._class(name=self.name)
+        handler = make_consumer(self._class, self._args)
         if self._pool is not None:
             CURRENT_POOL.set(self._pool)  # copied into every thread it starts (as_dask_task)
         self._worker = worker_address() or ""
