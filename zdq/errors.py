@@ -17,6 +17,7 @@ __all__ = [
     "SerializationError",
     "ProtocolError",
     "PlacementError",
+    "ConsumerInitError",
     "AddressError",
     "BrokerLost",
     "BrokerUnreachable",
@@ -64,6 +65,46 @@ class ProtocolError(ZdqError, ValueError):
 
 class PlacementError(ZdqError):
     """Dask could not place or start a broker or consumer actor."""
+
+
+class ConsumerInitError(PlacementError):
+    """A ConsumerPool's consumer class cannot be made: its ``__init__`` raised on a worker, or it is
+    abstract (it defines no ``process_item``). The message names the class, the consumer and its
+    worker, and what was raised; ``__cause__`` is that exception, as raised on the worker (or a
+    :class:`RemoteTaskError` standing in for one that cannot be pickled, its remote traceback in a
+    note).
+
+    Raised by ``ConsumerPool(...)``, which makes the consumers (as daskqueue did)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Sent from the worker that made the consumer: its cause goes with it (a pickled
+        # exception drops __cause__), as itself if it pickles, else as a RemoteTaskError.
+        return (_rebuild_caused, (type(self), self.args, _portable(self.__cause__)), self.__dict__)
+
+
+def _portable(error: BaseException | None) -> BaseException | None:
+    """``error`` if it pickles, else a :class:`RemoteTaskError` that says what it was."""
+    if error is None:
+        return None
+    import traceback
+
+    import cloudpickle
+
+    try:
+        cloudpickle.dumps(error)
+        return error
+    except Exception:  # noqa: BLE001 - anything that fails to pickle is sent as its description
+        kind = type(error)
+        text = "".join(traceback.format_exception(error)).rstrip()
+        stand_in = RemoteTaskError(f"{kind.__module__}.{kind.__qualname__}", str(error), text)
+        stand_in.add_note(f"remote traceback (zdq consumer):\n{text}")
+        return stand_in
+
+
+def _rebuild_caused(kind: type[BaseException], args: tuple[Any, ...], cause: BaseException | None) -> BaseException:
+    error = kind(*args)
+    error.__cause__ = cause
+    return error
 
 
 class AddressError(PlacementError):

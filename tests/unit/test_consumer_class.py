@@ -1,13 +1,18 @@
 """The consumer classes users write: made with daskqueue 0.2's arguments, or zdq's ``name=`` form,
-whichever their ``__init__`` takes."""
+whichever their ``__init__`` takes; and the error that says a class cannot be made."""
 
 from __future__ import annotations
 
+import pickle
+import threading
 from typing import Any
 
+import cloudpickle
 import pytest
 
+from zdq import ConsumerPool
 from zdq.consumer.base import ConsumerArgs, ConsumerBaseClass, GeneralConsumer, make_consumer
+from zdq.errors import ConsumerInitError, PlacementError, RemoteTaskError, ZdqError
 
 ARGS = ConsumerArgs(id=2, name="C-1", pool="zdq-pool", batch_size=50, max_concurrency=3, retries=4, early_ack=True)
 DASKQUEUE_ATTRIBUTES = {
@@ -121,3 +126,75 @@ def test_the_base_takes_daskqueues_arguments_by_position_or_keyword_and_zdqs_nam
         UsesId(2, "C-1", "zdq-pool", 50, 3, 4, True, "one too many")
     with pytest.raises(TypeError, match="multiple values for argument 'name'"):
         UsesId(2, "C-1", name="again")
+
+
+def test_an_abstract_consumer_class_is_refused_before_anything_is_placed() -> None:
+    class NoItems(ConsumerBaseClass):
+        pass
+
+    # Refused before the queue pool is even looked at: nothing reaches a cluster.
+    with pytest.raises(ConsumerInitError, match="NoItems cannot be made: it does not define process_item") as info:
+        ConsumerPool(None, object(), NoItems)  # type: ignore[arg-type]
+    assert isinstance(info.value, PlacementError) and isinstance(info.value, ZdqError)
+
+
+class _Unpicklable(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def _raised_from(cause: BaseException) -> ConsumerInitError:
+    try:
+        try:
+            raise cause
+        except Exception as e:
+            raise ConsumerInitError("consumer class C raised it in __init__") from e
+    except ConsumerInitError as error:
+        return error
+
+
+@pytest.mark.parametrize("dumps", [pickle.dumps, cloudpickle.dumps], ids=["pickle", "cloudpickle"])
+def test_a_consumer_init_error_travels_with_its_cause_or_a_stand_in_that_says_what_it_was(dumps: Any) -> None:
+    sent = pickle.loads(dumps(_raised_from(ConnectionError("database unreachable"))))
+    assert type(sent) is ConsumerInitError and str(sent) == "consumer class C raised it in __init__"
+    assert type(sent.__cause__) is ConnectionError and str(sent.__cause__) == "database unreachable"
+
+    sent = pickle.loads(dumps(_raised_from(_Unpicklable("holds a lock"))))
+    cause = sent.__cause__
+    assert isinstance(cause, RemoteTaskError) and cause.type_name.endswith("_Unpicklable")
+    assert "holds a lock" in str(cause) and "_raised_from" in cause.remote_traceback
+
+
+def test_a_consumer_made_with_its_class_reports_itself_unhealthy_once_its_start_fails() -> None:
+    from zdq.config import settings
+    from zdq.consumer import Consumer
+
+    consumer = Consumer("C-0", b"c" * 16, UsesId, settings(), pool=("zdq-pool", None), number=1, batch_size=5)
+    assert consumer.health() == (True, "not started")
+    # A start that fails (here before any socket or thread: two endpoints for one queue) leaves a
+    # live actor that never runs: the pool's supervisor replaces it only if health() says so.
+    with pytest.raises(ValueError, match="2 endpoints for 1 queues"):
+        consumer.start(["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"], [0])
+    healthy, why = consumer.health()
+    assert not healthy and "consumer C-0 on this process could not start: ValueError" in why, why
+
+
+def test_the_consumer_actor_makes_its_class_at_once_and_names_it_when_its_init_raises() -> None:
+    from zdq.config import settings
+    from zdq.consumer import Consumer
+
+    class Broken(ConsumerBaseClass):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            raise ConnectionError(f"database of {self.pool} unreachable")
+
+        def process_item(self, item: Any) -> Any:
+            return item
+
+    with pytest.raises(ConsumerInitError) as info:
+        Consumer("Broken-3", b"c" * 16, Broken, settings(), pool=("zdq-pool", None), number=4)
+    message = str(info.value)
+    assert message.startswith("consumer class ") and "Broken raised ConnectionError in __init__" in message, message
+    assert "(consumer Broken-3 on this process): database of zdq-pool unreachable" in message, message
+    assert type(info.value.__cause__) is ConnectionError

@@ -20,6 +20,7 @@ state                  owner
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Generator, Mapping, Sequence
@@ -34,7 +35,7 @@ from zdq.client.queue_pool import QueuePool
 from zdq.client.slots import Supervisor
 from zdq.config import seconds_or_none, timeout_or_none
 from zdq.consumer import ConsumerBaseClass, GeneralConsumer
-from zdq.errors import BrokerUnreachable, ClosedError, PlacementError, ZdqTimeoutError
+from zdq.errors import BrokerUnreachable, ClosedError, ConsumerInitError, PlacementError, ZdqTimeoutError
 from zdq.names import counted
 from zdq.stats import ConsumerStats
 
@@ -91,8 +92,9 @@ class ConsumerPool:
         The queues to consume.
     ConsumerClass : type
         A :class:`ConsumerBaseClass` subclass; its ``process_item`` handles raw items. Each
-        consumer makes one on its worker with daskqueue's arguments (see
-        :class:`ConsumerBaseClass`).
+        consumer makes one on its worker when it is placed, here, with daskqueue's arguments
+        (see :class:`ConsumerBaseClass`): as in daskqueue, what its ``__init__`` raises is raised
+        here (a :class:`ConsumerInitError` caused by it), and nothing stays placed.
     n_consumers : int
         Consumers to place, spread over the workers (fewer than queues is fine).
     batch_size : int, optional
@@ -157,6 +159,12 @@ class ConsumerPool:
     ) -> None:
         if not (isinstance(ConsumerClass, type) and issubclass(ConsumerClass, ConsumerBaseClass)):
             raise TypeError(f"ConsumerClass must be a subclass of ConsumerBaseClass, got {ConsumerClass!r}")
+        if inspect.isabstract(ConsumerClass):  # said here, before any actor is placed to fail the same
+            missing = ", ".join(sorted(getattr(ConsumerClass, "__abstractmethods__", ())))
+            raise ConsumerInitError(
+                f"consumer class {ConsumerClass.__qualname__} cannot be made: it does not define {missing} "
+                "(a ConsumerBaseClass subclass defines process_item(self, item))"
+            )
         for label, value, least in (("n_consumers", n_consumers, 1), ("max_concurrency", max_concurrency, 1)):
             if not _integer(value, least):
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
@@ -239,6 +247,9 @@ class ConsumerPool:
         try:
             # Placed started, each consumer starts in its constructor: start() then only checks reach.
             self._consumers.place_all(start=start)
+        except ConsumerInitError:  # the class's own error, as it is (it names the class and consumer)
+            self.close()
+            raise
         except Exception as e:
             self.close()
             raise PlacementError(f"could not place consumers: {e}") from e

@@ -27,6 +27,9 @@ no consumer has been live for ``no_consumer_timeout`` :meth:`ConsumerSlots.stran
 naming the constraint; ``join()`` and ``result()`` raise it (:class:`~zdq.errors.NoEligibleWorkers`)
 instead of waiting for ever. A matching worker that joins gets the replacements, and the waits
 go on as usual.
+
+The consumer class is made in the consumer actor's constructor: a class whose ``__init__`` raises
+fails the pool's placement at once (:class:`~zdq.errors.ConsumerInitError`, nothing left placed).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from zdq.client.slots import (
     wait_created,
 )
 from zdq.config import PoolSettings
-from zdq.errors import PlacementError
+from zdq.errors import ConsumerInitError, PlacementError
 from zdq.consumer import Consumer, ConsumerBaseClass
 from zdq.client.driver import Driver
 from zdq.names import consumer_names
@@ -164,6 +167,10 @@ class ConsumerSlots:
 
         Raises
         ------
+        ConsumerInitError
+            (a :class:`PlacementError`) The consumer class raised in its ``__init__``: the first
+            such error, caused by what the class raised, saying how many consumers failed so.
+            Nothing is left placed.
         PlacementError
             Some actor was not created within ``timeout`` seconds: the message names each such
             consumer and its worker (stopped, or too busy to answer). Or, with ``start``, some
@@ -178,6 +185,7 @@ class ConsumerSlots:
             for i in range(self.n):
                 submitted.append((i, *self._submit(i, known, start=start, prefer=where[i] if where else None)))
             self._wait_created([(i, fut) for i, fut, _ in submitted], timeout, known)
+            self._raise_init_errors([(i, fut) for i, fut, _ in submitted])
             actors = gather_actors(self.client, [fut for _, fut, _ in submitted], timeout)
             for (i, fut, ident), actor in zip(submitted, actors):
                 self._adopt(i, fut, ident, actor)
@@ -188,6 +196,27 @@ class ConsumerSlots:
             for _, fut, _ in submitted:
                 release_future(fut)
             raise
+
+    def _raise_init_errors(self, placed: list[tuple[int, Any]]) -> None:
+        """Raise the :class:`ConsumerInitError` of the consumers of ``placed`` (slot, future;
+        created or failed) whose class raised in ``__init__``: a new one on this side (its traceback
+        the caller's), caused by the class's own exception."""
+        failed = []
+        for _, fut in placed:
+            if fut.status != "error":
+                continue
+            try:
+                error = fut.exception(timeout=10)
+            except Exception as e:  # noqa: BLE001 - gathering the actors says it
+                logger.debug("the error of consumer future %s could not be read: %s", fut.key, e)
+                continue
+            if isinstance(error, ConsumerInitError):
+                failed.append(error)
+        if not failed:
+            return
+        first = failed[0]
+        alike = f" ({len(failed)} of {self.n} consumers failed so)" if len(failed) > 1 else ""
+        raise ConsumerInitError(f"{first}{alike}") from first.__cause__
 
     def _wait_created(self, placing: list[tuple[int, Any]], timeout: float, known: dict[str, Any] | None = None) -> None:
         """Wait (``timeout`` for all) until the actors of ``placing`` (slot, future) are created;
@@ -290,7 +319,9 @@ class ConsumerSlots:
             try:
                 call.result(timeout=timeout)
             except Exception as e:
-                # Lost or unhealthy consumers are replaced by the supervisor, with what they missed.
+                # Lost consumers are replaced by the supervisor, with what they missed; so is one whose
+                # start() failed (its health() says so from then on: see Consumer.start). A class
+                # whose __init__ raises never gets here: the pool's placement raised it.
                 (logger.warning if method == "start" else logger.debug)("%s on consumer %s failed: %s", method, name, e)
 
     # -- supervision (the pool's supervisor thread) -----------------------------------------------
