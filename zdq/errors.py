@@ -74,7 +74,9 @@ class ConsumerInitError(PlacementError):
     :class:`RemoteTaskError` standing in for one that cannot be pickled, its remote traceback in a
     note).
 
-    Raised by ``ConsumerPool(...)``, which makes the consumers (as daskqueue did)."""
+    Raised by ``ConsumerPool(...)``, which makes the consumers (as daskqueue did); a replacement
+    whose class raises is tried again by the pool's supervisor, and ``join()`` says so past
+    ``zdq.no-consumer-timeout`` (see :class:`NoEligibleWorkers`)."""
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Sent from the worker that made the consumer: its cause goes with it (a pickled
@@ -238,8 +240,11 @@ class NoConsumers(ZdqError, RuntimeError):
 class NoEligibleWorkers(NoConsumers):
     """Tasks are pending, the consumers were started, and none has been placed for
     ``zdq.no-consumer-timeout``: no live worker satisfies the ConsumerPool's placement constraint
-    (``workers=``, ``resources=``), which the message names. The pool keeps trying: once a matching
-    worker joins, consumers are placed there and ``join()`` and ``result()`` wait again as usual.
+    (``workers=``, ``resources=``), which the message names, or none can make its consumer class
+    (its ``__init__`` raises on every try: the message names the class and what it raised; while
+    other consumers live, ``join()`` raises it for the queues holding tasks that only such
+    consumers serve, naming them). The pool keeps trying: once a consumer is placed, ``join()`` and
+    ``result()`` wait again as usual.
     A :class:`NoConsumers`, so code that catches that one for an unstarted pool catches this too."""
 
 

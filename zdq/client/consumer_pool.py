@@ -35,7 +35,14 @@ from zdq.client.queue_pool import QueuePool
 from zdq.client.slots import Supervisor
 from zdq.config import seconds_or_none, timeout_or_none
 from zdq.consumer import ConsumerBaseClass, GeneralConsumer
-from zdq.errors import BrokerUnreachable, ClosedError, ConsumerInitError, PlacementError, ZdqTimeoutError
+from zdq.errors import (
+    BrokerUnreachable,
+    ClosedError,
+    ConsumerInitError,
+    NoEligibleWorkers,
+    PlacementError,
+    ZdqTimeoutError,
+)
 from zdq.names import counted
 from zdq.stats import ConsumerStats
 
@@ -127,7 +134,10 @@ class ConsumerPool:
     (``early_ack=False``), no retries, one execution thread (fastest for short tasks).
 
     A supervisor thread replaces a consumer whose worker dies, so ``n_consumers`` stay alive;
-    the dead one's chunks return to their queues when its heartbeats stop.
+    the dead one's chunks return to their queues when its heartbeats stop. A replacement whose
+    class raises in ``__init__`` is tried again every second; past ``zdq.no-consumer-timeout``
+    with no consumer live, or with queues holding tasks that only such consumers serve,
+    ``join()`` raises, naming the class and what it raised.
 
     Examples
     --------
@@ -318,6 +328,15 @@ class ConsumerPool:
         names = self.queue_pool.queue_names
         return {names[i]: why for i, why in self._consumers.orphans().items()}
 
+    def unserved(self) -> dict[str, str]:
+        """Queues that only consumers of this pool whose class raises in ``__init__`` on every try
+        serve, for ``zdq.no-consumer-timeout`` (the others live), with why: ``join()`` raises
+        :class:`NoEligibleWorkers` for those that hold tasks."""
+        if not self._running or self._closed:
+            return {}
+        names = self.queue_pool.queue_names
+        return {names[i]: why for i, why in self._consumers.unserved().items()}
+
     # -- supervision ------------------------------------------------------------------------------
     def _stopping(self) -> bool:
         return self._closed or self._supervisor is None or self._supervisor.stopping
@@ -411,8 +430,11 @@ class ConsumerPool:
         NoEligibleWorkers
             (a :class:`NoConsumers`) Tasks are pending and no consumer of any started ConsumerPool
             of the queue pool has been placed for ``zdq.no-consumer-timeout`` (30 s): every worker
-            its ``workers=`` / ``resources=`` allow has left. The message names the constraint.
-            The pool keeps trying: a ``join()`` after a matching worker joins waits as usual.
+            its ``workers=`` / ``resources=`` allow has left (the message names the constraint),
+            or its consumer class raises in ``__init__`` on every try (the message names the class
+            and what it raised); also, while other consumers live, for a queue holding tasks that
+            only such consumers serve (named). The pool keeps trying: a ``join()`` once a consumer
+            is placed again waits as usual.
 
         Parameters
         ----------
@@ -434,7 +456,7 @@ class ConsumerPool:
             # folded by task id as they come, while the tasks run, not all when it is called.
             self.queue_pool.consumer_registry.start_folding()
         try:
-            statuses = self.queue_pool.wait_drained(timeout, timestep=timestep, progress=bar, check=self._raise_unreached)
+            statuses = self.queue_pool.wait_drained(timeout, timestep=timestep, progress=bar, check=self._raise_unserved)
         finally:
             if bar is not None:
                 bar.close()
@@ -442,19 +464,28 @@ class ConsumerPool:
         if stop:
             self.cancel()
 
-    def _raise_unreached(self, statuses: list[Any]) -> None:
-        """Raise if a queue that holds tasks is reached by no consumer of any of the queue pool's
-        ConsumerPools (it was placed again where they cannot connect)."""
-        orphans = self._consumers.orphans()
-        for broker, why in orphans.items():
+    def _raise_unserved(self, statuses: list[Any]) -> None:
+        """Raise if a queue that holds tasks is served by no consumer of any of the queue pool's
+        ConsumerPools: it was placed again where they cannot connect (:class:`BrokerUnreachable`),
+        or the only consumers that serve it cannot be made (:class:`NoEligibleWorkers`)."""
+        for _, why in self._held_by_none(self._consumers.orphans(), "unreached", statuses):
+            raise BrokerUnreachable(f"join: {why}")
+        for queue, why in self._held_by_none(self._consumers.unserved(), "unserved", statuses):
+            raise NoEligibleWorkers(f"join: queue {queue} holds tasks and {why}")
+
+    def _held_by_none(self, found: dict[int, str], method: str, statuses: list[Any]) -> list[tuple[str, str]]:
+        """``(queue name, why)`` of the queues of ``found`` (by index) that hold ready tasks and that
+        no other running ConsumerPool serves (``method``: the queues it says it does not)."""
+        out = []
+        for broker, why in found.items():
             status = statuses[broker] if broker < len(statuses) else None
             if status is None or not status.ready_tasks:
                 continue
             queue = self.queue_pool.queue_names[broker]
             others = [pool for pool in self.queue_pool.consumer_pools() if pool is not self and pool.running]
-            if any(queue not in pool.unreached() for pool in others):
-                continue  # another pool's consumers serve it
-            raise BrokerUnreachable(f"join: {why}")
+            if not any(queue not in getattr(pool, method)() for pool in others):
+                out.append((queue, why))
+        return out
 
     def _report(self, statuses: list[Any]) -> None:
         """The end of a join: how much ran, and what failed, said where it shows."""
@@ -567,6 +598,9 @@ class ConsumerPool:
         state = "running" if self._running else "idle (call start())"
         if self.replacements:
             state += f", {self.replacements} replaced"
+        outage = self._consumers.outage() if self._running else ""
+        if outage:  # "running" alone would hide that nothing runs (a class whose __init__ raises)
+            state += f"; {outage}"
         if self.queue_pool.live_driver() is None:
             return f"{head}, {state}; its queue pool is closed"
         registry = self.queue_pool.consumer_registry
