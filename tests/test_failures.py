@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import dask.config
 import pytest
 from distributed import Client
 
-from zdq import BrokerLost, ConsumerPool, DeadLettered, QueuePool, TaskTimeout
-from zdq.errors import BatchError, RemoteTaskError
+from zdq import BrokerLost, ConsumerBaseClass, ConsumerPool, DeadLettered, QueuePool, TaskTimeout
+from zdq.errors import BatchError, NoConsumers, RemoteTaskError
 from zdq._actor import scheduler_workers
 
-from .conftest import pid_of as _pid_of, wait_until
+from .conftest import call_bounded, pid_of as _pid_of, wait_until
 from .tasks import add, flaky, poison, raise_key_error, sleep, slow_add, span, tiny_sleep
 
 if TYPE_CHECKING:  # pytest loads tests.harness as a plugin: imported here first, its asserts would not be rewritten
@@ -143,6 +145,97 @@ def test_killing_a_worker_that_holds_consumers_loses_no_task(client3: Client) ->
             redelivered = sum(b.chunks_redelivered + b.chunks_split for b in stats.brokers)
             assert redelivered > 0  # the dead consumers' chunks came back and ran elsewhere
             wait_until(lambda: consumers.replacements >= 2, timeout=60)
+
+
+def _database_down(pool: str) -> Path:
+    """The file that says the database of pool ``pool`` is down (the workers share this disk)."""
+    return Path(tempfile.gettempdir()) / f"zdq-test-{pool}-database-down"
+
+
+class NeedsItsDatabase(ConsumerBaseClass):
+    """Connects to a database in its __init__, which fails while its pool's file says it is down."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if _database_down(self.pool).exists():
+            raise ConnectionError("database unreachable")
+
+    def process_item(self, item: Any) -> Any:
+        return item
+
+
+@pytest.mark.faults
+def test_a_replacement_whose_class_raises_is_tried_again_join_names_the_class_and_the_work_resumes_once_it_is_made(
+    client3: Client,
+) -> None:
+    # The bound is set as users do (a configuration key); 3 s instead of 30 s.
+    with dask.config.set({"zdq.no-consumer-timeout": "3s"}), QueuePool(client3, 1, workers=["a"], **FAST) as queue_pool:
+        down = _database_down(queue_pool.name)
+        try:
+            with ConsumerPool(client3, queue_pool, NeedsItsDatabase, n_consumers=1, workers=["b", "c"], **FAST) as consumers:
+                consumers.start()
+                assert queue_pool.put("first").result(timeout=60) == "first"
+                (where,) = [s.worker for s in consumers.statistics()]
+                name = str(scheduler_workers(client3)[where]["name"])
+                down.touch()  # from now on the class cannot be made: its replacement raises
+                os.kill(_pid_of(client3, name), signal.SIGKILL)
+                batch = queue_pool.put_many(list(range(10)))
+
+                # join() raises within the bound (and a few supervision rounds), naming the class and
+                # what it raised; before, it waited for ever.
+                started = time.monotonic()
+                with pytest.raises(NoConsumers) as info:
+                    call_bounded(lambda: consumers.join(timeout=60), 90, "join() while the class cannot be made")
+                assert time.monotonic() - started < 40, f"join() raised only after {time.monotonic() - started:.0f} s"
+                message = str(info.value)
+                assert "consumer class NeedsItsDatabase raises in __init__ on every try" in message, message
+                assert "ConnectionError" in message and "database unreachable" in message, message
+                shown = repr(consumers)  # not "running" alone: why nothing runs
+                assert "no consumer live for" in shown and "database unreachable" in shown, shown
+
+                # The database is back: the supervisor, still trying, makes the consumer, and the work resumes.
+                down.unlink()
+                wait_until(lambda: not consumers.stranded(), timeout=30)  # its next try (every second)
+                call_bounded(lambda: consumers.join(timeout=90), 120, "join() once the class can be made")
+                assert batch.result(timeout=10) == list(range(10))
+                assert consumers.replacements >= 1
+        finally:
+            down.unlink(missing_ok=True)
+
+
+@pytest.mark.faults
+def test_queues_served_only_by_a_consumer_whose_class_cannot_be_made_again_make_join_raise_while_others_live(
+    client3: Client,
+) -> None:
+    with dask.config.set({"zdq.no-consumer-timeout": "3s"}), QueuePool(client3, 4, workers=["a"], **FAST) as queue_pool:
+        down = _database_down(queue_pool.name)
+        try:
+            with ConsumerPool(client3, queue_pool, NeedsItsDatabase, n_consumers=2, workers=["b", "c"], **FAST) as consumers:
+                assert consumers.served == [[0, 1], [2, 3]]  # fan-out 2: each consumer serves two queues
+                consumers.start()
+                where = {s.name: s.worker for s in consumers.statistics()}
+                assert where["NeedsItsDatabase-0"] != where["NeedsItsDatabase-1"], where
+                down.touch()
+                os.kill(_pid_of(client3, str(scheduler_workers(client3)[where["NeedsItsDatabase-1"]]["name"])), signal.SIGKILL)
+                batch = queue_pool.put_many(list(range(40)), batch_size=1)  # chunks of one: on every queue
+
+                # NeedsItsDatabase-0 lives and drains queues 0 and 1; 2 and 3 wait on a consumer that
+                # cannot be made: join() says so within the bound instead of waiting for ever.
+                started = time.monotonic()
+                with pytest.raises(NoConsumers) as info:
+                    call_bounded(lambda: consumers.join(timeout=60), 90, "join() while one consumer cannot be made")
+                assert time.monotonic() - started < 40, f"join() raised only after {time.monotonic() - started:.0f} s"
+                message = str(info.value)
+                assert f"queue {queue_pool.queue_names[2]} holds tasks" in message or queue_pool.queue_names[3] in message, message
+                assert "no consumer serving it (NeedsItsDatabase-1)" in message, message
+                assert "raises in __init__ on every try" in message and "database unreachable" in message, message
+
+                down.unlink()
+                wait_until(lambda: not consumers.unserved(), timeout=30)  # its next try (every second)
+                call_bounded(lambda: consumers.join(timeout=90), 120, "join() once the class can be made")
+                assert batch.result(timeout=10) == list(range(40))
+        finally:
+            down.unlink(missing_ok=True)
 
 
 def test_a_poison_task_is_dead_lettered_after_its_attempts_and_the_queue_carries_on(

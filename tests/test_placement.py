@@ -19,7 +19,7 @@ from zdq import ConsumerBaseClass, ConsumerPool, QueuePool
 from zdq._actor import scheduler_workers
 from zdq.client.consumers import ConsumerSlots
 from zdq.client.slots import release_future
-from zdq.errors import PlacementError
+from zdq.errors import ConsumerInitError, PlacementError, ZdqError
 
 from .conftest import wait_until
 from .tasks import add
@@ -58,6 +58,17 @@ class FailsOnItsSecondSlot(ConsumerBaseClass):
         return item
 
 
+class CannotReachItsDatabase(ConsumerBaseClass):
+    """Opens a resource per consumer in its __init__, which fails (daskqueue raised it at ConsumerPool)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        raise ConnectionError("database unreachable")
+
+    def process_item(self, item: Any) -> Any:
+        return item
+
+
 def _consumer_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith(("zdq-consumer-", "zdq-standby-", "zdq-exec-"))]
 
@@ -85,6 +96,41 @@ def test_a_consumer_that_cannot_start_at_placement_fails_it_naming_its_worker(cl
         # The pool still serves a ConsumerPool that can start (the failed one left nothing behind).
         with ConsumerPool(client, qp, n_consumers=1, start=True):
             assert qp.submit(add, 2, 3).result(timeout=30) == 5
+
+
+@pytest.mark.parametrize("start", [False, True], ids=["placed", "placed-started"])
+def test_a_consumer_class_whose_init_raises_fails_the_consumer_pool_at_once_with_its_own_error_and_places_nothing(
+    client: Client, start: bool
+) -> None:
+    with QueuePool(client, 1) as qp:
+        started = time.monotonic()
+        with pytest.raises(ConsumerInitError) as info:
+            ConsumerPool(client, qp, CannotReachItsDatabase, n_consumers=2, start=start)
+        assert time.monotonic() - started < 20.0, "the class's error must come at once, not after a timeout"
+        error = info.value
+        assert isinstance(error, PlacementError) and isinstance(error, ZdqError)
+        assert type(error.__cause__) is ConnectionError and str(error.__cause__) == "database unreachable"
+        message = str(error)
+        assert "consumer class CannotReachItsDatabase raised ConnectionError in __init__" in message, message
+        assert "database unreachable" in message and "2 of 2 consumers" in message, message
+        assert not qp.consumer_pools(), "the failed ConsumerPool must not stay registered"
+        # Nothing half-placed: the pool serves the next ConsumerPool (no actor or thread left: the
+        # client fixture's leak check).
+        with ConsumerPool(client, qp, n_consumers=1) as consumers:
+            consumers.start()
+            assert qp.submit(add, 2, 3).result(timeout=30) == 5
+
+
+def test_a_consumer_class_that_raises_on_one_worker_only_releases_the_consumers_that_were_made(client: Client) -> None:
+    second = sorted(scheduler_workers(client))[1]  # where slot 1 goes
+    with QueuePool(client, 1) as qp:
+        with pytest.raises(ConsumerInitError) as info:
+            ConsumerPool(client, qp, FailsOnItsSecondSlot, n_consumers=2)
+        message = str(info.value)
+        assert "FailsOnItsSecondSlot-1" in message and second in message and "RuntimeError" in message, message
+        assert type(info.value.__cause__) is RuntimeError and "no device here" in str(info.value.__cause__)
+    # The consumer made on the other worker was released with the placement: the client fixture's
+    # leak check finds no actor left.
 
 
 def test_consumers_placed_started_stop_by_themselves_once_their_actors_are_released(client: Client) -> None:

@@ -24,6 +24,24 @@ class Upper(ConsumerBaseClass):
         return item.upper()
 
 
+class LogsItsId(ConsumerBaseClass):
+    """As daskqueue's examples: ``logger.debug(f"[{self.id}] : Processing {item}")``."""
+
+    def process_item(self, item: int) -> str:
+        return f"[{self.id}] {item}"
+
+
+class DaskqueueInit(ConsumerBaseClass):
+    """A subclass written for daskqueue 0.2, with its ConsumerBaseClass.__init__ signature."""
+
+    def __init__(self, id, name, pool, batch_size, max_concurrency, retries, early_ack):  # type: ignore[no-untyped-def]
+        super().__init__(id, name, pool, batch_size, max_concurrency, retries, early_ack)
+        self.prefix = f"{self.name}/{self.pool}/{self.batch_size}/{self.max_concurrency}/{self.n_retries}/{self.early_ack}"
+
+    def process_item(self, item: int) -> str:
+        return f"{self.prefix}: {item}"
+
+
 def test_a_queue_handle_answers_daskqueues_queue_methods_with_futures(client: Client) -> None:
     with QueuePool(client, 2) as queue_pool:
         for _ in range(10):
@@ -324,3 +342,24 @@ def test_daskqueues_queue_pool_keywords_are_taken_with_zdqs_nearest_meaning_and_
         QueuePool(client, 1, ack_timeout=5, heartbeat_timeout="5s")
     with pytest.raises(TypeError, match="retry must be True or False"):
         QueuePool(client, 1, retry="no")
+
+
+def test_daskqueue_subclasses_run_their_items_with_self_id_and_their_own_init_signature(client: Client) -> None:
+    with QueuePool(client, 2) as queue_pool:
+        with ConsumerPool(client, queue_pool, LogsItsId, n_consumers=2) as consumers:
+            batch = queue_pool.put_many(list(range(20)))
+            consumers.start()
+            consumers.join(timeout=60)
+            values = batch.result(timeout=10)
+            assert [value.split()[1] for value in values] == [str(i) for i in range(20)]
+            assert {value.split()[0] for value in values} <= {"[1]", "[2]"}, values
+            for name, results in consumers.results().items():
+                number = int(name.rsplit("-", 1)[1]) + 1  # daskqueue's id: the consumer's index + 1
+                assert all(value.startswith(f"[{number}] ") for value in results.values()), (name, results)
+        # daskqueue's positional order: ConsumerClass, n_consumers, batch_size, retries, early_ack, max_concurrency
+        with ConsumerPool(client, queue_pool, DaskqueueInit, 1, 7, 2, True, 3) as consumers:
+            batch = queue_pool.put_many([1, 2])
+            consumers.start()
+            consumers.join(timeout=60)
+            prefix = f"DaskqueueInit-0/{queue_pool.name}/7/3/2/True"
+            assert batch.result(timeout=10) == [f"{prefix}: 1", f"{prefix}: 2"]

@@ -17,6 +17,7 @@ __all__ = [
     "SerializationError",
     "ProtocolError",
     "PlacementError",
+    "ConsumerInitError",
     "AddressError",
     "BrokerLost",
     "BrokerUnreachable",
@@ -64,6 +65,48 @@ class ProtocolError(ZdqError, ValueError):
 
 class PlacementError(ZdqError):
     """Dask could not place or start a broker or consumer actor."""
+
+
+class ConsumerInitError(PlacementError):
+    """A ConsumerPool's consumer class cannot be made: its ``__init__`` raised on a worker, or it is
+    abstract (it defines no ``process_item``). The message names the class, the consumer and its
+    worker, and what was raised; ``__cause__`` is that exception, as raised on the worker (or a
+    :class:`RemoteTaskError` standing in for one that cannot be pickled, its remote traceback in a
+    note).
+
+    Raised by ``ConsumerPool(...)``, which makes the consumers (as daskqueue did); a replacement
+    whose class raises is tried again by the pool's supervisor, and ``join()`` says so past
+    ``zdq.no-consumer-timeout`` (see :class:`NoEligibleWorkers`)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Sent from the worker that made the consumer: its cause goes with it (a pickled
+        # exception drops __cause__), as itself if it pickles, else as a RemoteTaskError.
+        return (_rebuild_caused, (type(self), self.args, _portable(self.__cause__)), self.__dict__)
+
+
+def _portable(error: BaseException | None) -> BaseException | None:
+    """``error`` if it pickles, else a :class:`RemoteTaskError` that says what it was."""
+    if error is None:
+        return None
+    import traceback
+
+    import cloudpickle
+
+    try:
+        cloudpickle.dumps(error)
+        return error
+    except Exception:  # noqa: BLE001 - anything that fails to pickle is sent as its description
+        kind = type(error)
+        text = "".join(traceback.format_exception(error)).rstrip()
+        stand_in = RemoteTaskError(f"{kind.__module__}.{kind.__qualname__}", str(error), text)
+        stand_in.add_note(f"remote traceback (zdq consumer):\n{text}")
+        return stand_in
+
+
+def _rebuild_caused(kind: type[BaseException], args: tuple[Any, ...], cause: BaseException | None) -> BaseException:
+    error = kind(*args)
+    error.__cause__ = cause
+    return error
 
 
 class AddressError(PlacementError):
@@ -197,8 +240,11 @@ class NoConsumers(ZdqError, RuntimeError):
 class NoEligibleWorkers(NoConsumers):
     """Tasks are pending, the consumers were started, and none has been placed for
     ``zdq.no-consumer-timeout``: no live worker satisfies the ConsumerPool's placement constraint
-    (``workers=``, ``resources=``), which the message names. The pool keeps trying: once a matching
-    worker joins, consumers are placed there and ``join()`` and ``result()`` wait again as usual.
+    (``workers=``, ``resources=``), which the message names, or none can make its consumer class
+    (its ``__init__`` raises on every try: the message names the class and what it raised; while
+    other consumers live, ``join()`` raises it for the queues holding tasks that only such
+    consumers serve, naming them). The pool keeps trying: once a consumer is placed, ``join()`` and
+    ``result()`` wait again as usual.
     A :class:`NoConsumers`, so code that catches that one for an unstarted pool catches this too."""
 
 

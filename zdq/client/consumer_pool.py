@@ -20,6 +20,7 @@ state                  owner
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Generator, Mapping, Sequence
@@ -34,7 +35,14 @@ from zdq.client.queue_pool import QueuePool
 from zdq.client.slots import Supervisor
 from zdq.config import seconds_or_none, timeout_or_none
 from zdq.consumer import ConsumerBaseClass, GeneralConsumer
-from zdq.errors import BrokerUnreachable, ClosedError, PlacementError, ZdqTimeoutError
+from zdq.errors import (
+    BrokerUnreachable,
+    ClosedError,
+    ConsumerInitError,
+    NoEligibleWorkers,
+    PlacementError,
+    ZdqTimeoutError,
+)
 from zdq.names import counted
 from zdq.stats import ConsumerStats
 
@@ -90,7 +98,10 @@ class ConsumerPool:
     queue_pool : QueuePool
         The queues to consume.
     ConsumerClass : type
-        A :class:`ConsumerBaseClass` subclass; its ``process_item`` handles raw items.
+        A :class:`ConsumerBaseClass` subclass; its ``process_item`` handles raw items. Each
+        consumer makes one on its worker when it is placed, here, with daskqueue's arguments
+        (see :class:`ConsumerBaseClass`): as in daskqueue, what its ``__init__`` raises is raised
+        here (a :class:`ConsumerInitError` caused by it), and nothing stays placed.
     n_consumers : int
         Consumers to place, spread over the workers (fewer than queues is fine).
     batch_size : int, optional
@@ -124,7 +135,10 @@ class ConsumerPool:
     (``early_ack=False``), no retries, one execution thread (fastest for short tasks).
 
     A supervisor thread replaces a consumer whose worker dies, so ``n_consumers`` stay alive;
-    the dead one's chunks return to their queues when its heartbeats stop.
+    the dead one's chunks return to their queues when its heartbeats stop. A replacement whose
+    class raises in ``__init__`` is tried again every second; past ``zdq.no-consumer-timeout``
+    with no consumer live, or with queues holding tasks that only such consumers serve,
+    ``join()`` raises, naming the class and what it raised.
 
     Examples
     --------
@@ -156,6 +170,12 @@ class ConsumerPool:
     ) -> None:
         if not (isinstance(ConsumerClass, type) and issubclass(ConsumerClass, ConsumerBaseClass)):
             raise TypeError(f"ConsumerClass must be a subclass of ConsumerBaseClass, got {ConsumerClass!r}")
+        if inspect.isabstract(ConsumerClass):  # said here, before any actor is placed to fail the same
+            missing = ", ".join(sorted(getattr(ConsumerClass, "__abstractmethods__", ())))
+            raise ConsumerInitError(
+                f"consumer class {ConsumerClass.__qualname__} cannot be made: it does not define {missing} "
+                "(a ConsumerBaseClass subclass defines process_item(self, item))"
+            )
         for label, value, least in (("n_consumers", n_consumers, 1), ("max_concurrency", max_concurrency, 1)):
             if not _integer(value, least):
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
@@ -226,6 +246,7 @@ class ConsumerPool:
             max_concurrency=self.max_concurrency,
             early_ack=self.early_ack,
             retries=self.retries or 0,
+            batch_size=self.batch_size,
             time_limit=self.time_limit,
             hard=self.hard,
             allowed_workers=allowed_workers(client, workers),
@@ -239,6 +260,9 @@ class ConsumerPool:
         try:
             # Placed started, each consumer starts in its constructor: start() then only checks reach.
             self._consumers.place_all(start=start)
+        except ConsumerInitError:  # the class's own error, as it is (it names the class and consumer)
+            self.close()
+            raise
         except Exception as e:
             self.close()
             raise PlacementError(f"could not place consumers: {e}") from e
@@ -306,6 +330,15 @@ class ConsumerPool:
         ``join()`` raises :class:`BrokerUnreachable` for those that hold tasks."""
         names = self.queue_pool.queue_names
         return {names[i]: why for i, why in self._consumers.orphans().items()}
+
+    def unserved(self) -> dict[str, str]:
+        """Queues that only consumers of this pool whose class raises in ``__init__`` on every try
+        serve, for ``zdq.no-consumer-timeout`` (the others live), with why: ``join()`` raises
+        :class:`NoEligibleWorkers` for those that hold tasks."""
+        if not self._running or self._closed:
+            return {}
+        names = self.queue_pool.queue_names
+        return {names[i]: why for i, why in self._consumers.unserved().items()}
 
     # -- supervision ------------------------------------------------------------------------------
     def _stopping(self) -> bool:
@@ -402,8 +435,11 @@ class ConsumerPool:
         NoEligibleWorkers
             (a :class:`NoConsumers`) Tasks are pending and no consumer of any started ConsumerPool
             of the queue pool has been placed for ``zdq.no-consumer-timeout`` (30 s): every worker
-            its ``workers=`` / ``resources=`` allow has left. The message names the constraint.
-            The pool keeps trying: a ``join()`` after a matching worker joins waits as usual.
+            its ``workers=`` / ``resources=`` allow has left (the message names the constraint),
+            or its consumer class raises in ``__init__`` on every try (the message names the class
+            and what it raised); also, while other consumers live, for a queue holding tasks that
+            only such consumers serve (named). The pool keeps trying: a ``join()`` once a consumer
+            is placed again waits as usual.
 
         Parameters
         ----------
@@ -425,7 +461,7 @@ class ConsumerPool:
             # folded by task id as they come, while the tasks run, not all when it is called.
             self.queue_pool.consumer_registry.start_folding()
         try:
-            statuses = self.queue_pool.wait_drained(timeout, timestep=timestep, progress=bar, check=self._raise_unreached)
+            statuses = self.queue_pool.wait_drained(timeout, timestep=timestep, progress=bar, check=self._raise_unserved)
         finally:
             if bar is not None:
                 bar.close()
@@ -433,19 +469,28 @@ class ConsumerPool:
         if stop:
             self.cancel()
 
-    def _raise_unreached(self, statuses: list[Any]) -> None:
-        """Raise if a queue that holds tasks is reached by no consumer of any of the queue pool's
-        ConsumerPools (it was placed again where they cannot connect)."""
-        orphans = self._consumers.orphans()
-        for broker, why in orphans.items():
+    def _raise_unserved(self, statuses: list[Any]) -> None:
+        """Raise if a queue that holds tasks is served by no consumer of any of the queue pool's
+        ConsumerPools: it was placed again where they cannot connect (:class:`BrokerUnreachable`),
+        or the only consumers that serve it cannot be made (:class:`NoEligibleWorkers`)."""
+        for _, why in self._held_by_none(self._consumers.orphans(), "unreached", statuses):
+            raise BrokerUnreachable(f"join: {why}")
+        for queue, why in self._held_by_none(self._consumers.unserved(), "unserved", statuses):
+            raise NoEligibleWorkers(f"join: queue {queue} holds tasks and {why}")
+
+    def _held_by_none(self, found: dict[int, str], method: str, statuses: list[Any]) -> list[tuple[str, str]]:
+        """``(queue name, why)`` of the queues of ``found`` (by index) that hold ready tasks and that
+        no other running ConsumerPool serves (``method``: the queues it says it does not)."""
+        out = []
+        for broker, why in found.items():
             status = statuses[broker] if broker < len(statuses) else None
             if status is None or not status.ready_tasks:
                 continue
             queue = self.queue_pool.queue_names[broker]
             others = [pool for pool in self.queue_pool.consumer_pools() if pool is not self and pool.running]
-            if any(queue not in pool.unreached() for pool in others):
-                continue  # another pool's consumers serve it
-            raise BrokerUnreachable(f"join: {why}")
+            if not any(queue not in getattr(pool, method)() for pool in others):
+                out.append((queue, why))
+        return out
 
     def _report(self, statuses: list[Any]) -> None:
         """The end of a join: how much ran, and what failed, said where it shows."""
@@ -558,6 +603,9 @@ class ConsumerPool:
         state = "running" if self._running else "idle (call start())"
         if self.replacements:
             state += f", {self.replacements} replaced"
+        outage = self._consumers.outage() if self._running else ""
+        if outage:  # "running" alone would hide that nothing runs (a class whose __init__ raises)
+            state += f"; {outage}"
         if self.queue_pool.live_driver() is None:
             return f"{head}, {state}; its queue pool is closed"
         registry = self.queue_pool.consumer_registry

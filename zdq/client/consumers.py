@@ -18,7 +18,9 @@ state                               owner
 ``_health_due``, ``_health_next``,  the pool's supervisor thread
 ``replacements``, ``_retry_at``
 ``_none_live_since``,               ``_lock`` (written by the supervisor after each round, read by
-``_last_failure``                   ``join()`` and ``result()`` through :meth:`stranded`)
+``_last_failure``,                  ``join()`` and ``result()`` through :meth:`stranded`, and
+``_class_failed``,                  ``_class_failures`` by ``join()`` through :meth:`unserved`)
+``_class_failures``
 ==================================  ===============================================================
 
 When the workers a pool may use (``workers=``, ``resources=``) have all left, no replacement can be
@@ -27,6 +29,15 @@ no consumer has been live for ``no_consumer_timeout`` :meth:`ConsumerSlots.stran
 naming the constraint; ``join()`` and ``result()`` raise it (:class:`~zdq.errors.NoEligibleWorkers`)
 instead of waiting for ever. A matching worker that joins gets the replacements, and the waits
 go on as usual.
+
+The consumer class is made in the consumer actor's constructor: a class whose ``__init__`` raises
+fails the pool's placement at once (:class:`~zdq.errors.ConsumerInitError`, nothing left placed).
+A replacement whose class raises (a database its ``__init__`` opens went down since) is tried again
+the same way, every :data:`_RETRY_EVERY` seconds: a passing failure heals by itself, and one that
+lasts past ``no_consumer_timeout`` with no consumer live is what :meth:`ConsumerSlots.stranded`
+says, naming the class and what it raised; with other consumers live, the queues that only such
+consumers serve (``fan-out``) are what :meth:`ConsumerSlots.unserved` says, and ``join()`` raises
+for those that hold tasks.
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ from zdq.client.slots import (
     wait_created,
 )
 from zdq.config import PoolSettings
-from zdq.errors import PlacementError
+from zdq.errors import ConsumerInitError, PlacementError
 from zdq.consumer import Consumer, ConsumerBaseClass
 from zdq.client.driver import Driver
 from zdq.names import consumer_names
@@ -110,6 +121,7 @@ class ConsumerSlots:
         max_concurrency: int,
         early_ack: bool,
         retries: int,
+        batch_size: int | None = None,
         time_limit: float | None,
         hard: bool = False,
         allowed_workers: list[str] | None,
@@ -124,6 +136,7 @@ class ConsumerSlots:
         self._max_concurrency = max_concurrency
         self._early_ack = early_ack
         self._retries = retries
+        self._batch_size = batch_size
         self._time_limit = time_limit
         self._hard = hard
         self._allowed = allowed_workers
@@ -150,6 +163,10 @@ class ConsumerSlots:
         # placement failed: stranded() turns them into join()'s and result()'s error.
         self._none_live_since: float | None = None
         self._last_failure = ""
+        self._class_failed = False  # that failure was the consumer class's own (its __init__ raised)
+        # slot -> (since when, why) its class has raised on every try to place it again: while
+        # other consumers live, the queues only such slots serve are what unserved() says.
+        self._class_failures: dict[int, tuple[float, str]] = {}
         #: The endpoints the consumers were placed started with (None: not placed started).
         self._started_with: list[str] | None = None
 
@@ -162,6 +179,10 @@ class ConsumerSlots:
 
         Raises
         ------
+        ConsumerInitError
+            (a :class:`PlacementError`) The consumer class raised in its ``__init__``: the first
+            such error, caused by what the class raised, saying how many consumers failed so.
+            Nothing is left placed.
         PlacementError
             Some actor was not created within ``timeout`` seconds: the message names each such
             consumer and its worker (stopped, or too busy to answer). Or, with ``start``, some
@@ -176,6 +197,7 @@ class ConsumerSlots:
             for i in range(self.n):
                 submitted.append((i, *self._submit(i, known, start=start, prefer=where[i] if where else None)))
             self._wait_created([(i, fut) for i, fut, _ in submitted], timeout, known)
+            self._raise_init_errors([(i, fut) for i, fut, _ in submitted])
             actors = gather_actors(self.client, [fut for _, fut, _ in submitted], timeout)
             for (i, fut, ident), actor in zip(submitted, actors):
                 self._adopt(i, fut, ident, actor)
@@ -186,6 +208,27 @@ class ConsumerSlots:
             for _, fut, _ in submitted:
                 release_future(fut)
             raise
+
+    def _raise_init_errors(self, placed: list[tuple[int, Any]]) -> None:
+        """Raise the :class:`ConsumerInitError` of the consumers of ``placed`` (slot, future;
+        created or failed) whose class raised in ``__init__``: a new one on this side (its traceback
+        the caller's), caused by the class's own exception."""
+        failed = []
+        for _, fut in placed:
+            if fut.status != "error":
+                continue
+            try:
+                error = fut.exception(timeout=10)
+            except Exception as e:  # noqa: BLE001 - gathering the actors says it
+                logger.debug("the error of consumer future %s could not be read: %s", fut.key, e)
+                continue
+            if isinstance(error, ConsumerInitError):
+                failed.append(error)
+        if not failed:
+            return
+        first = failed[0]
+        alike = f" ({len(failed)} of {self.n} consumers failed so)" if len(failed) > 1 else ""
+        raise ConsumerInitError(f"{first}{alike}") from first.__cause__
 
     def _wait_created(self, placing: list[tuple[int, Any]], timeout: float, known: dict[str, Any] | None = None) -> None:
         """Wait (``timeout`` for all) until the actors of ``placing`` (slot, future) are created;
@@ -224,6 +267,8 @@ class ConsumerSlots:
             (qp.name, qp.dirpath),
             self._hard,
             self.start_args(i) if start else None,
+            i + 1,  # the consumer's number, its class's id (daskqueue's idx + 1)
+            self._batch_size,
         )
         with self._lock:  # placed_on is read by reach verdicts meanwhile
             fut = place_actor(
@@ -286,7 +331,9 @@ class ConsumerSlots:
             try:
                 call.result(timeout=timeout)
             except Exception as e:
-                # Lost or unhealthy consumers are replaced by the supervisor, with what they missed.
+                # Lost consumers are replaced by the supervisor, with what they missed; so is one whose
+                # start() failed (its health() says so from then on: see Consumer.start). A class
+                # whose __init__ raises never gets here: the pool's placement raised it.
                 (logger.warning if method == "start" else logger.debug)("%s on consumer %s failed: %s", method, name, e)
 
     # -- supervision (the pool's supervisor thread) -----------------------------------------------
@@ -323,6 +370,12 @@ class ConsumerSlots:
                 self._retry_at[i] = time.monotonic() + _RETRY_EVERY
                 with self._lock:
                     self._last_failure = f"placing {self.names[i]} failed: {e}"
+                    self._class_failed = isinstance(e, ConsumerInitError)
+                    if self._class_failed:
+                        since, _ = self._class_failures.get(i, (time.monotonic(), ""))
+                        self._class_failures[i] = (since, str(e))
+                    else:
+                        self._class_failures.pop(i, None)
                 # Said once per consumer; the tries that follow, every second, only to the debug log.
                 (logger.warning if first_try else logger.debug)(
                     "replacing consumer %s failed (trying again every %g s): %s", self.names[i], _RETRY_EVERY, e
@@ -333,8 +386,11 @@ class ConsumerSlots:
 
     def _note_live(self) -> None:
         """Whether some slot holds a consumer Dask still has; since when none does."""
-        live = any(fut is not None and fut.status == "finished" for fut in self.slots.futures())
+        placed = [i for i, fut in enumerate(self.slots.futures()) if fut is not None and fut.status == "finished"]
+        live = bool(placed)
         with self._lock:
+            for i in placed:
+                self._class_failures.pop(i, None)
             if live:
                 since = self._none_live_since
                 if since is not None and time.monotonic() - since >= self.settings.no_consumer_timeout:
@@ -348,8 +404,18 @@ class ConsumerSlots:
                     )
                 self._none_live_since = None
                 self._last_failure = ""
+                self._class_failed = False
             elif self._none_live_since is None:
                 self._none_live_since = time.monotonic()
+
+    def outage(self) -> str:
+        """For reprs, asking nothing: since when no consumer has been live, and why the last
+        placement failed; ``""`` while some consumer is (or before the supervisor first looked)."""
+        with self._lock:
+            since, failure = self._none_live_since, self._last_failure
+        if since is None:
+            return ""
+        return f"no consumer live for {time.monotonic() - since:.0f} s" + (f" ({failure})" if failure else "")
 
     def constraint(self) -> str:
         """Where these consumers may be placed, as the user said it (for errors)."""
@@ -371,15 +437,27 @@ class ConsumerSlots:
             return False
 
     def stranded(self) -> str:
-        """Why none of these consumers has been placed for ``no_consumer_timeout`` seconds
-        (every worker they may use left, or none takes them), naming the placement constraint;
-        ``""`` while some consumer is placed, or not for that long yet."""
+        """Why none of these consumers has been placed for ``no_consumer_timeout`` seconds:
+        every worker they may use left, or none takes them (naming the placement constraint), or
+        their class raises in ``__init__`` on every try (naming it and what it raised); ``""``
+        while some consumer is placed, or not for that long yet."""
         with self._lock:
-            since, failure = self._none_live_since, self._last_failure
+            since, failure, class_failed = self._none_live_since, self._last_failure, self._class_failed
         if since is None:
             return ""
         idle = time.monotonic() - since
-        if idle < self.settings.no_consumer_timeout or self._some_worker_fits():
+        if idle < self.settings.no_consumer_timeout:
+            return ""
+        if class_failed:
+            # Workers fit: the class itself cannot be made there (a resource its __init__ opens is
+            # down, a library is missing). Tried again every second, in case it comes back.
+            return (
+                f"no consumer of the ConsumerPool on queue pool {self.queue_pool.name} has been live for "
+                f"{idle:.0f} s: its consumer class {self.consumer_class.__qualname__} raises in __init__ on every "
+                f"try ({failure}); the pool keeps trying every {_RETRY_EVERY:g} s (the work resumes once one is "
+                "made), or close it and fix the class"
+            )
+        if self._some_worker_fits():
             return ""
         return (
             f"no consumer of the ConsumerPool on queue pool {self.queue_pool.name} has been live for "
@@ -388,6 +466,29 @@ class ConsumerSlots:
             + "; start a worker that does (the pool keeps trying, and the work resumes there), or make a "
             "ConsumerPool with another constraint"
         )
+
+    def unserved(self) -> dict[int, str]:
+        """Queues (by index) that only consumers whose class raises in ``__init__`` on every try
+        serve, for ``no_consumer_timeout`` seconds, with why: the other consumers live, so
+        :meth:`stranded` says nothing, but these queues' tasks would wait for ever (join raises)."""
+        bound = self.settings.no_consumer_timeout
+        now = time.monotonic()
+        with self._lock:
+            failing = {i: (now - since, why) for i, (since, why) in self._class_failures.items() if now - since >= bound}
+        out: dict[int, str] = {}
+        if not failing:
+            return out
+        for queue in range(self.queue_pool.n_queues):
+            serving = [i for i, queues in enumerate(self.served) if queue in queues]
+            if serving and all(i in failing for i in serving):
+                idle, why = failing[serving[0]]
+                names = ", ".join(self.names[i] for i in serving)
+                out[queue] = (
+                    f"no consumer serving it ({names}) has been placed for {idle:.0f} s: its consumer class "
+                    f"{self.consumer_class.__qualname__} raises in __init__ on every try ({why}); the pool keeps "
+                    f"trying every {_RETRY_EVERY:g} s (the work resumes once one is made)"
+                )
+        return out
 
     def _unhealthy(self) -> dict[int, str]:
         """Consumers alive to Dask that cannot work (their sockets failed): a few of them asked

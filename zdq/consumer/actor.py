@@ -23,10 +23,10 @@ from zdq._actor import (
     worker_address,
 )
 from zdq.config import PoolSettings
-from zdq.consumer.base import ConsumerBaseClass
+from zdq.consumer.base import ConsumerArgs, ConsumerBaseClass, make_consumer
 from zdq.consumer.link import Link
 from zdq.consumer.runner import Counters, Runner
-from zdq.errors import PlacementError
+from zdq.errors import ConsumerInitError, PlacementError
 from zdq.names import queue_name
 from zdq.observe.feed import Source, add_source, remove_source
 from zdq.codec.tasks import TaskOptions
@@ -64,7 +64,9 @@ class Consumer:
     identity : bytes
         16-byte routing identity, chosen by the pool so results can be attributed to it.
     consumer_class : type
-        A :class:`ConsumerBaseClass` subclass, instantiated on the worker.
+        A :class:`ConsumerBaseClass` subclass, made here, in the constructor (as daskqueue made its
+        consumer actors): one whose ``__init__`` raises fails the placement with a
+        :class:`ConsumerInitError` naming it, this consumer and its worker.
     settings : PoolSettings
         Prefetch and heartbeat settings.
     max_concurrency : int
@@ -89,6 +91,10 @@ class Consumer:
         started (``ConsumerPool(..., start=True)``) costs one actor round trip per consumer less.
         A consumer that cannot start raises its :class:`PlacementError` (naming its worker) from
         the constructor: the placement fails with it.
+    number : int
+        The consumer's number in its pool, from 1: the ``id`` its class is given.
+    batch_size : int, optional
+        The ConsumerPool's ``batch_size``, given to its class.
     """
 
     def __init__(
@@ -106,6 +112,8 @@ class Consumer:
         pool: tuple[str, str | None] | None = None,
         hard: bool = False,
         start_with: tuple[list[str], list[int]] | None = None,
+        number: int = 1,
+        batch_size: int | None = None,
     ) -> None:
         self.name = name
         self._pool = pool  # (name, dirpath) of its QueuePool: what zdq.current_pool() attaches to
@@ -132,8 +140,22 @@ class Consumer:
         self._opened: _Opened | None = None  # set by the I/O thread once its sockets are open (or failed)
         self._opened_by = 0.0  # when reach() gives up waiting for that (placement-timeout after start)
         self._source: Source | None = None  # what the process's monitoring feed reports of it
+        args = ConsumerArgs(number, name, pool[0] if pool else "", batch_size, max_concurrency, retries, early_ack)
+        self._handler = self._make_handler(args)
         if start_with is not None:
             self._start_placed(*start_with)
+
+    def _make_handler(self, args: ConsumerArgs) -> ConsumerBaseClass:
+        """The user's consumer class, made with ``args``: what its ``__init__`` raises becomes a
+        :class:`ConsumerInitError` naming it, this consumer and its worker (caused by it)."""
+        try:
+            return make_consumer(self._class, args)
+        except Exception as e:
+            here = worker_address() or "this process"
+            raise ConsumerInitError(
+                f"consumer class {self._class.__qualname__} raised {type(e).__name__} in __init__ "
+                f"(consumer {self.name} on {here}): {e}"
+            ) from e
 
     def _start_placed(self, endpoints: list[str], queues: list[int]) -> None:
         """:meth:`start`, in the constructor: any failure is a :class:`PlacementError` naming this
@@ -159,15 +181,25 @@ class Consumer:
         ------
         ValueError
             If ``queues`` and ``endpoints`` differ in length.
-        TypeError
-            If the consumer class cannot be instantiated (an abstract ``process_item``).
         """
         if self._io is not None and self._io.is_alive() and not self._stop.is_set():
             self._fetching.set()
             if self._link is not None:
                 self._link.poke()  # it sleeps in poll until its next heartbeat otherwise
             return
-        handler = self._class(name=self.name)
+        try:
+            self._start_new(endpoints, queues)
+        except Exception as e:
+            # health() says so from now on: the pool's supervisor replaces a consumer that could not
+            # start (a live actor that was never started would otherwise look healthy, and idle).
+            self._start_error = (
+                f"consumer {self.name} on {worker_address() or 'this process'} could not start: {type(e).__name__}: {e}"
+            )
+            raise
+
+    def _start_new(self, endpoints: list[str], queues: list[int] | None) -> None:
+        """:meth:`start`'s work when its threads are not running: make them, and the sockets."""
+        handler = self._handler
         if self._pool is not None:
             CURRENT_POOL.set(self._pool)  # copied into every thread it starts (as_dask_task)
         self._worker = worker_address() or ""

@@ -1,11 +1,37 @@
-"""The classes users subclass: a consumer's ``process_item`` handles raw items (the daskqueue API)."""
+"""The classes users subclass: a consumer's ``process_item`` handles raw items (the daskqueue API).
+
+A consumer class is made on its worker when its consumer is placed (``ConsumerPool(...)``, as
+daskqueue made its consumer actors), with daskqueue 0.2's seven arguments: see
+:class:`ConsumerArgs` and :func:`make_consumer`.
+"""
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable
+from dataclasses import astuple, dataclass
+from typing import Any, overload
 
-__all__ = ["ConsumerBaseClass", "GeneralConsumer"]
+__all__ = ["ConsumerArgs", "ConsumerBaseClass", "GeneralConsumer", "make_consumer"]
+
+#: daskqueue 0.2's ``ConsumerBaseClass.__init__`` arguments, in its order (its ConsumerPool passed
+#: them positionally, so a subclass may have named them otherwise).
+DASKQUEUE_ORDER = ("id", "name", "pool", "batch_size", "max_concurrency", "retries", "early_ack")
+
+
+@dataclass(frozen=True)
+class ConsumerArgs:
+    """What a consumer class is made with: daskqueue 0.2's arguments, with zdq's meaning of each
+    (see :class:`ConsumerBaseClass`). Its fields are in daskqueue's order."""
+
+    id: int
+    name: str
+    pool: str
+    batch_size: int | None
+    max_concurrency: int
+    retries: int
+    early_ack: bool
 
 
 class ConsumerBaseClass(ABC):
@@ -16,15 +42,76 @@ class ConsumerBaseClass(ABC):
     the item's result, what it raises is the item's error. As in daskqueue, the class is abstract:
     a subclass must define :meth:`process_item` to be instantiated.
 
+    It takes daskqueue 0.2's arguments, positionally or by keyword, ``(id, name, pool, batch_size,
+    max_concurrency, retries, early_ack)``, so a subclass written for daskqueue that calls
+    ``super().__init__(id, name, pool, ...)`` runs unchanged; or zdq's shorter form, ``name``
+    alone (``super().__init__(name)``, ``super().__init__(name=name, **kwargs)``). Other keywords
+    are accepted and ignored. What a pool gives it, and how, is :func:`make_consumer`'s.
+
+    Attributes
+    ----------
+    id : int or None
+        The consumer's number in its ConsumerPool, from 1 (daskqueue's ``idx + 1``):
+        ``Doubler-0`` is 1. A consumer placed again (its worker was lost) keeps it.
+    name : str
+        Its name, ``<class name>-<i>``: the keys of ``ConsumerPool.results()`` (daskqueue appended
+        the worker's process id).
+    pool : str or None
+        The name of the QueuePool it consumes (daskqueue gave its queue pool actor, which zdq does
+        not have): :func:`zdq.current_pool` in ``process_item`` attaches to it, to submit more.
+    batch_size : int or None
+        The ConsumerPool's ``batch_size`` (``None``: not given): in zdq it caps the chunks
+        submitted, which are what a consumer takes at once.
+    max_concurrency : int
+        Threads of this consumer that run items.
+    n_retries : int
+        Retries of the items and tasks that carry no ``retries=`` of their own.
+    early_ack : bool
+        Whether a chunk is acknowledged on receipt (at most once) rather than after its results.
+
     >>> class Upper(ConsumerBaseClass):
     ...     def process_item(self, item):
-    ...         return item.upper()
-    >>> Upper(name="upper-0").process_item("a")
-    'A'
+    ...         return f"[{self.id}] {item.upper()}"
+    >>> Upper(1, "Upper-0", "pool", None, 1, 0, False).process_item("a")
+    '[1] A'
+    >>> Upper(name="upper-0").name
+    'upper-0'
     """
 
-    def __init__(self, name: str = "", **kwargs: Any) -> None:
-        self.name = name
+    @overload
+    def __init__(self, name: str = "", **kwargs: Any) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        id: int,
+        name: str,
+        pool: Any,
+        batch_size: int | None,
+        max_concurrency: int,
+        retries: int,
+        early_ack: bool,
+    ) -> None: ...
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # One positional argument is zdq's form (the name); more are daskqueue's, in its order.
+        order = ("name",) if len(args) == 1 else DASKQUEUE_ORDER
+        if len(args) > len(order):
+            raise TypeError(
+                f"{type(self).__name__}: ConsumerBaseClass takes daskqueue's {len(order)} arguments "
+                f"{', '.join(order)}, got {len(args)} positional"
+            )
+        given = dict(zip(order, args))
+        for key in given.keys() & kwargs.keys():
+            raise TypeError(f"{type(self).__name__}: ConsumerBaseClass got multiple values for argument {key!r}")
+        given.update(kwargs)
+        self.id: int | None = given.get("id")
+        self.name: str = given.get("name", "")
+        self.pool: Any = given.get("pool")
+        self.batch_size: int | None = given.get("batch_size")
+        self.max_concurrency: int = given.get("max_concurrency", 1)
+        self.n_retries: int = given.get("retries", 0)
+        self.early_ack: bool = given.get("early_ack", False)
 
     @abstractmethod
     def process_item(self, item: Any) -> Any:
@@ -45,3 +132,34 @@ class GeneralConsumer(ConsumerBaseClass):
             "GeneralConsumer runs functions: put() a tuple (fn, *args), use submit(), "
             "or give ConsumerPool a ConsumerClass whose process_item() handles this item"
         )
+
+
+def make_consumer(cls: type[ConsumerBaseClass], args: ConsumerArgs) -> ConsumerBaseClass:
+    """Make ``cls`` with ``args`` the way its ``__init__`` takes them.
+
+    As daskqueue's ConsumerPool did, the seven arguments positionally, in daskqueue's order, when
+    its ``__init__`` takes seven positional arguments (``ConsumerBaseClass``'s own, a daskqueue
+    subclass's, ``*args, **kwargs``). Else zdq's form, by keyword: all of them to an ``__init__``
+    that takes ``**kwargs``, those it names to one that does not (``name=`` at least, when it takes
+    a name); also when its first argument is ``name`` (zdq's ``(self, name="", *args)``).
+    """
+    values = astuple(args)
+    make: Callable[..., ConsumerBaseClass] = cls  # a concrete subclass (the pool checked)
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):  # no signature to read (a class made in C): daskqueue's form
+        return make(*values)
+    params = list(signature.parameters.values())
+    first_is_name = bool(params) and params[0].name == "name" and params[0].kind is not params[0].VAR_POSITIONAL
+    if not first_is_name:
+        try:
+            signature.bind(*values)
+        except TypeError:
+            pass
+        else:
+            return make(*values)
+    keywords = dict(zip(DASKQUEUE_ORDER, values))
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        keywords = {key: value for key, value in keywords.items() if key in named}
+    return make(**keywords)

@@ -1,0 +1,200 @@
+"""The consumer classes users write: made with daskqueue 0.2's arguments, or zdq's ``name=`` form,
+whichever their ``__init__`` takes; and the error that says a class cannot be made."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from typing import Any
+
+import cloudpickle
+import pytest
+
+from zdq import ConsumerPool
+from zdq.consumer.base import ConsumerArgs, ConsumerBaseClass, GeneralConsumer, make_consumer
+from zdq.errors import ConsumerInitError, PlacementError, RemoteTaskError, ZdqError
+
+ARGS = ConsumerArgs(id=2, name="C-1", pool="zdq-pool", batch_size=50, max_concurrency=3, retries=4, early_ack=True)
+DASKQUEUE_ATTRIBUTES = {
+    "id": 2,
+    "name": "C-1",
+    "pool": "zdq-pool",
+    "batch_size": 50,
+    "max_concurrency": 3,
+    "n_retries": 4,
+    "early_ack": True,
+}
+
+
+def attributes(consumer: ConsumerBaseClass) -> dict[str, Any]:
+    return {key: getattr(consumer, key) for key in DASKQUEUE_ATTRIBUTES}
+
+
+class UsesId(ConsumerBaseClass):
+    def process_item(self, item: Any) -> Any:
+        return f"[{self.id}] {item}"
+
+
+class DaskqueueInit(ConsumerBaseClass):
+    """daskqueue 0.2's signature, as its examples wrote subclasses."""
+
+    def __init__(self, id, name, pool, batch_size, max_concurrency, retries, early_ack):  # type: ignore[no-untyped-def]
+        super().__init__(id, name, pool, batch_size, max_concurrency, retries, early_ack)
+        self.prefix = "x"
+
+    def process_item(self, item: Any) -> Any:
+        return self.prefix + str(item)
+
+
+class RenamedPositionals(ConsumerBaseClass):
+    """daskqueue passed its arguments positionally: a subclass could name them as it liked."""
+
+    def __init__(self, number, label, queue_pool, batch, concurrency, n_retries, ack_early):  # type: ignore[no-untyped-def]
+        super().__init__(number, label, queue_pool, batch, concurrency, n_retries, ack_early)
+
+    def process_item(self, item: Any) -> Any:
+        return item
+
+
+class ByKeyword(ConsumerBaseClass):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+
+    def process_item(self, item: Any) -> Any:
+        return item
+
+
+class ZdqNameFirst(ConsumerBaseClass):
+    """zdq's own form (as in tests/test_placement.py): the name first, the rest by keyword."""
+
+    def __init__(self, name: str = "", **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.given = name
+
+    def process_item(self, item: Any) -> Any:
+        return item
+
+
+class ZdqNameOnly(ConsumerBaseClass):
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name)
+
+    def process_item(self, item: Any) -> Any:
+        return item
+
+
+class NoArguments(ConsumerBaseClass):
+    def __init__(self) -> None:
+        super().__init__(name="fixed")
+
+    def process_item(self, item: Any) -> Any:
+        return item
+
+
+def test_a_class_without_its_own_init_gets_daskqueues_attributes_with_zdqs_meaning() -> None:
+    consumer = make_consumer(UsesId, ARGS)
+    assert attributes(consumer) == DASKQUEUE_ATTRIBUTES
+    assert consumer.process_item("a") == "[2] a"
+    assert attributes(make_consumer(GeneralConsumer, ARGS)) == DASKQUEUE_ATTRIBUTES
+
+
+@pytest.mark.parametrize("cls", [DaskqueueInit, RenamedPositionals, ByKeyword], ids=lambda c: c.__name__)
+def test_a_subclass_written_for_daskqueues_constructor_is_made_with_its_seven_arguments(cls: type[ConsumerBaseClass]) -> None:
+    assert attributes(make_consumer(cls, ARGS)) == DASKQUEUE_ATTRIBUTES
+
+
+def test_zdqs_own_subclasses_are_given_the_name_they_ask_for_and_the_rest_where_they_take_it() -> None:
+    first = make_consumer(ZdqNameFirst, ARGS)
+    assert isinstance(first, ZdqNameFirst) and first.given == "C-1"
+    assert attributes(first) == DASKQUEUE_ATTRIBUTES  # its **kwargs carried the rest to the base
+    only = make_consumer(ZdqNameOnly, ARGS)
+    assert only.name == "C-1" and only.id is None and only.n_retries == 0
+    assert make_consumer(NoArguments, ARGS).name == "fixed"
+
+
+def test_the_base_takes_daskqueues_arguments_by_position_or_keyword_and_zdqs_name_alone() -> None:
+    assert attributes(UsesId(2, "C-1", "zdq-pool", 50, 3, 4, True)) == DASKQUEUE_ATTRIBUTES
+    keywords = {"id": 2, "name": "C-1", "pool": "zdq-pool", "batch_size": 50, "max_concurrency": 3, "retries": 4, "early_ack": True}
+    assert attributes(UsesId(**keywords)) == DASKQUEUE_ATTRIBUTES
+    assert attributes(UsesId(2, "C-1", pool="zdq-pool", batch_size=50, max_concurrency=3, retries=4, early_ack=True)) == (
+        DASKQUEUE_ATTRIBUTES
+    )
+    alone = UsesId("upper-0")
+    assert alone.name == "upper-0" and alone.id is None and alone.max_concurrency == 1 and alone.early_ack is False
+    assert UsesId(name="upper-0", extra="ignored").name == "upper-0"
+    with pytest.raises(TypeError, match="got 8 positional"):
+        UsesId(2, "C-1", "zdq-pool", 50, 3, 4, True, "one too many")
+    with pytest.raises(TypeError, match="multiple values for argument 'name'"):
+        UsesId(2, "C-1", name="again")
+
+
+def test_an_abstract_consumer_class_is_refused_before_anything_is_placed() -> None:
+    class NoItems(ConsumerBaseClass):
+        pass
+
+    # Refused before the queue pool is even looked at: nothing reaches a cluster.
+    with pytest.raises(ConsumerInitError, match="NoItems cannot be made: it does not define process_item") as info:
+        ConsumerPool(None, object(), NoItems)  # type: ignore[arg-type]
+    assert isinstance(info.value, PlacementError) and isinstance(info.value, ZdqError)
+
+
+class _Unpicklable(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def _raised_from(cause: BaseException) -> ConsumerInitError:
+    try:
+        try:
+            raise cause
+        except Exception as e:
+            raise ConsumerInitError("consumer class C raised it in __init__") from e
+    except ConsumerInitError as error:
+        return error
+
+
+@pytest.mark.parametrize("dumps", [pickle.dumps, cloudpickle.dumps], ids=["pickle", "cloudpickle"])
+def test_a_consumer_init_error_travels_with_its_cause_or_a_stand_in_that_says_what_it_was(dumps: Any) -> None:
+    sent = pickle.loads(dumps(_raised_from(ConnectionError("database unreachable"))))
+    assert type(sent) is ConsumerInitError and str(sent) == "consumer class C raised it in __init__"
+    assert type(sent.__cause__) is ConnectionError and str(sent.__cause__) == "database unreachable"
+
+    sent = pickle.loads(dumps(_raised_from(_Unpicklable("holds a lock"))))
+    cause = sent.__cause__
+    assert isinstance(cause, RemoteTaskError) and cause.type_name.endswith("_Unpicklable")
+    assert "holds a lock" in str(cause) and "_raised_from" in cause.remote_traceback
+
+
+def test_a_consumer_made_with_its_class_reports_itself_unhealthy_once_its_start_fails() -> None:
+    from zdq.config import settings
+    from zdq.consumer import Consumer
+
+    consumer = Consumer("C-0", b"c" * 16, UsesId, settings(), pool=("zdq-pool", None), number=1, batch_size=5)
+    assert consumer.health() == (True, "not started")
+    # A start that fails (here before any socket or thread: two endpoints for one queue) leaves a
+    # live actor that never runs: the pool's supervisor replaces it only if health() says so.
+    with pytest.raises(ValueError, match="2 endpoints for 1 queues"):
+        consumer.start(["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"], [0])
+    healthy, why = consumer.health()
+    assert not healthy and "consumer C-0 on this process could not start: ValueError" in why, why
+
+
+def test_the_consumer_actor_makes_its_class_at_once_and_names_it_when_its_init_raises() -> None:
+    from zdq.config import settings
+    from zdq.consumer import Consumer
+
+    class Broken(ConsumerBaseClass):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            raise ConnectionError(f"database of {self.pool} unreachable")
+
+        def process_item(self, item: Any) -> Any:
+            return item
+
+    with pytest.raises(ConsumerInitError) as info:
+        Consumer("Broken-3", b"c" * 16, Broken, settings(), pool=("zdq-pool", None), number=4)
+    message = str(info.value)
+    assert message.startswith("consumer class ") and "Broken raised ConnectionError in __init__" in message, message
+    assert "(consumer Broken-3 on this process): database of zdq-pool unreachable" in message, message
+    assert type(info.value.__cause__) is ConnectionError
