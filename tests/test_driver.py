@@ -19,6 +19,7 @@ from zdq.errors import (
     BrokerLost,
     BrokerUnreachable,
     ClosedError,
+    ProtocolError,
     SerializationError,
     SubmitTimeout,
     TaskLost,
@@ -56,15 +57,21 @@ class _Broker:
 
 class _Consumer(threading.Thread):
     """A raw consumer peer: runs each chunk it is delivered and reports it (``early_ack``: it
-    acknowledges on receipt and never reports; ``garbage``: it reports results that do not decode).
+    acknowledges on receipt and never reports; ``garbage``: it reports results that do not decode;
+    ``misplaced``: it reports results that decode, under task ids outside the chunk, as another
+    chunk's results replayed would be).
     It sends a heartbeat every 50 ms of quiet, as a consumer does: without them, a test that waits
     a second (the heartbeat timeout) for another broker had its broker drop it under load."""
 
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str, *, early_ack: bool = False, garbage: bool = False) -> None:
+    def __init__(
+        self, ctx: zmq.Context[Any], endpoint: str, *, early_ack: bool = False, garbage: bool = False,
+        misplaced: bool = False,
+    ) -> None:
         super().__init__(daemon=True)
         self.sock = connect_dealer(ctx, endpoint, new_identity())
         self.early_ack = early_ack
         self.garbage = garbage
+        self.misplaced = misplaced
         self.received = 0
         self._halt = threading.Event()
         self.start()
@@ -88,6 +95,8 @@ class _Consumer(threading.Thread):
                 continue
             base, _, tasks, _ = loads_chunk(msg.chunk)
             values = [task[0](*task[1]) for task in tasks]
+            if self.misplaced:
+                base += 1_000_000
             results = b"not a pickle" if self.garbage else dumps_results(base, values, {})
             sock.send_multipart(p.encode(p.Done(msg.chunk_id, msg.n_tasks, results, credit=1)))
 
@@ -195,6 +204,27 @@ def test_results_that_do_not_unpickle_fail_their_own_tasks_and_the_driver_goes_o
     parts.append(_Consumer(ctx, broker.endpoint))
     assert [f.result(timeout=30) for f in _submit(driver, 5)] == [1, 2, 3, 4, 5]
     assert driver.statistics().bad_messages >= 1
+
+
+def test_results_under_task_ids_outside_their_chunk_fail_its_tasks_and_the_broker_forgets_it(
+    ctx: zmq.Context[Any], parts: list[Any]
+) -> None:
+    """Another chunk's results reported for this one (a peer with the pool's keys replaying them)
+    settle this chunk's futures with a ProtocolError naming the queue, and are acknowledged as any
+    results are: the broker forgets the chunk, and nothing waits for ever."""
+    broker = _Broker(ctx)
+    parts.append(broker)
+    driver = _driver(parts, [broker.endpoint])
+    parts.append(_Consumer(ctx, broker.endpoint, misplaced=True))
+    futures = _submit(driver, 5)
+    for f in futures:
+        error = f.exception(timeout=30)
+        assert isinstance(error, ProtocolError)
+        assert "from queue test-queue-0 are refused" in str(error) and "outside chunk" in str(error)
+    stats = driver.statistics()
+    assert stats.bad_messages >= 1 and stats.tasks_failed == 5 and stats.chunks_outstanding == 0
+    assert broker.core is not None
+    wait_until(lambda: broker.core is not None and broker.core.statistics().awaiting_tasks == 0, timeout=10)
 
 
 def test_done_callbacks_run_off_the_io_thread_and_may_wait_on_the_driver(ctx: zmq.Context[Any], parts: list[Any]) -> None:

@@ -647,10 +647,49 @@ def test_results_that_do_not_unpickle_fail_their_chunk_with_a_serialization_erro
     futs = [TaskFuture(0), TaskFuture(1)]
     chunk(ledger, 2, sink=futs)
     rec = sent(ledger)
-    assert ledger.outcomes.intake_undecodable(0, rec.seq, 3, CONSUMER, ValueError("garbage")) is True
+    assert ledger.outcomes.intake_refused(0, rec.seq, 3, CONSUMER, ValueError("garbage")) is True
     ledger.outcomes.settle_all()
     assert all(isinstance(f.exception(0), SerializationError) for f in futs)
     assert counts(ledger)["failed"] == 2 and rec.seq not in ledger.records
+
+
+def test_another_chunks_results_are_refused_and_fail_this_chunk_with_a_protocol_error_naming_the_queue() -> None:
+    """Results that decode but name other tasks (another chunk's, replayed by a peer holding the
+    pool's keys) change nothing when taken in; refused, they settle every task of the chunk."""
+    ledger = make()
+    first = [TaskFuture(0)]
+    chunk(ledger, 1, sink=first)
+    other = [TaskFuture(1)]
+    chunk(ledger, 1, sink=other)
+    a, b = confirmed(ledger), confirmed(ledger, chunk_id=8)
+    results(ledger, a, [9])
+    with pytest.raises(ProtocolError, match="outside chunk") as refused:
+        ledger.outcomes.intake(0, b.seq, b.chunk_id, CONSUMER, a.base, [9], {})
+    assert not any(b.got) and not other[0].done()
+    assert ledger.outcomes.intake_refused(0, b.seq, b.chunk_id, CONSUMER, refused.value, decoded=True) is False
+    ledger.outcomes.settle_all()
+    error = other[0].exception(0)
+    assert isinstance(error, ProtocolError) and str(error).startswith("the results of 1 task from queue q0 are refused")
+    assert first[0].result(0) == 9
+    c = counts(ledger)
+    assert c["completed"] == 2 and c["failed"] == 1 and c["outstanding"] == 0
+
+
+def test_results_naming_an_error_outside_their_chunk_are_a_protocol_error_that_changes_nothing() -> None:
+    ledger = make()
+    chunk(ledger, 2)
+    rec = sent(ledger)
+    with pytest.raises(ProtocolError, match="error outside the chunk"):
+        ledger.outcomes.intake(0, rec.seq, 1, CONSUMER, rec.base, [1, 2], {2: error()})
+    assert not rec.confirmed and not any(rec.got)
+
+
+def test_refused_results_of_no_chunk_here_settle_nothing() -> None:
+    ledger = make()
+    chunk(ledger, 1)
+    confirmed(ledger)
+    assert ledger.outcomes.intake_refused(0, 999, 3, CONSUMER, ProtocolError("x"), decoded=True) is False
+    assert not ledger.outcomes.settlements and counts(ledger)["outstanding"] == 1
 
 
 def test_a_batch_future_is_filled_by_results_and_resolves_once_all_are_in() -> None:

@@ -18,6 +18,7 @@ from zdq.codec.rates import (
     rate_of,
     share,
 )
+from zdq.errors import ProtocolError
 from zdq.storage import ChunkMeta, LMDBStorage, MemoryStorage
 from zdq.transport import protocol as p
 
@@ -240,5 +241,30 @@ def test_deliver_carries_a_spacing_only_when_set() -> None:
     plain, paced = p.Deliver(7, 3, 1, b"c"), p.Deliver(7, 3, 1, b"c", 0.25)
     assert len(p.encode(plain)[0]) < len(p.encode(paced)[0])
     assert p.decode(p.encode(plain)) == plain and p.decode(p.encode(paced)) == paced
-    with pytest.raises(p.ProtocolError, match="spaces its tasks"):
+    with pytest.raises(ProtocolError, match="spaces its tasks"):
         p.decode(p.encode(p.Deliver(7, 3, 1, b"c", -1.0)))
+
+
+@pytest.mark.parametrize("rate", [5e-324, 1e-7, 2e9, 1e308])
+def test_a_put_or_puts_carrying_a_rate_the_api_refuses_does_not_decode(rate: float) -> None:
+    """A peer holding the pool's keys stores no rate a call would refuse: ``5e-324`` made the
+    broker's waits infinite (and its monitoring report refused), ``1e308`` lifted a key's limit."""
+    put = p.Put(1, 3, b"y" * 600, rate_key=b"m:f", rate=rate)
+    for frames in (p.encode(put), p.encode(p.Puts((put,)))):
+        with pytest.raises(ProtocolError, match=r"the rate must be 1e-06 to 1e\+09 tasks per second"):
+            p.decode(frames)
+    for edge in (1e-6, 1e9):  # the bounds themselves travel
+        assert p.decode(p.encode(put._replace(rate=edge))) == put._replace(rate=edge)
+
+
+def test_a_pools_limit_whose_share_per_queue_is_below_the_slowest_rate_is_refused() -> None:
+    assert share(2e-6, 2) == 1e-6
+    with pytest.raises(ValueError, match=r"split among 4 queues is 5e-07/s each; each queue's part must be 1e-06"):
+        share(2e-6, 4)
+
+
+def test_a_stored_chunks_tags_read_back_whatever_rate_they_hold() -> None:
+    """Storage reads the tags an earlier version let in (the bound is the wire's): a durable
+    queue still opens."""
+    raw = ChunkMeta(D, 1, 3, 0.0, 0, 5, 0.0, b"m:f", 5e-324).pack()
+    assert ChunkMeta.unpack(raw).rate == 5e-324

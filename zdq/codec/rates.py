@@ -27,7 +27,7 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["BURST_SECONDS", "MAX_KEY", "MAX_RATE", "MIN_RATE", "burst", "chunk_cap", "format_rate", "limited_chunk_size", "rate_key_of", "rate_of", "share"]
+__all__ = ["BURST_SECONDS", "MAX_KEY", "MAX_RATE", "MIN_RATE", "burst", "chunk_cap", "format_rate", "limited_chunk_size", "rate_fault", "rate_key_of", "rate_of", "share"]
 
 _PER = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
 #: A rate-limited chunk holds at most this many seconds of its rate (at least one task).
@@ -72,14 +72,26 @@ def rate_of(rate: Any, what: str = "rate_limit") -> float | None:
         value = float(rate)
     else:
         raise TypeError(f"{what} must be a string like '100/s' or a number of tasks per second, got {rate!r:.80}")
-    if not 0 <= value < math.inf:
-        raise ValueError(f"{what} must be a non-negative, finite rate, got {rate!r:.80}")
-    if value and not MIN_RATE <= value <= MAX_RATE:
-        raise ValueError(
-            f"{what} must be {MIN_RATE:g} to {MAX_RATE:g} tasks per second (or none), got {rate!r:.80}"
-            f" = {value:g}/s"
-        )
+    fault = rate_fault(value)
+    if fault is not None:
+        raise ValueError(f"{what} {fault}, got {rate!r:.80}" + (f" = {value:g}/s" if 0 <= value < math.inf else ""))
     return value or None
+
+
+def rate_fault(rate: float) -> str | None:
+    """Why ``rate`` (tasks per second, ``0``: no limit) is no limit zdq takes, or ``None``: the one
+    check of a limit given at a call (:func:`rate_of`), of each queue's share of it (:func:`share`)
+    and of a rate that comes off the wire (a PUT's tags, ``zdq.transport.protocol.unpack_tags``):
+    a peer cannot store a rate the API refuses (``5e-324`` made a broker's waits infinite).
+
+    >>> rate_fault(100.0), rate_fault(0.0), rate_fault(1e-9)
+    (None, None, 'must be 1e-06 to 1e+09 tasks per second (or none)')
+    """
+    if not 0 <= rate < math.inf:
+        return "must be a non-negative, finite rate"
+    if rate and not MIN_RATE <= rate <= MAX_RATE:
+        return f"must be {MIN_RATE:g} to {MAX_RATE:g} tasks per second (or none)"
+    return None
 
 
 def burst(rate: float) -> float:
@@ -94,8 +106,20 @@ def burst(rate: float) -> float:
 
 
 def share(rate: float | None, n_queues: int) -> float | None:
-    """Each queue's part of a pool's limit (the pool's queues split it evenly)."""
-    return None if rate is None else rate / max(1, n_queues)
+    """Each queue's part of a pool's limit (the pool's queues split it evenly).
+
+    Raises
+    ------
+    ValueError
+        That part is slower than :data:`MIN_RATE`: no queue would take it (a PUT carries it).
+    """
+    if rate is None:
+        return None
+    part = rate / max(1, n_queues)
+    fault = rate_fault(part)
+    if fault is not None:
+        raise ValueError(f"a limit of {rate:g}/s split among {n_queues} queues is {part:g}/s each; each queue's part {fault}")
+    return part
 
 
 def chunk_cap(rate: float) -> int:

@@ -79,6 +79,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar, Union
 
+from zdq.codec.rates import rate_fault
 from zdq.errors import ProtocolError
 
 __all__ = [
@@ -434,6 +435,19 @@ def unpack_tags(raw: bytes) -> tuple[float, bytes, float, bytes, float]:
     return expires, keys[:n_rate], rate, keys[n_rate:], unique_for
 
 
+def _put_tags(raw: bytes) -> tuple[float, bytes, float, bytes, float]:
+    """:func:`unpack_tags` of a PUT's (or a PUTS chunk's) tags, whose rate is held to the API's
+    bounds (:func:`~zdq.codec.rates.rate_fault`): a peer stores no rate a call would refuse (one
+    of ``5e-324`` made its broker's waits infinite, and its monitoring reports were refused).
+    Tags a durable queue stored are read without them: a queue opens whatever an earlier
+    version let in."""
+    tags = unpack_tags(raw)
+    fault = rate_fault(tags[2])
+    if fault is not None:
+        raise ProtocolError(f"chunk tags: the rate {fault}, got {tags[2]!r}")
+    return tags
+
+
 def _encode_rack(m: Rack) -> list[Any]:
     ids = m.chunk_ids
     return [_RACK.pack(_V, Command.RACK, len(ids)) + struct.pack(f">{len(ids)}Q", *ids)]
@@ -544,7 +558,7 @@ def _put(head: bytes, f: Sequence[Any]) -> Message:
         if not 0.0 <= not_before < math.inf:
             raise ProtocolError(f"PUT releases its chunk at {not_before!r}, not a time")
         if tagged:
-            return Put(seq, _n_tasks(n, head), f[1], not_before, priority, base, *unpack_tags(_bytes(f[2])))
+            return Put(seq, _n_tasks(n, head), f[1], not_before, priority, base, *_put_tags(_bytes(f[2])))
         return Put(seq, _n_tasks(n, head), f[1], not_before, priority, base)
     _, _, seq, n, base = _unpack(_PUT, head, f, 2)
     return Put(seq, _n_tasks(n, head), f[1], 0.0, 0, base)
@@ -570,7 +584,7 @@ def _puts(head: bytes, f: Sequence[Any]) -> Message:
         if not 0.0 <= not_before < math.inf:
             raise ProtocolError(f"PUTS releases chunk {seq} at {not_before!r}, not a time")
         if n_tags:
-            tags = unpack_tags(head[tags_at : tags_at + n_tags])
+            tags = _put_tags(head[tags_at : tags_at + n_tags])
             tags_at += n_tags
             puts.append(Put(seq, _n_tasks(n, head), chunk, not_before, priority, base, *tags))
         else:

@@ -64,7 +64,7 @@ from zdq.transport.sockets import BrokerLinks, Route, Waker, recv_ready, try_sen
 
 from .ledger import Ledger
 from .links import RACK_BATCH, RACK_DELAY, Link, Links, LinkState
-from .records import Record
+from .records import NO_CONSUMER, Record
 from .requests import RecoverySync, Requests, RerouteSync, StatusAsk
 
 __all__ = ["DriverLoop"]
@@ -441,24 +441,13 @@ class DriverLoop:
             raise ProtocolError(f"CONFIRMS of {len(unknown)} unknown chunks (seqs {unknown[:8]})")
 
     def _on_results(self, link: Link, msg: p.Results) -> int:
-        outcomes = self._outcomes
+        decoded = False
         try:
             base, values, errors = loads_results(msg.results, self._ledger.payload_key)
+            decoded = True
+            confirmed = self._outcomes.intake(link.index, msg.seq, msg.chunk_id, msg.consumer, base, values, errors)
         except Exception as e:
-            # Results that do not decode (forged, or an object that pickles but does not unpickle
-            # here) fail their own tasks; the broker may forget the chunk: running it again would
-            # give the same bytes.
-            outcomes.bad += 1
-            logger.warning(
-                "%s: results of chunk %d from queue %s do not decode: %r",
-                self.driver_name, msg.chunk_id, self._queue_names[link.index], e,
-            )
-            confirmed = outcomes.intake_undecodable(link.index, msg.seq, msg.chunk_id, msg.consumer, e)
-        else:
-            n = len(values)
-            if any(not isinstance(i, int) or not 0 <= i < n for i in errors):
-                raise ProtocolError("results name an error outside the chunk")
-            confirmed = outcomes.intake(link.index, msg.seq, msg.chunk_id, msg.consumer, base, values, errors)
+            confirmed = self._refuse(link, msg.seq, msg.chunk_id, msg.consumer, e, decoded)
         if confirmed:  # the broker held its CONFIRM back and the results came first: they confirm it
             link.unconfirmed -= 1
             link.confirmed_at = time.monotonic()
@@ -467,10 +456,26 @@ class DriverLoop:
     def _on_expired(self, link: Link, msg: p.Expired) -> int:
         """The chunk's expiry passed before its broker delivered it: its tasks fail with
         TaskExpired (those not settled before), through the path results take."""
-        if self._outcomes.intake_expired(link.index, msg.seq, msg.chunk_id, msg.base, msg.n_tasks):
+        try:
+            confirmed = self._outcomes.intake_expired(link.index, msg.seq, msg.chunk_id, msg.base, msg.n_tasks)
+        except ProtocolError as e:  # tasks outside the chunk
+            confirmed = self._refuse(link, msg.seq, msg.chunk_id, NO_CONSUMER, e, True)
+        if confirmed:
             link.unconfirmed -= 1
             link.confirmed_at = time.monotonic()
         return msg.chunk_id
+
+    def _refuse(self, link: Link, seq: int, chunk_id: int, consumer: bytes, e: Exception, decoded: bool) -> bool:
+        """Outcomes refused (forged, another chunk's replayed, or an object that pickles but does
+        not unpickle here) fail their own chunk's tasks and are acknowledged as any: the broker may
+        forget the chunk, running it again would give the same bytes. Dropped, they would leave the
+        chunk's futures waiting for ever. Return whether they confirmed the chunk."""
+        self._outcomes.bad += 1
+        logger.warning(
+            "%s: results of chunk %d from queue %s are refused: %r",
+            self.driver_name, chunk_id, self._queue_names[link.index], e,
+        )
+        return self._outcomes.intake_refused(link.index, seq, chunk_id, consumer, e, decoded=decoded)
 
     def _on_heartbeat(self, link: Link, msg: p.Heartbeat) -> None:
         pass  # being heard is what counts (``link.seen``)

@@ -41,6 +41,7 @@ from typing import Any
 
 from zdq.errors import ProtocolError, SerializationError, TaskExpired, ZdqError
 from zdq.futures import BatchFuture
+from zdq.names import counted
 from zdq.reporting import FailureLog
 from zdq.codec.results import UNKNOWN_BASE, ErrorInfo, error_to_exception
 from zdq.codec.tasks import CANCELLED, EXPIRED
@@ -142,10 +143,20 @@ class Outcomes:
     ) -> bool:
         """Results of chunk ``seq`` (0: a chunk of no record here) from ``broker``: queue them for
         :meth:`settle_all`, unless they were recorded already. Return whether they confirmed the
-        chunk (its CONFIRM was held back and the results came first: its window slot is free)."""
+        chunk (its CONFIRM was held back and the results came first: its window slot is free).
+
+        Raises
+        ------
+        ProtocolError
+            They are not the chunk's (tasks outside it, an error outside them), checked before
+            anything changes: the caller refuses them with :meth:`intake_refused`, which settles
+            the chunk.
+        """
         confirmed = False
         n = len(values)
         offset = 0
+        if errors and any(not isinstance(i, int) or not 0 <= i < n for i in errors):
+            raise ProtocolError("results name an error outside the chunk")
         with self.cond:
             rec = self.ledger.records.get(seq) if seq else None
             if rec is not None:
@@ -190,9 +201,17 @@ class Outcomes:
         self.settlements.append((rec, offset, base, consumer, values, errors, None))
         return confirmed
 
-    def intake_undecodable(self, broker: int, seq: int, chunk_id: int, consumer: bytes, failure: Exception) -> bool:
-        """Results of chunk ``seq`` that do not decode here: its tasks fail (at :meth:`settle_all`).
-        Return whether they confirmed the chunk, as :meth:`intake`."""
+    def intake_refused(
+        self, broker: int, seq: int, chunk_id: int, consumer: bytes, failure: Exception, *, decoded: bool = False
+    ) -> bool:
+        """Results of chunk ``seq`` refused here: every task of the chunk still awaiting its outcome
+        fails (at :meth:`settle_all`), as if these were its results; the caller acknowledges them
+        (RACK) as any others, since the broker would only send the same bytes again. They fail
+        with :class:`~zdq.errors.SerializationError` when they do not decode (they do not unpickle
+        here, or were not sealed by a member of the pool), with :class:`~zdq.errors.ProtocolError`
+        when they decode (``decoded``) to results that are not the chunk's (tasks outside it, an
+        error outside them: another chunk's results, replayed). Results of no chunk here have
+        nothing to settle. Return whether they confirmed the chunk, as :meth:`intake`."""
         confirmed = False
         with self.cond:
             rec = self.ledger.records.get(seq) if seq else None
@@ -205,9 +224,14 @@ class Outcomes:
                 confirmed = True
                 self.cond.notify_all()
         if rec is not None:
-            exc = SerializationError(
-                f"the results of {rec.n} tasks from queue {self.ledger.queue_names[broker]} cannot be unpickled "
-                f"in this process: {type(failure).__name__}: {failure}"
+            queue, tasks = self.ledger.queue_names[broker], counted(rec.n, "task")
+            exc: ZdqError = (
+                ProtocolError(f"the results of {tasks} from queue {queue} are refused: {failure}")
+                if decoded
+                else SerializationError(
+                    f"the results of {tasks} from queue {queue} cannot be unpickled in this process: "
+                    f"{type(failure).__name__}: {failure}"
+                )
             )
             exc.__cause__ = failure
             self.settlements.append((rec, -1, 0, consumer, [], {0: exc}, None))
