@@ -208,6 +208,28 @@ def refused_endpoint() -> str:
     return f"tcp://127.0.0.1:{held.getsockname()[1]}"
 
 
+def knock_with_wrong_keys(endpoint: str, server_public: bytes, times: int, refused: Callable[[], int]) -> None:
+    """``times`` connections to the broker at ``endpoint``, each with a new CURVE key pair of no
+    pool (what anyone who reaches the port can do in a loop), 50 at a time, each batch closed once
+    ``refused()`` (the broker's count) says it was refused: one closed earlier may never have
+    reached its handshake."""
+    from zdq.transport.security import ClientKeys
+    from zdq.transport.sockets import connect_dealer
+
+    ctx = zmq.Context()
+    try:
+        for start in range(0, times, 50):
+            socks = []
+            for _ in range(min(50, times - start)):
+                public, secret = zmq.curve_keypair()
+                socks.append(connect_dealer(ctx, endpoint, os.urandom(16), keys=ClientKeys(public, secret, server_public)))
+            wait_until(lambda: refused() >= start + len(socks), timeout=30)
+            for sock in socks:
+                sock.close(linger=0)
+    finally:
+        ctx.term()
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):  # type: ignore[no-untyped-def]
     """Poll ``predicate`` until it returns a truthy value; fail the test at the timeout."""
     deadline = time.monotonic() + timeout

@@ -407,3 +407,42 @@ def test_the_drivers_eventfd_waker_merges_wakes_and_is_quiet_once_closed(ctx: zm
     waker.wake()  # after close: nothing written anywhere
     waker.drain()
     waker.close()
+
+
+def test_a_silent_broker_is_measured_silent_while_one_that_answers_is_not(ctx: zmq.Context[Any], parts: list[Any]) -> None:
+    """What the pool's supervisor and a waiting future are told: silence past the heartbeat
+    timeout (1 s here) of a broker that never answers, none of one that does."""
+    silent, real = _Broker(ctx, silent=True), _Broker(ctx)
+    parts += [silent, real]
+    driver = _driver(parts, [silent.endpoint, real.endpoint])
+    wait_until(lambda: driver.broker_silence(0) > 1.5, timeout=10)
+    assert driver.broker_silence(1) < 0.5
+
+
+def test_a_driver_whose_io_thread_did_not_run_says_so_and_blames_no_queue_for_that_time(
+    ctx: zmq.Context[Any], parts: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """As when the driver's process is stopped (SIGSTOP) or starved: the brokers' messages of that
+    time wait unread, so their silence is not theirs. The pool's supervisor, running meanwhile,
+    used to read 41 s of silence after a 40 s SIGSTOP of the driver and say "queue ... has been
+    silent for 41 s; its worker is alive (busy, or holding the GIL)"."""
+    real = _Broker(ctx)
+    parts += [real, _Consumer(ctx, real.endpoint)]
+    driver = _driver(parts, [real.endpoint])
+    release = threading.Event()
+    with caplog.at_level("WARNING", logger="zdq.client.driver"):
+        held = driver._loop.call(lambda: release.wait(10))  # the I/O thread runs this, and nothing else
+        try:
+            began = time.monotonic()
+            while time.monotonic() - began < 2.5:  # past the heartbeat timeout (1 s), as the supervisor polls
+                assert driver.broker_silence(0) < 1.0, "the queue was blamed for the driver's own pause"
+                time.sleep(0.05)
+        finally:
+            release.set()
+        held.result(timeout=10)
+        wait_until(lambda: any("did not run for" in r.getMessage() for r in caplog.records), timeout=10)
+    [said] = [r.getMessage() for r in caplog.records if "did not run for" in r.getMessage()]
+    assert "its I/O thread did not run for 2." in said and "this process was stopped, or starved" in said
+    assert driver.broker_silence(0) < 1.0
+    # The driver goes on: the broker answers, and tasks run.
+    assert [f.result(timeout=10) for f in _submit(driver, 3)] == [1, 2, 3]

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from distributed import Client, LocalCluster
 
-from tests.conftest import assert_no_zdq_leaks, wait_until
+from tests.conftest import assert_no_zdq_leaks, knock_with_wrong_keys, wait_until
 from tests.inprocess_cli import zdq_here
 from tests.tasks import add, fail
 from zdq import ConsumerPool, QueuePool
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.cluster
 #: The BrokerStats fields the monitor must show as statistics() has them, once the pool is idle.
 _QUEUE_FIELDS = (
     "ready_tasks", "leased_tasks", "awaiting_tasks", "dead_tasks", "tasks_stored", "tasks_acked",
-    "tasks_dead_lettered", "chunks_redelivered", "bad_messages", "consumers", "durable",
+    "tasks_dead_lettered", "chunks_redelivered", "bad_messages", "refused_peers", "consumers", "durable",
 )
 
 
@@ -84,8 +84,9 @@ def _finished(run: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
 
 @contextlib.contextmanager
 def _shown_pool(cluster: LocalCluster, client: Client, name: str) -> Iterator[tuple[QueuePool, ConsumerPool]]:
-    """A pool that ran 300 tasks, 3 of them failing for good (dead-lettered after a retry), now idle,
-    and shown by the monitor as its statistics() say. Closed (its dead letters purged) after."""
+    """A pool that ran 300 tasks, 3 of them failing for good (dead-lettered after a retry), whose
+    first queue refused 10 handshakes with wrong keys, now idle, and shown by the monitor as its
+    statistics() say. Closed (its dead letters purged) after."""
     queue_pool = QueuePool(client, 2, name=name)
     consumer_pool = ConsumerPool(client, queue_pool, n_consumers=2)
     with queue_pool, consumer_pool:
@@ -95,6 +96,11 @@ def _shown_pool(cluster: LocalCluster, client: Client, name: str) -> Iterator[tu
         assert ok.result(timeout=60) == [i + 1 for i in range(300)]
         for future in bad:
             assert future.exception(timeout=60) is not None
+        assert queue_pool.client_keys is not None
+        knock_with_wrong_keys(
+            queue_pool.endpoints[0], queue_pool.client_keys.server_public, 10,
+            lambda: queue_pool.broker_statistics()[0].refused_peers,
+        )
         wait_until(lambda: _matches(_http(cluster), queue_pool, consumer_pool), timeout=20, interval=0.3)
         yield queue_pool, consumer_pool
         queue_pool.purge_dead_letters()
@@ -144,6 +150,7 @@ def test_metrics_endpoint_serves_zdq_counters_and_gauges_that_match_statistics(
             assert value("zdq_tasks_dead_lettered_total", name) == b.tasks_dead_lettered
             assert value("zdq_chunks_redelivered_total", name) == b.chunks_redelivered
             assert value("zdq_bad_messages_total", name) == b.bad_messages
+            assert value("zdq_refused_peers_total", name) == b.refused_peers
             assert value("zdq_queue_ready", name) == b.ready_tasks
             assert value("zdq_queue_leased", name) == b.leased_tasks
             assert value("zdq_queue_dead", name) == b.dead_tasks
@@ -151,6 +158,7 @@ def test_metrics_endpoint_serves_zdq_counters_and_gauges_that_match_statistics(
             assert value("zdq_chunk_round_trip_seconds_count", name) == b.chunks_acked
         assert sum(b.tasks_stored for b in brokers.values()) == 303
         assert sum(b.tasks_dead_lettered for b in brokers.values()) == 3
+        assert sum(b.refused_peers for b in brokers.values()) >= 10
         assert value("zdq_tasks_completed_total") == sum(c.tasks_done for c in consumers) == 300
         assert value("zdq_tasks_failed_total") == sum(c.tasks_failed for c in consumers) == 3
         assert value("zdq_tasks_retried_total") == sum(c.tasks_retried for c in consumers) == 3
@@ -168,8 +176,8 @@ def test_status_command_lists_a_live_pool_with_the_counts_of_statistics(
         assert proc.returncode == 0, proc.stderr
         pool = json.loads(proc.stdout)["pools"]["watched"]
         brokers = {b.name: b for b in queue_pool.statistics().brokers}
-        assert {q["name"]: (q["ready_tasks"], q["tasks_stored"], q["dead_tasks"]) for q in pool["queues"]} == {
-            n: (b.ready_tasks, b.tasks_stored, b.dead_tasks) for n, b in brokers.items()
+        assert {q["name"]: (q["ready_tasks"], q["tasks_stored"], q["dead_tasks"], q["refused_peers"]) for q in pool["queues"]} == {
+            n: (b.ready_tasks, b.tasks_stored, b.dead_tasks, b.refused_peers) for n, b in brokers.items()
         }
         assert pool["totals"]["completed"] == 300 and pool["totals"]["failed"] == 3
         assert sorted(c["name"] for c in pool["consumers"]) == ["GeneralConsumer-0", "GeneralConsumer-1"]
@@ -177,6 +185,7 @@ def test_status_command_lists_a_live_pool_with_the_counts_of_statistics(
         assert text.returncode == 0, text.stderr
         assert "pool watched: 2 queues, 2 consumers; submitted 303, completed 300, failed 3" in text.stdout
         assert "watched-queue-0" in text.stdout and "GeneralConsumer-1" in text.stdout
+        assert " refused " in text.stdout.splitlines()[1]  # the queues' header: refused handshakes
         # --watch prints again until stopped: two rounds within the bound, then the process is ended.
         watch = subprocess.Popen(
             [sys.executable, "-m", "zdq.cli", "status", "--scheduler", address, "--watch", "0.5", "--json"],

@@ -19,7 +19,7 @@ from zdq.transport import protocol as p
 from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import connect_dealer
 
-from .conftest import wait_until
+from .conftest import knock_with_wrong_keys, wait_until
 from .tasks import add
 
 
@@ -259,3 +259,41 @@ def test_a_broker_bound_as_the_process_last_one_stops_gets_the_zap_handler(zmq_c
                 admission.stop()
     finally:
         clients.term()
+
+
+def test_a_flood_of_handshakes_with_wrong_keys_is_counted_each_time_and_logged_once_per_address(
+    zmq_ctx: zmq.Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who reaches a broker's port can fail handshakes in a loop: one WARNING each grew the
+    workers' logs without bound (8,590 lines in 9 s), and nothing counted them."""
+    from zdq.transport.security import PoolKeys
+    from zdq.transport.sockets import bind_router
+
+    keys = PoolKeys.generate()
+    router, endpoint, admission = bind_router(zmq_ctx, "127.0.0.1", max_message_size=1 << 20, keys=keys.server)
+    assert admission is not None
+    member = connect_dealer(zmq_ctx, endpoint, os.urandom(16), keys=keys.client)
+    try:
+        with caplog.at_level("WARNING", logger="zdq.transport.security"):
+            knock_with_wrong_keys(endpoint, keys.client.server_public, 300, lambda: admission.refused)
+        lines = [r.getMessage() for r in caplog.records if "refused a peer" in r.getMessage()]
+        assert len(lines) == 1, lines[:3]
+        assert "at 127.0.0.1" in lines[0] and "not logged for 60 s" in lines[0] and "refused_peers" in lines[0]
+        member.send(b"ping")  # the pool's own peer still gets in
+        assert router.poll(5000) and router.recv_multipart()[1] == b"ping"
+    finally:
+        member.close(linger=0)
+        router.close(linger=0)
+        admission.stop()
+
+
+def test_a_queues_statistics_count_the_handshakes_it_refused(client: Client) -> None:
+    with QueuePool(client, 2) as queue_pool:
+        assert queue_pool.client_keys is not None
+        knock_with_wrong_keys(
+            queue_pool.endpoints[0], queue_pool.client_keys.server_public, 60,
+            lambda: queue_pool.broker_statistics()[0].refused_peers,
+        )
+        stats = queue_pool.broker_statistics()
+        assert stats[1].refused_peers == 0  # counted for the queue whose socket was knocked on only
+        assert "refused_peers=" in repr(stats[0])

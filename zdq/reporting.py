@@ -1,12 +1,15 @@
-"""Failures are never silent: a rate-limited WARNING per failed task, in the driver's process."""
+"""Warnings that must not flood the log: failed tasks (a rate-limited WARNING per failed task, in
+the driver's process), and whatever a sender can repeat at will (:class:`Throttle`: the monitor's
+bad reports, the brokers' refused handshakes)."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from typing import Any
 
-__all__ = ["FailureLog"]
+__all__ = ["FailureLog", "Throttle"]
 
 logger = logging.getLogger("zdq.tasks")
 
@@ -62,3 +65,40 @@ class FailureLog:
             )
             self._unlogged = 0
         self._since = time.monotonic()
+
+
+class Throttle:
+    """Which senders' warnings to log now: one per sender every ``every`` seconds at most, and at
+    most ``kept`` senders remembered, so at most ``kept`` lines every ``every`` seconds however many
+    senders there are. A warning anyone can trigger at will (a forged report, a handshake with a
+    wrong key) must not let them grow the log without bound; what it warns of is counted elsewhere.
+
+    Not thread-safe: each throttle has one caller (the scheduler's event loop, a ZAP thread).
+
+    >>> t = Throttle(60.0)
+    >>> t.due("10.0.0.7", 0.0), t.due("10.0.0.7", 30.0), t.due("10.0.0.7", 61.0)
+    (True, False, True)
+    """
+
+    def __init__(self, every: float, kept: int = 1024) -> None:
+        self.every = every
+        self._kept = kept
+        # sender -> when its last warning was logged, oldest first (a sender logged again moves
+        # to the end), so the expired ones are dropped from the front, each once.
+        self._logged: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    def due(self, sender: str, now: float) -> bool:
+        """Whether to log ``sender``'s warning at ``now`` (monotonic seconds); True notes it logged."""
+        logged = self._logged
+        last = logged.get(sender)
+        if last is not None and now - last < self.every:
+            return False
+        while logged and now - next(iter(logged.values())) >= self.every:
+            logged.popitem(last=False)
+        if len(logged) >= self._kept:
+            # Every sender remembered was logged within ``every``: forgetting one would let a
+            # flood from many addresses log a line per attempt again.
+            return False
+        logged.pop(sender, None)
+        logged[sender] = now
+        return True

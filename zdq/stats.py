@@ -80,6 +80,9 @@ class BrokerStats(_Compact):
     #: Results kept after their driver took them (``result_ttl``), for zdq.result(): tasks, bytes.
     kept_tasks: int = 0
     kept_bytes: int = 0
+    #: Handshakes the queue's socket refused: a peer without the pool's CURVE key (logged once
+    #: per address a minute at most; see :mod:`zdq.transport.security`).
+    refused_peers: int = 0
     #: Chunks by round trip (DELIVER to DONE): a count per bound of ``ROUND_TRIP_BOUNDS``, then
     #: one above them; ``round_trip_sum`` is their total time in seconds.
     round_trips: tuple[int, ...] = field(default=(), repr=False)

@@ -192,3 +192,32 @@ def test_a_full_buffer_is_explained_by_queues_down_and_stalled() -> None:
     why = explain_full(links.views, ["a", "b", "c"], window=2, now=time.monotonic())
     assert "queues b are down" in why and "queues a have confirmed nothing" in why
     assert explain_full(make().views, ["a", "b", "c"], window=2, now=time.monotonic()) == ""
+
+
+def test_a_brokers_silence_is_measured_up_to_the_io_threads_last_tick_however_late_it_is_read() -> None:
+    links = Links(["tcp://h:0", "tcp://h:1"], ["", ""], now=100.0)
+    links[0].seen = 103.0
+    links.ticked(105.0)
+    assert [view.silence for view in links.views] == [2.0, 5.0]
+    links.lost(1)  # a state change publishes, and measures no further than the last tick
+    assert [view.silence for view in links.views] == [2.0, 5.0]
+    links[0].seen = 106.0  # heard after the tick: silent for none of it
+    links.publish()
+    assert links.views[0].silence == 0.0
+
+
+def test_after_the_io_thread_did_not_run_no_links_clock_counts_that_time() -> None:
+    """The brokers' messages of the pause wait unread: a broker heard before is heard now, one
+    placed again keeps its whole connect-timeout after it, and none is a stalled one for it."""
+    links = Links(["tcp://h:0", "tcp://h:1"], ["", ""], now=100.0)
+    links[0].seen = 101.0
+    links[0].unconfirmed = 2
+    links.reconnected(1, "tcp://new:1", "", 102.0)
+    links.paused(gap=40.0, now=142.5)
+    links.ticked(142.5)
+    # Heard before: heard now. Placed again at 102, not heard: its clock moved on by the pause.
+    assert [view.silence for view in links.views] == [0.0, 0.5]
+    assert links[0].heard and not links[1].heard and links[1].state is LinkState.RECOVERING
+    assert links.due_unreachable(142.5 + 1.0, connect_timeout=2.0) == []
+    assert links.due_unreachable(142.5 + 2.0, connect_timeout=2.0) == [links[1]]
+    assert links[0].confirmed_at == 140.0  # its last confirm, at 100, moved on by the pause

@@ -305,6 +305,26 @@ def test_a_broker_placed_again_and_silent_fails_what_it_holds(sent: list[tuple[i
     assert all(isinstance(f.exception(0), BrokerUnreachable) for f in held)
 
 
+def test_a_tick_late_past_the_heartbeat_timeout_says_this_process_paused_and_blames_no_queue(
+    sent: list[tuple[int, Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    loop = make()
+    _, held = put_chunk(loop)
+    loop.reconnect(0, "tcp://new:1", "w")  # placed again: its connect-timeout (1 s) runs
+    now = time.monotonic()
+    with caplog.at_level("WARNING", logger="zdq.client.driver"):
+        loop._tick(loop._bl, now + 40, gap=40.0)  # type: ignore[arg-type]
+    [said] = [r.getMessage() for r in caplog.records]
+    assert said.startswith("p-driver: its I/O thread did not run for 40.0 s (this process was stopped")
+    assert all(view.silence < 0.1 for view in loop._links.views)
+    # The pause is not the queue's silence: placed again, it still has its connect-timeout.
+    assert loop._links[0].state is LinkState.RECOVERING and not any(f.done() for f in held)
+    loop._tick(loop._bl, now + 40.5, gap=0.5)  # type: ignore[arg-type]
+    assert loop._links[0].state is LinkState.RECOVERING
+    loop._tick(loop._bl, now + 41.5, gap=1.0)  # type: ignore[arg-type]
+    assert loop._links[0].state is LinkState.UNREACHABLE
+
+
 def test_a_wait_for_every_broker_to_be_heard_says_why_the_silent_are(sent: list[tuple[int, Any]]) -> None:
     loop = make()
     fut: Future[dict[int, str]] = Future()

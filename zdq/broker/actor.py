@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import uuid
+from dataclasses import replace
 
 from zdq._actor import liveness_probe, scheduler_address, tell_placed, worker_address
 from zdq.broker.core import BrokerCore
@@ -193,9 +194,8 @@ class Broker:
         ipc, self._ipc = self._ipc, None
         if ipc is not None:
             ipc.remove()
-        auth, self._auth = self._auth, None
-        if auth is not None:
-            auth.stop()
+        if self._auth is not None:  # kept: its count of refused handshakes stays in the statistics
+            self._auth.stop()
 
     def pid(self) -> int:
         return os.getpid()
@@ -260,7 +260,9 @@ class Broker:
         return self._core
 
     def statistics(self) -> BrokerStats:
-        return self._running_core().statistics(self.endpoint)
+        stats = self._running_core().statistics(self.endpoint)
+        # The handshakes are judged outside the loop, by the process's ZAP handler (zdq.transport.security).
+        return stats if self._auth is None else replace(stats, refused_peers=self._auth.refused)
 
     def dead_letters(self) -> list[DeadLetter]:
         return self._running_core().dead_letters()

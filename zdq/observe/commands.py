@@ -119,14 +119,14 @@ def format_status(state: dict[str, Any]) -> str:
         )
         lines.append(
             f"  {'queue':<28} {'host':<16} {'durable':<7} {'ready':>9} {'delayed':>9} {'leased':>9} {'awaiting':>9} "
-            f"{'dead':>7} {'consumers':>9} {'bad msgs':>8} {'unique':>7} {'limit':>9}"
+            f"{'dead':>7} {'consumers':>9} {'bad msgs':>8} {'refused':>7} {'unique':>7} {'limit':>9}"
         )
         for q in pool["queues"]:
             lines.append(
                 f"  {q['name']:<28} {q.get('host', ''):<16} {'yes' if q['durable'] else 'no':<7} {q['ready_tasks']:>9} "
                 f"{q.get('delayed_tasks', 0):>9} "
                 f"{q['leased_tasks']:>9} {q['awaiting_tasks']:>9} {q['dead_tasks']:>7} {q['consumers']:>9} "
-                f"{q['bad_messages']:>8} {q.get('unique_keys', 0):>7} {format_rate(q.get('rate_limit')):>9}"
+                f"{q['bad_messages']:>8} {q.get('refused_peers', 0):>7} {q.get('unique_keys', 0):>7} {format_rate(q.get('rate_limit')):>9}"
             )
         if pool["consumers"]:
             lines.append(f"  {'consumer':<28} {'where':<28} {'state':<8} {'done':>9} {'failed':>7} {'in flight':>9}")

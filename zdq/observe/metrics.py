@@ -28,6 +28,7 @@ _QUEUE_COUNTERS = {
     "zdq_tasks_dead_lettered": ("tasks_dead_lettered", "Tasks moved to the queue's dead letters."),
     "zdq_chunks_redelivered": ("chunks_redelivered", "Chunks leased again after their consumer was lost."),
     "zdq_bad_messages": ("bad_messages", "Malformed or forged messages the queue dropped."),
+    "zdq_refused_peers": ("refused_peers", "Handshakes the queue refused: peers without the pool's CURVE key."),
     "zdq_tasks_unique_duplicates": (
         "tasks_unique_duplicates", "Unique tasks not queued: their key was held (they got the holder's outcome)."
     ),

@@ -39,6 +39,7 @@ from typing import Any
 from zdq.observe.placements import Placements, RegistryPlacements
 from zdq.observe.report import BadReport, ConsumerReport, Gone, QueueReport, decode
 from zdq.observe.views import ConsumerEntry, PoolView, QueueEntry, consumer_status, natural, queue_status, rates
+from zdq.reporting import Throttle
 
 __all__ = ["Monitor", "ensure_installed", "install", "installed", "MAX_KEPT", "MAX_CONSUMERS_PER_SENDER"]
 
@@ -70,7 +71,7 @@ class Monitor:
         self._unverified_since: dict[str, float] = {}  # sender -> start of its run of unverified entries
         self._pools: dict[str, PoolView] = {}
         self._interval = 1.0  # the last good report's, for the page
-        self._warned: dict[str, float] = {}  # sender -> when its bad reports were last logged
+        self._warned = Throttle(_WARN_EVERY)  # when each sender's bad reports were last logged
         self._full_logged = False
         self.reports = 0  # zdq-report messages received: the load this adds to the scheduler
         self.entries = 0  # queues and consumers in them
@@ -114,12 +115,8 @@ class Monitor:
 
     def _warn(self, worker: Any, now: float, msg: str, *args: Any) -> None:
         sender = str(worker)[:256]
-        if now - self._warned.get(sender, -_WARN_EVERY) < _WARN_EVERY:
+        if not self._warned.due(sender, now):
             return
-        if len(self._warned) >= 1024:  # bounded: forget the oldest senders
-            for key in sorted(self._warned, key=self._warned.__getitem__)[:512]:
-                del self._warned[key]
-        self._warned[sender] = now
         logger.warning("from %s: " + msg + " (more from this sender not logged for %.0f s)", sender, *args, _WARN_EVERY)
 
     def _vouched(

@@ -69,12 +69,12 @@ td.n{text-align:left;white-space:nowrap} .pool{border:1px solid #ccd;padding:.4e
 "use strict";
 const QCOLS=[["name","queue"],["host","host"],["durable","durable"],["ready_tasks","ready"],["delayed_tasks","delayed"],["leased_tasks","leased"],
  ["awaiting_tasks","awaiting receipt"],["dead_tasks","dead-lettered"],["kept_tasks","kept results"],["tasks_stored","submitted"],["tasks_acked","acked"],
- ["chunks_redelivered","redelivered chunks"],["unique_keys","unique keys"],["tasks_unique_duplicates","unique duplicates"],["tasks_expired","expired"],["recoveries","recoveries"],["bad_messages","bad messages"],["consumers","consumers"],
+ ["chunks_redelivered","redelivered chunks"],["unique_keys","unique keys"],["tasks_unique_duplicates","unique duplicates"],["tasks_expired","expired"],["recoveries","recoveries"],["bad_messages","bad messages"],["refused_peers","refused peers"],["consumers","consumers"],
  ["rate_limit","rate limit /s"],["throttled_tasks","throttled"]];
 const CCOLS=[["name","consumer"],["worker","where"],["state","state"],["tasks_done","done"],["tasks_failed","failed"],
  ["tasks_retried","retried"],["tasks_in_flight","in flight"],["rate","tasks/s"]];
 const TCOLS=[["submitted","submitted"],["completed","completed"],["failed","failed"],["retried","retried"],
- ["dead_lettered","dead-lettered"],["expired","expired"],["redelivered","redelivered chunks"],["recoveries","recoveries"],["bad_messages","bad messages"],["consumers","live consumers"]];
+ ["dead_lettered","dead-lettered"],["expired","expired"],["redelivered","redelivered chunks"],["recoveries","recoveries"],["bad_messages","bad messages"],["refused_peers","refused peers"],["consumers","live consumers"]];
 function esc(s){return String(s).replace(/[&<>"]/g,c=>({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;"}[c]));}
 function cell(key,v,attrs){const n=typeof v==="number";return `<td class="${n?"":"n"}" ${attrs} data-field="${key}">${esc(v)}</td>`;}
 function table(cols,rows,kind,pool){

@@ -38,7 +38,7 @@ __all__ = [
 #: Counters of a queue (BrokerStats fields): they only grow while their broker lives.
 QUEUE_COUNTERS = (
     "tasks_stored", "tasks_acked", "tasks_dead_lettered", "chunks_redelivered", "bad_messages", "tasks_unique_duplicates",
-    "tasks_expired", "tasks_throttled",
+    "tasks_expired", "tasks_throttled", "refused_peers",
 )
 #: Gauges of a queue: the state now.
 QUEUE_GAUGES = (

@@ -116,6 +116,7 @@ class PoolView:
             "expired": int(q.get("tasks_expired", 0)) + int(c.get("tasks_expired", 0)),
             "redelivered": int(q.get("chunks_redelivered", 0)),
             "bad_messages": int(q.get("bad_messages", 0)),
+            "refused_peers": int(q.get("refused_peers", 0)),
             "ready": g["ready_tasks"],
             "delayed": g["delayed_tasks"],
             "leased": g["leased_tasks"],

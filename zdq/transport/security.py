@@ -5,6 +5,8 @@ and consumers (clients). (Payloads are sealed separately, with the pool's payloa
 :mod:`zdq.codec.results`.) They travel only over Dask's own channel, as arguments of the actors that
 need them. A broker runs a ZAP authenticator that admits exactly the pool's client public key: a
 peer without it is refused during the handshake, before any of its bytes is read as a message.
+Anyone who reaches the port can try as often as they like: each refusal is counted
+(``BrokerStats.refused_peers``), and logged once per address a minute at most.
 
 On a ``tcp://`` Dask cluster that channel is clear text: these keys are then no secret from an
 observer of it (CurveZMQ's ephemeral session keys still hide the traffic of the sockets), which is
@@ -29,6 +31,8 @@ from typing import Any
 
 import zmq
 from zmq.utils import z85
+
+from zdq.reporting import Throttle
 
 __all__ = ["PoolKeys", "ClientKeys", "ServerKeys", "Admission", "secure_server", "secure_client"]
 
@@ -92,9 +96,11 @@ def zap_verdict(request: list[bytes], admitted: dict[bytes, bytes]) -> list[byte
     allowed = admitted.get(domain)
     if mechanism == b"CURVE" and allowed is not None and key == allowed:
         return [_ZAP_VERSION, request_id, b"200", b"OK", b"zdq", b""]
-    shown = z85.encode(key)[:8] if len(key) == 32 else key[:8]
-    logger.warning("zdq broker refused a peer (%s) with an unknown CURVE key %r", mechanism.decode(errors="replace"), shown)
     return [_ZAP_VERSION, request_id, b"400", b"not this pool's key", b"", b""]
+
+
+#: A peer address's refused handshakes are logged at most once in this many seconds.
+_WARN_EVERY = 60.0
 
 
 def _bind_zap(sock: zmq.Socket[Any], wait: float = 2.0) -> None:
@@ -127,6 +133,8 @@ class _ZapHandler:
     def __init__(self, ctx: zmq.Context[Any]) -> None:
         self._ctx = ctx
         self.admitted: dict[bytes, bytes] = {}  # domain -> raw client key; read by the thread
+        self.admissions: dict[bytes, Admission] = {}  # domain -> its admission, which counts refusals
+        self._warned = Throttle(_WARN_EVERY)  # the thread's: when each address's refusal was logged
         self._socket = ctx.socket(zmq.REP)
         self._socket.setsockopt(zmq.LINGER, 0)
         _bind_zap(self._socket)
@@ -151,7 +159,11 @@ class _ZapHandler:
                 if wake in ready:
                     return
                 if sock in ready:
-                    sock.send_multipart(zap_verdict(sock.recv_multipart(), self.admitted))
+                    request = sock.recv_multipart()
+                    reply = zap_verdict(request, self.admitted)
+                    sock.send_multipart(reply)
+                    if reply[2] != b"200":
+                        self._refused(request)
         except zmq.ZMQError as e:  # the context is terminating: its sockets stop with it
             logger.debug("zdq ZAP handler stopped: %s", e)
         finally:
@@ -163,6 +175,26 @@ class _ZapHandler:
                 pass
             sock.close(linger=0)
             wake.close(linger=0)
+
+    def _refused(self, request: list[bytes]) -> None:
+        """Count a refused handshake for its socket's broker, and log it unless its address's
+        last one was logged within ``_WARN_EVERY``: a flood of handshakes from one address (new
+        keys each time) costs the log one line a minute."""
+        # A refused request may be malformed: its missing frames read as empty.
+        frames = request + [b""] * (7 - len(request))
+        domain, address, mechanism, key = frames[2], frames[3], frames[5], frames[6]
+        admission = self.admissions.get(domain)
+        if admission is not None:
+            admission.refused += 1
+        peer = address.decode(errors="replace")[:64] or "?"
+        if not self._warned.due(peer, time.monotonic()):
+            return
+        shown = z85.encode(key)[:8] if len(key) == 32 else key[:8]
+        logger.warning(
+            "zdq broker refused a peer at %s (%s) with an unknown CURVE key %r (more refusals from this address "
+            "not logged for %.0f s; the queue's statistics count them all: refused_peers)",
+            peer, mechanism.decode(errors="replace")[:16], shown, _WARN_EVERY,
+        )
 
     def stop(self, join: float = 2.0) -> None:
         """Stop the thread (it closes its sockets); bounded by ``join`` seconds."""
@@ -180,11 +212,14 @@ class Admission:
     ZeroMQ answers every handshake of a context through one ZAP handler, so the brokers of a
     process share one authenticator (a :class:`_ZapHandler`), each under a ZAP domain of its own
     that admits only its pool's client key. The authenticator stops with its last domain.
+    ``refused`` counts the handshakes it refused for this socket (written by the handler's thread
+    alone; kept after :meth:`stop`).
     """
 
     def __init__(self, ctx: zmq.Context[Any], domain: str) -> None:
         self._ctx = ctx
         self.domain = domain
+        self.refused = 0
 
     def stop(self) -> None:
         """Withdraw this socket's domain. Idempotent."""
@@ -195,6 +230,7 @@ class Admission:
             auth, domains = entry
             domains.discard(self.domain)
             auth.admitted.pop(self.domain.encode(), None)
+            auth.admissions.pop(self.domain.encode(), None)
             if not domains:
                 del _authenticators[id(self._ctx)]
                 auth.stop()
@@ -212,17 +248,19 @@ def secure_server(ctx: zmq.Context[Any], sock: zmq.Socket[Any], keys: ServerKeys
     Returns its admission; stop it when the socket is closed.
     """
     domain = f"zdq-{os.urandom(8).hex()}"
+    admission = Admission(ctx, domain)
     with _zap_lock:
         entry = _authenticators.get(id(ctx))
         if entry is None:
             entry = _authenticators[id(ctx)] = (_ZapHandler(ctx), set())
+        entry[0].admissions[domain.encode()] = admission
         entry[0].admitted[domain.encode()] = z85.decode(keys.client_public)
         entry[1].add(domain)
     sock.setsockopt(zmq.CURVE_SERVER, 1)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
     sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
     sock.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
-    return Admission(ctx, domain)
+    return admission
 
 
 def secure_client(sock: zmq.Socket[Any], keys: ClientKeys) -> None:

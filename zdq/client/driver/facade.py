@@ -297,9 +297,10 @@ class Driver:
         return [view.state is LinkState.UP for view in self._links.views]
 
     def broker_silence(self, broker: int) -> float:
-        """Seconds since broker ``broker`` was last heard from (as of the I/O thread's last
-        heartbeat tick: at most a heartbeat interval more than the truth)."""
-        return time.monotonic() - self._links.views[broker].seen
+        """Seconds broker ``broker`` had not been heard from at the I/O thread's last heartbeat
+        tick (at most a heartbeat interval less than the truth). A time the I/O thread did not run
+        is not the broker's silence: it is not counted (see :mod:`~zdq.client.driver.links`)."""
+        return self._links.views[broker].silence
 
     def queue_states(self) -> list[QueueState]:
         """What this driver knows of each queue, asking none: its link's state, its tasks there

@@ -13,6 +13,12 @@ the broker was last heard from and last confirmed, and the receipts (RACK) owed 
 batches. :class:`Links` picks the broker of the next chunk (round robin, passing over brokers
 down or stalled) and publishes a :class:`LinkView` snapshot for the other threads.
 
+A broker's silence is measured by the I/O thread's clock: up to its last heartbeat tick
+(``LinkView.silence``), never up to "now" as another thread reads it. When the I/O thread itself
+did not run (its process stopped, or starved of CPU or the GIL), what the brokers sent meanwhile
+is still unread: that time is not theirs to be blamed for. Its next tick, late, restarts every
+link's clocks (:meth:`Links.paused`), as the broker does for its peers after its own deafness.
+
 Who owns what
 -------------
 ===========================================  ======================================================
@@ -24,6 +30,7 @@ every :class:`Link` field, ``Links.rr``      the driver's I/O thread alone (no l
                                              state change and every heartbeat tick); read by any
                                              thread without a lock: a reference read is atomic, and
                                              the tuple never changes once published
+``Links.ticked_at``                          the I/O thread (its heartbeat tick)
 ===========================================  ======================================================
 
 >>> links = Links(["tcp://a:1", "tcp://b:2"], ["w1", "w2"], now=0.0)
@@ -95,8 +102,10 @@ class Link:
         """Whether its broker answered since this connection was made (its answer to our HELLO)."""
         return self.seen > self.connected_at
 
-    def view(self) -> LinkView:
-        return LinkView(self.state, self.seen, self.heard, self.unconfirmed, self.confirmed_at, self.endpoint, self.worker)
+    def view(self, as_of: float) -> LinkView:
+        return LinkView(
+            self.state, self.seen, self.heard, self.unconfirmed, self.confirmed_at, self.endpoint, self.worker, as_of
+        )
 
 
 class LinkView(NamedTuple):
@@ -109,6 +118,13 @@ class LinkView(NamedTuple):
     confirmed_at: float
     endpoint: str
     worker: str
+    as_of: float  # the I/O thread's last heartbeat tick when this was published
+
+    @property
+    def silence(self) -> float:
+        """Seconds its broker had been silent at the I/O thread's last tick: a time the I/O
+        thread did not run (and read nothing) is not counted until it has run again."""
+        return max(0.0, self.as_of - self.seen)
 
 
 class Links:
@@ -118,6 +134,7 @@ class Links:
         self.links = [Link(i, e, w, now) for i, (e, w) in enumerate(zip(endpoints, workers))]
         self.rr = 0
         self.views: tuple[LinkView, ...] = ()
+        self.ticked_at = now  # the I/O thread's last heartbeat tick
         self.publish()
 
     def __getitem__(self, index: int) -> Link:
@@ -128,7 +145,26 @@ class Links:
 
     def publish(self) -> None:
         """Replace the snapshot the other threads read."""
-        self.views = tuple(link.view() for link in self.links)
+        as_of = self.ticked_at
+        self.views = tuple(link.view(as_of) for link in self.links)
+
+    def ticked(self, now: float) -> None:
+        """The I/O thread's heartbeat tick at ``now``: silences are measured up to here."""
+        self.ticked_at = now
+        self.publish()
+
+    def paused(self, gap: float, now: float) -> None:
+        """The I/O thread did not run for ``gap`` seconds: what the brokers sent meanwhile is
+        unread, so no link's clock counts that time. A link heard is heard now; one not heard since
+        its connection (a broker placed again, within its connect-timeout) and every link's last
+        confirm (round robin's stall) move on by ``gap``. A broker that did stop meanwhile is found
+        silent a heartbeat timeout later."""
+        for link in self.links:
+            if link.heard:
+                link.seen = now
+            else:  # seen == connected_at until it is heard: both move, it stays unheard
+                link.seen = link.connected_at = min(now, link.connected_at + gap)
+            link.confirmed_at = min(now, link.confirmed_at + gap)
 
     # -- sending ---------------------------------------------------------------------------------
     def pick(self, window: int) -> int | None:

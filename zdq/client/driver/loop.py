@@ -269,7 +269,7 @@ class DriverLoop:
                 rack_due = math.inf
                 rack_full = False
             if now >= next_beat:
-                self._tick(bl, now)
+                self._tick(bl, now, now - next_beat + beat)
                 next_beat = now + beat
         outcomes.settle_all()
         self._send_racks(socks)
@@ -351,9 +351,12 @@ class DriverLoop:
         for index, racks in self._links.take_racks():
             try_send(socks[index], p.encode(p.Rack(racks)))
 
-    def _tick(self, bl: BrokerLinks, now: float) -> None:
+    def _tick(self, bl: BrokerLinks, now: float, gap: float = 0.0) -> None:
         """Every heartbeat interval: heartbeats, links never answered, expired requests, and a
-        fresh snapshot of the links for the other threads."""
+        fresh snapshot of the links for the other threads. ``gap``: the time since the previous
+        tick; past the heartbeat timeout, this thread itself did not run (:meth:`_was_paused`)."""
+        if gap > self._settings.heartbeat_timeout:
+            self._was_paused(gap, now)
         socks = bl.socks
         beat = p.encode(p.Heartbeat())
         for link in self._links.links:
@@ -374,8 +377,19 @@ class DriverLoop:
                 )
             )
             outcomes.fail_unsent(exc)
-        self._links.publish()
+        self._links.ticked(now)
         self._requests.check_statuses(now)
+
+    def _was_paused(self, gap: float, now: float) -> None:
+        """This thread did not run for ``gap`` seconds (its process was stopped, or starved of CPU
+        or the GIL): the brokers' messages of that time are still unread, so none is taken as
+        silent for it; the cause is said here, once, instead of a silence blamed on each queue."""
+        logger.warning(
+            "%s: its I/O thread did not run for %.1f s (this process was stopped, or starved of CPU or the GIL), "
+            "so it heard no queue meanwhile; the queues get a heartbeat timeout to be heard again before any is "
+            "taken as silent", self.driver_name, gap,
+        )
+        self._links.paused(gap, now)
 
     # -- messages --------------------------------------------------------------------------------
     def _handle(self, link: Link, frames: list[Any]) -> int | None:
