@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterat
 from typing import Any
 
 from zdq.errors import BatchError, TaskCancelled, ZdqTimeoutError
+from zdq.names import counted
 
 __all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "WaitHint", "wait", "as_completed"]
 
@@ -507,5 +508,5 @@ class BatchFuture(_Awaitable):
         if not self.done():
             return f"<BatchFuture {span} pending: {self.completed} of {n} done, {failed} failed>"
         if failed and not self.cancelled():
-            return f"<BatchFuture {span} failed: {failed} of {n} tasks>"
-        return f"<BatchFuture {span} {self._state_text()}: {n} tasks>"
+            return f"<BatchFuture {span} failed: {failed} of {counted(n, 'task')}>"
+        return f"<BatchFuture {span} {self._state_text()}: {counted(n, 'task')}>"

@@ -57,9 +57,10 @@ class FailureLog:
     def flush(self) -> None:
         if self._unlogged:
             logger.warning(
-                "pool %s: %d more tasks failed in the last %.1f s (the last: %s)",
+                "pool %s: %d more %s failed in the last %.1f s (the last: %s)",
                 self._pool,
                 self._unlogged,
+                "task" if self._unlogged == 1 else "tasks",
                 time.monotonic() - self._since,
                 self._last,
             )

@@ -185,3 +185,6 @@ def test_future_reprs_say_their_state_without_waiting() -> None:
     batch._fail(1, 2, BrokerLost("gone"))
     assert repr(batch) == "<BatchFuture keys=10..12 failed: 2 of 3 tasks>"
     assert repr(BatchFuture(5, 0)) == "<BatchFuture no keys finished: 0 tasks>"
+    lone = BatchFuture(20, 1)
+    lone._fail(0, 1, BrokerLost("gone"))
+    assert repr(lone) == "<BatchFuture keys=20..20 failed: 1 of 1 task>"

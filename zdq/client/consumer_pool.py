@@ -499,13 +499,16 @@ class ConsumerPool:
         logger.info("All consumers are done ! %d items processed.", self.nb_consumed())
         if stats.tasks_failed or dead:
             logger.warning(
-                "join: %d tasks failed (their futures and results() hold the errors, those that never ran "
-                "under 'not-run'); %d are dead-lettered (queue_pool.dead_letters())",
-                stats.tasks_failed,
-                dead,
+                "join: %s failed (their futures and results() hold the errors, those that never ran "
+                "under 'not-run'); %s dead-lettered (queue_pool.dead_letters())",
+                counted(stats.tasks_failed, "task"),
+                f"{dead} {'is' if dead == 1 else 'are'}",
             )
         if stats.tasks_cancelled:
-            logger.info("join: %d tasks were cancelled before they started (they never ran)", stats.tasks_cancelled)
+            logger.info(
+                "join: %s cancelled before they started (they never ran)",
+                f"{counted(stats.tasks_cancelled, 'task')} {'was' if stats.tasks_cancelled == 1 else 'were'}",
+            )
 
     def results(self) -> dict[str, dict[int, Any]]:
         """Every result this pool's consumers produced, per consumer: ``{name: {task key: result}}``.
