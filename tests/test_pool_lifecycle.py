@@ -92,7 +92,7 @@ def test_a_close_during_recovery_releases_what_the_late_recovery_places_and_its_
 
 def _close_the_client_under_open_pools(cluster: LocalCluster, tasks: int) -> list[Any]:
     """The end of a daskqueue program: a QueuePool and a started ConsumerPool, ``tasks`` tasks of
-    5 s submitted, then the Dask client closed and the pools never. Every zdq thread of this
+    2 s submitted, then the Dask client closed and the pools never. Every zdq thread of this
     process has ended within 15 s of the close (the pools still held here, so not by their
     collection); the futures of the tasks are returned."""
     client = Client(cluster)
@@ -102,7 +102,7 @@ def _close_the_client_under_open_pools(cluster: LocalCluster, tasks: int) -> lis
         consumer_pool.start()
         assert queue_pool.submit(add, 1, 1).result(timeout=30) == 2
         assert {"zdq-supervisor-queues", "zdq-supervisor-consumers"} <= set(_zdq_threads())
-        futures = [queue_pool.submit(sleep, 5) for _ in range(tasks)]
+        futures = [queue_pool.submit(sleep, 2) for _ in range(tasks)]
     finally:
         client.close()
     wait_until(lambda: not _zdq_threads(), timeout=15)
