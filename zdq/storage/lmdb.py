@@ -303,14 +303,16 @@ class LMDBStorage(Storage):
             os.ftruncate(self._journal_fd, 0)
             self._journaled = False
 
-    def _release(self) -> None:
+    def _release(self, lock: bool = True) -> None:
+        """Close the environment and the journal; and drop the directory's lock unless ``lock`` is
+        False (``discard`` removes the directory's files while it still holds it)."""
         if self._env is not None:
             self._env.close()
             self._env = None
         if self._journal_fd is not None:
             os.close(self._journal_fd)
             self._journal_fd = None
-        if self._lock_fd is not None:
+        if lock and self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None
 
@@ -590,12 +592,7 @@ class LMDBStorage(Storage):
             self.close()
             return
         self._closed = True
-        if self._env is not None:
-            self._env.close()
-            self._env = None
-        if self._journal_fd is not None:
-            os.close(self._journal_fd)
-            self._journal_fd = None
+        self._release(lock=False)
         try:
             for name in ("data.mdb", "lock.mdb", _JOURNAL, _LOCK):
                 with contextlib.suppress(FileNotFoundError):
