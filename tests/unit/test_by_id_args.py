@@ -68,3 +68,9 @@ def test_results_naming_a_missing_module_still_say_which_tasks_failed() -> None:
     state, _, exc = _read(record, 103, payload, 103)  # type: ignore[arg-type]
     assert state == "failed" and isinstance(exc, ValueError) and str(exc) == "bad input"
     assert _read(record, 105, payload, 105)[0] == "unknown"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("key", [1 << 64, str(1 << 64), "99999999999999999999999999"])
+def test_a_key_of_more_than_64_bits_is_refused_at_the_call(key: object) -> None:
+    with pytest.raises(ValueError, match=r"fits in 64 bits .*, got key \d+$"):
+        zdq.state("mails", key)

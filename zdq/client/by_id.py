@@ -181,23 +181,30 @@ def _timeout(timeout: Any) -> float | None:
     return float(timeout)
 
 
+#: Task keys travel as unsigned 64-bit integers: none is this large.
+_KEYS = 1 << 64
+
+
 def task_key(key: Any) -> int:
     """A task's key as an int: ``future.key``, a numpy integer, or a string of digits (as a web
-    route receives it; keys pass 2**53, so JSON must carry them as strings). A negative key is
-    refused as ``zdq result`` refuses ``-5`` (not digits): no task has one."""
+    route receives it; keys pass 2**53, so JSON must carry them as strings). A negative key, or
+    one of more than 64 bits, is refused: no task has one."""
     if isinstance(key, str):
         text = key.strip()
-        if text.isascii() and text.isdigit():
-            return int(text)
-        raise ValueError(f"a task's key is an int (future.key) or a string of its digits, got {key!r:.80}")
-    if isinstance(key, bool):
+        if not (text.isascii() and text.isdigit()):
+            raise ValueError(f"a task's key is an int (future.key) or a string of its digits, got {key!r:.80}")
+        value = int(text)
+    elif isinstance(key, bool):
         raise TypeError(f"a task's key is an int (future.key), got {key!r}")
-    try:
-        value = operator.index(key)
-    except TypeError:
-        raise TypeError(f"a task's key is an int (future.key), got {key!r:.80}") from None
+    else:
+        try:
+            value = operator.index(key)
+        except TypeError:
+            raise TypeError(f"a task's key is an int (future.key), got {key!r:.80}") from None
     if value < 0:
         raise ValueError(f"a task's key is never negative (future.key is 0 or more), got key {value}")
+    if value >= _KEYS:
+        raise ValueError(f"a task's key fits in 64 bits (future.key is below 2**64), got key {value}")
     return value
 
 
