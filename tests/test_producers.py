@@ -79,3 +79,14 @@ def test_tasks_attach_to_their_own_pool_and_submit_more_work_which_runs(client: 
         busy = [queue_pool.submit(sleep, 1.0) for _ in range(4)]
         assert queue_pool.submit(document, str(tmp_path / "more"), 99, 5).result(timeout=60) == 5
         assert [f.result(timeout=60) for f in busy] == [1.0] * 4
+
+
+def test_attaching_to_a_durable_pool_without_its_dirpath_says_which_dirpath_it_is_published_with(
+    client: Client, tmp_path: Path
+) -> None:
+    with QueuePool(client, 1, name="jobs-attach-hint", durability="durable", dirpath=tmp_path) as owner:
+        with pytest.raises(ClosedError, match=rf"no live zdq pool named 'jobs-attach-hint' on this cluster; a durable pool "
+                           rf"'jobs-attach-hint' is published with dirpath='{tmp_path}': pass it"):
+            QueuePool.attach(client, "jobs-attach-hint")
+        with QueuePool.attach(client, "jobs-attach-hint", dirpath=tmp_path) as attached:  # as it says
+            assert attached.queue_names == owner.queue_names and attached.endpoints == owner.endpoints

@@ -524,7 +524,13 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         record = registry.lookup(pool.client, name, pool.dirpath)
         if record is None:
             where = f" with dirpath {pool.dirpath}" if pool.dirpath else ""
-            raise ClosedError(f"no live zdq pool named {name!r}{where} on this cluster")
+            others = [d for d in registry.published_as(pool.client, name) if d != pool.dirpath]
+            hint = "".join(
+                f"; a transient pool {name!r} is published: attach without dirpath" if d is None
+                else f"; a durable pool {name!r} is published with dirpath={d!r}: pass it"
+                for d in others[:3]
+            )
+            raise ClosedError(f"no live zdq pool named {name!r}{where} on this cluster{hint}")
         return pool._attach(record)
 
     def _attach(self, record: registry.PoolRecord) -> QueuePool:

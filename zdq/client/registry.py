@@ -30,7 +30,7 @@ from zdq.config import PoolSettings
 from zdq.errors import PlacementError
 from zdq.transport.security import ClientKeys
 
-__all__ = ["OwnerProcess", "PoolRecord", "registry_key", "publish", "lookup", "withdraw", "owner_state"]
+__all__ = ["OwnerProcess", "PoolRecord", "registry_key", "publish", "lookup", "published_as", "withdraw", "owner_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,20 @@ def lookup(client: Any, name: str, dirpath: str | None) -> PoolRecord | None:
         withdraw(client, record)
         return None
     return record
+
+
+def published_as(client: Any, name: str) -> list[str | None]:
+    """The ``dirpath`` of every pool named ``name`` published on the cluster (None: a transient
+    one), live or stale: what a lookup that found nothing tells its caller to pass instead."""
+    keys = scheduler_call(client, f"the pools named {name}", client.list_datasets)
+    plain, durable = registry_key(name, None), registry_key(name, "")
+    found: list[str | None] = []
+    for key in keys:
+        if key == plain:
+            found.append(None)
+        elif isinstance(key, str) and key.startswith(durable):
+            found.append(key[len(durable):])
+    return found
 
 
 def owner_state(owner: OwnerProcess) -> str:
