@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from zdq.codec.names import check_name
 
 __all__ = [
-    "POOL_NAME_MAX", "check_pool_name", "consumer_names", "counted", "driver_name", "queue_name", "queue_name_of",
+    "POOL_NAME_MAX", "agreeing", "check_pool_name", "consumer_names", "counted", "driver_name", "queue_name", "queue_name_of",
     "sorted_by_name", "unnamed_peer",
 ]
 
@@ -130,3 +130,9 @@ def unnamed_peer(identity: bytes) -> str:
 def counted(n: int, noun: str) -> str:
     """``1 queue``, ``2 queues``: for reprs people read."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def agreeing(n: int, one: str = "was", many: str = "were") -> str:
+    """The verb that agrees with a count of ``n`` (``1 task was``, ``2 tasks were``), for the
+    messages :func:`counted` begins."""
+    return one if n == 1 else many

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from zdq.names import counted
+from zdq.names import agreeing, counted
 
 __all__ = ["Task", "as_calls"]
 
@@ -61,7 +61,7 @@ class _Calls:
             if not callable(task):
                 self.error = TypeError(
                     f"insert(tasks=...): item {i} is neither a zdq.Task nor a callable: {task!r:.80} "
-                    f"({counted(i, 'item')} before it {'was' if i == 1 else 'were'} queued; the iterable was not read "
+                    f"({counted(i, 'item')} before it {agreeing(i)} queued; the iterable was not read "
                     "past it)"
                 )
                 return

@@ -43,7 +43,7 @@ from zdq.errors import (
     PlacementError,
     ZdqTimeoutError,
 )
-from zdq.names import counted
+from zdq.names import agreeing, counted
 from zdq.stats import ConsumerStats
 
 __all__ = ["ConsumerPool", "EARLIER", "NOT_RUN"]
@@ -502,12 +502,12 @@ class ConsumerPool:
                 "join: %s failed (their futures and results() hold the errors, those that never ran "
                 "under 'not-run'); %s dead-lettered (queue_pool.dead_letters())",
                 counted(stats.tasks_failed, "task"),
-                f"{dead} {'is' if dead == 1 else 'are'}",
+                f"{dead} {agreeing(dead, 'is', 'are')}",
             )
         if stats.tasks_cancelled:
             logger.info(
                 "join: %s cancelled before they started (they never ran)",
-                f"{counted(stats.tasks_cancelled, 'task')} {'was' if stats.tasks_cancelled == 1 else 'were'}",
+                f"{counted(stats.tasks_cancelled, 'task')} {agreeing(stats.tasks_cancelled)}",
             )
 
     def results(self) -> dict[str, dict[int, Any]]:

@@ -37,7 +37,7 @@ from zdq.client.driver import Driver
 from zdq.client.window import Columns, FutureSlice, MapBatch, MapChunk, Slice, cancel_slices
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass, ZdqTimeoutError
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
-from zdq.names import counted
+from zdq.names import agreeing, counted
 from zdq.objects import as_calls
 from zdq.codec.tasks import CALLS, ITEMS, TaskOptions, call_task, check_calls, check_task_name, dumps_task, item_task
 from zdq.codec.rates import chunk_cap, rate_key_of, rate_of, share
@@ -387,7 +387,7 @@ class Submitter:
                     raise
                 # Part of the batch is queued and will run: its future must still settle.
                 error = SubmitTimeout(
-                    f"{e} ({queued} of the batch's {counted(len(entries), 'task')} {'was' if queued == 1 else 'were'} "
+                    f"{e} ({queued} of the batch's {counted(len(entries), 'task')} {agreeing(queued)} "
                     "queued before the timeout: "
                     "they run and report on this error's .future, where the others hold this error; "
                     "error.future.cancel() cancels those that have not started)"
@@ -435,7 +435,7 @@ class Submitter:
                     packed = chunking.pack(base, part, driver.payload_key, CALLS, options)
                 except SerializationError as e:
                     at = f"item {count + e.task_id - base}: " if e.task_id is not None else ""
-                    before = f"{counted(count, 'task')} before this chunk {'was' if count == 1 else 'were'} queued"
+                    before = f"{counted(count, 'task')} before this chunk {agreeing(count)} queued"
                     raise SerializationError(f"{at}{e} ({before})") from e
                 _queue_packed(driver, packed, hint, timeout, timing, futures)
                 count += len(part)
@@ -446,7 +446,7 @@ class Submitter:
                 bar.close()
         if reading.error is not None:
             # The caller's iterable failed: what it gave before is queued (above), and said so.
-            were = "was" if count == 1 else "were"
+            were = agreeing(count)
             reading.error.add_note(f"zdq: the {counted(count, 'task')} read from the iterable before this error {were} queued")
             raise reading.error
         return count
@@ -484,7 +484,7 @@ class Submitter:
                 packed = chunking.pack_columns(base, fn, n, columns, driver.payload_key, options)
             except SerializationError as e:
                 at = f"item {start + e.task_id - base}: " if e.task_id is not None else ""
-                before = f"{counted(start, 'task')} before this chunk {'was' if start == 1 else 'were'} queued"
+                before = f"{counted(start, 'task')} before this chunk {agreeing(start)} queued"
                 raise SerializationError(f"{at}{e} ({before})") from e
             _queue_packed(driver, packed, hint, timeout, timing, futures)
 
