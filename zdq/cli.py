@@ -193,15 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     from zdq.observe.commands import add_parsers
 
     add_parsers(sub)
-    return parser
-
-
-def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    """The parser of the subcommand ``command``: its usage errors show its usage, not zdq's."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
-            found: argparse.ArgumentParser = action.choices[command]
-            return found
+    for command in sub.choices.values():  # its usage errors show its usage, not zdq's
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -210,9 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Known arguments only: what the subcommand does not know is refused below by the
     # subcommand's own parser (argparse would refuse it with zdq's usage, and status 2).
     args, unknown = parser.parse_known_args(argv)
-    command = _command_parser(parser, args.command)
+    command: argparse.ArgumentParser = getattr(args, "command_parser", parser)
     if unknown:
-        command.error(f"unrecognized arguments: {' '.join(unknown)}")
+        given = list(sys.argv[1:] if argv is None else argv)
+        # An option before the subcommand's name was given to zdq itself: zdq's usage says so.
+        before = given[: given.index(args.command)] if args.command in given else []
+        (parser if set(unknown) & set(before) else command).error(f"unrecognized arguments: {' '.join(unknown)}")
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verbose == 0:

@@ -20,3 +20,18 @@ def _pool(queues: int, consumers: int) -> dict[str, Any]:
 def test_status_counts_queues_and_consumers_in_singular_or_plural() -> None:
     assert format_status({"pools": {"jobs": _pool(1, 1)}}).startswith("pool jobs: 1 queue, 1 consumer; submitted 0")
     assert format_status({"pools": {"jobs": _pool(2, 0)}}).startswith("pool jobs: 2 queues, 0 consumers; submitted 0")
+
+
+def test_an_unknown_option_is_told_by_the_parser_it_was_given_to(capsys: Any) -> None:
+    """Before the subcommand's name, an option was given to zdq itself; after it, to the
+    subcommand: each parser's usage says which (argparse's status 2, no connection tried)."""
+    import pytest
+
+    from zdq.cli import main
+
+    for argv, said in ((["--bogus", "status"], "zdq: error: unrecognized arguments: --bogus"),
+                       (["status", "--bogus"], "zdq status: error: unrecognized arguments: --bogus")):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+        assert said in capsys.readouterr().err
