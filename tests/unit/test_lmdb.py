@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import os
+import stat
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from zdq.errors import StorageCorrupt
+from zdq.config import default_dirpath
+from zdq.errors import StorageCorrupt, StorageError
 from zdq.storage import ChunkMeta, LMDBStorage
 from zdq.storage.lmdb import holds_work, is_queue_dir
 
@@ -168,3 +171,56 @@ def test_only_queue_directories_holding_tasks_or_schedules_count_as_holding_work
     full.close()
     assert not holds_work(str(tmp_path / "empty")) and holds_work(str(tmp_path / "full"))
     assert not holds_work(str(tmp_path / "absent"))
+
+
+def test_the_default_dirpath_is_this_users_own_directory_made_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    base = default_dirpath()
+    assert base == str(tmp_path / f"zdq-{os.getuid()}")
+    s = LMDBStorage(os.path.join(base, "default-queue-0"))
+    s.open()
+    s.close()
+    assert stat.S_IMODE(os.stat(base).st_mode) == 0o700 and os.stat(base).st_uid == os.getuid()
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+def test_a_default_dirpath_its_group_or_others_may_write_is_refused_and_left_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    base = default_dirpath()
+    os.mkdir(base)
+    os.chmod(base, mode)
+    with pytest.raises(StorageError, match=f"{base}, the default directory .* is writable by its group or by others"):
+        LMDBStorage(os.path.join(base, "default-queue-0")).open()
+    assert stat.S_IMODE(os.stat(base).st_mode) == mode and os.listdir(base) == []
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a directory to another user needs root")
+def test_a_default_dirpath_or_a_queue_directory_another_user_owns_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    base = default_dirpath()
+    os.mkdir(base, 0o700)
+    os.chown(base, 4242, 4242)
+    with pytest.raises(StorageError, match=f"{base}, the default directory .* is owned by uid 4242"):
+        LMDBStorage(os.path.join(base, "default-queue-0")).open()
+    assert os.stat(base).st_uid == 4242 and os.listdir(base) == []
+
+    # A dirpath the user names may be shared (a group-writable project directory), but a queue
+    # directory in it that another user made is theirs.
+    shared = tmp_path / "project"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    mine = LMDBStorage(str(shared / "default-queue-0"))
+    mine.open()
+    mine.close()
+    theirs = shared / "default-queue-1"
+    theirs.mkdir()
+    os.chown(theirs, 4242, 4242)
+    with pytest.raises(StorageError, match="owned by uid 4242.*another user's queue"):
+        LMDBStorage(str(theirs)).open()
+    assert os.listdir(theirs) == []

@@ -35,6 +35,11 @@ draining a queue does not grow its file.
 
 A queue directory is owned by one broker at a time through an exclusive ``flock`` on
 ``zdq.lock``; the kernel drops it when the owner dies, however it dies.
+
+A queue directory another user owns is refused: its chunks would be unpickled by our workers, and
+the pool's payload key stored there would be theirs. The per-user default dirpath
+(:func:`zdq.config.default_dirpath`) is made private (0700) and refused when it is not this user's
+alone; a dirpath the user names is theirs to share (a group-writable project directory).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -53,6 +59,7 @@ from typing import Any
 
 import lmdb
 
+from zdq.config import default_dirpath
 from zdq.errors import QueueLocked, StorageCorrupt, StorageError, StorageFull
 from zdq.names import queue_name_of
 from zdq.storage.base import MAY_HAVE_STARTED, ChunkMeta, Storage
@@ -86,11 +93,18 @@ def is_queue_dir(path: str) -> bool:
 
 
 def _check_dir(path: str) -> bool:
-    """True if ``path`` holds a queue already; raise if it holds something else."""
+    """True if ``path`` holds a queue already; raise if it holds something else, or if another
+    user owns it (what it holds would run on our workers)."""
     if not os.path.exists(path):
         return False
     if not os.path.isdir(path):
         raise StorageCorrupt(f"{path} is not a directory; it was left untouched")
+    owner = os.stat(path).st_uid
+    if owner != os.getuid():
+        raise StorageError(
+            f"{path} is owned by uid {owner}, not by this user (uid {os.getuid()}): it is another user's queue, "
+            "and its tasks are not run here; it was left untouched. Use a dirpath (or a pool name) of your own"
+        )
     if is_queue_dir(path):
         return True
     others = [n for n in os.listdir(path) if n != _LOCK]
@@ -138,6 +152,34 @@ def _check_queue(path: str) -> None:
             pass
     except StorageCorrupt as e:
         raise StorageCorrupt(f"{e}; it was left untouched") from e
+
+
+def private_dir(path: str) -> None:
+    """Make ``path`` (the per-user default dirpath) with mode 0700, or check that the one there
+    is a directory of this user that its group and others cannot write; else ``StorageError``
+    naming it and what is wrong. It is never changed: a directory someone else prepared there
+    (in a shared ``/tmp``) could hold queues whose payload key and chunks are theirs."""
+    try:
+        os.mkdir(path, 0o700)
+        return
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StorageError(f"cannot make {path}, the default directory of durable queues: {e}") from e
+    st = os.lstat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        wrong = "is a symbolic link" if stat.S_ISLNK(st.st_mode) else "is not a directory"
+    elif st.st_uid != os.getuid():
+        wrong = f"is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    elif mode & 0o022:
+        wrong = f"is writable by its group or by others (mode {mode:04o})"
+    else:
+        return
+    raise StorageError(
+        f"{path}, the default directory of durable queues (private to uid {os.getuid()}), {wrong}: it is not "
+        "used, nor changed. Remove it, or pass dirpath= (or set zdq.durable.dirpath) to a directory of your own"
+    )
 
 
 def _missing_dirs(path: str) -> list[str]:
@@ -216,6 +258,9 @@ class LMDBStorage(Storage):
 
     # -- opening --------------------------------------------------------------------------------
     def open(self) -> None:
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if parent == default_dirpath():
+            private_dir(parent)
         existed = _check_dir(self.path)
         made = _missing_dirs(self.path)
         # An existing directory is read (read-only, no lock) before anything is made in it: LMDB
