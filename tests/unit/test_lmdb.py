@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from zdq.config import default_dirpath
-from zdq.errors import StorageCorrupt, StorageError
+from zdq.errors import QueueLocked, StorageCorrupt, StorageError
 from zdq.storage import ChunkMeta, LMDBStorage
 from zdq.storage.lmdb import holds_work, is_queue_dir
 
@@ -171,6 +173,61 @@ def test_only_queue_directories_holding_tasks_or_schedules_count_as_holding_work
     full.close()
     assert not holds_work(str(tmp_path / "empty")) and holds_work(str(tmp_path / "full"))
     assert not holds_work(str(tmp_path / "absent"))
+
+
+def test_a_directory_the_user_made_before_is_kept_by_a_discard_even_when_empty(tmp_path: Path) -> None:
+    made = tmp_path / "made-by-the-user"
+    made.mkdir()
+    s = LMDBStorage(str(made))
+    s.open()
+    assert s.holds_nothing()
+    s.discard()
+    assert made.is_dir()  # not this open's directory: closed, never removed
+
+
+def test_a_lock_file_replaced_while_it_was_being_locked_is_let_go_and_the_current_one_locked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As a discard does: the lock file this opener opened is unlinked, and another made, before
+    # its flock succeeds on the orphan.
+    path = tmp_path / "q"
+    lock = path / "zdq.lock"
+    flock = fcntl.flock
+    replaced = []
+
+    def replace_once(fd: int, op: int) -> Any:
+        if not replaced:
+            replaced.append(os.fstat(fd).st_ino)
+            lock.unlink()
+            lock.write_bytes(b"")
+        return flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", replace_once)
+    s = LMDBStorage(str(path))
+    s.open()
+    monkeypatch.undo()
+    try:
+        assert replaced and s._lock_fd is not None
+        assert os.fstat(s._lock_fd).st_ino == os.stat(lock).st_ino != replaced[0]
+        with pytest.raises(QueueLocked):  # the file at the path is the one held: a second broker is refused
+            LMDBStorage(str(path)).open()
+    finally:
+        s.close()
+
+
+def test_a_lock_file_replaced_at_every_try_is_refused_naming_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "q"
+    flock = fcntl.flock
+
+    def replace_always(fd: int, op: int) -> Any:
+        (path / "zdq.lock").unlink()
+        return flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", replace_always)
+    with pytest.raises(StorageError, match=f"cannot lock queue {path}: .*replaced"):
+        LMDBStorage(str(path)).open()
 
 
 def test_the_default_dirpath_is_this_users_own_directory_made_private(

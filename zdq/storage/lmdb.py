@@ -78,6 +78,8 @@ _LOCK = "zdq.lock"
 #: (see :meth:`LMDBStorage._read`).
 _JOURNAL = "leases.journal"
 _MAX_GROWTH = 64 << 30
+#: Times the lock is taken again when ``zdq.lock`` was replaced while it was being locked.
+_LOCK_TRIES = 5
 #: Bookkeeping writes (acknowledgements, marks) wait at most this long, or until this many are
 #: pending, to be written in one synced transaction: a flush costs the same for one or a thousand.
 _PENDING_DELAY = 0.05
@@ -253,7 +255,8 @@ class LMDBStorage(Storage):
         self._leased_at_open: list[int] = []  # chunks leased when the queue was opened (cancellations)
         self._journal_fd: int | None = None  # the lease journal, open for appending
         self._journaled = False  # something was appended since the last truncation
-        #: This open created the queue (no data.mdb under the lock): what :meth:`discard` removes.
+        #: This open made the queue's directory and found no data.mdb in it under the lock: what
+        #: :meth:`discard` removes (a directory made before, even empty, is someone else's).
         self._created = False
 
     # -- opening --------------------------------------------------------------------------------
@@ -270,11 +273,16 @@ class LMDBStorage(Storage):
         read_first = existed and not os.path.exists(os.path.join(self.path, _LOCK))
         if read_first:
             _check_queue(self.path)
-        os.makedirs(self.path, exist_ok=True)
+        os.makedirs(parent, exist_ok=True)
+        try:
+            os.mkdir(self.path)
+            made_it = True
+        except FileExistsError:
+            made_it = False
         self._take_lock()
         # Seen under the lock: a broker that created the queue and let it go before we took the
         # lock made it someone else's.
-        self._created = not is_queue_dir(self.path)
+        self._created = made_it and not is_queue_dir(self.path)
         try:
             if existed and not read_first:
                 _check_queue(self.path)
@@ -317,15 +325,38 @@ class LMDBStorage(Storage):
             )
 
     def _take_lock(self) -> None:
-        fd = os.open(os.path.join(self.path, _LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise QueueLocked(f"queue {self.path} is owned by another live broker") from e
-            raise StorageError(f"cannot lock queue {self.path}: {e}") from e
-        self._lock_fd = fd
+        """Take the flock of ``zdq.lock``, on the file that is at its path once locked.
+
+        Why the check: :meth:`discard` unlinks ``zdq.lock`` while holding it. An opener that
+        opened the file before the unlink gets the flock of the orphaned file once it is
+        released, while a later one makes a new file and locks that: two brokers would own the
+        directory. A lock on a file no longer at the path is let go and taken again."""
+        path = os.path.join(self.path, _LOCK)
+        for _ in range(_LOCK_TRIES):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise StorageError(f"cannot lock queue {self.path}: {e}") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise QueueLocked(f"queue {self.path} is owned by another live broker") from e
+                raise StorageError(f"cannot lock queue {self.path}: {e}") from e
+            held = os.fstat(fd)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+                self._lock_fd = fd
+                return
+            os.close(fd)  # locked a file that was removed or replaced meanwhile: lock the current one
+        raise StorageError(
+            f"cannot lock queue {self.path}: its {_LOCK} was removed or replaced {_LOCK_TRIES} times while it "
+            "was being locked (other processes discard and create the queue over and over)"
+        )
 
     @property
     def _journal_path(self) -> str:
