@@ -171,8 +171,15 @@ def test_only_queue_directories_holding_tasks_or_schedules_count_as_holding_work
     full.open()
     full.put_many([(_meta(1), b"chunk")])
     full.close()
+    scheduled = LMDBStorage(str(tmp_path / "scheduled"))
+    scheduled.open()
+    scheduled.write_schedule(1, b"a schedule's record", now=True)
+    scheduled.close()
     assert not holds_work(str(tmp_path / "empty")) and holds_work(str(tmp_path / "full"))
-    assert not holds_work(str(tmp_path / "absent"))
+    assert holds_work(str(tmp_path / "scheduled")) and not holds_work(str(tmp_path / "absent"))
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "data.mdb").write_bytes(b"not an LMDB database")
+    assert holds_work(str(tmp_path / "unreadable"))  # taken to hold some: the warning is kept
 
 
 def test_a_directory_the_user_made_before_is_kept_by_a_discard_even_when_empty(tmp_path: Path) -> None:
