@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import gc
-
 import logging
+import os
+import tempfile
 import threading
 import time
 
@@ -327,9 +328,10 @@ def test_daskqueues_queue_pool_keywords_are_taken_with_zdqs_nearest_meaning_and_
             assert consumers.early_ack is True
         with ConsumerPool(client, queue_pool, early_ack=False) as consumers:
             assert consumers.early_ack is False
-    # A durable pool without dirpath keeps its queues where daskqueue's did: /tmp (zdq.durable.dirpath).
+    # A durable pool without dirpath keeps its queues in this user's own directory, not in daskqueue's
+    # /tmp, which every user of the host shares (zdq.durable.dirpath sets another).
     unplaced = QueuePool(client, 1, durability="durable", start=False)
-    assert unplaced.dirpath == "/tmp"
+    assert unplaced.dirpath == os.path.join(tempfile.gettempdir(), f"zdq-{os.getuid()}")
     unplaced.close()
     with dask.config.set({"zdq.durable.dirpath": str(tmp_path)}):
         with QueuePool(client, 1, durability="durable") as queue_pool:

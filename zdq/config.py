@@ -8,6 +8,7 @@ public constructor takes keyword-only overrides on top.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from typing import Any
@@ -39,6 +40,15 @@ def get(key: str) -> Any:
     imported and restore that snapshot later, which drops the defaults zdq registered at import.
     """
     return dask.config.get(f"zdq.{key}", default=_shipped(key))
+
+
+def default_dirpath() -> str:
+    """Where a durable pool not given ``dirpath=`` keeps its queues when ``zdq.durable.dirpath``
+    is not set either: ``<tempfile.gettempdir()>/zdq-<uid>``, one directory per user, made 0700
+    by the broker that first opens a queue in it (:func:`zdq.storage.lmdb.private_dir`). Not
+    ``/tmp`` itself: there every user's pools of one name would share a queue, and a user could
+    prepare another's queue directory."""
+    return os.path.join(tempfile.gettempdir(), f"zdq-{os.getuid()}")
 
 
 def flag(key: str) -> bool:

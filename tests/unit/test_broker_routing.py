@@ -386,3 +386,25 @@ def test_a_consumer_that_cannot_be_reached_is_taken_for_gone_and_its_chunk_serve
     dispatch.run(NOW)
     assert gone == [OTHER] and OTHER not in peers.by_ident
     assert wire.take() == [(CONSUMER, p.Deliver(chunk_id, 1, 1, b"chunk"))]  # no attempt used
+
+
+class _StuckLoop:
+    """A loop thread that does not end within the join's timeout (only ``join`` and ``is_alive``)."""
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return True
+
+
+def test_a_plain_stop_after_a_discarding_stop_whose_join_timed_out_keeps_the_discard() -> None:
+    # The pool's failed placement stops each broker with discard=True, then its slots stop them
+    # again: the loop, still running, reads the flag only when it ends.
+    storage = MemoryStorage()
+    storage.open()
+    core = BrokerCore("q", None, storage, settings())  # type: ignore[arg-type]  # the socket is not touched
+    core._thread = _StuckLoop()  # type: ignore[assignment]
+    core.stop(0.0, discard=True)
+    core.stop(0.0)
+    assert core._discard

@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import stat
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from zdq.errors import StorageCorrupt
+from zdq.config import default_dirpath
+from zdq.errors import QueueLocked, StorageCorrupt, StorageError
 from zdq.storage import ChunkMeta, LMDBStorage
 from zdq.storage.lmdb import holds_work, is_queue_dir
 
@@ -166,5 +171,120 @@ def test_only_queue_directories_holding_tasks_or_schedules_count_as_holding_work
     full.open()
     full.put_many([(_meta(1), b"chunk")])
     full.close()
+    scheduled = LMDBStorage(str(tmp_path / "scheduled"))
+    scheduled.open()
+    scheduled.write_schedule(1, b"a schedule's record", now=True)
+    scheduled.close()
     assert not holds_work(str(tmp_path / "empty")) and holds_work(str(tmp_path / "full"))
-    assert not holds_work(str(tmp_path / "absent"))
+    assert holds_work(str(tmp_path / "scheduled")) and not holds_work(str(tmp_path / "absent"))
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "data.mdb").write_bytes(b"not an LMDB database")
+    assert holds_work(str(tmp_path / "unreadable"))  # taken to hold some: the warning is kept
+
+
+def test_a_directory_the_user_made_before_is_kept_by_a_discard_even_when_empty(tmp_path: Path) -> None:
+    made = tmp_path / "made-by-the-user"
+    made.mkdir()
+    s = LMDBStorage(str(made))
+    s.open()
+    assert s.holds_nothing()
+    s.discard()
+    assert made.is_dir()  # not this open's directory: closed, never removed
+
+
+def test_a_lock_file_replaced_while_it_was_being_locked_is_let_go_and_the_current_one_locked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As a discard does: the lock file this opener opened is unlinked, and another made, before
+    # its flock succeeds on the orphan.
+    path = tmp_path / "q"
+    lock = path / "zdq.lock"
+    flock = fcntl.flock
+    replaced = []
+
+    def replace_once(fd: int, op: int) -> Any:
+        if not replaced:
+            replaced.append(os.fstat(fd).st_ino)
+            lock.unlink()
+            lock.write_bytes(b"")
+        return flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", replace_once)
+    s = LMDBStorage(str(path))
+    s.open()
+    monkeypatch.undo()
+    try:
+        assert replaced and s._lock_fd is not None
+        assert os.fstat(s._lock_fd).st_ino == os.stat(lock).st_ino != replaced[0]
+        with pytest.raises(QueueLocked):  # the file at the path is the one held: a second broker is refused
+            LMDBStorage(str(path)).open()
+    finally:
+        s.close()
+
+
+def test_a_lock_file_replaced_at_every_try_is_refused_naming_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "q"
+    flock = fcntl.flock
+
+    def replace_always(fd: int, op: int) -> Any:
+        (path / "zdq.lock").unlink()
+        return flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", replace_always)
+    with pytest.raises(StorageError, match=f"cannot lock queue {path}: .*replaced"):
+        LMDBStorage(str(path)).open()
+
+
+def test_the_default_dirpath_is_this_users_own_directory_made_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    base = default_dirpath()
+    assert base == str(tmp_path / f"zdq-{os.getuid()}")
+    s = LMDBStorage(os.path.join(base, "default-queue-0"))
+    s.open()
+    s.close()
+    assert stat.S_IMODE(os.stat(base).st_mode) == 0o700 and os.stat(base).st_uid == os.getuid()
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+def test_a_default_dirpath_its_group_or_others_may_write_is_refused_and_left_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    base = default_dirpath()
+    os.mkdir(base)
+    os.chmod(base, mode)
+    with pytest.raises(StorageError, match=f"{base}, the default directory .* is writable by its group or by others"):
+        LMDBStorage(os.path.join(base, "default-queue-0")).open()
+    assert stat.S_IMODE(os.stat(base).st_mode) == mode and os.listdir(base) == []
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a directory to another user needs root")
+def test_a_default_dirpath_or_a_queue_directory_another_user_owns_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    base = default_dirpath()
+    os.mkdir(base, 0o700)
+    os.chown(base, 4242, 4242)
+    with pytest.raises(StorageError, match=f"{base}, the default directory .* is owned by uid 4242"):
+        LMDBStorage(os.path.join(base, "default-queue-0")).open()
+    assert os.stat(base).st_uid == 4242 and os.listdir(base) == []
+
+    # A dirpath the user names may be shared (a group-writable project directory), but a queue
+    # directory in it that another user made is theirs.
+    shared = tmp_path / "project"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    mine = LMDBStorage(str(shared / "default-queue-0"))
+    mine.open()
+    mine.close()
+    theirs = shared / "default-queue-1"
+    theirs.mkdir()
+    os.chown(theirs, 4242, 4242)
+    with pytest.raises(StorageError, match="owned by uid 4242.*another user's queue"):
+        LMDBStorage(str(theirs)).open()
+    assert os.listdir(theirs) == []

@@ -197,8 +197,10 @@ class BrokerCore:
 
     def stop(self, timeout: float = 10.0, *, discard: bool = False) -> None:
         """Stop the loop, close the socket and the storage. Idempotent. ``discard``: the queue's
-        placement failed: its storage is discarded (:meth:`~zdq.storage.base.Storage.discard`)."""
-        self._discard = discard
+        placement failed: its storage is discarded (:meth:`~zdq.storage.base.Storage.discard`).
+        A later plain stop (the slot closing after a discard whose join timed out) keeps the
+        discard: the loop's ``finally`` reads the flag only when it ends."""
+        self._discard = self._discard or discard
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)

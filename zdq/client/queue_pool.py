@@ -140,7 +140,9 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         ``"transient"`` (memory) or ``"durable"`` (LMDB under ``dirpath``).
     dirpath : str, optional
         Directory of durable queues: queue ``i`` lives in ``<dirpath>/<name>-queue-<i>/``. Default
-        ``zdq.durable.dirpath``: ``/tmp``, as daskqueue's. Opened again with more queues, a durable
+        ``zdq.durable.dirpath``, else ``<tempfile.gettempdir()>/zdq-<uid>``: this user's own, made
+        0700, and refused if it is not (daskqueue's ``/tmp`` is every user's). A queue directory
+        another user owns is refused under any dirpath. Opened again with more queues, a durable
         pool grows: its new queues join the old ones (which keep their tasks).
     name : str, optional
         Pool name; defaults to ``"default"`` for durable pools (so the same call finds the same
@@ -239,7 +241,7 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
             check_pool_name(name)  # before anything is placed, made or asked
         self.durability = _durability(durability)
         if self.durability is Durability.DURABLE and dirpath is None:
-            dirpath = str(config.get("durable.dirpath"))  # /tmp, as daskqueue's
+            dirpath = config.get("durable.dirpath") or config.default_dirpath()  # this user's, not /tmp
         if self.durability is Durability.TRANSIENT and dirpath is not None:
             raise ValueError(
                 f"dirpath={dirpath!r} is for durable queues: pass durability='durable' too (a transient "

@@ -35,6 +35,11 @@ draining a queue does not grow its file.
 
 A queue directory is owned by one broker at a time through an exclusive ``flock`` on
 ``zdq.lock``; the kernel drops it when the owner dies, however it dies.
+
+A queue directory another user owns is refused: its chunks would be unpickled by our workers, and
+the pool's payload key stored there would be theirs. The per-user default dirpath
+(:func:`zdq.config.default_dirpath`) is made private (0700) and refused when it is not this user's
+alone; a dirpath the user names is theirs to share (a group-writable project directory).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -53,6 +59,7 @@ from typing import Any
 
 import lmdb
 
+from zdq.config import default_dirpath
 from zdq.errors import QueueLocked, StorageCorrupt, StorageError, StorageFull
 from zdq.names import queue_name_of
 from zdq.storage.base import MAY_HAVE_STARTED, ChunkMeta, Storage
@@ -71,6 +78,8 @@ _LOCK = "zdq.lock"
 #: (see :meth:`LMDBStorage._read`).
 _JOURNAL = "leases.journal"
 _MAX_GROWTH = 64 << 30
+#: Times the lock is taken again when ``zdq.lock`` was replaced while it was being locked.
+_LOCK_TRIES = 5
 #: Bookkeeping writes (acknowledgements, marks) wait at most this long, or until this many are
 #: pending, to be written in one synced transaction: a flush costs the same for one or a thousand.
 _PENDING_DELAY = 0.05
@@ -86,11 +95,18 @@ def is_queue_dir(path: str) -> bool:
 
 
 def _check_dir(path: str) -> bool:
-    """True if ``path`` holds a queue already; raise if it holds something else."""
+    """True if ``path`` holds a queue already; raise if it holds something else, or if another
+    user owns it (what it holds would run on our workers)."""
     if not os.path.exists(path):
         return False
     if not os.path.isdir(path):
         raise StorageCorrupt(f"{path} is not a directory; it was left untouched")
+    owner = os.stat(path).st_uid
+    if owner != os.getuid():
+        raise StorageError(
+            f"{path} is owned by uid {owner}, not by this user (uid {os.getuid()}): it is another user's queue, "
+            "and its tasks are not run here; it was left untouched. Use a dirpath (or a pool name) of your own"
+        )
     if is_queue_dir(path):
         return True
     others = [n for n in os.listdir(path) if n != _LOCK]
@@ -138,6 +154,34 @@ def _check_queue(path: str) -> None:
             pass
     except StorageCorrupt as e:
         raise StorageCorrupt(f"{e}; it was left untouched") from e
+
+
+def private_dir(path: str) -> None:
+    """Make ``path`` (the per-user default dirpath) with mode 0700, or check that the one there
+    is a directory of this user that its group and others cannot write; else ``StorageError``
+    naming it and what is wrong. It is never changed: a directory someone else prepared there
+    (in a shared ``/tmp``) could hold queues whose payload key and chunks are theirs."""
+    try:
+        os.mkdir(path, 0o700)
+        return
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise StorageError(f"cannot make {path}, the default directory of durable queues: {e}") from e
+    st = os.lstat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        wrong = "is a symbolic link" if stat.S_ISLNK(st.st_mode) else "is not a directory"
+    elif st.st_uid != os.getuid():
+        wrong = f"is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    elif mode & 0o022:
+        wrong = f"is writable by its group or by others (mode {mode:04o})"
+    else:
+        return
+    raise StorageError(
+        f"{path}, the default directory of durable queues (private to uid {os.getuid()}), {wrong}: it is not "
+        "used, nor changed. Remove it, or pass dirpath= (or set zdq.durable.dirpath) to a directory of your own"
+    )
 
 
 def _missing_dirs(path: str) -> list[str]:
@@ -211,11 +255,15 @@ class LMDBStorage(Storage):
         self._leased_at_open: list[int] = []  # chunks leased when the queue was opened (cancellations)
         self._journal_fd: int | None = None  # the lease journal, open for appending
         self._journaled = False  # something was appended since the last truncation
-        #: This open created the queue (no data.mdb under the lock): what :meth:`discard` removes.
+        #: This open made the queue's directory and found no data.mdb in it under the lock: what
+        #: :meth:`discard` removes (a directory made before, even empty, is someone else's).
         self._created = False
 
     # -- opening --------------------------------------------------------------------------------
     def open(self) -> None:
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if parent == default_dirpath():
+            private_dir(parent)
         existed = _check_dir(self.path)
         made = _missing_dirs(self.path)
         # An existing directory is read (read-only, no lock) before anything is made in it: LMDB
@@ -225,11 +273,16 @@ class LMDBStorage(Storage):
         read_first = existed and not os.path.exists(os.path.join(self.path, _LOCK))
         if read_first:
             _check_queue(self.path)
-        os.makedirs(self.path, exist_ok=True)
+        os.makedirs(parent, exist_ok=True)
+        try:
+            os.mkdir(self.path)
+            made_it = True
+        except FileExistsError:
+            made_it = False
         self._take_lock()
         # Seen under the lock: a broker that created the queue and let it go before we took the
         # lock made it someone else's.
-        self._created = not is_queue_dir(self.path)
+        self._created = made_it and not is_queue_dir(self.path)
         try:
             if existed and not read_first:
                 _check_queue(self.path)
@@ -272,15 +325,38 @@ class LMDBStorage(Storage):
             )
 
     def _take_lock(self) -> None:
-        fd = os.open(os.path.join(self.path, _LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise QueueLocked(f"queue {self.path} is owned by another live broker") from e
-            raise StorageError(f"cannot lock queue {self.path}: {e}") from e
-        self._lock_fd = fd
+        """Take the flock of ``zdq.lock``, on the file that is at its path once locked.
+
+        Why the check: :meth:`discard` unlinks ``zdq.lock`` while holding it. An opener that
+        opened the file before the unlink gets the flock of the orphaned file once it is
+        released, while a later one makes a new file and locks that: two brokers would own the
+        directory. A lock on a file no longer at the path is let go and taken again."""
+        path = os.path.join(self.path, _LOCK)
+        for _ in range(_LOCK_TRIES):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise StorageError(f"cannot lock queue {self.path}: {e}") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise QueueLocked(f"queue {self.path} is owned by another live broker") from e
+                raise StorageError(f"cannot lock queue {self.path}: {e}") from e
+            held = os.fstat(fd)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+                self._lock_fd = fd
+                return
+            os.close(fd)  # locked a file that was removed or replaced meanwhile: lock the current one
+        raise StorageError(
+            f"cannot lock queue {self.path}: its {_LOCK} was removed or replaced {_LOCK_TRIES} times while it "
+            "was being locked (other processes discard and create the queue over and over)"
+        )
 
     @property
     def _journal_path(self) -> str:
@@ -619,15 +695,24 @@ def _mark_started(txn: lmdb.Transaction, dbs: dict[bytes, Any], chunk_ids: list[
 
 
 def holds_work(path: str) -> bool:
-    """Whether ``path`` is a queue holding chunks or schedules, read as :func:`inspect_queue`
-    reads it (a queue that cannot be read is taken to hold some)."""
+    """Whether ``path`` is a queue holding chunks or schedules (a queue that cannot be read is
+    taken to hold some). Two table sizes, read from their roots: every broker asks it of each
+    higher-numbered queue directory beside its own, at start-up, only to decide a warning."""
     if not is_queue_dir(path):
         return False
     try:
-        counts = inspect_queue(path)
+        with _read_only(path) as env, env.begin() as txn:
+            if txn.stat(env.open_db(b"heads", txn=txn, create=False))["entries"]:
+                return True
+            try:  # a queue written before schedules existed has no such table
+                schedules = env.open_db(b"schedules", txn=txn, create=False)
+            except lmdb.NotFoundError:
+                return False
+            return bool(txn.stat(schedules)["entries"])
     except StorageCorrupt:
         return True
-    return any(value for key, value in counts.items() if key.endswith("_chunks") or key == "schedules")
+    except lmdb.Error:
+        return True
 
 
 def inspect_queue(path: str) -> dict[str, int | str]:
