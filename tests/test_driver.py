@@ -446,3 +446,26 @@ def test_a_driver_whose_io_thread_did_not_run_says_so_and_blames_no_queue_for_th
     assert driver.broker_silence(0) < 1.0
     # The driver goes on: the broker answers, and tasks run.
     assert [f.result(timeout=10) for f in _submit(driver, 3)] == [1, 2, 3]
+
+
+def test_a_fault_in_taking_results_in_is_not_reported_to_the_tasks_as_results_refused(
+    ctx: zmq.Context[Any], parts: list[Any], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only results that do not decode, or are not their chunk's, are refused (their tasks fail
+    with that): a fault of the driver's own while taking them in is its own, dropped with the
+    message and logged, not dressed up as the broker's results being refused."""
+    from zdq.client.driver.outcomes import Outcomes
+
+    def faulty(*args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("a fault in intake")
+
+    monkeypatch.setattr(Outcomes, "intake", faulty)
+    broker = _Broker(ctx)
+    parts.append(broker)
+    driver = _driver(parts, [broker.endpoint])
+    parts.append(_Consumer(ctx, broker.endpoint))
+    with caplog.at_level("WARNING", logger="zdq.client.driver"):
+        [future] = _submit(driver, 1)
+        wait_until(lambda: any("a fault in intake" in r.getMessage() for r in caplog.records), timeout=10)
+    assert not any("refused" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert not future.done() or not isinstance(future.exception(timeout=0), ProtocolError)

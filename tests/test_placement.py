@@ -19,7 +19,7 @@ from zdq import ConsumerBaseClass, ConsumerPool, QueuePool
 from zdq._actor import scheduler_workers
 from zdq.client.consumers import ConsumerSlots
 from zdq.client.slots import release_future
-from zdq.errors import ConsumerInitError, PlacementError, ZdqError
+from zdq.errors import ConsumerInitError, PlacementError, RemoteTaskError, ZdqError
 
 from .conftest import wait_until
 from .tasks import add
@@ -41,6 +41,22 @@ class Rendezvous(ConsumerBaseClass):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} started alone: the other consumers did not start meanwhile")
             time.sleep(0.01)
+
+    def process_item(self, item: Any) -> Any:
+        return item
+
+
+class DBDown(Exception):
+    """Pickles, but does not unpickle: its ``__init__`` wants two arguments, its ``args`` hold one."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(f"database at {host}:{port} is down")
+
+
+class FindsItsDatabaseDown(ConsumerBaseClass):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        raise DBDown("db.example", 5432)
 
     def process_item(self, item: Any) -> Any:
         return item
@@ -119,6 +135,20 @@ def test_a_consumer_class_whose_init_raises_fails_the_consumer_pool_at_once_with
         with ConsumerPool(client, qp, n_consumers=1) as consumers:
             consumers.start()
             assert qp.submit(add, 2, 3).result(timeout=30) == 5
+
+
+def test_a_consumer_class_whose_init_raises_an_error_that_does_not_unpickle_fails_the_pool_naming_that_error(
+    client: Client,
+) -> None:
+    with QueuePool(client, 1) as qp:
+        with pytest.raises(ConsumerInitError) as info:
+            ConsumerPool(client, qp, FindsItsDatabaseDown, n_consumers=1)
+        cause = info.value.__cause__
+        # Dask sends it as itself (tblib rebuilds it without __init__), or it is a stand-in naming it.
+        kind = cause.type_name if isinstance(cause, RemoteTaskError) else type(cause).__qualname__
+        assert kind.endswith("DBDown") and "database at db.example:5432 is down" in str(cause), repr(cause)
+        notes = "\n".join(getattr(cause, "__notes__", ()))
+        assert "remote traceback" in notes and 'raise DBDown("db.example", 5432)' in notes, notes
 
 
 def test_a_consumer_class_that_raises_on_one_worker_only_releases_the_consumers_that_were_made(client: Client) -> None:

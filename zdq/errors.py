@@ -70,42 +70,31 @@ class PlacementError(ZdqError):
 class ConsumerInitError(PlacementError):
     """A ConsumerPool's consumer class cannot be made: its ``__init__`` raised on a worker, or it is
     abstract (it defines no ``process_item``). The message names the class, the consumer and its
-    worker, and what was raised; ``__cause__`` is that exception, as raised on the worker (or a
-    :class:`RemoteTaskError` standing in for one that cannot be pickled, its remote traceback in a
-    note).
+    worker, and what was raised; ``__cause__`` is that exception, sent as a task's error is: as
+    raised on the worker, or a :class:`RemoteTaskError` standing in for one that does not unpickle
+    (its ``__init__`` wants other arguments than its ``args``), its remote traceback in a note
+    either way.
 
     Raised by ``ConsumerPool(...)``, which makes the consumers (as daskqueue did); a replacement
     whose class raises is tried again by the pool's supervisor, and ``join()`` says so past
     ``zdq.no-consumer-timeout`` (see :class:`NoEligibleWorkers`)."""
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Sent from the worker that made the consumer: its cause goes with it (a pickled
-        # exception drops __cause__), as itself if it pickles, else as a RemoteTaskError.
-        return (_rebuild_caused, (type(self), self.args, _portable(self.__cause__)), self.__dict__)
+        # Sent from the worker that made the consumer: its cause goes with it (a pickled exception
+        # drops __cause__) the way a task's error travels, as itself if it unpickles again, else as
+        # a RemoteTaskError, its remote traceback in a note either way.
+        from zdq.codec.results import error_info  # the codec sits above the errors
+
+        cause = None if self.__cause__ is None else error_info(self.__cause__)
+        return (_rebuild_caused, (type(self), self.args, cause), self.__dict__)
 
 
-def _portable(error: BaseException | None) -> BaseException | None:
-    """``error`` if it pickles, else a :class:`RemoteTaskError` that says what it was."""
-    if error is None:
-        return None
-    import traceback
+def _rebuild_caused(kind: type[BaseException], args: tuple[Any, ...], cause: Any) -> BaseException:
+    # cause: a zdq.codec.results.ErrorInfo, or None (named only in functions: the codec imports this)
+    from zdq.codec.results import error_to_exception
 
-    import cloudpickle
-
-    try:
-        cloudpickle.dumps(error)
-        return error
-    except Exception:  # noqa: BLE001 - anything that fails to pickle is sent as its description
-        kind = type(error)
-        text = "".join(traceback.format_exception(error)).rstrip()
-        stand_in = RemoteTaskError(f"{kind.__module__}.{kind.__qualname__}", str(error), text)
-        stand_in.add_note(f"remote traceback (zdq consumer):\n{text}")
-        return stand_in
-
-
-def _rebuild_caused(kind: type[BaseException], args: tuple[Any, ...], cause: BaseException | None) -> BaseException:
     error = kind(*args)
-    error.__cause__ = cause
+    error.__cause__ = None if cause is None else error_to_exception(cause)
     return error
 
 

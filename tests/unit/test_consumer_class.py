@@ -166,6 +166,25 @@ def test_a_consumer_init_error_travels_with_its_cause_or_a_stand_in_that_says_wh
     assert "holds a lock" in str(cause) and "_raised_from" in cause.remote_traceback
 
 
+class DBDown(Exception):
+    """Pickles, but does not unpickle: its ``__init__`` wants two arguments, its ``args`` hold one."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(f"database at {host}:{port} is down")
+
+
+@pytest.mark.parametrize("dumps", [pickle.dumps, cloudpickle.dumps], ids=["pickle", "cloudpickle"])
+def test_a_consumer_init_error_whose_cause_pickles_but_does_not_unpickle_travels_with_a_stand_in_naming_it(
+    dumps: Any,
+) -> None:
+    sent = pickle.loads(dumps(_raised_from(DBDown("db.example", 5432))))
+    assert type(sent) is ConsumerInitError and str(sent) == "consumer class C raised it in __init__"
+    cause = sent.__cause__
+    assert isinstance(cause, RemoteTaskError) and cause.type_name.endswith("DBDown"), repr(cause)
+    assert "database at db.example:5432 is down" in str(cause) and "_raised_from" in cause.remote_traceback
+    assert any("remote traceback" in note for note in getattr(cause, "__notes__", ()))
+
+
 def test_a_consumer_made_with_its_class_reports_itself_unhealthy_once_its_start_fails() -> None:
     from zdq.config import settings
     from zdq.consumer import Consumer

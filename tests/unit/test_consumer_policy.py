@@ -20,7 +20,7 @@ from zdq.consumer.policy import (
     backoff,
     on_redelivery,
 )
-from zdq.consumer.runner import _error_info
+from zdq.codec.results import error_info
 from zdq.errors import RemoteTaskError
 from zdq.serialization import (
     ErrorInfo,
@@ -167,7 +167,7 @@ def test_an_exception_that_does_not_unpickle_travels_as_its_name_message_and_tra
     exc = _raised(TwoArgError(7, "bad"))
     with pytest.raises(TypeError):
         pickle.loads(pickle.dumps(exc))
-    info = _error_info(exc)
+    info = error_info(exc)
     assert info.exception is None
     assert info.type_name.endswith("TwoArgError") and info.message == "7: bad" and "_raised" in info.traceback
     # The whole chunk's results still travel, and the driver raises a RemoteTaskError for it.
@@ -178,7 +178,7 @@ def test_an_exception_that_does_not_unpickle_travels_as_its_name_message_and_tra
 
 
 def test_an_exception_that_round_trips_travels_as_itself() -> None:
-    info = _error_info(_raised(ValueError("plain")))
+    info = error_info(_raised(ValueError("plain")))
     assert isinstance(info.exception, ValueError) and info.exception.__traceback__ is None
     assert info.type_name == "builtins.ValueError" and "plain" in info.traceback
 

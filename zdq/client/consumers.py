@@ -19,8 +19,7 @@ state                               owner
 ``replacements``, ``_retry_at``
 ``_none_live_since``,               ``_lock`` (written by the supervisor after each round, read by
 ``_last_failure``,                  ``join()`` and ``result()`` through :meth:`stranded`, and
-``_class_failed``,                  ``_class_failures`` by ``join()`` through :meth:`unserved`)
-``_class_failures``
+``_class_failures``                 ``_class_failures`` by ``join()`` through :meth:`unserved`)
 ==================================  ===============================================================
 
 When the workers a pool may use (``workers=``, ``resources=``) have all left, no replacement can be
@@ -80,6 +79,15 @@ _HEALTH_PER_ROUND = 8
 #: Seconds between two tries at placing a consumer whose placement failed: a pool whose workers
 #: all left asks the scheduler once a second, not four times a second per consumer.
 _RETRY_EVERY = 1.0
+#: Seconds a consumer future that failed is given to hand over its error once the placement's
+#: timeout has passed (the error came with the failure: reading it is local).
+_READ_ERROR_AT_LEAST = 0.5
+
+
+def _failure_text(failure: tuple[str, Exception] | None) -> str:
+    """Why the last placement failed, for messages (``""``: none failed since one was live)."""
+    return "" if failure is None else f"placing {failure[0]} failed: {failure[1]}"
+
 
 ReachAnswers = list[tuple[str, tuple[list[str], list[tuple[str, str, str]]]]]
 
@@ -162,8 +170,7 @@ class ConsumerSlots:
         # Since when no slot holds a consumer Dask still has (None: some does), and why the last
         # placement failed: stranded() turns them into join()'s and result()'s error.
         self._none_live_since: float | None = None
-        self._last_failure = ""
-        self._class_failed = False  # that failure was the consumer class's own (its __init__ raised)
+        self._last_failure: tuple[str, Exception] | None = None  # (consumer, what placing it raised)
         # slot -> (since when, why) its class has raised on every try to place it again: while
         # other consumers live, the queues only such slots serve are what unserved() says.
         self._class_failures: dict[int, tuple[float, str]] = {}
@@ -189,6 +196,7 @@ class ConsumerSlots:
             consumer could not start: its own error, naming it and its worker.
         """
         timeout = self.settings.placement_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         known = scheduler_workers(self.client)
         where = self._beside_brokers(known)
         submitted = []
@@ -197,7 +205,7 @@ class ConsumerSlots:
             for i in range(self.n):
                 submitted.append((i, *self._submit(i, known, start=start, prefer=where[i] if where else None)))
             self._wait_created([(i, fut) for i, fut, _ in submitted], timeout, known)
-            self._raise_init_errors([(i, fut) for i, fut, _ in submitted])
+            self._raise_init_errors([(i, fut) for i, fut, _ in submitted], deadline)
             actors = gather_actors(self.client, [fut for _, fut, _ in submitted], timeout)
             for (i, fut, ident), actor in zip(submitted, actors):
                 self._adopt(i, fut, ident, actor)
@@ -209,16 +217,17 @@ class ConsumerSlots:
                 release_future(fut)
             raise
 
-    def _raise_init_errors(self, placed: list[tuple[int, Any]]) -> None:
+    def _raise_init_errors(self, placed: list[tuple[int, Any]], deadline: float) -> None:
         """Raise the :class:`ConsumerInitError` of the consumers of ``placed`` (slot, future;
         created or failed) whose class raised in ``__init__``: a new one on this side (its traceback
-        the caller's), caused by the class's own exception."""
+        the caller's), caused by the class's own exception. Their errors are read by ``deadline``
+        (the placement's), each given at least a moment: a failed future's error is already here."""
         failed = []
         for _, fut in placed:
             if fut.status != "error":
                 continue
             try:
-                error = fut.exception(timeout=10)
+                error = fut.exception(timeout=max(deadline - time.monotonic(), _READ_ERROR_AT_LEAST))
             except Exception as e:  # noqa: BLE001 - gathering the actors says it
                 logger.debug("the error of consumer future %s could not be read: %s", fut.key, e)
                 continue
@@ -369,9 +378,8 @@ class ConsumerSlots:
                 no_worker = isinstance(e, PlacementError)
                 self._retry_at[i] = time.monotonic() + _RETRY_EVERY
                 with self._lock:
-                    self._last_failure = f"placing {self.names[i]} failed: {e}"
-                    self._class_failed = isinstance(e, ConsumerInitError)
-                    if self._class_failed:
+                    self._last_failure = (self.names[i], e)
+                    if isinstance(e, ConsumerInitError):
                         since, _ = self._class_failures.get(i, (time.monotonic(), ""))
                         self._class_failures[i] = (since, str(e))
                     else:
@@ -403,8 +411,7 @@ class ConsumerSlots:
                         time.monotonic() - since,
                     )
                 self._none_live_since = None
-                self._last_failure = ""
-                self._class_failed = False
+                self._last_failure = None
             elif self._none_live_since is None:
                 self._none_live_since = time.monotonic()
 
@@ -412,7 +419,7 @@ class ConsumerSlots:
         """For reprs, asking nothing: since when no consumer has been live, and why the last
         placement failed; ``""`` while some consumer is (or before the supervisor first looked)."""
         with self._lock:
-            since, failure = self._none_live_since, self._last_failure
+            since, failure = self._none_live_since, _failure_text(self._last_failure)
         if since is None:
             return ""
         return f"no consumer live for {time.monotonic() - since:.0f} s" + (f" ({failure})" if failure else "")
@@ -442,13 +449,14 @@ class ConsumerSlots:
         their class raises in ``__init__`` on every try (naming it and what it raised); ``""``
         while some consumer is placed, or not for that long yet."""
         with self._lock:
-            since, failure, class_failed = self._none_live_since, self._last_failure, self._class_failed
+            since, last = self._none_live_since, self._last_failure
+        failure = _failure_text(last)
         if since is None:
             return ""
         idle = time.monotonic() - since
         if idle < self.settings.no_consumer_timeout:
             return ""
-        if class_failed:
+        if last is not None and isinstance(last[1], ConsumerInitError):
             # Workers fit: the class itself cannot be made there (a resource its __init__ opens is
             # down, a library is missing). Tried again every second, in case it comes back.
             return (

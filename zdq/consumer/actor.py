@@ -165,8 +165,7 @@ class Consumer:
         except PlacementError:
             raise
         except Exception as e:
-            here = worker_address() or "this process"
-            raise PlacementError(f"consumer {self.name} on {here} could not start: {type(e).__name__}: {e}") from e
+            raise PlacementError(self._start_error or f"consumer {self.name} could not start: {e}") from e
 
     def start(self, endpoints: list[str], queues: list[int] | None = None) -> None:
         """Connect to the brokers at ``endpoints`` and start consuming. Idempotent; resumes a

@@ -117,7 +117,7 @@ def _answer(dumps: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] |
         if reply[0] is False:
             # Failures only: an exception that pickles but does not load (an __init__ that wants
             # other arguments than its args) travels as its type name and message, as the
-            # worker's own tasks' do (zdq.consumer.runner._error_info). The parent guards values.
+            # worker's own tasks' do (zdq.codec.results.error_info). The parent guards values.
             try:
                 pickle.loads(data)
             except Exception:  # noqa: BLE001 - a user's __init__ or __reduce__ raises anything

@@ -28,18 +28,12 @@ import functools
 import itertools
 import logging
 import math
-import os
-import pickle
 import queue
 import threading
 import time
-import traceback
-import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
-
-import cloudpickle
 
 from zdq._actor import as_dask_task
 from zdq.consumer.base import ConsumerBaseClass
@@ -47,7 +41,7 @@ from zdq.consumer.hard import Children
 from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
 from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskExpired, TaskTimeout
 from zdq.codec.rates import burst
-from zdq.codec.results import PROTOCOL, UNKNOWN_BASE, ErrorInfo, dumps_results
+from zdq.codec.results import UNKNOWN_BASE, ErrorInfo, dumps_results, error_info
 from zdq.codec.tasks import (
     CALLS,
     ITEMS,
@@ -97,39 +91,6 @@ class Counters:
     def bad_chunk(self) -> None:
         with self.lock:
             self.bad_chunks += 1
-
-
-_ZDQ_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
-def _user_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
-    """The traceback from the first frame outside zdq: a task's traceback starts at the user's
-    code, not at the runner that called it."""
-    first = tb
-    while first is not None and os.path.abspath(first.tb_frame.f_code.co_filename).startswith(_ZDQ_DIR):
-        first = first.tb_next
-    return first if first is not None else tb
-
-
-def _error_info(exc: BaseException) -> ErrorInfo:
-    """A task's failure as it travels. The exception itself goes only if the driver can rebuild
-    it: one whose ``__init__`` wants other arguments than its ``args`` pickles, but unpickling it
-    raises, which would fail the whole chunk's results on the driver. Such an exception travels as
-    its type name, message and traceback, and the driver raises a RemoteTaskError of them. Only
-    failed tasks pay for the check."""
-    tb = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
-    exc.__traceback__ = None  # frames do not pickle; the text above keeps them
-    kind = type(exc)
-    try:
-        pickle.loads(cloudpickle.dumps(exc, protocol=PROTOCOL))
-        sent: BaseException | None = exc
-    except Exception:  # noqa: BLE001 - pickling and unpickling raise anything, from the user's own code too
-        sent = None
-    try:
-        message = str(exc)
-    except Exception as e:  # noqa: BLE001 - the user's __str__: its failure must not be the task's end
-        message = f"<the exception's str() raised {type(e).__name__}>"
-    return ErrorInfo(sent, f"{kind.__module__}.{kind.__qualname__}", message, tb)
 
 
 @functools.lru_cache(maxsize=256)
@@ -789,7 +750,7 @@ class Runner:
         if run.crashes:
             killed = on_redelivery(options, run.crashes, self._crash_attempts)
             if killed is not None:
-                self._dead_letter(run, i, task, _error_info(DeadLettered(killed.message(tid))), killed)
+                self._dead_letter(run, i, task, error_info(DeadLettered(killed.message(tid))), killed)
                 return
         attempt = run.crashes
         # A task given by name fails on the fast path, where its name is called as it is: that
@@ -822,7 +783,7 @@ class Runner:
                 # A retry is a start: none begins after the task's expiry. It fails with its error.
                 if hasattr(error, "add_note"):
                     error.add_note(f"task {tid} was not retried: its expiry (expires=) comes before the next attempt")
-            info = _error_info(error)
+            info = error_info(error)
             if isinstance(decision, DeadLetter):
                 self._dead_letter(run, i, task, info, decision)
             else:

@@ -50,6 +50,7 @@ from zdq.errors import (
     ClosedError,
     DuplicateTask,
     ProtocolError,
+    SerializationError,
     StorageFull,
     TaskLost,
     ZdqError,
@@ -455,13 +456,21 @@ class DriverLoop:
             raise ProtocolError(f"CONFIRMS of {len(unknown)} unknown chunks (seqs {unknown[:8]})")
 
     def _on_results(self, link: Link, msg: p.Results) -> int:
-        decoded = False
         try:
             base, values, errors = loads_results(msg.results, self._ledger.payload_key)
-            decoded = True
-            confirmed = self._outcomes.intake(link.index, msg.seq, msg.chunk_id, msg.consumer, base, values, errors)
-        except Exception as e:
-            confirmed = self._refuse(link, msg.seq, msg.chunk_id, msg.consumer, e, decoded)
+        except Exception as e:  # noqa: BLE001 - forged, or an object that pickles but does not unpickle here
+            name = self._queue_names[link.index]
+            refused: ZdqError = SerializationError(
+                f"the results of chunk {msg.chunk_id} from queue {name} cannot be unpickled in this process: "
+                f"{type(e).__name__}: {e}"
+            )
+            refused.__cause__ = e
+            confirmed = self._refuse(link, msg.seq, msg.chunk_id, msg.consumer, refused)
+        else:
+            try:
+                confirmed = self._outcomes.intake(link.index, msg.seq, msg.chunk_id, msg.consumer, base, values, errors)
+            except ProtocolError as e:  # not the chunk's (another chunk's, replayed)
+                confirmed = self._refuse(link, msg.seq, msg.chunk_id, msg.consumer, self._not_its_own(link, msg.chunk_id, e))
         if confirmed:  # the broker held its CONFIRM back and the results came first: they confirm it
             link.unconfirmed -= 1
             link.confirmed_at = time.monotonic()
@@ -473,23 +482,27 @@ class DriverLoop:
         try:
             confirmed = self._outcomes.intake_expired(link.index, msg.seq, msg.chunk_id, msg.base, msg.n_tasks)
         except ProtocolError as e:  # tasks outside the chunk
-            confirmed = self._refuse(link, msg.seq, msg.chunk_id, NO_CONSUMER, e, True)
+            confirmed = self._refuse(link, msg.seq, msg.chunk_id, NO_CONSUMER, self._not_its_own(link, msg.chunk_id, e))
         if confirmed:
             link.unconfirmed -= 1
             link.confirmed_at = time.monotonic()
         return msg.chunk_id
 
-    def _refuse(self, link: Link, seq: int, chunk_id: int, consumer: bytes, e: Exception, decoded: bool) -> bool:
+    def _not_its_own(self, link: Link, chunk_id: int, e: ProtocolError) -> ProtocolError:
+        """What the tasks of chunk ``chunk_id`` fail with when the outcomes sent for it decode to
+        another chunk's (tasks outside it, an error outside them)."""
+        refused = ProtocolError(f"the results of chunk {chunk_id} from queue {self._queue_names[link.index]} are refused: {e}")
+        refused.__cause__ = e
+        return refused
+
+    def _refuse(self, link: Link, seq: int, chunk_id: int, consumer: bytes, error: ZdqError) -> bool:
         """Outcomes refused (forged, another chunk's replayed, or an object that pickles but does
-        not unpickle here) fail their own chunk's tasks and are acknowledged as any: the broker may
-        forget the chunk, running it again would give the same bytes. Dropped, they would leave the
-        chunk's futures waiting for ever. Return whether they confirmed the chunk."""
+        not unpickle here) fail their own chunk's tasks with ``error`` and are acknowledged as any:
+        the broker may forget the chunk, running it again would give the same bytes. Dropped, they
+        would leave the chunk's futures waiting for ever. Return whether they confirmed the chunk."""
         self._outcomes.bad += 1
-        logger.warning(
-            "%s: results of chunk %d from queue %s are refused: %r",
-            self.driver_name, chunk_id, self._queue_names[link.index], e,
-        )
-        return self._outcomes.intake_refused(link.index, seq, chunk_id, consumer, e, decoded=decoded)
+        logger.warning("%s: %s (%r)", self.driver_name, error, error.__cause__)
+        return self._outcomes.intake_refused(link.index, seq, chunk_id, consumer, error)
 
     def _on_heartbeat(self, link: Link, msg: p.Heartbeat) -> None:
         pass  # being heard is what counts (``link.seen``)

@@ -39,9 +39,8 @@ from collections import defaultdict, deque
 from collections.abc import Iterable
 from typing import Any
 
-from zdq.errors import ProtocolError, SerializationError, TaskExpired, ZdqError
+from zdq.errors import ProtocolError, TaskExpired, ZdqError
 from zdq.futures import BatchFuture
-from zdq.names import counted
 from zdq.reporting import FailureLog
 from zdq.codec.results import UNKNOWN_BASE, ErrorInfo, error_to_exception
 from zdq.codec.tasks import CANCELLED, EXPIRED
@@ -201,17 +200,15 @@ class Outcomes:
         self.settlements.append((rec, offset, base, consumer, values, errors, None))
         return confirmed
 
-    def intake_refused(
-        self, broker: int, seq: int, chunk_id: int, consumer: bytes, failure: Exception, *, decoded: bool = False
-    ) -> bool:
+    def intake_refused(self, broker: int, seq: int, chunk_id: int, consumer: bytes, error: ZdqError) -> bool:
         """Results of chunk ``seq`` refused here: every task of the chunk still awaiting its outcome
-        fails (at :meth:`settle_all`), as if these were its results; the caller acknowledges them
-        (RACK) as any others, since the broker would only send the same bytes again. They fail
-        with :class:`~zdq.errors.SerializationError` when they do not decode (they do not unpickle
-        here, or were not sealed by a member of the pool), with :class:`~zdq.errors.ProtocolError`
-        when they decode (``decoded``) to results that are not the chunk's (tasks outside it, an
-        error outside them: another chunk's results, replayed). Results of no chunk here have
-        nothing to settle. Return whether they confirmed the chunk, as :meth:`intake`."""
+        fails with ``error`` (at :meth:`settle_all`), as if these were its results; the caller
+        acknowledges them (RACK) as any others, since the broker would only send the same bytes
+        again. The caller says why in ``error``: a :class:`~zdq.errors.SerializationError` when they
+        do not decode (they do not unpickle here, or were not sealed by a member of the pool), a
+        :class:`~zdq.errors.ProtocolError` when they decode to results that are not the chunk's
+        (:meth:`intake` raised it). Results of no chunk here have nothing to settle. Return whether
+        they confirmed the chunk, as :meth:`intake`."""
         confirmed = False
         with self.cond:
             rec = self.ledger.records.get(seq) if seq else None
@@ -224,17 +221,7 @@ class Outcomes:
                 confirmed = True
                 self.cond.notify_all()
         if rec is not None:
-            queue, tasks = self.ledger.queue_names[broker], counted(rec.n, "task")
-            exc: ZdqError = (
-                ProtocolError(f"the results of {tasks} from queue {queue} are refused: {failure}")
-                if decoded
-                else SerializationError(
-                    f"the results of {tasks} from queue {queue} cannot be unpickled in this process: "
-                    f"{type(failure).__name__}: {failure}"
-                )
-            )
-            exc.__cause__ = failure
-            self.settlements.append((rec, -1, 0, consumer, [], {0: exc}, None))
+            self.settlements.append((rec, -1, 0, consumer, [], {0: error}, None))
         return confirmed
 
     def intake_expired(self, broker: int, seq: int, chunk_id: int, base: int, n: int) -> bool:
