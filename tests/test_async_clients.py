@@ -28,8 +28,9 @@ T = TypeVar("T")
 BOUND = 60.0
 #: Most the event loop may lag behind a 10 ms ticker while requests are served. A call that
 #: blocked the loop would lag it for the whole call (placing a pool takes seconds); the suite runs
-#: three tests at once on two cores beside worker processes, where scheduling alone costs 0.1-0.3 s.
-MAX_LAG = 0.5
+#: four tests at once on two cores beside worker processes, where scheduling alone costs 0.1-0.3 s,
+#: and up to 0.52 s seen beside a CPU-bound process.
+MAX_LAG = 1.0
 
 
 def bounded(awaitable: Awaitable[T], seconds: float = BOUND) -> Awaitable[T]:
