@@ -244,6 +244,14 @@ def test_ctrl_c_while_connecting_exits_with_130_and_no_traceback(command: list[s
     assert run.returncode == 130 and "Traceback" not in stderr, stderr
 
 
+@pytest.mark.parametrize("key", ["-5", str(1 << 64)])
+def test_zdq_result_refuses_a_key_no_task_has_before_connecting(key: str) -> None:
+    with _fake_servers("silent") as (server,):  # a scheduler that would hold a connection for --timeout
+        run = _zdq("result", "mails", key, "--scheduler", server.address, "--timeout", "60", timeout=30)
+        assert server.accepted is None, "it connected before looking at the key"
+    assert run.returncode == 1 and "key" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
 # -- command lines: usage errors, durations --------------------------------------------------------
 def test_zdq_result_exits_1_for_a_usage_error_or_no_scheduler_keeping_2_for_not_finished(
     monkeypatch: pytest.MonkeyPatch,

@@ -57,6 +57,13 @@ def _live(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Na
                 check_pool_name(args.pool, "POOL")  # no pool has it: told before connecting
             except ValueError as e:
                 return _fail(args, str(e))
+        if args.command == "result":  # (rate-limit's --key is a function's, checked by its command)
+            from zdq.client.by_id import task_key
+
+            try:
+                args.key = task_key(args.key)  # no task has it: told before connecting
+            except (TypeError, ValueError) as e:
+                return _fail(args, str(e))
         address = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
         if not address:  # as a wrong address is: status 1 (for `zdq result`, 2 means "not finished")
             return _fail(args, "no scheduler given: pass --scheduler ADDRESS or set DASK_SCHEDULER_ADDRESS")
@@ -306,7 +313,7 @@ def _result(client: Any, args: argparse.Namespace) -> int:
     """``zdq result POOL KEY``: a task's state, and its value or error (:mod:`zdq.client.by_id`)."""
     from zdq.client.by_id import outcome, task_key
 
-    key = args.key = task_key(args.key)  # a ValueError: one line, status 1
+    key = task_key(args.key)  # checked before connecting (see _live)
     state, value, error, why = outcome(args.pool, key, args.wait, client=client)
     if error is not None:
         shown = " ".join(f"{type(error).__name__}: {error}".split())  # one line
