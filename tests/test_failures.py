@@ -22,7 +22,7 @@ import pytest
 from distributed import Client
 
 from zdq import BrokerLost, ConsumerBaseClass, ConsumerPool, DeadLettered, QueuePool, TaskTimeout
-from zdq.errors import BatchError, NoConsumers, RemoteTaskError
+from zdq.errors import BatchError, NoConsumers, NoEligibleWorkers, RemoteTaskError
 from zdq._actor import scheduler_workers
 
 from .conftest import call_bounded, pid_of as _pid_of, wait_until
@@ -152,6 +152,14 @@ def _database_down(pool: str) -> Path:
     return Path(tempfile.gettempdir()) / f"zdq-test-{pool}-database-down"
 
 
+def _outcome(future: Any) -> Any:
+    """A future's result, or the error its result() raised."""
+    try:
+        return future.result()
+    except Exception as e:  # noqa: BLE001 - the error is the outcome looked at
+        return e
+
+
 class NeedsItsDatabase(ConsumerBaseClass):
     """Connects to a database in its __init__, which fails while its pool's file says it is down."""
 
@@ -230,10 +238,24 @@ def test_queues_served_only_by_a_consumer_whose_class_cannot_be_made_again_make_
                 assert "no consumer serving it (NeedsItsDatabase-1)" in message, message
                 assert "raises in __init__ on every try" in message and "database unreachable" in message, message
 
+                # A future waits as join() does: result() without a timeout raises the same error for
+                # a batch or a task that waits on queue 2 or 3 (it waited for ever before), and the
+                # future stays pending; a task on a served queue runs.
+                with pytest.raises(NoEligibleWorkers) as info:
+                    call_bounded(batch.result, 30, "result() of a batch on queues nobody serves")
+                message = str(info.value)
+                assert "waits on queue" in message and "raises in __init__ on every try" in message, message
+                assert not batch.done()
+                singles = [queue_pool.put(i) for i in range(8)]
+                outcomes = [call_bounded(lambda f=f: _outcome(f), 30, "result() of one task") for f in singles]
+                assert any(type(o) is NoEligibleWorkers for o in outcomes), outcomes
+                assert any(o == i for i, o in enumerate(outcomes)), outcomes
+
                 down.unlink()
                 wait_until(lambda: not consumers.unserved(), timeout=30)  # its next try (every second)
                 call_bounded(lambda: consumers.join(timeout=90), 120, "join() once the class can be made")
                 assert batch.result(timeout=10) == list(range(40))
+                assert [f.result(timeout=10) for f in singles] == list(range(8))
         finally:
             down.unlink(missing_ok=True)
 

@@ -232,7 +232,8 @@ class NoEligibleWorkers(NoConsumers):
     (``workers=``, ``resources=``), which the message names, or none can make its consumer class
     (its ``__init__`` raises on every try: the message names the class and what it raised; while
     other consumers live, ``join()`` raises it for the queues holding tasks that only such
-    consumers serve, naming them). The pool keeps trying: once a consumer is placed, ``join()`` and
+    consumers serve, naming them, and ``result()`` for a future whose tasks wait on one). The
+    pool keeps trying: once a consumer is placed, ``join()`` and
     ``result()`` wait again as usual.
     A :class:`NoConsumers`, so code that catches that one for an unstarted pool catches this too."""
 

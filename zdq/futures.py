@@ -260,11 +260,11 @@ _LOOK_EVERY = 1.0
 
 class WaitHint:
     """What a pool tells its futures: why a result may be slow to come (``hint()``, a sentence
-    for a timeout's message), and whether it cannot come as things stand (``stuck()``: the error
-    to raise, e.g. :class:`~zdq.errors.NoEligibleWorkers`, or ``None``). The pool owns both
-    callables; a future only calls them from the thread that waits on it."""
+    for a timeout's message), and whether it cannot come as things stand (``stuck(future)``: the
+    error that future's wait raises, e.g. :class:`~zdq.errors.NoEligibleWorkers`, or ``None``).
+    The pool owns both callables; a future only calls them from the thread that waits on it."""
 
-    def __init__(self, why: Callable[[], str], stuck: Callable[[], BaseException | None]) -> None:
+    def __init__(self, why: Callable[[], str], stuck: Callable[[Any], BaseException | None]) -> None:
         self._why = why
         self.stuck = stuck
 
@@ -349,7 +349,7 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def _looking(self, wait: Callable[[float | None], Any], timeout: float | None) -> Any:
         """``wait(timeout)``, in steps of :data:`_LOOK_EVERY` between which the pool is asked
-        whether the result can come at all (its ``stuck()`` error is raised if not; the future
+        whether the result can come at all (its ``stuck(self)`` error is raised if not; the future
         stays pending, and a later wait may succeed)."""
         stuck = getattr(self._hint, "stuck", None)
         if stuck is None or (timeout is not None and timeout <= _LOOK_EVERY):
@@ -362,7 +362,7 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
             except concurrent.futures.TimeoutError:
                 if self.done() or (deadline is not None and time.monotonic() >= deadline):
                     raise
-            error = stuck()
+            error = stuck(self)
             if error is not None:
                 raise error
             step = _LOOK_EVERY if deadline is None else min(_LOOK_EVERY, max(0.0, deadline - time.monotonic()))

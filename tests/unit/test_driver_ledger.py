@@ -230,6 +230,21 @@ def test_take_hands_out_chunks_in_order_and_marks_their_broker() -> None:
     assert ledger.take(0) is None
 
 
+def test_the_brokers_holding_a_range_of_tasks_are_those_their_chunks_were_sent_to_until_their_results() -> None:
+    ledger = make()
+    a_base, a = chunk(ledger, 3)
+    b_base, b = chunk(ledger, 3)
+    assert ledger.brokers_holding(a_base, 6) == set()  # queued here: nobody's yet
+    ledger.take(1)
+    ledger.take(0)
+    assert ledger.brokers_holding(a_base, 1) == {1}
+    assert ledger.brokers_holding(a_base + 2, 2) == {0, 1}  # the last of a, the first of b
+    assert ledger.brokers_holding(b_base + 3, 10) == set()  # past both
+    ledger.confirm(a.seq, 1, True, 7)
+    results(ledger, a, broker=1)
+    assert ledger.brokers_holding(a_base, 6) == {0}  # a has every outcome
+
+
 def test_a_chunk_put_back_is_first_in_line_again() -> None:
     ledger = make()
     chunk(ledger)

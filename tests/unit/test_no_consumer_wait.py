@@ -8,7 +8,7 @@ import pytest
 from zdq import futures
 from zdq.client.consumer_registry import ConsumerRegistry
 from zdq.config import settings
-from zdq.errors import NoConsumers, NoEligibleWorkers, ZdqTimeoutError
+from zdq.errors import BrokerUnreachable, NoConsumers, NoEligibleWorkers, ZdqTimeoutError
 from zdq.futures import TaskFuture, WaitHint
 
 
@@ -24,6 +24,17 @@ class _Pool:
 
     def on_broker_moved(self, broker: int, endpoint: str) -> None:
         pass
+
+
+class _Serving(_Pool):
+    """A running pool that says which queues it does not serve now (ConsumerPool.held_up)."""
+
+    def __init__(self, held_up: dict[int, tuple[type[Exception], str]]) -> None:
+        super().__init__(running=True)
+        self._held_up = held_up
+
+    def held_up(self) -> dict[int, tuple[type[Exception], str]]:
+        return self._held_up
 
 
 class _OldListener:
@@ -53,6 +64,29 @@ def test_the_registry_says_nothing_consumes_only_when_every_running_pool_is_stra
     assert registry.stranded() == ""  # another running pool still consumes
 
 
+def test_a_queue_is_held_up_only_when_every_running_pool_says_it_does_not_serve_it() -> None:
+    registry = ConsumerRegistry("jobs")
+    assert registry.held_up() == {}
+    broken = _Serving({2: (NoEligibleWorkers, "its class raises"), 3: (NoEligibleWorkers, "its class raises")})
+    registry.subscribe(broken)
+    assert registry.held_up() == {2: (NoEligibleWorkers, "its class raises"), 3: (NoEligibleWorkers, "its class raises")}
+    moved = _Serving({3: (BrokerUnreachable, "placed where none reaches it"), 1: (BrokerUnreachable, "moved")})
+    registry.subscribe(moved)
+    assert registry.held_up() == {3: (NoEligibleWorkers, "its class raises")}  # 2 is served by the second pool
+    idle, old = _Pool(running=False), _OldListener()  # held: the registry holds its pools weakly
+    registry.subscribe(idle)  # not running: changes nothing
+    assert list(registry.held_up()) == [3]
+    registry.subscribe(old)  # cannot tell: serves every queue
+    assert registry.held_up() == {}
+
+
+def test_unreachable_queues_come_first_among_those_held_up() -> None:
+    registry = ConsumerRegistry("jobs")
+    pool = _Serving({0: (NoEligibleWorkers, "class"), 1: (BrokerUnreachable, "moved")})
+    registry.subscribe(pool)
+    assert list(registry.held_up()) == [1, 0]
+
+
 def test_the_registry_never_says_stranded_without_running_pools_or_for_a_listener_that_cannot_tell() -> None:
     registry = ConsumerRegistry("jobs")
     assert registry.stranded() == ""
@@ -63,7 +97,7 @@ def test_the_registry_never_says_stranded_without_running_pools_or_for_a_listene
 def test_a_result_wait_raises_the_pools_stuck_error_and_leaves_the_future_pending(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(futures, "_LOOK_EVERY", 0.01)
     fut = TaskFuture(1)
-    fut._hint = WaitHint(lambda: "", lambda: NoEligibleWorkers("no worker declares GPU"))
+    fut._hint = WaitHint(lambda: "", lambda _future: NoEligibleWorkers("no worker declares GPU"))
     with pytest.raises(NoEligibleWorkers, match="GPU"):
         fut.result(timeout=5)
     with pytest.raises(NoEligibleWorkers):
@@ -77,14 +111,15 @@ def test_a_result_wait_whose_pool_is_not_stuck_times_out_with_the_hint(monkeypat
     monkeypatch.setattr(futures, "_LOOK_EVERY", 0.01)
     asked = []
 
-    def stuck() -> None:
-        asked.append(1)
+    def stuck(future: object) -> None:
+        asked.append(future)
 
     fut = TaskFuture(1)
     fut._hint = WaitHint(lambda: "queue q-0 is down", stuck)
     with pytest.raises(ZdqTimeoutError, match="queue q-0 is down"):
         fut.result(timeout=0.05)
     assert asked, "the pool was never asked whether the result can come"
+    assert all(future is fut for future in asked), "the pool is asked about the waiting future itself"
 
 
 def test_the_bound_is_a_setting_that_must_be_positive() -> None:

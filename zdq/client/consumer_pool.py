@@ -41,6 +41,7 @@ from zdq.errors import (
     ConsumerInitError,
     NoEligibleWorkers,
     PlacementError,
+    ZdqError,
     ZdqTimeoutError,
 )
 from zdq.names import agreeing, counted
@@ -331,6 +332,19 @@ class ConsumerPool:
         names = self.queue_pool.queue_names
         return {names[i]: why for i, why in self._consumers.orphans().items()}
 
+    def held_up(self) -> dict[int, tuple[type[ZdqError], str]]:
+        """The queues (by index) whose tasks none of this pool's consumers will take as things
+        stand, each with the error to raise and why: placed again where none reaches it
+        (:class:`BrokerUnreachable`, first), or served only by consumers whose class cannot be
+        made (:class:`NoEligibleWorkers`). Empty while the pool is not running."""
+        if not self._running or self._closed:
+            return {}
+        out: dict[int, tuple[type[ZdqError], str]] = {
+            i: (NoEligibleWorkers, why) for i, why in self._consumers.unserved().items()
+        }
+        out.update((i, (BrokerUnreachable, why)) for i, why in self._consumers.orphans().items())
+        return out
+
     def unserved(self) -> dict[str, str]:
         """Queues that only consumers of this pool whose class raises in ``__init__`` on every try
         serve, for ``zdq.no-consumer-timeout`` (the others live), with why: ``join()`` raises
@@ -471,26 +485,14 @@ class ConsumerPool:
 
     def _raise_unserved(self, statuses: list[Any]) -> None:
         """Raise if a queue that holds tasks is served by no consumer of any of the queue pool's
-        ConsumerPools: it was placed again where they cannot connect (:class:`BrokerUnreachable`),
-        or the only consumers that serve it cannot be made (:class:`NoEligibleWorkers`)."""
-        for _, why in self._held_by_none(self._consumers.orphans(), "unreached", statuses):
-            raise BrokerUnreachable(f"join: {why}")
-        for queue, why in self._held_by_none(self._consumers.unserved(), "unserved", statuses):
-            raise NoEligibleWorkers(f"join: queue {queue} holds tasks and {why}")
-
-    def _held_by_none(self, found: dict[int, str], method: str, statuses: list[Any]) -> list[tuple[str, str]]:
-        """``(queue name, why)`` of the queues of ``found`` (by index) that hold ready tasks and that
-        no other running ConsumerPool serves (``method``: the queues it says it does not)."""
-        out = []
-        for broker, why in found.items():
+        running ConsumerPools (:meth:`ConsumerRegistry.held_up`): it was placed again where they
+        cannot connect (:class:`BrokerUnreachable`), or the only consumers that serve it cannot be
+        made (:class:`NoEligibleWorkers`)."""
+        names = self.queue_pool.queue_names
+        for broker, (error, why) in self.queue_pool.consumer_registry.held_up().items():
             status = statuses[broker] if broker < len(statuses) else None
-            if status is None or not status.ready_tasks:
-                continue
-            queue = self.queue_pool.queue_names[broker]
-            others = [pool for pool in self.queue_pool.consumer_pools() if pool is not self and pool.running]
-            if not any(queue not in getattr(pool, method)() for pool in others):
-                out.append((queue, why))
-        return out
+            if status is not None and status.ready_tasks:
+                raise error(f"join: {why}" if error is BrokerUnreachable else f"join: queue {names[broker]} holds tasks and {why}")
 
     def _report(self, statuses: list[Any]) -> None:
         """The end of a join: how much ran, and what failed, said where it shows."""

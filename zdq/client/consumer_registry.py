@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from zdq.client.driver import NO_CONSUMER, Driver
+from zdq.errors import BrokerUnreachable
 
 __all__ = ["ConsumerRegistry", "ConsumerListener", "Feeder"]
 
@@ -149,6 +150,22 @@ class ConsumerRegistry:
 
     def any_running(self) -> bool:
         return any(pool.running for pool in self.pools())
+
+    def held_up(self) -> dict[int, tuple[type[Exception], str]]:
+        """The queues (by index) whose tasks no running ConsumerPool will take as things stand,
+        each with the error to raise and why (the first running pool's): every running pool says
+        it does not serve the queue now (``held_up()``: placed again where its consumers cannot
+        reach it, or served only by consumers whose class cannot be made). Queues placed
+        unreachably come first. A pool without ``held_up()`` counts as serving every queue; with no
+        running pool nothing is held up here (:meth:`stranded` and ``join()`` say that)."""
+        running = [pool for pool in self.pools() if pool.running]
+        found: list[dict[int, tuple[type[Exception], str]]] = [getattr(pool, "held_up", dict)() for pool in running]
+        if not found or not found[0]:
+            return {}
+        common = set(found[0]).intersection(*found[1:])
+        first = found[0]
+        order = sorted(common, key=lambda q: (first[q][0] is not BrokerUnreachable, q))
+        return {q: first[q] for q in order}
 
     def stranded(self) -> str:
         """Why nothing consumes although ConsumerPools were started: every running pool has had no

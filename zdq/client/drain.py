@@ -22,7 +22,7 @@ from zdq.client.consumer_registry import ConsumerRegistry
 from zdq.client.driver import Driver
 from zdq.config import PoolSettings, timeout_or_none
 from zdq.futures import WaitHint
-from zdq.errors import BrokerLost, NoConsumers, NoEligibleWorkers, ZdqTimeoutError
+from zdq.errors import BrokerLost, BrokerUnreachable, NoConsumers, NoEligibleWorkers, ZdqTimeoutError
 from zdq.transport import protocol as p
 
 __all__ = ["WaitMethods", "wait_drained"]
@@ -260,20 +260,40 @@ class WaitMethods:
         its pool alive): :meth:`why_waiting` and :meth:`stuck`."""
         ref = weakref.ref(self)
 
-        def stuck() -> BaseException | None:
+        def stuck(future: Any = None) -> BaseException | None:
             pool = ref()
-            return None if pool is None else pool.stuck()
+            return None if pool is None else pool.stuck(future)
 
         return WaitHint(_weakly(self.why_waiting), stuck)
 
-    def stuck(self) -> NoEligibleWorkers | None:
+    def stuck(self, future: Any = None) -> BaseException | None:
         """The error a future's result() raises while it waits, when no result can come as things
         stand: ConsumerPools were started and none has had a consumer placed for
-        ``zdq.no-consumer-timeout`` (every worker they may use left). ``None`` otherwise."""
+        ``zdq.no-consumer-timeout`` (every worker they may use left); or some of ``future``'s tasks
+        wait on a queue that no running ConsumerPool serves now (its only consumers cannot be
+        made, or it was placed again where none reaches it: what ``join()`` raises for that
+        queue). ``None`` otherwise: the future waits on."""
         if self._closed:
             return None
-        why = self.consumer_registry.stranded()
-        return NoEligibleWorkers(f"a task of pool {self.name} waits, and {why}") if why else None
+        registry = self.consumer_registry
+        why = registry.stranded()
+        if why:
+            return NoEligibleWorkers(f"a task of pool {self.name} waits, and {why}")
+        keys = _keys_of(future)
+        if keys is None:
+            return None
+        held_up = registry.held_up()
+        driver = self.live_driver() if held_up else None
+        if driver is None:
+            return None
+        for broker in sorted(driver.brokers_holding(keys.start, len(keys))):
+            if broker in held_up:
+                error, why = held_up[broker]
+                queue = self.queue_names[broker]
+                if error is BrokerUnreachable:
+                    return BrokerUnreachable(f"a task of pool {self.name} waits on queue {queue}, and {why}")
+                return error(f"a task of pool {self.name} waits on queue {queue}, which holds tasks and {why}")
+        return None
 
     def _waits_in_own_task(self) -> bool:
         """Whether the calling thread runs a task of this very pool (a task waiting on sub-tasks)."""
@@ -328,3 +348,12 @@ class WaitMethods:
         elif not self.consumer_registry.any_running():
             reasons.append("no consumer is running: call consumer_pool.start()")
         return "; ".join(reasons)
+
+
+def _keys_of(future: Any) -> range | None:
+    """The task ids a future of this pool stands for: a batch's ``keys``, one task's ``key``."""
+    keys = getattr(future, "keys", None)
+    if isinstance(keys, range):
+        return keys
+    key = getattr(future, "key", None)
+    return range(key, key + 1) if type(key) is int else None

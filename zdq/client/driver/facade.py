@@ -292,6 +292,10 @@ class Driver:
         """Every consumer identity that results came from."""
         return self._outcomes.producers()
 
+    def brokers_holding(self, first: int, n: int) -> set[int]:
+        """The brokers holding tasks ``first .. first + n - 1`` still without an outcome."""
+        return self._ledger.brokers_holding(first, n)
+
     def links_up(self) -> list[bool]:
         """Which brokers the driver can reach now (the I/O thread's published snapshot)."""
         return [view.state is LinkState.UP for view in self._links.views]

@@ -699,6 +699,18 @@ class Ledger:
             pinned = sum(r.remaining for line in self.pinned.values() for r in line)
             return len(self.loose) + sum(r.remaining for r in self.queued) + pinned
 
+    def brokers_holding(self, first: int, n: int) -> set[int]:
+        """The brokers (by index) holding tasks ``first .. first + n - 1`` that have no outcome
+        yet (a chunk queued here, not yet sent, is nobody's). A scan of the chunks in flight:
+        for an occasional question (a waiting future's), not for a path per task."""
+        last = first + n
+        with self.cond:
+            return {
+                rec.broker
+                for rec in self.records.values()
+                if rec.broker >= 0 and rec.remaining and rec.base < last and first < rec.base + rec.n
+            }
+
     def awaiting(self) -> list[int]:
         """Tasks awaiting results, by broker."""
         awaiting = [0] * self.n_brokers
