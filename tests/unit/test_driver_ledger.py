@@ -613,6 +613,38 @@ def test_results_of_a_chunk_from_another_driver_are_counted_as_foreign() -> None
     assert c["foreign"] == 2 and c["completed"] == 0 and ledger.outcomes.results_for([CONSUMER]) == {1000: "x", 1001: "y"}
 
 
+def test_a_failure_run_again_under_its_id_elsewhere_is_superseded_by_the_latest_outcome() -> None:
+    """A dead letter requeued runs again from a chunk of no record here: ``results()`` holds the
+    task's latest outcome once, not the old failure beside it under the consumer that failed it."""
+    ledger = make()
+    base, _ = chunk(ledger, 3)
+    rec = confirmed(ledger)
+    results(ledger, rec, [None, "b", None], consumer=b"c1", errors={0: error(), 2: error()})
+    assert set(ledger.outcomes.results_for([b"c1"])) == {base, base + 1, base + 2}
+    ledger.outcomes.intake(0, 0, 9, b"c2", base, ["again"], {})  # task 0, requeued, ran on c2
+    ledger.outcomes.intake(0, 0, 10, b"c1", base + 2, ["mine"], {})  # task 2 ran again on c1
+    ledger.outcomes.settle_all()
+    assert ledger.outcomes.results_for([b"c1"]) == {base + 1: "b", base + 2: "mine"}
+    assert ledger.outcomes.results_for([b"c2"]) == {base: "again"}
+    assert ledger.outcomes.results_for([b"c1", b"c2"]) == {base: "again", base + 1: "b", base + 2: "mine"}
+    assert ledger.outcomes.results_for([b"c2", b"c1"])[base] == "again"  # the order asked does not matter
+    # It fails again on c2, then runs once more on c1: c1's is the latest again.
+    ledger.outcomes.intake(0, 0, 11, b"c2", base, [None], {0: error()})
+    ledger.outcomes.intake(0, 0, 12, b"c1", base, ["third"], {})
+    ledger.outcomes.settle_all()
+    assert ledger.outcomes.results_for([b"c1"])[base] == "third"
+    assert base not in ledger.outcomes.results_for([b"c2"])
+
+
+def test_results_from_a_chunk_of_no_record_replace_nothing_that_did_not_fail() -> None:
+    ledger = make()
+    base, _ = chunk(ledger, 1)
+    results(ledger, confirmed(ledger), ["first"], consumer=b"c1")
+    ledger.outcomes.intake(0, 0, 9, b"c2", base, ["again"], {})
+    ledger.outcomes.settle_all()
+    assert ledger.outcomes.results_for([b"c1"]) == {base: "first"} and not ledger.outcomes.stale
+
+
 def test_results_of_a_chunk_already_ended_are_duplicates() -> None:
     ledger = make()
     chunk(ledger, 1)

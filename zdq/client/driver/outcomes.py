@@ -11,9 +11,9 @@ Who owns what
 state                                      owner
 =========================================  =====================================================
 ``kept``, ``folded``, ``folding``,         the ledger's lock (``cond``, shared with the ledger)
-``reading``, ``done_by``, the counters
-(completed, failed, cancelled, foreign,
-duplicates)
+``reading``, ``done_by``, ``errored``,
+``stale``, the counters (completed,
+failed, cancelled, foreign, duplicates)
 ``read_lock``                              readers of the kept results (``results_for``), one at
                                            a time; taken before ``cond``, never by the I/O thread
 ``settlements``                            the I/O thread alone (results of its current round)
@@ -28,6 +28,11 @@ each chunk is folded as it arrives, so that ``results()`` only copies. A program
 results from futures never pays a dict insertion per task on the I/O thread; that cost the
 futures path of a pool keeping its results (the default) a fifth to a quarter of its throughput,
 and a kept result took ten times the memory (``benchmarks/RESULTS.md``, issue 26's sixth session).
+
+A task's outcome is kept once: a second run of a chunk of a record here is a duplicate, dropped.
+A task that failed can run again under its id from a chunk of no record here (a dead letter
+requeued): its kept failure is then stale (``errored``, ``stale``), and ``results()`` gives the
+latest outcome alone, under the consumer that produced it.
 """
 
 from __future__ import annotations
@@ -116,6 +121,12 @@ class Outcomes:
         self.reading = False
         #: Readers one at a time (taken before ``cond``; the I/O thread never takes it).
         self.read_lock = threading.Lock()
+        #: Kept failures by task id, with their producer: a task that fails may run again under
+        #: the same id (a dead letter requeued), from a chunk of no record here ...
+        self.errored: dict[int, bytes] = {}
+        #: ... and then its kept failure is superseded: ids whose outcome kept from this producer
+        #: is not the task's latest (results() leaves them out there: a task's outcome once).
+        self.stale: defaultdict[bytes, set[int]] = defaultdict(set)
         self.done_by: defaultdict[bytes, int] = defaultdict(int)
         self.completed = 0
         self.failed = 0
@@ -287,6 +298,10 @@ class Outcomes:
         with self.cond:
             if self.keep_results:
                 self._keep(consumer, (base, values, exceptions or None))
+                if rec is None and self.errored:
+                    self._supersede(consumer, base, n)
+                if exceptions:
+                    self.errored.update((base + i, consumer) for i in exceptions)
             self.done_by[consumer] += n
             self.failed += failed
             if rec is None:
@@ -467,6 +482,20 @@ class Outcomes:
             self._keep(NO_CONSUMER, {tid: cancellation(tid) for tid in ids})
 
     # -- kept results (keep_results) -------------------------------------------------------------
+    def _supersede(self, producer: bytes, base: int, n: int) -> None:
+        """(``cond`` held.) Outcomes of tasks ``base .. base + n - 1`` came from ``producer`` in a
+        chunk of no record here: those that had failed before (a dead letter requeued and run
+        again) have a new latest outcome, and the failure kept from another producer is stale."""
+        errored = self.errored
+        ids = range(base, base + n) if n <= len(errored) else [t for t in errored if base <= t < base + n]
+        for tid in ids:
+            old = errored.pop(tid, None)
+            if old is not None and old != producer:
+                self.stale[old].add(tid)
+        mine = self.stale.get(producer)
+        if mine:  # run again where it was stale: this producer's outcome is the latest again
+            mine.difference_update(range(base, base + n))
+
     def _keep(self, producer: bytes, item: Any) -> None:
         """(``cond`` held.) Keep one chunk's outcomes, or a dict of single ones; fold it, and some
         of what came before, once folding is on."""
@@ -543,7 +572,23 @@ class Outcomes:
                         self.folded[ident] = part
                 for ident in wanted:
                     merged.update(self.folded.get(ident, {}))
+                if self.stale:
+                    self._drop_stale(wanted, merged)
         return merged
+
+    def _drop_stale(self, wanted: list[bytes], merged: dict[int, Any]) -> None:
+        """(``cond`` held.) Leave out of ``merged`` the outcomes of ``wanted`` producers that a
+        later run of the same task superseded (see :meth:`_supersede`), keeping the latest when
+        another of them has it."""
+        stale: set[int] = set()
+        for ident in wanted:
+            stale.update(self.stale.get(ident, ()))
+        for tid in stale:
+            merged.pop(tid, None)
+            for ident in wanted:
+                folded = self.folded.get(ident)
+                if folded is not None and tid in folded and tid not in self.stale.get(ident, ()):
+                    merged[tid] = folded[tid]
 
     def done_count(self, producers: Iterable[bytes]) -> int:
         """Tasks whose results came from these consumers."""
