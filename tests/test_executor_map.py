@@ -233,6 +233,8 @@ def test_queue_pool_map_refuses_no_iterable_and_one_tasks_options_at_the_call(po
     for option in ("unique_key", "unique_for"):
         with pytest.raises(TypeError, match="unique_key and unique_for make one task unique"):
             pool.map(square, range(3), **{option: "k" if option == "unique_key" else 5})
+    with pytest.raises(TypeError, match=r"map\(\) needs a callable or a task name"):
+        pool.map(5, [1])  # type: ignore[arg-type]  # was: "batch_submit item 0 must be a tuple"
     assert time.monotonic() - started < 5
     assert [f.result(timeout=30) for f in pool.map(square, range(3))] == [0, 1, 4]
 

@@ -169,7 +169,21 @@ def test_a_schedule_runs_every_tick_shows_its_last_result_and_stops_when_cancell
             queue_pool.schedule(add, 1, every=1, missed="sometimes")
         with pytest.raises(TypeError, match="priority must be an integer"):
             queue_pool.schedule(add, 1, every=1, priority="high")
+        # A bad timeout is refused before anything is asked: it made the schedule, then raised
+        # "could not convert string to float: '1-1'" (a retry made a second one).
+        for bad in (-1, 0, "abc", float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="^timeout must"):
+                queue_pool.schedule(add, 1, every=1, timeout=bad)
+            with pytest.raises(ValueError, match="^timeout must"):
+                queue_pool.cancel_schedule(also.schedule_id, timeout=bad)
+            with pytest.raises(ValueError, match="^timeout must"):
+                queue_pool.set_rate_limit("5/s", timeout=bad)
+            with pytest.raises(ValueError, match="^timeout must"):
+                queue_pool.schedules(timeout=bad)
+            with pytest.raises(ValueError, match="^timeout must"):
+                queue_pool.statistics(timeout=bad)
         assert [s.schedule_id for s in queue_pool.schedules()] == [also.schedule_id]  # nothing of the refused ones
+        assert all(not b.rate_limit for b in queue_pool.statistics().brokers)  # no limit set by a refused call
 
 
 

@@ -105,6 +105,18 @@ def timeout_or_none(value: Any, name: str = "timeout") -> float | None:
     return None if seconds == float("inf") else seconds
 
 
+def answer_timeout(value: Any, name: str = "timeout") -> float:
+    """How long a call waits for the answer of the pool's actors (its brokers, its consumers):
+    seconds, positive and finite, from a number or a Dask time string (``"5s"``). Checked at the
+    call, before anything is asked or changed: a bad value (``None`` too: such a wait always has a
+    bound) raises ``ValueError`` naming ``name``."""
+    if value is None:
+        raise ValueError(f"{name} must be a positive number of seconds (the answer is waited for within it), got None")
+    seconds = seconds_or_none(value, name)
+    assert seconds is not None
+    return seconds
+
+
 def _ttl_or_none(value: Any) -> float | None:
     """``result_ttl``: seconds from a number, a Dask time string or a timedelta; None: off."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):

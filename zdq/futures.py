@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from typing import Any
 
+from zdq.config import timeout_or_none
 from zdq.errors import BatchError, TaskCancelled, ZdqTimeoutError
 from zdq.names import counted
 
@@ -350,7 +351,12 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
     def _looking(self, wait: Callable[[float | None], Any], timeout: float | None) -> Any:
         """``wait(timeout)``, in steps of :data:`_LOOK_EVERY` between which the pool is asked
         whether the result can come at all (its ``stuck(self)`` error is raised if not; the future
-        stays pending, and a later wait may succeed)."""
+        stays pending, and a later wait may succeed).
+
+        ``timeout`` is seconds, a number as the standard library takes it, or a Dask time string
+        (``"5s"``), as zdq's other calls take it; anything else raises ``ValueError`` naming it."""
+        if timeout is not None and type(timeout) is not float and type(timeout) is not int:
+            timeout = timeout_or_none(timeout)
         stuck = getattr(self._hint, "stuck", None)
         if stuck is None or (timeout is not None and timeout <= _LOOK_EVERY):
             return wait(timeout)

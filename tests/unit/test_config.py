@@ -51,3 +51,33 @@ def test_a_durable_pool_takes_its_own_window_unless_none_is_set() -> None:
     with pytest.raises(ValueError, match="zdq.durable.window"):
         with dask.config.set({"zdq.durable.window": "many"}):
             zdq.settings()
+
+
+@pytest.mark.parametrize("bad", [-1, 0, float("nan"), float("inf"), "abc", None, True, "-1s"])
+def test_a_wait_for_the_pools_answer_takes_positive_finite_seconds_and_refuses_the_rest_by_name(bad: object) -> None:
+    from zdq.config import answer_timeout
+
+    with pytest.raises(ValueError, match="^timeout must"):
+        answer_timeout(bad)
+
+
+def test_a_wait_for_the_pools_answer_takes_numbers_and_time_strings() -> None:
+    from zdq.config import answer_timeout
+
+    assert answer_timeout(2) == 2.0 and answer_timeout("500ms") == 0.5 and answer_timeout(0.25, "t") == 0.25
+
+
+@pytest.mark.parametrize("bad", ["abc", True, "-1s", object()])
+def test_a_futures_wait_refuses_what_is_no_duration_by_name_and_takes_a_time_string(bad: object) -> None:
+    from zdq.errors import ZdqTimeoutError
+    from zdq.futures import TaskFuture
+
+    fut = TaskFuture(1)
+    with pytest.raises(ValueError, match="^timeout must"):
+        fut.result(timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="^timeout must"):
+        zdq.gather([fut], timeout=bad)  # type: ignore[arg-type]
+    with pytest.raises(ZdqTimeoutError):
+        fut.result(timeout="10ms")  # type: ignore[arg-type]
+    fut.set_result(3)
+    assert fut.result(timeout=-1) == 3  # a number as the standard library takes it

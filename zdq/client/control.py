@@ -28,7 +28,7 @@ from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.schedules import Schedule, cancel_schedule, list_schedules, make_schedule
 from zdq.client.submit import Submitter
 from zdq.client.driver import Driver
-from zdq.config import PoolSettings
+from zdq.config import PoolSettings, answer_timeout
 from zdq.codec.rates import limited_chunk_size, rate_key_of, rate_of, share
 from zdq.errors import BrokerLost, ClosedError, ZdqError
 from zdq.stats import BrokerStats, PoolStats
@@ -128,6 +128,7 @@ class ControlMethods:
             (named) a queue other than the name's did not answer whether it keeps one of that name.
         """
         self._owned("schedules")
+        timeout = answer_timeout(timeout)  # before anything is asked: a bad one changes nothing
         refused = sorted(_SUBMIT_ONLY & kwargs.keys())
         if refused:
             raise TypeError(
@@ -145,12 +146,14 @@ class ControlMethods:
     def schedules(self, timeout: float = 30.0) -> list[Schedule]:
         """The pool's schedules, as their queues report them now (by next tick)."""
         self._owned("schedules")
+        timeout = answer_timeout(timeout)
         return self._on_brokers(lambda: list_schedules(self, timeout))
 
     @off_loop_when_async
     def cancel_schedule(self, schedule_id: int | str, timeout: float = 30.0) -> bool:
         """End a schedule, by its id or its name (``Schedule.cancel()``); True if it was live."""
         self._owned("schedules")
+        timeout = answer_timeout(timeout)
         return self._on_brokers(lambda: cancel_schedule(self, schedule_id, timeout))
 
     def next_schedule_queue(self) -> int:
@@ -195,6 +198,7 @@ class ControlMethods:
             that is no function's ``"module:qualname"`` (or over 1024 bytes).
         """
         value = rate_of(rate)
+        timeout = answer_timeout(timeout)
         indexes = range(self.n_queues) if queue is None else [self._queue_index(queue)]
         each = share(value, self.n_queues) if queue is None else value
         name = b"" if key is None else rate_key_of(key, "key")
@@ -296,6 +300,7 @@ class ControlMethods:
     def broker_statistics(self, timeout: float = 10.0) -> list[BrokerStats]:
         """Every broker's statistics, asked in parallel (one actor call each)."""
         self._owned("broker statistics")
+        timeout = answer_timeout(timeout)
         out = self.broker_answers(timeout)
         failed = [(name, a) for name, a in zip(self.queue_names, out) if isinstance(a, BaseException)]
         if failed:
@@ -321,6 +326,7 @@ class ControlMethods:
     def statistics(self, timeout: float = 10.0) -> PoolStats:
         """The driver's counters, and the statistics of every queue that answers; those that did
         not (down, stalled, or held by the owner of an attached pool) are in ``missing``, with why."""
+        timeout = answer_timeout(timeout)
         answers = self.broker_answers(timeout)
         missing = {
             name: _why_no_answer(a, timeout) for name, a in zip(self.queue_names, answers) if isinstance(a, BaseException)

@@ -20,7 +20,7 @@ from typing import Any
 from zdq.client import asynchronous
 from zdq.client.consumer_registry import ConsumerRegistry
 from zdq.client.driver import Driver
-from zdq.config import PoolSettings, timeout_or_none
+from zdq.config import PoolSettings, answer_timeout, timeout_or_none
 from zdq.futures import WaitHint
 from zdq.errors import BrokerLost, BrokerUnreachable, NoConsumers, NoEligibleWorkers, ZdqTimeoutError
 from zdq.transport import protocol as p
@@ -202,7 +202,7 @@ class WaitMethods:
     @asynchronous.off_loop_when_async
     def queue_status(self, timeout: float = 10.0) -> list[p.QueueStatus | None]:
         """Each queue's counts, asked over the data plane (``None`` for a queue that is down)."""
-        return self.driver.queue_status(timeout)
+        return self.driver.queue_status(answer_timeout(timeout))
 
     @asynchronous.off_loop_when_async
     def get_queue_size(self, timeout: float = 30.0) -> dict[str, int]:
@@ -220,6 +220,7 @@ class WaitMethods:
             A queue is up but did not answer within ``timeout`` (its worker is stopped, or too busy):
             the message names it, its worker, and when it was last heard from.
         """
+        timeout = answer_timeout(timeout)
         try:
             self.flush(timeout)
         except ZdqTimeoutError as e:

@@ -12,6 +12,7 @@ import concurrent.futures
 from collections.abc import Iterator
 from typing import Any
 
+from zdq.config import timeout_or_none
 from zdq.errors import ZdqTimeoutError
 
 __all__ = ["ERRORS", "futures_in", "gather", "replace"]
@@ -72,8 +73,8 @@ def gather(futures: Any, errors: str = "raise", *, timeout: float | None = None)
     errors : {"raise", "skip"}
         ``"raise"``: the first task to fail raises its error, as soon as it fails. ``"skip"``:
         failed (and cancelled) futures are left out of their lists, tuples and dicts.
-    timeout : float, optional
-        Seconds to wait for every result; past it, :class:`~zdq.errors.ZdqTimeoutError` says
+    timeout : float or str, optional
+        Seconds (or a Dask time string, ``"5s"``) to wait for every result; past it, :class:`~zdq.errors.ZdqTimeoutError` says
         how many are missing.
 
     >>> zdq.gather({"a": pool.submit(inc, 1), "b": [pool.submit(inc, 2)]})   # doctest: +SKIP
@@ -81,6 +82,7 @@ def gather(futures: Any, errors: str = "raise", *, timeout: float | None = None)
     """
     if errors not in ERRORS:
         raise ValueError(f"errors must be one of {', '.join(repr(e) for e in ERRORS)}, got {errors!r:.80}")
+    timeout = timeout_or_none(timeout)
     fs = list(dict.fromkeys(futures_in(futures)))
     when = concurrent.futures.FIRST_EXCEPTION if errors == "raise" else concurrent.futures.ALL_COMPLETED
     # A future cancelled by cancel() alone (not by an executor that then notified its waiters) is

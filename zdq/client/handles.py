@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from zdq.client.driver import Driver
+from zdq.config import answer_timeout
 from zdq.errors import BrokerLost, ZdqTimeoutError
 
 __all__ = ["QueueHandle", "HandlePool"]
@@ -96,10 +97,12 @@ class QueueHandle:
 
     def qsize(self, timeout: float = 30.0) -> concurrent.futures.Future[Any]:
         """Tasks pending in this queue (stored, not yet acknowledged): a future, returned at once."""
+        timeout = answer_timeout(timeout)
         return _in_background(lambda: self._pending(timeout), f"zdq-qsize-{self.name}")
 
     def empty(self, timeout: float = 30.0) -> concurrent.futures.Future[Any]:
         """Whether this queue holds nothing pending: a future, returned at once."""
+        timeout = answer_timeout(timeout)
         return _in_background(lambda: self._pending(timeout) == 0, f"zdq-qsize-{self.name}")
 
     def full(self) -> concurrent.futures.Future[Any]:

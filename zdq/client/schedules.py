@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
+from zdq.config import answer_timeout
 from zdq.errors import BrokerLost, SerializationError
 from zdq.codec.schedules import Missed, ScheduleRecord, Spec, _missed, check_schedule_name
 from zdq.codec.results import error_to_exception, loads_results
@@ -119,7 +120,7 @@ class Schedule:
     def cancel(self, timeout: float = 30.0) -> bool:
         """End the schedule: no tick after this (one already queued still runs). True if it
         was live."""
-        return cancel_schedule(self._pool, self.schedule_id, timeout)
+        return cancel_schedule(self._pool, self.schedule_id, answer_timeout(timeout))
 
 
 def _snapshot(pool: SchedulePool, index: int, record: ScheduleRecord) -> Schedule:

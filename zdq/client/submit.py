@@ -873,6 +873,8 @@ class SubmitMethods:
             )
         if worker_class is not None:
             check_worker_class(worker_class)
+        if not callable(fn) and type(fn) is not str:
+            raise TypeError(f"map() needs a callable or a task name 'package.module:function', got {fn!r:.80}")
         if type(fn) is str:
             check_task_name(fn)
             if kwargs:
