@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -123,6 +124,27 @@ def test_inspect_of_a_path_that_does_not_exist_or_is_a_file_fails_with_status_1_
     for path, why in ((tmp_path / "missing", "does not exist"), (tmp_path / "file", "is not a directory")):
         run = zdq_here("inspect", str(path))
         assert run.returncode == 1 and run.stderr == f"zdq inspect: {path} {why}\n", run.stderr
+
+
+def test_a_reader_that_leaves_the_pipe_early_ends_the_command_quietly(tmp_path: Path) -> None:
+    """``zdq status | head -4``: the reader leaves, the next write fails with EPIPE. Before, the
+    command said ``zdq status: [Errno 32] Broken pipe`` on stderr; now it ends as a command killed
+    by SIGPIPE does, silently, status 141."""
+    from zdq.storage.lmdb import LMDBStorage
+
+    storage = LMDBStorage(str(tmp_path / "default-queue-0"))
+    storage.open()
+    storage.close()
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "zdq.cli", "inspect", str(tmp_path)],
+            stdout=write, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", (proc.returncode, proc.stderr)
 
 
 def test_with_matplotlib_the_scale_figure_is_drawn_to_a_png(tmp_path: Path) -> None:

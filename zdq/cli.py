@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -219,6 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.error(str(e))
     except KeyboardInterrupt:  # Ctrl-C, whatever the command was doing: no traceback
         return 130
+    except BrokenPipeError:
+        # The reader of the output left (`zdq status | head -4`): end quietly, as a command killed
+        # by SIGPIPE does (status 128 + 13); what is left in the buffer goes nowhere, so that
+        # Python's own flush at exit does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -77,6 +77,8 @@ def _live(fn: Callable[[Any, argparse.Namespace], int]) -> Callable[[argparse.Na
             return _fail(args, str(e.args[0]) if e.args else str(e))
         except ValueError as e:  # a refusal (no confirmation): the cluster is untouched
             return _fail(args, str(e))
+        except BrokenPipeError:  # the reader of the output left (`| head`): not the cluster's error
+            raise
         except (ZdqError, OSError, TimeoutError) as e:
             return _fail(args, (str(e) or type(e).__name__).splitlines()[0])
         except KeyboardInterrupt:
