@@ -221,6 +221,34 @@ def _no_worker(client: Any, allowed: list[str] | None, resources: dict[str, floa
     return "no worker is available to place zdq actors on"
 
 
+#: Workers that did not answer a placement (stopped, e.g. by SIGSTOP, or hung), by address, with
+#: the time (``time.monotonic()``) until which placements of this process pass them over while
+#: another candidate remains: a queue placed again, or a consumer replaced, is not sent back to a
+#: worker that let the last attempt wait out its bound. Owned here, under ``_unanswered_lock``.
+_unanswered: dict[str, float] = {}
+_unanswered_lock = threading.Lock()
+#: How long a worker that did not answer is passed over.
+UNANSWERED_FOR = 300.0
+
+
+def note_unanswered(address: str, seconds: float = UNANSWERED_FOR) -> None:
+    """Worker ``address`` did not answer a placement within its bound: pass it over for a while."""
+    with _unanswered_lock:
+        _unanswered[address] = time.monotonic() + seconds
+
+
+def _answering(workers: list[str]) -> list[str]:
+    """``workers`` without those passed over (see :data:`_unanswered`), unless that leaves none."""
+    if not _unanswered:
+        return workers
+    now = time.monotonic()
+    with _unanswered_lock:
+        for address in [a for a, until in _unanswered.items() if until <= now]:
+            del _unanswered[address]
+        fresh = [w for w in workers if w not in _unanswered]
+    return fresh or workers
+
+
 def pick_worker(
     client: Any,
     allowed: list[str] | None,
@@ -233,13 +261,14 @@ def pick_worker(
     """The worker for actor ``slot`` of a pool: spread by slot, never where it was just lost.
 
     ``placed_on`` remembers each slot's worker; a slot placed again avoids its previous worker,
-    which the scheduler may not yet know is dead. ``known``: the scheduler's workers, when the
-    caller places many actors at once (asking the scheduler once, not per actor). ``prefer``:
-    the worker to take if it is a candidate (see :func:`beside_brokers`).
+    which the scheduler may not yet know is dead, and every worker that did not answer a recent
+    placement (:func:`note_unanswered`), while others remain. ``known``: the scheduler's workers,
+    when the caller places many actors at once (asking the scheduler once, not per actor).
+    ``prefer``: the worker to take if it is a candidate (see :func:`beside_brokers`).
     """
     from zdq.errors import PlacementError
 
-    workers = candidate_workers(client, allowed, resources, known)
+    workers = _answering(candidate_workers(client, allowed, resources, known))
     lost = placed_on.get(slot)
     if lost is not None and len(workers) > 1 and lost in workers:
         workers.remove(lost)

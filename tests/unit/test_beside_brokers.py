@@ -4,6 +4,8 @@ consumer reaches a broker of its own process over inproc, with no CurveZMQ hands
 
 from __future__ import annotations
 
+import pytest
+
 from collections import Counter
 
 from zdq._actor import beside_brokers
@@ -38,3 +40,25 @@ def test_more_consumers_of_a_queue_than_room_beside_its_broker_spill_over_evenly
     workers = ["a", "b"]
     placed = beside_brokers(workers, [[0]] * 5, ["a"])
     assert Counter(placed) == Counter({"a": 3, "b": 2})
+
+
+def test_a_worker_that_did_not_answer_a_placement_is_passed_over_while_another_remains(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lost durable queue was placed again on a stopped worker of its host (the first in turn),
+    which let the try wait out the whole recovery bound, and the queue was given up with its tasks
+    on disk; a replacement consumer went back to a stopped worker every minute."""
+    from zdq import _actor
+
+    monkeypatch.setattr(_actor, "_unanswered", {})
+    known = {"tcp://h:1": {"name": "a"}, "tcp://h:2": {"name": "b"}, "tcp://h:3": {"name": "c"}}
+    placed: dict[int, str] = {}
+    assert _actor.pick_worker(None, None, 0, placed, known=known) == "tcp://h:1"
+    _actor.note_unanswered("tcp://h:1")
+    assert _actor.pick_worker(None, None, 0, {}, known=known) == "tcp://h:2"
+    assert _actor.pick_worker(None, None, 0, {}, known=known, prefer="tcp://h:1") == "tcp://h:2"  # not even beside brokers
+    _actor.note_unanswered("tcp://h:2")
+    _actor.note_unanswered("tcp://h:3")
+    assert _actor.pick_worker(None, None, 0, {}, known=known) == "tcp://h:1"  # none answered: all are tried again
+    _actor.note_unanswered("tcp://h:1", seconds=-1)  # its time is up
+    _actor.note_unanswered("tcp://h:2", seconds=-1)
+    assert _actor.pick_worker(None, None, 0, {}, known=known) == "tcp://h:1"
+    assert "tcp://h:1" not in _actor._unanswered and "tcp://h:3" in _actor._unanswered

@@ -46,7 +46,7 @@ from typing import Any
 
 from distributed import Client
 
-from zdq._actor import candidate_workers, scheduler_workers
+from zdq._actor import candidate_workers, note_unanswered, scheduler_workers
 from zdq.broker import Broker
 from zdq.client import registry
 from zdq.client.slots import (
@@ -99,6 +99,9 @@ _PROBE_EVERY = 0.5
 _PLACE_EVERY = 2.0
 #: A worker that does not answer within this (paused, or holding the GIL) leaves the holders unknown.
 _PROBE_TIMEOUT = 5.0
+#: A lost queue's placement is tried for a quarter of the recovery bound at a time, at least this
+#: long (and at most ``placement-timeout``): a stopped worker then costs one try, not the bound.
+_RECOVERY_TRY = 10.0
 
 
 def _holder_here(queue_dir: str, worker: Any) -> str:
@@ -537,13 +540,29 @@ class PlacedQueues:
             logger.debug("placing queue %s again failed (will retry): %s", name, e)
             return None
         broker: Any = None
+        # Each try is bounded by a share of the recovery bound: a worker that does not answer (stopped,
+        # hung) costs one share, is passed over from then on, and the next round tries another.
+        bound = min(self.settings.placement_timeout, max(_RECOVERY_TRY, self.recovery_timeout / 4))
+        worker = self.placed_on.get(i, "")
         try:
-            broker = fut.result(timeout=self.settings.placement_timeout)
+            try:
+                broker = fut.result(timeout=bound)
+            except TimeoutError:
+                note_unanswered(worker)
+                raise PlacementError(
+                    f"its broker was not created within {bound:g} s on worker {worker} (stopped, or too busy): "
+                    "trying another worker"
+                ) from None
             if stopping():
                 raise SlotsClosed(f"queue pool {self.name} closed while queue {name} was placed again")
-            endpoint, _, id_found, key, _ = broker.open(self._identity, self.payload_key).result(
-                timeout=self.settings.placement_timeout
-            )
+            try:
+                endpoint, _, id_found, key, _ = broker.open(self._identity, self.payload_key).result(timeout=bound)
+            except TimeoutError:
+                note_unanswered(worker)
+                raise PlacementError(
+                    f"its broker on worker {worker} did not open within {bound:g} s (stopped, or too busy): "
+                    "trying another worker"
+                ) from None
             where = (host_of(self.placed_on[i]), str(id_found))
             if not transient and where != self.where[i]:
                 raise QueueMissing(
@@ -590,9 +609,17 @@ class PlacedQueues:
         """A queue cannot be placed again (a durable one: not where its directory is): fail what
         it held; the other queues take what it never confirmed."""
         self._gone.add(i)
-        self._lost_since.pop(i, None)
-        logger.error("queue %s cannot be served again: %s", self.queue_names[i], error)
-        driver.fail_chunks_of(i, BrokerLost(str(error)))
+        since = self._lost_since.pop(i, None)
+        name = self.queue_names[i]
+        tried = f" after {time.monotonic() - since:.0f} s of tries" if since is not None else ""
+        where = "" if not self.durable else f" (its tasks stay in {self.queue_dir(i)} on host {self.where[i][0]})"
+        why = f"queue {name} cannot be served again{tried}{where}: {error}"
+        logger.error("%s", why)
+        driver.fail_chunks_of(i, BrokerLost(why))
+
+    def gone(self) -> list[str]:
+        """The queues given up for good (:meth:`_unrecoverable`), by name."""
+        return [self.queue_names[i] for i in sorted(self._gone)]
 
     def _stop_quietly(self, name: str, broker: Any) -> None:
         if broker is None:

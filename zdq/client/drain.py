@@ -154,6 +154,10 @@ class WaitMethods:
     def consumer_pools(self) -> list[Any]:
         raise NotImplementedError
 
+    def gone_queues(self) -> list[str]:
+        """The queues given up for good (not placed again within the recovery bound)."""
+        raise NotImplementedError
+
     def flush(self, timeout: float | None = None) -> None:
         raise NotImplementedError
 
@@ -313,7 +317,12 @@ class WaitMethods:
         if stranded:
             reasons.append(stranded)
         states = driver.queue_states()
-        down = [q.name for q in states if q.state in ("down", "recovering")]
+        gone = set(self.gone_queues())
+        if gone:
+            reasons.append(
+                f"queues {', '.join(sorted(gone))} could not be served again (their tasks failed with BrokerLost)"
+            )
+        down = [q.name for q in states if q.state in ("down", "recovering") and q.name not in gone]
         if down:
             reasons.append(f"queues {', '.join(down)} are down and being placed again")
         silent = [

@@ -343,6 +343,11 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         """Whether this pool feeds queues placed by another QueuePool (see :meth:`attach`)."""
         return isinstance(self._queues, AttachedQueues)
 
+    def gone_queues(self) -> list[str]:
+        """The queues this pool gave up for good (not placed again within the recovery bound)."""
+        queues = self._queues
+        return queues.gone() if isinstance(queues, PlacedQueues) else []
+
     @property
     def endpoints(self) -> list[str]:
         return [] if self._queues is None else self._queues.endpoints

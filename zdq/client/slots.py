@@ -40,7 +40,7 @@ from typing import Any, Generic, TypeVar
 
 import distributed
 
-from zdq._actor import PLACED_TOPIC, pick_worker, scheduler_workers
+from zdq._actor import PLACED_TOPIC, note_unanswered, pick_worker, scheduler_workers
 from zdq.errors import PlacementError
 from zdq.names import counted
 
@@ -135,6 +135,9 @@ def wait_created(client: Any, placing: list[tuple[str, Any, str]], timeout: floa
 
     gone = [f"{label} on {worker(address)}" for label, address in late if address not in present]
     silent = [f"{label} on {worker(address)}" for label, address in late if address in present]
+    for _, address in late:
+        if address in present:
+            note_unanswered(address)  # the next placements go elsewhere while they can
     said = []
     if gone:
         said.append(f"{', '.join(gone)}: the worker left the cluster (killed or crashed)")
