@@ -120,8 +120,11 @@ def format_status(state: dict[str, Any]) -> str:
     for name, pool in pools.items():
         t, rates = pool["totals"], pool["rates"]
         rate = f"{rates['completed'][-1]:g}" if rates["completed"] else "-"
+        unreported = pool.get("unreported", [])
+        silent = f" ({len(unreported)} not reporting)" if unreported else ""
         lines.append(
-            f"pool {name}: {counted(len(pool['queues']), 'queue')}, {counted(t['consumers'], 'consumer')}; "
+            f"pool {name}: {counted(len(pool['queues']) + len(unreported), 'queue')}{silent}, "
+            f"{counted(t['consumers'], 'consumer')}; "
             f"submitted {t['submitted']}, "
             f"completed {t['completed']}, failed {t['failed']}, retried {t['retried']}, "
             f"dead-lettered {t['dead_lettered']}, expired {t.get('expired', 0)}; {rate} tasks/s completed"
@@ -136,6 +139,10 @@ def format_status(state: dict[str, Any]) -> str:
                 f"{q.get('delayed_tasks', 0):>9} "
                 f"{q['leased_tasks']:>9} {q['awaiting_tasks']:>9} {q['dead_tasks']:>7} {q['consumers']:>9} "
                 f"{q['bad_messages']:>8} {q.get('refused_peers', 0):>7} {q.get('unique_keys', 0):>7} {format_rate(q.get('rate_limit')):>9}"
+            )
+        for q_name in unreported:
+            lines.append(
+                f"  {q_name:<28} no report lately: its worker is stopped or too busy, or the queue is being placed again"
             )
         if pool["consumers"]:
             lines.append(f"  {'consumer':<28} {'where':<28} {'state':<8} {'done':>9} {'failed':>7} {'in flight':>9}")
@@ -163,7 +170,7 @@ def _purge(client: Any, args: argparse.Namespace) -> int:
     from zdq.observe import remote
 
     queues = remote.queues_of(remote.status(client, args.timeout), args.pool, args.queue)
-    ready = sum(q["ready_tasks"] for q in queues)
+    ready = sum(q.get("ready_tasks", 0) for q in queues)
     delayed = sum(q.get("delayed_tasks", 0) for q in queues)
     names = ", ".join(q["name"] for q in queues)
     waiting = counted(ready, "ready task") + (f" and {counted(delayed, 'delayed task')}" if delayed else "")
@@ -193,8 +200,8 @@ def _dead_letters(client: Any, args: argparse.Namespace) -> int:
                 reason = d["reason"].strip().splitlines()
                 print(f"{name} chunk {d['chunk_id']} ({counted(d['n_tasks'], 'task')}): {reason[-1] if reason else ''}")
         if not any(isinstance(f, list) and f for f in letters.values()):
-            print("no dead letters")
-        return 0
+            print("no dead letters" + (" in the queues that answered" if any(isinstance(f, dict) for f in letters.values()) else ""))
+        return 0 if all(isinstance(f, list) for f in letters.values()) else 1
     chunks = args.chunk or None
     what = f"chunks {', '.join(map(str, chunks))}" if chunks else "every dead letter"
     if args.action == "purge" and not _confirm(args, f"delete {what} of {', '.join(q['name'] for q in queues)}"):

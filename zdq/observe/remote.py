@@ -187,7 +187,44 @@ def status(client: Any, timeout: float) -> dict[str, Any]:
         raise
     if not isinstance(state, dict) or "pools" not in state:  # others answer nothing
         raise NoMonitor(none)
+    _add_unreported(client, state, timeout)
     return state
+
+
+#: What the commands say of a queue of a pool that the monitor has no recent report of.
+UNREPORTED = (
+    "not reached: its broker has sent no report lately (its worker is stopped or too busy, or the queue is "
+    "being placed again); nothing was done there"
+)
+
+
+def _add_unreported(client: Any, state: dict[str, Any], timeout: float) -> None:
+    """Add to each pool of ``state`` the queues its owner published (the pool's record, see
+    :mod:`zdq.client.registry`) that the monitor has no recent report of, as ``"unreported"``:
+    the monitor forgets a queue that stops reporting, and a command acting on what it lists
+    would skip that queue without a word. A pool whose record cannot be read (or is one of two
+    of that name) is left as the monitor sees it."""
+    from zdq.client.registry import PoolRecord, registry_key
+
+    pools = state["pools"]
+    if not pools:
+        return
+    try:
+        keys = set(client.list_datasets(callback_timeout=timeout))
+    except Exception:  # noqa: BLE001 - what the monitor says is still shown
+        return
+    for name, pool in pools.items():
+        plain, durable = registry_key(name, None), registry_key(name, "")
+        mine = [k for k in keys if isinstance(k, str) and (k == plain or k.startswith(durable))]
+        if len(mine) != 1:
+            continue
+        try:
+            record = client.get_dataset(mine[0], default=None, callback_timeout=timeout)
+        except Exception:  # noqa: BLE001 - the same
+            continue
+        if isinstance(record, PoolRecord):
+            seen = {q["name"] for q in pool["queues"]}
+            pool["unreported"] = [q for q in record.queue_names if q not in seen]
 
 
 async def _status(client: Any, timeout: float) -> dict[str, Any] | None:
@@ -202,13 +239,17 @@ async def _status(client: Any, timeout: float) -> dict[str, Any] | None:
 
 
 def queues_of(state: dict[str, Any], pool: str, queue: str | None = None) -> list[dict[str, Any]]:
-    """The queues of ``pool`` (``queue`` alone if given) in a status; ``KeyError`` naming what is
-    missing and what exists."""
+    """The queues of ``pool`` (``queue`` alone if given) in a status, those without a recent
+    report included as ``{"name": ..., "unreported": True}`` (:func:`act` answers for them that
+    they were not reached); ``KeyError`` naming what is missing and what exists."""
     pools = state["pools"]
     if pool not in pools:
         live = ", ".join(sorted(pools)) or "none"
         raise KeyError(f"no live pool named {pool!r} on this cluster (live pools: {live})")
-    queues = pools[pool]["queues"]
+    from zdq.observe.views import natural
+
+    unreported = [{"name": n, "unreported": True} for n in pools[pool].get("unreported", ())]
+    queues = sorted([*pools[pool]["queues"], *unreported], key=lambda q: natural(q["name"]))
     if queue is None:
         return list(queues)
     chosen = [q for q in queues if q["name"] == queue or q["name"] == f"{pool}-queue-{queue}"]
@@ -220,18 +261,39 @@ def queues_of(state: dict[str, Any], pool: str, queue: str | None = None) -> lis
 
 def act(client: Any, queues: list[dict[str, Any]], action: str, timeout: float, *args: Any) -> dict[str, Any]:
     """Run ``action`` (a key of :data:`ACTIONS`, with ``args``) on each queue's broker, on its
-    worker; return each queue's answer by name."""
+    worker, every worker at once, each within ``timeout``; return each queue's answer by name,
+    in the order of ``queues``: what its broker answered, or ``{"error": why}`` for a queue
+    not reached (no recent report, a worker that did not answer in time, or failed)."""
+    import concurrent.futures
+
     method = ACTIONS[action]
     by_worker: dict[str, list[str]] = {}
+    answers: dict[str, Any] = {q["name"]: None for q in queues}
     for q in queues:
-        by_worker.setdefault(q["worker"], []).append(q["name"])
-    answers: dict[str, Any] = {}
-    for worker, names in by_worker.items():
-        out = client.run(_on_brokers, names, method, args, workers=[worker], on_error="return", callback_timeout=timeout)
+        if q.get("unreported"):
+            answers[q["name"]] = {"error": UNREPORTED}
+        else:
+            by_worker.setdefault(q["worker"], []).append(q["name"])
+
+    def on(worker: str, names: list[str]) -> dict[str, Any]:
+        try:
+            out = client.run(_on_brokers, names, method, args, workers=[worker], on_error="return", callback_timeout=timeout)
+        except TimeoutError:
+            why = (
+                f"no answer from its worker {worker} within {timeout:g} s (stopped, or too busy): not known whether "
+                f"the {action} was done; it is done there if the worker takes the request when it resumes"
+            )
+            return {name: {"error": why} for name in names}
         result = out.get(worker)
-        if isinstance(result, BaseException):
-            raise ZdqError(f"{action} on worker {worker} failed: {result}") from result
-        answers.update(result)
+        if isinstance(result, BaseException) or result is None:
+            why = f"{action} on worker {worker} failed: {result or 'no answer'}"
+            return {name: {"error": why} for name in names}
+        return dict(result)
+
+    if by_worker:
+        with concurrent.futures.ThreadPoolExecutor(len(by_worker), thread_name_prefix="zdq-cli-act") as pool:
+            for done in pool.map(lambda item: on(*item), list(by_worker.items())):
+                answers.update(done)
     return answers
 
 
