@@ -116,7 +116,10 @@ class DriverStats(_Compact):
     """What the driver (the client side of a QueuePool) knows without asking anyone.
 
     ``name`` is the name it announces to the brokers (their ``routed_tasks`` keys);
-    ``queues_down`` names the queues lost and not yet placed again.
+    ``queues_down`` names the queues lost and not yet placed again. ``duplicate_results``
+    counts results that arrived for tasks that had their outcome already, and were dropped: a
+    task run twice, or results a broker sent again to a driver that did not acknowledge them in
+    time (no task ran again: ``BrokerStats.chunks_redelivered`` says when tasks did).
     """
 
     tasks_submitted: int
