@@ -280,6 +280,28 @@ def test_a_poison_task_is_dead_lettered_after_its_attempts_and_the_queue_carries
             assert queue_pool.dead_letters() == []
 
 
+@pytest.mark.faults
+def test_a_worker_killed_while_the_queues_are_placed_leaves_the_pool_placed_on_the_others(client3: Client) -> None:
+    """A worker SIGKILLed while QueuePool(...) placed its queues failed the pool at once with
+    PlacementError('...Worker holding Actor was lost'), naming no worker; the others were there."""
+    import threading
+
+    victim = _pid_of(client3, "a")
+    os.kill(victim, signal.SIGSTOP)  # its queue waits for it: the kill below lands mid-placement
+    killer = threading.Timer(0.5, os.kill, (victim, signal.SIGKILL))
+    killer.start()
+    try:
+        started = time.monotonic()
+        queue_pool = call_bounded(lambda: QueuePool(client3, 3, placement_timeout=5, **FAST), 60, "QueuePool(...)")
+    finally:
+        killer.join(timeout=10)
+    with queue_pool, ConsumerPool(client3, queue_pool, n_consumers=2, workers=["b", "c"]) as consumers:
+        assert time.monotonic() - started < 30
+        assert all(worker != "" for worker in queue_pool.workers())
+        consumers.start()
+        assert queue_pool.batch_submit([(add, i, 1) for i in range(300)]).result(timeout=60) == list(range(1, 301))
+
+
 def test_killing_the_worker_of_a_durable_broker_mid_run_recovers_every_confirmed_task(
     client3: Client, tmp_path: Path
 ) -> None:

@@ -69,6 +69,7 @@ from zdq.client.driver import Driver
 from zdq.errors import (
     BrokerUnreachable,
     ClosedError,
+    PlacementError,
     QueueLocked,
     ZdqError,
 )
@@ -568,20 +569,38 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         started = time.monotonic()
         keys = make_keys(self.client, self.auth, self.name)
         ensure_installed(self.client)  # once per cluster: what /zdq, /metrics and `zdq status` read
-        queues = PlacedQueues(
-            self.client,
-            self.name,
-            self.queue_names,
-            self.settings,
-            dirpath=self.dirpath,
-            durable=self.durability is Durability.DURABLE,
-            keys=keys,
-            allowed_workers=self._allowed_workers,
-            resources=self.resources,
-            identity=self._identity,
-            owner_token=self._owner_token,
-        )
-        queues.place(self.auth)
+        for attempt in (1, 2):
+            queues = PlacedQueues(
+                self.client,
+                self.name,
+                self.queue_names,
+                self.settings,
+                dirpath=self.dirpath,
+                durable=self.durability is Durability.DURABLE,
+                keys=keys,
+                allowed_workers=self._allowed_workers,
+                resources=self.resources,
+                identity=self._identity,
+                owner_token=self._owner_token,
+            )
+            try:
+                queues.place(self.auth)
+                break
+            except PlacementError as e:
+                # A worker killed while the queues were being placed (their actors are released,
+                # nothing is left behind): placed once more on the workers that are left.
+                # Dask says "Worker holding Actor was lost" before its scheduler may have dropped the
+                # worker: only then is it waited for, a few seconds.
+                left = queues.chosen_left(wait=3.0 if "lost" in str(e).lower() else 0.0)
+                if not left:
+                    raise
+                if attempt == 2:
+                    e.add_note(f"zdq: workers {', '.join(left)} left the cluster while the queues were placed, twice")
+                    raise
+                logger.warning(
+                    "placing pool %s: worker %s left the cluster meanwhile (%s); placing the queues again on the others",
+                    self.name, ", ".join(left), e,
+                )
         self._queues = queues
         if self.rate_limit is not None:
             self.set_rate_limit(self.rate_limit)
