@@ -30,7 +30,67 @@ __all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "WaitHint", "wait", "a
 
 logger = logging.getLogger(__name__)
 
-wait = concurrent.futures.wait
+def wait(
+    fs: Iterable[concurrent.futures.Future[Any]], timeout: float | None = None, return_when: str = concurrent.futures.ALL_COMPLETED
+) -> concurrent.futures._base.DoneAndNotDoneFutures[Any]:
+    """:func:`concurrent.futures.wait`, for any futures, zdq's or not; and, as a zdq future's
+    ``result()`` does, it raises the error a zdq pool gives when some of the futures cannot be
+    done as things stand (:class:`~zdq.errors.NoEligibleWorkers`: no consumer can be placed, or
+    none serves their queue), instead of waiting for ever. The futures stay as they are.
+    ``timeout`` is seconds or a Dask time string ("5s")."""
+    fs = set(fs)
+    timeout = wait_seconds(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    step = _LOOK_EVERY
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        got = concurrent.futures.wait(fs, step if left is None else min(step, left), return_when)
+        if _met(got, return_when) or (left is not None and left <= step):
+            return got
+        error = _stuck_among(got.not_done)
+        if error is not None:
+            raise error
+        step = min(2 * step, _LOOK_AT_MOST)  # each look costs a pass over the futures: fewer, later
+
+
+def _met(got: concurrent.futures._base.DoneAndNotDoneFutures[Any], return_when: str) -> bool:
+    """Whether :func:`concurrent.futures.wait` returned ``got`` because ``return_when`` was met."""
+    if not got.not_done:
+        return True
+    if return_when == concurrent.futures.FIRST_COMPLETED:
+        return bool(got.done)
+    if return_when == concurrent.futures.FIRST_EXCEPTION:
+        return any(not f.cancelled() and f.exception(0) is not None for f in got.done)
+    return False
+
+
+def wait_seconds(timeout: Any) -> float | None:
+    """A wait's ``timeout``: ``None``, a number (a negative one waits not at all, as the standard
+    library's), or a Dask time string ("5s"); NaN and anything else raise ``ValueError`` naming it."""
+    if timeout is None:
+        return None
+    if type(timeout) is int or (type(timeout) is float and timeout == timeout):
+        return timeout
+    return timeout_or_none(timeout)
+
+
+def _stuck_among(fs: Iterable[concurrent.futures.Future[Any]]) -> BaseException | None:
+    """The error the pool of a pending zdq future among ``fs`` gives when that future cannot be
+    done as things stand (what its ``result()`` raises), or ``None``. A few pending futures per
+    pool are asked: once the queues that are served drain, what is left waits where none is."""
+    asked: dict[int, int] = {}
+    for f in fs:
+        if f.done():
+            continue
+        hint = getattr(f, "_hint", None)
+        stuck = getattr(hint, "stuck", None)
+        if stuck is None or asked.get(id(hint), 0) >= _ASK_PER_POOL:
+            continue
+        asked[id(hint)] = asked.get(id(hint), 0) + 1
+        error = stuck(f)
+        if error is not None:
+            return error
+    return None
 
 
 class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, which it extends
@@ -58,6 +118,7 @@ class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, wh
         with_results: bool = False,
         raise_errors: bool = True,
     ) -> None:
+        timeout = wait_seconds(timeout)
         self._timeout = timeout
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._with_results = with_results
@@ -132,8 +193,14 @@ class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, wh
     def _take(self, block: bool, all_ready: bool) -> list[concurrent.futures.Future[Any]]:
         """Done futures (one, or every one ready), waiting for one if ``block`` and none is;
         raise StopIteration when nothing is left, the timeout error past the deadline."""
-        with self._cond:
-            while not self._ready:
+        step = _LOOK_EVERY
+        while True:
+            with self._cond:
+                if self._ready:
+                    if not all_ready:
+                        return [self._ready.popleft()]
+                    taken, self._ready = list(self._ready), collections.deque()
+                    return taken
                 if not self._pending:
                     raise StopIteration
                 if not block:
@@ -141,11 +208,15 @@ class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, wh
                 left = None if self._deadline is None else self._deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise self._timed_out()
-                self._cond.wait(left)
-            if not all_ready:
-                return [self._ready.popleft()]
-            taken, self._ready = list(self._ready), collections.deque()
-            return taken
+                if self._cond.wait(step if left is None else min(step, left)) or self._ready:
+                    continue
+                pending = list(self._pending.values())
+            # Nothing came within the step: whether some future cannot come at all, asked
+            # without the lock (a pool's answer may take the driver's).
+            error = _stuck_among(pending)
+            if error is not None:
+                raise error
+            step = min(2 * step, _LOOK_AT_MOST)
 
     def __iter__(self) -> as_completed:
         return self
@@ -257,6 +328,11 @@ def notify_cancelled(fut: concurrent.futures.Future[Any]) -> None:
 
 #: Seconds between two looks, while a result is awaited, at whether its pool can run it at all.
 _LOOK_EVERY = 1.0
+#: Waits on many futures (``wait``, ``gather``, ``as_completed``) look less and less often, up to
+#: this: each look passes over the futures.
+_LOOK_AT_MOST = 16.0
+#: Pending futures of one pool asked per look whether they can be done (see ``_stuck_among``).
+_ASK_PER_POOL = 8
 
 
 class WaitHint:
@@ -355,8 +431,6 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
 
         ``timeout`` is seconds, a number as the standard library takes it, or a Dask time string
         (``"5s"``), as zdq's other calls take it; anything else raises ``ValueError`` naming it."""
-        if timeout is not None and type(timeout) is not float and type(timeout) is not int:
-            timeout = timeout_or_none(timeout)
         stuck = getattr(self._hint, "stuck", None)
         if stuck is None or (timeout is not None and timeout <= _LOOK_EVERY):
             return wait(timeout)
@@ -374,6 +448,7 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
             step = _LOOK_EVERY if deadline is None else min(_LOOK_EVERY, max(0.0, deadline - time.monotonic()))
 
     def result(self, timeout: float | None = None) -> Any:
+        timeout = wait_seconds(timeout)
         try:
             return self._looking(super().result, timeout)
         except concurrent.futures.TimeoutError:
@@ -382,6 +457,7 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
             raise self._timed_out(timeout, repr(self)) from None
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        timeout = wait_seconds(timeout)
         try:
             return self._looking(super().exception, timeout)
         except concurrent.futures.TimeoutError:

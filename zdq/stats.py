@@ -120,6 +120,9 @@ class DriverStats(_Compact):
     counts results that arrived for tasks that had their outcome already, and were dropped: a
     task run twice, or results a broker sent again to a driver that did not acknowledge them in
     time (no task ran again: ``BrokerStats.chunks_redelivered`` says when tasks did).
+    ``foreign_tasks`` counts outcomes of chunks this driver holds no record of: results a durable
+    queue kept for a driver of an earlier run or one that left, and the runs of this driver's own
+    dead letters requeued (a requeue makes a new chunk, whose outcomes are then counted here).
     """
 
     tasks_submitted: int

@@ -127,3 +127,50 @@ def test_the_bound_is_a_setting_that_must_be_positive() -> None:
     assert settings(no_consumer_timeout="3s").no_consumer_timeout == 3.0
     with pytest.raises(ValueError, match="no_consumer_timeout"):
         settings(no_consumer_timeout=0)
+
+
+def test_waits_on_many_futures_raise_the_error_of_a_pool_that_cannot_do_one_as_result_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """zdq.wait, zdq.gather and zdq.as_completed without a timeout waited for ever where the
+    future's own result() raised NoEligibleWorkers."""
+    import concurrent.futures
+
+    import zdq
+
+    monkeypatch.setattr(futures, "_LOOK_EVERY", 0.01)
+    monkeypatch.setattr(futures, "_LOOK_AT_MOST", 0.02)
+    stuck_one = TaskFuture(1)
+    stuck_one._hint = WaitHint(lambda: "", lambda f: NoEligibleWorkers("queue q-2 is served by none") if f is stuck_one else None)
+    done = TaskFuture(2)
+    done.set_result(5)
+    plain: concurrent.futures.Future[int] = concurrent.futures.Future()  # no pool: not asked
+    with pytest.raises(NoEligibleWorkers, match="q-2"):
+        zdq.wait([done, stuck_one, plain])
+    with pytest.raises(NoEligibleWorkers, match="q-2"):
+        zdq.gather([done, stuck_one])
+    completed = zdq.as_completed([done, stuck_one])
+    assert next(completed) is done
+    with pytest.raises(NoEligibleWorkers, match="q-2"):
+        next(completed)
+    assert not stuck_one.done()  # it stays pending: a later wait may succeed
+    got = zdq.wait([done, stuck_one], return_when=concurrent.futures.FIRST_COMPLETED)
+    assert got.done == {done}  # met: nothing is asked
+    stuck_one.set_result(7)
+    assert zdq.gather([done, stuck_one]) == [5, 7]
+
+
+def test_a_waits_timeout_takes_time_strings_and_refuses_nan_and_what_is_no_duration() -> None:
+    import zdq
+
+    fut = TaskFuture(1)
+    with pytest.raises(ZdqTimeoutError, match=r"within 0\.05s"):  # seconds in the message, not "50mss"
+        fut.result(timeout="50ms")  # type: ignore[arg-type]
+    for bad in (float("nan"), "abc"):
+        with pytest.raises(ValueError, match="^timeout must"):
+            fut.result(timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="^timeout must"):
+            zdq.wait([fut], timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="^timeout must"):
+            zdq.as_completed([fut], timeout=bad)  # type: ignore[arg-type]
+    assert zdq.wait([fut], timeout="10ms").not_done == {fut}  # type: ignore[arg-type]

@@ -79,6 +79,8 @@ _HEALTH_PER_ROUND = 8
 #: Seconds between two tries at placing a consumer whose placement failed: a pool whose workers
 #: all left asks the scheduler once a second, not four times a second per consumer.
 _RETRY_EVERY = 1.0
+#: A replacement's placement is waited for at most this long (and placement-timeout) per try.
+_REPLACE_TRY = 15.0
 #: Seconds a consumer future that failed is given to hand over its error once the placement's
 #: timeout has passed (the error came with the failure: reading it is local).
 _READ_ERROR_AT_LEAST = 0.5
@@ -529,7 +531,9 @@ class ConsumerSlots:
     def _replace(self, i: int, running: bool, stopping: Callable[[], bool]) -> None:
         fut, ident = self._submit(i)
         try:
-            self._wait_created([(i, fut)], self.settings.placement_timeout)
+            # A try is bounded below placement-timeout: a worker that does not answer (stopped) is
+            # noted by the wait and passed over by the next try, a second later, not a minute.
+            self._wait_created([(i, fut)], min(self.settings.placement_timeout, _REPLACE_TRY))
             actor = fut.result(timeout=10)
             old = self._adopt(i, fut, ident, actor)
         except SlotsClosed:

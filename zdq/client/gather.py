@@ -14,6 +14,7 @@ from typing import Any
 
 from zdq.config import timeout_or_none
 from zdq.errors import ZdqTimeoutError
+from zdq.futures import wait
 
 __all__ = ["ERRORS", "futures_in", "gather", "replace"]
 
@@ -87,7 +88,8 @@ def gather(futures: Any, errors: str = "raise", *, timeout: float | None = None)
     when = concurrent.futures.FIRST_EXCEPTION if errors == "raise" else concurrent.futures.ALL_COMPLETED
     # A future cancelled by cancel() alone (not by an executor that then notified its waiters) is
     # never seen as done by concurrent.futures.wait: it has its outcome already, and is not waited for.
-    done, pending = concurrent.futures.wait([f for f in fs if not f.cancelled()], timeout, return_when=when)
+    # zdq's wait: a pool that says some of them cannot be done as things stand raises (as result()).
+    done, pending = wait([f for f in fs if not f.cancelled()], timeout, return_when=when)
     if errors == "raise":
         for fut in fs:  # the first failure in the structure's order (of those already failed)
             if fut in done and _failed(fut):

@@ -35,7 +35,7 @@ from concurrent.futures import _base
 from typing import Any, Protocol
 
 from zdq.errors import SerializationError, TaskCancelled, ZdqError, ZdqTimeoutError
-from zdq.futures import BatchFuture, TaskFuture, _io_thread, notify_cancelled
+from zdq.futures import BatchFuture, TaskFuture, _io_thread, notify_cancelled, wait_seconds
 
 __all__ = [
     "ColumnReader", "Columns", "FutureSlice", "MapBatch", "MapChunk", "MapFuture", "ResultWindow", "Slice", "cancel_at_once", "cancel_many", "cancel_slices", "check_map_options", "chunked",
@@ -228,6 +228,7 @@ class MapBatch(BatchFuture):
                     if not arrived.wait_for(lambda: settled[i], step):
                         raise concurrent.futures.TimeoutError
 
+            timeout = wait_seconds(timeout)
             try:
                 self._looking(wait, timeout)
             except concurrent.futures.TimeoutError:
@@ -435,6 +436,7 @@ class MapFuture(TaskFuture):
     def _wait(self, timeout: float | None) -> None:
         """Wait until this future is done, as a :class:`TaskFuture` waits (looking whether its pool
         can run it at all; a timeout's error says why it waits)."""
+        timeout = wait_seconds(timeout)
         try:
             self._looking(self._when_done, timeout)
         except concurrent.futures.TimeoutError:

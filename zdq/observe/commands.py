@@ -191,7 +191,7 @@ def _dead_letters(client: Any, args: argparse.Namespace) -> int:
         letters = remote.act(client, queues, "dead-letters", args.timeout)
         if args.json:
             print(json.dumps(letters, indent=2))
-            return 0
+            return 0 if all(isinstance(f, list) for f in letters.values()) else 1
         for name, found in letters.items():
             if isinstance(found, dict):
                 print(f"{name}: {found['error']}")

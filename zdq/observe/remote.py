@@ -26,6 +26,8 @@ ACTIONS = {
     "cancel-schedule": "cancel_schedule",
     "rate-limit": "set_rate_limit",
 }
+#: Actions that change nothing (an unanswered one leaves nothing half done).
+_READ_ONLY = frozenset({"dead-letters", "schedules"})
 
 
 class NoMonitor(ZdqError, LookupError):
@@ -279,10 +281,9 @@ def act(client: Any, queues: list[dict[str, Any]], action: str, timeout: float, 
         try:
             out = client.run(_on_brokers, names, method, args, workers=[worker], on_error="return", callback_timeout=timeout)
         except TimeoutError:
-            why = (
-                f"no answer from its worker {worker} within {timeout:g} s (stopped, or too busy): not known whether "
-                f"the {action} was done; it is done there if the worker takes the request when it resumes"
-            )
+            why = f"no answer from its worker {worker} within {timeout:g} s (stopped, or too busy)"
+            if action not in _READ_ONLY:
+                why += f": not known whether the {action} was done; it is done there if the worker takes the request when it resumes"
             return {name: {"error": why} for name in names}
         result = out.get(worker)
         if isinstance(result, BaseException) or result is None:
