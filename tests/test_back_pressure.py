@@ -77,7 +77,10 @@ def test_max_pending_keeps_a_fast_producers_memory_bounded(cluster: LocalCluster
     assert bounded["growth_mib"] < 50, bounded
     # Without the bound the work piles up in the driver: the comparison shows the test measures it.
     assert unbounded["unfinished"] > 10 * bounded["unfinished"], unbounded
-    assert unbounded["growth_mib"] > bounded["growth_mib"] + 20, (bounded, unbounded)
+    # At least a KiB a task piled up (about 1.8 here): beside a CPU-bound process fewer pile up
+    # (10,000 against 25,000: the producer is slowed too), and the growth with them.
+    piled = unbounded["unfinished"] - bounded["unfinished"]
+    assert unbounded["growth_mib"] > bounded["growth_mib"] + piled / 1024, (bounded, unbounded)
 
 
 def test_submit_waits_for_the_work_and_a_timeout_names_max_pending(client: Client) -> None:
