@@ -30,6 +30,7 @@ __all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "WaitHint", "wait", "a
 
 logger = logging.getLogger(__name__)
 
+
 def wait(
     fs: Iterable[concurrent.futures.Future[Any]], timeout: float | None = None, return_when: str = concurrent.futures.ALL_COMPLETED
 ) -> concurrent.futures._base.DoneAndNotDoneFutures[Any]:
