@@ -104,6 +104,20 @@ _PROBE_TIMEOUT = 5.0
 _RECOVERY_TRY = 10.0
 
 
+def _answered(call: Any, bound: float, worker: str, what: str) -> Any:
+    """The result of a recovery step's ``call`` (a Dask or actor future) within ``bound``; past
+    it, ``worker`` is passed over from then on (:func:`~zdq._actor.note_unanswered`) and a
+    PlacementError says the next round tries another."""
+    try:
+        return call.result(timeout=bound)
+    except TimeoutError:
+        note_unanswered(worker)
+        raise PlacementError(
+            f"its broker was not {what} within {bound:g} s on worker {worker} (stopped, or too busy): "
+            "trying another worker"
+        ) from None
+
+
 def _holder_here(queue_dir: str, worker: Any) -> str:
     """Who holds ``queue_dir``'s lock, seen from ``worker``: one of its brokers, or another process."""
     from zdq.observe.feed import local_broker
@@ -563,24 +577,12 @@ class PlacedQueues:
         bound = min(self.settings.placement_timeout, max(_RECOVERY_TRY, self.recovery_timeout / 4))
         worker = self.placed_on.get(i, "")
         try:
-            try:
-                broker = fut.result(timeout=bound)
-            except TimeoutError:
-                note_unanswered(worker)
-                raise PlacementError(
-                    f"its broker was not created within {bound:g} s on worker {worker} (stopped, or too busy): "
-                    "trying another worker"
-                ) from None
+            broker = _answered(fut, bound, worker, "created")
             if stopping():
                 raise SlotsClosed(f"queue pool {self.name} closed while queue {name} was placed again")
-            try:
-                endpoint, _, id_found, key, _ = broker.open(self._identity, self.payload_key).result(timeout=bound)
-            except TimeoutError:
-                note_unanswered(worker)
-                raise PlacementError(
-                    f"its broker on worker {worker} did not open within {bound:g} s (stopped, or too busy): "
-                    "trying another worker"
-                ) from None
+            endpoint, _, id_found, key, _ = _answered(
+                broker.open(self._identity, self.payload_key), bound, worker, "opened"
+            )
             where = (host_of(self.placed_on[i]), str(id_found))
             if not transient and where != self.where[i]:
                 raise QueueMissing(

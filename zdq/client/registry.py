@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 from zdq._actor import scheduler_call
@@ -123,14 +124,15 @@ def published_as(client: Any, name: str) -> list[str | None]:
     """The ``dirpath`` of every pool named ``name`` published on the cluster (None: a transient
     one), live or stale: what a lookup that found nothing tells its caller to pass instead."""
     keys = scheduler_call(client, f"the pools named {name}", client.list_datasets)
+    durable = registry_key(name, "")
+    return [None if key == registry_key(name, None) else key[len(durable):] for key in records_named(name, keys)]
+
+
+def records_named(name: str, keys: Iterable[Any]) -> list[str]:
+    """Of the cluster's dataset ``keys``, those of the records of pools named ``name`` (transient,
+    or durable under any dirpath)."""
     plain, durable = registry_key(name, None), registry_key(name, "")
-    found: list[str | None] = []
-    for key in keys:
-        if key == plain:
-            found.append(None)
-        elif isinstance(key, str) and key.startswith(durable):
-            found.append(key[len(durable):])
-    return found
+    return [key for key in keys if isinstance(key, str) and (key == plain or key.startswith(durable))]
 
 
 def owner_state(owner: OwnerProcess) -> str:

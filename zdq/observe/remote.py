@@ -206,7 +206,7 @@ def _add_unreported(client: Any, state: dict[str, Any], timeout: float) -> None:
     the monitor forgets a queue that stops reporting, and a command acting on what it lists
     would skip that queue without a word. A pool whose record cannot be read (or is one of two
     of that name) is left as the monitor sees it."""
-    from zdq.client.registry import PoolRecord, registry_key
+    from zdq.client.registry import PoolRecord, records_named
 
     pools = state["pools"]
     if not pools:
@@ -216,8 +216,7 @@ def _add_unreported(client: Any, state: dict[str, Any], timeout: float) -> None:
     except Exception:  # noqa: BLE001 - what the monitor says is still shown
         return
     for name, pool in pools.items():
-        plain, durable = registry_key(name, None), registry_key(name, "")
-        mine = [k for k in keys if isinstance(k, str) and (k == plain or k.startswith(durable))]
+        mine = records_named(name, keys)
         if len(mine) != 1:
             continue
         try:
