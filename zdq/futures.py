@@ -253,6 +253,7 @@ class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, wh
 
         with self._cond:
             self._wakers.append(wake)
+        step = _LOOK_EVERY
         try:
             while True:
                 arrived.clear()
@@ -267,9 +268,19 @@ class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, wh
                 if left is not None and left <= 0:
                     raise self._timed_out()
                 try:
-                    await asyncio.wait_for(arrived.wait(), left)
+                    await asyncio.wait_for(arrived.wait(), step if left is None else min(step, left))
+                    continue
                 except asyncio.TimeoutError:
-                    raise self._timed_out() from None
+                    if left is not None and left <= step:
+                        raise self._timed_out() from None
+                # Nothing came within the step: whether some future cannot come at all, asked on
+                # a helper thread (a pool's answer takes its driver's lock: never on the loop).
+                with self._cond:
+                    pending = list(self._pending.values())
+                error = await loop.run_in_executor(None, _stuck_among, pending)
+                if error is not None:
+                    raise error
+                step = min(2 * step, _LOOK_AT_MOST)
         finally:
             with self._cond:
                 self._wakers.remove(wake)
@@ -315,6 +326,36 @@ def _on_loop(
         waiter.add_done_callback(cancelled)
     fut.add_done_callback(done)
     return waiter
+
+
+def _look_while_awaited(
+    waiter: asyncio.Future[Any],
+    fut: concurrent.futures.Future[Any],
+    stuck: Callable[[Any], BaseException | None],
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """While ``waiter`` (one ``await`` of ``fut``) is pending, ask ``fut``'s pool every
+    :data:`_LOOK_EVERY` seconds whether its result can come at all, as ``result()`` does; the
+    pool's error (``stuck(fut)``) ends that await. ``fut`` stays pending: a later await may get
+    its result. The pool is asked on the loop's executor, never on the loop."""
+    timer: list[asyncio.TimerHandle] = []
+
+    def look() -> None:
+        if not waiter.done():
+            loop.run_in_executor(None, stuck, fut).add_done_callback(answered)
+
+    def answered(asked: asyncio.Future[BaseException | None]) -> None:
+        if waiter.done():
+            return
+        if asked.cancelled() or asked.exception() is not None:
+            logger.debug("asking %r's pool whether it can be done failed", fut, exc_info=asked.exception())
+        elif asked.result() is not None:
+            waiter.set_exception(asked.result())  # type: ignore[arg-type]
+            return
+        timer[:] = [loop.call_later(_LOOK_EVERY, look)]
+
+    timer.append(loop.call_later(_LOOK_EVERY, look))
+    waiter.add_done_callback(lambda _: timer[0].cancel())
 
 
 def notify_cancelled(fut: concurrent.futures.Future[Any]) -> None:
@@ -419,7 +460,12 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
         )
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return _on_loop(self, asyncio.get_running_loop(), cancel_source=True).__await__()
+        loop = asyncio.get_running_loop()
+        waiter = _on_loop(self, loop, cancel_source=True)
+        stuck = getattr(self._hint, "stuck", None)
+        if stuck is not None and not waiter.done():
+            _look_while_awaited(waiter, self, stuck, loop)
+        return waiter.__await__()
 
     def _timed_out(self, timeout: float | None, what: str) -> ZdqTimeoutError:
         hint = self._hint() if self._hint is not None else ""

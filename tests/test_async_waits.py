@@ -1,0 +1,131 @@
+"""Awaiting zdq futures learns, as ``result()`` does, that a pool cannot do them: ``await future``
+and ``async for`` over ``zdq.as_completed`` raise the pool's error (``NoEligibleWorkers``...)
+instead of waiting for ever, and leave the futures pending. An event loop needs a socket pair,
+so these are not in the unit tier; no cluster: the pool's answer is a :class:`WaitHint`."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+import zdq
+from zdq import futures
+from zdq.errors import NoEligibleWorkers, ZdqTimeoutError
+from zdq.futures import TaskFuture, WaitHint
+
+
+@pytest.fixture(autouse=True)
+def _quick_looks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(futures, "_LOOK_EVERY", 0.02)
+    monkeypatch.setattr(futures, "_LOOK_AT_MOST", 0.05)
+
+
+def _stuck_future(asked: list[object] | None = None) -> TaskFuture:
+    fut = TaskFuture(1)
+
+    def stuck(f: object) -> NoEligibleWorkers:
+        if asked is not None:
+            asked.append(f)
+        return NoEligibleWorkers("queue q-2 is served by no consumer")
+
+    fut._hint = WaitHint(lambda: "", stuck)
+    return fut
+
+
+def _run(coro: object, bound: float = 20.0) -> object:
+    async def bounded() -> object:
+        return await asyncio.wait_for(coro, bound)  # type: ignore[arg-type]
+
+    return asyncio.run(bounded())
+
+
+def test_await_raises_the_pools_error_and_leaves_the_future_pending_for_a_later_await() -> None:
+    asked: list[object] = []
+    fut = _stuck_future(asked)
+    with pytest.raises(NoEligibleWorkers, match="q-2"):
+        _run(_awaiting(fut))
+    assert asked and all(f is fut for f in asked), "the pool is asked about the awaited future itself"
+    assert not fut.done() and not fut.cancelled()  # the await ended; the task was not cancelled
+
+    async def later() -> int:
+        asyncio.get_running_loop().call_later(0.01, fut.set_result, 7)
+        return await fut
+
+    fut._hint = WaitHint(lambda: "", lambda f: None)  # the pool can run it again
+    assert _run(later()) == 7
+
+
+async def _awaiting(fut: TaskFuture) -> object:
+    return await fut
+
+
+def test_an_await_whose_pool_can_do_it_waits_on_and_stops_asking_once_it_has_its_result() -> None:
+    asked: list[float] = []
+    fut = TaskFuture(1)
+    fut._hint = WaitHint(lambda: "", lambda f: asked.append(time.monotonic()))  # type: ignore[func-returns-value]
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, fut.set_result, 5)
+        value = await fut
+        seen = len(asked)
+        await asyncio.sleep(0.15)  # its timer was cancelled with the await: no more looks
+        assert len(asked) == seen, "the pool was still asked after the await had its result"
+        return value
+
+    assert _run(main()) == 5
+    assert len(asked) >= 3, f"the pool was asked {len(asked)} times in 0.2 s at a 0.02 s step"
+
+
+def test_cancelling_an_await_still_cancels_the_future() -> None:
+    fut = TaskFuture(1)
+    fut._hint = WaitHint(lambda: "", lambda f: None)
+    cancelled = threading.Event()
+    fut.cancel = cancelled.set  # type: ignore[method-assign]  # what a pool's future asks its driver
+
+    async def main() -> None:
+        waiting = asyncio.ensure_future(_awaiting(fut))
+        await asyncio.sleep(0.05)  # past two looks
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    _run(main())
+    assert cancelled.wait(10), "cancelling the coroutine that awaited the future did not cancel it"
+
+
+def test_async_for_over_as_completed_raises_the_pools_error_after_the_futures_that_are_done() -> None:
+    stuck = _stuck_future()
+    done = TaskFuture(2)
+    done.set_result(5)
+
+    async def main() -> list[object]:
+        seen = []
+        async for f in zdq.as_completed([done, stuck]):
+            seen.append(f)
+        return seen
+
+    with pytest.raises(NoEligibleWorkers, match="q-2"):
+        _run(main())
+    assert not stuck.done()
+
+
+def test_async_for_over_as_completed_keeps_its_timeout_and_yields_what_completes_meanwhile() -> None:
+    fut = TaskFuture(1)
+    fut._hint = WaitHint(lambda: "", lambda f: None)
+    late = TaskFuture(2)
+
+    async def main() -> list[object]:
+        asyncio.get_running_loop().call_later(0.1, fut.set_result, 1)
+        seen = []
+        async for f in zdq.as_completed([fut, late], timeout=0.4):
+            seen.append(f)
+        return seen
+
+    started = time.monotonic()
+    with pytest.raises(ZdqTimeoutError, match="1 of 2 futures did not complete within 0.4s"):
+        _run(main())
+    assert 0.35 < time.monotonic() - started < 10
