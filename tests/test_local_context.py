@@ -8,6 +8,7 @@ pytest timeout over the block's exit.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -73,3 +74,21 @@ def test_join_with_stop_stops_the_local_consumers_as_a_consumer_pools_join_does(
         tq.local_consumers.start()  # resumed: the block's end has consumers to wait on
         tq.insert(Mark(str(tmp_path), 1), progress=False)
     assert marked(str(tmp_path)) == {0, 1}
+
+
+def test_leaving_the_block_says_once_what_it_waits_for_when_that_takes_a_while(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task delayed past the block's last line made its end wait in silence."""
+    import zdq.client.local
+
+    monkeypatch.setattr(zdq.client.local, "_SAY_AFTER", 0.3)
+    with caplog.at_level(logging.WARNING, logger="zdq.client.local"):
+        with zdq.local(parallel=1) as tq:
+            late = tq.submit(Mark(str(tmp_path), 1), delay=2)
+            soon = tq.submit(Mark(str(tmp_path), 0))
+            assert soon.result(timeout=60) == 0
+    assert late.result(timeout=0) == 1  # the block waited for it
+    said = [r.getMessage() for r in caplog.records if "the end of the block waits for" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "1 task of pool" in said[0] and "delayed" in said[0] and "close()" in said[0], said

@@ -19,15 +19,20 @@ bound: :class:`BrokerLost`).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Self
 
 from zdq.client.cluster import parallel_of
 from zdq.client.consumer_pool import ConsumerPool
 from zdq.client.queue_pool import QueuePool
+from zdq.names import counted
 
 __all__ = ["LocalConsumers", "LocalPool", "local"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds the end of a ``zdq.local`` block waits before it says what it waits for.
+_SAY_AFTER = 10.0
 
 
 class LocalConsumers(ConsumerPool):
@@ -90,7 +95,25 @@ class LocalPool(QueuePool):
         """
         if self.closed:
             return
-        self.wait_drained(timeout)
+        started = time.monotonic()
+        said = False
+
+        def say_why_it_waits(statuses: list[Any]) -> None:
+            # A block whose tasks run long, or wait for their time (submit(..., delay=)), would
+            # otherwise end in silence long after its last line: said once, after a while.
+            nonlocal said
+            if said or time.monotonic() - started < _SAY_AFTER:
+                return
+            said = True
+            pending = sum(s.ready_tasks + s.leased_tasks for s in statuses if s is not None)
+            logger.warning(
+                "zdq.local: the end of the block waits for %s of pool %s (running, queued, or delayed "
+                "until their time); close() the pool instead to drop them",
+                counted(pending, "task"),
+                self.name,
+            )
+
+        self.wait_drained(timeout, check=say_why_it_waits)
 
 
 def local(parallel: int | None = None, n_queues: int = 1, **kwargs: Any) -> LocalPool:
