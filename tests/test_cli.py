@@ -85,7 +85,7 @@ def test_bench_latency_suite_reports_zdq_dask_and_the_floor_and_their_same_run_r
 @pytest.mark.cluster  # `zdq bench --suite scale` starts embedded LocalClusters
 def test_bench_scale_suite_places_pools_of_growing_clusters_and_draws_them(tmp_path: Path) -> None:
     proc = _zdq(
-        "bench", "--suite", "scale", "--scale-workers", "2,4", "--tasks", "2000", "--idle-seconds", "1",
+        "bench", "--suite", "scale", "--scale-workers", "2,4", "--tasks", "2000", "--idle-seconds", "0.2",
         "--plots", str(tmp_path), "--json",
     )
     assert proc.returncode == 0, proc.stderr
