@@ -172,26 +172,28 @@ def test_status_command_lists_a_live_pool_with_the_counts_of_statistics(
 ) -> None:
     with _shown_pool(dash_cluster, dash_client, "watched") as (queue_pool, consumer_pool):
         address = dash_cluster.scheduler_address
-        proc = _zdq("status", "--scheduler", address, "--json")
-        assert proc.returncode == 0, proc.stderr
-        pool = json.loads(proc.stdout)["pools"]["watched"]
-        brokers = {b.name: b for b in queue_pool.statistics().brokers}
-        assert {q["name"]: (q["ready_tasks"], q["tasks_stored"], q["dead_tasks"], q["refused_peers"]) for q in pool["queues"]} == {
-            n: (b.ready_tasks, b.tasks_stored, b.dead_tasks, b.refused_peers) for n, b in brokers.items()
-        }
-        assert pool["totals"]["completed"] == 300 and pool["totals"]["failed"] == 3
-        assert sorted(c["name"] for c in pool["consumers"]) == ["GeneralConsumer-0", "GeneralConsumer-1"]
-        text = zdq_here("status", "--scheduler", address)  # as a subprocess just above: here
-        assert text.returncode == 0, text.stderr
-        assert "pool watched: 2 queues, 2 consumers; submitted 303, completed 300, failed 3" in text.stdout
-        assert "watched-queue-0" in text.stdout and "GeneralConsumer-1" in text.stdout
-        assert " refused " in text.stdout.splitlines()[1]  # the queues' header: refused handshakes
-        # --watch prints again until stopped: two rounds within the bound, then the process is ended.
+        # --watch prints again until stopped: two rounds within the bound, then the process is
+        # ended. It is the family's one run as a subprocess, as a user runs it (started first: its
+        # Python start overlaps the checks below); the one-shot runs are made in this process.
         watch = subprocess.Popen(
             [sys.executable, "-m", "zdq.cli", "status", "--scheduler", address, "--watch", "0.5", "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:
+            proc = zdq_here("status", "--scheduler", address, "--json")
+            assert proc.returncode == 0, proc.stderr
+            pool = json.loads(proc.stdout)["pools"]["watched"]
+            brokers = {b.name: b for b in queue_pool.statistics().brokers}
+            assert {q["name"]: (q["ready_tasks"], q["tasks_stored"], q["dead_tasks"], q["refused_peers"]) for q in pool["queues"]} == {
+                n: (b.ready_tasks, b.tasks_stored, b.dead_tasks, b.refused_peers) for n, b in brokers.items()
+            }
+            assert pool["totals"]["completed"] == 300 and pool["totals"]["failed"] == 3
+            assert sorted(c["name"] for c in pool["consumers"]) == ["GeneralConsumer-0", "GeneralConsumer-1"]
+            text = zdq_here("status", "--scheduler", address)
+            assert text.returncode == 0, text.stderr
+            assert "pool watched: 2 queues, 2 consumers; submitted 303, completed 300, failed 3" in text.stdout
+            assert "watched-queue-0" in text.stdout and "GeneralConsumer-1" in text.stdout
+            assert " refused " in text.stdout.splitlines()[1]  # the queues' header: refused handshakes
             assert watch.stdout is not None
             first, second = watch.stdout.readline(), watch.stdout.readline()
             assert "watched" in json.loads(first)["pools"] and "watched" in json.loads(second)["pools"]
@@ -271,41 +273,49 @@ def test_cli_gives_a_one_line_error_for_a_wrong_address_a_cluster_without_zdq_an
     dash_cluster: LocalCluster, dash_client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A closed port, addresses that do not parse, a port that accepts but does not speak Dask, and
-    # bad options: one line each, in time. The commands run side by side (each is a Python start);
-    # those refused before connecting, the unknown pool and --version run in this process.
+    # bad options: one line each, in time. The commands that connect run side by side (each is a
+    # Python start), the one to a cluster without zdq among them; those refused before connecting
+    # (the addresses that do not parse, the bad options), the unknown pool and --version run in
+    # this process.
     import socket
     import time
 
-    with socket.socket() as silent:
+    with (
+        socket.socket() as silent,
+        LocalCluster(n_workers=0, processes=False, protocol="tcp://", dashboard_address=None) as bare,
+        caplog.at_level("ERROR"),
+    ):
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         addresses = ["tcp://127.0.0.1:9", "nonsense", "tcp://127.0.0.1", "http://127.0.0.1:80", f"tcp://127.0.0.1:{silent.getsockname()[1]}"]
+        connecting = {0, 4}  # the others are refused before any connection
         options = (["--watch", "-1"], ["--timeout", "0"])
         began = time.monotonic()
-        runs = [_zdq_started("status", "--scheduler", address, "--timeout", "2") for address in addresses]
+        runs = {i: _zdq_started("status", "--scheduler", address, "--timeout", "2") for i, address in enumerate(addresses) if i in connecting}
+        to_bare = _zdq_started("status", "--scheduler", bare.scheduler_address)
         try:
+            unparsed = {i: zdq_here("status", "--scheduler", address, "--timeout", "2") for i, address in enumerate(addresses) if i not in connecting}
             # Refused before any connection: checked in this process (no Python start each).
             refused = [zdq_here("status", "--scheduler", dash_cluster.scheduler_address, *option) for option in options]
-            done = [_finished(run, timeout=30) for run in runs]
+            finished = {i: _finished(run, timeout=30) for i, run in runs.items()}
+            finished.update({i: (run.returncode, run.stderr) for i, run in unparsed.items()})
+            done = [finished[i] for i in range(len(addresses))]
+            took = time.monotonic() - began
+            none = _finished(to_bare, timeout=30)
         finally:
-            for run in runs:  # none left behind if one timed out
+            for run in [*runs.values(), to_bare]:  # none left behind if one timed out
                 if run.poll() is None:
                     run.kill()
                     run.wait(timeout=10)
-        assert time.monotonic() - began < 20
+        assert took < 20
     for address, (code, stderr) in zip(addresses, done):
         assert code == 1 and len(stderr.strip().splitlines()) == 1, (address, stderr)
     assert done[0][1].startswith("zdq status: cannot reach a Dask scheduler at tcp://127.0.0.1:9")
     for run in refused:
         assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1, run.stderr
         assert "must be a positive number" in run.stderr, run.stderr
-    with (
-        LocalCluster(n_workers=0, processes=False, protocol="tcp://", dashboard_address=None) as bare,
-        caplog.at_level("ERROR"),
-    ):
-        none = _zdq("status", "--scheduler", bare.scheduler_address, timeout=30)
-        assert none.returncode == 1 and len(none.stderr.strip().splitlines()) == 1, none.stderr
-        assert "runs no zdq pool" in none.stderr
+    assert none[0] == 1 and len(none[1].strip().splitlines()) == 1, none[1]
+    assert "runs no zdq pool" in none[1]
     assert not [r for r in caplog.records if "zdq_status" in r.getMessage()]  # no traceback in its log
     with QueuePool(dash_client, 1, name="known"):
         unknown = zdq_here("dead-letters", "list", "--scheduler", dash_cluster.scheduler_address, "unknown")
