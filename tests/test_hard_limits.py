@@ -141,13 +141,15 @@ def test_a_consumer_pools_hard_limit_kills_every_task_without_its_own(pools: Any
 def test_a_consumer_pools_hard_limit_holds_for_tasks_with_options_but_no_limit_of_their_own(pools: Any) -> None:
     """``expires=``, ``retries=`` or ``retry_on=`` give a task options of its own: they must not
     lift the consumer's limit (a safety net), while a task's own time limit still wins."""
-    queue_pool, _ = pools(time_limit=1, hard=True)
+    # The four tasks run side by side (a slot each): the limit is each task's own, whatever runs beside.
+    queue_pool, _ = pools(time_limit=1, hard=True, max_concurrency=4)
     started = time.monotonic()
     futures = [
         queue_pool.submit(sleep, 60, expires=time.time() + 120),
         queue_pool.submit(sleep, 60, retries=1, retry_on=(KeyError,)),  # a TaskTimeout is not retried
         queue_pool.batch_submit([(sleep, 60)], expires=time.time() + 120),  # the chunk's options
     ]
+    own = queue_pool.submit(sleep, 1.5, time_limit=10)
     for future in futures[:2]:
         error = future.exception(timeout=30)
         assert isinstance(error, TaskTimeout) and "hard time limit" in str(error), error
@@ -155,7 +157,7 @@ def test_a_consumer_pools_hard_limit_holds_for_tasks_with_options_but_no_limit_o
         futures[2].result(timeout=30)
     assert isinstance(info.value.errors[0], TaskTimeout) and "hard time limit" in str(info.value.errors[0])
     assert time.monotonic() - started < 20
-    assert queue_pool.submit(sleep, 1.5, time_limit=10).result(timeout=30) == 1.5  # its own limit wins
+    assert own.result(timeout=30) == 1.5  # its own limit wins
 
 
 @pytest.mark.faults
