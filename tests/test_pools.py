@@ -296,10 +296,12 @@ def test_a_busy_consumer_still_fetches_its_next_chunk_while_one_runs(client: Cli
     # not hold it back for long: the next chunk is prefetched while the first still runs.
     with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1, prefetch=2) as consumers:
         consumers.start()
-        batch = queue_pool.batch_submit([(sleep, 2.0) for _ in range(3)], batch_size=1)
+        # Only the first task must be long (the consumer runs one at a time): the others are the
+        # chunk it prefetches and the one its credit holds back, short once their turn comes.
+        batch = queue_pool.batch_submit([(sleep, 2.0), (sleep, 0.1), (sleep, 0.1)], batch_size=1)
         stats = wait_until(lambda: [s for s in consumers.statistics() if s.chunks_received == 2], timeout=1.8)
         assert stats[0].tasks_in_flight == 2 and not batch.done()
-        assert batch.result(timeout=30) == [2.0] * 3
+        assert batch.result(timeout=30) == [2.0, 0.1, 0.1]
 
 
 def test_the_driver_acknowledges_results_so_brokers_forget_them(client: Client) -> None:
