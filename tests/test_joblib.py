@@ -77,7 +77,8 @@ def test_a_parallel_timeout_bounds_the_wait_and_cancels_the_batches_not_started(
         with joblib.parallel_config(backend="zdq", queue_pool=queue_pool):
             started = time.monotonic()
             with pytest.raises(multiprocessing.TimeoutError):  # joblib's own
-                joblib.Parallel(n_jobs=4, timeout=1.0, batch_size=1)(joblib.delayed(time.sleep)(3) for _ in range(8))
+                # Tasks of 2 s: none can end within the 1 s timeout; run in turn they take 16 s.
+                joblib.Parallel(n_jobs=4, timeout=1.0, batch_size=1)(joblib.delayed(time.sleep)(2) for _ in range(8))
             assert time.monotonic() - started < 10
             backend, _ = joblib.parallel.get_active_backend()
             assert not backend._futures  # aborted: nothing left in flight for this backend
