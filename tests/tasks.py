@@ -107,25 +107,30 @@ def hold_gil(seconds: float, report: str | None = None) -> float:
     """Hold the GIL for at least ``seconds`` in ONE C call that never releases it; return how long
     that call held it (also written to the file ``report``, if given, as soon as it is known).
 
-    ``re`` does not release the GIL, and a catastrophically backtracking match runs for a time
-    that roughly doubles with each extra character: grow the input until one match takes long
-    enough (the shorter attempts before it hold the GIL for less than the target in total).
+    libc's ``nanosleep`` called through ``ctypes.PyDLL``, which (unlike ``CDLL``) keeps the GIL
+    for the whole call: no other thread of the process runs Python code meanwhile, for as long as
+    asked and no longer (a catastrophically backtracking ``re`` match, used before, can only
+    double its time per character and held the GIL for up to twice, in all its attempts up to
+    four times, what was asked). The time returned is measured, not assumed: a sleep a signal cut
+    short shows as a shorter hold, and the tests assert on it.
     """
-    import re
+    import ctypes
 
-    pattern = re.compile(r"(a+)+$")
-    n = 16
-    while True:
-        start = time.perf_counter()
-        pattern.match("a" * n + "b")
-        took = time.perf_counter() - start
-        if took >= seconds:
-            if report is not None:
-                with open(report + ".tmp", "w") as f:
-                    f.write(repr(took))
-                os.replace(report + ".tmp", report)
-            return took
-        n += 1 if took * 3 >= seconds else 2
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+    whole = int(seconds)
+    asked = Timespec(whole, min(999_999_999, int(round((seconds - whole) * 1e9))))
+    nanosleep = ctypes.PyDLL(None).nanosleep
+    nanosleep.argtypes = [ctypes.POINTER(Timespec), ctypes.POINTER(Timespec)]
+    start = time.perf_counter()
+    nanosleep(ctypes.byref(asked), None)
+    took = time.perf_counter() - start
+    if report is not None:
+        with open(report + ".tmp", "w") as f:
+            f.write(repr(took))
+        os.replace(report + ".tmp", report)
+    return took
 
 
 def dask_idioms(x: int) -> tuple[str, str, int, int]:
