@@ -358,6 +358,10 @@ def test_a_durable_queue_whose_directory_is_gone_at_recovery_fails_its_futures_w
             qp.flush(timeout=30)  # confirmed by both queues; nothing has run
             os.kill(broker_pid(qp, 0), signal.SIGKILL)
             shutil.rmtree(qdir)  # as if the queue could only be placed again on another host
+            # Started once the driver has seen the broker gone: start() waits for its consumers to
+            # reach every queue that is up, and a queue whose broker died unseen costs it the whole
+            # connect-timeout (10 s) before the consumer reports it unreachable.
+            wait_until(lambda: not qp.driver.links_up()[0], timeout=30)
             consumers.start()
             assert_settled([batch], 45, "batch of a durable queue whose directory is gone")
             exc = batch.exception(0)
