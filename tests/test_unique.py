@@ -27,6 +27,17 @@ def report(folder: str, token: str, seconds: float) -> str:
     return f"report {token}"
 
 
+def report_when_let_go(folder: str, token: str, gate: str) -> str:
+    """:func:`report`, running until the file ``gate`` exists (at most 60 s): the test, not a
+    guessed duration, decides that the task is still running."""
+    with open(Path(folder, "runs"), "a") as f:
+        f.write(token + "\n")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return f"report {token}"
+
+
 def runs(folder: Path) -> list[str]:
     path = folder / "runs"
     return path.read_text().split() if path.exists() else []
@@ -117,7 +128,10 @@ def test_a_durable_queue_keeps_a_unique_key_through_its_workers_sigkill(client3:
         try:
             assert other.attached
             with ConsumerPool(client3, pool, n_consumers=1, workers=["c"], start=True):
-                owner = pool.submit(report, str(folder), "a", 6.0, unique_key="invoice-7")
+                # The owner runs until the test lets it go, after `after` was confirmed: its key is
+                # held throughout, however long the recovery takes.
+                gate = str(tmp_path / "let-go")
+                owner = pool.submit(report_when_let_go, str(folder), "a", gate, unique_key="invoice-7")
                 wait_until(lambda: runs(folder) == ["a"], timeout=30)
                 before = other.submit(report, str(folder), "b", 0.0, unique_key="invoice-7")
                 pool.flush(timeout=30)
@@ -125,6 +139,8 @@ def test_a_durable_queue_keeps_a_unique_key_through_its_workers_sigkill(client3:
                 os.kill(int(pool[0].pid().result(timeout=10)), signal.SIGKILL)
                 wait_until(lambda: pool.recoveries >= 1, timeout=60)
                 after = other.submit(report, str(folder), "c", 0.0, unique_key="invoice-7", timeout=30)
+                other.flush(timeout=30)
+                Path(gate).touch()
                 results = [f.result(timeout=60) for f in (owner, before, after)]
                 assert results == ["report a"] * 3
                 assert set(runs(folder)) == {"a"}  # at least once, and never a second task
