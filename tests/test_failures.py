@@ -133,7 +133,7 @@ def test_a_forked_child_is_refused_at_the_call_and_the_parents_pool_goes_on(harn
 
 
 def test_killing_a_worker_that_holds_consumers_loses_no_task(client3: Client) -> None:
-    n = 100_000
+    n = 40_000  # killed at a tenth: 36,000 tasks, most of the run, still to go
     with QueuePool(client3, 2, workers=["a"], **FAST) as queue_pool:
         with ConsumerPool(client3, queue_pool, n_consumers=4, workers=["b", "c"]) as consumers:
             consumers.start()
@@ -311,7 +311,7 @@ def test_a_worker_killed_while_the_queues_are_placed_leaves_the_pool_placed_on_t
 def test_killing_the_worker_of_a_durable_broker_mid_run_recovers_every_confirmed_task(
     client3: Client, tmp_path: Path
 ) -> None:
-    n = 20_000
+    n = 8_000  # killed after 2,000: three quarters of the confirmed tasks are still in the queue
     with QueuePool(client3, 1, durability="durable", dirpath=tmp_path, workers=["a"], chunk_size=100, **FAST) as qp:
         with ConsumerPool(client3, qp, n_consumers=2, workers=["b", "c"]) as consumers:
             consumers.start()
