@@ -39,6 +39,16 @@ def touch(folder: str, name: str, seconds: float = 0.0) -> str:
     return name
 
 
+def touch_until(folder: str, name: str, gate: str) -> str:
+    """:func:`touch`, then run until the file ``gate`` exists (at most 60 s): the test decides how
+    long the task keeps its consumer busy."""
+    Path(folder, name).write_text("ran")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return name
+
+
 def ran(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
@@ -252,7 +262,10 @@ def test_a_durable_queue_placed_again_never_runs_tasks_cancelled_in_the_consumer
         QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **FAST) as queue_pool,
         ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"], start=True, **FAST) as consumers,
     ):
-        long = queue_pool.submit(touch, str(side), "long", 4.0)
+        # The long task keeps the consumer busy (holding the batch unstarted) until the queue is
+        # placed again; it then ends (and its rerun, if any, ends at once).
+        gate = tmp_path / "let-go"
+        long = queue_pool.submit(touch_until, str(side), "long", str(gate))
         wait_until(lambda: (side / "long").exists(), timeout=30)
         batch = queue_pool.batch_submit([(touch, str(side), f"t{i}") for i in range(6)])
         queue_pool.flush(timeout=30)
@@ -261,6 +274,7 @@ def test_a_durable_queue_placed_again_never_runs_tasks_cancelled_in_the_consumer
         assert batch.cancel() is True
         os.kill(pid_of(client3, "a"), signal.SIGKILL)
         wait_until(lambda: queue_pool.recoveries >= 1, timeout=120)
+        gate.touch()
         assert long.result(timeout=120) == "long"
         consumers.join(timeout=120)
     assert ran(side) == {"long"}
