@@ -71,6 +71,7 @@ def test_an_await_whose_pool_can_do_it_waits_on_and_stops_asking_once_it_has_its
         loop = asyncio.get_running_loop()
         loop.call_later(0.2, fut.set_result, 5)
         value = await fut
+        await asyncio.sleep(0.1)  # a look already on the executor when the result came ends
         seen = len(asked)
         await asyncio.sleep(0.15)  # its timer was cancelled with the await: no more looks
         assert len(asked) == seen, "the pool was still asked after the await had its result"
