@@ -9,6 +9,7 @@ where they ask the pools' own API, on the shared cluster (``client_abc``).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import signal
@@ -247,6 +248,15 @@ def test_queues_served_only_by_a_consumer_whose_class_cannot_be_made_again_make_
                     call_bounded(batch.result, 30, "result() of a batch on queues nobody serves")
                 message = str(info.value)
                 assert "waits on queue" in message and "raises in __init__ on every try" in message, message
+                assert not batch.done()
+                # So does an await of it, in a coroutine (it waited for ever before): the pool is
+                # asked from the loop's executor, and the batch stays pending, not cancelled.
+
+                async def awaited() -> Any:
+                    return await batch
+
+                with pytest.raises(NoEligibleWorkers, match="waits on queue"):
+                    call_bounded(lambda: asyncio.run(awaited()), 30, "await of a batch on queues nobody serves")
                 assert not batch.done()
                 singles = [queue_pool.put(i) for i in range(8)]
                 # Waited on at once, each on its own thread: a waiting result() first looks whether
