@@ -130,3 +130,27 @@ def test_async_for_over_as_completed_keeps_its_timeout_and_yields_what_completes
     with pytest.raises(ZdqTimeoutError, match="1 of 2 futures did not complete within 0.4s"):
         _run(main())
     assert 0.35 < time.monotonic() - started < 10
+
+
+def test_every_await_of_many_is_asked_about_in_turn_and_only_the_stuck_one_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A look asks at most _AWAITS_ASKED awaits, the longest waiting first, each then to the back
+    of the line: the one stuck await among many is reached, and the others wait on."""
+    monkeypatch.setattr(futures, "_AWAITS_ASKED", 10)
+    waiting = [TaskFuture(i) for i in range(60)]
+    last = waiting[-1]
+    for fut in waiting:
+        fut._hint = WaitHint(lambda: "", lambda f: NoEligibleWorkers("queue q-9 is served by none") if f is last else None)
+
+    async def main() -> list[object]:
+        tasks = [asyncio.ensure_future(_awaiting(f)) for f in waiting]
+        done, _ = await asyncio.wait(tasks, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+        outcome = [t.exception() for t in done]
+        for fut in waiting:
+            if not fut.done():
+                fut.set_result(0)  # the others get their results: their awaits end as usual
+        await asyncio.wait(tasks, timeout=5)
+        return outcome + [t.result() for t in tasks[:-1]]
+
+    got = _run(main())
+    assert isinstance(got[0], NoEligibleWorkers) and "q-9" in str(got[0]), got[0]
+    assert got[1:] == [0] * 59

@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
 from typing import Any
 
@@ -294,12 +296,18 @@ class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, wh
 
 
 def _on_loop(
-    fut: concurrent.futures.Future[Any], loop: asyncio.AbstractEventLoop, *, cancel_source: bool
+    fut: concurrent.futures.Future[Any],
+    loop: asyncio.AbstractEventLoop,
+    *,
+    cancel_source: bool,
+    stuck: Callable[[Any], BaseException | None] | None = None,
 ) -> asyncio.Future[Any]:
     """An asyncio future of ``loop`` that follows ``fut``. With ``cancel_source``, cancelling it
     (a cancelled coroutine awaiting it) cancels ``fut``'s task too, on a helper thread: the
-    cancellation asks the task's queue, and the event loop never waits for that."""
+    cancellation asks the task's queue, and the event loop never waits for that. With ``stuck``
+    (its pool's), it ends with the pool's error if ``fut`` cannot be done (:class:`_AwaitLooks`)."""
     waiter: asyncio.Future[Any] = loop.create_future()
+    looks = None if stuck is None or fut.done() else _AwaitLooks.of(loop)
 
     def copy(source: concurrent.futures.Future[Any]) -> None:
         if waiter.done():
@@ -317,45 +325,97 @@ def _on_loop(
         except RuntimeError:  # the loop is closed: nobody awaits any more
             pass
 
-    if cancel_source:
-        def cancelled(w: asyncio.Future[Any]) -> None:
-            if w.cancelled() and not fut.done():
+    if cancel_source or looks is not None:
+        def ended(w: asyncio.Future[Any]) -> None:
+            if looks is not None:
+                looks.ended(w)
+            if cancel_source and w.cancelled() and not fut.done():
                 # A daemon thread, not the loop's executor: asyncio.run() would wait for it on exit.
                 threading.Thread(target=fut.cancel, name="zdq-cancel", daemon=True).start()
 
-        waiter.add_done_callback(cancelled)
+        waiter.add_done_callback(ended)
+    if looks is not None and stuck is not None:
+        looks.add(waiter, fut, stuck)
     fut.add_done_callback(done)
     return waiter
 
 
-def _look_while_awaited(
-    waiter: asyncio.Future[Any],
-    fut: concurrent.futures.Future[Any],
-    stuck: Callable[[Any], BaseException | None],
-    loop: asyncio.AbstractEventLoop,
-) -> None:
-    """While ``waiter`` (one ``await`` of ``fut``) is pending, ask ``fut``'s pool every
-    :data:`_LOOK_EVERY` seconds whether its result can come at all, as ``result()`` does; the
-    pool's error (``stuck(fut)``) ends that await. ``fut`` stays pending: a later await may get
-    its result. The pool is asked on the loop's executor, never on the loop."""
-    timer: list[asyncio.TimerHandle] = []
+class _AwaitLooks:
+    """The awaits of zdq futures pending on one event loop, and the one timer that asks their
+    pools, every :data:`_LOOK_EVERY` seconds while some are pending, whether those results can
+    come at all, as ``result()`` does: the pool's error (``stuck(future)``) ends that await; the
+    future stays pending, and a later await may get its result. The pools are asked on the loop's
+    executor, never on the loop, and at most :data:`_AWAITS_ASKED` awaits a look, the longest
+    waiting first (each asked goes to the back of the line).
 
-    def look() -> None:
-        if not waiter.done():
-            loop.run_in_executor(None, stuck, fut).add_done_callback(answered)
+    An await costs a dict entry (put by :meth:`add`, taken out by the waiter's done-callback that
+    :func:`_on_loop` has anyway), not a timer of its own: one timer a loop. Everything here runs on the loop's thread but the pools' answers."""
 
-    def answered(asked: asyncio.Future[BaseException | None]) -> None:
-        if waiter.done():
+    _of_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AwaitLooks] = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._awaits: dict[asyncio.Future[Any], tuple[concurrent.futures.Future[Any], Callable[[Any], Any]]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._asking = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _AwaitLooks:
+        looks = cls._of_loop.get(loop)
+        if looks is None:
+            looks = cls._of_loop[loop] = cls(loop)
+        return looks
+
+    def add(self, waiter: asyncio.Future[Any], fut: concurrent.futures.Future[Any], stuck: Callable[[Any], Any]) -> None:
+        """Look after ``waiter`` (an await of ``fut``) until it ends (:meth:`ended`)."""
+        self._awaits[waiter] = (fut, stuck)
+        if self._timer is None and not self._asking:
+            self._timer = self._loop.call_later(_LOOK_EVERY, self._look)
+
+    def ended(self, waiter: asyncio.Future[Any]) -> None:
+        self._awaits.pop(waiter, None)
+
+    def _look(self) -> None:
+        self._timer = None
+        asked = []
+        for waiter in list(itertools.islice(self._awaits, _AWAITS_ASKED)):
+            fut, stuck = self._awaits.pop(waiter)
+            self._awaits[waiter] = (fut, stuck)  # to the back of the line
+            asked.append((waiter, fut, stuck))
+        if not asked:
             return
-        if asked.cancelled() or asked.exception() is not None:
-            logger.debug("asking %r's pool whether it can be done failed", fut, exc_info=asked.exception())
-        elif asked.result() is not None:
-            waiter.set_exception(asked.result())  # type: ignore[arg-type]
-            return
-        timer[:] = [loop.call_later(_LOOK_EVERY, look)]
+        self._asking = True
+        self._loop.run_in_executor(None, _ask_pools, asked).add_done_callback(self._answered)
 
-    timer.append(loop.call_later(_LOOK_EVERY, look))
-    waiter.add_done_callback(lambda _: timer[0].cancel())
+    def _answered(self, asking: asyncio.Future[list[tuple[asyncio.Future[Any], BaseException]]]) -> None:
+        self._asking = False
+        if asking.cancelled() or asking.exception() is not None:
+            logger.debug("asking pools whether awaited futures can be done failed", exc_info=asking.exception())
+        else:
+            for waiter, error in asking.result():
+                if not waiter.done():
+                    waiter.set_exception(error)
+        if self._awaits and self._timer is None:
+            self._timer = self._loop.call_later(_LOOK_EVERY, self._look)
+
+
+def _ask_pools(
+    asked: list[tuple[asyncio.Future[Any], concurrent.futures.Future[Any], Callable[[Any], Any]]],
+) -> list[tuple[asyncio.Future[Any], BaseException]]:
+    """Off the loop: the awaits among ``asked`` whose future's pool says it cannot be done, with
+    the error. A pool that fails to answer is passed over (logged), as a look that found nothing."""
+    out = []
+    for waiter, fut, stuck in asked:
+        if waiter.done() or fut.done():
+            continue
+        try:
+            error = stuck(fut)
+        except Exception:  # noqa: BLE001 - a look must never end an await by its own failure
+            logger.debug("asking %r's pool whether it can be done failed", fut, exc_info=True)
+            continue
+        if error is not None:
+            out.append((waiter, error))
+    return out
 
 
 def notify_cancelled(fut: concurrent.futures.Future[Any]) -> None:
@@ -375,6 +435,8 @@ _LOOK_EVERY = 1.0
 _LOOK_AT_MOST = 16.0
 #: Pending futures of one pool asked per look whether they can be done (see ``_stuck_among``).
 _ASK_PER_POOL = 8
+#: Awaits of one event loop whose pools are asked per look (see :class:`_AwaitLooks`).
+_AWAITS_ASKED = 256
 
 
 class WaitHint:
@@ -460,12 +522,8 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
         )
 
     def __await__(self) -> Generator[Any, None, Any]:
-        loop = asyncio.get_running_loop()
-        waiter = _on_loop(self, loop, cancel_source=True)
         stuck = getattr(self._hint, "stuck", None)
-        if stuck is not None and not waiter.done():
-            _look_while_awaited(waiter, self, stuck, loop)
-        return waiter.__await__()
+        return _on_loop(self, asyncio.get_running_loop(), cancel_source=True, stuck=stuck).__await__()
 
     def _timed_out(self, timeout: float | None, what: str) -> ZdqTimeoutError:
         hint = self._hint() if self._hint is not None else ""
