@@ -6,6 +6,7 @@ so these are not in the unit tier; no cluster: the pool's answer is a :class:`Wa
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 
@@ -47,7 +48,7 @@ def test_await_raises_the_pools_error_and_leaves_the_future_pending_for_a_later_
     fut = _stuck_future(asked)
     with pytest.raises(NoEligibleWorkers, match="q-2"):
         _run(_awaiting(fut))
-    assert asked and all(f is fut for f in asked), "the pool is asked about the awaited future itself"
+    assert asked and all(f is fut or f is None for f in asked), asked  # None: the pool's verdict, for all
     assert not fut.done() and not fut.cancelled()  # the await ended; the task was not cancelled
 
     async def later() -> int:
@@ -133,9 +134,10 @@ def test_async_for_over_as_completed_keeps_its_timeout_and_yields_what_completes
 
 
 def test_every_await_of_many_is_asked_about_in_turn_and_only_the_stuck_one_ends(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A look asks at most _AWAITS_ASKED awaits, the longest waiting first, each then to the back
-    of the line: the one stuck await among many is reached, and the others wait on."""
-    monkeypatch.setattr(futures, "_AWAITS_ASKED", 10)
+    """A look asks awaits one by one for at most _LOOK_BUDGET (here: one a look), the longest
+    waiting first, each then to the back of the line: the one stuck await among many is reached,
+    and the others wait on."""
+    monkeypatch.setattr(futures, "_LOOK_BUDGET", 0.0)
     waiting = [TaskFuture(i) for i in range(60)]
     last = waiting[-1]
     for fut in waiting:
@@ -154,3 +156,75 @@ def test_every_await_of_many_is_asked_about_in_turn_and_only_the_stuck_one_ends(
     got = _run(main())
     assert isinstance(got[0], NoEligibleWorkers) and "q-9" in str(got[0]), got[0]
     assert got[1:] == [0] * 59
+
+
+def test_a_pool_that_can_do_none_of_its_futures_ends_every_await_of_them_at_the_first_look() -> None:
+    """Found by a review: 3,000 awaits on a pool left without consumers ended over 13 s (256 asked
+    a second). The pool's own verdict (stuck(None)) ends them all at once."""
+    asked: list[object] = []
+
+    def stuck(f: object) -> NoEligibleWorkers | None:
+        asked.append(f)
+        return NoEligibleWorkers("no worker satisfies workers=['g']") if f is None else None
+
+    hint = WaitHint(lambda: "", stuck)
+    waiting = [TaskFuture(i) for i in range(3000)]
+    for fut in waiting:
+        fut._hint = hint
+
+    async def main() -> list[BaseException | None]:
+        tasks = [asyncio.ensure_future(_awaiting(f)) for f in waiting]
+        done, _ = await asyncio.wait(tasks, timeout=5)
+        assert len(done) == len(tasks), f"{len(done)} of {len(tasks)} awaits ended"
+        return [t.exception() for t in tasks]
+
+    errors = _run(main())
+    assert all(isinstance(e, NoEligibleWorkers) for e in errors)
+    assert asked.count(None) <= 2, "the pool's verdict is asked once a look, not once a future"
+    assert not any(f.done() for f in waiting)
+
+
+def test_a_look_does_not_wait_behind_the_applications_calls_in_the_loops_executor() -> None:
+    """Found by a review: with the loop's default executor busy with the application's blocking
+    calls, the stuck error came only when one of them ended (20 s)."""
+    fut = _stuck_future()
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+        blocking = loop.run_in_executor(None, time.sleep, 2)  # the executor's only thread, busy
+        started = time.monotonic()
+        with pytest.raises(NoEligibleWorkers):
+            await fut
+        took = time.monotonic() - started
+        await blocking
+        return took
+
+    assert _run(main()) < 1.0  # a look every 0.02 s here; behind the blocking call: 2 s
+
+
+def test_a_closed_loop_is_not_kept_by_the_awaits_it_looked_after() -> None:
+    """Found by a review: every asyncio.run() that awaited a pending zdq future kept its closed
+    loop (the entry's value held its key), also while the future stays pending after."""
+    import gc
+    import weakref
+
+    loops = []
+    pending = []
+
+    async def awaiting(fut: TaskFuture) -> object:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        return await fut
+
+    for _ in range(5):
+        fut = _stuck_future()
+        pending.append(fut)  # still pending after its await ended
+        with pytest.raises(NoEligibleWorkers):
+            _run(awaiting(fut))
+    deadline = time.monotonic() + 10
+    while any(t.name == "zdq-await-look" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)  # a look that posted its answer ends
+    gc.collect()
+    kept = [ref() for ref in loops if ref() is not None]
+    assert not kept, f"{len(kept)} of 5 closed loops are still kept"
+    assert not any(f.done() for f in pending)

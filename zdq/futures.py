@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import itertools
 import logging
 import queue
 import threading
@@ -276,10 +275,11 @@ class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, wh
                     if left is not None and left <= step:
                         raise self._timed_out() from None
                 # Nothing came within the step: whether some future cannot come at all, asked on
-                # a helper thread (a pool's answer takes its driver's lock: never on the loop).
+                # a thread of its own (a pool's answer takes its driver's lock: never on the loop;
+                # and not behind the application's calls in the loop's executor).
                 with self._cond:
                     pending = list(self._pending.values())
-                error = await loop.run_in_executor(None, _stuck_among, pending)
+                error = await _on_own_thread(loop, _stuck_among, pending)
                 if error is not None:
                     raise error
                 step = min(2 * step, _LOOK_AT_MOST)
@@ -308,27 +308,33 @@ def _on_loop(
     (its pool's), it ends with the pool's error if ``fut`` cannot be done (:class:`_AwaitLooks`)."""
     waiter: asyncio.Future[Any] = loop.create_future()
     looks = None if stuck is None or fut.done() else _AwaitLooks.of(loop)
+    # What ``fut``'s done-callback reaches the waiter (and its loop) through: emptied once the
+    # waiter has ended otherwise (the pool's error), so that a future left pending after its
+    # await does not keep that await's loop.
+    cell = [waiter]
 
     def copy(source: concurrent.futures.Future[Any]) -> None:
-        if waiter.done():
+        if not cell or cell[0].done():
             return
         if source.cancelled():
-            waiter.cancel()
+            cell[0].cancel()
         elif source.exception() is not None:
-            waiter.set_exception(source.exception())  # type: ignore[arg-type]
+            cell[0].set_exception(source.exception())  # type: ignore[arg-type]
         else:
-            waiter.set_result(source.result())
+            cell[0].set_result(source.result())
 
     def done(source: concurrent.futures.Future[Any]) -> None:
         try:
-            loop.call_soon_threadsafe(copy, source)
-        except RuntimeError:  # the loop is closed: nobody awaits any more
+            if cell:
+                cell[0].get_loop().call_soon_threadsafe(copy, source)
+        except (RuntimeError, IndexError):  # the loop is closed, or the await ended: nobody awaits
             pass
 
     if cancel_source or looks is not None:
         def ended(w: asyncio.Future[Any]) -> None:
             if looks is not None:
                 looks.ended(w)
+                cell.clear()
             if cancel_source and w.cancelled() and not fut.done():
                 # A daemon thread, not the loop's executor: asyncio.run() would wait for it on exit.
                 threading.Thread(target=fut.cancel, name="zdq-cancel", daemon=True).start()
@@ -343,79 +349,140 @@ def _on_loop(
 class _AwaitLooks:
     """The awaits of zdq futures pending on one event loop, and the one timer that asks their
     pools, every :data:`_LOOK_EVERY` seconds while some are pending, whether those results can
-    come at all, as ``result()`` does: the pool's error (``stuck(future)``) ends that await; the
-    future stays pending, and a later await may get its result. The pools are asked on the loop's
-    executor, never on the loop, and at most :data:`_AWAITS_ASKED` awaits a look, the longest
-    waiting first (each asked goes to the back of the line).
+    come at all, as ``result()`` does: the pool's error ends that await; the future stays pending,
+    and a later await may get its result.
 
-    An await costs a dict entry (put by :meth:`add`, taken out by the waiter's done-callback that
-    :func:`_on_loop` has anyway), not a timer of its own: one timer a loop. Everything here runs on the loop's thread but the pools' answers."""
+    A look runs on a short-lived thread of its own (never on the loop, and never waiting behind
+    the application's calls in the loop's executor). It asks each pool once whether none of its
+    futures can be done (``stuck(None)``: no consumer can be placed), which ends every await of
+    that pool at once; then asks awaits one by one (a queue that no consumer serves holds only
+    some futures), the longest waiting first, each then going to the back of the line, for at
+    most :data:`_LOOK_BUDGET` seconds a look.
+
+    An await costs a weak dict entry (put by :meth:`add`, taken out by the waiter's done-callback
+    that :func:`_on_loop` has anyway), not a timer of its own: one timer a loop. Nothing here
+    holds the loop: a closed loop and its entry go with it. All but the look runs on the loop's
+    thread."""
 
     _of_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AwaitLooks] = weakref.WeakKeyDictionary()
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._awaits: dict[asyncio.Future[Any], tuple[concurrent.futures.Future[Any], Callable[[Any], Any]]] = {}
-        self._timer: asyncio.TimerHandle | None = None
+    def __init__(self) -> None:
+        # Weakly: an entry must not keep its loop (a future's) alive; the zdq future holds its
+        # waiter (its done-callback) while both are pending.
+        self._awaits: weakref.WeakKeyDictionary[
+            asyncio.Future[Any], tuple[concurrent.futures.Future[Any], Callable[[Any], Any]]
+        ] = weakref.WeakKeyDictionary()
+        self._timer_set = False  # the handle is the loop's: not kept here, nor the loop with it
         self._asking = False
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _AwaitLooks:
         looks = cls._of_loop.get(loop)
         if looks is None:
-            looks = cls._of_loop[loop] = cls(loop)
+            looks = cls._of_loop[loop] = cls()
         return looks
 
     def add(self, waiter: asyncio.Future[Any], fut: concurrent.futures.Future[Any], stuck: Callable[[Any], Any]) -> None:
         """Look after ``waiter`` (an await of ``fut``) until it ends (:meth:`ended`)."""
         self._awaits[waiter] = (fut, stuck)
-        if self._timer is None and not self._asking:
-            self._timer = self._loop.call_later(_LOOK_EVERY, self._look)
+        if not self._timer_set and not self._asking:
+            self._timer_set = True
+            waiter.get_loop().call_later(_LOOK_EVERY, self._look)
 
     def ended(self, waiter: asyncio.Future[Any]) -> None:
         self._awaits.pop(waiter, None)
 
     def _look(self) -> None:
-        self._timer = None
-        asked = []
-        for waiter in list(itertools.islice(self._awaits, _AWAITS_ASKED)):
-            fut, stuck = self._awaits.pop(waiter)
-            self._awaits[waiter] = (fut, stuck)  # to the back of the line
-            asked.append((waiter, fut, stuck))
-        if not asked:
+        self._timer_set = False
+        if not self._awaits:
             return
         self._asking = True
-        self._loop.run_in_executor(None, _ask_pools, asked).add_done_callback(self._answered)
+        looking = _on_own_thread(asyncio.get_running_loop(), _ask_pools, list(self._awaits.items()))
+        looking.add_done_callback(self._answered)
 
-    def _answered(self, asking: asyncio.Future[list[tuple[asyncio.Future[Any], BaseException]]]) -> None:
+    def _answered(
+        self, looking: asyncio.Future[tuple[list[tuple[asyncio.Future[Any], BaseException]], list[asyncio.Future[Any]]]]
+    ) -> None:
         self._asking = False
-        if asking.cancelled() or asking.exception() is not None:
-            logger.debug("asking pools whether awaited futures can be done failed", exc_info=asking.exception())
-        else:
-            for waiter, error in asking.result():
-                if not waiter.done():
-                    waiter.set_exception(error)
-        if self._awaits and self._timer is None:
-            self._timer = self._loop.call_later(_LOOK_EVERY, self._look)
+        errors, asked = looking.result() if not looking.cancelled() and looking.exception() is None else ([], [])
+        for waiter, error in errors:
+            self._awaits.pop(waiter, None)
+            if not waiter.done():
+                waiter.set_exception(error)
+        for waiter in asked:  # to the back of the line
+            entry = self._awaits.pop(waiter, None)
+            if entry is not None:
+                self._awaits[waiter] = entry
+        if self._awaits and not self._timer_set:
+            self._timer_set = True
+            asyncio.get_running_loop().call_later(_LOOK_EVERY, self._look)
+
+
+def _on_own_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    """``fn(*args)`` on a short-lived daemon thread of its own; its outcome in a future of
+    ``loop``. Not the loop's executor: a look must not wait behind the application's blocking
+    calls there (``asyncio.to_thread``), nor keep ``asyncio.run()`` waiting at its exit."""
+    outcome: asyncio.Future[Any] = loop.create_future()
+
+    def settle(error: BaseException | None, value: Any) -> None:
+        if not outcome.done():
+            if error is not None:
+                outcome.set_exception(error)
+            else:
+                outcome.set_result(value)
+
+    def run() -> None:
+        try:
+            value, error = fn(*args), None
+        except Exception as e:  # noqa: BLE001 - handed to the loop
+            value, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, error, value)
+        except RuntimeError:  # the loop closed meanwhile: nobody awaits any more
+            pass
+
+    threading.Thread(target=run, name="zdq-await-look", daemon=True).start()
+    return outcome
 
 
 def _ask_pools(
-    asked: list[tuple[asyncio.Future[Any], concurrent.futures.Future[Any], Callable[[Any], Any]]],
-) -> list[tuple[asyncio.Future[Any], BaseException]]:
-    """Off the loop: the awaits among ``asked`` whose future's pool says it cannot be done, with
-    the error. A pool that fails to answer is passed over (logged), as a look that found nothing."""
-    out = []
-    for waiter, fut, stuck in asked:
-        if waiter.done() or fut.done():
-            continue
+    awaits: list[tuple[asyncio.Future[Any], tuple[concurrent.futures.Future[Any], Callable[[Any], Any]]]],
+) -> tuple[list[tuple[asyncio.Future[Any], BaseException]], list[asyncio.Future[Any]]]:
+    """Off the loop (:class:`_AwaitLooks`): the awaits whose future's pool says it cannot be done,
+    with the error, and the awaits asked one by one. A pool that fails to answer is passed over
+    (logged), as a look that found nothing: a look never ends an await by its own failure."""
+
+    def ask(stuck: Callable[[Any], Any], fut: Any) -> BaseException | None:
         try:
-            error = stuck(fut)
-        except Exception:  # noqa: BLE001 - a look must never end an await by its own failure
+            error: BaseException | None = stuck(fut)
+            return error
+        except Exception:  # noqa: BLE001 - see above
             logger.debug("asking %r's pool whether it can be done failed", fut, exc_info=True)
-            continue
+            return None
+
+    pending = [(waiter, fut, stuck) for waiter, (fut, stuck) in awaits if not waiter.done() and not fut.done()]
+    errors: list[tuple[asyncio.Future[Any], BaseException]] = []
+    whole: dict[int, BaseException | None] = {}
+    for _, _, stuck in pending:
+        if id(stuck) not in whole:
+            whole[id(stuck)] = ask(stuck, None)  # the pool's own verdict: for every future of it
+    one_by_one = []
+    for waiter, fut, stuck in pending:
+        error = whole[id(stuck)]
         if error is not None:
-            out.append((waiter, error))
-    return out
+            errors.append((waiter, error))
+        else:
+            one_by_one.append((waiter, fut, stuck))
+    asked: list[asyncio.Future[Any]] = []
+    deadline = time.monotonic() + _LOOK_BUDGET
+    for waiter, fut, stuck in one_by_one:
+        if asked and time.monotonic() > deadline:
+            break
+        asked.append(waiter)
+        error = ask(stuck, fut)
+        if error is not None:
+            errors.append((waiter, error))
+    return errors, asked
 
 
 def notify_cancelled(fut: concurrent.futures.Future[Any]) -> None:
@@ -435,14 +502,16 @@ _LOOK_EVERY = 1.0
 _LOOK_AT_MOST = 16.0
 #: Pending futures of one pool asked per look whether they can be done (see ``_stuck_among``).
 _ASK_PER_POOL = 8
-#: Awaits of one event loop whose pools are asked per look (see :class:`_AwaitLooks`).
-_AWAITS_ASKED = 256
+#: Seconds a look at the awaits of one event loop may ask their futures one by one (see
+#: :class:`_AwaitLooks`); the others are asked at the next looks.
+_LOOK_BUDGET = 0.02
 
 
 class WaitHint:
     """What a pool tells its futures: why a result may be slow to come (``hint()``, a sentence
     for a timeout's message), and whether it cannot come as things stand (``stuck(future)``: the
-    error that future's wait raises, e.g. :class:`~zdq.errors.NoEligibleWorkers`, or ``None``).
+    error that future's wait raises, e.g. :class:`~zdq.errors.NoEligibleWorkers`, or ``None``;
+    ``stuck(None)``: the error every future of the pool would get, asking no future's tasks).
     The pool owns both callables; a future only calls them from the thread that waits on it."""
 
     def __init__(self, why: Callable[[], str], stuck: Callable[[Any], BaseException | None]) -> None:
