@@ -512,7 +512,8 @@ class WaitHint:
     for a timeout's message), and whether it cannot come as things stand (``stuck(future)``: the
     error that future's wait raises, e.g. :class:`~zdq.errors.NoEligibleWorkers`, or ``None``;
     ``stuck(None)``: the error every future of the pool would get, asking no future's tasks).
-    The pool owns both callables; a future only calls them from the thread that waits on it."""
+    The pool owns both callables; they are called from the thread that waits on a future, or
+    from an await's look (:class:`_AwaitLooks`, a thread of its own), never on an event loop."""
 
     def __init__(self, why: Callable[[], str], stuck: Callable[[Any], BaseException | None]) -> None:
         self._why = why
