@@ -44,6 +44,7 @@ def wait(
     timeout = wait_seconds(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     step = _LOOK_EVERY
+    say = _SayWhy("zdq.wait()")
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         got = concurrent.futures.wait(fs, step if left is None else min(step, left), return_when)
@@ -52,6 +53,7 @@ def wait(
         error = _stuck_among(got.not_done)
         if error is not None:
             raise error
+        say.look(got.not_done)
         step = min(2 * step, _LOOK_AT_MOST)  # each look costs a pass over the futures: fewer, later
 
 
@@ -74,6 +76,41 @@ def wait_seconds(timeout: Any) -> float | None:
     if type(timeout) is int or (type(timeout) is float and timeout == timeout):
         return timeout
     return timeout_or_none(timeout)
+
+
+#: Seconds a wait without a bound goes on before it says, once, why its futures are not done.
+SAY_AFTER = 10.0
+
+
+class _SayWhy:
+    """What a long wait says: once, :data:`SAY_AFTER` seconds after it began, a warning naming
+    what it waits for and the pool's reason (its hint: no consumer running, queues down...), when
+    the pool gives one. A wait that the pool can explain is otherwise indistinguishable from a
+    hang; one with no reason (tasks that run long) says nothing."""
+
+    __slots__ = ("_what", "_started", "_said")
+
+    def __init__(self, what: str, waited: float = 0.0) -> None:
+        self._what = what
+        self._started = time.monotonic() - waited  # ``waited``: seconds it has waited already
+        self._said = False
+
+    def look(self, fs: Iterable[concurrent.futures.Future[Any]]) -> None:
+        if self._said:
+            return
+        waited = time.monotonic() - self._started
+        if waited < SAY_AFTER:
+            return
+        self._said = True
+        for f in fs:
+            hint = getattr(f, "_hint", None)
+            why = hint() if hint is not None and not f.done() else ""
+            if why:
+                logger.warning(
+                    "zdq: %s has waited %.0f s for %r: %s (it waits on: give it a timeout to bound it)",
+                    self._what, waited, f, why,
+                )
+                return
 
 
 def _stuck_among(fs: Iterable[concurrent.futures.Future[Any]]) -> BaseException | None:
@@ -196,6 +233,7 @@ class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, wh
         """Done futures (one, or every one ready), waiting for one if ``block`` and none is;
         raise StopIteration when nothing is left, the timeout error past the deadline."""
         step = _LOOK_EVERY
+        say = None
         while True:
             with self._cond:
                 if self._ready:
@@ -218,6 +256,8 @@ class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, wh
             error = _stuck_among(pending)
             if error is not None:
                 raise error
+            say = say or _SayWhy("zdq.as_completed()", _LOOK_EVERY)  # made past the first step, as result()'s
+            say.look(pending)
             step = min(2 * step, _LOOK_AT_MOST)
 
     def __iter__(self) -> as_completed:
@@ -374,6 +414,10 @@ class _AwaitLooks:
         ] = weakref.WeakKeyDictionary()
         self._timer_set = False  # the handle is the loop's: not kept here, nor the loop with it
         self._asking = False
+        # Since when some await has been pending without a break, and whether a look said why
+        # (once, past SAY_AFTER, as a long result() does: _SayWhy).
+        self._since: float | None = None
+        self._said = False
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _AwaitLooks:
@@ -384,6 +428,8 @@ class _AwaitLooks:
 
     def add(self, waiter: asyncio.Future[Any], fut: concurrent.futures.Future[Any], stuck: Callable[[Any], Any]) -> None:
         """Look after ``waiter`` (an await of ``fut``) until it ends (:meth:`ended`)."""
+        if self._since is None:
+            self._since = time.monotonic()
         self._awaits[waiter] = (fut, stuck)
         if not self._timer_set and not self._asking:
             self._timer_set = True
@@ -391,13 +437,20 @@ class _AwaitLooks:
 
     def ended(self, waiter: asyncio.Future[Any]) -> None:
         self._awaits.pop(waiter, None)
+        if not self._awaits:
+            self._since, self._said = None, False
 
     def _look(self) -> None:
         self._timer_set = False
         if not self._awaits:
+            self._since, self._said = None, False
             return
         self._asking = True
-        looking = _on_own_thread(asyncio.get_running_loop(), _ask_pools, list(self._awaits.items()))
+        say = None
+        if not self._said and self._since is not None and time.monotonic() - self._since >= SAY_AFTER:
+            self._said = True
+            say = _SayWhy("await", time.monotonic() - self._since)
+        looking = _on_own_thread(asyncio.get_running_loop(), _ask_pools, list(self._awaits.items()), say)
         looking.add_done_callback(self._answered)
 
     def _answered(
@@ -447,10 +500,12 @@ def _on_own_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *arg
 
 def _ask_pools(
     awaits: list[tuple[asyncio.Future[Any], tuple[concurrent.futures.Future[Any], Callable[[Any], Any]]]],
+    say: _SayWhy | None = None,
 ) -> tuple[list[tuple[asyncio.Future[Any], BaseException]], list[asyncio.Future[Any]]]:
     """Off the loop (:class:`_AwaitLooks`): the awaits whose future's pool says it cannot be done,
     with the error, and the awaits asked one by one. A pool that fails to answer is passed over
-    (logged), as a look that found nothing: a look never ends an await by its own failure."""
+    (logged), as a look that found nothing: a look never ends an await by its own failure.
+    ``say``: the awaits have waited long, and the first pool with a reason says it."""
 
     def ask(stuck: Callable[[Any], Any], fut: Any) -> BaseException | None:
         try:
@@ -482,6 +537,11 @@ def _ask_pools(
         error = ask(stuck, fut)
         if error is not None:
             errors.append((waiter, error))
+    if say is not None:
+        try:
+            say.look(fut for _, fut, _ in one_by_one)
+        except Exception:  # noqa: BLE001 - as a pool's failing answer above
+            logger.debug("saying why awaits wait failed", exc_info=True)
     return errors, asked
 
 
@@ -611,6 +671,7 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
             return wait(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         step = _LOOK_EVERY  # the first step is whole: the timeout, if any, is longer
+        say = None
         while True:
             try:
                 return wait(step)
@@ -620,6 +681,9 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
             error = stuck(self)
             if error is not None:
                 raise error
+            # Made past the first step only (most results are there before it): it has waited that long.
+            say = say or _SayWhy(f"{wait.__name__}()", _LOOK_EVERY)
+            say.look((self,))
             step = _LOOK_EVERY if deadline is None else min(_LOOK_EVERY, max(0.0, deadline - time.monotonic()))
 
     def result(self, timeout: float | None = None) -> Any:

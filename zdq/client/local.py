@@ -25,14 +25,13 @@ from typing import Any, Self
 from zdq.client.cluster import parallel_of
 from zdq.client.consumer_pool import ConsumerPool
 from zdq.client.queue_pool import QueuePool
+from zdq.futures import SAY_AFTER
 from zdq.names import counted
 
 __all__ = ["LocalConsumers", "LocalPool", "local"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds the end of a ``zdq.local`` block waits before it says what it waits for.
-_SAY_AFTER = 10.0
 
 
 class LocalConsumers(ConsumerPool):
@@ -102,7 +101,7 @@ class LocalPool(QueuePool):
             # A block whose tasks run long, or wait for their time (submit(..., delay=)), would
             # otherwise end in silence long after its last line: said once, after a while.
             nonlocal said
-            if said or time.monotonic() - started < _SAY_AFTER:
+            if said or time.monotonic() - started < SAY_AFTER:
                 return
             said = True
             pending = sum(s.ready_tasks + s.leased_tasks for s in statuses if s is not None)

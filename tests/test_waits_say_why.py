@@ -1,0 +1,108 @@
+"""A wait without a bound that its pool can explain says why, once: ``result()``, ``zdq.wait``,
+``zdq.as_completed`` and ``await`` log a warning past ``SAY_AFTER`` seconds naming the future and
+the pool's reason (no consumer running, queues down...). One that the pool cannot explain (a task
+that runs long) says nothing. The futures are zdq's, their pool's answer a :class:`WaitHint`; the
+last test is the real case: a pool whose ConsumerPool was joined (which stops it, as daskqueue's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import pytest
+from distributed import Client
+
+import zdq
+from zdq import futures
+from zdq.futures import TaskFuture, WaitHint
+
+REASON = "no consumer is running: call consumer_pool.start()"
+
+
+@pytest.fixture(autouse=True)
+def _quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(futures, "_LOOK_EVERY", 0.05)
+    monkeypatch.setattr(futures, "_LOOK_AT_MOST", 0.05)
+    monkeypatch.setattr(futures, "SAY_AFTER", 0.3)
+
+
+def _future(reason: str) -> TaskFuture:
+    fut = TaskFuture(3)
+    fut._hint = WaitHint(lambda: reason, lambda f: None)  # never stuck: it waits on
+    return fut
+
+
+def _settle_later(fut: TaskFuture, after: float) -> threading.Timer:
+    timer = threading.Timer(after, fut.set_result, (9,))
+    timer.start()
+    return timer
+
+
+def _said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "zdq.futures" and r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize("how", ["result", "exception", "wait", "as_completed"])
+def test_a_long_wait_says_once_what_it_waits_for_and_why(how: str, caplog: pytest.LogCaptureFixture) -> None:
+    fut = _future(REASON)
+    timer = _settle_later(fut, 1.0)
+    with caplog.at_level(logging.WARNING, logger="zdq.futures"):
+        if how == "result":
+            assert fut.result() == 9
+        elif how == "exception":
+            assert fut.exception() is None
+        elif how == "wait":
+            assert zdq.wait([fut]).done == {fut}
+        else:
+            assert list(zdq.as_completed([fut])) == [fut]
+    timer.join(5)
+    said = _said(caplog)
+    assert len(said) == 1, said  # once, not every look
+    assert REASON in said[0] and "key=3" in said[0] and "has waited" in said[0], said
+
+
+def test_a_long_await_says_once_why(caplog: pytest.LogCaptureFixture) -> None:
+    fut = _future(REASON)
+
+    async def main() -> object:
+        asyncio.get_running_loop().call_later(1.0, fut.set_result, 9)
+        return await asyncio.wait_for(fut, 10)  # type: ignore[arg-type]
+
+    with caplog.at_level(logging.WARNING, logger="zdq.futures"):
+        assert asyncio.run(main()) == 9
+    said = _said(caplog)
+    assert len(said) == 1 and REASON in said[0] and said[0].startswith("zdq: await"), said
+
+
+def test_a_wait_the_pool_cannot_explain_says_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    fut = _future("")  # consumers are running: the task is just long
+    timer = _settle_later(fut, 0.7)
+    with caplog.at_level(logging.WARNING, logger="zdq.futures"):
+        assert fut.result() == 9
+    timer.join(5)
+    assert _said(caplog) == []
+
+
+def test_a_result_waited_for_after_join_stopped_the_consumers_says_to_start_them(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    with zdq.QueuePool(client, 1) as qp:
+        consumers = zdq.ConsumerPool(client, qp, n_consumers=1)
+        consumers.start()
+        consumers.join(timeout=30)  # stops them, as daskqueue's join does
+        fut = qp.submit(int, "7")
+        got: list[object] = []
+        waiter = threading.Thread(target=lambda: got.append(fut.result()), daemon=True)
+        with caplog.at_level(logging.WARNING, logger="zdq.futures"):
+            waiter.start()
+            deadline = 20.0
+            while not _said(caplog) and deadline > 0:
+                waiter.join(0.1)
+                deadline -= 0.1
+            said = _said(caplog)
+            assert said and "consumer_pool.start()" in said[0], said
+            consumers.start()  # the result comes: the wait that said why ends with it
+            waiter.join(30)
+        assert got == [7]
