@@ -39,6 +39,17 @@ class Task:
     100000
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # python-task-queue's tasks call super().__init__(*their arguments) (its RegisteredTask
+        # kept them to rebuild the task); a zdq Task travels pickled, attributes and all, so they
+        # are not needed. A class that defines no __init__ of its own takes none: Square(7) of
+        # a Task without one is a mistake, said at once.
+        if (args or kwargs) and type(self).__init__ is Task.__init__:
+            raise TypeError(
+                f"{type(self).__qualname__}() takes no arguments: make it a @dataclass, or give it an "
+                "__init__ that stores them as attributes (they travel with the pickled task)"
+            )
+
     def execute(self) -> Any:
         """Run the task; the value returned is its result."""
         raise NotImplementedError(f"{type(self).__qualname__} must implement execute()")
@@ -55,6 +66,7 @@ class _Calls:
     def __init__(self, tasks: Iterable[Any]) -> None:
         self._tasks = tasks
         self.error: TypeError | None = None
+        self.single = False  # one task given alone, not an iterable of them
 
     def __iter__(self) -> Iterator[tuple[Any]]:
         for i, task in enumerate(self._tasks):
@@ -74,16 +86,20 @@ class _Calls:
 
 def as_calls(tasks: Any) -> tuple[_Calls, int | None]:
     """``tasks`` (one Task or callable, or an iterable of them) as lazy calls, and their number
-    when it is known without reading them (a sequence's ``len``).
+    when it is known without reading them (a sequence's ``len``). One task alone is a call of
+    its own (``calls.single``).
 
     Raises
     ------
     TypeError
         ``tasks`` is neither a Task, a callable, nor an iterable.
     """
-    if isinstance(tasks, Task) or (callable(tasks) and not isinstance(tasks, Iterable)):
+    single = isinstance(tasks, Task) or (callable(tasks) and not isinstance(tasks, Iterable))
+    if single:
         tasks = (tasks,)
     elif not isinstance(tasks, Iterable) or isinstance(tasks, (str, bytes)):
         raise TypeError(f"insert(tasks=...) needs a zdq.Task, a callable, or an iterable of them, got {tasks!r:.80}")
     total = len(tasks) if hasattr(tasks, "__len__") else None
-    return _Calls(tasks), total
+    calls = _Calls(tasks)
+    calls.single = single
+    return calls, total

@@ -51,3 +51,35 @@ def test_the_error_of_a_bad_item_counts_the_items_queued_before_it_in_singular_o
         with pytest.raises(TypeError) as raised:
             calls.check()
         assert said in str(raised.value), raised.value
+
+
+def test_one_task_given_alone_is_marked_single_and_an_iterable_of_one_is_not() -> None:
+    one, _ = as_calls(Square(2))
+    assert one.single  # insert() draws no bar for it (a python-task-queue loop of inserts)
+    listed, _ = as_calls([Square(2)])
+    assert not listed.single
+    func, _ = as_calls(lambda: 1)
+    assert func.single
+
+
+class _PtqStyle(Task):
+    """python-task-queue's way: arguments kept as attributes, then passed up to the base."""
+
+    def __init__(self, txt: str = "") -> None:
+        super().__init__(txt)
+        self.txt = txt
+
+    def execute(self) -> str:
+        return self.txt.upper()
+
+
+class _NoInit(Task):
+    def execute(self) -> int:
+        return 1
+
+
+def test_a_task_may_pass_its_arguments_up_as_python_task_queues_do_but_one_without_init_takes_none() -> None:
+    assert _PtqStyle("hi")() == "HI"
+    assert _NoInit()() == 1
+    with pytest.raises(TypeError, match=r"_NoInit\(\) takes no arguments: make it a @dataclass"):
+        _NoInit(7)

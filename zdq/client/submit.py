@@ -1020,16 +1020,19 @@ class SubmitMethods:
         return Executor(queue_pool=self)  # type: ignore[arg-type]  # the mixin of QueuePool alone
 
     @off_loop_when_async
-    def insert(self, tasks: Any, total: int | None = None, progress: bool = True, **kwargs: Any) -> int:
+    def insert(self, tasks: Any, total: int | None = None, progress: bool | None = None, **kwargs: Any) -> int:
         """Queue :class:`~zdq.Task` objects (or callables of no argument), one or an iterable of
         them, lazily and in flat memory (python-task-queue's ``insert``); return the count.
 
         A thin layer over :meth:`submit_iter` (same bounds, keywords and errors), with a bar on
-        by default against ``total`` (or the iterable's ``len``). An item that is neither a Task
+        by default against ``total`` (or the iterable's ``len``), but for one task given alone
+        (python-task-queue's ``tq.insert(task)`` in a loop draws no bar per task). An item that is neither a Task
         nor a callable raises ``TypeError`` naming its position, after every item before it is
         queued; the iterable is not read past it.
         """
         calls, known = as_calls(tasks)
+        if progress is None:
+            progress = not calls.single
         count = self.submit_iter(calls, total=known if total is None else total, progress=progress, **kwargs)
         calls.check()
         return count
