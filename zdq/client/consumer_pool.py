@@ -512,7 +512,7 @@ class ConsumerPool:
                 f"{counted(stats.tasks_cancelled, 'task')} {agreeing(stats.tasks_cancelled)}",
             )
 
-    def results(self) -> dict[str, dict[int, Any]]:
+    def results(self, timeout: float = 30.0) -> dict[str, Any]:
         """Every result this pool's consumers produced, per consumer: ``{name: {task key: result}}``.
 
         A failed task's value is its exception. Needs ``keep_results=True`` on the QueuePool.
@@ -520,7 +520,16 @@ class ConsumerPool:
         by their driver before a restart) appear under ``"earlier-consumers"``, and tasks that
         failed without running (``BrokerLost``, ``StorageFull``...) under ``"not-run"``, in the
         results of the newest ConsumerPool of the queue pool.
+
+        A consumer class that defines ``get_results()`` (a daskqueue consumer keeping results of
+        its own) is asked instead, as daskqueue's ``results()`` did: ``{name: what each placed
+        consumer's get_results() returns}``, asked of all at once within ``timeout`` seconds
+        (:class:`ZdqTimeoutError` naming those that did not answer); ``keep_results`` is then
+        not needed.
         """
+        if callable(getattr(self.consumer_class, "get_results", None)):
+            self.queue_pool.driver  # a closed queue pool raises ClosedError here
+            return dict(self._ask_each("get_results", timeout, "results"))
         if not self.queue_pool.keep_results:
             raise ClosedError("the QueuePool was made with keep_results=False: read results from futures")
         self.queue_pool.driver  # a closed queue pool raises ClosedError here
@@ -560,32 +569,38 @@ class ConsumerPool:
             each, with its worker and why (silent, or its worker gone), rather than leaving a
             consumer out of the list without a word.
         """
+        return [stats for _, stats in self._ask_each("statistics", timeout, "statistics")]
+
+    def _ask_each(self, method: str, timeout: float | None, what: str) -> list[tuple[str, Any]]:
+        """``(name, answer)`` of each placed consumer's actor ``method()``, asked of all at once
+        within ``timeout`` (one bound for all); :class:`ZdqTimeoutError` naming each consumer that
+        did not answer, with its worker and why (silent, its worker gone, the call failed)."""
         bound = timeout_or_none(timeout, "timeout")
         deadline = None if bound is None else time.monotonic() + bound
         asked: list[tuple[int, str, Any]] = []
         silent: dict[tuple[int, str], str] = {}
         for i, name, consumer in self._consumers.live():
             try:
-                asked.append((i, name, consumer.statistics()))
+                asked.append((i, name, getattr(consumer, method)()))
             except Exception as e:  # its worker is gone
                 silent[i, name] = f"could not be asked ({e})"
-        stats = []
+        answers = []
         for i, name, call in asked:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 # An answer already in is taken however little time is left: a Dask actor future
                 # asked with timeout=0 raises even when it holds its answer, and a consumer that
                 # answered at once was reported silent behind one that did not (a stopped worker).
-                stats.append(call.result() if call.done() else call.result(timeout=left))
+                answers.append((name, call.result() if call.done() else call.result(timeout=left)))
             except TimeoutError:
                 silent[i, name] = f"did not answer within {bound:g} s" if bound is not None else "did not answer"
             except Exception as e:
-                silent[i, name] = f"failed: {e}"
+                silent[i, name] = f"failed: {type(e).__name__}: {e}"
         if silent:
             where = self._consumers.placed_on
             why = "; ".join(f"{name} (on {where.get(i, 'an unknown worker')}) {reason}" for (i, name), reason in silent.items())
-            raise ZdqTimeoutError(f"statistics of the consumers of queue pool {self.queue_pool.name}: {why}")
-        return stats
+            raise ZdqTimeoutError(f"{what} of the consumers of queue pool {self.queue_pool.name}: {why}")
+        return answers
 
     def __len__(self) -> int:
         return self.n_consumers

@@ -323,6 +323,11 @@ class Consumer:
         if self._exec is not None and self._exec.ident is not None:
             self._exec.join(timeout)
 
+    def get_results(self) -> Any:
+        """What the consumer class's own ``get_results()`` returns (daskqueue's
+        ``ConsumerPool.results()`` asked each consumer so)."""
+        return self._handler.get_results()  # type: ignore[attr-defined]  # the pool asks only a class that has it
+
     def statistics(self) -> ConsumerStats:
         counters, link = self._counters, self._link
         return ConsumerStats(

@@ -8,12 +8,16 @@ daskqueue made its consumer actors), with daskqueue 0.2's seven arguments: see
 from __future__ import annotations
 
 import inspect
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from typing import Any, overload
 
-__all__ = ["ConsumerArgs", "ConsumerBaseClass", "GeneralConsumer", "make_consumer"]
+__all__ = ["ConsumerArgs", "ConsumerBaseClass", "GeneralConsumer", "Message", "make_consumer", "save_hook"]
+
+#: The logger a consumer's ``self._logger`` is (daskqueue's consumers had its package's).
+consumer_logger = logging.getLogger("zdq.consumers")
 
 #: daskqueue 0.2's ``ConsumerBaseClass.__init__`` arguments, in its order (its ConsumerPool passed
 #: them positionally, so a subclass may have named them otherwise).
@@ -68,6 +72,16 @@ class ConsumerBaseClass(ABC):
         Retries of the items and tasks that carry no ``retries=`` of their own.
     early_ack : bool
         Whether a chunk is acknowledged on receipt (at most once) rather than after its results.
+    items : list
+        The raw items handed to :meth:`process_item` so far, as daskqueue kept them (a consumer
+        that runs long and keeps none clears it: it grows with them). Submitted functions are
+        called directly, not handed to :meth:`process_item`, and are not listed.
+
+    daskqueue's other attributes are there too: ``_logger`` (the ``zdq.consumers`` logger),
+    ``_worker`` and ``_executor`` (the Dask worker the consumer runs on and its executor;
+    ``None`` outside a worker), ``future`` and ``_running_tasks``. A subclass that defines
+    ``get_results()`` has :meth:`ConsumerPool.results <zdq.ConsumerPool.results>` return what
+    each consumer's call of it returns, as daskqueue's did.
 
     >>> class Upper(ConsumerBaseClass):
     ...     def process_item(self, item):
@@ -112,18 +126,76 @@ class ConsumerBaseClass(ABC):
         self.max_concurrency: int = given.get("max_concurrency", 1)
         self.n_retries: int = given.get("retries", 0)
         self.early_ack: bool = given.get("early_ack", False)
+        # daskqueue's, for the subclasses written for it (see the class's attributes).
+        self.items: list[Any] = []
+        self.future: Any = None
+        self._running_tasks: list[Any] = []
+        self._logger = consumer_logger
+        self._worker: Any = _current_worker()
+        self._executor: Any = getattr(self._worker, "executor", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A consumer goes pickled to the child process of a task with a hard time limit: its
+        # worker and executor do not pickle (nor are they the child's), and the items it was
+        # handed are not sent each time.
+        state = dict(self.__dict__)
+        for name in ("_worker", "_executor"):
+            state[name] = None
+        state["items"] = []
+        return state
 
     @abstractmethod
     def process_item(self, item: Any) -> Any:
         """Handle one raw item; its return value is the item's result."""
 
 
+def _current_worker() -> Any:
+    """The Dask worker this code runs on, or ``None`` (a consumer made outside one: a test's)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Message:
+    """A task as :meth:`GeneralConsumer.save` gets it: its ``key`` (the task id, the key of its
+    result in ``ConsumerPool.results()`` and of its future; ``id`` too)."""
+
+    key: int
+
+    @property
+    def id(self) -> int:
+        return self.key
+
+
 class GeneralConsumer(ConsumerBaseClass):
     """The default consumer: runs submitted functions; a raw item ``(fn, *args)`` is called too.
+
+    daskqueue's hook for results is kept: a subclass that overrides :meth:`save` has it called
+    on the consumer with each submitted function's result, ``save(msg, result)`` (``msg`` a
+    :class:`Message`), after the task ran and before its result is sent (what ``save`` raises
+    fails that task). Its results still reach the driver as any task's. A ``backend`` (an 8th
+    argument, as daskqueue's) is given each result by the default :meth:`save`.
 
     >>> GeneralConsumer(name="general-0").process_item((divmod, 7, 2))
     (3, 1)
     """
+
+    def __init__(self, *args: Any, backend: Any = None, **kwargs: Any) -> None:
+        if len(args) == len(DASKQUEUE_ORDER) + 1:  # daskqueue's (id, ..., early_ack, backend)
+            *args_, backend = args
+            args = tuple(args_)
+        self.backend = backend
+        super().__init__(*args, **kwargs)
+
+    def save(self, msg: Message, result: Any) -> None:
+        """Called with each submitted function's result when a subclass overrides it (daskqueue's
+        hook, to send results elsewhere); the default gives it to ``backend``, if any."""
+        if self.backend is not None:
+            self.backend.save(result)
 
     def process_item(self, item: Any) -> Any:
         if isinstance(item, tuple) and item and callable(item[0]):
@@ -163,3 +235,14 @@ def make_consumer(cls: type[ConsumerBaseClass], args: ConsumerArgs) -> ConsumerB
         named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         keywords = {key: value for key, value in keywords.items() if key in named}
     return make(**keywords)
+
+
+def save_hook(handler: Any) -> Callable[[Message, Any], None] | None:
+    """``handler.save`` when it is a :class:`GeneralConsumer` whose class overrides :meth:`save
+    <GeneralConsumer.save>` or was given a backend (daskqueue's hook: the runner calls it with
+    each function's result), else ``None``: nothing to call, nothing to pay per task."""
+    if not isinstance(handler, GeneralConsumer):
+        return None
+    if type(handler).save is GeneralConsumer.save and handler.backend is None:
+        return None
+    return handler.save

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from zdq._actor import as_dask_task
-from zdq.consumer.base import ConsumerBaseClass
+from zdq.consumer.base import ConsumerBaseClass, Message, save_hook
 from zdq.consumer.hard import Children
 from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
 from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskExpired, TaskTimeout
@@ -334,10 +334,12 @@ class Runner:
         self._where = f"consumer {name} on worker {worker or 'this process'}"
         self._queues = queues  # the brokers' queue names, for the logs
         self._handler = handler
-        self._process_item = handler.process_item
-        self._calls = callers(handler.process_item)  # how an entry of each kind is called
+        self._process_item = process_item = _listing(handler)
+        self._calls = callers(process_item)  # how an entry of each kind is called
         # The same, calling tasks given by name too: for the careful path, which they all take.
-        self._careful_calls = careful_callers(handler.process_item, self._where)
+        self._careful_calls = careful_callers(process_item, self._where)
+        # daskqueue's GeneralConsumer.save(msg, result), when overridden: called per chunk, after it ran.
+        self._save = save_hook(handler)
         # The child processes of tasks with a hard time limit (none until the first such task).
         self.children = Children(name)
         self._careful = self._run_careful  # bound once: chunk loops call it on failures
@@ -575,11 +577,34 @@ class Runner:
             self._finish(run)
             return True
         chunks.pop(chunk_id, None)
+        errors = {} if self._save is None else self._saved(kind, tasks, base, values, {})
         if not lone.stale:  # its broker was placed again: the new one runs the chunk from its storage
-            self._post(broker, p.Done(chunk_id, 1, dumps_results(base, values, {}, self._payload_key, self._max_bytes)))
+            self._post(broker, p.Done(chunk_id, 1, dumps_results(base, values, errors, self._payload_key, self._max_bytes)))
         # Without the lock: inline, chunks run one at a time (see Counters).
-        self._counters.tasks_done += 1
+        if errors:
+            self._counters.tasks_failed += 1
+        else:
+            self._counters.tasks_done += 1
         return True
+
+    def _saved(self, kind: int, tasks: Any, base: int, values: list[Any], errors: dict[int, ErrorInfo]) -> dict[int, ErrorInfo]:
+        """Hand each function's result of a chunk that ran to the consumer's ``save(msg, result)``
+        (daskqueue's hook: :func:`~zdq.consumer.base.save_hook`); return the chunk's errors with
+        those ``save`` raised (that task fails with it). Raw items are not handed over: the
+        ``process_item`` that handles them saves what it wants."""
+        save = self._save
+        if save is None or kind == ITEMS:
+            return errors
+        failed = dict(errors)
+        for i, value in enumerate(values):
+            if i in errors or (kind == TASKS and tasks[i][0] is None):
+                continue
+            try:
+                save(Message(base + i), value)
+            except Exception as e:  # noqa: BLE001 - the task's failure, as if it had raised it
+                failed[i] = error_info(e)
+                values[i] = None
+        return failed
 
     def _on_lone_careful(
         self, context: tuple[_Lone, int, int, list[Any], list[Any]], i: int, task: Any, failed: BaseException | None
@@ -823,7 +848,8 @@ class Runner:
     def _call_in_child(self, run: _ChunkRun, task: Any, limit: float | None, tid: int) -> Any:
         """A hard time limit: the task runs in a child process, killed at ``limit`` (see
         :mod:`zdq.consumer.hard`)."""
-        fn, args, kwargs = call_parts(run.kind, task, self._process_item)  # a name is imported in the child
+        # A name is imported in the child; the handler's own process_item goes (what it pickles).
+        fn, args, kwargs = call_parts(run.kind, task, self._handler.process_item)
         return self.children.call(fn, args, kwargs, limit if limit is not None else math.inf, tid, self._where)
 
     def _call_limited(self, run: _ChunkRun, task: Any, limit: float | None, tid: int) -> Any:
@@ -855,6 +881,8 @@ class Runner:
         self._chunks.pop(run.chunk_id, None)
         counters = self._counters
         cancelled = expired = 0
+        if self._save is not None and not run.stale:
+            errors = self._saved(run.kind, run.tasks, run.base, run.values, errors)
         if errors:
             cancelled = sum(1 for info in errors.values() if info.type_name == CANCELLED)
             expired = sum(1 for info in errors.values() if info.type_name == EXPIRED)
@@ -869,3 +897,19 @@ class Runner:
             self._post(run.broker, dead)
         payload = dumps_results(run.base, run.values, errors, self._payload_key, self._max_bytes)
         self._post(run.broker, p.Done(run.chunk_id, n, payload))
+
+
+def _listing(handler: Any) -> Callable[[Any], Any]:
+    """``handler.process_item``, listing each raw item it is handed in ``handler.items`` first, as
+    daskqueue's consumers kept them (a :class:`ConsumerBaseClass`'s; another handler's as it is)."""
+    process_item: Callable[[Any], Any] = handler.process_item
+    if not isinstance(handler, ConsumerBaseClass):
+        return process_item
+
+    def listed(item: Any) -> Any:
+        items = getattr(handler, "items", None)  # a subclass's __init__ may not have called ours
+        if type(items) is list:
+            items.append(item)
+        return process_item(item)
+
+    return listed
