@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -127,13 +128,23 @@ def test_failed_tasks_are_logged_from_the_users_frame_and_join_reports_them(
             with ConsumerPool(client, queue_pool, start=True) as consumers:
                 queue_pool.submit_iter((fail, f"boom {i}") for i in range(20))
                 consumers.join(timeout=60)
+                told = len(caplog.records)
+                consumers.start()
+                consumers.join(timeout=60)  # nothing failed since: nothing said again
+                assert not [r.getMessage() for r in caplog.records[told:] if "failed" in r.getMessage()]
+            with ConsumerPool(client, queue_pool, start=True) as later:
+                queue_pool.submit(fail, "one more").exception(timeout=60)
+                later.join(timeout=60)  # its own failure, not the earlier pool's twenty again
+                assert "join: 1 task failed" in caplog.records[-1].getMessage()
     failures = [r for r in caplog.records if r.name == "zdq.tasks" and "failed:" in r.getMessage()]
     assert len(failures) == 5, [r.getMessage()[:80] for r in caplog.records]  # the first in full...
     text = failures[0].getMessage()
     assert "ValueError: boom" in text and "tests/tasks.py" in text
     frames = [line for line in text.splitlines() if line.strip().startswith("File ")]
     assert frames and "zdq" not in frames[0].split("/")[-2:][0], frames  # the user's frame comes first
-    assert any("15 more tasks failed" in r.getMessage() for r in caplog.records)  # ...then counted
+    # ...then counted (with the later pool's one: said every 10 s at most, and at the pool's close)
+    counts = [re.search(r"(\d+) more tasks? failed", r.getMessage()) for r in caplog.records]
+    assert sum(int(m.group(1)) for m in counts if m) == 16
     assert any("join: 20 tasks failed" in r.getMessage() for r in caplog.records)
 
 

@@ -256,6 +256,11 @@ class ConsumerPool:
         )
         self.names = self._consumers.names
         self.served = self._consumers.served
+        # The queue pool's failed and cancelled tasks, and its dead letters, when this pool's
+        # last join said them (or when it was made): a join tells what happened since, not
+        # again what an earlier ConsumerPool's tasks did.
+        stats = queue_pool.driver.statistics()
+        self._told = (stats.tasks_failed, stats.tasks_cancelled, 0)
         registry.subscribe(self)
         registry.consumers_changed()
         try:
@@ -495,21 +500,25 @@ class ConsumerPool:
                 raise error(f"join: {why}" if error is BrokerUnreachable else f"join: queue {names[broker]} holds tasks and {why}")
 
     def _report(self, statuses: list[Any]) -> None:
-        """The end of a join: how much ran, and what failed, said where it shows."""
+        """The end of a join: how much ran, and what failed since this pool's last join (or its
+        making), said where it shows."""
         stats = self.queue_pool.driver.statistics()
         dead = sum(s.dead_tasks for s in statuses if s is not None)
+        told_failed, told_cancelled, told_dead = self._told
+        self._told = (stats.tasks_failed, stats.tasks_cancelled, dead)
+        failed, cancelled = stats.tasks_failed - told_failed, stats.tasks_cancelled - told_cancelled
         logger.info("All consumers are done ! %d items processed.", self.nb_consumed())
-        if stats.tasks_failed or dead:
+        if failed or dead != told_dead:
             logger.warning(
                 "join: %s failed (their futures and results() hold the errors, those that never ran "
                 "under 'not-run'); %s dead-lettered (queue_pool.dead_letters())",
-                counted(stats.tasks_failed, "task"),
+                counted(failed, "task"),
                 f"{dead} {agreeing(dead, 'is', 'are')}",
             )
-        if stats.tasks_cancelled:
+        if cancelled:
             logger.info(
                 "join: %s cancelled before they started (they never ran)",
-                f"{counted(stats.tasks_cancelled, 'task')} {agreeing(stats.tasks_cancelled)}",
+                f"{counted(cancelled, 'task')} {agreeing(cancelled)}",
             )
 
     def results(self, timeout: float = 30.0) -> dict[str, Any]:
