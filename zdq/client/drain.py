@@ -44,7 +44,8 @@ def wait_drained(
     result; return the queues' last counts.
 
     ``progress(done, total)`` is called at each look, ``total`` counted against the tasks
-    submitted (or, when this process submitted none, those found in the queues at the start);
+    submitted (or, when this process submitted none, against what the queues hold, once all
+    answered); the last call, once drained, has ``done == total``;
     ``check(statuses)`` may raise. A queue that has not answered for ``down_bound`` seconds raises
     :class:`BrokerLost` naming it, and started consumers none of which could be placed for their
     bound raise :class:`NoEligibleWorkers` naming their constraint: no wait here is without a
@@ -68,21 +69,28 @@ def wait_drained(
         known = [s for s in statuses if s is not None]
         pending = sum(s.ready_tasks + s.leased_tasks + s.waiting_tasks for s in known)
         outstanding = sum(d.outstanding for d in drivers)
+        drained = len(known) == len(statuses) and pending == 0 and outstanding == 0
         if progress is not None:
             stats = [d.statistics() for d in drivers]
             done = sum(s.tasks_completed + s.foreign_tasks for s in stats)
-            counted_tasks = sum(s.tasks_submitted + s.foreign_tasks for s in stats)
-            if total is None:
-                # Against the tasks this process submitted; when it submitted none (a durable
-                # pool opened again after a restart), against what the queues hold at the start.
-                # Not both: a result already here whose receipt is on its way is still counted
-                # by its queue, and adding the two overshot (83,000/102,000 for 100,000 tasks).
-                total = counted_tasks if counted_tasks else pending
-            total = max(total, counted_tasks)
-            progress(min(done, total), total)
+            submitted = sum(s.tasks_submitted for s in stats)
+            if submitted:
+                # Against the tasks this process submitted (and the results of earlier drivers'
+                # tasks that came in: those are counted done as they arrive).
+                total = max(total or 0, submitted + sum(s.foreign_tasks for s in stats))
+            elif len(known) == len(statuses):
+                # None submitted here (a durable pool opened again after a restart): against what
+                # the queues hold, once every queue has answered. A result already here whose
+                # receipt is on its way is still counted by its queue: the total may overshoot
+                # by those until the end, when it is what was done.
+                total = max(total or 0, done + pending)
+            if total is not None:
+                if drained:
+                    total = done
+                progress(min(done, total), total)
         # A STATUS reply comes after every result its broker routed here before it (one socket
         # keeps order): when every queue answers "nothing pending", those are in.
-        if len(known) == len(statuses) and pending == 0 and outstanding == 0:
+        if drained:
             return statuses
         if (pending or outstanding) and not registry.any_running():
             raise NoConsumers(
