@@ -10,6 +10,7 @@ what hung.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -25,7 +26,7 @@ from zdq import ConsumerPool, QueuePool
 from zdq.errors import BrokerLost, NoConsumers, PlacementError, ZdqTimeoutError
 from zdq._actor import scheduler_workers
 
-from .conftest import call_bounded, stop_process, wait_until
+from .conftest import call_bounded, pid_of, stop_process, wait_until
 from .tasks import add
 
 pytestmark = pytest.mark.faults
@@ -235,3 +236,32 @@ def test_a_stopped_worker_is_named_by_statistics_alone_and_by_the_placement_erro
 def _address_of(client: Client, name: str) -> str:
     (address,) = [a for a, w in scheduler_workers(client).items() if w["name"] == name]
     return address
+
+
+def test_cancel_waits_once_for_consumers_on_stopped_workers_not_once_each(
+    client3: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """join() ends by cancel(): with two consumers' workers stopped (SIGSTOP), it took the answer
+    bound once per silent consumer (30 s each, in turn) and said nothing. Now one bound for all,
+    and each silent consumer is named."""
+    import zdq.client.consumer_pool
+
+    monkeypatch.setattr(zdq.client.consumer_pool, "CANCEL_ANSWER", 2.0)
+    by_name = {w["name"]: a for a, w in scheduler_workers(client3).items()}
+    with QueuePool(client3, 1, workers=[by_name["a"]]) as queue_pool:
+        with ConsumerPool(client3, queue_pool, n_consumers=2, workers=[by_name["b"], by_name["c"]], start=True) as consumers:
+            assert queue_pool.submit(add, 1, 2).result(timeout=30) == 3
+            stopped = [pid_of(client3, "b"), pid_of(client3, "c")]
+            try:
+                for pid in stopped:
+                    stop_process(pid)
+                started = time.monotonic()
+                with caplog.at_level(logging.WARNING, logger="zdq"):
+                    consumers.cancel()
+                took = time.monotonic() - started
+            finally:
+                for pid in stopped:
+                    os.kill(pid, signal.SIGCONT)
+            assert 1.9 <= took < 3.5, took  # the bound once (2 s), not twice
+            silent = [r.getMessage() for r in caplog.records if "did not answer within 2 s" in r.getMessage()]
+            assert len(silent) == 2 and all(m.startswith("cancel: consumer GeneralConsumer-") for m in silent), silent

@@ -57,6 +57,10 @@ NOT_RUN = "not-run"
 
 logger = logging.getLogger(__name__)
 
+#: Seconds cancel() (and so join()) waits for the consumers' answers, all together: one on a
+#: stopped worker is named in a warning and passed over (it fetches nothing while stopped).
+CANCEL_ANSWER = 30.0
+
 
 def _integer(value: Any, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
@@ -426,7 +430,7 @@ class ConsumerPool:
             return
         self._check_placed()
         self._running = False
-        self._consumers.each("cancel")
+        self._consumers.each("cancel", timeout=CANCEL_ANSWER)
 
     @asynchronous.off_loop_when_async
     def join(

@@ -330,17 +330,26 @@ class ConsumerSlots:
     def each(
         self, method: str, *args: Any, timeout: float = 30.0, args_of: Callable[[int], tuple[Any, ...]] | None = None
     ) -> None:
-        """Call ``method`` on every consumer at once (with ``args``, or ``args_of(slot)``); a lost
-        one is skipped (and replaced)."""
+        """Call ``method`` on every consumer at once (with ``args``, or ``args_of(slot)``), and wait
+        for their answers within ``timeout`` seconds, one bound for all (consumers on stopped
+        workers cost it once, not each); a lost one is skipped (and replaced), a silent one named
+        in a warning."""
         calls = []
         for i, name, consumer in self.live():
             try:
                 calls.append((name, getattr(consumer, method)(*(args_of(i) if args_of else args))))
             except Exception as e:  # its worker is gone
                 logger.debug("%s on consumer %s failed: %s", method, name, e)
+        deadline = time.monotonic() + timeout
         for name, call in calls:
             try:
-                call.result(timeout=timeout)
+                # An answer already in is taken however little time is left (see ConsumerPool._ask_each).
+                call.result() if call.done() else call.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                logger.warning(
+                    "%s: consumer %s did not answer within %g s (its worker is stopped, or too busy); going on",
+                    method, name, timeout,
+                )
             except Exception as e:
                 # Lost consumers are replaced by the supervisor, with what they missed; so is one whose
                 # start() failed (its health() says so from then on: see Consumer.start). A class
