@@ -151,6 +151,10 @@ def test_a_chunk_that_does_not_decode_fails_its_tasks_not_the_consumer(client: C
         assert "does not decode" in errors[0].message
         assert queue_pool.submit(add, 1, 1).result(timeout=30) == 2  # the consumer carries on
         assert consumers.statistics()[0].bad_chunks == 1
+        for seq in range(8, 28):  # more of them: each counted (the log says one a minute)
+            peer.send_multipart(p.encode(p.Put(seq, 1, b"still not a pickle")))
+        wait_until(lambda: consumers.statistics()[0].bad_chunks == 21, timeout=30)
+        assert queue_pool.submit(add, 2, 2).result(timeout=30) == 4
         peer.close(linger=0)
 
 

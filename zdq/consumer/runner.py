@@ -39,6 +39,7 @@ from zdq._actor import as_dask_task
 from zdq.consumer.base import ConsumerBaseClass, Message, save_hook
 from zdq.consumer.hard import Children
 from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
+from zdq.reporting import Throttle
 from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskExpired, TaskTimeout
 from zdq.codec.rates import burst
 from zdq.codec.results import UNKNOWN_BASE, ErrorInfo, dumps_results, error_info
@@ -358,6 +359,7 @@ class Runner:
         self._crash_attempts = crash_attempts
         self._payload_key = payload_key
         self._max_bytes = max_bytes  # most bytes of results a DONE may carry (the sockets drop more)
+        self._bad_chunk_log = Throttle(60.0)  # the execution thread's only
         self._pool: _TaskThreads | None = None
         # Chunks received and not finished: the index of the broker they came from until started,
         # then their run (for cancellations).
@@ -501,9 +503,14 @@ class Runner:
                 raise ValueError(f"chunk holds {n} tasks, its header says {deliver.n_tasks}")
         except Exception as e:  # noqa: BLE001 - whatever a forged or broken chunk raises, it fails only its tasks
             self._counters.bad_chunk()
-            logger.error(
-                "consumer %s cannot decode chunk %d of queue %s: %s", self.name, deliver.chunk_id, self._queues[broker], e
-            )
+            # Forged chunks (a peer with the pool's transport key but not its payload key) come as
+            # fast as it sends them: a line per queue a minute, the rest counted (bad_chunks).
+            if self._bad_chunk_log.due(self._queues[broker], time.monotonic()):
+                logger.error(
+                    "consumer %s cannot decode chunk %d of queue %s: %s (more from this queue within %.0f s "
+                    "are counted in its statistics' bad_chunks, not logged)",
+                    self.name, deliver.chunk_id, self._queues[broker], e, self._bad_chunk_log.every,
+                )
             why = f"chunk {deliver.chunk_id} does not decode on consumer {self.name}: {type(e).__name__}: {e}"
             if isinstance(e, (ImportError, AttributeError)):
                 why += (
