@@ -164,6 +164,27 @@ def test_get_queue_size_says_a_stopped_brokers_worker_did_not_answer_not_that_it
         wait_until(lambda: _sizes_or_none(qp) is not None, timeout=30)
 
 
+def test_a_join_that_times_out_says_why_its_tasks_are_not_done(client_abc: Client) -> None:
+    """Not only how many were pending: the pool's reasons, as a future's timeout gives them (here
+    a queue whose worker is stopped, silent past the heartbeat timeout)."""
+    with QueuePool(client_abc, 1, workers=["a"], heartbeat_interval=0.3, heartbeat_timeout=1.0) as qp:
+        with ConsumerPool(client_abc, qp, n_consumers=1, workers=["b"], start=True) as consumers:
+            assert qp.submit(add, 1, 1).result(timeout=30) == 2
+            victim = int(qp[0].pid().result(timeout=10))
+            stop_process(victim)
+            try:
+                qp.submit(add, 2, 2)
+                error, _ = raised_within(lambda: consumers.join(timeout=3), 30, "join() of a stopped queue")
+            finally:
+                os.kill(victim, signal.SIGCONT)
+            assert isinstance(error, ZdqTimeoutError), repr(error)
+            message = str(error)
+            assert "still pending at the timeout: " in message, message
+            assert f"queues {qp.queue_names[0]} (" in message and "have not answered" in message, message
+            consumers.start()
+            consumers.join(timeout=60)
+
+
 def _sizes_or_none(qp: QueuePool) -> dict[str, int] | None:
     try:
         return qp.get_queue_size(timeout=2)

@@ -39,9 +39,11 @@ def wait_drained(
     timestep: float = 0.2,
     progress: Callable[[int, int], None] | None = None,
     check: Callable[[list[p.QueueStatus | None]], None] | None = None,
+    why: Callable[[], str] | None = None,
 ) -> list[p.QueueStatus | None]:
     """Block until every queue answers "nothing pending" and no driver of ``registry`` waits for a
-    result; return the queues' last counts.
+    result; return the queues' last counts. ``why()``: the pool's reasons the tasks may not be
+    done (its futures' hint), said in the timeout's error.
 
     ``progress(done, total)`` is called at each look, ``total`` counted against the tasks
     submitted (or, when this process submitted none, against what the queues hold, once all
@@ -115,9 +117,11 @@ def wait_drained(
                 )
         if deadline is not None and now > deadline:
             down = len(statuses) - len(known)
+            reasons = why() if why is not None else ""
             raise ZdqTimeoutError(
                 f"join: {max(pending, outstanding)} tasks were still pending at the timeout"
-                + (f" ({down} queues were down, being placed again)" if down else "")
+                + (f" ({down} queues were down, being placed again)" if down and not reasons else "")
+                + (f": {reasons}" if reasons else "")
             )
         own.wait_results(timeout=timestep)
 
@@ -209,6 +213,7 @@ class WaitMethods:
             timestep=step,
             progress=progress,
             check=check,
+            why=self.why_waiting,
         )
 
     @asynchronous.off_loop_when_async
