@@ -61,6 +61,9 @@ def test_an_unknown_task_name_fails_its_future_with_an_import_error_and_the_cons
     error = queue_pool.submit(name, 1).exception(timeout=30)
     assert isinstance(error, ImportError), error
     assert said in str(error) and "on consumer GeneralConsumer-0 on worker tcp://" in str(error), error
+    # Its remote traceback is the import's, not led by the fast path's first try of the name.
+    remote = "\n".join(getattr(error, "__notes__", []))
+    assert "remote traceback" in remote and "'str' object is not callable" not in remote, remote
     with pytest.raises(BatchError) as info:
         queue_pool.batch_submit([(name, 1), (add, 2, 2)]).result(timeout=30)
     assert isinstance(info.value.errors[0], ImportError) and info.value.values[1] == 4

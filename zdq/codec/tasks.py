@@ -598,7 +598,13 @@ def _resolve(name: str, where: str) -> Callable[..., Any]:
     try:
         return resolve_task_name(name)
     except ImportError as e:
-        raise ImportError(f"{e} (on {where})", name=e.name) from e.__cause__  # chained from the module's own error
+        cause = e.__cause__
+        if cause is not None:
+            # Resolved on the careful path, while the fast path's call of the name ("'str' object
+            # is not callable") is being handled: that is how a name is found, not part of why it
+            # failed, and the task's traceback would begin with it.
+            cause.__context__ = None
+        raise ImportError(f"{e} (on {where})", name=e.name) from cause  # chained from the module's own error
 
 
 def is_named(kind: int, entry: Any) -> bool:
