@@ -135,7 +135,8 @@ def result(pool_name: str, key: int, timeout: float | None = None, *, client: An
     if timeout is None or (now_state == "unknown" and timeout > UNKNOWN_GRACE):
         raise ZdqTimeoutError(
             f"task {key} of pool {pool_name}: no queue of the pool has held it for {UNKNOWN_GRACE:g} s (a wrong "
-            "key, or its result was taken by its driver and not kept: give the pool result_ttl=)"
+            "key; a task cancelled before its driver sent it; or its result was taken by its driver and not "
+            "kept: give the pool result_ttl=)"
         )
     raise ZdqTimeoutError(f"task {key} of pool {pool_name}: no result within {timeout:g} s; its last state: {why}")
 
