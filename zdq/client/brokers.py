@@ -542,7 +542,8 @@ class PlacedQueues:
                 if silence > self.settings.heartbeat_timeout and i not in self._silent_logged:
                     self._silent_logged.add(i)
                     logger.warning(
-                        "queue %s has been silent for %.0f s; its worker is alive (busy, or holding the GIL)",
+                        "queue %s has been silent for %.0f s; Dask still counts its worker alive (busy, holding "
+                        "the GIL, or stopped; or this process's network to it is cut)",
                         self.queue_names[i], silence,
                     )
                 elif silence < self.settings.heartbeat_timeout:

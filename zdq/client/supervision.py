@@ -93,8 +93,8 @@ class QueueWatch:
             self.relay.close()
         failed = self.driver.fail_all(
             ClosedError(
-                f"the Dask client of pool {self.name} was closed (or its cluster) while this task was pending"
-                f"{self._kept()}: close pools before their client"
+                f"the Dask client of pool {self.name} was closed (or its cluster, or it lost the scheduler for good) "
+                f"while this task was pending{self._kept()}: close pools before their client"
             )
         )
         if failed:
@@ -124,14 +124,19 @@ class QueueWatch:
             # client.restart() (or a cancel) took the actors: the cluster was reset on purpose, and a
             # new pool may reopen the same queues. Recovering here would race it for the directories;
             # what this pool's futures wait for will not come, so they fail now.
-            logger.warning("the brokers of pool %s were cancelled (client.restart?): its pending tasks fail", self.name)
+            logger.warning(
+                "the brokers of pool %s were cancelled (client.restart(), or the scheduler dropped this client "
+                "after losing touch with it): its pending tasks fail",
+                self.name,
+            )
             self.stop()
             self.reset_by_restart = True
             queues.withdraw()  # a new pool on the same name must not attach to these dead queues
             driver.fail_all(
                 BrokerLost(
-                    f"the cluster was restarted (client.restart()) while this task of pool {self.name} was "
-                    f"pending{self._kept()}; make a new QueuePool"
+                    f"the brokers of pool {self.name} were cancelled while this task was pending: the cluster "
+                    "was restarted (client.restart()), or the scheduler dropped this client (a network cut "
+                    f"longer than Dask's timeouts releases the client's actors){self._kept()}; make a new QueuePool"
                 )
             )
             return
