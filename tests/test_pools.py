@@ -13,6 +13,7 @@ from distributed import Client
 import zdq
 from zdq import ConsumerBaseClass, ConsumerPool, QueuePool
 from zdq.errors import BatchError, ClosedError, SerializationError
+from zdq._actor import scheduler_workers
 
 from .conftest import wait_until
 from .tasks import add, fail, noop, process_item, sleep
@@ -333,3 +334,11 @@ def test_a_threaded_cluster_runs_every_link_over_inproc() -> None:
             ]
             assert not any(stats.bad_messages for stats in queue_pool.broker_statistics())
         assert not any(e in sockets._local for e in queue_pool.endpoints)  # brokers stopped serving
+
+
+def test_consumers_placed_but_not_started_name_their_workers_in_their_statistics(client: Client) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2) as consumers:
+        stats = consumers.statistics()
+        workers = set(scheduler_workers(client))
+        assert [s.running for s in stats] == [False, False]
+        assert all(s.worker in workers for s in stats), [s.worker for s in stats]

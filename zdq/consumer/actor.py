@@ -127,7 +127,7 @@ class Consumer:
         self._payload_key = payload_key
         self._endpoints: list[str] = []
         self._queues: list[int] = []  # the pool's index of each queue in _endpoints
-        self._worker = ""
+        self._worker = worker_address() or ""  # placed here: its statistics name it before start()
         self._stop = threading.Event()
         self._fetching = threading.Event()
         self._counters = Counters()
