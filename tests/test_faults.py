@@ -42,6 +42,7 @@ from zdq import (
     ZdqError,
 )
 from zdq.errors import BatchError
+from zdq._actor import scheduler_workers
 
 from .conftest import pid_of, stop_process, wait_until
 from .tasks import (
@@ -961,3 +962,36 @@ def test_closing_the_dask_client_under_an_open_pool_fails_its_pending_futures_in
         queue_pool.close()
         client.close()
         cluster.close()
+
+
+def test_two_queues_lost_together_both_fail_their_tasks_at_once_while_one_is_placed_on_a_stopped_worker(
+    client3: Client,
+) -> None:
+    """Two transient brokers' workers SIGKILLed together, the third worker stopped (SIGSTOP): the
+    first queue's new placement waits out a try's bound on the stopped worker. The second queue's
+    tasks were failed only after that wait (15 s, a reviewer's run); every lost queue is now told
+    first, its tasks failing within about a second."""
+    by_address = {a: w["name"] for a, w in scheduler_workers(client3).items()}
+    qp = QueuePool(client3, 2, placement_timeout=8.0, **FAST)
+    try:
+        held = {by_address[a] for a in qp.workers()}
+        assert len(held) == 2, qp.workers()
+        (spare,) = set("abc") - held
+        pending = [qp.submit(add, i) for i in range(20)]
+        qp.flush(timeout=30)
+        assert qp.driver.brokers_holding(pending[0].key, 20) == {0, 1}  # both queues hold some
+        victims = [pid_of(client3, name) for name in sorted(held)]
+        stopped = pid_of(client3, spare)
+        stop_process(stopped)
+        try:
+            killed_at = time.monotonic()
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+            assert_settled(pending, 6.0, "the tasks of two queues lost together")
+            took = time.monotonic() - killed_at
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        assert all(isinstance(f.exception(0), BrokerLost) for f in pending), [repr(f.exception(0)) for f in pending]
+        assert took < 6.0, took
+    finally:
+        call_bounded(qp.close, 90, "QueuePool.close() after two queues were lost")

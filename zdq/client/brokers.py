@@ -532,6 +532,7 @@ class PlacedQueues:
         return any(fut is not None and fut.status == "cancelled" for fut in self.slots.futures())
 
     def supervise_once(self, driver: Driver, moved: Moved, stopping: Callable[[], bool]) -> None:
+        lost = []
         for i, fut in enumerate(self.slots.futures()):
             if i in self._gone or stopping() or fut is None:
                 continue
@@ -549,21 +550,36 @@ class PlacedQueues:
                 elif silence < self.settings.heartbeat_timeout:
                     self._silent_logged.discard(i)
                 continue
+            lost.append(i)
+        # Every queue lost is told first (a transient one's tasks fail now; what it never confirmed
+        # goes to the others): placing one again may wait out a try's bound on a stopped worker,
+        # which must not hold back the news of the others (several workers die together).
+        for i in lost:
+            self._note_lost(i, driver)
+        for i in lost:
+            if stopping():
+                return
             self._recover(i, driver, moved, stopping)
+
+    def _note_lost(self, i: int, driver: Driver) -> None:
+        """Queue ``i`` was lost with its worker: tell the driver (once per loss)."""
+        if i in self._lost_since:
+            return
+        transient = not self.durable
+        self._lost_since[i] = time.monotonic()
+        driver.broker_lost(i, memory_lost=transient)
+        logger.warning(
+            "queue %s was lost with its worker%s; placing it again",
+            self.queue_names[i],
+            " (the tasks and schedules that lived only in its memory are gone: the tasks fail with BrokerLost)"
+            if transient
+            else "",
+        )
 
     def _recover(self, i: int, driver: Driver, moved: Moved, stopping: Callable[[], bool]) -> None:
         transient = not self.durable
         name = self.queue_names[i]
-        if i not in self._lost_since:
-            self._lost_since[i] = time.monotonic()
-            driver.broker_lost(i, memory_lost=transient)
-            logger.warning(
-                "queue %s was lost with its worker%s; placing it again",
-                name,
-                " (the tasks and schedules that lived only in its memory are gone: the tasks fail with BrokerLost)"
-                if transient
-                else "",
-            )
+        self._note_lost(i, driver)
         host = None if transient else self.where[i][0]
         try:
             fut = self._submit(i, host=host)
