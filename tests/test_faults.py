@@ -594,13 +594,13 @@ def test_a_consumer_with_prefetch_1_holds_at_most_one_chunk_over_all_its_queues(
     with QueuePool(client3, 4, **FAST) as qp:
         with ConsumerPool(client3, qp, n_consumers=1, prefetch=1, workers=["c"]) as consumers:
             # Chunks go round robin: each queue gets one long task, then ten short ones.
-            calls = [(sleep_return, -q, 1.5) for q in range(4)] + [(add, i) for i in range(40)]
+            calls = [(sleep_return, -q, 0.75) for q in range(4)] + [(add, i) for i in range(40)]
             batch = qp.batch_submit(calls, batch_size=1)
             qp.flush(timeout=30)
             consumers.start()
             wait_until(lambda: sum(s.leased_chunks for s in qp.broker_statistics()) >= 1, timeout=30)
             samples = []
-            end = time.monotonic() + 3.0
+            end = time.monotonic() + 1.5  # two long tasks' worth
             while time.monotonic() < end:
                 samples.append(sum(s.leased_chunks for s in qp.broker_statistics()))
                 time.sleep(0.02)
