@@ -431,8 +431,8 @@ def test_early_ack_consumers_run_everything_once(client: Client) -> None:
 
 
 def test_a_task_longer_than_the_heartbeat_timeout_keeps_its_lease(harness: Callable[..., Harness]) -> None:
-    queue_pool = harness(1, 1, heartbeat_interval="250ms", heartbeat_timeout="2s")
-    assert queue_pool.submit(sleep, 5.0).result(timeout=60) == 5.0  # 2.5× the timeout
+    queue_pool = harness(1, 1, heartbeat_interval="250ms", heartbeat_timeout="1.5s")
+    assert queue_pool.submit(sleep, 3.75).result(timeout=60) == 3.75  # 2.5× the timeout
     stats = queue_pool.broker_statistics()[0]
     assert stats.chunks_redelivered == 0 and stats.chunks_split == 0
 
