@@ -35,6 +35,7 @@ _DRIVER = textwrap.dedent(
     from tests.tasks import tiny_sleep
 
     address, n, max_pending = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    sys.stdin.readline()  # started ahead (its imports overlap the other run): the line says go
     me = psutil.Process()
     with Client(address) as client:
         pool = QueuePool(client, keep_results=False, max_pending=max_pending)
@@ -57,15 +58,25 @@ _DRIVER = textwrap.dedent(
 )
 
 
-def _run_driver(cluster: LocalCluster, n: int, max_pending: int | None) -> dict[str, float]:
+def _start_driver(cluster: LocalCluster, n: int, max_pending: int | None) -> subprocess.Popen[str]:
+    """The driver's process, importing; it runs once :func:`_driver_result` tells it to."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", _DRIVER, cluster.scheduler_address, str(n), json.dumps(max_pending)],
-        capture_output=True, text=True, timeout=120, cwd=root, env=env, check=False,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root, env=env,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _driver_result(proc: subprocess.Popen[str]) -> dict[str, float]:
+    try:
+        stdout, stderr = proc.communicate("go\n", timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def test_max_pending_keeps_a_fast_producers_memory_bounded(cluster: LocalCluster, client: Client) -> None:
@@ -74,8 +85,15 @@ def test_max_pending_keeps_a_fast_producers_memory_bounded(cluster: LocalCluster
     # task still shows). The unbounded one runs at the producer's pace: 30,000 take under a
     # second, of which about 25,000 pile up (some 45 MiB), enough to tell the two apart.
     n_bounded, n = 15_000, 30_000
-    bounded = _run_driver(cluster, n_bounded, 1000)
-    unbounded = _run_driver(cluster, n, None)
+    # The unbounded driver's process starts (imports) while the bounded one runs; it runs after.
+    later = _start_driver(cluster, n, None)
+    try:
+        bounded = _driver_result(_start_driver(cluster, n_bounded, 1000))
+    except BaseException:
+        later.kill()
+        later.communicate(timeout=10)
+        raise
+    unbounded = _driver_result(later)
     print(f"bounded {bounded}, unbounded {unbounded}")
     assert bounded["unfinished"] <= 1000 + 200  # the bound, and what the last coalesced chunk held
     assert bounded["growth_mib"] < 50 * n_bounded / 30_000, bounded
