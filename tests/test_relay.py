@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 
 import dask
 import pytest
@@ -138,8 +137,11 @@ def test_a_relay_stalled_past_its_call_timeout_is_replaced_and_nothing_is_lost_o
             stop_process(pid)
             try:
                 wait_until(lambda: relay.replacements >= 1, timeout=30)
+                # Stalled on until results come through the new relay (the old one is silent):
+                # what the brokers sent on the old path must come again on the new one.
+                replaced_at = batch.completed
+                wait_until(lambda: batch.completed > replaced_at, timeout=60)
             finally:
-                time.sleep(3)  # stalled on: what it sent on the old path must come again on the new one
                 os.kill(pid, signal.SIGCONT)
             assert relay.worker != stalled
             assert batch.result(timeout=90) == list(range(3000))
