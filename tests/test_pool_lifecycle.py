@@ -217,10 +217,13 @@ def test_a_script_that_ends_without_close_shuts_down_quietly(tmp_path: Path) -> 
     assert zdq_lines == [], "\n".join(zdq_lines)
 
 
-def _hold_the_loop(marker_dir: str, seconds: float) -> None:
-    """(On a worker, by ``client.run``: in its event loop.) Say so, then hold the loop."""
+def _hold_the_loop(marker_dir: str, release: str, seconds: float) -> None:
+    """(On a worker, by ``client.run``: in its event loop.) Say so, then hold the loop until the
+    file ``release`` exists (at most ``seconds``)."""
     Path(marker_dir, str(os.getpid())).touch()
-    time.sleep(seconds)
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def test_statistics_name_the_queues_that_did_not_answer(client: Client, tmp_path: Path) -> None:
@@ -237,17 +240,24 @@ def test_statistics_name_the_queues_that_did_not_answer(client: Client, tmp_path
         # silently. The workers' event loops (which take actor calls) are held for a while, so
         # that no answer can come in time: a microsecond's timeout alone was a race, which a
         # call answered before its result was asked for won under load.
+        # Held until the checks below are done (a fixed 5 s hold was mostly waited out after
+        # them), 60 s at most.
         n_workers = len(client.scheduler_info()["workers"])
-        holding = threading.Thread(target=client.run, args=(_hold_the_loop, str(tmp_path), 5), daemon=True)
+        held, release = tmp_path / "held", tmp_path / "release"
+        held.mkdir()
+        holding = threading.Thread(target=client.run, args=(_hold_the_loop, str(held), str(release), 60), daemon=True)
         holding.start()  # client.run of a plain function waits for it: from a thread of its own
-        wait_until(lambda: len(list(tmp_path.iterdir())) == n_workers, timeout=30)
-        stats = owner.statistics(timeout=0.3)  # a wait per queue: well within the hold
-        assert stats.brokers == []
-        assert sorted(stats.missing) == ["counted-queue-0", "counted-queue-1"]
-        assert all(stats.missing.values())
-        assert "counted-queue-1" in repr(stats)
-        with pytest.raises(BrokerLost, match="counted-queue-1"):
-            owner.broker_statistics(timeout=0.3)
+        try:
+            wait_until(lambda: len(list(held.iterdir())) == n_workers, timeout=30)
+            stats = owner.statistics(timeout=0.3)  # a wait per queue: within the hold, which lasts until released
+            assert stats.brokers == []
+            assert sorted(stats.missing) == ["counted-queue-0", "counted-queue-1"]
+            assert all(stats.missing.values())
+            assert "counted-queue-1" in repr(stats)
+            with pytest.raises(BrokerLost, match="counted-queue-1"):
+                owner.broker_statistics(timeout=0.3)
+        finally:
+            release.touch()
         holding.join(timeout=30)
         assert not holding.is_alive()
         assert [b.name for b in owner.statistics(timeout=30).brokers] == ["counted-queue-0", "counted-queue-1"]
