@@ -8,6 +8,22 @@ import time
 from pathlib import Path
 
 
+# Twins of tests/tasks.py's add, sleep and blob. A hard task's child imports its function's module
+# before the task starts, and tests/tasks.py imports zdq (Dask with it): a second of CPU in every
+# new child, several per test on a loaded machine, that these (importing nothing of zdq) save.
+def add_here(a: int, b: int) -> int:
+    return a + b
+
+
+def sleep_here(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def blob_here(n_bytes: int) -> bytes:
+    return b"x" * n_bytes
+
+
 def pid_and_parent() -> tuple[int, int]:
     return os.getpid(), os.getppid()
 

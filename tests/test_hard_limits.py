@@ -26,16 +26,19 @@ from zdq.errors import BatchError, RemoteTaskError, TaskProcessDied
 
 from .conftest import wait_until
 from .hard_tasks import (
+    add_here,
     allocate_and_sleep,
+    blob_here,
     exit_now,
     fork_and_sleep,
     pid_and_parent,
     raise_two_arg_error,
     return_loads_badly,
+    sleep_here,
     start_sleep_and_sleep,
     write_pid_and_sleep,
 )
-from .tasks import add, blob, sleep
+from .tasks import add, sleep
 
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "5s"}
 
@@ -90,7 +93,7 @@ def test_a_hard_limited_task_is_killed_at_its_limit_and_its_consumer_runs_the_ne
     warm_pid, worker_pid = queue_pool.submit(pid_and_parent, time_limit=30, hard=True).result(timeout=60)
     assert worker_pid != os.getpid() and warm_pid != worker_pid  # a child of the worker, not the worker
     started = time.monotonic()
-    error = queue_pool.submit(sleep, 60, time_limit=1, hard=True).exception(timeout=30)
+    error = queue_pool.submit(sleep_here, 60, time_limit=1, hard=True).exception(timeout=30)
     assert isinstance(error, TaskTimeout), error
     assert time.monotonic() - started < 15
     assert "killed after 1s" in str(error)
@@ -104,7 +107,7 @@ def test_a_hard_limited_task_is_killed_at_its_limit_and_its_consumer_runs_the_ne
     assert queue_pool.submit(pid_and_parent, time_limit=30, hard=True).result(timeout=60)[0] == new_pid  # warm
     # Arguments and values larger than a pipe's buffer go through whole.
     assert queue_pool.submit(len, b"x" * 3_000_000, time_limit=30, hard=True).result(timeout=60) == 3_000_000
-    assert len(queue_pool.submit(blob, 2_000_000, time_limit=30, hard=True).result(timeout=60)) == 2_000_000
+    assert len(queue_pool.submit(blob_here, 2_000_000, time_limit=30, hard=True).result(timeout=60)) == 2_000_000
 
 
 @pytest.mark.faults
@@ -125,16 +128,16 @@ def test_a_killed_task_gives_its_memory_back(pools: Any, tmp_path: Path) -> None
 @pytest.mark.parametrize("max_concurrency", [1, 2])
 def test_a_consumer_pools_hard_limit_kills_every_task_without_its_own(pools: Any, max_concurrency: int) -> None:
     queue_pool, _ = pools(time_limit=1, hard=True, max_concurrency=max_concurrency)
-    single = queue_pool.submit(sleep, 60)
-    batch = queue_pool.batch_submit([(sleep, 60), (add, 1, 2)])
+    single = queue_pool.submit(sleep_here, 60)
+    batch = queue_pool.batch_submit([(sleep_here, 60), (add_here, 1, 2)])
     for error in (single.exception(timeout=30),):
         assert isinstance(error, TaskTimeout) and "killed" in str(error), error
     with pytest.raises(BatchError) as info:
         batch.result(timeout=30)
     assert isinstance(info.value.errors[0], TaskTimeout) and info.value.values[1] == 3
     assert not _exists(_killed_pid(info.value.errors[0]))
-    assert queue_pool.submit(sleep, 0.1).result(timeout=30) == 0.1
-    assert queue_pool.put((add, 2, 3)).result(timeout=30) == 5  # a raw item: process_item in the child
+    assert queue_pool.submit(sleep_here, 0.1).result(timeout=30) == 0.1
+    assert queue_pool.put((add_here, 2, 3)).result(timeout=30) == 5  # a raw item: process_item in the child
 
 
 @pytest.mark.faults
@@ -145,11 +148,11 @@ def test_a_consumer_pools_hard_limit_holds_for_tasks_with_options_but_no_limit_o
     queue_pool, _ = pools(time_limit=1, hard=True, max_concurrency=4)
     started = time.monotonic()
     futures = [
-        queue_pool.submit(sleep, 60, expires=time.time() + 120),
-        queue_pool.submit(sleep, 60, retries=1, retry_on=(KeyError,)),  # a TaskTimeout is not retried
-        queue_pool.batch_submit([(sleep, 60)], expires=time.time() + 120),  # the chunk's options
+        queue_pool.submit(sleep_here, 60, expires=time.time() + 120),
+        queue_pool.submit(sleep_here, 60, retries=1, retry_on=(KeyError,)),  # a TaskTimeout is not retried
+        queue_pool.batch_submit([(sleep_here, 60)], expires=time.time() + 120),  # the chunk's options
     ]
-    own = queue_pool.submit(sleep, 1.5, time_limit=10)
+    own = queue_pool.submit(sleep_here, 1.5, time_limit=10)
     for future in futures[:2]:
         error = future.exception(timeout=30)
         assert isinstance(error, TaskTimeout) and "hard time limit" in str(error), error
@@ -171,7 +174,7 @@ def test_the_processes_a_hard_task_started_die_with_it(pools: Any, tmp_path: Pat
     assert _alive(grandchild)
     assert isinstance(future.exception(timeout=30), TaskTimeout)
     wait_until(lambda: not _alive(grandchild), timeout=10)  # killed with its group (init reaps it)
-    assert queue_pool.submit(add, 1, 1, time_limit=10, hard=True).result(timeout=60) == 2
+    assert queue_pool.submit(add_here, 1, 1, time_limit=10, hard=True).result(timeout=60) == 2
 
 
 @pytest.mark.faults
