@@ -6,12 +6,13 @@ consumer, as daskqueue's did."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 from distributed import Client
 
-from zdq import BatchError, ConsumerBaseClass, ConsumerPool, GeneralConsumer, QueuePool
+from zdq import BatchError, ConsumerBaseClass, ConsumerPool, GeneralConsumer, QueuePool, ZdqTimeoutError
 
 from .tasks import add
 
@@ -88,3 +89,51 @@ def test_results_returns_each_consumers_own_get_results_as_daskqueue_did(client:
             assert set(results) == {"OwnResults-0", "OwnResults-1"}
             merged = {k: v for mine in results.values() for k, v in mine.items()}
             assert merged == {i: i + 1 for i in range(40)}
+
+
+class SkipsInit(GeneralConsumer):
+    """A daskqueue subclass whose __init__ does not call the base class's."""
+
+    def __init__(self, *args: Any) -> None:
+        self.name = "skips"
+
+
+class HangsThenAnswers(ConsumerBaseClass):
+    def process_item(self, item: Any) -> Any:
+        return item
+
+    def get_results(self) -> dict[str, int]:
+        import time
+
+        time.sleep(8)
+        return {"late": 1}
+
+
+class Unpicklable(ConsumerBaseClass):
+    def process_item(self, item: Any) -> Any:
+        return item
+
+    def get_results(self) -> Any:
+        import threading
+
+        return {"lock": threading.Lock()}
+
+
+def test_a_general_consumer_subclass_that_skips_init_runs_its_tasks(client: Client) -> None:
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, SkipsInit, 1, start=True):
+        assert queue_pool.submit(add, 2, 3).result(timeout=30) == 5
+        assert queue_pool.put((add, 1, 1)).result(timeout=30) == 2
+
+
+def test_a_get_results_that_hangs_or_cannot_travel_is_named_and_leaves_the_worker_answering(client: Client) -> None:
+    with QueuePool(client, 1) as queue_pool:
+        with ConsumerPool(client, queue_pool, HangsThenAnswers, 1, start=True) as consumers:
+            with pytest.raises(ZdqTimeoutError, match=r"HangsThenAnswers-0 .*did not return within 1\.6 s"):
+                consumers.results(timeout=2)
+            # The worker's actor thread was not held by it: the consumer answers at once.
+            started = time.monotonic()
+            assert consumers.statistics(timeout=5)[0].worker
+            assert time.monotonic() - started < 3
+        with ConsumerPool(client, queue_pool, Unpicklable, 1, start=True) as consumers:
+            with pytest.raises(ZdqTimeoutError, match="returned a dict that cannot be pickled"):
+                consumers.results(timeout=10)

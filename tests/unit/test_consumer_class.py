@@ -217,3 +217,18 @@ def test_the_consumer_actor_makes_its_class_at_once_and_names_it_when_its_init_r
     assert message.startswith("consumer class ") and "Broken raised ConnectionError in __init__" in message, message
     assert "(consumer Broken-3 on this process): database of zdq-pool unreachable" in message, message
     assert type(info.value.__cause__) is ConnectionError
+
+
+def test_raw_items_are_listed_for_a_users_consumer_class_but_not_for_zdqs_own_general_consumer() -> None:
+    from zdq.consumer.runner import _listing
+
+    class Counting(ConsumerBaseClass):
+        def process_item(self, item: object) -> int:
+            return len(self.items)
+
+    mine = Counting(name="counting-0")
+    listing = _listing(mine)
+    assert [listing(x) for x in "abc"] == [1, 2, 3] and mine.items == ["a", "b", "c"]
+    general = GeneralConsumer(name="general-0")
+    call = _listing(general)
+    assert call((divmod, 7, 2)) == (3, 1) and general.items == []  # the default consumer keeps nothing

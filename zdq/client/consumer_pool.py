@@ -537,12 +537,13 @@ class ConsumerPool:
         A consumer class that defines ``get_results()`` (a daskqueue consumer keeping results of
         its own) is asked instead, as daskqueue's ``results()`` did: ``{name: what each placed
         consumer's get_results() returns}``, asked of all at once within ``timeout`` seconds
-        (:class:`ZdqTimeoutError` naming those that did not answer); ``keep_results`` is then
-        not needed.
+        (:class:`ZdqTimeoutError` naming those that did not answer, or whose ``get_results()``
+        raised, hung, or returned what cannot be pickled); ``keep_results`` is then not needed.
+        With an asynchronous client, that call is awaitable (it asks the workers), as
+        :meth:`statistics` is.
         """
         if callable(getattr(self.consumer_class, "get_results", None)):
-            self.queue_pool.driver  # a closed queue pool raises ClosedError here
-            return dict(self._ask_each("get_results", timeout, "results"))
+            return self._own_results(timeout)
         if not self.queue_pool.keep_results:
             raise ClosedError("the QueuePool was made with keep_results=False: read results from futures")
         self.queue_pool.driver  # a closed queue pool raises ClosedError here
@@ -556,6 +557,15 @@ class ConsumerPool:
             if not_run:
                 out[NOT_RUN] = not_run
         return out
+
+    @asynchronous.off_loop_when_async
+    def _own_results(self, timeout: float) -> dict[str, Any]:
+        """:meth:`results` of a class that defines ``get_results()``: each consumer's answer. The
+        consumer gives its call of it most of the bound, so that one that hangs is named as such."""
+        self.queue_pool.driver  # a closed queue pool raises ClosedError here
+        bound = timeout_or_none(timeout, "timeout")
+        inner = 3600.0 if bound is None else max(0.1, 0.8 * bound)
+        return dict(self._ask_each("get_results", bound, "results", inner))
 
     def _newest(self) -> bool:
         """Whether this is the newest ConsumerPool of the pool: it reports what no consumer of this
@@ -584,8 +594,8 @@ class ConsumerPool:
         """
         return [stats for _, stats in self._ask_each("statistics", timeout, "statistics")]
 
-    def _ask_each(self, method: str, timeout: float | None, what: str) -> list[tuple[str, Any]]:
-        """``(name, answer)`` of each placed consumer's actor ``method()``, asked of all at once
+    def _ask_each(self, method: str, timeout: float | None, what: str, *args: Any) -> list[tuple[str, Any]]:
+        """``(name, answer)`` of each placed consumer's actor ``method(*args)``, asked of all at once
         within ``timeout`` (one bound for all); :class:`ZdqTimeoutError` naming each consumer that
         did not answer, with its worker and why (silent, its worker gone, the call failed)."""
         bound = timeout_or_none(timeout, "timeout")
@@ -594,7 +604,7 @@ class ConsumerPool:
         silent: dict[tuple[int, str], str] = {}
         for i, name, consumer in self._consumers.live():
             try:
-                asked.append((i, name, getattr(consumer, method)()))
+                asked.append((i, name, getattr(consumer, method)(*args)))
             except Exception as e:  # its worker is gone
                 silent[i, name] = f"could not be asked ({e})"
         answers = []
@@ -605,8 +615,11 @@ class ConsumerPool:
                 # asked with timeout=0 raises even when it holds its answer, and a consumer that
                 # answered at once was reported silent behind one that did not (a stopped worker).
                 answers.append((name, call.result() if call.done() else call.result(timeout=left)))
-            except TimeoutError:
-                silent[i, name] = f"did not answer within {bound:g} s" if bound is not None else "did not answer"
+            except TimeoutError as e:
+                if call.done():  # the consumer's own answer was a TimeoutError (a get_results() that hung)
+                    silent[i, name] = f"failed: {e}"
+                else:
+                    silent[i, name] = f"did not answer within {bound:g} s" if bound is not None else "did not answer"
             except Exception as e:
                 silent[i, name] = f"failed: {type(e).__name__}: {e}"
         if silent:

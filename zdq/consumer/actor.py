@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+
+import cloudpickle
 import time
 from typing import Any
 
@@ -323,10 +325,39 @@ class Consumer:
         if self._exec is not None and self._exec.ident is not None:
             self._exec.join(timeout)
 
-    def get_results(self) -> Any:
+    def get_results(self, timeout: float) -> Any:
         """What the consumer class's own ``get_results()`` returns (daskqueue's
-        ``ConsumerPool.results()`` asked each consumer so)."""
-        return self._handler.get_results()  # type: ignore[attr-defined]  # the pool asks only a class that has it
+        ``ConsumerPool.results()`` asked each consumer so), within ``timeout`` seconds.
+
+        The user's method runs on a thread of its own, not on the worker's actor thread, which
+        every actor call of the worker (its brokers' too) goes through: one that hangs is left
+        behind, named in the ``TimeoutError``. An answer that cannot be pickled (it could not
+        travel) is a ``TypeError`` saying so, not a silence."""
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["value"] = self._handler.get_results()  # type: ignore[attr-defined]  # asked only of a class with it
+            except BaseException as e:  # noqa: BLE001 - the caller's error
+                box["error"] = e
+
+        thread = threading.Thread(target=run, name=f"zdq-get-results-{self.name}", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(
+                f"get_results() of consumer {self.name} did not return within {timeout:g} s (it is left running)"
+            )
+        if "error" in box:
+            raise box["error"]
+        try:
+            cloudpickle.dumps(box["value"])
+        except Exception as e:
+            raise TypeError(
+                f"get_results() of consumer {self.name} returned a {type(box['value']).__name__} that cannot be "
+                f"pickled to travel to the driver: {type(e).__name__}: {e}"
+            ) from None
+        return box["value"]
 
     def statistics(self) -> ConsumerStats:
         counters, link = self._counters, self._link

@@ -73,9 +73,12 @@ class ConsumerBaseClass(ABC):
     early_ack : bool
         Whether a chunk is acknowledged on receipt (at most once) rather than after its results.
     items : list
-        The raw items handed to :meth:`process_item` so far, as daskqueue kept them (a consumer
-        that runs long and keeps none clears it: it grows with them). Submitted functions are
-        called directly, not handed to :meth:`process_item`, and are not listed.
+        The raw items handed to :meth:`process_item` so far, as daskqueue kept them, in a class
+        of the user's (a consumer that runs long and keeps none clears it: it grows with them;
+        zdq's own :class:`GeneralConsumer` lists none). Submitted functions are called directly,
+        not handed to :meth:`process_item`, and are not listed. With a hard time limit
+        (``hard=True``) :meth:`process_item` runs in a child process: what it changes on the
+        consumer, ``items`` too, stays there.
 
     daskqueue's other attributes are there too: ``_logger`` (the ``zdq.consumers`` logger),
     ``_worker`` and ``_executor`` (the Dask worker the consumer runs on and its executor;
@@ -176,8 +179,9 @@ class GeneralConsumer(ConsumerBaseClass):
 
     daskqueue's hook for results is kept: a subclass that overrides :meth:`save` has it called
     on the consumer with each submitted function's result, ``save(msg, result)`` (``msg`` a
-    :class:`Message`), after the task ran and before its result is sent (what ``save`` raises
-    fails that task). Its results still reach the driver as any task's. A ``backend`` (an 8th
+    :class:`Message`), after the task's chunk ran and before its results are sent (what ``save``
+    raises fails that task, without a retry: the task itself succeeded). Its results still reach
+    the driver as any task's. A ``backend`` (an 8th
     argument, as daskqueue's) is given each result by the default :meth:`save`.
 
     >>> GeneralConsumer(name="general-0").process_item((divmod, 7, 2))
@@ -243,6 +247,7 @@ def save_hook(handler: Any) -> Callable[[Message, Any], None] | None:
     each function's result), else ``None``: nothing to call, nothing to pay per task."""
     if not isinstance(handler, GeneralConsumer):
         return None
-    if type(handler).save is GeneralConsumer.save and handler.backend is None:
+    # getattr: a subclass's __init__ may not have called GeneralConsumer's (no backend then).
+    if type(handler).save is GeneralConsumer.save and getattr(handler, "backend", None) is None:
         return None
     return handler.save

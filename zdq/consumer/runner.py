@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from zdq._actor import as_dask_task
-from zdq.consumer.base import ConsumerBaseClass, Message, save_hook
+from zdq.consumer.base import ConsumerBaseClass, GeneralConsumer, Message, save_hook
 from zdq.consumer.hard import Children
 from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
 from zdq.reporting import Throttle
@@ -908,9 +908,11 @@ class Runner:
 
 def _listing(handler: Any) -> Callable[[Any], Any]:
     """``handler.process_item``, listing each raw item it is handed in ``handler.items`` first, as
-    daskqueue's consumers kept them (a :class:`ConsumerBaseClass`'s; another handler's as it is)."""
+    daskqueue's consumers kept them: for a user's :class:`ConsumerBaseClass` subclass (written for
+    daskqueue, it may read them). zdq's own :class:`GeneralConsumer` lists nothing: whoever
+    put()s items to the default consumer would see its worker's memory grow with them."""
     process_item: Callable[[Any], Any] = handler.process_item
-    if not isinstance(handler, ConsumerBaseClass):
+    if not isinstance(handler, ConsumerBaseClass) or type(handler) is GeneralConsumer:
         return process_item
 
     def listed(item: Any) -> Any:
