@@ -599,34 +599,12 @@ class ConsumerPool:
         within ``timeout`` (one bound for all); :class:`ZdqTimeoutError` naming each consumer that
         did not answer, with its worker and why (silent, its worker gone, the call failed)."""
         bound = timeout_or_none(timeout, "timeout")
-        deadline = None if bound is None else time.monotonic() + bound
-        asked: list[tuple[int, str, Any]] = []
-        silent: dict[tuple[int, str], str] = {}
-        for i, name, consumer in self._consumers.live():
-            try:
-                asked.append((i, name, getattr(consumer, method)(*args)))
-            except Exception as e:  # its worker is gone
-                silent[i, name] = f"could not be asked ({e})"
-        answers = []
-        for i, name, call in asked:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                # An answer already in is taken however little time is left: a Dask actor future
-                # asked with timeout=0 raises even when it holds its answer, and a consumer that
-                # answered at once was reported silent behind one that did not (a stopped worker).
-                answers.append((name, call.result() if call.done() else call.result(timeout=left)))
-            except TimeoutError as e:
-                if call.done():  # the consumer's own answer was a TimeoutError (a get_results() that hung)
-                    silent[i, name] = f"failed: {e}"
-                else:
-                    silent[i, name] = f"did not answer within {bound:g} s" if bound is not None else "did not answer"
-            except Exception as e:
-                silent[i, name] = f"failed: {type(e).__name__}: {e}"
-        if silent:
+        answers, missing = self._consumers.ask_all(method, *args, timeout=bound)
+        if missing:
             where = self._consumers.placed_on
-            why = "; ".join(f"{name} (on {where.get(i, 'an unknown worker')}) {reason}" for (i, name), reason in silent.items())
+            why = "; ".join(f"{name} (on {where.get(i, 'an unknown worker')}) {reason}" for (i, name), (reason, _) in missing.items())
             raise ZdqTimeoutError(f"{what} of the consumers of queue pool {self.queue_pool.name}: {why}")
-        return answers
+        return [(name, answer) for _, name, answer in answers]
 
     def __len__(self) -> int:
         return self.n_consumers

@@ -327,34 +327,57 @@ class ConsumerSlots:
             if c is not None and (serving is None or serving in queues)
         ]
 
+    def ask_all(
+        self,
+        method: str,
+        *args: Any,
+        timeout: float | None,
+        args_of: Callable[[int], tuple[Any, ...]] | None = None,
+    ) -> tuple[list[tuple[int, str, Any]], dict[tuple[int, str], tuple[str, BaseException | None]]]:
+        """Call ``method`` on every live consumer at once (with ``args``, or ``args_of(slot)``) and
+        wait for the answers within ``timeout`` seconds (``None``: no bound), one bound for all:
+        consumers on stopped workers cost it once, not each. Returns ``(slot, name, answer)`` of
+        those that answered, and ``{(slot, name): (why, error)}`` of the others: its worker gone,
+        silent (``error`` ``None``), or the call raised (``error``). An answer already in is taken
+        however little time is left: a Dask actor future asked with ``timeout=0`` raises even when
+        it holds its answer, and a consumer that answered at once was reported silent behind one
+        that did not."""
+        calls: list[tuple[int, str, Any]] = []
+        missing: dict[tuple[int, str], tuple[str, BaseException | None]] = {}
+        for i, name, consumer in self.live():
+            try:
+                calls.append((i, name, getattr(consumer, method)(*(args_of(i) if args_of else args))))
+            except Exception as e:  # its worker is gone
+                missing[i, name] = (f"could not be asked ({e})", e)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        answers = []
+        for i, name, call in calls:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                answers.append((i, name, call.result() if call.done() else call.result(timeout=left)))
+            except TimeoutError as e:
+                if call.done():  # the consumer's own answer was a TimeoutError (a get_results() that hung)
+                    missing[i, name] = (f"failed: {e}", e)
+                else:
+                    missing[i, name] = (f"did not answer within {timeout:g} s" if timeout is not None else "did not answer", None)
+            except Exception as e:
+                missing[i, name] = (f"failed: {type(e).__name__}: {e}", e)
+        return answers, missing
+
     def each(
         self, method: str, *args: Any, timeout: float = 30.0, args_of: Callable[[int], tuple[Any, ...]] | None = None
     ) -> None:
-        """Call ``method`` on every consumer at once (with ``args``, or ``args_of(slot)``), and wait
-        for their answers within ``timeout`` seconds, one bound for all (consumers on stopped
-        workers cost it once, not each); a lost one is skipped (and replaced), a silent one named
-        in a warning."""
-        calls = []
-        for i, name, consumer in self.live():
-            try:
-                calls.append((name, getattr(consumer, method)(*(args_of(i) if args_of else args))))
-            except Exception as e:  # its worker is gone
-                logger.debug("%s on consumer %s failed: %s", method, name, e)
-        deadline = time.monotonic() + timeout
-        for name, call in calls:
-            try:
-                # An answer already in is taken however little time is left (see ConsumerPool._ask_each).
-                call.result() if call.done() else call.result(timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                logger.warning(
-                    "%s: consumer %s did not answer within %g s (its worker is stopped, or too busy); going on",
-                    method, name, timeout,
-                )
-            except Exception as e:
+        """:meth:`ask_all` for a call whose answers are not needed: a lost consumer is skipped (and
+        replaced), a silent one named in a warning."""
+        _, missing = self.ask_all(method, *args, timeout=timeout, args_of=args_of)
+        for (_, name), (why, error) in missing.items():
+            if error is None:
+                logger.warning("%s: consumer %s %s (its worker is stopped, or too busy); going on", method, name, why)
+            else:
                 # Lost consumers are replaced by the supervisor, with what they missed; so is one whose
                 # start() failed (its health() says so from then on: see Consumer.start). A class
                 # whose __init__ raises never gets here: the pool's placement raised it.
-                (logger.warning if method == "start" else logger.debug)("%s on consumer %s failed: %s", method, name, e)
+                (logger.warning if method == "start" else logger.debug)("%s on consumer %s: %s", method, name, why)
 
     # -- supervision (the pool's supervisor thread) -----------------------------------------------
     def cancelled(self) -> bool:
