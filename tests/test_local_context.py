@@ -80,9 +80,9 @@ def test_leaving_the_block_says_once_what_it_waits_for_when_that_takes_a_while(
     client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A task delayed past the block's last line made its end wait in silence."""
-    import zdq.client.local
+    import zdq.futures
 
-    monkeypatch.setattr(zdq.client.local, "SAY_AFTER", 0.3)
+    monkeypatch.setattr(zdq.futures, "SAY_AFTER", 0.3)  # zdq.local's block end says it as waits do
     with caplog.at_level(logging.WARNING, logger="zdq.client.local"):
         with zdq.local(parallel=1) as tq:
             late = tq.submit(Mark(str(tmp_path), 1), delay=2)

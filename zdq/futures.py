@@ -27,7 +27,7 @@ from zdq.config import timeout_or_none
 from zdq.errors import BatchError, TaskCancelled, ZdqTimeoutError
 from zdq.names import counted
 
-__all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "WaitHint", "wait", "as_completed"]
+__all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "SayOnce", "WaitHint", "wait", "as_completed"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,33 +82,51 @@ def wait_seconds(timeout: Any) -> float | None:
 SAY_AFTER = 10.0
 
 
+class SayOnce:
+    """The moment a long wait speaks: :meth:`due` is true once, :data:`SAY_AFTER` seconds after the
+    wait began (``waited``: seconds it had waited already when this was made), and never again.
+    One for each thing that waits and may have to say why: :class:`_SayWhy`, the awaits of an
+    event loop (:class:`_AwaitLooks`), the end of a ``zdq.local`` block."""
+
+    __slots__ = ("started", "_said")
+
+    def __init__(self, waited: float = 0.0) -> None:
+        self.started = time.monotonic() - waited
+        self._said = False
+
+    @property
+    def waited(self) -> float:
+        return time.monotonic() - self.started
+
+    def due(self) -> bool:
+        if self._said or self.waited < SAY_AFTER:
+            return False
+        self._said = True
+        return True
+
+
 class _SayWhy:
     """What a long wait says: once, :data:`SAY_AFTER` seconds after it began, a warning naming
     what it waits for and the pool's reason (its hint: no consumer running, queues down...), when
     the pool gives one. A wait that the pool can explain is otherwise indistinguishable from a
     hang; one with no reason (tasks that run long) says nothing."""
 
-    __slots__ = ("_what", "_started", "_said")
+    __slots__ = ("_what", "_once")
 
     def __init__(self, what: str, waited: float = 0.0) -> None:
         self._what = what
-        self._started = time.monotonic() - waited  # ``waited``: seconds it has waited already
-        self._said = False
+        self._once = SayOnce(waited)  # ``waited``: seconds it has waited already
 
     def look(self, fs: Iterable[concurrent.futures.Future[Any]]) -> None:
-        if self._said:
+        if not self._once.due():
             return
-        waited = time.monotonic() - self._started
-        if waited < SAY_AFTER:
-            return
-        self._said = True
         for f in fs:
             hint = getattr(f, "_hint", None)
             why = hint() if hint is not None and not f.done() else ""
             if why:
                 logger.warning(
                     "zdq: %s has waited %.0f s for %r: %s (it waits on: give it a timeout to bound it)",
-                    self._what, waited, f, why,
+                    self._what, self._once.waited, f, why,
                 )
                 return
 
@@ -415,9 +433,8 @@ class _AwaitLooks:
         self._timer_set = False  # the handle is the loop's: not kept here, nor the loop with it
         self._asking = False
         # Since when some await has been pending without a break, and whether a look said why
-        # (once, past SAY_AFTER, as a long result() does: _SayWhy).
-        self._since: float | None = None
-        self._said = False
+        # (once, past SAY_AFTER, as a long result() does); None while none is pending.
+        self._once: SayOnce | None = None
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _AwaitLooks:
@@ -428,8 +445,8 @@ class _AwaitLooks:
 
     def add(self, waiter: asyncio.Future[Any], fut: concurrent.futures.Future[Any], stuck: Callable[[Any], Any]) -> None:
         """Look after ``waiter`` (an await of ``fut``) until it ends (:meth:`ended`)."""
-        if self._since is None:
-            self._since = time.monotonic()
+        if self._once is None:
+            self._once = SayOnce()
         self._awaits[waiter] = (fut, stuck)
         if not self._timer_set and not self._asking:
             self._timer_set = True
@@ -438,18 +455,17 @@ class _AwaitLooks:
     def ended(self, waiter: asyncio.Future[Any]) -> None:
         self._awaits.pop(waiter, None)
         if not self._awaits:
-            self._since, self._said = None, False
+            self._once = None
 
     def _look(self) -> None:
         self._timer_set = False
         if not self._awaits:
-            self._since, self._said = None, False
+            self._once = None
             return
         self._asking = True
         say = None
-        if not self._said and self._since is not None and time.monotonic() - self._since >= SAY_AFTER:
-            self._said = True
-            say = _SayWhy("await", time.monotonic() - self._since)
+        if self._once is not None and self._once.due():
+            say = _SayWhy("await", self._once.waited)
         looking = _on_own_thread(asyncio.get_running_loop(), _ask_pools, list(self._awaits.items()), say)
         looking.add_done_callback(self._answered)
 

@@ -19,13 +19,12 @@ bound: :class:`BrokerLost`).
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Self
 
 from zdq.client.cluster import parallel_of
 from zdq.client.consumer_pool import ConsumerPool
 from zdq.client.queue_pool import QueuePool
-from zdq.futures import SAY_AFTER
+from zdq.futures import SayOnce
 from zdq.names import counted
 
 __all__ = ["LocalConsumers", "LocalPool", "local"]
@@ -94,16 +93,13 @@ class LocalPool(QueuePool):
         """
         if self.closed:
             return
-        started = time.monotonic()
-        said = False
+        once = SayOnce()
 
         def say_why_it_waits(statuses: list[Any]) -> None:
             # A block whose tasks run long, or wait for their time (submit(..., delay=)), would
             # otherwise end in silence long after its last line: said once, after a while.
-            nonlocal said
-            if said or time.monotonic() - started < SAY_AFTER:
+            if not once.due():
                 return
-            said = True
             pending = sum(s.ready_tasks + s.leased_tasks for s in statuses if s is not None)
             logger.warning(
                 "zdq.local: the end of the block waits for %s of pool %s (running, queued, or delayed "
