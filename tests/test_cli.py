@@ -266,6 +266,36 @@ def test_ctrl_c_while_connecting_exits_with_130_and_no_traceback(command: list[s
     assert run.returncode == 130 and "Traceback" not in stderr, stderr
 
 
+def test_a_ctrl_c_that_lands_as_the_connection_is_made_is_not_lost() -> None:
+    """Ctrl-C reaches the command's connecting coroutine as a cancellation (asyncio.run's), and
+    Python 3.11's wait_for swallowed one that landed as the connection completed: the command
+    then waited for the silent peer's handshake its whole --timeout (seen once under load, the
+    test above timing out). The race, made to happen: the awaited completes, and the task is
+    cancelled, in one turn of the loop."""
+    import asyncio
+
+    from zdq.observe.remote import _within
+
+    class Comm:
+        aborted = False
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    async def race() -> Comm:
+        connected: asyncio.Future[Comm] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(_within(connected, 60))
+        await asyncio.sleep(0)  # the task waits on the connection
+        comm = Comm()
+        connected.set_result(comm)
+        task.cancel()  # Ctrl-C, in the same turn
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        return comm
+
+    assert asyncio.run(race()).aborted
+
+
 @pytest.mark.parametrize("key", ["-5", str(1 << 64)])
 def test_zdq_result_refuses_a_key_no_task_has_before_connecting(key: str) -> None:
     with _fake_servers("silent") as (server,):  # a scheduler that would hold a connection for --timeout

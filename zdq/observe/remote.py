@@ -134,7 +134,7 @@ async def _identify(address: str, timeout: float, security: Any) -> None:
         if left <= 0:
             raise OSError(f"cannot reach a Dask scheduler at {address} within {timeout:g} s: {last}")
         try:
-            comm = await asyncio.wait_for(connector.connect(location, deserialize=False, **args), left)
+            comm = await _within(connector.connect(location, deserialize=False, **args), left)
         except FatalCommClosedError as e:  # TLS refused: trying again changes nothing
             raise OSError(f"cannot reach a Dask scheduler at {address}: {e or e.__cause__ or 'TLS failed'}") from None
         except (OSError, asyncio.TimeoutError) as e:
@@ -156,7 +156,7 @@ async def _identify(address: str, timeout: float, security: Any) -> None:
         return await comm.read()
 
     try:
-        identity = await asyncio.wait_for(ask(), max(deadline - loop.time(), 0.0))
+        identity = await _within(ask(), max(deadline - loop.time(), 0.0))
     except asyncio.TimeoutError:  # before OSError: TimeoutError is one
         raise OSError(
             f"no Dask scheduler answered at {address} within {timeout:g} s (something accepts connections "
@@ -174,6 +174,22 @@ async def _identify(address: str, timeout: float, security: Any) -> None:
     if not (isinstance(kind, str) and kind.endswith("Scheduler")):
         what = f"a Dask {kind}" if isinstance(kind, str) and kind.isidentifier() else "not a scheduler"
         raise OSError(f"{not_dask}: it is {what} (give the address of the cluster's scheduler)")
+
+
+async def _within(awaitable: Any, timeout: float) -> Any:
+    """``asyncio.wait_for``, without losing a cancellation. Ctrl-C reaches a coroutine run by
+    ``asyncio.run`` as a cancellation of its task, and in Python 3.11 ``wait_for`` swallows a
+    cancellation that lands as what it awaits completes: the command then went on to its next
+    wait, and a Ctrl-C while connecting to a silent peer was lost for the whole ``--timeout``."""
+    import asyncio
+
+    result = await asyncio.wait_for(awaitable, timeout)
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        if hasattr(result, "abort"):
+            result.abort()  # a comm made as the cancellation came
+        raise asyncio.CancelledError
+    return result
 
 
 def status(client: Any, timeout: float) -> dict[str, Any]:
