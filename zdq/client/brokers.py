@@ -420,24 +420,6 @@ class PlacedQueues:
             out[i] = call.result(timeout=timeout)
         return out
 
-    def chosen_left(self, wait: float = 3.0) -> list[str]:
-        """The workers chosen for these queues that the scheduler no longer lists: gone while they
-        were placed (the scheduler sees a killed worker leave within moments: asked again for up
-        to ``wait`` seconds while none has)."""
-        chosen = set(self.placed_on.values())
-        if not chosen:
-            return []
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                present = set(scheduler_workers(self.client))
-            except Exception:  # noqa: BLE001 - the scheduler itself is out of reach: nothing to retry
-                return []
-            left = sorted(chosen - present)
-            if left or time.monotonic() >= deadline:
-                return left
-            time.sleep(0.25)
-
     def _release(self, futures: list[Any]) -> None:
         """Undo a failed placement: every broker created stops (opened in their constructors,
         adopted or not), and a queue directory one created and wrote nothing to is removed, so

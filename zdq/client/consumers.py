@@ -55,6 +55,7 @@ from zdq.client.slots import (
     SlotsClosed,
     gather_actors,
     place_actor,
+    place_on_the_rest,
     release_future,
     stop_created,
     wait_created,
@@ -63,7 +64,7 @@ from zdq.config import PoolSettings
 from zdq.errors import ConsumerInitError, PlacementError
 from zdq.consumer import Consumer, ConsumerBaseClass
 from zdq.client.driver import Driver
-from zdq.names import consumer_names
+from zdq.names import consumer_names, counted
 from zdq.fanout import served_queues
 from zdq.transport.reach import OPEN_BETWEEN_WORKERS, describe
 from zdq.transport.security import ClientKeys
@@ -196,8 +197,21 @@ class ConsumerSlots:
             Some actor was not created within ``timeout`` seconds: the message names each such
             consumer and its worker (stopped, or too busy to answer). Or, with ``start``, some
             consumer could not start: its own error, naming it and its worker.
+
+        A worker that leaves the cluster while its consumers are made (killed, crashed) is seen
+        within a second, and every consumer placed once more on the workers that are left.
         """
         timeout = self.settings.placement_timeout if timeout is None else timeout
+
+        def chosen() -> set[str]:
+            with self._lock:
+                return set(self.placed_on.values())
+
+        what = f"{counted(self.n, 'consumer')} of pool {self.queue_pool.name}"
+        place_on_the_rest(self.client, lambda: self._place_all_once(timeout, start), chosen, what)
+
+    def _place_all_once(self, timeout: float, start: bool) -> None:
+        """One try of :meth:`place_all`: nothing is left placed when it fails."""
         deadline = time.monotonic() + timeout
         known = scheduler_workers(self.client)
         where = self._beside_brokers(known)

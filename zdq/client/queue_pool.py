@@ -62,6 +62,7 @@ from zdq.client.consumer_registry import ConsumerRegistry
 from zdq.client.control import ControlMethods, DeadLetterInfo
 from zdq.client.drain import WaitMethods
 from zdq.client.handles import QueueHandle
+from zdq.client.slots import place_on_the_rest
 from zdq.client.supervision import QueueWatch
 from zdq.client.submit import SubmitMethods, Submitter, TaskDefaults
 from zdq.config import PoolSettings, seconds_or_none, settings, timeout_or_none
@@ -69,7 +70,6 @@ from zdq.client.driver import Driver
 from zdq.errors import (
     BrokerUnreachable,
     ClosedError,
-    PlacementError,
     QueueLocked,
     ZdqError,
 )
@@ -569,7 +569,9 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         started = time.monotonic()
         keys = make_keys(self.client, self.auth, self.name)
         ensure_installed(self.client)  # once per cluster: what /zdq, /metrics and `zdq status` read
-        for attempt in (1, 2):
+        made: list[PlacedQueues] = []
+
+        def attempt() -> PlacedQueues:
             queues = PlacedQueues(
                 self.client,
                 self.name,
@@ -583,24 +585,12 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
                 identity=self._identity,
                 owner_token=self._owner_token,
             )
-            try:
-                queues.place(self.auth)
-                break
-            except PlacementError as e:
-                # A worker killed while the queues were being placed (their actors are released,
-                # nothing is left behind): placed once more on the workers that are left.
-                # Dask says "Worker holding Actor was lost" before its scheduler may have dropped the
-                # worker: only then is it waited for, a few seconds.
-                left = queues.chosen_left(wait=3.0 if "lost" in str(e).lower() else 0.0)
-                if not left:
-                    raise
-                if attempt == 2:
-                    e.add_note(f"zdq: workers {', '.join(left)} left the cluster while the queues were placed, twice")
-                    raise
-                logger.warning(
-                    "placing pool %s: worker %s left the cluster meanwhile (%s); placing the queues again on the others",
-                    self.name, ", ".join(left), e,
-                )
+            made.append(queues)
+            queues.place(self.auth)  # releases what it made when it fails
+            return queues
+
+        chosen = lambda: set(made[-1].placed_on.values()) if made else set()  # noqa: E731
+        queues = place_on_the_rest(self.client, attempt, chosen, f"the queues of pool {self.name}")
         self._queues = queues
         if self.rate_limit is not None:
             self.set_rate_limit(self.rate_limit)

@@ -51,15 +51,19 @@ __all__ = [
     "exiting",
     "gather_actors",
     "place_actor",
+    "place_on_the_rest",
     "placed_reports",
     "release_future",
     "stop_created",
     "wait_created",
+    "workers_left",
 ]
 
 logger = logging.getLogger(__name__)
 #: Seconds a failed placement spends stopping what it created (what does not answer stops alone).
 _STOP_CREATED_WAIT = 3.0
+#: While actors are being created, how often the scheduler is asked whether their workers left.
+_LOOK_FOR_LEFT_EVERY = 1.0
 
 A = TypeVar("A")
 
@@ -117,36 +121,114 @@ def wait_created(client: Any, placing: list[tuple[str, Any, str]], timeout: floa
     answering (stopped, e.g. by SIGSTOP, or too busy). ``known``: the scheduler's workers when
     placing began (for their names). Waited for before the proxies are gathered, so that a late
     actor is named, and no wait of Dask's own is left behind to fail unseen."""
-    try:
-        distributed.wait([fut for _, fut, _ in placing], timeout=timeout)
-    except TimeoutError:
-        pass  # said below, naming who did not answer
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = [(label, fut, address) for label, fut, address in placing if not fut.done()]
+        if not pending:
+            return
+        # In steps: a worker killed while its actor is made leaves that actor's task waiting
+        # for a worker Dask will never have (it is pinned there), and the whole bound was waited
+        # for nothing. Between steps the scheduler is asked whether a worker waited on left.
+        step = min(_LOOK_FOR_LEFT_EVERY, deadline - time.monotonic())
+        if step <= 0:
+            break
+        try:
+            distributed.wait([fut for _, fut, _ in pending], timeout=step)
+        except TimeoutError:
+            pass  # said below, naming who did not answer
+        if time.monotonic() >= deadline:
+            break
+        present = _present(client)
+        if present is not None and any(_left(address, present) for _, fut, address in pending if not fut.done()):
+            break
     late = [(label, address) for label, fut, address in placing if not fut.done()]
     if not late:
         return
-    try:
-        present = set(scheduler_workers(client))
-    except Exception:  # noqa: BLE001 - the scheduler itself is out of reach: say what is known
+    present = _present(client)
+    if present is None:  # the scheduler itself is out of reach: say what is known
         present = set(known)
 
     def worker(address: str) -> str:
         name = known.get(address, {}).get("name")
         return f"{address} (worker {name})" if name is not None and str(name) != address else address
 
+    # Stopped early, a worker waited on having left: the others were not yet late, only unfinished.
+    waited = min(timeout, timeout - (deadline - time.monotonic()))
+    early = waited < timeout
+    within = f"after {waited:.1f} s (of {timeout:g})" if early else f"within {timeout:g} s"
     gone = [f"{label} on {worker(address)}" for label, address in late if address not in present]
     silent = [f"{label} on {worker(address)}" for label, address in late if address in present]
-    for _, address in late:
-        if address in present:
-            note_unanswered(address)  # the next placements go elsewhere while they can
+    if not early:
+        for _, address in late:
+            if address in present:
+                note_unanswered(address)  # the next placements go elsewhere while they can
     said = []
     if gone:
         said.append(f"{', '.join(gone)}: the worker left the cluster (killed or crashed)")
-    if silent:
+    if silent and early:
+        said.append(f"{', '.join(silent)}: not created yet (given up with the rest)")
+    elif silent:
         said.append(f"{', '.join(silent)}: the worker did not answer (it is stopped, e.g. by SIGSTOP, or too busy)")
     raise PlacementError(
-        f"{counted(len(late), what)} not created within {timeout:g} s: {'; '.join(said)}; resume or restart "
+        f"{counted(len(late), what)} not created {within}: {'; '.join(said)}; resume or restart "
         "the worker, or place the pool with workers= that leaves it out"
     )
+
+
+def place_on_the_rest(client: Any, attempt: Callable[[], A], chosen: Callable[[], set[str]], what: str) -> A:
+    """``attempt()``, a placement that releases what it made when it fails; when it failed because
+    workers it had chosen (``chosen()``, read after the failure) left the cluster meanwhile
+    (killed or crashed while placed), once more, on the workers that are left. A second such
+    failure is raised, with a note naming the workers that left."""
+    for again in (False, True):
+        try:
+            return attempt()
+        except Exception as e:
+            # Dask says "Worker holding Actor was lost" before its scheduler may have dropped the
+            # worker: only then is it waited for, a few seconds.
+            left = workers_left(client, chosen(), wait=3.0 if "lost" in str(e).lower() else 0.0)
+            if not left:
+                raise
+            if again:
+                e.add_note(f"zdq: workers {', '.join(left)} left the cluster while {what} were placed, twice")
+                raise
+            logger.warning(
+                "placing %s: worker %s left the cluster meanwhile (%s); placing them again on the others",
+                what, ", ".join(left), e,
+            )
+    raise AssertionError("unreachable")
+
+
+def _present(client: Any) -> set[str] | None:
+    """The scheduler's workers now (None: it could not be asked)."""
+    try:
+        return set(scheduler_workers(client))
+    except Exception:  # noqa: BLE001 - the caller says what is known
+        return None
+
+
+def _left(address: str, present: set[str]) -> bool:
+    """Whether the worker ``address``, chosen for an actor, is no longer the scheduler's."""
+    return address not in ("", "?") and address not in present
+
+
+def workers_left(client: Any, chosen: set[str], wait: float) -> list[str]:
+    """The workers of ``chosen`` (picked for a placement) that the scheduler no longer lists:
+    gone while their actors were placed. Dask can report an actor's worker lost before its
+    scheduler has dropped that worker, so the scheduler is asked again for up to ``wait`` seconds
+    while none has left. [] when the scheduler cannot be asked (nothing to place again on)."""
+    chosen = {address for address in chosen if address not in ("", "?")}
+    if not chosen:
+        return []
+    deadline = time.monotonic() + wait
+    while True:
+        present = _present(client)
+        if present is None:
+            return []
+        left = sorted(chosen - present)
+        if left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.25)
 
 
 def gather_actors(client: Any, futures: list[Any], timeout: float) -> list[Any]:
