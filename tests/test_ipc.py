@@ -26,7 +26,7 @@ from zdq.transport.ipc import ipc_dir, ipc_endpoint, ipc_path, serve_on_ipc, swe
 from zdq.transport.reach import Watch
 from zdq._actor import scheduler_workers
 
-from .conftest import pid_of, wait_until
+from .conftest import pid_of, stop_process, wait_until
 from .tasks import add, mark_and_sleep
 
 pytestmark = pytest.mark.cluster
@@ -224,6 +224,31 @@ def test_a_foreign_listener_at_a_brokers_ipc_path_is_named_when_consumers_cannot
     message = str(caught.value)
     assert f"Unix socket {address}" in message and "another process" in message, message
     assert "open the brokers' ports" not in message, message
+
+
+@pytest.mark.faults
+def test_a_stopped_broker_that_consumers_cannot_reach_is_said_to_be_stopped_not_its_sockets_path(client3: Client) -> None:
+    """A broker whose worker was SIGSTOPped accepts Unix-socket connections (the kernel does) and
+    never shakes hands: start()'s error advised removing the socket's file. The pool's driver
+    hears nothing from that broker either, so the error now says the broker is stopped."""
+    # Heartbeats 4 a second, so that the driver tells a silent broker within a second; and a
+    # timeout long enough that the driver does not take it as lost meanwhile.
+    beats = {"heartbeat_interval": "250ms", "heartbeat_timeout": "30s", "connect_timeout": "2s"}
+    with QueuePool(client3, 1, workers=["a"], **beats) as qp:
+        assert _addresses(qp)[0].startswith("ipc://"), _addresses(qp)
+        with ConsumerPool(client3, qp, n_consumers=1, workers=["b"]) as consumers:
+            victim = pid_of(client3, "a")
+            stop_process(victim)
+            try:
+                wait_until(lambda: qp.driver.broker_silence(0) >= 1.5, timeout=30)  # silent to the driver too
+                with pytest.raises(BrokerUnreachable) as caught:
+                    consumers.start()
+            finally:
+                os.kill(victim, signal.SIGCONT)
+            message = str(caught.value)
+            assert "has not heard that broker either" in message and "SIGCONT" in message, message
+            assert "remove the file" not in message and "open the brokers' ports" not in message, message
+            assert qp.submit(add, 1, 2).result(timeout=60) == 3  # resumed: the consumer reaches it
 
 
 @pytest.mark.faults

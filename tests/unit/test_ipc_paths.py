@@ -12,7 +12,7 @@ import pytest
 
 from zdq.transport import ipc
 from zdq.transport.ipc import ipc_dir, ipc_endpoint, ipc_path
-from zdq.transport.reach import CHECK_IPC_PATH, OPEN_BETWEEN_WORKERS, describe, over_ipc
+from zdq.transport.reach import CHECK_IPC_PATH, DRIVER_HEARS_NOTHING, OPEN_BETWEEN_WORKERS, RESUME_THE_BROKER, describe, over_ipc
 
 
 @pytest.fixture
@@ -102,9 +102,26 @@ def test_no_ipc_where_the_platform_has_no_unix_sockets(base: Path, monkeypatch: 
 
 
 def test_an_unreachable_report_over_ipc_names_the_path_and_advises_checking_it_not_opening_ports() -> None:
-    why = over_ipc("ipc:///run/zdq-1/b-x", "tcp://10.0.0.1:4000", "the handshake never completed")
-    assert "ipc:///run/zdq-1/b-x (not tcp://10.0.0.1:4000)" in why and "/run/zdq-1/b-x?" in why
+    why = over_ipc("ipc:///run/zdq-1/b-x", "tcp://10.0.0.1:4000", "the CurveZMQ handshake failed")
+    assert "ipc:///run/zdq-1/b-x (not tcp://10.0.0.1:4000)" in why and "listen at /run/zdq-1/b-x?" in why
     only_ipc = describe("pool p", [("q", "tcp://10.0.0.1:4000", "w", why)], OPEN_BETWEEN_WORKERS)
     assert only_ipc.endswith(CHECK_IPC_PATH)
     mixed = describe("pool p", [("q", "e", "w", why), ("r", "e2", "w", "refused")], OPEN_BETWEEN_WORKERS)
     assert mixed.endswith(OPEN_BETWEEN_WORKERS)  # some went over TCP: its ports matter
+
+
+def test_a_connection_that_never_shook_hands_over_ipc_is_as_likely_a_stopped_broker_as_another_listener() -> None:
+    """The kernel accepts a Unix-socket connection for a stopped process: a handshake that never
+    completed does not say a foreign process holds the path."""
+    why = over_ipc("ipc:///run/zdq-1/b-x", "tcp://10.0.0.1:4000", "the handshake never completed")
+    assert "stopped or too busy, or another process listens at /run/zdq-1/b-x" in why, why
+    assert over_ipc("ipc:///p", "tcp://h:1", "every connection attempt failed at once").endswith("failed at once")
+
+
+def test_brokers_the_driver_does_not_hear_either_are_said_to_be_stopped_whatever_the_path_or_port() -> None:
+    ipc_why = over_ipc("ipc:///run/zdq-1/b-x", "tcp://h:1", "the handshake never completed")
+    unheard = f"; {DRIVER_HEARS_NOTHING} for 12 s"
+    both = [("q", "e", "w", ipc_why + unheard), ("r", "e2", "w", "no route to that host" + unheard)]
+    assert describe("pool p", both, OPEN_BETWEEN_WORKERS).endswith(RESUME_THE_BROKER)
+    one = [("q", "e", "w", ipc_why + unheard), ("r", "e2", "w", ipc_why)]  # the driver hears r: its path may be held
+    assert describe("pool p", one, OPEN_BETWEEN_WORKERS).endswith(CHECK_IPC_PATH)

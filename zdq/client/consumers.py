@@ -66,7 +66,7 @@ from zdq.consumer import Consumer, ConsumerBaseClass
 from zdq.client.driver import Driver
 from zdq.names import consumer_names, counted
 from zdq.fanout import served_queues
-from zdq.transport.reach import OPEN_BETWEEN_WORKERS, describe
+from zdq.transport.reach import DRIVER_HEARS_NOTHING, OPEN_BETWEEN_WORKERS, describe
 from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import new_identity
 
@@ -769,8 +769,14 @@ class ConsumerSlots:
         workers = dict(zip(qp.queue_names, qp.workers()))
         with self._lock:
             where = {name: self.placed_on.get(i, "?") for i, name in enumerate(self.names)}
+        # A broker the driver does not hear either is silent to everyone (its worker stopped or
+        # starved), whatever the consumers' connections say: said so, rather than blamed on a
+        # port or a socket's path. Healthy brokers beat every heartbeat interval.
+        quiet = max(3 * self.settings.heartbeat_interval, 1.0)
+        silence = {name: qp.driver.broker_silence(i) for i, name in enumerate(qp.queue_names) if name in missed}
+        unheard = {queue: f"; {DRIVER_HEARS_NOTHING} for {s:.0f} s" for queue, s in silence.items() if s >= quiet}
         lines = [
-            (queue, endpoint, workers.get(queue, ""), f"{consumer} on {where.get(consumer, '?')}: {why}")
+            (queue, endpoint, workers.get(queue, ""), f"{consumer} on {where.get(consumer, '?')}: {why}{unheard.get(queue, '')}")
             for queue, tries in missed.items()
             for consumer, endpoint, why in tries
         ]

@@ -19,7 +19,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 __all__ = [
-    "Watch", "Heard", "describe", "over_ipc", "CLIENT_OUTSIDE", "OPEN_TO_CLIENT", "OPEN_BETWEEN_WORKERS", "CHECK_IPC_PATH"
+    "Watch", "Heard", "describe", "over_ipc", "CLIENT_OUTSIDE", "OPEN_TO_CLIENT", "OPEN_BETWEEN_WORKERS", "CHECK_IPC_PATH",
+    "DRIVER_HEARS_NOTHING", "RESUME_THE_BROKER",
 ]
 
 _EVENTS = (
@@ -64,11 +65,30 @@ CHECK_IPC_PATH = (
 )
 
 
+#: How a link's reason ends when the pool's driver has not heard that broker either
+#: (:func:`~zdq.client.consumers.ConsumerSlots.reach_verdict` adds it).
+DRIVER_HEARS_NOTHING = "this pool's driver has not heard that broker either"
+#: What to do when the driver hears none of the brokers the consumers cannot reach: the broker,
+#: not the network or a socket's path, is what does not answer.
+RESUME_THE_BROKER = (
+    "The pool's own driver hears nothing from those brokers either, so neither the network nor a socket's path "
+    "is at fault: their worker process is stopped (e.g. by SIGSTOP) or too busy to run them. Resume it (SIGCONT) or "
+    "give it CPU: the consumers reach the broker once it runs."
+)
+
+
 def over_ipc(address: str, endpoint: str, why: str) -> str:
     """The reason a broker reached over its Unix socket ``address`` (instead of TCP ``endpoint``)
-    was not heard from: the path actually used, and what to check there."""
+    was not heard from: the path actually used, and what to check there. A connection that was
+    made but never completed its handshake is as likely a stopped broker as a foreign listener."""
     path = address[len("ipc://") :]
-    return f"{OVER_IPC} {address} (not {endpoint}): {why} (does another process listen at {path}?)"
+    if "handshake failed" in why:
+        check = f" (does another process listen at {path}?)"
+    elif "never completed" in why or "sent nothing" in why:
+        check = f" (the broker's process is stopped or too busy, or another process listens at {path})"
+    else:
+        check = ""
+    return f"{OVER_IPC} {address} (not {endpoint}): {why}{check}"
 
 
 class Watch:
@@ -149,6 +169,8 @@ def describe(subject: str, brokers: Iterable[tuple[str, str, str, str]], advice:
     lines = [
         f"  {queue} at {endpoint} (worker {worker or 'unknown'}): {why}" for queue, endpoint, worker, why in brokers
     ]
-    if brokers and all(OVER_IPC in why for *_, why in brokers):
+    if brokers and all(DRIVER_HEARS_NOTHING in why for *_, why in brokers):
+        advice = RESUME_THE_BROKER  # the broker is silent to everyone: no port or path is at stake
+    elif brokers and all(OVER_IPC in why for *_, why in brokers):
         advice = CHECK_IPC_PATH  # no TCP port is at stake: the advice to open ports would mislead
     return "\n".join([f"{subject}:", *lines, advice])
