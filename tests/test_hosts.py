@@ -239,6 +239,17 @@ def test_consumers_that_cannot_reach_a_broker_are_reported_and_a_queue_none_reac
                 assert f"reaches {queue_pool.queue_names[on_a]}" in message and hosts.a_ip in message
                 assert "GeneralConsumer-0" in message
                 print(message)
+                # join() raises it too, at once, for the tasks that wait on that queue (it waited
+                # for its whole timeout); and once the hosts reach each other, it returns.
+                futures = [queue_pool.submit(add, i, 1) for i in range(20)]
+                started = time.monotonic()
+                with pytest.raises(BrokerUnreachable, match=queue_pool.queue_names[on_a]):
+                    lonely.join(timeout=60)
+                assert time.monotonic() - started < 10
+                hosts.unblock("a", hosts.b_ip)
+                wait_until(lambda: not lonely.unreached(), timeout=60)  # asked again until reached
+                lonely.join(timeout=60)
+                assert [f.result(timeout=30) for f in futures] == [i + 1 for i in range(20)]
     finally:
         hosts.unblock("a", hosts.b_ip)
 

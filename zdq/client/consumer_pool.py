@@ -419,6 +419,7 @@ class ConsumerPool:
             self._supervisor.start()
         orphans, why = self._consumers.check_reach(placing=started)
         if orphans:
+            self._consumers.note_unreached(orphans, why)  # join() raises it too, until reached
             raise BrokerUnreachable(why)
         if why:
             logger.warning("%s", why)

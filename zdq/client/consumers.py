@@ -14,7 +14,8 @@ state                               owner
 ``identities``, ``placed_on``       ``_lock`` (placed by the user's thread at start, by the
                                     supervisor later; read by ``results()``)
 ``_reach_checks``, ``_reach_gen``,  ``_lock`` (written by the queue pool's supervisor, which tells
-``_orphans``                        of moves, and by this pool's supervisor, which judges)
+``_orphans``                        of moves, by ``start()``, which found queues none reaches, and
+                                    by this pool's supervisor, which judges)
 ``_health_due``, ``_health_next``,  the pool's supervisor thread
 ``replacements``, ``_retry_at``
 ``_none_live_since``,               ``_lock`` (written by the supervisor after each round, read by
@@ -677,6 +678,18 @@ class ConsumerSlots:
                 logger.warning("queue %s is reached by consumers of pool %s again", queue, self.queue_pool.name)
             elif why:
                 logger.warning("%s", why)
+
+    def note_unreached(self, orphans: list[str], why: str) -> None:
+        """``start()`` found ``orphans``, queues no consumer reaches (``why``): held as a move's
+        check holds them, so that ``join()`` raises it rather than waiting for its timeout, and
+        asked again by the supervisor until some consumer reaches them."""
+        names = self.queue_pool.queue_names
+        for queue in orphans:
+            broker = names.index(queue)
+            with self._lock:
+                self._orphans[broker] = why
+                gen = self._reach_gen.get(broker, 0)
+            self._ask_reach(broker, gen)
 
     def orphans(self) -> dict[int, str]:
         """Queues placed again where none of these consumers reaches them, with why."""
