@@ -152,3 +152,49 @@ def test_submit_call_naming_time_limit_none_lifts_the_pools_default_and_other_ca
     # submit()'s keywords: None is "not given", the default limit stays.
     assert defaults.merge(retries=3) == TaskOptions(retries=3, time_limit=5.0)
     assert defaults.merge_all(retries=None) is defaults.options
+
+
+def test_a_consumer_that_reaches_no_queue_is_replaced_less_and_less_often_while_its_replacements_do_not_either(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A network cut between the consumers' workers and the brokers' made every consumer be
+    replaced every ten seconds or so, for ever, each with a warning (reviewer 6: 24 workers)."""
+    import logging
+    import types
+
+    from zdq.client.consumers import _UNREACHED_WAITS, ConsumerSlots
+
+    first, last = _UNREACHED_WAITS
+    slots: Any = types.SimpleNamespace(_unreached={}, names=["GeneralConsumer-0"])
+    replace = ConsumerSlots._replace_unreached
+    why = "consumer GeneralConsumer-0 on w reaches none of its queues (q at e: cut)"
+    with caplog.at_level(logging.DEBUG, logger="zdq.client.consumers"):
+        at = 100.0
+        assert replace(slots, 0, why, at)  # the first one at once: elsewhere it may reach them
+        assert not replace(slots, 0, why, at + first - 0.1)
+        waits = []
+        for _ in range(8):
+            _, not_before = slots._unreached[0]
+            waits.append(not_before - at)
+            at = not_before
+            assert replace(slots, 0, why, at)
+    assert waits == [min(last, first * 2**k) for k in range(8)] and waits[-1] == last
+    levels = [r.levelno for r in caplog.records]
+    assert levels[:2] == [logging.WARNING, logging.WARNING] and set(levels[2:]) == {logging.DEBUG}
+    assert "less and less often" in caplog.records[1].getMessage()
+
+
+def test_a_consumer_that_reached_its_queues_for_a_while_starts_its_waits_over_at_the_next_cut() -> None:
+    import types
+
+    from zdq.client.consumers import _UNREACHED_WAITS, ConsumerSlots
+
+    first, last = _UNREACHED_WAITS
+    slots: Any = types.SimpleNamespace(_unreached={}, names=["GeneralConsumer-0"])
+    why = "consumer GeneralConsumer-0 on w reaches none of its queues (q at e: cut)"
+    for at in (0.0, first, 3 * first):
+        assert ConsumerSlots._replace_unreached(slots, 0, why, at)
+    assert slots._unreached[0] == (3, 3 * first + 4 * first)
+    later = 3 * first + 4 * first + last + 1  # it lived well past its wait: a new cut
+    assert ConsumerSlots._replace_unreached(slots, 0, why, later)
+    assert slots._unreached[0] == (1, later + first)

@@ -17,7 +17,8 @@ state                               owner
 ``_orphans``                        of moves, by ``start()``, which found queues none reaches, and
                                     by this pool's supervisor, which judges)
 ``_health_due``, ``_health_next``,  the pool's supervisor thread
-``replacements``, ``_retry_at``
+``replacements``, ``_retry_at``,
+``_unreached``
 ``_none_live_since``,               ``_lock`` (written by the supervisor after each round, read by
 ``_last_failure``,                  ``join()`` and ``result()`` through :meth:`stranded`, and
 ``_class_failures``                 ``_class_failures`` by ``join()`` through :meth:`unserved`)
@@ -64,6 +65,7 @@ from zdq.client.slots import (
 from zdq.config import PoolSettings
 from zdq.errors import ConsumerInitError, PlacementError
 from zdq.consumer import Consumer, ConsumerBaseClass
+from zdq.consumer.actor import REACHES_NONE
 from zdq.client.driver import Driver
 from zdq.names import consumer_names, counted
 from zdq.fanout import served_queues
@@ -83,6 +85,10 @@ _HEALTH_PER_ROUND = 8
 _RETRY_EVERY = 1.0
 #: A replacement's placement is waited for at most this long (and placement-timeout) per try.
 _REPLACE_TRY = 15.0
+#: A consumer that reaches none of its queues is replaced (elsewhere it may reach them). While its
+#: replacements reach none either (the network is cut, not one worker), each waits twice as long
+#: as the one before, from the first wait up to the last: not a new consumer every few seconds.
+_UNREACHED_WAITS = (10.0, 300.0)
 #: Seconds a consumer future that failed is given to hand over its error once the placement's
 #: timeout has passed (the error came with the failure: reading it is local).
 _READ_ERROR_AT_LEAST = 0.5
@@ -178,6 +184,8 @@ class ConsumerSlots:
         # slot -> (since when, why) its class has raised on every try to place it again: while
         # other consumers live, the queues only such slots serve are what unserved() says.
         self._class_failures: dict[int, tuple[float, str]] = {}
+        #: slot -> (its consumers replaced in a row for reaching no queue, not again before).
+        self._unreached: dict[int, tuple[int, float]] = {}
         #: The endpoints the consumers were placed started with (None: not placed started).
         self._started_with: list[str] | None = None
 
@@ -416,8 +424,11 @@ class ConsumerSlots:
             if no_worker:
                 self._retry_at[i] = now + _RETRY_EVERY
                 continue
-            if first_try:
-                why = unhealthy.get(i) or f"its worker was lost ({fut.status})"
+            why = unhealthy.get(i) or f"its worker was lost ({fut.status})"
+            if fut.status == "finished" and REACHES_NONE in why:
+                if not self._replace_unreached(i, why, now):
+                    continue
+            elif first_try:
                 logger.warning("consumer %s cannot work: %s; placing a replacement", self.names[i], why)
             try:
                 self._replace(i, running, stopping)
@@ -546,6 +557,29 @@ class ConsumerSlots:
                     f"trying every {_RETRY_EVERY:g} s (the work resumes once one is made)"
                 )
         return out
+
+    def _replace_unreached(self, i: int, why: str, now: float) -> bool:
+        """Whether to replace now the consumer of slot ``i``, which reaches none of its queues
+        (``why``); said once at warning, and once more when its replacement reaches none either."""
+        first, last = _UNREACHED_WAITS
+        streak, not_before = self._unreached.get(i, (0, 0.0))
+        if now < not_before:
+            return False
+        if now - not_before > last:
+            # Its consumer lived well past its wait (a new consumer reports it reaches none within
+            # connect-timeout): this is a new cut, not the same one, and starts over.
+            streak = 0
+        wait = min(last, first * 2**streak)
+        self._unreached[i] = (streak + 1, now + wait)
+        if streak == 0:
+            logger.warning("consumer %s cannot work: %s; placing a replacement", self.names[i], why)
+        else:
+            (logger.warning if streak == 1 else logger.debug)(
+                "consumer %s: its replacement reaches none of its queues either (%s); replaced again, "
+                "less and less often while none reaches them (next in %g s, then at most every %g s)",
+                self.names[i], why, wait, last,
+            )
+        return True
 
     def _unhealthy(self) -> dict[int, str]:
         """Consumers alive to Dask that cannot work (their sockets failed): a few of them asked

@@ -35,7 +35,11 @@ from zdq.codec.tasks import TaskOptions
 from zdq.stats import ConsumerStats
 from zdq.transport.security import ClientKeys
 
-__all__ = ["Consumer"]
+__all__ = ["REACHES_NONE", "Consumer"]
+
+#: How :meth:`Consumer.health` says a consumer reached none of its queues (its pool's supervisor
+#: replaces it, less and less often while its replacements reach none either).
+REACHES_NONE = "reaches none of its queues"
 
 
 class _Opened:
@@ -457,7 +461,7 @@ class Consumer:
             if unreached and not reached and not pending:
                 where = "; ".join(f"{q} at {e}: {why}" for q, e, why in unreached)
                 here = self._worker or "this process"
-                return False, f"consumer {self.name} on {here} reaches none of its queues ({where})"
+                return False, f"consumer {self.name} on {here} {REACHES_NONE} ({where})"
         threads: list[Any] = [self._io, self._exec]
         if self._stop.is_set() or not all(t is not None and t.is_alive() for t in threads):
             return False, f"consumer {self.name}: its I/O thread ended"
