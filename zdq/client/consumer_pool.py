@@ -354,6 +354,16 @@ class ConsumerPool:
         out.update((i, (BrokerUnreachable, why)) for i, why in self._consumers.orphans().items())
         return out
 
+    def still_held_up(self, broker: int) -> bool:
+        """Whether queue ``broker``, which :meth:`held_up` lists, still is held up, asked again
+        now (see :meth:`ConsumerSlots.still_unreached`): join() and result() confirm before they
+        raise."""
+        if not self._running or self._closed:
+            return False
+        if broker in self._consumers.orphans():
+            return self._consumers.still_unreached(broker)
+        return True
+
     def unserved(self) -> dict[str, str]:
         """Queues that only consumers of this pool whose class raises in ``__init__`` on every try
         serve, for ``zdq.no-consumer-timeout`` (the others live), with why: ``join()`` raises
@@ -499,9 +509,18 @@ class ConsumerPool:
         cannot connect (:class:`BrokerUnreachable`), or the only consumers that serve it cannot be
         made (:class:`NoEligibleWorkers`)."""
         names = self.queue_pool.queue_names
-        for broker, (error, why) in self.queue_pool.consumer_registry.held_up().items():
+        registry = self.queue_pool.consumer_registry
+        held_up = registry.held_up()
+        awaiting: list[int] | None = None
+        for broker, (error, why) in held_up.items():
             status = statuses[broker] if broker < len(statuses) else None
-            if status is not None and status.ready_tasks:
+            if status is None:
+                # A broker that did not answer (stopped) holds what this process still awaits of it.
+                awaiting = self.queue_pool.driver.awaiting() if awaiting is None else awaiting
+                holds = broker < len(awaiting) and awaiting[broker] > 0
+            else:
+                holds = bool(status.ready_tasks)
+            if holds and registry.still_held_up(broker):
                 raise error(f"join: {why}" if error is BrokerUnreachable else f"join: queue {names[broker]} holds tasks and {why}")
 
     def _report(self, statuses: list[Any]) -> None:

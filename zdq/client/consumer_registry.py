@@ -167,6 +167,13 @@ class ConsumerRegistry:
         order = sorted(common, key=lambda q: (first[q][0] is not BrokerUnreachable, q))
         return {q: first[q] for q in order}
 
+    def still_held_up(self, broker: int) -> bool:
+        """Whether queue ``broker`` of :meth:`held_up` still is held up by every running pool,
+        each asked again now (a pool without ``still_held_up()`` says yes): what join() and
+        result() confirm before they raise."""
+        running = [pool for pool in self.pools() if pool.running]
+        return bool(running) and all(getattr(pool, "still_held_up", lambda b: True)(broker) for pool in running)
+
     def stranded(self) -> str:
         """Why nothing consumes although ConsumerPools were started: every running pool has had no
         consumer placed for its bound (each says why, naming its constraint); ``""`` otherwise.

@@ -725,6 +725,45 @@ class ConsumerSlots:
                 gen = self._reach_gen.get(broker, 0)
             self._ask_reach(broker, gen)
 
+    def still_unreached(self, broker: int, timeout: float = 5.0) -> bool:
+        """Whether queue ``broker``, held as reached by none of these consumers, still is: asked
+        again now, before ``join()`` or ``result()`` raise it. A broker resumed a moment ago answers
+        its status the moment its consumers reach it again, before a round of the supervisor has
+        judged them: asked twice, a second apart, when the first answers say none reaches it. A
+        verdict that no longer holds is dropped. Bounded by ``timeout``; a consumer that does not
+        answer leaves the verdict as it is."""
+        queue = self.queue_pool.queue_names[broker]
+        deadline = time.monotonic() + timeout
+        for ask in (1, 2):
+            with self._lock:
+                if broker not in self._orphans:
+                    return False
+                gen = self._reach_gen.get(broker, 0)
+            answers: ReachAnswers = []
+            calls = []
+            for _, name, consumer in self.live(serving=broker):
+                try:
+                    calls.append((name, consumer.reach([queue])))
+                except Exception as e:  # noqa: BLE001 - a lost consumer is replaced
+                    logger.debug("reach on consumer %s failed: %s", name, e)
+            for name, call in calls:
+                try:
+                    answers.append((name, call.result(timeout=max(0.1, deadline - time.monotonic()))))
+                except Exception as e:  # noqa: BLE001 - the verdict stands
+                    logger.debug("reach on consumer %s failed: %s", name, e)
+            if not answers:
+                return True
+            orphans, _ = self.reach_verdict(answers)
+            if queue not in orphans:
+                with self._lock:
+                    if self._reach_gen.get(broker, 0) == gen:
+                        self._orphans.pop(broker, None)
+                logger.warning("queue %s is reached by consumers of pool %s again", queue, self.queue_pool.name)
+                return False
+            if ask == 1 and deadline - time.monotonic() > 1.0:
+                time.sleep(1.0)
+        return True
+
     def orphans(self) -> dict[int, str]:
         """Queues placed again where none of these consumers reaches them, with why."""
         with self._lock:

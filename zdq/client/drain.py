@@ -28,6 +28,10 @@ from zdq.transport import protocol as p
 __all__ = ["WaitMethods", "wait_drained"]
 
 
+#: join() flushes what its drivers hold in steps of at most this long (see :func:`wait_drained`).
+_FLUSH_STEP = 2.0
+
+
 def wait_drained(
     own: Driver,
     registry: ConsumerRegistry,
@@ -63,7 +67,9 @@ def wait_drained(
         for driver in drivers:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                driver.flush(timeout=left)
+                # In steps: a stopped broker confirms nothing, and the checks below (which name
+                # why the tasks cannot be done) must still run.
+                driver.flush(timeout=_FLUSH_STEP if left is None else min(left, _FLUSH_STEP))
             except ZdqTimeoutError:
                 pass  # the deadline is checked below
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -120,7 +126,7 @@ def wait_drained(
             reasons = why() if why is not None else ""
             raise ZdqTimeoutError(
                 f"join: {max(pending, outstanding)} tasks were still pending at the timeout"
-                + (f" ({down} queues were down, being placed again)" if down and not reasons else "")
+                + (f" ({down} queues did not answer: stopped, or lost and being placed again)" if down and not reasons else "")
                 + (f": {reasons}" if reasons else "")
             )
         own.wait_results(timeout=timestep)
@@ -305,7 +311,7 @@ class WaitMethods:
         if driver is None:
             return None
         for broker in sorted(driver.brokers_holding(keys.start, len(keys))):
-            if broker in held_up:
+            if broker in held_up and registry.still_held_up(broker):
                 error, why = held_up[broker]
                 queue = self.queue_names[broker]
                 if error is BrokerUnreachable:

@@ -59,9 +59,11 @@ OPEN_BETWEEN_WORKERS = (
 OVER_IPC = "over this host's Unix socket"
 #: What to do when every broker not heard from was tried over its Unix socket.
 CHECK_IPC_PATH = (
-    "Those brokers were tried over their Unix sockets (ipc://, their host's peers use no TCP port): a process "
-    "other than the broker may hold that path (`ss -xlp | grep <path>` names it). Stop it or remove the file, "
-    "then make the pool again (its brokers bind their paths anew), or set ZDQ_IPC_DIR to another directory."
+    "Those brokers were tried over their Unix sockets (ipc://, their host's peers use no TCP port). If the "
+    "broker's worker is stopped (e.g. by SIGSTOP) or too busy, resume it or give it CPU. Else a process other "
+    "than that worker may hold the path: `ss -xlp | grep <path>` names who listens there; if it is another "
+    "process, stop it and make the pool again (its brokers bind their paths anew), or set ZDQ_IPC_DIR to "
+    "another directory. Never remove the file of a broker that lives: its consumers could no longer reach it."
 )
 
 

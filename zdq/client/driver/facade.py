@@ -296,6 +296,11 @@ class Driver:
         """The brokers holding tasks ``first .. first + n - 1`` still without an outcome."""
         return self._ledger.brokers_holding(first, n)
 
+    def awaiting(self) -> list[int]:
+        """This driver's tasks awaiting results, by broker (walks the chunks in flight: not for a
+        per-task path)."""
+        return self._ledger.awaiting()
+
     def links_up(self) -> list[bool]:
         """Which brokers the driver can reach now (the I/O thread's published snapshot)."""
         return [view.state is LinkState.UP for view in self._links.views]
