@@ -56,6 +56,7 @@ from zdq.client.slots import (
     ActorSlots,
     SlotsClosed,
     gather_actors,
+    answers_within,
     place_actor,
     place_on_the_rest,
     release_future,
@@ -365,26 +366,29 @@ class ConsumerSlots:
         however little time is left: a Dask actor future asked with ``timeout=0`` raises even when
         it holds its answer, and a consumer that answered at once was reported silent behind one
         that did not."""
-        calls: list[tuple[int, str, Any]] = []
+        calls: dict[tuple[int, str], tuple[Any, str]] = {}
         missing: dict[tuple[int, str], tuple[str, BaseException | None]] = {}
+        with self._lock:
+            placed_on = dict(self.placed_on)
         for i, name, consumer in self.live():
             try:
-                calls.append((i, name, getattr(consumer, method)(*(args_of(i) if args_of else args))))
+                calls[i, name] = (getattr(consumer, method)(*(args_of(i) if args_of else args)), placed_on.get(i, ""))
             except Exception as e:  # its worker is gone
                 missing[i, name] = (f"could not be asked ({e})", e)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        answers = []
-        for i, name, call in calls:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                answers.append((i, name, call.result() if call.done() else call.result(timeout=left)))
-            except TimeoutError as e:
-                if call.done():  # the consumer's own answer was a TimeoutError (a get_results() that hung)
-                    missing[i, name] = (f"failed: {e}", e)
-                else:
-                    missing[i, name] = (f"did not answer within {timeout:g} s" if timeout is not None else "did not answer", None)
-            except Exception as e:
-                missing[i, name] = (f"failed: {type(e).__name__}: {e}", e)
+        told, errors, gone, _ = answers_within(self.client, calls, timeout)
+        for key in calls:  # in slot order
+            if key in told:
+                continue
+            if key in errors:
+                error = errors[key]
+                # A TimeoutError here is the consumer's own answer (a get_results() that hung).
+                said = f"failed: {error}" if isinstance(error, TimeoutError) else f"failed: {type(error).__name__}: {error}"
+                missing[key] = (said, error)
+            elif key in gone:
+                missing[key] = ("could not be asked: its worker left the cluster", ConnectionError("its worker left the cluster"))
+            else:
+                missing[key] = (f"did not answer within {timeout:g} s" if timeout is not None else "did not answer", None)
+        answers = [(i, name, told[i, name]) for i, name in calls if (i, name) in told]
         return answers, missing
 
     def each(
@@ -783,26 +787,30 @@ class ConsumerSlots:
         answers: ReachAnswers = []
         failed: list[str] = []
         asked = self._reach_by_worker(up, wait)
-        calls = []
+        calls: dict[str, tuple[Any, str]] = {}
+        with self._lock:
+            placed_on = dict(self.placed_on)
         for i, name, consumer in self.live():
             if i in asked:
                 answer = asked[i]
                 if isinstance(answer, str):
                     failed.append(answer)
-                else:
+                elif answer is not None:  # None: its worker left, it is replaced
                     answers.append((name, answer))
                 continue
             try:  # not answered for by its worker: asked itself
-                calls.append((name, consumer.reach(up)))
+                calls[name] = (consumer.reach(up), placed_on.get(i, ""))
             except Exception as e:  # its worker is gone: the supervisor replaces it
                 logger.debug("reach on consumer %s failed: %s", name, e)
-        for name, call in calls:
-            try:
-                answers.append((name, call.result(timeout=wait)))
-            except PlacementError as e:
-                failed.append(str(e))
-            except Exception as e:
-                logger.debug("reach on consumer %s failed: %s", name, e)
+        told, errors, gone, _ = answers_within(self.client, calls, wait)
+        answers.extend((name, told[name]) for name in calls if name in told)
+        for name, error in errors.items():
+            if isinstance(error, PlacementError):
+                failed.append(str(error))
+            else:
+                logger.debug("reach on consumer %s failed: %s", name, error)
+        for name in gone:
+            logger.debug("reach on consumer %s: its worker left the cluster (it is replaced)", name)
         if failed and placing:
             raise PlacementError("; ".join(failed))
         for why in failed:
@@ -822,20 +830,23 @@ class ConsumerSlots:
             fut = futures[i]
             if fut is not None and i in placed_on:
                 by_worker.setdefault(placed_on[i], []).append((i, str(fut.key), consumer))
-        calls = []
+        calls: dict[str, tuple[Any, str]] = {}
         for worker, here in by_worker.items():
             try:
-                calls.append((here, here[0][2].reach_here([key for _, key, _ in here], up)))
+                calls[worker] = (here[0][2].reach_here([key for _, key, _ in here], up), worker)
             except Exception as e:  # its worker is gone: the supervisor replaces its consumers
                 logger.debug("reach of the consumers on %s failed: %s", worker, e)
+        answers, errors, gone, _ = answers_within(self.client, calls, wait)
         out: dict[int, Any] = {}
-        for here, call in calls:
-            try:
-                told = call.result(timeout=wait)
-            except Exception as e:  # noqa: BLE001 - each of them is asked by the caller
-                logger.debug("reach of consumers %s failed: %s", [i for i, _, _ in here], e)
-                continue
-            out.update({i: told[key] for i, key, _ in here if key in told})
+        for worker, here in by_worker.items():
+            if worker in gone:
+                # Its worker left (killed): its consumers are lost, and replaced; not asked again.
+                out.update({i: None for i, _, _ in here})
+            elif worker in answers:
+                told = answers[worker]
+                out.update({i: told[key] for i, key, _ in here if key in told})
+            elif worker in errors:  # each of them is asked by the caller
+                logger.debug("reach of consumers %s failed: %s", [i for i, _, _ in here], errors[worker])
         return out
 
     def reach_verdict(self, answers: ReachAnswers) -> tuple[list[str], str]:

@@ -62,7 +62,7 @@ from zdq.client.consumer_registry import ConsumerRegistry
 from zdq.client.control import ControlMethods, DeadLetterInfo
 from zdq.client.drain import WaitMethods
 from zdq.client.handles import QueueHandle
-from zdq.client.slots import place_on_the_rest
+from zdq.client.slots import place_on_the_rest, workers_left
 from zdq.client.supervision import QueueWatch
 from zdq.client.submit import SubmitMethods, Submitter, TaskDefaults
 from zdq.config import PoolSettings, seconds_or_none, settings, timeout_or_none
@@ -660,10 +660,27 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         took), after stopping what was started: an error, where a silent pool would hang."""
         driver = self.driver
         timeout = self.settings.connect_timeout
-        silent = driver.unreached(max(started + timeout, time.monotonic() + min(2.0, timeout)))
-        if not silent:
-            return
+        deadline = max(started + timeout, time.monotonic() + min(2.0, timeout))
         workers = self._workers()
+        while True:
+            # In steps: a broker whose worker left (killed as the pool was placed) never answers.
+            silent = driver.unreached(min(deadline, time.monotonic() + 1.0))
+            if not silent:
+                return
+            left = set(workers_left(self.client, {workers[i] for i in silent}, 0.0))
+            gone = {i for i in silent if workers[i] in left}
+            if len(gone) == len(silent) or time.monotonic() >= deadline:
+                break
+        if gone:
+            # Lost as any queue is lost: its supervisor, started next, places it again (or
+            # recovers it, durable) and fails or resends what it held; nothing is unreachable.
+            logger.warning(
+                "pool %s: the worker of %s left the cluster as the pool was placed; placed again by the pool's supervisor",
+                self.name, ", ".join(self.queue_names[i] for i in sorted(gone)),
+            )
+            silent = {i: why for i, why in silent.items() if i not in gone}
+            if not silent:
+                return
         subject = (
             f"pool {self.name}: this process ({driver.driver_name}) reaches the Dask scheduler at "
             f"{getattr(self.client.scheduler, 'address', '?')}, but heard nothing within {timeout:g} s from {len(silent)} of its "

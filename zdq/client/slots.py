@@ -46,6 +46,7 @@ from zdq.names import counted
 
 __all__ = [
     "ActorSlots",
+    "answers_within",
     "Supervisor",
     "client_closed",
     "exiting",
@@ -66,6 +67,7 @@ _STOP_CREATED_WAIT = 3.0
 _LOOK_FOR_LEFT_EVERY = 1.0
 
 A = TypeVar("A")
+K = TypeVar("K")
 
 _EXITING = threading.Event()
 #: Every supervisor running in this process (weakly): the exit hook stops them.
@@ -197,6 +199,47 @@ def place_on_the_rest(client: Any, attempt: Callable[[], A], chosen: Callable[[]
                 what, ", ".join(left), e,
             )
     raise AssertionError("unreachable")
+
+
+def answers_within(
+    client: Any, calls: dict[K, tuple[Any, str]], timeout: float | None
+) -> tuple[dict[K, Any], dict[K, BaseException], set[K], set[K]]:
+    """Wait for the actor calls ``calls`` (key -> (future, the actor's worker address)), all
+    within ``timeout`` seconds (``None``: no bound). Returns ``(answers, errors, gone, silent)``:
+    what each answered, what each raised, the calls whose worker left the cluster meanwhile, and
+    those still unanswered at the end. A call to an actor whose worker was killed may never settle
+    (Dask's actor calls are not failed when their worker leaves): the scheduler is asked, between
+    steps of a second, which of the workers waited on left, and those calls are given up on at
+    once rather than at the bound. An answer already in is taken however little time is left (a
+    Dask actor future asked with ``timeout=0`` raises even when it holds its answer)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = dict(calls)
+    answers: dict[K, Any] = {}
+    errors: dict[K, BaseException] = {}
+    gone: set[K] = set()
+    while pending:
+        now = time.monotonic()
+        step_end = now + _LOOK_FOR_LEFT_EVERY if deadline is None else min(deadline, now + _LOOK_FOR_LEFT_EVERY)
+        for key, (call, _) in list(pending.items()):
+            left = max(0.0, step_end - time.monotonic())
+            try:
+                answers[key] = call.result() if call.done() else call.result(timeout=left)
+            except TimeoutError as e:
+                if not call.done():
+                    continue  # not yet: waited for in the next step
+                errors[key] = e  # the actor's own answer was a TimeoutError
+            except Exception as e:  # noqa: BLE001 - the caller says what each raised
+                errors[key] = e
+            del pending[key]
+        if not pending or (deadline is not None and time.monotonic() >= deadline):
+            break
+        present = _present(client)
+        if present is not None:
+            for key, (call, worker) in list(pending.items()):
+                if _left(worker, present) and not call.done():
+                    gone.add(key)
+                    del pending[key]
+    return answers, errors, gone, set(pending)
 
 
 def _present(client: Any) -> set[str] | None:
