@@ -275,7 +275,10 @@ class ConsumerPool:
             raise
         except Exception as e:
             self.close()
-            raise PlacementError(f"could not place consumers: {e}") from e
+            error = PlacementError(f"could not place consumers: {e}")
+            for note in getattr(e, "__notes__", ()):  # e.g. workers that left while placed, twice
+                error.add_note(note)
+            raise error from e
         if start:
             try:
                 self._start(started=True)
