@@ -321,6 +321,39 @@ def test_a_worker_killed_while_the_queues_are_placed_leaves_the_pool_placed_on_t
         assert queue_pool.batch_submit([(add, i, 1) for i in range(300)]).result(timeout=60) == list(range(1, 301))
 
 
+def _address_of(client: Client, name: str) -> str:
+    (address,) = [a for a, w in scheduler_workers(client).items() if w["name"] == name]
+    return address
+
+
+@pytest.mark.faults
+def test_a_pool_restricted_to_a_worker_killed_while_placed_waits_for_its_nanny_to_bring_it_back(client3: Client) -> None:
+    """workers=["a"] with a killed while the queues were placed: the second try found no worker
+    it may use and failed at once, while a's nanny had it back a second later."""
+    import threading
+
+    victim = _pid_of(client3, "a")
+    (nanny,) = client3.run(os.getppid, workers=[_address_of(client3, "a")]).values()
+    os.kill(nanny, signal.SIGSTOP)  # it brings a back 3 s after the kill, after the second try
+    os.kill(victim, signal.SIGSTOP)
+    killer = threading.Timer(0.5, os.kill, (victim, signal.SIGKILL))
+    waker = threading.Timer(3.5, os.kill, (nanny, signal.SIGCONT))
+    killer.start()
+    waker.start()
+    try:
+        queue_pool = call_bounded(
+            lambda: QueuePool(client3, 2, workers=["a"], placement_timeout=30, **FAST), 60, "QueuePool(...)"
+        )
+    finally:
+        killer.join(timeout=10)
+        waker.join(timeout=10)
+        os.kill(nanny, signal.SIGCONT)
+    with queue_pool, ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"]) as consumers:
+        assert _pid_of(client3, "a") != victim
+        consumers.start()
+        assert queue_pool.batch_submit([(add, i, 1) for i in range(100)]).result(timeout=60) == list(range(1, 101))
+
+
 @pytest.mark.faults
 def test_a_worker_killed_while_the_consumers_are_placed_leaves_them_placed_on_the_others(client3: Client) -> None:
     """As for the queues: ConsumerPool(...) with a worker killed while its consumers were made

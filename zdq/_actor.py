@@ -217,8 +217,12 @@ def _no_worker(client: Any, allowed: list[str] | None, resources: dict[str, floa
             f'`dask worker --resources "{wanted}"`, or place the pool without resources='
         )
     if allowed is not None:
-        return f"no live worker matches workers={allowed}"
-    return "no worker is available to place zdq actors on"
+        return f"{NO_WORKER[0]} workers={allowed}"
+    return f"{NO_WORKER[1]} to place zdq actors on"
+
+
+#: How a placement that found no worker it may use says so (``pick_worker``'s error begins so).
+NO_WORKER = ("no live worker matches", "no worker is available")
 
 
 #: Workers that did not answer a placement (stopped, e.g. by SIGSTOP, or hung), by address, with

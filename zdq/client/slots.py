@@ -40,7 +40,7 @@ from typing import Any, Generic, TypeVar
 
 import distributed
 
-from zdq._actor import PLACED_TOPIC, note_unanswered, pick_worker, scheduler_workers
+from zdq._actor import NO_WORKER, PLACED_TOPIC, note_unanswered, pick_worker, scheduler_workers
 from zdq.errors import PlacementError
 from zdq.names import counted
 
@@ -65,6 +65,8 @@ logger = logging.getLogger(__name__)
 _STOP_CREATED_WAIT = 3.0
 #: While actors are being created, how often the scheduler is asked whether their workers left.
 _LOOK_FOR_LEFT_EVERY = 1.0
+#: How long a placement tried again after workers left waits for one it may use to come back.
+_COME_BACK = 10.0
 
 A = TypeVar("A")
 K = TypeVar("K")
@@ -180,25 +182,39 @@ def wait_created(client: Any, placing: list[tuple[str, Any, str]], timeout: floa
 def place_on_the_rest(client: Any, attempt: Callable[[], A], chosen: Callable[[], set[str]], what: str) -> A:
     """``attempt()``, a placement that releases what it made when it fails; when it failed because
     workers it had chosen (``chosen()``, read after the failure) left the cluster meanwhile
-    (killed or crashed while placed), once more, on the workers that are left. A second such
-    failure is raised, with a note naming the workers that left."""
+    (killed or crashed while placed), once more, on the workers that are left. When none is left
+    that the placement may use (``workers=`` named only those), the next try waits for one, up to
+    :data:`_COME_BACK` seconds: a nanny restarts a killed worker, under its name, within seconds.
+    A second failure for workers that left is raised, with a note naming them."""
+    left: list[str] = []
     for again in (False, True):
-        try:
-            return attempt()
-        except Exception as e:
-            # Dask says "Worker holding Actor was lost" before its scheduler may have dropped the
-            # worker: only then is it waited for, a few seconds.
-            left = workers_left(client, chosen(), wait=3.0 if "lost" in str(e).lower() else 0.0)
-            if not left:
-                raise
-            if again:
-                e.add_note(f"zdq: workers {', '.join(left)} left the cluster while {what} were placed, twice")
-                raise
-            logger.warning(
-                "placing %s: worker %s left the cluster meanwhile (%s); placing them again on the others",
-                what, ", ".join(left), e,
-            )
+        back_by = time.monotonic() + _COME_BACK
+        while True:
+            try:
+                return attempt()
+            except Exception as e:
+                if again and _no_worker_left(e) and time.monotonic() < back_by:
+                    time.sleep(0.5)  # the workers it may use all left: one may come back
+                    continue
+                # Dask says "Worker holding Actor was lost" before its scheduler may have dropped
+                # the worker: only then is it waited for, a few seconds.
+                left = workers_left(client, chosen(), wait=3.0 if "lost" in str(e).lower() else 0.0) or (left if again else [])
+                if not left:
+                    raise
+                if again:
+                    e.add_note(f"zdq: workers {', '.join(left)} left the cluster while {what} were placed, twice")
+                    raise
+                logger.warning(
+                    "placing %s: worker %s left the cluster meanwhile (%s); placing them again on the others",
+                    what, ", ".join(left), e,
+                )
+                break
     raise AssertionError("unreachable")
+
+
+def _no_worker_left(error: BaseException) -> bool:
+    """Whether a placement failed for want of any worker it may use (see ``_actor.pick_worker``)."""
+    return isinstance(error, PlacementError) and any(s in str(error) for s in NO_WORKER)
 
 
 def answers_within(
