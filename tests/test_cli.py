@@ -217,6 +217,21 @@ def _started(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "zdq.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+#: Runs ``zdq.cli`` with SIGINT as a terminal gives it to a foreground command. A suite started in
+#: the background of a non-interactive shell (``cmd &``, as a CI script may) ignores SIGINT, and
+#: its children inherit that: the command under test would never see the Ctrl-C.
+_AS_IN_A_TERMINAL = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'zdq.cli', *sys.argv[1:]])"
+)
+
+
+def _started_as_in_a_terminal(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _AS_IN_A_TERMINAL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
 def test_every_live_command_names_a_port_that_answers_but_not_as_dask_in_one_line_within_its_timeout() -> None:
     # Before: the peer's first bytes were read as a Dask frame's length ("Unable to allocate 3.07
     # EiB"), and the half-made client held the process 10 s at its exit, with a traceback.
@@ -252,7 +267,7 @@ def test_every_live_command_names_a_port_that_answers_but_not_as_dask_in_one_lin
 @pytest.mark.parametrize("command", [["status"], ["result", "mails", "5"]])
 def test_ctrl_c_while_connecting_exits_with_130_and_no_traceback(command: list[str]) -> None:
     with _fake_servers("silent") as (server,):
-        run = _started(*command, "--scheduler", server.address, "--timeout", "60")
+        run = _started_as_in_a_terminal(*command, "--scheduler", server.address, "--timeout", "60")
         try:
             wait_until(lambda: server.accepted is not None or run.poll() is not None, timeout=60, interval=0.05)
             assert run.poll() is None, run.communicate()
