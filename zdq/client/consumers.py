@@ -666,8 +666,8 @@ class ConsumerSlots:
         if running:
             self._ask_reach(broker, gen)
 
-    def _ask_reach(self, broker: int, gen: int) -> None:
-        """Ask the consumers serving ``broker`` whether they reach it (placement ``gen`` of it)."""
+    def _reach_calls(self, broker: int) -> list[tuple[str, Any]]:
+        """``consumer.reach([queue])`` of every live consumer serving ``broker``: (name, call)."""
         queue = self.queue_pool.queue_names[broker]
         calls = []
         for _, name, consumer in self.live(serving=broker):
@@ -675,6 +675,11 @@ class ConsumerSlots:
                 calls.append((name, consumer.reach([queue])))
             except Exception as e:  # a lost consumer is replaced, and the replacement connects anew
                 logger.debug("reach on consumer %s failed: %s", name, e)
+        return calls
+
+    def _ask_reach(self, broker: int, gen: int) -> None:
+        """Ask the consumers serving ``broker`` whether they reach it (placement ``gen`` of it)."""
+        calls = self._reach_calls(broker)
         s = self.settings
         judge_by = time.monotonic() + s.connect_timeout + 2 * s.heartbeat_interval + 10
         with self._lock:
@@ -744,13 +749,7 @@ class ConsumerSlots:
                     return False
                 gen = self._reach_gen.get(broker, 0)
             answers: ReachAnswers = []
-            calls = []
-            for _, name, consumer in self.live(serving=broker):
-                try:
-                    calls.append((name, consumer.reach([queue])))
-                except Exception as e:  # noqa: BLE001 - a lost consumer is replaced
-                    logger.debug("reach on consumer %s failed: %s", name, e)
-            for name, call in calls:
+            for name, call in self._reach_calls(broker):
                 try:
                     answers.append((name, call.result(timeout=max(0.1, deadline - time.monotonic()))))
                 except Exception as e:  # noqa: BLE001 - the verdict stands
@@ -769,7 +768,8 @@ class ConsumerSlots:
         return True
 
     def orphans(self) -> dict[int, str]:
-        """Queues placed again where none of these consumers reaches them, with why."""
+        """Queues none of these consumers reaches (found so by ``start()``, or placed again where
+        none reaches them), with why; until some consumer reaches them."""
         with self._lock:
             return dict(self._orphans)
 
