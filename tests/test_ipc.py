@@ -259,6 +259,8 @@ def test_a_stopped_broker_that_consumers_cannot_reach_is_said_to_be_stopped_not_
             # raised BrokerUnreachable then, its verdict from before not yet judged again.
             consumers.join(timeout=60)
             assert [f.result(timeout=30) for f in futures] == [i + 1 for i in range(20)]
+            # Reached again, the queue is held up no more, whatever join() read a moment before.
+            assert not consumers.still_held_up(0)
 
 
 @pytest.mark.faults

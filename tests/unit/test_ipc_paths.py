@@ -12,7 +12,7 @@ import pytest
 
 from zdq.transport import ipc
 from zdq.transport.ipc import ipc_dir, ipc_endpoint, ipc_path
-from zdq.transport.reach import CHECK_IPC_PATH, DRIVER_HEARS_NOTHING, OPEN_BETWEEN_WORKERS, RESUME_THE_BROKER, describe, over_ipc
+from zdq.transport.reach import CHECK_IPC_PATH, CONNECTED_NO_ANSWER, DRIVER_HEARS_NOTHING, OPEN_BETWEEN_WORKERS, RESUME_THE_BROKER, describe, over_ipc
 
 
 @pytest.fixture
@@ -125,3 +125,13 @@ def test_brokers_the_driver_does_not_hear_either_are_said_to_be_stopped_whatever
     assert describe("pool p", both, OPEN_BETWEEN_WORKERS).endswith(RESUME_THE_BROKER)
     one = [("q", "e", "w", ipc_why + unheard), ("r", "e2", "w", ipc_why)]  # the driver hears r: its path may be held
     assert describe("pool p", one, OPEN_BETWEEN_WORKERS).endswith(CHECK_IPC_PATH)
+
+
+def test_brokers_reached_over_tcp_that_never_shook_hands_are_not_blamed_on_closed_ports() -> None:
+    """Reviewer 9: a stopped broker reached over TCP, before the driver's silence tells, got the
+    advice to open ports, though each connection was made."""
+    made = "a TCP connection was made, but the handshake never completed"
+    lines = [("q", "tcp://h:1", "w", f"C-0 on x: {made}"), ("r", "tcp://h:2", "w", f"C-1 on x: {made}")]
+    assert describe("pool p", lines, OPEN_BETWEEN_WORKERS).endswith(CONNECTED_NO_ANSWER)
+    refused = ("s", "tcp://h:3", "w", "C-0 on x: every TCP connection attempt failed at once: refused")
+    assert describe("pool p", [*lines, refused], OPEN_BETWEEN_WORKERS).endswith(OPEN_BETWEEN_WORKERS)

@@ -365,7 +365,7 @@ class ConsumerPool:
             return False
         if broker in self._consumers.orphans():
             return self._consumers.still_unreached(broker)
-        return True
+        return broker in self.held_up()  # as it is now, not as the caller read it a moment ago
 
     def unserved(self) -> dict[str, str]:
         """Queues that only consumers of this pool whose class raises in ``__init__`` on every try

@@ -20,7 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 __all__ = [
     "Watch", "Heard", "describe", "over_ipc", "CLIENT_OUTSIDE", "OPEN_TO_CLIENT", "OPEN_BETWEEN_WORKERS", "CHECK_IPC_PATH",
-    "DRIVER_HEARS_NOTHING", "RESUME_THE_BROKER",
+    "DRIVER_HEARS_NOTHING", "RESUME_THE_BROKER", "CONNECTED_NO_ANSWER",
 ]
 
 _EVENTS = (
@@ -77,6 +77,16 @@ RESUME_THE_BROKER = (
     "is at fault: their worker process is stopped (e.g. by SIGSTOP) or too busy to run them. Resume it (SIGCONT) or "
     "give it CPU: the consumers reach the broker once it runs."
 )
+
+
+#: What to do when a connection to each broker not heard from was made, but none answered: its
+#: port or path is open, so the broker itself does not run.
+CONNECTED_NO_ANSWER = (
+    "A connection to each of those brokers was made, so their ports are open, but none answered: their "
+    "worker process is likely stopped (e.g. by SIGSTOP) or too busy to run them. Resume it (SIGCONT) or give "
+    "it CPU: the consumers reach the broker once it runs."
+)
+_CONNECTED = ("handshake never completed", "handshake succeeded")
 
 
 def over_ipc(address: str, endpoint: str, why: str) -> str:
@@ -175,4 +185,6 @@ def describe(subject: str, brokers: Iterable[tuple[str, str, str, str]], advice:
         advice = RESUME_THE_BROKER  # the broker is silent to everyone: no port or path is at stake
     elif brokers and all(OVER_IPC in why for *_, why in brokers):
         advice = CHECK_IPC_PATH  # no TCP port is at stake: the advice to open ports would mislead
+    elif brokers and all(any(c in why for c in _CONNECTED) for *_, why in brokers):
+        advice = CONNECTED_NO_ANSWER  # the connections were made: the ports are open
     return "\n".join([f"{subject}:", *lines, advice])
