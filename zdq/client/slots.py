@@ -193,12 +193,18 @@ def place_on_the_rest(client: Any, attempt: Callable[[], A], chosen: Callable[[]
             try:
                 return attempt()
             except Exception as e:
-                if again and _no_worker_left(e) and time.monotonic() < back_by:
-                    time.sleep(0.5)  # the workers it may use all left: one may come back
-                    continue
+                if again and _no_worker_left(e):
+                    if time.monotonic() < back_by:
+                        time.sleep(0.5)  # the workers it may use all left: one may come back
+                        continue
+                    e.add_note(
+                        f"zdq: workers {', '.join(left)} left the cluster while {what} were placed, and none "
+                        f"that they may use came back within {_COME_BACK:g} s"
+                    )
+                    raise
                 # Dask says "Worker holding Actor was lost" before its scheduler may have dropped
                 # the worker: only then is it waited for, a few seconds.
-                left = workers_left(client, chosen(), wait=3.0 if "lost" in str(e).lower() else 0.0) or (left if again else [])
+                left = workers_left(client, chosen(), wait=3.0 if "lost" in str(e).lower() else 0.0)
                 if not left:
                     raise
                 if again:
