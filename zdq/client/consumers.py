@@ -704,15 +704,12 @@ class ConsumerSlots:
                     answers.append((name, call.result(timeout=0.1)))
                 except Exception as e:
                     logger.debug("reach on consumer %s failed: %s", name, e)
-            orphans, why = self.reach_verdict(answers)
+            verdict = self._hold_verdict(broker, gen, answers)
+            if verdict is None:
+                continue  # the queue moved since it was asked: a newer check judges it
+            unreached, was, why = verdict
             queue = self.queue_pool.queue_names[broker]
-            with self._lock:
-                if self._reach_gen.get(broker, 0) != gen:
-                    continue  # the queue moved since it was asked: a newer check judges it
-                was = self._orphans.pop(broker, None)
-                if queue in orphans:
-                    self._orphans[broker] = why
-            if queue in orphans:
+            if unreached:
                 if was is None:
                     logger.error("%s", why)
                 if running and not stopping():
@@ -733,6 +730,20 @@ class ConsumerSlots:
                 self._orphans[broker] = why
                 gen = self._reach_gen.get(broker, 0)
             self._ask_reach(broker, gen)
+
+    def _hold_verdict(self, broker: int, gen: int, answers: ReachAnswers) -> tuple[bool, str | None, str] | None:
+        """Judge the consumers' reach ``answers`` of queue ``broker`` (placement ``gen`` of it) and
+        hold the verdict: ``(unreached, the why held before, the why now)``, or ``None`` when the
+        queue moved since it was asked (a newer check judges it)."""
+        orphans, why = self.reach_verdict(answers)
+        unreached = self.queue_pool.queue_names[broker] in orphans
+        with self._lock:
+            if self._reach_gen.get(broker, 0) != gen:
+                return None
+            was = self._orphans.pop(broker, None)
+            if unreached:
+                self._orphans[broker] = why
+        return unreached, was, why
 
     def still_unreached(self, broker: int, timeout: float = 5.0) -> bool:
         """Whether queue ``broker``, held as reached by none of these consumers, still is: asked
@@ -756,11 +767,10 @@ class ConsumerSlots:
                     logger.debug("reach on consumer %s failed: %s", name, e)
             if not answers:
                 return True
-            orphans, _ = self.reach_verdict(answers)
-            if queue not in orphans:
-                with self._lock:
-                    if self._reach_gen.get(broker, 0) == gen:
-                        self._orphans.pop(broker, None)
+            verdict = self._hold_verdict(broker, gen, answers)
+            if verdict is None:  # placed again meanwhile: what was found no longer holds
+                return False
+            if not verdict[0]:
                 logger.warning("queue %s is reached by consumers of pool %s again", queue, self.queue_pool.name)
                 return False
             if ask == 1 and deadline - time.monotonic() > 1.0:
