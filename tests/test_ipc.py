@@ -248,8 +248,8 @@ def test_a_stopped_broker_that_consumers_cannot_reach_is_said_to_be_stopped_not_
                 futures = [qp.submit(add, i, 1) for i in range(20)]
                 started = time.monotonic()
                 with pytest.raises(BrokerUnreachable):  # not the timeout's ZdqTimeoutError
-                    consumers.join(timeout=5)  # the stopped broker's status is waited for that long
-                assert time.monotonic() - started < 12
+                    consumers.join(timeout=30)  # the stopped broker's status is waited for 10 s
+                assert time.monotonic() - started < 20
             finally:
                 os.kill(victim, signal.SIGCONT)
             message = str(caught.value)
