@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import zmq
 from zdq.config import settings
 from zdq.consumer import Consumer, GeneralConsumer
 from zdq.transport import protocol as p
+from zdq.transport.reach import WENT_SILENT
 
 from .conftest import refused_endpoint, wait_until
 from .test_consumer_link import FakeBroker
@@ -70,6 +72,41 @@ def test_a_consumer_that_reaches_none_of_its_brokers_is_unhealthy(broker: FakeBr
         assert consumer.statistics().unreachable == ()
     finally:
         consumer.stop()
+
+
+def test_a_consumer_says_when_a_broker_it_reached_goes_silent_and_when_it_hears_it_again(
+    broker: FakeBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cut off after it reached its broker (a network cut, the broker's worker stopped), a consumer
+    said nothing: it had heard the broker once. Now a broker silent for the heartbeat timeout
+    (2 s here; brokers beat every interval) is reported, and the report ends when it speaks again.
+    The consumer stays healthy: a replacement would not reach that broker either."""
+    consumer = a_consumer()
+    with caplog.at_level(logging.WARNING, logger="zdq"):
+        consumer.start([broker.endpoint])
+        try:
+            wait_until(lambda: broker.recv() is not None and broker.peer, timeout=5)  # its HELLO
+            broker.send(p.Heartbeat())
+            assert asyncio.run(consumer.reach()) == ([broker.endpoint], [])
+            heard_at = time.monotonic()
+            # The broker says nothing more.
+            unreached = wait_until(lambda: asyncio.run(consumer.reach())[1], timeout=10)
+            assert time.monotonic() - heard_at >= 1.9
+            assert [(q, e) for q, e, _ in unreached] == [(broker.endpoint, broker.endpoint)]
+            assert WENT_SILENT in unreached[0][2]
+            assert consumer.statistics().unreachable == (f"{broker.endpoint} at {broker.endpoint}: {unreached[0][2]}",)
+            assert consumer.checkup() == (True, "running", [broker.endpoint])
+            assert consumer.health() == (True, "running")
+            # It speaks again: heard, the report is gone.
+            broker.send(p.Heartbeat())
+            wait_until(lambda: consumer.checkup() == (True, "running", []), timeout=5)
+            assert asyncio.run(consumer.reach()) == ([broker.endpoint], [])
+            assert consumer.statistics().unreachable == ()
+        finally:
+            consumer.stop()
+    said = [r.getMessage() for r in caplog.records]
+    assert any("has heard nothing from queue" in m and broker.endpoint in m for m in said), said
+    assert any("hears queue" in m and "again" in m for m in said), said
 
 
 # -- on a cluster: a queue placed again where no consumer reaches it ----------------------------------

@@ -254,6 +254,45 @@ def test_consumers_that_cannot_reach_a_broker_are_reported_and_a_queue_none_reac
         hosts.unblock("a", hosts.b_ip)
 
 
+def test_a_consumer_cut_off_from_its_broker_after_start_is_reported_and_join_says_so_until_the_cut_heals(
+    hosts: Hosts, client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reviewer 8's cut: a consumer that reached its broker, then lost its network to it (this
+    process still reaching the broker), said nothing: its statistics showed no unreachable queue,
+    and join() waited its whole timeout. Now the consumer reports the broker silent after the
+    heartbeat timeout, join() raises BrokerUnreachable once no consumer hears the queue, and the
+    work resumes when the cut heals, with the same consumer (a replacement would not help)."""
+    workers = _workers(client)
+    try:
+        with QueuePool(client, 1, workers=[workers["a"]], **FAST) as queue_pool:
+            with ConsumerPool(client, queue_pool, n_consumers=1, workers=[workers["b"]]) as consumers:
+                consumers.start()
+                assert queue_pool.submit(add, 1, 1).result(timeout=30) == 2
+                with caplog.at_level(logging.WARNING, logger="zdq"):
+                    hosts.block("b", hosts.a_ip)  # b loses its route to a; this process reaches both
+                    futures = [queue_pool.submit(add, i, 1) for i in range(20)]
+                    started = time.monotonic()
+                    with pytest.raises(BrokerUnreachable) as caught:
+                        consumers.join(timeout=60)
+                    took = time.monotonic() - started
+                    message = str(caught.value)
+                    stats = consumers.statistics()
+                assert took < 30, took  # the heartbeat timeout, a supervision round, a reach check
+                assert queue_pool.queue_names[0] in message and "would never run" in message, message
+                assert "reached before" in message and "was cut" in message, message
+                assert "open the brokers' ports" not in message, message
+                assert [len(s.unreachable) for s in stats] == [1], stats
+                assert consumers.replacements == 0  # still the consumer it was: no use replacing it
+                hosts.unblock("b", hosts.a_ip)
+                wait_until(lambda: not consumers.unreached(), timeout=60)  # asked again until heard
+                consumers.join(timeout=60)
+                assert [f.result(timeout=30) for f in futures] == [i + 1 for i in range(20)]
+                assert [s.unreachable for s in consumers.statistics()] == [()]
+        print(message)
+    finally:
+        hosts.unblock("b", hosts.a_ip)
+
+
 # -- a cluster that speaks tls:// ---------------------------------------------------------------------
 
 

@@ -18,7 +18,8 @@ state                               owner
                                     by this pool's supervisor, which judges)
 ``_health_due``, ``_health_next``,  the pool's supervisor thread
 ``replacements``, ``_retry_at``,
-``_unreached``
+``_unreached``, ``_silence_asked``,
+``_partial_said``
 ``_none_live_since``,               ``_lock`` (written by the supervisor after each round, read by
 ``_last_failure``,                  ``join()`` and ``result()`` through :meth:`stranded`, and
 ``_class_failures``                 ``_class_failures`` by ``join()`` through :meth:`unserved`)
@@ -90,6 +91,9 @@ _REPLACE_TRY = 15.0
 #: replacements reach none either (the network is cut, not one worker), each waits twice as long
 #: as the one before, from the first wait up to the last: not a new consumer every few seconds.
 _UNREACHED_WAITS = (10.0, 300.0)
+#: A queue that a consumer reached, then heard nothing from (a network cut after start(), a
+#: stopped broker), is asked of every consumer serving it at most this often while it lasts.
+_SILENCE_REASK = 30.0
 #: Seconds a consumer future that failed is given to hand over its error once the placement's
 #: timeout has passed (the error came with the failure: reading it is local).
 _READ_ERROR_AT_LEAST = 0.5
@@ -187,6 +191,10 @@ class ConsumerSlots:
         self._class_failures: dict[int, tuple[float, str]] = {}
         #: slot -> (its consumers replaced in a row for reaching no queue, not again before).
         self._unreached: dict[int, tuple[int, float]] = {}
+        #: broker -> not before when to ask again who reaches it (some consumer says it went silent).
+        self._silence_asked: dict[int, float] = {}
+        #: broker -> what was said of the consumers that cannot reach it (others do): said once.
+        self._partial_said: dict[int, str] = {}
         #: The endpoints the consumers were placed started with (None: not placed started).
         self._started_with: list[str] | None = None
 
@@ -413,7 +421,9 @@ class ConsumerSlots:
     def supervise_once(self, running: bool, stopping: Callable[[], bool]) -> None:
         if self._reach_checks:
             self._judge_reach(running, stopping)
-        unhealthy = self._unhealthy() if running else {}
+        unhealthy, silent = self._checkup() if running else ({}, set())
+        if silent:
+            self._ask_who_hears(silent)
         no_worker = False  # a placement found no worker this round: the other slots would not either
         for i, fut in enumerate(self.slots.futures()):
             if fut is None or stopping():
@@ -585,12 +595,13 @@ class ConsumerSlots:
             )
         return True
 
-    def _unhealthy(self) -> dict[int, str]:
-        """Consumers alive to Dask that cannot work (their sockets failed): a few of them asked
-        every few seconds, in turn, so that a large pool adds a bounded number of actor calls."""
+    def _checkup(self) -> tuple[dict[int, str], set[str]]:
+        """Consumers alive to Dask that cannot work (their sockets failed), and the queues some of
+        them reached once and hear nothing from since: a few consumers asked every few seconds,
+        in turn, so that a large pool adds a bounded number of actor calls."""
         now = time.monotonic()
         if now < self._health_due:
-            return {}
+            return {}, set()
         self._health_due = now + max(2.0, self.settings.heartbeat_interval * 2)
         first = self._health_next
         turn = [(first + k) % self.n for k in range(min(self.n, _HEALTH_PER_ROUND))]
@@ -600,18 +611,40 @@ class ConsumerSlots:
             fut, consumer = self.slots.future(i), self.slots.actor(i)
             if fut is not None and consumer is not None and fut.status == "finished":
                 try:
-                    calls.append((i, consumer.health()))
+                    calls.append((i, consumer.checkup()))
                 except Exception:  # the worker is going: the next round sees its future lost
                     continue
         out: dict[int, str] = {}
+        silent: set[str] = set()
         for i, call in calls:
             try:
-                healthy, reason = call.result(timeout=10)
+                healthy, reason, cut_off = call.result(timeout=10)
             except Exception:
                 continue
             if not healthy:
                 out[i] = reason
-        return out
+            silent.update(cut_off)
+        return out, silent
+
+    def _ask_who_hears(self, queues: set[str]) -> None:
+        """Some consumers reached ``queues`` once and hear nothing from them now: ask every
+        consumer serving each whether it reaches it (at most every :data:`_SILENCE_REASK`
+        seconds). If none does, the verdict is held as :meth:`check_reach`'s is, and ``join()``
+        raises it rather than waiting; it is dropped once some consumer hears the queue again."""
+        now = time.monotonic()
+        names = self.queue_pool.queue_names
+        for queue in sorted(queues):
+            if queue not in names:
+                continue
+            broker = names.index(queue)
+            with self._lock:
+                if broker in self._reach_checks or broker in self._orphans:
+                    continue  # being asked, or held unreached and asked again until reached
+                gen = self._reach_gen.get(broker, 0)
+            if now < self._silence_asked.get(broker, 0.0):
+                continue
+            self._silence_asked[broker] = now + _SILENCE_REASK
+            self._ask_reach(broker, gen)
 
     def _replace(self, i: int, running: bool, stopping: Callable[[], bool]) -> None:
         fut, ident = self._submit(i)
@@ -716,8 +749,12 @@ class ConsumerSlots:
                     self._ask_reach(broker, gen)  # until some consumer reaches it
             elif was is not None:
                 logger.warning("queue %s is reached by consumers of pool %s again", queue, self.queue_pool.name)
-            elif why:
-                logger.warning("%s", why)
+            elif why and self._partial_said.get(broker) != why:
+                logger.warning("%s", why)  # some consumers cannot reach it: said once while it lasts
+            if not why:
+                self._partial_said.pop(broker, None)
+            elif not unreached:
+                self._partial_said[broker] = why
 
     def note_unreached(self, orphans: list[str], why: str) -> None:
         """``start()`` found ``orphans``, queues no consumer reaches (``why``): held as a move's

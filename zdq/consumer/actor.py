@@ -442,8 +442,20 @@ class Consumer:
 
     def health(self) -> tuple[bool, str]:
         """``(True, state)``, or ``(False, why)`` when the consumer is not running although it
-        should (its I/O thread died, it could not open its sockets). Cheap: no socket is touched.
-        A cancelled or stopped consumer is healthy: it is not meant to run."""
+        should (its I/O thread died, it could not open its sockets, it reaches none of its
+        brokers). Cheap: no socket is touched. A cancelled or stopped consumer is healthy: it is
+        not meant to run. So is one whose brokers went silent after it reached them (see
+        :meth:`checkup`): a replacement would not reach them either."""
+        return self._health()
+
+    def checkup(self) -> tuple[bool, str, list[str]]:
+        """:meth:`health`, and the queues it reached once whose brokers it has heard nothing from
+        for the heartbeat timeout since (the pool's supervisor asks who else reaches them)."""
+        link = self._link
+        healthy, why = self._health()
+        return healthy, why, [] if link is None else link.silent()
+
+    def _health(self) -> tuple[bool, str]:
         if self._start_error is not None:
             return False, self._start_error
         if not self._started:
@@ -458,7 +470,9 @@ class Consumer:
             return False, f"consumer {self.name} stopped on its own: {link.failure}"
         if link is not None:
             reached, unreached, pending = link.reach()
-            if unreached and not reached and not pending:
+            silent = set(link.silent())
+            unreached = [u for u in unreached if u[0] not in silent]
+            if unreached and not reached and not silent and not pending:
                 where = "; ".join(f"{q} at {e}: {why}" for q, e, why in unreached)
                 here = self._worker or "this process"
                 return False, f"consumer {self.name} on {here} {REACHES_NONE} ({where})"

@@ -30,7 +30,7 @@ from zdq.consumer.credit import EAGER_FETCH, Credit
 from zdq.consumer.runner import Counters, Runner
 from zdq.errors import ProtocolError
 from zdq.transport import protocol as p
-from zdq.transport.reach import Heard
+from zdq.transport.reach import WENT_SILENT, Heard
 from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import (
     BrokerLinks,
@@ -194,17 +194,25 @@ class Link:
 
     def reach(self) -> tuple[list[str], list[tuple[str, str, str]], list[str]]:
         """(From any thread.) The queues heard from; ``(queue, endpoint, why)`` of those reported
-        unreachable; and the queues neither heard from nor reported yet."""
+        unreachable (never heard from, or :meth:`silent` since); and the queues neither heard from
+        nor reported yet."""
         heard = self._heard
         if heard is None:
             return [], [], list(self._queues)
         # A broker placed again whose new endpoint the socket owner has not taken yet: pending,
         # not what was said of its old endpoint.
         moving = {i for i, _ in list(self._control)}
-        why = {i: w for i, w in heard.why.items() if i not in moving}
-        reached = [self._queues[i] for i, h in enumerate(heard.heard) if h and i not in moving]
+        why = {i: w for i, w in [*heard.why.items(), *heard.silent.items()] if i not in moving}
+        reached = [self._queues[i] for i, h in enumerate(heard.heard) if h and i not in moving and i not in why]
         pending = [self._queues[i] for i, h in enumerate(heard.heard) if i in moving or (not h and i not in why)]
         return reached, [(self._queues[i], self._endpoints[i], w) for i, w in sorted(why.items())], pending
+
+    def silent(self) -> list[str]:
+        """(From any thread.) The queues heard from once whose brokers have sent nothing for the
+        heartbeat timeout since: cut off after this consumer reached them (a network cut, their
+        workers stopped or starved). They are among :meth:`reach`'s unreachable ones."""
+        heard = self._heard
+        return [] if heard is None else [self._queues[i] for i in sorted(heard.silent)]
 
     # -- the socket owner -------------------------------------------------------------------------
     def io_main(self, ready: threading.Event) -> None:
@@ -281,7 +289,7 @@ class Link:
             cr.on_bye(i)
 
         def on_heartbeat(i: int, msg: p.Heartbeat, sock: zmq.Socket[Any]) -> None:
-            if not heard.heard[i]:  # its answer to our HELLO
+            if not heard.heard[i] or heard.silent:  # its answer to our HELLO, or a silence ended
                 self._on_heard(i)
 
         return (
@@ -299,6 +307,8 @@ class Link:
         self._links.settle(i)
         if self._heard.why.pop(i, None) is not None:
             logger.warning("consumer %s reaches queue %s at %s now", self.name, self._queues[i], self._endpoints[i])
+        if self._heard.silent.pop(i, None) is not None:
+            logger.warning("consumer %s hears queue %s at %s again", self.name, self._queues[i], self._endpoints[i])
 
     def _check_reach(self, now: float) -> None:
         """Report the brokers not heard from ``connect-timeout`` after connecting: never silently idle."""
@@ -309,6 +319,20 @@ class Link:
             logger.warning(
                 "consumer %s cannot reach queue %s at %s: no answer within %g s: %s",
                 self.name, self._queues[i], self._endpoints[i], self._settings.connect_timeout, why,
+            )
+
+    def _check_silence(self, now: float) -> None:
+        """Report the brokers heard from before that sent nothing for the heartbeat timeout (each
+        beats every heartbeat interval): a consumer cut off after it reached them says so, in its
+        statistics and its reach, rather than idling in silence. Heard again, the report ends."""
+        assert self._heard is not None
+        timeout = self._settings.heartbeat_timeout
+        for i in self._heard.went_silent(now, timeout):
+            self._heard.silent[i] = f"{WENT_SILENT} for {timeout:g} s"
+            logger.warning(
+                "consumer %s has heard nothing from queue %s at %s for %g s (it did before): the network between "
+                "them is cut, or that broker's worker is stopped or starved",
+                self.name, self._queues[i], self._endpoints[i], timeout,
             )
 
     def _close(self) -> None:
@@ -360,6 +384,7 @@ class Link:
         execute = runner.execute
         turn, ready, outbox, control = self._turn, self._ready, self._outbox, self._control
         stop, counters = self._stop, self._counters
+        heard_at = reach.last
         while not stop.is_set():
             while control:
                 # Taken off the queue only once applied: reach() counts a broker still queued here
@@ -397,6 +422,7 @@ class Link:
                 if at is None:
                     waker.drain()
                     continue
+                heard_at[at] = now
                 for frames in recv_ready(sock, 1):
                     try:
                         msg = p.decode(frames)
@@ -412,6 +438,10 @@ class Link:
                     handler(at, msg, sock)
             now = monotonic()
             if now >= self._next_beat:
+                if now - self._next_beat > beat:
+                    # This loop did not run for beats (its process stopped or starved): the
+                    # brokers' heartbeats are still unread, not missing.
+                    reach.was_deaf(now)
                 if not self._alive():
                     logger.info("consumer %s: its actor was released; stopping", self.name)
                     self._abandon("its actor was released")
@@ -421,6 +451,7 @@ class Link:
                 self._next_beat = now + beat
                 if not reach.settled():
                     self._check_reach(now)
+                self._check_silence(now)
             if ready and not turn.busy and not stop.is_set():
                 if turn.chunk_seconds >= EAGER_FETCH:
                     # Chunks take a while: ask for the next ones now, so that they arrive while

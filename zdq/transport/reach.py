@@ -20,7 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 __all__ = [
     "Watch", "Heard", "describe", "over_ipc", "CLIENT_OUTSIDE", "OPEN_TO_CLIENT", "OPEN_BETWEEN_WORKERS", "CHECK_IPC_PATH",
-    "DRIVER_HEARS_NOTHING", "RESUME_THE_BROKER", "CONNECTED_NO_ANSWER",
+    "DRIVER_HEARS_NOTHING", "RESUME_THE_BROKER", "CONNECTED_NO_ANSWER", "WENT_SILENT", "REACHED_BEFORE",
 ]
 
 _EVENTS = (
@@ -88,6 +88,17 @@ CONNECTED_NO_ANSWER = (
 )
 _CONNECTED = ("handshake never completed", "handshake succeeded")
 
+#: How a consumer's reason starts for a broker it heard from, then heard nothing from.
+WENT_SILENT = "reached before, then heard nothing from it"
+#: What to do when the consumers that cannot reach some brokers reached them before (and the
+#: driver still hears those brokers): the path between them broke after they connected.
+REACHED_BEFORE = (
+    "Those consumers reached their brokers before: the network between their workers and the brokers' was cut "
+    "since (a route, a firewall, a host gone off the network), while this process still hears the brokers. "
+    "They keep their connections and resume the moment it carries them again; meanwhile the tasks they held go "
+    "back to their queues after heartbeat-timeout, for the consumers that do reach them."
+)
+
 
 def over_ipc(address: str, endpoint: str, why: str) -> str:
     """The reason a broker reached over its Unix socket ``address`` (instead of TCP ``endpoint``)
@@ -148,20 +159,28 @@ class Watch:
 
 class Heard:
     """Which brokers a consumer has heard from since it connected to each, and why not, for
-    those past the timeout. Owned by the consumer's socket owner; other threads read copies."""
+    those past the timeout; and which of those heard from went silent since. Owned by the
+    consumer's socket owner; other threads read copies.
 
-    __slots__ = ("heard", "since", "why")
+    ``last`` is written by the owner's loop for every broker it reads a message from (a list
+    store per turn: brokers beat every heartbeat interval, so a broker heard from that sends
+    nothing for the heartbeat timeout is cut off, stopped or starved: :meth:`went_silent`)."""
+
+    __slots__ = ("heard", "last", "silent", "since", "why")
 
     def __init__(self, n: int, now: float) -> None:
         self.heard = [False] * n
         self.since = [now] * n  # when each connection was made
         self.why: dict[int, str] = {}  # brokers reported unreachable, and why
+        self.last = [now] * n  # when each was last heard from (or connected to)
+        self.silent: dict[int, str] = {}  # brokers heard from once, silent since, and why
 
     def restart(self, i: int, now: float) -> None:
         """Broker ``i`` has a new connection (it was placed again)."""
         self.heard[i] = False
-        self.since[i] = now
+        self.since[i] = self.last[i] = now
         self.why.pop(i, None)
+        self.silent.pop(i, None)
 
     def overdue(self, now: float, timeout: float) -> list[int]:
         """Brokers not heard from ``timeout`` after connecting, and not reported yet."""
@@ -173,6 +192,17 @@ class Heard:
         """Whether every broker was heard from or reported."""
         return all(heard or i in self.why for i, heard in enumerate(self.heard))
 
+    def went_silent(self, now: float, timeout: float) -> list[int]:
+        """Brokers heard from before that have sent nothing for ``timeout``, not reported yet."""
+        return [
+            i for i, heard in enumerate(self.heard) if heard and i not in self.silent and now - self.last[i] >= timeout
+        ]
+
+    def was_deaf(self, now: float) -> None:
+        """The owner's loop did not run for a while (its process stopped or starved): what the
+        brokers sent meanwhile is unread, not missing; each gets a whole timeout from now."""
+        self.last[:] = [now] * len(self.last)  # in place: the loop holds this list
+
 
 def describe(subject: str, brokers: Iterable[tuple[str, str, str, str]], advice: str) -> str:
     """The message of a :class:`~zdq.errors.BrokerUnreachable`: ``subject``, a line per broker
@@ -183,6 +213,8 @@ def describe(subject: str, brokers: Iterable[tuple[str, str, str, str]], advice:
     ]
     if brokers and all(DRIVER_HEARS_NOTHING in why for *_, why in brokers):
         advice = RESUME_THE_BROKER  # the broker is silent to everyone: no port or path is at stake
+    elif brokers and all(WENT_SILENT in why for *_, why in brokers):
+        advice = REACHED_BEFORE  # the ports were open: what changed is the path since
     elif brokers and all(OVER_IPC in why for *_, why in brokers):
         advice = CHECK_IPC_PATH  # no TCP port is at stake: the advice to open ports would mislead
     elif brokers and all(any(c in why for c in _CONNECTED) for *_, why in brokers):
