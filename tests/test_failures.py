@@ -27,7 +27,7 @@ from zdq import BrokerLost, ConsumerBaseClass, ConsumerPool, DeadLettered, Queue
 from zdq.errors import BatchError, NoConsumers, NoEligibleWorkers, RemoteTaskError
 from zdq._actor import scheduler_workers
 
-from .conftest import call_bounded, pid_of as _pid_of, wait_until
+from .conftest import call_bounded, pid_of as _pid_of, stop_process, wait_until
 from .tasks import add, flaky, poison, raise_key_error, sleep, slow_add, span, tiny_sleep
 
 if TYPE_CHECKING:  # pytest loads tests.harness as a plugin: imported here first, its asserts would not be rewritten
@@ -90,6 +90,23 @@ def _undescribed() -> _Undescribed:
 
 def _mute() -> None:
     raise _Mute()
+
+
+@pytest.mark.faults
+def test_closing_a_consumer_pool_on_a_stopped_worker_waits_one_bound_not_one_per_consumer(client3: Client) -> None:
+    """``close()`` waited up to 15 s for each consumer's ``stop()`` in turn: two consumers on a
+    stopped worker held it 30 s. The stops are now awaited together, within one bound."""
+    with QueuePool(client3, 1, workers=["a"], **FAST) as queue_pool:
+        consumers = ConsumerPool(client3, queue_pool, n_consumers=2, workers=["b"], start=True)
+        victim = _pid_of(client3, "b")
+        stop_process(victim)
+        try:
+            started = time.monotonic()
+            call_bounded(consumers.close, 60, "ConsumerPool.close() with its worker stopped")
+            took = time.monotonic() - started
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        assert took < 24, took  # one 15 s bound for both, not two
 
 
 @pytest.mark.faults

@@ -667,7 +667,7 @@ class PlacedQueues:
 
     def release(self) -> None:
         """Stop every broker and release its actor (the slots refuse any late placement)."""
-        self.slots.close(self.queue_names, "the broker of queue", timeout=10)
+        self.slots.close(self.queue_names, "the broker of queue", 10, self.client, self.workers())
 
 
 class AttachedQueues:

@@ -940,4 +940,6 @@ class ConsumerSlots:
 
     def release(self) -> None:
         """Stop every consumer and release its actor (the slots refuse any late placement)."""
-        self.slots.close(self.names, "consumer", timeout=15)
+        with self._lock:
+            workers = [self.placed_on.get(i, "") for i in range(self.n)]
+        self.slots.close(self.names, "consumer", 15, self.client, workers)

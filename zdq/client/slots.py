@@ -422,25 +422,28 @@ class ActorSlots(Generic[A]):
         return taken
 
 
-    def close(self, names: list[str], what: str, timeout: float) -> None:
-        """Close the slots, stop every actor (all asked at once, each answer awaited at most
-        ``timeout`` seconds) and release it. ``what`` names an actor in the logs ("consumer").
-        The same for both pools: a worker already gone only makes its stop fail quietly."""
+    def close(self, names: list[str], what: str, timeout: float, client: Any, workers: list[str]) -> None:
+        """Close the slots, stop every actor (all asked at once, the answers awaited together for
+        at most ``timeout`` seconds, through :func:`answers_within`: a stop sent to a worker that
+        left is given up on at once) and release it. ``what`` names an actor in the logs
+        ("consumer"), ``workers`` each slot's worker. The same for both pools: a worker already
+        gone only makes its stop fail quietly."""
         taken = self.take_all()
-        stops = []
-        for name, (_, actor) in zip(names, taken):
+        stops: dict[str, tuple[Any, str]] = {}
+        for i, (name, (_, actor)) in enumerate(zip(names, taken)):
             if actor is None:
                 continue
             proxy: Any = actor  # a Dask actor proxy: its methods are the actor's
             try:
-                stops.append((name, proxy.stop()))
+                stops[name] = (proxy.stop(), workers[i] if i < len(workers) else "")
             except Exception as e:  # the worker may be gone already
                 logger.debug("stopping %s %s failed: %s", what, name, e)
-        for name, call in stops:
-            try:
-                call.result(timeout=timeout)
-            except Exception as e:
-                logger.debug("stopping %s %s failed: %s", what, name, e)
+        if stops:
+            _, errors, gone, silent = answers_within(client, stops, timeout)
+            for name, error in errors.items():
+                logger.debug("stopping %s %s failed: %s", what, name, error)
+            for name in sorted(gone | silent):
+                logger.debug("stopping %s %s: %s", what, name, "its worker left" if name in gone else "no answer in time")
         for fut, actor in taken:
             release_future(fut, actor)
 
