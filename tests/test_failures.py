@@ -440,14 +440,14 @@ def test_a_consumers_worker_killed_as_start_asks_its_reach_costs_start_a_second_
     this test guards the bound more than it shows the stall."""
     import threading
 
-    from zdq.client.consumers import ConsumerSlots
+    from zdq.client.consumer_reach import ConsumerReach
 
-    check_reach = ConsumerSlots.check_reach
+    check_reach = ConsumerReach.check_reach
     killed: list[str] = []
 
-    def kill_then_check(self: ConsumerSlots, **kwargs: Any) -> Any:
+    def kill_then_check(self: ConsumerReach, **kwargs: Any) -> Any:
         if not killed:
-            address = next(w for w in self.placed_on.values() if w not in set(queue_pool.workers()))
+            address = next(w for w in self._consumers.placement().values() if w not in set(queue_pool.workers()))
             killed.append(address)
             pid = client3.run(os.getpid, workers=[address])[address]
             os.kill(pid, signal.SIGSTOP)  # the reach call goes to a worker that takes it, then dies
@@ -455,7 +455,7 @@ def test_a_consumers_worker_killed_as_start_asks_its_reach_costs_start_a_second_
         return check_reach(self, **kwargs)
 
     with QueuePool(client3, 1, workers=["a"], **FAST) as queue_pool:
-        monkeypatch.setattr(ConsumerSlots, "check_reach", kill_then_check)
+        monkeypatch.setattr(ConsumerReach, "check_reach", kill_then_check)
         started = time.monotonic()
         consumers = call_bounded(
             lambda: ConsumerPool(client3, queue_pool, n_consumers=3, workers=["b", "c"], start=True), 60, "ConsumerPool(...)"

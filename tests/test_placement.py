@@ -225,7 +225,7 @@ def test_the_reach_of_every_consumer_is_asked_once_per_worker(client: Client) ->
     with QueuePool(client, 2) as qp, ConsumerPool(client, qp, n_consumers=4, start=True) as consumers:
         slots = consumers._consumers
         # One consumer of each worker answers for all of that worker's (one actor call a worker).
-        told = slots._reach_by_worker(slots.queues_up(), 30.0)
+        told = slots.reach._reach_by_worker(slots.reach.queues_up(), 30.0)
         assert sorted(told) == [0, 1, 2, 3] and len(set(slots.placed_on.values())) == len(workers)
         for reached, unreached in told.values():
             assert reached and not unreached

@@ -330,7 +330,7 @@ class ConsumerPool:
 
     def on_broker_moved(self, broker: int, endpoint: str) -> None:
         """Called when a lost queue is served again: every consumer serving it reconnects."""
-        self._consumers.broker_moved(broker, endpoint, self._running)
+        self._consumers.reach.broker_moved(broker, endpoint, self._running)
 
     def stranded(self) -> str:
         """Why none of this pool's consumers has been placed for ``no_consumer_timeout``, naming
@@ -342,7 +342,7 @@ class ConsumerPool:
         """Queues placed again where none of this pool's consumers reaches them, with why:
         ``join()`` raises :class:`BrokerUnreachable` for those that hold tasks."""
         names = self.queue_pool.queue_names
-        return {names[i]: why for i, why in self._consumers.orphans().items()}
+        return {names[i]: why for i, why in self._consumers.reach.orphans().items()}
 
     def held_up(self) -> dict[int, tuple[type[ZdqError], str]]:
         """The queues (by index) whose tasks none of this pool's consumers will take as things
@@ -354,17 +354,17 @@ class ConsumerPool:
         out: dict[int, tuple[type[ZdqError], str]] = {
             i: (NoEligibleWorkers, why) for i, why in self._consumers.unserved().items()
         }
-        out.update((i, (BrokerUnreachable, why)) for i, why in self._consumers.orphans().items())
+        out.update((i, (BrokerUnreachable, why)) for i, why in self._consumers.reach.orphans().items())
         return out
 
     def still_held_up(self, broker: int) -> bool:
         """Whether queue ``broker``, which :meth:`held_up` lists, still is held up, asked again
-        now (see :meth:`ConsumerSlots.still_unreached`): join() and result() confirm before they
+        now (see :meth:`ConsumerReach.still_unreached <zdq.client.consumer_reach.ConsumerReach.still_unreached>`): join() and result() confirm before they
         raise."""
         if not self._running or self._closed:
             return False
-        if broker in self._consumers.orphans():
-            return self._consumers.still_unreached(broker)
+        if broker in self._consumers.reach.orphans():
+            return self._consumers.reach.still_unreached(broker)
         return broker in self.held_up()  # as it is now, not as the caller read it a moment ago
 
     def unserved(self) -> dict[str, str]:
@@ -430,9 +430,9 @@ class ConsumerPool:
             # rule as the queue pool's supervisor (daskqueue programs close only their client).
             self._supervisor = Supervisor(self, "zdq-supervisor-consumers", client=self.client, method="_supervise_once")
             self._supervisor.start()
-        orphans, why = self._consumers.check_reach(placing=started)
+        orphans, why = self._consumers.reach.check_reach(placing=started)
         if orphans:
-            self._consumers.note_unreached(orphans, why)  # join() raises it too, until reached
+            self._consumers.reach.note_unreached(orphans, why)  # join() raises it too, until reached
             raise BrokerUnreachable(why)
         if why:
             logger.warning("%s", why)

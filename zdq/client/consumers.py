@@ -1,9 +1,10 @@
-"""The consumers of a ConsumerPool: their slots, placement, health, replacement and reach.
+"""The consumers of a ConsumerPool: their slots, placement, health and replacement.
 
 Placement and the slots are :mod:`zdq.client.slots`'s (one lock, a closed check: a replacement
 that ends after ``close()`` is released, never written into the closed pool). What is particular
-to consumers lives here: which queues each serves, asking a few of them at a time whether they
-can work, and whether a queue placed again is still reached by some consumer.
+to consumers lives here: which queues each serves, and asking a few of them at a time whether
+they can work. Whether the queues are reached by them is :mod:`zdq.client.consumer_reach`'s
+(``reach``), which this pool's supervisor runs each round.
 
 Ownership
 ---------
@@ -13,13 +14,11 @@ state                               owner
 ``slots``                           its own lock (:class:`~zdq.client.slots.ActorSlots`)
 ``identities``, ``placed_on``       ``_lock`` (placed by the user's thread at start, by the
                                     supervisor later; read by ``results()``)
-``_reach_checks``, ``_reach_gen``,  ``_lock`` (written by the queue pool's supervisor, which tells
-``_orphans``                        of moves, by ``start()``, which found queues none reaches, and
-                                    by this pool's supervisor, which judges)
+``reach``                           its own lock (:class:`~zdq.client.consumer_reach.ConsumerReach`:
+                                    which queues the consumers reach, and which none does)
 ``_health_due``, ``_health_next``,  the pool's supervisor thread
 ``replacements``, ``_retry_at``,
-``_unreached``, ``_silence_asked``,
-``_partial_said``
+``_unreached``
 ``_none_live_since``,               ``_lock`` (written by the supervisor after each round, read by
 ``_last_failure``,                  ``join()`` and ``result()`` through :meth:`stranded`, and
 ``_class_failures``                 ``_class_failures`` by ``join()`` through :meth:`unserved`)
@@ -48,11 +47,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from distributed import Client
 
 from zdq._actor import beside_brokers, candidate_workers, scheduler_workers
+from zdq.client.consumer_reach import ConsumerReach, FedPool
 from zdq.client.slots import (
     ActorSlots,
     SlotsClosed,
@@ -68,14 +68,11 @@ from zdq.config import PoolSettings
 from zdq.errors import ConsumerInitError, PlacementError
 from zdq.consumer import Consumer, ConsumerBaseClass
 from zdq.consumer.actor import REACHES_NONE
-from zdq.client.driver import Driver
 from zdq.names import consumer_names, counted
 from zdq.fanout import served_queues
-from zdq.transport.reach import DRIVER_HEARS_NOTHING, OPEN_BETWEEN_WORKERS, describe
-from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import new_identity
 
-__all__ = ["ConsumerSlots", "FedPool"]
+__all__ = ["ConsumerSlots", "FedPool"]  # FedPool: consumer_reach's, named here too
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +88,6 @@ _REPLACE_TRY = 15.0
 #: replacements reach none either (the network is cut, not one worker), each waits twice as long
 #: as the one before, from the first wait up to the last: not a new consumer every few seconds.
 _UNREACHED_WAITS = (10.0, 300.0)
-#: A queue that a consumer reached, then heard nothing from (a network cut after start(), a
-#: stopped broker), is asked of every consumer serving it at most this often while it lasts.
-_SILENCE_REASK = 30.0
 #: Seconds a consumer future that failed is given to hand over its error once the placement's
 #: timeout has passed (the error came with the failure: reading it is local).
 _READ_ERROR_AT_LEAST = 0.5
@@ -102,32 +96,6 @@ _READ_ERROR_AT_LEAST = 0.5
 def _failure_text(failure: tuple[str, Exception] | None) -> str:
     """Why the last placement failed, for messages (``""``: none failed since one was live)."""
     return "" if failure is None else f"placing {failure[0]} failed: {failure[1]}"
-
-
-ReachAnswers = list[tuple[str, tuple[list[str], list[tuple[str, str, str]]]]]
-
-
-class FedPool(Protocol):
-    """What the consumers need of their QueuePool: its public edge only."""
-
-    name: str
-    dirpath: str | None
-    n_queues: int
-    queue_names: list[str]
-
-    @property
-    def endpoints(self) -> list[str]: ...
-
-    @property
-    def client_keys(self) -> ClientKeys | None: ...
-
-    @property
-    def payload_key(self) -> bytes | None: ...
-
-    @property
-    def driver(self) -> Driver: ...
-
-    def workers(self) -> list[str]: ...
 
 
 class ConsumerSlots:
@@ -176,11 +144,6 @@ class ConsumerSlots:
         self.replacements = 0
         self._health_due = 0.0
         self._health_next = 0  # the consumer whose health is asked next
-        # Queues placed again since start(): whether some consumer reaches them where they went.
-        # queue -> (when to judge at the latest, [(consumer, its reach() future)], its placement)
-        self._reach_checks: dict[int, tuple[float, list[tuple[str, Any]], int]] = {}
-        self._reach_gen: dict[int, int] = {}  # queue -> how often it was placed again
-        self._orphans: dict[int, str] = {}  # queue -> why no consumer reaches it (join raises it)
         self._retry_at: dict[int, float] = {}  # slot -> when to try placing it again (it failed)
         # Since when no slot holds a consumer Dask still has (None: some does), and why the last
         # placement failed: stranded() turns them into join()'s and result()'s error.
@@ -191,12 +154,10 @@ class ConsumerSlots:
         self._class_failures: dict[int, tuple[float, str]] = {}
         #: slot -> (its consumers replaced in a row for reaching no queue, not again before).
         self._unreached: dict[int, tuple[int, float]] = {}
-        #: broker -> not before when to ask again who reaches it (some consumer says it went silent).
-        self._silence_asked: dict[int, float] = {}
-        #: broker -> what was said of the consumers that cannot reach it (others do): said once.
-        self._partial_said: dict[int, str] = {}
         #: The endpoints the consumers were placed started with (None: not placed started).
         self._started_with: list[str] | None = None
+        #: Whether the queues are reached by these consumers (start()'s check, and later ones).
+        self.reach = ConsumerReach(self, client, queue_pool, settings)
 
     # -- placing ---------------------------------------------------------------------------------
     def place_all(self, timeout: float | None = None, *, start: bool = False) -> None:
@@ -419,11 +380,8 @@ class ConsumerSlots:
         return any(fut is not None and fut.status == "cancelled" for fut in self.slots.futures())
 
     def supervise_once(self, running: bool, stopping: Callable[[], bool]) -> None:
-        if self._reach_checks:
-            self._judge_reach(running, stopping)
         unhealthy, silent = self._checkup() if running else ({}, set())
-        if silent:
-            self._ask_who_hears(silent)
+        self.reach.supervise_once(running, stopping, silent)
         no_worker = False  # a placement found no worker this round: the other slots would not either
         for i, fut in enumerate(self.slots.futures()):
             if fut is None or stopping():
@@ -626,26 +584,6 @@ class ConsumerSlots:
             silent.update(cut_off)
         return out, silent
 
-    def _ask_who_hears(self, queues: set[str]) -> None:
-        """Some consumers reached ``queues`` once and hear nothing from them now: ask every
-        consumer serving each whether it reaches it (at most every :data:`_SILENCE_REASK`
-        seconds). If none does, the verdict is held as :meth:`check_reach`'s is, and ``join()``
-        raises it rather than waiting; it is dropped once some consumer hears the queue again."""
-        now = time.monotonic()
-        names = self.queue_pool.queue_names
-        for queue in sorted(queues):
-            if queue not in names:
-                continue
-            broker = names.index(queue)
-            with self._lock:
-                if broker in self._reach_checks or broker in self._orphans:
-                    continue  # being asked, or held unreached and asked again until reached
-                gen = self._reach_gen.get(broker, 0)
-            if now < self._silence_asked.get(broker, 0.0):
-                continue
-            self._silence_asked[broker] = now + _SILENCE_REASK
-            self._ask_reach(broker, gen)
-
     def _replace(self, i: int, running: bool, stopping: Callable[[], bool]) -> None:
         fut, ident = self._submit(i)
         try:
@@ -667,279 +605,12 @@ class ConsumerSlots:
         if running and not stopping():
             actor.start(*self.start_args(i)).result(timeout=30)
 
-    # -- whether a queue placed again is still served ------------------------------------------
-    # start() checks that every queue is reached; a queue placed again later (its worker died) may
-    # land where no consumer reaches it, and its tasks would wait for ever. The consumers serving
-    # it are asked in the background (the QueuePool's supervisor, which tells us of the move, must
-    # not wait connect-timeout for them); the supervisor judges their answers, asks again while
-    # the queue stays unreached, and join() raises what it found instead of waiting.
-    def broker_moved(self, broker: int, endpoint: str, running: bool) -> None:
-        """Every consumer serving ``broker`` reconnects to ``endpoint``, each told on its own: one
-        on a dead worker (replaced, with the current endpoints, by the supervisor) never keeps
-        the others uninformed."""
-        queue = self.queue_pool.queue_names[broker]
+    def placement(self) -> dict[int, str]:
+        """Each placed slot's worker (a copy)."""
         with self._lock:
-            # A new placement: what was found of the last one no longer holds, and a check of it
-            # still out is stale (its generation is behind).
-            self._reach_gen[broker] = self._reach_gen.get(broker, 0) + 1
-            self._orphans.pop(broker, None)
-            self._reach_checks.pop(broker, None)
-            gen = self._reach_gen[broker]
-        calls = []
-        for _, name, consumer in self.live(serving=broker):
-            try:
-                calls.append((name, consumer.set_endpoint(broker, endpoint)))
-            except Exception as e:
-                logger.debug("pointing consumer %s at queue %s failed: %s", name, queue, e)
-        for name, call in calls:
-            try:
-                call.result(timeout=30)
-            except Exception as e:  # a lost consumer is replaced with the new endpoints anyway
-                logger.debug("pointing consumer %s at queue %s failed: %s", name, queue, e)
-        if running:
-            self._ask_reach(broker, gen)
-
-    def _reach_calls(self, broker: int) -> list[tuple[str, Any]]:
-        """``consumer.reach([queue])`` of every live consumer serving ``broker``: (name, call)."""
-        queue = self.queue_pool.queue_names[broker]
-        calls = []
-        for _, name, consumer in self.live(serving=broker):
-            try:
-                calls.append((name, consumer.reach([queue])))
-            except Exception as e:  # a lost consumer is replaced, and the replacement connects anew
-                logger.debug("reach on consumer %s failed: %s", name, e)
-        return calls
-
-    def _ask_reach(self, broker: int, gen: int) -> None:
-        """Ask the consumers serving ``broker`` whether they reach it (placement ``gen`` of it)."""
-        calls = self._reach_calls(broker)
-        s = self.settings
-        judge_by = time.monotonic() + s.connect_timeout + 2 * s.heartbeat_interval + 10
-        with self._lock:
-            if self._reach_gen.get(broker, 0) == gen:  # else it moved meanwhile: a newer check runs
-                self._reach_checks[broker] = (judge_by, calls, gen)
-
-    def _judge_reach(self, running: bool, stopping: Callable[[], bool]) -> None:
-        """Judge the reach checks whose answers are all in (or overdue)."""
-        now = time.monotonic()
-        with self._lock:
-            due = {
-                broker: (calls, gen)
-                for broker, (judge_by, calls, gen) in self._reach_checks.items()
-                if now >= judge_by or all(call.done() for _, call in calls)
-            }
-            for broker in due:
-                del self._reach_checks[broker]
-        for broker, (calls, gen) in due.items():
-            answers = []
-            for name, call in calls:
-                try:
-                    answers.append((name, call.result(timeout=0.1)))
-                except Exception as e:
-                    logger.debug("reach on consumer %s failed: %s", name, e)
-            verdict = self._hold_verdict(broker, gen, answers)
-            if verdict is None:
-                continue  # the queue moved since it was asked: a newer check judges it
-            unreached, was, why = verdict
-            queue = self.queue_pool.queue_names[broker]
-            if unreached:
-                if was is None:
-                    logger.error("%s", why)
-                if running and not stopping():
-                    self._ask_reach(broker, gen)  # until some consumer reaches it
-            elif was is not None:
-                logger.warning("queue %s is reached by consumers of pool %s again", queue, self.queue_pool.name)
-            elif why and self._partial_said.get(broker) != why:
-                logger.warning("%s", why)  # some consumers cannot reach it: said once while it lasts
-            if not why:
-                self._partial_said.pop(broker, None)
-            elif not unreached:
-                self._partial_said[broker] = why
-
-    def note_unreached(self, orphans: list[str], why: str) -> None:
-        """``start()`` found ``orphans``, queues no consumer reaches (``why``): held as a move's
-        check holds them, so that ``join()`` raises it rather than waiting for its timeout, and
-        asked again by the supervisor until some consumer reaches them."""
-        names = self.queue_pool.queue_names
-        for queue in orphans:
-            broker = names.index(queue)
-            with self._lock:
-                self._orphans[broker] = why
-                gen = self._reach_gen.get(broker, 0)
-            self._ask_reach(broker, gen)
-
-    def _hold_verdict(self, broker: int, gen: int, answers: ReachAnswers) -> tuple[bool, str | None, str] | None:
-        """Judge the consumers' reach ``answers`` of queue ``broker`` (placement ``gen`` of it) and
-        hold the verdict: ``(unreached, the why held before, the why now)``, or ``None`` when the
-        queue moved since it was asked (a newer check judges it)."""
-        orphans, why = self.reach_verdict(answers)
-        unreached = self.queue_pool.queue_names[broker] in orphans
-        with self._lock:
-            if self._reach_gen.get(broker, 0) != gen:
-                return None
-            was = self._orphans.pop(broker, None)
-            if unreached:
-                self._orphans[broker] = why
-        return unreached, was, why
-
-    def still_unreached(self, broker: int, timeout: float = 5.0) -> bool:
-        """Whether queue ``broker``, held as reached by none of these consumers, still is: asked
-        again now, before ``join()`` or ``result()`` raise it. A broker resumed a moment ago answers
-        its status the moment its consumers reach it again, before a round of the supervisor has
-        judged them: asked twice, a second apart, when the first answers say none reaches it. A
-        verdict that no longer holds is dropped. Bounded by ``timeout``; a consumer that does not
-        answer leaves the verdict as it is."""
-        queue = self.queue_pool.queue_names[broker]
-        deadline = time.monotonic() + timeout
-        for ask in (1, 2):
-            with self._lock:
-                if broker not in self._orphans:
-                    return False
-                gen = self._reach_gen.get(broker, 0)
-            answers: ReachAnswers = []
-            for name, call in self._reach_calls(broker):
-                try:
-                    answers.append((name, call.result(timeout=max(0.1, deadline - time.monotonic()))))
-                except Exception as e:  # noqa: BLE001 - the verdict stands
-                    logger.debug("reach on consumer %s failed: %s", name, e)
-            if not answers:
-                return True
-            verdict = self._hold_verdict(broker, gen, answers)
-            if verdict is None:  # placed again meanwhile: what was found no longer holds
-                return False
-            if not verdict[0]:
-                logger.warning("queue %s is reached by consumers of pool %s again", queue, self.queue_pool.name)
-                return False
-            if ask == 1 and deadline - time.monotonic() > 1.0:
-                time.sleep(1.0)
-        return True
-
-    def orphans(self) -> dict[int, str]:
-        """Queues none of these consumers reaches (found so by ``start()``, or placed again where
-        none reaches them), with why; until some consumer reaches them."""
-        with self._lock:
-            return dict(self._orphans)
-
-    def check_reach(self, *, placing: bool = False) -> tuple[list[str], str]:
-        """Wait until every consumer heard from its brokers or reported them unreachable; the
-        queues reached by none, and what to tell (see :meth:`reach_verdict`). Queues that are down
-        (being placed again) are not waited for: the consumers are told where they went.
-
-        A consumer whose sockets could not be opened (they open in the background, see
-        :meth:`Consumer.start`) answers with its :class:`PlacementError`, naming it and its worker:
-        with ``placing`` (a pool placed started) they are raised together; else each is a warning
-        (the supervisor replaces such a consumer, as before)."""
-        up = self.queues_up()
-        wait = self.settings.connect_timeout + 2 * self.settings.heartbeat_interval + 10
-        answers: ReachAnswers = []
-        failed: list[str] = []
-        asked = self._reach_by_worker(up, wait)
-        calls: dict[str, tuple[Any, str]] = {}
-        with self._lock:
-            placed_on = dict(self.placed_on)
-        for i, name, consumer in self.live():
-            if i in asked:
-                answer = asked[i]
-                if isinstance(answer, str):
-                    failed.append(answer)
-                elif answer is not None:  # None: its worker left, it is replaced
-                    answers.append((name, answer))
-                continue
-            try:  # not answered for by its worker: asked itself
-                calls[name] = (consumer.reach(up), placed_on.get(i, ""))
-            except Exception as e:  # its worker is gone: the supervisor replaces it
-                logger.debug("reach on consumer %s failed: %s", name, e)
-        told, errors, gone, _ = answers_within(self.client, calls, wait)
-        answers.extend((name, told[name]) for name in calls if name in told)
-        for name, error in errors.items():
-            if isinstance(error, PlacementError):
-                failed.append(str(error))
-            else:
-                logger.debug("reach on consumer %s failed: %s", name, error)
-        for name in gone:
-            logger.debug("reach on consumer %s: its worker left the cluster (it is replaced)", name)
-        if failed and placing:
-            raise PlacementError("; ".join(failed))
-        for why in failed:
-            logger.warning("%s; placing a replacement", why)
-        return self.reach_verdict(answers)
-
-    def _reach_by_worker(self, up: list[str], wait: float) -> dict[int, Any]:
-        """Ask one consumer per worker for the reach of every consumer placed there
-        (``Consumer.reach_here``): one actor call per worker, not per consumer. By slot: the
-        answer, or the message of a consumer that could not open its sockets; a slot left out
-        (its worker did not answer for it) is asked by the caller."""
-        by_worker: dict[str, list[tuple[int, str, Any]]] = {}
-        futures = self.slots.futures()
-        with self._lock:
-            placed_on = dict(self.placed_on)
-        for i, _, consumer in self.live():
-            fut = futures[i]
-            if fut is not None and i in placed_on:
-                by_worker.setdefault(placed_on[i], []).append((i, str(fut.key), consumer))
-        calls: dict[str, tuple[Any, str]] = {}
-        for worker, here in by_worker.items():
-            try:
-                calls[worker] = (here[0][2].reach_here([key for _, key, _ in here], up), worker)
-            except Exception as e:  # its worker is gone: the supervisor replaces its consumers
-                logger.debug("reach of the consumers on %s failed: %s", worker, e)
-        answers, errors, gone, _ = answers_within(self.client, calls, wait)
-        out: dict[int, Any] = {}
-        for worker, here in by_worker.items():
-            if worker in gone:
-                # Its worker left (killed): its consumers are lost, and replaced; not asked again.
-                out.update({i: None for i, _, _ in here})
-            elif worker in answers:
-                told = answers[worker]
-                out.update({i: told[key] for i, key, _ in here if key in told})
-            elif worker in errors:  # each of them is asked by the caller
-                logger.debug("reach of consumers %s failed: %s", [i for i, _, _ in here], errors[worker])
-        return out
-
-    def reach_verdict(self, answers: ReachAnswers) -> tuple[list[str], str]:
-        """From the consumers' ``reach()`` answers: the queues that are up and that no consumer
-        reaches, and what to tell the user (empty when every consumer reaches all it serves)."""
-        qp = self.queue_pool
-        reached: set[str] = set()
-        missed: dict[str, list[tuple[str, str, str]]] = {}  # queue -> (consumer, endpoint, why)
-        for name, (ok, failed) in answers:
-            reached.update(ok)
-            for queue, endpoint, why in failed:
-                missed.setdefault(queue, []).append((name, endpoint, why))
-        up = self.queues_up()  # a queue lost meanwhile is the supervisor's, not unreachable
-        missed = {queue: tries for queue, tries in missed.items() if queue in up}
-        if not missed:
-            return [], ""
-        workers = dict(zip(qp.queue_names, qp.workers()))
-        with self._lock:
-            where = {name: self.placed_on.get(i, "?") for i, name in enumerate(self.names)}
-        # A broker the driver does not hear either is silent to everyone (its worker stopped or
-        # starved), whatever the consumers' connections say: said so, rather than blamed on a
-        # port or a socket's path. Healthy brokers beat every heartbeat interval.
-        quiet = max(3 * self.settings.heartbeat_interval, 1.0)
-        silence = {name: qp.driver.broker_silence(i) for i, name in enumerate(qp.queue_names) if name in missed}
-        unheard = {queue: f"; {DRIVER_HEARS_NOTHING} for {s:.0f} s" for queue, s in silence.items() if s >= quiet}
-        lines = [
-            (queue, endpoint, workers.get(queue, ""), f"{consumer} on {where.get(consumer, '?')}: {why}{unheard.get(queue, '')}")
-            for queue, tries in missed.items()
-            for consumer, endpoint, why in tries
-        ]
-        orphans = [queue for queue in missed if queue not in reached]
-        if orphans:
-            subject = (
-                f"no consumer of pool {qp.name} reaches {', '.join(orphans)}: their tasks would never run "
-                "(the consumers keep running and connecting)"
-            )
-        else:
-            subject = f"some consumers of pool {qp.name} cannot reach some of its queues (other consumers serve them)"
-        return orphans, describe(subject, lines, OPEN_BETWEEN_WORKERS)
-
-    def queues_up(self) -> list[str]:
-        qp = self.queue_pool
-        return [name for name, up in zip(qp.queue_names, qp.driver.links_up()) if up]
+            return dict(self.placed_on)
 
     def release(self) -> None:
         """Stop every consumer and release its actor (the slots refuse any late placement)."""
-        with self._lock:
-            workers = [self.placed_on.get(i, "") for i in range(self.n)]
-        self.slots.close(self.names, "consumer", 15, self.client, workers)
+        placed_on = self.placement()
+        self.slots.close(self.names, "consumer", 15, self.client, [placed_on.get(i, "") for i in range(self.n)])

@@ -68,7 +68,7 @@ CHECK_IPC_PATH = (
 
 
 #: How a link's reason ends when the pool's driver has not heard that broker either
-#: (:func:`~zdq.client.consumers.ConsumerSlots.reach_verdict` adds it).
+#: (:func:`~zdq.client.consumer_reach.ConsumerReach.reach_verdict` adds it).
 DRIVER_HEARS_NOTHING = "this pool's driver has not heard that broker either"
 #: What to do when the driver hears none of the brokers the consumers cannot reach: the broker,
 #: not the network or a socket's path, is what does not answer.
