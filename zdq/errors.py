@@ -4,12 +4,23 @@ Every error zdq raises derives from :class:`ZdqError`. The subtrees tell causes 
 *you* closed, a peer that broke (a broker that was lost), a message that broke the protocol, storage
 that is full or corrupt, a wait that ran out of time, and a task that failed remotely. Where a builtin
 fits, the error subclasses it too, so ``except TimeoutError`` keeps working.
+
+How a failure travels from the process it happened in to the one that raises it is here too
+(:class:`ErrorInfo`, :func:`error_info`, :func:`error_to_exception`): the codec packs it with a
+chunk's results, and a :class:`ConsumerInitError` carries its cause that way.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import pickle
+import traceback
+import types
+from dataclasses import dataclass
 from typing import Any
+
+import cloudpickle
 
 __all__ = [
     "ZdqError",
@@ -83,16 +94,12 @@ class ConsumerInitError(PlacementError):
         # Sent from the worker that made the consumer: its cause goes with it (a pickled exception
         # drops __cause__) the way a task's error travels, as itself if it unpickles again, else as
         # a RemoteTaskError, its remote traceback in a note either way.
-        from zdq.codec.results import error_info  # the codec sits above the errors
-
         cause = None if self.__cause__ is None else error_info(self.__cause__)
         return (_rebuild_caused, (type(self), self.args, cause), self.__dict__)
 
 
 def _rebuild_caused(kind: type[BaseException], args: tuple[Any, ...], cause: Any) -> BaseException:
-    # cause: a zdq.codec.results.ErrorInfo, or None (named only in functions: the codec imports this)
-    from zdq.codec.results import error_to_exception
-
+    # cause: an ErrorInfo, or None
     error = kind(*args)
     error.__cause__ = None if cause is None else error_to_exception(cause)
     return error
@@ -261,3 +268,61 @@ class BatchError(ZdqError):
         )
         self.errors = errors
         self.values = values
+
+
+# -- a failure as it travels ----------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """A task's failure as sent back: the exception itself when it pickles, and always its text."""
+
+    exception: BaseException | None
+    type_name: str
+    message: str
+    traceback: str
+
+
+
+_ZDQ_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """The traceback from the first frame outside zdq: a task's traceback starts at the user's
+    code, not at the runner that called it."""
+    first = tb
+    while first is not None and os.path.abspath(first.tb_frame.f_code.co_filename).startswith(_ZDQ_DIR):
+        first = first.tb_next
+    return first if first is not None else tb
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    """A task's failure (or a consumer class's ``__init__``'s, for a
+    :class:`ConsumerInitError`) as it travels. The exception itself goes only if the driver can rebuild
+    it: one whose ``__init__`` wants other arguments than its ``args`` pickles, but unpickling it
+    raises, which would fail the whole chunk's results on the driver. Such an exception travels as
+    its type name, message and traceback, and the driver raises a RemoteTaskError of them. Only
+    failed tasks pay for the check."""
+    tb = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
+    exc.__traceback__ = None  # frames do not pickle; the text above keeps them
+    kind = type(exc)
+    try:
+        pickle.loads(cloudpickle.dumps(exc))  # cloudpickle's highest protocol: the codec's
+        sent: BaseException | None = exc
+    except Exception:  # noqa: BLE001 - pickling and unpickling raise anything, from the user's own code too
+        sent = None
+    try:
+        message = str(exc)
+    except Exception as e:  # noqa: BLE001 - the user's __str__: its failure must not be the task's end
+        message = f"<the exception's str() raised {type(e).__name__}>"
+    return ErrorInfo(sent, f"{kind.__module__}.{kind.__qualname__}", message, tb)
+
+
+def error_to_exception(info: ErrorInfo) -> BaseException:
+    """The exception to raise on the driver for a failed task, with its remote traceback."""
+    exc = info.exception
+    if exc is None:
+        exc = RemoteTaskError(info.type_name, info.message, info.traceback)
+    if info.traceback and hasattr(exc, "add_note"):
+        note = "remote traceback (zdq consumer):\n" + info.traceback.rstrip()
+        if note not in getattr(exc, "__notes__", ()):
+            exc.add_note(note)
+    return exc

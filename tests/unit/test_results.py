@@ -291,7 +291,13 @@ def test_results_and_chunks_written_under_the_old_module_names_load_once_those_m
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     info = ErrorInfo(None, "builtins.ValueError", "boom", "")
-    old_results = pickle.dumps((3, [None], {0: info}), protocol=2).replace(b"zdq.codec.results", b"zdq.serialization")
+    new_results = pickle.dumps((3, [None], {0: info}), protocol=2)
+    assert b"zdq.errors\nErrorInfo" in new_results  # where it lives now
+    # As the two releases before this one wrote it: zdq.codec.results (which still names it)...
+    codec_results = new_results.replace(b"zdq.errors\nErrorInfo", b"zdq.codec.results\nErrorInfo")
+    assert loads_results(codec_results) == (3, [None], {0: info})
+    # ... and zdq.serialization before them.
+    old_results = new_results.replace(b"zdq.errors\nErrorInfo", b"zdq.serialization\nErrorInfo")
     old_options = pickle.dumps((1, CALLS, [(add, 1)], TaskOptions(retries=2)), protocol=2).replace(
         b"zdq.codec.tasks", b"zdq.tasks"
     )

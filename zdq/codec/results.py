@@ -23,17 +23,15 @@ Nothing here holds state: every function is pure (apart from the pickles it writ
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import traceback
-import types
-from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
 
 from zdq.codec.seal import seal, unseal
-from zdq.errors import ProtocolError, RemoteTaskError, SerializationError
+# A failure as it travels is the error tree's own (a ConsumerInitError travels with its cause):
+# named here too, where results are packed and read.
+from zdq.errors import ErrorInfo, ProtocolError, SerializationError, error_info, error_to_exception
 
 __all__ = [  # noqa: RUF022 - grouped by role
     "PROTOCOL",
@@ -58,16 +56,6 @@ PROTOCOL = 5
 #: The first task id of results for a chunk that did not decode (its ids were inside it): they
 #: are the results of every task of the chunk they answer.
 UNKNOWN_BASE = -1
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorInfo:
-    """A task's failure as sent back: the exception itself when it pickles, and always its text."""
-
-    exception: BaseException | None
-    type_name: str
-    message: str
-    traceback: str
 
 
 def _describe(obj: object) -> str:
@@ -208,52 +196,6 @@ def loads_results(payload: Any, key: bytes | None = None) -> tuple[int, list[Any
     ):
         raise ProtocolError(f"results must be (int, list, dict), got {type(obj).__name__}")
     return obj
-
-
-_ZDQ_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
-def _user_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
-    """The traceback from the first frame outside zdq: a task's traceback starts at the user's
-    code, not at the runner that called it."""
-    first = tb
-    while first is not None and os.path.abspath(first.tb_frame.f_code.co_filename).startswith(_ZDQ_DIR):
-        first = first.tb_next
-    return first if first is not None else tb
-
-
-def error_info(exc: BaseException) -> ErrorInfo:
-    """A task's failure (or a consumer class's ``__init__``'s, for a
-    :class:`~zdq.errors.ConsumerInitError`) as it travels. The exception itself goes only if the driver can rebuild
-    it: one whose ``__init__`` wants other arguments than its ``args`` pickles, but unpickling it
-    raises, which would fail the whole chunk's results on the driver. Such an exception travels as
-    its type name, message and traceback, and the driver raises a RemoteTaskError of them. Only
-    failed tasks pay for the check."""
-    tb = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
-    exc.__traceback__ = None  # frames do not pickle; the text above keeps them
-    kind = type(exc)
-    try:
-        pickle.loads(cloudpickle.dumps(exc, protocol=PROTOCOL))
-        sent: BaseException | None = exc
-    except Exception:  # noqa: BLE001 - pickling and unpickling raise anything, from the user's own code too
-        sent = None
-    try:
-        message = str(exc)
-    except Exception as e:  # noqa: BLE001 - the user's __str__: its failure must not be the task's end
-        message = f"<the exception's str() raised {type(e).__name__}>"
-    return ErrorInfo(sent, f"{kind.__module__}.{kind.__qualname__}", message, tb)
-
-
-def error_to_exception(info: ErrorInfo) -> BaseException:
-    """The exception to raise on the driver for a failed task, with its remote traceback."""
-    exc = info.exception
-    if exc is None:
-        exc = RemoteTaskError(info.type_name, info.message, info.traceback)
-    if info.traceback and hasattr(exc, "add_note"):
-        note = "remote traceback (zdq consumer):\n" + info.traceback.rstrip()
-        if note not in getattr(exc, "__notes__", ()):
-            exc.add_note(note)
-    return exc
 
 
 #: The modules whose names stored pickles may carry, and where those names live now.
