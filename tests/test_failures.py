@@ -24,7 +24,8 @@ import pytest
 from distributed import Client
 
 from zdq import BrokerLost, ConsumerBaseClass, ConsumerPool, DeadLettered, QueuePool, TaskTimeout
-from zdq.errors import BatchError, NoConsumers, NoEligibleWorkers, RemoteTaskError
+from zdq.errors import BatchError, NoConsumers, NoEligibleWorkers, RemoteTaskError, ZdqTimeoutError
+from zdq.transport.reach import WENT_SILENT
 from zdq._actor import scheduler_workers
 
 from .conftest import call_bounded, pid_of as _pid_of, stop_process, wait_until
@@ -90,6 +91,32 @@ def _undescribed() -> _Undescribed:
 
 def _mute() -> None:
     raise _Mute()
+
+
+@pytest.mark.faults
+def test_a_broker_stopped_after_start_is_reported_silent_by_its_consumers_and_join_waits_for_it(client3: Client) -> None:
+    """A consumer that reached its broker says when it hears nothing more from it (statistics,
+    reach). A broker this process does not hear either is stopped or starved, which silence alone
+    does not make lost: join() waits for it (to its timeout), rather than raising BrokerUnreachable
+    as for a path cut between consumers and a broker that runs (tests/test_hosts.py)."""
+    with QueuePool(client3, 1, workers=["a"], **FAST) as queue_pool:
+        with ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"], start=True) as consumers:
+            assert queue_pool.submit(add, 1, 1).result(timeout=30) == 2
+            victim = _pid_of(client3, "a")
+            stop_process(victim)
+            try:
+                futures = [queue_pool.submit(add, i, 1) for i in range(10)]
+                said = wait_until(lambda: [u for s in consumers.statistics() for u in s.unreachable], timeout=30)
+                assert WENT_SILENT in said[0], said
+                time.sleep(3)  # a round or two of the supervisor, which hears of it
+                with pytest.raises(ZdqTimeoutError):  # not BrokerUnreachable
+                    consumers.join(timeout=2)
+                assert not consumers.unreached()
+            finally:
+                os.kill(victim, signal.SIGCONT)
+            consumers.join(timeout=60)
+            assert [f.result(timeout=30) for f in futures] == [i + 1 for i in range(10)]
+            wait_until(lambda: not any(s.unreachable for s in consumers.statistics()), timeout=10)
 
 
 @pytest.mark.faults

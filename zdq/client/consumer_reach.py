@@ -353,7 +353,7 @@ class ConsumerReach:
         # A broker the driver does not hear either is silent to everyone (its worker stopped or
         # starved), whatever the consumers' connections say: said so, rather than blamed on a
         # port or a socket's path. Healthy brokers beat every heartbeat interval.
-        quiet = max(3 * self.settings.heartbeat_interval, 1.0)
+        quiet = self._quiet()
         silence = {name: qp.driver.broker_silence(i) for i, name in enumerate(qp.queue_names) if name in missed}
         unheard = {queue: f"; {DRIVER_HEARS_NOTHING} for {s:.0f} s" for queue, s in silence.items() if s >= quiet}
         lines = [
@@ -371,6 +371,11 @@ class ConsumerReach:
             subject = f"some consumers of pool {qp.name} cannot reach some of its queues (other consumers serve them)"
         return orphans, describe(subject, lines, OPEN_BETWEEN_WORKERS)
 
+    def _quiet(self) -> float:
+        """How long the pool's driver hears nothing of a broker before it counts as silent to it
+        too (healthy brokers beat every heartbeat interval)."""
+        return max(3 * self.settings.heartbeat_interval, 1.0)
+
     def queues_up(self) -> list[str]:
         qp = self.queue_pool
         return [name for name, up in zip(qp.queue_names, qp.driver.links_up()) if up]
@@ -379,13 +384,24 @@ class ConsumerReach:
         """Some consumers reached ``queues`` once and hear nothing from them now: ask every
         consumer serving each whether it reaches it (at most every :data:`_SILENCE_REASK`
         seconds). If none does, the verdict is held as :meth:`check_reach`'s is, and ``join()``
-        raises it rather than waiting; it is dropped once some consumer hears the queue again."""
+        raises it rather than waiting; it is dropped once some consumer hears the queue again.
+
+        A queue this process does not hear either is not asked about: its broker is silent to
+        everyone (its worker stopped, or starved by a task holding the GIL), and silence alone is
+        not a loss (its tasks run once it runs again; the queue pool's supervisor and ``join()``'s
+        timeout say it is silent). What is held is a path cut between consumers and a broker
+        that still runs."""
         now = time.monotonic()
         names = self.queue_pool.queue_names
+        driver = self.queue_pool.driver
         for queue in sorted(queues):
             if queue not in names:
                 continue
             broker = names.index(queue)
+            # The consumers tell a silence after heartbeat-timeout; this process, which hears the
+            # same beats, then hears nothing for about as long if the broker itself is silent.
+            if driver.broker_silence(broker) >= min(self._quiet(), self.settings.heartbeat_timeout / 2):
+                continue
             with self._lock:
                 if broker in self._reach_checks or broker in self._orphans:
                     continue  # being asked, or held unreached and asked again until reached

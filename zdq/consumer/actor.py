@@ -383,8 +383,9 @@ class Consumer:
     async def reach(self, queues: list[str] | None = None) -> tuple[list[str], list[tuple[str, str, str]]]:
         """Wait (on the worker's event loop, holding no thread) until this consumer has heard from
         each of its brokers of ``queues`` (default: all), or reported it unreachable
-        (``connect-timeout`` after connecting); return the queues it reaches, and ``(queue,
-        endpoint, why)`` of those of ``queues`` it cannot.
+        (``connect-timeout`` after connecting; or, heard from before, silent since: given two
+        heartbeats to speak again); return the queues it reaches, and ``(queue, endpoint, why)``
+        of those of ``queues`` it cannot.
 
         Raises
         ------
@@ -393,7 +394,11 @@ class Consumer:
             them within ``placement-timeout``: the message names the consumer and its worker."""
         settings = self._settings
         wanted = None if queues is None else set(queues)
-        give_up = time.monotonic() + settings.connect_timeout + 2 * settings.heartbeat_interval + 1.0
+        now = time.monotonic()
+        give_up = now + settings.connect_timeout + 2 * settings.heartbeat_interval + 1.0
+        # A broker found silent may have been resumed a moment ago: a broker that runs beats every
+        # heartbeat interval, so it gets two beats to be heard before it is said unreached.
+        silent_until = now + 2 * settings.heartbeat_interval + 0.5
         while True:
             link = self._link
             if link is None:
@@ -402,6 +407,8 @@ class Consumer:
                 await asyncio.sleep(0.01)
                 continue
             reached, unreached, pending = link.reach()
+            if time.monotonic() < silent_until:
+                pending = pending + link.silent()
             waiting = pending if wanted is None else [q for q in pending if q in wanted]
             if not waiting or time.monotonic() > give_up or self._stop.is_set():
                 return reached, [u for u in unreached if wanted is None or u[0] in wanted]
