@@ -57,7 +57,10 @@ def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_pat
     pool_map = report["cases"][7]
     assert pool_map["system"].startswith("zdq queue_pool.map") and pool_map["tasks"] == 5000
     assert all(r > 0 for r in report["ratios"].values())
-    path_ratio = dq_path["tasks_per_second"] / futures["tasks_per_second"]
+    # The path against a batch of the futures path run beside it, moments apart (one pair here).
+    paired = dq_path["extra"]["paired_futures_s"]
+    assert len(paired) == 1 and "futures path" in futures["system"]
+    path_ratio = paired[0] / dq_path["seconds"][0]
     assert abs(report["ratios"]["no-op: zdq daskqueue path / zdq futures path"] - path_ratio) < 1e-9
     assert report["workers"] == 2
 

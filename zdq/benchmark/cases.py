@@ -155,7 +155,7 @@ _DASKQUEUE_SUBMIT_BATCH = 10_000
 _DASKQUEUE_WARM_UP = 1000
 
 
-def daskqueue_path(client: Client, config: BenchConfig) -> CaseResult:
+def daskqueue_path(client: Client, config: BenchConfig) -> tuple[CaseResult, float]:
     """The path of a daskqueue user, on zdq: ``QueuePool(client, 1)``, ``ConsumerPool(client, qp,
     n_consumers=2, batch_size=1000)`` (``--consumers``, ``--batch-size``), a prebuilt list of
     ``(noop,)`` calls, ``batch_submit(calls, batch_size=10_000)``, ``start()``, ``join()``,
@@ -167,22 +167,34 @@ def daskqueue_path(client: Client, config: BenchConfig) -> CaseResult:
     consumers ever produced: one pool would hand back a growing dict), each warmed up by 1,000
     calls on the same path, as the other cases' pools are; so the timed ``results()`` holds those
     1,000 too.
+
+    Also returns the path's rate over the futures path's, measured moments apart: each run is
+    paired with a batch of the futures path (its pool placed beside, warm), the two alternated
+    (ABBA), and the ratio is the median of the pairs'. Taken against the futures path's own case,
+    which ran minutes before with other cases between, the ratio read what ran between (as
+    authentication's did: benchmarks/RESULTS.md, issue 26's fifth and twelfth sessions).
     """
     from zdq import ConsumerPool, QueuePool
 
     n = config.tasks
     calls = [(noop,) for _ in range(n)]  # one tuple each, as a user's: pickle's memo would fold a repeated one
     result = CaseResult("no-op", "zdq daskqueue path (join, results)", n, extra={"queues": 1})
+    beside = CaseResult("no-op", "zdq futures path, paired", n)
     phases: list[tuple[float, float, float]] = []
-    for _ in range(config.repeat):
-        with QueuePool(client, 1) as qp, ConsumerPool(
-            client, qp, n_consumers=config.consumers, batch_size=config.batch_size
-        ) as cp:
-            _daskqueue_run(qp, cp, [(noop,) for _ in range(_DASKQUEUE_WARM_UP)])
-            start = time.perf_counter()
-            got, phase = _daskqueue_run(qp, cp, calls)
-            result.seconds.append(time.perf_counter() - start)
-            phases.append(phase)
+    with _pools(client, config) as futures_pool:
+        for r in range(config.repeat):
+            if r % 2 == 0:
+                _time_batches(futures_pool, _noop_calls, n, 1, beside)
+            with QueuePool(client, 1) as qp, ConsumerPool(
+                client, qp, n_consumers=config.consumers, batch_size=config.batch_size
+            ) as cp:
+                _daskqueue_run(qp, cp, [(noop,) for _ in range(_DASKQUEUE_WARM_UP)])
+                start = time.perf_counter()
+                got, phase = _daskqueue_run(qp, cp, calls)
+                result.seconds.append(time.perf_counter() - start)
+                phases.append(phase)
+            if r % 2 == 1:
+                _time_batches(futures_pool, _noop_calls, n, 1, beside)
         if got != n + _DASKQUEUE_WARM_UP:
             raise RuntimeError(
                 f"the daskqueue path's results() holds {got} results, not {n} + {_DASKQUEUE_WARM_UP} of the warm-up"
@@ -192,7 +204,8 @@ def daskqueue_path(client: Client, config: BenchConfig) -> CaseResult:
     # the run (benchmarks/RESULTS.md, issue 26's sixth session).
     for name, values in zip(("submit_s", "join_s", "results_s"), zip(*phases)):
         result.extra[name] = statistics.median(values)
-    return result
+    result.extra["paired_futures_s"] = beside.seconds
+    return result, statistics.median(f / d for d, f in zip(result.seconds, beside.seconds))
 
 
 def _daskqueue_run(qp: Any, cp: Any, calls: list[tuple[Any, ...]]) -> tuple[int, tuple[float, float, float]]:
@@ -456,9 +469,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
         cases.append(mapped)
         ratios["map: zdq Executor.map / dask futures"] = mapped.rate / dask.rate
         ratios["map: zdq Executor.map / zdq futures path"] = mapped.rate / zdq.rate
-        dq_path = daskqueue_path(client, config)
+        dq_path, dq_paired = daskqueue_path(client, config)
         cases.append(dq_path)
-        ratios["no-op: zdq daskqueue path / zdq futures path"] = dq_path.rate / zdq.rate
+        ratios["no-op: zdq daskqueue path / zdq futures path"] = dq_paired
         pool_mapped = queue_pool_map(client, config)
         cases.append(pool_mapped)
         ratios["map: zdq queue_pool.map / zdq futures path"] = pool_mapped.rate / zdq.rate
