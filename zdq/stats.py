@@ -107,7 +107,9 @@ class ConsumerStats(_Compact):
     tasks_cancelled: int = 0  # cancelled before they started: skipped, never run
     tasks_expired: int = 0  # their ``expires=`` passed before they started here: never run
     tasks_retried: int = 0  # failed attempts that were retried
-    #: The queues this consumer cannot reach, each ``"<queue> at <endpoint>: <why>"``.
+    #: The queues this consumer cannot reach, each ``"<queue> at <endpoint>: <why>"``: never
+    #: heard from within ``connect-timeout``, or heard from once and silent since for
+    #: ``heartbeat-timeout`` (cleared when heard again).
     unreachable: tuple[str, ...] = ()
 
 
