@@ -36,7 +36,7 @@ from zdq.client.driver import Driver
 from zdq.client.slots import ActorSlots, answers_within
 from zdq.config import PoolSettings
 from zdq.errors import PlacementError
-from zdq.transport.reach import DRIVER_HEARS_NOTHING, OPEN_BETWEEN_WORKERS, describe
+from zdq.transport.reach import DRIVER_HEARS_NOTHING, OPEN_BETWEEN_WORKERS, WENT_SILENT, describe
 from zdq.transport.security import ClientKeys
 
 __all__ = ["ConsumerReach", "FedPool", "Served", "ReachAnswers"]
@@ -48,6 +48,17 @@ logger = logging.getLogger(__name__)
 _SILENCE_REASK = 30.0
 
 ReachAnswers = list[tuple[str, tuple[list[str], list[tuple[str, str, str]]]]]
+
+#: The why of a verdict not held: the consumers reached the queue before, and neither they nor this
+#: process hear it now (see :meth:`ConsumerReach._hold_verdict`).
+SILENT_TO_ALL = "silent to this process and to its consumers alike: not held"
+
+
+def _silences_only(queue: str, answers: ReachAnswers) -> bool:
+    """Whether every consumer that cannot reach ``queue`` heard it before (it went silent), and
+    some cannot."""
+    whys = [why for _, (_, failed) in answers for q, _, why in failed if q == queue]
+    return bool(whys) and all(WENT_SILENT in why for why in whys)
 
 
 class FedPool(Protocol):
@@ -111,6 +122,18 @@ class ConsumerReach:
             self._judge_reach(running, stopping)
         if silent:
             self._ask_who_hears(silent)
+        if self._partial_said and running and not stopping():
+            # Some consumers could not reach these (others do): asked again now and then, so that
+            # a cut that healed is seen, and the next one is said and asked at once.
+            now = time.monotonic()
+            for broker in list(self._partial_said):
+                with self._lock:
+                    if broker in self._reach_checks or broker in self._orphans:
+                        continue
+                    gen = self._reach_gen.get(broker, 0)
+                if now >= self._silence_asked.get(broker, 0.0):
+                    self._silence_asked[broker] = now + _SILENCE_REASK
+                    self._ask_reach(broker, gen)
 
     def broker_moved(self, broker: int, endpoint: str, running: bool) -> None:
         """Every consumer serving ``broker`` reconnects to ``endpoint``, each told on its own: one
@@ -181,6 +204,17 @@ class ConsumerReach:
                 continue  # the queue moved since it was asked: a newer check judges it
             unreached, was, why = verdict
             queue = self.queue_pool.queue_names[broker]
+            if not unreached and (was is not None or not why):
+                # Reached again, or by all: a silence said from now on is a new cut, asked at once.
+                self._silence_asked.pop(broker, None)
+            if why == SILENT_TO_ALL:
+                self._partial_said.pop(broker, None)
+                if was is not None:
+                    logger.warning(
+                        "queue %s is silent to this process too now (its worker stopped or starved, or its host cut "
+                        "off): no longer held as reached by no consumer; join() waits for it", queue,
+                    )
+                continue
             if unreached:
                 if was is None:
                     logger.error("%s", why)
@@ -210,9 +244,17 @@ class ConsumerReach:
     def _hold_verdict(self, broker: int, gen: int, answers: ReachAnswers) -> tuple[bool, str | None, str] | None:
         """Judge the consumers' reach ``answers`` of queue ``broker`` (placement ``gen`` of it) and
         hold the verdict: ``(unreached, the why held before, the why now)``, or ``None`` when the
-        queue moved since it was asked (a newer check judges it)."""
+        queue moved since it was asked (a newer check judges it).
+
+        A queue that its consumers reached before and hear nothing from, and that this process
+        does not hear either, is not held (the why now is :data:`SILENT_TO_ALL`): its broker is
+        silent to everyone, stopped or starved (or its host cut off from all), which silence
+        alone does not make lost. ``join()`` waits for it; its timeout says it has not answered."""
         orphans, why = self.reach_verdict(answers)
-        unreached = self.queue_pool.queue_names[broker] in orphans
+        queue = self.queue_pool.queue_names[broker]
+        unreached = queue in orphans
+        if unreached and _silences_only(queue, answers) and not self._driver_hears(broker):
+            unreached, why = False, SILENT_TO_ALL
         with self._lock:
             if self._reach_gen.get(broker, 0) != gen:
                 return None
@@ -247,7 +289,8 @@ class ConsumerReach:
             if verdict is None:  # placed again meanwhile: what was found no longer holds
                 return False
             if not verdict[0]:
-                logger.warning("queue %s is reached by consumers of pool %s again", queue, self.queue_pool.name)
+                if verdict[2] != SILENT_TO_ALL:
+                    logger.warning("queue %s is reached by consumers of pool %s again", queue, self.queue_pool.name)
                 return False
             if ask == 1 and deadline - time.monotonic() > 1.0:
                 time.sleep(1.0)
@@ -371,6 +414,13 @@ class ConsumerReach:
             subject = f"some consumers of pool {qp.name} cannot reach some of its queues (other consumers serve them)"
         return orphans, describe(subject, lines, OPEN_BETWEEN_WORKERS)
 
+    def _driver_hears(self, broker: int) -> bool:
+        """Whether this process still hears ``broker``. The consumers tell a silence after
+        heartbeat-timeout; this process, which hears the same beats, then hears nothing for about
+        as long if the broker itself is silent."""
+        silence = self.queue_pool.driver.broker_silence(broker)
+        return silence < min(self._quiet(), self.settings.heartbeat_timeout / 2)
+
     def _quiet(self) -> float:
         """How long the pool's driver hears nothing of a broker before it counts as silent to it
         too (healthy brokers beat every heartbeat interval)."""
@@ -393,14 +443,11 @@ class ConsumerReach:
         that still runs."""
         now = time.monotonic()
         names = self.queue_pool.queue_names
-        driver = self.queue_pool.driver
         for queue in sorted(queues):
             if queue not in names:
                 continue
             broker = names.index(queue)
-            # The consumers tell a silence after heartbeat-timeout; this process, which hears the
-            # same beats, then hears nothing for about as long if the broker itself is silent.
-            if driver.broker_silence(broker) >= min(self._quiet(), self.settings.heartbeat_timeout / 2):
+            if not self._driver_hears(broker):
                 continue
             with self._lock:
                 if broker in self._reach_checks or broker in self._orphans:
