@@ -285,6 +285,12 @@ class ConsumerPool:
             except PlacementError as e:  # a consumer could not open its sockets (said by its reach)
                 self.close()
                 raise PlacementError(f"could not place consumers: {e}") from e
+            except BaseException:
+                # BrokerUnreachable (a queue no consumer reaches), or an interrupt: the constructor
+                # raises, so nobody holds a handle to close this pool. Its consumers go, rather
+                # than serving on (and being replaced) unseen.
+                self.close()
+                raise
 
     # -- asynchronous clients (see zdq.client.asynchronous) --------------------------------------
     def __await__(self) -> Generator[Any, None, ConsumerPool]:
