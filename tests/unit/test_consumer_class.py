@@ -219,6 +219,50 @@ def test_the_consumer_actor_makes_its_class_at_once_and_names_it_when_its_init_r
     assert type(info.value.__cause__) is ConnectionError
 
 
+def _refuse(code: int) -> Exception:
+    raise RuntimeError(f"cannot rebuild the error of code {code}")
+
+
+class _WontRebuild(Exception):
+    """Pickles, and its unpickling raises (its ``__reduce__`` names a function that refuses)."""
+
+    def __init__(self, *, code: int) -> None:
+        super().__init__(f"code {code}")
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse, (self.code,))
+
+
+def test_a_consumer_init_error_arrives_whole_through_dasks_error_message_when_its_cause_cannot_be_rebuilt() -> None:
+    """Dask sends an actor's error through ``error_message``, which has tblib pickle the error's
+    cause on its own, past ``ConsumerInitError.__reduce__``: a cause that did not unpickle turned
+    the whole error into a bare ``Exception`` with its repr (reviewer 10). The consumer actor now
+    raises it from the cause as a task's error travels: a RemoteTaskError naming it here."""
+    from distributed.core import clean_exception, error_message
+
+    from zdq.config import settings
+    from zdq.consumer import Consumer
+
+    class Refusing(ConsumerBaseClass):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            raise _WontRebuild(code=3)
+
+        def process_item(self, item: Any) -> Any:
+            return item
+
+    with pytest.raises(ConsumerInitError) as info:
+        Consumer("Refusing-0", b"c" * 16, Refusing, settings(), pool=("zdq-pool", None), number=1)
+    sent = error_message(info.value)["exception"]  # what the worker sends: pickled bytes, wrapped
+    _, received, _ = clean_exception(getattr(sent, "data", sent))
+    assert type(received) is ConsumerInitError, repr(received)
+    assert "Refusing raised _WontRebuild in __init__" in str(received)
+    cause = received.__cause__
+    assert isinstance(cause, RemoteTaskError) and cause.type_name.endswith("_WontRebuild"), repr(cause)
+    assert "code 3" in str(cause) and any("remote traceback" in note for note in getattr(cause, "__notes__", ()))
+
+
 def test_raw_items_are_listed_for_a_users_consumer_class_but_not_for_zdqs_own_general_consumer() -> None:
     from zdq.consumer.runner import _listing
 

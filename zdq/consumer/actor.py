@@ -28,7 +28,7 @@ from zdq.config import PoolSettings
 from zdq.consumer.base import ConsumerArgs, ConsumerBaseClass, make_consumer
 from zdq.consumer.link import Link
 from zdq.consumer.runner import Counters, Runner
-from zdq.errors import ConsumerInitError, PlacementError
+from zdq.errors import ConsumerInitError, PlacementError, error_info, error_to_exception
 from zdq.names import queue_name
 from zdq.observe.feed import Source, add_source, remove_source
 from zdq.codec.tasks import TaskOptions
@@ -157,11 +157,16 @@ class Consumer:
         try:
             return make_consumer(self._class, args)
         except Exception as e:
-            here = worker_address() or "this process"
-            raise ConsumerInitError(
-                f"consumer class {self._class.__qualname__} raised {type(e).__name__} in __init__ "
-                f"(consumer {self.name} on {here}): {e}"
-            ) from e
+            failure = e
+        # Raised outside the except: its cause goes as a task's error goes (itself if it unpickles,
+        # else a RemoteTaskError naming it, its traceback in a note either way), and no context
+        # goes with it. Dask pickles an error's cause and context on their own (tblib), past
+        # ConsumerInitError.__reduce__: one that did not unpickle lost the whole error.
+        here = worker_address() or "this process"
+        raise ConsumerInitError(
+            f"consumer class {self._class.__qualname__} raised {type(failure).__name__} in __init__ "
+            f"(consumer {self.name} on {here}): {failure}"
+        ) from error_to_exception(error_info(failure))
 
     def _start_placed(self, endpoints: list[str], queues: list[int]) -> None:
         """:meth:`start`, in the constructor: any failure is a :class:`PlacementError` naming this
