@@ -23,13 +23,13 @@ import dask.config
 import pytest
 from distributed import Client
 
-from zdq import BrokerLost, ConsumerBaseClass, ConsumerPool, DeadLettered, QueuePool, TaskTimeout
+from zdq import BrokerLost, BrokerUnreachable, ConsumerBaseClass, ConsumerPool, DeadLettered, QueuePool, TaskTimeout
 from zdq.errors import BatchError, NoConsumers, NoEligibleWorkers, RemoteTaskError, ZdqTimeoutError
 from zdq.transport.reach import WENT_SILENT
 from zdq._actor import scheduler_workers
 
 from .conftest import call_bounded, pid_of as _pid_of, stop_process, wait_until
-from .tasks import add, flaky, poison, raise_key_error, sleep, slow_add, span, tiny_sleep
+from .tasks import add, flaky, poison, raise_key_error, raise_two_arg_error, sleep, slow_add, span, tiny_sleep
 
 if TYPE_CHECKING:  # pytest loads tests.harness as a plugin: imported here first, its asserts would not be rewritten
     from .harness import Harness
@@ -117,6 +117,31 @@ def test_a_broker_stopped_after_start_is_reported_silent_by_its_consumers_and_jo
             consumers.join(timeout=60)
             assert [f.result(timeout=30) for f in futures] == [i + 1 for i in range(10)]
             wait_until(lambda: not any(s.unreachable for s in consumers.statistics()), timeout=10)
+
+
+def _consumer_keys(dask_scheduler: Any) -> list[str]:
+    return [str(k) for k in dask_scheduler.tasks if str(k).startswith("zdq-consumer")]
+
+
+@pytest.mark.faults
+def test_a_consumer_pool_placed_started_that_reaches_no_queue_is_closed_by_the_error_it_raises(client3: Client) -> None:
+    """``ConsumerPool(..., start=True)`` raised BrokerUnreachable and left its consumers placed and
+    its supervisor running (replacing them), with no handle for anyone to close it (reviewer 10)."""
+    import threading
+
+    with QueuePool(client3, 1, workers=["a"], connect_timeout="2s", **FAST) as queue_pool:
+        victim = _pid_of(client3, "a")
+        stop_process(victim)
+        try:
+            with pytest.raises(BrokerUnreachable):
+                call_bounded(
+                    lambda: ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"], start=True),
+                    60, "ConsumerPool(..., start=True) with its queue's worker stopped",
+                )
+            wait_until(lambda: not client3.run_on_scheduler(_consumer_keys), timeout=15)
+            wait_until(lambda: not [t for t in threading.enumerate() if t.name == "zdq-supervisor-consumers"], timeout=15)
+        finally:
+            os.kill(victim, signal.SIGCONT)
 
 
 @pytest.mark.faults
@@ -545,6 +570,20 @@ def test_retries_with_backoff_then_success(harness: Callable[..., Harness], tmp_
     queue_pool = harness()
     assert queue_pool.submit(flaky, counter, 2, retries=3, retry_backoff=0.01).result(timeout=60) == 3
     assert queue_pool.dead_letters() == []
+
+
+def test_a_dead_lettered_task_whose_error_does_not_unpickle_keeps_the_note_that_says_so(
+    harness: Callable[..., Harness],
+) -> None:
+    """Its error travels as a RemoteTaskError made from its text: the note saying it was
+    dead-lettered, added on the consumer, was lost with the original (reviewer 10)."""
+    queue_pool = harness()
+    exc = queue_pool.submit(raise_two_arg_error, retries=1, retry_backoff=0.01).exception(timeout=60)
+    assert isinstance(exc, RemoteTaskError) and exc.type_name.endswith("TwoArgError"), repr(exc)
+    notes = getattr(exc, "__notes__", [])
+    assert any("dead-lettered" in note for note in notes), notes
+    assert sum("remote traceback" in note for note in notes) == 1, notes
+    assert len(queue_pool.dead_letters()) == 1
 
 
 def test_exhausted_retries_dead_letter_the_task_which_can_be_requeued(

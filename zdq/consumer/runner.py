@@ -42,7 +42,7 @@ from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
 from zdq.reporting import Throttle
 from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskExpired, TaskTimeout
 from zdq.codec.rates import burst
-from zdq.codec.results import UNKNOWN_BASE, ErrorInfo, dumps_results, error_info
+from zdq.codec.results import UNKNOWN_BASE, ErrorInfo, dumps_results, error_info, error_to_exception
 from zdq.codec.tasks import (
     CALLS,
     ITEMS,
@@ -839,8 +839,15 @@ class Runner:
 
     def _dead_letter(self, run: _ChunkRun, i: int, task: tuple[Any, ...], info: ErrorInfo, verdict: DeadLetter) -> None:
         tid = run.base + i
-        if not verdict.killed and info.exception is not None and hasattr(info.exception, "add_note"):
-            info.exception.add_note(verdict.note(tid))
+        if not verdict.killed:
+            sent = info.exception
+            if sent is None:
+                # It does not travel as itself: its stand-in travels, carrying the note (which
+                # the driver's stand-in, made from the text alone, would not).
+                sent = error_to_exception(info)
+                info = dataclasses.replace(info, exception=sent)
+            if hasattr(sent, "add_note"):
+                sent.add_note(verdict.note(tid))
         reason = verdict.reason(tid, info)
         try:
             payload = dumps_chunk(tid, [task], self._payload_key, run.kind, run.options)
