@@ -135,6 +135,10 @@ class ConsumerPool:
     fan_out : int, optional (a keyword of the settings)
         Queues each consumer connects to, at most (default ``zdq.fan-out``); every queue is still
         served. See :attr:`served`.
+    start : bool
+        Place the consumers started (each starts as it is made), and check their reach as
+        :meth:`start` does. What that raises (:class:`BrokerUnreachable`, a
+        :class:`PlacementError`) is raised here, the pool closed first: nothing stays placed.
 
     The positional order is daskqueue 0.2.0's. zdq's defaults differ on purpose: at least once
     (``early_ack=False``), no retries, one execution thread (fastest for short tasks).
