@@ -127,13 +127,7 @@ class ConsumerReach:
             # a cut that healed is seen, and the next one is said and asked at once.
             now = time.monotonic()
             for broker in list(self._partial_said):
-                with self._lock:
-                    if broker in self._reach_checks or broker in self._orphans:
-                        continue
-                    gen = self._reach_gen.get(broker, 0)
-                if now >= self._silence_asked.get(broker, 0.0):
-                    self._silence_asked[broker] = now + _SILENCE_REASK
-                    self._ask_reach(broker, gen)
+                self._ask_again(broker, now)
 
     def broker_moved(self, broker: int, endpoint: str, running: bool) -> None:
         """Every consumer serving ``broker`` reconnects to ``endpoint``, each told on its own: one
@@ -447,13 +441,17 @@ class ConsumerReach:
             if queue not in names:
                 continue
             broker = names.index(queue)
-            if not self._driver_hears(broker):
-                continue
-            with self._lock:
-                if broker in self._reach_checks or broker in self._orphans:
-                    continue  # being asked, or held unreached and asked again until reached
-                gen = self._reach_gen.get(broker, 0)
-            if now < self._silence_asked.get(broker, 0.0):
-                continue
-            self._silence_asked[broker] = now + _SILENCE_REASK
-            self._ask_reach(broker, gen)
+            if self._driver_hears(broker):
+                self._ask_again(broker, now)
+
+    def _ask_again(self, broker: int, now: float) -> None:
+        """Ask who reaches ``broker``, unless a check of it is out, it is held unreached (asked
+        again until reached), or it was asked less than :data:`_SILENCE_REASK` seconds ago."""
+        with self._lock:
+            if broker in self._reach_checks or broker in self._orphans:
+                return
+            gen = self._reach_gen.get(broker, 0)
+        if now < self._silence_asked.get(broker, 0.0):
+            return
+        self._silence_asked[broker] = now + _SILENCE_REASK
+        self._ask_reach(broker, gen)
