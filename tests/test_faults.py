@@ -995,3 +995,49 @@ def test_two_queues_lost_together_both_fail_their_tasks_at_once_while_one_is_pla
         assert took < 6.0, took
     finally:
         call_bounded(qp.close, 90, "QueuePool.close() after two queues were lost")
+
+
+def test_a_queue_lost_while_another_is_placed_again_on_a_stopped_worker_fails_its_tasks_at_once(client3: Client) -> None:
+    """Two queues' workers die one after the other: the first queue's new placement is waiting
+    out its try's bound (15 s) on a stopped worker when the second one's worker is SIGKILLed.
+    The supervisor told a loss only at the start of its round, so the second queue's tasks
+    waited for that bound (a suite run on a loaded machine: 10 of 20 unsettled after 6 s, Dask
+    having seen the second worker gone a moment after the first). The wait now looks for losses
+    between its steps."""
+    workers = scheduler_workers(client3)
+    addresses = sorted(workers)
+    qp = QueuePool(client3, 2, placement_timeout=20.0, **FAST)
+    try:
+        placed = qp.workers()
+        (spare,) = set(addresses) - set(placed)
+        # The queue whose new placement goes to the spare worker is lost first (spread by slot
+        # over the workers left, zdq._actor.pick_worker: its worker's nanny is stopped, so that
+        # it is not among them again); the other one second.
+        first = next((s for s in (0, 1) if sorted(set(addresses) - {placed[s]})[s % 2] == spare), None)
+        assert first is not None, (placed, addresses)
+        second = 1 - first
+        pending = [qp.submit(add, i) for i in range(20)]
+        qp.flush(timeout=30)
+        held = {q: [f for f in pending if qp.driver.brokers_holding(f.key, 1) == {q}] for q in (0, 1)}
+        assert held[0] and held[1], held
+        victim = pid_of(client3, workers[placed[first]]["name"])
+        (nanny,) = client3.run(os.getppid, workers=[placed[first]]).values()
+        later = pid_of(client3, workers[placed[second]]["name"])
+        stopped = pid_of(client3, workers[spare]["name"])
+        os.kill(nanny, signal.SIGSTOP)
+        stop_process(stopped)
+        try:
+            os.kill(victim, signal.SIGKILL)
+            assert_settled(held[first], 30.0, "the tasks of the first queue lost")
+            wait_until(lambda: qp.workers()[first] == spare, timeout=30)  # its new placement waits there
+            killed_at = time.monotonic()
+            os.kill(later, signal.SIGKILL)
+            assert_settled(held[second], 30.0, "the tasks of the queue lost second")
+            took = time.monotonic() - killed_at
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+            os.kill(nanny, signal.SIGCONT)
+        assert all(isinstance(f.exception(0), BrokerLost) for f in pending), [repr(f.exception(0)) for f in pending]
+        assert took < 7.0, f"the second queue's tasks failed {took:.1f} s after its worker died (a try's bound: 15 s)"
+    finally:
+        call_bounded(qp.close, 90, "QueuePool.close() after two queues were lost")

@@ -102,20 +102,29 @@ _PROBE_TIMEOUT = 5.0
 #: A lost queue's placement is tried for a quarter of the recovery bound at a time, at least this
 #: long (and at most ``placement-timeout``): a stopped worker then costs one try, not the bound.
 _RECOVERY_TRY = 10.0
+#: How often a recovery step's wait looks for other queues lost meanwhile (:func:`_answered`).
+_LOOK_FOR_LOSSES_EVERY = 0.5
 
 
-def _answered(call: Any, bound: float, worker: str, what: str) -> Any:
+def _answered(call: Any, bound: float, worker: str, what: str, meanwhile: Callable[[], object]) -> Any:
     """The result of a recovery step's ``call`` (a Dask or actor future) within ``bound``; past
     it, ``worker`` is passed over from then on (:func:`~zdq._actor.note_unanswered`) and a
-    PlacementError says the next round tries another."""
-    try:
-        return call.result(timeout=bound)
-    except TimeoutError:
-        note_unanswered(worker)
-        raise PlacementError(
-            f"its broker was not {what} within {bound:g} s on worker {worker} (stopped, or too busy): "
-            "trying another worker"
-        ) from None
+    PlacementError says the next round tries another. Waited for in steps of
+    ``_LOOK_FOR_LOSSES_EVERY``, ``meanwhile()`` between them: a step waiting on a stopped worker
+    must not hold back the news of queues lost since the round began."""
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            return call.result(timeout=max(0.0, min(_LOOK_FOR_LOSSES_EVERY, deadline - time.monotonic())))
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                break
+        meanwhile()
+    note_unanswered(worker)
+    raise PlacementError(
+        f"its broker was not {what} within {bound:g} s on worker {worker} (stopped, or too busy): "
+        "trying another worker"
+    ) from None
 
 
 def _holder_here(queue_dir: str, worker: Any) -> str:
@@ -514,6 +523,19 @@ class PlacedQueues:
         return any(fut is not None and fut.status == "cancelled" for fut in self.slots.futures())
 
     def supervise_once(self, driver: Driver, moved: Moved, stopping: Callable[[], bool]) -> None:
+        # Every queue lost is told first (a transient one's tasks fail now; what it never confirmed
+        # goes to the others): placing one again may wait out a try's bound on a stopped worker,
+        # which must not hold back the news of the others (several workers die together). Dask
+        # may see those others gone only during that wait: it looks again between its steps.
+        lost = self._note_losses(driver, stopping)
+        for i in lost:
+            if stopping():
+                return
+            self._recover(i, driver, moved, stopping)
+
+    def _note_losses(self, driver: Driver, stopping: Callable[[], bool]) -> list[int]:
+        """Tell the driver of every queue whose worker Dask says is gone (once per loss; silence
+        alone is only logged); the queues lost, to place again."""
         lost = []
         for i, fut in enumerate(self.slots.futures()):
             if i in self._gone or stopping() or fut is None:
@@ -533,15 +555,9 @@ class PlacedQueues:
                     self._silent_logged.discard(i)
                 continue
             lost.append(i)
-        # Every queue lost is told first (a transient one's tasks fail now; what it never confirmed
-        # goes to the others): placing one again may wait out a try's bound on a stopped worker,
-        # which must not hold back the news of the others (several workers die together).
         for i in lost:
             self._note_lost(i, driver)
-        for i in lost:
-            if stopping():
-                return
-            self._recover(i, driver, moved, stopping)
+        return lost
 
     def _note_lost(self, i: int, driver: Driver) -> None:
         """Queue ``i`` was lost with its worker: tell the driver (once per loss)."""
@@ -575,12 +591,16 @@ class PlacedQueues:
         # hung) costs one share, is passed over from then on, and the next round tries another.
         bound = min(self.settings.placement_timeout, max(_RECOVERY_TRY, self.recovery_timeout / 4))
         worker = self.placed_on.get(i, "")
+
+        def meanwhile() -> None:
+            self._note_losses(driver, stopping)
+
         try:
-            broker = _answered(fut, bound, worker, "created")
+            broker = _answered(fut, bound, worker, "created", meanwhile)
             if stopping():
                 raise SlotsClosed(f"queue pool {self.name} closed while queue {name} was placed again")
             endpoint, _, id_found, key, _ = _answered(
-                broker.open(self._identity, self.payload_key), bound, worker, "opened"
+                broker.open(self._identity, self.payload_key), bound, worker, "opened", meanwhile
             )
             where = (host_of(self.placed_on[i]), str(id_found))
             if not transient and where != self.where[i]:
