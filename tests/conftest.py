@@ -192,9 +192,16 @@ def _fork_workers_from_a_preloaded_server() -> None:
 
     dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
     context = get_mp_context()  # sets distributed's preload (distributed and its dependencies)
-    preload = ["distributed", "zdq", "zdq.consumer", "zdq.broker"]
+    preload = ["distributed", "zdq", "zdq.consumer", "zdq.broker", "tests.worker_stacks"]
     context.set_forkserver_preload(preload)  # type: ignore[attr-defined]
     multiprocessing.forkserver.ensure_running()
+    global _fork_server_started
+    _fork_server_started = True
+
+
+#: Whether this process's LocalCluster workers are forked by the preloaded server (which makes
+#: SIGUSR1 dump their stacks: anywhere else it would end them).
+_fork_server_started = False
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -394,18 +401,35 @@ def run_on_each_worker(c: Client, fn: Callable[[], Any], timeout: float) -> dict
     deadline = time.monotonic() + timeout
     for thread in threads.values():
         thread.join(max(0.0, deadline - time.monotonic()))
-    silent = [f"worker {workers[a]} ({a})" for a, thread in threads.items() if thread.is_alive()]
+    silent = [a for a, thread in threads.items() if thread.is_alive()]
     if silent:
-        pytest.fail(
-            f"leak check: {', '.join(silent)} did not answer client.run within {timeout:g}s (hung or stopped?)",
-            pytrace=False,
-        )
+        dumped = " (its threads' stacks are in the log: SIGUSR1)" if _dump_stacks(c, silent) else ""
+        named = ", ".join(f"worker {workers[a]} ({a})" for a in silent)
+        pytest.fail(f"leak check: {named} did not answer client.run within {timeout:g}s (hung or stopped?){dumped}", pytrace=False)
     if errors:
         live = set(scheduler_workers(c))
         for address, error in errors.items():
             if address in live:
                 raise error
     return answers
+
+
+def _dump_stacks(c: Client, addresses: list[str]) -> bool:
+    """Have the worker processes at ``addresses`` write their threads' stacks to the log
+    (SIGUSR1: tests/worker_stacks.py), when they belong to a LocalCluster of this process, whose
+    workers the preloaded server forked; whether any was asked. A stopped one writes them when
+    it is resumed."""
+    nannies = getattr(getattr(c, "cluster", None), "workers", {})
+    asked = False
+    for nanny in list(nannies.values()):
+        pid = getattr(getattr(nanny, "process", None), "pid", None)
+        if pid and getattr(nanny, "worker_address", None) in addresses and _fork_server_started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+                asked = True
+    if asked:
+        time.sleep(1.0)  # written from a signal handler: a moment, before the test's output is taken
+    return asked
 
 
 @contextlib.contextmanager

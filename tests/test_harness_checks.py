@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from zdq._actor import scheduler_workers
 from zdq.codec.tasks import TaskOptions
 
 from .tasks import add
@@ -85,8 +86,12 @@ def test_the_leak_check_fails_naming_a_worker_that_does_not_answer_instead_of_ha
     stop_process(victim)
     try:
         began = time.monotonic()
-        with pytest.raises(pytest.fail.Exception, match=r"worker c \(tcp://.*\) did not answer client.run within 1s"):
+        with pytest.raises(pytest.fail.Exception, match=r"worker c \(tcp://.*\) did not answer client.run within 1s") as failed:
             assert_no_zdq_leaks(client_abc, answer_timeout=1.0)
         assert time.monotonic() - began < 10, "the leak check did not keep its bound"
     finally:
         os.kill(victim, signal.SIGCONT)
+    # It asked the worker for its threads' stacks (written once resumed), and that did not end it.
+    assert "stacks are in the log" in str(failed.value), failed.value
+    (address,) = [a for a, w in scheduler_workers(client_abc).items() if w["name"] == "c"]
+    assert client_abc.run(os.getpid, workers=[address]) == {address: victim}
