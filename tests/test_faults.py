@@ -1041,3 +1041,57 @@ def test_a_queue_lost_while_another_is_placed_again_on_a_stopped_worker_fails_it
         assert took < 7.0, f"the second queue's tasks failed {took:.1f} s after its worker died (a try's bound: 15 s)"
     finally:
         call_bounded(qp.close, 90, "QueuePool.close() after two queues were lost")
+
+
+def test_a_queue_lost_while_another_placed_again_waits_to_be_given_its_rate_limit_fails_its_tasks_at_once(
+    client3: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the new broker's worker stops once the broker is created and opened: the
+    wait for it to take the queue's rate limit (its bound), then for it to stop, told no other
+    loss (reviewer 11: 29 s before the second queue's tasks failed). Every wait of a recovery now
+    looks for losses between its steps."""
+    from zdq.client import brokers
+
+    workers = scheduler_workers(client3)
+    addresses = sorted(workers)
+    pids = {a: pid_of(client3, workers[a]["name"]) for a in addresses}
+    opened = threading.Event()
+    answered = brokers._answered
+
+    def stopped_once_opened(call: Any, bound: float, worker: str, what: str, meanwhile: Any) -> Any:
+        out = answered(call, bound, worker, what, meanwhile)
+        if what == "opened" and not opened.is_set():
+            stop_process(pids[worker])  # it answers nothing more: the rate limit waits its bound
+            opened.set()
+        return out
+
+    monkeypatch.setattr(brokers, "_answered", stopped_once_opened)
+    qp = QueuePool(client3, 2, placement_timeout=20.0, **FAST)
+    stopped: list[int] = []
+    try:
+        qp.set_rate_limit(100_000)
+        placed = qp.workers()
+        (spare,) = set(addresses) - set(placed)
+        first = next((s for s in (0, 1) if sorted(set(addresses) - {placed[s]})[s % 2] == spare), None)
+        assert first is not None, (placed, addresses)
+        second = 1 - first
+        pending = [qp.submit(add, i) for i in range(20)]
+        qp.flush(timeout=30)
+        held = {q: [f for f in pending if qp.driver.brokers_holding(f.key, 1) == {q}] for q in (0, 1)}
+        assert held[0] and held[1], held
+        (nanny,) = client3.run(os.getppid, workers=[placed[first]]).values()
+        os.kill(nanny, signal.SIGSTOP)
+        stopped += [nanny, pids[spare]]
+        os.kill(pids[placed[first]], signal.SIGKILL)
+        assert_settled(held[first], 30.0, "the tasks of the first queue lost")
+        assert opened.wait(30), "the first queue's new broker was never opened"
+        killed_at = time.monotonic()
+        os.kill(pids[placed[second]], signal.SIGKILL)
+        assert_settled(held[second], 40.0, "the tasks of the queue lost second")
+        took = time.monotonic() - killed_at
+        assert all(isinstance(f.exception(0), BrokerLost) for f in pending), [repr(f.exception(0)) for f in pending]
+        assert took < 7.0, f"the second queue's tasks failed {took:.1f} s after its worker died (a try's bound: 15 s)"
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        call_bounded(qp.close, 90, "QueuePool.close() after two queues were lost")

@@ -51,11 +51,13 @@ from zdq.broker import Broker
 from zdq.client import registry
 from zdq.client.slots import (
     ActorSlots,
+    NoAnswer,
     SlotsClosed,
     gather_actors,
     place_actor,
     placed_reports,
     release_future,
+    result_in_steps,
     stop_created,
     wait_created,
 )
@@ -102,29 +104,24 @@ _PROBE_TIMEOUT = 5.0
 #: A lost queue's placement is tried for a quarter of the recovery bound at a time, at least this
 #: long (and at most ``placement-timeout``): a stopped worker then costs one try, not the bound.
 _RECOVERY_TRY = 10.0
-#: How often a recovery step's wait looks for other queues lost meanwhile (:func:`_answered`).
-_LOOK_FOR_LOSSES_EVERY = 0.5
+#: How long a recovery waits for a broker it gives up on (placed, not adopted) to stop.
+_STOP_WAIT = 10.0
 
 
 def _answered(call: Any, bound: float, worker: str, what: str, meanwhile: Callable[[], object]) -> Any:
     """The result of a recovery step's ``call`` (a Dask or actor future) within ``bound``; past
     it, ``worker`` is passed over from then on (:func:`~zdq._actor.note_unanswered`) and a
-    PlacementError says the next round tries another. Waited for in steps of
-    ``_LOOK_FOR_LOSSES_EVERY``, ``meanwhile()`` between them: a step waiting on a stopped worker
-    must not hold back the news of queues lost since the round began."""
-    deadline = time.monotonic() + bound
-    while True:
-        try:
-            return call.result(timeout=max(0.0, min(_LOOK_FOR_LOSSES_EVERY, deadline - time.monotonic())))
-        except TimeoutError:
-            if time.monotonic() >= deadline:
-                break
-        meanwhile()
-    note_unanswered(worker)
-    raise PlacementError(
-        f"its broker was not {what} within {bound:g} s on worker {worker} (stopped, or too busy): "
-        "trying another worker"
-    ) from None
+    PlacementError says the next round tries another. ``meanwhile()`` runs between steps of the
+    wait (:func:`~zdq.client.slots.result_in_steps`): it tells the queues lost since the round
+    began, which a stopped worker's bound must not hold back."""
+    try:
+        return result_in_steps(call, bound, meanwhile)
+    except NoAnswer:
+        note_unanswered(worker)
+        raise PlacementError(
+            f"its broker was not {what} within {bound:g} s on worker {worker} (stopped, or too busy): "
+            "trying another worker"
+        ) from None
 
 
 def _holder_here(queue_dir: str, worker: Any) -> str:
@@ -522,20 +519,23 @@ class PlacedQueues:
         """Whether Dask cancelled the brokers (``client.restart()``)."""
         return any(fut is not None and fut.status == "cancelled" for fut in self.slots.futures())
 
-    def supervise_once(self, driver: Driver, moved: Moved, stopping: Callable[[], bool]) -> None:
+    def supervise_once(
+        self, driver: Driver, moved: Moved, stopping: Callable[[], bool], relay_down: bool = False
+    ) -> None:
         # Every queue lost is told first (a transient one's tasks fail now; what it never confirmed
         # goes to the others): placing one again may wait out a try's bound on a stopped worker,
         # which must not hold back the news of the others (several workers die together). Dask
         # may see those others gone only during that wait: it looks again between its steps.
-        lost = self._note_losses(driver, stopping)
+        lost = self.note_losses(driver, stopping, relay_down)
         for i in lost:
             if stopping():
                 return
             self._recover(i, driver, moved, stopping)
 
-    def _note_losses(self, driver: Driver, stopping: Callable[[], bool]) -> list[int]:
+    def note_losses(self, driver: Driver, stopping: Callable[[], bool], relay_down: bool = False) -> list[int]:
         """Tell the driver of every queue whose worker Dask says is gone (once per loss; silence
-        alone is only logged); the queues lost, to place again."""
+        alone is only logged, and not while the pool's relay, the path to every broker, is being
+        placed again: ``relay_down``); the queues lost, to place again."""
         lost = []
         for i, fut in enumerate(self.slots.futures()):
             if i in self._gone or stopping() or fut is None:
@@ -544,6 +544,8 @@ class PlacedQueues:
                 # Silence alone is not a loss: a task holding the GIL beside the broker, or a
                 # paused worker, keeps it quiet. Dask says when its worker is really gone.
                 silence = driver.broker_silence(i)
+                if relay_down:
+                    continue  # the path is down, not the broker (said by the relay's replacement)
                 if silence > self.settings.heartbeat_timeout and i not in self._silent_logged:
                     self._silent_logged.add(i)
                     logger.warning(
@@ -593,7 +595,7 @@ class PlacedQueues:
         worker = self.placed_on.get(i, "")
 
         def meanwhile() -> None:
-            self._note_losses(driver, stopping)
+            self.note_losses(driver, stopping)
 
         try:
             broker = _answered(fut, bound, worker, "created", meanwhile)
@@ -611,20 +613,20 @@ class PlacedQueues:
             if key != self.payload_key:
                 raise StorageCorrupt(f"queue {name} was reopened with another pool's key")
             if transient and self.rate_limits.get(i):
-                broker.set_rate_limit(self.rate_limits[i]).result(timeout=self.settings.placement_timeout)
+                _answered(broker.set_rate_limit(self.rate_limits[i]), bound, worker, "given its rate limit", meanwhile)
             old = self.slots.adopt(i, fut, broker)
         except SlotsClosed as e:
             # close() ran meanwhile: what this late recovery placed is released, nothing written.
             logger.info("%s: released what it placed", e)
-            self._stop_quietly(name, broker)
+            self._stop_quietly(name, broker, meanwhile)
             release_future(fut, broker)
             return None
         except QueueMissing as e:
-            self._stop_quietly(name, broker)
+            self._stop_quietly(name, broker, meanwhile)
             release_future(fut)
             return self._unrecoverable(i, e, driver)
         except Exception as e:
-            self._stop_quietly(name, broker)
+            self._stop_quietly(name, broker, meanwhile)
             release_future(fut)
             if stopping():
                 return None
@@ -660,11 +662,11 @@ class PlacedQueues:
         """The queues given up for good (:meth:`_unrecoverable`), by name."""
         return [self.queue_names[i] for i in sorted(self._gone)]
 
-    def _stop_quietly(self, name: str, broker: Any) -> None:
+    def _stop_quietly(self, name: str, broker: Any, meanwhile: Callable[[], object]) -> None:
         if broker is None:
             return
         try:
-            broker.stop().result(timeout=10)
+            result_in_steps(broker.stop(), _STOP_WAIT, meanwhile)
         except Exception as e:  # noqa: BLE001 - its worker may be gone already
             logger.debug("stopping the broker of queue %s failed: %s", name, e)
 

@@ -264,6 +264,33 @@ def answers_within(
     return answers, errors, gone, set(pending)
 
 
+class NoAnswer(TimeoutError):
+    """:func:`result_in_steps` had no answer within its bound (not a TimeoutError the call
+    itself answered)."""
+
+
+def result_in_steps(call: Any, bound: float, meanwhile: Callable[[], object], step: float = 0.5) -> Any:
+    """``call.result()`` (a Dask or actor future) within ``bound`` seconds, calling ``meanwhile()``
+    between steps of ``step``: a supervisor waiting on one actor (a stopped worker costs it the
+    whole bound) still does what must not wait, such as telling the queues lost meanwhile.
+    :class:`NoAnswer` at the bound. An answer in by then is taken however little time is left
+    (a Dask actor future asked with ``timeout=0`` raises even when it holds its answer), and a
+    TimeoutError that is the call's own answer is raised as it is."""
+    deadline = time.monotonic() + bound
+    while True:
+        if call.done():
+            return call.result()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise NoAnswer(f"no answer within {bound:g} s")
+        try:
+            return call.result(timeout=min(step, left))
+        except TimeoutError:
+            if call.done():
+                return call.result()  # answered meanwhile, or its answer is a TimeoutError
+        meanwhile()
+
+
 def _present(client: Any) -> set[str] | None:
     """The scheduler's workers now (None: it could not be asked)."""
     try:

@@ -114,6 +114,7 @@ class QueueWatch:
         driver, queues = self.driver, self.queues
         if self.relay is not None and self.relay.needs_replacing():
             self._replace_relay()
+        relay_down = self.relay is not None and self.relay.needs_replacing()
         if isinstance(queues, AttachedQueues):
             if not queues.follow(driver, self._moved):
                 logger.warning("pool %s was closed by its owner: the tasks this producer still waits for fail", self.name)
@@ -140,14 +141,20 @@ class QueueWatch:
                 )
             )
             return
-        queues.supervise_once(driver, self._moved, self.stopping)
+        queues.supervise_once(driver, self._moved, self.stopping, relay_down)
 
     def _replace_relay(self) -> None:
         """The relay failed: place another and carry every link through it. Each broker is asked
         which of the chunks it never confirmed it holds (the others are sent again), and sends
         again the results it sent on the old path; a broker silent meanwhile fails nothing."""
         assert self.relay is not None
-        if not self.relay.replace(avoid=self.queues.workers()):
+        queues = self.queues
+
+        def meanwhile() -> None:  # a relay placed on a stopped worker must not hold back lost queues
+            if isinstance(queues, PlacedQueues):
+                queues.note_losses(self.driver, self.stopping, relay_down=True)
+
+        if not self.relay.replace(avoid=queues.workers(), meanwhile=meanwhile):
             return
         down = self.queues.down() if isinstance(self.queues, PlacedQueues) else set()
         for i in range(self.queues.n_queues):

@@ -17,11 +17,11 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from zdq._actor import candidate_workers, scheduler_workers
-from zdq.client.slots import release_future
+from zdq.client.slots import release_future, result_in_steps
 from zdq.errors import PlacementError
 from zdq.relay.actor import Relay
 from zdq.relay.cipher import KeyOffer, RelaySession, Side
@@ -88,9 +88,12 @@ class RelayPath:
         self._future, self._actor, session = self._place(avoid)
         self.tunnel.start(self._actor, self.worker, session)
 
-    def _place(self, avoid: Sequence[str], timeout: float = 60.0) -> tuple[Any, Any, RelaySession]:
+    def _place(
+        self, avoid: Sequence[str], timeout: float = 60.0, meanwhile: Callable[[], object] = lambda: None
+    ) -> tuple[Any, Any, RelaySession]:
         """Place a relay and agree its keys: never on its last worker (it failed there) while
-        another can take it, and on none of ``avoid`` while another can."""
+        another can take it, and on none of ``avoid`` while another can. ``meanwhile()`` runs
+        between steps of the waits (:func:`~zdq.client.slots.result_in_steps`)."""
         known = scheduler_workers(self.client)
         candidates = candidate_workers(self.client, self._workers, None, known)
         last = self._placed_on.get(0)
@@ -115,16 +118,16 @@ class RelayPath:
         deadline = time.monotonic() + timeout  # placing and agreeing keys share it
         actor = None
         try:
-            actor = fut.result(timeout=timeout)
-            return fut, actor, self._agree(actor, max(0.1, deadline - time.monotonic()))
+            actor = result_in_steps(fut, timeout, meanwhile)
+            return fut, actor, self._agree(actor, max(0.1, deadline - time.monotonic()), meanwhile)
         except Exception as e:
             release_future(fut, actor)  # the handle lives on in this error's traceback
             raise PlacementError(f"could not place the relay of pool {self.name} on {address}: {e}") from e
 
-    def _agree(self, actor: Any, timeout: float) -> RelaySession:
+    def _agree(self, actor: Any, timeout: float, meanwhile: Callable[[], object]) -> RelaySession:
         """The session of this driver with the new relay ``actor``: only public keys cross Dask's comm."""
         offer = KeyOffer()
-        relay_public = actor.hello(offer.public).result(timeout=timeout)
+        relay_public = result_in_steps(actor.hello(offer.public), timeout, meanwhile)
         secret = self._keys.secret if self._keys is not None else None
         return offer.agree(relay_public, Side.DRIVER, pool=self.name, identity=self._identity, pool_secret=secret)
 
@@ -133,13 +136,14 @@ class RelayPath:
         fut = self._future
         return self._failed.is_set() or (fut is not None and fut.status in ("error", "lost", "cancelled"))
 
-    def replace(self, avoid: Sequence[str] = ()) -> bool:
+    def replace(self, avoid: Sequence[str] = (), meanwhile: Callable[[], object] = lambda: None) -> bool:
         """Place a new relay (not on its last worker; on none of ``avoid`` if others can take
         it) and carry through it; False if it could not be placed (the supervisor's next round
-        tries again)."""
+        tries again). ``meanwhile()`` runs between steps of its waits: the supervisor that waits
+        also tells the queues lost meanwhile."""
         old, old_actor = self._future, self._actor
-        try:  # bounded by a call's timeout: the supervisor that waits also watches the brokers
-            fut, actor, session = self._place(avoid, timeout=self.tunnel.call_timeout)
+        try:  # bounded by a call's timeout
+            fut, actor, session = self._place(avoid, self.tunnel.call_timeout, meanwhile)
         except Exception as e:
             logger.warning("placing the relay of pool %s again failed (will retry): %s", self.name, e)
             return False
