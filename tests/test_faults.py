@@ -997,6 +997,23 @@ def test_two_queues_lost_together_both_fail_their_tasks_at_once_while_one_is_pla
         call_bounded(qp.close, 90, "QueuePool.close() after two queues were lost")
 
 
+def _lost_first_and_second(qp: QueuePool, addresses: list[str]) -> tuple[list[str], str, int, int, list[Any], dict[int, list[Any]]]:
+    """A pool of two queues on two of three workers, 20 tasks queued on both: ``(placed, spare,
+    first, second, pending, held)``. ``first``: the queue whose new placement goes to the spare
+    worker (spread by slot over the workers left, zdq._actor.pick_worker, its worker's nanny
+    stopped so that it is not among them again), to be lost first; ``held``: the tasks each
+    queue holds."""
+    placed = qp.workers()
+    (spare,) = set(addresses) - set(placed)
+    first = next((s for s in (0, 1) if sorted(set(addresses) - {placed[s]})[s % 2] == spare), None)
+    assert first is not None, (placed, addresses)
+    pending = [qp.submit(add, i) for i in range(20)]
+    qp.flush(timeout=30)
+    held = {q: [f for f in pending if qp.driver.brokers_holding(f.key, 1) == {q}] for q in (0, 1)}
+    assert held[0] and held[1], held
+    return placed, spare, first, 1 - first, pending, held
+
+
 def test_a_queue_lost_while_another_is_placed_again_on_a_stopped_worker_fails_its_tasks_at_once(client3: Client) -> None:
     """Two queues' workers die one after the other: the first queue's new placement is waiting
     out its try's bound (15 s) on a stopped worker when the second one's worker is SIGKILLed.
@@ -1008,18 +1025,7 @@ def test_a_queue_lost_while_another_is_placed_again_on_a_stopped_worker_fails_it
     addresses = sorted(workers)
     qp = QueuePool(client3, 2, placement_timeout=20.0, **FAST)
     try:
-        placed = qp.workers()
-        (spare,) = set(addresses) - set(placed)
-        # The queue whose new placement goes to the spare worker is lost first (spread by slot
-        # over the workers left, zdq._actor.pick_worker: its worker's nanny is stopped, so that
-        # it is not among them again); the other one second.
-        first = next((s for s in (0, 1) if sorted(set(addresses) - {placed[s]})[s % 2] == spare), None)
-        assert first is not None, (placed, addresses)
-        second = 1 - first
-        pending = [qp.submit(add, i) for i in range(20)]
-        qp.flush(timeout=30)
-        held = {q: [f for f in pending if qp.driver.brokers_holding(f.key, 1) == {q}] for q in (0, 1)}
-        assert held[0] and held[1], held
+        placed, spare, first, second, pending, held = _lost_first_and_second(qp, addresses)
         victim = pid_of(client3, workers[placed[first]]["name"])
         (nanny,) = client3.run(os.getppid, workers=[placed[first]]).values()
         later = pid_of(client3, workers[placed[second]]["name"])
@@ -1070,15 +1076,7 @@ def test_a_queue_lost_while_another_placed_again_waits_to_be_given_its_rate_limi
     stopped: list[int] = []
     try:
         qp.set_rate_limit(100_000)
-        placed = qp.workers()
-        (spare,) = set(addresses) - set(placed)
-        first = next((s for s in (0, 1) if sorted(set(addresses) - {placed[s]})[s % 2] == spare), None)
-        assert first is not None, (placed, addresses)
-        second = 1 - first
-        pending = [qp.submit(add, i) for i in range(20)]
-        qp.flush(timeout=30)
-        held = {q: [f for f in pending if qp.driver.brokers_holding(f.key, 1) == {q}] for q in (0, 1)}
-        assert held[0] and held[1], held
+        placed, spare, first, second, pending, held = _lost_first_and_second(qp, addresses)
         (nanny,) = client3.run(os.getppid, workers=[placed[first]]).values()
         os.kill(nanny, signal.SIGSTOP)
         stopped += [nanny, pids[spare]]
