@@ -87,6 +87,56 @@ def test_a_relay_whose_worker_is_killed_is_placed_again_and_every_task_completes
             assert queue_pool.submit(add, 2, 3).result(timeout=30) == 5
 
 
+def test_a_queue_lost_while_the_relay_is_placed_again_on_a_stopped_worker_fails_its_tasks_at_once(
+    client3: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The relay's worker dies (its nanny stopped, so that it does not come back) and the new
+    relay goes to a stopped worker: placing it waits its bound (10 s here). A queue whose worker
+    dies meanwhile had its tasks failed only after that wait (reviewer 11: 9.7 s); the wait tells
+    lost queues between its steps now. While the relay is down, no broker is said to be silent."""
+    import logging
+    import time
+
+    from .test_faults import assert_settled
+
+    settings = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s", "connect_timeout": "10s"}
+    queue_pool = QueuePool(client3, 2, relay=True, placement_timeout=20.0, **settings)
+    stopped: list[int] = []
+    try:
+        relay = queue_pool._relay
+        assert relay is not None
+        brokers = queue_pool.workers()
+        assert relay.worker not in brokers and len(set(brokers)) == 2, (relay.worker, brokers)
+        # Its new place: the first of the brokers' workers (zdq.relay.path: none is free of
+        # brokers, and the count of replacements picks); that one is stopped, the other killed.
+        waited_on = sorted(brokers)[0]
+        lost = brokers.index(sorted(brokers)[1])
+        pending = [queue_pool.submit(add, i, 1) for i in range(20)]
+        queue_pool.flush(timeout=30)
+        held = [f for f in pending if queue_pool.driver.brokers_holding(f.key, 1) == {lost}]
+        assert held, "no task on the queue to lose"
+        (nanny,) = client3.run(os.getppid, workers=[relay.worker]).values()
+        os.kill(nanny, signal.SIGSTOP)
+        stopped.append(nanny)
+        paused, relay_pid, victim = (_pid(client3, w) for w in (waited_on, relay.worker, brokers[lost]))
+        stop_process(paused)
+        stopped.append(paused)
+        caplog.set_level(logging.WARNING, logger="zdq.client.brokers")
+        os.kill(relay_pid, signal.SIGKILL)
+        wait_until(lambda: relay.worker == waited_on, timeout=30)  # its placement waits there
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        assert_settled(held, 30.0, "the tasks of the queue lost while the relay is placed again")
+        took = time.monotonic() - killed_at
+        assert took < 5.0, f"the lost queue's tasks failed {took:.1f} s after its worker died (the relay's bound: 10 s)"
+        silent = [r.getMessage() for r in caplog.records if "silent" in r.getMessage()]
+        assert silent == [], silent
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        queue_pool.close()
+
+
 def test_relay_is_a_setting_and_anything_but_true_or_false_is_refused_at_the_call(client: Client) -> None:
     with pytest.raises(TypeError, match="relay must be True or False"):
         QueuePool(client, 1, relay="yes")  # type: ignore[arg-type]
