@@ -530,7 +530,7 @@ class PlacedQueues:
         for i in lost:
             if stopping():
                 return
-            self._recover(i, driver, moved, stopping)
+            self._recover(i, driver, moved, stopping, relay_down)
 
     def note_losses(self, driver: Driver, stopping: Callable[[], bool], relay_down: bool = False) -> list[int]:
         """Tell the driver of every queue whose worker Dask says is gone (once per loss; silence
@@ -543,9 +543,9 @@ class PlacedQueues:
             if fut.status == "finished" and i not in self._lost_since:
                 # Silence alone is not a loss: a task holding the GIL beside the broker, or a
                 # paused worker, keeps it quiet. Dask says when its worker is really gone.
-                silence = driver.broker_silence(i)
                 if relay_down:
                     continue  # the path is down, not the broker (said by the relay's replacement)
+                silence = driver.broker_silence(i)
                 if silence > self.settings.heartbeat_timeout and i not in self._silent_logged:
                     self._silent_logged.add(i)
                     logger.warning(
@@ -576,7 +576,7 @@ class PlacedQueues:
             else "",
         )
 
-    def _recover(self, i: int, driver: Driver, moved: Moved, stopping: Callable[[], bool]) -> None:
+    def _recover(self, i: int, driver: Driver, moved: Moved, stopping: Callable[[], bool], relay_down: bool) -> None:
         transient = not self.durable
         name = self.queue_names[i]
         self._note_lost(i, driver)
@@ -595,7 +595,7 @@ class PlacedQueues:
         worker = self.placed_on.get(i, "")
 
         def meanwhile() -> None:
-            self.note_losses(driver, stopping)
+            self.note_losses(driver, stopping, relay_down)
 
         try:
             broker = _answered(fut, bound, worker, "created", meanwhile)

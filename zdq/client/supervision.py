@@ -156,7 +156,7 @@ class QueueWatch:
 
         if not self.relay.replace(avoid=queues.workers(), meanwhile=meanwhile):
             return
-        down = self.queues.down() if isinstance(self.queues, PlacedQueues) else set()
-        for i in range(self.queues.n_queues):
+        down = queues.down() if isinstance(queues, PlacedQueues) else set()
+        for i in range(queues.n_queues):
             if i not in down:
                 self.driver.reroute(i)
