@@ -62,6 +62,11 @@ def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_pat
     assert len(paired) == 1 and "futures path" in futures["system"]
     path_ratio = paired[0] / dq_path["seconds"][0]
     assert abs(report["ratios"]["no-op: zdq daskqueue path / zdq futures path"] - path_ratio) < 1e-9
+    # Durability's cost, taken the same way: each durable batch beside a transient one.
+    durable = report["cases"][3]
+    beside = durable["extra"]["paired_transient_s"]
+    assert len(beside) == 1 and len(durable["seconds"]) == 1
+    assert abs(report["ratios"]["no-op: durable / transient"] - beside[0] / durable["seconds"][0]) < 1e-9
     assert report["workers"] == 2
 
 

@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=2, help="workers of the embedded cluster, default 2")
     bench.add_argument("--scheduler", metavar="ADDRESS", default=None, help="use this cluster instead of an embedded one")
     bench.add_argument("--repeat", type=int, default=3, help="runs per case; medians are reported (default 3)")
-    bench.add_argument("--durable", action="store_true", help="also run zdq on durable (LMDB) queues")
+    bench.add_argument("--durable", action="store_true", help="also run zdq on durable (LMDB) queues, their batches alternated with a transient pool's")
     bench.add_argument(
         "--compare-auth", action="store_true",
         help=(

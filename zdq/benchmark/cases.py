@@ -94,22 +94,49 @@ def zdq_noop(client: Client, config: BenchConfig, system: str = "zdq", **options
         return _time_batches(qp, _noop_calls, config.tasks, config.repeat, CaseResult("no-op", system, config.tasks))
 
 
-def zdq_noop_with_and_without_auth(client: Client, config: BenchConfig, system: str) -> tuple[CaseResult, CaseResult, float]:
-    """The futures path with authentication (named ``system``) and without, two pools placed side
-    by side whose batches alternate (ABBA: each round runs one batch of each, the other first in
-    every other round), and what authentication costs: the median over rounds of each round's rate
-    with it / without it. A pair taken moments apart sees the same machine; taken a minute apart,
-    with other cases between them, the ratio moved with what ran between by more than
-    authentication's whole cost (benchmarks/RESULTS.md, issue 26's fifth session)."""
-    secure_case = CaseResult("no-op", system, config.tasks)
-    plain_case = CaseResult("no-op", "zdq without authentication", config.tasks)
-    with _pools(client, config) as secure, _pools(client, config, auth=False) as plain:
-        runs = ((secure, secure_case), (plain, plain_case))
+def zdq_noop_alternated(
+    client: Client, config: BenchConfig, first: tuple[str, dict[str, Any]], second: tuple[str, dict[str, Any]]
+) -> tuple[CaseResult, CaseResult, float]:
+    """The futures path on two pools placed side by side, each made with its own options (``first``
+    and ``second``: the case's name, then the QueuePool's options), their batches alternated (ABBA:
+    each round runs one batch of each, the other first in every other round); and the median over
+    rounds of each round's rate of the first / the second.
+
+    What an option costs (authentication, durability) is taken this way: a pair taken moments
+    apart sees the same machine; taken a minute apart, with other cases between them, the ratio
+    moved with what ran between by more than the option's whole cost (benchmarks/RESULTS.md,
+    issue 26's fifth and fourteenth sessions)."""
+    cases = CaseResult("no-op", first[0], config.tasks), CaseResult("no-op", second[0], config.tasks)
+    with _pools(client, config, **first[1]) as a, _pools(client, config, **second[1]) as b:
+        runs = ((a, cases[0]), (b, cases[1]))
         for r in range(config.repeat):
             for qp, case in runs if r % 2 == 0 else runs[::-1]:
                 _time_batches(qp, _noop_calls, config.tasks, 1, case)
-    ratio = statistics.median(p / s for s, p in zip(secure_case.seconds, plain_case.seconds))
-    return secure_case, plain_case, ratio
+    ratio = statistics.median(s / f for f, s in zip(cases[0].seconds, cases[1].seconds))
+    return cases[0], cases[1], ratio
+
+
+def zdq_noop_with_and_without_auth(client: Client, config: BenchConfig, system: str) -> tuple[CaseResult, CaseResult, float]:
+    """The futures path with authentication (named ``system``) and without, alternated
+    (:func:`zdq_noop_alternated`), and what authentication costs: the median over rounds of each
+    round's rate with it / without it."""
+    return zdq_noop_alternated(client, config, (system, {}), ("zdq without authentication", {"auth": False}))
+
+
+def zdq_durable_beside_transient(client: Client, config: BenchConfig) -> tuple[CaseResult, float]:
+    """The futures path on durable queues (LMDB, synced group commits), its batches alternated with
+    those of a transient pool placed beside it (:func:`zdq_noop_alternated`), and what durability
+    costs: the median over rounds of each round's durable rate / transient rate. The transient
+    batches' seconds are the durable case's ``paired_transient_s``."""
+    with tempfile.TemporaryDirectory(prefix="zdq-bench-") as dirpath:
+        durable, transient, ratio = zdq_noop_alternated(
+            client,
+            config,
+            ("zdq durable (LMDB, synced)", {"durability": "durable", "dirpath": dirpath}),
+            ("zdq futures path, paired with durable", {}),
+        )
+    durable.extra["paired_transient_s"] = transient.seconds
+    return durable, ratio
 
 
 def executor_map(client: Client, config: BenchConfig) -> CaseResult:
@@ -451,10 +478,9 @@ def run(config: BenchConfig) -> dict[str, Any]:
                 cases.append(dq)
                 ratios["no-op: zdq / daskqueue"] = zdq.rate / dq.rate
         if config.durable or full:
-            with tempfile.TemporaryDirectory(prefix="zdq-bench-") as dirpath:
-                durable = zdq_noop(client, config, "zdq durable (LMDB, synced)", durability="durable", dirpath=dirpath)
+            durable, durable_ratio = zdq_durable_beside_transient(client, config)
             cases.append(durable)
-            ratios["no-op: durable / transient"] = durable.rate / zdq.rate
+            ratios["no-op: durable / transient"] = durable_ratio
         if config.relay:
             relayed = zdq_noop(client, config, "zdq through a relay (relay=True)", relay=True)
             cases.append(relayed)
