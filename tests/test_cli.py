@@ -289,6 +289,32 @@ def test_ctrl_c_while_connecting_exits_with_130_and_no_traceback(command: list[s
     assert run.returncode == 130 and "Traceback" not in stderr, stderr
 
 
+def test_ctrl_c_while_the_installed_command_imports_zdq_exits_with_130_and_no_traceback() -> None:
+    # Before: the script imported zdq.cli, so zdq with Dask (about a second), before any of zdq's
+    # code ran, and a Ctrl-C then ended it with a KeyboardInterrupt's traceback.
+    script = Path(sys.executable).with_name("zdq")
+    assert script.exists(), f"the zdq command is not installed beside {sys.executable}: pip install -e ."
+    with _fake_servers("silent") as (server,):
+        as_in_a_terminal = _AS_IN_A_TERMINAL.replace("sys.executable, [sys.executable, '-m', 'zdq.cli',", f"{str(script)!r}, [{str(script)!r},")
+        run = subprocess.Popen(
+            [sys.executable, "-c", as_in_a_terminal, "status", "--scheduler", server.address, "--timeout", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            # psutil's extension is loaded a third of the way into zdq's import: the Ctrl-C lands
+            # in the import, long before the command connects.
+            maps = Path(f"/proc/{run.pid}/maps")
+            wait_until(lambda: run.poll() is not None or "_psutil_linux" in maps.read_text(), timeout=60, interval=0.005)
+            run.send_signal(signal.SIGINT)
+            _, stderr = run.communicate(timeout=20)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait(timeout=10)
+    assert server.accepted is None, "the Ctrl-C came after the connection: it did not test the import"
+    assert run.returncode == 130 and "Traceback" not in stderr, (run.returncode, stderr)
+
+
 def test_a_ctrl_c_that_lands_as_the_connection_is_made_is_not_lost() -> None:
     """Ctrl-C reaches the command's connecting coroutine as a cancellation (asyncio.run's), and
     Python 3.11's wait_for swallowed one that landed as the connection completed: the command
