@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -228,16 +228,31 @@ def _started(*args: str) -> subprocess.Popen[str]:
 #: Runs ``zdq.cli`` with SIGINT as a terminal gives it to a foreground command. A suite started in
 #: the background of a non-interactive shell (``cmd &``, as a CI script may) ignores SIGINT, and
 #: its children inherit that: the command under test would never see the Ctrl-C.
+#: ``program`` is what runs: ``zdq.cli`` by default, or the installed ``zdq`` command.
 _AS_IN_A_TERMINAL = (
     "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-    "os.execv(sys.executable, [sys.executable, '-m', 'zdq.cli', *sys.argv[1:]])"
+    "program = [p for p in sys.argv[1:2] if p] or [sys.executable, '-m', 'zdq.cli']; "
+    "os.execv(program[0], [*program, *sys.argv[2:]])"
 )
 
 
-def _started_as_in_a_terminal(*args: str) -> subprocess.Popen[str]:
+def _started_as_in_a_terminal(*args: str, program: str = "") -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", _AS_IN_A_TERMINAL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", _AS_IN_A_TERMINAL, program, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+def _ctrl_c_when(run: subprocess.Popen[str], ready: Callable[[], bool]) -> str:
+    """Ctrl-C to ``run`` as soon as ``ready()`` (or it ended); its stderr once it has ended."""
+    try:
+        wait_until(lambda: run.poll() is not None or ready(), timeout=60, interval=0.005)
+        assert run.poll() is None, run.communicate()
+        run.send_signal(signal.SIGINT)
+        return run.communicate(timeout=20)[1]
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(timeout=10)
 
 
 def test_every_live_command_names_a_port_that_answers_but_not_as_dask_in_one_line_within_its_timeout() -> None:
@@ -276,16 +291,8 @@ def test_every_live_command_names_a_port_that_answers_but_not_as_dask_in_one_lin
 def test_ctrl_c_while_connecting_exits_with_130_and_no_traceback(command: list[str]) -> None:
     with _fake_servers("silent") as (server,):
         run = _started_as_in_a_terminal(*command, "--scheduler", server.address, "--timeout", "60")
-        try:
-            wait_until(lambda: server.accepted is not None or run.poll() is not None, timeout=60, interval=0.05)
-            assert run.poll() is None, run.communicate()
-            time.sleep(0.2)  # into the handshake's wait
-            run.send_signal(signal.SIGINT)
-            _, stderr = run.communicate(timeout=20)
-        finally:
-            if run.poll() is None:
-                run.kill()
-                run.wait(timeout=10)
+        # 0.2 s after the connection: into the handshake's wait.
+        stderr = _ctrl_c_when(run, lambda: server.accepted is not None and time.monotonic() > server.accepted + 0.2)
     assert run.returncode == 130 and "Traceback" not in stderr, stderr
 
 
@@ -295,22 +302,11 @@ def test_ctrl_c_while_the_installed_command_imports_zdq_exits_with_130_and_no_tr
     script = Path(sys.executable).with_name("zdq")
     assert script.exists(), f"the zdq command is not installed beside {sys.executable}: pip install -e ."
     with _fake_servers("silent") as (server,):
-        as_in_a_terminal = _AS_IN_A_TERMINAL.replace("sys.executable, [sys.executable, '-m', 'zdq.cli',", f"{str(script)!r}, [{str(script)!r},")
-        run = subprocess.Popen(
-            [sys.executable, "-c", as_in_a_terminal, "status", "--scheduler", server.address, "--timeout", "60"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        try:
-            # psutil's extension is loaded a third of the way into zdq's import: the Ctrl-C lands
-            # in the import, long before the command connects.
-            maps = Path(f"/proc/{run.pid}/maps")
-            wait_until(lambda: run.poll() is not None or "_psutil_linux" in maps.read_text(), timeout=60, interval=0.005)
-            run.send_signal(signal.SIGINT)
-            _, stderr = run.communicate(timeout=20)
-        finally:
-            if run.poll() is None:
-                run.kill()
-                run.wait(timeout=10)
+        run = _started_as_in_a_terminal("status", "--scheduler", server.address, "--timeout", "60", program=str(script))
+        # psutil's extension is loaded a third of the way into zdq's import: the Ctrl-C lands in
+        # the import, long before the command connects.
+        maps = Path(f"/proc/{run.pid}/maps")
+        stderr = _ctrl_c_when(run, lambda: "_psutil_linux" in maps.read_text())
     assert server.accepted is None, "the Ctrl-C came after the connection: it did not test the import"
     assert run.returncode == 130 and "Traceback" not in stderr, (run.returncode, stderr)
 
