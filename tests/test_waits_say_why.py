@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from typing import Any
 
 import pytest
 from distributed import Client
@@ -17,6 +18,8 @@ from distributed import Client
 import zdq
 from zdq import futures
 from zdq.futures import TaskFuture, WaitHint
+
+from .conftest import wait_until
 
 REASON = "no consumer is running: call consumer_pool.start()"
 
@@ -106,3 +109,35 @@ def test_a_result_waited_for_after_join_stopped_the_consumers_says_to_start_them
             consumers.start()  # the result comes: the wait that said why ends with it
             waiter.join(30)
         assert got == [7]
+
+
+def test_a_driver_io_thread_that_stops_coming_round_its_loop_is_reported_with_where_it_is(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing of a pool moves without its driver's I/O thread. One held up (here by a command
+    that blocks it, as a bug would) is reported by the pool's supervisor past twice the heartbeat
+    timeout, with its stack, once; and again when it comes back, after which the pool works."""
+    gate = threading.Event()
+
+    def held_up(fut: Any) -> None:
+        gate.wait(20)
+        fut.set_result(None)
+
+    def said(words: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "zdq.client.supervision" and words in r.getMessage()]
+
+    with zdq.QueuePool(client, 1, heartbeat_interval="100ms", heartbeat_timeout="500ms") as qp, zdq.ConsumerPool(
+        client, qp, n_consumers=1
+    ) as consumers:
+        consumers.start()
+        assert qp.submit(int, "6").result(timeout=30) == 6
+        with caplog.at_level(logging.WARNING, logger="zdq.client.supervision"):
+            qp.driver._loop.post(held_up)
+            wait_until(lambda: said("has not come round its loop"), timeout=15)
+            gate.set()
+            wait_until(lambda: said("comes round its loop again"), timeout=15)
+        stalled = said("has not come round its loop")
+        assert len(stalled) == 1 and f"of pool {qp.name}" in stalled[0], stalled
+        assert "in held_up" in stalled[0] and "gate.wait(20)" in stalled[0], stalled[0]  # where it was
+        assert len(said("comes round its loop again")) == 1
+        assert qp.submit(int, "7").result(timeout=30) == 7

@@ -14,6 +14,7 @@ Ownership
 state                  owner
 =====================  ============================================================================
 ``reset_by_restart``   the supervisor thread (set once); read by reprs
+``_io_stalled``        the supervisor thread
 ``_supervisor``        the user's thread (``start``/``stop``)
 =====================  ============================================================================
 """
@@ -62,6 +63,7 @@ class QueueWatch:
         self._consumers = weakref.ref(consumers)
         self.reset_by_restart = False
         self._supervisor: Supervisor | None = None
+        self._io_stalled = False
 
     def start(self, interval: float) -> None:
         self._supervisor = Supervisor(
@@ -112,6 +114,7 @@ class QueueWatch:
         if self.stopping():
             return
         driver, queues = self.driver, self.queues
+        self._watch_io(driver)
         if self.relay is not None and self.relay.needs_replacing():
             self._replace_relay()
         relay_down = self.relay is not None and self.relay.needs_replacing()
@@ -142,6 +145,24 @@ class QueueWatch:
             )
             return
         queues.supervise_once(driver, self._moved, self.stopping, relay_down)
+
+    def _watch_io(self, driver: Driver) -> None:
+        """Say so, with where it is, when the driver's I/O thread stops coming round its loop
+        (nothing of the pool moves without it: a zdq bug, or this process starved), and again when
+        it comes back; once each."""
+        stall = driver.io_stall()
+        if stall is not None and not self._io_stalled:
+            seconds, where = stall
+            logger.error(
+                "the driver's I/O thread of pool %s has not come round its loop for %.0f s: every task and result "
+                "of the pool waits for it (a zdq bug, or this process starved of CPU). Where it is:\n%s",
+                self.name,
+                seconds,
+                where,
+            )
+        elif stall is None and self._io_stalled:
+            logger.warning("the driver's I/O thread of pool %s comes round its loop again", self.name)
+        self._io_stalled = stall is not None
 
     def _replace_relay(self) -> None:
         """The relay failed: place another and carry every link through it. Each broker is asked

@@ -305,6 +305,15 @@ class Driver:
         """Which brokers the driver can reach now (the I/O thread's published snapshot)."""
         return [view.state is LinkState.UP for view in self._links.views]
 
+    def io_stall(self) -> tuple[float, str] | None:
+        """``(seconds, stack)`` when this driver's I/O thread has not come round its loop for
+        twice the heartbeat timeout (it ticks every heartbeat interval, however idle): every task
+        and result of the pool waits for it. ``None`` otherwise."""
+        stalled = self._loop.stalled_for(time.monotonic())
+        if stalled <= 2 * self._settings.heartbeat_timeout:
+            return None
+        return stalled, self._loop.where()
+
     def broker_silence(self, broker: int) -> float:
         """Seconds broker ``broker`` had not been heard from at the I/O thread's last heartbeat
         tick (at most a heartbeat interval less than the truth). A time the I/O thread did not run

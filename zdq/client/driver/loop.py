@@ -34,8 +34,10 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -148,6 +150,20 @@ class DriverLoop:
             fut.set_result(fn())
 
         return self.post(run)
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds since the I/O thread's last heartbeat tick, while it runs (0 when it was never
+        started or has ended). It ticks every heartbeat interval, however idle."""
+        thread = self._thread
+        if thread is None or self._ended or not thread.is_alive():
+            return 0.0
+        return max(0.0, now - self._links.ticked_at)
+
+    def where(self) -> str:
+        """The I/O thread's stack as it is now, for a report of a stall."""
+        thread = self._thread
+        frame = None if thread is None or thread.ident is None else sys._current_frames().get(thread.ident)
+        return "(not running)" if frame is None else "".join(traceback.format_stack(frame))
 
     def start(self, ctx: zmq.Context[Any], waker: Waker) -> None:
         """Start the thread and wait (30 s at most) until its sockets are open."""
