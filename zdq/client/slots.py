@@ -246,10 +246,15 @@ def answers_within(
             left = max(0.0, step_end - time.monotonic())
             try:
                 answers[key] = call.result() if call.done() else call.result(timeout=left)
-            except TimeoutError as e:
+            except TimeoutError:
                 if not call.done():
                     continue  # not yet: waited for in the next step
-                errors[key] = e  # the actor's own answer was a TimeoutError
+                # Done now: its answer came as the wait gave up (reviewer 12 saw a consumer's
+                # "started" reported as "timed out"), or the actor's own answer is a TimeoutError.
+                try:
+                    answers[key] = call.result()
+                except Exception as e:  # noqa: BLE001 - the caller says what each raised
+                    errors[key] = e
             except Exception as e:  # noqa: BLE001 - the caller says what each raised
                 errors[key] = e
             del pending[key]
