@@ -313,6 +313,34 @@ def test_consumer_statistics_name_the_consumer_that_did_not_answer_and_its_worke
         wait_until(lambda: len(consumer_pool.statistics()) == 2, timeout=30)
 
 
+def test_join_with_a_timeout_returns_within_it_when_a_consumer_is_on_a_stopped_worker(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """join's timeout bounds its stop of the consumers too. Before, that stop waited 30 s for a
+    consumer on a stopped worker, after the work was done: join(timeout=45) returned at 51 s
+    (reviewer 12)."""
+    import logging
+
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=2) as consumer_pool:
+        consumer_pool.start()
+        assert queue_pool.submit(add, 1, 2).result(timeout=30) == 3
+        pids = client.run(os.getpid)
+        (victim,) = set(pids) - set(queue_pool.workers())  # a consumer's worker, not the queue's
+        stop_process(pids[victim])
+        try:
+            with caplog.at_level(logging.WARNING, logger="zdq.client.consumers"):
+                started = time.monotonic()
+                consumer_pool.join(timeout=3)
+                took = time.monotonic() - started
+        finally:
+            os.kill(pids[victim], signal.SIGCONT)
+        assert took < 4.5, f"join(timeout=3) took {took:.1f} s"
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cancel: consumer")]
+        assert len(said) == 1 and "did not answer within" in said[0], said
+        wait_until(lambda: len(consumer_pool.statistics()) == 2, timeout=30)
+        assert not any(s.running for s in consumer_pool.statistics())  # the stop reached it once resumed
+
+
 def test_a_consumer_pool_started_without_a_name_kept_for_it_serves_while_its_queue_pool_is_open(client: Client) -> None:
     """``ConsumerPool(client, queue_pool, n_consumers=2, start=True)`` with nothing holding it (as
     the README's pipeline writes it): a garbage collection used to stop its consumers, and every

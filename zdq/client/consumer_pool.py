@@ -450,11 +450,16 @@ class ConsumerPool:
     @asynchronous.off_loop_when_async
     def cancel(self) -> None:
         """Stop pulling work; chunks already received finish and report. ``start()`` resumes."""
+        self._stop_pulling(CANCEL_ANSWER)
+
+    def _stop_pulling(self, bound: float) -> None:
+        """:meth:`cancel`, waiting at most ``bound`` seconds for the consumers' answers: one that
+        does not answer by then (its worker stopped) is named, and stops when the call reaches it."""
         if self._closed:
             return
         self._check_placed()
         self._running = False
-        self._consumers.each("cancel", timeout=CANCEL_ANSWER)
+        self._consumers.each("cancel", timeout=bound)
 
     @asynchronous.off_loop_when_async
     def join(
@@ -497,10 +502,14 @@ class ConsumerPool:
         print_timestep : float
             Accepted for daskqueue compatibility and ignored: the bar refreshes as results come.
         timeout : float, optional
-            Raise :class:`ZdqTimeoutError` if the work is not done by then.
+            Raise :class:`ZdqTimeoutError` if the work is not done by then. It bounds the whole
+            join: the consumers' stop waits at most what is left of it (30 s without one) for
+            their answers; one that does not answer by then (its worker stopped) is named in a
+            warning, and stops when the call reaches it.
         """
         self._check_open()
         timeout = timeout_or_none(timeout, "join's timeout")
+        deadline = None if timeout is None else time.monotonic() + timeout
         logger.info("Waiting for the %d consumers to process all items in queue_pool...", self.n_consumers)
         bar = _JoinBar() if progress else None
         if self.queue_pool.keep_results:
@@ -514,7 +523,7 @@ class ConsumerPool:
                 bar.close()
         self._report(statuses)
         if stop:
-            self.cancel()
+            self._stop_pulling(CANCEL_ANSWER if deadline is None else min(CANCEL_ANSWER, max(0.0, deadline - time.monotonic())))
 
     def _raise_unserved(self, statuses: list[Any]) -> None:
         """Raise if a queue that holds tasks is served by no consumer of any of the queue pool's
