@@ -282,10 +282,15 @@ class Outcomes:
         n = len(values)
         exceptions: dict[int, BaseException] = {}
         failed = len(errors)
+        #: Tasks cancelled where they waited, unasked by this driver (``zdq purge``, or a cancel
+        #: that reached the broker before the driver's own answer): counted and settled as a
+        #: ``cancel()`` here leaves them.
+        withdrawn: list[int] = []
         if errors:
             # Cancelled and expired tasks never ran: not logged as failures (expired ones count as failed).
             skipped = [i for i, info in errors.items() if info.type_name == CANCELLED or info.type_name == EXPIRED]
-            failed -= sum(1 for i in skipped if errors[i].type_name == CANCELLED)
+            withdrawn = [i for i in skipped if errors[i].type_name == CANCELLED]
+            failed -= len(withdrawn)
             self.failures.note(base, {i: info for i, info in errors.items() if i not in skipped} if skipped else errors)
             exceptions = {i: error_to_exception(info) for i, info in errors.items()}
         if rec is not None:
@@ -293,6 +298,8 @@ class Outcomes:
                 rec.sink._fill(rec.offset + offset, values, exceptions)
             elif rec.sink is not None:
                 futures = rec.sink
+                for i in withdrawn:
+                    cancel_future(futures[offset + i])  # settle() below then leaves it as it is
                 for i, value in enumerate(values):
                     settle(futures[offset + i], value, exceptions.get(i))
         with self.cond:
@@ -304,6 +311,7 @@ class Outcomes:
                     self.errored.update((base + i, consumer) for i in exceptions)
             self.done_by[consumer] += n
             self.failed += failed
+            self.cancelled += len(withdrawn)
             if rec is None:
                 self.foreign += n
             else:
