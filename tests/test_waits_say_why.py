@@ -79,6 +79,24 @@ def test_a_long_await_says_once_why(caplog: pytest.LogCaptureFixture) -> None:
     assert len(said) == 1 and REASON in said[0] and said[0].startswith("zdq: await"), said
 
 
+@pytest.mark.parametrize("how", ["result", "exception", "wait", "as_completed"])
+def test_a_wait_given_a_timeout_says_nothing_as_it_is_bounded_already(how: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Before, bf.result(timeout=60) said "give it a timeout to bound it" after 10 s (reviewer 12).
+    fut = _future(REASON)
+    timer = _settle_later(fut, 1.0)
+    with caplog.at_level(logging.WARNING, logger="zdq.futures"):
+        if how == "result":
+            assert fut.result(timeout=20) == 9
+        elif how == "exception":
+            assert fut.exception(timeout=20) is None
+        elif how == "wait":
+            assert zdq.wait([fut], timeout=20).done == {fut}
+        else:
+            assert list(zdq.as_completed([fut], timeout=20)) == [fut]
+    timer.join(5)
+    assert _said(caplog) == []
+
+
 def test_a_wait_the_pool_cannot_explain_says_nothing(caplog: pytest.LogCaptureFixture) -> None:
     fut = _future("")  # consumers are running: the task is just long
     timer = _settle_later(fut, 0.7)

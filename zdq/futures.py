@@ -44,7 +44,7 @@ def wait(
     timeout = wait_seconds(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     step = _LOOK_EVERY
-    say = _SayWhy("zdq.wait()")
+    say = _SayWhy("zdq.wait()") if deadline is None else None  # one with a timeout says nothing
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         got = concurrent.futures.wait(fs, step if left is None else min(step, left), return_when)
@@ -53,7 +53,8 @@ def wait(
         error = _stuck_among(got.not_done)
         if error is not None:
             raise error
-        say.look(got.not_done)
+        if say is not None:
+            say.look(got.not_done)
         step = min(2 * step, _LOOK_AT_MOST)  # each look costs a pass over the futures: fewer, later
 
 
@@ -274,8 +275,9 @@ class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, wh
             error = _stuck_among(pending)
             if error is not None:
                 raise error
-            say = say or _SayWhy("zdq.as_completed()", _LOOK_EVERY)  # made past the first step, as result()'s
-            say.look(pending)
+            if self._deadline is None:  # a wait with a timeout is bounded already: it says nothing
+                say = say or _SayWhy("zdq.as_completed()", _LOOK_EVERY)  # made past the first step, as result()'s
+                say.look(pending)
             step = min(2 * step, _LOOK_AT_MOST)
 
     def __iter__(self) -> as_completed:
@@ -697,9 +699,10 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
             error = stuck(self)
             if error is not None:
                 raise error
-            # Made past the first step only (most results are there before it): it has waited that long.
-            say = say or _SayWhy(f"{wait.__name__}()", _LOOK_EVERY)
-            say.look((self,))
+            if deadline is None:  # a wait with a timeout is bounded already: it says nothing
+                # Made past the first step only (most results are there before it): it has waited that long.
+                say = say or _SayWhy(f"{wait.__name__}()", _LOOK_EVERY)
+                say.look((self,))
             step = _LOOK_EVERY if deadline is None else min(_LOOK_EVERY, max(0.0, deadline - time.monotonic()))
 
     def result(self, timeout: float | None = None) -> Any:
