@@ -82,7 +82,9 @@ class _JoinBar:
                 # threads); the bar is refreshed by join's loop anyway.
                 monitor_interval = 0
 
-            self.bar = Bar(total=total, unit="task", desc="zdq", dynamic_ncols=True)
+            # What was done before the bar was made is its start, not its progress: a join called
+            # once the work is done would otherwise show it all done in no time (billions a second).
+            self.bar = Bar(total=total, initial=done, unit="task", desc="zdq", dynamic_ncols=True)
         elif self.bar.total != total:
             self.bar.total = total
         if done != self.bar.n:
