@@ -22,6 +22,7 @@ from distributed import Client, LocalCluster
 from tests.conftest import assert_no_zdq_leaks, knock_with_wrong_keys, wait_until
 from tests.inprocess_cli import zdq_here
 from tests.tasks import add, fail
+import zdq
 from zdq import ConsumerPool, QueuePool
 from zdq._actor import scheduler_workers
 from zdq.names import counted
@@ -276,6 +277,66 @@ def test_purge_command_cancels_the_ready_tasks_so_that_they_never_run_and_their_
             assert (stats.tasks_cancelled, stats.tasks_failed) == (40, 0)  # counted as cancelled
             kept = consumer_pool.results()
             assert sum(isinstance(v, TaskCancelled) for d in kept.values() for v in d.values()) == 40
+
+
+def _purged(address: str, pool: str) -> subprocess.CompletedProcess[str]:
+    """``zdq purge --yes`` of ``pool``, once the scheduler lists it (a pool's first report reaches
+    it about a second after the pool is made)."""
+    runs: list[subprocess.CompletedProcess[str]] = []
+
+    def listed() -> bool:
+        runs.append(zdq_here("purge", "--scheduler", address, pool, "--yes"))
+        return "no live pool named" not in runs[-1].stderr
+
+    wait_until(listed, timeout=30, interval=0.2)
+    assert runs[-1].returncode == 0, runs[-1]
+    return runs[-1]
+
+
+def test_a_cancel_after_a_purge_ends_every_future_of_the_chunk_and_counts_each_once(
+    dash_cluster: LocalCluster, dash_client: Client
+) -> None:
+    """Reviewer 13: after `zdq purge`, one future's cancel() took its chunk out of the queue, and
+    the chunk's other futures waited for ever (their DONE never came). The broker now tells the
+    driver every task of a chunk that leaves that way."""
+    from concurrent.futures import CancelledError
+
+    with QueuePool(dash_client, 1, name="purged-then-cancelled") as queue_pool:
+        batch = queue_pool.batch_submit([(add, i, 1) for i in range(10)])  # one chunk of ten
+        queue_pool.flush(timeout=30)
+        wait_until(lambda: sum(queue_pool.get_queue_size().values()) == 10, timeout=30)
+        purged = _purged(dash_cluster.scheduler_address, "purged-then-cancelled")
+        assert "10 waiting tasks cancelled" in purged.stdout, purged
+        assert batch.cancel()  # the chunk leaves the queue now
+        with ConsumerPool(dash_client, queue_pool, n_consumers=1) as consumer_pool:
+            consumer_pool.start()
+            with pytest.raises(CancelledError):
+                batch.result(timeout=30)
+            assert batch.cancelled() and sum(queue_pool.get_queue_size().values()) == 0
+            consumer_pool.join(timeout=30)
+        stats = queue_pool.statistics().driver
+        assert (stats.tasks_cancelled, stats.tasks_failed, stats.tasks_completed) == (10, 0, 10), stats
+
+
+def test_a_task_cancel_after_a_purge_ends_every_other_future_of_its_chunk(
+    dash_cluster: LocalCluster, dash_client: Client
+) -> None:
+    from concurrent.futures import CancelledError
+
+    with QueuePool(dash_client, 1, name="purged-one-cancelled") as queue_pool:
+        calls = [(add, i, 1) for i in range(10)]
+        futures = queue_pool.map(add, range(10), [1] * 10)
+        queue_pool.flush(timeout=30)
+        wait_until(lambda: sum(queue_pool.get_queue_size().values()) == len(calls), timeout=30)
+        _purged(dash_cluster.scheduler_address, "purged-one-cancelled")
+        assert futures[1].cancel()
+        with ConsumerPool(dash_client, queue_pool, n_consumers=1) as consumer_pool:
+            consumer_pool.start()  # for the chunks the cancel left in the queue, purged
+            done, pending = zdq.wait(futures, timeout=30)
+        assert not pending and all(f.cancelled() for f in futures), pending
+        with pytest.raises(CancelledError):
+            futures[5].result(timeout=1)
+        assert queue_pool.statistics().driver.tasks_cancelled == 10
 
 
 def test_cli_gives_a_one_line_error_for_a_wrong_address_a_cluster_without_zdq_and_an_unknown_pool(

@@ -274,6 +274,23 @@ def test_a_purge_cancels_every_task_not_yet_delivered_and_counts_each_once(quest
     assert not questions.leases.storage.cancelled(first)
 
 
+def test_a_cancel_that_empties_a_purged_chunk_tells_its_driver_every_task_of_it(questions: Questions) -> None:
+    # Reviewer 13: after a purge, one future's cancel() took the chunk out of the queue, and the
+    # driver, told of that task only, waited for ever for the others' DONE.
+    chunk_id = put(questions.leases, DRIVER, seq=1, n_tasks=4)
+    assert questions.questions.purge_ready() == 4
+    questions.questions.ask(DRIVER, p.Cancel(4, chunk_id, 1, (1,)), NOW)
+    assert questions.wire.take() == [(DRIVER, p.Cancelled(4, (0, 1, 2, 3)))]
+    assert questions.leases.storage.meta(chunk_id) is None  # it left
+
+
+def test_a_cancel_of_part_of_a_chunk_that_stays_answers_only_what_was_asked(questions: Questions) -> None:
+    chunk_id = put(questions.leases, DRIVER, seq=1, n_tasks=3)
+    questions.questions.ask(DRIVER, p.Cancel(4, chunk_id, 1, (0, 2)), NOW)
+    assert questions.wire.take() == [(DRIVER, p.Cancelled(4, (0, 2)))]
+    assert questions.leases.storage.meta(chunk_id) is not None  # task 1 still runs
+
+
 # -- peers and the route table ----------------------------------------------------------------------
 
 

@@ -96,8 +96,13 @@ class CancelQuestions:
                         continue
                     question.cancelled.update(indexes.values())
                     meta = storage.meta(chunk_id)
-                    if meta is not None and len(storage.cancelled(chunk_id)) >= meta.n_tasks:
-                        # Nothing of it would run, and its driver counts it done: it leaves now.
+                    cancelled = storage.cancelled(chunk_id)
+                    if meta is not None and len(cancelled) >= meta.n_tasks:
+                        # Nothing of it would run: it leaves now, and its driver is told every task
+                        # of it, not only those it asked: a purge (``zdq purge``) marked the others,
+                        # and no DONE will settle them once it has left (reviewer 13: their futures
+                        # waited for ever). A split part is one task, the one asked.
+                        question.cancelled.update(indexes.get(k, k) for k in cancelled)
                         storage.ack_many([chunk_id])
                         if leases.retained is not None:  # zdq.state: "cancelled" for result_ttl
                             leases.retained.keep(chunk_id, meta, CANCELLED_BY, CANCELLED_RESULTS)

@@ -142,12 +142,15 @@ class Requests:
         # otherwise a count that came after its caller stopped waiting: kept in last_counts only
 
     def on_cancelled(self, link: Link, msg: p.Cancelled) -> None:
-        """A broker's answer to a cancellation: those of the tasks asked that never will run."""
+        """A broker's answer to a cancellation: the tasks of the chunk that never will run, those
+        asked, and when the chunk leaves the queue with it, the others a purge cancelled (no DONE
+        will come for them). Indexes outside the chunk are ignored."""
         ask = self.pending.get(msg.token)
         if not isinstance(ask, CancelAsk):
             raise ProtocolError(f"CANCELLED answers no question ({msg.token})")
         del self.pending[msg.token]
-        ids = self._outcomes.cancel_record(ask.rec, [i for i in msg.indexes if i in ask.indexes])
+        n = ask.rec.n
+        ids = self._outcomes.cancel_record(ask.rec, [i for i in msg.indexes if 0 <= i < n])
         ask.future.set_result(ids)
 
     def ask_status(self, socks: list[Any], ask: StatusAsk, fut: Future[list[p.QueueStatus | None]]) -> None:
