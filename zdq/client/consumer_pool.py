@@ -60,6 +60,10 @@ logger = logging.getLogger(__name__)
 #: Seconds cancel() (and so join()) waits for the consumers' answers, all together: one on a
 #: stopped worker is named in a warning and passed over (it fetches nothing while stopped).
 CANCEL_ANSWER = 30.0
+#: The least a join's stop of the consumers waits for their answers, however little is left of its
+#: timeout: healthy consumers answer in milliseconds, and one not waited for at all is named as
+#: stopped (reviewer 13).
+_LEAST_STOP_WAIT = 0.5
 
 
 def _integer(value: Any, least: int) -> bool:
@@ -505,9 +509,10 @@ class ConsumerPool:
             Accepted for daskqueue compatibility and ignored: the bar refreshes as results come.
         timeout : float, optional
             Raise :class:`ZdqTimeoutError` if the work is not done by then. It bounds the whole
-            join: the consumers' stop waits at most what is left of it (30 s without one) for
-            their answers; one that does not answer by then (its worker stopped) is named in a
-            warning, and stops when the call reaches it.
+            join: the consumers' stop waits what is left of it (at least half a second; 30 s
+            without a timeout) for their answers. One that does not answer by then (its worker
+            stopped) is named in a warning, and stops when the call reaches it: until then, a
+            task submitted after the join may still be sent to it and run there.
         """
         self._check_open()
         timeout = timeout_or_none(timeout, "join's timeout")
@@ -525,7 +530,8 @@ class ConsumerPool:
                 bar.close()
         self._report(statuses)
         if stop:
-            self._stop_pulling(CANCEL_ANSWER if deadline is None else min(CANCEL_ANSWER, max(0.0, deadline - time.monotonic())))
+            left = CANCEL_ANSWER if deadline is None else deadline - time.monotonic()
+            self._stop_pulling(min(CANCEL_ANSWER, max(_LEAST_STOP_WAIT, left)))
 
     def _raise_unserved(self, statuses: list[Any]) -> None:
         """Raise if a queue that holds tasks is served by no consumer of any of the queue pool's

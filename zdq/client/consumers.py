@@ -356,7 +356,7 @@ class ConsumerSlots:
             elif key in gone:
                 missing[key] = ("could not be asked: its worker left the cluster", ConnectionError("its worker left the cluster"))
             else:
-                missing[key] = (f"did not answer within {timeout:g} s" if timeout is not None else "did not answer", None)
+                missing[key] = (f"did not answer within {timeout:.3g} s" if timeout is not None else "did not answer", None)
         answers = [(i, name, told[i, name]) for i, name in calls if (i, name) in told]
         return answers, missing
 
@@ -368,7 +368,11 @@ class ConsumerSlots:
         _, missing = self.ask_all(method, *args, timeout=timeout, args_of=args_of)
         for (_, name), (why, error) in missing.items():
             if error is None:
-                logger.warning("%s: consumer %s %s (its worker is stopped, or too busy); going on", method, name, why)
+                logger.warning(
+                    "%s: consumer %s %s (its worker is stopped, or too busy); going on%s",
+                    method, name, why,
+                    ": it stops when the call reaches it, and may run what is sent to it until then" if method == "cancel" else "",
+                )
             else:
                 # Lost consumers are replaced by the supervisor, with what they missed; so is one whose
                 # start() failed (its health() says so from then on: see Consumer.start). A class
