@@ -262,10 +262,15 @@ class BatchError(ZdqError):
     """
 
     def __init__(self, errors: dict[int, BaseException], values: list[object]) -> None:
-        first = min(errors)
-        super().__init__(
-            f"{len(errors)} of {len(values)} tasks failed; first, task {first}: {errors[first]!r}"
-        )
+        # Cancelled tasks never ran: said apart from the failed ones (a purge leaves some).
+        failed = sorted(i for i, e in errors.items() if not isinstance(e, TaskCancelled))
+        cancelled = len(errors) - len(failed)
+        said = [f"{len(failed)} of {len(values)} tasks failed"] if failed else []
+        if cancelled:
+            verb = "was" if cancelled == 1 else "were"
+            said.append(f"{cancelled} {verb} cancelled" if failed else f"{cancelled} of {len(values)} tasks {verb} cancelled")
+        first = failed[0] if failed else min(errors)
+        super().__init__(f"{', '.join(said)}; first, task {first}: {errors[first]!r}")
         self.errors = errors
         self.values = values
 
