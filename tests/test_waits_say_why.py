@@ -47,21 +47,27 @@ def _said(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "zdq.futures" and r.levelno == logging.WARNING]
 
 
-@pytest.mark.parametrize("how", ["result", "exception", "wait", "as_completed"])
-def test_a_long_wait_says_once_what_it_waits_for_and_why(how: str, caplog: pytest.LogCaptureFixture) -> None:
+def _waited_for(how: str, caplog: pytest.LogCaptureFixture, timeout: float | None = None) -> list[str]:
+    """Wait ``how`` (with ``timeout``) on a future its pool explains, settled after a second; what
+    the wait said."""
     fut = _future(REASON)
     timer = _settle_later(fut, 1.0)
     with caplog.at_level(logging.WARNING, logger="zdq.futures"):
         if how == "result":
-            assert fut.result() == 9
+            assert fut.result(timeout=timeout) == 9
         elif how == "exception":
-            assert fut.exception() is None
+            assert fut.exception(timeout=timeout) is None
         elif how == "wait":
-            assert zdq.wait([fut]).done == {fut}
+            assert zdq.wait([fut], timeout=timeout).done == {fut}
         else:
-            assert list(zdq.as_completed([fut])) == [fut]
+            assert list(zdq.as_completed([fut], timeout=timeout)) == [fut]
     timer.join(5)
-    said = _said(caplog)
+    return _said(caplog)
+
+
+@pytest.mark.parametrize("how", ["result", "exception", "wait", "as_completed"])
+def test_a_long_wait_says_once_what_it_waits_for_and_why(how: str, caplog: pytest.LogCaptureFixture) -> None:
+    said = _waited_for(how, caplog)
     assert len(said) == 1, said  # once, not every look
     assert REASON in said[0] and "key=3" in said[0] and "has waited" in said[0], said
 
@@ -82,19 +88,7 @@ def test_a_long_await_says_once_why(caplog: pytest.LogCaptureFixture) -> None:
 @pytest.mark.parametrize("how", ["result", "exception", "wait", "as_completed"])
 def test_a_wait_given_a_timeout_says_nothing_as_it_is_bounded_already(how: str, caplog: pytest.LogCaptureFixture) -> None:
     # Before, bf.result(timeout=60) said "give it a timeout to bound it" after 10 s (reviewer 12).
-    fut = _future(REASON)
-    timer = _settle_later(fut, 1.0)
-    with caplog.at_level(logging.WARNING, logger="zdq.futures"):
-        if how == "result":
-            assert fut.result(timeout=20) == 9
-        elif how == "exception":
-            assert fut.exception(timeout=20) is None
-        elif how == "wait":
-            assert zdq.wait([fut], timeout=20).done == {fut}
-        else:
-            assert list(zdq.as_completed([fut], timeout=20)) == [fut]
-    timer.join(5)
-    assert _said(caplog) == []
+    assert _waited_for(how, caplog, timeout=20) == []
 
 
 def test_a_wait_the_pool_cannot_explain_says_nothing(caplog: pytest.LogCaptureFixture) -> None:
