@@ -53,9 +53,11 @@ class Edge:
 
 # -- reading ---------------------------------------------------------------------------------------
 def read_package(root: Path, package: str) -> dict[str, Module]:
-    """Every module of ``package`` under ``root``, by dotted name."""
+    """Every module of ``package`` under ``root``, by dotted name (a compiled module by its
+    ``.pyi`` stub: it imports nothing of the package's)."""
     modules: dict[str, Module] = {}
-    for path in sorted((root / package).rglob("*.py")):
+    stubs = [p for p in (root / package).rglob("*.pyi") if not p.with_suffix(".py").exists()]
+    for path in sorted([*(root / package).rglob("*.py"), *stubs]):
         parts = list(path.relative_to(root).with_suffix("").parts)
         is_package = parts[-1] == "__init__"
         if is_package:

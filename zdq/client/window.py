@@ -30,12 +30,20 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import _base
 from typing import Any, Protocol
 
 from zdq.errors import SerializationError, TaskCancelled, ZdqError, ZdqTimeoutError
 from zdq.futures import BatchFuture, TaskFuture, _io_thread, notify_cancelled, wait_seconds
+
+_slotted: Callable[..., list[Any]] | None
+_track: Callable[[object], object]
+try:  # compiled at install where a C compiler is found (setup.py): see MapFuture
+    from zdq._untracked import slotted as _slotted, track as _track
+except ImportError:  # pragma: no cover - a build without a compiler: the futures are made in Python
+    _slotted = None
+    _track = id  # every future is tracked already: nothing to hand back
 
 __all__ = [
     "ColumnReader", "Columns", "FutureSlice", "MapBatch", "MapChunk", "MapFuture", "ResultWindow", "Slice", "cancel_at_once", "cancel_many", "cancel_slices", "check_map_options", "chunked",
@@ -282,12 +290,11 @@ class MapChunk(BatchFuture):
         self._watched: dict[int, MapFuture] | None = None
 
     def futures(self) -> list[MapFuture]:
-        """A future per task, in order (made in C: ``object.__new__`` and slot writes, no ``__init__``)."""
+        """A future per task, in order, out of the garbage collector's sight (see :class:`MapFuture`)."""
         n = len(self._values)
-        futures = list(map(object.__new__, itertools.repeat(MapFuture, n)))
-        collections.deque(map(setattr, futures, itertools.repeat("_chunk", n), itertools.repeat(self, n)), 0)
-        collections.deque(map(setattr, futures, itertools.repeat("_i", n), _indexes(n)), 0)
-        return futures
+        if _slotted is not None:
+            return _slotted(MapFuture, n, MapFuture._chunk, self, MapFuture._i, _indexes(n))
+        return _tracked_futures(self, n)
 
     def _watch(self, future: MapFuture) -> None:
         """(``_condition`` held.) Tell ``future`` when its outcome comes: it has waiters or callbacks."""
@@ -346,6 +353,22 @@ class MapFuture(TaskFuture):
     ``_exception``) are read from the chunk, for the standard library's functions that use them;
     a future waits on its chunk's condition for its own position only (a sibling's outcome wakes
     it, and it waits on).
+
+    **Out of the garbage collector's sight, while it can be.** A future made by its chunk holds
+    its chunk and its index and nothing else, so no reference cycle can pass through it; it is
+    made untracked (``zdq._untracked``), as CPython leaves a tuple of atoms untracked. A map of a
+    million items otherwise keeps a million live objects that each of the collector's full
+    collections walks (seven of them during the map: three times what the map's tasks cost; see
+    ``benchmarks/RESULTS.md``). A future is handed back to the collector (:func:`_track`) as soon
+    as it may come to hold or be reached from anything else: a waiter or a callback
+    (:meth:`_watch`), an attribute set on it (``__setattr__``), an error it hands out (raised by
+    :meth:`result`, whose traceback holds the frame that holds the future, or returned by
+    :meth:`exception`), an outcome set by hand (:meth:`_settle`). Refcounting frees a future
+    whether it is tracked or not. Two ways round this are left, and a cycle through them is
+    kept alive rather than collected: an object written into a future's ``__dict__`` directly
+    (``vars(f)[name] = ...``), and an outcome set by hand (``set_result``, meant for executors
+    and tests) that holds other futures of the same map. Without a C compiler at install the
+    futures are made tracked, as any object.
     """
 
     # Three slots: with Future's own dict and weak reference (inherited), the object stays in
@@ -404,12 +427,17 @@ class MapFuture(TaskFuture):
                 watch[0] = []
             return watch[0]
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        _track(self)  # it may hold more than its chunk and index from now on
+        object.__setattr__(self, name, value)
+
     def _watch(self) -> list[Any]:
         """(The chunk's condition held.) ``[waiters, callbacks]``, made and registered with the
         chunk (to be told of the outcome, if it has not come) on first use."""
         try:
             return self._x
         except AttributeError:
+            _track(self)  # a waiter or a callback may lead back to it
             self._x = [None, None]
             if not self._chunk._settled[self._i]:
                 self._chunk._watch(self)
@@ -448,6 +476,7 @@ class MapFuture(TaskFuture):
             self._wait(timeout)
         errors = chunk._errors
         if errors and i in errors:
+            _track(self)  # the error's traceback will hold this frame, which holds the future
             raise errors[i]  # its own error, or TaskCancelled (a CancelledError) if it was cancelled
         return chunk._values[i]
 
@@ -456,6 +485,8 @@ class MapFuture(TaskFuture):
         if not chunk._settled[i]:
             self._wait(timeout)
         error = chunk._errors.get(i)
+        if error is not None:
+            _track(self)  # raised here or by the caller, its traceback may hold the future
         if type(error) is TaskCancelled:
             raise error
         return error
@@ -513,6 +544,7 @@ class MapFuture(TaskFuture):
 
     # -- settling by hand (the chunk is settled by its driver) -----------------------------------
     def _settle(self, value: Any, error: BaseException | None) -> None:
+        _track(self)  # an outcome set by hand may lead back to it
         chunk = self._chunk
         if chunk._settled[self._i]:
             raise concurrent.futures.InvalidStateError(f"{self!r} is done already")
@@ -532,6 +564,15 @@ class MapFuture(TaskFuture):
         return True
 
 
+def _tracked_futures(chunk: MapChunk, n: int) -> list[MapFuture]:
+    """``chunk``'s futures, made in Python (C loops: ``object.__new__`` and slot writes, no
+    ``__init__``), tracked by the collector as any object: where ``zdq._untracked`` is not built."""
+    futures = list(map(object.__new__, itertools.repeat(MapFuture, n)))
+    collections.deque(map(object.__setattr__, futures, itertools.repeat("_chunk", n), itertools.repeat(chunk, n)), 0)
+    collections.deque(map(object.__setattr__, futures, itertools.repeat("_i", n), _indexes(n)), 0)
+    return futures
+
+
 #: The index of each future in its chunk, shared by every chunk's futures: an int object per
 #: future would be one more object for the collector to touch (and to allocate) per future.
 _INDEXES: tuple[int, ...] = tuple(range(1024))
@@ -539,7 +580,7 @@ _INDEXES: tuple[int, ...] = tuple(range(1024))
 _INDEXES_MAX = 1 << 16
 
 
-def _indexes(n: int) -> Iterable[int]:
+def _indexes(n: int) -> Sequence[int]:
     """The indexes ``0 .. n-1`` (at least: read as far as needed), shared between chunks."""
     global _INDEXES
     if n <= len(_INDEXES):
