@@ -269,3 +269,32 @@ def test_queue_pool_map_of_an_unpicklable_item_names_it_and_cancels_what_it_queu
     wait_until(lambda: pool.driver.outstanding == 0, timeout=30)
     ran = _ran(tmp_path)
     assert len(ran) < 100 and not ran & set(range(144, N_NAPS)), sorted(ran)
+
+
+def _read_catching(futures: list[Any]) -> list[Any]:
+    out = []
+    for f in futures:
+        try:
+            out.append(f.result(timeout=60))
+        except KeyError as e:  # the error's traceback holds this frame, which holds every future
+            out.append(e)
+    return out
+
+
+def test_a_maps_chunks_are_freed_once_read_whatever_their_outcomes(pool: QueuePool) -> None:
+    # The futures are untracked by the collector where zdq._untracked was built: a chunk with an
+    # error or other than scalars hands them back, one of scalars holds nothing of anyone's.
+    import gc
+    import weakref
+
+    def mapped(fn: Any, *its: Any) -> list[weakref.ref[Any]]:
+        futures = pool.map(fn, *its)
+        chunks = {id(f._chunk): weakref.ref(f._chunk) for f in futures}
+        values = _read_catching(futures)
+        assert len(values) == len(futures) and all(f.done() for f in futures)
+        return list(chunks.values())
+
+    refs = mapped(square_unless, range(40), [11] * 40) + mapped(square, range(40)) + mapped(repr, range(40))
+    gc.collect()
+    alive = [r() for r in refs if r() is not None]
+    assert not alive, f"{len(alive)} of {len(refs)} chunks outlived their futures: {alive[:3]}"

@@ -3,14 +3,17 @@
  * queue_pool.map returns a future per item: a million items are a million small objects that stay
  * alive until their results are read. CPython's collector walks every live tracked object in each
  * of its full collections (seven during a map of a million items), which cost the map three times
- * what its tasks did. A map's future holds nothing but its chunk and its index, so it cannot be
- * part of a reference cycle until it holds something more; the collector need not see it until
- * then, as CPython itself leaves tuples and dicts of atoms untracked until they hold more.
+ * what its tasks did. A map's future holds nothing but its chunk and its index; while the chunk
+ * holds nothing that could lead back to a future (plain scalars as its outcomes, see MapChunk),
+ * no reference cycle can pass through the futures, and the collector need not see them, as
+ * CPython itself leaves tuples and dicts of atoms untracked until they hold more.
  *
  * slotted(cls, n, slot_a, value_a, slot_b, values_b) makes n instances of cls as object.__new__
  * does (no __init__), sets slot_a to value_a in each and slot_b to values_b[i] in the i-th, and
- * leaves them untracked. track(obj) hands an object back to the collector (a no-op if it is
- * tracked already): its class does that as soon as the object may hold anything else.
+ * leaves them untracked. track(obj) and track_all(list) hand objects back to the collector (a
+ * no-op for one that is tracked already, or that the collector does not handle).
+ * scalars(sequence) says whether every item is of exactly int, float, complex, str, bytes, bool or
+ * NoneType: objects that hold no references.
  *
  * Optional: without a C compiler at install, zdq makes the same objects in Python, tracked.
  */
@@ -67,13 +70,15 @@ slotted(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "slotted(): two different slots are needed");
         return NULL;
     }
-    PyObject *seq = PySequence_Fast(values_b, "slotted(): values_b must be a sequence");
+    /* A tuple of its own (the same one when it is given a tuple): a list could be changed by code
+     * that the allocations below run (a collection's finalizers) while its items are read. */
+    PyObject *seq = PySequence_Tuple(values_b);
     if (seq == NULL) {
         return NULL;
     }
-    if (PySequence_Fast_GET_SIZE(seq) < n) {
+    if (PyTuple_GET_SIZE(seq) < n) {
         Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "slotted(): %zd values for %zd objects", PySequence_Fast_GET_SIZE(seq), n);
+        PyErr_Format(PyExc_ValueError, "slotted(): %zd values for %zd objects", PyTuple_GET_SIZE(seq), n);
         return NULL;
     }
     PyObject *empty = PyTuple_New(0);
@@ -83,7 +88,7 @@ slotted(PyObject *module, PyObject *args)
         Py_DECREF(seq);
         return NULL;
     }
-    PyObject **values = PySequence_Fast_ITEMS(seq);
+    PyObject **values = ((PyTupleObject *)seq)->ob_item;
     for (Py_ssize_t i = 0; i < n; i++) {
         /* object.__new__(cls): the instance's dict and weak references set up as for any other. */
         PyObject *obj = PyBaseObject_Type.tp_new(cls, empty, NULL);
@@ -107,13 +112,54 @@ slotted(PyObject *module, PyObject *args)
     return out;
 }
 
+/* Hand obj back to the collector: only an object the collector handles (PyObject_IS_GC asks the
+ * type's tp_is_gc too: a static type is not one) and that it does not track already. */
+static void
+track_one(PyObject *obj)
+{
+    if (PyObject_IS_GC(obj) && !PyObject_GC_IsTracked(obj)) {
+        PyObject_GC_Track(obj);
+    }
+}
+
 static PyObject *
 track(PyObject *module, PyObject *obj)
 {
-    if (PyType_IS_GC(Py_TYPE(obj)) && !PyObject_GC_IsTracked(obj)) {
-        PyObject_GC_Track(obj);
+    track_one(obj);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+track_all(PyObject *module, PyObject *objects)
+{
+    if (!PyList_CheckExact(objects)) {
+        PyErr_Format(PyExc_TypeError, "track_all() needs a list, got %R", (PyObject *)Py_TYPE(objects));
+        return NULL;
+    }
+    /* Tracking runs no Python code and allocates nothing: the list cannot change meanwhile. */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(objects); i++) {
+        track_one(PyList_GET_ITEM(objects, i));
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *
+scalars(PyObject *module, PyObject *values)
+{
+    PyObject *seq = PySequence_Fast(values, "scalars() needs a sequence");  /* a list: itself */
+    if (seq == NULL) {
+        return NULL;
+    }
+    /* Reading types runs no Python code: the sequence cannot change meanwhile. */
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    int plain = 1;
+    for (Py_ssize_t i = 0; plain && i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyTypeObject *type = Py_TYPE(items[i]);
+        plain = type == &PyLong_Type || type == &PyFloat_Type || type == &PyUnicode_Type || type == &PyBytes_Type
+                || type == &PyBool_Type || type == Py_TYPE(Py_None) || type == &PyComplex_Type;
+    }
+    Py_DECREF(seq);
+    return PyBool_FromLong(plain);
 }
 
 static PyMethodDef methods[] = {
@@ -121,11 +167,14 @@ static PyMethodDef methods[] = {
      "slotted(cls, n, slot_a, value_a, slot_b, values_b): n untracked instances of cls, slot_a set to value_a, "
      "slot_b to values_b[i]"},
     {"track", track, METH_O, "track(obj): hand obj back to the garbage collector (if it is not tracked)"},
+    {"track_all", track_all, METH_O, "track_all(objects): track(obj) for each of a list"},
+    {"scalars", scalars, METH_O, "scalars(values): whether every item of a sequence is an int, float, complex, str, bytes, bool or None"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "zdq._untracked", "Objects the garbage collector does not walk (MapFuture).", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC

@@ -39,8 +39,8 @@ from zdq.futures import BatchFuture, TaskFuture, _io_thread, notify_cancelled, w
 
 _slotted: Callable[..., list[Any]] | None
 _track: Callable[[object], object]
-try:  # compiled at install where a C compiler is found (setup.py): see MapFuture
-    from zdq._untracked import slotted as _slotted, track as _track
+try:  # compiled at install where a C compiler is found (setup.py): see MapChunk
+    from zdq._untracked import scalars as _scalars, slotted as _slotted, track as _track, track_all as _track_all
 except ImportError:  # pragma: no cover - a build without a compiler: the futures are made in Python
     _slotted = None
     _track = id  # every future is tracked already: nothing to hand back
@@ -271,11 +271,33 @@ class MapChunk(BatchFuture):
     a list of their own, and the future a place in ``_watched``, only once someone waits on it
     that way or adds a callback to it. ``result(timeout)`` waits on the chunk's condition.
 
-    Who owns what: ``_values``, ``_errors``, ``_settled`` and ``_watched`` are written under
-    ``_condition`` (an RLock: ``concurrent.futures.wait`` takes it once per future of the chunk);
-    a position, once settled, is never written again, and its outcome is written before it is
-    marked settled (a reader without the lock sees a settled position's outcome). A task whose
-    outcome is :class:`~zdq.errors.TaskCancelled` (cancelled before it started) reads cancelled.
+    **Futures out of the garbage collector's sight** (``zdq._untracked``, where it was built). A
+    map of a million items keeps a million live futures, and each of CPython's full collections
+    walks every live tracked object: seven of them during such a map cost three times what its
+    tasks did (``benchmarks/RESULTS.md``). A chunk makes its futures untracked, and keeps them so
+    only while no reference cycle can pass through them, that is while nothing the chunk holds can
+    lead back to a future:
+
+    - while its tasks are pending, it holds its futures (``_untracked``) and is held by its
+      driver, which settles every chunk: it is alive anyway;
+    - when an outcome comes that is not a plain scalar (``int``, ``float``, ``complex``, ``str``,
+      ``bytes``, ``bool``, ``None``), or an error (a raised error's traceback holds the frames of
+      whoever read it, and they hold the futures), every future of the chunk is handed back to the
+      collector, before anyone can read it, and stays tracked;
+    - once every outcome is in and all are plain scalars, the chunk lets go of its futures, its
+      driver and its hint (what a done future does not use): it then holds nothing of anyone's.
+
+    A future also goes back to the collector when it comes to hold more itself: a waiter or a
+    callback, an attribute (:class:`MapFuture`). Refcounting frees the futures either way. One
+    way round it is left: an object written into a future's ``__dict__`` directly (``vars(f)[name]
+    = ...``), which a cycle through it would keep alive.
+
+    Who owns what: ``_values``, ``_errors``, ``_settled``, ``_watched`` and ``_untracked`` are
+    written under ``_condition`` (an RLock: ``concurrent.futures.wait`` takes it once per future
+    of the chunk); a position, once settled, is never written again, and its outcome is written
+    before it is marked settled (a reader without the lock sees a settled position's outcome). A
+    task whose outcome is :class:`~zdq.errors.TaskCancelled` (cancelled before it started) reads
+    cancelled.
     """
 
     def __init__(self, first_key: int, n: int, hint: Any, driver: Any) -> None:
@@ -288,13 +310,43 @@ class MapChunk(BatchFuture):
         self._hint = hint
         self._driver = driver
         self._watched: dict[int, MapFuture] | None = None
+        #: The futures, made untracked, while this chunk is pending (see the class).
+        self._untracked: list[MapFuture] | None = None
+        #: An outcome that is an error or not a plain scalar came: futures made from now on are tracked.
+        self._holds_more = False
 
     def futures(self) -> list[MapFuture]:
-        """A future per task, in order, out of the garbage collector's sight (see :class:`MapFuture`)."""
+        """A future per task, in order: untracked where that is safe (see the class)."""
         n = len(self._values)
-        if _slotted is not None:
-            return _slotted(MapFuture, n, MapFuture._chunk, self, MapFuture._i, _indexes(n))
-        return _tracked_futures(self, n)
+        with self._condition:  # the driver may have settled some of them already
+            if _slotted is None or self._holds_more:
+                return _tracked_futures(self, n)
+            futures = _slotted(MapFuture, n, MapFuture._chunk, self, MapFuture._i, _indexes(n))
+            if self._remaining:
+                self._untracked = futures
+            else:
+                self._let_go()
+            return futures
+
+    def _let_go(self) -> None:
+        """(``_condition`` held; every outcome in, all plain scalars.) Hold nothing that could lead
+        back to an untracked future: not the futures, nor the driver and the hint (a done future
+        needs neither: it neither waits nor cancels)."""
+        self._untracked = None
+        self._driver = self._hint = None
+
+    def _check_outcomes(self, values: list[Any], errors: dict[int, BaseException]) -> None:
+        """(``_condition`` held, the outcomes just written.) Hand every future back to the
+        collector if they may lead back to one; let go of them once all are in, if they cannot."""
+        if self._holds_more:
+            return
+        if errors or not _scalars(values):
+            self._holds_more = True
+            if self._untracked is not None:
+                _track_all(self._untracked)
+                self._untracked = None
+        elif not self._remaining and self._untracked is not None:
+            self._let_go()
 
     def _watch(self, future: MapFuture) -> None:
         """(``_condition`` held.) Tell ``future`` when its outcome comes: it has waiters or callbacks."""
@@ -328,6 +380,8 @@ class MapChunk(BatchFuture):
                         settled[k] = 1
                         self._remaining -= 1
                         fresh.append(k)
+            if _slotted is not None:
+                self._check_outcomes(values, errors)
             watched = self._watched
             if watched:
                 for k in [k for k in watched if k in fresh]:
@@ -354,21 +408,9 @@ class MapFuture(TaskFuture):
     a future waits on its chunk's condition for its own position only (a sibling's outcome wakes
     it, and it waits on).
 
-    **Out of the garbage collector's sight, while it can be.** A future made by its chunk holds
-    its chunk and its index and nothing else, so no reference cycle can pass through it; it is
-    made untracked (``zdq._untracked``), as CPython leaves a tuple of atoms untracked. A map of a
-    million items otherwise keeps a million live objects that each of the collector's full
-    collections walks (seven of them during the map: three times what the map's tasks cost; see
-    ``benchmarks/RESULTS.md``). A future is handed back to the collector (:func:`_track`) as soon
-    as it may come to hold or be reached from anything else: a waiter or a callback
-    (:meth:`_watch`), an attribute set on it (``__setattr__``), an error it hands out (raised by
-    :meth:`result`, whose traceback holds the frame that holds the future, or returned by
-    :meth:`exception`), an outcome set by hand (:meth:`_settle`). Refcounting frees a future
-    whether it is tracked or not. Two ways round this are left, and a cycle through them is
-    kept alive rather than collected: an object written into a future's ``__dict__`` directly
-    (``vars(f)[name] = ...``), and an outcome set by hand (``set_result``, meant for executors
-    and tests) that holds other futures of the same map. Without a C compiler at install the
-    futures are made tracked, as any object.
+    **Out of the garbage collector's sight, while it can be**: see :class:`MapChunk`. A future
+    goes back to the collector (:func:`_track`) when it comes to hold more than its chunk and
+    index: a waiter or a callback (:meth:`_watch`), an attribute (``__setattr__``).
     """
 
     # Three slots: with Future's own dict and weak reference (inherited), the object stays in
@@ -476,7 +518,6 @@ class MapFuture(TaskFuture):
             self._wait(timeout)
         errors = chunk._errors
         if errors and i in errors:
-            _track(self)  # the error's traceback will hold this frame, which holds the future
             raise errors[i]  # its own error, or TaskCancelled (a CancelledError) if it was cancelled
         return chunk._values[i]
 
@@ -485,8 +526,6 @@ class MapFuture(TaskFuture):
         if not chunk._settled[i]:
             self._wait(timeout)
         error = chunk._errors.get(i)
-        if error is not None:
-            _track(self)  # raised here or by the caller, its traceback may hold the future
         if type(error) is TaskCancelled:
             raise error
         return error
@@ -544,7 +583,6 @@ class MapFuture(TaskFuture):
 
     # -- settling by hand (the chunk is settled by its driver) -----------------------------------
     def _settle(self, value: Any, error: BaseException | None) -> None:
-        _track(self)  # an outcome set by hand may lead back to it
         chunk = self._chunk
         if chunk._settled[self._i]:
             raise concurrent.futures.InvalidStateError(f"{self!r} is done already")
