@@ -326,17 +326,22 @@ def test_join_with_a_timeout_returns_within_it_when_a_consumer_is_on_a_stopped_w
         assert queue_pool.submit(add, 1, 2).result(timeout=30) == 3
         pids = client.run(os.getpid)
         (victim,) = set(pids) - set(queue_pool.workers())  # a consumer's worker, not the queue's
+        placed = consumer_pool._consumers.placement()
+        on_victim = [consumer_pool.names[i] for i, worker in placed.items() if worker == victim]
+        assert len(on_victim) == 1, f"one consumer a worker was expected: {placed}, the queue on {queue_pool.workers()}"
+        (stopped,) = on_victim
         stop_process(pids[victim])
         try:
-            with caplog.at_level(logging.WARNING, logger="zdq.client.consumers"):
+            with caplog.at_level(logging.DEBUG, logger="zdq.client.consumers"):
                 started = time.monotonic()
                 consumer_pool.join(timeout=3)
                 took = time.monotonic() - started
         finally:
             os.kill(pids[victim], signal.SIGCONT)
         assert took < 4.5, f"join(timeout=3) took {took:.1f} s"
-        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cancel: consumer")]
-        assert len(said) == 1 and "did not answer within" in said[0], said
+        # Named at warning when silent; at debug when Dask already says its call failed (then replaced).
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cancel")]
+        assert len(said) == 1 and stopped in said[0], (stopped, said, [r.getMessage() for r in caplog.records])
         wait_until(lambda: len(consumer_pool.statistics()) == 2, timeout=30)
         assert not any(s.running for s in consumer_pool.statistics())  # the stop reached it once resumed
 
