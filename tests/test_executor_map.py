@@ -171,6 +171,55 @@ def test_a_maps_future_waits_through_its_chunk_siblings_results_for_its_own() ->
     assert got == ["mine"]
 
 
+def test_threads_waiting_on_futures_of_the_same_two_chunks_in_crossed_orders_do_not_hang() -> None:
+    """``concurrent.futures.wait`` takes each future's ``_condition`` in ``id()`` order: with a
+    chunk's shared lock as every future's, two threads took two chunks' locks crosswise and hung,
+    and the driver's I/O thread behind them (reviewer 15). A map future's ``_condition`` takes nothing."""
+    import sys
+
+    from zdq.client.window import MapChunk
+
+    a, b = MapChunk(0, 500, None, None).futures(), MapChunk(500, 500, None, None).futures()
+    crossed = ([min(a, key=id), max(b, key=id)], [min(b, key=id), max(a, key=id)])
+    rounds, stop = [0, 0], threading.Event()
+
+    def waits(n: int) -> None:
+        while not stop.is_set():
+            concurrent.futures.wait(crossed[n], timeout=0)
+            rounds[n] += 1
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    threads = [threading.Thread(target=waits, args=(n,), daemon=True) for n in (0, 1)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        sys.setswitchinterval(switch)
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads), f"the waits hung (rounds {rounds})"
+    assert min(rounds) > 100
+    a[0]._chunk._fill(0, list(range(500)), {})  # the chunks' own lock is free: the I/O thread's fill goes on
+    assert concurrent.futures.wait(a, timeout=5).not_done == set()
+
+
+def test_a_thread_holding_a_map_futures_condition_does_not_stop_its_chunks_outcomes() -> None:
+    """A ``KeyboardInterrupt`` inside ``wait``'s taking of the conditions left them held, and the
+    driver's I/O thread waited for ever on the next outcome of the chunk (reviewer 15)."""
+    from zdq.client.window import MapChunk
+
+    chunk = MapChunk(0, 3, None, None)
+    futures = chunk.futures()
+    futures[0]._condition.acquire()  # and never released
+    filled = threading.Thread(target=chunk._fill, args=(0, [1, 2, 3], {}))
+    filled.start()
+    filled.join(timeout=10)
+    assert not filled.is_alive() and [f.result(timeout=5) for f in futures] == [1, 2, 3]
+
+
 def test_queue_pool_map_gives_a_future_per_call_in_order_and_cancels_by_them(pool: QueuePool, tmp_path: Path) -> None:
     futures = pool.map(square, range(50))
     assert len(futures) == 50 and zdq.gather(futures, timeout=60) == [i * i for i in range(50)]

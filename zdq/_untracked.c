@@ -81,22 +81,23 @@ slotted(PyObject *module, PyObject *args)
         PyErr_Format(PyExc_ValueError, "slotted(): %zd values for %zd objects", PyTuple_GET_SIZE(seq), n);
         return NULL;
     }
-    PyObject *empty = PyTuple_New(0);
-    PyObject *out = empty == NULL ? NULL : PyList_New(n);
-    if (out == NULL) {
-        Py_XDECREF(empty);
+    /* The objects are made into an array of this function's own, and the list is made only once
+     * they all exist: each allocation may run a collection, and with it gc.callbacks and
+     * finalizers, which must never find a list whose items are not filled in yet. */
+    PyObject **made = PyMem_New(PyObject *, n > 0 ? n : 1);
+    PyObject *empty = made == NULL ? NULL : PyTuple_New(0);
+    if (empty == NULL) {
+        PyMem_Free(made);
         Py_DECREF(seq);
-        return NULL;
+        return made == NULL ? PyErr_NoMemory() : NULL;
     }
     PyObject **values = ((PyTupleObject *)seq)->ob_item;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    Py_ssize_t i = 0;
+    for (; i < n; i++) {
         /* object.__new__(cls): the instance's dict and weak references set up as for any other. */
         PyObject *obj = PyBaseObject_Type.tp_new(cls, empty, NULL);
         if (obj == NULL) {
-            Py_DECREF(out);  /* the objects made so far go with it */
-            Py_DECREF(empty);
-            Py_DECREF(seq);
-            return NULL;
+            break;
         }
         Py_INCREF(value_a);
         *(PyObject **)((char *)obj + offset_a) = value_a;
@@ -105,8 +106,20 @@ slotted(PyObject *module, PyObject *args)
         if (PyObject_GC_IsTracked(obj)) {
             PyObject_GC_UnTrack(obj);
         }
-        PyList_SET_ITEM(out, i, obj);
+        made[i] = obj;
     }
+    PyObject *out = i == n ? PyList_New(n) : NULL;
+    if (out == NULL) {
+        for (Py_ssize_t j = 0; j < i; j++) {
+            Py_DECREF(made[j]);
+        }
+    }
+    else {
+        for (Py_ssize_t j = 0; j < n; j++) {  /* no allocation, no Python code: nothing runs between */
+            PyList_SET_ITEM(out, j, made[j]);
+        }
+    }
+    PyMem_Free(made);
     Py_DECREF(empty);
     Py_DECREF(seq);
     return out;

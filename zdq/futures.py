@@ -659,8 +659,9 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
     def _cancel_tasks(self, first: int, n: int) -> bool:
         if self.done():
             return self.cancelled()
-        if self._driver is not None:
-            self._driver.cancel(first, n)
+        driver = self._driver  # read once: a map's chunk lets go of it when its last outcome comes
+        if driver is not None:
+            driver.cancel(first, n)
         return self.cancelled()
 
     def __reduce__(self) -> Any:
@@ -674,7 +675,8 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
         return _on_loop(self, asyncio.get_running_loop(), cancel_source=True, stuck=stuck).__await__()
 
     def _timed_out(self, timeout: float | None, what: str) -> ZdqTimeoutError:
-        hint = self._hint() if self._hint is not None else ""
+        say = self._hint  # read once: a map's chunk lets go of it when its last outcome comes
+        hint = say() if say is not None else ""
         return ZdqTimeoutError(f"{what} had no result within {timeout}s" + (f": {hint}" if hint else ""))
 
     def _looking(self, wait: Callable[[float | None], Any], timeout: float | None) -> Any:

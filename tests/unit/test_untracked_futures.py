@@ -331,3 +331,82 @@ def test_scalars_are_the_builtin_types_that_hold_no_reference() -> None:
     assert _untracked.scalars([1, 2.5, 3j, "s", b"b", True, None]) and _untracked.scalars(())
     for other in ((1,), [1], {}, bytearray(1), frozenset(), object(), type("Int", (int,), {})(1)):
         assert not _untracked.scalars([1, other]), other
+
+
+def _install(futures: list[MapFuture]) -> Any:
+    """What concurrent.futures.wait does under its _AcquireFutures, in its order: take every
+    future's condition, read every state, install a waiter on each (then release)."""
+    for f in futures:
+        f._condition.acquire()
+    states = [f._state for f in futures]
+    waiter = concurrent.futures._base._AllCompletedWaiter(len(futures), stop_on_exception=False)
+    return states, waiter
+
+
+def test_a_future_settled_between_its_states_read_and_its_waiters_install_tells_that_waiter() -> None:
+    chunk = MapChunk(0, 3, None, None)
+    futures = chunk.futures()
+    states, waiter = _install(futures)
+    assert states == ["PENDING"] * 3
+    chunk._fill(0, [1, 2], {})  # the I/O thread, between the read and the install: it takes no lock of wait's
+    for f in futures:
+        f._waiters.append(waiter)
+    assert [f.key for f in waiter.finished_futures] == [0, 1]  # told at their install, as read pending
+    chunk._fill(2, [3], {})
+    assert [f.key for f in waiter.finished_futures] == [0, 1, 2] and waiter.event.is_set()
+    for f in futures:
+        with f._condition:
+            f._waiters.remove(waiter)
+
+
+def test_a_future_read_done_is_not_told_again_at_its_waiters_install() -> None:
+    # as_completed yields what it read done, then what its waiter is told: each once
+    chunk = MapChunk(0, 3, None, None)
+    futures = chunk.futures()
+    chunk._fill(0, [1], {})
+    states, waiter = _install(futures)
+    assert states == ["FINISHED", "PENDING", "PENDING"]
+    for f in futures:
+        f._waiters.append(waiter)
+    assert waiter.finished_futures == []
+    chunk._fill(1, [2, 3], {1: ValueError("boom")})
+    assert [f.key for f in waiter.finished_futures] == [1, 2]
+    # a later wait of the same thread reads afresh: what it reads done is not told either
+    states, again = _install(futures)
+    assert states == ["FINISHED"] * 3
+    for f in futures:
+        f._waiters.append(again)
+    assert again.finished_futures == []
+
+
+def test_taking_a_map_futures_condition_holds_no_lock_of_its_chunk() -> None:
+    chunk = MapChunk(0, 2, None, None)
+    futures = chunk.futures()
+    assert futures[0]._condition.acquire()  # and never released (a KeyboardInterrupt in wait)
+    assert chunk._condition.acquire(blocking=False)  # the chunk's own lock is free
+    chunk._condition.release()
+    chunk._fill(0, [1, 2], {})
+    assert [f.result() for f in futures] == [1, 2]
+
+
+@needs_the_extension
+def test_a_collection_during_slotted_never_sees_a_list_with_missing_items() -> None:
+    # each allocation may run a collection, and gc.callbacks or finalizers may look at every list:
+    # the list is made once its items exist (a list of missing items crashed the interpreter here)
+    n, seen = 5_000, []
+
+    def look(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            for o in gc.get_objects(generation=0):
+                if type(o) is list and len(o) == n and o and type(o[0]) is MapFuture:
+                    seen.append(all(type(x) is MapFuture for x in o))  # a NULL item crashes here
+
+    threshold = gc.get_threshold()
+    gc.set_threshold(50)
+    gc.callbacks.append(look)
+    try:
+        futures = MapChunk(0, n, None, None).futures()
+    finally:
+        gc.callbacks.remove(look)
+        gc.set_threshold(*threshold)
+    assert len(futures) == n and all(seen)

@@ -288,13 +288,17 @@ class MapChunk(BatchFuture):
       driver and its hint (what a done future does not use): it then holds nothing of anyone's.
 
     A future also goes back to the collector when it comes to hold more itself: a waiter or a
-    callback, an attribute (:class:`MapFuture`). Refcounting frees the futures either way. One
-    way round it is left: an object written into a future's ``__dict__`` directly (``vars(f)[name]
-    = ...``), which a cycle through it would keep alive.
+    callback, an attribute (:class:`MapFuture`). Refcounting frees the futures either way. Two
+    ways round it are left, and a cycle made through them is kept alive, not collected: an object
+    written into a future's ``__dict__`` directly (``vars(f)[name] = ...``), or set with
+    ``object.__setattr__(f, ...)``, which skips the future's own ``__setattr__``.
 
-    Who owns what: ``_values``, ``_errors``, ``_settled``, ``_watched`` and ``_untracked`` are
-    written under ``_condition`` (an RLock: ``concurrent.futures.wait`` takes it once per future
-    of the chunk); a position, once settled, is never written again, and its outcome is written
+    A future's ``_condition`` is not its chunk's lock, for the standard library's ``wait`` and
+    ``as_completed`` (see :class:`_NotALock`).
+
+    Who owns what: ``_values``, ``_errors``, ``_settled``, ``_watched``, ``_untracked`` and the
+    futures' waiters are written under ``_condition`` (an RLock; the futures' own ``_condition``
+    takes nothing); a position, once settled, is never written again, and its outcome is written
     before it is marked settled (a reader without the lock sees a settled position's outcome). A
     task whose outcome is :class:`~zdq.errors.TaskCancelled` (cancelled before it started) reads
     cancelled.
@@ -396,6 +400,73 @@ class MapChunk(BatchFuture):
         return f"<MapChunk keys={self.keys.start}..{self.keys.stop - 1}: {self.completed} of {len(self.keys)} done>"
 
 
+#: Per thread: the map futures that thread's last ``concurrent.futures.wait``/``as_completed``
+#: read as pending (by id), from when it took their ``_condition`` (see :class:`_NotALock`).
+_reads = threading.local()
+
+
+def _read_pending() -> set[int]:
+    pending: set[int] | None = getattr(_reads, "pending", None)
+    if pending is None:
+        pending = _reads.pending = set()
+    return pending
+
+
+class _NotALock:
+    """A map future's ``_condition`` for the standard library's ``wait`` and ``as_completed``,
+    which take every future's ``_condition`` in the order of their ``id()`` while they read the
+    futures' states and install their waiters. A map's futures share their chunk's lock, so that
+    order is no order of the locks: two threads waiting on futures of the same two chunks took
+    them crosswise and hung, with the driver's I/O thread behind them (reviewer 15); and a
+    ``KeyboardInterrupt`` inside that loop left chunks' locks held, and every result of the pool
+    waited behind them. So it takes nothing. What the lock gave is kept otherwise: each future
+    read as pending is noted for the reading thread (``_state``; reset here, as a wait begins),
+    and a waiter installed on a future that settled since that read is told at once (its
+    :class:`_Waiters`), under the chunk's lock, as the chunk tells the waiters installed before."""
+
+    __slots__ = ()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        _read_pending().clear()
+        return True
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+_NOT_A_LOCK = _NotALock()
+
+
+class _Waiters(list):  # type: ignore[type-arg]
+    """A map future's standard-library waiters: changed under its chunk's lock; a waiter installed
+    after the future settled, by a thread that read it pending, is told at once."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: MapFuture) -> None:
+        super().__init__()
+        self.future = future
+
+    def append(self, waiter: Any) -> None:
+        future = self.future
+        chunk = future._chunk
+        with chunk._condition:
+            list.append(self, waiter)
+            if chunk._settled[future._i] and id(future) in _read_pending():
+                _read_pending().discard(id(future))
+                future._tell(waiter)
+
+    def remove(self, waiter: Any) -> None:
+        with self.future._chunk._condition:
+            list.remove(self, waiter)
+
+
 class MapFuture(TaskFuture):
     """A task's future made by ``queue_pool.map``, which makes one per call by the thousand: its
     state is its chunk's (:class:`MapChunk`) at its index, so that it costs one small object. It
@@ -441,13 +512,16 @@ class MapFuture(TaskFuture):
         return self._chunk._hint
 
     @property
-    def _condition(self) -> threading.Condition:  # type: ignore[override]
-        return self._chunk._condition
+    def _condition(self) -> Any:  # type: ignore[override]
+        return _NOT_A_LOCK
 
     @property
     def _state(self) -> str:  # type: ignore[override]
+        # Read by the standard library's wait and as_completed alone (see _NotALock).
         if not self._chunk._settled[self._i]:
+            _read_pending().add(id(self))
             return _base.PENDING
+        _read_pending().discard(id(self))
         return _base.CANCELLED_AND_NOTIFIED if self.cancelled() else _base.FINISHED
 
     @property
@@ -461,12 +535,12 @@ class MapFuture(TaskFuture):
 
     @property
     def _waiters(self) -> list[Any]:  # type: ignore[override]
-        """The standard library's waiters (``wait``, ``as_completed``): a list made on first use."""
+        """The standard library's waiters (``wait``, ``as_completed``): made on first use."""
         chunk = self._chunk
         with chunk._condition:
             watch = self._watch()
             if watch[0] is None:
-                watch[0] = []
+                watch[0] = _Waiters(self)
             return watch[0]
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -549,16 +623,18 @@ class MapFuture(TaskFuture):
         """(The chunk's condition held, the outcome just written.) As ``Future.set_result`` and
         ``set_running_or_notify_cancel`` tell the standard library's waiters."""
         waiters = getattr(self, "_x", (None,))[0]
-        if not waiters:
-            return
+        for waiter in waiters or ():
+            self._tell(waiter)
+
+    def _tell(self, waiter: Any) -> None:
+        """(The chunk's condition held, the outcome in.) Tell one standard-library waiter."""
         error = self._chunk._errors.get(self._i)
-        for waiter in waiters:
-            if error is None:
-                waiter.add_result(self)
-            elif type(error) is TaskCancelled:
-                waiter.add_cancelled(self)
-            else:
-                waiter.add_exception(self)
+        if error is None:
+            waiter.add_result(self)
+        elif type(error) is TaskCancelled:
+            waiter.add_cancelled(self)
+        else:
+            waiter.add_exception(self)
 
     def _run_callbacks(self) -> None:
         """(No lock held.) Run the callbacks added before the outcome came, on the driver's

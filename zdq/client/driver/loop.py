@@ -247,6 +247,7 @@ class DriverLoop:
                         fut.set_exception(e)
                     else:
                         logger.exception("%s: a command failed", self.driver_name)
+                del command, fut  # not held until the next command: it may hold a chunk and its results
             if ledger.loose:  # read without the lock: a stale answer only delays to the next wake
                 ledger.coalesce(n_brokers, self.consumers)
             if ledger.queued:
