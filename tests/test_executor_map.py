@@ -347,3 +347,4 @@ def test_a_maps_chunks_are_freed_once_read_whatever_their_outcomes(pool: QueuePo
     gc.collect()
     alive = [r() for r in refs if r() is not None]
     assert not alive, f"{len(alive)} of {len(refs)} chunks outlived their futures: {alive[:3]}"
+

@@ -360,3 +360,42 @@ def test_a_consumer_pool_started_without_a_name_kept_for_it_serves_while_its_que
         (consumers,) = queue_pool.consumer_pools()
         assert consumers.running
     assert consumers.closed  # closed with its QueuePool
+
+
+def _closed_with_a_map_pending(client: Client) -> tuple[list[Any], int, int]:
+    """A pool closed while its map is pending; its futures' errors read in the function that
+    holds the pool (their tracebacks hold this frame)."""
+    import weakref
+
+    queue_pool = QueuePool(client, 1, keep_results=False, chunk_size=4)
+    consumers = ConsumerPool(client, queue_pool, n_consumers=1, start=True)
+    futures = queue_pool.map(time.sleep, [0.2] * 24)
+    refs = [weakref.ref(queue_pool), weakref.ref(queue_pool.driver), weakref.ref(futures[-1]._chunk)]
+    futures[0].result(timeout=60)
+    consumers.close()
+    queue_pool.close()
+    failed = 0
+    for f in futures:
+        try:
+            f.result(timeout=10)
+        except ClosedError:
+            failed += 1
+    error = futures[-1].exception()
+    depth, tb = 0, error.__traceback__ if error is not None else None
+    while tb is not None:
+        depth, tb = depth + 1, tb.tb_next
+    return refs, failed, depth
+
+
+def test_a_pool_closed_with_a_map_pending_is_freed_once_its_futures_are_dropped(client: Client) -> None:
+    """The failed futures share the driver's one closing error; raised, it held the reader's
+    frame, and weakref's registry held the driver (the pool's finalizer, never detached): the
+    pool, its driver and its chunks stayed for the life of the process (reviewer 15)."""
+    import gc
+
+    refs, failed, depth = _closed_with_a_map_pending(client)
+    assert failed > 0
+    assert depth <= 4, f"one error's traceback grew to {depth} entries with each future read"
+    gc.collect()
+    alive = [name for name, ref in zip(("pool", "driver", "chunk"), refs) if ref() is not None]
+    assert not alive, f"still alive after close and a collection: {alive}"

@@ -26,6 +26,7 @@ state                       owner
                             so that dropping the owner does not take its queues away
 ``_release_cluster``       set in ``__init__``; a :func:`weakref.finalize` (runs once: ``close()``,
                             the pool's collection or the interpreter's exit, whichever is first)
+``_finalizers``             ``start()`` (the user's thread); ``close()`` detaches them
 ``_schedules_made``         ``_schedule_lock``
 ``consumer_registry``       its own lock (shared with the in-process pools of the same live pool)
 ==========================  =======================================================================
@@ -288,6 +289,11 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         #: Releases this pool's share of ``_owned_cluster`` once: on close(), or when the pool is
         #: collected or the interpreter exits without close() (issue 23, point 7).
         self._release_cluster: weakref.finalize[[OwnedCluster], Any] | None = None
+        #: What stops the supervision, the relay and the driver when the pool is collected without
+        #: close(); close() does it and takes them out of weakref's registry, which would otherwise
+        #: hold the driver (and what its closing error's traceback holds: the frames that read it,
+        #: the pool itself) for the life of the process.
+        self._finalizers: list[weakref.finalize[..., Any]] = []
         if client is None:  # as Dask's own APIs do: the default client, else an embedded cluster
             client, self._owned_cluster = cluster_for(parallel)
             if self._owned_cluster is not None:
@@ -611,7 +617,7 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         # A pool dropped without close() stops its supervision first: finalizers run last made,
         # first run, so before its embedded cluster closes, which a round in progress would
         # otherwise report as "the Dask client was closed while the pool was open".
-        weakref.finalize(self, self._watch.stop, 2.0)
+        self._finalizers.append(weakref.finalize(self, self._watch.stop, 2.0))
 
     def _start_driver(self) -> None:
         route = None
@@ -628,7 +634,7 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
             self._relay.start(avoid=self._workers())
             route = self._relay.tunnel
             # A pool dropped without close() still lets go of its relay (and its threads).
-            weakref.finalize(self, self._relay.close)
+            self._finalizers.append(weakref.finalize(self, self._relay.close))
         self._driver = Driver(
             self.name,
             self.endpoints,
@@ -646,7 +652,7 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         self._driver.consumers = self.consumer_registry.n_consumers()
         self.consumer_registry.add_feeder(self)
         # A pool dropped without close() (daskqueue programs never close theirs) still stops its driver.
-        weakref.finalize(self, self._driver.close)
+        self._finalizers.append(weakref.finalize(self, self._driver.close))
 
     def workers(self) -> list[str]:
         """The worker of each queue ("" where unknown)."""
@@ -732,6 +738,8 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
                 logger.debug("pool %s: receipts not confirmed before closing: %s", self.name, e)
             self._driver.close()
         self._close_relay()
+        for finalizer in self._finalizers:  # closed above: they would only hold what they close
+            finalizer.detach()
         if isinstance(self._queues, PlacedQueues):
             _owners_here.pop(self._owner_token, None)
             self._queues.withdraw()

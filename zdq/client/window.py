@@ -592,7 +592,10 @@ class MapFuture(TaskFuture):
             self._wait(timeout)
         errors = chunk._errors
         if errors and i in errors:
-            raise errors[i]  # its own error, or TaskCancelled (a CancelledError) if it was cancelled
+            # Its own error, or TaskCancelled (a CancelledError) if it was cancelled; its traceback
+            # from this raise alone: one error failing many tasks (a closed pool's) would otherwise
+            # gain two entries for each of them read, holding every reader's frame.
+            raise errors[i].with_traceback(None)
         return chunk._values[i]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
