@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
+import importlib
 import itertools
 import logging
 import threading
@@ -37,13 +38,23 @@ from typing import Any, Protocol
 from zdq.errors import SerializationError, TaskCancelled, ZdqError, ZdqTimeoutError
 from zdq.futures import BatchFuture, TaskFuture, _io_thread, notify_cancelled, wait_seconds
 
-_slotted: Callable[..., list[Any]] | None
-_track: Callable[[object], object]
-try:  # compiled at install where a C compiler is found (setup.py): see MapChunk
-    from zdq._untracked import scalars as _scalars, slotted as _slotted, track as _track, track_all as _track_all
-except ImportError:  # pragma: no cover - a build without a compiler: the futures are made in Python
-    _slotted = None
-    _track = id  # every future is tracked already: nothing to hand back
+def _compiled() -> Any:
+    """``zdq._untracked``, compiled at install where a C compiler and Python's headers are found
+    (``setup.py``; see :class:`MapChunk`), or None: the futures are then made in Python, tracked.
+    Loaded by name: readers of the import graph find no source for a compiled module, and would
+    take the import for one of the package itself."""
+    try:
+        return importlib.import_module("zdq._untracked")
+    except ImportError:  # pragma: no cover - a build without a compiler
+        return None
+
+
+_untracked = _compiled()
+_slotted: Callable[..., list[Any]] | None = None if _untracked is None else _untracked.slotted
+_scalars: Callable[[Sequence[object]], bool] = all if _untracked is None else _untracked.scalars  # (unused then)
+_track_all: Callable[[list[Any]], object] = list if _untracked is None else _untracked.track_all  # (unused then)
+#: Hands an object back to the collector (nothing to do when every future is tracked already).
+_track: Callable[[object], object] = id if _untracked is None else _untracked.track
 
 __all__ = [
     "ColumnReader", "Columns", "FutureSlice", "MapBatch", "MapChunk", "MapFuture", "ResultWindow", "Slice", "cancel_at_once", "cancel_many", "cancel_slices", "check_map_options", "chunked",
