@@ -410,3 +410,25 @@ def test_a_collection_during_slotted_never_sees_a_list_with_missing_items() -> N
         gc.callbacks.remove(look)
         gc.set_threshold(*threshold)
     assert len(futures) == n and all(seen)
+
+
+def test_a_waits_second_read_of_the_states_gives_its_first_so_its_waiter_counts_right() -> None:
+    # wait() reads every state for its done set, then again to count its waiter's calls; with no
+    # lock taken, a future settling between the two reads must not be counted neither way
+    chunk = MapChunk(0, 3, None, None)
+    futures = chunk.futures()
+    for f in futures:
+        f._condition.acquire()
+    first = [f._state for f in futures]
+    chunk._fill(0, [1], {})
+    second = [f._state for f in futures]
+    assert first == second == ["PENDING"] * 3
+    waiter = concurrent.futures._base._AllCompletedWaiter(second.count("PENDING"), stop_on_exception=False)
+    for f in futures:
+        f._waiters.append(waiter)
+    assert [f.key for f in waiter.finished_futures] == [0] and not waiter.event.is_set()
+    chunk._fill(1, [2, 3], {})
+    assert waiter.event.is_set() and sorted(f.key for f in waiter.finished_futures) == [0, 1, 2]
+    for f in futures:
+        f._condition.release()
+    assert [f._state for f in futures] == ["FINISHED"] * 3  # read afresh once the wait let go

@@ -411,16 +411,16 @@ class MapChunk(BatchFuture):
         return f"<MapChunk keys={self.keys.start}..{self.keys.stop - 1}: {self.completed} of {len(self.keys)} done>"
 
 
-#: Per thread: the map futures that thread's last ``concurrent.futures.wait``/``as_completed``
-#: read as pending (by id), from when it took their ``_condition`` (see :class:`_NotALock`).
+#: Per thread: the state of each map future (by id) as that thread's ``concurrent.futures.wait``
+#: or ``as_completed`` first read it, while it holds their ``_condition`` (see :class:`_NotALock`).
 _reads = threading.local()
 
 
-def _read_pending() -> set[int]:
-    pending: set[int] | None = getattr(_reads, "pending", None)
-    if pending is None:
-        pending = _reads.pending = set()
-    return pending
+def _read_states() -> dict[int, str]:
+    states: dict[int, str] | None = getattr(_reads, "states", None)
+    if states is None:
+        states = _reads.states = {}
+    return states
 
 
 class _NotALock:
@@ -430,19 +430,24 @@ class _NotALock:
     order is no order of the locks: two threads waiting on futures of the same two chunks took
     them crosswise and hung, with the driver's I/O thread behind them (reviewer 15); and a
     ``KeyboardInterrupt`` inside that loop left chunks' locks held, and every result of the pool
-    waited behind them. So it takes nothing. What the lock gave is kept otherwise: each future
-    read as pending is noted for the reading thread (``_state``; reset here, as a wait begins),
-    and a waiter installed on a future that settled since that read is told at once (its
-    :class:`_Waiters`), under the chunk's lock, as the chunk tells the waiters installed before."""
+    waited behind them. So it takes nothing. What the lock gave is kept otherwise:
+
+    - a future's state stands still for the thread that holds its ``_condition``: the first read
+      is noted (``_state``), and the later reads of the same wait give it again (``wait`` reads
+      each state twice, and counts its waiter's calls from the second read);
+    - a waiter installed on a future read as pending that has settled since is told at once (its
+      :class:`_Waiters`), under the chunk's lock, as the chunk tells the waiters installed before.
+
+    The notes are dropped as the conditions are taken and let go (a wait's beginning and end)."""
 
     __slots__ = ()
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        _read_pending().clear()
+        _read_states().clear()
         return True
 
     def release(self) -> None:
-        pass
+        _read_states().clear()
 
     def __enter__(self) -> bool:
         return self.acquire()
@@ -469,8 +474,7 @@ class _Waiters(list):  # type: ignore[type-arg]
         chunk = future._chunk
         with chunk._condition:
             list.append(self, waiter)
-            if chunk._settled[future._i] and id(future) in _read_pending():
-                _read_pending().discard(id(future))
+            if chunk._settled[future._i] and _read_states().get(id(future)) == _base.PENDING:
                 future._tell(waiter)
 
     def remove(self, waiter: Any) -> None:
@@ -528,12 +532,17 @@ class MapFuture(TaskFuture):
 
     @property
     def _state(self) -> str:  # type: ignore[override]
-        # Read by the standard library's wait and as_completed alone (see _NotALock).
-        if not self._chunk._settled[self._i]:
-            _read_pending().add(id(self))
-            return _base.PENDING
-        _read_pending().discard(id(self))
-        return _base.CANCELLED_AND_NOTIFIED if self.cancelled() else _base.FINISHED
+        # Read by the standard library's wait and as_completed alone: as first read in this wait
+        # (see _NotALock).
+        states = _read_states()
+        state = states.get(id(self))
+        if state is None:
+            if not self._chunk._settled[self._i]:
+                state = _base.PENDING
+            else:
+                state = _base.CANCELLED_AND_NOTIFIED if self.cancelled() else _base.FINISHED
+            states[id(self)] = state
+        return state
 
     @property
     def _result(self) -> Any:  # type: ignore[override]
