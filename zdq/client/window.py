@@ -51,8 +51,6 @@ def _compiled() -> Any:
 
 _untracked = _compiled()
 _slotted: Callable[..., list[Any]] | None = None if _untracked is None else _untracked.slotted
-_scalars: Callable[[Sequence[object]], bool] = all if _untracked is None else _untracked.scalars  # (unused then)
-_track_all: Callable[[list[Any]], object] = list if _untracked is None else _untracked.track_all  # (unused then)
 #: Hands an object back to the collector (nothing to do when every future is tracked already).
 _track: Callable[[object], object] = id if _untracked is None else _untracked.track
 
@@ -351,14 +349,15 @@ class MapChunk(BatchFuture):
         self._driver = self._hint = None
 
     def _check_outcomes(self, values: list[Any], errors: dict[int, BaseException]) -> None:
-        """(``_condition`` held, the outcomes just written.) Hand every future back to the
-        collector if they may lead back to one; let go of them once all are in, if they cannot."""
+        """(``_condition`` held, the outcomes just written; ``zdq._untracked`` built.) Hand every
+        future back to the collector if they may lead back to one; let go of them once all are in,
+        if they cannot."""
         if self._holds_more:
             return
-        if errors or not _scalars(values):
+        if errors or not _untracked.scalars(values):
             self._holds_more = True
             if self._untracked is not None:
-                _track_all(self._untracked)
+                _untracked.track_all(self._untracked)
                 self._untracked = None
         elif not self._remaining and self._untracked is not None:
             self._let_go()
@@ -573,8 +572,7 @@ class MapFuture(TaskFuture):
         try:
             return self._x
         except AttributeError:
-            _track(self)  # a waiter or a callback may lead back to it
-            self._x = [None, None]
+            self._x = [None, None]  # tracked by __setattr__: a waiter or a callback may lead back to it
             if not self._chunk._settled[self._i]:
                 self._chunk._watch(self)
             return self._x
