@@ -1,7 +1,14 @@
-"""The one compiled part of zdq (everything else is in pyproject.toml): ``zdq._untracked``, which
-makes ``queue_pool.map``'s futures without the garbage collector walking them. It is optional: where
-no C compiler is found, the build goes on without it and zdq makes the same futures in Python."""
+"""The compiled parts of zdq (everything else is in pyproject.toml), both optional: where no C
+compiler is found, the build goes on without them and zdq does the same work in Python.
+
+- ``zdq._untracked`` makes ``queue_pool.map``'s futures without the garbage collector walking them;
+- ``zdq._calls`` checks a batch of calls in one pass (``batch_submit``, maps)."""
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("zdq._untracked", ["zdq/_untracked.c"], optional=True)])
+setup(
+    ext_modules=[
+        Extension("zdq._untracked", ["zdq/_untracked.c"], optional=True),
+        Extension("zdq._calls", ["zdq/_calls.c"], optional=True),
+    ]
+)

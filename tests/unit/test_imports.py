@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "zdq"
 
 #: What the codec floor may import of zdq (everything else of zdq is above it).
-CODEC_MAY_IMPORT = ("zdq.codec", "zdq.errors", "zdq.config")
+#: (``zdq.compiled`` loads the optional compiled modules: it imports nothing of zdq.)
+CODEC_MAY_IMPORT = ("zdq.codec", "zdq.errors", "zdq.config", "zdq.compiled")
 #: The wings above the floor, named in the issue: the codec never imports them, not even in a function.
 ABOVE_THE_CODEC = ("zdq.client", "zdq.broker", "zdq.consumer", "zdq.relay", "zdq.observe")
 

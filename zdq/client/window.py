@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
-import importlib
 import itertools
 import logging
 import threading
@@ -35,21 +34,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import _base
 from typing import Any, Protocol
 
+from zdq.compiled import compiled
 from zdq.errors import SerializationError, TaskCancelled, ZdqError, ZdqTimeoutError
 from zdq.futures import BatchFuture, TaskFuture, _io_thread, notify_cancelled, wait_seconds
 
-def _compiled() -> Any:
-    """``zdq._untracked``, compiled at install where a C compiler and Python's headers are found
-    (``setup.py``; see :class:`MapChunk`), or None: the futures are then made in Python, tracked.
-    Loaded by name: readers of the import graph find no source for a compiled module, and would
-    take the import for one of the package itself."""
-    try:
-        return importlib.import_module("zdq._untracked")
-    except ImportError:  # pragma: no cover - a build without a compiler
-        return None
-
-
-_untracked = _compiled()
+#: ``zdq._untracked`` (see :class:`MapChunk`), or None where it was not built: the futures are then
+#: made in Python, tracked.
+_untracked = compiled("_untracked")
 _slotted: Callable[..., list[Any]] | None = None if _untracked is None else _untracked.slotted
 #: Hands an object back to the collector (nothing to do when every future is tracked already).
 _track: Callable[[object], object] = id if _untracked is None else _untracked.track
