@@ -429,6 +429,7 @@ def _kept_story(ledger: Ledger, fold_after: int | None) -> dict[bytes, dict[int,
         if i == fold_after:
             outcomes.start_folding()
         step()
+        outcomes.fold_some(2)  # the I/O thread's idle turn: a step of what is kept, if folding
     return {p: outcomes.results_for([p]) for p in (b"c1", b"c2", NO_CONSUMER)}
 
 
@@ -447,8 +448,8 @@ def _same(a: dict[bytes, dict[int, Any]], b: dict[bytes, dict[int, Any]]) -> boo
 @pytest.mark.parametrize("fold_after", [0, 3, 7, None])
 def test_kept_results_read_the_same_whenever_folding_starts(fold_after: int | None) -> None:
     """Results are kept as they come, a chunk's as one entry, and folded by task id once a reader
-    shows up (join, results()): whenever that is, results() holds the same outcomes in the same
-    order as when each was folded on arrival (before, the only way)."""
+    shows up (join, results()), in the I/O thread's idle turns: whenever that is, results() holds
+    the same outcomes in the same order as when each was folded on arrival (before, the only way)."""
     read = _kept_story(make(), fold_after)
     always = _kept_story(make(), 0)
     assert _same(read, always)
@@ -463,26 +464,33 @@ def test_kept_results_read_the_same_whenever_folding_starts(fold_after: int | No
 
 def test_kept_results_are_not_folded_per_task_until_a_reader_shows_up() -> None:
     """A program that reads its results from futures never pays a dict insertion per task: each
-    chunk's outcomes are kept as one entry. Once folding starts, each arrival folds itself and
-    about ``_FOLD_TASKS`` outcomes kept before it, oldest first, until none is left."""
+    chunk's outcomes are kept as one entry. Once folding starts, arrivals are kept as they were,
+    and the I/O thread's idle turns (``fold_some``) fold about ``_FOLD_TASKS`` outcomes each,
+    oldest first, until none is left."""
     from zdq.client.driver.outcomes import _FOLD_TASKS
 
     ledger = make()
     outcomes = ledger.outcomes
-    per = _FOLD_TASKS // 4  # each arrival folds 4 entries of this size (the budget is spent by the 4th)
+    per = _FOLD_TASKS // 4  # an idle turn folds 4 entries of this size (the budget is spent by the 4th)
     for i in range(10):
         outcomes.intake(0, 0, 9, b"c1", 10 * per * i, [i] * per, {})
         outcomes.settle_all()
-    assert not outcomes.folded and len(outcomes.kept[b"c1"]) == 10
+    outcomes.fold_some()  # not yet: nothing is folded before a reader shows up
+    assert not outcomes.folded and len(outcomes.kept[b"c1"]) == 10 and not outcomes.fold_due
     outcomes.start_folding()
+    assert outcomes.fold_due
     sizes = []
     for i in range(10, 13):
         outcomes.intake(0, 0, 9, b"c1", 10 * per * i, [i] * per, {})
-        outcomes.settle_all()
+        outcomes.settle_all()  # an arrival is kept, not folded: the settlement costs what it did
         sizes.append(len(outcomes.kept[b"c1"]))
-    assert sizes == [7, 4, 1]
+        outcomes.fold_some()
+        sizes.append(len(outcomes.kept[b"c1"]))
+    assert sizes == [11, 7, 8, 4, 5, 1] and outcomes.fold_due
     assert list(outcomes.folded[b"c1"]) == [10 * per * i + j for i in range(12) for j in range(per)]
-    assert outcomes.results_for([b"c1"]) == outcomes.folded[b"c1"] and not outcomes.kept[b"c1"]
+    outcomes.fold_some()
+    assert not outcomes.kept[b"c1"] and not outcomes.fold_due
+    assert outcomes.results_for([b"c1"]) == outcomes.folded[b"c1"]
 
 
 def test_a_backlog_of_single_task_chunks_folds_from_the_front_in_steps() -> None:
@@ -498,8 +506,9 @@ def test_a_backlog_of_single_task_chunks_folds_from_the_front_in_steps() -> None
     assert outcomes._fold_kept(b"c1", 4096, 100)  # at most 100 entries a step: some are left
     assert list(outcomes.folded[b"c1"]) == list(range(100)) and len(outcomes.kept[b"c1"]) == 200_000 - 100
     outcomes.start_folding()
-    outcomes.intake(0, 0, 9, b"c1", 200_000, ["new"], {})  # an arrival folds itself behind a few dozen more
+    outcomes.intake(0, 0, 9, b"c1", 200_000, ["new"], {})  # kept behind the backlog
     outcomes.settle_all()
+    outcomes.fold_some()  # an idle turn folds a few dozen entries from the front
     assert len(outcomes.kept[b"c1"]) == 200_000 - 100 + 1 - _FOLD_ENTRIES
     got = outcomes.results_for([b"c1"])
     assert list(got) == list(range(200_001)) and got[200_000] == "new" and not outcomes.kept[b"c1"]
@@ -572,7 +581,9 @@ def test_reading_kept_results_folds_what_is_left_and_keeps_folding() -> None:
     assert list(got) == [10 * i for i in range(100)] and not outcomes.kept[b"c1"] and outcomes.folding
     outcomes.intake(0, 0, 9, b"c1", 5000, ["late"], {})
     outcomes.settle_all()
-    assert not outcomes.kept[b"c1"] and outcomes.folded[b"c1"][5000] == "late"
+    assert outcomes.fold_due  # kept, for the I/O thread's next idle turn
+    outcomes.fold_some()
+    assert not outcomes.kept[b"c1"] and outcomes.folded[b"c1"][5000] == "late" and not outcomes.fold_due
 
 
 def test_results_that_arrive_twice_are_recorded_once() -> None:

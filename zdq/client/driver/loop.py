@@ -263,7 +263,15 @@ class DriverLoop:
                 # Last thing before sleeping: a caller woken by its result gets this process's
                 # interpreter at once, instead of waiting for this thread to finish its round.
                 outcomes.settle_all()
-            for sock, _ in poll(polled, timeout):
+            if timeout and outcomes.fold_due:  # read without the lock: a hint
+                # Kept results wait to be folded for their reader (a join): a step of them in a
+                # turn where nothing is ready, so that what arrives waits at most one step.
+                events = poll(polled, 0)
+                if not events:
+                    outcomes.fold_some()
+            else:
+                events = poll(polled, timeout)
+            for sock, _ in events:
                 index = index_of(sock)
                 if index is None:
                     waker.drain()

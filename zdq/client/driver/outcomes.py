@@ -10,8 +10,9 @@ Who owns what
 =========================================  =====================================================
 state                                      owner
 =========================================  =====================================================
-``kept``, ``folded``, ``folding``,         the ledger's lock (``cond``, shared with the ledger)
-``reading``, ``done_by``, ``errored``,
+``kept``, ``folded``, ``folding``,         the ledger's lock (``cond``, shared with the ledger;
+``fold_due``, ``reading``, ``done_by``,    the I/O thread reads ``fold_due`` without it, a hint)
+``errored``,
 ``stale``, the counters (completed,
 failed, cancelled, foreign, duplicates)
 ``read_lock``                              readers of the kept results (``results_for``), one at
@@ -24,10 +25,13 @@ the records and buffers it changes         the ledger's, under the same lock
 Kept results (``keep_results``, for ``ConsumerPool.results()``) are kept as they came, a chunk's
 outcomes as one entry, and folded into a dict by task id per consumer only once a reader of them
 shows up (``ConsumerPool.join()`` or ``results()``, :meth:`Outcomes.start_folding`): from then on
-each chunk is folded as it arrives, so that ``results()`` only copies. A program that reads its
-results from futures never pays a dict insertion per task on the I/O thread; that cost the
-futures path of a pool keeping its results (the default) a fifth to a quarter of its throughput,
-and a kept result took ten times the memory (``benchmarks/RESULTS.md``, issue 26's sixth session).
+the I/O thread folds them, oldest first, in the turns where nothing else is ready for it
+(:meth:`Outcomes.fold_some`, a step at a time), so that ``results()`` mostly copies. A program
+that reads its results from futures never pays a dict insertion per task on the I/O thread; that
+cost the futures path of a pool keeping its results (the default) a fifth to a quarter of its
+throughput, and a kept result took ten times the memory (``benchmarks/RESULTS.md``, issue 26's
+sixth session). Folded as each chunk arrived, they cost a ``join()`` the same insertions on the
+I/O thread's busy turns, between the results and the chunks it sends (the sixteenth session).
 
 A task's outcome is kept once: a second run of a chunk of a record here is a duplicate, dropped.
 A task that failed can run again under its id from a chunk of no record here (a dead letter
@@ -66,10 +70,9 @@ __all__ = ["Outcomes"]
 
 logger = logging.getLogger(__name__)
 
-#: Tasks' outcomes folded per chunk that arrives once folding is on (its own, then what was kept
-#: before folding started, from the oldest): the backlog drains behind the chunks that keep
-#: coming, in their order, a few chunks of a thousand (or thousands of single tasks) at a time.
-_FOLD_TASKS = 8192
+#: Tasks' outcomes the I/O thread folds in one turn where nothing else is ready for it, once
+#: folding is on (about 150 µs: what arrives meanwhile waits at most that) ...
+_FOLD_TASKS = 2048
 #: ... and at most this many entries (chunks of one task each fold at about half a microsecond).
 _FOLD_ENTRIES = 64
 
@@ -116,6 +119,8 @@ class Outcomes:
         #: ... and folded, by task id: what results() copies.
         self.folded: defaultdict[bytes, dict[int, Any]] = defaultdict(dict)
         self.folding = False
+        #: Folding is on and kept entries wait for it: the I/O thread folds some in its idle turns.
+        self.fold_due = False
         #: A reader builds a backlog it took out of ``kept``, without the lock: arrivals are
         #: only kept meanwhile (folding them would put them before that backlog).
         self.reading = False
@@ -505,12 +510,24 @@ class Outcomes:
             mine.difference_update(range(base, base + n))
 
     def _keep(self, producer: bytes, item: Any) -> None:
-        """(``cond`` held.) Keep one chunk's outcomes, or a dict of single ones; fold it, and some
-        of what came before, once folding is on."""
-        kept = self.kept[producer]
-        kept.append(item)
+        """(``cond`` held.) Keep one chunk's outcomes, or a dict of single ones, to be folded in the
+        I/O thread's idle turns once folding is on (:meth:`fold_some`)."""
+        self.kept[producer].append(item)
         if self.folding and not self.reading:
-            self._fold_kept(producer, _FOLD_TASKS)
+            self.fold_due = True
+
+    def fold_some(self, tasks: int = _FOLD_TASKS) -> None:
+        """(The I/O thread, in a turn where nothing else is ready for it.) Fold about ``tasks``
+        kept outcomes of one producer, from its oldest; ``fold_due`` says whether any are left.
+        Nothing while a reader folds the backlog it took out (:meth:`results_for` asks for the
+        rest when it is done: what arrived meanwhile goes behind that backlog)."""
+        with self.cond:
+            if self.folding and not self.reading:
+                for producer, kept in self.kept.items():
+                    if kept:
+                        self._fold_kept(producer, tasks)
+                        break
+            self.fold_due = self.folding and not self.reading and any(self.kept.values())
 
     def _fold_kept(self, producer: bytes, tasks: int | None = None, entries: int = _FOLD_ENTRIES) -> bool:
         """(``cond`` held.) Fold ``producer``'s kept entries from the oldest, until about ``tasks``
@@ -535,24 +552,24 @@ class Outcomes:
 
     def start_folding(self) -> None:
         """A reader of the kept results showed up (``ConsumerPool.join()``, ``results()``): from
-        now on each chunk's outcomes are folded by task id as they arrive, on the I/O thread, and
-        what was kept before drains behind them, a few thousand outcomes a chunk; ``results()``
-        folds what is left when it is called. Idempotent."""
+        now on the I/O thread folds the kept outcomes by task id, oldest first, in its idle turns
+        (:meth:`fold_some`); ``results()`` folds what is left when it is called. Idempotent."""
         with self.cond:
             self.folding = True
+            self.fold_due = not self.reading and any(self.kept.values())
 
     def results_for(self, producers: Iterable[bytes], into: dict[int, Any] | None = None) -> dict[int, Any]:
         """The outcomes kept from these consumers (by identity), by task id, copied into ``into`` (a
         new dict by default; the first copy into an empty dict is a clone of the table, not one
         insertion per task). Folding starts (:meth:`start_folding`).
 
-        What is still unfolded (kept before any reader came) is taken out under the lock and
+        What is still unfolded (kept before any reader came, or not yet folded) is taken out under the lock and
         folded without it, into a dict of its own; the I/O thread meanwhile keeps what arrives
         without folding it, so that nothing goes before that backlog. Then, under the lock, the
         backlog's dict joins the folded ones (it *is* the folded one when nothing was: no copy)
         and the copy is made: the I/O thread, settling results, waits for that copy, as it always
         has, never for the backlog's insertions. What arrived during the call is kept behind it,
-        folded by the arrivals that follow (or by the next call): this call's answer holds
+        folded in the I/O thread's idle turns that follow (or by the next call): this call's answer holds
         everything that had arrived when it was made, as before."""
         merged: dict[int, Any] = {} if into is None else into
         wanted = list(producers)
@@ -567,11 +584,13 @@ class Outcomes:
             except BaseException:  # a signal's exception on the main thread: nothing is lost
                 with self.cond:
                     self.reading = False
+                    self.fold_due = True
                     for ident, backlog in backlogs.items():  # back in front of what arrived since
                         self.kept[ident].extendleft(reversed(backlog))
                 raise
             with self.cond:
                 self.reading = False
+                self.fold_due = any(self.kept.values())  # what arrived while the backlog was built
                 for ident, part in built.items():
                     folded = self.folded.get(ident)
                     if folded:
