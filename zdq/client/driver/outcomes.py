@@ -563,24 +563,25 @@ class Outcomes:
         new dict by default; the first copy into an empty dict is a clone of the table, not one
         insertion per task). Folding starts (:meth:`start_folding`).
 
-        What is still unfolded (kept before any reader came, or not yet folded) is taken out under the lock and
-        folded without it, into a dict of its own; the I/O thread meanwhile keeps what arrives
-        without folding it, so that nothing goes before that backlog. Then, under the lock, the
-        backlog's dict joins the folded ones (it *is* the folded one when nothing was: no copy)
-        and the copy is made: the I/O thread, settling results, waits for that copy, as it always
-        has, never for the backlog's insertions. What arrived during the call is kept behind it,
-        folded in the I/O thread's idle turns that follow (or by the next call): this call's answer holds
-        everything that had arrived when it was made, as before."""
+        What is still unfolded (kept before any reader came, or not yet folded) is taken out under
+        the lock and folded without it, straight into the folded dicts: while ``reading`` is set,
+        nothing else writes them (the I/O thread only keeps what arrives, behind that backlog, and
+        readers come one at a time). Then, under the lock, the copy is made: the I/O thread,
+        settling results, waits for that copy, as it always has, never for the backlog's
+        insertions. What arrived during the call is kept behind it, folded in the I/O thread's
+        idle turns that follow (or by the next call): this call's answer holds everything that
+        had arrived when it was made, as before. A backlog folded in part when the call is
+        interrupted goes back in front of what arrived since: folded again, it writes the same."""
         merged: dict[int, Any] = {} if into is None else into
         wanted = list(producers)
         with self.read_lock:
             with self.cond:
                 self.folding = self.reading = True
                 backlogs = {ident: self.kept.pop(ident) for ident in wanted if self.kept.get(ident)}
-            built: dict[bytes, dict[int, Any]] = {}
+                targets = {ident: self.folded[ident] for ident in backlogs}
             try:
                 for ident, backlog in backlogs.items():
-                    _fold(built.setdefault(ident, {}), backlog)
+                    _fold(targets[ident], backlog)
             except BaseException:  # a signal's exception on the main thread: nothing is lost
                 with self.cond:
                     self.reading = False
@@ -590,13 +591,7 @@ class Outcomes:
                 raise
             with self.cond:
                 self.reading = False
-                self.fold_due = any(self.kept.values())  # what arrived while the backlog was built
-                for ident, part in built.items():
-                    folded = self.folded.get(ident)
-                    if folded:
-                        folded.update(part)
-                    else:
-                        self.folded[ident] = part
+                self.fold_due = any(self.kept.values())  # what arrived while the backlog was folded
                 for ident in wanted:
                     merged.update(self.folded.get(ident, {}))
                 if self.stale:
