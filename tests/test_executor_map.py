@@ -313,7 +313,8 @@ def test_queue_pool_map_of_an_unpicklable_item_names_it_and_cancels_what_it_queu
     dirs[150] = threading.Lock()
     with pytest.raises(zdq.SerializationError, match=r"^item 150\b") as raised:
         pool.map(nap_noted, dirs, range(N_NAPS), [NAP] * N_NAPS)
-    assert "(144 tasks before this chunk were queued)" in str(raised.value)  # chunks of 8
+    assert "(the 144 tasks map() queued before this chunk are cancelled)" in str(raised.value)  # chunks of 8
+    assert raised.value.queued == 0
     assert any("map() cancelled the 144 tasks" in note for note in raised.value.__notes__)
     wait_until(lambda: pool.driver.outstanding == 0, timeout=30)
     ran = _ran(tmp_path)

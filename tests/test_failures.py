@@ -225,6 +225,31 @@ def test_killing_a_worker_that_holds_consumers_loses_no_task(client3: Client) ->
             wait_until(lambda: consumers.replacements >= 2, timeout=60)
 
 
+@pytest.mark.faults
+def test_the_chunks_of_a_consumer_whose_worker_was_killed_come_back_before_its_heartbeats_are_missed(
+    client3: Client,
+) -> None:
+    """Reviewer 16: a SIGKILLed consumer's leased chunks waited for its heartbeats to be missed
+    (``heartbeat-timeout``, 15 s by default) though its pool saw the worker gone within a second:
+    a join of 50,000 tasks took 16.6 s instead of 3.4. The pool now tells the brokers the
+    consumer left, and they hand its chunks to the others at their next housekeeping. Here the
+    heartbeat timeout is 60 s: the batch ends long before."""
+    slow = {"heartbeat_interval": "1s", "heartbeat_timeout": "60s"}
+    with QueuePool(client3, 1, workers=["a"], chunk_size=50, **slow) as queue_pool:
+        with ConsumerPool(client3, queue_pool, n_consumers=2, workers=["b", "c"]) as consumers:
+            consumers.start()
+            n = 4000
+            batch = queue_pool.batch_submit([(tiny_sleep, i) for i in range(n)])
+            wait_until(lambda: batch.completed > n // 10, timeout=60)
+            killed = time.monotonic()
+            os.kill(_pid_of(client3, "c"), signal.SIGKILL)
+            assert batch.result(timeout=50) == list(range(n))  # lost = 0, and within the heartbeat timeout
+            took = time.monotonic() - killed
+            assert took < 25, f"the batch ended {took:.0f} s after the kill: the killed consumer's chunks waited"
+            stats = queue_pool.statistics()
+            assert sum(b.chunks_redelivered + b.chunks_split for b in stats.brokers) > 0
+
+
 def _database_down(pool: str) -> Path:
     """The file that says the database of pool ``pool`` is down (the workers share this disk)."""
     return Path(tempfile.gettempdir()) / f"zdq-test-{pool}-database-down"
@@ -470,8 +495,8 @@ def test_a_worker_killed_just_after_its_queue_was_made_is_placed_again_by_the_su
     place = PlacedQueues.place
     killed: list[str] = []
 
-    def place_then_kill(self: PlacedQueues, auth: bool) -> None:
-        place(self, auth)
+    def place_then_kill(self: PlacedQueues, auth: bool, timeout: float | None = None) -> None:
+        place(self, auth, timeout)
         if not killed:
             address = self.placed_on[0]
             killed.append(address)

@@ -130,8 +130,10 @@ def test_unpicklable_work_is_refused_with_the_culprit_named_and_nothing_queued(c
         calls = [(add, i) for i in range(5000)] + [(add, lock)] + [(add, i) for i in range(5000)]
         with pytest.raises(SerializationError, match="item 5000 of the batch: .*argument 0"):
             queue_pool.batch_submit(calls, batch_size=1000)
-        with pytest.raises(SerializationError, match="item 5000: .*argument 0"):
+        with pytest.raises(SerializationError, match="item 5000: .*argument 0") as raised:
             queue_pool.submit_iter(iter(calls[:5001]), batch_size=1000)
+        # Read lazily, queued chunk by chunk: what came before the culprit is queued, and said so.
+        assert raised.value.queued == 5000 and "(5000 tasks before this chunk were queued, and run)" in str(raised.value)
         with pytest.raises(SerializationError, match="cannot put the item"):
             queue_pool.put(lock)
         with pytest.raises(SerializationError, match="cannot put the item"):

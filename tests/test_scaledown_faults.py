@@ -254,6 +254,42 @@ def test_a_stopped_worker_is_named_by_statistics_alone_and_by_the_placement_erro
                 assert qp.submit(add, 2, 3).result(timeout=60) == 5
 
 
+@pytest.mark.timeout(120)
+def test_a_consumer_pool_placed_while_a_worker_is_stopped_goes_to_the_others_within_its_bound(
+    client3: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reviewer 16: one stopped worker made a new ConsumerPool fail after the whole
+    placement-timeout (60 s), though the other workers could take its consumers (a second try
+    right after was placed at once: the worker was passed over by then). The first try now waits
+    a quarter of the bound (here 2 s of 8): the stopped worker is passed over, and every consumer
+    placed once more on the others within the rest, the worker named in a warning."""
+    from zdq import _actor
+    from zdq.client import slots
+
+    monkeypatch.setattr(slots, "_TRY_AT_LEAST", 2.0)
+    monkeypatch.setattr(_actor, "_unanswered", {})  # this test's passing over stays in it
+    stopped = _address_of(client3, "c")
+    with QueuePool(client3, 1, workers=["a"]) as qp:
+        stopped_pid = pid_of(client3, "c")
+        stop_process(stopped_pid)
+        try:
+            with caplog.at_level(logging.WARNING, logger="zdq"):
+                started = time.monotonic()
+                consumers = call_bounded(
+                    lambda: ConsumerPool(client3, qp, n_consumers=3, placement_timeout=8), 60, "ConsumerPool()"
+                )
+                took = time.monotonic() - started
+            with consumers:
+                assert took < 8 + 4, f"placed in {took:.1f} s: the bound is 8 s"
+                assert stopped not in consumers._consumers.placement().values()
+                consumers.start()
+                assert qp.batch_submit([(add, i, 1) for i in range(300)]).result(timeout=60) == list(range(1, 301))
+        finally:
+            os.kill(stopped_pid, signal.SIGCONT)
+    said = [r.getMessage() for r in caplog.records if "placing them again on the others" in r.getMessage()]
+    assert said and stopped in said[0] and "did not answer within 2 s" in said[0], said
+
+
 def _address_of(client: Client, name: str) -> str:
     (address,) = [a for a, w in scheduler_workers(client).items() if w["name"] == name]
     return address

@@ -65,9 +65,13 @@ class ClosedError(ZdqError, RuntimeError):
 class SerializationError(ZdqError, TypeError):
     """A function, argument or result could not be pickled; the message names the culprit.
 
-    ``task_id``: the id of the task at fault, when it is known (a batch names its position)."""
+    ``task_id``: the id of the task at fault, when it is known (a batch names its position).
+    ``queued``: how many tasks of the call were queued before it, and run: ``submit_iter`` and
+    ``insert`` read their calls lazily and queue them chunk by chunk (a batch queues nothing of
+    itself; ``map()`` cancels what it queued)."""
 
     task_id: int | None = None
+    queued: int = 0
 
 
 class ProtocolError(ZdqError, ValueError):
@@ -75,7 +79,11 @@ class ProtocolError(ZdqError, ValueError):
 
 
 class PlacementError(ZdqError):
-    """Dask could not place or start a broker or consumer actor."""
+    """Dask could not place or start a broker or consumer actor.
+
+    ``silent``: the workers that did not answer (stopped, or too busy), when that is why."""
+
+    silent: tuple[str, ...] = ()
 
 
 class ConsumerInitError(PlacementError):

@@ -241,6 +241,11 @@ class Broker:
         """The queue's payload key: the one it stored (durable), else ``proposed`` (kept if durable)."""
         return self._running_core().setting(b"payload-key", proposed)
 
+    def consumer_left(self, ident: bytes) -> bool:
+        """Consumer ``ident``'s worker left the cluster (its pool saw it): its leased chunks go back
+        to the queue within a heartbeat interval (see :meth:`BrokerCore.consumer_left`)."""
+        return self._running_core().consumer_left(ident)
+
     def holds_nothing(self) -> bool:
         """Whether the queue holds nothing sealed with its payload key (no chunk, kept result or
         schedule: see :meth:`~zdq.storage.base.Storage.holds_nothing`)."""

@@ -301,6 +301,13 @@ class BrokerCore:
         with self._lock:
             return self._storage.holds_nothing()
 
+    def consumer_left(self, ident: bytes) -> bool:
+        """The pool of consumer ``ident`` saw its worker leave the cluster: its leased chunks return
+        to the queue at the loop's next housekeeping (within a heartbeat interval), not a
+        heartbeat timeout later. False if it is no consumer of this broker."""
+        with self._lock:
+            return self._peer_table.left(ident)
+
     def adopt_setting(self, name: bytes, value: bytes) -> bytes | None:
         """``value`` replaces the setting ``name`` if none is stored or the queue holds nothing
         (:meth:`~zdq.storage.base.Storage.holds_nothing`); return the value kept."""
@@ -884,7 +891,8 @@ class BrokerCore:
         self._questions.expire(now)
         deadline = now - self._settings.heartbeat_timeout
         for ident, peer in self._peer_table.silent_consumers(deadline):
-            logger.warning("broker %s: consumer %s missed its heartbeats", self.name, peer.name or unnamed_peer(ident))
+            why = "its worker left the cluster" if peer.last_seen == -math.inf else "missed its heartbeats"
+            logger.warning("broker %s: consumer %s %s", self.name, peer.name or unnamed_peer(ident), why)
             self._expire(ident, peer)
         # Results sent to a driver that has been silent since: send them again when it (or, if it
         # is gone, the creator) speaks. They were not deleted; the driver records each task once.

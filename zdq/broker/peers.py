@@ -109,6 +109,16 @@ class PeerTable:
         for peer in self.by_ident.values():
             peer.last_seen = max(peer.last_seen, now)
 
+    def left(self, ident: bytes) -> bool:
+        """Consumer ``ident``'s worker left the cluster (its pool saw Dask lose it): taken as silent
+        by the next :meth:`silent_consumers` (``last_seen`` is then ``-inf``), unless it speaks
+        first. False if it is no consumer here."""
+        peer = self.by_ident.get(ident)
+        if peer is None or peer.role is not _CONSUMER:
+            return False
+        peer.last_seen = float("-inf")
+        return True
+
     def silent_consumers(self, deadline: float) -> list[tuple[bytes, Peer]]:
         """Remove and return the consumers not heard from since ``deadline``."""
         silent = [(i, peer) for i, peer in self.by_ident.items() if peer.role is _CONSUMER and peer.last_seen < deadline]

@@ -334,9 +334,11 @@ class PlacedQueues:
         return set(self._lost_since) | self._gone
 
     # -- placing ---------------------------------------------------------------------------------
-    def place(self, auth: bool) -> None:
+    def place(self, auth: bool, timeout: float | None = None) -> None:
         """Place and open every broker at once (placing a pool costs about the same per queue
-        whatever its size)."""
+        whatever its size), waiting for the actors at most ``timeout`` seconds (default
+        ``placement-timeout``)."""
+        timeout = self.settings.placement_timeout if timeout is None else timeout
         futures: list[Any] = []
         try:
             known = scheduler_workers(self.client)  # asked once, not per queue
@@ -346,8 +348,8 @@ class PlacedQueues:
             opening = (self._identity, proposed, self.n_queues)  # each opens in its constructor
             futures = [self._submit(i, known=known, open_with=opening) for i in range(self.n_queues)]
             labelled = [(f"queue {i}", fut, self.placed_on.get(i, "?")) for i, fut in enumerate(futures)]
-            wait_created(self.client, labelled, self.settings.placement_timeout, known, "queue")
-            brokers = gather_actors(self.client, futures, self.settings.placement_timeout)  # one round trip
+            wait_created(self.client, labelled, timeout, known, "queue")
+            brokers = gather_actors(self.client, futures, timeout)  # one round trip
             for i, (fut, broker) in enumerate(zip(futures, brokers)):
                 self.slots.adopt(i, fut, broker)
             opened = self._opened(futures, brokers, opening)

@@ -150,7 +150,8 @@ class ConsumerPool:
     (``early_ack=False``), no retries, one execution thread (fastest for short tasks).
 
     A supervisor thread replaces a consumer whose worker dies, so ``n_consumers`` stay alive;
-    the dead one's chunks return to their queues when its heartbeats stop. A replacement whose
+    the dead one's chunks return to their queues as its brokers are told (or, where they cannot be,
+    when its heartbeats stop). A replacement whose
     class raises in ``__init__`` is tried again every second; past ``zdq.no-consumer-timeout``
     with no consumer live, or with queues holding tasks that only such consumers serve,
     ``join()`` raises, naming the class and what it raised.
@@ -592,6 +593,7 @@ class ConsumerPool:
         With an asynchronous client, that call is awaitable (it asks the workers), as
         :meth:`statistics` is.
         """
+        timeout_or_none(timeout, "results' timeout")  # checked at the call, whichever path answers
         if callable(getattr(self.consumer_class, "get_results", None)):
             return self._own_results(timeout)
         if not self.queue_pool.keep_results:

@@ -83,6 +83,8 @@ class FedPool(Protocol):
 
     def workers(self) -> list[str]: ...
 
+    def broker_actor(self, i: int) -> Any: ...
+
 
 class Served(Protocol):
     """What the reach checks need of the consumers (:class:`~zdq.client.consumers.ConsumerSlots`)."""

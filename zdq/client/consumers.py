@@ -84,6 +84,8 @@ _HEALTH_PER_ROUND = 8
 _RETRY_EVERY = 1.0
 #: A replacement's placement is waited for at most this long (and placement-timeout) per try.
 _REPLACE_TRY = 15.0
+#: Seconds the brokers of a consumer whose worker left are given to answer that they heard it.
+_TELL_LEFT_WAIT = 5.0
 #: A consumer that reaches none of its queues is replaced (elsewhere it may reach them). While its
 #: replacements reach none either (the network is cut, not one worker), each waits twice as long
 #: as the one before, from the first wait up to the last: not a new consumer every few seconds.
@@ -178,7 +180,9 @@ class ConsumerSlots:
             consumer could not start: its own error, naming it and its worker.
 
         A worker that leaves the cluster while its consumers are made (killed, crashed) is seen
-        within a second, and every consumer placed once more on the workers that are left.
+        within a second, and every consumer placed once more on the workers that are left; one
+        that does not answer (stopped) within a quarter of ``timeout`` (at least 10 s) is passed
+        over, and every consumer placed once more on the others, within the rest of ``timeout``.
         """
         timeout = self.settings.placement_timeout if timeout is None else timeout
 
@@ -187,7 +191,7 @@ class ConsumerSlots:
                 return set(self.placed_on.values())
 
         what = f"{counted(self.n, 'consumer')} of pool {self.queue_pool.name}"
-        place_on_the_rest(self.client, lambda: self._place_all_once(timeout, start), chosen, what)
+        place_on_the_rest(self.client, lambda bound: self._place_all_once(bound, start), chosen, what, timeout)
 
     def _place_all_once(self, timeout: float, start: bool) -> None:
         """One try of :meth:`place_all`: nothing is left placed when it fails."""
@@ -406,6 +410,8 @@ class ConsumerSlots:
                     continue
             elif first_try:
                 logger.warning("consumer %s cannot work: %s; placing a replacement", self.names[i], why)
+                if fut.status != "finished":
+                    self._tell_left(i)
             try:
                 self._replace(i, running, stopping)
             except Exception as e:  # keep supervising: the supervisor tries again
@@ -427,6 +433,28 @@ class ConsumerSlots:
             else:
                 self._retry_at.pop(i, None)
         self._note_live()
+
+    def _tell_left(self, i: int) -> None:
+        """Consumer ``i``'s worker left the cluster: the brokers it served hand its leased chunks
+        to the others within a heartbeat interval (they would wait for its heartbeats to be
+        missed, ``heartbeat-timeout``). Their answers are waited for at most
+        :data:`_TELL_LEFT_WAIT` seconds; a broker lost with the same worker, or out of reach, is
+        skipped (its heartbeats still end the consumer's leases)."""
+        with self._lock:
+            ident = self.identities[i][-1] if self.identities[i] else None
+        if ident is None:
+            return
+        workers = self.queue_pool.workers()
+        calls: dict[int, tuple[Any, str]] = {}
+        for q in self.served[i]:
+            try:
+                calls[q] = (self.queue_pool.broker_actor(q).consumer_left(ident), workers[q] if q < len(workers) else "")
+            except Exception as e:  # an attached pool, a broker being placed again, a closed pool
+                logger.debug("telling queue %d that consumer %s left failed: %s", q, self.names[i], e)
+        if calls:
+            _, errors, _, _ = answers_within(self.client, calls, _TELL_LEFT_WAIT)
+            for q, error in errors.items():
+                logger.debug("telling queue %d that consumer %s left failed: %s", q, self.names[i], error)
 
     def _note_live(self) -> None:
         """Whether some slot holds a consumer Dask still has; since when none does."""

@@ -577,7 +577,7 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         ensure_installed(self.client)  # once per cluster: what /zdq, /metrics and `zdq status` read
         made: list[PlacedQueues] = []
 
-        def attempt() -> PlacedQueues:
+        def attempt(bound: float) -> PlacedQueues:
             queues = PlacedQueues(
                 self.client,
                 self.name,
@@ -592,11 +592,13 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
                 owner_token=self._owner_token,
             )
             made.append(queues)
-            queues.place(self.auth)  # releases what it made when it fails
+            queues.place(self.auth, bound)  # releases what it made when it fails
             return queues
 
         chosen = lambda: set(made[-1].placed_on.values()) if made else set()  # noqa: E731
-        queues = place_on_the_rest(self.client, attempt, chosen, f"the queues of pool {self.name}")
+        queues = place_on_the_rest(
+            self.client, attempt, chosen, f"the queues of pool {self.name}", self.settings.placement_timeout
+        )
         self._queues = queues
         if self.rate_limit is not None:
             self.set_rate_limit(self.rate_limit)

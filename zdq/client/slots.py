@@ -67,6 +67,10 @@ _STOP_CREATED_WAIT = 3.0
 _LOOK_FOR_LEFT_EVERY = 1.0
 #: How long a placement tried again after workers left waits for one it may use to come back.
 _COME_BACK = 10.0
+#: The first try of a placement waits for its actors a quarter of the bound, and at least this
+#: long: a worker that does not answer by then is passed over by the second try (see
+#: :func:`place_on_the_rest`).
+_TRY_AT_LEAST = 10.0
 
 A = TypeVar("A")
 K = TypeVar("K")
@@ -162,10 +166,9 @@ def wait_created(client: Any, placing: list[tuple[str, Any, str]], timeout: floa
     within = f"after {waited:.1f} s (of {timeout:g})" if early else f"within {timeout:g} s"
     gone = [f"{label} on {worker(address)}" for label, address in late if address not in present]
     silent = [f"{label} on {worker(address)}" for label, address in late if address in present]
-    if not early:
-        for _, address in late:
-            if address in present:
-                note_unanswered(address)  # the next placements go elsewhere while they can
+    unanswered = sorted({address for _, address in late if address in present}) if not early else []
+    for address in unanswered:
+        note_unanswered(address)  # the next placements go elsewhere while they can
     said = []
     if gone:
         said.append(f"{', '.join(gone)}: the worker left the cluster (killed or crashed)")
@@ -173,25 +176,35 @@ def wait_created(client: Any, placing: list[tuple[str, Any, str]], timeout: floa
         said.append(f"{', '.join(silent)}: not created yet (given up with the rest)")
     elif silent:
         said.append(f"{', '.join(silent)}: the worker did not answer (it is stopped, e.g. by SIGSTOP, or too busy)")
-    raise PlacementError(
+    error = PlacementError(
         f"{counted(len(late), what)} not created {within}: {'; '.join(said)}; resume or restart "
         "the worker, or place the pool with workers= that leaves it out"
     )
+    error.silent = tuple(unanswered)
+    raise error
 
 
-def place_on_the_rest(client: Any, attempt: Callable[[], A], chosen: Callable[[], set[str]], what: str) -> A:
-    """``attempt()``, a placement that releases what it made when it fails; when it failed because
-    workers it had chosen (``chosen()``, read after the failure) left the cluster meanwhile
-    (killed or crashed while placed), once more, on the workers that are left. When none is left
-    that the placement may use (``workers=`` named only those), the next try waits for one, up to
-    :data:`_COME_BACK` seconds: a nanny restarts a killed worker, under its name, within seconds.
-    A second failure for workers that left is raised, with a note naming them."""
+def place_on_the_rest(
+    client: Any, attempt: Callable[[float], A], chosen: Callable[[], set[str]], what: str, timeout: float
+) -> A:
+    """``attempt(bound)``, a placement that waits at most ``bound`` seconds for its actors and
+    releases what it made when it fails, within ``timeout`` in all; tried once more, on the
+    workers that are left, when it failed because workers it had chosen (``chosen()``, read after
+    the failure) left the cluster meanwhile (killed or crashed while placed), or did not answer
+    (stopped, e.g. by SIGSTOP, or hung: :func:`wait_created` notes them, and the next try passes
+    them over while another candidate remains). So the first try waits a quarter of ``timeout``
+    (at least :data:`_TRY_AT_LEAST` seconds), and the second what is left of it. When none is
+    left that the placement may use (``workers=`` named only those), the next try waits for one,
+    up to :data:`_COME_BACK` seconds: a nanny restarts a killed worker, under its name, within
+    seconds. A second failure for workers that left is raised, with a note naming them."""
+    deadline = time.monotonic() + timeout
+    bound = min(timeout, max(_TRY_AT_LEAST, timeout / 4))
     left: list[str] = []
     for again in (False, True):
         back_by = time.monotonic() + _COME_BACK
         while True:
             try:
-                return attempt()
+                return attempt(bound)
             except Exception as e:
                 if again and _no_worker_left(e):
                     if time.monotonic() < back_by:
@@ -205,15 +218,20 @@ def place_on_the_rest(client: Any, attempt: Callable[[], A], chosen: Callable[[]
                 # Dask says "Worker holding Actor was lost" before its scheduler may have dropped
                 # the worker: only then is it waited for, a few seconds.
                 left = workers_left(client, chosen(), wait=3.0 if "lost" in str(e).lower() else 0.0)
-                if not left:
-                    raise
-                if again:
-                    e.add_note(f"zdq: workers {', '.join(left)} left the cluster while {what} were placed, twice")
+                silent = list(getattr(e, "silent", ()))
+                rest = deadline - time.monotonic()
+                if again or (not left and not silent) or rest <= 0:
+                    if again and left:
+                        e.add_note(f"zdq: workers {', '.join(left)} left the cluster while {what} were placed, twice")
                     raise
                 logger.warning(
-                    "placing %s: worker %s left the cluster meanwhile (%s); placing them again on the others",
-                    what, ", ".join(left), e,
+                    "placing %s: %s (%s); placing them again on the others",
+                    what,
+                    f"worker {', '.join(left)} left the cluster meanwhile" if left
+                    else f"worker {', '.join(silent)} did not answer within {bound:g} s",
+                    e,
                 )
+                bound = rest
                 break
     raise AssertionError("unreachable")
 
@@ -474,8 +492,16 @@ class ActorSlots(Generic[A]):
             _, errors, gone, silent = answers_within(client, stops, timeout)
             for name, error in errors.items():
                 logger.debug("stopping %s %s failed: %s", what, name, error)
-            for name in sorted(gone | silent):
-                logger.debug("stopping %s %s: %s", what, name, "its worker left" if name in gone else "no answer in time")
+            for name in sorted(gone):
+                logger.debug("stopping %s %s: its worker left", what, name)
+            for name in sorted(silent):
+                # Said where it shows: a close that waited its whole bound for a stopped worker
+                # was silent about why (reviewer 16).
+                logger.warning(
+                    "close: %s %s on %s did not answer its stop within %g s (its worker is stopped, or too busy); "
+                    "released without its answer: it stops when the call reaches it",
+                    what, name, stops[name][1] or "its worker", timeout,
+                )
         for fut, actor in taken:
             release_future(fut, actor)
 

@@ -434,9 +434,7 @@ class Submitter:
                 try:
                     packed = chunking.pack(base, part, driver.payload_key, CALLS, options)
                 except SerializationError as e:
-                    at = f"item {count + e.task_id - base}: " if e.task_id is not None else ""
-                    before = f"{counted(count, 'task')} before this chunk {agreeing(count)} queued"
-                    raise SerializationError(f"{at}{e} ({before})") from e
+                    raise _cut_off(e, count + e.task_id - base if e.task_id is not None else None, count, futures) from e
                 _queue_packed(driver, packed, hint, timeout, timing, futures)
                 count += len(part)
                 if bar is not None:
@@ -483,10 +481,23 @@ class Submitter:
             try:
                 packed = chunking.pack_columns(base, fn, n, columns, driver.payload_key, options)
             except SerializationError as e:
-                at = f"item {start + e.task_id - base}: " if e.task_id is not None else ""
-                before = f"{counted(start, 'task')} before this chunk {agreeing(start)} queued"
-                raise SerializationError(f"{at}{e} ({before})") from e
+                raise _cut_off(e, start + e.task_id - base if e.task_id is not None else None, start, futures) from e
             _queue_packed(driver, packed, hint, timeout, timing, futures)
+
+
+def _cut_off(e: SerializationError, item: int | None, queued: int, futures: list[TaskFuture] | None) -> SerializationError:
+    """The error of calls read and queued chunk by chunk, cut off by one that cannot be pickled
+    (``item``: its position, when known): what came before it was queued, and runs (``queued``),
+    but for a map (``futures``), which cancels it."""
+    at = f"item {item}: " if item is not None else ""
+    if futures is None:
+        error = SerializationError(f"{at}{e} ({counted(queued, 'task')} before this chunk {agreeing(queued)} queued, and run)")
+        error.queued = queued
+    else:
+        error = SerializationError(
+            f"{at}{e} (the {counted(queued, 'task')} map() queued before this chunk {agreeing(queued, 'is', 'are')} cancelled)"
+        )
+    return error
 
 
 #: The iterables whose items ``queue_pool.map`` takes by slices (:meth:`Submitter.map_columns`).

@@ -569,7 +569,10 @@ class DriverLoop:
             n = self._outcomes.fail_confirmed(
                 broker, BrokerLost(f"queue {name} was lost with its worker; this task lived only in its memory")
             )
-            logger.warning("%s: %d tasks of lost queue %s failed with BrokerLost", self.driver_name, n, name)
+            if n:
+                logger.warning("%s: %d tasks of lost queue %s failed with BrokerLost", self.driver_name, n, name)
+            else:
+                logger.info("%s: queue %s was lost with its worker; none of this driver's tasks were in it", self.driver_name, name)
 
     def _requeue(self, broker: int) -> None:
         n = self._ledger.requeue(broker)
