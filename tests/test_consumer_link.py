@@ -18,7 +18,7 @@ import zmq
 from distributed import Client
 
 from zdq.config import settings
-from zdq.consumer import Consumer, GeneralConsumer
+from zdq.consumer import Consumer, GeneralConsumer, credit
 from zdq.errors import PlacementError
 from zdq.serialization import loads_results
 from zdq.tasks import TASKS, dumps_chunk
@@ -75,7 +75,13 @@ def a_consumer(prefetch: int) -> Consumer:
     return Consumer("test-consumer", b"c" * 16, GeneralConsumer, pool)
 
 
-def test_a_deliver_beyond_the_bound_is_given_back_and_credit_rides_on_done(fake_brokers: list[FakeBroker]) -> None:
+def test_a_deliver_beyond_the_bound_is_given_back_and_credit_rides_on_done(
+    fake_brokers: list[FakeBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # These brokers never say READY: a credit unused for PARKED (50 ms) moves on in rotation, and
+    # on a loaded machine it moved between the look below and the DELIVER (a CI run beside a
+    # reviewer's cluster). The credit stays where it is found here.
+    monkeypatch.setattr(credit, "PARKED", 5.0)
     consumer = a_consumer(prefetch=1)
     consumer.start([b.endpoint for b in fake_brokers])
     try:
