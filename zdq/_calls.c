@@ -25,8 +25,8 @@ shape(PyObject *self, PyObject *calls)
     if (!PyList_CheckExact(calls) || PyList_GET_SIZE(calls) == 0) {
         Py_RETURN_FALSE;
     }
-    /* No Python code runs in the loop (PyCallable_Check reads a type slot): the list cannot
-     * change under it, and its items are borrowed safely. */
+    /* No Python code runs in the loop (PyCallable_Check reads a type slot, and nothing is
+     * allocated): the list cannot change under it, and its items are borrowed safely. */
     Py_ssize_t n = PyList_GET_SIZE(calls);
     PyObject *head = PyList_GET_ITEM(calls, 0);
     if (!PyTuple_CheckExact(head) || PyTuple_GET_SIZE(head) == 0) {
@@ -54,7 +54,24 @@ shape(PyObject *self, PyObject *calls)
     if (!PyCallable_Check(fn)) {
         Py_RETURN_FALSE;
     }
-    return Py_BuildValue("(On)", shared ? fn : Py_None, width);
+    /* From here on, allocations may start a garbage collection, which runs Python code (a
+     * __del__, a gc callback) that may empty the list and free fn: it is held first. */
+    PyObject *first = shared ? fn : Py_None;
+    Py_INCREF(first);
+    PyObject *length = PyLong_FromSsize_t(width);
+    if (length == NULL) {
+        Py_DECREF(first);
+        return NULL;
+    }
+    PyObject *answer = PyTuple_New(2);
+    if (answer == NULL) {
+        Py_DECREF(first);
+        Py_DECREF(length);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(answer, 0, first);
+    PyTuple_SET_ITEM(answer, 1, length);
+    return answer;
 }
 
 static PyMethodDef methods[] = {

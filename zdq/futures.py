@@ -27,7 +27,7 @@ from zdq.config import timeout_or_none
 from zdq.errors import BatchError, TaskCancelled, ZdqTimeoutError
 from zdq.names import counted
 
-__all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "SayOnce", "WaitHint", "wait", "as_completed"]
+__all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "SayOnce", "SignalSafeCondition", "WaitHint", "wait", "as_completed"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,28 @@ def _met(got: concurrent.futures._base.DoneAndNotDoneFutures[Any], return_when: 
     if return_when == concurrent.futures.FIRST_EXCEPTION:
         return any(not f.cancelled() and f.exception(0) is not None for f in got.done)
     return False
+
+
+class _ItsLocks:
+    """``with condition:`` through the condition's lock's own ``__enter__`` or ``__exit__``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, condition: Any, owner: type | None = None) -> Any:
+        return self if condition is None else getattr(condition._lock, self.name)
+
+
+class SignalSafeCondition(threading.Condition):
+    """A :class:`threading.Condition` whose ``with`` statement takes and gives back its lock
+    directly, in C. ``Condition.__enter__`` is a Python frame: a signal's exception (a Ctrl-C on
+    the main thread) raised as it returned, the lock just taken, left the lock held for good, and
+    every thread that takes it after stopped there: the driver's I/O thread, and with it every
+    task of the pool (reviewer 17). Looking the methods up runs Python (``__get__``), but before
+    the lock is taken; the lock must be one of ``threading``'s, whose methods are compiled."""
+
+    __enter__ = _ItsLocks("__enter__")
+    __exit__ = _ItsLocks("__exit__")
 
 
 def wait_seconds(timeout: Any) -> float | None:
@@ -181,7 +203,7 @@ class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, wh
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._with_results = with_results
         self._raise_errors = raise_errors
-        self._cond = threading.Condition()
+        self._cond = SignalSafeCondition()
         self._pending: dict[int, concurrent.futures.Future[Any]] = {}
         self._ready: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
         self._wakers: list[Callable[[], None]] = []

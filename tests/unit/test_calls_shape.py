@@ -46,6 +46,32 @@ class Calls(list):  # type: ignore[type-arg]
     """A list subclass: taken in Python, as it may read differently from its items."""
 
 
+class _SaysItIsTuple(type):
+    def __eq__(cls, other: object) -> bool:
+        return other is tuple or type.__eq__(cls, other)
+
+    __hash__ = type.__hash__
+
+
+class FakeTuple(metaclass=_SaysItIsTuple):
+    """Not a tuple, though its metaclass says it equals ``tuple``: no path may take it for one,
+    nor ask it anything (reviewer 17: the Python path asked its ``__len__`` and ``__getitem__``)."""
+
+    def __getitem__(self, i: int) -> Any:
+        raise AssertionError("__getitem__ was asked")
+
+    def __len__(self) -> int:
+        raise AssertionError("__len__ was asked")
+
+    def __repr__(self) -> str:
+        return "FakeTuple()"
+
+
+class BadRepr:
+    def __repr__(self) -> str:
+        raise RuntimeError("repr called")
+
+
 def _answers(calls: Any) -> tuple[Any, Any]:
     """(check_calls' answer or the error it raised, calls_width's answer where it applies)."""
     try:
@@ -87,6 +113,9 @@ _BATCHES: dict[str, Any] = {
     "a tuple subclass first": [Row((add, 1)), (add, 1)],
     "not a tuple": [(add, 1), 5],
     "none": [None],
+    "a class whose metaclass says it is tuple": [(add, 1)] * 10 + [FakeTuple()],
+    "a class whose metaclass says it is tuple, first": [FakeTuple()] + [(add, 1)] * 10,
+    "an item whose repr raises": [(add, 1), BadRepr()],
 }
 
 
@@ -102,6 +131,7 @@ def test_random_batches_have_the_same_shape_in_c_and_in_python(monkeypatch: pyte
     rng = random.Random(26)
     parts: list[Any] = [
         (add, 1), (add, 1, 2), (add,), (divmod, 7, 2), (_fn, 1), ("tests.tasks:add", 1), (3,), (), Row((add, 1)), 5,
+        FakeTuple(), BadRepr(),
     ]
     batches = []
     for _ in range(400):
@@ -144,3 +174,48 @@ def test_the_compiled_shape_refuses_what_is_not_a_plain_list_of_calls() -> None:
     for wrong in ([], (), Calls([(add, 1)]), [(add, 1), Row((add, 1))], [(add, 1), ()], [(3, 1)], [(add, 1), (3, 1)], "abc", None):
         assert shape(wrong) is False, wrong
     assert shape([(add, 1), (divmod, 1)]) == (None, 2)
+
+
+def test_an_item_whose_repr_raises_is_named_by_its_type() -> None:
+    with pytest.raises(TypeError, match=r"item 1 must be a tuple .*BadRepr object whose repr raises"):
+        check_calls([(add, 1), BadRepr()])
+
+
+@needs_the_extension
+def test_the_function_is_held_while_the_answer_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reviewer 17: building the answer may start a garbage collection, which runs Python code
+    (here a gc callback) that may empty the list and free the function the answer names: it
+    crashed the interpreter. The function is held from the end of the loop on."""
+    import gc
+    import weakref
+
+    class Fn:
+        def __call__(self, *args: Any) -> None:
+            return None
+
+    calls = [(Fn(), 1)]
+    alive = weakref.ref(calls[0][0])
+    cleared: list[int] = []
+
+    def clear(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start" and calls:
+            cleared.append(1)
+            calls.clear()
+
+    was = gc.isenabled()
+    gc.disable()
+    spare = [(i, -i) for i in range(5000)]  # the answer's tuple is then a fresh GC allocation
+    old = gc.get_threshold()
+    gc.callbacks.append(clear)
+    try:
+        gc.set_threshold(1)
+        gc.enable()
+        fn, width = tasks._shape(calls)  # type: ignore[misc]
+    finally:
+        gc.disable()
+        gc.callbacks.remove(clear)
+        gc.set_threshold(*old)
+        if was:
+            gc.enable()
+    del spare
+    assert cleared and isinstance(fn, Fn) and width == 2 and alive() is fn

@@ -56,7 +56,7 @@ from zdq.client.window import (
 )
 from zdq._actor import scheduler_workers
 from zdq.errors import ZdqError
-from zdq.futures import TaskFuture
+from zdq.futures import SignalSafeCondition, TaskFuture
 
 if TYPE_CHECKING:
     from zdq.client.queue_pool import QueuePool
@@ -171,7 +171,7 @@ class Executor(concurrent.futures.Executor):
                 "client; with Client(asynchronous=True), use the pool itself: `queue_pool = await "
                 "zdq.QueuePool(client, n)`, then `await queue_pool.submit(fn, x)`, `await queue_pool.map(fn, xs)`"
             )
-        self._state = threading.Condition()
+        self._state = SignalSafeCondition()
         self._close_lock = threading.Lock()
         self._shutdown = False
         self._cancelling = False

@@ -198,8 +198,9 @@ def place_on_the_rest(
     up to :data:`_COME_BACK` seconds: a nanny restarts a killed worker, under its name, within
     seconds. A second failure for workers that left is raised, with a note naming them."""
     deadline = time.monotonic() + timeout
-    bound = min(timeout, max(_TRY_AT_LEAST, timeout / 4))
+    bound = first = min(timeout, max(_TRY_AT_LEAST, timeout / 4))
     left: list[str] = []
+    silent: list[str] = []
     for again in (False, True):
         back_by = time.monotonic() + _COME_BACK
         while True:
@@ -218,11 +219,17 @@ def place_on_the_rest(
                 # Dask says "Worker holding Actor was lost" before its scheduler may have dropped
                 # the worker: only then is it waited for, a few seconds.
                 left = workers_left(client, chosen(), wait=3.0 if "lost" in str(e).lower() else 0.0)
-                silent = list(getattr(e, "silent", ()))
+                if not again:
+                    silent = list(getattr(e, "silent", ()))
                 rest = deadline - time.monotonic()
                 if again or (not left and not silent) or rest <= 0:
                     if again and left:
                         e.add_note(f"zdq: workers {', '.join(left)} left the cluster while {what} were placed, twice")
+                    elif again and silent:
+                        e.add_note(
+                            f"zdq: a first try waited {first:g} s, and {', '.join(silent)} did not answer it; this "
+                            f"one waited the rest of placement-timeout ({timeout:g} s in all)"
+                        )
                     raise
                 logger.warning(
                     "placing %s: %s (%s); placing them again on the others",

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from zdq.compiled import compiled
 from zdq.errors import SerializationError, TaskCancelled, ZdqError, ZdqTimeoutError
-from zdq.futures import BatchFuture, TaskFuture, _io_thread, notify_cancelled, wait_seconds
+from zdq.futures import BatchFuture, SignalSafeCondition, TaskFuture, _io_thread, notify_cancelled, wait_seconds
 
 #: ``zdq._untracked`` (see :class:`MapChunk`), or None where it was not built: the futures are then
 #: made in Python, tracked.
@@ -215,7 +215,7 @@ class MapBatch(BatchFuture):
 
     def __init__(self, first_key: int, n: int) -> None:
         super().__init__(first_key, n)
-        self._arrived = threading.Condition(self._fill_lock)
+        self._arrived = SignalSafeCondition(self._fill_lock)
 
     def _fill(self, offset: int, values: list[Any], errors: dict[int, BaseException]) -> None:
         super()._fill(offset, values, errors)

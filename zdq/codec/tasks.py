@@ -217,7 +217,7 @@ def check_calls(calls: Sequence[Any], first: int = 0) -> Any:
             if type(call) is tuple and call and type(call[0]) is str:  # only names pay for this
                 check_task_name(call[0], f"batch_submit item {first + i}: ")
                 continue
-            raise TypeError(f"batch_submit item {first + i} must be a tuple (fn, *args), got {call!r:.80}")
+            raise TypeError(f"batch_submit item {first + i} must be a tuple (fn, *args), got {_shown(call)}")
     return None
 
 
@@ -231,10 +231,9 @@ def _all_calls(calls: Sequence[Any]) -> Any:
     Where ``zdq._calls`` is built, one pass of C over a list (:data:`_shape`: a tenth of the time,
     and it asks nothing of the user's objects). Otherwise loops that run in C (``map``, ``count``,
     ``all``): about half the time of the loop in :func:`check_calls` for a million calls.
-    ``count`` compares by identity first: ``tuple`` against itself calls no ``__eq__``; another type
-    is compared by its metaclass (``type``'s: identity; one whose metaclass says it equals
-    ``tuple`` would pass here, and fail as a task instead). ``callable`` is asked of every entry:
-    no ``__eq__`` of a user's object is trusted. Anything that raises leaves it to the loop."""
+    Types are compared by identity (``operator.is_``): a class whose metaclass says it equals
+    ``tuple`` is no tuple here, as in C. ``callable`` is asked of every entry: no ``__eq__`` of a
+    user's object is trusted. Anything that raises leaves it to the loop."""
     if _shape is not None and type(calls) is list:
         found = _shape(calls)
         return found if found is False else found[0]
@@ -243,7 +242,7 @@ def _all_calls(calls: Sequence[Any]) -> Any:
     if type(head) is not tuple or not head or not callable(head[0]):  # a batch by name, or none: the loop
         return False
     try:
-        if list(map(type, calls)).count(tuple) != n:
+        if not all(map(operator.is_, map(type, calls), itertools.repeat(tuple))):
             return False
         fn = head[0]
         # An empty tuple has no first item: IndexError, and the loop names it.
@@ -255,6 +254,15 @@ def _all_calls(calls: Sequence[Any]) -> Any:
 
 
 _first = operator.itemgetter(0)
+
+
+def _shown(obj: Any) -> str:
+    """``repr(obj)`` cut to 80 characters for an error message; a ``__repr__`` that raises gives
+    way to the type's name (the error said is zdq's, not the repr's)."""
+    try:
+        return f"{obj!r:.80}"
+    except Exception:  # noqa: BLE001 - any error of a user's __repr__
+        return f"<{type(obj).__qualname__} object whose repr raises>"
 
 
 def _dotted(path: str) -> bool:

@@ -63,7 +63,7 @@ from zdq.errors import (
     ZdqError,
     ZdqTimeoutError,
 )
-from zdq.futures import TaskFuture
+from zdq.futures import SignalSafeCondition, TaskFuture
 from zdq.reporting import FailureLog
 from zdq.codec.tasks import PICKLED, cancel_in_chunk, dumps_chunk
 from zdq.codec.timing import Timing
@@ -172,7 +172,7 @@ class Ledger:
         self.wake: Callable[[], None] | None = None
         #: What the links say about a full buffer, for SubmitTimeout (set by the facade).
         self.explain: Callable[[], str] = lambda: ""
-        self.cond = threading.Condition()
+        self.cond = SignalSafeCondition()  # a Ctrl-C in a with-statement on it never leaves it held
         # -- under cond --------------------------------------------------------------------------
         self.loose: list[Loose] = []
         self.queued: deque[Record] = deque()

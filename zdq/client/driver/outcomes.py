@@ -575,19 +575,25 @@ class Outcomes:
         merged: dict[int, Any] = {} if into is None else into
         wanted = list(producers)
         with self.read_lock:
-            with self.cond:
-                self.folding = self.reading = True
-                backlogs = {ident: self.kept.pop(ident) for ident in wanted if self.kept.get(ident)}
-                targets = {ident: self.folded[ident] for ident in backlogs}
+            backlogs: dict[bytes, deque[Any]] = {}
             try:
+                with self.cond:
+                    self.folding = self.reading = True
+                    for ident in wanted:
+                        if self.kept.get(ident):
+                            # Named here before it leaves ``kept``: a signal's exception between
+                            # the two steps finds it in one place or both, never in neither.
+                            backlogs[ident] = self.kept[ident]
+                            self.kept[ident] = deque()
                 for ident, backlog in backlogs.items():
-                    _fold(targets[ident], backlog)
+                    _fold(self.folded[ident], backlog)
             except BaseException:  # a signal's exception on the main thread: nothing is lost
                 with self.cond:
                     self.reading = False
                     self.fold_due = True
                     for ident, backlog in backlogs.items():  # back in front of what arrived since
-                        self.kept[ident].extendleft(reversed(backlog))
+                        if self.kept.get(ident) is not backlog:
+                            self.kept[ident].extendleft(reversed(backlog))
                 raise
             with self.cond:
                 self.reading = False

@@ -8,14 +8,13 @@ A :class:`Record`'s fields belong to the ledger and are read and written under i
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import InvalidStateError
 from typing import Any, Protocol
 
 from zdq.errors import TaskCancelled
-from zdq.futures import BatchFuture, TaskFuture, notify_cancelled
+from zdq.futures import BatchFuture, SignalSafeCondition, TaskFuture, notify_cancelled
 from zdq.codec.timing import Timing
 
 __all__ = ["Books", "Loose", "NO_CONSUMER", "Record", "Settlement", "cancel_future", "cancellation", "settle"]
@@ -139,7 +138,7 @@ class Books(Protocol):
 
     name: str
     queue_names: list[str]
-    cond: threading.Condition
+    cond: SignalSafeCondition
     loose: list[Loose]
     queued: deque[Record]
     pinned: dict[int, deque[Record]]
