@@ -62,6 +62,10 @@ def test_bench_runs_zdq_and_dask_on_an_embedded_cluster_and_reports_both(tmp_pat
     assert len(paired) == 1 and "futures path" in futures["system"]
     path_ratio = paired[0] / dq_path["seconds"][0]
     assert abs(report["ratios"]["no-op: zdq daskqueue path / zdq futures path"] - path_ratio) < 1e-9
+    # The maps' too, each run beside a batch of the futures path on its own pool: rate over rate.
+    for case, key in ((report["cases"][5], "map: zdq Executor.map / zdq futures path"), (pool_map, "map: zdq queue_pool.map / zdq futures path")):
+        (batch,), (run,) = case["extra"]["paired_futures_s"], case["seconds"]
+        assert abs(report["ratios"][key] - (case["tasks"] / run) / (5000 / batch)) < 1e-9
     # Durability's cost, taken the same way: each durable batch beside a transient one.
     durable = report["cases"][3]
     beside = durable["extra"]["paired_transient_s"]

@@ -139,42 +139,74 @@ def zdq_durable_beside_transient(client: Client, config: BenchConfig) -> tuple[C
     return durable, ratio
 
 
-def executor_map(client: Client, config: BenchConfig) -> CaseResult:
+def _paired_with_the_futures_path(qp: Any, config: BenchConfig, run: Callable[[], object], result: CaseResult) -> float:
+    """``config.repeat`` timed runs of ``run`` (one map on ``qp``), each paired with a batch of the
+    futures path on the same pool (``batch_submit(...).result()`` of ``config.tasks`` no-ops), the
+    two alternated (ABBA); the median over pairs of the run's rate / the batch's rate. The
+    batches' seconds are the case's ``paired_futures_s``. What ``run`` returns (its futures) is
+    dropped after its time is taken, as a batch's values are.
+
+    A map's rate read against the futures path's own case, which ran a minute before with other
+    cases between, moved with what ran between: the suite's map ratios spread twofold from run to
+    run, where pairs taken moments apart on one pool do not (benchmarks/RESULTS.md, issue 26's
+    sixteenth and seventeenth sessions)."""
+    beside = CaseResult("no-op", "zdq futures path, paired", config.tasks)
+    for r in range(config.repeat):
+        if r % 2 == 0:
+            _time_batches(qp, _noop_calls, config.tasks, 1, beside)
+        start = time.perf_counter()
+        kept = run()
+        result.seconds.append(time.perf_counter() - start)
+        del kept
+        if r % 2 == 1:
+            _time_batches(qp, _noop_calls, config.tasks, 1, beside)
+    result.extra["paired_futures_s"] = beside.seconds
+    return statistics.median(
+        (result.tasks / m) / (config.tasks / f) for m, f in zip(result.seconds, beside.seconds)
+    )
+
+
+def executor_map(client: Client, config: BenchConfig) -> tuple[CaseResult, float]:
     """``Executor.map`` of a no-op over ``config.n_map`` items (a range, read lazily) with a
     ``buffersize``: one task per item, at most ``buffersize`` unfinished, results taken in order.
     Its comparisons are the no-op case's Dask side, ``client.map`` + ``gather`` (Dask's rate, on
     fewer tasks: a million of its futures would take half an hour), and zdq's futures path (one
-    ``batch_submit`` of as many no-ops: issue 26 asks the map at 80 % of it at least).
-
-    One run, whatever ``--repeat``: a million items give a steady rate, and the default suite is
-    not made several times longer by it."""
+    ``batch_submit`` of as many no-ops: issue 26 asks the map at 80 % of it at least), each run
+    paired with a batch of it on the same pool (:func:`_paired_with_the_futures_path`); returns the
+    case and that ratio."""
     n, buffersize = config.n_map, config.map_buffersize
-    result = CaseResult("map", f"zdq Executor.map (buffersize={buffersize:,})", n, extra={"runs": 1})
+    result = CaseResult("map", f"zdq Executor.map (buffersize={buffersize:,})", n)
     with _pools(client, config) as qp, qp.executor() as executor:
-        start = time.perf_counter()
-        count = sum(1 for _ in executor.map(noop, range(n), buffersize=buffersize))
-        result.seconds.append(time.perf_counter() - start)
-    if count != n:
-        raise RuntimeError(f"Executor.map gave {count} results for {n} items")
-    return result
+
+        def run() -> object:
+            count = sum(1 for _ in executor.map(noop, range(n), buffersize=buffersize))
+            if count != n:
+                raise RuntimeError(f"Executor.map gave {count} results for {n} items")
+            return None
+
+        ratio = _paired_with_the_futures_path(qp, config, run, result)
+    return result, ratio
 
 
-def queue_pool_map(client: Client, config: BenchConfig) -> CaseResult:
+def queue_pool_map(client: Client, config: BenchConfig) -> tuple[CaseResult, float]:
     """``queue_pool.map`` of a no-op over ``config.tasks`` items (a range), then every result
     taken from its future: Dask's ``client.map`` + ``gather`` shape, one future per item (which is
-    what it returns), so its ratio to the futures path is the price of those futures."""
+    what it returns), so its ratio to the futures path is the price of those futures. Each run is
+    paired with a batch of the futures path on the same pool (:func:`_paired_with_the_futures_path`);
+    returns the case and that ratio."""
     n = config.tasks
     result = CaseResult("map", "zdq queue_pool.map (a future per item)", n)
     with _pools(client, config) as qp:
-        for _ in range(config.repeat):
-            start = time.perf_counter()
+
+        def run() -> object:
             futures = qp.map(noop, range(n))
             count = len([fut.result() for fut in futures])
-            result.seconds.append(time.perf_counter() - start)
-            del futures
             if count != n:
                 raise RuntimeError(f"queue_pool.map gave {count} results for {n} items")
-    return result
+            return futures
+
+        ratio = _paired_with_the_futures_path(qp, config, run, result)
+    return result, ratio
 
 
 #: ``batch_submit``'s ``batch_size`` on the daskqueue path: the issue's (26) measured user's.
@@ -491,16 +523,16 @@ def run(config: BenchConfig) -> dict[str, Any]:
         if plain is not None:
             cases.append(plain)
             ratios["no-op: with auth / without auth"] = auth_ratio
-        mapped = executor_map(client, config)
+        mapped, mapped_paired = executor_map(client, config)
         cases.append(mapped)
         ratios["map: zdq Executor.map / dask futures"] = mapped.rate / dask.rate
-        ratios["map: zdq Executor.map / zdq futures path"] = mapped.rate / zdq.rate
+        ratios["map: zdq Executor.map / zdq futures path"] = mapped_paired
         dq_path, dq_paired = daskqueue_path(client, config)
         cases.append(dq_path)
         ratios["no-op: zdq daskqueue path / zdq futures path"] = dq_paired
-        pool_mapped = queue_pool_map(client, config)
+        pool_mapped, pool_mapped_paired = queue_pool_map(client, config)
         cases.append(pool_mapped)
-        ratios["map: zdq queue_pool.map / zdq futures path"] = pool_mapped.rate / zdq.rate
+        ratios["map: zdq queue_pool.map / zdq futures path"] = pool_mapped_paired
         if full:
             trips, trip_ratios = latency(client, config)
             cases += trips
