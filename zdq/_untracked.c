@@ -175,6 +175,208 @@ scalars(PyObject *module, PyObject *values)
     return PyBool_FromLong(plain);
 }
 
+/* -- slot_result: MapFuture.result() read in C ------------------------------------------------------
+ *
+ * A map of a million items is read by a million result() calls, one per future: in Python, each is
+ * a frame that reads its chunk's state (about 100 ns, a quarter of such a map, benchmarks/RESULTS.md,
+ * issue 26's seventeenth session). slot_result(future_type, chunk_slot, index_slot, chunk_type,
+ * settled_slot, errors_slot, values_slot, slow) is a method for future_type that answers the
+ * common case in C: called without a timeout (or with None) on a future whose position in its
+ * chunk is settled and whose chunk holds no error, it returns the chunk's value at that position.
+ * Anything else (a pending future, an error anywhere in the chunk, a timeout, a subclass whose
+ * slots are not where they were) goes to `slow`, the method in Python, with the same arguments.
+ *
+ * The slots are read where their member descriptors say, and only from objects of the types they
+ * were taken from (or their subclasses, which keep their bases' slots in place). The chunk's
+ * outcome at a position is written before the position is marked settled, under its lock, and
+ * never written again (MapChunk): reading it without the lock, holding the interpreter lock, is
+ * as safe as the Python method's reads.
+ *
+ * The type is a method descriptor (Py_TPFLAGS_METHOD_DESCRIPTOR): `future.result()` calls it with
+ * the future first and makes no bound method; `future.result` alone gives a bound method. Its
+ * `__wrapped__` is `slow`, for inspect.signature and help().
+ */
+typedef struct {
+    PyObject_HEAD
+    PyTypeObject *future_type;
+    PyTypeObject *chunk_type;
+    Py_ssize_t chunk_at, index_at, settled_at, errors_at, values_at;
+    PyObject *slow;
+    vectorcallfunc vectorcall;
+} SlotResult;
+
+static PyObject *
+slot_result_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    SlotResult *self = (SlotResult *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (kwnames == NULL && (nargs == 1 || (nargs == 2 && args[1] == Py_None))
+        && PyObject_TypeCheck(args[0], self->future_type)) {
+        char *future = (char *)args[0];
+        PyObject *chunk = *(PyObject **)(future + self->chunk_at);
+        PyObject *index = *(PyObject **)(future + self->index_at);
+        if (chunk != NULL && index != NULL && PyLong_CheckExact(index) && PyObject_TypeCheck(chunk, self->chunk_type)) {
+            PyObject *settled = *(PyObject **)((char *)chunk + self->settled_at);
+            PyObject *errors = *(PyObject **)((char *)chunk + self->errors_at);
+            PyObject *values = *(PyObject **)((char *)chunk + self->values_at);
+            Py_ssize_t i = PyLong_AsSsize_t(index);
+            if (i == -1 && PyErr_Occurred()) {
+                PyErr_Clear();
+            }
+            else if (settled != NULL && errors != NULL && values != NULL && PyByteArray_CheckExact(settled)
+                     && PyDict_CheckExact(errors) && PyList_CheckExact(values) && i >= 0
+                     && i < PyByteArray_GET_SIZE(settled) && i < PyList_GET_SIZE(values)
+                     && PyByteArray_AS_STRING(settled)[i] && PyDict_GET_SIZE(errors) == 0) {
+                PyObject *value = PyList_GET_ITEM(values, i);
+                Py_INCREF(value);
+                return value;
+            }
+        }
+    }
+    return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
+}
+
+static Py_ssize_t
+member_offset(PyTypeObject *owner, PyObject *descr, const char *what)
+{
+    if (!Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        PyErr_Format(PyExc_TypeError, "slot_result(): %s must be a slot's descriptor, got %R", what, descr);
+        return -1;
+    }
+    PyMemberDescrObject *member = (PyMemberDescrObject *)descr;
+    if (!PyType_IsSubtype(owner, PyDescr_TYPE(member)) || member->d_member->type != T_OBJECT_EX) {
+        PyErr_Format(PyExc_TypeError, "slot_result(): %s, %R, is not an object slot of %R", what, descr, (PyObject *)owner);
+        return -1;
+    }
+    return member->d_member->offset;
+}
+
+static PyObject *
+slot_result_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyTypeObject *future_type, *chunk_type;
+    PyObject *chunk_slot, *index_slot, *settled_slot, *errors_slot, *values_slot, *slow;
+    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0)
+        || !PyArg_ParseTuple(args, "O!OOO!OOOO:slot_result", &PyType_Type, &future_type, &chunk_slot, &index_slot,
+                             &PyType_Type, &chunk_type, &settled_slot, &errors_slot, &values_slot, &slow)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "slot_result() takes no keyword arguments");
+        }
+        return NULL;
+    }
+    if (!PyCallable_Check(slow)) {
+        PyErr_Format(PyExc_TypeError, "slot_result(): slow must be callable, got %R", slow);
+        return NULL;
+    }
+    Py_ssize_t at[5];
+    PyTypeObject *owners[5] = {future_type, future_type, chunk_type, chunk_type, chunk_type};
+    PyObject *slots[5] = {chunk_slot, index_slot, settled_slot, errors_slot, values_slot};
+    const char *names[5] = {"chunk_slot", "index_slot", "settled_slot", "errors_slot", "values_slot"};
+    for (int k = 0; k < 5; k++) {
+        at[k] = member_offset(owners[k], slots[k], names[k]);
+        if (at[k] < 0) {
+            return NULL;
+        }
+    }
+    SlotResult *self = (SlotResult *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    Py_INCREF(future_type);
+    self->future_type = future_type;
+    Py_INCREF(chunk_type);
+    self->chunk_type = chunk_type;
+    self->chunk_at = at[0];
+    self->index_at = at[1];
+    self->settled_at = at[2];
+    self->errors_at = at[3];
+    self->values_at = at[4];
+    Py_INCREF(slow);
+    self->slow = slow;
+    self->vectorcall = slot_result_call;
+    return (PyObject *)self;
+}
+
+static int
+slot_result_traverse(SlotResult *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->future_type);
+    Py_VISIT(self->chunk_type);
+    Py_VISIT(self->slow);
+    return 0;
+}
+
+static int
+slot_result_clear(SlotResult *self)
+{
+    Py_CLEAR(self->future_type);
+    Py_CLEAR(self->chunk_type);
+    Py_CLEAR(self->slow);
+    return 0;
+}
+
+static void
+slot_result_dealloc(SlotResult *self)
+{
+    PyObject_GC_UnTrack(self);
+    slot_result_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+slot_result_get(PyObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL || obj == Py_None) {  /* read from the class: the method itself */
+        Py_INCREF(self);
+        return self;
+    }
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *
+slot_result_wrapped(SlotResult *self, void *closure)
+{
+    if (self->slow == NULL) {
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(self->slow);
+    return self->slow;
+}
+
+static PyObject *
+slot_result_doc(SlotResult *self, void *closure)
+{
+    return self->slow == NULL ? (Py_INCREF(Py_None), Py_None) : PyObject_GetAttrString(self->slow, "__doc__");
+}
+
+static PyObject *
+slot_result_name(SlotResult *self, void *closure)
+{
+    return self->slow == NULL ? PyUnicode_FromString("result") : PyObject_GetAttrString(self->slow, "__name__");
+}
+
+static PyGetSetDef slot_result_getset[] = {
+    {"__wrapped__", (getter)slot_result_wrapped, NULL, "the method in Python, which answers what is not settled", NULL},
+    {"__doc__", (getter)slot_result_doc, NULL, NULL, NULL},
+    {"__name__", (getter)slot_result_name, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject SlotResultType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "zdq._untracked.slot_result",
+    .tp_basicsize = sizeof(SlotResult),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_new = slot_result_new,
+    .tp_traverse = (traverseproc)slot_result_traverse,
+    .tp_clear = (inquiry)slot_result_clear,
+    .tp_dealloc = (destructor)slot_result_dealloc,
+    .tp_vectorcall_offset = offsetof(SlotResult, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_descr_get = slot_result_get,
+    .tp_getset = slot_result_getset,
+};
+
 static PyMethodDef methods[] = {
     {"slotted", slotted, METH_VARARGS,
      "slotted(cls, n, slot_a, value_a, slot_b, values_b): n untracked instances of cls, slot_a set to value_a, "
@@ -193,5 +395,18 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__untracked(void)
 {
-    return PyModule_Create(&module);
+    if (PyType_Ready(&SlotResultType) < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&SlotResultType);
+    if (PyModule_AddObject(m, "slot_result", (PyObject *)&SlotResultType) < 0) {
+        Py_DECREF(&SlotResultType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }
