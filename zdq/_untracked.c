@@ -183,18 +183,19 @@ scalars(PyObject *module, PyObject *values)
  * settled_slot, errors_slot, values_slot, slow) is a method for future_type that answers the
  * common case in C: called without a timeout (or with None) on a future whose position in its
  * chunk is settled and whose chunk holds no error, it returns the chunk's value at that position.
- * Anything else (a pending future, an error anywhere in the chunk, a timeout, a subclass whose
- * slots are not where they were) goes to `slow`, the method in Python, with the same arguments.
+ * Anything else (a pending future, an error anywhere in the chunk, a timeout, an object of a
+ * subclass) goes to `slow`, the method in Python, with the same arguments.
  *
- * The slots are read where their member descriptors say, and only from objects of the types they
- * were taken from (or their subclasses, which keep their bases' slots in place). The chunk's
+ * The slots are read where their member descriptors say, and only from objects of exactly the
+ * types they were taken from: a subclass may give one of the names another meaning. The chunk's
  * outcome at a position is written before the position is marked settled, under its lock, and
  * never written again (MapChunk): reading it without the lock, holding the interpreter lock, is
  * as safe as the Python method's reads.
  *
  * The type is a method descriptor (Py_TPFLAGS_METHOD_DESCRIPTOR): `future.result()` calls it with
  * the future first and makes no bound method; `future.result` alone gives a bound method. Its
- * `__wrapped__` is `slow`, for inspect.signature and help().
+ * `__wrapped__` is `slow`, and its name, qualified name, module, doc and annotations are slow's,
+ * for inspect, help() and typing; it pickles as the attribute of future_type it is.
  */
 typedef struct {
     PyObject_HEAD
@@ -210,12 +211,13 @@ slot_result_call(PyObject *callable, PyObject *const *args, size_t nargsf, PyObj
 {
     SlotResult *self = (SlotResult *)callable;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (kwnames == NULL && (nargs == 1 || (nargs == 2 && args[1] == Py_None))
-        && PyObject_TypeCheck(args[0], self->future_type)) {
+    /* Objects of exactly the types the slots were taken from: a subclass may give one of these
+     * names another meaning (a property, a slot of its own), which the Python method honours. */
+    if (kwnames == NULL && (nargs == 1 || (nargs == 2 && args[1] == Py_None)) && Py_IS_TYPE(args[0], self->future_type)) {
         char *future = (char *)args[0];
         PyObject *chunk = *(PyObject **)(future + self->chunk_at);
         PyObject *index = *(PyObject **)(future + self->index_at);
-        if (chunk != NULL && index != NULL && PyLong_CheckExact(index) && PyObject_TypeCheck(chunk, self->chunk_type)) {
+        if (chunk != NULL && index != NULL && PyLong_CheckExact(index) && Py_IS_TYPE(chunk, self->chunk_type)) {
             PyObject *settled = *(PyObject **)((char *)chunk + self->settled_at);
             PyObject *errors = *(PyObject **)((char *)chunk + self->errors_at);
             PyObject *values = *(PyObject **)((char *)chunk + self->values_at);
@@ -349,17 +351,62 @@ slot_result_doc(SlotResult *self, void *closure)
     return self->slow == NULL ? (Py_INCREF(Py_None), Py_None) : PyObject_GetAttrString(self->slow, "__doc__");
 }
 
+/* An attribute of `slow` (closure: its name), as the method's own. */
 static PyObject *
-slot_result_name(SlotResult *self, void *closure)
+slot_result_slows(SlotResult *self, void *closure)
 {
-    return self->slow == NULL ? PyUnicode_FromString("result") : PyObject_GetAttrString(self->slow, "__name__");
+    if (self->slow == NULL) {
+        PyErr_SetString(PyExc_AttributeError, (const char *)closure);
+        return NULL;
+    }
+    return PyObject_GetAttrString(self->slow, (const char *)closure);
+}
+
+static PyObject *
+slot_result_objclass(SlotResult *self, void *closure)
+{
+    if (self->future_type == NULL) {
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(self->future_type);
+    return (PyObject *)self->future_type;
 }
 
 static PyGetSetDef slot_result_getset[] = {
     {"__wrapped__", (getter)slot_result_wrapped, NULL, "the method in Python, which answers what is not settled", NULL},
     {"__doc__", (getter)slot_result_doc, NULL, NULL, NULL},
-    {"__name__", (getter)slot_result_name, NULL, NULL, NULL},
+    {"__name__", (getter)slot_result_slows, NULL, NULL, "__name__"},
+    {"__qualname__", (getter)slot_result_slows, NULL, NULL, "__qualname__"},
+    {"__module__", (getter)slot_result_slows, NULL, NULL, "__module__"},
+    {"__annotations__", (getter)slot_result_slows, NULL, NULL, "__annotations__"},
+    {"__objclass__", (getter)slot_result_objclass, NULL, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
+};
+
+/* Pickled as what it is: the attribute `result` (slow's name) of future_type. */
+static PyObject *
+slot_result_reduce(SlotResult *self, PyObject *unused)
+{
+    if (self->future_type == NULL || self->slow == NULL) {
+        PyErr_SetString(PyExc_TypeError, "cannot pickle a cleared slot_result");
+        return NULL;
+    }
+    PyObject *name = PyObject_GetAttrString(self->slow, "__name__");
+    if (name == NULL) {
+        return NULL;
+    }
+    PyObject *getattr = PyDict_GetItemString(PyEval_GetBuiltins(), "getattr");  /* borrowed */
+    PyObject *out = getattr == NULL ? NULL : Py_BuildValue("O(OO)", getattr, (PyObject *)self->future_type, name);
+    if (getattr == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "no builtin getattr");
+    }
+    Py_DECREF(name);
+    return out;
+}
+
+static PyMethodDef slot_result_methods[] = {
+    {"__reduce__", (PyCFunction)slot_result_reduce, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
 };
 
 static PyTypeObject SlotResultType = {
@@ -375,6 +422,7 @@ static PyTypeObject SlotResultType = {
     .tp_call = PyVectorcall_Call,
     .tp_descr_get = slot_result_get,
     .tp_getset = slot_result_getset,
+    .tp_methods = slot_result_methods,
 };
 
 static PyMethodDef methods[] = {

@@ -205,3 +205,78 @@ def test_the_compiled_method_is_collected_with_what_it_holds() -> None:
     del holder, method
     gc.collect()
     assert ref() is None
+
+
+def _same_as_python(future: MapFuture) -> None:
+    try:
+        expected = MapFuture.result.__wrapped__(future)  # type: ignore[attr-defined]
+    except BaseException as e:  # noqa: BLE001 - the Python method's answer, whatever it is
+        with pytest.raises(type(e)):
+            future.result()
+    else:
+        assert future.result() == expected
+
+
+def test_a_subclass_that_gives_a_slots_name_another_meaning_is_answered_by_the_python_method() -> None:
+    """Reviewer 18: the slots were read where the base classes keep them, whatever a subclass
+    made of the names (a property, a slot of its own): its objects go to the Python method."""
+    chunk, _ = _chunk(4)
+
+    class OwnIndex(MapFuture):
+        __slots__ = ()
+
+        @property
+        def _i(self) -> int:  # type: ignore[override]
+            return 0
+
+    f = object.__new__(OwnIndex)
+    vars(MapFuture)["_chunk"].__set__(f, chunk)
+    vars(MapFuture)["_i"].__set__(f, 3)
+    assert f.result() == 0
+    _same_as_python(f)
+
+    class ErrorsOfItsOwn(MapChunk):
+        @property
+        def _errors(self) -> dict[int, BaseException]:
+            return {1: ValueError("position 1 failed, says the subclass")}
+
+        @_errors.setter
+        def _errors(self, value: dict[int, BaseException]) -> None:
+            vars(MapChunk)["_errors"].__set__(self, value)
+
+    told = ErrorsOfItsOwn(0, 3, None, None)
+    of_told = told.futures()
+    told._fill(0, [1, 2, 3], {})
+    with pytest.raises(ValueError, match="says the subclass"):
+        of_told[1].result()
+    for future in of_told:
+        _same_as_python(future)
+
+    class ValuesSlotted(MapChunk):
+        __slots__ = ("_values",)  # a slot of its own hides the base's
+
+    hidden = ValuesSlotted(0, 3, None, None)
+    of_hidden = hidden.futures()
+    hidden._fill(0, [1, 2, 3], {})
+    vars(MapChunk)["_values"].__set__(hidden, ["X", "Y", "Z"])
+    assert of_hidden[1].result() == 2
+    for future in of_hidden:
+        _same_as_python(future)
+
+
+@needs_the_extension
+def test_the_compiled_method_reads_as_the_python_one_to_inspect_typing_pydoc_and_pickle() -> None:
+    import pickle
+    import pydoc
+    import typing
+
+    method = MapFuture.result
+    python = method.__wrapped__  # type: ignore[attr-defined]
+    for name in ("__name__", "__qualname__", "__module__", "__doc__", "__annotations__"):
+        assert getattr(method, name) == getattr(python, name)
+    assert method.__objclass__ is MapFuture  # type: ignore[attr-defined]
+    assert typing.get_type_hints(method) == typing.get_type_hints(python)
+    assert pickle.loads(pickle.dumps(method)) is method
+    _, (f, *_) = _chunk(2)
+    assert repr(f.result).startswith("<bound method MapFuture.result of ")
+    assert "timeout" in pydoc.render_doc(method)
