@@ -490,7 +490,13 @@ def test_kept_results_are_not_folded_per_task_until_a_reader_shows_up() -> None:
     assert list(outcomes.folded[b"c1"]) == [10 * per * i + j for i in range(12) for j in range(per)]
     outcomes.fold_some()
     assert not outcomes.kept[b"c1"] and not outcomes.fold_due
-    assert outcomes.results_for([b"c1"]) == outcomes.folded[b"c1"]
+    folded = outcomes.folded[b"c1"]
+    got = outcomes.results_for([b"c1"])
+    # Handed over, not copied: the folded dict is the answer, and the outcomes are to be folded
+    # again, from the start, once a reader shows up again.
+    assert got is folded and list(got) == [10 * per * i + j for i in range(13) for j in range(per)]
+    assert b"c1" not in outcomes.folded and list(outcomes.kept[b"c1"]) == outcomes.history[b"c1"]
+    assert not outcomes.folding and not outcomes.fold_due
 
 
 def test_a_backlog_of_single_task_chunks_folds_from_the_front_in_steps() -> None:
@@ -502,7 +508,7 @@ def test_a_backlog_of_single_task_chunks_folds_from_the_front_in_steps() -> None
     ledger = make()
     outcomes = ledger.outcomes
     for i in range(200_000):
-        outcomes.kept[b"c1"].append((i, [i], None))
+        outcomes._keep(b"c1", (i, [i], None))
     assert outcomes._fold_kept(b"c1", 4096, 100)  # at most 100 entries a step: some are left
     assert list(outcomes.folded[b"c1"]) == list(range(100)) and len(outcomes.kept[b"c1"]) == 200_000 - 100
     outcomes.start_folding()
@@ -511,7 +517,8 @@ def test_a_backlog_of_single_task_chunks_folds_from_the_front_in_steps() -> None
     outcomes.fold_some()  # an idle turn folds a few dozen entries from the front
     assert len(outcomes.kept[b"c1"]) == 200_000 - 100 + 1 - _FOLD_ENTRIES
     got = outcomes.results_for([b"c1"])
-    assert list(got) == list(range(200_001)) and got[200_000] == "new" and not outcomes.kept[b"c1"]
+    assert list(got) == list(range(200_001)) and got[200_000] == "new"
+    assert list(outcomes.kept[b"c1"]) == outcomes.history[b"c1"] and len(outcomes.history[b"c1"]) == 200_001
 
 
 def test_a_reader_folds_the_backlog_without_the_lock_and_what_arrives_meanwhile_goes_behind_it(
@@ -540,7 +547,10 @@ def test_a_reader_folds_the_backlog_without_the_lock_and_what_arrives_meanwhile_
     monkeypatch.setattr(om, "_fold", arriving)
     first = outcomes.results_for([b"c1"])
     assert first == {0: "old0", 10: "old1", 20: "old2", 30: "old3", 40: "old4"}
-    assert list(outcomes.kept[b"c1"]) == [(0, ["new0"], None), (100, ["new"], None)]  # kept, not folded first
+    # Kept after the backlog, not folded into the answer; the answer handed over, every outcome
+    # is to be folded again, in the order it came.
+    assert list(outcomes.kept[b"c1"])[-2:] == [(0, ["new0"], None), (100, ["new"], None)]
+    assert list(outcomes.kept[b"c1"]) == outcomes.history[b"c1"] and len(outcomes.history[b"c1"]) == 7
     assert list(outcomes.results_for([b"c1"]).items()) == [
         (0, "new0"), (10, "old1"), (20, "old2"), (30, "old3"), (40, "old4"), (100, "new"),
     ]
@@ -571,19 +581,69 @@ def test_a_reader_interrupted_while_it_folds_loses_nothing(monkeypatch: pytest.M
     assert list(outcomes.results_for([b"c1"]).items()) == [(0, 0), (10, 1), (20, 2), (30, 3), (40, 4), (100, "after")]
 
 
-def test_reading_kept_results_folds_what_is_left_and_keeps_folding() -> None:
+def test_reading_kept_results_hands_the_fold_over_and_folds_again_for_the_next_reader() -> None:
     ledger = make()
     outcomes = ledger.outcomes
     for i in range(100):  # more than results_for folds in one step under the lock
         outcomes.intake(0, 0, 9, b"c1", 10 * i, [i], {})
         outcomes.settle_all()
     got = outcomes.results_for([b"c1"])
-    assert list(got) == [10 * i for i in range(100)] and not outcomes.kept[b"c1"] and outcomes.folding
+    assert list(got) == [10 * i for i in range(100)]
+    # The answer is the caller's: writing into it changes no later answer.
+    got[0] = "mine"
+    got.clear()
+    assert not outcomes.folding  # until a reader shows up again: no insertions the caller did not ask for
     outcomes.intake(0, 0, 9, b"c1", 5000, ["late"], {})
     outcomes.settle_all()
-    assert outcomes.fold_due  # kept, for the I/O thread's next idle turn
     outcomes.fold_some()
-    assert not outcomes.kept[b"c1"] and outcomes.folded[b"c1"][5000] == "late" and not outcomes.fold_due
+    assert not outcomes.fold_due and b"c1" not in outcomes.folded
+    outcomes.start_folding()  # a join(): the I/O thread folds everything again, in its idle turns
+    assert outcomes.fold_due
+    while outcomes.fold_due:
+        outcomes.fold_some()
+    assert outcomes.folded[b"c1"] == {10 * i: i for i in range(100)} | {5000: "late"}
+    again = outcomes.results_for([b"c1"])
+    assert again == {10 * i: i for i in range(100)} | {5000: "late"} and again is not got
+    # Without a join between, the next reader folds it all itself.
+    third = outcomes.results_for([b"c1"])
+    assert third == again and third is not again
+
+
+def test_a_hand_over_interrupted_leaves_the_fold_here_and_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal's exception in the hand-over, as the outcomes go back to be folded again: the
+    folded dict has not left, and what is folded again writes the same."""
+    import zdq.client.driver.outcomes as om
+
+    outcomes = make().outcomes
+    for i in range(5):
+        outcomes.intake(0, 0, 9, b"c1", 10 * i, [i], {})
+        outcomes.settle_all()
+    real = om.deque
+
+    def interrupted(items: Any = ()) -> Any:
+        if items is outcomes.history.get(b"c1"):  # the hand-over's step, not the backlog's
+            monkeypatch.setattr(om, "deque", real)
+            raise KeyboardInterrupt
+        return real(items)
+
+    monkeypatch.setattr(om, "deque", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        outcomes.results_for([b"c1"])
+    assert not outcomes.reading and outcomes.folded[b"c1"] == {0: 0, 10: 1, 20: 2, 30: 3, 40: 4}
+    assert outcomes.results_for([b"c1"]) == {0: 0, 10: 1, 20: 2, 30: 3, 40: 4}
+    assert outcomes.results_for([b"c1"]) == {0: 0, 10: 1, 20: 2, 30: 3, 40: 4}
+
+
+def test_results_of_several_producers_or_into_a_dict_are_copied_and_the_folds_kept() -> None:
+    outcomes = make().outcomes
+    outcomes.intake(0, 0, 9, b"c1", 0, ["a", "b"], {})
+    outcomes.intake(0, 0, 9, b"c2", 10, ["c"], {})
+    outcomes.settle_all()
+    both = outcomes.results_for([b"c1", b"c2"])
+    assert both == {0: "a", 1: "b", 10: "c"} and both is not outcomes.folded[b"c1"] and both is not outcomes.folded[b"c2"]
+    into = {-1: "theirs"}
+    assert outcomes.results_for([b"c1"], into=into) is into and into == {-1: "theirs", 0: "a", 1: "b"}
+    assert outcomes.folded[b"c1"] == {0: "a", 1: "b"} and outcomes.folding
 
 
 def test_results_that_arrive_twice_are_recorded_once() -> None:

@@ -83,11 +83,11 @@ def test_results_interrupted_as_it_takes_its_backlog_out_loses_none(monkeypatch:
         outcomes.settle_all()
     raised: list[int] = []
 
-    def interrupted() -> deque[Any]:
+    def interrupted(*items: Any) -> deque[Any]:
         if not raised:
             raised.append(1)
             raise KeyboardInterrupt
-        return deque()
+        return deque(*items)
 
     monkeypatch.setattr(om, "deque", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -89,10 +89,12 @@ class ConsumerRegistry:
         """The results these consumers produced, gathered from every driver (task ids never repeat
         across drivers)."""
         wanted = list(identities)
-        out: dict[int, Any] = {}
+        out: dict[int, Any] | None = None
         for driver in self.drivers():
-            driver.results_for(wanted, into=out)  # built in place: no copy of a million results
-        return out
+            # The first driver's answer may be its folded dict itself, handed over; the others'
+            # are written into it: no copy of a million results.
+            out = driver.results_for(wanted, into=out)
+        return {} if out is None else out
 
     def start_folding(self) -> None:
         """Every driver keeps its results folded by task id from now on: a ``join()`` comes before

@@ -276,7 +276,7 @@ class Driver:
 
     def results_for(self, producers: Iterable[bytes], into: dict[int, Any] | None = None) -> dict[int, Any]:
         """The results kept from these consumers (by identity), by task id, written into ``into``
-        (a new dict by default): the caller's."""
+        when given, else a dict of the caller's own (see :meth:`Outcomes.results_for`)."""
         return self._outcomes.results_for(producers, into)
 
     def start_folding(self) -> None:

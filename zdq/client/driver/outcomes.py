@@ -10,7 +10,8 @@ Who owns what
 =========================================  =====================================================
 state                                      owner
 =========================================  =====================================================
-``kept``, ``folded``, ``folding``,         the ledger's lock (``cond``, shared with the ledger;
+``history``, ``kept``, ``folded``,        the ledger's lock (``cond``, shared with the ledger;
+``folding``,
 ``fold_due``, ``reading``, ``done_by``,    the I/O thread reads ``fold_due`` without it, a hint)
 ``errored``,
 ``stale``, the counters (completed,
@@ -26,7 +27,9 @@ Kept results (``keep_results``, for ``ConsumerPool.results()``) are kept as they
 outcomes as one entry, and folded into a dict by task id per consumer only once a reader of them
 shows up (``ConsumerPool.join()`` or ``results()``, :meth:`Outcomes.start_folding`): from then on
 the I/O thread folds them, oldest first, in the turns where nothing else is ready for it
-(:meth:`Outcomes.fold_some`, a step at a time), so that ``results()`` mostly copies. A program
+(:meth:`Outcomes.fold_some`, a step at a time), so that ``results()`` mostly hands the folded
+dict over (:meth:`Outcomes.results_for`; every entry stays in ``history``, to be folded again for
+a later reader). A program
 that reads its results from futures never pays a dict insertion per task on the I/O thread; that
 cost the futures path of a pool keeping its results (the default) a fifth to a quarter of its
 throughput, and a kept result took ten times the memory (``benchmarks/RESULTS.md``, issue 26's
@@ -114,9 +117,11 @@ class Outcomes:
         self.keep_results = keep_results
         self.failures = failures or FailureLog(ledger.name)
         # -- under cond --------------------------------------------------------------------------
-        #: By producer: outcomes kept as they came (see the module), not yet folded ...
+        #: By producer: every outcome kept, as it came (see the module) ...
+        self.history: defaultdict[bytes, list[Any]] = defaultdict(list)
+        #: ... those not yet folded ...
         self.kept: defaultdict[bytes, deque[Any]] = defaultdict(deque)
-        #: ... and folded, by task id: what results() copies.
+        #: ... and folded, by task id: what results() hands over, or copies.
         self.folded: defaultdict[bytes, dict[int, Any]] = defaultdict(dict)
         self.folding = False
         #: Folding is on and kept entries wait for it: the I/O thread folds some in its idle turns.
@@ -513,6 +518,7 @@ class Outcomes:
         """(``cond`` held.) Keep one chunk's outcomes, or a dict of single ones, to be folded in the
         I/O thread's idle turns once folding is on (:meth:`fold_some`)."""
         self.kept[producer].append(item)
+        self.history[producer].append(item)
         if self.folding and not self.reading:
             self.fold_due = True
 
@@ -559,9 +565,16 @@ class Outcomes:
             self.fold_due = not self.reading and any(self.kept.values())
 
     def results_for(self, producers: Iterable[bytes], into: dict[int, Any] | None = None) -> dict[int, Any]:
-        """The outcomes kept from these consumers (by identity), by task id, copied into ``into`` (a
-        new dict by default; the first copy into an empty dict is a clone of the table, not one
-        insertion per task). Folding starts (:meth:`start_folding`).
+        """The outcomes kept from these consumers (by identity), by task id: written into ``into``
+        when it is given, else a dict of the caller's own. Folding starts (:meth:`start_folding`).
+
+        **Handed over, not copied**, in the usual case (no ``into``, one of ``producers`` has
+        outcomes, none of them superseded): the folded dict itself is the answer, and the producer's
+        outcomes go back to be folded anew (``kept`` is its ``history`` again), by the I/O thread
+        once a reader shows up again (:meth:`start_folding`: folding stops with the hand-over), or
+        by the next call. A copy of a million outcomes took 5 to 120 ms, most of it the page
+        faults of 40 MB of fresh memory (``benchmarks/RESULTS.md``, issue 26's seventeenth
+        session); a second call without a ``join()`` between now folds them again instead.
 
         What is still unfolded (kept before any reader came, or not yet folded) is taken out under
         the lock and folded without it, straight into the folded dicts: while ``reading`` is set,
@@ -598,11 +611,24 @@ class Outcomes:
             with self.cond:
                 self.reading = False
                 self.fold_due = any(self.kept.values())  # what arrived while the backlog was folded
+                having = [ident for ident in wanted if self.folded.get(ident)]
+                if into is None and len(having) == 1 and not any(self.stale.get(ident) for ident in wanted):
+                    return self._hand_over(having[0])
                 for ident in wanted:
                     merged.update(self.folded.get(ident, {}))
                 if self.stale:
                     self._drop_stale(wanted, merged)
         return merged
+
+    def _hand_over(self, producer: bytes) -> dict[int, Any]:
+        """(``cond`` held.) ``producer``'s folded dict, given away: its outcomes are to be folded
+        again from the start, once a reader shows up. In this order, so that a signal's exception
+        between the two steps leaves the dict here, and what is folded again writes the same."""
+        self.kept[producer] = deque(self.history[producer])
+        mine = self.folded.pop(producer)
+        self.folding = False
+        self.fold_due = False
+        return mine
 
     def _drop_stale(self, wanted: list[bytes], merged: dict[int, Any]) -> None:
         """(``cond`` held.) Leave out of ``merged`` the outcomes of ``wanted`` producers that a
