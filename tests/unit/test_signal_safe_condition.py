@@ -58,6 +58,27 @@ def test_a_signal_safe_condition_is_never_left_held(lock: Any) -> None:
     cond.release()
 
 
+def test_entering_a_signal_safe_condition_runs_no_python_frame() -> None:
+    """Reviewer 19: the methods were looked up through a Python ``__get__``, where a signal's
+    exception could leave the ``with`` line (before the lock was taken) and skip what followed it."""
+    frames: list[str] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call":
+            frames.append(frame.f_code.co_name)
+        return None
+
+    cond = SignalSafeCondition()
+    sys.settrace(tracer)
+    try:
+        with cond:
+            with cond:  # an RLock: taken twice
+                pass
+    finally:
+        sys.settrace(None)
+    assert frames == [] and not cond._is_owned()  # type: ignore[attr-defined]
+
+
 def test_a_signal_safe_condition_is_still_a_condition() -> None:
     cond = SignalSafeCondition()
     with cond:

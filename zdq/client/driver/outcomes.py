@@ -10,8 +10,9 @@ Who owns what
 =========================================  =====================================================
 state                                      owner
 =========================================  =====================================================
-``history``, ``kept``, ``folded``,        the ledger's lock (``cond``, shared with the ledger;
-``folding``,
+``history`` (``history_tasks``,            the ledger's lock (``cond``, shared with the ledger;
+``without_history``), ``kept``,
+``folded``, ``folding``,
 ``fold_due``, ``reading``, ``done_by``,    the I/O thread reads ``fold_due`` without it, a hint)
 ``errored``,
 ``stale``, the counters (completed,
@@ -78,6 +79,12 @@ logger = logging.getLogger(__name__)
 _FOLD_TASKS = 2048
 #: ... and at most this many entries (chunks of one task each fold at about half a microsecond).
 _FOLD_ENTRIES = 64
+#: A producer's ``history`` is kept while its entries hold this many outcomes on average (judged
+#: once it has :data:`_HISTORY_JUDGED` entries): about 12 bytes an outcome at most, against 75-85
+#: for a folded dict's entry. Chunks of one task each cost 130 (reviewer 19): such a producer's
+#: history is dropped for good, and its results are copied, not handed over.
+_HISTORY_PER_ENTRY = 32
+_HISTORY_JUDGED = 64
 
 
 def _fold(into: dict[int, Any], kept: Iterable[Any]) -> None:
@@ -117,8 +124,12 @@ class Outcomes:
         self.keep_results = keep_results
         self.failures = failures or FailureLog(ledger.name)
         # -- under cond --------------------------------------------------------------------------
-        #: By producer: every outcome kept, as it came (see the module) ...
+        #: By producer: every outcome kept, as it came (see the module), while its entries are
+        #: large enough (:data:`_HISTORY_PER_ENTRY`; the outcomes they hold, by producer) ...
         self.history: defaultdict[bytes, list[Any]] = defaultdict(list)
+        self.history_tasks: defaultdict[bytes, int] = defaultdict(int)
+        #: ... the producers whose history was dropped (small entries): their results are copied ...
+        self.without_history: set[bytes] = set()
         #: ... those not yet folded ...
         self.kept: defaultdict[bytes, deque[Any]] = defaultdict(deque)
         #: ... and folded, by task id: what results() hands over, or copies.
@@ -518,9 +529,20 @@ class Outcomes:
         """(``cond`` held.) Keep one chunk's outcomes, or a dict of single ones, to be folded in the
         I/O thread's idle turns once folding is on (:meth:`fold_some`)."""
         self.kept[producer].append(item)
-        self.history[producer].append(item)
+        if producer not in self.without_history:
+            self._remember(producer, item)
         if self.folding and not self.reading:
             self.fold_due = True
+
+    def _remember(self, producer: bytes, item: Any) -> None:
+        """(``cond`` held.) Add ``item`` to ``producer``'s history, or drop that history for good
+        once its entries prove too small to be worth their memory (see :data:`_HISTORY_PER_ENTRY`)."""
+        history = self.history[producer]
+        history.append(item)
+        tasks = self.history_tasks[producer] = self.history_tasks[producer] + len(item if type(item) is dict else item[1])
+        if len(history) >= _HISTORY_JUDGED and tasks < _HISTORY_PER_ENTRY * len(history):
+            self.without_history.add(producer)
+            del self.history[producer], self.history_tasks[producer]
 
     def fold_some(self, tasks: int = _FOLD_TASKS) -> None:
         """(The I/O thread, in a turn where nothing else is ready for it.) Fold about ``tasks``
@@ -569,7 +591,7 @@ class Outcomes:
         when it is given, else a dict of the caller's own. Folding starts (:meth:`start_folding`).
 
         **Handed over, not copied**, in the usual case (no ``into``, one of ``producers`` has
-        outcomes, none of them superseded): the folded dict itself is the answer, and the producer's
+        outcomes, none of them superseded, its history kept): the folded dict itself is the answer, and the producer's
         outcomes go back to be folded anew (``kept`` is its ``history`` again), by the I/O thread
         once a reader shows up again (:meth:`start_folding`: folding stops with the hand-over), or
         by the next call. A copy of a million outcomes took 5 to 120 ms, most of it the page
@@ -612,7 +634,12 @@ class Outcomes:
                 self.reading = False
                 self.fold_due = any(self.kept.values())  # what arrived while the backlog was folded
                 having = [ident for ident in wanted if self.folded.get(ident)]
-                if into is None and len(having) == 1 and not any(self.stale.get(ident) for ident in wanted):
+                if (
+                    into is None
+                    and len(having) == 1
+                    and having[0] not in self.without_history
+                    and not any(self.stale.get(ident) for ident in wanted)
+                ):
                     return self._hand_over(having[0])
                 for ident in wanted:
                     merged.update(self.folded.get(ident, {}))
