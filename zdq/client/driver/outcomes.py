@@ -630,21 +630,29 @@ class Outcomes:
                         if self.kept.get(ident) is not backlog:
                             self.kept[ident].extendleft(reversed(backlog))
                 raise
-            with self.cond:
+            try:
+                with self.cond:
+                    self.reading = False
+                    self.fold_due = any(self.kept.values())  # what arrived while the backlog was folded
+                    having = [ident for ident in wanted if self.folded.get(ident)]
+                    if (
+                        into is None
+                        and len(having) == 1
+                        and having[0] not in self.without_history
+                        and not any(self.stale.get(ident) for ident in wanted)
+                    ):
+                        return self._hand_over(having[0])
+                    for ident in wanted:
+                        merged.update(self.folded.get(ident, {}))
+                    if self.stale:
+                        self._drop_stale(wanted, merged)
+            except BaseException:
+                # A signal's exception as the with statement looked its lock's methods up (a
+                # Python __get__, before the lock is taken; reviewer 19): the backlog is folded,
+                # and the I/O thread must not wait for a reader that has gone. Two plain writes.
                 self.reading = False
-                self.fold_due = any(self.kept.values())  # what arrived while the backlog was folded
-                having = [ident for ident in wanted if self.folded.get(ident)]
-                if (
-                    into is None
-                    and len(having) == 1
-                    and having[0] not in self.without_history
-                    and not any(self.stale.get(ident) for ident in wanted)
-                ):
-                    return self._hand_over(having[0])
-                for ident in wanted:
-                    merged.update(self.folded.get(ident, {}))
-                if self.stale:
-                    self._drop_stale(wanted, merged)
+                self.fold_due = self.folding
+                raise
         return merged
 
     def _hand_over(self, producer: bytes) -> dict[int, Any]:
