@@ -16,6 +16,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import operator
 import queue
 import threading
 import time
@@ -69,26 +70,18 @@ def _met(got: concurrent.futures._base.DoneAndNotDoneFutures[Any], return_when: 
     return False
 
 
-class _ItsLocks:
-    """``with condition:`` through the condition's lock's own ``__enter__`` or ``__exit__``."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __get__(self, condition: Any, owner: type | None = None) -> Any:
-        return self if condition is None else getattr(condition._lock, self.name)
-
-
 class SignalSafeCondition(threading.Condition):
     """A :class:`threading.Condition` whose ``with`` statement takes and gives back its lock
     directly, in C. ``Condition.__enter__`` is a Python frame: a signal's exception (a Ctrl-C on
     the main thread) raised as it returned, the lock just taken, left the lock held for good, and
     every thread that takes it after stopped there: the driver's I/O thread, and with it every
-    task of the pool (reviewer 17). Looking the methods up runs Python (``__get__``), but before
-    the lock is taken; the lock must be one of ``threading``'s, whose methods are compiled."""
+    task of the pool (reviewer 17). The methods are looked up in C too (a ``property`` whose
+    getter is an ``attrgetter``): a lookup through a Python ``__get__`` let a signal's exception
+    leave the ``with`` line before the lock was taken, and skip what had to follow it (reviewer
+    19). The lock must be one of ``threading``'s, whose methods are compiled."""
 
-    __enter__ = _ItsLocks("__enter__")
-    __exit__ = _ItsLocks("__exit__")
+    __enter__ = property(operator.attrgetter("_lock.__enter__"))
+    __exit__ = property(operator.attrgetter("_lock.__exit__"))
 
 
 def wait_seconds(timeout: Any) -> float | None:

@@ -58,6 +58,27 @@ def test_a_signal_safe_condition_is_never_left_held(lock: Any) -> None:
     cond.release()
 
 
+def test_entering_a_signal_safe_condition_runs_no_python_frame() -> None:
+    """Reviewer 19: the methods were looked up through a Python ``__get__``, where a signal's
+    exception could leave the ``with`` line (before the lock was taken) and skip what followed it."""
+    frames: list[str] = []
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call":
+            frames.append(frame.f_code.co_name)
+        return None
+
+    cond = SignalSafeCondition()
+    sys.settrace(tracer)
+    try:
+        with cond:
+            with cond:  # an RLock: taken twice
+                pass
+    finally:
+        sys.settrace(None)
+    assert frames == [] and not cond._is_owned()  # type: ignore[attr-defined]
+
+
 def test_a_signal_safe_condition_is_still_a_condition() -> None:
     cond = SignalSafeCondition()
     with cond:
@@ -98,9 +119,10 @@ def test_results_interrupted_as_it_takes_its_backlog_out_loses_none(monkeypatch:
 
 def test_results_interrupted_as_it_takes_the_lock_again_leaves_no_reader_behind(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reviewer 19: a KeyboardInterrupt as ``results()``'s last ``with`` looked its lock's methods
-    up left ``reading`` set: the I/O thread stopped folding until the next call."""
+    up (a Python ``__get__`` then) left ``reading`` set: the I/O thread stopped folding until the
+    next call. The lookup runs no Python now; an exception at that line still clears the mark."""
     import zdq.client.driver.outcomes as om
-    import zdq.futures as zf
+    from zdq.futures import SignalSafeCondition
 
     from .test_driver_ledger import make
 
@@ -109,24 +131,24 @@ def test_results_interrupted_as_it_takes_the_lock_again_leaves_no_reader_behind(
         outcomes.intake(0, 0, 9, b"c1", 10 * i, [i], {})
         outcomes.settle_all()
     real_fold = om._fold
-    real_get = zf._ItsLocks.__get__
+    real_enter = vars(SignalSafeCondition)["__enter__"]
     armed: list[int] = []
 
     def fold_then_arm(into: dict[int, Any], kept: Any) -> None:
         real_fold(into, kept)
         armed.append(1)  # the backlog folded: the next lookup of the lock's methods is the last with's
 
-    def get(self: Any, condition: Any, owner: Any = None) -> Any:
+    def enter(condition: Any) -> Any:
         if armed and condition is outcomes.cond:
             armed.clear()
             raise KeyboardInterrupt
-        return real_get(self, condition, owner)
+        return real_enter.__get__(condition)
 
     monkeypatch.setattr(om, "_fold", fold_then_arm)
-    monkeypatch.setattr(zf._ItsLocks, "__get__", get)
+    monkeypatch.setattr(SignalSafeCondition, "__enter__", property(enter))
     outcomes.start_folding()
     with pytest.raises(KeyboardInterrupt):
         outcomes.results_for([b"c1"])
     assert not outcomes.reading and not outcomes.cond._is_owned()  # type: ignore[attr-defined]
-    monkeypatch.setattr(zf._ItsLocks, "__get__", real_get)
+    monkeypatch.setattr(SignalSafeCondition, "__enter__", real_enter)
     assert outcomes.results_for([b"c1"]) == {0: 0, 10: 1, 20: 2, 30: 3, 40: 4}

@@ -647,9 +647,9 @@ class Outcomes:
                     if self.stale:
                         self._drop_stale(wanted, merged)
             except BaseException:
-                # A signal's exception as the with statement looked its lock's methods up (a
-                # Python __get__, before the lock is taken; reviewer 19): the backlog is folded,
-                # and the I/O thread must not wait for a reader that has gone. Two plain writes.
+                # An exception at the with line, before the lock is taken (reviewer 19 found a
+                # signal's there, when the lock's methods were looked up in Python): the backlog
+                # is folded, and the I/O thread must not wait for a reader that has gone.
                 self.reading = False
                 self.fold_due = self.folding
                 raise
