@@ -336,16 +336,6 @@ slot_result_get(PyObject *self, PyObject *obj, PyObject *type)
 }
 
 static PyObject *
-slot_result_wrapped(SlotResult *self, void *closure)
-{
-    if (self->slow == NULL) {
-        Py_RETURN_NONE;
-    }
-    Py_INCREF(self->slow);
-    return self->slow;
-}
-
-static PyObject *
 slot_result_doc(SlotResult *self, void *closure)
 {
     return self->slow == NULL ? (Py_INCREF(Py_None), Py_None) : PyObject_GetAttrString(self->slow, "__doc__");
@@ -362,24 +352,19 @@ slot_result_slows(SlotResult *self, void *closure)
     return PyObject_GetAttrString(self->slow, (const char *)closure);
 }
 
-static PyObject *
-slot_result_objclass(SlotResult *self, void *closure)
-{
-    if (self->future_type == NULL) {
-        Py_RETURN_NONE;
-    }
-    Py_INCREF(self->future_type);
-    return (PyObject *)self->future_type;
-}
+/* What the method holds, read-only: `slow` (for inspect.signature and help()) and its class. */
+static PyMemberDef slot_result_members[] = {
+    {"__wrapped__", T_OBJECT, offsetof(SlotResult, slow), READONLY, "the method in Python, which answers what is not settled"},
+    {"__objclass__", T_OBJECT, offsetof(SlotResult, future_type), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
 
 static PyGetSetDef slot_result_getset[] = {
-    {"__wrapped__", (getter)slot_result_wrapped, NULL, "the method in Python, which answers what is not settled", NULL},
     {"__doc__", (getter)slot_result_doc, NULL, NULL, NULL},
     {"__name__", (getter)slot_result_slows, NULL, NULL, "__name__"},
     {"__qualname__", (getter)slot_result_slows, NULL, NULL, "__qualname__"},
     {"__module__", (getter)slot_result_slows, NULL, NULL, "__module__"},
     {"__annotations__", (getter)slot_result_slows, NULL, NULL, "__annotations__"},
-    {"__objclass__", (getter)slot_result_objclass, NULL, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -423,6 +408,7 @@ static PyTypeObject SlotResultType = {
     .tp_descr_get = slot_result_get,
     .tp_getset = slot_result_getset,
     .tp_methods = slot_result_methods,
+    .tp_members = slot_result_members,
 };
 
 static PyMethodDef methods[] = {
