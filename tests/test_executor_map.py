@@ -92,6 +92,31 @@ def test_with_buffersize_at_most_buffersize_tasks_are_unfinished_and_an_endless_
     executor.shutdown(wait=True)
 
 
+def test_with_buffersize_a_slice_is_a_fourth_of_the_buffer_in_chunks_spread_over_the_consumers(
+    pool: QueuePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slice of one chunk cost a submission, a PUT and a wake of the broker and of a consumer for
+    # each chunk (the no-op map ran at 0.84 of the rate): a slice holds a fourth of the buffer.
+    executor = pool.executor()
+    slices: list[tuple[int, int]] = []
+    map_slice = pool.map_slice
+
+    def counted(fn: Any, calls: Any, chunk: int, **kwargs: Any) -> Any:
+        slices.append((len(calls), chunk))
+        return map_slice(fn, calls, chunk, **kwargs)
+
+    monkeypatch.setattr(pool, "map_slice", counted)
+    buffersize = 20 * CHUNK
+    n = 1000
+    assert list(executor.map(square, range(n), buffersize=buffersize, timeout=120)) == [i * i for i in range(n)]
+    sizes = [size for size, _ in slices]
+    assert sum(sizes) == n
+    assert set(sizes[:-1]) == {buffersize // 4}
+    assert {chunk for _, chunk in slices} == {pool.map_chunk_size(buffersize // 4)}
+    assert pool.map_chunk_size(buffersize // 4) < buffersize // 4  # several chunks a slice, for the consumers to share
+    executor.shutdown(wait=True)
+
+
 def test_closing_the_iterator_cancels_the_tasks_left_and_they_do_not_run(pool: QueuePool, tmp_path: Path) -> None:
     executor = pool.executor()
     results = executor.map(nap_noted, itertools.repeat(str(tmp_path)), range(N_NAPS), itertools.repeat(NAP), timeout=60)

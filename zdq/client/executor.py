@@ -319,10 +319,10 @@ class Executor(concurrent.futures.Executor):
         per task, as the process pool's ``map`` (a call's error fails its chunk, and is raised at
         the chunk's first position).
 
-        The calls are queued in slices, each as one batch with one future, in chunks that spread
-        a fourth of what is in flight over the consumers as ``batch_submit`` spreads a batch (with
-        ``buffersize``, a slice is one such chunk); the results come chunk by chunk: a map costs about what ``batch_submit`` does, not a future per
-        call. ``timeout`` bounds the submission too: a map blocked on a full submission window
+        The calls are queued in slices of a fourth of what is in flight, each as one batch with
+        one future, in chunks that spread it over the consumers as ``batch_submit`` spreads a
+        batch; the results come chunk by chunk: a map costs about what ``batch_submit`` does, not
+        a future per call. ``timeout`` bounds the submission too: a map blocked on a full submission window
         raises ``TimeoutError`` when it is spent (what it queued is cancelled), and stops with
         ``RuntimeError`` when the executor is shut down meanwhile.
         """
@@ -353,10 +353,13 @@ class Executor(concurrent.futures.Executor):
             size = self._slice_size(total)
             chunk = pool.map_chunk_size(size)
         else:
-            # A fourth of the buffer spread over the consumers as a batch of as many is; a slice is
-            # one such chunk, and one is submitted each time a chunk's results are taken (larger
-            # slices refill in bursts: the no-op map ran at two thirds of the rate).
-            chunk = size = pool.map_chunk_size(max(1, buffersize // _SLICES_IN_BUFFER))
+            # Slices of a fourth of the buffer, each spread over the consumers as a batch of its
+            # size is; one is submitted each time a slice's results were taken. A slice of one
+            # chunk (a submission, a PUT, a wake of the broker and a consumer for each chunk) ran
+            # the no-op map at 0.84 of this rate, the driver spending a fourth more CPU
+            # (benchmarks/RESULTS.md, issue 26's eighteenth session).
+            size = max(1, buffersize // _SLICES_IN_BUFFER)
+            chunk = pool.map_chunk_size(size)
         plain = all(type(it) is range for it in iterables)  # ints only: no future among them to look for
         ref = weakref.ref(self)
 
