@@ -44,6 +44,7 @@ def _bench(args: argparse.Namespace) -> int:
         workers=args.workers,
         scheduler=args.scheduler,
         repeat=args.repeat,
+        pairs=args.pairs,
         durable=args.durable,
         compare_auth=args.compare_auth,
         relay=args.relay,
@@ -151,6 +152,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=2, help="workers of the embedded cluster, default 2")
     bench.add_argument("--scheduler", metavar="ADDRESS", default=None, help="use this cluster instead of an embedded one")
     bench.add_argument("--repeat", type=int, default=3, help="runs per case; medians are reported (default 3)")
+    bench.add_argument(
+        "--pairs", type=int, default=7,
+        help=(
+            "pairs of each alternated comparison (durable and without authentication against the futures path, "
+            "the maps and the daskqueue path each beside a batch of it); each ratio is the median of its pairs' "
+            "(default 7)"
+        ),
+    )
     bench.add_argument("--durable", action="store_true", help="also run zdq on durable (LMDB) queues, their batches alternated with a transient pool's")
     bench.add_argument(
         "--compare-auth", action="store_true",

@@ -21,6 +21,12 @@ def test_a_map_case_of_no_item_is_refused() -> None:
         BenchConfig(map_tasks=0)
 
 
+def test_the_alternated_comparisons_take_seven_pairs_by_default_and_refuse_none() -> None:
+    assert BenchConfig().pairs == 7 and BenchConfig(repeat=1).pairs == 7
+    with pytest.raises(ValueError, match="--pairs must be at least 1"):
+        BenchConfig(pairs=0)
+
+
 def test_the_joblib_backend_refuses_pool_options_beside_a_pool_and_n_jobs_zero() -> None:
     pytest.importorskip("joblib", reason="the joblib backend needs joblib: pip install -e '.[test]'")
     from zdq.joblib import ZdqBackend

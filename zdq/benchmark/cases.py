@@ -109,7 +109,7 @@ def zdq_noop_alternated(
     cases = CaseResult("no-op", first[0], config.tasks), CaseResult("no-op", second[0], config.tasks)
     with _pools(client, config, **first[1]) as a, _pools(client, config, **second[1]) as b:
         runs = ((a, cases[0]), (b, cases[1]))
-        for r in range(config.repeat):
+        for r in range(config.pairs):
             for qp, case in runs if r % 2 == 0 else runs[::-1]:
                 _time_batches(qp, _noop_calls, config.tasks, 1, case)
     ratio = statistics.median(s / f for f, s in zip(cases[0].seconds, cases[1].seconds))
@@ -140,7 +140,7 @@ def zdq_durable_beside_transient(client: Client, config: BenchConfig) -> tuple[C
 
 
 def _paired_with_the_futures_path(qp: Any, config: BenchConfig, run: Callable[[], object], result: CaseResult) -> float:
-    """``config.repeat`` timed runs of ``run`` (one map on ``qp``), each paired with a batch of the
+    """``config.pairs`` timed runs of ``run`` (one map on ``qp``), each paired with a batch of the
     futures path on the same pool (``batch_submit(...).result()`` of ``config.tasks`` no-ops), the
     two alternated (ABBA); the median over pairs of the run's rate / the batch's rate. The
     batches' seconds are the case's ``paired_futures_s``. What ``run`` returns (its futures) is
@@ -151,7 +151,7 @@ def _paired_with_the_futures_path(qp: Any, config: BenchConfig, run: Callable[[]
     run, where pairs taken moments apart on one pool do not (benchmarks/RESULTS.md, issue 26's
     sixteenth and seventeenth sessions)."""
     beside = CaseResult("no-op", "zdq futures path, paired", config.tasks)
-    for r in range(config.repeat):
+    for r in range(config.pairs):
         if r % 2 == 0:
             _time_batches(qp, _noop_calls, config.tasks, 1, beside)
         start = time.perf_counter()
@@ -241,7 +241,7 @@ def daskqueue_path(client: Client, config: BenchConfig) -> tuple[CaseResult, flo
     beside = CaseResult("no-op", "zdq futures path, paired", n)
     phases: list[tuple[float, float, float]] = []
     with _pools(client, config) as futures_pool:
-        for r in range(config.repeat):
+        for r in range(config.pairs):
             if r % 2 == 0:
                 _time_batches(futures_pool, _noop_calls, n, 1, beside)
             with QueuePool(client, 1) as qp, ConsumerPool(

@@ -23,6 +23,10 @@ class BenchConfig:
     workers: int = 2
     scheduler: str | None = None
     repeat: int = 3
+    # Pairs of each alternated comparison (an option's cost, a path against the futures path):
+    # their ratios are medians over this many pairs. Three spread the ratio of one tree's runs
+    # over a fifth (benchmarks/RESULTS.md, issue 26's seventeenth and eighteenth sessions).
+    pairs: int = 7
     durable: bool = False
     compare_auth: bool = False
     relay: bool = False  # also run zdq through a relay (relay=True): throughput and round trip
@@ -36,7 +40,7 @@ class BenchConfig:
     map_tasks: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tasks", "queues", "consumers", "batch_size", "workers", "repeat", "generator_tasks", "delayed_tasks"):
+        for name in ("tasks", "queues", "consumers", "batch_size", "workers", "repeat", "pairs", "generator_tasks", "delayed_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.map_tasks is not None and self.map_tasks < 1:
