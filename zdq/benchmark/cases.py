@@ -584,5 +584,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append("")
     for name, ratio in report["ratios"].items():
         lines.append(f"{name}: {ratio:,.2f}")
-    lines.append(f"(medians of {report['config']['repeat']} runs; ratios between cases of this run)")
+    config = report["config"]
+    lines.append(
+        f"(medians of {config['repeat']} runs, {config.get('pairs', config['repeat'])} for the cases alternated in "
+        "pairs, whose ratios are medians of their pairs'; ratios between cases of this run)"
+    )
     return "\n".join(lines)
