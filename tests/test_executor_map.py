@@ -10,10 +10,12 @@ executor is shut down with ``cancel_futures``. One pool of 2 consumers for the m
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import itertools
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,25 @@ def test_with_buffersize_a_slice_is_a_fourth_of_the_buffer_in_chunks_spread_over
     assert {chunk for _, chunk in slices} == {pool.map_chunk_size(buffersize // 4)}
     assert pool.map_chunk_size(buffersize // 4) < buffersize // 4  # several chunks a slice, for the consumers to share
     executor.shutdown(wait=True)
+
+
+def test_a_temporary_executors_map_maps_every_item_and_lets_the_executor_go_at_its_end(pool: QueuePool) -> None:
+    # Held weakly, the executor of `pool.executor().map(...)` was collected at a refill that
+    # found no task in flight: the map stopped there with RuntimeError (reviewer 20).
+    executor = pool.executor()
+    gone = weakref.ref(executor)
+    results = executor.map(square, range(300), buffersize=8, timeout=120)
+    del executor
+    got = []
+    for value in results:
+        got.append(value)
+        if len(got) % 25 == 0 and len(got) < 300 - 8 - 2:
+            gc.collect()
+            assert gone() is not None  # the map still reads its items: it holds its executor
+    assert got == [i * i for i in range(300)]
+    gc.collect()
+    assert gone() is None  # read to its end, the map holds it no longer
+    assert [v for v in pool.executor().map(square, range(100), buffersize=3, timeout=120)] == [i * i for i in range(100)]
 
 
 def test_closing_the_iterator_cancels_the_tasks_left_and_they_do_not_run(pool: QueuePool, tmp_path: Path) -> None:

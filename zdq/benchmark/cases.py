@@ -30,6 +30,7 @@ from zdq.benchmark.pipeline import run_pipeline
 from zdq.benchmark.results import BenchConfig, CaseResult, percentiles
 from zdq.benchmark.tasks import noop, sleep_ms, spin
 from zdq.benchmark.timing import delayed_memory, release_lateness
+from zdq.names import counted
 
 __all__ = ["BenchConfig", "CaseResult", "run", "format_table", "noop"]
 
@@ -586,7 +587,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{name}: {ratio:,.2f}")
     config = report["config"]
     lines.append(
-        f"(medians of {config['repeat']} runs, {config.get('pairs', config['repeat'])} for the cases alternated in "
-        "pairs, whose ratios are medians of their pairs'; ratios between cases of this run)"
+        f"(medians of {counted(config['repeat'], 'run')}, of {counted(config.get('pairs', config['repeat']), 'pair')} for "
+        "the cases alternated in pairs, whose ratios are medians of their pairs'; ratios between cases of this run)"
     )
     return "\n".join(lines)

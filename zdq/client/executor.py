@@ -315,7 +315,9 @@ class Executor(concurrent.futures.Executor):
 
         ``buffersize``: at most that many tasks unfinished; the iterables are read as results are
         taken (at most ``buffersize`` and a slice ahead), so an endless generator is mapped in
-        bounded memory (without it, every call is submitted now). ``chunksize``: that many calls
+        bounded memory (without it, every call is submitted now); the map holds its executor until
+        it has read them all, or stops (a temporary executor, ``pool.executor().map(...)``, maps
+        every item). ``chunksize``: that many calls
         per task, as the process pool's ``map`` (a call's error fails its chunk, and is raised at
         the chunk's first position).
 
@@ -361,12 +363,13 @@ class Executor(concurrent.futures.Executor):
             size = max(1, buffersize // _SLICES_IN_BUFFER)
             chunk = pool.map_chunk_size(size)
         plain = all(type(it) is range for it in iterables)  # ints only: no future among them to look for
-        ref = weakref.ref(self)
+        # The map holds its executor while it reads its iterables (the window lets go of this at
+        # their end, or when the map stops): `for r in pool.executor().map(f, xs, buffersize=8)`
+        # maps every item. Held weakly, as 3.14's does, the executor was collected at a refill
+        # that found no task in flight, and the map stopped there (reviewer 20).
+        executor = self
 
         def submit(part: list[tuple[Any, ...]] | Columns, first: int, left: float | None) -> Slice:  # calls (task, *args)
-            executor = ref()  # a map left behind does not keep its executor alive
-            if executor is None:
-                raise RuntimeError("cannot schedule new futures: the executor was dropped")
             return executor._submit_slice(task, part, first, chunk, left, chunksize, plain)
 
         window = ResultWindow(
