@@ -480,3 +480,44 @@ def test_closing_the_results_in_the_middle_of_a_run_ends_them_and_cancels_what_i
     assert next(dropped) == 0
     del dropped  # dropped unclosed, once started: cancelled as when it is closed
     assert pool.cancelled[-1] is pool.batches[3]  # its first slice was taken whole (a run in hand)
+
+
+class _Pool:
+    """What Executor's slicing asks of its pool, with the real chunking arithmetic."""
+
+    def __init__(self, consumers: int, prefetch: int, chunk_size: int = 1000) -> None:
+        from zdq.codec.chunking import Chunking
+
+        self._chunking = Chunking(chunk_size=chunk_size, chunk_bytes=1 << 22, max_bytes=1 << 26, prefetch=prefetch)
+        self._consumers = consumers
+        self.settings = self._chunking  # .prefetch
+
+    def consumer_count(self) -> int:
+        return self._consumers
+
+    def map_chunk_size(self, n: int | None) -> int:
+        return self._chunking.batch_size(None, n, consumers=self._consumers if n is not None else 0, queues=2)
+
+
+@pytest.mark.parametrize(
+    ("consumers", "prefetch", "buffersize", "chunk", "size"),
+    [
+        (2, 2, 20_000, 1000, 5000),  # the bench's: a fourth of the buffer, in chunks of 1,000
+        (2, 2, 2000, 125, 500),  # a fourth, its chunks spread over the consumers' prefetch
+        (2, 2, 8, 1, 2),
+        (8, 1, 8, 1, 1),  # a fourth out of flight would idle a fourth of the consumers: one chunk a slice
+        (8, 1, 10, 1, 2),  # 8 in flight while a slice of 2 refills: every consumer still busy
+        (16, 1, 40, 1, 10),
+        (1, 1, 1, 1, 1),
+        (2, 2, 3, 1, 1),
+    ],
+)
+def test_a_buffered_maps_slices_are_a_fourth_of_the_buffer_unless_that_would_idle_consumers(
+    consumers: int, prefetch: int, buffersize: int, chunk: int, size: int
+) -> None:
+    from types import SimpleNamespace
+
+    from zdq.client.executor import Executor
+
+    executor = SimpleNamespace(_pool=_Pool(consumers, prefetch))
+    assert Executor._buffered_slices(executor, buffersize) == (chunk, size)  # type: ignore[arg-type]

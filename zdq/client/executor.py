@@ -355,13 +355,7 @@ class Executor(concurrent.futures.Executor):
             size = self._slice_size(total)
             chunk = pool.map_chunk_size(size)
         else:
-            # Slices of a fourth of the buffer, each spread over the consumers as a batch of its
-            # size is; one is submitted each time a slice's results were taken. A slice of one
-            # chunk (a submission, a PUT, a wake of the broker and a consumer for each chunk) ran
-            # the no-op map at 0.84 of this rate, the driver spending a fourth more CPU
-            # (benchmarks/RESULTS.md, issue 26's eighteenth session).
-            size = max(1, buffersize // _SLICES_IN_BUFFER)
-            chunk = pool.map_chunk_size(size)
+            chunk, size = self._buffered_slices(buffersize)
         plain = all(type(it) is range for it in iterables)  # ints only: no future among them to look for
         # The map holds its executor while it reads its iterables (the window lets go of this at
         # their end, or when the map stops): `for r in pool.executor().map(f, xs, buffersize=8)`
@@ -377,6 +371,23 @@ class Executor(concurrent.futures.Executor):
             hint=self._pool.wait_hint, per_result=chunksize, read=read,
         )
         return iter(window) if chunksize == 1 else _flatten(iter(window))
+
+    def _buffered_slices(self, buffersize: int) -> tuple[int, int]:
+        """Tasks per chunk, and calls per slice, of a map with ``buffersize``: a fourth of the
+        buffer spread over the consumers as a batch of as many is, in slices of a fourth of the
+        buffer (one submitted each time a slice's results were taken), but never so large that
+        the tasks still in flight while a slice refills fall short of every consumer's prefetch:
+        a slice is then one chunk, refilled result by result as 3.14's map refills.
+
+        A slice of one chunk (a submission, a PUT, a wake of the broker and of a consumer each)
+        ran the no-op map at 0.84 of the rate of a fourth of the buffer, the driver spending a
+        fourth more CPU (benchmarks/RESULTS.md, issue 26's eighteenth session); with a buffer
+        about the consumers' own size, a fourth of it out of flight is a fourth of them idle."""
+        pool = self._pool
+        fourth = max(1, buffersize // _SLICES_IN_BUFFER)
+        chunk = pool.map_chunk_size(fourth)
+        held = chunk * max(1, pool.consumer_count()) * pool.settings.prefetch  # what keeps every consumer busy
+        return chunk, max(chunk, min(fourth, buffersize - held))
 
     def _slice_size(self, n: int) -> int:
         """Calls per slice of a map of ``n`` calls submitted at once: a fourth of them, so that
