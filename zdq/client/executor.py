@@ -317,16 +317,15 @@ class Executor(concurrent.futures.Executor):
         taken (at most ``buffersize`` and a slice ahead), so an endless generator is mapped in
         bounded memory (without it, every call is submitted now); the map holds its executor until
         it has read them all, or stops (a temporary executor, ``pool.executor().map(...)``, maps
-        every item). ``chunksize``: that many calls
-        per task, as the process pool's ``map`` (a call's error fails its chunk, and is raised at
-        the chunk's first position).
+        every item). ``chunksize``: that many calls per task, as the process pool's ``map`` (a
+        call's error fails its chunk, and is raised at the chunk's first position).
 
         The calls are queued in slices of a fourth of what is in flight, each as one batch with
         one future, in chunks that spread it over the consumers as ``batch_submit`` spreads a
         batch; the results come chunk by chunk: a map costs about what ``batch_submit`` does, not
-        a future per call. ``timeout`` bounds the submission too: a map blocked on a full submission window
-        raises ``TimeoutError`` when it is spent (what it queued is cancelled), and stops with
-        ``RuntimeError`` when the executor is shut down meanwhile.
+        a future per call. ``timeout`` bounds the submission too: a map blocked on a full
+        submission window raises ``TimeoutError`` when it is spent (what it queued is cancelled),
+        and stops with ``RuntimeError`` when the executor is shut down meanwhile.
         """
         check_map_options(chunksize, buffersize)
         start = time.monotonic()
@@ -386,16 +385,18 @@ class Executor(concurrent.futures.Executor):
         pool = self._pool
         fourth = max(1, buffersize // _SLICES_IN_BUFFER)
         chunk = pool.map_chunk_size(fourth)
-        held = chunk * max(1, pool.consumer_count()) * pool.settings.prefetch  # what keeps every consumer busy
-        return chunk, max(chunk, min(fourth, buffersize - held))
+        return chunk, max(chunk, min(fourth, buffersize - self._held(chunk)))
 
     def _slice_size(self, n: int) -> int:
         """Calls per slice of a map of ``n`` calls submitted at once: a fourth of them, so that
         the consumers share each slice, and at most a chunk per consumer's prefetch, so that the
         slices pickled ahead of the window hold little."""
+        return max(1, min(-(-n // _SLICES_IN_BUFFER), self._held(self._pool.map_chunk_size(None))))
+
+    def _held(self, chunk: int) -> int:
+        """Tasks the consumers hold at most in chunks of ``chunk``: each its prefetch's worth."""
         pool = self._pool
-        cap = pool.map_chunk_size(None) * max(1, pool.consumer_count()) * pool.settings.prefetch
-        return max(1, min(-(-n // _SLICES_IN_BUFFER), cap))
+        return chunk * max(1, pool.consumer_count()) * pool.settings.prefetch
 
     # -- ending ---------------------------------------------------------------------------------
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
