@@ -22,7 +22,7 @@ from distributed import Client
 
 from zdq import ConsumerPool, QueuePool
 from zdq.benchmark.scale import _dask_placement, placement_cluster
-from zdq.client import brokers, consumer_pool, consumers, queue_pool
+from zdq.client import brokers, consumer_pool, consumer_reach, consumers, queue_pool
 
 PHASES: list[tuple[str, float]] = []
 
@@ -50,7 +50,7 @@ for _owner, _name, _label in (
     (brokers.PlacedQueues, "publish", "publish"),
     (queue_pool.QueuePool, "_supervise", "qp.supervise"),
     (consumers.ConsumerSlots, "place_all", "consumers.place_all"),
-    (consumers.ConsumerSlots, "check_reach", "consumers.check_reach"),
+    (consumer_reach.ConsumerReach, "check_reach", "consumers.check_reach"),
     (consumers.ConsumerSlots, "each", "consumers.each"),
     (consumer_pool, "allowed_workers", "allowed_workers"),
 ):
