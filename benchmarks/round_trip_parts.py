@@ -143,7 +143,7 @@ class _Handed:
 
     def call(self, i: int) -> None:
         broker, seq, frames = self._bare.pack(i)
-        done, box = threading.Lock(), []
+        done, box = threading.Lock(), list[Any]()
         done.acquire()
         self._handed.append((broker, seq, frames, done, box))
         os.eventfd_write(self._wake, 1)
