@@ -147,3 +147,34 @@ def test_join_says_which_queue_no_consumer_reaches_after_it_was_placed_again_ins
         consumers.join(timeout=60, stop=False)
         assert batch.result(timeout=30) == list(range(20))
         wait_until(lambda: not consumers.unreached(), timeout=30)
+
+
+def test_a_pool_placed_started_learns_from_its_brokers_that_they_hear_every_consumer_without_asking_them(
+    client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zdq import ConsumerPool, QueuePool
+    from zdq.client.consumer_reach import ConsumerReach
+
+    from .tasks import add
+
+    asked: list[list[str]] = []
+    ask = ConsumerReach._reach_by_worker
+
+    def counted(self: ConsumerReach, up: list[str], wait: float) -> dict[int, Any]:
+        asked.append(up)
+        return ask(self, up, wait)
+
+    monkeypatch.setattr(ConsumerReach, "_reach_by_worker", counted)
+    with (
+        QueuePool(client, 3) as queue_pool,
+        ConsumerPool(client, queue_pool, n_consumers=4, start=True) as consumers,
+    ):
+        assert asked == []  # the brokers said they hear every consumer: no actor call asked it
+        statuses = queue_pool.driver.queue_status(timeout=10, consumers=True)
+        slots = consumers._consumers
+        for q, status in enumerate(statuses):
+            assert status is not None and status.consumers is not None
+            serving = {slots.identities[i][-1] for i, queues in enumerate(consumers.served) if q in queues}
+            assert set(status.consumers) == serving  # each broker names its own consumers, and no other
+        assert queue_pool.driver.queue_status(timeout=10)[0].consumers is None  # type: ignore[union-attr]
+        assert queue_pool.batch_submit([(add, i) for i in range(30)]).result(timeout=60) == list(range(30))

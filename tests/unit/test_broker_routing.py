@@ -189,6 +189,14 @@ def test_a_sync_says_what_the_queue_holds_and_which_awaited_chunks_it_does_not(
     assert status == p.QueueStatus(9, 5, 0, 0, 0, 2, (3,))
 
 
+def test_a_sync_that_asks_is_told_the_consumers_heard_and_no_driver(routing: Routing) -> None:
+    routing.heard(DRIVER)
+    routing.peers[CONSUMER] = Peer(p.Role.CONSUMER, last_seen=NOW)
+    routing.peers[b"left"] = Peer(p.Role.CONSUMER, last_seen=NOW, gone=True)
+    assert routing.routing.status(DRIVER, p.Sync(9)).consumers is None  # not asked: not told
+    assert routing.routing.status(DRIVER, p.Sync(9, (), True)).consumers == (CONSUMER,)
+
+
 # -- cancel questions ----------------------------------------------------------------------------
 
 

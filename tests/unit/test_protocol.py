@@ -34,8 +34,12 @@ MESSAGES = [
     p.Ready(),
     p.Sync(9),
     p.Sync(9, (1, 2, 3)),
+    p.Sync(9, (), True),
+    p.Sync(9, (1, 2), True),
     p.QueueStatus(9, 100, 20, 3, 7, 1000),
     p.QueueStatus(9, 0, 0, 0, 0, 0, (4, 5)),
+    p.QueueStatus(9, 0, 0, 0, 0, 0, (), ()),
+    p.QueueStatus(9, 1, 2, 3, 4, 5, (4, 5), (b"c" * 16, b"d" * 255, b"e")),
     p.Cancel(7, 12, 3, (0, 5, 99_999)),
     p.Cancel(0, 12, 0, ()),
     p.Cancelled(7, (5,)),
@@ -78,6 +82,11 @@ def _head(command: int, header: bytes = b"") -> bytes:
         [_head(p.Command.SYNC, b"\0" * 8 + b"\0\0\0\1")],
         [_head(p.Command.SYNC, b"\0" * 8)],
         [_head(p.Command.STATUS, b"\0" * 48 + b"\0\0\0\2" + b"\0" * 8)],
+        [_head(p.Command.STATUS, b"\0" * 48 + b"\0\0\0\0"), b"\x02ab", b"extra"],
+        [_head(p.Command.STATUS, b"\0" * 48 + b"\0\0\0\0"), b"\x03ab"],  # an identity cut short
+        [_head(p.Command.STATUS, b"\0" * 48 + b"\0\0\0\0"), b"\x00"],  # an empty identity
+        [_head(p.Command.SYNC, b"\0" * 8 + b"\0\0\0\0"), b"something else"],
+        [_head(p.Command.SYNC, b"\0" * 8 + b"\0\0\0\0"), b"consumers", b"extra"],
         [_head(p.Command.READY), b"extra"],
         [_head(p.Command.RACK, b"\0\0\0\1" + b"\0" * 8), b"extra"],
         [_head(p.Command.PUT, b"\0" * 8 + b"\xff\xff\xff\xff"), b"x"],
@@ -203,3 +212,11 @@ def test_plain_tasks_skip_cloudpickle_and_still_pickle_to_the_same_bytes() -> No
         assert not _plainly_picklable((tasks.add, (1, 2)))
     finally:
         cloudpickle.unregister_pickle_by_value(tasks)
+
+
+def test_a_status_naming_more_consumers_than_any_broker_tells_is_refused() -> None:
+    head = p.encode(p.QueueStatus(9, 0, 0, 0, 0, 0))[0]
+    told = b"\x01c" * p.MAX_CONSUMERS_TOLD
+    assert len(p.decode([head, told]).consumers) == p.MAX_CONSUMERS_TOLD  # type: ignore[union-attr,arg-type]
+    with pytest.raises(ProtocolError, match="names consumers wrongly"):
+        p.decode([head, told + b"\x01c"])

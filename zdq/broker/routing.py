@@ -166,7 +166,8 @@ class ResultRouting:
 
     def status(self, driver: bytes, sync: p.Sync) -> p.QueueStatus:
         """The answer to a driver's SYNC: the queue's counts, the results waiting for a driver and
-        those routed to this one, and which of the chunks it awaits this broker does not hold."""
+        those routed to this one, which of the chunks it awaits this broker does not hold, and
+        (asked) the consumers it hears."""
         c = self._leases.counts()
         missing: tuple[int, ...] = ()
         if sync.seqs:
@@ -180,7 +181,14 @@ class ResultRouting:
             self.waiting_tasks(),
             self.routed.get(driver, 0),
             missing,
+            self.consumers_heard() if sync.consumers else None,
         )
+
+    def consumers_heard(self) -> tuple[bytes, ...]:
+        """The routing identities of the consumers that said HELLO here and not BYE since (a
+        SYNC's answer, when asked: a pool's placement learns so that its consumers reach this
+        broker without asking each of them)."""
+        return tuple(ident for ident, peer in self._peers.items() if peer.role is p.Role.CONSUMER and not peer.gone)
 
     def waiting_tasks(self) -> int:
         """Tasks done whose results are with no driver (a SYNC's answer)."""

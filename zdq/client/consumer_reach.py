@@ -1,6 +1,11 @@
 """Whether the queues of a ConsumerPool are reached by the consumers that serve them.
 
-``start()`` asks every consumer (one actor call per worker) and raises for a queue none reaches.
+``start()`` first asks the brokers, over the driver's own sockets, which consumers they hear
+(a SYNC each, no Dask actor call): when every consumer is heard by every queue it serves, all is
+well, and placing a large pool costs no round of actor calls for it. Else it asks every consumer
+(one actor call per worker), which also says why one does not reach a queue, still asking the
+brokers meanwhile (the first of the two to say all is well ends the wait), and raises for a queue
+none reaches.
 Later, a queue may stop being reached: placed again where its consumers' packets do not get
 through (the QueuePool's supervisor tells of the move), or gone silent to the consumers that
 reached it (a network cut since, its worker stopped: the consumers say so in their checkup). The
@@ -47,6 +52,12 @@ logger = logging.getLogger(__name__)
 #: stopped broker), is asked of every consumer serving it at most this often while it lasts.
 _SILENCE_REASK = 30.0
 
+#: Seconds between two asks of the brokers, while the consumers' answers are awaited.
+_HEARD_STEP = 0.01
+#: Seconds a broker is given to answer one such ask (they answer in milliseconds; one that does
+#: not is left to the consumers' answers).
+_HEARD_ASK = 0.5
+
 ReachAnswers = list[tuple[str, tuple[list[str], list[tuple[str, str, str]]]]]
 
 #: The why of a verdict not held: the consumers reached the queue before, and neither they nor this
@@ -91,6 +102,8 @@ class Served(Protocol):
 
     names: list[str]
     slots: ActorSlots[Any]
+    served: list[list[int]]  # the queues each slot serves, by index
+    identities: list[list[bytes]]  # each slot's routing identities, the current one last
 
     def live(self, serving: int | None = None) -> list[tuple[int, str, Any]]: ...
 
@@ -308,10 +321,19 @@ class ConsumerReach:
         with ``placing`` (a pool placed started) they are raised together; else each is a warning
         (the supervisor replaces such a consumer, as before)."""
         up = self.queues_up()
+        unheard = self._expected(up)
+        if unheard is not None and self._brokers_hear(unheard, lambda: True):
+            return [], ""  # one ask of the brokers was enough: no actor call
         wait = self.settings.connect_timeout + 2 * self.settings.heartbeat_interval + 10
+        deadline = time.monotonic() + wait
         answers: ReachAnswers = []
         failed: list[str] = []
-        asked = self._reach_by_worker(up, wait)
+        by_worker, asking = self._ask_by_worker(up)
+        if unheard is not None and self._brokers_hear(
+            unheard, lambda: time.monotonic() >= deadline or all(call.done() for call, _ in asking.values())
+        ):
+            return [], ""  # the brokers heard every consumer before the consumers answered
+        asked = self._by_worker(by_worker, asking, max(0.0, deadline - time.monotonic()))
         calls: dict[str, tuple[Any, str]] = {}
         placed_on = self._consumers.placement()
         for i, name, consumer in self._consumers.live():
@@ -341,11 +363,52 @@ class ConsumerReach:
             logger.warning("%s; placing a replacement", why)
         return self.reach_verdict(answers)
 
+    def _expected(self, up: list[str]) -> dict[int, set[bytes]] | None:
+        """Broker -> the routing identities of the live consumers that serve it, for the queues
+        ``up``; None when there is none, or a consumer's identity is not known (its slot is being
+        filled): the consumers are then asked themselves, as ever."""
+        names = self.queue_pool.queue_names
+        expected: dict[int, set[bytes]] = {}
+        identities = self._consumers.identities
+        for i, _, _ in self._consumers.live():
+            if not identities[i]:
+                return None
+            for q in self._consumers.served[i]:
+                if names[q] in up:
+                    expected.setdefault(q, set()).add(identities[i][-1])
+        return expected or None
+
+    def _brokers_hear(self, unheard: dict[int, set[bytes]], stop: Callable[[], bool]) -> bool:
+        """Whether the brokers hear every consumer of ``unheard`` (broker -> identities; what they
+        are found to hear is taken out of it), asked over the driver's sockets
+        (``queue_status(consumers=True)``, no Dask actor call) every :data:`_HEARD_STEP` seconds
+        until they do (True) or ``stop()`` says to give up (False), which is asked after each ask."""
+        driver = self.queue_pool.driver
+        while True:
+            statuses = driver.queue_status(timeout=_HEARD_ASK, consumers=True)
+            for q in list(unheard):
+                status = statuses[q]
+                if status is not None and status.consumers is not None:
+                    unheard[q].difference_update(status.consumers)
+                    if not unheard[q]:
+                        del unheard[q]
+            if not unheard:
+                return True
+            if stop():
+                return False
+            time.sleep(_HEARD_STEP)
+
     def _reach_by_worker(self, up: list[str], wait: float) -> dict[int, Any]:
         """Ask one consumer per worker for the reach of every consumer placed there
         (``Consumer.reach_here``): one actor call per worker, not per consumer. By slot: the
         answer, or the message of a consumer that could not open its sockets; a slot left out
         (its worker did not answer for it) is asked by the caller."""
+        by_worker, calls = self._ask_by_worker(up)
+        return self._by_worker(by_worker, calls, wait)
+
+    def _ask_by_worker(self, up: list[str]) -> tuple[dict[str, list[tuple[int, str, Any]]], dict[str, tuple[Any, str]]]:
+        """The calls of :meth:`_reach_by_worker`, made: the consumers placed on each worker
+        (slot, future key, actor), and each worker's call (its future, the worker)."""
         by_worker: dict[str, list[tuple[int, str, Any]]] = {}
         futures = self._consumers.slots.futures()
         placed_on = self._consumers.placement()
@@ -359,6 +422,12 @@ class ConsumerReach:
                 calls[worker] = (here[0][2].reach_here([key for _, key, _ in here], up), worker)
             except Exception as e:  # its worker is gone: the supervisor replaces its consumers
                 logger.debug("reach of the consumers on %s failed: %s", worker, e)
+        return by_worker, calls
+
+    def _by_worker(
+        self, by_worker: dict[str, list[tuple[int, str, Any]]], calls: dict[str, tuple[Any, str]], wait: float
+    ) -> dict[int, Any]:
+        """The answers of :meth:`_ask_by_worker`'s calls, within ``wait`` seconds, by slot."""
         answers, errors, gone, _ = answers_within(self.client, calls, wait)
         out: dict[int, Any] = {}
         for worker, here in by_worker.items():

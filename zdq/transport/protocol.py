@@ -116,6 +116,7 @@ __all__ = [
     "Routes",
     "ID_SIZE",
     "MAX_CHUNK_TASKS",
+    "MAX_CONSUMERS_TOLD",
     "MAX_PUTS",
     "PUTS_CHUNKS",
     "PUTS_BYTES",
@@ -296,6 +297,7 @@ class Ready(NamedTuple):
 class Sync(NamedTuple):
     token: int
     seqs: tuple[int, ...] = ()
+    consumers: bool = False  # the answer names the consumers the broker hears (a second frame)
 
 
 class QueueStatus(NamedTuple):
@@ -306,6 +308,9 @@ class QueueStatus(NamedTuple):
     waiting_tasks: int  # done, their results not yet sent to any driver
     routed_tasks: int  # tasks whose results this broker sent to the asking driver, ever
     missing: tuple[int, ...] = ()
+    #: The routing identities of the consumers the broker hears (those that said HELLO and not
+    #: BYE), when the SYNC asked for them; None otherwise.
+    consumers: tuple[bytes, ...] | None = None
 
 
 class Cancel(NamedTuple):
@@ -379,6 +384,10 @@ _SPLIT = _layout(Command.SPLIT, "QI")
 _RACK = _layout(Command.RACK, "I")  # followed by the ids, 8 bytes each, in the same frame
 _SYNC = _layout(Command.SYNC, "QI")  # token, count; followed by the seqs, 8 bytes each
 _STATUS = _layout(Command.STATUS, "QQQQQQI")  # token, counts, routed, count; then the seqs
+#: A SYNC's second frame when its answer is to name the consumers the broker hears.
+_ASK_CONSUMERS = b"consumers"
+#: Most consumer identities a STATUS may name (a peer's claim is never trusted beyond).
+MAX_CONSUMERS_TOLD = 65_536
 _CANCEL = _layout(Command.CANCEL, "QQQI")  # token, chunk id, seq, count; then the indexes
 _CANCELLED = _layout(Command.CANCELLED, "QI")  # token, count; then the indexes
 _HEAD = {c: VERSION + bytes([c]) for c in Command}  # the head of a message without a header
@@ -467,7 +476,8 @@ def _encode_confirms(m: Confirms) -> list[Any]:
 
 def _encode_sync(m: Sync) -> list[Any]:
     seqs = m.seqs
-    return [_SYNC.pack(_V, Command.SYNC, m.token, len(seqs)) + struct.pack(f">{len(seqs)}Q", *seqs)]
+    head = _SYNC.pack(_V, Command.SYNC, m.token, len(seqs)) + struct.pack(f">{len(seqs)}Q", *seqs)
+    return [head, _ASK_CONSUMERS] if m.consumers else [head]
 
 
 def _encode_status(m: QueueStatus) -> list[Any]:
@@ -476,7 +486,10 @@ def _encode_status(m: QueueStatus) -> list[Any]:
         _V, Command.STATUS, m.token, m.ready_tasks, m.leased_tasks, m.dead_tasks, m.waiting_tasks,
         m.routed_tasks, len(missing),
     )
-    return [head + struct.pack(f">{len(missing)}Q", *missing)]
+    head += struct.pack(f">{len(missing)}Q", *missing)
+    if m.consumers is None:
+        return [head]
+    return [head, b"".join(bytes([len(ident)]) + ident for ident in m.consumers)]
 
 
 def _encode_cancel(m: Cancel) -> list[Any]:
@@ -664,14 +677,33 @@ def _confirms(head: bytes, f: Sequence[Any]) -> Message:
 
 
 def _sync(head: bytes, f: Sequence[Any]) -> Message:
-    fields, seqs = _ids_after(_SYNC, head, f)
-    return Sync(fields[2], seqs)
+    asks = len(f) == 2 and _bytes(f[1]) == _ASK_CONSUMERS
+    fields, seqs = _ids_after(_SYNC, head, f[:1] if asks else f)
+    return Sync(fields[2], seqs, asks)
 
 
 def _status(head: bytes, f: Sequence[Any]) -> Message:
-    fields, missing = _ids_after(_STATUS, head, f)
+    fields, missing = _ids_after(_STATUS, head, f[:1])
     token, ready, leased, dead, waiting, routed = fields[2:8]
-    return QueueStatus(token, ready, leased, dead, waiting, routed, missing)
+    return QueueStatus(token, ready, leased, dead, waiting, routed, missing, _identities(f[1:]))
+
+
+def _identities(f: Sequence[Any]) -> tuple[bytes, ...] | None:
+    """A STATUS's second frame, if any: routing identities, each after its length (one byte)."""
+    if not f:
+        return None
+    if len(f) != 1:
+        raise ProtocolError("STATUS is a header and the ids, then at most the consumers heard")
+    data = _bytes(f[0])
+    out: list[bytes] = []
+    at = 0
+    while at < len(data):
+        end = at + 1 + data[at]
+        if data[at] == 0 or end > len(data) or len(out) >= MAX_CONSUMERS_TOLD:
+            raise ProtocolError(f"STATUS names consumers wrongly at byte {at} of {len(data)}")
+        out.append(data[at + 1 : end])
+        at = end
+    return tuple(out)
 
 
 def _cancel(head: bytes, f: Sequence[Any]) -> Message:

@@ -377,15 +377,18 @@ class Driver:
             silent = [i for i, view in enumerate(self._links.views) if not view.heard]
             return {i: "no answer" for i in silent}
 
-    def queue_status(self, timeout: float = 10.0, only: int | None = None) -> list[p.QueueStatus | None]:
+    def queue_status(
+        self, timeout: float = 10.0, only: int | None = None, *, consumers: bool = False
+    ) -> list[p.QueueStatus | None]:
         """Each broker's counts, asked over the data plane (no Dask actor call); ``only``: wait for
-        that broker's answer alone (another, stalled, does not hold it up).
+        that broker's answer alone (another, stalled, does not hold it up); ``consumers``: each
+        answer also names the consumers its broker hears (``QueueStatus.consumers``).
 
         A reply also says that every result the broker routed here before it has arrived (one
         socket keeps order). ``None`` for a broker that is down or did not answer in time.
         """
         self._ledger.check_open()
-        ask = StatusAsk([None] * len(self._queue_names), only, time.monotonic() + timeout)
+        ask = StatusAsk([None] * len(self._queue_names), only, time.monotonic() + timeout, consumers=consumers)
         fut = self._loop.post(functools.partial(self._loop.ask_status, ask))
         try:
             return fut.result(timeout)

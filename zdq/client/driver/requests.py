@@ -56,6 +56,7 @@ class StatusAsk:
     deadline: float
     future: Future[list[p.QueueStatus | None]] | None = None  # the request's, once the I/O thread has it
     broker: int = -1  # asks every broker: not dropped when one is lost
+    consumers: bool = False  # each answer names the consumers its broker hears
 
 
 @dataclass(eq=False)
@@ -158,7 +159,7 @@ class Requests:
         ask.future = fut
         token = next(self.tokens)
         self.pending[token] = ask
-        sync = p.encode(p.Sync(token))
+        sync = p.encode(p.Sync(token, (), ask.consumers))
         for link in self._links.links:
             if link.state is not LinkState.DOWN:
                 try_send(socks[link.index], sync)
