@@ -105,13 +105,18 @@ def test_bench_latency_suite_reports_zdq_dask_and_the_floor_and_their_same_run_r
 def test_bench_scale_suite_places_pools_of_growing_clusters_and_draws_them(tmp_path: Path) -> None:
     proc = _zdq(
         "bench", "--suite", "scale", "--scale-workers", "2,4", "--tasks", "2000", "--idle-seconds", "0.2",
-        "--plots", str(tmp_path), "--json",
+        "--pairs", "2", "--plots", str(tmp_path), "--json",
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert [(r["workers"], r["queues"], r["consumers"]) for r in report["scales"]] == [(2, 1, 4), (4, 2, 8)]
     for r in report["scales"]:
         assert r["placement_seconds"] > 0 and r["tasks_per_second"] > 0 and r["fds_per_worker"] > 0
+        # Two placements of each, alternated: the ratio is their pairs' median.
+        pairs = r["placement_vs_dask_pairs"]
+        assert len(pairs) == 2 and all(x > 0 for x in pairs)
+        assert r["placement_vs_dask"] == pytest.approx(sum(pairs) / 2)
+        assert report[f"placement zdq / bare Dask, {r['workers']} workers"] == r["placement_vs_dask"]
         assert 0 <= r["idle_cpu_per_consumer"] < 1
     if importlib.util.find_spec("matplotlib") is None:
         # A newcomer's `pip install -e ".[test]"` has no matplotlib: the figures come all the
@@ -130,6 +135,8 @@ def test_bench_scale_suite_places_pools_of_growing_clusters_and_draws_them(tmp_p
 def test_bench_rejects_nonsense_options() -> None:
     proc = _zdq("bench", "--tasks", "0")
     assert proc.returncode == 2 and "--tasks must be at least 1" in proc.stderr
+    proc = _zdq("bench", "--suite", "scale", "--scale-workers", "2", "--pairs", "0")
+    assert proc.returncode == 2 and "--pairs must be at least 1" in proc.stderr
 
 
 def test_inspect_reports_a_directory_without_queues_as_an_error(tmp_path: Path) -> None:

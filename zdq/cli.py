@@ -70,7 +70,9 @@ def _bench_scale(args: argparse.Namespace) -> int:
         raise ValueError("--scale-workers takes worker counts, like 2,8,16,32")
     if not 0 < args.idle_seconds < 3600:
         raise ValueError("--idle-seconds must be between 0 and 3600 seconds")
-    report = run_scale(args.tasks, scales, args.fan_out, args.idle_seconds)
+    if args.pairs < 1:
+        raise ValueError("--pairs must be at least 1")
+    report = run_scale(args.tasks, scales, args.fan_out, args.idle_seconds, args.pairs)
     if args.plots:
         report["plot"] = plot_scale(report, args.plots)
     print(json.dumps(report, indent=2) if args.json else format_scale(report))
@@ -156,8 +158,8 @@ def _parser() -> argparse.ArgumentParser:
         "--pairs", type=int, default=7,
         help=(
             "pairs of each alternated comparison (durable and without authentication against the futures path, "
-            "the maps and the daskqueue path each beside a batch of it); each ratio is the median of its pairs' "
-            "(default 7)"
+            "the maps and the daskqueue path each beside a batch of it; the scale suite's placements of zdq and "
+            "bare Dask); each ratio is the median of its pairs' (default 7)"
         ),
     )
     bench.add_argument("--durable", action="store_true", help="also run zdq on durable (LMDB) queues, their batches alternated with a transient pool's")

@@ -8,9 +8,12 @@ queues on 32 workers at the top). Measured there:
   beside it, **bare Dask's own**: as many trivial actors placed on the same workers (all at once,
   their proxies fetched in one round trip, as zdq fetches its own) and each called once, which is
   the floor of any design that places Dask actors; and the ratio ``zdq placement / bare Dask``
-  per cluster size;
-- **placement CPU** per actor: the CPU time all processes (workers, scheduler and client) spend
-  while placing, minus what they burn idle over as long, per actor. On a machine with fewer
+  per cluster size. Each is taken in ``pairs`` pairs on the same cluster, the two alternated
+  (Dask first in the first pair, zdq first in the second...; each zdq pool closed before the next
+  placement): the seconds are the medians of their pairs', the ratio the median of the pairs'
+  ratios (one placement against one read 1.3-2.5 at 16 workers from run to run);
+- **placement CPU** per actor (the first pair's): the CPU time all processes (workers, scheduler
+  and client) spend while placing, minus what they burn idle over as long, per actor. On a machine with fewer
   cores than workers, idle workers take a share of the cores that grows with their number, and the
   seconds per actor grow with it; the CPU per actor is the work placing does, whatever is left of
   the machine;
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -52,7 +56,8 @@ class ScaleResult:
     placement_seconds: float
     per_actor_seconds: float
     dask_per_actor_seconds: float  # bare Dask: trivial actors placed and called once each
-    placement_vs_dask: float  # zdq's placement seconds / bare Dask's, as many actors, same cluster
+    placement_vs_dask: float  # zdq's placement seconds / bare Dask's, as many actors, same cluster: the pairs' median
+    placement_vs_dask_pairs: list[float]  # that ratio in each pair, in the order taken
     cpu_per_actor_seconds: float  # CPU of every process while placing, idle burn removed
     dask_cpu_per_actor_seconds: float
     idle_cores: float  # cores the cluster burns idle (every process), before placing
@@ -151,9 +156,25 @@ def _dask_placement(client: Client, n: int, one_by_one: bool = False) -> float:
     return took
 
 
-def one_scale(workers: int, tasks: int, fan_out: int | None = None, idle_seconds: float = _IDLE_SECONDS) -> ScaleResult:
+def _zdq_placement(client: Client, queues: int, consumers: int, overrides: dict[str, Any]) -> float:
+    """Seconds to place a pool of ``queues`` queues and ``consumers`` consumers, started (as
+    :func:`one_scale` times its first); the pool is closed after, outside the time."""
     from zdq import ConsumerPool, QueuePool
 
+    start = time.perf_counter()
+    with QueuePool(client, queues, keep_results=False, **overrides) as qp:
+        with ConsumerPool(client, qp, n_consumers=consumers, start=True, **overrides):
+            took = time.perf_counter() - start
+    return took
+
+
+def one_scale(
+    workers: int, tasks: int, fan_out: int | None = None, idle_seconds: float = _IDLE_SECONDS, pairs: int = 1
+) -> ScaleResult:
+    from zdq import ConsumerPool, QueuePool
+
+    if pairs < 1:
+        raise ValueError(f"the scale suite's placements are taken in pairs: at least 1, not {pairs}")
     queues, consumers = max(1, workers // 2), 2 * workers
     overrides: dict[str, Any] = {} if fan_out is None else {"fan_out": fan_out}
     with placement_cluster(workers) as client:
@@ -176,15 +197,32 @@ def one_scale(workers: int, tasks: int, fan_out: int | None = None, idle_seconds
                 rate = tasks / (time.perf_counter() - t0)
                 time.sleep(1.0)
                 idle = _idle_cpu(client, idle_seconds) / idle_seconds
+        # The other pairs, alternated: zdq first in the second, Dask first in the third...
+        taken = [(placement, dask_placement)]
+        for r in range(1, pairs):
+            time.sleep(0.5)
+            if r % 2:
+                z = _zdq_placement(client, queues, consumers, overrides)
+                time.sleep(0.5)
+                d = _dask_placement(client, queues + consumers)
+            else:
+                d = _dask_placement(client, queues + consumers)
+                time.sleep(0.5)
+                z = _zdq_placement(client, queues, consumers, overrides)
+            taken.append((z, d))
     own = max(0.0, idle - dask_idle * workers) / consumers
+    zdq_seconds = statistics.median(z for z, _ in taken)
+    dask_seconds = statistics.median(d for _, d in taken)
+    ratios = [z / d for z, d in taken]
     return ScaleResult(
         workers=workers,
         queues=queues,
         consumers=consumers,
-        placement_seconds=placement,
-        per_actor_seconds=placement / (queues + consumers),
-        dask_per_actor_seconds=dask_placement / (queues + consumers),
-        placement_vs_dask=placement / dask_placement,
+        placement_seconds=zdq_seconds,
+        per_actor_seconds=zdq_seconds / (queues + consumers),
+        dask_per_actor_seconds=dask_seconds / (queues + consumers),
+        placement_vs_dask=statistics.median(ratios),
+        placement_vs_dask_pairs=ratios,
         cpu_per_actor_seconds=placing.spent / (queues + consumers),
         dask_cpu_per_actor_seconds=dask_cpu.spent / (queues + consumers),
         idle_cores=idle_cores,
@@ -197,14 +235,22 @@ def one_scale(workers: int, tasks: int, fan_out: int | None = None, idle_seconds
 
 
 def run_scale(
-    tasks: int, scales: tuple[int, ...] = SCALES, fan_out: int | None = None, idle_seconds: float = _IDLE_SECONDS
+    tasks: int,
+    scales: tuple[int, ...] = SCALES,
+    fan_out: int | None = None,
+    idle_seconds: float = _IDLE_SECONDS,
+    pairs: int = 1,
 ) -> dict[str, Any]:
-    """Each scale in turn; ``idle_seconds``: how long each idle CPU figure is measured over."""
-    results = [one_scale(w, tasks, fan_out, idle_seconds) for w in scales]
+    """Each scale in turn; ``idle_seconds``: how long each idle CPU figure is measured over;
+    ``pairs``: placements of zdq and bare Dask, alternated, at each scale (see the module)."""
+    results = [one_scale(w, tasks, fan_out, idle_seconds, pairs) for w in scales]
     report: dict[str, Any] = {"scales": [asdict(r) for r in results]}
     by_size = {r.workers: r for r in results}
     for r in results:  # issue 26, point 7: within 2x of bare Dask's
         report[f"placement zdq / bare Dask, {r.workers} workers"] = r.placement_vs_dask
+        if len(r.placement_vs_dask_pairs) > 1:
+            told = ", ".join(f"{x:.2f}" for x in r.placement_vs_dask_pairs)
+            report[f"  its {len(r.placement_vs_dask_pairs)} pairs, {r.workers} workers"] = told
     if 16 in by_size and 32 in by_size:
         report["per actor: 32 workers / 16 workers"] = by_size[32].per_actor_seconds / by_size[16].per_actor_seconds
         report["bare Dask per actor: 32 workers / 16 workers"] = (
