@@ -4,8 +4,8 @@
 (a SYNC each, no Dask actor call): when every consumer is heard by every queue it serves, all is
 well, and placing a large pool costs no round of actor calls for it. Else it asks every consumer
 (one actor call per worker), which also says why one does not reach a queue, still asking the
-brokers meanwhile (the first of the two to say all is well ends the wait), and raises for a queue
-none reaches.
+brokers for a second meanwhile (the first of the two to say all is well ends the wait), and raises
+for a queue none reaches.
 Later, a queue may stop being reached: placed again where its consumers' packets do not get
 through (the QueuePool's supervisor tells of the move), or gone silent to the consumers that
 reached it (a network cut since, its worker stopped: the consumers say so in their checkup). The
@@ -52,8 +52,11 @@ logger = logging.getLogger(__name__)
 #: stopped broker), is asked of every consumer serving it at most this often while it lasts.
 _SILENCE_REASK = 30.0
 
-#: Seconds between two asks of the brokers, while the consumers' answers are awaited.
+#: Seconds between two asks of the brokers, while the consumers' answers are awaited ...
 _HEARD_STEP = 0.01
+#: ... for this long at most: then the consumers' answers alone are awaited, as ever (a call to a
+#: consumer whose worker left never settles: that wait sees the worker gone, and gives it up).
+_HEARD_WITHIN = 1.0
 #: Seconds a broker is given to answer one such ask (they answer in milliseconds; one that does
 #: not is left to the consumers' answers).
 _HEARD_ASK = 0.5
@@ -329,8 +332,9 @@ class ConsumerReach:
         answers: ReachAnswers = []
         failed: list[str] = []
         by_worker, asking = self._ask_by_worker(up)
+        hearing_until = min(deadline, time.monotonic() + _HEARD_WITHIN)
         if unheard is not None and self._brokers_hear(
-            unheard, lambda: time.monotonic() >= deadline or all(call.done() for call, _ in asking.values())
+            unheard, lambda: time.monotonic() >= hearing_until or all(call.done() for call, _ in asking.values())
         ):
             return [], ""  # the brokers heard every consumer before the consumers answered
         asked = self._by_worker(by_worker, asking, max(0.0, deadline - time.monotonic()))
