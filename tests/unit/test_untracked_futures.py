@@ -300,14 +300,19 @@ def test_slotted_reads_values_a_finalizer_empties_while_it_runs_from_its_own_cop
         emptier.me = emptier  # type: ignore[attr-defined]  # only a collection frees it
 
     threshold = gc.get_threshold()
-    gc.collect()
-    garbage()
-    gc.set_threshold(100)  # a collection (and the finalizer) inside slotted's loop
+    # Off until the call: another thread's allocations (a test's leftover thread, in a worker of
+    # the parallel suite) could otherwise run the collection, and the finalizer, before it.
+    gc.disable()
     try:
+        gc.collect()
+        garbage()
+        gc.set_threshold(100)  # a collection (and the finalizer) inside slotted's loop
+        gc.enable()
         assert window._slotted is not None
         made = window._slotted(_Slotted, 20_000, _Slotted.a, 1, _Slotted.b, values)
     finally:
         gc.set_threshold(*threshold)
+        gc.enable()
     assert not values, "the finalizer did not run during the call: the test proves nothing"
     assert [o.b for o in made] == originals
 
