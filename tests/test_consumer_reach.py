@@ -173,8 +173,10 @@ def test_a_pool_placed_started_learns_from_its_brokers_that_they_hear_every_cons
         statuses = queue_pool.driver.queue_status(timeout=10, consumers=True)
         slots = consumers._consumers
         for q, status in enumerate(statuses):
-            assert status is not None and status.consumers is not None
+            assert status is not None and status.consumer_digests is not None
             serving = {slots.identities[i][-1] for i, queues in enumerate(consumers.served) if q in queues}
-            assert set(status.consumers) == serving  # each broker names its own consumers, and no other
-        assert queue_pool.driver.queue_status(timeout=10)[0].consumers is None  # type: ignore[union-attr]
+            # Each broker tells its own consumers, and no other, by digest: never an identity.
+            assert set(status.consumer_digests) == {p.consumer_digest(ident) for ident in serving}
+            assert not set(status.consumer_digests) & serving
+        assert queue_pool.driver.queue_status(timeout=10)[0].consumer_digests is None  # type: ignore[union-attr]
         assert queue_pool.batch_submit([(add, i) for i in range(30)]).result(timeout=60) == list(range(30))

@@ -189,12 +189,13 @@ def test_a_sync_says_what_the_queue_holds_and_which_awaited_chunks_it_does_not(
     assert status == p.QueueStatus(9, 5, 0, 0, 0, 2, (3,))
 
 
-def test_a_sync_that_asks_is_told_the_consumers_heard_and_no_driver(routing: Routing) -> None:
+def test_a_sync_that_asks_is_told_the_digests_of_the_consumers_heard_and_no_driver(routing: Routing) -> None:
     routing.heard(DRIVER)
     routing.peers[CONSUMER] = Peer(p.Role.CONSUMER, last_seen=NOW)
     routing.peers[b"left"] = Peer(p.Role.CONSUMER, last_seen=NOW, gone=True)
-    assert routing.routing.status(DRIVER, p.Sync(9)).consumers is None  # not asked: not told
-    assert routing.routing.status(DRIVER, p.Sync(9, (), True)).consumers == (CONSUMER,)
+    assert routing.routing.status(DRIVER, p.Sync(9)).consumer_digests is None  # not asked: not told
+    # Their digests, never the identities (a peer that has one may take that consumer's place).
+    assert routing.routing.status(DRIVER, p.Sync(9, (), True)).consumer_digests == (p.consumer_digest(CONSUMER),)
 
 
 # -- cancel questions ----------------------------------------------------------------------------
@@ -433,3 +434,11 @@ def test_a_plain_stop_after_a_discarding_stop_whose_join_timed_out_keeps_the_dis
     core.stop(0.0, discard=True)
     core.stop(0.0)
     assert core._discard
+
+
+def test_a_broker_tells_no_more_consumers_than_a_driver_reads(routing: Routing, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(p, "MAX_CONSUMERS_TOLD", 3)
+    for i in range(5):
+        routing.peers[b"consumer-%d" % i] = Peer(p.Role.CONSUMER, last_seen=NOW)
+    told = routing.routing.status(DRIVER, p.Sync(9, (), True)).consumer_digests
+    assert told is not None and len(told) == 3  # the driver then asks the consumers themselves

@@ -39,7 +39,7 @@ MESSAGES = [
     p.QueueStatus(9, 100, 20, 3, 7, 1000),
     p.QueueStatus(9, 0, 0, 0, 0, 0, (4, 5)),
     p.QueueStatus(9, 0, 0, 0, 0, 0, (), ()),
-    p.QueueStatus(9, 1, 2, 3, 4, 5, (4, 5), (b"c" * 16, b"d" * 255, b"e")),
+    p.QueueStatus(9, 1, 2, 3, 4, 5, (4, 5), (p.consumer_digest(b"c" * 16), p.consumer_digest(b"d"))),
     p.Cancel(7, 12, 3, (0, 5, 99_999)),
     p.Cancel(0, 12, 0, ()),
     p.Cancelled(7, (5,)),
@@ -82,9 +82,8 @@ def _head(command: int, header: bytes = b"") -> bytes:
         [_head(p.Command.SYNC, b"\0" * 8 + b"\0\0\0\1")],
         [_head(p.Command.SYNC, b"\0" * 8)],
         [_head(p.Command.STATUS, b"\0" * 48 + b"\0\0\0\2" + b"\0" * 8)],
-        [_head(p.Command.STATUS, b"\0" * 48 + b"\0\0\0\0"), b"\x02ab", b"extra"],
-        [_head(p.Command.STATUS, b"\0" * 48 + b"\0\0\0\0"), b"\x03ab"],  # an identity cut short
-        [_head(p.Command.STATUS, b"\0" * 48 + b"\0\0\0\0"), b"\x00"],  # an empty identity
+        [_head(p.Command.STATUS, b"\0" * 48 + b"\0\0\0\0"), b"d" * 16, b"extra"],
+        [_head(p.Command.STATUS, b"\0" * 48 + b"\0\0\0\0"), b"d" * 17],  # a digest cut short
         [_head(p.Command.SYNC, b"\0" * 8 + b"\0\0\0\0"), b"something else"],
         [_head(p.Command.SYNC, b"\0" * 8 + b"\0\0\0\0"), b"consumers", b"extra"],
         [_head(p.Command.READY), b"extra"],
@@ -214,9 +213,16 @@ def test_plain_tasks_skip_cloudpickle_and_still_pickle_to_the_same_bytes() -> No
         cloudpickle.unregister_pickle_by_value(tasks)
 
 
-def test_a_status_naming_more_consumers_than_any_broker_tells_is_refused() -> None:
+def test_a_status_telling_more_consumers_than_any_broker_tells_is_refused() -> None:
     head = p.encode(p.QueueStatus(9, 0, 0, 0, 0, 0))[0]
-    told = b"\x01c" * p.MAX_CONSUMERS_TOLD
-    assert len(p.decode([head, told]).consumers) == p.MAX_CONSUMERS_TOLD  # type: ignore[union-attr,arg-type]
-    with pytest.raises(ProtocolError, match="names consumers wrongly"):
-        p.decode([head, told + b"\x01c"])
+    told = b"c" * 16 * p.MAX_CONSUMERS_TOLD
+    assert len(p.decode([head, told]).consumer_digests) == p.MAX_CONSUMERS_TOLD  # type: ignore[union-attr,arg-type]
+    with pytest.raises(ProtocolError, match="too many"):
+        p.decode([head, told + b"c" * 16])
+
+
+def test_a_consumers_digest_is_its_own_and_tells_nothing_of_its_identity() -> None:
+    identity = b"\x07" * 16
+    digest = p.consumer_digest(identity)
+    assert len(digest) == 16 and digest == p.consumer_digest(bytes(identity)) != p.consumer_digest(b"\x08" * 16)
+    assert identity not in digest

@@ -23,6 +23,8 @@ lease table, whose ``Held.driver`` it sets through ``LeaseTable.sent``. It incre
 
 from __future__ import annotations
 
+import itertools
+
 import logging
 from collections.abc import Callable, Iterable, Mapping
 
@@ -185,10 +187,12 @@ class ResultRouting:
         )
 
     def consumers_heard(self) -> tuple[bytes, ...]:
-        """The routing identities of the consumers that said HELLO here and not BYE since (a
-        SYNC's answer, when asked: a pool's placement learns so that its consumers reach this
-        broker without asking each of them)."""
-        return tuple(ident for ident, peer in self._peers.items() if peer.role is p.Role.CONSUMER and not peer.gone)
+        """The digests of the routing identities of the consumers that said HELLO here and not
+        BYE since, at most :data:`~zdq.transport.protocol.MAX_CONSUMERS_TOLD` (a SYNC's answer,
+        when asked: a pool's placement learns so that its consumers reach this broker without
+        asking each of them; the identities themselves are never told)."""
+        heard = (ident for ident, peer in self._peers.items() if peer.role is p.Role.CONSUMER and not peer.gone)
+        return tuple(p.consumer_digest(ident) for ident in itertools.islice(heard, p.MAX_CONSUMERS_TOLD))
 
     def waiting_tasks(self) -> int:
         """Tasks done whose results are with no driver (a SYNC's answer)."""

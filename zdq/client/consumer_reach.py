@@ -41,6 +41,7 @@ from zdq.client.driver import Driver
 from zdq.client.slots import ActorSlots, answers_within
 from zdq.config import PoolSettings
 from zdq.errors import PlacementError
+from zdq.transport.protocol import consumer_digest
 from zdq.transport.reach import DRIVER_HEARS_NOTHING, OPEN_BETWEEN_WORKERS, WENT_SILENT, describe
 from zdq.transport.security import ClientKeys
 
@@ -57,9 +58,9 @@ _HEARD_STEP = 0.01
 #: ... for this long at most: then the consumers' answers alone are awaited, as ever (a call to a
 #: consumer whose worker left never settles: that wait sees the worker gone, and gives it up).
 _HEARD_WITHIN = 1.0
-#: Seconds a broker is given to answer one such ask (they answer in milliseconds; one that does
-#: not is left to the consumers' answers).
-_HEARD_ASK = 0.5
+#: Seconds the brokers are given to answer one such ask (they answer in milliseconds; one that
+#: does not is left to the consumers' answers, and holds the step up by no more than this).
+_HEARD_ASK = 0.1
 
 ReachAnswers = list[tuple[str, tuple[list[str], list[tuple[str, str, str]]]]]
 
@@ -368,9 +369,10 @@ class ConsumerReach:
         return self.reach_verdict(answers)
 
     def _expected(self, up: list[str]) -> dict[int, set[bytes]] | None:
-        """Broker -> the routing identities of the live consumers that serve it, for the queues
-        ``up``; None when there is none, or a consumer's identity is not known (its slot is being
-        filled): the consumers are then asked themselves, as ever."""
+        """Broker -> the digests (:func:`~zdq.transport.protocol.consumer_digest`) of the live
+        consumers that serve it, for the queues ``up``; None when there is none, or a consumer's
+        identity is not known (its slot is being filled): the consumers are then asked
+        themselves, as ever."""
         names = self.queue_pool.queue_names
         expected: dict[int, set[bytes]] = {}
         identities = self._consumers.identities
@@ -379,12 +381,12 @@ class ConsumerReach:
                 return None
             for q in self._consumers.served[i]:
                 if names[q] in up:
-                    expected.setdefault(q, set()).add(identities[i][-1])
+                    expected.setdefault(q, set()).add(consumer_digest(identities[i][-1]))
         return expected or None
 
     def _brokers_hear(self, unheard: dict[int, set[bytes]], stop: Callable[[], bool]) -> bool:
-        """Whether the brokers hear every consumer of ``unheard`` (broker -> identities; what they
-        are found to hear is taken out of it), asked over the driver's sockets
+        """Whether the brokers hear every consumer of ``unheard`` (broker -> digests; what they are
+        found to hear is taken out of it), asked over the driver's sockets
         (``queue_status(consumers=True)``, no Dask actor call) every :data:`_HEARD_STEP` seconds
         until they do (True) or ``stop()`` says to give up (False), which is asked after each ask."""
         driver = self.queue_pool.driver
@@ -392,8 +394,8 @@ class ConsumerReach:
             statuses = driver.queue_status(timeout=_HEARD_ASK, consumers=True)
             for q in list(unheard):
                 status = statuses[q]
-                if status is not None and status.consumers is not None:
-                    unheard[q].difference_update(status.consumers)
+                if status is not None and status.consumer_digests is not None:
+                    unheard[q].difference_update(status.consumer_digests)
                     if not unheard[q]:
                         del unheard[q]
             if not unheard:

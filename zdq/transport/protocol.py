@@ -74,6 +74,7 @@ BYE        peer→broker             the peer leaves; its leases return at once
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 import struct
 from collections.abc import Callable, Sequence
@@ -117,6 +118,7 @@ __all__ = [
     "ID_SIZE",
     "MAX_CHUNK_TASKS",
     "MAX_CONSUMERS_TOLD",
+    "consumer_digest",
     "MAX_PUTS",
     "PUTS_CHUNKS",
     "PUTS_BYTES",
@@ -297,7 +299,7 @@ class Ready(NamedTuple):
 class Sync(NamedTuple):
     token: int
     seqs: tuple[int, ...] = ()
-    consumers: bool = False  # the answer names the consumers the broker hears (a second frame)
+    consumers: bool = False  # the answer tells the consumers the broker hears (a second frame)
 
 
 class QueueStatus(NamedTuple):
@@ -308,9 +310,11 @@ class QueueStatus(NamedTuple):
     waiting_tasks: int  # done, their results not yet sent to any driver
     routed_tasks: int  # tasks whose results this broker sent to the asking driver, ever
     missing: tuple[int, ...] = ()
-    #: The routing identities of the consumers the broker hears (those that said HELLO and not
-    #: BYE), when the SYNC asked for them; None otherwise.
-    consumers: tuple[bytes, ...] | None = None
+    #: The digests (:func:`consumer_digest`) of the routing identities of the consumers the broker
+    #: hears (those that said HELLO and not BYE), when the SYNC asked for them; None otherwise. Not
+    #: the identities themselves: a peer that has one could take that consumer's place (its
+    #: deliveries) in the broker's ROUTER.
+    consumer_digests: tuple[bytes, ...] | None = None
 
 
 class Cancel(NamedTuple):
@@ -384,10 +388,19 @@ _SPLIT = _layout(Command.SPLIT, "QI")
 _RACK = _layout(Command.RACK, "I")  # followed by the ids, 8 bytes each, in the same frame
 _SYNC = _layout(Command.SYNC, "QI")  # token, count; followed by the seqs, 8 bytes each
 _STATUS = _layout(Command.STATUS, "QQQQQQI")  # token, counts, routed, count; then the seqs
-#: A SYNC's second frame when its answer is to name the consumers the broker hears.
+#: A SYNC's second frame when its answer is to tell the consumers the broker hears.
 _ASK_CONSUMERS = b"consumers"
-#: Most consumer identities a STATUS may name (a peer's claim is never trusted beyond).
+#: Most consumers a STATUS tells (a broker tells no more; a peer's claim is never trusted beyond).
 MAX_CONSUMERS_TOLD = 65_536
+_DIGEST = 16  # bytes of a consumer's digest
+_DIGEST_PERSON = b"zdq-consumer"
+
+
+def consumer_digest(identity: bytes) -> bytes:
+    """What a STATUS tells of a consumer it hears: a one-way digest of its routing identity
+    (BLAKE2b, 16 bytes), which names it to whoever knows the identity (the pool that placed it)
+    and to nobody else."""
+    return hashlib.blake2b(identity, digest_size=_DIGEST, person=_DIGEST_PERSON).digest()
 _CANCEL = _layout(Command.CANCEL, "QQQI")  # token, chunk id, seq, count; then the indexes
 _CANCELLED = _layout(Command.CANCELLED, "QI")  # token, count; then the indexes
 _HEAD = {c: VERSION + bytes([c]) for c in Command}  # the head of a message without a header
@@ -487,9 +500,9 @@ def _encode_status(m: QueueStatus) -> list[Any]:
         m.routed_tasks, len(missing),
     )
     head += struct.pack(f">{len(missing)}Q", *missing)
-    if m.consumers is None:
+    if m.consumer_digests is None:
         return [head]
-    return [head, b"".join(bytes([len(ident)]) + ident for ident in m.consumers)]
+    return [head, b"".join(m.consumer_digests)]
 
 
 def _encode_cancel(m: Cancel) -> list[Any]:
@@ -685,25 +698,19 @@ def _sync(head: bytes, f: Sequence[Any]) -> Message:
 def _status(head: bytes, f: Sequence[Any]) -> Message:
     fields, missing = _ids_after(_STATUS, head, f[:1])
     token, ready, leased, dead, waiting, routed = fields[2:8]
-    return QueueStatus(token, ready, leased, dead, waiting, routed, missing, _identities(f[1:]))
+    return QueueStatus(token, ready, leased, dead, waiting, routed, missing, _digests(f[1:]))
 
 
-def _identities(f: Sequence[Any]) -> tuple[bytes, ...] | None:
-    """A STATUS's second frame, if any: routing identities, each after its length (one byte)."""
+def _digests(f: Sequence[Any]) -> tuple[bytes, ...] | None:
+    """A STATUS's second frame, if any: the digests of the consumers heard, 16 bytes each."""
     if not f:
         return None
     if len(f) != 1:
         raise ProtocolError("STATUS is a header and the ids, then at most the consumers heard")
     data = _bytes(f[0])
-    out: list[bytes] = []
-    at = 0
-    while at < len(data):
-        end = at + 1 + data[at]
-        if data[at] == 0 or end > len(data) or len(out) >= MAX_CONSUMERS_TOLD:
-            raise ProtocolError(f"STATUS names consumers wrongly at byte {at} of {len(data)}")
-        out.append(data[at + 1 : end])
-        at = end
-    return tuple(out)
+    if len(data) % _DIGEST or len(data) // _DIGEST > MAX_CONSUMERS_TOLD:
+        raise ProtocolError(f"STATUS tells consumers in {len(data)} bytes: not {_DIGEST}-byte digests, or too many")
+    return tuple(data[at : at + _DIGEST] for at in range(0, len(data), _DIGEST))
 
 
 def _cancel(head: bytes, f: Sequence[Any]) -> Message:
