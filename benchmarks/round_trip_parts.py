@@ -30,6 +30,7 @@ import collections
 import contextlib
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -96,7 +97,11 @@ class _Bare:
         sock = self.socks[broker]
         sock.send_multipart(frames)
         while True:
-            got = self.answer(sock, sock.recv_multipart())  # zmq.Again after _WAIT_MS
+            try:
+                received = sock.recv_multipart()
+            except zmq.Again:
+                raise TimeoutError(f"the bare client's round trip {i} got no result within {_WAIT_MS / 1000:.0f} s") from None
+            got = self.answer(sock, received)
             if got is not None and got[0] == seq:
                 if got[1] != i:
                     raise RuntimeError(f"the bare client's round trip {i} got {got[1]!r}")
@@ -213,6 +218,14 @@ def main(rounds: int, auth: bool) -> None:
         print(f"{kind:10s} {xs[n // 2] * 1e6:7.0f} {xs[int(n * 0.9)] * 1e6:7.0f} {xs[int(n * 0.99)] * 1e6:7.0f} {xs[n // 2] / floor:10.2f}")
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # the with-blocks close: the cluster, the floors and their files
+
+
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    main(int(args[0]) if args else 150, auth="--no-auth" not in sys.argv[1:])
+    flags = [a for a in sys.argv[1:] if a.startswith("-")]
+    args = [a for a in sys.argv[1:] if not a.startswith("-")]
+    if set(flags) - {"--no-auth"} or len(args) > 1 or (args and not (args[0].isdigit() and int(args[0]) >= 1)):
+        sys.exit(f"usage: {sys.argv[0]} [ROUNDS >= 1] [--no-auth]")
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    main(int(args[0]) if args else 150, auth="--no-auth" not in flags)
