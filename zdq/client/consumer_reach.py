@@ -59,7 +59,8 @@ _HEARD_STEP = 0.01
 #: consumer whose worker left never settles: that wait sees the worker gone, and gives it up).
 _HEARD_WITHIN = 1.0
 #: Seconds the brokers are given to answer one such ask (they answer in milliseconds; one that
-#: does not is left to the consumers' answers, and holds the step up by no more than this).
+#: does not is left to the consumers' answers, and holds the step up by about twice this: the
+#: ask before the actor calls, and the one in flight when they are answered).
 _HEARD_ASK = 0.1
 
 ReachAnswers = list[tuple[str, tuple[list[str], list[tuple[str, str, str]]]]]
