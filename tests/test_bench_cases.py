@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,53 @@ def test_the_floor_over_ipc_echoes_and_removes_its_private_directory() -> None:
         assert scratch, "the ipc floor binds in a directory of its own"
     assert _floor_processes() == set()
     assert not set(scratch) & set(os.listdir(tempfile.gettempdir()))
+
+
+_HOLDS_A_FLOOR = """
+import os, sys, time
+from zdq.benchmark.floor import floor_round_trip
+import multiprocessing
+if __name__ == "__main__":
+    with floor_round_trip() as call:
+        call(1)
+        print(" ".join(str(p.pid) for p in multiprocessing.active_children() if p.name.startswith("zdq-floor-")), flush=True)
+        time.sleep(120)
+"""
+
+
+def test_the_floors_processes_end_when_the_process_that_started_them_is_killed(tmp_path: Path) -> None:
+    # SIGKILL runs no cleanup: the broker and the consumer see their parent gone, and end.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "holds_a_floor.py"
+    script.write_text(_HOLDS_A_FLOOR)
+    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        pids = [int(pid) for pid in holder.stdout.readline().split()]
+        assert len(pids) == 2, pids
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=10)
+
+        def alive(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            with open(f"/proc/{pid}/stat") as stat:  # a zombie waits for its new parent to reap it
+                return stat.read().split(") ", 1)[1][0] != "Z"
+
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [pid for pid in pids if alive(pid)]
+        for pid in left:  # the test stops what it started, whatever it finds
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"the floor's processes {left} outlived the process that started them"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=10)

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 import zmq
 
@@ -32,14 +33,31 @@ _STOP = b""  # a payload from the client that stops the broker and the consumer
 _START_TIMEOUT = 30.0  # seconds for a spawned process to start and bind or connect
 _ECHO_TIMEOUT_MS = 10_000  # a round trip slower than this is a broken floor, not a slow one
 _STOP_LINGER_MS = 1000  # the broker's last forward (the consumer's stop) may take this long
+#: An idle broker or consumer looks this often whether the process that started it is still there:
+#: one killed (SIGKILL) never stops them, and they would wait for ever (a receive's timeout, not a
+#: poll per message: the floor's own path is untouched).
+_ORPHAN_CHECK_MS = 1000
+
+
+def _recv_or_orphaned(sock: zmq.Socket[Any], parent: int) -> list[bytes] | None:
+    """The next message; None once the process that started this one is gone (this one was
+    handed to another parent)."""
+    while True:
+        try:
+            return sock.recv_multipart()
+        except zmq.Again:
+            if os.getppid() != parent:
+                return None
 
 
 def _broker(port_conn: Connection, ipc_path: str | None = None) -> None:
     """ROUTER: a client's ``[payload]`` goes to the consumer as ``[client id, payload]``; the
     consumer's ``[client id, payload]`` goes back to that client as ``[payload]``. Bound on
     ``ipc_path`` if given (sends the endpoint), else on a TCP port of loopback (sends it)."""
+    parent = os.getppid()
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.RCVTIMEO, _ORPHAN_CHECK_MS)
     try:
         if ipc_path is not None:
             router.bind(f"ipc://{ipc_path}")
@@ -50,7 +68,10 @@ def _broker(port_conn: Connection, ipc_path: str | None = None) -> None:
         ready = False
         held: list[list[bytes]] = []  # client messages from before the consumer was ready
         while True:
-            sender, *frames = router.recv_multipart()
+            message = _recv_or_orphaned(router, parent)
+            if message is None:
+                return
+            sender, *frames = message
             if sender != _CONSUMER:
                 if ready:
                     router.send_multipart([_CONSUMER, sender, *frames])
@@ -73,15 +94,17 @@ def _broker(port_conn: Connection, ipc_path: str | None = None) -> None:
 
 def _consumer(endpoint: str) -> None:
     """DEALER: says it is ready, then echoes every ``[client id, payload]`` until the stop."""
+    parent = os.getppid()
     ctx = zmq.Context()
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.ROUTING_ID, _CONSUMER)
+    dealer.setsockopt(zmq.RCVTIMEO, _ORPHAN_CHECK_MS)
     dealer.connect(endpoint)
     try:
         dealer.send(_READY)
         while True:
-            frames = dealer.recv_multipart()
-            if frames[-1] == _STOP:
+            frames = _recv_or_orphaned(dealer, parent)
+            if frames is None or frames[-1] == _STOP:
                 return
             dealer.send_multipart(frames)
     finally:
