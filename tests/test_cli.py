@@ -260,12 +260,12 @@ def _started_as_in_a_terminal(*args: str, program: str = "") -> subprocess.Popen
     )
 
 
-def _ctrl_c_when(run: subprocess.Popen[str], ready: Callable[[], bool]) -> str:
-    """Ctrl-C to ``run`` as soon as ``ready()`` (or it ended); its stderr once it has ended."""
+def _ctrl_c_when(run: subprocess.Popen[str], ready: Callable[[], bool], sig: int = signal.SIGINT) -> str:
+    """Ctrl-C (or ``sig``) to ``run`` as soon as ``ready()`` (or it ended); its stderr once it has ended."""
     try:
         wait_until(lambda: run.poll() is not None or ready(), timeout=60, interval=0.005)
         assert run.poll() is None, run.communicate()
-        run.send_signal(signal.SIGINT)
+        run.send_signal(sig)
         return run.communicate(timeout=20)[1]
     finally:
         if run.poll() is None:
@@ -312,6 +312,18 @@ def test_ctrl_c_while_connecting_exits_with_130_and_no_traceback(command: list[s
         # 0.2 s after the connection: into the handshake's wait.
         stderr = _ctrl_c_when(run, lambda: server.accepted is not None and time.monotonic() > server.accepted + 0.2)
     assert run.returncode == 130 and "Traceback" not in stderr, stderr
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_with_status_143() -> None:
+    # By default a SIGTERM ended the process where it stood, and what it had started (a bench's
+    # cluster and floor processes) ran on; it now unwinds as Ctrl-C does (tests/test_bench_cases.py
+    # has the floor's processes end even when their parent is killed outright).
+    with _fake_servers("silent") as (server,):
+        run = _started_as_in_a_terminal("status", "--scheduler", server.address, "--timeout", "60")
+        stderr = _ctrl_c_when(
+            run, lambda: server.accepted is not None and time.monotonic() > server.accepted + 0.2, signal.SIGTERM
+        )
+    assert run.returncode == 143 and "Traceback" not in stderr, (run.returncode, stderr)
 
 
 def test_ctrl_c_while_the_installed_command_imports_zdq_exits_with_130_and_no_traceback() -> None:

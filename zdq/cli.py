@@ -6,8 +6,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 __all__ = ["main"]
@@ -210,6 +212,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _on_sigterm_as_ctrl_c() -> tuple[Callable[[], bool], Callable[[], None]]:
+    """A SIGTERM (``kill``, a service manager, ``timeout``) stops the command as Ctrl-C does: its
+    clusters, pools and the benchmark's floor processes are closed on the way out, not left behind
+    (by default the process just died, and the processes it started ran on). Only where the
+    command runs on the main thread and nobody set a handler of their own. Returns whether a
+    SIGTERM came (the exit status is then 143), and what puts the default handler back."""
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return (lambda: False), (lambda: None)
+
+    def stop(signum: int, frame: object) -> None:
+        came.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends the process at once
+        raise KeyboardInterrupt
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is stop:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, stop)
+    return (lambda: bool(came)), restore
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     # Known arguments only: what the subcommand does not know is refused below by the
@@ -225,12 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.verbose == 0:
         logging.getLogger("distributed").setLevel(logging.ERROR)
+    terminated, restore = _on_sigterm_as_ctrl_c()
     try:
         return int(args.func(args))
     except ValueError as e:
         command.error(str(e))
-    except KeyboardInterrupt:  # Ctrl-C, whatever the command was doing: no traceback
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM), whatever the command was doing: no traceback
+        return 128 + signal.SIGTERM if terminated() else 130
     except BrokenPipeError:
         # The reader of the output left (`zdq status | head -4`): end quietly, as a command killed
         # by SIGPIPE does (status 128 + 13); what is left in the buffer goes nowhere, so that
@@ -238,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    finally:
+        restore()
 
 
 if __name__ == "__main__":
