@@ -24,7 +24,6 @@ lease table, whose ``Held.driver`` it sets through ``LeaseTable.sent``. It incre
 from __future__ import annotations
 
 import itertools
-
 import logging
 from collections.abc import Callable, Iterable, Mapping
 

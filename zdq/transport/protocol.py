@@ -55,10 +55,12 @@ RACK       driver→broker           n, then n ids (in the head) of chunks whose
                                    them); drivers batch these receipts
 SYNC       driver→broker           token, n, then n seqs (in the head) of chunks the driver still
                                    awaits results for: asks for the queue's counts and which of
-                                   those chunks the broker does not hold (after a recovery)
+                                   those chunks the broker does not hold (after a recovery); a
+                                   second frame ``consumers`` also asks which consumers it hears
 STATUS     broker→driver           token, ready/leased/dead tasks, done tasks whose results wait
                                    for a driver, tasks routed to this
-                                   driver so far, n, then the n seqs of the SYNC that it does not hold
+                                   driver so far, n, then the n seqs of the SYNC that it does not hold;
+                                   when asked, a second frame of the consumers' 16-byte digests
 CANCEL     driver→broker           token, chunk id (0 if not known yet), seq, n, then n task
                                    indexes within the chunk: cancel those tasks if none has started
            broker→consumer         token, chunk id, 0, n, indexes: the same question for a chunk
@@ -388,6 +390,13 @@ _SPLIT = _layout(Command.SPLIT, "QI")
 _RACK = _layout(Command.RACK, "I")  # followed by the ids, 8 bytes each, in the same frame
 _SYNC = _layout(Command.SYNC, "QI")  # token, count; followed by the seqs, 8 bytes each
 _STATUS = _layout(Command.STATUS, "QQQQQQI")  # token, counts, routed, count; then the seqs
+_CANCEL = _layout(Command.CANCEL, "QQQI")  # token, chunk id, seq, count; then the indexes
+_CANCELLED = _layout(Command.CANCELLED, "QI")  # token, count; then the indexes
+_HEAD = {c: VERSION + bytes([c]) for c in Command}  # the head of a message without a header
+_ROLES = {r.value: r for r in Role}
+_STATUSES = {s.value: s for s in Status}
+_V = VERSION
+
 #: A SYNC's second frame when its answer is to tell the consumers the broker hears.
 _ASK_CONSUMERS = b"consumers"
 #: Most consumers a STATUS tells (a broker tells no more; a peer's claim is never trusted beyond).
@@ -401,12 +410,6 @@ def consumer_digest(identity: bytes) -> bytes:
     (BLAKE2b, 16 bytes), which names it to whoever knows the identity (the pool that placed it)
     and to nobody else."""
     return hashlib.blake2b(identity, digest_size=_DIGEST, person=_DIGEST_PERSON).digest()
-_CANCEL = _layout(Command.CANCEL, "QQQI")  # token, chunk id, seq, count; then the indexes
-_CANCELLED = _layout(Command.CANCELLED, "QI")  # token, count; then the indexes
-_HEAD = {c: VERSION + bytes([c]) for c in Command}  # the head of a message without a header
-_ROLES = {r.value: r for r in Role}
-_STATUSES = {s.value: s for s in Status}
-_V = VERSION
 
 
 def _encode_put(m: Put) -> list[Any]:

@@ -382,7 +382,7 @@ class Driver:
     ) -> list[p.QueueStatus | None]:
         """Each broker's counts, asked over the data plane (no Dask actor call); ``only``: wait for
         that broker's answer alone (another, stalled, does not hold it up); ``consumers``: each
-        answer also names the consumers its broker hears (``QueueStatus.consumers``).
+        answer also tells the consumers its broker hears (``QueueStatus.consumer_digests``).
 
         A reply also says that every result the broker routed here before it has arrived (one
         socket keeps order). ``None`` for a broker that is down or did not answer in time.
