@@ -276,6 +276,9 @@ def test_type_errors_say_what_to_do(cluster: LocalCluster, client: Client) -> No
         await bounded(unstarted.close())  # closing one never started is fine
         queue_pool = await bounded(QueuePool(aclient, 1))
         try:
+            for make in (queue_pool.executor, lambda: zdq.Executor(queue_pool=queue_pool)):
+                with pytest.raises(TypeError, match="takes a synchronous Dask client"):
+                    make()
             consumers = ConsumerPool(aclient, queue_pool)  # not awaited: not placed
             with pytest.raises(TypeError, match=r"await ConsumerPool\(client"):
                 await bounded(consumers.start())

@@ -102,7 +102,7 @@ def test_map_with_a_buffersize_maps_an_endless_generator_with_at_most_buffersize
 @contextlib.contextmanager
 def _one_consumer_busy(
     client: Client, tmp_path: Path, seconds: float
-) -> Iterator[tuple[QueuePool, zdq.Executor, concurrent.futures.Future[Any]]]:
+) -> Iterator[tuple[QueuePool, zdq.PoolExecutor, concurrent.futures.Future[Any]]]:
     """A pool of one consumer, an executor on it, and the future of a task that consumer has
     started (it naps ``seconds``)."""
     marker = tmp_path / "started"
@@ -117,6 +117,8 @@ def test_shutdown_cancel_futures_cancels_what_has_not_started_and_leaves_a_given
     client: Client, tmp_path: Path
 ) -> None:
     with _one_consumer_busy(client, tmp_path, 2.0) as (queue_pool, executor, first):
+        assert isinstance(executor, zdq.PoolExecutor) and not isinstance(executor, zdq.Executor)
+        assert repr(executor).startswith(f"<zdq.PoolExecutor on the pool {queue_pool.name}: running")
         rest = [executor.submit(nap, 1.0) for _ in range(5)]
         executor.shutdown(wait=True, cancel_futures=True)
         assert first.result(timeout=0) == 2.0

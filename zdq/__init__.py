@@ -38,8 +38,8 @@ from zdq.errors import (
 )
 from zdq.codec.tasks import TaskOptions
 from zdq.objects import Task
-from zdq.client.local import local
-from zdq.client.executor import Executor
+from zdq.client.local import Executor, local
+from zdq.client.executor import PoolExecutor
 from zdq.client.gather import gather
 from zdq.client.schedules import Schedule
 from zdq.futures import BatchFuture, TaskFuture, as_completed, wait
@@ -61,6 +61,7 @@ __all__ = [
     "current_pool",
     "local",
     "Executor",
+    "PoolExecutor",
     "gather",
     "Schedule",
     "TaskOptions",

@@ -28,7 +28,7 @@ from distributed import Client
 from joblib import register_parallel_backend
 from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
 
-from zdq.client.executor import Executor
+from zdq.client.local import Executor
 from zdq.client.queue_pool import QueuePool
 from zdq.errors import NoConsumers
 from zdq.futures import TaskFuture

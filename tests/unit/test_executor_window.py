@@ -515,11 +515,11 @@ class _Pool:
 def test_a_buffered_maps_slices_are_a_fourth_of_the_buffer_unless_that_would_idle_consumers(
     consumers: int, prefetch: int, buffersize: int, chunk: int, size: int
 ) -> None:
-    from zdq.client.executor import Executor
+    from zdq.client.executor import PoolExecutor
 
-    class Slicing:  # Executor's slicing over a stand-in pool: no cluster
-        _buffered_slices = Executor._buffered_slices
-        _held = Executor._held
+    class Slicing:  # PoolExecutor's slicing over a stand-in pool: no cluster
+        _buffered_slices = PoolExecutor._buffered_slices
+        _held = PoolExecutor._held
 
         def __init__(self, pool: _Pool) -> None:
             self._pool = pool

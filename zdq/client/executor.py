@@ -1,10 +1,12 @@
-"""``zdq.Executor``: a :class:`concurrent.futures.Executor` whose tasks run on zdq consumers.
+"""``zdq.PoolExecutor``: a :class:`concurrent.futures.Executor` whose tasks run on a zdq pool's consumers.
 
 It goes wherever an executor goes (``loop.run_in_executor``, ``concurrent.futures.wait`` and
 ``as_completed`` beside the standard library's futures, code written for ``ThreadPoolExecutor``),
 with the standard contract: ``submit`` and ``map`` (Python 3.14's, ``buffersize`` included, and
 the process pool's ``chunksize``), ``shutdown(wait, cancel_futures=)``, a context manager, and
-the work already submitted runs before the program ends.
+the work already submitted runs before the program ends. ``queue_pool.executor()`` makes one on a
+pool the caller keeps; :class:`zdq.Executor` (:mod:`zdq.client.local`) is the same executor on a
+pool it may make itself. This module imports no pool: the pools import it.
 
 Ownership
 ---------
@@ -12,7 +14,8 @@ Ownership
 state                       owner
 ==========================  =======================================================================
 ``_pool``                   set by the constructor; closed by this executor only when it made it
-                            (``_owns_pool``), once, under ``_close_lock``
+                            (``_owns_pool``, set by :class:`zdq.Executor`), once, under
+                            ``_close_lock``
 ``_shutdown``,              ``_state``: set by shutdown without waiting for a submission (one
 ``_cancelling``             blocked on a full window sees it, stops, and cancels what it queued);
                             a submission that ends after shutdown with ``cancel_futures`` cancels
@@ -38,9 +41,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Self
-
-from distributed import Client
+from typing import Any, Protocol, Self
 
 from zdq.client.window import (
     ColumnReader,
@@ -54,14 +55,12 @@ from zdq.client.window import (
     chunked,
     run_chunk,
 )
-from zdq._actor import scheduler_workers
+from zdq.config import PoolSettings
 from zdq.errors import ZdqError
-from zdq.futures import SignalSafeCondition, TaskFuture
+from zdq.futures import SignalSafeCondition, TaskFuture, WaitHint
+from zdq.transport.protocol import QueueStatus
 
-if TYPE_CHECKING:
-    from zdq.client.queue_pool import QueuePool
-
-__all__ = ["Executor"]
+__all__ = ["ExecutorPool", "PoolExecutor"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +68,19 @@ logger = logging.getLogger(__name__)
 #: for it at shutdown or at exit gives up, saying why.
 STALL_LIMIT = 60.0
 
+#: An executor blocks: refused on an asynchronous client, and said what to use instead.
+ASYNC_REFUSED = (
+    "zdq.Executor is a concurrent.futures executor: it blocks, so it takes a synchronous Dask "
+    "client; with Client(asynchronous=True), use the pool itself: `queue_pool = await "
+    "zdq.QueuePool(client, n)`, then `await queue_pool.submit(fn, x)`, `await queue_pool.map(fn, xs)`"
+)
+
 #: A map's tasks in flight are cut in fourths, each spread over the consumers as a batch: with
 #: ``buffersize``, the next slice is submitted while three fourths of the buffer still run.
 _SLICES_IN_BUFFER = 4
 
-_busy: dict[int, Executor] = {}
-_open: weakref.WeakSet[Executor] = weakref.WeakSet()
+_busy: dict[int, PoolExecutor] = {}
+_open: weakref.WeakSet[PoolExecutor] = weakref.WeakSet()
 _exiting = False
 
 
@@ -102,75 +108,70 @@ else:  # pragma: no cover - every CPython from 3.9 has it
     atexit.register(_at_exit)
 
 
-def _cluster_threads(client: Client) -> int:
-    """The threads of the cluster's workers (at least 1): the consumers of a pool made for it."""
-    workers = scheduler_workers(client).values()
-    return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
+class _Outstanding(Protocol):
+    @property
+    def outstanding(self) -> int: ...
 
 
-def _has_default_client() -> bool:
-    from distributed import default_client
+class ExecutorPool(Protocol):
+    """What an executor asks of its pool: a :class:`~zdq.QueuePool`'s submission, map, state and
+    account of why it waits (the edge between the two, which lets this module import no pool)."""
 
-    try:
-        default_client()
-    except ValueError:
-        return False
-    return True
+    @property
+    def name(self) -> str: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def settings(self) -> PoolSettings: ...
+    @property
+    def driver(self) -> _Outstanding: ...
+    @property
+    def wait_hint(self) -> WaitHint: ...
+
+    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskFuture: ...
+    def map_slice(
+        self,
+        fn: Callable[..., Any],
+        calls: list[tuple[Any, ...]] | Columns,
+        chunk: int,
+        *,
+        first: int,
+        timeout: float | None,
+        check: Callable[[], None],
+        per_task: int,
+        plain: bool,
+    ) -> Slice: ...
+    def map_chunk_size(self, n_tasks: int | None) -> int: ...
+    def consumer_count(self) -> int: ...
+    def why_waiting(self) -> str: ...
+    def queue_status(self, timeout: float = ...) -> list[QueueStatus | None]: ...
+    def close(self) -> None: ...
 
 
-class Executor(concurrent.futures.Executor):
-    """A :class:`concurrent.futures.Executor` on a zdq pool.
+class PoolExecutor(concurrent.futures.Executor):
+    """A :class:`concurrent.futures.Executor` on a started zdq pool: its consumers run the tasks,
+    and shutdown leaves the pool open. ``queue_pool.executor()`` makes one;
+    :class:`zdq.Executor` is one that may make its pool too.
 
     Parameters
     ----------
-    max_workers : int, optional
-        Consumers of the pool this executor makes (default: one per thread of the cluster's
-        workers; in embedded mode, one worker process per CPU). Must be above 0.
-    client : distributed.Client, optional
-        The cluster to make the pool on (default: the default Dask client when there is one;
-        without one, a local cluster of ``max_workers`` processes, as :func:`zdq.local`).
-    queue_pool : QueuePool, optional
-        A started pool to submit to: its consumers run the tasks, and shutdown leaves it open
-        (``queue_pool.executor()`` is the same).
-    **pool_options
-        For the pool this executor makes: any :class:`~zdq.QueuePool` keyword (``n_queues``,
-        ``durability``, ``retries``, ``chunk_size`` ...). ``keep_results`` defaults to False
-        here: a result is held by its future only.
-
-    A pool (and cluster) the executor made is closed by :meth:`shutdown`, or at exit.
+    queue_pool : QueuePool
+        A started, synchronous pool (an asynchronous client's pool is awaited directly).
 
     Examples
     --------
-    >>> with zdq.Executor(max_workers=4) as executor:                       # doctest: +SKIP
+    >>> with queue_pool.executor() as executor:                              # doctest: +SKIP
     ...     print(list(executor.map(pow, range(5), range(5))))
     [1, 1, 4, 27, 256]
     """
 
-    def __init__(
-        self,
-        max_workers: int | None = None,
-        *,
-        client: Client | None = None,
-        queue_pool: QueuePool | None = None,
-        **pool_options: Any,
-    ) -> None:
-        if max_workers is not None:
-            if not isinstance(max_workers, int) or isinstance(max_workers, bool):
-                raise TypeError(f"max_workers must be an integer or None, got {max_workers!r:.80}")
-            if max_workers <= 0:
-                raise ValueError("max_workers must be greater than 0")
-        if queue_pool is not None and (max_workers is not None or client is not None or pool_options):
-            raise ValueError(
-                "max_workers, client and pool options are for the pool an Executor makes: with queue_pool=..., "
-                "that pool's consumers run the tasks (pass queue_pool alone)"
-            )
-        given = client if client is not None else getattr(queue_pool, "client", None)
-        if getattr(given, "asynchronous", False) or getattr(queue_pool, "_asynchronous", False):
-            raise TypeError(
-                "zdq.Executor is a concurrent.futures executor: it blocks, so it takes a synchronous Dask "
-                "client; with Client(asynchronous=True), use the pool itself: `queue_pool = await "
-                "zdq.QueuePool(client, n)`, then `await queue_pool.submit(fn, x)`, `await queue_pool.map(fn, xs)`"
-            )
+    def __init__(self, queue_pool: ExecutorPool) -> None:
+        if getattr(getattr(queue_pool, "client", None), "asynchronous", False) or getattr(
+            queue_pool, "_asynchronous", False
+        ):
+            raise TypeError(ASYNC_REFUSED)
+        if queue_pool.closed:
+            raise RuntimeError(f"queue pool {queue_pool.name} is closed: an Executor needs an open one")
         self._state = SignalSafeCondition()
         self._close_lock = threading.Lock()
         self._shutdown = False
@@ -186,40 +187,12 @@ class Executor(concurrent.futures.Executor):
                 executor._settled(fut)
 
         self._on_done = on_done
-        if queue_pool is not None:
-            if queue_pool.closed:
-                raise RuntimeError(f"queue pool {queue_pool.name} is closed: an Executor needs an open one")
-            self._pool = queue_pool
-            self._owns_pool = False
-        else:
-            self._pool = self._make_pool(max_workers, client, pool_options)
-            self._owns_pool = True
-            weakref.finalize(self, self._pool.close)  # dropped idle, never shut down: the pool goes too
+        self._pool = queue_pool
+        self._owns_pool = False
         _open.add(self)
 
-    @staticmethod
-    def _make_pool(max_workers: int | None, client: Client | None, options: dict[str, Any]) -> QueuePool:
-        from zdq.client.consumer_pool import ConsumerPool
-        from zdq.client.local import local
-        from zdq.client.queue_pool import QueuePool
-
-        options.setdefault("keep_results", False)
-        # A consumer holds only the chunk it runs, as a thread pool's idle thread takes the next
-        # task: a task submitted while another runs long goes to an idle consumer, not behind it.
-        options.setdefault("prefetch", 1)
-        if client is None and not _has_default_client():
-            return local(max_workers, **options)
-        pool = QueuePool(client, **options)
-        try:
-            n = max_workers or _cluster_threads(pool.client)
-            pool.local_consumers = ConsumerPool(pool.client, pool, n_consumers=n, start=True)
-        except BaseException:
-            pool.close()
-            raise
-        return pool
-
     @property
-    def queue_pool(self) -> QueuePool:
+    def queue_pool(self) -> ExecutorPool:
         """The pool the tasks go to."""
         return self._pool
 
@@ -517,7 +490,7 @@ class Executor(concurrent.futures.Executor):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "shut down" if self._shutdown else "running"
         owner = "its own pool" if self._owns_pool else "the pool"
-        return f"<zdq.Executor on {owner} {self._pool.name}: {state}, {len(self._inflight)} tasks in flight>"
+        return f"<zdq.{type(self).__name__} on {owner} {self._pool.name}: {state}, {len(self._inflight)} tasks in flight>"
 
 
 def _nothing() -> None:

@@ -1,11 +1,15 @@
-"""``zdq.local()``: a started pool and its consumers on one machine, in one call.
+"""``zdq.local()`` and ``zdq.Executor``: a started pool and its consumers, in one call.
 
 Its ``with`` block is an executor's: leaving it waits for every task inserted or submitted (as
 python-task-queue's ``LocalTaskQueue`` runs what was inserted, and ``ThreadPoolExecutor`` waits
 at exit), then closes the consumers, the pool and the local cluster. Its consumers stay up across
 ``join()``: a join waits, it does not stop them.
 
-It imports both pools, and nothing imports it but :mod:`zdq` itself: no import cycle.
+:class:`Executor` is :class:`~zdq.client.executor.PoolExecutor` on a pool it makes (with its
+consumers, on the given or default client's cluster, else by :func:`local`) unless given one.
+
+It imports both pools, and nothing imports it but :mod:`zdq` itself and its joblib backend: no
+import cycle.
 
 Ownership
 ---------
@@ -19,15 +23,20 @@ bound: :class:`BrokerLost`).
 from __future__ import annotations
 
 import logging
-from typing import Any, Self
+import weakref
+from typing import Any, Self, cast
 
+from distributed import Client
+
+from zdq._actor import scheduler_workers
 from zdq.client.cluster import parallel_of
 from zdq.client.consumer_pool import ConsumerPool
+from zdq.client.executor import ASYNC_REFUSED, PoolExecutor
 from zdq.client.queue_pool import QueuePool
 from zdq.futures import SayOnce
 from zdq.names import counted
 
-__all__ = ["LocalConsumers", "LocalPool", "local"]
+__all__ = ["Executor", "LocalConsumers", "LocalPool", "local"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,3 +143,104 @@ def local(parallel: int | None = None, n_queues: int = 1, **kwargs: Any) -> Loca
         queue_pool.close()
         raise
     return queue_pool
+
+
+class Executor(PoolExecutor):
+    """A :class:`concurrent.futures.Executor` on a zdq pool, made here unless given.
+
+    Parameters
+    ----------
+    max_workers : int, optional
+        Consumers of the pool this executor makes (default: one per thread of the cluster's
+        workers; in embedded mode, one worker process per CPU). Must be above 0.
+    client : distributed.Client, optional
+        The cluster to make the pool on (default: the default Dask client when there is one;
+        without one, a local cluster of ``max_workers`` processes, as :func:`zdq.local`).
+    queue_pool : QueuePool, optional
+        A started pool to submit to: its consumers run the tasks, and shutdown leaves it open
+        (as ``queue_pool.executor()``'s :class:`~zdq.PoolExecutor`).
+    **pool_options
+        For the pool this executor makes: any :class:`~zdq.QueuePool` keyword (``n_queues``,
+        ``durability``, ``retries``, ``chunk_size`` ...). ``keep_results`` defaults to False
+        here: a result is held by its future only.
+
+    A pool (and cluster) the executor made is closed by :meth:`shutdown`, or at exit.
+
+    Examples
+    --------
+    >>> with zdq.Executor(max_workers=4) as executor:                       # doctest: +SKIP
+    ...     print(list(executor.map(pow, range(5), range(5))))
+    [1, 1, 4, 27, 256]
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        client: Client | None = None,
+        queue_pool: QueuePool | None = None,
+        **pool_options: Any,
+    ) -> None:
+        if max_workers is not None:
+            if not isinstance(max_workers, int) or isinstance(max_workers, bool):
+                raise TypeError(f"max_workers must be an integer or None, got {max_workers!r:.80}")
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        if queue_pool is not None:
+            if max_workers is not None or client is not None or pool_options:
+                raise ValueError(
+                    "max_workers, client and pool options are for the pool an Executor makes: with queue_pool=..., "
+                    "that pool's consumers run the tasks (pass queue_pool alone)"
+                )
+            super().__init__(queue_pool)
+            return
+        if getattr(client, "asynchronous", False):
+            raise TypeError(ASYNC_REFUSED)
+        pool = _make_pool(max_workers, client, pool_options)
+        try:
+            super().__init__(pool)
+        except BaseException:
+            pool.close()
+            raise
+        self._owns_pool = True
+        weakref.finalize(self, pool.close)  # dropped idle, never shut down: the pool goes too
+
+    @property
+    def queue_pool(self) -> QueuePool:
+        """The pool the tasks go to (a :class:`~zdq.QueuePool`, given or made here)."""
+        return cast(QueuePool, self._pool)
+
+
+def _make_pool(max_workers: int | None, client: Client | None, options: dict[str, Any]) -> QueuePool:
+    """The pool and consumers an :class:`Executor` makes, on ``client``'s cluster (or the default
+    client's, else a local cluster of ``max_workers`` processes)."""
+    options.setdefault("keep_results", False)
+    # A consumer holds only the chunk it runs, as a thread pool's idle thread takes the next
+    # task: a task submitted while another runs long goes to an idle consumer, not behind it.
+    options.setdefault("prefetch", 1)
+    if client is None and not _has_default_client():
+        return local(max_workers, **options)
+    pool = QueuePool(client, **options)
+    try:
+        n = max_workers or _cluster_threads(pool.client)
+        pool.local_consumers = ConsumerPool(pool.client, pool, n_consumers=n, start=True)
+    except BaseException:
+        pool.close()
+        raise
+    return pool
+
+
+def _cluster_threads(client: Client) -> int:
+    """The threads of the cluster's workers (at least 1): the consumers of a pool made for it."""
+    workers = scheduler_workers(client).values()
+    return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
+
+
+def _has_default_client() -> bool:
+    from distributed import default_client
+
+    try:
+        default_client()
+    except ValueError:
+        return False
+    return True

@@ -34,6 +34,7 @@ from zdq.consumer import GeneralConsumer
 from zdq.client.dependencies import _PLAIN as PLAIN, find_futures, hold, holds_futures, may_hold
 from zdq.client.asynchronous import off_loop_when_async
 from zdq.client.driver import Driver
+from zdq.client.executor import PoolExecutor
 from zdq.client.window import Columns, FutureSlice, MapBatch, MapChunk, Slice, cancel_slices
 from zdq.errors import SerializationError, SubmitTimeout, WrongConsumerClass, ZdqTimeoutError
 from zdq.futures import BatchFuture, TaskFuture, WaitHint
@@ -1023,12 +1024,10 @@ class SubmitMethods:
 
         return gather(futures, errors, timeout=timeout)
 
-    def executor(self) -> Any:
-        """A :class:`zdq.Executor` on this pool (its consumers run the tasks; its shutdown leaves
-        the pool open)."""
-        from zdq.client.executor import Executor
-
-        return Executor(queue_pool=self)  # type: ignore[arg-type]  # the mixin of QueuePool alone
+    def executor(self) -> PoolExecutor:
+        """A :class:`zdq.PoolExecutor` on this pool (its consumers run the tasks; its shutdown
+        leaves the pool open)."""
+        return PoolExecutor(self)  # type: ignore[arg-type]  # the mixin of QueuePool alone
 
     @off_loop_when_async
     def insert(self, tasks: Any, total: int | None = None, progress: bool | None = None, **kwargs: Any) -> int:
