@@ -12,6 +12,10 @@ of its own:
   the drivers of this process that feed the pool;
 - :mod:`zdq.client.supervision`: the watch over the queues and the relay, on the supervisor
   thread of :mod:`zdq.client.slots` (written once for both pools).
+- :mod:`zdq.client.registry`: the live pools of the cluster, and whether a record's owner is
+  alive (attach or place);
+- :mod:`zdq.client.async_pool`: ``await``, ``async with`` and submissions from the event loop,
+  for a pool of an asynchronous client.
 
 Ownership
 ---------
@@ -40,16 +44,14 @@ longer takes the queues or their results away from the second (issue 22, defect 
 
 from __future__ import annotations
 
-import asyncio
 import enum
-import functools
 import logging
 import os
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from distributed import Client
@@ -57,6 +59,7 @@ from distributed import Client
 from zdq import config
 from zdq._actor import allowed_workers, candidate_workers, check_resources
 from zdq.client import asynchronous, registry
+from zdq.client.async_pool import AsyncPoolMethods
 from zdq.client.brokers import AttachedQueues, LockedWait, PlacedQueues, lock_holders, make_keys
 from zdq.client.cluster import OwnedCluster, cluster_for, release_now
 from zdq.client.consumer_registry import ConsumerRegistry
@@ -74,7 +77,6 @@ from zdq.errors import (
     QueueLocked,
     ZdqError,
 )
-from zdq.futures import TaskFuture
 from zdq.names import check_pool_name, counted, queue_name
 from zdq.observe.monitor import ensure_installed
 from zdq.relay.path import RelayPath
@@ -126,7 +128,7 @@ def _settings_with_ack_timeout(ack_timeout: float | str | None, overrides: dict[
         ) from e
 
 
-class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
+class QueuePool(AsyncPoolMethods, WaitMethods, SubmitMethods, ControlMethods):
     """A pool of ``n_queues`` queues placed on the workers of a Dask cluster.
 
     Parameters
@@ -476,43 +478,7 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
     def _live_record(self) -> registry.PoolRecord | None:
         if not self._may_attach:
             return None
-        record = registry.lookup(self.client, self.name, self.dirpath)
-        if record is None:
-            return None
-        if record.owner_client == str(self.client.id) and record.owner_token not in _owners_here:
-            # Its owner was this process's, and is gone (dropped without close()): its queues are
-            # being released; they are placed again, not attached to.
-            registry.withdraw(self.client, record)
-            return None
-        if record.owner_token in _owners_here:
-            return record  # its owner is a live pool of this process
-        return self._confirmed_owner(record)
-
-    def _confirmed_owner(self, record: registry.PoolRecord) -> registry.PoolRecord | None:
-        """``record`` if its owner is alive, else None (withdrawn): a program restarted at once
-        after its driver was killed finds the dead driver's record still there, its client not
-        yet gone from the scheduler; attached, its queues would shut down under it. On the owner's
-        host its process tells; elsewhere the record is looked up again after OWNER_SETTLE."""
-        state = registry.owner_state(record.owner_process)
-        if state == "alive":
-            return record
-        if state == "unknown":
-            time.sleep(registry.OWNER_SETTLE)
-            again = registry.lookup(self.client, self.name, self.dirpath)  # withdrawn if its client left
-            if again is not None and again.owner_token == record.owner_token:
-                return again
-            seen = f"its client left the cluster within {registry.OWNER_SETTLE:g} s"
-        else:
-            registry.withdraw(self.client, record)
-            seen = f"its process {record.owner_process.pid} on this host is dead or dying"
-        logger.warning(
-            "pool %s: the pool registered under this name is not attached to: its owner is gone (%s). "
-            "This pool places the queues itself once the dead owner's brokers let go of them, and runs "
-            "what they stored",
-            self.name,
-            seen,
-        )
-        return None
+        return registry.live_record(self.client, self.name, self.dirpath, _owners_here)
 
     @classmethod
     def attach(cls, client: Client | None, name: str, *, dirpath: str | os.PathLike[str] | None = None, **kwargs: Any) -> QueuePool:
@@ -537,14 +503,7 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
         pool = cls(client, 1, "durable" if dirpath is not None else "transient", dirpath, name=name, start=False, **kwargs)
         record = registry.lookup(pool.client, name, pool.dirpath)
         if record is None:
-            where = f" with dirpath {pool.dirpath}" if pool.dirpath else ""
-            others = [d for d in registry.published_as(pool.client, name) if d != pool.dirpath]
-            hint = "".join(
-                f"; a transient pool {name!r} is published: attach without dirpath" if d is None
-                else f"; a durable pool {name!r} is published with dirpath={d!r}: pass it"
-                for d in others[:3]
-            )
-            raise ClosedError(f"no live zdq pool named {name!r}{where} on this cluster{hint}")
+            raise registry.not_found(pool.client, name, pool.dirpath)
         return pool._attach(record)
 
     def _attach(self, record: registry.PoolRecord) -> QueuePool:
@@ -765,81 +724,6 @@ class QueuePool(WaitMethods, SubmitMethods, ControlMethods):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    # -- asynchronous clients (see zdq.client.asynchronous) --------------------------------------
-    def __await__(self) -> Generator[Any, None, QueuePool]:
-        """``queue_pool = await QueuePool(client, n)`` with an asynchronous client: placed on a
-        helper thread, the event loop going on meanwhile (``start=False``: not placed yet)."""
-        if not self._asynchronous:
-            raise TypeError("await QueuePool(...) is for asynchronous Dask clients: this one is synchronous, drop the await")
-        return self._started_off_loop().__await__()
-
-    async def _started_off_loop(self) -> QueuePool:
-        try:
-            if self._start_on_await:
-                await self.start()
-            else:
-                await asyncio.to_thread(self._take_twin)
-        except BaseException:
-            # Nobody holds a pool whose await failed: its twin client is let go now, not at collection.
-            await asyncio.shield(asyncio.to_thread(self._close_twin))
-            raise
-        return self
-
-    async def __aenter__(self) -> QueuePool:
-        return await self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-
-    @property
-    def _own_client(self) -> Client | None:
-        """The synchronous twin of an asynchronous client (``None`` until made, or without one)."""
-        return self._twin
-
-    def _take_twin(self) -> None:
-        """Off the event loop: make this pool's synchronous twin client (once), which places and
-        supervises everything from then on."""
-        if self._twin is not None or self._closed:
-            return
-        self._twin = asynchronous.twin_client(self.client)
-        weakref.finalize(self, self._twin.close)  # run last: after the driver's and watch's finalizers
-        self.client = self._twin
-        self._allowed_workers = asynchronous.with_twin(self._twin, allowed_workers, self._twin, self._workers_asked)
-
-    def _close_twin(self) -> None:
-        if self._loop_submissions is not None:
-            self._loop_submissions.close()
-        if self._twin is not None:
-            self._twin.close()
-
-    def _on_loop_submissions(self) -> asynchronous.LoopSubmissions | None:
-        """The loop's submissions, for an asynchronous pool called on its event loop (else ``None``)."""
-        if not (self._asynchronous and asynchronous.on_event_loop()):
-            return None
-        if self._loop_submissions is None:
-            self._loop_submissions = asynchronous.LoopSubmissions(self.name)
-        return self._loop_submissions
-
-    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        loop_submissions = self._on_loop_submissions()
-        if loop_submissions is not None:
-            return loop_submissions.submit(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)  # type: ignore[arg-type]
-        return SubmitMethods.submit(self, fn, *args, **kwargs)
-
-    async def asubmit(self, fn: Callable[..., Any] | str, *args: Any, **kwargs: Any) -> TaskFuture:
-        loop_submissions = self._on_loop_submissions()
-        if loop_submissions is not None:  # the future, queued in the order of the loop's submissions
-            future: TaskFuture = await loop_submissions.future(functools.partial(SubmitMethods.submit, self), fn, args, kwargs)  # type: ignore[arg-type]
-            return future
-        return await SubmitMethods.asubmit(self, fn, *args, **kwargs)
-
-    asubmit.__doc__ = SubmitMethods.asubmit.__doc__
-
-    submit.__doc__ = (SubmitMethods.submit.__doc__ or "") + """
-        For a pool made with an asynchronous client, called on its event loop, it never blocks the
-        loop: ``await queue_pool.submit(fn, x)`` is the result (see :mod:`zdq.client.asynchronous`).
-        """
 
     @asynchronous.off_loop_when_async
     def flush(self, timeout: float | None = None) -> None:

@@ -22,16 +22,28 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import Any
 
 from zdq._actor import scheduler_call
 from zdq.config import PoolSettings
-from zdq.errors import PlacementError
+from zdq.errors import ClosedError, PlacementError
 from zdq.transport.security import ClientKeys
 
-__all__ = ["OwnerProcess", "PoolRecord", "registry_key", "publish", "lookup", "published_as", "withdraw", "owner_state"]
+__all__ = [
+    "OwnerProcess",
+    "PoolRecord",
+    "registry_key",
+    "publish",
+    "lookup",
+    "live_record",
+    "not_found",
+    "published_as",
+    "withdraw",
+    "owner_state",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +130,63 @@ def lookup(client: Any, name: str, dirpath: str | None) -> PoolRecord | None:
         withdraw(client, record)
         return None
     return record
+
+
+def live_record(client: Any, name: str, dirpath: str | None, owners_here: Container[bytes]) -> PoolRecord | None:
+    """The record of the live pool ``name`` (and ``dirpath``) to attach to, or None: a pool of
+    this process (its owner token in ``owners_here``) is live; one whose owner was this
+    process's and is gone (dropped without close()) is withdrawn, its queues being released (they
+    are placed again, not attached to); any other owner must be seen alive
+    (:func:`_confirmed_owner`)."""
+    record = lookup(client, name, dirpath)
+    if record is None:
+        return None
+    if record.owner_token in owners_here:
+        return record
+    if record.owner_client == str(client.id):
+        withdraw(client, record)
+        return None
+    return _confirmed_owner(client, record)
+
+
+def _confirmed_owner(client: Any, record: PoolRecord) -> PoolRecord | None:
+    """``record`` if its owner is alive, else None (withdrawn): a program restarted at once
+    after its driver was killed finds the dead driver's record still there, its client not
+    yet gone from the scheduler; attached, its queues would shut down under it. On the owner's
+    host its process tells; elsewhere the record is looked up again after OWNER_SETTLE."""
+    state = owner_state(record.owner_process)
+    if state == "alive":
+        return record
+    if state == "unknown":
+        time.sleep(OWNER_SETTLE)
+        again = lookup(client, record.name, record.dirpath)  # withdrawn if its client left
+        if again is not None and again.owner_token == record.owner_token:
+            return again
+        seen = f"its client left the cluster within {OWNER_SETTLE:g} s"
+    else:
+        withdraw(client, record)
+        seen = f"its process {record.owner_process.pid} on this host is dead or dying"
+    logger.warning(
+        "pool %s: the pool registered under this name is not attached to: its owner is gone (%s). "
+        "This pool places the queues itself once the dead owner's brokers let go of them, and runs "
+        "what they stored",
+        record.name,
+        seen,
+    )
+    return None
+
+
+def not_found(client: Any, name: str, dirpath: str | None) -> ClosedError:
+    """The error of an attach to ``name`` (and ``dirpath``) that found no live pool, naming the
+    pools of that name published with another ``dirpath``, if any."""
+    where = f" with dirpath {dirpath}" if dirpath else ""
+    others = [d for d in published_as(client, name) if d != dirpath]
+    hint = "".join(
+        f"; a transient pool {name!r} is published: attach without dirpath" if d is None
+        else f"; a durable pool {name!r} is published with dirpath={d!r}: pass it"
+        for d in others[:3]
+    )
+    return ClosedError(f"no live zdq pool named {name!r}{where} on this cluster{hint}")
 
 
 def published_as(client: Any, name: str) -> list[str | None]:
