@@ -139,6 +139,13 @@ def test_bench_rejects_nonsense_options() -> None:
     assert proc.returncode == 2 and "--pairs must be at least 1" in proc.stderr
 
 
+def test_python_dash_m_zdq_is_the_zdq_command(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "zdq", "inspect", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "no zdq queue" in proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "zdq", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: zdq "), proc.stdout
+
+
 def test_inspect_reports_a_directory_without_queues_as_an_error(tmp_path: Path) -> None:
     proc = _zdq("inspect", str(tmp_path))
     assert proc.returncode == 1 and "no zdq queue" in proc.stderr
