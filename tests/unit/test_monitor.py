@@ -215,6 +215,42 @@ def test_counters_never_go_backwards_when_a_queue_or_consumer_is_placed_again(mo
     assert monitor.status()["pools"] == {}
 
 
+def test_a_consumer_silent_for_a_while_then_reporting_again_is_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Reviewer 23: a worker SIGSTOPped for 25 s, then continued; its consumer's 175 tasks were
+    # counted twice in `zdq status` (retired when it fell silent, counted again when it reported).
+    clock = _Clock(monkeypatch)
+    monitor = Monitor(None, _ANYONE)
+
+    def report(worker: str, cid: str, done: int) -> None:
+        monitor.on_report(worker=worker, interval=1.0, queues=[_queue("jobs-queue-0")] if worker == "tcp://q" else [],
+                          consumers=[dict(_consumer(cid, "jobs", done), id=cid)] if cid else [])
+
+    report("tcp://a", "stopped", 175)
+    report("tcp://b", "busy", 500)
+    report("tcp://q", "", 0)
+    for _ in range(30):  # the first worker is stopped: 30 s without its reports
+        clock.now += 1.0
+        report("tcp://b", "busy", 500)
+        report("tcp://q", "", 0)
+    pool = monitor.status()["pools"]["jobs"]
+    assert [c["id"] for c in pool["consumers"]] == ["busy"]  # not shown while silent...
+    assert pool["totals"]["completed"] == 675  # ...but what it did still counts
+    report("tcp://a", "stopped", 750)  # continued: its own counter went on from 175
+    pool = monitor.status()["pools"]["jobs"]
+    assert sorted(c["id"] for c in pool["consumers"]) == ["busy", "stopped"]
+    assert pool["totals"]["completed"] == 1250 and pool["totals"]["consumers"] == 2
+    assert _scrape(monitor)[("zdq_tasks_completed_total", (("pool", "jobs"),))] == 1250
+    # Another worker cannot speak for the silent consumer, nor take it over.
+    clock.now += 30
+    report("tcp://b", "busy", 500)
+    report("tcp://q", "", 0)
+    report("tcp://evil", "stopped", 10_000)
+    assert monitor.status()["pools"]["jobs"]["totals"]["completed"] == 1250
+    monitor.on_report(worker="tcp://a", gone=[("consumer", "jobs", "stopped", "stopped")])  # told gone while silent
+    report("tcp://b", "busy", 500)
+    assert monitor.status()["pools"]["jobs"]["totals"]["completed"] == 1250
+
+
 def test_two_consumer_pools_that_repeat_consumer_names_are_counted_apart() -> None:
     monitor = Monitor(None, _ANYONE)
     for round_ in (1, 2):  # reports alternate between the two pools' workers

@@ -163,15 +163,22 @@ class Monitor:
         if cr.worker and cr.worker != worker:
             return False
         entry = self._pools.get(cr.pool)
-        consumer = None if entry is None else entry.consumers.get(_consumer_key(cr, worker))
+        key = _consumer_key(cr, worker)
+        consumer = None if entry is None else entry.consumers.get(key) or entry.silent.get(key)
         return consumer is None or consumer.sender == worker
 
     def _bounded(self, worker: str, consumers: tuple[ConsumerReport, ...], now: float) -> tuple[ConsumerReport, ...]:
         """``consumers`` without the new ones beyond ``MAX_CONSUMERS_PER_SENDER`` for ``worker``."""
-        new = [c for c in consumers if _consumer_key(c, worker) not in self._pools.get(c.pool, _NO_VIEW).consumers]
+        def known(c: ConsumerReport) -> bool:
+            view, key = self._pools.get(c.pool, _NO_VIEW), _consumer_key(c, worker)
+            return key in view.consumers or key in view.silent
+
+        new = [c for c in consumers if not known(c)]
         if not new:
             return consumers
-        held = sum(1 for view in self._pools.values() for c in view.consumers.values() if c.sender == worker)
+        held = sum(
+            1 for view in self._pools.values() for c in (*view.consumers.values(), *view.silent.values()) if c.sender == worker
+        )
         room = MAX_CONSUMERS_PER_SENDER - held
         if len(new) <= room:
             return consumers
@@ -210,7 +217,7 @@ class Monitor:
         for cr in consumers:
             view = self._pool(cr.pool)
             key = _consumer_key(cr, worker)
-            consumer = view.consumers.get(key)
+            consumer = view.consumer(key)
             if consumer is None:
                 consumer = view.consumers[key] = ConsumerEntry(cr, worker)
             totals = consumer.tally.update(key, dict(cr.counters))
@@ -226,7 +233,7 @@ class Monitor:
                     left.retire_queue(g.name)
                 continue
             key = g.id or f"{worker} {g.name}"
-            c = left.consumers.get(key)
+            c = left.consumers.get(key) or left.silent.get(key)
             if c is not None and c.sender == worker:
                 left.retire_consumer(key)
         self._bound()
@@ -250,7 +257,7 @@ class Monitor:
         for name, view in self._pools.items():
             kept += [(e.seen, name, "left", k) for k, e in view.left.items()]
             kept += [(e.seen, name, "queue", k) for k, e in view.queues.items()]
-            kept += [(e.seen, name, "consumer", k) for k, e in view.consumers.items()]
+            kept += [(e.seen, name, "consumer", k) for k, e in (*view.consumers.items(), *view.silent.items())]
         kept.sort()
         for _, name, kind, key in kept[:excess]:
             view = self._pools[name]
@@ -268,7 +275,7 @@ class Monitor:
             for key in [k for k, e in view.queues.items() if stale(e.seen, e.interval)]:
                 view.retire_queue(key)
             for key in [k for k, c in view.consumers.items() if stale(c.seen, c.interval)]:
-                view.retire_consumer(key)
+                view.silence_consumer(key)
             if not view.queues and not view.consumers:
                 del self._pools[name]
                 continue

@@ -66,11 +66,14 @@ class ConsumerEntry:
 
 
 class PoolView:
-    __slots__ = ("queues", "consumers", "left", "retired", "history")
+    __slots__ = ("queues", "consumers", "silent", "left", "retired", "history")
 
     def __init__(self) -> None:
         self.queues: dict[str, QueueEntry] = {}  # live, by queue name
         self.consumers: dict[str, ConsumerEntry] = {}  # live, by consumer id
+        # Consumers whose reports stopped (a stopped or starved worker), not told gone: kept for
+        # their totals and their return, when they report the same counters again.
+        self.silent: dict[str, ConsumerEntry] = {}
         self.left: dict[str, QueueEntry] = {}  # queues gone or expired: kept for their totals and return
         # Counters of consumers (and of queues' entries) no longer kept: still part of the totals.
         self.retired: dict[str, float] = {}
@@ -78,12 +81,30 @@ class PoolView:
         self.history: deque[tuple[float, int, int, int]] = deque(maxlen=_HISTORY)
 
     def size(self) -> int:
-        return len(self.queues) + len(self.consumers) + len(self.left)
+        return len(self.queues) + len(self.consumers) + len(self.silent) + len(self.left)
 
     def retire_consumer(self, key: str) -> None:
-        c = self.consumers.pop(key, None)
+        """The consumer ``key`` is gone for good (told so, or dropped to keep the monitor
+        bounded): its totals stay in the pool's."""
+        c = self.consumers.pop(key, None) or self.silent.pop(key, None)
         if c is not None:
             add_into(self.retired, c.tally.totals())
+
+    def silence_consumer(self, key: str) -> None:
+        """The consumer ``key`` stopped reporting: no longer shown, its totals still counted, and
+        taken back as it was (its own counters, not added again) if it reports again."""
+        c = self.consumers.pop(key, None)
+        if c is not None:
+            self.silent[key] = c
+
+    def consumer(self, key: str) -> ConsumerEntry | None:
+        """The entry of consumer ``key``, live or silent (then live again)."""
+        c = self.consumers.get(key)
+        if c is None:
+            c = self.silent.pop(key, None)
+            if c is not None:
+                self.consumers[key] = c
+        return c
 
     def retire_queue(self, name: str) -> None:
         q = self.queues.pop(name, None)
@@ -103,7 +124,7 @@ class PoolView:
             add_into(q, entry.totals())
         add_into(q, {k[2:]: v for k, v in self.retired.items() if k.startswith("q:")})
         c = {k: v for k, v in self.retired.items() if not k.startswith("q:")}
-        for consumer in self.consumers.values():
+        for consumer in (*self.consumers.values(), *self.silent.values()):
             add_into(c, consumer.tally.totals())
         g = {k: sum(e.report.gauges[k] for e in self.queues.values() if e.report) for k in QUEUE_GAUGES}
         return {
