@@ -103,6 +103,14 @@ def mark_and_sleep(marker: str, seconds: float) -> float:
     return seconds
 
 
+def counted_sleep(path: str, seconds: float) -> float:
+    """Adds a line to the file ``path`` for each run (the test counts the runs), then sleeps."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    return seconds
+
+
 def hold_gil(seconds: float, report: str | None = None) -> float:
     """Hold the GIL for at least ``seconds`` in ONE C call that never releases it; return how long
     that call held it (also written to the file ``report``, if given, as soon as it is known).

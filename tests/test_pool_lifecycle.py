@@ -21,7 +21,7 @@ from zdq import BrokerLost, ClosedError, ConsumerPool, Durability, QueuePool
 from zdq.broker import Broker
 
 from .conftest import assert_no_zdq_leaks, stop_process, wait_until
-from .tasks import add, noop, sleep
+from .tasks import add, counted_sleep, noop, sleep
 
 FAST = {"heartbeat_interval": "250ms", "heartbeat_timeout": "2s"}
 REPO = Path(__file__).resolve().parent.parent
@@ -400,3 +400,70 @@ def test_a_pool_closed_with_a_map_pending_is_freed_once_its_futures_are_dropped(
     gc.collect()
     alive = [name for name, ref in zip(("pool", "driver", "chunk"), refs) if ref() is not None]
     assert not alive, f"still alive after close and a collection: {alive}"
+
+
+def _runs(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_closing_a_consumer_pool_lets_the_tasks_running_end_and_report_within_its_timeout(
+    client: Client, tmp_path: Path
+) -> None:
+    # Reviewer 23: the close waited for them, dropped their results all the same, and counted each
+    # such close as a crash of the task: after two, it was dead-lettered, never having failed.
+    with QueuePool(client, 1) as qp:
+        consumers = ConsumerPool(client, qp, n_consumers=2, start=True)
+        marks = [tmp_path / f"task-{i}" for i in range(2)]
+        futures = [qp.submit(counted_sleep, str(mark), 2.0) for mark in marks]
+        wait_until(lambda: all(_runs(m) == 1 for m in marks), timeout=60)
+        started = time.monotonic()
+        consumers.close(timeout=30)
+        assert time.monotonic() - started < 10  # it returns once they have reported, not at its timeout
+        assert all(f.done() for f in futures)
+        assert [f.result(timeout=0) for f in futures] == [2.0, 2.0]
+        assert [_runs(m) for m in marks] == [1, 1]  # each ran once
+
+
+def test_closing_consumer_pools_over_a_task_that_outlasts_their_timeout_gives_it_back_without_dead_lettering_it(
+    client: Client, tmp_path: Path
+) -> None:
+    mark = tmp_path / "long"
+    with QueuePool(client, 1) as qp:
+        future = qp.submit(counted_sleep, str(mark), 4.0)
+        for closes in (1, 2, 3):  # crash-attempts is 2: three closes would have dead-lettered it
+            consumers = ConsumerPool(client, qp, n_consumers=1, start=True)
+            wait_until(lambda: _runs(mark) == closes, timeout=60)
+            started = time.monotonic()
+            consumers.close(timeout=0.5)
+            assert time.monotonic() - started < 8
+            assert not future.done()
+        with ConsumerPool(client, qp, n_consumers=1, start=True):
+            assert future.result(timeout=60) == 4.0
+        assert qp.dead_letters() == []
+        assert _runs(mark) == 4
+
+
+def test_closing_a_queue_pool_does_not_wait_for_the_tasks_running(client: Client, tmp_path: Path) -> None:
+    qp = QueuePool(client, 1)
+    ConsumerPool(client, qp, n_consumers=2, start=True)
+    marks = [tmp_path / f"task-{i}" for i in range(2)]
+    # 8 s: longer than the close may take, short enough to end before the leak check gives up on
+    # the threads that run them (Python cannot stop a thread).
+    futures = [qp.submit(counted_sleep, str(mark), 8.0) for mark in marks]
+    wait_until(lambda: all(_runs(m) == 1 for m in marks), timeout=60)
+    started = time.monotonic()
+    qp.close()
+    assert time.monotonic() - started < 5  # it waited 10 s for each consumer of a worker in turn
+    for future in futures:
+        with pytest.raises(ClosedError):
+            future.result(timeout=10)
+
+
+def test_a_consumer_pools_close_refuses_a_timeout_that_is_not_a_finite_duration(client: Client) -> None:
+    with QueuePool(client, 1) as qp:
+        consumers = ConsumerPool(client, qp, n_consumers=1)
+        for bad in (None, -1, float("inf"), "soon"):
+            with pytest.raises(ValueError, match="close's timeout"):
+                consumers.close(timeout=bad)  # type: ignore[arg-type]
+        assert not consumers.closed
+        consumers.close()

@@ -636,7 +636,11 @@ class BrokerCore:
             return
         if peer.role is p.Role.CONSUMER:
             del self._peers[ident]
-            self._expire(ident, peer)
+            # A consumer that says goodbye is alive: what it still holds (a chunk it was asked to
+            # stop running, those it had not started) did not kill it, and costs no attempt. Only
+            # a consumer that went silent (heartbeat timeout: killed, or its process died) counts
+            # one against its chunks.
+            self._expire(ident, peer, count_attempt=False)
         else:
             peer.gone = True  # kept: its results may now go to the creator
             self._routing.driver_left(ident, work.now)
@@ -650,9 +654,9 @@ class BrokerCore:
         work.drivers_heard.add(ident)
         return self._peer_table.driver(ident, work.now)
 
-    def _expire(self, ident: bytes, consumer: Peer) -> None:
+    def _expire(self, ident: bytes, consumer: Peer, *, count_attempt: bool = True) -> None:
         self._questions.consumer_left(ident)
-        returned, lost = self._leases.expire(ident)
+        returned, lost = self._leases.expire(ident, count_attempt=count_attempt)
         for chunk_id, held in lost:  # acknowledged early: at most once, so it is not run again
             self._send(held.meta.owner, p.Lost(held.meta.seq, chunk_id))
             if held.meta.unique_key and self._unique is not None:

@@ -30,7 +30,7 @@ from distributed import Client
 
 from zdq._actor import allowed_workers, check_resources
 from zdq.client import asynchronous
-from zdq.client.consumers import ConsumerSlots
+from zdq.client.consumers import STOP_WAIT, ConsumerSlots
 from zdq.client.queue_pool import QueuePool
 from zdq.client.slots import Supervisor
 from zdq.config import seconds_or_none, timeout_or_none
@@ -694,9 +694,19 @@ class ConsumerPool:
 
     # -- lifecycle ------------------------------------------------------------------------------
     @asynchronous.off_loop_when_async
-    def close(self) -> None:
+    def close(self, timeout: float = STOP_WAIT) -> None:
         """Stop every consumer and release its actor. Idempotent. For a pool of an asynchronous
-        client, called on its event loop: ``await consumer_pool.close()``."""
+        client, called on its event loop: ``await consumer_pool.close()``.
+
+        No task starts from then on. The tasks running may end and report their results for
+        ``timeout`` seconds (10 by default: the close returns as soon as they have); those
+        still running then, with every task taken and not started, go back to their queues and
+        run again on other consumers (a consumer stopped costs them no attempt: none is
+        dead-lettered for it), while they run on to their end where they are, their results
+        dropped. ``queue_pool.close()`` closes its ConsumerPools with ``timeout=0``."""
+        wait = timeout_or_none(timeout, "close's timeout")
+        if wait is None:
+            raise ValueError(f"close's timeout must be a finite number of seconds (a close always ends), got {timeout!r}")
         if self._closed:
             return
         self._closed = True
@@ -705,7 +715,7 @@ class ConsumerPool:
             # A replacement in progress is not waited for long: the closed slots refuse it.
             self._supervisor.stop(join=2.0)
         if hasattr(self, "_consumers"):
-            self._consumers.release()
+            self._consumers.release(wait)
             self.queue_pool.consumer_registry.let_go(self)
             self.queue_pool.consumer_registry.consumers_changed()
 

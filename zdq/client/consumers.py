@@ -93,6 +93,14 @@ _UNREACHED_WAITS = (10.0, 300.0)
 #: Seconds a consumer future that failed is given to hand over its error once the placement's
 #: timeout has passed (the error came with the failure: reading it is local).
 _READ_ERROR_AT_LEAST = 0.5
+#: Seconds the chunks running when a ConsumerPool closes get to end and report their results
+#: (those still running then go back to their queues, costing them no attempt, and run again).
+STOP_WAIT = 10.0
+#: Seconds every consumer is given to take its stop before each one's is waited for.
+_TELL_STOP = 2.0
+#: Seconds a consumer's stop may answer after its wait for the chunks running (its threads close
+#: the sockets; its worker's other actor calls may come first).
+_STOP_ANSWER = 5.0
 
 
 def _failure_text(failure: tuple[str, Exception] | None) -> str:
@@ -642,7 +650,21 @@ class ConsumerSlots:
         with self._lock:
             return dict(self.placed_on)
 
-    def release(self) -> None:
-        """Stop every consumer and release its actor (the slots refuse any late placement)."""
+    def release(self, timeout: float = STOP_WAIT) -> None:
+        """Stop every consumer and release its actor (the slots refuse any late placement); the
+        chunks running get ``timeout`` seconds to end and report (:meth:`Consumer.stop`). Every
+        consumer is told first, then each is waited for: a worker runs its actors' calls one at
+        a time, and the waits of its consumers would otherwise add up."""
         placed_on = self.placement()
-        self.slots.close(self.names, "consumer", 15, self.client, [placed_on.get(i, "") for i in range(self.n)])
+        workers = [placed_on.get(i, "") for i in range(self.n)]
+        told: dict[str, tuple[Any, str]] = {}
+        for i, actor in enumerate(self.slots.actors()):
+            if actor is None:
+                continue
+            try:
+                told[self.names[i]] = (actor.stop(timeout, wait=False), workers[i])
+            except Exception as e:  # noqa: BLE001 - the worker may be gone already: the stop below says so
+                logger.debug("telling consumer %s to stop failed: %s", self.names[i], e)
+        if told:
+            answers_within(self.client, told, _TELL_STOP)
+        self.slots.close(self.names, "consumer", timeout + _STOP_ANSWER, self.client, workers)

@@ -686,7 +686,9 @@ class QueuePool(AsyncPoolMethods, WaitMethods, SubmitMethods, ControlMethods):
         owner = isinstance(self._queues, PlacedQueues)
         for consumers in self.consumer_pools():
             if owner or consumers.queue_pool is self:
-                consumers.close()
+                # At once: the results of the tasks running would reach no future (those fail
+                # with ClosedError); their chunks go back to their queues (a durable one keeps them).
+                consumers.close(timeout=0)
         self._closed = True
         if self._watch is not None:
             # A round in progress (a recovery waiting on the cluster) is not waited for long: what

@@ -40,6 +40,9 @@ hand-over (owner, since)       under ``Handover.lock``              the running 
 counters                       ``chunks_received``: socket owner;   actor reads (stats)
                                others under ``Counters.lock``
 stop, fetching events          actor sets and clears                every thread reads
+stop's deadline, ``closed``    the actor sets the deadline (before  the socket owner reads the
+                               ``stop``), the socket owner sets     deadline; ``stop()`` waits for
+                               ``closed`` (the sockets closed)      ``closed``
 child processes (hard limits)  ``Runner.children`` (its lock); a    ``Runner.shutdown`` kills them all
                                busy one is lent to one thread
 =============================  ===================================  ===================================

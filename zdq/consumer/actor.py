@@ -41,6 +41,12 @@ __all__ = ["REACHES_NONE", "Consumer"]
 #: replaces it, less and less often while its replacements reach none either).
 REACHES_NONE = "reaches none of its queues"
 
+#: After a stop's wait for the chunks running, how long its threads get to close the sockets.
+_CLOSE_GRACE = 1.0
+#: Once the sockets are closed, how long each thread gets to end (one running an abandoned task
+#: runs on to the task's end: not waited for).
+_THREAD_END = 0.5
+
 
 class _Opened:
     """What the I/O thread sets once it opened its sockets (or failed to): runs ``then`` there
@@ -135,6 +141,7 @@ class Consumer:
         self._queues: list[int] = []  # the pool's index of each queue in _endpoints
         self._worker = worker_address() or ""  # placed here: its statistics name it before start()
         self._stop = threading.Event()
+        self._leave_by: float | None = None  # set by the first stop(): until when running chunks may end
         self._fetching = threading.Event()
         self._counters = Counters()
         self._link: Link | None = None
@@ -222,6 +229,7 @@ class Consumer:
         # A new event per start: threads of an earlier start that are still winding down keep the
         # one that told them to stop.
         self._stop = threading.Event()
+        self._leave_by = None
         self._fetching.set()
         link = Link(
             self.name,
@@ -315,8 +323,17 @@ class Consumer:
         if self._link is not None:
             self._link.poke()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop consuming and close every thread and socket. Unstarted chunks go back. Idempotent."""
+    def stop(self, timeout: float = 10.0, *, wait: bool = True) -> None:
+        """Stop consuming and close every thread and socket. Idempotent.
+
+        No chunk is taken from then on; the chunks running may end and report their results for
+        ``timeout`` seconds. Then those still running, and every chunk not started, go back to
+        their queues (a consumer that says goodbye costs them no attempt) and run again
+        elsewhere; a task running then runs on here to its end (Python cannot stop a thread), its
+        result dropped. ``wait``: return once the threads have ended, at most about ``timeout``
+        seconds from the first stop; else at once (a later stop() waits, within the first one's
+        timeout: a pool asks every consumer of a worker first, whose actor calls run one at a
+        time, then waits for each)."""
         if self._started and self._pool is not None:
             pool_done(self._pool)
         self._started = False
@@ -324,15 +341,24 @@ class Consumer:
         if source is not None:
             remove_source(source)
         self._fetching.clear()
+        if self._leave_by is None:
+            self._leave_by = time.monotonic() + max(0.0, timeout)
+            if self._link is not None:
+                self._link.leave_by(self._leave_by)  # before the stop event: the link reads it then
         self._stop.set()
         if self._link is not None:
             self._link.poke()
-        if self._io is not None:
-            self._io.join(timeout)
+        if not wait:
+            return
+        if self._link is not None and self._io is not None and self._io.ident is not None:
+            # The sockets' owner closes them once the chunks running ended, or at the deadline.
+            self._link.closed.wait(max(0.0, self._leave_by + _CLOSE_GRACE - time.monotonic()))
         if self._runner is not None:
             self._runner.shutdown()
-        if self._exec is not None and self._exec.ident is not None:
-            self._exec.join(timeout)
+        # The threads end at once then, but one still running an abandoned task (left to run on).
+        for thread in (self._io, self._exec):
+            if thread is not None and thread.ident is not None:
+                thread.join(max(0.0, self._leave_by - time.monotonic()) + _THREAD_END)
 
     def get_results(self, timeout: float) -> Any:
         """What the consumer class's own ``get_results()`` returns (daskqueue's

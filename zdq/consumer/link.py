@@ -166,6 +166,11 @@ class Link:
         self.failure: str | None = None
         #: The error that kept it from opening its sockets, for ``start()`` to raise.
         self.open_error: BaseException | None = None
+        # Until when (monotonic) the chunks running at a requested stop may end and report before
+        # the sockets close (leave_by(), before the stop event): 0, a stop from inside, waits not.
+        self._leave_by = 0.0
+        #: Set once the sockets are closed (the consumer's BYE sent): what a stop waits for.
+        self.closed = threading.Event()
 
     def attach(self, runner: Runner) -> None:
         """The runner whose chunks this link receives and reports (set before the threads start)."""
@@ -191,6 +196,11 @@ class Link:
     def set_endpoint(self, broker: int, endpoint: str) -> None:
         self._control.append((broker, endpoint))
         self.poke()
+
+    def leave_by(self, deadline: float) -> None:
+        """A requested stop comes next (set before the stop event): the chunks running then may
+        end, and their DONEs go, until ``deadline`` (monotonic) before the sockets close."""
+        self._leave_by = deadline
 
     def reach(self) -> tuple[list[str], list[tuple[str, str, str]], list[str]]:
         """(From any thread.) The queues heard from; ``(queue, endpoint, why)`` of those reported
@@ -338,10 +348,13 @@ class Link:
     def _close(self) -> None:
         links, waker = self._links, self._waker
         self._links = self._waker = None
-        if links is not None:
-            links.close(farewell=_BYE)
-        if waker is not None:
-            waker.close()
+        try:
+            if links is not None:
+                links.close(farewell=_BYE)
+            if waker is not None:
+                waker.close()
+        finally:
+            self.closed.set()
 
     def _abandon(self, reason: str) -> None:
         """Stop from inside: end the execution thread and the task threads too."""
@@ -364,10 +377,48 @@ class Link:
                     self._abandon(f"its I/O loop failed: {e!r}")
                     stopped = True
                 if stopped:
+                    self._leave()
                     self._close()
                     return
             elif not turn.stand_by(self._stop):
                 return
+
+    def _leave(self) -> None:
+        """The consumer stops (the socket owner, its loop ended): the chunks running may end and
+        report until the stop's deadline, their DONEs (and RETURNs of chunks not started) sent as
+        they come and a heartbeat each interval, no other message read. Those still running then
+        send nothing when they end (:meth:`Runner.abandon`): the BYE that follows gives them back
+        to their queues with every chunk not started, costing them no attempt, and they run
+        again elsewhere."""
+        runner, links, waker, outbox = self._runner, self._links, self._waker, self._outbox
+        if runner is None or links is None or waker is None:
+            return
+        socks, beat = links.socks, self._settings.heartbeat_interval
+        wake = [(waker.socket, zmq.POLLIN)]
+        next_beat = time.monotonic() + beat
+        while True:
+            while outbox:
+                i, out = outbox.popleft()
+                try_send(socks[i], p.encode(out))
+            now = time.monotonic()
+            if not runner.running() or now >= self._leave_by:
+                break
+            if now >= next_beat:  # the brokers keep this consumer's chunks while it finishes them
+                for sock in socks:
+                    try_send(sock, _HEARTBEAT)
+                next_beat = now + beat
+            if zmq.zmq_poll(wake, max(1, math.ceil((min(self._leave_by, next_beat) - now) * 1000))):
+                waker.drain()
+        abandoned = runner.abandon()
+        while outbox:  # what ended as the wait did
+            i, out = outbox.popleft()
+            try_send(socks[i], p.encode(out))
+        if abandoned and self._leave_by > 0:
+            logger.warning(
+                "consumer %s stopped while %s ran: given back to their queues, they run again where the queues "
+                "still serve; the tasks running now run on here to their end, their results dropped",
+                self.name, "1 chunk" if abandoned == 1 else f"{abandoned} chunks",
+            )
 
     def _serve(self) -> bool:
         """The I/O loop; True when the consumer stops, False when the sockets were taken over."""

@@ -412,6 +412,25 @@ class Runner:
                 self._cancels.setdefault(chunk_id, set()).update(cancelled)
             return cancelled
 
+    def running(self) -> bool:
+        """Whether a chunk has started and not finished (any thread may ask)."""
+        # A copy (atomic under the interpreter lock): chunks end on other threads without a lock.
+        return any(not isinstance(state, int) for state in list(self._chunks.values()))
+
+    def abandon(self) -> int:
+        """The consumer stops with chunks still running: they send no DONE when they end and
+        start no more of their tasks (they go back to their queues with the consumer's BYE, and
+        run again elsewhere); their tasks running now run on to their end. Returns how many
+        chunks were running."""
+        with self._cancel_lock:
+            running = [state for state in list(self._chunks.values()) if not isinstance(state, int) and not state.stale]
+            for state in running:
+                state.stale = True
+                if type(state) is _ChunkRun:  # a _Lone's only task has started
+                    for i in range(len(state.values)):
+                        state.cancel(i)
+        return len(running)
+
     def broker_replaced(self, broker: int) -> None:
         """Broker ``broker`` was placed again (the socket thread, once it connects to the new one).
 
