@@ -173,6 +173,25 @@ def test_a_batch_by_columns_with_one_call_that_cannot_go_anywhere_in_it_queues_n
             assert batch.result(timeout=60) == [2 * i for i in range(n)]
 
 
+def test_a_task_larger_than_max_message_size_is_refused_at_the_call_by_every_way_in(client: Client) -> None:
+    # Reviewer 23: submit() returned a pending future that failed later, where batch_submit raised.
+    big = "x" * (1 << 17)
+    with QueuePool(client, 1, max_message_size="64KiB") as queue_pool, queue_pool.executor() as executor:
+        ways = (
+            lambda: queue_pool.submit(len, big),
+            lambda: queue_pool.submit(len, big, delay=0.1),
+            lambda: queue_pool.submit_call(len, (big,)),
+            lambda: executor.submit(len, big),
+            lambda: queue_pool.batch_submit([(len, big)]),
+        )
+        for way in ways:
+            with pytest.raises(SerializationError, match="pickles to [0-9]+ bytes, more than max-message-size"):
+                way()
+        assert queue_pool.statistics().driver.tasks_submitted == 0
+        with ConsumerPool(client, queue_pool, n_consumers=1, start=True):
+            assert queue_pool.submit(len, "ab").result(timeout=60) == 2
+
+
 def test_bad_arguments_get_clear_errors(client: Client) -> None:
     with pytest.raises(ValueError, match="n_queues"):
         QueuePool(client, 0)

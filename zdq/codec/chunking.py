@@ -250,16 +250,21 @@ class Chunking:
         if n > 1:  # whole when within both bounds (max-message-size may be set below chunk-bytes)
             return size <= self.chunk_bytes and size <= self.max_bytes
         if self.too_large(size):
-            raise SerializationError(
-                f"task {first} pickles to {len(payload)} bytes, more than max-message-size ({self.max_bytes}): "
-                "pass large data by reference (a path, a URL, a Dask future) instead"
-            )
+            raise self.refusal(f"task {first}", size)
         return True
 
     def too_large(self, size: int) -> bool:
         """Whether a chunk of one task, pickled to ``size`` bytes, is more than the sockets carry
         (``max-message-size``): such a task is refused, never sent."""
         return size > self.max_bytes
+
+    def refusal(self, what: str, size: int) -> SerializationError:
+        """The error of a task (``what``: "task 12") that pickles to ``size`` bytes, more than
+        ``max-message-size``."""
+        return SerializationError(
+            f"{what} pickles to {size} bytes, more than max-message-size ({self.max_bytes}): "
+            "pass large data by reference (a path, a URL, a Dask future) instead"
+        )
 
 
 def _even(n: int, k: int) -> list[int]:
