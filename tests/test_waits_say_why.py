@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -153,3 +159,57 @@ def test_a_driver_io_thread_that_stops_coming_round_its_loop_is_reported_with_wh
         assert "in held_up" in stalled[0] and "gate.wait(20)" in stalled[0], stalled[0]  # where it was
         assert len(said("comes round its loop again")) == 1
         assert qp.submit(int, "7").result(timeout=30) == 7
+
+
+_STOPPED_DRIVER = """
+import sys, time
+from distributed import Client
+import zdq
+
+client = Client(sys.argv[1], timeout=60)
+with zdq.QueuePool(client, 1, heartbeat_interval="250ms", heartbeat_timeout="1s") as pool:
+    with zdq.ConsumerPool(client, pool, n_consumers=1, start=True):
+        assert pool.submit(int, "6").result(timeout=60) == 6
+        print("ready", flush=True)
+        sys.stdin.readline()  # the test stops this process (SIGSTOP) for 4 s, resumes it, then writes a line
+        time.sleep(2)  # the supervisor's rounds after the stop
+        assert pool.submit(int, "7").result(timeout=60) == 7
+        print("done", flush=True)
+client.close()
+"""
+
+
+def test_a_driver_process_stopped_whole_is_not_reported_as_its_io_thread_stuck(client: Client, tmp_path: Path) -> None:
+    # Reviewer 23: after a SIGSTOP of 32 s (twice the heartbeat timeout and more), the supervisor
+    # woke before the I/O thread's next tick and blamed "a zdq bug". Its own gap says the process
+    # was stopped whole: the I/O thread is given its time from then.
+    root = Path(__file__).resolve().parent.parent
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _STOPPED_DRIVER, client.scheduler.address],
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == "ready\n", log.read_text()[-2000:]
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(4)  # past twice the heartbeat timeout (2 s)
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "done\n", log.read_text()[-2000:]
+        assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.wait(timeout=10)
+    said = log.read_text()
+    assert "this process was stopped" in said or "did not run for" in said, said[-2000:]  # the stop is seen...
+    assert "has not come round its loop" not in said, said[-3000:]  # ...and not blamed on the I/O thread

@@ -38,6 +38,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -305,11 +306,18 @@ class Driver:
         """Which brokers the driver can reach now (the I/O thread's published snapshot)."""
         return [view.state is LinkState.UP for view in self._links.views]
 
-    def io_stall(self) -> tuple[float, str] | None:
+    @property
+    def heartbeat_timeout(self) -> float:
+        """Seconds of silence after which a peer is taken as gone (the pool's setting)."""
+        return self._settings.heartbeat_timeout
+
+    def io_stall(self, since: float = -math.inf) -> tuple[float, str] | None:
         """``(seconds, stack)`` when this driver's I/O thread has not come round its loop for
-        twice the heartbeat timeout (it ticks every heartbeat interval, however idle): every task
-        and result of the pool waits for it. ``None`` otherwise."""
-        stalled = self._loop.stalled_for(time.monotonic())
+        twice the heartbeat timeout (it ticks every heartbeat interval, however idle), counted
+        from ``since`` at the earliest (monotonic: when the watching thread resumed after a stop
+        of its own); every task and result of the pool waits for it. ``None`` otherwise."""
+        now = time.monotonic()
+        stalled = min(self._loop.stalled_for(now), now - since)
         if stalled <= 2 * self._settings.heartbeat_timeout:
             return None
         return stalled, self._loop.where()
