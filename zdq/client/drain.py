@@ -88,10 +88,10 @@ def wait_drained(
                 total = max(total or 0, submitted + sum(s.foreign_tasks for s in stats))
             elif len(known) == len(statuses):
                 # None submitted here (a durable pool opened again after a restart): against what
-                # the queues hold, once every queue has answered. A result already here whose
-                # receipt is on its way is still counted by its queue: the total may overshoot
-                # by those until the end, when it is what was done.
-                total = max(total or 0, done + pending)
+                # the queues hold and what they sent here, in one count per queue, once every
+                # queue has answered. (Against what had come in here, the results on their way
+                # were counted twice: reviewer 23 saw 108000 of 100000.) At the end, what was done.
+                total = max(total or 0, pending + sum(s.routed_tasks for s in known))
             if total is not None:
                 if drained:
                     total = done

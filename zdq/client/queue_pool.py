@@ -770,12 +770,18 @@ class QueuePool(AsyncPoolMethods, WaitMethods, SubmitMethods, ControlMethods):
         head += f", {state}, {counted(consumers, 'consumer')} in this process"
         stats = driver.statistics()
         unsent = driver.unsent
+        # Completed counts every task settled: those that failed or were cancelled are said apart.
+        done = stats.tasks_completed - stats.tasks_failed - stats.tasks_cancelled
         lines = [
             f"tasks: {stats.tasks_submitted} submitted"
             + (f" ({unsent} not sent yet)" if unsent else "")
-            + f", {stats.tasks_completed} done, {stats.tasks_failed} failed"
+            + f", {done} done, {stats.tasks_failed} failed"
+            + (f", {stats.tasks_cancelled} cancelled" if stats.tasks_cancelled else "")
             + (f", and {stats.foreign_tasks} results of others' tasks" if stats.foreign_tasks else "")
         ]
+        if self.reset_by_restart:  # its brokers are gone: what the driver last knew of them is not news
+            where = " (a new pool on its dirpath serves what they stored)" if self.dirpath else ""
+            return head + "".join(f"\n\t{line}" for line in [*lines, f"its queues were taken by the restart{where}"])
         queues = driver.queue_states()
         if len(queues) <= self._REPR_QUEUES:
             lines += [q.describe() for q in queues]
