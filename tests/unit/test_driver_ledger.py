@@ -1172,8 +1172,13 @@ def test_a_submission_larger_than_max_pending_goes_alone() -> None:
         ledger.submit_task(task(), timeout=0)
 
 
+#: A task of 1046 bytes in a chunk of 1075: within this max-message-size by its own size (past it,
+#: it is refused at the call), not with its chunk's frame (then its future fails).
+_TIGHT = {"max_message_size": 1060, "chunk_bytes": 1060}
+
+
 def test_cancelled_and_refused_tasks_are_no_longer_unfinished() -> None:
-    ledger = make(max_pending=2, chunk_size=10, max_message_size=200, chunk_bytes=200)
+    ledger = make(max_pending=2, chunk_size=10, **_TIGHT)
     small = ledger.submit_task(task(), timeout=0)
     ledger.outcomes.cancel_local(small.key, 1)
     assert ledger.unfinished == 0
@@ -1213,8 +1218,16 @@ def test_tasks_submitted_while_one_is_in_flight_go_loose_and_are_coalesced() -> 
     assert [r.n for r in ledger.queued] == [1, 3] and ledger.queued[0].sink == [first]
 
 
-def test_a_lone_task_too_large_goes_loose_and_fails_alone() -> None:
+def test_a_task_larger_than_max_message_size_by_itself_is_refused_at_the_call_and_nothing_is_held() -> None:
     ledger = make(lone=True, max_message_size=200, chunk_bytes=200)
+    with pytest.raises(SerializationError, match="the task pickles to 1046 bytes, more than max-message-size \\(200\\)"):
+        ledger.submit_task(dumps_task((operator.add, ("x" * 1000, "y"))), timeout=0)
+    assert not ledger.loose and not ledger.records and not ledger.queued and ledger.buffered_bytes == 0
+    assert counts(ledger)["submitted"] == 0 and ledger.unfinished == 0
+
+
+def test_a_lone_task_too_large_goes_loose_and_fails_alone() -> None:
+    ledger = make(lone=True, **_TIGHT)
     huge = ledger.submit_task(dumps_task((operator.add, ("x" * 1000, "y"))), timeout=0)
     assert len(ledger.loose) == 1 and not ledger.records
     ledger.coalesce(1, 0)
