@@ -3,6 +3,7 @@ socket and no thread (the I/O thread's part is played by the test, calling the l
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from concurrent.futures import CancelledError
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from zdq.client.driver.ledger import Ledger, first_task_id
+from zdq.codec.chunking import WIRE_MARGIN
 from zdq.client.driver.records import NO_CONSUMER, Record
 from zdq.config import settings
 from zdq.errors import (
@@ -1172,17 +1174,19 @@ def test_a_submission_larger_than_max_pending_goes_alone() -> None:
         ledger.submit_task(task(), timeout=0)
 
 
-#: A task of 1046 bytes in a chunk of 1075: within this max-message-size by its own size (past it,
-#: it is refused at the call), not with its chunk's frame (then its future fails).
-_TIGHT = {"max_message_size": 1060, "chunk_bytes": 1060}
+def _tightened(ledger: Ledger, max_bytes: int) -> None:
+    """The limit a chunk meets when it is cut, below the one its task passed at the call: what no
+    task submitted alone can reach (it is refused at the call), for the I/O thread's own check."""
+    ledger.chunking = dataclasses.replace(ledger.chunking, max_bytes=max_bytes, chunk_bytes=max_bytes)
 
 
 def test_cancelled_and_refused_tasks_are_no_longer_unfinished() -> None:
-    ledger = make(max_pending=2, chunk_size=10, **_TIGHT)
+    ledger = make(max_pending=2, chunk_size=10)
     small = ledger.submit_task(task(), timeout=0)
     ledger.outcomes.cancel_local(small.key, 1)
     assert ledger.unfinished == 0
     huge = ledger.submit_task(dumps_task((operator.add, ("x" * 1000, "y"))), timeout=0)
+    _tightened(ledger, 1000)
     ledger.coalesce(1, 0)
     assert huge.exception(0) is not None and ledger.unfinished == 0
 
@@ -1220,19 +1224,33 @@ def test_tasks_submitted_while_one_is_in_flight_go_loose_and_are_coalesced() -> 
 
 def test_a_task_larger_than_max_message_size_by_itself_is_refused_at_the_call_and_nothing_is_held() -> None:
     ledger = make(lone=True, max_message_size=200, chunk_bytes=200)
-    with pytest.raises(SerializationError, match="the task pickles to 1046 bytes, more than max-message-size \\(200\\)"):
+    with pytest.raises(SerializationError, match="the task pickles to 1046 bytes, more than max-message-size \\(200\\) carries"):
         ledger.submit_task(dumps_task((operator.add, ("x" * 1000, "y"))), timeout=0)
     assert not ledger.loose and not ledger.records and not ledger.queued and ledger.buffered_bytes == 0
     assert counts(ledger)["submitted"] == 0 and ledger.unfinished == 0
 
 
-def test_a_lone_task_too_large_goes_loose_and_fails_alone() -> None:
-    ledger = make(lone=True, **_TIGHT)
+def test_a_task_within_the_limit_by_its_own_size_is_refused_at_the_call_if_its_chunk_could_be_too_large() -> None:
+    # Reviewer 24: a task within ~150 bytes of max-message-size was accepted, and its chunk
+    # dropped on the wire (its future never settled) or refused later.
+    ledger = make(lone=True, max_message_size=1200, chunk_bytes=1200)
+    near = dumps_task((operator.add, ("x" * 1000, "y")))  # 1046 bytes, 1075 with its chunk's frame
+    assert len(near) < 1200 - WIRE_MARGIN
+    with pytest.raises(SerializationError, match="pickles to 1046 bytes"):
+        ledger.submit_task(near, timeout=0)
+    assert counts(ledger)["submitted"] == 0 and not ledger.loose and not ledger.queued
+
+
+def test_a_loose_task_whose_chunk_is_too_large_when_cut_fails_alone() -> None:
+    ledger = make(lone=True)
+    first = ledger.submit_task(task(), timeout=0)  # packed lone: the next ones go loose
     huge = ledger.submit_task(dumps_task((operator.add, ("x" * 1000, "y"))), timeout=0)
-    assert len(ledger.loose) == 1 and not ledger.records
+    small = ledger.submit_task(task(), timeout=0)
+    assert [entry[2] for entry in ledger.loose] == [huge, small]
+    _tightened(ledger, 1000)
     ledger.coalesce(1, 0)
     assert isinstance(huge.exception(0), SerializationError) and counts(ledger)["failed"] == 1
-    assert not ledger.records and ledger.buffered_bytes == 0
+    assert not first.done() and not small.done() and [r.sink for r in ledger.queued] == [[first], [small]]
 
 
 def test_a_large_lone_task_goes_loose_its_packing_left_to_the_io_thread() -> None:

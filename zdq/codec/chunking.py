@@ -12,8 +12,10 @@ the pool and the driver ask; they keep their buffers, locks and futures.
   them into runs of consecutive task ids (a chunk's ids are consecutive, and batches may have taken
   ids in between), one run per broker when they are few.
 - Whatever the count, a chunk that pickles to more than ``chunk-bytes`` is split in halves
-  (:meth:`Chunking.pack`), and a single task larger than ``max-message-size`` (what brokers
-  accept) is refused here rather than silently dropped on the wire.
+  (:meth:`Chunking.pack`), and a single task whose chunk would be larger than
+  ``max-message-size`` (what brokers accept, less :data:`WIRE_MARGIN`) is refused here rather
+  than silently dropped on the wire: at the call for a task submitted alone
+  (:meth:`Chunking.refuses_task`, before its chunk is made), as for a batch's.
 
 >>> chunking = Chunking(chunk_size=1000, chunk_bytes=4 << 20, max_bytes=256 << 20, prefetch=2)
 >>> chunking.batch_size(n_tasks=1000, consumers=2, queues=2)   # two chunks of prefetch each
@@ -37,6 +39,14 @@ from zdq.codec.tasks import (
 
 __all__ = ["Chunking", "Packed"]
 
+#: Bytes of ``max-message-size`` a chunk leaves to the transport. A broker's socket drops a frame
+#: past the limit as it reads its size, before decrypting it, and CurveZMQ's box around a frame
+#: adds 33 bytes: a chunk within them of the limit was dropped on the wire, and its future never
+#: settled (reviewer 24).
+WIRE_MARGIN = 128
+#: The most a chunk of one task adds to the pickled task: its header and the seal (about 80 bytes).
+_ONE_TASK_FRAME = 256
+
 T = TypeVar("T")
 
 
@@ -59,7 +69,8 @@ class Chunking:
     chunk_bytes : int
         A chunk that pickles to more is split (``zdq.chunk-bytes``).
     max_bytes : int
-        Most bytes a broker accepts in a message (``zdq.max-message-size``).
+        Most bytes a broker accepts in a message (``zdq.max-message-size``); a chunk may take all
+        but :data:`WIRE_MARGIN` of them.
     prefetch : int
         Chunks a consumer holds at once (``zdq.prefetch``).
     """
@@ -248,22 +259,28 @@ class Chunking:
         Raises :class:`SerializationError` for a single task larger than ``max-message-size``."""
         size = len(payload)
         if n > 1:  # whole when within both bounds (max-message-size may be set below chunk-bytes)
-            return size <= self.chunk_bytes and size <= self.max_bytes
+            return size <= self.chunk_bytes and not self.too_large(size)
         if self.too_large(size):
             raise self.refusal(f"task {first}", size)
         return True
 
     def too_large(self, size: int) -> bool:
-        """Whether a chunk of one task, pickled to ``size`` bytes, is more than the sockets carry
-        (``max-message-size``): such a task is refused, never sent."""
-        return size > self.max_bytes
+        """Whether a chunk pickled to ``size`` bytes is more than the sockets carry
+        (``max-message-size``, less :data:`WIRE_MARGIN`): a chunk of one task is then refused,
+        never sent."""
+        return size > self.max_bytes - WIRE_MARGIN
+
+    def refuses_task(self, size: int) -> bool:
+        """Whether a task pickled to ``size`` bytes is refused before its chunk is made: its
+        chunk could be too large (a chunk of one task adds at most ``_ONE_TASK_FRAME``)."""
+        return self.too_large(size + _ONE_TASK_FRAME)
 
     def refusal(self, what: str, size: int) -> SerializationError:
-        """The error of a task (``what``: "task 12") that pickles to ``size`` bytes, more than
+        """The error of a task (``what``: "task 12") that pickles to ``size`` bytes, too many for
         ``max-message-size``."""
         return SerializationError(
-            f"{what} pickles to {size} bytes, more than max-message-size ({self.max_bytes}): "
-            "pass large data by reference (a path, a URL, a Dask future) instead"
+            f"{what} pickles to {size} bytes, more than max-message-size ({self.max_bytes}) carries with its "
+            "chunk: pass large data by reference (a path, a URL, a Dask future) instead"
         )
 
 

@@ -248,7 +248,7 @@ class Ledger:
         """Hold one pickled task for coalescing; return its future. Waits while a bound is hit."""
         if self.closed_by is not None or self.failed_by is not None:  # two reads, not a call: per task
             self.check_open()
-        if len(task) > self.chunking.max_bytes:  # refused at the call, as a batch's task is: never queued
+        if self.chunking.refuses_task(len(task)):  # refused at the call, as a batch's task is: never queued
             raise self.chunking.refusal("the task", len(task))
         cap = self.settings.chunk_size * self.n_brokers
         budget = self.settings.buffer_bytes - len(task)
