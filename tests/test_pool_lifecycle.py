@@ -18,6 +18,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from zdq import BrokerLost, ClosedError, ConsumerPool, Durability, QueuePool
+from zdq.errors import TaskLost
 from zdq.broker import Broker
 
 from .conftest import assert_no_zdq_leaks, stop_process, wait_until
@@ -467,3 +468,53 @@ def test_a_consumer_pools_close_refuses_a_timeout_that_is_not_a_finite_duration(
                 consumers.close(timeout=bad)  # type: ignore[arg-type]
         assert not consumers.closed
         consumers.close()
+
+
+def test_a_close_with_a_timeout_past_what_threads_can_wait_waits_for_the_tasks_as_any(client: Client, tmp_path: Path) -> None:
+    # Reviewer 24: close(timeout=1e10) returned at once (the consumer's wait overflowed), its tasks
+    # reporting later to a closed pool.
+    mark = tmp_path / "task"
+    with QueuePool(client, 1) as qp:
+        consumers = ConsumerPool(client, qp, n_consumers=1, start=True)
+        future = qp.submit(counted_sleep, str(mark), 1.5)
+        wait_until(lambda: _runs(mark) == 1, timeout=60)
+        consumers.close(timeout=1e10)
+        assert future.done() and future.result(timeout=0) == 1.5
+
+
+def test_a_join_that_a_close_ends_says_the_pool_was_closed(client: Client, tmp_path: Path) -> None:
+    mark = tmp_path / "task"
+    with QueuePool(client, 1) as qp:
+        consumers = ConsumerPool(client, qp, n_consumers=1, start=True)
+        qp.submit(counted_sleep, str(mark), 3.0)
+        wait_until(lambda: _runs(mark) == 1, timeout=60)
+        raised: list[BaseException] = []
+
+        def join() -> None:
+            try:
+                consumers.join(timeout=60)
+            except BaseException as e:  # noqa: BLE001 - the test reads it
+                raised.append(e)
+
+        joiner = threading.Thread(target=join)
+        joiner.start()
+        consumers.close(timeout=0.2)
+        joiner.join(60)
+        assert not joiner.is_alive()
+        # Not "call consumer_pool.start() first": a closed pool cannot start (reviewer 24).
+        assert len(raised) == 1 and isinstance(raised[0], ClosedError), raised
+        assert "was closed while join() waited" in str(raised[0])
+
+
+def test_closing_an_early_acknowledging_pool_mid_task_fails_the_task_as_lost_saying_so(
+    client: Client, tmp_path: Path
+) -> None:
+    mark = tmp_path / "task"
+    with QueuePool(client, 1) as qp:
+        consumers = ConsumerPool(client, qp, n_consumers=1, early_ack=True, start=True)
+        future = qp.submit(counted_sleep, str(mark), 3.0)
+        wait_until(lambda: _runs(mark) == 1, timeout=60)
+        consumers.close(timeout=0.2)
+        error = future.exception(timeout=60)
+        assert isinstance(error, TaskLost) and "stopped while it ran" in str(error), error
+        assert "at most once" in str(error)

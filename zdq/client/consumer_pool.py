@@ -30,7 +30,7 @@ from distributed import Client
 
 from zdq._actor import allowed_workers, check_resources
 from zdq.client import asynchronous
-from zdq.client.consumers import STOP_WAIT, ConsumerSlots
+from zdq.client.consumers import STOP_WAIT, STOP_WAIT_MAX, ConsumerSlots
 from zdq.client.queue_pool import QueuePool
 from zdq.client.slots import Supervisor
 from zdq.config import seconds_or_none, timeout_or_none
@@ -39,6 +39,7 @@ from zdq.errors import (
     BrokerUnreachable,
     ClosedError,
     ConsumerInitError,
+    NoConsumers,
     NoEligibleWorkers,
     PlacementError,
     ZdqError,
@@ -526,6 +527,10 @@ class ConsumerPool:
             self.queue_pool.consumer_registry.start_folding()
         try:
             statuses = self.queue_pool.wait_drained(timeout, timestep=timestep, progress=bar, check=self._raise_unserved)
+        except NoConsumers as e:
+            if self._closed:  # not "call start()": a closed pool cannot start (reviewer 24)
+                raise ClosedError(f"the ConsumerPool of {self.queue_pool.name} was closed while join() waited: {e}") from e
+            raise
         finally:
             if bar is not None:
                 bar.close()
@@ -698,15 +703,18 @@ class ConsumerPool:
         """Stop every consumer and release its actor. Idempotent. For a pool of an asynchronous
         client, called on its event loop: ``await consumer_pool.close()``.
 
-        No task starts from then on. The tasks running may end and report their results for
-        ``timeout`` seconds (10 by default: the close returns as soon as they have); those
-        still running then, with every task taken and not started, go back to their queues and
-        run again on other consumers (a consumer stopped costs them no attempt: none is
-        dead-lettered for it), while they run on to their end where they are, their results
-        dropped. ``queue_pool.close()`` closes its ConsumerPools with ``timeout=0``."""
+        No chunk starts from then on. The chunks running may end and report their results for
+        ``timeout`` seconds (10 by default: the close returns as soon as they have; a chunk
+        reports whole, its tasks run to its last); those still running then, with every chunk
+        taken and not started, go back to their queues whole and run again on other consumers
+        (a consumer stopped costs them no attempt: none is dead-lettered for it; with
+        ``early_ack`` they fail with ``TaskLost`` instead, at most once), while their tasks
+        running run on to their end where they are, their results dropped.
+        ``queue_pool.close()`` closes its ConsumerPools with ``timeout=0``."""
         wait = timeout_or_none(timeout, "close's timeout")
         if wait is None:
             raise ValueError(f"close's timeout must be a finite number of seconds (a close always ends), got {timeout!r}")
+        wait = min(wait, STOP_WAIT_MAX)
         if self._closed:
             return
         self._closed = True

@@ -61,6 +61,7 @@ from zdq.client.slots import (
     place_actor,
     place_on_the_rest,
     release_future,
+    say_unanswered,
     stop_created,
     wait_created,
 )
@@ -96,6 +97,9 @@ _READ_ERROR_AT_LEAST = 0.5
 #: Seconds the chunks running when a ConsumerPool closes get to end and report their results
 #: (those still running then go back to their queues, costing them no attempt, and run again).
 STOP_WAIT = 10.0
+#: A close's wait is at most this (some 30 years: "as long as it takes"); the threads' waits
+#: refuse longer ones (threading.TIMEOUT_MAX).
+STOP_WAIT_MAX = 1e9
 #: Seconds every consumer is given to take its stop before each one's is waited for.
 _TELL_STOP = 2.0
 #: Seconds a consumer's stop may answer after its wait for the chunks running (its threads close
@@ -665,6 +669,10 @@ class ConsumerSlots:
                 told[self.names[i]] = (actor.stop(timeout, wait=False), workers[i])
             except Exception as e:  # noqa: BLE001 - the worker may be gone already: the stop below says so
                 logger.debug("telling consumer %s to stop failed: %s", self.names[i], e)
+        unanswered: set[str] = set()
         if told:
-            answers_within(self.client, told, _TELL_STOP)
-        self.slots.close(self.names, "consumer", timeout + _STOP_ANSWER, self.client, workers)
+            _, _, gone, unanswered = answers_within(self.client, told, _TELL_STOP)
+            unanswered |= gone
+            for name in sorted(unanswered - gone):
+                say_unanswered("consumer", name, told[name][1], _TELL_STOP)
+        self.slots.close(self.names, "consumer", timeout + _STOP_ANSWER, self.client, workers, skip=unanswered)

@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any, Generic, TypeVar
 
 import distributed
@@ -479,16 +479,19 @@ class ActorSlots(Generic[A]):
         return taken
 
 
-    def close(self, names: list[str], what: str, timeout: float, client: Any, workers: list[str]) -> None:
+    def close(
+        self, names: list[str], what: str, timeout: float, client: Any, workers: list[str], skip: Container[str] = ()
+    ) -> None:
         """Close the slots, stop every actor (all asked at once, the answers awaited together for
         at most ``timeout`` seconds, through :func:`answers_within`: a stop sent to a worker that
         left is given up on at once) and release it. ``what`` names an actor in the logs
         ("consumer"), ``workers`` each slot's worker. The same for both pools: a worker already
-        gone only makes its stop fail quietly."""
+        gone only makes its stop fail quietly. ``skip``: names released without a stop (told
+        already, their worker did not answer: a second call would only fail there later)."""
         taken = self.take_all()
         stops: dict[str, tuple[Any, str]] = {}
         for i, (name, (_, actor)) in enumerate(zip(names, taken)):
-            if actor is None:
+            if actor is None or name in skip:
                 continue
             proxy: Any = actor  # a Dask actor proxy: its methods are the actor's
             try:
@@ -504,13 +507,18 @@ class ActorSlots(Generic[A]):
             for name in sorted(silent):
                 # Said where it shows: a close that waited its whole bound for a stopped worker
                 # was silent about why (reviewer 16).
-                logger.warning(
-                    "close: %s %s on %s did not answer its stop within %g s (its worker is stopped, or too busy); "
-                    "released without its answer: it stops when the call reaches it",
-                    what, name, stops[name][1] or "its worker", timeout,
-                )
+                say_unanswered(what, name, stops[name][1], timeout)
         for fut, actor in taken:
             release_future(fut, actor)
+
+
+def say_unanswered(what: str, name: str, worker: str, timeout: float) -> None:
+    """Warn that ``what`` ``name`` on ``worker`` did not answer its stop within ``timeout``."""
+    logger.warning(
+        "close: %s %s on %s did not answer its stop within %g s (its worker is stopped, or too busy); "
+        "released without its answer: it stops when the call reaches it",
+        what, name, worker or "its worker", timeout,
+    )
 
 
 class SlotsClosed(Exception):

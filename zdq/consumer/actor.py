@@ -342,7 +342,8 @@ class Consumer:
             remove_source(source)
         self._fetching.clear()
         if self._leave_by is None:
-            self._leave_by = time.monotonic() + max(0.0, timeout)
+            # At most some 30 years: the threads' waits refuse longer ones (threading.TIMEOUT_MAX).
+            self._leave_by = time.monotonic() + min(max(0.0, timeout), 1e9)
             if self._link is not None:
                 self._link.leave_by(self._leave_by)  # before the stop event: the link reads it then
         self._stop.set()

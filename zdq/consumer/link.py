@@ -415,9 +415,11 @@ class Link:
             try_send(socks[i], p.encode(out))
         if abandoned and self._leave_by > 0:
             logger.warning(
-                "consumer %s stopped while %s ran: given back to their queues, they run again where the queues "
-                "still serve; the tasks running now run on here to their end, their results dropped",
+                "consumer %s stopped while %s ran: %s; the tasks running now run on here to their end, their "
+                "results dropped",
                 self.name, "1 chunk" if abandoned == 1 else f"{abandoned} chunks",
+                "acknowledged early (at most once), their tasks fail with TaskLost" if self._early_ack
+                else "given back to their queues whole, they run again where the queues still serve",
             )
 
     def _serve(self) -> bool:

@@ -537,7 +537,10 @@ class DriverLoop:
 
     def _on_lost(self, link: Link, msg: p.Lost) -> None:
         self._outcomes.fail_seq(
-            msg.seq, TaskLost(f"the consumer of chunk {msg.chunk_id} died after acknowledging it early (at most once)")
+            msg.seq, TaskLost(
+                f"the consumer of chunk {msg.chunk_id} died, or was stopped while it ran, after acknowledging it early "
+                "(at most once: it does not run again)"
+            )
         )
 
     # -- commands (run on the I/O thread, posted by the facade) ----------------------------------
