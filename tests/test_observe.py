@@ -669,3 +669,21 @@ def test_two_consumer_pools_on_one_queue_pool_show_all_their_consumers_though_th
             )
 
         wait_until(shown, timeout=20, interval=0.3)
+
+
+def test_a_consumer_pool_closed_as_it_finishes_its_tasks_leaves_them_all_in_the_totals(
+    dash_cluster: LocalCluster, dash_client: Client
+) -> None:
+    # Reviewer 24: closed at once after its last tasks, a ConsumerPool's consumers were told gone
+    # with the counts of their last report (up to a second old): status read completed 0 of 200.
+    http = _http(dash_cluster)
+    with QueuePool(dash_client, 1, name="closed-fast") as queue_pool:
+        consumers = ConsumerPool(dash_client, queue_pool, n_consumers=2, start=True)
+        assert queue_pool.batch_submit([(add, i, 1) for i in range(200)], batch_size=20).result(timeout=60)
+        consumers.close()
+
+        def counted() -> bool:
+            pool = json.loads(_get(f"{http}/zdq/status.json"))["pools"].get("closed-fast")
+            return pool is not None and pool["consumers"] == [] and pool["totals"]["completed"] == 200
+
+        wait_until(counted, timeout=20, interval=0.3)

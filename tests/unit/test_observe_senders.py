@@ -130,3 +130,56 @@ def test_registry_placements_read_the_records_published_on_the_scheduler_and_fol
     placements.refresh()
     assert placements.holds("jobs", "jobs-queue-1", "tcp://d") and not placements.holds("jobs", "jobs-queue-1", "tcp://b")
     assert not placements.holds("jobs", "jobs-queue-0", "tcp://c")
+
+
+def test_the_last_counts_sent_with_an_entrys_going_are_taken_though_its_pools_record_is_withdrawn() -> None:
+    # Reviewer 24: a consumer closed as it finished its last tasks left them out of the totals (the
+    # feed told it gone without its last counts; now they come together).
+    monitor = Monitor(None, FixedPlacements({"jobs": {"jobs-queue-0": {"tcp://a"}}}))
+    queue = _queue("jobs-queue-0", tasks_stored=200)
+    monitor.on_report(worker="tcp://a", queues=[queue], consumers=[{**_consumer("C-0", cid="c0"), "tasks_done": 50}])
+    monitor.on_report(worker="tcp://a", queues=[queue], consumers=[{**_consumer("C-0", cid="c0"), "tasks_done": 200}],
+                      gone=[("consumer", "jobs", "C-0", "c0")])
+    pool = monitor.status()["pools"]["jobs"]
+    assert pool["totals"]["completed"] == 200 and pool["consumers"] == []
+    # Its pool closed: its record is withdrawn as its last reports come. They are no forgery.
+    monitor._placements = FixedPlacements({})
+    monitor.on_report(worker="tcp://a", queues=[queue], gone=[("queue", "jobs", "jobs-queue-0", "")])
+    # Another worker's "last counts" of entries it never reported are dropped (and not counted).
+    monitor.on_report(worker="tcp://b", consumers=[{**_consumer("C-9", cid="c9"), "tasks_done": 10**6}],
+                      gone=[("consumer", "jobs", "C-9", "c9")])
+    assert monitor.status()["unverified"] == 0 and monitor.status()["pools"] == {}
+
+
+def test_a_pool_whose_workers_all_fall_silent_keeps_its_totals_hidden_and_shows_them_again_when_they_report(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Reviewer 24: with its only worker stopped, the pool's view was dropped, and after SIGCONT its
+    # totals started again from what the live entries reported (completed 50 where it was 100).
+    now = [1000.0]
+    monkeypatch.setattr(monitor_module.time, "monotonic", lambda: now[0])
+    monitor = Monitor(None, _PLACED)
+    monitor.on_report(worker="tcp://a", interval=1.0, queues=[_queue("jobs-queue-0")],
+                      consumers=[{**_consumer("C-0", cid="first"), "tasks_done": 50}])
+    monitor.on_report(worker="tcp://a", gone=[("consumer", "jobs", "C-0", "first")])  # its ConsumerPool closed
+    monitor.on_report(worker="tcp://a", interval=1.0, queues=[_queue("jobs-queue-0")],
+                      consumers=[{**_consumer("C-0", cid="second"), "tasks_done": 50}])
+    assert monitor.status()["pools"]["jobs"]["totals"]["completed"] == 100
+    now[0] += 14  # the worker is stopped: nothing reports
+    assert monitor.status()["pools"] == {}  # not shown...
+    now[0] += 1
+    monitor.on_report(worker="tcp://a", interval=1.0, queues=[_queue("jobs-queue-0")],
+                      consumers=[{**_consumer("C-0", cid="second"), "tasks_done": 60}])
+    assert monitor.status()["pools"]["jobs"]["totals"]["completed"] == 110  # ...and back where it was
+    # Its record withdrawn: closed (its queue told gone), or silent past the bound, its view goes.
+    monitor._placements = FixedPlacements({})
+    monitor.on_report(worker="tcp://a", gone=[("consumer", "jobs", "C-0", "second"), ("queue", "jobs", "jobs-queue-0", "")])
+    now[0] += 1
+    monitor.status()
+    assert "jobs" not in monitor._pools
+    monitor._placements = _PLACED
+    monitor.on_report(worker="tcp://a", interval=1.0, queues=[_queue("jobs-queue-0")])
+    monitor._placements = FixedPlacements({})
+    now[0] += monitor_module._HIDDEN_KEEP + 60
+    monitor.status()
+    assert "jobs" not in monitor._pools

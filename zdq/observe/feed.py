@@ -81,7 +81,7 @@ class _Feed:
         self._sources: dict[int, Source] = {}
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
-        self._gone: list[tuple[str, str, str, str]] = []  # removed since the last report
+        self._gone: list[Source] = []  # removed since the last report: reported once more, then gone
 
     def add(self, source: Source) -> None:
         interval = config.seconds_or_none(config.get("report-interval"), "zdq.report-interval")
@@ -100,7 +100,7 @@ class _Feed:
     def remove(self, source: Source) -> None:
         with self._lock:
             if self._sources.pop(id(source), None) is not None and self._thread is not None:
-                self._gone.append((source.kind, source.pool, source.name, source.id))  # told in the next report
+                self._gone.append(source)  # its last counts and its going, in the next report
             if not self._sources:
                 self._wake.set()  # the thread sends a last report without it, then ends
 
@@ -125,7 +125,10 @@ class _Feed:
                 # emptied and was fed again must not leave the event set (the wait would spin).
                 wake.clear()
                 sources = [s for s in self._sources.values() if s.alive()]
-                gone = self._gone + [(s.kind, s.pool, s.name, s.id) for s in self._sources.values() if not s.alive()]
+                # What went since the last report is reported once more, with its going: what it
+                # did in its last interval counts (reviewer 24: a consumer closed as it finished
+                # its last 200 tasks left them out of the totals).
+                gone = self._gone + [s for s in self._sources.values() if not s.alive()]
                 self._sources = {id(s): s for s in sources}
                 self._gone = []
                 last = not sources
@@ -136,8 +139,8 @@ class _Feed:
                 asked = now
                 installed = _monitor_installed(worker)
             if installed:
-                report = _report(sources, interval)
-                report["gone"] = gone
+                report = _report(sources + gone, interval)
+                report["gone"] = [(s.kind, s.pool, s.name, s.id) for s in gone]
                 try:
                     worker.loop.add_callback(_send, worker, report)
                 except RuntimeError as e:  # the worker's loop is closing: nothing more to report to

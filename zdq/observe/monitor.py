@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 _STALE_INTERVALS = 5
 _STALE_MIN = 10.0
+#: A pool none of whose queues and consumers reports, some of them silent (their workers stopped,
+#: not its pool closed), is kept hidden this long (s) for its totals: shown again when they
+#: report, its counters go on from where they were.
+_HIDDEN_KEEP = 600.0
 #: Queue and consumer entries kept at most, over all pools (live ones and queues that went away).
 MAX_KEPT = 4096
 #: Consumer entries kept per sending worker (its queues are bounded by the registry instead).
@@ -107,7 +111,7 @@ class Monitor:
             self.dropped += len(report.dropped)
             self._warn(worker, now, "%d entries of a zdq report dropped: %s", len(report.dropped), "; ".join(report.dropped[:5]))
         try:
-            queues, consumers = self._vouched(report.worker, report.queues, report.consumers, now)
+            queues, consumers = self._vouched(report.worker, report.queues, report.consumers, report.gone, now)
             self._apply(report.worker, report.interval, queues, consumers, report.gone, now)
             self._expire(now)
         except Exception:
@@ -120,25 +124,41 @@ class Monitor:
         logger.warning("from %s: " + msg + " (more from this sender not logged for %.0f s)", sender, *args, _WARN_EVERY)
 
     def _vouched(
-        self, worker: str, queues: tuple[QueueReport, ...], consumers: tuple[ConsumerReport, ...], now: float
+        self,
+        worker: str,
+        queues: tuple[QueueReport, ...],
+        consumers: tuple[ConsumerReport, ...],
+        gone: tuple[Gone, ...],
+        now: float,
     ) -> tuple[tuple[QueueReport, ...], tuple[ConsumerReport, ...]]:
         """The entries of ``worker``'s report that the pools' registry vouches for, its consumers
-        bounded; the others are counted, and logged once they outlast the placement race."""
+        bounded; the others are counted, and logged once they outlast the placement race. An
+        entry the same report tells gone (its last counts, sent as it went: its pool's record may
+        be withdrawn already) is taken only as an update of one this worker reported before."""
         if not queues and not consumers:
             return queues, consumers
         self._placements.refresh()
+        going = {(g.kind, g.pool, g.name if g.kind == "queue" else g.id or f"{worker} {g.name}") for g in gone}
         kept_q: list[QueueReport] = []
         kept_c: list[ConsumerReport] = []
         refused: list[str] = []
         for q in queues:
-            if self._placements.holds(q.pool, q.name, worker):
+            going_now = ("queue", q.pool, q.name) in going
+            entry = self._pools.get(q.pool, _NO_VIEW).queues.get(q.name) if going_now else None
+            if (entry is not None and entry.worker == worker) or self._placements.holds(q.pool, q.name, worker):
                 kept_q.append(q)
-            else:
+            elif not going_now:  # one going that nothing vouches for is dropped, and not counted
                 refused.append(f"queue {q.name} of pool {q.pool}")
         for c in consumers:
-            if self._placements.has_pool(c.pool) and self._consumer_of(c, worker):
+            key = _consumer_key(c, worker)
+            going_now = ("consumer", c.pool, key) in going
+            view = self._pools.get(c.pool, _NO_VIEW)
+            known = (view.consumers.get(key) or view.silent.get(key)) if going_now else None
+            if (known is not None and known.sender == worker) or (
+                self._placements.has_pool(c.pool) and self._consumer_of(c, worker)
+            ):
                 kept_c.append(c)
-            else:
+            elif not going_now:
                 refused.append(f"consumer {c.name} of pool {c.pool}")
         bounded = self._bounded(worker, tuple(kept_c), now)
         if not refused:
@@ -230,7 +250,7 @@ class Monitor:
             if g.kind == "queue":
                 q = left.queues.get(g.name)
                 if q is not None and q.worker == worker:
-                    left.retire_queue(g.name)
+                    left.retire_queue(g.name, told=True)
                 continue
             key = g.id or f"{worker} {g.name}"
             c = left.consumers.get(key) or left.silent.get(key)
@@ -276,8 +296,12 @@ class Monitor:
                 view.retire_queue(key)
             for key in [k for k, c in view.consumers.items() if stale(c.seen, c.interval)]:
                 view.silence_consumer(key)
-            if not view.queues and not view.consumers:
-                del self._pools[name]
+            if not view.live():
+                # Kept, hidden, while its pool is published (its first queue's report may be yet
+                # to come, as its consumers' last ones come: reviewer 24), or while some of it fell
+                # silent (workers stopped) not long ago; else closed: its series end.
+                if not (self._placements.has_pool(name) or view.may_return(now, _HIDDEN_KEEP)):
+                    del self._pools[name]
                 continue
             if not view.history or now - view.history[-1][0] >= 1.0:
                 t = view.totals()
@@ -292,6 +316,8 @@ class Monitor:
         pools = {}
         for name in sorted(self._pools):
             view = self._pools[name]
+            if not view.live():  # kept for its totals while its workers are silent: not shown
+                continue
             queues = [queue_status(q, now) for q in view.queues.values()]
             consumers = [consumer_status(c, now) for c in view.consumers.values()]
             queues.sort(key=lambda s: natural(s["name"]))

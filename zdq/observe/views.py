@@ -24,9 +24,10 @@ _RATE_SAMPLES = 64
 
 
 class QueueEntry:
-    __slots__ = ("seen", "interval", "worker", "report", "incarnations", "ended", "recoveries")
+    __slots__ = ("seen", "interval", "worker", "report", "incarnations", "ended", "recoveries", "told_gone")
 
     def __init__(self) -> None:
+        self.told_gone = False  # left because its worker said so (its pool closed), not silent
         self.seen = 0.0
         self.interval = 1.0
         self.worker = ""
@@ -106,10 +107,23 @@ class PoolView:
                 self.consumers[key] = c
         return c
 
-    def retire_queue(self, name: str) -> None:
+    def retire_queue(self, name: str, *, told: bool = False) -> None:
+        """Queue ``name`` left: its worker said so (``told``: its pool closed), or went silent."""
         q = self.queues.pop(name, None)
         if q is not None:
+            q.told_gone = told
             self.left[name] = q
+
+    def live(self) -> bool:
+        """Whether a queue or consumer of the pool reports: only then is it shown."""
+        return bool(self.queues or self.consumers)
+
+    def may_return(self, now: float, keep: float) -> bool:
+        """Whether a pool without live entries is kept, hidden, for its totals: a consumer or
+        queue of it went silent (its workers stopped, not its pool closed) within ``keep``
+        seconds of ``now``. Shown again when they report, its counters never go backwards."""
+        silent = [c.seen for c in self.silent.values()] + [q.seen for q in self.left.values() if not q.told_gone]
+        return bool(silent) and now - max(silent) <= keep
 
     def drop_left(self, name: str) -> None:
         q = self.left.pop(name, None)
