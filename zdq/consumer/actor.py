@@ -285,12 +285,13 @@ class Consumer:
         self._io.start()
         if self._pool is not None:
             pool_in_use(self._pool)
-        if self._source is None:
-            io = self._io
-            self._source = Source(
-                "consumer", self._pool[0] if self._pool else "", self.name, self.statistics, io.is_alive, owner=self
-            )
-            add_source(self._source)
+        if self._source is not None:  # stopped without waiting (its source goes when a stop waits)
+            remove_source(self._source)
+        io = self._io
+        self._source = Source(
+            "consumer", self._pool[0] if self._pool else "", self.name, self.statistics, io.is_alive, owner=self
+        )
+        add_source(self._source)
 
     def _sockets_opened(self, link: Link, runner: Runner, exec_thread: threading.Thread | None, stop: threading.Event) -> None:
         """(On the I/O thread, once it opened its sockets or failed to.) Start the execution thread
@@ -337,9 +338,6 @@ class Consumer:
         if self._started and self._pool is not None:
             pool_done(self._pool)
         self._started = False
-        source, self._source = self._source, None
-        if source is not None:
-            remove_source(source)
         self._fetching.clear()
         if self._leave_by is None:
             # At most some 30 years: the threads' waits refuse longer ones (threading.TIMEOUT_MAX).
@@ -360,6 +358,10 @@ class Consumer:
         for thread in (self._io, self._exec):
             if thread is not None and thread.ident is not None:
                 thread.join(max(0.0, self._leave_by - time.monotonic()) + _THREAD_END)
+        # Last: the monitoring feed reports it once more, with what its last chunks did.
+        source, self._source = self._source, None
+        if source is not None:
+            remove_source(source)
 
     def get_results(self, timeout: float) -> Any:
         """What the consumer class's own ``get_results()`` returns (daskqueue's
