@@ -35,7 +35,8 @@ def test_the_daskqueue_durable_restart_flow_loses_nothing(
     assert sorted(p.name for p in Path(dirpath).iterdir()) == ["default-queue-0", "default-queue-1"]
 
     client.restart()  # a sudden cluster shutdown: the brokers die with their workers
-    wait_until(lambda: queue_pool.reset_by_restart, timeout=60)
+    # Its supervisor sees the restart, then fails the pending tasks.
+    wait_until(lambda: queue_pool.reset_by_restart and queue_pool.driver.statistics().tasks_failed == 100_000, timeout=60)
     text = repr(queue_pool)  # what it says now: not its queues as they were (reviewer 23)
     assert "stopped (the cluster was restarted)" in text and "100000 submitted, 0 done, 100000 failed" in text, text
     assert "its queues were taken by the restart (a new pool on its dirpath serves" in text and "pending" not in text, text
