@@ -230,14 +230,14 @@ def test_results_larger_than_the_limit_lose_their_largest_values_first() -> None
     _, values, errors = loads_results(payload)
     assert values == [small, None, small]
     assert list(errors) == [1] and isinstance(errors[1].exception, SerializationError)
-    assert "task 101" in errors[1].message and "max-message-size (10000)" in errors[1].message
+    assert "task 101" in errors[1].message and "the 10000 bytes a consumer's report may carry (max-message-size" in errors[1].message
 
 
 def test_results_whose_errors_alone_exceed_the_limit_fail_every_task() -> None:
     huge = {i: _info(ValueError("x"), "t" * 20_000) for i in range(3)}
     _, values, errors = loads_results(dumps_results(0, [None] * 3, huge, None, max_bytes=5_000))
     assert values == [None] * 3 and sorted(errors) == [0, 1, 2]
-    assert all("more than max-message-size (5000)" in e.message for e in errors.values())
+    assert all("more than the 5000 bytes a consumer's report may carry (max-message-size" in e.message for e in errors.values())
 
 
 def test_results_within_the_limit_are_written_as_without_one() -> None:

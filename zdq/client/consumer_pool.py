@@ -529,7 +529,10 @@ class ConsumerPool:
             statuses = self.queue_pool.wait_drained(timeout, timestep=timestep, progress=bar, check=self._raise_unserved)
         except NoConsumers as e:
             if self._closed:  # not "call start()": a closed pool cannot start (reviewer 24)
-                raise ClosedError(f"the ConsumerPool of {self.queue_pool.name} was closed while join() waited: {e}") from e
+                raise ClosedError(
+                    f"the ConsumerPool of {self.queue_pool.name} was closed while join() waited: the tasks not done "
+                    "are left to their queues (another ConsumerPool on the queue pool runs them)"
+                ) from e
             raise
         finally:
             if bar is not None:

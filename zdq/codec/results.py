@@ -128,13 +128,17 @@ def dumps_results(
             break
         values[i] = None
         errors[i] = _error(
-            f"the result of task {base_task_id + i} pickles to {size} bytes, more than max-message-size "
-            f"({max_bytes}): return large data by reference (a path, a URL, a Dask future)"
+            f"the result of task {base_task_id + i} pickles to {size} bytes: with the rest of its chunk's results, "
+            f"more than the {max_bytes} bytes a consumer's report may carry (max-message-size, less room for its "
+            "frames): return large data by reference (a path, a URL, a Dask future)"
         )
         total -= size
     payload = _dumps_results(base_task_id, values, errors, key)
     if len(payload) > max_bytes:  # the errors themselves are too large (huge tracebacks)
-        why = f"the results of these {len(values)} tasks pickle to more than max-message-size ({max_bytes})"
+        why = (
+            f"the results of these {len(values)} tasks pickle to more than the {max_bytes} bytes a consumer's report may "
+            "carry (max-message-size, less room for its frames)"
+        )
         payload = _dumps_results(base_task_id, [None] * len(values), dict.fromkeys(range(len(values)), _error(why)), key)
     return payload
 
