@@ -396,10 +396,14 @@ class Link:
         socks, beat = links.socks, self._settings.heartbeat_interval
         wake = [(waker.socket, zmq.POLLIN)]
         next_beat = time.monotonic() + beat
-        while True:
+
+        def send_outbox() -> None:  # DONEs and RETURNs as they are (no FETCH rides along: leaving)
             while outbox:
                 i, out = outbox.popleft()
                 try_send(socks[i], p.encode(out))
+
+        while True:
+            send_outbox()
             now = time.monotonic()
             if not runner.running() or now >= self._leave_by:
                 break
@@ -410,9 +414,7 @@ class Link:
             if zmq.zmq_poll(wake, max(1, math.ceil((min(self._leave_by, next_beat) - now) * 1000))):
                 waker.drain()
         abandoned = runner.abandon()
-        while outbox:  # what ended as the wait did
-            i, out = outbox.popleft()
-            try_send(socks[i], p.encode(out))
+        send_outbox()  # what ended as the wait did
         if abandoned and self._leave_by > 0:
             logger.warning(
                 "consumer %s stopped while %s ran: %s; the tasks running now run on here to their end, their "

@@ -138,7 +138,7 @@ class Monitor:
         if not queues and not consumers:
             return queues, consumers
         self._placements.refresh()
-        going = {(g.kind, g.pool, g.name if g.kind == "queue" else g.id or f"{worker} {g.name}") for g in gone}
+        going = {(g.kind, g.pool, g.name if g.kind == "queue" else _gone_key(g, worker)) for g in gone}
         kept_q: list[QueueReport] = []
         kept_c: list[ConsumerReport] = []
         refused: list[str] = []
@@ -252,7 +252,7 @@ class Monitor:
                 if q is not None and q.worker == worker:
                     left.retire_queue(g.name, told=True)
                 continue
-            key = g.id or f"{worker} {g.name}"
+            key = _gone_key(g, worker)
             c = left.consumers.get(key) or left.silent.get(key)
             if c is not None and c.sender == worker:
                 left.retire_consumer(key)
@@ -343,6 +343,11 @@ _NO_VIEW = PoolView()
 
 def _consumer_key(cr: ConsumerReport, worker: str) -> str:
     return cr.id or f"{worker} {cr.name}"  # a feed that sends no id: one name per process
+
+
+def _gone_key(gone: Gone, worker: str) -> str:
+    """The key of the consumer a ``gone`` names, as :func:`_consumer_key` makes it of a report."""
+    return gone.id or f"{worker} {gone.name}"
 
 
 def _stream_sender() -> str | None:
