@@ -108,9 +108,9 @@ def test_results_stay_stored_until_the_driver_acknowledges_them(
 def test_results_that_come_before_the_held_back_confirm_replace_it(
     broker: tuple[BrokerCore, str], peers: tuple[zmq.Socket, zmq.Socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import zdq.broker.core
+    import zdq.broker.intake
 
-    monkeypatch.setattr(zdq.broker.core, "_CONFIRM_DELAY", 3.0)  # a slow consumer is not what this tests
+    monkeypatch.setattr(zdq.broker.intake, "CONFIRM_DELAY", 3.0)  # a slow consumer is not what this tests
     driver, consumer = peers
     consumer.send_multipart(p.encode(p.Fetch(1)))
     driver.send_multipart(p.encode(p.Put(1, 1, b"chunk")))
@@ -121,12 +121,12 @@ def test_results_that_come_before_the_held_back_confirm_replace_it(
     assert isinstance(results, p.Results) and results.seq == 1
     assert _recv(driver, 4.0) is None  # and no CONFIRM follows
     # A burst of chunks is confirmed at once, without waiting for the delay.
-    for seq in range(2, 2 + zdq.broker.core._CONFIRM_BATCH):
+    for seq in range(2, 2 + zdq.broker.intake.CONFIRM_BATCH):
         driver.send_multipart(p.encode(p.Put(seq, 1, b"chunk")))
     # In one message: a CONFIRMS naming each chunk.
     confirmed = _recv(driver, 1.0)
     assert isinstance(confirmed, p.Confirms), confirmed
-    assert confirmed.seqs == tuple(range(2, 2 + zdq.broker.core._CONFIRM_BATCH)) and len(set(confirmed.chunk_ids)) == len(confirmed.seqs)
+    assert confirmed.seqs == tuple(range(2, 2 + zdq.broker.intake.CONFIRM_BATCH)) and len(set(confirmed.chunk_ids)) == len(confirmed.seqs)
     assert _recv(driver, 0.5) is None
 
 
@@ -420,8 +420,8 @@ def test_a_round_too_large_for_a_full_disk_stores_what_fits_and_refuses_only_the
         assert sock.poll(5000), "the driver's HELLO did not arrive"
         sock.recv_multipart()  # the router knows the driver now (the loop is not running: no answer)
         puts = [(b"driver-1", p.Put(seq, 1, b"z" * 200_000)) for seq in range(1, 41)]
-        core._store(puts)
-        stored = dict(core._confirms)  # confirmed with the round's commit: the loop is not running
+        core._intake.store(puts)
+        stored = dict(core._intake.confirms)  # confirmed with the round's commit: the loop is not running
         refused = []
         while driver.poll(1000):
             msg = p.decode(driver.recv_multipart())

@@ -17,7 +17,9 @@ schedules) take ``_lock``, which the loop holds for each round and each timer.
 ========================================  ==========================================================
 State                                     Owner
 ========================================  ==========================================================
-socket, route table, held-back CONFIRMs   :class:`BrokerCore` (the loop, group commit)
+socket, route table, the round's lists    :class:`BrokerCore` (the loop)
+PUTs stored (group commit), held-back     :class:`~zdq.broker.intake.Intake`; the core tells its
+CONFIRMs, unique keys                     unique keys when a holder ends, is lost or expires
 peers (credit, liveness, names), the      :class:`~zdq.broker.peers.PeerTable`, written by the core;
 consumers with credit                     routing and questions read it
 each chunk's state (ready, leased, done)  :class:`~zdq.broker.leases.LeaseTable`
@@ -29,7 +31,9 @@ chunks out to consumers, READY notices    :class:`~zdq.broker.dispatch.Dispatch`
 rate limits (token buckets, parked chunks) :class:`~zdq.broker.rates.RateLimits`
 schedules                                 :class:`~zdq.broker.schedules.ScheduleTable`
 counters                                  each field has one writer: ``orphan_results`` routing's,
-                                          ``chunks_redelivered`` dispatch's, the others the core's
+                                          ``chunks_redelivered`` dispatch's, ``chunks_stored``,
+                                          ``tasks_stored`` and ``tasks_unique_duplicates`` the
+                                          intake's, the others the core's
 ========================================  ==========================================================
 """
 
@@ -46,12 +50,13 @@ from typing import Any, Callable
 import zmq
 
 from zdq.config import PoolSettings
-from zdq.errors import ProtocolError, StorageError, StorageFull
+from zdq.errors import ProtocolError, StorageError
 from zdq.names import unnamed_peer
 from zdq.stats import ROUND_TRIP_BOUNDS, BrokerStats
 from zdq.broker.counters import BrokerCounters
 from zdq.broker.dispatch import Dispatch
 from zdq.broker.expiry import ExpiryWatch
+from zdq.broker.intake import CONFIRM_BATCH, Intake
 from zdq.broker.leases import LeaseTable
 from zdq.broker.peers import Peer, PeerTable
 from zdq.broker.questions import CancelQuestions
@@ -60,9 +65,8 @@ from zdq.broker.retained import Retained
 from zdq.broker.routing import ResultRouting
 from zdq.broker.schedules import ScheduleTable
 from zdq.broker.task_state import task_state
-from zdq.broker.unique import UniqueKeys, stored_unique
 from zdq.codec.schedules import SCHEDULED
-from zdq.storage.base import ChunkMeta, DeadLetter, Storage
+from zdq.storage.base import DeadLetter, Storage
 from zdq.transport import protocol as p
 from zdq.transport.sockets import close_socket, is_local_peer
 
@@ -71,12 +75,6 @@ __all__ = ["BrokerCore", "BrokerCounters"]
 logger = logging.getLogger(__name__)
 
 _ROUND = 1024  # messages drained per round: bounds a group commit and keeps timers responsive
-#: A CONFIRM is held back this long (or until this many are held): if the chunk's results are sent
-#: first, RESULTS confirms it and the CONFIRM is never sent. On a single-task round trip that saves
-#: a message, two socket-thread wake-ups and a driver wake-up per task; when chunks pour in, the
-#: batch limit releases confirms long before a driver's window (16 by default) fills.
-_CONFIRM_DELAY = 0.002
-_CONFIRM_BATCH = 8
 _DRIVER = p.Role.DRIVER
 # The loop's receives and sends call pyzmq's compiled socket methods directly, with plain int flags
 # (as zdq.transport.sockets does): the Python layers above them cost more than the I/O itself on
@@ -160,9 +158,16 @@ class BrokerCore:
         self._peers = self._peer_table.by_ident  # read on every message: one attribute fewer
         self._error: BaseException | None = None
         self.counters = BrokerCounters()
-        # CONFIRMs held back, by (driver, seq): the chunk id to confirm.
-        self._confirms: dict[tuple[bytes, int], int] = {}
-        self._confirm_due = math.inf
+        # A durable queue's chunks that wait keep their expiry across a restart (a scan, at start only).
+        self._expiry = ExpiryWatch((i, m) for i in storage.waiting_ids() if (m := storage.meta(i)) is not None)
+        self._rates = RateLimits(storage)
+        self._chunks_out = Dispatch(
+            self._leases, self._peer_table, self._send, self.counters, self._expire, self._rates, expired=self._expire_chunk
+        )
+        # Chunks in: the round's PUTs stored, unique keys admitted, CONFIRMs held back.
+        self._intake = Intake(
+            name, storage, self._leases, self._chunks_out, self._send, self._expiry, self.counters, settings.heartbeat_timeout
+        )
         self._routing = ResultRouting(
             self._leases,
             self._peers,
@@ -171,22 +176,12 @@ class BrokerCore:
             # A driver silent this long is taken for gone: its results go to the creator.
             orphaned_after=max(60.0, 4 * settings.heartbeat_timeout),
             counters=self.counters,
-            confirmed=self._confirmed,
+            confirmed=self._intake.confirmed,
         )
         self._questions = CancelQuestions(
             name, self._leases, self._peers, self._send, timeout=settings.heartbeat_timeout
         )
-        # A durable queue's chunks that wait keep their expiry across a restart (a scan, at start only).
-        self._expiry = ExpiryWatch((i, m) for i in storage.waiting_ids() if (m := storage.meta(i)) is not None)
-        self._rates = RateLimits(storage)
-        self._chunks_out = Dispatch(
-            self._leases, self._peer_table, self._send, self.counters, self._expire, self._rates, expired=self._expire_chunk
-        )
         self._routes = self._route_table()
-        # Unique keys (see zdq.broker.unique): made when a queue holds or receives a unique chunk.
-        self._unique: UniqueKeys | None = None
-        if any(True for _ in stored_unique(storage)):
-            self._unique = self._unique_keys()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -246,7 +241,7 @@ class BrokerCore:
                 consumer_names=tuple(consumers),
                 delayed_chunks=c.delayed_chunks,
                 delayed_tasks=c.delayed_tasks,
-                unique_keys=len(self._unique.holders) if self._unique is not None else 0,
+                unique_keys=len(self._intake.unique.holders) if self._intake.unique is not None else 0,
                 **self._rate_stats(),
                 **self._kept_figures(),
                 **{**asdict(self.counters), "round_trips": tuple(self.counters.round_trips)},
@@ -348,7 +343,8 @@ class BrokerCore:
     def _followed(self, task_id: int) -> int | None:
         """The task a unique task's follower ``task_id`` follows (while it runs, or its results
         are kept), or None."""
-        holder = self._unique.following.get(task_id) if self._unique is not None else None
+        unique = self._intake.unique
+        holder = unique.following.get(task_id) if unique is not None else None
         retained = self._leases.retained
         if holder is None and retained is not None:
             holder = retained.aliases.get(task_id)
@@ -361,7 +357,9 @@ class BrokerCore:
         # single-task round trip (issue 26, point 4).
         polled = self._polled
         poll, monotonic, wall = zmq.zmq_poll, time.monotonic, time.time
-        stopped, lock, confirms = self._stop.is_set, self._lock, self._confirms
+        stopped, lock = self._stop.is_set, self._lock
+        intake = self._intake
+        confirms = intake.confirms
         beat = self._settings.heartbeat_interval
         next_beat = monotonic() + beat
         storage = self._storage
@@ -373,7 +371,7 @@ class BrokerCore:
         inf = math.inf
         try:
             while not stopped():
-                due = min(next_beat, self._confirm_due) if confirms else next_beat
+                due = min(next_beat, intake.confirm_due) if confirms else next_beat
                 # Wall clock; inf when no chunk is delayed and none carries an expiry.
                 release = min(delayed.next_at, expiry.next_at)
                 if release < inf:
@@ -398,9 +396,9 @@ class BrokerCore:
                     if expiry.next_at <= wall():
                         with lock:
                             self._expire_due(now)
-                if confirms and (now >= self._confirm_due or len(confirms) >= _CONFIRM_BATCH):
+                if confirms and (now >= intake.confirm_due or len(confirms) >= CONFIRM_BATCH):
                     with lock:
-                        self._send_confirms()
+                        intake.send_confirms()
                 if now >= rates.wake_at:
                     with lock:
                         self._chunks_out.run(now)
@@ -471,8 +469,8 @@ class BrokerCore:
             unique, work.unique = work.unique, False
             # A round's one plain PUT on a transient queue (a lone task's) may be stored and
             # delivered in one pass; a CANCEL in its round is asked first, as usual.
-            if len(puts) > 1 or unique or work.cancels or self._durable or not self._deliver_lone(puts, now):
-                self._store(puts, unique)
+            if len(puts) > 1 or unique or work.cancels or self._durable or not self._intake.deliver_lone(puts, now):
+                self._intake.store(puts, unique)
         if work.dones:
             dones, work.dones = work.dones, []
             self._finish(dones, now)
@@ -659,8 +657,8 @@ class BrokerCore:
         returned, lost = self._leases.expire(ident, count_attempt=count_attempt)
         for chunk_id, held in lost:  # acknowledged early: at most once, so it is not run again
             self._send(held.meta.owner, p.Lost(held.meta.seq, chunk_id))
-            if held.meta.unique_key and self._unique is not None:
-                self._unique.lost(chunk_id)
+            if held.meta.unique_key and self._intake.unique is not None:
+                self._intake.unique.lost(chunk_id)
         if returned or lost:
             logger.info(
                 "broker %s: consumer %s left, %d leased chunks return to the queue",
@@ -693,122 +691,6 @@ class BrokerCore:
                 return False
             raise
 
-    # -- chunks in ------------------------------------------------------------------------------
-    def _store(self, puts: list[tuple[bytes, p.Put]], unique: bool = False) -> None:
-        same_round: list[tuple[bytes, p.Put, int]] = []
-        if unique:  # some carry a unique key: those whose key is held are answered, not stored
-            keys = self._unique = self._unique or self._unique_keys()
-            n = len(puts)
-            puts, same_round = keys.admit(puts, time.time())
-            self.counters.tasks_unique_duplicates += n - len(puts) - len(same_round)
-            if not puts:
-                return
-        # A Put's fields after its chunk are a ChunkMeta's after owner, seq and n_tasks, in order.
-        if len(puts) == 1:  # a lone chunk (the single task's round trip): no comprehension
-            ident, put = puts[0]
-            entries = [(ChunkMeta(ident, put.seq, put.n_tasks, *put[3:]), put.chunk)]
-        else:
-            entries = [(ChunkMeta(ident, put.seq, put.n_tasks, *put[3:]), put.chunk) for ident, put in puts]
-        try:
-            self._stored(puts, self._leases.put(entries), same_round, unique)
-            return
-        except StorageFull as e:
-            logger.warning("broker %s storage is full: %s", self.name, e)
-            if len(puts) > 1 and not same_round:
-                # One transaction for the round did not fit: store what fits, chunk runs by halves
-                # (each failed put stores nothing), and refuse only the rest. A durable driver's
-                # window sends rounds of dozens of chunks; a full disk fails those it cannot hold.
-                for part, outcome in self._put_halves(puts, entries):
-                    if isinstance(outcome, list):
-                        self._stored(part, outcome, [], unique)
-                    else:
-                        status = p.Status.FULL if isinstance(outcome, StorageFull) else p.Status.ERROR
-                        self._refused(part, [], status, str(outcome).encode()[:1024])
-                return
-            self._refused(puts, same_round, p.Status.FULL, str(e).encode()[:1024])
-        except StorageError as e:
-            logger.error("broker %s could not store %d chunks: %s", self.name, len(puts), e)
-            self._refused(puts, same_round, p.Status.ERROR, str(e).encode()[:1024])
-
-    def _deliver_lone(self, puts: list[tuple[bytes, p.Put]], now: float) -> bool:
-        """The round's one PUT stored and handed to the consumer whose turn it is, in one pass,
-        if it would be the next chunk out (see :meth:`~zdq.broker.dispatch.Dispatch.put_and_deliver`);
-        its CONFIRM is held back as any other's (the chunk is stored). False: it was not stored
-        (the usual path stores it, or refuses it and says why)."""
-        ident, put = puts[0]
-        try:
-            chunk_id = self._chunks_out.put_and_deliver(ident, put, now)
-        except StorageError:
-            return False
-        if chunk_id is None:
-            return False
-        self._stored(puts, [chunk_id], [], False)  # the bookkeeping after the DELIVER
-        return True
-
-    def _put_halves(
-        self, puts: list[tuple[bytes, p.Put]], entries: list[tuple[ChunkMeta, object]]
-    ) -> list[tuple[list[tuple[bytes, p.Put]], list[int] | StorageError]]:
-        """``entries`` (``puts``', more than one), whose one transaction was refused as full,
-        stored by halves, in order, each half whole or by halves again: each run stored with its
-        ids, or with the error that refused it (a single chunk that does not fit, or any other
-        storage error)."""
-        half = len(puts) // 2
-        out: list[tuple[list[tuple[bytes, p.Put]], list[int] | StorageError]] = []
-        for part, part_entries in ((puts[:half], entries[:half]), (puts[half:], entries[half:])):
-            try:
-                out.append((part, self._leases.put(part_entries)))
-            except StorageFull as e:
-                out += self._put_halves(part, part_entries) if len(part) > 1 else [(part, e)]
-            except StorageError as e:
-                out.append((part, e))
-        return out
-
-    def _stored(
-        self, puts: list[tuple[bytes, p.Put]], ids: list[int], same_round: list[tuple[bytes, p.Put, int]], unique: bool
-    ) -> None:
-        """``puts`` stored as chunks ``ids``: confirmed with the round's commit."""
-        counters, confirms = self.counters, self._confirms
-        counters.chunks_stored += len(puts)
-        if not confirms:
-            self._confirm_due = time.monotonic() + _CONFIRM_DELAY
-        n_tasks = 0
-        for (ident, put), chunk_id in zip(puts, ids):
-            confirms[(ident, put.seq)] = chunk_id
-            n_tasks += put.n_tasks
-            if put.expires:
-                self._expiry.add(chunk_id, put.expires)
-        counters.tasks_stored += n_tasks
-        if unique:
-            self._unique.stored(puts, ids, same_round, time.time())  # type: ignore[union-attr]
-            self.counters.tasks_unique_duplicates += len(same_round)
-
-    def _refused(
-        self, puts: list[tuple[bytes, p.Put]], same_round: list[tuple[bytes, p.Put, int]], status: p.Status, detail: bytes
-    ) -> None:
-        """``puts`` not stored: each driver is told why (``status``: FULL or ERROR)."""
-        if same_round:
-            self._unique.refused(same_round, status, detail)  # type: ignore[union-attr]
-        for ident, put in puts:
-            self._send(ident, p.Confirm(put.seq, 0, status, detail))
-
-    def _send_confirms(self) -> None:
-        # The chunks were committed in their round (group commit): confirming them now is safe.
-        # One message per driver: a CONFIRMS for several (one send here, one receive, decode and
-        # wake of its submitter there, instead of one per chunk), a plain CONFIRM for one.
-        by_driver: dict[bytes, tuple[list[int], list[int]]] = {}
-        for (ident, seq), chunk_id in self._confirms.items():
-            seqs, ids = by_driver.setdefault(ident, ([], []))
-            seqs.append(seq)
-            ids.append(chunk_id)
-        for ident, (seqs, ids) in by_driver.items():
-            if len(seqs) == 1:
-                self._send(ident, p.Confirm(seqs[0], ids[0], p.Status.STORED))
-                continue
-            for i in range(0, len(seqs), p.MAX_SPLIT):  # a driver's window may exceed what one decodes
-                self._send(ident, p.Confirms(tuple(seqs[i : i + p.MAX_SPLIT]), tuple(ids[i : i + p.MAX_SPLIT])))
-        self._confirms.clear()
-        self._confirm_due = math.inf
-
     # -- results --------------------------------------------------------------------------------
     def _finish(self, dones: list[tuple[bytes, p.Done]], now: float) -> None:
         leases, routing, counters = self._leases, self._routing, self.counters
@@ -832,26 +714,14 @@ class BrokerCore:
             else:
                 # The results go first (their driver waits for them); the counters after.
                 routing.finished(chunk_id, held, now)
-                if meta.unique_key and self._unique is not None:  # its key is free; its followers get the results
-                    self._unique.ended(chunk_id, held.consumer, held.results)
+                if meta.unique_key and self._intake.unique is not None:  # its key is free; its followers get the results
+                    self._intake.unique.ended(chunk_id, held.consumer, held.results)
             counters.chunks_acked += 1
             counters.tasks_acked += meta.n_tasks
             if held.leased_at:  # per chunk, not per task: a bisect of ten bounds
                 took = now - held.leased_at
                 counters.round_trips[bisect.bisect_left(ROUND_TRIP_BOUNDS, took)] += 1
                 counters.round_trip_sum += took
-
-    def _unique_keys(self) -> UniqueKeys:
-        keep_for = max(60.0, 4 * self._settings.heartbeat_timeout)  # as long as results wait for a silent driver
-        keys = UniqueKeys(stored_unique(self._storage), self._send, keep_for)
-        if self._leases.retained is not None:  # a follower's id finds its holder's kept results
-            keys.on_release = self._leases.retained.alias
-        return keys
-
-    def _confirmed(self, driver: bytes, seq: int) -> None:
-        """RESULTS went to the chunk's driver: they confirm it, its CONFIRM need not go."""
-        if self._confirms:
-            self._confirms.pop((driver, seq), None)
 
     # -- expiry (see zdq.broker.expiry) ---------------------------------------------------------
     def _expire_due(self, now: float) -> None:
@@ -877,8 +747,8 @@ class BrokerCore:
             self._leases.forget_now(chunk_id)
             return
         self._routing.finished(chunk_id, held, now)
-        if meta.unique_key and self._unique is not None:  # its key is free; its followers expired with it
-            self._unique.expired(chunk_id)
+        if meta.unique_key and self._intake.unique is not None:  # its key is free; its followers expired with it
+            self._intake.unique.expired(chunk_id)
 
     # -- time -----------------------------------------------------------------------------------
     def _was_deaf(self, gap: float) -> None:
@@ -901,8 +771,8 @@ class BrokerCore:
         # Results sent to a driver that has been silent since: send them again when it (or, if it
         # is gone, the creator) speaks. They were not deleted; the driver records each task once.
         self._routing.resend_unheard(deadline)
-        if self._unique is not None:
-            self._unique.housekeeping()
+        if self._intake.unique is not None:
+            self._intake.unique.housekeeping()
         for ident, peer in self._peers.items():
             if not peer.gone:
                 self._send(ident, p.Heartbeat())
@@ -913,7 +783,7 @@ class BrokerCore:
         self._storage.commit()
 
     def _farewell(self) -> None:
-        self._send_confirms()
+        self._intake.send_confirms()
         for ident, peer in list(self._peers.items()):
             if peer.gone:
                 continue
