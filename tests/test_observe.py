@@ -469,7 +469,10 @@ def test_dashboard_page_shows_the_live_pool_with_the_numbers_of_statistics_in_he
                 ) and cells.get(("totals", "completed")) == "300" and cells.get(("totals", "failed")) == "3"
 
             wait_until(shows_statistics, timeout=15, interval=0.5)  # the page refreshes by itself
-            assert page.query_selector('[data-pool-name="shown"] svg polyline') is not None  # the rate plot
+            # The rate plot needs two of the monitor's samples a second apart; the table's numbers
+            # can be right after the first, so the plot is waited for on its own.
+            wait_until(lambda: page.query_selector('[data-pool-name="shown"] svg polyline') is not None,
+                       timeout=15, interval=0.5)
             shot = tmp_path / "zdq-dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
