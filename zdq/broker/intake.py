@@ -5,8 +5,8 @@ here once the socket is drained. :meth:`Intake.store` writes them in one storage
 group commit on a durable queue; when it does not fit, by halves, refusing only what cannot be
 held), after :class:`~zdq.broker.unique.UniqueKeys` has answered those whose unique key is held.
 A round's lone PUT on a transient queue may instead be stored and delivered in one pass
-(:meth:`Intake.deliver_lone`). Each stored chunk's CONFIRM is held back (``_CONFIRM_DELAY``, or
-until ``_CONFIRM_BATCH`` are held): RESULTS that reach the chunk's driver first confirm it, and the
+(:meth:`Intake.deliver_lone`). Each stored chunk's CONFIRM is held back (``CONFIRM_DELAY``, or
+until ``CONFIRM_BATCH`` are held): RESULTS that reach the chunk's driver first confirm it, and the
 CONFIRM never goes (:meth:`Intake.confirmed`); the loop sends the rest, one message per driver
 (:meth:`Intake.send_confirms`).
 
