@@ -16,7 +16,7 @@ from zdq.errors import BatchError, ClosedError, SerializationError
 from zdq._actor import scheduler_workers
 
 from .conftest import wait_until
-from .tasks import add, fail, noop, process_item, sleep
+from .tasks import add, blob, fail, noop, process_item, sleep
 
 
 def test_a_daskqueue_program_runs_with_only_the_import_changed(client: Client) -> None:
@@ -208,6 +208,43 @@ def test_a_task_near_max_message_size_is_run_or_refused_at_the_call_never_lost_o
         assert max(n for n, _ in sent) < min(n for n in range(limit - 600, limit + 20, 20) if n not in dict(sent))
         with ConsumerPool(client, queue_pool, n_consumers=1, start=True):
             assert [f.result(timeout=60) for _, f in sent] == [n for n, _ in sent]
+
+
+@pytest.mark.parametrize("max_concurrency", [1, 2])
+def test_results_that_each_fit_but_not_together_reach_their_futures_by_a_split(client: Client, max_concurrency: int) -> None:
+    # Reviewer 27a: zdq put six tasks whose 600 KiB results each fit a 1 MiB report in one chunk,
+    # and failed those that did not fit beside the others (SerializationError), values lost.
+    size = 600 << 10
+    with QueuePool(client, 1, max_message_size="1MiB") as queue_pool:
+        batch = queue_pool.batch_submit([(blob, size)] * 6, batch_size=6)  # one chunk
+        singles = [queue_pool.submit(blob, size) for _ in range(4)]  # packed together by the driver
+        with ConsumerPool(client, queue_pool, n_consumers=1, max_concurrency=max_concurrency, start=True):
+            assert [len(v) for v in batch.result(timeout=60)] == [size] * 6
+            assert [len(f.result(timeout=60)) for f in singles] == [size] * 4
+            stats = queue_pool.statistics()
+            assert stats.driver.tasks_completed == 10 and stats.driver.tasks_failed == 0
+            assert sum(b.chunks_split for b in stats.brokers) >= 1
+        # A result too large alone still fails its own task (after the split), and only it.
+        mixed = queue_pool.batch_submit([(blob, 2 << 20), (blob, 10)], batch_size=2)
+        with ConsumerPool(client, queue_pool, n_consumers=1, start=True):
+            with pytest.raises(BatchError) as caught:
+                mixed.result(timeout=60)
+            assert list(caught.value.errors) == [0] and caught.value.values[1] == b"x" * 10
+            assert isinstance(caught.value.errors[0], SerializationError)
+
+
+def test_an_at_most_once_consumer_never_runs_a_task_again_for_results_too_large_together(client: Client) -> None:
+    # early_ack: a chunk leaves the broker on receipt and never runs again; results that do not
+    # fit together fail the largest tasks (SerializationError), as they always did.
+    size = 600 << 10
+    with QueuePool(client, 1, max_message_size="1MiB") as queue_pool:
+        batch = queue_pool.batch_submit([(blob, size)] * 3, batch_size=3)
+        with ConsumerPool(client, queue_pool, n_consumers=1, early_ack=True, start=True):
+            with pytest.raises(BatchError) as caught:
+                batch.result(timeout=60)
+        assert all(isinstance(e, SerializationError) for e in caught.value.errors.values())
+        assert 1 <= len(caught.value.errors) <= 2
+        assert sum(b.chunks_split for b in queue_pool.statistics().brokers) == 0
 
 
 def test_bad_arguments_get_clear_errors(client: Client) -> None:

@@ -17,6 +17,7 @@ from zdq.codec.results import (
     all_scalars,
     check_picklable,
     dumps_results,
+    dumps_whole_results,
     error_to_exception,
     loads_earlier,
     loads_results,
@@ -231,6 +232,14 @@ def test_results_larger_than_the_limit_lose_their_largest_values_first() -> None
     assert values == [small, None, small]
     assert list(errors) == [1] and isinstance(errors[1].exception, SerializationError)
     assert "task 101" in errors[1].message and "the 10000 bytes a consumer's report may carry (max-message-size" in errors[1].message
+
+
+def test_whole_results_are_those_of_dumps_results_when_they_fit_and_none_when_they_do_not() -> None:
+    small, big = "s" * 10, "b" * 50_000
+    assert dumps_whole_results(100, [small, big], {}, None, max_bytes=10_000) is None  # the consumer splits
+    whole = dumps_whole_results(5, [1, 2], {}, KEY, max_bytes=1 << 20)
+    assert whole is not None and unseal(KEY, whole) == unseal(KEY, dumps_results(5, [1, 2], {}, KEY))
+    assert dumps_whole_results(0, [big], {}, None) is not None  # no limit
 
 
 def test_results_whose_errors_alone_exceed_the_limit_fail_every_task() -> None:

@@ -39,6 +39,7 @@ __all__ = [  # noqa: RUF022 - grouped by role
     # results
     "ErrorInfo",
     "dumps_results",
+    "dumps_whole_results",
     "loads_results",
     "error_info",
     "error_to_exception",
@@ -141,6 +142,20 @@ def dumps_results(
         )
         payload = _dumps_results(base_task_id, [None] * len(values), dict.fromkeys(range(len(values)), _error(why)), key)
     return payload
+
+
+def dumps_whole_results(
+    base_task_id: int,
+    values: list[Any],
+    errors: dict[int, ErrorInfo],
+    key: bytes | None = None,
+    max_bytes: int | None = None,
+) -> bytes | None:
+    """A chunk's results pickled (and sealed) as :func:`dumps_results` does, or ``None`` if
+    together they are larger than ``max_bytes``: the consumer then has the chunk's tasks run again
+    one by one rather than fail those that do not fit beside the others."""
+    payload = _dumps_results(base_task_id, values, errors, key)
+    return payload if max_bytes is None or len(payload) <= max_bytes else None
 
 
 def _error(message: str) -> ErrorInfo:

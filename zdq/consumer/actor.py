@@ -258,6 +258,7 @@ class Consumer:
             queues=names,
             # Room for the frames around the results, and for the seal.
             max_bytes=max(self._settings.max_message_size // 2, self._settings.max_message_size - 65536),
+            early_ack=self._early_ack,
             worker=self._worker,
         )
         link.attach(runner)

@@ -42,7 +42,7 @@ from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
 from zdq.reporting import Throttle
 from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskExpired, TaskTimeout
 from zdq.codec.rates import burst
-from zdq.codec.results import UNKNOWN_BASE, ErrorInfo, dumps_results, error_info, error_to_exception
+from zdq.codec.results import UNKNOWN_BASE, ErrorInfo, dumps_results, dumps_whole_results, error_info, error_to_exception
 from zdq.codec.tasks import (
     CALLS,
     ITEMS,
@@ -312,6 +312,11 @@ class Runner:
         Above 1, tasks run on that many task threads fed by the execution thread.
     queues : sequence of str
         The name of each broker's queue, by index (for the logs).
+    max_bytes : int, optional
+        The most bytes of results a DONE may carry (what the sockets accept, less its frames).
+    early_ack : bool
+        The consumer acknowledges chunks on receipt (at most once): none of its chunks runs again,
+        so results too large together fail their largest tasks rather than split the chunk.
     """
 
     def __init__(
@@ -329,6 +334,7 @@ class Runner:
         payload_key: bytes | None,
         queues: Sequence[str],
         max_bytes: int | None = None,
+        early_ack: bool = False,
         worker: str = "",
     ) -> None:
         self.name = name
@@ -359,6 +365,9 @@ class Runner:
         self._crash_attempts = crash_attempts
         self._payload_key = payload_key
         self._max_bytes = max_bytes  # most bytes of results a DONE may carry (the sockets drop more)
+        # Chunks acknowledged on receipt (at most once) never run again: their oversized results fail.
+        self._early_ack = early_ack
+        self._oversized_log = Throttle(60.0)  # under _cancel_lock
         self._bad_chunk_log = Throttle(60.0)  # the execution thread's only
         self._pool: _TaskThreads | None = None
         # Chunks received and not finished: the index of the broker they came from until started,
@@ -914,8 +923,16 @@ class Runner:
         self._chunks.pop(run.chunk_id, None)
         counters = self._counters
         cancelled = expired = 0
+        payload: bytes | None = None
         if self._save is not None and not run.stale:
             errors = self._saved(run.kind, run.tasks, run.base, run.values, errors)
+        elif n > 1 and not run.stale and not run.dead and not self._early_ack:
+            # Results that each fit but not together (zdq chose the chunk, not the user): the
+            # chunk is split and its tasks run again, each alone (at least once, as after a crash).
+            payload = dumps_whole_results(run.base, run.values, errors, self._payload_key, self._max_bytes)
+            if payload is None:
+                self._split_oversized(run)
+                return
         if errors:
             cancelled = sum(1 for info in errors.values() if info.type_name == CANCELLED)
             expired = sum(1 for info in errors.values() if info.type_name == EXPIRED)
@@ -928,8 +945,28 @@ class Runner:
             return
         for dead in run.dead:  # before DONE, so the broker still knows the chunk they come from
             self._post(run.broker, dead)
-        payload = dumps_results(run.base, run.values, errors, self._payload_key, self._max_bytes)
+        if payload is None:
+            payload = dumps_results(run.base, run.values, errors, self._payload_key, self._max_bytes)
         self._post(run.broker, p.Done(run.chunk_id, n, payload))
+
+    def _split_oversized(self, run: _ChunkRun) -> None:
+        """``run``'s results are larger together than a report may carry: its chunk goes back
+        split in one-task chunks (SPLIT, as a redelivered chunk's), which run again, each
+        reporting alone; a result too large alone then fails its task. Counted when they run."""
+        tasks = run.tasks
+        with self._cancel_lock:  # as _register: cancellations fill a shared chunk's list under it
+            if type(tasks) is SharedCalls:
+                tasks.fill()
+            # Under the lock: task threads may finish chunks at once, and a throttle has one caller.
+            log = self._oversized_log.due(self._queues[run.broker], time.monotonic())
+        if log:
+            logger.warning(
+                "%s: the results of chunk %d's %d tasks are larger together than a report may carry "
+                "(max-message-size): its tasks run again, each alone; return large data by reference "
+                "(a path, a URL) to run them once",
+                self._where, run.chunk_id, len(tasks),
+            )
+        self._post(run.broker, p.Split(run.chunk_id, split_chunk((run.base, run.kind, tasks, run.options), self._payload_key)))
 
 
 def _listing(handler: Any) -> Callable[[Any], Any]:
