@@ -114,6 +114,10 @@ def test_submit_waits_for_the_work_and_a_timeout_names_max_pending(client: Clien
         assert time.monotonic() - start < 5
         with pytest.raises(SubmitTimeout, match="max_pending=3"):
             queue_pool.batch_submit([(noop, i) for i in range(2)], timeout=0.2)  # each task counts
+        # Reviewer 27a: a batch of several chunks was named by its first chunk's count alone.
+        with pytest.raises(SubmitTimeout, match=r"max_pending=3.*a batch of 5 tasks: nothing of the batch was queued") as e:
+            queue_pool.batch_submit([(noop, i) for i in range(5)], timeout=0.2)
+        assert e.value.queued == 0 and e.value.future is None
         consumers = ConsumerPool(client, queue_pool, n_consumers=1, start=True)
         try:
             assert queue_pool.submit(noop, 4, timeout=30).result(30) == 4  # room once work finishes

@@ -219,3 +219,11 @@ def test_the_function_is_held_while_the_answer_is_built(monkeypatch: pytest.Monk
             gc.enable()
     del spare
     assert cleared and isinstance(fn, Fn) and width == 2 and alive() is fn
+
+
+def test_a_tuple_whose_first_item_is_not_callable_is_named_as_such() -> None:
+    # Reviewer 27a: "(3, 4)" was said not to be a tuple.
+    with pytest.raises(TypeError, match=r"item 1 must be a tuple \(fn, \*args\) whose fn is callable .*: 3 is not callable"):
+        check_calls([(add, 1), (3, 4)])
+    with pytest.raises(TypeError, match=r"item 1 must be a tuple \(fn, \*args\), got 'x'$"):
+        check_calls([(add, 1), "x"])

@@ -385,7 +385,13 @@ class Submitter:
             except SubmitTimeout as e:
                 queued = packed[i].first - base
                 if not queued:
-                    raise
+                    if len(packed) == 1:
+                        raise
+                    # The wait was its first chunk's: the message counts the batch's tasks too.
+                    raise SubmitTimeout(
+                        f"{e} (the first chunk of a batch of {counted(len(entries), 'task')}: "
+                        "nothing of the batch was queued)"
+                    ) from None
                 # Part of the batch is queued and will run: its future must still settle.
                 error = SubmitTimeout(
                     f"{e} ({queued} of the batch's {counted(len(entries), 'task')} {agreeing(queued)} "

@@ -217,6 +217,11 @@ def check_calls(calls: Sequence[Any], first: int = 0) -> Any:
             if type(call) is tuple and call and type(call[0]) is str:  # only names pay for this
                 check_task_name(call[0], f"batch_submit item {first + i}: ")
                 continue
+            if type(call) is tuple and call:  # a tuple whose first item is no function
+                raise TypeError(
+                    f"batch_submit item {first + i} must be a tuple (fn, *args) whose fn is callable or a task "
+                    f"name, got {_shown(call)}: {_shown(call[0])} is not callable"
+                )
             raise TypeError(f"batch_submit item {first + i} must be a tuple (fn, *args), got {_shown(call)}")
     return None
 
