@@ -915,6 +915,48 @@ def test_a_queue_handle_answers_at_once_with_a_future_even_when_its_queue_is_sto
         assert queue_pool[0].qsize().result(timeout=30) == 1
 
 
+def test_an_idle_consumer_whose_worker_was_stopped_past_the_heartbeat_timeout_is_served_again_under_its_name(
+    client_abc: Client,
+) -> None:
+    # Reviewer 27b: the brokers forgot the silent consumer, ignored its heartbeats once it went
+    # on, and never heartbeat it again; it blamed the network and the queue never served again
+    # (BrokerUnreachable). A busy one came back as "unnamed peer ..." in statistics.
+    client3 = client_abc
+    with (
+        QueuePool(client3, 2, workers=["a", "b"], heartbeat_interval="250ms", heartbeat_timeout="2s") as queue_pool,
+        ConsumerPool(client3, queue_pool, n_consumers=1, workers=["c"], start=True) as consumers,
+    ):
+        assert queue_pool.batch_submit([(len, "ab")] * 20).result(timeout=60) == [2] * 20
+        name = consumers.statistics()[0].name
+        pid = pid_of(client3, "c")
+        stop_process(pid)
+        try:
+            # Both brokers take it for gone (they heard nothing for the heartbeat timeout).
+            wait_until(lambda: all(b.consumers == 0 for b in queue_pool.statistics().brokers), timeout=30, interval=0.2)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # Resumed, it is admitted again under its name, and its queues serve it again.
+        wait_until(
+            lambda: all(b.consumer_names == (name,) for b in queue_pool.statistics().brokers), timeout=30, interval=0.2
+        )
+        assert queue_pool.batch_submit([(len, "abc")] * 200).result(timeout=60) == [3] * 200
+        assert all(not c.unreachable for c in consumers.statistics())
+        # Busy when stopped: its late DONE came from a peer the broker had forgotten, which was
+        # then listed as "unnamed peer ..." for good. It is asked who it is, and named again.
+        running = queue_pool.submit(sleep_return, "late", 1.5)
+        wait_until(lambda: any(b.leased_tasks for b in queue_pool.statistics().brokers), timeout=30, interval=0.05)
+        stop_process(pid)
+        try:
+            wait_until(lambda: all(b.consumers == 0 for b in queue_pool.statistics().brokers), timeout=30, interval=0.2)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert running.result(timeout=60) == "late"
+        wait_until(
+            lambda: all(b.consumer_names == (name,) for b in queue_pool.statistics().brokers), timeout=30, interval=0.2
+        )
+        assert queue_pool.batch_submit([(len, "abcd")] * 200).result(timeout=60) == [4] * 200
+
+
 def test_a_function_the_workers_cannot_import_fails_its_tasks_with_a_clear_error(
     client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -220,7 +220,7 @@ def test_a_message_a_driver_does_not_accept_is_counted_and_dropped() -> None:
 
 
 def test_the_route_table_holds_every_message_a_driver_accepts_but_the_two_tested_first() -> None:
-    assert set(make()._routes) == {p.Heartbeat, p.QueueStatus, p.Lost, p.Cancelled, p.Bye}
+    assert set(make()._routes) == {p.Heartbeat, p.QueueStatus, p.Lost, p.Cancelled, p.Bye, p.Who}
 
 
 def test_messages_of_a_broker_declared_lost_are_dropped(sent: list[tuple[int, Any]]) -> None:

@@ -45,6 +45,7 @@ MESSAGES = [
     p.Cancelled(7, (5,)),
     p.Heartbeat(),
     p.Bye(),
+    p.Who(),
 ]
 
 

@@ -542,17 +542,30 @@ class BrokerCore:
 
     def _on_done(self, ident: bytes, msg: p.Done, work: _Round) -> None:
         work.dones.append((ident, msg))
+        if ident not in self._peers:
+            self._who(ident)
         self._peer_table.credit(ident, msg.credit, work.now)
 
     def _on_fetch(self, ident: bytes, msg: p.Fetch, work: _Round) -> None:
+        if ident not in self._peers:
+            self._who(ident)
         self._peer_table.credit(ident, msg.credit, work.now, revoke=msg.credit == 0)
 
     def _on_heartbeat(self, ident: bytes, msg: p.Heartbeat, work: _Round) -> None:
         peer = self._peers.get(ident)
-        if peer is not None:
-            peer.last_seen = work.now
-            if peer.role is p.Role.DRIVER:
-                self._driver_heard(ident, work)
+        if peer is None:
+            self._who(ident)
+            return
+        peer.last_seen = work.now
+        if peer.role is p.Role.DRIVER:
+            self._driver_heard(ident, work)
+
+    def _who(self, ident: bytes) -> None:
+        """A peer this broker does not know speaks: in practice a consumer taken for gone after a
+        silence (its worker stopped or starved past heartbeat-timeout), now going on. It is asked
+        to say HELLO again (WHO): it is then admitted under its name, and gives its credit anew.
+        Forgotten, it would beat unanswered and idle for ever, blaming the network."""
+        self._send(ident, p.Who())
 
     def _on_rack(self, ident: bytes, msg: p.Rack, work: _Round) -> None:
         work.racks.append((ident, msg.chunk_ids))

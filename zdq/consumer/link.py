@@ -302,6 +302,20 @@ class Link:
             if not heard.heard[i] or heard.silent:  # its answer to our HELLO, or a silence ended
                 self._on_heard(i)
 
+        def on_who(i: int, msg: p.Who, sock: zmq.Socket[Any]) -> None:
+            # The broker took this consumer for gone (it was silent past heartbeat-timeout: its
+            # worker stopped or starved) and forgot it, with the credit it held: introduce
+            # ourselves again; the broker's READY then asks for credit anew.
+            logger.warning(
+                "consumer %s: queue %s at %s had taken it for gone (silent past heartbeat-timeout); it says HELLO again",
+                self.name, self._queues[i], self._endpoints[i],
+            )
+            cr.on_bye(i)
+            assert self._links is not None
+            self._links.hello(i)
+            if not heard.heard[i] or heard.silent:
+                self._on_heard(i)
+
         return (
             p.Routes[int, zmq.Socket[Any]]()
             .add(p.Deliver, on_deliver)
@@ -309,6 +323,7 @@ class Link:
             .add(p.Cancel, on_cancel)
             .add(p.Bye, on_bye)
             .add(p.Heartbeat, on_heartbeat)
+            .add(p.Who, on_who)
         )
 
     def _on_heard(self, i: int) -> None:

@@ -69,6 +69,9 @@ CANCEL     driver→broker           token, chunk id (0 if not known yet), seq, 
 CANCELLED  broker→driver,          token, n, then the n indexes that will never run (the others had
            consumer→broker         started, or finished, or are not held here)
 HEARTBEAT  both ways               liveness; a consumer's heartbeat renews its leases
+WHO        broker→peer             the broker does not know this peer (a consumer it took for gone
+                                   after heartbeat-timeout of silence speaks again): the peer says
+                                   HELLO again on that link, and a consumer gives its credit anew
 BYE        peer→broker             the peer leaves; its leases return at once
 =========  ======================  ==========================================================
 """
@@ -107,6 +110,7 @@ __all__ = [
     "Split",
     "Rack",
     "Ready",
+    "Who",
     "Sync",
     "QueueStatus",
     "Cancel",
@@ -163,6 +167,7 @@ class Command(enum.IntEnum):
     EXPIRED = 21
     CONFIRMS = 22
     PUTS = 23
+    WHO = 24
 
 
 class Role(enum.IntEnum):
@@ -339,9 +344,13 @@ class Bye(NamedTuple):
     pass
 
 
+class Who(NamedTuple):
+    pass
+
+
 Message = Union[
     Hello, Put, Puts, Confirm, Confirms, Fetch, Deliver, Done, Results, Return, Ack, Lost, Expired, Dead, Split, Rack, Ready, Sync,
-    QueueStatus, Cancel, Cancelled, Heartbeat, Bye,
+    QueueStatus, Cancel, Cancelled, Heartbeat, Bye, Who,
 ]
 
 #: Most tasks a chunk may hold (and parts a SPLIT may carry): a peer's claim is never trusted beyond.
@@ -546,6 +555,7 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Ready: lambda m: [_HEAD[Command.READY]],
     Hello: lambda m: [_HELLO.pack(_V, Command.HELLO, m.role), m.name],
     Heartbeat: lambda m: [_HEAD[Command.HEARTBEAT]],
+    Who: lambda m: [_HEAD[Command.WHO]],
     Bye: lambda m: [_HEAD[Command.BYE]],
 }
 
@@ -771,6 +781,7 @@ _DECODERS: dict[int, Callable[[bytes, Sequence[Any]], Message]] = {
     Command.HELLO: _hello,
     Command.HEARTBEAT: _bare(Heartbeat()),
     Command.BYE: _bare(Bye()),
+    Command.WHO: _bare(Who()),
 }
 
 

@@ -459,6 +459,10 @@ class BrokerLinks:
         self._index[sock] = len(self.socks)
         self.socks.append(sock)
 
+    def hello(self, i: int) -> bool:
+        """Say HELLO again on link ``i`` (its broker asked, WHO: it had forgotten this peer)."""
+        return try_send(self.socks[i], self._hello)
+
     def disconnect(self, i: int) -> None:
         """Close link ``i`` (its broker is gone): nothing more is queued for it. Until
         :meth:`replace`, its slot holds a closed socket, which sends nothing."""

@@ -125,6 +125,7 @@ class DriverLoop:
         self._route(p.Lost, self._on_lost)
         self._route(p.Cancelled, self._requests.on_cancelled)
         self._route(p.Bye, self._on_bye)
+        self._route(p.Who, self._on_who)
 
     def _route(self, kind: type[M], handler: Callable[[Link, M], None]) -> None:
         """Route messages of type ``kind`` to ``handler`` (mypy checks that they match)."""
@@ -531,6 +532,12 @@ class DriverLoop:
 
     def _on_heartbeat(self, link: Link, msg: p.Heartbeat) -> None:
         pass  # being heard is what counts (``link.seen``)
+
+    def _on_who(self, link: Link, msg: p.Who) -> None:
+        # The broker does not know this driver (it says HELLO first on every link: a broker that
+        # asks heard something else first). Introduced again, it resends what it holds for us.
+        assert self._bl is not None
+        self._bl.hello(link.index)
 
     def _on_bye(self, link: Link, msg: p.Bye) -> None:
         logger.info("%s: queue %s is shutting down", self.driver_name, self._queue_names[link.index])
