@@ -458,16 +458,16 @@ class ConsumerPool:
     @asynchronous.off_loop_when_async
     def cancel(self) -> None:
         """Stop pulling work; chunks already received finish and report. ``start()`` resumes."""
-        self._stop_pulling(CANCEL_ANSWER)
+        self._stop_pulling(CANCEL_ANSWER, "cancel")
 
-    def _stop_pulling(self, bound: float) -> None:
+    def _stop_pulling(self, bound: float, said: str) -> None:
         """:meth:`cancel`, waiting at most ``bound`` seconds for the consumers' answers: one that
         does not answer by then (its worker stopped) is named, and stops when the call reaches it."""
         if self._closed:
             return
         self._check_placed()
         self._running = False
-        self._consumers.each("cancel", timeout=bound)
+        self._consumers.each("cancel", timeout=bound, said=said)
 
     @asynchronous.off_loop_when_async
     def join(
@@ -540,7 +540,7 @@ class ConsumerPool:
         self._report(statuses)
         if stop:
             left = CANCEL_ANSWER if deadline is None else deadline - time.monotonic()
-            self._stop_pulling(min(CANCEL_ANSWER, max(_LEAST_STOP_WAIT, left)))
+            self._stop_pulling(min(CANCEL_ANSWER, max(_LEAST_STOP_WAIT, left)), "join (stopping the consumers)")
 
     def _raise_unserved(self, statuses: list[Any]) -> None:
         """Raise if a queue that holds tasks is served by no consumer of any of the queue pool's

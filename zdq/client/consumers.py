@@ -377,16 +377,22 @@ class ConsumerSlots:
         return answers, missing
 
     def each(
-        self, method: str, *args: Any, timeout: float = 30.0, args_of: Callable[[int], tuple[Any, ...]] | None = None
+        self,
+        method: str,
+        *args: Any,
+        timeout: float = 30.0,
+        args_of: Callable[[int], tuple[Any, ...]] | None = None,
+        said: str | None = None,
     ) -> None:
         """:meth:`ask_all` for a call whose answers are not needed: a lost consumer is skipped (and
-        replaced), a silent one named in a warning."""
+        replaced), a silent one named in a warning (which begins with ``said``, the user's call,
+        else ``method``)."""
         _, missing = self.ask_all(method, *args, timeout=timeout, args_of=args_of)
         for (_, name), (why, error) in missing.items():
             if error is None:
                 logger.warning(
                     "%s: consumer %s %s (its worker is stopped, or too busy); going on%s",
-                    method, name, why,
+                    said or method, name, why,
                     ": it stops when the call reaches it, and may run what is sent to it until then" if method == "cancel" else "",
                 )
             else:
