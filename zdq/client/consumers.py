@@ -399,7 +399,7 @@ class ConsumerSlots:
                 # Lost consumers are replaced by the supervisor, with what they missed; so is one whose
                 # start() failed (its health() says so from then on: see Consumer.start). A class
                 # whose __init__ raises never gets here: the pool's placement raised it.
-                (logger.warning if method == "start" else logger.debug)("%s on consumer %s: %s", method, name, why)
+                (logger.warning if method == "start" else logger.debug)("%s on consumer %s: %s", said or method, name, why)
 
     # -- supervision (the pool's supervisor thread) -----------------------------------------------
     def cancelled(self) -> bool:
