@@ -342,7 +342,7 @@ def test_join_with_a_timeout_returns_within_it_when_a_consumer_is_on_a_stopped_w
                 os.kill(pids[victim], signal.SIGCONT)
             assert took < 4.5, f"join(timeout=3) took {took:.1f} s"
             # Named at warning when silent; at debug when Dask already says its call failed (then replaced).
-            said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("join (stopping the consumers): ")]
+            said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("join (stopping the consumers)")]
             assert len(said) == 1 and stopped in said[0], (stopped, said, [r.getMessage() for r in caplog.records])
             wait_until(lambda: len(consumer_pool.statistics()) == 1, timeout=30)
             assert not any(s.running for s in consumer_pool.statistics())  # the stop reached it once resumed
