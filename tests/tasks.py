@@ -179,6 +179,14 @@ def blob(n_bytes: int) -> bytes:
     return b"x" * n_bytes
 
 
+def marked_blob(directory: str, i: int, n_bytes: int, seconds: float) -> bytes:
+    """``blob``, each run of task ``i`` marked with an ``x`` in ``directory/i``, after ``seconds``."""
+    with open(os.path.join(directory, str(i)), "a") as f:
+        f.write("x")
+    time.sleep(seconds)
+    return b"x" * n_bytes
+
+
 def raise_timeout() -> None:
     raise TimeoutError("the task's own timeout")
 

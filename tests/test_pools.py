@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from distributed import Client
@@ -16,7 +17,7 @@ from zdq.errors import BatchError, ClosedError, SerializationError
 from zdq._actor import scheduler_workers
 
 from .conftest import wait_until
-from .tasks import add, blob, fail, noop, process_item, sleep
+from .tasks import add, blob, fail, marked_blob, noop, process_item, sleep
 
 
 def test_a_daskqueue_program_runs_with_only_the_import_changed(client: Client) -> None:
@@ -233,17 +234,39 @@ def test_results_that_each_fit_but_not_together_reach_their_futures_by_a_split(c
             assert isinstance(caught.value.errors[0], SerializationError)
 
 
-def test_an_at_most_once_consumer_never_runs_a_task_again_for_results_too_large_together(client: Client) -> None:
-    # early_ack: a chunk leaves the broker on receipt and never runs again; results that do not
-    # fit together fail the largest tasks (SerializationError), as they always did.
+def test_tasks_of_a_chunk_split_for_the_size_of_its_results_ran_and_are_never_cancelled_as_not_started(
+    client: Client, tmp_path: Path
+) -> None:
+    # Reviewer 28a: the parts of such a chunk went back as never started, and a cancel() then
+    # said True of a task that had run (its value thrown away).
+    size = 600 << 10
+    with (
+        QueuePool(client, 1, max_message_size="1MiB", prefetch=1) as queue_pool,
+        ConsumerPool(client, queue_pool, n_consumers=1, start=True),
+    ):
+        batch = queue_pool.batch_submit([(marked_blob, str(tmp_path), i, size, 0.3) for i in range(4)], batch_size=4)
+        # The chunk ran whole, then its parts began to run again, each alone.
+        wait_until(lambda: any(f.read_text() == "xx" for f in tmp_path.iterdir()), timeout=60, interval=0.02)
+        assert batch.cancel() is False  # every task may have started: none is cancelled
+        assert [len(v) for v in batch.result(timeout=60)] == [size] * 4
+
+
+@pytest.mark.parametrize("way", ["early_ack", "expires"])
+def test_results_too_large_together_fail_the_largest_where_running_again_would_not_be_true(client: Client, way: str) -> None:
+    # early_ack: a chunk leaves the broker on receipt and never runs again. An expiry: a part run
+    # again after it would say "expired, it never ran" of a task that ran (reviewer 28a). Those
+    # chunks' largest results fail (SerializationError), counted as failures by the consumer too.
     size = 600 << 10
     with QueuePool(client, 1, max_message_size="1MiB") as queue_pool:
-        batch = queue_pool.batch_submit([(blob, size)] * 3, batch_size=3)
-        with ConsumerPool(client, queue_pool, n_consumers=1, early_ack=True, start=True):
+        options = {"expires": time.time() + 3600} if way == "expires" else {}
+        batch = queue_pool.batch_submit([(blob, size)] * 3, batch_size=3, **options)
+        with ConsumerPool(client, queue_pool, n_consumers=1, early_ack=way == "early_ack", start=True) as consumers:
             with pytest.raises(BatchError) as caught:
                 batch.result(timeout=60)
-        assert all(isinstance(e, SerializationError) for e in caught.value.errors.values())
-        assert 1 <= len(caught.value.errors) <= 2
+            assert all(isinstance(e, SerializationError) for e in caught.value.errors.values())
+            assert 1 <= len(caught.value.errors) <= 2
+            counts = consumers.statistics()[0]
+            assert (counts.tasks_done, counts.tasks_failed) == (3 - len(caught.value.errors), len(caught.value.errors))
         assert sum(b.chunks_split for b in queue_pool.statistics().brokers) == 0
 
 

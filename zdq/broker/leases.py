@@ -361,7 +361,8 @@ class LeaseTable:
             self.storage.ack_many([chunk_id])
 
     def split_by(self, consumer: bytes, chunk_id: int, parts: Sequence[object]) -> None:
-        """``consumer`` splits the chunk it holds (redelivered) into one-task ``parts``.
+        """``consumer`` splits the chunk it holds (redelivered, or whose results did not fit
+        together) into one-task ``parts``, each marked as may have started.
 
         Raises
         ------
@@ -373,6 +374,9 @@ class LeaseTable:
         held = self._held.get(chunk_id)
         if held is None or held.holder != consumer or held.early or held.done or len(parts) != held.meta.n_tasks:
             raise ProtocolError(f"SPLIT of chunk {chunk_id} into {len(parts)} parts")
+        # Its tasks may have started: a chunk whose results did not fit together ran whole, and a
+        # redelivered one was held by a consumer that died. A cancellation of a part says so.
+        self.storage.note_started([chunk_id])
         meta = held.meta
         self.split(chunk_id, [(_part_of(meta, i), part) for i, part in enumerate(parts)])
 

@@ -40,6 +40,7 @@ __all__ = [  # noqa: RUF022 - grouped by role
     "ErrorInfo",
     "dumps_results",
     "dumps_whole_results",
+    "fit_results",
     "loads_results",
     "error_info",
     "error_to_exception",
@@ -113,11 +114,28 @@ def dumps_results(
 
     Results larger than ``max_bytes`` (what the sockets accept) would be dropped on the wire, and
     their futures would never settle: the largest values become errors (:class:`SerializationError`)
-    until the rest fits.
+    until the rest fits (:func:`fit_results`, which also says which).
     """
     payload = _dumps_results(base_task_id, values, errors, key)
     if max_bytes is None or len(payload) <= max_bytes:
         return payload
+    return fit_results(base_task_id, values, errors, key, max_bytes, payload)[0]
+
+
+def fit_results(
+    base_task_id: int,
+    values: list[Any],
+    errors: dict[int, ErrorInfo],
+    key: bytes | None,
+    max_bytes: int,
+    payload: bytes | None = None,
+) -> tuple[bytes, dict[int, ErrorInfo]]:
+    """:func:`dumps_results` under ``max_bytes``, and the errors it carries: ``errors`` and those
+    of the values that did not fit (``payload``: the results pickled whole, if already done)."""
+    if payload is None:
+        payload = _dumps_results(base_task_id, values, errors, key)
+    if len(payload) <= max_bytes:
+        return payload, errors
     values, errors = list(values), dict(errors)
     sizes = sorted(
         ((len(cloudpickle.dumps(v, protocol=PROTOCOL)), i) for i, v in enumerate(values) if i not in errors),
@@ -140,8 +158,9 @@ def dumps_results(
             f"the results of these {len(values)} tasks pickle to more than the {max_bytes} bytes a consumer's report may "
             "carry (max-message-size, less room for its frames)"
         )
-        payload = _dumps_results(base_task_id, [None] * len(values), dict.fromkeys(range(len(values)), _error(why)), key)
-    return payload
+        errors = dict.fromkeys(range(len(values)), _error(why))
+        payload = _dumps_results(base_task_id, [None] * len(values), errors, key)
+    return payload, errors
 
 
 def dumps_whole_results(

@@ -42,7 +42,14 @@ from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
 from zdq.reporting import Throttle
 from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskExpired, TaskTimeout
 from zdq.codec.rates import burst
-from zdq.codec.results import UNKNOWN_BASE, ErrorInfo, dumps_results, dumps_whole_results, error_info, error_to_exception
+from zdq.codec.results import (
+    UNKNOWN_BASE,
+    ErrorInfo,
+    dumps_whole_results,
+    error_info,
+    error_to_exception,
+    fit_results,
+)
 from zdq.codec.tasks import (
     CALLS,
     ITEMS,
@@ -614,7 +621,10 @@ class Runner:
         chunks.pop(chunk_id, None)
         errors = {} if self._save is None else self._saved(kind, tasks, base, values, {})
         if not lone.stale:  # its broker was placed again: the new one runs the chunk from its storage
-            self._post(broker, p.Done(chunk_id, 1, dumps_results(base, values, errors, self._payload_key, self._max_bytes)))
+            payload = dumps_whole_results(base, values, errors, self._payload_key, self._max_bytes)
+            if payload is None:  # too large: it fails (SerializationError), and is counted so
+                payload, errors = fit_results(base, values, errors, self._payload_key, self._max_bytes or 0)
+            self._post(broker, p.Done(chunk_id, 1, payload))
         # Without the lock: inline, chunks run one at a time (see Counters).
         if errors:
             self._counters.tasks_failed += 1
@@ -924,15 +934,16 @@ class Runner:
         counters = self._counters
         cancelled = expired = 0
         payload: bytes | None = None
-        if self._save is not None and not run.stale:
-            errors = self._saved(run.kind, run.tasks, run.base, run.values, errors)
-        elif n > 1 and not run.stale and not run.dead and not self._early_ack:
-            # Results that each fit but not together (zdq chose the chunk, not the user): the
-            # chunk is split and its tasks run again, each alone (at least once, as after a crash).
+        if not run.stale:
+            if self._save is not None:
+                errors = self._saved(run.kind, run.tasks, run.base, run.values, errors)
             payload = dumps_whole_results(run.base, run.values, errors, self._payload_key, self._max_bytes)
-            if payload is None:
-                self._split_oversized(run)
-                return
+            if payload is None:  # the results do not fit together
+                if self._may_split(run, n):
+                    self._split_oversized(run)
+                    return
+                # The largest fail (SerializationError), and are counted so.
+                payload, errors = fit_results(run.base, run.values, errors, self._payload_key, self._max_bytes or 0)
         if errors:
             cancelled = sum(1 for info in errors.values() if info.type_name == CANCELLED)
             expired = sum(1 for info in errors.values() if info.type_name == EXPIRED)
@@ -945,9 +956,26 @@ class Runner:
             return
         for dead in run.dead:  # before DONE, so the broker still knows the chunk they come from
             self._post(run.broker, dead)
-        if payload is None:
-            payload = dumps_results(run.base, run.values, errors, self._payload_key, self._max_bytes)
+        assert payload is not None
         self._post(run.broker, p.Done(run.chunk_id, n, payload))
+
+    def _may_split(self, run: _ChunkRun, n: int) -> bool:
+        """Whether ``run``'s chunk, whose results do not fit together, may go back split so that
+        its tasks run again, each alone (zdq chose the chunk, not the user; at least once, as after
+        a crash). Not when running again would do what the first run did not undo, or say what
+        is not so: a chunk acknowledged early (at most once), one with a dead-lettered task, one
+        whose results a ``save`` hook was handed, or one with an expiry (a part run again after
+        it would read "expired, never ran")."""
+        if n < 2 or run.dead or self._early_ack or self._save is not None:
+            return False
+        if run.options is not None and run.options.expires:
+            return False
+        if run.kind == TASKS:
+            for entry in run.tasks:
+                own = own_options(TASKS, entry)
+                if own is not None and own.expires:
+                    return False
+        return True
 
     def _split_oversized(self, run: _ChunkRun) -> None:
         """``run``'s results are larger together than a report may carry: its chunk goes back
