@@ -88,6 +88,8 @@ def test_cancelling_tasks_a_consumer_holds_but_has_not_started(client: Client, t
         assert ran(tmp_path) == {"long", "t0", "t2", "t4"}
         assert later[0].cancel() is False  # finished
         assert queue_pool.statistics().driver.tasks_cancelled == 3
+        # Their placeholders reported once each, as expected: not counted as duplicates (reviewer 29).
+        assert queue_pool.statistics().driver.duplicate_results == 0
         by_producer = consumers.results()
         assert sorted(by_producer["not-run"]) == sorted(later[i].key for i in (1, 3, 5)), by_producer
         assert all(isinstance(v, TaskCancelled) for v in by_producer["not-run"].values())

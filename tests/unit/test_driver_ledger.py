@@ -1324,3 +1324,18 @@ def test_a_producer_of_one_task_chunks_keeps_no_history_and_its_results_are_copi
     assert b"small" not in outcomes.history  # for good
     assert outcomes.results_for([b"small"])[500] == "later"
     assert outcomes.results_for([b"large"]) == large
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_the_placeholders_of_cancelled_tasks_are_not_counted_as_duplicates(n: int) -> None:
+    # Reviewer 29: every task of a one-task chunk cancelled at its consumer reported its
+    # placeholder, which was counted in duplicate_results (nothing ran twice).
+    ledger = make()
+    chunk(ledger, n)
+    rec = confirmed(ledger)
+    ledger.outcomes.cancel_record(rec, list(range(n)))
+    results(ledger, rec, [None] * n, errors={i: error(TaskCancelled("x"), CANCELLED) for i in range(n)})
+    c = counts(ledger)
+    assert c["cancelled"] == n and c["duplicates"] == 0
+    results(ledger, rec, [1] * n)  # results of tasks that had their outcome: duplicates, as ever
+    assert counts(ledger)["duplicates"] == n

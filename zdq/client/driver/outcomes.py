@@ -213,7 +213,7 @@ class Outcomes:
                 seen = rec.got[offset : offset + n]
                 if any(seen):
                     if all(seen) or not rec.cancelled:  # executed twice (a broker re-ran it): record once
-                        self.duplicates += n
+                        self.duplicates += n - _placeholders(errors)
                         if rec.remaining <= 0 and rec.confirmed:
                             self.ledger.records.pop(rec.seq, None)
                         if confirmed:
@@ -226,8 +226,8 @@ class Outcomes:
                     rec.got[offset : offset + n] = b"\1" * n
                     return confirmed
                 rec.got[offset : offset + n] = b"\1" * n
-            elif seq:
-                self.duplicates += n
+            elif seq:  # its record ended: every task had its outcome
+                self.duplicates += n - _placeholders(errors)
                 return confirmed
         self.settlements.append((rec, offset, base, consumer, values, errors, None))
         return confirmed
@@ -698,3 +698,9 @@ class Outcomes:
                 ledger.submitted, self.completed, self.failed, self.cancelled, self.foreign, self.duplicates,
                 ledger.buffered_chunks, len(ledger.records),
             )
+
+
+def _placeholders(errors: dict[int, Any]) -> int:
+    """How many of a report's tasks are placeholders of tasks cancelled before they started: each
+    reports once, after its future was settled here, and is no duplicate."""
+    return sum(1 for info in errors.values() if info.type_name == CANCELLED) if errors else 0
