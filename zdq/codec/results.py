@@ -127,14 +127,15 @@ def fit_results(
     values: list[Any],
     errors: dict[int, ErrorInfo],
     key: bytes | None,
-    max_bytes: int,
+    max_bytes: int | None,
     payload: bytes | None = None,
 ) -> tuple[bytes, dict[int, ErrorInfo]]:
-    """:func:`dumps_results` under ``max_bytes``, and the errors it carries: ``errors`` and those
-    of the values that did not fit (``payload``: the results pickled whole, if already done)."""
+    """:func:`dumps_results` under ``max_bytes`` (``None``: no limit), and the errors it carries:
+    ``errors`` and those of the values that did not fit (``payload``: the results pickled whole,
+    if already done)."""
     if payload is None:
         payload = _dumps_results(base_task_id, values, errors, key)
-    if len(payload) <= max_bytes:
+    if max_bytes is None or len(payload) <= max_bytes:
         return payload, errors
     values, errors = list(values), dict(errors)
     sizes = sorted(

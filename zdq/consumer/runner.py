@@ -621,9 +621,8 @@ class Runner:
         chunks.pop(chunk_id, None)
         errors = {} if self._save is None else self._saved(kind, tasks, base, values, {})
         if not lone.stale:  # its broker was placed again: the new one runs the chunk from its storage
-            payload = dumps_whole_results(base, values, errors, self._payload_key, self._max_bytes)
-            if payload is None:  # too large: it fails (SerializationError), and is counted so
-                payload, errors = fit_results(base, values, errors, self._payload_key, self._max_bytes or 0)
+            # Too large, it fails (SerializationError), and is counted so.
+            payload, errors = fit_results(base, values, errors, self._payload_key, self._max_bytes)
             self._post(broker, p.Done(chunk_id, 1, payload))
         # Without the lock: inline, chunks run one at a time (see Counters).
         if errors:
@@ -943,7 +942,7 @@ class Runner:
                     self._split_oversized(run)
                     return
                 # The largest fail (SerializationError), and are counted so.
-                payload, errors = fit_results(run.base, run.values, errors, self._payload_key, self._max_bytes or 0)
+                payload, errors = fit_results(run.base, run.values, errors, self._payload_key, self._max_bytes)
         if errors:
             cancelled = sum(1 for info in errors.values() if info.type_name == CANCELLED)
             expired = sum(1 for info in errors.values() if info.type_name == EXPIRED)
