@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from zdq.broker.leases import LeaseTable
+from zdq.errors import ProtocolError
 from zdq.storage import ChunkMeta, LMDBStorage, MemoryStorage, Storage
 
 OWNER = b"d" * 16
@@ -63,6 +64,39 @@ def test_an_expired_lease_returns_the_chunk_first_and_a_late_done_of_its_holder_
     # It was taken back from the queue: the next lease is the other chunk, not a second run.
     again = table.lease(B)
     assert again is not None and again.chunk_id == second
+
+
+def test_a_late_done_of_a_previous_holder_counts_while_another_consumer_holds_the_chunk(table: LeaseTable) -> None:
+    """A consumer stopped past its lease comes back with the chunk's results after the chunk
+    went to another consumer, which then died too: each previous holder's DONE is its work, not
+    a forgery, and the first one settles the chunk; the runs still going report duplicates."""
+    C = b"c" * 16
+    (chunk_id,) = _put(table, 1)
+    table.lease(A)
+    table.expire(A)
+    again = table.lease(B)
+    assert again is not None and again.chunk_id == chunk_id
+    assert table.held_by(A, chunk_id) is not None  # still a holder of it, as before B took it
+    table.expire(B)
+    table.lease(C)
+    held = table.done_by(A, chunk_id, b"late results")
+    assert held is not None and held.done and held.results == b"late results"
+    assert table.done_by(B, chunk_id, b"later") is None  # a duplicate
+    assert table.done_by(C, chunk_id, b"latest") is None
+    assert table.counts().done_tasks == 10 and table.counts().leased_tasks == 0
+    with pytest.raises(ProtocolError):
+        table.done_by(b"x" * 16, _put(table, 1)[0], b"forged")  # never held it: refused
+
+
+def test_a_split_from_a_previous_holder_changes_nothing_and_is_no_forgery(table: LeaseTable) -> None:
+    (chunk_id,) = _put(table, 1)
+    table.lease(A)
+    table.expire(A)
+    table.lease(B)
+    assert table.split_by(A, chunk_id, [b"part"] * 10) is False
+    assert table.held_by(B, chunk_id) is not None and table.counts().leased_tasks == 10
+    with pytest.raises(ProtocolError):
+        table.split_by(b"x" * 16, chunk_id, [b"part"] * 10)
 
 
 def test_a_chunk_acknowledged_early_is_lost_with_its_consumer_and_never_runs_again(table: LeaseTable) -> None:

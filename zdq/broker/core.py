@@ -628,11 +628,12 @@ class BrokerCore:
 
     def _on_split(self, ident: bytes, msg: p.Split, work: _Round) -> None:
         try:
-            self._leases.split_by(ident, msg.chunk_id, msg.parts)
+            split = self._leases.split_by(ident, msg.chunk_id, msg.parts)
         except StorageError as e:
             logger.error("broker %s could not split chunk %d: %s", self.name, msg.chunk_id, e)
             return
-        self.counters.chunks_split += 1
+        if split:
+            self.counters.chunks_split += 1
 
     def _on_cancel(self, ident: bytes, msg: p.Cancel, work: _Round) -> None:
         work.cancels.append((ident, msg))

@@ -77,9 +77,10 @@ class LeaseTable:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self._held: dict[int, Held] = {}
-        # Consumers whose lease on a chunk expired (the chunk went back to the queue): a DONE from
-        # them still counts, so work that finished late is not thrown away.
-        self._previous: dict[int, bytes] = {}
+        # Consumers whose lease on a chunk expired (the chunk went back to the queue, and may have
+        # been leased again since): a DONE from them still counts, so work that finished late is
+        # not thrown away, and is not taken for a forgery. Kept until the chunk is done or split.
+        self._previous: dict[int, tuple[bytes, ...]] = {}
         # Chunks split into one-task parts (after a consumer died holding them): their part ids.
         self._parts: dict[int, tuple[bytes, int, list[int]]] = {}
         #: Results kept after their receipt (``result_ttl``), set by the broker; None: not kept.
@@ -100,11 +101,12 @@ class LeaseTable:
         return held.meta if held is not None else self.storage.meta(chunk_id)
 
     def held_by(self, consumer: bytes, chunk_id: int) -> Held | None:
-        """The chunk if ``consumer`` holds its lease (or held it before it expired)."""
+        """The chunk if ``consumer`` holds its lease (or held it before it expired, whoever holds
+        it now)."""
         held = self._held.get(chunk_id)
         if held is not None and held.holder == consumer:
             return held
-        if self._previous.get(chunk_id) == consumer:
+        if consumer in self._previous.get(chunk_id, ()):
             return held or _RETURNED
         return None
 
@@ -189,8 +191,6 @@ class LeaseTable:
         leased = self.storage.lease(chunk_id)
         if leased is not None:
             self._held[leased.chunk_id] = Held(leased.meta, consumer, leased_at=now)
-            if self._previous:
-                self._previous.pop(leased.chunk_id, None)
         return leased
 
     def expire_unsent(self, chunk_id: int, *, just_leased: bool = False) -> Held | None:
@@ -243,7 +243,7 @@ class LeaseTable:
             if held.results is None and not held.early:
                 del self._held[chunk_id]
                 self.storage.release(chunk_id, count_attempt=False)
-                self._previous[chunk_id] = consumer
+                self._was_held(chunk_id, consumer)
                 returned.append(chunk_id)
         self._may_have_started(returned)  # it may have received them, and runs what it received
         return returned
@@ -262,10 +262,15 @@ class LeaseTable:
                 lost.append((chunk_id, held))
             else:
                 self.storage.release(chunk_id, count_attempt=count_attempt)
-                self._previous[chunk_id] = consumer
+                self._was_held(chunk_id, consumer)
                 returned.append(chunk_id)
         self._may_have_started(returned)
         return returned, lost
+
+    def _was_held(self, chunk_id: int, consumer: bytes) -> None:
+        previous = self._previous.get(chunk_id, ())
+        if consumer not in previous:
+            self._previous[chunk_id] = (*previous, consumer)
 
     def _may_have_started(self, chunk_ids: list[int]) -> None:
         """Chunks a consumer held when it died or reconnected go back to the queue: any of their
@@ -360,9 +365,11 @@ class LeaseTable:
         if held is not None and not held.early:
             self.storage.ack_many([chunk_id])
 
-    def split_by(self, consumer: bytes, chunk_id: int, parts: Sequence[object]) -> None:
+    def split_by(self, consumer: bytes, chunk_id: int, parts: Sequence[object]) -> bool:
         """``consumer`` splits the chunk it holds (redelivered, or whose results did not fit
-        together) into one-task ``parts``, each marked as may have started.
+        together) into one-task ``parts``, each marked as may have started. False, and nothing
+        changes, if it held the chunk before its lease expired: the chunk went back to the queue
+        (or on to another consumer), which runs it again.
 
         Raises
         ------
@@ -372,6 +379,8 @@ class LeaseTable:
             If the parts could not be stored (the chunk stays as it was).
         """
         held = self._held.get(chunk_id)
+        if (held is None or held.holder != consumer) and consumer in self._previous.get(chunk_id, ()):
+            return False
         if held is None or held.holder != consumer or held.early or held.done or len(parts) != held.meta.n_tasks:
             raise ProtocolError(f"SPLIT of chunk {chunk_id} into {len(parts)} parts")
         # Its tasks may have started: a chunk whose results did not fit together ran whole, and a
@@ -379,6 +388,7 @@ class LeaseTable:
         self.storage.note_started([chunk_id])
         meta = held.meta
         self.split(chunk_id, [(_part_of(meta, i), part) for i, part in enumerate(parts)])
+        return True
 
     def dead_letter(self, consumer: bytes, chunk_id: int, task: object, reason: str, task_id: int = 0) -> ChunkMeta:
         """A task of the chunk ``consumer`` holds (or held) used up its attempts: it is stored as a
