@@ -241,16 +241,19 @@ def knock_with_wrong_keys(endpoint: str, server_public: bytes, times: int, refus
     from zdq.transport.sockets import connect_dealer
 
     ctx = zmq.Context()
+    socks: list[zmq.Socket] = []
     try:
         for start in range(0, times, 50):
-            socks = []
             for _ in range(min(50, times - start)):
                 public, secret = zmq.curve_keypair()
                 socks.append(connect_dealer(ctx, endpoint, os.urandom(16), keys=ClientKeys(public, secret, server_public)))
             wait_until(lambda: refused() >= start + len(socks), timeout=30)
             for sock in socks:
                 sock.close(linger=0)
+            socks.clear()
     finally:
+        for sock in socks:  # a failed wait: term() would wait for them for ever
+            sock.close(linger=0)
         ctx.term()
 
 

@@ -310,3 +310,40 @@ def test_a_queues_statistics_count_the_handshakes_it_refused(client: Client) -> 
         stats = queue_pool.broker_statistics()
         assert stats[1].refused_peers == 0  # counted for the queue whose socket was knocked on only
         assert "refused_peers=" in repr(stats[0])
+
+
+def test_handshakes_with_a_wrong_server_key_or_without_curve_are_counted_as_refused_and_logged_once(
+    zmq_ctx: zmq.Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    """libzmq fails these handshakes itself, before the authenticator hears of them: a peer with
+    another pool's server key (or none) knocked without a trace in ``refused_peers``."""
+    from zdq.transport.security import ClientKeys, PoolKeys
+    from zdq.transport.sockets import bind_router
+
+    keys = PoolKeys.generate()
+    other = PoolKeys.generate()
+    router, endpoint, admission = bind_router(zmq_ctx, "127.0.0.1", max_message_size=1 << 20, keys=keys.server)
+    assert admission is not None
+    member = connect_dealer(zmq_ctx, endpoint, os.urandom(16), keys=keys.client)
+    try:
+        with caplog.at_level("WARNING", logger="zdq.transport.security"):
+            # The pool's own client keys, another pool's server key: the box does not open.
+            wrong = ClientKeys(keys.client.public, keys.client.secret, other.client.server_public)
+            knock_with_wrong_keys(endpoint, other.client.server_public, 20, lambda: admission.refused)
+            stranger = connect_dealer(zmq_ctx, endpoint, os.urandom(16), keys=wrong)
+            plain = connect_dealer(zmq_ctx, endpoint, os.urandom(16))  # no CurveZMQ at all
+            try:
+                before = admission.refused
+                wait_until(lambda: admission.refused >= before + 2, timeout=30)
+            finally:
+                stranger.close(linger=0)
+                plain.close(linger=0)
+        lines = [r.getMessage() for r in caplog.records if "refused a handshake" in r.getMessage()]
+        assert len(lines) == 1, lines[:3]
+        assert "another server key" in lines[0] and "refused_peers" in lines[0] and "127.0.0.1" in lines[0]
+        member.send(b"ping")  # the pool's own peer still gets in
+        assert router.poll(5000) and router.recv_multipart()[1] == b"ping"
+    finally:
+        member.close(linger=0)
+        router.close(linger=0)
+        admission.stop()

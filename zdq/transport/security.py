@@ -6,7 +6,11 @@ and consumers (clients). (Payloads are sealed separately, with the pool's payloa
 need them. A broker runs a ZAP authenticator that admits exactly the pool's client public key: a
 peer without it is refused during the handshake, before any of its bytes is read as a message.
 Anyone who reaches the port can try as often as they like: each refusal is counted
-(``BrokerStats.refused_peers``), and logged once per address a minute at most.
+(``BrokerStats.refused_peers``), and logged once per address a minute at most. So is a handshake
+that fails before it reaches the authenticator (libzmq ends it itself: a peer that has the wrong
+server key, speaks another security mechanism, or is no ZeroMQ peer), which ZeroMQ's socket monitor
+tells the same thread; those are logged once per broker a minute at most (the monitor does not
+name the peer).
 
 On a ``tcp://`` Dask cluster that channel is clear text: these keys are then no secret from an
 observer of it (CurveZMQ's ephemeral session keys still hide the traffic of the sockets), which is
@@ -24,6 +28,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -102,6 +107,13 @@ def zap_verdict(request: list[bytes], admitted: dict[bytes, bytes]) -> list[byte
 #: A peer address's refused handshakes are logged at most once in this many seconds.
 _WARN_EVERY = 60.0
 
+#: A monitor message's first frame starts with the event (16 bits) and its value (32 bits).
+_EVENT = struct.Struct("=HI")
+#: Protocol errors of the handshake itself (``ZMQ_PROTOCOL_ERROR_ZMTP_*``); the rest
+#: (``ZMQ_PROTOCOL_ERROR_ZAP_*``) would be the authenticator's own malformed replies, no peer's.
+_ZMTP_ERRORS = 0x10000000
+_ZAP_ERRORS = 0x20000000
+
 
 def _bind_zap(sock: zmq.Socket[Any], wait: float = 2.0) -> None:
     """Bind ``sock`` as its context's ZAP handler; a handler stopping meanwhile frees the name
@@ -128,6 +140,9 @@ class _ZapHandler:
     its general checks for each request (0.4 ms of CPU a handshake, a third of a handshake's
     cost); this one receives, compares one key and answers. Owned by ``_authenticators`` (under
     ``_zap_lock``); stopped with its context's last domain.
+
+    The same thread reads each broker socket's monitor (:meth:`watch`) for the handshakes libzmq
+    fails before they reach ZAP, and counts them as refusals too.
     """
 
     def __init__(self, ctx: zmq.Context[Any]) -> None:
@@ -145,11 +160,24 @@ class _ZapHandler:
         self._wake_out = ctx.socket(zmq.PAIR)
         self._wake_out.setsockopt(zmq.LINGER, 0)
         self._wake_out.connect(self._wake_address)
+        self._monitors: dict[bytes, zmq.Socket[Any]] = {}  # domain -> its socket's monitor; the thread's
         self._thread = threading.Thread(target=self._serve, name="zdq-zap", daemon=True)
         self._thread.start()
 
+    def watch(self, domain: bytes) -> None:
+        """Read the monitor of the socket of ``domain`` (see :func:`monitor_address`); under
+        ``_zap_lock``, which orders every message to the thread."""
+        self._wake_out.send(b"+" + domain)
+
+    def unwatch(self, domain: bytes) -> None:
+        """Stop reading it (under ``_zap_lock``)."""
+        try:
+            self._wake_out.send(b"-" + domain, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the context is closing: the thread ends with it
+
     def _serve(self) -> None:
-        sock, wake = self._socket, self._wake_in
+        sock, wake, monitors = self._socket, self._wake_in, self._monitors
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
@@ -157,16 +185,26 @@ class _ZapHandler:
             while True:
                 ready = dict(poller.poll())
                 if wake in ready:
-                    return
+                    order = wake.recv()
+                    if not order:
+                        return
+                    self._order(poller, order)
                 if sock in ready:
                     request = sock.recv_multipart()
                     reply = zap_verdict(request, self.admitted)
                     sock.send_multipart(reply)
                     if reply[2] != b"200":
                         self._refused(request)
+                if len(ready) > (wake in ready) + (sock in ready):
+                    for domain, monitor in monitors.items():
+                        if monitor in ready:
+                            self._monitored(domain, monitor.recv_multipart())
         except zmq.ZMQError as e:  # the context is terminating: its sockets stop with it
             logger.debug("zdq ZAP handler stopped: %s", e)
         finally:
+            for monitor in monitors.values():
+                monitor.close(linger=0)
+            monitors.clear()
             try:
                 # At once: a closed socket's inproc name is freed later, by ZeroMQ's reaper, and
                 # the context's next broker binds a new handler there meanwhile.
@@ -175,6 +213,42 @@ class _ZapHandler:
                 pass
             sock.close(linger=0)
             wake.close(linger=0)
+
+    def _order(self, poller: zmq.Poller, order: bytes) -> None:
+        """``+domain``: read that socket's monitor from now on; ``-domain``: no longer."""
+        domain = order[1:]
+        monitor = self._monitors.pop(domain, None)
+        if monitor is not None:
+            poller.unregister(monitor)
+            monitor.close(linger=0)
+        if order[:1] == b"+":
+            monitor = self._ctx.socket(zmq.PAIR)
+            monitor.setsockopt(zmq.LINGER, 0)
+            monitor.connect(monitor_address(domain))
+            poller.register(monitor, zmq.POLLIN)
+            self._monitors[domain] = monitor
+
+    def _monitored(self, domain: bytes, message: list[bytes]) -> None:
+        """A monitor event of ``domain``'s socket: a handshake libzmq failed counts as refused."""
+        if len(message) < 2 or len(message[0]) < _EVENT.size:
+            return
+        event, value = _EVENT.unpack_from(message[0])
+        if event != zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL or not _ZMTP_ERRORS <= value < _ZAP_ERRORS:
+            return
+        admission = self.admissions.get(domain)
+        if admission is not None:
+            admission.refused += 1
+        if not self._warned.due("handshake " + domain.decode(), time.monotonic()):
+            return
+        why = {
+            zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "a CurveZMQ box did not open: the peer has another server key",
+            zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "the peer does not use CurveZMQ",
+        }.get(value, f"not a CurveZMQ peer of this pool: protocol error {value:#x}")
+        logger.warning(
+            "zdq broker at %s refused a handshake (%s; more of these not logged for %.0f s; the queue's "
+            "statistics count them all: refused_peers)",
+            message[1].decode(errors="replace")[:64], why, _WARN_EVERY,
+        )
 
     def _refused(self, request: list[bytes]) -> None:
         """Count a refused handshake for its socket's broker, and log it unless its address's
@@ -231,6 +305,7 @@ class Admission:
             domains.discard(self.domain)
             auth.admitted.pop(self.domain.encode(), None)
             auth.admissions.pop(self.domain.encode(), None)
+            auth.unwatch(self.domain.encode())
             if not domains:
                 del _authenticators[id(self._ctx)]
                 auth.stop()
@@ -256,11 +331,19 @@ def secure_server(ctx: zmq.Context[Any], sock: zmq.Socket[Any], keys: ServerKeys
         entry[0].admissions[domain.encode()] = admission
         entry[0].admitted[domain.encode()] = z85.decode(keys.client_public)
         entry[1].add(domain)
+        # Handshakes that fail before ZAP (a wrong server key...) only the socket's monitor sees.
+        sock.monitor(monitor_address(domain.encode()), zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        entry[0].watch(domain.encode())
     sock.setsockopt(zmq.CURVE_SERVER, 1)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
     sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
     sock.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
     return admission
+
+
+def monitor_address(domain: bytes) -> str:
+    """Where the monitor of the broker socket of ZAP ``domain`` publishes its events."""
+    return f"inproc://zdq-refusals-{domain.decode()}"
 
 
 def secure_client(sock: zmq.Socket[Any], keys: ClientKeys) -> None:
