@@ -50,7 +50,32 @@ def test_an_every_given_as_a_timedelta_is_its_seconds() -> None:
     assert Spec.parse(every=timedelta(milliseconds=1500), anchor=9.0) == Spec(every=1.5, anchor=9.0)
 
 
+@pytest.mark.parametrize("every", [1e-6, 0.005, timedelta(microseconds=10)])
+def test_an_every_too_short_to_store_its_ticks_is_refused_naming_the_bound(every: object) -> None:
+    with pytest.raises(ValueError, match=r"under 0.01 s: a schedule ticks at most 100 times a second"):
+        Spec.parse(every=every, anchor=0.0)
+
+
+def test_an_every_whose_first_tick_no_date_holds_is_refused_at_the_call() -> None:
+    # 1e12 s: year 33,715; it was stored, then listing the schedules raised.
+    with pytest.raises(ValueError, match=r"every=1000000000000.0 has no next tick a date can hold"):
+        Spec.parse(every=1e12, anchor=at(2030, 1, 1))
+    assert Spec.parse(every=0.01, anchor=0.0).every == 0.01
+
+
 # -- cron ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cron", ["0 0 1 1 * 0 2031", "* * * * * * *"])
+def test_a_cron_with_a_year_field_is_refused_naming_its_fields(cron: str) -> None:
+    # croniter reads a seventh field as a year: the schedule would end, with no next tick to plan.
+    with pytest.raises(ValueError, match=r"has 7 fields: a schedule takes 5, or 6 with seconds last"):
+        Spec.parse(cron=cron, anchor=at(2030, 1, 1))
+
+
+def test_a_cron_that_never_comes_is_refused_naming_the_argument() -> None:
+    with pytest.raises(ValueError, match=r"cron='0 0 30 2 \*' has no next tick a date can hold"):
+        Spec.parse(cron="0 0 30 2 *", anchor=at(2030, 1, 1))
+
+
 def test_a_cron_is_read_in_utc() -> None:
     spec = Spec.parse(cron="0 0 * * *", anchor=0.0)
     assert spec.next_after(at(2030, 3, 10, 23, 59)) == at(2030, 3, 11)

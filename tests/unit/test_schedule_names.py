@@ -5,6 +5,7 @@ replaced atomically on LMDB, the home queue of a name, and the CLI's listing."""
 from __future__ import annotations
 
 import contextlib
+from datetime import datetime, timezone
 import json
 import struct
 from collections.abc import Iterator
@@ -194,3 +195,17 @@ def test_the_cli_reads_ascii_digits_as_an_id_and_anything_else_as_a_name_checked
     assert _schedule_key("42") == 42 and _schedule_key("report") == "report"
     with pytest.raises(ValueError, match="digits alone"):
         _schedule_key("²")  # a digit to str.isdigit, not to int()
+
+
+def test_a_stored_schedule_with_no_next_tick_ends_and_the_others_tick_on(storage: Storage) -> None:  # noqa: F811
+    """A record the call would refuse now (a seven-field cron, written before that check) killed
+    the broker's loop when its last tick passed, and a durable queue holding it never opened again."""
+    ending = Spec(cron="0 0 1 1 * 0 2031", anchor=0.0)  # once, on 2031-01-01, then never
+    table = ScheduleTable("q", storage)
+    table.add(record(1, name="once", spec=ending).pack())
+    table.add(record(2, name="hourly").pack())
+    after = datetime(2031, 6, 1, tzinfo=timezone.utc).timestamp()
+    assert table.fire(after) == 1  # the hourly one's tick; the ended one raised nothing
+    assert [ScheduleRecord.unpack(r).schedule_name for r in table.records()] == ["hourly"]
+    if isinstance(storage, LMDBStorage):  # a durable queue opened again finds the one left
+        assert [ScheduleRecord.unpack(r).schedule_id for r in storage.stored_schedules()] == [2]

@@ -130,7 +130,14 @@ class ScheduleTable:
         for schedule_id, record in list(self._records.items()):
             if self._retry_at.get(schedule_id, record.due) > now:
                 continue
-            run, next_due = plan(record.spec, record.due, now, record.missed)
+            try:
+                run, next_due = plan(record.spec, record.due, now, record.missed)
+            except (ValueError, OverflowError, OSError) as e:  # croniter's CroniterBadDateError is a ValueError
+                # No next tick (a record written before the call refused such timings, or a
+                # date past what datetime holds): the schedule ends; the loop and its queue go on.
+                logger.error("queue %s: schedule %s has no next tick and ends: %s", self.name, record.name, e)
+                self._end(schedule_id)
+                continue
             if run and self._pending(record.chunk):
                 run = False  # the previous tick has not finished: at most one tick is queued
             try:
@@ -153,6 +160,13 @@ class ScheduleTable:
             self._records[schedule_id] = updated
         self.rewake()
         return fired
+
+    def _end(self, schedule_id: int) -> None:
+        try:
+            self._storage.write_schedule(schedule_id, None, now=True)
+        except StorageError as e:  # forgotten here all the same: a reopened queue logs it again
+            logger.error("queue %s: schedule %d could not be removed from storage: %s", self.name, schedule_id, e)
+        self._forget(schedule_id)
 
     def _pending(self, chunk_id: int) -> bool:
         return bool(chunk_id) and self._storage.meta(chunk_id) is not None and not self._storage.is_dead(chunk_id)

@@ -60,6 +60,10 @@ def _missed(value: Missed | str) -> Missed:
         raise ValueError(f"missed must be 'once' or 'skip', got {value!r}") from None
 
 
+#: The shortest ``every=`` (seconds): each tick is a stored chunk and a write of its schedule.
+MIN_EVERY = 0.01
+
+
 @dataclass(frozen=True)
 class Spec:
     """When a schedule ticks: a cron expression (UTC), or every ``every`` seconds from ``anchor``."""
@@ -84,11 +88,28 @@ class Spec:
 
             if not isinstance(cron, str) or not croniter.is_valid(cron):
                 raise ValueError(f"cron={cron!r} is not a cron expression (such as '*/5 * * * *')")
-            return cls(cron=cron, anchor=anchor)
-        seconds = every.total_seconds() if isinstance(every, timedelta) else every
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
-            raise ValueError(f"every={every!r} must be a positive timedelta or number of seconds")
-        return cls(every=float(seconds), anchor=anchor)
+            if len(cron.split()) > 6:
+                # croniter reads a seventh field as a year: such a schedule ends, and a broker's
+                # loop would have no next tick to plan.
+                raise ValueError(f"cron={cron!r} has {len(cron.split())} fields: a schedule takes 5, or 6 with seconds last")
+            spec = cls(cron=cron, anchor=anchor)
+            what = f"cron={cron!r}"
+        else:
+            seconds = every.total_seconds() if isinstance(every, timedelta) else every
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+                raise ValueError(f"every={every!r} must be a positive timedelta or number of seconds")
+            if seconds < MIN_EVERY:
+                raise ValueError(
+                    f"every={every!r} is under {MIN_EVERY} s: a schedule ticks at most {1 / MIN_EVERY:.0f} times a second "
+                    "(for more, submit the tasks)"
+                )
+            spec = cls(every=float(seconds), anchor=anchor)
+            what = f"every={every!r}"
+        try:
+            datetime.fromtimestamp(spec.next_after(anchor), tz=timezone.utc)
+        except (ValueError, OverflowError, OSError) as e:  # croniter's CroniterBadDateError is a ValueError
+            raise ValueError(f"{what} has no next tick a date can hold ({e})") from e
+        return spec
 
     def next_after(self, t: float) -> float:
         """The first tick strictly after ``t``."""
