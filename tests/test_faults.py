@@ -1135,3 +1135,36 @@ def test_a_queue_lost_while_another_placed_again_waits_to_be_given_its_rate_limi
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
         call_bounded(qp.close, 90, "QueuePool.close() after two queues were lost")
+
+
+def _break_broker_loop(queue_name: str, dask_worker: Any = None) -> int:
+    """Make the loop of ``queue_name``'s broker on this worker raise at its next round, as a bug
+    of zdq's would (run on the worker); how many it broke."""
+
+    def broken() -> None:
+        raise RuntimeError("a bug in the broker's round")
+
+    broke = 0
+    for actor in list(dask_worker.state.actors.values()):
+        core = getattr(actor, "_core", None)
+        if core is not None and getattr(core, "name", None) == queue_name and hasattr(core, "_round"):
+            core._round = broken
+            broke += 1
+    return broke
+
+
+def test_a_broker_whose_loop_failed_while_its_worker_lives_is_placed_again_and_nothing_is_lost(
+    client_abc: Client, tmp_path: Path
+) -> None:
+    """Dask calls a queue lost only when its worker goes: a broker whose loop died (a bug, such as
+    the cron with a year field that raised from ScheduleTable.fire) left its queue silent for
+    good, the worker alive, and every task sent there waiting for ever."""
+    with QueuePool(client_abc, 2, durability="durable", dirpath=tmp_path, workers=["a", "b"], **FAST) as qp:
+        with ConsumerPool(client_abc, qp, n_consumers=2, workers=["c"], start=True):
+            assert qp.batch_submit([(add, i) for i in range(100)]).result(timeout=30) == list(range(100))
+            assert sum(client_abc.run(_break_broker_loop, qp.queue_names[0]).values()) == 1
+            futures = [qp.submit(add, i, 1) for i in range(200)]  # half of them to the broken queue
+            assert_settled(futures, 60, "futures of a pool whose broker's loop failed")
+            assert [f.result(0) for f in futures] == [i + 1 for i in range(200)]
+            wait_until(lambda: qp.recoveries >= 1, timeout=60)  # served again, in a new broker
+            assert qp.batch_submit([(add, i, 2) for i in range(100)]).result(timeout=30) == [i + 2 for i in range(100)]

@@ -200,6 +200,12 @@ class Broker:
     def pid(self) -> int:
         return os.getpid()
 
+    def loop_error(self) -> str:
+        """Why the broker's loop ended on an error (it serves no one from then on: its pool
+        places the queue again); "" while it runs, or if it was never started or stopped."""
+        core = self._core
+        return "" if core is None or core._error is None else f"its loop failed: {core._error!r}"
+
     def open(
         self, creator: bytes, proposed_key: bytes | None, n_queues: int = 0
     ) -> tuple[str, str, str, bytes | None, list[str]]:

@@ -18,7 +18,8 @@ state                              owner
                                    (a list item, a dict item), never a half-written one
 ``_withdrawn``                     ``_record_lock`` (publish and withdraw never cross)
 ``_lost_since``, ``_gone``,        the pool's supervisor thread
-``_silent_logged``, ``recoveries``
+``_silent_logged``, ``recoveries``,
+``_probes``
 ``AttachedQueues.record``          the pool's supervisor thread (``follow``), after ``__init__``
 ``LockedWait``                     the user's thread, in ``QueuePool.start`` (one per start)
 =================================  ================================================================
@@ -300,6 +301,8 @@ class PlacedQueues:
         self._lost_since: dict[int, float] = {}  # queues lost and not yet placed again
         self._gone: set[int] = set()  # durable queues that cannot be placed again
         self._silent_logged: set[int] = set()
+        #: A silent queue's broker asked whether its loop ended: (its answer to come, when asked).
+        self._probes: dict[int, tuple[Any, float]] = {}
         self.recoveries = 0
         #: Each queue's own rate limit as this pool last set it: a transient queue placed again
         #: gets it back (a durable one finds its own, stored with it).
@@ -548,6 +551,9 @@ class PlacedQueues:
                 if relay_down:
                     continue  # the path is down, not the broker (said by the relay's replacement)
                 silence = driver.broker_silence(i)
+                if silence > self.settings.heartbeat_timeout and self._loop_ended(i):
+                    lost.append(i)  # its worker lives, but the broker in it serves no one
+                    continue
                 if silence > self.settings.heartbeat_timeout and i not in self._silent_logged:
                     self._silent_logged.add(i)
                     logger.warning(
@@ -562,6 +568,36 @@ class PlacedQueues:
         for i in lost:
             self._note_lost(i, driver)
         return lost
+
+    def _loop_ended(self, i: int) -> bool:
+        """Whether the broker of silent queue ``i`` says its loop ended on an error (a bug of
+        zdq's: its actor and its worker live on, and Dask would never call it lost). Asked
+        without waiting, once a heartbeat timeout at most; the answer is read a later round. A
+        broker that does not answer (a worker stalled, stopped or cut off) is only silent."""
+        now = time.monotonic()
+        probe = self._probes.get(i)
+        if probe is None or (not probe[0].done() and now - probe[1] > self.settings.heartbeat_timeout):
+            actor = self.slots.actor(i)
+            if actor is not None:
+                try:
+                    self._probes[i] = (actor.loop_error(), now)
+                except Exception as e:  # noqa: BLE001 - its worker is going: Dask will say so
+                    logger.debug("asking the broker of queue %s about its loop failed: %s", self.queue_names[i], e)
+            return False
+        call, asked = probe
+        if not call.done():
+            return False
+        try:
+            why = call.result(timeout=5)  # done: it returns at once (a timeout of 0 may not)
+        except Exception:  # noqa: BLE001 - no answer is not an answer: only silent
+            why = ""
+        if not why:
+            if now - asked > self.settings.heartbeat_timeout:
+                del self._probes[i]  # asked again next round, while it stays silent
+            return False
+        del self._probes[i]
+        logger.error("the broker of queue %s stopped serving (%s): placing it again", self.queue_names[i], why)
+        return True
 
     def _note_lost(self, i: int, driver: Driver) -> None:
         """Queue ``i`` was lost with its worker: tell the driver (once per loss)."""
