@@ -13,6 +13,7 @@ own exception); never that waiting for it ran out of time.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import shutil
@@ -41,6 +42,7 @@ from zdq import (
     TaskLost,
     ZdqError,
 )
+import zdq
 from zdq.errors import BatchError
 from zdq._actor import scheduler_workers
 
@@ -730,6 +732,70 @@ def test_a_done_callback_that_waits_on_the_pool_does_not_deadlock(harness: Calla
     assert called.wait(30), "the done-callback never finished"
     assert "error" not in box, f"submit().result() inside a done-callback failed: {box['error']!r}"
     assert box["value"] == 15
+
+
+def test_a_done_callback_that_raises_system_exit_costs_only_its_own_call(client_abc: Client) -> None:
+    """A callback re-raising a task's SystemExit (``lambda f: f.result()``) ended the pool's one
+    callback thread without a word: no later callback ran, as_completed and held calls waited for
+    ever, and an executor's shutdown(wait=True) never returned."""
+    with QueuePool(client_abc, 1) as qp, ConsumerPool(client_abc, qp, n_consumers=1, start=True):
+        _callbacks_survive_system_exit(qp)
+
+
+def _callbacks_survive_system_exit(qp: QueuePool) -> None:
+    quits = qp.submit(sys.exit, 2)
+    quits.add_done_callback(lambda f: f.result())  # raises SystemExit(2) on the callback thread
+    with pytest.raises(SystemExit):
+        quits.result(timeout=30)
+    called = threading.Event()
+    later = qp.submit(add, 1, 2)
+    later.add_done_callback(lambda f: called.set())
+    assert later.result(timeout=30) == 3
+    assert called.wait(10), "a callback added after one that raised SystemExit never ran"
+    assert [f.result(0) for f in zdq.as_completed([qp.submit(add, 2, 2)], timeout=10)] == [4]
+    held = qp.submit(add, qp.submit(add, 1, 1), 1)  # launched by a callback of zdq's own
+    assert held.result(timeout=10) == 3
+
+
+def test_a_callback_that_blocks_holds_back_neither_awaits_nor_as_completed_nor_held_calls(client_abc: Client) -> None:
+    """The user's callbacks and zdq's own shared one thread: while one callback slept, awaits,
+    zdq.as_completed and calls given futures waited for it, and a callback that waited on a held
+    call of the pool deadlocked until its timeout."""
+    with QueuePool(client_abc, 1) as qp, ConsumerPool(client_abc, qp, n_consumers=1, start=True):
+        _own_callbacks_go_on(qp)
+
+
+def _own_callbacks_go_on(qp: QueuePool) -> None:
+    release = threading.Event()
+    box: dict[str, Any] = {}
+
+    def waits_on_the_pool(_: Any) -> None:
+        try:
+            box["held"] = qp.submit(add, qp.submit(add, 3, 3), 1).result(timeout=10)
+            box["completed"] = [f.result(0) for f in zdq.as_completed([qp.submit(add, 5, 5)], timeout=10)]
+        except BaseException as e:
+            box["error"] = e
+        release.wait(30)  # then blocks the user's lane
+
+    first = qp.submit(add, 1, 1)
+    first.add_done_callback(waits_on_the_pool)
+    assert first.result(timeout=30) == 2
+    try:
+        wait_until(lambda: len(box) >= 2, timeout=15)
+        assert "error" not in box, box.get("error")
+        assert box == {"held": 7, "completed": [10]}
+        start = time.monotonic()
+        assert qp.submit(add, qp.submit(add, 2, 2), 2).result(timeout=10) == 6
+        assert [f.result(0) for f in zdq.as_completed([qp.submit(add, 4, 4)], timeout=10)] == [8]
+
+        async def awaited() -> int:
+            return int(await qp.submit(add, 20, 1))
+
+        assert asyncio.run(asyncio.wait_for(awaited(), 10)) == 21
+        took = time.monotonic() - start
+        assert took < 3, f"zdq's own callbacks waited {took:.1f} s behind a blocked user callback"
+    finally:
+        release.set()
 
 
 # -- 16. a ConsumerPool over a pool that does not run ---------------------------------------------------

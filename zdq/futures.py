@@ -28,7 +28,7 @@ from zdq.config import timeout_or_none
 from zdq.errors import BatchError, TaskCancelled, ZdqTimeoutError
 from zdq.names import counted
 
-__all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "SayOnce", "SignalSafeCondition", "WaitHint", "wait", "as_completed"]
+__all__ = ["TaskFuture", "BatchFuture", "CallbackRunner", "OwnCallback", "own", "SayOnce", "SignalSafeCondition", "WaitHint", "wait", "as_completed"]
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class as_completed:  # noqa: N801 - named as concurrent.futures.as_completed, wh
         with self._cond:
             self._pending[id(future)] = future
             self._total += 1
-        future.add_done_callback(self._arrived)  # runs now if it is done already
+        future.add_done_callback(own(self._arrived))  # runs now if it is done already
 
     def update(self, futures: Iterable[concurrent.futures.Future[Any]]) -> None:
         """:meth:`add` each of ``futures``."""
@@ -417,7 +417,7 @@ def _on_loop(
         waiter.add_done_callback(ended)
     if looks is not None and stuck is not None:
         looks.add(waiter, fut, stuck)
-    fut.add_done_callback(done)
+    fut.add_done_callback(own(done))
     return waiter
 
 
@@ -620,8 +620,33 @@ class WaitHint:
 _io_thread = threading.local()
 
 
+class OwnCallback:
+    """A done-callback of zdq's own (an ``await``'s hand-over to its loop, ``as_completed``'s
+    arrival, a held call's inputs, an executor's count of its work): it runs on the callback
+    runner's own lane, so that no callback of the user's (slow, blocking, or waiting on another
+    future of the pool) holds it back. Made by :func:`own`."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Any], object]) -> None:
+        self.fn = fn
+
+    def __call__(self, future: Any) -> object:
+        return self.fn(future)
+
+
+def own(fn: Callable[[Any], object]) -> OwnCallback:
+    """``fn`` marked as a done-callback of zdq's own (see :class:`OwnCallback`)."""
+    return OwnCallback(fn)
+
+
 class CallbackRunner:
-    """One thread that runs the done-callbacks of futures settled on a driver's I/O thread.
+    """The threads that run the done-callbacks of futures settled on a driver's I/O thread: one
+    for the user's callbacks, in the order their futures settled, and one for zdq's own
+    (:class:`OwnCallback`), so that a user's callback that is slow or waits on another future of
+    the pool (whose result may need zdq's callbacks: a held call's launch, an ``await``) never
+    holds those back. A callback that raises, even ``SystemExit`` or ``KeyboardInterrupt``, is
+    logged and costs only its own call.
 
     Started with its driver, stopped after it (running every callback queued before).
     """
@@ -629,39 +654,50 @@ class CallbackRunner:
     def __init__(self, name: str) -> None:
         self._name = name
         self._queue: queue.SimpleQueue[tuple[Callable[[Any], object], Any] | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._own: queue.SimpleQueue[tuple[Callable[[Any], object], Any] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"zdq-callbacks-{self._name}", daemon=True)
-            self._thread.start()
+        if not self._threads:
+            self._threads = [
+                threading.Thread(target=self._run, args=(lane,), name=f"zdq-callbacks-{self._name}{suffix}", daemon=True)
+                for lane, suffix in ((self._queue, ""), (self._own, "-own"))
+            ]
+            for thread in self._threads:
+                thread.start()
 
     def adopt_current_thread(self) -> None:
         """Mark the calling thread (a driver's I/O thread) as one whose callbacks go here."""
         _io_thread.runner = self
 
     def submit(self, fn: Callable[[Any], object], future: Any) -> None:
-        self._queue.put((fn, future))
+        (self._own if type(fn) is OwnCallback else self._queue).put((fn, future))
 
-    def _run(self) -> None:
+    @staticmethod
+    def _run(lane: queue.SimpleQueue[tuple[Callable[[Any], object], Any] | None]) -> None:
         while True:
-            item = self._queue.get()
+            item = lane.get()
             if item is None:
                 return
             fn, future = item
             try:
                 fn(future)
-            except Exception:  # as concurrent.futures does: a failing callback is logged, not raised
+            except BaseException:  # noqa: BLE001 - logged, as concurrent.futures does; the lane goes on
+                # SystemExit or KeyboardInterrupt too (a callback re-raising a task's): on this
+                # thread they would end every later callback of the pool, and the waits on them.
                 logger.exception("exception calling callback for %r", future)
             # Not held while waiting for the next one: the last future (and its result) is the user's.
             del item, fn, future
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._thread is not None:
+        threads, self._threads = self._threads, []
+        if threads:
             self._queue.put(None)
-            if self._thread is not threading.current_thread():
-                self._thread.join(timeout)
-            self._thread = None
+            self._own.put(None)
+            give_up = time.monotonic() + timeout
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join(max(0.0, give_up - time.monotonic()))
 
 
 class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]

@@ -31,7 +31,7 @@ from joblib._parallel_backends import AutoBatchingMixin, ParallelBackendBase
 from zdq.client.local import Executor
 from zdq.client.queue_pool import QueuePool
 from zdq.errors import NoConsumers
-from zdq.futures import TaskFuture
+from zdq.futures import TaskFuture, own
 
 __all__ = ["ZdqBackend", "register"]
 
@@ -142,7 +142,7 @@ class ZdqBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc]
         fut = self.executor.submit(func)
         with self._lock:
             self._futures.add(fut)
-        fut.add_done_callback(self._settled)
+        fut.add_done_callback(own(self._settled))
         if callback is not None:
             fut.add_done_callback(callback)
         return fut

@@ -37,7 +37,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from zdq.futures import TaskFuture, notify_cancelled
+from zdq.futures import TaskFuture, notify_cancelled, own
 
 __all__ = ["HeldFuture", "find_futures", "hold", "holds_futures", "may_hold", "substitute"]
 
@@ -185,7 +185,7 @@ class HeldFuture(TaskFuture):
             self.key = getattr(real, "key", None)  # type: ignore[assignment]  # None until submitted
             self._state = _SUBMITTED
         self._launched.set()
-        real.add_done_callback(self._follow)
+        real.add_done_callback(own(self._follow))
         if self.cancelled():  # cancelled while it was being submitted
             real.cancel()
 
@@ -254,5 +254,5 @@ def hold(
     with their results in place of them (see the module's docstring)."""
     held = HeldFuture(inputs, launch, args, kwargs or {})
     for fut in inputs:
-        fut.add_done_callback(held._input_done)  # runs now for an input done already
+        fut.add_done_callback(own(held._input_done))  # runs now for an input done already
     return held

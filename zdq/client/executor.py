@@ -57,7 +57,7 @@ from zdq.client.window import (
 )
 from zdq.config import PoolSettings
 from zdq.errors import ZdqError
-from zdq.futures import SignalSafeCondition, TaskFuture, WaitHint
+from zdq.futures import SignalSafeCondition, TaskFuture, WaitHint, own
 from zdq.transport.protocol import QueueStatus
 
 __all__ = ["ExecutorPool", "PoolExecutor"]
@@ -257,7 +257,7 @@ class PoolExecutor(concurrent.futures.Executor):
             cancel = self._cancelling
             self._state.notify_all()
         for fut in futures:
-            fut.add_done_callback(self._on_done)
+            fut.add_done_callback(own(self._on_done))
         if cancel:
             cancel_many(futures)
 

@@ -23,7 +23,7 @@ the ledger                         its lock (callers add work and read counters;
                                    takes work and records outcomes)
 the links, sockets, pending        the I/O thread; this facade reads the links' published snapshot
 requests                           (``links.views``) and asks the rest through ``loop.post``
-futures' done-callbacks            run on the driver's callback thread, never on the I/O thread
+futures' done-callbacks            run on the driver's callback threads (the user's, zdq's own), never on the I/O thread
 =================================  ==================================================================
 
 Bounds: at most ``window`` unconfirmed chunks per broker; at most ``window`` × brokers chunks
