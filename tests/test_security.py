@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -274,11 +277,10 @@ def test_a_broker_bound_as_the_process_last_one_stops_gets_the_zap_handler(zmq_c
         clients.term()
 
 
-def test_a_flood_of_handshakes_with_wrong_keys_is_counted_each_time_and_logged_once_per_address(
-    zmq_ctx: zmq.Context, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Anyone who reaches a broker's port can fail handshakes in a loop: one WARNING each grew the
-    workers' logs without bound (8,590 lines in 9 s), and nothing counted them."""
+@contextlib.contextmanager
+def _broker_socket(zmq_ctx: zmq.Context) -> Iterator[tuple[Any, str, Any, Any]]:
+    """A broker's ROUTER with the pool's keys and a member connected: ``(keys, endpoint,
+    admission, check)``, where ``check()`` asserts that the member still gets in."""
     from zdq.transport.security import PoolKeys
     from zdq.transport.sockets import bind_router
 
@@ -286,18 +288,31 @@ def test_a_flood_of_handshakes_with_wrong_keys_is_counted_each_time_and_logged_o
     router, endpoint, admission = bind_router(zmq_ctx, "127.0.0.1", max_message_size=1 << 20, keys=keys.server)
     assert admission is not None
     member = connect_dealer(zmq_ctx, endpoint, os.urandom(16), keys=keys.client)
+
+    def check() -> None:
+        member.send(b"ping")  # the pool's own peer still gets in
+        assert router.poll(5000) and router.recv_multipart()[1] == b"ping"
+
     try:
+        yield keys, endpoint, admission, check
+    finally:
+        member.close(linger=0)
+        router.close(linger=0)
+        admission.stop()
+
+
+def test_a_flood_of_handshakes_with_wrong_keys_is_counted_each_time_and_logged_once_per_address(
+    zmq_ctx: zmq.Context, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who reaches a broker's port can fail handshakes in a loop: one WARNING each grew the
+    workers' logs without bound (8,590 lines in 9 s), and nothing counted them."""
+    with _broker_socket(zmq_ctx) as (keys, endpoint, admission, member_gets_in):
         with caplog.at_level("WARNING", logger="zdq.transport.security"):
             knock_with_wrong_keys(endpoint, keys.client.server_public, 300, lambda: admission.refused)
         lines = [r.getMessage() for r in caplog.records if "refused a peer" in r.getMessage()]
         assert len(lines) == 1, lines[:3]
         assert "at 127.0.0.1" in lines[0] and "not logged for 60 s" in lines[0] and "refused_peers" in lines[0]
-        member.send(b"ping")  # the pool's own peer still gets in
-        assert router.poll(5000) and router.recv_multipart()[1] == b"ping"
-    finally:
-        member.close(linger=0)
-        router.close(linger=0)
-        admission.stop()
+        member_gets_in()
 
 
 def test_a_queues_statistics_count_the_handshakes_it_refused(client: Client) -> None:
@@ -317,19 +332,14 @@ def test_handshakes_with_a_wrong_server_key_or_without_curve_are_counted_as_refu
 ) -> None:
     """libzmq fails these handshakes itself, before the authenticator hears of them: a peer with
     another pool's server key (or none) knocked without a trace in ``refused_peers``."""
-    from zdq.transport.security import ClientKeys, PoolKeys
-    from zdq.transport.sockets import bind_router
+    from zdq.transport.security import PoolKeys
 
-    keys = PoolKeys.generate()
     other = PoolKeys.generate()
-    router, endpoint, admission = bind_router(zmq_ctx, "127.0.0.1", max_message_size=1 << 20, keys=keys.server)
-    assert admission is not None
-    member = connect_dealer(zmq_ctx, endpoint, os.urandom(16), keys=keys.client)
-    try:
+    with _broker_socket(zmq_ctx) as (keys, endpoint, admission, member_gets_in):
         with caplog.at_level("WARNING", logger="zdq.transport.security"):
+            knock_with_wrong_keys(endpoint, other.client.server_public, 20, lambda: admission.refused)
             # The pool's own client keys, another pool's server key: the box does not open.
             wrong = ClientKeys(keys.client.public, keys.client.secret, other.client.server_public)
-            knock_with_wrong_keys(endpoint, other.client.server_public, 20, lambda: admission.refused)
             stranger = connect_dealer(zmq_ctx, endpoint, os.urandom(16), keys=wrong)
             plain = connect_dealer(zmq_ctx, endpoint, os.urandom(16))  # no CurveZMQ at all
             try:
@@ -341,9 +351,4 @@ def test_handshakes_with_a_wrong_server_key_or_without_curve_are_counted_as_refu
         lines = [r.getMessage() for r in caplog.records if "refused a handshake" in r.getMessage()]
         assert len(lines) == 1, lines[:3]
         assert "another server key" in lines[0] and "refused_peers" in lines[0] and "127.0.0.1" in lines[0]
-        member.send(b"ping")  # the pool's own peer still gets in
-        assert router.poll(5000) and router.recv_multipart()[1] == b"ping"
-    finally:
-        member.close(linger=0)
-        router.close(linger=0)
-        admission.stop()
+        member_gets_in()
