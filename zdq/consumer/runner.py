@@ -147,6 +147,7 @@ class _ChunkRun:
         "cursor",
         "dead",
         "errors",
+        "failed",
         "free",
         "kind",
         "lock",
@@ -181,6 +182,9 @@ class _ChunkRun:
         self.kind = kind
         self.options = options
         self.crashes = crashes  # deliveries of this chunk that ended with their consumer's death
+        #: Attempts of its tasks that failed on its earlier consumers (index -> count), as the
+        #: broker told with its delivery (RETRIED); None: none.
+        self.failed: dict[int, int] | None = None
         self.dead: list[p.Dead] = []
         self.chunk_id = chunk_id
         self.base = base
@@ -382,6 +386,9 @@ class Runner:
         self._chunks: dict[int, _ChunkRun | _Lone | int] = {}
         # Tasks cancelled of chunks not started yet: chunk id -> indexes.
         self._cancels: dict[int, set[int]] = {}
+        # Attempts that failed on earlier consumers, of chunks not started yet (the broker's
+        # RETRIED before their DELIVER): chunk id -> (task id, attempts failed) pairs.
+        self._failed: dict[int, tuple[tuple[int, int], ...]] = {}
         # Chunks received from a broker since placed again, not started: they never start here.
         self._stale: set[int] = set()
         self._cancel_lock = threading.Lock()
@@ -411,6 +418,14 @@ class Runner:
         self.children.close()
 
     # -- cancellations (called by the thread that owns the sockets) -------------------------------
+    def retried(self, chunk_id: int, failed: tuple[tuple[int, int], ...]) -> None:
+        """The broker says these tasks of the chunk it DELIVERs next failed so many attempts on
+        the consumers that held it before (one died between retries): their retries count on."""
+        with self._cancel_lock:
+            if chunk_id not in self._failed and len(self._failed) >= _MAX_CANCELS_HELD:
+                del self._failed[next(iter(self._failed))]
+            self._failed[chunk_id] = failed
+
     def cancel(self, chunk_id: int, indexes: tuple[int, ...], *, announced: bool = False) -> list[int]:
         """Cancel tasks of a chunk that have not started; return those cancelled. ``announced``:
         the broker says these were cancelled before the chunk, delivered next, was leased."""
@@ -558,11 +573,13 @@ class Runner:
             self._forget(deliver.chunk_id)
             self._finish(bad, dict.fromkeys(range(deliver.n_tasks), info))
             return
+        failed = self._failed.pop(deliver.chunk_id, None) if self._failed else None
         if (
             n == 1
             and type(tasks) is list
             and options is None
             and deliver.attempt == 1
+            and failed is None
             and not deliver.spacing
             and self._lone_ok
             and self._run_lone(broker, deliver.chunk_id, base, kind, tasks)
@@ -584,6 +601,8 @@ class Runner:
             self._post(broker, p.Split(deliver.chunk_id, split_chunk(chunk, self._payload_key)))
             return
         run = _ChunkRun(broker, deliver.chunk_id, base, n, deliver.attempt - 1, kind, options, deliver.spacing)
+        if failed:
+            run.failed = {task - base: k for task, k in failed if 0 <= task - base < n}
         if type(tasks) is SharedCalls and not tasks.filled:
             run.block_end = 0  # by columns: cancellations take the blocks' way from the start
         self._register(run, tasks)
@@ -816,12 +835,14 @@ class Runner:
             with run.lock:
                 run.errors[i] = ErrorInfo(TaskExpired(message), EXPIRED, message, "")
             return
+        # Attempts that failed on the consumers that held the chunk before count too.
+        prior = run.failed.get(i, 0) if run.failed else 0
         if run.crashes:
-            killed = on_redelivery(options, run.crashes, self._crash_attempts)
+            killed = on_redelivery(options, run.crashes, self._crash_attempts, prior)
             if killed is not None:
                 self._dead_letter(run, i, task, error_info(DeadLettered(killed.message(tid))), killed)
                 return
-        attempt = run.crashes
+        attempt = run.crashes + prior
         # A task given by name fails on the fast path, where its name is called as it is: that
         # was no attempt, it runs now, its name resolved.
         error = None if failed is not None and is_named(run.kind, task) else failed
@@ -846,6 +867,9 @@ class Runner:
                 if not options.expires or time.time() + delay < options.expires:
                     with self._counters.lock:
                         self._counters.tasks_retried += 1
+                    # Its broker keeps the count: if this consumer dies before the task is done,
+                    # the next one goes on from here instead of giving it its retries anew.
+                    self._post(run.broker, p.Retried(run.chunk_id, ((tid, attempt - run.crashes),)))
                     time.sleep(delay)
                     error = None
                     continue
