@@ -13,7 +13,8 @@ import pytest
 from zdq.codec.results import loads_results
 from zdq.codec.tasks import ITEMS, PICKLED, TaskOptions, dumps_chunk, dumps_task
 from zdq.consumer.base import ConsumerBaseClass
-from zdq.consumer.runner import Counters, Runner, _Lone
+from zdq.consumer.run import Lone as _Lone
+from zdq.consumer.runner import Counters, Runner
 from zdq.transport import protocol as p
 
 KEY = b"k" * 32
