@@ -53,6 +53,19 @@ def poison(marker: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def fails_then_kills(marker: str, kill_at: int) -> None:
+    """Notes the attempt in ``marker``, takes 0.2 s, then raises OSError, except at attempt
+    ``kill_at``, which kills the worker process that runs it."""
+    import signal
+
+    with open(marker, "a") as f:
+        f.write("attempt\n")
+    time.sleep(0.2)
+    if open(marker).read().count("attempt") == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise OSError("the card was declined")
+
+
 def flaky(counter: str, failures: int) -> int:
     """Fails ``failures`` times (counted in the file ``counter``), then returns the attempt number."""
     attempts = int(open(counter).read() or 0) + 1 if os.path.exists(counter) else 1

@@ -29,7 +29,7 @@ from zdq.transport.reach import WENT_SILENT
 from zdq._actor import scheduler_workers
 
 from .conftest import call_bounded, pid_of as _pid_of, stop_process, wait_until
-from .tasks import add, flaky, poison, raise_key_error, raise_two_arg_error, sleep, slow_add, span, tiny_sleep
+from .tasks import add, fails_then_kills, flaky, poison, raise_key_error, raise_two_arg_error, sleep, slow_add, span, tiny_sleep
 
 if TYPE_CHECKING:  # pytest loads tests.harness as a plugin: imported here first, its asserts would not be rewritten
     from .harness import Harness
@@ -588,6 +588,24 @@ def test_killing_the_worker_of_a_transient_broker_fails_its_tasks_with_broker_lo
             assert queue_pool.batch_submit([(add, i) for i in range(1000)], batch_size=10).result(timeout=60) == list(
                 range(1000)
             )
+
+
+def test_a_tasks_retries_count_on_across_a_consumer_killed_between_them(client3: Client, tmp_path: Path) -> None:
+    """retries=2 allows three runs: failed, failed, then killed with its worker. The attempts that
+    failed lived only in the dead consumer: the next one gave the task its retries anew (five runs,
+    a dead letter saying three attempts). Its broker now keeps them."""
+    marker = str(tmp_path / "attempts")
+    with QueuePool(client3, 1, workers=["a"], **FAST) as queue_pool:
+        with ConsumerPool(client3, queue_pool, n_consumers=2, workers=["b", "c"]) as consumers:
+            consumers.start()
+            charge = queue_pool.submit(fails_then_kills, marker, 3, retries=2, retry_backoff=0.01)
+            exc = charge.exception(timeout=120)
+            assert isinstance(exc, DeadLettered), repr(exc)
+            assert "used its 3 attempts (1 killed its consumer, the others failed)" in str(exc)
+            assert open(marker).read().count("attempt") == 3
+            (letter,) = queue_pool.dead_letters()
+            assert "(3 attempts)" in letter.reason
+            assert queue_pool.submit(add, 1, 2).result(timeout=60) == 3
 
 
 def test_retries_with_backoff_then_success(harness: Callable[..., Harness], tmp_path: Path) -> None:

@@ -174,3 +174,33 @@ def test_results_no_driver_took_survive_a_restart_of_a_durable_queue_and_the_chu
         assert storage.recovered_results == {} and storage.meta(first) is None
     finally:
         storage.close()
+
+
+def test_the_attempts_a_consumer_retried_are_kept_for_the_chunks_next_delivery_and_its_parts(table: LeaseTable) -> None:
+    """A consumer dying between a task's retries gave it its retries anew on the next consumer
+    (retries=2 ran five times): the broker keeps what each RETRIED says, until the chunk is done."""
+    (chunk_id,) = table.put([(ChunkMeta(OWNER, 1, 3, base=100), b"chunk")])
+    table.lease(A)
+    table.note_failed(A, chunk_id, [(101, 1)])
+    table.note_failed(A, chunk_id, [(101, 2), (102, 1)])
+    table.note_failed(A, chunk_id, [(101, 1)])  # never less than said before
+    assert table.failed[chunk_id] == {101: 2, 102: 1}
+    with pytest.raises(ProtocolError):
+        table.note_failed(B, chunk_id, [(101, 5)])  # B never held it
+    with pytest.raises(ProtocolError):
+        table.note_failed(A, chunk_id, [(7, 1)])  # not a task of the chunk
+    table.expire(A)  # A died: the chunk goes back, and its parts take their tasks' counts
+    table.lease(B)
+    parts = table.split_by(B, chunk_id, [b"p0", b"p1", b"p2"])
+    assert parts and chunk_id not in table.failed
+    counts = sorted(table.failed.values(), key=lambda d: sorted(d))
+    assert counts == [{101: 2}, {102: 1}]
+    for part_id in list(table.failed):
+        leased = table.lease(A)
+        assert leased is not None
+        table.finish(leased.chunk_id, A, b"results")
+    leased = table.lease(A)
+    while leased is not None:
+        table.finish(leased.chunk_id, A, b"results")
+        leased = table.lease(A)
+    assert table.failed == {}  # a chunk done forgets its counts

@@ -330,7 +330,7 @@ def test_the_broker_routes_every_message_a_peer_sends_and_none_that_only_a_broke
     core = BrokerCore("q", None, storage, settings())  # type: ignore[arg-type]  # the socket is not touched
     from_peers = {
         p.Hello, p.Put, p.Puts, p.Fetch, p.Done, p.Return, p.Ack, p.Dead, p.Split, p.Rack, p.Sync, p.Cancel, p.Cancelled,
-        p.Heartbeat, p.Bye,
+        p.Heartbeat, p.Bye, p.Retried,
     }
     assert set(core._routes) == from_peers
     assert not {p.Confirm, p.Deliver, p.Results, p.Lost, p.Ready, p.QueueStatus} & set(core._routes)

@@ -197,3 +197,13 @@ def test_a_consumer_class_without_process_item_cannot_be_instantiated() -> None:
     assert GeneralConsumer(name="g").process_item((divmod, 7, 2)) == (3, 1)
     with pytest.raises(TypeError, match="GeneralConsumer runs functions"):
         GeneralConsumer(name="g").process_item("not a call")
+
+
+def test_attempts_that_failed_before_a_crash_count_against_the_task() -> None:
+    """failed, failed, killed its consumer: with retries=2 that is its three attempts."""
+    verdict = on_redelivery(TaskOptions(retries=2), 1, CRASH_ATTEMPTS, failed=2)
+    assert verdict == DeadLetter(3, killed=True, crashes=1)
+    assert verdict.message(7) == (
+        "task 7 used its 3 attempts (1 killed its consumer, the others failed); it was dead-lettered"
+    )
+    assert on_redelivery(TaskOptions(retries=2), 1, CRASH_ATTEMPTS, failed=1) is None  # one left

@@ -13,7 +13,8 @@ import pytest
 from zdq.codec.results import loads_results
 from zdq.codec.tasks import ITEMS, PICKLED, TaskOptions, dumps_chunk, dumps_task
 from zdq.consumer.base import ConsumerBaseClass
-from zdq.consumer.runner import Counters, Runner, _Lone
+from zdq.consumer.run import Lone as _Lone
+from zdq.consumer.runner import Counters, Runner
 from zdq.transport import protocol as p
 
 KEY = b"k" * 32
@@ -52,6 +53,8 @@ def _item(chunk_id: int, item: object, base: int = 40) -> p.Deliver:
 def _results(sent: list[tuple[int, p.Message]]) -> list[tuple[int, int, int, list[Any], dict[int, Any]]]:
     out = []
     for broker, msg in sent:
+        if type(msg) is p.Retried:  # a retry's word to the broker (see the retries' test)
+            continue
         assert type(msg) is p.Done
         base, values, errors = loads_results(msg.results, KEY)
         out.append((broker, msg.chunk_id, base, values, errors))
@@ -125,6 +128,8 @@ def test_a_lone_task_that_fails_takes_the_careful_path_retried_by_the_consumers_
     assert (broker, chunk_id, base) == (1, 9, 40)
     if retries:
         assert values == ["y"] and errors == {} and counters.tasks_retried == 2 and counters.tasks_done == 1
+        # Before each retry the broker is told how many attempts failed, for the consumer after.
+        assert [m for _, m in sent if type(m) is p.Retried] == [p.Retried(9, ((40, 1),)), p.Retried(9, ((40, 2),))]
     else:
         assert values == [None] and errors[0].message == "attempt 1" and counters.tasks_failed == 1
     assert runner._chunks == {}
@@ -162,3 +167,23 @@ def test_a_lone_task_with_options_of_its_own_is_retried_by_them() -> None:
     runner.execute(0, p.Deliver(2, 1, 1, dumps_chunk(0, [dumps_task(task)], KEY, PICKLED)))
     assert _results(sent) == [(0, 2, 0, [2], {})]
     assert _flaky_calls == [1, 1] and counters.tasks_retried == 1
+
+
+def test_a_redelivered_task_whose_earlier_attempts_failed_counts_them_and_is_not_run_past_its_retries() -> None:
+    """Its broker tells (RETRIED, before the DELIVER) what the consumer that died had retried."""
+    sent: list[tuple[int, p.Message]] = []
+    handler = Recorder()
+    runner, counters = _runner(handler, sent, retries=2, retry_backoff=0.0)
+    runner.retried(9, ((40, 2),))  # failed twice, then its consumer died in the third attempt
+    runner.received(9, 1)
+    runner.execute(1, p.Deliver(9, 1, 2, dumps_chunk(40, ["y"], KEY, ITEMS)))
+    assert handler.seen == []  # three attempts used: dead-lettered without a fourth
+    [dead] = [m for _, m in sent if type(m) is p.Dead]
+    assert b"(3 attempts)" in dead.reason
+    [(_, chunk_id, _, values, errors)] = _results([(b, m) for b, m in sent if type(m) is not p.Dead])
+    assert chunk_id == 9 and "used its 3 attempts" in errors[0].message
+    # With one failure told, it runs once more.
+    runner.retried(10, ((50, 1),))
+    runner.received(10, 1)
+    runner.execute(1, p.Deliver(10, 1, 2, dumps_chunk(50, ["z"], KEY, ITEMS)))
+    assert handler.seen == ["z"]

@@ -46,6 +46,8 @@ MESSAGES = [
     p.Heartbeat(),
     p.Bye(),
     p.Who(),
+    p.Retried(12, ((40, 2),)),
+    p.Retried(12, ((40, 1), (41, 3), (42, p.MAX_FAILED))),
 ]
 
 
@@ -94,6 +96,11 @@ def _head(command: int, header: bytes = b"") -> bytes:
         [_head(p.Command.CANCEL, b"\0" * 24 + b"\0\0\0\2" + b"\0" * 8)],
         [_head(p.Command.CANCEL, b"\0" * 24 + b"\0\0\0\1" + b"\0\0\0\0\xff\xff\xff\xff")],
         [_head(p.Command.CANCELLED, b"\0" * 8 + b"\0\0\0\1")],
+        [_head(p.Command.RETRIED, b"\0" * 8 + b"\0\0\0\0")],  # no task
+        [_head(p.Command.RETRIED, b"\0" * 8 + b"\0\0\0\2" + b"\0" * 8 + b"\0\0\0\1")],  # one of two
+        [_head(p.Command.RETRIED, b"\0" * 8 + b"\0\0\0\1" + b"\0" * 8 + b"\0\0\0\0")],  # failed 0 times
+        [_head(p.Command.RETRIED, b"\0" * 8 + b"\0\0\0\1" + b"\0" * 8 + b"\xff\xff\xff\xff")],
+        [_head(p.Command.RETRIED, b"\0" * 8 + b"\0\0\0\1" + b"\0" * 8 + b"\0\0\0\1"), b"extra"],
         [object()],
     ],
 )

@@ -25,7 +25,7 @@ from zdq.codec.tasks import (
     resolve_task_name,
 )
 from zdq.consumer.child import _resolve as resolve_in_child
-from zdq.consumer.runner import _with_limit
+from zdq.consumer.attempts import _with_limit
 from zdq.errors import RemoteTaskError
 
 #: ``pickle.dumps(TaskOptions(retries=2, time_limit=3.0), protocol=5)`` as written before ``hard``

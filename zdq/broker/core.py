@@ -516,6 +516,7 @@ class BrokerCore:
             .add(p.Ack, self._on_ack)
             .add(p.Dead, self._on_dead)
             .add(p.Split, self._on_split)
+            .add(p.Retried, self._on_retried)
             .add(p.Cancel, self._on_cancel)
             .add(p.Cancelled, self._on_cancelled)
             .add(p.Bye, self._on_bye)
@@ -634,6 +635,9 @@ class BrokerCore:
             return
         if split:
             self.counters.chunks_split += 1
+
+    def _on_retried(self, ident: bytes, msg: p.Retried, work: _Round) -> None:
+        self._leases.note_failed(ident, msg.chunk_id, msg.failed)
 
     def _on_cancel(self, ident: bytes, msg: p.Cancel, work: _Round) -> None:
         work.cancels.append((ident, msg))

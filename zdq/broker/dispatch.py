@@ -158,6 +158,8 @@ class Dispatch:
             cancelled = storage.cancelled(chunk_id)
             if cancelled:  # told first (one pipe keeps order): the consumer skips these tasks
                 send(ident, p.Cancel(0, chunk_id, 0, tuple(sorted(cancelled))))
+            if leases.failed and chunk_id in leases.failed:  # so is what its tasks' retries used
+                send(ident, p.Retried(chunk_id, tuple(leases.failed[chunk_id].items())))
             if not send(ident, p.Deliver(chunk_id, meta.n_tasks, leased.attempt, leased.payload, spacing)):
                 leases.give_back(chunk_id, count_attempt=False)
                 del by_ident[ident]

@@ -81,6 +81,11 @@ class LeaseTable:
         # been leased again since): a DONE from them still counts, so work that finished late is
         # not thrown away, and is not taken for a forgery. Kept until the chunk is done or split.
         self._previous: dict[int, tuple[bytes, ...]] = {}
+        #: Tasks of a chunk that failed and were retried by a consumer (RETRIED): task id ->
+        #: attempts failed, told to the next consumer the chunk goes to, so that a consumer's
+        #: death between retries does not give a task its retries anew. Kept until the chunk is
+        #: done or split (its parts take theirs); in memory, as the attempts are.
+        self.failed: dict[int, dict[int, int]] = {}
         # Chunks split into one-task parts (after a consumer died holding them): their part ids.
         self._parts: dict[int, tuple[bytes, int, list[int]]] = {}
         #: Results kept after their receipt (``result_ttl``), set by the broker; None: not kept.
@@ -212,6 +217,7 @@ class LeaseTable:
                 return None
             held = self._held[chunk_id] = Held(meta, None)
             self._previous.pop(chunk_id, None)
+        self.failed.pop(chunk_id, None)
         held.holder = None
         held.leased_at = 0.0
         held.results = EXPIRED_RESULTS
@@ -288,6 +294,8 @@ class LeaseTable:
         done, its results held until a receipt. ``None`` if it was done already (a duplicate)."""
         if self._previous:
             self._previous.pop(chunk_id, None)
+        if self.failed:
+            self.failed.pop(chunk_id, None)
         held = self._held.get(chunk_id)
         if held is None:
             # A late DONE of a chunk whose lease expired: it went back to the queue (or was
@@ -320,6 +328,8 @@ class LeaseTable:
             # The common case, kept short (finish's, for a chunk its holder reports: not done yet).
             if self._previous:
                 self._previous.pop(chunk_id, None)
+            if self.failed:
+                self.failed.pop(chunk_id, None)
             current.holder = None
             current.results = results
             current.consumer = consumer
@@ -364,6 +374,29 @@ class LeaseTable:
         held = self._held.pop(chunk_id, None)
         if held is not None and not held.early:
             self.storage.ack_many([chunk_id])
+
+    def note_failed(self, consumer: bytes, chunk_id: int, failed: Sequence[tuple[int, int]]) -> None:
+        """``consumer`` retries these tasks of a chunk it holds (or held): (task id, attempts
+        failed so far) each, kept for the chunk's next delivery.
+
+        Raises
+        ------
+        ProtocolError
+            If it never held the chunk, or names a task that is not the chunk's.
+        """
+        held = self.held_by(consumer, chunk_id)
+        meta = self.meta(chunk_id)
+        if held is None or meta is None:
+            if held is not None or (chunk_id in self._held and self._held[chunk_id].done):
+                return  # done meanwhile (a late word of a previous holder): nothing to keep
+            raise ProtocolError(f"RETRIED of chunk {chunk_id} that this peer never held")
+        first = meta.base
+        if first and any(not first <= task < first + meta.n_tasks for task, _ in failed):
+            raise ProtocolError(f"RETRIED names a task that is not one of chunk {chunk_id}'s")
+        kept = self.failed.setdefault(chunk_id, {})
+        for task, n in failed:
+            if n > kept.get(task, 0) and (task in kept or len(kept) < meta.n_tasks):
+                kept[task] = n
 
     def split_by(self, consumer: bytes, chunk_id: int, parts: Sequence[object]) -> bool:
         """``consumer`` splits the chunk it holds (redelivered, or whose results did not fit
@@ -420,6 +453,12 @@ class LeaseTable:
         if ids:
             self._held.pop(chunk_id, None)
             self._previous.pop(chunk_id, None)
+            failed = self.failed.pop(chunk_id, None)
+            if failed and meta is not None and meta.base:  # each part takes its task's count
+                for i, part_id in enumerate(ids):
+                    n = failed.get(meta.base + i)
+                    if n:
+                        self.failed[part_id] = {meta.base + i: n}
             if meta is not None:
                 self._parts[chunk_id] = (meta.owner, meta.seq, ids)  # a driver cancels by the original's id
             if len(self._parts) > _MAX_SPLITS_KEPT:

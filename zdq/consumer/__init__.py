@@ -15,8 +15,10 @@ unpickles chunks and fans their tasks out to that many task threads.
 Modules: :mod:`~zdq.consumer.base` (what users subclass), :mod:`~zdq.consumer.actor` (the control
 plane), :mod:`~zdq.consumer.link` (sockets, heartbeats, the hand-over, the route table; it runs the
 credit and sends what it decides), :mod:`~zdq.consumer.credit` (what to ask each broker for, pure),
-:mod:`~zdq.consumer.runner` (running chunks), :mod:`~zdq.consumer.policy` (retries and dead
-letters, pure), :mod:`~zdq.consumer.hard` (hard time limits: child processes).
+:mod:`~zdq.consumer.runner` (running chunks), :mod:`~zdq.consumer.run` (one chunk's run: its
+values, errors and started tasks), :mod:`~zdq.consumer.attempts` (a task's attempts under its
+options: time limits, retries, dead letters, paced starts), :mod:`~zdq.consumer.policy` (retries
+and dead letters, pure), :mod:`~zdq.consumer.hard` (hard time limits: child processes).
 
 Who owns what
 -------------

@@ -295,6 +295,9 @@ class Link:
             if msg.token:
                 try_send(sock, p.encode(p.Cancelled(msg.token, tuple(cancelled))))
 
+        def on_retried(i: int, msg: p.Retried, sock: zmq.Socket[Any]) -> None:
+            runner.retried(msg.chunk_id, msg.failed)
+
         def on_bye(i: int, msg: p.Bye, sock: zmq.Socket[Any]) -> None:
             cr.on_bye(i)
 
@@ -324,6 +327,7 @@ class Link:
             .add(p.Bye, on_bye)
             .add(p.Heartbeat, on_heartbeat)
             .add(p.Who, on_who)
+            .add(p.Retried, on_retried)
         )
 
     def _on_heard(self, i: int) -> None:

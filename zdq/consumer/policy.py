@@ -6,7 +6,7 @@ is told. The rules (README, "Retries", "Dead letters", "Poison tasks"):
 - A task may run ``retries + 1`` times. A task that killed its consumer (its chunk came back with
   ``crashes`` > 0) may run ``max(retries + 1, crash_attempts)`` times in all, crashes included: a
   poison task must not loop forever, and one crash must not dead-letter a task whose worker merely
-  died.
+  died. The attempts that failed on a consumer that died later count too (its broker kept them).
 - A failure is retried only if its exception is one of ``retry_on`` and attempts remain; the delay
   doubles from ``retry_backoff`` at each attempt, with jitter (x0.5 to x1.5, so that retries do not
   stampede), and is never longer than ``retry_backoff_max``.
@@ -68,9 +68,15 @@ class DeadLetter:
 
     attempts: int
     killed: bool = False
+    crashes: int = 0  # ``killed`` after attempts that failed too: those that killed it (0: all did)
 
     def message(self, task_id: int) -> str:
         """The error of a task dead-lettered without running (``killed``)."""
+        if self.crashes and self.crashes != self.attempts:
+            return (
+                f"task {task_id} used its {self.attempts} attempts ({self.crashes} killed its consumer, the others "
+                "failed); it was dead-lettered"
+            )
         return f"task {task_id} killed its consumer {self.attempts} times; it was dead-lettered"
 
     def note(self, task_id: int) -> str:
@@ -91,11 +97,20 @@ def attempts_allowed(options: TaskOptions, crashes: int, crash_attempts: int) ->
     return max(allowed, crash_attempts) if crashes else allowed
 
 
-def on_redelivery(options: TaskOptions, crashes: int, crash_attempts: int) -> DeadLetter | None:
-    """Before running a task whose chunk killed its consumer ``crashes`` times: a dead letter if
-    it has used up its attempts, else ``None`` (run it)."""
-    if crashes and crashes >= attempts_allowed(options, crashes, crash_attempts):
-        return DeadLetter(crashes, killed=True)
+def on_redelivery(options: TaskOptions, crashes: int, crash_attempts: int, failed: int = 0) -> DeadLetter | None:
+    """Before running a task whose chunk killed its consumer ``crashes`` times (after ``failed``
+    attempts of it had failed, on consumers that died later): a dead letter if it has used up its
+    attempts, else ``None`` (run it).
+
+    >>> from zdq.codec.tasks import TaskOptions
+    >>> on_redelivery(TaskOptions(retries=2), 1, 3, failed=2)   # failed, failed, killed: 3 of 3
+    DeadLetter(attempts=3, killed=True, crashes=1)
+    >>> on_redelivery(TaskOptions(retries=2), 1, 3, failed=1) is None
+    True
+    """
+    used = crashes + failed
+    if crashes and used >= attempts_allowed(options, crashes, crash_attempts):
+        return DeadLetter(used, killed=True, crashes=crashes if failed else 0)
     return None
 
 

@@ -4,50 +4,41 @@ A chunk runs in one of two ways. With ``max_concurrency`` 1 :meth:`Runner.execut
 thread that owns the sockets (:mod:`zdq.consumer.link`), and :meth:`Runner._run_inline` runs the
 tasks in one tight loop, the one :func:`zdq.tasks.run_entries` gives for the chunk's kind: for a
 chunk of plain calls, nothing but the call per task; a chunk of one task (``submit(fn).result()``'s)
-takes :meth:`Runner._run_lone`, the same loop without a :class:`_ChunkRun` unless its task fails or
-carries options of its own. With ``max_concurrency`` > 1 the execution
+takes :meth:`Runner._run_lone`, the same loop without a :class:`~zdq.consumer.run.ChunkRun`
+unless its task fails or carries options of its own. With ``max_concurrency`` > 1 the execution
 thread (:meth:`Runner.exec_loop`) unpickles each chunk and fans its tasks out to
 :class:`_TaskThreads`; the last task of a chunk to end reports it. The runner never looks inside a
 task: what a task is and how it is called is :mod:`zdq.tasks`'s.
 
-Whatever thread finishes a chunk hands its messages to the socket owner through ``post``. What to
-do after a failure (retry after which delay, fail, dead-letter) is decided by
-:mod:`zdq.consumer.policy`.
-
-A chunk a rate limit let go comes with a *spacing* (see :mod:`zdq.broker.rates`): its tasks take
-the careful path. As many first attempts as its bucket held (:func:`~zdq.codec.rates.burst`)
-start at once; every other start (a first attempt beyond those, or any retry) takes the next slot
-of the chunk's clock, at least ``spacing`` seconds after the one before (:meth:`Runner._pace`). A
-retry thus waits for its backoff and for its slot. A consumer that is stopping waits for no slot.
+A task that is not plain (it failed on the fast path, it or its chunk carries options, its chunk
+came back after its consumer died, or a rate limit spaces its chunk) takes the careful path:
+:class:`~zdq.consumer.attempts.Attempts` (time limits, retries, dead letters, paced starts), which
+decides with :mod:`zdq.consumer.policy`. Whatever thread finishes a chunk hands its messages to the
+socket owner through ``post``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import itertools
 import logging
-import math
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 from zdq._actor import as_dask_task
+from zdq.consumer.attempts import Attempts
 from zdq.consumer.base import ConsumerBaseClass, GeneralConsumer, Message, save_hook
 from zdq.consumer.hard import Children
-from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
+from zdq.consumer.run import ChunkRun, Counters, Lone
 from zdq.reporting import Throttle
-from zdq.errors import DeadLettered, SerializationError, TaskCancelled, TaskExpired, TaskTimeout
-from zdq.codec.rates import burst
+from zdq.errors import SerializationError
 from zdq.codec.results import (
     UNKNOWN_BASE,
     ErrorInfo,
     dumps_whole_results,
     error_info,
-    error_to_exception,
     fit_results,
 )
 from zdq.codec.tasks import (
@@ -57,13 +48,10 @@ from zdq.codec.tasks import (
     CANCELLED,
     EXPIRED,
     TaskOptions,
-    call_parts,
     callers,
     cancelled_entry,
     careful_callers,
-    is_named,
     is_cancelled,
-    dumps_chunk,
     loads_chunk,
     own_options,
     run_entries,
@@ -78,34 +66,6 @@ logger = logging.getLogger(__name__)
 
 #: Cancellations held for chunks not (yet) delivered here, at most.
 _MAX_CANCELS_HELD = 10_000
-
-
-@dataclass(slots=True)
-class Counters:
-    """A consumer's counts. ``chunks_received`` is written by the socket owner alone; the others
-    change under ``lock`` (the task threads of several chunks finish them concurrently), except on
-    the lone path (``Runner._run_lone``), taken only with ``max_concurrency`` 1, where chunks run one
-    at a time (``Handover.busy``): no other thread writes a task count meanwhile."""
-
-    chunks_received: int = 0
-    tasks_done: int = 0
-    tasks_failed: int = 0
-    tasks_cancelled: int = 0
-    tasks_expired: int = 0  # their ``expires=`` passed before they started here: never run
-    tasks_retried: int = 0  # failed attempts that were retried (counted off the success path)
-    bad_chunks: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def bad_chunk(self) -> None:
-        with self.lock:
-            self.bad_chunks += 1
-
-
-@functools.lru_cache(maxsize=256)
-def _with_limit(options: TaskOptions, defaults: TaskOptions) -> TaskOptions:
-    """``options`` with the consumer's time limit and ``hard`` (``defaults``), which they lack:
-    cached, since a chunk's tasks share their options (and ``expires=`` makes one per call)."""
-    return dataclasses.replace(options, time_limit=defaults.time_limit, hard=defaults.hard)
 
 
 #: A block of shared calls (:meth:`Runner._run_shared`) doubles while it runs in less than this,
@@ -133,130 +93,6 @@ def _raised(e: BaseException) -> BaseException:
     if type(e) is RuntimeError and isinstance(cause, StopIteration) and e.args == ("generator raised StopIteration",):
         return cause
     return e
-
-
-class _ChunkRun:
-    """One delivered chunk being executed; thread-safe completion for the fan-out path."""
-
-    __slots__ = (
-        "base",
-        "block_end",
-        "broker",
-        "chunk_id",
-        "crashes",
-        "cursor",
-        "dead",
-        "errors",
-        "free",
-        "kind",
-        "lock",
-        "marked",
-        "next_start",
-        "options",
-        "remaining",
-        "spacing",
-        "stale",
-        "started",
-        "tasks",
-        "values",
-    )
-
-    def __init__(
-        self,
-        broker: int,
-        chunk_id: int,
-        base: int,
-        n: int,
-        crashes: int = 0,
-        kind: int = 0,
-        options: TaskOptions | None = None,
-        spacing: float = 0.0,
-    ) -> None:
-        self.broker = broker
-        self.spacing = spacing  # seconds between its tasks' starts (a rate-limited chunk's), else 0
-        # Spaced: the first attempts that start at once (its bucket's tokens), and when the last
-        # paced start was (time.monotonic()).
-        self.free = int(burst(1.0 / spacing)) if spacing else 0
-        self.next_start = time.monotonic() if spacing else 0.0
-        self.kind = kind
-        self.options = options
-        self.crashes = crashes  # deliveries of this chunk that ended with their consumer's death
-        self.dead: list[p.Dead] = []
-        self.chunk_id = chunk_id
-        self.base = base
-        self.values: list[Any] = [None] * n
-        self.errors: dict[int, ErrorInfo] = {}
-        self.remaining = n
-        self.lock = threading.Lock()
-        # Which tasks have started, for cancellations: run inline, those the loop's iterator has
-        # handed out (``cursor``); on task threads, ``started`` (0 waiting, 1 started, 2 cancelled).
-        self.tasks: list[Any] = []
-        self.cursor: enumerate[Any] | None = None
-        self.started: bytearray | None = None
-        # Run by blocks (Runner._run_shared): the tasks before ``block_end`` have started (None:
-        # not run so); ``marked``: a task not started yet was cancelled, or is (its placeholder is
-        # in ``tasks``), and the rest of the chunk runs task by task.
-        self.block_end: int | None = None
-        self.marked = False
-        # Its broker was placed again while it ran: the rest never starts, and no DONE goes (the
-        # new broker serves the chunk again from its storage; see Runner.broker_replaced).
-        self.stale = False
-
-    def cancel(self, i: int) -> bool:
-        """Cancel task ``i`` unless it has started (the runner's cancel lock held)."""
-        started = self.started
-        if started is not None:
-            with self.lock:
-                if started[i]:
-                    return started[i] == 2
-                started[i] = 2
-                return True
-        if self.block_end is not None:  # run by blocks: a block's tasks have started with it
-            with self.lock:
-                if self.block_end is not None:
-                    if i < self.block_end:
-                        return False
-                    tasks = self.tasks
-                    if type(tasks) is SharedCalls:
-                        tasks.fill()  # the cancel lock is held (see SharedCalls.fill)
-                    tasks[i] = cancelled_entry(self.kind)
-                    self.marked = True  # the runner goes task by task from its next block on
-                    return True
-        tasks = self.tasks
-        if type(tasks) is SharedCalls:
-            tasks.fill()  # filled already, unless run by blocks (above): the cancel lock is held
-        if is_cancelled(tasks[i]):
-            return True
-        # The placeholder goes in first, then the loop's position is read: if the loop had not
-        # reached the task, it will take the placeholder (taking an item and moving on is one
-        # step under the GIL); if it had, the task is put back and counts as started.
-        original, tasks[i] = tasks[i], cancelled_entry(self.kind)
-        cursor = self.cursor
-        if cursor is not None and _position(cursor) > i:
-            tasks[i] = original
-            return False
-        return True
-
-
-def _position(cursor: enumerate[Any]) -> int:
-    """How many items an ``enumerate`` has handed out (its pickled state: no other way to read it)."""
-    state: Any = cursor.__reduce__()
-    return int(state[1][1])
-
-
-class _Lone:
-    """A chunk of one task run on the lone path (:meth:`Runner._run_lone`), in ``Runner._chunks``
-    while it runs: its task has started, so a cancellation finds nothing to cancel; its broker
-    placed again marks it ``stale`` (no DONE goes). ``run``: the :class:`_ChunkRun` made only if
-    its task takes the careful path (it failed, or carries options of its own)."""
-
-    __slots__ = ("base", "broker", "run", "stale")
-
-    def __init__(self, broker: int, base: int) -> None:
-        self.broker = broker
-        self.base = base
-        self.stale = False
-        self.run: _ChunkRun | None = None
 
 
 class _TaskThreads:
@@ -356,7 +192,6 @@ class Runner:
         self._save = save_hook(handler)
         # The child processes of tasks with a hard time limit (none until the first such task).
         self.children = Children(name)
-        self._careful = self._run_careful  # bound once: chunk loops call it on failures
         self._lone_careful = self._on_lone_careful  # the same, for the lone path (_run_lone)
         self._blocks: dict[int, int] = {}  # tasks in the next block of shared calls, by function (see _run_shared)
         self._post = post
@@ -364,12 +199,16 @@ class Runner:
         self._fetching = fetching
         self._counters = counters
         self._max_concurrency = max_concurrency
-        self._defaults = defaults
+        #: A task's attempts under its options: what a task that is not plain takes.
+        self._attempts = Attempts(
+            name, self._where, handler, self._careful_calls, self.children, post, stop, counters,
+            defaults=defaults, crash_attempts=crash_attempts, payload_key=payload_key,
+        )
+        self._careful = self._attempts.run  # bound once: chunk loops call it on failures
         # A time limit for every task (the ConsumerPool's): no task may take the fast path.
-        self._limited = defaults.time_limit is not None
+        self._limited = self._attempts.limited
         # A chunk of one task may take the lone path (_run_lone): inline, and no time limit.
         self._lone_ok = max_concurrency <= 1 and not self._limited
-        self._crash_attempts = crash_attempts
         self._payload_key = payload_key
         self._max_bytes = max_bytes  # most bytes of results a DONE may carry (the sockets drop more)
         # Chunks acknowledged on receipt (at most once) never run again: their oversized results fail.
@@ -379,9 +218,12 @@ class Runner:
         self._pool: _TaskThreads | None = None
         # Chunks received and not finished: the index of the broker they came from until started,
         # then their run (for cancellations).
-        self._chunks: dict[int, _ChunkRun | _Lone | int] = {}
+        self._chunks: dict[int, ChunkRun | Lone | int] = {}
         # Tasks cancelled of chunks not started yet: chunk id -> indexes.
         self._cancels: dict[int, set[int]] = {}
+        # Attempts that failed on earlier consumers, of chunks not started yet (the broker's
+        # RETRIED before their DELIVER): chunk id -> (task id, attempts failed) pairs.
+        self._failed: dict[int, tuple[tuple[int, int], ...]] = {}
         # Chunks received from a broker since placed again, not started: they never start here.
         self._stale: set[int] = set()
         self._cancel_lock = threading.Lock()
@@ -411,6 +253,14 @@ class Runner:
         self.children.close()
 
     # -- cancellations (called by the thread that owns the sockets) -------------------------------
+    def retried(self, chunk_id: int, failed: tuple[tuple[int, int], ...]) -> None:
+        """The broker says these tasks of the chunk it DELIVERs next failed so many attempts on
+        the consumers that held it before (one died between retries): their retries count on."""
+        with self._cancel_lock:
+            if chunk_id not in self._failed and len(self._failed) >= _MAX_CANCELS_HELD:
+                del self._failed[next(iter(self._failed))]
+            self._failed[chunk_id] = failed
+
     def cancel(self, chunk_id: int, indexes: tuple[int, ...], *, announced: bool = False) -> list[int]:
         """Cancel tasks of a chunk that have not started; return those cancelled. ``announced``:
         the broker says these were cancelled before the chunk, delivered next, was leased."""
@@ -419,7 +269,7 @@ class Runner:
             if announced or isinstance(run, int):  # a broker's index: waiting to start
                 cancelled = list(indexes)
             else:
-                if not isinstance(run, _ChunkRun):
+                if not isinstance(run, ChunkRun):
                     return []  # finished (its DONE is on its way), or never here
                 cancelled = [i for i in indexes if 0 <= i < len(run.values) and run.cancel(i)]
             if cancelled:
@@ -442,7 +292,7 @@ class Runner:
             running = [state for state in list(self._chunks.values()) if not isinstance(state, int) and not state.stale]
             for state in running:
                 state.stale = True
-                if type(state) is _ChunkRun:  # a _Lone's only task has started
+                if type(state) is ChunkRun:  # a Lone's only task has started
                     for i in range(len(state.values)):
                         state.cancel(i)
         return len(running)
@@ -464,7 +314,7 @@ class Runner:
                         self._stale.add(chunk_id)
                 elif state.broker == broker and not state.stale:
                     state.stale = True
-                    if type(state) is _ChunkRun:  # a _Lone's only task has started
+                    if type(state) is ChunkRun:  # a Lone's only task has started
                         for i in range(len(state.values)):
                             state.cancel(i)
 
@@ -473,7 +323,7 @@ class Runner:
         # back, or delivered by its queue placed again while this consumer still held it).
         self._chunks.pop(chunk_id, None)
 
-    def _register(self, run: _ChunkRun, tasks: list[Any]) -> None:
+    def _register(self, run: ChunkRun, tasks: list[Any]) -> None:
         """A chunk starts: the cancellations that came before it take effect now."""
         run.tasks = tasks
         if self._pool is not None:
@@ -508,11 +358,11 @@ class Runner:
         except Exception as e:  # a task's own failure is caught inside; this would be zdq's
             logger.exception("consumer %s failed to run chunk %d", self.name, deliver.chunk_id)
             run = self._chunks.get(deliver.chunk_id)
-            if type(run) is _Lone:  # its DONE did not go (it leaves _chunks first)
+            if type(run) is Lone:  # its DONE did not go (it leaves _chunks first)
                 lone = run
-                run = _ChunkRun(lone.broker, deliver.chunk_id, lone.base, 1)
+                run = ChunkRun(lone.broker, deliver.chunk_id, lone.base, 1)
                 run.stale = lone.stale
-            if isinstance(run, _ChunkRun) and run.remaining > 0:
+            if isinstance(run, ChunkRun) and run.remaining > 0:
                 # Every future settles: the tasks of the chunk without an error report this one.
                 why = f"consumer {self.name} failed to run this task's chunk: {e!r}"
                 info = ErrorInfo(None, "zdq.errors.ZdqError", why, "")
@@ -554,15 +404,17 @@ class Runner:
                 )
             info = ErrorInfo(SerializationError(why), "zdq.errors.SerializationError", why, "")
             # Its task ids are in what did not decode: ``UNKNOWN_BASE`` says "every task of the chunk".
-            bad = _ChunkRun(broker, deliver.chunk_id, UNKNOWN_BASE, deliver.n_tasks)
+            bad = ChunkRun(broker, deliver.chunk_id, UNKNOWN_BASE, deliver.n_tasks)
             self._forget(deliver.chunk_id)
             self._finish(bad, dict.fromkeys(range(deliver.n_tasks), info))
             return
+        failed = self._failed.pop(deliver.chunk_id, None) if self._failed else None
         if (
             n == 1
             and type(tasks) is list
             and options is None
             and deliver.attempt == 1
+            and failed is None
             and not deliver.spacing
             and self._lone_ok
             and self._run_lone(broker, deliver.chunk_id, base, kind, tasks)
@@ -583,7 +435,9 @@ class Runner:
             self._forget(deliver.chunk_id)
             self._post(broker, p.Split(deliver.chunk_id, split_chunk(chunk, self._payload_key)))
             return
-        run = _ChunkRun(broker, deliver.chunk_id, base, n, deliver.attempt - 1, kind, options, deliver.spacing)
+        run = ChunkRun(broker, deliver.chunk_id, base, n, deliver.attempt - 1, kind, options, deliver.spacing)
+        if failed:
+            run.failed = {task - base: k for task, k in failed if 0 <= task - base < n}
         if type(tasks) is SharedCalls and not tasks.filled:
             run.block_end = 0  # by columns: cancellations take the blocks' way from the start
         self._register(run, tasks)
@@ -595,16 +449,16 @@ class Runner:
                 pool.submit(self._run_one, run, i)
 
     def _run_lone(self, broker: int, chunk_id: int, base: int, kind: int, tasks: list[Any]) -> bool:
-        """Run a chunk of one task, inline, without a :class:`_ChunkRun` (the lone task's round
+        """Run a chunk of one task, inline, without a :class:`ChunkRun` (the lone task's round
         trip: ``submit(fn).result()``); False if a cancellation or its broker's replacement came
         for it before it started (the general path then runs it, and says so).
 
         Only for a first delivery without options, spacing or a consumer's time limit: what the
         general path would do for it is run the kind's loop and report, which this does. A task
         that fails, or carries options of its own, takes the careful path (retries, dead letters,
-        its time limit) from the loop, with a :class:`_ChunkRun` made then
+        its time limit) from the loop, with a :class:`ChunkRun` made then
         (:meth:`_on_lone_careful`)."""
-        lone = _Lone(broker, base)
+        lone = Lone(broker, base)
         chunks = self._chunks
         with self._cancel_lock:  # as _register: a cancellation held for it takes effect now
             if chunk_id in self._cancels or chunk_id in self._stale:
@@ -651,15 +505,15 @@ class Runner:
         return failed
 
     def _on_lone_careful(
-        self, context: tuple[_Lone, int, int, list[Any], list[Any]], i: int, task: Any, failed: BaseException | None
+        self, context: tuple[Lone, int, int, list[Any], list[Any]], i: int, task: Any, failed: BaseException | None
     ) -> None:
         """The lone path's ``careful``, called where the kind's loop calls it (in its ``except``,
         as the general path's): the task goes the careful way (retries, dead letters, its own
-        time limit) with a :class:`_ChunkRun` made now."""
+        time limit) with a :class:`ChunkRun` made now."""
         lone, chunk_id, kind, tasks, values = context
-        run = lone.run = _ChunkRun(lone.broker, chunk_id, lone.base, 1, 0, kind)
+        run = lone.run = ChunkRun(lone.broker, chunk_id, lone.base, 1, 0, kind)
         run.tasks, run.values = tasks, values
-        self._run_careful(run, i, task, failed)
+        self._careful(run, i, task, failed)
 
     def _drop_stale(self, chunk_id: int) -> bool:
         """Whether this delivery came from a broker placed again since (see
@@ -675,20 +529,20 @@ class Runner:
         )
         return True
 
-    def _run_inline(self, run: _ChunkRun, tasks: list[Any]) -> None:
-        # The loop's iterator tells a cancellation which tasks have started (_ChunkRun.cancel).
+    def _run_inline(self, run: ChunkRun, tasks: list[Any]) -> None:
+        # The loop's iterator tells a cancellation which tasks have started (ChunkRun.cancel).
         run.cursor = numbered = enumerate(tasks)
         if run.block_end is not None:  # by columns (see _start_chunk)
             self._run_shared(run, cast(SharedCalls, tasks))
         elif run.options is not None or run.crashes > 0 or self._limited or run.spacing:
             for i, task in numbered:
-                self._run_careful(run, i, task)
+                self._careful(run, i, task)
         else:
             # The kind's own loop: for a chunk of plain calls, nothing but the call per task.
             run_entries(run.kind)(numbered, run.values, self._process_item, self._careful, run)
         self._finish(run)
 
-    def _run_shared(self, run: _ChunkRun, tasks: SharedCalls) -> None:
+    def _run_shared(self, run: ChunkRun, tasks: SharedCalls) -> None:
         """Run a chunk of calls that share their function (it came by columns) straight from its
         columns (:func:`_calls`), about half the CPU of the per-task loop, in blocks of tasks.
 
@@ -742,7 +596,7 @@ class Runner:
             blocks.clear()
         blocks[key] = block
 
-    def _run_one(self, run: _ChunkRun, i: int) -> None:
+    def _run_one(self, run: ChunkRun, i: int) -> None:
         """Run task ``i`` of ``run`` on a task thread; the last task of the chunk to end reports it.
         A failure of zdq's own around the task (the task's are caught inside) fails that task, and
         the chunk still ends: its futures never wait for a report that cannot come."""
@@ -759,7 +613,7 @@ class Runner:
         if last:
             self._finish(run)
 
-    def _run_task(self, run: _ChunkRun, i: int) -> None:
+    def _run_task(self, run: ChunkRun, i: int) -> None:
         task = run.tasks[i]
         started = run.started
         if started is not None:
@@ -775,158 +629,14 @@ class Runner:
             or is_cancelled(task)  # a raw item's placeholder must never reach process_item
             or own_options(run.kind, task) is not None
         ):
-            self._run_careful(run, i, task)
+            self._careful(run, i, task)
         else:
             try:
                 run.values[i] = self._calls[run.kind](task)
             except BaseException as e:  # noqa: BLE001 - a task's failure is its result, whatever it raised
-                self._run_careful(run, i, task, failed=e)
+                self._careful(run, i, task, failed=e)
 
-    def _options(self, run: _ChunkRun, task: Any) -> TaskOptions:
-        """The options a task runs with: its own, else its chunk's, else the consumer's. The
-        consumer's time limit is a safety net: options with no time limit of their own (a task
-        given only ``expires=`` or ``retries=``) take the consumer's ``time_limit`` and ``hard``."""
-        options = own_options(run.kind, task)
-        if options is None:
-            options = run.options
-            if options is None:
-                return self._defaults
-        if options.time_limit is None and self._limited:
-            return _with_limit(options, self._defaults)
-        return options
-
-    def _run_careful(
-        self, run: _ChunkRun, i: int, task: tuple[Any, ...], failed: BaseException | None = None
-    ) -> None:
-        """Run a task with its options: time limit, retries, and the count of earlier crashes.
-
-        ``failed`` is the error of a first attempt already made on the fast path.
-        """
-        tid = run.base + i
-        if is_cancelled(task):  # never run, never retried: it reports its cancellation
-            message = f"task {tid} was cancelled before it started"
-            with run.lock:
-                run.errors[i] = ErrorInfo(TaskCancelled(message), CANCELLED, message, "")
-            return
-        options = self._options(run, task)
-        if options.expires and time.time() >= options.expires:
-            # Its expiry passed while its chunk waited here (prefetched, or behind a long task):
-            # it never starts, and is not retried. The broker could not see this.
-            message = f"task {tid} expired before it started (expires=); it never ran"
-            with run.lock:
-                run.errors[i] = ErrorInfo(TaskExpired(message), EXPIRED, message, "")
-            return
-        if run.crashes:
-            killed = on_redelivery(options, run.crashes, self._crash_attempts)
-            if killed is not None:
-                self._dead_letter(run, i, task, error_info(DeadLettered(killed.message(tid))), killed)
-                return
-        attempt = run.crashes
-        # A task given by name fails on the fast path, where its name is called as it is: that
-        # was no attempt, it runs now, its name resolved.
-        error = None if failed is not None and is_named(run.kind, task) else failed
-        while True:
-            attempt += 1
-            if error is None:
-                if run.spacing:
-                    self._pace(run, retry=attempt > run.crashes + 1)
-                try:
-                    if options.hard:
-                        run.values[i] = self._call_in_child(run, task, options.time_limit, tid)
-                    else:
-                        run.values[i] = self._call_limited(run, task, options.time_limit, tid)
-                    return
-                except BaseException as e:  # noqa: BLE001 - the same
-                    error = e
-            decision = after_failure(
-                options, run.crashes, self._crash_attempts, attempt, error, stopping=self._stop.is_set()
-            )
-            if isinstance(decision, Retry):
-                delay = decision.delay if 0 <= decision.delay < math.inf else 0.0
-                if not options.expires or time.time() + delay < options.expires:
-                    with self._counters.lock:
-                        self._counters.tasks_retried += 1
-                    time.sleep(delay)
-                    error = None
-                    continue
-                # A retry is a start: none begins after the task's expiry. It fails with its error.
-                if hasattr(error, "add_note"):
-                    error.add_note(f"task {tid} was not retried: its expiry (expires=) comes before the next attempt")
-            info = error_info(error)
-            if isinstance(decision, DeadLetter):
-                self._dead_letter(run, i, task, info, decision)
-            else:
-                with run.lock:
-                    run.errors[i] = info
-            return
-
-    def _pace(self, run: _ChunkRun, retry: bool) -> None:
-        """Wait for the next start slot of a rate-limited chunk (see the module docstring): its
-        first ``run.free`` first attempts go at once; other starts take slots in turn under the
-        chunk's lock, ``run.spacing`` apart; a consumer stopping waits no more (the rest of its
-        chunk starts at once)."""
-        with run.lock:
-            now = time.monotonic()
-            if run.free > 0 and not retry:
-                run.free -= 1
-                return
-            start = run.next_start = max(now, run.next_start + run.spacing)
-        if start > now:
-            self._stop.wait(start - now)
-
-    def _dead_letter(self, run: _ChunkRun, i: int, task: tuple[Any, ...], info: ErrorInfo, verdict: DeadLetter) -> None:
-        tid = run.base + i
-        if not verdict.killed:
-            sent = info.exception
-            if sent is None:
-                # It does not travel as itself: its stand-in travels, carrying the note (which
-                # the driver's stand-in, made from the text alone, would not).
-                sent = error_to_exception(info)
-                info = dataclasses.replace(info, exception=sent)
-            if hasattr(sent, "add_note"):
-                sent.add_note(verdict.note(tid))
-        reason = verdict.reason(tid, info)
-        try:
-            payload = dumps_chunk(tid, [task], self._payload_key, run.kind, run.options)
-        except Exception as e:  # noqa: BLE001 - it was unpickled from a chunk, so this is unexpected: keep the error
-            logger.error("consumer %s cannot dead-letter task %d: %s", self.name, tid, e)
-        else:
-            with run.lock:
-                run.dead.append(p.Dead(run.chunk_id, tid, payload, reason.encode()))
-        with run.lock:
-            run.errors[i] = info
-
-    def _call_in_child(self, run: _ChunkRun, task: Any, limit: float | None, tid: int) -> Any:
-        """A hard time limit: the task runs in a child process, killed at ``limit`` (see
-        :mod:`zdq.consumer.hard`)."""
-        # A name is imported in the child; the handler's own process_item goes (what it pickles).
-        fn, args, kwargs = call_parts(run.kind, task, self._handler.process_item)
-        return self.children.call(fn, args, kwargs, limit if limit is not None else math.inf, tid, self._where)
-
-    def _call_limited(self, run: _ChunkRun, task: Any, limit: float | None, tid: int) -> Any:
-        call = self._careful_calls[run.kind]
-        if limit is None:
-            return call(task)
-        box: dict[str, Any] = {}
-
-        def target() -> None:
-            try:
-                box["value"] = call(task)
-            except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
-                box["error"] = e
-
-        # Python cannot kill a thread: a task past its limit is abandoned to finish on its own
-        # (a daemon thread), and the consumer moves on.
-        thread = threading.Thread(target=as_dask_task(target), name=f"zdq-timed-{self.name}-{tid}", daemon=True)
-        thread.start()
-        thread.join(limit)
-        if thread.is_alive():
-            raise TaskTimeout(f"task {tid} ran longer than its time limit of {limit}s")
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
-
-    def _finish(self, run: _ChunkRun, errors: dict[int, ErrorInfo] | None = None) -> None:
+    def _finish(self, run: ChunkRun, errors: dict[int, ErrorInfo] | None = None) -> None:
         errors = run.errors if errors is None else errors
         n = len(run.values)
         self._chunks.pop(run.chunk_id, None)
@@ -958,7 +668,7 @@ class Runner:
         assert payload is not None
         self._post(run.broker, p.Done(run.chunk_id, n, payload))
 
-    def _may_split(self, run: _ChunkRun, n: int) -> bool:
+    def _may_split(self, run: ChunkRun, n: int) -> bool:
         """Whether ``run``'s chunk, whose results do not fit together, may go back split so that
         its tasks run again, each alone (zdq chose the chunk, not the user; at least once, as after
         a crash). Not when running again would do what the first run did not undo, or say what
@@ -976,7 +686,7 @@ class Runner:
                     return False
         return True
 
-    def _split_oversized(self, run: _ChunkRun) -> None:
+    def _split_oversized(self, run: ChunkRun) -> None:
         """``run``'s results are larger together than a report may carry: its chunk goes back
         split in one-task chunks (SPLIT, as a redelivered chunk's), which run again, each
         reporting alone; a result too large alone then fails its task. Counted when they run."""

@@ -69,6 +69,11 @@ CANCEL     driver→broker           token, chunk id (0 if not known yet), seq, 
 CANCELLED  broker→driver,          token, n, then the n indexes that will never run (the others had
            consumer→broker         started, or finished, or are not held here)
 HEARTBEAT  both ways               liveness; a consumer's heartbeat renews its leases
+RETRIED    consumer→broker         chunk id, n, then n pairs (task id, attempts failed so far) in the
+                                   head: those tasks of a chunk the consumer holds failed and will
+                                   run again (sent before each retry's wait)
+           broker→consumer         the same for the chunk DELIVERed next (its earlier consumer died
+                                   between retries): the tasks' retries count on from there
 WHO        broker→peer             the broker does not know this peer (a consumer it took for gone
                                    after heartbeat-timeout of silence speaks again): the peer says
                                    HELLO again on that link, and a consumer gives its credit anew
@@ -111,6 +116,7 @@ __all__ = [
     "Rack",
     "Ready",
     "Who",
+    "Retried",
     "Sync",
     "QueueStatus",
     "Cancel",
@@ -168,6 +174,7 @@ class Command(enum.IntEnum):
     CONFIRMS = 22
     PUTS = 23
     WHO = 24
+    RETRIED = 25
 
 
 class Role(enum.IntEnum):
@@ -348,9 +355,14 @@ class Who(NamedTuple):
     pass
 
 
+class Retried(NamedTuple):
+    chunk_id: int
+    failed: tuple[tuple[int, int], ...]  # (task id, attempts of it that failed so far)
+
+
 Message = Union[
     Hello, Put, Puts, Confirm, Confirms, Fetch, Deliver, Done, Results, Return, Ack, Lost, Expired, Dead, Split, Rack, Ready, Sync,
-    QueueStatus, Cancel, Cancelled, Heartbeat, Bye, Who,
+    QueueStatus, Cancel, Cancelled, Heartbeat, Bye, Who, Retried,
 ]
 
 #: Most tasks a chunk may hold (and parts a SPLIT may carry): a peer's claim is never trusted beyond.
@@ -396,6 +408,10 @@ _ID = _layout(Command.RETURN, "Q")  # RETURN and ACK
 _LOST = _layout(Command.LOST, "QQ")  # LOST and DEAD
 _EXPIRED = _layout(Command.EXPIRED, "QQQI")
 _SPLIT = _layout(Command.SPLIT, "QI")
+_RETRIED = _layout(Command.RETRIED, "QI")  # chunk id, count; followed by the (task id, failed) pairs
+_FAILED = struct.Struct(">QI")
+#: The most attempts a RETRIED may say a task failed (a peer's claim is never trusted beyond).
+MAX_FAILED = 1_000_000
 _RACK = _layout(Command.RACK, "I")  # followed by the ids, 8 bytes each, in the same frame
 _SYNC = _layout(Command.SYNC, "QI")  # token, count; followed by the seqs, 8 bytes each
 _STATUS = _layout(Command.STATUS, "QQQQQQI")  # token, counts, routed, count; then the seqs
@@ -556,6 +572,9 @@ _ENCODERS: dict[type, Callable[[Any], list[Any]]] = {
     Hello: lambda m: [_HELLO.pack(_V, Command.HELLO, m.role), m.name],
     Heartbeat: lambda m: [_HEAD[Command.HEARTBEAT]],
     Who: lambda m: [_HEAD[Command.WHO]],
+    Retried: lambda m: [
+        _RETRIED.pack(_V, Command.RETRIED, m.chunk_id, len(m.failed)) + b"".join(_FAILED.pack(t, n) for t, n in m.failed)
+    ],
     Bye: lambda m: [_HEAD[Command.BYE]],
 }
 
@@ -748,6 +767,18 @@ def _dead(head: bytes, f: Sequence[Any]) -> Message:
     return Dead(chunk_id, task_id, f[1], _bytes(f[2])[:65536])
 
 
+def _retried(head: bytes, f: Sequence[Any]) -> Message:
+    if len(f) != 1 or len(head) < _RETRIED.size:
+        raise ProtocolError(f"RETRIED has {len(f)} frames and a head of {len(head)} bytes")
+    _, _, chunk_id, n = _RETRIED.unpack_from(head)
+    if not 1 <= n <= MAX_CHUNK_TASKS or len(head) != _RETRIED.size + n * _FAILED.size:
+        raise ProtocolError(f"RETRIED claims {n} tasks in a head of {len(head)} bytes")
+    failed = tuple(_FAILED.iter_unpack(head[_RETRIED.size:]))
+    if any(not 1 <= k <= MAX_FAILED for _, k in failed):
+        raise ProtocolError(f"RETRIED says a task failed 0 or more than {MAX_FAILED} times")
+    return Retried(chunk_id, failed)
+
+
 def _bare(msg: Message) -> Callable[[bytes, Sequence[Any]], Message]:
     def decode_bare(head: bytes, f: Sequence[Any]) -> Message:
         if len(head) != len(VERSION) + 1 or len(f) != 1:
@@ -782,6 +813,7 @@ _DECODERS: dict[int, Callable[[bytes, Sequence[Any]], Message]] = {
     Command.HEARTBEAT: _bare(Heartbeat()),
     Command.BYE: _bare(Bye()),
     Command.WHO: _bare(Who()),
+    Command.RETRIED: _retried,
 }
 
 
