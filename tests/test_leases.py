@@ -66,26 +66,45 @@ def test_an_expired_lease_returns_the_chunk_first_and_a_late_done_of_its_holder_
     assert again is not None and again.chunk_id == second
 
 
-def test_a_late_done_of_a_previous_holder_counts_while_another_consumer_holds_the_chunk(table: LeaseTable) -> None:
-    """A consumer stopped past its lease comes back with the chunk's results after the chunk
-    went to another consumer, which then died too: each previous holder's DONE is its work, not
-    a forgery, and the first one settles the chunk; the runs still going report duplicates."""
+def test_a_late_word_of_a_previous_holder_while_another_consumer_holds_the_chunk_is_ignored_not_a_forgery(
+    table: LeaseTable,
+) -> None:
+    """A consumer stopped past its lease comes back with the chunk's DONE (or DEAD, or RETRIED)
+    after the chunk went to another consumer: refused as a peer that never held it, it counted in
+    bad_messages, which operators read as forgeries. It is ignored: the chunk's holder now reports
+    it, and what that one says (its SPLIT, its DEAD, its DONE) still counts, once."""
     C = b"c" * 16
+    (chunk_id,) = table.put([(ChunkMeta(OWNER, 1, 2, base=100), b"chunk")])
+    table.lease(A)
+    table.expire(A)
+    table.lease(B)
+    table.expire(B)
+    assert table.lease(C) is not None
+    assert table.held_by(A, chunk_id) is None and table.held_before(A, chunk_id)
+    assert table.done_by(A, chunk_id, b"late results") is None  # ignored: C holds it
+    assert table.done_by(B, chunk_id, b"late results") is None
+    assert table.dead_letter(A, chunk_id, b"task", "failed", 100) is None  # no second dead letter
+    table.note_failed(B, chunk_id, [(100, 1)])  # a late word too: nothing kept
+    assert chunk_id not in table.failed
+    assert table.counts().dead_tasks == 0
+    meta = table.dead_letter(C, chunk_id, b"task", "failed", 100)
+    assert meta is not None and table.counts().dead_tasks == 1
+    held = table.done_by(C, chunk_id, b"results")
+    assert held is not None and held.results == b"results"
+    with pytest.raises(ProtocolError):
+        table.done_by(b"x" * 16, _put(table, 1)[0], b"forged")  # never held it: refused
+
+
+def test_a_late_done_of_a_previous_holder_counts_while_no_one_holds_the_chunk(table: LeaseTable) -> None:
     (chunk_id,) = _put(table, 1)
     table.lease(A)
     table.expire(A)
-    again = table.lease(B)
-    assert again is not None and again.chunk_id == chunk_id
-    assert table.held_by(A, chunk_id) is not None  # still a holder of it, as before B took it
-    table.expire(B)
-    table.lease(C)
+    table.lease(B)
+    table.expire(B)  # back in the queue: nobody holds it
     held = table.done_by(A, chunk_id, b"late results")
-    assert held is not None and held.done and held.results == b"late results"
+    assert held is not None and held.results == b"late results"
+    assert table.lease(B) is None  # taken back: it does not run once more
     assert table.done_by(B, chunk_id, b"later") is None  # a duplicate
-    assert table.done_by(C, chunk_id, b"latest") is None
-    assert table.counts().done_tasks == 10 and table.counts().leased_tasks == 0
-    with pytest.raises(ProtocolError):
-        table.done_by(b"x" * 16, _put(table, 1)[0], b"forged")  # never held it: refused
 
 
 def test_a_split_from_a_previous_holder_changes_nothing_and_is_no_forgery(table: LeaseTable) -> None:
@@ -95,6 +114,7 @@ def test_a_split_from_a_previous_holder_changes_nothing_and_is_no_forgery(table:
     table.lease(B)
     assert table.split_by(A, chunk_id, [b"part"] * 10) is False
     assert table.held_by(B, chunk_id) is not None and table.counts().leased_tasks == 10
+    assert table.split_by(B, chunk_id, [b"part"] * 10) is True  # the holder's own split still goes
     with pytest.raises(ProtocolError):
         table.split_by(b"x" * 16, chunk_id, [b"part"] * 10)
 

@@ -623,6 +623,8 @@ class BrokerCore:
         except StorageError as e:
             logger.error("broker %s could not store a dead letter: %s", self.name, e)
             return
+        if meta is None:  # a late word: the chunk's holder now runs the task
+            return
         self.counters.tasks_dead_lettered += 1
         if meta.owner == SCHEDULED:  # not kept: its error reaches the schedule (its DONE follows)
             logger.warning("queue %s: a tick of schedule %d used up its attempts: %s", self.name, meta.seq, reason[:200])

@@ -78,8 +78,10 @@ class LeaseTable:
         self.storage = storage
         self._held: dict[int, Held] = {}
         # Consumers whose lease on a chunk expired (the chunk went back to the queue, and may have
-        # been leased again since): a DONE from them still counts, so work that finished late is
-        # not thrown away, and is not taken for a forgery. Kept until the chunk is done or split.
+        # been leased again since). While no one else holds the chunk, a DONE from them still
+        # counts, so work that finished late is not thrown away; while another consumer does, what
+        # they say of it is a late word, ignored (that consumer reports the chunk), never taken for
+        # a forgery. Kept until the chunk is done or split, the oldest dropped past a bound.
         self._previous: dict[int, tuple[bytes, ...]] = {}
         #: Tasks of a chunk that failed and were retried by a consumer (RETRIED): task id ->
         #: attempts failed, told to the next consumer the chunk goes to, so that a consumer's
@@ -106,14 +108,19 @@ class LeaseTable:
         return held.meta if held is not None else self.storage.meta(chunk_id)
 
     def held_by(self, consumer: bytes, chunk_id: int) -> Held | None:
-        """The chunk if ``consumer`` holds its lease (or held it before it expired, whoever holds
-        it now)."""
+        """The chunk if ``consumer`` holds its lease (or held it before it expired, and no other
+        consumer holds it now)."""
         held = self._held.get(chunk_id)
         if held is not None and held.holder == consumer:
             return held
-        if consumer in self._previous.get(chunk_id, ()):
+        if (held is None or held.holder is None) and consumer in self._previous.get(chunk_id, ()):
             return held or _RETURNED
         return None
+
+    def held_before(self, consumer: bytes, chunk_id: int) -> bool:
+        """Whether ``consumer`` held the chunk before its lease expired (what it says of the
+        chunk while another consumer holds it is a late word, not a forgery)."""
+        return consumer in self._previous.get(chunk_id, ())
 
     def leases_of(self, consumer: bytes) -> list[int]:
         return [chunk_id for chunk_id, held in self._held.items() if held.holder == consumer]
@@ -218,6 +225,7 @@ class LeaseTable:
             held = self._held[chunk_id] = Held(meta, None)
             self._previous.pop(chunk_id, None)
         self.failed.pop(chunk_id, None)
+        self._previous.pop(chunk_id, None)
         held.holder = None
         held.leased_at = 0.0
         held.results = EXPIRED_RESULTS
@@ -274,9 +282,12 @@ class LeaseTable:
         return returned, lost
 
     def _was_held(self, chunk_id: int, consumer: bytes) -> None:
-        previous = self._previous.get(chunk_id, ())
-        if consumer not in previous:
-            self._previous[chunk_id] = (*previous, consumer)
+        previous = self._previous
+        before = previous.get(chunk_id, ())
+        if consumer not in before:
+            if not before and len(previous) >= _MAX_PREVIOUS:
+                del previous[next(iter(previous))]  # the oldest: its holder is long gone
+            previous[chunk_id] = (*before, consumer)
 
     def _may_have_started(self, chunk_ids: list[int]) -> None:
         """Chunks a consumer held when it died or reconnected go back to the queue: any of their
@@ -335,8 +346,8 @@ class LeaseTable:
             current.consumer = consumer
             return current
         if (current is None or current.holder != consumer) and self.held_by(consumer, chunk_id) is None:
-            if (current is not None and current.done) or self.meta(chunk_id) is None:
-                return None
+            if (current is not None and current.done) or self.meta(chunk_id) is None or self.held_before(consumer, chunk_id):
+                return None  # a duplicate, or a late word: the chunk's holder now reports it
             raise ProtocolError(f"DONE of chunk {chunk_id} that this peer never held")
         # RESULTS name their consumer in 16 bytes.
         producer = consumer if len(consumer) == ID_SIZE else consumer[:ID_SIZE].ljust(ID_SIZE, b"\0")
@@ -387,8 +398,8 @@ class LeaseTable:
         held = self.held_by(consumer, chunk_id)
         meta = self.meta(chunk_id)
         if held is None or meta is None:
-            if held is not None or (chunk_id in self._held and self._held[chunk_id].done):
-                return  # done meanwhile (a late word of a previous holder): nothing to keep
+            if held is not None or self.held_before(consumer, chunk_id) or (chunk_id in self._held and self._held[chunk_id].done):
+                return  # done meanwhile, or a late word of a previous holder: nothing to keep
             raise ProtocolError(f"RETRIED of chunk {chunk_id} that this peer never held")
         first = meta.base
         if first and any(not first <= task < first + meta.n_tasks for task, _ in failed):
@@ -423,11 +434,12 @@ class LeaseTable:
         self.split(chunk_id, [(_part_of(meta, i), part) for i, part in enumerate(parts)])
         return True
 
-    def dead_letter(self, consumer: bytes, chunk_id: int, task: object, reason: str, task_id: int = 0) -> ChunkMeta:
+    def dead_letter(self, consumer: bytes, chunk_id: int, task: object, reason: str, task_id: int = 0) -> ChunkMeta | None:
         """A task of the chunk ``consumer`` holds (or held) used up its attempts: it is stored as a
         dead letter (``task``, a one-task chunk), unless the chunk is a schedule's tick (the next
         tick runs the same task: one dead letter per tick would pile up without bound). Return
-        the chunk's meta.
+        the chunk's meta; ``None`` for a late word of a previous holder while another consumer
+        holds the chunk (that one runs the task, and dead-letters it if it fails: once).
 
         Raises
         ------
@@ -438,6 +450,8 @@ class LeaseTable:
         """
         held = self.held_by(consumer, chunk_id)
         if held is None:
+            if self.held_before(consumer, chunk_id):
+                return None
             raise ProtocolError(f"DEAD of chunk {chunk_id} that is not leased to this peer")
         meta = self.meta(chunk_id) or held.meta
         if meta.owner != SCHEDULED:
@@ -468,6 +482,8 @@ class LeaseTable:
 
 #: Split chunks whose parts are remembered (for cancellations by the original chunk's id).
 _MAX_SPLITS_KEPT = 10_000
+#: Chunks whose previous holders are remembered (see ``LeaseTable._previous``).
+_MAX_PREVIOUS = 100_000
 
 # A chunk whose previous holder reports it after its lease expired and before anyone leased it again.
 _RETURNED = Held(ChunkMeta(b"\0" * 16, 0, 1), None)
