@@ -798,6 +798,54 @@ def _own_callbacks_go_on(qp: QueuePool) -> None:
         release.set()
 
 
+def test_a_calls_future_runs_its_callbacks_on_the_lanes_in_order_and_an_await_comes_after_the_earlier_ones(
+    client_abc: Client,
+) -> None:
+    """A call given futures settles on zdq's lane: its callbacks ran there inline, so one raising
+    SystemExit stopped the next and one that blocked held every await back (reviewer 30). And an
+    await or as_completed came back before a callback added earlier had run, where the standard
+    library runs a future's callbacks in the order they were added."""
+    with QueuePool(client_abc, 1) as qp, ConsumerPool(client_abc, qp, n_consumers=1, start=True):
+        held = qp.submit(add, 1, qp.submit(add, 0, 0))
+        called = threading.Event()
+        held.add_done_callback(lambda f: sys.exit(3))
+        held.add_done_callback(lambda f: called.set())
+        assert [f.result(0) for f in zdq.as_completed([held], timeout=10)] == [1]
+        assert called.wait(10), "a callback after one that raised SystemExit never ran"
+
+        release = threading.Event()
+        blocked = qp.submit(add, 2, qp.submit(add, 0, 0))
+        blocked.add_done_callback(lambda f: release.wait(30))
+        try:
+            assert blocked.result(timeout=10) == 2
+            start = time.monotonic()
+
+            async def unrelated() -> int:
+                return int(await qp.submit(add, 5, 5))
+
+            assert asyncio.run(asyncio.wait_for(unrelated(), 10)) == 10
+            assert time.monotonic() - start < 3, "an await waited for a held call's blocked callback"
+        finally:
+            release.set()
+
+        seen: list[int] = []
+
+        def slow_note(f: Any) -> None:
+            time.sleep(0.3)
+            seen.append(f.result())
+
+        first = qp.submit(add, 20, 1)
+        first.add_done_callback(slow_note)
+
+        async def after() -> tuple[int, list[int]]:
+            return int(await first), list(seen)
+
+        assert asyncio.run(asyncio.wait_for(after(), 10)) == (21, [21])
+        second = qp.submit(add, 30, 1)
+        second.add_done_callback(slow_note)
+        assert [(f.result(0), list(seen)) for f in zdq.as_completed([second], timeout=10)] == [(31, [21, 31])]
+
+
 # -- 16. a ConsumerPool over a pool that does not run ---------------------------------------------------
 
 

@@ -663,10 +663,10 @@ class MapFuture(TaskFuture):
             return
         watch[1] = None  # type: ignore[index]
         runner = getattr(_io_thread, "runner", None)
+        if runner is not None:
+            runner.submit(callbacks, self)
+            return
         for fn in callbacks:
-            if runner is not None:
-                runner.submit(fn, self)
-                continue
             try:
                 fn(self)
             except Exception:
