@@ -352,3 +352,26 @@ def test_handshakes_with_a_wrong_server_key_or_without_curve_are_counted_as_refu
         assert len(lines) == 1, lines[:3]
         assert "another server key" in lines[0] and "refused_peers" in lines[0] and "127.0.0.1" in lines[0]
         member_gets_in()
+
+
+def test_brokers_that_close_at_once_leave_no_descriptor_behind(zmq_ctx: zmq.Context) -> None:
+    """The authenticator's thread connected each socket's monitor when it got to it: a socket
+    closed first (a placement failing fast) left a connection waiting for ever, a descriptor each
+    (+299 for 300 brokers in a worker's one context)."""
+    from zdq.transport.security import PoolKeys
+    from zdq.transport.sockets import bind_router
+
+    keys = PoolKeys.generate()
+    kept, _, kept_admission = bind_router(zmq_ctx, "127.0.0.1", max_message_size=1 << 20, keys=keys.server)
+    assert kept_admission is not None
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(200):
+            router, _, admission = bind_router(zmq_ctx, "127.0.0.1", max_message_size=1 << 20, keys=keys.server)
+            router.close(linger=0)
+            assert admission is not None
+            admission.stop()
+        wait_until(lambda: len(os.listdir("/proc/self/fd")) - before < 20, timeout=10)
+    finally:
+        kept.close(linger=0)
+        kept_admission.stop()

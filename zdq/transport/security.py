@@ -10,7 +10,8 @@ Anyone who reaches the port can try as often as they like: each refusal is count
 that fails before it reaches the authenticator (libzmq ends it itself: a peer that has the wrong
 server key, speaks another security mechanism, or is no ZeroMQ peer), which ZeroMQ's socket monitor
 tells the same thread; those are logged once per broker a minute at most (the monitor does not
-name the peer).
+name the peer). A connection that sends no ZeroMQ greeting (an HTTP request, a port scan) is
+dropped by libzmq without any report, and is not counted.
 
 On a ``tcp://`` Dask cluster that channel is clear text: these keys are then no secret from an
 observer of it (CurveZMQ's ephemeral session keys still hide the traffic of the sockets), which is
@@ -161,13 +162,22 @@ class _ZapHandler:
         self._wake_out.setsockopt(zmq.LINGER, 0)
         self._wake_out.connect(self._wake_address)
         self._monitors: dict[bytes, zmq.Socket[Any]] = {}  # domain -> its socket's monitor; the thread's
+        #: Monitors connected by ``secure_server`` (on the broker's thread, while the socket's
+        #: monitor is bound: connected later, after the socket closed, one would wait for ever for
+        #: its peer, and hold a descriptor), handed to the thread by ``watch`` (under ``_zap_lock``).
+        self._handed: dict[bytes, zmq.Socket[Any]] = {}
         self._thread = threading.Thread(target=self._serve, name="zdq-zap", daemon=True)
         self._thread.start()
 
-    def watch(self, domain: bytes) -> None:
-        """Read the monitor of the socket of ``domain`` (see :func:`monitor_address`); under
-        ``_zap_lock``, which orders every message to the thread."""
-        self._wake_out.send(b"+" + domain)
+    def watch(self, domain: bytes, monitor: zmq.Socket[Any]) -> None:
+        """Read ``monitor`` (connected to the monitor of the socket of ``domain``) from now on;
+        under ``_zap_lock``, which orders every message to the thread."""
+        self._handed[domain] = monitor
+        try:
+            self._wake_out.send(b"+" + domain, zmq.NOBLOCK)
+        except zmq.ZMQError:  # the context is closing: the thread ends with it
+            self._handed.pop(domain, None)
+            monitor.close(linger=0)
 
     def unwatch(self, domain: bytes) -> None:
         """Stop reading it (under ``_zap_lock``)."""
@@ -202,7 +212,7 @@ class _ZapHandler:
         except zmq.ZMQError as e:  # the context is terminating: its sockets stop with it
             logger.debug("zdq ZAP handler stopped: %s", e)
         finally:
-            for monitor in monitors.values():
+            for monitor in [*monitors.values(), *self._handed.values()]:
                 monitor.close(linger=0)
             monitors.clear()
             try:
@@ -221,12 +231,13 @@ class _ZapHandler:
         if monitor is not None:
             poller.unregister(monitor)
             monitor.close(linger=0)
-        if order[:1] == b"+":
-            monitor = self._ctx.socket(zmq.PAIR)
-            monitor.setsockopt(zmq.LINGER, 0)
-            monitor.connect(monitor_address(domain))
-            poller.register(monitor, zmq.POLLIN)
-            self._monitors[domain] = monitor
+        monitor = self._handed.pop(domain, None)
+        if monitor is not None:
+            if order[:1] == b"+":
+                poller.register(monitor, zmq.POLLIN)
+                self._monitors[domain] = monitor
+            else:
+                monitor.close(linger=0)
 
     def _monitored(self, domain: bytes, message: list[bytes]) -> None:
         """A monitor event of ``domain``'s socket: a handshake libzmq failed counts as refused."""
@@ -332,12 +343,16 @@ def secure_server(ctx: zmq.Context[Any], sock: zmq.Socket[Any], keys: ServerKeys
         entry[0].admitted[domain.encode()] = z85.decode(keys.client_public)
         entry[1].add(domain)
         # Handshakes that fail before ZAP (a wrong server key...) only the socket's monitor sees.
-        sock.monitor(monitor_address(domain.encode()), zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-        entry[0].watch(domain.encode())
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, addr=monitor_address(domain.encode()))
+        monitor.setsockopt(zmq.LINGER, 0)
+        entry[0].watch(domain.encode(), monitor)
     sock.setsockopt(zmq.CURVE_SERVER, 1)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
     sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
     sock.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
+    # Without a ZAP handler (its thread ended), libzmq would admit any CurveZMQ client that has
+    # the server's public key: with this, it refuses them all instead.
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
     return admission
 
 
