@@ -734,6 +734,46 @@ def test_a_done_callback_that_waits_on_the_pool_does_not_deadlock(harness: Calla
     assert box["value"] == 15
 
 
+def _break_every_broker_loop_of(queue_name: str, on: bool) -> bool:
+    """On a worker: make the loop of every broker of ``queue_name`` made here, now or later, fail
+    at its first round (``on``), or no longer."""
+    from zdq.broker.core import BrokerCore
+
+    original = getattr(BrokerCore, "_zdq_test_round", None)
+    if original is None:
+        original = BrokerCore._zdq_test_round = BrokerCore._round  # type: ignore[attr-defined]
+    if not on:
+        BrokerCore._round = original  # type: ignore[method-assign]
+        return True
+
+    def broken(self: Any) -> None:
+        if self.name == queue_name:
+            raise RuntimeError("a bug its stored state sets off")
+        original(self)
+
+    BrokerCore._round = broken  # type: ignore[method-assign]
+    return True
+
+
+def test_a_queue_whose_every_broker_loop_fails_is_given_up_after_three_and_its_tasks_say_why(
+    client_abc: Client, tmp_path: Path
+) -> None:
+    """Placed again each time its loop failed, a durable queue whose stored state sets off a bug
+    in every new broker was placed again without end, its tasks waiting for ever."""
+    try:
+        with QueuePool(client_abc, 2, durability="durable", dirpath=tmp_path, workers=["a", "b"], **FAST) as qp:
+            with ConsumerPool(client_abc, qp, n_consumers=1, workers=["c"], start=True):
+                assert qp.batch_submit([(add, i) for i in range(20)]).result(timeout=30) == list(range(20))
+                client_abc.run(_break_every_broker_loop_of, qp.queue_names[0], True)
+                futures = [qp.submit(add, i, 1) for i in range(40)]  # some go to the failing queue
+                assert_settled(futures, 90, "futures of a pool whose queue's broker loop always fails")
+                assert [f.result(0) for f in futures] == [i + 1 for i in range(40)]  # sent on to the other
+                wait_until(lambda: qp.gone_queues() == [qp.queue_names[0]], timeout=90)
+                assert qp.recoveries == 2  # placed again twice; the third failure gave it up
+    finally:
+        client_abc.run(_break_every_broker_loop_of, "", False)
+
+
 def test_a_done_callback_that_raises_system_exit_costs_only_its_own_call(client_abc: Client) -> None:
     """A callback re-raising a task's SystemExit (``lambda f: f.result()``) ended the pool's one
     callback thread without a word: no later callback ran, as_completed and held calls waited for

@@ -61,6 +61,8 @@ def test_an_every_whose_first_tick_no_date_holds_is_refused_at_the_call() -> Non
     with pytest.raises(ValueError, match=r"every=1000000000000.0 has no next tick a date can hold"):
         Spec.parse(every=1e12, anchor=at(2030, 1, 1))
     assert Spec.parse(every=0.01, anchor=0.0).every == 0.01
+    with pytest.raises(ValueError, match=r"every=1000000000000000000000000000000000000000 is longer than any date"):
+        Spec.parse(every=10**400, anchor=0.0)  # no float holds it
 
 
 # -- cron ------------------------------------------------------------------------------------------

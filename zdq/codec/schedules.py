@@ -62,6 +62,8 @@ def _missed(value: Missed | str) -> Missed:
 
 #: The shortest ``every=`` (seconds): each tick is a stored chunk and a write of its schedule.
 MIN_EVERY = 0.01
+#: Longer than the years 1 to 9999 that a date holds: no ``every=`` beyond it has a tick.
+_LONGEST = 1e12
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ class Spec:
             seconds = every.total_seconds() if isinstance(every, timedelta) else every
             if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
                 raise ValueError(f"every={every!r} must be a positive timedelta or number of seconds")
+            if seconds > _LONGEST:  # a float would not even hold it (10**400)
+                raise ValueError(f"every={every!r:.40} is longer than any date can be apart ({_LONGEST:.0f} s)")
             if seconds < MIN_EVERY:
                 raise ValueError(
                     f"every={every!r} is under {MIN_EVERY} s: a schedule ticks at most {1 / MIN_EVERY:.0f} times a second "
