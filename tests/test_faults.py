@@ -838,13 +838,14 @@ def _own_callbacks_go_on(qp: QueuePool) -> None:
         release.set()
 
 
-def test_a_calls_future_runs_its_callbacks_on_the_lanes_in_order_and_an_await_comes_after_the_earlier_ones(
+def test_a_calls_future_runs_its_callbacks_on_the_lanes_and_no_callback_holds_back_another_futures_await(
     client_abc: Client,
 ) -> None:
     """A call given futures settles on zdq's lane: its callbacks ran there inline, so one raising
-    SystemExit stopped the next and one that blocked held every await back (reviewer 30). And an
-    await or as_completed came back before a callback added earlier had run, where the standard
-    library runs a future's callbacks in the order they were added."""
+    SystemExit stopped the next and one that blocked held every await back (reviewer 30). Then
+    zdq's callbacks were queued behind a future's user callbacks to keep their order, and so behind
+    a slow callback of any other future: an await took 8 s, and a callback waiting on a held call
+    deadlocked (reviewer 31)."""
     with QueuePool(client_abc, 1) as qp, ConsumerPool(client_abc, qp, n_consumers=1, start=True):
         held = qp.submit(add, 1, qp.submit(add, 0, 0))
         called = threading.Event()
@@ -854,38 +855,28 @@ def test_a_calls_future_runs_its_callbacks_on_the_lanes_in_order_and_an_await_co
         assert called.wait(10), "a callback after one that raised SystemExit never ran"
 
         release = threading.Event()
-        blocked = qp.submit(add, 2, qp.submit(add, 0, 0))
-        blocked.add_done_callback(lambda f: release.wait(30))
         try:
+            blocked = qp.submit(add, 2, qp.submit(add, 0, 0))
+            blocked.add_done_callback(lambda f: release.wait(30))  # a held call's, blocking
             assert blocked.result(timeout=10) == 2
+            slow = qp.submit(add, 3, 0)
+            slow.add_done_callback(lambda f: release.wait(30))  # another future's, blocking
+            assert slow.result(timeout=10) == 3
             start = time.monotonic()
+            later = qp.submit(sleep_return, 4, 0.5)
+            later.add_done_callback(lambda f: None)  # a callback of the user's on the future awaited
+            held_on_later = qp.submit(add, later, 1)  # launched by zdq's callback on it
 
-            async def unrelated() -> int:
-                return int(await qp.submit(add, 5, 5))
+            async def awaited() -> int:
+                return int(await later)
 
-            assert asyncio.run(asyncio.wait_for(unrelated(), 10)) == 10
-            assert time.monotonic() - start < 3, "an await waited for a held call's blocked callback"
+            assert asyncio.run(asyncio.wait_for(awaited(), 10)) == 4
+            assert [f.result(0) for f in zdq.as_completed([later], timeout=10)] == [4]
+            assert held_on_later.result(timeout=10) == 5
+            took = time.monotonic() - start
+            assert took < 3, f"zdq's own callbacks waited {took:.1f} s behind blocked callbacks of other futures"
         finally:
             release.set()
-
-        seen: list[int] = []
-
-        def slow_note(f: Any) -> None:
-            time.sleep(0.3)
-            seen.append(f.result())
-
-        # Both callbacks added before the task ends (its 0.5 s): the order holds for those, as in
-        # the standard library (one added to a future already done runs at once, wherever).
-        first = qp.submit(sleep_return, 21, 0.5)
-        first.add_done_callback(slow_note)
-
-        async def after() -> tuple[int, list[int]]:
-            return int(await first), list(seen)
-
-        assert asyncio.run(asyncio.wait_for(after(), 10)) == (21, [21])
-        second = qp.submit(sleep_return, 31, 0.5)
-        second.add_done_callback(slow_note)
-        assert [(f.result(0), list(seen)) for f in zdq.as_completed([second], timeout=10)] == [(31, [21, 31])]
 
 
 # -- 16. a ConsumerPool over a pool that does not run ---------------------------------------------------

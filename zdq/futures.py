@@ -642,14 +642,13 @@ def own(fn: Callable[[Any], object]) -> OwnCallback:
 
 class CallbackRunner:
     """The threads that run the done-callbacks of futures settled on a driver's I/O thread (or on
-    these threads: a held call settles on zdq's): one for the user's callbacks, in the order their
-    futures settled, and one for zdq's own (:class:`OwnCallback`), so that a user's callback that
-    is slow or waits on another future of the pool (whose result may need zdq's callbacks: a held
-    call's launch, an ``await``) never holds those back. A future's callbacks keep the order they
-    were added in, as the standard library runs them: zdq's own go on their lane only ahead of the
-    future's first callback of the user's; from that one on, all go on the user's lane, in order
-    (an ``await`` of a future whose earlier callback is slow waits for it, as it would with
-    ``asyncio.wrap_future``). A callback that raises, even ``SystemExit`` or
+    these threads: a held call settles on zdq's): one for the user's callbacks, in the order they
+    were added and their futures settled, and one for zdq's own (:class:`OwnCallback`), so that a
+    user's callback that is slow or waits on another future of the pool (whose result may need
+    zdq's callbacks: a held call's launch, an ``await``) never holds those back. So an ``await`` or
+    ``zdq.as_completed`` may see a future done before its user callbacks have run, as
+    ``result()``, ``concurrent.futures.wait`` and ``as_completed`` do in the standard library
+    (they are told before its callbacks run). A callback that raises, even ``SystemExit`` or
     ``KeyboardInterrupt``, is logged and costs only its own call.
 
     Started with its driver, stopped after it (running every callback queued before).
@@ -675,12 +674,10 @@ class CallbackRunner:
         _io_thread.runner = self
 
     def submit(self, callbacks: list[Callable[[Any], object]], future: Any) -> None:
-        """Run ``future``'s ``callbacks`` (in the order they were added) on the lanes."""
-        lane = self._own
+        """Run ``future``'s ``callbacks`` on the lanes (each lane in the order they were added)."""
+        own, user = self._own, self._queue
         for fn in callbacks:
-            if type(fn) is not OwnCallback:
-                lane = self._queue  # the first of the user's: it and all after it, in order
-            lane.put((fn, future))
+            (own if type(fn) is OwnCallback else user).put((fn, future))
 
     def _run(self, lane: queue.SimpleQueue[tuple[Callable[[Any], object], Any] | None]) -> None:
         # A future settled here (a held call's, by its input's callback) hands its callbacks on too.
