@@ -224,3 +224,42 @@ def test_the_attempts_a_consumer_retried_are_kept_for_the_chunks_next_delivery_a
         table.finish(leased.chunk_id, A, b"results")
         leased = table.lease(A)
     assert table.failed == {}  # a chunk done forgets its counts
+
+
+def test_a_previous_holders_late_word_after_the_chunk_was_split_or_done_is_ignored_not_a_forgery(
+    table: LeaseTable,
+) -> None:
+    """Split (as a redelivered chunk is) or done and acknowledged, the chunk forgets its previous
+    holders: their RETRIED and DEAD, late, were refused as forgeries (bad_messages)."""
+    (chunk_id,) = table.put([(ChunkMeta(OWNER, 1, 3, base=100), b"chunk")])
+    table.lease(A)
+    table.expire(A)
+    table.lease(B)
+    assert table.split_by(B, chunk_id, [b"p0", b"p1", b"p2"])
+    table.note_failed(A, chunk_id, [(101, 1)])
+    assert table.dead_letter(A, chunk_id, b"task", "failed", 101) is None
+    assert table.done_by(A, chunk_id, b"late") is None
+    assert chunk_id not in table.failed and table.counts().dead_tasks == 0
+    (other,) = table.put([(ChunkMeta(OWNER, 2, 3, base=200), b"chunk")])
+    leased = table.lease(A)
+    while leased is not None and leased.chunk_id != other:  # the parts first
+        table.finish(leased.chunk_id, A, b"results")
+        leased = table.lease(A)
+    table.expire(A)
+    table.lease(B)
+    held = table.done_by(B, other, b"results")
+    assert held is not None
+    table.sent(held, OWNER)
+    assert table.forget([other], OWNER) == 1
+    table.note_failed(A, other, [(201, 1)])
+    assert table.dead_letter(A, other, b"task", "failed", 201) is None
+    assert table.counts().dead_tasks == 0 and table.failed == {}
+
+
+def test_an_early_acknowledged_chunk_lost_with_its_consumer_keeps_no_retry_counts(table: LeaseTable) -> None:
+    (chunk_id,) = table.put([(ChunkMeta(OWNER, 1, 3, base=100), b"chunk")])
+    table.lease(A)
+    assert table.ack_early(chunk_id)
+    table.note_failed(A, chunk_id, [(101, 1)])
+    _, lost = table.expire(A)
+    assert [i for i, _ in lost] == [chunk_id] and table.failed == {}

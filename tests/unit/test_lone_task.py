@@ -187,3 +187,23 @@ def test_a_redelivered_task_whose_earlier_attempts_failed_counts_them_and_is_not
     runner.received(10, 1)
     runner.execute(1, p.Deliver(10, 1, 2, dumps_chunk(50, ["z"], KEY, ITEMS)))
     assert handler.seen == ["z"]
+
+
+def test_a_task_of_a_chunk_whose_broker_was_placed_again_is_not_retried_here() -> None:
+    """The new broker runs the chunk again from its storage: the old run went on retrying its
+    failing task (eight runs of retries=3 across a durable broker's kill, reviewer 31)."""
+    sent: list[tuple[int, p.Message]] = []
+    runner: Runner | None = None
+    calls: list[object] = []
+
+    def fails_and_moves(item: object) -> None:
+        calls.append(item)
+        assert runner is not None
+        runner.broker_replaced(1)  # told while the first attempt runs
+        raise OSError("declined")
+
+    runner, counters = _runner(Recorder(fails_and_moves), sent, retries=3, retry_backoff=0.0)
+    runner.received(9, 1)
+    runner.execute(1, _item(9, "y"))
+    assert calls == ["y"] and counters.tasks_retried == 0
+    assert not [m for _, m in sent if type(m) in (p.Done, p.Retried)]  # nothing goes to the old broker's queue

@@ -273,7 +273,9 @@ class LeaseTable:
                 continue
             del self._held[chunk_id]
             if held.early:
-                lost.append((chunk_id, held))
+                lost.append((chunk_id, held))  # it never comes back: nothing kept for it stays
+                self.failed.pop(chunk_id, None)
+                self._previous.pop(chunk_id, None)
             else:
                 self.storage.release(chunk_id, count_attempt=count_attempt)
                 self._was_held(chunk_id, consumer)
@@ -397,9 +399,11 @@ class LeaseTable:
         """
         held = self.held_by(consumer, chunk_id)
         meta = self.meta(chunk_id)
-        if held is None or meta is None:
-            if held is not None or self.held_before(consumer, chunk_id) or (chunk_id in self._held and self._held[chunk_id].done):
-                return  # done meanwhile, or a late word of a previous holder: nothing to keep
+        if held is None or meta is None or held.done:
+            if held is not None or meta is None or self.held_before(consumer, chunk_id) or self._held[chunk_id].done:
+                # Done, split or gone meanwhile, or a late word of a previous holder: nothing to
+                # keep (what names a chunk no longer here cannot be checked, and does no harm).
+                return
             raise ProtocolError(f"RETRIED of chunk {chunk_id} that this peer never held")
         first = meta.base
         if first and any(not first <= task < first + meta.n_tasks for task, _ in failed):
@@ -449,9 +453,10 @@ class LeaseTable:
             If the dead letter could not be stored.
         """
         held = self.held_by(consumer, chunk_id)
-        if held is None:
-            if self.held_before(consumer, chunk_id):
-                return None
+        if held is None or (held.done and held.holder is None and held.consumer != consumer):
+            current = self._held.get(chunk_id)
+            if self.held_before(consumer, chunk_id) or self.meta(chunk_id) is None or (current is not None and current.done):
+                return None  # a late word: the chunk is another's, done, split or gone
             raise ProtocolError(f"DEAD of chunk {chunk_id} that is not leased to this peer")
         meta = self.meta(chunk_id) or held.meta
         if meta.owner != SCHEDULED:

@@ -105,8 +105,11 @@ _PROBE_TIMEOUT = 5.0
 #: A lost queue's placement is tried for a quarter of the recovery bound at a time, at least this
 #: long (and at most ``placement-timeout``): a stopped worker then costs one try, not the bound.
 _RECOVERY_TRY = 10.0
-#: A queue whose broker's loop failed this many times is given up (see ``PlacedQueues._recover``).
-_LOOP_FAILURES = 3
+#: A queue whose broker's loop failed this many times within this many seconds is given up (see
+#: ``PlacedQueues._recover``).
+_LOOP_FAILURES, _LOOP_FAILURE_WINDOW = 3, 600.0
+#: A question to a silent broker unanswered for this many heartbeat timeouts is asked again.
+_PROBE_GIVEN_UP = 10
 #: How long a recovery waits for a broker it gives up on (placed, not adopted) to stop.
 _STOP_WAIT = 10.0
 
@@ -305,9 +308,10 @@ class PlacedQueues:
         self._silent_logged: set[int] = set()
         #: A silent queue's broker asked whether its loop ended: (its answer to come, when asked).
         self._probes: dict[int, tuple[Any, float]] = {}
-        #: How many times each queue's broker loop failed (a queue whose every broker fails so,
-        #: a bug its stored state sets off each time, is given up after :data:`_LOOP_FAILURES`).
-        self._loop_failures: dict[int, int] = {}
+        #: When each queue's broker loop failed lately (a queue whose every broker fails so, a
+        #: bug its stored state sets off each time, is given up after :data:`_LOOP_FAILURES`
+        #: within :data:`_LOOP_FAILURE_WINDOW`).
+        self._loop_failures: dict[int, list[float]] = {}
         self.recoveries = 0
         #: Each queue's own rate limit as this pool last set it: a transient queue placed again
         #: gets it back (a durable one finds its own, stored with it).
@@ -581,7 +585,9 @@ class PlacedQueues:
         broker that does not answer (a worker stalled, stopped or cut off) is only silent."""
         now = time.monotonic()
         probe = self._probes.get(i)
-        if probe is None:  # one question at a time: a stopped worker answers it when it resumes
+        if probe is None or (not probe[0].done() and now - probe[1] > _PROBE_GIVEN_UP * self.settings.heartbeat_timeout):
+            # One question at a time (a stopped worker answers it when it resumes); one lost on
+            # the way is asked again, rarely.
             actor = self.slots.actor(i)
             if actor is not None:
                 try:
@@ -601,7 +607,7 @@ class PlacedQueues:
                 del self._probes[i]  # asked again next round, while it stays silent
             return False
         del self._probes[i]
-        self._loop_failures[i] = self._loop_failures.get(i, 0) + 1
+        self._loop_failures[i] = [t for t in self._loop_failures.get(i, []) if now - t < _LOOP_FAILURE_WINDOW] + [now]
         logger.error("the broker of queue %s stopped serving (%s): placing it again", self.queue_names[i], why)
         return True
 
@@ -625,11 +631,13 @@ class PlacedQueues:
         transient = not self.durable
         name = self.queue_names[i]
         self._note_lost(i, driver)
-        failures = self._loop_failures.get(i, 0)
+        failures = len(self._loop_failures.get(i, []))
         if failures >= _LOOP_FAILURES:
             # Placed again, its broker fails the same way each time (something its stored state
             # sets off): placing it once more would only fail again.
-            return self._unrecoverable(i, ZdqError(f"its broker's loop failed {failures} times (see the workers' logs)"), driver)
+            return self._unrecoverable(
+                i, ZdqError(f"its broker's loop failed {failures} times within {_LOOP_FAILURE_WINDOW:.0f} s (see the workers' logs)"), driver
+            )
         host = None if transient else self.where[i][0]
         try:
             fut = self._submit(i, host=host)

@@ -42,7 +42,7 @@ from zdq.codec.tasks import (
 )
 from zdq.consumer.base import ConsumerBaseClass
 from zdq.consumer.hard import Children
-from zdq.consumer.policy import DeadLetter, Retry, after_failure, on_redelivery
+from zdq.consumer.policy import DeadLetter, Fail, Retry, after_failure, on_redelivery
 from zdq.consumer.run import ChunkRun, Counters
 from zdq.errors import DeadLettered, TaskCancelled, TaskExpired, TaskTimeout
 from zdq.transport import protocol as p
@@ -153,6 +153,10 @@ class Attempts:
             decision = after_failure(
                 options, run.crashes, self._crash_attempts, attempt, error, stopping=self._stop.is_set()
             )
+            if isinstance(decision, Retry) and run.stale:
+                # Its broker was placed again (or its consumer is leaving): the chunk runs again
+                # from the queue, and no attempt starts here (no DONE goes for it either).
+                decision = Fail()
             if isinstance(decision, Retry):
                 delay = decision.delay if 0 <= decision.delay < math.inf else 0.0
                 if not options.expires or time.time() + delay < options.expires:

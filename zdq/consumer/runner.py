@@ -291,11 +291,19 @@ class Runner:
         with self._cancel_lock:
             running = [state for state in list(self._chunks.values()) if not isinstance(state, int) and not state.stale]
             for state in running:
-                state.stale = True
-                if type(state) is ChunkRun:  # a Lone's only task has started
-                    for i in range(len(state.values)):
-                        state.cancel(i)
+                self._mark_stale(state)
         return len(running)
+
+    @staticmethod
+    def _mark_stale(state: ChunkRun | Lone) -> None:
+        """(The cancel lock held.) A running chunk starts no more tasks (nor retries) and sends no
+        DONE; a lone task on the careful path has a run of its own, marked too."""
+        state.stale = True
+        if isinstance(state, ChunkRun):  # a Lone's only task has started
+            for i in range(len(state.values)):
+                state.cancel(i)
+        elif state.run is not None:
+            state.run.stale = True
 
     def broker_replaced(self, broker: int) -> None:
         """Broker ``broker`` was placed again (the socket thread, once it connects to the new one).
@@ -313,10 +321,7 @@ class Runner:
                     if state == broker:
                         self._stale.add(chunk_id)
                 elif state.broker == broker and not state.stale:
-                    state.stale = True
-                    if type(state) is ChunkRun:  # a Lone's only task has started
-                        for i in range(len(state.values)):
-                            state.cancel(i)
+                    self._mark_stale(state)
 
     def _forget(self, chunk_id: int) -> None:
         # Its cancellations are kept (a bounded number): the same chunk may come again (given
@@ -512,6 +517,7 @@ class Runner:
         time limit) with a :class:`ChunkRun` made now."""
         lone, chunk_id, kind, tasks, values = context
         run = lone.run = ChunkRun(lone.broker, chunk_id, lone.base, 1, 0, kind)
+        run.stale = lone.stale  # marked since it started (broker_replaced marks the run from now on)
         run.tasks, run.values = tasks, values
         self._careful(run, i, task, failed)
 
