@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import zmq
@@ -435,3 +436,35 @@ def test_a_round_too_large_for_a_full_disk_stores_what_fits_and_refuses_only_the
         driver.close(linger=0)
         sock.close(linger=0)
         storage.close()
+
+
+def test_a_retried_naming_a_waiting_chunk_it_never_held_is_counted_and_the_broker_carries_on(
+    broker: tuple[BrokerCore, str], zmq_ctx: zmq.Context
+) -> None:
+    """A forged RETRIED for a chunk waiting in the queue raised KeyError in the lease table, which
+    ended the broker's loop (reviewer 32): a queue lost to one message of a key holder. It is a
+    bad message; and any failure of zdq's own while handling a message costs that message only."""
+    core, endpoint = broker
+    driver = _peer(zmq_ctx, endpoint, p.Role.DRIVER)
+    forger = _peer(zmq_ctx, endpoint, p.Role.CONSUMER)
+    try:
+        driver.send_multipart(p.encode(p.Put(1, 1, b"chunk", base=100)))
+        confirm = _recv(driver)
+        assert isinstance(confirm, (p.Confirm, p.Confirms))
+        chunk_id = confirm.chunk_id if isinstance(confirm, p.Confirm) else confirm.chunk_ids[0]
+        forger.send_multipart(p.encode(p.Retried(chunk_id, ((100, 1),))))
+        wait_until(lambda: core.statistics().bad_messages == 1, timeout=10)
+        assert core.running and core.statistics().ready_tasks == 1
+
+        def broken(ident: bytes, msg: p.Fetch, work: Any) -> None:
+            raise KeyError("a bug of zdq's")
+
+        core._routes[p.Fetch] = broken  # a handler with a bug, as the lease table's was
+        forger.send_multipart(p.encode(p.Fetch(1)))
+        wait_until(lambda: core.statistics().bad_messages == 2, timeout=10)
+        assert core.running
+        driver.send_multipart(p.encode(p.Put(2, 1, b"next", base=101)))  # the broker carries on
+        assert isinstance(_recv(driver), (p.Confirm, p.Confirms))
+    finally:
+        driver.close(linger=0)
+        forger.close(linger=0)

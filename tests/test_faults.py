@@ -879,6 +879,32 @@ def test_a_calls_future_runs_its_callbacks_on_the_lanes_and_no_callback_holds_ba
             release.set()
 
 
+def test_close_and_cancel_settle_every_future_though_a_callback_waits_on_another_or_raises(client_abc: Client) -> None:
+    """Futures settled on the user's thread (close() failing them, cancel()) ran their callbacks
+    there: one waiting on a held call that the same close() settles later hung close() for ever,
+    and one raising SystemExit in cancel() left the held call on its future unsettled (reviewer 32)."""
+    with QueuePool(client_abc, 1) as qp:  # no consumer: nothing runs
+        first = qp.submit(add, 1, 0)
+        quits = qp.submit(add, 2, 0)
+        quits.add_done_callback(lambda f: sys.exit(3))
+        held_on_quits = qp.submit(add, quits, 1)
+        assert quits.cancel()  # its callback raised: logged, and the next one (zdq's) ran
+        wait_until(held_on_quits.done, timeout=10)
+        assert held_on_quits.cancelled()  # a cancelled input cancels the call
+
+        second = qp.submit(add, 3, 0)
+        held = qp.submit(add, second, 1)
+        seen: list[object] = []
+        first.add_done_callback(lambda f: seen.append(type(held.exception(timeout=30)).__name__))
+        start = time.monotonic()
+        closing = threading.Thread(target=qp.close, daemon=True)
+        closing.start()
+        closing.join(30)
+        assert not closing.is_alive(), "close() hung in a callback waiting on another future it fails"
+        assert time.monotonic() - start < 15
+        wait_until(lambda: seen == ["ClosedError"], timeout=15)
+
+
 # -- 16. a ConsumerPool over a pool that does not run ---------------------------------------------------
 
 

@@ -263,3 +263,10 @@ def test_an_early_acknowledged_chunk_lost_with_its_consumer_keeps_no_retry_count
     table.note_failed(A, chunk_id, [(101, 1)])
     _, lost = table.expire(A)
     assert [i for i, _ in lost] == [chunk_id] and table.failed == {}
+
+
+def test_a_retried_from_a_peer_that_never_held_a_waiting_chunk_is_a_protocol_error(table: LeaseTable) -> None:
+    (chunk_id,) = table.put([(ChunkMeta(OWNER, 1, 3, base=100), b"chunk")])
+    with pytest.raises(ProtocolError):  # it raised KeyError, which ended the broker's loop
+        table.note_failed(B, chunk_id, [(101, 1)])
+    assert table.failed == {}

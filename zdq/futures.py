@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import operator
 import queue
@@ -620,6 +621,17 @@ class WaitHint:
 _io_thread = threading.local()
 
 
+def run_inline(callbacks: list[Callable[[Any], object]], future: Any) -> None:
+    """Run ``future``'s callbacks on this thread, in order; one that raises (even ``SystemExit``)
+    is logged and the next runs: one of zdq's own after it must run, or a future that waits on it
+    (a held call, an ``await``) would never settle."""
+    for fn in callbacks:
+        try:
+            fn(future)
+        except BaseException:  # noqa: BLE001 - logged, as concurrent.futures does; the next one runs
+            logger.exception("exception calling callback for %r", future)
+
+
 class OwnCallback:
     """A done-callback of zdq's own (an ``await``'s hand-over to its loop, ``as_completed``'s
     arrival, a held call's inputs, an executor's count of its work): it runs on the callback
@@ -672,6 +684,18 @@ class CallbackRunner:
     def adopt_current_thread(self) -> None:
         """Mark the calling thread (a driver's I/O thread) as one whose callbacks go here."""
         _io_thread.runner = self
+
+    @contextlib.contextmanager
+    def adopted(self) -> Iterator[None]:
+        """The calling thread's futures hand their callbacks here while this lasts (a driver's
+        close(), settling every pending future on the user's thread: inline, a callback waiting
+        on another of them would wait for ever, the one settling it being stuck in that callback)."""
+        before = getattr(_io_thread, "runner", None)
+        _io_thread.runner = self
+        try:
+            yield
+        finally:
+            _io_thread.runner = before
 
     def submit(self, callbacks: list[Callable[[Any], object]], future: Any) -> None:
         """Run ``future``'s ``callbacks`` on the lanes (each lane in the order they were added)."""
@@ -797,10 +821,10 @@ class _Awaitable(concurrent.futures.Future):  # type: ignore[type-arg]
         if not callbacks:  # most futures: nothing to hand over, nothing to look up
             return
         runner: CallbackRunner | None = getattr(_io_thread, "runner", None)
-        if runner is None:
-            super()._invoke_callbacks()  # type: ignore[misc]
-            return
         self._done_callbacks = []
+        if runner is None:  # settled on a thread of the user's (a cancel()): run here, as the standard library does
+            run_inline(callbacks, self)
+            return
         runner.submit(callbacks, self)
 
 

@@ -52,6 +52,7 @@ import zmq
 from zdq.config import PoolSettings
 from zdq.errors import ProtocolError, StorageError
 from zdq.names import unnamed_peer
+from zdq.reporting import Throttle
 from zdq.stats import ROUND_TRIP_BOUNDS, BrokerStats
 from zdq.broker.counters import BrokerCounters
 from zdq.broker.dispatch import Dispatch
@@ -182,6 +183,7 @@ class BrokerCore:
             name, self._leases, self._peers, self._send, timeout=settings.heartbeat_timeout
         )
         self._routes = self._route_table()
+        self._failed_log = Throttle(60.0)  # the loop's: messages whose handling raised, logged once a minute
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -452,6 +454,7 @@ class BrokerCore:
             while frame.more:
                 frame = _recv(sock, _NOBLOCK, copy=False)
                 frames.append(frame)
+            msg = None
             try:
                 msg = decode(frames)
                 handler = route(type(msg))
@@ -461,6 +464,15 @@ class BrokerCore:
                 handler(ident, msg, work)
             except ProtocolError as e:
                 self._bad(ident, e)
+            except Exception as e:  # noqa: BLE001 - a bug of zdq's on this message costs it, not the queue
+                self._bad(ident, e)
+                if self._failed_log.due(type(e).__name__, time.monotonic()):
+                    logger.exception(
+                        "broker %s: handling a %s from %s failed; the message is dropped (counted in "
+                        "bad_messages; more of these not logged for %.0f s)",
+                        self.name, "message" if msg is None else type(msg).__name__, self._peer_table.name_of(ident),
+                        self._failed_log.every,
+                    )
             if not _poll(polled, 0):
                 break
         now = work.now

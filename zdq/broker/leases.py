@@ -400,7 +400,8 @@ class LeaseTable:
         held = self.held_by(consumer, chunk_id)
         meta = self.meta(chunk_id)
         if held is None or meta is None or held.done:
-            if held is not None or meta is None or self.held_before(consumer, chunk_id) or self._held[chunk_id].done:
+            current = self._held.get(chunk_id)
+            if held is not None or meta is None or self.held_before(consumer, chunk_id) or (current is not None and current.done):
                 # Done, split or gone meanwhile, or a late word of a previous holder: nothing to
                 # keep (what names a chunk no longer here cannot be checked, and does no harm).
                 return

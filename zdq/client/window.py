@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from zdq.compiled import compiled
 from zdq.errors import SerializationError, TaskCancelled, ZdqError, ZdqTimeoutError
-from zdq.futures import BatchFuture, SignalSafeCondition, TaskFuture, _io_thread, notify_cancelled, wait_seconds
+from zdq.futures import BatchFuture, SignalSafeCondition, TaskFuture, _io_thread, notify_cancelled, run_inline, wait_seconds
 
 #: ``zdq._untracked`` (see :class:`MapChunk`), or None where it was not built: the futures are then
 #: made in Python, tracked.
@@ -666,11 +666,7 @@ class MapFuture(TaskFuture):
         if runner is not None:
             runner.submit(callbacks, self)
             return
-        for fn in callbacks:
-            try:
-                fn(self)
-            except Exception:
-                logger.exception("exception calling callback for %r", self)
+        run_inline(callbacks, self)
 
     def _invoke_callbacks(self) -> None:
         self._run_callbacks()

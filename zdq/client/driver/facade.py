@@ -146,7 +146,8 @@ class Driver:
         if not self._ledger.close(exc):
             return 0
         self._loop.stop(timeout)
-        failed = self._outcomes.fail_everything(exc)
+        with self._callbacks.adopted():  # their callbacks go to the callback threads, still running
+            failed = self._outcomes.fail_everything(exc)
         waker, self._waker = self._waker, None
         if waker is not None:
             self._ledger.wake = None
