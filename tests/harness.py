@@ -291,13 +291,13 @@ class Harness:
     # -- what the brokers and consumers say ------------------------------------------------------
     def dead_letters(self) -> list[Any]:
         """Every broker's dead letters (``DeadLetter`` records: chunk id, meta, reason)."""
-        return [letter for core in self.brokers for letter in core.dead_letters()]
+        return [letter for core in self.brokers for letter in core.control.dead_letters()]
 
     def requeue_dead_letters(self) -> int:
-        return sum(core.requeue_dead(None) for core in self.brokers)
+        return sum(core.control.requeue_dead(None) for core in self.brokers)
 
     def broker_statistics(self) -> list[BrokerStats]:
-        return [core.statistics(endpoint) for core, endpoint in zip(self.brokers, self.endpoints)]
+        return [core.control.statistics(endpoint) for core, endpoint in zip(self.brokers, self.endpoints)]
 
     def consumer_statistics(self) -> list[ConsumerStats]:
         return [consumer.statistics() for consumer in self.consumers]

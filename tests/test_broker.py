@@ -85,7 +85,7 @@ def test_a_done_carrying_credit_brings_the_next_chunk_without_a_fetch(
     # Without credit, a DONE brings nothing more.
     consumer.send_multipart(p.encode(p.Done(second.chunk_id, 1, b"results-2")))
     assert _recv(consumer, 0.3) is None
-    assert core.statistics().ready_chunks == 1
+    assert core.control.statistics().ready_chunks == 1
 
 
 def test_results_stay_stored_until_the_driver_acknowledges_them(
@@ -99,10 +99,10 @@ def test_results_stay_stored_until_the_driver_acknowledges_them(
     assert isinstance(deliver, p.Deliver)
     consumer.send_multipart(p.encode(p.Done(deliver.chunk_id, 4, b"results")))
     assert isinstance(_recv(driver), p.Results)
-    wait_until(lambda: core.statistics().awaiting_tasks == 4)
+    wait_until(lambda: core.control.statistics().awaiting_tasks == 4)
     driver.send_multipart(p.encode(p.Rack((deliver.chunk_id,))))
-    wait_until(lambda: core.statistics().awaiting_tasks == 0)
-    stats = core.statistics()
+    wait_until(lambda: core.control.statistics().awaiting_tasks == 0)
+    stats = core.control.statistics()
     assert stats.leased_chunks == 0 and stats.ready_chunks == 0 and stats.chunks_acked == 1
 
 
@@ -176,7 +176,7 @@ def test_a_consumer_in_the_brokers_process_is_reached_over_inproc_and_served_fir
         unauthenticated = connect_dealer(zmq_ctx, endpoint, os.urandom(16))
         unauthenticated.send_multipart(p.encode(p.Hello(p.Role.CONSUMER, b"intruder")))
         assert _recv(unauthenticated, 1.0, heartbeats=True) is None
-        assert core.statistics().consumers == 2
+        assert core.control.statistics().consumers == 2
     finally:
         for s in (remote, driver, unauthenticated):
             if s is not None:
@@ -213,16 +213,16 @@ def test_results_wait_for_their_driver_while_it_is_away_and_reach_it_when_it_spe
     assert isinstance(deliver, p.Deliver)
     time.sleep(0.3)  # the TCP disconnection is noticed by the broker's socket
     consumer.send_multipart(p.encode(p.Done(deliver.chunk_id, 3, b"results")))
-    wait_until(lambda: core.statistics().awaiting_tasks == 3)
+    wait_until(lambda: core.control.statistics().awaiting_tasks == 3)
     time.sleep(1.0)
-    stats = core.statistics()
+    stats = core.control.statistics()
     assert stats.dropped_results == 0 and stats.awaiting_tasks == 3  # kept, not acknowledged away
     back = connect_dealer(zmq_ctx, endpoint, identity)  # the same driver, reconnected
     back.send_multipart(p.encode(p.Heartbeat()))
     results = _recv(back, 5.0)
     assert isinstance(results, p.Results) and results.seq == 1 and bytes(results.results) == b"results"  # type: ignore[arg-type]
     back.send_multipart(p.encode(p.Rack((deliver.chunk_id,))))
-    wait_until(lambda: core.statistics().awaiting_tasks == 0)
+    wait_until(lambda: core.control.statistics().awaiting_tasks == 0)
     back.close(linger=0)
     consumer.close(linger=0)
 
@@ -261,7 +261,7 @@ def test_chunks_leased_to_a_consumer_that_reconnects_go_back_to_the_queue_withou
     first.close(linger=0)
     again = connect_dealer(zmq_ctx, endpoint, identity)
     again.send_multipart(p.encode(p.Hello(p.Role.CONSUMER, b"c")))
-    wait_until(lambda: core.statistics().ready_chunks == 1)
+    wait_until(lambda: core.control.statistics().ready_chunks == 1)
     again.send_multipart(p.encode(p.Fetch(1)))
     redelivered = _recv(again)
     assert isinstance(redelivered, p.Deliver) and redelivered.chunk_id == deliver.chunk_id
@@ -278,13 +278,13 @@ def test_a_delayed_chunk_is_confirmed_at_once_and_delivered_at_its_time_not_befo
     driver.send_multipart(p.encode(p.Put(1, 3, b"later", release, 0)))
     assert isinstance(_recv(driver), p.Confirm)
     consumer.send_multipart(p.encode(p.Fetch(2)))  # credit held while it waits
-    stats = core.statistics()
+    stats = core.control.statistics()
     assert (stats.delayed_chunks, stats.delayed_tasks, stats.ready_tasks) == (1, 3, 0)
     deliver = _recv(consumer, 5.0)
     arrived = time.time()
     assert isinstance(deliver, p.Deliver) and bytes(deliver.chunk) == b"later"  # type: ignore[arg-type]
     assert release <= arrived < release + 1.0
-    assert core.statistics().delayed_tasks == 0
+    assert core.control.statistics().delayed_tasks == 0
 
 
 def test_a_high_priority_chunk_stored_last_is_delivered_first_and_equal_ones_in_order(
@@ -310,7 +310,7 @@ def test_a_thousand_delayed_chunks_cost_the_broker_loop_no_cpu_while_they_wait(
     later = time.time() + 3600
     for seq in range(1, 1001):
         driver.send_multipart(p.encode(p.Put(seq, 1, b"chunk", later + seq, 0)))
-    assert wait_until(lambda: core.statistics().delayed_chunks == 1000, timeout=10)
+    assert wait_until(lambda: core.control.statistics().delayed_chunks == 1000, timeout=10)
     thread_id = core._thread.native_id  # type: ignore[union-attr]
 
     def cpu() -> float:
@@ -346,7 +346,7 @@ def test_a_broker_whose_loop_did_not_run_takes_none_of_its_consumers_as_lost(zmq
         for _ in range(12):  # the consumer resumes its heartbeats (it does not know it was stopped)
             time.sleep(0.1)
             consumer.send_multipart(p.encode(p.Heartbeat()))
-        stats = core.statistics()
+        stats = core.control.statistics()
         assert stats.consumers == 1 and stats.leased_chunks == 1 and stats.chunks_redelivered == 0, stats
     finally:
         for s in (driver, consumer):
@@ -372,7 +372,7 @@ def test_each_chunk_of_a_puts_is_stored_confirmed_and_delivered_as_its_own(
     confirms = _recv(driver)
     assert isinstance(confirms, p.Confirms) and confirms.seqs == (1, 2, 3)
     assert len(set(confirms.chunk_ids)) == 3
-    assert core.statistics().ready_tasks == 6
+    assert core.control.statistics().ready_tasks == 6
     consumer.send_multipart(p.encode(p.Fetch(3)))
     delivered = [_recv(consumer) for _ in range(3)]
     assert all(isinstance(d, p.Deliver) for d in delivered)
@@ -392,8 +392,8 @@ def test_a_forged_puts_is_dropped_and_counted_and_stores_nothing(
         driver.send_multipart([good[0], good[1]])  # a chunk frame missing: the other would be read as nothing
         driver.send_multipart([*good, b"extra"])  # a frame no chunk announces
         driver.send_multipart([good[0][:-3], *good[1:]])  # a head cut short
-        wait_until(lambda: core.statistics().bad_messages == 3, timeout=10)
-        assert core.statistics().ready_tasks == 0
+        wait_until(lambda: core.control.statistics().bad_messages == 3, timeout=10)
+        assert core.control.statistics().ready_tasks == 0
         driver.send_multipart(good)  # the broker carries on
         confirms = _recv(driver)
         assert isinstance(confirms, p.Confirms) and confirms.seqs == (1, 2)
@@ -453,15 +453,15 @@ def test_a_retried_naming_a_waiting_chunk_it_never_held_is_counted_and_the_broke
         assert isinstance(confirm, (p.Confirm, p.Confirms))
         chunk_id = confirm.chunk_id if isinstance(confirm, p.Confirm) else confirm.chunk_ids[0]
         forger.send_multipart(p.encode(p.Retried(chunk_id, ((100, 1),))))
-        wait_until(lambda: core.statistics().bad_messages == 1, timeout=10)
-        assert core.running and core.statistics().ready_tasks == 1
+        wait_until(lambda: core.control.statistics().bad_messages == 1, timeout=10)
+        assert core.running and core.control.statistics().ready_tasks == 1
 
         def broken(ident: bytes, msg: p.Fetch, work: Any) -> None:
             raise KeyError("a bug of zdq's")
 
         core._routes[p.Fetch] = broken  # a handler with a bug, as the lease table's was
         forger.send_multipart(p.encode(p.Fetch(1)))
-        wait_until(lambda: core.statistics().bad_messages == 2, timeout=10)
+        wait_until(lambda: core.control.statistics().bad_messages == 2, timeout=10)
         assert core.running
         driver.send_multipart(p.encode(p.Put(2, 1, b"next", base=101)))  # the broker carries on
         assert isinstance(_recv(driver), (p.Confirm, p.Confirms))

@@ -224,7 +224,7 @@ def test_results_under_task_ids_outside_their_chunk_fail_its_tasks_and_the_broke
     stats = driver.statistics()
     assert stats.bad_messages >= 1 and stats.tasks_failed == 5 and stats.chunks_outstanding == 0
     assert broker.core is not None
-    wait_until(lambda: broker.core is not None and broker.core.statistics().awaiting_tasks == 0, timeout=10)
+    wait_until(lambda: broker.core is not None and broker.core.control.statistics().awaiting_tasks == 0, timeout=10)
 
 
 def test_done_callbacks_run_off_the_io_thread_and_may_wait_on_the_driver(ctx: zmq.Context[Any], parts: list[Any]) -> None:

@@ -67,7 +67,7 @@ def test_a_broker_counts_routed_results_by_driver_name_and_lists_consumers_by_na
         assert isinstance(deliver, p.Deliver)
         consumer.send_multipart(p.encode(p.Done(deliver.chunk_id, 2, b"results")))
     assert isinstance(_recv(driver), p.Results) and isinstance(_recv(stranger), p.Results)
-    stats = core.statistics()
+    stats = core.control.statistics()
     (unnamed,) = [name for name in stats.routed_tasks if name != "jobs-driver@host:1"]
     assert stats.routed_tasks == {"jobs-driver@host:1": 2, unnamed: 2} and unnamed.startswith("unnamed peer ")
     assert stats.consumer_names == ("GeneralConsumer-3",)

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import replace
 
 from zdq._actor import liveness_probe, scheduler_address, tell_placed, worker_address
+from zdq.broker.control import BrokerControl
 from zdq.broker.core import BrokerCore
 from zdq.config import PoolSettings, settings
 from zdq.errors import ClosedError, PlacementError, QueueMissing, ZdqError
@@ -239,70 +240,70 @@ class Broker:
     def where(self) -> tuple[str, str]:
         """``(host, queue id)``: where the queue lives, and the id stored with a durable queue (a
         queue placed again must find the same id, or it is not the same queue)."""
-        core = self._running_core()
-        queue_id = core.setting(b"queue-id", uuid.uuid4().hex.encode()) or b""
+        control = self._running_control()
+        queue_id = control.setting(b"queue-id", uuid.uuid4().hex.encode()) or b""
         return self.host, queue_id.decode()
 
     def payload_key(self, proposed: bytes | None) -> bytes | None:
         """The queue's payload key: the one it stored (durable), else ``proposed`` (kept if durable)."""
-        return self._running_core().setting(b"payload-key", proposed)
+        return self._running_control().setting(b"payload-key", proposed)
 
     def consumer_left(self, ident: bytes) -> bool:
         """Consumer ``ident``'s worker left the cluster (its pool saw it): its leased chunks go back
-        to the queue within a heartbeat interval (see :meth:`BrokerCore.consumer_left`)."""
-        return self._running_core().consumer_left(ident)
+        to the queue within a heartbeat interval (see :meth:`~zdq.broker.control.BrokerControl.consumer_left`)."""
+        return self._running_control().consumer_left(ident)
 
     def holds_nothing(self) -> bool:
         """Whether the queue holds nothing sealed with its payload key (no chunk, kept result or
         schedule: see :meth:`~zdq.storage.base.Storage.holds_nothing`)."""
-        return self._running_core().holds_nothing()
+        return self._running_control().holds_nothing()
 
     def join_key(self, key: bytes) -> bytes | None:
         """Take the pool's payload key ``key`` unless this durable queue holds something sealed
         with a key of its own; return the key it keeps (``key``, or its own: then it is another
         pool's queue). A pool that grew opens its new queues with a key of their own first."""
-        return self._running_core().adopt_setting(b"payload-key", key)
+        return self._running_control().adopt_setting(b"payload-key", key)
 
-    def _running_core(self) -> BrokerCore:
+    def _running_control(self) -> BrokerControl:
         if self._core is None:
             raise ClosedError(f"broker {self.name} is not started")
         if self._core._error is not None:
             raise ZdqError(f"broker {self.name} loop failed: {self._core._error!r}") from self._core._error
-        return self._core
+        return self._core.control
 
     def statistics(self) -> BrokerStats:
-        stats = self._running_core().statistics(self.endpoint)
+        stats = self._running_control().statistics(self.endpoint)
         # The handshakes are judged outside the loop, by the process's ZAP handler (zdq.transport.security).
         return stats if self._auth is None else replace(stats, refused_peers=self._auth.refused)
 
     def dead_letters(self) -> list[DeadLetter]:
-        return self._running_core().dead_letters()
+        return self._running_control().dead_letters()
 
     def add_schedule(self, record: bytes) -> bytes:
         """Keep a schedule (a packed :class:`~zdq.codec.schedules.ScheduleRecord`) with this
         queue; a named one replaces the schedule of its name. Return the record kept."""
-        return self._running_core().add_schedule(record)
+        return self._running_control().add_schedule(record)
 
     def cancel_schedule(self, schedule: int | str) -> bool:
         """End the schedule of this id or name; False if this queue keeps none."""
-        return self._running_core().cancel_schedule(schedule)
+        return self._running_control().cancel_schedule(schedule)
 
     def schedules(self) -> list[bytes]:
-        return self._running_core().schedules()
+        return self._running_control().schedules()
 
     def set_rate_limit(self, rate: float | None, key: bytes = b"") -> None:
         """This queue's own limit (tasks per second; ``None``: none), or a per-call ``key``'s."""
-        self._running_core().set_rate_limit(rate, key)
+        self._running_control().set_rate_limit(rate, key)
 
     def task_state(self, task_id: int) -> tuple[str, bytes | None, str]:
         """Where task ``task_id`` stands in this queue (:mod:`zdq.broker.task_state`)."""
-        return self._running_core().task_state(task_id)
+        return self._running_control().task_state(task_id)
 
     def requeue_dead(self, chunk_ids: list[int] | None = None) -> int:
-        return self._running_core().requeue_dead(chunk_ids)
+        return self._running_control().requeue_dead(chunk_ids)
 
     def purge_dead(self, chunk_ids: list[int] | None = None) -> int:
-        return self._running_core().purge_dead(chunk_ids)
+        return self._running_control().purge_dead(chunk_ids)
 
     def purge_ready(self) -> int:
-        return self._running_core().purge_ready()
+        return self._running_control().purge_ready()

@@ -14,7 +14,7 @@ check (each task's options carry the time: see :mod:`zdq.consumer.runner`).
 Who owns what
 -------------
 :class:`ExpiryWatch` owns the heap of expiry times and the bounded record of the chunks that
-expired here (for :meth:`~zdq.broker.core.BrokerCore.expired_state`), and is called only by the
+expired here (for :meth:`~zdq.broker.control.BrokerControl.expired_state`), and is called only by the
 broker's loop thread (control-plane readers take the broker's lock).
 """
 
