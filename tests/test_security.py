@@ -69,7 +69,10 @@ def test_a_peer_without_the_keys_is_refused_and_nothing_it_sends_is_unpickled(
                 p.encode(p.Put(1, 1, _evil_chunk(target))),
                 p.encode(p.Fetch(5)),
             ):
-                sock.send_multipart(frames, zmq.NOBLOCK)
+                try:
+                    sock.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:  # refused already: the socket has no peer left to queue for
+                    pass
         assert _drain(plain, 1.0) == [] and _drain(stranger, 0.5) == []
         assert queue_pool.submit(add, 2, 3).result(timeout=30) == 5
         # The pool's own chunk is through the broker (acknowledged), and it was sent after the
