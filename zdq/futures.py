@@ -711,12 +711,9 @@ class CallbackRunner:
             if item is None:
                 return
             fn, future = item
-            try:
-                fn(future)
-            except BaseException:  # noqa: BLE001 - logged, as concurrent.futures does; the lane goes on
-                # SystemExit or KeyboardInterrupt too (a callback re-raising a task's): on this
-                # thread they would end every later callback of the pool, and the waits on them.
-                logger.exception("exception calling callback for %r", future)
+            # SystemExit or KeyboardInterrupt too are logged (a callback re-raising a task's): on
+            # this thread they would end every later callback of the pool, and the waits on them.
+            run_inline([fn], future)
             # Not held while waiting for the next one: the last future (and its result) is the user's.
             del item, fn, future
 

@@ -581,8 +581,9 @@ class PlacedQueues:
     def _loop_ended(self, i: int) -> bool:
         """Whether the broker of silent queue ``i`` says its loop ended on an error (a bug of
         zdq's: its actor and its worker live on, and Dask would never call it lost). Asked
-        without waiting, once a heartbeat timeout at most; the answer is read a later round. A
-        broker that does not answer (a worker stalled, stopped or cut off) is only silent."""
+        without waiting, one question at a time, again a heartbeat timeout after a "no"; the
+        answer is read a later round. A broker that does not answer (a worker stalled, stopped or
+        cut off) is only silent."""
         now = time.monotonic()
         probe = self._probes.get(i)
         if probe is None or (not probe[0].done() and now - probe[1] > _PROBE_GIVEN_UP * self.settings.heartbeat_timeout):
