@@ -397,6 +397,28 @@ def test_a_poison_task_is_dead_lettered_after_its_attempts_and_the_queue_carries
             assert queue_pool.dead_letters() == []
 
 
+def test_a_poison_task_that_kills_the_worker_of_its_durable_queues_broker_too_is_dead_lettered(
+    client3: Client, tmp_path: Path
+) -> None:
+    """The broker and its one consumer on the same worker: each run of the task killed both, and
+    the broker placed again found the chunk in the queue's files as new (the count of its crashes
+    lived in the dead broker's memory). It ran, and killed the worker, for ever; the good tasks
+    behind it never ran."""
+    marker = str(tmp_path / "attempts")
+    with QueuePool(client3, 1, durability="durable", dirpath=tmp_path / "q", workers=["a"], **FAST) as queue_pool:
+        with ConsumerPool(client3, queue_pool, n_consumers=1, workers=["a"]) as consumers:
+            consumers.start()
+            bad = queue_pool.submit(poison, marker)
+            queue_pool.flush()
+            good = queue_pool.batch_submit([(add, i, 1) for i in range(200)], batch_size=10)
+            exc = bad.exception(timeout=100)
+            assert isinstance(exc, DeadLettered), exc
+            assert open(marker).read().count("attempt") == 2  # crash-attempts: 2, once each broker's death
+            assert good.result(timeout=60) == list(range(1, 201))
+            (letter,) = queue_pool.dead_letters()
+            assert "killed its consumer 2 times" in letter.reason
+
+
 @pytest.mark.faults
 def test_a_worker_killed_while_the_queues_are_placed_leaves_the_pool_placed_on_the_others(client3: Client) -> None:
     """A worker SIGKILLed while QueuePool(...) placed its queues failed the pool at once with

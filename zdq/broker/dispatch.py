@@ -113,7 +113,7 @@ class Dispatch:
             return None  # run skips it; the usual path does
         # A Put's fields after its chunk are a ChunkMeta's after owner, seq and n_tasks, in order.
         meta = ChunkMeta(owner, put.seq, put.n_tasks, *put[3:])
-        chunk_id, payload = self._leases.put_leased(meta, put.chunk, ident, now)
+        chunk_id, payload = self._leases.put_leased(meta, put.chunk, ident, now, consumer.local)
         if not self._send(ident, p.Deliver(chunk_id, meta.n_tasks, 1, payload)):
             # Stored: it waits at the head of the queue, and this consumer is gone (as in run).
             self._leases.give_back(chunk_id, count_attempt=False)
@@ -144,7 +144,8 @@ class Dispatch:
             if consumer is None or consumer.credit <= 0:
                 with_credit.popleft()
                 continue
-            leased = rates.lease(leases, ident, now) if limited else leases.lease(ident, now)
+            local = consumer.local  # it dies with this broker: a durable queue counts its lease then
+            leased = rates.lease(leases, ident, now, local) if limited else leases.lease(ident, now, None, local)
             if leased is None:
                 return
             meta, chunk_id = leased.meta, leased.chunk_id

@@ -190,17 +190,23 @@ class LeaseTable:
         """Store new chunks at the tail (raises StorageFull/StorageError: nothing stored)."""
         return self.storage.put_many(entries)
 
-    def put_leased(self, meta: ChunkMeta, payload: object, consumer: bytes, now: float) -> tuple[int, object]:
+    def put_leased(
+        self, meta: ChunkMeta, payload: object, consumer: bytes, now: float, with_broker: bool = False
+    ) -> tuple[int, object]:
         """Store a new chunk and lease it to ``consumer`` at once (:meth:`put`, then :meth:`lease`
         when it would be the next chunk out); its id and payload (see
         :meth:`~zdq.storage.base.Storage.put_leased`). Raises as :meth:`put`: nothing stored."""
-        chunk_id, payload = self.storage.put_leased(meta, payload)
+        chunk_id, payload = self.storage.put_leased(meta, payload, with_broker=with_broker)
         self._held[chunk_id] = Held(meta, consumer, leased_at=now)
         return chunk_id, payload
 
-    def lease(self, consumer: bytes, now: float = 0.0, chunk_id: int | None = None) -> Leased | None:
-        """The chunk at the head of the queue (or the parked ``chunk_id``), leased to ``consumer``."""
-        leased = self.storage.lease(chunk_id)
+    def lease(
+        self, consumer: bytes, now: float = 0.0, chunk_id: int | None = None, with_broker: bool = False
+    ) -> Leased | None:
+        """The chunk at the head of the queue (or the parked ``chunk_id``), leased to ``consumer``
+        (``with_broker``: a consumer in the broker's own process, which dies with it; see
+        :meth:`~zdq.storage.base.Storage.lease`)."""
+        leased = self.storage.lease(chunk_id, with_broker=with_broker)
         if leased is not None:
             self._held[leased.chunk_id] = Held(leased.meta, consumer, leased_at=now)
         return leased

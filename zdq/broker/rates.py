@@ -194,9 +194,10 @@ class RateLimits:
                 bucket.given = rate
         return bucket
 
-    def lease(self, leases: LeaseTable, ident: bytes, now: float) -> Leased | None:
-        """The next chunk the limits allow, leased to ``ident``; ``None`` when none may go now
-        (:attr:`wake_at` then says when one will)."""
+    def lease(self, leases: LeaseTable, ident: bytes, now: float, with_broker: bool = False) -> Leased | None:
+        """The next chunk the limits allow, leased to ``ident`` (``with_broker``: as
+        :meth:`LeaseTable.lease`); ``None`` when none may go now (:attr:`wake_at` then says when
+        one will)."""
         self.wake_at = math.inf
         self.spacing = 0.0
         for key in list(self._parked):  # a key's parked chunks first, once it allows
@@ -206,7 +207,7 @@ class RateLimits:
             refused = self._charge(self.keys[key], chunk_id, now)
             if refused is None:
                 self._unpark_head(key)
-                return leases.lease(ident, now, chunk_id)
+                return leases.lease(ident, now, chunk_id, with_broker)
             if refused is self.queue:  # the queue's own bucket holds everything back
                 return None
         storage = self._storage
@@ -214,14 +215,14 @@ class RateLimits:
             meta = storage.meta(chunk_id)
             assert meta is not None
             if len(storage.cancelled(chunk_id)) >= meta.n_tasks:  # purged: none of it starts
-                return leases.lease(ident, now)
+                return leases.lease(ident, now, None, with_broker)
             bucket = self._bucket(meta.rate_key, meta.rate, chunk_id, now) if meta.rate_key else None
             if bucket is not None and (meta.rate_key in self._parked or not bucket.allows(meta.n_tasks, now)):
                 self._park(meta.rate_key, bucket, chunk_id, meta.n_tasks, now)
                 continue
             if self._charge(bucket, chunk_id, now) is not None:
                 return None
-            return leases.lease(ident, now)
+            return leases.lease(ident, now, None, with_broker)
         return None
 
     def _parked_head(self, key: bytes) -> int | None:

@@ -214,6 +214,11 @@ class Storage(ABC):
             # Leased when the last broker stopped: its consumer may still run it (or have run part).
             if chunk_id in self._meta and chunk_id not in self._dead:
                 self._started.add(chunk_id)
+        for chunk_id, used in self._scan_attempts():
+            # Attempts lost with consumers and brokers before this one: the next lease goes on from
+            # there, so that a chunk that kills its worker every time is split and dead-lettered.
+            if chunk_id in self._meta and chunk_id not in self._dead and chunk_id not in self.recovered_results:
+                self._attempts[chunk_id] = used
 
     def put_many(self, entries: Sequence[tuple[ChunkMeta, object]]) -> list[int]:
         """Store chunks at the tail, all or none; return their ids once they are stored.
@@ -243,7 +248,7 @@ class Storage(ABC):
                 self._ready_tasks += meta.n_tasks
         return list(range(first, self._next_id))
 
-    def put_leased(self, meta: ChunkMeta, payload: object) -> tuple[int, object]:
+    def put_leased(self, meta: ChunkMeta, payload: object, *, with_broker: bool = False) -> tuple[int, object]:
         """Store a chunk and lease it at once: :meth:`put_many` then :meth:`lease`, for a chunk
         handed out as it arrives (the caller checked that no chunk is ready: it would be the next
         out). Not for a delayed chunk. Return its id and its payload as :meth:`lease` reads it
@@ -258,7 +263,7 @@ class Storage(ABC):
         self._leased.add(chunk_id)
         self._leased_tasks += meta.n_tasks
         self._attempts[chunk_id] = 1
-        return chunk_id, self._read(chunk_id)
+        return chunk_id, self._read(chunk_id, with_broker)
 
     def _enqueue(self, chunk_id: int, meta: ChunkMeta, now: float) -> None:
         """A stored chunk that is neither leased nor dead: delayed until its time, else ready."""
@@ -453,9 +458,11 @@ class Storage(ABC):
         """Put a parked chunk back at the tail of its priority's FIFO (its key lost its limit)."""
         return self.is_parked(chunk_id) and self.release_now(chunk_id)
 
-    def lease(self, chunk_id: int | None = None) -> Leased | None:
+    def lease(self, chunk_id: int | None = None, *, with_broker: bool = False) -> Leased | None:
         """Take the chunk at the head of the queue (or the parked chunk ``chunk_id``), or ``None``
-        when none is ready."""
+        when none is ready. ``with_broker``: it goes to a consumer in the broker's own process,
+        which dies with the broker: a durable backend counts the attempt as lost if the broker
+        dies holding it (one that goes to a consumer elsewhere is not: that consumer lives on)."""
         if chunk_id is not None:
             meta = self._meta[chunk_id]
             self._delayed.discard(chunk_id, meta.n_tasks)
@@ -475,7 +482,7 @@ class Storage(ABC):
         self._leased_tasks += meta.n_tasks
         attempt = self._attempts.get(chunk_id, 0) + 1
         self._attempts[chunk_id] = attempt
-        return Leased(chunk_id, meta, self._read(chunk_id), attempt)
+        return Leased(chunk_id, meta, self._read(chunk_id, with_broker), attempt)
 
     def ack_many(self, chunk_ids: Iterable[int]) -> list[ChunkMeta | None]:
         """Remove chunks for good; ``None`` for an id that is no longer stored (a duplicate)."""
@@ -732,6 +739,11 @@ class Storage(ABC):
         handed them to consumers, which may run them still)."""
         return ()
 
+    def _scan_attempts(self) -> Iterable[tuple[int, int]]:
+        """The attempts each chunk used that ended with the death of its consumer or of the
+        broker before this one (a durable backend's count; none elsewhere)."""
+        return ()
+
     def _scan_schedules(self) -> Iterable[bytes]:
         """Schedule records written by :meth:`_write_schedule` before the queue was last closed."""
         return ()
@@ -744,8 +756,8 @@ class Storage(ABC):
         """Store new chunks atomically (all or none); those in ``dead`` as dead letters."""
 
     @abstractmethod
-    def _read(self, chunk_id: int) -> object:
-        """The payload of a stored chunk."""
+    def _read(self, chunk_id: int, with_broker: bool = False) -> object:
+        """The payload of a stored chunk, read to lease it (``with_broker``: see :meth:`lease`)."""
 
     @abstractmethod
     def _delete(self, chunk_ids: list[int]) -> None:

@@ -5,21 +5,27 @@ Layout (named sub-databases, big-endian 8-byte keys so a cursor walks in FIFO or
     meta    b"format" -> b"zdq-queue-1"
     chunks  id -> payload (opaque bytes)
     heads   id -> ChunkMeta (owner, seq, n_tasks[, not_before, priority]: the last two only when set)
-    leased  id -> b""          marks only, rewritten freely: recovery makes every chunk ready
+    leased  id -> the attempt it was handed out for (4 bytes) if its consumer lives in the broker's
+            process (dies with it), else b"" (and b"" for all once the broker stops cleanly):
+            marks only, rewritten freely: recovery makes every chunk ready
     dead    id -> reason (utf-8)
     results id -> consumer id (16 bytes) + results: a done chunk whose driver had not taken them
     cancels id -> the indexes (4 bytes each) of the chunk's tasks cancelled before they started, and
             0xFFFFFFFF if its tasks may have started (its consumer died holding it): see
             :meth:`zdq.storage.base.Storage.may_have_started`
+    attempts  id -> the attempts (4 bytes) a chunk used that ended with the death of its consumer or of
+            its broker: a broker placed again goes on counting from there (a poison task that kills
+            the worker of its queue's broker too is dead-lettered, not run for ever)
     kept    id -> a chunk's results kept after their driver acknowledged them (``result_ttl``:
             :mod:`zdq.broker.retained`), written in the acknowledgement's transaction
     schedules  schedule id -> its record (zdq.codec.schedules.ScheduleRecord): written in the transaction
             that stores the tick's chunk, so a tick is queued exactly once whatever is killed
 
 Beside the environment, ``leases.journal`` lists (8 bytes each) the chunk ids handed out since the
-lease marks were last committed: appended before each DELIVER, truncated at each commit, read (with
-``leased``) when the queue is opened again, so that a broker killed before committing its lease
-marks still tells its successor which chunks may have started.
+lease marks were last committed, the top bit set for a consumer in the broker's own process:
+appended before each DELIVER, truncated at each commit, read (with ``leased``) when the queue is
+opened again, so that a broker killed before committing its lease marks still tells its successor
+which chunks may have started, and which were lost with it (an attempt each).
 
 Durability: the environment runs with LMDB's own crash-safe flags (``sync`` and ``metasync``:
 every commit flushes its data pages, then its meta page, to disk), so an operating-system crash or
@@ -70,9 +76,14 @@ logger = logging.getLogger(__name__)
 
 FORMAT = b"zdq-queue-1"
 _KEY = struct.Struct(">Q")
-_DBS = (b"meta", b"chunks", b"heads", b"leased", b"dead", b"results", b"cancels", b"schedules", b"kept")
+_DBS = (b"meta", b"chunks", b"heads", b"leased", b"dead", b"results", b"cancels", b"schedules", b"kept", b"attempts")
 #: Sub-databases a queue written by an older zdq may lack (opened read-only, they are skipped).
-_LATER_DBS = (b"results", b"cancels", b"schedules", b"kept")
+_LATER_DBS = (b"results", b"cancels", b"schedules", b"kept", b"attempts")
+#: A count of attempts (a lease mark's, and the ``attempts`` table's values).
+_ATTEMPTS = struct.Struct(">I")
+#: A journal entry's top bit: the chunk went to a consumer in the broker's own process. (Chunk ids
+#: are microseconds since 1970 shifted by 8 bits: below 2**62 until the year 2262.)
+_WITH_BROKER = 1 << 63
 _LOCK = "zdq.lock"
 #: Chunk ids handed out since the lease marks were last committed, appended before each DELIVER
 #: (see :meth:`LMDBStorage._read`).
@@ -253,6 +264,10 @@ class LMDBStorage(Storage):
         self._pending: list[tuple[str, int, Any]] = []
         self._pending_since = 0.0
         self._leased_at_open: list[int] = []  # chunks leased when the queue was opened (cancellations)
+        self._attempts_at_open: list[tuple[int, int]] = []  # (chunk id, attempts used) read at the open
+        self._stopping = False  # closed cleanly: the lease marks say so (no attempt of theirs was lost)
+        #: Chunks out to a consumer in this broker's process: if the broker dies, so does their run.
+        self._with_broker: set[int] = set()
         self._journal_fd: int | None = None  # the lease journal, open for appending
         self._journaled = False  # something was appended since the last truncation
         #: This open made the queue's directory and found no data.mdb in it under the lock: what
@@ -305,9 +320,18 @@ class LMDBStorage(Storage):
                 # Chunks the last owner had handed out (its marks, and its journal of what it handed
                 # out since): consumers may run them still, so no cancel of theirs says "never
                 # started". The mark is written here, in the transaction that voids the leases.
-                leased = [_KEY.unpack(k)[0] for k, _ in txn.cursor(db=self._dbs[b"leased"])]
-                self._leased_at_open = list(dict.fromkeys(leased + journaled))
+                leased = {_KEY.unpack(k)[0]: bytes(v) for k, v in txn.cursor(db=self._dbs[b"leased"])}
+                handed = [entry & ~_WITH_BROKER for entry in journaled]
+                self._leased_at_open = list(dict.fromkeys([*leased, *handed]))
                 _mark_started(txn, self._dbs, self._leased_at_open)
+                # Chunks that died with their broker (their consumer was in its process) used an
+                # attempt, as those of a consumer that dies alone do: written here, so that every
+                # later broker counts on from there.
+                last = {entry & ~_WITH_BROKER: bool(entry & _WITH_BROKER) for entry in journaled}  # the latest wins
+                _count_lost_attempts(txn, self._dbs, leased, last)
+                self._attempts_at_open = [
+                    (_KEY.unpack(k)[0], _ATTEMPTS.unpack(v)[0]) for k, v in txn.cursor(db=self._dbs[b"attempts"])
+                ]
                 txn.drop(self._dbs[b"leased"], delete=False)  # a new owner: every lease is void
             self._journal_fd = os.open(self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
             if self._sync:
@@ -451,18 +475,22 @@ class LMDBStorage(Storage):
         logger.info("queue %s: growing the LMDB map to %d bytes", self.name, wanted)
         self._env.set_mapsize(wanted)
 
-    def _read(self, chunk_id: int) -> object:
+    def _read(self, chunk_id: int, with_broker: bool = False) -> object:
         assert self._env is not None
         with self._env.begin() as txn:
             payload = txn.get(_key(chunk_id), db=self._dbs[b"chunks"])
         if payload is None:
             raise StorageCorrupt(f"{self.path}: chunk {chunk_id} is indexed but not stored")
         self._marks[chunk_id] = True
+        if with_broker:
+            self._with_broker.add(chunk_id)
+        elif self._with_broker:
+            self._with_broker.discard(chunk_id)
         # Appended before the DELIVER leaves: a broker killed before its lease marks are committed
         # (they are held back up to _PENDING_DELAY) still tells its successor that this chunk was
         # handed out. One small write to the page cache; a killed process does not lose it.
         if self._journal_fd is not None:
-            os.write(self._journal_fd, _KEY.pack(chunk_id))
+            os.write(self._journal_fd, _KEY.pack(chunk_id | _WITH_BROKER if with_broker else chunk_id))
             self._journaled = True
         return payload
 
@@ -470,6 +498,8 @@ class LMDBStorage(Storage):
         released = super().release(chunk_id, count_attempt=count_attempt)
         if released:
             self._marks[chunk_id] = False
+            if count_attempt:  # its consumer died holding it: the attempt is kept with the chunk
+                self._hold("attempts", chunk_id, _ATTEMPTS.pack(self._attempts.get(chunk_id, 1)))
         return released
 
     def setting(self, name: bytes, default: bytes | None) -> bytes | None:
@@ -499,8 +529,10 @@ class LMDBStorage(Storage):
         for op, chunk_id, reason in self._pending:
             key = _key(chunk_id)
             if op == "delete":
-                for name in (b"chunks", b"heads", b"leased", b"dead", b"results", b"cancels"):
+                for name in (b"chunks", b"heads", b"leased", b"dead", b"results", b"cancels", b"attempts"):
                     txn.delete(key, db=dbs[name])
+            elif op == "attempts":
+                txn.put(key, reason, db=dbs[b"attempts"])
             elif op == "results":
                 txn.put(key, reason, db=dbs[b"results"])
             elif op == "cancels":
@@ -508,6 +540,7 @@ class LMDBStorage(Storage):
             elif op == "dead":
                 txn.put(key, reason.encode()[:65536], db=dbs[b"dead"])
                 txn.delete(key, db=leased)
+                txn.delete(key, db=dbs[b"attempts"])  # requeued, a dead letter starts afresh
             elif op == "undead":
                 txn.delete(key, db=dbs[b"dead"])
             elif op == "retain":
@@ -519,11 +552,16 @@ class LMDBStorage(Storage):
                     txn.delete(key, db=dbs[b"schedules"])
                 else:
                     txn.put(key, reason, db=dbs[b"schedules"])
+        attempts, pack, with_broker = self._attempts, _ATTEMPTS.pack, self._with_broker
         for chunk_id, on in self._marks.items():
             if on and chunk_id in self._leased:
-                txn.put(_key(chunk_id), b"", db=leased)
+                # With a consumer of this process, the attempt it is out for: lost if this broker
+                # dies (see _count_lost_attempts); elsewhere, its consumer may live on.
+                dies_here = chunk_id in with_broker and not self._stopping
+                txn.put(_key(chunk_id), pack(attempts.get(chunk_id, 1)) if dies_here else b"", db=leased)
             else:
                 txn.delete(_key(chunk_id), db=leased)
+                with_broker.discard(chunk_id)
 
     def commit(self, *, force: bool = False) -> None:
         if self._env is None or not (self._pending or self._marks):
@@ -596,6 +634,9 @@ class LMDBStorage(Storage):
     def _scan_leased(self) -> Iterable[int]:
         return self._leased_at_open
 
+    def _scan_attempts(self) -> Iterable[tuple[int, int]]:
+        return self._attempts_at_open
+
     def _scan_cancels(self) -> Iterable[tuple[int, frozenset[int]]]:
         assert self._env is not None
         with self._env.begin() as txn:
@@ -638,10 +679,12 @@ class LMDBStorage(Storage):
     def _delete(self, chunk_ids: list[int]) -> None:
         for chunk_id in chunk_ids:
             self._marks.pop(chunk_id, None)
+            self._with_broker.discard(chunk_id)
             self._hold("delete", chunk_id)
 
     def _mark_dead(self, chunk_id: int, reason: str) -> None:
         self._marks.pop(chunk_id, None)
+        self._with_broker.discard(chunk_id)
         self._hold("dead", chunk_id, reason)
 
     def _unmark_dead(self, chunk_ids: list[int]) -> None:
@@ -650,6 +693,10 @@ class LMDBStorage(Storage):
 
     def _close(self) -> None:
         if self._env is not None:
+            # A clean stop: the chunks still out lost no attempt to it (their consumers stop
+            # them, or go on with the broker placed again). Their marks are rewritten to say so.
+            self._stopping = True
+            self._marks.update(dict.fromkeys(self._leased, True))
             self.commit(force=True)
             self._env.sync(True)
         self._release()
@@ -692,6 +739,29 @@ def _mark_started(txn: lmdb.Transaction, dbs: dict[bytes, Any], chunk_ids: list[
         marks = bytes(txn.get(key, db=cancels) or b"")
         if flag not in {marks[i : i + 4] for i in range(0, len(marks), 4)}:
             txn.put(key, marks + flag, db=cancels)
+
+
+def _count_lost_attempts(
+    txn: lmdb.Transaction, dbs: dict[bytes, Any], leased: dict[int, bytes], handed: dict[int, bool]
+) -> None:
+    """The last owner of the queue died: each chunk it had out to a consumer of its own process
+    used an attempt, written to the ``attempts`` table. ``leased`` are its committed lease marks
+    (such a chunk's is the attempt it went out for; ``b""``: a consumer elsewhere, which may live
+    on, a clean stop, or an older zdq's mark: no attempt lost); ``handed``, what its journal says
+    of the chunks it handed out since (True: to a consumer of its process), which is newer. Done
+    chunks whose results were kept are not run again, and chunks gone since are skipped."""
+    heads, results, dead, table = dbs[b"heads"], dbs[b"results"], dbs[b"dead"], dbs[b"attempts"]
+    for chunk_id in dict.fromkeys([*leased, *handed]):
+        mark = leased.get(chunk_id, b"")
+        went_out_for = _ATTEMPTS.unpack(mark)[0] if len(mark) == _ATTEMPTS.size else 0
+        if not handed.get(chunk_id, went_out_for > 0):
+            continue  # its last consumer was elsewhere (or the broker stopped cleanly)
+        key = _key(chunk_id)
+        if txn.get(key, db=heads) is None or txn.get(key, db=results) is not None or txn.get(key, db=dead) is not None:
+            continue
+        stored = txn.get(key, db=table)
+        used = _ATTEMPTS.unpack(stored)[0] if stored is not None and len(stored) == _ATTEMPTS.size else 0
+        txn.put(key, _ATTEMPTS.pack(min(max(used + 1, went_out_for), 0xFFFFFFFF)), db=table)
 
 
 def holds_work(path: str) -> bool:

@@ -33,7 +33,7 @@ class MemoryStorage(Storage):
         for chunk_id, _, payload in records:
             self._payloads[chunk_id] = payload
 
-    def _read(self, chunk_id: int) -> object:
+    def _read(self, chunk_id: int, with_broker: bool = False) -> object:
         return self._payloads[chunk_id]
 
     def _delete(self, chunk_ids: list[int]) -> None:
