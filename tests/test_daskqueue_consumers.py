@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from distributed import Client
 
-from zdq import BatchError, ConsumerBaseClass, ConsumerPool, GeneralConsumer, QueuePool, ZdqTimeoutError
+from zdq import BatchError, ConsumerBaseClass, ConsumerPool, DummyConsumer, GeneralConsumer, QueuePool, ZdqTimeoutError
 
 from .tasks import add
 
@@ -59,6 +59,14 @@ def test_a_daskqueue_consumer_finds_its_attributes_and_its_items_listed(client: 
         batch = queue_pool.put_many([10, 20, 30])
         consumers.start()
         assert batch.result(timeout=60) == [(i, "Worker", True, True) for i in (1, 2, 3)]
+
+
+def test_daskqueues_dummy_consumer_takes_raw_items(client: Client) -> None:
+    with QueuePool(client, 2) as queue_pool, ConsumerPool(client, queue_pool, DummyConsumer, 2) as consumers:
+        batch = queue_pool.put_many(["a", "b", "c", "d"])
+        consumers.start()
+        assert batch.result(timeout=60) == [None] * 4
+        assert consumers.nb_consumed() == 4
 
 
 def test_an_overridden_save_is_called_with_each_functions_result_and_its_error_fails_that_task(client: Client) -> None:

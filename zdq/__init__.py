@@ -4,7 +4,7 @@
 """
 
 from zdq.config import PoolSettings, settings
-from zdq.consumer import ConsumerBaseClass, GeneralConsumer
+from zdq.consumer import ConsumerBaseClass, DummyConsumer, GeneralConsumer, Message
 from zdq.client.consumer_pool import ConsumerPool
 from zdq.errors import (
     AddressError,
@@ -23,6 +23,7 @@ from zdq.errors import (
     StorageError,
     StorageFull,
     SubmitTimeout,
+    PutTimeout,
     TaskExpired,
     TaskLost,
     DuplicateTask,
@@ -49,6 +50,7 @@ from zdq.client.by_id import PoolNotFound, result, state
 # The client modules moved to zdq.client; their old paths re-export them for one release, and
 # zdq.embedded stays an attribute of the package, as it was when local() was imported from it.
 from zdq import embedded  # noqa: E402,F401
+from zdq import daskqueue_paths  # noqa: E402,F401 - daskqueue's module paths, made importable
 
 __version__ = "0.1.0"
 
@@ -68,6 +70,8 @@ __all__ = [
     "Task",
     "ConsumerBaseClass",
     "GeneralConsumer",
+    "DummyConsumer",
+    "Message",
     # futures
     "TaskFuture",
     "BatchFuture",
@@ -97,6 +101,7 @@ __all__ = [
     "QueueMissing",
     "ZdqTimeoutError",
     "SubmitTimeout",
+    "PutTimeout",
     "TaskTimeout",
     "TaskProcessDied",
     "RemoteTaskError",

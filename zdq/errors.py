@@ -39,6 +39,7 @@ __all__ = [
     "QueueMissing",
     "ZdqTimeoutError",
     "SubmitTimeout",
+    "PutTimeout",
     "TaskTimeout",
     "TaskProcessDied",
     "RemoteTaskError",
@@ -169,6 +170,11 @@ class SubmitTimeout(ZdqTimeoutError):
 
     future: object = None
     queued: int = 0
+
+
+#: daskqueue's name for it (``QueuePool.put_many`` raised ``PutTimeout`` when its queues stayed
+#: full): the same class, so that ``except PutTimeout`` catches what zdq raises.
+PutTimeout = SubmitTimeout
 
 
 class TaskTimeout(ZdqTimeoutError):

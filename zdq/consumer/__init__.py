@@ -54,12 +54,14 @@ in a child process instead (:mod:`~zdq.consumer.hard`), killed at its limit.
 """
 
 from zdq.consumer.actor import Consumer
-from zdq.consumer.base import ConsumerBaseClass, GeneralConsumer
+from zdq.consumer.base import ConsumerBaseClass, DummyConsumer, GeneralConsumer, Message
 
 __all__ = [  # noqa: RUF022 - grouped by role
     # what users subclass
     "ConsumerBaseClass",
     "GeneralConsumer",
+    "DummyConsumer",
+    "Message",
     # the actor
     "Consumer",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from typing import Any, overload
 
-__all__ = ["ConsumerArgs", "ConsumerBaseClass", "GeneralConsumer", "Message", "make_consumer", "save_hook"]
+__all__ = ["ConsumerArgs", "ConsumerBaseClass", "DummyConsumer", "GeneralConsumer", "Message", "make_consumer", "save_hook"]
 
 #: The logger a consumer's ``self._logger`` is (daskqueue's consumers had its package's).
 consumer_logger = logging.getLogger("zdq.consumers")
@@ -160,6 +160,18 @@ def _current_worker() -> Any:
         return get_worker()
     except ValueError:
         return None
+
+
+class DummyConsumer(ConsumerBaseClass):
+    """daskqueue's consumer for trying a pool out: logs each raw item it is handed (at INFO, on
+    the ``zdq.consumers`` logger) and returns ``None``.
+
+    >>> DummyConsumer(name="dummy-0").process_item(42) is None
+    True
+    """
+
+    def process_item(self, item: Any) -> None:
+        self._logger.info("[%s]: Processing %s", self.name, item)
 
 
 @dataclass(frozen=True)
