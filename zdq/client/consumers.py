@@ -58,6 +58,7 @@ from zdq.client.slots import (
     SlotsClosed,
     gather_actors,
     answers_within,
+    dask_result,
     place_actor,
     place_on_the_rest,
     release_future,
@@ -640,7 +641,7 @@ class ConsumerSlots:
             # A try is bounded below placement-timeout: a worker that does not answer (stopped) is
             # noted by the wait and passed over by the next try, a second later, not a minute.
             self._wait_created([(i, fut)], min(self.settings.placement_timeout, _REPLACE_TRY))
-            actor = fut.result(timeout=10)
+            actor = dask_result(fut, 10)
             old = self._adopt(i, fut, ident, actor)
         except SlotsClosed:
             # The pool closed while this replacement was placed: released, nothing written.

@@ -28,6 +28,7 @@ by placing them again, with a warning for each. :func:`_at_exit` runs before Das
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextvars
 import logging
@@ -49,6 +50,7 @@ __all__ = [
     "answers_within",
     "Supervisor",
     "client_closed",
+    "dask_result",
     "exiting",
     "gather_actors",
     "place_actor",
@@ -305,20 +307,46 @@ def result_in_steps(call: Any, bound: float, meanwhile: Callable[[], object], st
     whole bound) still does what must not wait, such as telling the queues lost meanwhile.
     :class:`NoAnswer` at the bound. An answer in by then is taken however little time is left
     (a Dask actor future asked with ``timeout=0`` raises even when it holds its answer), and a
-    TimeoutError that is the call's own answer is raised as it is."""
+    TimeoutError that is the call's own answer is raised as it is. A Dask future is waited for
+    without its ``result(timeout=)`` (see :func:`dask_result`)."""
     deadline = time.monotonic() + bound
+    dask = isinstance(call, distributed.Future)
     while True:
         if call.done():
-            return call.result()
+            return dask_result(call, max(step, deadline - time.monotonic())) if dask else call.result()
         left = deadline - time.monotonic()
         if left <= 0:
             raise NoAnswer(f"no answer within {bound:g} s")
         try:
+            if dask:
+                distributed.wait([call], timeout=min(step, left))  # its state only: nothing to cancel
+                continue
             return call.result(timeout=min(step, left))
         except TimeoutError:
             if call.done():
+                if dask:
+                    continue
                 return call.result()  # answered meanwhile, or its answer is a TimeoutError
         meanwhile()
+
+
+def dask_result(fut: distributed.Future[Any], timeout: float) -> Any:
+    """``fut.result()`` within ``timeout`` seconds (TimeoutError past it), never through
+    ``fut.result(timeout=)``. Dask's client shares one gather among the calls that wait at once
+    (``Client._gather_future``, from any thread: the user's too); a ``result(timeout=)`` that
+    times out cancels that shared gather, so another thread's ``result()`` of another future
+    failed with ``UnboundLocalError`` (``distributed.utils.sync`` lets ``CancelledError``
+    through), and a gather cancelled while it queued for its turn was kept by the client and
+    failed every later one (distributed 2026.8). Placement and recovery waited so from several
+    threads at once: under kills on a large cluster, durable queues were given up as
+    unplaceable, and the user's client was broken. Here the future's state is waited for, and
+    its value gathered by :func:`gather_actors`, whose bound never cancels a gather."""
+    deadline = time.monotonic() + timeout
+    if not fut.done():
+        distributed.wait([fut], timeout=max(0.0, timeout))  # TimeoutError: not done
+    if fut.status != "finished":
+        return fut.result()  # its error, or its cancellation, raised from its state: no gather
+    return gather_actors(fut.client, [fut], max(0.0, deadline - time.monotonic()))[0]
 
 
 def _present(client: Any) -> set[str] | None:
@@ -356,11 +384,29 @@ def workers_left(client: Any, chosen: set[str], wait: float) -> list[str]:
 def gather_actors(client: Any, futures: list[Any], timeout: float) -> list[Any]:
     """The actor proxies of ``futures`` (created: waited for by the caller), fetched in one round
     trip for all, where ``fut.result()`` each took one per actor, one after the other. Bounded:
-    a worker stopped meanwhile raises TimeoutError after ``timeout`` seconds (``Client.gather``
-    takes no timeout; ``Client.sync`` bounds its call)."""
+    a worker stopped meanwhile raises TimeoutError after ``timeout`` seconds; the gather itself
+    is left to end (it may be shared with other waits of the client: see :func:`dask_result`)."""
     if not futures:
         return []
-    return list(client.sync(client._gather, list(futures), callback_timeout=timeout))
+    return list(client.sync(_gather_within, client, list(futures), timeout))
+
+
+async def _gather_within(client: Any, futures: list[Any], timeout: float) -> list[Any]:
+    """The client's gather of ``futures``, waited for ``timeout`` seconds through a shield: the
+    bound cancels this wait, never the gather, which other waits may have joined."""
+    gathering = asyncio.ensure_future(client._gather(futures))
+    gathering.add_done_callback(_retrieved)  # an end after the bound is nobody's to read
+    try:
+        return list(await asyncio.wait_for(asyncio.shield(gathering), timeout))
+    except asyncio.CancelledError:
+        if gathering.cancelled():  # another wait of the client cancelled the gather this one joined
+            raise TimeoutError("Dask's gather of the actors was cancelled by another wait of the client") from None
+        raise
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def placed_reports(client: Any, futures: list[Any], timeout: float) -> dict[str, Any]:
