@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import signal
 import tempfile
@@ -440,6 +441,45 @@ def test_a_worker_killed_while_the_queues_are_placed_leaves_the_pool_placed_on_t
     with queue_pool, ConsumerPool(client3, queue_pool, n_consumers=2, workers=["b", "c"]) as consumers:
         assert placed < 10, f"placing took {placed:.1f} s: the whole placement-timeout waited for a worker gone"
         assert all(worker != "" for worker in queue_pool.workers())
+        consumers.start()
+        assert queue_pool.batch_submit([(add, i, 1) for i in range(300)]).result(timeout=60) == list(range(1, 301))
+
+
+@pytest.mark.faults
+def test_workers_killed_in_two_waves_while_the_queues_are_placed_cost_a_try_each_not_the_pool(client3: Client) -> None:
+    """A second wave of kills during the try after the first failed QueuePool(...) with
+    PlacementError, though a worker was there all along (a reviewer: kills at +0.3, +1 and +2 s
+    of 3 workers of 24, and 21 alive): placement tries again for as long as the failures are
+    workers that left, within placement-timeout."""
+    import logging
+    import threading
+
+    first, second = _pid_of(client3, "a"), _pid_of(client3, "b")
+    for pid in (first, second):
+        os.kill(pid, signal.SIGSTOP)  # their queues wait for them: each kill lands mid-try
+    killed: list[int] = []
+
+    class SecondWave(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "placing them again on the others" in record.getMessage() and not killed:
+                killed.append(second)
+                os.kill(second, signal.SIGKILL)  # while the second try waits for b's queue
+
+    handler = SecondWave()
+    slots_logger = logging.getLogger("zdq.client.slots")
+    slots_logger.addHandler(handler)
+    killer = threading.Timer(0.5, os.kill, (first, signal.SIGKILL))
+    killer.start()
+    try:
+        queue_pool = call_bounded(lambda: QueuePool(client3, 3, placement_timeout=40, **FAST), 90, "QueuePool(...)")
+    finally:
+        killer.join(timeout=10)
+        slots_logger.removeHandler(handler)
+        for pid in (first, second):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    with queue_pool, ConsumerPool(client3, queue_pool, n_consumers=1, workers=["c"]) as consumers:
+        assert killed == [second]
         consumers.start()
         assert queue_pool.batch_submit([(add, i, 1) for i in range(300)]).result(timeout=60) == list(range(1, 301))
 

@@ -32,6 +32,7 @@ import asyncio
 import atexit
 import contextvars
 import logging
+import math
 import threading
 import time
 import uuid
@@ -190,59 +191,64 @@ def place_on_the_rest(
     client: Any, attempt: Callable[[float], A], chosen: Callable[[], set[str]], what: str, timeout: float
 ) -> A:
     """``attempt(bound)``, a placement that waits at most ``bound`` seconds for its actors and
-    releases what it made when it fails, within ``timeout`` in all; tried once more, on the
-    workers that are left, when it failed because workers it had chosen (``chosen()``, read after
-    the failure) left the cluster meanwhile (killed or crashed while placed), or did not answer
-    (stopped, e.g. by SIGSTOP, or hung: :func:`wait_created` notes them, and the next try passes
-    them over while another candidate remains). So the first try waits a quarter of ``timeout``
-    (at least :data:`_TRY_AT_LEAST` seconds), and the second what is left of it. When none is
-    left that the placement may use (``workers=`` named only those), the next try waits for one,
-    up to :data:`_COME_BACK` seconds: a nanny restarts a killed worker, under its name, within
-    seconds. A second failure for workers that left is raised, with a note naming them."""
+    releases what it made when it fails, within ``timeout`` in all; tried again, on the workers
+    that are left, as long as each try failed because workers it had chosen (``chosen()``, read
+    after the failure) left the cluster meanwhile (killed or crashed while placed), or did not
+    answer (stopped, e.g. by SIGSTOP, or hung: :func:`wait_created` notes them, and the next try
+    passes them over while another candidate remains), and time is left: kills that come in
+    waves cost a try each, not the placement. So the first try waits a quarter of ``timeout``
+    (at least :data:`_TRY_AT_LEAST` seconds), and each later one what is left of it. When none
+    is left that the placement may use (``workers=`` named only those), the next try waits for
+    one, up to :data:`_COME_BACK` seconds: a nanny restarts a killed worker, under its name,
+    within seconds. A failure for another cause, or past ``timeout``, is raised, with a note
+    naming the workers that left."""
     deadline = time.monotonic() + timeout
     bound = first = min(timeout, max(_TRY_AT_LEAST, timeout / 4))
-    left: list[str] = []
-    silent: list[str] = []
-    for again in (False, True):
-        back_by = time.monotonic() + _COME_BACK
-        while True:
-            try:
-                return attempt(bound)
-            except Exception as e:
-                if again and _no_worker_left(e):
-                    if time.monotonic() < back_by:
-                        time.sleep(0.5)  # the workers it may use all left: one may come back
-                        continue
-                    e.add_note(
-                        f"zdq: workers {', '.join(left)} left the cluster while {what} were placed, and none "
-                        f"that they may use came back within {_COME_BACK:g} s"
-                    )
-                    raise
-                # Dask says "Worker holding Actor was lost" before its scheduler may have dropped
-                # the worker: only then is it waited for, a few seconds.
-                left = workers_left(client, chosen(), wait=3.0 if "lost" in str(e).lower() else 0.0)
-                if not again:
-                    silent = list(getattr(e, "silent", ()))
-                rest = deadline - time.monotonic()
-                if again or (not left and not silent) or rest <= 0:
-                    if again and left:
-                        e.add_note(f"zdq: workers {', '.join(left)} left the cluster while {what} were placed, twice")
-                    elif again and silent:
-                        e.add_note(
-                            f"zdq: a first try waited {first:g} s, and {', '.join(silent)} did not answer it; this "
-                            f"one waited the rest of placement-timeout ({timeout:g} s in all)"
-                        )
-                    raise
-                logger.warning(
-                    "placing %s: %s (%s); placing them again on the others",
-                    what,
-                    f"worker {', '.join(left)} left the cluster meanwhile" if left
-                    else f"worker {', '.join(silent)} did not answer within {bound:g} s",
-                    e,
+    gone: list[str] = []  # every worker that left during the tries, in order
+    tries = 0
+    back_by = math.inf
+    while True:
+        tries += 1
+        try:
+            return attempt(bound)
+        except Exception as e:
+            if gone and _no_worker_left(e):
+                back_by = min(back_by, time.monotonic() + _COME_BACK)
+                if time.monotonic() < min(back_by, deadline):
+                    time.sleep(0.5)  # the workers it may use all left: one may come back
+                    continue
+                e.add_note(
+                    f"zdq: workers {', '.join(gone)} left the cluster while {what} were placed, and none "
+                    f"that they may use came back within {_COME_BACK:g} s"
                 )
-                bound = rest
-                break
-    raise AssertionError("unreachable")
+                raise
+            back_by = math.inf
+            # Dask says "Worker holding Actor was lost" before its scheduler may have dropped
+            # the worker: only then is it waited for, a few seconds.
+            left = workers_left(client, chosen(), wait=3.0 if "lost" in str(e).lower() else 0.0)
+            silent = list(getattr(e, "silent", ()))
+            rest = deadline - time.monotonic()
+            if (not left and not silent) or rest <= 0:
+                if gone or left:
+                    e.add_note(
+                        f"zdq: workers {', '.join(dict.fromkeys(gone + left))} left the cluster while {what} "
+                        f"were placed ({tries} tries)"
+                    )
+                if silent and tries > 1:
+                    e.add_note(
+                        f"zdq: a first try waited {first:g} s; {', '.join(silent)} did not answer the last, "
+                        f"which waited the rest of placement-timeout ({timeout:g} s in all)"
+                    )
+                raise
+            gone.extend(left)
+            logger.warning(
+                "placing %s: %s (%s); placing them again on the others",
+                what,
+                f"worker {', '.join(left)} left the cluster meanwhile" if left
+                else f"worker {', '.join(silent)} did not answer within {bound:g} s",
+                e,
+            )
+            bound = rest
 
 
 def _no_worker_left(error: BaseException) -> bool:
