@@ -4,8 +4,11 @@ started so, they still stop by themselves once Dask releases their actors."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -299,3 +302,19 @@ def test_workers_listed_while_dask_refreshes_its_cached_identity(cluster: Any) -
                 assert sorted(scheduler_workers(c)) == expected
                 assert candidate_workers(c, None) == expected
                 assert time.monotonic() < deadline, "the scheduler answered too slowly for this test"
+
+
+@pytest.mark.cluster
+def test_a_consumer_pool_interrupted_by_ctrl_c_while_placed_leaves_nothing_on_the_workers() -> None:
+    """A Ctrl-C in ConsumerPool(...) left the consumers made on the workers for good: the actor
+    proxies gathered before it held their keys, in the interrupt's traceback and reference
+    cycles, past the queue pool's close() (a reviewer: 31 of 48 per interrupt, a minute later).
+    In a process of its own (its cluster too): pytest takes a SIGINT for its own."""
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.interrupted_placement", "0.2", "20"],
+        capture_output=True, text=True, timeout=180, cwd=Path(__file__).parent.parent,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["outcome"] == "interrupted"
+    assert all(threads == 0 and actors == 0 for threads, actors in report["held"].values()), report

@@ -352,6 +352,7 @@ class PlacedQueues:
         ``placement-timeout``)."""
         timeout = self.settings.placement_timeout if timeout is None else timeout
         futures: list[Any] = []
+        brokers: list[Any] = []
         try:
             known = scheduler_workers(self.client)  # asked once, not per queue
             # A durable queue keeps the payload key of the pool that created it, so that a pool
@@ -379,11 +380,14 @@ class PlacedQueues:
                 )
             self.payload_key = self._agreed_key(brokers, [key for _, _, _, key, _ in opened], proposed)
         except ZdqError:
-            self._release(futures)
+            self._release(futures, brokers)
             raise
         except Exception as e:
-            self._release(futures)
+            self._release(futures, brokers)
             raise PlacementError(f"could not place the queues of pool {self.name}: {e}") from e
+        except BaseException:  # an interrupt: nothing of this placement serves on unseen
+            self._release(futures, brokers)
+            raise
 
     def _agreed_key(self, brokers: list[Any], keys: list[bytes | None], proposed: bytes | None) -> bytes | None:
         """The pool's payload key, from each queue's ``keys`` as opened. The queues of one dirpath
@@ -440,15 +444,18 @@ class PlacedQueues:
             out[i] = call.result(timeout=timeout)
         return out
 
-    def _release(self, futures: list[Any]) -> None:
+    def _release(self, futures: list[Any], proxies: list[Any]) -> None:
         """Undo a failed placement: every broker created stops (opened in their constructors,
         adopted or not), and a queue directory one created and wrote nothing to is removed, so
         that a failed open leaves nothing behind (an empty queue-1 of a pool that failed to grow
-        made every later open with one queue warn of it)."""
+        made every later open with one queue warn of it). ``proxies``: the actor proxies gathered,
+        each holding its actor's key (see :func:`~zdq.client.slots.release_future`)."""
         stop_created(self.client, futures, "broker", stop=lambda broker: broker.stop(discard=True))
         self.release()
         for fut in futures:
             release_future(fut)
+        for proxy in proxies:
+            release_future(None, proxy)
 
     def _submit(
         self,

@@ -291,6 +291,9 @@ class ConsumerPool:
             for note in getattr(e, "__notes__", ()):  # e.g. workers that left while placed, twice
                 error.add_note(note)
             raise error from e
+        except BaseException:  # an interrupt: nobody holds this pool to close it, nothing serves on
+            self.close()
+            raise
         if start:
             try:
                 self._start(started=True)

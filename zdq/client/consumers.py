@@ -212,6 +212,7 @@ class ConsumerSlots:
         known = scheduler_workers(self.client)
         where = self._beside_brokers(known)
         submitted = []
+        actors: list[Any] = []
         given = list(self.queue_pool.endpoints)  # what the consumers placed started are given
         try:
             for i in range(self.n):
@@ -222,11 +223,13 @@ class ConsumerSlots:
             for (i, fut, ident), actor in zip(submitted, actors):
                 self._adopt(i, fut, ident, actor)
             self._started_with = given if start else None
-        except BaseException:
+        except BaseException:  # an interrupt too: nothing of this try may serve on unseen
             if start:
                 stop_created(self.client, [fut for _, fut, _ in submitted], "consumer")
             for _, fut, _ in submitted:
                 release_future(fut)
+            for actor in actors:  # proxies hold their actors' keys (see release_future)
+                release_future(None, actor)
             raise
 
     def _raise_init_errors(self, placed: list[tuple[int, Any]], deadline: float) -> None:

@@ -559,11 +559,17 @@ class QueuePool(AsyncPoolMethods, WaitMethods, SubmitMethods, ControlMethods):
             self.client, attempt, chosen, f"the queues of pool {self.name}", self.settings.placement_timeout
         )
         self._queues = queues
-        if self.rate_limit is not None:
-            self.set_rate_limit(self.rate_limit)
-        self._start_driver()
-        self._check_reach(started)
-        self._supervise(interval=0.25)
+        try:
+            if self.rate_limit is not None:
+                self.set_rate_limit(self.rate_limit)
+            self._start_driver()
+            self._check_reach(started)
+            self._supervise(interval=0.25)
+        except Exception:
+            raise  # each step leaves nothing started when it fails
+        except BaseException:  # an interrupt: nobody holds this pool to close it, nothing serves on
+            self.close()
+            raise
         _owners_here[self._owner_token] = self
         queues.publish()
         logger.info("Created %d queues in the cluster (pool %s).", self.n_queues, self.name)

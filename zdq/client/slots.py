@@ -437,6 +437,7 @@ def stop_created(
     that cannot be stopped now does. Bounded. ``what`` names them in the log ("consumer");
     ``stop(actor)`` is the call that stops one."""
     created = [fut for fut in futures if fut.status == "finished"]
+    actors: list[Any] = []
     try:
         actors = gather_actors(client, created, _STOP_CREATED_WAIT)
         calls = [stop(actor) for actor in actors]
@@ -445,6 +446,9 @@ def stop_created(
             call.result(timeout=max(0.0, deadline - time.monotonic()))
     except Exception as e:  # noqa: BLE001 - its worker is gone or stuck: it stops by itself
         logger.debug("stopping the %ss of a failed placement failed: %s", what, e)
+    finally:
+        for actor in actors:  # each proxy holds its actor's key (see release_future)
+            release_future(None, actor)
 
 
 def release_future(fut: Any, actor: Any = None) -> None:

@@ -1,0 +1,55 @@
+"""Run by tests/test_placement.py: a ConsumerPool(...) interrupted by Ctrl-C while it places its
+consumers, on a LocalCluster of this process; prints (JSON) what the workers still hold after
+the queue pool's close(): zdq's threads and Dask actors, per worker, for ``SECONDS`` seconds.
+
+    python -m tests.interrupted_placement DELAY SECONDS
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+
+def _held(dask_worker: object) -> tuple[int, int]:
+    names = [t.name for t in threading.enumerate()]
+    return sum(n.startswith("zdq-") for n in names), len(dask_worker.state.actors)  # type: ignore[attr-defined]
+
+
+def main(delay: float, seconds: float) -> None:
+    import faulthandler
+
+    faulthandler.dump_traceback_later(150, exit=True)
+    from distributed import Client, LocalCluster
+
+    import zdq
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(
+        cluster
+    ) as client:
+        queue_pool = zdq.QueuePool(client, 1)
+        interrupt = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
+        interrupt.start()
+        outcome = "placed"
+        try:
+            consumers = zdq.ConsumerPool(client, queue_pool, n_consumers=16, start=True)
+            interrupt.cancel()
+            consumers.close()
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+        queue_pool.close()
+        deadline = time.monotonic() + seconds
+        while True:
+            held = {address: list(v) for address, v in client.run(_held).items()}
+            if not any(threads or actors for threads, actors in held.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        print(json.dumps({"outcome": outcome, "held": held}))
+
+
+if __name__ == "__main__":
+    main(float(sys.argv[1]), float(sys.argv[2]))
