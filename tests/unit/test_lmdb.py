@@ -52,17 +52,68 @@ def _contents(path: Path) -> dict[str, bytes]:
     return {name: (path / name).read_bytes() for name in sorted(os.listdir(path))}
 
 
-@pytest.mark.parametrize("files", [{"data.mdb": b""}, {"data.mdb": b"", "zdq.lock": b""}], ids=["alone", "with a lock file"])
-def test_an_empty_data_file_is_refused_as_empty_and_the_directory_is_left_as_it_was(
-    tmp_path: Path, files: dict[str, bytes]
-) -> None:
+def test_an_empty_data_file_is_refused_as_empty_and_the_directory_is_left_as_it_was(tmp_path: Path) -> None:
     path = tmp_path / "jobs-queue-0"
     path.mkdir()
-    for name, data in files.items():
-        (path / name).write_bytes(data)
+    (path / "data.mdb").write_bytes(b"")
     with pytest.raises(StorageCorrupt, match="its data.mdb is an empty file; it was left untouched"):
         LMDBStorage(str(path)).open()
-    assert _contents(path) == files  # LMDB would have written a new database into it
+    assert _contents(path) == {"data.mdb": b""}  # LMDB would have written a new database into it
+
+
+def _half_made(path: Path, how: str) -> None:
+    """What an open killed before its first commit leaves: zdq's lock file, and LMDB's files."""
+    import lmdb
+
+    path.mkdir()
+    (path / "zdq.lock").write_bytes(b"")
+    if how == "empty data file":
+        (path / "data.mdb").write_bytes(b"")
+        return
+    env = lmdb.open(str(path), max_dbs=2)
+    if how == "meta table, no format":
+        with env.begin(write=True) as txn:
+            env.open_db(b"meta", txn=txn)
+    env.close()
+
+
+@pytest.mark.parametrize("how", ["empty data file", "no table", "meta table, no format"])
+def test_a_queue_left_half_made_by_a_killed_open_is_made_afresh(tmp_path: Path, how: str) -> None:
+    """A worker killed while it created a new durable queue left its directory refused for good
+    (StorageCorrupt, at every later open of the pool), though it never held anything."""
+    path = tmp_path / "jobs-queue-0"
+    _half_made(path, how)
+    s = LMDBStorage(str(path), map_size=1 << 20)
+    s.open()
+    try:
+        (chunk_id,) = s.put_many([(_meta(1), b"payload")])
+        assert s.lease() is not None
+    finally:
+        s.close()
+    again = LMDBStorage(str(path), map_size=1 << 20)
+    again.open()
+    try:
+        assert again.meta(chunk_id) == _meta(1)
+    finally:
+        again.close()
+
+
+def test_a_directory_with_zdqs_lock_that_holds_chunks_without_a_format_is_still_refused(tmp_path: Path) -> None:
+    import lmdb
+
+    path = tmp_path / "jobs-queue-0"
+    path.mkdir()
+    (path / "zdq.lock").write_bytes(b"")
+    env = lmdb.open(str(path), max_dbs=2)
+    with env.begin(write=True) as txn:
+        txn.put((1).to_bytes(8, "big"), b"head", db=env.open_db(b"heads", txn=txn))
+    env.close()
+    before = _contents(path)
+    with pytest.raises(StorageCorrupt, match="not a zdq queue"):
+        LMDBStorage(str(path)).open()
+    assert {n: v for n, v in _contents(path).items() if n != "lock.mdb"} == {
+        n: v for n, v in before.items() if n != "lock.mdb"
+    }
 
 
 def test_an_lmdb_database_that_is_not_a_queue_is_refused_and_left_as_it_was(tmp_path: Path) -> None:

@@ -157,6 +157,35 @@ def _read_only(path: str) -> Iterator[lmdb.Environment]:
         env.close()
 
 
+def _half_made(path: str) -> bool:
+    """Whether ``path``, which holds zdq's lock file (zdq made it or opened it), was left by an
+    open killed before its first transaction committed: beside LMDB's files (and zdq's) nothing,
+    and in them no format record and no chunk. A queue of any format, or one holding a chunk,
+    is not (it stays refused as what it is)."""
+    if set(os.listdir(path)) - {_LOCK, _JOURNAL, "data.mdb", "lock.mdb"}:
+        return False
+    if os.path.getsize(os.path.join(path, "data.mdb")) == 0:
+        return True
+    try:
+        env = lmdb.open(path, readonly=True, lock=False, max_dbs=len(_DBS), subdir=True, create=False)
+    except lmdb.Error:
+        return False
+    try:
+        with env.begin() as txn:
+            for name in (b"meta", b"heads", b"chunks"):
+                try:
+                    db = env.open_db(name, txn=txn, create=False)
+                except lmdb.NotFoundError:
+                    continue
+                if txn.stat(db)["entries"]:
+                    return False
+        return True
+    except lmdb.Error:
+        return False
+    finally:
+        env.close()
+
+
 def _check_queue(path: str) -> None:
     """Raise ``StorageCorrupt`` unless directory ``path`` holds a zdq queue of this format (read
     as :func:`_read_only` reads it: a directory that is not a queue is left as it was)."""
@@ -300,7 +329,19 @@ class LMDBStorage(Storage):
         self._created = made_it and not is_queue_dir(self.path)
         try:
             if existed and not read_first:
-                _check_queue(self.path)
+                try:
+                    _check_queue(self.path)
+                except StorageCorrupt as e:
+                    if not _half_made(self.path):
+                        raise
+                    # zdq's own lock is there and nothing else of a queue: an open of it was
+                    # killed before its first transaction. Made afresh (it held nothing).
+                    logger.warning("queue %s: %s was left half-made by an open that was killed (%s); made afresh", self.name, self.path, e)
+                    for name in ("data.mdb", "lock.mdb"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(self.path, name))
+                    existed = False
+                    self._created = True  # as if this open made it: a failed placement removes it
             self._env = lmdb.open(
                 self.path,
                 map_size=self._map_size,
