@@ -1,6 +1,7 @@
 """Run by tests/test_placement.py: a ConsumerPool(...) interrupted by Ctrl-C while it places its
 consumers, on a LocalCluster of this process; prints (JSON) what the workers still hold after
-the queue pool's close(): zdq's threads and Dask actors, per worker, for ``SECONDS`` seconds.
+the queue pool's close(): zdq's threads and Dask actors, per worker, and the actors the scheduler
+lists, waited for (up to ``SECONDS`` seconds) to be none.
 
     python -m tests.interrupted_placement DELAY SECONDS
 """
@@ -18,6 +19,10 @@ import time
 def _held(dask_worker: object) -> tuple[int, int]:
     names = [t.name for t in threading.enumerate()]
     return sum(n.startswith("zdq-") for n in names), len(dask_worker.state.actors)  # type: ignore[attr-defined]
+
+
+def _listed(dask_scheduler: object) -> int:
+    return sum(len(ws.actors) for ws in dask_scheduler.workers.values())  # type: ignore[attr-defined]
 
 
 def main(delay: float, seconds: float) -> None:
@@ -45,10 +50,11 @@ def main(delay: float, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while True:
             held = {address: list(v) for address, v in client.run(_held).items()}
-            if not any(threads or actors for threads, actors in held.values()) or time.monotonic() > deadline:
+            listed = client.run_on_scheduler(_listed)
+            if not (listed or any(threads or actors for threads, actors in held.values())) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        print(json.dumps({"outcome": outcome, "held": held}))
+        print(json.dumps({"outcome": outcome, "held": held, "listed": listed}))
 
 
 if __name__ == "__main__":

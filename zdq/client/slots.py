@@ -458,14 +458,63 @@ def release_future(fut: Any, actor: Any = None) -> None:
     scheduler keeps the actor until that one is released too. Left to the proxy's collection, the
     actor stayed on the scheduler and its worker for as long as the proxy lived in some reference
     cycle (seconds to a minute after ``close()``), so it is released here with the slot's.
+
+    An actor future whose constructor still runs (a placement failed or interrupted) is released
+    once it is done, by :data:`_LATE`: released before, Dask's scheduler goes on listing the actor
+    on its worker for good (``WorkerState.actors``, distributed 2026.8), though the worker holds
+    nothing. Made meanwhile, the actor stops by itself once released (``liveness_probe``).
     """
     for handle in (fut, getattr(actor, "_future", None)):
         if handle is None:
             continue
-        try:
-            handle.release()
-        except Exception as e:  # noqa: BLE001 - its client may be closing: nothing is left to release
-            logger.debug("releasing %s failed: %s", getattr(handle, "key", handle), e)
+        if handle is fut and isinstance(fut, distributed.Future) and not fut.done():
+            _LATE.add(fut)
+        else:
+            _release_now(handle)
+
+
+def _release_now(handle: Any) -> None:
+    try:
+        handle.release()
+    except Exception as e:  # noqa: BLE001 - its client may be closing: nothing is left to release
+        logger.debug("releasing %s failed: %s", getattr(handle, "key", handle), e)
+
+
+class _LateReleases:
+    """Actor futures to release once done (see :func:`release_future`), each within
+    :data:`_RELEASE_LATE_WITHIN` seconds at most, by a thread that runs while some wait."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[Any, float]] = []
+        self._thread: threading.Thread | None = None
+
+    def add(self, fut: Any) -> None:
+        with self._lock:
+            self._waiting.append((fut, time.monotonic() + _RELEASE_LATE_WITHIN))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="zdq-late-releases", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(_RELEASE_LATE_EVERY)
+            with self._lock:
+                now = time.monotonic()
+                due = [fut for fut, by in self._waiting if fut.done() or now >= by]
+                self._waiting = [(fut, by) for fut, by in self._waiting if not (fut.done() or now >= by)]
+                last = not self._waiting
+                if last:
+                    self._thread = None  # an add() from now on starts another
+            for fut in due:
+                _release_now(fut)
+            if last:
+                return
+
+
+_RELEASE_LATE_WITHIN = 60.0
+_RELEASE_LATE_EVERY = 0.25
+_LATE = _LateReleases()
 
 
 class ActorSlots(Generic[A]):
