@@ -47,7 +47,7 @@ from typing import Any
 
 from distributed import Client
 
-from zdq._actor import candidate_workers, note_unanswered, scheduler_workers
+from zdq._actor import NO_WORKER, candidate_workers, note_unanswered, scheduler_workers
 from zdq.broker import Broker
 from zdq.client import registry
 from zdq.client.slots import (
@@ -477,6 +477,21 @@ class PlacedQueues:
                     "and no worker of that host is available to serve it"
                 )
             allowed = here
+        try:
+            return self._place_actor(i, allowed, known, host is not None, open_with)
+        except PlacementError as e:
+            if host is None or not str(e).startswith(NO_WORKER):
+                raise
+            # The candidates are zdq's own choice (the queue's host), not a workers= of the user's.
+            raise PlacementError(
+                f"durable queue {self.queue_names[i]} lives in {self.queue_dir(i)} on host {host}, and none of "
+                f"that host's workers ({', '.join(allowed or [])}) is live to serve it now"
+            ) from e
+
+    def _place_actor(
+        self, i: int, allowed: list[str] | None, known: dict[str, Any] | None, recovering: bool,
+        open_with: tuple[bytes, bytes | None, int] | None,
+    ) -> Any:
         return place_actor(
             self.client,
             Broker,
@@ -485,7 +500,7 @@ class PlacedQueues:
                 self.settings,
                 self.queue_dir(i),
                 None if self.keys is None else self.keys.server,
-                host is not None,
+                recovering,
                 open_with,
             ),
             slot=i,
