@@ -414,7 +414,10 @@ def test_a_poison_task_that_kills_the_worker_of_its_durable_queues_broker_too_is
             good = queue_pool.batch_submit([(add, i, 1) for i in range(200)], batch_size=10)
             exc = bad.exception(timeout=100)
             assert isinstance(exc, DeadLettered), exc
-            assert open(marker).read().count("attempt") == 2  # crash-attempts: 2, once each broker's death
+            # crash-attempts: 2, counted once at each broker's death. A third run may come on a
+            # loaded host: a recovery that gives up on a broker it placed (its bound passed) stops
+            # it cleanly, which counts nothing, though it may have handed the task out already.
+            assert 2 <= open(marker).read().count("attempt") <= 3
             assert good.result(timeout=60) == list(range(1, 201))
             (letter,) = queue_pool.dead_letters()
             assert "killed its consumer 2 times" in letter.reason
