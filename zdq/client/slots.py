@@ -212,14 +212,14 @@ def place_on_the_rest(
         try:
             return attempt(bound)
         except Exception as e:
-            if gone and _no_worker_left(e):
+            if tries > 1 and _no_worker_left(e):
                 back_by = min(back_by, time.monotonic() + _COME_BACK)
                 if time.monotonic() < min(back_by, deadline):
                     time.sleep(0.5)  # the workers it may use all left: one may come back
                     continue
                 e.add_note(
-                    f"zdq: workers {', '.join(gone)} left the cluster while {what} were placed, and none "
-                    f"that they may use came back within {_COME_BACK:g} s"
+                    f"zdq: workers {', '.join(gone) or 'it had chosen'} left the cluster or did not answer while "
+                    f"{what} were placed, and none that they may use came back within {_COME_BACK:g} s"
                 )
                 raise
             back_by = math.inf
