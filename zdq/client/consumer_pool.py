@@ -409,7 +409,8 @@ class ConsumerPool:
             if self._supervisor is not None:
                 self._supervisor.stop()
             return
-        self._consumers.supervise_once(self._running, self._stopping)
+        # The running flag read again when a replacement is in: start() may have come meanwhile.
+        self._consumers.supervise_once(self._running, self._stopping, lambda: self._running)
 
     def _check_open(self) -> None:
         if self._closed:

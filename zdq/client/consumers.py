@@ -409,7 +409,12 @@ class ConsumerSlots:
     def cancelled(self) -> bool:
         return any(fut is not None and fut.status == "cancelled" for fut in self.slots.futures())
 
-    def supervise_once(self, running: bool, stopping: Callable[[], bool]) -> None:
+    def supervise_once(
+        self, running: bool, stopping: Callable[[], bool], running_now: Callable[[], bool] | None = None
+    ) -> None:
+        """One round of supervision; ``running``: the pool's flag when the round began, and
+        ``running_now()`` reads it again (a replacement placed while ``start()`` ran, which
+        reached only the lost consumer, is started once in: else it waited for ever)."""
         unhealthy, silent = self._checkup() if running else ({}, set())
         self.reach.supervise_once(running, stopping, silent)
         no_worker = False  # a placement found no worker this round: the other slots would not either
@@ -435,7 +440,7 @@ class ConsumerSlots:
                 if fut.status != "finished":
                     self._tell_left(i)
             try:
-                self._replace(i, running, stopping)
+                self._replace(i, running_now or (lambda: running), stopping)
             except Exception as e:  # keep supervising: the supervisor tries again
                 if stopping():
                     return
@@ -638,7 +643,7 @@ class ConsumerSlots:
             silent.update(cut_off)
         return out, silent
 
-    def _replace(self, i: int, running: bool, stopping: Callable[[], bool]) -> None:
+    def _replace(self, i: int, running: Callable[[], bool], stopping: Callable[[], bool]) -> None:
         fut, ident = self._submit(i)
         try:
             # A try is bounded below placement-timeout: a worker that does not answer (stopped) is
@@ -656,7 +661,7 @@ class ConsumerSlots:
             raise
         release_future(old)
         self.replacements += 1
-        if running and not stopping():
+        if running() and not stopping():
             actor.start(*self.start_args(i)).result(timeout=30)
 
     def placement(self) -> dict[int, str]:
