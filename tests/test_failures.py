@@ -414,13 +414,18 @@ def test_a_poison_task_that_kills_the_worker_of_its_durable_queues_broker_too_is
             good = queue_pool.batch_submit([(add, i, 1) for i in range(200)], batch_size=10)
             exc = bad.exception(timeout=100)
             assert isinstance(exc, DeadLettered), exc
-            # crash-attempts: 2, counted once at each broker's death. A third run may come on a
+            # crash-attempts: 2, counted once at each broker's death. More runs may come on a
             # loaded host: a recovery that gives up on a broker it placed (its bound passed) stops
-            # it cleanly, which counts nothing, though it may have handed the task out already.
-            assert 2 <= open(marker).read().count("attempt") <= 3
+            # it cleanly, which counts nothing, though it may have handed the task out already;
+            # and a broker killed before it confirmed the task's chunk has the driver send it
+            # again (at least once), a second chunk of it with counts of its own. Never for ever.
+            runs = open(marker).read().count("attempt")
+            assert 2 <= runs <= 6, runs
             assert good.result(timeout=60) == list(range(1, 201))
-            (letter,) = queue_pool.dead_letters()
-            assert "killed its consumer 2 times" in letter.reason
+            letters = queue_pool.dead_letters()
+            assert letters, "the poison task is dead-lettered"
+            for letter in letters:
+                assert "killed its consumer 2 times" in letter.reason, letter.reason
 
 
 @pytest.mark.faults
