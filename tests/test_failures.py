@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import re
 import signal
 import tempfile
 import time
@@ -424,8 +425,8 @@ def test_a_poison_task_that_kills_the_worker_of_its_durable_queues_broker_too_is
             assert good.result(timeout=60) == list(range(1, 201))
             letters = queue_pool.dead_letters()
             assert letters, "the poison task is dead-lettered"
-            for letter in letters:
-                assert "killed its consumer 2 times" in letter.reason, letter.reason
+            for letter in letters:  # 2 crashes on a quiet host; more under load (see above)
+                assert re.search(r"killed its consumer [2-6] times", letter.reason), letter.reason
 
 
 @pytest.mark.faults
