@@ -478,7 +478,14 @@ class PlacedQueues:
                 )
             allowed = here
         try:
-            return self._place_actor(i, allowed, known, host is not None, open_with)
+            return place_actor(
+                self.client,
+                Broker,
+                (self.queue_names[i], self.settings, self.queue_dir(i), None if self.keys is None else self.keys.server,
+                 host is not None, open_with),
+                slot=i, allowed=allowed, placed_on=self.placed_on, resources=self._resources,
+                key=f"zdq-broker-{self.queue_names[i]}", known=known,
+            )
         except PlacementError as e:
             if host is None or not str(e).startswith(NO_WORKER):
                 raise
@@ -487,29 +494,6 @@ class PlacedQueues:
                 f"durable queue {self.queue_names[i]} lives in {self.queue_dir(i)} on host {host}, and none of "
                 f"that host's workers ({', '.join(allowed or [])}) is live to serve it now"
             ) from e
-
-    def _place_actor(
-        self, i: int, allowed: list[str] | None, known: dict[str, Any] | None, recovering: bool,
-        open_with: tuple[bytes, bytes | None, int] | None,
-    ) -> Any:
-        return place_actor(
-            self.client,
-            Broker,
-            (
-                self.queue_names[i],
-                self.settings,
-                self.queue_dir(i),
-                None if self.keys is None else self.keys.server,
-                recovering,
-                open_with,
-            ),
-            slot=i,
-            allowed=allowed,
-            placed_on=self.placed_on,
-            resources=self._resources,
-            key=f"zdq-broker-{self.queue_names[i]}",
-            known=known,
-        )
 
     # -- the registry ----------------------------------------------------------------------------
     def publish(self) -> None:

@@ -186,6 +186,18 @@ def _half_made(path: str) -> bool:
         env.close()
 
 
+def _make_afresh(path: str, name: str, refused: StorageCorrupt) -> None:
+    """Raise ``refused`` unless ``path`` was left half-made (:func:`_half_made`: zdq's own lock is
+    there and nothing else of a queue, an open killed before its first transaction); then remove
+    LMDB's files, so that the open makes the queue afresh (it held nothing)."""
+    if not _half_made(path):
+        raise refused
+    logger.warning("queue %s: %s was left half-made by an open that was killed (%s); made afresh", name, path, refused)
+    for file in ("data.mdb", "lock.mdb"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(path, file))
+
+
 def _check_queue(path: str) -> None:
     """Raise ``StorageCorrupt`` unless directory ``path`` holds a zdq queue of this format (read
     as :func:`_read_only` reads it: a directory that is not a queue is left as it was)."""
@@ -332,14 +344,7 @@ class LMDBStorage(Storage):
                 try:
                     _check_queue(self.path)
                 except StorageCorrupt as e:
-                    if not _half_made(self.path):
-                        raise
-                    # zdq's own lock is there and nothing else of a queue: an open of it was
-                    # killed before its first transaction. Made afresh (it held nothing).
-                    logger.warning("queue %s: %s was left half-made by an open that was killed (%s); made afresh", self.name, self.path, e)
-                    for name in ("data.mdb", "lock.mdb"):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(os.path.join(self.path, name))
+                    _make_afresh(self.path, self.name, e)  # raises e unless an open was killed half-way
                     existed = False
                     self._created = True  # as if this open made it: a failed placement removes it
             self._env = lmdb.open(
