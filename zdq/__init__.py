@@ -46,6 +46,7 @@ from zdq.client.schedules import Schedule
 from zdq.futures import BatchFuture, TaskFuture, as_completed, wait
 from zdq.client.queue_pool import DeadLetterInfo, Durability, QueuePool, current_pool
 from zdq.client.by_id import PoolNotFound, result, state
+from zdq.daskqueue_queues import QueuePoolActor, TransientQueue
 
 # The client modules moved to zdq.client; their old paths re-export them for one release, and
 # zdq.embedded stays an attribute of the package, as it was when local() was imported from it.
@@ -72,6 +73,7 @@ __all__ = [
     "GeneralConsumer",
     "DummyConsumer",
     "Message",
+    "TransientQueue",
     # futures
     "TaskFuture",
     "BatchFuture",

@@ -4,9 +4,10 @@ daskqueue's classes live in modules named after them (``daskqueue/QueuePool.py``
 ``daskqueue/Consumer.py``, ``daskqueue/queue/base_queue.py``...), which its own tests and some
 programs import from: ``from daskqueue.QueuePool import QueuePool`` becomes
 ``from zdq.QueuePool import QueuePool``. Each such module is registered here under zdq's name,
-holding the names of it that zdq has (daskqueue's internals, such as ``QueuePoolActor``,
-``TransientQueue`` or its log segments, have no counterpart: importing one fails as a missing
-name of a module that exists). The modules are entries of ``sys.modules`` alone: importing one
+holding the names of it that zdq has: daskqueue's in-memory ``TransientQueue`` works as it did
+(``zdq/daskqueue_queues.py``); its ``QueuePoolActor`` can be imported, and refuses to be made,
+naming what to use; its durable queue's files and log segments have no counterpart (importing
+one fails as a missing name or module). The modules are entries of ``sys.modules`` alone: importing one
 finds it there and never sets it on the package, whose ``zdq.QueuePool`` and
 ``zdq.ConsumerPool`` stay the classes, as ``daskqueue.QueuePool`` was after its ``__init__``.
 
@@ -24,6 +25,7 @@ from typing import Any
 from zdq.client.consumer_pool import ConsumerPool
 from zdq.client.queue_pool import Durability, QueuePool
 from zdq.consumer.base import ConsumerBaseClass, DummyConsumer, GeneralConsumer, Message
+from zdq.daskqueue_queues import Empty, Full, QueuePoolActor, TransientQueue
 from zdq.errors import PutTimeout
 
 __all__ = ["MODULES"]
@@ -32,6 +34,7 @@ __all__ = ["MODULES"]
 MODULES: dict[str, dict[str, Any]] = {
     "QueuePool": {
         "QueuePool": QueuePool,
+        "QueuePoolActor": QueuePoolActor,
         "PutTimeout": PutTimeout,
         "Durability": Durability,
         "ConsumerBaseClass": ConsumerBaseClass,
@@ -41,8 +44,9 @@ MODULES: dict[str, dict[str, Any]] = {
     "ConsumerPool": {"ConsumerPool": ConsumerPool, "ConsumerBaseClass": ConsumerBaseClass, "GeneralConsumer": GeneralConsumer},
     "Consumer": {"ConsumerBaseClass": ConsumerBaseClass, "DummyConsumer": DummyConsumer, "GeneralConsumer": GeneralConsumer},
     "Protocol": {"Message": Message},
-    "queue": {"Durability": Durability},
+    "queue": {"Durability": Durability, "TransientQueue": TransientQueue},
     "queue.base_queue": {"Durability": Durability},
+    "queue.transient_queue": {"TransientQueue": TransientQueue, "Durability": Durability, "Empty": Empty, "Full": Full},
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import queue
 
 import pytest
 
@@ -21,7 +22,9 @@ pytestmark = pytest.mark.unit
 def test_each_of_daskqueues_module_paths_imports_with_its_names(path: str) -> None:
     module = importlib.import_module(f"zdq.{path}")
     for name, value in MODULES[path].items():
-        assert getattr(module, name) is value is getattr(zdq, name)
+        # The stdlib's queue.Empty and queue.Full, which daskqueue's transient_queue re-exported,
+        # are no names of the package (nor of daskqueue's).
+        assert getattr(module, name) is value is (value if value in (queue.Empty, queue.Full) else getattr(zdq, name))
     assert sorted(module.__all__) == sorted(MODULES[path])
 
 
@@ -36,8 +39,10 @@ def test_importing_them_leaves_the_package_names_the_classes() -> None:
 
 
 def test_a_daskqueue_internal_is_a_missing_name_of_a_module_that_exists() -> None:
-    with pytest.raises(ImportError, match="QueuePoolActor"):
-        exec("from zdq.QueuePool import QueuePoolActor", {})
+    with pytest.raises(ImportError, match="DurableQueue"):  # daskqueue's QueuePool module imported it
+        exec("from zdq.QueuePool import DurableQueue", {})
+    with pytest.raises(ImportError, match="zdq.queue.durable_queue"):  # its files and segments: no counterpart
+        exec("from zdq.queue.durable_queue import DurableQueue", {})
 
 
 def test_the_dummy_consumer_logs_each_item_and_returns_nothing(caplog: pytest.LogCaptureFixture) -> None:

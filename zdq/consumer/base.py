@@ -7,12 +7,18 @@ daskqueue made its consumer actors), with daskqueue 0.2's seven arguments: see
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+import pickle
+import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from typing import Any, overload
+
+import cloudpickle
 
 __all__ = ["ConsumerArgs", "ConsumerBaseClass", "DummyConsumer", "GeneralConsumer", "Message", "make_consumer", "save_hook"]
 
@@ -174,20 +180,60 @@ class DummyConsumer(ConsumerBaseClass):
         self._logger.info("[%s]: Processing %s", self.name, item)
 
 
-@dataclass(frozen=True)
 class Message:
-    """A task as :meth:`GeneralConsumer.save` gets it: its ``key`` (the task id, the key of its
-    result in ``ConsumerPool.results()`` and of its future; ``id`` too)."""
+    """A task as :meth:`GeneralConsumer.save` gets it: ``Message(key)``, its ``key`` (the task id,
+    the key of its result in ``ConsumerPool.results()`` and of its future; ``id`` too).
 
-    key: int
+    Or daskqueue's message, ``Message(fn, *args, **kwargs)``: a call to make later, as ``data``
+    (``msg.data()`` makes it), with a new UUID as its ``id``, its ``timestamp`` (whole seconds) and
+    :meth:`serialize`. Put in a queue (``queue_pool.put(msg)``), :class:`GeneralConsumer` runs it.
 
-    @property
-    def id(self) -> int:
-        return self.key
+    >>> Message(7).id, Message(divmod, 7, 2).data()
+    (7, (3, 1))
+    """
+
+    __slots__ = ("key", "id", "data", "timestamp", "delivered_timestamp")
+
+    def __init__(self, key: Any, *args: Any, **kwargs: Any) -> None:
+        if callable(key):  # daskqueue's Message(func, *args, **kwargs)
+            self.id: Any = uuid.uuid4()
+            self.key: Any = self.id
+            self.data: Callable[[], Any] | None = functools.partial(key, *args, **kwargs)
+            self.timestamp: int | None = int(time.time())
+        elif isinstance(key, int) and not isinstance(key, bool) and not args and not kwargs:
+            self.key = self.id = key
+            self.data = self.timestamp = None
+        else:
+            raise TypeError(f"Message takes a task id (an int) or a function and its arguments, got {key!r}")
+        self.delivered_timestamp: float | None = None
+
+    def __repr__(self) -> str:
+        return f"Message({self.key!r})" if self.data is None else f"Message({self.id}: {self.data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Message) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        for name, value in zip(self.__slots__, state):
+            setattr(self, name, value)
+
+    def serialize(self) -> bytes:
+        """The message pickled (with cloudpickle when its call is a lambda or a local function)."""
+        try:
+            return pickle.dumps(self)
+        except (pickle.PicklingError, AttributeError, TypeError):
+            return cloudpickle.dumps(self)
 
 
 class GeneralConsumer(ConsumerBaseClass):
-    """The default consumer: runs submitted functions; a raw item ``(fn, *args)`` is called too.
+    """The default consumer: runs submitted functions; a raw item ``(fn, *args)`` or
+    ``Message(fn, *args)`` is called too.
 
     daskqueue's hook for results is kept: a subclass that overrides :meth:`save` has it called
     on the consumer with each submitted function's result, ``save(msg, result)`` (``msg`` a
@@ -216,8 +262,10 @@ class GeneralConsumer(ConsumerBaseClass):
     def process_item(self, item: Any) -> Any:
         if isinstance(item, tuple) and item and callable(item[0]):
             return item[0](*item[1:])
+        if isinstance(item, Message) and item.data is not None:  # daskqueue's Message(fn, *args)
+            return item.data()
         raise TypeError(
-            "GeneralConsumer runs functions: put() a tuple (fn, *args), use submit(), "
+            "GeneralConsumer runs functions: put() a tuple (fn, *args) or a Message(fn, *args), use submit(), "
             "or give ConsumerPool a ConsumerClass whose process_item() handles this item"
         )
 

@@ -1,0 +1,116 @@
+"""daskqueue's ``TransientQueue``, which its programs and tests used as a Dask actor of its own
+(``from daskqueue import TransientQueue``), and ``QueuePoolActor``, whose import made three of
+daskqueue's test modules fail to load with zdq in its place: the queue works as daskqueue's did,
+with bounded waits that never hold the event loop; ``QueuePoolActor`` imports and refuses to be
+made, naming what to use."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+import zdq
+from zdq.daskqueue_queues import TransientQueue
+
+T = TypeVar("T")
+
+pytestmark = pytest.mark.unit
+
+
+def done(call: Coroutine[Any, Any, T]) -> T:
+    """What a coroutine that does not wait returns (an event loop opens sockets: not in this tier)."""
+    try:
+        call.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    call.close()
+    raise AssertionError(f"{call} waited")
+
+
+def test_items_come_out_in_the_order_they_went_in_and_an_empty_queue_answers_none() -> None:
+    q = TransientQueue()
+    done(q.put(1))
+    done(q.put_many(["a", None]))
+    q.put_nowait(3)
+    q.put_nowait_batch([4, 5])
+    q.put_sync(6)
+    assert (q.qsize(), q.empty(), q.full()) == (7, False, False)  # maxsize -1: unbounded
+    got = [done(q.get()), q.get_nowait(), q.get_sync(), *q.get_nowait_batch(2), *done(q.get_many(3))]
+    assert got == [1, "a", None, 3, 4, 5, 6, None]  # None: an item, then get_many's filler
+    assert q.empty() and done(q.get()) is None and q.get_nowait() is None and q.get_sync() is None
+
+
+def test_a_full_queue_refuses_at_once_or_after_the_wait_asked_and_a_batch_goes_in_whole_or_not_at_all() -> None:
+    q = TransientQueue(maxsize=2)
+    q.put_nowait(1)
+    with pytest.raises(queue.Full, match="2 items do not fit"):
+        q.put_nowait_batch([2, 3])
+    with pytest.raises(queue.Full):
+        done(q.put_many([2, 3]))
+    assert q.qsize() == 1  # nothing of either batch went in
+    q.put_nowait(2)
+    assert q.full()
+    with pytest.raises(queue.Full, match=r"maxsize 2 \(holds 2\)$"):
+        q.put_nowait(3)
+    began = time.monotonic()
+    with pytest.raises(queue.Full, match=r"waited 0.2 s for room"):
+        q.put_sync(3, timeout=0.2)
+    assert 0.19 <= time.monotonic() - began < 5
+    with pytest.raises(queue.Empty, match="cannot get 3 items from a TransientQueue of 2"):
+        q.get_nowait_batch(3)
+    assert q.get_nowait_batch(2) == [1, 2] and q.empty()
+
+
+@pytest.mark.parametrize(
+    "call, error",
+    [
+        (lambda: TransientQueue(maxsize="3"), "maxsize must be an int"),
+        (lambda: TransientQueue(ack_timeout=-1), "ack_timeout must be a number of seconds >= 0"),
+        (lambda: TransientQueue(retry="yes"), "retry must be a bool"),
+        (lambda: TransientQueue().put_sync(1, timeout=float("nan")), "timeout must be a number of seconds >= 0"),
+        (lambda: done(TransientQueue().get(timeout=-1)), "timeout must be a number of seconds >= 0"),
+        (lambda: TransientQueue().get_nowait_batch(-1), "num_items must be an int >= 0"),
+        (lambda: done(TransientQueue().get_many(1.5)), "n must be an int >= 0"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_arguments_are_refused_at_the_call_and_change_nothing(call: object, error: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=error):
+        call()  # type: ignore[operator]
+
+
+def test_daskqueues_queue_names_import_from_its_paths_and_the_pool_actor_refuses_naming_what_to_use() -> None:
+    from zdq import TransientQueue as top
+    from zdq.queue import TransientQueue as in_queue
+    from zdq.queue.transient_queue import Empty, Full, TransientQueue as in_module
+    from zdq.QueuePool import QueuePool, QueuePoolActor
+
+    assert top is in_queue is in_module is TransientQueue and (Empty, Full) == (queue.Empty, queue.Full)
+    assert QueuePool is zdq.QueuePool and QueuePoolActor is zdq.QueuePoolActor
+    with pytest.raises(NotImplementedError, match=r"zdq has no QueuePoolActor.*Use zdq.QueuePool\(client, n_queues"):
+        QueuePoolActor(1, "transient", 1, False)
+
+
+def test_daskqueues_message_of_a_call_runs_on_a_general_consumer_and_travels_pickled() -> None:
+    """daskqueue's tests and programs made ``Message(fn, *args)``; zdq's took a task id alone."""
+    import pickle
+
+    from zdq import GeneralConsumer, Message
+
+    msg = Message(lambda x, y=0: x * 10 + y, 4, y=2)  # a lambda: cloudpickle carries it
+    again = pickle.loads(msg.serialize())
+    assert again.data() == msg.data() == 42 and again == msg and again.id == msg.id and hash(again) == hash(msg)
+    assert isinstance(msg.timestamp, int) and msg.delivered_timestamp is None and Message(divmod, 1, 1) != msg
+    assert GeneralConsumer(name="g").process_item(Message(divmod, 7, 2)) == (3, 1)
+    task = Message(12)  # as save(msg, result) gets a task: its id
+    assert (task.id, task.key, task.data, task == Message(12), pickle.loads(pickle.dumps(task)) == task) == (12, 12, None, True, True)
+    for bad in ("a", 1.5, True):
+        with pytest.raises(TypeError, match="Message takes a task id"):
+            Message(bad)
+    with pytest.raises(TypeError, match="Message takes a task id"):
+        Message(12, 3)
+    with pytest.raises(TypeError, match="runs functions"):
+        GeneralConsumer(name="g").process_item(Message(12))
