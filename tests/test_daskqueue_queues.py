@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import threading
 import time
 
 import pytest
@@ -32,17 +33,28 @@ def test_a_put_waiting_for_room_lets_the_event_loop_run_the_get_that_makes_it() 
     assert items == ["second", None] and took < 5
 
 
-def test_a_get_with_a_timeout_waits_for_an_item_up_to_it_then_answers_none() -> None:
-    async def run() -> tuple[object, object, float]:
-        q = TransientQueue()
-        asyncio.get_running_loop().call_later(0.05, q.put_nowait, "late")
-        got = await q.get(timeout=10)
-        began = time.monotonic()
-        nothing = await q.get(timeout=0.1)
-        return got, nothing, time.monotonic() - began
+def test_a_put_waiting_for_room_is_woken_by_a_get_of_another_thread_and_bounded_without_one() -> None:
+    """A Dask actor's plain methods (get_nowait...) run on the actor's thread, its coroutines on
+    the worker's event loop: a take on that thread wakes a put waiting on the loop."""
 
-    got, nothing, waited = asyncio.run(run())
-    assert got == "late" and nothing is None and 0.09 <= waited < 5
+    async def run() -> tuple[float, object, float]:
+        q = TransientQueue(maxsize=1)
+        q.put_nowait("first")
+        taker = threading.Timer(0.1, q.get_nowait)
+        began = time.monotonic()
+        taker.start()
+        try:
+            await asyncio.wait_for(q.put("second", timeout=20), 10)
+        finally:
+            taker.join(10)
+        woken = time.monotonic() - began
+        began = time.monotonic()
+        with pytest.raises(queue.Full, match="waited 0.2 s for room"):
+            await q.put("third", timeout=0.2)
+        return woken, q.get_nowait(), time.monotonic() - began
+
+    woken, second, bounded = asyncio.run(run())
+    assert 0.09 <= woken < 5 and second == "second" and 0.19 <= bounded < 5
 
 
 def test_as_a_dask_actor_it_serves_calls_while_a_put_waits_for_room_and_a_full_one_raises_queue_full(client: Client) -> None:
@@ -50,13 +62,15 @@ def test_as_a_dask_actor_it_serves_calls_while_a_put_waits_for_room_and_a_full_o
     assert q.put("first").result(timeout=30) is None and q.qsize().result(timeout=30) == 1
     waiting = q.put("second", timeout=20)  # on the worker's event loop, until a get makes room
     time.sleep(0.2)
-    assert q.full().result(timeout=30) and q.get(timeout=1).result(timeout=30) == "first"
-    assert waiting.result(timeout=30) is None
+    began = time.monotonic()
+    assert q.full().result(timeout=30) and client.run(lambda: 1, workers=[q._address]) == {q._address: 1}
+    assert q.get_nowait().result(timeout=30) == "first"  # on the actor's thread: it wakes the put
+    assert waiting.result(timeout=30) is None and time.monotonic() - began < 15
     began = time.monotonic()
     with pytest.raises(queue.Full, match="waited 0.3 s for room"):
         q.put("third", timeout=0.3).result(timeout=30)
     assert time.monotonic() - began < 20
-    assert q.get_nowait().result(timeout=30) == "second" and q.get(timeout=0.1).result(timeout=30) is None
+    assert q.get(timeout=5).result(timeout=30) == "second" and q.get(timeout=5).result(timeout=30) is None
 
 
 def test_daskqueues_pool_actor_placed_as_an_actor_refuses_naming_what_to_use(client: Client) -> None:

@@ -74,6 +74,7 @@ __all__ = [
     "DummyConsumer",
     "Message",
     "TransientQueue",
+    "QueuePoolActor",  # daskqueue's name: it refuses to be made, naming QueuePool
     # futures
     "TaskFuture",
     "BatchFuture",

@@ -4,9 +4,15 @@ name ``QueuePoolActor``, which zdq refuses with what to use instead.
 zdq's own queues are brokers reached over ZeroMQ (:class:`zdq.QueuePool`); nothing in zdq uses
 these. ``TransientQueue`` is daskqueue's in-memory queue, meant to be placed as a Dask actor
 (``client.submit(TransientQueue, maxsize=..., actor=True)``) and called through it: its
-coroutine methods run on the worker's event loop, its plain ones on the actor's thread, and
-every one of them is safe beside the others. Unlike daskqueue's, no call blocks the worker's
-event loop, and every wait is bounded.
+coroutine methods run on the worker's event loop, its plain ones on the actor's one thread
+(Dask's), and every one of them is safe beside the others.
+
+Only :meth:`TransientQueue.put` waits (for room), on the event loop, woken by the call that
+makes room, within a bound. daskqueue's put held the worker's event loop for as long as the
+queue stayed full. Nothing else waits. A plain method that waited would hold the actor's one
+thread, and with it every other plain call to the worker's actors. A get that waited for an
+item would take it for a caller who may have given up meanwhile (Dask does not cancel an
+actor's call), and that item would be lost. daskqueue's get answered at once, too.
 
 >>> import asyncio
 >>> q = TransientQueue(maxsize=2)
@@ -16,7 +22,7 @@ event loop, and every wait is bounded.
 Traceback (most recent call last):
 ...
 queue.Full: TransientQueue is full: maxsize 2 (holds 2)
->>> asyncio.run(q.get()), q.get_nowait(), q.get_nowait()
+>>> asyncio.run(q.get()), q.get_nowait(), asyncio.run(q.get())
 (1, 2, None)
 """
 
@@ -24,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import numbers
+import operator
 import threading
 import time
 from collections import deque
@@ -39,13 +47,37 @@ __all__ = ["TransientQueue", "QueuePoolActor", "Empty", "Full"]
 #: zdq has a bound (daskqueue's waited for ever, holding the worker's event loop).
 DEFAULT_PUT_TIMEOUT = 60.0
 
-_POLL_FIRST, _POLL_MOST = 0.001, 0.02  # an async wait's first and longest sleep between looks
-
 
 def _seconds(timeout: Any, name: str) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout < 0:
-        raise ValueError(f"{name} must be a number of seconds >= 0, got {timeout!r}")
-    return float(timeout)
+    """``timeout`` as a finite number of seconds >= 0 (any real number: numpy's too)."""
+    try:
+        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+            raise TypeError
+        seconds = float(timeout)
+    except (TypeError, OverflowError):
+        seconds = math.nan
+    if not (0 <= seconds < math.inf):
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {timeout!r}")
+    return seconds
+
+
+def _count(n: Any, name: str) -> int:
+    """``n`` as an int >= 0 (numpy's integers too)."""
+    try:
+        if isinstance(n, bool):
+            raise TypeError
+        value = operator.index(n)
+    except TypeError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {n!r}")
+    return value
+
+
+def _no_wait(timeout: Any, call: str, instead: str) -> None:
+    """Refuse a wait that ``call`` never does (see the module's docstring)."""
+    if timeout is not None and _seconds(timeout, "timeout") > 0:
+        raise ValueError(f"TransientQueue.{call} never waits (timeout={timeout!r}): {instead}")
 
 
 class TransientQueue:
@@ -53,23 +85,29 @@ class TransientQueue:
 
     Its items live in the memory of the process that holds it: they are lost with that worker,
     as daskqueue's were. An item is handed out once: ``ack_timeout`` and ``retry`` are taken for
-    daskqueue's signature and kept as attributes, but nothing is redelivered (daskqueue's
-    redelivery of unacknowledged items never ran: its collector wrote to a table that did not
-    exist). zdq's pools do not use this class; their queues are brokers with leases and retries
-    (:class:`zdq.QueuePool`).
+    daskqueue's signature and kept as attributes, and :meth:`ack` has nothing to acknowledge
+    (daskqueue's redelivery of unacknowledged items never ran: its collector wrote to a table that
+    did not exist). zdq's pools do not use this class; their queues are brokers with leases and
+    retries (:class:`zdq.QueuePool`).
     """
 
-    def __init__(self, maxsize: int = -1, ack_timeout: float = 5, retry: bool = False) -> None:
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
-            raise TypeError(f"maxsize must be an int (<= 0: unbounded), got {maxsize!r}")
+    def __init__(self, maxsize: Any = -1, ack_timeout: float = 5, retry: bool = False) -> None:
+        try:
+            if isinstance(maxsize, bool):
+                raise TypeError
+            whole = isinstance(maxsize, float) and maxsize.is_integer()  # daskqueue's Queue took 2.0
+            self.maxsize = int(maxsize) if whole else operator.index(maxsize)
+        except TypeError:
+            raise TypeError(f"maxsize must be an int (<= 0: unbounded), got {maxsize!r}") from None
         self.ack_timeout = _seconds(ack_timeout, "ack_timeout")
         if not isinstance(retry, bool):
             raise TypeError(f"retry must be a bool, got {retry!r}")
         self.retry = retry
-        self.maxsize = maxsize
         self.durability = Durability.TRANSIENT
         self._items: deque[Any] = deque()
         self._lock = threading.Lock()  # the event loop's calls and the actor thread's share the items
+        #: The puts waiting for room, each woken (on its own loop) when an item is taken.
+        self._room: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     def __repr__(self) -> str:
         return f"<TransientQueue: {self.qsize()} item(s), maxsize {self.maxsize}>"
@@ -101,6 +139,11 @@ class TransientQueue:
         """Add ``item``, or raise ``queue.Full`` at once."""
         self._add([item])
 
+    def put_sync(self, item: Any, timeout: float | None = None) -> None:
+        """Add ``item``, or raise ``queue.Full`` at once (daskqueue's waited for room, for ever)."""
+        _no_wait(timeout, "put_sync", "a wait would hold the actor's one thread; await put(item, timeout=...) instead")
+        self._add([item])
+
     def put_nowait_batch(self, items: Iterable[Any]) -> None:
         """Add every one of ``items``, or none of them (``queue.Full``) when they do not all fit."""
         self._add(list(items))
@@ -109,28 +152,29 @@ class TransientQueue:
         """Add every one of ``list_items``, or none of them (``queue.Full``)."""
         self._add(list(list_items))
 
-    def put_sync(self, item: Any, timeout: float | None = None) -> None:
-        """Add ``item``, waiting for room up to ``timeout`` seconds (none given:
-        :data:`DEFAULT_PUT_TIMEOUT`); ``queue.Full`` naming the wait after it. Blocks the calling
-        thread: as an actor's plain method, the actor's thread, never the worker's event loop."""
-        wait = _Wait(DEFAULT_PUT_TIMEOUT if timeout is None else _seconds(timeout, "timeout"))
-        while not self._offer(item):
-            time.sleep(wait.pause() or self._full_after(timeout))
-
     async def put(self, item: Any, timeout: float | None = None) -> None:
         """Add ``item``, waiting for room up to ``timeout`` seconds (none given:
         :data:`DEFAULT_PUT_TIMEOUT`) without holding the event loop; ``queue.Full`` after it."""
-        wait = _Wait(DEFAULT_PUT_TIMEOUT if timeout is None else _seconds(timeout, "timeout"))
-        while not self._offer(item):
-            await asyncio.sleep(wait.pause() or self._full_after(timeout))
-
-    def _offer(self, item: Any) -> bool:
-        """Add ``item`` if there is room; whether there was."""
-        with self._lock:
-            if 0 < self.maxsize <= len(self._items):
-                return False
-            self._items.append(item)
-            return True
+        give_up = time.monotonic() + (DEFAULT_PUT_TIMEOUT if timeout is None else _seconds(timeout, "timeout"))
+        loop: asyncio.AbstractEventLoop | None = None
+        while True:
+            with self._lock:
+                if not 0 < self.maxsize <= len(self._items):
+                    self._items.append(item)
+                    return
+                loop = loop or asyncio.get_running_loop()
+                room: asyncio.Future[None] = loop.create_future()
+                self._room.append((loop, room))  # under the lock: a take after this wakes it
+            left = give_up - time.monotonic()
+            try:
+                if left > 0:
+                    await asyncio.wait([room], timeout=left)
+            finally:
+                with self._lock:
+                    if (loop, room) in self._room:
+                        self._room.remove((loop, room))
+            if not room.done():
+                self._full_after(timeout)
 
     def _full_after(self, timeout: float | None) -> NoReturn:
         waited = f"{timeout:g} s" if timeout is not None else f"{DEFAULT_PUT_TIMEOUT:g} s (no timeout was given)"
@@ -138,76 +182,76 @@ class TransientQueue:
 
     # -- get ---------------------------------------------------------------------------------------
 
-    def get_nowait(self) -> Any:
-        """The oldest item, or ``None`` when the queue is empty (daskqueue's answer)."""
+    def _take(self, n: int) -> list[Any]:
+        """Up to ``n`` of the oldest items; the puts waiting for room are woken."""
         with self._lock:
-            return self._items.popleft() if self._items else None
+            taken = [self._items.popleft() for _ in range(min(n, len(self._items)))]
+            woken, self._room = (self._room, []) if taken and self._room else ([], self._room)
+        for loop, room in woken:
+            try:
+                loop.call_soon_threadsafe(_wake, room)
+            except RuntimeError:  # its loop closed: that put is gone
+                pass
+        return taken
+
+    def get_nowait(self) -> Any:
+        """The oldest item, or ``queue.Empty`` when there is none (as daskqueue's raised)."""
+        taken = self._take(1)
+        if not taken:
+            raise Empty("the TransientQueue is empty")
+        return taken[0]
 
     def get_nowait_batch(self, num_items: int) -> list[Any]:
         """The ``num_items`` oldest items, or ``queue.Empty`` (taking none) when there are fewer."""
-        if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 0:
-            raise ValueError(f"num_items must be an int >= 0, got {num_items!r}")
+        n = _count(num_items, "num_items")
         with self._lock:
-            if num_items > len(self._items):
-                raise Empty(f"cannot get {num_items} items from a TransientQueue of {len(self._items)}")
-            return [self._items.popleft() for _ in range(num_items)]
+            if n > len(self._items):
+                raise Empty(f"cannot get {n} items from a TransientQueue of {len(self._items)}")
+        return self._take(n)
 
     def get_sync(self, timeout: float | None = None) -> Any:
-        """The oldest item, waiting for one up to ``timeout`` seconds (none given: no wait);
-        ``None`` when none came. Blocks the calling thread (see :meth:`put_sync`)."""
-        wait = _Wait(0.0 if timeout is None else _seconds(timeout, "timeout"))
-        while (item := self._take()) is _NOTHING:
-            pause = wait.pause()
-            if not pause:
-                return None
-            time.sleep(pause)
-        return item
+        """The oldest item, or ``None`` when there is none, at once (as daskqueue's)."""
+        _no_wait(timeout, "get_sync", "a wait would hold the actor's one thread, and take an item its caller may have given up on")
+        taken = self._take(1)
+        return taken[0] if taken else None
 
     async def get(self, timeout: float | None = None) -> Any:
-        """The oldest item, waiting for one up to ``timeout`` seconds (none given: no wait) without
-        holding the event loop; ``None`` when none came (daskqueue's answer for an empty queue)."""
-        wait = _Wait(0.0 if timeout is None else _seconds(timeout, "timeout"))
-        while (item := self._take()) is _NOTHING:
-            pause = wait.pause()
-            if not pause:
-                return None
-            await asyncio.sleep(pause)
-        return item
+        """The oldest item, or ``None`` when there is none, at once (daskqueue's answer;
+        ``timeout``, taken for its signature, is never waited: an item taken by a get whose caller
+        gave up would be lost)."""
+        if timeout is not None:
+            _seconds(timeout, "timeout")
+        taken = self._take(1)
+        return taken[0] if taken else None
 
     async def get_many(self, n: int, timeout: float | None = None) -> list[Any]:
         """``n`` answers of :meth:`get`, as daskqueue gave them: the oldest items, then ``None``
-        for each the queue did not have (``timeout`` is the wait for the first item only)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an int >= 0, got {n!r}")
-        if n == 0:
-            return []
-        first = await self.get(timeout)
-        with self._lock:
-            rest = [self._items.popleft() if self._items else None for _ in range(n - 1)]
-        return [first, *rest]
+        for each the queue did not have."""
+        count = _count(n, "n")
+        if timeout is not None:
+            _seconds(timeout, "timeout")
+        taken = self._take(count)
+        return taken + [None] * (count - len(taken))
 
-    def _take(self) -> Any:
-        with self._lock:
-            return self._items.popleft() if self._items else _NOTHING
+    # -- daskqueue's acknowledgements ----------------------------------------------------------------
+
+    async def ack(self, timestamp: float, msg_id: Any) -> bool:
+        """daskqueue's acknowledgement of a delivered item: nothing is redelivered here, so there
+        is nothing to acknowledge; ``True``, as daskqueue's answered."""
+        return True
+
+    async def ack_many(self, items: Iterable[tuple[float, Any]]) -> None:
+        """:meth:`ack` of each ``(timestamp, id)``: nothing to do (see :meth:`ack`)."""
+        for timestamp, msg_id in items:
+            await self.ack(timestamp, msg_id)
+
+    def stop_gc(self) -> None:
+        """daskqueue stopped its redelivery thread here; this queue runs none."""
 
 
-_NOTHING = object()  # no item (``None`` may be one)
-
-
-class _Wait:
-    """The sleeps of a wait that looks again after each, up to ``bound`` seconds from now."""
-
-    def __init__(self, bound: float) -> None:
-        self._give_up = time.monotonic() + bound
-        self._next = _POLL_FIRST
-
-    def pause(self) -> float:
-        """The next sleep: shorter ones first, none past the bound; ``0.0`` once it has passed."""
-        left = self._give_up - time.monotonic()
-        if left <= 0:
-            return 0.0
-        pause, self._next = min(self._next, left), min(self._next * 2, _POLL_MOST)
-        return pause
+def _wake(room: asyncio.Future[None]) -> None:
+    if not room.done():
+        room.set_result(None)
 
 
 class QueuePoolActor:
@@ -224,4 +268,3 @@ class QueuePoolActor:
             "Use zdq.QueuePool(client, n_queues, ...) (its queues are brokers reached over ZeroMQ) with "
             "zdq.ConsumerPool; for daskqueue's in-memory queue as a Dask actor, zdq.TransientQueue"
         )
-

@@ -180,21 +180,25 @@ class DummyConsumer(ConsumerBaseClass):
         self._logger.info("[%s]: Processing %s", self.name, item)
 
 
+_NO_KEY: Any = object()  # Message() given no key: daskqueue's func= may follow
+
+
 class Message:
     """A task as :meth:`GeneralConsumer.save` gets it: ``Message(key)``, its ``key`` (the task id,
     the key of its result in ``ConsumerPool.results()`` and of its future; ``id`` too).
 
-    Or daskqueue's message, ``Message(fn, *args, **kwargs)``: a call to make later, as ``data``
-    (``msg.data()`` makes it), with a new UUID as its ``id``, its ``timestamp`` (whole seconds) and
-    :meth:`serialize`. Put in a queue (``queue_pool.put(msg)``), :class:`GeneralConsumer` runs it.
+    Or daskqueue's message, ``Message(fn, *args, **kwargs)`` (``func=fn`` too): a call to make
+    later, as ``data`` (``msg.data()`` makes it), with a new UUID as its ``id``, its ``timestamp``
+    (whole seconds) and :meth:`serialize`. Put in a queue (``queue_pool.put(msg)``), a
+    :class:`GeneralConsumer` runs it, hands the result to its ``save(msg, result)`` and returns it.
 
     >>> Message(7).id, Message(divmod, 7, 2).data()
     (7, (3, 1))
     """
 
-    __slots__ = ("key", "id", "data", "timestamp", "delivered_timestamp")
-
-    def __init__(self, key: Any, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, key: Any = _NO_KEY, /, *args: Any, **kwargs: Any) -> None:
+        if key is _NO_KEY and callable(kwargs.get("func")):  # daskqueue's Message(func=fn, ...)
+            key = kwargs.pop("func")
         if callable(key):  # daskqueue's Message(func, *args, **kwargs)
             self.id: Any = uuid.uuid4()
             self.key: Any = self.id
@@ -204,24 +208,21 @@ class Message:
             self.key = self.id = key
             self.data = self.timestamp = None
         else:
-            raise TypeError(f"Message takes a task id (an int) or a function and its arguments, got {key!r}")
+            shown = "nothing" if key is _NO_KEY else repr(key)
+            raise TypeError(f"Message takes a task id (an int) or a function and its arguments, got {shown}")
         self.delivered_timestamp: float | None = None
 
     def __repr__(self) -> str:
         return f"Message({self.key!r})" if self.data is None else f"Message({self.id}: {self.data!r})"
+
+    def __str__(self) -> str:
+        return f"Message {self.id.int}" if self.data is not None else repr(self)  # daskqueue's, for its form
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Message) and other.id == self.id
 
     def __hash__(self) -> int:
         return hash(self.id)
-
-    def __getstate__(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __setstate__(self, state: tuple[Any, ...]) -> None:
-        for name, value in zip(self.__slots__, state):
-            setattr(self, name, value)
 
     def serialize(self) -> bytes:
         """The message pickled (with cloudpickle when its call is a lambda or a local function)."""
@@ -263,7 +264,9 @@ class GeneralConsumer(ConsumerBaseClass):
         if isinstance(item, tuple) and item and callable(item[0]):
             return item[0](*item[1:])
         if isinstance(item, Message) and item.data is not None:  # daskqueue's Message(fn, *args)
-            return item.data()
+            result = item.data()
+            self.save(item, result)  # as daskqueue's GeneralConsumer did (what save raises fails the item)
+            return result
         raise TypeError(
             "GeneralConsumer runs functions: put() a tuple (fn, *args) or a Message(fn, *args), use submit(), "
             "or give ConsumerPool a ConsumerClass whose process_item() handles this item"
