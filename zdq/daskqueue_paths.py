@@ -46,7 +46,7 @@ MODULES: dict[str, dict[str, Any]] = {
     "Protocol": {"Message": Message},
     "queue": {"Durability": Durability, "TransientQueue": TransientQueue},
     "queue.base_queue": {"Durability": Durability},
-    "queue.transient_queue": {"TransientQueue": TransientQueue, "Durability": Durability, "Empty": Empty, "Full": Full},
+    "queue.transient_queue": {"TransientQueue": TransientQueue, "Durability": Durability, "Empty": Empty, "Full": Full, "Message": Message},
 }
 
 

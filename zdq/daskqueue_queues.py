@@ -40,6 +40,7 @@ from queue import Empty, Full
 from typing import Any, NoReturn
 
 from zdq.client.queue_pool import Durability
+from zdq.consumer.base import Message
 
 __all__ = ["TransientQueue", "QueuePoolActor", "Empty", "Full"]
 
@@ -106,8 +107,10 @@ class TransientQueue:
         self.durability = Durability.TRANSIENT
         self._items: deque[Any] = deque()
         self._lock = threading.Lock()  # the event loop's calls and the actor thread's share the items
-        #: The puts waiting for room, each woken (on its own loop) when an item is taken.
-        self._room: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        #: The puts waiting for room, oldest first: a take of n items wakes the n oldest (on their
+        #: loops). One that gave up stays, marked gone, until a take or a compaction drops it.
+        self._room: deque[_Waiter] = deque()
+        self._gone = 0  # how many of them are gone
 
     def __repr__(self) -> str:
         return f"<TransientQueue: {self.qsize()} item(s), maxsize {self.maxsize}>"
@@ -154,8 +157,13 @@ class TransientQueue:
 
     async def put(self, item: Any, timeout: float | None = None) -> None:
         """Add ``item``, waiting for room up to ``timeout`` seconds (none given:
-        :data:`DEFAULT_PUT_TIMEOUT`) without holding the event loop; ``queue.Full`` after it."""
-        give_up = time.monotonic() + (DEFAULT_PUT_TIMEOUT if timeout is None else _seconds(timeout, "timeout"))
+        :data:`DEFAULT_PUT_TIMEOUT`) without holding the event loop; ``queue.Full`` after it.
+
+        As an actor's call, a put whose caller gave up waiting for its answer goes on waiting on
+        the worker (Dask does not cancel an actor's call), and its item goes in if room comes
+        within the put's own timeout: give ``timeout`` shorter than the caller's wait."""
+        bound = DEFAULT_PUT_TIMEOUT if timeout is None else _seconds(timeout, "timeout")
+        give_up = time.monotonic() + bound
         loop: asyncio.AbstractEventLoop | None = None
         while True:
             with self._lock:
@@ -163,35 +171,65 @@ class TransientQueue:
                     self._items.append(item)
                     return
                 loop = loop or asyncio.get_running_loop()
-                room: asyncio.Future[None] = loop.create_future()
-                self._room.append((loop, room))  # under the lock: a take after this wakes it
+                waiter = _Waiter(loop)
+                self._room.append(waiter)  # under the lock: a take after this wakes it
             left = give_up - time.monotonic()
             try:
                 if left > 0:
-                    await asyncio.wait([room], timeout=left)
-            finally:
+                    await asyncio.wait([waiter.room], timeout=left)
+            except BaseException:  # cancelled: the room a take made for it goes to the next put
                 with self._lock:
-                    if (loop, room) in self._room:
-                        self._room.remove((loop, room))
-            if not room.done():
-                self._full_after(timeout)
+                    passed_on = self._next_waiters(1) if waiter.woken else []
+                    if not waiter.woken:
+                        self._give_up(waiter)
+                _notify(passed_on)
+                raise
+            with self._lock:
+                if not waiter.woken:  # timed out: no take counts on it any more
+                    self._give_up(waiter)
+            if not waiter.woken:
+                self._full_after(timeout, bound)
 
-    def _full_after(self, timeout: float | None) -> NoReturn:
-        waited = f"{timeout:g} s" if timeout is not None else f"{DEFAULT_PUT_TIMEOUT:g} s (no timeout was given)"
+    def _give_up(self, waiter: _Waiter) -> None:
+        """Mark ``waiter`` gone (under the lock); drop the gone once they are half the waiters."""
+        waiter.gone = True
+        self._gone += 1
+        if self._gone * 2 > len(self._room):
+            self._room = deque(w for w in self._room if not w.gone)
+            self._gone = 0
+
+    def _next_waiters(self, n: int) -> list[_Waiter]:
+        """The ``n`` oldest puts still waiting, marked woken (under the lock; wake them with
+        :func:`_notify` once it is released)."""
+        woken: list[_Waiter] = []
+        while len(woken) < n and self._room:
+            waiter = self._room.popleft()
+            if waiter.gone:
+                self._gone -= 1
+            else:
+                waiter.woken = True
+                woken.append(waiter)
+        return woken
+
+    def _full_after(self, timeout: float | None, bound: float) -> NoReturn:
+        waited = f"{bound:g} s" if timeout is not None else f"{bound:g} s (no timeout was given)"
         raise Full(f"TransientQueue is full: maxsize {self.maxsize} (holds {len(self._items)}); waited {waited} for room")
 
     # -- get ---------------------------------------------------------------------------------------
 
-    def _take(self, n: int) -> list[Any]:
-        """Up to ``n`` of the oldest items; the puts waiting for room are woken."""
+    def _take(self, n: int, exactly: bool = False) -> list[Any]:
+        """Up to ``n`` of the oldest items (``exactly``: all ``n`` or ``queue.Empty``, taking
+        none); as many waiting puts as items taken are woken."""
         with self._lock:
+            if exactly and n > len(self._items):
+                raise Empty(f"cannot get {n} items from a TransientQueue of {len(self._items)}")
             taken = [self._items.popleft() for _ in range(min(n, len(self._items)))]
-            woken, self._room = (self._room, []) if taken and self._room else ([], self._room)
-        for loop, room in woken:
-            try:
-                loop.call_soon_threadsafe(_wake, room)
-            except RuntimeError:  # its loop closed: that put is gone
-                pass
+            woken = self._next_waiters(len(taken)) if self._room else []
+        _notify(woken)
+        now = time.time()
+        for item in taken:
+            if isinstance(item, Message):
+                item.delivered_timestamp = now  # as daskqueue's queue marked a message it handed out
         return taken
 
     def get_nowait(self) -> Any:
@@ -203,11 +241,7 @@ class TransientQueue:
 
     def get_nowait_batch(self, num_items: int) -> list[Any]:
         """The ``num_items`` oldest items, or ``queue.Empty`` (taking none) when there are fewer."""
-        n = _count(num_items, "num_items")
-        with self._lock:
-            if n > len(self._items):
-                raise Empty(f"cannot get {n} items from a TransientQueue of {len(self._items)}")
-        return self._take(n)
+        return self._take(_count(num_items, "num_items"), exactly=True)
 
     def get_sync(self, timeout: float | None = None) -> Any:
         """The oldest item, or ``None`` when there is none, at once (as daskqueue's)."""
@@ -247,6 +281,28 @@ class TransientQueue:
 
     def stop_gc(self) -> None:
         """daskqueue stopped its redelivery thread here; this queue runs none."""
+
+
+class _Waiter:
+    """A put waiting for room: its loop, the future a take completes, and how it ended (each
+    written under the queue's lock)."""
+
+    __slots__ = ("loop", "room", "woken", "gone")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.room: asyncio.Future[None] = loop.create_future()
+        self.woken = False  # a take made room for it: it tries again
+        self.gone = False  # it timed out or was cancelled first
+
+
+def _notify(woken: list[_Waiter]) -> None:
+    """Complete each woken put's future, on its own loop."""
+    for waiter in woken:
+        try:
+            waiter.loop.call_soon_threadsafe(_wake, waiter.room)
+        except RuntimeError:  # its loop closed: that put is gone
+            pass
 
 
 def _wake(room: asyncio.Future[None]) -> None:
