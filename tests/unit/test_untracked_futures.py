@@ -11,6 +11,7 @@ import concurrent.futures
 import gc
 import logging
 import shutil
+import sys
 import sysconfig
 import weakref
 from collections.abc import Callable, Iterator
@@ -299,10 +300,14 @@ def test_slotted_reads_values_a_finalizer_empties_while_it_runs_from_its_own_cop
         emptier = Emptier()
         emptier.me = emptier  # type: ignore[attr-defined]  # only a collection frees it
 
-    threshold = gc.get_threshold()
+    threshold, switch = gc.get_threshold(), sys.getswitchinterval()
     # Off until the call: another thread's allocations (a test's leftover thread, in a worker of
-    # the parallel suite) could otherwise run the collection, and the finalizer, before it.
+    # the parallel suite) could otherwise run the collection, and the finalizer, before it. They
+    # count towards the threshold even while collections are off, so from the collection below to
+    # the call no other thread may take the interpreter (one did once, in CI beside a busy
+    # process: "slotted(): 0 values for 20000 objects"): this thread keeps it.
     gc.disable()
+    sys.setswitchinterval(60.0)
     try:
         gc.collect()
         garbage()
@@ -311,6 +316,7 @@ def test_slotted_reads_values_a_finalizer_empties_while_it_runs_from_its_own_cop
         assert window._slotted is not None
         made = window._slotted(_Slotted, 20_000, _Slotted.a, 1, _Slotted.b, values)
     finally:
+        sys.setswitchinterval(switch)
         gc.set_threshold(*threshold)
         gc.enable()
     assert not values, "the finalizer did not run during the call: the test proves nothing"
