@@ -138,6 +138,13 @@ def test_an_abstract_consumer_class_is_refused_before_anything_is_placed() -> No
     assert isinstance(info.value, PlacementError) and isinstance(info.value, ZdqError)
 
 
+def test_a_number_in_the_consumer_class_place_is_refused_with_the_argument_it_likely_meant() -> None:
+    with pytest.raises(TypeError, match=r"got 2 \(the third argument is the class, as in daskqueue: n_consumers=2\?\)"):
+        ConsumerPool(None, object(), 2)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"ConsumerClass must be a subclass of ConsumerBaseClass, got 'x'$"):
+        ConsumerPool(None, object(), "x")  # type: ignore[arg-type]
+
+
 class _Unpicklable(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -186,7 +186,12 @@ class ConsumerPool:
         **overrides: Any,
     ) -> None:
         if not (isinstance(ConsumerClass, type) and issubclass(ConsumerClass, ConsumerBaseClass)):
-            raise TypeError(f"ConsumerClass must be a subclass of ConsumerBaseClass, got {ConsumerClass!r}")
+            hint = (
+                f" (the third argument is the class, as in daskqueue: n_consumers={ConsumerClass!r}?)"
+                if isinstance(ConsumerClass, int) and not isinstance(ConsumerClass, bool)
+                else ""
+            )
+            raise TypeError(f"ConsumerClass must be a subclass of ConsumerBaseClass, got {ConsumerClass!r}{hint}")
         if inspect.isabstract(ConsumerClass):  # said here, before any actor is placed to fail the same
             missing = ", ".join(sorted(getattr(ConsumerClass, "__abstractmethods__", ())))
             raise ConsumerInitError(
