@@ -49,11 +49,17 @@ class FakeConsumer:
     """Answers ``reach()`` at once: the queue reached, or silent since it was."""
 
     def __init__(self) -> None:
-        self.hears = True
+        self.hears: bool | None = True  # None: still connecting when its wait ended (neither)
+        self.fails = False  # its reach call fails (as one that did not answer in time)
 
     def reach(self, queues: list[str]) -> concurrent.futures.Future[Any]:
         answer: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        answer.set_result(([QUEUE], []) if self.hears else ([], [(QUEUE, "tcp://10.0.0.2:4000", SILENT)]))
+        if self.fails:
+            answer.set_exception(TimeoutError("no answer"))
+        elif self.hears is None:
+            answer.set_result(([], []))
+        else:
+            answer.set_result(([QUEUE], []) if self.hears else ([], [(QUEUE, "tcp://10.0.0.2:4000", SILENT)]))
         return answer
 
 
@@ -140,3 +146,24 @@ def test_a_partial_cut_that_healed_is_seen_and_the_next_one_is_said_again(
         rounds(reach, {QUEUE})
     said = [r.getMessage() for r in caplog.records if "some consumers of pool jobs cannot reach" in r.getMessage()]
     assert len(said) == 2, said
+
+
+def test_a_held_queue_is_said_reached_again_only_when_a_consumer_says_it_reaches_it(caplog: pytest.LogCaptureFixture) -> None:
+    """CI, under load: the check of a queue held as reached by none got no answer that named it
+    (no answer in time, or its consumer still connecting), took that for "reached again", and
+    join() waited its whole timeout where it should have raised BrokerUnreachable."""
+    reach, consumers, _ = a_reach()
+    consumers.consumers[0].hears = False
+    rounds(reach, {QUEUE})
+    held = reach.orphans()[0]
+    with caplog.at_level("WARNING", logger="zdq"):
+        consumers.consumers[0].hears = None  # neither reached nor failed when its wait ended
+        rounds(reach)
+        assert reach.orphans() == {0: held} and reach.still_unreached(0)
+        consumers.consumers[0].fails = True  # no answer at all
+        rounds(reach)
+        assert reach.orphans() == {0: held} and reach.still_unreached(0)
+        assert "is reached by consumers of pool jobs again" not in caplog.text
+        consumers.consumers[0].fails, consumers.consumers[0].hears = False, True  # it reaches it
+        rounds(reach)
+    assert reach.orphans() == {} and "queue jobs-queue-0 is reached by consumers of pool jobs again" in caplog.text

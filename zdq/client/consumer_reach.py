@@ -269,6 +269,14 @@ class ConsumerReach:
         unreached = queue in orphans
         if unreached and _silences_only(queue, answers) and not self._driver_hears(broker):
             unreached, why = False, SILENT_TO_ALL
+        if not unreached and why != SILENT_TO_ALL and not any(queue in ok for _, (ok, _) in answers):
+            # No consumer says it reaches the queue: none answered in time, or each was still
+            # connecting when its wait ended. A verdict held stands (it said "reached again" on
+            # no evidence, in CI under load, and join() waited its timeout where it should raise).
+            with self._lock:
+                held = self._orphans.get(broker) if self._reach_gen.get(broker, 0) == gen else None
+            if held is not None:
+                return True, held, held
         with self._lock:
             if self._reach_gen.get(broker, 0) != gen:
                 return None
