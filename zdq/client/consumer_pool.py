@@ -71,6 +71,13 @@ def _integer(value: Any, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
+def _meant(not_a_class: Any) -> str:
+    """What a number in the consumer class's place likely meant (a daskqueue user's slip)."""
+    if isinstance(not_a_class, int) and not isinstance(not_a_class, bool):
+        return f" (the third argument is the class, as in daskqueue: n_consumers={not_a_class!r}?)"
+    return ""
+
+
 class _JoinBar:
     """join()'s progress bar, made at the first count (its total known then) and counted against
     the tasks submitted: its total does not move unless more are submitted meanwhile."""
@@ -186,12 +193,7 @@ class ConsumerPool:
         **overrides: Any,
     ) -> None:
         if not (isinstance(ConsumerClass, type) and issubclass(ConsumerClass, ConsumerBaseClass)):
-            hint = (
-                f" (the third argument is the class, as in daskqueue: n_consumers={ConsumerClass!r}?)"
-                if isinstance(ConsumerClass, int) and not isinstance(ConsumerClass, bool)
-                else ""
-            )
-            raise TypeError(f"ConsumerClass must be a subclass of ConsumerBaseClass, got {ConsumerClass!r}{hint}")
+            raise TypeError(f"ConsumerClass must be a subclass of ConsumerBaseClass, got {ConsumerClass!r}{_meant(ConsumerClass)}")
         if inspect.isabstract(ConsumerClass):  # said here, before any actor is placed to fail the same
             missing = ", ".join(sorted(getattr(ConsumerClass, "__abstractmethods__", ())))
             raise ConsumerInitError(
