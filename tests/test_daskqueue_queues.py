@@ -1,7 +1,7 @@
 """daskqueue's ``TransientQueue`` on an event loop and as a Dask actor on worker processes, as
 daskqueue's own tests placed it (``client.submit(TransientQueue, actor=True)``): its waits give
 the worker's event loop to the calls that end them (daskqueue's blocked it), ``queue.Full``
-reaches the caller, and ``QueuePoolActor`` placed as an actor refuses, naming what to use."""
+reaches the caller (``QueuePoolActor`` and consumers placed by hand: ``test_daskqueue_actors.py``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 import pytest
 from distributed import Client
 
-from zdq import QueuePoolActor, TransientQueue
+from zdq import TransientQueue
 
 
 def test_a_put_waiting_for_room_lets_the_event_loop_run_the_get_that_makes_it() -> None:
@@ -72,11 +72,6 @@ def test_as_a_dask_actor_it_serves_calls_while_a_put_waits_for_room_and_a_full_o
         q.put("third", timeout=0.3).result(timeout=30)
     assert time.monotonic() - began < 20
     assert q.get(timeout=5).result(timeout=30) == "second" and q.get(timeout=5).result(timeout=30) is None
-
-
-def test_daskqueues_pool_actor_placed_as_an_actor_refuses_naming_what_to_use(client: Client) -> None:
-    with pytest.raises(NotImplementedError, match=r"zdq has no QueuePoolActor.*zdq\.QueuePool\(client, n_queues"):
-        client.submit(QueuePoolActor, 1, actor=True).result(timeout=30)
 
 
 def test_a_daskqueue_message_put_in_a_queue_pool_is_run_by_its_general_consumers(client: Client) -> None:

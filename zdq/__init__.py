@@ -74,7 +74,7 @@ __all__ = [
     "DummyConsumer",
     "Message",
     "TransientQueue",
-    "QueuePoolActor",  # daskqueue's name: it refuses to be made, naming QueuePool
+    "QueuePoolActor",  # daskqueue's pool of TransientQueue actors, for consumers placed by hand
     # futures
     "TaskFuture",
     "BatchFuture",

@@ -5,8 +5,8 @@ daskqueue's classes live in modules named after them (``daskqueue/QueuePool.py``
 programs import from: ``from daskqueue.QueuePool import QueuePool`` becomes
 ``from zdq.QueuePool import QueuePool``. Each such module is registered here under zdq's name,
 holding the names of it that zdq has: daskqueue's in-memory ``TransientQueue`` works as it did
-(``zdq/daskqueue_queues.py``); its ``QueuePoolActor`` can be imported, and refuses to be made,
-naming what to use; its durable queue's files and log segments have no counterpart (importing
+(``zdq/daskqueue_queues.py``), and so does its ``QueuePoolActor`` of such queues, with consumers
+placed as actors by hand; its durable queue's files and log segments have no counterpart (importing
 one fails as a missing name or module). The modules are entries of ``sys.modules`` alone: importing one
 finds it there and never sets it on the package, whose ``zdq.QueuePool`` and
 ``zdq.ConsumerPool`` stay the classes, as ``daskqueue.QueuePool`` was after its ``__init__``.

@@ -1,5 +1,6 @@
-"""daskqueue's queue classes that a program can use on their own: ``TransientQueue``, and the
-name ``QueuePoolActor``, which zdq refuses with what to use instead.
+"""daskqueue's queue classes that a program can use on their own: ``TransientQueue``, and
+``QueuePoolActor``, a pool of them, from which consumer classes placed as Dask actors by hand
+take items (:mod:`zdq.consumer.daskqueue_loop`), as daskqueue's own tests and programs did.
 
 zdq's own queues are brokers reached over ZeroMQ (:class:`zdq.QueuePool`); nothing in zdq uses
 these. ``TransientQueue`` is daskqueue's in-memory queue, meant to be placed as a Dask actor
@@ -39,8 +40,10 @@ from collections.abc import Iterable
 from queue import Empty, Full
 from typing import Any, NoReturn
 
-from zdq.client.queue_pool import Durability
-from zdq.consumer.base import Message
+from zdq.client.queue_pool import Durability, _durability
+from zdq.client.submit import check_worker_class
+from zdq.consumer.base import GeneralConsumer, Message
+from zdq.consumer.daskqueue_loop import CALL_TIMEOUT, call_actor, call_actor_sync
 
 __all__ = ["TransientQueue", "QueuePoolActor", "Empty", "Full"]
 
@@ -311,16 +314,160 @@ def _wake(room: asyncio.Future[None]) -> None:
 
 
 class QueuePoolActor:
-    """daskqueue's actor that held a pool's queues and took every task through Dask actor calls.
+    """daskqueue's pool of in-memory queues, to place as a Dask actor: ``n_queues``
+    :class:`TransientQueue` actors, put to and handed to consumers in turn.
 
-    zdq has none: its :class:`zdq.QueuePool` places brokers as actors and sends tasks to them over
-    ZeroMQ. The name exists so that modules importing it load; making one raises, naming what to
-    use instead.
+    ``client.submit(QueuePoolActor, 2, actor=True)`` places it and its queues (as daskqueue's
+    did, each queue an actor of its own, wherever Dask puts it). Consumer classes placed as actors
+    by hand with its handle as their ``pool`` take from its queues once started (daskqueue's
+    ``consumer.start()``: :mod:`zdq.consumer.daskqueue_loop`). Every item travels by Dask actor
+    calls, as in daskqueue: this is the path zdq exists to avoid, kept for the programs written
+    for it. :class:`zdq.QueuePool` with :class:`zdq.ConsumerPool` is zdq's (brokers and consumers
+    reached over ZeroMQ, with leases and retries).
+
+    Its items live in its queues' memory, lost with their workers, as daskqueue's were.
+    daskqueue's durable queue (its segment files) has no counterpart: ``durability="durable"``
+    is refused, naming :class:`zdq.QueuePool`'s, which keeps tasks in LMDB.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "zdq has no QueuePoolActor: daskqueue's actor that took every task through Dask actor calls. "
-            "Use zdq.QueuePool(client, n_queues, ...) (its queues are brokers reached over ZeroMQ) with "
-            "zdq.ConsumerPool; for daskqueue's in-memory queue as a Dask actor, zdq.TransientQueue"
-        )
+    def __init__(self, n_queues: Any, durability: Durability | str = Durability.TRANSIENT, ack_timeout: float = 5, retry: bool = False, **kwargs: Any) -> None:
+        count = _count(n_queues, "n_queues")
+        if count < 1:
+            raise ValueError(f"n_queues must be an int >= 1, got {n_queues!r}")
+        if _durability(durability) is Durability.DURABLE:
+            raise NotImplementedError(
+                "zdq has no counterpart of daskqueue's durable queue (its segment files): "
+                "zdq.QueuePool(client, n_queues, durability='durable') keeps its tasks in LMDB"
+            )
+        if kwargs:
+            raise TypeError(f"QueuePoolActor got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
+        self.n_queues = count
+        self.durability = Durability.TRANSIENT
+        self.ack_timeout = _seconds(ack_timeout, "ack_timeout")
+        if not isinstance(retry, bool):
+            raise TypeError(f"retry must be a bool, got {retry!r}")
+        self.retry = retry
+        self.worker_class = GeneralConsumer
+        self._queues, self._loop = _place_queues(count, self.ack_timeout, retry)
+        self._index_queue = {q.key: q for q in self._queues}
+        self._lock = threading.Lock()  # its plain methods run on the actor's thread, the rest on the loop
+        self._turns = {"put": 0, "get": 0}
+        self._total_put = 0
+
+    def _next(self, turn: str) -> Any:
+        with self._lock:
+            i = self._turns[turn]
+            self._turns[turn] = (i + 1) % self.n_queues
+        return self._queues[i]
+
+    def _counted(self, n: int) -> None:
+        with self._lock:
+            self._total_put += n
+
+    def _ask(self, queue: Any, method: str, *args: Any) -> Any:
+        return call_actor_sync(queue, method, *args, loop=self._loop)
+
+    # -- what daskqueue's QueuePool and consumers asked ----------------------------------------------
+
+    def print(self) -> str:
+        """The queues and their sizes, as daskqueue printed them."""
+        sizes = [self._ask(q, "qsize") for q in self._queues]
+        if len(sizes) < 5:
+            return f"QueuePool : {self.n_queues} queue(s)" + "".join(
+                f"\n\t{key}: {size} pending items" for key, size in zip(self._index_queue, sizes)
+            )
+        return f"QueuePool : \n\t{self.n_queues} queue(s) \n\t{self._total_put} received \n\t{sum(sizes)} pending"
+
+    def get_len(self) -> int:
+        return self.n_queues
+
+    async def get_queues(self) -> list[Any]:
+        return list(self._queues)
+
+    def get_next_queue(self) -> Any:
+        """The queue the next consumer takes from: each in turn."""
+        return self._next("get")
+
+    async def get_queue(self, idx: int) -> Any:
+        return self._queues[idx]
+
+    def get_queue_size(self) -> dict[Any, int]:
+        """Each queue (its handle) and how many items it holds."""
+        return {q: self._ask(q, "qsize") for q in self._queues}
+
+    async def get_max_queue(self) -> Any:
+        """The queue that holds the most items; ``None`` when all are empty."""
+        sizes = [await call_actor(q, "qsize") for q in self._queues]
+        most = max(range(len(sizes)), key=sizes.__getitem__)
+        return self._queues[most] if sizes[most] else None
+
+    # -- put -----------------------------------------------------------------------------------------
+
+    async def submit(self, func: Any, *args: Any, timeout: float | None = None, worker_class: type = GeneralConsumer, **kwargs: Any) -> None:
+        """Put ``Message(func, *args, **kwargs)``: a :class:`GeneralConsumer` runs it."""
+        check_worker_class(worker_class)
+        if not callable(func):
+            raise TypeError(f"submit() takes a function to call, got {func!r:.80}")
+        await self.put(Message(func, *args, **kwargs), timeout=timeout)
+
+    async def put(self, msg: Any, timeout: float | None = None) -> None:
+        """Put ``msg`` in the next queue, each in turn (``queue.Full`` after ``timeout``)."""
+        bound = CALL_TIMEOUT if timeout is None else CALL_TIMEOUT + _seconds(timeout, "timeout")
+        await call_actor(self._next("put"), "put", msg, timeout, timeout=bound)
+        self._counted(1)
+
+    async def put_many(self, list_items: Iterable[Any], timeout: float | None = None) -> None:
+        """Put all of ``list_items`` in the next queue (none of them when they do not fit)."""
+        items = list(list_items)
+        if timeout is not None:
+            _seconds(timeout, "timeout")
+        await call_actor(self._next("put"), "put_many", items)
+        self._counted(len(items))
+
+    def put_many_sync(self, list_items: Iterable[Any]) -> None:
+        """:meth:`put_many` from the actor's thread (daskqueue's ``batch_submit`` called it)."""
+        items = list(list_items)
+        self._ask(self._next("put"), "put_many", items)
+        self._counted(len(items))
+
+    def put_nowait(self, item: Any) -> None:
+        """Put ``item`` in the next queue, or ``queue.Full`` at once."""
+        self._ask(self._next("put"), "put_nowait", item)
+        self._counted(1)
+
+    def stop_gc(self) -> None:
+        """daskqueue stopped its queues' redelivery threads; these run none."""
+
+
+def _place_queues(n: int, ack_timeout: float, retry: bool) -> tuple[list[Any], asyncio.AbstractEventLoop | None]:
+    """``n`` TransientQueue actors, placed from the worker this runs on (a task's thread: it
+    leaves the worker's pool of threads while it waits, so that the queues can be placed on this
+    worker too), and that worker's event loop; or from this process's Dask client."""
+    from distributed import get_client, get_worker, wait, worker_client
+
+    def place(client: Any) -> list[Any]:
+        futures = [
+            client.submit(TransientQueue, maxsize=-1, ack_timeout=ack_timeout, retry=retry, actor=True, pure=False)
+            for _ in range(n)
+        ]
+        try:
+            wait(futures, timeout=CALL_TIMEOUT)
+        except TimeoutError:
+            client.cancel(futures)
+            raise TimeoutError(f"QueuePoolActor: placing its {n} TransientQueue actors took more than {CALL_TIMEOUT:g} s") from None
+        return [future.result() for future in futures]
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        try:
+            client = get_client()
+        except ValueError:
+            raise RuntimeError(
+                "QueuePoolActor places its queues as Dask actors: make it as one, "
+                "client.submit(QueuePoolActor, n_queues, actor=True), or where a Dask client is"
+            ) from None
+        return place(client), None
+    loop: asyncio.AbstractEventLoop = worker.loop.asyncio_loop  # type: ignore[attr-defined]  # tornado's AsyncIOLoop
+    with worker_client() as client:
+        return place(client), loop

@@ -1,8 +1,9 @@
 """daskqueue's ``TransientQueue``, which its programs and tests used as a Dask actor of its own
 (``from daskqueue import TransientQueue``), and ``QueuePoolActor``, whose import made three of
 daskqueue's test modules fail to load with zdq in its place: the queue works as daskqueue's did,
-with bounded waits that never hold the event loop; ``QueuePoolActor`` imports and refuses to be
-made, naming what to use."""
+with bounded waits that never hold the event loop; ``QueuePoolActor`` and the consume loop of
+consumers placed by hand refuse bad arguments at the call (their work with a cluster:
+``tests/test_daskqueue_actors.py``)."""
 
 from __future__ import annotations
 
@@ -106,8 +107,54 @@ def test_daskqueues_queue_names_import_from_its_paths_and_the_pool_actor_refuses
 
     assert top is in_queue is in_module is TransientQueue and (Empty, Full) == (queue.Empty, queue.Full)
     assert QueuePool is zdq.QueuePool and QueuePoolActor is zdq.QueuePoolActor
-    with pytest.raises(NotImplementedError, match=r"zdq has no QueuePoolActor.*Use zdq.QueuePool\(client, n_queues"):
-        QueuePoolActor(1, "transient", 1, False)
+    with pytest.raises(RuntimeError, match=r"make it as one, client.submit\(QueuePoolActor, n_queues, actor=True\)"):
+        QueuePoolActor(1, "transient", 1, False)  # no worker, no client: nowhere to place its queues
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error",
+    [
+        ((0,), {}, "n_queues must be an int >= 1"),
+        ((1.5,), {}, "n_queues must be an int >= 0"),
+        ((1, "durable"), {}, r"durability='durable'\) keeps its tasks in LMDB"),
+        ((1,), {"dirpath": "/tmp"}, "unexpected keyword arguments: dirpath"),
+        ((1, "transient", -1), {}, "ack_timeout must be a finite number of seconds >= 0"),
+        ((1, "transient", 5, "yes"), {}, "retry must be a bool"),
+    ],
+)
+def test_a_pool_actor_refuses_bad_arguments_before_it_places_anything(args: tuple[Any, ...], kwargs: dict[str, Any], error: str) -> None:
+    with pytest.raises((TypeError, ValueError, NotImplementedError), match=error):
+        zdq.QueuePoolActor(*args, **kwargs)
+
+
+def test_the_consume_loop_of_a_consumer_placed_by_hand_needs_a_pool_actor_and_is_idle_until_started() -> None:
+    consumer = zdq.DummyConsumer(1, "dummy-0", "pool-name", 1, 1, 0, False)
+    assert not done(consumer.done()) and not done(consumer.is_consumming()) and done(consumer.len_items()) == 0
+    assert done(consumer.cancel()) is True and done(consumer.get_current_queue()) is None
+    with pytest.raises(TypeError, match=r"start\(\) takes items from a daskqueue QueuePoolActor given as its pool, got 'pool-name'"):
+        done(consumer.start())
+    assert pickle.loads(pickle.dumps(consumer)).fetch_loop is None
+
+
+def test_an_actor_call_of_the_consume_loop_is_bounded_and_a_plain_objects_method_answers_as_it_is() -> None:
+    import concurrent.futures
+
+    from zdq.consumer.daskqueue_loop import call_actor, call_actor_sync
+
+    q = TransientQueue()
+    q.put_nowait(1)
+    assert done(call_actor(q, "qsize")) == 1 and call_actor_sync(q, "get_nowait", loop=None) == 1
+
+    class Silent:
+        def ask(self) -> concurrent.futures.Future[int]:
+            return concurrent.futures.Future()
+
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"Silent.ask\(\) did not answer within 0.05 s"):
+        call_actor_sync(Silent(), "ask", loop=None, timeout=0.05)
+    assert time.monotonic() - began < 5
+    with pytest.raises(RuntimeError, match=r"TransientQueue.put_many\(\) needs the worker's event loop"):
+        call_actor_sync(q, "put_many", [2], loop=None)  # an actor of this worker answers with a coroutine
 
 
 class Tagged(Message):

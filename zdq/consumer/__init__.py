@@ -18,7 +18,9 @@ credit and sends what it decides), :mod:`~zdq.consumer.credit` (what to ask each
 :mod:`~zdq.consumer.runner` (running chunks), :mod:`~zdq.consumer.run` (one chunk's run: its
 values, errors and started tasks), :mod:`~zdq.consumer.attempts` (a task's attempts under its
 options: time limits, retries, dead letters, paced starts), :mod:`~zdq.consumer.policy` (retries
-and dead letters, pure), :mod:`~zdq.consumer.hard` (hard time limits: child processes).
+and dead letters, pure), :mod:`~zdq.consumer.hard` (hard time limits: child processes),
+:mod:`~zdq.consumer.daskqueue_loop` (daskqueue's consume loop, for a consumer class placed as a
+Dask actor by hand: not zdq's path).
 
 Who owns what
 -------------

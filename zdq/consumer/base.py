@@ -20,6 +20,8 @@ from typing import Any, overload
 
 import cloudpickle
 
+from zdq.consumer.daskqueue_loop import DaskqueueLoop
+
 __all__ = ["ConsumerArgs", "ConsumerBaseClass", "DummyConsumer", "GeneralConsumer", "Message", "make_consumer", "save_hook"]
 
 #: The logger a consumer's ``self._logger`` is (daskqueue's consumers had its package's).
@@ -44,7 +46,7 @@ class ConsumerArgs:
     early_ack: bool
 
 
-class ConsumerBaseClass(ABC):
+class ConsumerBaseClass(DaskqueueLoop, ABC):
     """Base of user-defined consumers (the daskqueue API).
 
     Functions submitted with ``QueuePool.submit``/``batch_submit`` are called directly. Raw items
@@ -88,7 +90,10 @@ class ConsumerBaseClass(ABC):
 
     daskqueue's other attributes are there too: ``_logger`` (the ``zdq.consumers`` logger),
     ``_worker`` and ``_executor`` (the Dask worker the consumer runs on and its executor;
-    ``None`` outside a worker), ``future`` and ``_running_tasks``. A subclass that defines
+    ``None`` outside a worker), ``future`` and ``_running_tasks``. So are its consume loop's
+    methods, for a consumer placed as a Dask actor by hand with a :class:`zdq.QueuePoolActor` as
+    its ``pool`` (``start()``, ``cancel()``, ``done()``, ``len_items()``...: see
+    :mod:`zdq.consumer.daskqueue_loop`); zdq's :class:`~zdq.ConsumerPool` never calls them. A subclass that defines
     ``get_results()`` has :meth:`ConsumerPool.results <zdq.ConsumerPool.results>` return what
     each consumer's call of it returns, as daskqueue's did.
 
@@ -148,9 +153,9 @@ class ConsumerBaseClass(ABC):
         # worker and executor do not pickle (nor are they the child's), and the items it was
         # handed are not sent each time.
         state = dict(self.__dict__)
-        for name in ("_worker", "_executor"):
+        for name in ("_worker", "_executor", "fetch_loop", "_current_q"):  # the last two: daskqueue's loop
             state[name] = None
-        state["items"] = []
+        state["items"], state["_running_tasks"] = [], []
         return state
 
     @abstractmethod
