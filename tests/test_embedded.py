@@ -124,8 +124,9 @@ def test_two_embedded_pools_share_one_local_cluster_which_closes_with_the_last(c
 
 def test_a_script_that_makes_a_local_pool_at_its_top_level_is_told_to_guard_it(tmp_path) -> None:
     """Dask spawns a local cluster's workers, which import the main script again: unguarded, its
-    top level fails in each of them, and Dask's error says so in a page of text. zdq's note says
-    what to do, and the script ends (no hang, no process left)."""
+    top level fails in each of them, and Dask's error says so in a page of text per nanny each
+    worker starts (some 500 lines). zdq stops a worker there with what to do, before it starts
+    nannies of its own; the script says it too, and ends (no hang, no process left)."""
     import subprocess
     import sys
 
@@ -134,3 +135,6 @@ def test_a_script_that_makes_a_local_pool_at_its_top_level_is_told_to_guard_it(t
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode != 0
     assert 'put that code under `if __name__ == "__main__":`' in proc.stderr, proc.stderr[-2000:]
+    assert "RuntimeError: zdq: Dask starts a local cluster's workers" in proc.stderr  # the worker's own error
+    assert "An attempt has been made to start a new process" not in proc.stderr
+    assert len(proc.stderr.splitlines()) < 200, proc.stderr[-2000:]

@@ -19,6 +19,7 @@ the pool object with a :func:`weakref.finalize`, which runs once, whichever come
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import sys
 import threading
@@ -54,6 +55,11 @@ class OwnedCluster:
     def __init__(self, parallel: int) -> None:
         from distributed import LocalCluster
 
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # A process spawned by another (a worker of the cluster that script starts) is
+            # importing the main script, which starts a cluster at its top level: stop here, with
+            # the cause, rather than let Dask start nannies of its own that fail with a page each.
+            raise RuntimeError(_SPAWN_HINT)
         # One single-threaded worker process per unit of parallelism: a consumer per worker runs
         # one task at a time, outside the driver's process (tasks holding the GIL stay apart).
         try:
@@ -139,8 +145,10 @@ def cluster_for(parallel: int | None = None) -> tuple[Client, OwnedCluster | Non
 
     wanted = parallel_of(parallel) if parallel is not None else None
     try:
-        client = default_client()
-    except ValueError:
+        client: Client | None = default_client()
+    except ValueError:  # none: the cluster is started below, outside this handler (its errors are not "during" it)
+        client = None
+    if client is None:
         owned = OwnedCluster(wanted or parallel_of(None))
         assert owned.client is not None
         return owned.client, owned
