@@ -6,14 +6,17 @@ the loop goes on, ``max_concurrency`` bounds what runs at once, and bad argument
 
 from __future__ import annotations
 
+import asyncio
+import os
 import threading
 import time
 from typing import Any
 
+import psutil
 import pytest
 from distributed import Client
 
-from zdq import ConsumerBaseClass, DummyConsumer, GeneralConsumer, QueuePoolActor
+from zdq import ConsumerBaseClass, DummyConsumer, GeneralConsumer, QueuePoolActor, TransientQueue
 
 #: Seconds any one wait of these tests may take.
 WAIT = 30
@@ -42,6 +45,50 @@ class Flaky(ConsumerBaseClass):
 
     async def most_at_once(self) -> int:
         return self.most
+
+
+class Awaiting(ConsumerBaseClass):
+    """An async process_item: its coroutine is awaited."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.seen: list[Any] = []
+
+    async def process_item(self, item: Any) -> None:
+        await asyncio.sleep(0)
+        self.seen.append(item)
+
+    async def how_many_seen(self) -> int:
+        return len(self.seen)
+
+
+class SlowQueue(TransientQueue):
+    """A queue whose takes answer after ``stall`` seconds, having taken their items then."""
+
+    stall = 0.0
+
+    async def get_up_to(self, n: int) -> list[Any]:
+        await asyncio.sleep(self.stall)
+        return await super().get_up_to(n)
+
+    async def get_many(self, n: int, timeout: float | None = None) -> list[Any]:
+        await asyncio.sleep(self.stall)
+        return await super().get_many(n, timeout)
+
+    async def set_stall(self, seconds: float) -> None:
+        self.stall = seconds
+
+
+class SlowPool:
+    """A pool of given queues whose get_next_queue answers after ``pause`` seconds."""
+
+    def __init__(self, queues: list[Any], pause: float) -> None:
+        self.queues, self.pause, self.asked = queues, pause, 0
+
+    async def get_next_queue(self) -> Any:
+        await asyncio.sleep(self.pause)
+        self.asked += 1
+        return self.queues[(self.asked - 1) % len(self.queues)]
 
 
 def _until(check: Any, what: str) -> None:
@@ -118,12 +165,13 @@ def test_messages_submitted_to_a_pool_actor_are_run_by_a_general_consumer_placed
     messages = consumer.get_items().result(timeout=WAIT)
     assert sorted(m.data() for m in messages) == [0, 1, 4, 9, 16] and all(m.delivered_timestamp for m in messages)
     assert consumer.failed_items == 0
+    assert consumer.get_results().result(timeout=WAIT) == {hash(m): m.data() for m in messages}  # daskqueue's save kept them
 
 
 @pytest.mark.parametrize(
     ("args", "error", "match"),
     [
-        ((0,), ValueError, "n_queues must be an int >= 1"),
+        ((0,), ValueError, "n_queues must be an int from 1 to 1024"),
         ((1, "durable"), NotImplementedError, "durability='durable'"),
         ((1, "sometimes"), ValueError, "durability must be 'transient' or 'durable'"),
     ],
@@ -138,3 +186,93 @@ def test_a_consumer_placed_by_hand_without_a_pool_actor_says_so_at_start(client:
     with pytest.raises(TypeError, match="takes items from a daskqueue QueuePoolActor"):
         consumer.start().result(timeout=WAIT)
     assert consumer.cancel().result(timeout=WAIT) and not consumer.done().result(timeout=WAIT)
+
+
+def _set_call_timeout(seconds: float) -> float:
+    import zdq.consumer.daskqueue_loop as loop
+
+    before, loop.CALL_TIMEOUT = loop.CALL_TIMEOUT, seconds
+    return before
+
+
+def test_a_take_its_queue_is_slow_to_answer_is_waited_for_past_the_call_bound_and_loses_nothing(client: Client) -> None:
+    """Dask does not cancel an actor's call: a take abandoned at the bound still takes its items,
+    which were lost (the loop ended too). It is waited for, said in the log."""
+    queue = client.submit(SlowQueue, actor=True, pure=False).result(timeout=WAIT)
+    pool = client.submit(SlowPool, [queue], 0.0, actor=True, pure=False).result(timeout=WAIT)
+    consumer = client.submit(DummyConsumer, 1, "dummy-0", pool, 50, 10, 0, False, actor=True, pure=False).result(timeout=WAIT)
+    before = client.run(_set_call_timeout, 0.5, workers=[consumer._address])[consumer._address]
+    try:
+        queue.put_nowait_batch(list(range(200))).result(timeout=WAIT)
+        queue.set_stall(2.0).result(timeout=WAIT)
+        consumer.start().result(timeout=WAIT)
+        time.sleep(0.3)
+        queue.set_stall(0.0).result(timeout=WAIT)
+        _until(lambda: consumer.len_items().result(timeout=WAIT) == 200, "all 200 items handed out")
+        assert consumer.loop_error is None and consumer.is_consumming().result(timeout=WAIT)
+        assert consumer.cancel().result(timeout=WAIT) and queue.qsize().result(timeout=WAIT) == 0
+    finally:
+        client.run(_set_call_timeout, before, workers=[consumer._address])
+
+
+def test_start_and_cancel_overlapping_end_as_the_later_call_says_and_never_run_two_loops(client: Client) -> None:
+    queues = [client.submit(TransientQueue, actor=True, pure=False).result(timeout=WAIT) for _ in range(2)]
+    pool = client.submit(SlowPool, queues, 0.5, actor=True, pure=False).result(timeout=WAIT)
+    for q in queues:
+        q.put_nowait_batch(list(range(20))).result(timeout=WAIT)
+    # a cancel() while start() waits for its queue wins: nothing is taken
+    consumer = client.submit(DummyConsumer, 1, "dummy-0", pool, 1, 1, 0, False, actor=True, pure=False).result(timeout=WAIT)
+    starting = consumer.start()
+    time.sleep(0.1)
+    assert consumer.cancel().result(timeout=WAIT) is True
+    starting.result(timeout=WAIT)
+    time.sleep(0.3)
+    assert not consumer.is_consumming().result(timeout=WAIT) and consumer.len_items().result(timeout=WAIT) == 0
+    # two start()s at once run one loop, on one queue (two loops drained both queues)
+    other = client.submit(DummyConsumer, 2, "dummy-1", pool, 1, 1, 0, False, actor=True, pure=False).result(timeout=WAIT)
+    both = [other.start(), other.start()]
+    for started in both:
+        started.result(timeout=WAIT)
+    _until(lambda: other.len_items().result(timeout=WAIT) == 20, "20 items handed out")
+    time.sleep(0.3)
+    assert sorted(q.qsize().result(timeout=WAIT) for q in queues) == [0, 20] and other.len_items().result(timeout=WAIT) == 20
+    # a start() after a cancel() that ran out of time resumes, on the same queue
+    mine = other.get_current_queue().result(timeout=WAIT).key
+    mine_q = next(q for q in queues if q.key == mine)
+    mine_q.put_nowait_batch(list(range(100, 130))).result(timeout=WAIT)
+    other.cancel(timeout=0).result(timeout=WAIT)
+    other.start().result(timeout=WAIT)
+    _until(lambda: other.len_items().result(timeout=WAIT) == 50, "the 30 items put later handed out")
+    assert other.get_current_queue().result(timeout=WAIT).key == mine and other.cancel().result(timeout=WAIT)
+
+
+def test_an_idle_consumer_of_a_large_batch_stays_idle_and_none_is_an_item_like_any(client: Client) -> None:
+    pool = client.submit(QueuePoolActor, 1, actor=True).result(timeout=WAIT)
+    consumer = client.submit(DummyConsumer, 1, "dummy-0", pool, 10**6, 1, 0, False, actor=True, pure=False).result(timeout=WAIT)
+    consumer.start().result(timeout=WAIT)
+    where = consumer._address
+    pid = client.run(os.getpid, workers=[where])[where]
+    time.sleep(0.3)
+    before = sum(psutil.Process(pid).cpu_times()[:2])
+    time.sleep(2)
+    busy = sum(psutil.Process(pid).cpu_times()[:2]) - before
+    assert busy < 0.6, f"an idle consumer's worker used {busy:.2f} s of CPU in 2 s"  # daskqueue's padding: ~2 s
+    pool.put(None).result(timeout=WAIT)
+    _until(lambda: consumer.len_items().result(timeout=WAIT) == 1, "None handed out")
+    assert consumer.get_items().result(timeout=WAIT) == [None] and consumer.cancel().result(timeout=WAIT)
+
+
+def test_a_released_consumer_stops_taking_and_async_items_and_general_results_work(client: Client) -> None:
+    pool = client.submit(QueuePoolActor, 1, actor=True).result(timeout=WAIT)
+    dropped = client.submit(DummyConsumer, 1, "dummy-0", pool, 1, 1, 0, False, actor=True, pure=False)
+    dropped.result(timeout=WAIT).start().result(timeout=WAIT)
+    del dropped
+    _until(lambda: not client.run_on_scheduler(lambda dask_scheduler: [k for k in dask_scheduler.tasks if "DummyConsumer" in str(k)]), "the dropped consumer released")
+    time.sleep(0.2)
+    pool.put_many(list(range(10))).result(timeout=WAIT)
+    time.sleep(0.5)
+    assert sum(pool.get_queue_size().result(timeout=WAIT).values()) == 10  # nobody took them for a dropped actor
+    awaiting = client.submit(Awaiting, 1, "awaiting-0", pool, 4, 2, 0, False, actor=True, pure=False).result(timeout=WAIT)
+    awaiting.start().result(timeout=WAIT)
+    _until(lambda: awaiting.how_many_seen().result(timeout=WAIT) == 10, "10 items seen by an async process_item")
+    assert awaiting.cancel().result(timeout=WAIT) and awaiting.failed_items == 0

@@ -43,9 +43,12 @@ from typing import Any, NoReturn
 from zdq.client.queue_pool import Durability, _durability
 from zdq.client.submit import check_worker_class
 from zdq.consumer.base import GeneralConsumer, Message
-from zdq.consumer.daskqueue_loop import CALL_TIMEOUT, call_actor, call_actor_sync
+from zdq.consumer.daskqueue_loop import CALL_TIMEOUT, call_actor
 
 __all__ = ["TransientQueue", "QueuePoolActor", "Empty", "Full"]
+
+#: The most queues a QueuePoolActor places (each is a Dask actor, placed before it answers).
+MAX_QUEUES = 1024
 
 #: How long ``put(item)`` waits for room when it is given no timeout, in seconds: every wait of
 #: zdq has a bound (daskqueue's waited for ever, holding the worker's event loop).
@@ -270,6 +273,11 @@ class TransientQueue:
         taken = self._take(count)
         return taken + [None] * (count - len(taken))
 
+    async def get_up_to(self, n: int) -> list[Any]:
+        """Up to ``n`` of the oldest items, at once: what the queue has, without daskqueue's
+        ``None`` for each it had not (the consume loop of consumers placed by hand takes so)."""
+        return self._take(_count(n, "n"))
+
     # -- daskqueue's acknowledgements ----------------------------------------------------------------
 
     async def ack(self, timestamp: float, msg_id: Any) -> bool:
@@ -331,9 +339,12 @@ class QueuePoolActor:
     """
 
     def __init__(self, n_queues: Any, durability: Durability | str = Durability.TRANSIENT, ack_timeout: float = 5, retry: bool = False, **kwargs: Any) -> None:
-        count = _count(n_queues, "n_queues")
-        if count < 1:
-            raise ValueError(f"n_queues must be an int >= 1, got {n_queues!r}")
+        try:
+            count = _count(n_queues, "n_queues")
+        except ValueError:
+            count = 0
+        if not 1 <= count <= MAX_QUEUES:
+            raise ValueError(f"n_queues must be an int from 1 to {MAX_QUEUES} (each queue is a Dask actor), got {n_queues!r}")
         if _durability(durability) is Durability.DURABLE:
             raise NotImplementedError(
                 "zdq has no counterpart of daskqueue's durable queue (its segment files): "
@@ -348,7 +359,7 @@ class QueuePoolActor:
             raise TypeError(f"retry must be a bool, got {retry!r}")
         self.retry = retry
         self.worker_class = GeneralConsumer
-        self._queues, self._loop = _place_queues(count, self.ack_timeout, retry)
+        self._queues = _place_queues(count, self.ack_timeout, retry)
         self._index_queue = {q.key: q for q in self._queues}
         self._lock = threading.Lock()  # its plain methods run on the actor's thread, the rest on the loop
         self._turns = {"put": 0, "get": 0}
@@ -364,14 +375,17 @@ class QueuePoolActor:
         with self._lock:
             self._total_put += n
 
-    def _ask(self, queue: Any, method: str, *args: Any) -> Any:
-        return call_actor_sync(queue, method, *args, loop=self._loop)
+    async def _sizes(self) -> list[int]:
+        return list(await asyncio.gather(*(call_actor(q, "qsize") for q in self._queues)))
 
     # -- what daskqueue's QueuePool and consumers asked ----------------------------------------------
+    # Every method that asks its queues is a coroutine, on the worker's event loop: a plain one
+    # would wait on the worker's one actor thread for another worker's, and two pools placed
+    # crosswise would wait on each other.
 
-    def print(self) -> str:
+    async def print(self) -> str:
         """The queues and their sizes, as daskqueue printed them."""
-        sizes = [self._ask(q, "qsize") for q in self._queues]
+        sizes = await self._sizes()
         if len(sizes) < 5:
             return f"QueuePool : {self.n_queues} queue(s)" + "".join(
                 f"\n\t{key}: {size} pending items" for key, size in zip(self._index_queue, sizes)
@@ -391,13 +405,13 @@ class QueuePoolActor:
     async def get_queue(self, idx: int) -> Any:
         return self._queues[idx]
 
-    def get_queue_size(self) -> dict[Any, int]:
+    async def get_queue_size(self) -> dict[Any, int]:
         """Each queue (its handle) and how many items it holds."""
-        return {q: self._ask(q, "qsize") for q in self._queues}
+        return dict(zip(self._queues, await self._sizes()))
 
     async def get_max_queue(self) -> Any:
         """The queue that holds the most items; ``None`` when all are empty."""
-        sizes = [await call_actor(q, "qsize") for q in self._queues]
+        sizes = await self._sizes()
         most = max(range(len(sizes)), key=sizes.__getitem__)
         return self._queues[most] if sizes[most] else None
 
@@ -424,25 +438,23 @@ class QueuePoolActor:
         await call_actor(self._next("put"), "put_many", items)
         self._counted(len(items))
 
-    def put_many_sync(self, list_items: Iterable[Any]) -> None:
-        """:meth:`put_many` from the actor's thread (daskqueue's ``batch_submit`` called it)."""
-        items = list(list_items)
-        self._ask(self._next("put"), "put_many", items)
-        self._counted(len(items))
+    async def put_many_sync(self, list_items: Iterable[Any]) -> None:
+        """:meth:`put_many` (daskqueue's ``batch_submit`` called it so)."""
+        await self.put_many(list_items)
 
-    def put_nowait(self, item: Any) -> None:
+    async def put_nowait(self, item: Any) -> None:
         """Put ``item`` in the next queue, or ``queue.Full`` at once."""
-        self._ask(self._next("put"), "put_nowait", item)
+        await call_actor(self._next("put"), "put_nowait", item)
         self._counted(1)
 
     def stop_gc(self) -> None:
         """daskqueue stopped its queues' redelivery threads; these run none."""
 
 
-def _place_queues(n: int, ack_timeout: float, retry: bool) -> tuple[list[Any], asyncio.AbstractEventLoop | None]:
+def _place_queues(n: int, ack_timeout: float, retry: bool) -> list[Any]:
     """``n`` TransientQueue actors, placed from the worker this runs on (a task's thread: it
     leaves the worker's pool of threads while it waits, so that the queues can be placed on this
-    worker too), and that worker's event loop; or from this process's Dask client."""
+    worker too), or from this process's Dask client."""
     from distributed import get_client, get_worker, wait, worker_client
 
     def place(client: Any) -> list[Any]:
@@ -458,7 +470,7 @@ def _place_queues(n: int, ack_timeout: float, retry: bool) -> tuple[list[Any], a
         return [future.result() for future in futures]
 
     try:
-        worker = get_worker()
+        get_worker()
     except ValueError:
         try:
             client = get_client()
@@ -467,7 +479,6 @@ def _place_queues(n: int, ack_timeout: float, retry: bool) -> tuple[list[Any], a
                 "QueuePoolActor places its queues as Dask actors: make it as one, "
                 "client.submit(QueuePoolActor, n_queues, actor=True), or where a Dask client is"
             ) from None
-        return place(client), None
-    loop: asyncio.AbstractEventLoop = worker.loop.asyncio_loop  # type: ignore[attr-defined]  # tornado's AsyncIOLoop
+        return place(client)
     with worker_client() as client:
-        return place(client), loop
+        return place(client)

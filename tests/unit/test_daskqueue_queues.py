@@ -114,8 +114,10 @@ def test_daskqueues_queue_names_import_from_its_paths_and_the_pool_actor_refuses
 @pytest.mark.parametrize(
     "args, kwargs, error",
     [
-        ((0,), {}, "n_queues must be an int >= 1"),
-        ((1.5,), {}, "n_queues must be an int >= 0"),
+        ((0,), {}, "n_queues must be an int from 1 to 1024"),
+        ((1.5,), {}, "n_queues must be an int from 1 to 1024"),
+        ((True,), {}, "n_queues must be an int from 1 to 1024"),
+        ((10**6,), {}, r"n_queues must be an int from 1 to 1024 \(each queue is a Dask actor\), got 1000000"),
         ((1, "durable"), {}, r"durability='durable'\) keeps its tasks in LMDB"),
         ((1,), {"dirpath": "/tmp"}, "unexpected keyword arguments: dirpath"),
         ((1, "transient", -1), {}, "ack_timeout must be a finite number of seconds >= 0"),
@@ -136,62 +138,49 @@ def test_the_consume_loop_of_a_consumer_placed_by_hand_needs_a_pool_actor_and_is
     assert pickle.loads(pickle.dumps(consumer)).fetch_loop is None
 
 
-def test_an_actor_call_of_the_consume_loop_is_bounded_and_a_plain_objects_method_answers_as_it_is() -> None:
-    import concurrent.futures
+def test_the_pool_actors_methods_that_ask_its_queues_run_on_the_event_loop_never_on_the_actor_thread() -> None:
+    """A plain method waits on the worker's one actor thread: one waiting there for another
+    worker's actor thread deadlocks with a pool placed crosswise (each waits 60 s, and a put
+    said to have failed went in)."""
+    import inspect
 
-    from zdq.consumer.daskqueue_loop import call_actor, call_actor_sync
+    asking = ("print", "get_queue_size", "get_max_queue", "submit", "put", "put_many", "put_many_sync", "put_nowait")
+    assert all(inspect.iscoroutinefunction(getattr(zdq.QueuePoolActor, name)) for name in asking)
+
+
+def test_a_take_of_the_consume_loop_gets_what_the_queue_has_without_fillers_none_included() -> None:
+    q = TransientQueue()
+    q.put_nowait_batch([None, 0, "x"])
+    assert done(q.get_up_to(10**6)) == [None, 0, "x"] and done(q.get_up_to(5)) == []
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        done(q.get_up_to(-1))
+
+
+@pytest.mark.parametrize(
+    "args, call, error",
+    [
+        ((1, "c", object(), "abc", 1, 0, False), "start", "batch_size must be an int >= 1, got 'abc'"),
+        ((1, "c", object(), 0, 1, 0, False), "start", "batch_size must be an int >= 1, got 0"),
+        ((1, "c", object(), 1, "x", 0, False), "start", "max_concurrency must be an int >= 1, got 'x'"),
+        ((1, "c", object(), 1, 1, 0, False), "start-nan", r"start\(timeout=...\) must be a finite number of seconds >= 0"),
+        ((1, "c", object(), 1, 1, 0, False), "cancel-neg", r"cancel\(timeout=...\) must be a finite number of seconds >= 0"),
+    ],
+)
+def test_the_consume_loop_refuses_bad_numbers_at_the_call_before_it_changes_anything(args: tuple[Any, ...], call: str, error: str) -> None:
+    consumer = zdq.DummyConsumer(*args)
+    with pytest.raises(ValueError, match=error):
+        if call == "start":
+            done(consumer.start())
+        elif call == "start-nan":
+            done(consumer.start(timeout=float("nan")))
+        else:
+            done(consumer.cancel(timeout=-1))
+    assert consumer._wanted is False and consumer.fetch_loop is None
+
+
+def test_an_actor_call_of_the_consume_loop_answers_as_a_plain_objects_method_does() -> None:
+    from zdq.consumer.daskqueue_loop import call_actor
 
     q = TransientQueue()
     q.put_nowait(1)
-    assert done(call_actor(q, "qsize")) == 1 and call_actor_sync(q, "get_nowait", loop=None) == 1
-
-    class Silent:
-        def ask(self) -> concurrent.futures.Future[int]:
-            return concurrent.futures.Future()
-
-    began = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"Silent.ask\(\) did not answer within 0.05 s"):
-        call_actor_sync(Silent(), "ask", loop=None, timeout=0.05)
-    assert time.monotonic() - began < 5
-    with pytest.raises(RuntimeError, match=r"TransientQueue.put_many\(\) needs the worker's event loop"):
-        call_actor_sync(q, "put_many", [2], loop=None)  # an actor of this worker answers with a coroutine
-
-
-class Tagged(Message):
-    """A program's own kind of message, with attributes of its own."""
-
-
-def test_daskqueues_message_of_a_call_runs_on_a_general_consumer_that_saves_it_and_travels_pickled() -> None:
-    """daskqueue's tests and programs made ``Message(fn, *args)``; zdq's took a task id alone."""
-    msg = Message(lambda x, y=0: x * 10 + y, 4, y=2)  # a lambda: cloudpickle carries it
-    again = pickle.loads(msg.serialize())
-    assert again.data() == msg.data() == 42 and again == msg and again.id == msg.id and hash(again) == hash(msg)
-    assert isinstance(msg.timestamp, int) and msg.delivered_timestamp is None and Message(divmod, 1, 1) != msg
-    assert str(msg) == f"Message {msg.id.int}"  # daskqueue's
-    # The call's own arguments may be named key or func; daskqueue's func= names the function.
-    assert Message(dict, key="a", value=1).data() == {"key": "a", "value": 1} and Message(func=divmod).data is not None
-    assert Message(func=lambda **kw: kw, x=1).data() == {"x": 1}
-
-    class Saving(GeneralConsumer):
-        def save(self, msg: Message, result: object) -> None:
-            self.saved = (msg, result)
-
-    consumer = Saving(name="g")
-    call = Message(divmod, 7, 2)
-    assert consumer.process_item(call) == (3, 1) and consumer.saved == (call, (3, 1))  # as daskqueue's did
-
-    tagged = Tagged(divmod, 9, 4)
-    tagged.priority = 3  # type: ignore[attr-defined]
-    assert pickle.loads(pickle.dumps(tagged)).priority == 3
-
-    task = Message(12)  # as save(msg, result) gets a task: its id
-    assert (task.id, task.key, task.data, task == Message(12), pickle.loads(pickle.dumps(task)) == task) == (12, 12, None, True, True)
-    for bad in ("a", 1.5, True):
-        with pytest.raises(TypeError, match="Message takes a task id"):
-            Message(bad)
-    with pytest.raises(TypeError, match="Message takes a task id"):
-        Message(12, 3)
-    with pytest.raises(TypeError, match="got nothing"):
-        Message()
-    with pytest.raises(TypeError, match="runs functions"):
-        GeneralConsumer(name="g").process_item(Message(12))
+    assert done(call_actor(q, "qsize")) == 1 and done(call_actor(q, "get_nowait")) == 1

@@ -613,7 +613,8 @@ class ConsumerPool:
         :meth:`statistics` is.
         """
         timeout_or_none(timeout, "results' timeout")  # checked at the call, whichever path answers
-        if callable(getattr(self.consumer_class, "get_results", None)):
+        own = getattr(self.consumer_class, "get_results", None)
+        if callable(own) and own is not GeneralConsumer.get_results:  # GeneralConsumer's: daskqueue's loop's
             return self._own_results(timeout)
         if not self.queue_pool.keep_results:
             raise ClosedError("the QueuePool was made with keep_results=False: read results from futures")

@@ -257,13 +257,23 @@ class GeneralConsumer(ConsumerBaseClass):
             *args_, backend = args
             args = tuple(args_)
         self.backend = backend
+        self._results: dict[int, Any] = {}
         super().__init__(*args, **kwargs)
 
     def save(self, msg: Message, result: Any) -> None:
         """Called with each submitted function's result when a subclass overrides it (daskqueue's
-        hook, to send results elsewhere); the default gives it to ``backend``, if any."""
+        hook, to send results elsewhere); the default gives it to ``backend``, if any. Placed by
+        hand (daskqueue's consume loop), it also keeps it for :meth:`get_results`, as daskqueue's did."""
+        if self.fetch_loop is not None:
+            self.__dict__.setdefault("_results", {})[hash(msg)] = result
         if self.backend is not None:
             self.backend.save(result)
+
+    def get_results(self) -> dict[int, Any]:
+        """daskqueue's: the results :meth:`save` kept, by ``hash(msg)``, of the messages this
+        consumer ran when placed as an actor by hand. zdq's :class:`~zdq.ConsumerPool` keeps
+        results itself (``ConsumerPool.results()``): none are kept here for it."""
+        return dict(self.__dict__.get("_results", {}))
 
     def process_item(self, item: Any) -> Any:
         if isinstance(item, tuple) and item and callable(item[0]):

@@ -12,13 +12,23 @@ event loop taking items from one of the pool's ``TransientQueue`` actors and han
     await consumer.start()
 
 :class:`DaskqueueLoop` is that loop, mixed into :class:`~zdq.consumer.base.ConsumerBaseClass`,
-with daskqueue's method names. Where daskqueue's loop lost items or waited without end, this one
-does not: ``cancel()`` lets the loop finish the batch it took (daskqueue cancelled it mid-get, and
-the items the queue had handed over were lost) and waits for the running items within a bound;
-an empty queue is asked again after a growing pause, not at once in a tight loop; an item whose
-``process_item`` raises is logged with its error and counted, not left as an unread exception.
+with daskqueue's method names. As in daskqueue, a consumer takes from one queue of the pool (the
+pool hands them out in turn; a queue no consumer was given keeps its items: place at least as
+many consumers as queues), and its items travel by Dask actor calls. Where daskqueue's loop lost
+items or ran on unasked, this one does not:
 
-Every actor call it makes is bounded by :data:`CALL_TIMEOUT` (:func:`call_actor`).
+- ``cancel()`` lets the loop hand on the batch it took (daskqueue cancelled it mid-get, and the
+  items the queue had handed over were lost), and a ``cancel()`` sent while ``start()`` waits for
+  its queue wins, as the later call; a ``start()`` after it resumes on the same queue.
+- A take that its queue is slow to answer is waited for (said in the log every
+  :data:`CALL_TIMEOUT`), never abandoned: Dask does not cancel an actor's call, so the items it
+  takes would be lost. A queue's worker that is lost ends the loop (``loop_error``).
+- An empty queue is asked again after a growing pause, and answers with the items it has (not
+  ``batch_size`` fillers: daskqueue's ``get_many`` padded with ``None``, which made ``None`` an
+  item no one got, and an idle consumer of a large batch a busy one).
+- An item whose ``process_item`` raises is logged and counted (``failed_items``); a coroutine
+  ``process_item`` is awaited.
+- A consumer whose actor Dask has released stops taking items.
 """
 
 from __future__ import annotations
@@ -26,60 +36,75 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import numbers
+import operator
 import time
 from collections.abc import Awaitable
 from typing import Any
 
-__all__ = ["CALL_TIMEOUT", "DaskqueueLoop", "call_actor", "call_actor_sync"]
+__all__ = ["CALL_TIMEOUT", "DaskqueueLoop", "call_actor"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds an actor call of daskqueue's loops may take before it is an error naming the call.
+#: Seconds an actor call of daskqueue's loops may take before it is an error naming the call (a
+#: take is waited for longer: see the module's docstring).
 CALL_TIMEOUT = 60.0
 #: An empty queue is asked again after this pause, doubled at each empty answer up to the cap
 #: (and never more than the loop's ``timeout``): daskqueue's asked again at once, for ever.
 IDLE_FIRST, IDLE_CAP = 0.001, 0.05
-#: How long ``cancel()`` waits, by default, for the items already handed to ``process_item``.
+#: How long ``cancel()`` waits, by default, for the loop and the items already handed on.
 CANCEL_TIMEOUT = 300.0
 
 
 def _named(handle: Any, method: str) -> str:
-    return f"{type(handle).__name__}.{method}()"
+    cls = getattr(handle, "_cls", None) or type(handle)  # a Dask actor handle's class, else the object's
+    key = getattr(handle, "key", None)
+    return f"{cls.__name__}.{method}()" + (f" of actor {key}" if isinstance(key, str) else "")
 
 
 async def call_actor(handle: Any, method: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
     """``handle.method(*args)`` from a coroutine: a Dask actor handle's call (an awaitable
     future; a coroutine when the actor is in this worker), or a plain object's method; within
-    ``timeout`` seconds, else ``TimeoutError`` naming the call."""
+    ``timeout`` seconds, else ``TimeoutError`` naming the call (which may still take effect:
+    Dask does not cancel an actor's call)."""
     answer = getattr(handle, method)(*args)
     if not isinstance(answer, Awaitable):
         return answer
     try:
         return await asyncio.wait_for(_awaited(answer), timeout)
     except asyncio.TimeoutError:
-        raise TimeoutError(f"{_named(handle, method)} did not answer within {timeout:g} s") from None
+        raise TimeoutError(
+            f"{_named(handle, method)} did not answer within {timeout:g} s (Dask does not cancel an actor's call: it may still take effect)"
+        ) from None
 
 
 async def _awaited(answer: Awaitable[Any]) -> Any:
     return await answer
 
 
-def call_actor_sync(handle: Any, method: str, *args: Any, loop: asyncio.AbstractEventLoop | None, timeout: float = CALL_TIMEOUT) -> Any:
-    """``handle.method(*args)`` from a thread that is not ``loop``'s (an actor's plain method):
-    an actor of this worker answers with a coroutine, run on ``loop``; another's with a future."""
-    answer = getattr(handle, method)(*args)
-    if inspect.iscoroutine(answer):
-        if loop is None:
-            answer.close()
-            raise RuntimeError(f"{_named(handle, method)} needs the worker's event loop, and there is none here")
-        answer = asyncio.run_coroutine_threadsafe(answer, loop)
-    result = getattr(answer, "result", None)
-    if result is None:
-        return answer
+def _positive(value: Any, name: str) -> int:
+    """``value`` as an int >= 1 (numpy's integers too); ``None`` is 1 (daskqueue's default)."""
+    if value is None:
+        return 1
     try:
-        return result(timeout)
-    except TimeoutError:
-        raise TimeoutError(f"{_named(handle, method)} did not answer within {timeout:g} s") from None
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return number
+
+
+def _seconds(value: Any, name: str, default: float) -> float:
+    """``value`` as finite seconds >= 0; ``None`` is ``default``."""
+    if value is None:
+        return default
+    seconds = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    return seconds
 
 
 class DaskqueueLoop:
@@ -94,16 +119,20 @@ class DaskqueueLoop:
     max_concurrency: int = 1
     early_ack: bool = False
     _executor: Any = None
+    _worker: Any = None
     items: list[Any]
     _running_tasks: list[Any]
-    #: The loop's task (daskqueue's name), the queue it takes from, and whether cancel() asked it
-    #: to end; ``failed_items`` counts the items whose process_item raised, ``loop_error`` is what
-    #: ended the loop otherwise (an actor call that failed or did not answer).
+    #: The loop's task (daskqueue's name) and the queue it takes from (kept across restarts);
+    #: ``failed_items`` counts the items whose process_item raised, ``loop_error`` is what ended
+    #: the loop otherwise (its queue's worker lost, an actor call that failed).
     fetch_loop: asyncio.Task[None] | None = None
     _current_q: Any = None
-    _stopping: bool = False
     failed_items: int = 0
     loop_error: BaseException | None = None
+    #: Whether the consumer should be taking items: start() sets it, cancel() clears it, the loop
+    #: runs while it is set. One flag for both, so that the later call wins however they overlap.
+    _wanted: bool = False
+    _start_lock: asyncio.Lock | None = None  # one start() at a time: never two loops
 
     def process_item(self, item: Any) -> Any:
         raise NotImplementedError
@@ -142,66 +171,76 @@ class DaskqueueLoop:
 
     # -- start and cancel ----------------------------------------------------------------------------
 
-    async def start(self, timeout: float = 1) -> None:
-        """Ask the pool for a queue (``pool.get_next_queue()``) and start taking items from it.
-        A loop that runs already goes on (daskqueue started a second one)."""
-        if await self.is_consumming():
-            return
-        if not hasattr(self.pool, "get_next_queue"):
+    async def start(self, timeout: float | None = 1) -> None:
+        """Take items from a queue of the pool: the one this consumer had, else the pool's next
+        (``pool.get_next_queue()``). ``timeout`` caps the pause between asks of an empty queue.
+        A loop that runs goes on (daskqueue started a second one); one that a ``cancel()`` is
+        stopping goes on instead of stopping."""
+        pause = _seconds(timeout, "start(timeout=...)", 1.0)
+        size = _positive(self.batch_size, "batch_size")
+        limit = _positive(self.max_concurrency, "max_concurrency")
+        if self._current_q is None and not hasattr(self.pool, "get_next_queue"):
             raise TypeError(
                 f"{type(self).__name__}.start() takes items from a daskqueue QueuePoolActor given as its pool, "
                 f"got {self.pool!r}; a consumer of zdq.ConsumerPool is started by the pool itself"
             )
-        wait = float(timeout)
-        if not wait >= 0:
-            raise ValueError(f"start(timeout=...) takes seconds >= 0, got {timeout!r}")
         if "items" not in self.__dict__:
             self.items, self._running_tasks = [], []
-        self._current_q = await call_actor(self.pool, "get_next_queue")
-        self._stopping = False
-        self.loop_error = None
-        self.fetch_loop = asyncio.ensure_future(self._guarded(wait))
+        self._wanted = True
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self.fetch_loop is not None and not self.fetch_loop.done():
+                return  # it sees _wanted set again and goes on
+            if self._current_q is None:
+                queue = await call_actor(self.pool, "get_next_queue")
+                self._current_q = self._current_q or queue
+            if not self._wanted:
+                return  # a cancel() came while the pool answered: it is the later call
+            self.loop_error = None
+            self.fetch_loop = asyncio.ensure_future(self._guarded(size, limit, pause))
 
-    async def cancel(self, timeout: float = CANCEL_TIMEOUT) -> bool:
-        """Stop the loop once it has handed out the batch it took, and wait up to ``timeout``
-        seconds for the items running; ``True`` when all of them ended."""
-        self._stopping = True
+    async def cancel(self, timeout: float | None = CANCEL_TIMEOUT) -> bool:
+        """Stop the loop once it has handed on the batch it took, and wait up to ``timeout``
+        seconds for it and for the items running; ``True`` when all of them ended."""
+        bound = _seconds(timeout, "cancel(timeout=...)", CANCEL_TIMEOUT)
+        self._wanted = False
         loop = self.fetch_loop
-        give_up = time.monotonic() + timeout
-        if loop is not None and not loop.done():
-            # The loop's own waits are bounded (an actor call, a pause): it ends within them.
-            await asyncio.wait([loop], timeout=max(0.0, give_up - time.monotonic()))
+        give_up = time.monotonic() + bound
+        # Until the loop ends, the bound passes, or a start() wants it again (the later call).
+        while loop is not None and not loop.done() and not self._wanted and time.monotonic() < give_up:
+            await asyncio.wait([loop], timeout=min(0.05, max(0.0, give_up - time.monotonic())))
         self._drop_finished()
-        running = list(self._running_tasks)
-        if running:
-            await asyncio.wait(running, timeout=max(0.0, give_up - time.monotonic()))
+        if self._running_tasks:
+            await asyncio.wait(list(self._running_tasks), timeout=max(0.0, give_up - time.monotonic()))
             self._drop_finished()
-        ended = (loop is None or loop.done()) and not self._running_tasks
-        if not ended:
-            logger.warning("[%s] cancel(): %d item(s) still running after %g s", self.name, len(self._running_tasks), timeout)
-        return ended
+        loop_ended = loop is None or loop.done()
+        if not loop_ended or self._running_tasks:
+            logger.warning(
+                "[%s] cancel(): after %g s, %s%d item(s) still running", self.name, bound,
+                "" if loop_ended else "the loop still handing on its batch (it stops after), ", len(self._running_tasks),
+            )
+        return loop_ended and not self._running_tasks
 
     # -- the loop ------------------------------------------------------------------------------------
 
-    async def _guarded(self, timeout: float) -> None:
+    async def _guarded(self, size: int, limit: int, pause: float) -> None:
         """:meth:`_consume`, its end logged and kept when an actor call fails (nobody awaits it)."""
         try:
-            await self._consume(timeout)
+            await self._consume(size, limit, pause)
         except Exception as e:
             self.loop_error = e
             logger.error("[%s] the consume loop ended: %s: %s", self.name, type(e).__name__, e)
 
-    async def _consume(self, timeout: float = 0.1) -> None:
-        """Take up to ``batch_size`` items at a time from the queue and run each in the worker's
-        executor, at most ``max_concurrency`` at once, until :meth:`cancel`."""
+    async def _consume(self, size: int, limit: int, pause: float) -> None:
+        """Take up to ``size`` items at a time from the queue and run each in the worker's
+        executor, at most ``limit`` at once, while wanted and while this actor is the worker's."""
         queue = self._current_q
-        size = max(1, int(self.batch_size or 1))
-        limit = max(1, int(self.max_concurrency or 1))
         idle = IDLE_FIRST
-        while not self._stopping:
-            taken = [item for item in await call_actor(queue, "get_many", size) if item is not None]
+        while self._wanted and self._placed():
+            taken = await self._take(queue, size)
             if not taken:
-                await asyncio.sleep(min(idle, timeout) if timeout > 0 else idle)
+                await asyncio.sleep(min(idle, pause))
                 idle = min(idle * 2, IDLE_CAP)
                 continue
             idle = IDLE_FIRST
@@ -209,6 +248,28 @@ class DaskqueueLoop:
                 await self._ack_items(taken)
             for item in taken:
                 await self._run(queue, item, limit)
+
+    async def _take(self, queue: Any, size: int) -> list[Any]:
+        """Up to ``size`` items of ``queue``. The call is waited for however long it takes (a
+        take abandoned would lose what it took), said in the log every :data:`CALL_TIMEOUT`."""
+        method = "get_up_to" if hasattr(queue, "get_up_to") else "get_many"
+        answer = getattr(queue, method)(size)
+        taking: asyncio.Future[Any] = asyncio.ensure_future(_awaited(answer)) if isinstance(answer, Awaitable) else _ready(answer)
+        waited = 0.0
+        while True:
+            finished, _ = await asyncio.wait([taking], timeout=CALL_TIMEOUT)
+            if finished:
+                break
+            waited += CALL_TIMEOUT
+            logger.warning("[%s] %s has not answered for %g s; still waiting for what it took", self.name, _named(queue, method), waited)
+        taken: list[Any] = taking.result()
+        return taken if method == "get_up_to" else [item for item in taken if item is not None]
+
+    def _placed(self) -> bool:
+        """Whether this consumer is still an actor of its worker (Dask drops a released one,
+        whose loop would otherwise take items for nobody); outside a worker, always."""
+        actors = getattr(getattr(self._worker, "state", None), "actors", None)
+        return actors is None or any(actor is self for actor in actors.values())
 
     async def _run(self, queue: Any, item: Any, limit: int) -> None:
         """Hand ``item`` to ``process_item`` in the executor, once fewer than ``limit`` run."""
@@ -224,8 +285,12 @@ class DaskqueueLoop:
     async def _settle(self, running: Awaitable[Any], queue: Any, item: Any) -> None:
         """Wait for ``item``'s run; log what it raised; acknowledge it after (not early_ack)."""
         try:
-            await running
-        except Exception:
+            value = await running
+            if inspect.isawaitable(value):  # an async process_item: its coroutine runs here
+                await value
+        except asyncio.CancelledError:
+            raise
+        except BaseException:  # SystemExit too: one item's, not the worker's
             self.failed_items += 1
             logger.exception("[%s] process_item(%r) raised", self.name, item)
         if not self.early_ack:
@@ -245,3 +310,9 @@ class DaskqueueLoop:
         if tasks is None:
             tasks = self._running_tasks = []
         tasks[:] = [task for task in tasks if not task.done()]
+
+
+def _ready(value: Any) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
