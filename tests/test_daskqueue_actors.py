@@ -79,6 +79,26 @@ class SlowQueue(TransientQueue):
         self.stall = seconds
 
 
+class AckFails(TransientQueue):
+    """A queue whose acknowledgements fail (its worker lost or silent at that moment)."""
+
+    async def ack_many(self, items: Any) -> None:
+        raise OSError("Unable to contact Actor's worker")
+
+
+class Cancelling(ConsumerBaseClass):
+    """Items that raise CancelledError of their own."""
+
+    def process_item(self, item: Any) -> None:
+        if item % 2:
+            raise asyncio.CancelledError
+
+
+async def double(x: int) -> int:
+    await asyncio.sleep(0)
+    return 2 * x
+
+
 class SlowPool:
     """A pool of given queues whose get_next_queue answers after ``pause`` seconds."""
 
@@ -249,7 +269,7 @@ def test_start_and_cancel_overlapping_end_as_the_later_call_says_and_never_run_t
 def test_an_idle_consumer_of_a_large_batch_stays_idle_and_none_is_an_item_like_any(client: Client) -> None:
     pool = client.submit(QueuePoolActor, 1, actor=True).result(timeout=WAIT)
     consumer = client.submit(DummyConsumer, 1, "dummy-0", pool, 10**6, 1, 0, False, actor=True, pure=False).result(timeout=WAIT)
-    consumer.start().result(timeout=WAIT)
+    consumer.start(timeout=0).result(timeout=WAIT)  # daskqueue's get wait: no busy loop at 0 either
     where = consumer._address
     pid = client.run(os.getpid, workers=[where])[where]
     time.sleep(0.3)
@@ -276,3 +296,36 @@ def test_a_released_consumer_stops_taking_and_async_items_and_general_results_wo
     awaiting.start().result(timeout=WAIT)
     _until(lambda: awaiting.how_many_seen().result(timeout=WAIT) == 10, "10 items seen by an async process_item")
     assert awaiting.cancel().result(timeout=WAIT) and awaiting.failed_items == 0
+
+
+def test_a_cancel_gives_back_at_once_what_its_batch_had_not_started_first_in_line(client: Client) -> None:
+    pool = client.submit(QueuePoolActor, 1, actor=True).result(timeout=WAIT)
+    consumer = client.submit(Flaky, 1, "flaky-0", pool, 500, 1, 0, False, actor=True, pure=False).result(timeout=WAIT)
+    pool.put_many(list(range(1000, 1500))).result(timeout=WAIT)  # 500 items of 20 ms: 10 s in one batch
+    consumer.start().result(timeout=WAIT)
+    _until(lambda: consumer.len_items().result(timeout=WAIT) >= 5, "5 items started")
+    began = time.monotonic()
+    assert consumer.cancel(timeout=3).result(timeout=WAIT) is True and time.monotonic() - began < 3
+    handed = consumer.get_items().result(timeout=WAIT)
+    queue = consumer.get_current_queue().result(timeout=WAIT)
+    assert 5 <= len(handed) < 100 and queue.qsize().result(timeout=WAIT) == 500 - len(handed)
+    assert handed == list(range(1000, 1000 + len(handed)))
+    assert queue.get_nowait().result(timeout=WAIT) == 1000 + len(handed)  # given back first in line, in order
+
+
+def test_an_early_acknowledgement_that_fails_runs_its_batch_and_items_own_cancels_and_async_calls_count(client: Client) -> None:
+    queue = client.submit(AckFails, actor=True, pure=False).result(timeout=WAIT)
+    pool = client.submit(SlowPool, [queue], 0.0, actor=True, pure=False).result(timeout=WAIT)
+    from zdq import Message
+
+    queue.put_nowait_batch([Message(double, i) for i in range(10)]).result(timeout=WAIT)
+    general = client.submit(GeneralConsumer, 1, "general-0", pool, 10, 2, 0, True, actor=True, pure=False).result(timeout=WAIT)
+    general.start().result(timeout=WAIT)
+    _until(lambda: len(general.get_results().result(timeout=WAIT)) == 10, "10 async calls run and saved")
+    assert sorted(general.get_results().result(timeout=WAIT).values()) == [2 * i for i in range(10)]
+    assert general.loop_error is None and general.cancel().result(timeout=WAIT)
+    cancelling = client.submit(Cancelling, 2, "cancelling-0", pool, 10, 2, 0, False, actor=True, pure=False).result(timeout=WAIT)
+    queue.put_nowait_batch(list(range(10))).result(timeout=WAIT)
+    cancelling.start().result(timeout=WAIT)
+    _until(lambda: cancelling.len_items().result(timeout=WAIT) == 10, "10 items handed out")
+    assert cancelling.cancel().result(timeout=WAIT) and cancelling.failed_items == 5

@@ -125,8 +125,8 @@ def test_two_embedded_pools_share_one_local_cluster_which_closes_with_the_last(c
 def test_a_script_that_makes_a_local_pool_at_its_top_level_is_told_to_guard_it(tmp_path) -> None:
     """Dask spawns a local cluster's workers, which import the main script again: unguarded, its
     top level fails in each of them, and Dask's error says so in a page of text per nanny each
-    worker starts (some 500 lines). zdq stops a worker there with what to do, before it starts
-    nannies of its own; the script says it too, and ends (no hang, no process left)."""
+    worker starts (some 500 lines). zdq ends a worker there with what to do, in one line, before
+    it starts nannies of its own; the script says it too, and ends (no hang, no process left)."""
     import subprocess
     import sys
 
@@ -135,6 +135,7 @@ def test_a_script_that_makes_a_local_pool_at_its_top_level_is_told_to_guard_it(t
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode != 0
     assert 'put that code under `if __name__ == "__main__":`' in proc.stderr, proc.stderr[-2000:]
-    assert "RuntimeError: zdq: Dask starts a local cluster's workers" in proc.stderr  # the worker's own error
+    hint = [line for line in proc.stderr.splitlines() if line.startswith("zdq: Dask starts a local cluster's workers")]
+    assert len(hint) >= 2  # the worker's one line (no traceback), and the script's note
     assert "An attempt has been made to start a new process" not in proc.stderr
-    assert len(proc.stderr.splitlines()) < 200, proc.stderr[-2000:]
+    assert len(proc.stderr.splitlines()) < 120, proc.stderr[-2000:]

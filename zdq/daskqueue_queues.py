@@ -2,8 +2,8 @@
 ``QueuePoolActor``, a pool of them, from which consumer classes placed as Dask actors by hand
 take items (:mod:`zdq.consumer.daskqueue_loop`), as daskqueue's own tests and programs did.
 
-zdq's own queues are brokers reached over ZeroMQ (:class:`zdq.QueuePool`); nothing in zdq uses
-these. ``TransientQueue`` is daskqueue's in-memory queue, meant to be placed as a Dask actor
+zdq's own queues are brokers reached over ZeroMQ (:class:`zdq.QueuePool`); nothing of zdq's own
+path uses these. ``TransientQueue`` is daskqueue's in-memory queue, meant to be placed as a Dask actor
 (``client.submit(TransientQueue, maxsize=..., actor=True)``) and called through it: its
 coroutine methods run on the worker's event loop, its plain ones on the actor's one thread
 (Dask's), and every one of them is safe beside the others.
@@ -272,6 +272,14 @@ class TransientQueue:
             _seconds(timeout, "timeout")
         taken = self._take(count)
         return taken + [None] * (count - len(taken))
+
+    async def put_back(self, items: Iterable[Any]) -> None:
+        """Put ``items``, taken a moment ago, back at the front, in their order, whatever
+        ``maxsize`` (they had room): a consumer placed by hand gives back so, when cancelled,
+        what it took and had not started."""
+        back = list(items)
+        with self._lock:
+            self._items.extendleft(reversed(back))
 
     async def get_up_to(self, n: int) -> list[Any]:
         """Up to ``n`` of the oldest items, at once: what the queue has, without daskqueue's

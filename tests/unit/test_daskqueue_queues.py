@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pickle
 import queue
+import threading
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -135,6 +136,7 @@ def test_the_consume_loop_of_a_consumer_placed_by_hand_needs_a_pool_actor_and_is
     assert done(consumer.cancel()) is True and done(consumer.get_current_queue()) is None
     with pytest.raises(TypeError, match=r"start\(\) takes items from a daskqueue QueuePoolActor given as its pool, got 'pool-name'"):
         done(consumer.start())
+    consumer._start_lock = threading.Lock()  # type: ignore[assignment]  # as unpicklable as one bound to a loop
     assert pickle.loads(pickle.dumps(consumer)).fetch_loop is None
 
 
@@ -152,6 +154,9 @@ def test_a_take_of_the_consume_loop_gets_what_the_queue_has_without_fillers_none
     q = TransientQueue()
     q.put_nowait_batch([None, 0, "x"])
     assert done(q.get_up_to(10**6)) == [None, 0, "x"] and done(q.get_up_to(5)) == []
+    q.put_nowait_batch([3, 4])
+    done(q.put_back([1, 2]))
+    assert done(q.get_up_to(3)) == [1, 2, 3]
     with pytest.raises(ValueError, match="n must be an int >= 0"):
         done(q.get_up_to(-1))
 

@@ -57,9 +57,10 @@ class OwnedCluster:
 
         if getattr(multiprocessing.current_process(), "_inheriting", False):
             # A process spawned by another (a worker of the cluster that script starts) is
-            # importing the main script, which starts a cluster at its top level: stop here, with
-            # the cause, rather than let Dask start nannies of its own that fail with a page each.
-            raise RuntimeError(_SPAWN_HINT)
+            # importing the main script, which starts a cluster at its top level: this process can
+            # do nothing else, so it ends here, saying why in one line (a traceback per worker, or
+            # Dask's nannies of its own failing with a page each, would bury it).
+            raise SystemExit(_SPAWN_HINT)
         # One single-threaded worker process per unit of parallelism: a consumer per worker runs
         # one task at a time, outside the driver's process (tasks holding the GIL stay apart).
         try:

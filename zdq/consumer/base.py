@@ -14,7 +14,7 @@ import pickle
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import astuple, dataclass
 from typing import Any, overload
 
@@ -153,7 +153,7 @@ class ConsumerBaseClass(DaskqueueLoop, ABC):
         # worker and executor do not pickle (nor are they the child's), and the items it was
         # handed are not sent each time.
         state = dict(self.__dict__)
-        for name in ("_worker", "_executor", "fetch_loop", "_current_q"):  # the last two: daskqueue's loop
+        for name in ("_worker", "_executor", "fetch_loop", "_current_q", "_start_lock"):  # the last three: daskqueue's loop
             state[name] = None
         state["items"], state["_running_tasks"] = [], []
         return state
@@ -269,6 +269,11 @@ class GeneralConsumer(ConsumerBaseClass):
         if self.backend is not None:
             self.backend.save(result)
 
+    async def _saved_when_done(self, msg: Message, call: Coroutine[Any, Any, Any]) -> Any:
+        result = await call
+        self.save(msg, result)
+        return result
+
     def get_results(self) -> dict[int, Any]:
         """daskqueue's: the results :meth:`save` kept, by ``hash(msg)``, of the messages this
         consumer ran when placed as an actor by hand. zdq's :class:`~zdq.ConsumerPool` keeps
@@ -280,6 +285,8 @@ class GeneralConsumer(ConsumerBaseClass):
             return item[0](*item[1:])
         if isinstance(item, Message) and item.data is not None:  # daskqueue's Message(fn, *args)
             result = item.data()
+            if self.fetch_loop is not None and inspect.iscoroutine(result):
+                return self._saved_when_done(item, result)  # daskqueue's loop awaits it, on the event loop
             self.save(item, result)  # as daskqueue's GeneralConsumer did (what save raises fails the item)
             return result
         raise TypeError(

@@ -17,17 +17,20 @@ pool hands them out in turn; a queue no consumer was given keeps its items: plac
 many consumers as queues), and its items travel by Dask actor calls. Where daskqueue's loop lost
 items or ran on unasked, this one does not:
 
-- ``cancel()`` lets the loop hand on the batch it took (daskqueue cancelled it mid-get, and the
-  items the queue had handed over were lost), and a ``cancel()`` sent while ``start()`` waits for
-  its queue wins, as the later call; a ``start()`` after it resumes on the same queue.
+- ``cancel()`` gives the items of the batch it took that have not started back to the front of
+  their queue (daskqueue cancelled its loop mid-get, and the items the queue had handed over were
+  lost), and waits for those running. A ``cancel()`` that reaches the consumer while ``start()``
+  waits for its queue wins, as the later call (two calls sent without waiting for the first may
+  reach it in either order: Dask does not order them); a ``start()`` after it resumes on the
+  same queue.
 - A take that its queue is slow to answer is waited for (said in the log every
   :data:`CALL_TIMEOUT`), never abandoned: Dask does not cancel an actor's call, so the items it
   takes would be lost. A queue's worker that is lost ends the loop (``loop_error``).
-- An empty queue is asked again after a growing pause, and answers with the items it has (not
-  ``batch_size`` fillers: daskqueue's ``get_many`` padded with ``None``, which made ``None`` an
-  item no one got, and an idle consumer of a large batch a busy one).
+- An empty queue is asked again after a pause that grows to :data:`IDLE_CAP`, and answers with the
+  items it has (not ``batch_size`` fillers: daskqueue's ``get_many`` padded with ``None``, which
+  made ``None`` an item no one got, and an idle consumer of a large batch a busy one).
 - An item whose ``process_item`` raises is logged and counted (``failed_items``); a coroutine
-  ``process_item`` is awaited.
+  ``process_item`` is awaited. An early acknowledgement that fails is logged; its batch runs.
 - A consumer whose actor Dask has released stops taking items.
 """
 
@@ -49,9 +52,10 @@ logger = logging.getLogger(__name__)
 #: Seconds an actor call of daskqueue's loops may take before it is an error naming the call (a
 #: take is waited for longer: see the module's docstring).
 CALL_TIMEOUT = 60.0
-#: An empty queue is asked again after this pause, doubled at each empty answer up to the cap
-#: (and never more than the loop's ``timeout``): daskqueue's asked again at once, for ever.
-IDLE_FIRST, IDLE_CAP = 0.001, 0.05
+#: An empty queue is asked again after this pause, doubled at each empty answer up to the cap:
+#: daskqueue's asked again at once, for ever (an idle consumer costs its queue's worker about ten
+#: calls a second; a new item waits at most the cap for an idle consumer).
+IDLE_FIRST, IDLE_CAP = 0.001, 0.1
 #: How long ``cancel()`` waits, by default, for the loop and the items already handed on.
 CANCEL_TIMEOUT = 300.0
 
@@ -173,10 +177,11 @@ class DaskqueueLoop:
 
     async def start(self, timeout: float | None = 1) -> None:
         """Take items from a queue of the pool: the one this consumer had, else the pool's next
-        (``pool.get_next_queue()``). ``timeout`` caps the pause between asks of an empty queue.
+        (``pool.get_next_queue()``). ``timeout`` (daskqueue's wait of each get) is checked and
+        not used: an empty queue is asked again after a growing pause.
         A loop that runs goes on (daskqueue started a second one); one that a ``cancel()`` is
         stopping goes on instead of stopping."""
-        pause = _seconds(timeout, "start(timeout=...)", 1.0)
+        _seconds(timeout, "start(timeout=...)", 1.0)
         size = _positive(self.batch_size, "batch_size")
         limit = _positive(self.max_concurrency, "max_concurrency")
         if self._current_q is None and not hasattr(self.pool, "get_next_queue"):
@@ -198,7 +203,7 @@ class DaskqueueLoop:
             if not self._wanted:
                 return  # a cancel() came while the pool answered: it is the later call
             self.loop_error = None
-            self.fetch_loop = asyncio.ensure_future(self._guarded(size, limit, pause))
+            self.fetch_loop = asyncio.ensure_future(self._guarded(size, limit))
 
     async def cancel(self, timeout: float | None = CANCEL_TIMEOUT) -> bool:
         """Stop the loop once it has handed on the batch it took, and wait up to ``timeout``
@@ -224,15 +229,15 @@ class DaskqueueLoop:
 
     # -- the loop ------------------------------------------------------------------------------------
 
-    async def _guarded(self, size: int, limit: int, pause: float) -> None:
+    async def _guarded(self, size: int, limit: int) -> None:
         """:meth:`_consume`, its end logged and kept when an actor call fails (nobody awaits it)."""
         try:
-            await self._consume(size, limit, pause)
+            await self._consume(size, limit)
         except Exception as e:
             self.loop_error = e
             logger.error("[%s] the consume loop ended: %s: %s", self.name, type(e).__name__, e)
 
-    async def _consume(self, size: int, limit: int, pause: float) -> None:
+    async def _consume(self, size: int, limit: int) -> None:
         """Take up to ``size`` items at a time from the queue and run each in the worker's
         executor, at most ``limit`` at once, while wanted and while this actor is the worker's."""
         queue = self._current_q
@@ -240,30 +245,57 @@ class DaskqueueLoop:
         while self._wanted and self._placed():
             taken = await self._take(queue, size)
             if not taken:
-                await asyncio.sleep(min(idle, pause))
+                await asyncio.sleep(idle)
                 idle = min(idle * 2, IDLE_CAP)
                 continue
             idle = IDLE_FIRST
             if self.early_ack:
-                await self._ack_items(taken)
-            for item in taken:
-                await self._run(queue, item, limit)
+                try:
+                    await self._ack_items(taken)
+                except Exception as e:  # the items are taken: they run all the same
+                    logger.error("[%s] acknowledging a batch of %d failed: %s: %s", self.name, len(taken), type(e).__name__, e)
+            for i, item in enumerate(taken):
+                await self._free_slot(limit)
+                if not self._wanted:  # cancelled: what has not started goes back, first in line
+                    await self._give_back(queue, taken[i:], limit)
+                    break
+                self._start_item(queue, item)
+
+    async def _give_back(self, queue: Any, items: list[Any], limit: int) -> None:
+        """Put ``items`` back at the front of ``queue`` (waited for as a take is: a put back
+        abandoned may still go in). A queue that cannot take them (its worker lost, an older
+        queue without ``put_back``) leaves them here: they run, as taken."""
+        try:
+            await self._waited(queue, "put_back", items)
+        except Exception as e:
+            logger.warning("[%s] giving %d item(s) back failed (%s: %s): running them", self.name, len(items), type(e).__name__, e)
+            for item in items:
+                self._drop_finished()
+                while len(self._running_tasks) >= limit:
+                    await asyncio.wait(self._running_tasks, return_when=asyncio.FIRST_COMPLETED)
+                    self._drop_finished()
+                self._start_item(queue, item)
 
     async def _take(self, queue: Any, size: int) -> list[Any]:
-        """Up to ``size`` items of ``queue``. The call is waited for however long it takes (a
-        take abandoned would lose what it took), said in the log every :data:`CALL_TIMEOUT`."""
-        method = "get_up_to" if hasattr(queue, "get_up_to") else "get_many"
-        answer = getattr(queue, method)(size)
-        taking: asyncio.Future[Any] = asyncio.ensure_future(_awaited(answer)) if isinstance(answer, Awaitable) else _ready(answer)
+        """Up to ``size`` items of ``queue``."""
+        if hasattr(queue, "get_up_to"):
+            taken: list[Any] = await self._waited(queue, "get_up_to", size)
+            return taken
+        return [item for item in await self._waited(queue, "get_many", size) if item is not None]
+
+    async def _waited(self, queue: Any, method: str, *args: Any) -> Any:
+        """``queue.method(*args)``, waited for however long it takes (said in the log every
+        :data:`CALL_TIMEOUT`): a take or a put back abandoned would still act, on items no one
+        then holds."""
+        answer = getattr(queue, method)(*args)
+        calling: asyncio.Future[Any] = asyncio.ensure_future(_awaited(answer)) if isinstance(answer, Awaitable) else _ready(answer)
         waited = 0.0
         while True:
-            finished, _ = await asyncio.wait([taking], timeout=CALL_TIMEOUT)
+            finished, _ = await asyncio.wait([calling], timeout=CALL_TIMEOUT)
             if finished:
-                break
+                return calling.result()
             waited += CALL_TIMEOUT
-            logger.warning("[%s] %s has not answered for %g s; still waiting for what it took", self.name, _named(queue, method), waited)
-        taken: list[Any] = taking.result()
-        return taken if method == "get_up_to" else [item for item in taken if item is not None]
+            logger.warning("[%s] %s has not answered for %g s; still waiting", self.name, _named(queue, method), waited)
 
     def _placed(self) -> bool:
         """Whether this consumer is still an actor of its worker (Dask drops a released one,
@@ -271,16 +303,19 @@ class DaskqueueLoop:
         actors = getattr(getattr(self._worker, "state", None), "actors", None)
         return actors is None or any(actor is self for actor in actors.values())
 
-    async def _run(self, queue: Any, item: Any, limit: int) -> None:
-        """Hand ``item`` to ``process_item`` in the executor, once fewer than ``limit`` run."""
+    async def _free_slot(self, limit: int) -> None:
+        """Return once fewer than ``limit`` items run, or once a ``cancel()`` came (it gives the
+        rest back at once, without waiting for a slot)."""
         self._drop_finished()
-        while len(self._running_tasks) >= limit:
-            await asyncio.wait(self._running_tasks, return_when=asyncio.FIRST_COMPLETED)
+        while len(self._running_tasks) >= limit and self._wanted:
+            await asyncio.wait(self._running_tasks, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
             self._drop_finished()
+
+    def _start_item(self, queue: Any, item: Any) -> None:
+        """Hand ``item`` to ``process_item`` in the executor."""
         self.items.append(item)
         running = asyncio.get_running_loop().run_in_executor(self._executor, self.process_item, item)
-        task = asyncio.ensure_future(self._settle(running, queue, item))
-        self._running_tasks.append(task)
+        self._running_tasks.append(asyncio.ensure_future(self._settle(running, queue, item)))
 
     async def _settle(self, running: Awaitable[Any], queue: Any, item: Any) -> None:
         """Wait for ``item``'s run; log what it raised; acknowledge it after (not early_ack)."""
@@ -289,15 +324,21 @@ class DaskqueueLoop:
             if inspect.isawaitable(value):  # an async process_item: its coroutine runs here
                 await value
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # this task is being cancelled (the loop closes)
+                raise
+            self._failed(item)  # the item's own CancelledError
         except BaseException:  # SystemExit too: one item's, not the worker's
-            self.failed_items += 1
-            logger.exception("[%s] process_item(%r) raised", self.name, item)
+            self._failed(item)
         if not self.early_ack:
             try:
                 await self._ack_items([item], queue)
             except Exception as e:  # the queue is gone or silent: the item ran; say so
                 logger.error("[%s] acknowledging %r failed: %s: %s", self.name, item, type(e).__name__, e)
+
+    def _failed(self, item: Any) -> None:
+        self.failed_items += 1
+        logger.exception("[%s] process_item(%r) raised", self.name, item)
 
     async def _ack_items(self, items: list[Any], queue: Any = None) -> None:
         """Acknowledge the messages among ``items`` to their queue (raw items carry no id)."""
