@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 import pytest
-from distributed import Client
+from distributed import Client, LocalCluster, get_client
 
 from zdq import ConsumerBaseClass, DummyConsumer, GeneralConsumer, QueuePoolActor, TransientQueue
 
@@ -329,3 +329,33 @@ def test_an_early_acknowledgement_that_fails_runs_its_batch_and_items_own_cancel
     cancelling.start().result(timeout=WAIT)
     _until(lambda: cancelling.len_items().result(timeout=WAIT) == 10, "10 items handed out")
     assert cancelling.cancel().result(timeout=WAIT) and cancelling.failed_items == 5
+
+
+def _client_here() -> bool:
+    return get_client() is not None  # the worker's own client: actor handles it unpickles bind to it
+
+
+def test_a_queue_whose_worker_is_killed_ends_its_loops_and_what_was_taken_runs_here() -> None:
+    """Dask's call to an actor whose worker died never answers (the handle waits on the actor's
+    future): a cancel() waiting to give items back hung, and an idle loop ran on for ever."""
+    import signal
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, worker_dashboard_address=None) as cluster, Client(cluster) as client:
+        doomed, kept = sorted(w.worker_address for w in cluster.workers.values())
+        assert client.submit(_client_here, workers=[kept], pure=False).result(timeout=WAIT)
+        queue = client.submit(TransientQueue, actor=True, pure=False, workers=[doomed]).result(timeout=WAIT)
+        pool = client.submit(SlowPool, [queue], 0.0, actor=True, pure=False, workers=[kept]).result(timeout=WAIT)
+        busy = client.submit(Flaky, 1, "flaky-0", pool, 300, 1, 0, False, actor=True, pure=False, workers=[kept]).result(timeout=WAIT)
+        idle = client.submit(DummyConsumer, 2, "dummy-1", pool, 1, 1, 0, False, actor=True, pure=False, workers=[kept]).result(timeout=WAIT)
+        queue.put_nowait_batch(list(range(300))).result(timeout=WAIT)
+        busy.start().result(timeout=WAIT)
+        _until(lambda: busy.len_items().result(timeout=WAIT) >= 3, "3 items started")
+        idle.start().result(timeout=WAIT)
+        time.sleep(0.3)
+        os.kill(client.run(os.getpid, workers=[doomed])[doomed], signal.SIGKILL)
+        began = time.monotonic()
+        assert busy.cancel(timeout=WAIT).result(timeout=WAIT + 10) is True
+        assert time.monotonic() - began < 25
+        assert sorted(busy.get_items().result(timeout=WAIT)) == list(range(300))  # its queue gone: they ran here
+        _until(lambda: not idle.is_consumming().result(timeout=WAIT), "the idle loop ended")
+        assert "has left the cluster" in str(idle.loop_error) or "Unable to contact" in str(idle.loop_error)

@@ -25,7 +25,9 @@ items or ran on unasked, this one does not:
   same queue.
 - A take that its queue is slow to answer is waited for (said in the log every
   :data:`CALL_TIMEOUT`), never abandoned: Dask does not cancel an actor's call, so the items it
-  takes would be lost. A queue's worker that is lost ends the loop (``loop_error``).
+  takes would be lost. Meanwhile the scheduler is asked every :data:`LIVENESS_EVERY` whether the
+  queue's worker is still there (Dask's call to an actor whose worker died never answers): one
+  that left ends the loop (``loop_error``), and what was to go back to it runs here.
 - An empty queue is asked again after a pause that grows to :data:`IDLE_CAP`, and answers with the
   items it has (not ``batch_size`` fillers: daskqueue's ``get_many`` padded with ``None``, which
   made ``None`` an item no one got, and an idle consumer of a large batch a busy one).
@@ -56,6 +58,9 @@ CALL_TIMEOUT = 60.0
 #: daskqueue's asked again at once, for ever (an idle consumer costs its queue's worker about ten
 #: calls a second; a new item waits at most the cap for an idle consumer).
 IDLE_FIRST, IDLE_CAP = 0.001, 0.1
+#: While a queue's call is waited for, how often the scheduler is asked whether the queue's
+#: worker is still there (and how long its answer may take: no answer counts as there).
+LIVENESS_EVERY, LIVENESS_ANSWER = 2.0, 10.0
 #: How long ``cancel()`` waits, by default, for the loop and the items already handed on.
 CANCEL_TIMEOUT = 300.0
 
@@ -206,8 +211,9 @@ class DaskqueueLoop:
             self.fetch_loop = asyncio.ensure_future(self._guarded(size, limit))
 
     async def cancel(self, timeout: float | None = CANCEL_TIMEOUT) -> bool:
-        """Stop the loop once it has handed on the batch it took, and wait up to ``timeout``
-        seconds for it and for the items running; ``True`` when all of them ended."""
+        """Stop the loop: what it took and has not started goes back to its queue. Wait up to
+        ``timeout`` seconds for it and for the items running; ``True`` when all of them ended,
+        ``False`` too when a ``start()`` came meanwhile (the later call: the loop goes on)."""
         bound = _seconds(timeout, "cancel(timeout=...)", CANCEL_TIMEOUT)
         self._wanted = False
         loop = self.fetch_loop
@@ -220,10 +226,12 @@ class DaskqueueLoop:
             await asyncio.wait(list(self._running_tasks), timeout=max(0.0, give_up - time.monotonic()))
             self._drop_finished()
         loop_ended = loop is None or loop.done()
+        if self._wanted:  # a start() came meanwhile: it is the later call, and the loop goes on
+            return False
         if not loop_ended or self._running_tasks:
             logger.warning(
-                "[%s] cancel(): after %g s, %s%d item(s) still running", self.name, bound,
-                "" if loop_ended else "the loop still handing on its batch (it stops after), ", len(self._running_tasks),
+                "[%s] cancel(): after %.1f s, %s%d item(s) still running", self.name, time.monotonic() - (give_up - bound),
+                "the loop still waiting for its queue, " if not loop_ended else "", len(self._running_tasks),
             )
         return loop_ended and not self._running_tasks
 
@@ -283,19 +291,41 @@ class DaskqueueLoop:
             return taken
         return [item for item in await self._waited(queue, "get_many", size) if item is not None]
 
-    async def _waited(self, queue: Any, method: str, *args: Any) -> Any:
-        """``queue.method(*args)``, waited for however long it takes (said in the log every
-        :data:`CALL_TIMEOUT`): a take or a put back abandoned would still act, on items no one
-        then holds."""
+    async def _waited(self, queue: Any, method: str, *args: Any, bound: float | None = None) -> Any:
+        """``queue.method(*args)``, waited for up to ``bound`` seconds (``TimeoutError``) or, with
+        none, however long it takes (said in the log every :data:`CALL_TIMEOUT`: a take or a put
+        back abandoned would still act, on items no one then holds); ``ConnectionError`` once the
+        scheduler no longer knows the queue's worker (Dask's call would never answer)."""
         answer = getattr(queue, method)(*args)
         calling: asyncio.Future[Any] = asyncio.ensure_future(_awaited(answer)) if isinstance(answer, Awaitable) else _ready(answer)
-        waited = 0.0
+        began, said = time.monotonic(), 0
         while True:
-            finished, _ = await asyncio.wait([calling], timeout=CALL_TIMEOUT)
+            finished, _ = await asyncio.wait([calling], timeout=LIVENESS_EVERY)
             if finished:
                 return calling.result()
-            waited += CALL_TIMEOUT
-            logger.warning("[%s] %s has not answered for %g s; still waiting", self.name, _named(queue, method), waited)
+            waited = time.monotonic() - began
+            if bound is not None and waited >= bound:
+                calling.cancel()
+                raise TimeoutError(f"{_named(queue, method)} did not answer within {bound:g} s (it may still take effect)")
+            if not await self._holder_alive(queue):
+                calling.cancel()
+                raise ConnectionError(f"{_named(queue, method)}: its worker {getattr(queue, '_address', '?')} has left the cluster")
+            if waited >= (said + 1) * CALL_TIMEOUT:
+                said += 1
+                logger.warning("[%s] %s has not answered for %.0f s; still waiting", self.name, _named(queue, method), waited)
+
+    async def _holder_alive(self, queue: Any) -> bool:
+        """Whether the scheduler still knows the worker holding ``queue`` (True when it cannot
+        tell: no scheduler here, or no answer in time)."""
+        address = getattr(queue, "_address", None)
+        scheduler = getattr(self._worker, "scheduler", None)
+        if not isinstance(address, str) or scheduler is None:
+            return True
+        try:
+            workers = await asyncio.wait_for(scheduler.ncores(), LIVENESS_ANSWER)
+        except Exception:
+            return True
+        return address in workers
 
     def _placed(self) -> bool:
         """Whether this consumer is still an actor of its worker (Dask drops a released one,
@@ -344,7 +374,7 @@ class DaskqueueLoop:
         """Acknowledge the messages among ``items`` to their queue (raw items carry no id)."""
         marks = [(m.delivered_timestamp, m.id) for m in items if hasattr(m, "delivered_timestamp") and hasattr(m, "id")]
         if marks:
-            await call_actor(queue if queue is not None else self._current_q, "ack_many", marks)
+            await self._waited(queue if queue is not None else self._current_q, "ack_many", marks, bound=CALL_TIMEOUT)
 
     def _drop_finished(self) -> None:
         tasks = getattr(self, "_running_tasks", None)
