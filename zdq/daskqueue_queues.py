@@ -30,8 +30,6 @@ queue.Full: TransientQueue is full: maxsize 2 (holds 2)
 from __future__ import annotations
 
 import asyncio
-import math
-import numbers
 import operator
 import threading
 import time
@@ -44,6 +42,8 @@ from zdq.client.queue_pool import Durability, _durability
 from zdq.client.submit import check_worker_class
 from zdq.consumer.base import GeneralConsumer, Message
 from zdq.consumer.daskqueue_loop import CALL_TIMEOUT, call_actor
+from zdq.consumer.daskqueue_loop import count as _count  # the checks daskqueue's calls share
+from zdq.consumer.daskqueue_loop import seconds as _seconds
 
 __all__ = ["TransientQueue", "QueuePoolActor", "Empty", "Full"]
 
@@ -53,32 +53,6 @@ MAX_QUEUES = 1024
 #: How long ``put(item)`` waits for room when it is given no timeout, in seconds: every wait of
 #: zdq has a bound (daskqueue's waited for ever, holding the worker's event loop).
 DEFAULT_PUT_TIMEOUT = 60.0
-
-
-def _seconds(timeout: Any, name: str) -> float:
-    """``timeout`` as a finite number of seconds >= 0 (any real number: numpy's too)."""
-    try:
-        if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-            raise TypeError
-        seconds = float(timeout)
-    except (TypeError, OverflowError):
-        seconds = math.nan
-    if not (0 <= seconds < math.inf):
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {timeout!r}")
-    return seconds
-
-
-def _count(n: Any, name: str) -> int:
-    """``n`` as an int >= 0 (numpy's integers too)."""
-    try:
-        if isinstance(n, bool):
-            raise TypeError
-        value = operator.index(n)
-    except TypeError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {n!r}")
-    return value
 
 
 def _no_wait(timeout: Any, call: str, instead: str) -> None:

@@ -71,6 +71,13 @@ def _integer(value: Any, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
+def _keeps_own_results(cls: type) -> bool:
+    """Whether ``cls`` defines a ``get_results()`` of its own (a daskqueue consumer keeping its
+    results): ``GeneralConsumer``'s is for daskqueue's consume loop, not for a ConsumerPool."""
+    own = getattr(cls, "get_results", None)
+    return callable(own) and own is not GeneralConsumer.get_results
+
+
 def _meant(not_a_class: Any) -> str:
     """What a number in the consumer class's place likely meant (a daskqueue user's slip)."""
     if isinstance(not_a_class, int) and not isinstance(not_a_class, bool):
@@ -613,8 +620,7 @@ class ConsumerPool:
         :meth:`statistics` is.
         """
         timeout_or_none(timeout, "results' timeout")  # checked at the call, whichever path answers
-        own = getattr(self.consumer_class, "get_results", None)
-        if callable(own) and own is not GeneralConsumer.get_results:  # GeneralConsumer's: daskqueue's loop's
+        if _keeps_own_results(self.consumer_class):
             return self._own_results(timeout)
         if not self.queue_pool.keep_results:
             raise ClosedError("the QueuePool was made with keep_results=False: read results from futures")

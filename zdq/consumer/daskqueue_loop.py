@@ -41,13 +41,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import numbers
 import operator
 import time
 from collections.abc import Awaitable
 from typing import Any
 
-__all__ = ["CALL_TIMEOUT", "DaskqueueLoop", "call_actor"]
+__all__ = ["CALL_TIMEOUT", "DaskqueueLoop", "call_actor", "count", "seconds"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,29 +92,30 @@ async def _awaited(answer: Awaitable[Any]) -> Any:
     return await answer
 
 
-def _positive(value: Any, name: str) -> int:
-    """``value`` as an int >= 1 (numpy's integers too); ``None`` is 1 (daskqueue's default)."""
-    if value is None:
-        return 1
+def seconds(value: Any, name: str) -> float:
+    """``value`` as a finite number of seconds >= 0 (any real number: numpy's too)."""
+    try:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError
+        result = float(value)
+    except (TypeError, OverflowError):
+        result = math.nan
+    if not (0 <= result < math.inf):
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    return result
+
+
+def count(value: Any, name: str, least: int = 0) -> int:
+    """``value`` as an int >= ``least`` (numpy's integers too)."""
     try:
         if isinstance(value, bool):
             raise TypeError
-        number = operator.index(value)
+        result = operator.index(value)
     except TypeError:
-        number = 0
-    if number < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return number
-
-
-def _seconds(value: Any, name: str, default: float) -> float:
-    """``value`` as finite seconds >= 0; ``None`` is ``default``."""
-    if value is None:
-        return default
-    seconds = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else -1.0
-    if not 0 <= seconds < float("inf"):
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-    return seconds
+        result = least - 1
+    if result < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    return result
 
 
 class DaskqueueLoop:
@@ -186,9 +188,10 @@ class DaskqueueLoop:
         not used: an empty queue is asked again after a growing pause.
         A loop that runs goes on (daskqueue started a second one); one that a ``cancel()`` is
         stopping goes on instead of stopping."""
-        _seconds(timeout, "start(timeout=...)", 1.0)
-        size = _positive(self.batch_size, "batch_size")
-        limit = _positive(self.max_concurrency, "max_concurrency")
+        if timeout is not None:
+            seconds(timeout, "start(timeout=...)")
+        size = 1 if self.batch_size is None else count(self.batch_size, "batch_size", 1)
+        limit = 1 if self.max_concurrency is None else count(self.max_concurrency, "max_concurrency", 1)
         if self._current_q is None and not hasattr(self.pool, "get_next_queue"):
             raise TypeError(
                 f"{type(self).__name__}.start() takes items from a daskqueue QueuePoolActor given as its pool, "
@@ -214,7 +217,7 @@ class DaskqueueLoop:
         """Stop the loop: what it took and has not started goes back to its queue. Wait up to
         ``timeout`` seconds for it and for the items running; ``True`` when all of them ended,
         ``False`` too when a ``start()`` came meanwhile (the later call: the loop goes on)."""
-        bound = _seconds(timeout, "cancel(timeout=...)", CANCEL_TIMEOUT)
+        bound = CANCEL_TIMEOUT if timeout is None else seconds(timeout, "cancel(timeout=...)")
         self._wanted = False
         loop = self.fetch_loop
         give_up = time.monotonic() + bound
