@@ -25,6 +25,20 @@ def _listed(dask_scheduler: object) -> int:
     return sum(len(ws.actors) for ws in dask_scheduler.workers.values())  # type: ignore[attr-defined]
 
 
+def _slow_consumer_class() -> type:
+    """A consumer class made in 0.25 s: 16 of them take a couple of seconds on two single-thread
+    workers, so that the interrupt falls inside the placement on any host (with zdq's own class,
+    a quiet host placed all 16 before it)."""
+    import zdq
+
+    class SlowToMake(zdq.GeneralConsumer):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            time.sleep(0.25)
+            super().__init__(*args, **kwargs)
+
+    return SlowToMake
+
+
 def main(delay: float, seconds: float) -> None:
     import faulthandler
 
@@ -41,7 +55,7 @@ def main(delay: float, seconds: float) -> None:
         interrupt.start()
         outcome = "placed"
         try:
-            consumers = zdq.ConsumerPool(client, queue_pool, n_consumers=16, start=True)
+            consumers = zdq.ConsumerPool(client, queue_pool, _slow_consumer_class(), n_consumers=16, start=True)
             interrupt.cancel()
             consumers.close()
         except KeyboardInterrupt:
