@@ -38,7 +38,7 @@ from collections.abc import Iterable
 from queue import Empty, Full
 from typing import Any, NoReturn
 
-from zdq.client.queue_pool import Durability, _durability
+from zdq.client.queue_pool import Durability, durability_of
 from zdq.client.submit import check_worker_class
 from zdq.consumer.base import GeneralConsumer, Message
 from zdq.consumer.daskqueue_loop import CALL_TIMEOUT, call_actor
@@ -327,7 +327,7 @@ class QueuePoolActor:
             count = 0
         if not 1 <= count <= MAX_QUEUES:
             raise ValueError(f"n_queues must be an int from 1 to {MAX_QUEUES} (each queue is a Dask actor), got {n_queues!r}")
-        if _durability(durability) is Durability.DURABLE:
+        if durability_of(durability) is Durability.DURABLE:
             raise NotImplementedError(
                 "zdq has no counterpart of daskqueue's durable queue (its segment files): "
                 "zdq.QueuePool(client, n_queues, durability='durable') keeps its tasks in LMDB"

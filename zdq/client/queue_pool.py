@@ -86,7 +86,7 @@ from zdq.transport.reach import CLIENT_OUTSIDE, OPEN_TO_CLIENT, describe
 from zdq.transport.security import ClientKeys
 from zdq.transport.sockets import new_identity
 
-__all__ = ["Durability", "QueuePool", "DeadLetterInfo", "current_pool"]
+__all__ = ["Durability", "QueuePool", "DeadLetterInfo", "current_pool", "durability_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Durability(str, enum.Enum):
     DURABLE = "durable"
 
 
-def _durability(value: Durability | str) -> Durability:
+def durability_of(value: Durability | str) -> Durability:
     try:
         return Durability(value.value if isinstance(value, Durability) else str(value).lower())
     except ValueError:
@@ -243,7 +243,7 @@ class QueuePool(AsyncPoolMethods, WaitMethods, SubmitMethods, ControlMethods):
             raise ValueError(f"n_queues must be a positive integer, got {n_queues!r}")
         if name is not None:
             check_pool_name(name)  # before anything is placed, made or asked
-        self.durability = _durability(durability)
+        self.durability = durability_of(durability)
         if self.durability is Durability.DURABLE and dirpath is None:
             dirpath = config.get("durable.dirpath") or config.default_dirpath()  # this user's, not /tmp
         if self.durability is Durability.TRANSIENT and dirpath is not None:

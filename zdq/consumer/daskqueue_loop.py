@@ -72,20 +72,57 @@ def _named(handle: Any, method: str) -> str:
     return f"{cls.__name__}.{method}()" + (f" of actor {key}" if isinstance(key, str) else "")
 
 
-async def call_actor(handle: Any, method: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
+async def call_actor(handle: Any, method: str, *args: Any, timeout: float | None = CALL_TIMEOUT, caller: str = "") -> Any:
     """``handle.method(*args)`` from a coroutine: a Dask actor handle's call (an awaitable
-    future; a coroutine when the actor is in this worker), or a plain object's method; within
-    ``timeout`` seconds, else ``TimeoutError`` naming the call (which may still take effect:
-    Dask does not cancel an actor's call)."""
+    future; a coroutine when the actor is in this worker), or a plain object's method.
+
+    Waited for up to ``timeout`` seconds (``TimeoutError`` naming the call, which may still take
+    effect: Dask does not cancel an actor's call) or, with ``None``, however long it takes, said in
+    the log every :data:`CALL_TIMEOUT` (for ``caller``): a take or a give-back abandoned would
+    still act, on items no one then holds. Meanwhile, every :data:`LIVENESS_EVERY`, the scheduler
+    is asked whether the actor's worker is still there (Dask's call to an actor whose worker died
+    never answers): ``ConnectionError`` once it is not."""
     answer = getattr(handle, method)(*args)
     if not isinstance(answer, Awaitable):
         return answer
+    calling = asyncio.ensure_future(_awaited(answer))
+    began, said = time.monotonic(), 0
+    while True:
+        slice_ = LIVENESS_EVERY if timeout is None else min(LIVENESS_EVERY, max(0.0, began + timeout - time.monotonic()))
+        finished, _ = await asyncio.wait([calling], timeout=slice_)
+        if finished:
+            return calling.result()
+        waited = time.monotonic() - began
+        if timeout is not None and waited >= timeout:
+            calling.cancel()
+            raise TimeoutError(
+                f"{_named(handle, method)} did not answer within {timeout:g} s (Dask does not cancel an actor's call: it may still take effect)"
+            )
+        if not await _holder_alive(handle):
+            calling.cancel()
+            raise ConnectionError(f"{_named(handle, method)}: its worker {getattr(handle, '_address', '?')} has left the cluster")
+        if timeout is None and waited >= (said + 1) * CALL_TIMEOUT:
+            said += 1
+            logger.warning("[%s] %s has not answered for %.0f s; still waiting", caller, _named(handle, method), waited)
+
+
+async def _holder_alive(handle: Any) -> bool:
+    """Whether the scheduler still knows the worker holding ``handle`` (True when it cannot
+    tell: not on a worker, or no answer in time)."""
+    from distributed import get_worker
+
+    address = getattr(handle, "_address", None)
     try:
-        return await asyncio.wait_for(_awaited(answer), timeout)
-    except asyncio.TimeoutError:
-        raise TimeoutError(
-            f"{_named(handle, method)} did not answer within {timeout:g} s (Dask does not cancel an actor's call: it may still take effect)"
-        ) from None
+        scheduler = get_worker().scheduler
+    except ValueError:
+        return True
+    if not isinstance(address, str):
+        return True
+    try:
+        workers = await asyncio.wait_for(scheduler.ncores(), LIVENESS_ANSWER)
+    except Exception:
+        return True
+    return address in workers
 
 
 async def _awaited(answer: Awaitable[Any]) -> Any:
@@ -277,7 +314,7 @@ class DaskqueueLoop:
         abandoned may still go in). A queue that cannot take them (its worker lost, an older
         queue without ``put_back``) leaves them here: they run, as taken."""
         try:
-            await self._waited(queue, "put_back", items)
+            await call_actor(queue, "put_back", items, timeout=None, caller=self.name)
         except Exception as e:
             logger.warning("[%s] giving %d item(s) back failed (%s: %s): running them", self.name, len(items), type(e).__name__, e)
             for item in items:
@@ -290,45 +327,9 @@ class DaskqueueLoop:
     async def _take(self, queue: Any, size: int) -> list[Any]:
         """Up to ``size`` items of ``queue``."""
         if hasattr(queue, "get_up_to"):
-            taken: list[Any] = await self._waited(queue, "get_up_to", size)
+            taken: list[Any] = await call_actor(queue, "get_up_to", size, timeout=None, caller=self.name)
             return taken
-        return [item for item in await self._waited(queue, "get_many", size) if item is not None]
-
-    async def _waited(self, queue: Any, method: str, *args: Any, bound: float | None = None) -> Any:
-        """``queue.method(*args)``, waited for up to ``bound`` seconds (``TimeoutError``) or, with
-        none, however long it takes (said in the log every :data:`CALL_TIMEOUT`: a take or a put
-        back abandoned would still act, on items no one then holds); ``ConnectionError`` once the
-        scheduler no longer knows the queue's worker (Dask's call would never answer)."""
-        answer = getattr(queue, method)(*args)
-        calling: asyncio.Future[Any] = asyncio.ensure_future(_awaited(answer)) if isinstance(answer, Awaitable) else _ready(answer)
-        began, said = time.monotonic(), 0
-        while True:
-            finished, _ = await asyncio.wait([calling], timeout=LIVENESS_EVERY)
-            if finished:
-                return calling.result()
-            waited = time.monotonic() - began
-            if bound is not None and waited >= bound:
-                calling.cancel()
-                raise TimeoutError(f"{_named(queue, method)} did not answer within {bound:g} s (it may still take effect)")
-            if not await self._holder_alive(queue):
-                calling.cancel()
-                raise ConnectionError(f"{_named(queue, method)}: its worker {getattr(queue, '_address', '?')} has left the cluster")
-            if waited >= (said + 1) * CALL_TIMEOUT:
-                said += 1
-                logger.warning("[%s] %s has not answered for %.0f s; still waiting", self.name, _named(queue, method), waited)
-
-    async def _holder_alive(self, queue: Any) -> bool:
-        """Whether the scheduler still knows the worker holding ``queue`` (True when it cannot
-        tell: no scheduler here, or no answer in time)."""
-        address = getattr(queue, "_address", None)
-        scheduler = getattr(self._worker, "scheduler", None)
-        if not isinstance(address, str) or scheduler is None:
-            return True
-        try:
-            workers = await asyncio.wait_for(scheduler.ncores(), LIVENESS_ANSWER)
-        except Exception:
-            return True
-        return address in workers
+        return [item for item in await call_actor(queue, "get_many", size, timeout=None, caller=self.name) if item is not None]
 
     def _placed(self) -> bool:
         """Whether this consumer is still an actor of its worker (Dask drops a released one,
@@ -377,16 +378,10 @@ class DaskqueueLoop:
         """Acknowledge the messages among ``items`` to their queue (raw items carry no id)."""
         marks = [(m.delivered_timestamp, m.id) for m in items if hasattr(m, "delivered_timestamp") and hasattr(m, "id")]
         if marks:
-            await self._waited(queue if queue is not None else self._current_q, "ack_many", marks, bound=CALL_TIMEOUT)
+            await call_actor(queue if queue is not None else self._current_q, "ack_many", marks, timeout=CALL_TIMEOUT)
 
     def _drop_finished(self) -> None:
         tasks = getattr(self, "_running_tasks", None)
         if tasks is None:
             tasks = self._running_tasks = []
         tasks[:] = [task for task in tasks if not task.done()]
-
-
-def _ready(value: Any) -> asyncio.Future[Any]:
-    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    future.set_result(value)
-    return future
