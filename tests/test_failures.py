@@ -31,7 +31,7 @@ from zdq.transport.reach import WENT_SILENT
 from zdq._actor import scheduler_workers
 
 from .conftest import call_bounded, pid_of as _pid_of, stop_process, wait_until
-from .tasks import add, fails_then_kills, flaky, poison, raise_key_error, raise_two_arg_error, sleep, slow_add, span, tiny_sleep
+from .tasks import TwoArgError, add, fails_then_kills, flaky, poison, raise_key_error, raise_two_arg_error, sleep, slow_add, span, tiny_sleep
 
 if TYPE_CHECKING:  # pytest loads tests.harness as a plugin: imported here first, its asserts would not be rewritten
     from .harness import Harness
@@ -686,14 +686,15 @@ def test_retries_with_backoff_then_success(harness: Callable[..., Harness], tmp_
     assert queue_pool.dead_letters() == []
 
 
-def test_a_dead_lettered_task_whose_error_does_not_unpickle_keeps_the_note_that_says_so(
+def test_a_dead_lettered_task_whose_error_does_not_unpickle_comes_back_as_itself_with_the_note_that_says_so(
     harness: Callable[..., Harness],
 ) -> None:
-    """Its error travels as a RemoteTaskError made from its text: the note saying it was
-    dead-lettered, added on the consumer, was lost with the original (reviewer 10)."""
+    """Its error travels as itself, made again without its ``__init__`` (reviewer 27a), with the
+    note saying it was dead-lettered, added on the consumer (reviewer 10: it was lost with the
+    original when a RemoteTaskError stood in for it)."""
     queue_pool = harness()
     exc = queue_pool.submit(raise_two_arg_error, retries=1, retry_backoff=0.01).exception(timeout=60)
-    assert isinstance(exc, RemoteTaskError) and exc.type_name.endswith("TwoArgError"), repr(exc)
+    assert type(exc) is TwoArgError and str(exc) == "7: bad", repr(exc)
     notes = getattr(exc, "__notes__", [])
     assert any("dead-lettered" in note for note in notes), notes
     assert sum("remote traceback" in note for note in notes) == 1, notes

@@ -292,12 +292,46 @@ class BatchError(ZdqError):
 # -- a failure as it travels ----------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
-    """A task's failure as sent back: the exception itself when it pickles, and always its text."""
+    """A task's failure as sent back: the exception itself when it pickles, and always its text.
+
+    ``without_init``: the exception does not load as pickle makes it (its ``__init__`` wants other
+    arguments than its ``args``), so it travels as its class, ``args`` and attributes, and is made
+    again without its ``__init__``, as it was raised: ``except`` of its class still catches it.
+    """
 
     exception: BaseException | None
     type_name: str
     message: str
     traceback: str
+    without_init: bool = False
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        exc = self.exception
+        if exc is not None and self.without_init:
+            state = getattr(exc, "__dict__", None) or None
+            return (_rebuilt_info, (type(exc), exc.args, state, self.type_name, self.message, self.traceback))
+        return (ErrorInfo, (exc, self.type_name, self.message, self.traceback))
+
+
+def _rebuilt_info(
+    kind: type[BaseException], args: tuple[Any, ...], state: dict[str, Any] | None, type_name: str, message: str, tb: str
+) -> ErrorInfo:
+    return ErrorInfo(made_without_init(kind, args, state), type_name, message, tb, without_init=True)
+
+
+def made_without_init(kind: type[BaseException], args: tuple[Any, ...], state: dict[str, Any] | None) -> BaseException:
+    """An exception of ``kind`` with these ``args`` and attributes, as it was raised, without
+    running its ``__init__`` (which wants other arguments than its ``args``)."""
+    exc = kind.__new__(kind, *args)  # BaseException.__new__ sets args
+    if state:
+        exc.__setstate__(state)
+    return exc
+
+
+def _pickled_by_default(kind: type[BaseException]) -> bool:
+    """Whether ``kind`` pickles as every exception does (its class, ``args`` and attributes), not
+    in a way of its own, which zdq then leaves alone."""
+    return kind.__reduce__ is BaseException.__reduce__ and kind.__reduce_ex__ is BaseException.__reduce_ex__
 
 
 
@@ -315,24 +349,31 @@ def _user_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
 
 def error_info(exc: BaseException) -> ErrorInfo:
     """A task's failure (or a consumer class's ``__init__``'s, for a
-    :class:`ConsumerInitError`) as it travels. The exception itself goes only if the driver can rebuild
-    it: one whose ``__init__`` wants other arguments than its ``args`` pickles, but unpickling it
-    raises, which would fail the whole chunk's results on the driver. Such an exception travels as
-    its type name, message and traceback, and the driver raises a RemoteTaskError of them. Only
+    :class:`ConsumerInitError`) as it travels. The exception itself goes only if it loads again
+    (here: the driver imports what the consumer does), as pickle makes it or, when its
+    ``__init__`` wants other arguments than its ``args`` (it pickles, but loading it raises, which
+    would fail the whole chunk's results on the driver), made again without its ``__init__``. One
+    that loads neither way (an attribute that does not pickle, a ``__new__`` of its own) travels
+    as its type name, message and traceback, and the driver raises a RemoteTaskError of them. Only
     failed tasks pay for the check."""
     tb = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
     exc.__traceback__ = None  # frames do not pickle; the text above keeps them
     kind = type(exc)
     try:
-        pickle.loads(cloudpickle.dumps(exc))  # cloudpickle's highest protocol: the codec's
-        sent: BaseException | None = exc
-    except Exception:  # noqa: BLE001 - pickling and unpickling raise anything, from the user's own code too
-        sent = None
-    try:
         message = str(exc)
     except Exception as e:  # noqa: BLE001 - the user's __str__: its failure must not be the task's end
         message = f"<the exception's str() raised {type(e).__name__}>"
-    return ErrorInfo(sent, f"{kind.__module__}.{kind.__qualname__}", message, tb)
+    type_name = f"{kind.__module__}.{kind.__qualname__}"
+    ways = [ErrorInfo(exc, type_name, message, tb)]
+    if _pickled_by_default(kind):
+        ways.append(ErrorInfo(exc, type_name, message, tb, without_init=True))
+    for info in ways:
+        try:
+            pickle.loads(cloudpickle.dumps(info))  # cloudpickle's highest protocol: the codec's
+        except Exception:  # noqa: BLE001 - pickling and unpickling raise anything, from the user's own code too
+            continue
+        return info
+    return ErrorInfo(None, type_name, message, tb)
 
 
 def error_to_exception(info: ErrorInfo) -> BaseException:
@@ -340,6 +381,10 @@ def error_to_exception(info: ErrorInfo) -> BaseException:
     exc = info.exception
     if exc is None:
         exc = RemoteTaskError(info.type_name, info.message, info.traceback)
+        exc.add_note(
+            f"zdq: the task raised {info.type_name}, which could not travel back as itself (it or one of "
+            "its attributes does not pickle, or does not load again): raised as this RemoteTaskError"
+        )
     if info.traceback and hasattr(exc, "add_note"):
         note = "remote traceback (zdq consumer):\n" + info.traceback.rstrip()
         if note not in getattr(exc, "__notes__", ()):

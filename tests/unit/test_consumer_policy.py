@@ -7,7 +7,10 @@ users subclass.
 from __future__ import annotations
 
 import pickle
+import threading
+from typing import Any
 
+import cloudpickle
 import pytest
 
 from zdq.consumer import ConsumerBaseClass, GeneralConsumer
@@ -163,18 +166,52 @@ def _raised(exc: BaseException) -> BaseException:
         return e
 
 
-def test_an_exception_that_does_not_unpickle_travels_as_its_name_message_and_traceback() -> None:
+def test_an_exception_whose_init_refuses_its_args_travels_as_itself_made_again_without_its_init() -> None:
+    # Pickled as every exception is, it would load as TwoArgError("7: bad"), which its __init__
+    # refuses: the driver would fail the whole chunk's results. It travels as its class, args and
+    # attributes instead, and `except TwoArgError` on the driver still catches it (reviewer 27a).
     exc = _raised(TwoArgError(7, "bad"))
+    exc.code = 7  # type: ignore[attr-defined]
     with pytest.raises(TypeError):
         pickle.loads(pickle.dumps(exc))
     info = error_info(exc)
-    assert info.exception is None
+    assert info.without_init and info.exception is exc
     assert info.type_name.endswith("TwoArgError") and info.message == "7: bad" and "_raised" in info.traceback
-    # The whole chunk's results still travel, and the driver raises a RemoteTaskError for it.
     _, values, errors = loads_results(dumps_results(10, [None, 1], {0: info}))
     assert values == [None, 1]
+    raised = error_to_exception(errors[0])
+    assert type(raised) is TwoArgError and raised.args == ("7: bad",) and raised.code == 7  # type: ignore[attr-defined]
+    assert any("_raised" in note for note in raised.__notes__)
+    # Sent on again (a dead letter's, a result kept by id), it still loads.
+    again = pickle.loads(cloudpickle.dumps(errors[0]))
+    assert type(again.exception) is TwoArgError and again.without_init
+
+
+class _OwnReduce(Exception):
+    """Pickles in a way of its own, which fails: zdq does not go around it."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse, ())
+
+
+def _refuse() -> None:
+    raise RuntimeError("I do not load")
+
+
+class _HoldsALock(Exception):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(a)
+        self.lock = threading.Lock()
+
+
+@pytest.mark.parametrize("exc", [_OwnReduce("own way"), _HoldsALock(1, 2)], ids=["own-reduce", "unpicklable-attribute"])
+def test_an_exception_that_travels_neither_way_is_a_remote_task_error_that_says_why(exc: BaseException) -> None:
+    info = error_info(_raised(exc))
+    assert info.exception is None and not info.without_init
+    _, _, errors = loads_results(dumps_results(10, [None], {0: info}))
     remote = error_to_exception(errors[0])
-    assert isinstance(remote, RemoteTaskError) and remote.type_name == info.type_name and "7: bad" in str(remote)
+    assert isinstance(remote, RemoteTaskError) and remote.type_name == info.type_name
+    assert any("could not travel back as itself" in note for note in remote.__notes__), remote.__notes__
 
 
 def test_an_exception_that_round_trips_travels_as_itself() -> None:

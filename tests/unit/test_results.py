@@ -266,7 +266,8 @@ def test_a_failure_that_could_not_travel_is_a_remote_task_error_naming_its_type(
     exc = error_to_exception(ErrorInfo(None, "mod.Odd", "odd failure", ""))
     assert isinstance(exc, RemoteTaskError)
     assert "mod.Odd" in str(exc) and "odd failure" in str(exc)
-    assert not getattr(exc, "__notes__", None)  # no traceback: no note
+    # It says why it stands in for mod.Odd; no traceback came: no note of one.
+    assert len(exc.__notes__) == 1 and "mod.Odd, which could not travel back as itself" in exc.__notes__[0]
 
 
 # -- what cannot be pickled ------------------------------------------------------------------------

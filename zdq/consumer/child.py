@@ -121,9 +121,7 @@ def _answer(dumps: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] |
             try:
                 pickle.loads(data)
             except Exception:  # noqa: BLE001 - a user's __init__ or __reduce__ raises anything
-                kind = type(reply[1])
-                kind_name = f"{kind.__module__}.{kind.__qualname__}"
-                return dumps((False, None, kind_name, str(reply[1]), reply[2]), protocol=5)
+                return _as_its_parts(dumps, reply[1], reply[2])
         return data
     except Exception as e:  # noqa: BLE001 - the value or the exception does not pickle
         what = "exception" if reply[0] is False else "value"
@@ -132,6 +130,23 @@ def _answer(dumps: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] |
         message = f"{error}" if reply[0] is False else f"the task's value cannot be pickled to leave its process: {e}"
         text = reply[2] if reply[0] is False else ""
         return dumps((False, None, f"{kind.__module__}.{kind.__qualname__}", f"{message} ({what} not picklable)", text))
+
+
+def _as_its_parts(dumps: Any, error: BaseException, text: str) -> bytes:
+    """The answer of an exception that pickles but does not load (its ``__init__`` wants other
+    arguments than its ``args``): its class, ``args`` and attributes too, if they load, for the
+    parent to make it again without its ``__init__`` (zdq.errors.made_without_init), unless its
+    class pickles in a way of its own; always its type name, message and traceback."""
+    kind = type(error)
+    parts: tuple[Any, ...] = (False, None, f"{kind.__module__}.{kind.__qualname__}", str(error), text)
+    if kind.__reduce__ is BaseException.__reduce__ and kind.__reduce_ex__ is BaseException.__reduce_ex__:
+        try:
+            whole = dumps((*parts, (kind, error.args, getattr(error, "__dict__", None) or None)), protocol=5)
+            pickle.loads(whole)
+            return whole
+        except Exception:  # noqa: BLE001 - an attribute that does not pickle or load: the text goes alone
+            pass
+    return dumps(parts, protocol=5)
 
 
 def main(argv: list[str]) -> int:

@@ -46,7 +46,7 @@ import cloudpickle
 
 from zdq.codec.results import PROTOCOL
 from zdq.consumer.child import HEADER, STARTED
-from zdq.errors import RemoteTaskError, SerializationError, TaskProcessDied, TaskTimeout
+from zdq.errors import RemoteTaskError, SerializationError, TaskProcessDied, TaskTimeout, made_without_init
 
 __all__ = ["Child", "Children"]
 
@@ -144,6 +144,11 @@ class Child:
             if reply[2] and hasattr(error, "add_note"):
                 error.add_note(f"raised in the task's child process {self.pid}:\n{reply[2].rstrip()}")
             raise error
+        if len(reply) == 6:  # it loads only made without its __init__ (zdq.consumer.child._as_its_parts)
+            made = made_without_init(*reply[5])
+            if reply[4] and hasattr(made, "add_note"):
+                made.add_note(f"raised in the task's child process {self.pid}:\n{reply[4].rstrip()}")
+            raise made
         raise RemoteTaskError(reply[2], reply[3], reply[4])
 
     def _loads(self, answer: bytes, tid: int) -> tuple[Any, ...]:
