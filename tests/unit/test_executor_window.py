@@ -16,7 +16,6 @@ from zdq.client.window import (
     MapBatch,
     MapChunk,
     ResultWindow,
-    cancel_at_once,
     cancel_many,
     check_map_options,
     chunked,
@@ -440,30 +439,6 @@ def test_a_maps_future_gets_lists_of_waiters_and_callbacks_only_when_used() -> N
     assert not chunk._watched  # told, then forgotten
     with pytest.raises(TypeError, match="made by its chunk"):
         type(futures[0])(chunk, 0)
-
-
-def test_cancel_at_once_marks_task_map_and_batch_futures_cancelled_before_asking_their_driver() -> None:
-    class Driver:
-        def __init__(self) -> None:
-            self.asked: list[tuple[int, int]] = []
-
-        def cancel(self, first: int, n: int) -> None:
-            self.asked.append((first, n))
-
-    driver = Driver()
-    task = TaskFuture(7)
-    task._driver = driver
-    mapped = MapChunk(8, 2, None, driver).futures()
-    batch = MapBatch(10, 3)
-    batch._driver = driver
-    batch._fill(0, ["kept"], {})
-    plain: Future[Any] = Future()
-    ask = cancel_at_once([task, *mapped, batch, plain])
-    assert task.cancelled() and all(f.cancelled() for f in mapped)
-    assert batch.done() and batch.ready(0, 0) == 3 and batch.take(0, 3)[0] == ["kept"]
-    assert driver.asked == [] and not plain.cancelled()
-    ask()
-    assert driver.asked == [(7, 6)] and plain.cancelled()
 
 
 def test_closing_the_results_in_the_middle_of_a_run_ends_them_and_cancels_what_is_left() -> None:

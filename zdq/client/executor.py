@@ -35,6 +35,7 @@ state                       owner
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import logging
 import threading
@@ -48,7 +49,6 @@ from zdq.client.window import (
     Columns,
     ResultWindow,
     Slice,
-    cancel_at_once,
     cancel_many,
     cancel_slices,
     check_map_options,
@@ -381,11 +381,11 @@ class PoolExecutor(concurrent.futures.Executor):
         submission blocked on a full window (a map's) stops with RuntimeError, its tasks
         cancelled.
 
-        Without ``wait``, the futures not done read cancelled when this returns (the queues'
-        answers are not waited for): a task that had started then still runs to its end (and the
-        pool made here is closed only after it), but its future reads cancelled, its result
-        dropped. With ``wait``, the queues' answers are waited for: such a task's future gets its
-        result.
+        Whether a task has started is its queue's to say: the futures of the tasks that had not
+        read cancelled once their queues answered (with ``wait``, when this returns; without it,
+        a round trip later, from the thread that then closes the pool made here), and a task that
+        had started runs to its end, its future given its result. None reads cancelled for a task
+        that ran (reviewer 27a: they did, without ``wait``, when they were marked before asking).
         """
         with self._state:  # not waiting for a submission: one blocked on a full window sees this and stops
             self._shutdown = True
@@ -397,9 +397,8 @@ class PoolExecutor(concurrent.futures.Executor):
             self._finish(wait=True, reason="shutdown(wait=True)")
         elif not self._closed:
             # Not a daemon: the program ends once the work is done, and the pool closed. The
-            # futures read cancelled now; the queues are asked from there: their answers are not
-            # waited for here.
-            ask = cancel_at_once(pending) if cancel_futures else _nothing
+            # queues are asked from there (their answers are bounded, but a silent queue's is long).
+            ask = functools.partial(cancel_many, pending) if cancel_futures else _nothing
             threading.Thread(target=self._finish_later, args=(ask,), name="zdq-executor-shutdown").start()
         elif cancel_futures:
             cancel_many(pending)

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from zdq.compiled import compiled
 from zdq.errors import SerializationError, TaskCancelled, ZdqError, ZdqTimeoutError
-from zdq.futures import BatchFuture, SignalSafeCondition, TaskFuture, _io_thread, notify_cancelled, run_inline, wait_seconds
+from zdq.futures import BatchFuture, SignalSafeCondition, TaskFuture, _io_thread, run_inline, wait_seconds
 
 #: ``zdq._untracked`` (see :class:`MapChunk`), or None where it was not built: the futures are then
 #: made in Python, tracked.
@@ -46,7 +46,7 @@ _slotted: Callable[..., list[Any]] | None = None if _untracked is None else _unt
 _track: Callable[[object], object] = id if _untracked is None else _untracked.track
 
 __all__ = [
-    "ColumnReader", "Columns", "FutureSlice", "MapBatch", "MapChunk", "MapFuture", "ResultWindow", "Slice", "cancel_at_once", "cancel_many", "cancel_slices", "check_map_options", "chunked",
+    "ColumnReader", "Columns", "FutureSlice", "MapBatch", "MapChunk", "MapFuture", "ResultWindow", "Slice", "cancel_many", "cancel_slices", "check_map_options", "chunked",
     "key_runs", "map_futures", "run_chunk", "span_runs",
 ]
 
@@ -1011,25 +1011,3 @@ def cancel_many(futures: Iterable[concurrent.futures.Future[Any]], wait: bool = 
     futures = list(futures)
     if futures:
         threading.Thread(target=cancel_many, args=(futures,), name="zdq-map-cancel", daemon=True).start()
-
-
-def cancel_at_once(futures: Iterable[concurrent.futures.Future[Any]]) -> Callable[[], None]:
-    """Mark the unfinished zdq task, batch and map futures among ``futures`` cancelled here and
-    now, without waiting for their queues (``shutdown(wait=False, cancel_futures=True)``: they
-    read cancelled when it returns); return what asks their queues (and cancels the other
-    futures, held calls among them), to run on a thread: its waits are bounded, but a silent
-    queue would make them long. A task that had started when this came still runs to its end;
-    its future reads cancelled (zdq futures never read running), its result is dropped."""
-    futures = list(futures)
-    requests, others = _cancel_requests(futures)
-    for fut in futures:
-        if fut.done():
-            continue
-        if isinstance(fut, BatchFuture):  # a map's slice or chunk: every position without an outcome
-            fut._fail(0, len(fut.keys), TaskCancelled("cancelled by the executor's shutdown before it finished"))
-        elif isinstance(fut, MapFuture):
-            fut._chunk._fail(fut._i, 1, TaskCancelled(f"task {fut.key} was cancelled before it finished"))
-        elif type(fut) is TaskFuture:
-            concurrent.futures.Future.cancel(fut)
-            notify_cancelled(fut)  # concurrent.futures.wait() and as_completed() see it done
-    return functools.partial(_ask_cancel, requests, others)
