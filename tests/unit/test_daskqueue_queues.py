@@ -189,3 +189,12 @@ def test_an_actor_call_of_the_consume_loop_answers_as_a_plain_objects_method_doe
     q = TransientQueue()
     q.put_nowait(1)
     assert done(call_actor(q, "qsize")) == 1 and done(call_actor(q, "get_nowait")) == 1
+
+
+def test_zdqs_pool_made_as_daskqueues_early_actor_pool_says_which_class_that_is() -> None:
+    # daskqueue's early README placed its pool by client.submit(QueuePool, n, actor=True): the
+    # worker calls QueuePool(n), whose n lands where zdq's pool wants its client (reviewer 27a).
+    with pytest.raises(TypeError, match=r"got 5 \(daskqueue's early QueuePool\(n_queues\).*is zdq\.QueuePoolActor"):
+        zdq.QueuePool(5)
+    with pytest.raises(TypeError, match=r"got 'tcp://x:1'$"):
+        zdq.QueuePool("tcp://x:1")  # type: ignore[arg-type]

@@ -252,7 +252,13 @@ class QueuePool(AsyncPoolMethods, WaitMethods, SubmitMethods, ControlMethods):
                 "queue keeps its tasks in memory)"
             )
         if client is not None and not isinstance(client, Client):
-            raise TypeError(f"QueuePool needs a distributed.Client (or None for the default one), got {client!r:.80}")
+            hint = (
+                " (daskqueue's early QueuePool(n_queues), placed as an actor by client.submit(QueuePool, n, "
+                "actor=True), is zdq.QueuePoolActor; zdq's own pool is made beside the client: QueuePool(client, n))"
+                if isinstance(client, int) and not isinstance(client, bool)
+                else ""
+            )
+            raise TypeError(f"QueuePool needs a distributed.Client (or None for the default one), got {client!r:.80}{hint}")
         if client is not None and parallel is not None:
             raise ValueError("parallel= sizes the local cluster of QueuePool(None, ...): pass client=None, or no parallel")
         self.n_queues = n_queues
