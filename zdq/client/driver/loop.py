@@ -577,7 +577,13 @@ class DriverLoop:
         if memory_lost:
             name = self._queue_names[broker]
             n = self._outcomes.fail_confirmed(
-                broker, BrokerLost(f"queue {name} was lost with its worker; this task lived only in its memory")
+                broker,
+                BrokerLost(
+                    f"queue {name} was lost with its worker, and this task lived only in its memory (a worker "
+                    "dies when it is killed, runs out of memory, or runs a task that ends its process, as "
+                    "os._exit or a crash in C code does: a durable queue keeps its tasks and dead-letters one "
+                    "that keeps killing its worker; hard=True runs a task in a process of its own)"
+                ),
             )
             if n:
                 logger.warning("%s: %d tasks of lost queue %s failed with BrokerLost", self.driver_name, n, name)
