@@ -19,6 +19,7 @@ from zdq.codec.results import (
     dumps_results,
     dumps_whole_results,
     error_to_exception,
+    fit_results,
     loads_earlier,
     loads_results,
     seal,
@@ -337,3 +338,11 @@ def test_a_name_missing_for_another_reason_raises_as_pickle_would() -> None:
     chunk = pickle.dumps((1, CALLS, [], TaskOptions()), protocol=2).replace(b"zdq.codec.tasks", b"zdq.nowhere")
     with pytest.raises(ModuleNotFoundError, match="zdq.nowhere"):  # the consumer names the module to install
         loads_chunk(chunk)
+
+
+def test_a_result_too_large_alone_is_not_said_to_be_too_large_beside_the_others() -> None:
+    _, errors = fit_results(0, [b"x" * 20_000], {}, None, 10_000)
+    assert "pickles to 20018 bytes, more than the 10000 bytes" in errors[0].message
+    _, errors = fit_results(0, [b"x" * 6_000, 1, b"y" * 6_000], {}, None, 10_000)
+    assert list(errors) == [0] or list(errors) == [2], errors
+    assert "with the rest of its chunk's results, more than the 10000 bytes" in next(iter(errors.values())).message

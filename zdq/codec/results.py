@@ -147,10 +147,11 @@ def fit_results(
         if total <= max_bytes:
             break
         values[i] = None
+        beside = "," if size > max_bytes or len(values) == 1 else ": with the rest of its chunk's results,"
         errors[i] = _error(
-            f"the result of task {base_task_id + i} pickles to {size} bytes: with the rest of its chunk's results, "
-            f"more than the {max_bytes} bytes a consumer's report may carry (max-message-size, less room for its "
-            "frames): return large data by reference (a path, a URL, a Dask future)"
+            f"the result of task {base_task_id + i} pickles to {size} bytes{beside} more than the {max_bytes} "
+            "bytes a consumer's report may carry (max-message-size, less room for its frames): return large "
+            "data by reference (a path, a URL, a Dask future)"
         )
         total -= size
     payload = _dumps_results(base_task_id, values, errors, key)
