@@ -167,7 +167,9 @@ def test_zdq_schedules_lists_a_live_pools_schedules_with_their_names_and_cancels
             lambda: (p := _zdq_here("schedules", "list", "--scheduler", address, "cron-jobs", "--json")).returncode == 0 and p,
             timeout=30, interval=0.5,
         )
-        rows = {s["schedule_id"]: (q, s) for q, found in json.loads(listed.stdout).items() for s in found}
+        # Ids as strings: they pass 2**53, where a JSON reader's double would name another one.
+        rows = {int(s["schedule_id"]): (q, s) for q, found in json.loads(listed.stdout).items() for s in found}
+        assert all(isinstance(s["schedule_id"], str) for _, s in rows.values())
         assert rows[named.schedule_id][0] == named.queue and rows[named.schedule_id][1]["schedule_name"] == "nightly"
         assert rows[named.schedule_id][1]["cron"] == "0 3 * * *" and rows[unnamed.schedule_id][1]["schedule_name"] is None
         # Each command runs once as a subprocess, as a user runs it (list here, cancel --yes below).

@@ -96,8 +96,11 @@ def state(pool_name: str, key: int, *, client: Any = None, dirpath: str | None =
         (:func:`zdq.names.check_pool_name`).
     PoolNotFound
         No live pool ``pool_name`` (with ``dirpath``, for a durable pool of several directories).
+    ZdqTimeoutError
+        A queue of the pool did not answer within 10 s (its worker is stopped or too busy), and
+        no other holds the task.
     BrokerLost
-        A queue of the pool did not answer within 10 s, and no other holds the task.
+        A queue of the pool is gone from its worker, and no other holds the task.
     ZdqError
         The task's results cannot be read in this process at all (not even which tasks failed).
     """
@@ -159,7 +162,7 @@ def outcome(
         try:
             now_state, value, error = asker.once(bound)
             why = now_state
-        except BrokerLost as e:  # a queue being placed again: asked again
+        except (BrokerLost, ZdqTimeoutError) as e:  # a queue being placed again, or stalled: asked again
             now_state, value, error, why = "unknown", None, None, f"unknown ({e})"
         now = time.monotonic()
         if (
@@ -230,10 +233,11 @@ class _Asker:
         self.dirpath = dirpath
         self.record = _find_pool(client, pool_name, dirpath)
 
-    def once(self, bound: float = ASK_TIMEOUT) -> tuple[str, Any, BaseException | None]:
-        """``(state, value, exception)`` as the brokers answer now (within ``bound`` seconds)."""
+    def once(self, bound: float | None = None) -> tuple[str, Any, BaseException | None]:
+        """``(state, value, exception)`` as the brokers answer now (within ``bound`` seconds,
+        :data:`ASK_TIMEOUT` by default)."""
         try:
-            answers = _ask(self.client, self.record, self.key, bound)
+            answers = _ask(self.client, self.record, self.key, ASK_TIMEOUT if bound is None else bound)
         except BrokerLost:
             self.record = _find_pool(self.client, self.pool_name, self.dirpath)  # its queues may have moved
             raise
@@ -293,6 +297,7 @@ def _ask(client: Any, record: registry.PoolRecord, key: int, bound: float = ASK_
         by_worker.setdefault(worker, []).append(name)
     answers: list[tuple[str, bytes | None, str]] = []
     silent: list[str] = []
+    stalled = 0  # of the silent: up to Dask, but no answer in time (a stopped or busy worker)
     for worker, names in by_worker.items():
         try:
             out = client.run(
@@ -303,6 +308,7 @@ def _ask(client: Any, record: registry.PoolRecord, key: int, bound: float = ASK_
             got = e
         if isinstance(got, TimeoutError) or type(got).__name__ == "TimeoutError":
             got = f"no answer within {bound:g} s: its worker is stopped or too busy"
+            stalled += 1
         if isinstance(got, (BaseException, str)) or got is None:
             silent.append(f"{', '.join(names)} on {worker or 'an unknown worker'} ({got if isinstance(got, str) else repr(got):.200})")
             continue
@@ -313,7 +319,9 @@ def _ask(client: Any, record: registry.PoolRecord, key: int, bound: float = ASK_
             else:
                 answers.append(answer)
     if silent and not any(a[0] != "unknown" for a in answers):
-        raise BrokerLost(f"pool {record.name}: queues gave no answer about task {key}: {'; '.join(silent)}")
+        # A stopped worker is not a lost queue (reviewer 27b): a timeout, unless one is gone.
+        kind = ZdqTimeoutError if stalled == len(silent) else BrokerLost
+        raise kind(f"pool {record.name}: queues gave no answer about task {key}: {'; '.join(silent)}")
     return answers or [("unknown", None, "")]
 
 
