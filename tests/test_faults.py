@@ -1341,3 +1341,35 @@ def test_a_broker_whose_loop_failed_while_its_worker_lives_is_placed_again_and_n
             assert [f.result(0) for f in futures] == [i + 1 for i in range(200)]
             wait_until(lambda: qp.recoveries >= 1, timeout=60)  # served again, in a new broker
             assert qp.batch_submit([(add, i, 2) for i in range(100)]).result(timeout=30) == [i + 2 for i in range(100)]
+
+
+@pytest.mark.faults
+def test_the_control_calls_to_a_stopped_queue_name_it_and_time_out_with_zdqs_own_error(client_abc: Client) -> None:
+    """Reviewer 27b: dead letters, rate limits and schedules asked of a queue whose worker was
+    stopped raised Dask's bare ``TimeoutError('timed out after 30 s.')``, naming nothing (not
+    even a ZdqError), where ``get_queue_size()`` named the queue, its worker and its silence."""
+    client3 = client_abc  # a worker is only stopped (SIGSTOP), then resumed: the shared cluster serves
+    with QueuePool(client3, 2, workers=["a", "b"]) as qp:
+        victim = broker_pid(qp, 1)
+        stop_process(victim)
+        try:
+            calls = {
+                "dead_letters": lambda: qp.dead_letters(timeout=1),
+                "requeue_dead_letters": lambda: qp.requeue_dead_letters(timeout=1),
+                "purge_dead_letters": lambda: qp.purge_dead_letters(timeout=1),
+                "set_rate_limit": lambda: qp.set_rate_limit("5/s", timeout=1),
+                "schedules": lambda: qp.schedules(timeout=1),
+                "cancel_schedule": lambda: qp.cancel_schedule("nightly", timeout=1),
+            }
+            for name, call in calls.items():
+                start = time.monotonic()
+                with pytest.raises(zdq.ZdqTimeoutError) as raised:
+                    call()
+                took = time.monotonic() - start
+                assert took < 6, f"{name} took {took:.1f} s"
+                said = str(raised.value)
+                assert qp.queue_names[1] in said and "did not answer within 1 s" in said, (name, said)
+                assert "its worker is stopped" in said and qp.queue_names[0] not in said, (name, said)
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        assert qp.dead_letters(timeout=30) == [] and qp.set_rate_limit(None) is None

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from distributed import Client
 
-from zdq import ConsumerPool, QueuePool
+from zdq import ConsumerPool, QueuePool, ZdqTimeoutError
 from zdq.schedules import GRACE, Missed, ScheduleRecord, Spec, plan
 from zdq.storage.lmdb import LMDBStorage, inspect_queue
 
@@ -214,7 +214,7 @@ def test_a_failing_schedule_leaves_its_error_as_last_error_and_no_pile_of_dead_l
         stop_process(pid)
         try:
             began = time.monotonic()
-            with pytest.raises(Exception, match=f"queues {queue_pool.queue_names[1]} of pool .* did not answer"):
+            with pytest.raises(ZdqTimeoutError, match=f"{queue_pool.queue_names[1]} on .* did not answer within 2 s .*: their schedules are not listed"):
                 queue_pool.schedules(timeout=2)
             assert time.monotonic() - began < 10
         finally:

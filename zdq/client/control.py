@@ -18,7 +18,8 @@ everything else          the pool's (see :mod:`zdq.client.queue_pool`); read her
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -30,7 +31,7 @@ from zdq.client.submit import Submitter
 from zdq.client.driver import Driver
 from zdq.config import PoolSettings, answer_timeout
 from zdq.codec.rates import limited_chunk_size, rate_key_of, rate_of, share
-from zdq.errors import BrokerLost, ClosedError, ZdqError
+from zdq.errors import BrokerLost, ClosedError, ZdqError, ZdqTimeoutError
 from zdq.stats import BrokerStats, PoolStats
 
 __all__ = ["ControlMethods", "DeadLetterInfo"]
@@ -74,6 +75,50 @@ class ControlMethods:
     @property
     def payload_key(self) -> bytes | None:
         raise NotImplementedError
+
+    def unanswered(self, unknown: list[int], timeout: float, consequence: str) -> BrokerLost | ZdqTimeoutError:
+        raise NotImplementedError
+
+    def ask_brokers(
+        self, method: str, asks: Mapping[int, tuple[Any, ...]] | None = None, *, timeout: float, consequence: str
+    ) -> dict[int, Any]:
+        """Ask the broker of each queue of ``asks`` ``method(*asks[queue])`` over Dask (``None``:
+        every queue, without arguments), in parallel, all within ``timeout``: their answers, by
+        queue. What a broker's method raises is raised.
+
+        Raises
+        ------
+        BrokerLost, ZdqTimeoutError
+            Some queues gave no answer: down (lost, being placed again), or up and silent (their
+            workers stopped or too busy): each named with its worker and when it was last heard,
+            then ``consequence`` (:meth:`unanswered`). The request may still be done where a
+            stopped worker resumes.
+        """
+        self._owned(f"calls to the queues' brokers ({method})")
+        if asks is None:
+            asks = dict.fromkeys(range(self.n_queues), ())
+        deadline = time.monotonic() + timeout
+        calls: list[tuple[int, Any]] = []
+        unknown: list[int] = []
+        cause: BaseException | None = None
+        for i, args in asks.items():
+            try:
+                calls.append((i, getattr(self.broker_actor(i), method)(*args)))
+            except Exception as e:  # noqa: BLE001 - its worker is gone, or the pool is being closed
+                unknown.append(i)
+                cause = cause or e
+        answers: dict[int, Any] = {}
+        for i, call in calls:
+            try:
+                answers[i] = call.result(timeout=max(0.1, deadline - time.monotonic()))
+            except (ZdqError, ValueError, TypeError):
+                raise  # the broker's own answer (a refusal)
+            except Exception as e:  # noqa: BLE001 - Dask's timeout, or its worker gone: named below
+                unknown.append(i)
+                cause = cause or e
+        if unknown:
+            raise self.unanswered(sorted(unknown), timeout, consequence) from cause
+        return answers
 
     # -- schedules (zdq.client.schedules) ----------------------------------------------------------
     def schedule(
@@ -124,8 +169,9 @@ class ControlMethods:
             ``fn`` is not callable, ``name`` is not a str, or a keyword of ``submit`` that a
             schedule does not take is given (``expires``, ``rate_limit``, ``unique_key``,
             ``unique_for``, ``delay``, ``eta``): it would otherwise reach ``fn`` at every tick.
-        BrokerLost
-            (named) a queue other than the name's did not answer whether it keeps one of that name.
+        BrokerLost, ZdqTimeoutError
+            (named) the schedule's queue, or another that may keep one of that name, did not
+            answer: lost or being placed again, or its worker stopped.
         """
         self._owned("schedules")
         timeout = answer_timeout(timeout)  # before anything is asked: a bad one changes nothing
@@ -203,14 +249,16 @@ class ControlMethods:
         each = share(value, self.n_queues) if queue is None else value
         name = b"" if key is None else rate_key_of(key, "key")
         self._owned("rate limits")
-        calls = [(i, self.broker_actor(i).set_rate_limit(each, name)) for i in indexes]
         assert isinstance(self._queues, PlacedQueues)  # _owned said so
         if not name and queue is None:
             self.rate_limit = value
         try:
-            for i, call in calls:
-                call.result(timeout=timeout)
-                if not name:
+            self.ask_brokers(
+                "set_rate_limit", {i: (each, name) for i in indexes}, timeout=timeout,
+                consequence="their rate limit may not be changed (it is where they resume)",
+            )
+            if not name:
+                for i in indexes:
                     self._queues.rate_limits[i] = each
         finally:
             if not name:
@@ -246,30 +294,34 @@ class ControlMethods:
             )
 
     @off_loop_when_async
-    def dead_letters(self) -> list[DeadLetterInfo]:
-        """Tasks that used up their attempts, in every queue, with the reason and traceback."""
-        self._owned("dead letters")
-        calls = [(i, self.broker_actor(i).dead_letters()) for i in range(self.n_queues)]
+    def dead_letters(self, timeout: float = 30.0) -> list[DeadLetterInfo]:
+        """Tasks that used up their attempts, in every queue, with the reason and traceback
+        (each queue asked within ``timeout``: see :meth:`ask_brokers`)."""
+        timeout = answer_timeout(timeout)
+        answers = self.ask_brokers("dead_letters", timeout=timeout, consequence="their dead letters are not listed")
         return [
             DeadLetterInfo(self.queue_names[i], d.chunk_id, d.meta.n_tasks, d.reason)
-            for i, call in calls
-            for d in call.result(timeout=30)
+            for i in sorted(answers)
+            for d in answers[i]
         ]
 
     @off_loop_when_async
-    def requeue_dead_letters(self, letters: Iterable[DeadLetterInfo] | None = None) -> int:
-        """Put dead letters (all, or those given) back at the tail of their queues; return how many.
+    def requeue_dead_letters(self, letters: Iterable[DeadLetterInfo] | None = None, timeout: float = 30.0) -> int:
+        """Put dead letters (all, or those given) back at the tail of their queues; return how many
+        (each queue asked within ``timeout``: see :meth:`ask_brokers`).
 
         Their results arrive like those of new tasks: in ``ConsumerPool.results()``.
         """
-        return self._on_dead(letters, "requeue_dead")
+        return self._on_dead(letters, "requeue_dead", timeout)
 
     @off_loop_when_async
-    def purge_dead_letters(self, letters: Iterable[DeadLetterInfo] | None = None) -> int:
-        """Delete dead letters (all, or those given); return how many."""
-        return self._on_dead(letters, "purge_dead")
+    def purge_dead_letters(self, letters: Iterable[DeadLetterInfo] | None = None, timeout: float = 30.0) -> int:
+        """Delete dead letters (all, or those given); return how many (each queue asked within
+        ``timeout``: see :meth:`ask_brokers`)."""
+        return self._on_dead(letters, "purge_dead", timeout)
 
-    def _on_dead(self, letters: Iterable[DeadLetterInfo] | None, method: str) -> int:
+    def _on_dead(self, letters: Iterable[DeadLetterInfo] | None, method: str, timeout: float) -> int:
+        timeout = answer_timeout(timeout)
         self._owned("dead letters")
         by_queue: dict[int, list[int] | None] = {}
         if letters is None:
@@ -279,8 +331,10 @@ class ControlMethods:
                 ids = by_queue.setdefault(self.queue_names.index(letter.queue), [])
                 assert ids is not None
                 ids.append(letter.chunk_id)
-        calls = [getattr(self.broker_actor(i), method)(ids) for i, ids in by_queue.items()]
-        return sum(int(c.result(timeout=30)) for c in calls)
+        what = "requeued" if method == "requeue_dead" else "purged"
+        consequence = f"their dead letters may not be {what} (they are where they resume)"
+        asks = {i: (ids,) for i, ids in by_queue.items()}  # each queue its own chunks
+        return sum(int(n) for n in self.ask_brokers(method, asks, timeout=timeout, consequence=consequence).values())
 
     # -- results by id (zdq.client.by_id) -----------------------------------------------------------
     def state_of(self, key: int) -> str:

@@ -251,12 +251,14 @@ class WaitMethods:
         statuses = self.queue_status(timeout)
         unknown = [i for i, s in enumerate(statuses) if s is None]
         if unknown:
-            self._raise_unanswered(unknown, timeout)
+            raise self.unanswered(unknown, timeout, "their sizes are not known now")
         return {name: s.ready_tasks + s.leased_tasks for name, s in zip(self.queue_names, statuses) if s is not None}
 
-    def _raise_unanswered(self, unknown: list[int], timeout: float) -> None:
-        """Say why queues ``unknown`` gave no count: down (lost, being placed again) is not the
-        same as up and silent (a stopped worker, alive to Dask): each is named with its cause."""
+    def unanswered(self, unknown: list[int], timeout: float, consequence: str) -> BrokerLost | ZdqTimeoutError:
+        """The error for queues ``unknown``, which gave no answer within ``timeout``: down (lost,
+        being placed again: :class:`BrokerLost`) is not the same as up and silent (a stopped
+        worker, alive to Dask: :class:`ZdqTimeoutError`); each is named with its cause, and the
+        message ends with ``consequence`` (what is not known or done because of them)."""
         driver = self.driver
         states = driver.queue_states()
         workers = self.workers()
@@ -273,10 +275,8 @@ class WaitMethods:
                 down.append(f"{name} was placed again where this process cannot reach it")
             else:
                 down.append(f"{name} is down (lost with its worker, being placed again)")
-        why = "; ".join(down + silent) + ": their sizes are not known now"
-        if down:
-            raise BrokerLost(why)
-        raise ZdqTimeoutError(why)
+        why = "; ".join(down + silent) + f": {consequence}"
+        return BrokerLost(why) if down else ZdqTimeoutError(why)
 
     @property
     def wait_hint(self) -> WaitHint:

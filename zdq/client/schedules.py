@@ -23,13 +23,13 @@ from __future__ import annotations
 import os
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 from zdq.config import answer_timeout
-from zdq.errors import BrokerLost, SerializationError
+from zdq.errors import SerializationError
 from zdq.codec.schedules import Missed, ScheduleRecord, Spec, _missed, check_schedule_name
 from zdq.codec.results import error_to_exception, loads_results
 from zdq.codec.tasks import TASKS, TaskOptions, call_task, dumps_chunk
@@ -56,6 +56,10 @@ class SchedulePool(Protocol):
     def next_schedule_queue(self) -> int: ...
 
     def broker_actor(self, i: int) -> Any: ...
+
+    def ask_brokers(
+        self, method: str, asks: Mapping[int, tuple[Any, ...]] | None = None, *, timeout: float, consequence: str
+    ) -> dict[int, Any]: ...
 
 
 def _utc(t: float) -> datetime | None:
@@ -196,46 +200,32 @@ def make_schedule(
         schedule_id, task_name, spec, policy, spec.next_after(now), payload,
         priority=timing.priority if timing else 0, schedule_name=name or "",
     )
+    index = pool.next_schedule_queue() if name is None else home_queue(name, pool.n_queues)
+    kept = pool.ask_brokers(
+        "add_schedule", {index: (record.pack(),)}, timeout=timeout,
+        consequence="the schedule is not made (or made where its worker resumes)",
+    )[index]
     if name is None:
-        index = pool.next_schedule_queue()
-        pool.broker_actor(index).add_schedule(record.pack()).result(timeout=timeout)
         return _snapshot(pool, index, record)
-    index = home_queue(name, pool.n_queues)
-    kept = ScheduleRecord.unpack(pool.broker_actor(index).add_schedule(record.pack()).result(timeout=timeout))
     _drop_elsewhere(pool, index, name, timeout)
-    return _snapshot(pool, index, kept)
+    return _snapshot(pool, index, ScheduleRecord.unpack(kept))
 
 
 def _drop_elsewhere(pool: SchedulePool, home: int, name: str, timeout: float) -> None:
     """Cancel the schedules named ``name`` on every queue but its home (left by the pool when it had
-    another number of queues). Raises ``BrokerLost`` naming the queues that did not answer: one of
-    them may keep one still (calling ``schedule`` again is safe: it replaces, never adds)."""
-    _, silent, cause = _ask_queues(pool, [i for i in range(pool.n_queues) if i != home], "cancel_schedule", name, timeout=timeout)
-    if silent:
-        raise BrokerLost(
-            f"schedule {name!r} is kept by queue {pool.queue_names[home]} of pool {pool.name}, but queues "
-            f"{', '.join(silent)} did not answer within {timeout:g} s: one of them may keep a schedule of that name "
-            "from when the pool had another number of queues; call schedule() again once they are back"
-        ) from cause
-
-
-def _ask_queues(
-    pool: SchedulePool, queues: list[int], method: str, *args: Any, timeout: float
-) -> tuple[dict[int, Any], list[str], BaseException | None]:
-    """Ask the brokers of ``queues`` ``method(*args)``, in parallel, all within ``timeout``: the
-    answers by queue, the names of the queues that gave none, and the first one's cause."""
-    calls = [(i, getattr(pool.broker_actor(i), method)(*args)) for i in queues]
-    deadline = time.monotonic() + timeout
-    answers: dict[int, Any] = {}
-    silent: list[str] = []
-    cause: BaseException | None = None
-    for i, call in calls:
-        try:
-            answers[i] = call.result(timeout=max(0.1, deadline - time.monotonic()))
-        except Exception as e:  # noqa: BLE001 - its worker is gone, stalled, or the queue is being placed again
-            silent.append(pool.queue_names[i])
-            cause = cause or e
-    return answers, silent, cause
+    another number of queues). Raises ``BrokerLost`` or ``ZdqTimeoutError`` naming the queues that
+    did not answer: one of them may keep one still (calling ``schedule`` again is safe: it
+    replaces, never adds)."""
+    others = {i: (name,) for i in range(pool.n_queues) if i != home}
+    if others:
+        pool.ask_brokers(
+            "cancel_schedule", others, timeout=timeout,
+            consequence=(
+                f"schedule {name!r} is kept by queue {pool.queue_names[home]} of pool {pool.name}, but one of them may "
+                "keep a schedule of that name from when the pool had another number of queues; call schedule() again "
+                "once they are back"
+            ),
+        )
 
 
 def list_schedules(pool: SchedulePool, timeout: float) -> list[Schedule]:
@@ -243,16 +233,11 @@ def list_schedules(pool: SchedulePool, timeout: float) -> list[Schedule]:
 
     Raises
     ------
-    BrokerLost
-        Some queues did not answer within ``timeout`` (each asked in parallel): named, since the
-        list would miss their schedules.
+    BrokerLost, ZdqTimeoutError
+        Some queues did not answer within ``timeout`` (each asked in parallel): lost or being
+        placed again, or stopped; named, since the list would miss their schedules.
     """
-    answers, silent, cause = _ask_queues(pool, list(range(pool.n_queues)), "schedules", timeout=timeout)
-    if silent:
-        raise BrokerLost(
-            f"queues {', '.join(silent)} of pool {pool.name} did not answer within {timeout:g} s (lost, being "
-            "placed again, or stalled): their schedules are not listed"
-        ) from cause
+    answers = pool.ask_brokers("schedules", timeout=timeout, consequence="their schedules are not listed")
     found = [_snapshot(pool, i, ScheduleRecord.unpack(raw)) for i, raws in answers.items() for raw in raws]
     return sorted(found, key=lambda s: s.next_tick)
 
@@ -265,5 +250,8 @@ def cancel_schedule(pool: SchedulePool, schedule_id: int | str, timeout: float) 
         raise ValueError(f"cancel_schedule takes a schedule's id (a positive integer) or name (a str), got {schedule_id!r}")
     # Asked of every queue, not only its home: a durable pool opened again with another number of
     # queues still finds it (cancelling is rare; the calls run in parallel).
-    calls = [pool.broker_actor(i).cancel_schedule(schedule_id) for i in range(pool.n_queues)]
-    return any([bool(call.result(timeout=timeout)) for call in calls])  # noqa: C419 - wait for every answer, not only up to the first True
+    answers = pool.ask_brokers(
+        "cancel_schedule", dict.fromkeys(range(pool.n_queues), (schedule_id,)), timeout=timeout,
+        consequence="the schedule may live on there (it is cancelled where they resume)",
+    )
+    return any(bool(kept) for kept in answers.values())
