@@ -265,6 +265,39 @@ def test_a_cancel_that_a_stopped_queue_cannot_answer_returns_false_in_seconds(
             os.kill(pid, signal.SIGCONT)
 
 
+def test_a_cancel_sent_while_a_queue_is_stopped_lands_before_the_delayed_task_that_fell_due_meanwhile(
+    client_abc: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reviewer 27b: cancel() of a delayed task while its queue's worker was stopped returned False
+    (no answer), and the cancellation still reached the queue once it resumed, as the README
+    says; but the task's time had passed meanwhile, and the woken broker released it to an idle
+    consumer before it read the CANCEL waiting in its socket: the task ran. A broker woken from a
+    stall now reads what came meanwhile first."""
+    from zdq.client.driver import facade
+
+    monkeypatch.setattr(facade, "_CANCEL_WAIT", 1.0)
+    client3 = client_abc  # a worker is only stopped (SIGSTOP), then resumed: the shared cluster serves
+    side = _side_effects(tmp_path)
+    with (
+        QueuePool(client3, 1, workers=["a"], **FAST) as queue_pool,
+        ConsumerPool(client3, queue_pool, n_consumers=2, workers=["b"], start=True, **FAST),
+    ):
+        futures = [queue_pool.submit(touch, str(side), f"t{i}", delay=2.0) for i in range(4)]
+        queue_pool.flush(timeout=30)
+        pid = pid_of(client3, "a")
+        stop_process(pid)
+        try:
+            assert [f.cancel() for f in futures[:2]] == [False, False]  # no answer from a stopped queue
+            time.sleep(max(0.0, 3.0 - 2 * facade._CANCEL_WAIT))  # the tasks fall due while it is stopped
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert [f.result(timeout=60) for f in futures[2:]] == ["t2", "t3"]
+        for f in futures[:2]:
+            with pytest.raises(concurrent.futures.CancelledError):
+                f.result(timeout=30)
+    assert ran(side) == {"t2", "t3"}
+
+
 def test_a_durable_queue_placed_again_never_runs_tasks_cancelled_in_the_consumer_that_held_them(
     client3: Client, tmp_path: Path
 ) -> None:

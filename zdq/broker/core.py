@@ -77,6 +77,15 @@ __all__ = ["BrokerCore", "BrokerCounters"]
 logger = logging.getLogger(__name__)
 
 _ROUND = 1024  # messages drained per round: bounds a group commit and keeps timers responsive
+#: A poll that returns this much later than it was asked to (seconds) means the loop did not run
+#: meanwhile: its process was stopped (SIGSTOP) or starved. What peers sent during the gap is read
+#: before the work that fell due in it goes out: a CANCEL of a delayed task now due must land
+#: before its release (reviewer 27b: the task ran, its cancellation lost). libzmq's I/O thread,
+#: stopped too, hands messages over a moment after the loop wakes: up to CATCH_UP is spent reading
+#: them, until a poll of CATCH_UP_POLL_MS brings nothing.
+STALL = 0.5
+CATCH_UP = 0.5
+CATCH_UP_POLL_MS = 20
 _DRIVER = p.Role.DRIVER
 # The loop's receives and sends call pyzmq's compiled socket methods directly, with plain int flags
 # (as zdq.transport.sockets does): the Python layers above them cost more than the I/O itself on
@@ -255,8 +264,14 @@ class BrokerCore:
                     due = schedules.wake_at
                 if rates.wake_at < due:  # a rate limit holds work back until then: no polling
                     due = rates.wake_at
-                wait_ms = max(0, min(100, math.ceil((due - monotonic()) * 1000)))
-                if poll(polled, wait_ms):
+                turn = monotonic()
+                wait_ms = max(0, min(100, math.ceil((due - turn) * 1000)))
+                ready = poll(polled, wait_ms)  # the sockets' events: a list, empty when none came
+                if monotonic() - turn > wait_ms / 1000 + STALL:
+                    self._catch_up(bool(ready))
+                    ready = []
+                    release = min(delayed.next_at, expiry.next_at)
+                if ready:
                     with lock:
                         self._round()
                     # What the round stored may be delayed or carry an expiry.
@@ -305,6 +320,14 @@ class BrokerCore:
                     self._on_stop()
                 except Exception:
                     logger.exception("broker %s: releasing its socket's admission failed", self.name)
+
+    def _catch_up(self, ready: bool) -> None:
+        """After a stall (see :data:`STALL`): read what came meanwhile, before anything falls due."""
+        until = time.monotonic() + CATCH_UP
+        while ready or (time.monotonic() < until and zmq.zmq_poll(self._polled, CATCH_UP_POLL_MS)):
+            with self._lock:
+                self._round()
+            ready = False
 
     def _round(self) -> None:
         work = self._work
