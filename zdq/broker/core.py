@@ -292,7 +292,9 @@ class BrokerCore:
                         self._chunks_out.run(now)
                 if now >= schedules.wake_at:
                     with lock:
-                        if schedules.fire(wall()):
+                        fired = schedules.fire(wall())
+                        if fired:
+                            intake.ticked(fired)
                             self._chunks_out.run(now)
                 if now >= next_beat:
                     if not self._alive():

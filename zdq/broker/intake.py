@@ -16,7 +16,8 @@ Who owns what
 to time its poll) and the unique keys (``unique``: made when the queue holds or receives a
 unique chunk; the core tells it when a holder ends, is lost or expires). It is called only by the
 broker's loop thread, under the broker's lock. It writes the counters ``chunks_stored``,
-``tasks_stored`` and ``tasks_unique_duplicates``, and no other.
+``tasks_stored`` (a schedule's ticks too, told by the core: :meth:`Intake.ticked`) and
+``tasks_unique_duplicates``, and no other.
 """
 
 from __future__ import annotations
@@ -187,6 +188,13 @@ class Intake:
         if unique:
             self.unique.stored(puts, ids, same_round, time.time())  # type: ignore[union-attr]
             self._counters.tasks_unique_duplicates += len(same_round)
+
+    def ticked(self, n: int) -> None:
+        """``n`` schedule ticks were put in the queue (one task each, by its schedule table): they
+        count as stored, as what drivers put does, so that submitted and completed agree (each
+        tick's completion is counted)."""
+        self._counters.chunks_stored += n
+        self._counters.tasks_stored += n
 
     def _refused(
         self, puts: list[tuple[bytes, p.Put]], same_round: list[tuple[bytes, p.Put, int]], status: p.Status, detail: bytes

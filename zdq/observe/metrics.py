@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 #: Counters per queue: metric name -> the BrokerStats field it reads.
 _QUEUE_COUNTERS = {
-    "zdq_tasks_submitted": ("tasks_stored", "Tasks stored in the queue (submitted by any producer)."),
+    "zdq_tasks_submitted": ("tasks_stored", "Tasks stored in the queue (submitted by any producer, or a schedule's ticks)."),
     "zdq_tasks_acked": ("tasks_acked", "Tasks whose results the queue received (done or failed)."),
     "zdq_tasks_dead_lettered": ("tasks_dead_lettered", "Tasks moved to the queue's dead letters."),
     "zdq_chunks_redelivered": ("chunks_redelivered", "Chunks leased again after their consumer was lost."),
