@@ -244,3 +244,27 @@ def test_attempts_that_failed_before_a_crash_count_against_the_task() -> None:
         "task 7 used its 3 attempts (1 killed its consumer, the others failed); it was dead-lettered"
     )
     assert on_redelivery(TaskOptions(retries=2), 1, CRASH_ATTEMPTS, failed=1) is None  # one left
+
+
+def _raise_two_arg_error() -> None:
+    raise TwoArgError(7, "bad")
+
+
+def test_a_hard_tasks_child_sends_such_an_exception_as_its_parts_for_the_worker_to_make_again() -> None:
+    # zdq.consumer.child imports nothing of zdq: it sends the class, args and attributes, and the
+    # worker makes the exception with zdq.errors.made_without_init (as zdq.consumer.hard does).
+    from zdq.consumer.child import _answer
+    from zdq.errors import made_without_init
+
+    reply = pickle.loads(_answer(cloudpickle.dumps, _raise_two_arg_error, (), None, "test"))
+    assert reply[0] is False and reply[1] is None and len(reply) == 6, reply
+    assert reply[2].endswith("TwoArgError") and reply[3] == "7: bad" and "_raise_two_arg_error" in reply[4]
+    made = made_without_init(*reply[5])
+    assert type(made) is TwoArgError and made.args == ("7: bad",)
+    # One that pickles in a way of its own is sent as its text alone.
+    reply = pickle.loads(_answer(cloudpickle.dumps, _raise_own_reduce, (), None, "test"))
+    assert reply[1] is None and len(reply) == 5 and reply[2].endswith("_OwnReduce"), reply
+
+
+def _raise_own_reduce() -> None:
+    raise _OwnReduce("own way")
