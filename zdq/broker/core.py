@@ -267,16 +267,17 @@ class BrokerCore:
                 turn = monotonic()
                 wait_ms = max(0, min(100, math.ceil((due - turn) * 1000)))
                 ready = poll(polled, wait_ms)  # the sockets' events: a list, empty when none came
-                if monotonic() - turn > wait_ms / 1000 + STALL:
+                now = monotonic()
+                if now - turn > wait_ms * 0.001 + STALL:
                     self._catch_up(bool(ready))
-                    ready = []
+                    # What the rounds stored may be delayed or carry an expiry.
                     release = min(delayed.next_at, expiry.next_at)
-                if ready:
+                    now = monotonic()
+                elif ready:
                     with lock:
                         self._round()
-                    # What the round stored may be delayed or carry an expiry.
                     release = min(delayed.next_at, expiry.next_at)
-                now = monotonic()
+                    now = monotonic()
                 if release < inf:
                     if delayed.next_at <= wall():
                         with lock:
