@@ -103,6 +103,21 @@ def raise_two_arg_error(code: int = 7, detail: str = "bad") -> None:
     raise TwoArgError(code, detail)
 
 
+class LoadsBadlyError(Exception):
+    """Pickles in a way of its own whose loading raises: it cannot travel back at all."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_refuse_to_load, (str(self),))
+
+
+def _refuse_to_load(text: str) -> None:
+    raise ValueError(f"refusing to load {text!r}")
+
+
+def raise_loads_badly(text: str) -> None:
+    raise LoadsBadlyError(text)
+
+
 def sleep_return(x: object, seconds: float) -> object:
     time.sleep(seconds)
     return x

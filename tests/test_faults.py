@@ -48,9 +48,11 @@ from zdq._actor import scheduler_workers
 
 from .conftest import pid_of, stop_process, wait_until
 from .tasks import (
+    TwoArgError,
     add,
     hold_gil,
     mark_and_sleep,
+    raise_loads_badly,
     raise_two_arg_error,
     sleep,
     sleep_return,
@@ -306,13 +308,16 @@ def test_a_task_exception_that_cannot_be_unpickled_fails_its_future_with_a_zdq_e
     qp = harness()
     earlier = qp.submit(sleep_return, "earlier", 0.5)
     qp.flush(timeout=30)
-    bad = qp.submit(raise_two_arg_error, 7, "bad")
+    bad = qp.submit(raise_loads_badly, "no way back")
+    refusing = qp.submit(raise_two_arg_error, 7, "bad")
     qp.flush(timeout=30)
     pending = qp.submit(sleep_return, "pending", 0.5)  # its result comes after the bad one
-    assert_settled([earlier, bad, pending], 30, "futures around an undecodable exception")
+    assert_settled([earlier, bad, refusing, pending], 30, "futures around an undecodable exception")
     exc = bad.exception(0)
     assert isinstance(exc, ZdqError), repr(exc)
-    assert "TwoArgError" in f"{exc} {getattr(exc, 'type_name', '')}", repr(exc)
+    assert "LoadsBadlyError" in f"{exc} {getattr(exc, 'type_name', '')}", repr(exc)
+    # One whose __init__ only refuses its args comes back as itself (reviewer 27a).
+    assert type(refusing.exception(0)) is TwoArgError, repr(refusing.exception(0))
     assert earlier.result(0) == "earlier"
     assert pending.result(0) == "pending"
     later = [qp.submit(add, i, 1) for i in range(20)]
