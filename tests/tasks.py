@@ -259,3 +259,25 @@ class Stamp(Task):
         with open(self.path, "a") as f:
             f.write(f"{now}\n")
         return now
+
+
+def worker_only(folder: str, module: str, i: int) -> object:
+    """Task ``i`` of a batch, using module ``module`` that it writes to ``folder`` and imports
+    there: a module only the workers have (the driver never imports it). Task 5 raises its
+    ``AppError``; task 7 returns one of its ``Thing`` objects inside a list; the others ``i``."""
+    import importlib
+    import sys
+
+    path = os.path.join(folder, f"{module}.py")
+    if not os.path.exists(path):
+        with open(path + ".tmp", "w") as f:
+            f.write("class AppError(Exception):\n    pass\n\n\nclass Thing:\n    pass\n")
+        os.replace(path + ".tmp", path)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    mod = importlib.import_module(module)
+    if i == 5:
+        raise mod.AppError("the real failure text")
+    if i == 7:
+        return [i, mod.Thing()]
+    return i

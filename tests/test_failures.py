@@ -31,7 +31,20 @@ from zdq.transport.reach import WENT_SILENT
 from zdq._actor import scheduler_workers
 
 from .conftest import call_bounded, pid_of as _pid_of, stop_process, wait_until
-from .tasks import TwoArgError, add, fails_then_kills, flaky, poison, raise_key_error, raise_two_arg_error, sleep, slow_add, span, tiny_sleep
+from .tasks import (
+    TwoArgError,
+    add,
+    fails_then_kills,
+    flaky,
+    poison,
+    raise_key_error,
+    raise_two_arg_error,
+    sleep,
+    slow_add,
+    span,
+    tiny_sleep,
+    worker_only,
+)
 
 if TYPE_CHECKING:  # pytest loads tests.harness as a plugin: imported here first, its asserts would not be rewritten
     from .harness import Harness
@@ -783,3 +796,24 @@ def test_a_durable_queue_placed_by_worker_address_recovers_on_the_restarted_work
             os.kill(_pid_of(client3, "a"), signal.SIGKILL)
             wait_until(lambda: qp.recoveries >= 1, timeout=120)  # at the nanny's new address for "a"
             assert qp.submit(add, 2, 3).result(timeout=120) == 5
+
+
+def test_a_chunk_whose_exception_or_value_the_driver_cannot_import_keeps_its_other_results(
+    client: Client, tmp_path: Path
+) -> None:
+    """Reviewer 27c: one task of a batch raising an exception whose class only the workers can
+    import failed its nine neighbours with a SerializationError (the driver loads a chunk's
+    results at once), and the error named nothing of the task's own failure. Only the tasks whose
+    outcome holds such a name fail now, each saying what is missing."""
+    module = f"worker_only_{os.getpid()}_{time.monotonic_ns()}"
+    with QueuePool(client, 1) as queue_pool, ConsumerPool(client, queue_pool, n_consumers=1, start=True):
+        batch = queue_pool.batch_submit([(worker_only, str(tmp_path), module, i) for i in range(10)])
+        with pytest.raises(BatchError) as raised:
+            batch.result(timeout=60)
+    error = raised.value
+    assert error.values == [0, 1, 2, 3, 4, None, 6, None, 8, 9], error.values
+    assert sorted(error.errors) == [5, 7]
+    failed = error.errors[5]
+    assert isinstance(failed, RemoteTaskError) and str(failed) == f"{module}.AppError: the real failure text"
+    assert any(f"{module}.AppError cannot be imported in this process" in note for note in failed.__notes__)
+    assert "cannot be unpickled here" in str(error.errors[7]) and f"{module}.Thing" in str(error.errors[7])

@@ -33,17 +33,17 @@ No state here: each call asks the registry and the brokers afresh.
 
 from __future__ import annotations
 
-import io
 import math
 import operator
-import pickle
 import time
-from typing import Any, Self
+from typing import Any
 
 from zdq.client import registry
 from zdq.names import check_pool_name
 from zdq.codec.results import (
     ErrorInfo,
+    LenientLoader,
+    Unimportable,
     all_scalars,
     error_to_exception,
     loads_results,
@@ -369,35 +369,6 @@ def _read(
     return ("cancelled" if isinstance(exc, TaskCancelled) else "failed"), None, exc
 
 
-class _Unimportable:
-    """Stands for an object whose class (or function) this process cannot import."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-
-class _Lenient(pickle.Unpickler):
-    """Unpickles results whatever names are missing here (each becomes an :class:`_Unimportable`),
-    and remembers them: enough to tell which tasks succeeded and which failed."""
-
-    def __init__(self, data: Any) -> None:
-        super().__init__(io.BytesIO(data))
-        self.missing: list[str] = []
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            self.missing.append(f"{module}.{name}")
-            return type(name, (_Unimportable,), {"__module__": module, "__qualname__": name})
-
-
 def _read_unimportable(
     record: registry.PoolRecord, key: int, payload: bytes | None, holder: int, cause: BaseException
 ) -> tuple[str, Any, BaseException | None]:
@@ -405,7 +376,7 @@ def _read_unimportable(
     failed (read with stand-ins for the missing names); its value or exception is a
     :class:`ZdqError` naming them. Raises :class:`ZdqError` if even the state cannot be read."""
     where = f"task {key} of pool {record.name}"
-    loader = _Lenient(unseal(record.payload_key, payload))
+    loader = LenientLoader(unseal(record.payload_key, payload))
     try:
         base, values, errors = loader.load()
         index = holder - base
@@ -425,7 +396,7 @@ def _read_unimportable(
         error = ZdqError(f"{where} is done, but its value cannot be read here: {missing} cannot be imported in this process")
         return "done", None, error
     exception = info.exception if isinstance(info, ErrorInfo) else None
-    if exception is not None and not isinstance(exception, _Unimportable):  # its own exception reads well
+    if exception is not None and not isinstance(exception, Unimportable):  # its own exception reads well
         return "failed", None, error_to_exception(info)
     missing = _missing(exception, loader.missing, cause)
     text = info.message if isinstance(info, ErrorInfo) and isinstance(info.message, str) else ""
@@ -440,6 +411,6 @@ def _read_unimportable(
 def _missing(obj: object, names: list[str], cause: BaseException) -> str:
     """What cannot be imported here for ``obj``: its own class if it stands for one, else every
     name missing from its chunk's results (``obj`` may hold one deep inside)."""
-    if isinstance(obj, _Unimportable):
+    if isinstance(obj, Unimportable):
         return f"{type(obj).__module__}.{type(obj).__qualname__}"
     return ", ".join(dict.fromkeys(names)) or str(cause)

@@ -483,7 +483,7 @@ class DriverLoop:
 
     def _on_results(self, link: Link, msg: p.Results) -> int:
         try:
-            base, values, errors = loads_results(msg.results, self._ledger.payload_key)
+            base, values, errors = loads_results(msg.results, self._ledger.payload_key, lenient=True)
         except Exception as e:  # noqa: BLE001 - forged, or an object that pickles but does not unpickle here
             name = self._queue_names[link.index]
             refused: ZdqError = SerializationError(
