@@ -75,6 +75,32 @@ def raise_two_arg_error() -> None:
     raise TwoArgError(1, 2)
 
 
+class NewWantsTwo(Exception):
+    """Its own ``__new__`` wants two arguments too: it cannot be made again even without its
+    ``__init__``."""
+
+    def __new__(cls, a: int, b: int) -> NewWantsTwo:
+        return super().__new__(cls, a)
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(a)
+
+
+class MuteTwoArgError(TwoArgError):
+    """Its ``__str__`` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+def raise_new_wants_two() -> None:
+    raise NewWantsTwo(1, 2)
+
+
+def raise_mute_two_arg_error() -> None:
+    raise MuteTwoArgError(1, 2)
+
+
 def _refuse(text: str) -> None:
     raise ValueError(f"refusing to load {text!r}")
 

@@ -32,7 +32,10 @@ from .hard_tasks import (
     exit_now,
     fork_and_sleep,
     pid_and_parent,
+    MuteTwoArgError,
     TwoArgError,
+    raise_mute_two_arg_error,
+    raise_new_wants_two,
     raise_two_arg_error,
     return_loads_badly,
     sleep_here,
@@ -188,6 +191,12 @@ def test_a_hard_tasks_exception_that_does_not_unpickle_comes_back_as_itself_and_
     assert type(soft) is TwoArgError and type(hard) is TwoArgError, (soft, hard)
     assert str(hard) == str(soft) == "1-2"
     assert any("raised in the task's child process" in note for note in hard.__notes__), hard.__notes__
+    # One whose own __new__ refuses comes as a RemoteTaskError, not as zdq's TypeError; one whose
+    # __str__ raises does not kill the child (reviewer 27c).
+    refused = queue_pool.submit(raise_new_wants_two, time_limit=30, hard=True).exception(timeout=60)
+    assert isinstance(refused, RemoteTaskError) and refused.type_name.endswith("NewWantsTwo"), repr(refused)
+    mute = queue_pool.submit(raise_mute_two_arg_error, time_limit=30, hard=True).exception(timeout=60)
+    assert type(mute) is MuteTwoArgError, repr(mute)
     value = queue_pool.submit(return_loads_badly, time_limit=30, hard=True).exception(timeout=60)
     assert isinstance(value, RemoteTaskError), value
     assert "could not unpickle the value or exception of its child process" in str(value)

@@ -138,7 +138,11 @@ def _as_its_parts(dumps: Any, error: BaseException, text: str) -> bytes:
     parent to make it again without its ``__init__`` (zdq.errors.made_without_init), unless its
     class pickles in a way of its own; always its type name, message and traceback."""
     kind = type(error)
-    parts: tuple[Any, ...] = (False, None, f"{kind.__module__}.{kind.__qualname__}", str(error), text)
+    try:
+        message = str(error)
+    except Exception as e:  # noqa: BLE001 - the user's __str__: its failure must not end the child
+        message = f"<the exception's str() raised {type(e).__name__}>"
+    parts: tuple[Any, ...] = (False, None, f"{kind.__module__}.{kind.__qualname__}", message, text)
     if kind.__reduce__ is BaseException.__reduce__ and kind.__reduce_ex__ is BaseException.__reduce_ex__:
         try:
             whole = dumps((*parts, (kind, error.args, getattr(error, "__dict__", None) or None)), protocol=5)

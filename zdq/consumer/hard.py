@@ -145,10 +145,14 @@ class Child:
                 error.add_note(f"raised in the task's child process {self.pid}:\n{reply[2].rstrip()}")
             raise error
         if len(reply) == 6:  # it loads only made without its __init__ (zdq.consumer.child._as_its_parts)
-            made = made_without_init(*reply[5])
-            if reply[4] and hasattr(made, "add_note"):
-                made.add_note(f"raised in the task's child process {self.pid}:\n{reply[4].rstrip()}")
-            raise made
+            try:
+                made = made_without_init(*reply[5])
+            except Exception:  # noqa: BLE001 - a __new__ or __setstate__ of its own refuses: its text goes
+                made = None
+            if made is not None:
+                if reply[4] and hasattr(made, "add_note"):
+                    made.add_note(f"raised in the task's child process {self.pid}:\n{reply[4].rstrip()}")
+                raise made
         raise RemoteTaskError(reply[2], reply[3], reply[4])
 
     def _loads(self, answer: bytes, tid: int) -> tuple[Any, ...]:
