@@ -1378,3 +1378,35 @@ def test_the_control_calls_to_a_stopped_queue_name_it_and_time_out_with_zdqs_own
         finally:
             os.kill(victim, signal.SIGCONT)
         assert qp.dead_letters(timeout=30) == [] and qp.set_rate_limit(None) is None
+
+
+@pytest.mark.faults
+def test_the_control_calls_to_a_queue_whose_worker_was_killed_say_it_is_lost_never_that_it_is_stopped(
+    client3: Client,
+) -> None:
+    """Reviewer 27c: right after a SIGKILL of a broker's worker, the control calls failed at once
+    (Dask: "Worker holding Actor was lost") with a ZdqTimeoutError saying the worker was stopped,
+    and zdq.state() waited 10 s to say the same. A killed worker's queue is lost: BrokerLost, or
+    an answer once the queue is placed again, within seconds."""
+    with (
+        QueuePool(client3, 2, workers=["a", "b"], name="killed-control", result_ttl=60, **FAST) as qp,
+        ConsumerPool(client3, qp, n_consumers=1, workers=["c"], start=True, **FAST),
+    ):
+        key = qp.submit(add, 1, 2)
+        assert key.result(timeout=30) == 3
+        os.kill(broker_pid(qp, 0), signal.SIGKILL)
+        calls = {
+            "dead_letters": lambda: qp.dead_letters(timeout=3),
+            "set_rate_limit": lambda: qp.set_rate_limit(None, timeout=3),
+            "schedules": lambda: qp.schedules(timeout=3),
+            "cancel_schedule": lambda: qp.cancel_schedule("nightly", timeout=3),
+            "state": lambda: zdq.state("killed-control", key.key),
+        }
+        for name, call in calls.items():
+            start = time.monotonic()
+            try:
+                call()
+            except BrokerLost as e:
+                assert qp.queue_names[0] in str(e), (name, str(e))
+            took = time.monotonic() - start
+            assert took < 6, f"{name} took {took:.1f} s"

@@ -298,7 +298,14 @@ def _ask(client: Any, record: registry.PoolRecord, key: int, bound: float = ASK_
     answers: list[tuple[str, bytes | None, str]] = []
     silent: list[str] = []
     stalled = 0  # of the silent: up to Dask, but no answer in time (a stopped or busy worker)
+    try:
+        alive: set[str] | None = set(client.ncores())  # a worker that left is not waited for
+    except Exception:  # noqa: BLE001 - the scheduler did not say: each worker is asked all the same
+        alive = None
     for worker, names in by_worker.items():
+        if worker and alive is not None and worker not in alive:
+            silent.append(f"{', '.join(names)} on {worker} (its worker has left the cluster)")
+            continue
         try:
             out = client.run(
                 _task_states, names, key, workers=[worker] if worker else None, on_error="return", callback_timeout=bound

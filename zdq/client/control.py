@@ -76,7 +76,9 @@ class ControlMethods:
     def payload_key(self) -> bytes | None:
         raise NotImplementedError
 
-    def unanswered(self, unknown: list[int], timeout: float, consequence: str) -> BrokerLost | ZdqTimeoutError:
+    def unanswered(
+        self, unknown: list[int], timeout: float, consequence: str, failed: Mapping[int, BaseException] | None = None
+    ) -> BrokerLost | ZdqTimeoutError:
         raise NotImplementedError
 
     def ask_brokers(
@@ -101,11 +103,13 @@ class ControlMethods:
         calls: list[tuple[int, Any]] = []
         unknown: list[int] = []
         cause: BaseException | None = None
+        failed: dict[int, BaseException] = {}
         for i, args in asks.items():
             try:
                 calls.append((i, getattr(self.broker_actor(i), method)(*args)))
             except Exception as e:  # noqa: BLE001 - its worker is gone, or the pool is being closed
                 unknown.append(i)
+                failed[i] = e
                 cause = cause or e
         answers: dict[int, Any] = {}
         for i, call in calls:
@@ -115,9 +119,10 @@ class ControlMethods:
                 raise  # the broker's own answer (a refusal)
             except Exception as e:  # noqa: BLE001 - Dask's timeout, or its worker gone: named below
                 unknown.append(i)
+                failed[i] = e
                 cause = cause or e
         if unknown:
-            raise self.unanswered(sorted(unknown), timeout, consequence) from cause
+            raise self.unanswered(sorted(unknown), timeout, consequence, failed) from cause
         return answers
 
     # -- schedules (zdq.client.schedules) ----------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from zdq.client import asynchronous
@@ -254,18 +254,27 @@ class WaitMethods:
             raise self.unanswered(unknown, timeout, "their sizes are not known now")
         return {name: s.ready_tasks + s.leased_tasks for name, s in zip(self.queue_names, statuses) if s is not None}
 
-    def unanswered(self, unknown: list[int], timeout: float, consequence: str) -> BrokerLost | ZdqTimeoutError:
+    def unanswered(
+        self, unknown: list[int], timeout: float, consequence: str, failed: Mapping[int, BaseException] | None = None
+    ) -> BrokerLost | ZdqTimeoutError:
         """The error for queues ``unknown``, which gave no answer within ``timeout``: down (lost,
         being placed again: :class:`BrokerLost`) is not the same as up and silent (a stopped
         worker, alive to Dask: :class:`ZdqTimeoutError`); each is named with its cause, and the
-        message ends with ``consequence`` (what is not known or done because of them)."""
+        message ends with ``consequence`` (what is not known or done because of them).
+        ``failed``: the queues whose ask failed at once, not by a timeout (Dask says their actor's
+        worker is lost or cannot be reached, before this process has seen the queue go down)."""
         driver = self.driver
         states = driver.queue_states()
         workers = self.workers()
         down, silent = [], []
         for i in unknown:
             name, state = self.queue_names[i], states[i].state
-            if state == "up":
+            error = (failed or {}).get(i)
+            # Dask's connect to a stopped worker times out as an OSError ("Timed out ..."): silent.
+            if error is not None and not isinstance(error, TimeoutError) and "timed out" not in str(error).lower():
+                where = f" on {workers[i]}" if workers[i] else ""
+                down.append(f"{name}{where} could not be asked ({type(error).__name__}: {error}): its worker is lost")
+            elif state == "up":
                 where = f" on {workers[i]}" if workers[i] else ""
                 silent.append(
                     f"{name}{where} did not answer within {timeout:g} s (last heard "
