@@ -13,12 +13,13 @@ chunk's results, and a :class:`ConsumerInitError` carries its cause that way.
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import os
 import pickle
 import traceback
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import cloudpickle
 
@@ -103,14 +104,18 @@ class ConsumerInitError(PlacementError):
         # Sent from the worker that made the consumer: its cause goes with it (a pickled exception
         # drops __cause__) the way a task's error travels, as itself if it unpickles again, else as
         # a RemoteTaskError, its remote traceback in a note either way.
-        cause = None if self.__cause__ is None else error_info(self.__cause__)
+        # A travelling cause (the consumer actor's: see travelling()) goes as it is: it loads as
+        # the exception it carries, with its notes once.
+        cause: Any = self.__cause__
+        if cause is not None and not isinstance(cause, _Travelling):
+            cause = error_info(cause)
         return (_rebuild_caused, (type(self), self.args, cause), self.__dict__)
 
 
 def _rebuild_caused(kind: type[BaseException], args: tuple[Any, ...], cause: Any) -> BaseException:
-    # cause: an ErrorInfo, or None
+    # cause: an ErrorInfo, an exception already made again (a travelling one's), or None
     error = kind(*args)
-    error.__cause__ = None if cause is None else error_to_exception(cause)
+    error.__cause__ = cause if cause is None or isinstance(cause, BaseException) else error_to_exception(cause)
     return error
 
 
@@ -374,6 +379,125 @@ def error_info(exc: BaseException) -> ErrorInfo:
             continue
         return info
     return ErrorInfo(None, type_name, message, tb)
+
+
+def loads_error_info(data: bytes) -> ErrorInfo:
+    """An :class:`ErrorInfo` pickled alone: where its exception's class cannot be imported here,
+    a RemoteTaskError stands for it, noting what is missing (as :func:`loads_results` does)."""
+    try:
+        info = pickle.loads(data)
+    except (AttributeError, ImportError):
+        loader = LenientLoader(data)
+        info = loader.load()
+        _, _, errors = without_stand_ins((0, [], {0: info}), ", ".join(dict.fromkeys(loader.missing)))
+        info = errors[0]
+    if not isinstance(info, ErrorInfo):
+        raise ProtocolError(f"an error must be an ErrorInfo, got {type(info).__name__}")
+    return info
+
+
+class Unimportable:
+    """Stands for an object whose class (or function) this process cannot import."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class LenientLoader(pickle.Unpickler):
+    """Unpickles results whatever names are missing here (each becomes an :class:`Unimportable`),
+    and remembers them: enough to tell which tasks succeeded and which failed."""
+
+    def __init__(self, data: Any) -> None:
+        super().__init__(io.BytesIO(data))
+        self.missing: list[str] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            self.missing.append(f"{module}.{name}")
+            return type(name, (Unimportable,), {"__module__": module, "__qualname__": name})
+
+
+class _StandInFound(Exception):
+    pass
+
+
+class _StandInFinder(cloudpickle.Pickler):  # type: ignore[misc]
+    """Walks an object as pickling it would, and stops at the first :class:`Unimportable`."""
+
+    def persistent_id(self, obj: Any) -> None:
+        if isinstance(obj, Unimportable):
+            raise _StandInFound
+        return None
+
+
+def _holds_stand_in(obj: Any) -> bool:
+    if isinstance(obj, Unimportable):
+        return True
+    try:
+        _StandInFinder(io.BytesIO(), protocol=5).dump(obj)
+    except _StandInFound:
+        return True
+    except Exception:  # noqa: BLE001 - it does not pickle again for another reason: it loaded, keep it
+        return False
+    return False
+
+
+def without_stand_ins(obj: tuple[int, list[Any], dict[int, Any]], missing: str) -> tuple[int, list[Any], dict[int, ErrorInfo]]:
+    """Results loaded by a :class:`LenientLoader`: each value and exception that holds a stand-in
+    is replaced by an error naming what cannot be imported here; the others are kept."""
+    base, values, errors = obj
+    here = f"{missing or 'a name'} cannot be imported in this process"
+    for i, info in list(errors.items()):
+        if isinstance(info, ErrorInfo) and info.exception is not None and _holds_stand_in(info.exception):
+            stand_in = RemoteTaskError(info.type_name, info.message, info.traceback)
+            stand_in.add_note(f"zdq: the task raised {info.type_name}, which cannot be rebuilt here: {here}")
+            errors[i] = ErrorInfo(stand_in, info.type_name, info.message, info.traceback)
+    for i, value in enumerate(values):
+        if i not in errors and _holds_stand_in(value):
+            values[i] = None
+            message = f"the result of task {base + i} cannot be unpickled here: {here}"
+            errors[i] = ErrorInfo(SerializationError(message), "zdq.errors.SerializationError", message, "")
+    return base, values, errors
+
+
+class _Travelling(Exception):
+    """An exception on its way to a process that may not import its class (see :func:`travelling`).
+    Not a ZdqError: it is never raised to a user (loaded, it is the exception it carries; in the
+    same process, :func:`arrived` unwraps it)."""
+
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(info.message)
+        self.info = info
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_arrived, (cloudpickle.dumps(self.info),))
+
+
+def _arrived(data: bytes) -> BaseException:
+    return error_to_exception(loads_error_info(data))
+
+
+def travelling(exc: BaseException) -> BaseException:
+    """``exc`` as it may travel where its class cannot be imported (a cause that Dask pickles on
+    its own, with tblib, past its error's ``__reduce__``): loaded, it is ``exc`` again (as a
+    task's error travels), or a :class:`RemoteTaskError` naming it and what is missing there,
+    never an error that fails the whole unpickling (reviewer 27c: a ConsumerInitError whose
+    cause's module only the workers had came as raw pickle bytes)."""
+    return _Travelling(error_info(exc))
+
+
+def arrived(cause: BaseException | None) -> BaseException | None:
+    """A cause as its receiver gives it on: the exception a :func:`travelling` one carries (it
+    came without being pickled: the same process), else ``cause`` itself."""
+    return error_to_exception(cause.info) if isinstance(cause, _Travelling) else cause
 
 
 def error_to_exception(info: ErrorInfo) -> BaseException:

@@ -4,7 +4,9 @@ whichever their ``__init__`` takes; and the error that says a class cannot be ma
 from __future__ import annotations
 
 import pickle
+import sys
 import threading
+import types
 from typing import Any
 
 import cloudpickle
@@ -12,7 +14,7 @@ import pytest
 
 from zdq import ConsumerPool
 from zdq.consumer.base import ConsumerArgs, ConsumerBaseClass, GeneralConsumer, make_consumer
-from zdq.errors import ConsumerInitError, PlacementError, RemoteTaskError, ZdqError
+from zdq.errors import ConsumerInitError, PlacementError, RemoteTaskError, ZdqError, arrived
 
 ARGS = ConsumerArgs(id=2, name="C-1", pool="zdq-pool", batch_size=50, max_concurrency=3, retries=4, early_ack=True)
 DASKQUEUE_ATTRIBUTES = {
@@ -222,7 +224,46 @@ def test_the_consumer_actor_makes_its_class_at_once_and_names_it_when_its_init_r
     message = str(info.value)
     assert message.startswith("consumer class ") and "Broken raised ConnectionError in __init__" in message, message
     assert "(consumer Broken-3 on this process): database of zdq-pool unreachable" in message, message
-    assert type(info.value.__cause__) is ConnectionError
+    # Its cause travels to the driver, which may not import the class (reviewer 27c): once there
+    # (or given on in this process), it is the class's own exception again.
+    assert type(arrived(info.value.__cause__)) is ConnectionError
+    sent = pickle.loads(cloudpickle.dumps(info.value))
+    assert type(sent) is ConsumerInitError and type(sent.__cause__) is ConnectionError, repr(sent.__cause__)
+
+
+def test_a_consumer_init_error_whose_cause_the_driver_cannot_import_arrives_whole_through_dask() -> None:
+    """Reviewer 27c: a class whose __init__ raised an exception of a module only the workers
+    have came to ConsumerPool as raw pickle bytes (Dask's error_message has tblib pickle the
+    cause by its class, which the driver could not import). It arrives as a ConsumerInitError
+    caused by a RemoteTaskError naming the class and what is missing."""
+    from distributed.core import clean_exception, error_message
+
+    from zdq.config import settings
+    from zdq.consumer import Consumer
+
+    module = types.ModuleType("zdq_test_workers_only")
+    exec("class Hidden(Exception):\n    def __init__(self, a, b):\n        super().__init__(a)\n", module.__dict__)
+    sys.modules[module.__name__] = module
+    try:
+
+        class Refusing(ConsumerBaseClass):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                raise module.Hidden("hidden failure", 2)
+
+            def process_item(self, item: Any) -> Any:
+                return item
+
+        with pytest.raises(ConsumerInitError) as info:
+            Consumer("Refusing-0", b"c" * 16, Refusing, settings(), pool=("zdq-pool", None), number=1)
+        sent = error_message(info.value)["exception"]  # what the worker sends
+    finally:
+        del sys.modules[module.__name__]  # the driver, here, cannot import it
+    _, received, _ = clean_exception(getattr(sent, "data", sent))
+    assert type(received) is ConsumerInitError, repr(received)
+    cause = received.__cause__
+    assert isinstance(cause, RemoteTaskError) and cause.type_name == "zdq_test_workers_only.Hidden", repr(cause)
+    assert any("zdq_test_workers_only.Hidden cannot be imported in this process" in n for n in cause.__notes__)
 
 
 def _refuse(code: int) -> Exception:

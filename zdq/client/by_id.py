@@ -42,14 +42,14 @@ from zdq.client import registry
 from zdq.names import check_pool_name
 from zdq.codec.results import (
     ErrorInfo,
-    LenientLoader,
-    Unimportable,
     all_scalars,
     error_to_exception,
     loads_results,
     unseal,
 )
 from zdq.errors import (
+    LenientLoader,
+    Unimportable,
     BrokerLost,
     DeadLettered,
     ProtocolError,

@@ -67,7 +67,7 @@ from zdq.client.slots import (
     wait_created,
 )
 from zdq.config import PoolSettings
-from zdq.errors import ConsumerInitError, PlacementError
+from zdq.errors import ConsumerInitError, PlacementError, arrived
 from zdq.consumer import Consumer, ConsumerBaseClass
 from zdq.consumer.actor import REACHES_NONE
 from zdq.names import consumer_names, counted
@@ -252,7 +252,7 @@ class ConsumerSlots:
             return
         first = failed[0]
         alike = f" ({len(failed)} of {self.n} consumers failed so)" if len(failed) > 1 else ""
-        raise ConsumerInitError(f"{first}{alike}") from first.__cause__
+        raise ConsumerInitError(f"{first}{alike}") from arrived(first.__cause__)
 
     def _wait_created(self, placing: list[tuple[int, Any]], timeout: float, known: dict[str, Any] | None = None) -> None:
         """Wait (``timeout`` for all) until the actors of ``placing`` (slot, future) are created;

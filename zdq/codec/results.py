@@ -24,14 +24,23 @@ from __future__ import annotations
 
 import io
 import pickle
-from typing import Any, Self
+from typing import Any
 
 import cloudpickle
 
 from zdq.codec.seal import seal, unseal
 # A failure as it travels is the error tree's own (a ConsumerInitError travels with its cause):
 # named here too, where results are packed and read.
-from zdq.errors import ErrorInfo, ProtocolError, RemoteTaskError, SerializationError, error_info, error_to_exception
+from zdq.errors import (
+    ErrorInfo,
+    LenientLoader,
+    ProtocolError,
+    SerializationError,
+    Unimportable,
+    error_info,
+    error_to_exception,
+    without_stand_ins,
+)
 
 __all__ = [  # noqa: RUF022 - grouped by role
     "PROTOCOL",
@@ -249,79 +258,8 @@ def loads_results(payload: Any, key: bytes | None = None, *, lenient: bool = Fal
     ):
         raise ProtocolError(f"results must be (int, list, dict), got {type(obj).__name__}")
     if loader is not None:
-        return _without_stand_ins(obj, ", ".join(dict.fromkeys(loader.missing)))
+        return without_stand_ins(obj, ", ".join(dict.fromkeys(loader.missing)))
     return obj
-
-
-class Unimportable:
-    """Stands for an object whose class (or function) this process cannot import."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-
-class LenientLoader(pickle.Unpickler):
-    """Unpickles results whatever names are missing here (each becomes an :class:`Unimportable`),
-    and remembers them: enough to tell which tasks succeeded and which failed."""
-
-    def __init__(self, data: Any) -> None:
-        super().__init__(io.BytesIO(data))
-        self.missing: list[str] = []
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            self.missing.append(f"{module}.{name}")
-            return type(name, (Unimportable,), {"__module__": module, "__qualname__": name})
-
-
-class _StandInFound(Exception):
-    pass
-
-
-class _StandInFinder(cloudpickle.Pickler):  # type: ignore[misc]
-    """Walks an object as pickling it would, and stops at the first :class:`Unimportable`."""
-
-    def persistent_id(self, obj: Any) -> None:
-        if isinstance(obj, Unimportable):
-            raise _StandInFound
-        return None
-
-
-def _holds_stand_in(obj: Any) -> bool:
-    if isinstance(obj, Unimportable):
-        return True
-    try:
-        _StandInFinder(io.BytesIO(), protocol=PROTOCOL).dump(obj)
-    except _StandInFound:
-        return True
-    except Exception:  # noqa: BLE001 - it does not pickle again for another reason: it loaded, keep it
-        return False
-    return False
-
-
-def _without_stand_ins(obj: tuple[int, list[Any], dict[int, Any]], missing: str) -> tuple[int, list[Any], dict[int, ErrorInfo]]:
-    """Results loaded by a :class:`LenientLoader`: each value and exception that holds a stand-in
-    is replaced by an error naming what cannot be imported here; the others are kept."""
-    base, values, errors = obj
-    here = f"{missing or 'a name'} cannot be imported in this process"
-    for i, info in list(errors.items()):
-        if isinstance(info, ErrorInfo) and info.exception is not None and _holds_stand_in(info.exception):
-            stand_in = RemoteTaskError(info.type_name, info.message, info.traceback)
-            stand_in.add_note(f"zdq: the task raised {info.type_name}, which cannot be rebuilt here: {here}")
-            errors[i] = ErrorInfo(stand_in, info.type_name, info.message, info.traceback)
-    for i, value in enumerate(values):
-        if i not in errors and _holds_stand_in(value):
-            values[i] = None
-            errors[i] = _error(f"the result of task {base + i} cannot be unpickled here: {here}")
-    return base, values, errors
 
 
 #: The modules whose names stored pickles may carry, and where those names live now.

@@ -28,7 +28,7 @@ from zdq.config import PoolSettings
 from zdq.consumer.base import ConsumerArgs, ConsumerBaseClass, make_consumer
 from zdq.consumer.link import Link
 from zdq.consumer.runner import Counters, Runner
-from zdq.errors import ConsumerInitError, PlacementError, error_info, error_to_exception
+from zdq.errors import ConsumerInitError, PlacementError, travelling
 from zdq.names import queue_name
 from zdq.observe.feed import Source, add_source, remove_source
 from zdq.codec.tasks import TaskOptions
@@ -173,7 +173,7 @@ class Consumer:
         raise ConsumerInitError(
             f"consumer class {self._class.__qualname__} raised {type(failure).__name__} in __init__ "
             f"(consumer {self.name} on {here}): {failure}"
-        ) from error_to_exception(error_info(failure))
+        ) from travelling(failure)
 
     def _start_placed(self, endpoints: list[str], queues: list[int]) -> None:
         """:meth:`start`, in the constructor: any failure is a :class:`PlacementError` naming this
