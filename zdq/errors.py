@@ -386,9 +386,13 @@ def loads_error_info(data: bytes) -> ErrorInfo:
     a RemoteTaskError stands for it, noting what is missing (as :func:`loads_results` does)."""
     try:
         info = pickle.loads(data)
-    except (AttributeError, ImportError):
+    except (AttributeError, ImportError) as e:
         loader = LenientLoader(data)
-        info = loader.load()
+        try:
+            info = loader.load()
+        except Exception:  # noqa: BLE001 - not even with stand-ins: said, rather than failing the error it causes
+            message = f"an exception that cannot be read in this process ({type(e).__name__}: {e})"
+            return ErrorInfo(None, "an exception", message, "")
         _, _, errors = without_stand_ins((0, [], {0: info}), ", ".join(dict.fromkeys(loader.missing)))
         info = errors[0]
     if not isinstance(info, ErrorInfo):
@@ -396,16 +400,31 @@ def loads_error_info(data: bytes) -> ErrorInfo:
     return info
 
 
-class Unimportable:
-    """Stands for an object whose class (or function) this process cannot import."""
+class Unimportable(Exception):  # noqa: N818 - it stands for any object, an exception among them
+    """Stands for an object whose class (or function) this process cannot import. Whatever
+    unpickling asks of it, it takes: it may stand where an exception must (a ``__cause__`` or
+    ``__context__``, an item of an ExceptionGroup) and for a dict, list or set subclass (items
+    set on it); :func:`without_stand_ins` then fails the task that holds it."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        return object.__new__(cls)
+        return Exception.__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
     def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+    def add(self, item: Any) -> None:
         pass
 
 
@@ -433,13 +452,18 @@ class _StandInFinder(cloudpickle.Pickler):  # type: ignore[misc]
     """Walks an object as pickling it would, and stops at the first :class:`Unimportable`."""
 
     def persistent_id(self, obj: Any) -> None:
-        if isinstance(obj, Unimportable):
+        if _is_stand_in(obj):
             raise _StandInFound
         return None
 
 
+def _is_stand_in(obj: Any) -> bool:
+    """A stand-in, or the class of one (a missing class or function given as a value)."""
+    return isinstance(obj, Unimportable) or (isinstance(obj, type) and issubclass(obj, Unimportable))
+
+
 def _holds_stand_in(obj: Any) -> bool:
-    if isinstance(obj, Unimportable):
+    if _is_stand_in(obj):
         return True
     try:
         _StandInFinder(io.BytesIO(), protocol=5).dump(obj)

@@ -18,6 +18,7 @@ from zdq.codec.results import (
     check_picklable,
     dumps_results,
     dumps_whole_results,
+    error_info,
     error_to_exception,
     fit_results,
     loads_earlier,
@@ -346,3 +347,42 @@ def test_a_result_too_large_alone_is_not_said_to_be_too_large_beside_the_others(
     _, errors = fit_results(0, [b"x" * 6_000, 1, b"y" * 6_000], {}, None, 10_000)
     assert list(errors) == [0] or list(errors) == [2], errors
     assert "with the rest of its chunk's results, more than the 10000 bytes" in next(iter(errors.values())).message
+
+
+def _workers_only_module() -> types.ModuleType:
+    """A module this process imports only while the test packs results (as a worker would)."""
+    module = types.ModuleType("zdq_test_results_workers_only")
+    exec(
+        "class Err(Exception):\n    pass\n\nclass WDict(dict):\n    pass\n\nclass WList(list):\n    pass\n\n"
+        "class Thing:\n    pass\n",
+        module.__dict__,
+    )
+    return module
+
+
+def test_results_whose_outcomes_hold_names_the_driver_cannot_import_fail_only_their_own_tasks() -> None:
+    # Reviewers 27c and 27d: one such outcome failed the whole chunk (its dict or list subclass,
+    # its exception group, or a class given as a value could not even be stood in for).
+    module = _workers_only_module()
+    sys.modules[module.__name__] = module
+    try:
+        values = [0, module.WDict(a=1), module.WList([1, 2]), module.Thing, {"deep": [module.Thing()]}, None, None, 7]
+        errors = {
+            5: error_info(ExceptionGroup("group", [module.Err("inside"), ValueError("plain")])),
+            6: error_info(KeyError(module.WDict(b=2))),
+        }
+        payload = dumps_results(100, values, errors)
+    finally:
+        del sys.modules[module.__name__]
+    with pytest.raises(ImportError):
+        loads_results(payload)  # the strict load, as results by id ask for it
+    base, got, failed = loads_results(payload, lenient=True)
+    assert base == 100 and got[0] == 0 and got[7] == 7
+    assert sorted(failed) == [1, 2, 3, 4, 5, 6]
+    for i in (1, 2, 3, 4):
+        exc = error_to_exception(failed[i])
+        assert isinstance(exc, SerializationError) and "cannot be imported in this process" in str(exc), (i, exc)
+    for i in (5, 6):
+        exc = error_to_exception(failed[i])
+        assert isinstance(exc, RemoteTaskError), (i, exc)
+        assert any("cannot be rebuilt here" in note for note in exc.__notes__), exc.__notes__
