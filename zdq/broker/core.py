@@ -119,6 +119,17 @@ class _Round:
         self.unique = False  # a PUT of the round carries a unique key
 
 
+
+def _catch_up(polled: list[Any], lock: Any, round_: Callable[[], None], ready: bool) -> None:
+    """After a stall (see :data:`STALL`): the loop's rounds (``round_``, under ``lock``) read what
+    came meanwhile on the sockets ``polled``, before anything falls due."""
+    until = time.monotonic() + CATCH_UP
+    while ready or (time.monotonic() < until and zmq.zmq_poll(polled, CATCH_UP_POLL_MS)):
+        with lock:
+            round_()
+        ready = False
+
+
 class BrokerCore:
     """The broker loop over a bound ROUTER socket and a storage backend.
 
@@ -269,7 +280,7 @@ class BrokerCore:
                 ready = poll(polled, wait_ms)  # the sockets' events: a list, empty when none came
                 now = monotonic()
                 if now - turn > wait_ms * 0.001 + STALL:
-                    self._catch_up(bool(ready))
+                    _catch_up(polled, lock, self._round, bool(ready))
                     # What the rounds stored may be delayed or carry an expiry.
                     release = min(delayed.next_at, expiry.next_at)
                     now = monotonic()
@@ -323,14 +334,6 @@ class BrokerCore:
                     self._on_stop()
                 except Exception:
                     logger.exception("broker %s: releasing its socket's admission failed", self.name)
-
-    def _catch_up(self, ready: bool) -> None:
-        """After a stall (see :data:`STALL`): read what came meanwhile, before anything falls due."""
-        until = time.monotonic() + CATCH_UP
-        while ready or (time.monotonic() < until and zmq.zmq_poll(self._polled, CATCH_UP_POLL_MS)):
-            with self._lock:
-                self._round()
-            ready = False
 
     def _round(self) -> None:
         work = self._work

@@ -128,6 +128,19 @@ def _settings_with_ack_timeout(ack_timeout: float | str | None, overrides: dict[
         ) from e
 
 
+
+def _not_a_client(client: Any) -> str:
+    """What ``QueuePool(client, ...)`` says of a ``client`` that is none: a number is daskqueue's
+    early ``client.submit(QueuePool, n, actor=True)``, which the worker calls as ``QueuePool(n)``."""
+    hint = (
+        " (daskqueue's early QueuePool(n_queues), placed as an actor by client.submit(QueuePool, n, "
+        "actor=True), is zdq.QueuePoolActor; zdq's own pool is made beside the client: QueuePool(client, n))"
+        if isinstance(client, int) and not isinstance(client, bool)
+        else ""
+    )
+    return f"QueuePool needs a distributed.Client (or None for the default one), got {client!r:.80}{hint}"
+
+
 class QueuePool(AsyncPoolMethods, WaitMethods, SubmitMethods, ControlMethods):
     """A pool of ``n_queues`` queues placed on the workers of a Dask cluster.
 
@@ -252,13 +265,7 @@ class QueuePool(AsyncPoolMethods, WaitMethods, SubmitMethods, ControlMethods):
                 "queue keeps its tasks in memory)"
             )
         if client is not None and not isinstance(client, Client):
-            hint = (
-                " (daskqueue's early QueuePool(n_queues), placed as an actor by client.submit(QueuePool, n, "
-                "actor=True), is zdq.QueuePoolActor; zdq's own pool is made beside the client: QueuePool(client, n))"
-                if isinstance(client, int) and not isinstance(client, bool)
-                else ""
-            )
-            raise TypeError(f"QueuePool needs a distributed.Client (or None for the default one), got {client!r:.80}{hint}")
+            raise TypeError(_not_a_client(client))
         if client is not None and parallel is not None:
             raise ValueError("parallel= sizes the local cluster of QueuePool(None, ...): pass client=None, or no parallel")
         self.n_queues = n_queues

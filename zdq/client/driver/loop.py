@@ -81,6 +81,17 @@ _CONFIRM_BURST = 16
 Command = Callable[["Future[Any]"], None]
 
 
+
+#: What a task of a transient queue lost with its worker fails with (reviewer 27a: a task that
+#: ended its process read only that the queue was lost, and looked for a fault of the cluster).
+_LOST_WITH_ITS_WORKER = (
+    "queue {name} was lost with its worker, and this task lived only in its memory (a worker dies when it is "
+    "killed, runs out of memory, or runs a task that ends its process, as os._exit or a crash in C code does: "
+    "a durable queue keeps its tasks and dead-letters one that keeps killing its worker; hard=True runs a task "
+    "in a process of its own)"
+)
+
+
 class DriverLoop:
     """The I/O thread of one driver (constructed idle; :meth:`start` starts it)."""
 
@@ -577,13 +588,7 @@ class DriverLoop:
         if memory_lost:
             name = self._queue_names[broker]
             n = self._outcomes.fail_confirmed(
-                broker,
-                BrokerLost(
-                    f"queue {name} was lost with its worker, and this task lived only in its memory (a worker "
-                    "dies when it is killed, runs out of memory, or runs a task that ends its process, as "
-                    "os._exit or a crash in C code does: a durable queue keeps its tasks and dead-letters one "
-                    "that keeps killing its worker; hard=True runs a task in a process of its own)"
-                ),
+                broker, BrokerLost(_LOST_WITH_ITS_WORKER.format(name=name))
             )
             if n:
                 logger.warning("%s: %d tasks of lost queue %s failed with BrokerLost", self.driver_name, n, name)
