@@ -453,7 +453,7 @@ class _StandInFinder(cloudpickle.Pickler):  # type: ignore[misc]
 
     def persistent_id(self, obj: Any) -> None:
         if _is_stand_in(obj):
-            raise _StandInFound
+            raise _StandInFound(_name_of(obj))
         return None
 
 
@@ -462,32 +462,44 @@ def _is_stand_in(obj: Any) -> bool:
     return isinstance(obj, Unimportable) or (isinstance(obj, type) and issubclass(obj, Unimportable))
 
 
-def _holds_stand_in(obj: Any) -> bool:
+def _name_of(stand_in: Any) -> str:
+    kind = stand_in if isinstance(stand_in, type) else type(stand_in)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _stand_in_held(obj: Any) -> str | None:
+    """The name the first stand-in ``obj`` holds stands for, or None if it holds none."""
     if _is_stand_in(obj):
-        return True
+        return _name_of(obj)
     try:
         _StandInFinder(io.BytesIO(), protocol=5).dump(obj)
-    except _StandInFound:
-        return True
+    except _StandInFound as found:
+        return str(found)
     except Exception:  # noqa: BLE001 - it does not pickle again for another reason: it loaded, keep it
-        return False
-    return False
+        return None
+    return None
 
 
 def without_stand_ins(obj: tuple[int, list[Any], dict[int, Any]], missing: str) -> tuple[int, list[Any], dict[int, ErrorInfo]]:
     """Results loaded by a :class:`LenientLoader`: each value and exception that holds a stand-in
-    is replaced by an error naming what cannot be imported here; the others are kept."""
+    is replaced by an error naming what cannot be imported here (the name it holds; ``missing``,
+    every name missing in them, if that cannot be told); the others are kept."""
     base, values, errors = obj
-    here = f"{missing or 'a name'} cannot be imported in this process"
+
+    def here(name: str | None) -> str:
+        return f"{name or missing or 'a name'} cannot be imported in this process"
+
     for i, info in list(errors.items()):
-        if isinstance(info, ErrorInfo) and info.exception is not None and _holds_stand_in(info.exception):
+        name = None if not isinstance(info, ErrorInfo) or info.exception is None else _stand_in_held(info.exception)
+        if name is not None:
             stand_in = RemoteTaskError(info.type_name, info.message, info.traceback)
-            stand_in.add_note(f"zdq: the task raised {info.type_name}, which cannot be rebuilt here: {here}")
+            stand_in.add_note(f"zdq: the task raised {info.type_name}, which cannot be rebuilt here: {here(name)}")
             errors[i] = ErrorInfo(stand_in, info.type_name, info.message, info.traceback)
     for i, value in enumerate(values):
-        if i not in errors and _holds_stand_in(value):
+        name = None if i in errors else _stand_in_held(value)
+        if name is not None:
             values[i] = None
-            message = f"the result of task {base + i} cannot be unpickled here: {here}"
+            message = f"the result of task {base + i} cannot be unpickled here: {here(name)}"
             errors[i] = ErrorInfo(SerializationError(message), "zdq.errors.SerializationError", message, "")
     return base, values, errors
 

@@ -386,3 +386,15 @@ def test_results_whose_outcomes_hold_names_the_driver_cannot_import_fail_only_th
         exc = error_to_exception(failed[i])
         assert isinstance(exc, RemoteTaskError), (i, exc)
         assert any("cannot be rebuilt here" in note for note in exc.__notes__), exc.__notes__
+
+
+def test_the_error_of_an_outcome_that_holds_a_missing_name_names_that_one_not_every_missing_name() -> None:
+    module = _workers_only_module()
+    sys.modules[module.__name__] = module
+    try:
+        payload = dumps_results(0, [module.Thing(), [module.WList()]], {})
+    finally:
+        del sys.modules[module.__name__]
+    _, _, failed = loads_results(payload, lenient=True)
+    assert f"{module.__name__}.Thing cannot be imported" in failed[0].message and "WList" not in failed[0].message
+    assert f"{module.__name__}.WList cannot be imported" in failed[1].message and "Thing" not in failed[1].message
