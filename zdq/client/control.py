@@ -101,16 +101,12 @@ class ControlMethods:
             asks = dict.fromkeys(range(self.n_queues), ())
         deadline = time.monotonic() + timeout
         calls: list[tuple[int, Any]] = []
-        unknown: list[int] = []
-        cause: BaseException | None = None
-        failed: dict[int, BaseException] = {}
+        failed: dict[int, BaseException] = {}  # the queues that gave no answer, and why
         for i, args in asks.items():
             try:
                 calls.append((i, getattr(self.broker_actor(i), method)(*args)))
             except Exception as e:  # noqa: BLE001 - its worker is gone, or the pool is being closed
-                unknown.append(i)
                 failed[i] = e
-                cause = cause or e
         answers: dict[int, Any] = {}
         for i, call in calls:
             try:
@@ -118,11 +114,9 @@ class ControlMethods:
             except (ZdqError, ValueError, TypeError):
                 raise  # the broker's own answer (a refusal)
             except Exception as e:  # noqa: BLE001 - Dask's timeout, or its worker gone: named below
-                unknown.append(i)
                 failed[i] = e
-                cause = cause or e
-        if unknown:
-            raise self.unanswered(sorted(unknown), timeout, consequence, failed) from cause
+        if failed:
+            raise self.unanswered(sorted(failed), timeout, consequence, failed) from next(iter(failed.values()))
         return answers
 
     # -- schedules (zdq.client.schedules) ----------------------------------------------------------

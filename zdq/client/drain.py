@@ -269,13 +269,12 @@ class WaitMethods:
         down, silent = [], []
         for i in unknown:
             name, state = self.queue_names[i], states[i].state
+            where = f" on {workers[i]}" if workers[i] else ""
             error = (failed or {}).get(i)
             # Dask's connect to a stopped worker times out as an OSError ("Timed out ..."): silent.
             if error is not None and not isinstance(error, TimeoutError) and "timed out" not in str(error).lower():
-                where = f" on {workers[i]}" if workers[i] else ""
                 down.append(f"{name}{where} could not be asked ({type(error).__name__}: {error}): its worker is lost")
             elif state == "up":
-                where = f" on {workers[i]}" if workers[i] else ""
                 silent.append(
                     f"{name}{where} did not answer within {timeout:g} s (last heard "
                     f"{driver.broker_silence(i):.0f} s ago: its worker is stopped, or too busy to answer)"

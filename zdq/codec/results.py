@@ -36,7 +36,6 @@ from zdq.errors import (
     LenientLoader,
     ProtocolError,
     SerializationError,
-    Unimportable,
     error_info,
     error_to_exception,
     without_stand_ins,
