@@ -244,11 +244,12 @@ def test_a_failed_tasks_state_is_read_where_its_exception_cannot_be_imported(cli
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[0] == "state failed", done.stdout
-    assert lines[1].startswith("raised zdq.errors ZdqError"), done.stdout
-    assert f"task {future.key} of pool {name}" in lines[1] and "AppError" in lines[1] and "out of paper" in lines[1]
-    assert "tests.by_id_tasks" in lines[1]
+    # The error the driver's future gives where the class cannot be imported: a RemoteTaskError.
+    assert lines[1] == "raised zdq.errors RemoteTaskError tests.by_id_tasks.AppError: out of paper", done.stdout
     assert lines[-1] == "cli 1" and "Traceback" not in done.stdout + done.stderr
-    assert lines[2].startswith(f"task {future.key} of pool {name}: failed: ZdqError"), done.stdout
+    assert lines[2].startswith(f"task {future.key} of pool {name}: failed: RemoteTaskError: tests.by_id_tasks.AppError"), done.stdout
+    assert "out of paper zdq: the task raised tests.by_id_tasks.AppError, which cannot be rebuilt here" in lines[2]
+    assert "tests.by_id_tasks.AppError cannot be imported in this process" in lines[2], done.stdout
 
 
 @pytest.mark.faults

@@ -500,8 +500,15 @@ def without_stand_ins(obj: tuple[int, list[Any], dict[int, Any]], missing: str) 
         if name is not None:
             values[i] = None
             message = f"the result of task {base + i} cannot be unpickled here: {here(name)}"
-            errors[i] = ErrorInfo(SerializationError(message), "zdq.errors.SerializationError", message, "")
+            errors[i] = ErrorInfo(UnreadableResult(message), "zdq.errors.SerializationError", message, "")
     return base, values, errors
+
+
+class UnreadableResult(SerializationError):
+    """A task succeeded, but its value holds a class or function this process cannot import (a
+    module only the workers have): its future, ``zdq.result`` and ``ConsumerPool.results()`` give
+    this (the message names the task and the missing name) where the value would be, and only
+    that task's outcome is lost here (see :func:`without_stand_ins`); ``zdq.state`` says "done"."""
 
 
 class _Travelling(Exception):

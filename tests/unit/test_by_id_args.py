@@ -39,13 +39,13 @@ def test_a_negative_key_is_refused_at_the_call_as_the_cli_refuses_it(key: int) -
         zdq.result("mails", key, timeout=1)
 
 
-def test_results_naming_a_missing_module_still_say_which_tasks_failed() -> None:
+def test_results_naming_a_missing_module_give_the_errors_the_drivers_future_gives() -> None:
     import sys
     import types
 
     from zdq.client.by_id import _read
     from zdq.codec.results import ErrorInfo, dumps_results
-    from zdq.errors import ZdqError
+    from zdq.errors import RemoteTaskError, SerializationError
 
     app = types.ModuleType("zdq_test_gone_app")
     app.Report = type("Report", (), {"__module__": app.__name__})  # type: ignore[attr-defined]
@@ -59,15 +59,37 @@ def test_results_naming_a_missing_module_still_say_which_tasks_failed() -> None:
         del sys.modules[app.__name__]
     record = types.SimpleNamespace(name="mails", payload_key=b"k" * 32)
     state, value, exc = _read(record, 100, payload, 100)  # type: ignore[arg-type]
-    assert state == "done" and value is None and isinstance(exc, ZdqError)
-    assert "task 100 of pool mails" in str(exc) and "zdq_test_gone_app.Report cannot be imported" in str(exc)
+    assert state == "done" and value is None and isinstance(exc, SerializationError)  # it succeeded
+    assert "task 100 " in str(exc) and "zdq_test_gone_app.Report cannot be imported" in str(exc)
     state, _, exc = _read(record, 101, payload, 101)  # type: ignore[arg-type]
-    assert state == "failed" and isinstance(exc, ZdqError)
-    assert "failed with zdq_test_gone_app.AppError: out of paper" in str(exc)
+    assert state == "failed" and isinstance(exc, RemoteTaskError) and exc.type_name == "zdq_test_gone_app.AppError"
+    assert str(exc) == "zdq_test_gone_app.AppError: out of paper"
+    assert any("zdq_test_gone_app.AppError cannot be imported in this process" in n for n in exc.__notes__)
     assert _read(record, 102, payload, 102) == ("done", 7, None)  # type: ignore[arg-type]  # its own value reads well
     state, _, exc = _read(record, 103, payload, 103)  # type: ignore[arg-type]
     assert state == "failed" and isinstance(exc, ValueError) and str(exc) == "bad input"
     assert _read(record, 105, payload, 105)[0] == "unknown"  # type: ignore[arg-type]
+
+
+def test_results_that_do_not_load_even_with_stand_ins_say_so_naming_the_task() -> None:
+    import types
+
+    from zdq.client.by_id import _read
+    from zdq.codec.results import dumps_results
+    from zdq.errors import ZdqError
+
+    class Refuses:
+        def __reduce__(self) -> tuple[object, ...]:
+            return (_refuse, ())
+
+    payload = dumps_results(100, [Refuses()], {}, key=b"k" * 32)
+    record = types.SimpleNamespace(name="mails", payload_key=b"k" * 32)
+    with pytest.raises(ZdqError, match="task 100 of pool mails: its results cannot be read in this process"):
+        _read(record, 100, payload, 100)  # type: ignore[arg-type]
+
+
+def _refuse() -> None:
+    raise RuntimeError("not here")
 
 
 @pytest.mark.parametrize("key", [1 << 64, str(1 << 64), "99999999999999999999999999"])

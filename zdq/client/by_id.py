@@ -25,8 +25,9 @@ A unique task's follower reads as the task it follows (its results are that task
 
 Keys pass 2**53: a web app passes them as strings in JSON; a string of digits is taken here. A
 process that cannot import the app's classes still reads a task's state (done or failed: the
-results are read with stand-ins for the missing names); its value or exception is then a
-:class:`~zdq.errors.ZdqError` naming what is missing.
+results are read with stand-ins for the missing names); its value or exception is then the error
+the driver's future gives: a :class:`~zdq.errors.RemoteTaskError` of the task's exception (a note
+names what is missing), a :class:`~zdq.errors.SerializationError` for its value.
 
 No state here: each call asks the registry and the brokers afresh.
 """
@@ -40,16 +41,9 @@ from typing import Any
 
 from zdq.client import registry
 from zdq.names import check_pool_name
-from zdq.codec.results import (
-    ErrorInfo,
-    all_scalars,
-    error_to_exception,
-    loads_results,
-    unseal,
-)
+from zdq.codec.results import error_to_exception, loads_results
 from zdq.errors import (
-    LenientLoader,
-    Unimportable,
+    UnreadableResult,
     BrokerLost,
     DeadLettered,
     ProtocolError,
@@ -359,13 +353,19 @@ def _read(
     record: registry.PoolRecord, key: int, payload: bytes | None, holder: int
 ) -> tuple[str, Any, BaseException | None]:
     """The outcome of task ``key`` in its chunk's sealed results; ``holder`` is the task whose
-    results they are: ``key`` itself, or the unique task ``key`` followed."""
+    results they are: ``key`` itself, or the unique task ``key`` followed. Read as the driver reads
+    them (``lenient``): an outcome that holds a name this process cannot import is the error the
+    driver's future would raise (a :class:`RemoteTaskError` of the task's exception, noting the
+    name; a :class:`SerializationError` for a value), and costs no other task its outcome."""
     try:
-        base, values, errors = loads_results(payload, record.payload_key)
+        base, values, errors = loads_results(payload, record.payload_key, lenient=True)
     except ProtocolError:  # forged, or not results: said as it is
         raise
-    except Exception as e:  # noqa: BLE001 - mostly a class of the app's that this process cannot import
-        return _read_unimportable(record, key, payload, holder, e)
+    except Exception as e:  # noqa: BLE001 - they do not load here even with stand-ins: said so
+        raise ZdqError(
+            f"task {key} of pool {record.name}: its results cannot be read in this process ({type(e).__name__}: "
+            f"{e}): ask from a process that can import the app's code"
+        ) from e
     index = holder - base
     if not 0 <= index < len(values):
         return "unknown", None, None
@@ -373,51 +373,6 @@ def _read(
     if info is None:
         return "done", values[index], None
     exc = error_to_exception(info)
+    if isinstance(exc, UnreadableResult):  # it succeeded; its value does not load here
+        return "done", None, exc
     return ("cancelled" if isinstance(exc, TaskCancelled) else "failed"), None, exc
-
-
-def _read_unimportable(
-    record: registry.PoolRecord, key: int, payload: bytes | None, holder: int, cause: BaseException
-) -> tuple[str, Any, BaseException | None]:
-    """The state of task ``key`` whose results name what this process cannot import: done or
-    failed (read with stand-ins for the missing names); its value or exception is a
-    :class:`ZdqError` naming them. Raises :class:`ZdqError` if even the state cannot be read."""
-    where = f"task {key} of pool {record.name}"
-    loader = LenientLoader(unseal(record.payload_key, payload))
-    try:
-        base, values, errors = loader.load()
-        index = holder - base
-        info = errors.get(index) if 0 <= index < len(values) else None
-    except Exception as e:  # noqa: BLE001 - its results cannot be read here at all: said so
-        raise ZdqError(
-            f"{where}: its results cannot be read in this process ({cause}; then {e}): ask from a process "
-            "that can import the app's code"
-        ) from cause
-    if not 0 <= index < len(values):
-        return "unknown", None, None
-    if info is None:
-        value = values[index]
-        if all_scalars([value]):  # another task's value names what is missing, not this one's
-            return "done", value, None
-        missing = _missing(value, loader.missing, cause)
-        error = ZdqError(f"{where} is done, but its value cannot be read here: {missing} cannot be imported in this process")
-        return "done", None, error
-    exception = info.exception if isinstance(info, ErrorInfo) else None
-    if exception is not None and not isinstance(exception, Unimportable):  # its own exception reads well
-        return "failed", None, error_to_exception(info)
-    missing = _missing(exception, loader.missing, cause)
-    text = info.message if isinstance(info, ErrorInfo) and isinstance(info.message, str) else ""
-    type_name = info.type_name if isinstance(info, ErrorInfo) and isinstance(info.type_name, str) else "an exception"
-    error = ZdqError(
-        f"{where} failed with {type_name}: {text:.500}; the exception cannot be rebuilt here: {missing} cannot be "
-        "imported in this process"
-    )
-    return "failed", None, error
-
-
-def _missing(obj: object, names: list[str], cause: BaseException) -> str:
-    """What cannot be imported here for ``obj``: its own class if it stands for one, else every
-    name missing from its chunk's results (``obj`` may hold one deep inside)."""
-    if isinstance(obj, Unimportable):
-        return f"{type(obj).__module__}.{type(obj).__qualname__}"
-    return ", ".join(dict.fromkeys(names)) or str(cause)

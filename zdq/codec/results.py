@@ -226,10 +226,10 @@ def loads_results(payload: Any, key: bytes | None = None, *, lenient: bool = Fal
     """Check and unpickle results.
 
     ``lenient``: a name this process cannot import (a module only the workers have) costs only
-    the tasks whose value or exception holds it (:func:`_without_stand_ins`), not the chunk's
-    other results (reviewer 27c: one exception of such a class failed its nine neighbours).
-    Without it, it raises as ``pickle.loads`` does (:mod:`zdq.client.by_id` then reads them with
-    a :class:`LenientLoader` of its own, to say which names are missing).
+    the tasks whose value or exception holds it (:func:`~zdq.errors.without_stand_ins`), not the
+    chunk's other results (reviewer 27c: one exception of such a class failed its nine
+    neighbours); the driver and :mod:`zdq.client.by_id` read results so. Without it, it raises as
+    ``pickle.loads`` does.
 
     Raises
     ------

@@ -341,7 +341,8 @@ def _result(client: Any, args: argparse.Namespace) -> int:
     key = task_key(args.key)  # checked before connecting (see _live)
     state, value, error, why = outcome(args.pool, key, args.wait, client=client)
     if error is not None:
-        shown = " ".join(f"{type(error).__name__}: {error}".split())  # one line
+        notes = [n for n in getattr(error, "__notes__", ()) if isinstance(n, str) and n.startswith("zdq:")]
+        shown = " ".join(" ".join([f"{type(error).__name__}: {error}", *notes]).split())  # one line, zdq's notes too
     else:
         shown = repr(value) if state == "done" else ""
     if args.json:
