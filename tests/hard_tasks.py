@@ -114,3 +114,9 @@ class LoadsBadly:
 
 def return_loads_badly() -> LoadsBadly:
     return LoadsBadly()
+
+
+def return_a_lock() -> object:
+    import threading
+
+    return threading.Lock()

@@ -26,7 +26,7 @@ import pytest
 from distributed import Client
 
 from zdq import BrokerLost, BrokerUnreachable, ConsumerBaseClass, ConsumerPool, DeadLettered, QueuePool, TaskTimeout
-from zdq.errors import BatchError, NoConsumers, NoEligibleWorkers, RemoteTaskError, ZdqTimeoutError
+from zdq.errors import BatchError, NoConsumers, NoEligibleWorkers, RemoteTaskError, SerializationError, ZdqTimeoutError
 from zdq.transport.reach import WENT_SILENT
 from zdq._actor import scheduler_workers
 
@@ -191,7 +191,9 @@ def test_a_result_or_an_error_that_cannot_show_itself_fails_its_task_and_never_h
     """Describing such a result (for its error) or such an error (its message) raised inside the
     consumer, after the task ran: no report went, and the future waited for ever."""
     queue_pool = harness(1, 1, max_concurrency=max_concurrency)
-    with pytest.raises(RemoteTaskError, match="whose repr raised ValueError.*cannot be pickled"):
+    # zdq's error, not the task's: a SerializationError as itself (reviewer 28a: a RemoteTaskError
+    # saying the task raised it)
+    with pytest.raises(SerializationError, match="whose repr raised ValueError.*cannot be pickled"):
         queue_pool.submit(_undescribed).result(timeout=20)
     with pytest.raises(RemoteTaskError, match=r"_Mute: <the exception's str\(\) raised ValueError>"):
         queue_pool.submit(_mute).result(timeout=20)

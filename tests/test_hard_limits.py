@@ -22,7 +22,7 @@ import pytest
 from distributed import Client
 
 from zdq import ConsumerPool, QueuePool, TaskTimeout
-from zdq.errors import BatchError, RemoteTaskError, TaskProcessDied
+from zdq.errors import BatchError, RemoteTaskError, SerializationError, TaskProcessDied
 
 from .conftest import wait_until
 from .hard_tasks import (
@@ -37,6 +37,7 @@ from .hard_tasks import (
     raise_mute_two_arg_error,
     raise_new_wants_two,
     raise_two_arg_error,
+    return_a_lock,
     return_loads_badly,
     sleep_here,
     start_sleep_and_sleep,
@@ -201,6 +202,12 @@ def test_a_hard_tasks_exception_that_does_not_unpickle_comes_back_as_itself_and_
     assert isinstance(value, RemoteTaskError), value
     assert "could not unpickle the value or exception of its child process" in str(value)
     assert "refusing to load 'a LoadsBadly'" in str(value)
+    # A value that does not pickle is zdq's SerializationError, hard or not (reviewer 28a: a
+    # RemoteTaskError saying the task raised it).
+    for hard_task in (False, True):
+        options = {"time_limit": 30, "hard": True} if hard_task else {}
+        lock = queue_pool.submit(return_a_lock, **options).exception(timeout=60)
+        assert type(lock) is SerializationError and "cannot be pickled" in str(lock), (hard_task, repr(lock))
     assert queue_pool.submit(add, 2, 3, time_limit=30, hard=True).result(timeout=60) == 5
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import asyncio
 import concurrent.futures
 import threading
@@ -225,13 +226,17 @@ def test_results_that_each_fit_but_not_together_reach_their_futures_by_a_split(c
             stats = queue_pool.statistics()
             assert stats.driver.tasks_completed == 10 and stats.driver.tasks_failed == 0
             assert sum(b.chunks_split for b in stats.brokers) >= 1
-        # A result too large alone still fails its own task (after the split), and only it.
-        mixed = queue_pool.batch_submit([(blob, 2 << 20), (blob, 10)], batch_size=2)
+        # A result too large alone fails its own task, and only it, without a split: running the
+        # chunk's tasks again would not help it (reviewer 28a: 99 of 200 small tasks ran twice).
+        split = sum(b.chunks_split for b in queue_pool.statistics().brokers)
+        mixed = queue_pool.batch_submit([(blob, 2 << 20), (blob, 10), (blob, 20)], batch_size=3)
         with ConsumerPool(client, queue_pool, n_consumers=1, start=True):
             with pytest.raises(BatchError) as caught:
                 mixed.result(timeout=60)
-            assert list(caught.value.errors) == [0] and caught.value.values[1] == b"x" * 10
+            assert list(caught.value.errors) == [0] and caught.value.values[1:] == [b"x" * 10, b"x" * 20]
             assert isinstance(caught.value.errors[0], SerializationError)
+            assert re.search(r"the result of task \d+ pickles to \d+ bytes, more than", str(caught.value.errors[0]))
+        assert sum(b.chunks_split for b in queue_pool.statistics().brokers) == split
 
 
 def test_tasks_of_a_chunk_split_for_the_size_of_its_results_ran_and_are_never_cancelled_as_not_started(

@@ -113,6 +113,26 @@ def test_a_high_priority_task_overtakes_ten_thousand_queued_ones(client: Client)
         assert sum(start < first for start in starts) == 0
 
 
+@pytest.mark.parametrize("way", ["batch_submit", "map"])
+def test_a_batch_after_tasks_submitted_alone_runs_after_them_first_in_first_out(client: Client, way: str) -> None:
+    # Reviewer 28a: tasks submitted alone wait in the driver to be packed together; a batch's
+    # chunk went straight into line, ahead of them (a b d e c f, 9 runs of 9).
+    with QueuePool(client, 1) as queue_pool:
+        for _ in range(3):
+            before = [queue_pool.submit(started_at) for _ in range(3)]
+            if way == "map":
+                batch = queue_pool.map(started_at, [None, None])
+            else:
+                batch = queue_pool.batch_submit([(started_at,), (started_at,)])
+            after = queue_pool.submit(started_at)
+            queue_pool.flush(timeout=30)  # all in line before the consumer asks
+            with ConsumerPool(client, queue_pool, n_consumers=1, start=True):
+                firsts = [f.result(timeout=60) for f in before]
+                middle = [f.result(timeout=60) for f in batch] if way == "map" else batch.result(timeout=60)
+                starts = [*firsts, *middle, after.result(timeout=60)]
+            assert starts == sorted(starts), starts
+
+
 @pytest.mark.faults
 def test_a_delayed_task_on_a_durable_queue_survives_its_broker_worker_being_killed_and_runs_at_its_time(
     client3: Client, tmp_path: Path

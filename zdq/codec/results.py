@@ -155,12 +155,7 @@ def fit_results(
         if total <= max_bytes:
             break
         values[i] = None
-        beside = "," if size > max_bytes or len(values) == 1 else ": with the rest of its chunk's results,"
-        errors[i] = _error(
-            f"the result of task {base_task_id + i} pickles to {size} bytes{beside} more than the {max_bytes} "
-            "bytes a consumer's report may carry (max-message-size, less room for its frames): return large "
-            "data by reference (a path, a URL, a Dask future)"
-        )
+        errors[i] = _too_large(base_task_id + i, size, max_bytes, alone=size > max_bytes or len(values) == 1)
         total -= size
     payload = _dumps_results(base_task_id, values, errors, key)
     if len(payload) > max_bytes:  # the errors themselves are too large (huge tracebacks)
@@ -171,6 +166,34 @@ def fit_results(
         errors = dict.fromkeys(range(len(values)), _error(why))
         payload = _dumps_results(base_task_id, [None] * len(values), errors, key)
     return payload, errors
+
+
+def too_large_alone(
+    base_task_id: int, values: list[Any], errors: dict[int, ErrorInfo], key: bytes | None, max_bytes: int
+) -> dict[int, ErrorInfo]:
+    """The errors of the values in a chunk's results that are too large for a report even alone
+    (each a :class:`SerializationError` naming its task and size): running their chunk's tasks
+    again one by one would not help them (reviewer 28a: one such value had a chunk of 200 run
+    twice, itself among them)."""
+    found: dict[int, ErrorInfo] = {}
+    for i, value in enumerate(values):
+        if i not in errors:
+            try:
+                size = len(_dumps_results(base_task_id + i, [value], {}, key))
+            except Exception:  # noqa: BLE001 - pickling it failed: it is a SerializationError of its own later
+                continue
+            if size > max_bytes:
+                found[i] = _too_large(base_task_id + i, size, max_bytes, alone=True)
+    return found
+
+
+def _too_large(task_id: int, size: int, max_bytes: int, *, alone: bool) -> ErrorInfo:
+    beside = "," if alone else ": with the rest of its chunk's results,"
+    return _error(
+        f"the result of task {task_id} pickles to {size} bytes{beside} more than the {max_bytes} "
+        "bytes a consumer's report may carry (max-message-size, less room for its frames): return large "
+        "data by reference (a path, a URL, a Dask future)"
+    )
 
 
 def dumps_whole_results(
@@ -205,10 +228,8 @@ def _dumps_results(base_task_id: int, values: list[Any], errors: dict[int, Error
         try:
             cloudpickle.dumps(value, protocol=PROTOCOL)
         except Exception as e:
-            values[i] = None
-            errors[i] = ErrorInfo(
-                None, "zdq.errors.SerializationError", f"the result {_describe(value)} cannot be pickled: {e}", ""
-            )
+            values[i] = None  # zdq's error, not the task's: a SerializationError, as a value too large is
+            errors[i] = _error(f"the result {_describe(value)} cannot be pickled: {e}")
     for i, info in list(errors.items()):
         try:
             cloudpickle.dumps(info, protocol=PROTOCOL)
@@ -218,7 +239,7 @@ def _dumps_results(base_task_id: int, values: list[Any], errors: dict[int, Error
         return seal(key, cloudpickle.dumps((base_task_id, values, errors), protocol=PROTOCOL))
     except Exception as e:  # each pickles alone, not together: every task's outcome is this error
         # (the consumer reports whatever this returns: raising here would leave the chunk unreported)
-        info = ErrorInfo(None, "zdq.errors.SerializationError", f"the results of this chunk cannot be pickled together: {e!r:.300}", "")
+        info = _error(f"the results of this chunk cannot be pickled together: {e!r:.300}")
         return seal(key, pickle.dumps((base_task_id, [None] * len(values), dict.fromkeys(range(len(values)), info)), protocol=PROTOCOL))
 
 

@@ -124,12 +124,14 @@ def _answer(dumps: Any, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any] |
                 return _as_its_parts(dumps, reply[1], reply[2])
         return data
     except Exception as e:  # noqa: BLE001 - the value or the exception does not pickle
-        what = "exception" if reply[0] is False else "value"
-        error = reply[1] if reply[0] is False else e
-        kind = type(error)
-        message = f"{error}" if reply[0] is False else f"the task's value cannot be pickled to leave its process: {e}"
-        text = reply[2] if reply[0] is False else ""
-        return dumps((False, None, f"{kind.__module__}.{kind.__qualname__}", f"{message} ({what} not picklable)", text))
+        if reply[0] is True:  # zdq's error, not the task's: the parent raises it as itself
+            return dumps((False, None, SERIALIZATION_ERROR, f"the task's value cannot be pickled to leave its process: {e}", ""))
+        kind = type(reply[1])
+        return dumps((False, None, f"{kind.__module__}.{kind.__qualname__}", f"{reply[1]} (exception not picklable)", reply[2]))
+
+
+#: The type name of the child's answer for a value that does not pickle (no zdq import here).
+SERIALIZATION_ERROR = "zdq.errors.SerializationError"
 
 
 def _as_its_parts(dumps: Any, error: BaseException, text: str) -> bytes:

@@ -45,7 +45,7 @@ from typing import Any
 import cloudpickle
 
 from zdq.codec.results import PROTOCOL
-from zdq.consumer.child import HEADER, STARTED
+from zdq.consumer.child import HEADER, SERIALIZATION_ERROR, STARTED
 from zdq.errors import RemoteTaskError, SerializationError, TaskProcessDied, TaskTimeout, made_without_init
 
 __all__ = ["Child", "Children"]
@@ -153,6 +153,8 @@ class Child:
                 if reply[4] and hasattr(made, "add_note"):
                     made.add_note(f"raised in the task's child process {self.pid}:\n{reply[4].rstrip()}")
                 raise made
+        if reply[2] == SERIALIZATION_ERROR:  # the value did not pickle: zdq's error, as a worker's own task's
+            raise SerializationError(reply[3])
         raise RemoteTaskError(reply[2], reply[3], reply[4])
 
     def _loads(self, answer: bytes, tid: int) -> tuple[Any, ...]:

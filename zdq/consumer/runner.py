@@ -38,6 +38,7 @@ from zdq.codec.results import (
     UNKNOWN_BASE,
     ErrorInfo,
     dumps_whole_results,
+    too_large_alone,
     error_info,
     fit_results,
 )
@@ -653,7 +654,9 @@ class Runner:
             if self._save is not None:
                 errors = self._saved(run.kind, run.tasks, run.base, run.values, errors)
             payload = dumps_whole_results(run.base, run.values, errors, self._payload_key, self._max_bytes)
-            if payload is None:  # the results do not fit together
+            if payload is None and self._max_bytes is not None:  # they do not fit together
+                payload, errors = _without_too_large(run, errors, self._payload_key, self._max_bytes)
+            if payload is None:  # the rest do not fit together either
                 if self._may_split(run, n):
                     self._split_oversized(run)
                     return
@@ -710,6 +713,20 @@ class Runner:
                 self._where, run.chunk_id, len(tasks),
             )
         self._post(run.broker, p.Split(run.chunk_id, split_chunk((run.base, run.kind, tasks, run.options), self._payload_key)))
+
+
+def _without_too_large(
+    run: ChunkRun, errors: dict[int, ErrorInfo], key: bytes | None, max_bytes: int
+) -> tuple[bytes | None, dict[int, ErrorInfo]]:
+    """``run``'s results with the values too large even alone failed (they would fail alone after
+    a split too): the results, or None if the rest still do not fit together."""
+    alone = too_large_alone(run.base, run.values, errors, key, max_bytes)
+    if not alone:
+        return None, errors
+    for i in alone:
+        run.values[i] = None
+    errors = {**errors, **alone}
+    return dumps_whole_results(run.base, run.values, errors, key, max_bytes), errors
 
 
 def _listing(handler: Any) -> Callable[[Any], Any]:
