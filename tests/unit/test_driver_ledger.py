@@ -125,6 +125,18 @@ def test_a_submission_timeout_says_what_the_driver_holds_and_what_the_links_say(
         ledger.submit_task(task(), timeout=0)
 
 
+def test_a_chunk_goes_in_line_after_the_tasks_submitted_alone_before_it() -> None:
+    # Reviewer 28a: a batch's chunk went into line ahead of loose tasks submitted before it.
+    ledger = make()
+    first = submit(ledger, 3)
+    with pytest.raises(SubmitTimeout):  # they are not packed yet (the I/O thread packs them)
+        chunk(ledger, 2)
+    assert not ledger.queued and ledger.outstanding == 3  # the chunk queued nothing
+    ledger.coalesce(1, 0)
+    base, rec = chunk(ledger, 2)
+    assert [r.base for r in ledger.queued] == [first[0].key, base] and rec is ledger.queued[-1]
+
+
 def test_a_task_larger_than_the_byte_budget_fits_an_empty_buffer() -> None:
     ledger = make(buffer_bytes=10)
     fut = ledger.submit_task(task())
@@ -151,10 +163,10 @@ def test_the_io_thread_is_woken_by_the_first_loose_task_and_by_every_chunk() -> 
     ledger = make()
     wakes: list[int] = []
     ledger.wake = lambda: wakes.append(1)
+    chunk(ledger)
+    chunk(ledger)
+    assert len(wakes) == 2
     submit(ledger, 3)
-    assert len(wakes) == 1
-    chunk(ledger)
-    chunk(ledger)
     assert len(wakes) == 3
 
 
@@ -919,10 +931,10 @@ def test_a_lost_consumers_chunk_fails_and_an_unknown_one_is_ignored() -> None:
 
 def test_failing_everything_empties_every_buffer_and_settles_every_future() -> None:
     ledger = make()
-    loose = submit(ledger, 2)
     chunk(ledger, 2, sink=[TaskFuture(0), TaskFuture(1)])
     chunk(ledger, 1, sink=[TaskFuture(2)])
     confirmed(ledger)
+    loose = submit(ledger, 2)
     ledger.outcomes.fail_everything(ClosedError("closed"))
     assert all(isinstance(f.exception(0), ClosedError) for f in loose)
     c = counts(ledger)
@@ -935,20 +947,20 @@ def test_failing_everything_counts_the_tasks_it_failed_and_none_once_nothing_is_
     # The count is what the pool's log says when its Dask client closes under it: an error only
     # when tasks were pending.
     ledger = make()
-    submit(ledger, 2)
     chunk(ledger, 3)
     rec = confirmed(ledger)
     results(ledger, rec, [None])  # one of the chunk's tasks has its outcome: not counted
+    submit(ledger, 2)
     assert ledger.outcomes.fail_everything(ClosedError("closed")) == 4
     assert ledger.outcomes.fail_everything(ClosedError("closed")) == 0
 
 
 def test_failing_the_unsent_tasks_keeps_those_a_broker_holds() -> None:
     ledger = make()
-    submit(ledger, 2)
-    chunk(ledger, 1)
     chunk(ledger, 1)
     held = confirmed(ledger)
+    chunk(ledger, 1)
+    submit(ledger, 2)
     assert ledger.outcomes.fail_unsent(ZdqError("unreachable")) == 3
     assert list(ledger.records) == [held.seq] and ledger.buffered_chunks == 0 and ledger.buffered_bytes == 0
 
