@@ -106,6 +106,29 @@ def test_results_stay_stored_until_the_driver_acknowledges_them(
     assert stats.leased_chunks == 0 and stats.ready_chunks == 0 and stats.chunks_acked == 1
 
 
+def test_a_consumer_that_speaks_as_a_driver_gives_back_the_chunks_it_held(
+    broker: tuple[BrokerCore, str], peers: tuple[zmq.Socket, zmq.Socket]
+) -> None:
+    # Reviewer 28b: a peer took a chunk as a consumer, then said HELLO as a driver: its lease was
+    # never expired (only consumers are), and the task never ran.
+    core, driver, consumer = broker[0], *peers
+    driver.send_multipart(p.encode(p.Put(1, 2, b"chunk")))
+    assert isinstance(_recv(driver), p.Confirm)
+    consumer.send_multipart(p.encode(p.Fetch(1)))
+    assert isinstance(_recv(consumer), p.Deliver)
+    assert core.control.statistics().leased_chunks == 1
+    consumer.send_multipart(p.encode(p.Hello(p.Role.DRIVER, b"turncoat")))
+    wait_until(lambda: core.control.statistics().ready_chunks == 1, timeout=5)
+    assert core.control.statistics().leased_chunks == 0
+    honest = _peer(consumer.context, broker[1], p.Role.CONSUMER)
+    try:
+        honest.send_multipart(p.encode(p.Fetch(1)))
+        again = _recv(honest)
+        assert isinstance(again, p.Deliver) and bytes(again.chunk) == b"chunk"  # type: ignore[arg-type]
+    finally:
+        honest.close(linger=0)
+
+
 def test_results_that_come_before_the_held_back_confirm_replace_it(
     broker: tuple[BrokerCore, str], peers: tuple[zmq.Socket, zmq.Socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -43,6 +43,24 @@ def test_a_chunk_goes_ready_leased_done_and_is_gone_only_after_its_drivers_recei
     assert table.counts().done_tasks == 0
 
 
+def test_a_late_done_of_a_chunk_parked_since_its_lease_ended_takes_it_back_and_counts_stay_true(
+    table: LeaseTable,
+) -> None:
+    # Reviewer 28b: the chunk had gone back and been parked (its rate key's bucket empty) before
+    # its holder's DONE was handled: the DONE was kept without taking it back, the leased counts
+    # went negative, and the broker's next SYNC answer could not be encoded.
+    (chunk_id,) = _put(table, 1)
+    table.lease(A)
+    assert table.expire(A)[0] == [chunk_id]
+    table.storage.park(chunk_id)
+    assert table.counts().delayed_tasks == 10
+    held = table.finish(chunk_id, A, b"results")
+    assert held is not None and held.done
+    counts = table.counts()
+    assert (counts.ready_tasks, counts.delayed_tasks, counts.leased_chunks, counts.leased_tasks) == (0, 0, 0, 0)
+    assert counts.done_tasks == 10 and table.lease(B) is None  # it never runs again
+
+
 def test_a_second_done_of_the_same_chunk_is_a_duplicate(table: LeaseTable) -> None:
     (chunk_id,) = _put(table, 1)
     table.lease(A)

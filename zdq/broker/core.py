@@ -44,6 +44,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import struct
 import threading
 import time
 from typing import Any, Callable
@@ -118,6 +119,17 @@ class _Round:
         self.early_acks = False
         self.unique = False  # a PUT of the round carries a unique key
 
+
+
+def _answer_sync(core: BrokerCore, ident: bytes, status: p.QueueStatus) -> None:
+    """Send a SYNC's answer. One that cannot be encoded (a count out of its field's range: a
+    bookkeeping fault) is logged and dropped, never the loop's end (reviewer 28b: a peer's
+    flood drove a count negative, and the next SYNC, the driver's own, ended the loop)."""
+    try:
+        core._send(ident, status)
+    except (struct.error, OverflowError, ValueError) as e:
+        core.counters.bad_messages += 1
+        logger.error("broker %s: a SYNC's answer could not be sent (%s): %r", core.name, e, status)
 
 
 def _catch_up(polled: list[Any], lock: Any, round_: Callable[[], None], ready: bool) -> None:
@@ -402,7 +414,7 @@ class BrokerCore:
         if work.syncs:
             syncs, work.syncs = work.syncs, []
             for ident, sync in syncs:
-                self._send(ident, routing.status(ident, sync))
+                _answer_sync(self, ident, routing.status(ident, sync))
         if self._rates.active or self._ready.n:  # Dispatch.run's own first test, without its call
             self._chunks_out.run(now)
         if self._durable:
@@ -582,6 +594,11 @@ class BrokerCore:
     # -- peers ----------------------------------------------------------------------------------
     def _driver_heard(self, ident: bytes, work: _Round) -> Peer:
         work.drivers_heard.add(ident)
+        was = self._peers.get(ident)
+        if was is not None and was.role is p.Role.CONSUMER:
+            # A peer is one role at a time: a consumer that speaks as a driver gives back what it
+            # held, or its chunks would be leased to no consumer for ever (reviewer 28b).
+            self._expire(ident, was, count_attempt=False)
         return self._peer_table.driver(ident, work.now)
 
     def _expire(self, ident: bytes, consumer: Peer, *, count_attempt: bool = True) -> None:

@@ -323,7 +323,13 @@ class LeaseTable:
             if meta is None or self.storage.is_dead(chunk_id):
                 return None
             if not self.storage.is_leased(chunk_id):
-                self.storage.take_back(chunk_id)
+                # Delayed, or parked by its rate key, it leaves its heap first (as an expiry's);
+                # one that cannot be taken back runs again rather than be counted twice (reviewer
+                # 28b: a DONE in the round its holder's lease ended, of a chunk parked since,
+                # drove the leased counts negative and the next SYNC's answer ended the loop).
+                self.storage.release_now(chunk_id)
+                if not self.storage.take_back(chunk_id):
+                    return None
             held = self._held[chunk_id] = Held(meta, None)
         elif held.results is not None:
             return None

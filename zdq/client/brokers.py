@@ -86,8 +86,8 @@ def make_keys(client: Client, auth: bool, name: str) -> PoolKeys | None:
         raise ZdqError("this Dask cluster is secured with TLS: zdq will not run its sockets unauthenticated (auth=False)")
     logger.warning(
         "zdq pool %s runs WITHOUT authentication (auth=False): anyone who can reach its brokers' "
-        "ports can submit tasks, which means running code on your workers. Use this on trusted "
-        "networks only.",
+        "ports can submit tasks, which means running code on your workers, and send forged results, which "
+        "this process unpickles (running code here too). Use this on trusted networks only.",
         name,
     )
     return None

@@ -204,7 +204,9 @@ def _dead_letters(client: Any, args: argparse.Namespace) -> int:
         return 0 if all(isinstance(f, list) for f in letters.values()) else 1
     chunks = args.chunk or None
     what = f"chunks {', '.join(map(str, chunks))}" if chunks else "every dead letter"
-    if args.action == "purge" and not _confirm(args, f"delete {what} of {', '.join(q['name'] for q in queues)}"):
+    where = ", ".join(q["name"] for q in queues)
+    where = f"whichever of {where} holds them" if chunks and len(queues) > 1 else where
+    if args.action == "purge" and not _confirm(args, f"delete {what} of {where}"):
         print("nothing purged", file=sys.stderr)
         return 1
     done = remote.act(client, queues, f"{args.action}-dead", args.timeout, chunks)
@@ -372,7 +374,7 @@ def add_parsers(sub: Any) -> None:
                         help="print it again every SECONDS (default 1) until interrupted")
     status.set_defaults(func=_live(_status))
 
-    purge = sub.add_parser("purge", help="cancel the ready tasks of a live pool (or one queue): they never run")
+    purge = sub.add_parser("purge", help="cancel the ready and delayed tasks of a live pool (or one queue): they never run")
     _live_options(purge)
     purge.add_argument("pool", help="the pool's name (as `zdq status` shows it)")
     purge.add_argument("queue", nargs="?", default=None, help="one queue: its name or index (default: all)")
