@@ -207,14 +207,6 @@ def blob(n_bytes: int) -> bytes:
     return b"x" * n_bytes
 
 
-def start_noted(path: str, i: int, seconds: float) -> int:
-    """Note ``i``, this process's pid and the wall clock in ``path`` (one line, appended), then sleep."""
-    with open(path, "a") as f:
-        f.write(f"{i} {os.getpid()} {time.time()!r}\n")
-    time.sleep(seconds)
-    return i
-
-
 def marked_blob(directory: str, i: int, n_bytes: int, seconds: float) -> bytes:
     """``blob``, each run of task ``i`` marked with an ``x`` in ``directory/i``, after ``seconds``."""
     with open(os.path.join(directory, str(i)), "a") as f:

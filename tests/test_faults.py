@@ -54,7 +54,6 @@ from .tasks import (
     mark_and_sleep,
     raise_loads_badly,
     raise_two_arg_error,
-    start_noted,
     sleep,
     sleep_return,
 )
@@ -1134,35 +1133,6 @@ def test_an_idle_consumer_whose_worker_was_stopped_past_the_heartbeat_timeout_is
             lambda: all(b.consumer_names == (name,) for b in queue_pool.statistics().brokers), timeout=30, interval=0.2
         )
         assert queue_pool.batch_submit([(len, "abcd")] * 200).result(timeout=60) == [4] * 200
-
-
-def test_a_consumer_resumed_after_a_stop_past_the_heartbeat_timeout_starts_no_more_tasks_of_the_chunk_it_held(
-    client_abc: Client, tmp_path: Path
-) -> None:
-    # Reviewer 28d: resumed after its chunk had been run by another consumer (and its pool
-    # closed), a consumer started four more of that chunk's tasks.
-    client3, log = client_abc, tmp_path / "starts"
-    with (
-        QueuePool(client3, 1, workers=["a"], heartbeat_interval="250ms", heartbeat_timeout="2s") as queue_pool,
-        ConsumerPool(client3, queue_pool, n_consumers=1, workers=["c"], start=True),
-        ConsumerPool(client3, queue_pool, n_consumers=1, workers=["b"]) as spare,
-    ):
-        batch = queue_pool.batch_submit([(start_noted, str(log), i, 0.2) for i in range(20)], batch_size=20)
-        wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 3, timeout=30, interval=0.02)
-        pid = pid_of(client3, "c")
-        stop_process(pid)
-        try:
-            spare.start()  # the queue takes the chunk back from the silent consumer and runs it here
-            assert batch.result(timeout=60) == list(range(20))
-        finally:
-            os.kill(pid, signal.SIGCONT)
-            resumed = time.time()
-        time.sleep(2)
-        late = [line for line in log.read_text().splitlines() if line.split()[1] == str(pid) and float(line.split()[2]) > resumed]
-        # The task it was running when stopped runs on (Python cannot stop a thread); at most one
-        # more may start before the socket thread, resumed too, sees the stall.
-        assert len(late) <= 1, late
-        assert queue_pool.batch_submit([(len, "ab")] * 50).result(timeout=60) == [2] * 50  # both serve on
 
 
 def test_a_function_the_workers_cannot_import_fails_its_tasks_with_a_clear_error(

@@ -621,8 +621,8 @@ def say_unanswered(what: str, name: str, worker: str, timeout: float) -> None:
     """Warn that ``what`` ``name`` on ``worker`` did not answer its stop within ``timeout``."""
     logger.warning(
         "close: %s %s on %s did not answer its stop within %g s (its worker is stopped, or too busy); "
-        "released without its answer: it stops once its worker runs again and finds it released (a consumer "
-        "stopped past heartbeat-timeout starts no more tasks of the chunks it held)",
+        "released without its answer: it stops once its worker runs again and Dask drops its actor (a consumer "
+        "may start more tasks of the chunk it held until then: they run twice, as at least once allows)",
         what, name, worker or "its worker", timeout,
     )
 

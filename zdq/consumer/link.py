@@ -339,25 +339,6 @@ class Link:
         if self._heard.silent.pop(i, None) is not None:
             logger.warning("consumer %s hears queue %s at %s again", self.name, self._queues[i], self._endpoints[i])
 
-    def _after_stall(self, silent: float) -> None:
-        """(The socket owner.) This consumer did not run for ``silent`` seconds, past its
-        heartbeat timeout: its brokers may have taken it for gone and given its chunks to other
-        consumers (reviewer 28d: resumed after its pool's close, it started four more tasks of a
-        chunk run elsewhere meanwhile). The chunks it holds start no more tasks here and send no
-        DONE; it says HELLO again, so that a broker that did not take it for gone gives them back
-        to its queue (as on a reconnect: they may have started, and run again)."""
-        runner, links, cr = self._runner, self._links, self._credit
-        assert runner is not None and links is not None and cr is not None
-        logger.warning(
-            "consumer %s did not run for %.1f s (its process was stopped or starved), past heartbeat-timeout: "
-            "the chunks it held start no more tasks here and go back to their queues",
-            self.name, silent,
-        )
-        for i in range(len(links.socks)):
-            runner.broker_replaced(i)
-            cr.forget(i)
-            links.hello(i)
-
     def _check_reach(self, now: float) -> None:
         """Report the brokers not heard from ``connect-timeout`` after connecting: never silently idle."""
         assert self._heard is not None and self._links is not None
@@ -535,8 +516,6 @@ class Link:
                     # This loop did not run for beats (its process stopped or starved): the
                     # brokers' heartbeats are still unread, not missing.
                     reach.was_deaf(now)
-                    if now - self._next_beat + beat > self._settings.heartbeat_timeout:
-                        self._after_stall(now - self._next_beat + beat)
                 if not self._alive():
                     logger.info("consumer %s: its actor was released; stopping", self.name)
                     self._abandon("its actor was released")
