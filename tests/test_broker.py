@@ -56,6 +56,16 @@ def _peer(ctx: zmq.Context, endpoint: str, role: p.Role) -> zmq.Socket:
     return sock
 
 
+def _leased(driver: zmq.Socket, consumer: zmq.Socket, n_tasks: int) -> p.Deliver:
+    """A chunk of ``n_tasks`` put by ``driver`` (confirmed), then delivered to ``consumer``."""
+    driver.send_multipart(p.encode(p.Put(1, n_tasks, b"chunk")))
+    assert isinstance(_recv(driver), p.Confirm)
+    consumer.send_multipart(p.encode(p.Fetch(1)))
+    deliver = _recv(consumer)
+    assert isinstance(deliver, p.Deliver)
+    return deliver
+
+
 @pytest.fixture
 def peers(broker: tuple[BrokerCore, str], zmq_ctx: zmq.Context) -> Iterator[tuple[zmq.Socket, zmq.Socket]]:
     """A driver and a consumer, introduced to the broker."""
@@ -92,11 +102,7 @@ def test_results_stay_stored_until_the_driver_acknowledges_them(
     broker: tuple[BrokerCore, str], peers: tuple[zmq.Socket, zmq.Socket]
 ) -> None:
     core, driver, consumer = broker[0], *peers
-    driver.send_multipart(p.encode(p.Put(1, 4, b"chunk")))
-    assert isinstance(_recv(driver), p.Confirm)
-    consumer.send_multipart(p.encode(p.Fetch(1)))
-    deliver = _recv(consumer)
-    assert isinstance(deliver, p.Deliver)
+    deliver = _leased(driver, consumer, 4)
     consumer.send_multipart(p.encode(p.Done(deliver.chunk_id, 4, b"results")))
     assert isinstance(_recv(driver), p.Results)
     wait_until(lambda: core.control.statistics().awaiting_tasks == 4)
@@ -112,10 +118,7 @@ def test_a_consumer_that_speaks_as_a_driver_gives_back_the_chunks_it_held(
     # Reviewer 28b: a peer took a chunk as a consumer, then said HELLO as a driver: its lease was
     # never expired (only consumers are), and the task never ran.
     core, driver, consumer = broker[0], *peers
-    driver.send_multipart(p.encode(p.Put(1, 2, b"chunk")))
-    assert isinstance(_recv(driver), p.Confirm)
-    consumer.send_multipart(p.encode(p.Fetch(1)))
-    assert isinstance(_recv(consumer), p.Deliver)
+    _leased(driver, consumer, 2)
     assert core.control.statistics().leased_chunks == 1
     consumer.send_multipart(p.encode(p.Hello(p.Role.DRIVER, b"turncoat")))
     wait_until(lambda: core.control.statistics().ready_chunks == 1, timeout=5)
