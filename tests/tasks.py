@@ -203,6 +203,10 @@ def document(path: str, doc: int, pages: int) -> int:
     return pages
 
 
+def raise_large(n_bytes: int) -> None:
+    raise ValueError("e" * n_bytes)
+
+
 def blob(n_bytes: int) -> bytes:
     return b"x" * n_bytes
 

@@ -1394,7 +1394,12 @@ def test_the_control_calls_to_a_queue_whose_worker_was_killed_say_it_is_lost_nev
     ):
         key = qp.submit(add, 1, 2)
         assert key.result(timeout=30) == 3
+        victim = qp.workers()[0]
         os.kill(broker_pid(qp, 0), signal.SIGKILL)
+        # What is tested is how zdq reads Dask's word that the worker is lost: on a loaded host
+        # (CI's own suite beside it) the scheduler took over 3 s to hear of the death, and the
+        # calls then timed out as against a stopped worker, which they could not tell apart.
+        wait_until(lambda: victim not in scheduler_workers(client3), timeout=30, interval=0.05)
         calls = {
             "dead_letters": lambda: qp.dead_letters(timeout=3),
             "set_rate_limit": lambda: qp.set_rate_limit(None, timeout=3),

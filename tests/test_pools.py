@@ -14,11 +14,11 @@ from distributed import Client
 
 import zdq
 from zdq import ConsumerBaseClass, ConsumerPool, QueuePool
-from zdq.errors import BatchError, ClosedError, SerializationError
+from zdq.errors import BatchError, ClosedError, RemoteTaskError, SerializationError
 from zdq._actor import scheduler_workers
 
 from .conftest import wait_until
-from .tasks import add, blob, fail, marked_blob, noop, process_item, sleep
+from .tasks import add, blob, fail, marked_blob, noop, process_item, raise_large, sleep
 
 
 def test_a_daskqueue_program_runs_with_only_the_import_changed(client: Client) -> None:
@@ -236,6 +236,15 @@ def test_results_that_each_fit_but_not_together_reach_their_futures_by_a_split(c
             assert list(caught.value.errors) == [0] and caught.value.values[1:] == [b"x" * 10, b"x" * 20]
             assert isinstance(caught.value.errors[0], SerializationError)
             assert re.search(r"the result of task \d+ pickles to \d+ bytes, more than", str(caught.value.errors[0]))
+            # So does an exception too large alone (reviewer 28e), keeping its type and its text's head.
+            raised = queue_pool.batch_submit([(blob, 10), (raise_large, 2 << 20), (blob, 20)], batch_size=3)
+            with pytest.raises(BatchError) as caught:
+                raised.result(timeout=60)
+            assert list(caught.value.errors) == [1] and caught.value.values[::2] == [b"x" * 10, b"x" * 20]
+            error = caught.value.errors[1]
+            assert isinstance(error, RemoteTaskError) and error.type_name == "builtins.ValueError", repr(error)[:200]
+            assert str(error).startswith("builtins.ValueError: eeee") and str(error).endswith(" bytes)")
+            assert "(cut: the error pickled to" in str(error)
         assert sum(b.chunks_split for b in queue_pool.statistics().brokers) == split
 
 

@@ -398,3 +398,21 @@ def test_the_error_of_an_outcome_that_holds_a_missing_name_names_that_one_not_ev
     _, _, failed = loads_results(payload, lenient=True)
     assert f"{module.__name__}.Thing cannot be imported" in failed[0].message and "WList" not in failed[0].message
     assert f"{module.__name__}.WList cannot be imported" in failed[1].message and "Thing" not in failed[1].message
+
+
+def test_a_module_given_as_a_value_that_this_process_lacks_costs_only_its_own_task() -> None:
+    # Reviewer 28e: cloudpickle names a module by importing it, inside a function this process
+    # has: the import failed the whole chunk's loading, its other tasks' outcomes with it.
+    import sys
+    import types
+
+    module = types.ModuleType("zdq_test_gone_mod")
+    sys.modules[module.__name__] = module
+    try:
+        payload = dumps_results(100, [module, 7], {}, KEY)
+    finally:
+        del sys.modules[module.__name__]
+    base, values, errors = loads_results(payload, KEY, lenient=True)
+    assert (base, values[1], list(errors)) == (100, 7, [0])
+    assert isinstance(errors[0].exception, SerializationError)
+    assert "module zdq_test_gone_mod cannot be imported in this process" in errors[0].message

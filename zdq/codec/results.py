@@ -171,19 +171,28 @@ def fit_results(
 def too_large_alone(
     base_task_id: int, values: list[Any], errors: dict[int, ErrorInfo], key: bytes | None, max_bytes: int
 ) -> dict[int, ErrorInfo]:
-    """The errors of the values in a chunk's results that are too large for a report even alone
-    (each a :class:`SerializationError` naming its task and size): running their chunk's tasks
-    again one by one would not help them (reviewer 28a: one such value had a chunk of 200 run
-    twice, itself among them)."""
+    """The errors of the outcomes in a chunk's results that are too large for a report even alone:
+    a value's is a :class:`SerializationError` naming its task and size; an exception's is its
+    type and the head of its text and traceback (raised as a :class:`RemoteTaskError`), if that
+    fits. Running their chunk's tasks again one by one would not help them (reviewer 28a: one
+    such value had a chunk of 200 run twice, itself among them)."""
     found: dict[int, ErrorInfo] = {}
     for i, value in enumerate(values):
-        if i not in errors:
-            try:
-                size = len(_dumps_results(base_task_id + i, [value], {}, key))
-            except Exception:  # noqa: BLE001 - pickling it failed: it is a SerializationError of its own later
+        outcome: tuple[list[Any], dict[int, ErrorInfo]] = ([None], {0: errors[i]}) if i in errors else ([value], {})
+        try:
+            size = len(_dumps_results(base_task_id + i, *outcome, key))
+        except Exception:  # noqa: BLE001 - pickling it failed: it is a SerializationError of its own later
+            continue
+        if size <= max_bytes:
+            continue
+        if i in errors:  # an exception too large (reviewer 28e): its type and the head of its text go
+            info = errors[i]
+            text = f"{str(info.message)[:4000]} (cut: the error pickled to {size} bytes)"
+            cut = ErrorInfo(None, info.type_name, text, str(info.traceback)[-4000:])
+            if len(_dumps_results(base_task_id + i, [None], {0: cut}, key)) <= max_bytes:
+                found[i] = cut
                 continue
-            if size > max_bytes:
-                found[i] = _too_large(base_task_id + i, size, max_bytes, alone=True)
+        found[i] = _too_large(base_task_id + i, size, max_bytes, alone=True)
     return found
 
 

@@ -175,6 +175,7 @@ class Ledger:
         self.cond = SignalSafeCondition()  # a Ctrl-C in a with-statement on it never leaves it held
         # -- under cond --------------------------------------------------------------------------
         self.loose: list[Loose] = []
+        self.consumers = 0  # the consumers the I/O thread last packed loose tasks for
         self.queued: deque[Record] = deque()
         #: Records of unique tasks, queued for the one broker that owns their key (by its index):
         #: never sent to another. A deque is made when used and dropped when empty.
@@ -314,7 +315,7 @@ class Ledger:
             if self.max_pending is not None:
                 self._wait_unfinished(n, timeout)
             if self.loose or self.packing is not None:
-                self._after_loose(deadline)
+                self._after_loose()
             while self.buffered_chunks >= cap or not self._room(len(payload)):
                 self._wait(deadline)
             self._hold(base, n, payload, sink, offset, timing)
@@ -350,7 +351,7 @@ class Ledger:
         i = start
         with self.cond:
             if self.loose or self.packing is not None:
-                self._after_loose(deadline)
+                self._after_loose()
             while self.buffered_chunks >= cap or not self._room(len(chunks[i].payload)):
                 self._wait(deadline)
             while i < len(chunks) and self.buffered_chunks < cap and self._room(len(chunks[i].payload)):
@@ -361,14 +362,19 @@ class Ledger:
             self.wake()
         return i
 
-    def _after_loose(self, deadline: float | None) -> None:
-        """(``cond`` held.) Wait until the tasks submitted alone before now are chunks in line
-        (the I/O thread packs them), so that a chunk of a batch goes after them: a queue is first
-        in, first out (reviewer 28a: a batch overtook three tasks submitted before it). Later
-        tasks submitted alone do not hold it up."""
-        upto = self.loose[-1][0] if self.loose else self.packing[1] - 1  # type: ignore[index]
-        while (self.loose and self.loose[0][0] <= upto) or (self.packing is not None and self.packing[0] <= upto):
-            self._wait(deadline)
+    def _after_loose(self) -> None:
+        """(``cond`` held.) Line up the tasks submitted alone before now, so that a chunk held next
+        goes after them: a queue is first in, first out (reviewer 28a: a batch overtook three
+        tasks submitted before it). The caller packs them itself, as the I/O thread's coalesce
+        would (whatever the window: loose tasks are few, at most ``chunk-size`` × brokers);
+        those the I/O thread is packing now are waited for, a moment that no ``timeout`` counts
+        (reviewer 28e: ``timeout=0`` failed with nothing full)."""
+        while self.packing is not None:
+            self.check_open()
+            self.cond.wait(0.1)
+        if self.loose:
+            loose, self.loose = self.loose, []
+            self._pack_loose(loose, self.n_brokers, self.consumers)
 
     def _hold(self, base: int, n: int, payload: bytes, sink: Any, offset: int, timing: Timing | None) -> None:
         """(``cond`` held, room checked.) A chunk's record, queued to be sent."""
@@ -463,6 +469,7 @@ class Ledger:
     def coalesce(self, n_brokers: int, consumers: int) -> None:
         """Turn loose tasks into chunks (queued), while the chunk bound leaves room."""
         chunking = self.chunking
+        self.consumers = consumers  # for a batch's caller that packs them (_after_loose)
         with self.cond:
             room = self.settings.window * n_brokers - self.buffered_chunks
             if not self.loose or room <= 0:
