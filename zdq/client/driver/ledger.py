@@ -363,12 +363,9 @@ class Ledger:
         return i
 
     def _after_loose(self) -> None:
-        """(``cond`` held.) Line up the tasks submitted alone before now, so that a chunk held next
-        goes after them: a queue is first in, first out (reviewer 28a: a batch overtook three
-        tasks submitted before it). The caller packs them itself, as the I/O thread's coalesce
-        would (whatever the window: loose tasks are few, at most ``chunk-size`` × brokers);
-        those the I/O thread is packing now are waited for, a moment that no ``timeout`` counts
-        (reviewer 28e: ``timeout=0`` failed with nothing full)."""
+        """(``cond`` held.) Pack the loose tasks into line before a chunk held next, as
+        :meth:`coalesce` would but whatever the window (they are few): first in, first out
+        (reviewers 28a, 28e). Those the I/O thread is packing are waited for, a moment."""
         while self.packing is not None:
             self.check_open()
             self.cond.wait(0.1)
