@@ -450,7 +450,7 @@ class LenientLoader(pickle.Unpickler):
         """cloudpickle's ``subimport``: the module, or a stand-in for one this process lacks."""
         try:
             return importlib.import_module(name)
-        except ImportError:
+        except Exception:  # noqa: BLE001 - not only ImportError: a missing native library (reviewer 28f)
             self.missing.append(name)
             return type(name, (Unimportable,), {"__module__": name, "__qualname__": _MODULE})
 

@@ -176,6 +176,7 @@ class Ledger:
         # -- under cond --------------------------------------------------------------------------
         self.loose: list[Loose] = []
         self.consumers = 0  # the consumers the I/O thread last packed loose tasks for
+        self.pack_all = False  # the I/O thread packs every loose task at once, whatever the window
         self.queued: deque[Record] = deque()
         #: Records of unique tasks, queued for the one broker that owns their key (by its index):
         #: never sent to another. A deque is made when used and dropped when empty.
@@ -363,15 +364,22 @@ class Ledger:
         return i
 
     def _after_loose(self) -> None:
-        """(``cond`` held.) Pack the loose tasks into line before a chunk held next, as
-        :meth:`coalesce` would but whatever the window (they are few): first in, first out
-        (reviewers 28a, 28e). Those the I/O thread is packing are waited for, a moment."""
-        while self.packing is not None:
+        """(``cond`` held.) Have the tasks submitted alone before now packed into line before a
+        chunk held next: first in, first out (reviewers 28a, 28e). The I/O thread packs them at
+        once, whatever the window (they are few), and this waits for it: a moment, which no
+        ``timeout`` counts, and which a Ctrl-C on this thread may cut without losing any of them.
+        Before the I/O thread starts, they are packed here."""
+        if self.wake is None:
+            if self.loose:
+                loose, self.loose = self.loose, []
+                self._pack_loose(loose, self.n_brokers, self.consumers)
+            return
+        upto = self.loose[-1][0] if self.loose else self.packing[1] - 1  # type: ignore[index]
+        self.pack_all = True
+        self.wake()
+        while (self.loose and self.loose[0][0] <= upto) or (self.packing is not None and self.packing[0] <= upto):
             self.check_open()
             self.cond.wait(0.1)
-        if self.loose:
-            loose, self.loose = self.loose, []
-            self._pack_loose(loose, self.n_brokers, self.consumers)
 
     def _hold(self, base: int, n: int, payload: bytes, sink: Any, offset: int, timing: Timing | None) -> None:
         """(``cond`` held, room checked.) A chunk's record, queued to be sent."""
@@ -469,9 +477,10 @@ class Ledger:
         self.consumers = consumers  # for a batch's caller that packs them (_after_loose)
         with self.cond:
             room = self.settings.window * n_brokers - self.buffered_chunks
-            if not self.loose or room <= 0:
+            pack_all, self.pack_all = self.pack_all, False  # a batch's caller waits for these (_after_loose)
+            if not self.loose or (room <= 0 and not pack_all):
                 return
-            take = chunking.loose_take(room)
+            take = len(self.loose) if pack_all else chunking.loose_take(room)
             if len(self.loose) <= take:
                 loose, self.loose = self.loose, []
             else:
